@@ -1,0 +1,94 @@
+"""The backend seam: where the hot stages (marching cubes, label downsampling) run.
+
+A backend turns one block of labels into welded mesh pieces and downsamples labels.  The CPU
+backend (numba) is always present; a GPU backend (CuPy kernels from ``kernels/*.cu``) plugs in
+behind the same two methods, so the rest of the pipeline does not change.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from typing import Protocol
+
+import numpy as np
+
+from . import lod, marching
+
+
+class Backend(Protocol):
+    """Interface of a meshing backend."""
+
+    name: str
+
+    def mesh(self, labels: np.ndarray, piece_size: int) -> list[marching.Piece]:
+        """Welded pieces of every segment in a block (see :func:`gpumesh.marching.march_cubes`)."""
+
+    def downsample(self, labels: np.ndarray) -> np.ndarray:
+        """Labels downsampled by 2 (see :func:`gpumesh.lod.downsample_labels`)."""
+
+
+class CPUBackend:
+    """numba implementation of the hot stages."""
+
+    name = "cpu"
+
+    def mesh(self, labels: np.ndarray, piece_size: int) -> list[marching.Piece]:
+        labels = np.ascontiguousarray(labels)
+        tri_label, tri_piece, tri_edges = marching.march_cubes(labels, piece_size)
+        return marching.weld(tri_label, tri_piece, tri_edges, labels.shape)
+
+    def downsample(self, labels: np.ndarray) -> np.ndarray:
+        return lod.downsample_labels(labels)
+
+
+class DeviceUnavailableError(RuntimeError):
+    """``device="gpu"`` was asked for but no GPU backend can run here."""
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device."""
+    try:
+        import cupy  # noqa: F401
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def get_backend(device: str = "auto") -> Backend:
+    """Pick the backend for ``device``.
+
+    Parameters
+    ----------
+    device : {"auto", "cpu", "gpu"}
+        ``auto`` uses the GPU when CuPy sees one, else the CPU with a one-line notice.
+
+    Returns
+    -------
+    Backend
+
+    Raises
+    ------
+    DeviceUnavailableError
+        ``device="gpu"`` and no usable GPU backend.
+    ValueError
+        Unknown device name.
+    """
+    if device not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"unknown device {device!r}; choose auto, cpu or gpu")
+    if device == "cpu":
+        return CPUBackend()
+    if gpu_available():
+        try:
+            from .gpu import GPUBackend  # noqa: F401  (added by the GPU backend)
+
+            return GPUBackend()
+        except ImportError as exc:
+            if device == "gpu":
+                raise DeviceUnavailableError(f"GPU backend not available: {exc}") from exc
+    elif device == "gpu":
+        raise DeviceUnavailableError("no CUDA GPU visible to CuPy (install gpumesh-ng[gpu] on a GPU machine)")
+    if device == "auto" and shutil.which("nvidia-smi") is not None:
+        warnings.warn("a GPU seems present but CuPy cannot use it; meshing on the CPU", stacklevel=2)
+    return CPUBackend()

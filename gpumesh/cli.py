@@ -1,0 +1,140 @@
+"""Command line: ``gpumesh mesh``, ``gpumesh validate``.
+
+Errors caused by bad input print one line (``gpumesh: error: ...``) and exit with status 2;
+a failed validation exits with status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+
+import click
+
+from .errors import EmptyVolumeWarning, GpumeshError
+
+
+def _triple(kind):
+    def convert(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            parts = [kind(v) for v in value.replace("x", ",").split(",")]
+        except ValueError:
+            raise click.BadParameter(f"expected three numbers like 32,32,40, got {value!r}")
+        if len(parts) != 3:
+            raise click.BadParameter(f"expected three numbers like 32,32,40, got {value!r}")
+        return parts
+
+    return convert
+
+
+def _fail(exc: Exception) -> None:
+    click.echo(f"gpumesh: error: {exc}", err=True)
+    sys.exit(2)
+
+
+@click.group()
+@click.version_option(package_name="gpumesh-ng")
+def main():
+    """gpumesh: mesh segmentation volumes into Neuroglancer precomputed meshes."""
+
+
+@main.command()
+@click.argument("source")
+@click.argument("dest")
+@click.option("--voxel-size", callback=_triple(float), help="nm per voxel x,y,z (overrides metadata), e.g. 32,32,40")
+@click.option("--voxel-offset", callback=_triple(int), help="voxel offset x,y,z (overrides metadata)")
+@click.option("--mip", default=0, show_default=True, help="scale of a multiscale source (precomputed, OME-Zarr)")
+@click.option("--axes", default=None, help="axis order of a source without dimension names, e.g. zyx")
+@click.option("--format", "fmt", type=click.Choice(["multires", "legacy"]), default="multires", show_default=True)
+@click.option("--quality", type=click.Choice(["low", "medium", "high"]), default="medium", show_default=True,
+              help="decimation preset; high leaves LOD 0 undecimated")
+@click.option("--chunk-size", default=64, show_default=True, help="LOD 0 octree node edge (voxels, power of two)")
+@click.option("--max-lods", default=3, show_default=True,
+              help="LODs per block; block edge = chunk-size * 2^(max-lods - 1) sets memory per worker")
+@click.option("--lods", "num_lods", type=int, default=None, help="LODs of every segment (default: by segment size)")
+@click.option("--bits", "bits", type=click.Choice(["10", "16"]), default="16", show_default=True,
+              help="vertex quantization bits")
+@click.option("--workers", type=int, default=None, help="parallel processes (default: all cores)")
+@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
+@click.option("--overwrite", is_flag=True, help="delete what DEST holds first")
+@click.option("--resume", is_flag=True, help="continue an interrupted run into DEST")
+@click.option("--segment-properties/--no-segment-properties", default=True, show_default=True,
+              help="write segment properties (voxel counts)")
+@click.option("--link-source", is_flag=True, help="set `mesh` in a precomputed source's info (rewrites the source)")
+@click.option("--summary-json", type=click.Path(dir_okay=False), default=None, help="write the end summary as JSON")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def mesh(source, dest, voxel_size, voxel_offset, mip, axes, fmt, quality, chunk_size, max_lods, num_lods, bits,
+         workers, device, overwrite, resume, segment_properties, link_source, summary_json, quiet):
+    """Mesh every segment of SOURCE into Neuroglancer precomputed meshes in DEST.
+
+    SOURCE: a zarr v2/v3, N5, OME-Zarr or precomputed volume (path or URL).
+    DEST: a directory path or kvstore URL (file://, gs://, s3://).
+    """
+    from tqdm import tqdm
+
+    from .pipeline import MeshOptions, run_mesh
+
+    options = MeshOptions(chunk_size=chunk_size, max_lods=max_lods if fmt == "multires" else 1,
+                          num_lods=num_lods, quality=quality, vertex_quantization_bits=int(bits), format=fmt,
+                          segment_properties=segment_properties)
+    bar = None
+
+    def progress(done, total):
+        nonlocal bar
+        if quiet:
+            return
+        if bar is None:
+            bar = tqdm(total=total, unit="block", desc="meshing", initial=done)
+        else:
+            bar.update(done - bar.n)
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", EmptyVolumeWarning)
+            summary = run_mesh(source, dest, options=options, voxel_size=voxel_size, voxel_offset=voxel_offset,
+                               mip=mip, axes=axes, overwrite=overwrite, resume=resume, workers=workers,
+                               device=device, link_source=link_source, progress=progress)
+    except (GpumeshError, ValueError) as exc:
+        if bar is not None:
+            bar.close()
+        _fail(exc)
+    if bar is not None:
+        bar.close()
+    for w in caught:
+        click.echo(f"gpumesh: warning: {w.message}", err=True)
+    s = summary
+    click.echo(f"segments:  {s.segments}")
+    for k, (t, f) in enumerate(zip(s.triangles_per_lod, s.fragments_per_lod)):
+        click.echo(f"LOD {k}:     {t:>12,} triangles  {f:>8,} fragments")
+    click.echo(f"bytes:     {s.bytes:,}")
+    click.echo(f"seconds:   {s.seconds:.1f}  (meshing {s.seconds_meshing:.1f}, writing {s.seconds_writing:.1f}; "
+               f"{s.workers} worker(s), device {s.device}, "
+               f"{s.blocks} blocks, {s.blocks_resumed} resumed)")
+    click.echo(f"peak RSS:  {s.peak_rss_mb:.0f} MiB (largest process)")
+    if summary_json:
+        with open(summary_json, "w") as fh:
+            json.dump(s.to_json(), fh, indent=2)
+
+
+@main.command()
+@click.argument("dest")
+def validate(dest):
+    """Check a precomputed mesh directory DEST against the spec and Neuroglancer's client rules."""
+    from .validate import validate as run_validate
+
+    try:
+        report = run_validate(dest)
+    except GpumeshError as exc:
+        _fail(exc)
+    click.echo(report.format_table())
+    if not report.ok:
+        for err in report.errors[:50]:
+            click.echo(f"  {err}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""Multi-label marching cubes on the CPU (numba), and welding into indexed meshes.
+
+Geometry convention (shared with the CUDA kernel in ``kernels/marching_cubes.cu``):
+
+* ``labels`` is a block of one LOD's labels, axes x, y, z, with a one-voxel halo on the
+  *low* side: array index ``a`` holds voxel ``origin - 1 + a`` of that LOD.
+* Cube ``c`` (local) lies between array indices ``c`` and ``c + 1`` on each axis, so a block of
+  ``n + 1`` voxels has ``n`` cubes.  Globally, cube ``j`` lies between voxels ``j - 1`` and ``j``.
+* For every distinct non-zero label among a cube's 8 corners, the case of that label's
+  indicator is looked up in :mod:`gpumesh.mctable` and its triangles are emitted.  Every vertex
+  is the exact midpoint of a lattice edge whose two voxels differ in that label, so two
+  neighbouring segments share the same surface where they touch.
+* A vertex is named by its lattice edge: ``edge_id = ((bx * ny + by) * nz + bz) * 3 + axis``
+  with ``(bx, by, bz)`` the edge's lower lattice point (array index).  Welding by edge id, not
+  by floating-point position, is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from .mctable import EDGE_AXIS, EDGE_BASE, TRI_COUNTS, TRI_TABLE
+
+_EDGE_BASE = np.ascontiguousarray(EDGE_BASE.astype(np.int64))
+_EDGE_AXIS = np.ascontiguousarray(EDGE_AXIS.astype(np.int64))
+_TRI_COUNTS = np.ascontiguousarray(TRI_COUNTS.astype(np.int64))
+_TRI_TABLE = np.ascontiguousarray(TRI_TABLE.astype(np.int64))
+
+
+@numba.njit(cache=True, nogil=True)
+def _march(labels, piece_size, emit, tri_counts, tri_table, edge_base, edge_axis,
+           out_label, out_piece, out_edges):
+    nx, ny, nz = labels.shape
+    cx, cy, cz = nx - 1, ny - 1, nz - 1
+    py = (cy + piece_size - 1) // piece_size
+    pz = (cz + piece_size - 1) // piece_size
+    v = np.empty(8, dtype=labels.dtype)
+    n = 0
+    for i in range(cx):
+        for j in range(cy):
+            for k in range(cz):
+                v[0] = labels[i, j, k]
+                v[1] = labels[i + 1, j, k]
+                v[2] = labels[i, j + 1, k]
+                v[3] = labels[i + 1, j + 1, k]
+                v[4] = labels[i, j, k + 1]
+                v[5] = labels[i + 1, j, k + 1]
+                v[6] = labels[i, j + 1, k + 1]
+                v[7] = labels[i + 1, j + 1, k + 1]
+                first = v[0]
+                uniform = True
+                for m in range(1, 8):
+                    if v[m] != first:
+                        uniform = False
+                        break
+                if uniform:
+                    continue
+                piece = ((i // piece_size) * py + (j // piece_size)) * pz + (k // piece_size)
+                for m in range(8):
+                    lab = v[m]
+                    if lab == 0:
+                        continue
+                    seen = False
+                    for q in range(m):
+                        if v[q] == lab:
+                            seen = True
+                            break
+                    if seen:
+                        continue
+                    case = 0
+                    for q in range(8):
+                        if v[q] == lab:
+                            case |= 1 << q
+                    nt = tri_counts[case]
+                    if emit:
+                        for t in range(nt):
+                            out_label[n + t] = lab
+                            out_piece[n + t] = piece
+                            for s in range(3):
+                                e = tri_table[case, t, s]
+                                bx = i + edge_base[e, 0]
+                                by = j + edge_base[e, 1]
+                                bz = k + edge_base[e, 2]
+                                out_edges[n + t, s] = ((bx * ny + by) * nz + bz) * 3 + edge_axis[e]
+                    n += nt
+    return n
+
+
+def march_cubes(labels: np.ndarray, piece_size: int):
+    """Multi-label marching cubes over one block (CPU).
+
+    Parameters
+    ----------
+    labels : (nx, ny, nz) ndarray of uint8/16/32/64
+        One LOD's labels with a one-voxel halo on the low side (see module docs); 0 is
+        background.  Must be C-contiguous.
+    piece_size : int
+        Edge of the cubic pieces (in cubes) triangles are bucketed into.
+
+    Returns
+    -------
+    tri_label : (T,) ndarray, same dtype as ``labels``
+        Segment ID of each triangle.
+    tri_piece : (T,) int64
+        Piece index ``(pi * py + pj) * pz + pk`` of each triangle.
+    tri_edges : (T, 3) int64
+        Edge ids of the triangle's vertices, counter-clockwise seen from outside the segment.
+    """
+    labels = np.ascontiguousarray(labels)
+    dummy_l = np.empty(0, dtype=labels.dtype)
+    dummy_p = np.empty(0, dtype=np.int64)
+    dummy_e = np.empty((0, 3), dtype=np.int64)
+    t = _march(labels, piece_size, False, _TRI_COUNTS, _TRI_TABLE, _EDGE_BASE, _EDGE_AXIS,
+               dummy_l, dummy_p, dummy_e)
+    tri_label = np.empty(t, dtype=labels.dtype)
+    tri_piece = np.empty(t, dtype=np.int64)
+    tri_edges = np.empty((t, 3), dtype=np.int64)
+    _march(labels, piece_size, True, _TRI_COUNTS, _TRI_TABLE, _EDGE_BASE, _EDGE_AXIS,
+           tri_label, tri_piece, tri_edges)
+    return tri_label, tri_piece, tri_edges
+
+
+@dataclass
+class Piece:
+    """The welded surface of one segment inside one piece of a block.
+
+    Attributes
+    ----------
+    label : int
+        Segment ID.
+    piece : int
+        Piece index in the block (see :func:`march_cubes`).
+    vertices2 : (n, 3) int64
+        Vertex positions in doubled local lattice units: ``2 * array_index`` of the lower
+        lattice point plus the unit vector of the edge axis.
+    faces : (m, 3) int32
+        Triangles, indices into ``vertices2``.
+    """
+
+    label: int
+    piece: int
+    vertices2: np.ndarray
+    faces: np.ndarray
+
+
+@numba.njit(cache=True, nogil=True)
+def _edge_ids_to_vertices2(edge_ids, ny, nz):
+    out = np.empty((edge_ids.shape[0], 3), dtype=np.int64)
+    for i in range(edge_ids.shape[0]):
+        e = edge_ids[i]
+        axis = e % 3
+        p = e // 3
+        out[i, 2] = 2 * (p % nz)
+        out[i, 1] = 2 * ((p // nz) % ny)
+        out[i, 0] = 2 * (p // (ny * nz))
+        out[i, axis] += 1
+    return out
+
+
+def edge_ids_to_vertices2(edge_ids: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Doubled local lattice coordinates of edge midpoints.
+
+    Parameters
+    ----------
+    edge_ids : (n,) int64
+    shape : (nx, ny, nz)
+        Shape of the labels block the ids refer to.
+
+    Returns
+    -------
+    (n, 3) int64
+        ``2 * lower_lattice_point + unit(axis)``.
+    """
+    return _edge_ids_to_vertices2(np.ascontiguousarray(edge_ids, dtype=np.int64),
+                                  int(shape[1]), int(shape[2]))
+
+
+@numba.njit(cache=True, nogil=True)
+def _compact_labels(tri_label):
+    """First-occurrence compaction of labels with an open-addressing hash (grows as needed)."""
+    size = 1024
+    keys = np.zeros(size, dtype=tri_label.dtype)
+    full = np.zeros(size, dtype=np.bool_)
+    vals = np.empty(size, dtype=np.int64)
+    uniq = np.empty(16, dtype=tri_label.dtype)
+    nu = 0
+    out = np.empty(tri_label.shape[0], dtype=np.int64)
+    last_lab = tri_label[0]
+    last_idx = -1
+    for i in range(tri_label.shape[0]):
+        lab = tri_label[i]
+        if last_idx >= 0 and lab == last_lab:
+            out[i] = last_idx
+            continue
+        h = (np.uint64(lab) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(20)
+        h = np.int64(h & np.uint64(size - 1))
+        while full[h] and keys[h] != lab:
+            h = (h + 1) & (size - 1)
+        if not full[h]:
+            full[h] = True
+            keys[h] = lab
+            vals[h] = nu
+            if nu == uniq.shape[0]:
+                bigger = np.empty(2 * nu, dtype=uniq.dtype)
+                bigger[:nu] = uniq
+                uniq = bigger
+            uniq[nu] = lab
+            nu += 1
+            if 2 * nu > size:  # grow and rehash
+                size *= 2
+                keys = np.zeros(size, dtype=tri_label.dtype)
+                full = np.zeros(size, dtype=np.bool_)
+                vals = np.empty(size, dtype=np.int64)
+                for u in range(nu):
+                    hh = (np.uint64(uniq[u]) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(20)
+                    hh = np.int64(hh & np.uint64(size - 1))
+                    while full[hh]:
+                        hh = (hh + 1) & (size - 1)
+                    full[hh] = True
+                    keys[hh] = uniq[u]
+                    vals[hh] = u
+            out[i] = nu - 1
+        else:
+            out[i] = vals[h]
+        last_lab = lab
+        last_idx = out[i]
+    return uniq[:nu], out
+
+
+def compact_labels(tri_label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct labels and each element's index into them (like ``np.unique``).
+
+    Parameters
+    ----------
+    tri_label : (T,) unsigned integer ndarray, T > 0
+
+    Returns
+    -------
+    uniq : (U,) sorted distinct labels
+    inverse : (T,) int64
+    """
+    uniq, idx = _compact_labels(tri_label)
+    order = np.argsort(uniq, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return uniq[order], rank[idx]
+
+
+@numba.njit(cache=True, nogil=True)
+def _group_and_weld(gkey, ngroups, edges):
+    """Counting-sort triangles by group key, then weld each group's vertices by edge id."""
+    t = gkey.shape[0]
+    counts = np.zeros(ngroups + 1, dtype=np.int64)
+    for i in range(t):
+        counts[gkey[i] + 1] += 1
+    for g in range(ngroups):
+        counts[g + 1] += counts[g]
+    tstart = counts.copy()
+    order = np.empty(t, dtype=np.int64)
+    fill = counts[:-1].copy()
+    for i in range(t):
+        g = gkey[i]
+        order[fill[g]] = i
+        fill[g] += 1
+    faces = np.empty((t, 3), dtype=np.int32)
+    vert_edge = np.empty(3 * t, dtype=np.int64)
+    vstart = np.zeros(ngroups + 1, dtype=np.int64)
+    maxt = 0
+    for g in range(ngroups):
+        maxt = max(maxt, tstart[g + 1] - tstart[g])
+    size = 16
+    while size < 6 * maxt:
+        size *= 2
+    mask = size - 1
+    table_key = np.full(size, -1, dtype=np.int64)
+    table_val = np.empty(size, dtype=np.int32)
+    used = np.empty(3 * maxt + 1, dtype=np.int64)
+    nv_total = 0
+    for g in range(ngroups):
+        nused = 0
+        nv = 0
+        for r in range(tstart[g], tstart[g + 1]):
+            tri = order[r]
+            for s in range(3):
+                e = edges[tri, s]
+                h = (e * 0x9E3779B97F4A7C15) & mask
+                while True:
+                    k = table_key[h]
+                    if k == e:
+                        faces[r, s] = table_val[h]
+                        break
+                    if k == -1:
+                        table_key[h] = e
+                        table_val[h] = nv
+                        used[nused] = h
+                        nused += 1
+                        vert_edge[nv_total + nv] = e
+                        faces[r, s] = nv
+                        nv += 1
+                        break
+                    h = (h + 1) & mask
+        for u in range(nused):
+            table_key[used[u]] = -1
+        nv_total += nv
+        vstart[g + 1] = nv_total
+    return order, tstart, faces, vert_edge[:nv_total], vstart
+
+
+def weld(tri_label: np.ndarray, tri_piece: np.ndarray, tri_edges: np.ndarray,
+         shape: tuple[int, int, int]) -> list[Piece]:
+    """Group triangles by (segment, piece) and weld their vertices by edge id.
+
+    Parameters
+    ----------
+    tri_label, tri_piece, tri_edges
+        Output of :func:`march_cubes`.
+    shape : (nx, ny, nz)
+        Shape of the labels block.
+
+    Returns
+    -------
+    list of Piece
+        Sorted by segment ID, then piece index; each an indexed mesh with no duplicate vertex,
+        triangles in emission order.
+    """
+    if len(tri_label) == 0:
+        return []
+    uniq, lidx = compact_labels(tri_label)
+    npieces = int(tri_piece.max()) + 1
+    gkey = lidx.astype(np.int64) * npieces + tri_piece
+    ngroups = len(uniq) * npieces
+    _, tstart, faces, vert_edge, vstart = _group_and_weld(gkey, ngroups, tri_edges)
+    verts_all = edge_ids_to_vertices2(vert_edge, shape)
+    out = []
+    nonempty = np.flatnonzero(tstart[1:] > tstart[:-1])
+    for g in nonempty:
+        out.append(Piece(
+            label=int(uniq[g // npieces]),
+            piece=int(g % npieces),
+            vertices2=verts_all[vstart[g]:vstart[g + 1]],
+            faces=faces[tstart[g]:tstart[g + 1]],
+        ))
+    return out

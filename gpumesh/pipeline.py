@@ -1,0 +1,469 @@
+"""The main job: plan the blocks, mesh each block (all LODs), then assemble and write.
+
+Stages follow the data: :mod:`gpumesh.volume` reads a block, the backend meshes it
+(:mod:`gpumesh.marching`) and downsamples it (:mod:`gpumesh.lod`), pieces are decimated
+(:mod:`gpumesh.lod`), quantized and encoded (:mod:`gpumesh.encode`), and the writer
+(:mod:`gpumesh.writer`) emits manifests and fragments (:mod:`gpumesh.octree`).
+
+Geometry (stored-model space is LOD 0 voxel units, the ``info`` transform scales to nm)
+-----------------------------------------------------------------------------------------
+* Voxel ``i`` covers ``[i, i + 1)`` plus the voxel offset (Neuroglancer's convention), so the
+  surface between voxels ``i`` and ``i + 1`` lies at ``i + 1``.
+* At LOD ``k``, cube ``j`` lies between LOD-``k`` voxels ``j - 1`` and ``j``; cubes
+  ``0 .. ceil(N / 2**k)`` close every surface at the volume border.
+* Octree node ``n`` of LOD ``k`` holds the triangles of cubes ``[n*C, (n+1)*C)``; its box is
+  ``grid_origin + n * C * 2**k`` with ``grid_origin`` = voxel offset, and ``vertex_offsets[k] =
+  -2**(k-1)`` shifts the cubes' half-voxel lattice onto it.
+* A block is one node of the coarsest LOD ``L - 1``: ``B = C * 2**(L-1)`` LOD 0 cubes a side, read
+  with a halo of ``2**(L-1)`` voxels on its low side.  Every node of every LOD lies in exactly
+  one block, so a block's fragments are final and blocks are independent tasks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import struct
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from . import encode, storage
+from .backend import Backend, get_backend
+from .errors import DestinationExistsError, EmptyVolumeWarning, GpumeshError
+from .lod import get_quality, decimate
+from .marching import compact_labels
+from .volume import Volume, open_volume
+
+SCRATCH = ".gpumesh-work/"
+
+
+@dataclass(frozen=True)
+class MeshOptions:
+    """Options of the main job.
+
+    Attributes
+    ----------
+    chunk_size : int
+        Edge of a LOD 0 octree node (``chunk_shape``), in voxels; a power of two >= 4.
+    max_lods : int
+        LODs computed per block; the block edge is ``chunk_size * 2**(max_lods - 1)`` voxels and
+        sets peak memory (about 20 bytes per voxel of a block per worker).
+    num_lods : int or None
+        Give every segment this many LODs (capped where a segment vanishes).  ``None``: by size,
+        enough LODs that the segment's coarsest LOD spans one node per axis.
+    quality : str
+        Decimation preset: ``low``, ``medium`` (default) or ``high`` (LOD 0 undecimated).
+    vertex_quantization_bits : int
+        10 or 16.
+    format : str
+        ``multires`` (``neuroglancer_multilod_draco``) or ``legacy`` (single resolution).
+    segment_properties : bool
+        Also write segment properties (voxel count of each segment).
+    """
+
+    chunk_size: int = 64
+    max_lods: int = 3
+    num_lods: Optional[int] = None
+    quality: str = "medium"
+    vertex_quantization_bits: int = 16
+    format: str = "multires"
+    segment_properties: bool = True
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` on inconsistent options."""
+        c = self.chunk_size
+        if c < 4 or c & (c - 1):
+            raise ValueError(f"chunk size must be a power of two >= 4, got {c}")
+        if not 1 <= self.max_lods <= 10:
+            raise ValueError(f"max LODs must be in 1..10, got {self.max_lods}")
+        if self.num_lods is not None and not 1 <= self.num_lods <= self.max_lods:
+            raise ValueError(f"--lods must be in 1..{self.max_lods} (max LODs), got {self.num_lods}")
+        if self.vertex_quantization_bits not in (10, 16):
+            raise ValueError("vertex quantization bits must be 10 or 16")
+        if 2 * c > (1 << self.vertex_quantization_bits):
+            raise ValueError("chunk size too large for the vertex quantization bits")
+        if self.format not in ("multires", "legacy"):
+            raise ValueError(f"format must be multires or legacy, got {self.format!r}")
+        get_quality(self.quality)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Block decomposition of one volume for one set of options.
+
+    Attributes
+    ----------
+    shape : (3,) int
+        Volume shape (voxels).
+    chunk : int
+        LOD 0 node edge C (voxels).
+    lods : int
+        LODs per block L.
+    block : int
+        Block edge B = C * 2**(L-1) (LOD 0 voxels).
+    grid : (3,) int
+        Blocks per axis.
+    """
+
+    shape: tuple
+    chunk: int
+    lods: int
+    block: int
+    grid: tuple
+
+    @classmethod
+    def make(cls, shape, options: MeshOptions) -> "Plan":
+        lods = 1 if options.format == "legacy" else options.max_lods
+        block = options.chunk_size << (lods - 1)
+        grid = []
+        for n in shape:
+            # cubes 0..ceil(n/2^k) at every LOD k, in LOD 0 units
+            need = max((-(-n // (1 << k)) + 1) << k for k in range(lods))
+            grid.append(-(-need // block))
+        return cls(tuple(int(s) for s in shape), options.chunk_size, lods, block, tuple(grid))
+
+    def blocks(self) -> list[tuple[int, int, int]]:
+        """All block indices, x fastest last (row order)."""
+        gx, gy, gz = self.grid
+        return [(x, y, z) for x in range(gx) for y in range(gy) for z in range(gz)]
+
+
+# --------------------------------------------------------------------------------------
+# Block results: a small binary blob per block in the scratch area of the destination.
+
+FRAG_DTYPE = np.dtype([
+    ("label", "<u8"), ("lod", "<u4"), ("x", "<u4"), ("y", "<u4"), ("z", "<u4"),
+    ("offset", "<u8"), ("size", "<u8"), ("triangles", "<u8"),
+])
+_MAGIC = b"GPMBLK01"
+
+
+def block_key(b) -> str:
+    """Scratch key of a block's result."""
+    return f"{SCRATCH}blocks/{b[0]}_{b[1]}_{b[2]}"
+
+
+def pack_block(index: np.ndarray, count_labels: np.ndarray, counts: np.ndarray, data: bytes) -> bytes:
+    """Serialize a block result (fragment index, voxel counts, fragment bytes)."""
+    header = _MAGIC + struct.pack("<QQ", len(index), len(count_labels))
+    return b"".join([header, index.tobytes(), count_labels.astype("<u8").tobytes(),
+                     counts.astype("<u8").tobytes(), data])
+
+
+def unpack_block_header(blob: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Parse a block result; returns index, voxel-count labels, counts, data start offset."""
+    if blob[:8] != _MAGIC:
+        raise GpumeshError("corrupt block result in scratch area; rerun with --overwrite")
+    nfrag, ncount = struct.unpack_from("<QQ", blob, 8)
+    pos = 24
+    index = np.frombuffer(blob, FRAG_DTYPE, nfrag, pos).copy()
+    pos += nfrag * FRAG_DTYPE.itemsize
+    labels = np.frombuffer(blob, "<u8", ncount, pos).copy()
+    pos += 8 * ncount
+    counts = np.frombuffer(blob, "<u8", ncount, pos).copy()
+    pos += 8 * ncount
+    return index, labels, counts, pos
+
+
+def keep_inside(v: np.ndarray, lo: np.ndarray, size: int, step: float) -> np.ndarray:
+    """Keep decimated vertices inside their piece's box without inventing border vertices.
+
+    Border vertices (where this piece meets its neighbours) lie exactly on the box's planes and
+    pyfqmr keeps them bit-exact.  Any other vertex that decimation moved onto or past a plane is
+    put back one quantization ``step`` inside, so it neither crosses the 2x2x2 sub-grid nor
+    lands on a face where the neighbouring fragment has no matching vertex.
+
+    Parameters
+    ----------
+    v : (n, 3) float64
+        Node-relative positions (LOD voxels).
+    lo : (3,) int
+        Low corner of the piece's box; the box is ``[lo, lo + size]``.
+    size : int
+    step : float
+        One quantization step (``chunk / 2**bits``).
+    """
+    hi = lo + size
+    on_plane = (v == lo) | (v == hi)
+    return np.where(on_plane, v, np.clip(v, lo + step, hi - step))
+
+
+def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Backend) -> bytes:
+    """Mesh one block at every LOD and encode its fragments.
+
+    Parameters
+    ----------
+    volume : Volume
+    plan : Plan
+    options : MeshOptions
+    b : (3,) int
+        Block index.
+    backend : Backend
+
+    Returns
+    -------
+    bytes
+        The packed block result (see :func:`pack_block`): one entry per (segment, LOD, node)
+        with triangles; Draco fragments (multires) or legacy fragment files (legacy).
+    """
+    quality = get_quality(options.quality)
+    bits = options.vertex_quantization_bits
+    C, L, B = plan.chunk, plan.lods, plan.block
+    halo = 1 << (L - 1)
+    start = np.array(b, dtype=np.int64) * B - halo
+    labels = volume.read(tuple(start), tuple(start + B + halo))
+
+    own = labels[halo:, halo:, halo:]
+    if own.any():
+        flat = own.ravel()
+        flat = flat[flat != 0]
+        uniq, inv = compact_labels(flat)
+        counts = np.bincount(inv, minlength=len(uniq)).astype(np.uint64)
+        count_labels = uniq.astype(np.uint64)
+    else:
+        count_labels = counts = np.zeros(0, dtype=np.uint64)
+
+    entries = []
+    chunks = []
+    offset = 0
+    level = labels
+    for k in range(L):
+        if k > 0:
+            level = backend.downsample(level)
+        hk = halo >> k
+        if not level.any():
+            continue
+        mc_in = np.ascontiguousarray(level[hk - 1:, hk - 1:, hk - 1:])
+        piece_size = C if k == 0 else C // 2
+        sub_per_node = C // piece_size
+        pieces_per_axis = (B >> k) // piece_size
+        node0 = np.array(b, dtype=np.int64) * (B >> k) // C
+        scale = volume.voxel_size * (1 << k)
+        frags: dict[tuple, list] = {}
+        for piece in backend.mesh(mc_in, piece_size):
+            pidx = piece.piece
+            pc = np.array([pidx // (pieces_per_axis * pieces_per_axis),
+                           (pidx // pieces_per_axis) % pieces_per_axis,
+                           pidx % pieces_per_axis], dtype=np.int64)
+            ln = pc // sub_per_node
+            sub = pc % sub_per_node
+            p_rel = piece.vertices2 * 0.5 - ln * C
+            v, f = decimate(p_rel, piece.faces, quality.keep(k), scale)
+            v = keep_inside(v, sub * piece_size, piece_size, C / float(1 << bits))
+            frags.setdefault((piece.label, tuple(node0 + ln)), []).append((v, f))
+        for (label, node), parts in sorted(frags.items()):
+            verts, faces, base = [], [], 0
+            for v, f in parts:
+                verts.append(v)
+                faces.append(f + base)
+                base += len(v)
+            v = np.concatenate(verts)
+            f = np.concatenate(faces)
+            q, f, kept = encode.weld_quantized(encode.quantize(v, C, bits), f)
+            if len(f) == 0:
+                continue
+            if options.format == "legacy":
+                corner = volume.voxel_offset + np.array(node) * C - 0.5
+                nm = (corner + v[kept]) * volume.voxel_size
+                data = encode.encode_legacy(nm, f)
+            else:
+                data = encode.encode_draco(q, f, bits)
+            entries.append((label, k, node[0], node[1], node[2], offset, len(data), len(f)))
+            chunks.append(data)
+            offset += len(data)
+    index = np.array(entries, dtype=FRAG_DTYPE)
+    return pack_block(index, count_labels, counts, b"".join(chunks))
+
+
+# --------------------------------------------------------------------------------------
+# Worker pool plumbing (spawned processes; each opens the volume once).
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(source, open_kwargs, plan, options, dest_spec, device):
+    import tensorstore as ts  # noqa: F401
+
+    _WORKER["volume"] = open_volume(source, **open_kwargs)
+    _WORKER["plan"] = plan
+    _WORKER["options"] = options
+    _WORKER["kv"] = storage.open_kvstore(dest_spec)
+    _WORKER["backend"] = get_backend(device)
+
+
+def _run_block(b) -> tuple[tuple, int]:
+    blob = mesh_block(_WORKER["volume"], _WORKER["plan"], _WORKER["options"], b, _WORKER["backend"])
+    storage.write(_WORKER["kv"], block_key(b), blob)
+    return b, len(blob)
+
+
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    """What the main job did (printed by the CLI, written by ``--summary-json``)."""
+
+    segments: int = 0
+    triangles_per_lod: list = field(default_factory=list)
+    fragments_per_lod: list = field(default_factory=list)
+    bytes: int = 0
+    seconds: float = 0.0
+    seconds_meshing: float = 0.0
+    seconds_writing: float = 0.0
+    peak_rss_mb: float = 0.0
+    blocks: int = 0
+    blocks_resumed: int = 0
+    workers: int = 1
+    device: str = "cpu"
+    format: str = "multires"
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def peak_rss_mb() -> float:
+    """Largest resident set (MiB) of this process and of any finished child process."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, kids) / 1024.0
+
+
+def _plan_fingerprint(volume: Volume, plan: Plan, options: MeshOptions) -> dict:
+    return {
+        "plan": dataclasses.asdict(plan),
+        "options": dataclasses.asdict(options),
+        "voxel_size": [float(v) for v in volume.voxel_size],
+        "voxel_offset": [int(v) for v in volume.voxel_offset],
+        "dtype": str(np.dtype(volume.dtype)),
+    }
+
+
+def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=None, voxel_offset=None,
+             mip: int = 0, axes: Optional[str] = None, overwrite: bool = False, resume: bool = False,
+             workers: Optional[int] = None, device: str = "auto", link_source: bool = False,
+             progress: Optional[Callable[[int, int], None]] = None) -> Summary:
+    """Mesh every segment of a label volume into a Neuroglancer precomputed mesh directory.
+
+    Parameters
+    ----------
+    source : str, dict, numpy.ndarray or tensorstore.TensorStore
+        The label volume (see :func:`gpumesh.volume.open_volume`): zarr v2/v3, N5,
+        precomputed, OME-Zarr, or an in-memory array with axes x, y, z.
+    dest : str or dict
+        Destination directory: a path or a kvstore URL/spec (``file://``, ``memory://``,
+        ``gs://``, ``s3://``).
+    options : MeshOptions
+    voxel_size : sequence of 3 float, optional
+        nm per voxel (x, y, z); overrides the source metadata.
+    voxel_offset : sequence of 3 int, optional
+        Voxels; overrides the source metadata.
+    mip : int
+        Scale of a multiscale source.
+    axes : str, optional
+        Axis order of a source without dimension names (e.g. ``"zyx"``).
+    overwrite, resume : bool
+        What to do when ``dest`` is not empty: delete everything first, or keep finished
+        blocks and continue.  Without either, a non-empty ``dest`` is an error.
+    workers : int, optional
+        Processes meshing blocks in parallel (default: all cores; 1 runs in this process).
+    device : {"auto", "cpu", "gpu"}
+    link_source : bool
+        When the source is a precomputed volume, also set ``mesh`` in its ``info`` (the
+        source is never changed otherwise; a ready copy is written as ``source_info.json``).
+    progress : callable(done, total), optional
+
+    Returns
+    -------
+    Summary
+
+    Raises
+    ------
+    InvalidVolumeError, InvalidVoxelSizeError, SourceReadError
+        Bad source (raised before anything is written).
+    DestinationExistsError
+        ``dest`` holds data and neither ``overwrite`` nor ``resume`` was given.
+    ValueError
+        Inconsistent options.
+    """
+    t0 = time.perf_counter()
+    options.validate()
+    open_kwargs = dict(voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip, axes=axes)
+    volume = open_volume(source, **open_kwargs)
+    backend = get_backend(device)
+    kv = storage.open_kvstore(dest)
+    if overwrite and resume:
+        raise ValueError("give either overwrite or resume, not both")
+    plan = Plan.make(volume.shape, options)
+    fingerprint = _plan_fingerprint(volume, plan, options)
+    existing = storage.list_keys(kv)
+    if existing:
+        if overwrite:
+            storage.delete_all(kv)
+        elif resume:
+            old = storage.read_json(kv, SCRATCH + "plan.json")
+            if old is not None and old != fingerprint:
+                raise DestinationExistsError(
+                    f"{dest}: --resume with different options or source than the interrupted run")
+            if old is None and any(not k.startswith(SCRATCH) for k in existing) and "info" in existing:
+                raise DestinationExistsError(f"{dest}: holds a finished mesh; use --overwrite to redo it")
+        else:
+            raise DestinationExistsError(f"{dest} is not empty; pass --overwrite or --resume")
+    storage.write_json(kv, SCRATCH + "plan.json", fingerprint)
+
+    blocks = plan.blocks()
+    done = {k[len(SCRATCH) + len("blocks/"):] for k in storage.list_keys(kv, SCRATCH + "blocks/")}
+    todo = [b for b in blocks if f"{b[0]}_{b[1]}_{b[2]}" not in done]
+    summary = Summary(blocks=len(blocks), blocks_resumed=len(blocks) - len(todo),
+                      device=backend.name, format=options.format)
+    nworkers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    summary.workers = nworkers
+    finished = len(blocks) - len(todo)
+    if progress:
+        progress(finished, len(blocks))
+    if nworkers == 1 or not todo:
+        for b in todo:
+            storage.write(kv, block_key(b), mesh_block(volume, plan, options, b, backend))
+            finished += 1
+            if progress:
+                progress(finished, len(blocks))
+    else:
+        import multiprocessing as mp
+
+        src = source
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(nworkers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(src, open_kwargs, plan, options, storage.kvstore_spec(dest)
+                                           if not isinstance(dest, dict) else dest, backend.name)) as pool:
+            futures = [pool.submit(_run_block, b) for b in todo]
+            for fut in as_completed(futures):
+                fut.result()
+                finished += 1
+                if progress:
+                    progress(finished, len(blocks))
+
+    from .writer import assemble
+
+    t_mesh = time.perf_counter()
+    summary.seconds_meshing = t_mesh - t0
+    stats = assemble(kv, volume, plan, options, blocks, link_source=link_source)
+    storage.delete_prefix(kv, SCRATCH)
+    summary.segments = stats["segments"]
+    summary.triangles_per_lod = stats["triangles_per_lod"]
+    summary.fragments_per_lod = stats["fragments_per_lod"]
+    summary.bytes = stats["bytes"]
+    if summary.segments == 0:
+        warnings.warn(f"the volume holds only background (label 0): wrote an empty mesh to {dest}",
+                      EmptyVolumeWarning, stacklevel=2)
+    summary.seconds = time.perf_counter() - t0
+    summary.seconds_writing = summary.seconds - summary.seconds_meshing
+    summary.peak_rss_mb = peak_rss_mb()
+    return summary

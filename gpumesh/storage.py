@@ -1,0 +1,166 @@
+"""Byte storage through TensorStore's kvstore.
+
+Every byte gpumesh reads from or writes to a mesh destination goes through this module,
+so a destination can be a local path or any kvstore URL TensorStore knows
+(``file://``, ``memory://``, ``gs://``, ``s3://``) or a kvstore JSON spec.
+
+TensorStore's ``file`` driver writes each key through a temporary file and a rename, so a
+key appears whole or not at all; the other drivers write objects atomically by nature.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Optional, Union
+
+import tensorstore as ts
+
+from .errors import SourceReadError
+
+KvSpec = Union[str, os.PathLike, dict, "ts.KvStore"]
+
+_URL_SCHEMES = ("file://", "memory://", "gs://", "s3://", "http://", "https://")
+
+
+def kvstore_spec(location: KvSpec) -> dict:
+    """Turn a path, URL or spec into a TensorStore kvstore JSON spec for a directory.
+
+    Parameters
+    ----------
+    location : str, os.PathLike or dict
+        A local path (relative or absolute), a kvstore URL (``file://``, ``memory://``,
+        ``gs://``, ``s3://``) or a kvstore JSON spec.
+
+    Returns
+    -------
+    dict
+        A kvstore spec whose ``path`` ends in ``/`` (a directory), so keys are file names.
+    """
+    if isinstance(location, ts.KvStore):
+        spec = location.spec().to_json()
+    elif isinstance(location, dict):
+        spec = dict(location)
+    else:
+        text = os.fspath(location)
+        if text.startswith(_URL_SCHEMES):
+            spec = ts.KvStore.Spec(text).to_json()
+        else:
+            spec = {"driver": "file", "path": os.path.abspath(text)}
+    path = spec.get("path", "")
+    if path and not path.endswith("/"):
+        spec["path"] = path + "/"
+    return spec
+
+
+def kvstore_url(spec: dict) -> str:
+    """A kvstore URL for a spec (``file:///abs/path/``, ``gs://bucket/path/``), or its JSON."""
+    try:
+        return ts.KvStore.Spec(spec).url
+    except Exception:
+        return json.dumps(spec)
+
+
+def open_kvstore(location: KvSpec, *, context: Optional[ts.Context] = None) -> ts.KvStore:
+    """Open a directory-like kvstore.
+
+    Parameters
+    ----------
+    location : str, os.PathLike, dict or tensorstore.KvStore
+        See :func:`kvstore_spec`.
+    context : tensorstore.Context, optional
+        Shared context (needed for ``memory://`` stores to be seen by several openers).
+
+    Returns
+    -------
+    tensorstore.KvStore
+
+    Raises
+    ------
+    SourceReadError
+        If TensorStore cannot open the location.
+    """
+    if isinstance(location, ts.KvStore):
+        return location
+    spec = kvstore_spec(location)
+    try:
+        return ts.KvStore.open(spec, context=context or _default_context()).result()
+    except Exception as exc:  # TensorStore raises ValueError/RuntimeError subclasses
+        raise SourceReadError(f"cannot open storage {location!r}: {exc}") from exc
+
+
+_CONTEXT: Optional[ts.Context] = None
+
+
+def _default_context() -> ts.Context:
+    # One process-wide context, so every opener of memory:// sees the same bytes.
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = ts.Context()
+    return _CONTEXT
+
+
+def read(kv: ts.KvStore, key: str, byte_range: Optional[tuple[int, int]] = None) -> Optional[bytes]:
+    """Read one key, or ``None`` if it is missing.
+
+    Parameters
+    ----------
+    kv : tensorstore.KvStore
+    key : str
+    byte_range : (int, int), optional
+        ``(inclusive_min, exclusive_max)`` bytes to read.
+    """
+    if byte_range is None:
+        result = kv.read(key).result()
+    else:
+        result = kv.read(key, byte_range=slice(byte_range[0], byte_range[1])).result()
+    if result.state != "value":
+        return None
+    return bytes(result.value)
+
+
+def write(kv: ts.KvStore, key: str, value: bytes) -> None:
+    """Write one key atomically (whole or not at all)."""
+    kv.write(key, value).result()
+
+
+def write_json(kv: ts.KvStore, key: str, obj: Any) -> None:
+    """Write ``obj`` as pretty JSON (UTF-8, trailing newline) under ``key``."""
+    write(kv, key, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def read_json(kv: ts.KvStore, key: str) -> Optional[Any]:
+    """Read a JSON value, or ``None`` when the key is missing."""
+    data = read(kv, key)
+    return None if data is None else json.loads(data)
+
+
+def list_keys(kv: ts.KvStore, prefix: str = "") -> list[str]:
+    """All keys under ``prefix``, sorted, as ``str``."""
+    if prefix:
+        keys = kv.list(ts.KvStore.KeyRange(inclusive_min=prefix, exclusive_max=prefix + "\xff")).result()
+    else:
+        keys = kv.list().result()
+    return sorted(k.decode() if isinstance(k, bytes) else k for k in keys)
+
+
+def delete_prefix(kv: ts.KvStore, prefix: str) -> None:
+    """Delete every key under ``prefix``."""
+    kv.delete_range(ts.KvStore.KeyRange(inclusive_min=prefix, exclusive_max=prefix + "\xff")).result()
+
+
+def delete_all(kv: ts.KvStore) -> None:
+    """Delete every key of the store (used by ``--overwrite``)."""
+    kv.delete_range(ts.KvStore.KeyRange()).result()
+
+
+def is_empty(kv: ts.KvStore) -> bool:
+    """True when the store holds no keys."""
+    return len(kv.list().result()) == 0
+
+
+def write_many(kv: ts.KvStore, items: Iterable[tuple[str, bytes]]) -> None:
+    """Write several keys concurrently and wait for all (each key atomic)."""
+    futures = [kv.write(k, v) for k, v in items]
+    for f in futures:
+        f.result()

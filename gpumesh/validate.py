@@ -1,0 +1,537 @@
+"""Validator for Neuroglancer precomputed mesh directories.
+
+Checks what the Neuroglancer client needs, which is stricter than the spec text
+(``neuroglancer-precomputed-meshes.md``):
+
+Multi-resolution (``neuroglancer_multilod_draco``, unsharded), per segment:
+
+1. fragment positions of each LOD strictly increasing in Z-order (Morton order, x least
+   significant), as ``zorder3LessThan`` in neuroglancer's ``src/mesh/draco``/``multiscale``;
+2. every node of LOD ``k < num_lods - 1`` has its parent (``position >> 1``) at LOD ``k + 1``
+   (the client's ``computeOctreeChildOffsets`` orphans it otherwise);
+3. the sum of fragment sizes equals the length of the data file;
+4. each non-empty fragment decodes with Draco as a triangle mesh whose positions are integers
+   in ``[0, 2**vertex_quantization_bits)`` (the client reads Draco's quantized integers);
+5. for LOD > 0 no triangle crosses the fragment's 2x2x2 grid (emulating
+   ``neuroglancer_draco.cc``'s partition masks);
+6. the manifest length is exact, ``num_lods >= 1``, ``lod_scales`` finite, positive and
+   non-decreasing, ``chunk_shape`` finite and positive, offsets finite.
+
+Legacy (``neuroglancer_legacy_mesh`` or no info): each ``<id>:0`` manifest is JSON with a
+``fragments`` list of existing files, each a valid legacy fragment (indices < num_vertices).
+
+``info`` problems are reported and end validation. Bad meshes never raise: errors are collected.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import numpy as np
+
+from . import storage
+from .errors import GpumeshError, InvalidMeshError
+from .reader import (
+    LEGACY_TYPE,
+    MULTIRES_TYPE,
+    LegacySource,
+    Manifest,
+    decode_fragment,
+    multires_info_problems,
+    open_mesh,
+    parse_legacy_fragment,
+)
+
+__all__ = ["ValidationReport", "validate", "zorder_less", "crossing_triangles", "missing_parents"]
+
+MAX_STORED_ERRORS = 1000
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def _new_lod_stats() -> dict:
+    return {"fragments": 0, "empty_fragments": 0, "triangles": 0, "bytes": 0, "segments_with_lod": 0}
+
+
+@dataclass
+class ValidationReport:
+    """Result of :func:`validate`.
+
+    Attributes
+    ----------
+    location : str
+        What was validated.
+    kind : str or None
+        ``'multires'``, ``'legacy'`` or ``None`` when the info could not be read.
+    num_segments : int
+        Segments checked.
+    errors : list of str
+        The first ``max_errors`` violations, each naming segment / LOD / node.
+    num_errors : int
+        All violations found (may exceed ``len(errors)``).
+    per_lod : list of dict
+        Per LOD index: ``fragments`` (octree nodes), ``empty_fragments`` (0-byte nodes),
+        ``triangles`` (decoded; ``None`` with ``decode=False``), ``bytes`` (fragment bytes),
+        ``segments_with_lod`` (segments whose manifest has this LOD). Legacy: one entry.
+    decoded : bool
+        Whether fragments were decoded (triangle counts and geometry checks).
+    """
+
+    location: str = ""
+    kind: Optional[str] = None
+    num_segments: int = 0
+    errors: list = field(default_factory=list)
+    num_errors: int = 0
+    per_lod: list = field(default_factory=list)
+    decoded: bool = True
+    max_errors: int = MAX_STORED_ERRORS
+
+    @property
+    def ok(self) -> bool:
+        """True when no violation was found."""
+        return self.num_errors == 0
+
+    def add_error(self, message: str) -> None:
+        """Record one violation (stored only while fewer than ``max_errors`` are)."""
+        self.num_errors += 1
+        if len(self.errors) < self.max_errors:
+            self.errors.append(message)
+
+    def lod(self, index: int) -> dict:
+        """Statistics dict of LOD ``index`` (created on demand)."""
+        while len(self.per_lod) <= index:
+            stats = _new_lod_stats()
+            if not self.decoded:
+                stats["triangles"] = None
+            self.per_lod.append(stats)
+        return self.per_lod[index]
+
+    def format_table(self) -> str:
+        """Plain-text summary: one row per LOD, totals, then ``OK`` or ``N violations``.
+
+        Returns
+        -------
+        str
+        """
+        header = ("LOD", "fragments", "empty", "triangles", "bytes")
+        rows = []
+        tot = [0, 0, 0, 0]
+        for i, s in enumerate(self.per_lod):
+            tri = s["triangles"]
+            rows.append((str(i), str(s["fragments"]), str(s["empty_fragments"]), "-" if tri is None else str(tri), str(s["bytes"])))
+            tot[0] += s["fragments"]
+            tot[1] += s["empty_fragments"]
+            tot[2] += tri or 0
+            tot[3] += s["bytes"]
+        rows.append(("total", str(tot[0]), str(tot[1]), str(tot[2]) if self.decoded else "-", str(tot[3])))
+        widths = [max(len(r[c]) for r in rows + [header]) for c in range(len(header))]
+
+        def line(r):
+            return "  ".join(r[0].ljust(widths[0]) if c == 0 else r[c].rjust(widths[c]) for c in range(len(r)))
+
+        out = [f"kind: {self.kind or 'unknown'}   segments: {self.num_segments}", line(header)]
+        out.append("  ".join("-" * w for w in widths))
+        out.extend(line(r) for r in rows[:-1])
+        out.append("  ".join("-" * w for w in widths))
+        out.append(line(rows[-1]))
+        if self.ok:
+            out.append("OK")
+        else:
+            out.append(f"{self.num_errors} violations")
+            shown = self.errors[:20]
+            out.extend("  " + e for e in shown)
+            if self.num_errors > len(shown):
+                out.append(f"  ... and {self.num_errors - len(shown)} more")
+        return "\n".join(out)
+
+    def __str__(self) -> str:  # pragma: no cover - convenience
+        return self.format_table()
+
+
+# --------------------------------------------------------------------------------------------
+# Vectorised client rules
+# --------------------------------------------------------------------------------------------
+
+
+def zorder_less(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise ``a < b`` in Z-order, as neuroglancer's ``zorder3LessThan``.
+
+    Morton order with bits interleaved, x least significant at each level (so z decides first
+    among equal most significant differing bits).
+
+    Parameters
+    ----------
+    a, b : numpy.ndarray, shape (n, 3), unsigned integers (x, y, z)
+
+    Returns
+    -------
+    numpy.ndarray, shape (n,), bool
+    """
+    a = np.asarray(a, dtype=np.uint64).reshape(-1, 3)
+    b = np.asarray(b, dtype=np.uint64).reshape(-1, 3)
+    d = a ^ b
+
+    def less_msb(p, q):
+        return (p < q) & (p < (p ^ q))
+
+    sel = np.full(len(a), 2, dtype=np.intp)
+    cur = d[:, 2]
+    m = less_msb(cur, d[:, 1])
+    sel[m] = 1
+    cur = np.where(m, d[:, 1], cur)
+    m = less_msb(cur, d[:, 0])
+    sel[m] = 0
+    rows = np.arange(len(a))
+    return a[rows, sel] < b[rows, sel]
+
+
+def _row_view(arr: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(arr, dtype="<u4").reshape(-1, 3)).view("V12").ravel()
+
+
+def missing_parents(children: np.ndarray, parents: np.ndarray) -> np.ndarray:
+    """Indices of ``children`` rows whose parent (``position >> 1``) is not in ``parents``.
+
+    Parameters
+    ----------
+    children : numpy.ndarray, shape (m, 3), uint32
+        Node positions at LOD k.
+    parents : numpy.ndarray, shape (p, 3), uint32
+        Node positions at LOD k + 1.
+
+    Returns
+    -------
+    numpy.ndarray, int64
+    """
+    if len(children) == 0:
+        return np.zeros(0, np.int64)
+    want = _row_view(np.asarray(children, np.uint32) >> 1)
+    have = _row_view(parents)
+    return np.flatnonzero(~np.isin(want, have))
+
+
+_AXIS_LO = (0b01010101, 0b00110011, 0b00001111)  # octants with bit a == 0
+_AXIS_HI = (0b10101010, 0b11001100, 0b11110000)  # octants with bit a == 1
+
+
+def crossing_triangles(positions_q: np.ndarray, faces: np.ndarray, bits: int) -> np.ndarray:
+    """Which triangles cross the 2x2x2 partition grid of a LOD > 0 fragment.
+
+    Emulates neuroglancer's ``neuroglancer_draco.cc``: ``partition_point =
+    ((2**32 - 1) >> (32 - bits)) // 2 + 1``; each vertex gets an 8-bit mask of the octants
+    (index ``x + 2y + 4z``) it may belong to (coordinate below the point: only octants with
+    that bit 0; above: bit 1; equal: both); a triangle whose three masks AND to 0 crosses.
+
+    Parameters
+    ----------
+    positions_q : numpy.ndarray, shape (n, 3), integer
+        Quantized positions, in ``[0, 2**bits)``.
+    faces : numpy.ndarray, shape (m, 3), integer
+    bits : int
+        ``vertex_quantization_bits``.
+
+    Returns
+    -------
+    numpy.ndarray, shape (m,), bool
+    """
+    pp = ((2**32 - 1) >> (32 - bits)) // 2 + 1
+    v = np.asarray(positions_q, dtype=np.int64).reshape(-1, 3)
+    mask = np.full(len(v), 0xFF, dtype=np.uint8)
+    for a in range(3):
+        col = v[:, a]
+        mask &= np.where(col < pp, _AXIS_LO[a], np.where(col > pp, _AXIS_HI[a], 0xFF)).astype(np.uint8)
+    f = np.asarray(faces, dtype=np.int64).reshape(-1, 3)
+    tri = mask[f[:, 0]] & mask[f[:, 1]] & mask[f[:, 2]]
+    return tri == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Segment checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check_manifest_values(report: ValidationReport, seg: int, m: Manifest) -> bool:
+    """Header value checks; returns False when the manifest is unusable."""
+    ok = True
+    if m.num_lods < 1:
+        report.add_error(f"segment {seg}: num_lods is {m.num_lods}, must be >= 1")
+        return False
+    if not (np.all(np.isfinite(m.chunk_shape)) and np.all(m.chunk_shape > 0)):
+        report.add_error(f"segment {seg}: chunk_shape {m.chunk_shape.tolist()} must be finite and positive")
+        ok = False
+    if not np.all(np.isfinite(m.grid_origin)):
+        report.add_error(f"segment {seg}: grid_origin {m.grid_origin.tolist()} is not finite")
+        ok = False
+    if not np.all(np.isfinite(m.vertex_offsets)):
+        report.add_error(f"segment {seg}: vertex_offsets are not finite")
+        ok = False
+    scales = m.lod_scales
+    if not (np.all(np.isfinite(scales)) and np.all(scales > 0)):
+        report.add_error(f"segment {seg}: lod_scales {scales.tolist()} must be finite and positive")
+        ok = False
+    elif np.any(np.diff(scales) < 0):
+        report.add_error(f"segment {seg}: lod_scales {scales.tolist()} must be non-decreasing")
+        ok = False
+    return ok
+
+
+def _check_octree(report: ValidationReport, seg: int, m: Manifest) -> None:
+    for lod, pos in enumerate(m.fragment_positions):
+        if len(pos) > 1:
+            bad = np.flatnonzero(~zorder_less(pos[:-1], pos[1:]))
+            for i in bad[:5].tolist():
+                report.add_error(
+                    f"segment {seg} lod {lod} node {i + 1}: position {pos[i + 1].tolist()} does not follow "
+                    f"{pos[i].tolist()} in Z-order (must be strictly increasing)"
+                )
+            if len(bad) > 5:
+                report.add_error(f"segment {seg} lod {lod}: {len(bad) - 5} more Z-order violations")
+        if lod + 1 < m.num_lods:
+            miss = missing_parents(pos, m.fragment_positions[lod + 1])
+            for i in miss[:5].tolist():
+                report.add_error(
+                    f"segment {seg} lod {lod} node {i} {pos[i].tolist()}: parent {(pos[i] >> 1).tolist()} "
+                    f"missing at lod {lod + 1}"
+                )
+            if len(miss) > 5:
+                report.add_error(f"segment {seg} lod {lod}: {len(miss) - 5} more nodes without parent")
+
+
+def _check_multires_segment(
+    report: ValidationReport, seg: int, mbytes: Optional[bytes], data: Optional[bytes], bits: int, decode: bool
+) -> None:
+    if mbytes is None:
+        report.add_error(f"segment {seg}: manifest {seg}.index not found")
+        return
+    try:
+        m = Manifest.from_bytes(mbytes)
+    except InvalidMeshError as exc:
+        report.add_error(f"segment {seg}: {exc}")
+        return
+    for lod in range(m.num_lods):
+        st = report.lod(lod)
+        st["segments_with_lod"] += 1
+        st["fragments"] += len(m.fragment_sizes[lod])
+        st["empty_fragments"] += int(np.count_nonzero(m.fragment_sizes[lod] == 0))
+        st["bytes"] += int(m.fragment_sizes[lod].sum())
+    if not _check_manifest_values(report, seg, m):
+        return
+    _check_octree(report, seg, m)
+
+    total = m.total_bytes
+    if data is None:
+        if total:
+            report.add_error(f"segment {seg}: fragment data file {seg} missing ({total} bytes expected)")
+        data = b""
+    elif len(data) != total:
+        report.add_error(f"segment {seg}: data file has {len(data)} bytes, fragment sizes sum to {total}")
+    if not decode:
+        return
+    for lod, ranges in enumerate(m.fragment_byte_ranges()):
+        st = report.lod(lod)
+        for i, (start, stop) in enumerate(ranges.tolist()):
+            if stop == start:
+                continue
+            where = f"segment {seg} lod {lod} node {i} {m.fragment_positions[lod][i].tolist()}"
+            if stop > len(data):
+                report.add_error(f"{where}: fragment bytes [{start}, {stop}) beyond end of data file")
+                continue
+            try:
+                q, f = decode_fragment(data[start:stop], bits)
+            except InvalidMeshError as exc:
+                report.add_error(f"{where}: {exc}")
+                continue
+            st["triangles"] += len(f)
+            if lod > 0 and len(f):
+                n = int(np.count_nonzero(crossing_triangles(q, f, bits)))
+                if n:
+                    report.add_error(f"{where}: {n} of {len(f)} triangles cross the 2x2x2 partition grid")
+
+
+def _check_legacy_segment(report: ValidationReport, src: LegacySource, seg: int, decode: bool) -> None:
+    try:
+        names = src.fragment_names(seg)
+    except InvalidMeshError as exc:
+        report.add_error(str(exc))
+        return
+    st = report.lod(0)
+    st["segments_with_lod"] += 1
+    futures = [src.kv.read(name) for name in names]
+    for name, fut in zip(names, futures):
+        st["fragments"] += 1
+        try:
+            res = fut.result()
+        except Exception as exc:  # bad key names
+            report.add_error(f"segment {seg}: fragment {name!r} unreadable: {exc}")
+            continue
+        if res.state != "value":
+            report.add_error(f"segment {seg}: fragment file {name!r} missing")
+            continue
+        data = bytes(res.value)
+        st["bytes"] += len(data)
+        try:
+            _, faces = parse_legacy_fragment(data)
+        except InvalidMeshError as exc:
+            report.add_error(f"segment {seg}: fragment {name!r}: {exc}")
+            continue
+        if len(faces) == 0:
+            st["empty_fragments"] += 1
+        if decode:
+            st["triangles"] += len(faces)
+
+
+def _check_segment_properties(report: ValidationReport, kv, info: dict) -> None:
+    rel = info.get("segment_properties")
+    if not isinstance(rel, str):
+        return
+    key = rel.strip("/") + "/info"
+    try:
+        sp = storage.read_json(kv, key)
+    except ValueError as exc:
+        report.add_error(f"segment properties {key}: not valid JSON: {exc}")
+        return
+    if sp is None:
+        report.add_error(f"segment properties {key} not found")
+        return
+    if not isinstance(sp, dict) or sp.get("@type") != "neuroglancer_segment_properties":
+        report.add_error(f"segment properties {key}: @type must be 'neuroglancer_segment_properties'")
+        return
+    inline = sp.get("inline")
+    if inline is None:
+        return
+    ids = inline.get("ids") if isinstance(inline, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(i, str) and i.isdigit() for i in ids):
+        report.add_error(f"segment properties {key}: inline.ids must be a list of base-10 strings")
+        return
+    props = inline.get("properties")
+    if not isinstance(props, list):
+        report.add_error(f"segment properties {key}: inline.properties must be a list")
+        return
+    seen = set()
+    for p in props:
+        if not isinstance(p, dict):
+            report.add_error(f"segment properties {key}: a property is not an object")
+            continue
+        pid, ptype = p.get("id"), p.get("type")
+        if not isinstance(pid, str) or pid in seen:
+            report.add_error(f"segment properties {key}: property id {pid!r} missing or not unique")
+        seen.add(pid)
+        if ptype not in ("label", "description", "string", "tags", "number"):
+            report.add_error(f"segment properties {key}: property {pid!r} has bad type {ptype!r}")
+        if ptype == "number" and p.get("data_type") not in (
+            "uint8", "int8", "uint16", "int16", "uint32", "int32", "float32"
+        ):
+            report.add_error(f"segment properties {key}: number property {pid!r} needs a valid data_type")
+        values = p.get("values")
+        if not isinstance(values, list) or len(values) != len(ids):
+            report.add_error(f"segment properties {key}: property {pid!r} needs {len(ids)} values")
+    types = [p.get("type") for p in props if isinstance(p, dict)]
+    for t in ("label", "description", "tags"):
+        if types.count(t) > 1:
+            report.add_error(f"segment properties {key}: more than one {t!r} property")
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def validate(
+    location,
+    *,
+    segments: Optional[Iterable[int]] = None,
+    decode: bool = True,
+    max_errors: int = MAX_STORED_ERRORS,
+) -> ValidationReport:
+    """Validate a precomputed mesh directory against the Neuroglancer client's rules.
+
+    Parameters
+    ----------
+    location : str, os.PathLike, dict or tensorstore.KvStore
+        The mesh directory (holding ``info``): path, kvstore URL or spec.
+    segments : iterable of int, optional
+        Only these segments (each must exist); default all.
+    decode : bool, default True
+        Decode fragments (Draco or legacy) to check geometry and count triangles. Without it
+        only manifests, octrees and sizes are checked.
+    max_errors : int, default 1000
+        Store at most this many error messages (all are counted in ``num_errors``).
+
+    Returns
+    -------
+    ValidationReport
+        Never raises on a bad mesh; problems are in ``report.errors``. An unreadable or
+        invalid ``info`` (or sharding, not supported yet) is one error and ends validation.
+    """
+    report = ValidationReport(location=str(location), decoded=decode, max_errors=max_errors)
+    try:
+        kv = storage.open_kvstore(location)
+        raw_info = storage.read(kv, "info")
+    except Exception as exc:
+        report.add_error(f"cannot open {location!r}: {exc}")
+        return report
+    info = None
+    if raw_info is not None:
+        try:
+            info = json.loads(raw_info)
+        except ValueError as exc:
+            report.add_error(f"info is not valid JSON: {exc}")
+            return report
+        if isinstance(info, dict) and info.get("@type") == MULTIRES_TYPE:
+            problems = multires_info_problems(info)
+            if problems:
+                for p in problems:
+                    report.add_error(p)
+                return report
+        elif not (isinstance(info, dict) and info.get("@type") == LEGACY_TYPE):
+            t = info.get("@type") if isinstance(info, dict) else None
+            report.add_error(f"info @type is {t!r}: expected {MULTIRES_TYPE!r} or {LEGACY_TYPE!r}")
+            return report
+    try:
+        src = open_mesh(kv)
+    except GpumeshError as exc:
+        report.add_error(str(exc))
+        return report
+    report.kind = src.kind
+
+    try:
+        all_ids = src.segment_ids()
+    except Exception as exc:
+        report.add_error(f"cannot list keys: {exc}")
+        return report
+    if raw_info is None and not all_ids:
+        if any(k.endswith(".index") for k in storage.list_keys(kv)):
+            report.add_error("no info file, but .index manifests present (multi-resolution meshes need an info)")
+    if segments is None:
+        ids = all_ids
+    else:
+        present = set(all_ids)
+        ids = []
+        for s in segments:
+            if int(s) in present:
+                ids.append(int(s))
+            else:
+                report.add_error(f"segment {int(s)} not found")
+    report.num_segments = len(ids)
+
+    if src.kind == "multires":
+        bits = src.vertex_quantization_bits
+        for seg, mbytes, data in src.fetch(ids):
+            try:
+                _check_multires_segment(report, seg, mbytes, data, bits, decode)
+            except Exception as exc:  # never raise on a bad mesh
+                report.add_error(f"segment {seg}: unexpected error while checking: {exc!r}")
+    else:
+        for seg in ids:
+            try:
+                _check_legacy_segment(report, src, seg, decode)
+            except Exception as exc:
+                report.add_error(f"segment {seg}: unexpected error while checking: {exc!r}")
+    if info:
+        _check_segment_properties(report, kv, info)
+    return report

@@ -1,0 +1,76 @@
+"""Shared fixtures: the real pinky40 cutout from ../shared/data, and meshes of a crop of it."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+REAL_ZARR = SHARED / "connectomics.zarr"
+VOXEL_SIZE = (32.0, 32.0, 40.0)
+
+# A 128^3 crop of the real volume (voxels [192, 320) on each axis), meshed with 32-voxel
+# LOD 0 nodes and 3 LODs so that several blocks, nodes and LODs are exercised.
+CROP_START = (192, 192, 192)
+CROP_SIZE = 128
+
+
+def gpu_present() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if gpu_present():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU with CuPy")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def real_zarr() -> pathlib.Path:
+    if not REAL_ZARR.exists():
+        pytest.skip(f"real data not found at {REAL_ZARR}")
+    return REAL_ZARR
+
+
+@pytest.fixture(scope="session")
+def crop(real_zarr) -> np.ndarray:
+    """(128, 128, 128) uint32 labels, axes x, y, z."""
+    import tensorstore as ts
+
+    t = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(real_zarr)}}).result()
+    s = CROP_START
+    return t[s[0]:s[0] + CROP_SIZE, s[1]:s[1] + CROP_SIZE, s[2]:s[2] + CROP_SIZE].read().result()
+
+
+def _mesh_crop(crop, dest, **kw):
+    from gpumesh.pipeline import MeshOptions, run_mesh
+
+    options = MeshOptions(chunk_size=32, max_lods=3, **kw)
+    return run_mesh(crop, str(dest), options=options, voxel_size=VOXEL_SIZE, voxel_offset=CROP_START, workers=1)
+
+
+@pytest.fixture(scope="session")
+def crop_high(crop, tmp_path_factory):
+    """Multi-resolution meshes of the crop with LOD 0 undecimated (quality high)."""
+    dest = tmp_path_factory.mktemp("crop_high")
+    summary = _mesh_crop(crop, dest, quality="high")
+    return dest, summary
+
+
+@pytest.fixture(scope="session")
+def crop_medium(crop, tmp_path_factory):
+    """Multi-resolution meshes of the crop at the default preset (medium)."""
+    dest = tmp_path_factory.mktemp("crop_medium")
+    summary = _mesh_crop(crop, dest)
+    return dest, summary

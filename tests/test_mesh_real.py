@@ -1,0 +1,234 @@
+"""The main job on a crop of the real pinky40 volume: geometry and format properties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+
+from gpumesh.reader import load_fragments, load_mesh, open_mesh
+from gpumesh.validate import validate
+
+from conftest import CROP_START, VOXEL_SIZE
+
+BITS = 16
+
+
+def sampled_segments(crop: np.ndarray, n: int = 12) -> list[int]:
+    """Segments of several sizes: the largest few, some mid-sized, some small."""
+    ids, counts = np.unique(crop[crop != 0], return_counts=True)
+    order = ids[np.argsort(-counts, kind="stable")]
+    picks = list(order[:4]) + list(order[len(order) // 4: len(order) // 4 + 4]) + list(order[-40::10])
+    return [int(s) for s in picks[:n]]
+
+
+def boundary_faces(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Boundary faces of a voxel mask (outside the crop counts as background).
+
+    Returns
+    -------
+    centers : (F, 3) float64, crop voxel-corner coordinates of face centers
+    axes : (F,) int, the axis each face is normal to
+    """
+    p = np.pad(mask, 1)
+    centers, axes = [], []
+    for a in range(3):
+        diff = np.diff(p.astype(np.int8), axis=a) != 0
+        idx = np.argwhere(diff).astype(np.float64)
+        c = idx - 0.5
+        c[:, a] = idx[:, a]
+        centers.append(c)
+        axes.append(np.full(len(idx), a))
+    return np.concatenate(centers), np.concatenate(axes)
+
+
+def to_crop_voxels(vertices_nm: np.ndarray) -> np.ndarray:
+    return vertices_nm / np.array(VOXEL_SIZE) - np.array(CROP_START)
+
+
+def distance_to_faces(points: np.ndarray, centers: np.ndarray, axes: np.ndarray, k: int = 16) -> np.ndarray:
+    """Upper bound of each point's distance (voxel units) to the union of unit boundary faces."""
+    tree = cKDTree(centers)
+    k = min(k, len(centers))
+    _, nearest = tree.query(points, k=k)
+    nearest = nearest.reshape(len(points), k)
+    best = np.full(len(points), np.inf)
+    for j in range(k):
+        c = centers[nearest[:, j]]
+        a = axes[nearest[:, j]]
+        d = np.abs(points - c)
+        # in-plane axes: distance outside the unit square; normal axis: full distance
+        inplane = np.maximum(d - 0.5, 0.0)
+        normal = np.zeros(len(points), dtype=bool)
+        dd = inplane.copy()
+        rows = np.arange(len(points))
+        dd[rows, a] = d[rows, a]
+        best = np.minimum(best, np.sqrt((dd ** 2).sum(axis=1)))
+        del normal
+    return best
+
+
+def assert_closed_oriented(mesh, what: str) -> None:
+    faces = np.asarray(mesh.faces)
+    assert len(faces) > 0, f"{what}: no triangles"
+    directed = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    # every directed edge once (consistent winding, no edge used twice the same way)
+    _, dcount = np.unique(directed, axis=0, return_counts=True)
+    assert dcount.max() == 1, f"{what}: a directed edge is used {dcount.max()} times"
+    undirected = np.sort(directed, axis=1)
+    _, ucount = np.unique(undirected, axis=0, return_counts=True)
+    assert (ucount == 2).all(), f"{what}: {np.sum(ucount != 2)} edges not shared by exactly two triangles"
+    assert mesh.volume > 0, f"{what}: normals point inwards"
+
+
+def test_validator_passes(crop_high, crop_medium):
+    for dest, summary in (crop_high, crop_medium):
+        report = validate(str(dest))
+        assert report.ok, report.errors[:10]
+        assert report.num_segments == summary.segments
+
+
+def test_all_segments_written(crop, crop_medium):
+    dest, summary = crop_medium
+    expected = set(np.unique(crop).tolist()) - {0}
+    assert set(open_mesh(str(dest)).segment_ids()) == expected
+    assert summary.segments == len(expected)
+
+
+def test_lod0_exact_on_label_boundary(crop, crop_high):
+    """Undecimated LOD 0: vertices are exactly the label boundary's face centres, all of them."""
+    dest, _ = crop_high
+    for seg in sampled_segments(crop):
+        mesh = load_mesh(str(dest), seg, lod=0)
+        v = to_crop_voxels(np.asarray(mesh.vertices))
+        halves = np.round(v * 2) / 2
+        # within 1/2 voxel per axis of the boundary: here, on it up to quantization rounding
+        assert np.abs(v - halves).max() < 1e-3, seg
+        centers, _ = boundary_faces(crop == seg)
+        got = {tuple(r) for r in halves.tolist()}
+        want = {tuple(r) for r in centers.tolist()}
+        assert got == want, f"segment {seg}: {len(got - want)} stray vertices, {len(want - got)} faces untouched"
+
+
+def test_lod0_closed_manifold_exact(crop, crop_high):
+    dest, _ = crop_high
+    for seg in sampled_segments(crop):
+        assert_closed_oriented(load_mesh(str(dest), seg, lod=0), f"segment {seg} LOD 0 (high)")
+
+
+def test_default_preset_lod0_closed_and_near(crop, crop_medium):
+    dest, _ = crop_medium
+    for seg in sampled_segments(crop):
+        mesh = load_mesh(str(dest), seg, lod=0)
+        assert_closed_oriented(mesh, f"segment {seg} LOD 0 (medium)")
+        centers, axes = boundary_faces(crop == seg)
+        d = distance_to_faces(to_crop_voxels(np.asarray(mesh.vertices)), centers, axes)
+        assert d.max() <= 1.0, f"segment {seg}: LOD 0 vertex {d.max():.2f} voxels from the label boundary"
+
+
+def test_coarser_lods_stay_near_lod0(crop, crop_medium):
+    """LOD k stays within 2**k voxels of the LOD 0 surface (the label boundary)."""
+    dest, _ = crop_medium
+    src = open_mesh(str(dest))
+    checked = 0
+    for seg in sampled_segments(crop):
+        m = src.manifest(seg)
+        centers, axes = boundary_faces(crop == seg)
+        for k in range(1, m.num_lods):
+            mesh = load_mesh(src, seg, lod=k)
+            if len(mesh.vertices) == 0:
+                continue
+            d = distance_to_faces(to_crop_voxels(np.asarray(mesh.vertices)), centers, axes)
+            assert d.max() <= 2 ** k, f"segment {seg} LOD {k}: {d.max():.2f} voxels from LOD 0"
+            checked += 1
+    assert checked > 0
+
+
+def test_every_segment_has_triangles_at_coarsest_lod(crop_medium):
+    dest, _ = crop_medium
+    src = open_mesh(str(dest))
+    for seg in src.segment_ids():
+        m = src.manifest(seg)
+        top = m.num_lods - 1
+        assert m.fragment_sizes[top].sum() > 0, f"segment {seg}: coarsest LOD {top} is empty"
+
+
+def test_lod_count_follows_size(crop, crop_medium):
+    dest, _ = crop_medium
+    src = open_mesh(str(dest))
+    seg_ids, counts = np.unique(crop[crop != 0], return_counts=True)
+    big = int(seg_ids[np.argmax(counts)])
+    small = int(seg_ids[np.argmin(counts)])
+    assert src.manifest(big).num_lods == 3
+    assert src.manifest(small).num_lods == 1
+
+
+@pytest.mark.parametrize("which", ["crop_high", "crop_medium"])
+def test_fragments_share_border_vertices(which, crop, request):
+    """Adjacent fragments of one LOD decode to the same positions on their common face."""
+    dest, _ = request.getfixturevalue(which)
+    src = open_mesh(str(dest))
+    top = (1 << BITS) - 1
+    pairs = 0
+    for seg in sampled_segments(crop)[:6]:
+        m = src.manifest(seg)
+        for lod in range(m.num_lods):
+            frags = {tuple(f["position"].tolist()): f for f in load_fragments(src, seg, lod)}
+            for pos, f in frags.items():
+                for a in range(3):
+                    nb = list(pos)
+                    nb[a] += 1
+                    g = frags.get(tuple(nb))
+                    if g is None or len(f["faces"]) == 0 or len(g["faces"]) == 0:
+                        continue
+                    fa = f["positions_q"][f["positions_q"][:, a] == top]
+                    gb = g["positions_q"][g["positions_q"][:, a] == 0]
+                    other = [b for b in range(3) if b != a]
+                    sf = {tuple(r) for r in fa[:, other].tolist()}
+                    sg = {tuple(r) for r in gb[:, other].tolist()}
+                    assert sf == sg, f"segment {seg} LOD {lod} nodes {pos}/{tuple(nb)}: border vertices differ"
+                    pairs += bool(sf)
+    assert pairs > 0
+
+
+def test_quantized_positions_are_exact_for_lod0(crop, crop_high):
+    """Undecimated LOD 0 vertices are exact multiples of 2**bits / (2 * chunk) (half voxels)."""
+    dest, _ = crop_high
+    src = open_mesh(str(dest))
+    seg = sampled_segments(crop)[0]
+    step = (1 << BITS) // (2 * 32)
+    for f in load_fragments(src, seg, 0):
+        q = f["positions_q"]
+        interior = q[(q < (1 << BITS) - 1).all(axis=1)]
+        assert (interior % step == 0).all()
+
+
+def test_segment_properties_voxel_counts(crop, crop_medium):
+    from gpumesh import storage
+
+    dest, _ = crop_medium
+    info = storage.read_json(storage.open_kvstore(str(dest)), "segment_properties/info")
+    ids = [int(s) for s in info["inline"]["ids"]]
+    values = info["inline"]["properties"][0]["values"]
+    seg_ids, counts = np.unique(crop[crop != 0], return_counts=True)
+    assert ids == seg_ids.tolist()
+    assert values == counts.tolist()
+
+
+def test_legacy_matches_multires_lod0(crop, crop_high, tmp_path):
+    from conftest import _mesh_crop
+
+    dest = tmp_path / "legacy"
+    _mesh_crop(crop, dest, quality="high", format="legacy")
+    report = validate(str(dest))
+    assert report.ok, report.errors[:10]
+    assert report.kind == "legacy"
+    multires_dest, _ = crop_high
+    for seg in sampled_segments(crop)[:4]:
+        a = load_mesh(str(dest), seg)
+        b = load_mesh(str(multires_dest), seg, lod=0)
+        assert_closed_oriented(a, f"legacy segment {seg}")
+        va = {tuple(r) for r in np.round(to_crop_voxels(np.asarray(a.vertices)) * 2).astype(int).tolist()}
+        vb = {tuple(r) for r in np.round(to_crop_voxels(np.asarray(b.vertices)) * 2).astype(int).tolist()}
+        assert va == vb
+        assert len(a.faces) == len(b.faces)

@@ -1,0 +1,362 @@
+"""Tests of gpumesh.reader and gpumesh.validate on small hand-built mesh directories."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import struct
+
+import DracoPy
+import numpy as np
+import pytest
+
+from gpumesh import storage
+from gpumesh.errors import InvalidMeshError
+from gpumesh.reader import (
+    Manifest,
+    decode_fragment,
+    load_fragments,
+    load_mesh,
+    open_mesh,
+    parse_legacy_fragment,
+)
+from gpumesh.validate import crossing_triangles, missing_parents, validate, zorder_less
+
+BITS = 10
+CHUNK = [64.0, 64.0, 32.0]
+ORIGIN = [10.0, 20.0, 30.0]
+OFFSETS = [[0.5, 0.0, 0.0], [0.0, 0.0, 0.25]]
+TRANSFORM = [32, 0, 0, 100, 0, 32, 0, -50, 0, 0, 40, 7]  # diag(32,32,40) + translation
+
+
+def draco(points, faces, bits=BITS):
+    """Draco-encode integer points with identity quantization."""
+    return DracoPy.encode(
+        np.asarray(points, dtype=np.float64),
+        np.asarray(faces, dtype=np.uint32),
+        quantization_bits=bits,
+        quantization_range=2**bits - 1,
+        quantization_origin=[0, 0, 0],
+        preserve_order=False,
+    )
+
+
+def info(**over):
+    d = {
+        "@type": "neuroglancer_multilod_draco",
+        "vertex_quantization_bits": BITS,
+        "transform": TRANSFORM,
+        "lod_scale_multiplier": 1.0,
+    }
+    d.update(over)
+    return d
+
+
+# LOD 0: two nodes side by side along x; LOD 1: their parent.
+F_LOD0_A = draco([[0, 0, 0], [1023, 0, 0], [1023, 1023, 0]], [[0, 1, 2]])
+F_LOD0_B = draco([[0, 0, 0], [1023, 0, 0], [0, 1023, 0]], [[0, 1, 2]])
+# Touches the partition plane x = 512 / y = 512 but does not cross it.
+F_LOD1 = draco(
+    [[0, 0, 0], [512, 0, 0], [512, 512, 0], [1023, 0, 0], [1023, 512, 0]],
+    [[0, 1, 2], [1, 3, 4]],
+)
+F_CROSS = draco([[0, 0, 0], [1023, 0, 0], [0, 1023, 0]], [[0, 1, 2]])
+
+
+def seg_parts(lod0=((0, 0, 0), (1, 0, 0)), lod1=((0, 0, 0),), frags0=(F_LOD0_A, F_LOD0_B), frags1=(F_LOD1,)):
+    m = Manifest(
+        chunk_shape=CHUNK,
+        grid_origin=ORIGIN,
+        num_lods=2,
+        lod_scales=[1.0, 2.0],
+        vertex_offsets=OFFSETS,
+        fragment_positions=[np.array(lod0, np.uint32), np.array(lod1, np.uint32)],
+        fragment_sizes=[[len(f) for f in frags0], [len(f) for f in frags1]],
+    )
+    return m.to_bytes(), b"".join(frags0) + b"".join(frags1)
+
+
+def write_dir(kv, segments, info_obj=None):
+    storage.write_json(kv, "info", info() if info_obj is None else info_obj)
+    for seg, (mbytes, data) in segments.items():
+        storage.write(kv, f"{seg}.index", mbytes)
+        storage.write(kv, str(seg), data)
+
+
+@pytest.fixture
+def good(tmp_path):
+    kv = storage.open_kvstore(tmp_path / "mesh")
+    segs = {
+        1: seg_parts(),
+        # segment 2: two LOD 0 nodes whose parent at LOD 1 is an empty (0-byte) fragment
+        2: seg_parts(lod0=((0, 0, 0), (0, 1, 0)), frags1=(b"",)),
+    }
+    write_dir(kv, segs)
+    return tmp_path / "mesh", kv, segs
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def test_valid_multires_passes_and_counts(good):
+    path, _, segs = good
+    rep = validate(path)
+    assert rep.ok, rep.errors
+    assert rep.kind == "multires" and rep.num_segments == 2
+    l0, l1 = rep.per_lod
+    assert (l0["fragments"], l0["empty_fragments"], l0["triangles"], l0["segments_with_lod"]) == (4, 0, 4, 2)
+    assert (l1["fragments"], l1["empty_fragments"], l1["triangles"], l1["segments_with_lod"]) == (2, 1, 2, 2)
+    assert l0["bytes"] + l1["bytes"] == sum(len(d) for _, d in segs.values())
+    table = rep.format_table()
+    assert table.splitlines()[-1] == "OK" and "total" in table
+    quick = validate(path, decode=False)
+    assert quick.ok and quick.per_lod[0]["triangles"] is None
+    assert validate(path, segments=[2]).num_segments == 1
+
+
+def test_manifest_round_trip(good):
+    _, _, segs = good
+    for mbytes, _ in segs.values():
+        m = Manifest.from_bytes(mbytes)
+        assert m.to_bytes() == mbytes
+    m = Manifest.from_bytes(segs[1][0])
+    assert m.num_lods == 2 and m.fragment_positions[0].tolist() == [[0, 0, 0], [1, 0, 0]]
+    np.testing.assert_array_equal(m.chunk_shape, CHUNK)
+    np.testing.assert_array_equal(m.vertex_offsets, OFFSETS)
+    r = m.fragment_byte_ranges()
+    assert r[0].tolist() == [[0, len(F_LOD0_A)], [len(F_LOD0_A), len(F_LOD0_A) + len(F_LOD0_B)]]
+    assert r[1][0, 1] == m.total_bytes == len(segs[1][1])
+    with pytest.raises(InvalidMeshError):
+        Manifest.from_bytes(segs[1][0][:-4])
+    with pytest.raises(InvalidMeshError):
+        Manifest.from_bytes(segs[1][0] + b"\0\0\0\0")
+
+
+def _expected_model(pos, q, lod):
+    T = np.array(TRANSFORM, float).reshape(3, 4)
+    stored = (
+        np.array(ORIGIN) + np.array(OFFSETS[lod]) + np.array(CHUNK) * 2**lod * (np.array(pos) + np.array(q) / 1023.0)
+    )
+    return T[:, :3] @ stored + T[:, 3]
+
+
+def _rowset(a):
+    return {tuple(np.round(r, 6)) for r in np.asarray(a)}
+
+
+def test_load_mesh_model_space_and_weld(good):
+    path, _, _ = good
+    src = open_mesh(path)
+    assert src.kind == "multires" and src.segment_ids() == [1, 2]
+    mesh = load_mesh(src, 1, 0)
+    expected = [_expected_model((0, 0, 0), q, 0) for q in ([0, 0, 0], [1023, 0, 0], [1023, 1023, 0])]
+    expected += [_expected_model((1, 0, 0), q, 0) for q in ([0, 0, 0], [1023, 0, 0], [0, 1023, 0])]
+    # the two fragments share 2 border vertices: 6 -> 4 after welding
+    assert len(mesh.vertices) == 4 and len(mesh.faces) == 2
+    assert _rowset(mesh.vertices) == _rowset(expected)
+    raw = load_mesh(path, 1, 0, weld=False)
+    assert len(raw.vertices) == 6 and _rowset(raw.vertices) == _rowset(expected)
+    # faces reference the right corners
+    tri_sets = {frozenset(_rowset(mesh.vertices[f])) for f in mesh.faces}
+    assert frozenset(_rowset(expected[:3])) in tri_sets and frozenset(_rowset(expected[3:])) in tri_sets
+    lod1 = load_mesh(path, 1, 1)
+    assert _rowset(lod1.vertices) == _rowset(
+        [_expected_model((0, 0, 0), q, 1) for q in ([0, 0, 0], [512, 0, 0], [512, 512, 0], [1023, 0, 0], [1023, 512, 0])]
+    )
+    frags = load_fragments(path, 2, 1)
+    assert len(frags) == 1 and frags[0]["positions_q"].shape == (0, 3)
+    assert len(load_mesh(path, 2, 1).faces) == 0
+    with pytest.raises(InvalidMeshError, match="segment 99 not found"):
+        load_mesh(path, 99)
+    with pytest.raises(InvalidMeshError, match="out of range"):
+        load_mesh(path, 1, 2)
+
+
+def _bad(tmp_path, segs, info_obj=None):
+    kv = storage.open_kvstore(tmp_path / "bad")
+    write_dir(kv, segs, info_obj)
+    rep = validate(tmp_path / "bad")
+    assert not rep.ok
+    assert rep.format_table().splitlines()[-1 - min(rep.num_errors, 20)].endswith("violations")
+    return rep
+
+
+def _has(rep, *words):
+    assert any(all(w in e for w in words) for e in rep.errors), rep.errors
+
+
+def test_zorder_violation(tmp_path):
+    rep = _bad(tmp_path, {1: seg_parts(lod0=((1, 0, 0), (0, 0, 0)), frags0=(F_LOD0_B, F_LOD0_A))})
+    _has(rep, "segment 1", "lod 0", "node 1", "Z-order")
+
+
+def test_missing_parent(tmp_path):
+    rep = _bad(tmp_path, {1: seg_parts(lod1=((5, 5, 5),))})
+    _has(rep, "segment 1", "lod 0", "node 0", "parent [0, 0, 0] missing")
+
+
+def test_size_mismatch(tmp_path):
+    m, d = seg_parts()
+    rep = _bad(tmp_path, {1: (m, d[:-5])})
+    _has(rep, "segment 1", "data file has", "sum to")
+
+
+def test_undecodable_fragment(tmp_path):
+    garbage = b"\x07" * len(F_LOD0_B)
+    rep = _bad(tmp_path, {1: seg_parts(frags0=(F_LOD0_A, garbage))})
+    _has(rep, "segment 1 lod 0 node 1", "Draco")
+
+
+def test_non_integer_positions(tmp_path):
+    pts = np.array([[0.0, 0.0, 0.0], [1000.3, 0.0, 0.0], [0.0, 700.7, 0.0]])
+    frag = DracoPy.encode(pts, np.array([[0, 1, 2]], np.uint32))  # Draco's own quantization
+    with pytest.raises(InvalidMeshError, match="not integers"):
+        decode_fragment(frag)
+    rep = _bad(tmp_path, {1: seg_parts(frags0=(F_LOD0_A, frag))})
+    _has(rep, "segment 1 lod 0 node 1", "not integers")
+
+
+def test_out_of_range_positions(tmp_path):
+    frag = draco([[0, 0, 0], [1024, 0, 0], [0, 5, 0]], [[0, 1, 2]], bits=11)
+    rep = _bad(tmp_path, {1: seg_parts(frags0=(F_LOD0_A, frag))})
+    _has(rep, "segment 1 lod 0 node 1", "outside [0, 2**10)")
+
+
+def test_triangle_crossing_grid(tmp_path):
+    rep = _bad(tmp_path, {1: seg_parts(frags1=(F_CROSS,))})
+    _has(rep, "segment 1 lod 1 node 0", "cross the 2x2x2")
+    assert rep.num_errors == 1
+    # the same fragment is fine at LOD 0
+    assert validate(tmp_path / "bad", segments=[1]).per_lod[0]["triangles"] == 2
+
+
+@pytest.mark.parametrize(
+    "info_obj, words",
+    [
+        (info(**{"@type": "neuroglancer_mesh"}), "@type"),
+        (info(vertex_quantization_bits=12), "vertex_quantization_bits"),
+        (info(transform=[1, 0, 0]), "transform"),
+        (info(lod_scale_multiplier="x"), "lod_scale_multiplier"),
+        (info(sharding={"@type": "neuroglancer_uint64_sharded_v1"}), "not supported yet"),
+    ],
+)
+def test_bad_info(tmp_path, info_obj, words):
+    rep = _bad(tmp_path, {1: seg_parts()}, info_obj)
+    _has(rep, words)
+    assert rep.num_segments == 0
+    with pytest.raises(InvalidMeshError):
+        open_mesh(tmp_path / "bad")
+
+
+def test_truncated_manifest(tmp_path):
+    m, d = seg_parts()
+    rep = _bad(tmp_path, {1: (m[:-8], d), 2: seg_parts()})
+    _has(rep, "segment 1", "manifest has")
+    assert rep.num_errors == 1 and rep.num_segments == 2
+
+
+def test_bad_manifest_values(tmp_path):
+    m = Manifest.from_bytes(seg_parts()[0])
+    m.lod_scales = np.array([2.0, 1.0])
+    m.chunk_shape = np.array([64.0, 0.0, 32.0])
+    rep = _bad(tmp_path, {1: (m.to_bytes(), seg_parts()[1])})
+    _has(rep, "lod_scales")
+    _has(rep, "chunk_shape")
+
+
+def test_error_cap(tmp_path):
+    segs = {s: seg_parts(lod1=((5, 5, 5),)) for s in range(1, 6)}
+    kv = storage.open_kvstore(tmp_path / "cap")
+    write_dir(kv, segs)
+    rep = validate(tmp_path / "cap", max_errors=3)
+    assert rep.num_errors == 10 and len(rep.errors) == 3 and "10 violations" in rep.format_table()
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def test_zorder_less_matches_morton():
+    def morton(x, y, z):
+        code = 0
+        for b in range(12):
+            code |= ((x >> b) & 1) << (3 * b) | ((y >> b) & 1) << (3 * b + 1) | ((z >> b) & 1) << (3 * b + 2)
+        return code
+
+    rng = np.random.default_rng(1)
+    pts = rng.integers(0, 2**12, (500, 3)).astype(np.uint32)
+    a, b = pts[:250], pts[250:]
+    want = np.array([morton(*map(int, p)) < morton(*map(int, q)) for p, q in zip(a, b)])
+    np.testing.assert_array_equal(zorder_less(a, b), want)
+    cube = np.array(list(itertools.product(range(4), repeat=3)), np.uint32)
+    order = sorted(cube.tolist(), key=lambda p: morton(*p))
+    o = np.array(order, np.uint32)
+    assert zorder_less(o[:-1], o[1:]).all() and not zorder_less(o[1:], o[:-1]).any()
+    assert not zorder_less(o, o).any()
+    big = np.array([[2**32 - 1, 0, 0]], np.uint32)
+    assert zorder_less(np.array([[0, 0, 1]], np.uint32), big)[0] == (morton(0, 0, 1) < (1 << 93) - 1)
+
+
+def test_crossing_mask_rules():
+    pp = 512
+    q = np.array([[0, 0, 0], [pp, 0, 0], [pp + 1, 0, 0], [pp, pp, pp], [1023, 1023, 1023], [0, 1023, 0], [1023, pp, 1023]])
+    f = np.array([[0, 1, 3], [1, 2, 3], [0, 2, 1], [3, 4, 1], [0, 5, 1], [0, 1, 2], [3, 4, 6]])
+    np.testing.assert_array_equal(crossing_triangles(q, f, 10), [False, False, True, True, True, True, False])
+    assert crossing_triangles(np.array([[0, 0, 0], [2**15, 0, 0], [2**15, 9, 0]]), np.array([[0, 1, 2]]), 16)[0] == False  # noqa: E712
+    assert missing_parents(np.array([[2, 3, 4], [8, 8, 8]], np.uint32), np.array([[1, 1, 2]], np.uint32)).tolist() == [1]
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def legacy_fragment(vertices, faces):
+    v = np.asarray(vertices, "<f4")
+    return struct.pack("<I", len(v)) + v.tobytes() + np.asarray(faces, "<u4").tobytes()
+
+
+def test_legacy_valid_and_bad_index(tmp_path):
+    kv = storage.open_kvstore(tmp_path / "legacy")
+    storage.write_json(kv, "info", {"@type": "neuroglancer_legacy_mesh"})
+    storage.write(kv, "7:0", json.dumps({"fragments": ["7:0:a", "7:0:b"]}).encode())
+    storage.write(kv, "7:0:a", legacy_fragment([[0, 0, 0], [8, 0, 0], [0, 8, 0]], [[0, 1, 2]]))
+    storage.write(kv, "7:0:b", legacy_fragment([[8, 0, 0], [0, 8, 0], [8, 8, 0]], [[0, 2, 1]]))
+    rep = validate(tmp_path / "legacy")
+    assert rep.ok, rep.errors
+    assert rep.kind == "legacy" and rep.num_segments == 1
+    assert rep.per_lod[0]["fragments"] == 2 and rep.per_lod[0]["triangles"] == 2
+    src = open_mesh(tmp_path / "legacy")
+    assert src.segment_ids() == [7]
+    frags = src.legacy_fragments(7)
+    assert frags[0][0].dtype == np.float32 and frags[0][1].dtype == np.uint32
+    mesh = load_mesh(src, 7)
+    assert len(mesh.vertices) == 4 and len(mesh.faces) == 2
+    assert _rowset(mesh.vertices) == _rowset([[0, 0, 0], [8, 0, 0], [0, 8, 0], [8, 8, 0]])
+
+    storage.write(kv, "7:0:b", legacy_fragment([[8, 0, 0], [0, 8, 0], [8, 8, 0]], [[0, 3, 1]]))
+    rep = validate(tmp_path / "legacy")
+    _has(rep, "segment 7", "7:0:b", "index 3")
+    with pytest.raises(InvalidMeshError):
+        parse_legacy_fragment(legacy_fragment([[0, 0, 0]], [[0, 0, 1]]))
+    with pytest.raises(InvalidMeshError):
+        parse_legacy_fragment(legacy_fragment([[0, 0, 0]], [[0, 0, 0]]) + b"\0")
+    # missing fragment file
+    storage.write(kv, "7:0", json.dumps({"fragments": ["7:0:a", "7:0:zz"]}).encode())
+    _has(validate(tmp_path / "legacy"), "segment 7", "missing")
+
+
+def test_legacy_without_info(tmp_path):
+    kv = storage.open_kvstore(tmp_path / "noinfo")
+    storage.write(kv, "3:0", json.dumps({"fragments": ["3:0:x"]}).encode())
+    storage.write(kv, "3:0:x", legacy_fragment([[0, 0, 0], [1, 0, 0], [0, 1, 0]], [[0, 1, 2]]))
+    rep = validate(tmp_path / "noinfo")
+    assert rep.ok and rep.kind == "legacy" and rep.num_segments == 1
+
+
+def test_memory_kvstore():
+    kv = storage.open_kvstore("memory://gpumesh_test_validate/")
+    write_dir(kv, {4: seg_parts()})
+    rep = validate("memory://gpumesh_test_validate/")
+    assert rep.ok, rep.errors
+    assert rep.num_segments == 1 and rep.per_lod[0]["triangles"] == 2
+    assert len(load_mesh("memory://gpumesh_test_validate/", 4).vertices) == 4
+    storage.write(kv, "4", seg_parts()[1][:-1])
+    _has(validate("memory://gpumesh_test_validate/"), "segment 4", "data file has")

@@ -1,0 +1,412 @@
+"""Tests of gpumesh.volume: opening label volumes of every supported format."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorstore as ts
+
+from gpumesh.errors import GpumeshError, InvalidVolumeError, InvalidVoxelSizeError, SourceReadError
+from gpumesh.volume import Volume, open_volume
+
+SHAPE = (20, 17, 13)  # x, y, z: distinct so axis mix-ups show
+SHARED = "/work/shared/data/connectomics.zarr"
+
+# A box partly outside the volume on every side.
+START = (-3, 5, 10)
+STOP = (6, 21, 16)
+
+
+@pytest.fixture(scope="module")
+def labels() -> np.ndarray:
+    rng = np.random.default_rng(1)
+    return rng.integers(0, 1000, size=SHAPE, dtype=np.uint32)
+
+
+def expected_box(arr: np.ndarray, start, stop) -> np.ndarray:
+    """Reference: the box [start, stop) of arr with zeros outside."""
+    out = np.zeros(tuple(b - a for a, b in zip(start, stop)), arr.dtype)
+    src = tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip(start, stop, arr.shape))
+    dst = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, start))
+    out[dst] = arr[src]
+    return out
+
+
+def check_read(vol: Volume, arr: np.ndarray, start=START, stop=STOP) -> None:
+    assert vol.shape == arr.shape
+    got = vol.read(start, stop)
+    assert got.flags.c_contiguous
+    assert got.dtype == vol.dtype
+    np.testing.assert_array_equal(got, expected_box(arr, start, stop))
+    np.testing.assert_array_equal(vol.read((0, 0, 0), arr.shape), arr)
+
+
+def write_ts(spec: dict, data: np.ndarray) -> ts.TensorStore:
+    if isinstance(spec.get("kvstore"), str):
+        spec = dict(spec, kvstore={"driver": "file", "path": spec["kvstore"]})
+    store = ts.open(spec, create=True, dtype=data.dtype.name, shape=data.shape).result()
+    store.write(data).result()
+    return store
+
+
+def edit_json(path, update) -> None:
+    with open(path) as f:
+        obj = json.load(f)
+    update(obj)
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def test_numpy(labels):
+    vol = open_volume(labels)
+    check_read(vol, labels)
+    assert vol.dtype == np.uint32
+    assert vol.voxel_size.dtype == np.float64 and vol.voxel_offset.dtype == np.int64
+    np.testing.assert_array_equal(vol.voxel_size, [1, 1, 1])
+    np.testing.assert_array_equal(vol.voxel_offset, [0, 0, 0])
+    assert vol.precomputed is None and vol.chunk_shape is None
+    # Reads are copies, not views of the input.
+    before = labels[:2, :2, :2].copy()
+    block = vol.read((0, 0, 0), (2, 2, 2))
+    block[:] = 1234
+    np.testing.assert_array_equal(labels[:2, :2, :2], before)
+
+
+def test_numpy_axes_and_overrides(labels):
+    zyx = np.ascontiguousarray(labels.transpose(2, 1, 0))
+    vol = open_volume(zyx, axes="zyx", voxel_size=(4, 5, 6), voxel_offset=(1, -2, 3))
+    check_read(vol, labels)
+    np.testing.assert_array_equal(vol.voxel_size, [4, 5, 6])
+    np.testing.assert_array_equal(vol.voxel_offset, [1, -2, 3])
+    czyx = zyx[None]
+    check_read(open_volume(czyx, axes="czyx"), labels)
+    # Unnamed leading singleton axes are dropped.
+    check_read(open_volume(labels[None, None]), labels)
+
+
+def test_zarr3_dimension_names_zyx(tmp_path, labels):
+    path = tmp_path / "a.zarr"
+    write_ts(
+        {"driver": "zarr3", "kvstore": str(path),
+         "metadata": {"dimension_names": ["z", "y", "x"], "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [8, 8, 8]}}}},
+        np.ascontiguousarray(labels.transpose(2, 1, 0)),
+    )
+    edit_json(path / "zarr.json", lambda m: m.setdefault("attributes", {}).update(voxel_size_nm=[40, 8, 4]))
+    vol = open_volume(str(path))
+    check_read(vol, labels)
+    # voxel_size_nm is in storage order of the spatial axes (here z, y, x).
+    np.testing.assert_array_equal(vol.voxel_size, [4, 8, 40])
+    assert vol.chunk_shape == (8, 8, 8)
+    assert "zarr v3" in vol.description
+    # Prefix, file:// URL and overrides.
+    vol2 = open_volume(f"zarr3://file://{path}", voxel_size=[1, 2, 3], voxel_offset=[5, 6, 7])
+    check_read(vol2, labels)
+    np.testing.assert_array_equal(vol2.voxel_size, [1, 2, 3])
+    np.testing.assert_array_equal(vol2.voxel_offset, [5, 6, 7])
+    # The axes argument overrides the names.
+    vol3 = open_volume(str(path), axes="xyz")
+    assert vol3.shape == SHAPE[::-1]
+
+
+def test_zarr3_unnamed(tmp_path, labels):
+    path = tmp_path / "xyz.zarr"
+    write_ts({"driver": "zarr3", "kvstore": str(path)}, labels)
+    check_read(open_volume(path), labels)  # storage order taken as x, y, z
+    path2 = tmp_path / "zyx.zarr"
+    write_ts({"driver": "zarr3", "kvstore": str(path2)}, np.ascontiguousarray(labels.transpose(2, 1, 0)))
+    check_read(open_volume(str(path2), axes="zyx"), labels)
+
+
+def test_zarr2_array_dimensions(tmp_path, labels):
+    path = tmp_path / "v2.zarr"
+    write_ts({"driver": "zarr", "kvstore": str(path), "metadata": {"chunks": [5, 6, 7]}},
+             np.ascontiguousarray(labels.transpose(2, 1, 0)))
+    with open(path / ".zattrs", "w") as f:
+        json.dump({"_ARRAY_DIMENSIONS": ["z", "y", "x"], "resolution": [40, 6, 4]}, f)
+    vol = open_volume(str(path))
+    check_read(vol, labels)
+    np.testing.assert_array_equal(vol.voxel_size, [4, 6, 40])
+    assert vol.chunk_shape == (7, 6, 5)
+    assert "zarr v2" in vol.description
+    check_read(open_volume(f"zarr2://{path}"), labels)
+    check_read(open_volume(f"{path}|zarr2:"), labels)
+
+
+def _ome_datasets(scales, translations):
+    return [
+        {"path": str(i), "coordinateTransformations": [
+            {"type": "scale", "scale": s}, {"type": "translation", "translation": t}]}
+        for i, (s, t) in enumerate(zip(scales, translations))
+    ]
+
+
+def test_ome_zarr_04_two_scales(tmp_path, labels):
+    root = tmp_path / "ome.zarr"
+    root.mkdir()
+    low = labels[::2, ::2, ::2].copy()
+    for i, arr in enumerate([labels, low]):
+        write_ts({"driver": "zarr", "kvstore": str(root / str(i))}, np.ascontiguousarray(arr.transpose(2, 1, 0)))
+    axes = [{"name": n, "type": "space", "unit": "micrometer"} for n in "zyx"]
+    ms = [{"version": "0.4", "axes": axes, "datasets": _ome_datasets(
+        [[0.04, 0.008, 0.004], [0.04, 0.016, 0.008]],
+        [[0.4, 0.08, 0.08], [0.4, 0.16, 0.16]])}]
+    (root / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
+    (root / ".zattrs").write_text(json.dumps({"multiscales": ms}))
+
+    vol0 = open_volume(str(root))
+    check_read(vol0, labels)
+    np.testing.assert_allclose(vol0.voxel_size, [4, 8, 40])
+    np.testing.assert_array_equal(vol0.voxel_offset, [20, 10, 10])
+    vol1 = open_volume(str(root), mip=1)
+    check_read(vol1, low, (-1, -1, -1), (4, 5, 9))
+    np.testing.assert_allclose(vol1.voxel_size, [8, 16, 40])
+    np.testing.assert_array_equal(vol1.voxel_offset, [20, 10, 10])
+    assert "OME-Zarr 0.4" in vol1.description
+    with pytest.raises(SourceReadError, match="mip 2"):
+        open_volume(str(root), mip=2)
+
+
+def test_ome_zarr_05(tmp_path, labels):
+    root = tmp_path / "ome5.zarr"
+    write_ts({"driver": "zarr3", "kvstore": str(root / "s0"), "metadata": {"dimension_names": ["c", "z", "y", "x"]}},
+             np.ascontiguousarray(labels.transpose(2, 1, 0))[None])
+    axes = [{"name": "c", "type": "channel"}] + [{"name": n, "type": "space", "unit": "nanometer"} for n in "zyx"]
+    ms = [{"axes": axes, "datasets": [{"path": "s0", "coordinateTransformations": [
+        {"type": "scale", "scale": [1, 40, 8, 4]}]}],
+        "coordinateTransformations": [{"type": "scale", "scale": [1, 1, 2, 2]}]}]
+    (root / "zarr.json").write_text(json.dumps(
+        {"zarr_format": 3, "node_type": "group", "attributes": {"ome": {"version": "0.5", "multiscales": ms}}}))
+    vol = open_volume(str(root))
+    check_read(vol, labels)
+    np.testing.assert_allclose(vol.voxel_size, [8, 16, 40])
+    assert "OME-Zarr 0.5" in vol.description
+
+
+def test_n5(tmp_path, labels):
+    path = tmp_path / "vol.n5"
+    write_ts({"driver": "n5", "kvstore": str(path), "metadata": {"blockSize": [8, 8, 8], "compression": {"type": "raw"}}},
+             labels)
+    edit_json(path / "attributes.json", lambda a: a.update(axes=["x", "y", "z"], resolution=[4, 5, 45]))
+    vol = open_volume(str(path))
+    check_read(vol, labels)
+    np.testing.assert_array_equal(vol.voxel_size, [4, 5, 45])
+    assert vol.chunk_shape == (8, 8, 8)
+    assert "N5" in vol.description
+    check_read(open_volume(f"n5://{path}"), labels)
+
+
+def test_n5_multiscale_group(tmp_path, labels):
+    root = tmp_path / "ms.n5"
+    low = labels[::2, ::2, ::2].copy()
+    for i, arr in enumerate([labels, low]):
+        write_ts({"driver": "n5", "kvstore": str(root / f"s{i}"), "metadata": {"compression": {"type": "raw"}}}, arr)
+    edit_json(root / "s1" / "attributes.json", lambda a: a.update(downsamplingFactors=[2, 2, 1]))
+    (root / "attributes.json").write_text(json.dumps(
+        {"n5": "2.0.0", "pixelResolution": {"dimensions": [4, 4, 40], "unit": "nm"}}))
+    vol = open_volume(str(root), mip=1)
+    check_read(vol, low, (0, 0, 0), low.shape)
+    np.testing.assert_array_equal(vol.voxel_size, [8, 8, 40])
+
+
+def test_precomputed_two_scales(tmp_path, labels):
+    root = tmp_path / "pre"
+    low = labels[::2, ::2, ::2].copy()
+    common = {"driver": "neuroglancer_precomputed", "kvstore": str(root),
+              "multiscale_metadata": {"type": "segmentation", "data_type": "uint32", "num_channels": 1}}
+    for arr, res, off in [(labels, [4, 4, 40], [100, 200, 300]), (low, [8, 8, 80], [50, 100, 150])]:
+        spec = dict(common, scale_metadata={
+            "size": list(arr.shape), "resolution": res, "voxel_offset": off, "chunk_size": [8, 8, 8],
+            "encoding": "compressed_segmentation", "compressed_segmentation_block_size": [8, 8, 8]})
+        store = ts.open(dict(spec, kvstore={"driver": "file", "path": str(root)}), create=True).result()
+        store[ts.d["channel"][0]].write(arr).result()
+    info = json.loads((root / "info").read_text())
+    assert len(info["scales"]) == 2
+
+    vol = open_volume(f"precomputed://{root}", mip=1)
+    check_read(vol, low, (-1, 2, 3), (12, 9, 10))
+    np.testing.assert_array_equal(vol.voxel_size, [8, 8, 80])
+    np.testing.assert_array_equal(vol.voxel_offset, [50, 100, 150])
+    assert vol.chunk_shape == (8, 8, 8)
+    pre = vol.precomputed
+    assert pre["scale_key"] == info["scales"][1]["key"]
+    assert pre["info"] == info
+    assert pre["kvstore"]["driver"] == "file" and pre["kvstore"]["path"] == str(root) + "/"
+
+    vol0 = open_volume(str(root))  # detected from `info`
+    check_read(vol0, labels)
+    np.testing.assert_array_equal(vol0.voxel_offset, [100, 200, 300])
+    with pytest.raises(SourceReadError, match="available"):
+        open_volume(str(root), mip=2)
+    # Scales are read from the stored info; num_channels must be 1.
+    edit_json(root / "info", lambda i: i.update(num_channels=2))
+    with pytest.raises(InvalidVolumeError, match="num_channels"):
+        open_volume(str(root))
+    (root / "info").write_text(json.dumps(info))
+    # An opened precomputed TensorStore also fills `precomputed`.
+    vol_ts = open_volume(ts.open(dict(common, kvstore={"driver": "file", "path": str(root)}, scale_index=1)).result())
+    check_read(vol_ts, low, (0, 0, 0), low.shape)
+    np.testing.assert_array_equal(vol_ts.voxel_offset, [50, 100, 150])
+    np.testing.assert_array_equal(vol_ts.voxel_size, [8, 8, 80])
+    assert vol_ts.precomputed["scale_key"] == pre["scale_key"]
+
+
+def test_tensorstore_and_spec_inputs(tmp_path, labels):
+    spec = {"driver": "zarr3", "kvstore": {"driver": "memory", "path": "vol_test/"}}
+    ctx = ts.Context()
+    store = ts.open(spec, create=True, dtype="uint32", shape=SHAPE, context=ctx).result()
+    store.write(labels).result()
+    check_read(open_volume(store), labels)
+    path = tmp_path / "s.zarr"
+    write_ts({"driver": "zarr3", "kvstore": str(path)}, labels)
+    check_read(open_volume({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}), labels)
+    # memory:// URL through the process-wide context of gpumesh.storage.
+    from gpumesh import storage
+    mem = ts.open({"driver": "zarr3", "kvstore": "memory://vol_mem/"}, create=True, dtype="uint16", shape=SHAPE,
+                  context=storage._default_context()).result()
+    mem.write(labels.astype(np.uint16)).result()
+    vol = open_volume("memory://vol_mem/")
+    assert vol.dtype == np.uint16
+    check_read(vol, labels.astype(np.uint16))
+
+
+def test_signed_labels(tmp_path, labels):
+    signed = labels.astype(np.int64)
+    vol = open_volume(signed)
+    assert vol.dtype == np.uint64
+    got = vol.read((0, 0, 0), SHAPE)
+    assert got.dtype == np.uint64
+    np.testing.assert_array_equal(got, labels)
+    signed[3, 4, 5] = -1
+    vol = open_volume(signed)  # no bulk read at open time
+    vol.read((0, 0, 0), (2, 2, 2))  # box without the negative value
+    with pytest.raises(InvalidVolumeError, match="negative"):
+        vol.read((0, 0, 0), (5, 5, 6))
+    path = tmp_path / "i16.zarr"
+    write_ts({"driver": "zarr3", "kvstore": str(path)}, labels.astype(np.int16) - 10)
+    vol = open_volume(str(path))
+    assert vol.dtype == np.uint16
+    with pytest.raises(InvalidVolumeError):
+        vol.read((0, 0, 0), SHAPE)
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="shared connectomics volume not present")
+def test_shared_connectomics_volume():
+    vol = open_volume(SHARED)
+    assert vol.shape == (512, 512, 512)
+    assert vol.dtype == np.uint32
+    np.testing.assert_array_equal(vol.voxel_size, [32, 32, 40])
+    np.testing.assert_array_equal(vol.voxel_offset, [0, 0, 0])
+    assert vol.chunk_shape == (128, 128, 128)
+    ref = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": SHARED}}).result()
+    got = vol.read((120, 250, 300), (130, 260, 310))
+    np.testing.assert_array_equal(got, ref[120:130, 250:260, 300:310].read().result())
+    assert got.any()
+    edge = vol.read((505, 0, 0), (515, 10, 10))
+    np.testing.assert_array_equal(edge[:7], ref[505:512, 0:10, 0:10].read().result())
+    assert not edge[7:].any()
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.complex64, bool])
+def test_non_integer_dtype(dtype):
+    with pytest.raises(InvalidVolumeError, match="dtype"):
+        open_volume(np.zeros((3, 4, 5), dtype=dtype))
+
+
+def test_float_zarr(tmp_path):
+    path = tmp_path / "f.zarr"
+    write_ts({"driver": "zarr3", "kvstore": str(path)}, np.zeros((3, 4, 5), np.float32))
+    with pytest.raises(InvalidVolumeError, match="float32"):
+        open_volume(str(path))
+
+
+def test_rank_errors(tmp_path):
+    with pytest.raises(InvalidVolumeError, match="rank 2"):
+        open_volume(np.zeros((3, 4), np.uint8))
+    with pytest.raises(InvalidVolumeError):
+        open_volume(np.zeros((2, 3, 4, 5), np.uint8))
+    with pytest.raises(InvalidVolumeError, match="'c'"):
+        open_volume(np.zeros((2, 3, 4, 5), np.uint8), axes="czyx")
+    path = tmp_path / "c.zarr"
+    write_ts({"driver": "zarr3", "kvstore": str(path), "metadata": {"dimension_names": ["c", "z", "y", "x"]}},
+             np.zeros((2, 3, 4, 5), np.uint8))
+    with pytest.raises(InvalidVolumeError, match="size 2"):
+        open_volume(str(path))
+    with pytest.raises(InvalidVolumeError, match="axes"):
+        open_volume(np.zeros((3, 4, 5), np.uint8), axes="zy")
+
+
+def test_empty_volume(tmp_path):
+    with pytest.raises(InvalidVolumeError, match="empty"):
+        open_volume(np.zeros((0, 4, 5), np.uint32))
+    path = tmp_path / "e.zarr"
+    ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}, create=True, dtype="uint32", shape=[4, 0, 5]).result()
+    with pytest.raises(InvalidVolumeError, match="empty"):
+        open_volume(str(path))
+
+
+@pytest.mark.parametrize("vs", [(0, 1, 1), (1, 1), (1, 1, 1, 1), (float("nan"), 1, 1), (1, float("inf"), 1),
+                                (-1, 1, 1), "abc", 5, (1, "x", 1)])
+def test_bad_voxel_size(labels, vs):
+    with pytest.raises(InvalidVoxelSizeError):
+        open_volume(labels, voxel_size=vs)
+
+
+def test_bad_voxel_size_in_metadata(tmp_path, labels):
+    path = tmp_path / "v.zarr"
+    write_ts({"driver": "zarr3", "kvstore": str(path)}, labels)
+    edit_json(path / "zarr.json", lambda m: m.setdefault("attributes", {}).update(voxel_size_nm=[0, 1, 1]))
+    with pytest.raises(InvalidVoxelSizeError):
+        open_volume(str(path))
+    assert open_volume(str(path), voxel_size=(1, 1, 1)).shape == SHAPE  # the override wins
+
+
+def test_bad_voxel_offset(labels):
+    with pytest.raises(InvalidVolumeError):
+        open_volume(labels, voxel_offset=(1, 2))
+    with pytest.raises(InvalidVolumeError):
+        open_volume(labels, voxel_offset=(1.5, 2, 3))
+
+
+def test_missing_and_unknown(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(SourceReadError, match="nope"):
+        open_volume(str(missing))
+    with pytest.raises(SourceReadError, match="nope"):
+        open_volume(f"zarr3://{missing}")
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "data.bin").write_bytes(b"\0" * 10)
+    with pytest.raises(SourceReadError, match="unknown volume format"):
+        open_volume(str(unknown))
+    with pytest.raises(SourceReadError):
+        open_volume(f"precomputed://{unknown}")
+    with pytest.raises(SourceReadError):
+        open_volume(12345)
+    bad = tmp_path / "bad.zarr"
+    bad.mkdir()
+    (bad / "zarr.json").write_text("{not json")
+    with pytest.raises(SourceReadError, match="bad.zarr"):
+        open_volume(str(bad))
+    with pytest.raises(SourceReadError, match="single scale"):
+        open_volume(np.zeros((2, 2, 2), np.uint8), mip=1)
+    assert issubclass(SourceReadError, GpumeshError)
+
+
+def test_read_box_validation(labels):
+    vol = open_volume(labels)
+    assert vol.read((0, 0, 0), (0, 5, 5)).shape == (0, 5, 5)
+    out = vol.read((-10, -10, -10), (-5, -5, -5))
+    assert out.shape == (5, 5, 5) and not out.any()
+    with pytest.raises(ValueError):
+        vol.read((5, 5, 5), (4, 6, 6))
+    with pytest.raises(ValueError):
+        vol.read((0, 0), (1, 1))
