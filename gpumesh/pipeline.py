@@ -135,6 +135,13 @@ class Plan:
         gx, gy, gz = self.grid
         return [(x, y, z) for x in range(gx) for y in range(gy) for z in range(gz)]
 
+    def voxels_in_volume(self, b) -> int:
+        """Voxels of block ``b`` inside the volume (its share of the work)."""
+        n = 1
+        for i, size in zip(b, self.shape):
+            n *= max(0, min((i + 1) * self.block, size) - i * self.block)
+        return n
+
 
 # --------------------------------------------------------------------------------------
 # Block results: a small binary blob per block in the scratch area of the destination.
@@ -422,6 +429,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     blocks = plan.blocks()
     done = {k[len(SCRATCH) + len("blocks/"):] for k in storage.list_keys(kv, SCRATCH + "blocks/")}
     todo = [b for b in blocks if f"{b[0]}_{b[1]}_{b[2]}" not in done]
+    todo.sort(key=plan.voxels_in_volume, reverse=True)  # big blocks first: the pool ends on small ones
     summary = Summary(blocks=len(blocks), blocks_resumed=len(blocks) - len(todo),
                       device=backend.name, format=options.format)
     nworkers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))

@@ -56,6 +56,8 @@ def segment_num_lods(lod0_nodes: np.ndarray, lods_present: set, plan_lods: int,
 
 
 def _iter_segments(index: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    if len(index) == 0:
+        return
     order = np.argsort(index["label"], kind="stable")
     index = index[order]
     labels = index["label"]

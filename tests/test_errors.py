@@ -1,0 +1,115 @@
+"""Bad input: a typed, one-line error and nothing written (API and CLI)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from gpumesh import (DestinationExistsError, EmptyVolumeWarning, InvalidVolumeError, InvalidVoxelSizeError,
+                     SourceReadError, run_mesh, validate)
+from gpumesh.pipeline import MeshOptions
+
+GOOD = np.zeros((8, 8, 8), np.uint16)
+GOOD[2:5, 2:6, 3:5] = 7
+
+
+def _no_output(path) -> bool:
+    return not os.path.exists(path) or not os.listdir(path)
+
+
+@pytest.mark.parametrize("labels, error", [
+    (np.zeros((8, 8, 8), np.float32), InvalidVolumeError),
+    (np.zeros((8, 8, 8), bool), InvalidVolumeError),
+    (np.zeros((8, 8), np.uint32), InvalidVolumeError),
+    (np.zeros((0, 8, 8), np.uint32), InvalidVolumeError),
+])
+def test_bad_labels(tmp_path, labels, error):
+    dest = tmp_path / "out"
+    with pytest.raises(error):
+        run_mesh(labels, str(dest), workers=1)
+    assert _no_output(dest)
+
+
+@pytest.mark.parametrize("voxel_size", [(0, 1, 1), (1, 1), (1, float("nan"), 1), (-4, 4, 4)])
+def test_bad_voxel_size(tmp_path, voxel_size):
+    dest = tmp_path / "out"
+    with pytest.raises(InvalidVoxelSizeError):
+        run_mesh(GOOD, str(dest), voxel_size=voxel_size, workers=1)
+    assert _no_output(dest)
+
+
+def test_unreadable_source(tmp_path):
+    dest = tmp_path / "out"
+    with pytest.raises(SourceReadError):
+        run_mesh(str(tmp_path / "missing.zarr"), str(dest), workers=1)
+    assert _no_output(dest)
+
+
+def test_nonempty_destination(tmp_path):
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "precious.txt").write_text("keep me")
+    with pytest.raises(DestinationExistsError):
+        run_mesh(GOOD, str(dest), workers=1)
+    assert sorted(os.listdir(dest)) == ["precious.txt"]
+    run_mesh(GOOD, str(dest), workers=1, overwrite=True)
+    assert "precious.txt" not in os.listdir(dest)
+    assert validate(str(dest)).ok
+
+
+def test_bad_options_before_output(tmp_path):
+    dest = tmp_path / "out"
+    with pytest.raises(ValueError):
+        run_mesh(GOOD, str(dest), options=MeshOptions(chunk_size=48), workers=1)
+    assert _no_output(dest)
+
+
+def test_all_zero_volume_gives_valid_empty_output(tmp_path):
+    dest = tmp_path / "out"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = run_mesh(np.zeros((10, 9, 8), np.uint64), str(dest), workers=1)
+    assert any(issubclass(w.category, EmptyVolumeWarning) for w in caught)
+    assert summary.segments == 0
+    report = validate(str(dest))
+    assert report.ok and report.num_segments == 0
+    files = [os.path.relpath(os.path.join(d, f), dest) for d, _, fs in os.walk(dest) for f in fs]
+    assert files == ["info"]
+
+
+def _cli(*args):
+    exe = os.path.join(os.path.dirname(sys.executable), "gpumesh")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "gpumesh.cli"]
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=120)
+
+
+def test_cli_errors_are_one_line(tmp_path, real_zarr):
+    dest = tmp_path / "out"
+    cases = [
+        (str(tmp_path / "nope.zarr"), "--voxel-size", "32,32,40"),
+        (str(real_zarr), "--voxel-size", "32,0,40"),
+    ]
+    for args in cases:
+        r = _cli("mesh", args[0], str(dest), *args[1:], "--quiet")
+        assert r.returncode == 2, r.stderr
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("gpumesh: error:"), r.stderr
+        assert _no_output(dest)
+    r = _cli("mesh", str(real_zarr), str(dest), "--voxel-size", "32,32")
+    assert r.returncode == 2 and _no_output(dest)
+
+
+def test_cli_validate_fails_on_corrupt_output(tmp_path):
+    dest = tmp_path / "out"
+    run_mesh(GOOD, str(dest), workers=1)
+    r = _cli("validate", str(dest))
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = dest / "7"
+    data.write_bytes(data.read_bytes()[:-5])
+    r = _cli("validate", str(dest))
+    assert r.returncode == 1
