@@ -40,6 +40,7 @@ from .backend import Backend, get_backend
 from .errors import DestinationExistsError, EmptyVolumeWarning, GpumeshError
 from .lod import get_quality, decimate
 from .marching import compact_labels
+from .sharding import ShardingOptions
 from .volume import Volume, open_volume
 
 SCRATCH = ".gpumesh-work/"
@@ -67,6 +68,10 @@ class MeshOptions:
         ``multires`` (``neuroglancer_multilod_draco``) or ``legacy`` (single resolution).
     segment_properties : bool
         Also write segment properties (voxel count of each segment).
+    sharding : ShardingOptions or None
+        Multi-resolution only: store the meshes in the sharded format
+        (``neuroglancer_uint64_sharded_v1``, see :mod:`gpumesh.sharding`); ``None`` writes one
+        manifest and one data file per segment.  ``gpumesh mesh`` shards by default.
     """
 
     chunk_size: int = 64
@@ -76,6 +81,7 @@ class MeshOptions:
     vertex_quantization_bits: int = 16
     format: str = "multires"
     segment_properties: bool = True
+    sharding: Optional[ShardingOptions] = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` on inconsistent options."""
@@ -93,6 +99,12 @@ class MeshOptions:
         if self.format not in ("multires", "legacy"):
             raise ValueError(f"format must be multires or legacy, got {self.format!r}")
         get_quality(self.quality)
+        if self.sharding is not None:
+            if not isinstance(self.sharding, ShardingOptions):
+                raise ValueError(f"sharding must be a ShardingOptions or None, got {self.sharding!r}")
+            if self.format == "legacy":
+                raise ValueError("legacy meshes have no sharded form; use the multires format or no sharding")
+            self.sharding.validate()
 
 
 @dataclass(frozen=True)
@@ -417,7 +429,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             storage.delete_all(kv)
         elif resume:
             old = storage.read_json(kv, SCRATCH + "plan.json")
-            if old is not None and old != fingerprint:
+            if old is not None and old != json.loads(json.dumps(fingerprint)):  # as stored (lists)
                 raise DestinationExistsError(
                     f"{dest}: --resume with different options or source than the interrupted run")
             if old is None and any(not k.startswith(SCRATCH) for k in existing) and "info" in existing:
