@@ -2,9 +2,12 @@
 
 Two formats are read (spec: ``neuroglancer-precomputed-meshes.md``):
 
-* the multi-resolution format (``info`` ``@type`` ``neuroglancer_multilod_draco``): one binary
-  manifest ``<id>.index`` and one fragment data file ``<id>`` (concatenated Draco meshes) per
-  segment, unsharded;
+* the multi-resolution format (``info`` ``@type`` ``neuroglancer_multilod_draco``), unsharded:
+  one binary manifest ``<id>.index`` and one fragment data file ``<id>`` (concatenated Draco
+  meshes) per segment (:class:`UnshardedMultiresSource`);
+* the same, sharded (``info`` has ``sharding``, ``neuroglancer-sharded.md``): ``<shard>.shard``
+  files, where each segment's manifest is the chunk indexed under its ID and its fragment data
+  lies immediately before it (:class:`ShardedMultiresSource`);
 * the legacy single-resolution format (``info`` ``@type`` ``neuroglancer_legacy_mesh``, or no
   ``info`` at all): one JSON manifest ``<id>:0`` per segment listing fragment files.
 
@@ -12,8 +15,7 @@ Every byte is read through TensorStore's kvstore (:mod:`gpumesh.storage`), so a 
 local path, a ``file://``, ``memory://`` or ``gs://`` URL, a kvstore spec or an open kvstore.
 
 Storage is abstracted by :class:`MeshSource` (``segment_ids``, ``manifest_bytes``,
-``fragment_data``) so that a sharded source can be added later; sharded meshes are refused for
-now with :class:`~gpumesh.errors.InvalidMeshError`.
+``fragment_data``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 
 from . import storage
 from .errors import InvalidMeshError
+from .sharding import ShardFormatError, ShardingSpec, sharding_problems
 
 __all__ = [
     "MULTIRES_TYPE",
@@ -37,6 +40,7 @@ __all__ = [
     "Manifest",
     "MeshSource",
     "UnshardedMultiresSource",
+    "ShardedMultiresSource",
     "LegacySource",
     "open_mesh",
     "multires_info_problems",
@@ -263,7 +267,8 @@ def multires_info_problems(info: Any) -> list[str]:
     Checks (spec: ``neuroglancer-multiresolution_mesh.yml``): ``@type`` is
     ``neuroglancer_multilod_draco``; ``vertex_quantization_bits`` is 10 or 16; ``transform`` is
     12 finite numbers; ``lod_scale_multiplier`` is a finite number; ``segment_properties``, if
-    present, is a string. ``sharding`` is not judged here.
+    present, is a string; ``sharding``, if present and not null, is a valid sharding
+    specification (``neuroglancer-sharding.yml``).
 
     Parameters
     ----------
@@ -290,6 +295,8 @@ def multires_info_problems(info: Any) -> list[str]:
         problems.append(f"info lod_scale_multiplier must be a finite number, got {mult!r}")
     if "segment_properties" in info and not isinstance(info["segment_properties"], str):
         problems.append("info segment_properties must be a string (relative path)")
+    if info.get("sharding") is not None:
+        problems.extend("info " + p for p in sharding_problems(info["sharding"]))
     return problems
 
 
@@ -380,6 +387,11 @@ class _MultiresSource(MeshSource):
                 data = None
             yield int(seg), mbytes, data
 
+    def manifests(self, segment_ids: Sequence[int]) -> Iterator[tuple[int, Optional[bytes]]]:
+        """Yield ``(segment_id, manifest_bytes or None)`` per segment (no fragment data read)."""
+        for seg in segment_ids:
+            yield int(seg), self.manifest_bytes(int(seg))
+
 
 class UnshardedMultiresSource(_MultiresSource):
     """Unsharded multi-resolution meshes: ``<id>.index`` manifests and ``<id>`` data files."""
@@ -408,6 +420,15 @@ class UnshardedMultiresSource(_MultiresSource):
             raise InvalidMeshError(f"segment {segment_id}: fragment data file missing")
         return data
 
+    def manifests(self, segment_ids: Sequence[int], batch: int = 64):
+        """Like :meth:`_MultiresSource.manifests`, reading ``batch`` manifests at once."""
+        ids = [int(s) for s in segment_ids]
+        for i in range(0, len(ids), batch):
+            futures = [(s, self.kv.read(f"{s}.index")) for s in ids[i : i + batch]]
+            for s, fut in futures:
+                res = fut.result()
+                yield s, bytes(res.value) if res.state == "value" else None
+
     def fetch(self, segment_ids: Sequence[int], batch: int = 64):
         """Like :meth:`_MultiresSource.fetch`, issuing reads for ``batch`` segments at once."""
         ids = [int(s) for s in segment_ids]
@@ -421,6 +442,208 @@ class UnshardedMultiresSource(_MultiresSource):
                     bytes(rm.value) if rm.state == "value" else None,
                     bytes(rd.value) if rd.state == "value" else None,
                 )
+
+
+class ShardedMultiresSource(_MultiresSource):
+    """Sharded multi-resolution meshes (``info`` ``sharding``; ``neuroglancer-sharded.md``).
+
+    A segment's manifest is the chunk stored under its ID: its shard and minishard follow from
+    ``hash(id >> preshift_bits)``, the shard index entry gives the minishard index, which gives
+    the manifest's byte range.  Its fragment data is the ``sum(fragment sizes)`` bytes just
+    before the manifest (always raw; ``data_encoding`` applies to the manifest only).
+
+    Shard indices and minishard indices are cached once read.
+
+    Attributes
+    ----------
+    sharding : gpumesh.sharding.ShardingSpec
+    """
+
+    def __init__(self, kv, info: dict) -> None:
+        super().__init__(kv, info)
+        try:
+            self.sharding = ShardingSpec.from_json(info["sharding"])
+        except ValueError as exc:
+            raise InvalidMeshError(f"invalid sharding: {exc}") from exc
+        self._shard_index: dict[int, Optional[np.ndarray]] = {}
+        self._minishards: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    # -- index access -----------------------------------------------------------------------
+
+    def shard_numbers(self) -> list[int]:
+        """Shard numbers that have a correctly named ``<shard>.shard`` file, sorted."""
+        out = []
+        for key in storage.list_keys(self.kv):
+            shard = self.sharding.parse_shard_key(key)
+            if shard is not None:
+                out.append(shard)
+        return sorted(out)
+
+    def shard_index(self, shard: int) -> Optional[np.ndarray]:
+        """``(2**minishard_bits, 2)`` uint64 file offsets ``[start, end)`` of each minishard
+        index of a shard, or ``None`` when the shard file is missing.
+
+        Raises
+        ------
+        InvalidMeshError
+            If the shard file is shorter than its shard index.
+        """
+        shard = int(shard)
+        if shard not in self._shard_index:
+            spec = self.sharding
+            raw = storage.read(self.kv, spec.shard_key(shard), (0, spec.shard_index_bytes))
+            if raw is None:
+                self._shard_index[shard] = None
+            else:
+                try:
+                    self._shard_index[shard] = spec.decode_shard_index(raw)
+                except ShardFormatError as exc:
+                    raise InvalidMeshError(f"shard {spec.shard_key(shard)}: {exc}") from exc
+        return self._shard_index[shard]
+
+    def minishard_index(self, shard: int, minishard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(ids, starts, sizes)`` (uint64; starts are file offsets) of one minishard.
+
+        Raises
+        ------
+        InvalidMeshError
+            If the index range is inverted, beyond the file, or does not decode.
+        """
+        key = (int(shard), int(minishard))
+        if key not in self._minishards:
+            empty = (np.zeros(0, np.uint64),) * 3
+            index = self.shard_index(shard)
+            if index is None:
+                self._minishards[key] = empty
+            else:
+                start, end = (int(v) for v in index[int(minishard)])
+                name = self.sharding.shard_key(shard)
+                if end < start:
+                    raise InvalidMeshError(f"shard {name} minishard {minishard}: index range [{start}, {end}) inverted")
+                if end == start:
+                    self._minishards[key] = empty
+                else:
+                    raw = storage.read(self.kv, name, (start, end))
+                    if raw is None or len(raw) != end - start:
+                        raise InvalidMeshError(
+                            f"shard {name} minishard {minishard}: index range [{start}, {end}) beyond end of file")
+                    try:
+                        self._minishards[key] = self.sharding.decode_minishard_index(raw)
+                    except ShardFormatError as exc:
+                        raise InvalidMeshError(f"shard {name} minishard {minishard}: {exc}") from exc
+        return self._minishards[key]
+
+    def locate(self, segment_id: int) -> Optional[tuple[str, int, int]]:
+        """``(shard file, start, size)`` of a segment's stored manifest, or ``None``."""
+        seg = int(segment_id)
+        shard, minishard = (int(v[0]) for v in self.sharding.locate([seg]))
+        ids, starts, sizes = self.minishard_index(shard, minishard)
+        hit = np.flatnonzero(ids == np.uint64(seg))
+        if not len(hit):
+            return None
+        i = int(hit[0])
+        return self.sharding.shard_key(shard), int(starts[i]), int(sizes[i])
+
+    # -- MeshSource -------------------------------------------------------------------------
+
+    def segment_ids(self) -> list[int]:
+        ids = []
+        for shard in self.shard_numbers():
+            index = self.shard_index(shard)
+            for minishard in range(len(index)):
+                ids.extend(int(v) for v in self.minishard_index(shard, minishard)[0])
+        return sorted(set(ids))
+
+    def _decode(self, seg: int, stored: bytes) -> bytes:
+        try:
+            return self.sharding.decode_data(stored)
+        except ShardFormatError as exc:
+            raise InvalidMeshError(f"segment {seg}: manifest: {exc}") from exc
+
+    def manifest_bytes(self, segment_id: int) -> Optional[bytes]:
+        loc = self.locate(segment_id)
+        if loc is None:
+            return None
+        name, start, size = loc
+        stored = storage.read(self.kv, name, (start, start + size))
+        if stored is None or len(stored) != size:
+            raise InvalidMeshError(f"segment {segment_id}: manifest bytes [{start}, {start + size}) beyond end of {name}")
+        return self._decode(int(segment_id), stored)
+
+    def fragment_data(self, segment_id: int) -> bytes:
+        """The ``sum(fragment sizes)`` bytes immediately before the segment's manifest.
+
+        Raises
+        ------
+        InvalidMeshError
+            If the segment is missing, or its data would start before the end of the shard index.
+        """
+        seg = int(segment_id)
+        loc = self.locate(seg)
+        if loc is None:
+            raise self._missing(seg)
+        name, start, size = loc
+        total = self.manifest(seg).total_bytes
+        return self._data_before(seg, name, start, total)
+
+    def _data_before(self, seg: int, name: str, start: int, total: int) -> bytes:
+        if total == 0:
+            return b""
+        if start - total < self.sharding.shard_index_bytes:
+            raise InvalidMeshError(f"segment {seg}: fragment data ({total} bytes before the manifest at {start}) "
+                                   f"would start inside the shard index of {name}")
+        data = storage.read(self.kv, name, (start - total, start))
+        if data is None or len(data) != total:
+            raise InvalidMeshError(f"segment {seg}: fragment data of {name} unreadable")
+        return data
+
+    def _read_manifests(self, segs: list) -> list:
+        locs = [self.locate(s) for s in segs]
+        futs = [None if loc is None else self.kv.read(loc[0], byte_range=slice(loc[1], loc[1] + loc[2]))
+                for loc in locs]
+        out = []
+        for seg, loc, fut in zip(segs, locs, futs):
+            if fut is None:
+                out.append((seg, loc, None))
+                continue
+            res = fut.result()
+            stored = bytes(res.value) if res.state == "value" else b""
+            if len(stored) != loc[2]:
+                raise InvalidMeshError(f"segment {seg}: manifest bytes beyond end of {loc[0]}")
+            out.append((seg, loc, self._decode(seg, stored)))
+        return out
+
+    def manifests(self, segment_ids: Sequence[int], batch: int = 64):
+        """Like :meth:`_MultiresSource.manifests`, reading ``batch`` manifests at once."""
+        ids = [int(s) for s in segment_ids]
+        for i in range(0, len(ids), batch):
+            for seg, _, mbytes in self._read_manifests(ids[i : i + batch]):
+                yield seg, mbytes
+
+    def fetch(self, segment_ids: Sequence[int], batch: int = 64):
+        """Like :meth:`_MultiresSource.fetch`, reading ``batch`` segments at once."""
+        ids = [int(s) for s in segment_ids]
+        for i in range(0, len(ids), batch):
+            got = self._read_manifests(ids[i : i + batch])
+            reads = []
+            for seg, loc, mbytes in got:
+                fut = None
+                if mbytes is not None:
+                    try:
+                        total = Manifest.from_bytes(mbytes).total_bytes
+                    except InvalidMeshError:
+                        total = None
+                    if total and loc[1] - total >= self.sharding.shard_index_bytes:
+                        fut = self.kv.read(loc[0], byte_range=slice(loc[1] - total, loc[1]))
+                    elif total == 0:
+                        fut = b""
+                reads.append(fut)
+            for (seg, loc, mbytes), fut in zip(got, reads):
+                if fut is None or isinstance(fut, bytes):
+                    yield seg, mbytes, fut
+                else:
+                    res = fut.result()
+                    yield seg, mbytes, bytes(res.value) if res.state == "value" else None
 
 
 class LegacySource(MeshSource):
@@ -516,14 +739,14 @@ def open_mesh(location: Union[storage.KvSpec, MeshSource]) -> MeshSource:
     Returns
     -------
     MeshSource
-        :class:`UnshardedMultiresSource` (``kind == 'multires'``) or :class:`LegacySource`
-        (``kind == 'legacy'``).
+        :class:`UnshardedMultiresSource` or :class:`ShardedMultiresSource` (``kind ==
+        'multires'``), or :class:`LegacySource` (``kind == 'legacy'``).
 
     Raises
     ------
     InvalidMeshError
-        If ``info`` is not JSON, has an unknown ``@type``, is an invalid multi-resolution
-        info, or specifies ``sharding`` (not supported yet).
+        If ``info`` is not JSON, has an unknown ``@type``, or is an invalid multi-resolution
+        info (a bad ``sharding`` included).
     SourceReadError
         If the location cannot be opened.
     """
@@ -550,7 +773,7 @@ def open_mesh(location: Union[storage.KvSpec, MeshSource]) -> MeshSource:
     if problems:
         raise InvalidMeshError("invalid info: " + "; ".join(problems))
     if info.get("sharding") is not None:
-        raise InvalidMeshError("sharded multi-resolution meshes are not supported yet (info has 'sharding')")
+        return ShardedMultiresSource(kv, info)
     return UnshardedMultiresSource(kv, info)
 
 

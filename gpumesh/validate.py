@@ -3,7 +3,7 @@
 Checks what the Neuroglancer client needs, which is stricter than the spec text
 (``neuroglancer-precomputed-meshes.md``):
 
-Multi-resolution (``neuroglancer_multilod_draco``, unsharded), per segment:
+Multi-resolution (``neuroglancer_multilod_draco``), per segment:
 
 1. fragment positions of each LOD strictly increasing in Z-order (Morton order, x least
    significant), as ``zorder3LessThan`` in neuroglancer's ``src/mesh/draco``/``multiscale``;
@@ -16,6 +16,15 @@ Multi-resolution (``neuroglancer_multilod_draco``, unsharded), per segment:
    ``neuroglancer_draco.cc``'s partition masks);
 6. the manifest length is exact, ``num_lods >= 1``, ``lod_scales`` finite, positive and
    non-decreasing, ``chunk_shape`` finite and positive, offsets finite.
+
+Sharded multi-resolution (``info`` ``sharding``, ``neuroglancer-sharded.md``), per shard file:
+the name is ``<shard>.shard`` in ``ceil(shard_bits / 4)`` lowercase hex digits with
+``shard < 2**shard_bits``; the file holds its ``2**minishard_bits * 16``-byte shard index; every
+minishard index range is ordered, after the shard index and within the file, and decodes
+(``minishard_index_encoding``) to ``24 * n`` bytes; every listed segment hashes to this shard
+and minishard (else no reader finds it) and is listed once; its manifest range lies in the file
+and decodes (``data_encoding``); its fragment data (the ``sum(fragment sizes)`` bytes before
+the manifest) starts after the shard index.  Then the per-segment checks above.
 
 Legacy (``neuroglancer_legacy_mesh`` or no info): each ``<id>:0`` manifest is JSON with a
 ``fragments`` list of existing files, each a valid legacy fragment (indices < num_vertices).
@@ -33,11 +42,13 @@ import numpy as np
 
 from . import storage
 from .errors import GpumeshError, InvalidMeshError
+from .sharding import ShardFormatError
 from .reader import (
     LEGACY_TYPE,
     MULTIRES_TYPE,
     LegacySource,
     Manifest,
+    ShardedMultiresSource,
     decode_fragment,
     multires_info_problems,
     open_mesh,
@@ -303,7 +314,8 @@ def _check_octree(report: ValidationReport, seg: int, m: Manifest) -> None:
 
 
 def _check_multires_segment(
-    report: ValidationReport, seg: int, mbytes: Optional[bytes], data: Optional[bytes], bits: int, decode: bool
+    report: ValidationReport, seg: int, mbytes: Optional[bytes], data: Optional[bytes], bits: int, decode: bool,
+    data_error: Optional[str] = None,
 ) -> None:
     if mbytes is None:
         report.add_error(f"segment {seg}: manifest {seg}.index not found")
@@ -326,7 +338,9 @@ def _check_multires_segment(
     total = m.total_bytes
     if data is None:
         if total:
-            report.add_error(f"segment {seg}: fragment data file {seg} missing ({total} bytes expected)")
+            report.add_error(data_error or f"segment {seg}: fragment data file {seg} missing ({total} bytes expected)")
+            if data_error:
+                return
         data = b""
     elif len(data) != total:
         report.add_error(f"segment {seg}: data file has {len(data)} bytes, fragment sizes sum to {total}")
@@ -351,6 +365,108 @@ def _check_multires_segment(
                 n = int(np.count_nonzero(crossing_triangles(q, f, bits)))
                 if n:
                     report.add_error(f"{where}: {n} of {len(f)} triangles cross the 2x2x2 partition grid")
+
+
+def _check_shard(report: ValidationReport, src: ShardedMultiresSource, shard: int, blob: bytes,
+                 wanted: Optional[set], seen: set, decode: bool) -> int:
+    """Check one whole shard file and its segments; returns the number of segments checked."""
+    spec = src.sharding
+    name = spec.shard_key(shard)
+    n, ib = len(blob), spec.shard_index_bytes
+    if n < ib:
+        report.add_error(f"shard {name}: {n} bytes, shorter than its shard index "
+                         f"({ib} bytes = 16 * 2**minishard_bits)")
+        return 0
+    checked = 0
+    for ms, (start, end) in enumerate(spec.decode_shard_index(blob).tolist()):
+        where = f"shard {name} minishard {ms}"
+        if end < start:
+            report.add_error(f"{where}: minishard index range [{start}, {end}) is inverted")
+            continue
+        if end == start:
+            continue
+        if start < ib or end > n:
+            report.add_error(f"{where}: minishard index range [{start}, {end}) outside [{ib}, {n}) "
+                             "(after the shard index, within the file)")
+            continue
+        try:
+            ids, starts, sizes = spec.decode_minishard_index(blob[start:end])
+        except ShardFormatError as exc:
+            report.add_error(f"{where}: {exc}")
+            continue
+        if not len(ids):
+            report.add_error(f"{where}: empty minishard index under a non-empty range")
+        shards, minishards = spec.locate(ids)
+        for i, seg in enumerate(ids.tolist()):
+            if shards[i] != shard or minishards[i] != ms:
+                report.add_error(
+                    f"segment {seg}: stored in {where}, but its ID hashes to shard "
+                    f"{spec.shard_key(int(shards[i]))} minishard {int(minishards[i])}, so readers cannot find it")
+                continue
+            if seg in seen:
+                report.add_error(f"segment {seg}: listed more than once in {where}")
+                continue
+            seen.add(seg)
+            if wanted is not None and seg not in wanted:
+                continue
+            checked += 1
+            c0, c1 = int(starts[i]), int(starts[i]) + int(sizes[i])
+            if c0 < ib or c1 > n:
+                report.add_error(f"segment {seg}: manifest bytes [{c0}, {c1}) outside [{ib}, {n}) of shard {name}")
+                continue
+            try:
+                mbytes = spec.decode_data(blob[c0:c1])
+            except ShardFormatError as exc:
+                report.add_error(f"segment {seg}: manifest in shard {name}: {exc}")
+                continue
+            try:
+                total = Manifest.from_bytes(mbytes).total_bytes
+            except InvalidMeshError:
+                total = 0  # reported by the segment check
+            data, data_error = blob[c0 - total:c0], None
+            if c0 - total < ib:
+                data = None
+                data_error = (f"segment {seg}: its {total} bytes of fragment data before the manifest at {c0} "
+                              f"would start inside the shard index of {name} ({ib} bytes)")
+            _check_multires_segment(report, seg, mbytes, data, src.vertex_quantization_bits, decode, data_error)
+    return checked
+
+
+def _validate_sharded(report: ValidationReport, src: ShardedMultiresSource, segments: Optional[Iterable[int]],
+                      decode: bool) -> None:
+    spec = src.sharding
+    try:
+        keys = storage.list_keys(src.kv)
+    except Exception as exc:
+        report.add_error(f"cannot list keys: {exc}")
+        return
+    shards = []
+    for key in keys:
+        if key.endswith(".shard"):
+            shard = spec.parse_shard_key(key)
+            if shard is None:
+                report.add_error(f"unexpected shard file {key!r}: with shard_bits {spec.shard_bits} shard files are "
+                                 f"{spec.shard_key(0)!r} .. {spec.shard_key(spec.num_shards - 1)!r}")
+            else:
+                shards.append(shard)
+    wanted = None
+    if segments is not None:
+        wanted = {int(s) for s in segments}
+        want_shards = set(spec.locate(sorted(wanted))[0].tolist()) if wanted else set()
+        shards = [s for s in shards if s in want_shards]
+    seen: set = set()
+    for shard in shards:
+        blob = storage.read(src.kv, spec.shard_key(shard))
+        if blob is None:
+            report.add_error(f"shard {spec.shard_key(shard)} vanished while validating")
+            continue
+        try:
+            report.num_segments += _check_shard(report, src, shard, blob, wanted, seen, decode)
+        except Exception as exc:  # never raise on a bad mesh
+            report.add_error(f"shard {spec.shard_key(shard)}: unexpected error while checking: {exc!r}")
+    for s in sorted(wanted or ()):
+        if s not in seen:
+            report.add_error(f"segment {s} not found")
 
 
 def _check_legacy_segment(report: ValidationReport, src: LegacySource, seg: int, decode: bool) -> None:
@@ -466,7 +582,7 @@ def validate(
     -------
     ValidationReport
         Never raises on a bad mesh; problems are in ``report.errors``. An unreadable or
-        invalid ``info`` (or sharding, not supported yet) is one error and ends validation.
+        invalid ``info`` (a bad ``sharding`` spec included) is reported and ends validation.
     """
     report = ValidationReport(location=str(location), decoded=decode, max_errors=max_errors)
     try:
@@ -498,6 +614,11 @@ def validate(
         report.add_error(str(exc))
         return report
     report.kind = src.kind
+    if isinstance(src, ShardedMultiresSource):
+        _validate_sharded(report, src, segments, decode)
+        if info:
+            _check_segment_properties(report, kv, info)
+        return report
 
     try:
         all_ids = src.segment_ids()

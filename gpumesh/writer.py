@@ -4,26 +4,39 @@ Formats (``../shared/specs/neuroglancer-precomputed-meshes.md``):
 
 * multi-resolution, unsharded: ``info`` (``neuroglancer_multilod_draco``), ``<id>.index``
   (manifest) and ``<id>`` (fragment data) per segment;
+* multi-resolution, sharded (``neuroglancer_uint64_sharded_v1``, :mod:`gpumesh.sharding`):
+  ``info`` with ``sharding`` and ``<shard>.shard`` files; in a shard each segment's fragment
+  data lies immediately before its manifest, which the minishard index points at;
 * legacy single-resolution: ``info`` (``neuroglancer_legacy_mesh``), ``<id>:0`` (JSON
   manifest) and ``<id>:0:<x>_<y>_<z>`` fragment files per segment and LOD 0 node.
 
 Every byte goes through TensorStore's kvstore (:mod:`gpumesh.storage`); each key is written
 atomically.  A segment's fragment data is written before its manifest, and ``info`` last, so a
 reader never finds a manifest whose data is missing, and a directory with ``info`` is finished.
-The sharded layout plugs in at :func:`write_segments` (one function of the segments of a shard).
+
+Sharded output is built one shard at a time (:func:`write_shards`): each segment's shard follows
+from its ID alone, so the block results' fragment index (no fragment bytes) is grouped by shard,
+and only the fragments of the shard being built are read from the scratch area.  Each shard is
+one atomic write, after which ``.gpumesh-work/shards/<shard>.json`` records it (with its
+statistics), so a resumed run skips finished shards.  :func:`convert_mesh` rewrites a
+multi-resolution directory between the two layouts.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Iterator, Optional
 
 import numpy as np
 
 from . import storage
+from .errors import DestinationExistsError, InvalidMeshError
 from .octree import close_parents, encode_manifest
-from .pipeline import FRAG_DTYPE, MeshOptions, Plan, block_key, unpack_block_header
+from .pipeline import FRAG_DTYPE, SCRATCH, MeshOptions, Plan, block_key, unpack_block_header
+from .reader import Manifest, ShardedMultiresSource, open_mesh
+from .sharding import ShardingOptions, ShardingSpec, build_shard
 from .volume import Volume
 
 #: Segments whose files are written concurrently.
@@ -67,7 +80,8 @@ def _iter_segments(index: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         yield int(labels[s0]), index[s0:s1]
 
 
-def mesh_info(volume: Volume, options: MeshOptions, with_properties: bool) -> dict:
+def mesh_info(volume: Volume, options: MeshOptions, with_properties: bool,
+              sharding: Optional[ShardingSpec] = None) -> dict:
     """The ``info`` JSON of the mesh directory (spec "info JSON file format")."""
     vx, vy, vz = (float(v) for v in volume.voxel_size)
     if options.format == "legacy":
@@ -80,6 +94,8 @@ def mesh_info(volume: Volume, options: MeshOptions, with_properties: bool) -> di
             "transform": [vx, 0.0, 0.0, 0.0, 0.0, vy, 0.0, 0.0, 0.0, 0.0, vz, 0.0],
             "lod_scale_multiplier": 1.0,
         }
+        if sharding is not None:
+            info["sharding"] = sharding.to_json()
     if with_properties:
         info["segment_properties"] = "segment_properties"
     return info
@@ -122,19 +138,23 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, blocks, *, li
 
     stats = {"segments": 0, "triangles_per_lod": [0] * plan.lods, "fragments_per_lod": [0] * plan.lods,
              "bytes": 0}
-    batch = []
-    for label, entries in _iter_segments(index):
-        batch.append((label, entries))
-        if len(batch) >= WRITE_BATCH:
+    spec = None
+    if options.sharding is not None and options.format == "multires":
+        spec = write_shards(kv, keys, index, plan, options, stats, volume.voxel_offset)
+    else:
+        batch = []
+        for label, entries in _iter_segments(index):
+            batch.append((label, entries))
+            if len(batch) >= WRITE_BATCH:
+                write_segments(kv, keys, batch, plan, options, stats, volume.voxel_offset)
+                batch = []
+        if batch:
             write_segments(kv, keys, batch, plan, options, stats, volume.voxel_offset)
-            batch = []
-    if batch:
-        write_segments(kv, keys, batch, plan, options, stats, volume.voxel_offset)
 
     with_props = options.segment_properties and stats["segments"] > 0
     if with_props:
         write_segment_properties(kv, np.concatenate(count_labels), np.concatenate(counts))
-    storage.write_json(kv, "info", mesh_info(volume, options, with_props))
+    storage.write_json(kv, "info", mesh_info(volume, options, with_props, spec))
     if volume.precomputed is not None:
         write_source_link(kv, volume, link_source)
     return stats
@@ -155,15 +175,8 @@ def write_segments(kv, keys: list, batch: list, plan: Plan, options: MeshOptions
     grid_origin : (3,) int
         The volume's voxel offset.
     """
-    # Read every fragment of the batch concurrently.
-    reads = []
-    for label, entries in batch:
-        futs = [kv.read(keys[e["block"]], byte_range=slice(int(e["offset"]), int(e["offset"] + e["size"])))
-                for e in entries]
-        reads.append(futs)
     data_writes, manifest_writes = [], []
-    for (label, entries), futs in zip(batch, reads):
-        blobs = [bytes(f.result().value) for f in futs]
+    for (label, entries), blobs in zip(batch, _read_fragments(kv, keys, batch)):
         if options.format == "legacy":
             names = []
             for e, blob in zip(entries, blobs):
@@ -203,8 +216,7 @@ def build_multires(label: int, entries: np.ndarray, blobs: list, plan: Plan, opt
     C = plan.chunk
     pos = np.stack([entries["x"], entries["y"], entries["z"]], axis=1).astype(np.uint32)
     lods = entries["lod"].astype(np.int64)
-    present = set(int(k) for k in np.unique(lods))
-    num_lods = segment_num_lods(pos[lods == 0], present, plan.lods, options.num_lods)
+    num_lods = _entries_num_lods(entries, plan, options)
     if num_lods == 0:
         return None
     lookup = {(int(k), int(p[0]), int(p[1]), int(p[2])): i for i, (k, p) in enumerate(zip(lods, pos))}
@@ -229,6 +241,249 @@ def build_multires(label: int, entries: np.ndarray, blobs: list, plan: Plan, opt
     )
     return b"".join(parts), manifest
 
+
+
+def _entries_num_lods(entries: np.ndarray, plan: Plan, options: MeshOptions) -> int:
+    """:func:`segment_num_lods` of one segment's fragment entries."""
+    lods = entries["lod"].astype(np.int64)
+    lod0 = entries[lods == 0]
+    pos0 = np.stack([lod0["x"], lod0["y"], lod0["z"]], axis=1).astype(np.uint32)
+    present = set(int(k) for k in np.unique(lods))
+    return segment_num_lods(pos0, present, plan.lods, options.num_lods)
+
+
+def _read_fragments(kv, keys: list, batch: list) -> Iterator[list]:
+    """Fragment bytes of each segment of ``batch`` (all reads issued at once)."""
+    reads = [[kv.read(keys[e["block"]], byte_range=slice(int(e["offset"]), int(e["offset"] + e["size"])))
+              for e in entries] for _, entries in batch]
+    for futs in reads:
+        yield [bytes(f.result().value) for f in futs]
+
+
+def _new_stats(lods: int) -> dict:
+    return {"segments": 0, "triangles_per_lod": [0] * lods, "fragments_per_lod": [0] * lods, "bytes": 0}
+
+
+def _add_stats(total: dict, part: dict) -> None:
+    total["segments"] += part["segments"]
+    total["bytes"] += part["bytes"]
+    for name in ("triangles_per_lod", "fragments_per_lod"):
+        for k, v in enumerate(part[name]):
+            total[name][k] += v
+
+
+def shard_marker_key(spec: ShardingSpec, shard: int) -> str:
+    """Scratch key recording that a shard is written (JSON: the sharding spec and its statistics)."""
+    return f"{SCRATCH}shards/{spec.shard_key(shard)}.json"
+
+
+def write_shards(kv, keys: list, index: np.ndarray, plan: Plan, options: MeshOptions, stats: dict,
+                 grid_origin) -> ShardingSpec:
+    """Write the sharded multi-resolution meshes of all segments, one shard at a time.
+
+    Parameters
+    ----------
+    kv : tensorstore.KvStore
+    keys : list of str
+        Scratch keys of the block results, indexed by the ``block`` field of ``index``.
+    index : structured array
+        Every fragment of every block (label, lod, x, y, z, offset, size, triangles, block).
+    plan, options, stats, grid_origin
+        As for :func:`write_segments`; ``options.sharding`` is set.
+
+    Returns
+    -------
+    ShardingSpec
+        The spec used (bits chosen from the segments and their fragment bytes, see
+        :func:`gpumesh.sharding.choose_bits`, unless given).
+
+    Only the fragment index is held for all segments; fragment bytes are read for one shard at
+    a time.  Shards recorded in the scratch area by an interrupted run with the same spec are
+    skipped (their statistics are taken from the record).
+    """
+    # What each segment will store, from the index alone: its LODs and their fragment bytes.
+    index = index[np.argsort(index["label"], kind="stable")]
+    keep = np.zeros(len(index), dtype=bool)
+    labels = []
+    if len(index):
+        lab = index["label"]
+        starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
+        stops = np.r_[starts[1:], len(lab)]
+        for s0, s1 in zip(starts.tolist(), stops.tolist()):
+            num_lods = _entries_num_lods(index[s0:s1], plan, options)
+            if num_lods:
+                keep[s0:s1] = index["lod"][s0:s1] < num_lods
+                labels.append(int(lab[s0]))
+    index = index[keep]
+    labels = np.array(labels, dtype=np.uint64)
+    spec = options.sharding.resolve(len(labels), int(index["size"].sum()) if len(index) else 0)
+    spec_json = spec.to_json()
+    if not len(labels):
+        return spec
+
+    seg_shard, _ = spec.locate(labels)
+    row_shard = seg_shard[np.searchsorted(labels, index["label"])]
+    order = np.argsort(row_shard, kind="stable")
+    index, row_shard = index[order], row_shard[order]
+    starts = np.flatnonzero(np.r_[True, row_shard[1:] != row_shard[:-1]])
+    stops = np.r_[starts[1:], len(row_shard)]
+
+    recorded = set(storage.list_keys(kv, SCRATCH + "shards/"))
+    for s0, s1 in zip(starts.tolist(), stops.tolist()):
+        shard = int(row_shard[s0])
+        marker = shard_marker_key(spec, shard)
+        if marker in recorded:
+            done = storage.read_json(kv, marker)
+            if done is not None and done.get("sharding") == spec_json:
+                _add_stats(stats, done["stats"])
+                continue
+        part = _new_stats(plan.lods)
+        items = []
+        segments = list(_iter_segments(index[s0:s1]))
+        for b0 in range(0, len(segments), WRITE_BATCH):
+            batch = segments[b0:b0 + WRITE_BATCH]
+            for (label, entries), blobs in zip(batch, _read_fragments(kv, keys, batch)):
+                data, manifest = build_multires(label, entries, blobs, plan, options, part, grid_origin)
+                items.append((label, data, manifest))
+                part["segments"] += 1
+        blob = build_shard(spec, items)
+        del items
+        part["bytes"] += len(blob)
+        storage.write(kv, spec.shard_key(shard), blob)
+        storage.write_json(kv, marker, {"sharding": spec_json, "stats": part})
+        _add_stats(stats, part)
+    return spec
+
+
+# --------------------------------------------------------------------------------------
+# Conversion between the unsharded and the sharded layout.
+
+_UNSHARDED_FILE = re.compile(r"^\d+(\.index)?$")
+
+
+def info_with_sharding(info: dict, spec: Optional[ShardingSpec]) -> dict:
+    """``info`` with ``sharding`` set to ``spec`` (placed as :func:`mesh_info` does) or removed."""
+    out = {}
+    for key, value in info.items():
+        if key == "sharding":
+            continue
+        if key == "segment_properties" and spec is not None:
+            out["sharding"] = spec.to_json()
+        out[key] = value
+    if spec is not None and "sharding" not in out:
+        out["sharding"] = spec.to_json()
+    return out
+
+
+def _nested(a: dict, b: dict) -> bool:
+    """Whether two kvstore specs are the same store and one path lies within the other."""
+    if {k: v for k, v in a.items() if k != "path"} != {k: v for k, v in b.items() if k != "path"}:
+        return False
+    pa, pb = a.get("path", ""), b.get("path", "")
+    return pa.startswith(pb) or pb.startswith(pa)
+
+
+def convert_mesh(src, dest, *, sharding: Optional[ShardingOptions] = ShardingOptions(),
+                 overwrite: bool = False) -> dict:
+    """Rewrite a multi-resolution mesh directory in the sharded or the unsharded layout.
+
+    Manifests and fragment data are copied byte for byte; ``info`` gets (or loses) its
+    ``sharding``; every other file (segment properties, ``source_info.json``) is copied as is.
+    Sharded output is built one shard at a time, so memory follows the largest shard.
+
+    Parameters
+    ----------
+    src : location or MeshSource
+        A multi-resolution mesh directory, sharded or not (see :func:`gpumesh.reader.open_mesh`).
+    dest : str or dict
+        Destination path or kvstore URL/spec; must be empty unless ``overwrite``.
+    sharding : ShardingOptions or None
+        Write sharded with these options (bits chosen as :func:`gpumesh.sharding.choose_bits`
+        unless given), or unsharded (``None``).
+    overwrite : bool
+        Delete what ``dest`` holds first.
+
+    Returns
+    -------
+    dict
+        ``segments``, ``bytes`` (of manifests and fragment data, or of shard files), ``shards``
+        (files written; 0 when unsharded) and ``sharding`` (the spec JSON or ``None``).
+
+    Raises
+    ------
+    InvalidMeshError
+        ``src`` is not a valid multi-resolution mesh directory, or a segment's data is missing.
+    DestinationExistsError
+        ``dest`` holds data and ``overwrite`` is not set.
+    ValueError
+        ``dest`` is ``src`` or lies inside it (or the reverse), or bad sharding options.
+    """
+    if sharding is not None:
+        sharding.validate()
+    source = open_mesh(src)
+    if source.kind != "multires":
+        raise InvalidMeshError("only multi-resolution meshes can be converted (legacy meshes have no sharded form)")
+    kv = storage.open_kvstore(dest)
+    if _nested(storage.kvstore_spec(source.kv), storage.kvstore_spec(kv)):
+        raise ValueError("the destination must not be the source or lie inside it (or the reverse)")
+    if not storage.is_empty(kv):
+        if not overwrite:
+            raise DestinationExistsError(f"{dest} is not empty; pass overwrite=True (--overwrite)")
+        storage.delete_all(kv)
+
+    if isinstance(source, ShardedMultiresSource):
+        own = lambda key: source.sharding.parse_shard_key(key) is not None  # noqa: E731
+    else:
+        own = _UNSHARDED_FILE.match
+    others = [k for k in storage.list_keys(source.kv) if k != "info" and not k.startswith(SCRATCH) and not own(k)]
+    ids = source.segment_ids()
+    result = {"segments": len(ids), "bytes": 0, "shards": 0, "sharding": None}
+
+    def checked(fetched):
+        for seg, mbytes, data in fetched:
+            if mbytes is None:
+                raise InvalidMeshError(f"segment {seg}: manifest missing")
+            if data is None:
+                data = b""
+            if len(data) != Manifest.from_bytes(mbytes).total_bytes:
+                raise InvalidMeshError(f"segment {seg}: fragment data has {len(data)} bytes, the manifest "
+                                       f"needs {Manifest.from_bytes(mbytes).total_bytes}")
+            yield seg, mbytes, data
+
+    spec = None
+    if sharding is None:
+        batch = []
+        for seg, mbytes, data in checked(source.fetch(ids)):
+            batch.append((seg, mbytes, data))
+            result["bytes"] += len(mbytes) + len(data)
+            if len(batch) >= WRITE_BATCH:
+                storage.write_many(kv, [(str(s), d) for s, _, d in batch])
+                storage.write_many(kv, [(f"{s}.index", m) for s, m, _ in batch])
+                batch = []
+        storage.write_many(kv, [(str(s), d) for s, _, d in batch])
+        storage.write_many(kv, [(f"{s}.index", m) for s, m, _ in batch])
+    else:
+        data_bytes = 0
+        for seg, mbytes in source.manifests(ids):
+            if mbytes is None:
+                raise InvalidMeshError(f"segment {seg}: manifest missing")
+            data_bytes += Manifest.from_bytes(mbytes).total_bytes
+        spec = sharding.resolve(len(ids), data_bytes)
+        result["sharding"] = spec.to_json()
+        id_arr = np.array(ids, dtype=np.uint64)
+        shard_of, _ = spec.locate(id_arr) if len(ids) else (np.zeros(0, np.int64), None)
+        for shard in np.unique(shard_of).tolist():
+            members = id_arr[shard_of == shard].tolist()
+            items = [(seg, data, mbytes) for seg, mbytes, data in checked(source.fetch(members))]
+            blob = build_shard(spec, items)
+            del items
+            storage.write(kv, spec.shard_key(shard), blob)
+            result["bytes"] += len(blob)
+            result["shards"] += 1
+    for key in others:
+        storage.write(kv, key, storage.read(source.kv, key))
+    storage.write_json(kv, "info", info_with_sharding(source.info, spec))
+    return result
 
 
 def write_segment_properties(kv, labels: np.ndarray, counts: np.ndarray) -> None:

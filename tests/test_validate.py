@@ -237,7 +237,7 @@ def test_triangle_crossing_grid(tmp_path):
         (info(vertex_quantization_bits=12), "vertex_quantization_bits"),
         (info(transform=[1, 0, 0]), "transform"),
         (info(lod_scale_multiplier="x"), "lod_scale_multiplier"),
-        (info(sharding={"@type": "neuroglancer_uint64_sharded_v1"}), "not supported yet"),
+        (info(sharding={"@type": "neuroglancer_uint64_sharded_v1"}), "sharding"),
     ],
 )
 def test_bad_info(tmp_path, info_obj, words):
