@@ -1,4 +1,4 @@
-"""Command line: ``gpumesh mesh``, ``gpumesh validate``.
+"""Command line: ``gpumesh mesh``, ``gpumesh validate``, ``gpumesh convert``.
 
 Errors caused by bad input print one line (``gpumesh: error: ...``) and exit with status 2;
 a failed validation exits with status 1.
@@ -35,6 +35,62 @@ def _fail(exc: Exception) -> None:
     sys.exit(2)
 
 
+def _sharding_flags(default_sharded):
+    """The ``--sharded/--unsharded`` switch and the sharding overrides, shared by mesh and convert."""
+
+    def decorate(fn):
+        opts = [
+            click.option("--sharded/--unsharded", "sharded", default=default_sharded,
+                         help="multires: sharded files (neuroglancer_uint64_sharded_v1, the default) or one "
+                              "manifest and one data file per segment; legacy meshes are never sharded"),
+            click.option("--shard-bits", type=click.IntRange(0, 64), default=None,
+                         help="2^N shard files (default: from segment count and bytes, see README)"),
+            click.option("--minishard-bits", type=click.IntRange(0, 64), default=None,
+                         help="2^N minishards per shard (default: automatic)"),
+            click.option("--preshift-bits", type=click.IntRange(0, 64), default=None,
+                         help="low ID bits ignored by the hash (default 0)"),
+            click.option("--hash", "shard_hash", type=click.Choice(["murmurhash3_x86_128", "identity"]), default=None,
+                         help="segment ID hash of the sharding [default: murmurhash3_x86_128]"),
+            click.option("--minishard-index-encoding", type=click.Choice(["gzip", "raw"]), default=None,
+                         help="[default: gzip]"),
+            click.option("--data-encoding", type=click.Choice(["raw", "gzip"]), default=None,
+                         help="encoding of the manifests in shards (fragment data is always raw) [default: raw]"),
+        ]
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+
+    return decorate
+
+
+def _sharding_options(multires: bool, sharded, shard_bits, minishard_bits, preshift_bits, shard_hash,
+                      minishard_index_encoding, data_encoding):
+    """``ShardingOptions`` or ``None`` from the flags; one-line error on conflicting flags."""
+    from .sharding import ShardingOptions
+
+    overrides = {"shard_bits": shard_bits, "minishard_bits": minishard_bits, "preshift_bits": preshift_bits,
+                 "hash": shard_hash, "minishard_index_encoding": minishard_index_encoding,
+                 "data_encoding": data_encoding}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not multires:
+        if sharded:
+            _fail(ValueError("legacy meshes have no sharded form (drop --sharded)"))
+        sharded = False
+    if sharded is None:
+        sharded = True
+    if not sharded:
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            _fail(ValueError(f"{flags} only apply to sharded output"))
+        return None
+    try:
+        options = ShardingOptions(**given)
+        options.validate()
+    except ValueError as exc:
+        _fail(exc)
+    return options
+
+
 @click.group()
 @click.version_option(package_name="gpumesh-ng")
 def main():
@@ -64,22 +120,27 @@ def main():
 @click.option("--segment-properties/--no-segment-properties", default=True, show_default=True,
               help="write segment properties (voxel counts)")
 @click.option("--link-source", is_flag=True, help="set `mesh` in a precomputed source's info (rewrites the source)")
+@_sharding_flags(None)
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None, help="write the end summary as JSON")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def mesh(source, dest, voxel_size, voxel_offset, mip, axes, fmt, quality, chunk_size, max_lods, num_lods, bits,
-         workers, device, overwrite, resume, segment_properties, link_source, summary_json, quiet):
+         workers, device, overwrite, resume, segment_properties, link_source, sharded, shard_bits, minishard_bits,
+         preshift_bits, shard_hash, minishard_index_encoding, data_encoding, summary_json, quiet):
     """Mesh every segment of SOURCE into Neuroglancer precomputed meshes in DEST.
 
     SOURCE: a zarr v2/v3, N5, OME-Zarr or precomputed volume (path or URL).
     DEST: a directory path or kvstore URL (file://, gs://, s3://).
+    Multi-resolution meshes are sharded unless --unsharded.
     """
     from tqdm import tqdm
 
     from .pipeline import MeshOptions, run_mesh
 
+    sharding = _sharding_options(fmt == "multires", sharded, shard_bits, minishard_bits, preshift_bits, shard_hash,
+                                 minishard_index_encoding, data_encoding)
     options = MeshOptions(chunk_size=chunk_size, max_lods=max_lods if fmt == "multires" else 1,
                           num_lods=num_lods, quality=quality, vertex_quantization_bits=int(bits), format=fmt,
-                          segment_properties=segment_properties)
+                          segment_properties=segment_properties, sharding=sharding)
     bar = None
 
     def progress(done, total):
@@ -134,6 +195,33 @@ def validate(dest):
         for err in report.errors[:50]:
             click.echo(f"  {err}", err=True)
         sys.exit(1)
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dest")
+@_sharding_flags(True)
+@click.option("--overwrite", is_flag=True, help="delete what DEST holds first")
+def convert(src, dest, sharded, shard_bits, minishard_bits, preshift_bits, shard_hash, minishard_index_encoding,
+            data_encoding, overwrite):
+    """Rewrite the multi-resolution mesh directory SRC into DEST, sharded (default) or --unsharded.
+
+    Manifests and fragment data are copied byte for byte; other files (segment properties) as is.
+    """
+    from .writer import convert_mesh
+
+    sharding = _sharding_options(True, sharded, shard_bits, minishard_bits, preshift_bits, shard_hash,
+                                 minishard_index_encoding, data_encoding)
+    try:
+        result = convert_mesh(src, dest, sharding=sharding, overwrite=overwrite)
+    except (GpumeshError, ValueError) as exc:
+        _fail(exc)
+    click.echo(f"segments:  {result['segments']}")
+    if result["sharding"] is not None:
+        sh = result["sharding"]
+        click.echo(f"shards:    {result['shards']} written (shard_bits {sh['shard_bits']}, "
+                   f"minishard_bits {sh['minishard_bits']}, {sh['hash']})")
+    click.echo(f"bytes:     {result['bytes']:,}")
 
 
 if __name__ == "__main__":

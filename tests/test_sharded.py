@@ -1,0 +1,413 @@
+"""Sharded multi-resolution output (``neuroglancer_uint64_sharded_v1``).
+
+The writer, reader, validator, resume and conversion, checked against TensorStore's own
+``neuroglancer_uint64_sharded`` kvstore driver (an independent implementation of the format).
+Volumes are sub-crops of the real crop fixture, meshed with 16-voxel nodes so that a few
+seconds cover several blocks.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorstore as ts
+
+from gpumesh import storage
+from gpumesh.pipeline import SCRATCH, MeshOptions, run_mesh
+from gpumesh.reader import Manifest, ShardedMultiresSource, load_mesh, open_mesh
+from gpumesh.sharding import (MAX_SEGMENTS_PER_MINISHARD, ShardingOptions, ShardingSpec, build_shard, choose_bits,
+                              murmurhash3_x86_128_low64)
+from gpumesh.validate import validate
+from gpumesh.writer import convert_mesh
+
+from conftest import VOXEL_SIZE
+
+CHUNK = 16
+SMALL = 64  # 8 blocks, about a second
+BIG = 96  # 8 larger blocks, several seconds with one worker (the kill / resume test)
+VS_ARG = ",".join(str(int(v)) for v in VOXEL_SIZE)
+
+
+def _cli(*args, wait=True):
+    exe = os.path.join(os.path.dirname(sys.executable), "gpumesh")
+    cmd = ([exe] if os.path.exists(exe) else [sys.executable, "-m", "gpumesh.cli"]) + [str(a) for a in args]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def _write_zarr(path, arr) -> None:
+    spec = {
+        "driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)},
+        "metadata": {"shape": list(arr.shape), "data_type": str(arr.dtype), "dimension_names": ["x", "y", "z"],
+                     "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [32, 32, 32]}}},
+    }
+    ts.open(spec, create=True).result().write(arr).result()
+
+
+def _files(root) -> dict:
+    """Every file under ``root`` (relative path -> bytes)."""
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(d, n)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = fh.read()
+    return out
+
+
+def _mesh(arr, dest, sharding=None, **kw):
+    return run_mesh(arr, str(dest), options=MeshOptions(chunk_size=CHUNK, sharding=sharding), voxel_size=VOXEL_SIZE,
+                    workers=1, **kw)
+
+
+@pytest.fixture(scope="module")
+def small(crop):
+    return np.ascontiguousarray(crop[:SMALL, :SMALL, :SMALL])
+
+
+@pytest.fixture(scope="module")
+def outputs(small, tmp_path_factory):
+    """The small volume meshed by the CLI (default: sharded; --unsharded) and with other shardings."""
+    root = tmp_path_factory.mktemp("sharded")
+    src = root / "src.zarr"
+    _write_zarr(src, small)
+    common = ["--voxel-size", VS_ARG, "--chunk-size", CHUNK, "--workers", 1, "--quiet"]
+    for name, extra in (("sharded", []), ("unsharded", ["--unsharded"])):
+        r = _cli("mesh", src, root / name, *common, *extra)
+        assert r.returncode == 0, r.stderr
+    variants = {
+        # several shards and minishards, gzipped manifests
+        "gzip": ShardingOptions(shard_bits=2, minishard_bits=2, data_encoding="gzip"),
+        # identity hash with preshift, raw minishard indices
+        "identity": ShardingOptions(hash="identity", preshift_bits=1, shard_bits=1, minishard_bits=3,
+                                    minishard_index_encoding="raw"),
+    }
+    for name, sharding in variants.items():
+        _mesh(small, root / name, sharding)
+    return root
+
+
+def _sharded_kvstore(dest) -> ts.KvStore:
+    """TensorStore's own sharded kvstore over a mesh directory, keyed by 8-byte big-endian IDs."""
+    info = json.loads((dest / "info").read_text())
+    return ts.KvStore.open({
+        "driver": "neuroglancer_uint64_sharded",
+        "base": storage.kvstore_spec(str(dest)),
+        "metadata": info["sharding"],
+    }).result()
+
+
+# ------------------------------------------------------------------------------------------
+# Format units
+
+
+def test_murmurhash_places_ids_like_tensorstore(tmp_path):
+    """IDs written through TensorStore's driver land in the shard and minishard our hash says."""
+    spec = ShardingSpec(shard_bits=3, minishard_bits=2, minishard_index_encoding="gzip")
+    kv = ts.KvStore.open({"driver": "neuroglancer_uint64_sharded", "base": {"driver": "file", "path": str(tmp_path) + "/"},
+                          "metadata": spec.to_json()}).result()
+    rng = np.random.default_rng(1)
+    ids = np.unique(np.concatenate([np.arange(1, 120, dtype=np.uint64), rng.integers(0, 2**63, 120, dtype=np.uint64),
+                                    np.array([2**64 - 1], np.uint64)]))
+    txn = ts.Transaction()
+    for i in ids.tolist():
+        kv.with_transaction(txn).write(struct.pack(">Q", i), b"x").result()
+    txn.commit_sync()
+    shards, minishards = spec.locate(ids)
+    found = 0
+    for name in os.listdir(tmp_path):
+        shard = spec.parse_shard_key(name)
+        assert shard is not None, name
+        blob = (tmp_path / name).read_bytes()
+        for ms, (a, b) in enumerate(spec.decode_shard_index(blob).tolist()):
+            if a == b:
+                continue
+            for seg in spec.decode_minishard_index(blob[a:b])[0].tolist():
+                j = int(np.searchsorted(ids, np.uint64(seg)))
+                assert (shards[j], minishards[j]) == (shard, ms), seg
+                found += 1
+    assert found == len(ids)
+    # vectorised and scalar calls agree
+    assert int(murmurhash3_x86_128_low64(ids)[5]) == int(murmurhash3_x86_128_low64(int(ids[5])))
+
+
+def test_shard_names_and_rule():
+    assert ShardingSpec(shard_bits=0).shard_key(0) == "0.shard"
+    assert ShardingSpec(shard_bits=5).shard_key(3) == "03.shard"
+    assert ShardingSpec(shard_bits=9).shard_key(0x1AB) == "1ab.shard"
+    spec = ShardingSpec(shard_bits=5)
+    assert spec.parse_shard_key("03.shard") == 3
+    assert spec.parse_shard_key("3.shard") is None and spec.parse_shard_key("20.shard") is None
+    # the automatic rule: few segments -> one shard, one minishard; minishards of <= 256 on average
+    assert choose_bits(10, 10_000) == (0, 0)
+    assert choose_bits(2523, 80 << 20) == (0, 4)
+    s, m = choose_bits(3_000_000, 40 << 30)
+    assert (40 << 30) >> s <= 128 << 20 and -(-3_000_000 // (1 << (s + m))) <= MAX_SEGMENTS_PER_MINISHARD
+    assert choose_bits(3000, 0, shard_bits=3) == (3, 1)
+    assert choose_bits(3000, 0, minishard_bits=0)[1] == 0
+    with pytest.raises(ValueError):
+        ShardingOptions(hash="md5").validate()
+    with pytest.raises(ValueError):
+        MeshOptions(format="legacy", max_lods=1, sharding=ShardingOptions()).validate()
+
+
+def test_build_shard_deterministic_gzip():
+    spec = ShardingSpec(shard_bits=0, minishard_bits=1, data_encoding="gzip")
+    items = [(7, b"data7", b"manifest7"), (3, b"", b"m3"), (12, b"d12" * 50, b"m12")]
+    a, b = build_shard(spec, items), build_shard(spec, list(reversed(items)))
+    assert a == b
+    # gzip members carry mtime 0
+    start, end = (int(v) for v in spec.decode_shard_index(a)[0])
+    assert a[start:start + 2] == b"\x1f\x8b" and a[start + 4:start + 8] == b"\0\0\0\0"
+    ids, starts, sizes = spec.decode_minishard_index(a[start:end])
+    for seg, s0, n in zip(ids.tolist(), starts.tolist(), sizes.tolist()):
+        payload = gzip.decompress(a[s0:s0 + n])
+        prefix = dict((i, p) for i, p, _ in items)[seg]
+        assert payload == dict((i, m) for i, _, m in items)[seg]
+        assert a[s0 - len(prefix):s0] == prefix
+
+
+# ------------------------------------------------------------------------------------------
+# The mesh command
+
+
+def test_cli_writes_sharded_by_default_and_validates(outputs):
+    dest = outputs / "sharded"
+    info = json.loads((dest / "info").read_text())
+    assert info["sharding"]["@type"] == "neuroglancer_uint64_sharded_v1"
+    assert info["sharding"]["hash"] == "murmurhash3_x86_128"
+    assert info["sharding"]["minishard_index_encoding"] == "gzip" and info["sharding"]["data_encoding"] == "raw"
+    names = sorted(os.listdir(dest))
+    assert any(n.endswith(".shard") for n in names)
+    assert not any(n.endswith(".index") or n.isdigit() for n in names)
+    assert "sharding" not in json.loads((outputs / "unsharded" / "info").read_text())
+    r = _cli("validate", dest)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for name in ("gzip", "identity"):
+        rep = validate(str(outputs / name))
+        assert rep.ok, rep.errors[:5]
+        assert rep.num_segments == validate(str(outputs / "unsharded")).num_segments
+
+
+@pytest.mark.parametrize("name", ["sharded", "gzip", "identity"])
+def test_tensorstore_driver_reads_every_manifest_and_fragment_data(outputs, name):
+    """TensorStore's sharded kvstore finds every segment; bytes equal the unsharded output."""
+    dest, plain = outputs / name, outputs / "unsharded"
+    kv = _sharded_kvstore(dest)
+    ids = sorted(int(n[:-6]) for n in os.listdir(plain) if n.endswith(".index"))
+    assert ids
+    listed = sorted(struct.unpack(">Q", k)[0] for k in kv.list().result())
+    assert listed == ids
+    for seg in ids:
+        manifest = (plain / f"{seg}.index").read_bytes()
+        data = (plain / str(seg)).read_bytes()
+        got = kv.read(struct.pack(">Q", seg)).result()
+        assert got.state == "value" and bytes(got.value) == manifest, seg
+        total = Manifest.from_bytes(manifest).total_bytes
+        assert total == len(data)
+        # 16-byte key: the `total` bytes immediately before the chunk, raw
+        before = kv.read(struct.pack(">QQ", seg, total)).result()
+        assert bytes(before.value) == data, seg
+    assert open_mesh(str(dest)).segment_ids() == ids
+    shard_files = [n for n in os.listdir(dest) if n.endswith(".shard")]
+    assert 1 <= len(shard_files) <= 1 << json.loads((dest / "info").read_text())["sharding"]["shard_bits"]
+
+
+def test_reader_on_sharded(outputs):
+    src = open_mesh(str(outputs / "gzip"))
+    assert isinstance(src, ShardedMultiresSource)
+    plain = open_mesh(str(outputs / "unsharded"))
+    ids = plain.segment_ids()
+    for seg in ids[:: max(1, len(ids) // 6)]:
+        for lod in range(src.manifest(seg).num_lods):
+            a = load_mesh(src, seg, lod)
+            b = load_mesh(plain, seg, lod)
+            assert np.array_equal(a.vertices, b.vertices) and np.array_equal(a.faces, b.faces)
+    assert src.manifest_bytes(2**63 + 5) is None
+
+
+def test_deterministic_and_memory_kvstore(small, outputs, tmp_path, monkeypatch):
+    """The same pipeline writes to memory:// (no file touched) the same bytes as to a directory."""
+    monkeypatch.chdir(tmp_path)
+    url = "memory://gpumesh_test_sharded/out/"
+    _mesh(small, url, ShardingOptions(shard_bits=2, minishard_bits=2, data_encoding="gzip"))
+    assert os.listdir(tmp_path) == []
+    rep = validate(url)
+    assert rep.ok and rep.num_segments > 0, rep.errors[:5]
+    kv = storage.open_kvstore(url)
+    mem = {k: storage.read(kv, k) for k in storage.list_keys(kv)}
+    assert mem == _files(outputs / "gzip")
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_skips_finished_shards(small, outputs, tmp_path, monkeypatch):
+    """An assembly interrupted after a shard: the resumed run skips it and ends byte-identical."""
+    import gpumesh.writer as writer
+
+    sharding = ShardingOptions(shard_bits=2, minishard_bits=2, data_encoding="gzip")
+    dest = tmp_path / "out"
+    real = writer.build_shard
+    calls = []
+
+    def failing(spec, items):
+        calls.append(1)
+        if len(calls) == 2 and not resumed:
+            raise _Killed("killed while building the second shard")
+        return real(spec, items)
+
+    resumed = False
+
+    monkeypatch.setattr(writer, "build_shard", failing)
+    with pytest.raises(_Killed):
+        _mesh(small, dest, sharding)
+    assert len([n for n in os.listdir(dest) if n.endswith(".shard")]) == 1
+    assert not (dest / "info").exists()
+    calls.clear()
+    resumed = True
+    summary = _mesh(small, dest, sharding, resume=True)
+    shards = len([n for n in os.listdir(dest) if n.endswith(".shard")])
+    assert len(calls) == shards - 1 and summary.blocks_resumed == summary.blocks
+    assert _files(dest) == _files(outputs / "gzip")
+    assert summary.segments == validate(str(dest)).num_segments
+
+
+def test_kill_and_resume_cli(crop, tmp_path):
+    """SIGKILL a real CLI run after some blocks finished; --resume gives the uninterrupted bytes."""
+    big = np.ascontiguousarray(crop[:BIG, :BIG, :BIG])
+    src = tmp_path / "src.zarr"
+    _write_zarr(src, big)
+    dest = tmp_path / "killed"
+    args = ["mesh", src, dest, "--voxel-size", VS_ARG, "--chunk-size", CHUNK, "--workers", 1, "--quiet"]
+    proc = _cli(*args, wait=False)
+    blocks = dest / SCRATCH / "blocks"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if blocks.is_dir() and len(os.listdir(blocks)) >= 1:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    finished = len(os.listdir(blocks))
+    assert 1 <= finished < 8 and not (dest / "info").exists()
+    r = _cli(*args, "--resume", "--summary-json", tmp_path / "summary.json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["blocks_resumed"] >= finished
+    ref = tmp_path / "ref"
+    _mesh(big, ref, ShardingOptions())
+    got, want = _files(dest), _files(ref)
+    assert sorted(got) == sorted(want) and got == want
+    assert validate(str(dest)).ok
+
+
+# ------------------------------------------------------------------------------------------
+# Conversion
+
+
+def test_convert_round_trip(outputs, tmp_path):
+    plain = outputs / "unsharded"
+    sharded = tmp_path / "sharded"
+    r = _cli("convert", plain, sharded)
+    assert r.returncode == 0, r.stderr
+    # the same bytes as meshing straight into the sharded layout (same automatic rule)
+    assert _files(sharded) == _files(outputs / "sharded")
+    back = tmp_path / "back"
+    r = _cli("convert", sharded, back, "--unsharded")
+    assert r.returncode == 0, r.stderr
+    assert _files(back) == _files(plain)
+    # other parameters, through the API, and back
+    res = convert_mesh(str(plain), str(tmp_path / "gz"), sharding=ShardingOptions(shard_bits=2, minishard_bits=2,
+                                                                                   data_encoding="gzip"))
+    assert res["shards"] >= 2 and _files(tmp_path / "gz") == _files(outputs / "gzip")
+    convert_mesh(str(tmp_path / "gz"), str(tmp_path / "back2"), sharding=None)
+    assert _files(tmp_path / "back2") == _files(plain)
+    with pytest.raises(Exception):
+        convert_mesh(str(plain), str(tmp_path / "back2"), sharding=None)  # not empty
+
+
+# ------------------------------------------------------------------------------------------
+# Validator and CLI errors on bad sharded data
+
+
+def _one_shard_dir(tmp_path, outputs, mutate):
+    """Copy of the 'gzip' output with one shard file replaced by ``mutate(spec, name, blob)``."""
+    dest = tmp_path / "bad"
+    for rel, blob in _files(outputs / "gzip").items():
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dest / rel).write_bytes(blob)
+    spec = ShardingSpec.from_json(json.loads((dest / "info").read_text())["sharding"])
+    name = sorted(n for n in os.listdir(dest) if n.endswith(".shard"))[0]
+    out = mutate(spec, name, (dest / name).read_bytes())
+    if out is not None:
+        (dest / name).write_bytes(out)
+    return dest
+
+
+def _has(rep, *words):
+    assert not rep.ok
+    assert any(all(w in e for w in words) for e in rep.errors), rep.errors[:10]
+
+
+def test_validator_catches_bad_shards(tmp_path, outputs):
+    # truncated: minishard index or chunk beyond the end
+    _has(validate(str(_one_shard_dir(tmp_path / "a", outputs, lambda s, n, b: b[:-30]))), "outside")
+    # shorter than its shard index
+    _has(validate(str(_one_shard_dir(tmp_path / "b", outputs, lambda s, n, b: b[:20]))), "shorter than its shard index")
+
+    def misplace(spec, name, blob):
+        # a segment stored under an ID that hashes to another shard
+        shard = spec.parse_shard_key(name)
+        seg = next(i for i in range(10**6, 10**7) if spec.locate([i])[0][0] != shard)
+        return build_shard(spec, [(seg, b"", b"m")])
+
+    _has(validate(str(_one_shard_dir(tmp_path / "c", outputs, misplace))), "hashes to shard")
+
+    def bad_gzip(spec, name, blob):
+        idx = spec.decode_shard_index(blob)
+        ms = int(np.flatnonzero(idx[:, 1] > idx[:, 0])[0])
+        a, b = (int(v) for v in idx[ms])
+        return blob[:a] + b"\0" * (b - a) + blob[b:]
+
+    _has(validate(str(_one_shard_dir(tmp_path / "d", outputs, bad_gzip))), "gunzip")
+
+    def rename(spec, name, blob):
+        os.rename(tmp_path / "e" / "bad" / name, tmp_path / "e" / "bad" / ("0" + name))
+        return None
+
+    _has(validate(str(_one_shard_dir(tmp_path / "e", outputs, rename))), "unexpected shard file")
+
+    def data_before_index(spec, name, blob):
+        # one segment whose manifest claims more fragment bytes than precede it
+        m = Manifest(chunk_shape=[1, 1, 1], grid_origin=[0, 0, 0], num_lods=1, lod_scales=[1], vertex_offsets=[[0, 0, 0]],
+                     fragment_positions=[np.zeros((1, 3), np.uint32)], fragment_sizes=[[10**6]])
+        shard = spec.parse_shard_key(name)
+        seg = next(i for i in range(1, 10**6) if spec.locate([i])[0][0] == shard)
+        return build_shard(spec, [(seg, b"", m.to_bytes())])
+
+    _has(validate(str(_one_shard_dir(tmp_path / "f", outputs, data_before_index))), "inside the shard index")
+
+
+def test_cli_sharding_flag_errors(tmp_path, real_zarr):
+    dest = tmp_path / "out"
+    for extra in (["--format", "legacy", "--sharded"], ["--unsharded", "--shard-bits", "2"]):
+        r = _cli("mesh", real_zarr, dest, "--voxel-size", VS_ARG, "--quiet", *extra)
+        assert r.returncode == 2, r.stderr
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("gpumesh: error:"), r.stderr
+        assert not dest.exists() or not os.listdir(dest)
