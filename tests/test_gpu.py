@@ -1,0 +1,419 @@
+"""The GPU backend (kernels/*.cu through gpumesh/gpu.py).
+
+Two layers:
+
+* **Emulation tests** (always run; need only g++): the unmodified ``.cu`` kernels are compiled
+  for the CPU with ``tests/cuda_emulation`` and driven by ``GPUBackend`` itself through an
+  emulated runtime, so the kernels *and* the host-side logic (launch arguments, scan, offsets,
+  copies) must reproduce the CPU path exactly: the same triangle arrays in the same order and
+  the same downsampled labels, for every label dtype, on random and real labels.
+* **GPU tests** (``@pytest.mark.gpu``; skipped unless CuPy sees a GPU): the same parity with
+  CuPy on a real device, and byte-identical ``run_mesh`` output for ``device="gpu"``/``"cpu"``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import sys
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+
+from gpumesh import gpu, lod, marching
+from gpumesh.backend import CPUBackend
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "cuda_emulation"))
+import cuda_emu  # noqa: E402
+
+DTYPES = [np.uint8, np.uint16, np.uint32, np.uint64]
+BIG = np.uint64(2**63 + 5)  # an ID beyond 2**63 (sign bit set)
+
+
+# --------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="session")
+def emu_lib(tmp_path_factory):
+    """The kernels compiled for the CPU, once per session."""
+    if cuda_emu.compiler() is None:
+        pytest.skip("g++ not found: cannot build the CUDA emulation")
+    d = tmp_path_factory.mktemp("cuda_emu")
+    files = [gpu.kernel_dir() / f for f in gpu.KERNEL_FILES]
+    return cuda_emu.build(d, files, gpu.KERNEL_NAMES)
+
+
+@pytest.fixture(params=[0, 12345], ids=["launch-order", "shuffled"])
+def emu_backend(request, emu_lib):
+    """GPUBackend over the emulation, threads run in launch order or shuffled; small blocks
+    and a capped grid so that the grid-stride loops take many turns."""
+    return gpu.GPUBackend(runtime=cuda_emu.EmulatedRuntime(emu_lib, seed=request.param),
+                          block=64, max_blocks=5)
+
+
+def _random_labels(shape, dtype, rng, nlab=5, p_zero=0.3):
+    ids = rng.integers(1, np.iinfo(np.uint8).max, size=nlab).astype(np.uint64)
+    if np.dtype(dtype) == np.uint64:
+        ids[-1] = BIG
+        ids[-2] = BIG + np.uint64(1)
+    elif np.dtype(dtype) != np.uint8:
+        ids[-1] = np.iinfo(dtype).max  # the largest ID of the dtype
+    lab = ids[rng.integers(0, nlab, size=shape)]
+    lab[rng.random(shape) < p_zero] = 0
+    return lab.astype(dtype)
+
+
+def _blobby_labels(shape, dtype, rng):
+    """Piecewise-constant labels (blocks of 3 voxels) so cubes see few labels, as in real data."""
+    coarse = _random_labels(tuple(-(-s // 3) for s in shape), dtype, rng, nlab=4, p_zero=0.2)
+    return np.repeat(np.repeat(np.repeat(coarse, 3, 0), 3, 1), 3, 2)[:shape[0], :shape[1], :shape[2]]
+
+
+def _read_real(real_zarr, start, shape):
+    import tensorstore as ts
+
+    t = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(real_zarr)}}).result()
+    sl = tuple(slice(s, s + n) for s, n in zip(start, shape))
+    return np.ascontiguousarray(t[sl].read().result())
+
+
+@pytest.fixture(scope="module")
+def real_crops(real_zarr):
+    """A 40^3 crop of the real volume and an odd-shaped one (37, 29, 23)."""
+    return {"40^3": _read_real(real_zarr, (200, 210, 220), (40, 40, 40)),
+            "37x29x23": _read_real(real_zarr, (301, 157, 263), (37, 29, 23))}
+
+
+def _as_dtype(labels, dtype):
+    """Real labels in ``dtype``: renumbered (0 kept as background) for narrow dtypes, and moved
+    beyond 2**63 for uint64."""
+    if np.dtype(dtype).itemsize < labels.dtype.itemsize:
+        uniq, inv = np.unique(labels, return_inverse=True)
+        return (inv.reshape(labels.shape) + int(uniq[0] != 0)).astype(dtype)
+    out = labels.astype(dtype)
+    if np.dtype(dtype) == np.uint64:
+        out[out != 0] |= np.uint64(2**63)
+    return out
+
+
+def _assert_same_triangles(got, want):
+    for g, w, what in zip(got, want, ("tri_label", "tri_piece", "tri_edges")):
+        assert g.dtype == w.dtype, what
+        assert g.shape == w.shape, what
+        assert np.array_equal(g, w), what
+
+
+def _assert_same_pieces(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert (g.label, g.piece) == (w.label, w.piece)
+        assert g.vertices2.dtype == w.vertices2.dtype and g.faces.dtype == w.faces.dtype
+        assert np.array_equal(g.vertices2, w.vertices2)
+        assert np.array_equal(g.faces, w.faces)
+
+
+def _check_backend(backend, labels, piece_sizes=(1000, 4, 3)):
+    """Triangles, welded pieces and downsampled labels of ``backend`` equal the CPU's."""
+    for ps in piece_sizes:
+        want = marching.march_cubes(labels, ps)
+        _assert_same_triangles(backend.march(labels, ps), want)
+    _assert_same_pieces(backend.mesh(labels, piece_sizes[-1]), CPUBackend().mesh(labels, piece_sizes[-1]))
+    level_b = level_c = labels
+    for _ in range(2):  # two LOD steps: the second works on the first's (odd-sized) output
+        level_b, level_c = backend.downsample(level_b), lod.downsample_labels(level_c)
+        assert level_b.dtype == level_c.dtype and level_b.shape == level_c.shape
+        assert np.array_equal(level_b, level_c)
+
+
+# --------------------------------------------------------------------------------------
+# the module itself (no CuPy needed)
+
+
+def test_import_needs_no_cupy_and_kernels_are_found():
+    assert gpu.GPUBackend.name == "gpu"
+    assert all((gpu.kernel_dir() / f).is_file() for f in gpu.KERNEL_FILES)
+    src = gpu.kernel_source()
+    # NVRTC compiles the sources as they are: no host headers.
+    assert not re.search(r"^\s*#\s*include", src, flags=re.M)
+
+
+def test_constructing_without_cupy_raises_importerror():
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="CuPy"):
+            gpu.GPUBackend()
+    else:
+        pytest.skip("CuPy is installed")
+
+
+def test_backend_seam_picks_gpu_backend(emu_lib, monkeypatch):
+    """gpumesh.backend.get_backend builds GPUBackend() when CuPy sees a GPU (runtime emulated)."""
+    from gpumesh import backend
+
+    monkeypatch.setattr(backend, "gpu_available", lambda: True)
+    monkeypatch.setattr(gpu, "CupyRuntime", lambda: cuda_emu.EmulatedRuntime(emu_lib))
+    for device in ("gpu", "auto"):
+        b = backend.get_backend(device)
+        assert isinstance(b, gpu.GPUBackend) and b.name == "gpu"
+    assert backend.get_backend("cpu").name == "cpu"
+
+
+def test_backend_seam_without_cupy(monkeypatch):
+    """A GPU but no CuPy: device="gpu" is a clear error, "auto" falls back to the CPU."""
+    from gpumesh import backend
+
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("CuPy is installed")
+    except ImportError:
+        pass
+    monkeypatch.setattr(backend, "gpu_available", lambda: True)
+    with pytest.raises(backend.DeviceUnavailableError, match="CuPy"):
+        backend.get_backend("gpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert backend.get_backend("auto").name == "cpu"
+
+
+def test_kernel_dir_env_override(tmp_path, monkeypatch):
+    for f in gpu.KERNEL_FILES:
+        (tmp_path / f).write_text("// test copy\n")
+    monkeypatch.setenv(gpu.KERNEL_DIR_ENV, str(tmp_path))
+    assert gpu.kernel_dir() == tmp_path
+
+
+def test_nvrtc_compiles_every_entry_point():
+    """NVRTC (what CuPy compiles with) accepts the kernels as they are; needs libnvrtc, no GPU."""
+    import nvrtc_check
+
+    lib = nvrtc_check.find_nvrtc()
+    if lib is None:
+        pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc-cu12, or set GPUMESH_NVRTC)")
+    for arch in ("compute_75", "compute_90"):
+        ptx, log = nvrtc_check.compile_ptx(gpu.kernel_source(), [f"--gpu-architecture={arch}"], lib)
+        assert "warning" not in log.lower(), log
+        assert set(gpu.KERNEL_NAMES) <= set(nvrtc_check.entry_points(ptx))
+
+
+# --------------------------------------------------------------------------------------
+# the emulation itself catches the bugs it is meant to catch
+
+
+def test_emulator_runs_a_correct_kernel(emu_lib):
+    rt = cuda_emu.EmulatedRuntime(emu_lib, seed=7)
+    x = rt.to_device(np.arange(100, dtype=np.int64))
+    y = rt.empty(100, np.int64)
+    rt.launch("st_double", 4, 32, (x, y, np.int64(100)))
+    assert np.array_equal(rt.to_host(y), 2 * np.arange(100))
+
+
+def test_emulator_catches_out_of_bounds_write(emu_lib):
+    rt = cuda_emu.EmulatedRuntime(emu_lib)
+    y = rt.empty(100, np.int64)
+    with pytest.raises(cuda_emu.EmulationError, match="out-of-bounds"):
+        rt.launch("st_oob", 4, 32, (y, np.int64(100)))
+
+
+def test_emulator_exposes_thread_order_races(emu_lib):
+    results = set()
+    for seed in (0, 1, 2, 3):
+        rt = cuda_emu.EmulatedRuntime(emu_lib, seed=seed)
+        y = rt.empty(1, np.int64)
+        rt.launch("st_race", 4, 32, (y, np.int64(128)))
+        results.add(int(rt.to_host(y)[0]))
+    assert len(results) > 1
+    sums = set()
+    for seed in (0, 1, 2):  # atomics: same result in any order
+        rt = cuda_emu.EmulatedRuntime(emu_lib, seed=seed)
+        y = rt.to_device(np.zeros(1, np.uint64))
+        rt.launch("st_atomic", 4, 32, (y, np.int64(128)))
+        sums.add(int(rt.to_host(y)[0]))
+    assert sums == {128 * 127 // 2}
+
+
+def test_emulator_catches_undefined_behaviour(emu_lib):
+    if not emu_lib.ubsan:
+        pytest.skip("the compiler has no UBSan")
+    rt = cuda_emu.EmulatedRuntime(emu_lib)
+    y = rt.empty(1, np.int64)
+    rt.launch("st_ub", 1, 32, (y, np.int64(3)))
+    assert rt.to_host(y)[0] == 4
+    with pytest.raises(cuda_emu.EmulationError, match="out of bounds"):
+        rt.launch("st_ub", 1, 32, (y, np.int64(4)))
+
+
+def test_emulator_checks_arguments(emu_lib):
+    rt = cuda_emu.EmulatedRuntime(emu_lib)
+    x = rt.to_device(np.arange(10, dtype=np.int64))
+    y = rt.empty(10, np.int64)
+    with pytest.raises(cuda_emu.EmulationError, match="i64"):
+        rt.launch("st_double", 1, 32, (x, y, np.int32(10)))        # 4-byte scalar for long long
+    with pytest.raises(cuda_emu.EmulationError, match="dtype"):
+        rt.launch("st_double", 1, 32, (x, rt.empty(10, np.int32), np.int64(10)))
+    with pytest.raises(cuda_emu.EmulationError, match="not a device array"):
+        rt.launch("st_double", 1, 32, (np.arange(10), y, np.int64(10)))
+    with pytest.raises(cuda_emu.EmulationError, match="arguments"):
+        rt.launch("st_double", 1, 32, (x, y))
+    with pytest.raises(cuda_emu.EmulationError, match="launch configuration"):
+        rt.launch("st_double", 1, 2048, (x, y, np.int64(10)))
+    rt.launch("st_double", 1, 32, (x, y, 10))  # a Python int is an int64, as in CuPy
+
+
+def test_emulated_kernel_signatures(emu_lib):
+    for sfx, t in (("u8", "u8"), ("u16", "u16"), ("u32", "u32"), ("u64", "u64")):
+        assert emu_lib.signatures[f"mc_count_{sfx}"][:2] == (f"const {t}*", "i32*")
+        assert emu_lib.signatures[f"mc_emit_{sfx}"][-3:] == (f"{t}*", "i64*", "i64*")
+        assert emu_lib.signatures[f"ds2_{sfx}"][:2] == (f"const {t}*", f"{t}*")
+
+
+# --------------------------------------------------------------------------------------
+# emulated kernels == CPU path
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(13, 11, 9), (7, 17, 5), (2, 2, 2)])
+def test_emulated_random_labels_match_cpu(emu_backend, dtype, shape):
+    rng = np.random.default_rng(zlib.crc32(f"{np.dtype(dtype).name}{shape}".encode()))
+    labels = _random_labels(shape, dtype, rng)
+    _check_backend(emu_backend, labels)
+    blobs = _blobby_labels((19, 14, 11), dtype, rng)
+    _check_backend(emu_backend, blobs, piece_sizes=(5, 1000))
+
+
+def test_emulated_many_labels_per_cube(emu_backend):
+    # 8 distinct labels in every cube (a checkerboard of 2x2x2 patterns): the largest per-cube
+    # triangle count and every first-corner test.
+    i, j, k = np.indices((9, 8, 7))
+    code = ((i % 2) + 2 * (j % 2) + 4 * (k % 2)).astype(np.uint64)
+    labels = np.where(code % 2 == 0, code + np.uint64(1), BIG + code)  # small and >= 2**63 IDs
+    _check_backend(emu_backend, labels, piece_sizes=(3,))
+    labels[::3] = 0
+    _check_backend(emu_backend, labels, piece_sizes=(2,))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 6, 5), (6, 1, 5), (4, 5, 1), (0, 3, 3), (2, 3, 4)])
+def test_emulated_degenerate_shapes(emu_backend, shape):
+    rng = np.random.default_rng(5)
+    labels = _random_labels(shape, np.uint32, rng) if 0 not in shape else np.zeros(shape, np.uint32)
+    _check_backend(emu_backend, labels, piece_sizes=(1, 2))
+
+
+def test_emulated_uniform_blocks(emu_backend):
+    for v in (0, 7):
+        labels = np.full((6, 5, 4), v, np.uint16)
+        assert emu_backend.march(labels, 2)[0].size == 0
+        assert emu_backend.mesh(labels, 2) == []
+        assert np.array_equal(emu_backend.downsample(labels), lod.downsample_labels(labels))
+
+
+def test_emulated_downsample_ties_and_background(emu_backend):
+    # 2x2x2 blocks with ties (smaller ID wins), background majority (non-zero still wins),
+    # all-background, and partial blocks on odd edges.
+    labels = np.zeros((5, 3, 3), np.uint64)
+    labels[0:2, 0:2, 0:2] = np.array([[[BIG, 3], [BIG, 3]], [[3, BIG], [0, 0]]], dtype=np.uint64)
+    labels[2:4, 0:2, 0:2] = 0
+    labels[3, 1, 1] = 9
+    labels[4, 2, 2] = 4
+    labels[4, 0, 2] = 6
+    out = emu_backend.downsample(labels)
+    assert np.array_equal(out, lod.downsample_labels(labels))
+    assert out[0, 0, 0] == 3 and out[1, 0, 0] == 9 and out[2, 1, 1] == 4 and out[2, 0, 1] == 6
+
+
+def test_emulated_signed_labels_viewed_as_unsigned(emu_backend):
+    rng = np.random.default_rng(11)
+    labels = _random_labels((8, 7, 6), np.uint16, rng).astype(np.int32)  # non-negative, as volumes hold
+    got = emu_backend.march(labels, 3)
+    _assert_same_triangles(got, marching.march_cubes(labels, 3))
+    assert np.array_equal(emu_backend.downsample(labels), lod.downsample_labels(labels))
+
+
+def test_emulated_non_contiguous_input(emu_backend):
+    rng = np.random.default_rng(2)
+    base = _random_labels((12, 10, 8), np.uint32, rng)
+    view = base[::2, 1:, ::-1]
+    _assert_same_triangles(emu_backend.march(view, 2), marching.march_cubes(np.ascontiguousarray(view), 2))
+    assert np.array_equal(emu_backend.downsample(view), lod.downsample_labels(view))
+
+
+@pytest.mark.parametrize("name", ["40^3", "37x29x23"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_real_crop_matches_cpu(emu_lib, real_crops, name, dtype):
+    labels = _as_dtype(real_crops[name], dtype)
+    backend = gpu.GPUBackend(runtime=cuda_emu.EmulatedRuntime(emu_lib, seed=99))
+    _check_backend(backend, labels, piece_sizes=(16, 7))
+
+
+@pytest.mark.parametrize("name,quality", [("37x29x23", "high"), ("40^3", "medium")])
+def test_emulated_run_mesh_is_byte_identical(emu_lib, real_crops, tmp_path, monkeypatch, name, quality):
+    """The whole pipeline with the emulated GPU backend writes exactly the CPU's bytes."""
+    from gpumesh import pipeline
+    from gpumesh.pipeline import MeshOptions, run_mesh
+
+    labels = real_crops[name]
+    kw = dict(options=MeshOptions(chunk_size=8, max_lods=2, quality=quality),
+              voxel_size=(32.0, 32.0, 40.0), workers=1)
+    run_mesh(labels, str(tmp_path / "cpu"), device="cpu", **kw)
+    emu = gpu.GPUBackend(runtime=cuda_emu.EmulatedRuntime(emu_lib, seed=3))
+    monkeypatch.setattr(pipeline, "get_backend", lambda device="auto": emu)
+    summary = run_mesh(labels, str(tmp_path / "gpu"), device="gpu", **kw)
+    assert summary.device == "gpu"
+    assert any(n.startswith("mc_emit") for n, _, _ in emu.rt.launches)
+    assert any(n.startswith("ds2") for n, _, _ in emu.rt.launches)
+    _assert_same_tree(tmp_path / "cpu", tmp_path / "gpu")
+
+
+def _assert_same_tree(a: pathlib.Path, b: pathlib.Path):
+    fa = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    fb = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert fa == fb and len(fa) > 2
+    for rel in fa:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), str(rel)
+
+
+# --------------------------------------------------------------------------------------
+# on a real GPU (lent device): pytest -m gpu
+
+
+@pytest.fixture(scope="module")
+def gpu_backend():
+    return gpu.GPUBackend()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_random_labels_match_cpu(gpu_backend, dtype):
+    rng = np.random.default_rng(np.dtype(dtype).itemsize)
+    for shape in [(13, 11, 9), (7, 17, 5), (2, 2, 2), (1, 5, 5), (33, 65, 31)]:
+        _check_backend(gpu_backend, _random_labels(shape, dtype, rng))
+    _check_backend(gpu_backend, _blobby_labels((70, 45, 51), dtype, rng), piece_sizes=(16, 1000))
+
+
+@pytest.mark.gpu
+def test_gpu_grid_stride_matches_cpu():
+    rng = np.random.default_rng(1)
+    small = gpu.GPUBackend(block=64, max_blocks=3)
+    _check_backend(small, _blobby_labels((40, 33, 29), np.uint64, rng))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_real_crop_matches_cpu(gpu_backend, real_crops, crop, dtype):
+    for labels in list(real_crops.values()) + [crop]:
+        _check_backend(gpu_backend, _as_dtype(labels, dtype), piece_sizes=(32, 16))
+
+
+@pytest.mark.gpu
+def test_gpu_run_mesh_is_byte_identical(crop, tmp_path):
+    from gpumesh.pipeline import MeshOptions, run_mesh
+
+    for quality in ("high", "medium"):
+        kw = dict(options=MeshOptions(chunk_size=32, max_lods=3, quality=quality),
+                  voxel_size=(32.0, 32.0, 40.0), voxel_offset=(192, 192, 192), workers=1)
+        assert run_mesh(crop, str(tmp_path / quality / "cpu"), device="cpu", **kw).device == "cpu"
+        assert run_mesh(crop, str(tmp_path / quality / "gpu"), device="gpu", **kw).device == "gpu"
+        _assert_same_tree(tmp_path / quality / "cpu", tmp_path / quality / "gpu")
