@@ -546,9 +546,30 @@ class ShardedMultiresSource(_MultiresSource):
 
     # -- MeshSource -------------------------------------------------------------------------
 
+    def _prefetch_minishards(self, shard: int) -> None:
+        """Read every uncached non-empty minishard index of a shard at once (into the cache)."""
+        index = self.shard_index(shard)
+        if index is None:
+            return
+        name = self.sharding.shard_key(shard)
+        futures = []
+        for minishard, (start, end) in enumerate(index.tolist()):
+            if (shard, minishard) not in self._minishards and end > start:
+                futures.append((minishard, start, end, self.kv.read(name, byte_range=slice(start, end))))
+        for minishard, start, end, fut in futures:
+            res = fut.result()
+            raw = bytes(res.value) if res.state == "value" else b""
+            if len(raw) != end - start:
+                continue  # minishard_index() reports it
+            try:
+                self._minishards[(shard, minishard)] = self.sharding.decode_minishard_index(raw)
+            except ShardFormatError:
+                continue  # minishard_index() reports it
+
     def segment_ids(self) -> list[int]:
         ids = []
         for shard in self.shard_numbers():
+            self._prefetch_minishards(shard)
             index = self.shard_index(shard)
             for minishard in range(len(index)):
                 ids.extend(int(v) for v in self.minishard_index(shard, minishard)[0])

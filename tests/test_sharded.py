@@ -234,6 +234,20 @@ def test_reader_on_sharded(outputs):
             b = load_mesh(plain, seg, lod)
             assert np.array_equal(a.vertices, b.vertices) and np.array_equal(a.faces, b.faces)
     assert src.manifest_bytes(2**63 + 5) is None
+    rep = validate(src.kv, segments=[ids[0], 2**63 + 5])
+    assert rep.num_segments == 1 and rep.num_errors == 1 and "not found" in rep.errors[0]
+
+
+def test_empty_volume_sharded(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = _mesh(np.zeros((10, 9, 8), np.uint64), tmp_path / "out", ShardingOptions())
+    assert summary.segments == 0 and list(_files(tmp_path / "out")) == ["info"]
+    rep = validate(str(tmp_path / "out"))
+    assert rep.ok and rep.num_segments == 0
+    assert open_mesh(str(tmp_path / "out")).segment_ids() == []
 
 
 def test_deterministic_and_memory_kvstore(small, outputs, tmp_path, monkeypatch):
