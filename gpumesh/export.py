@@ -1,0 +1,146 @@
+"""Write meshes to common 3-D file formats (STL, PLY, OBJ, GLB) with trimesh's exporters.
+
+Positions are written in nm (model space), as :func:`gpumesh.adhoc.mesh_segment` and
+:func:`gpumesh.reader.load_mesh` return them; ``scale`` converts (``1e-3`` gives µm).
+
+* :func:`export_mesh`: any ``trimesh.Trimesh`` to a file, the format from the suffix.
+* :func:`export_segment`: a segment of a mesh directory already written (multi-resolution,
+  sharded or not, or legacy; one LOD, fragments joined and welded) via
+  :func:`gpumesh.reader.load_mesh`.
+* :func:`export_adhoc`: mesh a segment of a volume now (:func:`gpumesh.adhoc.mesh_segment`)
+  and write it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Optional
+
+import numpy as np
+
+__all__ = ["FORMATS", "file_type_of", "export_mesh", "export_segment", "export_adhoc"]
+
+#: File suffix -> trimesh file type.  STL, PLY and GLB are binary (float32 positions);
+#: OBJ is text.
+FORMATS = {".stl": "stl", ".ply": "ply", ".obj": "obj", ".glb": "glb"}
+
+
+def file_type_of(path, file_type: Optional[str] = None) -> str:
+    """The trimesh file type for ``path`` (from its suffix unless ``file_type`` is given).
+
+    Raises
+    ------
+    ValueError
+        Unknown suffix or type.
+    """
+    if file_type is not None:
+        ft = file_type.lower().lstrip(".")
+        if "." + ft not in FORMATS:
+            raise ValueError(f"unknown mesh file type {file_type!r}; choose one of "
+                             f"{', '.join(sorted(FORMATS.values()))}")
+        return ft
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if suffix not in FORMATS:
+        raise ValueError(f"cannot tell the mesh format of {os.fspath(path)!r}: use a suffix among "
+                         f"{', '.join(sorted(FORMATS))}")
+    return FORMATS[suffix]
+
+
+def export_mesh(mesh, path, *, file_type: Optional[str] = None, scale: float = 1.0) -> str:
+    """Write a mesh to ``path`` (atomically: a temporary file in the same folder, then renamed).
+
+    Parameters
+    ----------
+    mesh : trimesh.Trimesh
+    path : str or os.PathLike
+        ``.stl``, ``.ply``, ``.obj`` or ``.glb`` (or give ``file_type``).
+    file_type : str, optional
+        ``stl``, ``ply``, ``obj`` or ``glb``.
+    scale : float
+        Factor applied to the positions (nm) before writing.
+
+    Returns
+    -------
+    str
+        The path written.
+
+    Raises
+    ------
+    ValueError
+        Unknown format, or a mesh without triangles.
+    """
+    import trimesh
+
+    ft = file_type_of(path, file_type)
+    faces = np.asarray(mesh.faces)
+    if len(faces) == 0:
+        raise ValueError("the mesh has no triangles; nothing to export")
+    out = trimesh.Trimesh(vertices=np.asarray(mesh.vertices, np.float64) * float(scale), faces=faces,
+                          process=False)
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    data = out.export(file_type=ft)
+    if isinstance(data, str):
+        data = data.encode()
+    fd, tmp = tempfile.mkstemp(prefix=".gpumesh-", suffix="." + ft, dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def export_segment(dest, segment_id: int, path, *, lod: int = 0, file_type: Optional[str] = None,
+                   scale: float = 1.0):
+    """Write one LOD of a segment of a precomputed mesh directory to a file.
+
+    Parameters
+    ----------
+    dest : location or MeshSource
+        Mesh directory (see :func:`gpumesh.reader.open_mesh`).
+    segment_id : int
+    path : str or os.PathLike
+    lod : int
+        Multi-resolution LOD (0 for legacy meshes).
+    file_type, scale
+        See :func:`export_mesh`.
+
+    Returns
+    -------
+    trimesh.Trimesh
+        The mesh written (nm, before ``scale``).
+
+    Raises
+    ------
+    InvalidMeshError
+        Missing segment, LOD out of range, malformed data.
+    """
+    from .reader import load_mesh
+
+    file_type_of(path, file_type)  # fail before reading
+    mesh = load_mesh(dest, int(segment_id), lod=int(lod))
+    export_mesh(mesh, path, file_type=file_type, scale=scale)
+    return mesh
+
+
+def export_adhoc(source: Any, segment_id: int, path, *, file_type: Optional[str] = None, scale: float = 1.0,
+                 **mesh_kwargs):
+    """Mesh a segment of a volume now and write it (see :func:`gpumesh.adhoc.mesh_segment`).
+
+    Returns
+    -------
+    trimesh.Trimesh
+        The mesh written (nm, before ``scale``).
+    """
+    from .adhoc import mesh_segment
+
+    file_type_of(path, file_type)
+    mesh = mesh_segment(source, segment_id, **mesh_kwargs)
+    export_mesh(mesh, path, file_type=file_type, scale=scale)
+    return mesh

@@ -1,0 +1,398 @@
+"""Ad-hoc meshing, export to files, and the HTTP server of the viewer (issue 4)."""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import trimesh
+from click.testing import CliRunner
+
+from gpumesh.adhoc import SegmentNotFoundError, find_segment_bbox, mask_to_mesh, mesh_segment
+from gpumesh.cli_extra import export as export_cmd
+from gpumesh.cli_extra import segment as segment_cmd
+from gpumesh.cli_extra import view as view_cmd
+from gpumesh.reader import load_mesh
+from gpumesh.viewer import serve, view
+
+from conftest import CROP_SIZE, CROP_START, VOXEL_SIZE
+
+CROP_BOX = (CROP_START, tuple(s + CROP_SIZE for s in CROP_START))
+VS = np.array(VOXEL_SIZE)
+
+
+def picks(crop: np.ndarray) -> list[int]:
+    """Segments of several sizes: largest (touches the crop border), mid-sized, small."""
+    ids, counts = np.unique(crop[crop != 0], return_counts=True)
+    order = ids[np.argsort(-counts, kind="stable")]
+    return [int(s) for s in (order[0], order[3], order[len(order) // 4], order[len(order) // 2], order[-1])]
+
+
+def interior_segment(crop: np.ndarray) -> int:
+    """The largest segment whose voxels stay off the crop's faces."""
+    border = set(np.unique(np.concatenate([crop[[0, -1]].ravel(), crop[:, [0, -1]].ravel(),
+                                            crop[:, :, [0, -1]].ravel()])).tolist())
+    ids, counts = np.unique(crop[crop != 0], return_counts=True)
+    for s in ids[np.argsort(-counts, kind="stable")]:
+        if int(s) not in border:
+            return int(s)
+    raise AssertionError("no interior segment")
+
+
+def snap_to_lattice(mesh: trimesh.Trimesh) -> np.ndarray:
+    """Vertices of a decoded multires mesh put back on the half-voxel lattice (nm).
+
+    The client (and :func:`gpumesh.reader.load_mesh`) decodes ``q / (2**bits - 1)`` while
+    positions are quantized as ``p * 2**bits / chunk``, so decoded LOD 0 vertices sit up to
+    ``chunk / 2**bits`` voxels (< 1e-3) off the exact half-voxel positions; undo that.
+    """
+    vox = np.asarray(mesh.vertices) / VS
+    snapped = np.round(vox * 2) / 2
+    assert np.abs(vox - snapped).max() < 1e-3
+    return snapped * VS
+
+
+def triangles(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Sorted rows of each triangle's vertex positions (nm, rounded to 1e-3), each rotated so
+    its smallest vertex comes first (orientation kept)."""
+    tri = np.rint(np.asarray(vertices, np.float64)[np.asarray(faces)] * 1000).astype(np.int64)  # (m, 3, 3)
+    if len(tri) == 0:
+        return tri.reshape(0, 9)
+    _, rank = np.unique(tri.reshape(-1, 3), axis=0, return_inverse=True)
+    first = rank.reshape(-1, 3).argmin(axis=1)
+    rot = np.take_along_axis(tri, ((first[:, None] + np.arange(3)) % 3)[:, :, None], axis=1).reshape(-1, 9)
+    return rot[np.lexsort(rot.T[::-1])]
+
+
+def same_triangles(a_vertices, a_faces, b_vertices, b_faces) -> bool:
+    ta, tb = triangles(a_vertices, a_faces), triangles(b_vertices, b_faces)
+    return ta.shape == tb.shape and np.array_equal(ta, tb)
+
+
+# --------------------------------------------------------------------------------------------
+# ad-hoc meshes
+
+
+def test_adhoc_equals_batch_lod0(crop, crop_high):
+    dest, _ = crop_high
+    for seg in picks(crop):
+        batch = load_mesh(str(dest), seg, lod=0)
+        mesh = mesh_segment(crop, seg, voxel_size=VOXEL_SIZE, voxel_offset=CROP_START, device="cpu")
+        assert len(mesh.faces) == len(batch.faces), seg
+        assert len(mesh.vertices) == len(batch.vertices), seg  # welded the same way
+        assert same_triangles(mesh.vertices, mesh.faces, snap_to_lattice(batch), batch.faces), seg
+        assert mesh.is_watertight and mesh.is_winding_consistent and mesh.volume > 0, seg
+
+
+def test_adhoc_on_real_zarr_with_bbox(real_zarr, crop, crop_high):
+    dest, _ = crop_high
+    for seg in picks(crop)[:3]:
+        batch = load_mesh(str(dest), seg, lod=0)
+        mesh = mesh_segment(str(real_zarr), seg, bbox=CROP_BOX, device="cpu")  # voxel size from metadata
+        assert same_triangles(mesh.vertices, mesh.faces, snap_to_lattice(batch), batch.faces), seg
+
+
+def test_bbox_scan(crop):
+    for seg in picks(crop):
+        idx = np.argwhere(crop == seg)
+        want = (tuple(int(v) for v in idx.min(axis=0)), tuple(int(v) + 1 for v in idx.max(axis=0)))
+        assert find_segment_bbox(crop, seg) == want
+        sub = ((10, 20, 30), (100, 90, 120))
+        inner = idx[np.all((idx >= sub[0]) & (idx < sub[1]), axis=1)]
+        got = find_segment_bbox(crop, seg, bbox=sub)
+        if len(inner):
+            assert got == (tuple(int(v) for v in inner.min(axis=0)), tuple(int(v) + 1 for v in inner.max(axis=0)))
+        else:
+            assert got is None
+
+
+def test_scan_blocks_and_threads_agree(crop):
+    seg = picks(crop)[1]
+    one = mesh_segment(crop, seg, threads=1, device="cpu")
+    many = mesh_segment(crop, seg, threads=8, device="cpu")
+    assert same_triangles(one.vertices, one.faces, many.vertices, many.faces)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sparse_marching_equals_dense(seed):
+    """Marching only the sub-blocks near the mask gives the triangles of one dense pass."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((40, 37, 29), np.uint8)
+    for _ in range(6):  # a few random blobs, far apart blocks stay empty
+        c = rng.integers(0, mask.shape)
+        r = rng.integers(1, 5, size=3)
+        sl = tuple(slice(max(0, a - b), a + b) for a, b in zip(c, r))
+        mask[sl] = rng.random(mask[sl].shape) < 0.7
+    dense = mask_to_mesh(mask, (5, -3, 7), VOXEL_SIZE, device="cpu", sparse_block=0)
+    for block in (4, 7, 16):
+        sparse = mask_to_mesh(mask, (5, -3, 7), VOXEL_SIZE, device="cpu", sparse_block=block)
+        assert len(sparse[0]) == len(dense[0])
+        assert same_triangles(*sparse, *dense), block
+    m = trimesh.Trimesh(*dense, process=False)
+    assert m.is_watertight and m.volume > 0
+
+
+def test_geometry_convention():
+    """One voxel i covers [i, i + 1) plus the offset: a unit cube scaled by the voxel size."""
+    vol = np.zeros((4, 4, 4), np.uint16)
+    vol[1, 2, 3] = 7
+    mesh = mesh_segment(vol, 7, voxel_size=VOXEL_SIZE, voxel_offset=(10, 20, 30), device="cpu")
+    lo = (np.array([10, 20, 30]) + [1, 2, 3]) * VS
+    np.testing.assert_allclose(mesh.bounds, [lo, lo + VS])
+    assert mesh.is_watertight and mesh.volume > 0
+    # the volume border closes the surface (zero padding outside the volume)
+    vol[:] = 7
+    mesh = mesh_segment(vol, 7, device="cpu")
+    np.testing.assert_allclose(mesh.bounds, [[0, 0, 0], [4, 4, 4]])
+    assert mesh.is_watertight
+
+
+def test_quality_decimates(crop):
+    seg = picks(crop)[0]
+    exact = mesh_segment(crop, seg, voxel_size=VOXEL_SIZE, device="cpu")
+    high = mesh_segment(crop, seg, voxel_size=VOXEL_SIZE, quality="high", device="cpu")
+    low = mesh_segment(crop, seg, voxel_size=VOXEL_SIZE, quality="low", device="cpu")
+    assert len(high.faces) == len(exact.faces)
+    assert 0.15 * len(exact.faces) < len(low.faces) < 0.35 * len(exact.faces)
+    # decimated vertices stay within a voxel of the exact surface's box
+    assert np.all(low.bounds[0] >= exact.bounds[0] - VS) and np.all(low.bounds[1] <= exact.bounds[1] + VS)
+    with pytest.raises(ValueError):
+        mesh_segment(crop, seg, quality="ultra")
+
+
+def test_missing_segment_and_bad_input(crop):
+    with pytest.raises(SegmentNotFoundError):
+        mesh_segment(crop, 12345, device="cpu")
+    with pytest.raises(SegmentNotFoundError):
+        mesh_segment(crop, 2**40, device="cpu")  # larger than uint32
+    seg = picks(crop)[-1]
+    idx = np.argwhere(crop == seg)
+    far = tuple(int(v) for v in np.where(idx.min(axis=0) > 64, 0, 100))
+    with pytest.raises(SegmentNotFoundError):
+        mesh_segment(crop, seg, bbox=(far, tuple(v + 20 for v in far)), device="cpu")
+    for bad in (0, -3, 1.5, "7"):
+        with pytest.raises(ValueError):
+            mesh_segment(crop, bad, device="cpu")
+    for bad in (((0, 0, 0), (0, 10, 10)), ((0, 0), (5, 5)), "0,0,0,5,5,5", ((0, 0, 0.5), (5, 5, 5))):
+        with pytest.raises(ValueError):
+            mesh_segment(crop, seg, bbox=bad, device="cpu")
+
+
+def test_latency_real_volume(real_zarr):
+    """One segment of the whole 512^3 volume (scan included), after numba warm-up."""
+    from gpumesh.volume import open_volume
+
+    vol = open_volume(str(real_zarr))
+    seg = 67406930  # a median-sized segment of the volume
+    mesh_segment(vol, seg, device="cpu")  # warm-up (JIT, caches)
+    t0 = time.perf_counter()
+    mesh = mesh_segment(vol, seg, device="cpu")
+    seconds = time.perf_counter() - t0
+    assert mesh.is_watertight
+    assert seconds < 5.0, f"{seconds:.2f} s"  # about 0.3-0.5 s on 2 idle cores; slack for busy CI
+
+
+# --------------------------------------------------------------------------------------------
+# files
+
+
+@pytest.mark.parametrize("suffix", [".stl", ".ply", ".obj", ".glb"])
+def test_segment_command_round_trip(real_zarr, crop, tmp_path, suffix):
+    seg = picks(crop)[2]
+    out = tmp_path / f"mesh{suffix}"
+    box = ",".join(map(str, CROP_BOX[0])) + ":" + ",".join(map(str, CROP_BOX[1]))
+    res = CliRunner().invoke(segment_cmd, [str(real_zarr), str(seg), "-o", str(out), "--bbox", box,
+                                           "--voxel-size", "32,32,40", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "triangles:" in res.output
+    want = mesh_segment(crop, seg, voxel_size=VOXEL_SIZE, voxel_offset=CROP_START, device="cpu")
+    got = trimesh.load(str(out), process=False, force="mesh")
+    assert same_triangles(got.vertices, got.faces, want.vertices, want.faces)
+    merged = trimesh.load(str(out), force="mesh")  # trimesh merges per-corner copies (STL)
+    assert merged.is_watertight
+
+
+def test_segment_command_errors(real_zarr, tmp_path):
+    r = CliRunner().invoke(segment_cmd, [str(real_zarr), "5", "-o", str(tmp_path / "m.xyz")])
+    assert r.exit_code == 2 and "gpumesh: error:" in r.output
+    r = CliRunner().invoke(segment_cmd, [str(real_zarr), "5", "-o", str(tmp_path / "m.stl"),
+                                         "--bbox", "0,0,0:8,8,8"])
+    assert r.exit_code == 2 and "does not occur" in r.output
+    assert not (tmp_path / "m.stl").exists()
+    r = CliRunner().invoke(segment_cmd, [str(tmp_path / "nothing"), "5", "-o", str(tmp_path / "m.stl")])
+    assert r.exit_code == 2 and "gpumesh: error:" in r.output
+    r = CliRunner().invoke(segment_cmd, [str(real_zarr), "5", "-o", str(tmp_path / "m.stl"), "--bbox", "1,2,3"])
+    assert r.exit_code == 2
+
+
+@pytest.mark.parametrize("lod", [0, 1])
+def test_export_command_closed(crop, crop_high, tmp_path, lod):
+    dest, _ = crop_high
+    seg = interior_segment(crop)
+    out = tmp_path / "seg.stl"
+    res = CliRunner().invoke(export_cmd, [str(dest), str(seg), "--lod", str(lod), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    mesh = trimesh.load(str(out))  # STL: per-corner vertices, merged on load
+    assert mesh.is_watertight and mesh.is_winding_consistent and mesh.volume > 0
+    assert len(mesh.faces) == len(load_mesh(str(dest), seg, lod=lod).faces)
+    if lod == 0:
+        exact = mesh_segment(crop, seg, voxel_size=VOXEL_SIZE, voxel_offset=CROP_START, device="cpu")
+        assert same_triangles(snap_to_lattice(mesh), mesh.faces, exact.vertices, exact.faces)
+
+
+@pytest.mark.parametrize("layout", ["legacy", "sharded"])
+def test_export_other_layouts(crop, tmp_path, layout):
+    """Legacy and sharded directories export through reader.load_mesh like unsharded ones."""
+    import dataclasses
+
+    from gpumesh.pipeline import MeshOptions, run_mesh
+
+    seg = interior_segment(crop)
+    idx = np.argwhere(crop == seg)
+    lo, hi = np.maximum(idx.min(axis=0) - 3, 0), idx.max(axis=0) + 4
+    sub = np.ascontiguousarray(crop[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])
+    offset = tuple(int(v) for v in np.array(CROP_START) + lo)
+    if layout == "legacy":
+        options = MeshOptions(chunk_size=32, max_lods=1, quality="high", format="legacy")
+    else:
+        sharding = pytest.importorskip("gpumesh.sharding")
+        if "sharding" not in {f.name for f in dataclasses.fields(MeshOptions)}:
+            pytest.skip("MeshOptions has no sharding yet")
+        options = MeshOptions(chunk_size=32, max_lods=2, quality="high", sharding=sharding.ShardingOptions())
+    dest = tmp_path / "mesh"
+    run_mesh(sub, str(dest), options=options, voxel_size=VOXEL_SIZE, voxel_offset=offset, workers=1)
+    out = tmp_path / "seg.ply"
+    res = CliRunner().invoke(export_cmd, [str(dest), str(seg), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    got = trimesh.load(str(out), process=False)
+    exact = mesh_segment(crop, seg, voxel_size=VOXEL_SIZE, voxel_offset=CROP_START, device="cpu")
+    assert same_triangles(snap_to_lattice(got), got.faces, exact.vertices, exact.faces)
+    assert trimesh.load(str(out)).is_watertight
+
+
+def test_open_volume_is_reused_with_overrides(crop):
+    from gpumesh.volume import open_volume
+
+    vol = open_volume(crop)
+    seg = picks(crop)[2]
+    a = mesh_segment(vol, seg, voxel_size=VOXEL_SIZE, voxel_offset=CROP_START, device="cpu")
+    b = mesh_segment(crop, seg, voxel_size=VOXEL_SIZE, voxel_offset=CROP_START, device="cpu")
+    assert same_triangles(a.vertices, a.faces, b.vertices, b.faces)
+    assert np.array_equal(vol.voxel_size, [1, 1, 1])  # the open volume is not changed
+
+
+def test_export_command_errors(crop_high, tmp_path):
+    dest, _ = crop_high
+    r = CliRunner().invoke(export_cmd, [str(dest), "1", "-o", str(tmp_path / "m.stl")])
+    assert r.exit_code == 2 and "not found" in r.output
+    r = CliRunner().invoke(export_cmd, [str(dest), "1", "--lod", "9", "-o", str(tmp_path / "m.stl")])
+    assert r.exit_code == 2
+
+
+# --------------------------------------------------------------------------------------------
+# viewer
+
+
+def _get(url, headers=None, method="GET"):
+    req = urllib.request.Request(url, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def test_serve_range_requests(tmp_path):
+    data = os.urandom(5000)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "12:0").write_bytes(data)
+    (tmp_path / "info").write_text('{"@type": "x"}')
+    server, url = serve(str(tmp_path), port=0)
+    try:
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/")
+        status, headers, body = _get(url + "sub/12%3A0", {"Range": "bytes=100-199"})
+        assert status == 206 and body == data[100:200]
+        assert headers["Content-Range"] == "bytes 100-199/5000"
+        assert headers["Content-Length"] == "100"
+        assert headers["Access-Control-Allow-Origin"] == "*"
+        status, headers, body = _get(url + "sub/12:0")
+        assert status == 200 and body == data and headers["Accept-Ranges"] == "bytes"
+        assert headers["Access-Control-Allow-Origin"] == "*"
+        assert _get(url + "sub/12:0", {"Range": "bytes=4990-"})[2] == data[4990:]
+        assert _get(url + "sub/12:0", {"Range": "bytes=-10"})[2] == data[-10:]
+        assert _get(url + "sub/12:0", {"Range": "bytes=4900-9999"})[2] == data[4900:]
+        for bad in ("bytes=5000-", "bytes=9000-9100", "bytes=200-100", "bytes=abc", "bytes=-0"):
+            status, headers, _ = _get(url + "sub/12:0", {"Range": bad})
+            assert status == 416, bad
+            assert headers["Content-Range"] == "bytes */5000"
+        status, headers, body = _get(url + "sub/12:0", method="HEAD")
+        assert status == 200 and body == b"" and headers["Content-Length"] == "5000"
+        status, headers, _ = _get(url + "sub/12:0", {"Origin": "http://x", "Access-Control-Request-Headers": "range"},
+                                  method="OPTIONS")
+        assert status == 204 and headers["Access-Control-Allow-Origin"] == "*"
+        assert "range" in headers["Access-Control-Allow-Headers"].lower()
+        assert _get(url + "info")[2] == b'{"@type": "x"}'
+        assert _get(url + "missing")[0] == 404
+        assert _get(url + "sub")[0] == 404  # no directory listings
+        assert _get(url + "..%2F..%2Fetc%2Fpasswd")[0] == 404
+        assert _get(url + "sub/../../etc/passwd")[0] == 404
+    finally:
+        server.stop()
+    with pytest.raises(OSError):
+        _get(url + "info")
+
+
+def test_view_serves_the_mesh_directory(crop, crop_high, real_zarr):
+    dest, _ = crop_high
+    seg = picks(crop)[0]
+    session = view(str(dest), source=str(real_zarr), segments=[seg], use_neuroglancer=False)
+    try:
+        assert session.mesh_url.startswith("precomputed://http://127.0.0.1:")
+        assert session.volume_url.startswith("zarr3://http://127.0.0.1:")
+        base = session.mesh_url[len("precomputed://"):]
+        status, _, body = _get(base + "info")
+        assert status == 200 and b"neuroglancer_multilod_draco" in body
+        assert _get(base + f"{seg}.index")[0] == 200
+        vbase = session.volume_url[len("zarr3://"):]
+        assert _get(vbase + "zarr.json")[0] == 200
+        layer = session.state["layers"][0]
+        assert layer["type"] == "segmentation" and layer["segments"] == [str(seg)]
+        assert session.link.startswith("https://") and "precomputed" in session.link
+        assert session.viewer_url is None
+    finally:
+        session.stop()
+    # default segments: the largest by segment properties
+    session = view(str(dest), use_neuroglancer=False)
+    try:
+        assert session.state["layers"][0]["segments"][0] == str(picks(crop)[0])
+    finally:
+        session.stop()
+
+
+def test_view_with_neuroglancer(crop_high):
+    neuroglancer = pytest.importorskip("neuroglancer")
+    dest, _ = crop_high
+    session = view(str(dest), segments=[1, 2])
+    try:
+        assert session.viewer_url.startswith("http://127.0.0.1:")
+        assert _get(session.viewer_url)[0] == 200
+        state = session.viewer.state
+        assert [str(s) for s in state.layers[0].segments] == ["1", "2"]
+        assert state.layers[0].source[0].url == session.mesh_url
+    finally:
+        session.stop()
+        neuroglancer.server.stop()
+
+
+def test_view_command(crop_high):
+    dest, _ = crop_high
+    res = CliRunner().invoke(view_cmd, [str(dest), "--segments", "3,4", "--no-browser", "--no-neuroglancer",
+                                        "--duration", "0"])
+    assert res.exit_code == 0, res.output
+    assert "precomputed://http://127.0.0.1:" in res.output and "3, 4" in res.output
+    res = CliRunner().invoke(view_cmd, [str(dest), "--segments", "x", "--duration", "0"])
+    assert res.exit_code == 2
