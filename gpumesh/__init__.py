@@ -12,6 +12,7 @@ Main entry points
 
 from .errors import (DestinationExistsError, EmptyVolumeWarning, GpumeshError, InvalidMeshError,
                      InvalidVolumeError, InvalidVoxelSizeError, SourceReadError)
+from .adhoc import mesh_segment
 from .pipeline import MeshOptions, Summary, run_mesh
 from .reader import load_mesh, open_mesh
 from .validate import validate
@@ -22,5 +23,5 @@ __version__ = "0.1.0"
 __all__ = [
     "DestinationExistsError", "EmptyVolumeWarning", "GpumeshError", "InvalidMeshError", "InvalidVolumeError",
     "InvalidVoxelSizeError", "SourceReadError", "MeshOptions", "Summary", "run_mesh", "load_mesh", "open_mesh",
-    "validate", "Volume", "open_volume",
+    "validate", "Volume", "open_volume", "mesh_segment",
 ]

@@ -224,5 +224,11 @@ def convert(src, dest, sharded, shard_bits, minishard_bits, preshift_bits, shard
     click.echo(f"bytes:     {result['bytes']:,}")
 
 
+from .cli_extra import COMMANDS as _EXTRA_COMMANDS  # noqa: E402  (segment, export, view)
+
+for _cmd in _EXTRA_COMMANDS:
+    main.add_command(_cmd)
+
+
 if __name__ == "__main__":
     main()

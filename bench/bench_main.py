@@ -1,0 +1,1030 @@
+#!/usr/bin/env python3
+"""Main benchmark: gpumesh against zmesh and serra-mesh on one label volume.
+
+One invocation runs, on the same input and machine, each tool in its own child process:
+
+* ``gpumesh``: the full CLI job (``gpumesh mesh SOURCE DEST --voxel-size ... --overwrite
+  --summary-json FILE``), which reads the volume, meshes every segment, builds the LOD
+  pyramid, encodes and writes Neuroglancer multi-resolution meshes;
+* ``zmesh``: load the volume with tensorstore, ``zmesh.Mesher(voxel_size).mesh(labels,
+  close=True)``, then for every segment the unsimplified mesh (``reduction_factor=0``, to
+  count triangles) and the simplified one with igneous' defaults (``reduction_factor=100``,
+  ``max_error=40`` nm);
+* ``serra``: the same with ``serra_mesh.Mesher(voxel_resolution=..., threads=0)`` (every
+  core).
+
+Wall time and peak RSS of each child are measured here: wall with ``time.perf_counter``
+around spawn-to-reap, peak RSS from ``os.wait4(pid, 0)``, whose rusage is exactly that
+child's (``ru_maxrss``: the largest resident set of the child or of any descendant it
+waited for, not a sum).  Because gpumesh may run worker processes, the sum of the resident
+sets of the child's whole process tree is also sampled from /proc (``tree RSS``).
+
+Results are printed as a table and written to
+``bench/results/main-<UTC timestamp>-<hostname>.json``.  See bench/README.md.
+
+The same file is also the peer workers' entry point (hidden ``--_worker zmesh|serra``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SOURCE = REPO_ROOT / ".." / "shared" / "data" / "connectomics.zarr"
+DEFAULT_RESULTS_DIR = REPO_ROOT / "bench" / "results"
+TOOLS = ("gpumesh", "zmesh", "serra")
+
+# igneous' MeshTask defaults (seung-lab/igneous, igneous/tasks/mesh/mesh.py):
+#   'simplification_factor': 100, 'max_simplification_error': 40  (nm, physical units)
+# passed to zmesh as mesher.get(obj_id, reduction_factor=..., max_error=..., ...).
+IGNEOUS_REDUCTION_FACTOR = 100
+IGNEOUS_MAX_ERROR_NM = 40.0
+
+PACKAGES = (
+    "numpy",
+    "numba",
+    "pyfqmr",
+    "DracoPy",
+    "tensorstore",
+    "zmesh",
+    "serra-mesh",
+    "gpumesh-ng",
+    "cupy-cuda12x",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _parse_voxel_size(text: str) -> tuple[float, float, float]:
+    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"voxel size needs 3 numbers, got {text!r}")
+    return tuple(float(p) for p in parts)  # type: ignore[return-value]
+
+
+def _fmt_num(v: float | int | None, nd: int = 2) -> str:
+    if v is None:
+        return "?"
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.{nd}f}"
+
+
+def _fmt_count(v: int | float | None) -> str:
+    if v is None:
+        return "?"
+    v = float(v)
+    for div, suf in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= div:
+            return f"{v / div:.2f}{suf}"
+    return f"{int(v)}"
+
+
+def _vm_hwm_mb() -> float | None:
+    """This process' peak resident set so far (VmHWM), MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Volume loading (peer workers)
+# --------------------------------------------------------------------------------------------
+
+
+def load_volume(source: Path):
+    """Read the whole label volume as a numpy array indexed [x, y, z] (C order)."""
+    import numpy as np
+
+    if source.suffix == ".npy":
+        return np.load(source)
+    import tensorstore as ts
+
+    last_err: Exception | None = None
+    for driver in ("zarr3", "zarr", "n5", "neuroglancer_precomputed"):
+        try:
+            store = ts.open(
+                {"driver": driver, "kvstore": {"driver": "file", "path": str(source)}},
+                read=True,
+            ).result()
+            break
+        except Exception as e:  # noqa: BLE001 - try the next format
+            last_err = e
+    else:
+        raise RuntimeError(f"cannot open {source} with tensorstore: {last_err}")
+    labels = tuple(store.domain.labels)
+    if store.rank == 4:  # neuroglancer precomputed: x, y, z, channel
+        store = store[..., 0]
+        labels = labels[:3]
+    arr = store.read().result()
+    if labels == ("z", "y", "x"):
+        arr = np.ascontiguousarray(arr.transpose(2, 1, 0))
+    if arr.dtype.kind == "i":
+        arr = arr.view(np.dtype(f"u{arr.dtype.itemsize}"))
+    return arr
+
+
+# --------------------------------------------------------------------------------------------
+# Peer workers (run in a child process)
+# --------------------------------------------------------------------------------------------
+
+
+def _peer_totals(
+    args: argparse.Namespace,
+    res: dict[str, Any],
+    extract_s: float,
+    simplify_get_s: float,
+    raw_tri: int,
+    raw_vert: int,
+    simp_tri: int,
+    simp_vert: int,
+) -> dict[str, Any]:
+    raw, simp = not args.no_raw_count, not args.no_peer_simplify
+    out: dict[str, Any] = {
+        "extract_s": extract_s if raw else None,
+        "simplify_get_s": simplify_get_s if simp else None,
+        "triangles_raw": raw_tri if raw else None,
+        "vertices_raw": raw_vert if raw else None,
+        "triangles_simplified": simp_tri if simp else None,
+        "vertices_simplified": simp_vert if simp else None,
+        # "marching cubes": mesh() plus turning each segment's surface into an indexed mesh
+        "marching_cubes_s": res["mesh_s"] + (extract_s if raw else 0.0),
+        # a simplified get() re-extracts the segment, then simplifies: subtract the plain
+        # extraction to estimate the simplification proper
+        "simplification_s": (simplify_get_s - extract_s) if (raw and simp) else None,
+    }
+    # igneous-equivalent pipeline: load + mesh() + simplified get() of every segment
+    # (without simplification: load + mesh() + unsimplified get())
+    out["pipeline_s"] = res["load_s"] + res["mesh_s"] + (simplify_get_s if simp else extract_s)
+    return out
+
+
+def worker_zmesh(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import zmesh
+
+    res: dict[str, Any] = {"tool": "zmesh"}
+    t_start = time.perf_counter()
+    arr = load_volume(Path(args.source))
+    t_read = time.perf_counter()
+    res["read_s"] = t_read - t_start
+    # zmesh wants x,y,z in Fortran order.  (With close=True it pads into a C-order copy anyway.)
+    labels = np.asfortranarray(arr)
+    del arr
+    res["fortran_copy_s"] = time.perf_counter() - t_read
+    res["shape"] = list(labels.shape)
+    res["dtype"] = str(labels.dtype)
+    t_loaded = time.perf_counter()
+    res["load_s"] = t_loaded - t_start
+    res["rss_hwm_after_load_mb"] = _vm_hwm_mb()
+    _log(f"[zmesh] loaded {labels.shape} {labels.dtype} in {res['load_s']:.2f}s")
+
+    mesher = zmesh.Mesher(tuple(args.voxel_size))
+    mesher.mesh(labels, close=True)
+    t_meshed = time.perf_counter()
+    res["mesh_s"] = t_meshed - t_loaded
+    res["rss_hwm_after_mesh_mb"] = _vm_hwm_mb()
+    del labels
+    ids = [int(i) for i in mesher.ids()]
+    _log(f"[zmesh] mesh() {res['mesh_s']:.2f}s, {len(ids)} segments")
+
+    R, E = args.reduction_factor, args.max_error
+    extract_s = simplify_get_s = 0.0
+    raw_tri = raw_vert = simp_tri = simp_vert = 0
+    for n, label in enumerate(ids):
+        if not args.no_raw_count:
+            t0 = time.perf_counter()
+            m = mesher.get(label, normals=False, reduction_factor=0, max_error=E)
+            extract_s += time.perf_counter() - t0
+            raw_tri += int(m.faces.shape[0])
+            raw_vert += int(m.vertices.shape[0])
+            del m
+        if not args.no_peer_simplify:
+            t0 = time.perf_counter()
+            m = mesher.get(label, normals=False, reduction_factor=R, max_error=E)
+            simplify_get_s += time.perf_counter() - t0
+            simp_tri += int(m.faces.shape[0])
+            simp_vert += int(m.vertices.shape[0])
+            del m
+        mesher.erase(label)  # as igneous does, frees that segment's marching-cubes state
+        if (n + 1) % 500 == 0:
+            _log(f"[zmesh] {n + 1}/{len(ids)} segments")
+    t_end = time.perf_counter()
+
+    res.update(
+        segments=len(ids),
+        **_peer_totals(
+            args, res, extract_s, simplify_get_s, raw_tri, raw_vert, simp_tri, simp_vert
+        ),
+        get_loop_s=t_end - t_meshed,
+        total_in_process_s=t_end - t_start,
+        rss_hwm_end_mb=_vm_hwm_mb(),
+        api={
+            "constructor": f"zmesh.Mesher({tuple(args.voxel_size)})",
+            "mesh": "mesher.mesh(np.asfortranarray(labels_xyz), close=True)",
+            "raw": "mesher.get(label, normals=False, reduction_factor=0, max_error=E)",
+            "simplified": f"mesher.get(label, normals=False, reduction_factor={R}, max_error={E})",
+            "after_each": "mesher.erase(label)",
+        },
+    )
+    return res
+
+
+def worker_serra(args: argparse.Namespace) -> dict[str, Any]:
+    import serra_mesh
+
+    res: dict[str, Any] = {"tool": "serra"}
+    t_start = time.perf_counter()
+    labels = load_volume(Path(args.source))  # [x, y, z], C order: serra takes either order
+    res["read_s"] = time.perf_counter() - t_start
+    res["shape"] = list(labels.shape)
+    res["dtype"] = str(labels.dtype)
+    t_loaded = time.perf_counter()
+    res["load_s"] = t_loaded - t_start
+    res["rss_hwm_after_load_mb"] = _vm_hwm_mb()
+    _log(f"[serra] loaded {labels.shape} {labels.dtype} in {res['load_s']:.2f}s")
+
+    mesher = serra_mesh.Mesher(
+        voxel_resolution=list(args.voxel_size), axis_order="XYZ", threads=args.serra_threads
+    )
+    res["threads"] = int(mesher.effective_threads)
+    mesher.mesh(labels, close=True)
+    t_meshed = time.perf_counter()
+    res["mesh_s"] = t_meshed - t_loaded
+    res["rss_hwm_after_mesh_mb"] = _vm_hwm_mb()
+    del labels
+    ids = [int(i) for i in mesher.ids()]
+    _log(f"[serra] mesh() {res['mesh_s']:.2f}s on {res['threads']} threads, {len(ids)} segments")
+
+    R, E = args.reduction_factor, args.max_error
+    extract_s = simplify_get_s = 0.0
+    raw_tri = raw_vert = simp_tri = simp_vert = 0
+    for n, label in enumerate(ids):
+        if not args.no_raw_count:
+            t0 = time.perf_counter()
+            m = mesher.get(label, normals=False, reduction_factor=0)
+            extract_s += time.perf_counter() - t0
+            raw_tri += int(m.faces.shape[0])
+            raw_vert += int(m.vertices.shape[0])
+            del m
+        if not args.no_peer_simplify:
+            t0 = time.perf_counter()
+            m = mesher.get(label, normals=False, reduction_factor=R, max_error=E)
+            simplify_get_s += time.perf_counter() - t0
+            simp_tri += int(m.faces.shape[0])
+            simp_vert += int(m.vertices.shape[0])
+            del m
+        mesher.erase(label)
+        if (n + 1) % 500 == 0:
+            _log(f"[serra] {n + 1}/{len(ids)} segments")
+    t_end = time.perf_counter()
+
+    res.update(
+        segments=len(ids),
+        **_peer_totals(
+            args, res, extract_s, simplify_get_s, raw_tri, raw_vert, simp_tri, simp_vert
+        ),
+        get_loop_s=t_end - t_meshed,
+        total_in_process_s=t_end - t_start,
+        rss_hwm_end_mb=_vm_hwm_mb(),
+        api={
+            "constructor": (
+                f"serra_mesh.Mesher(voxel_resolution={list(args.voxel_size)}, axis_order='XYZ', "
+                f"threads={args.serra_threads})"
+            ),
+            "mesh": "mesher.mesh(labels_xyz, close=True)",
+            "raw": "mesher.get(label, normals=False, reduction_factor=0)",
+            "simplified": f"mesher.get(label, normals=False, reduction_factor={R}, max_error={E})",
+            "after_each": "mesher.erase(label)",
+        },
+    )
+    return res
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    fn = {"zmesh": worker_zmesh, "serra": worker_serra}[args._worker]
+    res = fn(args)
+    Path(args._result).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Child-process measurement (parent side)
+# --------------------------------------------------------------------------------------------
+
+
+def _proc_tree_rss_bytes(root: int) -> int:
+    """Sum of the resident sets of ``root`` and all its descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        rest = stat[stat.rfind(b")") + 2 :].split()
+        try:
+            ppid = int(rest[1])
+        except (IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    page = os.sysconf("SC_PAGE_SIZE")
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * page
+        except (OSError, IndexError, ValueError):
+            pass
+        stack.extend(children.get(pid, ()))
+    return total
+
+
+class _TreeSampler(threading.Thread):
+    def __init__(self, pid: int, interval: float):
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.peak = 0
+        self.samples = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            try:
+                self.peak = max(self.peak, _proc_tree_rss_bytes(self.pid))
+                self.samples += 1
+            except Exception:  # noqa: BLE001 - sampling is best effort
+                pass
+            self._halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+def run_child(
+    cmd: list[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float | None = None,
+    sample_interval: float = 0.25,
+) -> dict[str, Any]:
+    """Run ``cmd``; return wall time, exact-child rusage (os.wait4) and sampled tree RSS."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        log.write(("$ " + shlex.join(cmd) + "\n").encode())
+        log.flush()
+        t0 = time.perf_counter()
+        # Own session, so a timeout or Ctrl-C can end the child's whole process group.
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+        )
+        sampler = _TreeSampler(proc.pid, sample_interval)
+        sampler.start()
+        timed_out = threading.Event()
+
+        def _kill_group() -> None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+        def _kill() -> None:
+            timed_out.set()
+            _kill_group()
+
+        timer = threading.Timer(timeout, _kill) if timeout else None
+        if timer:
+            timer.start()
+        try:
+            _, status, ru = os.wait4(proc.pid, 0)
+        except KeyboardInterrupt:
+            _kill_group()
+            os.waitpid(proc.pid, 0)
+            proc.returncode = -signal.SIGKILL
+            raise
+        finally:
+            wall = time.perf_counter() - t0
+            if timer:
+                timer.cancel()
+            sampler.stop()
+    rc = os.waitstatus_to_exitcode(status)
+    proc.returncode = rc  # reaped by wait4; keep Popen from trying again
+    return {
+        "returncode": rc,
+        "timed_out": timed_out.is_set(),
+        "wall_s": wall,
+        "peak_rss_mb": ru.ru_maxrss / 1024.0,  # Linux: KiB
+        "tree_peak_rss_mb": sampler.peak / 2**20 if sampler.samples else None,
+        "cpu_user_s": ru.ru_utime,
+        "cpu_sys_s": ru.ru_stime,
+        "log": str(log_path),
+    }
+
+
+def _log_tail(path: str, n: int = 25) -> str:
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-n:])
+
+
+def _dir_size(path: Path) -> tuple[int, int]:
+    total = files = 0
+    if not path.exists():
+        return 0, 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+                files += 1
+            except OSError:
+                pass
+    return total, files
+
+
+# --------------------------------------------------------------------------------------------
+# The tools (parent side)
+# --------------------------------------------------------------------------------------------
+
+
+def gpumesh_command() -> tuple[list[str], str]:
+    """The gpumesh CLI: the console script next to sys.executable, else the module."""
+    exe = Path(sys.executable).parent / "gpumesh"
+    if exe.exists() and os.access(exe, os.X_OK):
+        return [str(exe)], str(exe)
+    # Works whether or not gpumesh/cli.py has an ``if __name__ == "__main__"`` guard.
+    tramp = "import sys; from gpumesh.cli import main; sys.exit(main())"
+    return [sys.executable, "-c", tramp], f"{sys.executable} -c 'from gpumesh.cli import main'"
+
+
+def run_gpumesh(args: argparse.Namespace, out_dir: Path, rep: int) -> dict[str, Any]:
+    base, how = gpumesh_command()
+    dest = out_dir / "gpumesh-out"
+    summary_path = out_dir / f"gpumesh-summary-{rep}.json"
+    summary_path.unlink(missing_ok=True)
+    vs = ",".join(f"{v:g}" for v in args.voxel_size)
+    cmd = base + [
+        "mesh",
+        str(args.source),
+        str(dest),
+        "--voxel-size",
+        vs,
+        "--overwrite",
+        "--summary-json",
+        str(summary_path),
+    ]
+    if args.workers is not None:
+        cmd += ["--workers", str(args.workers)]
+    if args.quality is not None:
+        cmd += ["--quality", args.quality]
+    if args.gpumesh_args:
+        cmd += shlex.split(args.gpumesh_args)
+    env = dict(os.environ)
+    if not Path(base[0]).name.startswith("gpumesh"):
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
+        )
+    _log(f"[gpumesh] run {rep + 1}: {shlex.join(cmd)}")
+    meas = run_child(cmd, out_dir / "logs" / f"gpumesh-{rep}.log", env=env, timeout=args.timeout)
+    res: dict[str, Any] = {"tool": "gpumesh", "command": cmd, "invoked_as": how, **meas}
+
+    summary: dict[str, Any] | None = None
+    if summary_path.exists():
+        try:
+            summary = json.loads(summary_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            res["summary_error"] = f"unreadable summary JSON: {e}"
+    else:
+        res["summary_error"] = "no summary JSON written"
+    res["summary"] = summary
+    s = summary if isinstance(summary, dict) else {}
+    res["segments"] = s.get("segments")
+    tpl = s.get("triangles_per_lod")
+    res["triangles_per_lod"] = list(tpl) if isinstance(tpl, (list, tuple)) else None
+    res["bytes"] = s.get("bytes")
+    res["summary_seconds"] = s.get("seconds")
+    res["summary_peak_rss_mb"] = s.get("peak_rss_mb")
+    res["summary_device"] = s.get("device")
+    missing = [
+        k
+        for k in ("segments", "triangles_per_lod", "bytes", "seconds", "peak_rss_mb")
+        if k not in s
+    ]
+    if summary is not None and missing:
+        res["summary_missing_keys"] = missing
+    res["dest_bytes_on_disk"], res["dest_files"] = _dir_size(dest)
+    if meas["returncode"] != 0:
+        res["error"] = f"exit status {meas['returncode']}" + (
+            " (timed out)" if meas["timed_out"] else ""
+        )
+        res["log_tail"] = _log_tail(meas["log"])
+    return res
+
+
+def run_peer(tool: str, args: argparse.Namespace, out_dir: Path, rep: int) -> dict[str, Any]:
+    result_path = out_dir / f"{tool}-result-{rep}.json"
+    result_path.unlink(missing_ok=True)
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--_worker",
+        tool,
+        "--_result",
+        str(result_path),
+        "--source",
+        str(args.source),
+        "--voxel-size",
+        ",".join(f"{v:g}" for v in args.voxel_size),
+        "--reduction-factor",
+        str(args.reduction_factor),
+        "--max-error",
+        str(args.max_error),
+        "--serra-threads",
+        str(args.serra_threads),
+    ]
+    if args.no_raw_count:
+        cmd.append("--no-raw-count")
+    if args.no_peer_simplify:
+        cmd.append("--no-peer-simplify")
+    _log(f"[{tool}] run {rep + 1}")
+    meas = run_child(cmd, out_dir / "logs" / f"{tool}-{rep}.log", timeout=args.timeout)
+    res: dict[str, Any] = {"tool": tool, **meas}
+    if result_path.exists():
+        try:
+            worker = json.loads(result_path.read_text())
+            res.update({k: v for k, v in worker.items() if k != "tool"})
+        except (OSError, json.JSONDecodeError) as e:
+            res["error"] = f"unreadable worker result: {e}"
+    if meas["returncode"] != 0 or not result_path.exists():
+        res["error"] = f"exit status {meas['returncode']}" + (
+            " (timed out)" if meas["timed_out"] else ""
+        )
+        res["log_tail"] = _log_tail(meas["log"])
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregation and report
+# --------------------------------------------------------------------------------------------
+
+_MEDIAN_KEYS = (
+    "wall_s",
+    "peak_rss_mb",
+    "tree_peak_rss_mb",
+    "cpu_user_s",
+    "cpu_sys_s",
+    "summary_seconds",
+    "summary_peak_rss_mb",
+    "load_s",
+    "read_s",
+    "fortran_copy_s",
+    "mesh_s",
+    "extract_s",
+    "simplify_get_s",
+    "get_loop_s",
+    "pipeline_s",
+    "marching_cubes_s",
+    "simplification_s",
+    "total_in_process_s",
+    "rss_hwm_after_load_mb",
+    "rss_hwm_after_mesh_mb",
+    "rss_hwm_end_mb",
+)
+_COUNT_KEYS = (
+    "segments",
+    "triangles_per_lod",
+    "bytes",
+    "dest_bytes_on_disk",
+    "dest_files",
+    "triangles_raw",
+    "vertices_raw",
+    "triangles_simplified",
+    "vertices_simplified",
+    "threads",
+    "shape",
+)
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in runs if "error" not in r]
+    agg: dict[str, Any] = {"runs_ok": len(ok), "runs_total": len(runs)}
+    if not ok:
+        agg["error"] = runs[-1].get("error") if runs else "not run"
+        if runs:  # still report what was measured on the failed run
+            for k in ("wall_s", "peak_rss_mb", "tree_peak_rss_mb", "returncode", "log"):
+                agg[f"failed_run_{k}"] = runs[-1].get(k)
+        return agg
+    for k in _MEDIAN_KEYS:
+        vals = [r[k] for r in ok if isinstance(r.get(k), (int, float))]
+        if vals:
+            agg[k] = statistics.median(vals)
+    for k in _COUNT_KEYS:
+        vals = [r.get(k) for r in ok if r.get(k) is not None]
+        if vals:
+            agg[k] = vals[0]
+            if any(v != vals[0] for v in vals[1:]):
+                agg.setdefault("inconsistent_across_runs", []).append(k)
+    for k in ("api", "summary_missing_keys", "summary_device", "invoked_as"):
+        if ok[-1].get(k) is not None:
+            agg[k] = ok[-1][k]
+    return agg
+
+
+def _triangles_cell(tool: str, a: dict[str, Any]) -> str:
+    if tool == "gpumesh":
+        tpl = a.get("triangles_per_lod")
+        if not tpl:
+            return "?"
+        return "LOD " + " / ".join(_fmt_count(t) for t in tpl)
+    raw, simp = a.get("triangles_raw"), a.get("triangles_simplified")
+    simp_txt = _fmt_count(simp) if simp is not None else "(not simplified)"
+    return f"{_fmt_count(raw)} -> {simp_txt}"
+
+
+def _cpu_s(a: dict[str, Any]) -> float | None:
+    u, s_ = a.get("cpu_user_s"), a.get("cpu_sys_s")
+    return u + s_ if u is not None and s_ is not None else None
+
+
+def print_table(aggs: dict[str, dict[str, Any]]) -> None:
+    g = aggs.get("gpumesh", {})
+    g_wall = g.get("wall_s") if "error" not in g else None
+    header = ["tool", "wall s", "cpu s", "peak RSS MB", "tree RSS MB", "triangles", "x gpumesh"]
+    rows = []
+    for tool, a in aggs.items():
+        if "error" in a:
+            rows.append(
+                [
+                    tool,
+                    _fmt_num(a.get("failed_run_wall_s")),
+                    "",
+                    _fmt_num(a.get("failed_run_peak_rss_mb"), 0),
+                    _fmt_num(a.get("failed_run_tree_peak_rss_mb"), 0),
+                    f"FAILED: {a['error']}",
+                    "n/a",
+                ]
+            )
+            continue
+        ratio = (
+            f"{a['wall_s'] / g_wall:.2f}"
+            if g_wall and a.get("wall_s") is not None
+            else "n/a"
+        )
+        rows.append(
+            [
+                tool,
+                _fmt_num(a.get("wall_s")),
+                _fmt_num(_cpu_s(a)),
+                _fmt_num(a.get("peak_rss_mb"), 0),
+                _fmt_num(a.get("tree_peak_rss_mb"), 0),
+                _triangles_cell(tool, a),
+                ratio,
+            ]
+        )
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = " | ".join(h.ljust(w) for h, w in zip(header, widths))
+    print(line)
+    print("-+-".join("-" * w for w in widths))
+    for r in rows:
+        print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print()
+    print(
+        "cpu s = user + system CPU time of the child and its waited-for descendants. "
+        "triangles: gpumesh per LOD (finest first); peers unsimplified -> simplified. "
+        "x gpumesh = peer wall / gpumesh wall."
+    )
+    # Details under the table.
+    if "error" not in g and g:
+        bits = [f"segments {g.get('segments', '?')}"]
+        bits.append(f"summary seconds {_fmt_num(g.get('summary_seconds'))}")
+        bits.append(f"summary peak RSS {_fmt_num(g.get('summary_peak_rss_mb'), 0)} MB")
+        bits.append(
+            f"bytes {_fmt_count(g.get('bytes'))} "
+            f"(on disk {_fmt_count(g.get('dest_bytes_on_disk'))})"
+        )
+        if g.get("summary_missing_keys"):
+            bits.append(f"summary lacks {','.join(g['summary_missing_keys'])}")
+        print("gpumesh: " + ", ".join(bits))
+    for tool in ("zmesh", "serra"):
+        a = aggs.get(tool)
+        if not a or "error" in a:
+            continue
+        load = f"load {_fmt_num(a.get('load_s'))} s"
+        if a.get("fortran_copy_s") is not None:
+            load += (
+                f" (read {_fmt_num(a.get('read_s'))} + Fortran copy "
+                f"{_fmt_num(a.get('fortran_copy_s'))})"
+            )
+        txt = (
+            f"{tool}: segments {a.get('segments', '?')}, {load}, "
+            f"marching cubes {_fmt_num(a.get('marching_cubes_s'))} s "
+            f"(mesh() {_fmt_num(a.get('mesh_s'))} + extract {_fmt_num(a.get('extract_s'))}), "
+            f"simplification {_fmt_num(a.get('simplification_s'))} s "
+            f"(simplified get {_fmt_num(a.get('simplify_get_s'))} - extract), "
+            f"pipeline {_fmt_num(a.get('pipeline_s'))} s"
+        )
+        if tool == "serra" and a.get("threads") is not None:
+            txt += f", {a['threads']} threads"
+        if g_wall and g.get("summary_seconds") and a.get("pipeline_s"):
+            ratio = a["pipeline_s"] / g["summary_seconds"]
+            txt += f"; pipeline / gpumesh summary seconds = {ratio:.2f}"
+        print(txt)
+
+
+# --------------------------------------------------------------------------------------------
+# Environment record
+# --------------------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = round(int(line.split()[1]) / 2**20, 2)
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_model": cpu or platform.processor() or None,
+        "cores": os.cpu_count(),
+        "cores_usable": usable,
+        "memory_gib": mem_gib,
+    }
+
+
+def device_info() -> str:
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run(
+                [smi, "--query-gpu=name", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            names = [l.strip() for l in out.stdout.splitlines() if l.strip()]
+            if out.returncode == 0 and names:
+                return ", ".join(names)
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return "cpu"
+
+
+def git_info() -> dict[str, Any]:
+    def _git(*a: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *a], cwd=REPO_ROOT, capture_output=True, text=True)
+
+    info: dict[str, Any] = {"commit": None, "dirty": None}
+    try:
+        r = _git("rev-parse", "HEAD")
+        if r.returncode == 0:
+            info["commit"] = r.stdout.strip()
+        else:
+            info["commit_error"] = r.stderr.strip() or "git rev-parse HEAD failed"
+        s = _git("status", "--porcelain")
+        if s.returncode == 0:
+            info["dirty"] = bool(s.stdout.strip())
+    except OSError as e:
+        info["commit_error"] = str(e)
+    return info
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Benchmark gpumesh against zmesh and serra-mesh on one label volume.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--source",
+        default=None,
+        help=f"label volume (zarr/zarr3/n5/precomputed via tensorstore, or .npy); "
+        f"default {DEFAULT_SOURCE.resolve()}",
+    )
+    p.add_argument("--voxel-size", type=_parse_voxel_size, default=(32.0, 32.0, 40.0),
+                   help="voxel size in nm, x,y,z")
+    p.add_argument("--quality", default=None, help="passed to gpumesh --quality (omitted if unset)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="passed to gpumesh --workers (omitted if unset)")
+    p.add_argument("--gpumesh-args", default="",
+                   help="extra arguments appended to the gpumesh command")
+    p.add_argument("--skip", default="", help="comma-separated tools to skip: gpumesh,zmesh,serra")
+    p.add_argument("--out-dir", default=None,
+                   help="where gpumesh writes its output, summaries and logs "
+                   "(default: a fresh temp dir under /tmp, removed at the end unless --keep)")
+    p.add_argument("--keep", action="store_true", help="keep the temp --out-dir")
+    p.add_argument("--repeat", type=int, default=1, help="runs per tool; the median is reported")
+    p.add_argument("--results-dir", default=str(DEFAULT_RESULTS_DIR),
+                   help="where the result JSON goes")
+    p.add_argument("--no-save", action="store_true", help="do not write the result JSON")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="kill a tool's run (its process group) after this many seconds")
+    p.add_argument("--reduction-factor", type=int, default=IGNEOUS_REDUCTION_FACTOR,
+                   help="peers' simplification target (igneous default)")
+    p.add_argument("--max-error", type=float, default=IGNEOUS_MAX_ERROR_NM,
+                   help="peers' simplification max error, nm (igneous default)")
+    p.add_argument("--serra-threads", type=int, default=0, help="serra threads (0 = every core)")
+    p.add_argument("--no-raw-count", action="store_true",
+                   help="peers: skip the unsimplified get() pass (no raw triangle count, "
+                   "no marching-cubes/simplification split)")
+    p.add_argument("--no-peer-simplify", action="store_true",
+                   help="peers: skip the simplified get() pass (fast; then only the "
+                   "unsimplified meshes are timed, which gpumesh does not stop at)")
+    p.add_argument("--_worker", choices=("zmesh", "serra"), help=argparse.SUPPRESS)
+    p.add_argument("--_result", help=argparse.SUPPRESS)
+    return p
+
+
+def resolve_source(text: str | None) -> Path:
+    if text is None:
+        return DEFAULT_SOURCE.resolve()
+    p = Path(text).expanduser()
+    if p.is_absolute() or p.exists():
+        return p.resolve()
+    alt = REPO_ROOT / p
+    return alt.resolve() if alt.exists() else p.resolve()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args._worker:
+        return run_worker(args)
+
+    args.source = resolve_source(args.source)
+    if not args.source.exists():
+        print(f"source not found: {args.source}", file=sys.stderr)
+        return 2
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    unknown = skip - set(TOOLS)
+    if unknown:
+        print(f"--skip: unknown tool(s) {sorted(unknown)}; choose from {TOOLS}", file=sys.stderr)
+        return 2
+    tools = [t for t in TOOLS if t not in skip]
+    if args.repeat < 1:
+        print("--repeat must be >= 1", file=sys.stderr)
+        return 2
+    if args.no_raw_count and args.no_peer_simplify:
+        print("--no-raw-count with --no-peer-simplify leaves the peers nothing to do",
+              file=sys.stderr)
+        return 2
+
+    own_tmp = args.out_dir is None
+    if own_tmp:
+        out_dir = Path(tempfile.mkdtemp(prefix="gpumesh-bench-", dir="/tmp"))
+    else:
+        out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = out_dir.resolve()
+    _log(f"source {args.source}; out-dir {out_dir}; tools {tools}; repeat {args.repeat}")
+
+    started = _dt.datetime.now(_dt.timezone.utc)
+    load_start = os.getloadavg()
+    runs: dict[str, list[dict[str, Any]]] = {t: [] for t in tools}
+    for rep in range(args.repeat):  # interleave the tools so drift hits all of them alike
+        for tool in tools:
+            if tool == "gpumesh":
+                r = run_gpumesh(args, out_dir, rep)
+            else:
+                r = run_peer(tool, args, out_dir, rep)
+            runs[tool].append(r)
+            if "error" in r:
+                _log(f"[{tool}] run {rep + 1} FAILED: {r['error']}\n{r.get('log_tail', '')}")
+            else:
+                _log(
+                    f"[{tool}] run {rep + 1}: wall {r['wall_s']:.2f}s, "
+                    f"peak RSS {r['peak_rss_mb']:.0f} MB"
+                )
+    aggs = {t: aggregate(runs[t]) for t in tools}
+
+    print()
+    print_table(aggs)
+
+    g = aggs.get("gpumesh", {})
+    ratios = {}
+    if "gpumesh" in aggs and "error" not in g and g.get("wall_s"):
+        for t in tools:
+            a = aggs[t]
+            if t != "gpumesh" and "error" not in a and a.get("wall_s"):
+                ratios[t] = {"wall_vs_gpumesh": a["wall_s"] / g["wall_s"]}
+                if a.get("pipeline_s") and g.get("summary_seconds"):
+                    ratios[t]["pipeline_vs_gpumesh_summary_seconds"] = (
+                        a["pipeline_s"] / g["summary_seconds"]
+                    )
+
+    record = {
+        "benchmark": "main",
+        "started_utc": started.isoformat(),
+        "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "machine": machine_info(),
+        # other work on the machine skews wall times; compare with machine.cores_usable
+        "load_average_1_5_15": {"start": list(load_start), "end": list(os.getloadavg())},
+        "device": device_info(),
+        "git": git_info(),
+        "python": {"version": platform.python_version(), "executable": sys.executable},
+        "packages": package_versions(),
+        "options": {
+            "source": str(args.source),
+            "voxel_size_nm": list(args.voxel_size),
+            "quality": args.quality,
+            "workers": args.workers,
+            "gpumesh_args": args.gpumesh_args,
+            "skip": sorted(skip),
+            "repeat": args.repeat,
+            "out_dir": str(out_dir),
+            "timeout_s": args.timeout,
+            "peer_reduction_factor": args.reduction_factor,
+            "peer_max_error_nm": args.max_error,
+            "peer_params_origin": "igneous MeshTask defaults: simplification_factor=100, "
+            "max_simplification_error=40 (nm)",
+            "peer_close": True,
+            "serra_threads": args.serra_threads,
+            "raw_count": not args.no_raw_count,
+            "peer_simplify": not args.no_peer_simplify,
+        },
+        "results": aggs,
+        "ratios": ratios,
+        "runs": runs,
+    }
+    if not args.no_save:
+        res_dir = Path(args.results_dir)
+        res_dir.mkdir(parents=True, exist_ok=True)
+        stamp = started.strftime("%Y%m%dT%H%M%SZ")
+        path = res_dir / f"main-{stamp}-{socket.gethostname()}.json"
+        path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        print(f"\nresults: {path}")
+
+    failed = [t for t in tools if "error" in aggs[t]]
+    if own_tmp and not args.keep and not failed:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    else:
+        print(f"out-dir kept (logs under logs/): {out_dir}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
