@@ -12,27 +12,10 @@ import warnings
 
 import click
 
+from ._cliutil import _fail, _triple
 from .errors import EmptyVolumeWarning, GpumeshError
 
 
-def _triple(kind):
-    def convert(ctx, param, value):
-        if value is None:
-            return None
-        try:
-            parts = [kind(v) for v in value.replace("x", ",").split(",")]
-        except ValueError:
-            raise click.BadParameter(f"expected three numbers like 32,32,40, got {value!r}")
-        if len(parts) != 3:
-            raise click.BadParameter(f"expected three numbers like 32,32,40, got {value!r}")
-        return parts
-
-    return convert
-
-
-def _fail(exc: Exception) -> None:
-    click.echo(f"gpumesh: error: {exc}", err=True)
-    sys.exit(2)
 
 
 def _sharding_flags(default_sharded):

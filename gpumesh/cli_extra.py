@@ -12,24 +12,11 @@ import time
 
 import click
 
+from ._cliutil import _fail, _triple
 from .errors import GpumeshError
 
 _MESH_SUFFIXES = ".stl, .ply, .obj or .glb"
 
-
-def _triple(kind):
-    def convert(ctx, param, value):
-        if value is None:
-            return None
-        try:
-            parts = [kind(v) for v in value.replace("x", ",").split(",")]
-        except ValueError:
-            raise click.BadParameter(f"expected three numbers like 32,32,40, got {value!r}")
-        if len(parts) != 3:
-            raise click.BadParameter(f"expected three numbers like 32,32,40, got {value!r}")
-        return parts
-
-    return convert
 
 
 def _bbox(ctx, param, value):
@@ -60,10 +47,6 @@ def _segments(ctx, param, value):
         raise click.BadParameter("segment IDs must be > 0")
     return ids
 
-
-def _fail(exc: Exception) -> None:
-    click.echo(f"gpumesh: error: {exc}", err=True)
-    sys.exit(2)
 
 
 def _report(mesh, path, seconds) -> None:
