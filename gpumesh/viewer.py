@@ -3,7 +3,9 @@
 * :func:`serve` serves any local directory on ``127.0.0.1`` from a background thread, with
   HTTP Range requests (``206``, ``Content-Range``, ``416`` on unsatisfiable or malformed byte
   ranges; the sharded format reads shards by range) and CORS headers, so a Neuroglancer page
-  from another origin can read it.
+  from another origin can read it. With ``record=True`` it keeps a log of every request
+  (:class:`RequestRecord`: path, Range header, status, bytes served), which tests use to see
+  what a client read.
 * :func:`view` serves a mesh directory (and a local volume), then, when the ``neuroglancer``
   Python package is installed, opens a viewer bound to ``127.0.0.1`` with one segmentation
   layer; without it, it gives the ``precomputed://`` URL and a Neuroglancer link to paste.
@@ -26,13 +28,42 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["MeshServer", "serve", "view", "ViewSession", "neuroglancer_state", "public_viewer_url",
+__all__ = ["MeshServer", "RequestRecord", "serve", "view", "ViewSession", "neuroglancer_state", "public_viewer_url",
            "volume_source_url", "plot_mesh", "default_segments"]
 
 #: Public Neuroglancer deployment used for the paste-able link when the package is missing.
 PUBLIC_NEUROGLANCER = "https://neuroglancer-demo.appspot.com/"
 
 _RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One request a :class:`MeshServer` answered (kept when it was started with ``record=True``).
+
+    Attributes
+    ----------
+    method : str
+        ``GET``, ``HEAD`` or ``OPTIONS``.
+    path : str
+        Request path without the query, ``/`` separated, unquoted (``/123.index``).
+    range : str or None
+        The ``Range`` header as sent.
+    status : int
+        HTTP status of the answer.
+    start, stop : int or None
+        Byte span ``[start, stop)`` of the file that was sent (``None`` when no file was).
+    size : int or None
+        Size of the file (``None`` when there is none).
+    """
+
+    method: str
+    path: str
+    range: Optional[str]
+    status: int
+    start: Optional[int] = None
+    stop: Optional[int] = None
+    size: Optional[int] = None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -63,7 +94,18 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return real if os.path.isfile(real) else None
 
-    def _error(self, status: int, extra: Optional[dict] = None) -> None:
+    def _record(self, status: int, start: Optional[int] = None, stop: Optional[int] = None,
+                size: Optional[int] = None) -> None:
+        log = getattr(self.server, "requests", None)
+        if log is None:
+            return
+        path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+        rec = RequestRecord(self.command, path, self.headers.get("Range"), int(status), start, stop, size)
+        with self.server.requests_lock:
+            log.append(rec)
+
+    def _error(self, status: int, extra: Optional[dict] = None, size: Optional[int] = None) -> None:
+        self._record(status, size=size)
         body = f"{status} {HTTPStatus(status).phrase}\n".encode()
         self.send_response(status)
         self._cors()
@@ -108,6 +150,7 @@ class _Handler(BaseHTTPRequestHandler):
     # -- methods --------------------------------------------------------------------------
 
     def do_OPTIONS(self) -> None:  # CORS preflight (Range is not a CORS-safelisted header)
+        self._record(HTTPStatus.NO_CONTENT)
         self.send_response(HTTPStatus.NO_CONTENT)
         self._cors()
         self.send_header("Access-Control-Allow-Methods", "GET, HEAD, OPTIONS")
@@ -136,9 +179,10 @@ class _Handler(BaseHTTPRequestHandler):
             rng = self.headers.get("Range")
             span = self.parse_range(rng, size) if rng else None
             if span == "unsatisfiable":
-                self._error(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, {"Content-Range": f"bytes */{size}"})
+                self._error(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, {"Content-Range": f"bytes */{size}"}, size)
                 return
             start, stop = span if span else (0, size)
+            self._record(HTTPStatus.PARTIAL_CONTENT if span else HTTPStatus.OK, start, stop, size)
             self.send_response(HTTPStatus.PARTIAL_CONTENT if span else HTTPStatus.OK)
             self._cors()
             ctype = "application/json" if os.path.basename(path) == "info" else \
@@ -173,14 +217,20 @@ class MeshServer(ThreadingHTTPServer):
         ``http://127.0.0.1:PORT/``.
     thread : threading.Thread
         The thread running ``serve_forever``.
+    requests : list of RequestRecord or None
+        Every request answered, in order, when started with ``record=True``.
     """
 
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, directory: str, host: str = "127.0.0.1", port: int = 0, verbose: bool = False):
+    def __init__(self, directory: str, host: str = "127.0.0.1", port: int = 0, verbose: bool = False,
+                 record: bool = False):
         self.root = os.path.realpath(os.fspath(directory))
         self.verbose = verbose
+        #: Requests answered, in order (a list of :class:`RequestRecord`), when ``record``; else None.
+        self.requests: Optional[list] = [] if record else None
+        self.requests_lock = threading.Lock()
         super().__init__((host, int(port)), _Handler)
         self.thread: Optional[threading.Thread] = None
 
@@ -202,6 +252,17 @@ class MeshServer(ThreadingHTTPServer):
         self.thread.start()
         return self
 
+    def recorded(self) -> list:
+        """A copy of the request log (empty when not recording)."""
+        with self.requests_lock:
+            return list(self.requests or [])
+
+    def clear_recorded(self) -> None:
+        """Forget the requests recorded so far."""
+        with self.requests_lock:
+            if self.requests is not None:
+                self.requests.clear()
+
     def stop(self) -> None:
         """Stop serving and close the socket (idempotent)."""
         if self.thread is not None:
@@ -217,7 +278,8 @@ class MeshServer(ThreadingHTTPServer):
         self.stop()
 
 
-def serve(directory, port: int = 0, *, host: str = "127.0.0.1", verbose: bool = False) -> tuple[MeshServer, str]:
+def serve(directory, port: int = 0, *, host: str = "127.0.0.1", verbose: bool = False,
+          record: bool = False) -> tuple[MeshServer, str]:
     """Serve a local directory over HTTP from a background thread.
 
     Parameters
@@ -230,6 +292,8 @@ def serve(directory, port: int = 0, *, host: str = "127.0.0.1", verbose: bool = 
         Bind address (default loopback only).
     verbose : bool
         Log requests to stderr.
+    record : bool
+        Keep a log of the requests (``server.requests``, :meth:`MeshServer.recorded`).
 
     Returns
     -------
@@ -244,7 +308,7 @@ def serve(directory, port: int = 0, *, host: str = "127.0.0.1", verbose: bool = 
     """
     if not os.path.isdir(directory):
         raise NotADirectoryError(f"not a directory: {directory}")
-    server = MeshServer(directory, host, port, verbose).start()
+    server = MeshServer(directory, host, port, verbose, record).start()
     return server, server.url
 
 
