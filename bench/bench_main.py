@@ -60,7 +60,7 @@ IGNEOUS_MAX_ERROR_NM = 40.0
 PACKAGES = (
     "numpy",
     "numba",
-    "pyfqmr",
+    "meshoptimizer",
     "DracoPy",
     "tensorstore",
     "zmesh",

@@ -14,19 +14,49 @@ triangles).  The CUDA kernel applies the same rule.
 
 Decimation
 ----------
-Each LOD's pieces are decimated with pyfqmr (fast quadric mesh simplification) in nm, so the
-error metric respects anisotropic voxels, with ``preserve_border=True``: the open borders
-where neighbouring fragments (and the 2x2x2 sub-grid pieces of a LOD > 0 fragment) meet
-keep their vertices, so fragments of one LOD still share border vertices exactly.
+Each LOD's pieces are decimated with meshoptimizer's simplifier (``meshopt_simplify``: greedy
+quadric-error edge collapses onto existing vertices) in nm, so the error metric respects
+anisotropic voxels, with the piece's open border locked: the borders where neighbouring
+fragments (and the 2x2x2 sub-grid pieces of a LOD > 0 fragment) meet keep their vertices, so
+fragments of one LOD still share border vertices exactly.  Because every collapse moves a
+vertex onto one of its neighbours, a decimated piece's vertices are a subset of its
+marching-cubes vertices: they stay on the half-voxel lattice (exact in the quantized
+fragment, and well compressed by Draco) and inside the piece's box.  The deviation from the
+undecimated surface is capped at ``max_error`` voxels of that LOD (meshoptimizer's absolute
+error bound), so a preset's keep fraction is a target that smooth pieces reach and rough
+ones may not.
+
+Pieces meet on their box planes, and a marching-cubes surface can have triangles lying in
+such a plane.  Locking the open border is not enough there: a vertex collapsing onto a border
+vertex could make a new edge between two vertices of the shared plane, which the neighbouring
+piece may also have, and the joined fragments would then use that edge three times.  So the
+vertices on a piece's box planes *and their 1-ring* are locked (``frozen``): no collapse then
+touches a triangle with a vertex in the plane, and both sides of every shared plane keep their
+marching-cubes triangles there, which fit together.
+
+meshoptimizer checks collapses for flipped triangles but not for the link condition, so on
+thin parts of a segment it can make two triangles use the same directed edge (a
+non-manifold surface).  :func:`decimate` checks every result: where an edge is used twice,
+or an edge that was interior lost its twin, the 1-ring (in the input) of the offending
+vertices is locked and the piece is simplified again; after a few rounds without success the
+piece is kept undecimated.  So every decimated piece is as closed and as manifold as its
+input.
+
+meshoptimizer is called through its C ABI, as shipped in the ``meshoptimizer`` package
+(``meshopt_simplifyWithAttributes`` with no attributes, for its ``vertex_lock``), with the
+argument types declared here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ctypes
+import glob
+import os
+
 import numba
 import numpy as np
-import pyfqmr
 
 
 @numba.njit(cache=True, nogil=True)
@@ -133,30 +163,233 @@ def get_quality(name: "str | Quality") -> Quality:
         raise ValueError(f"unknown quality preset {name!r}; choose one of {sorted(QUALITY_PRESETS)}") from None
 
 
-def decimate(vertices: np.ndarray, faces: np.ndarray, keep: float, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Decimate a mesh piece with pyfqmr, keeping its open borders.
+#: meshoptimizer's option flags (``meshopt_Simplify*`` in meshoptimizer.h).
+_SIMPLIFY_LOCK_BORDER = 1
+_SIMPLIFY_ERROR_ABSOLUTE = 4
+
+#: Rounds of "lock the defect's neighbourhood and simplify again" before a piece is kept as is.
+MAX_LOCK_ROUNDS = 8
+
+_MESHOPT = None
+
+
+def _meshopt():
+    """``meshopt_simplifyWithAttributes`` from the meshoptimizer package's shared library."""
+    global _MESHOPT
+    if _MESHOPT is None:
+        import meshoptimizer
+
+        libs = sorted(glob.glob(os.path.join(os.path.dirname(meshoptimizer.__file__), "_meshoptimizer*")))
+        if not libs:
+            raise ImportError("the meshoptimizer package ships no shared library")
+        fn = ctypes.CDLL(libs[0]).meshopt_simplifyWithAttributes
+        p, size = ctypes.c_void_p, ctypes.c_size_t
+        # destination, indices, index_count, positions, vertex_count, positions_stride,
+        # attributes, attributes_stride, attribute_weights, attribute_count, vertex_lock,
+        # target_index_count, target_error, options, result_error
+        fn.argtypes = [p, p, size, p, size, size, p, size, p, size, p, size, ctypes.c_float, ctypes.c_uint, p]
+        fn.restype = size
+        _MESHOPT = fn
+    return _MESHOPT
+
+
+@numba.njit(cache=True, nogil=True)
+def _edge_table(faces, nv):
+    """Open-addressing set of the directed edges of ``faces`` (key ``a * nv + b``)."""
+    size = 16
+    while size < 6 * faces.shape[0]:
+        size *= 2
+    table = np.full(size, -1, dtype=np.int64)
+    dup = False
+    for t in range(faces.shape[0]):
+        for s in range(3):
+            key = np.int64(faces[t, s]) * nv + faces[t, (s + 1) % 3]
+            h = (key * 0x9E3779B97F4A7C15) & (size - 1)
+            while table[h] != -1 and table[h] != key:
+                h = (h + 1) & (size - 1)
+            if table[h] == key:
+                dup = True
+            table[h] = key
+    return table, dup
+
+
+@numba.njit(cache=True, nogil=True)
+def _has_edge(table, key):
+    size = table.shape[0]
+    h = (key * 0x9E3779B97F4A7C15) & (size - 1)
+    while table[h] != -1:
+        if table[h] == key:
+            return True
+        h = (h + 1) & (size - 1)
+    return False
+
+
+@numba.njit(cache=True, nogil=True)
+def _count_border_edges(table, faces, nv):
+    """Edges of ``faces`` whose reverse is not in ``table`` (the open border)."""
+    n = 0
+    for t in range(faces.shape[0]):
+        for s in range(3):
+            if not _has_edge(table, np.int64(faces[t, (s + 1) % 3]) * nv + faces[t, s]):
+                n += 1
+    return n
+
+
+@numba.njit(cache=True, nogil=True)
+def _defects(out, nv, table_in, border_in):
+    """Vertices of the result's topological defects.
+
+    A defect is an edge used twice in one direction, or an edge without its reverse that is
+    not an open-border edge of the input; the input's border edges must all still be there.
+    """
+    table, dup = _edge_table(out, nv)
+    bad = np.zeros(nv, dtype=np.bool_)
+    found = dup
+    if dup:  # mark the vertices of the repeated edges
+        size = table.shape[0]
+        seen = np.full(size, -1, dtype=np.int64)
+        for t in range(out.shape[0]):
+            for s in range(3):
+                a = out[t, s]
+                b = out[t, (s + 1) % 3]
+                key = np.int64(a) * nv + b
+                h = (key * 0x9E3779B97F4A7C15) & (size - 1)
+                while seen[h] != -1 and seen[h] != key:
+                    h = (h + 1) & (size - 1)
+                if seen[h] == key:
+                    bad[a] = True
+                    bad[b] = True
+                seen[h] = key
+    border_out = 0
+    for t in range(out.shape[0]):
+        for s in range(3):
+            a = out[t, s]
+            b = out[t, (s + 1) % 3]
+            if not _has_edge(table, np.int64(b) * nv + a):
+                if _has_edge(table_in, np.int64(a) * nv + b) and not _has_edge(table_in, np.int64(b) * nv + a):
+                    border_out += 1
+                else:
+                    bad[a] = True
+                    bad[b] = True
+                    found = True
+    if border_out != border_in:
+        found = True
+    return found, bad
+
+
+@numba.njit(cache=True, nogil=True)
+def _defects_frozen(out, nv, core):
+    """:func:`_defects` for a piece whose open border lies in ``core`` (frozen with its ring).
+
+    The triangles around ``core`` vertices are the input's, so an edge without its reverse is a
+    border edge exactly when it touches ``core``; elsewhere it is a hole.
+    """
+    table, dup = _edge_table(out, nv)
+    size = table.shape[0]
+    bad = np.zeros(nv, dtype=np.bool_)
+    found = False
+    seen = np.full(size, -1, dtype=np.int64) if dup else table[:0]
+    for t in range(out.shape[0]):
+        for s in range(3):
+            a = out[t, s]
+            b = out[t, (s + 1) % 3]
+            wrong = False
+            if dup:
+                key = np.int64(a) * nv + b
+                h = (key * 0x9E3779B97F4A7C15) & (size - 1)
+                while seen[h] != -1 and seen[h] != key:
+                    h = (h + 1) & (size - 1)
+                wrong = seen[h] == key
+                seen[h] = key
+            if not wrong and not (core[a] or core[b]):
+                wrong = not _has_edge(table, np.int64(b) * nv + a)
+            if wrong:
+                bad[a] = True
+                bad[b] = True
+                found = True
+    return found, bad
+
+
+@numba.njit(cache=True, nogil=True)
+def _lock_rings(faces, bad, lock):
+    """Lock every vertex of every input triangle that touches a ``bad`` vertex."""
+    for t in range(faces.shape[0]):
+        if bad[faces[t, 0]] or bad[faces[t, 1]] or bad[faces[t, 2]]:
+            for s in range(3):
+                lock[faces[t, s]] = 1
+
+
+def decimate(vertices: np.ndarray, faces: np.ndarray, keep: float, scale: np.ndarray,
+             max_error: float = 0.5, frozen: "np.ndarray | None" = None) -> tuple[np.ndarray, np.ndarray]:
+    """Decimate a mesh piece, keeping its open border and its manifoldness.
 
     Parameters
     ----------
     vertices : (n, 3) float64
-        Positions in any unit; multiplied by ``scale`` for the error metric.
+        Positions in any unit (voxels of the piece's LOD in the pipeline); multiplied by
+        ``scale`` for the error metric.
     faces : (m, 3) int
+        Triangles, counter-clockwise seen from outside; each directed edge used at most once.
     keep : float
         Target fraction of triangles kept, in (0, 1].  1.0 returns the input unchanged.
     scale : (3,) float64
-        Per-axis factor to nm (voxel size times ``2**lod``), so the quadric error is isotropic
-        in physical space.
+        Per-axis factor to nm (voxel size times ``2**lod``), so the error is isotropic in
+        physical space.
+    max_error : float
+        Largest deviation from the input surface allowed, in units of ``min(scale)`` (voxels
+        of that LOD); ``inf`` for none.  The keep target is not reached where it would need
+        more.
+    frozen : (n,) bool, optional
+        Vertices whose triangles must stay as they are: they and their 1-ring are locked.  It
+        must contain every vertex of the open border.  The pipeline freezes the vertices on
+        the piece's box planes, so that no collapse makes a new edge in a plane the
+        neighbouring piece shares (see module docs).
 
     Returns
     -------
-    vertices : (n', 3) float64, in the input unit
+    vertices : (n', 3) float64
+        A subset of the input rows (the vertices still used), in the input unit.
     faces : (m', 3) int32
+        Into the returned vertices.  Vertices on the input's open border are all kept; the
+        result has no edge used twice in one direction, and every edge that had a reverse
+        edge in the input still has one.
+
+    Notes
+    -----
+    See the module docs (Decimation) for the simplifier and the defect checks.
     """
     if keep >= 1.0 or len(faces) < MIN_DECIMATE_TRIANGLES:
         return vertices, faces.astype(np.int32, copy=False)
-    target = max(4, int(round(len(faces) * keep)))
-    simplifier = pyfqmr.Simplify()
-    simplifier.setMesh(vertices * scale, faces)
-    simplifier.simplify_mesh(target_count=target, aggressiveness=7, preserve_border=True, verbose=False)
-    v, f, _ = simplifier.getMesh()
-    return v / scale, f.astype(np.int32, copy=False)
+    fn = _meshopt()
+    nv = len(vertices)
+    idx = np.ascontiguousarray(faces, dtype=np.uint32).ravel()
+    f_in = idx.reshape(-1, 3)
+    pos = np.ascontiguousarray(vertices * scale, dtype=np.float32)
+    target = 3 * max(4, int(round(len(faces) * keep)))
+    err = float(max_error) * float(np.min(scale)) if np.isfinite(max_error) else 3.0e38
+    options = _SIMPLIFY_LOCK_BORDER | _SIMPLIFY_ERROR_ABSOLUTE
+    lock = np.zeros(nv, dtype=np.uint8)
+    if frozen is not None:
+        core = np.ascontiguousarray(frozen, dtype=np.bool_)
+        _lock_rings(f_in, core, lock)
+    else:
+        table_in, _ = _edge_table(f_in, nv)
+        border_in = _count_border_edges(table_in, f_in, nv)
+    dst = np.empty_like(idx)
+    for _ in range(MAX_LOCK_ROUNDS):
+        n = fn(dst.ctypes.data, idx.ctypes.data, idx.size, pos.ctypes.data, nv, 12,
+               None, 0, None, 0, lock.ctypes.data, target, err, options, None)
+        out = dst[:n].reshape(-1, 3)
+        if frozen is not None:
+            found, bad = _defects_frozen(out, nv, core)
+        else:
+            found, bad = _defects(out, nv, table_in, border_in)
+        if not found:
+            break
+        _lock_rings(f_in, bad, lock)
+    else:
+        return vertices, faces.astype(np.int32, copy=False)
+    used = np.zeros(nv, dtype=bool)
+    used[out.ravel()] = True
+    remap = np.cumsum(used) - 1
+    return vertices[used], remap[out].astype(np.int32)

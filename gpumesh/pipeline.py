@@ -192,29 +192,6 @@ def unpack_block_header(blob: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return index, labels, counts, pos
 
 
-def keep_inside(v: np.ndarray, lo: np.ndarray, size: int, step: float) -> np.ndarray:
-    """Keep decimated vertices inside their piece's box without inventing border vertices.
-
-    Border vertices (where this piece meets its neighbours) lie exactly on the box's planes and
-    pyfqmr keeps them bit-exact.  Any other vertex that decimation moved onto or past a plane is
-    put back one quantization ``step`` inside, so it neither crosses the 2x2x2 sub-grid nor
-    lands on a face where the neighbouring fragment has no matching vertex.
-
-    Parameters
-    ----------
-    v : (n, 3) float64
-        Node-relative positions (LOD voxels).
-    lo : (3,) int
-        Low corner of the piece's box; the box is ``[lo, lo + size]``.
-    size : int
-    step : float
-        One quantization step (``chunk / 2**bits``).
-    """
-    hi = lo + size
-    on_plane = (v == lo) | (v == hi)
-    return np.where(on_plane, v, np.clip(v, lo + step, hi - step))
-
-
 def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Backend) -> bytes:
     """Mesh one block at every LOD and encode its fragments.
 
@@ -273,10 +250,11 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
                            (pidx // pieces_per_axis) % pieces_per_axis,
                            pidx % pieces_per_axis], dtype=np.int64)
             ln = pc // sub_per_node
-            sub = pc % sub_per_node
             p_rel = piece.vertices2 * 0.5 - ln * C
-            v, f = decimate(p_rel, piece.faces, quality.keep(k), scale)
-            v = keep_inside(v, sub * piece_size, piece_size, C / float(1 << bits))
+            lo = (pc % sub_per_node) * piece_size
+            on_plane = ((p_rel == lo) | (p_rel == lo + piece_size)).any(axis=1)
+            # decimated vertices are a subset of the piece's: still inside its box
+            v, f = decimate(p_rel, piece.faces, quality.keep(k), scale, frozen=on_plane)
             frags.setdefault((piece.label, tuple(node0 + ln)), []).append((v, f))
         for (label, node), parts in sorted(frags.items()):
             verts, faces, base = [], [], 0
