@@ -250,6 +250,92 @@ def compact_labels(tri_label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @numba.njit(cache=True, nogil=True)
+def _relabel_first_seen(flat, out):
+    """Number the distinct non-zero labels of ``flat`` 1, 2, ... in order of first occurrence."""
+    size = 1024
+    keys = np.zeros(size, dtype=flat.dtype)
+    vals = np.zeros(size, dtype=np.uint32)  # 0: empty slot
+    uniq = np.empty(16, dtype=flat.dtype)
+    nu = 0
+    last_lab = flat[0]
+    last_id = np.uint32(0)
+    for i in range(flat.shape[0]):
+        lab = flat[i]
+        if lab == 0:
+            out[i] = 0
+            continue
+        if last_id != 0 and lab == last_lab:
+            out[i] = last_id
+            continue
+        h = np.int64(((np.uint64(lab) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(20)) & np.uint64(size - 1))
+        while vals[h] != 0 and keys[h] != lab:
+            h = (h + 1) & (size - 1)
+        if vals[h] == 0:
+            if nu == uniq.shape[0]:
+                bigger = np.empty(2 * nu, dtype=uniq.dtype)
+                bigger[:nu] = uniq
+                uniq = bigger
+            uniq[nu] = lab
+            nu += 1
+            keys[h] = lab
+            vals[h] = nu
+            if 2 * nu > size:  # grow and rehash
+                size *= 2
+                keys = np.zeros(size, dtype=flat.dtype)
+                vals = np.zeros(size, dtype=np.uint32)
+                for u in range(nu):
+                    hh = np.int64(((np.uint64(uniq[u]) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(20))
+                                  & np.uint64(size - 1))
+                    while vals[hh] != 0:
+                        hh = (hh + 1) & (size - 1)
+                    keys[hh] = uniq[u]
+                    vals[hh] = u + 1
+                h = np.int64(((np.uint64(lab) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(20)) & np.uint64(size - 1))
+                while keys[h] != lab or vals[h] == 0:
+                    h = (h + 1) & (size - 1)
+        out[i] = vals[h]
+        last_lab = lab
+        last_id = vals[h]
+    return uniq[:nu]
+
+
+@numba.njit(cache=True, nogil=True)
+def _apply_lut(a, lut):
+    for i in range(a.shape[0]):
+        a[i] = lut[a[i]]
+
+
+def relabel_block(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Replace a block's segment IDs by small local IDs that keep their order.
+
+    Meshing and downsampling only compare labels for equality and order (ties of the mode
+    rule go to the smaller ID), so they give the same result on the local IDs, in a smaller
+    dtype, and the triangles' labels index ``ids`` directly.
+
+    Parameters
+    ----------
+    labels : (nx, ny, nz) unsigned integer ndarray
+
+    Returns
+    -------
+    local : (nx, ny, nz) uint32
+        0 where ``labels`` is 0, else ``1 + rank`` of the voxel's ID among the block's IDs.
+    ids : (U,) uint64
+        The block's distinct non-zero IDs, sorted: ``ids[local - 1]`` is the original ID.
+    """
+    flat = np.ascontiguousarray(labels).ravel()
+    local = np.empty(flat.shape[0], dtype=np.uint32)
+    if flat.shape[0] == 0:
+        return local.reshape(labels.shape), np.zeros(0, np.uint64)
+    first = _relabel_first_seen(flat, local)
+    order = np.argsort(first, kind="stable")
+    lut = np.zeros(len(first) + 1, dtype=np.uint32)
+    lut[order + 1] = np.arange(1, len(first) + 1, dtype=np.uint32)
+    _apply_lut(local, lut)
+    return local.reshape(labels.shape), first[order].astype(np.uint64)
+
+
+@numba.njit(cache=True, nogil=True)
 def _group_and_weld(gkey, ngroups, edges):
     """Counting-sort triangles by group key, then weld each group's vertices by edge id."""
     t = gkey.shape[0]
@@ -328,7 +414,14 @@ def weld(tri_label: np.ndarray, tri_piece: np.ndarray, tri_edges: np.ndarray,
     """
     if len(tri_label) == 0:
         return []
-    uniq, lidx = compact_labels(tri_label)
+    top = int(tri_label.max())
+    if top < 4 * len(tri_label) + 1024:  # small labels (local IDs): a dense table
+        present = np.zeros(top + 1, dtype=bool)
+        present[tri_label] = True
+        uniq = np.flatnonzero(present).astype(tri_label.dtype)
+        lidx = (np.cumsum(present) - 1)[tri_label]
+    else:
+        uniq, lidx = compact_labels(tri_label)
     npieces = int(tri_piece.max()) + 1
     gkey = lidx.astype(np.int64) * npieces + tri_piece
     ngroups = len(uniq) * npieces

@@ -39,7 +39,7 @@ from . import encode, storage
 from .backend import Backend, get_backend
 from .errors import DestinationExistsError, EmptyVolumeWarning, GpumeshError
 from .lod import get_quality, decimate
-from .marching import compact_labels
+from .marching import relabel_block
 from .sharding import ShardingOptions
 from .volume import Volume, open_volume
 
@@ -215,17 +215,12 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
     C, L, B = plan.chunk, plan.lods, plan.block
     halo = 1 << (L - 1)
     start = np.array(b, dtype=np.int64) * B - halo
-    labels = volume.read(tuple(start), tuple(start + B + halo))
+    # local IDs (order-preserving) for meshing and downsampling; ids[local - 1] is the segment ID
+    labels, ids = relabel_block(volume.read(tuple(start), tuple(start + B + halo)))
 
-    own = labels[halo:, halo:, halo:]
-    if own.any():
-        flat = own.ravel()
-        flat = flat[flat != 0]
-        uniq, inv = compact_labels(flat)
-        counts = np.bincount(inv, minlength=len(uniq)).astype(np.uint64)
-        count_labels = uniq.astype(np.uint64)
-    else:
-        count_labels = counts = np.zeros(0, dtype=np.uint64)
+    counts = np.bincount(labels[halo:, halo:, halo:].ravel(), minlength=len(ids) + 1)[1:]
+    count_labels = ids[counts > 0]
+    counts = counts[counts > 0].astype(np.uint64)
 
     entries = []
     chunks = []
@@ -273,7 +268,7 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
                 data = encode.encode_legacy(nm, f)
             else:
                 data = encode.encode_draco(q, f, bits)
-            entries.append((label, k, node[0], node[1], node[2], offset, len(data), len(f)))
+            entries.append((ids[label - 1], k, node[0], node[1], node[2], offset, len(data), len(f)))
             chunks.append(data)
             offset += len(data)
     index = np.array(entries, dtype=FRAG_DTYPE)
