@@ -180,9 +180,10 @@ class GPUBackend:
         Returns
         -------
         tri_label : (T,) ndarray, dtype of ``labels``
-        tri_piece : (T,) int64
-        tri_edges : (T, 3) int64
-            The same arrays, in the same order, as the CPU kernel.
+        tri_piece : (T,) int32 or int64
+        tri_edges : (T, 3) int32 or int64
+            The same arrays (dtypes from :func:`gpumesh.marching.index_dtype`), in the same
+            order, as the CPU kernel.
         """
         labels = np.ascontiguousarray(labels)
         if labels.ndim != 3:
@@ -193,7 +194,8 @@ class GPUBackend:
         nx, ny, nz = (int(s) for s in labels.shape)
         ncubes = max(nx - 1, 0) * max(ny - 1, 0) * max(nz - 1, 0)
         if ncubes == 0:
-            return (np.empty(0, labels.dtype), np.empty(0, np.int64), np.empty((0, 3), np.int64))
+            idt = marching.index_dtype(labels.shape)
+            return (np.empty(0, labels.dtype), np.empty(0, idt), np.empty((0, 3), idt))
         rt, sfx = self.rt, DTYPE_SUFFIX[udt]
         d_labels = rt.to_device(labels.view(udt))
         dims = (np.int64(nx), np.int64(ny), np.int64(nz))
@@ -210,8 +212,9 @@ class GPUBackend:
                       (d_labels, counts, scan, *dims, np.int64(piece_size),
                        self._tri_counts, self._tri_table, self._max_tris,
                        self._edge_base, self._edge_axis, out_label, out_piece, out_edges))
-        return (rt.to_host(out_label).view(labels.dtype), rt.to_host(out_piece),
-                rt.to_host(out_edges))
+        idt = marching.index_dtype(labels.shape)  # the CPU kernel's id dtype
+        return (rt.to_host(out_label).view(labels.dtype), rt.to_host(out_piece).astype(idt, copy=False),
+                rt.to_host(out_edges).astype(idt, copy=False))
 
     def mesh(self, labels: np.ndarray, piece_size: int) -> list[marching.Piece]:
         """Welded pieces of every segment in a block (see ``CPUBackend.mesh``)."""

@@ -89,6 +89,15 @@ def _march(labels, piece_size, emit, tri_counts, tri_table, edge_base, edge_axis
     return n
 
 
+def index_dtype(shape) -> type:
+    """dtype of the piece and edge ids of a block: int32 while edge ids fit (blocks up to about
+    800^3 voxels, half the memory traffic), else int64."""
+    n = 3
+    for s in shape:
+        n *= int(s)
+    return np.int32 if n < 2**31 else np.int64
+
+
 def march_cubes(labels: np.ndarray, piece_size: int):
     """Multi-label marching cubes over one block (CPU).
 
@@ -104,20 +113,21 @@ def march_cubes(labels: np.ndarray, piece_size: int):
     -------
     tri_label : (T,) ndarray, same dtype as ``labels``
         Segment ID of each triangle.
-    tri_piece : (T,) int64
+    tri_piece : (T,) int32 (int64 for blocks of 2**31 / 3 voxels or more)
         Piece index ``(pi * py + pj) * pz + pk`` of each triangle.
-    tri_edges : (T, 3) int64
+    tri_edges : (T, 3) int32 (int64 likewise)
         Edge ids of the triangle's vertices, counter-clockwise seen from outside the segment.
     """
     labels = np.ascontiguousarray(labels)
+    idt = index_dtype(labels.shape)
     dummy_l = np.empty(0, dtype=labels.dtype)
-    dummy_p = np.empty(0, dtype=np.int64)
-    dummy_e = np.empty((0, 3), dtype=np.int64)
+    dummy_p = np.empty(0, dtype=idt)
+    dummy_e = np.empty((0, 3), dtype=idt)
     t = _march(labels, piece_size, False, _TRI_COUNTS, _TRI_TABLE, _EDGE_BASE, _EDGE_AXIS,
                dummy_l, dummy_p, dummy_e)
     tri_label = np.empty(t, dtype=labels.dtype)
-    tri_piece = np.empty(t, dtype=np.int64)
-    tri_edges = np.empty((t, 3), dtype=np.int64)
+    tri_piece = np.empty(t, dtype=idt)
+    tri_edges = np.empty((t, 3), dtype=idt)
     _march(labels, piece_size, True, _TRI_COUNTS, _TRI_TABLE, _EDGE_BASE, _EDGE_AXIS,
            tri_label, tri_piece, tri_edges)
     return tri_label, tri_piece, tri_edges
@@ -345,14 +355,14 @@ def _group_and_weld(gkey, ngroups, edges):
     for g in range(ngroups):
         counts[g + 1] += counts[g]
     tstart = counts.copy()
-    order = np.empty(t, dtype=np.int64)
+    order = np.empty(t, dtype=np.int32)
     fill = counts[:-1].copy()
     for i in range(t):
         g = gkey[i]
         order[fill[g]] = i
         fill[g] += 1
     faces = np.empty((t, 3), dtype=np.int32)
-    vert_edge = np.empty(3 * t, dtype=np.int64)
+    vert_edge = np.empty(3 * t, dtype=edges.dtype)
     vstart = np.zeros(ngroups + 1, dtype=np.int64)
     maxt = 0
     for g in range(ngroups):
@@ -361,7 +371,7 @@ def _group_and_weld(gkey, ngroups, edges):
     while size < 6 * maxt:
         size *= 2
     mask = size - 1
-    table_key = np.full(size, -1, dtype=np.int64)
+    table_key = np.full(size, -1, dtype=edges.dtype)
     table_val = np.empty(size, dtype=np.int32)
     used = np.empty(3 * maxt + 1, dtype=np.int64)
     nv_total = 0
@@ -372,7 +382,7 @@ def _group_and_weld(gkey, ngroups, edges):
             tri = order[r]
             for s in range(3):
                 e = edges[tri, s]
-                h = (e * 0x9E3779B97F4A7C15) & mask
+                h = (np.int64(e) * 0x9E3779B97F4A7C15) & mask
                 while True:
                     k = table_key[h]
                     if k == e:
