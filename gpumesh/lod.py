@@ -320,7 +320,8 @@ def _lock_rings(faces, bad, lock):
 
 
 def decimate(vertices: np.ndarray, faces: np.ndarray, keep: float, scale: np.ndarray,
-             max_error: float = 0.5, frozen: "np.ndarray | None" = None) -> tuple[np.ndarray, np.ndarray]:
+             max_error: float = 0.5, frozen: "np.ndarray | None" = None,
+             locked: "np.ndarray | None" = None) -> tuple[np.ndarray, np.ndarray]:
     """Decimate a mesh piece, keeping its open border and its manifoldness.
 
     Parameters
@@ -344,6 +345,10 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, keep: float, scale: np.nda
         must contain every vertex of the open border.  The pipeline freezes the vertices on
         the piece's box planes, so that no collapse makes a new edge in a plane the
         neighbouring piece shares (see module docs).
+    locked : (n,) bool, optional
+        Vertices that must not move (collapses onto them are still allowed).  The pipeline
+        locks thin spots (:func:`gpumesh.marching.thin_vertices`): that keeps thin processes
+        and avoids most of the defects that would need a second round.
 
     Returns
     -------
@@ -369,6 +374,8 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, keep: float, scale: np.nda
     err = float(max_error) * float(np.min(scale)) if np.isfinite(max_error) else 3.0e38
     options = _SIMPLIFY_LOCK_BORDER | _SIMPLIFY_ERROR_ABSOLUTE
     lock = np.zeros(nv, dtype=np.uint8)
+    if locked is not None:
+        lock[np.asarray(locked, dtype=bool)] = 1
     if frozen is not None:
         core = np.ascontiguousarray(frozen, dtype=np.bool_)
         _lock_rings(f_in, core, lock)

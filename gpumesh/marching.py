@@ -447,3 +447,36 @@ def weld(tri_label: np.ndarray, tri_piece: np.ndarray, tri_edges: np.ndarray,
             faces=faces[tstart[g]:tstart[g + 1]],
         ))
     return out
+
+
+def thin_vertices(labels: np.ndarray, piece: Piece) -> np.ndarray:
+    """Vertices where the segment is one voxel thick along the vertex's lattice edge.
+
+    A vertex is the midpoint of a lattice edge from a voxel of the segment to a voxel outside
+    it; it is *thin* when the voxel on the far side of the inside voxel, along the same axis,
+    is outside too (or beyond the block).  Decimation locks these vertices: collapses there
+    would pinch thin processes (spine necks, thin axons) and are where meshoptimizer's
+    collapses break the link condition (see :mod:`gpumesh.lod`).
+
+    Parameters
+    ----------
+    labels : (nx, ny, nz) ndarray
+        The block of labels the piece was meshed from (see :func:`march_cubes`).
+    piece : Piece
+
+    Returns
+    -------
+    (n,) bool, one per ``piece.vertices2`` row.
+    """
+    v2 = piece.vertices2
+    axis = np.argmax(v2 & 1, axis=1)
+    lo = v2 >> 1
+    step = np.eye(3, dtype=np.int64)[axis]
+    hi = lo + step
+    inside_lo = labels[lo[:, 0], lo[:, 1], lo[:, 2]] == piece.label
+    inner = np.where(inside_lo[:, None], lo, hi)
+    far = inner + np.where(inside_lo[:, None], -step, step)
+    shape = np.asarray(labels.shape)
+    ok = ((far >= 0) & (far < shape)).all(axis=1)
+    far = np.clip(far, 0, shape - 1)
+    return ~ok | (labels[far[:, 0], far[:, 1], far[:, 2]] != piece.label)

@@ -39,7 +39,7 @@ from . import encode, storage
 from .backend import Backend, get_backend
 from .errors import DestinationExistsError, EmptyVolumeWarning, GpumeshError
 from .lod import get_quality, decimate
-from .marching import relabel_block
+from .marching import relabel_block, thin_vertices
 from .sharding import ShardingOptions
 from .volume import Volume, open_volume
 
@@ -249,7 +249,8 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
             lo = (pc % sub_per_node) * piece_size
             on_plane = ((p_rel == lo) | (p_rel == lo + piece_size)).any(axis=1)
             # decimated vertices are a subset of the piece's: still inside its box
-            v, f = decimate(p_rel, piece.faces, quality.keep(k), scale, frozen=on_plane)
+            thin = thin_vertices(mc_in, piece) if quality.keep(k) < 1.0 else None
+            v, f = decimate(p_rel, piece.faces, quality.keep(k), scale, frozen=on_plane, locked=thin)
             frags.setdefault((piece.label, tuple(node0 + ln)), []).append((v, f))
         for (label, node), parts in sorted(frags.items()):
             verts, faces, base = [], [], 0

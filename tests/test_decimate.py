@@ -141,3 +141,30 @@ def test_error_bound_limits_decimation(pieces):
     assert len(loose) < len(tight)
     same_v, same_f = lod.decimate(v, f, 1.0, SCALE)
     assert same_v is v and np.array_equal(same_f, f)
+
+
+def test_thin_vertices_mark_one_voxel_thick_spots():
+    """A slab 1 voxel thick in z next to one 4 voxels thick: only the thin slab's z faces are thin."""
+    from gpumesh.marching import thin_vertices
+
+    labels = np.zeros((12, 12, 14), np.uint32)
+    labels[2:10, 2:10, 2] = 7           # 1 voxel thick along z
+    labels[2:10, 2:10, 6:10] = 9        # 4 voxels thick along every axis
+    pieces = {p.label: p for p in CPUBackend().mesh(labels, 1000)}
+    for label, want_thin in ((7, True), (9, False)):
+        p = pieces[label]
+        thin = thin_vertices(labels, p)
+        z_faces = (p.vertices2[:, 2] % 2 == 1)  # vertices on z edges: the slab's top and bottom
+        assert thin[z_faces].all() == want_thin and thin[z_faces].any() == want_thin
+        # the segments are 8 voxels wide in x and y: vertices on x/y edges are never thin
+        assert (~z_faces).sum() > 0 and not thin[~z_faces].any()
+
+
+def test_locked_vertices_stay(pieces):
+    v, f, on_plane = max(pieces, key=lambda p: len(p[1]))
+    rng = np.random.default_rng(5)
+    locked = rng.random(len(v)) < 0.1
+    dv, df = lod.decimate(v, f, 0.4, SCALE, frozen=on_plane, locked=locked)
+    kept = {tuple(r) for r in (dv * 2).astype(np.int64).tolist()}
+    assert {tuple(r) for r in (v[locked] * 2).astype(np.int64).tolist()} <= kept
+    assert_sound(v, f, back_to_input(v, dv, df), "piece with locked vertices")
