@@ -21,6 +21,7 @@ Geometry (stored-model space is LOD 0 voxel units, the ``info`` transform scales
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import math
@@ -282,8 +283,28 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
 _WORKER: dict[str, Any] = {}
 
 
+def _keep_freed_memory() -> None:
+    """Let glibc keep freed memory for the next block instead of returning it to the OS.
+
+    A block allocates a few hundred MB of short-lived arrays; served by mmap and returned on
+    free, every block faults them in again, which costs more system time than the meshing on
+    some VMs.  Workers are our own processes, so they serve every allocation from the heap
+    (``M_MMAP_MAX = 0``) and never trim it (``M_TRIM_THRESHOLD``): after the first block the
+    heap holds the peak and no page is faulted again.  No-op where glibc is not the allocator.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)                # M_MMAP_MAX
+        libc.mallopt(-1, 2**31 - 1)        # M_TRIM_THRESHOLD
+        libc.mallopt(-2, 256 << 20)        # M_TOP_PAD
+    except (OSError, AttributeError):
+        pass
+
+
 def _init_worker(source, open_kwargs, plan, options, dest_spec, device):
     import tensorstore as ts  # noqa: F401
+
+    _keep_freed_memory()
 
     _WORKER["volume"] = open_volume(source, **open_kwargs)
     _WORKER["plan"] = plan
