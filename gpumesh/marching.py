@@ -188,58 +188,6 @@ def edge_ids_to_vertices2(edge_ids: np.ndarray, shape: tuple[int, int, int]) -> 
                                   int(shape[1]), int(shape[2]))
 
 
-@numba.njit(cache=True, nogil=True)
-def _compact_labels(tri_label):
-    """First-occurrence compaction of labels with an open-addressing hash (grows as needed)."""
-    size = 1024
-    keys = np.zeros(size, dtype=tri_label.dtype)
-    full = np.zeros(size, dtype=np.bool_)
-    vals = np.empty(size, dtype=np.int64)
-    uniq = np.empty(16, dtype=tri_label.dtype)
-    nu = 0
-    out = np.empty(tri_label.shape[0], dtype=np.int64)
-    last_lab = tri_label[0]
-    last_idx = -1
-    for i in range(tri_label.shape[0]):
-        lab = tri_label[i]
-        if last_idx >= 0 and lab == last_lab:
-            out[i] = last_idx
-            continue
-        h = (np.uint64(lab) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(20)
-        h = np.int64(h & np.uint64(size - 1))
-        while full[h] and keys[h] != lab:
-            h = (h + 1) & (size - 1)
-        if not full[h]:
-            full[h] = True
-            keys[h] = lab
-            vals[h] = nu
-            if nu == uniq.shape[0]:
-                bigger = np.empty(2 * nu, dtype=uniq.dtype)
-                bigger[:nu] = uniq
-                uniq = bigger
-            uniq[nu] = lab
-            nu += 1
-            if 2 * nu > size:  # grow and rehash
-                size *= 2
-                keys = np.zeros(size, dtype=tri_label.dtype)
-                full = np.zeros(size, dtype=np.bool_)
-                vals = np.empty(size, dtype=np.int64)
-                for u in range(nu):
-                    hh = (np.uint64(uniq[u]) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(20)
-                    hh = np.int64(hh & np.uint64(size - 1))
-                    while full[hh]:
-                        hh = (hh + 1) & (size - 1)
-                    full[hh] = True
-                    keys[hh] = uniq[u]
-                    vals[hh] = u
-            out[i] = nu - 1
-        else:
-            out[i] = vals[h]
-        last_lab = lab
-        last_idx = out[i]
-    return uniq[:nu], out
-
-
 def compact_labels(tri_label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted distinct labels and each element's index into them (like ``np.unique``).
 
@@ -252,11 +200,12 @@ def compact_labels(tri_label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     uniq : (U,) sorted distinct labels
     inverse : (T,) int64
     """
-    uniq, idx = _compact_labels(tri_label)
-    order = np.argsort(uniq, kind="stable")
-    rank = np.empty_like(order)
+    local = np.empty(tri_label.shape[0], dtype=np.uint32)
+    first = _relabel_first_seen(np.ascontiguousarray(tri_label), local)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
-    return uniq[order], rank[idx]
+    return first[order], rank[local.astype(np.int64) - 1]
 
 
 @numba.njit(cache=True, nogil=True)
