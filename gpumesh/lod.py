@@ -225,6 +225,24 @@ def _has_edge(table, key):
 
 
 @numba.njit(cache=True, nogil=True)
+def _mark_repeated(out, nv, size, bad):
+    """Mark the vertices of every edge that ``out`` uses a second time in the same direction."""
+    seen = np.full(size, -1, dtype=np.int64)
+    for t in range(out.shape[0]):
+        for s in range(3):
+            a = out[t, s]
+            b = out[t, (s + 1) % 3]
+            key = np.int64(a) * nv + b
+            h = (key * 0x9E3779B97F4A7C15) & (size - 1)
+            while seen[h] != -1 and seen[h] != key:
+                h = (h + 1) & (size - 1)
+            if seen[h] == key:
+                bad[a] = True
+                bad[b] = True
+            seen[h] = key
+
+
+@numba.njit(cache=True, nogil=True)
 def _count_border_edges(table, faces, nv):
     """Edges of ``faces`` whose reverse is not in ``table`` (the open border)."""
     n = 0
@@ -245,21 +263,8 @@ def _defects(out, nv, table_in, border_in):
     table, dup = _edge_table(out, nv)
     bad = np.zeros(nv, dtype=np.bool_)
     found = dup
-    if dup:  # mark the vertices of the repeated edges
-        size = table.shape[0]
-        seen = np.full(size, -1, dtype=np.int64)
-        for t in range(out.shape[0]):
-            for s in range(3):
-                a = out[t, s]
-                b = out[t, (s + 1) % 3]
-                key = np.int64(a) * nv + b
-                h = (key * 0x9E3779B97F4A7C15) & (size - 1)
-                while seen[h] != -1 and seen[h] != key:
-                    h = (h + 1) & (size - 1)
-                if seen[h] == key:
-                    bad[a] = True
-                    bad[b] = True
-                seen[h] = key
+    if dup:
+        _mark_repeated(out, nv, table.shape[0], bad)
     border_out = 0
     for t in range(out.shape[0]):
         for s in range(3):
@@ -285,25 +290,15 @@ def _defects_frozen(out, nv, core):
     border edge exactly when it touches ``core``; elsewhere it is a hole.
     """
     table, dup = _edge_table(out, nv)
-    size = table.shape[0]
     bad = np.zeros(nv, dtype=np.bool_)
-    found = False
-    seen = np.full(size, -1, dtype=np.int64) if dup else table[:0]
+    found = dup
+    if dup:
+        _mark_repeated(out, nv, table.shape[0], bad)
     for t in range(out.shape[0]):
         for s in range(3):
             a = out[t, s]
             b = out[t, (s + 1) % 3]
-            wrong = False
-            if dup:
-                key = np.int64(a) * nv + b
-                h = (key * 0x9E3779B97F4A7C15) & (size - 1)
-                while seen[h] != -1 and seen[h] != key:
-                    h = (h + 1) & (size - 1)
-                wrong = seen[h] == key
-                seen[h] = key
-            if not wrong and not (core[a] or core[b]):
-                wrong = not _has_edge(table, np.int64(b) * nv + a)
-            if wrong:
+            if not (core[a] or core[b]) and not _has_edge(table, np.int64(b) * nv + a):
                 bad[a] = True
                 bad[b] = True
                 found = True
@@ -317,6 +312,11 @@ def _lock_rings(faces, bad, lock):
         if bad[faces[t, 0]] or bad[faces[t, 1]] or bad[faces[t, 2]]:
             for s in range(3):
                 lock[faces[t, s]] = 1
+
+
+def decimates(keep: float, num_faces: int) -> bool:
+    """Whether :func:`decimate` changes a piece of ``num_faces`` triangles at all."""
+    return keep < 1.0 and num_faces >= MIN_DECIMATE_TRIANGLES
 
 
 def decimate(vertices: np.ndarray, faces: np.ndarray, keep: float, scale: np.ndarray,
@@ -363,7 +363,7 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, keep: float, scale: np.nda
     -----
     See the module docs (Decimation) for the simplifier and the defect checks.
     """
-    if keep >= 1.0 or len(faces) < MIN_DECIMATE_TRIANGLES:
+    if not decimates(keep, len(faces)):
         return vertices, faces.astype(np.int32, copy=False)
     fn = _meshopt()
     nv = len(vertices)

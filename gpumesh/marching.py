@@ -209,6 +209,12 @@ def compact_labels(tri_label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @numba.njit(cache=True, nogil=True)
+def _slot(lab, size):
+    """Home slot of ``lab`` in an open-addressing table of ``size`` (a power of two) slots."""
+    return np.int64(((np.uint64(lab) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(20)) & np.uint64(size - 1))
+
+
+@numba.njit(cache=True, nogil=True)
 def _relabel_first_seen(flat, out):
     """Number the distinct non-zero labels of ``flat`` 1, 2, ... in order of first occurrence."""
     size = 1024
@@ -226,7 +232,7 @@ def _relabel_first_seen(flat, out):
         if last_id != 0 and lab == last_lab:
             out[i] = last_id
             continue
-        h = np.int64(((np.uint64(lab) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(20)) & np.uint64(size - 1))
+        h = _slot(lab, size)
         while vals[h] != 0 and keys[h] != lab:
             h = (h + 1) & (size - 1)
         if vals[h] == 0:
@@ -243,13 +249,12 @@ def _relabel_first_seen(flat, out):
                 keys = np.zeros(size, dtype=flat.dtype)
                 vals = np.zeros(size, dtype=np.uint32)
                 for u in range(nu):
-                    hh = np.int64(((np.uint64(uniq[u]) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(20))
-                                  & np.uint64(size - 1))
+                    hh = _slot(uniq[u], size)
                     while vals[hh] != 0:
                         hh = (hh + 1) & (size - 1)
                     keys[hh] = uniq[u]
                     vals[hh] = u + 1
-                h = np.int64(((np.uint64(lab) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(20)) & np.uint64(size - 1))
+                h = _slot(lab, size)
                 while keys[h] != lab or vals[h] == 0:
                     h = (h + 1) & (size - 1)
         out[i] = vals[h]

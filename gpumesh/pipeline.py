@@ -39,7 +39,7 @@ import numpy as np
 from . import encode, storage
 from .backend import Backend, get_backend
 from .errors import DestinationExistsError, EmptyVolumeWarning, GpumeshError
-from .lod import get_quality, decimate
+from .lod import decimate, decimates, get_quality
 from .marching import relabel_block, thin_vertices
 from .sharding import ShardingOptions
 from .volume import Volume, open_volume
@@ -247,11 +247,14 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
                            pidx % pieces_per_axis], dtype=np.int64)
             ln = pc // sub_per_node
             p_rel = piece.vertices2 * 0.5 - ln * C
-            lo = (pc % sub_per_node) * piece_size
-            on_plane = ((p_rel == lo) | (p_rel == lo + piece_size)).any(axis=1)
-            # decimated vertices are a subset of the piece's: still inside its box
-            thin = thin_vertices(mc_in, piece) if quality.keep(k) < 1.0 else None
-            v, f = decimate(p_rel, piece.faces, quality.keep(k), scale, frozen=on_plane, locked=thin)
+            if decimates(quality.keep(k), len(piece.faces)):
+                lo = (pc % sub_per_node) * piece_size
+                on_plane = ((p_rel == lo) | (p_rel == lo + piece_size)).any(axis=1)
+                # decimated vertices are a subset of the piece's: still inside its box
+                v, f = decimate(p_rel, piece.faces, quality.keep(k), scale, frozen=on_plane,
+                                locked=thin_vertices(mc_in, piece))
+            else:
+                v, f = p_rel, piece.faces
             frags.setdefault((piece.label, tuple(node0 + ln)), []).append((v, f))
         for (label, node), parts in sorted(frags.items()):
             verts, faces, base = [], [], 0
