@@ -1,0 +1,77 @@
+"""Build the optional Draco encoder extension (``gpumesh._dracoenc``).
+
+Everything else is in ``pyproject.toml``.  The extension is compiled against the Draco
+library that DracoPy's wheel installs beside itself (``include/draco`` and ``lib*/libdraco.a``
+under the environment's prefix; DracoPy is a build requirement).  It is optional: when no C++
+compiler or no Draco library is found, the build goes on without it and
+:func:`gpumesh.encode.encode_draco` uses ``DracoPy.encode``, which writes the same bytes, more
+slowly.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+def _draco_prefixes() -> list[str]:
+    """Environment prefixes where DracoPy may have put Draco's headers and static library."""
+    prefixes = []
+    try:
+        import DracoPy  # noqa: F401  (a build requirement)
+
+        site = os.path.dirname(os.path.abspath(DracoPy.__file__))
+        # <prefix>/lib/pythonX.Y/site-packages/DracoPy*.so -> <prefix>
+        prefixes.append(os.path.dirname(os.path.dirname(os.path.dirname(site))))
+    except ImportError:
+        pass
+    prefixes += [sys.prefix, sys.base_prefix]
+    return prefixes
+
+
+def _find_draco():
+    for prefix in _draco_prefixes():
+        include = os.path.join(prefix, "include")
+        libs = glob.glob(os.path.join(prefix, "lib*", "libdraco.a"))
+        if os.path.isfile(os.path.join(include, "draco", "compression", "encode.h")) and libs:
+            return include, libs[0]
+    return None
+
+
+class OptionalBuildExt(build_ext):
+    """Build extensions, but never fail the install over the optional Draco encoder."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as exc:  # compiler missing, headers missing, ...
+            print(f"gpumesh: not building the Draco encoder extension ({exc}); DracoPy.encode is used")
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as exc:
+            print(f"gpumesh: not building {ext.name} ({exc}); DracoPy.encode is used")
+
+
+ext_modules = []
+found = _find_draco()
+if found is None:
+    print("gpumesh: Draco headers/libdraco.a not found beside DracoPy; DracoPy.encode is used")
+else:
+    include, lib = found
+    ext_modules.append(Extension(
+        "gpumesh._dracoenc",
+        sources=["gpumesh/_dracoenc.cpp"],
+        include_dirs=[include],
+        extra_objects=[lib],
+        extra_compile_args=["-std=c++17", "-O2"],
+        language="c++",
+        optional=True,
+    ))
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": OptionalBuildExt})
