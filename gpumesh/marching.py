@@ -143,7 +143,7 @@ class Piece:
         Segment ID.
     piece : int
         Piece index in the block (see :func:`march_cubes`).
-    vertices2 : (n, 3) int64
+    vertices2 : (n, 3) int32
         Vertex positions in doubled local lattice units: ``2 * array_index`` of the lower
         lattice point plus the unit vector of the edge axis.
     faces : (m, 3) int32
@@ -154,38 +154,6 @@ class Piece:
     piece: int
     vertices2: np.ndarray
     faces: np.ndarray
-
-
-@numba.njit(cache=True, nogil=True)
-def _edge_ids_to_vertices2(edge_ids, ny, nz):
-    out = np.empty((edge_ids.shape[0], 3), dtype=np.int64)
-    for i in range(edge_ids.shape[0]):
-        e = edge_ids[i]
-        axis = e % 3
-        p = e // 3
-        out[i, 2] = 2 * (p % nz)
-        out[i, 1] = 2 * ((p // nz) % ny)
-        out[i, 0] = 2 * (p // (ny * nz))
-        out[i, axis] += 1
-    return out
-
-
-def edge_ids_to_vertices2(edge_ids: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """Doubled local lattice coordinates of edge midpoints.
-
-    Parameters
-    ----------
-    edge_ids : (n,) int64
-    shape : (nx, ny, nz)
-        Shape of the labels block the ids refer to.
-
-    Returns
-    -------
-    (n, 3) int64
-        ``2 * lower_lattice_point + unit(axis)``.
-    """
-    return _edge_ids_to_vertices2(np.ascontiguousarray(edge_ids, dtype=np.int64),
-                                  int(shape[1]), int(shape[2]))
 
 
 def compact_labels(tri_label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -300,23 +268,24 @@ def relabel_block(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @numba.njit(cache=True, nogil=True)
-def _group_and_weld(gkey, ngroups, edges):
-    """Counting-sort triangles by group key, then weld each group's vertices by edge id."""
-    t = gkey.shape[0]
+def _group_and_weld(tri_label, lut, tri_piece, npieces, ngroups, edges, ny, nz):
+    """Counting-sort triangles by group ``lut[label] * npieces + piece``, then weld each group's
+    vertices by edge id; vertices come out as doubled lattice coordinates (int32)."""
+    t = tri_label.shape[0]
     counts = np.zeros(ngroups + 1, dtype=np.int64)
     for i in range(t):
-        counts[gkey[i] + 1] += 1
+        counts[np.int64(lut[tri_label[i]]) * npieces + tri_piece[i] + 1] += 1
     for g in range(ngroups):
         counts[g + 1] += counts[g]
     tstart = counts.copy()
     order = np.empty(t, dtype=np.int32)
     fill = counts[:-1].copy()
     for i in range(t):
-        g = gkey[i]
+        g = np.int64(lut[tri_label[i]]) * npieces + tri_piece[i]
         order[fill[g]] = i
         fill[g] += 1
     faces = np.empty((t, 3), dtype=np.int32)
-    vert_edge = np.empty(3 * t, dtype=edges.dtype)
+    verts = np.empty((t * 9 // 16 + 1024, 3), dtype=np.int32)  # V is about T / 2; grown on demand
     vstart = np.zeros(ngroups + 1, dtype=np.int64)
     maxt = 0
     for g in range(ngroups):
@@ -347,7 +316,17 @@ def _group_and_weld(gkey, ngroups, edges):
                         table_val[h] = nv
                         used[nused] = h
                         nused += 1
-                        vert_edge[nv_total + nv] = e
+                        if nv_total + nv == verts.shape[0]:
+                            bigger = np.empty((2 * verts.shape[0], 3), dtype=np.int32)
+                            bigger[:verts.shape[0]] = verts
+                            verts = bigger
+                        # edge id -> 2 * lower lattice point + unit vector of the edge's axis
+                        p = np.int64(e) // 3
+                        row = nv_total + nv
+                        verts[row, 0] = 2 * (p // (ny * nz))
+                        verts[row, 1] = 2 * ((p // nz) % ny)
+                        verts[row, 2] = 2 * (p % nz)
+                        verts[row, np.int64(e) % 3] += 1
                         faces[r, s] = nv
                         nv += 1
                         break
@@ -356,7 +335,7 @@ def _group_and_weld(gkey, ngroups, edges):
             table_key[used[u]] = -1
         nv_total += nv
         vstart[g + 1] = nv_total
-    return order, tstart, faces, vert_edge[:nv_total], vstart
+    return tstart, faces, verts[:nv_total], vstart
 
 
 def weld(tri_label: np.ndarray, tri_piece: np.ndarray, tri_edges: np.ndarray,
@@ -383,14 +362,15 @@ def weld(tri_label: np.ndarray, tri_piece: np.ndarray, tri_edges: np.ndarray,
         present = np.zeros(top + 1, dtype=bool)
         present[tri_label] = True
         uniq = np.flatnonzero(present).astype(tri_label.dtype)
-        lidx = (np.cumsum(present) - 1)[tri_label]
+        lut = (np.cumsum(present) - 1).astype(np.int32)
+        key = tri_label
     else:
-        uniq, lidx = compact_labels(tri_label)
+        uniq, key = compact_labels(tri_label)
+        lut = np.arange(len(uniq), dtype=np.int32)
     npieces = int(tri_piece.max()) + 1
-    gkey = lidx.astype(np.int64) * npieces + tri_piece
     ngroups = len(uniq) * npieces
-    _, tstart, faces, vert_edge, vstart = _group_and_weld(gkey, ngroups, tri_edges)
-    verts_all = edge_ids_to_vertices2(vert_edge, shape)
+    tstart, faces, verts_all, vstart = _group_and_weld(
+        key, lut, tri_piece, npieces, ngroups, tri_edges, int(shape[1]), int(shape[2]))
     out = []
     nonempty = np.flatnonzero(tstart[1:] > tstart[:-1])
     for g in nonempty:
@@ -401,6 +381,34 @@ def weld(tri_label: np.ndarray, tri_piece: np.ndarray, tri_edges: np.ndarray,
             faces=faces[tstart[g]:tstart[g + 1]],
         ))
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _thin(labels, v2, label, out):
+    nx, ny, nz = labels.shape
+    for i in range(v2.shape[0]):
+        axis = 0 if v2[i, 0] & 1 else (1 if v2[i, 1] & 1 else 2)
+        x, y, z = v2[i, 0] >> 1, v2[i, 1] >> 1, v2[i, 2] >> 1
+        step = 1
+        if labels[x, y, z] == label:
+            step = -1           # inside voxel is the low end: look one further down
+        else:
+            if axis == 0:       # inside voxel is the high end: look one further up
+                x += 1
+            elif axis == 1:
+                y += 1
+            else:
+                z += 1
+        if axis == 0:
+            x += step
+        elif axis == 1:
+            y += step
+        else:
+            z += step
+        if x < 0 or y < 0 or z < 0 or x >= nx or y >= ny or z >= nz:
+            out[i] = True
+        else:
+            out[i] = labels[x, y, z] != label
 
 
 def thin_vertices(labels: np.ndarray, piece: Piece) -> np.ndarray:
@@ -422,15 +430,6 @@ def thin_vertices(labels: np.ndarray, piece: Piece) -> np.ndarray:
     -------
     (n,) bool, one per ``piece.vertices2`` row.
     """
-    v2 = piece.vertices2
-    axis = np.argmax(v2 & 1, axis=1)
-    lo = v2 >> 1
-    step = np.eye(3, dtype=np.int64)[axis]
-    hi = lo + step
-    inside_lo = labels[lo[:, 0], lo[:, 1], lo[:, 2]] == piece.label
-    inner = np.where(inside_lo[:, None], lo, hi)
-    far = inner + np.where(inside_lo[:, None], -step, step)
-    shape = np.asarray(labels.shape)
-    ok = ((far >= 0) & (far < shape)).all(axis=1)
-    far = np.clip(far, 0, shape - 1)
-    return ~ok | (labels[far[:, 0], far[:, 1], far[:, 2]] != piece.label)
+    out = np.empty(len(piece.vertices2), dtype=np.bool_)
+    _thin(labels, piece.vertices2, labels.dtype.type(piece.label), out)
+    return out

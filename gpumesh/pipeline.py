@@ -287,21 +287,36 @@ _WORKER: dict[str, Any] = {}
 
 
 def _keep_freed_memory() -> None:
-    """Let glibc keep freed memory for the next block instead of returning it to the OS.
+    """Make a worker reuse its memory instead of faulting fresh pages for every block.
 
-    A block allocates a few hundred MB of short-lived arrays; served by mmap and returned on
-    free, every block faults them in again, which costs more system time than the meshing on
-    some VMs.  Workers are our own processes, so they serve every allocation from the heap
-    (``M_MMAP_MAX = 0``) and never trim it (``M_TRIM_THRESHOLD``): after the first block the
-    heap holds the peak and no page is faulted again.  No-op where glibc is not the allocator.
+    A block allocates a few hundred MB of short-lived arrays.  Two things made each block
+    fault them in again, which cost more system time than the meshing on some VMs:
+
+    * glibc served them by mmap and returned them on free.  Workers are our own processes, so
+      they serve every allocation from the heap (``M_MMAP_MAX = 0``) and never trim it
+      (``M_TRIM_THRESHOLD``): after the first block the heap holds the peak.
+    * NumPy asks for transparent huge pages on every large array (``madvise(MADV_HUGEPAGE)``).
+      Where the kernel's THP ``defrag`` setting is ``madvise`` (a common default), each such
+      fault compacts memory synchronously: on the 2-core VM of ``docs/STATUS.md`` touching
+      400 MB cost 2-5 s of system time with huge pages and 0.24 s without.  Workers turn it
+      off (``NUMPY_MADVISE_HUGEPAGE=0`` does the same for a whole process).
+
+    No-op where glibc is not the allocator or NumPy lacks the switch.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-4, 0)                # M_MMAP_MAX
         libc.mallopt(-1, 2**31 - 1)        # M_TRIM_THRESHOLD
         libc.mallopt(-2, 256 << 20)        # M_TOP_PAD
+        libc.mallopt(-8, 1)                # M_ARENA_MAX: TensorStore's threads too
     except (OSError, AttributeError):
         pass
+    for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            __import__(mod, fromlist=["_set_madvise_hugepage"])._set_madvise_hugepage(False)
+            break
+        except (ImportError, AttributeError):
+            continue
 
 
 def _init_worker(source, open_kwargs, plan, options, dest_spec, device):
