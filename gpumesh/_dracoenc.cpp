@@ -34,8 +34,11 @@ struct Buffer {
   bool get(PyObject *obj, const char *format, const char *name) {
     if (PyObject_GetBuffer(obj, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_ND) != 0) return false;
     held = true;
-    if (view.ndim != 2 || view.shape[1] != 3 || view.itemsize != 4 ||
-        view.format == nullptr || view.format[0] != format[0] || view.format[1] != '\0') {
+    const char *fmt = view.format != nullptr ? view.format : "";
+    if (*fmt == '<' || *fmt == '=' || *fmt == '@') ++fmt;  // native little-endian only (x86, ARM)
+    // uint32 is 'I' (or 'L' where long is 32 bits); float32 is 'f'
+    const bool kind_ok = format[0] == 'f' ? fmt[0] == 'f' : (fmt[0] == 'I' || fmt[0] == 'L');
+    if (view.ndim != 2 || view.shape[1] != 3 || view.itemsize != 4 || !kind_ok || fmt[1] != '\0') {
       PyErr_Format(PyExc_ValueError, "%s must be a C-contiguous (n, 3) array of dtype %s", name,
                    format[0] == 'f' ? "float32" : "uint32");
       return false;

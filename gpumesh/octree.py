@@ -13,6 +13,15 @@ import struct
 import numpy as np
 
 
+def _spread3(v: np.ndarray) -> np.ndarray:
+    """Move bit ``i`` of each value (< 2**21) to bit ``3 * i``."""
+    v = v & np.uint64(0x1FFFFF)
+    for shift, mask in ((32, 0x1F00000000FFFF), (16, 0x1F0000FF0000FF), (8, 0x100F00F00F00F00F),
+                        (4, 0x10C30C30C30C30C3), (2, 0x1249249249249249)):
+        v = (v | (v << np.uint64(shift))) & np.uint64(mask)
+    return v
+
+
 def morton_code(positions: np.ndarray) -> np.ndarray:
     """Z-curve code of node positions (x in the least significant bit of each triple).
 
@@ -24,12 +33,8 @@ def morton_code(positions: np.ndarray) -> np.ndarray:
     -------
     (n,) uint64
     """
-    pos = np.asarray(positions, dtype=np.uint64)
-    code = np.zeros(len(pos), dtype=np.uint64)
-    for bit in range(21):
-        for axis in range(3):
-            code |= ((pos[:, axis] >> np.uint64(bit)) & np.uint64(1)) << np.uint64(3 * bit + axis)
-    return code
+    pos = np.asarray(positions, dtype=np.uint64).reshape(-1, 3)
+    return _spread3(pos[:, 0]) | (_spread3(pos[:, 1]) << np.uint64(1)) | (_spread3(pos[:, 2]) << np.uint64(2))
 
 
 def zorder(positions: np.ndarray) -> np.ndarray:
@@ -54,10 +59,11 @@ def close_parents(nodes_per_lod: list[np.ndarray]) -> list[np.ndarray]:
     carry = np.zeros((0, 3), dtype=np.uint32)
     for nodes in nodes_per_lod:
         allnodes = np.concatenate([np.asarray(nodes, dtype=np.uint32).reshape(-1, 3), carry])
-        allnodes = np.unique(allnodes, axis=0)
-        allnodes = allnodes[zorder(allnodes)]
+        # the Z-curve code is one-to-one: its sorted distinct values are the nodes in Z-order
+        _, first = np.unique(morton_code(allnodes), return_index=True)
+        allnodes = allnodes[first]
         out.append(allnodes)
-        carry = np.unique(allnodes >> 1, axis=0).astype(np.uint32)
+        carry = allnodes >> 1
     return out
 
 
