@@ -11,6 +11,7 @@ slowly.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import sys
 
@@ -21,14 +22,12 @@ from setuptools.command.build_ext import build_ext
 def _draco_prefixes() -> list[str]:
     """Environment prefixes where DracoPy may have put Draco's headers and static library."""
     prefixes = []
-    try:
-        import DracoPy  # noqa: F401  (a build requirement)
-
-        site = os.path.dirname(os.path.abspath(DracoPy.__file__))
+    # locate DracoPy without importing it (its import needs NumPy, which the build lacks)
+    spec = importlib.util.find_spec("DracoPy")
+    if spec is not None and spec.origin:
+        site = os.path.dirname(os.path.abspath(spec.origin))
         # <prefix>/lib/pythonX.Y/site-packages/DracoPy*.so -> <prefix>
         prefixes.append(os.path.dirname(os.path.dirname(os.path.dirname(site))))
-    except ImportError:
-        pass
     prefixes += [sys.prefix, sys.base_prefix]
     return prefixes
 
