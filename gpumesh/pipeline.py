@@ -216,8 +216,13 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
     C, L, B = plan.chunk, plan.lods, plan.block
     halo = 1 << (L - 1)
     start = np.array(b, dtype=np.int64) * B - halo
+    # Beyond the volume every voxel is background, so past the coarsest LOD's first voxel
+    # outside it there is no surface: a border block is cut there (a slab, not a full block).
+    # The cut is a multiple of 2**(L-1) from ``start``, so every LOD's voxels stay whole.
+    limit = (-(-np.asarray(volume.shape, dtype=np.int64) // halo) + 1) * halo
+    stop = np.minimum(start + B + halo, limit)
     # local IDs (order-preserving) for meshing and downsampling; ids[local - 1] is the segment ID
-    labels, ids = relabel_block(volume.read(tuple(start), tuple(start + B + halo)))
+    labels, ids = relabel_block(volume.read(tuple(start), tuple(stop)))
 
     counts = np.bincount(labels[halo:, halo:, halo:].ravel(), minlength=len(ids) + 1)[1:]
     count_labels = ids[counts > 0]
@@ -236,15 +241,14 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
         mc_in = np.ascontiguousarray(level[hk - 1:, hk - 1:, hk - 1:])
         piece_size = C if k == 0 else C // 2
         sub_per_node = C // piece_size
-        pieces_per_axis = (B >> k) // piece_size
+        # pieces per axis, as marching cubes numbers them (a cut border block has fewer)
+        _, py, pz = (-(-(n - 1) // piece_size) for n in mc_in.shape)
         node0 = np.array(b, dtype=np.int64) * (B >> k) // C
         scale = volume.voxel_size * (1 << k)
         frags: dict[tuple, list] = {}
         for piece in backend.mesh(mc_in, piece_size):
             pidx = piece.piece
-            pc = np.array([pidx // (pieces_per_axis * pieces_per_axis),
-                           (pidx // pieces_per_axis) % pieces_per_axis,
-                           pidx % pieces_per_axis], dtype=np.int64)
+            pc = np.array([pidx // (py * pz), (pidx // pz) % py, pidx % pz], dtype=np.int64)
             ln = pc // sub_per_node
             p_rel = piece.vertices2 * 0.5 - ln * C
             if decimates(quality.keep(k), len(piece.faces)):
