@@ -232,3 +232,25 @@ def test_legacy_matches_multires_lod0(crop, crop_high, tmp_path):
         vb = {tuple(r) for r in np.round(to_crop_voxels(np.asarray(b.vertices)) * 2).astype(int).tolist()}
         assert va == vb
         assert len(a.faces) == len(b.faces)
+
+
+def test_cut_border_blocks_mesh_like_full_blocks(crop):
+    # A border block is cut past the coarsest LOD's first voxel outside the volume.  Padding the
+    # same labels with background (so nothing is cut) must give the very same block result, at
+    # every LOD, for a shape that is a multiple of nothing.
+    from gpumesh.backend import CPUBackend
+    from gpumesh.pipeline import MeshOptions, Plan, mesh_block
+    from gpumesh.volume import open_volume
+
+    labels = np.ascontiguousarray(crop[:45, :38, :51])
+    options = MeshOptions(chunk_size=8, max_lods=3)
+    vol = open_volume(labels, voxel_size=VOXEL_SIZE)
+    padded = open_volume(np.pad(labels, ((0, 64), (0, 64), (0, 64))), voxel_size=VOXEL_SIZE)
+    plan = Plan.make(vol.shape, options)
+    assert plan.grid == (2, 2, 2)
+    backend = CPUBackend()
+    for b in plan.blocks():
+        cut = mesh_block(vol, plan, options, b, backend)
+        full = mesh_block(padded, plan, options, b, backend)
+        assert cut == full, f"block {b}"
+        assert len(cut) > 100
