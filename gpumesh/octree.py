@@ -37,11 +37,6 @@ def morton_code(positions: np.ndarray) -> np.ndarray:
     return _spread3(pos[:, 0]) | (_spread3(pos[:, 1]) << np.uint64(1)) | (_spread3(pos[:, 2]) << np.uint64(2))
 
 
-def zorder(positions: np.ndarray) -> np.ndarray:
-    """Indices that sort node positions in Z-curve order."""
-    return np.argsort(morton_code(positions), kind="stable")
-
-
 def close_parents(nodes_per_lod: list[np.ndarray]) -> list[np.ndarray]:
     """Add every missing parent so LOD ``k + 1`` lists the parents of LOD ``k``'s nodes.
 
