@@ -12,11 +12,29 @@ Main entry points
 
 from .errors import (DestinationExistsError, EmptyVolumeWarning, GpumeshError, InvalidMeshError,
                      InvalidVolumeError, InvalidVoxelSizeError, SourceReadError)
-from .adhoc import mesh_segment
-from .pipeline import MeshOptions, Summary, run_mesh
-from .reader import load_mesh, open_mesh
-from .validate import validate
-from .volume import Volume, open_volume
+
+# The rest is imported on first use, so that a worker process of the main job (which needs only
+# gpumesh.pipeline) does not also import trimesh and the ad-hoc, reader and validator modules.
+_LAZY = {
+    "mesh_segment": "adhoc", "MeshOptions": "pipeline", "Summary": "pipeline", "run_mesh": "pipeline",
+    "load_mesh": "reader", "open_mesh": "reader", "validate": "validate", "Volume": "volume",
+    "open_volume": "volume",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

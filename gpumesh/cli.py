@@ -131,7 +131,7 @@ def mesh(source, dest, voxel_size, voxel_offset, mip, axes, fmt, quality, chunk_
         if quiet:
             return
         if bar is None:
-            bar = tqdm(total=total, unit="block", desc="meshing", initial=done)
+            bar = tqdm(total=total, unit="task", desc="meshing", initial=done)
         else:
             bar.update(done - bar.n)
 
@@ -156,7 +156,7 @@ def mesh(source, dest, voxel_size, voxel_offset, mip, axes, fmt, quality, chunk_
     click.echo(f"bytes:     {s.bytes:,}")
     click.echo(f"seconds:   {s.seconds:.1f}  (meshing {s.seconds_meshing:.1f}, writing {s.seconds_writing:.1f}; "
                f"{s.workers} worker(s), device {s.device}, "
-               f"{s.blocks} blocks, {s.blocks_resumed} resumed)")
+               f"{s.blocks} blocks in {s.tasks} tasks, {s.tasks_resumed} resumed)")
     click.echo(f"peak RSS:  {s.peak_rss_mb:.0f} MiB (largest process)")
     if summary_json:
         with open(summary_json, "w") as fh:

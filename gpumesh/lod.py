@@ -314,6 +314,48 @@ def _lock_rings(faces, bad, lock):
                 lock[faces[t, s]] = 1
 
 
+_NO_VERTEX = np.zeros(0, dtype=np.bool_)
+
+
+@numba.njit(cache=True, nogil=True)
+def _prepare(vertices, faces, scale, locked, frozen, pos, f_in, lock):
+    """meshoptimizer's inputs: float32 positions in nm, uint32 triangles, the lock flags
+    (``locked`` vertices, and ``frozen`` ones with their 1-ring; either may be empty)."""
+    for i in range(vertices.shape[0]):
+        for a in range(3):
+            pos[i, a] = vertices[i, a] * scale[a]
+        lock[i] = 1 if locked.shape[0] and locked[i] else 0
+    for t in range(faces.shape[0]):
+        for s in range(3):
+            f_in[t, s] = faces[t, s]
+    if frozen.shape[0]:
+        _lock_rings(f_in, frozen, lock)
+
+
+@numba.njit(cache=True, nogil=True)
+def _compact(vertices, out):
+    """The vertices that ``out`` uses (in input order) and ``out`` renumbered into them."""
+    nv = vertices.shape[0]
+    remap = np.full(nv, -1, dtype=np.int32)
+    for t in range(out.shape[0]):
+        for s in range(3):
+            remap[out[t, s]] = 0
+    n = 0
+    for i in range(nv):
+        if remap[i] == 0:
+            remap[i] = n
+            n += 1
+    v = np.empty((n, 3), dtype=np.float64)
+    for i in range(nv):
+        if remap[i] >= 0:
+            v[remap[i]] = vertices[i]
+    f = np.empty((out.shape[0], 3), dtype=np.int32)
+    for t in range(out.shape[0]):
+        for s in range(3):
+            f[t, s] = remap[out[t, s]]
+    return v, f
+
+
 def decimates(keep: float, num_faces: int) -> bool:
     """Whether :func:`decimate` changes a piece of ``num_faces`` triangles at all."""
     return keep < 1.0 and num_faces >= MIN_DECIMATE_TRIANGLES
@@ -367,19 +409,19 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, keep: float, scale: np.nda
         return vertices, faces.astype(np.int32, copy=False)
     fn = _meshopt()
     nv = len(vertices)
-    idx = np.ascontiguousarray(faces, dtype=np.uint32).ravel()
-    f_in = idx.reshape(-1, 3)
-    pos = np.ascontiguousarray(vertices * scale, dtype=np.float32)
+    vertices = np.ascontiguousarray(vertices, dtype=np.float64)
+    scale = np.ascontiguousarray(scale, dtype=np.float64)
+    f_in = np.empty((len(faces), 3), dtype=np.uint32)
+    idx = f_in.ravel()
+    pos = np.empty((nv, 3), dtype=np.float32)
+    lock = np.empty(nv, dtype=np.uint8)
+    core = _NO_VERTEX if frozen is None else np.ascontiguousarray(frozen, dtype=np.bool_)
+    _prepare(vertices, faces, scale, _NO_VERTEX if locked is None else np.ascontiguousarray(locked, dtype=np.bool_),
+             core, pos, f_in, lock)
     target = 3 * max(4, int(round(len(faces) * keep)))
-    err = float(max_error) * float(np.min(scale)) if np.isfinite(max_error) else 3.0e38
+    err = float(max_error) * float(scale.min()) if np.isfinite(max_error) else 3.0e38
     options = _SIMPLIFY_LOCK_BORDER | _SIMPLIFY_ERROR_ABSOLUTE
-    lock = np.zeros(nv, dtype=np.uint8)
-    if locked is not None:
-        lock[np.asarray(locked, dtype=bool)] = 1
-    if frozen is not None:
-        core = np.ascontiguousarray(frozen, dtype=np.bool_)
-        _lock_rings(f_in, core, lock)
-    else:
+    if frozen is None:
         table_in, _ = _edge_table(f_in, nv)
         border_in = _count_border_edges(table_in, f_in, nv)
     dst = np.empty_like(idx)
@@ -396,7 +438,4 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, keep: float, scale: np.nda
         _lock_rings(f_in, bad, lock)
     else:
         return vertices, faces.astype(np.int32, copy=False)
-    used = np.zeros(nv, dtype=bool)
-    used[out.ravel()] = True
-    remap = np.cumsum(used) - 1
-    return vertices[used], remap[out].astype(np.int32)
+    return _compact(vertices, out)

@@ -384,11 +384,13 @@ def weld(tri_label: np.ndarray, tri_piece: np.ndarray, tri_edges: np.ndarray,
 
 
 @numba.njit(cache=True, nogil=True)
-def _thin(labels, v2, label, out):
+def _thin(labels, v2, origin, label, out):
     nx, ny, nz = labels.shape
     for i in range(v2.shape[0]):
         axis = 0 if v2[i, 0] & 1 else (1 if v2[i, 1] & 1 else 2)
-        x, y, z = v2[i, 0] >> 1, v2[i, 1] >> 1, v2[i, 2] >> 1
+        x = (v2[i, 0] >> 1) + origin[0]
+        y = (v2[i, 1] >> 1) + origin[1]
+        z = (v2[i, 2] >> 1) + origin[2]
         step = 1
         if labels[x, y, z] == label:
             step = -1           # inside voxel is the low end: look one further down
@@ -411,7 +413,7 @@ def _thin(labels, v2, label, out):
             out[i] = labels[x, y, z] != label
 
 
-def thin_vertices(labels: np.ndarray, piece: Piece) -> np.ndarray:
+def thin_vertices(labels: np.ndarray, piece: Piece, origin=0) -> np.ndarray:
     """Vertices where the segment is one voxel thick along the vertex's lattice edge.
 
     A vertex is the midpoint of a lattice edge from a voxel of the segment to a voxel outside
@@ -423,13 +425,17 @@ def thin_vertices(labels: np.ndarray, piece: Piece) -> np.ndarray:
     Parameters
     ----------
     labels : (nx, ny, nz) ndarray
-        The block of labels the piece was meshed from (see :func:`march_cubes`).
+        The block of labels the piece was meshed from (see :func:`march_cubes`), or a larger
+        array that holds it at ``origin``; voxels beyond ``labels`` count as outside.
     piece : Piece
+    origin : int or (3,) int
+        Voxel of ``labels`` where the meshed array starts.
 
     Returns
     -------
     (n,) bool, one per ``piece.vertices2`` row.
     """
     out = np.empty(len(piece.vertices2), dtype=np.bool_)
-    _thin(labels, piece.vertices2, labels.dtype.type(piece.label), out)
+    org = np.broadcast_to(np.asarray(origin, dtype=np.int64), (3,)).copy()
+    _thin(labels, piece.vertices2, org, labels.dtype.type(piece.label), out)
     return out

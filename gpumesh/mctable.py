@@ -149,25 +149,41 @@ def _triangulations(n: int) -> tuple[tuple[tuple[int, int, int], ...], ...]:
 
 
 def _triangulate(loop: list[int]) -> list[tuple[int, int, int]]:
+    return [tuple(t) for t in _triangulate_loop(tuple(loop))]
+
+
+@functools.lru_cache(maxsize=None)
+def _triangulate_loop(loop: tuple) -> tuple:
     n = len(loop)
-    pts = EDGE_MID2[loop].astype(float)
+    pts = EDGE_MID2[list(loop)].astype(float)
+
+    @functools.lru_cache(maxsize=None)
+    def triangle_score(a: int, b: int, c: int) -> tuple[int, float]:
+        # (diagonals lying in a cube face, smallest angle) of one triangle of the loop
+        bad = 0
+        min_angle = np.pi
+        for p, q in ((a, b), (b, c), (a, c)):
+            if (q - p) % n not in (1, n - 1) and _share_face(loop[p], loop[q]):
+                bad += 1
+        for p, q, r in ((a, b, c), (b, c, a), (c, a, b)):
+            u, v = pts[q] - pts[p], pts[r] - pts[p]
+            cosang = np.dot(u, v) / (np.linalg.norm(u) * np.linalg.norm(v))
+            min_angle = min(min_angle, float(np.arccos(np.clip(cosang, -1, 1))))
+        return bad, min_angle
+
     best, best_score = None, None
     for tri in _triangulations(n):
         bad = 0
         min_angle = np.pi
         for a, b, c in tri:
-            for p, q in ((a, b), (b, c), (a, c)):
-                if (q - p) % n not in (1, n - 1) and _share_face(loop[p], loop[q]):
-                    bad += 1
-            for p, q, r in ((a, b, c), (b, c, a), (c, a, b)):
-                u, v = pts[q] - pts[p], pts[r] - pts[p]
-                cosang = np.dot(u, v) / (np.linalg.norm(u) * np.linalg.norm(v))
-                min_angle = min(min_angle, float(np.arccos(np.clip(cosang, -1, 1))))
+            tbad, tmin = triangle_score(a, b, c)
+            bad += tbad
+            min_angle = min(min_angle, tmin)
         score = (bad, -round(min_angle, 9))
         if best_score is None or score < best_score:
             best, best_score = tri, score
-    assert best_score[0] == 0, f"no face-safe triangulation for loop {loop}"
-    return [(loop[a], loop[b], loop[c]) for a, b, c in best]
+    assert best_score[0] == 0, f"no face-safe triangulation for loop {list(loop)}"
+    return tuple((loop[a], loop[b], loop[c]) for a, b, c in best)
 
 
 def _orient(tris: list[tuple[int, int, int]], case: int) -> list[tuple[int, int, int]]:

@@ -10,56 +10,89 @@ from __future__ import annotations
 
 import struct
 
+import numba
 import numpy as np
 
 
-def _spread3(v: np.ndarray) -> np.ndarray:
-    """Move bit ``i`` of each value (< 2**21) to bit ``3 * i``."""
-    v = v & np.uint64(0x1FFFFF)
-    for shift, mask in ((32, 0x1F00000000FFFF), (16, 0x1F0000FF0000FF), (8, 0x100F00F00F00F00F),
-                        (4, 0x10C30C30C30C30C3), (2, 0x1249249249249249)):
-        v = (v | (v << np.uint64(shift))) & np.uint64(mask)
+def segment_nodes(pos: np.ndarray, lods: np.ndarray, num_lods: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The manifest's nodes of one segment, from its fragments.
+
+    Parameters
+    ----------
+    pos : (n, 3) uint32
+        Node position of each fragment (each < 2**21).
+    lods : (n,) int
+        LOD of each fragment; fragments at LODs >= ``num_lods`` are ignored.
+    num_lods : int
+
+    Returns
+    -------
+    nodes : (m, 3) uint32
+        Every fragment's node and every missing parent (so LOD ``k + 1`` lists the parents
+        of LOD ``k``'s nodes), LOD 0 first, Z-curve order within a LOD.
+    node_lod : (m,) int64
+    source : (m,) int64
+        The fragment (row of ``pos``) at each node, -1 where the node is an added parent.
+    """
+    return _segment_nodes(np.ascontiguousarray(pos, dtype=np.uint32),
+                          np.ascontiguousarray(lods, dtype=np.int64), int(num_lods))
+
+
+@numba.njit(cache=True, nogil=True)
+def _spread1(v):
+    v = np.uint64(v) & np.uint64(0x1FFFFF)
+    v = (v | (v << np.uint64(32))) & np.uint64(0x1F00000000FFFF)
+    v = (v | (v << np.uint64(16))) & np.uint64(0x1F0000FF0000FF)
+    v = (v | (v << np.uint64(8))) & np.uint64(0x100F00F00F00F00F)
+    v = (v | (v << np.uint64(4))) & np.uint64(0x10C30C30C30C30C3)
+    v = (v | (v << np.uint64(2))) & np.uint64(0x1249249249249249)
     return v
 
 
-def morton_code(positions: np.ndarray) -> np.ndarray:
-    """Z-curve code of node positions (x in the least significant bit of each triple).
-
-    Parameters
-    ----------
-    positions : (n, 3) unsigned integer, each < 2**21
-
-    Returns
-    -------
-    (n,) uint64
-    """
-    pos = np.asarray(positions, dtype=np.uint64).reshape(-1, 3)
-    return _spread3(pos[:, 0]) | (_spread3(pos[:, 1]) << np.uint64(1)) | (_spread3(pos[:, 2]) << np.uint64(2))
-
-
-def close_parents(nodes_per_lod: list[np.ndarray]) -> list[np.ndarray]:
-    """Add every missing parent so LOD ``k + 1`` lists the parents of LOD ``k``'s nodes.
-
-    Parameters
-    ----------
-    nodes_per_lod : list of (n_k, 3) uint32
-        Non-empty nodes of each LOD of one segment.
-
-    Returns
-    -------
-    list of (n_k', 3) uint32
-        Unique nodes of each LOD, parents included, in Z-curve order.
-    """
-    out = []
-    carry = np.zeros((0, 3), dtype=np.uint32)
-    for nodes in nodes_per_lod:
-        allnodes = np.concatenate([np.asarray(nodes, dtype=np.uint32).reshape(-1, 3), carry])
-        # the Z-curve code is one-to-one: its sorted distinct values are the nodes in Z-order
-        _, first = np.unique(morton_code(allnodes), return_index=True)
-        allnodes = allnodes[first]
-        out.append(allnodes)
-        carry = allnodes >> 1
-    return out
+@numba.njit(cache=True, nogil=True)
+def _segment_nodes(pos, lods, num_lods):
+    n = pos.shape[0]
+    cap = n * max(num_lods, 1)
+    out_pos = np.empty((cap, 3), dtype=np.uint32)
+    out_lod = np.empty(cap, dtype=np.int64)
+    out_src = np.empty(cap, dtype=np.int64)
+    m = 0
+    prev0 = 0
+    for k in range(num_lods):
+        cnt = 0
+        for i in range(n):
+            if lods[i] == k:
+                cnt += 1
+        total = cnt + (m - prev0)
+        cpos = np.empty((total, 3), dtype=np.uint32)
+        csrc = np.empty(total, dtype=np.int64)
+        code = np.empty(total, dtype=np.uint64)
+        j = 0
+        for i in range(n):   # this LOD's fragments first: they win over an equal parent
+            if lods[i] == k:
+                cpos[j] = pos[i]
+                csrc[j] = i
+                j += 1
+        for i in range(prev0, m):
+            for a in range(3):
+                cpos[j, a] = out_pos[i, a] >> 1
+            csrc[j] = -1
+            j += 1
+        for j in range(total):
+            code[j] = _spread1(cpos[j, 0]) | (_spread1(cpos[j, 1]) << np.uint64(1)) | \
+                (_spread1(cpos[j, 2]) << np.uint64(2))
+        order = np.argsort(code, kind="mergesort")
+        start = m
+        for t in range(total):
+            o = order[t]
+            if t > 0 and code[o] == code[order[t - 1]]:
+                continue
+            out_pos[m] = cpos[o]
+            out_lod[m] = k
+            out_src[m] = csrc[o]
+            m += 1
+        prev0 = start
+    return out_pos[:m], out_lod[:m], out_src[:m]
 
 
 def encode_manifest(chunk_shape, grid_origin, lod_scales, vertex_offsets,

@@ -1,4 +1,4 @@
-"""The main job: plan the blocks, mesh each block (all LODs), then assemble and write.
+"""The main job: plan the blocks, mesh each block (all LODs, in tasks), then assemble and write.
 
 Stages follow the data: :mod:`gpumesh.volume` reads a block, the backend meshes it
 (:mod:`gpumesh.marching`) and downsamples it (:mod:`gpumesh.lod`), pieces are decimated
@@ -16,7 +16,9 @@ Geometry (stored-model space is LOD 0 voxel units, the ``info`` transform scales
   -2**(k-1)`` shifts the cubes' half-voxel lattice onto it.
 * A block is one node of the coarsest LOD ``L - 1``: ``B = C * 2**(L-1)`` LOD 0 cubes a side, read
   with a halo of ``2**(L-1)`` voxels on its low side.  Every node of every LOD lies in exactly
-  one block, so a block's fragments are final and blocks are independent tasks.
+  one block, so a block's fragments are final and blocks are independent.
+* The job runs each block as independent tasks (:meth:`Plan.tasks`): LODs 1 and up in one, the
+  LOD 0 nodes of each octant in another, so that no single heavy block runs alone at the end.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ from .sharding import ShardingOptions
 from .volume import Volume, open_volume
 
 SCRATCH = ".gpumesh-work/"
+COARSE = "coarse"     # the task of a block that meshes LODs 1 and up (see Plan.tasks)
+COARSE_WEIGHT = 0.3   # its cost relative to the block's LOD 0 (measured, docs/STATUS.md)
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,63 @@ class Plan:
             n *= max(0, min((i + 1) * self.block, size) - i * self.block)
         return n
 
+    def block_bounds(self, b) -> tuple[np.ndarray, np.ndarray]:
+        """Voxel range ``[start, stop)`` that block ``b`` reads (halo included, border cut).
+
+        The halo is ``2**(L-1)`` voxels on the low side.  Beyond the volume every voxel is
+        background, so past the coarsest LOD's first voxel outside it there is no surface: a
+        border block stops there (a slab, not a full block).  The cut is a multiple of
+        ``2**(L-1)`` from ``start``, so every LOD's voxels stay whole.
+        """
+        halo = 1 << (self.lods - 1)
+        start = np.asarray(b, dtype=np.int64) * self.block - halo
+        limit = (-(-np.asarray(self.shape, dtype=np.int64) // halo) + 1) * halo
+        return start, np.minimum(start + self.block + halo, limit)
+
+    def octant_bounds(self, b, octant: int) -> tuple[np.ndarray, np.ndarray]:
+        """Voxel range ``[g0, g1)`` that LOD 0 marching cubes reads for one octant of block ``b``.
+
+        The block's LOD 0 cubes ``j`` (between voxels ``origin - 1 + j`` and ``origin + j``)
+        split into 2x2x2 octants of ``B/2`` cubes a side, each ``2**(L-2)`` LOD 0 nodes wide.
+        ``octant`` is ``4*ox + 2*oy + oz``.  An octant of a cut border block may be thinner
+        than ``B/2``, or hold no cube (``g1 - g0 < 2`` on some axis).
+        """
+        h = self.block // 2
+        o = np.array([(octant >> 2) & 1, (octant >> 1) & 1, octant & 1], dtype=np.int64) * h
+        _, stop = self.block_bounds(b)
+        g0 = np.asarray(b, dtype=np.int64) * self.block + o - 1
+        return g0, np.minimum(g0 + h + 1, stop)
+
+    def tasks(self) -> list[tuple]:
+        """The main job's independent tasks, as ``(block, part)``.
+
+        With one LOD, ``part`` is ``None``: the whole block.  Otherwise a block is split so
+        that no task is much longer than the others (on 2 cores, one heavy block used to run
+        alone for the last ~15 % of the job): ``COARSE`` meshes LODs 1 and up and counts the
+        block's voxels; octant ``0..7`` meshes the LOD 0 nodes of one octant (skipped when it
+        holds no cube inside the volume).  Every node of every LOD is in exactly one task.
+        """
+        out = []
+        for b in self.blocks():
+            if self.lods == 1:
+                out.append((b, None))
+                continue
+            out.append((b, COARSE))
+            for octant in range(8):
+                g0, g1 = self.octant_bounds(b, octant)
+                if np.all(g1 - g0 >= 2) and np.all(g0 < np.asarray(self.shape)):
+                    out.append((b, octant))
+        return out
+
+    def task_cost(self, task) -> float:
+        """Estimated relative cost of a task: its LOD 0 voxels inside the volume, weighted."""
+        b, part = task
+        if part is None or part == COARSE:
+            return self.voxels_in_volume(b) * (1.0 if part is None else COARSE_WEIGHT)
+        g0, g1 = self.octant_bounds(b, part)
+        n = np.clip(np.minimum(g1, self.shape) - np.maximum(g0, 0), 0, None)
+        return float(np.prod(n))
+
 
 # --------------------------------------------------------------------------------------
 # Block results: a small binary blob per block in the scratch area of the destination.
@@ -166,9 +227,19 @@ FRAG_DTYPE = np.dtype([
 _MAGIC = b"GPMBLK01"
 
 
-def block_key(b) -> str:
-    """Scratch key of a block's result."""
-    return f"{SCRATCH}blocks/{b[0]}_{b[1]}_{b[2]}"
+def task_name(task) -> str:
+    """Name of a task's result in the scratch area: ``x_y_z`` (whole block), ``x_y_z.coarse``
+    or ``x_y_z.o<octant>``."""
+    b, part = task
+    name = f"{b[0]}_{b[1]}_{b[2]}"
+    if part is None:
+        return name
+    return f"{name}.{part}" if part == COARSE else f"{name}.o{part}"
+
+
+def block_key(task) -> str:
+    """Scratch key of a task's result."""
+    return f"{SCRATCH}blocks/{task_name(task)}"
 
 
 def pack_block(index: np.ndarray, count_labels: np.ndarray, counts: np.ndarray, data: bytes) -> bytes:
@@ -193,8 +264,9 @@ def unpack_block_header(blob: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return index, labels, counts, pos
 
 
-def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Backend) -> bytes:
-    """Mesh one block at every LOD and encode its fragments.
+def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Backend,
+               part=None) -> bytes:
+    """Mesh one block (or one task of it, see :meth:`Plan.tasks`) and encode its fragments.
 
     Parameters
     ----------
@@ -204,6 +276,10 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
     b : (3,) int
         Block index.
     backend : Backend
+    part : None, ``COARSE`` or int
+        ``None``: every LOD and the voxel counts of the block.  ``COARSE``: LODs 1 and up, and
+        the voxel counts.  ``0..7``: LOD 0 of that octant.  The parts of a block give exactly
+        the fragments of the whole block, byte for byte.
 
     Returns
     -------
@@ -211,77 +287,101 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
         The packed block result (see :func:`pack_block`): one entry per (segment, LOD, node)
         with triangles; Draco fragments (multires) or legacy fragment files (legacy).
     """
+    L = plan.lods
+    halo = 1 << (L - 1)
+    origin = np.asarray(b, dtype=np.int64) * plan.block
+    out: list = []
+    if part is None or part == COARSE:
+        start, stop = plan.block_bounds(b)
+        # local IDs (order-preserving) for meshing and downsampling; ids[local - 1] is the segment ID
+        labels, ids = relabel_block(volume.read(tuple(start), tuple(stop)))
+        counts = np.bincount(labels[halo:, halo:, halo:].ravel(), minlength=len(ids) + 1)[1:]
+        count_labels = ids[counts > 0]
+        counts = counts[counts > 0].astype(np.uint64)
+        level = labels
+        for k in range(L):
+            if k > 0:
+                level = backend.downsample(level)
+            if (k == 0 and part == COARSE) or not level.any():
+                continue
+            hk = halo >> k
+            mc_in = np.ascontiguousarray(level[hk - 1:, hk - 1:, hk - 1:])
+            out += _mesh_lod(volume, plan, options, backend, k, mc_in, mc_in, 0, origin >> k, ids)
+    else:
+        # LOD 0 of one octant.  The thin-spot test looks one voxel past the octant's cubes, as
+        # far as the whole block's LOD 0 labels reach, so it reads that much more.
+        g0, g1 = plan.octant_bounds(b, part)
+        _, stop = plan.block_bounds(b)
+        c0, c1 = np.maximum(g0 - 1, origin - 1), np.minimum(g1 + 1, stop)
+        ctx, ids = relabel_block(volume.read(tuple(c0), tuple(c1)))
+        m = g0 - c0
+        mc_in = np.ascontiguousarray(ctx[m[0]:m[0] + g1[0] - g0[0], m[1]:m[1] + g1[1] - g0[1],
+                                         m[2]:m[2] + g1[2] - g0[2]])
+        count_labels = counts = np.zeros(0, dtype=np.uint64)
+        if mc_in.any():
+            out = _mesh_lod(volume, plan, options, backend, 0, mc_in, ctx, m, g0 + 1, ids)
+    entries, offset = [], 0
+    for (label, k, node, ntri), data in out:
+        entries.append((label, k, node[0], node[1], node[2], offset, len(data), ntri))
+        offset += len(data)
+    index = np.array(entries, dtype=FRAG_DTYPE)
+    return pack_block(index, count_labels, counts, b"".join(data for _, data in out))
+
+
+def _mesh_lod(volume: Volume, plan: Plan, options: MeshOptions, backend: Backend, k: int,
+              mc_in: np.ndarray, ctx: np.ndarray, ctx_origin, cube0, ids: np.ndarray) -> list:
+    """Mesh, decimate and encode the nodes of one LOD of a block (or of an octant).
+
+    ``mc_in`` holds LOD ``k`` local labels whose cube ``j`` is the volume's LOD ``k`` cube
+    ``cube0 + j`` (``cube0``: (3,) int, a multiple of the node size ``C``); ``ctx`` holds
+    ``mc_in`` at ``ctx_origin`` (voxels) plus the voxels around it that the thin-spot test may
+    see.
+    Returns ``[((segment ID, k, node, triangles), bytes), ...]`` sorted by (ID, node).
+    """
     quality = get_quality(options.quality)
     bits = options.vertex_quantization_bits
-    C, L, B = plan.chunk, plan.lods, plan.block
-    halo = 1 << (L - 1)
-    start = np.array(b, dtype=np.int64) * B - halo
-    # Beyond the volume every voxel is background, so past the coarsest LOD's first voxel
-    # outside it there is no surface: a border block is cut there (a slab, not a full block).
-    # The cut is a multiple of 2**(L-1) from ``start``, so every LOD's voxels stay whole.
-    limit = (-(-np.asarray(volume.shape, dtype=np.int64) // halo) + 1) * halo
-    stop = np.minimum(start + B + halo, limit)
-    # local IDs (order-preserving) for meshing and downsampling; ids[local - 1] is the segment ID
-    labels, ids = relabel_block(volume.read(tuple(start), tuple(stop)))
-
-    counts = np.bincount(labels[halo:, halo:, halo:].ravel(), minlength=len(ids) + 1)[1:]
-    count_labels = ids[counts > 0]
-    counts = counts[counts > 0].astype(np.uint64)
-
-    entries = []
-    chunks = []
-    offset = 0
-    level = labels
-    for k in range(L):
-        if k > 0:
-            level = backend.downsample(level)
-        hk = halo >> k
-        if not level.any():
+    C = plan.chunk
+    piece_size = C if k == 0 else C // 2
+    sub_per_node = C // piece_size
+    # pieces per axis, as marching cubes numbers them (a cut border block has fewer)
+    _, py, pz = (-(-(n - 1) // piece_size) for n in mc_in.shape)
+    node0 = np.asarray(cube0, dtype=np.int64) // C
+    scale = volume.voxel_size * (1 << k)
+    frags: dict[tuple, list] = {}
+    for piece in backend.mesh(mc_in, piece_size):
+        pidx = piece.piece
+        pc = np.array([pidx // (py * pz), (pidx // pz) % py, pidx % pz], dtype=np.int64)
+        ln = pc // sub_per_node
+        p_rel = piece.vertices2 * 0.5 - ln * C
+        if decimates(quality.keep(k), len(piece.faces)):
+            lo = (pc % sub_per_node) * piece_size
+            on_plane = ((p_rel == lo) | (p_rel == lo + piece_size)).any(axis=1)
+            # decimated vertices are a subset of the piece's: still inside its box
+            v, f = decimate(p_rel, piece.faces, quality.keep(k), scale, frozen=on_plane,
+                            locked=thin_vertices(ctx, piece, ctx_origin))
+        else:
+            v, f = p_rel, piece.faces
+        frags.setdefault((piece.label, tuple(node0 + ln)), []).append((v, f))
+    out = []
+    for (label, node), parts in sorted(frags.items()):
+        verts, faces, base = [], [], 0
+        for v, f in parts:
+            verts.append(v)
+            faces.append(f + base)
+            base += len(v)
+        v = np.concatenate(verts)
+        f = np.concatenate(faces)
+        q, f, kept = encode.weld_quantized(encode.quantize(v, C, bits), f)
+        if len(f) == 0:
             continue
-        mc_in = np.ascontiguousarray(level[hk - 1:, hk - 1:, hk - 1:])
-        piece_size = C if k == 0 else C // 2
-        sub_per_node = C // piece_size
-        # pieces per axis, as marching cubes numbers them (a cut border block has fewer)
-        _, py, pz = (-(-(n - 1) // piece_size) for n in mc_in.shape)
-        node0 = np.array(b, dtype=np.int64) * (B >> k) // C
-        scale = volume.voxel_size * (1 << k)
-        frags: dict[tuple, list] = {}
-        for piece in backend.mesh(mc_in, piece_size):
-            pidx = piece.piece
-            pc = np.array([pidx // (py * pz), (pidx // pz) % py, pidx % pz], dtype=np.int64)
-            ln = pc // sub_per_node
-            p_rel = piece.vertices2 * 0.5 - ln * C
-            if decimates(quality.keep(k), len(piece.faces)):
-                lo = (pc % sub_per_node) * piece_size
-                on_plane = ((p_rel == lo) | (p_rel == lo + piece_size)).any(axis=1)
-                # decimated vertices are a subset of the piece's: still inside its box
-                v, f = decimate(p_rel, piece.faces, quality.keep(k), scale, frozen=on_plane,
-                                locked=thin_vertices(mc_in, piece))
-            else:
-                v, f = p_rel, piece.faces
-            frags.setdefault((piece.label, tuple(node0 + ln)), []).append((v, f))
-        for (label, node), parts in sorted(frags.items()):
-            verts, faces, base = [], [], 0
-            for v, f in parts:
-                verts.append(v)
-                faces.append(f + base)
-                base += len(v)
-            v = np.concatenate(verts)
-            f = np.concatenate(faces)
-            q, f, kept = encode.weld_quantized(encode.quantize(v, C, bits), f)
-            if len(f) == 0:
-                continue
-            if options.format == "legacy":
-                corner = volume.voxel_offset + np.array(node) * C - 0.5
-                nm = (corner + v[kept]) * volume.voxel_size
-                data = encode.encode_legacy(nm, f)
-            else:
-                data = encode.encode_draco(q, f, bits)
-            entries.append((ids[label - 1], k, node[0], node[1], node[2], offset, len(data), len(f)))
-            chunks.append(data)
-            offset += len(data)
-    index = np.array(entries, dtype=FRAG_DTYPE)
-    return pack_block(index, count_labels, counts, b"".join(chunks))
+        if options.format == "legacy":
+            corner = volume.voxel_offset + np.array(node) * C - 0.5
+            nm = (corner + v[kept]) * volume.voxel_size
+            data = encode.encode_legacy(nm, f)
+        else:
+            data = encode.encode_draco(q, f, bits)
+        out.append(((ids[label - 1], k, node, len(f)), data))
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -335,10 +435,11 @@ def _init_worker(source, open_kwargs, plan, options, dest_spec, device):
     _WORKER["backend"] = get_backend(device)
 
 
-def _run_block(b) -> tuple[tuple, int]:
-    blob = mesh_block(_WORKER["volume"], _WORKER["plan"], _WORKER["options"], b, _WORKER["backend"])
-    storage.write(_WORKER["kv"], block_key(b), blob)
-    return b, len(blob)
+def _run_task(task) -> tuple[tuple, int]:
+    blob = mesh_block(_WORKER["volume"], _WORKER["plan"], _WORKER["options"], task[0],
+                      _WORKER["backend"], task[1])
+    storage.write(_WORKER["kv"], block_key(task), blob)
+    return task, len(blob)
 
 
 # --------------------------------------------------------------------------------------
@@ -357,7 +458,8 @@ class Summary:
     seconds_writing: float = 0.0
     peak_rss_mb: float = 0.0
     blocks: int = 0
-    blocks_resumed: int = 0
+    tasks: int = 0
+    tasks_resumed: int = 0
     workers: int = 1
     device: str = "cpu"
     format: str = "multires"
@@ -455,23 +557,23 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             raise DestinationExistsError(f"{dest} is not empty; pass --overwrite or --resume")
     storage.write_json(kv, SCRATCH + "plan.json", fingerprint)
 
-    blocks = plan.blocks()
+    tasks = plan.tasks()
     done = {k[len(SCRATCH) + len("blocks/"):] for k in storage.list_keys(kv, SCRATCH + "blocks/")}
-    todo = [b for b in blocks if f"{b[0]}_{b[1]}_{b[2]}" not in done]
-    todo.sort(key=plan.voxels_in_volume, reverse=True)  # big blocks first: the pool ends on small ones
-    summary = Summary(blocks=len(blocks), blocks_resumed=len(blocks) - len(todo),
+    todo = [t for t in tasks if task_name(t) not in done]
+    todo.sort(key=plan.task_cost, reverse=True)  # longest first: the pool ends on short tasks
+    summary = Summary(blocks=len(plan.blocks()), tasks=len(tasks), tasks_resumed=len(tasks) - len(todo),
                       device=backend.name, format=options.format)
     nworkers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
     summary.workers = nworkers
-    finished = len(blocks) - len(todo)
+    finished = len(tasks) - len(todo)
     if progress:
-        progress(finished, len(blocks))
+        progress(finished, len(tasks))
     if nworkers == 1 or not todo:
-        for b in todo:
-            storage.write(kv, block_key(b), mesh_block(volume, plan, options, b, backend))
+        for t in todo:
+            storage.write(kv, block_key(t), mesh_block(volume, plan, options, t[0], backend, t[1]))
             finished += 1
             if progress:
-                progress(finished, len(blocks))
+                progress(finished, len(tasks))
     else:
         import multiprocessing as mp
 
@@ -480,18 +582,18 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         with ProcessPoolExecutor(nworkers, mp_context=ctx, initializer=_init_worker,
                                  initargs=(src, open_kwargs, plan, options, storage.kvstore_spec(dest)
                                            if not isinstance(dest, dict) else dest, backend.name)) as pool:
-            futures = [pool.submit(_run_block, b) for b in todo]
+            futures = [pool.submit(_run_task, t) for t in todo]
             for fut in as_completed(futures):
                 fut.result()
                 finished += 1
                 if progress:
-                    progress(finished, len(blocks))
+                    progress(finished, len(tasks))
 
     from .writer import assemble
 
     t_mesh = time.perf_counter()
     summary.seconds_meshing = t_mesh - t0
-    stats = assemble(kv, volume, plan, options, blocks, link_source=link_source)
+    stats = assemble(kv, volume, plan, options, tasks, link_source=link_source)
     storage.delete_prefix(kv, SCRATCH)
     summary.segments = stats["segments"]
     summary.triangles_per_lod = stats["triangles_per_lod"]

@@ -33,7 +33,7 @@ import numpy as np
 
 from . import storage
 from .errors import DestinationExistsError, InvalidMeshError
-from .octree import close_parents, encode_manifest
+from .octree import encode_manifest, segment_nodes
 from .pipeline import FRAG_DTYPE, SCRATCH, MeshOptions, Plan, block_key, unpack_block_header
 from .reader import Manifest, ShardedMultiresSource, open_mesh
 from .sharding import ShardingOptions, ShardingSpec, build_shard
@@ -101,8 +101,8 @@ def mesh_info(volume: Volume, options: MeshOptions, with_properties: bool,
     return info
 
 
-def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, blocks, *, link_source: bool = False) -> dict:
-    """Read every block result from the scratch area and write the final mesh directory.
+def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, link_source: bool = False) -> dict:
+    """Read every task's result from the scratch area and write the final mesh directory.
 
     Parameters
     ----------
@@ -110,8 +110,9 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, blocks, *, li
         The destination.
     volume, plan, options
         As used for the blocks.
-    blocks : list of (3,) int
-        All block indices (their results must be in the scratch area).
+    tasks : list of (block, part)
+        All tasks of the job (:meth:`gpumesh.pipeline.Plan.tasks`; their results must be in the
+        scratch area).
     link_source : bool
         Also set ``mesh`` in a precomputed source's ``info``.
 
@@ -122,8 +123,8 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, blocks, *, li
     """
     indices = []
     count_labels, counts = [], []
-    for bi, b in enumerate(blocks):
-        blob = storage.read(kv, block_key(b))
+    for bi, task in enumerate(tasks):
+        blob = storage.read(kv, block_key(task))
         index, cl, cc, data_start = unpack_block_header(blob)
         ext = np.empty(len(index), dtype=FRAG_DTYPE.descr + [("block", "<u4")])
         for name in FRAG_DTYPE.names:
@@ -134,7 +135,7 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, blocks, *, li
         count_labels.append(cl)
         counts.append(cc)
     index = np.concatenate(indices) if indices else np.zeros(0, dtype=FRAG_DTYPE)
-    keys = [block_key(b) for b in blocks]
+    keys = [block_key(t) for t in tasks]
 
     stats = {"segments": 0, "triangles_per_lod": [0] * plan.lods, "fragments_per_lod": [0] * plan.lods,
              "bytes": 0}
@@ -201,11 +202,12 @@ def write_segments(kv, keys: list, batch: list, plan: Plan, options: MeshOptions
 
 
 def build_multires(label: int, entries: np.ndarray, blobs: list, plan: Plan, options: MeshOptions,
-                   stats: dict, grid_origin) -> tuple[bytes, bytes]:
+                   stats: dict, grid_origin, num_lods: Optional[int] = None) -> tuple[bytes, bytes]:
     """Manifest and fragment data of one segment (multi-resolution format).
 
     ``grid_origin`` is the voxel offset (stored-model units); ``vertex_offsets[k] = -2**(k-1)``
     and ``lod_scales[k] = 2**k`` (see :mod:`gpumesh.pipeline` for the geometry).
+    ``num_lods``: the segment's LODs when already known (:func:`_entries_num_lods`).
 
     Returns
     -------
@@ -215,23 +217,26 @@ def build_multires(label: int, entries: np.ndarray, blobs: list, plan: Plan, opt
     """
     C = plan.chunk
     pos = np.stack([entries["x"], entries["y"], entries["z"]], axis=1).astype(np.uint32)
-    lods = entries["lod"].astype(np.int64)
-    num_lods = _entries_num_lods(entries, plan, options)
+    if num_lods is None:
+        num_lods = _entries_num_lods(entries, plan, options)
     if num_lods == 0:
         return None
-    lookup = {(int(k), int(p[0]), int(p[1]), int(p[2])): i for i, (k, p) in enumerate(zip(lods, pos))}
-    nodes = close_parents([pos[lods == k] for k in range(num_lods)])
-    parts, sizes = [], []
-    for k, lod_nodes in enumerate(nodes):
-        lod_sizes = np.zeros(len(lod_nodes), dtype=np.int64)
-        for j, p in enumerate(lod_nodes):
-            i = lookup.get((k, int(p[0]), int(p[1]), int(p[2])))
-            if i is not None:
-                parts.append(blobs[i])
-                lod_sizes[j] = len(blobs[i])
-                stats["triangles_per_lod"][k] += int(entries["triangles"][i])
-        stats["fragments_per_lod"][k] += len(lod_nodes)
-        sizes.append(lod_sizes)
+    nodes, node_lod, src = segment_nodes(pos, entries["lod"], num_lods)
+    have = src >= 0
+    parts = [blobs[i] for i in src[have].tolist()]
+    node_size = np.zeros(len(src), dtype=np.int64)
+    node_size[have] = [len(p) for p in parts]
+    tri = np.bincount(node_lod[have], weights=entries["triangles"][src[have]].astype(np.float64),
+                      minlength=num_lods)
+    frags = np.bincount(node_lod, minlength=num_lods)
+    nodes_per_lod, sizes = [], []
+    for k in range(num_lods):
+        stats["triangles_per_lod"][k] += int(tri[k])
+        stats["fragments_per_lod"][k] += int(frags[k])
+        sel = node_lod == k
+        nodes_per_lod.append(nodes[sel])
+        sizes.append(node_size[sel])
+    nodes = nodes_per_lod
     manifest = encode_manifest(
         chunk_shape=[C, C, C],
         grid_origin=[float(v) for v in grid_origin],
@@ -305,15 +310,17 @@ def write_shards(kv, keys: list, index: np.ndarray, plan: Plan, options: MeshOpt
     index = index[np.argsort(index["label"], kind="stable")]
     keep = np.zeros(len(index), dtype=bool)
     labels = []
+    num_lods = {}
     if len(index):
         lab = index["label"]
         starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
         stops = np.r_[starts[1:], len(lab)]
         for s0, s1 in zip(starts.tolist(), stops.tolist()):
-            num_lods = _entries_num_lods(index[s0:s1], plan, options)
-            if num_lods:
-                keep[s0:s1] = index["lod"][s0:s1] < num_lods
+            n = _entries_num_lods(index[s0:s1], plan, options)
+            if n:
+                keep[s0:s1] = index["lod"][s0:s1] < n
                 labels.append(int(lab[s0]))
+                num_lods[int(lab[s0])] = n
     index = index[keep]
     labels = np.array(labels, dtype=np.uint64)
     spec = options.sharding.resolve(len(labels), int(index["size"].sum()) if len(index) else 0)
@@ -343,7 +350,8 @@ def write_shards(kv, keys: list, index: np.ndarray, plan: Plan, options: MeshOpt
         for b0 in range(0, len(segments), WRITE_BATCH):
             batch = segments[b0:b0 + WRITE_BATCH]
             for (label, entries), blobs in zip(batch, _read_fragments(kv, keys, batch)):
-                data, manifest = build_multires(label, entries, blobs, plan, options, part, grid_origin)
+                data, manifest = build_multires(label, entries, blobs, plan, options, part, grid_origin,
+                                                num_lods[label])
                 items.append((label, data, manifest))
                 part["segments"] += 1
         blob = build_shard(spec, items)
