@@ -13,27 +13,25 @@ Main entry points
 from .errors import (DestinationExistsError, EmptyVolumeWarning, GpumeshError, InvalidMeshError,
                      InvalidVolumeError, InvalidVoxelSizeError, SourceReadError)
 
-# The rest is imported on first use, so that a worker process of the main job (which needs only
-# gpumesh.pipeline) does not also import trimesh and the ad-hoc, reader and validator modules.
-_LAZY = {
-    "mesh_segment": "adhoc", "MeshOptions": "pipeline", "Summary": "pipeline", "run_mesh": "pipeline",
-    "load_mesh": "reader", "open_mesh": "reader", "validate": "validate", "Volume": "volume",
-    "open_volume": "volume",
-}
+from .pipeline import MeshOptions, Summary, run_mesh
+from .reader import load_mesh, open_mesh
+from .validate import validate
+from .volume import Volume, open_volume
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+    # mesh_segment is imported on first use, so that the main job's worker processes (which
+    # need only gpumesh.pipeline) do not also import trimesh and the ad-hoc module
+    if name == "mesh_segment":
+        from .adhoc import mesh_segment
 
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
+        globals()[name] = mesh_segment
+        return mesh_segment
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | {"mesh_segment"})
 
 
 __version__ = "0.1.0"

@@ -48,7 +48,6 @@ from .volume import Volume, open_volume
 
 SCRATCH = ".gpumesh-work/"
 COARSE = "coarse"     # the task of a block that meshes LODs 1 and up (see Plan.tasks)
-COARSE_WEIGHT = 0.3   # its cost relative to the block's LOD 0 (measured, docs/STATUS.md)
 
 
 @dataclass(frozen=True)
@@ -191,12 +190,15 @@ class Plan:
 
         With one LOD, ``part`` is ``None``: the whole block.  Otherwise a block is split so
         that no task is much longer than the others (on 2 cores, one heavy block used to run
-        alone for the last ~15 % of the job): ``COARSE`` meshes LODs 1 and up and counts the
-        block's voxels; octant ``0..7`` meshes the LOD 0 nodes of one octant (skipped when it
-        holds no cube inside the volume).  Every node of every LOD is in exactly one task.
+        alone for the last ~15 % of the job): ``COARSE`` meshes LODs 1 and up; octant ``0..7``
+        meshes the LOD 0 nodes of one octant and counts its voxels (skipped when it holds no
+        cube inside the volume).  Every node of every LOD, and every voxel, is in exactly one
+        task.  The list is in the order to run them: blocks with the most voxels inside the
+        volume first (the pool ends on small border blocks), each block's tasks together, so
+        that a worker's read cache holds the storage chunks its next task reads.
         """
         out = []
-        for b in self.blocks():
+        for b in sorted(self.blocks(), key=self.voxels_in_volume, reverse=True):
             if self.lods == 1:
                 out.append((b, None))
                 continue
@@ -206,15 +208,6 @@ class Plan:
                 if np.all(g1 - g0 >= 2) and np.all(g0 < np.asarray(self.shape)):
                     out.append((b, octant))
         return out
-
-    def task_cost(self, task) -> float:
-        """Estimated relative cost of a task: its LOD 0 voxels inside the volume, weighted."""
-        b, part = task
-        if part is None or part == COARSE:
-            return self.voxels_in_volume(b) * (1.0 if part is None else COARSE_WEIGHT)
-        g0, g1 = self.octant_bounds(b, part)
-        n = np.clip(np.minimum(g1, self.shape) - np.maximum(g0, 0), 0, None)
-        return float(np.prod(n))
 
 
 # --------------------------------------------------------------------------------------
@@ -277,9 +270,9 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
         Block index.
     backend : Backend
     part : None, ``COARSE`` or int
-        ``None``: every LOD and the voxel counts of the block.  ``COARSE``: LODs 1 and up, and
-        the voxel counts.  ``0..7``: LOD 0 of that octant.  The parts of a block give exactly
-        the fragments of the whole block, byte for byte.
+        ``None``: every LOD and the voxel counts of the block.  ``COARSE``: LODs 1 and up.
+        ``0..7``: LOD 0 and the voxel counts of that octant.  The parts of a block give exactly
+        the fragments and voxel counts of the whole block, byte for byte.
 
     Returns
     -------
@@ -291,17 +284,21 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
     halo = 1 << (L - 1)
     origin = np.asarray(b, dtype=np.int64) * plan.block
     out: list = []
+    count_labels = counts = np.zeros(0, dtype=np.uint64)
     if part is None or part == COARSE:
         start, stop = plan.block_bounds(b)
-        # local IDs (order-preserving) for meshing and downsampling; ids[local - 1] is the segment ID
-        labels, ids = relabel_block(volume.read(tuple(start), tuple(stop)))
-        counts = np.bincount(labels[halo:, halo:, halo:].ravel(), minlength=len(ids) + 1)[1:]
-        count_labels = ids[counts > 0]
-        counts = counts[counts > 0].astype(np.uint64)
-        level = labels
+        level = volume.read(tuple(start), tuple(stop))
+        if part is None:
+            # local IDs (order-preserving) for meshing and downsampling; ids[local - 1] is the
+            # segment ID.  Both only compare IDs, so the coarse task relabels after its first
+            # downsampling (8x fewer voxels) and gets the same meshes.
+            level, ids = relabel_block(level)
+            count_labels, counts = _voxel_counts(level[halo:, halo:, halo:], ids)
         for k in range(L):
             if k > 0:
                 level = backend.downsample(level)
+                if k == 1 and part == COARSE:
+                    level, ids = relabel_block(level)
             if (k == 0 and part == COARSE) or not level.any():
                 continue
             hk = halo >> k
@@ -317,7 +314,11 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
         m = g0 - c0
         mc_in = np.ascontiguousarray(ctx[m[0]:m[0] + g1[0] - g0[0], m[1]:m[1] + g1[1] - g0[1],
                                          m[2]:m[2] + g1[2] - g0[2]])
-        count_labels = counts = np.zeros(0, dtype=np.uint64)
+        # the block's voxel counts, octant by octant: its voxels from origin + o on (past the
+        # volume every voxel is background)
+        h = plan.block // 2
+        count_labels, counts = _voxel_counts(ctx[m[0] + 1:m[0] + 1 + h, m[1] + 1:m[1] + 1 + h,
+                                                 m[2] + 1:m[2] + 1 + h], ids)
         if mc_in.any():
             out = _mesh_lod(volume, plan, options, backend, 0, mc_in, ctx, m, g0 + 1, ids)
     entries, offset = [], 0
@@ -326,6 +327,12 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
         offset += len(data)
     index = np.array(entries, dtype=FRAG_DTYPE)
     return pack_block(index, count_labels, counts, b"".join(data for _, data in out))
+
+
+def _voxel_counts(local: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Segment IDs present in ``local`` (local IDs, see ``relabel_block``) and their voxels."""
+    counts = np.bincount(np.ascontiguousarray(local).ravel(), minlength=len(ids) + 1)[1:]
+    return ids[counts > 0], counts[counts > 0].astype(np.uint64)
 
 
 def _mesh_lod(volume: Volume, plan: Plan, options: MeshOptions, backend: Backend, k: int,
@@ -421,6 +428,28 @@ def _keep_freed_memory() -> None:
             break
         except (ImportError, AttributeError):
             continue
+
+
+#: Most memory a worker's read cache may hold.
+MAX_READ_CACHE = 1 << 30
+
+
+def read_cache_bytes(volume: Volume, plan: Plan) -> int:
+    """Size of a worker's cache of decoded storage chunks (bytes).
+
+    A block's tasks read overlapping boxes (each octant with a voxel or two of margin, the
+    coarse task the whole block), so without a cache a worker decodes the same chunks once per
+    task.  The cache holds every chunk that one block's reads touch, at most
+    :data:`MAX_READ_CACHE`; 0 when the source has no chunk shape (an in-memory array).
+    """
+    chunk = volume.chunk_shape
+    if not chunk:
+        return 0
+    span = plan.block + (1 << (plan.lods - 1)) + 2
+    n = 1
+    for c in chunk:
+        n *= (-(-span // int(c)) + 1) * int(c)
+    return int(min(n * np.dtype(volume.dtype).itemsize, MAX_READ_CACHE))
 
 
 def _init_worker(source, open_kwargs, plan, options, dest_spec, device):
@@ -560,7 +589,6 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     tasks = plan.tasks()
     done = {k[len(SCRATCH) + len("blocks/"):] for k in storage.list_keys(kv, SCRATCH + "blocks/")}
     todo = [t for t in tasks if task_name(t) not in done]
-    todo.sort(key=plan.task_cost, reverse=True)  # longest first: the pool ends on short tasks
     summary = Summary(blocks=len(plan.blocks()), tasks=len(tasks), tasks_resumed=len(tasks) - len(todo),
                       device=backend.name, format=options.format)
     nworkers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
@@ -569,8 +597,10 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     if progress:
         progress(finished, len(tasks))
     if nworkers == 1 or not todo:
+        cache = read_cache_bytes(volume, plan)
+        reading = open_volume(source, **open_kwargs, cache_bytes=cache) if cache and todo else volume
         for t in todo:
-            storage.write(kv, block_key(t), mesh_block(volume, plan, options, t[0], backend, t[1]))
+            storage.write(kv, block_key(t), mesh_block(reading, plan, options, t[0], backend, t[1]))
             finished += 1
             if progress:
                 progress(finished, len(tasks))
@@ -580,7 +610,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         src = source
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(nworkers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(src, open_kwargs, plan, options, storage.kvstore_spec(dest)
+                                 initargs=(src, dict(open_kwargs, cache_bytes=read_cache_bytes(volume, plan)),
+                                           plan, options, storage.kvstore_spec(dest)
                                            if not isinstance(dest, dict) else dest, backend.name)) as pool:
             futures = [pool.submit(_run_task, t) for t in todo]
             for fut in as_completed(futures):

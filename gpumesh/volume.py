@@ -401,11 +401,14 @@ def _numpy_volume(arr: np.ndarray, axes: Optional[str], voxel_size, voxel_offset
     )
 
 
-def _ts_open(spec: dict, where: str, kvstore: Optional[ts.KvStore] = None) -> ts.TensorStore:
+def _ts_open(spec: dict, where: str, kvstore: Optional[ts.KvStore] = None,
+             context: Optional[ts.Context] = None) -> ts.TensorStore:
     try:
         if kvstore is not None:
+            if context is not None:
+                return ts.open(spec, kvstore=kvstore, read=True, context=context).result()
             return ts.open(spec, kvstore=kvstore, read=True).result()
-        return ts.open(spec, read=True, context=storage._default_context()).result()
+        return ts.open(spec, read=True, context=context or storage._default_context()).result()
     except Exception as exc:
         raise SourceReadError(f"cannot open {where}: {_one_line(exc)}") from exc
 
@@ -440,7 +443,7 @@ def _no_mip(mip: int, where: str) -> None:
 # ----------------------------------------------------------------------------- formats
 
 
-def _open_zarr(kv, where, version, mip, axes, voxel_size, voxel_offset) -> Volume:
+def _open_zarr(kv, where, version, mip, axes, voxel_size, voxel_offset, context=None) -> Volume:
     if version == 3:
         meta = _read_json(kv, "zarr.json", where)
         if meta is None:
@@ -450,11 +453,11 @@ def _open_zarr(kv, where, version, mip, axes, voxel_size, voxel_offset) -> Volum
             ms = (attrs.get("ome") or {}).get("multiscales") or attrs.get("multiscales")
             if not ms:
                 raise SourceReadError(f"zarr v3 group without OME-Zarr multiscales at {where}")
-            return _open_ome(kv, where, ms, 3, mip, axes, voxel_size, voxel_offset)
+            return _open_ome(kv, where, ms, 3, mip, axes, voxel_size, voxel_offset, context)
         _no_mip(mip, where)
         attrs = meta.get("attributes") or {}
         names = meta.get("dimension_names")
-        store = _ts_open({"driver": "zarr3"}, where, kv)
+        store = _ts_open({"driver": "zarr3"}, where, kv, context)
         return _tensorstore_volume(
             store, where=where, description=f"zarr v3 {where} (mip 0)", names=names, axes=axes,
             voxel_size=voxel_size, voxel_offset=voxel_offset, attrs=attrs,
@@ -467,16 +470,16 @@ def _open_zarr(kv, where, version, mip, axes, voxel_size, voxel_offset) -> Volum
         ms = zattrs.get("multiscales")
         if not ms:
             raise SourceReadError(f"zarr v2 group without OME-Zarr multiscales at {where}")
-        return _open_ome(kv, where, ms, 2, mip, axes, voxel_size, voxel_offset)
+        return _open_ome(kv, where, ms, 2, mip, axes, voxel_size, voxel_offset, context)
     _no_mip(mip, where)
-    store = _ts_open({"driver": "zarr"}, where, kv)
+    store = _ts_open({"driver": "zarr"}, where, kv, context)
     return _tensorstore_volume(
         store, where=where, description=f"zarr v2 {where} (mip 0)", names=zattrs.get("_ARRAY_DIMENSIONS"),
         axes=axes, voxel_size=voxel_size, voxel_offset=voxel_offset, attrs=zattrs,
     )
 
 
-def _open_ome(kv, where, multiscales, zarr_version, mip, axes, voxel_size, voxel_offset) -> Volume:
+def _open_ome(kv, where, multiscales, zarr_version, mip, axes, voxel_size, voxel_offset, context=None) -> Volume:
     try:
         ms = multiscales[0]
         datasets = ms["datasets"]
@@ -511,7 +514,7 @@ def _open_ome(kv, where, multiscales, zarr_version, mip, axes, voxel_size, voxel
 
     sub = _sub(kv, path)
     dwhere = f"{where.rstrip('/')}/{path}"
-    store = _ts_open({"driver": "zarr3" if zarr_version == 3 else "zarr"}, dwhere, sub)
+    store = _ts_open({"driver": "zarr3" if zarr_version == 3 else "zarr"}, dwhere, sub, context)
     rank = store.rank
     if names is not None and len(names) != rank:
         raise SourceReadError(f"OME-Zarr {where}: {len(names)} axes for a rank-{rank} array {path!r}")
@@ -553,7 +556,7 @@ def _n5_voxel_size(attrs: dict, where: str) -> Optional[list]:
     return [r * f for r in res]
 
 
-def _open_n5(kv, where, mip, axes, voxel_size, voxel_offset) -> Volume:
+def _open_n5(kv, where, mip, axes, voxel_size, voxel_offset, context=None) -> Volume:
     attrs = _read_json(kv, "attributes.json", where)
     if not isinstance(attrs, dict):
         raise SourceReadError(f"no N5 attributes.json at {where}")
@@ -580,7 +583,7 @@ def _open_n5(kv, where, mip, axes, voxel_size, voxel_offset) -> Volume:
         attrs = merged
     else:
         _no_mip(mip, where)
-    store = _ts_open({"driver": "n5"}, dwhere, kv)
+    store = _ts_open({"driver": "n5"}, dwhere, kv, context)
     names = attrs.get("axes")
     shape = tuple(store.domain.shape)
     xyz, _ = _spatial_dims(names if isinstance(names, list) else None, shape, dwhere, axes)
@@ -595,7 +598,7 @@ def _open_n5(kv, where, mip, axes, voxel_size, voxel_offset) -> Volume:
     )
 
 
-def _open_precomputed(kv, where, mip, voxel_size, voxel_offset) -> Volume:
+def _open_precomputed(kv, where, mip, voxel_size, voxel_offset, context=None) -> Volume:
     info = _read_json(kv, "info", where)
     if not isinstance(info, dict) or not isinstance(info.get("scales"), list) or not info["scales"]:
         raise SourceReadError(f"no valid precomputed info at {where}")
@@ -609,7 +612,7 @@ def _open_precomputed(kv, where, mip, voxel_size, voxel_offset) -> Volume:
     if nc != 1:
         raise InvalidVolumeError(f"precomputed {where} has num_channels {nc}: a label volume must have 1")
     scale = scales[mip]
-    store = _ts_open({"driver": "neuroglancer_precomputed", "scale_index": mip}, where, kv)
+    store = _ts_open({"driver": "neuroglancer_precomputed", "scale_index": mip}, where, kv, context)
     if voxel_size is None:
         voxel_size = _check_voxel_size(scale.get("resolution"), f"precomputed {where} resolution")
     if voxel_offset is None:
@@ -627,7 +630,7 @@ def _open_precomputed(kv, where, mip, voxel_size, voxel_offset) -> Volume:
     return vol
 
 
-def _open_location(source, fmt, mip, axes, voxel_size, voxel_offset) -> Volume:
+def _open_location(source, fmt, mip, axes, voxel_size, voxel_offset, context=None) -> Volume:
     where = os.fspath(source) if not isinstance(source, dict) else json.dumps(source)
     loc = source
     if isinstance(loc, str) and "://" not in loc.split("|")[0]:
@@ -664,12 +667,12 @@ def _open_location(source, fmt, mip, axes, voxel_size, voxel_offset) -> Volume:
     if fmt == "zarr":
         fmt = "zarr3" if storage.read(kv, "zarr.json") is not None else "zarr2"
     if fmt == "zarr3":
-        return _open_zarr(kv, where, 3, mip, axes, voxel_size, voxel_offset)
+        return _open_zarr(kv, where, 3, mip, axes, voxel_size, voxel_offset, context)
     if fmt == "zarr2":
-        return _open_zarr(kv, where, 2, mip, axes, voxel_size, voxel_offset)
+        return _open_zarr(kv, where, 2, mip, axes, voxel_size, voxel_offset, context)
     if fmt == "n5":
-        return _open_n5(kv, where, mip, axes, voxel_size, voxel_offset)
-    return _open_precomputed(kv, where, mip, voxel_size, voxel_offset)
+        return _open_n5(kv, where, mip, axes, voxel_size, voxel_offset, context)
+    return _open_precomputed(kv, where, mip, voxel_size, voxel_offset, context)
 
 
 def _split_prefix(text: str) -> tuple:
@@ -701,6 +704,7 @@ def open_volume(
     voxel_offset: Optional[Sequence[int]] = None,
     mip: int = 0,
     axes: Optional[str] = None,
+    cache_bytes: int = 0,
 ) -> Volume:
     """Open a segmentation label volume for chunked reading with axes x, y, z.
 
@@ -736,6 +740,10 @@ def open_volume(
         TensorStore labels); when there are none, the storage order is x, y, z (the
         Neuroglancer / cloud-volume convention) and leading singleton axes of a rank > 3
         array are dropped. Ignored for precomputed sources (always x, y, z).
+    cache_bytes : int
+        Decoded chunks that TensorStore keeps in memory for later reads (bytes; 0: none).
+        Reads of neighbouring boxes that share storage chunks then decode them once.  Applies
+        to sources opened from a location or a spec, not to arrays or opened TensorStores.
 
     Returns
     -------
@@ -773,6 +781,10 @@ def open_volume(
     if isinstance(mip, bool) or not isinstance(mip, (int, np.integer)) or mip < 0:
         raise SourceReadError(f"mip must be an integer >= 0, got {mip!r}")
     mip = int(mip)
+    context = None
+    if cache_bytes:
+        context = ts.Context({"cache_pool": {"total_bytes_limit": int(cache_bytes)}},
+                             parent=storage._default_context())
 
     if isinstance(source, np.ndarray):
         _no_mip(mip, "numpy array")
@@ -788,15 +800,15 @@ def open_volume(
             kvs = source["kvstore"]
             loc = kvs if isinstance(kvs, (dict, str)) else None
             if loc is not None:
-                return _open_location(loc, "precomputed", mip, axes, vs, vo)
+                return _open_location(loc, "precomputed", mip, axes, vs, vo, context)
         where = f"TensorStore spec {json.dumps(source)[:200]}"
-        return _from_tensorstore(_ts_open(source, where), where, mip, axes, vs, vo)
+        return _from_tensorstore(_ts_open(source, where, context=context), where, mip, axes, vs, vo)
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         if isinstance(text, bytes):
             text = text.decode()
         fmt, loc = _split_prefix(text)
-        return _open_location(loc, fmt, mip, axes, vs, vo)
+        return _open_location(loc, fmt, mip, axes, vs, vo, context)
     raise SourceReadError(f"unsupported source type {type(source).__name__}: {source!r}"[:300])
 
 
