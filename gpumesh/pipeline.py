@@ -439,23 +439,35 @@ def read_cache_bytes(volume: Volume, plan: Plan) -> int:
 
     A block's tasks read overlapping boxes (each octant with a voxel or two of margin, the
     coarse task the whole block), so without a cache a worker decodes the same chunks once per
-    task.  The cache holds every chunk that one block's reads touch, at most
-    :data:`MAX_READ_CACHE`; 0 when the source has no chunk shape (an in-memory array).
+    task.  The cache holds the chunks that the reads of any one block touch (tasks run block by
+    block), at most :data:`MAX_READ_CACHE`; 0 when the source has no chunk shape (an
+    in-memory array).
     """
     chunk = volume.chunk_shape
     if not chunk:
         return 0
-    span = plan.block + (1 << (plan.lods - 1)) + 2
-    n = 1
-    for c in chunk:
-        n *= (-(-span // int(c)) + 1) * int(c)
-    return int(min(n * np.dtype(volume.dtype).itemsize, MAX_READ_CACHE))
+    chunk = np.asarray(chunk, dtype=np.int64)
+    shape = np.asarray(volume.shape, dtype=np.int64)
+    most = 0
+    for b in plan.blocks():
+        start, stop = plan.block_bounds(b)
+        lo, hi = np.maximum(start, 0), np.minimum(stop, shape)   # every task reads within these
+        if np.any(hi <= lo):
+            continue
+        most = max(most, int(np.prod((hi - 1) // chunk - lo // chunk + 1)))
+    return int(min(most * int(np.prod(chunk)) * np.dtype(volume.dtype).itemsize, MAX_READ_CACHE))
 
 
 def _init_worker(source, open_kwargs, plan, options, dest_spec, device):
+    import gc
+
     import tensorstore as ts  # noqa: F401
 
     _keep_freed_memory()
+    # a task allocates many short-lived objects but makes no reference cycles worth a full
+    # collection every few thousand allocations
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
     _WORKER["volume"] = open_volume(source, **open_kwargs)
     _WORKER["plan"] = plan
