@@ -44,9 +44,18 @@ def quantize(p_rel: np.ndarray, chunk: int, bits: int) -> np.ndarray:
     -------
     (n, 3) int64 in ``[0, 2**bits)``.
     """
-    q = np.rint(p_rel * (float(1 << bits) / chunk)).astype(np.int64)
-    np.clip(q, 0, (1 << bits) - 1, out=q)
+    p_rel = np.ascontiguousarray(p_rel, dtype=np.float64).reshape(-1, 3)
+    q = np.empty(p_rel.shape, dtype=np.int64)
+    _quantize(p_rel, float(1 << bits) / chunk, (1 << bits) - 1, q)
     return q
+
+
+@numba.njit(cache=True, nogil=True)
+def _quantize(p, factor, top, out):
+    for i in range(p.shape[0]):
+        for a in range(3):
+            v = np.int64(np.rint(p[i, a] * factor))
+            out[i, a] = 0 if v < 0 else (top if v > top else v)
 
 
 @numba.njit(cache=True, nogil=True)

@@ -384,13 +384,13 @@ def weld(tri_label: np.ndarray, tri_piece: np.ndarray, tri_edges: np.ndarray,
 
 
 @numba.njit(cache=True, nogil=True)
-def _thin(labels, v2, origin, label, out):
+def _thin(labels, v2, ox, oy, oz, label, out):
     nx, ny, nz = labels.shape
     for i in range(v2.shape[0]):
         axis = 0 if v2[i, 0] & 1 else (1 if v2[i, 1] & 1 else 2)
-        x = (v2[i, 0] >> 1) + origin[0]
-        y = (v2[i, 1] >> 1) + origin[1]
-        z = (v2[i, 2] >> 1) + origin[2]
+        x = (v2[i, 0] >> 1) + ox
+        y = (v2[i, 1] >> 1) + oy
+        z = (v2[i, 2] >> 1) + oz
         step = 1
         if labels[x, y, z] == label:
             step = -1           # inside voxel is the low end: look one further down
@@ -436,6 +436,47 @@ def thin_vertices(labels: np.ndarray, piece: Piece, origin=0) -> np.ndarray:
     (n,) bool, one per ``piece.vertices2`` row.
     """
     out = np.empty(len(piece.vertices2), dtype=np.bool_)
-    org = np.broadcast_to(np.asarray(origin, dtype=np.int64), (3,)).copy()
-    _thin(labels, piece.vertices2, org, labels.dtype.type(piece.label), out)
+    ox, oy, oz = (int(origin),) * 3 if np.ndim(origin) == 0 else (int(o) for o in origin)
+    _thin(labels, piece.vertices2, ox, oy, oz, labels.dtype.type(piece.label), out)
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _in_node(v2, ox, oy, oz, lo2, hi2, p_rel, on_plane):
+    o = (ox, oy, oz)
+    for i in range(v2.shape[0]):
+        plane = False
+        for a in range(3):
+            p_rel[i, a] = 0.5 * v2[i, a] - o[a]
+            if v2[i, a] == lo2[a] or v2[i, a] == hi2[a]:
+                plane = True
+        on_plane[i] = plane
+
+
+def piece_in_node(piece: Piece, node_origin, lo, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A piece's vertices relative to its octree node, and those on the piece's box planes.
+
+    Parameters
+    ----------
+    piece : Piece
+    node_origin : (3,) int
+        The node's origin in the meshed block (voxels of the piece's LOD).
+    lo : (3,) int
+        The piece's box origin relative to the node (voxels).
+    size : int
+        The piece's box edge (voxels).
+
+    Returns
+    -------
+    p_rel : (n, 3) float64
+        ``piece.vertices2 / 2 - node_origin`` (half-voxel lattice, voxels of the LOD).
+    on_plane : (n,) bool
+        Vertices with a coordinate on the box's planes ``lo`` or ``lo + size``.
+    """
+    n = len(piece.vertices2)
+    p_rel = np.empty((n, 3), dtype=np.float64)
+    on_plane = np.empty(n, dtype=np.bool_)
+    o = np.asarray(node_origin, dtype=np.int64)
+    lo2 = 2 * (o + np.asarray(lo, dtype=np.int64))
+    _in_node(piece.vertices2, int(o[0]), int(o[1]), int(o[2]), lo2, lo2 + 2 * int(size), p_rel, on_plane)
+    return p_rel, on_plane

@@ -42,7 +42,7 @@ from . import encode, storage
 from .backend import Backend, get_backend
 from .errors import DestinationExistsError, EmptyVolumeWarning, GpumeshError
 from .lod import decimate, decimates, get_quality
-from .marching import relabel_block, thin_vertices
+from .marching import piece_in_node, relabel_block, thin_vertices
 from .sharding import ShardingOptions
 from .volume import Volume, open_volume
 
@@ -359,10 +359,8 @@ def _mesh_lod(volume: Volume, plan: Plan, options: MeshOptions, backend: Backend
         pidx = piece.piece
         pc = np.array([pidx // (py * pz), (pidx // pz) % py, pidx % pz], dtype=np.int64)
         ln = pc // sub_per_node
-        p_rel = piece.vertices2 * 0.5 - ln * C
+        p_rel, on_plane = piece_in_node(piece, ln * C, (pc % sub_per_node) * piece_size, piece_size)
         if decimates(quality.keep(k), len(piece.faces)):
-            lo = (pc % sub_per_node) * piece_size
-            on_plane = ((p_rel == lo) | (p_rel == lo + piece_size)).any(axis=1)
             # decimated vertices are a subset of the piece's: still inside its box
             v, f = decimate(p_rel, piece.faces, quality.keep(k), scale, frozen=on_plane,
                             locked=thin_vertices(ctx, piece, ctx_origin))
