@@ -474,6 +474,12 @@ def _init_worker(source, open_kwargs, plan, options, dest_spec, device):
     _WORKER["backend"] = get_backend(device)
 
 
+def _load_writer_kernels() -> None:
+    from .octree import segment_nodes
+
+    segment_nodes(np.zeros((1, 3), np.uint32), np.zeros(1, np.int64), 1)
+
+
 def _run_task(task) -> tuple[tuple, int]:
     blob = mesh_block(_WORKER["volume"], _WORKER["plan"], _WORKER["options"], task[0],
                       _WORKER["backend"], task[1])
@@ -616,7 +622,11 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                 progress(finished, len(tasks))
     else:
         import multiprocessing as mp
+        import threading
 
+        # The writer's numba kernel compiles (on a first run) or loads from its cache here while
+        # the workers mesh, instead of after them.
+        threading.Thread(target=_load_writer_kernels, daemon=True).start()
         src = source
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(nworkers, mp_context=ctx, initializer=_init_worker,
