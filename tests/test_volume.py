@@ -312,6 +312,21 @@ def test_shared_connectomics_volume():
     assert not edge[7:].any()
 
 
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="shared connectomics volume not present")
+def test_read_cache_reads_the_same_and_is_sized_to_one_block():
+    from gpumesh.pipeline import MeshOptions, Plan, read_cache_bytes
+
+    plain = open_volume(SHARED)
+    plan = Plan.make(plain.shape, MeshOptions())
+    # blocks of 256 voxels read [b*256 - 4, b*256 + 256): at most 3 chunks of 128 per axis
+    assert read_cache_bytes(plain, plan) == 27 * 128**3 * 4
+    assert read_cache_bytes(open_volume(np.zeros((8, 8, 8), np.uint8)), plan) == 0
+    cached = open_volume(SHARED, cache_bytes=read_cache_bytes(plain, plan))
+    for box in [((254, 254, 254), (386, 386, 386)), ((380, 250, 120), (400, 260, 140)),
+                ((254, 254, 254), (386, 386, 386)), ((505, 0, 0), (515, 10, 10))]:
+        np.testing.assert_array_equal(cached.read(*box), plain.read(*box))
+
+
 # ----------------------------------------------------------------------------- errors
 
 
