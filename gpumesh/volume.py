@@ -405,9 +405,7 @@ def _ts_open(spec: dict, where: str, kvstore: Optional[ts.KvStore] = None,
              context: Optional[ts.Context] = None) -> ts.TensorStore:
     try:
         if kvstore is not None:
-            if context is not None:
-                return ts.open(spec, kvstore=kvstore, read=True, context=context).result()
-            return ts.open(spec, kvstore=kvstore, read=True).result()
+            return ts.open(spec, kvstore=kvstore, read=True, context=context).result()
         return ts.open(spec, read=True, context=context or storage._default_context()).result()
     except Exception as exc:
         raise SourceReadError(f"cannot open {where}: {_one_line(exc)}") from exc

@@ -236,13 +236,12 @@ def build_multires(label: int, entries: np.ndarray, blobs: list, plan: Plan, opt
         sel = node_lod == k
         nodes_per_lod.append(nodes[sel])
         sizes.append(node_size[sel])
-    nodes = nodes_per_lod
     manifest = encode_manifest(
         chunk_shape=[C, C, C],
         grid_origin=[float(v) for v in grid_origin],
         lod_scales=[float(1 << k) for k in range(num_lods)],
         vertex_offsets=[[-0.5 * (1 << k)] * 3 for k in range(num_lods)],
-        positions=nodes, sizes=sizes,
+        positions=nodes_per_lod, sizes=sizes,
     )
     return b"".join(parts), manifest
 
