@@ -56,13 +56,16 @@ def gpu_available() -> bool:
         return False
 
 
-def get_backend(device: str = "auto") -> Backend:
+def get_backend(device: str = "auto", processes: int = 1) -> Backend:
     """Pick the backend for ``device``.
 
     Parameters
     ----------
     device : {"auto", "cpu", "gpu"}
         ``auto`` uses the GPU when CuPy sees one, else the CPU with a one-line notice.
+    processes : int
+        Processes that will share the GPU (the main job's workers): each GPU backend takes
+        its share of the device's free memory (see :class:`gpumesh.gpu.GPUBackend`).
 
     Returns
     -------
@@ -83,7 +86,7 @@ def get_backend(device: str = "auto") -> Backend:
         try:
             from .gpu import GPUBackend  # noqa: F401  (added by the GPU backend)
 
-            return GPUBackend()
+            return GPUBackend(processes=processes)
         except ImportError as exc:
             if device == "gpu":
                 raise DeviceUnavailableError(f"GPU backend not available: {exc}") from exc

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import os
 import pathlib
+import warnings
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from . import marching
+from . import lod, marching
 from .mctable import EDGE_AXIS, EDGE_BASE, TRI_COUNTS, TRI_TABLE
 
 #: Kernel source files, in the order they are concatenated into one module.
@@ -48,6 +49,12 @@ KERNEL_DIR_ENV = "GPUMESH_KERNEL_DIR"
 DEFAULT_BLOCK = 256
 #: Cap on blocks per launch; the kernels loop (grid-stride) over whatever is left.
 DEFAULT_MAX_BLOCKS = 1 << 20
+#: Share of the device's free memory that the backends of all processes on it may use.
+GPU_MEMORY_FRACTION = 0.8
+
+
+class GPUMemoryWarning(UserWarning):
+    """Part of a block did not fit in device memory even as one x-plane; it ran on the CPU."""
 
 
 def kernel_dir() -> pathlib.Path:
@@ -115,6 +122,8 @@ class CupyRuntime:
                 "the GPU backend needs CuPy: pip install 'gpumesh-ng[gpu]' (cupy-cuda12x) "
                 "on a machine with a CUDA GPU") from exc
         self.cp = cupy
+        #: what an allocation raises when the device (or the pool's limit) has no room
+        self.oom_errors = (cupy.cuda.memory.OutOfMemoryError,)
         src = kernel_source() if source is None else source
         try:
             self.module = cupy.RawModule(code=src)
@@ -137,9 +146,41 @@ class CupyRuntime:
     def launch(self, name: str, grid: int, block: int, args: Sequence[Any]) -> None:
         self.functions[name]((grid,), (block,), tuple(args))
 
+    def mem_info(self) -> tuple[int, int]:
+        """(free, total) bytes of the current device."""
+        free, total = self.cp.cuda.runtime.memGetInfo()
+        return int(free), int(total)
+
+    def set_limit(self, nbytes: int) -> None:
+        """Cap the bytes this process's memory pool may hold (allocations past it raise)."""
+        self.cp.get_default_memory_pool().set_limit(size=int(nbytes))
+
+    def release(self) -> None:
+        """Hand the pool's unused blocks back to the device."""
+        self.cp.get_default_memory_pool().free_all_blocks()
+
+    def pool_bytes(self) -> int:
+        """Bytes the memory pool holds (in use or cached): the most this process has taken."""
+        return int(self.cp.get_default_memory_pool().total_bytes())
+
+
+class _SlabTooBig(Exception):
+    """A slab's triangles would not fit the memory budget; ``planes`` fit."""
+
+    def __init__(self, planes: int):
+        super().__init__(planes)
+        self.planes = planes
+
 
 class GPUBackend:
     """CUDA implementation of the hot stages (same interface as ``CPUBackend``).
+
+    Device memory is bounded: a block is meshed (or downsampled) in x-slabs small enough for
+    ``memory_budget``, which also caps the process's CuPy memory pool.  An out-of-memory error
+    all the same (another process, fragmentation) frees the pool and retries the slab at half
+    the width; a single plane that still does not fit is done on the CPU for that block, with
+    a warning.  Slabbing never changes the result: the slabs' outputs, in order, are the
+    whole block's.
 
     Parameters
     ----------
@@ -149,33 +190,68 @@ class GPUBackend:
         Threads per block.
     max_blocks : int
         Most blocks per launch; larger problems are covered by the kernels' grid-stride loops.
+    memory_budget : int, optional
+        Bytes of device memory this backend may use.  Default: :data:`GPU_MEMORY_FRACTION` of
+        the device's free memory when the backend is made, divided by ``processes``.
+    processes : int
+        Processes sharing the device (the main job's workers), for the default budget.
 
     Raises
     ------
     ImportError
         No CuPy, or the kernels do not compile (``gpumesh.backend.get_backend`` then falls
         back to the CPU for ``device="auto"``).
+    ValueError
+        ``memory_budget`` or ``processes`` is not positive.
     """
 
     name = "gpu"
 
     def __init__(self, runtime: Any = None, block: int = DEFAULT_BLOCK,
-                 max_blocks: int = DEFAULT_MAX_BLOCKS):
+                 max_blocks: int = DEFAULT_MAX_BLOCKS, memory_budget: Optional[int] = None,
+                 processes: int = 1):
+        if int(processes) < 1:
+            raise ValueError(f"processes must be >= 1 (got {processes})")
         self.rt = CupyRuntime() if runtime is None else runtime
         self.block = int(block)
         self.max_blocks = int(max_blocks)
         rt = self.rt
+        self._oom = tuple(getattr(rt, "oom_errors", ())) or (MemoryError,)
         self._tri_counts = rt.to_device(np.ascontiguousarray(TRI_COUNTS, dtype=np.int32))
         self._tri_table = rt.to_device(np.ascontiguousarray(TRI_TABLE, dtype=np.int8))
         self._max_tris = np.int64(TRI_TABLE.shape[1])
         self._edge_base = rt.to_device(np.ascontiguousarray(EDGE_BASE, dtype=np.int32))
         self._edge_axis = rt.to_device(np.ascontiguousarray(EDGE_AXIS, dtype=np.int32))
+        tables = sum(int(a.nbytes) for a in (self._tri_counts, self._tri_table, self._edge_base,
+                                             self._edge_axis))
+        if memory_budget is None:
+            free, _ = rt.mem_info()
+            memory_budget = int(free * GPU_MEMORY_FRACTION) // int(processes)
+        if int(memory_budget) < 1:
+            raise ValueError(f"memory_budget must be positive (got {memory_budget})")
+        self.memory_budget = int(memory_budget)
+        rt.set_limit(self.memory_budget)
+        self._avail = max(1, self.memory_budget - tables)  # for the slabs
+        #: slabs run, out-of-memory retries, blocks done on the CPU instead
+        self.stats = {"slabs": 0, "oom_retries": 0, "cpu_fallbacks": 0}
 
     def _grid(self, n: int) -> int:
         return max(1, min(self.max_blocks, -(-n // self.block)))
 
+    def _fallback(self, what: str) -> None:
+        self.stats["cpu_fallbacks"] += 1
+        warnings.warn(f"GPU out of memory for one x-plane of a block's {what}; that block is done "
+                      "on the CPU (same result)", GPUMemoryWarning, stacklevel=3)
+
     def march(self, labels: np.ndarray, piece_size: int):
         """Triangles of every segment in a block, like :func:`gpumesh.marching.march_cubes`.
+
+        Parameters
+        ----------
+        labels : (nx, ny, nz) ndarray of (u)int8/16/32/64
+            Labels, axes x, y, z (made C-contiguous; signed IDs are viewed as unsigned).
+        piece_size : int
+            Edge of the pieces triangles are bucketed into, in cubes.
 
         Returns
         -------
@@ -184,6 +260,13 @@ class GPUBackend:
         tri_edges : (T, 3) int32 or int64
             The same arrays (dtypes from :func:`gpumesh.marching.index_dtype`), in the same
             order, as the CPU kernel.
+
+        Raises
+        ------
+        ValueError
+            ``labels`` is not 3-D or ``piece_size < 1``.
+        TypeError
+            Not an integer label dtype of 1, 2, 4 or 8 bytes.
         """
         labels = np.ascontiguousarray(labels)
         if labels.ndim != 3:
@@ -192,29 +275,109 @@ class GPUBackend:
             raise ValueError(f"piece_size must be >= 1 (got {piece_size})")
         udt = label_dtype(labels.dtype)
         nx, ny, nz = (int(s) for s in labels.shape)
-        ncubes = max(nx - 1, 0) * max(ny - 1, 0) * max(nz - 1, 0)
-        if ncubes == 0:
-            idt = marching.index_dtype(labels.shape)
+        cx, cy, cz = max(nx - 1, 0), max(ny - 1, 0), max(nz - 1, 0)
+        idt = marching.index_dtype(labels.shape)  # the CPU kernel's id dtype
+        if cx * cy * cz == 0:
             return (np.empty(0, labels.dtype), np.empty(0, idt), np.empty((0, 3), idt))
-        rt, sfx = self.rt, DTYPE_SUFFIX[udt]
-        d_labels = rt.to_device(labels.view(udt))
-        dims = (np.int64(nx), np.int64(ny), np.int64(nz))
+        ulabels = labels.view(udt)
+        # device bytes per x-plane of cubes before any triangle: labels, counts, scan (+ room
+        # for a temporary of the scan); the first slab takes half the budget, leaving the rest
+        # for its triangles
+        plane = ny * nz * udt.itemsize + cy * cz * (4 + 8 + 8)
+        width = max(1, min(cx, self._avail // (2 * plane)))
+        parts, i0 = [], 0
+        while i0 < cx:
+            w = min(width, cx - i0)
+            oom = False
+            try:
+                part = self._march_slab(ulabels, i0, w, int(piece_size))
+            except _SlabTooBig as exc:
+                width = exc.planes
+                continue
+            except self._oom:
+                oom = True  # retried below, once this frame's device arrays are gone
+            if oom:
+                self.rt.release()
+                self.stats["oom_retries"] += 1
+                if w == 1:
+                    self._fallback("marching cubes")
+                    return marching.march_cubes(labels, int(piece_size))
+                width = max(1, w // 2)
+                continue
+            parts.append(part)
+            self.stats["slabs"] += 1
+            i0 += w
+        out = [np.concatenate(a) if len(parts) > 1 else a[0] for a in zip(*parts)]
+        return (out[0].view(labels.dtype), out[1].astype(idt, copy=False),
+                out[2].astype(idt, copy=False))
+
+    def _march_slab(self, ulabels: np.ndarray, i0: int, w: int, piece_size: int):
+        """Triangles of cube planes ``i0 .. i0 + w - 1`` (block ids), as host arrays.
+
+        Raises ``_SlabTooBig`` when emitting them would pass the budget (and ``w > 1``)."""
+        rt = self.rt
+        d_out = self.march_device(rt.to_device(ulabels[i0:i0 + w + 1]), piece_size, x0=i0,
+                                  check_budget=w > 1)
+        return tuple(rt.to_host(a) for a in d_out)
+
+    def march_device(self, d_labels: Any, piece_size: int, x0: int = 0,
+                     check_budget: bool = False):
+        """Marching cubes on labels already on the device; the outputs stay there.
+
+        The kernels alone (count, scan, emit), with no transfer but the scan's total: what
+        :meth:`march` runs per x-slab, and what ``bench/bench_gpu.py`` times.
+
+        Parameters
+        ----------
+        d_labels : (w + 1, ny, nz) device array of uint8/16/32/64, C-contiguous
+            x-planes ``x0 .. x0 + w`` of a block's labels (the whole block when ``x0 = 0``
+            and ``w + 1`` is its size).
+        piece_size : int
+            Edge of the pieces, in cubes.
+        x0 : int
+            The first plane's x in the block: the piece and edge ids are the block's.
+        check_budget : bool
+            Raise ``_SlabTooBig`` when the outputs would pass the memory budget.
+
+        Returns
+        -------
+        tri_label : (T,) device array, the labels' unsigned dtype
+        tri_piece : (T,) device array of int64
+        tri_edges : (T, 3) device array of int64
+        """
+        rt = self.rt
+        udt = np.dtype(d_labels.dtype)
+        sfx = DTYPE_SUFFIX[udt]
+        nxs, ny, nz = (int(v) for v in d_labels.shape)
+        w, cy, cz = nxs - 1, ny - 1, nz - 1
+        dims = (np.int64(nxs), np.int64(ny), np.int64(nz))
+        ncubes = w * cy * cz
         counts = rt.empty(ncubes, np.int32)
         grid = self._grid(ncubes)
         rt.launch(f"mc_count_{sfx}", grid, self.block, (d_labels, counts, *dims, self._tri_counts))
         scan = rt.cumsum(counts)
         total = int(rt.to_host(scan[ncubes - 1:])[0])
+        if check_budget:
+            isz = udt.itemsize
+            per_tri = isz + 8 + 24  # label, piece, 3 edge ids
+
+            def need(q, tris):  # device bytes of emitting q planes: labels, counts, scan, output
+                return (q + 1) * ny * nz * isz + q * cy * cz * (4 + 8) + tris * per_tri
+
+            if need(w, total) > self._avail:
+                # the triangles of the first q planes, from the scan at each plane's last cube
+                upto = rt.to_host(scan[cy * cz - 1::cy * cz])
+                fits = need(np.arange(1, w + 1), upto) <= self._avail
+                raise _SlabTooBig(max(1, int(np.count_nonzero(fits))))
         out_label = rt.empty(total, udt)
         out_piece = rt.empty(total, np.int64)
         out_edges = rt.empty((total, 3), np.int64)
         if total > 0:
             rt.launch(f"mc_emit_{sfx}", grid, self.block,
-                      (d_labels, counts, scan, *dims, np.int64(piece_size),
+                      (d_labels, counts, scan, *dims, np.int64(x0), np.int64(piece_size),
                        self._tri_counts, self._tri_table, self._max_tris,
                        self._edge_base, self._edge_axis, out_label, out_piece, out_edges))
-        idt = marching.index_dtype(labels.shape)  # the CPU kernel's id dtype
-        return (rt.to_host(out_label).view(labels.dtype), rt.to_host(out_piece).astype(idt, copy=False),
-                rt.to_host(out_edges).astype(idt, copy=False))
+        return out_label, out_piece, out_edges
 
     def mesh(self, labels: np.ndarray, piece_size: int) -> list[marching.Piece]:
         """Welded pieces of every segment in a block (see ``CPUBackend.mesh``)."""
@@ -223,20 +386,78 @@ class GPUBackend:
         return marching.weld(tri_label, tri_piece, tri_edges, labels.shape)
 
     def downsample(self, labels: np.ndarray) -> np.ndarray:
-        """Labels downsampled by 2 with the non-zero mode rule (see ``lod.downsample_labels``)."""
+        """Labels downsampled by 2 with the non-zero mode rule (see ``lod.downsample_labels``).
+
+        Parameters
+        ----------
+        labels : (sx, sy, sz) ndarray of (u)int8/16/32/64
+
+        Returns
+        -------
+        (ceil(sx/2), ceil(sy/2), ceil(sz/2)) ndarray, dtype of ``labels``
+
+        Raises
+        ------
+        ValueError
+            ``labels`` is not 3-D.
+        TypeError
+            Not an integer label dtype of 1, 2, 4 or 8 bytes.
+        """
         labels = np.ascontiguousarray(labels)
         if labels.ndim != 3:
             raise ValueError(f"labels must be 3-D (got shape {labels.shape})")
         udt = label_dtype(labels.dtype)
         sx, sy, sz = (int(s) for s in labels.shape)
         shape = ((sx + 1) // 2, (sy + 1) // 2, (sz + 1) // 2)
-        n = shape[0] * shape[1] * shape[2]
-        if n == 0:
+        if shape[0] * shape[1] * shape[2] == 0:
             return np.empty(shape, labels.dtype)
-        rt = self.rt
-        d_labels = rt.to_device(labels.view(udt))
-        out = rt.empty(shape, udt)
-        rt.launch(f"ds2_{DTYPE_SUFFIX[udt]}", self._grid(n), self.block,
-                  (d_labels, out, np.int64(sx), np.int64(sy), np.int64(sz),
-                   np.int64(shape[0]), np.int64(shape[1]), np.int64(shape[2])))
-        return rt.to_host(out).view(labels.dtype)
+        ulabels = labels.view(udt)
+        # device bytes per output x-plane: two input planes and the output plane
+        plane = (2 * sy * sz + shape[1] * shape[2]) * udt.itemsize
+        width = max(1, min(shape[0], self._avail // plane))
+        parts, o0 = [], 0
+        while o0 < shape[0]:
+            w = min(width, shape[0] - o0)
+            oom = False
+            try:
+                part = self._downsample_slab(ulabels[2 * o0:2 * (o0 + w)])
+            except self._oom:
+                oom = True
+            if oom:
+                self.rt.release()
+                self.stats["oom_retries"] += 1
+                if w == 1:
+                    self._fallback("downsampling")
+                    return lod.downsample_labels(labels)
+                width = max(1, w // 2)
+                continue
+            parts.append(part)
+            self.stats["slabs"] += 1
+            o0 += w
+        out = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return out.view(labels.dtype)
+
+    def _downsample_slab(self, ulabels: np.ndarray) -> np.ndarray:
+        """Downsampled labels of input x-planes ``ulabels`` (an even number but at the end)."""
+        return self.rt.to_host(self.downsample_device(self.rt.to_device(ulabels)))
+
+    def downsample_device(self, d_labels: Any) -> Any:
+        """2x downsampling of labels already on the device; the output stays there.
+
+        Parameters
+        ----------
+        d_labels : (sx, sy, sz) device array of uint8/16/32/64, C-contiguous
+
+        Returns
+        -------
+        (ceil(sx/2), ceil(sy/2), ceil(sz/2)) device array, same dtype
+        """
+        sx, sy, sz = (int(v) for v in d_labels.shape)
+        shape = ((sx + 1) // 2, (sy + 1) // 2, (sz + 1) // 2)
+        out = self.rt.empty(shape, d_labels.dtype)
+        n = shape[0] * shape[1] * shape[2]
+        if n:
+            self.rt.launch(f"ds2_{DTYPE_SUFFIX[np.dtype(d_labels.dtype)]}", self._grid(n), self.block,
+                           (d_labels, out, np.int64(sx), np.int64(sy), np.int64(sz),
+                            np.int64(shape[0]), np.int64(shape[1]), np.int64(shape[2])))
+        return out

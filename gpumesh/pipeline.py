@@ -456,7 +456,7 @@ def read_cache_bytes(volume: Volume, plan: Plan) -> int:
     return int(min(most * int(np.prod(chunk)) * np.dtype(volume.dtype).itemsize, MAX_READ_CACHE))
 
 
-def _init_worker(source, open_kwargs, plan, options, dest_spec, device):
+def _init_worker(source, open_kwargs, plan, options, dest_spec, device, nworkers):
     import gc
 
     import tensorstore as ts  # noqa: F401
@@ -471,7 +471,7 @@ def _init_worker(source, open_kwargs, plan, options, dest_spec, device):
     _WORKER["plan"] = plan
     _WORKER["options"] = options
     _WORKER["kv"] = storage.open_kvstore(dest_spec)
-    _WORKER["backend"] = get_backend(device)
+    _WORKER["backend"] = get_backend(device, processes=nworkers)
 
 
 def _load_writer_kernels() -> None:
@@ -632,7 +632,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         with ProcessPoolExecutor(nworkers, mp_context=ctx, initializer=_init_worker,
                                  initargs=(src, dict(open_kwargs, cache_bytes=read_cache_bytes(volume, plan)),
                                            plan, options, storage.kvstore_spec(dest)
-                                           if not isinstance(dest, dict) else dest, backend.name)) as pool:
+                                           if not isinstance(dest, dict) else dest, backend.name,
+                                           nworkers)) as pool:
             futures = [pool.submit(_run_task, t) for t in todo]
             for fut in as_completed(futures):
                 fut.result()

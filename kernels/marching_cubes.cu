@@ -10,6 +10,11 @@
 //     triangles in table order, each with three vertices named by their lattice edge:
 //     edge_id = ((bx * ny + by) * nz + bz) * 3 + edge_axis[e], (bx, by, bz) = (i, j, k) + edge_base[e].
 //   * piece = ((i / piece_size) * py + (j / piece_size)) * pz + (k / piece_size).
+//   * A block may be meshed in x-slabs (to bound device memory): the labels passed are then
+//     the x-planes x0 .. x0 + nx - 1 of the block's labels, and mc_emit writes the block's
+//     piece and edge ids (cube i of the slab is cube x0 + i of the block; ny, nz are the
+//     block's), so the slabs' outputs, one after the other, are the block's.  x0 = 0: a whole
+//     block.
 //
 // Two passes, so that the output order equals the CPU's emission order:
 //   mc_count_*: counts[c] = number of triangles cube c emits (all its labels together);
@@ -96,7 +101,7 @@ __device__ void mc_count(const T* __restrict__ labels, int* __restrict__ counts,
 template <typename T>
 __device__ void mc_emit(const T* __restrict__ labels, const int* __restrict__ counts,
                         const mc_i64* __restrict__ scan, mc_i64 nx, mc_i64 ny, mc_i64 nz,
-                        mc_i64 piece_size, McTables tab, mc_i64 max_tris,
+                        mc_i64 x0, mc_i64 piece_size, McTables tab, mc_i64 max_tris,
                         T* __restrict__ out_label, mc_i64* __restrict__ out_piece,
                         mc_i64* __restrict__ out_edges) {
     const mc_i64 cx = nx - 1, cy = ny - 1, cz = nz - 1;
@@ -111,7 +116,8 @@ __device__ void mc_emit(const T* __restrict__ labels, const int* __restrict__ co
         const mc_i64 i = c / (cz * cy);
         T v[8];
         mc_load_cube(labels, ny, nz, i, j, k, v);
-        const mc_i64 piece = ((i / piece_size) * py + (j / piece_size)) * pz + (k / piece_size);
+        const mc_i64 gi = x0 + i;  // the cube's x in the block
+        const mc_i64 piece = ((gi / piece_size) * py + (j / piece_size)) * pz + (k / piece_size);
         mc_i64 n = scan[c] - counts[c];  // exclusive prefix: first output row of this cube
         for (int m = 0; m < 8; ++m) {
             const int cs = mc_label_case(v, m);
@@ -122,7 +128,7 @@ __device__ void mc_emit(const T* __restrict__ labels, const int* __restrict__ co
                 out_piece[n] = piece;
                 for (int s = 0; s < 3; ++s) {
                     const int e = tab.tri_table[((mc_i64)cs * max_tris + t) * 3 + s];
-                    const mc_i64 bx = i + tab.edge_base[e * 3 + 0];
+                    const mc_i64 bx = gi + tab.edge_base[e * 3 + 0];
                     const mc_i64 by = j + tab.edge_base[e * 3 + 1];
                     const mc_i64 bz = k + tab.edge_base[e * 3 + 2];
                     out_edges[n * 3 + s] = ((bx * ny + by) * nz + bz) * 3 + tab.edge_axis[e];
@@ -142,7 +148,8 @@ __device__ void mc_emit(const T* __restrict__ labels, const int* __restrict__ co
     }                                                                                           \
     extern "C" __global__ void mc_emit_##SUFFIX(                                                \
         const T* __restrict__ labels, const int* __restrict__ counts,                           \
-        const mc_i64* __restrict__ scan, mc_i64 nx, mc_i64 ny, mc_i64 nz, mc_i64 piece_size,    \
+        const mc_i64* __restrict__ scan, mc_i64 nx, mc_i64 ny, mc_i64 nz, mc_i64 x0,            \
+        mc_i64 piece_size,                                                                      \
         const int* __restrict__ tri_counts, const signed char* __restrict__ tri_table,          \
         mc_i64 max_tris, const int* __restrict__ edge_base, const int* __restrict__ edge_axis,  \
         T* __restrict__ out_label, mc_i64* __restrict__ out_piece,                              \
@@ -152,7 +159,7 @@ __device__ void mc_emit(const T* __restrict__ labels, const int* __restrict__ co
         tab.tri_table = tri_table;                                                              \
         tab.edge_base = edge_base;                                                              \
         tab.edge_axis = edge_axis;                                                              \
-        mc_emit<T>(labels, counts, scan, nx, ny, nz, piece_size, tab, max_tris, out_label,      \
+        mc_emit<T>(labels, counts, scan, nx, ny, nz, x0, piece_size, tab, max_tris, out_label,  \
                    out_piece, out_edges);                                                       \
     }
 

@@ -160,6 +160,28 @@ def test_backend_seam_picks_gpu_backend(emu_lib, monkeypatch):
         b = backend.get_backend(device)
         assert isinstance(b, gpu.GPUBackend) and b.name == "gpu"
     assert backend.get_backend("cpu").name == "cpu"
+    # processes sharing the device each take their share of its free memory
+    one, three = backend.get_backend("gpu"), backend.get_backend("gpu", processes=3)
+    assert three.memory_budget == int(one.rt.mem_info()[0] * gpu.GPU_MEMORY_FRACTION) // 3
+
+
+def test_main_job_workers_share_the_device(monkeypatch, tmp_path):
+    """Each worker of the main job asks for a backend sized for all the workers."""
+    import gc
+
+    from gpumesh import pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "get_backend", lambda device, processes=1: calls.append((device, processes)))
+    # keep the worker's process-wide settings out of the test process
+    monkeypatch.setattr(pipeline, "_WORKER", {})
+    monkeypatch.setattr(pipeline, "_keep_freed_memory", lambda: None)
+    monkeypatch.setattr(gc, "freeze", lambda: None)
+    monkeypatch.setattr(gc, "set_threshold", lambda *a: None)
+    plan = pipeline.Plan.make((8, 8, 8), pipeline.MeshOptions(chunk_size=8))
+    pipeline._init_worker(np.ones((8, 8, 8), np.uint32), {}, plan, pipeline.MeshOptions(),
+                          str(tmp_path / "out"), "gpu", 5)
+    assert calls == [("gpu", 5)]
 
 
 def test_backend_seam_without_cupy(monkeypatch):
@@ -340,6 +362,91 @@ def test_emulated_non_contiguous_input(emu_backend):
     assert np.array_equal(emu_backend.downsample(view), lod.downsample_labels(view))
 
 
+# --------------------------------------------------------------------------------------
+# bounded device memory: x-slabs, out-of-memory retries, CPU fallback
+
+
+def _plane_bytes(labels):
+    """Device bytes the backend plans per x-plane of cubes (labels, counts, scan, temporary)."""
+    nx, ny, nz = labels.shape
+    return ny * nz * labels.dtype.itemsize + (ny - 1) * (nz - 1) * 20
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint64])
+def test_emulated_memory_budget_slabs_match_cpu(emu_lib, real_crops, dtype):
+    """A budget of a few planes meshes and downsamples in many x-slabs, never allocates past
+    the budget (the emulated pool raises there) and gives the CPU's arrays."""
+    labels = _as_dtype(real_crops["40^3"], dtype)
+    budget = 6 * _plane_bytes(labels)  # first slabs of 3 planes, then what the triangles allow
+    rt = cuda_emu.EmulatedRuntime(emu_lib, seed=7)
+    backend = gpu.GPUBackend(runtime=rt, memory_budget=budget, block=64, max_blocks=7)
+    assert rt.limit == budget
+    want = marching.march_cubes(labels, 7)
+    _assert_same_triangles(backend.march(labels, 7), want)
+    assert backend.stats["slabs"] > 13, backend.stats  # more than 39 planes / 3
+    assert backend.stats["oom_retries"] == 0 and rt.oom_raised == 0
+    assert rt.peak <= budget
+    # slabs meet piece boundaries anywhere: a piece size that no slab width divides
+    _assert_same_triangles(backend.march(labels, 5), marching.march_cubes(labels, 5))
+    _assert_same_pieces(backend.mesh(labels, 16), CPUBackend().mesh(labels, 16))
+    # downsampling an odd-sized block: 3 output planes (2 input planes each) per slab, the
+    # last slab with one input plane; the second step's smaller planes fit in one slab
+    labels = _as_dtype(real_crops["37x29x23"], dtype)
+    nx, ny, nz = labels.shape
+    budget = 3 * (2 * ny * nz + 15 * 12) * labels.dtype.itemsize + rt.live
+    rt = cuda_emu.EmulatedRuntime(emu_lib, seed=8)
+    backend = gpu.GPUBackend(runtime=rt, memory_budget=budget, block=64, max_blocks=7)
+    level_b = level_c = labels
+    for _ in range(2):
+        level_b, level_c = backend.downsample(level_b), lod.downsample_labels(level_c)
+        assert np.array_equal(level_b, level_c) and level_b.dtype == level_c.dtype
+    assert backend.stats["slabs"] == 7 + 1  # 19 output planes by 3, then 10 in one
+    assert backend.stats["oom_retries"] == 0 and rt.peak <= budget
+
+
+def test_emulated_out_of_memory_retries_in_smaller_slabs(emu_lib, real_crops):
+    """A device smaller than the backend believes: allocations fail, the backend frees and
+    retries at half the width, and the result is still the CPU's."""
+    labels = real_crops["37x29x23"]
+    rt = cuda_emu.EmulatedRuntime(emu_lib, seed=1, capacity=5 * _plane_bytes(labels))
+    backend = gpu.GPUBackend(runtime=rt, memory_budget=1 << 30)
+    _assert_same_triangles(backend.march(labels, 6), marching.march_cubes(labels, 6))
+    assert backend.stats["oom_retries"] > 0 and rt.oom_raised == backend.stats["oom_retries"]
+    assert backend.stats["cpu_fallbacks"] == 0
+    retries = backend.stats["oom_retries"]
+    assert np.array_equal(backend.downsample(labels), lod.downsample_labels(labels))
+    assert backend.stats["oom_retries"] > retries and backend.stats["cpu_fallbacks"] == 0
+    assert rt.live == sum(a.nbytes for a in (backend._tri_counts, backend._tri_table,
+                                             backend._edge_base, backend._edge_axis))
+
+
+def test_emulated_out_of_memory_falls_back_to_cpu(emu_lib, real_crops):
+    """Not even one x-plane fits: that block runs on the CPU, with a warning, same result."""
+    labels = real_crops["40^3"]
+    rt = cuda_emu.EmulatedRuntime(emu_lib, capacity=8192)
+    backend = gpu.GPUBackend(runtime=rt, memory_budget=1 << 30)
+    with pytest.warns(gpu.GPUMemoryWarning, match="on the CPU"):
+        got = backend.march(labels, 8)
+    _assert_same_triangles(got, marching.march_cubes(labels, 8))
+    with pytest.warns(gpu.GPUMemoryWarning):
+        assert np.array_equal(backend.downsample(labels), lod.downsample_labels(labels))
+    assert backend.stats["cpu_fallbacks"] == 2
+
+
+def test_default_memory_budget_is_a_share_of_free_memory(emu_lib):
+    cap = 10_000_000
+    rt = cuda_emu.EmulatedRuntime(emu_lib, capacity=cap)
+    backend = gpu.GPUBackend(runtime=rt, processes=4)
+    tables = rt.live
+    assert tables > 0
+    assert backend.memory_budget == int((cap - tables) * gpu.GPU_MEMORY_FRACTION) // 4
+    assert rt.limit == backend.memory_budget
+    with pytest.raises(ValueError, match="processes"):
+        gpu.GPUBackend(runtime=rt, processes=0)
+    with pytest.raises(ValueError, match="memory_budget"):
+        gpu.GPUBackend(runtime=rt, memory_budget=0)
+
+
 @pytest.mark.parametrize("name", ["40^3", "37x29x23"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_emulated_real_crop_matches_cpu(emu_lib, real_crops, name, dtype):
@@ -417,3 +524,13 @@ def test_gpu_run_mesh_is_byte_identical(crop, tmp_path):
         assert run_mesh(crop, str(tmp_path / quality / "cpu"), device="cpu", **kw).device == "cpu"
         assert run_mesh(crop, str(tmp_path / quality / "gpu"), device="gpu", **kw).device == "gpu"
         _assert_same_tree(tmp_path / quality / "cpu", tmp_path / quality / "gpu")
+
+
+@pytest.mark.gpu
+def test_gpu_memory_budget_slabs_match_cpu(crop):
+    """On the device: a budget of a few planes gives many slabs and the CPU's arrays."""
+    labels = crop
+    backend = gpu.GPUBackend(memory_budget=6 * _plane_bytes(labels))
+    _check_backend(backend, labels, piece_sizes=(32, 7))
+    assert backend.stats["slabs"] > 2 * labels.shape[0] // 3
+    assert backend.stats["cpu_fallbacks"] == 0

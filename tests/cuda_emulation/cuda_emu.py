@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import weakref
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -56,6 +57,10 @@ class EmulationError(AssertionError):
 
 class DeviceArray(np.ndarray):
     """A NumPy array standing for device memory in the emulation."""
+
+
+class EmulatedOutOfMemory(MemoryError):
+    """An emulated allocation did not fit the device's capacity or the pool's limit."""
 
 
 def compiler() -> Optional[str]:
@@ -163,18 +168,57 @@ class EmulatedRuntime:
     lib : EmulatedLibrary
     seed : int
         0: threads run in launch order; otherwise a random permutation seeded by ``seed``.
+    capacity : int, optional
+        Bytes of the emulated device (default: unbounded).  Like the pool's limit
+        (:meth:`set_limit`), it is checked against the bytes of the device arrays alive at
+        each allocation; past either, the allocation raises :class:`EmulatedOutOfMemory`.
     """
 
-    def __init__(self, lib: EmulatedLibrary, seed: int = 0):
+    oom_errors = (EmulatedOutOfMemory,)
+
+    def __init__(self, lib: EmulatedLibrary, seed: int = 0, capacity: Optional[int] = None):
         self.lib = lib
         self.seed = int(seed)
         self.launches: list[tuple[str, int, int]] = []
+        self.capacity = capacity
+        self.limit: Optional[int] = None
+        self.live = 0        # bytes of the device arrays alive now
+        self.peak = 0        # the most ever alive
+        self.oom_raised = 0
 
     # --- memory -------------------------------------------------------------------------
+    def _alloc(self, a: np.ndarray) -> DeviceArray:
+        n = int(a.nbytes)
+        for cap in (self.capacity, self.limit):
+            if cap is not None and self.live + n > cap:
+                self.oom_raised += 1
+                raise EmulatedOutOfMemory(f"{n} bytes requested, {self.live} of {cap} in use")
+        d = a.view(DeviceArray)
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(d, self._free, n)
+        return d
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+    def mem_info(self) -> tuple[int, int]:
+        total = self.capacity if self.capacity is not None else 1 << 40
+        return total - self.live, total
+
+    def set_limit(self, nbytes: int) -> None:
+        self.limit = int(nbytes)
+
+    def release(self) -> None:
+        pass  # freed arrays are given back at once here
+
+    def pool_bytes(self) -> int:
+        return self.peak
+
     def to_device(self, a: np.ndarray) -> DeviceArray:
         if isinstance(a, DeviceArray):
             raise EmulationError("to_device of an array that is already on the device")
-        return np.array(a, order="C", copy=True).view(DeviceArray)
+        return self._alloc(np.array(a, order="C", copy=True))
 
     def to_host(self, a: DeviceArray) -> np.ndarray:
         if not isinstance(a, DeviceArray):
@@ -184,12 +228,12 @@ class EmulatedRuntime:
     def empty(self, shape, dtype) -> DeviceArray:
         a = np.empty(shape, dtype=dtype)
         a.view(np.uint8)[...] = GARBAGE if a.size else 0
-        return a.view(DeviceArray)
+        return self._alloc(a)
 
     def cumsum(self, a: DeviceArray) -> DeviceArray:
         if not isinstance(a, DeviceArray):
             raise EmulationError("cumsum of a host array")
-        return np.cumsum(a.view(np.ndarray), dtype=np.int64).view(DeviceArray)
+        return self._alloc(np.cumsum(a.view(np.ndarray), dtype=np.int64))
 
     # --- launch -------------------------------------------------------------------------
     def launch(self, name: str, grid: int, block: int, args: Sequence) -> None:
