@@ -47,7 +47,9 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_SOURCE = REPO_ROOT / ".." / "shared" / "data" / "connectomics.zarr"
+# GPUMESH_DATA: a folder holding connectomics.zarr, where ../shared/data is not beside the
+# checkout (a lent GPU machine, see bench/device/)
+DEFAULT_SOURCE = Path(os.environ.get("GPUMESH_DATA", REPO_ROOT / ".." / "shared" / "data")) / "connectomics.zarr"
 DEFAULT_RESULTS_DIR = REPO_ROOT / "bench" / "results"
 TOOLS = ("gpumesh", "zmesh", "serra")
 
@@ -67,6 +69,7 @@ PACKAGES = (
     "serra-mesh",
     "gpumesh-ng",
     "cupy-cuda12x",
+    "cupy-cuda13x",
 )
 
 

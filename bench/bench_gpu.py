@@ -1,0 +1,272 @@
+#!/usr/bin/env python3
+"""Kernel benchmark: marching cubes and label downsampling, GPU against CPU and the peers.
+
+On each volume (the real 512^3 one, and 1024^3 tiled from it with ``bench/tiled.py``'s
+relabelling) and in one run on one machine:
+
+* ``gpu mc kernels``: :meth:`gpumesh.gpu.GPUBackend.march_device` on labels already on the
+  device (count, scan, emit; the scan's total is the only transfer), timed with CUDA events:
+  ``--warmup`` untimed calls, then the median of ``--repeat``;
+* ``gpu mc + transfers``: :meth:`GPUBackend.march` from host labels to host triangle arrays
+  (upload, kernels, download), wall clock, median of ``--host-repeat``;
+* ``gpu downsample kernel``: :meth:`GPUBackend.downsample_device`, events, median, with the
+  bandwidth it reaches (bytes read once + written once over the time);
+* ``cpu mc`` / ``cpu downsample``: the CPU path (:func:`gpumesh.marching.march_cubes`,
+  :func:`gpumesh.lod.downsample_labels`; numba, one thread), wall clock, after a warm-up
+  on a crop so compilation is left out;
+* ``weld``: :func:`gpumesh.marching.weld` (CPU; the GPU path welds there too);
+* ``zmesh`` / ``serra``: the peers' multi-label marching cubes with their own welding
+  (``Mesher.mesh(labels, close=True)`` then ``get(id, reduction_factor=0)`` for every
+  segment; serra on every core), wall clock.
+
+Throughput is voxels over time (Gvox/s).  On the real volume the GPU's triangle arrays are
+compared with the CPU's (``parity``).  Peak device memory is the CuPy pool's size after the
+runs.  The CPU-only and peer rows of the tiled volume are skipped unless ``--cpu-tiled``
+(they take minutes and ~40 GB of memory).
+
+Prints a table and writes ``bench/results/kernels-<UTC timestamp>-<hostname>.json`` with the
+machine, the device (name, driver, CUDA version), the commit and every figure.  Without a GPU
+(``--device cpu``, or ``auto`` on a machine without one) only the CPU and peer rows run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import bench_main  # noqa: E402
+from tiled import tile_volume  # noqa: E402
+
+PIECE_SIZE = 64  # the main job's LOD 0 piece (node) size at the default chunk size
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _wall(fn: Callable[[], Any], repeat: int) -> tuple[list[float], Any]:
+    times, out = [], None
+    for _ in range(repeat):
+        out = None
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return times, out
+
+
+def _events(cp, fn: Callable[[], Any], warmup: int, repeat: int) -> list[float]:
+    """Seconds per call, timed with CUDA events around each call."""
+    for _ in range(warmup):
+        fn()
+    cp.cuda.Device().synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, end) / 1e3)
+    return times
+
+
+def gpu_info(cp) -> dict[str, Any]:
+    rt = cp.cuda.runtime
+    props = rt.getDeviceProperties(cp.cuda.Device().id)
+    name = props["name"]
+    free, total = rt.memGetInfo()
+    return {
+        "name": name.decode() if isinstance(name, bytes) else str(name),
+        "compute_capability": f"{props['major']}.{props['minor']}",
+        "multiprocessors": int(props["multiProcessorCount"]),
+        "memory_gib": round(total / 2**30, 1),
+        "driver_version": rt.driverGetVersion(),
+        "cuda_runtime_version": rt.runtimeGetVersion(),
+        "cupy": cp.__version__,
+    }
+
+
+def _row(rows, volume, what, seconds, voxels, **extra):
+    med = statistics.median(seconds)
+    rows.append(dict(volume=volume, what=what, median_s=med, runs_s=seconds,
+                     gvox_per_s=voxels / med / 1e9, **extra))
+    _log(f"[{volume}] {what}: {med * 1e3:.1f} ms ({voxels / med / 1e9:.2f} Gvox/s)")
+
+
+def bench_gpu(rows, name, labels, args, cpu_tris) -> dict[str, Any]:
+    import cupy as cp
+
+    from gpumesh.gpu import GPUBackend
+
+    backend = GPUBackend()
+    nvox = labels.size
+    t0 = time.perf_counter()
+    d_labels = backend.rt.to_device(labels)
+    cp.cuda.Device().synchronize()
+    up = time.perf_counter() - t0
+    info: dict[str, Any] = {"upload_s": up, "upload_gb_per_s": labels.nbytes / up / 1e9}
+    out = backend.march_device(d_labels, PIECE_SIZE)
+    tris = int(out[0].shape[0])
+    del out
+    t = _events(cp, lambda: backend.march_device(d_labels, PIECE_SIZE), args.warmup, args.repeat)
+    _row(rows, name, "gpu mc kernels", t, nvox, triangles=tris)
+    ds_bytes = labels.nbytes + labels.nbytes // 8
+    t = _events(cp, lambda: backend.downsample_device(d_labels), args.warmup, args.repeat)
+    _row(rows, name, "gpu downsample kernel", t, nvox,
+         gb_per_s=ds_bytes / statistics.median(t) / 1e9)
+    del d_labels
+    if name == "real" or args.cpu_tiled:
+        t, got = _wall(lambda: backend.march(labels, PIECE_SIZE), args.host_repeat)
+        _row(rows, name, "gpu mc + transfers", t, nvox, triangles=int(got[0].shape[0]),
+             slabs=backend.stats["slabs"])
+        if cpu_tris is not None:
+            info["parity"] = all(np.array_equal(a, b) for a, b in zip(got, cpu_tris))
+            _log(f"[{name}] GPU triangles == CPU triangles: {info['parity']}")
+        del got
+    info["pool_peak_bytes"] = backend.rt.pool_bytes()
+    info["stats"] = dict(backend.stats)
+    backend.rt.release()
+    return info
+
+
+def bench_cpu(rows, name, labels, args):
+    from gpumesh import lod, marching
+
+    nvox = labels.size
+    warm = np.ascontiguousarray(labels[:40, :40, :40])
+    marching.weld(*marching.march_cubes(warm, PIECE_SIZE), warm.shape)
+    lod.downsample_labels(warm)
+    t, tris = _wall(lambda: marching.march_cubes(labels, PIECE_SIZE), args.cpu_repeat)
+    _row(rows, name, "cpu mc", t, nvox, triangles=int(tris[0].shape[0]))
+    t, pieces = _wall(lambda: marching.weld(*tris, labels.shape), 1)
+    _row(rows, name, "weld (cpu)", t, nvox, pieces=len(pieces))
+    del pieces
+    t, _ = _wall(lambda: lod.downsample_labels(labels), args.cpu_repeat)
+    _row(rows, name, "cpu downsample", t, nvox)
+    return tris
+
+
+def bench_peer(rows, name, labels, tool, voxel_size):
+    nvox = labels.size
+    if tool == "zmesh":
+        import zmesh
+
+        mesher = zmesh.Mesher(voxel_size)
+        arr = np.asfortranarray(labels)
+        call = "zmesh.Mesher(voxel_size).mesh(fortran labels, close=True)"
+    else:
+        import serra_mesh
+
+        mesher = serra_mesh.Mesher(voxel_resolution=list(voxel_size), axis_order="XYZ", threads=0)
+        arr = labels
+        call = "serra_mesh.Mesher(voxel_resolution, axis_order='XYZ', threads=0).mesh(labels, close=True)"
+    t0 = time.perf_counter()
+    mesher.mesh(arr, close=True)
+    t1 = time.perf_counter()
+    tris = 0
+    for label in mesher.ids():
+        tris += int(mesher.get(int(label), normals=False, reduction_factor=0).faces.shape[0])
+        mesher.erase(int(label))
+    t2 = time.perf_counter()
+    _row(rows, name, f"{tool} mc + weld", [t2 - t0], nvox, mesh_s=t1 - t0, get_s=t2 - t1,
+         triangles=tris, call=call)
+
+
+def print_table(rows) -> None:
+    print(f"\n{'volume':8} {'stage':24} {'median':>11} {'Gvox/s':>8} {'x cpu':>7}  note")
+    base = {(r["volume"], r["what"].split()[1]): r["median_s"] for r in rows
+            if r["what"].startswith("cpu ")}
+    for r in rows:
+        kind = "mc" if " mc" in r["what"] else "downsample" if "downsample" in r["what"] else None
+        ref = base.get((r["volume"], kind))
+        ratio = f"{ref / r['median_s']:.1f}" if ref and kind else ""
+        note = ", ".join(f"{k} {r[k]:,}" if isinstance(r[k], int) else f"{k} {r[k]:.0f}"
+                         for k in ("triangles", "gb_per_s") if k in r)
+        print(f"{r['volume']:8} {r['what']:24} {r['median_s'] * 1e3:9.1f}ms "
+              f"{r['gvox_per_s']:8.2f} {ratio:>7}  {note}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Benchmark the GPU kernels against the CPU path and the peers.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--source", default=None, help="label volume (default: the real volume)")
+    p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto")
+    p.add_argument("--volumes", default="real,tiled", help="real (the source), tiled (2x2x2 tiles of it)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=20, help="timed kernel runs (CUDA events)")
+    p.add_argument("--host-repeat", type=int, default=3, help="timed runs of the host-to-host GPU march")
+    p.add_argument("--cpu-repeat", type=int, default=1)
+    p.add_argument("--peers", default="zmesh,serra", help="peers to run on the real volume ('' for none)")
+    p.add_argument("--cpu-tiled", action="store_true", help="also run the CPU and peers on the tiled volume")
+    p.add_argument("--voxel-size", type=bench_main._parse_voxel_size, default=(32.0, 32.0, 40.0))
+    p.add_argument("--results-dir", default=str(bench_main.DEFAULT_RESULTS_DIR))
+    p.add_argument("--no-save", action="store_true")
+    args = p.parse_args(argv)
+
+    from gpumesh.backend import gpu_available
+
+    use_gpu = args.device == "gpu" or (args.device == "auto" and gpu_available())
+    if args.device == "gpu" and not gpu_available():
+        print("--device gpu: no CUDA GPU visible to CuPy", file=sys.stderr)
+        return 2
+    source = bench_main.resolve_source(args.source)
+    real = bench_main.load_volume(source)
+    volumes = [v.strip() for v in args.volumes.split(",") if v.strip()]
+    peers = [t.strip() for t in args.peers.split(",") if t.strip()]
+    started = _dt.datetime.now(_dt.timezone.utc)
+    rows: list[dict[str, Any]] = []
+    gpu_runs: dict[str, Any] = {}
+    device: dict[str, Any] = {"name": "cpu"}
+    if use_gpu:
+        import cupy as cp
+
+        device = gpu_info(cp)
+        _log(f"device: {device}")
+    for name in volumes:
+        labels = real if name == "real" else tile_volume(real, 2)
+        _log(f"[{name}] {labels.shape} {labels.dtype}, {labels.nbytes / 2**30:.2f} GiB")
+        full = name == "real" or args.cpu_tiled
+        cpu_tris = bench_cpu(rows, name, labels, args) if full else None
+        if use_gpu:
+            gpu_runs[name] = bench_gpu(rows, name, labels, args, cpu_tris)
+        del cpu_tris
+        if full:
+            for tool in peers:
+                bench_peer(rows, name, labels, tool, args.voxel_size)
+        del labels
+    print_table(rows)
+    result = {
+        "benchmark": "kernels",
+        "started_utc": started.isoformat(timespec="seconds"),
+        "source": str(source),
+        "piece_size": PIECE_SIZE,
+        "machine": bench_main.machine_info(),
+        "device": device,
+        "git": bench_main.git_info(),
+        "packages": bench_main.package_versions(),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("results_dir",)},
+        "rows": rows,
+        "gpu": gpu_runs,
+    }
+    if not args.no_save:
+        out = Path(args.results_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        stamp = started.strftime("%Y%m%dT%H%M%SZ")
+        path = out / f"kernels-{stamp}-{result['machine']['hostname']}.json"
+        path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
