@@ -25,8 +25,10 @@ def _draco_prefixes() -> list[str]:
     spec = importlib.util.find_spec("DracoPy")
     if spec is not None and spec.origin:
         site = os.path.dirname(os.path.abspath(spec.origin))
-        # <prefix>/lib/pythonX.Y/site-packages/DracoPy*.so -> <prefix>
+        # <prefix>/lib/pythonX.Y/site-packages/DracoPy*.so -> <prefix>; a `pip install
+        # --target DIR` puts the headers and library in DIR itself
         prefixes.append(os.path.dirname(os.path.dirname(os.path.dirname(site))))
+        prefixes.append(site)
     prefixes += [sys.prefix, sys.base_prefix]
     return prefixes
 

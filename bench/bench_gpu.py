@@ -96,11 +96,16 @@ def gpu_info(cp) -> dict[str, Any]:
     }
 
 
-def _row(rows, volume, what, seconds, voxels, **extra):
+def _row(rows, volume, what, stage, seconds, voxels, **extra):
+    """One figure; ``stage`` (mc, mc+weld, weld, downsample) says which rows compare."""
     med = statistics.median(seconds)
-    rows.append(dict(volume=volume, what=what, median_s=med, runs_s=seconds,
+    rows.append(dict(volume=volume, what=what, stage=stage, median_s=med, runs_s=seconds,
                      gvox_per_s=voxels / med / 1e9, **extra))
-    _log(f"[{volume}] {what}: {med * 1e3:.1f} ms ({voxels / med / 1e9:.2f} Gvox/s)")
+    _log(f"[{volume}] {what}: {med * 1e3:.1f} ms ({voxels / med / 1e9:.3g} Gvox/s)")
+
+
+def _find(rows, volume, what):
+    return next((r for r in rows if r["volume"] == volume and r["what"] == what), None)
 
 
 def bench_gpu(rows, name, labels, args, cpu_tris) -> dict[str, Any]:
@@ -119,16 +124,20 @@ def bench_gpu(rows, name, labels, args, cpu_tris) -> dict[str, Any]:
     tris = int(out[0].shape[0])
     del out
     t = _events(cp, lambda: backend.march_device(d_labels, PIECE_SIZE), args.warmup, args.repeat)
-    _row(rows, name, "gpu mc kernels", t, nvox, triangles=tris)
+    _row(rows, name, "gpu mc kernels", "mc", t, nvox, triangles=tris)
     ds_bytes = labels.nbytes + labels.nbytes // 8
     t = _events(cp, lambda: backend.downsample_device(d_labels), args.warmup, args.repeat)
-    _row(rows, name, "gpu downsample kernel", t, nvox,
+    _row(rows, name, "gpu downsample kernel", "downsample", t, nvox,
          gb_per_s=ds_bytes / statistics.median(t) / 1e9)
     del d_labels
     if name == "real" or args.cpu_tiled:
         t, got = _wall(lambda: backend.march(labels, PIECE_SIZE), args.host_repeat)
-        _row(rows, name, "gpu mc + transfers", t, nvox, triangles=int(got[0].shape[0]),
+        _row(rows, name, "gpu mc + transfers", "mc", t, nvox, triangles=int(got[0].shape[0]),
              slabs=backend.stats["slabs"])
+        weld = _find(rows, name, "weld (cpu)")
+        if weld:
+            _row(rows, name, "gpu mc + transfers + weld (cpu)", "mc+weld",
+                 [statistics.median(t) + weld["median_s"]], nvox)
         if cpu_tris is not None:
             info["parity"] = all(np.array_equal(a, b) for a, b in zip(got, cpu_tris))
             _log(f"[{name}] GPU triangles == CPU triangles: {info['parity']}")
@@ -147,12 +156,14 @@ def bench_cpu(rows, name, labels, args):
     marching.weld(*marching.march_cubes(warm, PIECE_SIZE), warm.shape)
     lod.downsample_labels(warm)
     t, tris = _wall(lambda: marching.march_cubes(labels, PIECE_SIZE), args.cpu_repeat)
-    _row(rows, name, "cpu mc", t, nvox, triangles=int(tris[0].shape[0]))
+    _row(rows, name, "cpu mc", "mc", t, nvox, triangles=int(tris[0].shape[0]))
     t, pieces = _wall(lambda: marching.weld(*tris, labels.shape), 1)
-    _row(rows, name, "weld (cpu)", t, nvox, pieces=len(pieces))
+    _row(rows, name, "weld (cpu)", "weld", t, nvox, pieces=len(pieces))
     del pieces
+    _row(rows, name, "cpu mc + weld", "mc+weld",
+         [_find(rows, name, "cpu mc")["median_s"] + t[0]], nvox)
     t, _ = _wall(lambda: lod.downsample_labels(labels), args.cpu_repeat)
-    _row(rows, name, "cpu downsample", t, nvox)
+    _row(rows, name, "cpu downsample", "downsample", t, nvox)
     return tris
 
 
@@ -178,22 +189,23 @@ def bench_peer(rows, name, labels, tool, voxel_size):
         tris += int(mesher.get(int(label), normals=False, reduction_factor=0).faces.shape[0])
         mesher.erase(int(label))
     t2 = time.perf_counter()
-    _row(rows, name, f"{tool} mc + weld", [t2 - t0], nvox, mesh_s=t1 - t0, get_s=t2 - t1,
+    _row(rows, name, f"{tool} mc + weld", "mc+weld", [t2 - t0], nvox, mesh_s=t1 - t0, get_s=t2 - t1,
          triangles=tris, call=call)
 
 
 def print_table(rows) -> None:
-    print(f"\n{'volume':8} {'stage':24} {'median':>11} {'Gvox/s':>8} {'x cpu':>7}  note")
-    base = {(r["volume"], r["what"].split()[1]): r["median_s"] for r in rows
-            if r["what"].startswith("cpu ")}
+    """Rows with their speed-up over gpumesh's CPU path and over zmesh at the same stage."""
+    def ref(r, what):
+        other = _find(rows, r["volume"], what)
+        return f"{other['median_s'] / r['median_s']:.1f}" if other and other["stage"] == r["stage"] else ""
+
+    print(f"\n{'volume':7} {'what':32} {'median':>11} {'Gvox/s':>8} {'x cpu':>6} {'x zmesh':>7}  note")
     for r in rows:
-        kind = "mc" if " mc" in r["what"] else "downsample" if "downsample" in r["what"] else None
-        ref = base.get((r["volume"], kind))
-        ratio = f"{ref / r['median_s']:.1f}" if ref and kind else ""
+        cpu = {"mc": "cpu mc", "mc+weld": "cpu mc + weld", "downsample": "cpu downsample"}.get(r["stage"])
         note = ", ".join(f"{k} {r[k]:,}" if isinstance(r[k], int) else f"{k} {r[k]:.0f}"
                          for k in ("triangles", "gb_per_s") if k in r)
-        print(f"{r['volume']:8} {r['what']:24} {r['median_s'] * 1e3:9.1f}ms "
-              f"{r['gvox_per_s']:8.2f} {ratio:>7}  {note}")
+        print(f"{r['volume']:7} {r['what']:32} {r['median_s'] * 1e3:9.1f}ms {r['gvox_per_s']:8.3g} "
+              f"{ref(r, cpu) if cpu else '':>6} {ref(r, 'zmesh mc + weld'):>7}  {note}")
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Run THERE, on a lent GPU machine, from the repo root, after bench/device/prepare.sh ran here:
+#   run(command="bash bench/device/gpu_check.sh", timeout_s=600,
+#       carry=[".whl", ".devdata", "gpumesh/_dracoenc.cpython-312-x86_64-linux-gnu.so"])
+# Stages, each capped so the whole stays inside BUDGET seconds (default 480):
+#   1. install the carried wheels (the image has numpy, numba, tensorstore, scipy, cupy, pytest)
+#   2. tests/test_gpu.py: emulation + NVRTC + the `gpu` tests on the device
+#   3. bench/bench_gpu.py: kernel throughput, CPU path and peers, real and 1024^3 tiled volumes
+#   4. the main job on the real volume, --device gpu then --device cpu, every core, and a
+#      byte comparison of the two outputs (TILED=1: also the 1024^3 tiled volume on the GPU)
+# Logs and result JSON go to $OUT (check.log, pytest_gpu.log, results/*.json): commit the
+# JSON to bench/results/ and cite the figures in docs/gpu.md.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/gpumesh-out}
+mkdir -p "$OUT/results"
+PY=${PYTHON:-python3}
+BUDGET=${BUDGET:-480}
+T0=$(date +%s)
+exec > >(tee -a "$OUT/check.log") 2>&1
+left() { local l=$((BUDGET - ($(date +%s) - T0))); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
+stage() { echo; echo "== [$(( $(date +%s) - T0 )) s] $*"; }
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 GPUMESH_DATA="$PWD/.devdata"
+
+stage "install carried wheels"
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH="/tmp/site:$PWD"
+"$PY" - <<'PY'
+import importlib.metadata as md, sys
+print(sys.version.split()[0], *(f"{n} {md.version(n)}" for n in
+      ("numpy", "numba", "tensorstore", "ml_dtypes", "scipy", "cupy-cuda13x", "DracoPy",
+       "meshoptimizer", "zmesh", "serra-mesh", "trimesh")), sep="; ")
+PY
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+nproc; free -g | head -2
+if ! "$PY" -c "import gpumesh._dracoenc"; then
+  stage "build the Draco extension here"
+  "$PY" setup.py -q build_ext --inplace || echo "no extension: DracoPy.encode is used (slower)"
+fi
+"$PY" -c "import gpumesh, gpumesh.encode as e; print('gpumesh', gpumesh.__file__, 'dracoenc', e._dracoenc is not None)"
+
+stage "tests/test_gpu.py (emulation, NVRTC, gpu)"
+timeout "$(left 200)" "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py 2>&1 \
+  | tee "$OUT/pytest_gpu.log" | tail -25
+
+stage "bench_gpu.py"
+timeout "$(left 200)" "$PY" bench/bench_gpu.py --results-dir "$OUT/results" 2>&1 | tail -30
+
+for dev in gpu cpu; do
+  stage "main job, --device $dev"
+  rm -rf "/tmp/main-$dev"
+  timeout "$(left 100)" "$PY" bench/bench_main.py --skip zmesh,serra --gpumesh-args "--device $dev" \
+    --out-dir "/tmp/main-$dev" --keep --results-dir "$OUT/results" 2>&1 | tail -14
+done
+stage "main job output: GPU run == CPU run, byte for byte"
+diff -rq /tmp/main-gpu/gpumesh-out /tmp/main-cpu/gpumesh-out && echo "IDENTICAL OUTPUT"
+if [ "${TILED:-0}" = 1 ]; then
+  stage "main job on the 1024^3 tiled volume, --device gpu"
+  "$PY" bench/tiled.py /tmp/tiled1024.zarr --source "$GPUMESH_DATA/connectomics.zarr"
+  timeout "$(left 200)" "$PY" bench/bench_main.py --source /tmp/tiled1024.zarr --skip zmesh,serra \
+    --gpumesh-args "--device gpu" --results-dir "$OUT/results" 2>&1 | tail -8
+fi
+stage "done"

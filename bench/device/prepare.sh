@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Run HERE (a machine with network and Python 3.12), before a lent GPU machine is used:
+# puts into the repo, git-ignored, what the device machine cannot fetch (it has no network):
+#   .whl/      wheels for the device image's Python 3.12 (cp312) of the packages the image
+#              lacks: DracoPy, meshoptimizer (built here from its sdist: PyPI has no wheel),
+#              trimesh, zmesh, serra-mesh
+#   .devdata/  a copy of the real volume (connectomics.zarr, 12 MB): ../shared does not travel
+#   gpumesh/_dracoenc.cpython-312-x86_64-linux-gnu.so   the Draco encoder extension for 3.12
+# Then call the device tool with bench/device/gpu_check.sh (see docs/gpu.md).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+is312() { "$1" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1; }
+if [ -z "${PY312:-}" ]; then
+  for c in python3.12 /root/.pyenv/versions/3.12*/bin/python; do
+    if is312 "$c"; then PY312=$c; break; fi
+  done
+fi
+is312 "${PY312:-none}" || { echo "need Python 3.12 (the device image's): set PY312" >&2; exit 1; }
+DATA=${GPUMESH_DATA:-../shared/data}
+rm -rf .whl .devdata && mkdir -p .whl .devdata
+PLAT=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
+      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+"$PY312" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  "${PLAT[@]}" -d .whl DracoPy==2.2.0 trimesh==5.2.0 zmesh==1.15.0 serra-mesh==0.2.0
+"$PY312" -m pip download -q --no-deps --no-binary=meshoptimizer -d /tmp/gpumesh-sdist meshoptimizer==0.2.30a0
+"$PY312" -m pip wheel -q --no-deps -w .whl /tmp/gpumesh-sdist/meshoptimizer-0.2.30a0.tar.gz
+# the extension, built against the cp312 DracoPy wheel's Draco (setup.py finds it beside DracoPy)
+rm -rf /tmp/gpumesh-site312 && "$PY312" -m pip install -q --no-deps --target /tmp/gpumesh-site312 .whl/dracopy-*.whl
+rm -rf /tmp/gpumesh-build312 && "$PY312" -m pip install -q setuptools --target /tmp/gpumesh-build312
+PYTHONPATH=/tmp/gpumesh-site312:/tmp/gpumesh-build312 "$PY312" setup.py -q build_ext --inplace
+cp -r "$DATA/connectomics.zarr" .devdata/
+ls -la .whl gpumesh/*.so && du -sh .whl .devdata
