@@ -108,12 +108,14 @@ def _find(rows, volume, what):
     return next((r for r in rows if r["volume"] == volume and r["what"] == what), None)
 
 
-def bench_gpu(rows, name, labels, args, cpu_tris) -> dict[str, Any]:
-    import cupy as cp
+def bench_gpu(rows, name, labels, args, cpu_tris, backend=None, cp=None) -> dict[str, Any]:
+    """The GPU rows of one volume (``backend``, ``cp``: a GPUBackend and CuPy, for tests)."""
+    if cp is None:
+        import cupy as cp
+    if backend is None:
+        from gpumesh.gpu import GPUBackend
 
-    from gpumesh.gpu import GPUBackend
-
-    backend = GPUBackend()
+        backend = GPUBackend()
     nvox = labels.size
     t0 = time.perf_counter()
     d_labels = backend.rt.to_device(labels)

@@ -1,0 +1,88 @@
+"""The kernel benchmark's own logic (bench/bench_gpu.py, bench/tiled.py), on small inputs.
+
+The GPU rows run through the emulated kernels (tests/cuda_emulation) with a stand-in for
+CuPy's events, so a lent device's short time is not spent finding a bug in the benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import types
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "tests" / "cuda_emulation"))
+import bench_gpu  # noqa: E402
+import cuda_emu  # noqa: E402
+from tiled import tile_volume  # noqa: E402
+
+from gpumesh import gpu, marching  # noqa: E402
+
+
+def test_tile_volume_keeps_ids_distinct():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 5, size=(4, 3, 5)).astype(np.uint8)
+    a[0, 0, 0] = 250
+    t = tile_volume(a, 2)
+    assert t.shape == (8, 6, 10) and t.dtype == np.uint64  # 8 * 251 IDs do not fit uint8
+    step = 251
+    for k in range(8):
+        i, j, m = k // 4, (k // 2) % 2, k % 2
+        tile = t[4 * i:4 * i + 4, 3 * j:3 * j + 3, 5 * m:5 * m + 5].astype(np.int64)
+        assert np.array_equal(tile == 0, a == 0)
+        assert np.array_equal(tile[a != 0] - k * step, a[a != 0])
+    assert len(np.unique(t)) - 1 == 8 * (len(np.unique(a)) - 1)
+    assert tile_volume(a.astype(np.uint32), 2).dtype == np.uint32  # fits: the dtype is kept
+
+
+class _Event:
+    def record(self):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+def _fake_cupy():
+    device = types.SimpleNamespace(synchronize=lambda: None, id=0)
+    cuda = types.SimpleNamespace(Event=_Event, Device=lambda: device,
+                                 get_elapsed_time=lambda a, b: 1.5)
+    return types.SimpleNamespace(cuda=cuda)
+
+
+@pytest.fixture(scope="module")
+def emu_lib(tmp_path_factory):
+    if cuda_emu.compiler() is None:
+        pytest.skip("g++ not found: cannot build the CUDA emulation")
+    files = [gpu.kernel_dir() / f for f in gpu.KERNEL_FILES]
+    return cuda_emu.build(tmp_path_factory.mktemp("emu"), files, gpu.KERNEL_NAMES)
+
+
+def test_bench_rows_and_parity_through_the_emulated_backend(emu_lib, real_zarr, capsys):
+    import tensorstore as ts
+
+    store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(real_zarr)}}).result()
+    labels = np.ascontiguousarray(store[100:136, 200:233, 300:340].read().result())
+    args = argparse.Namespace(warmup=1, repeat=2, host_repeat=1, cpu_repeat=1, cpu_tiled=False)
+    rows: list = []
+    cpu_tris = bench_gpu.bench_cpu(rows, "real", labels, args)
+    backend = gpu.GPUBackend(runtime=cuda_emu.EmulatedRuntime(emu_lib))
+    info = bench_gpu.bench_gpu(rows, "real", labels, args, cpu_tris, backend=backend, cp=_fake_cupy())
+    assert info["parity"] is True
+    assert info["pool_peak_bytes"] > labels.nbytes
+    what = [r["what"] for r in rows]
+    assert what == ["cpu mc", "weld (cpu)", "cpu mc + weld", "cpu downsample", "gpu mc kernels",
+                    "gpu downsample kernel", "gpu mc + transfers", "gpu mc + transfers + weld (cpu)"]
+    tris = len(marching.march_cubes(labels, bench_gpu.PIECE_SIZE)[0])
+    assert tris > 0
+    assert {r.get("triangles") for r in rows if "triangles" in r} == {tris}
+    kernels = rows[what.index("gpu mc kernels")]
+    assert kernels["median_s"] == 1.5e-3 and kernels["runs_s"] == [1.5e-3] * 2
+    assert np.isclose(kernels["gvox_per_s"], labels.size / 1.5e-3 / 1e9)
+    bench_gpu.print_table(rows)
+    table = capsys.readouterr().out
+    assert "gpu mc kernels" in table and "x zmesh" in table
