@@ -9,6 +9,8 @@ relabelling) and in one run on one machine:
   ``--warmup`` untimed calls, then the median of ``--repeat``;
 * ``gpu mc + transfers``: :meth:`GPUBackend.march` from host labels to host triangle arrays
   (upload, kernels, download), wall clock, median of ``--host-repeat``;
+* ``gpu mc + weld (device)``: :meth:`GPUBackend.mesh`, host labels to host pieces with the
+  weld on the device (:meth:`GPUBackend.weld_device`), wall clock;
 * ``gpu downsample kernel``: :meth:`GPUBackend.downsample_device`, events, median, with the
   bandwidth it reaches (bytes read once + written once over the time);
 * ``cpu mc`` / ``cpu downsample``: the CPU path (:func:`gpumesh.marching.march_cubes`,
@@ -20,7 +22,8 @@ relabelling) and in one run on one machine:
   segment; serra on every core), wall clock.
 
 Throughput is voxels over time (Gvox/s).  On the real volume the GPU's triangle arrays are
-compared with the CPU's (``parity``).  Peak device memory is the CuPy pool's size after the
+compared with the CPU's (``parity``) and the device-welded pieces with the CPU weld's
+(``parity_pieces``).  Peak device memory is the CuPy pool's size after the
 runs.  The CPU-only and peer rows of the tiled volume are skipped unless ``--cpu-tiled``
 (they take minutes and ~40 GB of memory).
 
@@ -108,8 +111,15 @@ def _find(rows, volume, what):
     return next((r for r in rows if r["volume"] == volume and r["what"] == what), None)
 
 
-def bench_gpu(rows, name, labels, args, cpu_tris, backend=None, cp=None) -> dict[str, Any]:
-    """The GPU rows of one volume (``backend``, ``cp``: a GPUBackend and CuPy, for tests)."""
+def _same_pieces(a, b) -> bool:
+    return len(a) == len(b) and all(
+        (p.label, p.piece) == (q.label, q.piece) and np.array_equal(p.vertices2, q.vertices2)
+        and np.array_equal(p.faces, q.faces) for p, q in zip(a, b))
+
+
+def bench_gpu(rows, name, labels, args, cpu, backend=None, cp=None) -> dict[str, Any]:
+    """The GPU rows of one volume; ``cpu``: :func:`bench_cpu`'s (triangles, pieces) for the
+    parity checks, or None (``backend``, ``cp``: a GPUBackend and CuPy, for tests)."""
     if cp is None:
         import cupy as cp
     if backend is None:
@@ -140,9 +150,17 @@ def bench_gpu(rows, name, labels, args, cpu_tris, backend=None, cp=None) -> dict
         if weld:
             _row(rows, name, "gpu mc + transfers + weld (cpu)", "mc+weld",
                  [statistics.median(t) + weld["median_s"]], nvox)
-        if cpu_tris is not None:
-            info["parity"] = all(np.array_equal(a, b) for a, b in zip(got, cpu_tris))
+        if cpu is not None:
+            info["parity"] = all(np.array_equal(a, b) for a, b in zip(got, cpu[0]))
             _log(f"[{name}] GPU triangles == CPU triangles: {info['parity']}")
+        del got
+        welds = backend.stats["device_welds"]
+        t, got = _wall(lambda: backend.mesh(labels, PIECE_SIZE), args.host_repeat)
+        _row(rows, name, "gpu mc + weld (device)", "mc+weld", t, nvox,
+             welded_on_device=backend.stats["device_welds"] > welds)
+        if cpu is not None:
+            info["parity_pieces"] = _same_pieces(got, cpu[1])
+            _log(f"[{name}] GPU pieces == CPU pieces: {info['parity_pieces']}")
         del got
     info["pool_peak_bytes"] = backend.rt.pool_bytes()
     info["stats"] = dict(backend.stats)
@@ -161,12 +179,11 @@ def bench_cpu(rows, name, labels, args):
     _row(rows, name, "cpu mc", "mc", t, nvox, triangles=int(tris[0].shape[0]))
     t, pieces = _wall(lambda: marching.weld(*tris, labels.shape), 1)
     _row(rows, name, "weld (cpu)", "weld", t, nvox, pieces=len(pieces))
-    del pieces
     _row(rows, name, "cpu mc + weld", "mc+weld",
          [_find(rows, name, "cpu mc")["median_s"] + t[0]], nvox)
     t, _ = _wall(lambda: lod.downsample_labels(labels), args.cpu_repeat)
     _row(rows, name, "cpu downsample", "downsample", t, nvox)
-    return tris
+    return tris, pieces
 
 
 def bench_peer(rows, name, labels, tool, voxel_size):
@@ -250,10 +267,10 @@ def main(argv=None) -> int:
         labels = real if name == "real" else tile_volume(real, 2)
         _log(f"[{name}] {labels.shape} {labels.dtype}, {labels.nbytes / 2**30:.2f} GiB")
         full = name == "real" or args.cpu_tiled
-        cpu_tris = bench_cpu(rows, name, labels, args) if full else None
+        cpu = bench_cpu(rows, name, labels, args) if full else None
         if use_gpu:
-            gpu_runs[name] = bench_gpu(rows, name, labels, args, cpu_tris)
-        del cpu_tris
+            gpu_runs[name] = bench_gpu(rows, name, labels, args, cpu)
+        del cpu
         if full:
             for tool in peers:
                 bench_peer(rows, name, labels, tool, args.voxel_size)

@@ -10,9 +10,11 @@ runs in two passes so that the output order is the CPU's emission order:
 3. ``mc_emit_<dtype>``: one thread per cube writes its triangles at that row, labels in corner
    order and triangles in table order, exactly as the CPU does.
 
-The triangle arrays (label, piece, edge ids) are then copied to the host and welded by
-:func:`gpumesh.marching.weld`, so :meth:`GPUBackend.mesh` returns the same pieces as
-:meth:`gpumesh.backend.CPUBackend.mesh`, array for array.
+The triangles are then welded on the device with sorts (:meth:`GPUBackend.weld_device`) and
+only vertices and faces come back; a block too large for the memory budget is marched in
+x-slabs and welded on the host by :func:`gpumesh.marching.weld`.  Either way
+:meth:`GPUBackend.mesh` returns the same pieces as :meth:`gpumesh.backend.CPUBackend.mesh`,
+array for array.
 
 CuPy is imported only when a :class:`GPUBackend` is constructed; importing this module never
 needs it.  The host-side logic talks to the device through a small *runtime* object (CuPy by
@@ -51,6 +53,12 @@ DEFAULT_BLOCK = 256
 DEFAULT_MAX_BLOCKS = 1 << 20
 #: Share of the device's free memory that the backends of all processes on it may use.
 GPU_MEMORY_FRACTION = 0.8
+
+
+#: Device bytes per triangle that :meth:`GPUBackend.weld_device` may need at its peak (its
+#: sort keys, permutations and corner arrays, with CuPy's sort temporaries), on top of the
+#: 40 bytes of the triangle arrays.
+WELD_BYTES_PER_TRIANGLE = 320
 
 
 class GPUMemoryWarning(UserWarning):
@@ -130,6 +138,11 @@ class CupyRuntime:
             self.functions = {name: self.module.get_function(name) for name in KERNEL_NAMES}
         except Exception as exc:  # NVRTC errors, driver errors: the backend is unusable
             raise ImportError(f"the GPU kernels could not be compiled or loaded: {exc}") from exc
+
+    @property
+    def xp(self):
+        """The array module of device arrays (CuPy)."""
+        return self.cp
 
     def to_device(self, a: np.ndarray) -> Any:
         return self.cp.asarray(a)
@@ -232,8 +245,10 @@ class GPUBackend:
         self.memory_budget = int(memory_budget)
         rt.set_limit(self.memory_budget)
         self._avail = max(1, self.memory_budget - tables)  # for the slabs
-        #: slabs run, out-of-memory retries, blocks done on the CPU instead
-        self.stats = {"slabs": 0, "oom_retries": 0, "cpu_fallbacks": 0}
+        #: weld on the device when the block fits (see :meth:`mesh`)
+        self.device_weld = True
+        #: slabs run, out-of-memory retries, blocks done on the CPU instead, device welds
+        self.stats = {"slabs": 0, "oom_retries": 0, "cpu_fallbacks": 0, "device_welds": 0}
 
     def _grid(self, n: int) -> int:
         return max(1, min(self.max_blocks, -(-n // self.block)))
@@ -380,10 +395,162 @@ class GPUBackend:
         return out_label, out_piece, out_edges
 
     def mesh(self, labels: np.ndarray, piece_size: int) -> list[marching.Piece]:
-        """Welded pieces of every segment in a block (see ``CPUBackend.mesh``)."""
+        """Welded pieces of every segment in a block (see ``CPUBackend.mesh``).
+
+        When the block's triangles and the weld fit the memory budget, marching cubes and
+        welding both run on the device (:meth:`weld_device`) and only the vertices and faces
+        come back; otherwise the block is marched in slabs (:meth:`march`) and welded on the
+        CPU.  Either way the pieces are the CPU path's, array for array.
+
+        Parameters
+        ----------
+        labels : (nx, ny, nz) ndarray of (u)int8/16/32/64
+        piece_size : int
+            Edge of the pieces, in cubes.
+
+        Returns
+        -------
+        list of :class:`gpumesh.marching.Piece`, sorted by segment ID, then piece index.
+        """
         labels = np.ascontiguousarray(labels)
+        if labels.ndim != 3:
+            raise ValueError(f"labels must be 3-D (got shape {labels.shape})")
+        if self.device_weld and min(labels.shape) >= 2 and int(piece_size) >= 1:
+            pieces = self._mesh_on_device(labels, int(piece_size))
+            if pieces is not None:
+                return pieces
         tri_label, tri_piece, tri_edges = self.march(labels, piece_size)
         return marching.weld(tri_label, tri_piece, tri_edges, labels.shape)
+
+    def _mesh_on_device(self, labels: np.ndarray, piece_size: int):
+        """Marching cubes of a whole block on the device, welded there when that fits the
+        budget, else on the CPU; None when the block's triangles do not fit (the caller then
+        marches in slabs)."""
+        rt = self.rt
+        ulabels = labels.view(label_dtype(labels.dtype))
+        pieces, oom = None, False
+        try:
+            d_out = self.march_device(rt.to_device(ulabels), piece_size, check_budget=True)
+            if d_out[0].shape[0] * WELD_BYTES_PER_TRIANGLE <= self._avail:
+                pieces = self.weld_device(*d_out, labels.shape, labels.dtype)
+            else:
+                idt = marching.index_dtype(labels.shape)
+                tri = [rt.to_host(a) for a in d_out]
+                del d_out
+                self.stats["slabs"] += 1
+                return marching.weld(tri[0].view(labels.dtype), tri[1].astype(idt, copy=False),
+                                     tri[2].astype(idt, copy=False), labels.shape)
+            del d_out
+        except _SlabTooBig:
+            pass
+        except self._oom:
+            oom = True
+        if oom:
+            rt.release()
+            self.stats["oom_retries"] += 1
+        return pieces
+
+    def weld_device(self, d_label: Any, d_piece: Any, d_edges: Any, shape: tuple,
+                    dtype=None) -> list[marching.Piece]:
+        """Group triangles by (segment, piece) and weld their vertices, on the device.
+
+        The same pieces as :func:`gpumesh.marching.weld` (groups by segment ID then piece,
+        triangles in emission order, vertices numbered by first appearance), computed with
+        sorts instead of the CPU's counting sort and hash table:
+
+        1. group key ``rank(label) * pieces + piece``; a stable sort of the triangles by key
+           keeps emission order within a group;
+        2. the 3T corners in that order (triangle, then corner) get the key
+           ``group * E + edge id`` (``E`` = 3 · voxels of the block); a stable sort of it
+           makes runs of one vertex whose first element is the vertex's first appearance;
+        3. numbering the runs by first appearance numbers each group's vertices as the CPU
+           does (groups are contiguous in corner order), and each corner gets its run's
+           number, less its group's first vertex.
+
+        Parameters
+        ----------
+        d_label, d_piece, d_edges : device arrays, (T,), (T,), (T, 3)
+            :meth:`march_device`'s output for the whole block.
+        shape : (nx, ny, nz)
+            The block's shape (for the edge ids).
+        dtype : optional
+            The labels' dtype (the device labels are its unsigned view).
+
+        Returns
+        -------
+        list of :class:`gpumesh.marching.Piece`
+        """
+        rt = self.rt
+        xp = rt.xp
+        t = int(d_label.shape[0])
+        if t == 0:
+            return []
+        nx, ny, nz = (int(v) for v in shape)
+        uniq = xp.unique(d_label)
+        npieces = int(d_piece.max()) + 1
+        nedge = 3 * nx * ny * nz
+        if len(uniq) * npieces * nedge >= 2**62:  # keys would overflow int64: weld on the CPU
+            idt = marching.index_dtype(shape)
+            return marching.weld(rt.to_host(d_label).view(dtype or d_label.dtype),
+                                 rt.to_host(d_piece).astype(idt), rt.to_host(d_edges).astype(idt), shape)
+        key = xp.searchsorted(uniq, d_label) * npieces + d_piece
+        order = xp.argsort(key, kind="stable")
+        skey = key[order]
+        del key
+        cedge = d_edges[order].reshape(-1)
+        del order
+        ckey = xp.repeat(skey, 3) * nedge + cedge
+        corder = xp.argsort(ckey, kind="stable")
+        sck = ckey[corder]
+        del ckey
+        head = xp.empty(3 * t, dtype=bool)
+        head[0] = True
+        head[1:] = sck[1:] != sck[:-1]
+        del sck
+        run = xp.cumsum(head) - 1              # run of each sorted corner
+        first = corder[head]                   # first corner of each run (= its vertex)
+        del head
+        nvert = int(first.shape[0])
+        vorder = xp.argsort(first, kind="stable")
+        vid = xp.empty(nvert, dtype=np.int64)  # vertex number of each run
+        vid[vorder] = xp.arange(nvert, dtype=np.int64)
+        corner_vid = xp.empty(3 * t, dtype=np.int64)
+        corner_vid[corder] = vid[run]
+        del run, vid, corder
+        vfirst = first[vorder]                 # first corner of each vertex, in vertex order
+        del first, vorder
+        # groups: where the sorted key changes; each group's first triangle and vertex
+        tflag = xp.empty(t, dtype=bool)
+        tflag[0] = True
+        tflag[1:] = skey[1:] != skey[:-1]
+        tstart = xp.flatnonzero(tflag)
+        gkeys = skey[tstart]
+        vstart = xp.searchsorted(skey[vfirst // 3], gkeys)
+        tgroup = xp.cumsum(tflag) - 1          # group of each sorted triangle
+        del tflag, skey
+        faces = (corner_vid.reshape(t, 3) - vstart[tgroup][:, None]).astype(np.int32)
+        del corner_vid, tgroup
+        e = cedge[vfirst]
+        del cedge, vfirst
+        pnt = e // 3
+        verts = xp.empty((nvert, 3), dtype=np.int32)
+        verts[:, 0] = 2 * (pnt // (ny * nz))
+        verts[:, 1] = 2 * ((pnt // nz) % ny)
+        verts[:, 2] = 2 * (pnt % nz)
+        axis = e % 3
+        for a in range(3):
+            verts[:, a] += (axis == a).astype(np.int32)
+        del e, pnt, axis
+        h_faces, h_verts = rt.to_host(faces), rt.to_host(verts)
+        h_tstart = np.append(rt.to_host(tstart), t)
+        h_vstart = np.append(rt.to_host(vstart), nvert)
+        h_keys = rt.to_host(gkeys)
+        h_uniq = rt.to_host(uniq).view(dtype or uniq.dtype)
+        self.stats["device_welds"] += 1
+        return [marching.Piece(label=int(h_uniq[k // npieces]), piece=int(k % npieces),
+                               vertices2=h_verts[h_vstart[g]:h_vstart[g + 1]],
+                               faces=h_faces[h_tstart[g]:h_tstart[g + 1]])
+                for g, k in enumerate(h_keys.tolist())]
 
     def downsample(self, labels: np.ndarray) -> np.ndarray:
         """Labels downsampled by 2 with the non-zero mode rule (see ``lod.downsample_labels``).

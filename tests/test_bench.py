@@ -69,14 +69,16 @@ def test_bench_rows_and_parity_through_the_emulated_backend(emu_lib, real_zarr, 
     labels = np.ascontiguousarray(store[100:136, 200:233, 300:340].read().result())
     args = argparse.Namespace(warmup=1, repeat=2, host_repeat=1, cpu_repeat=1, cpu_tiled=False)
     rows: list = []
-    cpu_tris = bench_gpu.bench_cpu(rows, "real", labels, args)
+    cpu = bench_gpu.bench_cpu(rows, "real", labels, args)
     backend = gpu.GPUBackend(runtime=cuda_emu.EmulatedRuntime(emu_lib))
-    info = bench_gpu.bench_gpu(rows, "real", labels, args, cpu_tris, backend=backend, cp=_fake_cupy())
-    assert info["parity"] is True
+    info = bench_gpu.bench_gpu(rows, "real", labels, args, cpu, backend=backend, cp=_fake_cupy())
+    assert info["parity"] is True and info["parity_pieces"] is True
     assert info["pool_peak_bytes"] > labels.nbytes
     what = [r["what"] for r in rows]
     assert what == ["cpu mc", "weld (cpu)", "cpu mc + weld", "cpu downsample", "gpu mc kernels",
-                    "gpu downsample kernel", "gpu mc + transfers", "gpu mc + transfers + weld (cpu)"]
+                    "gpu downsample kernel", "gpu mc + transfers", "gpu mc + transfers + weld (cpu)",
+                    "gpu mc + weld (device)"]
+    assert rows[-1]["welded_on_device"] is True
     tris = len(marching.march_cubes(labels, bench_gpu.PIECE_SIZE)[0])
     assert tris > 0
     assert {r.get("triangles") for r in rows if "triangles" in r} == {tris}

@@ -120,7 +120,11 @@ def _check_backend(backend, labels, piece_sizes=(1000, 4, 3)):
     for ps in piece_sizes:
         want = marching.march_cubes(labels, ps)
         _assert_same_triangles(backend.march(labels, ps), want)
-    _assert_same_pieces(backend.mesh(labels, piece_sizes[-1]), CPUBackend().mesh(labels, piece_sizes[-1]))
+    welds = backend.stats["device_welds"]
+    want = CPUBackend().mesh(labels, piece_sizes[-1])
+    _assert_same_pieces(backend.mesh(labels, piece_sizes[-1]), want)
+    if want:  # a default budget: the block is welded on the device
+        assert backend.stats["device_welds"] == welds + 1
     level_b = level_c = labels
     for _ in range(2):  # two LOD steps: the second works on the first's (odd-sized) output
         level_b, level_c = backend.downsample(level_b), lod.downsample_labels(level_c)
@@ -431,6 +435,48 @@ def test_emulated_out_of_memory_falls_back_to_cpu(emu_lib, real_crops):
     with pytest.warns(gpu.GPUMemoryWarning):
         assert np.array_equal(backend.downsample(labels), lod.downsample_labels(labels))
     assert backend.stats["cpu_fallbacks"] == 2
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint64, np.int32])
+def test_emulated_device_weld_matches_cpu_weld(emu_lib, dtype):
+    """weld_device on march_device's output == marching.weld: groups, triangle order, vertex
+    numbering by first appearance, many pieces and labels (IDs >= 2**63 for uint64)."""
+    rng = np.random.default_rng(np.dtype(dtype).itemsize)
+    backend = gpu.GPUBackend(runtime=cuda_emu.EmulatedRuntime(emu_lib, seed=5))
+    for labels in (_blobby_labels((23, 17, 19), np.dtype(dtype).type, rng),
+                   _random_labels((9, 11, 10), np.uint64 if dtype == np.uint64 else np.uint16, rng)):
+        labels = labels.astype(dtype)
+        for ps in (4, 7, 1000):
+            d_lab = backend.rt.to_device(labels.view(gpu.label_dtype(labels.dtype)))
+            got = backend.weld_device(*backend.march_device(d_lab, ps), labels.shape, labels.dtype)
+            want = marching.weld(*marching.march_cubes(labels, ps), labels.shape)
+            assert len(want) > 3
+            _assert_same_pieces(got, want)
+            assert {type(p.label) for p in got} == {int}
+
+
+def test_emulated_mesh_welds_on_the_cpu_when_the_weld_does_not_fit(emu_lib, real_crops):
+    labels = real_crops["40^3"]
+    tris = len(marching.march_cubes(labels, 16)[0])
+    want = CPUBackend().mesh(labels, 16)
+    # room for the block's triangles, not for the weld's sort arrays
+    budget = 41 * _plane_bytes(labels) + tris * 40 + 10_000
+    assert budget < tris * gpu.WELD_BYTES_PER_TRIANGLE
+    rt = cuda_emu.EmulatedRuntime(emu_lib)
+    backend = gpu.GPUBackend(runtime=rt, memory_budget=budget)
+    _assert_same_pieces(backend.mesh(labels, 16), want)
+    assert backend.stats["device_welds"] == 0 and backend.stats["oom_retries"] == 0
+    assert rt.peak <= budget
+    # out of memory in the middle of the weld: freed, then slabs and the CPU weld
+    rt = cuda_emu.EmulatedRuntime(emu_lib)
+    backend = gpu.GPUBackend(runtime=rt, memory_budget=1 << 30)
+    rt.oom_in.add("argsort")
+    _assert_same_pieces(backend.mesh(labels, 16), want)
+    assert rt.oom_raised == 1 and not rt.oom_in
+    assert backend.stats["device_welds"] == 0 and backend.stats["oom_retries"] == 1
+    assert backend.stats["cpu_fallbacks"] == 0
+    _assert_same_pieces(backend.mesh(labels, 16), want)  # and the next block welds there again
+    assert backend.stats["device_welds"] == 1
 
 
 def test_default_memory_budget_is_a_share_of_free_memory(emu_lib):

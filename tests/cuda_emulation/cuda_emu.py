@@ -51,6 +51,35 @@ CANARY = 0xA5
 GARBAGE = 0xCD       # fill of new "device" arrays
 
 
+class _DeviceNumpy:
+    """The array module of emulated device arrays: NumPy, with results made device arrays."""
+
+    def __init__(self, rt: "EmulatedRuntime"):
+        self._rt = rt
+
+    def __getattr__(self, name):
+        f = getattr(np, name)
+        if not callable(f) or isinstance(f, type):
+            return f
+
+        def call(*args, **kwargs):
+            for a in list(args) + list(kwargs.values()):
+                if isinstance(a, np.ndarray) and not isinstance(a, DeviceArray):
+                    raise EmulationError(f"xp.{name} given a host array")
+            if name in self._rt.oom_in:  # an injected out-of-memory error
+                self._rt.oom_in.discard(name)
+                self._rt.oom_raised += 1
+                raise EmulatedOutOfMemory(f"xp.{name}: injected")
+            if name == "empty":  # garbage-filled, as the runtime's new arrays are
+                return self._rt.empty(*args, **kwargs)
+            out = f(*args, **kwargs)
+            if isinstance(out, np.ndarray) and not isinstance(out, DeviceArray):
+                return self._rt._alloc(out)
+            return out
+
+        return call
+
+
 class EmulationError(AssertionError):
     """A kernel did something that would be a bug on a GPU (or the launch is malformed)."""
 
@@ -185,6 +214,10 @@ class EmulatedRuntime:
         self.live = 0        # bytes of the device arrays alive now
         self.peak = 0        # the most ever alive
         self.oom_raised = 0
+        #: names of xp functions whose next call raises EmulatedOutOfMemory (the bytes of
+        #: arrays made by operators on device arrays are not counted, so a weld's own
+        #: allocations cannot reach the capacity)
+        self.oom_in: set[str] = set()
 
     # --- memory -------------------------------------------------------------------------
     def _alloc(self, a: np.ndarray) -> DeviceArray:
@@ -201,6 +234,11 @@ class EmulatedRuntime:
 
     def _free(self, n: int) -> None:
         self.live -= n
+
+    @property
+    def xp(self):
+        """NumPy standing for CuPy: its array results are device arrays (counted in ``live``)."""
+        return _DeviceNumpy(self)
 
     def mem_info(self) -> tuple[int, int]:
         total = self.capacity if self.capacity is not None else 1 << 40
