@@ -507,7 +507,7 @@ class GPUBackend:
         head[0] = True
         head[1:] = sck[1:] != sck[:-1]
         del sck
-        run = xp.cumsum(head) - 1              # run of each sorted corner
+        run = xp.cumsum(head, dtype=np.int64) - 1  # run of each sorted corner
         first = corder[head]                   # first corner of each run (= its vertex)
         del head
         nvert = int(first.shape[0])
@@ -526,7 +526,7 @@ class GPUBackend:
         tstart = xp.flatnonzero(tflag)
         gkeys = skey[tstart]
         vstart = xp.searchsorted(skey[vfirst // 3], gkeys)
-        tgroup = xp.cumsum(tflag) - 1          # group of each sorted triangle
+        tgroup = xp.cumsum(tflag, dtype=np.int64) - 1  # group of each sorted triangle
         del tflag, skey
         faces = (corner_vid.reshape(t, 3) - vstart[tgroup][:, None]).astype(np.int32)
         del corner_vid, tgroup

@@ -580,3 +580,29 @@ def test_gpu_memory_budget_slabs_match_cpu(crop):
     _check_backend(backend, labels, piece_sizes=(32, 7))
     assert backend.stats["slabs"] > 2 * labels.shape[0] // 3
     assert backend.stats["cpu_fallbacks"] == 0
+
+
+@pytest.mark.gpu
+def test_gpu_weld_on_device_and_on_the_cpu_give_the_same_pieces(crop):
+    labels = crop
+    want = CPUBackend().mesh(labels, 32)
+    backend = gpu.GPUBackend()
+    _assert_same_pieces(backend.mesh(labels, 32), want)
+    assert backend.stats["device_welds"] == 1
+    tris = len(marching.march_cubes(labels, 32)[0])
+    # room for the triangles, not for the weld: welded on the CPU
+    small = gpu.GPUBackend(memory_budget=labels.shape[0] * _plane_bytes(labels) + tris * 48)
+    _assert_same_pieces(small.mesh(labels, 32), want)
+    assert small.stats["device_welds"] == 0 and small.stats["cpu_fallbacks"] == 0
+
+
+@pytest.mark.gpu
+def test_gpu_run_mesh_with_workers_sharing_the_device(crop, tmp_path):
+    """Two worker processes, each with its share of the device, write the CPU's bytes."""
+    from gpumesh.pipeline import MeshOptions, run_mesh
+
+    kw = dict(options=MeshOptions(chunk_size=32, max_lods=3), voxel_size=(32.0, 32.0, 40.0),
+              voxel_offset=(192, 192, 192))
+    run_mesh(crop, str(tmp_path / "cpu"), device="cpu", workers=1, **kw)
+    assert run_mesh(crop, str(tmp_path / "gpu"), device="gpu", workers=2, **kw).device == "gpu"
+    _assert_same_tree(tmp_path / "cpu", tmp_path / "gpu")

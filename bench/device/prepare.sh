@@ -3,7 +3,7 @@
 # puts into the repo, git-ignored, what the device machine cannot fetch (it has no network):
 #   .whl/      wheels for the device image's Python 3.12 (cp312) of the packages the image
 #              lacks: DracoPy, meshoptimizer (built here from its sdist: PyPI has no wheel),
-#              trimesh, zmesh, serra-mesh
+#              trimesh, zmesh, serra-mesh; and TensorStore, to run the version tested here
 #   .devdata/  a copy of the real volume (connectomics.zarr, 12 MB): ../shared does not travel
 #   gpumesh/_dracoenc.cpython-312-x86_64-linux-gnu.so   the Draco encoder extension for 3.12
 # Then call the device tool with bench/device/gpu_check.sh (see docs/gpu.md).
@@ -21,7 +21,8 @@ rm -rf .whl .devdata && mkdir -p .whl .devdata
 PLAT=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 "$PY312" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  "${PLAT[@]}" -d .whl DracoPy==2.2.0 trimesh==5.2.0 zmesh==1.15.0 serra-mesh==0.2.0
+  "${PLAT[@]}" -d .whl DracoPy==2.2.0 trimesh==5.2.0 zmesh==1.15.0 serra-mesh==0.2.0 \
+  tensorstore==0.1.86  # the version tested here; the image's is unknown
 "$PY312" -m pip download -q --no-deps --no-binary=meshoptimizer -d /tmp/gpumesh-sdist meshoptimizer==0.2.30a0
 "$PY312" -m pip wheel -q --no-deps -w .whl /tmp/gpumesh-sdist/meshoptimizer-0.2.30a0.tar.gz
 # the extension, built against the cp312 DracoPy wheel's Draco (setup.py finds it beside DracoPy)
