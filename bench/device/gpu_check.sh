@@ -28,9 +28,16 @@ stage "install carried wheels"
 export PYTHONPATH="/tmp/site:$PWD"
 "$PY" - <<'PY'
 import importlib.metadata as md, sys
-print(sys.version.split()[0], *(f"{n} {md.version(n)}" for n in
-      ("numpy", "numba", "tensorstore", "ml_dtypes", "scipy", "cupy-cuda13x", "DracoPy",
-       "meshoptimizer", "zmesh", "serra-mesh", "trimesh")), sep="; ")
+def version(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+print(sys.version.split()[0], *(f"{n} {version(n)}" for n in
+      ("numpy", "numba", "tensorstore", "ml_dtypes", "scipy", "cupy-cuda12x", "cupy-cuda13x",
+       "DracoPy", "meshoptimizer", "zmesh", "serra-mesh", "trimesh")), sep="; ")
+import tensorstore
+print("tensorstore from", tensorstore.__file__)
 PY
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
 nproc; free -g | head -2
