@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import statistics
 import sys
 import time
@@ -290,12 +289,7 @@ def main(argv=None) -> int:
         "gpu": gpu_runs,
     }
     if not args.no_save:
-        out = Path(args.results_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        stamp = started.strftime("%Y%m%dT%H%M%SZ")
-        path = out / f"kernels-{stamp}-{result['machine']['hostname']}.json"
-        path.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        print(f"\nwrote {path}")
+        print(f"\nwrote {bench_main.save_result(result, 'kernels', started, args.results_dir)}")
     return 0
 
 

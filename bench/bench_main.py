@@ -843,6 +843,16 @@ def git_info() -> dict[str, Any]:
     return info
 
 
+def save_result(record: dict[str, Any], kind: str, started: _dt.datetime, results_dir) -> Path:
+    """Write ``record`` as ``<results_dir>/<kind>-<UTC start>-<hostname>.json``."""
+    res_dir = Path(results_dir)
+    res_dir.mkdir(parents=True, exist_ok=True)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    path = res_dir / f"{kind}-{stamp}-{socket.gethostname()}.json"
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return path
+
+
 def package_versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for name in PACKAGES:
@@ -1014,12 +1024,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
     }
     if not args.no_save:
-        res_dir = Path(args.results_dir)
-        res_dir.mkdir(parents=True, exist_ok=True)
-        stamp = started.strftime("%Y%m%dT%H%M%SZ")
-        path = res_dir / f"main-{stamp}-{socket.gethostname()}.json"
-        path.write_text(json.dumps(record, indent=2, default=str) + "\n")
-        print(f"\nresults: {path}")
+        print(f"\nresults: {save_result(record, 'main', started, args.results_dir)}")
 
     failed = [t for t in tools if "error" in aggs[t]]
     if own_tmp and not args.keep and not failed:
