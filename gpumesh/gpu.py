@@ -188,12 +188,13 @@ class _SlabTooBig(Exception):
 class GPUBackend:
     """CUDA implementation of the hot stages (same interface as ``CPUBackend``).
 
-    Device memory is bounded: a block is meshed (or downsampled) in x-slabs small enough for
-    ``memory_budget``, which also caps the process's CuPy memory pool.  An out-of-memory error
-    all the same (another process, fragmentation) frees the pool and retries the slab at half
-    the width; a single plane that still does not fit is done on the CPU for that block, with
-    a warning.  Slabbing never changes the result: the slabs' outputs, in order, are the
-    whole block's.
+    :meth:`mesh` marches and welds a block on the device when its triangles and the weld fit
+    ``memory_budget`` (which also caps the process's CuPy memory pool).  Otherwise the block is
+    marched (or downsampled) in x-slabs small enough for the budget and welded on the CPU.  An
+    out-of-memory error all the same (another process, fragmentation) frees the pool and
+    retries at half the slab width; a single plane that still does not fit is done on the CPU
+    for that block, with a warning.  None of this changes the result: the slabs' outputs, in
+    order, are the whole block's, and both welds give the CPU's pieces.
 
     Parameters
     ----------

@@ -21,6 +21,12 @@ How it works
   grid with each emulated thread seeing only its own indices, in launch order or in a
   seeded random permutation (a result that depends on thread order is caught), and then
   checks the canaries, that ``const`` inputs are unchanged, and that UBSan reported nothing.
+* Device memory: the runtime counts the bytes of the device arrays it made that are still
+  alive, against an optional ``capacity`` and the pool limit the backend sets, and raises
+  :class:`EmulatedOutOfMemory` past either (as CuPy raises ``OutOfMemoryError``).
+* ``EmulatedRuntime.xp`` stands for CuPy's array module (the device weld's sorts and
+  gathers): NumPy, refusing host arrays, with results made device arrays; an
+  out-of-memory error can be injected into the next call of any of its functions.
 """
 
 from __future__ import annotations
