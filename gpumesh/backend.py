@@ -7,6 +7,7 @@ behind the same two methods, so the rest of the pipeline does not change.
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import warnings
 from typing import Protocol
@@ -40,6 +41,10 @@ class CPUBackend:
 
     def downsample(self, labels: np.ndarray) -> np.ndarray:
         return lod.downsample_labels(labels)
+
+
+class CPUFallbackNotice(UserWarning):
+    """``device="auto"`` found no usable GPU and meshes on the CPU (the one-line notice)."""
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -90,8 +95,13 @@ def get_backend(device: str = "auto", processes: int = 1) -> Backend:
         except ImportError as exc:
             if device == "gpu":
                 raise DeviceUnavailableError(f"GPU backend not available: {exc}") from exc
+            why = f"the GPU backend cannot start ({exc})"
     elif device == "gpu":
         raise DeviceUnavailableError("no CUDA GPU visible to CuPy (install gpumesh-ng[gpu] on a GPU machine)")
-    if device == "auto" and shutil.which("nvidia-smi") is not None:
-        warnings.warn("a GPU seems present but CuPy cannot use it; meshing on the CPU", stacklevel=2)
+    elif importlib.util.find_spec("cupy") is None:
+        why = "CuPy is not installed" + (" but a GPU seems present (pip install 'gpumesh-ng[gpu]')"
+                                         if shutil.which("nvidia-smi") else "")
+    else:
+        why = "CuPy sees no usable CUDA GPU"
+    warnings.warn(f"{why}; meshing on the CPU", CPUFallbackNotice, stacklevel=2)
     return CPUBackend()

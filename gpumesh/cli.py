@@ -117,6 +117,7 @@ def mesh(source, dest, voxel_size, voxel_offset, mip, axes, fmt, quality, chunk_
     """
     from tqdm import tqdm
 
+    from .backend import CPUFallbackNotice
     from .pipeline import MeshOptions, run_mesh
 
     sharding = _sharding_options(fmt == "multires", sharded, shard_bits, minishard_bits, preshift_bits, shard_hash,
@@ -135,9 +136,19 @@ def mesh(source, dest, voxel_size, voxel_offset, mip, axes, fmt, quality, chunk_
         else:
             bar.update(done - bar.n)
 
+    caught = []
+
+    def show(message, category, *args, **kwargs):
+        if issubclass(category, CPUFallbackNotice):  # at once (the source is checked by then)
+            if not quiet:
+                click.echo(f"gpumesh: {message}", err=True)
+        else:  # after the progress bar
+            caught.append(message)
+
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings():
             warnings.simplefilter("always", EmptyVolumeWarning)
+            warnings.showwarning = show
             summary = run_mesh(source, dest, options=options, voxel_size=voxel_size, voxel_offset=voxel_offset,
                                mip=mip, axes=axes, overwrite=overwrite, resume=resume, workers=workers,
                                device=device, link_source=link_source, progress=progress)
@@ -147,8 +158,8 @@ def mesh(source, dest, voxel_size, voxel_offset, mip, axes, fmt, quality, chunk_
         _fail(exc)
     if bar is not None:
         bar.close()
-    for w in caught:
-        click.echo(f"gpumesh: warning: {w.message}", err=True)
+    for message in caught:
+        click.echo(f"gpumesh: warning: {message}", err=True)
     s = summary
     click.echo(f"segments:  {s.segments}")
     for k, (t, f) in enumerate(zip(s.triangles_per_lod, s.fragments_per_lod)):

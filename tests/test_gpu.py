@@ -606,3 +606,27 @@ def test_gpu_run_mesh_with_workers_sharing_the_device(crop, tmp_path):
     run_mesh(crop, str(tmp_path / "cpu"), device="cpu", workers=1, **kw)
     assert run_mesh(crop, str(tmp_path / "gpu"), device="gpu", workers=2, **kw).device == "gpu"
     _assert_same_tree(tmp_path / "cpu", tmp_path / "gpu")
+
+
+def test_auto_without_a_gpu_says_so_in_one_line(monkeypatch, tmp_path):
+    """device="auto" on a machine without a usable GPU meshes on the CPU with a one-line
+    notice; the CLI prints it before meshing."""
+    from click.testing import CliRunner
+
+    from gpumesh import backend
+    from gpumesh.cli import main
+
+    monkeypatch.setattr(backend, "gpu_available", lambda: False)
+    with pytest.warns(backend.CPUFallbackNotice, match="meshing on the CPU"):
+        assert backend.get_backend("auto").name == "cpu"
+    from test_sharded import _write_zarr
+
+    labels = np.zeros((12, 12, 12), np.uint32)
+    labels[3:9, 3:9, 3:9] = 7
+    _write_zarr(tmp_path / "l.zarr", labels)
+    res = CliRunner().invoke(main, ["mesh", str(tmp_path / "l.zarr"), str(tmp_path / "out"),
+                                    "--voxel-size", "1,1,1", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    notices = [line for line in res.output.splitlines() if "meshing on the CPU" in line]
+    assert len(notices) == 1 and notices[0].startswith("gpumesh: ")
+    assert "device cpu" in res.output
