@@ -148,6 +148,7 @@ def mesh(source, dest, voxel_size, voxel_offset, mip, axes, fmt, quality, chunk_
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always", EmptyVolumeWarning)
+            warnings.simplefilter("always", CPUFallbackNotice)
             warnings.showwarning = show
             summary = run_mesh(source, dest, options=options, voxel_size=voxel_size, voxel_offset=voxel_offset,
                                mip=mip, axes=axes, overwrite=overwrite, resume=resume, workers=workers,
