@@ -117,12 +117,10 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
     link_source : bool
         Also set ``mesh`` in a precomputed source's ``info``.
     map_fn : callable(kind, jobs) -> iterable, optional
-        Runs assembly jobs elsewhere (the main job's worker pool): ``kind`` is ``"multires"``
-        (a batch of a shard's segments, built there and returned) or ``"segments"`` (a batch of
-        unsharded segments, written there), each job a tuple for :func:`run_job`, and it yields
-        each job's result in order.  Default: every job here, one after another.  The batches
-        are independent and each shard is put together here in order, so the files are the
-        same.
+        Runs assembly jobs elsewhere (the main job's worker pool): ``kind`` is ``"shard"`` or
+        ``"segments"``, each job a tuple for :func:`run_job`, and it yields each job's
+        statistics in order.  Default: every job here, one after another.  Shards (sharded)
+        and batches of segments (unsharded) are independent, so the files are the same.
 
     Returns
     -------
@@ -343,6 +341,7 @@ def write_shards(kv, keys: list, index: np.ndarray, plan: Plan, options: MeshOpt
     stops = np.r_[starts[1:], len(row_shard)]
 
     recorded = set(storage.list_keys(kv, SCRATCH + "shards/"))
+    jobs = []
     for s0, s1 in zip(starts.tolist(), stops.tolist()):
         shard = int(row_shard[s0])
         marker = shard_marker_key(spec, shard)
@@ -351,72 +350,73 @@ def write_shards(kv, keys: list, index: np.ndarray, plan: Plan, options: MeshOpt
             if done is not None and done.get("sharding") == spec_json:
                 _add_stats(stats, done["stats"])
                 continue
-        # the shard's segments in batches, built wherever map_fn runs them; the shard is
-        # assembled here from their results, in order
-        segments = list(_iter_segments(index[s0:s1]))
-        jobs = [(keys, batch, {label: num_lods[label] for label, _ in batch}, grid_origin)
-                for batch in (segments[b0:b0 + WRITE_BATCH] for b0 in range(0, len(segments), WRITE_BATCH))]
-        part = _new_stats(plan.lods)
-        items = []
-        for built, batch_stats in _run_jobs("multires", jobs, kv, plan, options, map_fn):
-            items += built
-            _add_stats(part, batch_stats)
-        blob = build_shard(spec, items)
-        del items
-        part["bytes"] += len(blob)
-        storage.write(kv, spec.shard_key(shard), blob)
-        storage.write_json(kv, marker, {"sharding": spec_json, "stats": part})
+        rows = index[s0:s1]
+        jobs.append((keys, spec, shard, rows, {int(v): num_lods[int(v)] for v in np.unique(rows["label"])},
+                     grid_origin))
+    for part in _run_jobs("shard", jobs, kv, plan, options, map_fn):
         _add_stats(stats, part)
     return spec
 
 
-def build_batch(kv, keys: list, batch: list, num_lods: dict, grid_origin, plan: Plan,
-                options: MeshOptions) -> tuple[list, dict]:
-    """Fragment data and manifest of each segment of a batch, for a shard.
+def write_shard(kv, keys: list, spec: ShardingSpec, shard: int, index: np.ndarray, num_lods: dict,
+                grid_origin, plan: Plan, options: MeshOptions) -> dict:
+    """Build one shard from its segments' fragments, write it, then record it as written.
 
     Parameters
     ----------
     kv, keys, plan, options, grid_origin
         As for :func:`write_shards`.
-    batch : list of (segment ID, entries)
-        As for :func:`write_segments`.
+    spec : ShardingSpec
+    shard : int
+        Shard number.
+    index : structured array
+        The fragment rows of the shard's segments, sorted by segment ID.
     num_lods : dict
         LODs stored per segment ID.
 
     Returns
     -------
-    items : list of (segment ID, data bytes, manifest bytes)
-    stats : dict
-        Segments, triangles and fragments per LOD (bytes are counted by the shard).
+    dict
+        The shard's statistics.
     """
     part = _new_stats(plan.lods)
     items = []
-    for (label, entries), blobs in zip(batch, _read_fragments(kv, keys, batch)):
-        data, manifest = build_multires(label, entries, blobs, plan, options, part, grid_origin,
-                                        num_lods[label])
-        items.append((label, data, manifest))
-        part["segments"] += 1
-    return items, part
+    segments = list(_iter_segments(index))
+    for b0 in range(0, len(segments), WRITE_BATCH):
+        batch = segments[b0:b0 + WRITE_BATCH]
+        for (label, entries), blobs in zip(batch, _read_fragments(kv, keys, batch)):
+            data, manifest = build_multires(label, entries, blobs, plan, options, part, grid_origin,
+                                            num_lods[label])
+            items.append((label, data, manifest))
+            part["segments"] += 1
+    blob = build_shard(spec, items)
+    del items
+    part["bytes"] += len(blob)
+    storage.write(kv, spec.shard_key(shard), blob)
+    storage.write_json(kv, shard_marker_key(spec, shard), {"sharding": spec.to_json(), "stats": part})
+    return part
 
 
-def run_job(kind: str, job: tuple, kv, plan: Plan, options: MeshOptions):
-    """One assembly job (see :func:`assemble`).
+def run_job(kind: str, job: tuple, kv, plan: Plan, options: MeshOptions) -> dict:
+    """One assembly job (see :func:`assemble`): a shard, or a batch of unsharded segments.
 
-    ``"multires"``: a batch of a shard's segments (:func:`build_batch`; returns its items and
-    statistics).  ``"segments"``: a batch of unsharded segments, written
-    (:func:`write_segments`; returns its statistics).
+    Returns
+    -------
+    dict
+        Its statistics.
     """
-    if kind == "multires":
-        keys, batch, num_lods, grid_origin = job
-        return build_batch(kv, keys, batch, num_lods, grid_origin, plan, options)
+    if kind == "shard":
+        keys, spec, shard, index, num_lods, grid_origin = job
+        return write_shard(kv, keys, spec, shard, index, num_lods, grid_origin, plan, options)
     keys, batch, grid_origin = job
     part = _new_stats(plan.lods)
     write_segments(kv, keys, batch, plan, options, part, grid_origin)
     return part
 
 
-def _run_jobs(kind: str, jobs: list, kv, plan: Plan, options: MeshOptions, map_fn: Optional[Callable]):
-    if map_fn is None or not jobs:
+def _run_jobs(kind: str, jobs: list, kv, plan: Plan, options: MeshOptions,
+              map_fn: Optional[Callable]) -> Iterator[dict]:
+    if map_fn is None or len(jobs) < 2:
         return (run_job(kind, job, kv, plan, options) for job in jobs)
     return map_fn(kind, jobs)
 

@@ -265,7 +265,7 @@ def test_deterministic_and_memory_kvstore(small, outputs, tmp_path, monkeypatch)
 
 
 def test_workers_build_the_shards_and_segment_batches(small, outputs, tmp_path, monkeypatch):
-    """With a worker pool, assembly jobs (batches of segments, sharded or not) run in the
+    """With a worker pool, assembly jobs (shards; batches of unsharded segments) run in the
     workers and give the same files as building them here, one after another."""
     import gpumesh.writer as writer
 
@@ -275,7 +275,7 @@ def test_workers_build_the_shards_and_segment_batches(small, outputs, tmp_path, 
         raise AssertionError("an assembly job ran in the main process")
 
     # the spawned workers import their own, unpatched writer
-    monkeypatch.setattr(writer, "build_multires", not_here)
+    monkeypatch.setattr(writer, "write_shard", not_here)
     monkeypatch.setattr(writer, "write_segments", not_here)
     monkeypatch.setattr(writer, "WRITE_BATCH", 4)  # several batches of unsharded segments
     sharding = ShardingOptions(shard_bits=2, minishard_bits=2, data_encoding="gzip")
@@ -288,7 +288,7 @@ def test_workers_build_the_shards_and_segment_batches(small, outputs, tmp_path, 
 
 
 def test_assembly_jobs_go_through_map_fn(small, outputs, tmp_path, monkeypatch):
-    """assemble hands each shard's batches to map_fn (here a thread pool), same result."""
+    """assemble hands every shard to map_fn (here a thread pool), with the same result."""
     from concurrent.futures import ThreadPoolExecutor
 
     import gpumesh.writer as writer
@@ -305,7 +305,7 @@ def test_assembly_jobs_go_through_map_fn(small, outputs, tmp_path, monkeypatch):
 
     monkeypatch.setattr(writer, "assemble", with_pool)
     _mesh(small, tmp_path / "out", ShardingOptions(shard_bits=2, minishard_bits=2, data_encoding="gzip"))
-    assert len(seen) > 2 and {kind for kind, _ in seen} == {"multires"}  # one map per shard
+    assert seen and seen[0][0] == "shard" and seen[0][1] > 2
     assert _files(tmp_path / "out") == _files(outputs / "gzip")
 
 
