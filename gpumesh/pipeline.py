@@ -480,13 +480,6 @@ def _load_writer_kernels() -> None:
     segment_nodes(np.zeros((1, 3), np.uint32), np.zeros(1, np.int64), 1)
 
 
-def _run_assembly_job(kind_job) -> dict:
-    from .writer import run_job
-
-    kind, job = kind_job
-    return run_job(kind, job, _WORKER["kv"], _WORKER["plan"], _WORKER["options"])
-
-
 def _run_task(task) -> tuple[tuple, int]:
     blob = mesh_block(_WORKER["volume"], _WORKER["plan"], _WORKER["options"], task[0],
                       _WORKER["backend"], task[1])
@@ -619,8 +612,6 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     finished = len(tasks) - len(todo)
     if progress:
         progress(finished, len(tasks))
-    from .writer import assemble
-
     if nworkers == 1 or not todo:
         cache = read_cache_bytes(volume, plan)
         reading = open_volume(source, **open_kwargs, cache_bytes=cache) if cache and todo else volume
@@ -629,8 +620,6 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             finished += 1
             if progress:
                 progress(finished, len(tasks))
-        summary.seconds_meshing = time.perf_counter() - t0
-        stats = assemble(kv, volume, plan, options, tasks, link_source=link_source)
     else:
         import multiprocessing as mp
         import threading
@@ -651,10 +640,12 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                 finished += 1
                 if progress:
                     progress(finished, len(tasks))
-            summary.seconds_meshing = time.perf_counter() - t0
-            # the workers also build the shards (or batches of segments), one job each
-            stats = assemble(kv, volume, plan, options, tasks, link_source=link_source,
-                             map_fn=lambda kind, jobs: pool.map(_run_assembly_job, [(kind, j) for j in jobs]))
+
+    from .writer import assemble
+
+    t_mesh = time.perf_counter()
+    summary.seconds_meshing = t_mesh - t0
+    stats = assemble(kv, volume, plan, options, tasks, link_source=link_source)
     storage.delete_prefix(kv, SCRATCH)
     summary.segments = stats["segments"]
     summary.triangles_per_lod = stats["triangles_per_lod"]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -101,8 +101,7 @@ def mesh_info(volume: Volume, options: MeshOptions, with_properties: bool,
     return info
 
 
-def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, link_source: bool = False,
-             map_fn: Optional[Callable] = None) -> dict:
+def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, link_source: bool = False) -> dict:
     """Read every task's result from the scratch area and write the final mesh directory.
 
     Parameters
@@ -116,11 +115,6 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
         scratch area).
     link_source : bool
         Also set ``mesh`` in a precomputed source's ``info``.
-    map_fn : callable(kind, jobs) -> iterable, optional
-        Runs assembly jobs elsewhere (the main job's worker pool): ``kind`` is ``"shard"`` or
-        ``"segments"``, each job a tuple for :func:`run_job`, and it yields each job's
-        statistics in order.  Default: every job here, one after another.  Shards (sharded)
-        and batches of segments (unsharded) are independent, so the files are the same.
 
     Returns
     -------
@@ -146,15 +140,17 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
     stats = {"segments": 0, "triangles_per_lod": [0] * plan.lods, "fragments_per_lod": [0] * plan.lods,
              "bytes": 0}
     spec = None
-    grid_origin = tuple(int(v) for v in volume.voxel_offset)
     if options.sharding is not None and options.format == "multires":
-        spec = write_shards(kv, keys, index, plan, options, stats, grid_origin, map_fn=map_fn)
+        spec = write_shards(kv, keys, index, plan, options, stats, volume.voxel_offset)
     else:
-        segments = list(_iter_segments(index))
-        jobs = [(keys, segments[b0:b0 + WRITE_BATCH], grid_origin)
-                for b0 in range(0, len(segments), WRITE_BATCH)]
-        for part in _run_jobs("segments", jobs, kv, plan, options, map_fn):
-            _add_stats(stats, part)
+        batch = []
+        for label, entries in _iter_segments(index):
+            batch.append((label, entries))
+            if len(batch) >= WRITE_BATCH:
+                write_segments(kv, keys, batch, plan, options, stats, volume.voxel_offset)
+                batch = []
+        if batch:
+            write_segments(kv, keys, batch, plan, options, stats, volume.voxel_offset)
 
     with_props = options.segment_properties and stats["segments"] > 0
     if with_props:
@@ -286,7 +282,7 @@ def shard_marker_key(spec: ShardingSpec, shard: int) -> str:
 
 
 def write_shards(kv, keys: list, index: np.ndarray, plan: Plan, options: MeshOptions, stats: dict,
-                 grid_origin, map_fn: Optional[Callable] = None) -> ShardingSpec:
+                 grid_origin) -> ShardingSpec:
     """Write the sharded multi-resolution meshes of all segments, one shard at a time.
 
     Parameters
@@ -298,8 +294,6 @@ def write_shards(kv, keys: list, index: np.ndarray, plan: Plan, options: MeshOpt
         Every fragment of every block (label, lod, x, y, z, offset, size, triangles, block).
     plan, options, stats, grid_origin
         As for :func:`write_segments`; ``options.sharding`` is set.
-    map_fn : optional
-        Where the shards are built (see :func:`assemble`).
 
     Returns
     -------
@@ -341,7 +335,6 @@ def write_shards(kv, keys: list, index: np.ndarray, plan: Plan, options: MeshOpt
     stops = np.r_[starts[1:], len(row_shard)]
 
     recorded = set(storage.list_keys(kv, SCRATCH + "shards/"))
-    jobs = []
     for s0, s1 in zip(starts.tolist(), stops.tolist()):
         shard = int(row_shard[s0])
         marker = shard_marker_key(spec, shard)
@@ -350,75 +343,23 @@ def write_shards(kv, keys: list, index: np.ndarray, plan: Plan, options: MeshOpt
             if done is not None and done.get("sharding") == spec_json:
                 _add_stats(stats, done["stats"])
                 continue
-        rows = index[s0:s1]
-        jobs.append((keys, spec, shard, rows, {int(v): num_lods[int(v)] for v in np.unique(rows["label"])},
-                     grid_origin))
-    for part in _run_jobs("shard", jobs, kv, plan, options, map_fn):
+        part = _new_stats(plan.lods)
+        items = []
+        segments = list(_iter_segments(index[s0:s1]))
+        for b0 in range(0, len(segments), WRITE_BATCH):
+            batch = segments[b0:b0 + WRITE_BATCH]
+            for (label, entries), blobs in zip(batch, _read_fragments(kv, keys, batch)):
+                data, manifest = build_multires(label, entries, blobs, plan, options, part, grid_origin,
+                                                num_lods[label])
+                items.append((label, data, manifest))
+                part["segments"] += 1
+        blob = build_shard(spec, items)
+        del items
+        part["bytes"] += len(blob)
+        storage.write(kv, spec.shard_key(shard), blob)
+        storage.write_json(kv, marker, {"sharding": spec_json, "stats": part})
         _add_stats(stats, part)
     return spec
-
-
-def write_shard(kv, keys: list, spec: ShardingSpec, shard: int, index: np.ndarray, num_lods: dict,
-                grid_origin, plan: Plan, options: MeshOptions) -> dict:
-    """Build one shard from its segments' fragments, write it, then record it as written.
-
-    Parameters
-    ----------
-    kv, keys, plan, options, grid_origin
-        As for :func:`write_shards`.
-    spec : ShardingSpec
-    shard : int
-        Shard number.
-    index : structured array
-        The fragment rows of the shard's segments, sorted by segment ID.
-    num_lods : dict
-        LODs stored per segment ID.
-
-    Returns
-    -------
-    dict
-        The shard's statistics.
-    """
-    part = _new_stats(plan.lods)
-    items = []
-    segments = list(_iter_segments(index))
-    for b0 in range(0, len(segments), WRITE_BATCH):
-        batch = segments[b0:b0 + WRITE_BATCH]
-        for (label, entries), blobs in zip(batch, _read_fragments(kv, keys, batch)):
-            data, manifest = build_multires(label, entries, blobs, plan, options, part, grid_origin,
-                                            num_lods[label])
-            items.append((label, data, manifest))
-            part["segments"] += 1
-    blob = build_shard(spec, items)
-    del items
-    part["bytes"] += len(blob)
-    storage.write(kv, spec.shard_key(shard), blob)
-    storage.write_json(kv, shard_marker_key(spec, shard), {"sharding": spec.to_json(), "stats": part})
-    return part
-
-
-def run_job(kind: str, job: tuple, kv, plan: Plan, options: MeshOptions) -> dict:
-    """One assembly job (see :func:`assemble`): a shard, or a batch of unsharded segments.
-
-    Returns
-    -------
-    dict
-        Its statistics.
-    """
-    if kind == "shard":
-        keys, spec, shard, index, num_lods, grid_origin = job
-        return write_shard(kv, keys, spec, shard, index, num_lods, grid_origin, plan, options)
-    keys, batch, grid_origin = job
-    part = _new_stats(plan.lods)
-    write_segments(kv, keys, batch, plan, options, part, grid_origin)
-    return part
-
-
-def _run_jobs(kind: str, jobs: list, kv, plan: Plan, options: MeshOptions,
-              map_fn: Optional[Callable]) -> Iterator[dict]:
-    if map_fn is None or len(jobs) < 2:
-        return (run_job(kind, job, kv, plan, options) for job in jobs)
-    return map_fn(kind, jobs)
 
 
 # --------------------------------------------------------------------------------------

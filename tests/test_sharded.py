@@ -264,51 +264,6 @@ def test_deterministic_and_memory_kvstore(small, outputs, tmp_path, monkeypatch)
     assert mem == _files(outputs / "gzip")
 
 
-def test_workers_build_the_shards_and_segment_batches(small, outputs, tmp_path, monkeypatch):
-    """With a worker pool, assembly jobs (shards; batches of unsharded segments) run in the
-    workers and give the same files as building them here, one after another."""
-    import gpumesh.writer as writer
-
-    _mesh(small, tmp_path / "un1", None)  # unsharded, built here
-
-    def not_here(*a, **k):
-        raise AssertionError("an assembly job ran in the main process")
-
-    # the spawned workers import their own, unpatched writer
-    monkeypatch.setattr(writer, "write_shard", not_here)
-    monkeypatch.setattr(writer, "write_segments", not_here)
-    monkeypatch.setattr(writer, "WRITE_BATCH", 4)  # several batches of unsharded segments
-    sharding = ShardingOptions(shard_bits=2, minishard_bits=2, data_encoding="gzip")
-    kw = dict(voxel_size=VOXEL_SIZE, workers=2)
-    run_mesh(small, str(tmp_path / "sh"), options=MeshOptions(chunk_size=CHUNK, sharding=sharding), **kw)
-    assert _files(tmp_path / "sh") == _files(outputs / "gzip")
-    assert len([n for n in os.listdir(tmp_path / "sh") if n.endswith(".shard")]) > 2
-    run_mesh(small, str(tmp_path / "un"), options=MeshOptions(chunk_size=CHUNK, sharding=None), **kw)
-    assert _files(tmp_path / "un") == _files(tmp_path / "un1")
-
-
-def test_assembly_jobs_go_through_map_fn(small, outputs, tmp_path, monkeypatch):
-    """assemble hands every shard to map_fn (here a thread pool), with the same result."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import gpumesh.writer as writer
-
-    real = writer.assemble
-    seen = []
-
-    def with_pool(kv, *a, **k):
-        def map_fn(kind, jobs):
-            seen.append((kind, len(jobs)))
-            with ThreadPoolExecutor(3) as ex:
-                return list(ex.map(lambda j: writer.run_job(kind, j, kv, a[1], a[2]), jobs))
-        return real(kv, *a, **dict(k, map_fn=map_fn))
-
-    monkeypatch.setattr(writer, "assemble", with_pool)
-    _mesh(small, tmp_path / "out", ShardingOptions(shard_bits=2, minishard_bits=2, data_encoding="gzip"))
-    assert seen and seen[0][0] == "shard" and seen[0][1] > 2
-    assert _files(tmp_path / "out") == _files(outputs / "gzip")
-
-
 class _Killed(Exception):
     pass
 
