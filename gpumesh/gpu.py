@@ -177,6 +177,13 @@ class CupyRuntime:
         return int(self.cp.get_default_memory_pool().total_bytes())
 
 
+def _cpu_triangles(tri, dtype, shape) -> tuple:
+    """Host triangle arrays (label, piece, edges) as the CPU kernel gives them for a block of
+    ``shape``: labels in ``dtype``, ids in :func:`gpumesh.marching.index_dtype`."""
+    idt = marching.index_dtype(shape)
+    return tri[0].view(dtype), tri[1].astype(idt, copy=False), tri[2].astype(idt, copy=False)
+
+
 class _SlabTooBig(Exception):
     """A slab's triangles would not fit the memory budget; ``planes`` fit."""
 
@@ -300,32 +307,45 @@ class GPUBackend:
         # for a temporary of the scan); the first slab takes half the budget, leaving the rest
         # for its triangles
         plane = ny * nz * udt.itemsize + cy * cz * (4 + 8 + 8)
-        width = max(1, min(cx, self._avail // (2 * plane)))
+        parts = self._in_slabs(cx, self._avail // (2 * plane), "marching cubes",
+                               lambda i0, w: self._march_slab(ulabels, i0, w, int(piece_size)))
+        if parts is None:
+            return marching.march_cubes(labels, int(piece_size))
+        return _cpu_triangles([np.concatenate(a) if len(parts) > 1 else a[0] for a in zip(*parts)],
+                              labels.dtype, labels.shape)
+
+    def _in_slabs(self, n: int, width: int, what: str, run) -> Optional[list]:
+        """``run(start, w)`` over x-planes ``0 .. n - 1`` in slabs of at most ``width``.
+
+        A slab that raises ``_SlabTooBig`` is redone at the width it names; one that runs out
+        of memory frees the pool and is redone at half the width.  Returns the slabs' results
+        in order, or None (after a ``GPUMemoryWarning``) when a single plane ran out of memory:
+        the caller then does the work on the CPU.
+        """
+        width = max(1, min(n, width))
         parts, i0 = [], 0
-        while i0 < cx:
-            w = min(width, cx - i0)
+        while i0 < n:
+            w = min(width, n - i0)
             oom = False
             try:
-                part = self._march_slab(ulabels, i0, w, int(piece_size))
+                part = run(i0, w)
             except _SlabTooBig as exc:
                 width = exc.planes
                 continue
             except self._oom:
-                oom = True  # retried below, once this frame's device arrays are gone
+                oom = True  # handled below, once the failed slab's device arrays are gone
             if oom:
                 self.rt.release()
                 self.stats["oom_retries"] += 1
                 if w == 1:
-                    self._fallback("marching cubes")
-                    return marching.march_cubes(labels, int(piece_size))
+                    self._fallback(what)
+                    return None
                 width = max(1, w // 2)
                 continue
             parts.append(part)
             self.stats["slabs"] += 1
             i0 += w
-        out = [np.concatenate(a) if len(parts) > 1 else a[0] for a in zip(*parts)]
-        return (out[0].view(labels.dtype), out[1].astype(idt, copy=False),
-                out[2].astype(idt, copy=False))
+        return parts
 
     def _march_slab(self, ulabels: np.ndarray, i0: int, w: int, piece_size: int):
         """Triangles of cube planes ``i0 .. i0 + w - 1`` (block ids), as host arrays.
@@ -435,12 +455,10 @@ class GPUBackend:
             if d_out[0].shape[0] * WELD_BYTES_PER_TRIANGLE <= self._avail:
                 pieces = self.weld_device(*d_out, labels.shape, labels.dtype)
             else:
-                idt = marching.index_dtype(labels.shape)
-                tri = [rt.to_host(a) for a in d_out]
+                tri = _cpu_triangles([rt.to_host(a) for a in d_out], labels.dtype, labels.shape)
                 del d_out
                 self.stats["slabs"] += 1
-                return marching.weld(tri[0].view(labels.dtype), tri[1].astype(idt, copy=False),
-                                     tri[2].astype(idt, copy=False), labels.shape)
+                return marching.weld(*tri, labels.shape)
             del d_out
         except _SlabTooBig:
             pass
@@ -491,9 +509,9 @@ class GPUBackend:
         npieces = int(d_piece.max()) + 1
         nedge = 3 * nx * ny * nz
         if len(uniq) * npieces * nedge >= 2**62:  # keys would overflow int64: weld on the CPU
-            idt = marching.index_dtype(shape)
-            return marching.weld(rt.to_host(d_label).view(dtype or d_label.dtype),
-                                 rt.to_host(d_piece).astype(idt), rt.to_host(d_edges).astype(idt), shape)
+            tri = _cpu_triangles([rt.to_host(a) for a in (d_label, d_piece, d_edges)],
+                                 dtype or d_label.dtype, shape)
+            return marching.weld(*tri, shape)
         key = xp.searchsorted(uniq, d_label) * npieces + d_piece
         order = xp.argsort(key, kind="stable")
         skey = key[order]
@@ -582,26 +600,10 @@ class GPUBackend:
         ulabels = labels.view(udt)
         # device bytes per output x-plane: two input planes and the output plane
         plane = (2 * sy * sz + shape[1] * shape[2]) * udt.itemsize
-        width = max(1, min(shape[0], self._avail // plane))
-        parts, o0 = [], 0
-        while o0 < shape[0]:
-            w = min(width, shape[0] - o0)
-            oom = False
-            try:
-                part = self._downsample_slab(ulabels[2 * o0:2 * (o0 + w)])
-            except self._oom:
-                oom = True
-            if oom:
-                self.rt.release()
-                self.stats["oom_retries"] += 1
-                if w == 1:
-                    self._fallback("downsampling")
-                    return lod.downsample_labels(labels)
-                width = max(1, w // 2)
-                continue
-            parts.append(part)
-            self.stats["slabs"] += 1
-            o0 += w
+        parts = self._in_slabs(shape[0], self._avail // plane, "downsampling",
+                               lambda o0, w: self._downsample_slab(ulabels[2 * o0:2 * (o0 + w)]))
+        if parts is None:
+            return lod.downsample_labels(labels)
         out = np.concatenate(parts) if len(parts) > 1 else parts[0]
         return out.view(labels.dtype)
 
