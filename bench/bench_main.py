@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Main benchmark: gpumesh against zmesh and serra-mesh on one label volume.
+"""Main benchmark: gpumesh against igneous, zmesh and serra-mesh on one label volume.
 
 One invocation runs, on the same input and machine, each tool in its own child process:
 
@@ -11,7 +11,15 @@ One invocation runs, on the same input and machine, each tool in its own child p
   count triangles) and the simplified one with igneous' defaults (``reduction_factor=100``,
   ``max_error=40`` nm);
 * ``serra``: the same with ``serra_mesh.Mesher(voxel_resolution=..., threads=0)`` (every
-  core).
+  core);
+* ``igneous``: igneous's own two-step sharded multi-resolution job with its CLI defaults,
+  one process per core (``LocalTaskQueue(parallel=N)``): ``create_meshing_tasks(...,
+  sharded=True)`` (``igneous mesh forge --sharded``), then
+  ``create_sharded_multires_mesh_tasks(...)`` (``igneous mesh merge-sharded``), on a
+  precomputed copy of the volume made before the clock starts.  igneous runs under its own
+  Python (``--igneous-python``, an environment with ``igneous-pipeline``): its dependencies
+  do not mix with gpumesh's.  Its output is checked with ``gpumesh.validate``, which also
+  gives its triangles and bytes per LOD.
 
 Wall time and peak RSS of each child are measured here: wall with ``time.perf_counter``
 around spawn-to-reap, peak RSS from ``os.wait4(pid, 0)``, whose rusage is exactly that
@@ -22,7 +30,8 @@ sets of the child's whole process tree is also sampled from /proc (``tree RSS``)
 Results are printed as a table and written to
 ``bench/results/main-<UTC timestamp>-<hostname>.json``.  See bench/README.md.
 
-The same file is also the peer workers' entry point (hidden ``--_worker zmesh|serra``).
+The same file is also the peer workers' entry point (hidden ``--_worker zmesh|serra|igneous``;
+the igneous worker needs only the standard library and igneous).
 """
 
 from __future__ import annotations
@@ -51,13 +60,22 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # checkout (a lent GPU machine, see bench/device/)
 DEFAULT_SOURCE = Path(os.environ.get("GPUMESH_DATA", REPO_ROOT / ".." / "shared" / "data")) / "connectomics.zarr"
 DEFAULT_RESULTS_DIR = REPO_ROOT / "bench" / "results"
-TOOLS = ("gpumesh", "zmesh", "serra")
+TOOLS = ("gpumesh", "zmesh", "serra", "igneous")
 
 # igneous' MeshTask defaults (seung-lab/igneous, igneous/tasks/mesh/mesh.py):
 #   'simplification_factor': 100, 'max_simplification_error': 40  (nm, physical units)
 # passed to zmesh as mesher.get(obj_id, reduction_factor=..., max_error=..., ...).
 IGNEOUS_REDUCTION_FACTOR = 100
 IGNEOUS_MAX_ERROR_NM = 40.0
+# igneous' CLI defaults (igneous_cli/cli.py): `igneous mesh forge --shape 448,448,448`,
+# `igneous mesh merge-sharded --max-labels-per-shard 1000` (its --nlod default is 1; the
+# benchmark asks for gpumesh's default LOD count instead, see --igneous-nlod)
+IGNEOUS_FORGE_SHAPE = (448, 448, 448)
+IGNEOUS_MAX_LABELS_PER_SHARD = 1000
+IGNEOUS_NLOD = 2  # extra LODs: with LOD 0, gpumesh's default of 3 (MeshOptions.max_lods)
+#: the packages whose versions the igneous worker records (in its own environment)
+IGNEOUS_PACKAGES = ("igneous-pipeline", "cloud-volume", "zmesh", "DracoPy", "pyfqmr",
+                    "task-queue", "numpy")
 
 PACKAGES = (
     "numpy",
@@ -333,8 +351,57 @@ def worker_serra(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def worker_igneous(args: argparse.Namespace) -> dict[str, Any]:
+    """igneous's sharded multi-resolution meshing of ``args.igneous_layer`` (runs under the
+    igneous Python; stdlib + igneous only)."""
+    import igneous.task_creation as tc
+    from taskqueue import LocalTaskQueue
+
+    layer = "file://" + str(Path(args.igneous_layer).resolve())
+    shape = tuple(int(v) for v in args.igneous_shape.split(","))
+    res: dict[str, Any] = {"tool": "igneous", "processes": args.igneous_workers}
+    tq = LocalTaskQueue(parallel=args.igneous_workers, progress=False)
+    t0 = time.perf_counter()
+    # igneous mesh forge PATH --sharded (defaults: simplification on, max error 40 nm,
+    # spatial index, closed dataset edges)
+    res["forge_tasks"] = tq.insert(tc.create_meshing_tasks(
+        layer, mip=0, shape=shape, simplification=True,
+        max_simplification_error=args.max_error, sharded=True, spatial_index=True,
+        progress=False))
+    tq.execute(progress=False)
+    t1 = time.perf_counter()
+    res["forge_s"] = t1 - t0
+    _log(f"[igneous] forge: {res['forge_tasks']} tasks in {res['forge_s']:.2f}s")
+    # igneous mesh merge-sharded PATH --nlod N
+    res["merge_tasks"] = tq.insert(tc.create_sharded_multires_mesh_tasks(
+        layer, num_lod=args.igneous_nlod, max_labels_per_shard=IGNEOUS_MAX_LABELS_PER_SHARD,
+        progress=False))
+    tq.execute(progress=False)
+    t2 = time.perf_counter()
+    res["merge_s"] = t2 - t1
+    res["pipeline_s"] = t2 - t0
+    _log(f"[igneous] merge-sharded: {res['merge_tasks']} tasks in {res['merge_s']:.2f}s")
+    info = json.loads((Path(args.igneous_layer) / "info").read_text())
+    res["mesh_dir"] = str(Path(args.igneous_layer) / info["mesh"])
+    versions = {}
+    for name in IGNEOUS_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    res["igneous_packages"] = versions
+    res["api"] = {
+        "forge": f"create_meshing_tasks(layer, mip=0, shape={shape}, simplification=True, "
+                 f"max_simplification_error={args.max_error}, sharded=True, spatial_index=True)",
+        "merge": f"create_sharded_multires_mesh_tasks(layer, num_lod={args.igneous_nlod}, "
+                 f"max_labels_per_shard={IGNEOUS_MAX_LABELS_PER_SHARD})",
+        "queue": f"LocalTaskQueue(parallel={args.igneous_workers})",
+    }
+    return res
+
+
 def run_worker(args: argparse.Namespace) -> int:
-    fn = {"zmesh": worker_zmesh, "serra": worker_serra}[args._worker]
+    fn = {"zmesh": worker_zmesh, "serra": worker_serra, "igneous": worker_igneous}[args._worker]
     res = fn(args)
     Path(args._result).write_text(json.dumps(res, indent=2))
     return 0
@@ -601,6 +668,88 @@ def run_peer(tool: str, args: argparse.Namespace, out_dir: Path, rep: int) -> di
     return res
 
 
+def igneous_unavailable(python: str) -> str | None:
+    """Why igneous cannot run under ``python``, or None when it can."""
+    try:
+        r = subprocess.run([python, "-c", "import igneous.task_creation, taskqueue"],
+                           capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"cannot run {python}: {e}"
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["?"])[-1]
+        return f"igneous does not import under {python} ({last}); see bench/README.md"
+    return None
+
+
+def prepare_igneous_source(args: argparse.Namespace, out_dir: Path) -> tuple[Path, float]:
+    """The volume as a precomputed segmentation layer (raw 64^3 chunks) for igneous, written
+    once with tensorstore before any clock starts; returns (layer, seconds)."""
+    import numpy as np
+    import tensorstore as ts
+
+    t0 = time.perf_counter()
+    layer = out_dir / "igneous-source"
+    arr = load_volume(Path(args.source))
+    store = ts.open({
+        "driver": "neuroglancer_precomputed",
+        "kvstore": {"driver": "file", "path": str(layer)},
+        "multiscale_metadata": {"type": "segmentation", "data_type": str(arr.dtype),
+                                "num_channels": 1},
+        "scale_metadata": {"size": list(arr.shape), "resolution": list(args.voxel_size),
+                           "encoding": "raw", "chunk_size": [64, 64, 64]},
+    }, create=True, delete_existing=True).result()
+    store[..., 0].write(np.ascontiguousarray(arr)).result()
+    return layer, time.perf_counter() - t0
+
+
+def _fresh_igneous_layer(source_layer: Path, out_dir: Path, rep: int) -> Path:
+    """A layer for one igneous run: its own info (igneous adds its mesh entry there), the
+    source's chunks linked, no meshes."""
+    layer = out_dir / f"igneous-{rep}"
+    shutil.rmtree(layer, ignore_errors=True)
+    layer.mkdir(parents=True)
+    shutil.copy(source_layer / "info", layer / "info")
+    for scale in json.loads((source_layer / "info").read_text())["scales"]:
+        (layer / scale["key"]).symlink_to((source_layer / scale["key"]).resolve())
+    return layer
+
+
+def run_igneous(args: argparse.Namespace, out_dir: Path, rep: int,
+                source_layer: Path) -> dict[str, Any]:
+    layer = _fresh_igneous_layer(source_layer, out_dir, rep)
+    result_path = out_dir / f"igneous-result-{rep}.json"
+    result_path.unlink(missing_ok=True)
+    cmd = [args.igneous_python, str(Path(__file__).resolve()), "--_worker", "igneous",
+           "--_result", str(result_path), "--igneous-layer", str(layer),
+           "--igneous-workers", str(args.igneous_workers), "--igneous-shape", args.igneous_shape,
+           "--igneous-nlod", str(args.igneous_nlod), "--max-error", str(args.max_error)]
+    _log(f"[igneous] run {rep + 1}: {args.igneous_workers} processes")
+    meas = run_child(cmd, out_dir / "logs" / f"igneous-{rep}.log", timeout=args.timeout)
+    res: dict[str, Any] = {"tool": "igneous", "command": cmd, **meas}
+    if meas["returncode"] != 0 or not result_path.exists():
+        res["error"] = f"exit status {meas['returncode']}" + (
+            " (timed out)" if meas["timed_out"] else "")
+        res["log_tail"] = _log_tail(meas["log"])
+        return res
+    res.update({k: v for k, v in json.loads(result_path.read_text()).items() if k != "tool"})
+    mesh_dir = Path(res["mesh_dir"])
+    res["dest_bytes_on_disk"], res["dest_files"] = _dir_size(mesh_dir)
+    # igneous leaves its forge fragments (*.frags) and label lists beside the shards
+    res["bytes"] = sum(p.stat().st_size for p in mesh_dir.glob("*.shard"))
+    try:
+        from gpumesh.validate import validate
+
+        report = validate(str(mesh_dir))
+        res["segments"] = int(report.num_segments)
+        res["triangles_per_lod"] = [int(s["triangles"]) for s in report.per_lod]
+        res["bytes_per_lod"] = [int(s["bytes"]) for s in report.per_lod]
+        res["validate_errors"] = int(report.num_errors)
+        res["validate_first_errors"] = list(report.errors[:5])
+    except Exception as e:  # noqa: BLE001 - the timing stands without the check
+        res["validate_error"] = f"{type(e).__name__}: {e}"
+    return res
+
+
 # --------------------------------------------------------------------------------------------
 # Aggregation and report
 # --------------------------------------------------------------------------------------------
@@ -627,6 +776,8 @@ _MEDIAN_KEYS = (
     "rss_hwm_after_load_mb",
     "rss_hwm_after_mesh_mb",
     "rss_hwm_end_mb",
+    "forge_s",
+    "merge_s",
 )
 _COUNT_KEYS = (
     "segments",
@@ -640,6 +791,9 @@ _COUNT_KEYS = (
     "vertices_simplified",
     "threads",
     "shape",
+    "processes",
+    "bytes_per_lod",
+    "validate_errors",
 )
 
 
@@ -662,14 +816,15 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
             agg[k] = vals[0]
             if any(v != vals[0] for v in vals[1:]):
                 agg.setdefault("inconsistent_across_runs", []).append(k)
-    for k in ("api", "summary_missing_keys", "summary_device", "invoked_as"):
+    for k in ("api", "summary_missing_keys", "summary_device", "invoked_as", "igneous_packages",
+              "validate_first_errors"):
         if ok[-1].get(k) is not None:
             agg[k] = ok[-1][k]
     return agg
 
 
 def _triangles_cell(tool: str, a: dict[str, Any]) -> str:
-    if tool == "gpumesh":
+    if tool in ("gpumesh", "igneous"):
         tpl = a.get("triangles_per_lod")
         if not tpl:
             return "?"
@@ -728,7 +883,8 @@ def print_table(aggs: dict[str, dict[str, Any]]) -> None:
     print()
     print(
         "cpu s = user + system CPU time of the child and its waited-for descendants. "
-        "triangles: gpumesh per LOD (finest first); peers unsimplified -> simplified. "
+        "triangles: gpumesh and igneous per LOD (finest first); zmesh and serra "
+        "unsimplified -> simplified. "
         "x gpumesh = peer wall / gpumesh wall."
     )
     # Details under the table.
@@ -743,6 +899,14 @@ def print_table(aggs: dict[str, dict[str, Any]]) -> None:
         if g.get("summary_missing_keys"):
             bits.append(f"summary lacks {','.join(g['summary_missing_keys'])}")
         print("gpumesh: " + ", ".join(bits))
+    a = aggs.get("igneous")
+    if a and "error" not in a:
+        txt = (f"igneous: {a.get('processes')} processes, forge {_fmt_num(a.get('forge_s'))} s "
+               f"+ merge-sharded {_fmt_num(a.get('merge_s'))} s, segments {a.get('segments', '?')}, "
+               f"shard bytes {_fmt_count(a.get('bytes'))}")
+        if a.get("validate_errors") is not None:
+            txt += f", gpumesh validate: {a['validate_errors']} errors"
+        print(txt)
     for tool in ("zmesh", "serra"):
         a = aggs.get(tool)
         if not a or "error" in a:
@@ -870,7 +1034,7 @@ def package_versions() -> dict[str, str | None]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Benchmark gpumesh against zmesh and serra-mesh on one label volume.",
+        description="Benchmark gpumesh against igneous, zmesh and serra-mesh on one label volume.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
@@ -886,7 +1050,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passed to gpumesh --workers (omitted if unset)")
     p.add_argument("--gpumesh-args", default="",
                    help="extra arguments appended to the gpumesh command")
-    p.add_argument("--skip", default="", help="comma-separated tools to skip: gpumesh,zmesh,serra")
+    p.add_argument("--skip", default="",
+                   help="comma-separated tools to skip: gpumesh,zmesh,serra,igneous")
     p.add_argument("--out-dir", default=None,
                    help="where gpumesh writes its output, summaries and logs "
                    "(default: a fresh temp dir under /tmp, removed at the end unless --keep)")
@@ -908,7 +1073,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-peer-simplify", action="store_true",
                    help="peers: skip the simplified get() pass (fast; then only the "
                    "unsimplified meshes are timed, which gpumesh does not stop at)")
-    p.add_argument("--_worker", choices=("zmesh", "serra"), help=argparse.SUPPRESS)
+    p.add_argument("--igneous-python",
+                   default=os.environ.get("GPUMESH_IGNEOUS_PYTHON", sys.executable),
+                   help="Python of an environment with igneous-pipeline (env "
+                   "GPUMESH_IGNEOUS_PYTHON); igneous is skipped, with the reason, when it "
+                   "does not import there")
+    p.add_argument("--igneous-workers", type=int, default=os.cpu_count() or 1,
+                   help="igneous processes (LocalTaskQueue parallel); default one per core")
+    p.add_argument("--igneous-shape", default=",".join(map(str, IGNEOUS_FORGE_SHAPE)),
+                   help="igneous forge task shape, voxels (igneous default)")
+    p.add_argument("--igneous-nlod", type=int, default=IGNEOUS_NLOD,
+                   help="igneous merge-sharded extra LODs (default: as many LODs as "
+                   "gpumesh's default; igneous's own default is 1)")
+    p.add_argument("--igneous-layer", help=argparse.SUPPRESS)
+    p.add_argument("--_worker", choices=("zmesh", "serra", "igneous"), help=argparse.SUPPRESS)
     p.add_argument("--_result", help=argparse.SUPPRESS)
     return p
 
@@ -938,6 +1116,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--skip: unknown tool(s) {sorted(unknown)}; choose from {TOOLS}", file=sys.stderr)
         return 2
     tools = [t for t in TOOLS if t not in skip]
+    skipped: dict[str, str] = {t: "--skip" for t in sorted(skip)}
+    if "igneous" in tools:
+        why = igneous_unavailable(args.igneous_python)
+        if why:
+            _log(f"[igneous] skipped: {why}")
+            skipped["igneous"] = why
+            tools.remove("igneous")
     if args.repeat < 1:
         print("--repeat must be >= 1", file=sys.stderr)
         return 2
@@ -958,10 +1143,18 @@ def main(argv: list[str] | None = None) -> int:
     started = _dt.datetime.now(_dt.timezone.utc)
     load_start = os.getloadavg()
     runs: dict[str, list[dict[str, Any]]] = {t: [] for t in tools}
+    igneous_setup: dict[str, Any] = {}
+    if "igneous" in tools:
+        _log("[igneous] writing a precomputed copy of the volume (not timed)")
+        source_layer, secs = prepare_igneous_source(args, out_dir)
+        igneous_setup = {"layer": str(source_layer), "seconds": secs, "encoding": "raw",
+                         "chunk_size": [64, 64, 64]}
     for rep in range(args.repeat):  # interleave the tools so drift hits all of them alike
         for tool in tools:
             if tool == "gpumesh":
                 r = run_gpumesh(args, out_dir, rep)
+            elif tool == "igneous":
+                r = run_igneous(args, out_dir, rep, Path(igneous_setup["layer"]))
             else:
                 r = run_peer(tool, args, out_dir, rep)
             runs[tool].append(r)
@@ -1007,6 +1200,13 @@ def main(argv: list[str] | None = None) -> int:
             "workers": args.workers,
             "gpumesh_args": args.gpumesh_args,
             "skip": sorted(skip),
+            "skipped": skipped,
+            "igneous_python": args.igneous_python if "igneous" in tools else None,
+            "igneous_workers": args.igneous_workers,
+            "igneous_forge_shape": args.igneous_shape,
+            "igneous_nlod": args.igneous_nlod,
+            "igneous_max_labels_per_shard": IGNEOUS_MAX_LABELS_PER_SHARD,
+            "igneous_setup": igneous_setup,
             "repeat": args.repeat,
             "out_dir": str(out_dir),
             "timeout_s": args.timeout,

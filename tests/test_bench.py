@@ -88,3 +88,68 @@ def test_bench_rows_and_parity_through_the_emulated_backend(emu_lib, real_zarr, 
     bench_gpu.print_table(rows)
     table = capsys.readouterr().out
     assert "gpu mc kernels" in table and "x zmesh" in table
+
+
+# --------------------------------------------------------------------------------------
+# bench_main's igneous peer: the parent's side (the worker runs under igneous's own Python)
+
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+
+import bench_main  # noqa: E402
+
+
+def test_igneous_source_layer_holds_the_volume(tmp_path):
+    import tensorstore as ts
+
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 7, size=(70, 17, 9)).astype(np.uint32)  # more than one 64^3 chunk in x
+    src = tmp_path / "labels.npy"
+    np.save(src, a)
+    args = argparse.Namespace(source=str(src), voxel_size=(4.0, 5.0, 6.0))
+    layer, secs = bench_main.prepare_igneous_source(args, tmp_path)
+    assert secs >= 0
+    info = json.loads((layer / "info").read_text())
+    assert info["type"] == "segmentation" and info["data_type"] == "uint32"
+    assert info["scales"][0]["resolution"] == [4.0, 5.0, 6.0]
+    fresh = bench_main._fresh_igneous_layer(layer, tmp_path, 0)
+    for root in (layer, fresh):
+        store = ts.open({"driver": "neuroglancer_precomputed",
+                         "kvstore": {"driver": "file", "path": str(root)}}).result()
+        assert np.array_equal(store[..., 0].read().result(), a)
+    # each run gets its own info (igneous writes its mesh entry there), not the source's
+    (fresh / "info").write_text("{}")
+    assert json.loads((layer / "info").read_text()) == info
+    again = bench_main._fresh_igneous_layer(layer, tmp_path, 0)
+    assert json.loads((again / "info").read_text()) == info
+
+
+def test_igneous_unavailable_says_why(tmp_path):
+    missing = str(tmp_path / "no-such-python")
+    assert "cannot run" in bench_main.igneous_unavailable(missing)
+    why = bench_main.igneous_unavailable(sys.executable)
+    if importlib.util.find_spec("igneous") is None:
+        assert why is not None and "does not import" in why
+    else:
+        assert why is None
+
+
+@pytest.mark.skipif(not os.environ.get("GPUMESH_IGNEOUS_PYTHON"),
+                    reason="GPUMESH_IGNEOUS_PYTHON names no environment with igneous-pipeline")
+def test_igneous_peer_end_to_end(tmp_path, real_zarr, capsys):
+    import tensorstore as ts
+
+    store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(real_zarr)}}).result()
+    src = tmp_path / "crop.npy"
+    np.save(src, np.ascontiguousarray(store[100:196, 100:196, 100:196].read().result()))
+    rc = bench_main.main(["--source", str(src), "--skip", "gpumesh,zmesh,serra",
+                          "--igneous-workers", "2", "--results-dir", str(tmp_path / "res"),
+                          "--out-dir", str(tmp_path / "out")])
+    assert rc == 0
+    (result,) = (tmp_path / "res").glob("main-*.json")
+    rec = json.loads(result.read_text())
+    ig = rec["results"]["igneous"]
+    assert ig["runs_ok"] == 1 and ig["processes"] == 2 and ig["segments"] > 0
+    assert ig["triangles_per_lod"][0] > 0 and ig["bytes"] > 0 and "validate_errors" in ig
+    assert "igneous" in capsys.readouterr().out
