@@ -17,8 +17,9 @@ Geometry (stored-model space is LOD 0 voxel units, the ``info`` transform scales
 * A block is one node of the coarsest LOD ``L - 1``: ``B = C * 2**(L-1)`` LOD 0 cubes a side, read
   with a halo of ``2**(L-1)`` voxels on its low side.  Every node of every LOD lies in exactly
   one block, so a block's fragments are final and blocks are independent.
-* The job runs each block as independent tasks (:meth:`Plan.tasks`): LODs 1 and up in one, the
-  LOD 0 nodes of each octant in another, so that no single heavy block runs alone at the end.
+* The job runs each block as independent tasks (:meth:`Plan.tasks`): the coarsest LOD's node
+  in one, and for each octant of the block its nodes of LODs 0 .. L - 2 in another (an octant
+  is one node at LOD L - 2), so that no single heavy block runs alone at the end.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from .sharding import ShardingOptions
 from .volume import Volume, open_volume
 
 SCRATCH = ".gpumesh-work/"
-COARSE = "coarse"     # the task of a block that meshes LODs 1 and up (see Plan.tasks)
+COARSE = "coarse"     # the task of a block that meshes its coarsest LOD (see Plan.tasks)
 
 
 @dataclass(frozen=True)
@@ -189,15 +190,21 @@ class Plan:
         """The main job's independent tasks, as ``(block, part)``.
 
         With one LOD, ``part`` is ``None``: the whole block.  Otherwise a block is split so
-        that no task is much longer than the others (on 2 cores, one heavy block used to run
-        alone for the last ~15 % of the job): ``COARSE`` meshes LODs 1 and up; octant ``0..7``
-        meshes the LOD 0 nodes of one octant and counts its voxels (skipped when it holds no
-        cube inside the volume).  Every node of every LOD, and every voxel, is in exactly one
+        that no task is much longer than the others (a whole block's LODs 1 and up used to be
+        one task, the longest of the job by far: 3-4 s of CPU on the real volume against at
+        most 2 s for any other, which many cores wait for): ``COARSE`` meshes the block's one
+        node of LOD L - 1; octant ``0..7`` meshes the nodes of LODs 0 .. L - 2 inside one
+        octant and counts its voxels (skipped when none of its cubes, at any of those LODs,
+        touches the volume).  Every node of every LOD, and every voxel, is in exactly one
         task.  The list is in the order to run them: blocks with the most voxels inside the
         volume first (the pool ends on small border blocks), each block's tasks together, so
         that a worker's read cache holds the storage chunks its next task reads.
         """
         out = []
+        shape = np.asarray(self.shape)
+        # an octant's first cube at LOD k starts at LOD 0 voxel g0 + 1 - 2**k: inside the
+        # volume for some k <= L - 2 when it is for k = L - 2
+        reach = 1 << max(self.lods - 2, 0)
         for b in sorted(self.blocks(), key=self.voxels_in_volume, reverse=True):
             if self.lods == 1:
                 out.append((b, None))
@@ -205,7 +212,7 @@ class Plan:
             out.append((b, COARSE))
             for octant in range(8):
                 g0, g1 = self.octant_bounds(b, octant)
-                if np.all(g1 - g0 >= 2) and np.all(g0 < np.asarray(self.shape)):
+                if np.all(g1 - g0 >= 2) and np.all(g0 + 1 - reach < shape):
                     out.append((b, octant))
         return out
 
@@ -270,9 +277,9 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
         Block index.
     backend : Backend
     part : None, ``COARSE`` or int
-        ``None``: every LOD and the voxel counts of the block.  ``COARSE``: LODs 1 and up.
-        ``0..7``: LOD 0 and the voxel counts of that octant.  The parts of a block give exactly
-        the fragments and voxel counts of the whole block, byte for byte.
+        ``None``: every LOD and the voxel counts of the block.  ``COARSE``: LOD ``L - 1``.
+        ``0..7``: LODs ``0 .. L - 2`` and the voxel counts of that octant.  The parts of a
+        block give exactly the fragments and voxel counts of the whole block, byte for byte.
 
     Returns
     -------
@@ -285,8 +292,8 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
     origin = np.asarray(b, dtype=np.int64) * plan.block
     out: list = []
     count_labels = counts = np.zeros(0, dtype=np.uint64)
+    start, stop = plan.block_bounds(b)
     if part is None or part == COARSE:
-        start, stop = plan.block_bounds(b)
         level = volume.read(tuple(start), tuple(stop))
         if part is None:
             # local IDs (order-preserving) for meshing and downsampling; ids[local - 1] is the
@@ -299,28 +306,39 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
                 level = backend.downsample(level)
                 if k == 1 and part == COARSE:
                     level, ids = relabel_block(level)
-            if (k == 0 and part == COARSE) or not level.any():
+            if (k < L - 1 and part == COARSE) or not level.any():
                 continue
             hk = halo >> k
             mc_in = np.ascontiguousarray(level[hk - 1:, hk - 1:, hk - 1:])
             out += _mesh_lod(volume, plan, options, backend, k, mc_in, mc_in, 0, origin >> k, ids)
     else:
-        # LOD 0 of one octant.  The thin-spot test looks one voxel past the octant's cubes, as
-        # far as the whole block's LOD 0 labels reach, so it reads that much more.
-        g0, g1 = plan.octant_bounds(b, part)
-        _, stop = plan.block_bounds(b)
-        c0, c1 = np.maximum(g0 - 1, origin - 1), np.minimum(g1 + 1, stop)
-        ctx, ids = relabel_block(volume.read(tuple(c0), tuple(c1)))
-        m = g0 - c0
-        mc_in = np.ascontiguousarray(ctx[m[0]:m[0] + g1[0] - g0[0], m[1]:m[1] + g1[1] - g0[1],
-                                         m[2]:m[2] + g1[2] - g0[2]])
-        # the block's voxel counts, octant by octant: its voxels from origin + o on (past the
-        # volume every voxel is background)
+        # LODs 0 .. L-2 of one octant, whose LOD 0 voxels start at O.  At LOD k its cubes
+        # need LOD k voxels (O >> k) - 1 .. past its last cube, and the thin-spot test one
+        # more on each side, as far as the whole block's labels reach: the octant is read
+        # with a margin of 2**(L-1) voxels (clipped to the block's read), which keeps every
+        # 2x2x2 group of the downsampling the block's own (both are aligned to 2**(L-1)).
         h = plan.block // 2
-        count_labels, counts = _voxel_counts(ctx[m[0] + 1:m[0] + 1 + h, m[1] + 1:m[1] + 1 + h,
-                                                 m[2] + 1:m[2] + 1 + h], ids)
-        if mc_in.any():
-            out = _mesh_lod(volume, plan, options, backend, 0, mc_in, ctx, m, g0 + 1, ids)
+        o = np.array([(part >> 2) & 1, (part >> 1) & 1, part & 1], dtype=np.int64) * h
+        O = origin + o
+        r0, r1 = O - halo, np.minimum(O + h + halo, stop)
+        level, ids = relabel_block(volume.read(tuple(r0), tuple(r1)))
+        # the block's voxel counts, octant by octant: its voxels from O on (past the volume
+        # every voxel is background)
+        count_labels, counts = _voxel_counts(level[halo:halo + h, halo:halo + h, halo:halo + h], ids)
+        for k in range(L - 1):
+            if k > 0:
+                level = backend.downsample(level)
+            base, ok, top = r0 >> k, O >> k, stop >> k    # LOD k voxels: level[i] is base + i
+            m0 = ok - 1 - base
+            m1 = np.minimum(ok + (h >> k), top) - base
+            if np.any(m1 - m0 < 2):
+                continue  # no cube of this octant at LOD k (a cut border block)
+            c0 = np.maximum(ok - 2, (origin >> k) - 1) - base
+            c1 = np.minimum(ok + (h >> k) + 1, top) - base
+            ctx = np.ascontiguousarray(level[c0[0]:c1[0], c0[1]:c1[1], c0[2]:c1[2]])
+            mc_in = np.ascontiguousarray(level[m0[0]:m1[0], m0[1]:m1[1], m0[2]:m1[2]])
+            if mc_in.any():
+                out += _mesh_lod(volume, plan, options, backend, k, mc_in, ctx, m0 - c0, ok, ids)
     entries, offset = [], 0
     for (label, k, node, ntri), data in out:
         entries.append((label, k, node[0], node[1], node[2], offset, len(data), ntri))
@@ -435,9 +453,9 @@ MAX_READ_CACHE = 1 << 30
 def read_cache_bytes(volume: Volume, plan: Plan) -> int:
     """Size of a worker's cache of decoded storage chunks (bytes).
 
-    A block's tasks read overlapping boxes (each octant with a voxel or two of margin, the
-    coarse task the whole block), so without a cache a worker decodes the same chunks once per
-    task.  The cache holds the chunks that the reads of any one block touch (tasks run block by
+    A block's tasks read overlapping boxes (each octant with a margin of ``2**(L-1)`` voxels,
+    the coarse task the whole block), so without a cache a worker decodes the same chunks once
+    per task.  The cache holds the chunks that the reads of any one block touch (tasks run block by
     block), at most :data:`MAX_READ_CACHE`; 0 when the source has no chunk shape (an
     in-memory array).
     """

@@ -153,3 +153,37 @@ def test_igneous_peer_end_to_end(tmp_path, real_zarr, capsys):
     assert ig["runs_ok"] == 1 and ig["processes"] == 2 and ig["segments"] > 0
     assert ig["triangles_per_lod"][0] > 0 and ig["bytes"] > 0 and "validate_errors" in ig
     assert "igneous" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------
+# bench_tasks: per-task CPU times and the list-scheduling model
+
+import bench_tasks  # noqa: E402
+
+
+def test_makespan_is_list_scheduling():
+    assert bench_tasks.makespan([3, 3, 2, 2, 2], 2) == 7
+    assert bench_tasks.makespan([1, 1, 4], 2) == 5        # the job's order: 4 comes last
+    assert bench_tasks.makespan([4, 1, 1], 2) == 4        # longest first
+    assert bench_tasks.makespan([2.5], 8) == 2.5
+    assert bench_tasks.makespan([], 3) == 0
+
+
+def test_tasks_benchmark_runs_every_task_of_the_job(real_zarr):
+    import tensorstore as ts
+
+    from gpumesh.pipeline import MeshOptions, Plan, task_name
+
+    store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(real_zarr)}}).result()
+    labels = np.ascontiguousarray(store[:150, :140, :70].read().result())
+    rows, backend = bench_tasks.measure(labels, (32.0, 32.0, 40.0), "cpu")
+    assert backend == "cpu"
+    assert [r["task"] for r in rows] == [task_name(t) for t in Plan.make(labels.shape, MeshOptions()).tasks()]
+    assert all(r["cpu_s"] >= 0 and r["bytes"] > 0 for r in rows)
+    sched = bench_tasks.model(rows)
+    longest, total = max(r["cpu_s"] for r in rows), sum(r["cpu_s"] for r in rows)
+    for s in sched:
+        assert s["ideal_s"] == pytest.approx(total / s["workers"])
+        for key in ("job_order_s", "longest_first_s"):  # Graham's bounds of list scheduling
+            assert max(longest, s["ideal_s"]) - 1e-9 <= s[key] <= s["ideal_s"] + longest + 1e-9
+    assert sched[0]["job_order_s"] == pytest.approx(total)  # one worker

@@ -268,17 +268,20 @@ def _block_fragments(blob: bytes) -> tuple[dict, dict]:
     return frags, dict(zip(labels.tolist(), counts.tolist()))
 
 
-def test_block_tasks_give_the_whole_blocks_fragments(crop):
-    # The main job splits each block into a task for LODs >= 1 and one per LOD 0 octant.  Their
-    # fragments together must be the whole block's, byte for byte, with the voxel counts once;
-    # on a shape that cuts border blocks and octants unevenly, at the default preset (whose
-    # thin-spot locks look one voxel past an octant).
+@pytest.mark.parametrize("shape, chunk, lods", [((45, 38, 51), 8, 3), ((47, 33, 64), 8, 3),
+                                                ((71, 40, 49), 4, 4), ((30, 23, 41), 8, 2)])
+def test_block_tasks_give_the_whole_blocks_fragments(crop, shape, chunk, lods):
+    # The main job splits each block into a task for its coarsest LOD and one per octant for
+    # the finer LODs.  Their fragments together must be the whole block's, byte for byte, with
+    # the voxel counts once; on shapes that cut border blocks and octants unevenly (47: an
+    # octant whose LOD 0 cubes all lie past the volume still has a LOD 1 cube inside it), at
+    # the default preset (whose thin-spot locks look one voxel past an octant).
     from gpumesh.backend import CPUBackend
     from gpumesh.pipeline import MeshOptions, Plan, mesh_block
     from gpumesh.volume import open_volume
 
-    labels = np.ascontiguousarray(crop[:45, :38, :51])
-    options = MeshOptions(chunk_size=8, max_lods=3)
+    labels = np.ascontiguousarray(crop[:shape[0], :shape[1], :shape[2]])
+    options = MeshOptions(chunk_size=chunk, max_lods=lods)
     vol = open_volume(labels, voxel_size=VOXEL_SIZE)
     plan = Plan.make(vol.shape, options)
     tasks = plan.tasks()
@@ -291,8 +294,8 @@ def test_block_tasks_give_the_whole_blocks_fragments(crop):
         for _, part in (t for t in tasks if t[0] == b):
             frags, counts = _block_fragments(mesh_block(vol, plan, options, b, backend, part))
             assert not set(frags) & set(got), f"block {b} part {part}: fragments listed twice"
-            assert all((key[1] == 0) == (part != "coarse") for key in frags)
-            octant_fragments += sum(key[1] == 0 for key in frags)
+            assert all((key[1] == lods - 1) == (part == "coarse") for key in frags)
+            octant_fragments += sum(key[1] < lods - 1 for key in frags)
             got.update(frags)
             for label, n in counts.items():
                 got_counts[label] = got_counts.get(label, 0) + n
