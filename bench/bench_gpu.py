@@ -121,16 +121,20 @@ def bench_gpu(rows, name, labels, args, cpu, backend=None, cp=None) -> dict[str,
     parity checks, or None (``backend``, ``cp``: a GPUBackend and CuPy, for tests)."""
     if cp is None:
         import cupy as cp
+    pageable = None
     if backend is None:
-        from gpumesh.gpu import GPUBackend
+        from gpumesh.gpu import CupyRuntime, GPUBackend
 
         backend = GPUBackend()
+        if backend.rt.pinned:  # the same through pageable memory, for comparison
+            pageable = GPUBackend(runtime=CupyRuntime(pinned=False))
     nvox = labels.size
     t0 = time.perf_counter()
     d_labels = backend.rt.to_device(labels)
     cp.cuda.Device().synchronize()
     up = time.perf_counter() - t0
-    info: dict[str, Any] = {"upload_s": up, "upload_gb_per_s": labels.nbytes / up / 1e9}
+    info: dict[str, Any] = {"upload_s": up, "upload_gb_per_s": labels.nbytes / up / 1e9,
+                            "pinned": bool(getattr(backend.rt, "pinned", False))}
     out = backend.march_device(d_labels, PIECE_SIZE)
     tris = int(out[0].shape[0])
     del out
@@ -161,6 +165,13 @@ def bench_gpu(rows, name, labels, args, cpu, backend=None, cp=None) -> dict[str,
             info["parity_pieces"] = _same_pieces(got, cpu[1])
             _log(f"[{name}] GPU pieces == CPU pieces: {info['parity_pieces']}")
         del got
+        if pageable is not None:
+            t, got = _wall(lambda: pageable.mesh(labels, PIECE_SIZE), args.host_repeat)
+            _row(rows, name, "gpu mc + weld (device), pageable copies", "mc+weld", t, nvox)
+            if cpu is not None:
+                info["parity_pieces_pageable"] = _same_pieces(got, cpu[1])
+            del got
+            pageable.rt.release()
     info["pool_peak_bytes"] = backend.rt.pool_bytes()
     info["stats"] = dict(backend.stats)
     backend.rt.release()

@@ -47,6 +47,8 @@ KERNEL_NAMES = tuple(f"{kind}_{s}" for kind in ("mc_count", "mc_emit", "ds2")
 
 #: Environment variable naming a directory that holds the ``.cu`` files (overrides the search).
 KERNEL_DIR_ENV = "GPUMESH_KERNEL_DIR"
+#: Environment variable: ``0`` makes :class:`CupyRuntime` copy through pageable memory.
+PINNED_ENV = "GPUMESH_PINNED"
 
 DEFAULT_BLOCK = 256
 #: Cap on blocks per launch; the kernels loop (grid-stride) over whatever is left.
@@ -111,10 +113,23 @@ def label_dtype(dtype: np.dtype) -> np.dtype:
 class CupyRuntime:
     """Device access through CuPy: the default runtime of :class:`GPUBackend`.
 
+    Transfers go through pinned (page-locked) host memory from CuPy's pinned memory pool, on
+    the thread's current CUDA stream, the one every kernel and CuPy call here runs on: an
+    upload is copied into a pinned staging buffer and queued (the host goes on launching
+    kernels behind it); downloads are queued into pinned arrays, several at once
+    (:meth:`to_host_many`), and the host waits once for all of them.  Pinned memory is what
+    lets the DMA engine run at full speed and asynchronously to the host; the arrays handed
+    back are ordinary NumPy arrays whose memory returns to the pool when they are freed.  A
+    small round trip at start-up checks it; where it fails (no pinned memory, an older CuPy)
+    the runtime warns once and copies through pageable memory.
+
     Parameters
     ----------
     source : str, optional
         CUDA source of every kernel; default :func:`kernel_source`.
+    pinned : bool, optional
+        Use pinned host memory for transfers.  Default: yes, unless the environment variable
+        ``GPUMESH_PINNED`` is ``0``.
 
     Raises
     ------
@@ -122,7 +137,7 @@ class CupyRuntime:
         CuPy is missing or cannot compile the kernels.
     """
 
-    def __init__(self, source: Optional[str] = None):
+    def __init__(self, source: Optional[str] = None, pinned: Optional[bool] = None):
         try:
             import cupy
         except ImportError as exc:
@@ -138,17 +153,66 @@ class CupyRuntime:
             self.functions = {name: self.module.get_function(name) for name in KERNEL_NAMES}
         except Exception as exc:  # NVRTC errors, driver errors: the backend is unusable
             raise ImportError(f"the GPU kernels could not be compiled or loaded: {exc}") from exc
+        #: pinned staging buffers of queued uploads, kept until the stream has passed them
+        self._staged: list = []
+        self.pinned = False
+        if pinned is None:
+            pinned = os.environ.get(PINNED_ENV, "1") != "0"
+        if pinned:
+            try:
+                import cupyx
+
+                self._empty_pinned = cupyx.empty_pinned
+                self.pinned = True
+                probe = np.arange(17 * 241, dtype=np.int64).reshape(17, 241) * 7919
+                back = self.to_host_many([self.to_device(probe), self.to_device(probe[:, ::3])])
+                if not (np.array_equal(back[0], probe) and np.array_equal(back[1], probe[:, ::3])):
+                    raise RuntimeError("a round trip through pinned memory changed the data")
+            except Exception as exc:  # noqa: BLE001 - pageable copies still work
+                self.pinned = False
+                self._staged.clear()
+                warnings.warn(f"pinned host memory is not usable ({exc}); GPU transfers go "
+                              "through pageable memory", RuntimeWarning, stacklevel=2)
 
     @property
     def xp(self):
         """The array module of device arrays (CuPy)."""
         return self.cp
 
+    def _stream(self):
+        return self.cp.cuda.get_current_stream()
+
     def to_device(self, a: np.ndarray) -> Any:
-        return self.cp.asarray(a)
+        """A device copy of host array ``a``, queued on the current stream."""
+        if not self.pinned:
+            return self.cp.asarray(a)
+        a = np.asarray(a)
+        buf = self._empty_pinned(a.shape, a.dtype)
+        np.copyto(buf, a)
+        d = self.cp.empty(a.shape, a.dtype)
+        if a.size:
+            d.set(buf, stream=self._stream())
+            self._staged.append(buf)  # the copy reads it after this returns
+        return d
 
     def to_host(self, a: Any) -> np.ndarray:
-        return self.cp.asnumpy(a)
+        """Host copy of device array ``a`` (waits for it)."""
+        return self.to_host_many([a])[0]
+
+    def to_host_many(self, arrays: Sequence[Any]) -> list[np.ndarray]:
+        """Host copies of device arrays, queued together; waits once, for all of them."""
+        if not self.pinned:
+            return [self.cp.asnumpy(a) for a in arrays]
+        stream = self._stream()
+        out = []
+        for a in arrays:
+            h = self._empty_pinned(a.shape, a.dtype)
+            if a.size:
+                self.cp.ascontiguousarray(a).get(stream=stream, out=h, blocking=False)
+            out.append(h)
+        stream.synchronize()
+        self._staged.clear()  # every queued upload is done too
+        return out
 
     def empty(self, shape, dtype) -> Any:
         return self.cp.empty(shape, dtype=dtype)
@@ -169,7 +233,9 @@ class CupyRuntime:
         self.cp.get_default_memory_pool().set_limit(size=int(nbytes))
 
     def release(self) -> None:
-        """Hand the pool's unused blocks back to the device."""
+        """Wait for the queued work, then hand the pool's unused blocks back to the device."""
+        self._stream().synchronize()
+        self._staged.clear()
         self.cp.get_default_memory_pool().free_all_blocks()
 
     def pool_bytes(self) -> int:
@@ -354,7 +420,7 @@ class GPUBackend:
         rt = self.rt
         d_out = self.march_device(rt.to_device(ulabels[i0:i0 + w + 1]), piece_size, x0=i0,
                                   check_budget=w > 1)
-        return tuple(rt.to_host(a) for a in d_out)
+        return tuple(rt.to_host_many(d_out))
 
     def march_device(self, d_labels: Any, piece_size: int, x0: int = 0,
                      check_budget: bool = False):
@@ -455,7 +521,7 @@ class GPUBackend:
             if d_out[0].shape[0] * WELD_BYTES_PER_TRIANGLE <= self._avail:
                 pieces = self.weld_device(*d_out, labels.shape, labels.dtype)
             else:
-                tri = _cpu_triangles([rt.to_host(a) for a in d_out], labels.dtype, labels.shape)
+                tri = _cpu_triangles(rt.to_host_many(d_out), labels.dtype, labels.shape)
                 del d_out
                 self.stats["slabs"] += 1
                 return marching.weld(*tri, labels.shape)
@@ -509,7 +575,7 @@ class GPUBackend:
         npieces = int(d_piece.max()) + 1
         nedge = 3 * nx * ny * nz
         if len(uniq) * npieces * nedge >= 2**62:  # keys would overflow int64: weld on the CPU
-            tri = _cpu_triangles([rt.to_host(a) for a in (d_label, d_piece, d_edges)],
+            tri = _cpu_triangles(rt.to_host_many((d_label, d_piece, d_edges)),
                                  dtype or d_label.dtype, shape)
             return marching.weld(*tri, shape)
         key = xp.searchsorted(uniq, d_label) * npieces + d_piece
@@ -560,11 +626,10 @@ class GPUBackend:
         for a in range(3):
             verts[:, a] += (axis == a).astype(np.int32)
         del e, pnt, axis
-        h_faces, h_verts = rt.to_host(faces), rt.to_host(verts)
-        h_tstart = np.append(rt.to_host(tstart), t)
-        h_vstart = np.append(rt.to_host(vstart), nvert)
-        h_keys = rt.to_host(gkeys)
-        h_uniq = rt.to_host(uniq).view(dtype or uniq.dtype)
+        h_faces, h_verts, h_tstart, h_vstart, h_keys, h_uniq = rt.to_host_many(
+            (faces, verts, tstart, vstart, gkeys, uniq))
+        h_tstart, h_vstart = np.append(h_tstart, t), np.append(h_vstart, nvert)
+        h_uniq = h_uniq.view(dtype or uniq.dtype)
         self.stats["device_welds"] += 1
         return [marching.Piece(label=int(h_uniq[k // npieces]), piece=int(k % npieces),
                                vertices2=h_verts[h_vstart[g]:h_vstart[g + 1]],

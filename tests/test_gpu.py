@@ -630,3 +630,16 @@ def test_auto_without_a_gpu_says_so_in_one_line(monkeypatch, tmp_path):
     notices = [line for line in res.output.splitlines() if "meshing on the CPU" in line]
     assert len(notices) == 1 and notices[0].startswith("gpumesh: ")
     assert "device cpu" in res.output
+
+
+@pytest.mark.gpu
+def test_gpu_pinned_and_pageable_transfers_give_the_cpus_pieces(crop):
+    """On the device: the pinned, queued transfers (the default) and pageable ones agree."""
+    want = CPUBackend().mesh(crop, 32)
+    pinned = gpu.GPUBackend()
+    assert pinned.rt.pinned  # the start-up round trip worked on this device
+    pageable = gpu.GPUBackend(runtime=gpu.CupyRuntime(pinned=False))
+    for backend in (pinned, pageable):
+        _assert_same_pieces(backend.mesh(crop, 32), want)
+        assert np.array_equal(backend.downsample(crop), CPUBackend().downsample(crop))
+        _check_backend(backend, crop, piece_sizes=(16,))

@@ -7,7 +7,8 @@
 #   2. tests/test_gpu.py: emulation + NVRTC + the `gpu` tests on the device
 #   3. bench/bench_gpu.py: kernel throughput, CPU path and peers, real and 1024^3 tiled volumes
 #   4. the main job on the real volume, --device gpu then --device cpu, every core, and a
-#      byte comparison of the two outputs (TILED=1: also the 1024^3 tiled volume on the GPU)
+#      byte comparison of the two outputs (TILED=1: also the 1024^3 tiled volume on the GPU;
+#      TASKS=1: also bench_tasks.py, every task alone with the GPU backend)
 # Logs and result JSON go to $OUT (check.log, pytest_gpu.log, results/*.json): commit the
 # JSON to bench/results/ and cite the figures in docs/gpu.md.
 set -uo pipefail
@@ -57,7 +58,7 @@ timeout "$(left 200)" "$PY" bench/bench_gpu.py --results-dir "$OUT/results" 2>&1
 for dev in gpu cpu; do
   stage "main job, --device $dev"
   rm -rf "/tmp/main-$dev"
-  timeout "$(left 100)" "$PY" bench/bench_main.py --skip zmesh,serra --gpumesh-args "--device $dev" \
+  timeout "$(left 100)" "$PY" bench/bench_main.py --skip zmesh,serra,igneous --gpumesh-args "--device $dev" \
     --out-dir "/tmp/main-$dev" --keep --results-dir "$OUT/results" 2>&1 | tail -14
 done
 stage "main job output: GPU run == CPU run, byte for byte"
@@ -65,7 +66,11 @@ diff -rq /tmp/main-gpu/gpumesh-out /tmp/main-cpu/gpumesh-out && echo "IDENTICAL 
 if [ "${TILED:-0}" = 1 ]; then
   stage "main job on the 1024^3 tiled volume, --device gpu"
   "$PY" bench/tiled.py /tmp/tiled1024.zarr --source "$GPUMESH_DATA/connectomics.zarr"
-  timeout "$(left 200)" "$PY" bench/bench_main.py --source /tmp/tiled1024.zarr --skip zmesh,serra \
+  timeout "$(left 200)" "$PY" bench/bench_main.py --source /tmp/tiled1024.zarr --skip zmesh,serra,igneous \
     --gpumesh-args "--device gpu" --results-dir "$OUT/results" 2>&1 | tail -8
+fi
+if [ "${TASKS:-0}" = 1 ]; then
+  stage "the main job's tasks one by one, --device gpu (bench_tasks.py)"
+  timeout "$(left 150)" "$PY" bench/bench_tasks.py --device gpu --results-dir "$OUT/results" 2>&1 | tail -14
 fi
 stage "done"

@@ -269,6 +269,9 @@ class EmulatedRuntime:
             raise EmulationError("to_host of a host array")
         return np.array(a.view(np.ndarray), copy=True)
 
+    def to_host_many(self, arrays: Sequence[DeviceArray]) -> list[np.ndarray]:
+        return [self.to_host(a) for a in arrays]
+
     def empty(self, shape, dtype) -> DeviceArray:
         a = np.empty(shape, dtype=dtype)
         a.view(np.uint8)[...] = GARBAGE if a.size else 0

@@ -1,0 +1,223 @@
+"""CupyRuntime's pinned, queued transfers, against a stand-in for CuPy with CUDA's semantics.
+
+No GPU runs here.  The stand-in models what makes such transfers go wrong on a device: a copy
+queued on a stream reads or writes its host memory only when the stream gets to it (here: at
+``synchronize``), and CuPy's pinned memory pool hands a freed buffer to the next request at
+once, with someone else's bytes in it.  A runtime that let a staging buffer go before its
+upload ran, read a download before waiting, or queued work on another stream than the
+current one gives wrong arrays or trips an assertion.  The real CuPy path runs in the `gpu`
+tests on a device.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+import warnings
+import weakref
+
+import numpy as np
+import pytest
+
+from gpumesh import gpu
+
+
+class _Stream:
+    def __init__(self):
+        self.pending = []
+        self.syncs = 0
+
+    def synchronize(self):
+        self.syncs += 1
+        while self.pending:
+            self.pending.pop(0)()
+
+
+class _PinnedPool:
+    """Buffers come back for reuse the moment their array is freed, filled with garbage."""
+
+    def __init__(self, broken=False):
+        self.free: dict[int, list] = {}
+        self.ids: set[int] = set()  # ids of the live pinned arrays
+        self.memory: dict[int, bytearray] = {}  # their memory, by id
+        self.broken = broken
+
+    def empty(self, shape, dtype):
+        if self.broken:
+            raise RuntimeError("cudaHostAlloc failed")
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        pool = self.free.setdefault(n, [])
+        slab = pool.pop() if pool else bytearray(max(n, 1))
+        slab[:] = b"\xa5" * len(slab)
+        arr = np.frombuffer(slab, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+        self.ids.add(id(arr))
+        self.memory[id(arr)] = slab
+        weakref.finalize(arr, self._freed, id(arr), n, slab)
+        return arr
+
+    def _freed(self, ident, n, slab):
+        self.ids.discard(ident)
+        self.memory.pop(ident, None)
+        self.free.setdefault(n, []).append(slab)
+
+    def view(self, arr):
+        """What a queued copy holds: the buffer's memory, not the array (like a pointer)."""
+        slab, shape, dtype = self.memory[id(arr)], arr.shape, arr.dtype
+        return lambda: np.frombuffer(slab, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+
+
+class _Dev:
+    """A device array: its bytes are reachable only through queued copies."""
+
+    def __init__(self, fake, data):
+        self.fake, self._data = fake, data
+
+    shape = property(lambda self: self._data.shape)
+    dtype = property(lambda self: self._data.dtype)
+    size = property(lambda self: self._data.size)
+    nbytes = property(lambda self: self._data.nbytes)
+
+    def set(self, buf, stream=None):
+        assert stream is self.fake.current, "upload queued on another stream than the current one"
+        assert self.fake.pool.ids and id(buf) in self.fake.pool.ids, "upload from pageable memory"
+        assert buf.shape == self.shape and buf.dtype == self.dtype
+        src = self.fake.pool.view(buf)
+        stream.pending.append(lambda: self._data.__setitem__(Ellipsis, src()))
+
+    def get(self, stream=None, out=None, blocking=True):
+        if self.fake.no_blocking_arg and not blocking:
+            raise TypeError("get() got an unexpected keyword argument 'blocking'")
+        assert stream is self.fake.current, "download queued on another stream than the current one"
+        assert id(out) in self.fake.pool.ids, "download into pageable memory"
+        dst = self.fake.pool.view(out)
+        stream.pending.append(lambda: dst().__setitem__(Ellipsis, self._data))
+        if blocking:
+            stream.synchronize()
+        return out
+
+    def __getitem__(self, key):
+        return _Dev(self.fake, self._data[key])
+
+
+def _fake_cupy(pool, no_blocking_arg=False):
+    fake = types.SimpleNamespace(pool=pool, current=_Stream(), no_blocking_arg=no_blocking_arg,
+                                 freed_blocks=0)
+
+    class OutOfMemoryError(Exception):
+        pass
+
+    def asarray(a):
+        fake.current.synchronize()  # pageable copies are synchronous
+        return _Dev(fake, np.array(a, copy=True))
+
+    def asnumpy(d):
+        fake.current.synchronize()
+        return np.array(d._data, copy=True)
+
+    def empty(shape, dtype):
+        a = np.empty(shape, dtype=dtype)
+        a.view(np.uint8)[...] = 0x5A  # garbage until something is copied in
+        return _Dev(fake, a)
+
+    def ascontiguousarray(d):
+        return _Dev(fake, np.ascontiguousarray(d._data))  # a new device array (queued order kept)
+
+    class _MemPool:
+        def free_all_blocks(self):
+            fake.freed_blocks += 1
+
+        def set_limit(self, size):
+            pass
+
+        def total_bytes(self):
+            return 0
+
+    class RawModule:
+        def __init__(self, code):
+            pass
+
+        def get_function(self, name):
+            return lambda *a: None
+
+    cuda = types.SimpleNamespace(get_current_stream=lambda: fake.current,
+                                 memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError),
+                                 runtime=types.SimpleNamespace(memGetInfo=lambda: (1 << 30, 1 << 31)))
+    cupy = types.SimpleNamespace(cuda=cuda, asarray=asarray, asnumpy=asnumpy, empty=empty,
+                                 ascontiguousarray=ascontiguousarray, RawModule=RawModule,
+                                 get_default_memory_pool=lambda: _MemPool())
+    cupyx = types.SimpleNamespace(empty_pinned=pool.empty)
+    return fake, cupy, cupyx
+
+
+@pytest.fixture
+def runtime(monkeypatch):
+    def make(pool=None, no_blocking_arg=False, pinned=None):
+        pool = pool or _PinnedPool()
+        fake, cupy, cupyx = _fake_cupy(pool, no_blocking_arg)
+        monkeypatch.setitem(sys.modules, "cupy", cupy)
+        monkeypatch.setitem(sys.modules, "cupyx", cupyx)
+        return fake, gpu.CupyRuntime(source="", pinned=pinned)
+    return make
+
+
+def _arrays():
+    rng = np.random.default_rng(3)
+    return [rng.integers(0, 2**63, size=(64, 33), dtype=np.uint64),
+            rng.integers(0, 255, size=(5, 7, 9), dtype=np.uint8),
+            np.arange(10, dtype=np.int32),
+            np.zeros((0, 3), dtype=np.int64),
+            rng.integers(-9, 9, size=(40, 12)).astype(np.int32)[:, ::5]]  # not contiguous
+
+
+def test_uploads_and_downloads_are_pinned_queued_and_exact(runtime, monkeypatch):
+    monkeypatch.delenv(gpu.PINNED_ENV, raising=False)
+    fake, rt = runtime()
+    assert rt.pinned
+    hosts = _arrays()
+    devs = [rt.to_device(a.copy()) for a in hosts]  # the host copies die at once
+    # more uploads of the same sizes before anything waits: a staging buffer given back
+    # too early would be reused here and the first uploads would read these bytes
+    noise = [rt.to_device(np.full_like(a, 3)) for a in hosts]
+    syncs = fake.current.syncs
+    back = rt.to_host_many(devs + noise)
+    assert fake.current.syncs == syncs + 1  # one wait for all of them
+    for a, b in zip(hosts, back[:len(hosts)]):
+        assert b.dtype == a.dtype and np.array_equal(b, a)
+    assert all(np.all(b == 3) for b in back[len(hosts):])
+    assert all(id(b) in fake.pool.ids for b in back)  # handed back in pinned memory
+    single = rt.to_host(devs[0][3:9])  # a device view
+    assert np.array_equal(single, hosts[0][3:9])
+
+
+def test_release_waits_for_queued_uploads(runtime):
+    fake, rt = runtime()
+    d = rt.to_device(np.arange(1000, dtype=np.int64))
+    rt.release()
+    assert not fake.current.pending and fake.freed_blocks == 1
+    assert np.array_equal(d._data, np.arange(1000))
+
+
+@pytest.mark.parametrize("problem", ["no pinned memory", "get() without blocking="])
+def test_pinned_memory_unusable_falls_back_to_pageable_copies(runtime, problem):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if problem == "no pinned memory":
+            fake, rt = runtime(pool=_PinnedPool(broken=True))
+        else:
+            fake, rt = runtime(no_blocking_arg=True)
+    assert not rt.pinned
+    assert [w.category for w in caught] == [RuntimeWarning]
+    assert "pageable" in str(caught[0].message)
+    for a in _arrays():
+        assert np.array_equal(rt.to_host_many([rt.to_device(a)])[0], a)
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_pinned_can_be_turned_off(runtime, monkeypatch, how):
+    if how == "environment":
+        monkeypatch.setenv(gpu.PINNED_ENV, "0")
+    fake, rt = runtime(pinned=False if how == "argument" else None)
+    assert not rt.pinned and not fake.pool.ids
+    a = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    assert np.array_equal(rt.to_host(rt.to_device(a)), a)
