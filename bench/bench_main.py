@@ -1007,6 +1007,16 @@ def git_info() -> dict[str, Any]:
     return info
 
 
+def environment() -> dict[str, Any]:
+    """What every result JSON records of where it ran: machine, git commit, Python, packages."""
+    return {
+        "machine": machine_info(),
+        "git": git_info(),
+        "python": {"version": platform.python_version(), "executable": sys.executable},
+        "packages": package_versions(),
+    }
+
+
 def save_result(record: dict[str, Any], kind: str, started: _dt.datetime, results_dir) -> Path:
     """Write ``record`` as ``<results_dir>/<kind>-<UTC start>-<hostname>.json``."""
     res_dir = Path(results_dir)
@@ -1186,13 +1196,10 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "main",
         "started_utc": started.isoformat(),
         "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-        "machine": machine_info(),
+        **environment(),
         # other work on the machine skews wall times; compare with machine.cores_usable
         "load_average_1_5_15": {"start": list(load_start), "end": list(os.getloadavg())},
         "device": device_info(),
-        "git": git_info(),
-        "python": {"version": platform.python_version(), "executable": sys.executable},
-        "packages": package_versions(),
         "options": {
             "source": str(args.source),
             "voxel_size_nm": list(args.voxel_size),

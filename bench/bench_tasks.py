@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import heapq
-import platform
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_main import (DEFAULT_RESULTS_DIR, DEFAULT_SOURCE, device_info, git_info,  # noqa: E402
-                        machine_info, package_versions, save_result)
+from bench_main import (DEFAULT_RESULTS_DIR, DEFAULT_SOURCE, device_info,  # noqa: E402
+                        environment, save_result)
 
 WORKERS = (1, 2, 8, 16, 32, 64)
 
@@ -110,10 +109,7 @@ def main(argv=None) -> int:
         "benchmark": "tasks",
         "started_utc": started.isoformat(),
         "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-        "machine": machine_info(), "device": device_info(), "backend": backend,
-        "git": git_info(),
-        "python": {"version": platform.python_version(), "executable": sys.executable},
-        "packages": package_versions(),
+        **environment(), "device": device_info(), "backend": backend,
         "options": {"source": args.source, "voxel_size_nm": list(voxel_size), "preset": "default"},
         "model_note": "makespans are computed from the measured per-task CPU seconds (list "
                       "scheduling); they leave out worker start-up, contention and assembly",
