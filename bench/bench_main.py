@@ -383,13 +383,7 @@ def worker_igneous(args: argparse.Namespace) -> dict[str, Any]:
     _log(f"[igneous] merge-sharded: {res['merge_tasks']} tasks in {res['merge_s']:.2f}s")
     info = json.loads((Path(args.igneous_layer) / "info").read_text())
     res["mesh_dir"] = str(Path(args.igneous_layer) / info["mesh"])
-    versions = {}
-    for name in IGNEOUS_PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    res["igneous_packages"] = versions
+    res["igneous_packages"] = package_versions(IGNEOUS_PACKAGES)
     res["api"] = {
         "forge": f"create_meshing_tasks(layer, mip=0, shape={shape}, simplification=True, "
                  f"max_simplification_error={args.max_error}, sharded=True, spatial_index=True)",
@@ -525,6 +519,13 @@ def run_child(
     }
 
 
+def _child_failure(res: dict[str, Any], meas: dict[str, Any]) -> dict[str, Any]:
+    """Mark ``res`` failed: the child's exit status (and timeout) and the end of its log."""
+    res["error"] = f"exit status {meas['returncode']}" + (" (timed out)" if meas["timed_out"] else "")
+    res["log_tail"] = _log_tail(meas["log"])
+    return res
+
+
 def _log_tail(path: str, n: int = 25) -> str:
     try:
         lines = Path(path).read_text(errors="replace").splitlines()
@@ -619,10 +620,7 @@ def run_gpumesh(args: argparse.Namespace, out_dir: Path, rep: int) -> dict[str, 
         res["summary_missing_keys"] = missing
     res["dest_bytes_on_disk"], res["dest_files"] = _dir_size(dest)
     if meas["returncode"] != 0:
-        res["error"] = f"exit status {meas['returncode']}" + (
-            " (timed out)" if meas["timed_out"] else ""
-        )
-        res["log_tail"] = _log_tail(meas["log"])
+        _child_failure(res, meas)
     return res
 
 
@@ -661,10 +659,7 @@ def run_peer(tool: str, args: argparse.Namespace, out_dir: Path, rep: int) -> di
         except (OSError, json.JSONDecodeError) as e:
             res["error"] = f"unreadable worker result: {e}"
     if meas["returncode"] != 0 or not result_path.exists():
-        res["error"] = f"exit status {meas['returncode']}" + (
-            " (timed out)" if meas["timed_out"] else ""
-        )
-        res["log_tail"] = _log_tail(meas["log"])
+        _child_failure(res, meas)
     return res
 
 
@@ -681,9 +676,14 @@ def igneous_unavailable(python: str) -> str | None:
     return None
 
 
-def prepare_igneous_source(args: argparse.Namespace, out_dir: Path) -> tuple[Path, float]:
-    """The volume as a precomputed segmentation layer (raw 64^3 chunks) for igneous, written
-    once with tensorstore before any clock starts; returns (layer, seconds)."""
+#: how the volume is stored for igneous (precomputed segmentation layer)
+IGNEOUS_SOURCE_FORMAT = {"encoding": "raw", "chunk_size": [64, 64, 64]}
+
+
+def prepare_igneous_source(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    """The volume as a precomputed segmentation layer (:data:`IGNEOUS_SOURCE_FORMAT`) for
+    igneous, written once with tensorstore before any clock starts; returns its ``layer``
+    path, the ``seconds`` it took and its format."""
     import numpy as np
     import tensorstore as ts
 
@@ -696,10 +696,10 @@ def prepare_igneous_source(args: argparse.Namespace, out_dir: Path) -> tuple[Pat
         "multiscale_metadata": {"type": "segmentation", "data_type": str(arr.dtype),
                                 "num_channels": 1},
         "scale_metadata": {"size": list(arr.shape), "resolution": list(args.voxel_size),
-                           "encoding": "raw", "chunk_size": [64, 64, 64]},
+                           **IGNEOUS_SOURCE_FORMAT},
     }, create=True, delete_existing=True).result()
     store[..., 0].write(np.ascontiguousarray(arr)).result()
-    return layer, time.perf_counter() - t0
+    return {"layer": str(layer), "seconds": time.perf_counter() - t0, **IGNEOUS_SOURCE_FORMAT}
 
 
 def _fresh_igneous_layer(source_layer: Path, out_dir: Path, rep: int) -> Path:
@@ -727,10 +727,7 @@ def run_igneous(args: argparse.Namespace, out_dir: Path, rep: int,
     meas = run_child(cmd, out_dir / "logs" / f"igneous-{rep}.log", timeout=args.timeout)
     res: dict[str, Any] = {"tool": "igneous", "command": cmd, **meas}
     if meas["returncode"] != 0 or not result_path.exists():
-        res["error"] = f"exit status {meas['returncode']}" + (
-            " (timed out)" if meas["timed_out"] else "")
-        res["log_tail"] = _log_tail(meas["log"])
-        return res
+        return _child_failure(res, meas)
     res.update({k: v for k, v in json.loads(result_path.read_text()).items() if k != "tool"})
     mesh_dir = Path(res["mesh_dir"])
     res["dest_bytes_on_disk"], res["dest_files"] = _dir_size(mesh_dir)
@@ -1027,9 +1024,10 @@ def save_result(record: dict[str, Any], kind: str, started: _dt.datetime, result
     return path
 
 
-def package_versions() -> dict[str, str | None]:
+def package_versions(names=PACKAGES) -> dict[str, str | None]:
+    """Installed version of each distribution in ``names`` (None where it is missing)."""
     out: dict[str, str | None] = {}
-    for name in PACKAGES:
+    for name in names:
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -1156,9 +1154,7 @@ def main(argv: list[str] | None = None) -> int:
     igneous_setup: dict[str, Any] = {}
     if "igneous" in tools:
         _log("[igneous] writing a precomputed copy of the volume (not timed)")
-        source_layer, secs = prepare_igneous_source(args, out_dir)
-        igneous_setup = {"layer": str(source_layer), "seconds": secs, "encoding": "raw",
-                         "chunk_size": [64, 64, 64]}
+        igneous_setup = prepare_igneous_source(args, out_dir)
     for rep in range(args.repeat):  # interleave the tools so drift hits all of them alike
         for tool in tools:
             if tool == "gpumesh":

@@ -180,11 +180,14 @@ class Plan:
         ``octant`` is ``4*ox + 2*oy + oz``.  An octant of a cut border block may be thinner
         than ``B/2``, or hold no cube (``g1 - g0 < 2`` on some axis).
         """
-        h = self.block // 2
-        o = np.array([(octant >> 2) & 1, (octant >> 1) & 1, octant & 1], dtype=np.int64) * h
         _, stop = self.block_bounds(b)
-        g0 = np.asarray(b, dtype=np.int64) * self.block + o - 1
-        return g0, np.minimum(g0 + h + 1, stop)
+        g0 = self.octant_origin(b, octant) - 1
+        return g0, np.minimum(g0 + self.block // 2 + 1, stop)
+
+    def octant_origin(self, b, octant: int) -> np.ndarray:
+        """First LOD 0 voxel of octant ``octant`` (``4*ox + 2*oy + oz``) of block ``b``."""
+        o = np.array([(octant >> 2) & 1, (octant >> 1) & 1, octant & 1], dtype=np.int64)
+        return (np.asarray(b, dtype=np.int64) * 2 + o) * (self.block // 2)
 
     def tasks(self) -> list[tuple]:
         """The main job's independent tasks, as ``(block, part)``.
@@ -318,8 +321,7 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
         # with a margin of 2**(L-1) voxels (clipped to the block's read), which keeps every
         # 2x2x2 group of the downsampling the block's own (both are aligned to 2**(L-1)).
         h = plan.block // 2
-        o = np.array([(part >> 2) & 1, (part >> 1) & 1, part & 1], dtype=np.int64) * h
-        O = origin + o
+        O = plan.octant_origin(b, part)
         r0, r1 = O - halo, np.minimum(O + h + halo, stop)
         level, ids = relabel_block(volume.read(tuple(r0), tuple(r1)))
         # the block's voxel counts, octant by octant: its voxels from O on (past the volume

@@ -108,8 +108,9 @@ def test_igneous_source_layer_holds_the_volume(tmp_path):
     src = tmp_path / "labels.npy"
     np.save(src, a)
     args = argparse.Namespace(source=str(src), voxel_size=(4.0, 5.0, 6.0))
-    layer, secs = bench_main.prepare_igneous_source(args, tmp_path)
-    assert secs >= 0
+    setup = bench_main.prepare_igneous_source(args, tmp_path)
+    layer = pathlib.Path(setup["layer"])
+    assert setup["seconds"] >= 0 and setup["encoding"] == "raw"
     info = json.loads((layer / "info").read_text())
     assert info["type"] == "segmentation" and info["data_type"] == "uint32"
     assert info["scales"][0]["resolution"] == [4.0, 5.0, 6.0]
