@@ -476,10 +476,12 @@ def read_cache_bytes(volume: Volume, plan: Plan) -> int:
     return int(min(most * int(np.prod(chunk)) * np.dtype(volume.dtype).itemsize, MAX_READ_CACHE))
 
 
-def _init_worker(source, open_kwargs, plan, options, dest_spec, device, nworkers):
+def _init_worker(source, open_kwargs, plan, options, dest_spec, device, nworkers, started=None):
     import gc
 
     import tensorstore as ts  # noqa: F401
+
+    from .warmup import warm_up
 
     _keep_freed_memory()
     # a task allocates many short-lived objects but makes no reference cycles worth a full
@@ -492,6 +494,13 @@ def _init_worker(source, open_kwargs, plan, options, dest_spec, device, nworkers
     _WORKER["options"] = options
     _WORKER["kv"] = storage.open_kvstore(dest_spec)
     _WORKER["backend"] = get_backend(device, processes=nworkers)
+    # this worker's number among those starting together, for its share of the kernel compiles
+    worker = 0
+    if started is not None:
+        with started.get_lock():
+            worker = started.value
+            started.value += 1
+    warm_up(_WORKER["volume"].dtype, _WORKER["backend"].name, worker, nworkers)
 
 
 def _load_writer_kernels() -> None:
@@ -649,11 +658,14 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         threading.Thread(target=_load_writer_kernels, daemon=True).start()
         src = source
         ctx = mp.get_context("spawn")
+        # workers number themselves from it to split the numba compiles of a first run
+        # (gpumesh.warmup)
+        started = ctx.Value("i", 0)
         with ProcessPoolExecutor(nworkers, mp_context=ctx, initializer=_init_worker,
                                  initargs=(src, dict(open_kwargs, cache_bytes=read_cache_bytes(volume, plan)),
                                            plan, options, storage.kvstore_spec(dest)
                                            if not isinstance(dest, dict) else dest, backend.name,
-                                           nworkers)) as pool:
+                                           nworkers, started)) as pool:
             futures = [pool.submit(_run_task, t) for t in todo]
             for fut in as_completed(futures):
                 fut.result()

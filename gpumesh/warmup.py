@@ -1,0 +1,183 @@
+"""Loading the main job's numba kernels in the worker pool, each worker compiling its share.
+
+The CPU stages are numba kernels compiled on first use and cached on disk (``cache=True``:
+``__pycache__`` beside the sources, or ``NUMBA_CACHE_DIR``).  On a first run (a fresh clone,
+a new container, a changed source file) every worker process used to compile every kernel as
+its first task reached it: about 15 s of CPU per worker on the 2-core VM of
+``docs/STATUS.md``, the same work in every worker, before any of them finished a task.
+
+Here each worker, before its first task, walks the list of warm-up jobs (:data:`JOBS`, tiny
+calls through the same functions the tasks use, so the kernels get exactly the tasks'
+argument types) from its own starting point (:func:`start_index`): worker ``w`` of ``n``
+begins near the point where ``w/n`` of the compile work lies behind.  numba looks in its disk cache before
+compiling, so when a worker reaches a job that another worker has already compiled it loads
+the result (tens of milliseconds) instead of compiling it again.  With ``n`` workers each
+compiles about ``1/n`` of the kernels, and the pool's first tasks start that much sooner; on
+a warm cache the walk only loads what the tasks would load anyway.
+
+Nothing here changes a result: the kernels are the same functions, and a job that fails for
+any reason only leaves its kernels to be compiled on first use, as before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+
+def _tetrahedra() -> tuple[np.ndarray, np.ndarray]:
+    """A small closed mesh in the dtypes of a welded piece: four disjoint tetrahedra (16
+    triangles, enough to be decimated), vertices as doubled lattice coordinates (int32, one
+    odd coordinate each) inside a 6^3 block."""
+    base = np.array([[1, 2, 2], [3, 2, 2], [2, 3, 2], [2, 2, 3]], dtype=np.int32)
+    tri = np.array([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]], dtype=np.int32)
+    v2 = np.concatenate([base + np.array([2 * j, 0, 0], dtype=np.int32) for j in range(4)])
+    faces = np.concatenate([tri + 4 * j for j in range(4)])
+    return np.ascontiguousarray(v2, dtype=np.int32), np.ascontiguousarray(faces)
+
+
+def _relabel(dtype) -> None:
+    from .marching import relabel_block
+
+    labels = np.zeros((3, 3, 3), dtype=dtype)
+    labels[1, 1, 1] = 7
+    labels[2, 1, 1] = 3
+    relabel_block(labels)
+
+
+def _downsample(dtype) -> None:
+    from .lod import downsample_labels
+
+    # the coarse task downsamples the source's IDs, the octant tasks local IDs (uint32)
+    for dt in {np.dtype(dtype), np.dtype(np.uint32)}:
+        labels = np.zeros((3, 3, 3), dtype=dt)
+        labels[1, 1, 1] = 1
+        downsample_labels(labels)
+
+
+def _march(dtype) -> None:
+    from .marching import march_cubes
+
+    labels = np.zeros((3, 3, 3), dtype=np.uint32)   # the tasks march local IDs (uint32)
+    labels[1, 1, 1] = 1
+    march_cubes(labels, 2)
+
+
+def _weld(dtype) -> None:
+    from .marching import weld
+
+    # two triangles of segment 1 in piece 0, as marching cubes gives them for a 3^3 block
+    tri_label = np.ones(2, dtype=np.uint32)
+    tri_piece = np.zeros(2, dtype=np.int32)
+    tri_edges = np.array([[39, 40, 42], [40, 45, 42]], dtype=np.int32)
+    weld(tri_label, tri_piece, tri_edges, (3, 3, 3))
+
+
+def _piece_kernels(dtype) -> None:
+    from .marching import Piece, piece_in_node, thin_vertices
+
+    v2, faces = _tetrahedra()
+    piece = Piece(label=1, piece=0, vertices2=v2, faces=faces)
+    labels = np.zeros((6, 6, 6), dtype=np.uint32)
+    labels[1:3, 1:3, 1:3] = 1
+    piece_in_node(piece, np.zeros(3, np.int64), np.zeros(3, np.int64), 4)
+    thin_vertices(labels, piece, np.zeros(3, np.int64))
+
+
+def _decimate(dtype) -> None:
+    from .lod import decimate
+
+    v2, faces = _tetrahedra()
+    n = len(v2)
+    decimate(0.5 * v2.astype(np.float64), faces, 0.4, np.array([4.0, 4.0, 5.0]),
+             frozen=np.arange(n) % 4 == 0, locked=np.arange(n) % 4 == 1)
+
+
+def _encode(dtype) -> None:
+    from .encode import quantize, weld_quantized
+
+    v2, faces = _tetrahedra()
+    weld_quantized(quantize(0.5 * v2.astype(np.float64), 4, 16), faces)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One warm-up job: ``run(label_dtype)`` compiles (or loads) some kernels.
+
+    Attributes
+    ----------
+    name : str
+    run : callable(numpy.dtype)
+    seconds : float
+        About how long its kernels take to compile on a fresh cache (2-core VM of
+        ``docs/STATUS.md``, not counting the ~4 s that a process's first compile pays once),
+        to start the workers at even shares of the work.
+    cpu_backend : bool
+        Only the CPU backend uses these kernels (the GPU backend runs them on the device).
+    """
+
+    name: str
+    run: Callable[[np.dtype], None]
+    seconds: float
+    cpu_backend: bool = False
+
+
+#: The warm-up jobs, in the order a worker starting at 0 runs them.  Between them they load
+#: every numba kernel that a task of the main job calls (``tests/test_warmup.py`` checks this).
+JOBS = (
+    Job("weld", _weld, 4.3, cpu_backend=True),
+    Job("relabel", _relabel, 2.3),
+    Job("decimate", _decimate, 3.4),
+    Job("march", _march, 0.8, cpu_backend=True),
+    Job("downsample", _downsample, 0.6, cpu_backend=True),
+    Job("piece kernels", _piece_kernels, 0.75),
+    Job("encode", _encode, 0.8),
+)
+
+
+def jobs_for(backend: str) -> list[Job]:
+    """The warm-up jobs a worker with backend ``backend`` (``cpu`` or ``gpu``) needs."""
+    return [j for j in JOBS if backend == "cpu" or not j.cpu_backend]
+
+
+def start_index(jobs: list[Job], worker: int, workers: int) -> int:
+    """Where worker ``worker`` of ``workers`` starts: the job boundary nearest to
+    ``worker/workers`` of the jobs' compile seconds (worker 0 starts at job 0)."""
+    total = sum(j.seconds for j in jobs)
+    target = total * (worker % max(1, workers)) / max(1, workers)
+    bounds = np.cumsum([0.0] + [j.seconds for j in jobs[:-1]])
+    return int(np.argmin(np.abs(bounds - target)))
+
+
+def warm_up(label_dtype, backend: str = "cpu", worker: int = 0, workers: int = 1) -> list[str]:
+    """Compile or load the numba kernels that the main job's tasks use, starting at this
+    worker's share.
+
+    Parameters
+    ----------
+    label_dtype : numpy dtype
+        The volume's label dtype (:attr:`gpumesh.volume.Volume.dtype`): the tasks relabel and
+        downsample labels of that dtype.
+    backend : {"cpu", "gpu"}
+        The worker's backend; the GPU backend needs no CPU marching cubes or downsampling.
+    worker, workers : int
+        This worker's number (0-based) and how many start together.
+
+    Returns
+    -------
+    list of str
+        The names of jobs that failed (their kernels are compiled on first use instead).
+    """
+    jobs = jobs_for(backend)
+    if not jobs:
+        return []
+    s = start_index(jobs, worker, workers)
+    failed = []
+    for job in jobs[s:] + jobs[:s]:
+        try:
+            job.run(np.dtype(label_dtype))
+        except Exception:  # noqa: BLE001 - the task compiles the kernel itself then
+            failed.append(job.name)
+    return failed

@@ -1,0 +1,128 @@
+"""The workers' warm-up (gpumesh.warmup): it loads every numba kernel the main job's tasks call,
+with the tasks' own argument types, so a task after it compiles nothing; and the workers start
+at different points of it, so that on a first run each compiles only its share.
+
+numba keeps what a process has compiled, so the coverage check runs in a fresh interpreter
+with an empty numba cache (``NUMBA_CACHE_DIR``) and records numba's compile events.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gpumesh import warmup
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# In a fresh process: warm up, then run every task of a small plan over a crop of the real
+# volume and print the gpumesh kernels that numba compiled during the tasks.
+_SCRIPT = r"""
+import json, pathlib, sys
+import numpy as np
+from numba.core import event
+from gpumesh import warmup
+from gpumesh.backend import CPUBackend
+from gpumesh.pipeline import MeshOptions, Plan, mesh_block
+from gpumesh.volume import open_volume
+
+labels = np.load(sys.argv[1])
+backend_name = sys.argv[2]
+volume = open_volume(labels, voxel_size=(32, 32, 40))
+if backend_name == "gpu":   # the GPU backend over the CPU emulation of its kernels
+    sys.path.insert(0, sys.argv[3])
+    import cuda_emu
+    from gpumesh import gpu
+    lib = cuda_emu.build(pathlib.Path(sys.argv[4]), [gpu.kernel_dir() / f for f in gpu.KERNEL_FILES],
+                         gpu.KERNEL_NAMES, ubsan=False)
+    backend = gpu.GPUBackend(runtime=cuda_emu.EmulatedRuntime(lib))
+else:
+    backend = CPUBackend()
+failed = warmup.warm_up(volume.dtype, backend.name)
+options = MeshOptions(chunk_size=16, max_lods=3)
+plan = Plan.make(volume.shape, options)
+compiled = []
+with event.install_recorder("numba:compile") as rec:
+    for block, part in plan.tasks():
+        mesh_block(volume, plan, options, block, backend, part)
+for _, ev in rec.buffer:
+    fn = ev.data["dispatcher"].py_func
+    if ev.is_start and fn.__module__.startswith("gpumesh"):
+        compiled.append(f"{fn.__module__}.{fn.__qualname__}{ev.data['args']}")
+print(json.dumps({"failed": failed, "compiled": compiled, "tasks": len(plan.tasks())}))
+"""
+
+
+def _run_fresh(tmp_path, labels, backend):
+    np.save(tmp_path / "labels.npy", labels)
+    (tmp_path / "emu").mkdir()
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, str(tmp_path / "labels.npy"), backend,
+         str(REPO / "tests" / "cuda_emulation"), str(tmp_path / "emu")],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def crop64(crop):
+    """64^3 of the real crop as uint64 labels (the tasks relabel and downsample the source
+    dtype; the job's tasks over it include coarse and octant tasks of several blocks)."""
+    return np.ascontiguousarray(crop[32:96, 32:96, 32:96]).astype(np.uint64)
+
+
+def test_after_the_warm_up_no_task_compiles_a_kernel(crop64, tmp_path):
+    out = _run_fresh(tmp_path, crop64, "cpu")
+    assert out["failed"] == []
+    assert out["tasks"] > 9
+    assert out["compiled"] == []
+
+
+def test_gpu_backend_warm_up_covers_its_cpu_kernels(crop64, tmp_path):
+    sys.path.insert(0, str(REPO / "tests" / "cuda_emulation"))
+    import cuda_emu
+
+    if cuda_emu.compiler() is None:
+        pytest.skip("g++ not found: cannot build the CUDA emulation")
+    out = _run_fresh(tmp_path, crop64, "gpu")
+    assert out["failed"] == []
+    assert out["compiled"] == []
+
+
+def test_gpu_backend_skips_the_cpu_marching_kernels():
+    names = {j.name for j in warmup.jobs_for("gpu")}
+    assert names == {j.name for j in warmup.JOBS if not j.cpu_backend}
+    assert {"weld", "march", "downsample"}.isdisjoint(names)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+@pytest.mark.parametrize("workers", [1, 2, 3, 16])
+def test_workers_start_at_even_shares(backend, workers):
+    jobs = warmup.jobs_for(backend)
+    total = sum(j.seconds for j in jobs)
+    bounds = np.cumsum([0.0] + [j.seconds for j in jobs[:-1]])
+    starts = [warmup.start_index(jobs, w, workers) for w in range(workers)]
+    assert starts[0] == 0
+    assert starts == sorted(starts)
+    for w, s in enumerate(starts):
+        # the job boundary nearest to w/workers of the compile work
+        target = total * w / workers
+        assert abs(bounds[s] - target) == pytest.approx(np.abs(bounds - target).min())
+    if workers > 1:
+        assert starts[-1] > 0
+
+
+def test_a_failing_job_is_reported_not_raised(monkeypatch):
+    def boom(dtype):
+        raise RuntimeError("no compiler")
+
+    jobs = (warmup.Job("boom", boom, 1.0), *warmup.JOBS)
+    monkeypatch.setattr(warmup, "JOBS", jobs)
+    assert warmup.warm_up(np.uint32, "cpu") == ["boom"]
