@@ -25,7 +25,9 @@ Wall time and peak RSS of each child are measured here: wall with ``time.perf_co
 around spawn-to-reap, peak RSS from ``os.wait4(pid, 0)``, whose rusage is exactly that
 child's (``ru_maxrss``: the largest resident set of the child or of any descendant it
 waited for, not a sum).  Because gpumesh may run worker processes, the sum of the resident
-sets of the child's whole process tree is also sampled from /proc (``tree RSS``).
+sets of the child's whole process tree is also sampled from /proc (``tree RSS``).  On a GPU
+machine the device memory in use (NVML or ``nvidia-smi``: every process's CUDA context and
+allocations) is sampled during gpumesh's run too, and its peak printed (``gpu_peak_mb``).
 
 Results are printed as a table and written to
 ``bench/results/main-<UTC timestamp>-<hostname>.json``.  See bench/README.md.
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import importlib.metadata
 import json
 import os
@@ -53,7 +56,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # GPUMESH_DATA: a folder holding connectomics.zarr, where ../shared/data is not beside the
@@ -436,10 +439,13 @@ def _proc_tree_rss_bytes(root: int) -> int:
     return total
 
 
-class _TreeSampler(threading.Thread):
-    def __init__(self, pid: int, interval: float):
+class _PeakSampler(threading.Thread):
+    """Calls ``read()`` every ``interval`` seconds until stopped and keeps the largest value
+    (best effort: a failing read is skipped)."""
+
+    def __init__(self, read: Callable[[], int], interval: float):
         super().__init__(daemon=True)
-        self.pid, self.interval = pid, interval
+        self.read, self.interval = read, interval
         self.peak = 0
         self.samples = 0
         self._halt = threading.Event()
@@ -447,7 +453,7 @@ class _TreeSampler(threading.Thread):
     def run(self) -> None:
         while not self._halt.is_set():
             try:
-                self.peak = max(self.peak, _proc_tree_rss_bytes(self.pid))
+                self.peak = max(self.peak, int(self.read()))
                 self.samples += 1
             except Exception:  # noqa: BLE001 - sampling is best effort
                 pass
@@ -458,6 +464,42 @@ class _TreeSampler(threading.Thread):
         self.join()
 
 
+def gpu_memory_reader() -> Callable[[], int] | None:
+    """Bytes of device memory in use on the first visible GPU, as the driver counts them
+    (every process's CUDA context and allocations): through NVML (``pynvml``, from
+    nvidia-ml-py) when it imports, else ``nvidia-smi``; None without a GPU."""
+    index = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip() or "0"
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = (pynvml.nvmlDeviceGetHandleByIndex(int(index)) if index.isdigit()
+                  else pynvml.nvmlDeviceGetHandleByUUID(index))
+        pynvml.nvmlDeviceGetMemoryInfo(handle)
+        return lambda: int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+    except Exception:  # noqa: BLE001 - no NVML: try nvidia-smi
+        pass
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return None
+    cmd = [smi, "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", index]
+
+    def read() -> int:  # MiB
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        return int(out.stdout.split()[0]) << 20
+
+    try:
+        read()
+    except Exception:  # noqa: BLE001 - nvidia-smi present but no usable GPU
+        return None
+    return read
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_reader() -> Callable[[], int] | None:
+    return gpu_memory_reader()
+
+
 def run_child(
     cmd: list[str],
     log_path: Path,
@@ -465,19 +507,31 @@ def run_child(
     cwd: Path | None = None,
     timeout: float | None = None,
     sample_interval: float = 0.25,
+    gpu_reader: Callable[[], int] | None = None,
 ) -> dict[str, Any]:
-    """Run ``cmd``; return wall time, exact-child rusage (os.wait4) and sampled tree RSS."""
+    """Run ``cmd``; return wall time, exact-child rusage (os.wait4), sampled tree RSS and,
+    with ``gpu_reader`` (see :func:`gpu_memory_reader`), the device memory in use before the
+    run and its sampled peak during it."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         log.write(("$ " + shlex.join(cmd) + "\n").encode())
         log.flush()
+        gpu_before = None
+        if gpu_reader:
+            try:
+                gpu_before = int(gpu_reader())
+            except Exception:  # noqa: BLE001 - best effort, like the samples
+                pass
         t0 = time.perf_counter()
         # Own session, so a timeout or Ctrl-C can end the child's whole process group.
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
         )
-        sampler = _TreeSampler(proc.pid, sample_interval)
+        sampler = _PeakSampler(lambda: _proc_tree_rss_bytes(proc.pid), sample_interval)
         sampler.start()
+        gpu = _PeakSampler(gpu_reader, sample_interval) if gpu_reader else None
+        if gpu:
+            gpu.start()
         timed_out = threading.Event()
 
         def _kill_group() -> None:
@@ -505,6 +559,8 @@ def run_child(
             if timer:
                 timer.cancel()
             sampler.stop()
+            if gpu:
+                gpu.stop()
     rc = os.waitstatus_to_exitcode(status)
     proc.returncode = rc  # reaped by wait4; keep Popen from trying again
     return {
@@ -513,6 +569,8 @@ def run_child(
         "wall_s": wall,
         "peak_rss_mb": ru.ru_maxrss / 1024.0,  # Linux: KiB
         "tree_peak_rss_mb": sampler.peak / 2**20 if sampler.samples else None,
+        "gpu_before_mb": gpu_before / 2**20 if gpu_before is not None else None,
+        "gpu_peak_mb": gpu.peak / 2**20 if gpu and gpu.samples else None,
         "cpu_user_s": ru.ru_utime,
         "cpu_sys_s": ru.ru_stime,
         "log": str(log_path),
@@ -591,7 +649,8 @@ def run_gpumesh(args: argparse.Namespace, out_dir: Path, rep: int) -> dict[str, 
             p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
         )
     _log(f"[gpumesh] run {rep + 1}: {shlex.join(cmd)}")
-    meas = run_child(cmd, out_dir / "logs" / f"gpumesh-{rep}.log", env=env, timeout=args.timeout)
+    meas = run_child(cmd, out_dir / "logs" / f"gpumesh-{rep}.log", env=env, timeout=args.timeout,
+                     gpu_reader=_gpu_reader())
     res: dict[str, Any] = {"tool": "gpumesh", "command": cmd, "invoked_as": how, **meas}
 
     summary: dict[str, Any] | None = None
@@ -759,6 +818,8 @@ _MEDIAN_KEYS = (
     "cpu_sys_s",
     "summary_seconds",
     "summary_peak_rss_mb",
+    "gpu_before_mb",
+    "gpu_peak_mb",
     "load_s",
     "read_s",
     "fortran_copy_s",
@@ -889,6 +950,9 @@ def print_table(aggs: dict[str, dict[str, Any]]) -> None:
         bits = [f"segments {g.get('segments', '?')}"]
         bits.append(f"summary seconds {_fmt_num(g.get('summary_seconds'))}")
         bits.append(f"summary peak RSS {_fmt_num(g.get('summary_peak_rss_mb'), 0)} MB")
+        if g.get("gpu_peak_mb") is not None:
+            bits.append(f"peak GPU memory {_fmt_num(g['gpu_peak_mb'], 0)} MB in use on the device "
+                        f"(sampled; {_fmt_num(g.get('gpu_before_mb'), 0)} MB before the run)")
         bits.append(
             f"bytes {_fmt_count(g.get('bytes'))} "
             f"(on disk {_fmt_count(g.get('dest_bytes_on_disk'))})"

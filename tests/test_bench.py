@@ -188,3 +188,30 @@ def test_tasks_benchmark_runs_every_task_of_the_job(real_zarr):
         for key in ("job_order_s", "longest_first_s"):  # Graham's bounds of list scheduling
             assert max(longest, s["ideal_s"]) - 1e-9 <= s[key] <= s["ideal_s"] + longest + 1e-9
     assert sched[0]["job_order_s"] == pytest.approx(total)  # one worker
+
+
+def test_run_child_samples_the_peak_of_device_memory(tmp_path):
+    import bench_main
+
+    given = []
+
+    def reader():  # "device memory in use": 300 MB before the run, then rising by 10 MB
+        given.append(300 << 20 if not given else (100 + 10 * len(given)) << 20)
+        return given[-1]
+
+    meas = bench_main.run_child([sys.executable, "-c", "import time; time.sleep(0.5)"],
+                                tmp_path / "log.txt", sample_interval=0.02, gpu_reader=reader)
+    assert meas["returncode"] == 0
+    assert meas["gpu_before_mb"] == 300
+    assert len(given) > 3
+    assert meas["gpu_peak_mb"] == max(given[1:]) / 2**20
+    none = bench_main.run_child([sys.executable, "-c", "pass"], tmp_path / "log2.txt")
+    assert none["gpu_peak_mb"] is None and none["gpu_before_mb"] is None
+
+
+def test_no_gpu_memory_reader_without_a_gpu(monkeypatch):
+    import bench_main
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)   # no NVML
+    monkeypatch.setattr(bench_main.shutil, "which", lambda name: None)  # no nvidia-smi
+    assert bench_main.gpu_memory_reader() is None
