@@ -166,8 +166,10 @@ def mesh(source, dest, voxel_size, voxel_offset, mip, axes, fmt, quality, chunk_
     for k, (t, f) in enumerate(zip(s.triangles_per_lod, s.fragments_per_lod)):
         click.echo(f"LOD {k}:     {t:>12,} triangles  {f:>8,} fragments")
     click.echo(f"bytes:     {s.bytes:,}")
+    # workers past what the device holds mesh on the CPU backend (gpu.device_processes)
+    shared = f" ({s.device_workers} of them on it)" if s.device == "gpu" and s.device_workers < s.workers else ""
     click.echo(f"seconds:   {s.seconds:.1f}  (meshing {s.seconds_meshing:.1f}, writing {s.seconds_writing:.1f}; "
-               f"{s.workers} worker(s), device {s.device}, "
+               f"{s.workers} worker(s), device {s.device}{shared}, "
                f"{s.blocks} blocks in {s.tasks} tasks, {s.tasks_resumed} resumed)")
     click.echo(f"peak RSS:  {s.peak_rss_mb:.0f} MiB (largest process)")
     if summary_json:

@@ -57,6 +57,39 @@ DEFAULT_MAX_BLOCKS = 1 << 20
 GPU_MEMORY_FRACTION = 0.8
 
 
+#: Device memory a process takes for its CUDA context alone (a few hundred MB on current
+#: drivers; counted high).
+CONTEXT_BYTES = 512 << 20
+#: Smallest memory pool worth giving a process: a default 256^3 block's labels, counts and
+#: scan (about 270 MB) with room for its triangles.
+MIN_POOL_BYTES = 1 << 30
+
+
+def device_processes(free_bytes: int, workers: int) -> int:
+    """How many of ``workers`` processes may share one device.
+
+    Each process that uses the device holds a CUDA context (:data:`CONTEXT_BYTES`) and a
+    memory pool, and the processes share :data:`GPU_MEMORY_FRACTION` of its free memory.  So
+    many processes fit that each has at least :data:`MIN_POOL_BYTES` of pool beside its
+    context; the main job runs the other workers on the CPU backend (same output), instead of
+    failing to create contexts on a small device with many cores.
+
+    Parameters
+    ----------
+    free_bytes : int
+        Free device memory (bytes), as ``cudaMemGetInfo`` reports it.
+    workers : int
+        The main job's worker processes.
+
+    Returns
+    -------
+    int
+        Between 1 and ``workers``.
+    """
+    fit = int(free_bytes * GPU_MEMORY_FRACTION) // (CONTEXT_BYTES + MIN_POOL_BYTES)
+    return max(1, min(int(workers), fit))
+
+
 #: Device bytes per triangle that :meth:`GPUBackend.weld_device` may need at its peak (its
 #: sort keys, permutations and corner arrays, with CuPy's sort temporaries), on top of the
 #: 40 bytes of the triangle arrays.

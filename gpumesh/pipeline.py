@@ -476,7 +476,8 @@ def read_cache_bytes(volume: Volume, plan: Plan) -> int:
     return int(min(most * int(np.prod(chunk)) * np.dtype(volume.dtype).itemsize, MAX_READ_CACHE))
 
 
-def _init_worker(source, open_kwargs, plan, options, dest_spec, device, nworkers, started=None):
+def _init_worker(source, open_kwargs, plan, options, dest_spec, device, nworkers, started=None,
+                 device_workers=None):
     import gc
 
     import tensorstore as ts  # noqa: F401
@@ -493,13 +494,18 @@ def _init_worker(source, open_kwargs, plan, options, dest_spec, device, nworkers
     _WORKER["plan"] = plan
     _WORKER["options"] = options
     _WORKER["kv"] = storage.open_kvstore(dest_spec)
-    _WORKER["backend"] = get_backend(device, processes=nworkers)
-    # this worker's number among those starting together, for its share of the kernel compiles
+    # this worker's number among those starting together: for its share of the kernel
+    # compiles, and whether it is one of the device_workers that use the GPU
     worker = 0
     if started is not None:
         with started.get_lock():
             worker = started.value
             started.value += 1
+    if device_workers is None:
+        device_workers = nworkers
+    if device != "cpu" and worker >= device_workers:
+        device = "cpu"   # the device has no room for more processes (gpu.device_processes)
+    _WORKER["backend"] = get_backend(device, processes=device_workers)
     warm_up(_WORKER["volume"].dtype, _WORKER["backend"].name, worker, nworkers)
 
 
@@ -536,6 +542,7 @@ class Summary:
     tasks_resumed: int = 0
     workers: int = 1
     device: str = "cpu"
+    device_workers: int = 0     # workers meshing on the GPU (the others on the CPU backend)
     format: str = "multires"
 
     def to_json(self) -> dict:
@@ -641,6 +648,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     finished = len(tasks) - len(todo)
     if progress:
         progress(finished, len(tasks))
+    summary.device_workers = nworkers if backend.name == "gpu" else 0
     if nworkers == 1 or not todo:
         cache = read_cache_bytes(volume, plan)
         reading = open_volume(source, **open_kwargs, cache_bytes=cache) if cache and todo else volume
@@ -659,13 +667,19 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         src = source
         ctx = mp.get_context("spawn")
         # workers number themselves from it to split the numba compiles of a first run
-        # (gpumesh.warmup)
+        # (gpumesh.warmup), and the first device_workers of them use the GPU
         started = ctx.Value("i", 0)
+        device_workers = nworkers
+        if backend.name == "gpu":
+            from .gpu import device_processes
+
+            device_workers = device_processes(backend.rt.mem_info()[0], nworkers)
+        summary.device_workers = device_workers if backend.name == "gpu" else 0
         with ProcessPoolExecutor(nworkers, mp_context=ctx, initializer=_init_worker,
                                  initargs=(src, dict(open_kwargs, cache_bytes=read_cache_bytes(volume, plan)),
                                            plan, options, storage.kvstore_spec(dest)
                                            if not isinstance(dest, dict) else dest, backend.name,
-                                           nworkers, started)) as pool:
+                                           nworkers, started, device_workers)) as pool:
             futures = [pool.submit(_run_task, t) for t in todo]
             for fut in as_completed(futures):
                 fut.result()

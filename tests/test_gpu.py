@@ -170,22 +170,47 @@ def test_backend_seam_picks_gpu_backend(emu_lib, monkeypatch):
 
 
 def test_main_job_workers_share_the_device(monkeypatch, tmp_path):
-    """Each worker of the main job asks for a backend sized for all the workers."""
+    """Each worker of the main job asks for a backend sized for the workers on the device; the
+    workers numbered past what the device holds take the CPU backend."""
     import gc
+    import multiprocessing
+    import types
 
-    from gpumesh import pipeline
+    from gpumesh import pipeline, warmup
 
-    calls = []
-    monkeypatch.setattr(pipeline, "get_backend", lambda device, processes=1: calls.append((device, processes)))
+    calls, warmed = [], []
+    monkeypatch.setattr(pipeline, "get_backend", lambda device, processes=1:
+                        calls.append((device, processes)) or types.SimpleNamespace(name=device))
+    monkeypatch.setattr(warmup, "warm_up", lambda dtype, backend, worker, workers:
+                        warmed.append((backend, worker, workers)))
     # keep the worker's process-wide settings out of the test process
     monkeypatch.setattr(pipeline, "_WORKER", {})
     monkeypatch.setattr(pipeline, "_keep_freed_memory", lambda: None)
     monkeypatch.setattr(gc, "freeze", lambda: None)
     monkeypatch.setattr(gc, "set_threshold", lambda *a: None)
     plan = pipeline.Plan.make((8, 8, 8), pipeline.MeshOptions(chunk_size=8))
-    pipeline._init_worker(np.ones((8, 8, 8), np.uint32), {}, plan, pipeline.MeshOptions(),
-                          str(tmp_path / "out"), "gpu", 5)
-    assert calls == [("gpu", 5)]
+    args = (np.ones((8, 8, 8), np.uint32), {}, plan, pipeline.MeshOptions(), str(tmp_path / "out"))
+    pipeline._init_worker(*args, "gpu", 5)
+    assert calls == [("gpu", 5)] and warmed == [("gpu", 0, 5)]
+    calls.clear(), warmed.clear()
+    started = multiprocessing.get_context("spawn").Value("i", 0)
+    for _ in range(5):
+        pipeline._init_worker(*args, "gpu", 5, started, 2)
+    assert calls == [("gpu", 2)] * 2 + [("cpu", 2)] * 3
+    assert warmed == [("gpu", 0, 5), ("gpu", 1, 5), ("cpu", 2, 5), ("cpu", 3, 5), ("cpu", 4, 5)]
+
+
+def test_device_processes_leave_each_a_context_and_a_pool():
+    gib = 1 << 30
+    per = gpu.CONTEXT_BYTES + gpu.MIN_POOL_BYTES
+    assert gpu.device_processes(140 * gib, 16) == 16          # an H200: every worker
+    assert gpu.device_processes(24 * gib, 64) == int(24 * gib * gpu.GPU_MEMORY_FRACTION) // per
+    assert gpu.device_processes(24 * gib, 64) < 64
+    assert gpu.device_processes(gib // 4, 8) == 1              # at least one
+    assert gpu.device_processes(140 * gib, 1) == 1
+    for free in (3 * gib, 24 * gib, 80 * gib):
+        n = gpu.device_processes(free, 1000)
+        assert n * per <= max(per, free * gpu.GPU_MEMORY_FRACTION) < (n + 1) * per
 
 
 def test_backend_seam_without_cupy(monkeypatch):
