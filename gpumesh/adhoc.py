@@ -427,7 +427,7 @@ def mesh_segment(source: Any, segment_id: int, *, bbox=None, mip: int = 0, voxel
     origin = a + volume.voxel_offset
     if keep is not None and keep < 1.0 and len(faces):
         # decimate in voxels relative to the box (small numbers) with the error metric in nm, as
-        # the batch job does; a closed surface has no border for pyfqmr to keep
+        # the batch job does; a closed surface has no border to keep
         rel, f = decimate((v2 - 1) * 0.5, faces.astype(np.int32), keep, np.asarray(volume.voxel_size, np.float64))
         vertices, faces = (rel + origin) * np.asarray(volume.voxel_size, np.float64), f.astype(np.int64)
     else:

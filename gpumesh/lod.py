@@ -1,4 +1,4 @@
-"""Levels of detail: label downsampling (CPU) and decimation (pyfqmr).
+"""Levels of detail: label downsampling (CPU) and decimation (meshoptimizer).
 
 Downsampling rule
 -----------------

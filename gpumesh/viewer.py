@@ -549,7 +549,7 @@ def plot_mesh(mesh, ax=None, *, max_faces: int = 20000, color=None, title: Optio
     ax : mpl_toolkits.mplot3d.Axes3D, optional
         Default: a new figure's 3-D axis.
     max_faces : int
-        Meshes with more triangles are decimated (pyfqmr) for drawing only.
+        Meshes with more triangles are decimated (meshoptimizer) for drawing only.
     color : matplotlib colour, optional
     title : str, optional
         Default: the triangle count.
