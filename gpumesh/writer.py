@@ -16,7 +16,10 @@ reader never finds a manifest whose data is missing, and a directory with ``info
 
 Sharded output is built one shard at a time (:func:`write_shards`): each segment's shard follows
 from its ID alone, so the block results' fragment index (no fragment bytes) is grouped by shard,
-and only the fragments of the shard being built are read from the scratch area.  Each shard is
+and only the fragments of the shard being built are needed at a time.  Task results are read
+once and kept in memory while they hold at most :data:`ASSEMBLY_CACHE_BYTES` (most jobs' whole
+output); past that only their headers are read, and fragments by byte range as their shard is
+built (:class:`TaskResults`), so memory follows a shard, not the whole output.  Each shard is
 one atomic write, after which ``.gpumesh-work/shards/<shard>.json`` records it (with its
 statistics), so a resumed run skips finished shards.  :func:`convert_mesh` rewrites a
 multi-resolution directory between the two layouts.
@@ -27,12 +30,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from typing import Iterator, Optional
 
 import numpy as np
 
 from . import storage
-from .errors import DestinationExistsError, InvalidMeshError
+from .errors import DestinationExistsError, GpumeshError, InvalidMeshError
 from .octree import encode_manifest, segment_nodes
 from .pipeline import FRAG_DTYPE, SCRATCH, MeshOptions, Plan, block_key, unpack_block_header
 from .reader import Manifest, ShardedMultiresSource, open_mesh
@@ -41,6 +45,11 @@ from .volume import Volume
 
 #: Segments whose files are written concurrently.
 WRITE_BATCH = 64
+
+#: Task results kept in memory for assembly, in bytes: results are read whole, once, until
+#: this much is held; past it only their headers are read, and their fragments by byte range
+#: when a segment needs them (memory then follows a shard, not the whole output).
+ASSEMBLY_CACHE_BYTES = 1 << 30
 
 
 def segment_num_lods(lod0_nodes: np.ndarray, lods_present: set, plan_lods: int,
@@ -123,9 +132,9 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
     """
     indices = []
     count_labels, counts = [], []
-    for bi, task in enumerate(tasks):
-        blob = storage.read(kv, block_key(task))
-        index, cl, cc, data_start = unpack_block_header(blob)
+    results = TaskResults(kv, [block_key(t) for t in tasks])
+    for bi in range(len(tasks)):
+        index, cl, cc, data_start = unpack_block_header(results.header(bi))
         ext = np.empty(len(index), dtype=FRAG_DTYPE.descr + [("block", "<u4")])
         for name in FRAG_DTYPE.names:
             ext[name] = index[name]
@@ -135,22 +144,21 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
         count_labels.append(cl)
         counts.append(cc)
     index = np.concatenate(indices) if indices else np.zeros(0, dtype=FRAG_DTYPE)
-    keys = [block_key(t) for t in tasks]
 
     stats = {"segments": 0, "triangles_per_lod": [0] * plan.lods, "fragments_per_lod": [0] * plan.lods,
              "bytes": 0}
     spec = None
     if options.sharding is not None and options.format == "multires":
-        spec = write_shards(kv, keys, index, plan, options, stats, volume.voxel_offset)
+        spec = write_shards(kv, results, index, plan, options, stats, volume.voxel_offset)
     else:
         batch = []
         for label, entries in _iter_segments(index):
             batch.append((label, entries))
             if len(batch) >= WRITE_BATCH:
-                write_segments(kv, keys, batch, plan, options, stats, volume.voxel_offset)
+                write_segments(kv, results, batch, plan, options, stats, volume.voxel_offset)
                 batch = []
         if batch:
-            write_segments(kv, keys, batch, plan, options, stats, volume.voxel_offset)
+            write_segments(kv, results, batch, plan, options, stats, volume.voxel_offset)
 
     with_props = options.segment_properties and stats["segments"] > 0
     if with_props:
@@ -161,15 +169,15 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
     return stats
 
 
-def write_segments(kv, keys: list, batch: list, plan: Plan, options: MeshOptions, stats: dict,
+def write_segments(kv, results: "TaskResults", batch: list, plan: Plan, options: MeshOptions, stats: dict,
                    grid_origin) -> None:
     """Write the files of a batch of segments (fragment data first, then manifests).
 
     Parameters
     ----------
     kv : tensorstore.KvStore
-    keys : list of str
-        Scratch keys of the block results, indexed by the ``block`` field of the entries.
+    results : TaskResults
+        The task results, indexed by the ``block`` field of the entries.
     batch : list of (segment ID, entries)
         Entries: structured array rows (label, lod, x, y, z, offset, size, triangles, block).
     plan, options, stats
@@ -177,7 +185,7 @@ def write_segments(kv, keys: list, batch: list, plan: Plan, options: MeshOptions
         The volume's voxel offset.
     """
     data_writes, manifest_writes = [], []
-    for (label, entries), blobs in zip(batch, _read_fragments(kv, keys, batch)):
+    for (label, entries), blobs in zip(batch, _read_fragments(results, batch)):
         if options.format == "legacy":
             names = []
             for e, blob in zip(entries, blobs):
@@ -256,12 +264,69 @@ def _entries_num_lods(entries: np.ndarray, plan: Plan, options: MeshOptions) -> 
     return segment_num_lods(pos0, present, plan.lods, options.num_lods)
 
 
-def _read_fragments(kv, keys: list, batch: list) -> Iterator[list]:
+class TaskResults:
+    """The task results of the scratch area, as assembly reads them.
+
+    A result is read whole, once, and kept while the kept results hold at most
+    :data:`ASSEMBLY_CACHE_BYTES`; then fragments are slices of it.  Past that, only a result's
+    header is read (two byte-range reads) and each fragment is read by byte range.
+
+    Parameters
+    ----------
+    kv : tensorstore.KvStore
+    keys : list of str
+        Scratch keys of the results; ``block`` numbers of the fragment entries index it.
+    """
+
+    def __init__(self, kv, keys: list):
+        self.kv, self.keys = kv, list(keys)
+        self.kept: dict[int, bytes] = {}
+        self.kept_bytes = 0
+
+    def header(self, block: int) -> bytes:
+        """The start of result ``block`` up to its fragment data (for ``unpack_block_header``);
+        the whole result when it is kept.
+
+        Raises
+        ------
+        GpumeshError
+            The result is missing or corrupt (rerun with --overwrite).
+        """
+        key = self.keys[block]
+        if self.kept_bytes < ASSEMBLY_CACHE_BYTES:
+            blob = storage.read(self.kv, key)
+            if blob is None:
+                raise GpumeshError(f"task result {key} is missing from the scratch area; rerun with --overwrite")
+            if self.kept_bytes + len(blob) <= ASSEMBLY_CACHE_BYTES:
+                self.kept[block] = blob
+                self.kept_bytes += len(blob)
+            else:
+                self.kept_bytes = ASSEMBLY_CACHE_BYTES   # keep no more
+            return blob
+        head = storage.read(self.kv, key, (0, 24)) or b""
+        if len(head) < 24:
+            return head   # unpack_block_header says it is corrupt
+        nfrag, ncount = struct.unpack_from("<QQ", head, 8)
+        return storage.read(self.kv, key, (0, 24 + nfrag * FRAG_DTYPE.itemsize + 16 * ncount)) or b""
+
+    def read(self, entries) -> "_Reads":
+        """Start reading the fragments of ``entries`` (rows with block, offset, size)."""
+        return _Reads([self.kept[b][o:o + n] if b in self.kept else
+                       self.kv.read(self.keys[b], byte_range=slice(o, o + n))
+                       for b, o, n in zip(entries["block"].tolist(), entries["offset"].tolist(),
+                                          entries["size"].tolist())])
+
+
+class _Reads(list):
+    def result(self) -> list:
+        return [r if isinstance(r, bytes) else bytes(r.result().value) for r in self]
+
+
+def _read_fragments(results: TaskResults, batch: list) -> Iterator[list]:
     """Fragment bytes of each segment of ``batch`` (all reads issued at once)."""
-    reads = [[kv.read(keys[e["block"]], byte_range=slice(int(e["offset"]), int(e["offset"] + e["size"])))
-              for e in entries] for _, entries in batch]
-    for futs in reads:
-        yield [bytes(f.result().value) for f in futs]
+    reads = [results.read(entries) for _, entries in batch]
+    for r in reads:
+        yield r.result()
 
 
 def _new_stats(lods: int) -> dict:
@@ -281,15 +346,15 @@ def shard_marker_key(spec: ShardingSpec, shard: int) -> str:
     return f"{SCRATCH}shards/{spec.shard_key(shard)}.json"
 
 
-def write_shards(kv, keys: list, index: np.ndarray, plan: Plan, options: MeshOptions, stats: dict,
+def write_shards(kv, results: "TaskResults", index: np.ndarray, plan: Plan, options: MeshOptions, stats: dict,
                  grid_origin) -> ShardingSpec:
     """Write the sharded multi-resolution meshes of all segments, one shard at a time.
 
     Parameters
     ----------
     kv : tensorstore.KvStore
-    keys : list of str
-        Scratch keys of the block results, indexed by the ``block`` field of ``index``.
+    results : TaskResults
+        The task results, indexed by the ``block`` field of ``index``.
     index : structured array
         Every fragment of every block (label, lod, x, y, z, offset, size, triangles, block).
     plan, options, stats, grid_origin
@@ -348,7 +413,7 @@ def write_shards(kv, keys: list, index: np.ndarray, plan: Plan, options: MeshOpt
         segments = list(_iter_segments(index[s0:s1]))
         for b0 in range(0, len(segments), WRITE_BATCH):
             batch = segments[b0:b0 + WRITE_BATCH]
-            for (label, entries), blobs in zip(batch, _read_fragments(kv, keys, batch)):
+            for (label, entries), blobs in zip(batch, _read_fragments(results, batch)):
                 data, manifest = build_multires(label, entries, blobs, plan, options, part, grid_origin,
                                                 num_lods[label])
                 items.append((label, data, manifest))

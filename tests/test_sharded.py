@@ -264,6 +264,31 @@ def test_deterministic_and_memory_kvstore(small, outputs, tmp_path, monkeypatch)
     assert mem == _files(outputs / "gzip")
 
 
+@pytest.mark.parametrize("layout", ["gzip", "unsharded"])
+@pytest.mark.parametrize("cap", ["none", "some"])
+def test_assembly_past_its_memory_cap_reads_by_range(small, outputs, tmp_path, monkeypatch, layout, cap):
+    """Task results past ASSEMBLY_CACHE_BYTES are read by byte range (headers, then fragments),
+    the others once and whole: the files are the same either way."""
+    import gpumesh.writer as writer
+
+    made = []
+
+    class Spy(writer.TaskResults):
+        def __init__(self, kv, keys):
+            super().__init__(kv, keys)
+            made.append(self)
+
+    monkeypatch.setattr(writer, "TaskResults", Spy)
+    # "some": room for a few results (the job's results are 5-60 kB each); "none": no room
+    monkeypatch.setattr(writer, "ASSEMBLY_CACHE_BYTES", 0 if cap == "none" else 120_000)
+    sharding = ShardingOptions(shard_bits=2, minishard_bits=2, data_encoding="gzip") if layout == "gzip" else None
+    _mesh(small, tmp_path / "out", sharding)
+    (results,) = made
+    kept, total = len(results.kept), len(results.keys)
+    assert kept == 0 if cap == "none" else 0 < kept < total
+    assert _files(tmp_path / "out") == _files(outputs / layout)
+
+
 class _Killed(Exception):
     pass
 
