@@ -7,6 +7,10 @@ relabelling) and in one run on one machine:
 * ``gpu mc kernels``: :meth:`gpumesh.gpu.GPUBackend.march_device` on labels already on the
   device (count, scan, emit; the scan's total is the only transfer), timed with CUDA events:
   ``--warmup`` untimed calls, then the median of ``--repeat``;
+* ``gpu mc + weld kernels (sort|hash)``: :meth:`GPUBackend.march_device` then
+  :meth:`GPUBackend.weld_arrays`, labels on the device to welded arrays on the device, events,
+  for each way of numbering the vertices (``GPUBackend(weld=...)``): the issue's "marching
+  cubes + welding" figure; skipped where the weld does not fit the memory budget;
 * ``gpu mc + transfers``: :meth:`GPUBackend.march` from host labels to host triangle arrays
   (upload, kernels, download), wall clock, median of ``--host-repeat``;
 * ``gpu mc + weld (device)``: :meth:`GPUBackend.mesh`, host labels to host pieces with the
@@ -140,6 +144,21 @@ def bench_gpu(rows, name, labels, args, cpu, backend=None, cp=None) -> dict[str,
     del out
     t = _events(cp, lambda: backend.march_device(d_labels, PIECE_SIZE), args.warmup, args.repeat)
     _row(rows, name, "gpu mc kernels", "mc", t, nvox, triangles=tris)
+    # marching cubes and the weld, all on the device (no pieces brought back): the figure of
+    # the "mc + weld" target, for each way of numbering the vertices
+    from gpumesh.gpu import WELD_BYTES_PER_TRIANGLE, WELD_METHODS
+
+    method = backend.weld
+    for weld in WELD_METHODS:
+        backend.weld = weld
+        if tris * WELD_BYTES_PER_TRIANGLE > backend._avail:
+            _log(f"[{name}] gpu mc + weld kernels ({backend.weld}): skipped, the weld does not "
+                 f"fit the memory budget ({tris} triangles)")
+            continue
+        t = _events(cp, lambda: backend.weld_arrays(*backend.march_device(d_labels, PIECE_SIZE),
+                                                    labels.shape), args.warmup, args.repeat)
+        _row(rows, name, f"gpu mc + weld kernels ({backend.weld})", "mc+weld", t, nvox)
+    backend.weld = method
     ds_bytes = labels.nbytes + labels.nbytes // 8
     t = _events(cp, lambda: backend.downsample_device(d_labels), args.warmup, args.repeat)
     _row(rows, name, "gpu downsample kernel", "downsample", t, nvox,

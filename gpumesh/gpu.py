@@ -35,7 +35,7 @@ from . import lod, marching
 from .mctable import EDGE_AXIS, EDGE_BASE, TRI_COUNTS, TRI_TABLE
 
 #: Kernel source files, in the order they are concatenated into one module.
-KERNEL_FILES = ("marching_cubes.cu", "downsample.cu")
+KERNEL_FILES = ("marching_cubes.cu", "downsample.cu", "weld.cu")
 
 #: Label dtype suffixes of the kernel entry points.
 DTYPE_SUFFIX = {np.dtype(np.uint8): "u8", np.dtype(np.uint16): "u16",
@@ -43,7 +43,11 @@ DTYPE_SUFFIX = {np.dtype(np.uint8): "u8", np.dtype(np.uint16): "u16",
 
 #: Every ``extern "C"`` entry point the backend launches.
 KERNEL_NAMES = tuple(f"{kind}_{s}" for kind in ("mc_count", "mc_emit", "ds2")
-                     for s in DTYPE_SUFFIX.values())
+                     for s in DTYPE_SUFFIX.values()) + ("weld_insert", "weld_lookup")
+
+#: How :meth:`GPUBackend.weld_device` numbers the vertices: by sorting the corners' keys
+#: (CuPy's sorts), or with the hash table of ``kernels/weld.cu``.  Same pieces either way.
+WELD_METHODS = ("sort", "hash")
 
 #: Environment variable naming a directory that holds the ``.cu`` files (overrides the search).
 KERNEL_DIR_ENV = "GPUMESH_KERNEL_DIR"
@@ -315,6 +319,10 @@ class GPUBackend:
         the device's free memory when the backend is made, divided by ``processes``.
     processes : int
         Processes sharing the device (the main job's workers), for the default budget.
+    weld : {"sort", "hash"}
+        How :meth:`weld_device` numbers the vertices: CuPy's stable sorts of the corners'
+        keys (the default), or the hash-table kernels of ``kernels/weld.cu``, which skip the
+        largest sort (same pieces; which is faster is for a GPU run to show).
 
     Raises
     ------
@@ -329,9 +337,13 @@ class GPUBackend:
 
     def __init__(self, runtime: Any = None, block: int = DEFAULT_BLOCK,
                  max_blocks: int = DEFAULT_MAX_BLOCKS, memory_budget: Optional[int] = None,
-                 processes: int = 1):
+                 processes: int = 1, weld: str = "sort"):
         if int(processes) < 1:
             raise ValueError(f"processes must be >= 1 (got {processes})")
+        if weld not in WELD_METHODS:
+            raise ValueError(f"weld must be one of {WELD_METHODS} (got {weld!r})")
+        #: how weld_device numbers the vertices (WELD_METHODS)
+        self.weld = weld
         self.rt = CupyRuntime() if runtime is None else runtime
         self.block = int(block)
         self.max_blocks = int(max_blocks)
@@ -579,11 +591,13 @@ class GPUBackend:
         1. group key ``rank(label) * pieces + piece``; a stable sort of the triangles by key
            keeps emission order within a group;
         2. the 3T corners in that order (triangle, then corner) get the key
-           ``group * E + edge id`` (``E`` = 3 · voxels of the block); a stable sort of it
-           makes runs of one vertex whose first element is the vertex's first appearance;
-        3. numbering the runs by first appearance numbers each group's vertices as the CPU
-           does (groups are contiguous in corner order), and each corner gets its run's
-           number, less its group's first vertex.
+           ``group * E + edge id`` (``E`` = 3 · voxels of the block); each key is one vertex,
+           and its first corner is the vertex's first appearance: found by a stable sort of
+           the keys (``weld="sort"``) or by the hash table of ``kernels/weld.cu``
+           (``weld="hash"``);
+        3. numbering the vertices by first appearance numbers each group's vertices as the
+           CPU does (groups are contiguous in corner order), and each corner gets its
+           vertex's number, less its group's first vertex.
 
         Parameters
         ----------
@@ -599,44 +613,62 @@ class GPUBackend:
         list of :class:`gpumesh.marching.Piece`
         """
         rt = self.rt
-        xp = rt.xp
-        t = int(d_label.shape[0])
-        if t == 0:
+        if int(d_label.shape[0]) == 0:
             return []
+        arrays = self.weld_arrays(d_label, d_piece, d_edges, shape)
+        if arrays is None:  # keys would overflow int64: weld on the CPU
+            tri = _cpu_triangles(rt.to_host_many((d_label, d_piece, d_edges)),
+                                 dtype or d_label.dtype, shape)
+            return marching.weld(*tri, shape)
+        faces, verts, tstart, vstart, gkeys, uniq, npieces = arrays
+        t, nvert = int(faces.shape[0]), int(verts.shape[0])
+        h_faces, h_verts, h_tstart, h_vstart, h_keys, h_uniq = rt.to_host_many(
+            (faces, verts, tstart, vstart, gkeys, uniq))
+        del arrays, faces, verts, tstart, vstart, gkeys, uniq
+        h_tstart, h_vstart = np.append(h_tstart, t), np.append(h_vstart, nvert)
+        h_uniq = h_uniq.view(dtype or h_uniq.dtype)
+        self.stats["device_welds"] += 1
+        return [marching.Piece(label=int(h_uniq[k // npieces]), piece=int(k % npieces),
+                               vertices2=h_verts[h_vstart[g]:h_vstart[g + 1]],
+                               faces=h_faces[h_tstart[g]:h_tstart[g + 1]])
+                for g, k in enumerate(h_keys.tolist())]
+
+    def weld_arrays(self, d_label: Any, d_piece: Any, d_edges: Any, shape: tuple):
+        """The device part of :meth:`weld_device`: its arrays, still on the device.
+
+        Parameters
+        ----------
+        d_label, d_piece, d_edges, shape
+            As for :meth:`weld_device` (at least one triangle).
+
+        Returns
+        -------
+        tuple or None
+            ``faces`` (T, 3) int32 (per group, into its vertices), ``verts`` (V, 3) int32
+            (doubled lattice coordinates), ``tstart``, ``vstart`` (G,) (each group's first
+            triangle and vertex), ``gkeys`` (G,) (group keys ``rank * npieces + piece``),
+            ``uniq`` (U,) (the sorted labels) and ``npieces`` (int); None when the corner keys
+            would not fit in int64 (then only the CPU welds).
+        """
+        xp = self.rt.xp
+        t = int(d_label.shape[0])
         nx, ny, nz = (int(v) for v in shape)
         uniq = xp.unique(d_label)
         npieces = int(d_piece.max()) + 1
         nedge = 3 * nx * ny * nz
-        if len(uniq) * npieces * nedge >= 2**62:  # keys would overflow int64: weld on the CPU
-            tri = _cpu_triangles(rt.to_host_many((d_label, d_piece, d_edges)),
-                                 dtype or d_label.dtype, shape)
-            return marching.weld(*tri, shape)
+        if len(uniq) * npieces * nedge >= 2**62:
+            return None
         key = xp.searchsorted(uniq, d_label) * npieces + d_piece
         order = xp.argsort(key, kind="stable")
         skey = key[order]
         del key
         cedge = d_edges[order].reshape(-1)
         del order
-        ckey = xp.repeat(skey, 3) * nedge + cedge
-        corder = xp.argsort(ckey, kind="stable")
-        sck = ckey[corder]
-        del ckey
-        head = xp.empty(3 * t, dtype=bool)
-        head[0] = True
-        head[1:] = sck[1:] != sck[:-1]
-        del sck
-        run = xp.cumsum(head, dtype=np.int64) - 1  # run of each sorted corner
-        first = corder[head]                   # first corner of each run (= its vertex)
-        del head
-        nvert = int(first.shape[0])
-        vorder = xp.argsort(first, kind="stable")
-        vid = xp.empty(nvert, dtype=np.int64)  # vertex number of each run
-        vid[vorder] = xp.arange(nvert, dtype=np.int64)
-        corner_vid = xp.empty(3 * t, dtype=np.int64)
-        corner_vid[corder] = vid[run]
-        del run, vid, corder
-        vfirst = first[vorder]                 # first corner of each vertex, in vertex order
-        del first, vorder
+        if self.weld == "hash":
+            corner_vid, vfirst = self._number_vertices_hash(skey, cedge, nedge)
+        else:
+            corner_vid, vfirst = self._number_vertices_sort(skey, cedge, nedge)
+        nvert = int(vfirst.shape[0])
         # groups: where the sorted key changes; each group's first triangle and vertex
         tflag = xp.empty(t, dtype=bool)
         tflag[0] = True
@@ -659,15 +691,58 @@ class GPUBackend:
         for a in range(3):
             verts[:, a] += (axis == a).astype(np.int32)
         del e, pnt, axis
-        h_faces, h_verts, h_tstart, h_vstart, h_keys, h_uniq = rt.to_host_many(
-            (faces, verts, tstart, vstart, gkeys, uniq))
-        h_tstart, h_vstart = np.append(h_tstart, t), np.append(h_vstart, nvert)
-        h_uniq = h_uniq.view(dtype or uniq.dtype)
-        self.stats["device_welds"] += 1
-        return [marching.Piece(label=int(h_uniq[k // npieces]), piece=int(k % npieces),
-                               vertices2=h_verts[h_vstart[g]:h_vstart[g + 1]],
-                               faces=h_faces[h_tstart[g]:h_tstart[g + 1]])
-                for g, k in enumerate(h_keys.tolist())]
+        return faces, verts, tstart, vstart, gkeys, uniq, npieces
+
+    def _number_vertices_sort(self, skey, cedge, nedge: int):
+        """Vertex numbers by first appearance, with sorts: the corners' keys ``group * nedge +
+        edge id`` sorted stably make runs of one vertex whose first element is its first
+        appearance; the runs, ordered by that, are the vertices.
+
+        Returns each corner's vertex number and each vertex's first corner (device, int64).
+        """
+        xp = self.rt.xp
+        nc = int(cedge.shape[0])
+        ckey = xp.repeat(skey, 3) * nedge + cedge
+        corder = xp.argsort(ckey, kind="stable")
+        sck = ckey[corder]
+        del ckey
+        head = xp.empty(nc, dtype=bool)
+        head[0] = True
+        head[1:] = sck[1:] != sck[:-1]
+        del sck
+        run = xp.cumsum(head, dtype=np.int64) - 1  # run of each sorted corner
+        first = corder[head]                   # first corner of each run (= its vertex)
+        del head
+        nvert = int(first.shape[0])
+        vorder = xp.argsort(first, kind="stable")
+        vid = xp.empty(nvert, dtype=np.int64)  # vertex number of each run
+        vid[vorder] = xp.arange(nvert, dtype=np.int64)
+        corner_vid = xp.empty(nc, dtype=np.int64)
+        corner_vid[corder] = vid[run]
+        del run, vid, corder
+        return corner_vid, first[vorder]
+
+    def _number_vertices_hash(self, skey, cedge, nedge: int):
+        """:meth:`_number_vertices_sort`'s result without the corner sort: the kernels of
+        ``kernels/weld.cu`` give every corner its key's first corner (an ``atomicMin`` per key,
+        so the same in any thread order), and a scan of the corners that are their own first
+        numbers the vertices by first appearance."""
+        rt, xp = self.rt, self.rt.xp
+        nc = int(cedge.shape[0])
+        size = 1 << max(4, (2 * nc - 1).bit_length())   # a power of two >= 2 * corners
+        keys = xp.full(size, np.uint64(0xFFFFFFFFFFFFFFFF), dtype=np.uint64)
+        first = xp.full(size, np.iinfo(np.int64).max, dtype=np.int64)
+        args = (skey, cedge, np.int64(nc), np.int64(nedge), keys, first, np.uint64(size - 1))
+        grid = self._grid(nc)
+        rt.launch("weld_insert", grid, self.block, args)
+        cfirst = rt.empty(nc, np.int64)
+        rt.launch("weld_lookup", grid, self.block, args + (cfirst,))
+        del keys, first
+        head = cfirst == xp.arange(nc, dtype=np.int64)
+        number = xp.cumsum(head, dtype=np.int64) - 1  # of the vertex first seen at each corner
+        corner_vid = number[cfirst]
+        del number, cfirst
+        return corner_vid, xp.flatnonzero(head)
 
     def downsample(self, labels: np.ndarray) -> np.ndarray:
         """Labels downsampled by 2 with the non-zero mode rule (see ``lod.downsample_labels``).

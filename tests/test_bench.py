@@ -76,8 +76,10 @@ def test_bench_rows_and_parity_through_the_emulated_backend(emu_lib, real_zarr, 
     assert info["pool_peak_bytes"] > labels.nbytes
     what = [r["what"] for r in rows]
     assert what == ["cpu mc", "weld (cpu)", "cpu mc + weld", "cpu downsample", "gpu mc kernels",
+                    "gpu mc + weld kernels (sort)", "gpu mc + weld kernels (hash)",
                     "gpu downsample kernel", "gpu mc + transfers", "gpu mc + transfers + weld (cpu)",
                     "gpu mc + weld (device)"]
+    assert backend.weld == "sort"   # the rows of the hash weld leave the backend as it was
     assert rows[-1]["welded_on_device"] is True
     tris = len(marching.march_cubes(labels, bench_gpu.PIECE_SIZE)[0])
     assert tris > 0

@@ -463,11 +463,13 @@ def test_emulated_out_of_memory_falls_back_to_cpu(emu_lib, real_crops):
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint64, np.int32])
-def test_emulated_device_weld_matches_cpu_weld(emu_lib, dtype):
+@pytest.mark.parametrize("weld", gpu.WELD_METHODS)
+def test_emulated_device_weld_matches_cpu_weld(emu_lib, dtype, weld):
     """weld_device on march_device's output == marching.weld: groups, triangle order, vertex
-    numbering by first appearance, many pieces and labels (IDs >= 2**63 for uint64)."""
+    numbering by first appearance, many pieces and labels (IDs >= 2**63 for uint64); both
+    ways of numbering the vertices (the hash kernels' threads shuffled)."""
     rng = np.random.default_rng(np.dtype(dtype).itemsize)
-    backend = gpu.GPUBackend(runtime=cuda_emu.EmulatedRuntime(emu_lib, seed=5))
+    backend = gpu.GPUBackend(runtime=cuda_emu.EmulatedRuntime(emu_lib, seed=5), weld=weld)
     for labels in (_blobby_labels((23, 17, 19), np.dtype(dtype).type, rng),
                    _random_labels((9, 11, 10), np.uint64 if dtype == np.uint64 else np.uint16, rng)):
         labels = labels.astype(dtype)
@@ -502,6 +504,43 @@ def test_emulated_mesh_welds_on_the_cpu_when_the_weld_does_not_fit(emu_lib, real
     assert backend.stats["cpu_fallbacks"] == 0
     _assert_same_pieces(backend.mesh(labels, 16), want)  # and the next block welds there again
     assert backend.stats["device_welds"] == 1
+
+
+@pytest.mark.parametrize("seed", [0, 12345, 777])
+def test_emulated_hash_weld_on_real_labels_in_any_thread_order(emu_lib, real_crops, seed):
+    """The hash-table weld (kernels/weld.cu) in launch order and shuffled, with a capped grid so
+    that each thread inserts many corners: the CPU's pieces; and mesh() uses it."""
+    rt = cuda_emu.EmulatedRuntime(emu_lib, seed=seed)
+    backend = gpu.GPUBackend(runtime=rt, weld="hash", block=64, max_blocks=3)
+    launched = []
+    real_launch = rt.launch
+    rt.launch = lambda name, *a: launched.append(name) or real_launch(name, *a)
+    for labels in real_crops.values():
+        for ps in (16, 5):
+            _assert_same_pieces(backend.mesh(labels, ps), CPUBackend().mesh(labels, ps))
+    assert {"weld_insert", "weld_lookup"} <= set(launched)
+    assert backend.stats["device_welds"] == 4
+    with pytest.raises(ValueError, match="weld"):
+        gpu.GPUBackend(runtime=rt, weld="radix")
+
+
+def test_hash_weld_kernels_find_first_appearances_on_collisions(emu_lib):
+    """Keys that share home slots (a table of 16 slots for 12 corners, most keys repeated):
+    every corner gets its key's first corner, in any thread order."""
+    for seed in (0, 1, 2, 3):
+        rt = cuda_emu.EmulatedRuntime(emu_lib, seed=seed)
+        group = np.array([0, 0, 1, 1], dtype=np.int64)            # 4 triangles, 12 corners
+        edge = np.array([5, 6, 7, 6, 5, 8, 5, 6, 7, 9, 5, 6], dtype=np.int64)
+        keys = rt.to_device(np.full(16, np.uint64(0xFFFFFFFFFFFFFFFF), dtype=np.uint64))
+        first = rt.to_device(np.full(16, np.iinfo(np.int64).max, dtype=np.int64))
+        cfirst = rt.empty(12, np.int64)
+        args = (rt.to_device(group), rt.to_device(edge), np.int64(12), np.int64(100), keys, first,
+                np.uint64(15))
+        rt.launch("weld_insert", 2, 4, args)
+        rt.launch("weld_lookup", 2, 4, args + (cfirst,))
+        key = group[np.arange(12) // 3] * 100 + edge
+        want = np.array([int(np.flatnonzero(key == k)[0]) for k in key])
+        assert np.array_equal(rt.to_host(cfirst), want)
 
 
 def test_default_memory_budget_is_a_share_of_free_memory(emu_lib):
@@ -619,6 +658,14 @@ def test_gpu_weld_on_device_and_on_the_cpu_give_the_same_pieces(crop):
     small = gpu.GPUBackend(memory_budget=labels.shape[0] * _plane_bytes(labels) + tris * 48)
     _assert_same_pieces(small.mesh(labels, 32), want)
     assert small.stats["device_welds"] == 0 and small.stats["cpu_fallbacks"] == 0
+
+
+@pytest.mark.gpu
+def test_gpu_hash_weld_gives_the_same_pieces(crop):
+    want = CPUBackend().mesh(crop, 32)
+    backend = gpu.GPUBackend(weld="hash")
+    _assert_same_pieces(backend.mesh(crop, 32), want)
+    assert backend.stats["device_welds"] == 1
 
 
 @pytest.mark.gpu

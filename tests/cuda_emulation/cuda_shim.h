@@ -7,7 +7,7 @@
 //   __global__/__device__/__host__  -> nothing; __forceinline__ -> inline
 //   threadIdx/blockIdx/blockDim/gridDim -> thread_local globals, set by the driver
 //                                          (emu_driver.cpp) before each emulated thread runs
-//   atomicAdd                       -> plain read-add-write returning the old value (the
+//   atomicAdd, atomicCAS, atomicMin -> plain read-modify-write returning the old value (the
 //                                      emulated threads run one at a time)
 //
 // This header includes nothing, and the translation unit holding the kernels is compiled
@@ -37,6 +37,20 @@ template <typename T>
 inline T atomicAdd(T* address, T val) {
     T old = *address;
     *address = old + val;
+    return old;
+}
+
+template <typename T>
+inline T atomicCAS(T* address, T compare, T val) {
+    T old = *address;
+    if (old == compare) *address = val;
+    return old;
+}
+
+template <typename T>
+inline T atomicMin(T* address, T val) {
+    T old = *address;
+    if (val < old) *address = val;
     return old;
 }
 
