@@ -10,7 +10,8 @@ relabelling) and in one run on one machine:
 * ``gpu mc + weld kernels (sort|hash)``: :meth:`GPUBackend.march_device` then
   :meth:`GPUBackend.weld_arrays`, labels on the device to welded arrays on the device, events,
   for each way of numbering the vertices (``GPUBackend(weld=...)``): the issue's "marching
-  cubes + welding" figure; skipped where the weld does not fit the memory budget;
+  cubes + welding" figure (one warm-up, median of ``--host-repeat``); skipped where the weld
+  does not fit the memory budget;
 * ``gpu mc + transfers``: :meth:`GPUBackend.march` from host labels to host triangle arrays
   (upload, kernels, download), wall clock, median of ``--host-repeat``;
 * ``gpu mc + weld (device)``: :meth:`GPUBackend.mesh`, host labels to host pieces with the
@@ -155,8 +156,10 @@ def bench_gpu(rows, name, labels, args, cpu, backend=None, cp=None) -> dict[str,
             _log(f"[{name}] gpu mc + weld kernels ({backend.weld}): skipped, the weld does not "
                  f"fit the memory budget ({tris} triangles)")
             continue
+        # a weld of the whole volume takes far longer than the kernels: one warm-up, then as
+        # many runs as the host-to-host rows
         t = _events(cp, lambda: backend.weld_arrays(*backend.march_device(d_labels, PIECE_SIZE),
-                                                    labels.shape), args.warmup, args.repeat)
+                                                    labels.shape), 1, args.host_repeat)
         _row(rows, name, f"gpu mc + weld kernels ({backend.weld})", "mc+weld", t, nvox)
     backend.weld = method
     ds_bytes = labels.nbytes + labels.nbytes // 8
