@@ -53,6 +53,8 @@ WELD_METHODS = ("sort", "hash")
 KERNEL_DIR_ENV = "GPUMESH_KERNEL_DIR"
 #: Environment variable: ``0`` makes :class:`CupyRuntime` copy through pageable memory.
 PINNED_ENV = "GPUMESH_PINNED"
+#: Environment variable: the default ``weld`` of :class:`GPUBackend` (``sort`` or ``hash``).
+WELD_ENV = "GPUMESH_WELD"
 
 DEFAULT_BLOCK = 256
 #: Cap on blocks per launch; the kernels loop (grid-stride) over whatever is left.
@@ -319,10 +321,11 @@ class GPUBackend:
         the device's free memory when the backend is made, divided by ``processes``.
     processes : int
         Processes sharing the device (the main job's workers), for the default budget.
-    weld : {"sort", "hash"}
+    weld : {"sort", "hash"}, optional
         How :meth:`weld_device` numbers the vertices: CuPy's stable sorts of the corners'
-        keys (the default), or the hash-table kernels of ``kernels/weld.cu``, which skip the
-        largest sort (same pieces; which is faster is for a GPU run to show).
+        keys, or the hash-table kernels of ``kernels/weld.cu``, which skip the largest sort
+        (same pieces; which is faster is for a GPU run to show).  Default: ``$GPUMESH_WELD``,
+        else ``sort``.
 
     Raises
     ------
@@ -337,9 +340,11 @@ class GPUBackend:
 
     def __init__(self, runtime: Any = None, block: int = DEFAULT_BLOCK,
                  max_blocks: int = DEFAULT_MAX_BLOCKS, memory_budget: Optional[int] = None,
-                 processes: int = 1, weld: str = "sort"):
+                 processes: int = 1, weld: Optional[str] = None):
         if int(processes) < 1:
             raise ValueError(f"processes must be >= 1 (got {processes})")
+        if weld is None:
+            weld = os.environ.get(WELD_ENV) or "sort"
         if weld not in WELD_METHODS:
             raise ValueError(f"weld must be one of {WELD_METHODS} (got {weld!r})")
         #: how weld_device numbers the vertices (WELD_METHODS)
@@ -659,7 +664,8 @@ class GPUBackend:
         if len(uniq) * npieces * nedge >= 2**62:
             return None
         key = xp.searchsorted(uniq, d_label) * npieces + d_piece
-        order = xp.argsort(key, kind="stable")
+        # the same stable order from 32-bit keys where they fit: half a radix sort's passes
+        order = xp.argsort(key.astype(np.int32) if len(uniq) * npieces < 2**31 else key, kind="stable")
         skey = key[order]
         del key
         cedge = d_edges[order].reshape(-1)

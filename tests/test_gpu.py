@@ -524,6 +524,18 @@ def test_emulated_hash_weld_on_real_labels_in_any_thread_order(emu_lib, real_cro
         gpu.GPUBackend(runtime=rt, weld="radix")
 
 
+def test_weld_method_from_the_environment(emu_lib, monkeypatch):
+    rt = cuda_emu.EmulatedRuntime(emu_lib)
+    monkeypatch.delenv(gpu.WELD_ENV, raising=False)
+    assert gpu.GPUBackend(runtime=rt).weld == "sort"
+    monkeypatch.setenv(gpu.WELD_ENV, "hash")
+    assert gpu.GPUBackend(runtime=rt).weld == "hash"
+    assert gpu.GPUBackend(runtime=rt, weld="sort").weld == "sort"
+    monkeypatch.setenv(gpu.WELD_ENV, "radix")
+    with pytest.raises(ValueError, match="weld"):
+        gpu.GPUBackend(runtime=rt)
+
+
 def test_hash_weld_kernels_find_first_appearances_on_collisions(emu_lib):
     """Keys that share home slots (a table of 16 slots for 12 corners, most keys repeated):
     every corner gets its key's first corner, in any thread order."""

@@ -7,7 +7,8 @@
 #   2. tests/test_gpu.py: emulation + NVRTC + the `gpu` tests on the device
 #   3. bench/bench_gpu.py: kernel throughput, CPU path and peers, real and 1024^3 tiled volumes
 #   4. the main job on the real volume, --device gpu then --device cpu, every core, and a
-#      byte comparison of the two outputs (TILED=1: also the 1024^3 tiled volume on the GPU;
+#      byte comparison of the two outputs; then --device gpu with the hash weld
+#      (GPUMESH_WELD=hash), compared too (TILED=1: also the 1024^3 tiled volume on the GPU;
 #      TASKS=1: also bench_tasks.py, every task alone with the GPU backend)
 # Logs and result JSON go to $OUT (check.log, pytest_gpu.log, results/*.json): commit the
 # JSON to bench/results/ and cite the figures in docs/gpu.md.
@@ -63,6 +64,11 @@ for dev in gpu cpu; do
 done
 stage "main job output: GPU run == CPU run, byte for byte"
 diff -rq /tmp/main-gpu/gpumesh-out /tmp/main-cpu/gpumesh-out && echo "IDENTICAL OUTPUT"
+stage "main job, --device gpu with the hash weld (GPUMESH_WELD=hash), and its output == CPU run's"
+rm -rf /tmp/main-gpuhash
+GPUMESH_WELD=hash timeout "$(left 100)" "$PY" bench/bench_main.py --skip zmesh,serra,igneous \
+  --gpumesh-args "--device gpu" --out-dir /tmp/main-gpuhash --keep --results-dir "$OUT/results" 2>&1 | tail -6
+diff -rq /tmp/main-gpuhash/gpumesh-out /tmp/main-cpu/gpumesh-out && echo "IDENTICAL OUTPUT (hash weld)"
 if [ "${TILED:-0}" = 1 ]; then
   stage "main job on the 1024^3 tiled volume, --device gpu"
   "$PY" bench/tiled.py /tmp/tiled1024.zarr --source "$GPUMESH_DATA/connectomics.zarr"
