@@ -296,7 +296,8 @@ class TaskResults:
         if self.kept_bytes < ASSEMBLY_CACHE_BYTES:
             blob = storage.read(self.kv, key)
             if blob is None:
-                raise GpumeshError(f"task result {key} is missing from the scratch area; rerun with --overwrite")
+                raise GpumeshError(
+                    f"task result {key} is missing from the scratch area; rerun with --overwrite")
             if self.kept_bytes + len(blob) <= ASSEMBLY_CACHE_BYTES:
                 self.kept[block] = blob
                 self.kept_bytes += len(blob)
@@ -346,7 +347,8 @@ def shard_marker_key(spec: ShardingSpec, shard: int) -> str:
     return f"{SCRATCH}shards/{spec.shard_key(shard)}.json"
 
 
-def write_shards(kv, results: "TaskResults", index: np.ndarray, plan: Plan, options: MeshOptions, stats: dict,
+def write_shards(kv, results: "TaskResults", index: np.ndarray, plan: Plan, options: MeshOptions,
+                 stats: dict,
                  grid_origin) -> ShardingSpec:
     """Write the sharded multi-resolution meshes of all segments, one shard at a time.
 
