@@ -348,8 +348,7 @@ def shard_marker_key(spec: ShardingSpec, shard: int) -> str:
 
 
 def write_shards(kv, results: "TaskResults", index: np.ndarray, plan: Plan, options: MeshOptions,
-                 stats: dict,
-                 grid_origin) -> ShardingSpec:
+                 stats: dict, grid_origin) -> ShardingSpec:
     """Write the sharded multi-resolution meshes of all segments, one shard at a time.
 
     Parameters
