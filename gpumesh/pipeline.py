@@ -252,12 +252,23 @@ def pack_block(index: np.ndarray, count_labels: np.ndarray, counts: np.ndarray, 
                      counts.astype("<u8").tobytes(), data])
 
 
+#: Bytes at the start of a block result that give its header's size (magic and two counts).
+BLOCK_PREFIX = 24
+
+
+def block_header_size(prefix: bytes) -> int:
+    """Bytes of a block result before its fragment data, from its first :data:`BLOCK_PREFIX`
+    bytes (the fragment index and voxel counts follow the prefix, see :func:`pack_block`)."""
+    nfrag, ncount = struct.unpack_from("<QQ", prefix, 8)
+    return BLOCK_PREFIX + nfrag * FRAG_DTYPE.itemsize + 16 * ncount
+
+
 def unpack_block_header(blob: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Parse a block result; returns index, voxel-count labels, counts, data start offset."""
     if blob[:8] != _MAGIC:
         raise GpumeshError("corrupt block result in scratch area; rerun with --overwrite")
     nfrag, ncount = struct.unpack_from("<QQ", blob, 8)
-    pos = 24
+    pos = BLOCK_PREFIX
     index = np.frombuffer(blob, FRAG_DTYPE, nfrag, pos).copy()
     pos += nfrag * FRAG_DTYPE.itemsize
     labels = np.frombuffer(blob, "<u8", ncount, pos).copy()
@@ -648,7 +659,13 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     finished = len(tasks) - len(todo)
     if progress:
         progress(finished, len(tasks))
-    summary.device_workers = nworkers if backend.name == "gpu" else 0
+    # workers past what the device has room for mesh on the CPU backend (same bytes)
+    device_workers = nworkers
+    if backend.name == "gpu" and nworkers > 1 and todo:
+        from .gpu import device_processes
+
+        device_workers = device_processes(backend.rt.mem_info()[0], nworkers)
+    summary.device_workers = device_workers if backend.name == "gpu" else 0
     if nworkers == 1 or not todo:
         cache = read_cache_bytes(volume, plan)
         reading = open_volume(source, **open_kwargs, cache_bytes=cache) if cache and todo else volume
@@ -669,12 +686,6 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         # workers number themselves from it to split the numba compiles of a first run
         # (gpumesh.warmup), and the first device_workers of them use the GPU
         started = ctx.Value("i", 0)
-        device_workers = nworkers
-        if backend.name == "gpu":
-            from .gpu import device_processes
-
-            device_workers = device_processes(backend.rt.mem_info()[0], nworkers)
-        summary.device_workers = device_workers if backend.name == "gpu" else 0
         with ProcessPoolExecutor(nworkers, mp_context=ctx, initializer=_init_worker,
                                  initargs=(src, dict(open_kwargs, cache_bytes=read_cache_bytes(volume, plan)),
                                            plan, options, storage.kvstore_spec(dest)

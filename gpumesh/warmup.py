@@ -11,9 +11,9 @@ calls through the same functions the tasks use, so the kernels get exactly the t
 argument types) from its own starting point (:func:`start_index`): worker ``w`` of ``n``
 begins near the point where ``w/n`` of the compile work lies behind.  numba looks in its
 disk cache before compiling, so when a worker reaches a job that another worker has already
-compiled it loads the result (tens of milliseconds) instead of compiling it again.  With ``n`` workers each
-compiles about ``1/n`` of the kernels, and the pool's first tasks start that much sooner; on
-a warm cache the walk only loads what the tasks would load anyway.
+compiled it loads the result (tens of milliseconds) instead of compiling it again.  With
+``n`` workers each compiles about ``1/n`` of the kernels, and the pool's first tasks start
+that much sooner; on a warm cache the walk only loads what the tasks would load anyway.
 
 Nothing here changes a result: the kernels are the same functions, and a job that fails for
 any reason only leaves its kernels to be compiled on first use, as before.

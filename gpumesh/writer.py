@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from typing import Iterator, Optional
 
 import numpy as np
@@ -38,7 +37,8 @@ import numpy as np
 from . import storage
 from .errors import DestinationExistsError, GpumeshError, InvalidMeshError
 from .octree import encode_manifest, segment_nodes
-from .pipeline import FRAG_DTYPE, SCRATCH, MeshOptions, Plan, block_key, unpack_block_header
+from .pipeline import (BLOCK_PREFIX, FRAG_DTYPE, SCRATCH, MeshOptions, Plan, block_header_size, block_key,
+                       unpack_block_header)
 from .reader import Manifest, ShardedMultiresSource, open_mesh
 from .sharding import ShardingOptions, ShardingSpec, build_shard
 from .volume import Volume
@@ -304,30 +304,25 @@ class TaskResults:
             else:
                 self.kept_bytes = ASSEMBLY_CACHE_BYTES   # keep no more
             return blob
-        head = storage.read(self.kv, key, (0, 24)) or b""
-        if len(head) < 24:
+        head = storage.read(self.kv, key, (0, BLOCK_PREFIX)) or b""
+        if len(head) < BLOCK_PREFIX:
             return head   # unpack_block_header says it is corrupt
-        nfrag, ncount = struct.unpack_from("<QQ", head, 8)
-        return storage.read(self.kv, key, (0, 24 + nfrag * FRAG_DTYPE.itemsize + 16 * ncount)) or b""
+        return storage.read(self.kv, key, (0, block_header_size(head))) or b""
 
-    def read(self, entries) -> "_Reads":
-        """Start reading the fragments of ``entries`` (rows with block, offset, size)."""
-        return _Reads([self.kept[b][o:o + n] if b in self.kept else
-                       self.kv.read(self.keys[b], byte_range=slice(o, o + n))
-                       for b, o, n in zip(entries["block"].tolist(), entries["offset"].tolist(),
-                                          entries["size"].tolist())])
-
-
-class _Reads(list):
-    def result(self) -> list:
-        return [r if isinstance(r, bytes) else bytes(r.result().value) for r in self]
+    def read(self, entries) -> list:
+        """Start reading the fragments of ``entries`` (rows with block, offset, size): the
+        bytes of kept results, else the kvstore's read futures."""
+        return [self.kept[b][o:o + n] if b in self.kept else
+                self.kv.read(self.keys[b], byte_range=slice(o, o + n))
+                for b, o, n in zip(entries["block"].tolist(), entries["offset"].tolist(),
+                                   entries["size"].tolist())]
 
 
 def _read_fragments(results: TaskResults, batch: list) -> Iterator[list]:
     """Fragment bytes of each segment of ``batch`` (all reads issued at once)."""
     reads = [results.read(entries) for _, entries in batch]
     for r in reads:
-        yield r.result()
+        yield [f if isinstance(f, bytes) else bytes(f.result().value) for f in r]
 
 
 def _new_stats(lods: int) -> dict:
