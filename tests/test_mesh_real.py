@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pathlib
+import sys
+
 import numpy as np
 import pytest
 from scipy.spatial import cKDTree
@@ -302,3 +305,49 @@ def test_block_tasks_give_the_whole_blocks_fragments(crop, shape, chunk, lods):
         assert got == whole, f"block {b}"
         assert got_counts == whole_counts
     assert octant_fragments > 50
+
+
+def _fragments_by_node(src, segment_id: int, shift_voxels) -> dict:
+    """{(lod, x, y, z): Draco bytes} of a segment, node positions moved by ``shift_voxels``."""
+    m = src.manifest(segment_id)
+    data = src.fragment_data(segment_id)
+    out, o = {}, 0
+    for lod in range(m.num_lods):
+        shift = np.asarray(shift_voxels, dtype=np.int64) // (m.chunk_shape.astype(np.int64) << lod)
+        for p, size in zip(m.fragment_positions[lod].astype(np.int64), m.fragment_sizes[lod]):
+            out[(lod, *(p + shift))] = data[o:o + size]
+            o += size
+    assert o == len(data)
+    return out
+
+
+def test_each_tile_of_a_tiled_volume_is_meshed_as_if_alone(crop, tmp_path):
+    # A segment's fragments depend on its own labels only, not on the segments around it nor on
+    # where in the volume it lies (at shifts of whole coarsest nodes): in 2x2x2 tiles of a crop,
+    # each tile's IDs shifted past the previous tile's (bench/tiled.py, the 1024^3 benchmark
+    # volume), every tile's segments must have the crop's own fragments, byte for byte, at node
+    # positions moved by the tile's offset, and the same manifest header.  The neighbours of a
+    # tile's border segments are other tiles' segments here and background in the crop.
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+    from tiled import tile_volume
+
+    from gpumesh.pipeline import MeshOptions, run_mesh
+
+    tile = np.ascontiguousarray(crop[:64, :64, :64])
+    options = MeshOptions(chunk_size=16, max_lods=3)  # coarsest node: 64 voxels, one tile
+    run_mesh(tile, str(tmp_path / "alone"), options=options, voxel_size=VOXEL_SIZE, workers=1)
+    run_mesh(tile_volume(tile, 2), str(tmp_path / "tiled"), options=options, voxel_size=VOXEL_SIZE,
+             workers=1)
+    alone, tiled = open_mesh(str(tmp_path / "alone")), open_mesh(str(tmp_path / "tiled"))
+    ids = alone.segment_ids()
+    step = int(tile.max()) + 1
+    assert len(tiled.segment_ids()) == 8 * len(ids) and len(ids) > 20
+    for t in range(8):
+        offset = np.array([t // 4, (t // 2) % 2, t % 2]) * 64
+        for s in ids:
+            a, b = alone.manifest(s), tiled.manifest(s + t * step)
+            assert a.num_lods == b.num_lods and np.array_equal(a.lod_scales, b.lod_scales)
+            assert np.array_equal(a.vertex_offsets, b.vertex_offsets)
+            assert np.array_equal(a.grid_origin, b.grid_origin)
+            assert (_fragments_by_node(alone, s, offset) == _fragments_by_node(tiled, s + t * step, 0)), \
+                f"tile {t}, segment {s}"
