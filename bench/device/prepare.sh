@@ -6,6 +6,8 @@
 #              trimesh, zmesh, serra-mesh; and TensorStore, to run the version tested here
 #   .devdata/  a copy of the real volume (connectomics.zarr, 12 MB): ../shared does not travel
 #   gpumesh/_dracoenc.cpython-312-x86_64-linux-gnu.so   the Draco encoder extension for 3.12
+# and first runs the `gpu` tests over the CPU emulation (tests/cuda_emulation/dry_run_gpu_tests.sh,
+# with this checkout's .venv), so that a bug in a test is found here, not in device time.
 # Then call the device tool with bench/device/gpu_check.sh (see docs/gpu.md).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -17,6 +19,8 @@ if [ -z "${PY312:-}" ]; then
 fi
 is312 "${PY312:-none}" || { echo "need Python 3.12 (the device image's): set PY312" >&2; exit 1; }
 DATA=${GPUMESH_DATA:-../shared/data}
+echo "== the gpu tests over the emulation (a dry run)"
+bash tests/cuda_emulation/dry_run_gpu_tests.sh
 rm -rf .whl .devdata && mkdir -p .whl .devdata
 PLAT=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
