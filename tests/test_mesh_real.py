@@ -311,13 +311,12 @@ def _fragments_by_node(src, segment_id: int, shift_voxels) -> dict:
     """{(lod, x, y, z): Draco bytes} of a segment, node positions moved by ``shift_voxels``."""
     m = src.manifest(segment_id)
     data = src.fragment_data(segment_id)
-    out, o = {}, 0
-    for lod in range(m.num_lods):
+    assert len(data) == m.total_bytes
+    out = {}
+    for lod, ranges in enumerate(m.fragment_byte_ranges()):
         shift = np.asarray(shift_voxels, dtype=np.int64) // (m.chunk_shape.astype(np.int64) << lod)
-        for p, size in zip(m.fragment_positions[lod].astype(np.int64), m.fragment_sizes[lod]):
-            out[(lod, *(p + shift))] = data[o:o + size]
-            o += size
-    assert o == len(data)
+        for p, (start, stop) in zip(m.fragment_positions[lod].astype(np.int64), ranges.tolist()):
+            out[(lod, *(p + shift))] = data[start:stop]
     return out
 
 

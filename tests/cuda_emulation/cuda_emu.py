@@ -150,6 +150,11 @@ class EmulatedLibrary:
         return rc, err
 
 
+def load(path: pathlib.Path, names: Sequence[str], ubsan: bool) -> EmulatedLibrary:
+    """A library that :func:`build` made (e.g. in another process), with the same ``names``."""
+    return EmulatedLibrary(pathlib.Path(path), list(names) + list(SELFTEST_KERNELS), ubsan)
+
+
 def build(workdir: pathlib.Path, kernel_files: Sequence[pathlib.Path], names: Sequence[str],
           ubsan: bool = True) -> EmulatedLibrary:
     """Compile the kernels (plus the emulator's self-test kernels) into a shared library.
@@ -169,11 +174,10 @@ def build(workdir: pathlib.Path, kernel_files: Sequence[pathlib.Path], names: Se
     if cxx is None:
         raise RuntimeError("no C++ compiler")
     workdir = pathlib.Path(workdir)
-    names = list(names) + list(SELFTEST_KERNELS)
     tu = workdir / "kernels_tu.cpp"
     lines = [f'#include "{SHIM}"']
     lines += [f'#include "{pathlib.Path(f).resolve()}"' for f in list(kernel_files) + [SELFTEST]]
-    lines += [f"EMU_KERNEL({n})" for n in names]
+    lines += [f"EMU_KERNEL({n})" for n in list(names) + list(SELFTEST_KERNELS)]
     tu.write_text("\n".join(lines) + "\n")
     common = ["-std=c++17", "-O2", "-fPIC", "-g"]
     kflags = common + ["-nostdinc", "-nostdinc++", "-Wall", "-Wextra", "-Werror", "-I", str(HERE)]
@@ -192,7 +196,7 @@ def build(workdir: pathlib.Path, kernel_files: Sequence[pathlib.Path], names: Se
     lib = workdir / "libcuda_emu.so"
     _run([cxx, *common, *san, "-shared", str(workdir / "kernels.o"), str(workdir / "driver.o"),
           "-o", str(lib)])
-    return EmulatedLibrary(lib, names, bool(san))
+    return load(lib, names, bool(san))
 
 
 class EmulatedRuntime:

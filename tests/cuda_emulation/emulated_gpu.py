@@ -35,11 +35,10 @@ _LIB: list = []
 
 def _library() -> cuda_emu.EmulatedLibrary:
     if not _LIB:
-        names = list(gpu.KERNEL_NAMES) + list(cuda_emu.SELFTEST_KERNELS)
         saved = os.environ.get(LIB_ENV, "")
         if saved:
             path, ubsan = saved.rsplit("|", 1)
-            _LIB.append(cuda_emu.EmulatedLibrary(pathlib.Path(path), names, ubsan == "1"))
+            _LIB.append(cuda_emu.load(pathlib.Path(path), gpu.KERNEL_NAMES, ubsan == "1"))
         else:
             lib = cuda_emu.build(pathlib.Path(tempfile.mkdtemp(prefix="gpumesh-emu-")),
                                  [gpu.kernel_dir() / f for f in gpu.KERNEL_FILES], gpu.KERNEL_NAMES)
