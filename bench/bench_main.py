@@ -24,8 +24,11 @@ One invocation runs, on the same input and machine, each tool in its own child p
 Wall time and peak RSS of each child are measured here: wall with ``time.perf_counter``
 around spawn-to-reap, peak RSS from ``os.wait4(pid, 0)``, whose rusage is exactly that
 child's (``ru_maxrss``: the largest resident set of the child or of any descendant it
-waited for, not a sum).  Because gpumesh may run worker processes, the sum of the resident
-sets of the child's whole process tree is also sampled from /proc (``tree RSS``).  On a GPU
+waited for, not a sum).  gpumesh's workers are not the CLI process's children (its worker
+server forks them, ``gpumesh.workerserver``), so its peak RSS is the larger of that figure and
+its summary's, where every worker reports its own.  Because gpumesh may run worker
+processes, the sum of the resident sets of the child's whole process tree is also sampled
+from /proc (``tree RSS``).  On a GPU
 machine the device memory in use (NVML or ``nvidia-smi``: every process's CUDA context and
 allocations) is sampled during gpumesh's run too, and its peak printed (``gpu_peak_mb``).
 
@@ -669,6 +672,11 @@ def run_gpumesh(args: argparse.Namespace, out_dir: Path, rep: int) -> dict[str, 
     res["bytes"] = s.get("bytes")
     res["summary_seconds"] = s.get("seconds")
     res["summary_peak_rss_mb"] = s.get("peak_rss_mb")
+    # gpumesh's workers are forked by its worker server (gpumesh.workerserver), not by the CLI
+    # process, so wait4's figure is the CLI process alone; the summary's is the largest of the
+    # CLI process and every worker (each reports its own)
+    if isinstance(res["summary_peak_rss_mb"], (int, float)) and isinstance(res.get("peak_rss_mb"), (int, float)):
+        res["peak_rss_mb"] = max(res["peak_rss_mb"], float(res["summary_peak_rss_mb"]))
     res["summary_device"] = s.get("device")
     missing = [
         k

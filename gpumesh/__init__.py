@@ -12,26 +12,33 @@ Main entry points
 
 from .errors import (DestinationExistsError, EmptyVolumeWarning, GpumeshError, InvalidMeshError,
                      InvalidVolumeError, InvalidVoxelSizeError, SourceReadError)
-
-from .pipeline import MeshOptions, Summary, run_mesh
-from .reader import load_mesh, open_mesh
+# eager: the function must stay gpumesh.validate once the submodule gpumesh.validate is imported
 from .validate import validate
-from .volume import Volume, open_volume
+
+# The other entry points are imported on first use, so that ``import gpumesh.cli`` (the command
+# line) stays light: the CLI starts the main job's worker server (gpumesh.workerserver) before
+# it imports numba and the pipeline itself, and the main job's worker processes import only
+# gpumesh.pipeline (not trimesh and the ad-hoc module).
+_LAZY = {
+    "MeshOptions": "pipeline", "Summary": "pipeline", "run_mesh": "pipeline",
+    "load_mesh": "reader", "open_mesh": "reader",
+    "Volume": "volume", "open_volume": "volume", "mesh_segment": "adhoc",
+}
 
 
 def __getattr__(name):
-    # mesh_segment is imported on first use, so that the main job's worker processes (which
-    # need only gpumesh.pipeline) do not also import trimesh and the ad-hoc module
-    if name == "mesh_segment":
-        from .adhoc import mesh_segment
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
 
-        globals()[name] = mesh_segment
-        return mesh_segment
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
 
 def __dir__():
-    return sorted(set(globals()) | {"mesh_segment"})
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __version__ = "0.1.0"

@@ -115,6 +115,13 @@ def mesh(source, dest, voxel_size, voxel_offset, mip, axes, fmt, quality, chunk_
     DEST: a directory path or kvstore URL (file://, gs://, s3://).
     Multi-resolution meshes are sharded unless --unsharded.
     """
+    import os
+
+    if (workers or os.cpu_count() or 1) > 1:
+        from .workerserver import start_server
+
+        start_server()   # the workers' server imports gpumesh while this process does the same
+
     from tqdm import tqdm
 
     from .backend import CPUFallbackNotice

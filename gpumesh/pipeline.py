@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from . import encode, storage
+from . import encode, storage, workerserver
 from .backend import Backend, get_backend
 from .errors import DestinationExistsError, EmptyVolumeWarning, GpumeshError
 from .lod import decimate, decimates, get_quality
@@ -487,6 +487,30 @@ def read_cache_bytes(volume: Volume, plan: Plan) -> int:
     return int(min(most * int(np.prod(chunk)) * np.dtype(volume.dtype).itemsize, MAX_READ_CACHE))
 
 
+def _exit_with_parent() -> None:
+    """End this worker as soon as the process that started the pool is gone.
+
+    A pool worker otherwise waits forever for its next task when the main process is killed
+    (SIGKILL by a batch scheduler or the OOM killer): its task queue holds a write end of its own
+    pipe, so it never sees end-of-file, and it would keep its memory (and its CUDA context) for
+    good.  ``parent_process().sentinel`` is closed exactly when the pool's process exits, whether
+    the worker was spawned or forked by the worker server.
+    """
+    import multiprocessing
+    import threading
+    from multiprocessing.connection import wait
+
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.sentinel is None:
+        return
+
+    def watch():
+        wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="gpumesh-exit-with-parent", daemon=True).start()
+
+
 def _init_worker(source, open_kwargs, plan, options, dest_spec, device, nworkers, started=None,
                  device_workers=None):
     import gc
@@ -495,6 +519,7 @@ def _init_worker(source, open_kwargs, plan, options, dest_spec, device, nworkers
 
     from .warmup import warm_up
 
+    _exit_with_parent()
     _keep_freed_memory()
     # a task allocates many short-lived objects but makes no reference cycles worth a full
     # collection every few thousand allocations
@@ -526,11 +551,13 @@ def _load_writer_kernels() -> None:
     segment_nodes(np.zeros((1, 3), np.uint32), np.zeros(1, np.int64), 1)
 
 
-def _run_task(task) -> tuple[tuple, int]:
+def _run_task(task) -> tuple[tuple, int, float]:
+    """Run one task in a worker; returns the task, its result's bytes and the worker's peak RSS
+    so far (MiB: a forked worker is not this process's child, so its own figure is reported)."""
     blob = mesh_block(_WORKER["volume"], _WORKER["plan"], _WORKER["options"], task[0],
                       _WORKER["backend"], task[1])
     storage.write(_WORKER["kv"], block_key(task), blob)
-    return task, len(blob)
+    return task, len(blob), peak_rss_mb()
 
 
 # --------------------------------------------------------------------------------------
@@ -626,6 +653,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     """
     t0 = time.perf_counter()
     options.validate()
+    if (workers or os.cpu_count() or 1) > 1:
+        workerserver.start_server()   # imports gpumesh for the workers while this process goes on
     open_kwargs = dict(voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip, axes=axes)
     volume = open_volume(source, **open_kwargs)
     backend = get_backend(device)
@@ -657,6 +686,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     nworkers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
     summary.workers = nworkers
     finished = len(tasks) - len(todo)
+    workers_rss = 0.0   # largest peak RSS that a worker reported (MiB)
     if progress:
         progress(finished, len(tasks))
     # workers past what the device has room for mesh on the CPU backend (same bytes)
@@ -675,14 +705,13 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             if progress:
                 progress(finished, len(tasks))
     else:
-        import multiprocessing as mp
         import threading
 
         # The writer's numba kernel compiles (on a first run) or loads from its cache here while
         # the workers mesh, instead of after them.
         threading.Thread(target=_load_writer_kernels, daemon=True).start()
         src = source
-        ctx = mp.get_context("spawn")
+        ctx = workerserver.context()   # forked from a server with gpumesh loaded, or spawned
         # workers number themselves from it to split the numba compiles of a first run
         # (gpumesh.warmup), and the first device_workers of them use the GPU
         started = ctx.Value("i", 0)
@@ -693,7 +722,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                                            nworkers, started, device_workers)) as pool:
             futures = [pool.submit(_run_task, t) for t in todo]
             for fut in as_completed(futures):
-                fut.result()
+                workers_rss = max(workers_rss, fut.result()[2])
                 finished += 1
                 if progress:
                     progress(finished, len(tasks))
@@ -713,5 +742,5 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                       EmptyVolumeWarning, stacklevel=2)
     summary.seconds = time.perf_counter() - t0
     summary.seconds_writing = summary.seconds - summary.seconds_meshing
-    summary.peak_rss_mb = peak_rss_mb()
+    summary.peak_rss_mb = max(peak_rss_mb(), workers_rss)
     return summary

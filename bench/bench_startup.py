@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""The main job's fixed cost: the CLI on a small cutout, where start-up is most of the time.
+
+Runs ``python -m gpumesh.cli mesh CUTOUT DEST --workers N`` on a cutout of the real volume
+(``--size`` voxels a side from the origin, written to a temporary zarr before any timing) and
+reports the median wall time (spawn to exit) and the summary's own seconds.  With
+``--baseline DIR`` it also runs the gpumesh package of another checkout ``DIR`` (put first on
+``PYTHONPATH``; its ``gpumesh/`` needs the Draco extension built or copied beside it, else it
+encodes with DracoPy), alternating the two run by run so that both see the same machine, and
+prints their ratio.  One untimed run of each comes first (it loads or compiles the numba
+kernels into that checkout's cache).
+
+    .venv/bin/python bench/bench_startup.py                          # this checkout
+    .venv/bin/python bench/bench_startup.py --baseline /tmp/old      # against another one
+
+Prints a table and writes ``bench/results/startup-<UTC start>-<hostname>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_main import DEFAULT_RESULTS_DIR, DEFAULT_SOURCE, REPO_ROOT, environment, save_result  # noqa: E402
+
+
+def make_cutout(source: Path, size: int, path: Path) -> None:
+    """Write voxels ``[0, size)^3`` of ``source`` (zarr v3, axes x, y, z) as a zarr v3 at ``path``."""
+    import tensorstore as ts
+
+    src = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(source.resolve())}}).result()
+    arr = src[:size, :size, :size].read().result()
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)},
+            "metadata": {"shape": list(arr.shape), "data_type": str(arr.dtype), "dimension_names": ["x", "y", "z"],
+                         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [64, 64, 64]}}}}
+    ts.open(spec, create=True, delete_existing=True).result().write(arr).result()
+
+
+def run_once(checkout: Path, cutout: Path, dest: Path, workers: int, voxel_size: str) -> dict:
+    """One CLI run with ``checkout``'s gpumesh first on the path; wall seconds and summary."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")])))
+    summary = dest.with_suffix(".json")
+    cmd = [sys.executable, "-m", "gpumesh.cli", "mesh", str(cutout), str(dest), "--voxel-size", voxel_size,
+           "--workers", str(workers), "--overwrite", "--quiet", "--summary-json", str(summary)]
+    t0 = time.perf_counter()
+    # cwd: not a checkout, since ``-m`` puts the working directory first on the path
+    proc = subprocess.run(cmd, env=env, cwd=dest.parent, capture_output=True, text=True, timeout=600)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr}")
+    s = json.loads(summary.read_text())
+    return {"wall_s": wall, "summary_seconds": s["seconds"], "bytes": s["bytes"], "workers": s["workers"],
+            "peak_rss_mb": s["peak_rss_mb"]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--source", default=str(DEFAULT_SOURCE))
+    p.add_argument("--voxel-size", default="32,32,40", help="nm, x,y,z")
+    p.add_argument("--size", type=int, default=64, help="cutout edge (voxels)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--baseline", default=None, help="another checkout to compare with")
+    p.add_argument("--results-dir", default=str(DEFAULT_RESULTS_DIR))
+    p.add_argument("--no-save", action="store_true")
+    args = p.parse_args(argv)
+    if not Path(args.source).exists():
+        print(f"source not found: {args.source}", file=sys.stderr)
+        return 2
+    started = _dt.datetime.now(_dt.timezone.utc)
+    variants = {"this": REPO_ROOT}
+    if args.baseline:
+        variants["baseline"] = Path(args.baseline).resolve()
+    runs: dict[str, list] = {k: [] for k in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        cutout = Path(tmp) / "cutout.zarr"
+        make_cutout(Path(args.source), args.size, cutout)
+        for name, checkout in variants.items():   # untimed: loads (or compiles) the kernels
+            run_once(checkout, cutout, Path(tmp) / name, args.workers, args.voxel_size)
+        for _ in range(args.reps):
+            for name, checkout in variants.items():
+                runs[name].append(run_once(checkout, cutout, Path(tmp) / name, args.workers, args.voxel_size))
+    rows = {}
+    print(f"CLI on a {args.size}^3 cutout, {args.workers} workers, median of {args.reps} runs")
+    print("variant  | wall s | summary s | bytes")
+    print("---------+--------+-----------+--------")
+    for name, rs in runs.items():
+        rows[name] = {"checkout": str(variants[name]),
+                      "median_wall_s": statistics.median(r["wall_s"] for r in rs),
+                      "median_summary_s": statistics.median(r["summary_seconds"] for r in rs),
+                      "bytes": sorted({r["bytes"] for r in rs}), "runs": rs}
+        print(f"{name:8s} | {rows[name]['median_wall_s']:6.2f} | {rows[name]['median_summary_s']:9.2f} | "
+              f"{','.join(map(str, rows[name]['bytes']))}")
+    if "baseline" in rows:
+        ratio = rows["baseline"]["median_wall_s"] / rows["this"]["median_wall_s"]
+        print(f"baseline / this (wall): {ratio:.2f}x")
+    record = {"benchmark": "startup", "started_utc": started.isoformat(),
+              "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(), **environment(),
+              "options": {"source": args.source, "size": args.size, "workers": args.workers, "reps": args.reps,
+                          "voxel_size_nm": args.voxel_size},
+              "variants": rows}
+    if not args.no_save:
+        print(f"\nresults: {save_result(record, 'startup', started, args.results_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

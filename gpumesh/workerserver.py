@@ -1,0 +1,86 @@
+"""How the main job's worker processes are started: forked from a server that has gpumesh loaded.
+
+A worker process of the main job (:func:`gpumesh.pipeline.run_mesh`) used to be *spawned*: a
+fresh interpreter that imports NumPy, numba, TensorStore and gpumesh (about 0.7 s on the 2-core
+VM of ``docs/STATUS.md``) before it can load its kernels and take a task, every worker the
+same work.  Here the workers are forked by multiprocessing's *forkserver*: one server process,
+started once per Python process, imports gpumesh's worker modules (:data:`PRELOAD`), and every
+worker is a fork of it that starts with them already imported.  :func:`start_server` can be
+called early (the CLI calls it before it imports gpumesh's modules itself), so that the
+server's imports overlap the main process's own start-up instead of following it.
+
+What stays as it was, and why forking is safe here:
+
+* The server only imports modules.  It never opens a TensorStore, runs a numba kernel or
+  touches CUDA, so it has no threads of ours when it forks (NumPy's OpenBLAS pool handles
+  ``fork`` itself).  Each worker opens its volume, its kvstore and, on the GPU backend, its
+  CUDA context after the fork, in :func:`gpumesh.pipeline._init_worker`, exactly as a spawned
+  worker did, and loads its numba kernels there (:mod:`gpumesh.warmup`).
+* A forked worker has the environment of the server, i.e. of the moment the server started.
+  When the environment has changed since (a test that sets ``GPUMESH_WELD``, a notebook that
+  sets ``NUMBA_CACHE_DIR``), :func:`context` gives spawned workers instead, which see the
+  environment as it is now.
+* Where there is no forkserver (Windows) the workers are spawned.
+
+Nothing here changes a result: the workers run the same tasks on the same arguments.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from typing import Optional
+
+#: Modules the server imports before forking workers: everything a worker's tasks use.
+PRELOAD = ("__main__", "gpumesh.pipeline", "gpumesh.warmup")
+
+#: Variables that change while a process runs without bearing on a worker (pytest sets this
+#: one for every test); they are left out when the environment is compared.
+VOLATILE_ENV = ("PYTEST_CURRENT_TEST",)
+
+#: The environment when this process started the server; ``None`` until then.
+_server_env: Optional[dict] = None
+
+
+def _environment() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in VOLATILE_ENV}
+
+
+def start_server() -> bool:
+    """Start the worker server (multiprocessing's forkserver), if not yet started.
+
+    It starts in the background and returns at once; the server imports :data:`PRELOAD` while
+    the caller goes on.
+
+    Returns
+    -------
+    bool
+        Whether workers can be forked from it (``False`` where the platform has no forkserver).
+    """
+    global _server_env
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return False
+    if _server_env is None:
+        from multiprocessing import forkserver
+
+        # Only takes effect when this call starts the server (not when some other code of this
+        # process already started one): then the workers import gpumesh themselves, as before.
+        forkserver.set_forkserver_preload(list(PRELOAD))
+        forkserver.ensure_running()
+        _server_env = _environment()
+    return True
+
+
+def context():
+    """The multiprocessing context for the main job's worker pool.
+
+    Returns
+    -------
+    multiprocessing.context.BaseContext
+        The forkserver context when :func:`start_server` can start (or has started) the server
+        and the environment is the one it started with (but for :data:`VOLATILE_ENV`); the
+        spawn context otherwise.
+    """
+    if start_server() and _server_env == _environment():
+        return multiprocessing.get_context("forkserver")
+    return multiprocessing.get_context("spawn")

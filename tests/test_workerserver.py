@@ -1,0 +1,129 @@
+"""The main job's worker processes: forked from a server with gpumesh loaded, and never left behind.
+
+This module imports only the standard library at the top: a worker that unpickles one of its
+probe functions imports it, and must not get gpumesh or numba from it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; forkserver")
+
+
+def _loaded_at_start() -> tuple[list, int]:
+    return sorted(m for m in ("gpumesh.pipeline", "numba", "tensorstore") if m in sys.modules), os.getppid()
+
+
+def _env(name: str):
+    return os.environ.get(name)
+
+
+def test_workers_are_forked_from_a_server_that_has_gpumesh_loaded():
+    from gpumesh import workerserver
+
+    ctx = workerserver.context()
+    assert ctx.get_start_method() == "forkserver"
+    with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        loaded, parent = pool.submit(_loaded_at_start).result(timeout=60)
+    # a spawned worker would start with none of them (this module imports none)
+    assert loaded == ["gpumesh.pipeline", "numba", "tensorstore"]
+    assert parent != os.getpid()   # the server's child, not this process's
+
+
+def test_a_changed_environment_gets_spawned_workers_that_see_it(monkeypatch):
+    from gpumesh import workerserver
+
+    workerserver.start_server()
+    monkeypatch.setenv("GPUMESH_TEST_PROBE", "changed")
+    ctx = workerserver.context()
+    assert ctx.get_start_method() == "spawn"
+    with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        assert pool.submit(_env, "GPUMESH_TEST_PROBE").result(timeout=60) == "changed"
+    monkeypatch.delenv("GPUMESH_TEST_PROBE")
+    assert workerserver.context().get_start_method() == "forkserver"
+
+
+def test_two_workers_write_the_bytes_of_one(crop, tmp_path):
+    from gpumesh.pipeline import MeshOptions, run_mesh
+
+    sub = crop[:64, :64, :64]
+    kw = dict(options=MeshOptions(chunk_size=16, max_lods=3), voxel_size=(32.0, 32.0, 40.0))
+    one = run_mesh(sub, str(tmp_path / "one"), workers=1, **kw)
+    two = run_mesh(sub, str(tmp_path / "two"), workers=2, **kw)
+    assert one.workers == 1 and two.workers == 2 and two.tasks > 2
+
+    def files(root):
+        return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+                for d, _, fs in os.walk(root) for f in fs}
+
+    assert files(tmp_path / "one") == files(tmp_path / "two") != {}
+    # every worker reports its own peak (a forked worker is not this process's child)
+    assert two.peak_rss_mb > 0
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, stack = set(), [root]
+    while stack:
+        for c in children.get(stack.pop(), ()):
+            out.add(c)
+            stack.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def test_killing_the_main_job_ends_its_workers(real_zarr, tmp_path):
+    """SIGKILL the CLI while its workers mesh: no process of the job is left running.
+
+    A pool worker used to wait forever for its next task (and keep its memory, and on a GPU its
+    CUDA context) once the main process was killed, as a batch scheduler or the OOM killer does.
+    """
+    exe = os.path.join(os.path.dirname(sys.executable), "gpumesh")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "gpumesh.cli"]
+    proc = subprocess.Popen(cmd + ["mesh", str(real_zarr), str(tmp_path / "out"), "--voxel-size", "32,32,40",
+                                   "--workers", "2", "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    blocks = tmp_path / "out" / ".gpumesh-work" / "blocks"
+    seen: set[int] = set()
+    try:
+        deadline = time.time() + 120
+        # the workers are busy once the first task result is written
+        while time.time() < deadline and proc.poll() is None and not (blocks.is_dir() and any(blocks.iterdir())):
+            seen |= _descendants(proc.pid)
+            time.sleep(0.05)
+        seen |= _descendants(proc.pid)
+        assert proc.poll() is None, "the job ended before it could be killed"
+        assert len(seen) >= 3   # the worker server (or the resource tracker) and two workers
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(p) for p in seen):
+        time.sleep(0.1)
+    left = [p for p in seen if _alive(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"processes of the killed job still running: {left}"
