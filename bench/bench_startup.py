@@ -94,7 +94,9 @@ def main(argv=None) -> int:
     print("variant  | wall s | summary s | bytes")
     print("---------+--------+-----------+--------")
     for name, rs in runs.items():
-        rows[name] = {"checkout": str(variants[name]),
+        commit = subprocess.run(["git", "-C", str(variants[name]), "rev-parse", "HEAD"], capture_output=True,
+                                text=True).stdout.strip() or None
+        rows[name] = {"checkout": str(variants[name]), "commit": commit,
                       "median_wall_s": statistics.median(r["wall_s"] for r in rs),
                       "median_summary_s": statistics.median(r["summary_seconds"] for r in rs),
                       "bytes": sorted({r["bytes"] for r in rs}), "runs": rs}
