@@ -421,7 +421,7 @@ def _mesh_lod(volume: Volume, plan: Plan, options: MeshOptions, backend: Backend
 
 
 # --------------------------------------------------------------------------------------
-# Worker pool plumbing (spawned processes; each opens the volume once).
+# Worker pool plumbing (processes forked by the worker server, or spawned; each opens the volume once).
 
 _WORKER: dict[str, Any] = {}
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Dry run of the `gpu` tests (tests/test_gpu.py, -m gpu) on a machine without a GPU: CuPy's
 # runtime is replaced by the CPU emulation of the kernels, in this process and in the main
-# job's spawned workers (tests/cuda_emulation/emulated_gpu.py).  It checks the tests' own
+# job's worker processes (tests/cuda_emulation/emulated_gpu.py).  It checks the tests' own
 # code before a lent device's short time is spent on them; it says nothing about a device.
 # bench/device/prepare.sh runs it.  Extra arguments go to pytest.
 set -euo pipefail

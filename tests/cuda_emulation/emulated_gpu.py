@@ -4,9 +4,10 @@ A pytest plugin (``-p emulated_gpu``), used by ``dry_run_gpu_tests.sh``: on impo
 :class:`gpumesh.gpu.CupyRuntime` with :class:`cuda_emu.EmulatedRuntime` (the kernels compiled
 for the CPU, NumPy standing for CuPy, an emulated 8 GiB device) and makes
 :func:`gpumesh.backend.gpu_available` say yes; its collection hook lifts the skip that
-``conftest.py`` puts on the ``gpu`` tests.  The main job's spawned workers import it too, through
-``site/sitecustomize.py`` when ``GPUMESH_EMULATED_GPU=1``, and load the emulation library that
-the first process built (``GPUMESH_EMULATED_LIB``).
+``conftest.py`` puts on the ``gpu`` tests.  The main job's worker processes import it too, through
+``site/sitecustomize.py`` when ``GPUMESH_EMULATED_GPU=1`` (run by the worker server, or by each
+spawned worker), and load the emulation library that the first process built
+(``GPUMESH_EMULATED_LIB``).
 
 What a dry run shows: that the ``gpu`` tests' own code (fixtures, budgets, the statistics they
 expect, the paths they take through :class:`gpumesh.gpu.GPUBackend` and ``run_mesh``) holds,
@@ -42,7 +43,7 @@ def _library() -> cuda_emu.EmulatedLibrary:
         else:
             lib = cuda_emu.build(pathlib.Path(tempfile.mkdtemp(prefix="gpumesh-emu-")),
                                  [gpu.kernel_dir() / f for f in gpu.KERNEL_FILES], gpu.KERNEL_NAMES)
-            os.environ[LIB_ENV] = f"{lib.path}|{int(lib.ubsan)}"  # for spawned workers
+            os.environ[LIB_ENV] = f"{lib.path}|{int(lib.ubsan)}"  # for the workers (gpumesh.workerserver)
             _LIB.append(lib)
     return _LIB[0]
 
