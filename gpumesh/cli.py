@@ -1,7 +1,8 @@
 """Command line: ``gpumesh mesh``, ``gpumesh validate``, ``gpumesh convert``.
 
 Errors caused by bad input print one line (``gpumesh: error: ...``) and exit with status 2;
-a failed validation exits with status 1.
+a failed validation, and a main job whose worker process died (``--resume`` continues it),
+exit with status 1.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import warnings
 import click
 
 from ._cliutil import _fail, _triple
-from .errors import EmptyVolumeWarning, GpumeshError
+from .errors import EmptyVolumeWarning, GpumeshError, WorkerFailedError
 
 
 
@@ -160,6 +161,11 @@ def mesh(source, dest, voxel_size, voxel_offset, mip, axes, fmt, quality, chunk_
             summary = run_mesh(source, dest, options=options, voxel_size=voxel_size, voxel_offset=voxel_offset,
                                mip=mip, axes=axes, overwrite=overwrite, resume=resume, workers=workers,
                                device=device, link_source=link_source, progress=progress)
+    except WorkerFailedError as exc:   # not bad input: status 1, and --resume continues
+        if bar is not None:
+            bar.close()
+        click.echo(f"gpumesh: error: {exc}", err=True)
+        sys.exit(1)
     except (GpumeshError, ValueError) as exc:
         if bar is not None:
             bar.close()

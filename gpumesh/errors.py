@@ -1,7 +1,8 @@
 """Typed errors raised by gpumesh.
 
 Every error that bad input can cause is a subclass of :class:`GpumeshError`, raised
-before any output is written, with a one-line message fit for the CLI.
+before any output is written, with a one-line message fit for the CLI.  So is
+:class:`WorkerFailedError`, which bad state causes mid-run (a worker process killed).
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ class DestinationExistsError(GpumeshError, FileExistsError):
 
 class InvalidMeshError(GpumeshError, ValueError):
     """A precomputed mesh directory violates the Neuroglancer spec (raised by readers)."""
+
+
+class WorkerFailedError(GpumeshError, RuntimeError):
+    """A worker process of the main job ended abruptly (killed, e.g. by the out-of-memory
+    killer, or crashed).  The tasks that finished are kept in the destination's scratch area,
+    so the run can be resumed."""
 
 
 class EmptyVolumeWarning(UserWarning):

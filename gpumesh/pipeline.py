@@ -34,6 +34,7 @@ import struct
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -41,7 +42,7 @@ import numpy as np
 
 from . import encode, storage, workerserver
 from .backend import Backend, get_backend
-from .errors import DestinationExistsError, EmptyVolumeWarning, GpumeshError
+from .errors import DestinationExistsError, EmptyVolumeWarning, GpumeshError, WorkerFailedError
 from .lod import decimate, decimates, get_quality
 from .marching import piece_in_node, relabel_block, thin_vertices
 from .sharding import ShardingOptions
@@ -545,6 +546,28 @@ def _init_worker(source, open_kwargs, plan, options, dest_spec, device, nworkers
     warm_up(_WORKER["volume"].dtype, _WORKER["backend"].name, worker, nworkers)
 
 
+def _how_workers_ended(procs: list) -> str:
+    """``" (killed by SIGKILL ...)"`` from the exit codes of a broken pool's processes, where known.
+
+    The pool stops its other workers with SIGTERM once one has died, so other signals and
+    non-zero exit codes tell which one ended first and how.
+    """
+    import signal
+
+    codes = [p.exitcode for p in procs if p.exitcode not in (None, 0, -signal.SIGTERM)]
+    if not codes:
+        return ""
+    code = codes[0]
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = ": the out-of-memory killer?" if -code == signal.SIGKILL else ""
+        return f" (killed by {name}{hint})"
+    return f" (exit status {code})"
+
+
 def _load_writer_kernels() -> None:
     from .octree import segment_nodes
 
@@ -650,6 +673,9 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         ``dest`` holds data and neither ``overwrite`` nor ``resume`` was given.
     ValueError
         Inconsistent options.
+    WorkerFailedError
+        A worker process ended abruptly (killed, e.g. by the out-of-memory killer, or crashed).
+        The tasks that finished are kept: ``resume=True`` continues the run.
     """
     t0 = time.perf_counter()
     options.validate()
@@ -715,17 +741,27 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         # workers number themselves from it to split the numba compiles of a first run
         # (gpumesh.warmup), and the first device_workers of them use the GPU
         started = ctx.Value("i", 0)
-        with ProcessPoolExecutor(nworkers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(src, dict(open_kwargs, cache_bytes=read_cache_bytes(volume, plan)),
-                                           plan, options, storage.kvstore_spec(dest)
-                                           if not isinstance(dest, dict) else dest, backend.name,
-                                           nworkers, started, device_workers)) as pool:
-            futures = [pool.submit(_run_task, t) for t in todo]
-            for fut in as_completed(futures):
-                workers_rss = max(workers_rss, fut.result()[2])
-                finished += 1
-                if progress:
-                    progress(finished, len(tasks))
+        pool = ProcessPoolExecutor(nworkers, mp_context=ctx, initializer=_init_worker,
+                                   initargs=(src, dict(open_kwargs, cache_bytes=read_cache_bytes(volume, plan)),
+                                             plan, options, storage.kvstore_spec(dest)
+                                             if not isinstance(dest, dict) else dest, backend.name,
+                                             nworkers, started, device_workers))
+        procs: list = []
+        try:
+            with pool:
+                futures = [pool.submit(_run_task, t) for t in todo]
+                # the worker processes (private; only to say how a dead one ended)
+                procs = list((getattr(pool, "_processes", None) or {}).values())
+                for fut in as_completed(futures):
+                    workers_rss = max(workers_rss, fut.result()[2])
+                    finished += 1
+                    if progress:
+                        progress(finished, len(tasks))
+        except BrokenProcessPool as exc:
+            raise WorkerFailedError(
+                f"a worker process ended abruptly{_how_workers_ended(procs)} after {finished} of "
+                f"{len(tasks)} tasks; the finished ones are kept in {dest}: run it again with --resume "
+                f"(Python: resume=True), with fewer workers if memory ran out") from exc
 
     from .writer import assemble
 

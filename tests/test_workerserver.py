@@ -69,7 +69,7 @@ def test_two_workers_write_the_bytes_of_one(crop, tmp_path):
     assert two.peak_rss_mb > 0
 
 
-def _descendants(root: int) -> set[int]:
+def _children() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
@@ -79,6 +79,11 @@ def _descendants(root: int) -> set[int]:
             except (OSError, ValueError, IndexError):
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def _descendants(root: int) -> set[int]:
+    children = _children()
     out, stack = set(), [root]
     while stack:
         for c in children.get(stack.pop(), ()):
@@ -95,27 +100,35 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _cli_cmd() -> list[str]:
+    exe = os.path.join(os.path.dirname(sys.executable), "gpumesh")
+    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "gpumesh.cli"]
+
+
+def _wait_for_first_result(proc, dest, timeout=120) -> set[int]:
+    """Wait until the job in ``proc`` wrote its first task result; the job's processes seen."""
+    blocks = dest / ".gpumesh-work" / "blocks"
+    seen: set[int] = set()
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not (blocks.is_dir() and any(blocks.iterdir())):
+        seen |= _descendants(proc.pid)
+        time.sleep(0.05)
+    seen |= _descendants(proc.pid)
+    assert proc.poll() is None, "the job ended before the test could interrupt it"
+    return seen
+
+
 def test_killing_the_main_job_ends_its_workers(real_zarr, tmp_path):
     """SIGKILL the CLI while its workers mesh: no process of the job is left running.
 
     A pool worker used to wait forever for its next task (and keep its memory, and on a GPU its
     CUDA context) once the main process was killed, as a batch scheduler or the OOM killer does.
     """
-    exe = os.path.join(os.path.dirname(sys.executable), "gpumesh")
-    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "gpumesh.cli"]
-    proc = subprocess.Popen(cmd + ["mesh", str(real_zarr), str(tmp_path / "out"), "--voxel-size", "32,32,40",
-                                   "--workers", "2", "--quiet"],
+    proc = subprocess.Popen(_cli_cmd() + ["mesh", str(real_zarr), str(tmp_path / "out"), "--voxel-size",
+                                          "32,32,40", "--workers", "2", "--quiet"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    blocks = tmp_path / "out" / ".gpumesh-work" / "blocks"
-    seen: set[int] = set()
     try:
-        deadline = time.time() + 120
-        # the workers are busy once the first task result is written
-        while time.time() < deadline and proc.poll() is None and not (blocks.is_dir() and any(blocks.iterdir())):
-            seen |= _descendants(proc.pid)
-            time.sleep(0.05)
-        seen |= _descendants(proc.pid)
-        assert proc.poll() is None, "the job ended before it could be killed"
+        seen = _wait_for_first_result(proc, tmp_path / "out")
         assert len(seen) >= 3   # the worker server (or the resource tracker) and two workers
         proc.send_signal(signal.SIGKILL)
     finally:
@@ -127,3 +140,49 @@ def test_killing_the_main_job_ends_its_workers(real_zarr, tmp_path):
     for p in left:
         os.kill(p, signal.SIGKILL)
     assert not left, f"processes of the killed job still running: {left}"
+
+
+def test_a_killed_worker_fails_the_job_in_one_line_and_resume_finishes_it(crop, tmp_path):
+    """SIGKILL one worker mid-job (as the out-of-memory killer would): the CLI says so in one
+    line with status 1, and ``--resume`` then writes the bytes of an uninterrupted run."""
+    import tensorstore as ts
+
+    src = tmp_path / "src.zarr"
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(src)},
+            "metadata": {"shape": list(crop.shape), "data_type": str(crop.dtype), "dimension_names": ["x", "y", "z"],
+                         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [64, 64, 64]}}}}
+    ts.open(spec, create=True).result().write(crop).result()
+    args = ["mesh", str(src), "--voxel-size", "32,32,40", "--chunk-size", "16", "--quiet"]
+    dest = tmp_path / "killed"
+    proc = subprocess.Popen(_cli_cmd() + args[:2] + [str(dest)] + args[2:] + ["--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_first_result(proc, dest)
+        children = _children()
+        workers = [p for p in _descendants(proc.pid)
+                   if not children.get(p) and b"resource_tracker" not in open(f"/proc/{p}/cmdline", "rb").read()]
+        assert workers, "no worker process found"
+        os.kill(workers[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert proc.returncode == 1, err
+    assert len(lines) == 1 and lines[0].startswith("gpumesh: error: a worker process ended abruptly"), err
+    assert "SIGKILL" in lines[0] and "--resume" in lines[0]
+    assert not (dest / "info").exists()
+
+    r = subprocess.run(_cli_cmd() + args[:2] + [str(dest)] + args[2:] + ["--resume"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    ref = tmp_path / "ref"
+    r = subprocess.run(_cli_cmd() + args[:2] + [str(ref)] + args[2:] + ["--workers", "1"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+    def files(root):
+        return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+                for d, _, fs in os.walk(root) for f in fs if ".gpumesh-work" not in d}
+
+    assert files(dest) == files(ref) != {}
