@@ -145,8 +145,19 @@ def list_keys(kv: ts.KvStore, prefix: str = "") -> list[str]:
 
 
 def delete_prefix(kv: ts.KvStore, prefix: str) -> None:
-    """Delete every key under ``prefix``."""
+    """Delete every key under ``prefix``; on a local ``file`` kvstore, and when ``prefix`` is a
+    directory (ends in ``/``), also its directories that are left empty (TensorStore deletes
+    files only)."""
     kv.delete_range(ts.KvStore.KeyRange(inclusive_min=prefix, exclusive_max=prefix + "\xff")).result()
+    if prefix.endswith("/"):
+        spec = kv.spec().to_json()
+        if spec.get("driver") == "file" and spec.get("path"):
+            root = os.path.join(spec["path"], prefix)
+            for d, _, _ in sorted(os.walk(root), key=lambda t: -len(t[0])):   # deepest first
+                try:
+                    os.rmdir(d)
+                except OSError:   # not empty (another writer's file), or already gone
+                    pass
 
 
 def delete_all(kv: ts.KvStore) -> None:

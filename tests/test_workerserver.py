@@ -65,6 +65,8 @@ def test_two_workers_write_the_bytes_of_one(crop, tmp_path):
                 for d, _, fs in os.walk(root) for f in fs}
 
     assert files(tmp_path / "one") == files(tmp_path / "two") != {}
+    # the scratch area goes, directories included (TensorStore's file driver deletes files only)
+    assert not (tmp_path / "one" / ".gpumesh-work").exists() and not (tmp_path / "two" / ".gpumesh-work").exists()
     # every worker reports its own peak (a forked worker is not this process's child)
     assert two.peak_rss_mb > 0
 
