@@ -679,8 +679,6 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     """
     t0 = time.perf_counter()
     options.validate()
-    if (workers or os.cpu_count() or 1) > 1:
-        workerserver.start_server()   # imports gpumesh for the workers while this process goes on
     open_kwargs = dict(voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip, axes=axes)
     volume = open_volume(source, **open_kwargs)
     backend = get_backend(device)
@@ -702,6 +700,10 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                 raise DestinationExistsError(f"{dest}: holds a finished mesh; use --overwrite to redo it")
         else:
             raise DestinationExistsError(f"{dest} is not empty; pass --overwrite or --resume")
+    if (workers or os.cpu_count() or 1) > 1:
+        # once the input is known good: the server imports gpumesh for the workers while this
+        # process goes on (the CLI has started it already)
+        workerserver.start_server()
     storage.write_json(kv, SCRATCH + "plan.json", fingerprint)
 
     tasks = plan.tasks()

@@ -20,6 +20,9 @@ What stays as it was, and why forking is safe here:
   When the environment has changed since (a test that sets ``GPUMESH_WELD``, a notebook that
   sets ``NUMBA_CACHE_DIR``), :func:`context` gives spawned workers instead, which see the
   environment as it is now.
+* The main script is imported once, by the server (``"__main__"`` in :data:`PRELOAD`), where
+  each spawned worker used to import it; a script that starts the main job needs the usual
+  ``if __name__ == "__main__":`` guard either way.
 * Where there is no forkserver (Windows) the workers are spawned.
 
 Nothing here changes a result: the workers run the same tasks on the same arguments.
