@@ -272,8 +272,7 @@ def main(argv=None) -> int:
     p.add_argument("--peers", default="zmesh,serra", help="peers to run on the real volume ('' for none)")
     p.add_argument("--cpu-tiled", action="store_true", help="also run the CPU and peers on the tiled volume")
     p.add_argument("--voxel-size", type=bench_main._parse_voxel_size, default=(32.0, 32.0, 40.0))
-    p.add_argument("--results-dir", default=str(bench_main.DEFAULT_RESULTS_DIR))
-    p.add_argument("--no-save", action="store_true")
+    bench_main.add_result_args(p)
     args = p.parse_args(argv)
 
     from gpumesh.backend import gpu_available

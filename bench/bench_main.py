@@ -1089,6 +1089,20 @@ def environment() -> dict[str, Any]:
     }
 
 
+def add_result_args(p: argparse.ArgumentParser) -> None:
+    """``--results-dir`` and ``--no-save``, which every benchmark takes."""
+    p.add_argument("--results-dir", default=str(DEFAULT_RESULTS_DIR), help="where the result JSON goes")
+    p.add_argument("--no-save", action="store_true", help="do not write the result JSON")
+
+
+def source_missing(source) -> bool:
+    """``True`` (and a line on stderr) when the benchmark's source volume does not exist."""
+    if Path(source).exists():
+        return False
+    print(f"source not found: {source}", file=sys.stderr)
+    return True
+
+
 def save_result(record: dict[str, Any], kind: str, started: _dt.datetime, results_dir) -> Path:
     """Write ``record`` as ``<results_dir>/<kind>-<UTC start>-<hostname>.json``."""
     res_dir = Path(results_dir)
@@ -1140,9 +1154,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: a fresh temp dir under /tmp, removed at the end unless --keep)")
     p.add_argument("--keep", action="store_true", help="keep the temp --out-dir")
     p.add_argument("--repeat", type=int, default=1, help="runs per tool; the median is reported")
-    p.add_argument("--results-dir", default=str(DEFAULT_RESULTS_DIR),
-                   help="where the result JSON goes")
-    p.add_argument("--no-save", action="store_true", help="do not write the result JSON")
+    add_result_args(p)
     p.add_argument("--timeout", type=float, default=None,
                    help="kill a tool's run (its process group) after this many seconds")
     p.add_argument("--reduction-factor", type=int, default=IGNEOUS_REDUCTION_FACTOR,
@@ -1190,8 +1202,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_worker(args)
 
     args.source = resolve_source(args.source)
-    if not args.source.exists():
-        print(f"source not found: {args.source}", file=sys.stderr)
+    if source_missing(args.source):
         return 2
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     unknown = skip - set(TOOLS)

@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_main import DEFAULT_RESULTS_DIR, DEFAULT_SOURCE, REPO_ROOT, environment, save_result  # noqa: E402
+from bench_main import (DEFAULT_SOURCE, REPO_ROOT, add_result_args, environment, save_result,  # noqa: E402
+                        source_missing)
 
 
 def make_cutout(source: Path, size: int, path: Path) -> None:
@@ -70,11 +71,9 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--baseline", default=None, help="another checkout to compare with")
-    p.add_argument("--results-dir", default=str(DEFAULT_RESULTS_DIR))
-    p.add_argument("--no-save", action="store_true")
+    add_result_args(p)
     args = p.parse_args(argv)
-    if not Path(args.source).exists():
-        print(f"source not found: {args.source}", file=sys.stderr)
+    if source_missing(args.source):
         return 2
     started = _dt.datetime.now(_dt.timezone.utc)
     variants = {"this": REPO_ROOT}

@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_main import (DEFAULT_RESULTS_DIR, DEFAULT_SOURCE, device_info,  # noqa: E402
-                        environment, save_result)
+from bench_main import (DEFAULT_SOURCE, add_result_args, device_info, environment,  # noqa: E402
+                        save_result, source_missing)
 
 WORKERS = (1, 2, 8, 16, 32, 64)
 
@@ -94,11 +94,9 @@ def main(argv=None) -> int:
     p.add_argument("--source", default=str(DEFAULT_SOURCE))
     p.add_argument("--voxel-size", default="32,32,40", help="nm, x,y,z")
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu", "auto"))
-    p.add_argument("--results-dir", default=str(DEFAULT_RESULTS_DIR))
-    p.add_argument("--no-save", action="store_true")
+    add_result_args(p)
     args = p.parse_args(argv)
-    if not Path(args.source).exists():
-        print(f"source not found: {args.source}", file=sys.stderr)
+    if source_missing(args.source):
         return 2
     voxel_size = tuple(float(v) for v in args.voxel_size.split(","))
     started = _dt.datetime.now(_dt.timezone.utc)

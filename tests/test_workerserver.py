@@ -59,12 +59,7 @@ def test_two_workers_write_the_bytes_of_one(crop, tmp_path):
     one = run_mesh(sub, str(tmp_path / "one"), workers=1, **kw)
     two = run_mesh(sub, str(tmp_path / "two"), workers=2, **kw)
     assert one.workers == 1 and two.workers == 2 and two.tasks > 2
-
-    def files(root):
-        return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
-                for d, _, fs in os.walk(root) for f in fs}
-
-    assert files(tmp_path / "one") == files(tmp_path / "two") != {}
+    assert _files(tmp_path / "one") == _files(tmp_path / "two") != {}
     # the scratch area goes, directories included (TensorStore's file driver deletes files only)
     assert not (tmp_path / "one" / ".gpumesh-work").exists() and not (tmp_path / "two" / ".gpumesh-work").exists()
     # every worker reports its own peak (a forked worker is not this process's child)
@@ -82,6 +77,16 @@ def _children() -> dict[int, list[int]]:
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
     return children
+
+
+def _files(root) -> dict:
+    """Every file under ``root`` (relative path -> bytes)."""
+    out = {}
+    for d, _, fs in os.walk(root):
+        for f in fs:
+            with open(os.path.join(d, f), "rb") as fh:
+                out[os.path.relpath(os.path.join(d, f), root)] = fh.read()
+    return out
 
 
 def _descendants(root: int) -> set[int]:
@@ -182,9 +187,4 @@ def test_a_killed_worker_fails_the_job_in_one_line_and_resume_finishes_it(crop, 
     r = subprocess.run(_cli_cmd() + args[:2] + [str(ref)] + args[2:] + ["--workers", "1"], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-
-    def files(root):
-        return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
-                for d, _, fs in os.walk(root) for f in fs if ".gpumesh-work" not in d}
-
-    assert files(dest) == files(ref) != {}
+    assert _files(dest) == _files(ref) != {}
