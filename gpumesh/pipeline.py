@@ -703,7 +703,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                 raise DestinationExistsError(f"{dest}: holds a finished mesh; use --overwrite to redo it")
         else:
             raise DestinationExistsError(f"{dest} is not empty; pass --overwrite or --resume")
-    if (workers or os.cpu_count() or 1) > 1:
+    requested = workers or os.cpu_count() or 1   # worker processes asked for
+    if requested > 1:
         # once the input is known good: the server imports gpumesh for the workers while this
         # process goes on (the CLI has started it already)
         workerserver.start_server()
@@ -714,7 +715,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     todo = [t for t in tasks if task_name(t) not in done]
     summary = Summary(blocks=len(plan.blocks()), tasks=len(tasks), tasks_resumed=len(tasks) - len(todo),
                       device=backend.name, format=options.format)
-    nworkers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    nworkers = max(1, min(requested, len(todo) or 1))
     summary.workers = nworkers
     finished = len(tasks) - len(todo)
     workers_rss = 0.0   # largest peak RSS that a worker reported (MiB)

@@ -153,7 +153,7 @@ def delete_prefix(kv: ts.KvStore, prefix: str) -> None:
         spec = kv.spec().to_json()
         if spec.get("driver") == "file" and spec.get("path"):
             root = os.path.join(spec["path"], prefix)
-            for d, _, _ in sorted(os.walk(root), key=lambda t: -len(t[0])):   # deepest first
+            for d, _, _ in os.walk(root, topdown=False):   # children before their parent
                 try:
                     os.rmdir(d)
                 except OSError:   # not empty (another writer's file), or already gone

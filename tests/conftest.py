@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -19,6 +20,23 @@ VOXEL_SIZE = (32.0, 32.0, 40.0)
 # LOD 0 nodes and 3 LODs so that several blocks, nodes and LODs are exercised.
 CROP_START = (192, 192, 192)
 CROP_SIZE = 128
+
+
+def cli_command() -> list:
+    """The ``gpumesh`` command of this environment (its console script, else ``python -m``)."""
+    exe = os.path.join(os.path.dirname(sys.executable), "gpumesh")
+    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "gpumesh.cli"]
+
+
+def tree_files(root) -> dict:
+    """Every file under ``root`` (relative path -> bytes)."""
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(d, n)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = fh.read()
+    return out
 
 
 def gpu_present() -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -13,6 +12,8 @@ import pytest
 from gpumesh import (DestinationExistsError, EmptyVolumeWarning, InvalidVolumeError, InvalidVoxelSizeError,
                      SourceReadError, run_mesh, validate)
 from gpumesh.pipeline import MeshOptions
+
+from conftest import cli_command
 
 GOOD = np.zeros((8, 8, 8), np.uint16)
 GOOD[2:5, 2:6, 3:5] = 7
@@ -83,9 +84,7 @@ def test_all_zero_volume_gives_valid_empty_output(tmp_path):
 
 
 def _cli(*args):
-    exe = os.path.join(os.path.dirname(sys.executable), "gpumesh")
-    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "gpumesh.cli"]
-    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=120)
+    return subprocess.run(cli_command() + list(args), capture_output=True, text=True, timeout=120)
 
 
 def test_cli_errors_are_one_line(tmp_path, real_zarr):

@@ -15,7 +15,6 @@ import re
 import signal
 import struct
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -30,7 +29,7 @@ from gpumesh.sharding import (MAX_SEGMENTS_PER_MINISHARD, ShardingOptions, Shard
 from gpumesh.validate import validate
 from gpumesh.writer import convert_mesh
 
-from conftest import VOXEL_SIZE
+from conftest import VOXEL_SIZE, cli_command, tree_files
 
 CHUNK = 16
 SMALL = 64  # 8 blocks, about a second
@@ -39,8 +38,7 @@ VS_ARG = ",".join(str(int(v)) for v in VOXEL_SIZE)
 
 
 def _cli(*args, wait=True):
-    exe = os.path.join(os.path.dirname(sys.executable), "gpumesh")
-    cmd = ([exe] if os.path.exists(exe) else [sys.executable, "-m", "gpumesh.cli"]) + [str(a) for a in args]
+    cmd = cli_command() + [str(a) for a in args]
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -53,17 +51,6 @@ def _write_zarr(path, arr) -> None:
                      "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [32, 32, 32]}}},
     }
     ts.open(spec, create=True).result().write(arr).result()
-
-
-def _files(root) -> dict:
-    """Every file under ``root`` (relative path -> bytes)."""
-    out = {}
-    for d, _, names in os.walk(root):
-        for n in names:
-            p = os.path.join(d, n)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = fh.read()
-    return out
 
 
 def _mesh(arr, dest, sharding=None, **kw):
@@ -245,7 +232,7 @@ def test_empty_volume_sharded(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         summary = _mesh(np.zeros((10, 9, 8), np.uint64), tmp_path / "out", ShardingOptions())
-    assert summary.segments == 0 and list(_files(tmp_path / "out")) == ["info"]
+    assert summary.segments == 0 and list(tree_files(tmp_path / "out")) == ["info"]
     rep = validate(str(tmp_path / "out"))
     assert rep.ok and rep.num_segments == 0
     assert open_mesh(str(tmp_path / "out")).segment_ids() == []
@@ -261,7 +248,7 @@ def test_deterministic_and_memory_kvstore(small, outputs, tmp_path, monkeypatch)
     assert rep.ok and rep.num_segments > 0, rep.errors[:5]
     kv = storage.open_kvstore(url)
     mem = {k: storage.read(kv, k) for k in storage.list_keys(kv)}
-    assert mem == _files(outputs / "gzip")
+    assert mem == tree_files(outputs / "gzip")
 
 
 @pytest.mark.parametrize("layout", ["gzip", "unsharded"])
@@ -286,7 +273,7 @@ def test_assembly_past_its_memory_cap_reads_by_range(small, outputs, tmp_path, m
     (results,) = made
     kept, total = len(results.kept), len(results.keys)
     assert kept == 0 if cap == "none" else 0 < kept < total
-    assert _files(tmp_path / "out") == _files(outputs / layout)
+    assert tree_files(tmp_path / "out") == tree_files(outputs / layout)
 
 
 class _Killed(Exception):
@@ -320,7 +307,7 @@ def test_resume_skips_finished_shards(small, outputs, tmp_path, monkeypatch):
     summary = _mesh(small, dest, sharding, resume=True)
     shards = len([n for n in os.listdir(dest) if n.endswith(".shard")])
     assert len(calls) == shards - 1 and summary.tasks_resumed == summary.tasks
-    assert _files(dest) == _files(outputs / "gzip")
+    assert tree_files(dest) == tree_files(outputs / "gzip")
     assert summary.segments == validate(str(dest)).num_segments
 
 
@@ -362,7 +349,7 @@ def test_kill_and_resume_cli(crop, tmp_path):
     assert summary["tasks_resumed"] >= finished
     ref = tmp_path / "ref"
     _mesh(big, ref, ShardingOptions())
-    got, want = _files(dest), _files(ref)
+    got, want = tree_files(dest), tree_files(ref)
     assert sorted(got) == sorted(want) and got == want
     assert validate(str(dest)).ok
 
@@ -377,17 +364,17 @@ def test_convert_round_trip(outputs, tmp_path):
     r = _cli("convert", plain, sharded)
     assert r.returncode == 0, r.stderr
     # the same bytes as meshing straight into the sharded layout (same automatic rule)
-    assert _files(sharded) == _files(outputs / "sharded")
+    assert tree_files(sharded) == tree_files(outputs / "sharded")
     back = tmp_path / "back"
     r = _cli("convert", sharded, back, "--unsharded")
     assert r.returncode == 0, r.stderr
-    assert _files(back) == _files(plain)
+    assert tree_files(back) == tree_files(plain)
     # other parameters, through the API, and back
     res = convert_mesh(str(plain), str(tmp_path / "gz"), sharding=ShardingOptions(shard_bits=2, minishard_bits=2,
                                                                                    data_encoding="gzip"))
-    assert res["shards"] >= 2 and _files(tmp_path / "gz") == _files(outputs / "gzip")
+    assert res["shards"] >= 2 and tree_files(tmp_path / "gz") == tree_files(outputs / "gzip")
     convert_mesh(str(tmp_path / "gz"), str(tmp_path / "back2"), sharding=None)
-    assert _files(tmp_path / "back2") == _files(plain)
+    assert tree_files(tmp_path / "back2") == tree_files(plain)
     with pytest.raises(Exception):
         convert_mesh(str(plain), str(tmp_path / "back2"), sharding=None)  # not empty
 
@@ -399,7 +386,7 @@ def test_convert_round_trip(outputs, tmp_path):
 def _one_shard_dir(tmp_path, outputs, mutate):
     """Copy of the 'gzip' output with one shard file replaced by ``mutate(spec, name, blob)``."""
     dest = tmp_path / "bad"
-    for rel, blob in _files(outputs / "gzip").items():
+    for rel, blob in tree_files(outputs / "gzip").items():
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         (dest / rel).write_bytes(blob)
     spec = ShardingSpec.from_json(json.loads((dest / "info").read_text())["sharding"])

@@ -1,7 +1,8 @@
 """The main job's worker processes: forked from a server with gpumesh loaded, and never left behind.
 
-This module imports only the standard library at the top: a worker that unpickles one of its
-probe functions imports it, and must not get gpumesh or numba from it.
+This module imports only the standard library and conftest (NumPy, pytest) at the top: a worker
+that unpickles one of its probe functions imports it, and must not get gpumesh, numba or
+TensorStore from it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
+
+from conftest import cli_command, tree_files
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; forkserver")
 
@@ -59,7 +62,7 @@ def test_two_workers_write_the_bytes_of_one(crop, tmp_path):
     one = run_mesh(sub, str(tmp_path / "one"), workers=1, **kw)
     two = run_mesh(sub, str(tmp_path / "two"), workers=2, **kw)
     assert one.workers == 1 and two.workers == 2 and two.tasks > 2
-    assert _files(tmp_path / "one") == _files(tmp_path / "two") != {}
+    assert tree_files(tmp_path / "one") == tree_files(tmp_path / "two") != {}
     # the scratch area goes, directories included (TensorStore's file driver deletes files only)
     assert not (tmp_path / "one" / ".gpumesh-work").exists() and not (tmp_path / "two" / ".gpumesh-work").exists()
     # every worker reports its own peak (a forked worker is not this process's child)
@@ -79,16 +82,6 @@ def _children() -> dict[int, list[int]]:
     return children
 
 
-def _files(root) -> dict:
-    """Every file under ``root`` (relative path -> bytes)."""
-    out = {}
-    for d, _, fs in os.walk(root):
-        for f in fs:
-            with open(os.path.join(d, f), "rb") as fh:
-                out[os.path.relpath(os.path.join(d, f), root)] = fh.read()
-    return out
-
-
 def _descendants(root: int) -> set[int]:
     children = _children()
     out, stack = set(), [root]
@@ -105,11 +98,6 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except OSError:
         return False
-
-
-def _cli_cmd() -> list[str]:
-    exe = os.path.join(os.path.dirname(sys.executable), "gpumesh")
-    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "gpumesh.cli"]
 
 
 def _wait_for_first_result(proc, dest, timeout=120) -> set[int]:
@@ -131,7 +119,7 @@ def test_killing_the_main_job_ends_its_workers(real_zarr, tmp_path):
     A pool worker used to wait forever for its next task (and keep its memory, and on a GPU its
     CUDA context) once the main process was killed, as a batch scheduler or the OOM killer does.
     """
-    proc = subprocess.Popen(_cli_cmd() + ["mesh", str(real_zarr), str(tmp_path / "out"), "--voxel-size",
+    proc = subprocess.Popen(cli_command() + ["mesh", str(real_zarr), str(tmp_path / "out"), "--voxel-size",
                                           "32,32,40", "--workers", "2", "--quiet"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -161,7 +149,7 @@ def test_a_killed_worker_fails_the_job_in_one_line_and_resume_finishes_it(crop, 
     ts.open(spec, create=True).result().write(crop).result()
     args = ["mesh", str(src), "--voxel-size", "32,32,40", "--chunk-size", "16", "--quiet"]
     dest = tmp_path / "killed"
-    proc = subprocess.Popen(_cli_cmd() + args[:2] + [str(dest)] + args[2:] + ["--workers", "2"],
+    proc = subprocess.Popen(cli_command() + args[:2] + [str(dest)] + args[2:] + ["--workers", "2"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_first_result(proc, dest)
@@ -180,11 +168,11 @@ def test_a_killed_worker_fails_the_job_in_one_line_and_resume_finishes_it(crop, 
     assert "SIGKILL" in lines[0] and "--resume" in lines[0]
     assert not (dest / "info").exists()
 
-    r = subprocess.run(_cli_cmd() + args[:2] + [str(dest)] + args[2:] + ["--resume"], capture_output=True,
+    r = subprocess.run(cli_command() + args[:2] + [str(dest)] + args[2:] + ["--resume"], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     ref = tmp_path / "ref"
-    r = subprocess.run(_cli_cmd() + args[:2] + [str(ref)] + args[2:] + ["--workers", "1"], capture_output=True,
+    r = subprocess.run(cli_command() + args[:2] + [str(ref)] + args[2:] + ["--workers", "1"], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert _files(dest) == _files(ref) != {}
+    assert tree_files(dest) == tree_files(ref) != {}
