@@ -2,8 +2,9 @@
 
 Spec: "Multi-resolution mesh manifest file format", plus the client's stricter rules:
 fragments of each LOD in x, y, z Z-curve order, and every node of LOD ``k`` below the
-segment's coarsest LOD has its parent (``position >> 1``) listed at LOD ``k + 1``, with a
-zero-byte fragment when the parent holds no triangles.
+segment's coarsest LOD has its parent (``position >> 1``) listed at LOD ``k + 1``.
+Where such a parent holds no triangles, the writer lists it with a placeholder fragment
+(:func:`gpumesh.writer.placeholder_fragments`).
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ __all__ = [
     "decode_fragment",
     "parse_legacy_fragment",
     "load_fragments",
+    "is_placeholder",
     "load_mesh",
     "stored_to_model",
     "info_transform",
@@ -899,6 +900,30 @@ def parse_legacy_fragment(data: bytes) -> tuple[np.ndarray, np.ndarray]:
     return vertices, faces
 
 
+#: Triangles of a placeholder fragment (a tetrahedron, consistently oriented).
+PLACEHOLDER_FACES = np.array([[0, 1, 2], [0, 3, 1], [0, 2, 3], [1, 3, 2]], dtype=np.int64)
+
+
+def is_placeholder(positions_q: np.ndarray, faces: np.ndarray) -> bool:
+    """Whether a decoded fragment is a placeholder: four collinear vertices, four triangles.
+
+    Parameters
+    ----------
+    positions_q : (n, 3) int
+    faces : (m, 3) int
+
+    Returns
+    -------
+    bool
+        ``True`` for a fragment of 4 vertices and 4 triangles with zero area (no meshed
+        surface is like that).
+    """
+    if len(positions_q) != 4 or len(faces) != 4:
+        return False
+    d = np.asarray(positions_q, dtype=np.int64)[1:] - np.asarray(positions_q, dtype=np.int64)[0]
+    return not np.cross(d[:, None, :], d[None, :, :]).any()   # all on one line
+
+
 def load_fragments(location_or_source, segment_id: int, lod: int) -> list[dict]:
     """Decode every fragment of one LOD of a multi-resolution segment.
 
@@ -915,7 +940,9 @@ def load_fragments(location_or_source, segment_id: int, lod: int) -> list[dict]:
     list of dict
         One per octree node of the LOD in manifest order (empty nodes included, with
         zero-length arrays), with keys ``position`` ((3,) uint32 grid position),
-        ``positions_q`` ((n, 3) int64 quantized positions) and ``faces`` ((m, 3) int64).
+        ``positions_q`` ((n, 3) int64 quantized positions), ``faces`` ((m, 3) int64) and
+        ``placeholder`` (bool: a placeholder that stands for an empty parent node, see
+        :mod:`gpumesh.octree`).
 
     Raises
     ------
@@ -949,7 +976,7 @@ def _load_fragments(src, seg: int, lod: int, manifest: Manifest) -> list[dict]:
                 q, f = decode_fragment(data[start:stop], src.vertex_quantization_bits)
             except InvalidMeshError as exc:
                 raise InvalidMeshError(f"segment {seg} lod {lod} node {i} {pos.tolist()}: {exc}") from exc
-        out.append({"position": pos, "positions_q": q, "faces": f})
+        out.append({"position": pos, "positions_q": q, "faces": f, "placeholder": is_placeholder(q, f)})
     return out
 
 
@@ -1025,7 +1052,7 @@ def load_mesh(location_or_source, segment_id: int, lod: int = 0, *, weld: bool =
         manifest = src.manifest(seg)
         bits = src.vertex_quantization_bits
         for frag in _load_fragments(src, seg, int(lod), manifest):
-            if len(frag["positions_q"]) == 0:
+            if len(frag["positions_q"]) == 0 or frag["placeholder"]:
                 continue
             v = stored_to_model(manifest, lod, frag["position"], frag["positions_q"], bits, src.transform)
             verts.append(v)

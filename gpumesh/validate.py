@@ -50,6 +50,7 @@ from .reader import (
     Manifest,
     ShardedMultiresSource,
     decode_fragment,
+    is_placeholder,
     multires_info_problems,
     open_mesh,
     parse_legacy_fragment,
@@ -66,7 +67,8 @@ MAX_STORED_ERRORS = 1000
 
 
 def _new_lod_stats() -> dict:
-    return {"fragments": 0, "empty_fragments": 0, "triangles": 0, "bytes": 0, "segments_with_lod": 0}
+    return {"fragments": 0, "empty_fragments": 0, "zero_byte_fragments": 0, "placeholders": 0, "triangles": 0,
+            "bytes": 0, "segments_with_lod": 0}
 
 
 @dataclass
@@ -86,9 +88,14 @@ class ValidationReport:
     num_errors : int
         All violations found (may exceed ``len(errors)``).
     per_lod : list of dict
-        Per LOD index: ``fragments`` (octree nodes), ``empty_fragments`` (0-byte nodes),
-        ``triangles`` (decoded; ``None`` with ``decode=False``), ``bytes`` (fragment bytes),
+        Per LOD index: ``fragments`` (octree nodes), ``empty_fragments`` (nodes without
+        surface: ``zero_byte_fragments`` plus, when decoded, ``placeholders``, the fragments
+        that :func:`gpumesh.reader.is_placeholder` recognises), ``triangles`` (decoded, not
+        counting placeholders; ``None`` with ``decode=False``), ``bytes`` (fragment bytes),
         ``segments_with_lod`` (segments whose manifest has this LOD). Legacy: one entry.
+    warnings : list of str
+        What the Neuroglancer client accepts but another reader does not (not violations):
+        zero-byte multi-resolution fragments, which WEBKNOSSOS cannot decode.
     decoded : bool
         Whether fragments were decoded (triangle counts and geometry checks).
     """
@@ -98,6 +105,7 @@ class ValidationReport:
     num_segments: int = 0
     errors: list = field(default_factory=list)
     num_errors: int = 0
+    warnings: list = field(default_factory=list)
     per_lod: list = field(default_factory=list)
     decoded: bool = True
     max_errors: int = MAX_STORED_ERRORS
@@ -150,6 +158,7 @@ class ValidationReport:
         out.extend(line(r) for r in rows[:-1])
         out.append("  ".join("-" * w for w in widths))
         out.append(line(rows[-1]))
+        out.extend("warning: " + w for w in self.warnings)
         if self.ok:
             out.append("OK")
         else:
@@ -329,7 +338,9 @@ def _check_multires_segment(
         st = report.lod(lod)
         st["segments_with_lod"] += 1
         st["fragments"] += len(m.fragment_sizes[lod])
-        st["empty_fragments"] += int(np.count_nonzero(m.fragment_sizes[lod] == 0))
+        zero = int(np.count_nonzero(m.fragment_sizes[lod] == 0))
+        st["empty_fragments"] += zero
+        st["zero_byte_fragments"] += zero
         st["bytes"] += int(m.fragment_sizes[lod].sum())
     if not _check_manifest_values(report, seg, m):
         return
@@ -360,7 +371,11 @@ def _check_multires_segment(
             except InvalidMeshError as exc:
                 report.add_error(f"{where}: {exc}")
                 continue
-            st["triangles"] += len(f)
+            if is_placeholder(q, f):
+                st["placeholders"] += 1
+                st["empty_fragments"] += 1
+            else:
+                st["triangles"] += len(f)
             if lod > 0 and len(f):
                 n = int(np.count_nonzero(crossing_triangles(q, f, bits)))
                 if n:
@@ -585,6 +600,17 @@ def validate(
         invalid ``info`` (a bad ``sharding`` spec included) is reported and ends validation.
     """
     report = ValidationReport(location=str(location), decoded=decode, max_errors=max_errors)
+    _validate(report, location, segments, decode)
+    zero = sum(s["zero_byte_fragments"] for s in report.per_lod)
+    if report.kind == "multires" and zero:
+        report.warnings.append(
+            f"{zero} zero-byte fragments: Neuroglancer reads them, but WEBKNOSSOS cannot decode them and "
+            "warns that some mesh chunks could not be loaded (docs/webknossos.md); gpumesh writes a "
+            "placeholder fragment instead")
+    return report
+
+
+def _validate(report: ValidationReport, location, segments, decode: bool) -> ValidationReport:
     try:
         kv = storage.open_kvstore(location)
         raw_info = storage.read(kv, "info")

@@ -23,6 +23,19 @@ built (:class:`TaskResults`), so memory follows a shard, not the whole output.  
 one atomic write, after which ``.gpumesh-work/shards/<shard>.json`` records it (with its
 statistics), so a resumed run skips finished shards.  :func:`convert_mesh` rewrites a
 multi-resolution directory between the two layouts.
+
+Placeholder fragments
+---------------------
+A parent that holds no triangles of the segment (the segment is locally too thin for the
+coarser labels) is listed with a **placeholder**: a degenerate tetrahedron whose four vertices
+lie on one line, one quantization step apart (:func:`placeholder_positions`,
+:data:`gpumesh.reader.PLACEHOLDER_FACES`), at a vertex of one of the node's children, so it sits on the
+segment's finer surface, inside the node and inside one cell of its 2x2x2 grid.  It has no
+area and no volume, so it draws nothing, and it is a closed surface (every edge has both
+directions), so the LOD's mesh stays closed.  The spec allows a zero-byte fragment there, and
+Neuroglancer reads one, but WEBKNOSSOS Draco-decodes every fragment its manifest lists and
+cannot decode zero bytes (``docs/webknossos.md``).  Readers skip placeholders
+(:func:`gpumesh.reader.is_placeholder`).
 """
 
 from __future__ import annotations
@@ -36,10 +49,11 @@ import numpy as np
 
 from . import storage
 from .errors import DestinationExistsError, GpumeshError, InvalidMeshError
+from .encode import encode_draco
 from .octree import encode_manifest, segment_nodes
 from .pipeline import (BLOCK_PREFIX, FRAG_DTYPE, SCRATCH, MeshOptions, Plan, block_header_size, block_key,
                        unpack_block_header)
-from .reader import Manifest, ShardedMultiresSource, open_mesh
+from .reader import PLACEHOLDER_FACES, Manifest, ShardedMultiresSource, decode_fragment, open_mesh
 from .sharding import ShardingOptions, ShardingSpec, build_shard
 from .volume import Volume
 
@@ -231,9 +245,9 @@ def build_multires(label: int, entries: np.ndarray, blobs: list, plan: Plan, opt
         return None
     nodes, node_lod, src = segment_nodes(pos, entries["lod"], num_lods)
     have = src >= 0
-    parts = [blobs[i] for i in src[have].tolist()]
-    node_size = np.zeros(len(src), dtype=np.int64)
-    node_size[have] = [len(p) for p in parts]
+    filler = placeholder_fragments(nodes, node_lod, src, blobs, C, options.vertex_quantization_bits)
+    parts = [blobs[i] if i >= 0 else filler[r] for r, i in enumerate(src.tolist())]
+    node_size = np.array([len(p) for p in parts], dtype=np.int64)
     tri = np.bincount(node_lod[have], weights=entries["triangles"][src[have]].astype(np.float64),
                       minlength=num_lods)
     frags = np.bincount(node_lod, minlength=num_lods)
@@ -253,6 +267,88 @@ def build_multires(label: int, entries: np.ndarray, blobs: list, plan: Plan, opt
     )
     return b"".join(parts), manifest
 
+
+
+def placeholder_positions(point, bits: int) -> np.ndarray:
+    """Quantized vertices of a placeholder fragment at ``point`` (see module docs).
+
+    Parameters
+    ----------
+    point : (3,) int
+        Quantized position inside the node, in ``[0, 2**bits)``.
+    bits : int
+        ``vertex_quantization_bits``.
+
+    Returns
+    -------
+    (4, 3) int64
+        ``point`` and three more steps along x, away from the node's mid-plane where
+        ``point`` is next to it, so no two vertices lie on opposite sides of the client's
+        partition point ``2**(bits - 1)`` and all stay in ``[0, 2**bits)``.
+    """
+    p = np.clip(np.asarray(point, dtype=np.int64).reshape(3), 0, (1 << bits) - 1)
+    mid, top = 1 << (bits - 1), (1 << bits) - 1
+    x = int(p[0])
+    up = x + 3 <= top and (x >= mid or x + 3 <= mid)
+    out = np.repeat(p[None, :], 4, axis=0)
+    out[:, 0] = x + np.arange(4) if up else x - np.arange(4)
+    return out
+
+
+def placeholder_fragments(nodes: np.ndarray, node_lod: np.ndarray, src: np.ndarray, blobs: list, chunk: int,
+                          bits: int) -> dict:
+    """Placeholder fragments (:mod:`gpumesh.octree`) for the parents that hold no triangles.
+
+    Parameters
+    ----------
+    nodes, node_lod, src
+        One segment's octree nodes, as :func:`gpumesh.octree.segment_nodes` returns them
+        (``src < 0``: a parent added without a fragment).
+    blobs : list of bytes
+        The segment's Draco fragments, indexed by ``src``.
+    chunk : int
+        LOD 0 node edge (voxels).
+    bits : int
+        ``vertex_quantization_bits``.
+
+    Returns
+    -------
+    dict
+        Row of ``nodes`` -> Draco bytes of its placeholder, for every row with ``src < 0``.
+        Each lies at a vertex of one of the node's children (the first, in Z-order, inside
+        the node: for a child that is a placeholder itself, that placeholder's point), in the
+        node's quantized frame: in stored-model units a LOD ``k`` vertex is at
+        ``vertex_offsets[k] + chunk * 2**k * (position + q / (2**bits - 1))``.  A child's box
+        reaches half a voxel of its LOD past its parent's (``vertex_offsets[k] = -2**(k-1)``);
+        where no child has a vertex inside the node, the nearest one is moved onto its box.
+    """
+    rows = np.flatnonzero(src < 0)
+    if not len(rows):
+        return {}
+    steps = float((1 << bits) - 1)
+    at: dict[int, np.ndarray] = {}   # row -> its point, stored-model units from grid_origin
+    out = {}
+    for r in rows.tolist():            # LOD by LOD (the rows are in LOD order)
+        k = int(node_lod[r])
+        best, best_off = None, np.inf
+        for child in np.flatnonzero((node_lod == k - 1) & np.all((nodes >> 1) == nodes[r], axis=1)).tolist():
+            if src[child] >= 0:
+                q, _ = decode_fragment(blobs[int(src[child])], bits)
+                points = -0.5 * (1 << (k - 1)) + chunk * (1 << (k - 1)) * (nodes[child] + q / steps)
+            else:
+                points = at[child][None, :]
+            # in this node's frame; a child's box reaches half a finer voxel past its parent's
+            frac = (points + 0.5 * (1 << k)) / (chunk * (1 << k)) - nodes[r]
+            off = np.abs(frac - np.clip(frac, 0.0, 1.0)).sum(axis=1)
+            i = int(np.argmin(off))
+            if off[i] < best_off:
+                best, best_off = (points[i], frac[i]), off[i]
+            if best_off == 0:
+                break
+        at[r] = best[0]
+        qp = placeholder_positions(np.rint(np.clip(best[1], 0.0, 1.0) * steps).astype(np.int64), bits)
+        out[r] = encode_draco(qp, PLACEHOLDER_FACES, bits)
+    return out
 
 
 def _entries_num_lods(entries: np.ndarray, plan: Plan, options: MeshOptions) -> int:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from gpumesh.reader import load_fragments, load_mesh, open_mesh
-from gpumesh.validate import validate
+from gpumesh.reader import load_fragments, load_mesh, open_mesh, stored_to_model
+from gpumesh.validate import crossing_triangles, validate
 
 from conftest import CROP_START, VOXEL_SIZE
 
@@ -88,7 +88,9 @@ def test_validator_passes(crop_high, crop_medium):
     for dest, summary in (crop_high, crop_medium):
         report = validate(str(dest))
         assert report.ok, report.errors[:10]
+        assert not report.warnings, report.warnings
         assert report.num_segments == summary.segments
+        assert [s["triangles"] for s in report.per_lod] == summary.triangles_per_lod
 
 
 def test_all_segments_written(crop, crop_medium):
@@ -153,7 +155,69 @@ def test_every_segment_has_triangles_at_coarsest_lod(crop_medium):
     for seg in src.segment_ids():
         m = src.manifest(seg)
         top = m.num_lods - 1
-        assert m.fragment_sizes[top].sum() > 0, f"segment {seg}: coarsest LOD {top} is empty"
+        frags = load_fragments(src, seg, top)
+        assert any(len(f["faces"]) and not f["placeholder"] for f in frags), f"segment {seg}: coarsest LOD {top} is empty"
+
+
+def test_empty_parents_hold_placeholders(crop, crop_medium):
+    """Every listed node holds bytes; a parent without the segment's surface holds a placeholder:
+    four collinear vertices, a closed surface of zero area inside one cell of the node's 2x2x2
+    grid, lying on the segment's finer surface (so within 2**k voxels of the label boundary)."""
+    dest, _ = crop_medium
+    src = open_mesh(str(dest))
+    found = 0
+    for seg in src.segment_ids():
+        m = src.manifest(seg)
+        assert all((sizes > 0).all() for sizes in m.fragment_sizes), f"segment {seg}: a zero-byte fragment"
+        if m.num_lods < 2:
+            continue
+        centers = axes = None
+        finer = load_fragments(src, seg, 0)
+        for k in range(1, m.num_lods):
+            frags = load_fragments(src, seg, k)
+            for f in frags:
+                if not f["placeholder"]:
+                    continue
+                # at a vertex of one of its children (moved onto the node's box: a child's box
+                # reaches half a finer voxel past it), up to this LOD's quantization step
+                kids = [g for g in finer if (np.asarray(g["position"]) >> 1 == f["position"]).all()]
+                assert kids
+                kid_model = np.concatenate([stored_to_model(m, k - 1, g["position"], g["positions_q"], BITS,
+                                                            src.transform) for g in kids])
+                lo, hi = stored_to_model(m, k, f["position"], [[0, 0, 0], [(1 << BITS) - 1] * 3], BITS,
+                                         src.transform)
+                here = stored_to_model(m, k, f["position"], f["positions_q"][:1], BITS, src.transform)
+                step_nm = m.chunk_shape * 2 ** k / ((1 << BITS) - 1) * np.asarray(VOXEL_SIZE)
+                near = np.abs(np.clip(kid_model, lo, hi) - here) <= step_nm * 1.01
+                assert near.all(axis=1).any(), f"segment {seg} LOD {k}: placeholder not at a child's vertex"
+                found += 1
+                q, faces = f["positions_q"], f["faces"]
+                assert len(q) == 4 and len(faces) == 4
+                directed = {(int(a), int(b)) for t in faces for a, b in ((t[0], t[1]), (t[1], t[2]), (t[2], t[0]))}
+                assert len(directed) == 12 and all((b, a) in directed for a, b in directed)
+                assert not crossing_triangles(q, faces, BITS).any()
+                if centers is None:
+                    centers, axes = boundary_faces(crop == seg)
+                model = stored_to_model(m, k, f["position"], q, BITS, src.transform)
+                d = distance_to_faces(to_crop_voxels(model), centers, axes)
+                assert d.max() <= 2 ** k, f"segment {seg} LOD {k}: placeholder {d.max():.2f} voxels off"
+            finer = frags
+    assert found > 0, "the crop has no empty parent node: this test checks nothing"
+
+
+def test_load_mesh_leaves_out_placeholders(crop_medium):
+    dest, _ = crop_medium
+    src = open_mesh(str(dest))
+    for seg in src.segment_ids():
+        m = src.manifest(seg)
+        for k in range(1, m.num_lods):
+            frags = load_fragments(src, seg, k)
+            if any(f["placeholder"] for f in frags):
+                mesh = load_mesh(src, seg, lod=k, weld=False)
+                assert len(mesh.faces) == sum(len(f["faces"]) for f in frags if not f["placeholder"])
+                assert (mesh.area_faces > 0).all()
+                return
+    pytest.fail("no placeholder in the crop's output")
 
 
 def test_lod_count_follows_size(crop, crop_medium):
@@ -182,7 +246,8 @@ def test_fragments_share_border_vertices(which, crop, request):
                     nb = list(pos)
                     nb[a] += 1
                     g = frags.get(tuple(nb))
-                    if g is None or len(f["faces"]) == 0 or len(g["faces"]) == 0:
+                    if g is None or len(f["faces"]) == 0 or len(g["faces"]) == 0 or f["placeholder"] \
+                            or g["placeholder"]:
                         continue
                     fa = f["positions_q"][f["positions_q"][:, a] == top]
                     gb = g["positions_q"][g["positions_q"][:, a] == 0]

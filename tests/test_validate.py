@@ -18,9 +18,12 @@ from gpumesh.reader import (
     load_fragments,
     load_mesh,
     open_mesh,
+    PLACEHOLDER_FACES,
+    is_placeholder,
     parse_legacy_fragment,
 )
 from gpumesh.validate import crossing_triangles, missing_parents, validate, zorder_less
+from gpumesh.writer import placeholder_positions
 
 BITS = 10
 CHUNK = [64.0, 64.0, 32.0]
@@ -107,8 +110,10 @@ def test_valid_multires_passes_and_counts(good):
     assert (l0["fragments"], l0["empty_fragments"], l0["triangles"], l0["segments_with_lod"]) == (4, 0, 4, 2)
     assert (l1["fragments"], l1["empty_fragments"], l1["triangles"], l1["segments_with_lod"]) == (2, 1, 2, 2)
     assert l0["bytes"] + l1["bytes"] == sum(len(d) for _, d in segs.values())
+    # segment 2's zero-byte parent: valid, with a warning for WEBKNOSSOS
+    assert len(rep.warnings) == 1 and "1 zero-byte" in rep.warnings[0] and "WEBKNOSSOS" in rep.warnings[0]
     table = rep.format_table()
-    assert table.splitlines()[-1] == "OK" and "total" in table
+    assert table.splitlines()[-1] == "OK" and "total" in table and "warning: 1 zero-byte" in table
     quick = validate(path, decode=False)
     assert quick.ok and quick.per_lod[0]["triangles"] is None
     assert validate(path, segments=[2]).num_segments == 1
@@ -360,3 +365,40 @@ def test_memory_kvstore():
     assert len(load_mesh("memory://gpumesh_test_validate/", 4).vertices) == 4
     storage.write(kv, "4", seg_parts()[1][:-1])
     _has(validate("memory://gpumesh_test_validate/"), "segment 4", "data file has")
+
+
+# ------------------------------------------------------------------------------------------
+# Placeholder fragments (what gpumesh writes for an empty parent node)
+
+
+@pytest.mark.parametrize("bits", [10, 16])
+def test_placeholder_stays_in_one_grid_cell_and_inside_the_node(bits):
+    top, mid = (1 << bits) - 1, 1 << (bits - 1)
+    for x in sorted({0, 1, 2, 3, mid - 4, mid - 3, mid - 2, mid - 1, mid, mid + 1, mid + 2, top - 3, top - 2, top,
+                     top + 5, -1}):
+        q = placeholder_positions([x, mid, 7], bits)
+        assert q.min() >= 0 and q.max() <= top, (x, q)
+        assert len({tuple(r) for r in q.tolist()}) == 4, (x, q)
+        assert is_placeholder(q, PLACEHOLDER_FACES)
+        assert not crossing_triangles(q, PLACEHOLDER_FACES, bits).any(), (x, q)
+
+
+def test_placeholder_recognised_and_counted(tmp_path):
+    q = placeholder_positions([100, 200, 300], BITS)
+    blob = draco(q, PLACEHOLDER_FACES)
+    positions, faces = decode_fragment(blob, BITS)
+    assert is_placeholder(positions, faces)
+    # a real tetrahedron, and a flat but non-collinear one, are not placeholders
+    assert not is_placeholder(np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]), PLACEHOLDER_FACES)
+    assert not is_placeholder(np.array([[0, 0, 0], [1, 0, 0], [2, 0, 0], [0, 1, 0]]), PLACEHOLDER_FACES)
+    assert not is_placeholder(q[:3], PLACEHOLDER_FACES[:1])
+    kv = storage.open_kvstore(tmp_path / "mesh")
+    write_dir(kv, {2: seg_parts(lod0=((0, 0, 0), (0, 1, 0)), frags1=(blob,))})
+    rep = validate(tmp_path / "mesh")
+    assert rep.ok and not rep.warnings, (rep.errors, rep.warnings)
+    l1 = rep.per_lod[1]
+    assert (l1["fragments"], l1["empty_fragments"], l1["placeholders"], l1["zero_byte_fragments"], l1["triangles"]) \
+        == (1, 1, 1, 0, 0)
+    assert len(load_mesh(tmp_path / "mesh", 2, lod=1).faces) == 0
+    assert [f["placeholder"] for f in load_fragments(tmp_path / "mesh", 2, 1)] == [True]
+    assert [f["placeholder"] for f in load_fragments(tmp_path / "mesh", 2, 0)] == [False, False]
