@@ -20,7 +20,6 @@ backends emit the same triangles.
 from __future__ import annotations
 
 import functools
-import itertools
 
 import numpy as np
 

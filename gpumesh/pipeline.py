@@ -27,7 +27,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import json
-import math
 import os
 import resource
 import struct

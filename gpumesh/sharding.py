@@ -38,9 +38,7 @@ given it.  ``identity`` hashing keeps ID order (``preshift_bits`` then groups ru
 from __future__ import annotations
 
 import gzip
-import math
 import re
-import struct
 import zlib
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence

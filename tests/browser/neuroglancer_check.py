@@ -27,8 +27,6 @@ Problems are collected, and an :class:`AssertionError` lists all of them.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import re
 import shutil
