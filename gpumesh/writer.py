@@ -91,6 +91,42 @@ def segment_num_lods(lod0_nodes: np.ndarray, lods_present: set, plan_lods: int,
     return max(1, min(n, avail))
 
 
+def segments_num_lods(index: np.ndarray, starts: np.ndarray, plan_lods: int, requested: Optional[int]) -> np.ndarray:
+    """:func:`segment_num_lods` of every segment at once.
+
+    Parameters
+    ----------
+    index : structured array
+        Fragment entries (fields ``lod``, ``x``, ``y``, ``z``) sorted by segment ID.
+    starts : (s,) int
+        First row of each segment in ``index`` (ascending, ``starts[0] == 0``).
+    plan_lods, requested
+        As for :func:`segment_num_lods`.
+
+    Returns
+    -------
+    (s,) int64
+        The LODs of each segment (0: no LOD 0 triangles, not written).
+    """
+    if len(starts) == 0:
+        return np.zeros(0, dtype=np.int64)
+    lod = index["lod"].astype(np.int64)
+    at0 = lod == 0
+    pos = np.stack([index["x"], index["y"], index["z"]], axis=1).astype(np.int64)
+    lo = np.minimum.reduceat(np.where(at0[:, None], pos, np.int64(1) << 62), starts)
+    hi = np.maximum.reduceat(np.where(at0[:, None], pos, np.int64(-1)), starts)
+    n = np.ones(len(starts), dtype=np.int64)
+    for m in range(1, plan_lods):   # grow while the LOD 0 nodes span several LOD m - 1 nodes
+        n[(n == m) & np.any((lo >> (m - 1)) != (hi >> (m - 1)), axis=1)] = m + 1
+    if requested is not None:
+        n[:] = requested
+    present = np.bitwise_or.reduceat(np.left_shift(np.int64(1), np.minimum(lod, 62)), starts)
+    avail = np.zeros(len(starts), dtype=np.int64)
+    for a in range(plan_lods):      # LODs from 0 without a gap
+        avail[(avail == a) & ((present >> a) & 1 == 1)] = a + 1
+    return np.where(np.logical_or.reduceat(at0, starts), np.maximum(1, np.minimum(n, avail)), 0)
+
+
 def _iter_segments(index: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     if len(index) == 0:
         return
@@ -464,21 +500,13 @@ def write_shards(kv, results: "TaskResults", index: np.ndarray, plan: Plan, opti
     """
     # What each segment will store, from the index alone: its LODs and their fragment bytes.
     index = index[np.argsort(index["label"], kind="stable")]
-    keep = np.zeros(len(index), dtype=bool)
-    labels = []
-    num_lods = {}
-    if len(index):
-        lab = index["label"]
-        starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
-        stops = np.r_[starts[1:], len(lab)]
-        for s0, s1 in zip(starts.tolist(), stops.tolist()):
-            n = _entries_num_lods(index[s0:s1], plan, options)
-            if n:
-                keep[s0:s1] = index["lod"][s0:s1] < n
-                labels.append(int(lab[s0]))
-                num_lods[int(lab[s0])] = n
-    index = index[keep]
-    labels = np.array(labels, dtype=np.uint64)
+    lab = index["label"]
+    starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]]) if len(index) else np.zeros(0, np.int64)
+    n = segments_num_lods(index, starts, plan.lods, options.num_lods)
+    rows_n = np.repeat(n, np.diff(np.r_[starts, len(index)]))
+    index = index[index["lod"] < rows_n]   # drops the segments with n = 0 too
+    labels = np.asarray(lab[starts][n > 0], dtype=np.uint64)
+    num_lods = dict(zip(labels.tolist(), n[n > 0].tolist()))
     spec = options.sharding.resolve(len(labels), int(index["size"].sum()) if len(index) else 0)
     spec_json = spec.to_json()
     if not len(labels):

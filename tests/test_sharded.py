@@ -27,7 +27,7 @@ from gpumesh.reader import Manifest, ShardedMultiresSource, load_mesh, open_mesh
 from gpumesh.sharding import (MAX_SEGMENTS_PER_MINISHARD, ShardingOptions, ShardingSpec, build_shard, choose_bits,
                               murmurhash3_x86_128_low64)
 from gpumesh.validate import validate
-from gpumesh.writer import convert_mesh
+from gpumesh.writer import convert_mesh, segment_num_lods, segments_num_lods
 
 from conftest import VOXEL_SIZE, cli_command, tree_files
 
@@ -449,3 +449,34 @@ def test_cli_sharding_flag_errors(tmp_path, real_zarr):
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("gpumesh: error:"), r.stderr
         assert not dest.exists() or not os.listdir(dest)
+
+
+@pytest.mark.parametrize("plan_lods,requested", [(1, None), (3, None), (5, None), (4, 2), (3, 3)])
+def test_segments_num_lods_matches_the_rule_per_segment(plan_lods, requested):
+    """The vectorised LOD count (sharded assembly) against segment_num_lods, segment by segment,
+    on random fragment lists: segments without LOD 0, with gaps in their LODs, spread or not."""
+    from gpumesh.pipeline import FRAG_DTYPE
+
+    rng = np.random.default_rng(plan_lods * 10 + (requested or 0))
+    rows = []
+    for label in range(1, 400):
+        spread = int(rng.choice([1, 2, 5, 40, 3000]))
+        for _ in range(int(rng.integers(1, 12))):
+            lod = int(rng.integers(0, plan_lods + 1)) if rng.random() < 0.5 else 0
+            base = rng.integers(0, spread, size=3) >> lod
+            rows.append((label, lod, *base.tolist()))
+    index = np.zeros(len(rows), dtype=FRAG_DTYPE)
+    for name, col in zip(("label", "lod", "x", "y", "z"), zip(*rows)):
+        index[name] = col
+    index = index[np.argsort(index["label"], kind="stable")]
+    lab = index["label"]
+    starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
+    got = segments_num_lods(index, starts, plan_lods, requested)
+    want = []
+    for s0, s1 in zip(starts, np.r_[starts[1:], len(index)]):
+        e = index[s0:s1]
+        lod0 = e[e["lod"] == 0]
+        pos0 = np.stack([lod0["x"], lod0["y"], lod0["z"]], axis=1).astype(np.uint32)
+        want.append(segment_num_lods(pos0, set(e["lod"].tolist()), plan_lods, requested))
+    assert got.tolist() == want
+    assert 0 in want and len(set(want)) > 1
