@@ -201,14 +201,21 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
     if options.sharding is not None and options.format == "multires":
         spec = write_shards(kv, results, index, plan, options, stats, volume.voxel_offset)
     else:
+        lods_of = None   # segment ID -> its LODs (multires), all counted at once
+        if options.format == "multires" and len(index):
+            lab = np.sort(index["label"])
+            starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
+            srt = index[np.argsort(index["label"], kind="stable")]
+            lods_of = dict(zip(lab[starts].tolist(),
+                               segments_num_lods(srt, starts, plan.lods, options.num_lods).tolist()))
         batch = []
         for label, entries in _iter_segments(index):
             batch.append((label, entries))
             if len(batch) >= WRITE_BATCH:
-                write_segments(kv, results, batch, plan, options, stats, volume.voxel_offset)
+                write_segments(kv, results, batch, plan, options, stats, volume.voxel_offset, lods_of)
                 batch = []
         if batch:
-            write_segments(kv, results, batch, plan, options, stats, volume.voxel_offset)
+            write_segments(kv, results, batch, plan, options, stats, volume.voxel_offset, lods_of)
 
     with_props = options.segment_properties and stats["segments"] > 0
     if with_props:
@@ -220,7 +227,7 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
 
 
 def write_segments(kv, results: "TaskResults", batch: list, plan: Plan, options: MeshOptions, stats: dict,
-                   grid_origin) -> None:
+                   grid_origin, num_lods: Optional[dict] = None) -> None:
     """Write the files of a batch of segments (fragment data first, then manifests).
 
     Parameters
@@ -233,6 +240,9 @@ def write_segments(kv, results: "TaskResults", batch: list, plan: Plan, options:
     plan, options, stats
     grid_origin : (3,) int
         The volume's voxel offset.
+    num_lods : dict, optional
+        Multi-resolution: segment ID -> its LODs (:func:`segments_num_lods`); counted per
+        segment when not given.
     """
     data_writes, manifest_writes = [], []
     for (label, entries), blobs in zip(batch, _read_fragments(results, batch)):
@@ -247,7 +257,8 @@ def write_segments(kv, results: "TaskResults", batch: list, plan: Plan, options:
                 stats["fragments_per_lod"][0] += 1
             manifest_writes.append((f"{label}:0", json.dumps({"fragments": sorted(names)}).encode()))
         else:
-            built = build_multires(label, entries, blobs, plan, options, stats, grid_origin)
+            built = build_multires(label, entries, blobs, plan, options, stats, grid_origin,
+                                   None if num_lods is None else num_lods[label])
             if built is None:
                 continue
             data, manifest = built
