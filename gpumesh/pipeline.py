@@ -585,6 +585,19 @@ def _run_task(task) -> tuple[tuple, int, float]:
     return task, len(blob), peak_rss_mb()
 
 
+def _run_shard_task(keys, rows, shard, spec, num_lods, grid_origin, whole, cache_bytes) -> dict:
+    """Build and write one shard in a worker (:func:`gpumesh.writer.write_shard`): the task
+    results ``whole`` are read whole (within ``cache_bytes``), the rest fragment by fragment.
+    Returns the shard's statistics and the worker's peak RSS (MiB)."""
+    from .writer import TaskResults, write_shard
+
+    results = TaskResults(_WORKER["kv"], keys, cache_bytes=cache_bytes)
+    results.keep(whole)
+    part = write_shard(_WORKER["kv"], results, rows, shard, spec, _WORKER["plan"], _WORKER["options"], num_lods,
+                       grid_origin)
+    return part, peak_rss_mb()
+
+
 # --------------------------------------------------------------------------------------
 
 
@@ -727,6 +740,9 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
 
         device_workers = device_processes(backend.rt.mem_info()[0], nworkers)
     summary.device_workers = device_workers if backend.name == "gpu" else 0
+    from .writer import assemble
+
+    stats = None
     if nworkers == 1 or not todo:
         cache = read_cache_bytes(volume, plan)
         reading = open_volume(source, **open_kwargs, cache_bytes=cache) if cache and todo else volume
@@ -762,17 +778,21 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                     finished += 1
                     if progress:
                         progress(finished, len(tasks))
+                t_mesh = time.perf_counter()
+                # the shards are written by the workers too, several at a time
+                stats = assemble(kv, volume, plan, options, tasks, link_source=link_source, executor=pool,
+                                 workers=nworkers)
         except BrokenProcessPool as exc:
+            when = (f"after {finished} of {len(tasks)} tasks" if finished < len(tasks) else
+                    "while writing the shards")
             raise WorkerFailedError(
-                f"a worker process ended abruptly{_how_workers_ended(procs)} after {finished} of "
-                f"{len(tasks)} tasks; the finished ones are kept in {dest}: run it again with --resume "
-                f"(Python: resume=True), with fewer workers if memory ran out") from exc
-
-    from .writer import assemble
-
-    t_mesh = time.perf_counter()
+                f"a worker process ended abruptly{_how_workers_ended(procs)} {when}; the finished ones are "
+                f"kept in {dest}: run it again with --resume (Python: resume=True), with fewer workers if "
+                f"memory ran out") from exc
+    if stats is None:
+        t_mesh = time.perf_counter()
+        stats = assemble(kv, volume, plan, options, tasks, link_source=link_source)
     summary.seconds_meshing = t_mesh - t0
-    stats = assemble(kv, volume, plan, options, tasks, link_source=link_source)
     storage.delete_prefix(kv, SCRATCH)
     summary.segments = stats["segments"]
     summary.triangles_per_lod = stats["triangles_per_lod"]
@@ -783,5 +803,5 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                       EmptyVolumeWarning, stacklevel=2)
     summary.seconds = time.perf_counter() - t0
     summary.seconds_writing = summary.seconds - summary.seconds_meshing
-    summary.peak_rss_mb = max(peak_rss_mb(), workers_rss)
+    summary.peak_rss_mb = max(peak_rss_mb(), workers_rss, stats.get("workers_peak_rss_mb", 0.0))
     return summary

@@ -14,9 +14,11 @@ Every byte goes through TensorStore's kvstore (:mod:`gpumesh.storage`); each key
 atomically.  A segment's fragment data is written before its manifest, and ``info`` last, so a
 reader never finds a manifest whose data is missing, and a directory with ``info`` is finished.
 
-Sharded output is built one shard at a time (:func:`write_shards`): each segment's shard follows
-from its ID alone, so the block results' fragment index (no fragment bytes) is grouped by shard,
-and only the fragments of the shard being built are needed at a time.  Task results are read
+Sharded output is built shard by shard (:func:`write_shards`, :func:`write_shard`): each
+segment's shard follows from its ID alone, so the block results' fragment index (no fragment
+bytes) is grouped by shard, and only the fragments of the shard being built are needed at a
+time.  In the main job with several workers, the workers build and write the shards, one each
+at a time (a shard is a function of the index rows of its segments and the task results).  Task results are read
 once and kept in memory while they hold at most :data:`ASSEMBLY_CACHE_BYTES` (most jobs' whole
 output); past that only their headers are read, and fragments by byte range as their shard is
 built (:class:`TaskResults`), so memory follows a shard, not the whole output.  Each shard is
@@ -160,7 +162,8 @@ def mesh_info(volume: Volume, options: MeshOptions, with_properties: bool,
     return info
 
 
-def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, link_source: bool = False) -> dict:
+def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, link_source: bool = False,
+             executor=None, workers: int = 1) -> dict:
     """Read every task's result from the scratch area and write the final mesh directory.
 
     Parameters
@@ -174,6 +177,9 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
         scratch area).
     link_source : bool
         Also set ``mesh`` in a precomputed source's ``info``.
+    executor, workers
+        The main job's worker pool and its size: sharded shards are then written by the
+        workers (see :func:`write_shards`).
 
     Returns
     -------
@@ -199,7 +205,7 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
              "bytes": 0}
     spec = None
     if options.sharding is not None and options.format == "multires":
-        spec = write_shards(kv, results, index, plan, options, stats, volume.voxel_offset)
+        spec = write_shards(kv, results, index, plan, options, stats, volume.voxel_offset, executor, workers)
     else:
         lods_of = None   # segment ID -> its LODs (multires), all counted at once
         if options.format == "multires" and len(index):
@@ -419,12 +425,37 @@ class TaskResults:
     kv : tensorstore.KvStore
     keys : list of str
         Scratch keys of the results; ``block`` numbers of the fragment entries index it.
+    cache_bytes : int, optional
+        The cap on kept results (default :data:`ASSEMBLY_CACHE_BYTES`).
     """
 
-    def __init__(self, kv, keys: list):
+    def __init__(self, kv, keys: list, cache_bytes: Optional[int] = None):
         self.kv, self.keys = kv, list(keys)
         self.kept: dict[int, bytes] = {}
         self.kept_bytes = 0
+        self.cache_bytes = ASSEMBLY_CACHE_BYTES if cache_bytes is None else int(cache_bytes)
+
+    def keep(self, blocks) -> None:
+        """Read results ``blocks`` whole (a few at a time, concurrently) and keep them, while
+        the kept results stay within the cap; the others are then read by byte range.
+
+        Raises
+        ------
+        GpumeshError
+            A result is missing from the scratch area (rerun with --overwrite).
+        """
+        want = [int(b) for b in blocks if int(b) not in self.kept]
+        for g in range(0, len(want), 16):
+            reads = [(b, self.kv.read(self.keys[b])) for b in want[g:g + 16]]
+            for b, fut in reads:
+                res = fut.result()
+                if res.state != "value":
+                    raise GpumeshError(
+                        f"task result {self.keys[b]} is missing from the scratch area; rerun with --overwrite")
+                if self.kept_bytes + len(res.value) > self.cache_bytes:
+                    return
+                self.kept[b] = bytes(res.value)
+                self.kept_bytes += len(self.kept[b])
 
     def header(self, block: int) -> bytes:
         """The start of result ``block`` up to its fragment data (for ``unpack_block_header``);
@@ -436,16 +467,18 @@ class TaskResults:
             The result is missing or corrupt (rerun with --overwrite).
         """
         key = self.keys[block]
-        if self.kept_bytes < ASSEMBLY_CACHE_BYTES:
+        if block in self.kept:
+            return self.kept[block]
+        if self.kept_bytes < self.cache_bytes:
             blob = storage.read(self.kv, key)
             if blob is None:
                 raise GpumeshError(
                     f"task result {key} is missing from the scratch area; rerun with --overwrite")
-            if self.kept_bytes + len(blob) <= ASSEMBLY_CACHE_BYTES:
+            if self.kept_bytes + len(blob) <= self.cache_bytes:
                 self.kept[block] = blob
                 self.kept_bytes += len(blob)
             else:
-                self.kept_bytes = ASSEMBLY_CACHE_BYTES   # keep no more
+                self.kept_bytes = self.cache_bytes   # keep no more
             return blob
         head = storage.read(self.kv, key, (0, BLOCK_PREFIX)) or b""
         if len(head) < BLOCK_PREFIX:
@@ -486,8 +519,8 @@ def shard_marker_key(spec: ShardingSpec, shard: int) -> str:
 
 
 def write_shards(kv, results: "TaskResults", index: np.ndarray, plan: Plan, options: MeshOptions,
-                 stats: dict, grid_origin) -> ShardingSpec:
-    """Write the sharded multi-resolution meshes of all segments, one shard at a time.
+                 stats: dict, grid_origin, executor=None, workers: int = 1) -> ShardingSpec:
+    """Write the sharded multi-resolution meshes of all segments, shard by shard.
 
     Parameters
     ----------
@@ -498,6 +531,11 @@ def write_shards(kv, results: "TaskResults", index: np.ndarray, plan: Plan, opti
         Every fragment of every block (label, lod, x, y, z, offset, size, triangles, block).
     plan, options, stats, grid_origin
         As for :func:`write_segments`; ``options.sharding`` is set.
+    executor : concurrent.futures.Executor, optional
+        The main job's worker pool (its workers set up by ``gpumesh.pipeline``): when given
+        and more than one shard is to be written, each shard is built and written by a worker
+        (:func:`write_shard` through ``gpumesh.pipeline._run_shard_task``), ``workers`` at a
+        time, each keeping at most ``1 / workers`` of :data:`ASSEMBLY_CACHE_BYTES` of results.
 
     Returns
     -------
@@ -506,8 +544,8 @@ def write_shards(kv, results: "TaskResults", index: np.ndarray, plan: Plan, opti
         :func:`gpumesh.sharding.choose_bits`, unless given).
 
     Only the fragment index is held for all segments; fragment bytes are read for one shard at
-    a time.  Shards recorded in the scratch area by an interrupted run with the same spec are
-    skipped (their statistics are taken from the record).
+    a time (per worker).  Shards recorded in the scratch area by an interrupted run with the
+    same spec are skipped (their statistics are taken from the record).
     """
     # What each segment will store, from the index alone: its LODs and their fragment bytes.
     index = index[np.argsort(index["label"], kind="stable")]
@@ -531,6 +569,7 @@ def write_shards(kv, results: "TaskResults", index: np.ndarray, plan: Plan, opti
     stops = np.r_[starts[1:], len(row_shard)]
 
     recorded = set(storage.list_keys(kv, SCRATCH + "shards/"))
+    todo = []
     for s0, s1 in zip(starts.tolist(), stops.tolist()):
         shard = int(row_shard[s0])
         marker = shard_marker_key(spec, shard)
@@ -539,23 +578,71 @@ def write_shards(kv, results: "TaskResults", index: np.ndarray, plan: Plan, opti
             if done is not None and done.get("sharding") == spec_json:
                 _add_stats(stats, done["stats"])
                 continue
-        part = _new_stats(plan.lods)
-        items = []
-        segments = list(_iter_segments(index[s0:s1]))
-        for b0 in range(0, len(segments), WRITE_BATCH):
-            batch = segments[b0:b0 + WRITE_BATCH]
-            for (label, entries), blobs in zip(batch, _read_fragments(results, batch)):
-                data, manifest = build_multires(label, entries, blobs, plan, options, part, grid_origin,
-                                                num_lods[label])
-                items.append((label, data, manifest))
-                part["segments"] += 1
-        blob = build_shard(spec, items)
-        del items
-        part["bytes"] += len(blob)
-        storage.write(kv, spec.shard_key(shard), blob)
-        storage.write_json(kv, marker, {"sharding": spec_json, "stats": part})
-        _add_stats(stats, part)
+        todo.append((shard, index[s0:s1]))
+    if executor is not None and len(todo) > 1:
+        from .pipeline import _run_shard_task
+
+        # a worker reads a result whole when its shard needs at least 1/8 of the result's
+        # fragment bytes, else fragment by fragment (many shards: little of each result)
+        block_bytes = np.bincount(index["block"], weights=index["size"], minlength=len(results.keys))
+        cap = max(1, results.cache_bytes // max(1, workers))
+        futures = []
+        for shard, rows in todo:
+            need = np.bincount(rows["block"], weights=rows["size"], minlength=len(block_bytes))
+            whole = np.flatnonzero((need > 0) & (8 * need >= block_bytes))
+            lods = {int(k): num_lods[int(k)] for k in np.unique(rows["label"]).tolist()}
+            futures.append(executor.submit(_run_shard_task, results.keys, rows, shard, spec, lods,
+                                           np.asarray(grid_origin), whole, cap))
+        for fut in futures:
+            part, rss = fut.result()
+            _add_stats(stats, part)
+            stats["workers_peak_rss_mb"] = max(stats.get("workers_peak_rss_mb", 0.0), rss)
+    else:
+        for shard, rows in todo:
+            _add_stats(stats, write_shard(kv, results, rows, shard, spec, plan, options, num_lods, grid_origin))
     return spec
+
+
+def write_shard(kv, results: "TaskResults", rows: np.ndarray, shard: int, spec: ShardingSpec, plan: Plan,
+                options: MeshOptions, num_lods: dict, grid_origin) -> dict:
+    """Build and write one shard, then its record in the scratch area.
+
+    Parameters
+    ----------
+    kv : tensorstore.KvStore
+    results : TaskResults
+    rows : structured array
+        The fragment entries of the shard's segments (as in :func:`write_shards`), each
+        segment's at LODs below its ``num_lods``.
+    shard : int
+    spec : ShardingSpec
+    plan, options, grid_origin
+        As for :func:`write_segments`.
+    num_lods : dict
+        Segment ID -> its LODs, for every segment of ``rows``.
+
+    Returns
+    -------
+    dict
+        The shard's statistics (``segments``, ``triangles_per_lod``, ``fragments_per_lod``,
+        ``bytes``).
+    """
+    part = _new_stats(plan.lods)
+    items = []
+    segments = list(_iter_segments(rows))
+    for b0 in range(0, len(segments), WRITE_BATCH):
+        batch = segments[b0:b0 + WRITE_BATCH]
+        for (label, entries), blobs in zip(batch, _read_fragments(results, batch)):
+            data, manifest = build_multires(label, entries, blobs, plan, options, part, grid_origin,
+                                            num_lods[label])
+            items.append((label, data, manifest))
+            part["segments"] += 1
+    blob = build_shard(spec, items)
+    del items
+    part["bytes"] += len(blob)
+    storage.write(kv, spec.shard_key(shard), blob)
+    storage.write_json(kv, shard_marker_key(spec, shard), {"sharding": spec.to_json(), "stats": part})
+    return part
 
 
 # --------------------------------------------------------------------------------------

@@ -54,15 +54,26 @@ def test_a_changed_environment_gets_spawned_workers_that_see_it(monkeypatch):
     assert workerserver.context().get_start_method() == "forkserver"
 
 
-def test_two_workers_write_the_bytes_of_one(crop, tmp_path):
+@pytest.mark.parametrize("shard_bits,cache", [(None, None), (2, None), (2, 1)],
+                         ids=["unsharded", "4-shards", "4-shards-read-by-range"])
+def test_two_workers_write_the_bytes_of_one(crop, tmp_path, monkeypatch, shard_bits, cache):
+    """Also with the shards written by the workers (several shards), reading the task results
+    whole or, past the assembly cache, fragment by fragment."""
+    from gpumesh import writer
     from gpumesh.pipeline import MeshOptions, run_mesh
+    from gpumesh.sharding import ShardingOptions
 
+    if cache is not None:
+        monkeypatch.setattr(writer, "ASSEMBLY_CACHE_BYTES", cache)
     sub = crop[:64, :64, :64]
-    kw = dict(options=MeshOptions(chunk_size=16, max_lods=3), voxel_size=(32.0, 32.0, 40.0))
+    sharding = None if shard_bits is None else ShardingOptions(shard_bits=shard_bits)
+    kw = dict(options=MeshOptions(chunk_size=16, max_lods=3, sharding=sharding), voxel_size=(32.0, 32.0, 40.0))
     one = run_mesh(sub, str(tmp_path / "one"), workers=1, **kw)
     two = run_mesh(sub, str(tmp_path / "two"), workers=2, **kw)
     assert one.workers == 1 and two.workers == 2 and two.tasks > 2
     assert tree_files(tmp_path / "one") == tree_files(tmp_path / "two") != {}
+    if shard_bits:
+        assert len([n for n in tree_files(tmp_path / "two") if n.endswith(".shard")]) == 1 << shard_bits
     # the scratch area goes, directories included (TensorStore's file driver deletes files only)
     assert not (tmp_path / "one" / ".gpumesh-work").exists() and not (tmp_path / "two" / ".gpumesh-work").exists()
     # every worker reports its own peak (a forked worker is not this process's child)
