@@ -586,6 +586,8 @@ def write_shards(kv, results: "TaskResults", index: np.ndarray, plan: Plan, opti
         # fragment bytes, else fragment by fragment (many shards: little of each result)
         block_bytes = np.bincount(index["block"], weights=index["size"], minlength=len(results.keys))
         cap = max(1, results.cache_bytes // max(1, workers))
+        results.kept.clear()   # this process needs no fragment bytes now: the workers read them
+        results.kept_bytes = 0
         futures = []
         for shard, rows in todo:
             need = np.bincount(rows["block"], weights=rows["size"], minlength=len(block_bytes))
