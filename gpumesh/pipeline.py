@@ -598,6 +598,18 @@ def _run_shard_task(keys, rows, shard, spec, num_lods, grid_origin, whole, cache
     return part, peak_rss_mb()
 
 
+def _run_segments_task(keys, rows, num_lods, grid_origin, whole, cache_bytes) -> tuple[list, dict, float]:
+    """Build some segments of a shard in a worker (:func:`gpumesh.writer.build_segments`),
+    reading the task results as :func:`_run_shard_task` does.  Returns their items, their
+    statistics and the worker's peak RSS (MiB)."""
+    from .writer import TaskResults, build_segments
+
+    results = TaskResults(_WORKER["kv"], keys, cache_bytes=cache_bytes)
+    results.keep(whole)
+    items, part = build_segments(results, rows, _WORKER["plan"], _WORKER["options"], num_lods, grid_origin)
+    return items, part, peak_rss_mb()
+
+
 # --------------------------------------------------------------------------------------
 
 

@@ -533,9 +533,12 @@ def write_shards(kv, results: "TaskResults", index: np.ndarray, plan: Plan, opti
         As for :func:`write_segments`; ``options.sharding`` is set.
     executor : concurrent.futures.Executor, optional
         The main job's worker pool (its workers set up by ``gpumesh.pipeline``): when given
-        and more than one shard is to be written, each shard is built and written by a worker
-        (:func:`write_shard` through ``gpumesh.pipeline._run_shard_task``), ``workers`` at a
-        time, each keeping at most ``1 / workers`` of :data:`ASSEMBLY_CACHE_BYTES` of results.
+        the workers build the segments: with at least as many shards to write as ``workers``,
+        a worker builds and writes each shard (:func:`write_shard`, through
+        ``gpumesh.pipeline._run_shard_task``); with fewer, each shard's segments are split into
+        parts of about equal bytes (:func:`split_segments`), so that every worker has one, the
+        workers build them (:func:`build_segments`) and this process writes the shard.  Each
+        worker keeps at most ``1 / workers`` of the assembly cache of task results.
 
     Returns
     -------
@@ -579,26 +582,41 @@ def write_shards(kv, results: "TaskResults", index: np.ndarray, plan: Plan, opti
                 _add_stats(stats, done["stats"])
                 continue
         todo.append((shard, index[s0:s1]))
-    if executor is not None and len(todo) > 1:
-        from .pipeline import _run_shard_task
+    if executor is not None and todo and (len(todo) > 1 or workers > 1):
+        from .pipeline import _run_segments_task, _run_shard_task
 
-        # a worker reads a result whole when its shard needs at least 1/8 of the result's
-        # fragment bytes, else fragment by fragment (many shards: little of each result)
         block_bytes = np.bincount(index["block"], weights=index["size"], minlength=len(results.keys))
         cap = max(1, results.cache_bytes // max(1, workers))
         results.kept.clear()   # this process needs no fragment bytes now: the workers read them
         results.kept_bytes = 0
-        futures = []
-        for shard, rows in todo:
+
+        def whole(rows):   # the results a worker reads whole: those it needs 1/8 of or more
             need = np.bincount(rows["block"], weights=rows["size"], minlength=len(block_bytes))
-            whole = np.flatnonzero((need > 0) & (8 * need >= block_bytes))
-            lods = {int(k): num_lods[int(k)] for k in np.unique(rows["label"]).tolist()}
-            futures.append(executor.submit(_run_shard_task, results.keys, rows, shard, spec, lods,
-                                           np.asarray(grid_origin), whole, cap))
-        for fut in futures:
-            part, rss = fut.result()
-            _add_stats(stats, part)
-            stats["workers_peak_rss_mb"] = max(stats.get("workers_peak_rss_mb", 0.0), rss)
+            return np.flatnonzero((need > 0) & (8 * need >= block_bytes))
+
+        def lods(rows):
+            return {int(k): num_lods[int(k)] for k in np.unique(rows["label"]).tolist()}
+
+        split = -(-workers // len(todo))   # parts per shard, so that every worker has one
+        if split == 1:                     # many shards: a worker builds and writes each
+            futures = [executor.submit(_run_shard_task, results.keys, rows, shard, spec, lods(rows),
+                                       np.asarray(grid_origin), whole(rows), cap) for shard, rows in todo]
+            for fut in futures:
+                part, rss = fut.result()
+                _add_stats(stats, part)
+                stats["workers_peak_rss_mb"] = max(stats.get("workers_peak_rss_mb", 0.0), rss)
+        else:                              # few shards: workers build parts of each, this process joins them
+            pending = [(shard, [executor.submit(_run_segments_task, results.keys, part_rows, lods(part_rows),
+                                                np.asarray(grid_origin), whole(part_rows), cap)
+                                for part_rows in split_segments(rows, split)]) for shard, rows in todo]
+            for shard, futures in pending:
+                items, part = [], _new_stats(plan.lods)
+                for fut in futures:
+                    got, got_part, rss = fut.result()
+                    items += got
+                    _add_stats(part, got_part)
+                    stats["workers_peak_rss_mb"] = max(stats.get("workers_peak_rss_mb", 0.0), rss)
+                _add_stats(stats, _write_built_shard(kv, spec, shard, items, part))
     else:
         for shard, rows in todo:
             _add_stats(stats, write_shard(kv, results, rows, shard, spec, plan, options, num_lods, grid_origin))
@@ -629,6 +647,26 @@ def write_shard(kv, results: "TaskResults", rows: np.ndarray, shard: int, spec: 
         The shard's statistics (``segments``, ``triangles_per_lod``, ``fragments_per_lod``,
         ``bytes``).
     """
+    items, part = build_segments(results, rows, plan, options, num_lods, grid_origin)
+    return _write_built_shard(kv, spec, shard, items, part)
+
+
+def build_segments(results: "TaskResults", rows: np.ndarray, plan: Plan, options: MeshOptions, num_lods: dict,
+                   grid_origin) -> tuple[list, dict]:
+    """Manifests and fragment data of some segments of a shard (sharded multi-resolution).
+
+    Parameters
+    ----------
+    results, rows, plan, options, num_lods, grid_origin
+        As for :func:`write_shard`; ``rows`` holds whole segments.
+
+    Returns
+    -------
+    items : list of (segment ID, fragment data, manifest)
+        For :func:`gpumesh.sharding.build_shard`.
+    stats : dict
+        Their statistics (``segments``, ``triangles_per_lod``, ``fragments_per_lod``; ``bytes`` 0).
+    """
     part = _new_stats(plan.lods)
     items = []
     segments = list(_iter_segments(rows))
@@ -639,12 +677,29 @@ def write_shard(kv, results: "TaskResults", rows: np.ndarray, shard: int, spec: 
                                             num_lods[label])
             items.append((label, data, manifest))
             part["segments"] += 1
+    return items, part
+
+
+def _write_built_shard(kv, spec: ShardingSpec, shard: int, items: list, part: dict) -> dict:
+    """Write one shard from its items, then its record; returns ``part`` with the shard's bytes."""
     blob = build_shard(spec, items)
-    del items
+    del items[:]
     part["bytes"] += len(blob)
     storage.write(kv, spec.shard_key(shard), blob)
     storage.write_json(kv, shard_marker_key(spec, shard), {"sharding": spec.to_json(), "stats": part})
     return part
+
+
+def split_segments(rows: np.ndarray, parts: int) -> list:
+    """Split fragment rows sorted by segment ID into at most ``parts`` runs of whole segments,
+    of about equal fragment bytes (none empty)."""
+    lab = rows["label"]
+    starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
+    before = np.r_[0, np.cumsum(rows["size"], dtype=np.int64)][starts]   # bytes before each segment
+    total = int(rows["size"].sum())
+    cuts = np.unique(np.r_[0, starts[np.searchsorted(before, [total * k / parts for k in range(1, parts)])
+                                     .clip(0, len(starts) - 1)], len(rows)])
+    return [rows[a:b] for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()) if b > a]
 
 
 # --------------------------------------------------------------------------------------

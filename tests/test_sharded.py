@@ -27,7 +27,7 @@ from gpumesh.reader import Manifest, ShardedMultiresSource, load_mesh, open_mesh
 from gpumesh.sharding import (MAX_SEGMENTS_PER_MINISHARD, ShardingOptions, ShardingSpec, build_shard, choose_bits,
                               murmurhash3_x86_128_low64)
 from gpumesh.validate import validate
-from gpumesh.writer import convert_mesh, segment_num_lods, segments_num_lods
+from gpumesh.writer import convert_mesh, segment_num_lods, segments_num_lods, split_segments
 
 from conftest import VOXEL_SIZE, cli_command, tree_files
 
@@ -480,3 +480,23 @@ def test_segments_num_lods_matches_the_rule_per_segment(plan_lods, requested):
         want.append(segment_num_lods(pos0, set(e["lod"].tolist()), plan_lods, requested))
     assert got.tolist() == want
     assert 0 in want and len(set(want)) > 1
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 7, 50])
+def test_split_segments_keeps_segments_whole_and_balances_bytes(parts):
+    from gpumesh.pipeline import FRAG_DTYPE
+
+    rng = np.random.default_rng(parts)
+    labels = np.sort(rng.choice(np.arange(1, 10_000), size=30, replace=False))
+    rows = np.zeros(int(rng.integers(200, 400)), dtype=FRAG_DTYPE)
+    rows["label"] = np.sort(rng.choice(labels, size=len(rows)))
+    rows["size"] = rng.integers(1, 5000, size=len(rows))
+    got = split_segments(rows, parts)
+    assert 1 <= len(got) <= parts and all(len(g) for g in got)
+    assert np.array_equal(np.concatenate(got), rows)
+    for a, b in zip(got[:-1], got[1:]):
+        assert a["label"][-1] != b["label"][0]        # no segment cut in two
+    if parts <= 3:   # far fewer parts than segments: each part near an equal share of the bytes
+        share = rows["size"].sum() / parts
+        biggest = max(int(rows["size"][rows["label"] == s].sum()) for s in np.unique(rows["label"]))
+        assert all(abs(int(g["size"].sum()) - share) <= biggest + 1 for g in got)

@@ -54,11 +54,12 @@ def test_a_changed_environment_gets_spawned_workers_that_see_it(monkeypatch):
     assert workerserver.context().get_start_method() == "forkserver"
 
 
-@pytest.mark.parametrize("shard_bits,cache", [(None, None), (2, None), (2, 1)],
-                         ids=["unsharded", "4-shards", "4-shards-read-by-range"])
+@pytest.mark.parametrize("shard_bits,cache", [(None, None), (0, None), (0, 1), (2, None), (2, 1)],
+                         ids=["unsharded", "1-shard", "1-shard-read-by-range", "4-shards", "4-shards-read-by-range"])
 def test_two_workers_write_the_bytes_of_one(crop, tmp_path, monkeypatch, shard_bits, cache):
-    """Also with the shards written by the workers (several shards), reading the task results
-    whole or, past the assembly cache, fragment by fragment."""
+    """Also when the workers build the shards' segments (one shard: each worker a part of it;
+    four: each worker whole shards), reading the task results whole or, past the assembly
+    cache, fragment by fragment."""
     from gpumesh import writer
     from gpumesh.pipeline import MeshOptions, run_mesh
     from gpumesh.sharding import ShardingOptions
@@ -72,7 +73,7 @@ def test_two_workers_write_the_bytes_of_one(crop, tmp_path, monkeypatch, shard_b
     two = run_mesh(sub, str(tmp_path / "two"), workers=2, **kw)
     assert one.workers == 1 and two.workers == 2 and two.tasks > 2
     assert tree_files(tmp_path / "one") == tree_files(tmp_path / "two") != {}
-    if shard_bits:
+    if shard_bits is not None:
         assert len([n for n in tree_files(tmp_path / "two") if n.endswith(".shard")]) == 1 << shard_bits
     # the scratch area goes, directories included (TensorStore's file driver deletes files only)
     assert not (tmp_path / "one" / ".gpumesh-work").exists() and not (tmp_path / "two" / ".gpumesh-work").exists()
