@@ -610,6 +610,20 @@ def _run_segments_task(keys, rows, num_lods, grid_origin, whole, cache_bytes) ->
     return items, part, peak_rss_mb()
 
 
+def _run_write_task(keys, rows, num_lods, grid_origin, whole, cache_bytes) -> tuple[dict, float]:
+    """Write the files of some segments (unsharded multires or legacy) in a worker
+    (:func:`gpumesh.writer.write_all_segments`), reading the task results as
+    :func:`_run_shard_task` does.  Returns their statistics and the worker's peak RSS (MiB)."""
+    from .writer import TaskResults, _new_stats, write_all_segments
+
+    results = TaskResults(_WORKER["kv"], keys, cache_bytes=cache_bytes)
+    results.keep(whole)
+    part = _new_stats(_WORKER["plan"].lods)
+    write_all_segments(_WORKER["kv"], results, rows, _WORKER["plan"], _WORKER["options"], part, grid_origin,
+                       num_lods)
+    return part, peak_rss_mb()
+
+
 # --------------------------------------------------------------------------------------
 
 

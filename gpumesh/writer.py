@@ -17,8 +17,10 @@ reader never finds a manifest whose data is missing, and a directory with ``info
 Sharded output is built shard by shard (:func:`write_shards`, :func:`write_shard`): each
 segment's shard follows from its ID alone, so the block results' fragment index (no fragment
 bytes) is grouped by shard, and only the fragments of the shard being built are needed at a
-time.  In the main job with several workers, the workers build and write the shards, one each
-at a time (a shard is a function of the index rows of its segments and the task results).  Task results are read
+time.  In the main job with several workers, the workers build the segments (a segment is a
+function of its index rows and the task results): each writes whole shards when there are at
+least as many as workers, else a part of each shard's segments, which this process joins into
+the shard; unsharded and legacy files are written by the workers, a run of segments each.  Task results are read
 once and kept in memory while they hold at most :data:`ASSEMBLY_CACHE_BYTES` (most jobs' whole
 output); past that only their headers are read, and fragments by byte range as their shard is
 built (:class:`TaskResults`), so memory follows a shard, not the whole output.  Each shard is
@@ -178,8 +180,9 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
     link_source : bool
         Also set ``mesh`` in a precomputed source's ``info``.
     executor, workers
-        The main job's worker pool and its size: sharded shards are then written by the
-        workers (see :func:`write_shards`).
+        The main job's worker pool and its size: the workers then build the segments and
+        write their files (runs of segments of about equal bytes, :func:`split_segments`) or
+        shards (see :func:`write_shards`); this process writes segment properties and ``info``.
 
     Returns
     -------
@@ -207,21 +210,28 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
     if options.sharding is not None and options.format == "multires":
         spec = write_shards(kv, results, index, plan, options, stats, volume.voxel_offset, executor, workers)
     else:
+        index = index[np.argsort(index["label"], kind="stable")]
         lods_of = None   # segment ID -> its LODs (multires), all counted at once
         if options.format == "multires" and len(index):
-            lab = np.sort(index["label"])
+            lab = index["label"]
             starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
-            srt = index[np.argsort(index["label"], kind="stable")]
             lods_of = dict(zip(lab[starts].tolist(),
-                               segments_num_lods(srt, starts, plan.lods, options.num_lods).tolist()))
-        batch = []
-        for label, entries in _iter_segments(index):
-            batch.append((label, entries))
-            if len(batch) >= WRITE_BATCH:
-                write_segments(kv, results, batch, plan, options, stats, volume.voxel_offset, lods_of)
-                batch = []
-        if batch:
-            write_segments(kv, results, batch, plan, options, stats, volume.voxel_offset, lods_of)
+                               segments_num_lods(index, starts, plan.lods, options.num_lods).tolist()))
+        if executor is not None and workers > 1 and len(index):
+            # the workers write the segments' files, each a run of segments of about equal bytes
+            from .pipeline import _run_write_task
+
+            reads = WorkerReads(results, index, workers)
+            futures = [executor.submit(_run_write_task, results.keys, rows,
+                                       None if lods_of is None else reads.lods(rows, lods_of),
+                                       np.asarray(volume.voxel_offset), reads.whole(rows), reads.cap)
+                       for rows in split_segments(index, workers)]
+            for fut in futures:
+                part, rss = fut.result()
+                _add_stats(stats, part)
+                stats["workers_peak_rss_mb"] = max(stats.get("workers_peak_rss_mb", 0.0), rss)
+        else:
+            write_all_segments(kv, results, index, plan, options, stats, volume.voxel_offset, lods_of)
 
     with_props = options.segment_properties and stats["segments"] > 0
     if with_props:
@@ -230,6 +240,52 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
     if volume.precomputed is not None:
         write_source_link(kv, volume, link_source)
     return stats
+
+
+def write_all_segments(kv, results: "TaskResults", rows: np.ndarray, plan: Plan, options: MeshOptions,
+                       stats: dict, grid_origin, num_lods: Optional[dict] = None) -> None:
+    """:func:`write_segments` for every segment of ``rows`` (fragment entries), in batches of
+    :data:`WRITE_BATCH` segments."""
+    batch = []
+    for label, entries in _iter_segments(rows):
+        batch.append((label, entries))
+        if len(batch) >= WRITE_BATCH:
+            write_segments(kv, results, batch, plan, options, stats, grid_origin, num_lods)
+            batch = []
+    if batch:
+        write_segments(kv, results, batch, plan, options, stats, grid_origin, num_lods)
+
+
+class WorkerReads:
+    """How the workers read task results when they write part of the output.
+
+    Each worker keeps at most ``1 / workers`` of this process's assembly cache (``cap``) and
+    reads a result whole when its part needs at least 1/8 of the result's fragment bytes, else
+    fragment by fragment.  Making one drops this process's kept results: the workers read them.
+
+    Parameters
+    ----------
+    results : TaskResults
+    index : structured array
+        Every fragment entry (with ``block`` and ``size``).
+    workers : int
+    """
+
+    def __init__(self, results: "TaskResults", index: np.ndarray, workers: int):
+        self.block_bytes = np.bincount(index["block"], weights=index["size"], minlength=len(results.keys))
+        self.cap = max(1, results.cache_bytes // max(1, workers))
+        results.kept.clear()
+        results.kept_bytes = 0
+
+    def whole(self, rows: np.ndarray) -> np.ndarray:
+        """The results that a worker writing ``rows`` reads whole."""
+        need = np.bincount(rows["block"], weights=rows["size"], minlength=len(self.block_bytes))
+        return np.flatnonzero((need > 0) & (8 * need >= self.block_bytes))
+
+    @staticmethod
+    def lods(rows: np.ndarray, num_lods: dict) -> dict:
+        """``num_lods`` of the segments of ``rows`` only."""
+        return {int(k): num_lods[int(k)] for k in np.unique(rows["label"]).tolist()}
 
 
 def write_segments(kv, results: "TaskResults", batch: list, plan: Plan, options: MeshOptions, stats: dict,
@@ -585,17 +641,11 @@ def write_shards(kv, results: "TaskResults", index: np.ndarray, plan: Plan, opti
     if executor is not None and todo and (len(todo) > 1 or workers > 1):
         from .pipeline import _run_segments_task, _run_shard_task
 
-        block_bytes = np.bincount(index["block"], weights=index["size"], minlength=len(results.keys))
-        cap = max(1, results.cache_bytes // max(1, workers))
-        results.kept.clear()   # this process needs no fragment bytes now: the workers read them
-        results.kept_bytes = 0
-
-        def whole(rows):   # the results a worker reads whole: those it needs 1/8 of or more
-            need = np.bincount(rows["block"], weights=rows["size"], minlength=len(block_bytes))
-            return np.flatnonzero((need > 0) & (8 * need >= block_bytes))
+        reads = WorkerReads(results, index, workers)
+        whole, cap = reads.whole, reads.cap
 
         def lods(rows):
-            return {int(k): num_lods[int(k)] for k in np.unique(rows["label"]).tolist()}
+            return reads.lods(rows, num_lods)
 
         split = -(-workers // len(todo))   # parts per shard, so that every worker has one
         if split == 1:                     # many shards: a worker builds and writes each

@@ -54,12 +54,15 @@ def test_a_changed_environment_gets_spawned_workers_that_see_it(monkeypatch):
     assert workerserver.context().get_start_method() == "forkserver"
 
 
-@pytest.mark.parametrize("shard_bits,cache", [(None, None), (0, None), (0, 1), (2, None), (2, 1)],
-                         ids=["unsharded", "1-shard", "1-shard-read-by-range", "4-shards", "4-shards-read-by-range"])
-def test_two_workers_write_the_bytes_of_one(crop, tmp_path, monkeypatch, shard_bits, cache):
-    """Also when the workers build the shards' segments (one shard: each worker a part of it;
-    four: each worker whole shards), reading the task results whole or, past the assembly
-    cache, fragment by fragment."""
+@pytest.mark.parametrize("fmt,shard_bits,cache", [
+    ("multires", None, None), ("multires", None, 1), ("legacy", None, None), ("multires", 0, None),
+    ("multires", 0, 1), ("multires", 2, None), ("multires", 2, 1)],
+    ids=["unsharded", "unsharded-read-by-range", "legacy", "1-shard", "1-shard-read-by-range", "4-shards",
+         "4-shards-read-by-range"])
+def test_two_workers_write_the_bytes_of_one(crop, tmp_path, monkeypatch, fmt, shard_bits, cache):
+    """The workers also write the output: each a part of the segments' files (unsharded,
+    legacy), of one shard's segments, or whole shards (four), reading the task results whole
+    or, past the assembly cache, fragment by fragment."""
     from gpumesh import writer
     from gpumesh.pipeline import MeshOptions, run_mesh
     from gpumesh.sharding import ShardingOptions
@@ -68,7 +71,8 @@ def test_two_workers_write_the_bytes_of_one(crop, tmp_path, monkeypatch, shard_b
         monkeypatch.setattr(writer, "ASSEMBLY_CACHE_BYTES", cache)
     sub = crop[:64, :64, :64]
     sharding = None if shard_bits is None else ShardingOptions(shard_bits=shard_bits)
-    kw = dict(options=MeshOptions(chunk_size=16, max_lods=3, sharding=sharding), voxel_size=(32.0, 32.0, 40.0))
+    options = MeshOptions(chunk_size=16, max_lods=1 if fmt == "legacy" else 3, sharding=sharding, format=fmt)
+    kw = dict(options=options, voxel_size=(32.0, 32.0, 40.0))
     one = run_mesh(sub, str(tmp_path / "one"), workers=1, **kw)
     two = run_mesh(sub, str(tmp_path / "two"), workers=2, **kw)
     assert one.workers == 1 and two.workers == 2 and two.tasks > 2
