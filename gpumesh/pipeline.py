@@ -585,7 +585,7 @@ def _run_task(task) -> tuple[tuple, int, float]:
     return task, len(blob), peak_rss_mb()
 
 
-def _run_shard_task(keys, rows, shard, spec, num_lods, grid_origin, whole, cache_bytes) -> dict:
+def _run_shard_task(keys, rows, shard, spec, num_lods, grid_origin, whole, cache_bytes) -> tuple[dict, float]:
     """Build and write one shard in a worker (:func:`gpumesh.writer.write_shard`): the task
     results ``whole`` are read whole (within ``cache_bytes``), the rest fragment by fragment.
     Returns the shard's statistics and the worker's peak RSS (MiB)."""
@@ -805,12 +805,12 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                     if progress:
                         progress(finished, len(tasks))
                 t_mesh = time.perf_counter()
-                # the shards are written by the workers too, several at a time
+                # the workers also build the segments and write the output (gpumesh.writer)
                 stats = assemble(kv, volume, plan, options, tasks, link_source=link_source, executor=pool,
                                  workers=nworkers)
         except BrokenProcessPool as exc:
             when = (f"after {finished} of {len(tasks)} tasks" if finished < len(tasks) else
-                    "while writing the shards")
+                    "while writing the output")
             raise WorkerFailedError(
                 f"a worker process ended abruptly{_how_workers_ended(procs)} {when}; the finished ones are "
                 f"kept in {dest}: run it again with --resume (Python: resume=True), with fewer workers if "
