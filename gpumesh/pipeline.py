@@ -585,14 +585,24 @@ def _run_task(task) -> tuple[tuple, int, float]:
     return task, len(blob), peak_rss_mb()
 
 
-def _run_shard_task(keys, rows, shard, spec, num_lods, grid_origin, whole, cache_bytes) -> tuple[dict, float]:
-    """Build and write one shard in a worker (:func:`gpumesh.writer.write_shard`): the task
-    results ``whole`` are read whole (within ``cache_bytes``), the rest fragment by fragment.
-    Returns the shard's statistics and the worker's peak RSS (MiB)."""
-    from .writer import TaskResults, write_shard
+def _worker_results(keys, whole, cache_bytes):
+    """The task results as a worker writing part of the output reads them
+    (:class:`gpumesh.writer.TaskResults`): results ``whole`` read whole (within
+    ``cache_bytes``), the others fragment by fragment."""
+    from .writer import TaskResults
 
     results = TaskResults(_WORKER["kv"], keys, cache_bytes=cache_bytes)
     results.keep(whole)
+    return results
+
+
+def _run_shard_task(keys, rows, shard, spec, num_lods, grid_origin, whole, cache_bytes) -> tuple[dict, float]:
+    """Build and write one shard in a worker (:func:`gpumesh.writer.write_shard`), reading the
+    task results as :func:`_worker_results` says.  Returns the shard's statistics and the
+    worker's peak RSS (MiB)."""
+    from .writer import write_shard
+
+    results = _worker_results(keys, whole, cache_bytes)
     part = write_shard(_WORKER["kv"], results, rows, shard, spec, _WORKER["plan"], _WORKER["options"], num_lods,
                        grid_origin)
     return part, peak_rss_mb()
@@ -600,12 +610,11 @@ def _run_shard_task(keys, rows, shard, spec, num_lods, grid_origin, whole, cache
 
 def _run_segments_task(keys, rows, num_lods, grid_origin, whole, cache_bytes) -> tuple[list, dict, float]:
     """Build some segments of a shard in a worker (:func:`gpumesh.writer.build_segments`),
-    reading the task results as :func:`_run_shard_task` does.  Returns their items, their
+    reading the task results as :func:`_worker_results` says.  Returns their items, their
     statistics and the worker's peak RSS (MiB)."""
-    from .writer import TaskResults, build_segments
+    from .writer import build_segments
 
-    results = TaskResults(_WORKER["kv"], keys, cache_bytes=cache_bytes)
-    results.keep(whole)
+    results = _worker_results(keys, whole, cache_bytes)
     items, part = build_segments(results, rows, _WORKER["plan"], _WORKER["options"], num_lods, grid_origin)
     return items, part, peak_rss_mb()
 
@@ -613,11 +622,10 @@ def _run_segments_task(keys, rows, num_lods, grid_origin, whole, cache_bytes) ->
 def _run_write_task(keys, rows, num_lods, grid_origin, whole, cache_bytes) -> tuple[dict, float]:
     """Write the files of some segments (unsharded multires or legacy) in a worker
     (:func:`gpumesh.writer.write_all_segments`), reading the task results as
-    :func:`_run_shard_task` does.  Returns their statistics and the worker's peak RSS (MiB)."""
-    from .writer import TaskResults, _new_stats, write_all_segments
+    :func:`_worker_results` says.  Returns their statistics and the worker's peak RSS (MiB)."""
+    from .writer import _new_stats, write_all_segments
 
-    results = TaskResults(_WORKER["kv"], keys, cache_bytes=cache_bytes)
-    results.keep(whole)
+    results = _worker_results(keys, whole, cache_bytes)
     part = _new_stats(_WORKER["plan"].lods)
     write_all_segments(_WORKER["kv"], results, rows, _WORKER["plan"], _WORKER["options"], part, grid_origin,
                        num_lods)

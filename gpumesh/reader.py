@@ -920,7 +920,8 @@ def is_placeholder(positions_q: np.ndarray, faces: np.ndarray) -> bool:
     """
     if len(positions_q) != 4 or len(faces) != 4:
         return False
-    d = np.asarray(positions_q, dtype=np.int64)[1:] - np.asarray(positions_q, dtype=np.int64)[0]
+    v = np.asarray(positions_q, dtype=np.int64)
+    d = v[1:] - v[0]
     return not np.cross(d[:, None, :], d[None, :, :]).any()   # all on one line
 
 
@@ -942,7 +943,7 @@ def load_fragments(location_or_source, segment_id: int, lod: int) -> list[dict]:
         zero-length arrays), with keys ``position`` ((3,) uint32 grid position),
         ``positions_q`` ((n, 3) int64 quantized positions), ``faces`` ((m, 3) int64) and
         ``placeholder`` (bool: a placeholder that stands for an empty parent node, see
-        :mod:`gpumesh.octree`).
+        :mod:`gpumesh.writer`).
 
     Raises
     ------

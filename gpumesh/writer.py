@@ -20,10 +20,11 @@ bytes) is grouped by shard, and only the fragments of the shard being built are 
 time.  In the main job with several workers, the workers build the segments (a segment is a
 function of its index rows and the task results): each writes whole shards when there are at
 least as many as workers, else a part of each shard's segments, which this process joins into
-the shard; unsharded and legacy files are written by the workers, a run of segments each.  Task results are read
-once and kept in memory while they hold at most :data:`ASSEMBLY_CACHE_BYTES` (most jobs' whole
-output); past that only their headers are read, and fragments by byte range as their shard is
-built (:class:`TaskResults`), so memory follows a shard, not the whole output.  Each shard is
+the shard; unsharded and legacy files are written by the workers, a run of segments each.
+Task results are read once and kept in memory while they hold at most
+:data:`ASSEMBLY_CACHE_BYTES` (most jobs' whole output); past that only their headers are read,
+and fragments by byte range as their shard is built (:class:`TaskResults`), so memory follows a
+shard, not the whole output.  Each shard is
 one atomic write, after which ``.gpumesh-work/shards/<shard>.json`` records it (with its
 statistics), so a resumed run skips finished shards.  :func:`convert_mesh` rewrites a
 multi-resolution directory between the two layouts.
@@ -132,10 +133,9 @@ def segments_num_lods(index: np.ndarray, starts: np.ndarray, plan_lods: int, req
 
 
 def _iter_segments(index: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """``(segment ID, its rows)`` of fragment entries already sorted by segment ID."""
     if len(index) == 0:
         return
-    order = np.argsort(index["label"], kind="stable")
-    index = index[order]
     labels = index["label"]
     starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
     stops = np.r_[starts[1:], len(labels)]
@@ -227,9 +227,7 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
                                        np.asarray(volume.voxel_offset), reads.whole(rows), reads.cap)
                        for rows in split_segments(index, workers)]
             for fut in futures:
-                part, rss = fut.result()
-                _add_stats(stats, part)
-                stats["workers_peak_rss_mb"] = max(stats.get("workers_peak_rss_mb", 0.0), rss)
+                _add_worker_part(stats, *fut.result())
         else:
             write_all_segments(kv, results, index, plan, options, stats, volume.voxel_offset, lods_of)
 
@@ -303,8 +301,8 @@ def write_segments(kv, results: "TaskResults", batch: list, plan: Plan, options:
     grid_origin : (3,) int
         The volume's voxel offset.
     num_lods : dict, optional
-        Multi-resolution: segment ID -> its LODs (:func:`segments_num_lods`); counted per
-        segment when not given.
+        Segment ID -> its LODs (:func:`segments_num_lods`); needed for the multi-resolution
+        format, ``None`` for legacy.
     """
     data_writes, manifest_writes = [], []
     for (label, entries), blobs in zip(batch, _read_fragments(results, batch)):
@@ -319,8 +317,7 @@ def write_segments(kv, results: "TaskResults", batch: list, plan: Plan, options:
                 stats["fragments_per_lod"][0] += 1
             manifest_writes.append((f"{label}:0", json.dumps({"fragments": sorted(names)}).encode()))
         else:
-            built = build_multires(label, entries, blobs, plan, options, stats, grid_origin,
-                                   None if num_lods is None else num_lods[label])
+            built = build_multires(label, entries, blobs, plan, options, stats, grid_origin, num_lods[label])
             if built is None:
                 continue
             data, manifest = built
@@ -333,23 +330,22 @@ def write_segments(kv, results: "TaskResults", batch: list, plan: Plan, options:
 
 
 def build_multires(label: int, entries: np.ndarray, blobs: list, plan: Plan, options: MeshOptions,
-                   stats: dict, grid_origin, num_lods: Optional[int] = None) -> tuple[bytes, bytes]:
+                   stats: dict, grid_origin, num_lods: int) -> Optional[tuple[bytes, bytes]]:
     """Manifest and fragment data of one segment (multi-resolution format).
 
     ``grid_origin`` is the voxel offset (stored-model units); ``vertex_offsets[k] = -2**(k-1)``
     and ``lod_scales[k] = 2**k`` (see :mod:`gpumesh.pipeline` for the geometry).
-    ``num_lods``: the segment's LODs when already known (:func:`_entries_num_lods`).
+    ``num_lods``: the segment's LODs (:func:`segments_num_lods`).
 
     Returns
     -------
     data : bytes
         Fragments concatenated in manifest order (LOD 0 first, Z-order within a LOD).
     manifest : bytes
+        ``None`` instead of both when ``num_lods`` is 0 (the segment is not written).
     """
     C = plan.chunk
     pos = np.stack([entries["x"], entries["y"], entries["z"]], axis=1).astype(np.uint32)
-    if num_lods is None:
-        num_lods = _entries_num_lods(entries, plan, options)
     if num_lods == 0:
         return None
     nodes, node_lod, src = segment_nodes(pos, entries["lod"], num_lods)
@@ -460,15 +456,6 @@ def placeholder_fragments(nodes: np.ndarray, node_lod: np.ndarray, src: np.ndarr
     return out
 
 
-def _entries_num_lods(entries: np.ndarray, plan: Plan, options: MeshOptions) -> int:
-    """:func:`segment_num_lods` of one segment's fragment entries."""
-    lods = entries["lod"].astype(np.int64)
-    lod0 = entries[lods == 0]
-    pos0 = np.stack([lod0["x"], lod0["y"], lod0["z"]], axis=1).astype(np.uint32)
-    present = set(int(k) for k in np.unique(lods))
-    return segment_num_lods(pos0, present, plan.lods, options.num_lods)
-
-
 class TaskResults:
     """The task results of the scratch area, as assembly reads them.
 
@@ -559,6 +546,12 @@ def _read_fragments(results: TaskResults, batch: list) -> Iterator[list]:
 
 def _new_stats(lods: int) -> dict:
     return {"segments": 0, "triangles_per_lod": [0] * lods, "fragments_per_lod": [0] * lods, "bytes": 0}
+
+
+def _add_worker_part(total: dict, part: dict, rss: float) -> None:
+    """Add a worker's statistics, and keep the largest peak RSS (MiB) the workers reported."""
+    _add_stats(total, part)
+    total["workers_peak_rss_mb"] = max(total.get("workers_peak_rss_mb", 0.0), rss)
 
 
 def _add_stats(total: dict, part: dict) -> None:
@@ -652,21 +645,19 @@ def write_shards(kv, results: "TaskResults", index: np.ndarray, plan: Plan, opti
             futures = [executor.submit(_run_shard_task, results.keys, rows, shard, spec, lods(rows),
                                        np.asarray(grid_origin), whole(rows), cap) for shard, rows in todo]
             for fut in futures:
-                part, rss = fut.result()
-                _add_stats(stats, part)
-                stats["workers_peak_rss_mb"] = max(stats.get("workers_peak_rss_mb", 0.0), rss)
+                _add_worker_part(stats, *fut.result())
         else:                              # few shards: workers build parts of each, this process joins them
             pending = [(shard, [executor.submit(_run_segments_task, results.keys, part_rows, lods(part_rows),
                                                 np.asarray(grid_origin), whole(part_rows), cap)
                                 for part_rows in split_segments(rows, split)]) for shard, rows in todo]
             for shard, futures in pending:
-                items, part = [], _new_stats(plan.lods)
+                items, part, peak = [], _new_stats(plan.lods), 0.0
                 for fut in futures:
                     got, got_part, rss = fut.result()
                     items += got
                     _add_stats(part, got_part)
-                    stats["workers_peak_rss_mb"] = max(stats.get("workers_peak_rss_mb", 0.0), rss)
-                _add_stats(stats, _write_built_shard(kv, spec, shard, items, part))
+                    peak = max(peak, rss)
+                _add_worker_part(stats, _write_built_shard(kv, spec, shard, items, part), peak)
     else:
         for shard, rows in todo:
             _add_stats(stats, write_shard(kv, results, rows, shard, spec, plan, options, num_lods, grid_origin))
