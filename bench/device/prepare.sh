@@ -3,7 +3,9 @@
 # puts into the repo, git-ignored, what the device machine cannot fetch (it has no network):
 #   .whl/      wheels for the device image's Python 3.12 (cp312) of the packages the image
 #              lacks: DracoPy, meshoptimizer (built here from its sdist: PyPI has no wheel),
-#              trimesh, zmesh, serra-mesh; and TensorStore, to run the version tested here
+#              trimesh, zmesh, serra-mesh; and TensorStore, to run the version tested here;
+#              and igneous-site-cp312.tar.xz: igneous (the peer of bench_main.py) with those
+#              of its dependencies that the image lacks, in a site of its own (below)
 #   .devdata/  a copy of the real volume (connectomics.zarr, 12 MB): ../shared does not travel
 #   gpumesh/_dracoenc.cpython-312-x86_64-linux-gnu.so   the Draco encoder extension for 3.12
 # and first runs the `gpu` tests over the CPU emulation (tests/cuda_emulation/dry_run_gpu_tests.sh,
@@ -33,5 +35,37 @@ PLAT=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platfo
 rm -rf /tmp/gpumesh-site312 && "$PY312" -m pip install -q --no-deps --target /tmp/gpumesh-site312 .whl/dracopy-*.whl
 rm -rf /tmp/gpumesh-build312 && "$PY312" -m pip install -q setuptools --target /tmp/gpumesh-build312
 PYTHONPATH=/tmp/gpumesh-site312:/tmp/gpumesh-build312 "$PY312" setup.py -q build_ext --inplace
+# igneous in a site of its own (its DracoPy 1.x must not meet gpumesh's 2.x): igneous-pipeline
+# and every dependency that the image lacks (bench/device/image-packages.txt), without what a
+# meshing job never imports (dbscan, microviewer, posix_ipc, pbr, scripts and headers, tests;
+# botocore's service data but S3's and STS's), shared objects stripped, in one archive: about
+# 15 MB against 85 MB of wheels, so that everything travels within the device tool's 64 MiB.
+IGN=/tmp/gpumesh-ign
+rm -rf "$IGN" && mkdir -p "$IGN/whl"
+"$PY312" -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+  "${PLAT[@]}" -d "$IGN/whl" igneous-pipeline==4.37.0  # the version of bench/results' igneous rows
+"$PY312" - "$IGN/whl" bench/device/image-packages.txt > "$IGN/list" <<'PY'
+import os, re, sys
+norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+have = {norm(line.strip()) for line in open(sys.argv[2]) if line.strip() and not line.startswith("#")}
+for wheel in sorted(os.listdir(sys.argv[1])):
+    if norm(wheel.split("-")[0]) not in have:
+        print(os.path.join(sys.argv[1], wheel))
+PY
+xargs "$PY312" -m pip install -q --no-index --no-deps --no-compile --target "$IGN/site" < "$IGN/list"
+(
+  cd "$IGN/site"
+  rm -rf bin include lib64 share dbscan* microviewer* pbr* posix_ipc*
+  find . -depth -type d \( -name __pycache__ -o -name tests \) -exec rm -rf {} +
+  find botocore/data -mindepth 1 -maxdepth 1 -type d ! -name s3 ! -name sts -exec rm -rf {} +
+  find . -name '*.so*' -type f -exec strip --strip-unneeded {} +
+)
+tar -C "$IGN/site" -cJf .whl/igneous-site-cp312.tar.xz .
 cp -r "$DATA/connectomics.zarr" .devdata/
 ls -la .whl gpumesh/*.so && du -sh .whl .devdata
+# what travels (tracked and untracked files, and the carry) must stay under the device tool's 64 MiB
+total=$( { git ls-files -z; git ls-files -z --others --exclude-standard
+           printf '%s\0' .whl .devdata gpumesh/_dracoenc.cpython-312-x86_64-linux-gnu.so; } \
+         | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1 )
+echo "travels: $total bytes of 67108864"
+[ "$total" -lt 67108864 ] || { echo "more than the device tool's 64 MiB would travel" >&2; exit 1; }
