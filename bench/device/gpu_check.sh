@@ -4,7 +4,8 @@
 #       carry=[".whl", ".devdata", "gpumesh/_dracoenc.cpython-312-x86_64-linux-gnu.so"])
 # Stages, each capped so the whole stays inside BUDGET seconds (default 540):
 #   1. install the carried wheels (the image has numpy, numba, tensorstore, scipy, cupy, pytest)
-#   2. tests/test_gpu.py: emulation + NVRTC + the `gpu` tests on the device
+#   2. tests/test_gpu.py: emulation + NVRTC + the `gpu` tests on the device (if any fails,
+#      the small ones again under compute-sanitizer's memcheck, to sanitizer.log)
 #   3. bench/bench_gpu.py: kernel throughput, CPU path and peers, real and 1024^3 tiled volumes
 #   4. the main job on the real volume, --device gpu then --device cpu, every core, and a
 #      byte comparison of the two outputs; then --device gpu with the hash weld
@@ -12,7 +13,7 @@
 #      TASKS=1: also bench_tasks.py, every task alone with the GPU backend)
 #   5. with the time left: the main job --device gpu against igneous (one process per core,
 #      from .whl/igneous-site-cp312.tar.xz) in one bench_main.py run, for their ratio
-# Logs and result JSON go to $OUT (check.log, pytest_gpu.log, results/*.json): commit the
+# Logs and result JSON go to $OUT (check.log, pytest_gpu.log, sanitizer.log, results/*.json): commit the
 # JSON to bench/results/ and cite the figures in docs/gpu.md.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -63,6 +64,15 @@ fi
 stage "tests/test_gpu.py (emulation, NVRTC, gpu)"
 timeout "$(left 200)" "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py 2>&1 \
   | tee "$OUT/pytest_gpu.log" | tail -25
+gpu_tests=${PIPESTATUS[0]}
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+if [ "$gpu_tests" -ne 0 ] && [ -n "$SANITIZER" ]; then
+  # a kernel bug shows here as the bad access itself (where the runtime allows it: Firecracker)
+  stage "the gpu tests failed ($gpu_tests): the small ones again under compute-sanitizer memcheck"
+  timeout "$(left 120)" "$SANITIZER" --tool memcheck --print-limit 20 "$PY" -m pytest -q -p no:cacheprovider \
+    -m gpu tests/test_gpu.py -k "random_labels or grid_stride or hash_weld" 2>&1 \
+    | tee "$OUT/sanitizer.log" | tail -40
+fi
 
 stage "bench_gpu.py"
 timeout "$(left 200)" "$PY" bench/bench_gpu.py --results-dir "$OUT/results" 2>&1 | tail -30
