@@ -869,7 +869,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if not ok:
         agg["error"] = runs[-1].get("error") if runs else "not run"
         if runs:  # still report what was measured on the failed run
-            for k in ("wall_s", "peak_rss_mb", "tree_peak_rss_mb", "returncode", "log"):
+            for k in ("wall_s", "peak_rss_mb", "tree_peak_rss_mb", "returncode", "timed_out", "log"):
                 agg[f"failed_run_{k}"] = runs[-1].get(k)
         return agg
     for k in _MEDIAN_KEYS:
@@ -887,6 +887,14 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if ok[-1].get(k) is not None:
             agg[k] = ok[-1][k]
     return agg
+
+
+def ratio_at_least(a: dict[str, Any], g_wall: float | None) -> float | None:
+    """For a peer whose every run was stopped at ``--timeout``: its wall time when stopped over
+    gpumesh's, a lower bound of the ratio; ``None`` for any other peer."""
+    if "error" in a and a.get("failed_run_timed_out") and a.get("failed_run_wall_s") and g_wall:
+        return a["failed_run_wall_s"] / g_wall
+    return None
 
 
 def _triangles_cell(tool: str, a: dict[str, Any]) -> str:
@@ -912,6 +920,7 @@ def print_table(aggs: dict[str, dict[str, Any]]) -> None:
     rows = []
     for tool, a in aggs.items():
         if "error" in a:
+            at_least = ratio_at_least(a, g_wall)
             rows.append(
                 [
                     tool,
@@ -920,7 +929,7 @@ def print_table(aggs: dict[str, dict[str, Any]]) -> None:
                     _fmt_num(a.get("failed_run_peak_rss_mb"), 0),
                     _fmt_num(a.get("failed_run_tree_peak_rss_mb"), 0),
                     f"FAILED: {a['error']}",
-                    "n/a",
+                    f"> {at_least:.2f}" if at_least is not None else "n/a",
                 ]
             )
             continue
@@ -951,7 +960,7 @@ def print_table(aggs: dict[str, dict[str, Any]]) -> None:
         "cpu s = user + system CPU time of the child and its waited-for descendants. "
         "triangles: gpumesh and igneous per LOD (finest first); zmesh and serra "
         "unsimplified -> simplified. "
-        "x gpumesh = peer wall / gpumesh wall."
+        "x gpumesh = peer wall / gpumesh wall (> : the peer was stopped at --timeout)."
     )
     # Details under the table.
     if "error" not in g and g:
@@ -1267,6 +1276,9 @@ def main(argv: list[str] | None = None) -> int:
     if "gpumesh" in aggs and "error" not in g and g.get("wall_s"):
         for t in tools:
             a = aggs[t]
+            at_least = ratio_at_least(a, g["wall_s"]) if t != "gpumesh" else None
+            if at_least is not None:
+                ratios[t] = {"wall_vs_gpumesh_at_least": at_least, "stopped_after_s": a["failed_run_wall_s"]}
             if t != "gpumesh" and "error" not in a and a.get("wall_s"):
                 ratios[t] = {"wall_vs_gpumesh": a["wall_s"] / g["wall_s"]}
                 if a.get("pipeline_s") and g.get("summary_seconds"):

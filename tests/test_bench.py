@@ -217,3 +217,22 @@ def test_no_gpu_memory_reader_without_a_gpu(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)   # no NVML
     monkeypatch.setattr(bench_main.shutil, "which", lambda name: None)  # no nvidia-smi
     assert bench_main.gpu_memory_reader() is None
+
+
+def test_a_peer_stopped_at_its_timeout_gives_a_lower_bound(tmp_path, capsys):
+    import bench_main
+
+    meas = bench_main.run_child([sys.executable, "-c", "import time; time.sleep(30)"],
+                                tmp_path / "log.txt", timeout=0.5)
+    assert meas["timed_out"] and meas["returncode"] != 0 and 0.5 <= meas["wall_s"] < 10
+    stopped = bench_main.aggregate([bench_main._child_failure({"tool": "igneous", **meas}, meas)])
+    failed = bench_main.aggregate([{"tool": "zmesh", "error": "exit status 1", "wall_s": 2.0,
+                                    "timed_out": False}])
+    gpumesh = {"wall_s": 0.25, "runs_ok": 1}
+    assert bench_main.ratio_at_least(stopped, 0.25) == pytest.approx(meas["wall_s"] / 0.25)
+    assert bench_main.ratio_at_least(failed, 0.25) is None       # failed, not stopped
+    assert bench_main.ratio_at_least(gpumesh, 0.25) is None      # finished: no bound
+    bench_main.print_table({"gpumesh": gpumesh, "igneous": stopped, "zmesh": failed})
+    rows = {line.split("|")[0].strip(): line.split("|")[-1].strip()
+            for line in capsys.readouterr().out.splitlines() if "|" in line}
+    assert rows["igneous"] == f"> {meas['wall_s'] / 0.25:.2f}" and rows["zmesh"] == "n/a"
