@@ -13,13 +13,21 @@ and every surface is a closed, oriented 2-manifold (inside is 6-connected, outsi
 without a diagonal that lies in a cube face (such a diagonal could coincide with one drawn by
 the neighbouring cube), and oriented so that normals point from inside to outside.
 
-The table is built once at import and shared by the CPU kernel and the CUDA kernel, so both
-backends emit the same triangles.
+The table is built once and shared by the CPU kernel and the CUDA kernel, so both backends
+emit the same triangles.  Building it takes about 0.17 s, which every process that meshes
+paid at import (the CLI, the worker server, a spawned worker), so the result is kept on disk
+beside this file (``__pycache__/mctable-<hash of this file>.npy``, as numba keeps its kernels)
+and loaded from there when this file is unchanged; see :func:`load_table`.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
+import uuid
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -229,4 +237,68 @@ def build_table() -> tuple[np.ndarray, np.ndarray]:
     return counts, table
 
 
-TRI_COUNTS, TRI_TABLE = build_table()
+def _pack(counts: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """One (256, 1 + 3 * max_tris) int8 array: each case's count, then its triangles."""
+    return np.concatenate([counts.astype(np.int8)[:, None], table.reshape(256, -1)], axis=1)
+
+
+def _unpack(packed: np.ndarray) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """The (counts, table) of :func:`_pack`'s array, or None when it is not a well-formed
+    table (wrong shape or dtype, a count that disagrees with its rows, rows cut short)."""
+    if packed.dtype != np.int8 or packed.ndim != 2 or packed.shape[0] != 256 or (packed.shape[1] - 1) % 3:
+        return None
+    counts = packed[:, 0].astype(np.int32)
+    table = np.ascontiguousarray(packed[:, 1:].reshape(256, -1, 3))
+    rows = np.arange(table.shape[1])[None, :] < counts[:, None]
+    if table.shape[1] != counts.max() or not (np.all((table >= 0) == rows[:, :, None]) and table.max() < 12):
+        return None
+    return counts, table
+
+
+def table_cache_path() -> Path:
+    """Where :func:`load_table` keeps the built table: named by a hash of this file."""
+    here = Path(__file__)
+    digest = hashlib.sha256(here.read_bytes()).hexdigest()[:16]
+    return here.parent / "__pycache__" / f"mctable-{digest}.npy"
+
+
+def load_table() -> tuple[np.ndarray, np.ndarray]:
+    """:func:`build_table`'s result, from the on-disk copy when this file is unchanged.
+
+    The copy is named by a hash of this file, so any change to the rule builds the table
+    anew; it is written atomically (a temporary file renamed), and one that cannot be read or
+    is not a well-formed table is ignored.  Where the directory is not writable the table is
+    built at every import, as before.
+
+    Returns
+    -------
+    counts : (256,) int32
+    tris : (256, MAX_TRIS, 3) int8
+        As :func:`build_table`.
+    """
+    try:
+        path = table_cache_path()
+    except OSError:
+        return build_table()
+    try:
+        got = _unpack(np.load(path, allow_pickle=False))
+        if got is not None:
+            return got
+    except (OSError, ValueError):
+        pass
+    counts, table = build_table()
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        path.parent.mkdir(exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.save(f, _pack(counts, table), allow_pickle=False)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+    return counts, table
+
+
+TRI_COUNTS, TRI_TABLE = load_table()

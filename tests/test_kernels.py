@@ -41,6 +41,36 @@ def test_table_is_complementary_consistent():
     assert TRI_TABLE.shape[1] == TRI_COUNTS.max()
 
 
+def test_table_kept_on_disk_is_the_rules_table(tmp_path, monkeypatch):
+    from gpumesh import mctable
+
+    counts, table = mctable.build_table()
+    assert np.array_equal(TRI_COUNTS, counts) and np.array_equal(TRI_TABLE, table)
+    assert TRI_COUNTS.dtype == np.int32 and TRI_TABLE.dtype == np.int8
+    assert mctable.table_cache_path().parent.name == "__pycache__"
+
+    def same(got):
+        return np.array_equal(got[0], counts) and np.array_equal(got[1], table) and got[1].dtype == np.int8
+
+    path = tmp_path / "__pycache__" / "mctable-test.npy"
+    monkeypatch.setattr(mctable, "table_cache_path", lambda: path)
+    assert same(mctable.load_table()) and path.exists()      # built, then written
+    assert same(mctable.load_table())                        # read back
+    good = np.load(path)
+    assert np.array_equal(good, mctable._pack(counts, table))
+    # a count that disagrees with its rows, a wrong shape, bytes that are no array: each is
+    # ignored, the table built by the rule and written again
+    for bad in (good.copy(), good[:, :-3], None):
+        if bad is None:
+            path.write_bytes(b"not an array")
+        else:
+            if bad.shape == good.shape:
+                bad[7, 0] += 1
+            np.save(path, bad)
+        assert same(mctable.load_table())
+        assert np.array_equal(np.load(path), good)
+
+
 def _mode_reference(block: np.ndarray) -> int:
     vals = block[block != 0]
     if len(vals) == 0:
