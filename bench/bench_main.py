@@ -1276,8 +1276,8 @@ def main(argv: list[str] | None = None) -> int:
     if "gpumesh" in aggs and "error" not in g and g.get("wall_s"):
         for t in tools:
             a = aggs[t]
-            at_least = ratio_at_least(a, g["wall_s"]) if t != "gpumesh" else None
-            if at_least is not None:
+            at_least = ratio_at_least(a, g["wall_s"])
+            if t != "gpumesh" and at_least is not None:
                 ratios[t] = {"wall_vs_gpumesh_at_least": at_least, "stopped_after_s": a["failed_run_wall_s"]}
             if t != "gpumesh" and "error" not in a and a.get("wall_s"):
                 ratios[t] = {"wall_vs_gpumesh": a["wall_s"] / g["wall_s"]}

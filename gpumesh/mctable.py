@@ -284,7 +284,7 @@ def load_table() -> tuple[np.ndarray, np.ndarray]:
         got = _unpack(np.load(path, allow_pickle=False))
         if got is not None:
             return got
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):
         pass
     counts, table = build_table()
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")

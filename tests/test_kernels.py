@@ -58,11 +58,11 @@ def test_table_kept_on_disk_is_the_rules_table(tmp_path, monkeypatch):
     assert same(mctable.load_table())                        # read back
     good = np.load(path)
     assert np.array_equal(good, mctable._pack(counts, table))
-    # a count that disagrees with its rows, a wrong shape, bytes that are no array: each is
-    # ignored, the table built by the rule and written again
-    for bad in (good.copy(), good[:, :-3], None):
-        if bad is None:
-            path.write_bytes(b"not an array")
+    # a count that disagrees with its rows, rows cut short, bytes that are no array, an empty
+    # file: each is ignored, the table built by the rule and written again
+    for bad in (good.copy(), good[:, :-3], b"not an array", b""):
+        if isinstance(bad, bytes):
+            path.write_bytes(bad)
         else:
             if bad.shape == good.shape:
                 bad[7, 0] += 1
