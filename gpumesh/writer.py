@@ -132,12 +132,19 @@ def segments_num_lods(index: np.ndarray, starts: np.ndarray, plan_lods: int, req
     return np.where(np.logical_or.reduceat(at0, starts), np.maximum(1, np.minimum(n, avail)), 0)
 
 
+def _run_starts(values: np.ndarray) -> np.ndarray:
+    """First index of each run of equal values of a 1-D array (empty for an empty array);
+    on fragment entries sorted by segment ID, ``_run_starts(index["label"])`` is each segment's
+    first row."""
+    if len(values) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
+
+
 def _iter_segments(index: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     """``(segment ID, its rows)`` of fragment entries already sorted by segment ID."""
-    if len(index) == 0:
-        return
     labels = index["label"]
-    starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
+    starts = _run_starts(labels)
     stops = np.r_[starts[1:], len(labels)]
     for s0, s1 in zip(starts, stops):
         yield int(labels[s0]), index[s0:s1]
@@ -204,8 +211,7 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
         counts.append(cc)
     index = np.concatenate(indices) if indices else np.zeros(0, dtype=FRAG_DTYPE)
 
-    stats = {"segments": 0, "triangles_per_lod": [0] * plan.lods, "fragments_per_lod": [0] * plan.lods,
-             "bytes": 0}
+    stats = _new_stats(plan.lods)
     spec = None
     if options.sharding is not None and options.format == "multires":
         spec = write_shards(kv, results, index, plan, options, stats, volume.voxel_offset, executor, workers)
@@ -214,7 +220,7 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
         lods_of = None   # segment ID -> its LODs (multires), all counted at once
         if options.format == "multires" and len(index):
             lab = index["label"]
-            starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
+            starts = _run_starts(lab)
             lods_of = dict(zip(lab[starts].tolist(),
                                segments_num_lods(index, starts, plan.lods, options.num_lods).tolist()))
         if executor is not None and workers > 1 and len(index):
@@ -602,7 +608,7 @@ def write_shards(kv, results: "TaskResults", index: np.ndarray, plan: Plan, opti
     # What each segment will store, from the index alone: its LODs and their fragment bytes.
     index = index[np.argsort(index["label"], kind="stable")]
     lab = index["label"]
-    starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]]) if len(index) else np.zeros(0, np.int64)
+    starts = _run_starts(lab)
     n = segments_num_lods(index, starts, plan.lods, options.num_lods)
     rows_n = np.repeat(n, np.diff(np.r_[starts, len(index)]))
     index = index[index["lod"] < rows_n]   # drops the segments with n = 0 too
@@ -617,7 +623,7 @@ def write_shards(kv, results: "TaskResults", index: np.ndarray, plan: Plan, opti
     row_shard = seg_shard[np.searchsorted(labels, index["label"])]
     order = np.argsort(row_shard, kind="stable")
     index, row_shard = index[order], row_shard[order]
-    starts = np.flatnonzero(np.r_[True, row_shard[1:] != row_shard[:-1]])
+    starts = _run_starts(row_shard)
     stops = np.r_[starts[1:], len(row_shard)]
 
     recorded = set(storage.list_keys(kv, SCRATCH + "shards/"))
@@ -734,8 +740,7 @@ def _write_built_shard(kv, spec: ShardingSpec, shard: int, items: list, part: di
 def split_segments(rows: np.ndarray, parts: int) -> list:
     """Split fragment rows sorted by segment ID into at most ``parts`` runs of whole segments,
     of about equal fragment bytes (none empty)."""
-    lab = rows["label"]
-    starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
+    starts = _run_starts(rows["label"])
     before = np.r_[0, np.cumsum(rows["size"], dtype=np.int64)][starts]   # bytes before each segment
     total = int(rows["size"].sum())
     cuts = np.unique(np.r_[0, starts[np.searchsorted(before, [total * k / parts for k in range(1, parts)])
