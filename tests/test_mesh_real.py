@@ -415,3 +415,40 @@ def test_each_tile_of_a_tiled_volume_is_meshed_as_if_alone(crop, tmp_path):
             assert np.array_equal(a.grid_origin, b.grid_origin)
             assert (_fragments_by_node(alone, s, offset) == _fragments_by_node(tiled, s + t * step, 0)), \
                 f"tile {t}, segment {s}"
+
+
+def test_ten_bit_output_is_the_sixteen_bit_output_rescaled(crop, crop_medium, tmp_path):
+    """``vertex_quantization_bits=10`` keeps every vertex and triangle of the default 16 bits.
+
+    Vertices lie on the half-voxel lattice, which both depths hold exactly, so a 10-bit
+    fragment is the 16-bit one with every position divided by 2**6 (the node's far face,
+    clipped to 2**bits - 1, excepted): the same fragments, triangles and decoded triangle
+    order, at 1/64 of the precision of the decode (see :mod:`gpumesh.encode`).
+    """
+    from conftest import _mesh_crop
+
+    dest10 = tmp_path / "bits10"
+    summary10 = _mesh_crop(crop, dest10, vertex_quantization_bits=10)
+    dest16, summary16 = crop_medium
+    assert summary10.triangles_per_lod == summary16.triangles_per_lod
+    assert validate(str(dest10)).ok
+    src10, src16 = open_mesh(str(dest10)), open_mesh(str(dest16))
+    assert src10.vertex_quantization_bits == 10
+    ids = src16.segment_ids()
+    assert src10.segment_ids() == ids
+    compared = 0
+    for seg in ids:
+        m10, m16 = src10.manifest(seg), src16.manifest(seg)
+        assert m10.num_lods == m16.num_lods
+        for lod in range(m16.num_lods):
+            for f10, f16 in zip(load_fragments(src10, seg, lod), load_fragments(src16, seg, lod), strict=True):
+                assert np.array_equal(f10["position"], f16["position"])
+                assert f10["placeholder"] == f16["placeholder"]
+                if f16["placeholder"]:
+                    continue
+                q10, q16 = f10["positions_q"], f16["positions_q"]
+                np.testing.assert_array_equal(f10["faces"], f16["faces"])
+                np.testing.assert_array_equal(np.where(q16 == (1 << 16) - 1, (1 << 10) - 1, q16 >> 6), q10)
+                assert not (q16[q16 != (1 << 16) - 1] % 64).any()
+                compared += len(q16)
+    assert compared > 0
