@@ -158,9 +158,16 @@ def mesh(source, dest, voxel_size, voxel_offset, mip, axes, fmt, quality, chunk_
             warnings.simplefilter("always", EmptyVolumeWarning)
             warnings.simplefilter("always", CPUFallbackNotice)
             warnings.showwarning = show
-            summary = run_mesh(source, dest, options=options, voxel_size=voxel_size, voxel_offset=voxel_offset,
-                               mip=mip, axes=axes, overwrite=overwrite, resume=resume, workers=workers,
-                               device=device, link_source=link_source, progress=progress)
+            try:
+                summary = run_mesh(source, dest, options=options, voxel_size=voxel_size, voxel_offset=voxel_offset,
+                                   mip=mip, axes=axes, overwrite=overwrite, resume=resume, workers=workers,
+                                   device=device, link_source=link_source, progress=progress)
+            finally:
+                # wait for the workers' server, so that the workers' CPU time counts as this
+                # process's children's (`time gpumesh mesh`, a benchmark's wait4)
+                from .workerserver import stop_server
+
+                stop_server()
     except WorkerFailedError as exc:   # not bad input: status 1, and --resume continues
         if bar is not None:
             bar.close()

@@ -74,6 +74,31 @@ def start_server() -> bool:
     return True
 
 
+def stop_server() -> None:
+    """Stop the worker server that :func:`start_server` started, and wait for it to exit.
+
+    The server waits for each worker it forked, so the workers' CPU time is added to the
+    server's children's; waiting for the server adds it to this process's children's in turn,
+    which is what ``time gpumesh mesh ...``, a benchmark's ``wait4`` and
+    ``resource.getrusage(RUSAGE_CHILDREN)`` report.  A server left running ends by itself when
+    this process exits, but no process waits for it then, and the workers' CPU time is lost to
+    such accounting.  The CLI calls this when the main job ends; a later :func:`start_server`
+    starts a new server.
+
+    Uses the standard library's private ``ForkServer._stop`` (CPython 3.8 and later); where it
+    is missing, the server is left to end with the process.
+    """
+    global _server_env
+    if _server_env is None:
+        return
+    from multiprocessing import forkserver
+
+    stop = getattr(getattr(forkserver, "_forkserver", None), "_stop", None)
+    if stop is not None:
+        stop()
+        _server_env = None
+
+
 def context():
     """The multiprocessing context for the main job's worker pool.
 

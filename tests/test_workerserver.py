@@ -192,3 +192,35 @@ def test_a_killed_worker_fails_the_job_in_one_line_and_resume_finishes_it(crop, 
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert tree_files(dest) == tree_files(ref) != {}
+
+
+def test_the_cli_counts_its_workers_cpu_time(crop, tmp_path):
+    """``time gpumesh mesh ...`` (a parent's ``wait4``) reports the workers' CPU time too.
+
+    The workers are children of the worker server, not of the CLI; the CLI waits for the
+    server when the job ends (``workerserver.stop_server``), so their CPU time reaches it.  A
+    2-worker run then costs more CPU than a 1-worker run of the same job (the server's imports
+    and each worker's kernel loading come on top); counting the CLI alone, it costs less,
+    since the CLI then meshes nothing itself.
+    """
+    import tensorstore as ts
+
+    src = tmp_path / "src.zarr"
+    part = crop[:64, :64, :64]
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(src)},
+            "metadata": {"shape": list(part.shape), "data_type": str(part.dtype), "dimension_names": ["x", "y", "z"],
+                         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [64, 64, 64]}}}}
+    ts.open(spec, create=True).result().write(part).result()
+
+    def cpu_seconds(workers: int) -> float:
+        proc = subprocess.Popen(cli_command() + ["mesh", str(src), str(tmp_path / f"w{workers}"), "--voxel-size",
+                                                 "32,32,40", "--chunk-size", "16", "--quiet", "--workers",
+                                                 str(workers)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        assert proc.returncode == 0, proc.stderr.read()
+        proc.stderr.close()
+        return usage.ru_utime + usage.ru_stime
+
+    one, two = cpu_seconds(1), cpu_seconds(2)
+    assert two > one, f"2 workers: {two:.2f} CPU s counted, 1 worker: {one:.2f}"
