@@ -185,18 +185,38 @@ def load_volume(source: Path):
 # --------------------------------------------------------------------------------------------
 
 
-def _peer_totals(
-    args: argparse.Namespace,
-    res: dict[str, Any],
-    extract_s: float,
-    simplify_get_s: float,
-    raw_tri: int,
-    raw_vert: int,
-    simp_tri: int,
-    simp_vert: int,
-) -> dict[str, Any]:
+def _get_every_segment(tag: str, mesher, args: argparse.Namespace, res: dict[str, Any],
+                       raw_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A peer's ``get()`` of every segment after its ``mesh()``, as igneous does; totals and times.
+
+    ``raw_kwargs``: the peer's arguments for an unsimplified ``get`` (besides ``normals`` and
+    ``reduction_factor=0``).  Each segment's state is erased after its gets, as igneous does.
+    """
     raw, simp = not args.no_raw_count, not args.no_peer_simplify
+    R, E = args.reduction_factor, args.max_error
+    ids = [int(i) for i in mesher.ids()]
+    extract_s = simplify_get_s = 0.0
+    raw_tri = raw_vert = simp_tri = simp_vert = 0
+    for n, label in enumerate(ids):
+        if raw:
+            t0 = time.perf_counter()
+            m = mesher.get(label, normals=False, reduction_factor=0, **raw_kwargs)
+            extract_s += time.perf_counter() - t0
+            raw_tri += int(m.faces.shape[0])
+            raw_vert += int(m.vertices.shape[0])
+            del m
+        if simp:
+            t0 = time.perf_counter()
+            m = mesher.get(label, normals=False, reduction_factor=R, max_error=E)
+            simplify_get_s += time.perf_counter() - t0
+            simp_tri += int(m.faces.shape[0])
+            simp_vert += int(m.vertices.shape[0])
+            del m
+        mesher.erase(label)  # frees that segment's marching-cubes state
+        if (n + 1) % 500 == 0:
+            _log(f"[{tag}] {n + 1}/{len(ids)} segments")
     out: dict[str, Any] = {
+        "segments": len(ids),
         "extract_s": extract_s if raw else None,
         "simplify_get_s": simplify_get_s if simp else None,
         "triangles_raw": raw_tri if raw else None,
@@ -241,37 +261,14 @@ def worker_zmesh(args: argparse.Namespace) -> dict[str, Any]:
     res["mesh_s"] = t_meshed - t_loaded
     res["rss_hwm_after_mesh_mb"] = _vm_hwm_mb()
     del labels
-    ids = [int(i) for i in mesher.ids()]
-    _log(f"[zmesh] mesh() {res['mesh_s']:.2f}s, {len(ids)} segments")
+    _log(f"[zmesh] mesh() {res['mesh_s']:.2f}s, {len(mesher.ids())} segments")
 
     R, E = args.reduction_factor, args.max_error
-    extract_s = simplify_get_s = 0.0
-    raw_tri = raw_vert = simp_tri = simp_vert = 0
-    for n, label in enumerate(ids):
-        if not args.no_raw_count:
-            t0 = time.perf_counter()
-            m = mesher.get(label, normals=False, reduction_factor=0, max_error=E)
-            extract_s += time.perf_counter() - t0
-            raw_tri += int(m.faces.shape[0])
-            raw_vert += int(m.vertices.shape[0])
-            del m
-        if not args.no_peer_simplify:
-            t0 = time.perf_counter()
-            m = mesher.get(label, normals=False, reduction_factor=R, max_error=E)
-            simplify_get_s += time.perf_counter() - t0
-            simp_tri += int(m.faces.shape[0])
-            simp_vert += int(m.vertices.shape[0])
-            del m
-        mesher.erase(label)  # as igneous does, frees that segment's marching-cubes state
-        if (n + 1) % 500 == 0:
-            _log(f"[zmesh] {n + 1}/{len(ids)} segments")
+    totals = _get_every_segment("zmesh", mesher, args, res, {"max_error": E})
     t_end = time.perf_counter()
 
     res.update(
-        segments=len(ids),
-        **_peer_totals(
-            args, res, extract_s, simplify_get_s, raw_tri, raw_vert, simp_tri, simp_vert
-        ),
+        **totals,
         get_loop_s=t_end - t_meshed,
         total_in_process_s=t_end - t_start,
         rss_hwm_end_mb=_vm_hwm_mb(),
@@ -309,37 +306,14 @@ def worker_serra(args: argparse.Namespace) -> dict[str, Any]:
     res["mesh_s"] = t_meshed - t_loaded
     res["rss_hwm_after_mesh_mb"] = _vm_hwm_mb()
     del labels
-    ids = [int(i) for i in mesher.ids()]
-    _log(f"[serra] mesh() {res['mesh_s']:.2f}s on {res['threads']} threads, {len(ids)} segments")
+    _log(f"[serra] mesh() {res['mesh_s']:.2f}s on {res['threads']} threads, {len(mesher.ids())} segments")
 
     R, E = args.reduction_factor, args.max_error
-    extract_s = simplify_get_s = 0.0
-    raw_tri = raw_vert = simp_tri = simp_vert = 0
-    for n, label in enumerate(ids):
-        if not args.no_raw_count:
-            t0 = time.perf_counter()
-            m = mesher.get(label, normals=False, reduction_factor=0)
-            extract_s += time.perf_counter() - t0
-            raw_tri += int(m.faces.shape[0])
-            raw_vert += int(m.vertices.shape[0])
-            del m
-        if not args.no_peer_simplify:
-            t0 = time.perf_counter()
-            m = mesher.get(label, normals=False, reduction_factor=R, max_error=E)
-            simplify_get_s += time.perf_counter() - t0
-            simp_tri += int(m.faces.shape[0])
-            simp_vert += int(m.vertices.shape[0])
-            del m
-        mesher.erase(label)
-        if (n + 1) % 500 == 0:
-            _log(f"[serra] {n + 1}/{len(ids)} segments")
+    totals = _get_every_segment("serra", mesher, args, res, {})
     t_end = time.perf_counter()
 
     res.update(
-        segments=len(ids),
-        **_peer_totals(
-            args, res, extract_s, simplify_get_s, raw_tri, raw_vert, simp_tri, simp_vert
-        ),
+        **totals,
         get_loop_s=t_end - t_meshed,
         total_in_process_s=t_end - t_start,
         rss_hwm_end_mb=_vm_hwm_mb(),
