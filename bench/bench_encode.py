@@ -16,7 +16,7 @@ Why the two depths differ in speed: Draco's rANS coder writes and sorts a probab
 over every residual value up to the largest in the fragment, and the residuals of a
 fragment span its coordinate range, up to 2**16 values at 16 bits against 2**10 at 10.
 
-    .venv/bin/python bench/bench_encode.py --mesh out            # 400 segments, 3 passes
+    .venv/bin/python bench/bench_encode.py --mesh out            # 400 segments, 5 passes
     .venv/bin/python bench/bench_encode.py --mesh out --segments 0   # every segment
 
 Prints a table (median of the passes) and writes ``bench/results/encode-<UTC start>-<host>.json``.
@@ -110,29 +110,34 @@ def main(argv=None) -> int:
     p.add_argument("--mesh", required=True, help="a multires mesh directory gpumesh wrote at 16 bits")
     p.add_argument("--segments", type=int, default=400, help="segments sampled (0: all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--passes", type=int, default=3, help="timed passes over the fragments (median)")
+    p.add_argument("--passes", type=int, default=5, help="timed passes over the fragments (median)")
     add_result_args(p)
     args = p.parse_args(argv)
     started = _dt.datetime.now(_dt.timezone.utc)
     frags, sample = collect(args.mesh, args.segments, args.seed)
     inputs = {16: [(q, f) for q, f, _ in frags], 10: [(to_ten_bits(q), f) for q, f, _ in frags]}
     triangles = sum(len(f) for _, f, _ in frags)
-    rows = []
-    for name, enc in encoders().items():
+    encs = encoders()
+    for name, enc in encs.items():
         for i in range(0, len(frags), max(1, len(frags) // 200)):
             for bits in (16, 10):
                 q, f = inputs[bits][i]
                 if triangle_set(*reader.decode_fragment(enc(q, f, bits), bits)) != triangle_set(q, f):
                     raise SystemExit(f"{name}: a fragment encoded at {bits} bits decodes to other triangles")
-        for bits in (16, 10):
-            times, size = [], 0
-            for _ in range(args.passes):
-                t0 = time.process_time()
-                size = sum(len(enc(q, f, bits)) for q, f in inputs[bits])
-                times.append(time.process_time() - t0)
-            cpu = statistics.median(times)
-            rows.append({"encoder": name, "bits": bits, "cpu_s": cpu, "cpu_s_passes": times,
-                         "bytes": size, "mtriangles_per_s": triangles / cpu / 1e6})
+    configs = [(name, bits) for name in encs for bits in (16, 10)]
+    times = {c: [] for c in configs}
+    size = {}
+    for _ in range(args.passes):   # interleaved, so that a slower spell of the machine hits all alike
+        for name, bits in configs:
+            enc = encs[name]
+            t0 = time.process_time()
+            size[name, bits] = sum(len(enc(q, f, bits)) for q, f in inputs[bits])
+            times[name, bits].append(time.process_time() - t0)
+    rows = []
+    for name, bits in configs:
+        cpu = statistics.median(times[name, bits])
+        rows.append({"encoder": name, "bits": bits, "cpu_s": cpu, "cpu_s_passes": times[name, bits],
+                     "bytes": size[name, bits], "mtriangles_per_s": triangles / cpu / 1e6})
     print(f"{len(frags)} fragments, {triangles / 1e6:.2f} M triangles of {sample['segments']} segments "
           f"(placeholders left out); CPU s, median of {args.passes}")
     print("encoder   | bits | CPU s  | M tri/s | bytes      | vs 16 bits")

@@ -44,13 +44,15 @@ def makespan(costs, workers: int) -> float:
     return max(free)
 
 
-def measure(source, voxel_size, device: str) -> tuple[list[dict], str]:
-    """Run every task of the main job on ``source`` once; per-task CPU and wall seconds."""
+def measure(source, voxel_size, device: str, bits: int = 16) -> tuple[list[dict], str]:
+    """Run every task of the main job on ``source`` once; per-task CPU and wall seconds.
+
+    ``bits``: the vertex quantization bits (the main job's default options otherwise)."""
     from gpumesh.backend import get_backend
     from gpumesh.pipeline import MeshOptions, Plan, mesh_block, read_cache_bytes, task_name
     from gpumesh.volume import open_volume
 
-    options = MeshOptions()
+    options = MeshOptions(vertex_quantization_bits=bits)
     volume = open_volume(source, voxel_size=voxel_size)
     plan = Plan.make(volume.shape, options)
     volume = open_volume(source, voxel_size=voxel_size, cache_bytes=read_cache_bytes(volume, plan))
@@ -94,13 +96,14 @@ def main(argv=None) -> int:
     p.add_argument("--source", default=str(DEFAULT_SOURCE))
     p.add_argument("--voxel-size", default="32,32,40", help="nm, x,y,z")
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu", "auto"))
+    p.add_argument("--bits", type=int, default=16, choices=(10, 16), help="vertex quantization bits")
     add_result_args(p)
     args = p.parse_args(argv)
     if source_missing(args.source):
         return 2
     voxel_size = tuple(float(v) for v in args.voxel_size.split(","))
     started = _dt.datetime.now(_dt.timezone.utc)
-    rows, backend = measure(args.source, voxel_size, args.device)
+    rows, backend = measure(args.source, voxel_size, args.device, args.bits)
     sched = model(rows)
     print_table(rows, sched)
     record = {
@@ -108,7 +111,8 @@ def main(argv=None) -> int:
         "started_utc": started.isoformat(),
         "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         **environment(), "device": device_info(), "backend": backend,
-        "options": {"source": args.source, "voxel_size_nm": list(voxel_size), "preset": "default"},
+        "options": {"source": args.source, "voxel_size_nm": list(voxel_size), "preset": "default",
+                    "vertex_quantization_bits": args.bits},
         "model_note": "makespans are computed from the measured per-task CPU seconds (list "
                       "scheduling); they leave out worker start-up, contention and assembly",
         "tasks": rows,
