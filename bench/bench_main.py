@@ -45,6 +45,7 @@ import argparse
 import datetime as _dt
 import functools
 import importlib.metadata
+import itertools
 import json
 import os
 import platform
@@ -1087,13 +1088,23 @@ def source_missing(source) -> bool:
 
 
 def save_result(record: dict[str, Any], kind: str, started: _dt.datetime, results_dir) -> Path:
-    """Write ``record`` as ``<results_dir>/<kind>-<UTC start>-<hostname>.json``."""
+    """Write ``record`` as ``<results_dir>/<kind>-<UTC start>-<hostname>.json``.
+
+    Never over an existing file: a second result of the same kind started in the same second
+    (two benchmarks run side by side) gets ``-2``, ``-3``, ... after the hostname.
+    """
     res_dir = Path(results_dir)
     res_dir.mkdir(parents=True, exist_ok=True)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    path = res_dir / f"{kind}-{stamp}-{socket.gethostname()}.json"
-    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    return path
+    text = json.dumps(record, indent=2, default=str) + "\n"
+    for n in itertools.count(1):
+        path = res_dir / f"{kind}-{stamp}-{socket.gethostname()}{'' if n == 1 else f'-{n}'}.json"
+        try:
+            with open(path, "x") as fh:
+                fh.write(text)
+            return path
+        except FileExistsError:
+            continue
 
 
 def package_versions(names=PACKAGES) -> dict[str, str | None]:

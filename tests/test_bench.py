@@ -236,3 +236,16 @@ def test_a_peer_stopped_at_its_timeout_gives_a_lower_bound(tmp_path, capsys):
     rows = {line.split("|")[0].strip(): line.split("|")[-1].strip()
             for line in capsys.readouterr().out.splitlines() if "|" in line}
     assert rows["igneous"] == f"> {meas['wall_s'] / 0.25:.2f}" and rows["zmesh"] == "n/a"
+
+
+def test_save_result_never_overwrites(tmp_path):
+    """Two results of one kind started in the same second (benchmarks run side by side) both stay."""
+    import datetime as dt
+
+    from bench_main import save_result
+
+    started = dt.datetime(2026, 12, 3, 18, 30, 16, tzinfo=dt.timezone.utc)
+    paths = [save_result({"run": i}, "tasks", started, tmp_path) for i in range(3)]
+    assert len(set(paths)) == 3
+    assert [json.loads(p.read_text())["run"] for p in paths] == [0, 1, 2]
+    assert paths[0].name.startswith("tasks-20261203T183016Z-") and paths[1].stem.endswith("-2")
