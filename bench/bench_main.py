@@ -599,10 +599,17 @@ def gpumesh_command() -> tuple[list[str], str]:
     return [sys.executable, "-c", tramp], f"{sys.executable} -c 'from gpumesh.cli import main'"
 
 
-def run_gpumesh(args: argparse.Namespace, out_dir: Path, rep: int) -> dict[str, Any]:
+def variant_name(extra: str) -> str:
+    """The table's row name of a ``--gpumesh-variant``."""
+    return f"gpumesh {extra}"
+
+
+def run_gpumesh(args: argparse.Namespace, out_dir: Path, rep: int, variant: int = 0) -> dict[str, Any]:
+    """One run of the gpumesh CLI; ``variant`` ``i > 0``: with ``args.gpumesh_variant[i - 1]``."""
     base, how = gpumesh_command()
-    dest = out_dir / "gpumesh-out"
-    summary_path = out_dir / f"gpumesh-summary-{rep}.json"
+    tag = "gpumesh" if variant == 0 else f"gpumesh-v{variant}"
+    dest = out_dir / f"{tag}-out"
+    summary_path = out_dir / f"{tag}-summary-{rep}.json"
     summary_path.unlink(missing_ok=True)
     vs = ",".join(f"{v:g}" for v in args.voxel_size)
     cmd = base + [
@@ -621,15 +628,18 @@ def run_gpumesh(args: argparse.Namespace, out_dir: Path, rep: int) -> dict[str, 
         cmd += ["--quality", args.quality]
     if args.gpumesh_args:
         cmd += shlex.split(args.gpumesh_args)
+    if variant:
+        cmd += shlex.split(args.gpumesh_variant[variant - 1])
     env = dict(os.environ)
     if not Path(base[0]).name.startswith("gpumesh"):
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
         )
-    _log(f"[gpumesh] run {rep + 1}: {shlex.join(cmd)}")
-    meas = run_child(cmd, out_dir / "logs" / f"gpumesh-{rep}.log", env=env, timeout=args.timeout,
+    name = "gpumesh" if variant == 0 else variant_name(args.gpumesh_variant[variant - 1])
+    _log(f"[{name}] run {rep + 1}: {shlex.join(cmd)}")
+    meas = run_child(cmd, out_dir / "logs" / f"{tag}-{rep}.log", env=env, timeout=args.timeout,
                      gpu_reader=_gpu_reader())
-    res: dict[str, Any] = {"tool": "gpumesh", "command": cmd, "invoked_as": how, **meas}
+    res: dict[str, Any] = {"tool": name, "command": cmd, "invoked_as": how, **meas}
 
     summary: dict[str, Any] | None = None
     if summary_path.exists():
@@ -647,9 +657,9 @@ def run_gpumesh(args: argparse.Namespace, out_dir: Path, rep: int) -> dict[str, 
     res["bytes"] = s.get("bytes")
     res["summary_seconds"] = s.get("seconds")
     res["summary_peak_rss_mb"] = s.get("peak_rss_mb")
-    # gpumesh's workers are forked by its worker server (gpumesh.workerserver), not by the CLI
-    # process, so wait4's figure is the CLI process alone; the summary's is the largest of the
-    # CLI process and every worker (each reports its own)
+    # gpumesh's workers are forked by its worker server (gpumesh.workerserver), which the CLI
+    # waits for at the end, so wait4's figures cover them; the summary's peak is the largest of
+    # the CLI process and every worker (each reports its own), a floor where that wait is missing
     if isinstance(res["summary_peak_rss_mb"], (int, float)) and isinstance(res.get("peak_rss_mb"), (int, float)):
         res["peak_rss_mb"] = max(res["peak_rss_mb"], float(res["summary_peak_rss_mb"]))
     res["summary_device"] = s.get("device")
@@ -873,7 +883,7 @@ def ratio_at_least(a: dict[str, Any], g_wall: float | None) -> float | None:
 
 
 def _triangles_cell(tool: str, a: dict[str, Any]) -> str:
-    if tool in ("gpumesh", "igneous"):
+    if tool in ("gpumesh", "igneous") or tool.startswith("gpumesh "):
         tpl = a.get("triangles_per_lod")
         if not tpl:
             return "?"
@@ -935,23 +945,25 @@ def print_table(aggs: dict[str, dict[str, Any]]) -> None:
         "cpu s = user + system CPU time of the child and its waited-for descendants. "
         "triangles: gpumesh and igneous per LOD (finest first); zmesh and serra "
         "unsimplified -> simplified. "
-        "x gpumesh = peer wall / gpumesh wall (> : the peer was stopped at --timeout)."
+        "x gpumesh = the row's wall / gpumesh's wall (> : the peer was stopped at --timeout)."
     )
     # Details under the table.
-    if "error" not in g and g:
-        bits = [f"segments {g.get('segments', '?')}"]
-        bits.append(f"summary seconds {_fmt_num(g.get('summary_seconds'))}")
-        bits.append(f"summary peak RSS {_fmt_num(g.get('summary_peak_rss_mb'), 0)} MB")
-        if g.get("gpu_peak_mb") is not None:
-            bits.append(f"peak GPU memory {_fmt_num(g['gpu_peak_mb'], 0)} MB in use on the device "
-                        f"(sampled; {_fmt_num(g.get('gpu_before_mb'), 0)} MB before the run)")
+    for tool, a in aggs.items():   # gpumesh, and each --gpumesh-variant
+        if not (tool == "gpumesh" or tool.startswith("gpumesh ")) or "error" in a:
+            continue
+        bits = [f"segments {a.get('segments', '?')}"]
+        bits.append(f"summary seconds {_fmt_num(a.get('summary_seconds'))}")
+        bits.append(f"summary peak RSS {_fmt_num(a.get('summary_peak_rss_mb'), 0)} MB")
+        if a.get("gpu_peak_mb") is not None:
+            bits.append(f"peak GPU memory {_fmt_num(a['gpu_peak_mb'], 0)} MB in use on the device "
+                        f"(sampled; {_fmt_num(a.get('gpu_before_mb'), 0)} MB before the run)")
         bits.append(
-            f"bytes {_fmt_count(g.get('bytes'))} "
-            f"(on disk {_fmt_count(g.get('dest_bytes_on_disk'))})"
+            f"bytes {_fmt_count(a.get('bytes'))} "
+            f"(on disk {_fmt_count(a.get('dest_bytes_on_disk'))})"
         )
-        if g.get("summary_missing_keys"):
-            bits.append(f"summary lacks {','.join(g['summary_missing_keys'])}")
-        print("gpumesh: " + ", ".join(bits))
+        if a.get("summary_missing_keys"):
+            bits.append(f"summary lacks {','.join(a['summary_missing_keys'])}")
+        print(f"{tool}: " + ", ".join(bits))
     a = aggs.get("igneous")
     if a and "error" not in a:
         txt = (f"igneous: {a.get('processes')} processes, forge {_fmt_num(a.get('forge_s'))} s "
@@ -1141,6 +1153,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passed to gpumesh --workers (omitted if unset)")
     p.add_argument("--gpumesh-args", default="",
                    help="extra arguments appended to the gpumesh command")
+    p.add_argument("--gpumesh-variant", action="append", default=[], metavar="ARGS",
+                   help="one more gpumesh row, 'gpumesh ARGS': the gpumesh command with ARGS "
+                   "appended too, run right after gpumesh in each repeat (repeatable), for "
+                   "comparing options in one run")
     p.add_argument("--skip", default="",
                    help="comma-separated tools to skip: gpumesh,zmesh,serra,igneous")
     p.add_argument("--out-dir", default=None,
@@ -1204,6 +1220,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--skip: unknown tool(s) {sorted(unknown)}; choose from {TOOLS}", file=sys.stderr)
         return 2
     tools = [t for t in TOOLS if t not in skip]
+    variants = {variant_name(v): i + 1 for i, v in enumerate(args.gpumesh_variant)}
+    tools[1 if "gpumesh" in tools else 0:0] = list(variants)
     skipped: dict[str, str] = {t: "--skip" for t in sorted(skip)}
     if "igneous" in tools:
         why = igneous_unavailable(args.igneous_python)
@@ -1237,8 +1255,8 @@ def main(argv: list[str] | None = None) -> int:
         igneous_setup = prepare_igneous_source(args, out_dir)
     for rep in range(args.repeat):  # interleave the tools so drift hits all of them alike
         for tool in tools:
-            if tool == "gpumesh":
-                r = run_gpumesh(args, out_dir, rep)
+            if tool == "gpumesh" or tool in variants:
+                r = run_gpumesh(args, out_dir, rep, variants.get(tool, 0))
             elif tool == "igneous":
                 r = run_igneous(args, out_dir, rep, Path(igneous_setup["layer"]))
             else:
@@ -1285,6 +1303,7 @@ def main(argv: list[str] | None = None) -> int:
             "quality": args.quality,
             "workers": args.workers,
             "gpumesh_args": args.gpumesh_args,
+            "gpumesh_variants": args.gpumesh_variant,
             "skip": sorted(skip),
             "skipped": skipped,
             "igneous_python": args.igneous_python if "igneous" in tools else None,

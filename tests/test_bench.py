@@ -249,3 +249,30 @@ def test_save_result_never_overwrites(tmp_path):
     assert len(set(paths)) == 3
     assert [json.loads(p.read_text())["run"] for p in paths] == [0, 1, 2]
     assert paths[0].name.startswith("tasks-20261203T183016Z-") and paths[1].stem.endswith("-2")
+
+
+def test_a_gpumesh_variant_runs_beside_gpumesh(tmp_path, crop, capsys):
+    """``--gpumesh-variant ARGS`` adds a row that runs gpumesh with ARGS, interleaved with gpumesh."""
+    import tensorstore as ts
+
+    src, part = tmp_path / "part.zarr", crop[:64, :64, :64]
+    ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(src)},
+             "metadata": {"shape": list(part.shape), "data_type": str(part.dtype), "dimension_names": ["x", "y", "z"],
+                          "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [64, 64, 64]}}}},
+            create=True).result().write(part).result()
+    rc = bench_main.main(["--source", str(src), "--skip", "zmesh,serra,igneous", "--workers", "1",
+                          "--gpumesh-variant", "--bits 10", "--repeat", "2",
+                          "--results-dir", str(tmp_path / "res"), "--out-dir", str(tmp_path / "out")])
+    assert rc == 0
+    (result,) = (tmp_path / "res").glob("main-*.json")
+    rec = json.loads(result.read_text())
+    base, var = rec["results"]["gpumesh"], rec["results"]["gpumesh --bits 10"]
+    assert base["runs_ok"] == var["runs_ok"] == 2
+    assert var["triangles_per_lod"] == base["triangles_per_lod"] and var["bytes"] < base["bytes"]
+    assert [r["command"][-2:] for r in rec["runs"]["gpumesh --bits 10"]] == [["--bits", "10"]] * 2
+    assert "--bits" not in rec["runs"]["gpumesh"][0]["command"]
+    assert rec["ratios"]["gpumesh --bits 10"]["wall_vs_gpumesh"] > 0
+    out = capsys.readouterr()
+    order = [line.split("]")[0] for line in out.err.splitlines() if " run " in line and ": wall" in line]
+    assert order == ["[gpumesh", "[gpumesh --bits 10"] * 2   # interleaved
+    assert "gpumesh --bits 10: segments" in out.out
