@@ -10,7 +10,8 @@
 #   4. the main job on the real volume, --device gpu then --device cpu, every core, and a
 #      byte comparison of the two outputs; then --device gpu with the hash weld
 #      (GPUMESH_WELD=hash), compared too (TILED=1: also the 1024^3 tiled volume on the GPU;
-#      TASKS=1: also bench_tasks.py, every task alone with the GPU backend)
+#      TASKS=1: also bench_tasks.py, every task alone with the GPU backend; BITS10=1: also
+#      --device gpu --bits 10, whose Draco encoding is ~2.5x faster than at the default 16)
 #   5. with the time left: the main job --device gpu against igneous (one process per core,
 #      from .whl/igneous-site-cp312.tar.xz) in one bench_main.py run, for their ratio
 # Logs and result JSON go to $OUT (check.log, pytest_gpu.log, sanitizer.log, results/*.json): commit the
@@ -99,6 +100,11 @@ fi
 if [ "${TASKS:-0}" = 1 ]; then
   stage "the main job's tasks one by one, --device gpu (bench_tasks.py)"
   timeout "$(left 150)" "$PY" bench/bench_tasks.py --device gpu --results-dir "$OUT/results" 2>&1 | tail -14
+fi
+if [ "${BITS10:-0}" = 1 ]; then
+  stage "main job, --device gpu --bits 10"
+  timeout "$(left 100)" "$PY" bench/bench_main.py --skip zmesh,serra,igneous --gpumesh-args "--device gpu --bits 10" \
+    --results-dir "$OUT/results" 2>&1 | tail -6
 fi
 ign_s=$(left 330)
 if [ -n "$IGNEOUS_PY" ] && [ "$ign_s" -ge 120 ]; then
