@@ -276,3 +276,31 @@ def test_a_gpumesh_variant_runs_beside_gpumesh(tmp_path, crop, capsys):
     order = [line.split("]")[0] for line in out.err.splitlines() if " run " in line and ": wall" in line]
     assert order == ["[gpumesh", "[gpumesh --bits 10"] * 2   # interleaved
     assert "gpumesh --bits 10: segments" in out.out
+
+
+def test_encode_benchmark_compares_the_two_depths(crop_medium, tmp_path, capsys):
+    """bench_encode re-encodes a 16-bit output at 16 and 10 bits: the same triangles, fewer bytes at 10."""
+    import bench_encode
+
+    dest, _ = crop_medium
+    assert bench_encode.main(["--mesh", str(dest), "--segments", "20", "--passes", "1",
+                              "--results-dir", str(tmp_path)]) == 0
+    (result,) = tmp_path.glob("encode-*.json")
+    rec = json.loads(result.read_text())
+    assert rec["fragments"] > 0 and rec["triangles"] > 0 and rec["options"]["segments"] == 20
+    rows = {(r["encoder"], r["bits"]): r for r in rec["rows"]}
+    assert ("DracoPy", 16) in rows and ("DracoPy", 10) in rows
+    for (enc, bits), r in rows.items():
+        if bits == 10:   # the same triangles as the 16-bit rows (checked inside), in fewer bytes
+            assert r["bytes"] < rows[enc, 16]["bytes"] and r["bytes_vs_16"] < 1
+    assert "DracoPy" in capsys.readouterr().out
+
+
+def test_encode_benchmark_rejects_positions_off_the_lattice():
+    import bench_encode
+
+    q = np.array([[0, 0, 0], [512, 0, 0], [0, 65535, 64]])
+    np.testing.assert_array_equal(bench_encode.to_ten_bits(q[:2]), [[0, 0, 0], [8, 0, 0]])
+    np.testing.assert_array_equal(bench_encode.to_ten_bits(q[2:]), [[0, 1023, 1]])
+    with pytest.raises(SystemExit, match="lattice"):
+        bench_encode.to_ten_bits(np.array([[0, 0, 100]]))

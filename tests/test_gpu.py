@@ -27,6 +27,7 @@ from gpumesh.backend import CPUBackend
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "cuda_emulation"))
 import cuda_emu  # noqa: E402
+from conftest import tree_files  # noqa: E402
 
 DTYPES = [np.uint8, np.uint16, np.uint32, np.uint64]
 BIG = np.uint64(2**63 + 5)  # an ID beyond 2**63 (sign bit set)
@@ -603,11 +604,11 @@ def test_emulated_run_mesh_is_byte_identical(emu_lib, real_crops, tmp_path, monk
 
 
 def _assert_same_tree(a: pathlib.Path, b: pathlib.Path):
-    fa = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    fb = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
-    assert fa == fb and len(fa) > 2
-    for rel in fa:
-        assert (a / rel).read_bytes() == (b / rel).read_bytes(), str(rel)
+    """The same files under ``a`` and ``b``, byte for byte; a failure names the first file that differs."""
+    ta, tb = tree_files(a), tree_files(b)
+    assert sorted(ta) == sorted(tb) and len(ta) > 2
+    for rel, data in ta.items():
+        assert data == tb[rel], rel
 
 
 # --------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """End to end: the real Neuroglancer client renders gpumesh output in headless Chromium.
 
-A 128³ crop of the real volume is meshed unsharded, sharded and legacy; each output is served on
-127.0.0.1 and shown in Neuroglancer (the client of the ``neuroglancer`` package) with five real
-segments, from far away and from close by (see ``tests/browser/neuroglancer_check.py`` for what is
-checked).  Deliberately corrupted copies must fail the same check, each for its own reason.
+A 128³ crop of the real volume is meshed unsharded, sharded (at 16 and at 10 bits) and legacy;
+each output is served on 127.0.0.1 and shown in Neuroglancer (the client of the ``neuroglancer``
+package) with five real segments, from far away and from close by (see
+``tests/browser/neuroglancer_check.py`` for what is checked).  Deliberately corrupted copies must
+fail the same check, each for its own reason.
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them); without them the
 tests are skipped, except under ``CI`` where they fail.  Screenshots go to
@@ -68,12 +69,15 @@ def _mesh(crop, dest, **kw):
 
 @pytest.fixture(scope="module")
 def outputs(crop, tmp_path_factory):
-    """The crop meshed as multires unsharded, multires sharded and legacy."""
+    """The crop meshed as multires unsharded, multires sharded (at 16 and at 10 vertex
+    quantization bits) and legacy."""
     from gpumesh.sharding import ShardingOptions
 
     root = tmp_path_factory.mktemp("browser_outputs")
     return {"unsharded": _mesh(crop, root / "unsharded"),
             "sharded": _mesh(crop, root / "sharded", sharding=ShardingOptions()),
+            "sharded-10bit": _mesh(crop, root / "sharded-10bit", sharding=ShardingOptions(),
+                                   vertex_quantization_bits=10),
             "legacy": _mesh(crop, root / "legacy", format="legacy")}
 
 
@@ -94,13 +98,13 @@ def reference(browser, outputs, segments):
                             artifacts=str(ARTIFACTS))
 
 
-@pytest.mark.parametrize("kind", ["unsharded", "sharded", "legacy"])
+@pytest.mark.parametrize("kind", ["unsharded", "sharded", "sharded-10bit", "legacy"])
 def test_neuroglancer_renders_output(kind, browser, outputs, segments, reference, capsys):
     if kind == "unsharded":
         result = reference
     else:
         result = check_in_browser(outputs[kind], segments, browser=browser, name=kind, artifacts=str(ARTIFACTS),
-                                  reference=reference if kind == "sharded" else None)
+                                  reference=reference if kind.startswith("sharded") else None)
     _report(capsys, result)
     assert not result.problems
     for view in result.views:
@@ -111,8 +115,9 @@ def test_neuroglancer_renders_output(kind, browser, outputs, segments, reference
         for s in segments:
             assert far.lods_read[s] == [max(far.lods_read[s])], "far view: one LOD, the coarsest"
             assert 0 in close.lods_read[s] and 0 not in far.lods_read[s]
-        if kind == "sharded":
-            # The same meshes, laid out differently: the same picture.
+        if kind.startswith("sharded"):
+            # The same meshes, laid out differently (and at 10 bits, each vertex within 1/16 of
+            # a voxel of its 16-bit position): the same picture.
             for mine, ref in zip(result.views, reference.views):
                 for s in segments:
                     assert abs(mine.pixels[s] - ref.pixels[s]) <= 0.02 * ref.pixels[s] + 20
