@@ -86,7 +86,8 @@ def stop_server() -> None:
     starts a new server.
 
     Uses the standard library's private ``ForkServer._stop`` (CPython 3.8 and later); where it
-    is missing, the server is left to end with the process.
+    is missing, the server is left to end with the process.  Never raises: it runs after the
+    job, also after a failed one, whose error must not be hidden.
     """
     global _server_env
     if _server_env is None:
@@ -95,7 +96,10 @@ def stop_server() -> None:
 
     stop = getattr(getattr(forkserver, "_forkserver", None), "_stop", None)
     if stop is not None:
-        stop()
+        try:
+            stop()
+        except OSError:   # the server is gone already (killed, say): nothing left to wait for
+            pass
         _server_env = None
 
 

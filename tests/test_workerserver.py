@@ -224,3 +224,18 @@ def test_the_cli_counts_its_workers_cpu_time(crop, tmp_path):
 
     one, two = cpu_seconds(1), cpu_seconds(2)
     assert two > one, f"2 workers: {two:.2f} CPU s counted, 1 worker: {one:.2f}"
+
+
+def test_stopping_a_server_that_is_gone_raises_nothing(monkeypatch):
+    """The CLI stops the server after every job, a failed one too: that must never raise."""
+    from multiprocessing import forkserver
+
+    from gpumesh import workerserver
+
+    def gone():
+        raise ChildProcessError(10, "No child processes")
+
+    workerserver.start_server()
+    monkeypatch.setattr(forkserver._forkserver, "_stop", gone)
+    workerserver.stop_server()
+    assert workerserver._server_env is None
