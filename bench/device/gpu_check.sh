@@ -11,7 +11,7 @@
 #      byte comparison of the two outputs; then --device gpu with the hash weld
 #      (GPUMESH_WELD=hash), compared too (TILED=1: also the 1024^3 tiled volume on the GPU;
 #      TASKS=1: also bench_tasks.py, every task alone with the GPU backend; BITS10=1: also
-#      --device gpu --bits 10, whose Draco encoding is ~2.5x faster than at the default 16)
+#      --device gpu --bits 10, whose Draco encoding is ~2.3x faster than at the default 16)
 #   5. with the time left: the main job --device gpu against igneous (one process per core,
 #      from .whl/igneous-site-cp312.tar.xz) in one bench_main.py run, for their ratio
 # Logs and result JSON go to $OUT (check.log, pytest_gpu.log, sanitizer.log, results/*.json): commit the
