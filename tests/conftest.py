@@ -28,6 +28,18 @@ def cli_command() -> list:
     return [exe] if os.path.exists(exe) else [sys.executable, "-m", "gpumesh.cli"]
 
 
+def write_zarr(path, arr, chunk: int = 64) -> None:
+    """Write ``arr`` (axes x, y, z) as a zarr v3 volume at ``path``, in ``chunk``-voxel cubes."""
+    import tensorstore as ts
+
+    spec = {
+        "driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)},
+        "metadata": {"shape": list(arr.shape), "data_type": str(arr.dtype), "dimension_names": ["x", "y", "z"],
+                     "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk] * 3}}},
+    }
+    ts.open(spec, create=True).result().write(arr).result()
+
+
 def tree_files(root) -> dict:
     """Every file under ``root`` (relative path -> bytes)."""
     out = {}

@@ -253,13 +253,10 @@ def test_save_result_never_overwrites(tmp_path):
 
 def test_a_gpumesh_variant_runs_beside_gpumesh(tmp_path, crop, capsys):
     """``--gpumesh-variant ARGS`` adds a row that runs gpumesh with ARGS, interleaved with gpumesh."""
-    import tensorstore as ts
+    from conftest import write_zarr
 
-    src, part = tmp_path / "part.zarr", crop[:64, :64, :64]
-    ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(src)},
-             "metadata": {"shape": list(part.shape), "data_type": str(part.dtype), "dimension_names": ["x", "y", "z"],
-                          "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [64, 64, 64]}}}},
-            create=True).result().write(part).result()
+    src = tmp_path / "part.zarr"
+    write_zarr(src, crop[:64, :64, :64])
     rc = bench_main.main(["--source", str(src), "--skip", "zmesh,serra,igneous", "--workers", "1",
                           "--gpumesh-variant", "--bits 10", "--repeat", "2",
                           "--results-dir", str(tmp_path / "res"), "--out-dir", str(tmp_path / "out")])

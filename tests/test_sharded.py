@@ -29,7 +29,7 @@ from gpumesh.sharding import (MAX_SEGMENTS_PER_MINISHARD, ShardingOptions, Shard
 from gpumesh.validate import validate
 from gpumesh.writer import convert_mesh, segment_num_lods, segments_num_lods, split_segments
 
-from conftest import VOXEL_SIZE, cli_command, tree_files
+from conftest import VOXEL_SIZE, cli_command, tree_files, write_zarr
 
 CHUNK = 16
 SMALL = 64  # 8 blocks, about a second
@@ -42,15 +42,6 @@ def _cli(*args, wait=True):
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-
-
-def _write_zarr(path, arr) -> None:
-    spec = {
-        "driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)},
-        "metadata": {"shape": list(arr.shape), "data_type": str(arr.dtype), "dimension_names": ["x", "y", "z"],
-                     "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [32, 32, 32]}}},
-    }
-    ts.open(spec, create=True).result().write(arr).result()
 
 
 def _mesh(arr, dest, sharding=None, **kw):
@@ -68,7 +59,7 @@ def outputs(small, tmp_path_factory):
     """The small volume meshed by the CLI (default: sharded; --unsharded) and with other shardings."""
     root = tmp_path_factory.mktemp("sharded")
     src = root / "src.zarr"
-    _write_zarr(src, small)
+    write_zarr(src, small, chunk=32)
     common = ["--voxel-size", VS_ARG, "--chunk-size", CHUNK, "--workers", 1, "--quiet"]
     for name, extra in (("sharded", []), ("unsharded", ["--unsharded"])):
         r = _cli("mesh", src, root / name, *common, *extra)
@@ -315,7 +306,7 @@ def test_kill_and_resume_cli(crop, tmp_path):
     """SIGKILL a real CLI run after some blocks finished; --resume gives the uninterrupted bytes."""
     big = np.ascontiguousarray(crop[:BIG, :BIG, :BIG])
     src = tmp_path / "src.zarr"
-    _write_zarr(src, big)
+    write_zarr(src, big, chunk=32)
     dest = tmp_path / "killed"
     args = ["mesh", src, dest, "--voxel-size", VS_ARG, "--chunk-size", CHUNK, "--workers", 1, "--quiet"]
     proc = _cli(*args, wait=False)

@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-from conftest import cli_command, tree_files
+from conftest import cli_command, tree_files, write_zarr
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; forkserver")
 
@@ -156,13 +156,8 @@ def test_killing_the_main_job_ends_its_workers(real_zarr, tmp_path):
 def test_a_killed_worker_fails_the_job_in_one_line_and_resume_finishes_it(crop, tmp_path):
     """SIGKILL one worker mid-job (as the out-of-memory killer would): the CLI says so in one
     line with status 1, and ``--resume`` then writes the bytes of an uninterrupted run."""
-    import tensorstore as ts
-
     src = tmp_path / "src.zarr"
-    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(src)},
-            "metadata": {"shape": list(crop.shape), "data_type": str(crop.dtype), "dimension_names": ["x", "y", "z"],
-                         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [64, 64, 64]}}}}
-    ts.open(spec, create=True).result().write(crop).result()
+    write_zarr(src, crop)
     args = ["mesh", str(src), "--voxel-size", "32,32,40", "--chunk-size", "16", "--quiet"]
     dest = tmp_path / "killed"
     proc = subprocess.Popen(cli_command() + args[:2] + [str(dest)] + args[2:] + ["--workers", "2"],
@@ -203,14 +198,8 @@ def test_the_cli_counts_its_workers_cpu_time(crop, tmp_path):
     and each worker's kernel loading come on top); counting the CLI alone, it costs less,
     since the CLI then meshes nothing itself.
     """
-    import tensorstore as ts
-
     src = tmp_path / "src.zarr"
-    part = crop[:64, :64, :64]
-    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(src)},
-            "metadata": {"shape": list(part.shape), "data_type": str(part.dtype), "dimension_names": ["x", "y", "z"],
-                         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [64, 64, 64]}}}}
-    ts.open(spec, create=True).result().write(part).result()
+    write_zarr(src, crop[:64, :64, :64])
 
     def cpu_seconds(workers: int) -> float:
         proc = subprocess.Popen(cli_command() + ["mesh", str(src), str(tmp_path / f"w{workers}"), "--voxel-size",
