@@ -86,20 +86,23 @@ def to_ten_bits(q16: np.ndarray) -> np.ndarray:
 
 
 def encoders() -> dict:
-    """Name -> ``encode(q, faces, bits) -> bytes`` with gpumesh's settings."""
-    import DracoPy
-
+    """Name -> ``encode(q, faces, bits) -> bytes``: :func:`gpumesh.encode.encode_draco` through
+    ``gpumesh._dracoenc`` (when built) and through DracoPy (the extension set aside)."""
     from gpumesh import encode
 
-    out = {}
-    if encode._dracoenc is not None:
-        speed = 10 - encode.DRACO_COMPRESSION_LEVEL
-        out["_dracoenc"] = lambda q, f, bits: encode._dracoenc.encode(
-            np.ascontiguousarray(q, dtype=np.float32), f, bits, speed)
-    out["DracoPy"] = lambda q, f, bits: DracoPy.encode(
-        np.ascontiguousarray(q, dtype=np.float32), f, quantization_bits=bits,
-        quantization_range=float((1 << bits) - 1), quantization_origin=[0.0, 0.0, 0.0],
-        compression_level=encode.DRACO_COMPRESSION_LEVEL)
+    built = encode._dracoenc
+
+    def through(extension):
+        def enc(q, faces, bits):
+            encode._dracoenc = extension
+            try:
+                return encode.encode_draco(q, faces, bits)
+            finally:
+                encode._dracoenc = built
+        return enc
+
+    out = {"_dracoenc": through(built)} if built is not None else {}
+    out["DracoPy"] = through(None)
     return out
 
 
