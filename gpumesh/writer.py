@@ -24,10 +24,10 @@ the shard; unsharded and legacy files are written by the workers, a run of segme
 Task results are read once and kept in memory while they hold at most
 :data:`ASSEMBLY_CACHE_BYTES` (most jobs' whole output); past that only their headers are read,
 and fragments by byte range as their shard is built (:class:`TaskResults`), so memory follows a
-shard, not the whole output.  Each shard is
-one atomic write, after which ``.gpumesh-work/shards/<shard>.json`` records it (with its
-statistics), so a resumed run skips finished shards.  :func:`convert_mesh` rewrites a
-multi-resolution directory between the two layouts.
+shard, not the whole output.  Each shard is one atomic write, after which
+``.gpumesh-work/shards/<shard>.json`` records it (with its statistics), so a resumed run skips
+finished shards.  :func:`convert_mesh` rewrites a multi-resolution directory between the two
+layouts.
 
 Placeholder fragments
 ---------------------
