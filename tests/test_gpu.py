@@ -27,7 +27,7 @@ from gpumesh.backend import CPUBackend
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "cuda_emulation"))
 import cuda_emu  # noqa: E402
-from conftest import tree_files  # noqa: E402
+from conftest import tree_files, write_zarr  # noqa: E402
 
 DTYPES = [np.uint8, np.uint16, np.uint32, np.uint64]
 BIG = np.uint64(2**63 + 5)  # an ID beyond 2**63 (sign bit set)
@@ -711,11 +711,9 @@ def test_auto_without_a_gpu_says_so_in_one_line(monkeypatch, tmp_path):
     monkeypatch.setattr(backend, "gpu_available", lambda: False)
     with pytest.warns(backend.CPUFallbackNotice, match="meshing on the CPU"):
         assert backend.get_backend("auto").name == "cpu"
-    from test_sharded import _write_zarr
-
     labels = np.zeros((12, 12, 12), np.uint32)
     labels[3:9, 3:9, 3:9] = 7
-    _write_zarr(tmp_path / "l.zarr", labels)
+    write_zarr(tmp_path / "l.zarr", labels, chunk=32)
     res = CliRunner().invoke(main, ["mesh", str(tmp_path / "l.zarr"), str(tmp_path / "out"),
                                     "--voxel-size", "1,1,1", "--workers", "1"])
     assert res.exit_code == 0, res.output
