@@ -1,0 +1,177 @@
+"""The main job on random label volumes and random options, checked segment by segment.
+
+Each case draws a small volume (any shape, thin ones included, every label dtype, IDs up to
+2**64 - 1) and a set of options (chunk size, LODs, preset, quantization bits, format,
+sharding, voxel size and offset), meshes it in this process, and checks every segment of the
+output, not a sample:
+
+* ``gpumesh validate`` passes without warnings; the segment IDs are exactly the volume's
+  non-zero labels, and the segment properties give each one's voxel count;
+* every LOD of every segment is a closed, consistently oriented surface (the meshes close at
+  the volume border: past it every voxel is background);
+* LOD 0 with ``--quality high`` has exactly the label boundary's face centres as vertices,
+  and otherwise lies within 1 voxel of the boundary; LOD ``k`` lies within ``2**k`` voxels of
+  it; the coarsest LOD has triangles.
+
+The cases are seeded, so a failure names the seed that reproduces it
+(``GPUMESH_RANDOM_SEEDS=17 pytest tests/test_random_volumes.py``).  The default run checks a
+few cases; ``GPUMESH_RANDOM_CASES=N`` checks N (a longer campaign, not for CI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from gpumesh.pipeline import MeshOptions, run_mesh
+from gpumesh.reader import load_fragments, load_mesh, open_mesh
+from gpumesh.sharding import ShardingOptions
+from gpumesh.validate import validate
+
+from test_mesh_real import assert_closed_oriented, boundary_faces, distance_to_faces
+
+DTYPES = ["uint8", "uint16", "uint32", "uint64", "int16", "int32", "int64"]
+
+
+def _seeds() -> list[int]:
+    if os.environ.get("GPUMESH_RANDOM_SEEDS"):
+        return [int(s) for s in os.environ["GPUMESH_RANDOM_SEEDS"].split(",")]
+    return list(range(int(os.environ.get("GPUMESH_RANDOM_CASES", "6"))))
+
+
+def random_labels(rng: np.random.Generator) -> np.ndarray:
+    """A label volume (axes x, y, z) of random shape and dtype: Voronoi cells, some of them
+    background, with single voxels and thin rods of other segments scattered over them."""
+    shape = rng.integers(3, 41, size=3)
+    if rng.random() < 0.2:
+        shape[rng.integers(3)] = rng.integers(1, 3)   # a slab one or two voxels thick
+    dtype = np.dtype(DTYPES[rng.integers(len(DTYPES))])
+    n_cells = int(rng.integers(1, 12))
+    seeds = rng.random((n_cells, 3)) * shape
+    grid = np.stack(np.meshgrid(*(np.arange(s) + 0.5 for s in shape), indexing="ij"), axis=-1)
+    d = ((grid[..., None, :] - seeds) ** 2).sum(axis=-1)
+    cell = np.argmin(d, axis=-1) + 1
+    background = rng.random(n_cells + 1) < 0.3
+    background[0] = True
+    cell[background[cell]] = 0
+    if rng.random() < 0.25:
+        # rough surfaces: every voxel one of a few labels at random, or a noisy mix of cells
+        noise = rng.integers(0, int(rng.integers(2, 5)), size=cell.shape)
+        cell = np.where(rng.random(cell.shape) < rng.choice([0.3, 1.0]), noise, cell)
+    # speckle: single voxels of new segments, and rods one voxel thick along a random axis
+    speckle = rng.random(cell.shape) < rng.choice([0.0, 0.002, 0.02])
+    cell[speckle] = n_cells + 1 + np.arange(int(speckle.sum()))
+    nxt = int(cell.max()) + 1
+    for _ in range(int(rng.integers(0, 4))):
+        a = int(rng.integers(3))
+        p = [int(rng.integers(s)) for s in shape]
+        lo, hi = sorted(int(v) for v in rng.integers(0, shape[a] + 1, size=2))
+        idx = list(p)
+        idx[a] = slice(lo, hi)
+        cell[tuple(idx)] = nxt
+        nxt += 1
+    # map cell numbers to distinct IDs of the dtype, large ones included
+    used = np.unique(cell[cell != 0])
+    hi = np.iinfo(dtype).max
+    if hi > 2**40 and rng.random() < 0.5:
+        ids = np.array([hi - int(v) for v in rng.choice(2**20, size=len(used), replace=False)], dtype=np.uint64)
+    else:
+        top = min(hi, 2**31)
+        if len(used) >= top:   # more cells than IDs (uint8): some segments get the same ID
+            ids = np.arange(len(used)) % top + 1
+        else:
+            ids = rng.choice(top, size=len(used), replace=False) + 1
+    lut = np.zeros(int(cell.max()) + 1, dtype=np.uint64)
+    lut[used] = np.asarray(ids, dtype=np.uint64)
+    return lut[cell].astype(dtype)
+
+
+def random_options(rng: np.random.Generator) -> tuple[MeshOptions, int]:
+    chunk = int(rng.choice([4, 8, 16]))
+    max_lods = int(rng.integers(1, 5))
+    num_lods = None if rng.random() < 0.7 else int(rng.integers(1, max_lods + 1))
+    fmt = "legacy" if rng.random() < 0.15 else "multires"
+    sharding = None
+    if fmt == "multires" and rng.random() < 0.5:
+        sharding = ShardingOptions(
+            hash=str(rng.choice(["murmurhash3_x86_128", "identity"])),
+            preshift_bits=int(rng.integers(0, 3)), shard_bits=int(rng.integers(0, 3)),
+            minishard_bits=int(rng.integers(0, 3)),
+            minishard_index_encoding=str(rng.choice(["gzip", "raw"])),
+            data_encoding=str(rng.choice(["raw", "gzip"])))
+    options = MeshOptions(
+        chunk_size=chunk, max_lods=max_lods, num_lods=num_lods,
+        quality=str(rng.choice(["low", "medium", "high"])),
+        vertex_quantization_bits=int(rng.choice([10, 16])), format=fmt, sharding=sharding)
+    return options, fmt
+
+
+def _voxel_counts(dest) -> dict:
+    with open(os.path.join(dest, "segment_properties", "info")) as fh:
+        sp = json.load(fh)
+    values = sp["inline"]["properties"][0]["values"]
+    return {int(i): int(v) for i, v in zip(sp["inline"]["ids"], values)}
+
+
+@pytest.mark.parametrize("seed", _seeds())
+def test_random_volume(seed, tmp_path):
+    rng = np.random.default_rng(seed)
+    labels = random_labels(rng)
+    options, fmt = random_options(rng)
+    voxel_size = np.round(rng.uniform(1, 50, size=3), 1)
+    voxel_offset = rng.integers(-100, 100, size=3)
+    what = (f"seed {seed}: shape {labels.shape} {labels.dtype}, chunk {options.chunk_size}, "
+            f"max_lods {options.max_lods}, lods {options.num_lods}, {options.quality}, "
+            f"{options.vertex_quantization_bits} bits, {fmt}, sharding {options.sharding}")
+    dest = tmp_path / "out"
+    present = np.unique(labels[labels != 0]).astype(np.uint64)
+    if len(present) == 0:
+        with pytest.warns(UserWarning):
+            run_mesh(labels, str(dest), options=options, voxel_size=voxel_size, voxel_offset=voxel_offset,
+                     workers=1)
+        assert validate(str(dest)).ok, what
+        return
+    summary = run_mesh(labels, str(dest), options=options, voxel_size=voxel_size, voxel_offset=voxel_offset,
+                       workers=1)
+    report = validate(str(dest))
+    assert report.ok, (what, report.errors[:5])
+    assert not report.warnings, (what, report.warnings[:5])
+    src = open_mesh(str(dest))
+    assert sorted(int(s) for s in src.segment_ids()) == sorted(int(s) for s in present), what
+    assert summary.segments == len(present), what
+    ids, counts = np.unique(labels[labels != 0], return_counts=True)
+    assert _voxel_counts(dest) == {int(i): int(c) for i, c in zip(ids.astype(np.uint64), counts)}, what
+
+    for seg in present:
+        seg = int(seg)
+        mask = labels == np.asarray(seg, dtype=np.uint64).astype(labels.dtype)
+        centers, axes = boundary_faces(mask)
+        num_lods = src.manifest(seg).num_lods if fmt == "multires" else 1
+        if options.num_lods is not None:
+            assert num_lods <= options.num_lods, what
+        for k in range(num_lods):
+            mesh = load_mesh(src, seg, lod=k)
+            if k == num_lods - 1:
+                assert len(mesh.faces) > 0, f"{what}: segment {seg} has no triangles at its coarsest LOD {k}"
+            if len(mesh.faces) == 0:
+                continue
+            assert_closed_oriented(mesh, f"{what}: segment {seg} LOD {k}")
+            v = np.asarray(mesh.vertices) / voxel_size - voxel_offset
+            if k == 0 and options.quality == "high":
+                halves = np.round(v * 2) / 2
+                assert np.abs(v - halves).max() < 2e-3 * options.chunk_size, f"{what}: segment {seg}"
+                got = {tuple(r) for r in halves.tolist()}
+                want = {tuple(r) for r in centers.tolist()}
+                assert got == want, f"{what}: segment {seg}: {len(got - want)} stray vertices, " \
+                                    f"{len(want - got)} boundary faces untouched"
+            else:
+                d = distance_to_faces(v, centers, axes)
+                bound = 1.0 if k == 0 else 2.0 ** k
+                # plus the quantization step at 10 bits: chunk * 2**k / 2**bits voxels
+                bound += options.chunk_size * 2.0 ** k / 2 ** options.vertex_quantization_bits
+                assert d.max() <= bound, f"{what}: segment {seg} LOD {k}: {d.max():.3f} voxels off"
+        if fmt == "multires" and num_lods > 1:
+            assert any(not f["placeholder"] and len(f["faces"]) for f in load_fragments(src, seg, num_lods - 1))
