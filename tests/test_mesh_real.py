@@ -71,6 +71,18 @@ def distance_to_faces(points: np.ndarray, centers: np.ndarray, axes: np.ndarray,
     return best
 
 
+def coarse_lod_bound(k: int) -> float:
+    """How far (voxels) a LOD ``k >= 1`` vertex may lie from the segment's label boundary.
+
+    A vertex is the centre of a face of a LOD ``k`` voxel (``2**k`` voxels a side) of the
+    segment, and that voxel holds at least one LOD 0 voxel of it (the downsampling rule); the
+    farthest that voxel can be is the opposite corner: ``(2**k - 1)`` across and
+    ``(2**(k-1) - 1)`` along each in-plane axis.  1 and 3.32 for LODs 1 and 2 (under ``2**k``),
+    8.19 for LOD 3 and 17.97 for LOD 4 (over it).
+    """
+    return float(np.hypot(2.0 ** k - 1, np.sqrt(2) * (2.0 ** (k - 1) - 1)))
+
+
 def assert_closed_oriented(mesh, what: str) -> None:
     faces = np.asarray(mesh.faces)
     assert len(faces) > 0, f"{what}: no triangles"
@@ -132,7 +144,7 @@ def test_default_preset_lod0_closed_and_near(crop, crop_medium):
 
 
 def test_coarser_lods_stay_near_lod0(crop, crop_medium):
-    """LOD k stays within 2**k voxels of the LOD 0 surface (the label boundary)."""
+    """LOD k stays within :func:`coarse_lod_bound` (k) voxels of the label boundary (under 2**k)."""
     dest, _ = crop_medium
     src = open_mesh(str(dest))
     checked = 0
@@ -144,7 +156,7 @@ def test_coarser_lods_stay_near_lod0(crop, crop_medium):
             if len(mesh.vertices) == 0:
                 continue
             d = distance_to_faces(to_crop_voxels(np.asarray(mesh.vertices)), centers, axes)
-            assert d.max() <= 2 ** k, f"segment {seg} LOD {k}: {d.max():.2f} voxels from LOD 0"
+            assert d.max() <= coarse_lod_bound(k) + 1e-3, f"segment {seg} LOD {k}: {d.max():.2f} voxels from LOD 0"
             checked += 1
     assert checked > 0
 
