@@ -301,3 +301,39 @@ def test_encode_benchmark_rejects_positions_off_the_lattice():
     np.testing.assert_array_equal(bench_encode.to_ten_bits(q[2:]), [[0, 1023, 1]])
     with pytest.raises(SystemExit, match="lattice"):
         bench_encode.to_ten_bits(np.array([[0, 0, 100]]))
+
+
+def test_adhoc_benchmark_times_both_tools_on_one_segment(real_zarr, tmp_path, capsys):
+    """bench_adhoc meshes a segment of the real volume with gpumesh (scan and box) and zmesh, and
+    records both meshes' triangles (closed) and the ratio."""
+    import bench_adhoc
+
+    seg = 67406930
+    assert bench_adhoc.main(["--source", str(real_zarr), "--ids", str(seg), "--repeat", "1",
+                             "--results-dir", str(tmp_path)]) == 0
+    (result,) = tmp_path.glob("adhoc-*.json")
+    rec = json.loads(result.read_text())
+    (row,) = rec["rows"]
+    assert row["segment"] == seg and row["voxels"] > 0 and row["gpumesh_closed"]
+    assert row["gpumesh_scan_s"] > 0 and row["gpumesh_bbox_s"] > 0 and row["gpumesh_triangles"] > 0
+    if "zmesh_bbox_s" in row:
+        assert row["zmesh_closed"] and row["zmesh_triangles"] > 0
+        assert row["zmesh_over_gpumesh_bbox"] == pytest.approx(row["zmesh_bbox_s"] / row["gpumesh_bbox_s"])
+    assert str(seg) in capsys.readouterr().out
+
+
+def test_adhoc_benchmark_picks_segments_at_percentiles():
+    import bench_adhoc
+
+    labels = np.zeros((8, 8, 8), np.uint32)
+    labels[0, 0, :1] = 5     # 1 voxel
+    labels[1, :, :2] = 7     # 16
+    labels[2:4] = 9          # 128
+
+    class Vol:
+        shape = labels.shape
+
+        def read(self, start, stop):
+            return labels[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]]
+
+    assert bench_adhoc.pick_segments(Vol(), [0, 50, 100]) == [(5, 1), (7, 16), (9, 128)]
