@@ -131,6 +131,11 @@ def test_sparse_marching_equals_dense(seed):
         sparse = mask_to_mesh(mask, (5, -3, 7), VOXEL_SIZE, device="cpu", sparse_block=block)
         assert len(sparse[0]) == len(dense[0])
         assert same_triangles(*sparse, *dense), block
+        # on threads: the same arrays, in the same order
+        threaded = mask_to_mesh(mask, (5, -3, 7), VOXEL_SIZE, device="cpu", sparse_block=block, threads=4)
+        single = mask_to_mesh(mask, (5, -3, 7), VOXEL_SIZE, device="cpu", sparse_block=block, threads=1)
+        for a, b in zip(threaded, single):
+            np.testing.assert_array_equal(a, b)
     m = trimesh.Trimesh(*dense, process=False)
     assert m.is_watertight and m.volume > 0
 
