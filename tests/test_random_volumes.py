@@ -16,7 +16,8 @@ output, not a sample:
 
 The cases are seeded, so a failure names the seed that reproduces it
 (``GPUMESH_RANDOM_SEEDS=17 pytest tests/test_random_volumes.py``).  The default run checks a
-few cases; ``GPUMESH_RANDOM_CASES=N`` checks N (a longer campaign, not for CI).
+few cases, the first two also on 2 workers against 1, byte for byte; ``GPUMESH_RANDOM_CASES=N``
+checks N (a longer campaign, not for CI), ``GPUMESH_RANDOM_WORKERS=1`` compares every case.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from gpumesh.reader import load_fragments, load_mesh, open_mesh
 from gpumesh.sharding import ShardingOptions
 from gpumesh.validate import validate
 
+from conftest import tree_files
 from test_mesh_real import assert_closed_oriented, boundary_faces, coarse_lod_bound, distance_to_faces
 
 DTYPES = ["uint8", "uint16", "uint32", "uint64", "int16", "int32", "int64"]
@@ -41,6 +43,12 @@ def _seeds() -> list[int]:
     if os.environ.get("GPUMESH_RANDOM_SEEDS"):
         return [int(s) for s in os.environ["GPUMESH_RANDOM_SEEDS"].split(",")]
     return list(range(int(os.environ.get("GPUMESH_RANDOM_CASES", "6"))))
+
+
+def _worker_seeds() -> set[int]:
+    """Cases also run on 2 workers: seeds 0 and 1 (unsharded and sharded), or every case with
+    ``GPUMESH_RANDOM_WORKERS=1``."""
+    return set(_seeds()) if os.environ.get("GPUMESH_RANDOM_WORKERS") == "1" else {0, 1}
 
 
 def random_labels(rng: np.random.Generator) -> np.ndarray:
@@ -177,3 +185,10 @@ def test_random_volume(seed, tmp_path):
                 assert d.max() <= bound, f"{what}: segment {seg} LOD {k}: {d.max():.3f} voxels off"
         if fmt == "multires" and num_lods > 1:
             assert any(not f["placeholder"] and len(f["faces"]) for f in load_fragments(src, seg, num_lods - 1))
+
+    if seed in _worker_seeds():
+        # several workers (which also write the output) give the bytes of one
+        two = run_mesh(labels, str(tmp_path / "two"), options=options, voxel_size=voxel_size,
+                       voxel_offset=voxel_offset, workers=2)
+        assert two.workers == min(2, two.tasks), what
+        assert tree_files(tmp_path / "two") == tree_files(dest), what
