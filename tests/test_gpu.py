@@ -656,6 +656,26 @@ def test_gpu_run_mesh_is_byte_identical(crop, tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("seed", range(8))
+def test_gpu_run_mesh_on_random_volumes_is_byte_identical(seed, tmp_path):
+    """The main job on tests/test_random_volumes.py's random volumes and options (every dtype,
+    shapes that are not multiples of the chunk, 1-4 LODs, legacy and sharded): the GPU writes
+    the CPU's bytes."""
+    from gpumesh.pipeline import run_mesh
+    from test_random_volumes import random_labels, random_options
+
+    rng = np.random.default_rng(seed)
+    labels = random_labels(rng)
+    options, _ = random_options(rng)
+    if not labels.any():
+        pytest.skip("an empty volume")
+    kw = dict(options=options, voxel_size=(4.0, 5.0, 6.0), workers=1)
+    assert run_mesh(labels, str(tmp_path / "cpu"), device="cpu", **kw).device == "cpu"
+    assert run_mesh(labels, str(tmp_path / "gpu"), device="gpu", **kw).device == "gpu"
+    _assert_same_tree(tmp_path / "cpu", tmp_path / "gpu")
+
+
+@pytest.mark.gpu
 def test_gpu_memory_budget_slabs_match_cpu(crop):
     """On the device: a budget of a few planes gives many slabs and the CPU's arrays."""
     labels = crop
