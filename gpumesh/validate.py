@@ -35,6 +35,7 @@ Legacy (``neuroglancer_legacy_mesh`` or no info): each ``<id>:0`` manifest is JS
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -94,8 +95,9 @@ class ValidationReport:
         counting placeholders; ``None`` with ``decode=False``), ``bytes`` (fragment bytes),
         ``segments_with_lod`` (segments whose manifest has this LOD). Legacy: one entry.
     warnings : list of str
-        What the Neuroglancer client accepts but another reader does not (not violations):
-        zero-byte multi-resolution fragments, which WEBKNOSSOS cannot decode.
+        What the Neuroglancer client accepts but another reader does not, or what no reader
+        uses (not violations): zero-byte multi-resolution fragments, which WEBKNOSSOS cannot
+        decode; fragment files without a manifest.
     decoded : bool
         Whether fragments were decoded (triangle counts and geometry checks).
     """
@@ -516,6 +518,19 @@ def _check_legacy_segment(report: ValidationReport, src: LegacySource, seg: int,
             st["triangles"] += len(faces)
 
 
+def _check_orphans(report: ValidationReport, src, keys: list, ids: set) -> None:
+    """Warn about fragment files that no manifest can reach: ``<id>`` data files without
+    ``<id>.index`` (multi-resolution) or ``<id>:0:...`` fragments without ``<id>:0`` (legacy),
+    e.g. left behind by a deleted or lost manifest."""
+    pattern = re.compile(r"^(\d+)$" if src.kind == "multires" else r"^(\d+):0:.+$")
+    orphans = sorted({int(m.group(1)) for m in map(pattern.match, keys) if m} - ids)
+    if orphans:
+        what = "fragment data files" if src.kind == "multires" else "segments' fragment files"
+        manifest = "<id>.index" if src.kind == "multires" else "<id>:0"
+        shown = ", ".join(str(i) for i in orphans[:5]) + (" ..." if len(orphans) > 5 else "")
+        report.warnings.append(f"{len(orphans)} {what} without a manifest ({manifest}): segments {shown}")
+
+
 def _check_segment_properties(report: ValidationReport, kv, info: dict) -> None:
     rel = info.get("segment_properties")
     if not isinstance(rel, str):
@@ -651,9 +666,18 @@ def _validate(report: ValidationReport, location, segments, decode: bool) -> Val
     except Exception as exc:
         report.add_error(f"cannot list keys: {exc}")
         return report
+    keys = None
     if raw_info is None and not all_ids:
-        if any(k.endswith(".index") for k in storage.list_keys(kv)):
+        keys = storage.list_keys(kv)
+        if any(k.endswith(".index") for k in keys):
             report.add_error("no info file, but .index manifests present (multi-resolution meshes need an info)")
+        elif any(k.endswith(".shard") for k in keys):
+            report.add_error("no info file, but .shard files present (sharded meshes need an info with their sharding)")
+        else:
+            report.add_error(f"no precomputed mesh at {location!r}: no info file and no legacy manifest (<id>:0)")
+        return report
+    if segments is None:
+        _check_orphans(report, src, storage.list_keys(kv) if keys is None else keys, set(all_ids))
     if segments is None:
         ids = all_ids
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import struct
 
 import DracoPy
@@ -354,6 +355,33 @@ def test_legacy_without_info(tmp_path):
     storage.write(kv, "3:0:x", legacy_fragment([[0, 0, 0], [1, 0, 0], [0, 1, 0]], [[0, 1, 2]]))
     rep = validate(tmp_path / "noinfo")
     assert rep.ok and rep.kind == "legacy" and rep.num_segments == 1
+
+
+def test_nothing_there_is_not_a_mesh(tmp_path):
+    """A missing or empty directory, or shards without their info, is no mesh: a violation, not
+    "OK, 0 segments" (a mistyped path used to pass)."""
+    _has(validate(tmp_path / "missing"), "no precomputed mesh", "no info file")
+    (tmp_path / "empty").mkdir()
+    _has(validate(tmp_path / "empty"), "no precomputed mesh")
+    kv = storage.open_kvstore(tmp_path / "shards")
+    storage.write(kv, "0.shard", b"\0" * 16)
+    _has(validate(tmp_path / "shards"), "no info file", ".shard")
+
+
+def test_fragment_files_without_a_manifest_are_reported(good, tmp_path):
+    path, kv, _ = good
+    os.remove(path / "2.index")
+    rep = validate(path)
+    assert rep.ok and rep.num_segments == 1
+    assert any("1 fragment data files without a manifest" in w and "segments 2" in w for w in rep.warnings), rep.warnings
+    assert not validate(path, segments=[1]).warnings   # a subset is not checked for leftovers
+    # legacy: fragments of a segment whose <id>:0 is gone
+    kv = storage.open_kvstore(tmp_path / "legacy")
+    storage.write(kv, "7:0", json.dumps({"fragments": ["7:0:a"]}).encode())
+    storage.write(kv, "7:0:a", legacy_fragment([[0, 0, 0], [8, 0, 0], [0, 8, 0]], [[0, 1, 2]]))
+    storage.write(kv, "9:0:a", legacy_fragment([[0, 0, 0], [8, 0, 0], [0, 8, 0]], [[0, 1, 2]]))
+    rep = validate(tmp_path / "legacy")
+    assert rep.ok and any("without a manifest (<id>:0): segments 9" in w for w in rep.warnings), rep.warnings
 
 
 def test_memory_kvstore():
