@@ -678,7 +678,6 @@ def _validate(report: ValidationReport, location, segments, decode: bool) -> Val
         return report
     if segments is None:
         _check_orphans(report, src, storage.list_keys(kv) if keys is None else keys, set(all_ids))
-    if segments is None:
         ids = all_ids
     else:
         present = set(all_ids)

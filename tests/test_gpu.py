@@ -666,7 +666,7 @@ def test_gpu_run_mesh_on_random_volumes_is_byte_identical(seed, tmp_path):
 
     rng = np.random.default_rng(seed)
     labels = random_labels(rng)
-    options, _ = random_options(rng)
+    options = random_options(rng)
     if not labels.any():
         pytest.skip("an empty volume")
     kw = dict(options=options, voxel_size=(4.0, 5.0, 6.0), workers=1)

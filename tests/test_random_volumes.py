@@ -98,7 +98,7 @@ def random_labels(rng: np.random.Generator) -> np.ndarray:
     return lut[cell].astype(dtype)
 
 
-def random_options(rng: np.random.Generator) -> tuple[MeshOptions, int]:
+def random_options(rng: np.random.Generator) -> MeshOptions:
     chunk = int(rng.choice([4, 8, 16]))
     max_lods = int(rng.integers(1, 5))
     num_lods = None if rng.random() < 0.7 else int(rng.integers(1, max_lods + 1))
@@ -111,11 +111,10 @@ def random_options(rng: np.random.Generator) -> tuple[MeshOptions, int]:
             minishard_bits=int(rng.integers(0, 3)),
             minishard_index_encoding=str(rng.choice(["gzip", "raw"])),
             data_encoding=str(rng.choice(["raw", "gzip"])))
-    options = MeshOptions(
+    return MeshOptions(
         chunk_size=chunk, max_lods=max_lods, num_lods=num_lods,
         quality=str(rng.choice(["low", "medium", "high"])),
         vertex_quantization_bits=int(rng.choice([10, 16])), format=fmt, sharding=sharding)
-    return options, fmt
 
 
 def _voxel_counts(dest) -> dict:
@@ -129,7 +128,8 @@ def _voxel_counts(dest) -> dict:
 def test_random_volume(seed, tmp_path):
     rng = np.random.default_rng(seed)
     labels = random_labels(rng)
-    options, fmt = random_options(rng)
+    options = random_options(rng)
+    fmt = options.format
     voxel_size = np.round(rng.uniform(1, 50, size=3), 1)
     voxel_offset = rng.integers(-100, 100, size=3)
     what = (f"seed {seed}: shape {labels.shape} {labels.dtype}, chunk {options.chunk_size}, "
