@@ -16,8 +16,10 @@ output, not a sample:
 
 The cases are seeded, so a failure names the seed that reproduces it
 (``GPUMESH_RANDOM_SEEDS=17 pytest tests/test_random_volumes.py``).  The default run checks a
-few cases, the first two also on 2 workers against 1, byte for byte; ``GPUMESH_RANDOM_CASES=N``
-checks N (a longer campaign, not for CI), ``GPUMESH_RANDOM_WORKERS=1`` compares every case.
+few cases, the first two also on 2 workers against 1, byte for byte, and the third also
+interrupted after a random number of tasks and resumed, which must give the same bytes;
+``GPUMESH_RANDOM_CASES=N`` checks N (a longer campaign, not for CI), and
+``GPUMESH_RANDOM_WORKERS=1`` / ``GPUMESH_RANDOM_RESUME=1`` do those checks on every case.
 """
 
 from __future__ import annotations
@@ -49,6 +51,15 @@ def _worker_seeds() -> set[int]:
     """Cases also run on 2 workers: seeds 0 and 1 (unsharded and sharded), or every case with
     ``GPUMESH_RANDOM_WORKERS=1``."""
     return set(_seeds()) if os.environ.get("GPUMESH_RANDOM_WORKERS") == "1" else {0, 1}
+
+
+def _resume_seeds() -> set[int]:
+    """Cases also interrupted and resumed: seed 2, or every case with ``GPUMESH_RANDOM_RESUME=1``."""
+    return set(_seeds()) if os.environ.get("GPUMESH_RANDOM_RESUME") == "1" else {2}
+
+
+class _Interrupted(Exception):
+    """Stands for a job stopped between two tasks (killed, out of time)."""
 
 
 def random_labels(rng: np.random.Generator) -> np.ndarray:
@@ -185,6 +196,25 @@ def test_random_volume(seed, tmp_path):
                 assert d.max() <= bound, f"{what}: segment {seg} LOD {k}: {d.max():.3f} voxels off"
         if fmt == "multires" and num_lods > 1:
             assert any(not f["placeholder"] and len(f["faces"]) for f in load_fragments(src, seg, num_lods - 1))
+
+    if seed in _resume_seeds() and summary.tasks > 1:
+        # interrupted after a random number of tasks: nothing a reader would take for a mesh
+        # (no info), and resume=True gives the uninterrupted bytes
+        stop_after = int(rng.integers(1, summary.tasks))
+
+        def interrupt(done, total):
+            if done >= stop_after:
+                raise _Interrupted
+
+        cut = tmp_path / "cut"
+        with pytest.raises(_Interrupted):
+            run_mesh(labels, str(cut), options=options, voxel_size=voxel_size, voxel_offset=voxel_offset,
+                     workers=1, progress=interrupt)
+        assert not (cut / "info").exists() and not validate(str(cut)).ok, what
+        again = run_mesh(labels, str(cut), options=options, voxel_size=voxel_size, voxel_offset=voxel_offset,
+                         workers=1, resume=True)
+        assert again.tasks_resumed == stop_after, what
+        assert tree_files(cut) == tree_files(dest), what
 
     if seed in _worker_seeds():
         # several workers (which also write the output) give the bytes of one
