@@ -11,7 +11,8 @@
 #      byte comparison of the two outputs; then --device gpu with the hash weld
 #      (GPUMESH_WELD=hash), compared too (TILED=1: also the 1024^3 tiled volume on the GPU;
 #      TASKS=1: also bench_tasks.py, every task alone with the GPU backend; BITS10=1: also
-#      --device gpu --bits 10, whose Draco encoding is ~2.3x faster than at the default 16)
+#      --device gpu --bits 10, whose Draco encoding is ~2.3x faster than at the default 16;
+#      ADHOC=1: also bench_adhoc.py, one segment ad hoc on the GPU against zmesh)
 #   5. with the time left: the main job --device gpu against igneous (one process per core,
 #      from .whl/igneous-site-cp312.tar.xz) in one bench_main.py run, for their ratio
 # Logs and result JSON go to $OUT (check.log, pytest_gpu.log, sanitizer.log, results/*.json): commit the
@@ -105,6 +106,10 @@ if [ "${BITS10:-0}" = 1 ]; then
   stage "main job, --device gpu --bits 10"
   timeout "$(left 100)" "$PY" bench/bench_main.py --skip zmesh,serra,igneous --gpumesh-args "--device gpu --bits 10" \
     --results-dir "$OUT/results" 2>&1 | tail -6
+fi
+if [ "${ADHOC:-0}" = 1 ]; then
+  stage "ad-hoc meshing of one segment, --device gpu, against zmesh (bench_adhoc.py)"
+  timeout "$(left 90)" "$PY" bench/bench_adhoc.py --device gpu --repeat 3 --results-dir "$OUT/results" 2>&1 | tail -8
 fi
 ign_s=$(left 330)
 if [ -n "$IGNEOUS_PY" ] && [ "$ign_s" -ge 120 ]; then
