@@ -11,7 +11,8 @@ Main entry points
 """
 
 from .errors import (DestinationExistsError, EmptyVolumeWarning, GpumeshError, InvalidMeshError,
-                     InvalidVolumeError, InvalidVoxelSizeError, SourceReadError, WorkerFailedError)
+                     InvalidVolumeError, InvalidVoxelSizeError, SourceReadError, StorageUnreachableError,
+                     WorkerFailedError)
 # eager: the function must stay gpumesh.validate once the submodule gpumesh.validate is imported
 from .validate import validate
 
@@ -45,6 +46,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DestinationExistsError", "EmptyVolumeWarning", "GpumeshError", "InvalidMeshError", "InvalidVolumeError",
-    "InvalidVoxelSizeError", "SourceReadError", "WorkerFailedError", "MeshOptions", "Summary", "run_mesh",
+    "InvalidVoxelSizeError", "SourceReadError", "StorageUnreachableError", "WorkerFailedError", "MeshOptions", "Summary", "run_mesh",
     "load_mesh", "open_mesh", "validate", "Volume", "open_volume", "mesh_segment",
 ]

@@ -24,6 +24,13 @@ class SourceReadError(GpumeshError, OSError):
     """The source volume cannot be opened or read (missing path, unknown format, bad metadata)."""
 
 
+class StorageUnreachableError(SourceReadError):
+    """A network location (``gs://``, ``s3://``, ``http(s)://``, a source or a destination)
+    did not answer the first request: no network, a refused connection, a failed name lookup
+    or no reply within :data:`gpumesh.storage.PROBE_TIMEOUT_S`.  Raised before anything is
+    written, instead of TensorStore's retries that would wait for many minutes."""
+
+
 class DestinationExistsError(GpumeshError, FileExistsError):
     """The destination holds data and neither ``overwrite`` nor ``resume`` was given."""
 

@@ -532,7 +532,7 @@ def _init_worker(source, open_kwargs, plan, options, dest_spec, device, nworkers
     _WORKER["volume"] = open_volume(source, **open_kwargs)
     _WORKER["plan"] = plan
     _WORKER["options"] = options
-    _WORKER["kv"] = storage.open_kvstore(dest_spec)
+    _WORKER["kv"] = storage.open_kvstore(dest_spec, check=False)
     # this worker's number among those starting together: for its share of the kernel
     # compiles, and whether it is one of the device_workers that use the GPU
     worker = 0

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Optional, Union
 
 import tensorstore as ts
 
-from .errors import SourceReadError
+from .errors import SourceReadError, StorageUnreachableError
 
 KvSpec = Union[str, os.PathLike, dict, "ts.KvStore"]
 
@@ -61,7 +61,8 @@ def kvstore_url(spec: dict) -> str:
         return json.dumps(spec)
 
 
-def open_kvstore(location: KvSpec, *, context: Optional[ts.Context] = None) -> ts.KvStore:
+def open_kvstore(location: KvSpec, *, context: Optional[ts.Context] = None,
+                 check: bool = True) -> ts.KvStore:
     """Open a directory-like kvstore.
 
     Parameters
@@ -70,6 +71,10 @@ def open_kvstore(location: KvSpec, *, context: Optional[ts.Context] = None) -> t
         See :func:`kvstore_spec`.
     context : tensorstore.Context, optional
         Shared context (needed for ``memory://`` stores to be seen by several openers).
+    check : bool
+        For a network location (``gs://``, ``s3://``, ``http(s)://``, or a spec over one),
+        first make sure it answers (:func:`check_reachable`).  Off in the job's workers,
+        whose location the main process has checked.
 
     Returns
     -------
@@ -77,6 +82,8 @@ def open_kvstore(location: KvSpec, *, context: Optional[ts.Context] = None) -> t
 
     Raises
     ------
+    StorageUnreachableError
+        A network location does not answer (see :func:`check_reachable`).
     SourceReadError
         If TensorStore cannot open the location.
     """
@@ -84,9 +91,76 @@ def open_kvstore(location: KvSpec, *, context: Optional[ts.Context] = None) -> t
         return location
     spec = kvstore_spec(location)
     try:
-        return ts.KvStore.open(spec, context=context or _default_context()).result()
+        kv = ts.KvStore.open(spec, context=context or _default_context()).result()
     except Exception as exc:  # TensorStore raises ValueError/RuntimeError subclasses
         raise SourceReadError(f"cannot open storage {location!r}: {exc}") from exc
+    if check:
+        check_reachable(spec)
+    return kv
+
+
+#: Seconds the first request to a network location may take, retries included, before
+#: :func:`check_reachable` gives up.
+PROBE_TIMEOUT_S = 60.0
+
+# TensorStore's context resource that sets each network driver's retries.  Its defaults
+# (32 retries, backing off to 32 s) are right for a long job's reads, but they make an
+# unreachable location look like a hang of a quarter of an hour.
+_RETRY_RESOURCES = {"gcs": "gcs_request_retries", "s3": "s3_request_retries",
+                    "http": "http_request_retries"}
+_PROBE_RETRIES = {"max_retries": 3, "initial_delay": "0.5s", "max_delay": "4s"}
+
+
+def _network_spec(spec: dict) -> Optional[dict]:
+    """The network kvstore under ``spec`` (itself, or the ``base`` of an adapter such as
+    ``ocdbt`` or ``zip``, at any depth), or ``None`` for local and in-memory stores."""
+    while True:
+        if spec.get("driver") in _RETRY_RESOURCES:
+            return spec
+        base = spec.get("base")
+        if isinstance(base, str):
+            base = kvstore_spec(base)
+        if not isinstance(base, dict):
+            return None
+        spec = base
+
+
+def check_reachable(location: KvSpec, key: str = "info") -> None:
+    """Fail fast when a network kvstore cannot be reached.
+
+    Reads one small key (missing is fine) with few retries (3, backing off from 0.5 s to
+    4 s) and waits at most :data:`PROBE_TIMEOUT_S`.  Local (``file``) and ``memory`` stores
+    are not checked.
+
+    Parameters
+    ----------
+    location : str, os.PathLike, dict or tensorstore.KvStore
+        See :func:`kvstore_spec`.
+    key : str
+        The key to read, relative to the location's path.
+
+    Raises
+    ------
+    StorageUnreachableError
+        The request failed after its retries (no network, name lookup failed, connection
+        refused, server errors) or had no answer in time.  A denied permission is reported
+        the same way, with TensorStore's message.
+    """
+    spec = _network_spec(kvstore_spec(location))
+    if spec is None:
+        return
+    spec = dict(spec)
+    spec.pop("context", None)
+    url = kvstore_url(spec)
+    context = ts.Context({_RETRY_RESOURCES[spec["driver"]]: _PROBE_RETRIES})
+    try:
+        kv = ts.KvStore.open(spec, context=context).result(timeout=PROBE_TIMEOUT_S)
+        kv.read(key).result(timeout=PROBE_TIMEOUT_S)
+    except TimeoutError as exc:
+        raise StorageUnreachableError(f"no answer from {url} in {PROBE_TIMEOUT_S:g} s") from exc
+    except Exception as exc:
+        msg = " ".join(str(exc).split())
+        raise StorageUnreachableError(f"cannot reach {url}: {msg}") from exc
 
 
 _CONTEXT: Optional[ts.Context] = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import warnings
 
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 
 from gpumesh import (DestinationExistsError, EmptyVolumeWarning, InvalidVolumeError, InvalidVoxelSizeError,
-                     SourceReadError, run_mesh, validate)
+                     SourceReadError, StorageUnreachableError, open_volume, run_mesh, validate)
+from gpumesh import storage
 from gpumesh.pipeline import MeshOptions
 
 from conftest import cli_command
@@ -112,3 +114,62 @@ def test_cli_validate_fails_on_corrupt_output(tmp_path):
     data.write_bytes(data.read_bytes()[:-5])
     r = _cli("validate", str(dest))
     assert r.returncode == 1
+
+
+def _refused_port() -> int:
+    """A local TCP port that nothing listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_network_source_fails_fast(tmp_path):
+    # TensorStore's own retries (32, backing off to 32 s) would wait ~15 minutes here
+    url = f"http://127.0.0.1:{_refused_port()}/seg/"
+    with pytest.raises(StorageUnreachableError, match="cannot reach http://127.0.0.1"):
+        open_volume(url)
+    dest = tmp_path / "out"
+    with pytest.raises(StorageUnreachableError):
+        run_mesh(url, str(dest), workers=1)
+    assert _no_output(dest)
+    assert issubclass(StorageUnreachableError, SourceReadError)
+
+
+def test_unreachable_network_destination_fails_before_meshing(tmp_path):
+    dest = {"driver": "s3", "bucket": "gpumesh-test", "path": "out/",
+            "endpoint": f"http://127.0.0.1:{_refused_port()}"}
+    progress = []
+    with pytest.raises(StorageUnreachableError, match="cannot reach .*gpumesh-test.*Could not connect"):
+        run_mesh(GOOD, dest, workers=1, progress=lambda *a: progress.append(a))
+    assert progress == []
+
+
+def test_silent_network_location_times_out(monkeypatch):
+    # a server that accepts the connection and never answers
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        monkeypatch.setattr(storage, "PROBE_TIMEOUT_S", 1.0)
+        with pytest.raises(StorageUnreachableError, match="no answer from http://127.0.0.1:.* in 1 s"):
+            storage.check_reachable(f"http://127.0.0.1:{server.getsockname()[1]}/m/")
+
+
+def test_the_probe_looks_through_adapters_and_skips_local_stores(tmp_path):
+    port = _refused_port()
+    with pytest.raises(StorageUnreachableError):
+        storage.check_reachable({"driver": "ocdbt", "base": f"http://127.0.0.1:{port}/db/"})
+    with pytest.raises(StorageUnreachableError):
+        storage.check_reachable({"driver": "zip", "base": {"driver": "http", "base_url": f"http://127.0.0.1:{port}/a.zip"}})
+    storage.check_reachable(str(tmp_path / "missing"))      # local: not probed
+    storage.check_reachable("memory://somewhere/")
+
+
+def test_cli_unreachable_gcs_source_is_one_error_line(tmp_path):
+    env = dict(os.environ, TENSORSTORE_GCS_HTTP_URL=f"http://127.0.0.1:{_refused_port()}")
+    dest = tmp_path / "out"
+    r = subprocess.run(cli_command() + ["mesh", "gs://gpumesh-test-bucket/seg", str(dest), "--quiet"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2, r.stderr
+    ours = [ln for ln in r.stderr.splitlines() if ln.startswith("gpumesh: error:")]
+    assert len(ours) == 1 and "cannot reach gs://gpumesh-test-bucket/seg/" in ours[0], r.stderr
+    assert _no_output(dest)
