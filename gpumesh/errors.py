@@ -28,7 +28,7 @@ class StorageUnreachableError(SourceReadError):
     """A network location (``gs://``, ``s3://``, ``http(s)://``, a source or a destination)
     did not answer the first request: no network, a refused connection, a failed name lookup
     or no reply within :data:`gpumesh.storage.PROBE_TIMEOUT_S`.  Raised before anything is
-    written, instead of TensorStore's retries that would wait for many minutes."""
+    written, instead of TensorStore's retries, which go on for minutes."""
 
 
 class DestinationExistsError(GpumeshError, FileExistsError):
