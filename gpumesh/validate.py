@@ -97,7 +97,8 @@ class ValidationReport:
     warnings : list of str
         What the Neuroglancer client accepts but another reader does not, or what no reader
         uses (not violations): zero-byte multi-resolution fragments, which WEBKNOSSOS cannot
-        decode; fragment files without a manifest.
+        decode; fragment files without a manifest; segments that the segment properties list
+        but no manifest holds (a lost shard or manifest).
     decoded : bool
         Whether fragments were decoded (triangle counts and geometry checks).
     """
@@ -450,13 +451,14 @@ def _check_shard(report: ValidationReport, src: ShardedMultiresSource, shard: in
 
 
 def _validate_sharded(report: ValidationReport, src: ShardedMultiresSource, segments: Optional[Iterable[int]],
-                      decode: bool) -> None:
+                      decode: bool) -> set:
+    """Check every shard (or those of ``segments``); return the IDs found in the shards read."""
     spec = src.sharding
     try:
         keys = storage.list_keys(src.kv)
     except Exception as exc:
         report.add_error(f"cannot list keys: {exc}")
-        return
+        return set()
     shards = []
     for key in keys:
         if key.endswith(".shard"):
@@ -484,6 +486,7 @@ def _validate_sharded(report: ValidationReport, src: ShardedMultiresSource, segm
     for s in sorted(wanted or ()):
         if s not in seen:
             report.add_error(f"segment {s} not found")
+    return seen
 
 
 def _check_legacy_segment(report: ValidationReport, src: LegacySource, seg: int, decode: bool) -> None:
@@ -531,7 +534,9 @@ def _check_orphans(report: ValidationReport, src, keys: list, ids: set) -> None:
         report.warnings.append(f"{len(orphans)} {what} without a manifest ({manifest}): segments {shown}")
 
 
-def _check_segment_properties(report: ValidationReport, kv, info: dict) -> None:
+def _check_segment_properties(report: ValidationReport, kv, info: dict, meshed: Optional[set] = None) -> None:
+    """Check the segment properties the info names (spec segment_properties); with ``meshed``
+    (every segment ID that has a mesh), warn about listed IDs without one."""
     rel = info.get("segment_properties")
     if not isinstance(rel, str):
         return
@@ -580,6 +585,14 @@ def _check_segment_properties(report: ValidationReport, kv, info: dict) -> None:
     for t in ("label", "description", "tags"):
         if types.count(t) > 1:
             report.add_error(f"segment properties {key}: more than one {t!r} property")
+    if meshed is not None:
+        # Not a violation (properties may list segments without meshes), but gpumesh meshes
+        # every segment it lists: a lost shard or manifest shows here.
+        missing = sorted({int(i) for i in ids} - meshed)
+        if missing:
+            shown = ", ".join(str(i) for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            report.warnings.append(f"{len(missing)} segments listed in {key} have no mesh (a lost shard or "
+                                   f"manifest?): segments {shown}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -656,9 +669,9 @@ def _validate(report: ValidationReport, location, segments, decode: bool) -> Val
         return report
     report.kind = src.kind
     if isinstance(src, ShardedMultiresSource):
-        _validate_sharded(report, src, segments, decode)
+        found = _validate_sharded(report, src, segments, decode)
         if info:
-            _check_segment_properties(report, kv, info)
+            _check_segment_properties(report, kv, info, found if segments is None else None)
         return report
 
     try:
@@ -703,5 +716,5 @@ def _validate(report: ValidationReport, location, segments, decode: bool) -> Val
             except Exception as exc:
                 report.add_error(f"segment {seg}: unexpected error while checking: {exc!r}")
     if info:
-        _check_segment_properties(report, kv, info)
+        _check_segment_properties(report, kv, info, set(all_ids) if segments is None else None)
     return report

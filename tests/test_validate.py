@@ -430,3 +430,33 @@ def test_placeholder_recognised_and_counted(tmp_path):
     assert len(load_mesh(tmp_path / "mesh", 2, lod=1).faces) == 0
     assert [f["placeholder"] for f in load_fragments(tmp_path / "mesh", 2, 1)] == [True]
     assert [f["placeholder"] for f in load_fragments(tmp_path / "mesh", 2, 0)] == [False, False]
+
+
+def test_a_lost_shard_or_manifest_is_seen_through_the_segment_properties(tmp_path):
+    from gpumesh import run_mesh
+    from gpumesh.pipeline import MeshOptions
+    from gpumesh.sharding import ShardingOptions
+
+    labels = np.zeros((24, 24, 24), np.uint32)
+    for i in range(8):
+        x, y, z = (i & 1) * 12, (i >> 1 & 1) * 12, (i >> 2) * 12
+        labels[x + 2:x + 9, y + 2:y + 9, z + 2:z + 9] = 100 + i
+    sharded, unsharded = tmp_path / "sharded", tmp_path / "unsharded"
+    run_mesh(labels, str(sharded), workers=1,
+             options=MeshOptions(chunk_size=16, sharding=ShardingOptions(shard_bits=2, minishard_bits=1)))
+    run_mesh(labels, str(unsharded), workers=1, options=MeshOptions(chunk_size=16))
+    for path in (sharded, unsharded):
+        rep = validate(path)
+        assert rep.ok and not rep.warnings and rep.num_segments == 8, rep.format_table()
+    shards = sorted(f for f in os.listdir(sharded) if f.endswith(".shard"))
+    assert len(shards) >= 2
+    os.remove(sharded / shards[0])
+    os.remove(unsharded / "103.index")
+    for path in (sharded, unsharded):
+        rep = validate(path)
+        assert rep.ok and 0 < rep.num_segments < 8
+        lost = [w for w in rep.warnings if "listed in segment_properties/info have no mesh" in w]
+        assert len(lost) == 1, rep.warnings
+        assert f"{8 - rep.num_segments} segments" in lost[0]
+        assert not validate(path, segments=[100 + i for i in range(8) if str(100 + i) not in lost[0]]).warnings
+    assert "segments 103" in [w for w in validate(unsharded).warnings if "no mesh" in w][0]
