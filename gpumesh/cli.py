@@ -99,6 +99,9 @@ def main():
               help="vertex quantization bits; 10 keeps every vertex and triangle in ~30% fewer bytes, "
                    "with ~20% less CPU, each vertex within chunk/1024 voxels of its LOD")
 @click.option("--workers", type=int, default=None, help="parallel processes (default: all cores)")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="run the tasks on the Dask cluster of this scheduler (tcp://host:8786) instead of local "
+                   "processes; SOURCE and DEST must be reachable from its workers")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
 @click.option("--overwrite", is_flag=True, help="delete what DEST holds first")
 @click.option("--resume", is_flag=True, help="continue an interrupted run into DEST")
@@ -109,8 +112,8 @@ def main():
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None, help="write the end summary as JSON")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def mesh(source, dest, voxel_size, voxel_offset, mip, axes, fmt, quality, chunk_size, max_lods, num_lods, bits,
-         workers, device, overwrite, resume, segment_properties, link_source, sharded, shard_bits, minishard_bits,
-         preshift_bits, shard_hash, minishard_index_encoding, data_encoding, summary_json, quiet):
+         workers, scheduler, device, overwrite, resume, segment_properties, link_source, sharded, shard_bits,
+         minishard_bits, preshift_bits, shard_hash, minishard_index_encoding, data_encoding, summary_json, quiet):
     """Mesh every segment of SOURCE into Neuroglancer precomputed meshes in DEST.
 
     SOURCE: a zarr v2/v3, N5, OME-Zarr or precomputed volume (path or URL).
@@ -119,7 +122,7 @@ def mesh(source, dest, voxel_size, voxel_offset, mip, axes, fmt, quality, chunk_
     """
     import os
 
-    if (workers or os.cpu_count() or 1) > 1:
+    if scheduler is None and (workers or os.cpu_count() or 1) > 1:
         from .workerserver import start_server
 
         start_server()   # the workers' server imports gpumesh while this process does the same
@@ -154,6 +157,14 @@ def mesh(source, dest, voxel_size, voxel_offset, mip, axes, fmt, quality, chunk_
         else:  # after the progress bar
             caught.append(message)
 
+    client = None
+    if scheduler is not None:
+        from .cluster import connect
+
+        try:
+            client = connect(scheduler)
+        except (ImportError, OSError) as exc:
+            _fail(GpumeshError(f"cannot connect to the Dask scheduler at {scheduler}: {exc}"))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always", EmptyVolumeWarning)
@@ -162,8 +173,10 @@ def mesh(source, dest, voxel_size, voxel_offset, mip, axes, fmt, quality, chunk_
             try:
                 summary = run_mesh(source, dest, options=options, voxel_size=voxel_size, voxel_offset=voxel_offset,
                                    mip=mip, axes=axes, overwrite=overwrite, resume=resume, workers=workers,
-                                   device=device, link_source=link_source, progress=progress)
+                                   device=device, link_source=link_source, progress=progress, client=client)
             finally:
+                if client is not None:
+                    client.close()
                 # wait for the workers' server, so that the workers' CPU time counts as this
                 # process's children's (`time gpumesh mesh`, a benchmark's wait4)
                 from .workerserver import stop_server

@@ -520,8 +520,6 @@ def _init_worker(source, open_kwargs, plan, options, dest_spec, device, nworkers
 
     import tensorstore as ts  # noqa: F401
 
-    from .warmup import warm_up
-
     _exit_with_parent()
     _keep_freed_memory()
     # a task allocates many short-lived objects but makes no reference cycles worth a full
@@ -529,10 +527,6 @@ def _init_worker(source, open_kwargs, plan, options, dest_spec, device, nworkers
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
 
-    _WORKER["volume"] = open_volume(source, **open_kwargs)
-    _WORKER["plan"] = plan
-    _WORKER["options"] = options
-    _WORKER["kv"] = storage.open_kvstore(dest_spec, check=False)
     # this worker's number among those starting together: for its share of the kernel
     # compiles, and whether it is one of the device_workers that use the GPU
     worker = 0
@@ -540,6 +534,21 @@ def _init_worker(source, open_kwargs, plan, options, dest_spec, device, nworkers
         with started.get_lock():
             worker = started.value
             started.value += 1
+    set_up_worker(source, open_kwargs, plan, options, dest_spec, device, worker, nworkers, device_workers)
+
+
+def set_up_worker(source, open_kwargs, plan, options, dest_spec, device, worker=0, nworkers=1,
+                  device_workers=None) -> None:
+    """Open the job's source, destination and backend in this worker process, for the task
+    functions (``_run_task`` and the writing tasks); ``worker`` of ``nworkers`` says which share
+    of the kernel compiles it starts with, and whether it is one of the ``device_workers``
+    (default: all) that use the GPU."""
+    from .warmup import warm_up
+
+    _WORKER["volume"] = open_volume(source, **open_kwargs)
+    _WORKER["plan"] = plan
+    _WORKER["options"] = options
+    _WORKER["kv"] = storage.open_kvstore(dest_spec, check=False)
     if device_workers is None:
         device_workers = nworkers
     if device != "cpu" and worker >= device_workers:
@@ -576,13 +585,14 @@ def _load_writer_kernels() -> None:
     segment_nodes(np.zeros((1, 3), np.uint32), np.zeros(1, np.int64), 1)
 
 
-def _run_task(task) -> tuple[tuple, int, float]:
-    """Run one task in a worker; returns the task, its result's bytes and the worker's peak RSS
-    so far (MiB: a forked worker is not this process's child, so its own figure is reported)."""
+def _run_task(task) -> tuple[tuple, int, float, str]:
+    """Run one task in a worker; returns the task, its result's bytes, the worker's peak RSS
+    so far (MiB: a forked worker is not this process's child, so its own figure is reported)
+    and its backend's name."""
     blob = mesh_block(_WORKER["volume"], _WORKER["plan"], _WORKER["options"], task[0],
                       _WORKER["backend"], task[1])
     storage.write(_WORKER["kv"], block_key(task), blob)
-    return task, len(blob), peak_rss_mb()
+    return task, len(blob), peak_rss_mb(), _WORKER["backend"].name
 
 
 def _worker_results(keys, whole, cache_bytes):
@@ -679,7 +689,7 @@ def _plan_fingerprint(volume: Volume, plan: Plan, options: MeshOptions) -> dict:
 def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=None, voxel_offset=None,
              mip: int = 0, axes: Optional[str] = None, overwrite: bool = False, resume: bool = False,
              workers: Optional[int] = None, device: str = "auto", link_source: bool = False,
-             progress: Optional[Callable[[int, int], None]] = None) -> Summary:
+             progress: Optional[Callable[[int, int], None]] = None, client=None) -> Summary:
     """Mesh every segment of a label volume into a Neuroglancer precomputed mesh directory.
 
     Parameters
@@ -709,6 +719,10 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         When the source is a precomputed volume, also set ``mesh`` in its ``info`` (the
         source is never changed otherwise; a ready copy is written as ``source_info.json``).
     progress : callable(done, total), optional
+    client : distributed.Client, optional
+        Run the tasks on this Dask cluster's workers instead of local processes (``workers``
+        is then ignored; see :mod:`gpumesh.cluster`).  The source and ``dest`` must be
+        reachable from every worker; ``device`` is resolved on each worker.
 
     Returns
     -------
@@ -721,7 +735,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     DestinationExistsError
         ``dest`` holds data and neither ``overwrite`` nor ``resume`` was given.
     ValueError
-        Inconsistent options.
+        Inconsistent options, or a ``memory://`` destination with ``client``, or a cluster
+        without workers.
     WorkerFailedError
         A worker process ended abruptly (killed, e.g. by the out-of-memory killer, or crashed).
         The tasks that finished are kept: ``resume=True`` continues the run.
@@ -730,7 +745,16 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     options.validate()
     open_kwargs = dict(voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip, axes=axes)
     volume = open_volume(source, **open_kwargs)
-    backend = get_backend(device)
+    dest_spec = storage.kvstore_spec(dest) if not isinstance(dest, dict) else dest
+    if client is None:
+        backend = get_backend(device)
+    else:   # each worker picks its backend
+        from .cluster import DaskExecutor, check_destination
+
+        check_destination(dest_spec)
+        backend = get_backend("cpu") if device == "cpu" else None
+        if device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"unknown device {device!r}; choose auto, cpu or gpu")
     kv = storage.open_kvstore(dest)
     if overwrite and resume:
         raise ValueError("give either overwrite or resume, not both")
@@ -749,8 +773,13 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                 raise DestinationExistsError(f"{dest}: holds a finished mesh; use --overwrite to redo it")
         else:
             raise DestinationExistsError(f"{dest} is not empty; pass --overwrite or --resume")
+    cluster = None
     requested = workers or os.cpu_count() or 1   # worker processes asked for
-    if requested > 1:
+    if client is not None:
+        cluster = DaskExecutor(client, (source, dict(open_kwargs, cache_bytes=read_cache_bytes(volume, plan)),
+                                        plan, options, dest_spec, device))
+        requested = cluster.workers
+    elif requested > 1:
         # once the input is known good: the server imports gpumesh for the workers while this
         # process goes on (the CLI has started it already)
         workerserver.start_server()
@@ -760,7 +789,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     done = {k[len(SCRATCH) + len("blocks/"):] for k in storage.list_keys(kv, SCRATCH + "blocks/")}
     todo = [t for t in tasks if task_name(t) not in done]
     summary = Summary(blocks=len(plan.blocks()), tasks=len(tasks), tasks_resumed=len(tasks) - len(todo),
-                      device=backend.name, format=options.format)
+                      device=backend.name if backend else device, format=options.format)
     nworkers = max(1, min(requested, len(todo) or 1))
     summary.workers = nworkers
     finished = len(tasks) - len(todo)
@@ -769,15 +798,16 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         progress(finished, len(tasks))
     # workers past what the device has room for mesh on the CPU backend (same bytes)
     device_workers = nworkers
-    if backend.name == "gpu" and nworkers > 1 and todo:
+    if backend is not None and backend.name == "gpu" and nworkers > 1 and todo:
         from .gpu import device_processes
 
         device_workers = device_processes(backend.rt.mem_info()[0], nworkers)
-    summary.device_workers = device_workers if backend.name == "gpu" else 0
+    summary.device_workers = device_workers if backend is not None and backend.name == "gpu" else 0
     from .writer import assemble
 
     stats = None
-    if nworkers == 1 or not todo:
+    backends = set()   # the workers' backends
+    if cluster is None and (nworkers == 1 or not todo):
         cache = read_cache_bytes(volume, plan)
         reading = open_volume(source, **open_kwargs, cache_bytes=cache) if cache and todo else volume
         for t in todo:
@@ -791,16 +821,17 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         # The writer's numba kernel compiles (on a first run) or loads from its cache here while
         # the workers mesh, instead of after them.
         threading.Thread(target=_load_writer_kernels, daemon=True).start()
-        src = source
-        ctx = workerserver.context()   # forked from a server with gpumesh loaded, or spawned
-        # workers number themselves from it to split the numba compiles of a first run
-        # (gpumesh.warmup), and the first device_workers of them use the GPU
-        started = ctx.Value("i", 0)
-        pool = ProcessPoolExecutor(nworkers, mp_context=ctx, initializer=_init_worker,
-                                   initargs=(src, dict(open_kwargs, cache_bytes=read_cache_bytes(volume, plan)),
-                                             plan, options, storage.kvstore_spec(dest)
-                                             if not isinstance(dest, dict) else dest, backend.name,
-                                             nworkers, started, device_workers))
+        if cluster is not None:
+            pool = cluster
+        else:
+            ctx = workerserver.context()   # forked from a server with gpumesh loaded, or spawned
+            # workers number themselves from it to split the numba compiles of a first run
+            # (gpumesh.warmup), and the first device_workers of them use the GPU
+            started = ctx.Value("i", 0)
+            pool = ProcessPoolExecutor(nworkers, mp_context=ctx, initializer=_init_worker,
+                                       initargs=(source, dict(open_kwargs, cache_bytes=read_cache_bytes(volume, plan)),
+                                                 plan, options, dest_spec, backend.name, nworkers, started,
+                                                 device_workers))
         procs: list = []
         try:
             with pool:
@@ -808,7 +839,9 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                 # the worker processes (private; only to say how a dead one ended)
                 procs = list((getattr(pool, "_processes", None) or {}).values())
                 for fut in as_completed(futures):
-                    workers_rss = max(workers_rss, fut.result()[2])
+                    _, _, rss, name = fut.result()
+                    workers_rss = max(workers_rss, rss)
+                    backends.add(name)
                     finished += 1
                     if progress:
                         progress(finished, len(tasks))
@@ -816,13 +849,20 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                 # the workers also build the segments and write the output (gpumesh.writer)
                 stats = assemble(kv, volume, plan, options, tasks, link_source=link_source, executor=pool,
                                  workers=nworkers)
-        except BrokenProcessPool as exc:
+        except Exception as exc:
             when = (f"after {finished} of {len(tasks)} tasks" if finished < len(tasks) else
                     "while writing the output")
+            if isinstance(exc, BrokenProcessPool):
+                how = f"a worker process ended abruptly{_how_workers_ended(procs)}"
+            elif type(exc).__name__ == "KilledWorker":   # distributed: a task's workers kept dying
+                how = "Dask workers died running a task (" + " ".join(str(exc).split()) + ")"
+            else:
+                raise
             raise WorkerFailedError(
-                f"a worker process ended abruptly{_how_workers_ended(procs)} {when}; the finished ones are "
-                f"kept in {dest}: run it again with --resume (Python: resume=True), with fewer workers if "
-                f"memory ran out") from exc
+                f"{how} {when}; the finished ones are kept in {dest}: run it again with --resume (Python: "
+                f"resume=True), with fewer workers if memory ran out") from exc
+        if cluster is not None and backends:
+            summary.device = "+".join(sorted(backends))
     if stats is None:
         t_mesh = time.perf_counter()
         stats = assemble(kv, volume, plan, options, tasks, link_source=link_source)

@@ -1,0 +1,89 @@
+"""The main job on a Dask cluster (gpumesh.cluster): the bytes of one local process, resume,
+and the errors a cluster adds.  A LocalCluster of 2 worker processes stands in for a real one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+
+from gpumesh import run_mesh, validate
+from gpumesh.pipeline import MeshOptions
+from gpumesh.sharding import ShardingOptions
+
+from conftest import CROP_START, VOXEL_SIZE, cli_command, tree_files, write_zarr
+
+
+@pytest.fixture(scope="module")
+def client():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as c:
+        yield c
+
+
+def test_a_cluster_writes_the_bytes_of_one_process(client, crop, crop_medium, tmp_path):
+    # unsharded: the crop's session fixture (one process, in this one)
+    dest = tmp_path / "unsharded"
+    summary = run_mesh(crop, str(dest), options=MeshOptions(chunk_size=32, max_lods=3), voxel_size=VOXEL_SIZE,
+                       voxel_offset=CROP_START, client=client)
+    assert summary.workers == 2 and summary.device == "cpu"
+    assert summary.segments == crop_medium[1].segments > 100
+    assert tree_files(dest) == tree_files(crop_medium[0])
+    # legacy, and sharded in 4 shards whose segments the workers build
+    for name, options in [("legacy", MeshOptions(chunk_size=32, format="legacy", max_lods=1)),
+                          ("sharded", MeshOptions(chunk_size=32, sharding=ShardingOptions(shard_bits=2)))]:
+        one, many = tmp_path / f"{name}-1", tmp_path / f"{name}-dask"
+        run_mesh(crop, str(one), options=options, workers=1)
+        run_mesh(crop, str(many), options=options, client=client)
+        assert tree_files(many) == tree_files(one), name
+        assert validate(str(many)).ok
+
+
+def test_an_interrupted_cluster_run_resumes(client, crop, tmp_path):
+    options = MeshOptions(chunk_size=32, max_lods=2)
+    whole = tmp_path / "whole"
+    run_mesh(crop, str(whole), options=options, workers=1)
+    dest = tmp_path / "dest"
+
+    def stop(done, total):
+        if done >= total // 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_mesh(crop, str(dest), options=options, client=client, progress=stop)
+    assert not (dest / "info").exists()
+    summary = run_mesh(crop, str(dest), options=options, client=client, resume=True)
+    assert summary.tasks_resumed >= summary.tasks // 2
+    assert tree_files(dest) == tree_files(whole)
+
+
+def test_a_cluster_cannot_write_to_memory(client):
+    progress = []
+    with pytest.raises(ValueError, match="memory://"):
+        run_mesh(np.ones((8, 8, 8), np.uint8), "memory://out/", client=client,
+                 progress=lambda *a: progress.append(a))
+    assert progress == []
+
+
+def test_cli_scheduler(client, crop, tmp_path):
+    source = tmp_path / "crop.zarr"
+    write_zarr(source, crop)
+    one = tmp_path / "one"
+    run_mesh(str(source), str(one), options=MeshOptions(chunk_size=32, sharding=ShardingOptions(shard_bits=1)),
+             voxel_size=VOXEL_SIZE, workers=1)
+    dest = tmp_path / "dask"
+    r = subprocess.run(cli_command() + ["mesh", str(source), str(dest), "--voxel-size", ",".join(map(str, VOXEL_SIZE)),
+                                        "--chunk-size", "32", "--shard-bits", "1", "--quiet",
+                                        "--scheduler", client.scheduler.address],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "2 worker(s), device cpu" in r.stdout
+    assert tree_files(dest) == tree_files(one)
+    r = subprocess.run(cli_command() + ["mesh", str(source), str(tmp_path / "x"), "--scheduler", "tcp://127.0.0.1:9"],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="2s"))
+    assert r.returncode == 2 and "cannot connect to the Dask scheduler at tcp://127.0.0.1:9" in r.stderr, r.stderr
+    assert not (tmp_path / "x").exists()
