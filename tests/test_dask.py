@@ -8,7 +8,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, WorkerPlugin
 
 from gpumesh import run_mesh, validate
 from gpumesh.pipeline import MeshOptions
@@ -19,7 +19,7 @@ from conftest import CROP_START, VOXEL_SIZE, cli_command, tree_files, write_zarr
 
 @pytest.fixture(scope="module")
 def client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as c:
         yield c
 
@@ -87,3 +87,29 @@ def test_cli_scheduler(client, crop, tmp_path):
                        env=dict(os.environ, DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="2s"))
     assert r.returncode == 2 and "cannot connect to the Dask scheduler at tcp://127.0.0.1:9" in r.stderr, r.stderr
     assert not (tmp_path / "x").exists()
+
+
+class _KillOnMeshing(WorkerPlugin):
+    """A worker plugin that makes meshing kill the worker process, as the out-of-memory killer
+    would."""
+
+    def setup(self, worker):
+        import os
+
+        import gpumesh.pipeline
+
+        gpumesh.pipeline.mesh_block = lambda *a, **k: os._exit(9)
+
+
+def test_dying_cluster_workers_stop_the_job_with_one_error(crop, tmp_path):
+    import dask
+
+    from gpumesh import WorkerFailedError
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as c:
+        c.register_plugin(_KillOnMeshing(), name="kill-on-meshing")
+        with pytest.raises(WorkerFailedError, match="Dask workers died running a task .* after 0 of"):
+            run_mesh(crop[:64, :64, :64], str(tmp_path / "out"), options=MeshOptions(chunk_size=32), client=c)
+    assert not (tmp_path / "out" / "info").exists()
