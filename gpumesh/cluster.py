@@ -15,6 +15,10 @@ job it ran, so a cluster should run one gpumesh job at a time.  Start the worker
 thread each (``dask worker --nthreads 1``, ``LocalCluster(threads_per_worker=1)``) and as many
 processes as cores: the tasks are CPU-bound Python and hold the GIL in parts.  On GPU nodes
 each worker takes its share of the device's free memory, shared among the workers of its host.
+Unlike the local pool's workers, Dask's keep their allocator settings (the local workers never
+return freed heap, which a Dask nanny's memory limit would read as a leak); set
+``NUMPY_MADVISE_HUGEPAGE=0`` in the workers' environment where the kernel's transparent huge
+pages ``defrag`` setting is ``madvise`` (see :func:`gpumesh.pipeline._keep_freed_memory`).
 """
 
 from __future__ import annotations
