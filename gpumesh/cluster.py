@@ -14,7 +14,10 @@ travel to the workers once (``Client.scatter``).  A worker process keeps the sta
 job it ran, so a cluster should run one gpumesh job at a time.  Start the workers with one
 thread each (``dask worker --nthreads 1``, ``LocalCluster(threads_per_worker=1)``) and as many
 processes as cores: the tasks are CPU-bound Python and hold the GIL in parts.  On GPU nodes
-each worker takes its share of the device's free memory, shared among the workers of its host.
+a worker uses the first GPU it sees and takes its share of that device's free memory, shared
+among the workers of its host that see the same first GPU (``CUDA_VISIBLE_DEVICES``): with
+dask-cuda (``LocalCUDACluster``, ``dask cuda worker``), one worker per GPU, each has a GPU of
+its own.
 Unlike the local pool's workers, Dask's keep their allocator settings (the local workers never
 return freed heap, which a Dask nanny's memory limit would read as a leak); set
 ``NUMPY_MADVISE_HUGEPAGE=0`` in the workers' environment where the kernel's transparent huge
@@ -38,15 +41,29 @@ def _host(address: str) -> str:
     return address.split("://")[-1].rsplit(":", 1)[0]
 
 
+def _first_visible_gpu() -> str:
+    """The first entry of this process's ``CUDA_VISIBLE_DEVICES`` ("" when unset)."""
+    import os
+
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+
+
+def gpu_sharing(workers: dict) -> dict:
+    """How many workers share each worker's GPU: ``{address: count}`` from
+    ``{address: first visible GPU}``, counting workers of one host that see the same first GPU."""
+    groups = collections.Counter((_host(a), g) for a, g in workers.items())
+    return {a: groups[(_host(a), g)] for a, g in workers.items()}
+
+
 def _run_in_job(job_id: str, job: tuple, fn, *args):
     """Run task ``fn(*args)`` in a Dask worker, first setting up the job there if this worker
     process has not yet (see the module docstring)."""
     with _LOCK:
         if pipeline._WORKER.get("job") != job_id:
-            source, open_kwargs, plan, options, dest_spec, device, hosts = job
+            source, open_kwargs, plan, options, dest_spec, device, sharing = job
             from distributed import get_worker
 
-            sharing = hosts.get(_host(get_worker().address), 1)   # workers of this host (one GPU)
+            sharing = sharing.get(get_worker().address, 1)   # workers that share this one's GPU
             pipeline._WORKER.clear()
             pipeline.set_up_worker(source, open_kwargs, plan, options, dest_spec, device,
                                    device_workers=sharing, nworkers=sharing)
@@ -90,12 +107,13 @@ class DaskExecutor:
             raise ValueError(f"the Dask cluster at {client.scheduler.address} has no workers")
         #: worker threads in the cluster: tasks that can run at once
         self.workers = sum(int(w.get("nthreads", 1)) for w in workers.values())
-        hosts = dict(collections.Counter(_host(a) for a in workers))
+        device = job[5]
+        sharing = gpu_sharing(client.run(_first_visible_gpu)) if device != "cpu" else {}
         self._client = client
         self._executor = client.get_executor(pure=False)
         self._id = uuid.uuid4().hex
         # the job's arguments (a NumPy source, say) travel to each worker once
-        self._job = client.scatter([tuple(job) + (hosts,)], broadcast=True, hash=False)[0]
+        self._job = client.scatter([tuple(job) + (sharing,)], broadcast=True, hash=False)[0]
 
     def submit(self, fn, *args):
         """Run ``fn(*args)`` on a worker; returns a :class:`concurrent.futures.Future`."""

@@ -760,6 +760,10 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         raise ValueError("give either overwrite or resume, not both")
     plan = Plan.make(volume.shape, options)
     fingerprint = _plan_fingerprint(volume, plan, options)
+    cluster = None
+    if client is not None:   # before the destination is touched: the cluster may have no workers
+        cluster = DaskExecutor(client, (source, dict(open_kwargs, cache_bytes=read_cache_bytes(volume, plan)),
+                                        plan, options, dest_spec, device))
     existing = storage.list_keys(kv)
     if existing:
         if overwrite:
@@ -773,11 +777,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                 raise DestinationExistsError(f"{dest}: holds a finished mesh; use --overwrite to redo it")
         else:
             raise DestinationExistsError(f"{dest} is not empty; pass --overwrite or --resume")
-    cluster = None
     requested = workers or os.cpu_count() or 1   # worker processes asked for
-    if client is not None:
-        cluster = DaskExecutor(client, (source, dict(open_kwargs, cache_bytes=read_cache_bytes(volume, plan)),
-                                        plan, options, dest_spec, device))
+    if cluster is not None:
         requested = cluster.workers
     elif requested > 1:
         # once the input is known good: the server imports gpumesh for the workers while this

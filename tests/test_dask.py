@@ -113,3 +113,23 @@ def test_dying_cluster_workers_stop_the_job_with_one_error(crop, tmp_path):
         with pytest.raises(WorkerFailedError, match="Dask workers died running a task .* after 0 of"):
             run_mesh(crop[:64, :64, :64], str(tmp_path / "out"), options=MeshOptions(chunk_size=32), client=c)
     assert not (tmp_path / "out" / "info").exists()
+
+
+def test_workers_share_a_gpu_only_with_workers_of_their_host_that_see_it_first():
+    from gpumesh.cluster import gpu_sharing
+
+    seen = {"tcp://10.0.0.1:4001": "0", "tcp://10.0.0.1:4002": "1",      # dask-cuda: a GPU each
+            "tcp://10.0.0.2:4001": "", "tcp://10.0.0.2:4002": "",        # plain workers: one GPU
+            "tcp://10.0.0.2:4003": "", "tcp://10.0.0.3:4001": "0"}
+    assert gpu_sharing(seen) == {"tcp://10.0.0.1:4001": 1, "tcp://10.0.0.1:4002": 1, "tcp://10.0.0.2:4001": 3,
+                                 "tcp://10.0.0.2:4002": 3, "tcp://10.0.0.2:4003": 3, "tcp://10.0.0.3:4001": 1}
+
+
+def test_a_cluster_without_workers_is_refused_before_any_output(tmp_path):
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "precious.txt").write_text("keep me")
+    with LocalCluster(n_workers=0, processes=True, dashboard_address=":0") as cluster, Client(cluster) as c:
+        with pytest.raises(ValueError, match="has no workers"):
+            run_mesh(np.ones((8, 8, 8), np.uint8), str(dest), client=c, overwrite=True)
+    assert [p.name for p in dest.iterdir()] == ["precious.txt"]
