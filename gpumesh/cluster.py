@@ -17,7 +17,8 @@ processes as cores: the tasks are CPU-bound Python and hold the GIL in parts.  O
 a worker uses the first GPU it sees and takes its share of that device's free memory, shared
 among the workers of its host that see the same first GPU (``CUDA_VISIBLE_DEVICES``): with
 dask-cuda (``LocalCUDACluster``, ``dask cuda worker``), one worker per GPU, each has a GPU of
-its own.
+its own.  The local pool's cap on the workers that use one GPU (:func:`gpumesh.gpu.device_processes`)
+is not applied here: many plain workers on one GPU each take a thin share; use one per GPU.
 Unlike the local pool's workers, Dask's keep their allocator settings (the local workers never
 return freed heap, which a Dask nanny's memory limit would read as a leak); set
 ``NUMPY_MADVISE_HUGEPAGE=0`` in the workers' environment where the kernel's transparent huge
