@@ -751,10 +751,10 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     else:   # each worker picks its backend
         from .cluster import DaskExecutor, check_destination
 
-        check_destination(dest_spec)
-        backend = get_backend("cpu") if device == "cpu" else None
         if device not in ("auto", "cpu", "gpu"):
             raise ValueError(f"unknown device {device!r}; choose auto, cpu or gpu")
+        check_destination(dest_spec)
+        backend = None
     kv = storage.open_kvstore(dest)
     if overwrite and resume:
         raise ValueError("give either overwrite or resume, not both")
