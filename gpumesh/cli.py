@@ -100,8 +100,8 @@ def main():
                    "with ~20% less CPU, each vertex within chunk/1024 voxels of its LOD")
 @click.option("--workers", type=int, default=None, help="parallel processes (default: all cores)")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
-              help="run the tasks on the Dask cluster of this scheduler (tcp://host:8786) instead of local "
-                   "processes; SOURCE and DEST must be reachable from its workers")
+              help="run the tasks on the Dask cluster of this scheduler (tcp://host:8786, or a scheduler "
+                   "file) instead of local processes; SOURCE and DEST must be reachable from its workers")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
 @click.option("--overwrite", is_flag=True, help="delete what DEST holds first")
 @click.option("--resume", is_flag=True, help="continue an interrupted run into DEST")

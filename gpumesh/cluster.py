@@ -135,9 +135,10 @@ class DaskExecutor:
 
 
 def connect(address: str):
-    """A ``distributed.Client`` for the scheduler at ``address`` (``tcp://host:8786``), waiting
-    for it as long as Dask's ``distributed.comm.timeouts.connect`` says (30 s; environment
-    variable ``DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT``).
+    """A ``distributed.Client`` for the scheduler at ``address`` (``tcp://host:8786``, or the path
+    of a scheduler file as ``dask scheduler --scheduler-file`` and dask-jobqueue/dask-mpi write
+    it), waiting for it as long as Dask's ``distributed.comm.timeouts.connect`` says (30 s;
+    environment variable ``DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT``).
 
     Raises
     ------
@@ -150,6 +151,10 @@ def connect(address: str):
         from distributed import Client
     except ImportError as exc:   # pragma: no cover - dask is in the dev extra
         raise ImportError('--scheduler needs Dask: pip install "gpumesh-ng[dask]"') from exc
+    import os
+
+    if os.path.isfile(address):
+        return Client(scheduler_file=address)
     return Client(address)
 
 

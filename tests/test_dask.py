@@ -133,3 +133,16 @@ def test_a_cluster_without_workers_is_refused_before_any_output(tmp_path):
         with pytest.raises(ValueError, match="has no workers"):
             run_mesh(np.ones((8, 8, 8), np.uint8), str(dest), client=c, overwrite=True)
     assert [p.name for p in dest.iterdir()] == ["precious.txt"]
+
+
+def test_connect_by_address_or_scheduler_file(client, tmp_path):
+    import json
+
+    from gpumesh.cluster import connect
+
+    path = tmp_path / "scheduler.json"
+    path.write_text(json.dumps({"type": "Scheduler", "address": client.scheduler.address}))
+    for where in (client.scheduler.address, str(path)):
+        with connect(where) as c:
+            assert c.scheduler.address == client.scheduler.address
+            assert len(c.scheduler_info()["workers"]) == 2
