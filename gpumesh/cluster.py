@@ -33,7 +33,7 @@ import threading
 import uuid
 from typing import Any, Optional
 
-from . import pipeline
+from . import pipeline, storage
 
 _LOCK = threading.Lock()
 
@@ -77,12 +77,9 @@ def _run_in_job(job_id: str, job: tuple, fn, *args):
 def check_destination(dest_spec: dict) -> None:
     """Raise ``ValueError`` when the workers of a cluster could not see ``dest_spec``
     (an in-memory kvstore lives in one process)."""
-    spec = dest_spec
-    while isinstance(spec, dict):
-        if spec.get("driver") == "memory":
-            raise ValueError("a Dask cluster's workers cannot reach a memory:// destination; use a path on a "
-                             "shared file system or a gs:// or s3:// URL")
-        spec = spec.get("base")
+    if any(s.get("driver") == "memory" for s in storage.kvstore_chain(dest_spec)):
+        raise ValueError("a Dask cluster's workers cannot reach a memory:// destination; use a path on a "
+                         "shared file system or a gs:// or s3:// URL")
 
 
 class DaskExecutor:

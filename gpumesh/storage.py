@@ -111,18 +111,20 @@ _RETRY_RESOURCES = {"gcs": "gcs_request_retries", "s3": "s3_request_retries",
 _PROBE_RETRIES = {"max_retries": 3, "initial_delay": "0.5s", "max_delay": "4s"}
 
 
+def kvstore_chain(spec: dict) -> Iterable[dict]:
+    """``spec`` and the kvstores under it: the ``base`` of an adapter such as ``ocdbt`` or
+    ``zip``, at any depth (a base given as a URL is parsed)."""
+    while isinstance(spec, dict):
+        yield spec
+        spec = spec.get("base")
+        if isinstance(spec, str):
+            spec = kvstore_spec(spec)
+
+
 def _network_spec(spec: dict) -> Optional[dict]:
-    """The network kvstore under ``spec`` (itself, or the ``base`` of an adapter such as
-    ``ocdbt`` or ``zip``, at any depth), or ``None`` for local and in-memory stores."""
-    while True:
-        if spec.get("driver") in _RETRY_RESOURCES:
-            return spec
-        base = spec.get("base")
-        if isinstance(base, str):
-            base = kvstore_spec(base)
-        if not isinstance(base, dict):
-            return None
-        spec = base
+    """The network kvstore in ``spec``'s chain (:func:`kvstore_chain`), or ``None`` for local
+    and in-memory stores."""
+    return next((s for s in kvstore_chain(spec) if s.get("driver") in _RETRY_RESOURCES), None)
 
 
 def check_reachable(location: KvSpec, key: str = "info") -> None:
