@@ -622,14 +622,14 @@ def run_gpumesh(args: argparse.Namespace, out_dir: Path, rep: int, variant: int 
         "--summary-json",
         str(summary_path),
     ]
-    if args.workers is not None:
+    extra = shlex.split(args.gpumesh_variant[variant - 1]) if variant else []
+    if args.workers is not None and "--scheduler" not in extra:   # a cluster's workers run the tasks
         cmd += ["--workers", str(args.workers)]
     if args.quality is not None:
         cmd += ["--quality", args.quality]
     if args.gpumesh_args:
         cmd += shlex.split(args.gpumesh_args)
-    if variant:
-        cmd += shlex.split(args.gpumesh_variant[variant - 1])
+    cmd += extra
     env = dict(os.environ)
     if not Path(base[0]).name.startswith("gpumesh"):
         env["PYTHONPATH"] = os.pathsep.join(

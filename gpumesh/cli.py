@@ -161,6 +161,9 @@ def mesh(source, dest, voxel_size, voxel_offset, mip, axes, fmt, quality, chunk_
     if scheduler is not None:
         from .cluster import connect
 
+        if workers is not None:
+            _fail(ValueError("--workers sets local processes; with --scheduler the cluster's workers run the tasks"))
+
         try:
             client = connect(scheduler)
         except (ImportError, OSError) as exc:

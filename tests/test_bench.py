@@ -337,3 +337,27 @@ def test_adhoc_benchmark_picks_segments_at_percentiles():
             return labels[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]]
 
     assert bench_adhoc.pick_segments(Vol(), [0, 50, 100]) == [(5, 1), (7, 16), (9, 128)]
+
+
+def test_a_dask_variant_gets_no_workers_flag(tmp_path, crop):
+    """A ``--scheduler`` variant runs the main job on the cluster: the same output as gpumesh's,
+    without the local ``--workers`` (which the CLI refuses beside ``--scheduler``)."""
+    from distributed import LocalCluster
+
+    from conftest import write_zarr
+
+    src = tmp_path / "part.zarr"
+    write_zarr(src, crop[:64, :64, :64])
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        variant = f"--scheduler {cluster.scheduler_address}"
+        rc = bench_main.main(["--source", str(src), "--skip", "zmesh,serra,igneous", "--workers", "1",
+                              "--gpumesh-variant", variant, "--results-dir", str(tmp_path / "res"),
+                              "--out-dir", str(tmp_path / "out")])
+    assert rc == 0
+    (result,) = (tmp_path / "res").glob("main-*.json")
+    rec = json.loads(result.read_text())
+    base, var = rec["results"]["gpumesh"], rec["results"][f"gpumesh {variant}"]
+    assert base["runs_ok"] == var["runs_ok"] == 1
+    assert var["triangles_per_lod"] == base["triangles_per_lod"] and var["bytes"] == base["bytes"]
+    assert "--workers" in rec["runs"]["gpumesh"][0]["command"]
+    assert "--workers" not in rec["runs"][f"gpumesh {variant}"][0]["command"]

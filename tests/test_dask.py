@@ -87,6 +87,10 @@ def test_cli_scheduler(client, crop, tmp_path):
                        env=dict(os.environ, DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="2s"))
     assert r.returncode == 2 and "cannot connect to the Dask scheduler at tcp://127.0.0.1:9" in r.stderr, r.stderr
     assert not (tmp_path / "x").exists()
+    r = subprocess.run(cli_command() + ["mesh", str(source), str(tmp_path / "x"), "--workers", "4", "--scheduler",
+                                        client.scheduler.address], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--workers sets local processes" in r.stderr, r.stderr
+    assert not (tmp_path / "x").exists()
 
 
 class _KillOnMeshing(WorkerPlugin):
