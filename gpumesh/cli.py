@@ -98,6 +98,8 @@ def main():
 @click.option("--bits", "bits", type=click.Choice(["10", "16"]), default="16", show_default=True,
               help="vertex quantization bits; 10 keeps every vertex and triangle in ~30% fewer bytes, "
                    "with ~20% less CPU, each vertex within chunk/1024 voxels of its LOD")
+@click.option("--dust-threshold", type=int, default=0, show_default=True, metavar="VOXELS",
+              help="skip segments with fewer voxels than this in the whole volume")
 @click.option("--workers", type=int, default=None, help="parallel processes (default: all cores)")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="run the tasks on the Dask cluster of this scheduler (tcp://host:8786, or a scheduler "
@@ -112,8 +114,8 @@ def main():
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None, help="write the end summary as JSON")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def mesh(source, dest, voxel_size, voxel_offset, mip, axes, fmt, quality, chunk_size, max_lods, num_lods, bits,
-         workers, scheduler, device, overwrite, resume, segment_properties, link_source, sharded, shard_bits,
-         minishard_bits, preshift_bits, shard_hash, minishard_index_encoding, data_encoding, summary_json, quiet):
+         dust_threshold, workers, scheduler, device, overwrite, resume, segment_properties, link_source, sharded,
+         shard_bits, minishard_bits, preshift_bits, shard_hash, minishard_index_encoding, data_encoding, summary_json, quiet):
     """Mesh every segment of SOURCE into Neuroglancer precomputed meshes in DEST.
 
     SOURCE: a zarr v2/v3, N5, OME-Zarr or precomputed volume (path or URL).
@@ -136,7 +138,7 @@ def mesh(source, dest, voxel_size, voxel_offset, mip, axes, fmt, quality, chunk_
                                  minishard_index_encoding, data_encoding)
     options = MeshOptions(chunk_size=chunk_size, max_lods=max_lods if fmt == "multires" else 1,
                           num_lods=num_lods, quality=quality, vertex_quantization_bits=int(bits), format=fmt,
-                          segment_properties=segment_properties, sharding=sharding)
+                          segment_properties=segment_properties, sharding=sharding, dust_threshold=dust_threshold)
     bar = None
 
     def progress(done, total):
@@ -199,7 +201,8 @@ def mesh(source, dest, voxel_size, voxel_offset, mip, axes, fmt, quality, chunk_
     for message in caught:
         click.echo(f"gpumesh: warning: {message}", err=True)
     s = summary
-    click.echo(f"segments:  {s.segments}")
+    dust = f" ({s.dust_segments:,} below the dust threshold, not meshed)" if s.dust_segments else ""
+    click.echo(f"segments:  {s.segments}{dust}")
     for k, (t, f) in enumerate(zip(s.triangles_per_lod, s.fragments_per_lod)):
         click.echo(f"LOD {k}:     {t:>12,} triangles  {f:>8,} fragments")
     click.echo(f"bytes:     {s.bytes:,}")

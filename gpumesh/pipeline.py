@@ -77,6 +77,11 @@ class MeshOptions:
         Multi-resolution only: store the meshes in the sharded format
         (``neuroglancer_uint64_sharded_v1``, see :mod:`gpumesh.sharding`); ``None`` writes one
         manifest and one data file per segment.  ``gpumesh mesh`` shards by default.
+    dust_threshold : int
+        Segments with fewer voxels than this in the whole volume (at mip 0) get no mesh and
+        no segment properties entry; 0 keeps every segment.  Counted over the whole volume
+        when the job is written, so a segment is kept or dropped whole (igneous's
+        ``MeshTask`` counts each task's cutout alone).
     """
 
     chunk_size: int = 64
@@ -87,6 +92,7 @@ class MeshOptions:
     format: str = "multires"
     segment_properties: bool = True
     sharding: Optional[ShardingOptions] = None
+    dust_threshold: int = 0
 
     def validate(self) -> None:
         """Raise ``ValueError`` on inconsistent options."""
@@ -104,6 +110,9 @@ class MeshOptions:
         if self.format not in ("multires", "legacy"):
             raise ValueError(f"format must be multires or legacy, got {self.format!r}")
         get_quality(self.quality)
+        if isinstance(self.dust_threshold, bool) or not isinstance(self.dust_threshold, (int, np.integer)) \
+                or self.dust_threshold < 0:
+            raise ValueError(f"dust threshold must be an integer >= 0 (voxels), got {self.dust_threshold!r}")
         if self.sharding is not None:
             if not isinstance(self.sharding, ShardingOptions):
                 raise ValueError(f"sharding must be a ShardingOptions or None, got {self.sharding!r}")
@@ -664,6 +673,7 @@ class Summary:
     device: str = "cpu"
     device_workers: int = 0     # workers meshing on the GPU (the others on the CPU backend)
     format: str = "multires"
+    dust_segments: int = 0      # segments below MeshOptions.dust_threshold, not meshed
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -873,7 +883,11 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     summary.triangles_per_lod = stats["triangles_per_lod"]
     summary.fragments_per_lod = stats["fragments_per_lod"]
     summary.bytes = stats["bytes"]
-    if summary.segments == 0:
+    summary.dust_segments = stats.get("dust_segments", 0)
+    if summary.segments == 0 and summary.dust_segments:
+        warnings.warn(f"all {summary.dust_segments} segments have fewer voxels than the dust threshold "
+                      f"({options.dust_threshold}): wrote an empty mesh to {dest}", EmptyVolumeWarning, stacklevel=2)
+    elif summary.segments == 0:
         warnings.warn(f"the volume holds only background (label 0): wrote an empty mesh to {dest}",
                       EmptyVolumeWarning, stacklevel=2)
     summary.seconds = time.perf_counter() - t0

@@ -210,8 +210,16 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
         count_labels.append(cl)
         counts.append(cc)
     index = np.concatenate(indices) if indices else np.zeros(0, dtype=FRAG_DTYPE)
+    ids, voxels = voxel_totals(np.concatenate(count_labels) if count_labels else np.zeros(0, np.uint64),
+                               np.concatenate(counts) if counts else np.zeros(0, np.int64))
 
     stats = _new_stats(plan.lods)
+    if options.dust_threshold:
+        dust = voxels < options.dust_threshold
+        stats["dust_segments"] = int(dust.sum())
+        if dust.any():
+            index = index[~np.isin(index["label"], ids[dust])]
+            ids, voxels = ids[~dust], voxels[~dust]
     spec = None
     if options.sharding is not None and options.format == "multires":
         spec = write_shards(kv, results, index, plan, options, stats, volume.voxel_offset, executor, workers)
@@ -239,7 +247,7 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
 
     with_props = options.segment_properties and stats["segments"] > 0
     if with_props:
-        write_segment_properties(kv, np.concatenate(count_labels), np.concatenate(counts))
+        write_segment_properties(kv, ids, voxels)
     storage.write_json(kv, "info", mesh_info(volume, options, with_props, spec))
     if volume.precomputed is not None:
         write_source_link(kv, volume, link_source)
@@ -879,12 +887,28 @@ def convert_mesh(src, dest, *, sharding: Optional[ShardingOptions] = ShardingOpt
     return result
 
 
-def write_segment_properties(kv, labels: np.ndarray, counts: np.ndarray) -> None:
-    """Segment properties (inline): the voxel count of every segment (spec segment_properties)."""
+def voxel_totals(labels: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each segment's voxel count from the tasks' partial counts.
+
+    Parameters
+    ----------
+    labels, counts : numpy.ndarray, shape (n,)
+        Segment IDs (uint64, repeated across tasks) and voxels counted by each task.
+
+    Returns
+    -------
+    ids, totals : numpy.ndarray
+        The distinct IDs, ascending, and their summed counts.
+    """
     order = np.argsort(labels, kind="stable")
     labels, counts = labels[order], counts[order]
     uniq, start = np.unique(labels, return_index=True)
-    total = np.add.reduceat(counts, start) if len(counts) else counts
+    return uniq, (np.add.reduceat(counts, start) if len(counts) else counts)
+
+
+def write_segment_properties(kv, uniq: np.ndarray, total: np.ndarray) -> None:
+    """Segment properties (inline, spec segment_properties): the voxel count ``total[i]`` of
+    segment ``uniq[i]`` (:func:`voxel_totals`)."""
     dtype = "uint32" if len(total) == 0 or total.max() < 2**32 else "float32"
     info = {
         "@type": "neuroglancer_segment_properties",

@@ -65,11 +65,23 @@ def test_nonempty_destination(tmp_path):
     assert validate(str(dest)).ok
 
 
-def test_bad_options_before_output(tmp_path):
+@pytest.mark.parametrize("options", [MeshOptions(chunk_size=48), MeshOptions(dust_threshold=-1),
+                                     MeshOptions(dust_threshold=2.5)])
+def test_bad_options_before_output(tmp_path, options):
     dest = tmp_path / "out"
     with pytest.raises(ValueError):
-        run_mesh(GOOD, str(dest), options=MeshOptions(chunk_size=48), workers=1)
+        run_mesh(GOOD, str(dest), options=options, workers=1)
     assert _no_output(dest)
+
+
+def test_every_segment_under_the_dust_threshold_gives_valid_empty_output(tmp_path):
+    dest = tmp_path / "out"
+    with pytest.warns(EmptyVolumeWarning, match="all 1 segments have fewer voxels than the dust threshold"):
+        summary = run_mesh(GOOD, str(dest), options=MeshOptions(dust_threshold=25), workers=1)
+    assert (summary.segments, summary.dust_segments) == (0, 1)
+    assert validate(str(dest)).ok and os.listdir(dest) == ["info"]
+    summary = run_mesh(GOOD, str(dest), options=MeshOptions(dust_threshold=24), workers=1, overwrite=True)
+    assert (summary.segments, summary.dust_segments) == (1, 0)    # 24 voxels: kept
 
 
 def test_all_zero_volume_gives_valid_empty_output(tmp_path):
@@ -173,3 +185,17 @@ def test_cli_unreachable_gcs_source_is_one_error_line(tmp_path):
     ours = [ln for ln in r.stderr.splitlines() if ln.startswith("gpumesh: error:")]
     assert len(ours) == 1 and "cannot reach gs://gpumesh-test-bucket/seg/" in ours[0], r.stderr
     assert _no_output(dest)
+
+
+def test_cli_dust_threshold(tmp_path):
+    from conftest import write_zarr
+
+    labels = GOOD.copy()
+    labels[6:8, 6:8, 6:8] = 9       # 8 voxels, under the threshold; segment 7 has 24
+    write_zarr(tmp_path / "v.zarr", labels, chunk=8)
+    r = _cli("mesh", str(tmp_path / "v.zarr"), str(tmp_path / "out"), "--dust-threshold", "10", "--workers", "1",
+             "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "segments:  1 (1 below the dust threshold, not meshed)" in r.stdout
+    r = _cli("mesh", str(tmp_path / "v.zarr"), str(tmp_path / "bad"), "--dust-threshold", "-3", "--quiet")
+    assert r.returncode == 2 and "dust threshold must be an integer >= 0" in r.stderr, r.stderr

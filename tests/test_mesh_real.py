@@ -464,3 +464,44 @@ def test_ten_bit_output_is_the_sixteen_bit_output_rescaled(crop, crop_medium, tm
                 assert not (q16[q16 != (1 << 16) - 1] % 64).any()
                 compared += len(q16)
     assert compared > 0
+
+
+def test_dust_threshold_drops_small_segments_whole(crop, crop_medium, tmp_path):
+    """Segments under the dust threshold (voxels in the whole volume, here the crop) get no files
+    and no segment properties entry; every other segment keeps its bytes."""
+    from gpumesh import storage
+    from gpumesh.pipeline import MeshOptions, run_mesh
+    from gpumesh.sharding import ShardingOptions
+
+    from conftest import tree_files
+
+    ids, counts = np.unique(crop[crop != 0], return_counts=True)
+    threshold = int(np.median(counts))
+    kept, dust = ids[counts >= threshold], ids[counts < threshold]
+    assert len(kept) > 10 and len(dust) > 10
+    # the count is over the volume, not per octant (a task): some kept segments have fewer
+    # voxels than the threshold in every octant of the crop
+    octants = [crop[x:x + 64, y:y + 64, z:z + 64] for x in (0, 64) for y in (0, 64) for z in (0, 64)]
+    most = np.max([[np.count_nonzero(o == s) for o in octants] for s in kept[:200].tolist()], axis=1)
+    assert (most < threshold).any()
+    dest = tmp_path / "dust"
+    summary = run_mesh(crop, str(dest), options=MeshOptions(chunk_size=32, max_lods=3, dust_threshold=threshold),
+                       voxel_size=VOXEL_SIZE, voxel_offset=CROP_START, workers=1)
+    assert (summary.segments, summary.dust_segments) == (len(kept), len(dust))
+    files, full = tree_files(dest), tree_files(crop_medium[0])
+    for s in kept.tolist():
+        assert files[f"{s}.index"] == full[f"{s}.index"] and files[str(s)] == full[str(s)]
+    assert not any(f"{s}.index" in files or str(s) in files for s in dust.tolist())
+    info = storage.read_json(storage.open_kvstore(str(dest)), "segment_properties/info")
+    assert [int(s) for s in info["inline"]["ids"]] == kept.tolist()
+    assert info["inline"]["properties"][0]["values"] == counts[counts >= threshold].tolist()
+    report = validate(str(dest))
+    assert report.ok and not report.warnings and report.num_segments == len(kept)
+    # sharded, with the workers writing the shards: the same segments as one process
+    opts = MeshOptions(chunk_size=32, dust_threshold=threshold, sharding=ShardingOptions(shard_bits=1))
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_mesh(crop, str(one), options=opts, workers=1)
+    run_mesh(crop, str(two), options=opts, workers=2)
+    assert tree_files(one) == tree_files(two)
+    report = validate(str(two))
+    assert report.ok and not report.warnings and report.num_segments == len(kept)

@@ -2,11 +2,12 @@
 
 Each case draws a small volume (any shape, thin ones included, every label dtype, IDs up to
 2**64 - 1) and a set of options (chunk size, LODs, preset, quantization bits, format,
-sharding, voxel size and offset), meshes it in this process, and checks every segment of the
-output, not a sample:
+sharding, voxel size and offset; in a quarter of the cases a dust threshold), meshes it in this
+process, and checks every segment of the output, not a sample:
 
 * ``gpumesh validate`` passes without warnings; the segment IDs are exactly the volume's
-  non-zero labels, and the segment properties give each one's voxel count;
+  non-zero labels with at least the dust threshold's voxels, and the segment properties give
+  each one's voxel count;
 * every LOD of every segment is a closed, consistently oriented surface (the meshes close at
   the volume border: past it every voxel is background);
 * LOD 0 with ``--quality high`` has exactly the label boundary's face centres as vertices,
@@ -24,6 +25,7 @@ interrupted after a random number of tasks and resumed, which must give the same
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -147,7 +149,16 @@ def test_random_volume(seed, tmp_path):
             f"max_lods {options.max_lods}, lods {options.num_lods}, {options.quality}, "
             f"{options.vertex_quantization_bits} bits, {fmt}, sharding {options.sharding}")
     dest = tmp_path / "out"
-    present = np.unique(labels[labels != 0]).astype(np.uint64)
+    ids, counts = np.unique(labels[labels != 0], return_counts=True)
+    # a quarter of the cases drop the segments under a dust threshold, one of the voxel counts
+    # (drawn from a generator of their own, so the cases' other draws stay as they were)
+    dust_rng = np.random.default_rng([seed, 7])
+    if dust_rng.random() < 0.25 and len(counts):
+        options = dataclasses.replace(options, dust_threshold=int(dust_rng.choice(counts)))
+        what += f", dust threshold {options.dust_threshold}"
+    kept = counts >= options.dust_threshold
+    ids, counts = ids[kept], counts[kept]
+    present = ids.astype(np.uint64)
     if len(present) == 0:
         with pytest.warns(UserWarning):
             run_mesh(labels, str(dest), options=options, voxel_size=voxel_size, voxel_offset=voxel_offset,
@@ -162,7 +173,6 @@ def test_random_volume(seed, tmp_path):
     src = open_mesh(str(dest))
     assert sorted(int(s) for s in src.segment_ids()) == sorted(int(s) for s in present), what
     assert summary.segments == len(present), what
-    ids, counts = np.unique(labels[labels != 0], return_counts=True)
     assert _voxel_counts(dest) == {int(i): int(c) for i, c in zip(ids.astype(np.uint64), counts)}, what
 
     for seg in present:
