@@ -7,8 +7,8 @@ import sys
 import click
 
 
-def _triple(kind):
-    """click callback parsing ``32,32,40`` (or ``32x32x40``) into three ``kind`` values."""
+def _triple(kind, count: int = 3, example: str = "32,32,40"):
+    """click callback parsing ``32,32,40`` (or ``32x32x40``) into ``count`` ``kind`` values."""
 
     def convert(ctx, param, value):
         if value is None:
@@ -16,9 +16,9 @@ def _triple(kind):
         try:
             parts = [kind(v) for v in value.replace("x", ",").split(",")]
         except ValueError:
-            raise click.BadParameter(f"expected three numbers like 32,32,40, got {value!r}")
-        if len(parts) != 3:
-            raise click.BadParameter(f"expected three numbers like 32,32,40, got {value!r}")
+            parts = []
+        if len(parts) != count:
+            raise click.BadParameter(f"expected {count} numbers like {example}, got {value!r}")
         return parts
 
     return convert

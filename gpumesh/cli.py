@@ -86,6 +86,8 @@ def main():
 @click.argument("dest")
 @click.option("--voxel-size", callback=_triple(float), help="nm per voxel x,y,z (overrides metadata), e.g. 32,32,40")
 @click.option("--voxel-offset", callback=_triple(int), help="voxel offset x,y,z (overrides metadata)")
+@click.option("--bounds", callback=_triple(int, 6, "0,0,0,512,512,256"), metavar="X0,Y0,Z0,X1,Y1,Z1",
+              help="mesh only this box (global voxel coordinates, end excluded; clipped to the volume)")
 @click.option("--mip", default=0, show_default=True, help="scale of a multiscale source (precomputed, OME-Zarr)")
 @click.option("--axes", default=None, help="axis order of a source without dimension names, e.g. zyx")
 @click.option("--format", "fmt", type=click.Choice(["multires", "legacy"]), default="multires", show_default=True)
@@ -113,7 +115,7 @@ def main():
 @_sharding_flags(None)
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None, help="write the end summary as JSON")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def mesh(source, dest, voxel_size, voxel_offset, mip, axes, fmt, quality, chunk_size, max_lods, num_lods, bits,
+def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality, chunk_size, max_lods, num_lods, bits,
          dust_threshold, workers, scheduler, device, overwrite, resume, segment_properties, link_source, sharded,
          shard_bits, minishard_bits, preshift_bits, shard_hash, minishard_index_encoding, data_encoding, summary_json, quiet):
     """Mesh every segment of SOURCE into Neuroglancer precomputed meshes in DEST.
@@ -178,7 +180,8 @@ def mesh(source, dest, voxel_size, voxel_offset, mip, axes, fmt, quality, chunk_
             try:
                 summary = run_mesh(source, dest, options=options, voxel_size=voxel_size, voxel_offset=voxel_offset,
                                    mip=mip, axes=axes, overwrite=overwrite, resume=resume, workers=workers,
-                                   device=device, link_source=link_source, progress=progress, client=client)
+                                   device=device, link_source=link_source, progress=progress, client=client,
+                                   bounds=bounds)
             finally:
                 if client is not None:
                     client.close()

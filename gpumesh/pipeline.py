@@ -699,7 +699,8 @@ def _plan_fingerprint(volume: Volume, plan: Plan, options: MeshOptions) -> dict:
 def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=None, voxel_offset=None,
              mip: int = 0, axes: Optional[str] = None, overwrite: bool = False, resume: bool = False,
              workers: Optional[int] = None, device: str = "auto", link_source: bool = False,
-             progress: Optional[Callable[[int, int], None]] = None, client=None) -> Summary:
+             progress: Optional[Callable[[int, int], None]] = None, client=None,
+             bounds: Optional[tuple] = None) -> Summary:
     """Mesh every segment of a label volume into a Neuroglancer precomputed mesh directory.
 
     Parameters
@@ -729,6 +730,11 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         When the source is a precomputed volume, also set ``mesh`` in its ``info`` (the
         source is never changed otherwise; a ready copy is written as ``source_info.json``).
     progress : callable(done, total), optional
+    bounds : sequence of 6 int, optional
+        Mesh only this box, ``(x0, y0, z0, x1, y1, z1)`` in global voxel coordinates (voxel
+        offset included), clipped to the volume (:meth:`gpumesh.volume.Volume.crop`): the
+        output is that of a volume holding just the box, at its place, segments cut by the
+        box closed at its faces.
     client : distributed.Client, optional
         Run the tasks on this Dask cluster's workers instead of local processes (``workers``
         is then ignored; see :mod:`gpumesh.cluster`).  The source and ``dest`` must be
@@ -753,7 +759,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     """
     t0 = time.perf_counter()
     options.validate()
-    open_kwargs = dict(voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip, axes=axes)
+    open_kwargs = dict(voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip, axes=axes, bounds=bounds)
     volume = open_volume(source, **open_kwargs)
     dest_spec = storage.kvstore_spec(dest) if not isinstance(dest, dict) else dest
     if client is None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -146,6 +146,51 @@ class Volume:
         out = np.zeros(size, dtype=self.dtype)
         out[tuple(slice(a - s, b - s) for a, b, s in zip(cstart, cstop, start))] = block
         return out
+
+    def crop(self, bounds: Sequence[int]) -> "Volume":
+        """The part of this volume inside a box, as a volume of its own.
+
+        Parameters
+        ----------
+        bounds : sequence of 6 int
+            ``(x0, y0, z0, x1, y1, z1)``: the box ``[x0, x1) x [y0, y1) x [z0, z1)`` in global
+            voxel coordinates (:attr:`voxel_offset` included, as Neuroglancer shows them),
+            clipped to the volume.
+
+        Returns
+        -------
+        Volume
+            Shape ``(x1 - x0, ...)`` after clipping, ``voxel_offset`` ``(x0, y0, z0)``, the same
+            voxel size and dtype; it reads the same labels at the same global coordinates, so a
+            segment cut by the box is meshed closed at the box's faces, as at a volume border.
+
+        Raises
+        ------
+        InvalidVolumeError
+            ``bounds`` is not 6 integers, or the box is empty or misses the volume.
+        """
+        try:
+            items = [v for v in bounds]
+        except TypeError:
+            items = []
+        if len(items) != 6 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in items):
+            raise InvalidVolumeError(f"bounds must be 6 integers x0,y0,z0,x1,y1,z1, got {bounds!r}")
+        lo = np.maximum(np.asarray(items[:3], np.int64) - self.voxel_offset, 0)
+        hi = np.minimum(np.asarray(items[3:], np.int64) - self.voxel_offset, self.shape)
+        if (hi <= lo).any():
+            top = self.voxel_offset + np.asarray(self.shape)
+            raise InvalidVolumeError(
+                f"bounds {tuple(int(v) for v in items)} hold no voxel of {self.description}, which spans "
+                f"{tuple(self.voxel_offset.tolist())} to {tuple(top.tolist())} (voxels, end excluded)")
+        start = tuple(int(v) for v in lo)
+        reader = self._reader
+
+        def read(a, b):
+            return reader(tuple(x + o for x, o in zip(a, start)), tuple(x + o for x, o in zip(b, start)))
+
+        return replace(self, shape=tuple(int(v) for v in hi - lo), voxel_offset=self.voxel_offset + lo,
+                       description=f"{self.description} [{start} to {tuple(int(v) for v in hi)})",
+                       _reader=read)
 
     def _as_labels(self, block: np.ndarray) -> np.ndarray:
         if not block.dtype.isnative:
@@ -703,6 +748,7 @@ def open_volume(
     mip: int = 0,
     axes: Optional[str] = None,
     cache_bytes: int = 0,
+    bounds: Optional[Sequence[int]] = None,
 ) -> Volume:
     """Open a segmentation label volume for chunked reading with axes x, y, z.
 
@@ -742,6 +788,9 @@ def open_volume(
         Decoded chunks that TensorStore keeps in memory for later reads (bytes; 0: none).
         Reads of neighbouring boxes that share storage chunks then decode them once.  Applies
         to sources opened from a location or a spec, not to arrays or opened TensorStores.
+    bounds : sequence of 6 int, optional
+        Only this box of the volume, ``(x0, y0, z0, x1, y1, z1)`` in global voxel coordinates
+        (voxel offset included), clipped to the volume: see :meth:`Volume.crop`.
 
     Returns
     -------
@@ -768,12 +817,15 @@ def open_volume(
     InvalidVolumeError
         Non-integer dtype (float, complex, bool, ...), rank not 3 after dropping singleton
         non-spatial axes, a non-spatial axis larger than 1, an empty volume, a bad
-        ``axes`` string or ``voxel_offset``, or a precomputed volume with
-        ``num_channels`` != 1.
+        ``axes`` string or ``voxel_offset``, a precomputed volume with
+        ``num_channels`` != 1, or ``bounds`` that are not 6 integers or miss the volume.
     SourceReadError
         Missing or unreadable location, unknown format, bad metadata, or ``mip`` out of
         range; the message names the location.
     """
+    if bounds is not None:
+        return open_volume(source, voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip, axes=axes,
+                           cache_bytes=cache_bytes).crop(bounds)
     vs = None if voxel_size is None else _check_voxel_size(voxel_size)
     vo = None if voxel_offset is None else _check_voxel_offset(voxel_offset)
     if isinstance(mip, bool) or not isinstance(mip, (int, np.integer)) or mip < 0:

@@ -505,3 +505,42 @@ def test_dust_threshold_drops_small_segments_whole(crop, crop_medium, tmp_path):
     assert tree_files(one) == tree_files(two)
     report = validate(str(two))
     assert report.ok and not report.warnings and report.num_segments == len(kept)
+
+
+def test_bounds_mesh_the_box_as_a_volume_of_its_own(real_zarr, crop, crop_medium, tmp_path):
+    """``bounds`` on the whole real volume gives the bytes of the crop array meshed at its offset
+    (segments cut by the box closed at its faces); the CLI's ``--bounds`` on 2 workers too."""
+    import subprocess
+
+    from gpumesh.pipeline import MeshOptions, run_mesh
+    from gpumesh.sharding import ShardingOptions
+
+    from conftest import CROP_SIZE, cli_command, tree_files
+
+    box = tuple(CROP_START) + tuple(s + CROP_SIZE for s in CROP_START)
+    dest = tmp_path / "bounds"
+    summary = run_mesh(str(real_zarr), str(dest), options=MeshOptions(chunk_size=32, max_lods=3),
+                       voxel_size=VOXEL_SIZE, bounds=box, workers=1)
+    assert summary.segments == crop_medium[1].segments
+    assert tree_files(dest) == tree_files(crop_medium[0])
+    # CLI: a box reaching past the volume's end is clipped to it
+    small = (448, 448, 480, 600, 600, 600)
+    cli = tmp_path / "cli"
+    r = subprocess.run(cli_command() + ["mesh", str(real_zarr), str(cli), "--voxel-size", "32,32,40", "--bounds",
+                                        ",".join(map(str, small)), "--workers", "2", "--quiet"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    api = tmp_path / "api"
+    run_mesh(crop_of(real_zarr, (448, 448, 480), (512, 512, 512)), str(api), voxel_size=VOXEL_SIZE,
+             voxel_offset=(448, 448, 480), options=MeshOptions(sharding=ShardingOptions()), workers=1)
+    assert tree_files(cli) == tree_files(api)
+    r = subprocess.run(cli_command() + ["mesh", str(real_zarr), str(tmp_path / "x"), "--bounds", "600,0,0,700,9,9"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "hold no voxel" in r.stderr and not (tmp_path / "x").exists(), r.stderr
+
+
+def crop_of(real_zarr, start, stop) -> np.ndarray:
+    import tensorstore as ts
+
+    t = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(real_zarr)}}).result()
+    return t[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]].read().result()

@@ -425,3 +425,29 @@ def test_read_box_validation(labels):
         vol.read((5, 5, 5), (4, 6, 6))
     with pytest.raises(ValueError):
         vol.read((0, 0), (1, 1))
+
+
+def test_bounds_crop_in_global_coordinates(tmp_path, labels):
+    offset = np.array([10, -20, 30])
+    vol = open_volume(labels, voxel_offset=offset, voxel_size=(4, 5, 6))
+    lo, hi = offset + [2, 3, 1], offset + [7, 5, 4]
+    part = vol.crop(tuple(lo) + tuple(hi))
+    assert part.shape == (5, 2, 3) and part.voxel_offset.tolist() == lo.tolist()
+    np.testing.assert_array_equal(part.voxel_size, [4, 5, 6])
+    check_read(part, labels[2:7, 3:5, 1:4], (-1, -1, -1), (6, 3, 4))   # nothing past the box
+    # clipped to the volume; past its end a read is background, as for any volume
+    edge = vol.crop(tuple(offset - 100) + tuple(offset + [3, 2, 1]))
+    assert edge.shape == (3, 2, 1) and edge.voxel_offset.tolist() == offset.tolist()
+    np.testing.assert_array_equal(edge.read((0, 0, 0), (4, 2, 1))[:3], labels[:3, :2, :1])
+    assert not edge.read((0, 0, 0), (4, 2, 1))[3].any()
+    # the same through open_volume, from storage
+    from conftest import write_zarr
+
+    path = tmp_path / "v.zarr"
+    write_zarr(path, labels, chunk=8)
+    stored = open_volume(str(path), voxel_offset=offset, bounds=tuple(lo) + tuple(hi))
+    assert stored.shape == part.shape and stored.voxel_offset.tolist() == lo.tolist()
+    check_read(stored, labels[2:7, 3:5, 1:4], (-1, -1, -1), (6, 3, 4))
+    for bad in [(0, 0, 0, 1, 1), (0, 0, 0, 1, 1, 1.5), tuple(offset) + tuple(offset), (1000, 0, 0, 1001, 1, 1)]:
+        with pytest.raises(InvalidVolumeError):
+            vol.crop(bad)
