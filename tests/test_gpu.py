@@ -720,6 +720,28 @@ def test_gpu_run_mesh_with_workers_sharing_the_device(crop, tmp_path):
     _assert_same_tree(tmp_path / "cpu", tmp_path / "gpu")
 
 
+@pytest.mark.gpu
+def test_gpu_on_a_dask_cluster_writes_the_cpus_bytes(crop, tmp_path):
+    """Two Dask workers on one host share the device (gpumesh.cluster) and write the bytes of
+    one CPU process.  Skipped where ``distributed`` is not installed (the device kit's image)."""
+    pytest.importorskip("distributed")
+    from distributed import Client, LocalCluster
+
+    from gpumesh.pipeline import MeshOptions, run_mesh
+
+    kw = dict(options=MeshOptions(chunk_size=32, max_lods=3), voxel_size=(32.0, 32.0, 40.0),
+              voxel_offset=(192, 192, 192))
+    run_mesh(crop, str(tmp_path / "cpu"), device="cpu", workers=1, **kw)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        assert run_mesh(crop, str(tmp_path / "gpu"), device="gpu", client=client, **kw).device == "gpu"
+        budgets = client.run(lambda: __import__("gpumesh.pipeline").pipeline._WORKER["backend"].memory_budget)
+    _assert_same_tree(tmp_path / "cpu", tmp_path / "gpu")
+    # each worker took at most half of the device's share (the two share one GPU)
+    total = gpu.GPUBackend().rt.mem_info()[1]
+    assert all(b <= total * gpu.GPU_MEMORY_FRACTION / 2 for b in budgets.values()), (budgets, total)
+
+
 def test_auto_without_a_gpu_says_so_in_one_line(monkeypatch, tmp_path):
     """device="auto" on a machine without a usable GPU meshes on the CPU with a one-line
     notice; the CLI prints it before meshing."""
