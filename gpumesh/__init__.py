@@ -46,6 +46,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DestinationExistsError", "EmptyVolumeWarning", "GpumeshError", "InvalidMeshError", "InvalidVolumeError",
-    "InvalidVoxelSizeError", "SourceReadError", "StorageUnreachableError", "WorkerFailedError", "MeshOptions", "Summary", "run_mesh",
+    "InvalidVoxelSizeError", "SourceReadError", "StorageUnreachableError", "WorkerFailedError", "MeshOptions",
+    "Summary", "run_mesh",
     "load_mesh", "open_mesh", "validate", "Volume", "open_volume", "mesh_segment",
 ]

@@ -117,7 +117,8 @@ def main():
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality, chunk_size, max_lods, num_lods, bits,
          dust_threshold, workers, scheduler, device, overwrite, resume, segment_properties, link_source, sharded,
-         shard_bits, minishard_bits, preshift_bits, shard_hash, minishard_index_encoding, data_encoding, summary_json, quiet):
+         shard_bits, minishard_bits, preshift_bits, shard_hash, minishard_index_encoding, data_encoding, summary_json,
+         quiet):
     """Mesh every segment of SOURCE into Neuroglancer precomputed meshes in DEST.
 
     SOURCE: a zarr v2/v3, N5, OME-Zarr or precomputed volume (path or URL).
@@ -167,7 +168,6 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality
 
         if workers is not None:
             _fail(ValueError("--workers sets local processes; with --scheduler the cluster's workers run the tasks"))
-
         try:
             client = connect(scheduler)
         except (ImportError, OSError) as exc:

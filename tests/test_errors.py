@@ -171,7 +171,8 @@ def test_the_probe_looks_through_adapters_and_skips_local_stores(tmp_path):
     with pytest.raises(StorageUnreachableError):
         storage.check_reachable({"driver": "ocdbt", "base": f"http://127.0.0.1:{port}/db/"})
     with pytest.raises(StorageUnreachableError):
-        storage.check_reachable({"driver": "zip", "base": {"driver": "http", "base_url": f"http://127.0.0.1:{port}/a.zip"}})
+        storage.check_reachable({"driver": "zip",
+                                 "base": {"driver": "http", "base_url": f"http://127.0.0.1:{port}/a.zip"}})
     storage.check_reachable(str(tmp_path / "missing"))      # local: not probed
     storage.check_reachable("memory://somewhere/")
 
