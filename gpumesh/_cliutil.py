@@ -8,13 +8,14 @@ import click
 
 
 def _triple(kind, count: int = 3, example: str = "32,32,40"):
-    """click callback parsing ``32,32,40`` (or ``32x32x40``) into ``count`` ``kind`` values."""
+    """click callback parsing ``32,32,40`` (or ``32x32x40``; a box also as ``x0,y0,z0:x1,y1,z1``) into
+    ``count`` ``kind`` values."""
 
     def convert(ctx, param, value):
         if value is None:
             return None
         try:
-            parts = [kind(v) for v in value.replace("x", ",").split(",")]
+            parts = [kind(v) for v in value.replace("x", ",").replace(":", ",").split(",")]
         except ValueError:
             parts = []
         if len(parts) != count:

@@ -200,3 +200,18 @@ def test_cli_dust_threshold(tmp_path):
     assert "segments:  1 (1 below the dust threshold, not meshed)" in r.stdout
     r = _cli("mesh", str(tmp_path / "v.zarr"), str(tmp_path / "bad"), "--dust-threshold", "-3", "--quiet")
     assert r.returncode == 2 and "dust threshold must be an integer >= 0" in r.stderr, r.stderr
+
+
+def test_cli_bounds_syntax(tmp_path):
+    from conftest import write_zarr
+
+    write_zarr(tmp_path / "v.zarr", GOOD, chunk=8)
+    outs = []
+    for i, text in enumerate(["0,0,0,5,8,8", "0,0,0:5,8,8"]):
+        dest = tmp_path / f"out{i}"
+        r = _cli("mesh", str(tmp_path / "v.zarr"), str(dest), "--bounds", text, "--workers", "1", "--quiet")
+        assert r.returncode == 0, r.stderr
+        outs.append({p.name: p.read_bytes() for p in dest.rglob("*") if p.is_file()})
+    assert outs[0] == outs[1] and outs[0]
+    r = _cli("mesh", str(tmp_path / "v.zarr"), str(tmp_path / "bad"), "--bounds", "0,0,0,5,8", "--quiet")
+    assert r.returncode == 2 and "expected 6 numbers" in r.stderr and not (tmp_path / "bad").exists()
