@@ -20,7 +20,9 @@ The cases are seeded, so a failure names the seed that reproduces it
 few cases, the first two also on 2 workers against 1, byte for byte, and the third also
 interrupted after a random number of tasks and resumed, which must give the same bytes;
 ``GPUMESH_RANDOM_CASES=N`` checks N (a longer campaign, not for CI), and
-``GPUMESH_RANDOM_WORKERS=1`` / ``GPUMESH_RANDOM_RESUME=1`` do those checks on every case.
+``GPUMESH_RANDOM_WORKERS=1`` / ``GPUMESH_RANDOM_RESUME=1`` do those checks on every case, as
+``GPUMESH_RANDOM_BOUNDS=1`` does the fourth's: meshing a random box of the volume (``bounds``)
+gives the bytes of the box's array meshed at its offset.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -53,6 +56,11 @@ def _worker_seeds() -> set[int]:
     """Cases also run on 2 workers: seeds 0 and 1 (unsharded and sharded), or every case with
     ``GPUMESH_RANDOM_WORKERS=1``."""
     return set(_seeds()) if os.environ.get("GPUMESH_RANDOM_WORKERS") == "1" else {0, 1}
+
+
+def _bounds_seeds() -> set[int]:
+    """Cases also meshed within a random box: seed 3, or every case with ``GPUMESH_RANDOM_BOUNDS=1``."""
+    return set(_seeds()) if os.environ.get("GPUMESH_RANDOM_BOUNDS") == "1" else {3}
 
 
 def _resume_seeds() -> set[int]:
@@ -225,6 +233,22 @@ def test_random_volume(seed, tmp_path):
                          workers=1, resume=True)
         assert again.tasks_resumed == stop_after, what
         assert tree_files(cut) == tree_files(dest), what
+
+    if seed in _bounds_seeds():
+        # bounds: a random box (reaching past the volume at times, so clipped) gives the bytes of
+        # the box's array meshed at its offset
+        box_rng = np.random.default_rng([seed, 11])
+        shape = np.array(labels.shape)
+        lo = box_rng.integers(0, shape)
+        hi = np.minimum(lo + box_rng.integers(1, shape + 3), shape + 2)
+        part = labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        kw = dict(options=options, voxel_size=voxel_size, workers=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)     # a box of background only
+            run_mesh(labels, str(tmp_path / "bounds"), voxel_offset=voxel_offset,
+                     bounds=tuple(voxel_offset + lo) + tuple(voxel_offset + hi), **kw)
+            run_mesh(part, str(tmp_path / "part"), voxel_offset=voxel_offset + lo, **kw)
+        assert tree_files(tmp_path / "bounds") == tree_files(tmp_path / "part"), f"{what}: box {lo}-{hi}"
 
     if seed in _worker_seeds():
         # several workers (which also write the output) give the bytes of one
