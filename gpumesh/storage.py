@@ -95,7 +95,7 @@ def open_kvstore(location: KvSpec, *, context: Optional[ts.Context] = None,
     except Exception as exc:  # TensorStore raises ValueError/RuntimeError subclasses
         raise SourceReadError(f"cannot open storage {location!r}: {exc}") from exc
     if check:
-        check_reachable(spec)
+        check_reachable(spec, context=context)
     return kv
 
 
@@ -127,7 +127,7 @@ def _network_spec(spec: dict) -> Optional[dict]:
     return next((s for s in kvstore_chain(spec) if s.get("driver") in _RETRY_RESOURCES), None)
 
 
-def check_reachable(location: KvSpec, key: str = "info") -> None:
+def check_reachable(location: KvSpec, key: str = "info", context: Optional[ts.Context] = None) -> None:
     """Fail fast when a network kvstore cannot be reached.
 
     Reads one small key (missing is fine) with few retries (3, backing off from 0.5 s to
@@ -140,6 +140,9 @@ def check_reachable(location: KvSpec, key: str = "info") -> None:
         See :func:`kvstore_spec`.
     key : str
         The key to read, relative to the location's path.
+    context : tensorstore.Context, optional
+        The context the location is opened with (credentials, billing project): the probe's
+        retries are set in a child of it.  Default: gpumesh's process-wide context.
 
     Raises
     ------
@@ -152,11 +155,10 @@ def check_reachable(location: KvSpec, key: str = "info") -> None:
     if spec is None:
         return
     spec = dict(spec)
-    spec.pop("context", None)
     url = kvstore_url(spec)
-    context = ts.Context({_RETRY_RESOURCES[spec["driver"]]: _PROBE_RETRIES})
+    probe = ts.Context({_RETRY_RESOURCES[spec["driver"]]: _PROBE_RETRIES}, parent=context or _default_context())
     try:
-        kv = ts.KvStore.open(spec, context=context).result(timeout=PROBE_TIMEOUT_S)
+        kv = ts.KvStore.open(spec, context=probe).result(timeout=PROBE_TIMEOUT_S)
         kv.read(key).result(timeout=PROBE_TIMEOUT_S)
     except TimeoutError as exc:
         raise StorageUnreachableError(f"no answer from {url} in {PROBE_TIMEOUT_S:g} s") from exc
