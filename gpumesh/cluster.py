@@ -17,8 +17,9 @@ processes as cores: the tasks are CPU-bound Python and hold the GIL in parts.  O
 a worker uses the first GPU it sees and takes its share of that device's free memory, shared
 among the workers of its host that see the same first GPU (``CUDA_VISIBLE_DEVICES``): with
 dask-cuda (``LocalCUDACluster``, ``dask cuda worker``), one worker per GPU, each has a GPU of
-its own.  The local pool's cap on the workers that use one GPU (:func:`gpumesh.gpu.device_processes`)
-is not applied here: many plain workers on one GPU each take a thin share; use one per GPU.
+its own.  As in the local pool, only as many of a GPU's workers use it as
+:func:`gpumesh.gpu.device_processes` allows for its free memory (measured by the group's first
+worker before the job); the others mesh on the CPU backend, which writes the same bytes.
 A worker takes the local pool's memory settings when it sets up a job
 (:func:`gpumesh.pipeline._keep_freed_memory`: glibc keeps freed heap instead of returning it,
 NumPy asks for no transparent huge pages), for the rest of its life: without them the workers
@@ -50,11 +51,49 @@ def _first_visible_gpu() -> str:
     return os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
 
 
-def gpu_sharing(workers: dict) -> dict:
-    """How many workers share each worker's GPU: ``{address: count}`` from
-    ``{address: first visible GPU}``, counting workers of one host that see the same first GPU."""
-    groups = collections.Counter((_host(a), g) for a, g in workers.items())
-    return {a: groups[(_host(a), g)] for a, g in workers.items()}
+def gpu_groups(workers: dict) -> dict:
+    """The workers that share each worker's GPU: ``{address: (rank, count)}`` from ``{address:
+    first visible GPU}``, a group being the workers of one host that see the same first GPU and
+    ``rank`` a worker's place in its group (by address)."""
+    groups = collections.defaultdict(list)
+    for a, g in workers.items():
+        groups[(_host(a), g)].append(a)
+    out = {}
+    for members in groups.values():
+        for rank, a in enumerate(sorted(members)):
+            out[a] = (rank, len(members))
+    return out
+
+
+def _free_device_memory() -> Optional[int]:
+    """Free memory of this worker's GPU (bytes), or ``None`` when it has no usable one."""
+    from .backend import gpu_available
+
+    if not gpu_available():
+        return None
+    try:
+        from .gpu import CupyRuntime
+
+        return int(CupyRuntime().mem_info()[0])
+    except ImportError:
+        return None
+
+
+def device_shares(client, seen: dict) -> dict:
+    """For each worker of ``seen`` (``{address: first visible GPU}``): ``(rank, count,
+    device_workers)``, where the first ``device_workers`` of a group of ``count`` use its GPU
+    (:func:`gpumesh.gpu.device_processes` of the free memory its first worker measures)."""
+    from .gpu import device_processes
+
+    groups = gpu_groups(seen)
+    leaders = [a for a, (rank, count) in groups.items() if rank == 0 and count > 1]
+    free = client.run(_free_device_memory, workers=leaders) if leaders else {}
+    fits = {(_host(a), seen[a]): free.get(a) for a in leaders}
+    out = {}
+    for a, (rank, count) in groups.items():
+        f = fits.get((_host(a), seen[a]))
+        out[a] = (rank, count, count if f is None else device_processes(f, count))
+    return out
 
 
 def _run_in_job(job_id: str, job: tuple, fn, *args):
@@ -62,14 +101,15 @@ def _run_in_job(job_id: str, job: tuple, fn, *args):
     process has not yet (see the module docstring)."""
     with _LOCK:
         if pipeline._WORKER.get("job") != job_id:
-            source, open_kwargs, plan, options, dest_spec, device, sharing = job
+            source, open_kwargs, plan, options, dest_spec, device, shares = job
             from distributed import get_worker
 
-            sharing = sharing.get(get_worker().address, 1)   # workers that share this one's GPU
+            # this worker's place among those that share its GPU, and how many of them use it
+            rank, count, device_workers = shares.get(get_worker().address, (0, 1, 1))
             pipeline._WORKER.clear()
             pipeline._keep_freed_memory()
-            pipeline.set_up_worker(source, open_kwargs, plan, options, dest_spec, device,
-                                   device_workers=sharing, nworkers=sharing)
+            pipeline.set_up_worker(source, open_kwargs, plan, options, dest_spec, device, worker=rank,
+                                   nworkers=count, device_workers=device_workers)
             pipeline._WORKER["job"] = job_id
     return fn(*args)
 
@@ -108,12 +148,12 @@ class DaskExecutor:
         #: worker threads in the cluster: tasks that can run at once
         self.workers = sum(int(w.get("nthreads", 1)) for w in workers.values())
         device = job[5]
-        sharing = gpu_sharing(client.run(_first_visible_gpu)) if device != "cpu" else {}
+        shares = device_shares(client, client.run(_first_visible_gpu)) if device != "cpu" else {}
         self._client = client
         self._executor = client.get_executor(pure=False)
         self._id = uuid.uuid4().hex
         # the job's arguments (a NumPy source, say) travel to each worker once
-        self._job = client.scatter([tuple(job) + (sharing,)], broadcast=True, hash=False)[0]
+        self._job = client.scatter([tuple(job) + (shares,)], broadcast=True, hash=False)[0]
 
     def submit(self, fn, *args):
         """Run ``fn(*args)`` on a worker; returns a :class:`concurrent.futures.Future`."""

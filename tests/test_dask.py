@@ -120,13 +120,14 @@ def test_dying_cluster_workers_stop_the_job_with_one_error(crop, tmp_path):
 
 
 def test_workers_share_a_gpu_only_with_workers_of_their_host_that_see_it_first():
-    from gpumesh.cluster import gpu_sharing
+    from gpumesh.cluster import gpu_groups
 
     seen = {"tcp://10.0.0.1:4001": "0", "tcp://10.0.0.1:4002": "1",      # dask-cuda: a GPU each
             "tcp://10.0.0.2:4001": "", "tcp://10.0.0.2:4002": "",        # plain workers: one GPU
             "tcp://10.0.0.2:4003": "", "tcp://10.0.0.3:4001": "0"}
-    assert gpu_sharing(seen) == {"tcp://10.0.0.1:4001": 1, "tcp://10.0.0.1:4002": 1, "tcp://10.0.0.2:4001": 3,
-                                 "tcp://10.0.0.2:4002": 3, "tcp://10.0.0.2:4003": 3, "tcp://10.0.0.3:4001": 1}
+    assert gpu_groups(seen) == {"tcp://10.0.0.1:4001": (0, 1), "tcp://10.0.0.1:4002": (0, 1),
+                                "tcp://10.0.0.2:4001": (0, 3), "tcp://10.0.0.2:4002": (1, 3),
+                                "tcp://10.0.0.2:4003": (2, 3), "tcp://10.0.0.3:4001": (0, 1)}
 
 
 def test_a_cluster_without_workers_is_refused_before_any_output(tmp_path):

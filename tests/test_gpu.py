@@ -721,9 +721,12 @@ def test_gpu_run_mesh_with_workers_sharing_the_device(crop, tmp_path):
 
 
 @pytest.mark.gpu
-def test_gpu_on_a_dask_cluster_writes_the_cpus_bytes(crop, tmp_path):
-    """Two Dask workers on one host share the device (gpumesh.cluster) and write the bytes of
-    one CPU process.  Skipped where ``distributed`` is not installed (the device kit's image)."""
+@pytest.mark.parametrize("workers", [2, 6])
+def test_gpu_on_a_dask_cluster_writes_the_cpus_bytes(crop, tmp_path, workers):
+    """Dask workers on one host share the device (gpumesh.cluster): as many use it as
+    ``gpu.device_processes`` allows (all 2; of 6, 4 on the emulation's 8 GiB device), each with
+    its share of the budget, and they write the bytes of one CPU process.  Skipped where
+    ``distributed`` is not installed (the device kit's image)."""
     pytest.importorskip("distributed")
     from distributed import Client, LocalCluster
 
@@ -732,14 +735,27 @@ def test_gpu_on_a_dask_cluster_writes_the_cpus_bytes(crop, tmp_path):
     kw = dict(options=MeshOptions(chunk_size=32, max_lods=3), voxel_size=(32.0, 32.0, 40.0),
               voxel_offset=(192, 192, 192))
     run_mesh(crop, str(tmp_path / "cpu"), device="cpu", workers=1, **kw)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+    free, total = gpu.GPUBackend().rt.mem_info()
+    fit = gpu.device_processes(free, workers)
+
+    def backend():   # (name, budget) of this worker's backend; None if it ran no task
+        b = __import__("gpumesh.pipeline").pipeline._WORKER.get("backend")
+        return None if b is None else (b.name, getattr(b, "memory_budget", None))
+
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
-        assert run_mesh(crop, str(tmp_path / "gpu"), device="gpu", client=client, **kw).device == "gpu"
-        budgets = client.run(lambda: __import__("gpumesh.pipeline").pipeline._WORKER["backend"].memory_budget)
+        summary = run_mesh(crop, str(tmp_path / "gpu"), device="gpu", client=client, **kw)
+        backends = client.run(backend)
     _assert_same_tree(tmp_path / "cpu", tmp_path / "gpu")
-    # each worker took at most half of the device's share (the two share one GPU)
-    total = gpu.GPUBackend().rt.mem_info()[1]
-    assert all(b <= total * gpu.GPU_MEMORY_FRACTION / 2 for b in budgets.values()), (budgets, total)
+    assert "gpu" in summary.device
+    # by address, the first `fit` workers of the host use the device, each with its share
+    for rank, address in enumerate(sorted(backends)):
+        if backends[address] is None:
+            continue
+        name, budget = backends[address]
+        assert name == ("gpu" if rank < fit else "cpu"), (rank, fit, backends)
+        if name == "gpu":
+            assert budget <= total * gpu.GPU_MEMORY_FRACTION / fit, (budget, total, fit)
 
 
 def test_auto_without_a_gpu_says_so_in_one_line(monkeypatch, tmp_path):
