@@ -98,7 +98,8 @@ class ValidationReport:
         What the Neuroglancer client accepts but another reader does not, or what no reader
         uses (not violations): zero-byte multi-resolution fragments, which WEBKNOSSOS cannot
         decode; fragment files without a manifest; segments that the segment properties list
-        but no manifest holds (a lost shard or manifest).
+        but no manifest holds (a lost shard or manifest); shard bytes that nothing references
+        (appended bytes; checked when the whole output is validated).
     decoded : bool
         Whether fragments were decoded (triangle counts and geometry checks).
     """
@@ -396,6 +397,7 @@ def _check_shard(report: ValidationReport, src: ShardedMultiresSource, shard: in
                          f"({ib} bytes = 16 * 2**minishard_bits)")
         return 0
     checked = 0
+    spans = [(0, ib)]   # the bytes that something references: index, minishard indices, segments
     for ms, (start, end) in enumerate(spec.decode_shard_index(blob).tolist()):
         where = f"shard {name} minishard {ms}"
         if end < start:
@@ -407,6 +409,7 @@ def _check_shard(report: ValidationReport, src: ShardedMultiresSource, shard: in
             report.add_error(f"{where}: minishard index range [{start}, {end}) outside [{ib}, {n}) "
                              "(after the shard index, within the file)")
             continue
+        spans.append((start, end))
         try:
             ids, starts, sizes = spec.decode_minishard_index(blob[start:end])
         except ShardFormatError as exc:
@@ -441,13 +444,29 @@ def _check_shard(report: ValidationReport, src: ShardedMultiresSource, shard: in
                 total = Manifest.from_bytes(mbytes).total_bytes
             except InvalidMeshError:
                 total = 0  # reported by the segment check
+            spans.append((max(c0 - total, 0), c1))
             data, data_error = blob[c0 - total:c0], None
             if c0 - total < ib:
                 data = None
                 data_error = (f"segment {seg}: its {total} bytes of fragment data before the manifest at {c0} "
                               f"would start inside the shard index of {name} ({ib} bytes)")
             _check_multires_segment(report, seg, mbytes, data, src.vertex_quantization_bits, decode, data_error)
+    if wanted is None:
+        loose = n - _covered(spans)
+        if loose:
+            report.warnings.append(f"shard {name}: {loose} of its {n} bytes are referenced by nothing (bytes "
+                                   "appended, or left by another writer)")
     return checked
+
+
+def _covered(spans: list) -> int:
+    """Bytes in the union of the ``[start, end)`` spans."""
+    total, reach = 0, 0
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def _validate_sharded(report: ValidationReport, src: ShardedMultiresSource, segments: Optional[Iterable[int]],

@@ -460,3 +460,23 @@ def test_a_lost_shard_or_manifest_is_seen_through_the_segment_properties(tmp_pat
         assert f"{8 - rep.num_segments} segments" in lost[0]
         assert not validate(path, segments=[100 + i for i in range(8) if str(100 + i) not in lost[0]]).warnings
     assert "segments 103" in [w for w in validate(unsharded).warnings if "no mesh" in w][0]
+
+
+def test_shard_bytes_that_nothing_references_are_reported(tmp_path):
+    from gpumesh import run_mesh
+    from gpumesh.pipeline import MeshOptions
+    from gpumesh.sharding import ShardingOptions
+    from gpumesh.validate import _covered
+
+    assert _covered([(0, 4), (2, 6), (10, 12), (11, 11), (0, 1)]) == 8
+    labels = np.zeros((20, 20, 20), np.uint16)
+    labels[2:9, 3:12, 4:15] = 5
+    labels[10:18, 3:12, 4:15] = 6
+    dest = tmp_path / "out"
+    run_mesh(labels, str(dest), workers=1, options=MeshOptions(chunk_size=8, sharding=ShardingOptions(shard_bits=0)))
+    assert not validate(str(dest)).warnings
+    with open(dest / "0.shard", "ab") as fh:
+        fh.write(b"\0" * 100)
+    rep = validate(str(dest))
+    assert rep.ok and len(rep.warnings) == 1 and "shard 0.shard: 100 of its" in rep.warnings[0], rep.warnings
+    assert not validate(str(dest), segments=[5]).warnings    # a subset does not see the whole shard
