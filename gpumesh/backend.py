@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from . import lod, marching
+from .errors import GpumeshError
 
 
 class Backend(Protocol):
@@ -47,8 +48,9 @@ class CPUFallbackNotice(UserWarning):
     """``device="auto"`` found no usable GPU and meshes on the CPU (the one-line notice)."""
 
 
-class DeviceUnavailableError(RuntimeError):
-    """``device="gpu"`` was asked for but no GPU backend can run here."""
+class DeviceUnavailableError(GpumeshError, RuntimeError):
+    """``device="gpu"`` was asked for but no GPU backend can run here (the CLI says so in one
+    line and exits with status 2)."""
 
 
 def gpu_available() -> bool:

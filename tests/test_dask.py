@@ -151,3 +151,11 @@ def test_connect_by_address_or_scheduler_file(client, tmp_path):
         with connect(where) as c:
             assert c.scheduler.address == client.scheduler.address
             assert len(c.scheduler_info()["workers"]) == 2
+
+
+def test_gpu_asked_of_workers_without_one_is_a_typed_error(client, tmp_path):
+    from gpumesh.backend import DeviceUnavailableError
+
+    with pytest.raises(DeviceUnavailableError, match="no CUDA GPU"):
+        run_mesh(np.ones((8, 8, 8), np.uint8), str(tmp_path / "out"), client=client, device="gpu")
+    assert not (tmp_path / "out" / "info").exists()

@@ -758,6 +758,25 @@ def test_gpu_on_a_dask_cluster_writes_the_cpus_bytes(crop, tmp_path, workers):
             assert budget <= total * gpu.GPU_MEMORY_FRACTION / fit, (budget, total, fit)
 
 
+def test_gpu_without_a_gpu_is_one_error_line(monkeypatch, tmp_path):
+    """--device gpu where no GPU backend can run: one line, status 2, nothing written."""
+    from click.testing import CliRunner
+
+    from gpumesh import backend
+    from gpumesh.cli import main
+
+    monkeypatch.setattr(backend, "gpu_available", lambda: False)
+    labels = np.zeros((12, 12, 12), np.uint32)
+    labels[3:9, 3:9, 3:9] = 7
+    write_zarr(tmp_path / "l.zarr", labels, chunk=32)
+    res = CliRunner().invoke(main, ["mesh", str(tmp_path / "l.zarr"), str(tmp_path / "out"), "--device", "gpu",
+                                    "--workers", "1"])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip().splitlines() == ["gpumesh: error: no CUDA GPU visible to CuPy (install "
+                                               "gpumesh-ng[gpu] on a GPU machine)"], res.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_auto_without_a_gpu_says_so_in_one_line(monkeypatch, tmp_path):
     """device="auto" on a machine without a usable GPU meshes on the CPU with a one-line
     notice; the CLI prints it before meshing."""
