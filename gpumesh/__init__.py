@@ -10,7 +10,7 @@ Main entry points
   Neuroglancer client's stricter rules.
 """
 
-from .errors import (DestinationExistsError, EmptyVolumeWarning, GpumeshError, InvalidMeshError,
+from .errors import (DestinationError, DestinationExistsError, EmptyVolumeWarning, GpumeshError, InvalidMeshError,
                      InvalidVolumeError, InvalidVoxelSizeError, SourceReadError, StorageUnreachableError,
                      WorkerFailedError)
 # eager: the function must stay gpumesh.validate once the submodule gpumesh.validate is imported
@@ -45,7 +45,7 @@ def __dir__():
 __version__ = "0.1.0"
 
 __all__ = [
-    "DestinationExistsError", "EmptyVolumeWarning", "GpumeshError", "InvalidMeshError", "InvalidVolumeError",
+    "DestinationError", "DestinationExistsError", "EmptyVolumeWarning", "GpumeshError", "InvalidMeshError", "InvalidVolumeError",
     "InvalidVoxelSizeError", "SourceReadError", "StorageUnreachableError", "WorkerFailedError", "MeshOptions",
     "Summary", "run_mesh",
     "load_mesh", "open_mesh", "validate", "Volume", "open_volume", "mesh_segment",

@@ -35,6 +35,11 @@ class DestinationExistsError(GpumeshError, FileExistsError):
     """The destination holds data and neither ``overwrite`` nor ``resume`` was given."""
 
 
+class DestinationError(GpumeshError, OSError):
+    """The destination cannot be written: a file where a directory should be, no permission,
+    a path that cannot be created.  Raised before any output is written."""
+
+
 class InvalidMeshError(GpumeshError, ValueError):
     """A precomputed mesh directory violates the Neuroglancer spec (raised by readers)."""
 

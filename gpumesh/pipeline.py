@@ -41,7 +41,7 @@ import numpy as np
 
 from . import encode, storage, workerserver
 from .backend import Backend, get_backend
-from .errors import DestinationExistsError, EmptyVolumeWarning, GpumeshError, WorkerFailedError
+from .errors import DestinationError, DestinationExistsError, EmptyVolumeWarning, GpumeshError, WorkerFailedError
 from .lod import decimate, decimates, get_quality
 from .marching import piece_in_node, relabel_block, thin_vertices
 from .sharding import ShardingOptions
@@ -696,6 +696,12 @@ def _plan_fingerprint(volume: Volume, plan: Plan, options: MeshOptions) -> dict:
     }
 
 
+def _destination_error(dest, exc: Exception) -> DestinationError:
+    """A one-line :class:`DestinationError` from TensorStore's error (its paths joined by ``/``)."""
+    msg = " ".join(str(exc).replace("\\x00", "/").split())
+    return DestinationError(f"cannot write to {dest}: {msg}")
+
+
 def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=None, voxel_offset=None,
              mip: int = 0, axes: Optional[str] = None, overwrite: bool = False, resume: bool = False,
              workers: Optional[int] = None, device: str = "auto", link_source: bool = False,
@@ -750,6 +756,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         Bad source (raised before anything is written).
     DestinationExistsError
         ``dest`` holds data and neither ``overwrite`` nor ``resume`` was given.
+    DestinationError
+        ``dest`` is a file, or cannot be written (checked by the job's first write).
     ValueError
         Inconsistent options, or a ``memory://`` destination with ``client``, or a cluster
         without workers.
@@ -780,7 +788,12 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     if client is not None:   # before the destination is touched: the cluster may have no workers
         cluster = DaskExecutor(client, (source, dict(open_kwargs, cache_bytes=read_cache_bytes(volume, plan)),
                                         plan, options, dest_spec, device))
-    existing = storage.list_keys(kv)
+    if dest_spec.get("driver") == "file" and os.path.isfile(dest_spec.get("path", "").rstrip("/")):
+        raise DestinationError(f"destination is a file, not a directory: {dest}")
+    try:
+        existing = storage.list_keys(kv)
+    except Exception as exc:   # TensorStore's errors are ValueError subclasses
+        raise _destination_error(dest, exc) from exc
     if existing:
         if overwrite:
             storage.delete_all(kv)
@@ -800,7 +813,10 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         # once the input is known good: the server imports gpumesh for the workers while this
         # process goes on (the CLI has started it already)
         workerserver.start_server()
-    storage.write_json(kv, SCRATCH + "plan.json", fingerprint)
+    try:   # the job's first write
+        storage.write_json(kv, SCRATCH + "plan.json", fingerprint)
+    except Exception as exc:
+        raise _destination_error(dest, exc) from exc
 
     tasks = plan.tasks()
     done = {k[len(SCRATCH) + len("blocks/"):] for k in storage.list_keys(kv, SCRATCH + "blocks/")}

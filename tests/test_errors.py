@@ -215,3 +215,22 @@ def test_cli_bounds_syntax(tmp_path):
     assert outs[0] == outs[1] and outs[0]
     r = _cli("mesh", str(tmp_path / "v.zarr"), str(tmp_path / "bad"), "--bounds", "0,0,0,5,8", "--quiet")
     assert r.returncode == 2 and "expected 6 numbers" in r.stderr and not (tmp_path / "bad").exists()
+
+
+def test_destination_that_cannot_be_written(tmp_path):
+    from gpumesh import DestinationError
+
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    with pytest.raises(DestinationError, match="destination is a file, not a directory"):
+        run_mesh(GOOD, str(afile), workers=1)
+    assert afile.read_text() == "keep me"
+    # under a file no directory can be made (whoever runs it, root included)
+    with pytest.raises(DestinationError, match="cannot write to .*afile/out"):
+        run_mesh(GOOD, str(afile / "out"), workers=1)
+    from conftest import write_zarr
+
+    write_zarr(tmp_path / "v.zarr", GOOD, chunk=8)
+    r = _cli("mesh", str(tmp_path / "v.zarr"), str(afile), "--workers", "1", "--quiet")
+    assert r.returncode == 2 and r.stderr.strip().endswith(f"destination is a file, not a directory: {afile}"), r.stderr
+    assert afile.read_text() == "keep me"
