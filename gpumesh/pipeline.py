@@ -759,14 +759,19 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     DestinationError
         ``dest`` is a file, or cannot be written (checked by the job's first write).
     ValueError
-        Inconsistent options, or a ``memory://`` destination with ``client``, or a cluster
-        without workers.
+        Inconsistent options (``options`` not a :class:`MeshOptions`, ``workers`` < 1 included),
+        or a ``memory://`` destination with ``client``, or a cluster without workers.
     WorkerFailedError
         A worker process ended abruptly (killed, e.g. by the out-of-memory killer, or crashed).
         The tasks that finished are kept: ``resume=True`` continues the run.
     """
     t0 = time.perf_counter()
+    if not isinstance(options, MeshOptions):
+        raise ValueError(f"options must be a MeshOptions, got {type(options).__name__}")
     options.validate()
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, (int, np.integer))
+                                or workers < 1):
+        raise ValueError(f"workers must be an integer >= 1 (or None: every core), got {workers!r}")
     open_kwargs = dict(voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip, axes=axes, bounds=bounds)
     volume = open_volume(source, **open_kwargs)
     dest_spec = storage.kvstore_spec(dest) if not isinstance(dest, dict) else dest

@@ -65,12 +65,14 @@ def test_nonempty_destination(tmp_path):
     assert validate(str(dest)).ok
 
 
-@pytest.mark.parametrize("options", [MeshOptions(chunk_size=48), MeshOptions(dust_threshold=-1),
-                                     MeshOptions(dust_threshold=2.5)])
-def test_bad_options_before_output(tmp_path, options):
+@pytest.mark.parametrize("options, workers", [
+    (MeshOptions(chunk_size=48), 1), (MeshOptions(dust_threshold=-1), 1), (MeshOptions(dust_threshold=2.5), 1),
+    ("high", 1), (MeshOptions(), 0), (MeshOptions(), -2), (MeshOptions(), 1.5),
+])
+def test_bad_options_before_output(tmp_path, options, workers):
     dest = tmp_path / "out"
     with pytest.raises(ValueError):
-        run_mesh(GOOD, str(dest), options=options, workers=1)
+        run_mesh(GOOD, str(dest), options=options, workers=workers)
     assert _no_output(dest)
 
 
