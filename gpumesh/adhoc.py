@@ -119,9 +119,12 @@ def _occupancy(mask, step, occ):
 
 
 def open_source(source: Any, *, voxel_size=None, voxel_offset=None, mip: int = 0,
-                axes: Optional[str] = None) -> Volume:
+                axes: Optional[str] = None, bounds=None) -> Volume:
     """A :class:`Volume` for ``source``: an open Volume (overrides applied) or anything
-    :func:`gpumesh.volume.open_volume` accepts."""
+    :func:`gpumesh.volume.open_volume` accepts, cropped to ``bounds`` (:meth:`Volume.crop`)."""
+    if bounds is not None:
+        return open_source(source, voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip,
+                           axes=axes).crop(bounds)
     if isinstance(source, Volume):
         if mip or axes is not None:
             raise ValueError("mip and axes apply when opening a source, not to an open Volume")
@@ -372,7 +375,7 @@ def _to_nm(v2: np.ndarray, origin, voxel_size) -> np.ndarray:
 
 def mesh_segment(source: Any, segment_id: int, *, bbox=None, mip: int = 0, voxel_size=None,
                  voxel_offset=None, axes: Optional[str] = None, quality: Optional[str] = None,
-                 device: str = "auto", threads: int = SCAN_THREADS):
+                 device: str = "auto", threads: int = SCAN_THREADS, bounds=None):
     """Mesh one segment ad hoc, as a ``trimesh.Trimesh`` in model space (nm).
 
     Parameters
@@ -387,6 +390,10 @@ def mesh_segment(source: Any, segment_id: int, *, bbox=None, mip: int = 0, voxel
         Only this box is read and meshed; voxels outside it count as background, so the surface
         is closed at the box faces (as when meshing a crop).  Without it the volume is scanned
         for the segment's bounding box.
+    bounds : sequence of 6 int, optional
+        The same in global voxel coordinates (voxel offset included), ``(x0, y0, z0, x1, y1,
+        z1)``, clipped to the volume, as the main job's ``bounds`` (:meth:`Volume.crop`); with
+        ``bbox`` too, ``bbox`` is in the cropped volume's array coordinates.
     mip : int
         Scale of a multiscale source; ``bbox`` is in that scale's voxels.
     voxel_size : sequence of 3 float, optional
@@ -425,7 +432,8 @@ def mesh_segment(source: Any, segment_id: int, *, bbox=None, mip: int = 0, voxel
     from .backend import get_backend
 
     keep = None if quality is None else get_quality(quality).lod0_keep
-    volume = open_source(source, voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip, axes=axes)
+    volume = open_source(source, voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip, axes=axes,
+                         bounds=bounds)
     backend = get_backend(device)
     found = _locate(volume, segment_id, bbox, threads)
     if not found:

@@ -70,13 +70,15 @@ def _report(mesh, path, seconds) -> None:
 @click.option("--bbox", callback=_bbox, default=None,
               help="only this voxel box x0,y0,z0:x1,y1,z1 (array coordinates, stop exclusive); "
                    "default: scan the volume for the segment")
+@click.option("--bounds", callback=_triple(int, 6, "0,0,0,512,512,256"), metavar="X0,Y0,Z0,X1,Y1,Z1",
+              help="the same in global voxel coordinates (voxel offset included), as gpumesh mesh --bounds")
 @click.option("--mip", default=0, show_default=True, help="scale of a multiscale source")
 @click.option("--axes", default=None, help="axis order of a source without dimension names, e.g. zyx")
 @click.option("--quality", type=click.Choice(["exact", "low", "medium", "high"]), default="exact", show_default=True,
               help="exact: the marching-cubes surface; else decimate like that preset's LOD 0")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
 @click.option("--scale", type=float, default=1.0, show_default=True, help="factor on positions (1e-3: µm)")
-def segment(source, segment_id, output, voxel_size, voxel_offset, bbox, mip, axes, quality, device, scale):
+def segment(source, segment_id, output, voxel_size, voxel_offset, bbox, bounds, mip, axes, quality, device, scale):
     """Mesh segment SEGMENT_ID of the volume SOURCE now and write it to a file.
 
     SOURCE: a zarr v2/v3, N5, OME-Zarr or precomputed volume (path or URL).
@@ -88,7 +90,7 @@ def segment(source, segment_id, output, voxel_size, voxel_offset, bbox, mip, axe
         t0 = time.perf_counter()
         mesh = export_adhoc(source, segment_id, output, scale=scale, bbox=bbox, mip=mip, voxel_size=voxel_size,
                             voxel_offset=voxel_offset, axes=axes, quality=None if quality == "exact" else quality,
-                            device=device)
+                            device=device, bounds=bounds)
     except (GpumeshError, ValueError, OSError) as exc:
         _fail(exc)
     _report(mesh, output, time.perf_counter() - t0)

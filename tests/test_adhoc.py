@@ -405,3 +405,22 @@ def test_view_command(crop_high):
     assert "precomputed://http://127.0.0.1:" in res.output and "3, 4" in res.output
     res = CliRunner().invoke(view_cmd, [str(dest), "--segments", "x", "--duration", "0"])
     assert res.exit_code == 2
+
+
+def test_bounds_are_global_where_bbox_is_in_array_coordinates(real_zarr, crop, tmp_path):
+    """``bounds`` (API and ``segment --bounds``) is the crop's box in global voxel coordinates,
+    the voxel offset included; meshing within it equals meshing the crop array at its place."""
+    seg = picks(crop)[1]
+    offset = np.array([1000, -2000, 30])
+    start = offset + CROP_START
+    bounds = tuple(start.tolist()) + tuple((start + CROP_SIZE).tolist())
+    want = mesh_segment(crop, seg, voxel_size=VOXEL_SIZE, voxel_offset=start, device="cpu")
+    got = mesh_segment(str(real_zarr), seg, voxel_offset=offset, bounds=bounds, device="cpu")
+    assert same_triangles(got.vertices, got.faces, want.vertices, want.faces)
+    out = tmp_path / "m.ply"
+    res = CliRunner().invoke(segment_cmd, [str(real_zarr), str(seg), "-o", str(out), "--voxel-offset",
+                                           ",".join(map(str, offset)), "--bounds", ",".join(map(str, bounds)),
+                                           "--voxel-size", "32,32,40", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    mesh = trimesh.load(str(out), process=False, force="mesh")
+    assert same_triangles(mesh.vertices, mesh.faces, want.vertices, want.faces)
