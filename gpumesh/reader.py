@@ -348,7 +348,9 @@ class MeshSource(ABC):
         return self.manifest_bytes(int(segment_id)) is not None
 
     def _missing(self, segment_id: int) -> InvalidMeshError:
-        return InvalidMeshError(f"segment {segment_id} not found")
+        where = storage.kvstore_url(self.kv.spec().to_json())
+        hint = "" if self.info else " (no info file there: not a mesh directory?)"
+        return InvalidMeshError(f"segment {segment_id} not found in {where}{hint}")
 
 
 class _MultiresSource(MeshSource):

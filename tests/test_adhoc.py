@@ -297,9 +297,12 @@ def test_open_volume_is_reused_with_overrides(crop):
 def test_export_command_errors(crop_high, tmp_path):
     dest, _ = crop_high
     r = CliRunner().invoke(export_cmd, [str(dest), "1", "-o", str(tmp_path / "m.stl")])
-    assert r.exit_code == 2 and "not found" in r.output
+    assert r.exit_code == 2 and "segment 1 not found in file://" in r.output and "not a mesh" not in r.output
     r = CliRunner().invoke(export_cmd, [str(dest), "1", "--lod", "9", "-o", str(tmp_path / "m.stl")])
     assert r.exit_code == 2
+    # a mistyped directory: said so, not only that the segment is missing
+    r = CliRunner().invoke(export_cmd, [str(tmp_path / "typo"), "5", "-o", str(tmp_path / "m.stl")])
+    assert r.exit_code == 2 and "no info file there: not a mesh directory?" in r.output, r.output
 
 
 # --------------------------------------------------------------------------------------------
