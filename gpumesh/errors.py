@@ -8,6 +8,11 @@ before any output is written, with a one-line message fit for the CLI.  So is
 from __future__ import annotations
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (TensorStore's span several), for a typed error."""
+    return " ".join(str(exc).split())
+
+
 class GpumeshError(Exception):
     """Base class of every error gpumesh raises on bad input or bad state."""
 

@@ -41,7 +41,8 @@ import numpy as np
 
 from . import encode, storage, workerserver
 from .backend import Backend, get_backend
-from .errors import DestinationError, DestinationExistsError, EmptyVolumeWarning, GpumeshError, WorkerFailedError
+from .errors import (DestinationError, DestinationExistsError, EmptyVolumeWarning, GpumeshError, WorkerFailedError,
+                     one_line)
 from .lod import decimate, decimates, get_quality
 from .marching import piece_in_node, relabel_block, thin_vertices
 from .sharding import ShardingOptions
@@ -698,8 +699,8 @@ def _plan_fingerprint(volume: Volume, plan: Plan, options: MeshOptions) -> dict:
 
 def _destination_error(dest, exc: Exception) -> DestinationError:
     """A one-line :class:`DestinationError` from TensorStore's error (its paths joined by ``/``)."""
-    msg = " ".join(str(exc).replace("\\x00", "/").split())
-    return DestinationError(f"cannot write to {dest}: {msg}")
+    # TensorStore writes the parts of a file path joined by an escaped NUL ("\x00")
+    return DestinationError(f"cannot write to {dest}: " + one_line(exc).replace("\\x00", "/"))
 
 
 def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=None, voxel_offset=None,
@@ -893,7 +894,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             if isinstance(exc, BrokenProcessPool):
                 how = f"a worker process ended abruptly{_how_workers_ended(procs)}"
             elif type(exc).__name__ == "KilledWorker":   # distributed: a task's workers kept dying
-                how = "Dask workers died running a task (" + " ".join(str(exc).split()) + ")"
+                how = f"Dask workers died running a task ({one_line(exc)})"
             else:
                 raise
             raise WorkerFailedError(

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Optional, Union
 
 import tensorstore as ts
 
-from .errors import SourceReadError, StorageUnreachableError
+from .errors import SourceReadError, StorageUnreachableError, one_line
 
 KvSpec = Union[str, os.PathLike, dict, "ts.KvStore"]
 
@@ -163,8 +163,7 @@ def check_reachable(location: KvSpec, key: str = "info", context: Optional[ts.Co
     except TimeoutError as exc:
         raise StorageUnreachableError(f"no answer from {url} in {PROBE_TIMEOUT_S:g} s") from exc
     except Exception as exc:
-        msg = " ".join(str(exc).split())
-        raise StorageUnreachableError(f"cannot reach {url}: {msg}") from exc
+        raise StorageUnreachableError(f"cannot reach {url}: {one_line(exc)}") from exc
 
 
 _CONTEXT: Optional[ts.Context] = None

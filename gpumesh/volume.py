@@ -34,7 +34,7 @@ import numpy as np
 import tensorstore as ts
 
 from . import storage
-from .errors import InvalidVolumeError, InvalidVoxelSizeError, SourceReadError
+from .errors import InvalidVolumeError, InvalidVoxelSizeError, SourceReadError, one_line
 
 __all__ = ["Volume", "open_volume"]
 
@@ -170,17 +170,16 @@ class Volume:
             ``bounds`` is not 6 integers, or the box is empty or misses the volume.
         """
         try:
-            items = [v for v in bounds]
-        except TypeError:
-            items = []
-        if len(items) != 6 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in items):
-            raise InvalidVolumeError(f"bounds must be 6 integers x0,y0,z0,x1,y1,z1, got {bounds!r}")
-        lo = np.maximum(np.asarray(items[:3], np.int64) - self.voxel_offset, 0)
-        hi = np.minimum(np.asarray(items[3:], np.int64) - self.voxel_offset, self.shape)
+            items = list(bounds)
+            first, last = _int3(items[:3], "bounds"), _int3(items[3:], "bounds")
+        except (TypeError, ValueError):
+            raise InvalidVolumeError(f"bounds must be 6 integers x0,y0,z0,x1,y1,z1, got {bounds!r}") from None
+        lo = np.maximum(np.asarray(first, np.int64) - self.voxel_offset, 0)
+        hi = np.minimum(np.asarray(last, np.int64) - self.voxel_offset, self.shape)
         if (hi <= lo).any():
             top = self.voxel_offset + np.asarray(self.shape)
             raise InvalidVolumeError(
-                f"bounds {tuple(int(v) for v in items)} hold no voxel of {self.description}, which spans "
+                f"bounds {first + last} hold no voxel of {self.description}, which spans "
                 f"{tuple(self.voxel_offset.tolist())} to {tuple(top.tolist())} (voxels, end excluded)")
         start = tuple(int(v) for v in lo)
         reader = self._reader
@@ -453,24 +452,20 @@ def _ts_open(spec: dict, where: str, kvstore: Optional[ts.KvStore] = None,
             return ts.open(spec, kvstore=kvstore, read=True, context=context).result()
         return ts.open(spec, read=True, context=context or storage._default_context()).result()
     except Exception as exc:
-        raise SourceReadError(f"cannot open {where}: {_one_line(exc)}") from exc
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
+        raise SourceReadError(f"cannot open {where}: {one_line(exc)}") from exc
 
 
 def _read_json(kv: ts.KvStore, key: str, where: str) -> Optional[Any]:
     try:
         data = storage.read(kv, key)
     except Exception as exc:
-        raise SourceReadError(f"cannot read {where}/{key}: {_one_line(exc)}") from exc
+        raise SourceReadError(f"cannot read {where}/{key}: {one_line(exc)}") from exc
     if data is None:
         return None
     try:
         return json.loads(data)
     except ValueError as exc:
-        raise SourceReadError(f"bad JSON in {where}/{key}: {_one_line(exc)}") from exc
+        raise SourceReadError(f"bad JSON in {where}/{key}: {one_line(exc)}") from exc
 
 
 def _sub(kv: ts.KvStore, path: str) -> ts.KvStore:
@@ -553,7 +548,7 @@ def _open_ome(kv, where, multiscales, zarr_version, mip, axes, voxel_size, voxel
     except SourceReadError:
         raise
     except Exception as exc:
-        raise SourceReadError(f"bad OME-Zarr multiscales metadata at {where}: {_one_line(exc)}") from exc
+        raise SourceReadError(f"bad OME-Zarr multiscales metadata at {where}: {one_line(exc)}") from exc
 
     sub = _sub(kv, path)
     dwhere = f"{where.rstrip('/')}/{path}"
@@ -568,7 +563,7 @@ def _open_ome(kv, where, multiscales, zarr_version, mip, axes, voxel_size, voxel
         s2, t2 = scale_translation(ms.get("coordinateTransformations"), rank)
         s, t = s * s2, t * s2 + t2
     except Exception as exc:
-        raise SourceReadError(f"bad OME-Zarr coordinateTransformations at {where}: {_one_line(exc)}") from exc
+        raise SourceReadError(f"bad OME-Zarr coordinateTransformations at {where}: {one_line(exc)}") from exc
     if voxel_size is None:
         factors = [_unit_nm(units[d] if d < len(units) else None, where) for d in xyz]
         voxel_size = _check_voxel_size([s[d] * f for d, f in zip(xyz, factors)], f"OME-Zarr {where} scale")
@@ -694,7 +689,7 @@ def _open_location(source, fmt, mip, axes, voxel_size, voxel_offset, context=Non
             present = {k for k in ("zarr.json", ".zarray", ".zattrs", ".zgroup", "attributes.json", "info")
                        if storage.read(kv, k) is not None}
         except Exception as exc:
-            raise SourceReadError(f"cannot read {where}: {_one_line(exc)}") from exc
+            raise SourceReadError(f"cannot read {where}: {one_line(exc)}") from exc
         if "zarr.json" in present:
             fmt = "zarr3"
         elif present & {".zarray", ".zattrs", ".zgroup"}:
