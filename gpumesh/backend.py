@@ -63,6 +63,12 @@ def gpu_available() -> bool:
         return False
 
 
+def check_device(device: str) -> None:
+    """Raise ``ValueError`` unless ``device`` is ``"auto"``, ``"cpu"`` or ``"gpu"``."""
+    if device not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"unknown device {device!r}; choose auto, cpu or gpu")
+
+
 def get_backend(device: str = "auto", processes: int = 1) -> Backend:
     """Pick the backend for ``device``.
 
@@ -85,8 +91,7 @@ def get_backend(device: str = "auto", processes: int = 1) -> Backend:
     ValueError
         Unknown device name.
     """
-    if device not in ("auto", "cpu", "gpu"):
-        raise ValueError(f"unknown device {device!r}; choose auto, cpu or gpu")
+    check_device(device)
     if device == "cpu":
         return CPUBackend()
     if gpu_available():

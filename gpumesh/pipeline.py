@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from . import encode, storage, workerserver
-from .backend import Backend, get_backend
+from .backend import Backend, check_device, get_backend
 from .errors import (DestinationError, DestinationExistsError, EmptyVolumeWarning, GpumeshError, WorkerFailedError,
                      one_line)
 from .lod import decimate, decimates, get_quality
@@ -781,8 +781,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     else:   # each worker picks its backend
         from .cluster import DaskExecutor, check_destination
 
-        if device not in ("auto", "cpu", "gpu"):
-            raise ValueError(f"unknown device {device!r}; choose auto, cpu or gpu")
+        check_device(device)
         check_destination(dest_spec)
         backend = None
     kv = storage.open_kvstore(dest)
@@ -837,11 +836,12 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         progress(finished, len(tasks))
     # workers past what the device has room for mesh on the CPU backend (same bytes)
     device_workers = nworkers
-    if backend is not None and backend.name == "gpu" and nworkers > 1 and todo:
+    on_gpu = backend is not None and backend.name == "gpu"   # None: each Dask worker picks its own
+    if on_gpu and nworkers > 1 and todo:
         from .gpu import device_processes
 
         device_workers = device_processes(backend.rt.mem_info()[0], nworkers)
-    summary.device_workers = device_workers if backend is not None and backend.name == "gpu" else 0
+    summary.device_workers = device_workers if on_gpu else 0
     from .writer import assemble
 
     stats = None
