@@ -7,7 +7,7 @@ import sys
 import click
 
 
-def _triple(kind, count: int = 3, example: str = "32,32,40"):
+def _numbers(kind, count: int = 3, example: str = "32,32,40"):
     """click callback parsing ``32,32,40`` (or ``32x32x40``; a box also as ``x0,y0,z0:x1,y1,z1``) into
     ``count`` ``kind`` values."""
 

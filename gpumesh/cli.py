@@ -13,7 +13,7 @@ import warnings
 
 import click
 
-from ._cliutil import _fail, _triple
+from ._cliutil import _fail, _numbers
 from .errors import EmptyVolumeWarning, GpumeshError, WorkerFailedError
 
 
@@ -84,9 +84,9 @@ def main():
 @main.command()
 @click.argument("source")
 @click.argument("dest")
-@click.option("--voxel-size", callback=_triple(float), help="nm per voxel x,y,z (overrides metadata), e.g. 32,32,40")
-@click.option("--voxel-offset", callback=_triple(int), help="voxel offset x,y,z (overrides metadata)")
-@click.option("--bounds", callback=_triple(int, 6, "0,0,0,512,512,256"), metavar="X0,Y0,Z0,X1,Y1,Z1",
+@click.option("--voxel-size", callback=_numbers(float), help="nm per voxel x,y,z (overrides metadata), e.g. 32,32,40")
+@click.option("--voxel-offset", callback=_numbers(int), help="voxel offset x,y,z (overrides metadata)")
+@click.option("--bounds", callback=_numbers(int, 6, "0,0,0,512,512,256"), metavar="X0,Y0,Z0,X1,Y1,Z1",
               help="mesh only this box (global voxel coordinates, end excluded; clipped to the volume)")
 @click.option("--mip", default=0, show_default=True, help="scale of a multiscale source (precomputed, OME-Zarr)")
 @click.option("--axes", default=None, help="axis order of a source without dimension names, e.g. zyx")

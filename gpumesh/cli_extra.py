@@ -12,7 +12,7 @@ import time
 
 import click
 
-from ._cliutil import _fail, _triple
+from ._cliutil import _fail, _numbers
 from .errors import GpumeshError
 
 _MESH_SUFFIXES = ".stl, .ply, .obj or .glb"
@@ -65,12 +65,12 @@ def _report(mesh, path, seconds) -> None:
 @click.argument("segment_id", type=click.IntRange(min=1))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help=f"mesh file ({_MESH_SUFFIXES}); positions in nm")
-@click.option("--voxel-size", callback=_triple(float), help="nm per voxel x,y,z (overrides metadata), e.g. 32,32,40")
-@click.option("--voxel-offset", callback=_triple(int), help="voxel offset x,y,z (overrides metadata)")
+@click.option("--voxel-size", callback=_numbers(float), help="nm per voxel x,y,z (overrides metadata), e.g. 32,32,40")
+@click.option("--voxel-offset", callback=_numbers(int), help="voxel offset x,y,z (overrides metadata)")
 @click.option("--bbox", callback=_bbox, default=None,
               help="only this voxel box x0,y0,z0:x1,y1,z1 (array coordinates, stop exclusive); "
                    "default: scan the volume for the segment")
-@click.option("--bounds", callback=_triple(int, 6, "0,0,0,512,512,256"), metavar="X0,Y0,Z0,X1,Y1,Z1",
+@click.option("--bounds", callback=_numbers(int, 6, "0,0,0,512,512,256"), metavar="X0,Y0,Z0,X1,Y1,Z1",
               help="the same in global voxel coordinates (voxel offset included), as gpumesh mesh --bounds")
 @click.option("--mip", default=0, show_default=True, help="scale of a multiscale source")
 @click.option("--axes", default=None, help="axis order of a source without dimension names, e.g. zyx")
@@ -126,7 +126,7 @@ def export(dest, segment_id, output, lod, scale):
               help="segment IDs to show, e.g. 1,2,3 (default: the 5 largest, from segment properties)")
 @click.option("--port", default=0, show_default=True, type=click.IntRange(0, 65535),
               help="port of the mesh server (0: any free port)")
-@click.option("--voxel-size", callback=_triple(float), default=None,
+@click.option("--voxel-size", callback=_numbers(float), default=None,
               help="nm per voxel of --source when its metadata has none Neuroglancer reads")
 @click.option("--no-browser", is_flag=True, help="do not open a web browser")
 @click.option("--no-neuroglancer", is_flag=True, help="do not start the local Neuroglancer viewer")
