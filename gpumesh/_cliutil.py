@@ -25,6 +25,31 @@ def _numbers(kind, count: int = 3, example: str = "32,32,40"):
     return convert
 
 
+def _segments(ctx, param, value):
+    """click callback parsing segment IDs ``1,2,3``, or ``@FILE`` holding IDs separated by commas,
+    spaces or newlines (``#`` starts a comment), into a list of ints > 0."""
+    if value is None:
+        return None
+    text, where = value, ""
+    if value.startswith("@"):
+        try:
+            with open(value[1:]) as fh:
+                text = "\n".join(line.split("#")[0] for line in fh)
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read segment IDs from {value[1:]}: {exc.strerror or exc}")
+        where = f" in {value[1:]}"
+    try:
+        ids = [int(v) for v in text.replace(",", " ").split()]
+    except ValueError as exc:
+        raise click.BadParameter(f"expected segment IDs like 1,2,3{where}: {exc}")
+    if not ids:
+        raise click.BadParameter(f"no segment IDs{where}")
+    bad = [s for s in ids if not 0 < s < 1 << 64]
+    if bad:
+        raise click.BadParameter(f"segment IDs must be in 1..2**64-1, got {bad[0]}{where}")
+    return ids
+
+
 def _fail(exc: Exception) -> None:
     """Print a one-line error and exit with status 2 (bad input)."""
     click.echo(f"gpumesh: error: {exc}", err=True)

@@ -13,8 +13,8 @@ import warnings
 
 import click
 
-from ._cliutil import _fail, _numbers
-from .errors import EmptyVolumeWarning, GpumeshError, WorkerFailedError
+from ._cliutil import _fail, _numbers, _segments
+from .errors import EmptyVolumeWarning, GpumeshError, SegmentsNotFoundWarning, WorkerFailedError
 
 
 
@@ -102,6 +102,9 @@ def main():
                    "with ~20% less CPU, each vertex within chunk/1024 voxels of its LOD")
 @click.option("--dust-threshold", type=int, default=0, show_default=True, metavar="VOXELS",
               help="skip segments with fewer voxels than this in the whole volume")
+@click.option("--segments", callback=_segments, default=None, metavar="IDS",
+              help="mesh only these segment IDs: 1,2,3 or @FILE (IDs separated by commas, spaces or "
+                   "newlines); each gets the bytes of the full job")
 @click.option("--workers", type=int, default=None, help="parallel processes (default: all cores)")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="run the tasks on the Dask cluster of this scheduler (tcp://host:8786, or a scheduler "
@@ -116,7 +119,7 @@ def main():
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None, help="write the end summary as JSON")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality, chunk_size, max_lods, num_lods, bits,
-         dust_threshold, workers, scheduler, device, overwrite, resume, segment_properties, link_source, sharded,
+         dust_threshold, segments, workers, scheduler, device, overwrite, resume, segment_properties, link_source, sharded,
          shard_bits, minishard_bits, preshift_bits, shard_hash, minishard_index_encoding, data_encoding, summary_json,
          quiet):
     """Mesh every segment of SOURCE into Neuroglancer precomputed meshes in DEST.
@@ -141,7 +144,8 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality
                                  minishard_index_encoding, data_encoding)
     options = MeshOptions(chunk_size=chunk_size, max_lods=max_lods if fmt == "multires" else 1,
                           num_lods=num_lods, quality=quality, vertex_quantization_bits=int(bits), format=fmt,
-                          segment_properties=segment_properties, sharding=sharding, dust_threshold=dust_threshold)
+                          segment_properties=segment_properties, sharding=sharding, dust_threshold=dust_threshold,
+                          segments=segments)
     bar = None
 
     def progress(done, total):
@@ -175,6 +179,7 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always", EmptyVolumeWarning)
+            warnings.simplefilter("always", SegmentsNotFoundWarning)
             warnings.simplefilter("always", CPUFallbackNotice)
             warnings.showwarning = show
             try:

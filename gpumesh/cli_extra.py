@@ -12,11 +12,10 @@ import time
 
 import click
 
-from ._cliutil import _fail, _numbers
+from ._cliutil import _fail, _numbers, _segments
 from .errors import GpumeshError
 
 _MESH_SUFFIXES = ".stl, .ply, .obj or .glb"
-
 
 
 def _bbox(ctx, param, value):
@@ -34,19 +33,6 @@ def _bbox(ctx, param, value):
     if any(b <= a for a, b in zip(lo, hi)):
         raise click.BadParameter(f"bbox stop must exceed start on every axis, got {value!r}")
     return lo, hi
-
-
-def _segments(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        ids = [int(v) for v in value.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise click.BadParameter(f"expected segment IDs like 1,2,3, got {value!r}")
-    if any(s <= 0 for s in ids):
-        raise click.BadParameter("segment IDs must be > 0")
-    return ids
-
 
 
 def _report(mesh, path, seconds) -> None:

@@ -57,3 +57,8 @@ class WorkerFailedError(GpumeshError, RuntimeError):
 
 class EmptyVolumeWarning(UserWarning):
     """The volume holds only background (label 0): the output is valid but holds no meshes."""
+
+
+class SegmentsNotFoundWarning(UserWarning):
+    """Some segment IDs selected for meshing (``MeshOptions.segments``, ``--segments``) have no
+    voxel in the volume (or within the bounds): they get no mesh."""

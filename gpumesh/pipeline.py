@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
+import hashlib
 import json
 import os
 import resource
@@ -41,8 +43,8 @@ import numpy as np
 
 from . import encode, storage, workerserver
 from .backend import Backend, check_device, get_backend
-from .errors import (DestinationError, DestinationExistsError, EmptyVolumeWarning, GpumeshError, WorkerFailedError,
-                     one_line)
+from .errors import (DestinationError, DestinationExistsError, EmptyVolumeWarning, GpumeshError,
+                     SegmentsNotFoundWarning, WorkerFailedError, one_line)
 from .lod import decimate, decimates, get_quality
 from .marching import piece_in_node, relabel_block, thin_vertices
 from .sharding import ShardingOptions
@@ -83,6 +85,12 @@ class MeshOptions:
         no segment properties entry; 0 keeps every segment.  Counted over the whole volume
         when the job is written, so a segment is kept or dropped whole (igneous's
         ``MeshTask`` counts each task's cutout alone).
+    segments : tuple of int or None
+        Mesh only these segment IDs (igneous's ``object_ids``); ``None`` meshes every segment.
+        Each selected segment gets the bytes the full job gives it: the labels are downsampled
+        with every segment present, and only the other segments' pieces are dropped (before
+        decimation).  The segment properties list the selected segments found in the volume.
+        A list or array is stored as a tuple.
     """
 
     chunk_size: int = 64
@@ -94,6 +102,16 @@ class MeshOptions:
     segment_properties: bool = True
     sharding: Optional[ShardingOptions] = None
     dust_threshold: int = 0
+    segments: Optional[tuple] = None
+
+    def __post_init__(self):
+        ids = self.segments
+        if ids is not None and not isinstance(ids, (tuple, str, bytes)):
+            try:   # a list, an array (its values as Python ints), any iterable
+                object.__setattr__(self, "segments", tuple(ids.ravel().tolist() if isinstance(ids, np.ndarray)
+                                                           else ids))
+            except TypeError:
+                pass   # not iterable: validate() says what is wrong
 
     def validate(self) -> None:
         """Raise ``ValueError`` on inconsistent options."""
@@ -114,12 +132,37 @@ class MeshOptions:
         if isinstance(self.dust_threshold, bool) or not isinstance(self.dust_threshold, (int, np.integer)) \
                 or self.dust_threshold < 0:
             raise ValueError(f"dust threshold must be an integer >= 0 (voxels), got {self.dust_threshold!r}")
+        if self.segments is not None:
+            ids = self.segments
+            if not isinstance(ids, tuple) or not ids:
+                raise ValueError(f"segments must be a non-empty sequence of segment IDs, got {ids!r}")
+            bad = [s for s in ids if isinstance(s, bool) or not isinstance(s, (int, np.integer))
+                   or not 0 < int(s) < 1 << 64]
+            if bad:
+                raise ValueError(f"segment IDs must be integers in 1..2**64-1, got {bad[0]!r}")
         if self.sharding is not None:
             if not isinstance(self.sharding, ShardingOptions):
                 raise ValueError(f"sharding must be a ShardingOptions or None, got {self.sharding!r}")
             if self.format == "legacy":
                 raise ValueError("legacy meshes have no sharded form; use the multires format or no sharding")
             self.sharding.validate()
+
+    def selected_ids(self) -> Optional[np.ndarray]:
+        """:attr:`segments` as a sorted uint64 array without repeats (``None`` when unset)."""
+        return None if self.segments is None else _segment_array(self.segments)
+
+    def selected(self, ids: np.ndarray) -> np.ndarray:
+        """Which of the segment IDs ``ids`` (uint64 array) the job meshes: a bool array of
+        ``ids``' shape, all true when :attr:`segments` is ``None``."""
+        if self.segments is None:
+            return np.ones(np.shape(ids), dtype=bool)
+        return np.isin(np.asarray(ids, dtype=np.uint64), self.selected_ids())
+
+
+@functools.lru_cache(maxsize=4)
+def _segment_array(segments: tuple) -> np.ndarray:
+    """``MeshOptions.segments`` as a sorted uint64 array without repeats (kept for the next task)."""
+    return np.unique(np.array([int(s) for s in segments], dtype=np.uint64))
 
 
 @dataclass(frozen=True)
@@ -319,6 +362,7 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
     origin = np.asarray(b, dtype=np.int64) * plan.block
     out: list = []
     count_labels = counts = np.zeros(0, dtype=np.uint64)
+    keep = np.ones(1, dtype=bool)   # which local IDs are meshed (MeshOptions.segments)
     start, stop = plan.block_bounds(b)
     if part is None or part == COARSE:
         level = volume.read(tuple(start), tuple(stop))
@@ -327,17 +371,21 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
             # segment ID.  Both only compare IDs, so the coarse task relabels after its first
             # downsampling (8x fewer voxels) and gets the same meshes.
             level, ids = relabel_block(level)
-            count_labels, counts = _voxel_counts(level[halo:, halo:, halo:], ids)
+            keep = options.selected(ids)
+            count_labels, counts = _voxel_counts(level[halo:, halo:, halo:], ids, keep)
         for k in range(L):
+            if not keep.any():
+                break   # no selected segment here (MeshOptions.segments)
             if k > 0:
                 level = backend.downsample(level)
                 if k == 1 and part == COARSE:
                     level, ids = relabel_block(level)
+                    keep = options.selected(ids)
             if (k < L - 1 and part == COARSE) or not level.any():
                 continue
             hk = halo >> k
             mc_in = np.ascontiguousarray(level[hk - 1:, hk - 1:, hk - 1:])
-            out += _mesh_lod(volume, plan, options, backend, k, mc_in, mc_in, 0, origin >> k, ids)
+            out += _mesh_lod(volume, plan, options, backend, k, mc_in, mc_in, 0, origin >> k, ids, keep)
     else:
         # LODs 0 .. L-2 of one octant, whose LOD 0 voxels start at O.  At LOD k its cubes
         # need LOD k voxels (O >> k) - 1 .. past its last cube, and the thin-spot test one
@@ -348,10 +396,11 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
         O = plan.octant_origin(b, part)
         r0, r1 = O - halo, np.minimum(O + h + halo, stop)
         level, ids = relabel_block(volume.read(tuple(r0), tuple(r1)))
+        keep = options.selected(ids)
         # the block's voxel counts, octant by octant: its voxels from O on (past the volume
         # every voxel is background)
-        count_labels, counts = _voxel_counts(level[halo:halo + h, halo:halo + h, halo:halo + h], ids)
-        for k in range(L - 1):
+        count_labels, counts = _voxel_counts(level[halo:halo + h, halo:halo + h, halo:halo + h], ids, keep)
+        for k in range(L - 1 if keep.any() else 0):
             if k > 0:
                 level = backend.downsample(level)
             base, ok, top = r0 >> k, O >> k, stop >> k    # LOD k voxels: level[i] is base + i
@@ -364,7 +413,7 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
             ctx = np.ascontiguousarray(level[c0[0]:c1[0], c0[1]:c1[1], c0[2]:c1[2]])
             mc_in = np.ascontiguousarray(level[m0[0]:m1[0], m0[1]:m1[1], m0[2]:m1[2]])
             if mc_in.any():
-                out += _mesh_lod(volume, plan, options, backend, k, mc_in, ctx, m0 - c0, ok, ids)
+                out += _mesh_lod(volume, plan, options, backend, k, mc_in, ctx, m0 - c0, ok, ids, keep)
     entries, offset = [], 0
     for (label, k, node, ntri), data in out:
         entries.append((label, k, node[0], node[1], node[2], offset, len(data), ntri))
@@ -373,20 +422,22 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
     return pack_block(index, count_labels, counts, b"".join(data for _, data in out))
 
 
-def _voxel_counts(local: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Segment IDs present in ``local`` (local IDs, see ``relabel_block``) and their voxels."""
+def _voxel_counts(local: np.ndarray, ids: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Segment IDs present in ``local`` (local IDs, see ``relabel_block``) among those that
+    ``keep`` (bool, one per ID) selects, and their voxels."""
     counts = np.bincount(np.ascontiguousarray(local).ravel(), minlength=len(ids) + 1)[1:]
-    return ids[counts > 0], counts[counts > 0].astype(np.uint64)
+    found = (counts > 0) & keep
+    return ids[found], counts[found].astype(np.uint64)
 
 
 def _mesh_lod(volume: Volume, plan: Plan, options: MeshOptions, backend: Backend, k: int,
-              mc_in: np.ndarray, ctx: np.ndarray, ctx_origin, cube0, ids: np.ndarray) -> list:
+              mc_in: np.ndarray, ctx: np.ndarray, ctx_origin, cube0, ids: np.ndarray, keep: np.ndarray) -> list:
     """Mesh, decimate and encode the nodes of one LOD of a block (or of an octant).
 
     ``mc_in`` holds LOD ``k`` local labels whose cube ``j`` is the volume's LOD ``k`` cube
     ``cube0 + j`` (``cube0``: (3,) int, a multiple of the node size ``C``); ``ctx`` holds
     ``mc_in`` at ``ctx_origin`` (voxels) plus the voxels around it that the thin-spot test may
-    see.
+    see.  Only the pieces of local IDs that ``keep`` (bool, one per ID) selects are kept.
     Returns ``[((segment ID, k, node, triangles), bytes), ...]`` sorted by (ID, node).
     """
     quality = get_quality(options.quality)
@@ -400,6 +451,8 @@ def _mesh_lod(volume: Volume, plan: Plan, options: MeshOptions, backend: Backend
     scale = volume.voxel_size * (1 << k)
     frags: dict[tuple, list] = {}
     for piece in backend.mesh(mc_in, piece_size):
+        if not keep[piece.label - 1]:
+            continue   # not selected (MeshOptions.segments)
         pidx = piece.piece
         pc = np.array([pidx // (py * pz), (pidx // pz) % py, pidx % pz], dtype=np.int64)
         ln = pc // sub_per_node
@@ -675,6 +728,7 @@ class Summary:
     device_workers: int = 0     # workers meshing on the GPU (the others on the CPU backend)
     format: str = "multires"
     dust_segments: int = 0      # segments below MeshOptions.dust_threshold, not meshed
+    missing_segments: int = 0   # segments of MeshOptions.segments not in the volume (or the bounds)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -688,9 +742,13 @@ def peak_rss_mb() -> float:
 
 
 def _plan_fingerprint(volume: Volume, plan: Plan, options: MeshOptions) -> dict:
+    opts = dataclasses.asdict(options)
+    if options.segments is not None:   # a digest of the selection, which may be long
+        ids = options.selected_ids()
+        opts["segments"] = {"count": len(ids), "sha256": hashlib.sha256(ids.astype("<u8").tobytes()).hexdigest()}
     return {
         "plan": dataclasses.asdict(plan),
-        "options": dataclasses.asdict(options),
+        "options": opts,
         "voxel_size": [float(v) for v in volume.voxel_size],
         "voxel_offset": [int(v) for v in volume.voxel_offset],
         "dtype": str(np.dtype(volume.dtype)),
@@ -912,9 +970,19 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     summary.fragments_per_lod = stats["fragments_per_lod"]
     summary.bytes = stats["bytes"]
     summary.dust_segments = stats.get("dust_segments", 0)
+    summary.missing_segments = stats.get("missing_segments", 0)
+    if summary.missing_segments:
+        some = ", ".join(map(str, stats["missing_examples"]))
+        more = ", ..." if summary.missing_segments > len(stats["missing_examples"]) else ""
+        warnings.warn(f"{summary.missing_segments} of the {len(options.selected_ids())} selected segments are not "
+                      f"in the volume{' (within the bounds)' if bounds is not None else ''}: {some}{more}",
+                      SegmentsNotFoundWarning, stacklevel=2)
     if summary.segments == 0 and summary.dust_segments:
         warnings.warn(f"all {summary.dust_segments} segments have fewer voxels than the dust threshold "
                       f"({options.dust_threshold}): wrote an empty mesh to {dest}", EmptyVolumeWarning, stacklevel=2)
+    elif summary.segments == 0 and options.segments is not None:
+        warnings.warn(f"none of the selected segments is in the volume: wrote an empty mesh to {dest}",
+                      EmptyVolumeWarning, stacklevel=2)
     elif summary.segments == 0:
         warnings.warn(f"the volume holds only background (label 0): wrote an empty mesh to {dest}",
                       EmptyVolumeWarning, stacklevel=2)

@@ -214,6 +214,10 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
                                np.concatenate(counts) if counts else np.zeros(0, np.int64))
 
     stats = _new_stats(plan.lods)
+    wanted = options.selected_ids()
+    if wanted is not None:   # the tasks counted only these; the others are not in the volume
+        missing = wanted[~np.isin(wanted, ids)]
+        stats["missing_segments"], stats["missing_examples"] = len(missing), missing[:5].tolist()
     if options.dust_threshold:
         dust = voxels < options.dust_threshold
         stats["dust_segments"] = int(dust.sum())

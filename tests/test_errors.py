@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gpumesh import (DestinationExistsError, EmptyVolumeWarning, InvalidVolumeError, InvalidVoxelSizeError,
-                     SourceReadError, StorageUnreachableError, open_volume, run_mesh, validate)
+                     SourceReadError, StorageUnreachableError, open_mesh, open_volume, run_mesh, validate)
 from gpumesh import storage
 from gpumesh.pipeline import MeshOptions
 
@@ -68,6 +68,9 @@ def test_nonempty_destination(tmp_path):
 @pytest.mark.parametrize("options, workers", [
     (MeshOptions(chunk_size=48), 1), (MeshOptions(dust_threshold=-1), 1), (MeshOptions(dust_threshold=2.5), 1),
     ("high", 1), (MeshOptions(), 0), (MeshOptions(), -2), (MeshOptions(), 1.5),
+    (MeshOptions(segments=[]), 1), (MeshOptions(segments=[7, 0]), 1), (MeshOptions(segments=[2**64]), 1),
+    (MeshOptions(segments=[7, 2.0]), 1), (MeshOptions(segments=[True]), 1), (MeshOptions(segments="7"), 1),
+    (MeshOptions(segments=7), 1),
 ])
 def test_bad_options_before_output(tmp_path, options, workers):
     dest = tmp_path / "out"
@@ -202,6 +205,35 @@ def test_cli_dust_threshold(tmp_path):
     assert "segments:  1 (1 below the dust threshold, not meshed)" in r.stdout
     r = _cli("mesh", str(tmp_path / "v.zarr"), str(tmp_path / "bad"), "--dust-threshold", "-3", "--quiet")
     assert r.returncode == 2 and "dust threshold must be an integer >= 0" in r.stderr, r.stderr
+
+
+def test_cli_segments(tmp_path):
+    """``--segments`` takes IDs or ``@FILE``; absent IDs are a warning, bad ones one error line
+    before any output."""
+    from conftest import write_zarr
+
+    labels = GOOD.copy()
+    labels[6:8, 6:8, 6:8] = 9
+    write_zarr(tmp_path / "v.zarr", labels, chunk=8)
+    ids = tmp_path / "ids.txt"
+    ids.write_text("# proofread\n9\n12, 13  # not in the volume\n")
+    for i, arg in enumerate(["9,12,13", f"@{ids}"]):
+        dest = tmp_path / f"out{i}"
+        r = _cli("mesh", str(tmp_path / "v.zarr"), str(dest), "--segments", arg, "--workers", "1", "--quiet")
+        assert r.returncode == 0, r.stderr
+        assert "segments:  1\n" in r.stdout
+        assert "gpumesh: warning: 2 of the 3 selected segments are not in the volume: 12, 13" in r.stderr, r.stderr
+        src = open_mesh(str(dest))
+        assert src.segment_ids() == [9]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    for arg, message in [("0", "segment IDs must be in 1..2**64-1, got 0"), ("9,x", "expected segment IDs like 1,2,3"),
+                         (str(2**64), "segment IDs must be in 1..2**64-1"), (f"@{tmp_path}/none.txt", "cannot read"),
+                         (f"@{empty}", "no segment IDs in")]:
+        dest = tmp_path / "bad"
+        r = _cli("mesh", str(tmp_path / "v.zarr"), str(dest), "--segments", arg, "--quiet")
+        assert r.returncode == 2 and message in r.stderr, (arg, r.stderr)
+        assert _no_output(dest)
 
 
 def test_cli_bounds_syntax(tmp_path):

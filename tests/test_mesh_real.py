@@ -507,6 +507,70 @@ def test_dust_threshold_drops_small_segments_whole(crop, crop_medium, tmp_path):
     assert report.ok and not report.warnings and report.num_segments == len(kept)
 
 
+def test_selected_segments_get_the_bytes_of_the_full_job(crop, crop_medium, tmp_path):
+    """``MeshOptions.segments`` meshes only the selected segments, each with the bytes the full
+    job gives it (its neighbours still shape its coarse LODs); absent IDs are a warning; the
+    sharded output on 2 workers equals 1 worker's; a resumed run must select the same."""
+    import dataclasses
+
+    from gpumesh import SegmentsNotFoundWarning, storage
+    from gpumesh.errors import DestinationExistsError
+    from gpumesh.pipeline import MeshOptions, run_mesh
+    from gpumesh.sharding import ShardingOptions
+
+    from conftest import tree_files
+
+    ids, counts = np.unique(crop[crop != 0], return_counts=True)
+    order = np.argsort(counts)
+    # the 3 largest segments, 3 of 1-10 voxels, and some in between (one of them in one octant)
+    chosen = np.r_[ids[order[-3:]], ids[order[:3]], ids[order[len(order) // 2::len(order) // 7]]]
+    octant = crop[:64, :64, :64]
+    alone = [s for s in ids.tolist() if np.count_nonzero(octant == s) == np.count_nonzero(crop == s)]
+    chosen = np.unique(np.r_[chosen, alone[len(alone) // 2]]).astype(np.uint64)
+    absent = [int(ids.max()) + 17, 2**64 - 1]
+    selection = [int(s) for s in chosen[::-1]] + absent          # any order, absent IDs too
+    opts = MeshOptions(chunk_size=32, max_lods=3, segments=selection)
+    dest = tmp_path / "chosen"
+    with pytest.warns(SegmentsNotFoundWarning, match=f"2 of the {len(chosen) + 2} selected segments are not in "
+                                                     f"the volume: {absent[0]}, {absent[1]}"):
+        summary = run_mesh(crop, str(dest), options=opts, voxel_size=VOXEL_SIZE, voxel_offset=CROP_START, workers=1)
+    assert (summary.segments, summary.missing_segments) == (len(chosen), 2)
+    files, full = tree_files(dest), tree_files(crop_medium[0])
+    meshes = {k: v for k, v in files.items() if not k.startswith(("info", "segment_properties"))}
+    assert meshes == {k: full[k] for s in chosen.tolist() for k in (f"{s}.index", str(s))}
+    info = storage.read_json(storage.open_kvstore(str(dest)), "segment_properties/info")
+    assert [int(s) for s in info["inline"]["ids"]] == chosen.tolist()
+    assert info["inline"]["properties"][0]["values"] == counts[np.isin(ids, chosen)].tolist()
+    report = validate(str(dest))
+    assert report.ok and not report.warnings and report.num_segments == len(chosen)
+    # sharded, 1 and 2 workers (the workers build the shards); a resume must select the same
+    opts = dataclasses.replace(opts, segments=chosen, sharding=ShardingOptions(shard_bits=1))
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_mesh(crop, str(one), options=opts, voxel_size=VOXEL_SIZE, voxel_offset=CROP_START, workers=1)
+    run_mesh(crop, str(two), options=opts, voxel_size=VOXEL_SIZE, voxel_offset=CROP_START, workers=2)
+    assert tree_files(one) == tree_files(two)
+    # an interrupted run resumes with the same selection (in any order) only
+    cut = tmp_path / "cut"
+
+    def stop(done, total):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    kw = dict(voxel_size=VOXEL_SIZE, voxel_offset=CROP_START, workers=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_mesh(crop, str(cut), options=opts, progress=stop, **kw)
+    with pytest.raises(DestinationExistsError, match="different options"):
+        run_mesh(crop, str(cut), options=dataclasses.replace(opts, segments=chosen[1:]), resume=True, **kw)
+    summary = run_mesh(crop, str(cut), options=dataclasses.replace(opts, segments=chosen[::-1]), resume=True, **kw)
+    assert summary.tasks_resumed == 3 and tree_files(cut) == tree_files(one)
+    src = open_mesh(str(two))
+    assert sorted(src.segment_ids()) == chosen.tolist()
+    for s in chosen.tolist():
+        for lod in range(src.manifest(s).num_lods):
+            got, want = load_mesh(src, s, lod=lod), load_mesh(open_mesh(str(crop_medium[0])), s, lod=lod)
+            assert np.array_equal(got.faces, want.faces) and np.array_equal(got.vertices, want.vertices)
+
+
 def test_bounds_mesh_the_box_as_a_volume_of_its_own(real_zarr, crop, crop_medium, tmp_path):
     """``bounds`` on the whole real volume gives the bytes of the crop array meshed at its offset
     (segments cut by the box closed at its faces); the CLI's ``--bounds`` on 2 workers too."""

@@ -22,7 +22,9 @@ interrupted after a random number of tasks and resumed, which must give the same
 ``GPUMESH_RANDOM_CASES=N`` checks N (a longer campaign, not for CI), and
 ``GPUMESH_RANDOM_WORKERS=1`` / ``GPUMESH_RANDOM_RESUME=1`` do those checks on every case, as
 ``GPUMESH_RANDOM_BOUNDS=1`` does the fourth's: meshing a random box of the volume (``bounds``)
-gives the bytes of the box's array meshed at its offset.
+gives the bytes of the box's array meshed at its offset, and ``GPUMESH_RANDOM_SEGMENTS=1`` the
+fifth's: meshing a random selection of the segments (``segments``) gives each the bytes of the
+full job.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import warnings
 import numpy as np
 import pytest
 
+from gpumesh import SegmentsNotFoundWarning
 from gpumesh.pipeline import MeshOptions, run_mesh
 from gpumesh.reader import load_fragments, load_mesh, open_mesh
 from gpumesh.sharding import ShardingOptions
@@ -61,6 +64,12 @@ def _worker_seeds() -> set[int]:
 def _bounds_seeds() -> set[int]:
     """Cases also meshed within a random box: seed 3, or every case with ``GPUMESH_RANDOM_BOUNDS=1``."""
     return set(_seeds()) if os.environ.get("GPUMESH_RANDOM_BOUNDS") == "1" else {3}
+
+
+def _segments_seeds() -> set[int]:
+    """Cases also meshed for a random selection of segments: seed 4, or every case with
+    ``GPUMESH_RANDOM_SEGMENTS=1``."""
+    return set(_seeds()) if os.environ.get("GPUMESH_RANDOM_SEGMENTS") == "1" else {4}
 
 
 def _resume_seeds() -> set[int]:
@@ -249,6 +258,25 @@ def test_random_volume(seed, tmp_path):
                      bounds=tuple(voxel_offset + lo) + tuple(voxel_offset + hi), **kw)
             run_mesh(part, str(tmp_path / "part"), voxel_offset=voxel_offset + lo, **kw)
         assert tree_files(tmp_path / "bounds") == tree_files(tmp_path / "part"), f"{what}: box {lo}-{hi}"
+
+    if seed in _segments_seeds():
+        # a random selection of the segments (and an ID not in the volume) gives each selected
+        # segment the bytes of the full job, and only those
+        pick_rng = np.random.default_rng([seed, 13])
+        chosen = [int(s) for s in present if pick_rng.random() < 0.4] or [int(present[-1])]
+        absent = next(s for s in (1, 2**63, 2**64 - 1, 12345) if s not in {int(p) for p in present})
+        with pytest.warns(SegmentsNotFoundWarning):
+            part = run_mesh(labels, str(tmp_path / "chosen"), options=dataclasses.replace(
+                options, segments=chosen + [absent]), voxel_size=voxel_size, voxel_offset=voxel_offset, workers=1)
+        assert (part.segments, part.missing_segments) == (len(chosen), 1), what
+        sub = open_mesh(str(tmp_path / "chosen"))
+        assert sub.segment_ids() == sorted(chosen), what
+        for seg in chosen:
+            assert sub.manifest_bytes(seg) == src.manifest_bytes(seg), f"{what}: segment {seg}"
+            assert sub.fragment_data(seg) == src.fragment_data(seg), f"{what}: segment {seg}"
+        full = _voxel_counts(dest)
+        assert _voxel_counts(tmp_path / "chosen") == {s: full[s] for s in chosen}, what
+        assert validate(str(tmp_path / "chosen")).ok, what
 
     if seed in _worker_seeds():
         # several workers (which also write the output) give the bytes of one
