@@ -437,7 +437,10 @@ def _mesh_lod(volume: Volume, plan: Plan, options: MeshOptions, backend: Backend
     ``mc_in`` holds LOD ``k`` local labels whose cube ``j`` is the volume's LOD ``k`` cube
     ``cube0 + j`` (``cube0``: (3,) int, a multiple of the node size ``C``); ``ctx`` holds
     ``mc_in`` at ``ctx_origin`` (voxels) plus the voxels around it that the thin-spot test may
-    see.  Only the pieces of local IDs that ``keep`` (bool, one per ID) selects are kept.
+    see.  Only the local IDs that ``keep`` (bool, one per ID) selects are meshed: the others
+    are background to marching cubes, which meshes each segment from where its own label is
+    alone (so a selected segment's triangles are those of the full job; the thin-spot test
+    likewise looks at its own label only).
     Returns ``[((segment ID, k, node, triangles), bytes), ...]`` sorted by (ID, node).
     """
     quality = get_quality(options.quality)
@@ -449,10 +452,10 @@ def _mesh_lod(volume: Volume, plan: Plan, options: MeshOptions, backend: Backend
     _, py, pz = (-(-(n - 1) // piece_size) for n in mc_in.shape)
     node0 = np.asarray(cube0, dtype=np.int64) // C
     scale = volume.voxel_size * (1 << k)
+    if not keep.all():   # MeshOptions.segments
+        mc_in = np.where(np.r_[False, keep][mc_in], mc_in, 0)
     frags: dict[tuple, list] = {}
     for piece in backend.mesh(mc_in, piece_size):
-        if not keep[piece.label - 1]:
-            continue   # not selected (MeshOptions.segments)
         pidx = piece.piece
         pc = np.array([pidx // (py * pz), (pidx // pz) % py, pidx % pz], dtype=np.int64)
         ln = pc // sub_per_node

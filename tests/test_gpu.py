@@ -584,14 +584,17 @@ def test_emulated_real_crop_matches_cpu(emu_lib, real_crops, name, dtype):
     _check_backend(backend, labels, piece_sizes=(16, 7))
 
 
-@pytest.mark.parametrize("name,quality", [("37x29x23", "high"), ("40^3", "medium")])
-def test_emulated_run_mesh_is_byte_identical(emu_lib, real_crops, tmp_path, monkeypatch, name, quality):
-    """The whole pipeline with the emulated GPU backend writes exactly the CPU's bytes."""
+@pytest.mark.parametrize("name,quality,some", [("37x29x23", "high", False), ("40^3", "medium", False),
+                                               ("40^3", "medium", True)])
+def test_emulated_run_mesh_is_byte_identical(emu_lib, real_crops, tmp_path, monkeypatch, name, quality, some):
+    """The whole pipeline with the emulated GPU backend writes exactly the CPU's bytes (also
+    for a selection of the segments, ``some``)."""
     from gpumesh import pipeline
     from gpumesh.pipeline import MeshOptions, run_mesh
 
     labels = real_crops[name]
-    kw = dict(options=MeshOptions(chunk_size=8, max_lods=2, quality=quality),
+    segments = np.unique(labels[labels != 0])[::3] if some else None
+    kw = dict(options=MeshOptions(chunk_size=8, max_lods=2, quality=quality, segments=segments),
               voxel_size=(32.0, 32.0, 40.0), workers=1)
     run_mesh(labels, str(tmp_path / "cpu"), device="cpu", **kw)
     emu = gpu.GPUBackend(runtime=cuda_emu.EmulatedRuntime(emu_lib, seed=3))
@@ -645,14 +648,18 @@ def test_gpu_real_crop_matches_cpu(gpu_backend, real_crops, crop, dtype):
 
 @pytest.mark.gpu
 def test_gpu_run_mesh_is_byte_identical(crop, tmp_path):
+    """The main job on the real crop: the GPU writes the CPU's bytes, at both presets and for
+    a selection of the segments."""
     from gpumesh.pipeline import MeshOptions, run_mesh
 
-    for quality in ("high", "medium"):
-        kw = dict(options=MeshOptions(chunk_size=32, max_lods=3, quality=quality),
-                  voxel_size=(32.0, 32.0, 40.0), voxel_offset=(192, 192, 192), workers=1)
-        assert run_mesh(crop, str(tmp_path / quality / "cpu"), device="cpu", **kw).device == "cpu"
-        assert run_mesh(crop, str(tmp_path / quality / "gpu"), device="gpu", **kw).device == "gpu"
-        _assert_same_tree(tmp_path / quality / "cpu", tmp_path / quality / "gpu")
+    some = np.unique(crop[crop != 0])[::3]
+    for name, options in [("high", MeshOptions(chunk_size=32, max_lods=3, quality="high")),
+                          ("medium", MeshOptions(chunk_size=32, max_lods=3)),
+                          ("some", MeshOptions(chunk_size=32, max_lods=3, segments=some))]:
+        kw = dict(options=options, voxel_size=(32.0, 32.0, 40.0), voxel_offset=(192, 192, 192), workers=1)
+        assert run_mesh(crop, str(tmp_path / name / "cpu"), device="cpu", **kw).device == "cpu"
+        assert run_mesh(crop, str(tmp_path / name / "gpu"), device="gpu", **kw).device == "gpu"
+        _assert_same_tree(tmp_path / name / "cpu", tmp_path / name / "gpu")
 
 
 @pytest.mark.gpu
