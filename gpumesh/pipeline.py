@@ -651,14 +651,15 @@ def _load_writer_kernels() -> None:
     segment_nodes(np.zeros((1, 3), np.uint32), np.zeros(1, np.int64), 1)
 
 
-def _run_task(task) -> tuple[tuple, int, float, str]:
-    """Run one task in a worker; returns the task, its result's bytes, the worker's peak RSS
-    so far (MiB: a forked worker is not this process's child, so its own figure is reported)
-    and its backend's name."""
+def _run_task(task) -> tuple[tuple, bytes, float, str]:
+    """Run one task in a worker; returns the task, its result's header (its start up to the
+    fragment data, so that the assembly need not read it), the worker's peak RSS so far (MiB:
+    a forked worker is not this process's child, so its own figure is reported) and its
+    backend's name."""
     blob = mesh_block(_WORKER["volume"], _WORKER["plan"], _WORKER["options"], task[0],
                       _WORKER["backend"], task[1])
     storage.write(_WORKER["kv"], block_key(task), blob)
-    return task, len(blob), peak_rss_mb(), _WORKER["backend"].name
+    return task, blob[:block_header_size(blob)], peak_rss_mb(), _WORKER["backend"].name
 
 
 def _worker_results(keys, whole, cache_bytes):
@@ -906,6 +907,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     from .writer import assemble
 
     stats = None
+    headers: dict = {}   # task name -> its result's header, as its worker returned it
     backends = set()   # the workers' backends
     if cluster is None and (nworkers == 1 or not todo):
         cache = read_cache_bytes(volume, plan)
@@ -939,7 +941,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                 # the worker processes (private; only to say how a dead one ended)
                 procs = list((getattr(pool, "_processes", None) or {}).values())
                 for fut in as_completed(futures):
-                    _, _, rss, name = fut.result()
+                    task, headers[task_name(task)], rss, name = fut.result()
                     workers_rss = max(workers_rss, rss)
                     backends.add(name)
                     finished += 1
@@ -948,7 +950,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                 t_mesh = time.perf_counter()
                 # the workers also build the segments and write the output (gpumesh.writer)
                 stats = assemble(kv, volume, plan, options, tasks, link_source=link_source, executor=pool,
-                                 workers=nworkers)
+                                 workers=nworkers, headers=headers)
         except Exception as exc:
             when = (f"after {finished} of {len(tasks)} tasks" if finished < len(tasks) else
                     "while writing the output")

@@ -57,7 +57,7 @@ from .errors import DestinationExistsError, GpumeshError, InvalidMeshError
 from .encode import encode_draco
 from .octree import encode_manifest, segment_nodes
 from .pipeline import (BLOCK_PREFIX, FRAG_DTYPE, SCRATCH, MeshOptions, Plan, block_header_size, block_key,
-                       unpack_block_header)
+                       task_name, unpack_block_header)
 from .reader import PLACEHOLDER_FACES, Manifest, ShardedMultiresSource, decode_fragment, open_mesh
 from .sharding import ShardingOptions, ShardingSpec, build_shard
 from .volume import Volume
@@ -69,6 +69,7 @@ WRITE_BATCH = 64
 #: this much is held; past it only their headers are read, and their fragments by byte range
 #: when a segment needs them (memory then follows a shard, not the whole output).
 ASSEMBLY_CACHE_BYTES = 1 << 30
+HEADER_READS = 64   # task result headers read at once by the assembly
 
 
 def segment_num_lods(lod0_nodes: np.ndarray, lods_present: set, plan_lods: int,
@@ -172,7 +173,7 @@ def mesh_info(volume: Volume, options: MeshOptions, with_properties: bool,
 
 
 def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, link_source: bool = False,
-             executor=None, workers: int = 1) -> dict:
+             executor=None, workers: int = 1, headers: Optional[dict] = None) -> dict:
     """Read every task's result from the scratch area and write the final mesh directory.
 
     Parameters
@@ -190,6 +191,9 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
         The main job's worker pool and its size: the workers then build the segments and
         write their files (runs of segments of about equal bytes, :func:`split_segments`) or
         shards (see :func:`write_shards`); this process writes segment properties and ``info``.
+    headers : dict, optional
+        Task name (:func:`gpumesh.pipeline.task_name`) -> the header of its result, as the
+        worker that ran it returned it; the others are read from the scratch area.
 
     Returns
     -------
@@ -199,8 +203,12 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
     indices = []
     count_labels, counts = [], []
     results = TaskResults(kv, [block_key(t) for t in tasks])
-    for bi in range(len(tasks)):
-        index, cl, cc, data_start = unpack_block_header(results.header(bi))
+    names = {task_name(t): i for i, t in enumerate(tasks)}
+    # with workers writing the output, this process needs the headers alone
+    heads = results.headers({names[n]: h for n, h in (headers or {}).items()},
+                            whole=executor is None or workers <= 1)
+    for bi, head in enumerate(heads):
+        index, cl, cc, data_start = unpack_block_header(head)
         ext = np.empty(len(index), dtype=FRAG_DTYPE.descr + [("block", "<u4")])
         for name in FRAG_DTYPE.names:
             ext[name] = index[name]
@@ -507,44 +515,68 @@ class TaskResults:
         """
         want = [int(b) for b in blocks if int(b) not in self.kept]
         for g in range(0, len(want), 16):
-            reads = [(b, self.kv.read(self.keys[b])) for b in want[g:g + 16]]
-            for b, fut in reads:
-                res = fut.result()
-                if res.state != "value":
-                    raise GpumeshError(
-                        f"task result {self.keys[b]} is missing from the scratch area; rerun with --overwrite")
-                if self.kept_bytes + len(res.value) > self.cache_bytes:
+            for b, blob in self._values([(b, self.kv.read(self.keys[b])) for b in want[g:g + 16]]):
+                if self.kept_bytes + len(blob) > self.cache_bytes:
                     return
-                self.kept[b] = bytes(res.value)
-                self.kept_bytes += len(self.kept[b])
+                self.kept[b] = blob
+                self.kept_bytes += len(blob)
 
-    def header(self, block: int) -> bytes:
-        """The start of result ``block`` up to its fragment data (for ``unpack_block_header``);
-        the whole result when it is kept.
+    def headers(self, known: Optional[dict] = None, whole: bool = True) -> list:
+        """Every result's header: the start of the result up to its fragment data (for
+        ``unpack_block_header``), or the whole result where it is kept.
+
+        Reads go out :data:`HEADER_READS` at a time, so that a network destination pays a
+        round trip per batch, not per result.
+
+        Parameters
+        ----------
+        known : dict, optional
+            Result number -> its header, as the worker that wrote it returned it (not read).
+        whole : bool
+            Read the other results whole and keep them while the kept results stay within the
+            cap (this process then reads their fragments); else read only their headers (two
+            byte-range reads each).
 
         Raises
         ------
         GpumeshError
-            The result is missing or corrupt (rerun with --overwrite).
+            A result is missing from the scratch area (rerun with --overwrite).
         """
-        key = self.keys[block]
-        if block in self.kept:
-            return self.kept[block]
-        if self.kept_bytes < self.cache_bytes:
-            blob = storage.read(self.kv, key)
-            if blob is None:
+        out: list = [None] * len(self.keys)
+        for b, head in (known or {}).items():
+            out[b] = head
+        todo = [b for b in range(len(self.keys)) if out[b] is None]
+        for g in range(0, len(todo), HEADER_READS):
+            group = todo[g:g + HEADER_READS]
+            if whole and self.kept_bytes < self.cache_bytes:
+                for b, blob in self._values([(b, self.kv.read(self.keys[b])) for b in group]):
+                    if self.kept_bytes + len(blob) <= self.cache_bytes:
+                        self.kept[b] = blob
+                        self.kept_bytes += len(blob)
+                    else:
+                        self.kept_bytes = self.cache_bytes   # keep no more
+                    out[b] = blob
+                continue
+            heads = self._values([(b, self.kv.read(self.keys[b], byte_range=slice(0, BLOCK_PREFIX)))
+                                  for b in group])
+            # a prefix too short is left as it is: unpack_block_header says it is corrupt
+            reads = [(b, self.kv.read(self.keys[b], byte_range=slice(0, block_header_size(head))))
+                     if len(head) == BLOCK_PREFIX else (b, head) for b, head in heads]
+            for b, head in self._values(reads):
+                out[b] = head
+        return out
+
+    def _values(self, reads: list) -> Iterator[tuple[int, bytes]]:
+        """``(result number, bytes)`` of ``(result number, read future or bytes)`` pairs."""
+        for b, fut in reads:
+            if isinstance(fut, bytes):
+                yield b, fut
+                continue
+            res = fut.result()
+            if res.state != "value":
                 raise GpumeshError(
-                    f"task result {key} is missing from the scratch area; rerun with --overwrite")
-            if self.kept_bytes + len(blob) <= self.cache_bytes:
-                self.kept[block] = blob
-                self.kept_bytes += len(blob)
-            else:
-                self.kept_bytes = self.cache_bytes   # keep no more
-            return blob
-        head = storage.read(self.kv, key, (0, BLOCK_PREFIX)) or b""
-        if len(head) < BLOCK_PREFIX:
-            return head   # unpack_block_header says it is corrupt
-        return storage.read(self.kv, key, (0, block_header_size(head))) or b""
+                    f"task result {self.keys[b]} is missing from the scratch area; rerun with --overwrite")
+            yield b, bytes(res.value)
 
     def read(self, entries) -> list:
         """Start reading the fragments of ``entries`` (rows with block, offset, size): the

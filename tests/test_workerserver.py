@@ -85,6 +85,46 @@ def test_two_workers_write_the_bytes_of_one(crop, tmp_path, monkeypatch, fmt, sh
     assert two.peak_rss_mb > 0
 
 
+def test_the_assembly_reads_only_the_headers_no_worker_returned(crop, tmp_path, monkeypatch):
+    """With workers writing the output, the main process reads no task result that a worker
+    returned the header of: none on a fresh run; on a resumed run the resumed tasks' headers
+    alone, by byte range (not whole), and the bytes of an uninterrupted run."""
+    from gpumesh import writer
+    from gpumesh.pipeline import BLOCK_PREFIX, MeshOptions, run_mesh
+    from gpumesh.sharding import ShardingOptions
+
+    read = []
+    real = writer.TaskResults._values
+
+    def spy(self, reads):
+        for b, blob in real(self, reads):
+            read.append((b, len(blob)))
+            yield b, blob
+
+    monkeypatch.setattr(writer.TaskResults, "_values", spy)
+    sub = crop[:64, :64, :64]
+    kw = dict(options=MeshOptions(chunk_size=16, sharding=ShardingOptions(shard_bits=1)), voxel_size=(32.0, 32.0, 40.0))
+    whole = run_mesh(sub, str(tmp_path / "whole"), workers=2, **kw)
+    assert whole.workers == 2 and read == []
+
+    def stop(done, total):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_mesh(sub, str(tmp_path / "cut"), workers=1, progress=stop, **kw)
+    read.clear()
+    again = run_mesh(sub, str(tmp_path / "cut"), workers=2, resume=True, **kw)
+    assert again.tasks_resumed == 3
+    assert tree_files(tmp_path / "cut") == tree_files(tmp_path / "whole")
+    prefixes = [b for b, n in read if n == BLOCK_PREFIX]
+    assert len(read) == 6 and len(set(prefixes)) == 3 and sorted(b for b, _ in read) == sorted(prefixes * 2)
+    # one process reads (and keeps) the results whole: it writes the output from them
+    read.clear()
+    run_mesh(sub, str(tmp_path / "one"), workers=1, **kw)
+    assert len(read) == whole.tasks and tree_files(tmp_path / "one") == tree_files(tmp_path / "whole")
+
+
 def _children() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
