@@ -12,7 +12,7 @@ Main entry points
 
 from .errors import (DestinationError, DestinationExistsError, EmptyVolumeWarning, GpumeshError, InvalidMeshError,
                      InvalidVolumeError, InvalidVoxelSizeError, SegmentsNotFoundWarning, SourceReadError,
-                     StorageUnreachableError, WorkerFailedError)
+                     StorageUnreachableError, TaskFailedError, WorkerFailedError)
 # eager: the function must stay gpumesh.validate once the submodule gpumesh.validate is imported
 from .validate import validate
 
@@ -46,7 +46,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DestinationError", "DestinationExistsError", "EmptyVolumeWarning", "GpumeshError", "InvalidMeshError", "InvalidVolumeError",
-    "InvalidVoxelSizeError", "SegmentsNotFoundWarning", "SourceReadError", "StorageUnreachableError", "WorkerFailedError", "MeshOptions",
+    "InvalidVoxelSizeError", "SegmentsNotFoundWarning", "SourceReadError", "StorageUnreachableError", "TaskFailedError", "WorkerFailedError", "MeshOptions",
     "Summary", "run_mesh",
     "load_mesh", "open_mesh", "validate", "Volume", "open_volume", "mesh_segment",
 ]

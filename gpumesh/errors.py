@@ -55,6 +55,13 @@ class WorkerFailedError(GpumeshError, RuntimeError):
     so the run can be resumed."""
 
 
+class TaskFailedError(WorkerFailedError):
+    """A task of the main job raised a :class:`GpumeshError` (a source chunk that cannot be
+    read, a write that failed: a full disk, lost credentials), or the output could not be
+    written.  Its ``__cause__`` is that error.  The tasks that finished are kept in the
+    destination's scratch area, so the run can be resumed once the cause is fixed."""
+
+
 class EmptyVolumeWarning(UserWarning):
     """The volume holds only background (label 0): the output is valid but holds no meshes."""
 

@@ -44,7 +44,7 @@ import numpy as np
 from . import encode, storage, workerserver
 from .backend import Backend, check_device, get_backend
 from .errors import (DestinationError, DestinationExistsError, EmptyVolumeWarning, GpumeshError,
-                     SegmentsNotFoundWarning, WorkerFailedError, one_line)
+                     SegmentsNotFoundWarning, SourceReadError, TaskFailedError, WorkerFailedError, one_line)
 from .lod import decimate, decimates, get_quality
 from .marching import piece_in_node, relabel_block, thin_vertices
 from .sharding import ShardingOptions
@@ -759,6 +759,22 @@ def _plan_fingerprint(volume: Volume, plan: Plan, options: MeshOptions) -> dict:
     }
 
 
+def _when(finished: int, total: int) -> str:
+    """When the job failed: ``after N of M tasks`` or ``while writing the output``."""
+    return f"after {finished} of {total} tasks" if finished < total else "while writing the output"
+
+
+def _task_failed(errors: list, finished: int, total: int, dest) -> TaskFailedError:
+    """The :class:`TaskFailedError` of tasks that raised ``errors`` (the first is its cause)."""
+    what = one_line(errors[0])
+    if len(errors) > 1:
+        what = f"{len(errors)} tasks failed, the first: {what}"
+    exc = TaskFailedError(f"{what} ({_when(finished, total)}); the finished tasks are kept in {dest}: run it again "
+                          f"with --resume (Python: resume=True) once the cause is fixed")
+    exc.__cause__ = errors[0]
+    return exc
+
+
 def _destination_error(dest, exc: Exception) -> DestinationError:
     """A one-line :class:`DestinationError` from TensorStore's error (its paths joined by ``/``)."""
     # TensorStore writes the parts of a file path joined by an escaped NUL ("\x00")
@@ -880,10 +896,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         # once the input is known good: the server imports gpumesh for the workers while this
         # process goes on (the CLI has started it already)
         workerserver.start_server()
-    try:   # the job's first write
-        storage.write_json(kv, SCRATCH + "plan.json", fingerprint)
-    except Exception as exc:
-        raise _destination_error(dest, exc) from exc
+    storage.write_json(kv, SCRATCH + "plan.json", fingerprint)   # the job's first write (DestinationError)
 
     tasks = plan.tasks()
     done = {k[len(SCRATCH) + len("blocks/"):] for k in storage.list_keys(kv, SCRATCH + "blocks/")}
@@ -907,67 +920,85 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     from .writer import assemble
 
     stats = None
+    unread: list = []   # the SourceReadErrors of tasks that could not read their part of the volume
     headers: dict = {}   # task name -> its result's header, as its worker returned it
     backends = set()   # the workers' backends
-    if cluster is None and (nworkers == 1 or not todo):
-        cache = read_cache_bytes(volume, plan)
-        reading = open_volume(source, **open_kwargs, cache_bytes=cache) if cache and todo else volume
-        for t in todo:
-            storage.write(kv, block_key(t), mesh_block(reading, plan, options, t[0], backend, t[1]))
-            finished += 1
-            if progress:
-                progress(finished, len(tasks))
-    else:
-        import threading
-
-        # The writer's numba kernel compiles (on a first run) or loads from its cache here while
-        # the workers mesh, instead of after them.
-        threading.Thread(target=_load_writer_kernels, daemon=True).start()
-        if cluster is not None:
-            pool = cluster
+    try:
+        if cluster is None and (nworkers == 1 or not todo):
+            cache = read_cache_bytes(volume, plan)
+            reading = open_volume(source, **open_kwargs, cache_bytes=cache) if cache and todo else volume
+            for t in todo:
+                try:
+                    blob = mesh_block(reading, plan, options, t[0], backend, t[1])
+                except SourceReadError as exc:
+                    unread.append(exc)   # the other tasks go on; a resumed run reruns this one
+                    continue
+                storage.write(kv, block_key(t), blob)
+                finished += 1
+                if progress:
+                    progress(finished, len(tasks))
         else:
-            ctx = workerserver.context()   # forked from a server with gpumesh loaded, or spawned
-            # workers number themselves from it to split the numba compiles of a first run
-            # (gpumesh.warmup), and the first device_workers of them use the GPU
-            started = ctx.Value("i", 0)
-            pool = ProcessPoolExecutor(nworkers, mp_context=ctx, initializer=_init_worker,
-                                       initargs=(source, dict(open_kwargs, cache_bytes=read_cache_bytes(volume, plan)),
-                                                 plan, options, dest_spec, backend.name, nworkers, started,
-                                                 device_workers))
-        procs: list = []
-        try:
-            with pool:
-                futures = [pool.submit(_run_task, t) for t in todo]
-                # the worker processes (private; only to say how a dead one ended)
-                procs = list((getattr(pool, "_processes", None) or {}).values())
-                for fut in as_completed(futures):
-                    task, headers[task_name(task)], rss, name = fut.result()
-                    workers_rss = max(workers_rss, rss)
-                    backends.add(name)
-                    finished += 1
-                    if progress:
-                        progress(finished, len(tasks))
-                t_mesh = time.perf_counter()
-                # the workers also build the segments and write the output (gpumesh.writer)
-                stats = assemble(kv, volume, plan, options, tasks, link_source=link_source, executor=pool,
-                                 workers=nworkers, headers=headers)
-        except Exception as exc:
-            when = (f"after {finished} of {len(tasks)} tasks" if finished < len(tasks) else
-                    "while writing the output")
-            if isinstance(exc, BrokenProcessPool):
-                how = f"a worker process ended abruptly{_how_workers_ended(procs)}"
-            elif type(exc).__name__ == "KilledWorker":   # distributed: a task's workers kept dying
-                how = f"Dask workers died running a task ({one_line(exc)})"
+            import threading
+
+            # The writer's numba kernel compiles (on a first run) or loads from its cache here while
+            # the workers mesh, instead of after them.
+            threading.Thread(target=_load_writer_kernels, daemon=True).start()
+            if cluster is not None:
+                pool = cluster
             else:
-                raise
-            raise WorkerFailedError(
-                f"{how} {when}; the finished ones are kept in {dest}: run it again with --resume (Python: "
-                f"resume=True), with fewer workers if memory ran out") from exc
-        if cluster is not None and backends:
-            summary.device = "+".join(sorted(backends))
-    if stats is None:
-        t_mesh = time.perf_counter()
-        stats = assemble(kv, volume, plan, options, tasks, link_source=link_source)
+                ctx = workerserver.context()   # forked from a server with gpumesh loaded, or spawned
+                # workers number themselves from it to split the numba compiles of a first run
+                # (gpumesh.warmup), and the first device_workers of them use the GPU
+                started = ctx.Value("i", 0)
+                pool = ProcessPoolExecutor(nworkers, mp_context=ctx, initializer=_init_worker,
+                                           initargs=(source, dict(open_kwargs, cache_bytes=read_cache_bytes(volume, plan)),
+                                                     plan, options, dest_spec, backend.name, nworkers, started,
+                                                     device_workers))
+            procs: list = []
+            futures: list = []
+            try:
+                with pool:
+                    futures = [pool.submit(_run_task, t) for t in todo]
+                    # the worker processes (private; only to say how a dead one ended)
+                    procs = list((getattr(pool, "_processes", None) or {}).values())
+                    for fut in as_completed(futures):
+                        try:
+                            task, headers[task_name(task)], rss, name = fut.result()
+                        except SourceReadError as exc:
+                            unread.append(exc)   # the other tasks go on; a resumed run reruns this one
+                            continue
+                        workers_rss = max(workers_rss, rss)
+                        backends.add(name)
+                        finished += 1
+                        if progress:
+                            progress(finished, len(tasks))
+                    if unread:
+                        raise _task_failed(unread, finished, len(tasks), dest)
+                    t_mesh = time.perf_counter()
+                    # the workers also build the segments and write the output (gpumesh.writer)
+                    stats = assemble(kv, volume, plan, options, tasks, link_source=link_source, executor=pool,
+                                     workers=nworkers, headers=headers)
+            except Exception as exc:
+                for fut in futures:   # stop: the tasks not started yet are not run
+                    fut.cancel()
+                if isinstance(exc, BrokenProcessPool):
+                    how = f"a worker process ended abruptly{_how_workers_ended(procs)}"
+                elif type(exc).__name__ == "KilledWorker":   # distributed: a task's workers kept dying
+                    how = f"Dask workers died running a task ({one_line(exc)})"
+                else:
+                    raise
+                raise WorkerFailedError(
+                    f"{how} {_when(finished, len(tasks))}; the finished ones are kept in {dest}: run it again with "
+                    f"--resume (Python: resume=True), with fewer workers if memory ran out") from exc
+            if cluster is not None and backends:
+                summary.device = "+".join(sorted(backends))
+        if unread:
+            raise _task_failed(unread, finished, len(tasks), dest)
+        if stats is None:
+            t_mesh = time.perf_counter()
+            stats = assemble(kv, volume, plan, options, tasks, link_source=link_source)
+    except (SourceReadError, DestinationError) as exc:   # a write, or the volume's first read
+        raise _task_failed([exc], finished, len(tasks), dest) from exc
     summary.seconds_meshing = t_mesh - t0
     storage.delete_prefix(kv, SCRATCH)
     summary.segments = stats["segments"]

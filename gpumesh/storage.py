@@ -16,7 +16,7 @@ from typing import Any, Iterable, Optional, Union
 
 import tensorstore as ts
 
-from .errors import SourceReadError, StorageUnreachableError, one_line
+from .errors import DestinationError, SourceReadError, StorageUnreachableError, one_line
 
 KvSpec = Union[str, os.PathLike, dict, "ts.KvStore"]
 
@@ -196,9 +196,25 @@ def read(kv: ts.KvStore, key: str, byte_range: Optional[tuple[int, int]] = None)
     return bytes(result.value)
 
 
+def _write_failed(kv: ts.KvStore, key: str, exc: Exception) -> DestinationError:
+    """A one-line :class:`DestinationError` naming the key (TensorStore writes the parts of a
+    file path joined by an escaped NUL, here ``/``)."""
+    where = kvstore_url(kv.spec().to_json())
+    return DestinationError(f"cannot write to {where}{key}: " + one_line(exc).replace("\\x00", "/"))
+
+
 def write(kv: ts.KvStore, key: str, value: bytes) -> None:
-    """Write one key atomically (whole or not at all)."""
-    kv.write(key, value).result()
+    """Write one key atomically (whole or not at all).
+
+    Raises
+    ------
+    DestinationError
+        The write failed (no permission, a full disk, a file where a directory should be).
+    """
+    try:
+        kv.write(key, value).result()
+    except (ValueError, OSError) as exc:   # TensorStore's errors are ValueErrors
+        raise _write_failed(kv, key, exc) from exc
 
 
 def write_json(kv: ts.KvStore, key: str, obj: Any) -> None:
@@ -248,7 +264,16 @@ def is_empty(kv: ts.KvStore) -> bool:
 
 
 def write_many(kv: ts.KvStore, items: Iterable[tuple[str, bytes]]) -> None:
-    """Write several keys concurrently and wait for all (each key atomic)."""
-    futures = [kv.write(k, v) for k, v in items]
-    for f in futures:
-        f.result()
+    """Write several keys concurrently and wait for all (each key atomic).
+
+    Raises
+    ------
+    DestinationError
+        A write failed (see :func:`write`).
+    """
+    futures = [(k, kv.write(k, v)) for k, v in items]
+    for k, f in futures:
+        try:
+            f.result()
+        except (ValueError, OSError) as exc:
+            raise _write_failed(kv, k, exc) from exc

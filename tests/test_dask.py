@@ -60,6 +60,31 @@ def test_an_interrupted_cluster_run_resumes(client, crop, tmp_path):
     assert tree_files(dest) == tree_files(whole)
 
 
+def test_a_chunk_that_cannot_be_read_fails_its_cluster_tasks_alone(client, tmp_path):
+    """On a cluster as in a local pool (tests/test_errors.py): the tasks that read a corrupt
+    chunk fail, the others are kept, and a resumed run writes the bytes of a clean one."""
+    from gpumesh import SourceReadError, TaskFailedError
+
+    from test_errors import _blobs
+
+    write_zarr(tmp_path / "v.zarr", _blobs(), chunk=16)
+    options = MeshOptions(chunk_size=16)
+    clean = run_mesh(str(tmp_path / "v.zarr"), str(tmp_path / "clean"), options=options, workers=1)
+    chunk = tmp_path / "v.zarr" / "c" / "0" / "1" / "2"
+    good = chunk.read_bytes()
+    chunk.write_bytes(b"not a chunk")
+    dest = tmp_path / "out"
+    with pytest.raises(TaskFailedError, match="tasks failed, the first: cannot read box") as info:
+        run_mesh(str(tmp_path / "v.zarr"), str(dest), options=options, client=client)
+    assert isinstance(info.value.__cause__, SourceReadError)
+    kept = len(os.listdir(dest / ".gpumesh-work" / "blocks"))
+    assert 0 < kept < clean.tasks
+    chunk.write_bytes(good)
+    again = run_mesh(str(tmp_path / "v.zarr"), str(dest), options=options, client=client, resume=True)
+    assert again.tasks_resumed == kept
+    assert tree_files(dest) == tree_files(tmp_path / "clean")
+
+
 def test_a_cluster_cannot_write_to_memory(client):
     progress = []
     with pytest.raises(ValueError, match="memory://"):

@@ -268,3 +268,78 @@ def test_destination_that_cannot_be_written(tmp_path):
     r = _cli("mesh", str(tmp_path / "v.zarr"), str(afile), "--workers", "1", "--quiet")
     assert r.returncode == 2 and r.stderr.strip().endswith(f"destination is a file, not a directory: {afile}"), r.stderr
     assert afile.read_text() == "keep me"
+
+
+def _blobs(shape=(64, 64, 64), seed=0) -> np.ndarray:
+    """Random labels in blobs (every task of a small job has work)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 6, size=tuple(-(-s // 8) for s in shape)).astype(np.uint32)
+    return np.repeat(np.repeat(np.repeat(coarse, 8, 0), 8, 1), 8, 2)[:shape[0], :shape[1], :shape[2]]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_chunk_that_cannot_be_read_mid_run_fails_the_tasks_that_read_it(tmp_path, workers):
+    """A corrupt source chunk fails only the tasks that read it: the others finish and are
+    kept, the job ends with one TaskFailedError (status 1 on the CLI, the count and the first
+    error on one line), and once the chunk reads again ``--resume`` writes the bytes of an
+    uninterrupted run."""
+    from conftest import tree_files, write_zarr
+
+    from gpumesh import TaskFailedError
+
+    write_zarr(tmp_path / "v.zarr", _blobs(), chunk=16)
+    opts = ["--chunk-size", "16", "--workers", str(workers), "--quiet"]
+    r = _cli("mesh", str(tmp_path / "v.zarr"), str(tmp_path / "clean"), *opts)
+    assert r.returncode == 0, r.stderr
+    chunk = tmp_path / "v.zarr" / "c" / "3" / "3" / "3"
+    good = chunk.read_bytes()
+    chunk.write_bytes(b"not a chunk")
+    dest = tmp_path / "out"
+    r = _cli("mesh", str(tmp_path / "v.zarr"), str(dest), *opts)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert "tasks failed, the first: cannot read box" in lines[0] and "c/3/3/3" in lines[0], lines[0]
+    assert "run it again with --resume" in lines[0]
+    kept = os.listdir(dest / ".gpumesh-work" / "blocks")
+    import re
+
+    failed, done, total = map(int, re.search(r"error: (\d+) tasks failed.*\(after (\d+) of (\d+) tasks\)",
+                                             lines[0]).groups())
+    assert done == len(kept)
+    assert len(kept) == total - failed > 0 and failed > 0
+    assert not (dest / "info").exists()
+    with pytest.raises(TaskFailedError) as info:    # the API: the first error is the cause
+        run_mesh(str(tmp_path / "v.zarr"), str(tmp_path / "api"), options=MeshOptions(chunk_size=16),
+                 workers=workers)
+    assert isinstance(info.value.__cause__, SourceReadError)
+    chunk.write_bytes(good)
+    r = _cli("mesh", str(tmp_path / "v.zarr"), str(dest), "--resume", *opts)
+    assert r.returncode == 0, r.stderr
+    assert tree_files(dest) == tree_files(tmp_path / "clean")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_write_that_fails_mid_run_stops_the_job(tmp_path, workers):
+    """A task result that cannot be written (here a directory in its place; a full disk or
+    lost credentials alike) stops the job at once with a TaskFailedError naming the key; the
+    finished tasks are kept and ``resume`` completes the run with the bytes of a clean one."""
+    from conftest import tree_files
+
+    from gpumesh import DestinationError, TaskFailedError
+
+    labels = _blobs()
+    opts = MeshOptions(chunk_size=16)
+    clean = run_mesh(labels, str(tmp_path / "clean"), options=opts, workers=1)
+    dest = tmp_path / "out"
+    blocker = dest / ".gpumesh-work" / "blocks" / "0_0_0.coarse"     # a late task (the coarse ones run last)
+    (blocker / "x").mkdir(parents=True)
+    with pytest.raises(TaskFailedError, match="cannot write to .*0_0_0.coarse.*run it again with --resume") as info:
+        run_mesh(labels, str(dest), options=opts, workers=workers, resume=True)
+    assert isinstance(info.value.__cause__, DestinationError)
+    kept = os.listdir(dest / ".gpumesh-work" / "blocks")
+    assert 0 < len(kept) - 1 < clean.tasks
+    (blocker / "x").rmdir()
+    blocker.rmdir()
+    again = run_mesh(labels, str(dest), options=opts, workers=workers, resume=True)
+    assert again.tasks_resumed == len(kept) - 1
+    assert tree_files(dest) == tree_files(tmp_path / "clean")
