@@ -81,6 +81,41 @@ def main():
     """gpumesh: mesh segmentation volumes into Neuroglancer precomputed meshes."""
 
 
+PROGRESS_EVERY_S = 30.0   # seconds between two progress lines in a log
+
+
+class _ProgressLines:
+    """The main job's progress as a line at the start, every :data:`PROGRESS_EVERY_S` seconds
+    and at the end, where stderr is not a terminal (a batch or cloud job's log): tqdm's bar
+    redraws one line with carriage returns, which a log keeps as one endless line."""
+
+    FORMAT = "{desc}: {n_fmt}/{total_fmt} tasks ({percentage:.0f}%), {elapsed} elapsed, {remaining} left"
+
+    def __init__(self, total: int, initial: int):
+        import time
+
+        self.total, self.n, self.initial = total, initial, initial
+        self.clock = time.monotonic
+        self.start = self.last = self.clock()
+        self._line()
+
+    def update(self, k: int) -> None:
+        self.n += k
+        now = self.clock()
+        if now - self.last >= PROGRESS_EVERY_S or self.n >= self.total:
+            self.last = now
+            self._line()
+
+    def close(self) -> None:
+        pass
+
+    def _line(self) -> None:
+        from tqdm import tqdm
+
+        click.echo(tqdm.format_meter(self.n, self.total, self.clock() - self.start, prefix="meshing",
+                                     bar_format=self.FORMAT, initial=self.initial), err=True)
+
+
 @main.command()
 @click.argument("source")
 @click.argument("dest")
@@ -153,7 +188,8 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality
         if quiet:
             return
         if bar is None:
-            bar = tqdm(total=total, unit="task", desc="meshing", initial=done)
+            bar = (tqdm(total=total, unit="task", desc="meshing", initial=done) if sys.stderr.isatty()
+                   else _ProgressLines(total, done))
         else:
             bar.update(done - bar.n)
 

@@ -343,3 +343,18 @@ def test_a_write_that_fails_mid_run_stops_the_job(tmp_path, workers):
     again = run_mesh(labels, str(dest), options=opts, workers=workers, resume=True)
     assert again.tasks_resumed == len(kept) - 1
     assert tree_files(dest) == tree_files(tmp_path / "clean")
+
+
+def test_cli_progress_in_a_log_is_lines(tmp_path):
+    """Where stderr is not a terminal (a batch job's log) the progress is whole lines, the
+    first at the start and the last at the end, not a bar redrawn with carriage returns."""
+    from conftest import write_zarr
+
+    write_zarr(tmp_path / "v.zarr", _blobs((40, 40, 40)), chunk=16)
+    r = _cli("mesh", str(tmp_path / "v.zarr"), str(tmp_path / "out"), "--chunk-size", "16", "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("meshing: ")]
+    total = int(lines[0].split("/")[1].split()[0])
+    assert total > 1 and lines[0].startswith(f"meshing: 0/{total} tasks (0%)")
+    assert lines[-1].startswith(f"meshing: {total}/{total} tasks (100%)") and len(lines) >= 2
