@@ -140,7 +140,8 @@ class _ProgressLines:
 @click.option("--segments", callback=_segments, default=None, metavar="IDS",
               help="mesh only these segment IDs: 1,2,3 or @FILE (IDs separated by commas, spaces or "
                    "newlines); each gets the bytes of the full job")
-@click.option("--workers", type=int, default=None, help="parallel processes (default: all cores)")
+@click.option("--workers", type=int, default=None,
+              help="parallel processes (default: the usable cores, as many as fit in memory)")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="run the tasks on the Dask cluster of this scheduler (tcp://host:8786, or a scheduler "
                    "file) instead of local processes; SOURCE and DEST must be reachable from its workers")
@@ -163,9 +164,9 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality
     DEST: a directory path or kvstore URL (file://, gs://, s3://).
     Multi-resolution meshes are sharded unless --unsharded.
     """
-    import os
+    from .resources import FewerWorkersNotice, usable_cores
 
-    if scheduler is None and (workers or os.cpu_count() or 1) > 1:
+    if scheduler is None and (workers or usable_cores()) > 1:
         from .workerserver import start_server
 
         start_server()   # the workers' server imports gpumesh while this process does the same
@@ -196,7 +197,7 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality
     caught = []
 
     def show(message, category, *args, **kwargs):
-        if issubclass(category, CPUFallbackNotice):  # at once (the source is checked by then)
+        if issubclass(category, (CPUFallbackNotice, FewerWorkersNotice)):  # at once (the source is checked by then)
             if not quiet:
                 click.echo(f"gpumesh: {message}", err=True)
         else:  # after the progress bar
@@ -217,6 +218,7 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality
             warnings.simplefilter("always", EmptyVolumeWarning)
             warnings.simplefilter("always", SegmentsNotFoundWarning)
             warnings.simplefilter("always", CPUFallbackNotice)
+            warnings.simplefilter("always", FewerWorkersNotice)
             warnings.showwarning = show
             try:
                 summary = run_mesh(source, dest, options=options, voxel_size=voxel_size, voxel_offset=voxel_offset,

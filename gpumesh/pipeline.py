@@ -64,7 +64,8 @@ class MeshOptions:
         Edge of a LOD 0 octree node (``chunk_shape``), in voxels; a power of two >= 4.
     max_lods : int
         LODs computed per block; the block edge is ``chunk_size * 2**(max_lods - 1)`` voxels and
-        sets peak memory (about 20 bytes per voxel of a block per worker).
+        sets peak memory per worker (measured: 339, 532 and 1,517 MB for blocks of 128, 256
+        and 512 voxels a side, plus the read cache; see :mod:`gpumesh.resources`).
     num_lods : int or None
         Give every segment this many LODs (capped where a segment vanishes).  ``None``: by size,
         enough LODs that the segment's coarsest LOD spans one node per axis.
@@ -809,7 +810,10 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         What to do when ``dest`` is not empty: delete everything first, or keep finished
         blocks and continue.  Without either, a non-empty ``dest`` is an error.
     workers : int, optional
-        Processes meshing blocks in parallel (default: all cores; 1 runs in this process).
+        Processes meshing blocks in parallel (1 runs in this process).  Default: the usable
+        cores (CPU affinity and the container's CPU quota), fewer where their estimated
+        memory would not fit in the available memory, with a ``FewerWorkersNotice`` (see
+        :mod:`gpumesh.resources`).
     device : {"auto", "cpu", "gpu"}
     link_source : bool
         When the source is a precomputed volume, also set ``mesh`` in its ``info`` (the
@@ -889,10 +893,18 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                 raise DestinationExistsError(f"{dest}: holds a finished mesh; use --overwrite to redo it")
         else:
             raise DestinationExistsError(f"{dest} is not empty; pass --overwrite or --resume")
-    requested = workers or os.cpu_count() or 1   # worker processes asked for
     if cluster is not None:
         requested = cluster.workers
-    elif requested > 1:
+    elif workers is None:   # the usable cores, as many as fit in memory (gpumesh.resources)
+        from .resources import FewerWorkersNotice, default_workers, worker_bytes
+
+        requested, why = default_workers(worker_bytes(plan.block, np.dtype(volume.dtype).itemsize,
+                                                      read_cache_bytes(volume, plan)))
+        if why:
+            warnings.warn(why, FewerWorkersNotice, stacklevel=2)
+    else:
+        requested = workers
+    if cluster is None and requested > 1:
         # once the input is known good: the server imports gpumesh for the workers while this
         # process goes on (the CLI has started it already)
         workerserver.start_server()

@@ -1,0 +1,99 @@
+"""gpumesh.resources: the cores and memory a container gives the job, read from fake cgroup
+and meminfo files, and the main job's default worker count."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from gpumesh import resources
+from gpumesh.resources import available_memory, default_workers, usable_cores, worker_bytes
+
+from conftest import write_zarr
+
+GIB = 1 << 30
+
+
+def _files(root, files: dict) -> str:
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    return str(root)
+
+
+def _meminfo(tmp_path, gib: float) -> str:
+    path = tmp_path / "meminfo"
+    path.write_text(f"MemTotal:       99999999 kB\nMemFree:  1 kB\nMemAvailable:   {int(gib * 2**20)} kB\n")
+    return str(path)
+
+
+def test_cpu_quota_caps_the_cores(tmp_path):
+    host = len(os.sched_getaffinity(0))
+    assert usable_cores(_files(tmp_path / "none", {})) == host
+    assert usable_cores(_files(tmp_path / "v2max", {"cpu.max": "max 100000"})) == host
+    assert usable_cores(_files(tmp_path / "v2", {"cpu.max": "50000 100000"})) == 1          # half a CPU: 1
+    assert usable_cores(_files(tmp_path / "v2big", {"cpu.max": "6400000 100000"})) == host  # 64 CPUs' quota
+    v1 = {"cpu/cpu.cfs_quota_us": "100000", "cpu/cpu.cfs_period_us": "100000"}
+    assert usable_cores(_files(tmp_path / "v1", v1)) == 1
+    v1none = {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}
+    assert usable_cores(_files(tmp_path / "v1none", v1none)) == host
+
+
+def test_memory_limit_caps_the_available_memory(tmp_path):
+    meminfo = _meminfo(tmp_path, 20)
+    assert available_memory(_files(tmp_path / "none", {}), meminfo) == 20 * GIB
+    assert available_memory(_files(tmp_path / "max", {"memory.max": "max", "memory.current": "5"}), meminfo) == 20 * GIB
+    v2 = {"memory.max": str(8 * GIB), "memory.current": str(3 * GIB)}
+    assert available_memory(_files(tmp_path / "v2", v2), meminfo) == 5 * GIB
+    v1 = {"memory/memory.limit_in_bytes": str(4 * GIB), "memory/memory.usage_in_bytes": str(GIB)}
+    assert available_memory(_files(tmp_path / "v1", v1), meminfo) == 3 * GIB
+    v1none = {"memory/memory.limit_in_bytes": str(2**63 - 4096), "memory/memory.usage_in_bytes": "1"}
+    assert available_memory(_files(tmp_path / "v1none", v1none), meminfo) == 20 * GIB
+    assert available_memory(_files(tmp_path / "nothing", {}), str(tmp_path / "no-meminfo")) is None
+
+
+def test_default_workers_fit_in_memory(tmp_path):
+    root = _files(tmp_path / "cg", {"cpu.max": "max 100000"})
+    cores = usable_cores(root)
+    per = worker_bytes(256, 4, 64 << 20)
+    assert per == resources.WORKER_BASE_BYTES + 256 ** 3 * 14 + (64 << 20)
+    assert default_workers(per, root, _meminfo(tmp_path, 1000)) == (cores, "")
+    # room for 1 worker besides the main process's reserve: one, and a sentence saying why
+    small = (resources.MAIN_RESERVE_BYTES + per * 1.5) / GIB
+    n, why = default_workers(per, root, _meminfo(tmp_path, small))
+    if cores > 1:
+        assert n == 1 and why.startswith(f"1 worker(s) for {cores} cores") and "--workers" in why
+    assert default_workers(per, root, _meminfo(tmp_path, 0.1))[0] == 1        # never none
+
+
+def test_the_main_job_runs_the_workers_that_fit(tmp_path, monkeypatch):
+    """run_mesh without ``workers`` caps them by memory with a FewerWorkersNotice; the CLI
+    prints it as one line at once."""
+    from gpumesh.pipeline import MeshOptions, run_mesh
+    from gpumesh.resources import FewerWorkersNotice
+
+    labels = np.zeros((40, 40, 40), np.uint32)
+    labels[3:30, 5:33, 2:20] = 4
+    monkeypatch.setattr(resources, "usable_cores", lambda root=None: 4)
+    monkeypatch.setattr(resources, "available_memory", lambda root=None, meminfo=None: 2 * GIB)
+    monkeypatch.setattr(resources, "MAIN_RESERVE_BYTES", GIB)
+    monkeypatch.setattr(resources, "WORKER_BASE_BYTES", 400 << 20)   # 2 fit in the 1 GiB left
+    with pytest.warns(FewerWorkersNotice, match="2 worker\\(s\\) for 4 cores"):
+        summary = run_mesh(labels, str(tmp_path / "out"), options=MeshOptions(chunk_size=16))
+    assert summary.workers == 2
+    monkeypatch.setattr(resources, "available_memory", lambda root=None, meminfo=None: 100 * GIB)
+    assert run_mesh(labels, str(tmp_path / "more"), options=MeshOptions(chunk_size=16)).workers == 4
+    # the CLI prints the notice as one line, before the job's output
+    from click.testing import CliRunner
+
+    from gpumesh.cli import main
+
+    write_zarr(tmp_path / "v.zarr", labels, chunk=16)
+    monkeypatch.setattr(resources, "available_memory", lambda root=None, meminfo=None: 2 * GIB)
+    r = CliRunner().invoke(main, ["mesh", str(tmp_path / "v.zarr"), str(tmp_path / "cli"), "--chunk-size", "16"])
+    assert r.exit_code == 0, r.output
+    assert "gpumesh: 2 worker(s) for 4 cores: each needs about" in r.output
+    assert "2 worker(s), device" in r.output
