@@ -64,8 +64,8 @@ class MeshOptions:
         Edge of a LOD 0 octree node (``chunk_shape``), in voxels; a power of two >= 4.
     max_lods : int
         LODs computed per block; the block edge is ``chunk_size * 2**(max_lods - 1)`` voxels and
-        sets peak memory per worker (measured: 339, 532 and 1,517 MB for blocks of 128, 256
-        and 512 voxels a side, plus the read cache; see :mod:`gpumesh.resources`).
+        sets peak memory per worker (measured: 362, 773 and 1,947 MiB for blocks of 128, 256
+        and 512 voxels a side, read cache included; see :mod:`gpumesh.resources`).
     num_lods : int or None
         Give every segment this many LODs (capped where a segment vanishes).  ``None``: by size,
         enough LODs that the segment's coarsest LOD spans one node per axis.

@@ -22,13 +22,14 @@ from typing import Optional
 CGROUP = "/sys/fs/cgroup"
 MEMINFO = "/proc/meminfo"
 
-#: Memory a worker needs besides its block (imports, pieces, buffers), bytes.  Measured on the
-#: real volume (one process running every task, ``ru_maxrss``): 339, 532 and 1,517 MB for
-#: blocks of 128, 256 and 512 voxels a side (uint32 labels); this model gives 329, 535 and
-#: 2,179 MB (docs/STATUS.md, fourteenth session).
+#: Memory a worker needs besides its block and read cache (imports, pieces, buffers), bytes.
+#: Measured (``bench/bench_memory.py``: one worker process running every task of the real
+#: volume, read cache included, ``ru_maxrss``): 362, 773 and 1,947 MiB for blocks of 128, 256
+#: and 512 voxels a side (uint32 labels; read caches of 64, 216 and 512 MiB); this model gives
+#: 397, 784 and 2,959 MiB (bench/results/memory-20261204T234257Z-vm.json, docs/STATUS.md).
 WORKER_BASE_BYTES = 300 << 20
 #: Memory a worker needs per voxel of a block besides the labels' own bytes (see above).
-WORKER_BYTES_PER_VOXEL = 10
+WORKER_BYTES_PER_VOXEL = 12
 #: Memory kept for the main process (the assembly's index, the worker server).
 MAIN_RESERVE_BYTES = 1 << 30
 

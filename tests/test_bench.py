@@ -361,3 +361,34 @@ def test_a_dask_variant_gets_no_workers_flag(tmp_path, crop):
     assert var["triangles_per_lod"] == base["triangles_per_lod"] and var["bytes"] == base["bytes"]
     assert "--workers" in rec["runs"]["gpumesh"][0]["command"]
     assert "--workers" not in rec["runs"][f"gpumesh {variant}"][0]["command"]
+
+
+# --------------------------------------------------------------------------------------
+# bench_memory: a worker's peak memory against the model
+
+import bench_memory  # noqa: E402
+
+
+def test_bench_memory_runs_every_task_as_one_worker(tmp_path, capsys):
+    """On a small zarr: one row per max LODs, every task of the job run (its results written),
+    the peak at least the start, and the model's figure beside it."""
+    import json
+
+    from conftest import write_zarr
+    from gpumesh.pipeline import MeshOptions, Plan
+
+    labels = np.zeros((48, 40, 36), np.uint32)
+    labels[4:30, 6:35, 3:33] = 3
+    labels[20:44, 2:20, 10:30] = 9
+    write_zarr(tmp_path / "v.zarr", labels, chunk=16)
+    assert bench_memory.main(["--source", str(tmp_path / "v.zarr"), "--chunk-size", "8", "--max-lods", "2",
+                              "--max-lods", "3", "--results-dir", str(tmp_path / "res")]) == 0
+    out = capsys.readouterr().out
+    assert "model / peak" in out
+    (result,) = list((tmp_path / "res").glob("memory-*.json"))
+    rows = json.loads(result.read_text())["rows"]
+    assert [r["max_lods"] for r in rows] == [2, 3]
+    for r in rows:
+        plan = Plan.make(labels.shape, MeshOptions(chunk_size=8, max_lods=r["max_lods"]))
+        assert r["block"] == plan.block and r["tasks"] == len(plan.tasks())
+        assert r["peak_rss_mib"] >= r["rss_before_mib"] > 0 and r["model_mib"] > 0 and r["read_cache_mib"] > 0

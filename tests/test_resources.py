@@ -59,7 +59,7 @@ def test_default_workers_fit_in_memory(tmp_path):
     root = _files(tmp_path / "cg", {"cpu.max": "max 100000"})
     cores = usable_cores(root)
     per = worker_bytes(256, 4, 64 << 20)
-    assert per == resources.WORKER_BASE_BYTES + 256 ** 3 * 14 + (64 << 20)
+    assert per == resources.WORKER_BASE_BYTES + 256 ** 3 * (resources.WORKER_BYTES_PER_VOXEL + 4) + (64 << 20)
     assert default_workers(per, root, _meminfo(tmp_path, 1000)) == (cores, "")
     # room for 1 worker besides the main process's reserve: one, and a sentence saying why
     small = (resources.MAIN_RESERVE_BYTES + per * 1.5) / GIB

@@ -12,6 +12,8 @@ import tensorstore as ts
 from gpumesh.errors import GpumeshError, InvalidVolumeError, InvalidVoxelSizeError, SourceReadError
 from gpumesh.volume import Volume, open_volume
 
+from conftest import tree_files
+
 SHAPE = (20, 17, 13)  # x, y, z: distinct so axis mix-ups show
 SHARED = "/work/shared/data/connectomics.zarr"
 
@@ -254,6 +256,36 @@ def test_precomputed_two_scales(tmp_path, labels):
     np.testing.assert_array_equal(vol_ts.voxel_offset, [50, 100, 150])
     np.testing.assert_array_equal(vol_ts.voxel_size, [8, 8, 80])
     assert vol_ts.precomputed["scale_key"] == pre["scale_key"]
+
+
+def test_sharded_precomputed_with_missing_chunks(tmp_path, labels):
+    """A sharded precomputed segmentation (as large datasets are stored), written only in part:
+    the chunks never written read as background, and the main job meshes it as the array."""
+    from gpumesh.pipeline import MeshOptions, run_mesh
+
+    root = tmp_path / "sharded"
+    sharding = {"@type": "neuroglancer_uint64_sharded_v1", "preshift_bits": 0, "hash": "identity",
+                "minishard_bits": 1, "shard_bits": 1, "minishard_index_encoding": "gzip", "data_encoding": "gzip"}
+    spec = {"driver": "neuroglancer_precomputed", "kvstore": {"driver": "file", "path": str(root)},
+            "multiscale_metadata": {"type": "segmentation", "data_type": "uint32", "num_channels": 1},
+            "scale_metadata": {"size": list(labels.shape), "resolution": [8, 8, 30], "chunk_size": [8, 8, 8],
+                               "encoding": "compressed_segmentation", "compressed_segmentation_block_size": [8, 8, 8],
+                               "sharding": sharding}}
+    store = ts.open(spec, create=True).result()[ts.d["channel"][0]]
+    part = np.zeros_like(labels)
+    part[:16, :, :8] = labels[:16, :, :8]                  # whole chunks only; the rest never written
+    store[:16, :, :8].write(labels[:16, :, :8]).result()
+    assert any(f.name.endswith(".shard") for f in root.rglob("*"))
+    vol = open_volume(str(root))
+    check_read(vol, part)
+    np.testing.assert_array_equal(vol.voxel_size, [8, 8, 30])
+    options = MeshOptions(chunk_size=8, max_lods=2)
+    run_mesh(str(root), str(tmp_path / "from-shards"), options=options, workers=1)
+    run_mesh(part, str(tmp_path / "from-array"), options=options, voxel_size=(8, 8, 30), workers=1)
+    meshes = tree_files(tmp_path / "from-shards")
+    assert "source_info.json" in meshes   # a precomputed source gets a ready copy of its info, linking the meshes
+    del meshes["source_info.json"]
+    assert meshes == tree_files(tmp_path / "from-array")
 
 
 def test_tensorstore_and_spec_inputs(tmp_path, labels):
