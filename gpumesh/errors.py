@@ -51,8 +51,8 @@ class InvalidMeshError(GpumeshError, ValueError):
 
 class WorkerFailedError(GpumeshError, RuntimeError):
     """A worker process of the main job ended abruptly (killed, e.g. by the out-of-memory
-    killer, or crashed).  The tasks that finished are kept in the destination's scratch area,
-    so the run can be resumed."""
+    killer, or crashed), or, as :class:`TaskFailedError`, a task failed.  The tasks that
+    finished are kept in the destination's scratch area, so the run can be resumed."""
 
 
 class TaskFailedError(WorkerFailedError):

@@ -24,10 +24,11 @@ MEMINFO = "/proc/meminfo"
 
 #: Memory a worker needs besides its block and read cache (imports, pieces, buffers), bytes.
 #: Measured (``bench/bench_memory.py``: one worker process running every task of the real
-#: volume, read cache included, ``ru_maxrss``): 362, 773 and 1,947 MiB for blocks of 128, 256
-#: and 512 voxels a side (uint32 labels; read caches of 64, 216 and 512 MiB); this model gives
-#: 397, 784 and 2,959 MiB (bench/results/memory-20261204T234257Z-vm.json, docs/STATUS.md).
-WORKER_BASE_BYTES = 300 << 20
+#: volume, read cache included, ``ru_maxrss``): 362-386, 773-788 and 1,947-1,950 MiB for
+#: blocks of 128, 256 and 512 voxels a side in two runs (uint32 labels; read caches of 64,
+#: 216 and 512 MiB); this model gives 496, 872 and 2,960 MiB, a margin of 11 % at the
+#: default block (docs/STATUS.md, fourteenth session).
+WORKER_BASE_BYTES = 400 << 20
 #: Memory a worker needs per voxel of a block besides the labels' own bytes (see above).
 WORKER_BYTES_PER_VOXEL = 12
 #: Memory kept for the main process (the assembly's index, the worker server).
