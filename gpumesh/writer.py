@@ -193,7 +193,8 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
         shards (see :func:`write_shards`); this process writes segment properties and ``info``.
     headers : dict, optional
         Task name (:func:`gpumesh.pipeline.task_name`) -> the header of its result, as the
-        worker that ran it returned it; the others are read from the scratch area.
+        worker that ran it returned it; the others are read from the scratch area.  Emptied
+        here, so that each header is freed once its entries are in the index.
 
     Returns
     -------
@@ -204,10 +205,12 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
     count_labels, counts = [], []
     results = TaskResults(kv, [block_key(t) for t in tasks])
     names = {task_name(t): i for i, t in enumerate(tasks)}
+    known = {names[n]: headers.pop(n) for n in list(headers or {})}   # the only reference: freed as parsed
     # with workers writing the output, this process needs the headers alone
-    heads = results.headers({names[n]: h for n, h in (headers or {}).items()},
-                            whole=executor is None or workers <= 1)
-    for bi, head in enumerate(heads):
+    heads = results.headers(known, whole=executor is None or workers <= 1)
+    del known
+    for bi in range(len(heads)):
+        head, heads[bi] = heads[bi], None
         index, cl, cc, data_start = unpack_block_header(head)
         ext = np.empty(len(index), dtype=FRAG_DTYPE.descr + [("block", "<u4")])
         for name in FRAG_DTYPE.names:
