@@ -26,7 +26,7 @@ def test_explore_notebook_runs(real_zarr):
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 2, "the mesh plots are missing"
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    assert "rank  segment" in text and "valid: True" in text
+    assert "rank  segment" in text and "valid: True" in text and "selection valid: True" in text
     assert "watertight True" in text and ".stl:" in text
     assert "precomputed://http://127.0.0.1:" in text
 
