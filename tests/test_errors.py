@@ -358,3 +358,22 @@ def test_cli_progress_in_a_log_is_lines(tmp_path):
     total = int(lines[0].split("/")[1].split()[0])
     assert total > 1 and lines[0].startswith(f"meshing: 0/{total} tasks (0%)")
     assert lines[-1].startswith(f"meshing: {total}/{total} tasks (100%)") and len(lines) >= 2
+
+
+def test_the_selection_tells_selected_ids_from_the_others():
+    """``MeshOptions.selected`` against NumPy's set membership, for selections of one ID to
+    10**5 (lists, arrays, repeats, the largest uint64), and empty inputs."""
+    rng = np.random.default_rng(5)
+    for size in (1, 7, 100_000):
+        chosen = rng.integers(1, 2**63, size, dtype=np.uint64)
+        chosen[0] = 2**64 - 1
+        options = MeshOptions(segments=np.r_[chosen, chosen[:3]])    # repeats are one
+        assert options.segments[0] == 2**64 - 1 and isinstance(options.segments[0], int)
+        ids = np.unique(np.r_[chosen[::3], rng.integers(1, 2**63, 5000, dtype=np.uint64),
+                              np.array([1, 2**64 - 1], np.uint64)])
+        assert ids.dtype == np.uint64
+        assert np.array_equal(options.selected(ids), np.isin(ids, chosen))
+        assert options.selected(np.zeros(0, np.uint64)).shape == (0,)
+    assert MeshOptions(segments=[3, 1]).selected_ids().tolist() == [1, 3]
+    assert MeshOptions(segments=[5]).selected(np.array([1, 5, 9], np.uint64)).tolist() == [False, True, False]
+    assert MeshOptions().selected(np.array([4, 9], np.uint64)).all()
