@@ -854,6 +854,9 @@ def open_volume(
             text = text.decode()
         fmt, loc = _split_prefix(text)
         return _open_location(loc, fmt, mip, axes, vs, vo, context)
+    if isinstance(source, Volume):   # e.g. run_mesh(open_volume(path)): its workers open the source themselves
+        raise SourceReadError(f"give the source itself (the path, URL, spec, array or TensorStore that "
+                              f"open_volume opened), not an opened Volume ({source.description})")
     raise SourceReadError(f"unsupported source type {type(source).__name__}: {source!r}"[:300])
 
 

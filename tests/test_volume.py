@@ -436,8 +436,14 @@ def test_missing_and_unknown(tmp_path):
         open_volume(str(unknown))
     with pytest.raises(SourceReadError):
         open_volume(f"precomputed://{unknown}")
-    with pytest.raises(SourceReadError):
+    with pytest.raises(SourceReadError, match="unsupported source type int"):
         open_volume(12345)
+    # run_mesh(open_volume(...)): its workers open the source, so it needs the source itself
+    from gpumesh import run_mesh
+
+    with pytest.raises(SourceReadError, match="give the source itself .* not an opened Volume"):
+        run_mesh(open_volume(np.ones((4, 4, 4), np.uint8)), str(tmp_path / "out"), workers=1)
+    assert not (tmp_path / "out").exists()
     bad = tmp_path / "bad.zarr"
     bad.mkdir()
     (bad / "zarr.json").write_text("{not json")
