@@ -64,8 +64,8 @@ class MeshOptions:
         Edge of a LOD 0 octree node (``chunk_shape``), in voxels; a power of two >= 4.
     max_lods : int
         LODs computed per block; the block edge is ``chunk_size * 2**(max_lods - 1)`` voxels and
-        sets peak memory per worker (measured: 362, 773 and 1,947 MiB for blocks of 128, 256
-        and 512 voxels a side, read cache included; see :mod:`gpumesh.resources`).
+        sets peak memory per worker (measured: about 370, 770 and 1,950 MiB for blocks of 128,
+        256 and 512 voxels a side, read cache included; see :mod:`gpumesh.resources`).
     num_lods : int or None
         Give every segment this many LODs (capped where a segment vanishes).  ``None``: by size,
         enough LODs that the segment's coarsest LOD spans one node per axis.
@@ -89,9 +89,10 @@ class MeshOptions:
     segments : tuple of int or None
         Mesh only these segment IDs (igneous's ``object_ids``); ``None`` meshes every segment.
         Each selected segment gets the bytes the full job gives it: the labels are downsampled
-        with every segment present, and only the other segments' pieces are dropped (before
-        decimation).  The segment properties list the selected segments found in the volume.
-        A list or array is stored as a tuple.
+        with every segment present, and marching cubes sees the other segments as background
+        (see :func:`_mesh_lod`).  The segment properties list the selected segments found in
+        the volume; the others give a ``SegmentsNotFoundWarning``.  A list or array is stored
+        as a tuple.
     """
 
     chunk_size: int = 64
