@@ -972,7 +972,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             procs: list = []
             futures: list = []
             try:
-                with pool:
+                # the pool starts its processes as tasks are submitted, the assembly's too
+                with pool, workerserver.without_main_script():
                     futures = [pool.submit(_run_task, t) for t in todo]
                     # the worker processes (private; only to say how a dead one ended)
                     procs = list((getattr(pool, "_processes", None) or {}).values())

@@ -20,9 +20,13 @@ What stays as it was, and why forking is safe here:
   When the environment has changed since (a test that sets ``GPUMESH_WELD``, a notebook that
   sets ``NUMBA_CACHE_DIR``), :func:`context` gives spawned workers instead, which see the
   environment as it is now.
-* The main script is imported once, by the server (``"__main__"`` in :data:`PRELOAD`), where
-  each spawned worker used to import it; a script that starts the main job needs the usual
-  ``if __name__ == "__main__":`` guard either way.
+* The workers do not import the caller's main script (:func:`without_main_script`): their
+  tasks are gpumesh's own functions, and their arguments (the source, the options) are of
+  gpumesh's, NumPy's and TensorStore's types.  So a script that starts the main job needs no
+  ``if __name__ == "__main__":`` guard, and neither does ``python - <<EOF``.  Before, each
+  worker ran the script again, which failed in a child without the guard ("an attempt has
+  been made to start a new process before the current process has finished its
+  bootstrapping phase") and left the main process with a ``BrokenPipeError``.
 * Where there is no forkserver (Windows) the workers are spawned.
 
 Nothing here changes a result: the workers run the same tasks on the same arguments.
@@ -30,12 +34,14 @@ Nothing here changes a result: the workers run the same tasks on the same argume
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
-from typing import Optional
+import sys
+from typing import Iterator, Optional
 
 #: Modules the server imports before forking workers: everything a worker's tasks use.
-PRELOAD = ("__main__", "gpumesh.pipeline", "gpumesh.warmup")
+PRELOAD = ("gpumesh.pipeline", "gpumesh.warmup")
 
 #: Variables that change while a process runs without bearing on a worker (pytest sets this
 #: one for every test); they are left out when the environment is compared.
@@ -116,3 +122,28 @@ def context():
     if start_server() and _server_env == _environment():
         return multiprocessing.get_context("forkserver")
     return multiprocessing.get_context("spawn")
+
+
+@contextlib.contextmanager
+def without_main_script() -> Iterator[None]:
+    """Start worker processes in this block without the caller's main script.
+
+    multiprocessing's spawn and forkserver workers import the parent's ``__main__`` (by its
+    ``__spec__`` name or its ``__file__``) before they run anything, so that functions defined
+    there can be unpickled.  The main job's workers need none of it, and importing it runs a
+    script's top level again in every worker.  Here the parent's ``__main__`` shows neither
+    while the pool may start processes (a pool starts them in ``submit``, as tasks come), and
+    both are put back after.
+    """
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__dict__["__spec__"] = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)

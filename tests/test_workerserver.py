@@ -268,3 +268,36 @@ def test_stopping_a_server_that_is_gone_raises_nothing(monkeypatch):
     monkeypatch.setattr(forkserver._forkserver, "_stop", gone)
     workerserver.stop_server()
     assert workerserver._server_env is None
+
+
+SCRIPT = """
+import numpy as np
+from gpumesh import run_mesh
+
+print("top level ran")
+labels = np.zeros((48, 40, 36), np.uint32)
+labels[3:40, 4:30, 2:30] = 5
+labels[20:44, 10:20, 5:25] = 7
+summary = run_mesh(labels, {dest!r}, workers=2)
+print("workers", summary.workers, "segments", summary.segments, "file", __file__)
+"""
+
+
+@pytest.mark.parametrize("how", ["file", "stdin"])
+def test_a_script_without_a_main_guard_runs_the_job_once(tmp_path, how):
+    """The workers do not import the caller's script (workerserver.without_main_script), so a
+    script without ``if __name__ == "__main__":``, or piped to ``python -``, runs its top
+    level once and its job on 2 workers (before, each worker ran it again and failed)."""
+    code = SCRIPT.format(dest=str(tmp_path / "out"))
+    if how == "file":
+        script = tmp_path / "job.py"
+        script.write_text(code)
+        r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        where = str(script)
+    else:
+        r = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, timeout=300,
+                           cwd=tmp_path)
+        where = "<stdin>"
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("top level ran") == 1, r.stdout
+    assert f"workers 2 segments 2 file {where}" in r.stdout      # __main__ as it was, after the job
