@@ -238,6 +238,12 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality
             bar.close()
         click.echo(f"gpumesh: error: {exc}", err=True)
         sys.exit(1)
+    except KeyboardInterrupt:   # Ctrl-C: the workers are stopped at once (pipeline._stop_workers)
+        if bar is not None:
+            bar.close()
+        click.echo(f"gpumesh: interrupted; the finished tasks are kept in {dest}: run it again with --resume "
+                   f"to continue", err=True)
+        sys.exit(130)
     except (GpumeshError, ValueError) as exc:
         if bar is not None:
             bar.close()

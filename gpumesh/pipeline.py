@@ -763,6 +763,21 @@ def _plan_fingerprint(volume: Volume, plan: Plan, options: MeshOptions) -> dict:
     }
 
 
+def _stop_workers(pool) -> None:
+    """Stop a local pool's worker processes now (on Ctrl-C), without waiting for their tasks:
+    a task result is written whole or not at all, so the finished tasks are kept and a
+    resumed run reruns the others.  A Dask executor cancels its job on exit instead."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    if not processes:
+        return
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in processes:
+        proc.join(5)
+
+
 def _when(finished: int, total: int) -> str:
     """When the job failed: ``after N of M tasks`` or ``while writing the output``."""
     return f"after {finished} of {total} tasks" if finished < total else "while writing the output"
@@ -974,29 +989,34 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             try:
                 # the pool starts its processes as tasks are submitted, the assembly's too
                 with pool, workerserver.without_main_script():
-                    futures = [pool.submit(_run_task, t) for t in todo]
-                    # the worker processes (private; only to say how a dead one ended)
-                    procs = list((getattr(pool, "_processes", None) or {}).values())
-                    for fut in as_completed(futures):
-                        try:
-                            task, headers[task_name(task)], rss, name = fut.result()
-                        except SourceReadError as exc:
-                            unread.append(exc)   # the other tasks go on; a resumed run reruns this one
-                            continue
-                        workers_rss = max(workers_rss, rss)
-                        backends.add(name)
-                        finished += 1
-                        if progress:
-                            progress(finished, len(tasks))
-                    if unread:
-                        raise _task_failed(unread, finished, len(tasks), dest)
-                    t_mesh = time.perf_counter()
-                    # the workers also build the segments and write the output (gpumesh.writer)
-                    stats = assemble(kv, volume, plan, options, tasks, link_source=link_source, executor=pool,
-                                     workers=nworkers, headers=headers)
+                    try:
+                        futures = [pool.submit(_run_task, t) for t in todo]
+                        # the worker processes (private; only to say how a dead one ended)
+                        procs = list((getattr(pool, "_processes", None) or {}).values())
+                        for fut in as_completed(futures):
+                            try:
+                                task, headers[task_name(task)], rss, name = fut.result()
+                            except SourceReadError as exc:
+                                unread.append(exc)   # the other tasks go on; a resumed run reruns this one
+                                continue
+                            workers_rss = max(workers_rss, rss)
+                            backends.add(name)
+                            finished += 1
+                            if progress:
+                                progress(finished, len(tasks))
+                        if unread:
+                            raise _task_failed(unread, finished, len(tasks), dest)
+                        t_mesh = time.perf_counter()
+                        # the workers also build the segments and write the output (gpumesh.writer)
+                        stats = assemble(kv, volume, plan, options, tasks, link_source=link_source, executor=pool,
+                                         workers=nworkers, headers=headers)
+                    except BaseException as exc:
+                        for fut in futures:   # before the pool's exit would wait for them: not run
+                            fut.cancel()
+                        if not isinstance(exc, Exception):   # Ctrl-C (KeyboardInterrupt): stop now
+                            _stop_workers(pool)
+                        raise
             except Exception as exc:
-                for fut in futures:   # stop: the tasks not started yet are not run
-                    fut.cancel()
                 if isinstance(exc, BrokenProcessPool):
                     how = f"a worker process ended abruptly{_how_workers_ended(procs)}"
                 elif type(exc).__name__ == "KilledWorker":   # distributed: a task's workers kept dying

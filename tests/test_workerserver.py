@@ -193,6 +193,51 @@ def test_killing_the_main_job_ends_its_workers(real_zarr, tmp_path):
     assert not left, f"processes of the killed job still running: {left}"
 
 
+def test_ctrl_c_stops_the_job_at_once_and_resume_finishes_it(real_zarr, tmp_path):
+    """SIGINT (Ctrl-C) to the CLI while its workers mesh: it ends within seconds with status
+    130 and one line, none of its processes is left, the finished tasks are kept, and
+    ``--resume`` writes the bytes of an uninterrupted run.
+
+    The pool used to wait for every queued task before the interrupt took effect (its exit
+    joins them), so a Ctrl-C stopped nothing until the meshing was done.
+    """
+    import signal as _signal
+
+    args = ["mesh", str(real_zarr), "--bounds", "128,128,128,384,384,384", "--voxel-size", "32,32,40",
+            "--workers", "2", "--quiet"]
+    clean = subprocess.run(cli_command() + [args[0], args[1], str(tmp_path / "clean")] + args[2:],
+                           capture_output=True, text=True, timeout=300)
+    assert clean.returncode == 0, clean.stderr
+    dest = tmp_path / "out"
+    proc = subprocess.Popen(cli_command() + [args[0], args[1], str(dest)] + args[2:], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: _signal.signal(_signal.SIGINT, _signal.SIG_DFL))
+    try:
+        seen = _wait_for_first_result(proc, dest)
+        t0 = time.time()
+        proc.send_signal(_signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and time.time() - t0 < 15, (proc.returncode, err)
+    assert err.strip().splitlines()[-1] == (f"gpumesh: interrupted; the finished tasks are kept in {dest}: run it "
+                                             f"again with --resume to continue")
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(p) for p in seen):
+        time.sleep(0.1)
+    left = [p for p in seen if _alive(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"processes of the interrupted job still running: {left}"
+    kept = len(os.listdir(dest / ".gpumesh-work" / "blocks"))
+    resumed = subprocess.run(cli_command() + [args[0], args[1], str(dest), "--resume"] + args[2:],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{kept} resumed" in resumed.stdout and kept < 35
+    assert tree_files(dest) == tree_files(tmp_path / "clean")
+
+
 def test_a_killed_worker_fails_the_job_in_one_line_and_resume_finishes_it(crop, tmp_path):
     """SIGKILL one worker mid-job (as the out-of-memory killer would): the CLI says so in one
     line with status 1, and ``--resume`` then writes the bytes of an uninterrupted run."""
