@@ -183,9 +183,10 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality
                           segment_properties=segment_properties, sharding=sharding, dust_threshold=dust_threshold,
                           segments=segments)
     bar = None
+    writing = False
 
     def progress(done, total):
-        nonlocal bar
+        nonlocal bar, writing
         if quiet:
             return
         if bar is None:
@@ -193,6 +194,10 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality
                    else _ProgressLines(total, done))
         else:
             bar.update(done - bar.n)
+        if done >= total and not writing:   # the assembly, which can take minutes on a large job
+            writing = True
+            bar.close()
+            click.echo("writing the output", err=True)
 
     caught = []
 

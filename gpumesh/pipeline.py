@@ -158,9 +158,15 @@ class MeshOptions:
         ``ids``' shape, all true when :attr:`segments` is ``None``."""
         if self.segments is None:
             return np.ones(np.shape(ids), dtype=bool)
-        wanted, ids = self.selected_ids(), np.asarray(ids, dtype=np.uint64)
-        # a binary search in the sorted selection (np.isin took 0.7 s for 1e6 IDs)
-        return wanted[np.searchsorted(wanted, ids).clip(max=len(wanted) - 1)] == ids
+        return in_sorted(self.selected_ids(), np.asarray(ids, dtype=np.uint64))
+
+
+def in_sorted(table: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Which of ``values`` are in ``table`` (sorted ascending): a bool array of ``values``'
+    shape, by binary search (``np.isin`` took 0.7 s for a table of 10**6 segment IDs)."""
+    if len(table) == 0:
+        return np.zeros(np.shape(values), dtype=bool)
+    return table[np.searchsorted(table, values).clip(max=len(table) - 1)] == values
 
 
 @functools.lru_cache(maxsize=4)

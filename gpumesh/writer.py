@@ -57,7 +57,7 @@ from .errors import DestinationExistsError, GpumeshError, InvalidMeshError
 from .encode import encode_draco
 from .octree import encode_manifest, segment_nodes
 from .pipeline import (BLOCK_PREFIX, FRAG_DTYPE, SCRATCH, MeshOptions, Plan, block_header_size, block_key,
-                       task_name, unpack_block_header)
+                       in_sorted, task_name, unpack_block_header)
 from .reader import PLACEHOLDER_FACES, Manifest, ShardedMultiresSource, decode_fragment, open_mesh
 from .sharding import ShardingOptions, ShardingSpec, build_shard
 from .volume import Volume
@@ -227,7 +227,7 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
     stats = _new_stats(plan.lods)
     wanted = options.selected_ids()
     if wanted is not None:   # the tasks counted only these; the others are not in the volume
-        missing = wanted[~np.isin(wanted, ids)]
+        missing = wanted[~in_sorted(ids, wanted)]
         stats["missing_segments"], stats["missing_examples"] = len(missing), missing[:5].tolist()
     if options.dust_threshold:
         dust = voxels < options.dust_threshold

@@ -358,6 +358,8 @@ def test_cli_progress_in_a_log_is_lines(tmp_path):
     total = int(lines[0].split("/")[1].split()[0])
     assert total > 1 and lines[0].startswith(f"meshing: 0/{total} tasks (0%)")
     assert lines[-1].startswith(f"meshing: {total}/{total} tasks (100%)") and len(lines) >= 2
+    after = r.stderr.split(lines[-1], 1)[1].strip().splitlines()
+    assert after[0] == "writing the output"          # the assembly's phase, said when the meshing ends
 
 
 def test_the_selection_tells_selected_ids_from_the_others():
