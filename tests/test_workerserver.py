@@ -156,6 +156,17 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _assert_ended(seen: set, job: str) -> None:
+    """Every process in ``seen`` ends within 30 s (those left are killed, and the test fails)."""
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(p) for p in seen):
+        time.sleep(0.1)
+    left = [p for p in seen if _alive(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"processes of {job} still running: {left}"
+
+
 def _wait_for_first_result(proc, dest, timeout=120) -> set[int]:
     """Wait until the job in ``proc`` wrote its first task result; the job's processes seen."""
     blocks = dest / ".gpumesh-work" / "blocks"
@@ -184,13 +195,7 @@ def test_killing_the_main_job_ends_its_workers(real_zarr, tmp_path):
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(30)
-    deadline = time.time() + 30
-    while time.time() < deadline and any(_alive(p) for p in seen):
-        time.sleep(0.1)
-    left = [p for p in seen if _alive(p)]
-    for p in left:
-        os.kill(p, signal.SIGKILL)
-    assert not left, f"processes of the killed job still running: {left}"
+    _assert_ended(seen, "the killed job")
 
 
 def test_ctrl_c_stops_the_job_at_once_and_resume_finishes_it(real_zarr, tmp_path):
@@ -201,8 +206,6 @@ def test_ctrl_c_stops_the_job_at_once_and_resume_finishes_it(real_zarr, tmp_path
     The pool used to wait for every queued task before the interrupt took effect (its exit
     joins them), so a Ctrl-C stopped nothing until the meshing was done.
     """
-    import signal as _signal
-
     args = ["mesh", str(real_zarr), "--bounds", "128,128,128,384,384,384", "--voxel-size", "32,32,40",
             "--workers", "2", "--quiet"]
     clean = subprocess.run(cli_command() + [args[0], args[1], str(tmp_path / "clean")] + args[2:],
@@ -211,11 +214,11 @@ def test_ctrl_c_stops_the_job_at_once_and_resume_finishes_it(real_zarr, tmp_path
     dest = tmp_path / "out"
     proc = subprocess.Popen(cli_command() + [args[0], args[1], str(dest)] + args[2:], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: _signal.signal(_signal.SIGINT, _signal.SIG_DFL))
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         seen = _wait_for_first_result(proc, dest)
         t0 = time.time()
-        proc.send_signal(_signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
         err = proc.communicate(timeout=60)[1]
     finally:
         if proc.poll() is None:
@@ -223,13 +226,7 @@ def test_ctrl_c_stops_the_job_at_once_and_resume_finishes_it(real_zarr, tmp_path
     assert proc.returncode == 130 and time.time() - t0 < 15, (proc.returncode, err)
     assert err.strip().splitlines()[-1] == (f"gpumesh: interrupted; the finished tasks are kept in {dest}: run it "
                                              f"again with --resume to continue")
-    deadline = time.time() + 30
-    while time.time() < deadline and any(_alive(p) for p in seen):
-        time.sleep(0.1)
-    left = [p for p in seen if _alive(p)]
-    for p in left:
-        os.kill(p, signal.SIGKILL)
-    assert not left, f"processes of the interrupted job still running: {left}"
+    _assert_ended(seen, "the interrupted job")
     kept = len(os.listdir(dest / ".gpumesh-work" / "blocks"))
     resumed = subprocess.run(cli_command() + [args[0], args[1], str(dest), "--resume"] + args[2:],
                              capture_output=True, text=True, timeout=300)
