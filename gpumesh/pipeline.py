@@ -895,9 +895,10 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         raise ValueError("give either overwrite or resume, not both")
     plan = Plan.make(volume.shape, options)
     fingerprint = _plan_fingerprint(volume, plan, options)
+    cache = read_cache_bytes(volume, plan)   # each worker's cache of storage chunks (a loop over the blocks)
     cluster = None
     if client is not None:   # before the destination is touched: the cluster may have no workers
-        cluster = DaskExecutor(client, (source, dict(open_kwargs, cache_bytes=read_cache_bytes(volume, plan)),
+        cluster = DaskExecutor(client, (source, dict(open_kwargs, cache_bytes=cache),
                                         plan, options, dest_spec, device))
     if dest_spec.get("driver") == "file" and os.path.isfile(dest_spec.get("path", "").rstrip("/")):
         raise DestinationError(f"destination is a file, not a directory: {dest}")
@@ -922,8 +923,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     elif workers is None:   # the usable cores, as many as fit in memory (gpumesh.resources)
         from .resources import FewerWorkersNotice, default_workers, worker_bytes
 
-        requested, why = default_workers(worker_bytes(plan.block, np.dtype(volume.dtype).itemsize,
-                                                      read_cache_bytes(volume, plan)))
+        requested, why = default_workers(worker_bytes(plan.block, np.dtype(volume.dtype).itemsize, cache))
         if why:
             warnings.warn(why, FewerWorkersNotice, stacklevel=2)
     else:
@@ -961,7 +961,6 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     backends = set()   # the workers' backends
     try:
         if cluster is None and (nworkers == 1 or not todo):
-            cache = read_cache_bytes(volume, plan)
             reading = open_volume(source, **open_kwargs, cache_bytes=cache) if cache and todo else volume
             for t in todo:
                 try:
@@ -987,7 +986,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                 # (gpumesh.warmup), and the first device_workers of them use the GPU
                 started = ctx.Value("i", 0)
                 pool = ProcessPoolExecutor(nworkers, mp_context=ctx, initializer=_init_worker,
-                                           initargs=(source, dict(open_kwargs, cache_bytes=read_cache_bytes(volume, plan)),
+                                           initargs=(source, dict(open_kwargs, cache_bytes=cache),
                                                      plan, options, dest_spec, backend.name, nworkers, started,
                                                      device_workers))
             procs: list = []
