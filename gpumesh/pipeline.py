@@ -800,12 +800,6 @@ def _task_failed(errors: list, finished: int, total: int, dest) -> TaskFailedErr
     return exc
 
 
-def _destination_error(dest, exc: Exception) -> DestinationError:
-    """A one-line :class:`DestinationError` from TensorStore's error (its paths joined by ``/``)."""
-    # TensorStore writes the parts of a file path joined by an escaped NUL ("\x00")
-    return DestinationError(f"cannot write to {dest}: " + one_line(exc).replace("\\x00", "/"))
-
-
 def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=None, voxel_offset=None,
              mip: int = 0, axes: Optional[str] = None, overwrite: bool = False, resume: bool = False,
              workers: Optional[int] = None, device: str = "auto", link_source: bool = False,
@@ -905,7 +899,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     try:
         existing = storage.list_keys(kv)
     except Exception as exc:   # TensorStore's errors are ValueError subclasses
-        raise _destination_error(dest, exc) from exc
+        raise storage.destination_error(dest, exc) from exc
     if existing:
         if overwrite:
             storage.delete_all(kv)

@@ -196,11 +196,16 @@ def read(kv: ts.KvStore, key: str, byte_range: Optional[tuple[int, int]] = None)
     return bytes(result.value)
 
 
+def destination_error(where, exc: Exception) -> DestinationError:
+    """A one-line :class:`DestinationError` saying that ``where`` cannot be written, from
+    TensorStore's error (which writes the parts of a file path joined by an escaped NUL, here
+    ``/``)."""
+    return DestinationError(f"cannot write to {where}: " + one_line(exc).replace("\\x00", "/"))
+
+
 def _write_failed(kv: ts.KvStore, key: str, exc: Exception) -> DestinationError:
-    """A one-line :class:`DestinationError` naming the key (TensorStore writes the parts of a
-    file path joined by an escaped NUL, here ``/``)."""
-    where = kvstore_url(kv.spec().to_json())
-    return DestinationError(f"cannot write to {where}{key}: " + one_line(exc).replace("\\x00", "/"))
+    """:func:`destination_error` naming the key."""
+    return destination_error(kvstore_url(kv.spec().to_json()) + key, exc)
 
 
 def write(kv: ts.KvStore, key: str, value: bytes) -> None:
