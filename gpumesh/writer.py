@@ -233,7 +233,7 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
         dust = voxels < options.dust_threshold
         stats["dust_segments"] = int(dust.sum())
         if dust.any():
-            index = index[~np.isin(index["label"], ids[dust])]
+            index = index[~in_sorted(ids[dust], index["label"])]
             ids, voxels = ids[~dust], voxels[~dust]
     spec = None
     if options.sharding is not None and options.format == "multires":
