@@ -743,6 +743,8 @@ class Summary:
     format: str = "multires"
     dust_segments: int = 0      # segments below MeshOptions.dust_threshold, not meshed
     missing_segments: int = 0   # segments of MeshOptions.segments not in the volume (or the bounds)
+    index_waves: int = 0        # passes of the assembly over the results' headers past the first
+                                # (0: it held the whole fragment index, gpumesh.writer.ASSEMBLY_INDEX_BYTES)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -947,11 +949,13 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
 
         device_workers = device_processes(backend.rt.mem_info()[0], nworkers)
     summary.device_workers = device_workers if on_gpu else 0
+    from . import writer
     from .writer import assemble
 
     stats = None
     unread: list = []   # the SourceReadErrors of tasks that could not read their part of the volume
     headers: dict = {}   # task name -> its result's header, as its worker returned it
+    held = 0             # their bytes
     backends = set()   # the workers' backends
     try:
         if cluster is None and (nworkers == 1 or not todo):
@@ -994,10 +998,14 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                         procs = list((getattr(pool, "_processes", None) or {}).values())
                         for fut in as_completed(futures):
                             try:
-                                task, headers[task_name(task)], rss, name = fut.result()
+                                task, head, rss, name = fut.result()
                             except SourceReadError as exc:
                                 unread.append(exc)   # the other tasks go on; a resumed run reruns this one
                                 continue
+                            held += len(head)
+                            if held <= writer.ASSEMBLY_INDEX_BYTES:   # past it, the assembly reads them
+                                headers[task_name(task)] = head
+                            del head
                             workers_rss = max(workers_rss, rss)
                             backends.add(name)
                             finished += 1
@@ -1042,6 +1050,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     summary.bytes = stats["bytes"]
     summary.dust_segments = stats.get("dust_segments", 0)
     summary.missing_segments = stats.get("missing_segments", 0)
+    summary.index_waves = stats.get("index_waves", 0)
     if summary.missing_segments:
         some = ", ".join(map(str, stats["missing_examples"]))
         more = ", ..." if summary.missing_segments > len(stats["missing_examples"]) else ""

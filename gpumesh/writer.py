@@ -17,7 +17,11 @@ reader never finds a manifest whose data is missing, and a directory with ``info
 Sharded output is built shard by shard (:func:`write_shards`, :func:`write_shard`): each
 segment's shard follows from its ID alone, so the block results' fragment index (no fragment
 bytes) is grouped by shard, and only the fragments of the shard being built are needed at a
-time.  In the main job with several workers, the workers build the segments (a segment is a
+time.  The index itself is held whole only while it fits in :data:`ASSEMBLY_INDEX_BYTES` (1 GiB,
+~19 million fragments): past that the assembly keeps a row per segment (:class:`SegmentTable`,
+from which come each segment's LODs and the sharding's bits) and writes the shards (unsharded:
+runs of segments) in waves whose entries fit, each wave reading the results' headers again,
+so that the main process's memory follows the number of segments, not of fragments.  In the main job with several workers, the workers build the segments (a segment is a
 function of its index rows and the task results): each writes whole shards when there are at
 least as many as workers, else a part of each shard's segments, which this process joins into
 the shard; unsharded and legacy files are written by the workers, a run of segments each.
@@ -98,12 +102,13 @@ def segment_num_lods(lod0_nodes: np.ndarray, lods_present: set, plan_lods: int,
 
 
 def segments_num_lods(index: np.ndarray, starts: np.ndarray, plan_lods: int, requested: Optional[int]) -> np.ndarray:
-    """:func:`segment_num_lods` of every segment at once.
+    """:func:`segment_num_lods` of every segment at once (through :class:`SegmentTable`).
 
     Parameters
     ----------
     index : structured array
-        Fragment entries (fields ``lod``, ``x``, ``y``, ``z``) sorted by segment ID.
+        Fragment entries (fields ``label``, ``lod``, ``x``, ``y``, ``z``, ``size``) sorted by
+        segment ID.
     starts : (s,) int
         First row of each segment in ``index`` (ascending, ``starts[0] == 0``).
     plan_lods, requested
@@ -114,23 +119,11 @@ def segments_num_lods(index: np.ndarray, starts: np.ndarray, plan_lods: int, req
     (s,) int64
         The LODs of each segment (0: no LOD 0 triangles, not written).
     """
-    if len(starts) == 0:
-        return np.zeros(0, dtype=np.int64)
-    lod = index["lod"].astype(np.int64)
-    at0 = lod == 0
-    pos = np.stack([index["x"], index["y"], index["z"]], axis=1).astype(np.int64)
-    lo = np.minimum.reduceat(np.where(at0[:, None], pos, np.int64(1) << 62), starts)
-    hi = np.maximum.reduceat(np.where(at0[:, None], pos, np.int64(-1)), starts)
-    n = np.ones(len(starts), dtype=np.int64)
-    for m in range(1, plan_lods):   # grow while the LOD 0 nodes span several LOD m - 1 nodes
-        n[(n == m) & np.any((lo >> (m - 1)) != (hi >> (m - 1)), axis=1)] = m + 1
-    if requested is not None:
-        n[:] = requested
-    present = np.bitwise_or.reduceat(np.left_shift(np.int64(1), np.minimum(lod, 62)), starts)
-    avail = np.zeros(len(starts), dtype=np.int64)
-    for a in range(plan_lods):      # LODs from 0 without a gap
-        avail[(avail == a) & ((present >> a) & 1 == 1)] = a + 1
-    return np.where(np.logical_or.reduceat(at0, starts), np.maximum(1, np.minimum(n, avail)), 0)
+    table = SegmentTable(plan_lods)
+    table.add(index)
+    n = table.num_lods(requested)
+    assert len(n) == len(starts), "index must be sorted by segment ID, with starts its runs"
+    return n
 
 
 def _run_starts(values: np.ndarray) -> np.ndarray:
@@ -149,6 +142,144 @@ def _iter_segments(index: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     stops = np.r_[starts[1:], len(labels)]
     for s0, s1 in zip(starts, stops):
         yield int(labels[s0]), index[s0:s1]
+
+
+#: Fragment entries of the assembly's index: :data:`gpumesh.pipeline.FRAG_DTYPE` (``offset``
+#: from the start of the task result) and ``block``, the number of the task result.
+INDEX_DTYPE = np.dtype(FRAG_DTYPE.descr + [("block", "<u4")])
+
+#: Bytes of fragment entries (:data:`INDEX_DTYPE`) that the assembly holds at once: about 20
+#: million fragments, the whole index of a job of a few hundred gigavoxels at the real volume's
+#: density.  Past it the index is not held whole (:func:`assemble`): the assembly keeps a few
+#: numbers per segment (:class:`SegmentTable`), and reads the task results' headers again for
+#: each *wave* of shards (unsharded: of segments) whose entries fit, so that its memory follows
+#: this cap and the number of segments, not the number of fragments.
+ASSEMBLY_INDEX_BYTES = 1 << 30
+
+
+def _reduce_by_label(labels: np.ndarray, columns: dict, ops: dict) -> tuple[np.ndarray, dict]:
+    """Rows with equal segment IDs combined, column ``name`` by the ufunc ``ops[name]`` (such as
+    ``np.add``); returns the distinct IDs, ascending, and the reduced columns."""
+    order = np.argsort(labels, kind="stable")
+    labels = labels[order]
+    starts = _run_starts(labels)
+    return labels[starts], {name: ops[name].reduceat(col[order], starts, axis=0) if len(labels) else col
+                            for name, col in columns.items()}
+
+
+class LabelTable:
+    """Per-segment columns merged from many tasks' rows: one row per segment ID once merged.
+
+    Rows are added task by task (:meth:`add_rows`) and merged (sorted by ID, equal IDs reduced
+    by each column's ufunc) whenever the rows waiting outnumber the merged ones, so the table
+    holds about a row per segment, however many tasks each segment spans.
+
+    Parameters
+    ----------
+    columns : dict
+        Column name -> an empty array of its dtype and trailing shape.
+    ops : dict
+        Column name -> the ufunc that combines two rows of one segment (``np.add``,
+        ``np.minimum``...).
+    """
+
+    #: Rows waiting (beyond the merged rows' count) that set off a merge.
+    MERGE_ROWS = 1 << 16
+
+    def __init__(self, columns: dict, ops: dict):
+        self.ops = ops
+        self.labels = np.zeros(0, np.uint64)
+        self.columns = columns
+        self._parts: list = []
+        self._pending = 0
+
+    def add_rows(self, labels: np.ndarray, columns: dict) -> None:
+        """Add rows: segment IDs (n,) and each column's (n, ...) values."""
+        if not len(labels):
+            return
+        self._parts.append((np.asarray(labels, np.uint64), columns))
+        self._pending += len(labels)
+        if self._pending > max(self.MERGE_ROWS, len(self.labels)):
+            self._merge()
+
+    def _merge(self) -> None:
+        if not self._parts:
+            return
+        labels = np.concatenate([self.labels] + [p[0] for p in self._parts])
+        columns = {name: np.concatenate([col] + [p[1][name] for p in self._parts])
+                   for name, col in self.columns.items()}
+        self._parts, self._pending = [], 0
+        self.labels, self.columns = _reduce_by_label(labels, columns, self.ops)
+
+    def merged(self) -> "LabelTable":
+        """This table with every added row merged: ``labels`` ascending, one row each."""
+        self._merge()
+        return self
+
+    def keep(self, mask: np.ndarray) -> None:
+        """Keep only the (merged) rows where ``mask`` is true."""
+        self._merge()
+        self.labels = self.labels[mask]
+        self.columns = {name: col[mask] for name, col in self.columns.items()}
+
+
+class SegmentTable(LabelTable):
+    """What the assembly needs to know of each segment before it writes any.
+
+    Per segment ID: the lowest and highest LOD 0 octree node (``lo``, ``hi``, (3,) int64; a
+    segment without LOD 0 fragments has ``1 << 62`` and ``-1``), the LODs it has fragments at
+    (``present``, a bit mask), its fragment bytes per LOD (``size``, (lods,) int64) and its
+    fragment entries (``entries``).  That is all that :func:`segments_num_lods` and the
+    sharding's bits (:meth:`gpumesh.sharding.ShardingOptions.resolve`) need, in a few dozen
+    bytes per segment.
+
+    Parameters
+    ----------
+    lods : int
+        The plan's LODs (:attr:`gpumesh.pipeline.Plan.lods`); fragments at a LOD past them
+        count in ``present`` and ``entries`` only.
+    """
+
+    def __init__(self, lods: int):
+        self.lods = lods
+        super().__init__(
+            {"lo": np.zeros((0, 3), np.int64), "hi": np.zeros((0, 3), np.int64), "present": np.zeros(0, np.int64),
+             "size": np.zeros((0, lods), np.int64), "entries": np.zeros(0, np.int64)},
+            {"lo": np.minimum, "hi": np.maximum, "present": np.bitwise_or, "size": np.add, "entries": np.add})
+
+    def add(self, index: np.ndarray) -> None:
+        """Add fragment entries (fields ``label``, ``lod``, ``x``, ``y``, ``z``, ``size``), such
+        as one task result's."""
+        lod = index["lod"].astype(np.int64)
+        at0 = (lod == 0)[:, None]
+        pos = np.stack([index["x"], index["y"], index["z"]], axis=1).astype(np.int64)
+        size = np.zeros((len(index), self.lods), np.int64)
+        ok = np.flatnonzero(lod < self.lods)
+        size[ok, lod[ok]] = index["size"][ok].astype(np.int64)
+        self.add_rows(index["label"], {
+            "lo": np.where(at0, pos, np.int64(1) << 62), "hi": np.where(at0, pos, np.int64(-1)),
+            "present": np.left_shift(np.int64(1), np.minimum(lod, 62)), "size": size,
+            "entries": np.ones(len(index), np.int64)})
+
+    def num_lods(self, requested: Optional[int]) -> np.ndarray:
+        """:func:`segment_num_lods` of every segment (merged, by ascending ID): (s,) int64, 0 for
+        a segment without LOD 0 fragments (not written)."""
+        self._merge()
+        lo, hi, present = self.columns["lo"], self.columns["hi"], self.columns["present"]
+        n = np.ones(len(self.labels), dtype=np.int64)
+        for m in range(1, self.lods):   # grow while the LOD 0 nodes span several LOD m - 1 nodes
+            n[(n == m) & np.any((lo >> (m - 1)) != (hi >> (m - 1)), axis=1)] = m + 1
+        if requested is not None:
+            n[:] = requested
+        avail = np.zeros(len(self.labels), dtype=np.int64)
+        for a in range(self.lods):      # LODs from 0 without a gap
+            avail[(avail == a) & ((present >> a) & 1 == 1)] = a + 1
+        return np.where(present & 1 == 1, np.maximum(1, np.minimum(n, avail)), 0)
+
+    def kept_bytes(self, num_lods: np.ndarray) -> int:
+        """Fragment bytes of every segment at the LODs it keeps (below its ``num_lods``)."""
+        self._merge()
+        return int((self.columns["size"] * (np.arange(self.lods)[None, :] < num_lods[:, None])).sum())
 
 
 def mesh_info(volume: Volume, options: MeshOptions, with_properties: bool,
@@ -176,6 +307,15 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
              executor=None, workers: int = 1, headers: Optional[dict] = None) -> dict:
     """Read every task's result from the scratch area and write the final mesh directory.
 
+    The task results' headers (their fragment entries and voxel counts) are read once, in task
+    order, into a :class:`SegmentTable` (a row per segment) and the voxel counts; the entries
+    themselves are kept while they hold at most :data:`ASSEMBLY_INDEX_BYTES`.  From the table
+    come each segment's LODs, the dust filter and the sharding's bits.  Then the segments are
+    written, shard by shard (sharded) or in runs of segments: from the kept entries, or, where
+    they did not fit, in *waves* of shards (or segments) whose entries fit, each wave reading
+    the headers again and keeping its own segments' entries.  Either way every file gets the
+    same bytes.
+
     Parameters
     ----------
     kv : tensorstore.KvStore
@@ -199,32 +339,20 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
     Returns
     -------
     dict
-        ``segments``, ``triangles_per_lod``, ``fragments_per_lod``, ``bytes``.
+        ``segments``, ``triangles_per_lod``, ``fragments_per_lod``, ``bytes``; ``index_waves``,
+        the waves that read the headers again (0 when the index was held whole).
     """
-    indices = []
-    count_labels, counts = [], []
     results = TaskResults(kv, [block_key(t) for t in tasks])
     names = {task_name(t): i for i, t in enumerate(tasks)}
     known = {names[n]: headers.pop(n) for n in list(headers or {})}   # the only reference: freed as parsed
     # with workers writing the output, this process needs the headers alone
-    heads = results.headers(known, whole=executor is None or workers <= 1)
+    index, table, voxels, block_bytes = _read_index(results, known, plan.lods,
+                                                    whole=executor is None or workers <= 1)
     del known
-    for bi in range(len(heads)):
-        head, heads[bi] = heads[bi], None
-        index, cl, cc, data_start = unpack_block_header(head)
-        ext = np.empty(len(index), dtype=FRAG_DTYPE.descr + [("block", "<u4")])
-        for name in FRAG_DTYPE.names:
-            ext[name] = index[name]
-        ext["offset"] += data_start
-        ext["block"] = bi
-        indices.append(ext)
-        count_labels.append(cl)
-        counts.append(cc)
-    index = np.concatenate(indices) if indices else np.zeros(0, dtype=FRAG_DTYPE)
-    ids, voxels = voxel_totals(np.concatenate(count_labels) if count_labels else np.zeros(0, np.uint64),
-                               np.concatenate(counts) if counts else np.zeros(0, np.int64))
+    ids, voxels = voxels.labels, voxels.columns["voxels"]
 
     stats = _new_stats(plan.lods)
+    stats["index_waves"] = 0
     wanted = options.selected_ids()
     if wanted is not None:   # the tasks counted only these; the others are not in the volume
         missing = wanted[~in_sorted(ids, wanted)]
@@ -233,32 +361,43 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
         dust = voxels < options.dust_threshold
         stats["dust_segments"] = int(dust.sum())
         if dust.any():
-            index = index[~in_sorted(ids[dust], index["label"])]
+            table.keep(~in_sorted(ids[dust], table.labels))
+            if index is not None:
+                index = index[~in_sorted(ids[dust], index["label"])]
             ids, voxels = ids[~dust], voxels[~dust]
+    pool = executor is not None and workers > 1
+    worker_reads: list = []
+
+    def reads() -> WorkerReads:   # made when the workers first write: it drops this process's kept results
+        if not worker_reads:
+            worker_reads.append(WorkerReads(results, block_bytes, workers))
+        return worker_reads[0]
+
     spec = None
     if options.sharding is not None and options.format == "multires":
-        spec = write_shards(kv, results, index, plan, options, stats, volume.voxel_offset, executor, workers)
+        spec = write_shards(kv, results, index, table, plan, options, stats, volume.voxel_offset, executor,
+                            workers, reads)
     else:
-        index = index[np.argsort(index["label"], kind="stable")]
-        lods_of = None   # segment ID -> its LODs (multires), all counted at once
-        if options.format == "multires" and len(index):
-            lab = index["label"]
-            starts = _run_starts(lab)
-            lods_of = dict(zip(lab[starts].tolist(),
-                               segments_num_lods(index, starts, plan.lods, options.num_lods).tolist()))
-        if executor is not None and workers > 1 and len(index):
-            # the workers write the segments' files, each a run of segments of about equal bytes
-            from .pipeline import _run_write_task
+        num_lods = table.num_lods(options.num_lods) if options.format == "multires" else None
+        for wave in _waves(table.columns["entries"], workers if pool else 1):
+            labels = table.labels[wave]
+            rows = _wave_rows(results, index, labels, stats)
+            rows = rows[np.argsort(rows["label"], kind="stable")]
+            lods_of = None   # segment ID -> its LODs (multires)
+            if num_lods is not None:
+                lods_of = dict(zip(labels.tolist(), num_lods[wave].tolist()))
+            if pool and len(rows):
+                # the workers write the segments' files, each a run of segments of about equal bytes
+                from .pipeline import _run_write_task
 
-            reads = WorkerReads(results, index, workers)
-            futures = [executor.submit(_run_write_task, results.keys, rows,
-                                       None if lods_of is None else reads.lods(rows, lods_of),
-                                       np.asarray(volume.voxel_offset), reads.whole(rows), reads.cap)
-                       for rows in split_segments(index, workers)]
-            for fut in futures:
-                _add_worker_part(stats, *fut.result())
-        else:
-            write_all_segments(kv, results, index, plan, options, stats, volume.voxel_offset, lods_of)
+                futures = [executor.submit(_run_write_task, results.keys, part,
+                                           None if lods_of is None else reads().lods(part, lods_of),
+                                           np.asarray(volume.voxel_offset), reads().whole(part), reads().cap)
+                           for part in split_segments(rows, workers)]
+                for fut in futures:
+                    _add_worker_part(stats, *fut.result())
+            else:
+                write_all_segments(kv, results, rows, plan, options, stats, volume.voxel_offset, lods_of)
 
     with_props = options.segment_properties and stats["segments"] > 0
     if with_props:
@@ -267,6 +406,86 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
     if volume.precomputed is not None:
         write_source_link(kv, volume, link_source)
     return stats
+
+
+def _index_entries(head: bytes, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A task result's fragment entries as :data:`INDEX_DTYPE` rows (``offset`` from the start
+    of the result, ``block`` its number), and its voxel counts (IDs, counts)."""
+    index, count_labels, counts, data_start = unpack_block_header(head)
+    ext = np.empty(len(index), dtype=INDEX_DTYPE)
+    for name in FRAG_DTYPE.names:
+        ext[name] = index[name]
+    ext["offset"] += data_start
+    ext["block"] = block
+    return ext, count_labels, counts
+
+
+def _read_index(results: "TaskResults", known: dict, lods: int, whole: bool):
+    """Read every task result's header once, in task order (:meth:`TaskResults.iter_headers`).
+
+    Returns
+    -------
+    index : structured array or None
+        Every fragment entry (:data:`INDEX_DTYPE`), in task order; ``None`` when they hold more
+        than :data:`ASSEMBLY_INDEX_BYTES` (they are then read again by wave, :func:`_wave_rows`).
+    table : SegmentTable
+        Every segment with fragments.
+    voxels : LabelTable
+        Every counted segment's voxels (column ``voxels``).
+    block_bytes : (tasks,) float64
+        Each result's fragment bytes.
+    """
+    table = SegmentTable(lods)
+    voxels = LabelTable({"voxels": np.zeros(0, np.uint64)}, {"voxels": np.add})
+    block_bytes = np.zeros(len(results.keys))
+    kept: Optional[list] = []
+    held = 0
+    for b, head in results.iter_headers(known, whole):
+        ext, count_labels, counts = _index_entries(head, b)
+        del head
+        table.add(ext)
+        voxels.add_rows(count_labels, {"voxels": counts})
+        block_bytes[b] = ext["size"].sum()
+        if kept is not None:
+            held += ext.nbytes
+            kept = kept + [ext] if held <= ASSEMBLY_INDEX_BYTES else None   # past the cap: none kept
+    index = None
+    if kept is not None:
+        index = np.concatenate(kept) if kept else np.zeros(0, dtype=INDEX_DTYPE)
+    return index, table.merged(), voxels.merged(), block_bytes
+
+
+def _waves(entries: np.ndarray, at_least: int = 1) -> list:
+    """Consecutive runs of segments (or shards) whose ``entries`` (fragment entries of each)
+    add up to at most :data:`ASSEMBLY_INDEX_BYTES` worth of :data:`INDEX_DTYPE` rows, but of at
+    least ``at_least`` each (the workers, so that each has whole shards to write rather than
+    parts that this process joins): slices of ``entries``; one slice for all when they fit (and
+    for none)."""
+    cap = max(1, ASSEMBLY_INDEX_BYTES // INDEX_DTYPE.itemsize)
+    if int(entries.sum()) <= cap:
+        return [slice(0, len(entries))]
+    out, start, total = [], 0, 0
+    for i, e in enumerate(entries.tolist()):
+        if i - start >= at_least and total + e > cap:
+            out.append(slice(start, i))
+            start, total = i, 0
+        total += e
+    out.append(slice(start, len(entries)))
+    return out
+
+
+def _wave_rows(results: "TaskResults", index: Optional[np.ndarray], labels: np.ndarray, stats: dict) -> np.ndarray:
+    """The fragment entries of segments ``labels`` (ascending), in task order, read again from
+    every task result's header; ``index`` itself when it was held whole (then there is one wave,
+    of every segment: :func:`_waves`)."""
+    if index is not None:
+        return index
+    stats["index_waves"] += 1
+    parts = []
+    for b, head in results.iter_headers(None, whole=False):
+        ext = _index_entries(head, b)[0]
+        parts.append(ext[in_sorted(labels, ext["label"])])
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=INDEX_DTYPE)
 
 
 def write_all_segments(kv, results: "TaskResults", rows: np.ndarray, plan: Plan, options: MeshOptions,
@@ -293,13 +512,13 @@ class WorkerReads:
     Parameters
     ----------
     results : TaskResults
-    index : structured array
-        Every fragment entry (with ``block`` and ``size``).
+    block_bytes : (results,) float
+        Each result's fragment bytes.
     workers : int
     """
 
-    def __init__(self, results: "TaskResults", index: np.ndarray, workers: int):
-        self.block_bytes = np.bincount(index["block"], weights=index["size"], minlength=len(results.keys))
+    def __init__(self, results: "TaskResults", block_bytes: np.ndarray, workers: int):
+        self.block_bytes = np.asarray(block_bytes, dtype=np.float64)
         self.cap = max(1, results.cache_bytes // max(1, workers))
         results.kept.clear()
         results.kept_bytes = 0
@@ -524,9 +743,9 @@ class TaskResults:
                 self.kept[b] = blob
                 self.kept_bytes += len(blob)
 
-    def headers(self, known: Optional[dict] = None, whole: bool = True) -> list:
-        """Every result's header: the start of the result up to its fragment data (for
-        ``unpack_block_header``), or the whole result where it is kept.
+    def iter_headers(self, known: Optional[dict] = None, whole: bool = True) -> Iterator[tuple[int, bytes]]:
+        """``(result number, header)`` of every result, in order: the start of the result up to
+        its fragment data (for ``unpack_block_header``), or the whole result where it is kept.
 
         Reads go out :data:`HEADER_READS` at a time, so that a network destination pays a
         round trip per batch, not per result.
@@ -534,7 +753,8 @@ class TaskResults:
         Parameters
         ----------
         known : dict, optional
-            Result number -> its header, as the worker that wrote it returned it (not read).
+            Result number -> its header, as the worker that wrote it returned it (not read;
+            popped as it is handed on).
         whole : bool
             Read the other results whole and keep them while the kept results stay within the
             cap (this process then reads their fragments); else read only their headers (two
@@ -545,29 +765,28 @@ class TaskResults:
         GpumeshError
             A result is missing from the scratch area (rerun with --overwrite).
         """
-        out: list = [None] * len(self.keys)
-        for b, head in (known or {}).items():
-            out[b] = head
-        todo = [b for b in range(len(self.keys)) if out[b] is None]
-        for g in range(0, len(todo), HEADER_READS):
-            group = todo[g:g + HEADER_READS]
+        known = {} if known is None else known
+        for g in range(0, len(self.keys), HEADER_READS):
+            group = range(g, min(g + HEADER_READS, len(self.keys)))
+            todo = [b for b in group if b not in known and b not in self.kept]
+            got: dict = {}
             if whole and self.kept_bytes < self.cache_bytes:
-                for b, blob in self._values([(b, self.kv.read(self.keys[b])) for b in group]):
+                for b, blob in self._values([(b, self.kv.read(self.keys[b])) for b in todo]):
                     if self.kept_bytes + len(blob) <= self.cache_bytes:
                         self.kept[b] = blob
                         self.kept_bytes += len(blob)
                     else:
                         self.kept_bytes = self.cache_bytes   # keep no more
-                    out[b] = blob
-                continue
-            heads = self._values([(b, self.kv.read(self.keys[b], byte_range=slice(0, BLOCK_PREFIX)))
-                                  for b in group])
-            # a prefix too short is left as it is: unpack_block_header says it is corrupt
-            reads = [(b, self.kv.read(self.keys[b], byte_range=slice(0, block_header_size(head))))
-                     if len(head) == BLOCK_PREFIX else (b, head) for b, head in heads]
-            for b, head in self._values(reads):
-                out[b] = head
-        return out
+                    got[b] = blob
+            else:
+                heads = self._values([(b, self.kv.read(self.keys[b], byte_range=slice(0, BLOCK_PREFIX)))
+                                      for b in todo])
+                # a prefix too short is left as it is: unpack_block_header says it is corrupt
+                reads = [(b, self.kv.read(self.keys[b], byte_range=slice(0, block_header_size(head))))
+                         if len(head) == BLOCK_PREFIX else (b, head) for b, head in heads]
+                got = dict(self._values(reads))
+            for b in group:
+                yield b, known.pop(b) if b in known else self.kept[b] if b in self.kept else got.pop(b)
 
     def _values(self, reads: list) -> Iterator[tuple[int, bytes]]:
         """``(result number, bytes)`` of ``(result number, read future or bytes)`` pairs."""
@@ -620,17 +839,22 @@ def shard_marker_key(spec: ShardingSpec, shard: int) -> str:
     return f"{SCRATCH}shards/{spec.shard_key(shard)}.json"
 
 
-def write_shards(kv, results: "TaskResults", index: np.ndarray, plan: Plan, options: MeshOptions,
-                 stats: dict, grid_origin, executor=None, workers: int = 1) -> ShardingSpec:
+def write_shards(kv, results: "TaskResults", index: Optional[np.ndarray], table: SegmentTable, plan: Plan,
+                 options: MeshOptions, stats: dict, grid_origin, executor=None, workers: int = 1,
+                 reads=None) -> ShardingSpec:
     """Write the sharded multi-resolution meshes of all segments, shard by shard.
 
     Parameters
     ----------
     kv : tensorstore.KvStore
     results : TaskResults
-        The task results, indexed by the ``block`` field of ``index``.
-    index : structured array
-        Every fragment of every block (label, lod, x, y, z, offset, size, triangles, block).
+        The task results, indexed by the ``block`` field of the entries.
+    index : structured array or None
+        Every fragment of every block (:data:`INDEX_DTYPE`), in task order, or ``None`` when it
+        was too large to hold (:func:`assemble`): then the shards are written in waves whose
+        entries fit, each reading the results' headers again (:func:`_wave_rows`).
+    table : SegmentTable
+        Every segment to write (merged).
     plan, options, stats, grid_origin
         As for :func:`write_segments`; ``options.sharding`` is set.
     executor : concurrent.futures.Executor, optional
@@ -641,6 +865,9 @@ def write_shards(kv, results: "TaskResults", index: np.ndarray, plan: Plan, opti
         parts of about equal bytes (:func:`split_segments`), so that every worker has one, the
         workers build them (:func:`build_segments`) and this process writes the shard.  Each
         worker keeps at most ``1 / workers`` of the assembly cache of task results.
+    reads : callable, optional
+        Gives the :class:`WorkerReads` of the workers (with ``executor``), made on the first
+        call.
 
     Returns
     -------
@@ -648,50 +875,64 @@ def write_shards(kv, results: "TaskResults", index: np.ndarray, plan: Plan, opti
         The spec used (bits chosen from the segments and their fragment bytes, see
         :func:`gpumesh.sharding.choose_bits`, unless given).
 
-    Only the fragment index is held for all segments; fragment bytes are read for one shard at
-    a time (per worker).  Shards recorded in the scratch area by an interrupted run with the
-    same spec are skipped (their statistics are taken from the record).
+    Fragment bytes are read for one shard at a time (per worker).  Shards recorded in the
+    scratch area by an interrupted run with the same spec are skipped (their statistics are
+    taken from the record).
     """
-    # What each segment will store, from the index alone: its LODs and their fragment bytes.
-    index = index[np.argsort(index["label"], kind="stable")]
-    lab = index["label"]
-    starts = _run_starts(lab)
-    n = segments_num_lods(index, starts, plan.lods, options.num_lods)
-    rows_n = np.repeat(n, np.diff(np.r_[starts, len(index)]))
-    index = index[index["lod"] < rows_n]   # drops the segments with n = 0 too
-    labels = np.asarray(lab[starts][n > 0], dtype=np.uint64)
-    num_lods = dict(zip(labels.tolist(), n[n > 0].tolist()))
-    spec = options.sharding.resolve(len(labels), int(index["size"].sum()) if len(index) else 0)
+    # What each segment will store, from the table alone: its LODs and their fragment bytes.
+    n = table.num_lods(options.num_lods)
+    spec = options.sharding.resolve(int((n > 0).sum()), table.kept_bytes(n))
     spec_json = spec.to_json()
+    have = n > 0   # the segments with n = 0 are not written
+    labels, n, entries = table.labels[have], n[have], table.columns["entries"][have]
     if not len(labels):
         return spec
-
     seg_shard, _ = spec.locate(labels)
-    row_shard = seg_shard[np.searchsorted(labels, index["label"])]
-    order = np.argsort(row_shard, kind="stable")
-    index, row_shard = index[order], row_shard[order]
-    starts = _run_starts(row_shard)
-    stops = np.r_[starts[1:], len(row_shard)]
 
     recorded = set(storage.list_keys(kv, SCRATCH + "shards/"))
-    todo = []
-    for s0, s1 in zip(starts.tolist(), stops.tolist()):
-        shard = int(row_shard[s0])
+    shards, per_shard = np.unique(seg_shard, return_inverse=True)
+    done = np.zeros(len(shards), dtype=bool)
+    for i, shard in enumerate(shards.tolist()):
         marker = shard_marker_key(spec, shard)
         if marker in recorded:
-            done = storage.read_json(kv, marker)
-            if done is not None and done.get("sharding") == spec_json:
-                _add_stats(stats, done["stats"])
-                continue
-        todo.append((shard, index[s0:s1]))
+            record = storage.read_json(kv, marker)
+            if record is not None and record.get("sharding") == spec_json:
+                _add_stats(stats, record["stats"])
+                done[i] = True
+    todo_shards = np.flatnonzero(~done)
+    per_wave = workers if executor is not None else 1
+    for wave in _waves(np.bincount(per_shard, weights=entries, minlength=len(shards))[todo_shards].astype(np.int64),
+                       per_wave):
+        in_wave = np.zeros(len(shards), dtype=bool)
+        in_wave[todo_shards[wave]] = True
+        rows = _wave_rows(results, index, labels[in_wave[per_shard]], stats)
+        at = np.searchsorted(labels, rows["label"]).clip(0, len(labels) - 1)
+        ok = (labels[at] == rows["label"]) & in_wave[per_shard[at]]
+        rows, at = rows[ok], at[ok]
+        keep = rows["lod"] < n[at]
+        rows, at = rows[keep], at[keep]
+        order = np.lexsort((at, per_shard[at]))   # by shard, then segment ID, task order within
+        rows, row_shard = rows[order], seg_shard[at[order]]
+        starts = _run_starts(row_shard)
+        todo = [(int(row_shard[s0]), rows[s0:s1]) for s0, s1 in zip(starts.tolist(), np.r_[starts[1:], len(rows)].tolist())]
+        num_lods = dict(zip(labels[in_wave[per_shard]].tolist(), n[in_wave[per_shard]].tolist()))
+        _write_shard_rows(kv, results, todo, spec, plan, options, stats, grid_origin, num_lods, executor,
+                          workers, reads)
+    return spec
+
+
+def _write_shard_rows(kv, results: "TaskResults", todo: list, spec: ShardingSpec, plan: Plan, options: MeshOptions,
+                      stats: dict, grid_origin, num_lods: dict, executor, workers: int,
+                      reads) -> None:
+    """Write the shards ``todo`` (``(shard, its fragment entries)``, as :func:`write_shard` takes
+    them), in the workers where there is a pool (see :func:`write_shards`), else here."""
     if executor is not None and todo and (len(todo) > 1 or workers > 1):
         from .pipeline import _run_segments_task, _run_shard_task
 
-        reads = WorkerReads(results, index, workers)
-        whole, cap = reads.whole, reads.cap
+        whole, cap = reads().whole, reads().cap
 
         def lods(rows):
-            return reads.lods(rows, num_lods)
+            return WorkerReads.lods(rows, num_lods)
 
         split = -(-workers // len(todo))   # parts per shard, so that every worker has one
         if split == 1:                     # many shards: a worker builds and writes each
@@ -714,7 +955,6 @@ def write_shards(kv, results: "TaskResults", index: np.ndarray, plan: Plan, opti
     else:
         for shard, rows in todo:
             _add_stats(stats, write_shard(kv, results, rows, shard, spec, plan, options, num_lods, grid_origin))
-    return spec
 
 
 def write_shard(kv, results: "TaskResults", rows: np.ndarray, shard: int, spec: ShardingSpec, plan: Plan,
@@ -926,28 +1166,9 @@ def convert_mesh(src, dest, *, sharding: Optional[ShardingOptions] = ShardingOpt
     return result
 
 
-def voxel_totals(labels: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each segment's voxel count from the tasks' partial counts.
-
-    Parameters
-    ----------
-    labels, counts : numpy.ndarray, shape (n,)
-        Segment IDs (uint64, repeated across tasks) and voxels counted by each task.
-
-    Returns
-    -------
-    ids, totals : numpy.ndarray
-        The distinct IDs, ascending, and their summed counts.
-    """
-    order = np.argsort(labels, kind="stable")
-    labels, counts = labels[order], counts[order]
-    uniq, start = np.unique(labels, return_index=True)
-    return uniq, (np.add.reduceat(counts, start) if len(counts) else counts)
-
-
 def write_segment_properties(kv, uniq: np.ndarray, total: np.ndarray) -> None:
     """Segment properties (inline, spec segment_properties): the voxel count ``total[i]`` of
-    segment ``uniq[i]`` (:func:`voxel_totals`)."""
+    segment ``uniq[i]`` (the tasks' counts summed, in :func:`assemble`)."""
     dtype = "uint32" if len(total) == 0 or total.max() < 2**32 else "float32"
     info = {
         "@type": "neuroglancer_segment_properties",

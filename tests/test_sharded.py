@@ -271,9 +271,14 @@ class _Killed(Exception):
     pass
 
 
-def test_resume_skips_finished_shards(small, outputs, tmp_path, monkeypatch):
-    """An assembly interrupted after a shard: the resumed run skips it and ends byte-identical."""
+@pytest.mark.parametrize("waves", [False, True])
+def test_resume_skips_finished_shards(small, outputs, tmp_path, monkeypatch, waves):
+    """An assembly interrupted after a shard: the resumed run skips it and ends byte-identical
+    (also when the index is read again shard by shard: a wave per shard)."""
     import gpumesh.writer as writer
+
+    if waves:
+        monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", 1)
 
     sharding = ShardingOptions(shard_bits=2, minishard_bits=2, data_encoding="gzip")
     dest = tmp_path / "out"
@@ -491,3 +496,118 @@ def test_split_segments_keeps_segments_whole_and_balances_bytes(parts):
         share = rows["size"].sum() / parts
         biggest = max(int(rows["size"][rows["label"] == s].sum()) for s in np.unique(rows["label"]))
         assert all(abs(int(g["size"].sum()) - share) <= biggest + 1 for g in got)
+
+
+def _spy_waves(monkeypatch, writer) -> list:
+    """Record each wave of the assembly: (segments, fragment entries, whether it read the headers again)."""
+    waves = []
+    real = writer._wave_rows
+
+    def spy(results, index, labels, stats):
+        rows = real(results, index, labels, stats)
+        waves.append((labels.copy(), rows.copy(), index is None))
+        return rows
+
+    monkeypatch.setattr(writer, "_wave_rows", spy)
+    return waves
+
+
+@pytest.mark.parametrize("layout", ["sharded", "gzip", "unsharded"])
+@pytest.mark.parametrize("cap", ["one entry", "some"])
+def test_assembly_past_its_index_cap_writes_in_waves(small, outputs, tmp_path, monkeypatch, layout, cap):
+    """Fragment entries past ASSEMBLY_INDEX_BYTES are not held: the shards (unsharded: runs of
+    segments) are written in waves whose entries fit, each reading the results' headers again
+    and keeping its own segments' entries.  The files are the same bytes; every segment is in
+    exactly one wave, with all its entries; a wave holds more than the cap only when it is one
+    shard (or one segment)."""
+    import gpumesh.writer as writer
+
+    waves = _spy_waves(monkeypatch, writer)
+    entry = writer.INDEX_DTYPE.itemsize
+    limit = entry if cap == "one entry" else 60 * entry
+    monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", limit)
+    sharding = {"sharded": ShardingOptions(), "gzip": ShardingOptions(shard_bits=2, minishard_bits=2, data_encoding="gzip"),
+                "unsharded": None}[layout]
+    summary = _mesh(small, tmp_path / "out", sharding)
+    assert tree_files(tmp_path / "out") == tree_files(outputs / layout)
+    assert waves and all(again for _, _, again in waves)
+    labels = np.concatenate([lab for lab, _, _ in waves])
+    assert len(labels) == len(np.unique(labels)) == summary.segments
+    info = json.loads((tmp_path / "out" / "info").read_text())
+    spec = ShardingSpec.from_json(info["sharding"]) if sharding is not None else None
+    for lab, rows, _ in waves:
+        assert set(np.unique(rows["label"]).tolist()) <= set(lab.tolist())
+        units = len(lab) if spec is None else len(np.unique(spec.locate(lab)[0]))   # segments or shards
+        if len(rows) * entry > limit:   # over the cap: a single shard or segment
+            assert units == 1
+    if cap == "one entry":   # a wave per shard (per segment)
+        assert len(waves) == (summary.segments if spec is None else 1 << spec.shard_bits)
+    if layout != "sharded":   # the default bits give this volume one shard
+        assert len(waves) > 1
+
+
+def test_assembly_holds_the_index_whole_within_its_cap(small, outputs, tmp_path, monkeypatch):
+    """Within ASSEMBLY_INDEX_BYTES (the default) the entries read once are used: one wave, no
+    second read of the headers."""
+    import gpumesh.writer as writer
+
+    waves = _spy_waves(monkeypatch, writer)
+    _mesh(small, tmp_path / "out", ShardingOptions(shard_bits=2, minishard_bits=2, data_encoding="gzip"))
+    assert tree_files(tmp_path / "out") == tree_files(outputs / "gzip")
+    assert len(waves) == 1 and not waves[0][2]
+
+
+@pytest.mark.parametrize("plan_lods", [1, 3])
+def test_segment_table_merged_in_parts_equals_one_pass(plan_lods, monkeypatch):
+    """A SegmentTable fed task by task, merging every few rows, holds what one pass over all the
+    entries gives: each segment's LOD-0 node bounds, LODs, bytes per LOD and entry count."""
+    from gpumesh.pipeline import FRAG_DTYPE
+    from gpumesh.writer import LabelTable, SegmentTable
+
+    rng = np.random.default_rng(plan_lods)
+    index = np.zeros(3000, dtype=FRAG_DTYPE)
+    index["label"] = rng.integers(1, 300, len(index)) * np.uint64(1 << 40)
+    index["lod"] = rng.integers(0, plan_lods + 1, len(index))
+    for c in "xyz":
+        index[c] = rng.integers(0, 50, len(index))
+    index["size"] = rng.integers(80, 5000, len(index))
+    whole = SegmentTable(plan_lods)
+    whole.add(index)
+    whole.merged()
+    monkeypatch.setattr(LabelTable, "MERGE_ROWS", 7)
+    parts = SegmentTable(plan_lods)
+    for chunk in np.array_split(index, 40):
+        parts.add(chunk)
+    assert len(parts._parts) < 40   # it did merge along the way
+    parts.merged()
+    assert np.array_equal(parts.labels, whole.labels) and np.array_equal(parts.labels, np.unique(index["label"]))
+    for name in whole.columns:
+        assert np.array_equal(parts.columns[name], whole.columns[name]), name
+    assert parts.columns["entries"].sum() == len(index)
+    assert parts.columns["size"].sum() == index["size"][index["lod"] < plan_lods].sum()
+    for requested in (None, 1):
+        assert np.array_equal(parts.num_lods(requested), whole.num_lods(requested))
+    n = whole.num_lods(None)
+    assert whole.kept_bytes(n) == sum(int(e["size"]) for e in index
+                                      if e["lod"] < n[np.searchsorted(whole.labels, e["label"])])
+
+
+def test_waves_fit_the_cap_with_at_least_one_unit_per_worker(monkeypatch):
+    """_waves: consecutive slices covering every unit once; within the cap unless the wave is
+    no more than ``at_least`` units; all in one when they fit."""
+    import gpumesh.writer as writer
+
+    monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", 100 * writer.INDEX_DTYPE.itemsize)
+    rng = np.random.default_rng(5)
+    entries = rng.integers(1, 60, 200)
+    entries[[7, 50]] = 500   # units larger than the cap alone
+    for at_least in (1, 2, 5):
+        waves = writer._waves(entries, at_least)
+        assert [i for w in waves for i in range(w.start, w.stop)] == list(range(len(entries)))
+        for w in waves[:-1]:
+            n = w.stop - w.start
+            assert n >= at_least
+            assert entries[w].sum() <= 100 or n == at_least
+            assert entries[w].sum() + entries[w.stop] > 100   # the next unit did not fit
+    assert writer._waves(entries[:3], 2) == [slice(0, 3)]
+    assert writer._waves(np.zeros(0, np.int64)) == [slice(0, 0)]

@@ -343,3 +343,33 @@ def test_a_script_without_a_main_guard_runs_the_job_once(tmp_path, how):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("top level ran") == 1, r.stdout
     assert f"workers 2 segments 2 file {where}" in r.stdout      # __main__ as it was, after the job
+
+
+@pytest.mark.parametrize("fmt,shard_bits", [("multires", None), ("legacy", None), ("multires", 0), ("multires", 2)],
+                         ids=["unsharded", "legacy", "1-shard", "4-shards"])
+def test_two_workers_write_in_waves_the_bytes_of_one(crop, tmp_path, monkeypatch, fmt, shard_bits):
+    """Past the assembly's index cap the workers write the output wave by wave (a wave per
+    shard, or per few segments), and the main process keeps none of the headers the workers
+    returned (it reads them): the bytes of one worker holding the whole index."""
+    from gpumesh import writer
+    from gpumesh.pipeline import MeshOptions, run_mesh
+    from gpumesh.sharding import ShardingOptions
+
+    sub = crop[:64, :64, :64]
+    sharding = None if shard_bits is None else ShardingOptions(shard_bits=shard_bits)
+    options = MeshOptions(chunk_size=16, max_lods=1 if fmt == "legacy" else 3, sharding=sharding, format=fmt)
+    kw = dict(options=options, voxel_size=(32.0, 32.0, 40.0))
+    one = run_mesh(sub, str(tmp_path / "one"), workers=1, **kw)
+    waves = []
+    real = writer._wave_rows
+
+    def spy(results, index, labels, stats):
+        waves.append(index is None)
+        return real(results, index, labels, stats)
+
+    monkeypatch.setattr(writer, "_wave_rows", spy)
+    monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", 50 * writer.INDEX_DTYPE.itemsize)
+    two = run_mesh(sub, str(tmp_path / "two"), workers=2, **kw)
+    assert two.workers == 2 and two.segments == one.segments > 0
+    assert tree_files(tmp_path / "one") == tree_files(tmp_path / "two") != {}
+    assert all(waves) and len(waves) == (1 if shard_bits == 0 else len(waves)) and (shard_bits == 0 or len(waves) > 1)
