@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""The main process's peak memory with and without the whole fragment index held.
+
+The assembly holds every fragment entry (56 bytes each) while they fit in
+``gpumesh.writer.ASSEMBLY_INDEX_BYTES`` (1 GiB); past it, it keeps a row per segment and writes
+the shards in waves, each reading the task results' headers again.  To see both on a volume
+of this size, each run meshes the same job in a fresh process with the cap left as it is
+(``default``) or set to ``--caps`` MiB, and reports the main process's peak RSS (its workers
+are other processes), the waves, the wall time of the writing phase and a digest of every
+output file, which must be the same for every cap.  The default job is the real volume with
+8-voxel octree nodes and 5 LODs: ~0.94 M fragments, an index of ~53 MB, where 64-voxel nodes
+give 37 k.
+
+    .venv/bin/python bench/bench_assembly.py                    # caps: default, 8 MiB
+    .venv/bin/python bench/bench_assembly.py --caps 4 --repeat 2
+
+Prints a table and writes ``bench/results/assembly-<UTC start>-<hostname>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_main import (DEFAULT_SOURCE, add_result_args, environment, save_result,  # noqa: E402
+                        source_missing)
+
+
+def tree_digest(root: Path) -> str:
+    """sha256 over every file's relative path and bytes, in sorted order."""
+    h = hashlib.sha256()
+    for dirpath, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            path = Path(dirpath) / name
+            h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def one_run(cap: str, source: str, voxel_size, chunk: int, max_lods: int, workers: int, dest: str) -> dict:
+    """Mesh the job in this process with the index cap ``cap`` (MiB, or ``default``)."""
+    import gpumesh.writer as writer
+    from gpumesh.pipeline import MeshOptions, run_mesh
+    from gpumesh.sharding import ShardingOptions
+
+    if cap != "default":
+        writer.ASSEMBLY_INDEX_BYTES = int(float(cap) * (1 << 20))
+    t0 = time.perf_counter()
+    s = run_mesh(source, dest, options=MeshOptions(chunk_size=chunk, max_lods=max_lods, sharding=ShardingOptions()),
+                 voxel_size=voxel_size, workers=workers, overwrite=True)
+    return {"cap": cap, "cap_bytes": writer.ASSEMBLY_INDEX_BYTES,
+            "main_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "fragments": sum(s.fragments_per_lod), "segments": s.segments, "index_waves": s.index_waves,
+            "seconds": time.perf_counter() - t0, "seconds_writing": s.seconds_writing, "bytes": s.bytes,
+            "digest": tree_digest(Path(dest))}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--source", default=str(DEFAULT_SOURCE))
+    p.add_argument("--voxel-size", default="32,32,40", help="nm, x,y,z")
+    p.add_argument("--chunk-size", type=int, default=8)
+    p.add_argument("--max-lods", type=int, default=5)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--caps", default="8", help="comma-separated caps in MiB, run after the default")
+    p.add_argument("--repeat", type=int, default=1, help="rounds of every cap, interleaved")
+    p.add_argument("--one", help=argparse.SUPPRESS)   # internal: run one cap, print JSON
+    p.add_argument("--dest", help=argparse.SUPPRESS)
+    add_result_args(p)
+    args = p.parse_args(argv)
+    voxel_size = [float(v) for v in args.voxel_size.split(",")]
+    if args.one:
+        print(json.dumps(one_run(args.one, args.source, voxel_size, args.chunk_size, args.max_lods, args.workers,
+                                 args.dest)))
+        return 0
+    if source_missing(args.source):
+        return 2
+    started = _dt.datetime.now(_dt.timezone.utc)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for rnd in range(args.repeat):
+            for cap in ["default"] + [c.strip() for c in args.caps.split(",") if c.strip()]:
+                out = subprocess.run([sys.executable, __file__, "--one", cap, "--dest", f"{tmp}/out",
+                                      "--source", args.source, "--voxel-size", args.voxel_size,
+                                      "--chunk-size", str(args.chunk_size), "--max-lods", str(args.max_lods),
+                                      "--workers", str(args.workers)], capture_output=True, text=True, check=True)
+                rows.append(dict(json.loads(out.stdout.strip().splitlines()[-1]), round=rnd))
+    same = len({r["digest"] for r in rows}) == 1
+    print(f"source {args.source}; chunk {args.chunk_size}; max LODs {args.max_lods}; {args.workers} workers\n")
+    print("cap MiB | fragments | waves | main peak RSS MiB | writing s | wall s")
+    print("--------+-----------+-------+-------------------+-----------+-------")
+    for r in rows:
+        print(f"{r['cap']:>7} | {r['fragments']:>9} | {r['index_waves']:>5} | {r['main_peak_rss_mib']:>17.0f} | "
+              f"{r['seconds_writing']:>9.1f} | {r['seconds']:>6.1f}")
+    print(f"\nthe same output bytes at every cap: {same}")
+    record = {"benchmark": "assembly", "started": started.isoformat(), "source": args.source,
+              "chunk_size": args.chunk_size, "max_lods": args.max_lods, "workers": args.workers,
+              "same_output": same, "rows": rows, **environment()}
+    if not args.no_save:
+        print(f"\nresults: {save_result(record, 'assembly', started, args.results_dir)}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
