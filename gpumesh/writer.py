@@ -21,7 +21,8 @@ time.  The index itself is held whole only while it fits in :data:`ASSEMBLY_INDE
 ~19 million fragments): past that the assembly keeps a row per segment (:class:`SegmentTable`,
 from which come each segment's LODs and the sharding's bits) and writes the shards (unsharded:
 runs of segments) in waves whose entries fit, each wave reading the results' headers again,
-so that the main process's memory follows the number of segments, not of fragments.  In the main job with several workers, the workers build the segments (a segment is a
+so that the main process's memory follows the number of segments, not of fragments.  In the
+main job with several workers, the workers build the segments (a segment is a
 function of its index rows and the task results): each writes whole shards when there are at
 least as many as workers, else a part of each shard's segments, which this process joins into
 the shard; unsharded and legacy files are written by the workers, a run of segments each.
@@ -148,10 +149,10 @@ def _iter_segments(index: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
 #: from the start of the task result) and ``block``, the number of the task result.
 INDEX_DTYPE = np.dtype(FRAG_DTYPE.descr + [("block", "<u4")])
 
-#: Bytes of fragment entries (:data:`INDEX_DTYPE`) that the assembly holds at once: about 20
+#: Bytes of fragment entries (:data:`INDEX_DTYPE`) that the assembly holds at once: about 19
 #: million fragments, the whole index of a job of a few hundred gigavoxels at the real volume's
-#: density.  Past it the index is not held whole (:func:`assemble`): the assembly keeps a few
-#: numbers per segment (:class:`SegmentTable`), and reads the task results' headers again for
+#: density.  Past it the index is not held whole (:func:`assemble`): the assembly keeps about
+#: 100 bytes per segment (:class:`SegmentTable`), and reads the task results' headers again for
 #: each *wave* of shards (unsharded: of segments) whose entries fit, so that its memory follows
 #: this cap and the number of segments, not the number of fragments.
 ASSEMBLY_INDEX_BYTES = 1 << 30
@@ -230,8 +231,8 @@ class SegmentTable(LabelTable):
     segment without LOD 0 fragments has ``1 << 62`` and ``-1``), the LODs it has fragments at
     (``present``, a bit mask), its fragment bytes per LOD (``size``, (lods,) int64) and its
     fragment entries (``entries``).  That is all that :func:`segments_num_lods` and the
-    sharding's bits (:meth:`gpumesh.sharding.ShardingOptions.resolve`) need, in a few dozen
-    bytes per segment.
+    sharding's bits (:meth:`gpumesh.sharding.ShardingOptions.resolve`) need, in 72 + 8 · lods
+    bytes per segment (and its ID).
 
     Parameters
     ----------
