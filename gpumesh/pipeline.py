@@ -988,15 +988,16 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                                                      plan, options, dest_spec, backend.name, nworkers, started,
                                                      device_workers))
             procs: list = []
-            futures: list = []
+            futures: set = set()   # the tasks not yet done with: each is dropped, its result with it, once taken
             try:
                 # the pool starts its processes as tasks are submitted, the assembly's too
                 with pool, workerserver.without_main_script():
                     try:
-                        futures = [pool.submit(_run_task, t) for t in todo]
+                        futures = {pool.submit(_run_task, t) for t in todo}
                         # the worker processes (private; only to say how a dead one ended)
                         procs = list((getattr(pool, "_processes", None) or {}).values())
                         for fut in as_completed(futures):
+                            futures.discard(fut)
                             try:
                                 task, head, rss, name = fut.result()
                             except SourceReadError as exc:
