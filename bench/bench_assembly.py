@@ -9,7 +9,7 @@ of this size, each run meshes the same job in a fresh process with the cap left 
 are other processes), the waves, the wall time of the writing phase and a digest of every
 output file, which must be the same for every cap.  The default job is the real volume with
 8-voxel octree nodes and 5 LODs: ~0.94 M fragments, an index of ~53 MB, where 64-voxel nodes
-give 37 k.
+give 37 k.  It is written in 16 shards (``--shard-bits 4``), so that a wave can hold a few.
 
     .venv/bin/python bench/bench_assembly.py                    # caps: default, 8 MiB
     .venv/bin/python bench/bench_assembly.py --caps 4 --repeat 2
@@ -46,7 +46,7 @@ def tree_digest(root: Path) -> str:
     return h.hexdigest()
 
 
-def one_run(cap: str, source: str, voxel_size, chunk: int, max_lods: int, workers: int, dest: str) -> dict:
+def one_run(cap: str, source: str, voxel_size, chunk: int, max_lods: int, workers: int, shard_bits, dest: str) -> dict:
     """Mesh the job in this process with the index cap ``cap`` (MiB, or ``default``)."""
     import gpumesh.writer as writer
     from gpumesh.pipeline import MeshOptions, run_mesh
@@ -55,7 +55,8 @@ def one_run(cap: str, source: str, voxel_size, chunk: int, max_lods: int, worker
     if cap != "default":
         writer.ASSEMBLY_INDEX_BYTES = int(float(cap) * (1 << 20))
     t0 = time.perf_counter()
-    s = run_mesh(source, dest, options=MeshOptions(chunk_size=chunk, max_lods=max_lods, sharding=ShardingOptions()),
+    sharding = ShardingOptions(shard_bits=shard_bits)
+    s = run_mesh(source, dest, options=MeshOptions(chunk_size=chunk, max_lods=max_lods, sharding=sharding),
                  voxel_size=voxel_size, workers=workers, overwrite=True)
     return {"cap": cap, "cap_bytes": writer.ASSEMBLY_INDEX_BYTES,
             "main_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -71,6 +72,8 @@ def main(argv=None) -> int:
     p.add_argument("--chunk-size", type=int, default=8)
     p.add_argument("--max-lods", type=int, default=5)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--shard-bits", type=int, default=4,
+                   help="2^N shards, so that a wave can hold a few of them (default 4)")
     p.add_argument("--caps", default="8", help="comma-separated caps in MiB, run after the default")
     p.add_argument("--repeat", type=int, default=1, help="rounds of every cap, interleaved")
     p.add_argument("--one", help=argparse.SUPPRESS)   # internal: run one cap, print JSON
@@ -80,7 +83,7 @@ def main(argv=None) -> int:
     voxel_size = [float(v) for v in args.voxel_size.split(",")]
     if args.one:
         print(json.dumps(one_run(args.one, args.source, voxel_size, args.chunk_size, args.max_lods, args.workers,
-                                 args.dest)))
+                                 args.shard_bits, args.dest)))
         return 0
     if source_missing(args.source):
         return 2
@@ -92,10 +95,12 @@ def main(argv=None) -> int:
                 out = subprocess.run([sys.executable, __file__, "--one", cap, "--dest", f"{tmp}/out",
                                       "--source", args.source, "--voxel-size", args.voxel_size,
                                       "--chunk-size", str(args.chunk_size), "--max-lods", str(args.max_lods),
-                                      "--workers", str(args.workers)], capture_output=True, text=True, check=True)
+                                      "--workers", str(args.workers), "--shard-bits", str(args.shard_bits)],
+                                     capture_output=True, text=True, check=True)
                 rows.append(dict(json.loads(out.stdout.strip().splitlines()[-1]), round=rnd))
     same = len({r["digest"] for r in rows}) == 1
-    print(f"source {args.source}; chunk {args.chunk_size}; max LODs {args.max_lods}; {args.workers} workers\n")
+    print(f"source {args.source}; chunk {args.chunk_size}; max LODs {args.max_lods}; {args.workers} workers; "
+          f"{1 << args.shard_bits} shards\n")
     print("cap MiB | fragments | waves | main peak RSS MiB | writing s | wall s")
     print("--------+-----------+-------+-------------------+-----------+-------")
     for r in rows:
@@ -104,6 +109,7 @@ def main(argv=None) -> int:
     print(f"\nthe same output bytes at every cap: {same}")
     record = {"benchmark": "assembly", "started": started.isoformat(), "source": args.source,
               "chunk_size": args.chunk_size, "max_lods": args.max_lods, "workers": args.workers,
+              "shard_bits": args.shard_bits,
               "same_output": same, "rows": rows, **environment()}
     if not args.no_save:
         print(f"\nresults: {save_result(record, 'assembly', started, args.results_dir)}")
