@@ -392,3 +392,34 @@ def test_bench_memory_runs_every_task_as_one_worker(tmp_path, capsys):
         plan = Plan.make(labels.shape, MeshOptions(chunk_size=8, max_lods=r["max_lods"]))
         assert r["block"] == plan.block and r["tasks"] == len(plan.tasks())
         assert r["peak_rss_mib"] >= r["rss_before_mib"] > 0 and r["model_mib"] > 0 and r["read_cache_mib"] > 0
+
+
+# --------------------------------------------------------------------------------------
+# bench_assembly: the main process's memory with the index held whole and in waves
+
+import bench_assembly  # noqa: E402
+
+
+def test_bench_assembly_runs_each_cap_and_compares_the_outputs(tmp_path, capsys):
+    """On a small zarr: a row per cap, the default holding the index whole (no waves) and a
+    tiny cap writing in waves, the same output digest for both, the main process's peak RSS."""
+    import json
+
+    from conftest import write_zarr
+
+    labels = np.zeros((48, 40, 36), np.uint32)
+    labels[4:30, 6:35, 3:33] = 3
+    labels[20:44, 2:20, 10:30] = 9
+    labels[30:40, 25:38, 2:12] = 12
+    write_zarr(tmp_path / "v.zarr", labels, chunk=16)
+    assert bench_assembly.main(["--source", str(tmp_path / "v.zarr"), "--chunk-size", "8", "--max-lods", "2",
+                                "--shard-bits", "1", "--caps", "0.0001", "--results-dir", str(tmp_path / "res")]) == 0
+    out = capsys.readouterr().out
+    assert "the same output bytes at every cap: True" in out
+    (result,) = list((tmp_path / "res").glob("assembly-*.json"))
+    record = json.loads(result.read_text())
+    default, small = record["rows"]
+    assert default["cap"] == "default" and default["index_waves"] == 0
+    assert small["index_waves"] >= 1 and small["cap_bytes"] < default["cap_bytes"]
+    assert default["digest"] == small["digest"] and default["fragments"] == small["fragments"] > 0
+    assert record["same_output"] and default["main_peak_rss_mib"] > 0
