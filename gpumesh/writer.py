@@ -726,6 +726,9 @@ class TaskResults:
         self.kept: dict[int, bytes] = {}
         self.kept_bytes = 0
         self.cache_bytes = ASSEMBLY_CACHE_BYTES if cache_bytes is None else int(cache_bytes)
+        #: each result's header size once a header was seen (0: not yet), so that reading it
+        #: again (a wave of the assembly) takes one byte-range read, not two
+        self.header_bytes = np.zeros(len(self.keys), dtype=np.int64)
 
     def keep(self, blocks) -> None:
         """Read results ``blocks`` whole (a few at a time, concurrently) and keep them, while
@@ -780,14 +783,20 @@ class TaskResults:
                         self.kept_bytes = self.cache_bytes   # keep no more
                     got[b] = blob
             else:
+                sized = [b for b in todo if self.header_bytes[b]]
                 heads = self._values([(b, self.kv.read(self.keys[b], byte_range=slice(0, BLOCK_PREFIX)))
-                                      for b in todo])
+                                      for b in todo if not self.header_bytes[b]])
+                reads = [(b, self.kv.read(self.keys[b], byte_range=slice(0, int(self.header_bytes[b]))))
+                         for b in sized]
                 # a prefix too short is left as it is: unpack_block_header says it is corrupt
-                reads = [(b, self.kv.read(self.keys[b], byte_range=slice(0, block_header_size(head))))
-                         if len(head) == BLOCK_PREFIX else (b, head) for b, head in heads]
+                reads += [(b, self.kv.read(self.keys[b], byte_range=slice(0, block_header_size(head))))
+                          if len(head) == BLOCK_PREFIX else (b, head) for b, head in heads]
                 got = dict(self._values(reads))
             for b in group:
-                yield b, known.pop(b) if b in known else self.kept[b] if b in self.kept else got.pop(b)
+                head = known.pop(b) if b in known else self.kept[b] if b in self.kept else got.pop(b)
+                if len(head) >= BLOCK_PREFIX:
+                    self.header_bytes[b] = block_header_size(head[:BLOCK_PREFIX])
+                yield b, head
 
     def _values(self, reads: list) -> Iterator[tuple[int, bytes]]:
         """``(result number, bytes)`` of ``(result number, read future or bytes)`` pairs."""

@@ -7,6 +7,7 @@ TensorStore from it.
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import subprocess
@@ -360,16 +361,27 @@ def test_two_workers_write_in_waves_the_bytes_of_one(crop, tmp_path, monkeypatch
     options = MeshOptions(chunk_size=16, max_lods=1 if fmt == "legacy" else 3, sharding=sharding, format=fmt)
     kw = dict(options=options, voxel_size=(32.0, 32.0, 40.0))
     one = run_mesh(sub, str(tmp_path / "one"), workers=1, **kw)
-    waves = []
-    real = writer._wave_rows
+    waves, reads = [], []
+    real, real_values = writer._wave_rows, writer.TaskResults._values
 
     def spy(results, index, labels, stats):
         waves.append(index is None)
         return real(results, index, labels, stats)
 
+    def count(self, pending):
+        for b, blob in real_values(self, pending):
+            reads.append(b)
+            yield b, blob
+
     monkeypatch.setattr(writer, "_wave_rows", spy)
+    monkeypatch.setattr(writer.TaskResults, "_values", count)
     monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", 50 * writer.INDEX_DTYPE.itemsize)
     two = run_mesh(sub, str(tmp_path / "two"), workers=2, **kw)
-    assert two.workers == 2 and two.segments == one.segments > 0
+    assert two.workers == 2 and two.segments == one.segments > 0 and two.index_waves == len(waves)
     assert tree_files(tmp_path / "one") == tree_files(tmp_path / "two") != {}
     assert all(waves) and len(waves) == (1 if shard_bits == 0 else len(waves)) and (shard_bits == 0 or len(waves) > 1)
+    # this process read the headers the workers returned past the cap: two reads each at
+    # first (its size, then the header); and every header again in each wave, in one read
+    per_task = collections.Counter(reads)
+    assert set(per_task) == set(range(two.tasks))
+    assert len(waves) + 2 in set(per_task.values()) <= {len(waves), len(waves) + 2}
