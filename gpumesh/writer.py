@@ -449,7 +449,10 @@ def _read_index(results: "TaskResults", known: dict, lods: int, whole: bool):
         block_bytes[b] = ext["size"].sum()
         if kept is not None:
             held += ext.nbytes
-            kept = kept + [ext] if held <= ASSEMBLY_INDEX_BYTES else None   # past the cap: none kept
+            if held <= ASSEMBLY_INDEX_BYTES:
+                kept.append(ext)
+            else:
+                kept = None   # past the cap: none kept
     index = None
     if kept is not None:
         index = np.concatenate(kept) if kept else np.zeros(0, dtype=INDEX_DTYPE)
