@@ -391,10 +391,12 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
                 # the workers write the segments' files, each a run of segments of about equal bytes
                 from .pipeline import _run_write_task
 
-                futures = [executor.submit(_run_write_task, results.keys, part,
-                                           None if lods_of is None else reads().lods(part, lods_of),
-                                           np.asarray(volume.voxel_offset), reads().whole(part), reads().cap)
-                           for part in split_segments(rows, workers)]
+                futures = []
+                for part in split_segments(rows, workers):
+                    keys, local, whole = reads().part(part)
+                    futures.append(executor.submit(_run_write_task, keys, local,
+                                                   None if lods_of is None else reads().lods(part, lods_of),
+                                                   np.asarray(volume.voxel_offset), whole, reads().cap))
                 for fut in futures:
                     _add_worker_part(stats, *fut.result())
             else:
@@ -522,6 +524,7 @@ class WorkerReads:
     """
 
     def __init__(self, results: "TaskResults", block_bytes: np.ndarray, workers: int):
+        self.keys = results.keys
         self.block_bytes = np.asarray(block_bytes, dtype=np.float64)
         self.cap = max(1, results.cache_bytes // max(1, workers))
         results.kept.clear()
@@ -531,6 +534,17 @@ class WorkerReads:
         """The results that a worker writing ``rows`` reads whole."""
         need = np.bincount(rows["block"], weights=rows["size"], minlength=len(self.block_bytes))
         return np.flatnonzero((need > 0) & (8 * need >= self.block_bytes))
+
+    def part(self, rows: np.ndarray) -> tuple[list, np.ndarray, np.ndarray]:
+        """What a worker writing ``rows`` is sent: the keys of just the results they use, the
+        rows with ``block`` numbering those keys, and which of them it reads whole (the task
+        functions' ``keys``, ``rows`` and ``whole``), so that a task does not carry the key of
+        every result of the job."""
+        used = np.unique(rows["block"])
+        local = rows.copy()
+        local["block"] = np.searchsorted(used, rows["block"])
+        return ([self.keys[b] for b in used.tolist()], local,
+                np.searchsorted(used, self.whole(rows)))
 
     @staticmethod
     def lods(rows: np.ndarray, num_lods: dict) -> dict:
@@ -942,21 +956,21 @@ def _write_shard_rows(kv, results: "TaskResults", todo: list, spec: ShardingSpec
     if executor is not None and todo and (len(todo) > 1 or workers > 1):
         from .pipeline import _run_segments_task, _run_shard_task
 
-        whole, cap = reads().whole, reads().cap
+        cap = reads().cap
 
-        def lods(rows):
-            return WorkerReads.lods(rows, num_lods)
+        def submit(fn, rows, *args):   # fn(keys, rows, *args, num_lods, grid_origin, whole, cap)
+            keys, local, whole = reads().part(rows)
+            return executor.submit(fn, keys, local, *args, WorkerReads.lods(rows, num_lods), np.asarray(grid_origin),
+                                   whole, cap)
 
         split = -(-workers // len(todo))   # parts per shard, so that every worker has one
         if split == 1:                     # many shards: a worker builds and writes each
-            futures = [executor.submit(_run_shard_task, results.keys, rows, shard, spec, lods(rows),
-                                       np.asarray(grid_origin), whole(rows), cap) for shard, rows in todo]
+            futures = [submit(_run_shard_task, rows, shard, spec) for shard, rows in todo]
             for fut in futures:
                 _add_worker_part(stats, *fut.result())
         else:                              # few shards: workers build parts of each, this process joins them
-            pending = [(shard, [executor.submit(_run_segments_task, results.keys, part_rows, lods(part_rows),
-                                                np.asarray(grid_origin), whole(part_rows), cap)
-                                for part_rows in split_segments(rows, split)]) for shard, rows in todo]
+            pending = [(shard, [submit(_run_segments_task, part_rows) for part_rows in split_segments(rows, split)])
+                       for shard, rows in todo]
             for shard, futures in pending:
                 items, part, peak = [], _new_stats(plan.lods), 0.0
                 for fut in futures:

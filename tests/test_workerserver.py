@@ -15,6 +15,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+import numpy as np
 import pytest
 
 from conftest import cli_command, tree_files, write_zarr
@@ -373,8 +374,17 @@ def test_two_workers_write_in_waves_the_bytes_of_one(crop, tmp_path, monkeypatch
             reads.append(b)
             yield b, blob
 
+    sent = []
+    real_part = writer.WorkerReads.part
+
+    def part(self, rows):
+        keys, local, whole = real_part(self, rows)
+        sent.append((keys, [self.keys[b] for b in rows["block"]], len(np.unique(rows["block"])), local, rows, whole))
+        return keys, local, whole
+
     monkeypatch.setattr(writer, "_wave_rows", spy)
     monkeypatch.setattr(writer.TaskResults, "_values", count)
+    monkeypatch.setattr(writer.WorkerReads, "part", part)
     monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", 50 * writer.INDEX_DTYPE.itemsize)
     two = run_mesh(sub, str(tmp_path / "two"), workers=2, **kw)
     assert two.workers == 2 and two.segments == one.segments > 0 and two.index_waves == len(waves)
@@ -382,6 +392,12 @@ def test_two_workers_write_in_waves_the_bytes_of_one(crop, tmp_path, monkeypatch
     assert all(waves) and len(waves) == (1 if shard_bits == 0 else len(waves)) and (shard_bits == 0 or len(waves) > 1)
     # this process read the headers the workers returned past the cap: two reads each at
     # first (its size, then the header); and every header again in each wave, in one read
+    # each writing task was sent the keys of the results its rows use, not every key
+    assert sent and any(len(keys) < two.tasks for keys, *_ in sent)
+    for keys, row_keys, used, local, rows, whole in sent:
+        assert len(keys) == used and [keys[b] for b in local["block"]] == row_keys
+        assert np.array_equal(local[["label", "lod", "offset", "size"]], rows[["label", "lod", "offset", "size"]])
+        assert set(whole.tolist()) <= set(range(len(keys)))
     per_task = collections.Counter(reads)
     assert set(per_task) == set(range(two.tasks))
     assert len(waves) + 2 in set(per_task.values()) <= {len(waves), len(waves) + 2}
