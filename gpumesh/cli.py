@@ -276,12 +276,22 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality
 
 @main.command()
 @click.argument("dest")
-def validate(dest):
+@click.option("--segments", metavar="IDS", callback=_segments,
+              help="check only these segment IDs: 1,2,3 or @FILE (IDs separated by commas, spaces or newlines)")
+@click.option("--sample", type=click.IntRange(min=1), metavar="N",
+              help="check only N segments drawn at random: a spot check of a large output")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of --sample")
+@click.option("--decode/--no-decode", default=True, show_default=True,
+              help="decode every fragment (geometry, triangle counts); without, only manifests, octrees, "
+                   "sizes and shard structure")
+def validate(dest, segments, sample, seed, decode):
     """Check a precomputed mesh directory DEST against the spec and Neuroglancer's client rules."""
     from .validate import validate as run_validate
 
+    if segments is not None and sample is not None:
+        raise click.UsageError("give --segments or --sample, not both")
     try:
-        report = run_validate(dest)
+        report = run_validate(dest, segments=segments, sample=sample, seed=seed, decode=decode)
     except GpumeshError as exc:
         _fail(exc)
     click.echo(report.format_table())

@@ -102,6 +102,9 @@ class ValidationReport:
         (appended bytes; checked when the whole output is validated).
     decoded : bool
         Whether fragments were decoded (triangle counts and geometry checks).
+    segments_total : int or None
+        With ``sample``: the segments the directory holds, of which ``num_segments`` were
+        checked; ``None`` otherwise.
     """
 
     location: str = ""
@@ -113,6 +116,7 @@ class ValidationReport:
     per_lod: list = field(default_factory=list)
     decoded: bool = True
     max_errors: int = MAX_STORED_ERRORS
+    segments_total: Optional[int] = None
 
     @property
     def ok(self) -> bool:
@@ -157,7 +161,10 @@ class ValidationReport:
         def line(r):
             return "  ".join(r[0].ljust(widths[0]) if c == 0 else r[c].rjust(widths[c]) for c in range(len(r)))
 
-        out = [f"kind: {self.kind or 'unknown'}   segments: {self.num_segments}", line(header)]
+        checked = f"segments: {self.num_segments}"
+        if self.segments_total is not None:
+            checked += f" (a random sample of the {self.segments_total})"
+        out = [f"kind: {self.kind or 'unknown'}   {checked}", line(header)]
         out.append("  ".join("-" * w for w in widths))
         out.extend(line(r) for r in rows[:-1])
         out.append("  ".join("-" * w for w in widths))
@@ -623,6 +630,8 @@ def validate(
     location,
     *,
     segments: Optional[Iterable[int]] = None,
+    sample: Optional[int] = None,
+    seed: int = 0,
     decode: bool = True,
     max_errors: int = MAX_STORED_ERRORS,
 ) -> ValidationReport:
@@ -634,6 +643,16 @@ def validate(
         The mesh directory (holding ``info``): path, kvstore URL or spec.
     segments : iterable of int, optional
         Only these segments (each must exist); default all.
+    sample : int, optional
+        Only this many segments, drawn at random (``seed``) from those the directory holds
+        (all of them when it holds fewer): a spot check of a large output.  Listing the
+        segments reads the manifests' names (unsharded, legacy) or every shard's index and
+        minishard indices (sharded); then only the sample's manifests and fragments, and for
+        sharded output only the shards that hold them, are read.  As with ``segments``, the
+        checks that need every segment (fragment files no manifest reaches, segment
+        properties without a mesh, unreferenced shard bytes) are left out.
+    seed : int, default 0
+        Seed of the sample.
     decode : bool, default True
         Decode fragments (Draco or legacy) to check geometry and count triangles. Without it
         only manifests, octrees and sizes are checked.
@@ -646,8 +665,12 @@ def validate(
         Never raises on a bad mesh; problems are in ``report.errors``. An unreadable or
         invalid ``info`` (a bad ``sharding`` spec included) is reported and ends validation.
     """
+    if sample is not None and segments is not None:
+        raise ValueError("give segments or sample, not both")
+    if sample is not None and (isinstance(sample, bool) or int(sample) < 1):
+        raise ValueError(f"sample must be a number of segments >= 1, got {sample!r}")
     report = ValidationReport(location=str(location), decoded=decode, max_errors=max_errors)
-    _validate(report, location, segments, decode)
+    _validate(report, location, segments, decode, None if sample is None else (int(sample), int(seed)))
     zero = sum(s["zero_byte_fragments"] for s in report.per_lod)
     if report.kind == "multires" and zero:
         report.warnings.append(
@@ -657,7 +680,7 @@ def validate(
     return report
 
 
-def _validate(report: ValidationReport, location, segments, decode: bool) -> ValidationReport:
+def _validate(report: ValidationReport, location, segments, decode: bool, sample=None) -> ValidationReport:
     try:
         kv = storage.open_kvstore(location)
         raw_info = storage.read(kv, "info")
@@ -687,6 +710,17 @@ def _validate(report: ValidationReport, location, segments, decode: bool) -> Val
         report.add_error(str(exc))
         return report
     report.kind = src.kind
+    if sample is not None:
+        try:
+            listed = src.segment_ids()
+        except Exception as exc:
+            report.add_error(f"cannot list the segments: {exc}")
+            return report
+        count, seed = sample
+        rng = np.random.default_rng(seed)
+        segments = sorted(int(v) for v in rng.choice(np.asarray(listed, dtype=np.uint64), min(count, len(listed)),
+                                                      replace=False)) if listed else []
+        report.segments_total = len(listed)
     if isinstance(src, ShardedMultiresSource):
         found = _validate_sharded(report, src, segments, decode)
         if info:

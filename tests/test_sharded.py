@@ -611,3 +611,61 @@ def test_waves_fit_the_cap_with_at_least_one_unit_per_worker(monkeypatch):
             assert entries[w].sum() + entries[w.stop] > 100   # the next unit did not fit
     assert writer._waves(entries[:3], 2) == [slice(0, 3)]
     assert writer._waves(np.zeros(0, np.int64)) == [slice(0, 0)]
+
+
+@pytest.mark.parametrize("layout", ["sharded", "unsharded"])
+def test_validate_a_random_sample(outputs, layout):
+    """validate(sample=N) checks N segments drawn from those the directory holds: with N past
+    their count it checks them all, with the full run's counts; with fewer, exactly N."""
+    whole = validate(str(outputs / layout))
+    assert whole.ok and whole.num_segments > 5 and whole.segments_total is None
+    every = validate(str(outputs / layout), sample=whole.num_segments + 10)
+    assert every.ok and every.num_segments == every.segments_total == whole.num_segments
+    assert every.per_lod == whole.per_lod
+    some = validate(str(outputs / layout), sample=5, seed=3)
+    assert some.ok and some.num_segments == 5 and some.segments_total == whole.num_segments
+    assert some.per_lod[0]["segments_with_lod"] == 5
+    assert f"segments: 5 (a random sample of the {whole.num_segments})" in some.format_table()
+    with pytest.raises(ValueError):
+        validate(str(outputs / layout), sample=0)
+    with pytest.raises(ValueError):
+        validate(str(outputs / layout), sample=2, segments=[1])
+
+
+def test_a_sample_finds_a_broken_segment_when_it_draws_it(outputs, tmp_path):
+    """One segment's fragment data cut short: a sample of one segment fails for the seeds that
+    draw it and passes for the others; different seeds draw different segments."""
+    import shutil
+
+    dest = tmp_path / "out"
+    shutil.copytree(outputs / "unsharded", dest)
+    victim = sorted(int(p.name) for p in dest.iterdir() if p.name.isdigit())[2]
+    data = (dest / str(victim)).read_bytes()
+    (dest / str(victim)).write_bytes(data[:-7])
+    assert not validate(str(dest)).ok
+    failed = [s for s in range(60) if not validate(str(dest), sample=1, seed=s, decode=False).ok]
+    assert 0 < len(failed) < 60
+    for s in failed[:3]:
+        assert any(f"segment {victim}" in e for e in validate(str(dest), sample=1, seed=s, decode=False).errors)
+
+
+def test_validate_cli_options(outputs, tmp_path):
+    """gpumesh validate --sample / --segments / --no-decode, and their misuse."""
+    out = str(outputs / "sharded")
+    r = _cli("validate", out, "--sample", 4, "--seed", 7)
+    assert r.returncode == 0 and "segments: 4 (a random sample of the" in r.stdout and "OK" in r.stdout, r.stderr
+    two = open_mesh(out).segment_ids()[:2]
+    r = _cli("validate", out, "--segments", ",".join(map(str, two)))
+    assert r.returncode == 0 and "segments: 2\n" in r.stdout + "\n" and "OK" in r.stdout, r.stderr
+    report = validate(out)
+    r = _cli("validate", out, "--no-decode")
+    assert r.returncode == 0 and f"segments: {report.num_segments}" in r.stdout
+    total_line = [ln for ln in r.stdout.splitlines() if ln.startswith("total")][0]
+    assert total_line.split()[3] == "-"   # no triangle count without decoding
+    (tmp_path / "ids.txt").write_text("# two IDs that are not there\n4000000001, 4000000002\n")
+    r = _cli("validate", out, "--segments", f"@{tmp_path / 'ids.txt'}")
+    assert r.returncode == 1 and "segment 4000000001 not found" in r.stderr
+    r = _cli("validate", out, "--segments", "1", "--sample", "2")
+    assert r.returncode == 2 and "not both" in r.stderr
+    r = _cli("validate", out, "--sample", "0")
+    assert r.returncode == 2
