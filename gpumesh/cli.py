@@ -89,11 +89,12 @@ class _ProgressLines:
     and at the end, where stderr is not a terminal (a batch or cloud job's log): tqdm's bar
     redraws one line with carriage returns, which a log keeps as one endless line."""
 
-    FORMAT = "{desc}: {n_fmt}/{total_fmt} tasks ({percentage:.0f}%), {elapsed} elapsed, {remaining} left"
+    FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%), {elapsed} elapsed, {remaining} left"
 
-    def __init__(self, total: int, initial: int):
+    def __init__(self, total: int, initial: int, desc: str = "meshing", unit: str = "tasks"):
         import time
 
+        self.desc, self.unit = desc, unit
         self.total, self.n, self.initial = total, initial, initial
         self.clock = time.monotonic
         self.start = self.last = self.clock()
@@ -112,8 +113,9 @@ class _ProgressLines:
     def _line(self) -> None:
         from tqdm import tqdm
 
-        click.echo(tqdm.format_meter(self.n, self.total, self.clock() - self.start, prefix="meshing",
-                                     bar_format=self.FORMAT, initial=self.initial), err=True)
+        click.echo(tqdm.format_meter(self.n, self.total, self.clock() - self.start, prefix=self.desc,
+                                     bar_format=self.FORMAT.replace("{unit}", self.unit), initial=self.initial),
+                   err=True)
 
 
 @main.command()
@@ -199,6 +201,25 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality
             bar.close()
             click.echo("writing the output", err=True)
 
+    written = None
+
+    def close_bars():
+        for b in (bar, written):
+            if b is not None:
+                b.close()
+
+    def write_progress(done, total):
+        nonlocal written
+        if quiet:
+            return
+        if written is None:
+            written = (tqdm(total=total, unit="segment", desc="writing", initial=done) if sys.stderr.isatty()
+                       else _ProgressLines(total, done, "writing", "segments"))
+        else:
+            written.update(done - written.n)
+        if done >= total:
+            written.close()
+
     caught = []
 
     def show(message, category, *args, **kwargs):
@@ -228,7 +249,8 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality
             try:
                 summary = run_mesh(source, dest, options=options, voxel_size=voxel_size, voxel_offset=voxel_offset,
                                    mip=mip, axes=axes, overwrite=overwrite, resume=resume, workers=workers,
-                                   device=device, link_source=link_source, progress=progress, client=client,
+                                   device=device, link_source=link_source, progress=progress,
+                                   write_progress=write_progress, client=client,
                                    bounds=bounds)
             finally:
                 if client is not None:
@@ -239,22 +261,18 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality
 
                 stop_server()
     except WorkerFailedError as exc:   # not bad input: status 1, and --resume continues
-        if bar is not None:
-            bar.close()
+        close_bars()
         click.echo(f"gpumesh: error: {exc}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:   # Ctrl-C: the workers are stopped at once (pipeline._stop_workers)
-        if bar is not None:
-            bar.close()
+        close_bars()
         click.echo(f"gpumesh: interrupted; the finished tasks are kept in {dest}: run it again with --resume "
                    f"to continue", err=True)
         sys.exit(130)
     except (GpumeshError, ValueError) as exc:
-        if bar is not None:
-            bar.close()
+        close_bars()
         _fail(exc)
-    if bar is not None:
-        bar.close()
+    close_bars()
     for message in caught:
         click.echo(f"gpumesh: warning: {message}", err=True)
     s = summary

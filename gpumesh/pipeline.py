@@ -805,7 +805,8 @@ def _task_failed(errors: list, finished: int, total: int, dest) -> TaskFailedErr
 def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=None, voxel_offset=None,
              mip: int = 0, axes: Optional[str] = None, overwrite: bool = False, resume: bool = False,
              workers: Optional[int] = None, device: str = "auto", link_source: bool = False,
-             progress: Optional[Callable[[int, int], None]] = None, client=None,
+             progress: Optional[Callable[[int, int], None]] = None,
+             write_progress: Optional[Callable[[int, int], None]] = None, client=None,
              bounds: Optional[tuple] = None) -> Summary:
     """Mesh every segment of a label volume into a Neuroglancer precomputed mesh directory.
 
@@ -839,6 +840,11 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         When the source is a precomputed volume, also set ``mesh`` in its ``info`` (the
         source is never changed otherwise; a ready copy is written as ``source_info.json``).
     progress : callable(done, total), optional
+        Called with the tasks finished (resumed ones included) and all tasks: at the start and
+        as each task finishes.
+    write_progress : callable(done, total), optional
+        Called as the output is written, with the segments written and all to write
+        (:func:`gpumesh.writer.assemble`).
     bounds : sequence of 6 int, optional
         Mesh only this box, ``(x0, y0, z0, x1, y1, z1)`` in global voxel coordinates (voxel
         offset included), clipped to the volume (:meth:`gpumesh.volume.Volume.crop`): the
@@ -1017,7 +1023,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                         t_mesh = time.perf_counter()
                         # the workers also build the segments and write the output (gpumesh.writer)
                         stats = assemble(kv, volume, plan, options, tasks, link_source=link_source, executor=pool,
-                                         workers=nworkers, headers=headers)
+                                         workers=nworkers, headers=headers, progress=write_progress)
                     except BaseException as exc:
                         for fut in futures:   # before the pool's exit would wait for them: not run
                             fut.cancel()
@@ -1040,7 +1046,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             raise _task_failed(unread, finished, len(tasks), dest)
         if stats is None:
             t_mesh = time.perf_counter()
-            stats = assemble(kv, volume, plan, options, tasks, link_source=link_source)
+            stats = assemble(kv, volume, plan, options, tasks, link_source=link_source, progress=write_progress)
     except (SourceReadError, DestinationError) as exc:   # a write, or the volume's first read
         raise _task_failed([exc], finished, len(tasks), dest) from exc
     summary.seconds_meshing = t_mesh - t0

@@ -53,7 +53,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
@@ -305,7 +305,8 @@ def mesh_info(volume: Volume, options: MeshOptions, with_properties: bool,
 
 
 def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, link_source: bool = False,
-             executor=None, workers: int = 1, headers: Optional[dict] = None) -> dict:
+             executor=None, workers: int = 1, headers: Optional[dict] = None,
+             progress: Optional[Callable[[int, int], None]] = None) -> dict:
     """Read every task's result from the scratch area and write the final mesh directory.
 
     The task results' headers (their fragment entries and voxel counts) are read once, in task
@@ -336,6 +337,10 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
         Task name (:func:`gpumesh.pipeline.task_name`) -> the header of its result, as the
         worker that ran it returned it; the others are read from the scratch area.  Emptied
         here, so that each header is freed once its entries are in the index.
+    progress : callable(done, total), optional
+        Called as the segments are written, with the segments written so far (those of the
+        shards that an interrupted run wrote included) and all to write: once before the
+        first, then after each shard, run of segments or batch.
 
     Returns
     -------
@@ -377,9 +382,16 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
     spec = None
     if options.sharding is not None and options.format == "multires":
         spec = write_shards(kv, results, index, table, plan, options, stats, volume.voxel_offset, executor,
-                            workers, reads)
+                            workers, reads, progress)
     else:
         num_lods = table.num_lods(options.num_lods) if options.format == "multires" else None
+        total = len(table.labels) if num_lods is None else int((num_lods > 0).sum())
+
+        def report() -> None:
+            if progress:
+                progress(stats["segments"], total)
+
+        report()
         for wave in _waves(table.columns["entries"], workers if pool else 1):
             labels = table.labels[wave]
             rows = _wave_rows(results, index, labels, stats)
@@ -399,8 +411,9 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
                                                    np.asarray(volume.voxel_offset), whole, reads().cap))
                 for fut in futures:
                     _add_worker_part(stats, *fut.result())
+                    report()
             else:
-                write_all_segments(kv, results, rows, plan, options, stats, volume.voxel_offset, lods_of)
+                write_all_segments(kv, results, rows, plan, options, stats, volume.voxel_offset, lods_of, report)
 
     with_props = options.segment_properties and stats["segments"] > 0
     if with_props:
@@ -495,17 +508,22 @@ def _wave_rows(results: "TaskResults", index: Optional[np.ndarray], labels: np.n
 
 
 def write_all_segments(kv, results: "TaskResults", rows: np.ndarray, plan: Plan, options: MeshOptions,
-                       stats: dict, grid_origin, num_lods: Optional[dict] = None) -> None:
+                       stats: dict, grid_origin, num_lods: Optional[dict] = None,
+                       after_batch: Optional[Callable[[], None]] = None) -> None:
     """:func:`write_segments` for every segment of ``rows`` (fragment entries), in batches of
-    :data:`WRITE_BATCH` segments."""
+    :data:`WRITE_BATCH` segments; ``after_batch()`` is called after each."""
     batch = []
     for label, entries in _iter_segments(rows):
         batch.append((label, entries))
         if len(batch) >= WRITE_BATCH:
             write_segments(kv, results, batch, plan, options, stats, grid_origin, num_lods)
             batch = []
+            if after_batch:
+                after_batch()
     if batch:
         write_segments(kv, results, batch, plan, options, stats, grid_origin, num_lods)
+        if after_batch:
+            after_batch()
 
 
 class WorkerReads:
@@ -868,7 +886,7 @@ def shard_marker_key(spec: ShardingSpec, shard: int) -> str:
 
 def write_shards(kv, results: "TaskResults", index: Optional[np.ndarray], table: SegmentTable, plan: Plan,
                  options: MeshOptions, stats: dict, grid_origin, executor=None, workers: int = 1,
-                 reads=None) -> ShardingSpec:
+                 reads=None, progress: Optional[Callable[[int, int], None]] = None) -> ShardingSpec:
     """Write the sharded multi-resolution meshes of all segments, shard by shard.
 
     Parameters
@@ -895,6 +913,8 @@ def write_shards(kv, results: "TaskResults", index: Optional[np.ndarray], table:
     reads : callable, optional
         Gives the :class:`WorkerReads` of the workers (with ``executor``), made on the first
         call.
+    progress : callable(done, total), optional
+        As for :func:`assemble`: segments written (after each shard) and all to write.
 
     Returns
     -------
@@ -927,6 +947,12 @@ def write_shards(kv, results: "TaskResults", index: Optional[np.ndarray], table:
                 _add_stats(stats, record["stats"])
                 done[i] = True
     todo_shards = np.flatnonzero(~done)
+
+    def report() -> None:
+        if progress:
+            progress(stats["segments"], len(labels))
+
+    report()
     per_wave = workers if executor is not None else 1
     for wave in _waves(np.bincount(per_shard, weights=entries, minlength=len(shards))[todo_shards].astype(np.int64),
                        per_wave):
@@ -944,15 +970,16 @@ def write_shards(kv, results: "TaskResults", index: Optional[np.ndarray], table:
         todo = [(int(row_shard[s0]), rows[s0:s1]) for s0, s1 in zip(starts.tolist(), np.r_[starts[1:], len(rows)].tolist())]
         num_lods = dict(zip(labels[in_wave[per_shard]].tolist(), n[in_wave[per_shard]].tolist()))
         _write_shard_rows(kv, results, todo, spec, plan, options, stats, grid_origin, num_lods, executor,
-                          workers, reads)
+                          workers, reads, report)
     return spec
 
 
 def _write_shard_rows(kv, results: "TaskResults", todo: list, spec: ShardingSpec, plan: Plan, options: MeshOptions,
                       stats: dict, grid_origin, num_lods: dict, executor, workers: int,
-                      reads) -> None:
+                      reads, report: Callable[[], None]) -> None:
     """Write the shards ``todo`` (``(shard, its fragment entries)``, as :func:`write_shard` takes
-    them), in the workers where there is a pool (see :func:`write_shards`), else here."""
+    them), in the workers where there is a pool (see :func:`write_shards`), else here;
+    ``report()`` after each shard."""
     if executor is not None and todo and (len(todo) > 1 or workers > 1):
         from .pipeline import _run_segments_task, _run_shard_task
 
@@ -968,6 +995,7 @@ def _write_shard_rows(kv, results: "TaskResults", todo: list, spec: ShardingSpec
             futures = [submit(_run_shard_task, rows, shard, spec) for shard, rows in todo]
             for fut in futures:
                 _add_worker_part(stats, *fut.result())
+                report()
         else:                              # few shards: workers build parts of each, this process joins them
             pending = [(shard, [submit(_run_segments_task, part_rows) for part_rows in split_segments(rows, split)])
                        for shard, rows in todo]
@@ -979,9 +1007,11 @@ def _write_shard_rows(kv, results: "TaskResults", todo: list, spec: ShardingSpec
                     _add_stats(part, got_part)
                     peak = max(peak, rss)
                 _add_worker_part(stats, _write_built_shard(kv, spec, shard, items, part), peak)
+                report()
     else:
         for shard, rows in todo:
             _add_stats(stats, write_shard(kv, results, rows, shard, spec, plan, options, num_lods, grid_origin))
+            report()
 
 
 def write_shard(kv, results: "TaskResults", rows: np.ndarray, shard: int, spec: ShardingSpec, plan: Plan,

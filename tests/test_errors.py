@@ -360,6 +360,11 @@ def test_cli_progress_in_a_log_is_lines(tmp_path):
     assert lines[-1].startswith(f"meshing: {total}/{total} tasks (100%)") and len(lines) >= 2
     after = r.stderr.split(lines[-1], 1)[1].strip().splitlines()
     assert after[0] == "writing the output"          # the assembly's phase, said when the meshing ends
+    # then its progress in segments, a line at the start and one at the end
+    segments = int(next(ln for ln in r.stdout.splitlines() if ln.startswith("segments:")).split()[1])
+    writing = [ln for ln in after if ln.startswith("writing: ")]
+    assert writing[0].startswith(f"writing: 0/{segments} segments (0%)")
+    assert writing[-1].startswith(f"writing: {segments}/{segments} segments (100%)") and segments > 1
 
 
 def test_the_selection_tells_selected_ids_from_the_others():

@@ -300,9 +300,12 @@ def test_resume_skips_finished_shards(small, outputs, tmp_path, monkeypatch, wav
     assert not (dest / "info").exists()
     calls.clear()
     resumed = True
-    summary = _mesh(small, dest, sharding, resume=True)
+    written = []
+    summary = _mesh(small, dest, sharding, resume=True, write_progress=lambda d, t: written.append((d, t)))
     shards = len([n for n in os.listdir(dest) if n.endswith(".shard")])
     assert len(calls) == shards - 1 and summary.tasks_resumed == summary.tasks
+    # the writing's progress starts from the segments of the shard written before
+    assert 0 < written[0][0] < summary.segments and written[-1] == (summary.segments, summary.segments)
     assert tree_files(dest) == tree_files(outputs / "gzip")
     assert summary.segments == validate(str(dest)).num_segments
 
@@ -669,3 +672,27 @@ def test_validate_cli_options(outputs, tmp_path):
     assert r.returncode == 2 and "not both" in r.stderr
     r = _cli("validate", out, "--sample", "0")
     assert r.returncode == 2
+
+
+@pytest.mark.parametrize("layout,waves", [("gzip", False), ("gzip", True), ("unsharded", False), ("unsharded", True),
+                                          ("legacy", False)])
+def test_write_progress_counts_the_segments(small, tmp_path, monkeypatch, layout, waves):
+    """run_mesh(write_progress=) hears of the writing: first 0 of all the segments, then more
+    after each shard (run of segments, batch), last all of them, the total never changing."""
+    import gpumesh.writer as writer
+
+    if waves:
+        monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", 1)
+    monkeypatch.setattr(writer, "WRITE_BATCH", 5)   # a few batches on this small volume
+    calls = []
+    sharding = ShardingOptions(shard_bits=2, minishard_bits=2, data_encoding="gzip") if layout == "gzip" else None
+    fmt = "legacy" if layout == "legacy" else "multires"
+    summary = run_mesh(small, str(tmp_path / "out"), voxel_size=VOXEL_SIZE, workers=1,
+                       options=MeshOptions(chunk_size=CHUNK, sharding=sharding, format=fmt,
+                                           max_lods=1 if fmt == "legacy" else 3),
+                       write_progress=lambda done, total: calls.append((done, total)))
+    done = [d for d, _ in calls]
+    assert calls[0] == (0, summary.segments) and calls[-1] == (summary.segments, summary.segments)
+    assert {t for _, t in calls} == {summary.segments} and done == sorted(done) and len(set(done)) > 2
+    if layout == "gzip":
+        assert len(calls) == 1 + 4   # the start, then each of the 4 shards

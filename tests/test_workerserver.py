@@ -386,8 +386,10 @@ def test_two_workers_write_in_waves_the_bytes_of_one(crop, tmp_path, monkeypatch
     monkeypatch.setattr(writer.TaskResults, "_values", count)
     monkeypatch.setattr(writer.WorkerReads, "part", part)
     monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", 50 * writer.INDEX_DTYPE.itemsize)
-    two = run_mesh(sub, str(tmp_path / "two"), workers=2, **kw)
+    written = []
+    two = run_mesh(sub, str(tmp_path / "two"), workers=2, write_progress=lambda d, t: written.append((d, t)), **kw)
     assert two.workers == 2 and two.segments == one.segments > 0 and two.index_waves == len(waves)
+    assert written[0] == (0, two.segments) and written[-1] == (two.segments, two.segments)
     assert tree_files(tmp_path / "one") == tree_files(tmp_path / "two") != {}
     assert all(waves) and len(waves) == (1 if shard_bits == 0 else len(waves)) and (shard_bits == 0 or len(waves) > 1)
     # this process read the headers the workers returned past the cap: two reads each at
