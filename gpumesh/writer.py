@@ -340,7 +340,7 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
     progress : callable(done, total), optional
         Called as the segments are written, with the segments written so far (those of the
         shards that an interrupted run wrote included) and all to write: once before the
-        first, then after each shard, run of segments or batch.
+        first, then after each shard, run of segments or batch (never when there is none).
 
     Returns
     -------
@@ -388,7 +388,7 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
         total = len(table.labels) if num_lods is None else int((num_lods > 0).sum())
 
         def report() -> None:
-            if progress:
+            if progress and total:   # nothing to write, nothing to say
                 progress(stats["segments"], total)
 
         report()
