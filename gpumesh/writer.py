@@ -967,7 +967,8 @@ def write_shards(kv, results: "TaskResults", index: Optional[np.ndarray], table:
         order = np.lexsort((at, per_shard[at]))   # by shard, then segment ID, task order within
         rows, row_shard = rows[order], seg_shard[at[order]]
         starts = _run_starts(row_shard)
-        todo = [(int(row_shard[s0]), rows[s0:s1]) for s0, s1 in zip(starts.tolist(), np.r_[starts[1:], len(rows)].tolist())]
+        stops = np.r_[starts[1:], len(rows)]
+        todo = [(int(row_shard[s0]), rows[s0:s1]) for s0, s1 in zip(starts.tolist(), stops.tolist())]
         num_lods = dict(zip(labels[in_wave[per_shard]].tolist(), n[in_wave[per_shard]].tolist()))
         _write_shard_rows(kv, results, todo, spec, plan, options, stats, grid_origin, num_lods, executor,
                           workers, reads, report)

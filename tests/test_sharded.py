@@ -529,8 +529,8 @@ def test_assembly_past_its_index_cap_writes_in_waves(small, outputs, tmp_path, m
     entry = writer.INDEX_DTYPE.itemsize
     limit = entry if cap == "one entry" else 60 * entry
     monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", limit)
-    sharding = {"sharded": ShardingOptions(), "gzip": ShardingOptions(shard_bits=2, minishard_bits=2, data_encoding="gzip"),
-                "unsharded": None}[layout]
+    sharding = {"sharded": ShardingOptions(), "unsharded": None,
+                "gzip": ShardingOptions(shard_bits=2, minishard_bits=2, data_encoding="gzip")}[layout]
     summary = _mesh(small, tmp_path / "out", sharding)
     assert tree_files(tmp_path / "out") == tree_files(outputs / layout)
     assert waves and all(again for _, _, again in waves)
