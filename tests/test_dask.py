@@ -42,6 +42,23 @@ def test_a_cluster_writes_the_bytes_of_one_process(client, crop, crop_medium, tm
         assert validate(str(many)).ok
 
 
+def test_a_cluster_writes_in_waves_the_bytes_of_one_process(client, crop, tmp_path, monkeypatch):
+    """Past the assembly's index cap the cluster's workers write the shards wave by wave (two
+    waves of two shards for two workers): the bytes of one process holding the index."""
+    import gpumesh.writer as writer
+
+    options = MeshOptions(chunk_size=32, sharding=ShardingOptions(shard_bits=2))
+    one = tmp_path / "one"
+    assert run_mesh(crop, str(one), options=options, workers=1).index_waves == 0
+    monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", 1)
+    written = []
+    summary = run_mesh(crop, str(tmp_path / "dask"), options=options, client=client,
+                       write_progress=lambda d, t: written.append((d, t)))
+    assert summary.workers == 2 and summary.index_waves == 2
+    assert tree_files(tmp_path / "dask") == tree_files(one)
+    assert written[-1] == (summary.segments, summary.segments)
+
+
 def test_an_interrupted_cluster_run_resumes(client, crop, tmp_path):
     options = MeshOptions(chunk_size=32, max_lods=2)
     whole = tmp_path / "whole"
