@@ -515,6 +515,28 @@ def _validate_sharded(report: ValidationReport, src: ShardedMultiresSource, segm
     return seen
 
 
+def _validate_sharded_sample(report: ValidationReport, src: ShardedMultiresSource, ids: list, decode: bool) -> None:
+    """Check the segments ``ids`` (drawn from those the minishard indices list) as a reader
+    finds them: through the shard and minishard their ID hashes to, reading their manifest and
+    fragment data by byte range, not their shards whole."""
+    report.num_segments = len(ids)
+    for seg in ids:
+        try:
+            mbytes = src.manifest_bytes(seg)
+            data = src.fragment_data(seg) if mbytes is not None else None
+        except Exception as exc:  # never raise on a bad mesh
+            report.add_error(f"segment {seg}: cannot be read from its shard: {exc}")
+            continue
+        if mbytes is None:
+            report.add_error(f"segment {seg}: listed in a minishard index, but not in the shard and minishard its ID "
+                             "hashes to, so no reader finds it")
+            continue
+        try:
+            _check_multires_segment(report, seg, mbytes, data, src.vertex_quantization_bits, decode)
+        except Exception as exc:
+            report.add_error(f"segment {seg}: unexpected error while checking: {exc!r}")
+
+
 def _check_legacy_segment(report: ValidationReport, src: LegacySource, seg: int, decode: bool) -> None:
     try:
         names = src.fragment_names(seg)
@@ -647,8 +669,9 @@ def validate(
         Only this many segments, drawn at random (``seed``) from those the directory holds
         (all of them when it holds fewer): a spot check of a large output.  Listing the
         segments reads the manifests' names (unsharded, legacy) or every shard's index and
-        minishard indices (sharded); then only the sample's manifests and fragments, and for
-        sharded output only the shards that hold them, are read.  As with ``segments``, the
+        minishard indices (sharded); then only the sample's manifests and fragments are read
+        (sharded: by byte range, through the shard and minishard each ID hashes to, as a
+        reader finds them; the shards' own layout is not checked).  As with ``segments``, the
         checks that need every segment (fragment files no manifest reaches, segment
         properties without a mesh, unreferenced shard bytes) are left out.
     seed : int, default 0
@@ -721,6 +744,9 @@ def _validate(report: ValidationReport, location, segments, decode: bool, sample
         segments = sorted(int(v) for v in rng.choice(np.asarray(listed, dtype=np.uint64), min(count, len(listed)),
                                                       replace=False)) if listed else []
         report.segments_total = len(listed)
+    if isinstance(src, ShardedMultiresSource) and sample is not None:   # the sample's bytes, not whole shards
+        _validate_sharded_sample(report, src, segments, decode)
+        return report
     if isinstance(src, ShardedMultiresSource):
         found = _validate_sharded(report, src, segments, decode)
         if info:

@@ -696,3 +696,35 @@ def test_write_progress_counts_the_segments(small, tmp_path, monkeypatch, layout
     assert {t for _, t in calls} == {summary.segments} and done == sorted(done) and len(set(done)) > 2
     if layout == "gzip":
         assert len(calls) == 1 + 4   # the start, then each of the 4 shards
+
+
+def test_a_sharded_sample_is_read_by_range_and_still_finds_damage(outputs, tmp_path, monkeypatch):
+    """A sample of sharded output reads its segments as a reader does, by byte range, never a
+    whole shard; fragment bytes overwritten inside a shard show as errors of their segment,
+    and a shard cut short (its minishard indices gone) as an error, nothing raising."""
+    import shutil
+
+    whole_reads = []
+    real_read = storage.read
+
+    def spy(kv, key, byte_range=None):
+        if key.endswith(".shard") and byte_range is None:
+            whole_reads.append(key)
+        return real_read(kv, key, byte_range)
+
+    monkeypatch.setattr(storage, "read", spy)
+    good = validate(str(outputs / "gzip"), sample=10**6)
+    assert good.ok and good.num_segments == good.segments_total > 0 and whole_reads == []
+    assert validate(str(outputs / "gzip")).per_lod == good.per_lod and whole_reads   # the full run reads them
+    dest = tmp_path / "cut"
+    shutil.copytree(outputs / "gzip", dest)
+    shard = sorted(dest.glob("*.shard"))[0]
+    blob = bytearray(shard.read_bytes())
+    start = 16 * 4 + 8   # past the shard index (2 minishard bits), into the first fragments
+    blob[start:start + 64] = b"\xa5" * 64
+    shard.write_bytes(bytes(blob))
+    bad = validate(str(dest), sample=10**6)
+    assert not bad.ok and bad.errors and all(e.startswith("segment ") for e in bad.errors)
+    shard.write_bytes(bytes(blob[:-200]))
+    cut = validate(str(dest), sample=3)
+    assert not cut.ok and "cannot list the segments" in cut.errors[0]
