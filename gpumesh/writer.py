@@ -102,31 +102,6 @@ def segment_num_lods(lod0_nodes: np.ndarray, lods_present: set, plan_lods: int,
     return max(1, min(n, avail))
 
 
-def segments_num_lods(index: np.ndarray, starts: np.ndarray, plan_lods: int, requested: Optional[int]) -> np.ndarray:
-    """:func:`segment_num_lods` of every segment at once (through :class:`SegmentTable`).
-
-    Parameters
-    ----------
-    index : structured array
-        Fragment entries (fields ``label``, ``lod``, ``x``, ``y``, ``z``, ``size``) sorted by
-        segment ID.
-    starts : (s,) int
-        First row of each segment in ``index`` (ascending, ``starts[0] == 0``).
-    plan_lods, requested
-        As for :func:`segment_num_lods`.
-
-    Returns
-    -------
-    (s,) int64
-        The LODs of each segment (0: no LOD 0 triangles, not written).
-    """
-    table = SegmentTable(plan_lods)
-    table.add(index)
-    n = table.num_lods(requested)
-    assert len(n) == len(starts), "index must be sorted by segment ID, with starts its runs"
-    return n
-
-
 def _run_starts(values: np.ndarray) -> np.ndarray:
     """First index of each run of equal values of a 1-D array (empty for an empty array);
     on fragment entries sorted by segment ID, ``_run_starts(index["label"])`` is each segment's
@@ -169,11 +144,13 @@ def _reduce_by_label(labels: np.ndarray, columns: dict, ops: dict) -> tuple[np.n
 
 
 class LabelTable:
-    """Per-segment columns merged from many tasks' rows: one row per segment ID once merged.
+    """Per-segment columns merged from many tasks' rows: one row per segment ID.
 
     Rows are added task by task (:meth:`add_rows`) and merged (sorted by ID, equal IDs reduced
     by each column's ufunc) whenever the rows waiting outnumber the merged ones, so the table
-    holds about a row per segment, however many tasks each segment spans.
+    holds about a row per segment, however many tasks each segment spans.  ``labels`` (the
+    distinct IDs, ascending) and ``columns`` (name -> array, a row per ID) merge what waits
+    first.
 
     Parameters
     ----------
@@ -189,10 +166,20 @@ class LabelTable:
 
     def __init__(self, columns: dict, ops: dict):
         self.ops = ops
-        self.labels = np.zeros(0, np.uint64)
-        self.columns = columns
+        self._labels = np.zeros(0, np.uint64)
+        self._columns = columns
         self._parts: list = []
         self._pending = 0
+
+    @property
+    def labels(self) -> np.ndarray:
+        self._merge()
+        return self._labels
+
+    @property
+    def columns(self) -> dict:
+        self._merge()
+        return self._columns
 
     def add_rows(self, labels: np.ndarray, columns: dict) -> None:
         """Add rows: segment IDs (n,) and each column's (n, ...) values."""
@@ -200,28 +187,23 @@ class LabelTable:
             return
         self._parts.append((np.asarray(labels, np.uint64), columns))
         self._pending += len(labels)
-        if self._pending > max(self.MERGE_ROWS, len(self.labels)):
+        if self._pending > max(self.MERGE_ROWS, len(self._labels)):
             self._merge()
 
     def _merge(self) -> None:
         if not self._parts:
             return
-        labels = np.concatenate([self.labels] + [p[0] for p in self._parts])
+        labels = np.concatenate([self._labels] + [p[0] for p in self._parts])
         columns = {name: np.concatenate([col] + [p[1][name] for p in self._parts])
-                   for name, col in self.columns.items()}
+                   for name, col in self._columns.items()}
         self._parts, self._pending = [], 0
-        self.labels, self.columns = _reduce_by_label(labels, columns, self.ops)
-
-    def merged(self) -> "LabelTable":
-        """This table with every added row merged: ``labels`` ascending, one row each."""
-        self._merge()
-        return self
+        self._labels, self._columns = _reduce_by_label(labels, columns, self.ops)
 
     def keep(self, mask: np.ndarray) -> None:
-        """Keep only the (merged) rows where ``mask`` is true."""
+        """Keep only the rows where ``mask`` (a bool per row of ``labels``) is true."""
         self._merge()
-        self.labels = self.labels[mask]
-        self.columns = {name: col[mask] for name, col in self.columns.items()}
+        self._labels = self._labels[mask]
+        self._columns = {name: col[mask] for name, col in self._columns.items()}
 
 
 class SegmentTable(LabelTable):
@@ -230,7 +212,7 @@ class SegmentTable(LabelTable):
     Per segment ID: the lowest and highest LOD 0 octree node (``lo``, ``hi``, (3,) int64; a
     segment without LOD 0 fragments has ``1 << 62`` and ``-1``), the LODs it has fragments at
     (``present``, a bit mask), its fragment bytes per LOD (``size``, (lods,) int64) and its
-    fragment entries (``entries``).  That is all that :func:`segments_num_lods` and the
+    fragment entries (``entries``).  That is all that the LOD rule (:meth:`num_lods`) and the
     sharding's bits (:meth:`gpumesh.sharding.ShardingOptions.resolve`) need, in 72 + 8 · lods
     bytes per segment (and its ID).
 
@@ -265,7 +247,6 @@ class SegmentTable(LabelTable):
     def num_lods(self, requested: Optional[int]) -> np.ndarray:
         """:func:`segment_num_lods` of every segment (merged, by ascending ID): (s,) int64, 0 for
         a segment without LOD 0 fragments (not written)."""
-        self._merge()
         lo, hi, present = self.columns["lo"], self.columns["hi"], self.columns["present"]
         n = np.ones(len(self.labels), dtype=np.int64)
         for m in range(1, self.lods):   # grow while the LOD 0 nodes span several LOD m - 1 nodes
@@ -279,7 +260,6 @@ class SegmentTable(LabelTable):
 
     def kept_bytes(self, num_lods: np.ndarray) -> int:
         """Fragment bytes of every segment at the LODs it keeps (below its ``num_lods``)."""
-        self._merge()
         return int((self.columns["size"] * (np.arange(self.lods)[None, :] < num_lods[:, None])).sum())
 
 
@@ -471,7 +451,7 @@ def _read_index(results: "TaskResults", known: dict, lods: int, whole: bool):
     index = None
     if kept is not None:
         index = np.concatenate(kept) if kept else np.zeros(0, dtype=INDEX_DTYPE)
-    return index, table.merged(), voxels.merged(), block_bytes
+    return index, table, voxels, block_bytes
 
 
 def _waves(entries: np.ndarray, at_least: int = 1) -> list:
@@ -585,7 +565,7 @@ def write_segments(kv, results: "TaskResults", batch: list, plan: Plan, options:
     grid_origin : (3,) int
         The volume's voxel offset.
     num_lods : dict, optional
-        Segment ID -> its LODs (:func:`segments_num_lods`); needed for the multi-resolution
+        Segment ID -> its LODs (:meth:`SegmentTable.num_lods`); needed for the multi-resolution
         format, ``None`` for legacy.
     """
     data_writes, manifest_writes = [], []
@@ -619,7 +599,7 @@ def build_multires(label: int, entries: np.ndarray, blobs: list, plan: Plan, opt
 
     ``grid_origin`` is the voxel offset (stored-model units); ``vertex_offsets[k] = -2**(k-1)``
     and ``lod_scales[k] = 2**k`` (see :mod:`gpumesh.pipeline` for the geometry).
-    ``num_lods``: the segment's LODs (:func:`segments_num_lods`).
+    ``num_lods``: the segment's LODs (:meth:`SegmentTable.num_lods`).
 
     Returns
     -------

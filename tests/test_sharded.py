@@ -27,7 +27,7 @@ from gpumesh.reader import Manifest, ShardedMultiresSource, load_mesh, open_mesh
 from gpumesh.sharding import (MAX_SEGMENTS_PER_MINISHARD, ShardingOptions, ShardingSpec, build_shard, choose_bits,
                               murmurhash3_x86_128_low64)
 from gpumesh.validate import validate
-from gpumesh.writer import convert_mesh, segment_num_lods, segments_num_lods, split_segments
+from gpumesh.writer import SegmentTable, convert_mesh, segment_num_lods, split_segments
 
 from conftest import VOXEL_SIZE, cli_command, tree_files, write_zarr
 
@@ -451,9 +451,10 @@ def test_cli_sharding_flag_errors(tmp_path, real_zarr):
 
 
 @pytest.mark.parametrize("plan_lods,requested", [(1, None), (3, None), (5, None), (4, 2), (3, 3)])
-def test_segments_num_lods_matches_the_rule_per_segment(plan_lods, requested):
-    """The vectorised LOD count (sharded assembly) against segment_num_lods, segment by segment,
-    on random fragment lists: segments without LOD 0, with gaps in their LODs, spread or not."""
+def test_segment_table_lods_match_the_rule_per_segment(plan_lods, requested):
+    """The assembly's LOD count (SegmentTable.num_lods, all segments at once) against
+    segment_num_lods, segment by segment, on random fragment lists: segments without LOD 0,
+    with gaps in their LODs, spread or not."""
     from gpumesh.pipeline import FRAG_DTYPE
 
     rng = np.random.default_rng(plan_lods * 10 + (requested or 0))
@@ -470,7 +471,10 @@ def test_segments_num_lods_matches_the_rule_per_segment(plan_lods, requested):
     index = index[np.argsort(index["label"], kind="stable")]
     lab = index["label"]
     starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
-    got = segments_num_lods(index, starts, plan_lods, requested)
+    table = SegmentTable(plan_lods)
+    table.add(index)
+    assert np.array_equal(table.labels, lab[starts])
+    got = table.num_lods(requested)
     want = []
     for s0, s1 in zip(starts, np.r_[starts[1:], len(index)]):
         e = index[s0:s1]
@@ -576,13 +580,11 @@ def test_segment_table_merged_in_parts_equals_one_pass(plan_lods, monkeypatch):
     index["size"] = rng.integers(80, 5000, len(index))
     whole = SegmentTable(plan_lods)
     whole.add(index)
-    whole.merged()
     monkeypatch.setattr(LabelTable, "MERGE_ROWS", 7)
     parts = SegmentTable(plan_lods)
     for chunk in np.array_split(index, 40):
         parts.add(chunk)
     assert len(parts._parts) < 40   # it did merge along the way
-    parts.merged()
     assert np.array_equal(parts.labels, whole.labels) and np.array_equal(parts.labels, np.unique(index["label"]))
     for name in whole.columns:
         assert np.array_equal(parts.columns[name], whole.columns[name]), name
