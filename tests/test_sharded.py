@@ -730,3 +730,20 @@ def test_a_sharded_sample_is_read_by_range_and_still_finds_damage(outputs, tmp_p
     shard.write_bytes(bytes(blob[:-200]))
     cut = validate(str(dest), sample=3)
     assert not cut.ok and "cannot list the segments" in cut.errors[0]
+
+
+@pytest.mark.parametrize("options", [dict(dust_threshold=400), dict(num_lods=2), dict(quality="high")],
+                         ids=["dust", "two-lods", "high"])
+def test_waves_keep_the_bytes_with_dust_forced_lods_and_presets(small, tmp_path, monkeypatch, options):
+    """The dust filter (the table and the entries both), a forced LOD count and another preset
+    give the same files in waves as with the index held whole."""
+    import gpumesh.writer as writer
+
+    sharding = ShardingOptions(shard_bits=2, minishard_bits=2)
+    kw = dict(options=MeshOptions(chunk_size=CHUNK, sharding=sharding, **options), voxel_size=VOXEL_SIZE, workers=1)
+    held = run_mesh(small, str(tmp_path / "held"), **kw)
+    monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", 1)
+    waved = run_mesh(small, str(tmp_path / "waved"), **kw)
+    assert held.index_waves == 0 and waved.index_waves == 4
+    assert tree_files(tmp_path / "waved") == tree_files(tmp_path / "held") != {}
+    assert waved.dust_segments == held.dust_segments and (held.dust_segments > 0) == ("dust_threshold" in options)
