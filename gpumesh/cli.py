@@ -283,7 +283,8 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality
     click.echo(f"bytes:     {s.bytes:,}")
     # workers past what the device holds mesh on the CPU backend (gpu.device_processes)
     shared = f" ({s.device_workers} of them on it)" if s.device == "gpu" and s.device_workers < s.workers else ""
-    click.echo(f"seconds:   {s.seconds:.1f}  (meshing {s.seconds_meshing:.1f}, writing {s.seconds_writing:.1f}; "
+    waves = f" in {s.index_waves} waves" if s.index_waves else ""   # the fragment index past its cap
+    click.echo(f"seconds:   {s.seconds:.1f}  (meshing {s.seconds_meshing:.1f}, writing {s.seconds_writing:.1f}{waves}; "
                f"{s.workers} worker(s), device {s.device}{shared}, "
                f"{s.blocks} blocks in {s.tasks} tasks, {s.tasks_resumed} resumed)")
     click.echo(f"peak RSS:  {s.peak_rss_mb:.0f} MiB (largest process)")

@@ -747,3 +747,25 @@ def test_waves_keep_the_bytes_with_dust_forced_lods_and_presets(small, tmp_path,
     assert held.index_waves == 0 and waved.index_waves == 4
     assert tree_files(tmp_path / "waved") == tree_files(tmp_path / "held") != {}
     assert waved.dust_segments == held.dust_segments and (held.dust_segments > 0) == ("dust_threshold" in options)
+
+
+def test_cli_says_when_the_output_was_written_in_waves(small, tmp_path, monkeypatch):
+    """The CLI's summary names the waves (in-process, the cap lowered), and not without them."""
+    from click.testing import CliRunner
+
+    import gpumesh.writer as writer
+    from gpumesh.cli import main
+
+    src = tmp_path / "src.zarr"
+    write_zarr(src, small, chunk=32)
+    args = ["mesh", str(src), None, "--voxel-size", VS_ARG, "--chunk-size", str(CHUNK), "--workers", "1", "--quiet",
+            "--shard-bits", "2"]
+    runner = CliRunner()
+    plain = runner.invoke(main, [str(tmp_path / "plain") if a is None else a for a in args])
+    assert plain.exit_code == 0, plain.output
+    assert " waves;" not in plain.output
+    monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", 1)
+    waved = runner.invoke(main, [str(tmp_path / "waved") if a is None else a for a in args])
+    assert waved.exit_code == 0, waved.output
+    assert " in 4 waves;" in waved.output
+    assert tree_files(tmp_path / "waved") == tree_files(tmp_path / "plain")
