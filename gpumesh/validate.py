@@ -733,6 +733,7 @@ def _validate(report: ValidationReport, location, segments, decode: bool, sample
         report.add_error(str(exc))
         return report
     report.kind = src.kind
+    listed = None   # every segment ID, when the sample needed them listed
     if sample is not None:
         try:
             listed = src.segment_ids()
@@ -754,7 +755,7 @@ def _validate(report: ValidationReport, location, segments, decode: bool, sample
         return report
 
     try:
-        all_ids = src.segment_ids()
+        all_ids = src.segment_ids() if listed is None else listed
     except Exception as exc:
         report.add_error(f"cannot list keys: {exc}")
         return report
