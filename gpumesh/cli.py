@@ -91,7 +91,7 @@ class _ProgressLines:
 
     FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%), {elapsed} elapsed, {remaining} left"
 
-    def __init__(self, total: int, initial: int, desc: str = "meshing", unit: str = "tasks"):
+    def __init__(self, total: int, initial: int, desc: str, unit: str):
         import time
 
         self.desc, self.unit = desc, unit
@@ -187,13 +187,17 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality
     bar = None
     writing = False
 
+    def new_bar(total, done, desc, unit):   # a bar on a terminal, lines in a log
+        if sys.stderr.isatty():
+            return tqdm(total=total, unit=unit, desc=desc, initial=done)
+        return _ProgressLines(total, done, desc, unit + "s")
+
     def progress(done, total):
         nonlocal bar, writing
         if quiet:
             return
         if bar is None:
-            bar = (tqdm(total=total, unit="task", desc="meshing", initial=done) if sys.stderr.isatty()
-                   else _ProgressLines(total, done))
+            bar = new_bar(total, done, "meshing", "task")
         else:
             bar.update(done - bar.n)
         if done >= total and not writing:   # the assembly, which can take minutes on a large job
@@ -213,8 +217,7 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality
         if quiet:
             return
         if written is None:
-            written = (tqdm(total=total, unit="segment", desc="writing", initial=done) if sys.stderr.isatty()
-                       else _ProgressLines(total, done, "writing", "segments"))
+            written = new_bar(total, done, "writing", "segment")
         else:
             written.update(done - written.n)
         if done >= total:
