@@ -956,7 +956,6 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         device_workers = device_processes(backend.rt.mem_info()[0], nworkers)
     summary.device_workers = device_workers if on_gpu else 0
     from . import writer
-    from .writer import assemble
 
     stats = None
     unread: list = []   # the SourceReadErrors of tasks that could not read their part of the volume
@@ -1022,8 +1021,9 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                             raise _task_failed(unread, finished, len(tasks), dest)
                         t_mesh = time.perf_counter()
                         # the workers also build the segments and write the output (gpumesh.writer)
-                        stats = assemble(kv, volume, plan, options, tasks, link_source=link_source, executor=pool,
-                                         workers=nworkers, headers=headers, progress=write_progress)
+                        stats = writer.assemble(kv, volume, plan, options, tasks, link_source=link_source,
+                                                executor=pool, workers=nworkers, headers=headers,
+                                                progress=write_progress)
                     except BaseException as exc:
                         for fut in futures:   # before the pool's exit would wait for them: not run
                             fut.cancel()
@@ -1046,7 +1046,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             raise _task_failed(unread, finished, len(tasks), dest)
         if stats is None:
             t_mesh = time.perf_counter()
-            stats = assemble(kv, volume, plan, options, tasks, link_source=link_source, progress=write_progress)
+            stats = writer.assemble(kv, volume, plan, options, tasks, link_source=link_source,
+                                    progress=write_progress)
     except (SourceReadError, DestinationError) as exc:   # a write, or the volume's first read
         raise _task_failed([exc], finished, len(tasks), dest) from exc
     summary.seconds_meshing = t_mesh - t0
