@@ -187,19 +187,20 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality
     bar = None
     writing = False
 
-    def new_bar(total, done, desc, unit):   # a bar on a terminal, lines in a log
-        if sys.stderr.isatty():
-            return tqdm(total=total, unit=unit, desc=desc, initial=done)
-        return _ProgressLines(total, done, desc, unit + "s")
+    def advance(shown, done, total, desc, unit):
+        """``shown`` moved on to ``done``; made on the first call: a bar on a terminal, lines in a log."""
+        if shown is None:
+            if sys.stderr.isatty():
+                return tqdm(total=total, unit=unit, desc=desc, initial=done)
+            return _ProgressLines(total, done, desc, unit + "s")
+        shown.update(done - shown.n)
+        return shown
 
     def progress(done, total):
         nonlocal bar, writing
         if quiet:
             return
-        if bar is None:
-            bar = new_bar(total, done, "meshing", "task")
-        else:
-            bar.update(done - bar.n)
+        bar = advance(bar, done, total, "meshing", "task")
         if done >= total and not writing:   # the assembly, which can take minutes on a large job
             writing = True
             bar.close()
@@ -216,10 +217,7 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality
         nonlocal written
         if quiet:
             return
-        if written is None:
-            written = new_bar(total, done, "writing", "segment")
-        else:
-            written.update(done - written.n)
+        written = advance(written, done, total, "writing", "segment")
         if done >= total:
             written.close()
 
