@@ -222,9 +222,11 @@ def write(kv: ts.KvStore, key: str, value: bytes) -> None:
         raise _write_failed(kv, key, exc) from exc
 
 
-def write_json(kv: ts.KvStore, key: str, obj: Any) -> None:
-    """Write ``obj`` as pretty JSON (UTF-8, trailing newline) under ``key``."""
-    write(kv, key, (json.dumps(obj, indent=2) + "\n").encode())
+def write_json(kv: ts.KvStore, key: str, obj: Any, compact: bool = False) -> None:
+    """Write ``obj`` as JSON (UTF-8, trailing newline) under ``key``: indented, or with no
+    whitespace at all when ``compact`` (for files that list every segment)."""
+    text = json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj, indent=2)
+    write(kv, key, (text + "\n").encode())
 
 
 def read_json(kv: ts.KvStore, key: str) -> Optional[Any]:

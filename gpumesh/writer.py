@@ -1219,7 +1219,8 @@ def write_segment_properties(kv, uniq: np.ndarray, total: np.ndarray) -> None:
             }],
         },
     }
-    storage.write_json(kv, "segment_properties/info", info)
+    # one line: indentation would nearly double a file that lists every segment
+    storage.write_json(kv, "segment_properties/info", info, compact=True)
 
 
 def write_source_link(kv, volume: Volume, link_source: bool) -> None:

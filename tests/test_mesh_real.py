@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import sys
 
@@ -287,7 +288,10 @@ def test_segment_properties_voxel_counts(crop, crop_medium):
     from gpumesh import storage
 
     dest, _ = crop_medium
-    info = storage.read_json(storage.open_kvstore(str(dest)), "segment_properties/info")
+    raw = storage.read(storage.open_kvstore(str(dest)), "segment_properties/info")
+    # written compact: it lists every segment, so whitespace would nearly double it
+    assert raw.endswith(b"}\n") and raw.count(b"\n") == 1 and b": " not in raw
+    info = json.loads(raw)
     ids = [int(s) for s in info["inline"]["ids"]]
     values = info["inline"]["properties"][0]["values"]
     seg_ids, counts = np.unique(crop[crop != 0], return_counts=True)
