@@ -50,6 +50,7 @@ cannot decode zero bytes (``docs/webknossos.md``).  Readers skip placeholders
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -263,6 +264,37 @@ class SegmentTable(LabelTable):
         return int((self.columns["size"] * (np.arange(self.lods)[None, :] < num_lods[:, None])).sum())
 
 
+class SegmentLods:
+    """Segment ID -> its LODs (:meth:`SegmentTable.num_lods`): ``lods[label]``.
+
+    Held as two arrays, 16 bytes a segment, where a dict took about 100 (1 GB for 10^7
+    segments, built whole before the first shard).
+
+    Parameters
+    ----------
+    labels : (s,) uint64
+        Segment IDs, ascending.
+    lods : (s,) int
+        Each one's LODs.
+    """
+
+    def __init__(self, labels: np.ndarray, lods: np.ndarray):
+        self.labels = np.asarray(labels, dtype=np.uint64)
+        self.lods = np.asarray(lods, dtype=np.int64)
+
+    def __getitem__(self, label) -> int:
+        i = int(np.searchsorted(self.labels, np.uint64(label)))
+        if i == len(self.labels) or int(self.labels[i]) != int(label):
+            raise KeyError(label)
+        return int(self.lods[i])
+
+    def of(self, rows: np.ndarray) -> "SegmentLods":
+        """Those of the segments of fragment entries ``rows`` only (what a worker writing them
+        is sent); each must be here."""
+        labels = np.unique(rows["label"])
+        return SegmentLods(labels, self.lods[np.searchsorted(self.labels, labels)])
+
+
 def mesh_info(volume: Volume, options: MeshOptions, with_properties: bool,
               sharding: Optional[ShardingSpec] = None) -> dict:
     """The ``info`` JSON of the mesh directory (spec "info JSON file format")."""
@@ -376,9 +408,7 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
             labels = table.labels[wave]
             rows = _wave_rows(results, index, labels, stats)
             rows = rows[np.argsort(rows["label"], kind="stable")]
-            lods_of = None   # segment ID -> its LODs (multires)
-            if num_lods is not None:
-                lods_of = dict(zip(labels.tolist(), num_lods[wave].tolist()))
+            lods_of = None if num_lods is None else SegmentLods(labels, num_lods[wave])   # multires
             if pool and len(rows):
                 # the workers write the segments' files, each a run of segments of about equal bytes
                 from .pipeline import _run_write_task
@@ -387,7 +417,7 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
                 for part in split_segments(rows, workers):
                     keys, local, whole = reads().part(part)
                     futures.append(executor.submit(_run_write_task, keys, local,
-                                                   None if lods_of is None else reads().lods(part, lods_of),
+                                                   None if lods_of is None else lods_of.of(part),
                                                    np.asarray(volume.voxel_offset), whole, reads().cap))
                 for fut in futures:
                     _add_worker_part(stats, *fut.result())
@@ -488,7 +518,7 @@ def _wave_rows(results: "TaskResults", index: Optional[np.ndarray], labels: np.n
 
 
 def write_all_segments(kv, results: "TaskResults", rows: np.ndarray, plan: Plan, options: MeshOptions,
-                       stats: dict, grid_origin, num_lods: Optional[dict] = None,
+                       stats: dict, grid_origin, num_lods: Optional[SegmentLods | dict] = None,
                        after_batch: Optional[Callable[[], None]] = None) -> None:
     """:func:`write_segments` for every segment of ``rows`` (fragment entries), in batches of
     :data:`WRITE_BATCH` segments; ``after_batch()`` is called after each."""
@@ -544,14 +574,9 @@ class WorkerReads:
         return ([self.keys[b] for b in used.tolist()], local,
                 np.searchsorted(used, self.whole(rows)))
 
-    @staticmethod
-    def lods(rows: np.ndarray, num_lods: dict) -> dict:
-        """``num_lods`` of the segments of ``rows`` only."""
-        return {int(k): num_lods[int(k)] for k in np.unique(rows["label"]).tolist()}
-
 
 def write_segments(kv, results: "TaskResults", batch: list, plan: Plan, options: MeshOptions, stats: dict,
-                   grid_origin, num_lods: Optional[dict] = None) -> None:
+                   grid_origin, num_lods: Optional[SegmentLods | dict] = None) -> None:
     """Write the files of a batch of segments (fragment data first, then manifests).
 
     Parameters
@@ -564,7 +589,7 @@ def write_segments(kv, results: "TaskResults", batch: list, plan: Plan, options:
     plan, options, stats
     grid_origin : (3,) int
         The volume's voxel offset.
-    num_lods : dict, optional
+    num_lods : SegmentLods or dict, optional
         Segment ID -> its LODs (:meth:`SegmentTable.num_lods`); needed for the multi-resolution
         format, ``None`` for legacy.
     """
@@ -939,28 +964,33 @@ def write_shards(kv, results: "TaskResults", index: Optional[np.ndarray], table:
         in_wave = np.zeros(len(shards), dtype=bool)
         in_wave[todo_shards[wave]] = True
         rows = _wave_rows(results, index, labels[in_wave[per_shard]], stats)
+        # the wave's entries at the LODs their segments keep, by shard, then segment ID, task
+        # order within: one copy of them, taken at once (the index itself stays as it is)
         at = np.searchsorted(labels, rows["label"]).clip(0, len(labels) - 1)
-        ok = (labels[at] == rows["label"]) & in_wave[per_shard[at]]
-        rows, at = rows[ok], at[ok]
-        keep = rows["lod"] < n[at]
-        rows, at = rows[keep], at[keep]
-        order = np.lexsort((at, per_shard[at]))   # by shard, then segment ID, task order within
-        rows, row_shard = rows[order], seg_shard[at[order]]
+        take = np.flatnonzero((labels[at] == rows["label"]) & in_wave[per_shard[at]] & (rows["lod"] < n[at]))
+        at = at[take]
+        order = np.lexsort((at, per_shard[at]))
+        rows, row_shard = rows[take[order]], seg_shard[at[order]]
+        del at, take, order
         starts = _run_starts(row_shard)
         stops = np.r_[starts[1:], len(rows)]
         todo = [(int(row_shard[s0]), rows[s0:s1]) for s0, s1 in zip(starts.tolist(), stops.tolist())]
-        num_lods = dict(zip(labels[in_wave[per_shard]].tolist(), n[in_wave[per_shard]].tolist()))
-        _write_shard_rows(kv, results, todo, spec, plan, options, stats, grid_origin, num_lods, executor,
-                          workers, reads, report)
+        _write_shard_rows(kv, results, todo, spec, plan, options, stats, grid_origin, SegmentLods(labels, n),
+                          executor, workers, reads, report)
     return spec
 
 
+#: Shard tasks per worker that :func:`_write_shard_rows` keeps submitted ahead.
+SHARDS_AHEAD = 2
+
+
 def _write_shard_rows(kv, results: "TaskResults", todo: list, spec: ShardingSpec, plan: Plan, options: MeshOptions,
-                      stats: dict, grid_origin, num_lods: dict, executor, workers: int,
+                      stats: dict, grid_origin, num_lods: SegmentLods, executor, workers: int,
                       reads, report: Callable[[], None]) -> None:
     """Write the shards ``todo`` (``(shard, its fragment entries)``, as :func:`write_shard` takes
     them), in the workers where there is a pool (see :func:`write_shards`), else here;
-    ``report()`` after each shard."""
+    ``report()`` after each shard.  At most :data:`SHARDS_AHEAD` shard tasks per worker wait in
+    the pool at once: each holds a copy of its shard's entries until it ends."""
     if executor is not None and todo and (len(todo) > 1 or workers > 1):
         from .pipeline import _run_segments_task, _run_shard_task
 
@@ -968,15 +998,16 @@ def _write_shard_rows(kv, results: "TaskResults", todo: list, spec: ShardingSpec
 
         def submit(fn, rows, *args):   # fn(keys, rows, *args, num_lods, grid_origin, whole, cap)
             keys, local, whole = reads().part(rows)
-            return executor.submit(fn, keys, local, *args, WorkerReads.lods(rows, num_lods), np.asarray(grid_origin),
-                                   whole, cap)
+            return executor.submit(fn, keys, local, *args, num_lods.of(rows), np.asarray(grid_origin), whole, cap)
 
         split = -(-workers // len(todo))   # parts per shard, so that every worker has one
         if split == 1:                     # many shards: a worker builds and writes each
-            futures = [submit(_run_shard_task, rows, shard, spec) for shard, rows in todo]
-            for fut in futures:
-                _add_worker_part(stats, *fut.result())
-                report()
+            waiting: collections.deque = collections.deque()
+            for i, (shard, rows) in enumerate(todo):
+                waiting.append(submit(_run_shard_task, rows, shard, spec))
+                while waiting and (len(waiting) >= SHARDS_AHEAD * workers or i == len(todo) - 1):
+                    _add_worker_part(stats, *waiting.popleft().result())
+                    report()
         else:                              # few shards: workers build parts of each, this process joins them
             pending = [(shard, [submit(_run_segments_task, part_rows) for part_rows in split_segments(rows, split)])
                        for shard, rows in todo]
@@ -996,7 +1027,7 @@ def _write_shard_rows(kv, results: "TaskResults", todo: list, spec: ShardingSpec
 
 
 def write_shard(kv, results: "TaskResults", rows: np.ndarray, shard: int, spec: ShardingSpec, plan: Plan,
-                options: MeshOptions, num_lods: dict, grid_origin) -> dict:
+                options: MeshOptions, num_lods: SegmentLods | dict, grid_origin) -> dict:
     """Build and write one shard, then its record in the scratch area.
 
     Parameters
@@ -1010,7 +1041,7 @@ def write_shard(kv, results: "TaskResults", rows: np.ndarray, shard: int, spec: 
     spec : ShardingSpec
     plan, options, grid_origin
         As for :func:`write_segments`.
-    num_lods : dict
+    num_lods : SegmentLods or dict
         Segment ID -> its LODs, for every segment of ``rows``.
 
     Returns
@@ -1023,7 +1054,7 @@ def write_shard(kv, results: "TaskResults", rows: np.ndarray, shard: int, spec: 
     return _write_built_shard(kv, spec, shard, items, part)
 
 
-def build_segments(results: "TaskResults", rows: np.ndarray, plan: Plan, options: MeshOptions, num_lods: dict,
+def build_segments(results: "TaskResults", rows: np.ndarray, plan: Plan, options: MeshOptions, num_lods: SegmentLods | dict,
                    grid_origin) -> tuple[list, dict]:
     """Manifests and fragment data of some segments of a shard (sharded multi-resolution).
 

@@ -597,6 +597,29 @@ def test_segment_table_merged_in_parts_equals_one_pass(plan_lods, monkeypatch):
                                       if e["lod"] < n[np.searchsorted(whole.labels, e["label"])])
 
 
+def test_segment_lods_looks_up_like_a_dict():
+    """SegmentLods (two arrays) answers as the dict of every segment's LODs did, IDs past
+    2^63 included, raises KeyError for an ID it lacks, and hands out a part's own."""
+    from gpumesh.pipeline import FRAG_DTYPE
+    from gpumesh.writer import SegmentLods
+
+    rng = np.random.default_rng(5)
+    labels = np.unique(rng.integers(1, 2**64 - 1, 500, dtype=np.uint64, endpoint=True))
+    lods = rng.integers(0, 4, len(labels))
+    table = SegmentLods(labels, lods)
+    as_dict = dict(zip(labels.tolist(), lods.tolist()))
+    assert all(table[k] == v for k, v in as_dict.items())
+    assert labels.max() >= 2**63 and table[int(labels.max())] == as_dict[int(labels.max())]
+    for missing in (0, int(labels[0]) + 1, 2**64 - 1):   # 0 is never a segment ID
+        if missing not in as_dict:
+            with pytest.raises(KeyError):
+                table[missing]
+    rows = np.zeros(40, dtype=FRAG_DTYPE)
+    rows["label"] = rng.choice(labels, 40)
+    part = table.of(rows)
+    assert part.labels.tolist() == sorted(set(rows["label"].tolist()))
+    assert all(part[k] == as_dict[k] for k in part.labels.tolist())
+
 def test_waves_fit_the_cap_with_at_least_one_unit_per_worker(monkeypatch):
     """_waves: consecutive slices covering every unit once; within the cap unless the wave is
     no more than ``at_least`` units; all in one when they fit."""

@@ -403,3 +403,40 @@ def test_two_workers_write_in_waves_the_bytes_of_one(crop, tmp_path, monkeypatch
     per_task = collections.Counter(reads)
     assert set(per_task) == set(range(two.tasks))
     assert len(waves) + 2 in set(per_task.values()) <= {len(waves), len(waves) + 2}
+
+
+def test_shard_tasks_wait_in_a_window(crop, tmp_path, monkeypatch):
+    """The workers' shard tasks are submitted a few per worker ahead (each holds a copy of its
+    shard's entries), not all at once; the bytes stay those of one process."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from gpumesh import pipeline, writer
+    from gpumesh.pipeline import MeshOptions, run_mesh
+    from gpumesh.sharding import ShardingOptions
+
+    monkeypatch.setattr(writer, "SHARDS_AHEAD", 1)
+    waiting, most = set(), [0]
+    real_submit = ProcessPoolExecutor.submit
+
+    def submit(self, fn, *args, **kwargs):
+        fut = real_submit(self, fn, *args, **kwargs)
+        if fn is pipeline._run_shard_task:
+            waiting.add(fut)
+            most[0] = max(most[0], len(waiting))
+            real_result = fut.result
+
+            def result(timeout=None):
+                waiting.discard(fut)
+                return real_result(timeout)
+
+            fut.result = result
+        return fut
+
+    monkeypatch.setattr(ProcessPoolExecutor, "submit", submit)
+    sub = crop[:64, :64, :64]
+    kw = dict(options=MeshOptions(chunk_size=16, sharding=ShardingOptions(shard_bits=3)), voxel_size=(32.0, 32.0, 40.0))
+    run_mesh(sub, str(tmp_path / "one"), workers=1, **kw)
+    run_mesh(sub, str(tmp_path / "two"), workers=2, **kw)
+    assert most[0] == 2 and not waiting   # SHARDS_AHEAD per worker, every one taken
+    assert tree_files(tmp_path / "one") == tree_files(tmp_path / "two") != {}
+    assert len([n for n in tree_files(tmp_path / "two") if n.endswith(".shard")]) == 8
