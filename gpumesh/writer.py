@@ -130,7 +130,8 @@ INDEX_DTYPE = np.dtype(FRAG_DTYPE.descr + [("block", "<u4")])
 #: density.  Past it the index is not held whole (:func:`assemble`): the assembly keeps about
 #: 100 bytes per segment (:class:`SegmentTable`), and reads the task results' headers again for
 #: each *wave* of shards (unsharded: of segments) whose entries fit, so that its memory follows
-#: this cap and the number of segments, not the number of fragments.
+#: this cap and the number of segments, not the number of fragments.  Writing a wave holds its
+#: entries and one sorted copy of them: about twice this at the peak.
 ASSEMBLY_INDEX_BYTES = 1 << 30
 
 
@@ -267,7 +268,7 @@ class SegmentTable(LabelTable):
 class SegmentLods:
     """Segment ID -> its LODs (:meth:`SegmentTable.num_lods`): ``lods[label]``.
 
-    Held as two arrays, 16 bytes a segment, where a dict took about 100 (1 GB for 10^7
+    Held as two arrays, 16 bytes a segment, where a dict took about 70 (0.7 GB for 10^7
     segments, built whole before the first shard).
 
     Parameters
