@@ -414,12 +414,8 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
                 # the workers write the segments' files, each a run of segments of about equal bytes
                 from .pipeline import _run_write_task
 
-                futures = []
-                for part in split_segments(rows, workers):
-                    keys, local, whole = reads().part(part)
-                    futures.append(executor.submit(_run_write_task, keys, local,
-                                                   None if lods_of is None else lods_of.of(part),
-                                                   np.asarray(volume.voxel_offset), whole, reads().cap))
+                futures = [_submit_part(executor, reads(), _run_write_task, part, num_lods=lods_of,
+                                        grid_origin=volume.voxel_offset) for part in split_segments(rows, workers)]
                 for fut in futures:
                     _add_worker_part(stats, *fut.result())
                     report()
@@ -574,6 +570,16 @@ class WorkerReads:
         local["block"] = np.searchsorted(used, rows["block"])
         return ([self.keys[b] for b in used.tolist()], local,
                 np.searchsorted(used, self.whole(rows)))
+
+
+def _submit_part(executor, reads: WorkerReads, fn, rows: np.ndarray, *args, num_lods: Optional[SegmentLods],
+                 grid_origin):
+    """Submit the worker task ``fn(keys, rows, *args, num_lods, grid_origin, whole, cap)`` of
+    ``gpumesh.pipeline`` for the fragment entries ``rows``, sent with only the task results
+    (:meth:`WorkerReads.part`) and the segments' LODs (``None`` for legacy) that they use."""
+    keys, local, whole = reads.part(rows)
+    return executor.submit(fn, keys, local, *args, None if num_lods is None else num_lods.of(rows),
+                           np.asarray(grid_origin), whole, reads.cap)
 
 
 def write_segments(kv, results: "TaskResults", batch: list, plan: Plan, options: MeshOptions, stats: dict,
@@ -995,11 +1001,8 @@ def _write_shard_rows(kv, results: "TaskResults", todo: list, spec: ShardingSpec
     if executor is not None and todo and (len(todo) > 1 or workers > 1):
         from .pipeline import _run_segments_task, _run_shard_task
 
-        cap = reads().cap
-
-        def submit(fn, rows, *args):   # fn(keys, rows, *args, num_lods, grid_origin, whole, cap)
-            keys, local, whole = reads().part(rows)
-            return executor.submit(fn, keys, local, *args, num_lods.of(rows), np.asarray(grid_origin), whole, cap)
+        def submit(fn, rows, *args):
+            return _submit_part(executor, reads(), fn, rows, *args, num_lods=num_lods, grid_origin=grid_origin)
 
         split = -(-workers // len(todo))   # parts per shard, so that every worker has one
         if split == 1:                     # many shards: a worker builds and writes each
