@@ -408,8 +408,6 @@ def test_two_workers_write_in_waves_the_bytes_of_one(crop, tmp_path, monkeypatch
 def test_shard_tasks_wait_in_a_window(crop, tmp_path, monkeypatch):
     """The workers' shard tasks are submitted a few per worker ahead (each holds a copy of its
     shard's entries), not all at once; the bytes stay those of one process."""
-    from concurrent.futures import ProcessPoolExecutor
-
     from gpumesh import pipeline, writer
     from gpumesh.pipeline import MeshOptions, run_mesh
     from gpumesh.sharding import ShardingOptions
