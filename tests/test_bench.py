@@ -1,4 +1,4 @@
-"""The kernel benchmark's own logic (bench/bench_gpu.py, bench/tiled.py), on small inputs.
+"""The benchmarks' own logic (bench/bench_gpu.py, bench/tiled.py, bench/many.py...), on small inputs.
 
 The GPU rows run through the emulated kernels (tests/cuda_emulation) with a stand-in for
 CuPy's events, so a lent device's short time is not spent finding a bug in the benchmark."""
@@ -18,6 +18,7 @@ sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests" / "cuda_emulation"))
 import bench_gpu  # noqa: E402
 import cuda_emu  # noqa: E402
+from many import many_segments  # noqa: E402
 from tiled import tile_volume  # noqa: E402
 
 from gpumesh import gpu, marching  # noqa: E402
@@ -37,6 +38,22 @@ def test_tile_volume_keeps_ids_distinct():
         assert np.array_equal(tile[a != 0] - k * step, a[a != 0])
     assert len(np.unique(t)) - 1 == 8 * (len(np.unique(a)) - 1)
     assert tile_volume(a.astype(np.uint32), 2).dtype == np.uint32  # fits: the dtype is kept
+
+
+def test_many_segments_gives_one_separate_segment_per_cube():
+    v = many_segments(16, 4)
+    assert v.shape == (16, 16, 16) and v.dtype == np.uint64
+    assert not v[::4].any() and v[1:4].all()             # every 4th x-plane cleared, the rest labelled
+    ids = np.unique(v[v != 0])
+    assert len(ids) == 64 and ids.max() < 2**63           # (16 / 4)^3 distinct 63-bit IDs
+    for x in range(4):                                   # each cube holds one ID, in its 3 labelled planes
+        for y in range(4):
+            for z in range(4):
+                cube = v[4 * x + 1:4 * x + 4, 4 * y:4 * y + 4, 4 * z:4 * z + 4]
+                assert len(np.unique(cube)) == 1
+    assert np.array_equal(v, many_segments(16, 4))       # seeded: the same volume every time
+    with pytest.raises(ValueError):
+        many_segments(18, 4)
 
 
 class _Event:
