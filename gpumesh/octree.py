@@ -96,9 +96,10 @@ def _segment_nodes(pos, lods, num_lods):
     return out_pos[:m], out_lod[:m], out_src[:m]
 
 
-def encode_manifest(chunk_shape, grid_origin, lod_scales, vertex_offsets,
-                    positions: list[np.ndarray], sizes: list[np.ndarray]) -> bytes:
-    """Binary manifest (``<segment-id>.index``).
+def manifest_head(chunk_shape, grid_origin, lod_scales, vertex_offsets) -> bytes:
+    """The start of a binary manifest (``<segment-id>.index``; spec "Multi-resolution mesh
+    manifest file format"), up to ``num_fragments_per_lod``: the same for every segment of a
+    job with as many LODs.  The manifest is this followed by :func:`manifest_body`.
 
     Parameters
     ----------
@@ -109,6 +110,28 @@ def encode_manifest(chunk_shape, grid_origin, lod_scales, vertex_offsets,
     lod_scales : (num_lods,) float
     vertex_offsets : (num_lods, 3) float
         Stored-model offset added to each LOD's vertices.
+
+    Returns
+    -------
+    bytes
+        ``24 + 4 + 16 * num_lods`` bytes.
+    """
+    num_lods = len(lod_scales)
+    return b"".join([
+        struct.pack("<3f", *map(float, chunk_shape)),
+        struct.pack("<3f", *map(float, grid_origin)),
+        struct.pack("<I", num_lods),
+        np.asarray(lod_scales, dtype="<f4").tobytes(),
+        np.asarray(vertex_offsets, dtype="<f4").reshape(num_lods, 3).tobytes(),
+    ])
+
+
+def manifest_body(positions: list[np.ndarray], sizes: list[np.ndarray]) -> bytes:
+    """The rest of a manifest after :func:`manifest_head`: ``num_fragments_per_lod``, then each
+    LOD's fragment positions (as a (3, n_k) uint32 array) and fragment sizes.
+
+    Parameters
+    ----------
     positions : list of (n_k, 3) uint32
         Node positions of each LOD, in Z-curve order.
     sizes : list of (n_k,) int
@@ -118,15 +141,7 @@ def encode_manifest(chunk_shape, grid_origin, lod_scales, vertex_offsets,
     -------
     bytes
     """
-    num_lods = len(positions)
-    parts = [
-        struct.pack("<3f", *map(float, chunk_shape)),
-        struct.pack("<3f", *map(float, grid_origin)),
-        struct.pack("<I", num_lods),
-        np.asarray(lod_scales, dtype="<f4").tobytes(),
-        np.asarray(vertex_offsets, dtype="<f4").reshape(num_lods, 3).tobytes(),
-        np.asarray([len(p) for p in positions], dtype="<u4").tobytes(),
-    ]
+    parts = [np.asarray([len(p) for p in positions], dtype="<u4").tobytes()]
     for pos, size in zip(positions, sizes):
         parts.append(np.ascontiguousarray(np.asarray(pos, dtype="<u4").reshape(-1, 3).T).tobytes())
         parts.append(np.asarray(size, dtype="<u4").tobytes())

@@ -51,6 +51,7 @@ cannot decode zero bytes (``docs/webknossos.md``).  Readers skip placeholders
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 import re
@@ -61,7 +62,7 @@ import numpy as np
 from . import storage
 from .errors import DestinationExistsError, GpumeshError, InvalidMeshError
 from .encode import encode_draco
-from .octree import encode_manifest, segment_nodes
+from .octree import manifest_body, manifest_head, segment_nodes
 from .pipeline import (BLOCK_PREFIX, FRAG_DTYPE, SCRATCH, MeshOptions, Plan, block_header_size, block_key,
                        in_sorted, task_name, unpack_block_header)
 from .reader import PLACEHOLDER_FACES, Manifest, ShardedMultiresSource, decode_fragment, open_mesh
@@ -266,7 +267,7 @@ class SegmentTable(LabelTable):
 
 
 class SegmentLods:
-    """Segment ID -> its LODs (:meth:`SegmentTable.num_lods`): ``lods[label]``.
+    """Segment ID -> its LODs (:meth:`SegmentTable.num_lods`), looked up by :meth:`many`.
 
     Held as two arrays, 16 bytes a segment, where a dict took about 70 (0.7 GB for 10^7
     segments, built whole before the first shard).
@@ -283,11 +284,20 @@ class SegmentLods:
         self.labels = np.asarray(labels, dtype=np.uint64)
         self.lods = np.asarray(lods, dtype=np.int64)
 
-    def __getitem__(self, label) -> int:
-        i = int(np.searchsorted(self.labels, np.uint64(label)))
-        if i == len(self.labels) or int(self.labels[i]) != int(label):
-            raise KeyError(label)
-        return int(self.lods[i])
+    def many(self, labels) -> list:
+        """The LODs of each of ``labels`` (segment IDs, any order), as a list of ints.
+
+        Raises
+        ------
+        KeyError
+            A label that is not here (the first).
+        """
+        labels = np.asarray(labels, dtype=np.uint64).reshape(-1)
+        i = np.minimum(np.searchsorted(self.labels, labels), max(len(self.labels) - 1, 0))
+        found = self.labels[i] == labels if len(self.labels) else np.zeros(len(labels), bool)
+        if not found.all():
+            raise KeyError(int(labels[np.argmin(found)]))
+        return self.lods[i].tolist()
 
     def of(self, rows: np.ndarray) -> "SegmentLods":
         """Those of the segments of fragment entries ``rows`` only (what a worker writing them
@@ -515,7 +525,7 @@ def _wave_rows(results: "TaskResults", index: Optional[np.ndarray], labels: np.n
 
 
 def write_all_segments(kv, results: "TaskResults", rows: np.ndarray, plan: Plan, options: MeshOptions,
-                       stats: dict, grid_origin, num_lods: Optional[SegmentLods | dict] = None,
+                       stats: dict, grid_origin, num_lods: Optional[SegmentLods] = None,
                        after_batch: Optional[Callable[[], None]] = None) -> None:
     """:func:`write_segments` for every segment of ``rows`` (fragment entries), in batches of
     :data:`WRITE_BATCH` segments; ``after_batch()`` is called after each."""
@@ -583,7 +593,7 @@ def _submit_part(executor, reads: WorkerReads, fn, rows: np.ndarray, *args, num_
 
 
 def write_segments(kv, results: "TaskResults", batch: list, plan: Plan, options: MeshOptions, stats: dict,
-                   grid_origin, num_lods: Optional[SegmentLods | dict] = None) -> None:
+                   grid_origin, num_lods: Optional[SegmentLods] = None) -> None:
     """Write the files of a batch of segments (fragment data first, then manifests).
 
     Parameters
@@ -596,12 +606,13 @@ def write_segments(kv, results: "TaskResults", batch: list, plan: Plan, options:
     plan, options, stats
     grid_origin : (3,) int
         The volume's voxel offset.
-    num_lods : SegmentLods or dict, optional
+    num_lods : SegmentLods, optional
         Segment ID -> its LODs (:meth:`SegmentTable.num_lods`); needed for the multi-resolution
         format, ``None`` for legacy.
     """
     data_writes, manifest_writes = [], []
-    for (label, entries), blobs in zip(batch, _read_fragments(results, batch)):
+    lods = num_lods.many([label for label, _ in batch]) if options.format != "legacy" else [0] * len(batch)
+    for (label, entries), blobs, segment_lods in zip(batch, _read_fragments(results, batch), lods):
         if options.format == "legacy":
             names = []
             for e, blob in zip(entries, blobs):
@@ -613,7 +624,7 @@ def write_segments(kv, results: "TaskResults", batch: list, plan: Plan, options:
                 stats["fragments_per_lod"][0] += 1
             manifest_writes.append((f"{label}:0", json.dumps({"fragments": sorted(names)}).encode()))
         else:
-            built = build_multires(label, entries, blobs, plan, options, stats, grid_origin, num_lods[label])
+            built = build_multires(label, entries, blobs, plan, options, stats, grid_origin, segment_lods)
             if built is None:
                 continue
             data, manifest = built
@@ -641,9 +652,17 @@ def build_multires(label: int, entries: np.ndarray, blobs: list, plan: Plan, opt
         ``None`` instead of both when ``num_lods`` is 0 (the segment is not written).
     """
     C = plan.chunk
-    pos = np.stack([entries["x"], entries["y"], entries["z"]], axis=1).astype(np.uint32)
     if num_lods == 0:
         return None
+    head = _manifest_head(C, tuple(float(v) for v in grid_origin), num_lods)
+    if num_lods == 1 and len(entries) == 1:
+        # one LOD 0 fragment (most segments of a volume of many small ones): its node alone,
+        # no parents, no placeholders
+        x, y, z, triangles = (int(entries[0][name]) for name in ("x", "y", "z", "triangles"))
+        stats["triangles_per_lod"][0] += triangles
+        stats["fragments_per_lod"][0] += 1
+        return blobs[0], head + manifest_body([np.array([[x, y, z]])], [[len(blobs[0])]])
+    pos = np.stack([entries["x"], entries["y"], entries["z"]], axis=1).astype(np.uint32)
     nodes, node_lod, src = segment_nodes(pos, entries["lod"], num_lods)
     have = src >= 0
     filler = placeholder_fragments(nodes, node_lod, src, blobs, C, options.vertex_quantization_bits)
@@ -659,15 +678,16 @@ def build_multires(label: int, entries: np.ndarray, blobs: list, plan: Plan, opt
         sel = node_lod == k
         nodes_per_lod.append(nodes[sel])
         sizes.append(node_size[sel])
-    manifest = encode_manifest(
-        chunk_shape=[C, C, C],
-        grid_origin=[float(v) for v in grid_origin],
-        lod_scales=[float(1 << k) for k in range(num_lods)],
-        vertex_offsets=[[-0.5 * (1 << k)] * 3 for k in range(num_lods)],
-        positions=nodes_per_lod, sizes=sizes,
-    )
-    return b"".join(parts), manifest
+    return b"".join(parts), head + manifest_body(nodes_per_lod, sizes)
 
+
+@functools.lru_cache(maxsize=64)
+def _manifest_head(chunk: int, grid_origin: tuple, num_lods: int) -> bytes:
+    """:func:`gpumesh.octree.manifest_head` of a segment with ``num_lods`` LODs: LOD 0 nodes of
+    ``chunk`` voxels from ``grid_origin``, ``lod_scales[k] = 2**k``, ``vertex_offsets[k] =
+    -2**(k-1)`` (the same for every segment of a job)."""
+    return manifest_head([chunk] * 3, grid_origin, [float(1 << k) for k in range(num_lods)],
+                         [[-0.5 * (1 << k)] * 3 for k in range(num_lods)])
 
 
 def placeholder_positions(point, bits: int) -> np.ndarray:
@@ -1031,7 +1051,7 @@ def _write_shard_rows(kv, results: "TaskResults", todo: list, spec: ShardingSpec
 
 
 def write_shard(kv, results: "TaskResults", rows: np.ndarray, shard: int, spec: ShardingSpec, plan: Plan,
-                options: MeshOptions, num_lods: SegmentLods | dict, grid_origin) -> dict:
+                options: MeshOptions, num_lods: SegmentLods, grid_origin) -> dict:
     """Build and write one shard, then its record in the scratch area.
 
     Parameters
@@ -1045,7 +1065,7 @@ def write_shard(kv, results: "TaskResults", rows: np.ndarray, shard: int, spec: 
     spec : ShardingSpec
     plan, options, grid_origin
         As for :func:`write_segments`.
-    num_lods : SegmentLods or dict
+    num_lods : SegmentLods
         Segment ID -> its LODs, for every segment of ``rows``.
 
     Returns
@@ -1058,7 +1078,7 @@ def write_shard(kv, results: "TaskResults", rows: np.ndarray, shard: int, spec: 
     return _write_built_shard(kv, spec, shard, items, part)
 
 
-def build_segments(results: "TaskResults", rows: np.ndarray, plan: Plan, options: MeshOptions, num_lods: SegmentLods | dict,
+def build_segments(results: "TaskResults", rows: np.ndarray, plan: Plan, options: MeshOptions, num_lods: SegmentLods,
                    grid_origin) -> tuple[list, dict]:
     """Manifests and fragment data of some segments of a shard (sharded multi-resolution).
 
@@ -1079,9 +1099,9 @@ def build_segments(results: "TaskResults", rows: np.ndarray, plan: Plan, options
     segments = list(_iter_segments(rows))
     for b0 in range(0, len(segments), WRITE_BATCH):
         batch = segments[b0:b0 + WRITE_BATCH]
-        for (label, entries), blobs in zip(batch, _read_fragments(results, batch)):
-            data, manifest = build_multires(label, entries, blobs, plan, options, part, grid_origin,
-                                            num_lods[label])
+        lods = num_lods.many([label for label, _ in batch])
+        for (label, entries), blobs, segment_lods in zip(batch, _read_fragments(results, batch), lods):
+            data, manifest = build_multires(label, entries, blobs, plan, options, part, grid_origin, segment_lods)
             items.append((label, data, manifest))
             part["segments"] += 1
     return items, part

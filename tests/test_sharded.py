@@ -608,17 +608,50 @@ def test_segment_lods_looks_up_like_a_dict():
     lods = rng.integers(0, 4, len(labels))
     table = SegmentLods(labels, lods)
     as_dict = dict(zip(labels.tolist(), lods.tolist()))
-    assert all(table[k] == v for k, v in as_dict.items())
-    assert labels.max() >= 2**63 and table[int(labels.max())] == as_dict[int(labels.max())]
+    asked = rng.permutation(labels)
+    assert table.many(asked) == [as_dict[k] for k in asked.tolist()]
+    assert labels.max() >= 2**63 and table.many([labels.max()]) == [as_dict[int(labels.max())]]
+    assert table.many([]) == []
     for missing in (0, int(labels[0]) + 1, 2**64 - 1):   # 0 is never a segment ID
         if missing not in as_dict:
-            with pytest.raises(KeyError):
-                table[missing]
+            with pytest.raises(KeyError, match=str(missing)):
+                table.many([labels[3], np.uint64(missing), labels[4]])
+    with pytest.raises(KeyError):
+        SegmentLods(np.zeros(0, np.uint64), np.zeros(0)).many([7])
     rows = np.zeros(40, dtype=FRAG_DTYPE)
     rows["label"] = rng.choice(labels, 40)
     part = table.of(rows)
     assert part.labels.tolist() == sorted(set(rows["label"].tolist()))
-    assert all(part[k] == as_dict[k] for k in part.labels.tolist())
+    assert part.many(part.labels) == [as_dict[k] for k in part.labels.tolist()]
+
+
+def test_a_single_fragment_segment_gets_the_bytes_of_the_general_path():
+    """build_multires's shortcut for a segment of one LOD 0 fragment and one LOD (most of a
+    volume of many small segments) gives the bytes that the general path gives the same
+    segment with one more fragment at a LOD past it (which it ignores), and a manifest that
+    reads back as the spec lays it out."""
+    from gpumesh.pipeline import Plan
+    from gpumesh.writer import INDEX_DTYPE, _new_stats, build_multires
+
+    options = MeshOptions(chunk_size=32)
+    plan = Plan.make((300, 300, 300), options)
+    one = np.zeros(1, INDEX_DTYPE)
+    one[["label", "lod", "x", "y", "z", "size", "triangles"]] = (9, 0, 5, 2**20 + 3, 7, 11, 30)
+    two = np.zeros(2, INDEX_DTYPE)
+    two[:] = one[0]
+    two["lod"][1], two["x"][1], two["size"][1], two["triangles"][1] = 1, 2, 4, 12
+    origin = (4, -8, 96)
+    fast, general = _new_stats(plan.lods), _new_stats(plan.lods)
+    got = build_multires(9, one, [b"a" * 11], plan, options, fast, origin, 1)
+    want = build_multires(9, two, [b"a" * 11, b"b" * 4], plan, options, general, origin, 1)
+    assert got == want and got[0] == b"a" * 11
+    assert fast == general and fast["triangles_per_lod"][0] == 30 and fast["fragments_per_lod"][0] == 1
+    m = Manifest.from_bytes(got[1])
+    assert m.num_lods == 1 and m.chunk_shape.tolist() == [32] * 3 and m.grid_origin.tolist() == [4, -8, 96]
+    assert m.lod_scales.tolist() == [1] and m.vertex_offsets.tolist() == [[-0.5] * 3]
+    assert m.fragment_positions[0].tolist() == [[5, 2**20 + 3, 7]] and m.fragment_sizes[0].tolist() == [11]
+    assert build_multires(9, one, [b"a" * 11], plan, options, fast, origin, 0) is None
+
 
 def test_waves_fit_the_cap_with_at_least_one_unit_per_worker(monkeypatch):
     """_waves: consecutive slices covering every unit once; within the cap unless the wave is
