@@ -129,21 +129,11 @@ INDEX_DTYPE = np.dtype(FRAG_DTYPE.descr + [("block", "<u4")])
 #: Bytes of fragment entries (:data:`INDEX_DTYPE`) that the assembly holds at once: about 19
 #: million fragments, the whole index of a job of a few hundred gigavoxels at the real volume's
 #: density.  Past it the index is not held whole (:func:`assemble`): the assembly keeps about
-#: 100 bytes per segment (:class:`SegmentTable`), and reads the task results' headers again for
+#: 80 bytes per segment (:class:`SegmentTable` and the voxel counts, at 3 LODs), and reads the task results' headers again for
 #: each *wave* of shards (unsharded: of segments) whose entries fit, so that its memory follows
 #: this cap and the number of segments, not the number of fragments.  Writing a wave holds its
 #: entries and one sorted copy of them: about twice this at the peak.
 ASSEMBLY_INDEX_BYTES = 1 << 30
-
-
-def _reduce_by_label(labels: np.ndarray, columns: dict, ops: dict) -> tuple[np.ndarray, dict]:
-    """Rows with equal segment IDs combined, column ``name`` by the ufunc ``ops[name]`` (such as
-    ``np.add``); returns the distinct IDs, ascending, and the reduced columns."""
-    order = np.argsort(labels, kind="stable")
-    labels = labels[order]
-    starts = _run_starts(labels)
-    return labels[starts], {name: ops[name].reduceat(col[order], starts, axis=0) if len(labels) else col
-                            for name, col in columns.items()}
 
 
 class LabelTable:
@@ -185,22 +175,33 @@ class LabelTable:
         return self._columns
 
     def add_rows(self, labels: np.ndarray, columns: dict) -> None:
-        """Add rows: segment IDs (n,) and each column's (n, ...) values."""
+        """Add rows: segment IDs (n,) and each column's (n, ...) values (a dict that the table
+        may empty: it drops each column once merged)."""
         if not len(labels):
             return
-        self._parts.append((np.asarray(labels, np.uint64), columns))
+        # a copy where ``labels`` is a field of a larger array, which it would keep alive
+        self._parts.append((np.ascontiguousarray(labels, np.uint64), columns))
         self._pending += len(labels)
         if self._pending > max(self.MERGE_ROWS, len(self._labels)):
             self._merge()
 
     def _merge(self) -> None:
+        """Sort the merged and waiting rows by ID and combine equal IDs, a column at a time,
+        dropping each column's inputs as it goes: at the peak the table holds about its
+        inputs once, the sort order and one column three times."""
         if not self._parts:
             return
         labels = np.concatenate([self._labels] + [p[0] for p in self._parts])
-        columns = {name: np.concatenate([col] + [p[1][name] for p in self._parts])
-                   for name, col in self._columns.items()}
+        order = np.argsort(labels, kind="stable")
+        labels = labels[order]
+        starts = _run_starts(labels)
+        self._labels = labels = labels[starts] if len(labels) else labels
+        for name in list(self._columns):
+            col = np.concatenate([self._columns.pop(name)] + [p[1].pop(name) for p in self._parts])
+            self._columns[name] = (self.ops[name].reduceat(col[order], starts, axis=0, dtype=col.dtype) if len(col)
+                                  else col)
+            del col
         self._parts, self._pending = [], 0
-        self._labels, self._columns = _reduce_by_label(labels, columns, self.ops)
 
     def keep(self, mask: np.ndarray) -> None:
         """Keep only the rows where ``mask`` (a bool per row of ``labels``) is true."""
@@ -212,12 +213,13 @@ class LabelTable:
 class SegmentTable(LabelTable):
     """What the assembly needs to know of each segment before it writes any.
 
-    Per segment ID: the lowest and highest LOD 0 octree node (``lo``, ``hi``, (3,) int64; a
-    segment without LOD 0 fragments has ``1 << 62`` and ``-1``), the LODs it has fragments at
-    (``present``, a bit mask), its fragment bytes per LOD (``size``, (lods,) int64) and its
-    fragment entries (``entries``).  That is all that the LOD rule (:meth:`num_lods`) and the
-    sharding's bits (:meth:`gpumesh.sharding.ShardingOptions.resolve`) need, in 72 + 8 · lods
-    bytes per segment (and its ID).
+    Per segment ID: the lowest and highest LOD 0 octree node (``lo``, ``hi``, (3,) int32, as
+    node positions are below ``2**21``; a segment without LOD 0 fragments has
+    :data:`NO_NODE` and ``-1``), the LODs it has fragments at (``present``, a uint32 bit mask,
+    LODs past 31 counted as 31), its fragment bytes per LOD (``size``, (lods,) int64) and its
+    fragment entries (``entries``, uint32).  That is all that the LOD rule (:meth:`num_lods`)
+    and the sharding's bits (:meth:`gpumesh.sharding.ShardingOptions.resolve`) need, in 32 +
+    8 · lods bytes per segment and 8 for its ID: 64 bytes at 3 LODs.
 
     Parameters
     ----------
@@ -226,11 +228,14 @@ class SegmentTable(LabelTable):
         count in ``present`` and ``entries`` only.
     """
 
+    #: ``lo`` of a segment without LOD 0 fragments.
+    NO_NODE = np.iinfo(np.int32).max
+
     def __init__(self, lods: int):
         self.lods = lods
         super().__init__(
-            {"lo": np.zeros((0, 3), np.int64), "hi": np.zeros((0, 3), np.int64), "present": np.zeros(0, np.int64),
-             "size": np.zeros((0, lods), np.int64), "entries": np.zeros(0, np.int64)},
+            {"lo": np.zeros((0, 3), np.int32), "hi": np.zeros((0, 3), np.int32), "present": np.zeros(0, np.uint32),
+             "size": np.zeros((0, lods), np.int64), "entries": np.zeros(0, np.uint32)},
             {"lo": np.minimum, "hi": np.maximum, "present": np.bitwise_or, "size": np.add, "entries": np.add})
 
     def add(self, index: np.ndarray) -> None:
@@ -238,14 +243,14 @@ class SegmentTable(LabelTable):
         as one task result's."""
         lod = index["lod"].astype(np.int64)
         at0 = (lod == 0)[:, None]
-        pos = np.stack([index["x"], index["y"], index["z"]], axis=1).astype(np.int64)
+        pos = np.stack([index["x"], index["y"], index["z"]], axis=1).astype(np.int32)
         size = np.zeros((len(index), self.lods), np.int64)
         ok = np.flatnonzero(lod < self.lods)
         size[ok, lod[ok]] = index["size"][ok].astype(np.int64)
         self.add_rows(index["label"], {
-            "lo": np.where(at0, pos, np.int64(1) << 62), "hi": np.where(at0, pos, np.int64(-1)),
-            "present": np.left_shift(np.int64(1), np.minimum(lod, 62)), "size": size,
-            "entries": np.ones(len(index), np.int64)})
+            "lo": np.where(at0, pos, np.int32(self.NO_NODE)), "hi": np.where(at0, pos, np.int32(-1)),
+            "present": np.left_shift(np.uint32(1), np.minimum(lod, 31).astype(np.uint32)), "size": size,
+            "entries": np.ones(len(index), np.uint32)})
 
     def num_lods(self, requested: Optional[int]) -> np.ndarray:
         """:func:`segment_num_lods` of every segment (merged, by ascending ID): (s,) int64, 0 for

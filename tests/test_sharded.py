@@ -589,6 +589,8 @@ def test_segment_table_merged_in_parts_equals_one_pass(plan_lods, monkeypatch):
     for name in whole.columns:
         assert np.array_equal(parts.columns[name], whole.columns[name]), name
     assert parts.columns["entries"].sum() == len(index)
+    # 40 + 8 * lods bytes a segment (its ID included), kept through the merges
+    assert sum(c.nbytes for c in parts.columns.values()) + parts.labels.nbytes == len(parts.labels) * (40 + 8 * plan_lods)
     assert parts.columns["size"].sum() == index["size"][index["lod"] < plan_lods].sum()
     for requested in (None, 1):
         assert np.array_equal(parts.num_lods(requested), whole.num_lods(requested))
