@@ -464,28 +464,33 @@ def _mesh_lod(volume: Volume, plan: Plan, options: MeshOptions, backend: Backend
     scale = volume.voxel_size * (1 << k)
     if not keep.all():   # MeshOptions.segments
         mc_in = np.where(np.r_[False, keep][mc_in], mc_in, 0)
+    node0 = node0.tolist()
     frags: dict[tuple, list] = {}
-    for piece in backend.mesh(mc_in, piece_size):
+    for piece in backend.mesh(mc_in, piece_size):   # Python ints here: a block has many small pieces
         pidx = piece.piece
-        pc = np.array([pidx // (py * pz), (pidx // pz) % py, pidx % pz], dtype=np.int64)
-        ln = pc // sub_per_node
-        p_rel, on_plane = piece_in_node(piece, ln * C, (pc % sub_per_node) * piece_size, piece_size)
+        pc = (pidx // (py * pz), (pidx // pz) % py, pidx % pz)
+        ln = [c // sub_per_node for c in pc]
+        p_rel, on_plane = piece_in_node(piece, [c * C for c in ln], [(c % sub_per_node) * piece_size for c in pc],
+                                        piece_size)
         if decimates(quality.keep(k), len(piece.faces)):
             # decimated vertices are a subset of the piece's: still inside its box
             v, f = decimate(p_rel, piece.faces, quality.keep(k), scale, frozen=on_plane,
                             locked=thin_vertices(ctx, piece, ctx_origin))
         else:
             v, f = p_rel, piece.faces
-        frags.setdefault((piece.label, tuple(node0 + ln)), []).append((v, f))
+        frags.setdefault((piece.label, tuple(a + b for a, b in zip(node0, ln))), []).append((v, f))
     out = []
     for (label, node), parts in sorted(frags.items()):
-        verts, faces, base = [], [], 0
-        for v, f in parts:
-            verts.append(v)
-            faces.append(f + base)
-            base += len(v)
-        v = np.concatenate(verts)
-        f = np.concatenate(faces)
+        if len(parts) == 1:
+            v, f = parts[0]
+        else:
+            verts, faces, base = [], [], 0
+            for v, f in parts:
+                verts.append(v)
+                faces.append(f + base)
+                base += len(v)
+            v = np.concatenate(verts)
+            f = np.concatenate(faces)
         q, f, kept = encode.weld_quantized(encode.quantize(v, C, bits), f)
         if len(f) == 0:
             continue
