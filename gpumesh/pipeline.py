@@ -469,7 +469,7 @@ def _mesh_lod(volume: Volume, plan: Plan, options: MeshOptions, backend: Backend
     for piece in backend.mesh(mc_in, piece_size):   # Python ints here: a block has many small pieces
         pidx = piece.piece
         pc = (pidx // (py * pz), (pidx // pz) % py, pidx % pz)
-        ln = [c // sub_per_node for c in pc]
+        ln = (pc[0] // sub_per_node, pc[1] // sub_per_node, pc[2] // sub_per_node)
         p_rel, on_plane = piece_in_node(piece, [c * C for c in ln], [(c % sub_per_node) * piece_size for c in pc],
                                         piece_size)
         if decimates(quality.keep(k), len(piece.faces)):
@@ -478,7 +478,7 @@ def _mesh_lod(volume: Volume, plan: Plan, options: MeshOptions, backend: Backend
                             locked=thin_vertices(ctx, piece, ctx_origin))
         else:
             v, f = p_rel, piece.faces
-        frags.setdefault((piece.label, tuple(a + b for a, b in zip(node0, ln))), []).append((v, f))
+        frags.setdefault((piece.label, (node0[0] + ln[0], node0[1] + ln[1], node0[2] + ln[2])), []).append((v, f))
     out = []
     for (label, node), parts in sorted(frags.items()):
         if len(parts) == 1:
