@@ -5,11 +5,18 @@ so a destination can be a local path or any kvstore URL TensorStore knows
 (``file://``, ``memory://``, ``gs://``, ``s3://``) or a kvstore JSON spec.
 
 TensorStore's ``file`` driver writes each key through a temporary file and a rename, so a
-key appears whole or not at all; the other drivers write objects atomically by nature.
+key appears whole or not at all; the other drivers write objects atomically by nature.  It
+also fsyncs each file before its rename, so that a key is on disk once its write returns.
+Writing the many small files of an unsharded or legacy mesh that way costs ~4x the time of
+the writes alone (230 against 58 µs a file, measured on a VM); those are written with
+``write_many(..., sync=False)`` and made durable together by one :func:`flush` before the
+directory's ``info``, the key that says it is finished.  What a crash before that ``info``
+leaves is rewritten by a resumed run.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from typing import Any, Iterable, Optional, Union
@@ -270,17 +277,72 @@ def is_empty(kv: ts.KvStore) -> bool:
     return len(kv.list().result()) == 0
 
 
-def write_many(kv: ts.KvStore, items: Iterable[tuple[str, bytes]]) -> None:
+def write_many(kv: ts.KvStore, items: Iterable[tuple[str, bytes]], sync: bool = True) -> None:
     """Write several keys concurrently and wait for all (each key atomic).
+
+    Parameters
+    ----------
+    kv : tensorstore.KvStore
+    items : iterable of (key, bytes)
+    sync : bool
+        ``False``: on a local ``file`` store, do not fsync each file (see the module docs);
+        the caller calls :func:`flush` before it records the keys as written.
 
     Raises
     ------
     DestinationError
         A write failed (see :func:`write`).
     """
+    if not sync:
+        kv = _unsynced(kv)
     futures = [(k, kv.write(k, v)) for k, v in items]
     for k, f in futures:
         try:
             f.result()
         except (ValueError, OSError) as exc:
             raise _write_failed(kv, k, exc) from exc
+
+
+_UNSYNCED: dict = {}
+
+
+def _unsynced(kv: ts.KvStore) -> ts.KvStore:
+    """The same local ``file`` store opened without an fsync per file (TensorStore's
+    ``file_io_sync``), one handle per store and process; ``kv`` itself for other drivers."""
+    spec = kv.spec().to_json()
+    if spec.get("driver") != "file":
+        return kv
+    key = json.dumps(spec, sort_keys=True)
+    if key not in _UNSYNCED:
+        context = ts.Context({"file_io_sync": False}, parent=_default_context())
+        _UNSYNCED[key] = ts.KvStore.open(spec, context=context).result()
+    return _UNSYNCED[key]
+
+
+def flush(kv: ts.KvStore) -> None:
+    """Make every write to a local ``file`` store durable, those of ``write_many(...,
+    sync=False)`` in any process included: ``syncfs`` of the file system that holds it
+    (``sync`` where there is no ``syncfs``).  Nothing for other drivers, whose writes are
+    durable when they return.
+
+    Raises
+    ------
+    DestinationError
+        The file system reported a write error.
+    """
+    spec = kv.spec().to_json()
+    if spec.get("driver") != "file" or not spec.get("path"):
+        return
+    try:
+        fd = os.open(spec["path"], os.O_RDONLY)
+    except OSError as exc:
+        raise destination_error(spec["path"], exc) from exc
+    try:
+        syncfs = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+        if syncfs is None:
+            os.sync()
+        elif syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise destination_error(spec["path"], OSError(err, os.strerror(err)))
+    finally:
+        os.close(fd)

@@ -440,6 +440,7 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
     with_props = options.segment_properties and stats["segments"] > 0
     if with_props:
         write_segment_properties(kv, ids, voxels)
+    storage.flush(kv)   # the segments' files, written without an fsync each, on disk before info
     storage.write_json(kv, "info", mesh_info(volume, options, with_props, spec))
     if volume.precomputed is not None:
         write_source_link(kv, volume, link_source)
@@ -637,8 +638,8 @@ def write_segments(kv, results: "TaskResults", batch: list, plan: Plan, options:
             manifest_writes.append((f"{label}.index", manifest))
             stats["bytes"] += len(data) + len(manifest)
         stats["segments"] += 1
-    storage.write_many(kv, data_writes)
-    storage.write_many(kv, manifest_writes)
+    storage.write_many(kv, data_writes, sync=False)   # made durable by assemble's flush, before info
+    storage.write_many(kv, manifest_writes, sync=False)
 
 
 def build_multires(label: int, entries: np.ndarray, blobs: list, plan: Plan, options: MeshOptions,
@@ -1235,11 +1236,11 @@ def convert_mesh(src, dest, *, sharding: Optional[ShardingOptions] = ShardingOpt
             batch.append((seg, mbytes, data))
             result["bytes"] += len(mbytes) + len(data)
             if len(batch) >= WRITE_BATCH:
-                storage.write_many(kv, [(str(s), d) for s, _, d in batch])
-                storage.write_many(kv, [(f"{s}.index", m) for s, m, _ in batch])
+                storage.write_many(kv, [(str(s), d) for s, _, d in batch], sync=False)
+                storage.write_many(kv, [(f"{s}.index", m) for s, m, _ in batch], sync=False)
                 batch = []
-        storage.write_many(kv, [(str(s), d) for s, _, d in batch])
-        storage.write_many(kv, [(f"{s}.index", m) for s, m, _ in batch])
+        storage.write_many(kv, [(str(s), d) for s, _, d in batch], sync=False)
+        storage.write_many(kv, [(f"{s}.index", m) for s, m, _ in batch], sync=False)
     else:
         data_bytes = 0
         for seg, mbytes in source.manifests(ids):
@@ -1260,6 +1261,7 @@ def convert_mesh(src, dest, *, sharding: Optional[ShardingOptions] = ShardingOpt
             result["shards"] += 1
     for key in others:
         storage.write(kv, key, storage.read(source.kv, key))
+    storage.flush(kv)   # the segments' files (unsharded) on disk before info
     storage.write_json(kv, "info", info_with_sharding(source.info, spec))
     return result
 

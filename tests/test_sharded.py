@@ -22,6 +22,7 @@ import pytest
 import tensorstore as ts
 
 from gpumesh import storage
+from gpumesh.errors import DestinationError
 from gpumesh.pipeline import SCRATCH, MeshOptions, run_mesh
 from gpumesh.reader import Manifest, ShardedMultiresSource, load_mesh, open_mesh
 from gpumesh.sharding import (MAX_SEGMENTS_PER_MINISHARD, ShardingOptions, ShardingSpec, build_shard, choose_bits,
@@ -240,6 +241,47 @@ def test_deterministic_and_memory_kvstore(small, outputs, tmp_path, monkeypatch)
     kv = storage.open_kvstore(url)
     mem = {k: storage.read(kv, k) for k in storage.list_keys(kv)}
     assert mem == tree_files(outputs / "gzip")
+
+
+def test_bulk_writes_skip_the_fsync_of_each_file_and_flush_once(tmp_path):
+    """write_many(sync=False) writes through a second handle on the same directory with
+    TensorStore's file_io_sync off (one per store); other drivers keep their own handle;
+    flush syncs a local store's file system and says so when it cannot."""
+    kv = storage.open_kvstore(tmp_path / "d")
+    storage.write_many(kv, [("a", b"1"), ("b/c", b"22")], sync=False)
+    assert storage.read(kv, "a") == b"1" and storage.read(kv, "b/c") == b"22"
+    bulk = storage._unsynced(kv)
+    assert bulk is storage._unsynced(storage.open_kvstore(tmp_path / "d"))
+    assert bulk.spec(retain_context=True).to_json()["file_io_sync"] is False
+    assert kv.spec(retain_context=True).to_json()["file_io_sync"] is True
+    storage.flush(kv)
+    mem = storage.open_kvstore("memory://gpumesh_test_flush/")
+    assert storage._unsynced(mem) is mem
+    storage.write_many(mem, [("a", b"1")], sync=False)
+    storage.flush(mem)
+    with pytest.raises(DestinationError):
+        storage.flush(storage.open_kvstore(tmp_path / "never-written"))
+
+
+@pytest.mark.parametrize("fmt", ["multires", "legacy"])
+def test_unsharded_files_are_on_disk_before_info(small, outputs, tmp_path, monkeypatch, fmt):
+    """The segments' files of an unsharded or legacy mesh, written without an fsync each, are
+    made durable by one flush, after the last of them and before info (multires: the bytes of
+    the CLI's unsharded output)."""
+    at_flush = []
+
+    def spy(kv, flush=storage.flush):
+        at_flush.append([k for k in storage.list_keys(kv) if not k.startswith(SCRATCH)])
+        flush(kv)
+
+    monkeypatch.setattr(storage, "flush", spy)
+    dest = tmp_path / fmt
+    run_mesh(small, str(dest), options=MeshOptions(chunk_size=CHUNK, format=fmt), voxel_size=VOXEL_SIZE, workers=1)
+    final = tree_files(dest)
+    assert len(at_flush) == 1 and "info" not in at_flush[0]
+    assert set(at_flush[0]) == set(final) - {"info"} and len(final) > 10
+    if fmt == "multires":
+        assert final == tree_files(outputs / "unsharded")
 
 
 @pytest.mark.parametrize("layout", ["gzip", "unsharded"])
