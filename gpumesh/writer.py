@@ -440,7 +440,6 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
     with_props = options.segment_properties and stats["segments"] > 0
     if with_props:
         write_segment_properties(kv, ids, voxels)
-    storage.flush(kv)   # the segments' files, written without an fsync each, on disk before info
     storage.write_json(kv, "info", mesh_info(volume, options, with_props, spec))
     if volume.precomputed is not None:
         write_source_link(kv, volume, link_source)
@@ -534,7 +533,10 @@ def write_all_segments(kv, results: "TaskResults", rows: np.ndarray, plan: Plan,
                        stats: dict, grid_origin, num_lods: Optional[SegmentLods] = None,
                        after_batch: Optional[Callable[[], None]] = None) -> None:
     """:func:`write_segments` for every segment of ``rows`` (fragment entries), in batches of
-    :data:`WRITE_BATCH` segments; ``after_batch()`` is called after each."""
+    :data:`WRITE_BATCH` segments; ``after_batch()`` is called after each.  Then the files,
+    written without an fsync each, are flushed (:func:`gpumesh.storage.flush`), by the process
+    that wrote them (a worker on another node of a Dask cluster flushes its own file system):
+    they are on disk when this returns, before :func:`assemble` writes ``info``."""
     batch = []
     for label, entries in _iter_segments(rows):
         batch.append((label, entries))
@@ -547,6 +549,7 @@ def write_all_segments(kv, results: "TaskResults", rows: np.ndarray, plan: Plan,
         write_segments(kv, results, batch, plan, options, stats, grid_origin, num_lods)
         if after_batch:
             after_batch()
+    storage.flush(kv)
 
 
 class WorkerReads:
@@ -638,7 +641,7 @@ def write_segments(kv, results: "TaskResults", batch: list, plan: Plan, options:
             manifest_writes.append((f"{label}.index", manifest))
             stats["bytes"] += len(data) + len(manifest)
         stats["segments"] += 1
-    storage.write_many(kv, data_writes, sync=False)   # made durable by assemble's flush, before info
+    storage.write_many(kv, data_writes, sync=False)   # flushed by write_all_segments
     storage.write_many(kv, manifest_writes, sync=False)
 
 
