@@ -9,9 +9,9 @@ key appears whole or not at all; the other drivers write objects atomically by n
 also fsyncs each file before its rename, so that a key is on disk once its write returns.
 Writing the many small files of an unsharded or legacy mesh that way costs ~4x the time of
 the writes alone (230 against 58 µs a file, measured on a VM); those are written with
-``write_many(..., sync=False)`` and made durable together by one :func:`flush` before the
-directory's ``info``, the key that says it is finished.  What a crash before that ``info``
-leaves is rewritten by a resumed run.
+``write_many(..., sync=False)`` and made durable together by a :func:`flush` in each
+process that wrote them, before the directory's ``info``, the key that says it is finished.
+What a crash before that ``info`` leaves is rewritten by a resumed run.
 """
 
 from __future__ import annotations
