@@ -129,9 +129,9 @@ INDEX_DTYPE = np.dtype(FRAG_DTYPE.descr + [("block", "<u4")])
 #: Bytes of fragment entries (:data:`INDEX_DTYPE`) that the assembly holds at once: about 19
 #: million fragments, the whole index of a job of a few hundred gigavoxels at the real volume's
 #: density.  Past it the index is not held whole (:func:`assemble`): the assembly keeps about
-#: 80 bytes per segment (:class:`SegmentTable` and the voxel counts, at 3 LODs), and reads the task results' headers again for
-#: each *wave* of shards (unsharded: of segments) whose entries fit, so that its memory follows
-#: this cap and the number of segments, not the number of fragments.  Writing a wave holds its
+#: 80 bytes per segment (:class:`SegmentTable` and the voxel counts, at 3 LODs), and reads the
+#: task results' headers again for each *wave* of shards (unsharded: of segments) whose entries
+#: fit, so that its memory follows this cap and the number of segments, not of fragments.  Writing a wave holds its
 #: entries and one sorted copy of them: about twice this at the peak.
 ASSEMBLY_INDEX_BYTES = 1 << 30
 
@@ -195,7 +195,7 @@ class LabelTable:
         order = np.argsort(labels, kind="stable")
         labels = labels[order]
         starts = _run_starts(labels)
-        self._labels = labels = labels[starts] if len(labels) else labels
+        self._labels = labels[starts]
         for name in list(self._columns):
             col = np.concatenate([self._columns.pop(name)] + [p[1].pop(name) for p in self._parts])
             self._columns[name] = (self.ops[name].reduceat(col[order], starts, axis=0, dtype=col.dtype) if len(col)
