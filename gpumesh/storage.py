@@ -17,6 +17,7 @@ What a crash before that ``info`` leaves is rewritten by a resumed run.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 from typing import Any, Iterable, Optional, Union
@@ -319,16 +320,24 @@ def _unsynced(kv: ts.KvStore) -> ts.KvStore:
     return _UNSYNCED[key]
 
 
+def _syncfs(fd: int) -> Optional[int]:
+    """``syncfs(fd)``: 0, the errno of a failure, or ``None`` where libc has no ``syncfs``."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+    if fn is None:
+        return None
+    return 0 if fn(fd) == 0 else ctypes.get_errno()
+
+
 def flush(kv: ts.KvStore) -> None:
     """Make every write to a local ``file`` store durable, those of ``write_many(...,
     sync=False)`` in any process included: ``syncfs`` of the file system that holds it
-    (``sync`` where there is no ``syncfs``).  Nothing for other drivers, whose writes are
-    durable when they return.
+    (``sync`` where libc or the file system has no ``syncfs``).  Nothing for other drivers,
+    whose writes are durable when they return.
 
     Raises
     ------
     DestinationError
-        The file system reported a write error.
+        The file system reported a write error (``EIO``, ``ENOSPC``...).
     """
     spec = kv.spec().to_json()
     if spec.get("driver") != "file" or not spec.get("path"):
@@ -338,11 +347,10 @@ def flush(kv: ts.KvStore) -> None:
     except OSError as exc:
         raise destination_error(spec["path"], exc) from exc
     try:
-        syncfs = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
-        if syncfs is None:
-            os.sync()
-        elif syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise destination_error(spec["path"], OSError(err, os.strerror(err)))
+        err = _syncfs(fd)
     finally:
         os.close(fd)
+    if err in (None, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        os.sync()
+    elif err:
+        raise destination_error(spec["path"], OSError(err, os.strerror(err)))

@@ -8,6 +8,7 @@ seconds cover several blocks.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import os
@@ -261,6 +262,32 @@ def test_bulk_writes_skip_the_fsync_of_each_file_and_flush_once(tmp_path):
     storage.flush(mem)
     with pytest.raises(DestinationError):
         storage.flush(storage.open_kvstore(tmp_path / "never-written"))
+
+
+@pytest.mark.parametrize("err,expect", [(0, "done"), (None, "sync"), (errno.ENOSYS, "sync"),
+                                        (errno.EINVAL, "sync"), (errno.EIO, "error"), (errno.ENOSPC, "error")])
+def test_flush_falls_back_to_sync_and_reports_write_errors(tmp_path, monkeypatch, err, expect):
+    """flush: syncfs; sync where libc or the file system lacks it; a write error it reports
+    is a DestinationError naming the directory."""
+    kv = storage.open_kvstore(tmp_path / "d")
+    storage.write(kv, "a", b"1")
+    synced = []
+    monkeypatch.setattr(storage, "_syncfs", lambda fd: err)
+    monkeypatch.setattr(storage.os, "sync", lambda: synced.append(1))
+    if expect == "error":
+        with pytest.raises(DestinationError, match=re.escape(str(tmp_path / "d")) + ".*" + os.strerror(err)):
+            storage.flush(kv)
+    else:
+        storage.flush(kv)
+        assert synced == ([1] if expect == "sync" else [])
+
+
+def test_syncfs_syncs_a_real_directory(tmp_path):
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        assert storage._syncfs(fd) in (0, None)
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("fmt", ["multires", "legacy"])
