@@ -131,8 +131,8 @@ INDEX_DTYPE = np.dtype(FRAG_DTYPE.descr + [("block", "<u4")])
 #: density.  Past it the index is not held whole (:func:`assemble`): the assembly keeps about
 #: 80 bytes per segment (:class:`SegmentTable` and the voxel counts, at 3 LODs), and reads the
 #: task results' headers again for each *wave* of shards (unsharded: of segments) whose entries
-#: fit, so that its memory follows this cap and the number of segments, not of fragments.  Writing a wave holds its
-#: entries and one sorted copy of them: about twice this at the peak.
+#: fit, so that its memory follows this cap and the number of segments, not of fragments.
+#: Writing a wave holds its entries and one sorted copy of them: about twice this at the peak.
 ASSEMBLY_INDEX_BYTES = 1 << 30
 
 
@@ -198,8 +198,8 @@ class LabelTable:
         self._labels = labels[starts]
         for name in list(self._columns):
             col = np.concatenate([self._columns.pop(name)] + [p[1].pop(name) for p in self._parts])
-            self._columns[name] = (self.ops[name].reduceat(col[order], starts, axis=0, dtype=col.dtype) if len(col)
-                                  else col)
+            # never empty: a part has at least one row (add_rows)
+            self._columns[name] = self.ops[name].reduceat(col[order], starts, axis=0, dtype=col.dtype)
             del col
         self._parts, self._pending = [], 0
 
@@ -1232,6 +1232,10 @@ def convert_mesh(src, dest, *, sharding: Optional[ShardingOptions] = ShardingOpt
                                        f"needs {Manifest.from_bytes(mbytes).total_bytes}")
             yield seg, mbytes, data
 
+    def write_batch(batch: list) -> None:   # fragment data first, then manifests; flushed below
+        storage.write_many(kv, [(str(s), d) for s, _, d in batch], sync=False)
+        storage.write_many(kv, [(f"{s}.index", m) for s, m, _ in batch], sync=False)
+
     spec = None
     if sharding is None:
         batch = []
@@ -1239,11 +1243,9 @@ def convert_mesh(src, dest, *, sharding: Optional[ShardingOptions] = ShardingOpt
             batch.append((seg, mbytes, data))
             result["bytes"] += len(mbytes) + len(data)
             if len(batch) >= WRITE_BATCH:
-                storage.write_many(kv, [(str(s), d) for s, _, d in batch], sync=False)
-                storage.write_many(kv, [(f"{s}.index", m) for s, m, _ in batch], sync=False)
+                write_batch(batch)
                 batch = []
-        storage.write_many(kv, [(str(s), d) for s, _, d in batch], sync=False)
-        storage.write_many(kv, [(f"{s}.index", m) for s, m, _ in batch], sync=False)
+        write_batch(batch)
     else:
         data_bytes = 0
         for seg, mbytes in source.manifests(ids):
