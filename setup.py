@@ -42,6 +42,10 @@ def _find_draco():
     return None
 
 
+#: draco::EncodeSymbols(const uint32_t *, int, int, const draco::Options *, draco::EncoderBuffer *)
+_ENCODE_SYMBOLS = "_ZN5draco13EncodeSymbolsEPKjiiPKNS_7OptionsEPNS_13EncoderBufferE"
+_WRAP = sys.platform.startswith("linux")
+
 ext_modules = []
 found = _find_draco()
 if found is None:
@@ -54,6 +58,10 @@ else:
         include_dirs=[include],
         extra_objects=[lib],
         extra_compile_args=["-std=c++17", "-O2"],
+        # Draco's calls of draco::EncodeSymbols go through the extension's linear-time path
+        # (see _dracoenc.cpp); GNU ld, gold and lld know --wrap, Apple's linker does not
+        define_macros=[("GPUMESH_WRAP_ENCODE_SYMBOLS", "1")] if _WRAP else [],
+        extra_link_args=[f"-Wl,--wrap={_ENCODE_SYMBOLS}"] if _WRAP else [],
         language="c++",
         optional=True,  # a failed compile (no compiler, ...) is a warning, not a failed install
     ))

@@ -14,16 +14,175 @@
 //   faces:     C-contiguous uint32 buffer of shape (m, 3), m > 0, indices < n
 //   bits:      quantization bits; Draco's quantizer is set to the identity on [0, 2**bits - 1]
 //   speed:     Draco encoding/decoding speed (10 - DracoPy's compression_level)
+//
+// Draco's entropy coder, made linear in the symbols (GPUMESH_WRAP_ENCODE_SYMBOLS, Linux): at 16
+// quantization bits our positions are multiples of 512 (half-voxel steps), so the parallelogram
+// corrections that Draco entropy-codes span ~2^17 values of which a few hundred occur.
+// draco::EncodeSymbols sizes its histograms, its rANS probability table and a stable sort by
+// the largest value, not by the values that occur: half of the encoder's time on our fragments.
+// The linker's --wrap (see setup.py) routes Draco's calls of draco::EncodeSymbols to
+// fast_encode_symbols below.  For Draco's "raw" scheme over a large alphabet it codes the
+// symbols' ranks among the distinct values with Draco's own RAnsSymbolEncoder: every
+// probability, the rANS state and the data bytes depend only on the frequencies in value order,
+// which ranking keeps; only the probability table, which lists every value up to the largest
+// with runs of zeros (RAnsSymbolEncoder::EncodeTable), is rewritten with those runs.  The
+// bytes are Draco's; tests compare them with DracoPy.encode and with Draco's own EncodeSymbols
+// (_set_symbol_fast_path(-1)).  Every other case (the tagged scheme, an explicit method, small
+// alphabets) goes to Draco's EncodeSymbols unchanged.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
+#include "draco/compression/config/compression_shared.h"
 #include "draco/compression/encode.h"
+#include "draco/compression/entropy/rans_symbol_coding.h"
+#include "draco/compression/entropy/rans_symbol_encoder.h"
+#include "draco/compression/entropy/shannon_entropy.h"
+#include "draco/core/bit_utils.h"
+#include "draco/core/encoder_buffer.h"
+#include "draco/core/options.h"
+#include "draco/core/varint_encoding.h"
 #include "draco/mesh/mesh.h"
 
+#ifdef GPUMESH_WRAP_ENCODE_SYMBOLS
+// draco::EncodeSymbols(const uint32_t *, int, int, const draco::Options *, draco::EncoderBuffer *)
+#define GPUMESH_REAL_ENCODE_SYMBOLS __real__ZN5draco13EncodeSymbolsEPKjiiPKNS_7OptionsEPNS_13EncoderBufferE
+#define GPUMESH_WRAP_ENCODE_SYMBOLS_NAME __wrap__ZN5draco13EncodeSymbolsEPKjiiPKNS_7OptionsEPNS_13EncoderBufferE
+extern "C" bool GPUMESH_REAL_ENCODE_SYMBOLS(const uint32_t *symbols, int num_values, int num_components,
+                                            const draco::Options *options, draco::EncoderBuffer *target);
+#endif
+
 namespace {
+
+// Largest value below which Draco's own EncodeSymbols codes the symbols (its cost there is
+// small); -1: Draco's always.  Set by _set_symbol_fast_path (tests).
+std::atomic<long> g_fast_min_alphabet{4096};
+std::atomic<unsigned long long> g_fast_calls{0}, g_draco_calls{0};
+
+#ifdef GPUMESH_WRAP_ENCODE_SYMBOLS
+constexpr int kMaxRawBitLength = 18;  // Draco's raw scheme: bit lengths of the largest value and of the count of values
+
+// The probability table of `dense` (RAnsSymbolEncoder::EncodeTable over the ranks 0..u-1, none
+// of zero probability) rewritten for the values `uniques` (ascending): num_symbols = largest
+// value + 1, and before each value the zero-probability values below it as run bytes, each
+// covering up to 64 values ((count - 1) << 2 | 3).
+void expand_table(const draco::EncoderBuffer &dense, const std::vector<uint32_t> &uniques,
+                  draco::EncoderBuffer *out) {
+  const uint8_t *d = reinterpret_cast<const uint8_t *>(dense.data());
+  size_t pos = 0;
+  while (d[pos] & 0x80) ++pos;  // the varint of u
+  ++pos;
+  draco::EncodeVarint<uint32_t>(uniques.back() + 1, out);
+  uint32_t next = 0;
+  for (const uint32_t value : uniques) {
+    for (uint32_t gap = value - next; gap > 0;) {
+      const uint32_t run = std::min<uint32_t>(gap, 64);
+      out->Encode(static_cast<uint8_t>(((run - 1) << 2) | 3));
+      gap -= run;
+    }
+    const size_t len = 1 + (d[pos] & 3);  // a probability: 1 byte + 0..2 extra bytes
+    out->Encode(d + pos, len);
+    pos += len;
+    next = value + 1;
+  }
+}
+
+template <class Encoder>
+bool encode_ranks(const std::vector<uint32_t> &ranks, const std::vector<uint64_t> &freq,
+                  const std::vector<uint32_t> &uniques, draco::EncoderBuffer *target) {
+  Encoder enc;
+  draco::EncoderBuffer dense;
+  if (!enc.Create(freq.data(), static_cast<int>(freq.size()), &dense)) return false;
+  expand_table(dense, uniques, target);
+  enc.StartEncoding(target);
+  for (size_t i = ranks.size(); i-- > 0;) enc.EncodeSymbol(ranks[i]);  // rANS codes in reverse
+  enc.EndEncoding(target);
+  return true;
+}
+
+template <int... N>
+bool encode_ranks_with(int bit_length, std::integer_sequence<int, N...>, const std::vector<uint32_t> &ranks,
+                       const std::vector<uint64_t> &freq, const std::vector<uint32_t> &uniques,
+                       draco::EncoderBuffer *target) {
+  bool ok = false;
+  ((bit_length == N + 1 ? (ok = encode_ranks<draco::RAnsSymbolEncoder<N + 1>>(ranks, freq, uniques, target), 0) : 0),
+   ...);
+  return ok;
+}
+
+// draco::EncodeSymbols where Draco would choose its raw scheme over an alphabet of at least
+// g_fast_min_alphabet values: 1 coded, 0 failed (as Draco would), -1 not handled here.
+int fast_encode_symbols(const uint32_t *symbols, int num_values, int num_components, const draco::Options *options,
+                        draco::EncoderBuffer *target) {
+  const long min_alphabet = g_fast_min_alphabet.load(std::memory_order_relaxed);
+  if (min_alphabet < 0 || num_values <= 0) return -1;
+  if (options != nullptr && options->IsOptionSet("symbol_encoding_method")) return -1;
+  if (num_components <= 0) num_components = 1;
+  if (num_values % num_components != 0) return -1;
+  // bit length of each entry (its largest component), as the tagged scheme would code them
+  std::vector<uint32_t> bit_lengths;
+  bit_lengths.reserve(num_values / num_components);
+  uint32_t max_value = 0;
+  uint64_t total_bit_length = 0;
+  for (int i = 0; i < num_values; i += num_components) {
+    uint32_t m = symbols[i];
+    for (int j = 1; j < num_components; ++j) m = std::max(m, symbols[i + j]);
+    const uint32_t bl = (m > 0 ? draco::MostSignificantBit(m) : 0) + 1;
+    bit_lengths.push_back(bl);
+    total_bit_length += bl;
+    max_value = std::max(max_value, m);
+  }
+  if (max_value < static_cast<uint64_t>(min_alphabet)) return -1;
+  if (draco::MostSignificantBit(std::max(1u, max_value)) + 1 > kMaxRawBitLength) return -1;  // tagged
+
+  // ranks of the values among the distinct values, through a table indexed by value
+  thread_local std::vector<uint32_t> table(size_t(1) << kMaxRawBitLength, 0);
+  std::vector<uint32_t> uniques;
+  for (int i = 0; i < num_values; ++i) {
+    if (table[symbols[i]]++ == 0) uniques.push_back(symbols[i]);
+  }
+  std::sort(uniques.begin(), uniques.end());
+  const int u = static_cast<int>(uniques.size());
+  std::vector<uint64_t> freq(u);
+  for (int r = 0; r < u; ++r) {
+    freq[r] = table[uniques[r]];
+    table[uniques[r]] = static_cast<uint32_t>(r);
+  }
+  std::vector<uint32_t> ranks(num_values);
+  for (int i = 0; i < num_values; ++i) ranks[i] = table[symbols[i]];
+  for (const uint32_t value : uniques) table[value] = 0;
+
+  // Draco's choice of scheme: the Shannon entropy sums over the values in ascending order,
+  // which the ranks keep, so both estimates are Draco's to the bit
+  int tag_unique = 0, raw_unique = 0;
+  const int64_t tagged_bits =
+      draco::ComputeShannonEntropy(bit_lengths.data(), static_cast<int>(bit_lengths.size()), 32, &tag_unique) +
+      draco::ApproximateRAnsFrequencyTableBits(tag_unique, tag_unique) +
+      static_cast<int64_t>(total_bit_length * num_components);
+  const int64_t raw_bits = draco::ComputeShannonEntropy(ranks.data(), num_values, u - 1, &raw_unique) +
+                           draco::ApproximateRAnsFrequencyTableBits(max_value, u);
+  if (tagged_bits < raw_bits) return -1;
+  int bit_length = draco::MostSignificantBit(static_cast<uint32_t>(u)) + 1;
+  if (bit_length > kMaxRawBitLength) return -1;  // Draco refuses it
+  int level = 7;  // Draco's default symbol coding compression level
+  if (options != nullptr && options->IsOptionSet("symbol_encoding_compression_level")) {
+    level = options->GetInt("symbol_encoding_compression_level");
+  }
+  bit_length += level < 4 ? -2 : level < 6 ? -1 : level > 9 ? 2 : level > 7 ? 1 : 0;
+  bit_length = std::min(std::max(1, bit_length), kMaxRawBitLength);
+  target->Encode(static_cast<uint8_t>(draco::SYMBOL_CODING_RAW));
+  target->Encode(static_cast<uint8_t>(bit_length));
+  return encode_ranks_with(bit_length, std::make_integer_sequence<int, kMaxRawBitLength>(), ranks, freq, uniques,
+                           target)
+             ? 1
+             : 0;
+}
+#endif  // GPUMESH_WRAP_ENCODE_SYMBOLS
 
 struct Buffer {
   Py_buffer view{};
@@ -118,13 +277,48 @@ PyObject *encode(PyObject *, PyObject *args) {
   return PyBytes_FromStringAndSize(out.data(), static_cast<Py_ssize_t>(out.size()));
 }
 
+// _set_symbol_fast_path(min_alphabet) -> previous: alphabets from min_alphabet on take the fast
+// path; -1: none (Draco's EncodeSymbols for every call).  Returns None where it is not built.
+PyObject *set_symbol_fast_path(PyObject *, PyObject *args) {
+  long value;
+  if (!PyArg_ParseTuple(args, "l", &value)) return nullptr;
+#ifdef GPUMESH_WRAP_ENCODE_SYMBOLS
+  return PyLong_FromLong(g_fast_min_alphabet.exchange(value));
+#else
+  (void)value;
+  Py_RETURN_NONE;
+#endif
+}
+
+// _symbol_calls() -> (fast, draco): calls of draco::EncodeSymbols coded by each path so far.
+PyObject *symbol_calls(PyObject *, PyObject *) {
+  return Py_BuildValue("(KK)", g_fast_calls.load(), g_draco_calls.load());
+}
+
 PyMethodDef methods[] = {
     {"encode", encode, METH_VARARGS,
      "encode(positions, faces, bits, speed) -> bytes: Draco mesh of quantized positions."},
+    {"_set_symbol_fast_path", set_symbol_fast_path, METH_VARARGS,
+     "_set_symbol_fast_path(min_alphabet) -> previous value, or None where not built (-1: Draco's path only)."},
+    {"_symbol_calls", symbol_calls, METH_NOARGS,
+     "_symbol_calls() -> (fast, draco): symbol streams coded by the fast path and by Draco's EncodeSymbols."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_dracoenc", nullptr, -1, methods};
 
 }  // namespace
+
+#ifdef GPUMESH_WRAP_ENCODE_SYMBOLS
+extern "C" bool GPUMESH_WRAP_ENCODE_SYMBOLS_NAME(const uint32_t *symbols, int num_values, int num_components,
+                                                 const draco::Options *options, draco::EncoderBuffer *target) {
+  const int done = fast_encode_symbols(symbols, num_values, num_components, options, target);
+  if (done >= 0) {
+    g_fast_calls.fetch_add(1, std::memory_order_relaxed);
+    return done == 1;
+  }
+  g_draco_calls.fetch_add(1, std::memory_order_relaxed);
+  return GPUMESH_REAL_ENCODE_SYMBOLS(symbols, num_values, num_components, options, target);
+}
+#endif
 
 PyMODINIT_FUNC PyInit__dracoenc(void) { return PyModule_Create(&module); }

@@ -162,6 +162,94 @@ def test_draco_extension_writes_dracopys_bytes_on_real_fragments(crop, bits, mon
         assert ours == theirs
 
 
+@pytest.fixture
+def draco_symbol_path():
+    """Switch the extension's entropy coding between its linear-time path (from an alphabet of
+    ``n`` values on) and Draco's own ``EncodeSymbols`` (``-1``); restored afterwards."""
+    if encode._dracoenc is None:
+        pytest.skip("gpumesh._dracoenc not built")
+    enc = encode._dracoenc
+    before = enc._set_symbol_fast_path(-1)
+    if before is None:
+        pytest.skip("gpumesh._dracoenc built without the linker wrap (not Linux)")
+    enc._set_symbol_fast_path(before)
+
+    def use(n):
+        enc._set_symbol_fast_path(n)
+    yield use
+    enc._set_symbol_fast_path(before)
+
+
+def _real_fragments(crop, bits, count):
+    """Pipeline-like Draco inputs: decimated marching-cubes pieces of the pinky40 crop, at LOD 0
+    (32-voxel pieces) and LOD 1 (the crop downsampled, 16-voxel pieces), quantized."""
+    from gpumesh.lod import decimate
+
+    out = []
+    for k, labels, size in ((0, crop, 32), (1, downsample_labels(crop), 16)):
+        for p in CPUBackend().mesh(np.ascontiguousarray(labels), size):
+            if len(p.faces) > 4:
+                v, f = decimate(p.vertices2 * 0.5, p.faces, 0.4, np.array([32.0, 32.0, 40.0]) * 2**k)
+                q, f, _ = encode.weld_quantized(encode.quantize(v, size, bits), f)
+                if len(f):
+                    out.append((q, f))
+    assert len(out) >= count
+    return out[:count]
+
+
+@pytest.mark.parametrize("bits", [10, 16])
+def test_draco_symbol_fast_path_writes_dracos_bytes(crop, bits, draco_symbol_path, monkeypatch):
+    # The extension codes Draco's symbol streams over large alphabets itself (ranks through
+    # Draco's RAnsSymbolEncoder, the probability table rewritten with its zero runs).  Every
+    # fragment must get the bytes of Draco's own EncodeSymbols and of DracoPy, the fast path must
+    # actually run (at 16 bits nearly every fragment's positions), and the result must decode to
+    # the input.
+    import DracoPy
+
+    enc = encode._dracoenc
+    frags = _real_fragments(crop, bits, 300)
+    draco_symbol_path(-1)
+    theirs = [encode.encode_draco(q, f, bits) for q, f in frags]
+    for n in (0, 4096):
+        draco_symbol_path(n)
+        fast0, _ = enc._symbol_calls()
+        ours = [encode.encode_draco(q, f, bits) for q, f in frags]
+        fast = enc._symbol_calls()[0] - fast0
+        assert [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b] == []
+        if bits == 16 or n == 0:
+            assert fast >= len(frags) // 2, fast
+    with monkeypatch.context() as m:   # DracoPy's own Draco
+        m.setattr(encode, "_dracoenc", None)
+        assert [encode.encode_draco(q, f, bits) for q, f in frags[:60]] == theirs[:60]
+    for (q, f), data in zip(frags[:20], theirs):
+        mesh = DracoPy.decode(data)
+        got = np.asarray(mesh.points, np.int64)
+        assert {tuple(r) for r in got.tolist()} == {tuple(r) for r in np.asarray(q)[np.unique(f)].astype(np.int64).tolist()}
+
+
+def test_draco_symbol_fast_path_edge_cases(draco_symbol_path):
+    # Random meshes over every Draco speed (its symbol coding level moves the rANS precision),
+    # with sparse alphabets (gaps far beyond one 64-value run), a single distinct value, all
+    # values below 2**18 (the raw scheme's limit) and above it (the tagged scheme): the
+    # extension's bytes equal Draco's own EncodeSymbols in each case.
+    enc = encode._dracoenc
+    rng = np.random.default_rng(5)
+    cases = []
+    for bits, step, n in ((16, 512, 300), (16, 1, 400), (16, 4096, 50), (18, 1, 2000), (20, 1, 300), (12, 64, 40),
+                          (16, 512, 3)):
+        q = (rng.integers(0, 2**bits // step, size=(n, 3)) * step).astype(np.float32)
+        faces = np.array([rng.choice(n, 3, replace=False) for _ in range(2 * n)], np.uint32)
+        cases.append((q, faces, bits))
+    flat = np.zeros((4, 3), np.float32)
+    flat[1:, 0] = [512, 1024, 1536]   # collinear: one value in two of the axes
+    cases.append((flat, np.array([[0, 1, 2], [0, 2, 3]], np.uint32), 16))
+    for speed in range(11):
+        draco_symbol_path(-1)
+        theirs = [enc.encode(q, f, bits, speed) for q, f, bits in cases]
+        draco_symbol_path(0)
+        assert [enc.encode(q, f, bits, speed) for q, f, bits in cases] == theirs, speed
+
+
 def test_draco_extension_rejects_bad_buffers():
     if encode._dracoenc is None:
         pytest.skip("gpumesh._dracoenc not built")
