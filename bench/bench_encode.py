@@ -12,9 +12,12 @@ crop).  A sample of the encodings is decoded again: each must hold the fragment'
 triangles (Draco orders vertices and faces its own way, so re-encoding a decoded fragment
 does not give the stored bytes; the triangles are compared as position triples).
 
-Why the two depths differ in speed: Draco's rANS coder writes and sorts a probability table
+Why the two depths differed in speed: Draco's rANS coder writes and sorts a probability table
 over every residual value up to the largest in the fragment, and the residuals of a
-fragment span its coordinate range, up to 2**16 values at 16 bits against 2**10 at 10.
+fragment span its coordinate range, up to 2**16 values at 16 bits against 2**10 at 10.  The
+extension, where it is built with the linker wrap (Linux), codes those large alphabets in time
+linear in the symbols, with the same bytes; the row ``_dracoenc/draco-symbols`` is the extension
+with that path switched off (Draco's own ``EncodeSymbols``), i.e. what it was before.
 
     .venv/bin/python bench/bench_encode.py --mesh out            # 400 segments, 5 passes
     .venv/bin/python bench/bench_encode.py --mesh out --segments 0   # every segment
@@ -87,7 +90,8 @@ def to_ten_bits(q16: np.ndarray) -> np.ndarray:
 
 def encoders() -> dict:
     """Name -> ``encode(q, faces, bits) -> bytes``: :func:`gpumesh.encode.encode_draco` through
-    ``gpumesh._dracoenc`` (when built) and through DracoPy (the extension set aside)."""
+    ``gpumesh._dracoenc`` (when built; with its linker wrap, also once with Draco's own
+    ``EncodeSymbols``) and through DracoPy (the extension set aside)."""
     from gpumesh import encode
 
     built = encode._dracoenc
@@ -101,7 +105,19 @@ def encoders() -> dict:
                 encode._dracoenc = built
         return enc
 
+    def draco_symbols(q, faces, bits):   # the extension without its symbol path
+        before = built._set_symbol_fast_path(-1)
+        try:
+            return through(built)(q, faces, bits)
+        finally:
+            built._set_symbol_fast_path(before)
+
     out = {"_dracoenc": through(built)} if built is not None else {}
+    if built is not None:
+        previous = built._set_symbol_fast_path(-1)   # None: built without the linker wrap
+        if previous is not None:
+            built._set_symbol_fast_path(previous)
+            out["_dracoenc/draco-symbols"] = draco_symbols
     out["DracoPy"] = through(None)
     return out
 
@@ -143,13 +159,13 @@ def main(argv=None) -> int:
                      "bytes": size[name, bits], "mtriangles_per_s": triangles / cpu / 1e6})
     print(f"{len(frags)} fragments, {triangles / 1e6:.2f} M triangles of {sample['segments']} segments "
           f"(placeholders left out); CPU s, median of {args.passes}")
-    print("encoder   | bits | CPU s  | M tri/s | bytes      | vs 16 bits")
-    print("----------+------+--------+---------+------------+-----------")
+    print("encoder                 | bits | CPU s  | M tri/s | bytes      | vs 16 bits")
+    print("------------------------+------+--------+---------+------------+-----------")
     for r in rows:
         base = next(b for b in rows if b["encoder"] == r["encoder"] and b["bits"] == 16)
         r["speedup_vs_16"] = base["cpu_s"] / r["cpu_s"]
         r["bytes_vs_16"] = r["bytes"] / base["bytes"]
-        print(f"{r['encoder']:9s} | {r['bits']:4d} | {r['cpu_s']:6.2f} | {r['mtriangles_per_s']:7.2f} | "
+        print(f"{r['encoder']:23s} | {r['bits']:4d} | {r['cpu_s']:6.2f} | {r['mtriangles_per_s']:7.2f} | "
               f"{r['bytes']:10d} | {r['speedup_vs_16']:.2f}x faster, {r['bytes_vs_16']:.3f} of the bytes")
     record = {
         "benchmark": "encode", "started_utc": started.isoformat(),

@@ -304,6 +304,8 @@ def test_encode_benchmark_compares_the_two_depths(crop_medium, tmp_path, capsys)
     assert rec["fragments"] > 0 and rec["triangles"] > 0 and rec["options"]["segments"] == 20
     rows = {(r["encoder"], r["bits"]): r for r in rec["rows"]}
     assert ("DracoPy", 16) in rows and ("DracoPy", 10) in rows
+    for bits in (16, 10):   # every encoder writes Draco's bytes
+        assert len({r["bytes"] for (_, b), r in rows.items() if b == bits}) == 1
     for (enc, bits), r in rows.items():
         if bits == 10:   # the same triangles as the 16-bit rows (checked inside), in fewer bytes
             assert r["bytes"] < rows[enc, 16]["bytes"] and r["bytes_vs_16"] < 1
