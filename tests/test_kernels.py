@@ -243,11 +243,14 @@ def test_draco_symbol_fast_path_edge_cases(draco_symbol_path):
     flat = np.zeros((4, 3), np.float32)
     flat[1:, 0] = [512, 1024, 1536]   # collinear: one value in two of the axes
     cases.append((flat, np.array([[0, 1, 2], [0, 2, 3]], np.uint32), 16))
+    fast0, _ = enc._symbol_calls()
     for speed in range(11):
         draco_symbol_path(-1)
         theirs = [enc.encode(q, f, bits, speed) for q, f, bits in cases]
         draco_symbol_path(0)
         assert [enc.encode(q, f, bits, speed) for q, f, bits in cases] == theirs, speed
+    # the fast path coded streams at every speed but 10 (Draco's sequential coder), 4 or 5 a speed
+    assert enc._symbol_calls()[0] - fast0 >= 10 * 3
 
 
 def test_draco_extension_rejects_bad_buffers():
