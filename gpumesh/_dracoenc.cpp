@@ -124,10 +124,12 @@ int fast_encode_symbols(const uint32_t *symbols, int num_values, int num_compone
   if (options != nullptr && options->IsOptionSet("symbol_encoding_method")) return -1;
   if (num_components <= 0) num_components = 1;
   if (num_values % num_components != 0) return -1;
+  const uint32_t max_value = *std::max_element(symbols, symbols + num_values);
+  if (max_value < static_cast<uint64_t>(min_alphabet)) return -1;
+  if (draco::MostSignificantBit(std::max(1u, max_value)) + 1 > kMaxRawBitLength) return -1;  // tagged
   // bit length of each entry (its largest component), as the tagged scheme would code them
   std::vector<uint32_t> bit_lengths;
   bit_lengths.reserve(num_values / num_components);
-  uint32_t max_value = 0;
   uint64_t total_bit_length = 0;
   for (int i = 0; i < num_values; i += num_components) {
     uint32_t m = symbols[i];
@@ -135,10 +137,7 @@ int fast_encode_symbols(const uint32_t *symbols, int num_values, int num_compone
     const uint32_t bl = (m > 0 ? draco::MostSignificantBit(m) : 0) + 1;
     bit_lengths.push_back(bl);
     total_bit_length += bl;
-    max_value = std::max(max_value, m);
   }
-  if (max_value < static_cast<uint64_t>(min_alphabet)) return -1;
-  if (draco::MostSignificantBit(std::max(1u, max_value)) + 1 > kMaxRawBitLength) return -1;  // tagged
 
   // ranks of the values among the distinct values, through a table indexed by value
   thread_local std::vector<uint32_t> table(size_t(1) << kMaxRawBitLength, 0);
