@@ -10,7 +10,8 @@ positions are the 16-bit ones divided by 2**6 (the node's far face, 2**16 - 1, b
 so this is what ``gpumesh mesh --bits 10`` writes (``tests/test_mesh_real.py`` checks that on a
 crop).  A sample of the encodings is decoded again: each must hold the fragment's
 triangles (Draco orders vertices and faces its own way, so re-encoding a decoded fragment
-does not give the stored bytes; the triangles are compared as position triples).
+does not give the stored bytes; the triangles are compared as position triples), and every
+encoder must have written the same bytes.
 
 Why the two depths differed in speed: Draco's rANS coder writes and sorts a probability table
 over every residual value up to the largest in the fragment, and the residuals of a
@@ -137,12 +138,16 @@ def main(argv=None) -> int:
     inputs = {16: [(q, f) for q, f, _ in frags], 10: [(to_ten_bits(q), f) for q, f, _ in frags]}
     triangles = sum(len(f) for _, f, _ in frags)
     encs = encoders()
+    first = {}   # (fragment, bits) -> the first encoder's bytes: every encoder must write them
     for name, enc in encs.items():
         for i in range(0, len(frags), max(1, len(frags) // 200)):
             for bits in (16, 10):
                 q, f = inputs[bits][i]
-                if triangle_set(*reader.decode_fragment(enc(q, f, bits), bits)) != triangle_set(q, f):
+                data = enc(q, f, bits)
+                if triangle_set(*reader.decode_fragment(data, bits)) != triangle_set(q, f):
                     raise SystemExit(f"{name}: a fragment encoded at {bits} bits decodes to other triangles")
+                if first.setdefault((i, bits), data) != data:
+                    raise SystemExit(f"{name}: a fragment encoded at {bits} bits differs from {next(iter(encs))}'s bytes")
     configs = [(name, bits) for name in encs for bits in (16, 10)]
     times = {c: [] for c in configs}
     size = {}

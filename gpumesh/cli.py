@@ -136,7 +136,7 @@ class _ProgressLines:
 @click.option("--lods", "num_lods", type=int, default=None, help="LODs of every segment (default: by segment size)")
 @click.option("--bits", "bits", type=click.Choice(["10", "16"]), default="16", show_default=True,
               help="vertex quantization bits; 10 keeps every vertex and triangle in ~30% fewer bytes, "
-                   "with ~20% less CPU, each vertex within chunk/1024 voxels of its LOD")
+                   "each vertex within chunk/1024 voxels of its LOD")
 @click.option("--dust-threshold", type=int, default=0, show_default=True, metavar="VOXELS",
               help="skip segments with fewer voxels than this in the whole volume")
 @click.option("--segments", callback=_segments, default=None, metavar="IDS",
