@@ -57,7 +57,7 @@ else:
         sources=["gpumesh/_dracoenc.cpp"],
         include_dirs=[include],
         extra_objects=[lib],
-        extra_compile_args=["-std=c++17", "-O2"],
+        extra_compile_args=["-std=c++17", "-O2", "-g0"],  # -g0: no debug info (half the size)
         # Draco's calls of draco::EncodeSymbols go through the extension's linear-time path
         # (see _dracoenc.cpp); GNU ld, gold and lld know --wrap, Apple's linker does not
         define_macros=[("GPUMESH_WRAP_ENCODE_SYMBOLS", "1")] if _WRAP else [],
