@@ -34,7 +34,7 @@ PLAT=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platfo
 # the extension, built against the cp312 DracoPy wheel's Draco (setup.py finds it beside DracoPy)
 rm -rf /tmp/gpumesh-site312 && "$PY312" -m pip install -q --no-deps --target /tmp/gpumesh-site312 .whl/dracopy-*.whl
 rm -rf /tmp/gpumesh-build312 && "$PY312" -m pip install -q setuptools --target /tmp/gpumesh-build312
-PYTHONPATH=/tmp/gpumesh-site312:/tmp/gpumesh-build312 "$PY312" setup.py -q build_ext --inplace
+PYTHONPATH=/tmp/gpumesh-site312:/tmp/gpumesh-build312 "$PY312" setup.py -q build_ext --inplace --force
 # igneous in a site of its own (its DracoPy 1.x must not meet gpumesh's 2.x): igneous-pipeline
 # and every dependency that the image lacks (bench/device/image-packages.txt), without what a
 # meshing job never imports (dbscan, microviewer, posix_ipc, pbr, scripts and headers, tests;
