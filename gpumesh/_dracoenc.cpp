@@ -59,13 +59,14 @@ extern "C" bool GPUMESH_REAL_ENCODE_SYMBOLS(const uint32_t *symbols, int num_val
 
 namespace {
 
-// Largest value below which Draco's own EncodeSymbols codes the symbols (its cost there is
-// small); -1: Draco's always.  Set by _set_symbol_fast_path (tests).
+// A stream whose largest symbol is below this goes to Draco's own EncodeSymbols (its cost there
+// is small); -1: every stream does.  Set by _set_symbol_fast_path (tests, bench_encode.py).
 std::atomic<long> g_fast_min_alphabet{4096};
 std::atomic<unsigned long long> g_fast_calls{0}, g_draco_calls{0};
 
 #ifdef GPUMESH_WRAP_ENCODE_SYMBOLS
-constexpr int kMaxRawBitLength = 18;  // Draco's raw scheme: bit lengths of the largest value and of the count of values
+// Draco's raw scheme takes at most 18-bit values and fewer than 2^18 distinct ones
+constexpr int kMaxRawBitLength = 18;
 
 // The probability table of `dense` (RAnsSymbolEncoder::EncodeTable over the ranks 0..u-1, none
 // of zero probability) rewritten for the values `uniques` (ascending): num_symbols = largest
@@ -92,6 +93,20 @@ void expand_table(const draco::EncoderBuffer &dense, const std::vector<uint32_t>
   }
 }
 
+// Why the ranks give Draco's bytes.  RAnsSymbolEncoder::Create, over the full alphabet
+// 0..max, gives each value of frequency f > 0 the probability round(f / n * precision) (at
+// least 1) and each absent value 0; then, where the sum is off, it stable-sorts all values by
+// probability and (a) adds a shortfall to the last of the most probable, or (b) walks down from
+// the most probable, lowering each (by at least 1) until the excess is gone, stopping at the
+// first probability <= 1 and never visiting sorted position 0, and starts again from the top
+// while an excess remains.  Over the ranks the sorted order of the present values is the same
+// (the sort is stable and ranks keep value order); the absent values, probability 0, only sat
+// below them.  The one difference is that the lowest present value now sits at position 0:
+// (b) reaches it only if every present value has probability > 1 and the excess is at least
+// u (the count of present values), but then no value was raised to 1 and each rounding adds
+// at most 1/2, so the excess is below u/2.  So every probability is Draco's, and with it the
+// cumulative probabilities over the present values, the expected bit count (which sizes the
+// output buffer) and every rANS step.  Only EncodeTable's listing differs: expand_table.
 template <class Encoder>
 bool encode_ranks(const std::vector<uint32_t> &ranks, const std::vector<uint64_t> &freq,
                   const std::vector<uint32_t> &uniques, draco::EncoderBuffer *target) {
