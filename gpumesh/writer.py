@@ -1246,6 +1246,7 @@ def convert_mesh(src, dest, *, sharding: Optional[ShardingOptions] = ShardingOpt
                 write_batch(batch)
                 batch = []
         write_batch(batch)
+        storage.flush(kv)   # the segments' files on disk before info
     else:
         data_bytes = 0
         for seg, mbytes in source.manifests(ids):
@@ -1266,7 +1267,6 @@ def convert_mesh(src, dest, *, sharding: Optional[ShardingOptions] = ShardingOpt
             result["shards"] += 1
     for key in others:
         storage.write(kv, key, storage.read(source.kv, key))
-    storage.flush(kv)   # the segments' files (unsharded) on disk before info
     storage.write_json(kv, "info", info_with_sharding(source.info, spec))
     return result
 
