@@ -582,6 +582,69 @@ def _check_orphans(report: ValidationReport, src, keys: list, ids: set) -> None:
         report.warnings.append(f"{len(orphans)} {what} without a manifest ({manifest}): segments {shown}")
 
 
+_UINT64_DECIMAL = re.compile(r"[0-9]+")
+
+#: ``data_type`` of a ``number`` property (spec segment_properties) -> its integer range
+#: (None: float32, any finite number).
+_NUMBER_TYPES = {"uint8": (0, 2**8 - 1), "int8": (-2**7, 2**7 - 1), "uint16": (0, 2**16 - 1),
+                 "int16": (-2**15, 2**15 - 1), "uint32": (0, 2**32 - 1), "int32": (-2**31, 2**31 - 1),
+                 "float32": None}
+
+
+def _property_problems(p: dict, num_ids: int) -> list[str]:
+    """What breaks the spec (segment_properties, inline properties) in one property object,
+    each as the end of a sentence; only a value's first offence is named."""
+    ptype, values = p.get("type"), p.get("values")
+    if ptype not in ("label", "description", "string", "tags", "number"):
+        return [f"has bad type {ptype!r}"]
+    out = []
+    if "description" in p and (ptype == "tags" or not isinstance(p["description"], str)):
+        out.append("has a description, which must be a string and is not allowed on a 'tags' property")
+    tags = p.get("tags")
+    if ptype == "tags":
+        if not (isinstance(tags, list) and all(isinstance(t, str) and t and not t.startswith("#") and " " not in t
+                                               for t in tags)):
+            out.append("needs 'tags', a list of tag strings without a leading '#' or spaces")
+            tags = None
+        descriptions = p.get("tag_descriptions")
+        if descriptions is not None and tags is not None and not (
+                isinstance(descriptions, list) and len(descriptions) == len(tags)
+                and all(isinstance(d, str) for d in descriptions)):
+            out.append("has tag_descriptions that are not one string per tag")
+    elif "tags" in p or "tag_descriptions" in p:
+        out.append("has tags or tag_descriptions, which only a 'tags' property may have")
+    if ptype == "number" and p.get("data_type") not in _NUMBER_TYPES:
+        out.append("needs a valid data_type")
+        return out
+    if not isinstance(values, list) or len(values) != num_ids:
+        out.append(f"needs {num_ids} values")
+        return out
+    for i, v in enumerate(values):
+        if ptype == "number":
+            span = _NUMBER_TYPES[p["data_type"]]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+                bad = "is not a finite number"
+            elif span is not None and not span[0] <= v <= span[1]:
+                bad = f"is outside {p['data_type']}'s range"
+            elif span is None and abs(v) > float(np.finfo(np.float32).max):
+                bad = "is beyond float32's range"
+            else:
+                continue
+        elif ptype == "tags":
+            if (isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+                    and all(a < b for a, b in zip(v, v[1:]))
+                    and (tags is None or all(0 <= t < len(tags) for t in v))):
+                continue
+            bad = "is not a list of increasing indices into tags"
+        elif isinstance(v, str):
+            continue
+        else:
+            bad = "is not a string"
+        out.append(f"value {i} ({v!r}) {bad}")
+        break
+    return out
+
+
 def _check_segment_properties(report: ValidationReport, kv, info: dict, meshed: Optional[set] = None) -> None:
     """Check the segment properties the info names (spec segment_properties); with ``meshed``
     (every segment ID that has a mesh), warn about listed IDs without one."""
@@ -604,8 +667,9 @@ def _check_segment_properties(report: ValidationReport, kv, info: dict, meshed: 
     if inline is None:
         return
     ids = inline.get("ids") if isinstance(inline, dict) else None
-    if not isinstance(ids, list) or not all(isinstance(i, str) and i.isdigit() for i in ids):
-        report.add_error(f"segment properties {key}: inline.ids must be a list of base-10 strings")
+    if not isinstance(ids, list) or not all(isinstance(i, str) and _UINT64_DECIMAL.fullmatch(i) and int(i) < 2**64
+                                            for i in ids):
+        report.add_error(f"segment properties {key}: inline.ids must be a list of base-10 strings of uint64 IDs")
         return
     props = inline.get("properties")
     if not isinstance(props, list):
@@ -616,19 +680,12 @@ def _check_segment_properties(report: ValidationReport, kv, info: dict, meshed: 
         if not isinstance(p, dict):
             report.add_error(f"segment properties {key}: a property is not an object")
             continue
-        pid, ptype = p.get("id"), p.get("type")
+        pid = p.get("id")
         if not isinstance(pid, str) or pid in seen:
             report.add_error(f"segment properties {key}: property id {pid!r} missing or not unique")
         seen.add(pid)
-        if ptype not in ("label", "description", "string", "tags", "number"):
-            report.add_error(f"segment properties {key}: property {pid!r} has bad type {ptype!r}")
-        if ptype == "number" and p.get("data_type") not in (
-            "uint8", "int8", "uint16", "int16", "uint32", "int32", "float32"
-        ):
-            report.add_error(f"segment properties {key}: number property {pid!r} needs a valid data_type")
-        values = p.get("values")
-        if not isinstance(values, list) or len(values) != len(ids):
-            report.add_error(f"segment properties {key}: property {pid!r} needs {len(ids)} values")
+        for problem in _property_problems(p, len(ids)):
+            report.add_error(f"segment properties {key}: property {pid!r} {problem}")
     types = [p.get("type") for p in props if isinstance(p, dict)]
     for t in ("label", "description", "tags"):
         if types.count(t) > 1:

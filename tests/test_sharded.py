@@ -510,6 +510,72 @@ def test_validator_catches_bad_shards(tmp_path, outputs):
     _has(validate(str(_one_shard_dir(tmp_path / "f", outputs, data_before_index))), "inside the shard index")
 
 
+def _reindexed(spec, blob, change):
+    """``blob`` (a shard as ``build_shard`` lays it out: index, chunks, minishard indices) with
+    its minishard indices rebuilt from ``change(ms, ids, starts, sizes)``, which returns the
+    lists to encode (or bytes: the stored index itself); the chunks stay where they were."""
+    ib = spec.shard_index_bytes
+    ranges = spec.decode_shard_index(blob)
+    used = [(ms, int(a), int(b)) for ms, (a, b) in enumerate(ranges.tolist()) if b > a]
+    chunks_end = min(a for _, a, _ in used)
+    index, tail, pos = np.zeros((spec.num_minishards, 2), "<u8"), [], chunks_end
+    for ms in range(spec.num_minishards):
+        stored = b""
+        if ms in {u[0] for u in used}:
+            a, b = next((a, b) for m, a, b in used if m == ms)
+            got = change(ms, *(v.tolist() for v in spec.decode_minishard_index(blob[a:b])))
+            stored = got if isinstance(got, bytes) else spec.encode_minishard_index(*got)
+        index[ms] = (pos - ib, pos - ib + len(stored))
+        tail.append(stored)
+        pos += len(stored)
+    return index.tobytes() + blob[ib:chunks_end] + b"".join(tail)
+
+
+def _first_used(spec, blob):
+    return int(np.flatnonzero(np.diff(spec.decode_shard_index(blob), axis=1)[:, 0] > 0)[0])
+
+
+def _in_first_minishard(edit):
+    """A shard mutation: ``edit(ids, starts, sizes)`` applied to the first non-empty minishard."""
+    def mutate(spec, blob):
+        first = _first_used(spec, blob)
+        return _reindexed(spec, blob, lambda ms, *entries: edit(*entries) if ms == first else entries)
+    return mutate
+
+
+def _inverted(spec, blob):
+    ms = _first_used(spec, blob)
+    start, end = np.frombuffer(blob, "<u8", 2, 16 * ms)
+    return blob[:16 * ms] + np.array([end, start], "<u8").tobytes() + blob[16 * ms + 16:]
+
+
+SHARD_DEFECTS = {
+    # name: (mutate(spec, blob), words of the one error it must cause)
+    "inverted minishard range": (_inverted, "is inverted"),
+    "empty minishard index": (_in_first_minishard(lambda ids, starts, sizes: ([], [], [])),
+                              "empty minishard index under a non-empty range"),
+    "a segment listed twice": (_in_first_minishard(lambda ids, starts, sizes: (ids + ids[:1], starts + starts[:1],
+                                                                               sizes + sizes[:1])),
+                               "listed more than once"),
+    "manifest past the end": (_in_first_minishard(lambda ids, starts, sizes: (ids, starts[:-1] + [10**9], sizes)),
+                              "manifest bytes"),
+    "manifest not gzip": (_in_first_minishard(lambda ids, starts, sizes: (ids, [starts[0] + 1] + starts[1:], sizes)),
+                          "manifest in shard"),
+    "minishard index not a multiple of 24": (_in_first_minishard(lambda *entries: gzip.compress(b"\0" * 25)),
+                                             "not a multiple of 24"),
+}
+
+
+@pytest.mark.parametrize("defect", sorted(SHARD_DEFECTS))
+def test_each_shard_defect_is_reported_alone(tmp_path, outputs, defect):
+    mutate, words = SHARD_DEFECTS[defect]
+    ok = _one_shard_dir(tmp_path / "ok", outputs, lambda spec, name, blob: _reindexed(
+        spec, blob, lambda ms, ids, starts, sizes: (ids, starts, sizes)))
+    assert tree_files(ok) == tree_files(outputs / "gzip")     # the rebuild itself changes nothing
+    rep = validate(str(_one_shard_dir(tmp_path, outputs, lambda spec, name, blob: mutate(spec, blob))))
+    assert rep.num_errors == 1 and words in rep.errors[0], rep.errors
+
+
 def test_cli_sharding_flag_errors(tmp_path, real_zarr):
     dest = tmp_path / "out"
     for extra in (["--format", "legacy", "--sharded"], ["--unsharded", "--shard-bits", "2"]):

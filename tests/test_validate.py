@@ -270,6 +270,38 @@ def test_bad_manifest_values(tmp_path):
     _has(rep, "chunk_shape")
 
 
+@pytest.mark.parametrize("field, value, words", [
+    ("num_lods", 0, "num_lods is 0, must be >= 1"),
+    ("grid_origin", [10.0, np.nan, 30.0], "grid_origin [10.0, nan, 30.0] is not finite"),
+    ("vertex_offsets", [[0.5, 0.0, np.inf], [0.0, 0.0, 0.25]], "vertex_offsets are not finite"),
+    ("lod_scales", [1.0, -2.0], "lod_scales [1.0, -2.0] must be finite and positive"),
+    ("lod_scales", [np.nan, 2.0], "lod_scales [nan, 2.0] must be finite and positive"),
+    ("chunk_shape", [64.0, np.inf, 32.0], "chunk_shape [64.0, inf, 32.0] must be finite and positive"),
+])
+def test_each_bad_manifest_value_is_reported_alone(tmp_path, field, value, words):
+    m = Manifest.from_bytes(seg_parts()[0])
+    if field == "num_lods":     # a manifest of no LODs lists no fragments
+        m = Manifest(chunk_shape=m.chunk_shape, grid_origin=m.grid_origin, num_lods=0, lod_scales=[],
+                     vertex_offsets=np.zeros((0, 3)), fragment_positions=[], fragment_sizes=[])
+        data = b""
+    else:
+        setattr(m, field, np.array(value, dtype=np.float32))
+        data = seg_parts()[1]
+    rep = _bad(tmp_path, {1: (m.to_bytes(), data), 2: seg_parts()})
+    assert rep.num_errors == 1 and "segment 1: " + words in rep.errors[0], rep.errors
+
+
+def test_many_octree_violations_are_summed_up(tmp_path):
+    """Past five, Z-order violations and nodes without a parent are counted in one line each."""
+    lod0 = [(x, 0, 0) for x in range(8, 0, -1)]     # 7 pairs out of Z-order
+    frag = draco([[0, 0, 0], [1023, 0, 0], [1023, 1023, 0]], [[0, 1, 2]])
+    rep = _bad(tmp_path, {1: seg_parts(lod0=lod0, lod1=((9, 9, 9),), frags0=(frag,) * 8)})
+    order = [e for e in rep.errors if "Z-order" in e]
+    assert len(order) == 6 and order[-1] == "segment 1 lod 0: 2 more Z-order violations", rep.errors
+    parents = [e for e in rep.errors if "parent" in e]
+    assert len(parents) == 6 and parents[-1] == "segment 1 lod 0: 3 more nodes without parent", rep.errors
+
+
 def test_error_cap(tmp_path):
     segs = {s: seg_parts(lod1=((5, 5, 5),)) for s in range(1, 6)}
     kv = storage.open_kvstore(tmp_path / "cap")
@@ -480,3 +512,111 @@ def test_shard_bytes_that_nothing_references_are_reported(tmp_path):
     rep = validate(str(dest))
     assert rep.ok and len(rep.warnings) == 1 and "shard 0.shard: 100 of its" in rep.warnings[0], rep.warnings
     assert not validate(str(dest), segments=[5]).warnings    # a subset does not see the whole shard
+
+
+# ------------------------------------------------------------------------------------------
+# Segment properties (spec segment_properties): every rule the validator checks, one at a time
+
+
+def _properties():
+    """Inline properties for segments 1 and 2 with one property of every type."""
+    return {
+        "@type": "neuroglancer_segment_properties",
+        "inline": {
+            "ids": ["1", "2"],
+            "properties": [
+                {"id": "name", "type": "label", "values": ["axon", "dendrite"]},
+                {"id": "note", "type": "description", "values": ["", "spiny"]},
+                {"id": "cell", "type": "string", "description": "cell type", "values": ["pyr", "int"]},
+                {"id": "kind", "type": "tags", "tags": ["soma", "glia", "merge"],
+                 "tag_descriptions": ["has a soma", "a glial cell", "a merge error"], "values": [[0, 2], []]},
+                {"id": "voxels", "type": "number", "data_type": "uint32", "values": [4294967295, 0]},
+                {"id": "size", "type": "number", "data_type": "float32", "values": [1.5e38, -2]},
+            ],
+        },
+    }
+
+
+def _prop(props, pid):
+    return next(p for p in props["inline"]["properties"] if p["id"] == pid)
+
+
+def _set(pid, **kv):
+    def mutate(props):
+        _prop(props, pid).update(kv)
+    return mutate
+
+
+def _drop(pid, key):
+    def mutate(props):
+        del _prop(props, pid)[key]
+    return mutate
+
+
+PROPERTY_DEFECTS = {
+    "wrong @type": (lambda p: p.update({"@type": "neuroglancer_segment_property"}), "@type must be"),
+    "id with a sign": (lambda p: p["inline"].update(ids=["1", "-2"]), "inline.ids must be"),
+    "id past uint64": (lambda p: p["inline"].update(ids=["1", str(2**64)]), "inline.ids must be"),
+    "id as a number": (lambda p: p["inline"].update(ids=["1", 2]), "inline.ids must be"),
+    "id in other digits": (lambda p: p["inline"].update(ids=["1", "\u0662"]), "inline.ids must be"),
+    "properties not a list": (lambda p: p["inline"].update(properties={}), "inline.properties must be a list"),
+    "property not an object": (lambda p: p["inline"]["properties"].append("x"), "a property is not an object"),
+    "repeated id": (_set("cell", id="name", type="string"), "'name' missing or not unique"),
+    "bad type": (_set("cell", type="text"), "property 'cell' has bad type 'text'"),
+    "number without data_type": (_drop("voxels", "data_type"), "property 'voxels' needs a valid data_type"),
+    "number of another data_type": (_set("voxels", data_type="uint64"), "property 'voxels' needs a valid data_type"),
+    "too few values": (_set("cell", values=["pyr"]), "property 'cell' needs 2 values"),
+    "label not a string": (_set("name", values=["axon", 7]), "property 'name' value 1 (7) is not a string"),
+    "uint32 past its range": (_set("voxels", values=[2**32, 0]), "value 0 (4294967296) is outside uint32's range"),
+    "int8 below its range": (_set("voxels", data_type="int8", values=[1, -129]), "outside int8's range"),
+    "number as a string": (_set("voxels", values=["5", 0]), "value 0 ('5') is not a finite number"),
+    "number as a bool": (_set("voxels", values=[1, True]), "value 1 (True) is not a finite number"),
+    "float32 past its range": (_set("size", values=[1e39, 0]), "value 0 (1e+39) is beyond float32's range"),
+    "tags without tags": (_drop("kind", "tags"), "property 'kind' needs 'tags'"),
+    "a tag with a #": (_set("kind", tags=["#soma", "glia", "merge"]), "needs 'tags'"),
+    "a tag with a space": (_set("kind", tags=["soma", "glial cell", "merge"]), "needs 'tags'"),
+    "tags not increasing": (_set("kind", values=[[2, 0], []]), "value 0 ([2, 0]) is not a list of increasing"),
+    "tag index past tags": (_set("kind", values=[[0], [3]]), "value 1 ([3]) is not a list of increasing"),
+    "tag value not a list": (_set("kind", values=[0, []]), "value 0 (0) is not a list of increasing"),
+    "description of tags": (_set("kind", description="kinds"), "not allowed on a 'tags' property"),
+    "tag_descriptions short": (_set("kind", tag_descriptions=["a", "b"]), "tag_descriptions that are not one"),
+    "tags on a string": (_set("cell", tags=["a"]), "property 'cell' has tags or tag_descriptions"),
+    "second label": (_set("cell", type="label"), "more than one 'label' property"),
+    "second tags": (lambda p: p["inline"]["properties"].append(
+        {"id": "more", "type": "tags", "tags": ["x"], "values": [[], [0]]}), "more than one 'tags' property"),
+}
+
+
+@pytest.fixture
+def with_properties(good):
+    path, kv, _ = good
+    storage.write_json(kv, "info", info(segment_properties="props"))
+    return path, kv
+
+
+def test_segment_properties_of_every_type_pass(with_properties):
+    path, kv = with_properties
+    storage.write_json(kv, "props/info", _properties())
+    rep = validate(path)
+    assert rep.ok, rep.errors
+    assert not [w for w in rep.warnings if "segment" in w and "no mesh" in w]
+
+
+@pytest.mark.parametrize("defect", sorted(PROPERTY_DEFECTS))
+def test_each_segment_properties_defect_is_reported_alone(with_properties, defect):
+    path, kv = with_properties
+    mutate, words = PROPERTY_DEFECTS[defect]
+    props = _properties()
+    mutate(props)
+    storage.write_json(kv, "props/info", props)
+    rep = validate(path)
+    assert rep.num_errors == 1 and words in rep.errors[0] and "props/info" in rep.errors[0], rep.errors
+
+
+def test_segment_properties_missing_or_not_json(with_properties):
+    path, kv = with_properties
+    rep = validate(path)
+    assert rep.num_errors == 1 and "segment properties props/info not found" in rep.errors[0], rep.errors
+    storage.write(kv, "props/info", b'{"@type": ')
+    rep = validate(path)
+    assert rep.num_errors == 1 and "props/info: not valid JSON" in rep.errors[0], rep.errors
