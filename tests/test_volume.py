@@ -216,6 +216,29 @@ def test_n5_multiscale_group(tmp_path, labels):
     np.testing.assert_array_equal(vol.voxel_size, [8, 8, 40])
 
 
+def test_n5_viewer_group_scales_units_and_missing_mip(tmp_path, labels):
+    """The n5-viewer layout: the group lists ``scales`` (no ``downsamplingFactors`` in the
+    datasets), ``resolution`` and per-axis ``units``; a dataset's own resolution wins."""
+    root = tmp_path / "viewer.n5"
+    low = labels[::2, ::2, :].copy()
+    for i, arr in enumerate([labels, low]):
+        write_ts({"driver": "n5", "kvstore": str(root / f"s{i}"), "metadata": {"compression": {"type": "raw"}}}, arr)
+    (root / "attributes.json").write_text(json.dumps(
+        {"n5": "2.0.0", "scales": [[1, 1, 1], [2, 2, 1]], "resolution": [4, 4, 0.04], "units": ["nm", "nm", "um"]}))
+    np.testing.assert_allclose(open_volume(str(root)).voxel_size, [4, 4, 40])
+    vol = open_volume(str(root), mip=1)
+    check_read(vol, low, (0, 0, 0), low.shape)
+    np.testing.assert_allclose(vol.voxel_size, [8, 8, 40])
+    assert "s1" in vol.description
+    with pytest.raises(SourceReadError, match="has no dataset s2"):
+        open_volume(str(root), mip=2)
+    edit_json(root / "s1" / "attributes.json", lambda a: a.update(resolution=[9, 9, 90]))
+    np.testing.assert_allclose(open_volume(str(root), mip=1).voxel_size, [9, 9, 90])
+    (root / "attributes.json").unlink()
+    with pytest.raises(SourceReadError, match="no N5 attributes.json"):
+        open_volume(f"n5://{root}")
+
+
 def test_precomputed_two_scales(tmp_path, labels):
     root = tmp_path / "pre"
     low = labels[::2, ::2, ::2].copy()
