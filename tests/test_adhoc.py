@@ -305,6 +305,35 @@ def test_export_command_errors(crop_high, tmp_path):
     assert r.exit_code == 2 and "no info file there: not a mesh directory?" in r.output, r.output
 
 
+def test_export_mesh_type_override_empty_mesh_and_atomic_failure(tmp_path, monkeypatch):
+    from gpumesh import export
+
+    tet = trimesh.Trimesh(vertices=[[0, 0, 0], [32, 0, 0], [0, 32, 0], [0, 0, 40]],
+                          faces=[[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]], process=False)
+    # the type given wins over the suffix
+    path = export.export_mesh(tet, tmp_path / "tet.bin", file_type=".PLY", scale=1e-3)
+    back = trimesh.load(path, file_type="ply", process=False)
+    np.testing.assert_allclose(back.vertices, tet.vertices * 1e-3, rtol=1e-6)
+    assert (back.faces == tet.faces).all()
+    with pytest.raises(ValueError, match="unknown mesh file type 'fbx'"):
+        export.export_mesh(tet, tmp_path / "tet.fbx", file_type="fbx")
+    with pytest.raises(ValueError, match="no triangles"):
+        export.export_mesh(trimesh.Trimesh(), tmp_path / "empty.stl")
+    # a write that fails leaves the earlier file as it was and no temporary file
+    target = tmp_path / "tet.stl"
+    export.export_mesh(tet, target)
+    before = target.read_bytes()
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        export.export_mesh(tet, target, scale=2.0)
+    assert target.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["tet.bin", "tet.stl"]
+
+
 # --------------------------------------------------------------------------------------------
 # viewer
 
