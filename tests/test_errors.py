@@ -14,6 +14,7 @@ from gpumesh import (DestinationExistsError, EmptyVolumeWarning, InvalidVolumeEr
                      SourceReadError, StorageUnreachableError, open_mesh, open_volume, run_mesh, validate)
 from gpumesh import storage
 from gpumesh.pipeline import MeshOptions
+from gpumesh.sharding import ShardingOptions
 
 from conftest import cli_command
 
@@ -76,6 +77,25 @@ def test_bad_options_before_output(tmp_path, options, workers):
     dest = tmp_path / "out"
     with pytest.raises(ValueError):
         run_mesh(GOOD, str(dest), options=options, workers=workers)
+    assert _no_output(dest)
+
+
+@pytest.mark.parametrize("options, message", [
+    (MeshOptions(max_lods=0), "max LODs must be in 1..10"),
+    (MeshOptions(max_lods=11), "max LODs must be in 1..10"),
+    (MeshOptions(num_lods=4, max_lods=3), "--lods must be in 1..3"),
+    (MeshOptions(num_lods=0), "--lods must be in 1..3"),
+    (MeshOptions(vertex_quantization_bits=12), "bits must be 10 or 16"),
+    (MeshOptions(vertex_quantization_bits=10, chunk_size=1024), "chunk size too large"),
+    (MeshOptions(format="obj"), "format must be multires or legacy"),
+    (MeshOptions(quality="best"), "unknown quality preset 'best'"),
+    (MeshOptions(sharding={"shard_bits": 1}), "sharding must be a ShardingOptions"),
+    (MeshOptions(format="legacy", sharding=ShardingOptions()), "legacy meshes have no sharded form"),
+])
+def test_each_bad_option_says_what_is_wrong_before_output(tmp_path, options, message):
+    dest = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        run_mesh(GOOD, str(dest), options=options, workers=1)
     assert _no_output(dest)
 
 
