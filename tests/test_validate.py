@@ -67,6 +67,10 @@ F_LOD1 = draco(
 F_CROSS = draco([[0, 0, 0], [1023, 0, 0], [0, 1023, 0]], [[0, 1, 2]])
 
 
+SHARDING = {"@type": "neuroglancer_uint64_sharded_v1", "preshift_bits": 0, "hash": "murmurhash3_x86_128",
+            "minishard_bits": 1, "shard_bits": 1, "minishard_index_encoding": "gzip", "data_encoding": "raw"}
+
+
 def seg_parts(lod0=((0, 0, 0), (1, 0, 0)), lod1=((0, 0, 0),), frags0=(F_LOD0_A, F_LOD0_B), frags1=(F_LOD1,)):
     m = Manifest(
         chunk_shape=CHUNK,
@@ -244,9 +248,20 @@ def test_triangle_crossing_grid(tmp_path):
         (info(transform=[1, 0, 0]), "transform"),
         (info(lod_scale_multiplier="x"), "lod_scale_multiplier"),
         (info(sharding={"@type": "neuroglancer_uint64_sharded_v1"}), "sharding"),
+        (info(segment_properties=["props"]), "segment_properties must be a string"),
+        (info(sharding=[1]), "sharding must be a JSON object, got list"),
+        (info(sharding=dict(SHARDING, **{"@type": "neuroglancer_sharded"})), "sharding @type is 'neuroglancer_sharded'"),
+        (info(sharding=dict(SHARDING, shard_bits=65)), "sharding shard_bits must be an integer in 0..64, got 65"),
+        (info(sharding=dict(SHARDING, preshift_bits=True)), "sharding preshift_bits must be an integer"),
+        (info(sharding=dict(SHARDING, hash="md5")), "sharding hash must be one of"),
+        (info(sharding=dict(SHARDING, data_encoding="zstd")), "sharding data_encoding must be 'raw' or 'gzip'"),
+        (info(sharding=dict(SHARDING, minishard_bits=40, shard_bits=30)), "minishard_bits + shard_bits must be <= 64"),
     ],
 )
 def test_bad_info(tmp_path, info_obj, words):
+    from gpumesh.sharding import sharding_problems
+
+    assert sharding_problems(SHARDING) == []    # each case below breaks one thing of a valid spec
     rep = _bad(tmp_path, {1: seg_parts()}, info_obj)
     _has(rep, words)
     assert rep.num_segments == 0
