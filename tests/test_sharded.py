@@ -448,6 +448,40 @@ def test_convert_round_trip(outputs, tmp_path):
         convert_mesh(str(plain), str(tmp_path / "back2"), sharding=None)  # not empty
 
 
+def test_convert_refuses_bad_sources_and_destinations(outputs, small, tmp_path):
+    from gpumesh.errors import DestinationExistsError, InvalidMeshError
+
+    legacy = tmp_path / "legacy"
+    run_mesh(small[:16, :16, :16], str(legacy), options=MeshOptions(chunk_size=CHUNK, format="legacy"),
+             voxel_size=VOXEL_SIZE, workers=1)
+    with pytest.raises(InvalidMeshError, match="only multi-resolution meshes"):
+        convert_mesh(str(legacy), str(tmp_path / "x"))
+    plain = tmp_path / "plain"
+    for rel, blob in tree_files(outputs / "unsharded").items():
+        (plain / rel).parent.mkdir(parents=True, exist_ok=True)
+        (plain / rel).write_bytes(blob)
+    for nested in (plain, plain / "inside"):
+        with pytest.raises(ValueError, match="must not be the source or lie inside it"):
+            convert_mesh(str(plain), str(nested), sharding=ShardingOptions())
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    with pytest.raises(DestinationExistsError):
+        convert_mesh(str(plain), str(busy), sharding=ShardingOptions())
+    assert os.listdir(busy) == ["keep.txt"]
+    convert_mesh(str(plain), str(busy), sharding=ShardingOptions(), overwrite=True)
+    assert tree_files(busy) == tree_files(outputs / "sharded")
+    # a data file shorter than its manifest says: the conversion stops and writes no info,
+    # so nothing half-converted passes for a mesh
+    seg = sorted(int(k[:-6]) for k in os.listdir(plain) if k.endswith(".index"))[0]
+    (plain / str(seg)).write_bytes((plain / str(seg)).read_bytes()[:-1])
+    for sharding in (None, ShardingOptions()):
+        dest = tmp_path / f"cut-{sharding is None}"
+        with pytest.raises(InvalidMeshError, match=f"segment {seg}: fragment data has"):
+            convert_mesh(str(plain), str(dest), sharding=sharding)
+        assert not (dest / "info").exists()
+
+
 # ------------------------------------------------------------------------------------------
 # Validator and CLI errors on bad sharded data
 
