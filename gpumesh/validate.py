@@ -29,6 +29,15 @@ the manifest) starts after the shard index.  Then the per-segment checks above.
 Legacy (``neuroglancer_legacy_mesh`` or no info): each ``<id>:0`` manifest is JSON with a
 ``fragments`` list of existing files, each a valid legacy fragment (indices < num_vertices).
 
+Segment properties (``info`` ``segment_properties``, ``neuroglancer-segment_properties.md``):
+the ``info`` there is JSON of ``@type`` ``neuroglancer_segment_properties``; its inline ``ids``
+are base-10 strings of uint64 IDs; each property has a unique ``id``, a known ``type`` (at most
+one ``label``, ``description`` and ``tags``), one value per ID of its type (strings; numbers
+within the range of the ``data_type`` a ``number`` needs; for ``tags``, increasing indices into
+its ``tags``, which are strings without ``#`` or spaces, with ``tag_descriptions`` one per tag
+and no ``description``); only ``tags`` properties have ``tags``.  IDs listed without a mesh
+are a warning.
+
 ``info`` problems are reported and end validation. Bad meshes never raise: errors are collected.
 """
 
