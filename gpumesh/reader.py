@@ -377,23 +377,14 @@ class _MultiresSource(MeshSource):
         except InvalidMeshError as exc:
             raise InvalidMeshError(f"segment {segment_id}: {exc}") from exc
 
+    @abstractmethod
     def fetch(self, segment_ids: Sequence[int]) -> Iterator[tuple[int, Optional[bytes], Optional[bytes]]]:
-        """Yield ``(segment_id, manifest_bytes or None, fragment_data or None)`` per segment.
+        """Yield ``(segment_id, manifest_bytes or None, fragment_data or None)`` per segment,
+        reading ahead in batches."""
 
-        The default reads one segment after the other; subclasses may read ahead.
-        """
-        for seg in segment_ids:
-            mbytes = self.manifest_bytes(int(seg))
-            try:
-                data = self.fragment_data(int(seg))
-            except InvalidMeshError:
-                data = None
-            yield int(seg), mbytes, data
-
+    @abstractmethod
     def manifests(self, segment_ids: Sequence[int]) -> Iterator[tuple[int, Optional[bytes]]]:
         """Yield ``(segment_id, manifest_bytes or None)`` per segment (no fragment data read)."""
-        for seg in segment_ids:
-            yield int(seg), self.manifest_bytes(int(seg))
 
 
 class UnshardedMultiresSource(_MultiresSource):
