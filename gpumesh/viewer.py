@@ -575,7 +575,9 @@ def plot_mesh(mesh, ax=None, *, max_faces: int = 20000, color=None, title: Optio
     ntri = len(f)
     if len(f) > max_faces:
         lo = v.min(axis=0)
-        v, f = decimate(v - lo, f.astype(np.int32), max_faces / len(f), np.ones(3))
+        # for the eye only: the triangle budget rules, not decimate's error bound (0.5 nm here,
+        # which left a 200k-triangle mesh at 68k for a budget of 8k)
+        v, f = decimate(v - lo, f.astype(np.int32), max_faces / len(f), np.ones(3), max_error=np.inf)
         v = v + lo
     scale = 1e-3 if units == "um" else 1.0
     v = v * scale

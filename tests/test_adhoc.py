@@ -347,6 +347,27 @@ def _get(url, headers=None, method="GET"):
         return e.code, dict(e.headers), e.read()
 
 
+def test_plot_mesh_draws_within_its_triangle_budget(crop):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gpumesh.viewer import plot_mesh
+
+    ids, counts = np.unique(crop[crop != 0], return_counts=True)
+    mesh = trimesh.Trimesh(*mask_to_mesh(crop == ids[np.argmax(counts)], (0, 0, 0), VS), process=False)
+    assert len(mesh.faces) > 50_000
+    for budget in (8000, 20000):
+        ax = plot_mesh(mesh, max_faces=budget)
+        drawn = len(ax.collections[0].get_facecolor())   # one colour per triangle
+        assert 0.9 * budget <= drawn <= budget and ax.get_title() == f"{len(mesh.faces):,} triangles", drawn
+        plt.close(ax.figure)
+    small = trimesh.creation.box(extents=(64, 64, 80))
+    ax = plot_mesh(small, max_faces=8000)                 # under the budget: drawn as it is
+    assert len(ax.collections[0].get_facecolor()) == len(small.faces)
+    plt.close(ax.figure)
+
+
 def test_serve_range_requests(tmp_path):
     data = os.urandom(5000)
     (tmp_path / "sub").mkdir()
