@@ -396,6 +396,40 @@ def test_legacy_valid_and_bad_index(tmp_path):
     _has(validate(tmp_path / "legacy"), "segment 7", "missing")
 
 
+TRI = legacy_fragment([[0, 0, 0], [8, 0, 0], [0, 8, 0]], [[0, 1, 2]])
+
+
+@pytest.mark.parametrize("manifest, fragment, words", [
+    (None, b"\x01\x00", "fragment '7:0:a': fragment of 2 bytes has no vertex count"),
+    (None, struct.pack("<I", 5) + TRI[4:40], "fragment of 40 bytes too short for 5 vertices"),
+    (None, TRI + b"\0\0", "14 bytes of triangle indices is not a multiple of 12"),
+    (None, legacy_fragment([[0, 0, 0], [8, 0, 0], [0, 8, 0]], [[0, 1, 3]]), "triangle index 3 >= num_vertices 3"),
+    (None, legacy_fragment([[0, 0, 0], [8, np.nan, 0], [0, 8, 0]], [[0, 1, 2]]), "non-finite vertex positions"),
+    (b"{fragments", TRI, "segment 7: manifest 7:0 is not JSON"),
+    (b'{"fragments": "7:0:a"}', TRI, "manifest 7:0 needs a 'fragments' list of strings"),
+    (b'{"fragments": ["7:0:a", 3]}', TRI, "manifest 7:0 needs a 'fragments' list of strings"),
+])
+def test_each_legacy_defect_is_reported_alone(tmp_path, manifest, fragment, words):
+    kv = storage.open_kvstore(tmp_path / "legacy")
+    storage.write_json(kv, "info", {"@type": "neuroglancer_legacy_mesh"})
+    storage.write(kv, "7:0", manifest or json.dumps({"fragments": ["7:0:a"]}).encode())
+    storage.write(kv, "7:0:a", fragment)
+    for seg in (8, 9):    # good segments beside it
+        storage.write(kv, f"{seg}:0", json.dumps({"fragments": [f"{seg}:0:a"]}).encode())
+        storage.write(kv, f"{seg}:0:a", TRI)
+    rep = validate(tmp_path / "legacy")
+    assert rep.num_segments == 3 and rep.num_errors == 1 and words in rep.errors[0], rep.errors
+
+
+def test_a_point_cloud_fragment_is_reported(tmp_path):
+    cloud = DracoPy.encode(np.array([[0, 0, 0], [1023, 0, 0], [0, 1023, 0]], np.float64), quantization_bits=BITS,
+                           quantization_range=2**BITS - 1, quantization_origin=[0, 0, 0])
+    with pytest.raises(InvalidMeshError, match="point cloud"):
+        decode_fragment(cloud)
+    rep = _bad(tmp_path, {1: seg_parts(frags0=(F_LOD0_A, cloud)), 2: seg_parts()})
+    assert rep.num_errors == 1 and "segment 1 lod 0 node 1" in rep.errors[0] and "point cloud" in rep.errors[0]
+
+
 def test_legacy_without_info(tmp_path):
     kv = storage.open_kvstore(tmp_path / "noinfo")
     storage.write(kv, "3:0", json.dumps({"fragments": ["3:0:x"]}).encode())
