@@ -44,6 +44,7 @@ are a warning.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
@@ -631,7 +632,8 @@ def _property_problems(p: dict, num_ids: int) -> list[str]:
     for i, v in enumerate(values):
         if ptype == "number":
             span = _NUMBER_TYPES[p["data_type"]]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) \
+                    or (isinstance(v, float) and not math.isfinite(v)):   # a JSON integer may be huge
                 bad = "is not a finite number"
             elif span is not None and not span[0] <= v <= span[1]:
                 bad = f"is outside {p['data_type']}'s range"
@@ -649,7 +651,8 @@ def _property_problems(p: dict, num_ids: int) -> list[str]:
             continue
         else:
             bad = "is not a string"
-        out.append(f"value {i} ({v!r}) {bad}")
+        shown = repr(v)
+        out.append(f"value {i} ({shown if len(shown) <= 40 else shown[:37] + '...'}) {bad}")
         break
     return out
 
@@ -657,6 +660,13 @@ def _property_problems(p: dict, num_ids: int) -> list[str]:
 def _check_segment_properties(report: ValidationReport, kv, info: dict, meshed: Optional[set] = None) -> None:
     """Check the segment properties the info names (spec segment_properties); with ``meshed``
     (every segment ID that has a mesh), warn about listed IDs without one."""
+    try:
+        _check_segment_properties_file(report, kv, info, meshed)
+    except Exception as exc:  # never raise on a bad mesh
+        report.add_error(f"segment properties: unexpected error while checking: {exc!r}")
+
+
+def _check_segment_properties_file(report: ValidationReport, kv, info: dict, meshed: Optional[set]) -> None:
     rel = info.get("segment_properties")
     if not isinstance(rel, str):
         return
