@@ -551,8 +551,7 @@ class ShardedMultiresSource(_MultiresSource):
             if (shard, minishard) not in self._minishards and end > start:
                 futures.append((minishard, start, end, self.kv.read(name, byte_range=slice(start, end))))
         for minishard, start, end, fut in futures:
-            res = fut.result()
-            raw = bytes(res.value) if res.state == "value" else b""
+            raw = storage.read_result(fut) or b""
             if len(raw) != end - start:
                 continue  # minishard_index() reports it
             try:
@@ -621,8 +620,7 @@ class ShardedMultiresSource(_MultiresSource):
             if fut is None:
                 out.append((seg, loc, None))
                 continue
-            res = fut.result()
-            stored = bytes(res.value) if res.state == "value" else b""
+            stored = storage.read_result(fut) or b""
             if len(stored) != loc[2]:
                 raise InvalidMeshError(f"segment {seg}: manifest bytes beyond end of {loc[0]}")
             out.append((seg, loc, self._decode(seg, stored)))
@@ -657,8 +655,7 @@ class ShardedMultiresSource(_MultiresSource):
                 if fut is None or isinstance(fut, bytes):
                     yield seg, mbytes, fut
                 else:
-                    res = fut.result()
-                    yield seg, mbytes, bytes(res.value) if res.state == "value" else None
+                    yield seg, mbytes, storage.read_result(fut)
 
 
 class LegacySource(MeshSource):

@@ -196,9 +196,22 @@ def read(kv: ts.KvStore, key: str, byte_range: Optional[tuple[int, int]] = None)
         ``(inclusive_min, exclusive_max)`` bytes to read.
     """
     if byte_range is None:
-        result = kv.read(key).result()
-    else:
-        result = kv.read(key, byte_range=slice(byte_range[0], byte_range[1])).result()
+        return read_result(kv.read(key))
+    return read_result(kv.read(key, byte_range=slice(byte_range[0], byte_range[1])))
+
+
+def read_result(future) -> Optional[bytes]:
+    """The bytes of a ``kv.read`` future, or ``None`` if the key is missing.
+
+    A byte range that reaches past the end of the value (TensorStore's ``OUT_OF_RANGE``) reads
+    as ``b""``, so that the caller's length check says what is wrong (a truncated shard).
+    """
+    try:
+        result = future.result()
+    except ValueError as exc:
+        if str(exc).startswith("OUT_OF_RANGE"):
+            return b""
+        raise
     if result.state != "value":
         return None
     return bytes(result.value)

@@ -615,6 +615,29 @@ def test_each_shard_defect_is_reported_alone(tmp_path, outputs, defect):
     assert validate(bad, sample=1000).ok == (defect in ("a segment listed twice", "empty minishard index"))
 
 
+def test_a_cut_shard_reads_as_an_invalid_mesh(tmp_path, outputs):
+    """Reads by range past the end of a truncated shard: ``InvalidMeshError`` naming the
+    shard, from ``load_mesh`` and a sampled validation (TensorStore raises ``OUT_OF_RANGE``)."""
+    from gpumesh.errors import InvalidMeshError
+
+    whole = ShardedMultiresSource(storage.open_kvstore(str(outputs / "gzip")), json.loads(
+        (outputs / "gzip" / "info").read_text()))
+    bad = _one_shard_dir(tmp_path, outputs, lambda spec, name, blob: blob[:len(blob) // 2])
+    name = sorted(n for n in os.listdir(bad) if n.endswith(".shard"))[0]
+    spec = whole.sharding
+    ids = [s for s in whole.segment_ids() if spec.shard_key(int(spec.locate([s])[0][0])) == name]
+    cut = 0
+    for seg in ids:
+        try:
+            load_mesh(str(bad), seg)
+        except InvalidMeshError as exc:
+            assert name in str(exc) and ("beyond end" in str(exc) or "unreadable" in str(exc)), exc
+            cut += 1
+    assert 0 < cut <= len(ids)
+    rep = validate(str(bad), sample=1000)
+    assert not rep.ok and not [e for e in rep.errors if "OUT_OF_RANGE" in e], rep.errors
+
+
 def test_cli_sharding_flag_errors(tmp_path, real_zarr):
     dest = tmp_path / "out"
     for extra in (["--format", "legacy", "--sharded"], ["--unsharded", "--shard-bits", "2"]):
