@@ -227,7 +227,7 @@ def _check_voxel_size(value: Any, what: str = "voxel size") -> np.ndarray:
     except (TypeError, ValueError):
         raise InvalidVoxelSizeError(f"{what} must be 3 finite numbers > 0 (nm), got {value!r}") from None
     if arr.shape != (3,) or not np.all(np.isfinite(arr)) or not np.all(arr > 0):
-        raise InvalidVoxelSizeError(f"{what} must be 3 finite numbers > 0 (nm), got {value!r}")
+        raise InvalidVoxelSizeError(f"{what} must be 3 finite numbers > 0 (nm), got {arr.tolist()}")
     return arr
 
 
@@ -238,8 +238,8 @@ def _check_voxel_offset(value: Any) -> np.ndarray:
         items = [float(v) for v in value]
     except (TypeError, ValueError):
         raise InvalidVolumeError(f"voxel offset must be 3 integers, got {value!r}") from None
-    if len(items) != 3 or not all(math.isfinite(v) and v == int(v) for v in items):
-        raise InvalidVolumeError(f"voxel offset must be 3 integers, got {value!r}")
+    if len(items) != 3 or not all(math.isfinite(v) and v == int(v) and abs(v) < 2**62 for v in items):
+        raise InvalidVolumeError(f"voxel offset must be 3 integers (|offset| < 2**62), got {value!r}")
     return np.array([int(v) for v in items], dtype=np.int64)
 
 
@@ -468,6 +468,12 @@ def _read_json(kv: ts.KvStore, key: str, where: str) -> Optional[Any]:
         raise SourceReadError(f"bad JSON in {where}/{key}: {one_line(exc)}") from exc
 
 
+def _object(value) -> dict:
+    """``value`` if it is a JSON object, else an empty one (optional metadata of the wrong type
+    is ignored, as a missing one is)."""
+    return value if isinstance(value, dict) else {}
+
+
 def _sub(kv: ts.KvStore, path: str) -> ts.KvStore:
     path = path.strip("/")
     return kv / (path + "/") if path and path != "." else kv
@@ -486,14 +492,16 @@ def _open_zarr(kv, where, version, mip, axes, voxel_size, voxel_offset, context=
         meta = _read_json(kv, "zarr.json", where)
         if meta is None:
             raise SourceReadError(f"no zarr.json at {where}")
+        if not isinstance(meta, dict):
+            raise SourceReadError(f"bad zarr.json at {where}: not a JSON object")
         if meta.get("node_type") == "group":
-            attrs = meta.get("attributes") or {}
-            ms = (attrs.get("ome") or {}).get("multiscales") or attrs.get("multiscales")
+            attrs = _object(meta.get("attributes"))
+            ms = _object(attrs.get("ome")).get("multiscales") or attrs.get("multiscales")
             if not ms:
                 raise SourceReadError(f"zarr v3 group without OME-Zarr multiscales at {where}")
             return _open_ome(kv, where, ms, 3, mip, axes, voxel_size, voxel_offset, context)
         _no_mip(mip, where)
-        attrs = meta.get("attributes") or {}
+        attrs = _object(meta.get("attributes"))
         names = meta.get("dimension_names")
         store = _ts_open({"driver": "zarr3"}, where, kv, context)
         return _tensorstore_volume(
@@ -534,6 +542,8 @@ def _open_ome(kv, where, multiscales, zarr_version, mip, axes, voxel_size, voxel
             )
         ds = datasets[mip]
         path = ds["path"]
+        if not isinstance(path, str):
+            raise SourceReadError(f"OME-Zarr {where}: dataset {mip} has path {path!r}, not a string")
 
         def scale_translation(transforms, rank):
             s = np.ones(rank)
@@ -568,7 +578,11 @@ def _open_ome(kv, where, multiscales, zarr_version, mip, axes, voxel_size, voxel
         factors = [_unit_nm(units[d] if d < len(units) else None, where) for d in xyz]
         voxel_size = _check_voxel_size([s[d] * f for d, f in zip(xyz, factors)], f"OME-Zarr {where} scale")
     if voxel_offset is None:
-        voxel_offset = np.array([int(round(t[d] / s[d])) for d in xyz], dtype=np.int64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            offset = [float(t[d] / s[d]) for d in xyz]
+        if not all(math.isfinite(v) and abs(v) < 2**62 for v in offset):
+            raise SourceReadError(f"OME-Zarr {where}: translation / scale {offset} is not a voxel offset")
+        voxel_offset = np.array([int(round(v)) for v in offset], dtype=np.int64)
     version = "0.5" if zarr_version == 3 else "0.4"
     return _tensorstore_volume(
         store, where=dwhere, description=f"OME-Zarr {version} {where} (mip {mip}: {path})", names=names,
@@ -643,7 +657,8 @@ def _open_precomputed(kv, where, mip, voxel_size, voxel_offset, context=None) ->
     scales = info["scales"]
     if not 0 <= mip < len(scales):
         avail = ", ".join(
-            f"{i}: {s.get('key')} {s.get('size')} @ {s.get('resolution')} nm" for i, s in enumerate(scales)
+            f"{i}: {_object(s).get('key')} {_object(s).get('size')} @ {_object(s).get('resolution')} nm"
+            for i, s in enumerate(scales)
         )
         raise SourceReadError(f"precomputed {where} has no scale mip {mip}; available: {avail}")
     nc = info.get("num_channels", 1)

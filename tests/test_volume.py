@@ -174,6 +174,49 @@ def test_ome_zarr_04_two_scales(tmp_path, labels):
         open_volume(str(root), mip=2)
 
 
+def _ds0(ms):
+    return ms[0]["datasets"][0]
+
+
+@pytest.mark.parametrize("mutate, error, words", [
+    (lambda ms: _ds0(ms).update(path=0), SourceReadError, "dataset 0 has path 0, not a string"),
+    (lambda ms: _ds0(ms).update(path=["0"]), SourceReadError, "not a string"),
+    (lambda ms: _ds0(ms)["coordinateTransformations"][1].update(translation=[1e300, 0, 0]), SourceReadError,
+     "is not a voxel offset"),
+    (lambda ms: _ds0(ms)["coordinateTransformations"][1].update(translation=[float("nan"), 0, 0]), SourceReadError,
+     "is not a voxel offset"),
+    (lambda ms: _ds0(ms)["coordinateTransformations"][0].update(scale=[0.04, 0, 0.004]), InvalidVoxelSizeError,
+     r"scale must be 3 finite numbers > 0 \(nm\), got \[4.0, 0.0, 40.0\]"),
+    (lambda ms: _ds0(ms)["coordinateTransformations"][0].update(scale="x"), SourceReadError,
+     "bad OME-Zarr coordinateTransformations"),
+    (lambda ms: ms[0].update(datasets=[]), SourceReadError, "has no scale mip 0"),
+    (lambda ms: ms[0]["axes"][0].update(unit="furlong"), SourceReadError, "unknown length unit 'furlong'"),
+    (lambda ms: ms.clear(), SourceReadError, "group without OME-Zarr multiscales"),
+    (lambda ms: ms.__setitem__(0, "x"), SourceReadError, "bad OME-Zarr multiscales metadata"),
+])
+def test_bad_ome_zarr_metadata_is_a_typed_error(tmp_path, labels, mutate, error, words):
+    """Whatever the multiscales metadata holds, opening says what is wrong with a gpumesh error
+    (a non-string path, or a translation past int64, used to escape as AttributeError or
+    OverflowError)."""
+    root = tmp_path / "ome.zarr"
+    write_ts({"driver": "zarr", "kvstore": str(root / "0")}, np.ascontiguousarray(labels.transpose(2, 1, 0)))
+    axes = [{"name": n, "type": "space", "unit": "micrometer"} for n in "zyx"]
+    ms = [{"version": "0.4", "axes": axes, "datasets": _ome_datasets([[0.04, 0.008, 0.004]], [[0.4, 0.08, 0.08]])}]
+    (root / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
+    (root / ".zattrs").write_text(json.dumps({"multiscales": ms}))
+    assert open_volume(str(root)).shape == labels.shape
+    mutate(ms)
+    (root / ".zattrs").write_text(json.dumps({"multiscales": ms}))
+    with pytest.raises(error, match=words):
+        open_volume(str(root))
+
+
+@pytest.mark.parametrize("offset", [(2**62, 0, 0), (0, -2**63, 0), (1e300, 0, 0)])
+def test_a_voxel_offset_past_int64_is_refused(labels, offset):
+    with pytest.raises(InvalidVolumeError, match="voxel offset must be 3 integers"):
+        open_volume(labels, voxel_offset=offset)
+
+
 def test_ome_zarr_05(tmp_path, labels):
     root = tmp_path / "ome5.zarr"
     write_ts({"driver": "zarr3", "kvstore": str(root / "s0"), "metadata": {"dimension_names": ["c", "z", "y", "x"]}},
