@@ -30,7 +30,7 @@ def _sharding_flags(default_sharded):
             click.option("--shard-bits", type=click.IntRange(0, 64), default=None,
                          help="2^N shard files (default: from segment count and bytes, see README)"),
             click.option("--minishard-bits", type=click.IntRange(0, 64), default=None,
-                         help="2^N minishards per shard (default: automatic)"),
+                         help="2^N minishards per shard (default: automatic; at most 24)"),
             click.option("--preshift-bits", type=click.IntRange(0, 64), default=None,
                          help="low ID bits ignored by the hash (default 0)"),
             click.option("--hash", "shard_hash", type=click.Choice(["murmurhash3_x86_128", "identity"]), default=None,

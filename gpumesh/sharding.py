@@ -60,6 +60,9 @@ MAX_SEGMENTS_PER_MINISHARD = 256
 MAX_MINISHARD_BITS = 12
 #: Average bytes per shard the automatic rule stays under.
 MAX_SHARD_BYTES = 128 << 20
+#: Most minishards per shard gpumesh writes when asked (every shard file starts with a
+#: ``16 * 2**minishard_bits``-byte shard index: 256 MiB at 24 bits).  Readers take any.
+MAX_WRITE_MINISHARD_BITS = 24
 
 _SHARD_KEY = re.compile(r"^([0-9a-f]+)\.shard$")
 
@@ -209,6 +212,9 @@ class ShardingOptions:
             _check_bits(name, getattr(self, name), True)
         if (self.minishard_bits or 0) + (self.shard_bits or 0) > 64:
             raise ValueError("minishard_bits + shard_bits must be <= 64")
+        if (self.minishard_bits or 0) > MAX_WRITE_MINISHARD_BITS:
+            raise ValueError(f"minishard_bits {self.minishard_bits} would start every shard file with a "
+                             f"16 * 2**{self.minishard_bits}-byte shard index; at most {MAX_WRITE_MINISHARD_BITS}")
         for name in ("minishard_index_encoding", "data_encoding"):
             if getattr(self, name) not in ENCODINGS:
                 raise ValueError(f"{name} must be raw or gzip, got {getattr(self, name)!r}")

@@ -91,6 +91,7 @@ def test_bad_options_before_output(tmp_path, options, workers):
     (MeshOptions(quality="best"), "unknown quality preset 'best'"),
     (MeshOptions(sharding={"shard_bits": 1}), "sharding must be a ShardingOptions"),
     (MeshOptions(format="legacy", sharding=ShardingOptions()), "legacy meshes have no sharded form"),
+    (MeshOptions(sharding=ShardingOptions(minishard_bits=25)), "16 \\* 2\\*\\*25-byte shard index; at most 24"),
 ])
 def test_each_bad_option_says_what_is_wrong_before_output(tmp_path, options, message):
     dest = tmp_path / "out"

@@ -640,7 +640,8 @@ def test_a_cut_shard_reads_as_an_invalid_mesh(tmp_path, outputs):
 
 def test_cli_sharding_flag_errors(tmp_path, real_zarr):
     dest = tmp_path / "out"
-    for extra in (["--format", "legacy", "--sharded"], ["--unsharded", "--shard-bits", "2"]):
+    for extra in (["--format", "legacy", "--sharded"], ["--unsharded", "--shard-bits", "2"],
+                  ["--minishard-bits", "40"]):    # a 16 TiB shard index: refused before any work
         r = _cli("mesh", real_zarr, dest, "--voxel-size", VS_ARG, "--quiet", *extra)
         assert r.returncode == 2, r.stderr
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
