@@ -186,7 +186,8 @@ class Plan:
     chunk : int
         LOD 0 node edge C (voxels).
     lods : int
-        LODs per block L.
+        LODs per block L: ``max_lods``, or fewer where the volume has no use for them (LOD
+        ``L - 1`` then has one node spanning the whole volume; at least ``num_lods``).
     block : int
         Block edge B = C * 2**(L-1) (LOD 0 voxels).
     grid : (3,) int
@@ -202,6 +203,12 @@ class Plan:
     @classmethod
     def make(cls, shape, options: MeshOptions) -> "Plan":
         lods = 1 if options.format == "legacy" else options.max_lods
+        # LOD 0 nodes are 0 .. n // chunk along an axis of n voxels: past the LOD whose one node
+        # spans them all, no segment gets another LOD (writer.segment_num_lods) and the fragments
+        # stay the same, but the block, and the background read to fill it, doubles per LOD
+        # (--max-lods 10 on 512^3 read 1024^3 voxels per task and ran out of memory)
+        enough = max(int(n) // options.chunk_size for n in shape).bit_length() + 1
+        lods = min(lods, max(enough, options.num_lods or 1))
         block = options.chunk_size << (lods - 1)
         grid = []
         for n in shape:

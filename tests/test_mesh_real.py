@@ -388,6 +388,34 @@ def test_block_tasks_give_the_whole_blocks_fragments(crop, shape, chunk, lods):
     assert octant_fragments > 50
 
 
+def test_lods_past_the_one_that_spans_the_volume_change_nothing_but_the_blocks(crop, tmp_path):
+    """The plan stops at the LOD whose single node spans the volume (LOD 0 nodes are
+    0 .. n // chunk): more LODs gave no segment another LOD and the same fragments, in blocks
+    twice as wide per LOD (--max-lods 10 on the 512^3 volume ran out of memory)."""
+    from gpumesh import run_mesh
+    from gpumesh.pipeline import MeshOptions, Plan
+
+    from conftest import tree_files
+
+    plan = Plan.make((512, 512, 512), MeshOptions(max_lods=10))
+    assert (plan.lods, plan.block, plan.grid) == (5, 1024, (1, 1, 1))          # 512 // 64 = 8: 4 bits
+    assert Plan.make((512, 512, 512), MeshOptions(max_lods=3)).lods == 3
+    assert Plan.make((512, 511, 100), MeshOptions(max_lods=10, num_lods=7)).lods == 7
+    assert Plan.make((511, 63, 20), MeshOptions(max_lods=10)).lods == 4        # 511 // 64 = 7: 3 bits
+    assert Plan.make((63, 63, 63), MeshOptions(max_lods=10)).lods == 1
+    assert Plan.make((512, 512, 512), MeshOptions(max_lods=10, format="legacy")).lods == 1
+    labels = np.ascontiguousarray(crop[:64, :48, :40])
+    outputs = []
+    for lods in (4, 9):
+        dest = tmp_path / f"lods{lods}"
+        options = MeshOptions(chunk_size=16, max_lods=lods)
+        assert Plan.make(labels.shape, options).lods == 4
+        summary = run_mesh(labels, str(dest), options=options, voxel_size=VOXEL_SIZE, workers=1)
+        assert len(summary.triangles_per_lod) == 4 and summary.triangles_per_lod[3] > 0
+        outputs.append(tree_files(dest))
+    assert outputs[0] == outputs[1]
+
+
 def _fragments_by_node(src, segment_id: int, shift_voxels) -> dict:
     """{(lod, x, y, z): Draco bytes} of a segment, node positions moved by ``shift_voxels``."""
     m = src.manifest(segment_id)
