@@ -132,7 +132,8 @@ class _ProgressLines:
               help="decimation preset; high leaves LOD 0 undecimated")
 @click.option("--chunk-size", default=64, show_default=True, help="LOD 0 octree node edge (voxels, power of two)")
 @click.option("--max-lods", default=3, show_default=True,
-              help="LODs per block; block edge = chunk-size * 2^(max-lods - 1) sets memory per worker")
+              help="LODs per block; block edge = chunk-size * 2^(max-lods - 1) sets memory per worker "
+                   "(fewer where one coarser node spans the volume)")
 @click.option("--lods", "num_lods", type=int, default=None, help="LODs of every segment (default: by segment size)")
 @click.option("--bits", "bits", type=click.Choice(["10", "16"]), default="16", show_default=True,
               help="vertex quantization bits; 10 keeps every vertex and triangle in ~30% fewer bytes, "

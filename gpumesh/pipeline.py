@@ -65,7 +65,8 @@ class MeshOptions:
     max_lods : int
         LODs computed per block; the block edge is ``chunk_size * 2**(max_lods - 1)`` voxels and
         sets peak memory per worker (measured: about 370, 770 and 1,950 MiB for blocks of 128,
-        256 and 512 voxels a side, read cache included; see :mod:`gpumesh.resources`).
+        256 and 512 voxels a side, read cache included; see :mod:`gpumesh.resources`).  A
+        volume that one node of a coarser LOD already spans gets fewer (:class:`Plan`).
     num_lods : int or None
         Give every segment this many LODs (capped where a segment vanishes).  ``None``: by size,
         enough LODs that the segment's coarsest LOD spans one node per axis.
