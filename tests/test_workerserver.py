@@ -316,13 +316,13 @@ def test_stopping_a_server_that_is_gone_raises_nothing(monkeypatch):
 
 SCRIPT = """
 import numpy as np
-from gpumesh import run_mesh
+from gpumesh import MeshOptions, run_mesh
 
 print("top level ran")
 labels = np.zeros((48, 40, 36), np.uint32)
 labels[3:40, 4:30, 2:30] = 5
 labels[20:44, 10:20, 5:25] = 7
-summary = run_mesh(labels, {dest!r}, workers=2)
+summary = run_mesh(labels, {dest!r}, workers=2, options=MeshOptions(chunk_size=16))   # 3 LODs: 9 tasks
 print("workers", summary.workers, "segments", summary.segments, "file", __file__)
 """
 
