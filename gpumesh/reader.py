@@ -420,8 +420,7 @@ class UnshardedMultiresSource(_MultiresSource):
         for i in range(0, len(ids), batch):
             futures = [(s, self.kv.read(f"{s}.index")) for s in ids[i : i + batch]]
             for s, fut in futures:
-                res = fut.result()
-                yield s, bytes(res.value) if res.state == "value" else None
+                yield s, storage.read_result(fut)
 
     def fetch(self, segment_ids: Sequence[int], batch: int = 64):
         """Like :meth:`_MultiresSource.fetch`, issuing reads for ``batch`` segments at once."""
@@ -430,12 +429,7 @@ class UnshardedMultiresSource(_MultiresSource):
             chunk = ids[i : i + batch]
             futures = [(s, self.kv.read(f"{s}.index"), self.kv.read(str(s))) for s in chunk]
             for s, fm, fd in futures:
-                rm, rd = fm.result(), fd.result()
-                yield (
-                    s,
-                    bytes(rm.value) if rm.state == "value" else None,
-                    bytes(rd.value) if rd.state == "value" else None,
-                )
+                yield s, storage.read_result(fm), storage.read_result(fd)
 
 
 class ShardedMultiresSource(_MultiresSource):
@@ -710,10 +704,10 @@ class LegacySource(MeshSource):
         futures = [self.kv.read(name) for name in names]
         out = []
         for name, fut in zip(names, futures):
-            res = fut.result()
-            if res.state != "value":
+            data = storage.read_result(fut)
+            if data is None:
                 raise InvalidMeshError(f"segment {segment_id}: fragment file {name!r} missing")
-            out.append(bytes(res.value))
+            out.append(data)
         return out
 
     def legacy_fragments(self, segment_id: int) -> list[tuple[np.ndarray, np.ndarray]]:

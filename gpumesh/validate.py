@@ -559,14 +559,13 @@ def _check_legacy_segment(report: ValidationReport, src: LegacySource, seg: int,
     for name, fut in zip(names, futures):
         st["fragments"] += 1
         try:
-            res = fut.result()
+            data = storage.read_result(fut)
         except Exception as exc:  # bad key names
             report.add_error(f"segment {seg}: fragment {name!r} unreadable: {exc}")
             continue
-        if res.state != "value":
+        if data is None:
             report.add_error(f"segment {seg}: fragment file {name!r} missing")
             continue
-        data = bytes(res.value)
         st["bytes"] += len(data)
         try:
             _, faces = parse_legacy_fragment(data)
