@@ -550,13 +550,13 @@ def _reindexed(spec, blob, change):
     lists to encode (or bytes: the stored index itself); the chunks stay where they were."""
     ib = spec.shard_index_bytes
     ranges = spec.decode_shard_index(blob)
-    used = [(ms, int(a), int(b)) for ms, (a, b) in enumerate(ranges.tolist()) if b > a]
-    chunks_end = min(a for _, a, _ in used)
+    used = {ms: (int(a), int(b)) for ms, (a, b) in enumerate(ranges.tolist()) if b > a}
+    chunks_end = min(a for a, _ in used.values())
     index, tail, pos = np.zeros((spec.num_minishards, 2), "<u8"), [], chunks_end
     for ms in range(spec.num_minishards):
         stored = b""
-        if ms in {u[0] for u in used}:
-            a, b = next((a, b) for m, a, b in used if m == ms)
+        if ms in used:
+            a, b = used[ms]
             got = change(ms, *(v.tolist() for v in spec.decode_minishard_index(blob[a:b])))
             stored = got if isinstance(got, bytes) else spec.encode_minishard_index(*got)
         index[ms] = (pos - ib, pos - ib + len(stored))
