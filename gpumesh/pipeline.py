@@ -384,7 +384,11 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
     start, stop = plan.block_bounds(b)
     if part is None or part == COARSE:
         level = volume.read(tuple(start), tuple(stop))
-        if part is None:
+        if not level.any():
+            # all background (outside the tissue, or past the data): nothing to count or mesh,
+            # and no LOD to downsample (53 ms a coarse task, against 5 ms for this test)
+            keep = np.zeros(0, dtype=bool)
+        elif part is None:
             # local IDs (order-preserving) for meshing and downsampling; ids[local - 1] is the
             # segment ID.  Both only compare IDs, so the coarse task relabels after its first
             # downsampling (8x fewer voxels) and gets the same meshes.
@@ -413,11 +417,15 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
         h = plan.block // 2
         O = plan.octant_origin(b, part)
         r0, r1 = O - halo, np.minimum(O + h + halo, stop)
-        level, ids = relabel_block(volume.read(tuple(r0), tuple(r1)))
-        keep = options.selected(ids)
-        # the block's voxel counts, octant by octant: its voxels from O on (past the volume
-        # every voxel is background)
-        count_labels, counts = _voxel_counts(level[halo:halo + h, halo:halo + h, halo:halo + h], ids, keep)
+        level = volume.read(tuple(r0), tuple(r1))
+        if level.any():
+            level, ids = relabel_block(level)
+            keep = options.selected(ids)
+            # the block's voxel counts, octant by octant: its voxels from O on (past the volume
+            # every voxel is background)
+            count_labels, counts = _voxel_counts(level[halo:halo + h, halo:halo + h, halo:halo + h], ids, keep)
+        else:
+            keep = np.zeros(0, dtype=bool)   # all background
         for k in range(L - 1 if keep.any() else 0):
             if k > 0:
                 level = backend.downsample(level)

@@ -352,19 +352,24 @@ def _block_fragments(blob: bytes) -> tuple[dict, dict]:
     return frags, dict(zip(labels.tolist(), counts.tolist()))
 
 
-@pytest.mark.parametrize("shape, chunk, lods", [((45, 38, 51), 8, 3), ((47, 33, 64), 8, 3),
-                                                ((71, 40, 49), 4, 4), ((30, 23, 41), 8, 2)])
-def test_block_tasks_give_the_whole_blocks_fragments(crop, shape, chunk, lods):
+@pytest.mark.parametrize("shape, chunk, lods, zero_from", [((45, 38, 51), 8, 3, None), ((47, 33, 64), 8, 3, None),
+                                                           ((71, 40, 49), 4, 4, None), ((30, 23, 41), 8, 2, None),
+                                                           ((45, 38, 70), 8, 3, 25)])
+def test_block_tasks_give_the_whole_blocks_fragments(crop, shape, chunk, lods, zero_from):
     # The main job splits each block into a task for its coarsest LOD and one per octant for
     # the finer LODs.  Their fragments together must be the whole block's, byte for byte, with
     # the voxel counts once; on shapes that cut border blocks and octants unevenly (47: an
     # octant whose LOD 0 cubes all lie past the volume still has a LOD 1 cube inside it), at
-    # the default preset (whose thin-spot locks look one voxel past an octant).
+    # the default preset (whose thin-spot locks look one voxel past an octant).  With
+    # ``zero_from``, z from there on is background, so that whole blocks and octants read
+    # nothing else (the tasks skip those) and others hold a little of it.
     from gpumesh.backend import CPUBackend
     from gpumesh.pipeline import MeshOptions, Plan, mesh_block
     from gpumesh.volume import open_volume
 
-    labels = np.ascontiguousarray(crop[:shape[0], :shape[1], :shape[2]])
+    labels = np.array(crop[:shape[0], :shape[1], :shape[2]], order="C")   # a copy: the fixture is shared
+    if zero_from is not None:
+        labels[:, :, zero_from:] = 0
     options = MeshOptions(chunk_size=chunk, max_lods=lods)
     vol = open_volume(labels, voxel_size=VOXEL_SIZE)
     plan = Plan.make(vol.shape, options)
