@@ -272,6 +272,27 @@ def test_fragments_share_border_vertices(which, crop, request):
     assert pairs > 0
 
 
+@pytest.mark.parametrize("which", ["crop_high", "crop_medium"])
+def test_fragments_are_welded(which, crop, request):
+    """No two vertices of a fragment share a position and no triangle repeats a vertex: a
+    fragment is welded as stored (the client computes a normal per vertex, so a split vertex
+    would show as a crease).  Fragments of several sub-node pieces (LOD > 0) are welded when
+    written; one piece's vertices are distinct half-voxel points already (LOD 0)."""
+    dest, _ = request.getfixturevalue(which)
+    src = open_mesh(str(dest))
+    checked = [0, 0]   # fragments of LOD 0 and of coarser LODs
+    for seg in sampled_segments(crop):
+        for lod in range(src.manifest(seg).num_lods):
+            for f in load_fragments(src, seg, lod):
+                q, faces = f["positions_q"], f["faces"]
+                if f["placeholder"] or len(faces) == 0:
+                    continue
+                assert len(np.unique(q, axis=0)) == len(q), f"segment {seg} LOD {lod} node {f['position']}"
+                assert (np.diff(np.sort(faces, axis=1), axis=1) > 0).all(), f"segment {seg} LOD {lod}"
+                checked[lod > 0] += 1
+    assert min(checked) > 20, checked
+
+
 def test_quantized_positions_are_exact_for_lod0(crop, crop_high):
     """Undecimated LOD 0 vertices are exact multiples of 2**bits / (2 * chunk) (half voxels)."""
     dest, _ = crop_high
