@@ -657,8 +657,8 @@ def _open_precomputed(kv, where, mip, voxel_size, voxel_offset, context=None) ->
     scales = info["scales"]
     if not 0 <= mip < len(scales):
         avail = ", ".join(
-            f"{i}: {_object(s).get('key')} {_object(s).get('size')} @ {_object(s).get('resolution')} nm"
-            for i, s in enumerate(scales)
+            f"{i}: {s.get('key')} {s.get('size')} @ {s.get('resolution')} nm"
+            for i, s in enumerate(map(_object, scales))
         )
         raise SourceReadError(f"precomputed {where} has no scale mip {mip}; available: {avail}")
     nc = info.get("num_channels", 1)
