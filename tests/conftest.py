@@ -69,6 +69,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def unwelded_fragments(monkeypatch) -> dict:
+    """Watch every fragment the main job hands to the Draco encoder (in this process, so
+    ``workers=1``): ``{"encoded": n, "unwelded": [...]}``, where ``unwelded`` lists the triangle
+    counts of the fragments that repeat a quantized position or that hold a triangle repeating a
+    vertex.  (A decoded fragment may still repeat a position: Draco splits a vertex where two
+    sheets of a thin segment meet at it after decimation.)"""
+    from gpumesh import encode
+
+    seen = {"encoded": 0, "unwelded": []}
+    real = encode.encode_draco
+
+    def encode_draco(q, faces, bits):
+        f = np.asarray(faces)
+        seen["encoded"] += 1
+        if len(np.unique(q, axis=0)) != len(q) or not (np.diff(np.sort(f, axis=1), axis=1) > 0).all():
+            seen["unwelded"].append(len(f))
+        return real(q, faces, bits)
+
+    monkeypatch.setattr(encode, "encode_draco", encode_draco)
+    return seen
+
+
 @pytest.fixture(scope="session")
 def real_zarr() -> pathlib.Path:
     if not REAL_ZARR.exists():

@@ -273,30 +273,17 @@ def test_fragments_share_border_vertices(which, crop, request):
 
 
 @pytest.mark.parametrize("quality", ["high", "medium"])
-def test_fragments_are_welded_when_encoded(crop, tmp_path, monkeypatch, quality):
+def test_fragments_are_welded_when_encoded(crop, tmp_path, unwelded_fragments, quality):
     """Every fragment handed to the Draco encoder is welded: no two vertices at one quantized
     position, no triangle that repeats a vertex.  Fragments of several sub-node pieces (LOD > 0)
     are welded when written; one piece's vertices are distinct half-voxel points already (LOD
-    0).  (Decoded fragments may still repeat a position: Draco splits a vertex where two sheets
-    of a thin segment meet at it after decimation.)"""
-    from gpumesh import encode
+    0)."""
     from gpumesh.pipeline import MeshOptions, run_mesh
 
-    seen, bad = [], []
-    real = encode.encode_draco
-
-    def encode_draco(q, faces, bits):
-        f = np.asarray(faces)
-        seen.append(len(f))
-        if len(np.unique(q, axis=0)) != len(q) or not (np.diff(np.sort(f, axis=1), axis=1) > 0).all():
-            bad.append(len(seen) - 1)
-        return real(q, faces, bits)
-
-    monkeypatch.setattr(encode, "encode_draco", encode_draco)
     labels = np.ascontiguousarray(crop[:64, :64, :64])
     run_mesh(labels, str(tmp_path / "out"), options=MeshOptions(chunk_size=16, max_lods=3, quality=quality),
              voxel_size=VOXEL_SIZE, workers=1)
-    assert len(seen) > 100 and not bad, (len(seen), bad[:5])
+    assert unwelded_fragments["encoded"] > 100 and not unwelded_fragments["unwelded"], unwelded_fragments
 
 
 def test_quantized_positions_are_exact_for_lod0(crop, crop_high):

@@ -155,20 +155,7 @@ def _voxel_counts(dest) -> dict:
 
 
 @pytest.mark.parametrize("seed", _seeds())
-def test_random_volume(seed, tmp_path, monkeypatch):
-    from gpumesh import encode
-
-    # every fragment handed to the Draco encoder is welded: distinct quantized positions
-    # (load_mesh welds what it joins, so the checks below would not see a split vertex)
-    unwelded = []
-    real_encode = encode.encode_draco
-
-    def encode_draco(q, faces, bits):
-        if len(np.unique(q, axis=0)) != len(q):
-            unwelded.append(len(q))
-        return real_encode(q, faces, bits)
-
-    monkeypatch.setattr(encode, "encode_draco", encode_draco)
+def test_random_volume(seed, tmp_path, unwelded_fragments):
     rng = np.random.default_rng(seed)
     labels = random_labels(rng)
     options = random_options(rng)
@@ -197,7 +184,9 @@ def test_random_volume(seed, tmp_path, monkeypatch):
         return
     summary = run_mesh(labels, str(dest), options=options, voxel_size=voxel_size, voxel_offset=voxel_offset,
                        workers=1)
-    assert not unwelded, (what, unwelded[:5])
+    # every fragment handed to the Draco encoder is welded (load_mesh welds what it joins, so
+    # the checks below would not see a split vertex)
+    assert not unwelded_fragments["unwelded"], (what, unwelded_fragments["unwelded"][:5])
     report = validate(str(dest))
     assert report.ok, (what, report.errors[:5])
     assert not report.warnings, (what, report.warnings[:5])
