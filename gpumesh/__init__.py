@@ -10,6 +10,11 @@ Main entry points
   Neuroglancer client's stricter rules.
 """
 
+# before any kernel module: numba needs a writable cache directory when a kernel is defined
+from ._numbacache import ensure_cache_dir as _ensure_cache_dir
+
+_ensure_cache_dir()
+
 from .errors import (DestinationError, DestinationExistsError, EmptyVolumeWarning, GpumeshError, InvalidMeshError,
                      InvalidVolumeError, InvalidVoxelSizeError, SegmentsNotFoundWarning, SourceReadError,
                      StorageUnreachableError, TaskFailedError, WorkerFailedError)

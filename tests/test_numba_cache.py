@@ -1,0 +1,128 @@
+"""gpumesh imports and meshes where numba would find no writable cache directory
+(gpumesh._numbacache).
+
+A container that runs as another user than the installer, with a read-only root file system or
+an unwritable ``HOME``, gives numba no place for its kernel cache, and numba then refuses to
+define any ``cache=True`` function.  The tests build that situation as any user (root too):
+a copy of the package whose ``__pycache__`` is a regular file, and ``HOME`` /
+``XDG_CACHE_HOME`` below a regular file, so that no directory can be made there.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from gpumesh import _numbacache
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _hostile_copy(tmp_path):
+    """A copy of the package where numba's own cache locations cannot be written, and the
+    environment to run it in (its temporary directory inside ``tmp_path``)."""
+    site = tmp_path / "site"
+    shutil.copytree(REPO / "gpumesh", site / "gpumesh", ignore=shutil.ignore_patterns("__pycache__"))
+    (site / "gpumesh" / "__pycache__").write_text("not a directory\n")
+    (site / "plain.py").write_text("import numba\n\n@numba.njit(cache=True)\ndef f(x):\n    return x + 1\n")
+    (site / "__pycache__").write_text("not a directory\n")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, so nothing can be made below it\n")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(PYTHONPATH=str(site), HOME=str(blocker / "home"), XDG_CACHE_HOME=str(blocker / "cache"),
+               TMPDIR=str(tmp), PYTHONDONTWRITEBYTECODE="1")
+    return site, tmp, env
+
+
+def _python(code, env, cwd):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=600)
+
+
+def test_kernels_load_where_numba_has_no_cache_directory(tmp_path):
+    site, tmp, env = _hostile_copy(tmp_path)
+    # numba alone fails there: the situation the package must survive
+    plain = _python("import plain", env, tmp_path)
+    assert plain.returncode != 0 and "no locator available" in plain.stderr, plain.stderr[-2000:]
+    code = ("import os, numpy as np\n"
+            "import gpumesh.marching as m\n"
+            "assert m.__file__.startswith(os.environ['PYTHONPATH']), m.__file__\n"
+            "lab = np.zeros((6, 6, 6), np.uint32); lab[2:4, 2:4, 2:4] = 5\n"
+            "print(len(m.march_cubes(lab, 4)[0]), os.environ['NUMBA_CACHE_DIR'])\n")
+    proc = _python(code, env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ntri, cache = proc.stdout.split()
+    import numpy as np
+    from gpumesh import marching
+
+    lab = np.zeros((6, 6, 6), np.uint32)
+    lab[2:4, 2:4, 2:4] = 5
+    assert int(ntri) == len(marching.march_cubes(lab, 4)[0]) > 0  # the same kernel's result
+    cache = pathlib.Path(cache)
+    assert cache.parent == tmp and cache.name == f"gpumesh-numba-{os.getuid()}"
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    # the kernel was cached there, and a second process loads it from there
+    assert any(p.suffix == ".nbi" and p.name.startswith("marching._march") for p in cache.rglob("*"))
+    again = _python(code, env, tmp_path)
+    assert again.returncode == 0 and again.stdout == proc.stdout, again.stderr[-3000:]
+
+
+def test_the_main_job_runs_where_numba_has_no_cache_directory(tmp_path, crop):
+    site, tmp, env = _hostile_copy(tmp_path)
+    import numpy as np
+
+    np.save(tmp_path / "labels.npy", np.ascontiguousarray(crop[:48, :48, :48]))
+    code = ("import numpy as np, gpumesh\n"
+            f"s = gpumesh.run_mesh(np.load({str(tmp_path / 'labels.npy')!r}), {str(tmp_path / 'out')!r},"
+            " voxel_size=(32, 32, 40), workers=2)\n"
+            "print(s.segments)\n")
+    proc = _python(code, env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.split()[-1]) > 0
+    from gpumesh import validate
+
+    assert validate(str(tmp_path / "out")).ok
+
+
+def test_writable_locations_are_left_to_numba(tmp_path, monkeypatch):
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    assert _numbacache.ensure_cache_dir(str(pkg)) is None  # __pycache__ can be made
+    assert (pkg / "__pycache__").is_dir() and "NUMBA_CACHE_DIR" not in os.environ
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "given"))
+    (pkg / "__pycache__").rmdir()
+    (pkg / "__pycache__").write_text("x")
+    assert _numbacache.ensure_cache_dir(str(pkg)) is None  # the user's choice stands
+    assert os.environ["NUMBA_CACHE_DIR"] == str(tmp_path / "given")
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX user ids")
+def test_a_shared_cache_directory_of_someone_else_is_not_used(tmp_path, monkeypatch):
+    """The cache holds pickles numba loads: a directory others may write is never used."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__pycache__").write_text("x")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    planted = tmp / f"gpumesh-numba-{os.getuid()}"
+    planted.mkdir()
+    planted.chmod(0o777)
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker / "cache"))
+    monkeypatch.setenv("HOME", str(blocker / "home"))
+    monkeypatch.setattr(_numbacache.tempfile, "tempdir", str(tmp))
+    chosen = _numbacache.ensure_cache_dir(str(pkg))
+    assert chosen is not None and pathlib.Path(chosen).parent == tmp and pathlib.Path(chosen) != planted
+    assert os.environ["NUMBA_CACHE_DIR"] == chosen
+    assert stat.S_IMODE(os.stat(chosen).st_mode) == 0o700
