@@ -11,9 +11,9 @@ Main entry points
 """
 
 # before any kernel module: numba needs a writable cache directory when a kernel is defined
-from ._numbacache import ensure_cache_dir as _ensure_cache_dir
+from ._caches import ensure_numba_cache_dir as _ensure_numba_cache_dir
 
-_ensure_cache_dir()
+_ensure_numba_cache_dir()
 
 from .errors import (DestinationError, DestinationExistsError, EmptyVolumeWarning, GpumeshError, InvalidMeshError,
                      InvalidVolumeError, InvalidVoxelSizeError, SegmentsNotFoundWarning, SourceReadError,

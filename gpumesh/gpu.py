@@ -32,6 +32,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from . import lod, marching
+from ._caches import ensure_cupy_cache_dir
 from .mctable import EDGE_AXIS, EDGE_BASE, TRI_COUNTS, TRI_TABLE
 
 #: Kernel source files, in the order they are concatenated into one module.
@@ -184,6 +185,7 @@ class CupyRuntime:
                 "the GPU backend needs CuPy: pip install 'gpumesh-ng[gpu]' (cupy-cuda12x) "
                 "on a machine with a CUDA GPU") from exc
         self.cp = cupy
+        ensure_cupy_cache_dir()  # CuPy raises where it cannot write its kernel cache
         #: what an allocation raises when the device (or the pool's limit) has no room
         self.oom_errors = (cupy.cuda.memory.OutOfMemoryError,)
         src = kernel_source() if source is None else source

@@ -1,11 +1,12 @@
-"""gpumesh imports and meshes where numba would find no writable cache directory
-(gpumesh._numbacache).
+"""gpumesh imports, meshes and builds its GPU kernels where numba and CuPy would find no writable
+cache directory (gpumesh._caches).
 
 A container that runs as another user than the installer, with a read-only root file system or
-an unwritable ``HOME``, gives numba no place for its kernel cache, and numba then refuses to
-define any ``cache=True`` function.  The tests build that situation as any user (root too):
-a copy of the package whose ``__pycache__`` is a regular file, and ``HOME`` /
-``XDG_CACHE_HOME`` below a regular file, so that no directory can be made there.
+an unwritable ``HOME``, gives numba and CuPy no place for their kernel caches: numba then
+refuses to define any ``cache=True`` function, and CuPy to compile.  The tests build that
+situation as any user (root too): a copy of the package whose ``__pycache__`` is a regular
+file, and ``HOME`` / ``XDG_CACHE_HOME`` below a regular file, so that no directory can be made
+there.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 
 import pytest
 
-from gpumesh import _numbacache
+from gpumesh import _caches
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -96,12 +97,12 @@ def test_writable_locations_are_left_to_numba(tmp_path, monkeypatch):
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
     pkg = tmp_path / "pkg"
     pkg.mkdir()
-    assert _numbacache.ensure_cache_dir(str(pkg)) is None  # __pycache__ can be made
+    assert _caches.ensure_numba_cache_dir(str(pkg)) is None  # __pycache__ can be made
     assert (pkg / "__pycache__").is_dir() and "NUMBA_CACHE_DIR" not in os.environ
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "given"))
     (pkg / "__pycache__").rmdir()
     (pkg / "__pycache__").write_text("x")
-    assert _numbacache.ensure_cache_dir(str(pkg)) is None  # the user's choice stands
+    assert _caches.ensure_numba_cache_dir(str(pkg)) is None  # the user's choice stands
     assert os.environ["NUMBA_CACHE_DIR"] == str(tmp_path / "given")
 
 
@@ -121,8 +122,60 @@ def test_a_shared_cache_directory_of_someone_else_is_not_used(tmp_path, monkeypa
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker / "cache"))
     monkeypatch.setenv("HOME", str(blocker / "home"))
-    monkeypatch.setattr(_numbacache.tempfile, "tempdir", str(tmp))
-    chosen = _numbacache.ensure_cache_dir(str(pkg))
+    monkeypatch.setattr(_caches.tempfile, "tempdir", str(tmp))
+    chosen = _caches.ensure_numba_cache_dir(str(pkg))
     assert chosen is not None and pathlib.Path(chosen).parent == tmp and pathlib.Path(chosen) != planted
     assert os.environ["NUMBA_CACHE_DIR"] == chosen
     assert stat.S_IMODE(os.stat(chosen).st_mode) == 0o700
+
+
+def test_cupy_gets_a_private_cache_where_home_cannot_be_written(tmp_path, monkeypatch):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.delenv("CUPY_CACHE_DIR", raising=False)
+    monkeypatch.setattr(_caches.tempfile, "tempdir", str(tmp))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert _caches.ensure_cupy_cache_dir() is None  # CuPy's default can be made: it stands
+    assert (tmp_path / "home" / ".cupy" / "kernel_cache").is_dir()
+    assert "CUPY_CACHE_DIR" not in os.environ
+    monkeypatch.setenv("HOME", str(blocker / "home"))
+    chosen = _caches.ensure_cupy_cache_dir()
+    assert chosen == str(tmp / f"gpumesh-cupy-{os.getuid()}") == os.environ["CUPY_CACHE_DIR"]
+    assert stat.S_IMODE(os.stat(chosen).st_mode) == 0o700
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path / "given"))
+    assert _caches.ensure_cupy_cache_dir() is None
+    assert os.environ["CUPY_CACHE_DIR"] == str(tmp_path / "given")
+
+
+def test_the_cupy_runtime_sets_the_cache_before_it_compiles(tmp_path, monkeypatch):
+    """CupyRuntime over a stand-in ``cupy`` that records ``CUPY_CACHE_DIR`` when asked to
+    compile (and then fails, as a compile error would: the runtime raises ImportError)."""
+    import types
+
+    from gpumesh import gpu
+
+    seen = {}
+
+    class Compiled(Exception):
+        pass
+
+    def raw_module(code):
+        seen["cache"] = os.environ.get("CUPY_CACHE_DIR")
+        seen["code"] = code
+        raise Compiled("stand-in: no compiler")
+
+    fake = types.ModuleType("cupy")
+    fake.RawModule = raw_module
+    fake.cuda = types.SimpleNamespace(memory=types.SimpleNamespace(OutOfMemoryError=MemoryError))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    monkeypatch.delenv("CUPY_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(blocker / "home"))
+    monkeypatch.setattr(_caches.tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(ImportError, match="could not be compiled"):
+        gpu.CupyRuntime()
+    assert seen["cache"] == str(tmp_path / f"gpumesh-cupy-{os.getuid()}")
+    assert seen["code"] == gpu.kernel_source()
