@@ -8,6 +8,7 @@ exit with status 1.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import warnings
 
@@ -73,6 +74,27 @@ def _sharding_options(multires: bool, sharded, shard_bits, minishard_bits, presh
     except ValueError as exc:
         _fail(exc)
     return options
+
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's stop, ``docker stop``, ``kill``), handled as Ctrl-C is."""
+
+
+def _raise_terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)   # a second SIGTERM ends the process at once
+    raise _Terminated()
+
+
+def _stop_on_sigterm():
+    """Make SIGTERM stop the main job as Ctrl-C does (workers stopped, finished tasks kept, one
+    line, status 143), instead of ending the process with no word and leaving the worker pool's
+    semaphores to the resource tracker's warning; the previous handler, or None where no
+    handler can be set (not the main thread)."""
+    try:
+        return signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:
+        return None
 
 
 @click.group()
@@ -241,6 +263,7 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality
             client = connect(scheduler)
         except (ImportError, OSError) as exc:
             _fail(GpumeshError(f"cannot connect to the Dask scheduler at {scheduler}: {exc}"))
+    previous = _stop_on_sigterm()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always", EmptyVolumeWarning)
@@ -266,14 +289,18 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality
         close_bars()
         click.echo(f"gpumesh: error: {exc}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:   # Ctrl-C: the workers are stopped at once (pipeline._stop_workers)
+    except KeyboardInterrupt as exc:   # Ctrl-C, SIGTERM: the workers are stopped at once (pipeline._stop_workers)
         close_bars()
-        click.echo(f"gpumesh: interrupted; the finished tasks are kept in {dest}: run it again with --resume "
+        how = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
+        click.echo(f"gpumesh: {how}; the finished tasks are kept in {dest}: run it again with --resume "
                    f"to continue", err=True)
-        sys.exit(130)
+        sys.exit(143 if isinstance(exc, _Terminated) else 130)   # 128 + the signal's number
     except (GpumeshError, ValueError) as exc:
         close_bars()
         _fail(exc)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     close_bars()
     for message in caught:
         click.echo(f"gpumesh: warning: {message}", err=True)

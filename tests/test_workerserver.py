@@ -200,41 +200,55 @@ def test_killing_the_main_job_ends_its_workers(real_zarr, tmp_path):
     _assert_ended(seen, "the killed job")
 
 
-def test_ctrl_c_stops_the_job_at_once_and_resume_finishes_it(real_zarr, tmp_path):
-    """SIGINT (Ctrl-C) to the CLI while its workers mesh: it ends within seconds with status
-    130 and one line, none of its processes is left, the finished tasks are kept, and
-    ``--resume`` writes the bytes of an uninterrupted run.
+_STOP_ARGS = ["--bounds", "128,128,128,384,384,384", "--voxel-size", "32,32,40", "--workers", "2", "--quiet"]
 
-    The pool used to wait for every queued task before the interrupt took effect (its exit
-    joins them), so a Ctrl-C stopped nothing until the meshing was done.
-    """
-    args = ["mesh", str(real_zarr), "--bounds", "128,128,128,384,384,384", "--voxel-size", "32,32,40",
-            "--workers", "2", "--quiet"]
-    clean = subprocess.run(cli_command() + [args[0], args[1], str(tmp_path / "clean")] + args[2:],
+
+@pytest.fixture(scope="module")
+def uninterrupted(real_zarr, tmp_path_factory):
+    """The output of the job that the stop tests interrupt, run to its end."""
+    dest = tmp_path_factory.mktemp("uninterrupted") / "out"
+    clean = subprocess.run(cli_command() + ["mesh", str(real_zarr), str(dest)] + _STOP_ARGS,
                            capture_output=True, text=True, timeout=300)
     assert clean.returncode == 0, clean.stderr
+    return dest
+
+
+@pytest.mark.parametrize("sig, status, how", [(signal.SIGINT, 130, "interrupted"),
+                                              (signal.SIGTERM, 143, "terminated (SIGTERM)")],
+                         ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_ends_the_job_at_once_and_resume_finishes_it(real_zarr, tmp_path, uninterrupted,
+                                                                     sig, status, how):
+    """SIGINT (Ctrl-C) or SIGTERM (a batch scheduler, ``docker stop``) to the CLI while its
+    workers mesh: it ends within seconds with status 128 + the signal and one line, none of
+    its processes is left, the finished tasks are kept, and ``--resume`` writes the bytes of
+    an uninterrupted run.
+
+    The pool used to wait for every queued task before the interrupt took effect (its exit
+    joins them), so a Ctrl-C stopped nothing until the meshing was done; SIGTERM ended the
+    main process with no word but the resource tracker's warning of leaked semaphores.
+    """
     dest = tmp_path / "out"
-    proc = subprocess.Popen(cli_command() + [args[0], args[1], str(dest)] + args[2:], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cli_command() + ["mesh", str(real_zarr), str(dest)] + _STOP_ARGS,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         seen = _wait_for_first_result(proc, dest)
         t0 = time.time()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         err = proc.communicate(timeout=60)[1]
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130 and time.time() - t0 < 15, (proc.returncode, err)
-    assert err.strip().splitlines()[-1] == (f"gpumesh: interrupted; the finished tasks are kept in {dest}: run it "
-                                             f"again with --resume to continue")
+    assert proc.returncode == status and time.time() - t0 < 15, (proc.returncode, err)
+    assert err.strip().splitlines() == [f"gpumesh: {how}; the finished tasks are kept in {dest}: run it "
+                                        f"again with --resume to continue"], err
     _assert_ended(seen, "the interrupted job")
     kept = len(os.listdir(dest / ".gpumesh-work" / "blocks"))
-    resumed = subprocess.run(cli_command() + [args[0], args[1], str(dest), "--resume"] + args[2:],
+    resumed = subprocess.run(cli_command() + ["mesh", str(real_zarr), str(dest), "--resume"] + _STOP_ARGS,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{kept} resumed" in resumed.stdout and kept < 35
-    assert tree_files(dest) == tree_files(tmp_path / "clean")
+    assert tree_files(dest) == tree_files(uninterrupted)
 
 
 def test_a_killed_worker_fails_the_job_in_one_line_and_resume_finishes_it(crop, tmp_path):
