@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import warnings
 
 import click
 
@@ -54,3 +56,18 @@ def _fail(exc: Exception) -> None:
     """Print a one-line error and exit with status 2 (bad input)."""
     click.echo(f"gpumesh: error: {exc}", err=True)
     sys.exit(2)
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """Within it, warnings print as one line each, ``gpumesh: warning: MESSAGE`` (``gpumesh:
+    MESSAGE`` for notices such as the CPU fallback), not as Python's file-and-line report."""
+    from .backend import CPUFallbackNotice
+
+    def show(message, category, *args, **kwargs):
+        kind = "" if issubclass(category, CPUFallbackNotice) else "warning: "
+        click.echo(f"gpumesh: {kind}{message}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield

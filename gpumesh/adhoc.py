@@ -42,7 +42,7 @@ import numpy as np
 
 from .errors import GpumeshError
 from .lod import decimate, get_quality
-from .volume import Volume, open_volume
+from .volume import Volume, open_volume, warn_if_no_voxel_size
 
 __all__ = ["SegmentNotFoundError", "mesh_segment", "find_segment_bbox", "open_source", "mask_to_mesh"]
 
@@ -135,6 +135,7 @@ def open_source(source: Any, *, voxel_size=None, voxel_offset=None, mip: int = 0
 
             if voxel_size is not None:
                 changes["voxel_size"] = _check_voxel_size(voxel_size)
+                changes["voxel_size_known"] = True
             if voxel_offset is not None:
                 changes["voxel_offset"] = _check_voxel_offset(voxel_offset)
         return dataclasses.replace(source, **changes) if changes else source
@@ -434,6 +435,7 @@ def mesh_segment(source: Any, segment_id: int, *, bbox=None, mip: int = 0, voxel
     keep = None if quality is None else get_quality(quality).lod0_keep
     volume = open_source(source, voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip, axes=axes,
                          bounds=bounds)
+    warn_if_no_voxel_size(volume)
     backend = get_backend(device)
     found = _locate(volume, segment_id, bbox, threads)
     if not found:

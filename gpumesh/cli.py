@@ -15,7 +15,7 @@ import warnings
 import click
 
 from ._cliutil import _fail, _numbers, _segments
-from .errors import EmptyVolumeWarning, GpumeshError, SegmentsNotFoundWarning, WorkerFailedError
+from .errors import EmptyVolumeWarning, GpumeshError, NoVoxelSizeWarning, SegmentsNotFoundWarning, WorkerFailedError
 
 
 
@@ -250,6 +250,8 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality
         if issubclass(category, (CPUFallbackNotice, FewerWorkersNotice)):  # at once (the source is checked by then)
             if not quiet:
                 click.echo(f"gpumesh: {message}", err=True)
+        elif issubclass(category, NoVoxelSizeWarning):  # at once: a reason to stop the job
+            click.echo(f"gpumesh: warning: {message}", err=True)
         else:  # after the progress bar
             caught.append(message)
 
@@ -270,6 +272,7 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality
             warnings.simplefilter("always", SegmentsNotFoundWarning)
             warnings.simplefilter("always", CPUFallbackNotice)
             warnings.simplefilter("always", FewerWorkersNotice)
+            warnings.simplefilter("always", NoVoxelSizeWarning)
             warnings.showwarning = show
             try:
                 summary = run_mesh(source, dest, options=options, voxel_size=voxel_size, voxel_offset=voxel_offset,

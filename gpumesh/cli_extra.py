@@ -12,7 +12,7 @@ import time
 
 import click
 
-from ._cliutil import _fail, _numbers, _segments
+from ._cliutil import _fail, _numbers, _one_line_warnings, _segments
 from .errors import GpumeshError
 
 _MESH_SUFFIXES = ".stl, .ply, .obj or .glb"
@@ -74,9 +74,10 @@ def segment(source, segment_id, output, voxel_size, voxel_offset, bbox, bounds, 
     try:
         file_type_of(output)
         t0 = time.perf_counter()
-        mesh = export_adhoc(source, segment_id, output, scale=scale, bbox=bbox, mip=mip, voxel_size=voxel_size,
-                            voxel_offset=voxel_offset, axes=axes, quality=None if quality == "exact" else quality,
-                            device=device, bounds=bounds)
+        with _one_line_warnings():
+            mesh = export_adhoc(source, segment_id, output, scale=scale, bbox=bbox, mip=mip, voxel_size=voxel_size,
+                                voxel_offset=voxel_offset, axes=axes, quality=None if quality == "exact" else quality,
+                                device=device, bounds=bounds)
     except (GpumeshError, ValueError, OSError) as exc:
         _fail(exc)
     _report(mesh, output, time.perf_counter() - t0)

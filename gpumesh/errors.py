@@ -66,6 +66,12 @@ class EmptyVolumeWarning(UserWarning):
     """The volume holds only background (label 0): the output is valid but holds no meshes."""
 
 
+class NoVoxelSizeWarning(UserWarning):
+    """The source states no voxel size (no ``resolution``, ``voxel_size_nm``, dimension units,
+    OME scale, N5 resolution) and none was given: the meshes are in voxels, taken as 1 nm
+    each, so they do not overlay the volume in a viewer that knows its real voxel size."""
+
+
 class SegmentsNotFoundWarning(UserWarning):
     """Some segment IDs selected for meshing (``MeshOptions.segments``, ``--segments``) have no
     voxel in the volume (or within the bounds): they get no mesh."""

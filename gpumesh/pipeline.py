@@ -48,7 +48,7 @@ from .errors import (DestinationError, DestinationExistsError, EmptyVolumeWarnin
 from .lod import decimate, decimates, get_quality
 from .marching import piece_in_node, relabel_block, thin_vertices
 from .sharding import ShardingOptions
-from .volume import Volume, open_volume
+from .volume import Volume, open_volume, warn_if_no_voxel_size
 
 SCRATCH = ".gpumesh-work/"
 COARSE = "coarse"     # the task of a block that meshes its coarsest LOD (see Plan.tasks)
@@ -913,6 +913,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         raise ValueError(f"workers must be an integer >= 1 (or None: every core), got {workers!r}")
     open_kwargs = dict(voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip, axes=axes, bounds=bounds)
     volume = open_volume(source, **open_kwargs)
+    warn_if_no_voxel_size(volume)
     dest_spec = storage.kvstore_spec(dest) if not isinstance(dest, dict) else dest
     if client is None:
         backend = get_backend(device)

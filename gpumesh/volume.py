@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence
 
@@ -34,7 +35,7 @@ import numpy as np
 import tensorstore as ts
 
 from . import storage
-from .errors import InvalidVolumeError, InvalidVoxelSizeError, SourceReadError, one_line
+from .errors import InvalidVolumeError, InvalidVoxelSizeError, NoVoxelSizeWarning, SourceReadError, one_line
 
 __all__ = ["Volume", "open_volume"]
 
@@ -85,6 +86,9 @@ class Volume:
         For a Neuroglancer precomputed source: ``{"kvstore": <kvstore spec dict of the
         volume root, the directory holding info>, "info": <info dict>, "scale_key":
         <key of the chosen scale>}``; else ``None``.
+    voxel_size_known : bool
+        False when neither the caller nor the metadata gave the voxel size, which is then
+        (1, 1, 1) (the main job and ad-hoc meshing warn: :class:`gpumesh.errors.NoVoxelSizeWarning`).
     """
 
     shape: tuple
@@ -95,6 +99,7 @@ class Volume:
     precomputed: Optional[dict]
     _reader: Callable[[tuple, tuple], np.ndarray] = field(repr=False)
     _chunk_shape: Optional[tuple] = field(default=None, repr=False)
+    voxel_size_known: bool = True
 
     @property
     def chunk_shape(self) -> Optional[tuple]:
@@ -418,7 +423,18 @@ def _tensorstore_volume(
         precomputed=precomputed,
         _reader=reader,
         _chunk_shape=chunk,
+        voxel_size_known=voxel_size is not None,
     )
+
+
+def warn_if_no_voxel_size(volume: Volume) -> None:
+    """Warn (:class:`gpumesh.errors.NoVoxelSizeWarning`) when ``volume``'s voxel size is the
+    (1, 1, 1) default, i.e. neither its metadata nor the caller gave one: the meshes written
+    would be in voxels, labelled nm."""
+    if not volume.voxel_size_known:
+        warnings.warn(NoVoxelSizeWarning(
+            f"{volume.description} states no voxel size and none was given: the meshes are in voxels "
+            f"(1 nm each); give it in nm (--voxel-size X,Y,Z; Python: voxel_size=(x, y, z))"), stacklevel=3)
 
 
 def _numpy_volume(arr: np.ndarray, axes: Optional[str], voxel_size, voxel_offset) -> Volume:
@@ -442,6 +458,7 @@ def _numpy_volume(arr: np.ndarray, axes: Optional[str], voxel_size, voxel_offset
         precomputed=None,
         _reader=reader,
         _chunk_shape=None,
+        voxel_size_known=voxel_size is not None,
     )
 
 

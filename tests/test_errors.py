@@ -309,7 +309,7 @@ def test_a_chunk_that_cannot_be_read_mid_run_fails_the_tasks_that_read_it(tmp_pa
     from gpumesh import TaskFailedError
 
     write_zarr(tmp_path / "v.zarr", _blobs(), chunk=16)
-    opts = ["--chunk-size", "16", "--workers", str(workers), "--quiet"]
+    opts = ["--chunk-size", "16", "--workers", str(workers), "--voxel-size", "1,1,1", "--quiet"]
     r = _cli("mesh", str(tmp_path / "v.zarr"), str(tmp_path / "clean"), *opts)
     assert r.returncode == 0, r.stderr
     chunk = tmp_path / "v.zarr" / "c" / "3" / "3" / "3"
@@ -405,3 +405,36 @@ def test_the_selection_tells_selected_ids_from_the_others():
     assert MeshOptions(segments=[3, 1]).selected_ids().tolist() == [1, 3]
     assert MeshOptions(segments=[5]).selected(np.array([1, 5, 9], np.uint64)).tolist() == [False, True, False]
     assert MeshOptions().selected(np.array([4, 9], np.uint64)).all()
+
+
+def test_a_source_without_a_voxel_size_is_meshed_in_voxels_with_a_warning(tmp_path):
+    """No voxel size in the metadata and none given: the meshes are in voxels (1 nm each), and
+    the main job, ad-hoc meshing and their commands say so before meshing."""
+    import json
+
+    import tensorstore as ts
+
+    from gpumesh import NoVoxelSizeWarning, mesh_segment
+
+    with pytest.warns(NoVoxelSizeWarning, match="states no voxel size and none was given"):
+        run_mesh(GOOD, str(tmp_path / "a"), workers=1)
+    assert json.loads((tmp_path / "a" / "info").read_text())["transform"][:3] == [1, 0, 0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoVoxelSizeWarning)
+        run_mesh(GOOD, str(tmp_path / "b"), voxel_size=(4, 4, 40), workers=1)
+        mesh_segment(GOOD, 7, voxel_size=(4, 4, 40))
+    with pytest.warns(NoVoxelSizeWarning):
+        mesh_segment(GOOD, 7)
+    src = tmp_path / "src.zarr"
+    ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(src)},
+             "metadata": {"dimension_names": ["x", "y", "z"]}},
+            create=True, shape=GOOD.shape, dtype=ts.uint16).result().write(GOOD).result()
+    mesh = _cli("mesh", str(src), str(tmp_path / "c"), "--workers", "1", "--device", "cpu")
+    assert mesh.returncode == 0, mesh.stderr
+    first = mesh.stderr.splitlines()[0]
+    assert first.startswith(f"gpumesh: warning: zarr v3 {src}") and "--voxel-size X,Y,Z" in first
+    segment = _cli("segment", str(src), "7", "-o", str(tmp_path / "s.stl"), "--device", "cpu")
+    assert segment.returncode == 0, segment.stderr
+    assert segment.stderr.splitlines()[0] == first
+    given = _cli("mesh", str(src), str(tmp_path / "d"), "--workers", "1", "--device", "cpu", "--voxel-size", "4,4,40")
+    assert given.returncode == 0 and "voxel size" not in given.stderr, given.stderr

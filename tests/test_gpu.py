@@ -777,7 +777,7 @@ def test_gpu_without_a_gpu_is_one_error_line(monkeypatch, tmp_path):
     labels[3:9, 3:9, 3:9] = 7
     write_zarr(tmp_path / "l.zarr", labels, chunk=32)
     res = CliRunner().invoke(main, ["mesh", str(tmp_path / "l.zarr"), str(tmp_path / "out"), "--device", "gpu",
-                                    "--workers", "1"])
+                                    "--workers", "1", "--voxel-size", "1,1,1"])
     assert res.exit_code == 2, res.output
     assert res.output.strip().splitlines() == ["gpumesh: error: no CUDA GPU visible to CuPy (install "
                                                "gpumesh-ng[gpu] on a GPU machine)"], res.output

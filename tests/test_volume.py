@@ -71,6 +71,7 @@ def test_numpy(labels):
     assert vol.dtype == np.uint32
     assert vol.voxel_size.dtype == np.float64 and vol.voxel_offset.dtype == np.int64
     np.testing.assert_array_equal(vol.voxel_size, [1, 1, 1])
+    assert not vol.voxel_size_known   # the (1, 1, 1) default: the main job warns
     np.testing.assert_array_equal(vol.voxel_offset, [0, 0, 0])
     assert vol.precomputed is None and vol.chunk_shape is None
     # Reads are copies, not views of the input.
@@ -85,6 +86,7 @@ def test_numpy_axes_and_overrides(labels):
     vol = open_volume(zyx, axes="zyx", voxel_size=(4, 5, 6), voxel_offset=(1, -2, 3))
     check_read(vol, labels)
     np.testing.assert_array_equal(vol.voxel_size, [4, 5, 6])
+    assert vol.voxel_size_known and vol.crop((1, -2, 3, 5, 5, 5)).voxel_size_known
     np.testing.assert_array_equal(vol.voxel_offset, [1, -2, 3])
     czyx = zyx[None]
     check_read(open_volume(czyx, axes="czyx"), labels)
@@ -104,6 +106,7 @@ def test_zarr3_dimension_names_zyx(tmp_path, labels):
     check_read(vol, labels)
     # voxel_size_nm is in storage order of the spatial axes (here z, y, x).
     np.testing.assert_array_equal(vol.voxel_size, [4, 8, 40])
+    assert vol.voxel_size_known
     assert vol.chunk_shape == (8, 8, 8)
     assert "zarr v3" in vol.description
     # Prefix, file:// URL and overrides.
@@ -119,7 +122,10 @@ def test_zarr3_dimension_names_zyx(tmp_path, labels):
 def test_zarr3_unnamed(tmp_path, labels):
     path = tmp_path / "xyz.zarr"
     write_ts({"driver": "zarr3", "kvstore": str(path)}, labels)
-    check_read(open_volume(path), labels)  # storage order taken as x, y, z
+    unnamed = open_volume(path)
+    check_read(unnamed, labels)  # storage order taken as x, y, z
+    assert not unnamed.voxel_size_known and not unnamed.crop((0, 0, 0, 4, 4, 4)).voxel_size_known
+    assert open_volume(path, voxel_size=(8, 8, 40)).voxel_size_known
     path2 = tmp_path / "zyx.zarr"
     write_ts({"driver": "zarr3", "kvstore": str(path2)}, np.ascontiguousarray(labels.transpose(2, 1, 0)))
     check_read(open_volume(str(path2), axes="zyx"), labels)
@@ -297,6 +303,7 @@ def test_precomputed_two_scales(tmp_path, labels):
     assert len(info["scales"]) == 2
 
     vol = open_volume(f"precomputed://{root}", mip=1)
+    assert vol.voxel_size_known
     check_read(vol, low, (-1, 2, 3), (12, 9, 10))
     np.testing.assert_array_equal(vol.voxel_size, [8, 8, 80])
     np.testing.assert_array_equal(vol.voxel_offset, [50, 100, 150])
