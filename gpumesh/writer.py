@@ -442,7 +442,7 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
         write_segment_properties(kv, ids, voxels)
     storage.write_json(kv, "info", mesh_info(volume, options, with_props, spec))
     if volume.precomputed is not None:
-        write_source_link(kv, volume, link_source)
+        write_source_link(kv, volume, link_source, with_props)
     return stats
 
 
@@ -1290,12 +1290,16 @@ def write_segment_properties(kv, uniq: np.ndarray, total: np.ndarray) -> None:
     storage.write_json(kv, "segment_properties/info", info, compact=True)
 
 
-def write_source_link(kv, volume: Volume, link_source: bool) -> None:
-    """Offer the mesh to a precomputed source volume.
+def write_source_link(kv, volume: Volume, link_source: bool, with_props: bool = False) -> None:
+    """Offer the mesh to a precomputed source volume (volume spec, ``mesh`` and
+    ``segment_properties``).
 
     Writes ``source_info.json`` into the mesh directory: the source's ``info`` with ``mesh``
-    pointing here, ready to replace it.  Only with ``link_source`` is the source's own
-    ``info`` rewritten (its previous version is kept as ``info.bak``).
+    pointing here, ready to replace it.  With ``with_props`` (the mesh directory holds segment
+    properties) its ``segment_properties`` points at them too, unless the source names its own:
+    the client reads segment properties from the volume's ``info`` when the meshes are reached
+    through its ``mesh`` (mesh spec, ``segment_properties``).  Only with ``link_source`` is the
+    source's own ``info`` rewritten (its previous version is kept as ``info.bak``).
     """
     src = volume.precomputed
     info = dict(src["info"])
@@ -1303,6 +1307,8 @@ def write_source_link(kv, volume: Volume, link_source: bool) -> None:
     src_spec = dict(src["kvstore"])
     mesh_ref = _relative_mesh_path(src_spec, dest_spec)
     info["mesh"] = mesh_ref
+    if with_props and "segment_properties" not in info:
+        info["segment_properties"] = mesh_ref.rstrip("/") + "/segment_properties"
     storage.write_json(kv, "source_info.json", info)
     if link_source:
         src_kv = storage.open_kvstore(src_spec)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -562,3 +563,57 @@ def test_bounds_crop_in_global_coordinates(tmp_path, labels):
     for bad in [(0, 0, 0, 1, 1), (0, 0, 0, 1, 1, 1.5), tuple(offset) + tuple(offset), (1000, 0, 0, 1001, 1, 1)]:
         with pytest.raises(InvalidVolumeError):
             vol.crop(bad)
+
+
+def _precomputed_source(root, arr, extra_info=None) -> None:
+    spec = {"driver": "neuroglancer_precomputed", "kvstore": {"driver": "file", "path": str(root)},
+            "multiscale_metadata": {"type": "segmentation", "data_type": "uint32", "num_channels": 1},
+            "scale_metadata": {"size": list(arr.shape), "resolution": [8, 8, 30], "chunk_size": [8, 8, 8],
+                               "encoding": "raw"}}
+    ts.open(spec, create=True).result()[ts.d["channel"][0]].write(arr).result()
+    if extra_info:
+        edit_json(root / "info", lambda i: i.update(extra_info))
+
+
+def test_link_source_points_the_volume_at_the_meshes_and_their_segment_properties(tmp_path):
+    """A precomputed source gets ``source_info.json`` (its info with ``mesh``, and
+    ``segment_properties`` where it names none: the client reads a volume's segment properties
+    from its own info, not from the mesh directory's); ``--link-source`` writes it into the
+    source, keeping ``info.bak``, and the paths resolve from the volume's root as the client
+    resolves them."""
+    import gpumesh
+    from conftest import cli_command
+
+    arr = np.zeros((24, 20, 16), np.uint32)
+    arr[2:10, 3:12, 2:9] = 5
+    arr[12:20, 5:15, 6:14] = 70000
+    root = tmp_path / "seg"
+    _precomputed_source(root, arr)
+    before = (root / "info").read_bytes()
+
+    def mesh(dest, *extra, source=root):
+        r = subprocess.run(cli_command() + ["mesh", str(source), str(dest), "--workers", "1", "--quiet",
+                                            "--chunk-size", "8", *extra], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return json.loads((dest / "source_info.json").read_text())
+
+    offered = mesh(tmp_path / "meshes")   # beside the volume: not linked
+    assert (root / "info").read_bytes() == before and not (root / "info.bak").exists()
+    assert offered == dict(json.loads(before), mesh="../meshes", segment_properties="../meshes/segment_properties")
+
+    linked = mesh(root / "mesh", "--link-source")   # inside it, linked
+    assert linked == dict(json.loads(before), mesh="mesh", segment_properties="mesh/segment_properties")
+    assert json.loads((root / "info").read_text()) == linked and (root / "info.bak").read_bytes() == before
+    props = json.loads((root / linked["segment_properties"] / "info").read_text())
+    assert props["@type"] == "neuroglancer_segment_properties" and props["inline"]["ids"] == ["5", "70000"]
+    assert len(gpumesh.load_mesh(str(root / linked["mesh"]), 70000).faces) > 0
+    vol = open_volume(str(root))   # the linked source still reads as before
+    np.testing.assert_array_equal(vol.read((0, 0, 0), arr.shape), arr)
+
+    # a source that names its own segment properties keeps them; no properties, no link to them
+    own = tmp_path / "own"
+    _precomputed_source(own, arr, {"segment_properties": "names"})
+    assert mesh(tmp_path / "m-own", source=own)["segment_properties"] == "names"
+    plain = tmp_path / "plain"
+    _precomputed_source(plain, arr)
+    assert "segment_properties" not in mesh(tmp_path / "m-none", "--no-segment-properties", source=plain)
