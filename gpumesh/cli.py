@@ -173,8 +173,8 @@ class _ProgressLines:
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
 @click.option("--overwrite", is_flag=True, help="delete what DEST holds first")
 @click.option("--resume", is_flag=True, help="continue an interrupted run into DEST")
-@click.option("--segment-properties/--no-segment-properties", default=True, show_default=True,
-              help="write segment properties (voxel counts)")
+@click.option("--segment-properties/--no-segment-properties", default=None,
+              help="write segment properties (voxel counts); default: for at most 1,000,000 segments")
 @click.option("--link-source", is_flag=True, help="set `mesh` in a precomputed source's info (rewrites the source)")
 @_sharding_flags(None)
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None, help="write the end summary as JSON")

@@ -76,8 +76,13 @@ class MeshOptions:
         10 or 16.
     format : str
         ``multires`` (``neuroglancer_multilod_draco``) or ``legacy`` (single resolution).
-    segment_properties : bool
-        Also write segment properties (voxel count of each segment).
+    segment_properties : bool or None
+        Also write segment properties (voxel count of each segment): ``True`` always, ``False``
+        never, ``None`` (default) when the job has at most
+        :data:`gpumesh.writer.SEGMENT_PROPERTIES_MAX` segments.  They are one JSON file that
+        the client loads whole before it shows any mesh of the source; past that many segments
+        it would be over ~20 MB (and past ~24 M segments longer than a browser's longest
+        string), so they are left out with a :class:`gpumesh.writer.SegmentPropertiesNotice`.
     sharding : ShardingOptions or None
         Multi-resolution only: store the meshes in the sharded format
         (``neuroglancer_uint64_sharded_v1``, see :mod:`gpumesh.sharding`); ``None`` writes one
@@ -102,7 +107,7 @@ class MeshOptions:
     quality: str = "medium"
     vertex_quantization_bits: int = 16
     format: str = "multires"
-    segment_properties: bool = True
+    segment_properties: Optional[bool] = None
     sharding: Optional[ShardingOptions] = None
     dust_threshold: int = 0
     segments: Optional[tuple] = None

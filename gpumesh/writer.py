@@ -55,6 +55,7 @@ import functools
 import json
 import os
 import re
+import warnings
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -437,7 +438,7 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
             else:
                 write_all_segments(kv, results, rows, plan, options, stats, volume.voxel_offset, lods_of, report)
 
-    with_props = options.segment_properties and stats["segments"] > 0
+    with_props = segment_properties_wanted(options.segment_properties, stats["segments"])
     if with_props:
         write_segment_properties(kv, ids, voxels)
     storage.write_json(kv, "info", mesh_info(volume, options, with_props, spec))
@@ -1269,6 +1270,35 @@ def convert_mesh(src, dest, *, sharding: Optional[ShardingOptions] = ShardingOpt
         storage.write(kv, key, storage.read(source.kv, key))
     storage.write_json(kv, "info", info_with_sharding(source.info, spec))
     return result
+
+
+#: Most segments whose segment properties a job writes unless asked to (``segment_properties=
+#: True``, ``--segment-properties``).  Inline segment properties are one JSON file (about 22
+#: bytes a segment) that Neuroglancer fetches and parses whole before it shows any mesh of the
+#: source: 1 M segments make ~22 MB; 5 M took 5.5 s and 0.8 GB to write here (109 MB); past
+#: ~24 M the file is longer than V8's longest string (2**29 - 24 characters), so a browser
+#: that parses it as one string cannot (not tried).
+SEGMENT_PROPERTIES_MAX = 1_000_000
+
+
+class SegmentPropertiesNotice(UserWarning):
+    """The job has more segments than :data:`SEGMENT_PROPERTIES_MAX`: its segment properties
+    were left out (``segment_properties=True`` / ``--segment-properties`` writes them)."""
+
+
+def segment_properties_wanted(option: Optional[bool], segments: int) -> bool:
+    """Whether a job of ``segments`` segments writes segment properties, for the option
+    ``MeshOptions.segment_properties`` (None: up to :data:`SEGMENT_PROPERTIES_MAX`, with a
+    :class:`SegmentPropertiesNotice` past it)."""
+    if segments <= 0 or option is False:
+        return False
+    if option is None and segments > SEGMENT_PROPERTIES_MAX:
+        warnings.warn(SegmentPropertiesNotice(
+            f"{segments:,} segments: segment properties left out (one JSON file of about "
+            f"{segments * 22 / 1e6:,.0f} MB that a viewer loads whole before any mesh); "
+            f"--segment-properties (Python: MeshOptions(segment_properties=True)) writes them"), stacklevel=3)
+        return False
+    return True
 
 
 def write_segment_properties(kv, uniq: np.ndarray, total: np.ndarray) -> None:

@@ -438,3 +438,34 @@ def test_a_source_without_a_voxel_size_is_meshed_in_voxels_with_a_warning(tmp_pa
     assert segment.stderr.splitlines()[0] == first
     given = _cli("mesh", str(src), str(tmp_path / "d"), "--workers", "1", "--device", "cpu", "--voxel-size", "4,4,40")
     assert given.returncode == 0 and "voxel size" not in given.stderr, given.stderr
+
+
+def test_segment_properties_are_left_out_past_the_cap_unless_asked_for(tmp_path, monkeypatch):
+    """Past SEGMENT_PROPERTIES_MAX segments the default leaves the segment properties out (the
+    client loads their one JSON file whole before any mesh), with a notice; True writes them,
+    False never."""
+    import json
+
+    from gpumesh import writer
+
+    two = np.zeros((12, 12, 12), np.uint32)
+    two[1:5, 1:5, 1:5] = 3
+    two[6:11, 6:11, 6:11] = 9
+    monkeypatch.setattr(writer, "SEGMENT_PROPERTIES_MAX", 1)
+    with pytest.warns(writer.SegmentPropertiesNotice, match="2 segments: segment properties left out"):
+        run_mesh(two, str(tmp_path / "auto"), voxel_size=(8, 8, 8), workers=1)
+    assert "segment_properties" not in json.loads((tmp_path / "auto" / "info").read_text())
+    assert not (tmp_path / "auto" / "segment_properties").exists() and validate(str(tmp_path / "auto")).ok
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", writer.SegmentPropertiesNotice)
+        run_mesh(two, str(tmp_path / "asked"), voxel_size=(8, 8, 8), workers=1,
+                 options=MeshOptions(segment_properties=True))
+        run_mesh(two, str(tmp_path / "never"), voxel_size=(8, 8, 8), workers=1,
+                 options=MeshOptions(segment_properties=False))
+        monkeypatch.setattr(writer, "SEGMENT_PROPERTIES_MAX", 2)
+        run_mesh(two, str(tmp_path / "under"), voxel_size=(8, 8, 8), workers=1)
+    for name, has in (("asked", True), ("never", False), ("under", True)):
+        info = json.loads((tmp_path / name / "info").read_text())
+        assert ("segment_properties" in info) == has, name
+    props = json.loads((tmp_path / "asked" / "segment_properties" / "info").read_text())
+    assert props["inline"]["ids"] == ["3", "9"] and props["inline"]["properties"][0]["values"] == [64, 125]
