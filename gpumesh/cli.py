@@ -76,7 +76,6 @@ def _sharding_options(multires: bool, sharded, shard_bits, minishard_bits, presh
     return options
 
 
-
 class _Terminated(KeyboardInterrupt):
     """SIGTERM (a batch scheduler's stop, ``docker stop``, ``kill``), handled as Ctrl-C is."""
 
@@ -175,7 +174,8 @@ class _ProgressLines:
 @click.option("--resume", is_flag=True, help="continue an interrupted run into DEST")
 @click.option("--segment-properties/--no-segment-properties", default=None,
               help="write segment properties (voxel counts); default: for at most 1,000,000 segments")
-@click.option("--link-source", is_flag=True, help="set `mesh` in a precomputed source's info (rewrites the source)")
+@click.option("--link-source", is_flag=True,
+              help="set `mesh` (and `segment_properties`) in a precomputed source's info (rewrites the source)")
 @_sharding_flags(None)
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None, help="write the end summary as JSON")
 @click.option("--quiet", is_flag=True, help="no progress bar")
