@@ -872,8 +872,9 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         :mod:`gpumesh.resources`).
     device : {"auto", "cpu", "gpu"}
     link_source : bool
-        When the source is a precomputed volume, also set ``mesh`` in its ``info`` (the
-        source is never changed otherwise; a ready copy is written as ``source_info.json``).
+        Also set ``mesh`` (and ``segment_properties``) in the ``info`` of the source, which
+        must be a precomputed volume (the source is never changed otherwise; a ready copy is
+        written as ``source_info.json`` for any precomputed source).
     progress : callable(done, total), optional
         Called with the tasks finished (resumed ones included) and all tasks: at the start and
         as each task finishes.
@@ -904,7 +905,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         ``dest`` is a file, or cannot be written (checked by the job's first write).
     ValueError
         Inconsistent options (``options`` not a :class:`MeshOptions`, ``workers`` < 1 included),
-        or a ``memory://`` destination with ``client``, or a cluster without workers.
+        ``link_source`` with a source that is not a precomputed volume, or a ``memory://``
+        destination with ``client``, or a cluster without workers.
     WorkerFailedError
         A worker process ended abruptly (killed, e.g. by the out-of-memory killer, or crashed).
         The tasks that finished are kept: ``resume=True`` continues the run.
@@ -918,6 +920,9 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         raise ValueError(f"workers must be an integer >= 1 (or None: every core), got {workers!r}")
     open_kwargs = dict(voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip, axes=axes, bounds=bounds)
     volume = open_volume(source, **open_kwargs)
+    if link_source and volume.precomputed is None:
+        raise ValueError(f"link_source (--link-source) names the meshes in a precomputed source's info; "
+                         f"{volume.description} is not a precomputed volume")
     warn_if_no_voxel_size(volume)
     dest_spec = storage.kvstore_spec(dest) if not isinstance(dest, dict) else dest
     if client is None:

@@ -617,3 +617,22 @@ def test_link_source_points_the_volume_at_the_meshes_and_their_segment_propertie
     plain = tmp_path / "plain"
     _precomputed_source(plain, arr)
     assert "segment_properties" not in mesh(tmp_path / "m-none", "--no-segment-properties", source=plain)
+
+
+def test_link_source_of_a_source_that_is_not_precomputed_is_refused_before_output(tmp_path, labels):
+    """--link-source used to be ignored where there is no precomputed info to link the meshes
+    into; now it is bad input: one line, status 2, nothing written."""
+    from gpumesh.pipeline import run_mesh
+    from conftest import cli_command
+
+    with pytest.raises(ValueError, match="not a precomputed volume"):
+        run_mesh(labels, str(tmp_path / "api"), voxel_size=(8, 8, 30), link_source=True, workers=1)
+    assert not (tmp_path / "api").exists()
+    src = tmp_path / "v.zarr"
+    write_ts({"driver": "zarr3", "kvstore": str(src)}, labels)
+    r = subprocess.run(cli_command() + ["mesh", str(src), str(tmp_path / "cli"), "--voxel-size", "8,8,30",
+                                        "--link-source"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"gpumesh: error: link_source (--link-source) names the meshes in a precomputed source's info; "
+        f"zarr v3 {src} (mip 0) is not a precomputed volume"], r.stderr
+    assert not (tmp_path / "cli").exists()
