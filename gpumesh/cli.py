@@ -13,6 +13,7 @@ import sys
 import warnings
 
 import click
+from click.core import ParameterSource
 
 from ._cliutil import _fail, _numbers, _segments
 from .errors import EmptyVolumeWarning, GpumeshError, NoVoxelSizeWarning, SegmentsNotFoundWarning, WorkerFailedError
@@ -157,7 +158,7 @@ class _ProgressLines:
                    "(fewer where one coarser node spans the volume)")
 @click.option("--lods", "num_lods", type=int, default=None, help="LODs of every segment (default: by segment size)")
 @click.option("--bits", "bits", type=click.Choice(["10", "16"]), default="16", show_default=True,
-              help="vertex quantization bits; 10 keeps every vertex and triangle in ~30% fewer bytes, "
+              help="vertex quantization bits (multires only); 10 keeps every vertex and triangle in ~30% fewer bytes, "
                    "each vertex within chunk/1024 voxels of its LOD")
 @click.option("--dust-threshold", type=int, default=0, show_default=True, metavar="VOXELS",
               help="skip segments with fewer voxels than this in the whole volume")
@@ -203,6 +204,8 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality
 
     sharding = _sharding_options(fmt == "multires", sharded, shard_bits, minishard_bits, preshift_bits, shard_hash,
                                  minishard_index_encoding, data_encoding)
+    if fmt == "legacy" and click.get_current_context().get_parameter_source("bits") != ParameterSource.DEFAULT:
+        _fail(ValueError("--bits only applies to multires output (legacy meshes store float32 positions)"))
     options = MeshOptions(chunk_size=chunk_size, max_lods=max_lods if fmt == "multires" else 1,
                           num_lods=num_lods, quality=quality, vertex_quantization_bits=int(bits), format=fmt,
                           segment_properties=segment_properties, sharding=sharding, dust_threshold=dust_threshold,

@@ -132,6 +132,7 @@ def test_cli_errors_are_one_line(tmp_path, real_zarr):
     cases = [
         (str(tmp_path / "nope.zarr"), "--voxel-size", "32,32,40"),
         (str(real_zarr), "--voxel-size", "32,0,40"),
+        (str(real_zarr), "--format", "legacy", "--bits", "16"),   # legacy positions are float32
     ]
     for args in cases:
         r = _cli("mesh", args[0], str(dest), *args[1:], "--quiet")
