@@ -1045,6 +1045,8 @@ def load_mesh(location_or_source, segment_id: int, lod: int = 0, *, weld: bool =
             base += len(v)
     else:
         if lod != 0:
+            if not src.has_segment(seg):   # not found (or not a mesh directory) says more
+                raise src._missing(seg)
             raise InvalidMeshError(f"segment {seg}: legacy meshes have only LOD 0 (asked for {lod})")
         for v, f in src.legacy_fragments(seg):
             verts.append(v.astype(np.float64))

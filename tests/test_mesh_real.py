@@ -330,6 +330,16 @@ def test_legacy_matches_multires_lod0(crop, crop_high, tmp_path):
         vb = {tuple(r) for r in np.round(to_crop_voxels(np.asarray(b.vertices)) * 2).astype(int).tolist()}
         assert va == vb
         assert len(a.faces) == len(b.faces)
+    # LOD 1 of a legacy mesh does not exist; of a segment that is not there, the segment does not
+    from gpumesh.errors import InvalidMeshError
+
+    with pytest.raises(InvalidMeshError, match="legacy meshes have only LOD 0"):
+        load_mesh(str(dest), sampled_segments(crop)[0], lod=1)
+    with pytest.raises(InvalidMeshError, match=r"segment 4294967295 not found in file://"):
+        load_mesh(str(dest), 2**32 - 1, lod=1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidMeshError, match=r"no info file there: not a mesh directory\?"):
+        load_mesh(str(tmp_path / "empty"), 3, lod=1)
 
 
 def test_cut_border_blocks_mesh_like_full_blocks(crop):
