@@ -836,6 +836,7 @@ def _validate(report: ValidationReport, location, segments, decode: bool, sample
         return report
     keys = None
     if raw_info is None and not all_ids:
+        report.kind = None   # no info and no legacy manifest: not a mesh of either kind
         keys = storage.list_keys(kv)
         if any(k.endswith(".index") for k in keys):
             report.add_error("no info file, but .index manifests present (multi-resolution meshes need an info)")

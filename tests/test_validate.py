@@ -447,6 +447,9 @@ def test_nothing_there_is_not_a_mesh(tmp_path):
     kv = storage.open_kvstore(tmp_path / "shards")
     storage.write(kv, "0.shard", b"\0" * 16)
     _has(validate(tmp_path / "shards"), "no info file", ".shard")
+    # and the report does not call it legacy meshes
+    assert validate(tmp_path / "empty").kind is None
+    assert validate(tmp_path / "empty").format_table().startswith("kind: unknown")
 
 
 def test_fragment_files_without_a_manifest_are_reported(good, tmp_path):
