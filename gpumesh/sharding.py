@@ -249,9 +249,18 @@ def sharding_problems(obj) -> list[str]:
     return problems
 
 
+#: The gzip header's OS byte that :func:`_gzip` writes: 3 ("Unix"), what zlib writes on Linux and
+#: ``gzip.compress(mtime=0)`` on Python 3.11 and 3.12 (3.10 and 3.13 write 255, zlib on Windows
+#: 10), so sharded output no longer depends on the Python version.
+GZIP_OS = 3
+
+
 def _gzip(data: bytes) -> bytes:
-    # mtime=0 and no file name: the same bytes every run
-    return gzip.compress(data, compresslevel=6, mtime=0)
+    """gzip (level 6) with mtime 0, no file name and :data:`GZIP_OS`: the same bytes on every
+    run, platform and Python version (given the same zlib)."""
+    out = bytearray(zlib.compress(data, 6, wbits=31))   # a gzip member: 10-byte header, deflate, trailer
+    out[9] = GZIP_OS
+    return bytes(out)
 
 
 def _gunzip(data: bytes) -> bytes:
