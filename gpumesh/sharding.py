@@ -258,7 +258,8 @@ GZIP_OS = 3
 def _gzip(data: bytes) -> bytes:
     """gzip (level 6) with mtime 0, no file name and :data:`GZIP_OS`: the same bytes on every
     run, platform and Python version (given the same zlib)."""
-    out = bytearray(zlib.compress(data, 6, wbits=31))   # a gzip member: 10-byte header, deflate, trailer
+    c = zlib.compressobj(6, zlib.DEFLATED, 31)   # a gzip member: 10-byte header, deflate, trailer
+    out = bytearray(c.compress(data) + c.flush())
     out[9] = GZIP_OS
     return bytes(out)
 
