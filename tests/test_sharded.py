@@ -253,8 +253,13 @@ def test_bulk_writes_skip_the_fsync_of_each_file_and_flush_once(tmp_path):
     assert storage.read(kv, "a") == b"1" and storage.read(kv, "b/c") == b"22"
     bulk = storage._unsynced(kv)
     assert bulk is storage._unsynced(storage.open_kvstore(tmp_path / "d"))
-    assert bulk.spec(retain_context=True).to_json()["file_io_sync"] is False
-    assert kv.spec(retain_context=True).to_json()["file_io_sync"] is True
+
+    def file_io_sync(store):   # a resource of the spec (TensorStore 0.1.86) or of its context (0.1.81)
+        spec = store.spec(retain_context=True).to_json()
+        return spec["file_io_sync"] if "file_io_sync" in spec else spec["context"]["file_io_sync"]
+
+    assert file_io_sync(bulk) is False
+    assert file_io_sync(kv) is True
     storage.flush(kv)
     mem = storage.open_kvstore("memory://gpumesh_test_flush/")
     assert storage._unsynced(mem) is mem
