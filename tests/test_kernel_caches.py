@@ -18,9 +18,10 @@ import stat
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from gpumesh import _caches
+from gpumesh import _caches, marching, validate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,7 @@ def _python(code, env, cwd):
 
 
 def test_kernels_load_where_numba_has_no_cache_directory(tmp_path):
-    site, tmp, env = _hostile_copy(tmp_path)
+    _, tmp, env = _hostile_copy(tmp_path)
     # numba alone fails there: the situation the package must survive
     plain = _python("import plain", env, tmp_path)
     assert plain.returncode != 0 and "no locator available" in plain.stderr, plain.stderr[-2000:]
@@ -61,25 +62,20 @@ def test_kernels_load_where_numba_has_no_cache_directory(tmp_path):
     proc = _python(code, env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ntri, cache = proc.stdout.split()
-    import numpy as np
-    from gpumesh import marching
-
     lab = np.zeros((6, 6, 6), np.uint32)
     lab[2:4, 2:4, 2:4] = 5
     assert int(ntri) == len(marching.march_cubes(lab, 4)[0]) > 0  # the same kernel's result
     cache = pathlib.Path(cache)
     assert cache.parent == tmp and cache.name == f"gpumesh-numba-{os.getuid()}"
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700
-    # the kernel was cached there, and a second process loads it from there
+    # the kernel was cached there, and a second process runs the same way with that directory
     assert any(p.suffix == ".nbi" and p.name.startswith("marching._march") for p in cache.rglob("*"))
     again = _python(code, env, tmp_path)
     assert again.returncode == 0 and again.stdout == proc.stdout, again.stderr[-3000:]
 
 
 def test_the_main_job_runs_where_numba_has_no_cache_directory(tmp_path, crop):
-    site, tmp, env = _hostile_copy(tmp_path)
-    import numpy as np
-
+    _, _, env = _hostile_copy(tmp_path)
     np.save(tmp_path / "labels.npy", np.ascontiguousarray(crop[:48, :48, :48]))
     code = ("import numpy as np, gpumesh\n"
             f"s = gpumesh.run_mesh(np.load({str(tmp_path / 'labels.npy')!r}), {str(tmp_path / 'out')!r},"
@@ -88,8 +84,6 @@ def test_the_main_job_runs_where_numba_has_no_cache_directory(tmp_path, crop):
     proc = _python(code, env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert int(proc.stdout.split()[-1]) > 0
-    from gpumesh import validate
-
     assert validate(str(tmp_path / "out")).ok
 
 
