@@ -370,10 +370,19 @@ def convert(src, dest, sharded, shard_bits, minishard_bits, preshift_bits, shard
 
     sharding = _sharding_options(True, sharded, shard_bits, minishard_bits, preshift_bits, shard_hash,
                                  minishard_index_encoding, data_encoding)
+    previous = _stop_on_sigterm()
     try:
         result = convert_mesh(src, dest, sharding=sharding, overwrite=overwrite)
+    except KeyboardInterrupt as exc:   # Ctrl-C, SIGTERM: info is written last, so no reader trusts DEST
+        terminated = isinstance(exc, _Terminated)
+        click.echo(f"gpumesh: {'terminated (SIGTERM)' if terminated else 'interrupted'}; {dest} is incomplete "
+                   f"(no info): run it again with --overwrite", err=True)
+        sys.exit(143 if terminated else 130)
     except (GpumeshError, ValueError) as exc:
         _fail(exc)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     click.echo(f"segments:  {result['segments']}")
     if result["sharding"] is not None:
         sh = result["sharding"]

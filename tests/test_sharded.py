@@ -453,6 +453,62 @@ def test_convert_round_trip(outputs, tmp_path):
         convert_mesh(str(plain), str(tmp_path / "back2"), sharding=None)  # not empty
 
 
+_SLOW_CONVERT = r"""
+import pathlib, sys, time
+import gpumesh.writer as writer
+from gpumesh.cli import main
+
+marker = pathlib.Path(sys.argv[1])
+build = writer.build_shard
+
+def slow_build(*args, **kwargs):   # every shard waits, so that the test can stop the job mid-way
+    marker.touch()
+    time.sleep(1.0)
+    return build(*args, **kwargs)
+
+writer.build_shard = slow_build
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("sig, status, how", [(signal.SIGINT, 130, "interrupted"),
+                                              (signal.SIGTERM, 143, "terminated (SIGTERM)")],
+                         ids=["ctrl-c", "sigterm"])
+def test_a_stopped_convert_says_so_in_one_line_and_leaves_no_info(outputs, tmp_path, sig, status, how):
+    """Ctrl-C or SIGTERM during ``gpumesh convert``: one line, status 128 + the signal, no
+    ``info`` in DEST (written last, so no reader trusts it), and ``--overwrite`` then writes the
+    bytes of an uninterrupted conversion.  It used to end with a traceback (Ctrl-C) or no word
+    at all (SIGTERM)."""
+    import sys
+
+    dest = tmp_path / "dest"
+    marker = tmp_path / "building"
+    args = ["convert", str(outputs / "unsharded"), str(dest), "--shard-bits", "2"]
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_CONVERT, str(marker)] + args, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 60
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the conversion never reached a shard"
+        proc.send_signal(sig)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == status, (proc.returncode, err)
+    assert err.strip().splitlines() == [f"gpumesh: {how}; {dest} is incomplete (no info): run it again with "
+                                        f"--overwrite"], err
+    assert not (dest / "info").exists()
+    r = _cli(*args, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert validate(str(dest)).ok
+    want = tmp_path / "want"
+    assert _cli(*args[:2], str(want), *args[3:]).returncode == 0
+    assert tree_files(dest) == tree_files(want)
+
+
 def test_convert_refuses_bad_sources_and_destinations(outputs, small, tmp_path):
     from gpumesh.errors import DestinationExistsError, InvalidMeshError
 
