@@ -86,6 +86,14 @@ def _raise_terminated(signum, frame):
     raise _Terminated()
 
 
+def _stopped(exc: KeyboardInterrupt, what: str) -> None:
+    """End a command stopped by Ctrl-C or SIGTERM (``exc``): one line, ``gpumesh: interrupted;
+    WHAT`` (``terminated (SIGTERM)`` for SIGTERM), and status 128 + the signal's number."""
+    terminated = isinstance(exc, _Terminated)
+    click.echo(f"gpumesh: {'terminated (SIGTERM)' if terminated else 'interrupted'}; {what}", err=True)
+    sys.exit(143 if terminated else 130)
+
+
 def _stop_on_sigterm():
     """Make SIGTERM stop the main job as Ctrl-C does (workers stopped, finished tasks kept, one
     line, status 143), instead of ending the process with no word and leaving the worker pool's
@@ -297,10 +305,7 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality
         sys.exit(1)
     except KeyboardInterrupt as exc:   # Ctrl-C, SIGTERM: the workers are stopped at once (pipeline._stop_workers)
         close_bars()
-        how = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
-        click.echo(f"gpumesh: {how}; the finished tasks are kept in {dest}: run it again with --resume "
-                   f"to continue", err=True)
-        sys.exit(143 if isinstance(exc, _Terminated) else 130)   # 128 + the signal's number
+        _stopped(exc, f"the finished tasks are kept in {dest}: run it again with --resume to continue")
     except (GpumeshError, ValueError) as exc:
         close_bars()
         _fail(exc)
@@ -374,10 +379,7 @@ def convert(src, dest, sharded, shard_bits, minishard_bits, preshift_bits, shard
     try:
         result = convert_mesh(src, dest, sharding=sharding, overwrite=overwrite)
     except KeyboardInterrupt as exc:   # Ctrl-C, SIGTERM: info is written last, so no reader trusts DEST
-        terminated = isinstance(exc, _Terminated)
-        click.echo(f"gpumesh: {'terminated (SIGTERM)' if terminated else 'interrupted'}; {dest} is incomplete "
-                   f"(no info): run it again with --overwrite", err=True)
-        sys.exit(143 if terminated else 130)
+        _stopped(exc, f"{dest} is incomplete (no info): run it again with --overwrite")
     except (GpumeshError, ValueError) as exc:
         _fail(exc)
     finally:
