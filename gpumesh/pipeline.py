@@ -73,7 +73,8 @@ class MeshOptions:
     quality : str
         Decimation preset: ``low``, ``medium`` (default) or ``high`` (LOD 0 undecimated).
     vertex_quantization_bits : int
-        10 or 16.
+        10 or 16; multires only (legacy meshes store float32 positions, so 10 with
+        ``format="legacy"`` is refused).
     format : str
         ``multires`` (``neuroglancer_multilod_draco``) or ``legacy`` (single resolution).
     segment_properties : bool or None
@@ -136,6 +137,9 @@ class MeshOptions:
             raise ValueError("chunk size too large for the vertex quantization bits")
         if self.format not in ("multires", "legacy"):
             raise ValueError(f"format must be multires or legacy, got {self.format!r}")
+        if self.format == "legacy" and self.vertex_quantization_bits != 16:
+            raise ValueError("vertex quantization bits only apply to multires output "
+                             "(legacy meshes store float32 positions); leave them at 16")
         get_quality(self.quality)
         if isinstance(self.dust_threshold, bool) or not isinstance(self.dust_threshold, (int, np.integer)) \
                 or self.dust_threshold < 0:

@@ -88,6 +88,7 @@ def test_bad_options_before_output(tmp_path, options, workers):
     (MeshOptions(vertex_quantization_bits=12), "bits must be 10 or 16"),
     (MeshOptions(vertex_quantization_bits=10, chunk_size=1024), "chunk size too large"),
     (MeshOptions(format="obj"), "format must be multires or legacy"),
+    (MeshOptions(format="legacy", vertex_quantization_bits=10), "bits only apply to multires output"),
     (MeshOptions(quality="best"), "unknown quality preset 'best'"),
     (MeshOptions(sharding={"shard_bits": 1}), "sharding must be a ShardingOptions"),
     (MeshOptions(format="legacy", sharding=ShardingOptions()), "legacy meshes have no sharded form"),

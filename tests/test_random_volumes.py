@@ -141,10 +141,12 @@ def random_options(rng: np.random.Generator) -> MeshOptions:
             minishard_bits=int(rng.integers(0, 3)),
             minishard_index_encoding=str(rng.choice(["gzip", "raw"])),
             data_encoding=str(rng.choice(["raw", "gzip"])))
-    return MeshOptions(
-        chunk_size=chunk, max_lods=max_lods, num_lods=num_lods,
-        quality=str(rng.choice(["low", "medium", "high"])),
-        vertex_quantization_bits=int(rng.choice([10, 16])), format=fmt, sharding=sharding)
+    quality = str(rng.choice(["low", "medium", "high"]))
+    bits = int(rng.choice([10, 16]))
+    if fmt == "legacy":
+        bits = 16   # float32 positions; still drawn, so each seed keeps its case
+    return MeshOptions(chunk_size=chunk, max_lods=max_lods, num_lods=num_lods, quality=quality,
+                       vertex_quantization_bits=bits, format=fmt, sharding=sharding)
 
 
 def _voxel_counts(dest) -> dict:
