@@ -119,15 +119,15 @@ def _occupancy(mask, step, occ):
 
 
 def open_source(source: Any, *, voxel_size=None, voxel_offset=None, mip: int = 0,
-                axes: Optional[str] = None, bounds=None) -> Volume:
+                axes: Optional[str] = None, bounds=None, fill_missing: bool = True) -> Volume:
     """A :class:`Volume` for ``source``: an open Volume (overrides applied) or anything
     :func:`gpumesh.volume.open_volume` accepts, cropped to ``bounds`` (:meth:`Volume.crop`)."""
     if bounds is not None:
         return open_source(source, voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip,
-                           axes=axes).crop(bounds)
+                           axes=axes, fill_missing=fill_missing).crop(bounds)
     if isinstance(source, Volume):
-        if mip or axes is not None:
-            raise ValueError("mip and axes apply when opening a source, not to an open Volume")
+        if mip or axes is not None or not fill_missing:
+            raise ValueError("mip, axes and fill_missing apply when opening a source, not to an open Volume")
         changes = {}
         if voxel_size is not None or voxel_offset is not None:
             # validate like open_volume does
@@ -139,7 +139,8 @@ def open_source(source: Any, *, voxel_size=None, voxel_offset=None, mip: int = 0
             if voxel_offset is not None:
                 changes["voxel_offset"] = _check_voxel_offset(voxel_offset)
         return dataclasses.replace(source, **changes) if changes else source
-    return open_volume(source, voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip, axes=axes)
+    return open_volume(source, voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip, axes=axes,
+                       fill_missing=fill_missing)
 
 
 def _check_bbox(bbox, shape) -> tuple[np.ndarray, np.ndarray]:
@@ -376,7 +377,7 @@ def _to_nm(v2: np.ndarray, origin, voxel_size) -> np.ndarray:
 
 def mesh_segment(source: Any, segment_id: int, *, bbox=None, mip: int = 0, voxel_size=None,
                  voxel_offset=None, axes: Optional[str] = None, quality: Optional[str] = None,
-                 device: str = "auto", threads: int = SCAN_THREADS, bounds=None):
+                 device: str = "auto", threads: int = SCAN_THREADS, bounds=None, fill_missing: bool = True):
     """Mesh one segment ad hoc, as a ``trimesh.Trimesh`` in model space (nm).
 
     Parameters
@@ -411,6 +412,9 @@ def mesh_segment(source: Any, segment_id: int, *, bbox=None, mip: int = 0, voxel
         Backend of the marching cubes (:func:`gpumesh.backend.get_backend`).
     threads : int
         Blocks read concurrently while scanning, and sub-blocks marched concurrently on the CPU.
+    fill_missing : bool
+        ``False``: a storage chunk of the source that is not stored is an error instead of
+        background (see :func:`gpumesh.volume.open_volume`).
 
     Returns
     -------
@@ -426,7 +430,8 @@ def mesh_segment(source: Any, segment_id: int, *, bbox=None, mip: int = 0, voxel
     ValueError
         A bad segment ID, bbox or quality.
     InvalidVolumeError, InvalidVoxelSizeError, SourceReadError
-        Bad source (see :func:`gpumesh.volume.open_volume`).
+        Bad source (see :func:`gpumesh.volume.open_volume`), or with ``fill_missing=False`` a
+        chunk that is not stored.
     """
     import trimesh
 
@@ -434,7 +439,7 @@ def mesh_segment(source: Any, segment_id: int, *, bbox=None, mip: int = 0, voxel
 
     keep = None if quality is None else get_quality(quality).lod0_keep
     volume = open_source(source, voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip, axes=axes,
-                         bounds=bounds)
+                         bounds=bounds, fill_missing=fill_missing)
     warn_if_no_voxel_size(volume)
     backend = get_backend(device)
     found = _locate(volume, segment_id, bbox, threads)

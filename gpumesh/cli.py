@@ -157,6 +157,9 @@ class _ProgressLines:
               help="mesh only this box (global voxel coordinates, end excluded; clipped to the volume)")
 @click.option("--mip", default=0, show_default=True, help="scale of a multiscale source (precomputed, OME-Zarr)")
 @click.option("--axes", default=None, help="axis order of a source without dimension names, e.g. zyx")
+@click.option("--fill-missing/--no-fill-missing", default=True, show_default=True,
+              help="read the source's chunks that are not stored as background (0); with --no-fill-missing a "
+                   "task that needs one fails (igneous's default), and --resume continues once it is there")
 @click.option("--format", "fmt", type=click.Choice(["multires", "legacy"]), default="multires", show_default=True)
 @click.option("--quality", type=click.Choice(["low", "medium", "high"]), default="medium", show_default=True,
               help="decimation preset; high leaves LOD 0 undecimated")
@@ -188,10 +191,10 @@ class _ProgressLines:
 @_sharding_flags(None)
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None, help="write the end summary as JSON")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality, chunk_size, max_lods, num_lods, bits,
-         dust_threshold, segments, workers, scheduler, device, overwrite, resume, segment_properties, link_source, sharded,
-         shard_bits, minishard_bits, preshift_bits, shard_hash, minishard_index_encoding, data_encoding, summary_json,
-         quiet):
+def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missing, fmt, quality, chunk_size, max_lods,
+         num_lods, bits, dust_threshold, segments, workers, scheduler, device, overwrite, resume, segment_properties,
+         link_source, sharded, shard_bits, minishard_bits, preshift_bits, shard_hash, minishard_index_encoding,
+         data_encoding, summary_json, quiet):
     """Mesh every segment of SOURCE into Neuroglancer precomputed meshes in DEST.
 
     SOURCE: a zarr v2/v3, N5, OME-Zarr or precomputed volume (path or URL).
@@ -290,7 +293,7 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fmt, quality
                                    mip=mip, axes=axes, overwrite=overwrite, resume=resume, workers=workers,
                                    device=device, link_source=link_source, progress=progress,
                                    write_progress=write_progress, client=client,
-                                   bounds=bounds)
+                                   bounds=bounds, fill_missing=fill_missing)
             finally:
                 if client is not None:
                     client.close()

@@ -60,11 +60,14 @@ def _report(mesh, path, seconds) -> None:
               help="the same in global voxel coordinates (voxel offset included), as gpumesh mesh --bounds")
 @click.option("--mip", default=0, show_default=True, help="scale of a multiscale source")
 @click.option("--axes", default=None, help="axis order of a source without dimension names, e.g. zyx")
+@click.option("--fill-missing/--no-fill-missing", default=True, show_default=True,
+              help="read the source's chunks that are not stored as background (0), else stop with an error")
 @click.option("--quality", type=click.Choice(["exact", "low", "medium", "high"]), default="exact", show_default=True,
               help="exact: the marching-cubes surface; else decimate like that preset's LOD 0")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
 @click.option("--scale", type=float, default=1.0, show_default=True, help="factor on positions (1e-3: µm)")
-def segment(source, segment_id, output, voxel_size, voxel_offset, bbox, bounds, mip, axes, quality, device, scale):
+def segment(source, segment_id, output, voxel_size, voxel_offset, bbox, bounds, mip, axes, fill_missing, quality,
+            device, scale):
     """Mesh segment SEGMENT_ID of the volume SOURCE now and write it to a file.
 
     SOURCE: a zarr v2/v3, N5, OME-Zarr or precomputed volume (path or URL).
@@ -77,7 +80,7 @@ def segment(source, segment_id, output, voxel_size, voxel_offset, bbox, bounds, 
         with _one_line_warnings():
             mesh = export_adhoc(source, segment_id, output, scale=scale, bbox=bbox, mip=mip, voxel_size=voxel_size,
                                 voxel_offset=voxel_offset, axes=axes, quality=None if quality == "exact" else quality,
-                                device=device, bounds=bounds)
+                                device=device, bounds=bounds, fill_missing=fill_missing)
     except (GpumeshError, ValueError, OSError) as exc:
         _fail(exc)
     _report(mesh, output, time.perf_counter() - t0)

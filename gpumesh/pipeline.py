@@ -846,7 +846,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
              workers: Optional[int] = None, device: str = "auto", link_source: bool = False,
              progress: Optional[Callable[[int, int], None]] = None,
              write_progress: Optional[Callable[[int, int], None]] = None, client=None,
-             bounds: Optional[tuple] = None) -> Summary:
+             bounds: Optional[tuple] = None, fill_missing: bool = True) -> Summary:
     """Mesh every segment of a label volume into a Neuroglancer precomputed mesh directory.
 
     Parameters
@@ -890,6 +890,12 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         offset included), clipped to the volume (:meth:`gpumesh.volume.Volume.crop`): the
         output is that of a volume holding just the box, at its place, segments cut by the
         box closed at its faces.
+    fill_missing : bool
+        ``True`` (default): storage chunks of the source that are not stored are background,
+        as their readers take them (zarr, N5, precomputed; writers leave out chunks of fill
+        value only).  ``False``: a task that needs such a chunk fails (igneous's default, where
+        a missing chunk means a failed upload): the others finish and the job ends with a
+        :class:`TaskFailedError` naming the chunk; ``resume=True`` continues once it is there.
     client : distributed.Client, optional
         Run the tasks on this Dask cluster's workers instead of local processes (``workers``
         is then ignored; see :mod:`gpumesh.cluster`).  The source and ``dest`` must be
@@ -914,6 +920,9 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     WorkerFailedError
         A worker process ended abruptly (killed, e.g. by the out-of-memory killer, or crashed).
         The tasks that finished are kept: ``resume=True`` continues the run.
+    TaskFailedError
+        Tasks failed (a source chunk that cannot be read, or is not stored with
+        ``fill_missing=False``); the others are kept: ``resume=True`` continues the run.
     """
     t0 = time.perf_counter()
     if not isinstance(options, MeshOptions):
@@ -922,7 +931,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, (int, np.integer))
                                 or workers < 1):
         raise ValueError(f"workers must be an integer >= 1 (or None: every core), got {workers!r}")
-    open_kwargs = dict(voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip, axes=axes, bounds=bounds)
+    open_kwargs = dict(voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip, axes=axes, bounds=bounds,
+                       fill_missing=fill_missing)
     volume = open_volume(source, **open_kwargs)
     if link_source and volume.precomputed is None:
         raise ValueError(f"link_source (--link-source) names the meshes in a precomputed source's info; "

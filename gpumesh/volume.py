@@ -128,7 +128,8 @@ class Volume:
         InvalidVolumeError
             If a signed source holds negative labels in the box.
         SourceReadError
-            If the storage cannot be read.
+            If the storage cannot be read, or (opened with ``fill_missing=False``) a chunk
+            that the box needs is not stored.
         """
         start = _int3(start, "start")
         stop = _int3(stop, "stop")
@@ -144,7 +145,10 @@ class Volume:
         except (InvalidVolumeError, SourceReadError):
             raise
         except Exception as exc:
-            raise SourceReadError(f"cannot read box {cstart}-{cstop} of {self.description}: {exc}") from exc
+            hint = ""
+            if str(exc).startswith("NOT_FOUND") and "is missing" in str(exc):   # open_volume(fill_missing=False)
+                hint = " (a storage chunk that is not stored; --fill-missing reads such chunks as background)"
+            raise SourceReadError(f"cannot read box {cstart}-{cstop} of {self.description}: {exc}{hint}") from exc
         block = self._as_labels(np.asarray(block))
         if cstart == start and cstop == stop:
             return np.ascontiguousarray(block)
@@ -462,12 +466,23 @@ def _numpy_volume(arr: np.ndarray, axes: Optional[str], voxel_size, voxel_offset
     )
 
 
+@dataclass(frozen=True)
+class _Opening:
+    """How :func:`open_volume` opens a stored array: its chunk cache (``context``; ``None``:
+    gpumesh's default context) and whether missing chunks read as the fill value."""
+
+    context: Optional[ts.Context] = None
+    fill_missing: bool = True
+
+
 def _ts_open(spec: dict, where: str, kvstore: Optional[ts.KvStore] = None,
-             context: Optional[ts.Context] = None) -> ts.TensorStore:
+             how: _Opening = _Opening()) -> ts.TensorStore:
+    if not how.fill_missing:
+        spec = {**spec, "fill_missing_data_reads": False}   # a missing chunk is then a read error
     try:
         if kvstore is not None:
-            return ts.open(spec, kvstore=kvstore, read=True, context=context).result()
-        return ts.open(spec, read=True, context=context or storage._default_context()).result()
+            return ts.open(spec, kvstore=kvstore, read=True, context=how.context).result()
+        return ts.open(spec, read=True, context=how.context or storage._default_context()).result()
     except Exception as exc:
         raise SourceReadError(f"cannot open {where}: {one_line(exc)}") from exc
 
@@ -504,7 +519,7 @@ def _no_mip(mip: int, where: str) -> None:
 # ----------------------------------------------------------------------------- formats
 
 
-def _open_zarr(kv, where, version, mip, axes, voxel_size, voxel_offset, context=None) -> Volume:
+def _open_zarr(kv, where, version, mip, axes, voxel_size, voxel_offset, how: _Opening = _Opening()) -> Volume:
     if version == 3:
         meta = _read_json(kv, "zarr.json", where)
         if meta is None:
@@ -516,11 +531,11 @@ def _open_zarr(kv, where, version, mip, axes, voxel_size, voxel_offset, context=
             ms = _object(attrs.get("ome")).get("multiscales") or attrs.get("multiscales")
             if not ms:
                 raise SourceReadError(f"zarr v3 group without OME-Zarr multiscales at {where}")
-            return _open_ome(kv, where, ms, 3, mip, axes, voxel_size, voxel_offset, context)
+            return _open_ome(kv, where, ms, 3, mip, axes, voxel_size, voxel_offset, how)
         _no_mip(mip, where)
         attrs = _object(meta.get("attributes"))
         names = meta.get("dimension_names")
-        store = _ts_open({"driver": "zarr3"}, where, kv, context)
+        store = _ts_open({"driver": "zarr3"}, where, kv, how)
         return _tensorstore_volume(
             store, where=where, description=f"zarr v3 {where} (mip 0)", names=names, axes=axes,
             voxel_size=voxel_size, voxel_offset=voxel_offset, attrs=attrs,
@@ -533,16 +548,17 @@ def _open_zarr(kv, where, version, mip, axes, voxel_size, voxel_offset, context=
         ms = zattrs.get("multiscales")
         if not ms:
             raise SourceReadError(f"zarr v2 group without OME-Zarr multiscales at {where}")
-        return _open_ome(kv, where, ms, 2, mip, axes, voxel_size, voxel_offset, context)
+        return _open_ome(kv, where, ms, 2, mip, axes, voxel_size, voxel_offset, how)
     _no_mip(mip, where)
-    store = _ts_open({"driver": "zarr"}, where, kv, context)
+    store = _ts_open({"driver": "zarr"}, where, kv, how)
     return _tensorstore_volume(
         store, where=where, description=f"zarr v2 {where} (mip 0)", names=zattrs.get("_ARRAY_DIMENSIONS"),
         axes=axes, voxel_size=voxel_size, voxel_offset=voxel_offset, attrs=zattrs,
     )
 
 
-def _open_ome(kv, where, multiscales, zarr_version, mip, axes, voxel_size, voxel_offset, context=None) -> Volume:
+def _open_ome(kv, where, multiscales, zarr_version, mip, axes, voxel_size, voxel_offset,
+              how: _Opening = _Opening()) -> Volume:
     try:
         ms = multiscales[0]
         datasets = ms["datasets"]
@@ -579,7 +595,7 @@ def _open_ome(kv, where, multiscales, zarr_version, mip, axes, voxel_size, voxel
 
     sub = _sub(kv, path)
     dwhere = f"{where.rstrip('/')}/{path}"
-    store = _ts_open({"driver": "zarr3" if zarr_version == 3 else "zarr"}, dwhere, sub, context)
+    store = _ts_open({"driver": "zarr3" if zarr_version == 3 else "zarr"}, dwhere, sub, how)
     rank = store.rank
     if names is not None and len(names) != rank:
         raise SourceReadError(f"OME-Zarr {where}: {len(names)} axes for a rank-{rank} array {path!r}")
@@ -625,7 +641,7 @@ def _n5_voxel_size(attrs: dict, where: str) -> Optional[list]:
     return [r * f for r in res]
 
 
-def _open_n5(kv, where, mip, axes, voxel_size, voxel_offset, context=None) -> Volume:
+def _open_n5(kv, where, mip, axes, voxel_size, voxel_offset, how: _Opening = _Opening()) -> Volume:
     attrs = _read_json(kv, "attributes.json", where)
     if not isinstance(attrs, dict):
         raise SourceReadError(f"no N5 attributes.json at {where}")
@@ -652,7 +668,7 @@ def _open_n5(kv, where, mip, axes, voxel_size, voxel_offset, context=None) -> Vo
         attrs = merged
     else:
         _no_mip(mip, where)
-    store = _ts_open({"driver": "n5"}, dwhere, kv, context)
+    store = _ts_open({"driver": "n5"}, dwhere, kv, how)
     names = attrs.get("axes")
     shape = tuple(store.domain.shape)
     xyz, _ = _spatial_dims(names if isinstance(names, list) else None, shape, dwhere, axes)
@@ -667,7 +683,7 @@ def _open_n5(kv, where, mip, axes, voxel_size, voxel_offset, context=None) -> Vo
     )
 
 
-def _open_precomputed(kv, where, mip, voxel_size, voxel_offset, context=None) -> Volume:
+def _open_precomputed(kv, where, mip, voxel_size, voxel_offset, how: _Opening = _Opening()) -> Volume:
     info = _read_json(kv, "info", where)
     if not isinstance(info, dict) or not isinstance(info.get("scales"), list) or not info["scales"]:
         raise SourceReadError(f"no valid precomputed info at {where}")
@@ -682,7 +698,7 @@ def _open_precomputed(kv, where, mip, voxel_size, voxel_offset, context=None) ->
     if nc != 1:
         raise InvalidVolumeError(f"precomputed {where} has num_channels {nc}: a label volume must have 1")
     scale = scales[mip]
-    store = _ts_open({"driver": "neuroglancer_precomputed", "scale_index": mip}, where, kv, context)
+    store = _ts_open({"driver": "neuroglancer_precomputed", "scale_index": mip}, where, kv, how)
     if voxel_size is None:
         voxel_size = _check_voxel_size(scale.get("resolution"), f"precomputed {where} resolution")
     if voxel_offset is None:
@@ -700,7 +716,7 @@ def _open_precomputed(kv, where, mip, voxel_size, voxel_offset, context=None) ->
     return vol
 
 
-def _open_location(source, fmt, mip, axes, voxel_size, voxel_offset, context=None) -> Volume:
+def _open_location(source, fmt, mip, axes, voxel_size, voxel_offset, how: _Opening = _Opening()) -> Volume:
     where = os.fspath(source) if not isinstance(source, dict) else json.dumps(source)
     loc = source
     if isinstance(loc, str) and "://" not in loc.split("|")[0]:
@@ -737,12 +753,12 @@ def _open_location(source, fmt, mip, axes, voxel_size, voxel_offset, context=Non
     if fmt == "zarr":
         fmt = "zarr3" if storage.read(kv, "zarr.json") is not None else "zarr2"
     if fmt == "zarr3":
-        return _open_zarr(kv, where, 3, mip, axes, voxel_size, voxel_offset, context)
+        return _open_zarr(kv, where, 3, mip, axes, voxel_size, voxel_offset, how)
     if fmt == "zarr2":
-        return _open_zarr(kv, where, 2, mip, axes, voxel_size, voxel_offset, context)
+        return _open_zarr(kv, where, 2, mip, axes, voxel_size, voxel_offset, how)
     if fmt == "n5":
-        return _open_n5(kv, where, mip, axes, voxel_size, voxel_offset, context)
-    return _open_precomputed(kv, where, mip, voxel_size, voxel_offset, context)
+        return _open_n5(kv, where, mip, axes, voxel_size, voxel_offset, how)
+    return _open_precomputed(kv, where, mip, voxel_size, voxel_offset, how)
 
 
 def _split_prefix(text: str) -> tuple:
@@ -776,6 +792,7 @@ def open_volume(
     axes: Optional[str] = None,
     cache_bytes: int = 0,
     bounds: Optional[Sequence[int]] = None,
+    fill_missing: bool = True,
 ) -> Volume:
     """Open a segmentation label volume for chunked reading with axes x, y, z.
 
@@ -818,6 +835,13 @@ def open_volume(
     bounds : sequence of 6 int, optional
         Only this box of the volume, ``(x0, y0, z0, x1, y1, z1)`` in global voxel coordinates
         (voxel offset included), clipped to the volume: see :meth:`Volume.crop`.
+    fill_missing : bool
+        ``True`` (default): a storage chunk that is not stored reads as the array's fill value
+        (0, background), as zarr, N5 and precomputed readers (TensorStore, Neuroglancer) do;
+        writers leave out chunks that hold only the fill value.  ``False``: reading a box
+        that needs such a chunk raises :class:`SourceReadError` (igneous's and cloud-volume's
+        default, where a missing chunk means a failed upload).  For sources opened from a
+        location or a spec.
 
     Returns
     -------
@@ -849,10 +873,13 @@ def open_volume(
     SourceReadError
         Missing or unreadable location, unknown format, bad metadata, or ``mip`` out of
         range; the message names the location.
+    ValueError
+        ``fill_missing=False`` with an opened ``tensorstore.TensorStore``, which gpumesh
+        cannot reopen strictly.
     """
     if bounds is not None:
         return open_volume(source, voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip, axes=axes,
-                           cache_bytes=cache_bytes).crop(bounds)
+                           cache_bytes=cache_bytes, fill_missing=fill_missing).crop(bounds)
     vs = None if voxel_size is None else _check_voxel_size(voxel_size)
     vo = None if voxel_offset is None else _check_voxel_offset(voxel_offset)
     if isinstance(mip, bool) or not isinstance(mip, (int, np.integer)) or mip < 0:
@@ -862,11 +889,15 @@ def open_volume(
     if cache_bytes:
         context = ts.Context({"cache_pool": {"total_bytes_limit": int(cache_bytes)}},
                              parent=storage._default_context())
+    how = _Opening(context, bool(fill_missing))
 
     if isinstance(source, np.ndarray):
         _no_mip(mip, "numpy array")
         return _numpy_volume(source, axes, vs, vo)
     if isinstance(source, ts.TensorStore):
+        if not fill_missing:
+            raise ValueError("fill_missing=False needs a source that gpumesh opens (a path, URL or spec), "
+                             "not an opened TensorStore")
         return _from_tensorstore(source, "TensorStore", mip, axes, vs, vo)
     if isinstance(source, dict):
         driver = source.get("driver")
@@ -877,15 +908,15 @@ def open_volume(
             kvs = source["kvstore"]
             loc = kvs if isinstance(kvs, (dict, str)) else None
             if loc is not None:
-                return _open_location(loc, "precomputed", mip, axes, vs, vo, context)
+                return _open_location(loc, "precomputed", mip, axes, vs, vo, how)
         where = f"TensorStore spec {json.dumps(source)[:200]}"
-        return _from_tensorstore(_ts_open(source, where, context=context), where, mip, axes, vs, vo)
+        return _from_tensorstore(_ts_open(source, where, how=how), where, mip, axes, vs, vo)
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         if isinstance(text, bytes):
             text = text.decode()
         fmt, loc = _split_prefix(text)
-        return _open_location(loc, fmt, mip, axes, vs, vo, context)
+        return _open_location(loc, fmt, mip, axes, vs, vo, how)
     if isinstance(source, Volume):   # e.g. run_mesh(open_volume(path)): its workers open the source themselves
         raise SourceReadError(f"give the source itself (the path, URL, spec, array or TensorStore that "
                               f"open_volume opened), not an opened Volume ({source.description})")

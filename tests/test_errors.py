@@ -341,6 +341,51 @@ def test_a_chunk_that_cannot_be_read_mid_run_fails_the_tasks_that_read_it(tmp_pa
     assert tree_files(dest) == tree_files(tmp_path / "clean")
 
 
+def test_no_fill_missing_fails_the_tasks_that_need_a_chunk_not_stored(tmp_path):
+    """A source chunk that is not stored is background by default (the main job and
+    ``gpumesh segment`` run); with ``--no-fill-missing`` the tasks that need it fail, the job
+    ends with one line naming the chunk (status 1), and once the chunk is there ``--resume``
+    writes the bytes of an uninterrupted run.  ``gpumesh segment --no-fill-missing`` stops with
+    one line (status 2)."""
+    from conftest import tree_files, write_zarr
+
+    blobs = _blobs()
+    write_zarr(tmp_path / "v.zarr", blobs, chunk=16)
+    opts = ["--chunk-size", "16", "--workers", "2", "--voxel-size", "1,1,1", "--quiet"]
+    r = _cli("mesh", str(tmp_path / "v.zarr"), str(tmp_path / "clean"), "--no-fill-missing", *opts)
+    assert r.returncode == 0, r.stderr
+    chunk = tmp_path / "v.zarr" / "c" / "1" / "2" / "1"
+    good = chunk.read_bytes()
+    chunk.unlink()
+    seg = int(blobs[16:32, 32:48, 16:32].max())
+    assert seg > 0
+    r = _cli("mesh", str(tmp_path / "v.zarr"), str(tmp_path / "filled"), *opts)   # default: background there
+    assert r.returncode == 0, r.stderr
+    hole = blobs.copy()
+    hole[16:32, 32:48, 16:32] = 0
+    options = MeshOptions(chunk_size=16, sharding=ShardingOptions())
+    assert run_mesh(hole, str(tmp_path / "hole"), options=options, voxel_size=(1, 1, 1), workers=1).segments > 0
+    assert tree_files(tmp_path / "filled") == tree_files(tmp_path / "hole")
+    dest = tmp_path / "out"
+    r = _cli("mesh", str(tmp_path / "v.zarr"), str(dest), "--no-fill-missing", *opts)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert "tasks failed, the first: cannot read box" in lines[0] and "c/1/2/1\" is missing" in lines[0], lines[0]
+    assert "--fill-missing reads such chunks as background" in lines[0] and "run it again with --resume" in lines[0]
+    assert not (dest / "info").exists()
+    box = ["--bbox", "16,32,16:32,48,32", "--voxel-size", "1,1,1", "-o"]
+    r = _cli("segment", str(tmp_path / "v.zarr"), str(seg), *box, str(tmp_path / "s.stl"), "--no-fill-missing")
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert r.returncode == 2 and len(errors) == 1 and "c/1/2/1\" is missing" in errors[0], r.stderr
+    assert not (tmp_path / "s.stl").exists()
+    chunk.write_bytes(good)
+    r = _cli("mesh", str(tmp_path / "v.zarr"), str(dest), "--no-fill-missing", "--resume", *opts)
+    assert r.returncode == 0, r.stderr
+    assert tree_files(dest) == tree_files(tmp_path / "clean")
+    r = _cli("segment", str(tmp_path / "v.zarr"), str(seg), *box, str(tmp_path / "s.stl"), "--no-fill-missing")
+    assert r.returncode == 0 and (tmp_path / "s.stl").stat().st_size > 0, r.stderr
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_write_that_fails_mid_run_stops_the_job(tmp_path, workers):
     """A task result that cannot be written (here a directory in its place; a full disk or

@@ -362,6 +362,67 @@ def test_sharded_precomputed_with_missing_chunks(tmp_path, labels):
     assert meshes == tree_files(tmp_path / "from-array")
 
 
+_SEGMENTATION = {"type": "segmentation", "data_type": "uint32", "num_channels": 1}
+_CHUNKED = {   # kind -> its metadata, 8-voxel chunks; each writer leaves out chunks of fill value only
+    "neuroglancer_precomputed": {"multiscale_metadata": _SEGMENTATION,
+                                 "scale_metadata": {"size": list(SHAPE), "resolution": [8, 8, 30],
+                                                    "chunk_size": [8, 8, 8], "encoding": "raw"}},
+    "sharded precomputed": {"multiscale_metadata": _SEGMENTATION,
+                            "scale_metadata": {"size": list(SHAPE), "resolution": [8, 8, 30], "chunk_size": [8, 8, 8],
+                                               "encoding": "compressed_segmentation",
+                                               "compressed_segmentation_block_size": [8, 8, 8],
+                                               "sharding": {"@type": "neuroglancer_uint64_sharded_v1",
+                                                            "preshift_bits": 0, "hash": "identity",
+                                                            "minishard_bits": 1, "shard_bits": 1,
+                                                            "minishard_index_encoding": "gzip",
+                                                            "data_encoding": "gzip"}}},
+    "zarr": {"metadata": {"shape": list(SHAPE), "chunks": [8, 8, 8], "dtype": "<u4", "fill_value": 0}},
+    "zarr3": {"metadata": {"shape": list(SHAPE), "data_type": "uint32",
+                           "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [8, 8, 8]}}}},
+    "n5": {"metadata": {"dimensions": list(SHAPE), "blockSize": [8, 8, 8], "dataType": "uint32",
+                        "compression": {"type": "raw"}}},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_CHUNKED))
+def test_chunks_not_stored_are_background_unless_fill_missing_is_off(tmp_path, labels, kind):
+    """A chunk that is not stored reads as background (0) by default, as the formats' readers
+    take it; with ``fill_missing=False`` a read that needs it is a SourceReadError naming the
+    chunk (igneous's default), and reads that do not need it are unchanged."""
+    root = tmp_path / "v"
+    driver = "neuroglancer_precomputed" if "precomputed" in kind else kind
+    store = ts.open({"driver": driver, "kvstore": {"driver": "file", "path": str(root)}, **_CHUNKED[kind]},
+                    create=True).result()
+    if driver == "neuroglancer_precomputed":
+        store = store[ts.d["channel"][0]]
+    part = labels.copy()
+    part[8:16, 8:16, :8] = 0           # one chunk of background only: the writer leaves it out
+    store.write(part).result()
+    check_read(open_volume(str(root)), part)
+    strict = open_volume(str(root), fill_missing=False)
+    np.testing.assert_array_equal(strict.read((0, 0, 0), (8, 17, 13)), part[:8])     # chunks all stored
+    with pytest.raises(SourceReadError, match=r"cannot read box .* is missing \(a storage chunk that is not "
+                                              r"stored; --fill-missing reads such chunks as background\)"):
+        strict.read((0, 0, 0), SHAPE)
+    with pytest.raises(SourceReadError, match="is missing"):      # cropped too
+        open_volume(str(root), fill_missing=False, bounds=(8, 8, 0, 9, 9, 1)).read((0, 0, 0), (1, 1, 1))
+
+
+def test_fill_missing_off_needs_a_source_gpumesh_opens(tmp_path, labels):
+    """``fill_missing=False`` applies to a spec (opened strictly) but cannot change an opened
+    TensorStore: a ValueError, not a silent fill."""
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "v")}}
+    part = labels.copy()
+    part[:, :, 8:] = 0
+    write_ts(dict(spec, metadata={"chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [8, 8, 8]}}}),
+             part)
+    with pytest.raises(SourceReadError, match="is missing"):
+        open_volume(spec, fill_missing=False).read((0, 0, 0), SHAPE)
+    check_read(open_volume(spec), part)
+    with pytest.raises(ValueError, match="fill_missing=False needs a source that gpumesh opens"):
+        open_volume(ts.open(spec).result(), fill_missing=False)
+
+
 def test_tensorstore_and_spec_inputs(tmp_path, labels):
     spec = {"driver": "zarr3", "kvstore": {"driver": "memory", "path": "vol_test/"}}
     ctx = ts.Context()
