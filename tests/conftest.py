@@ -69,6 +69,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Each test leaves ``os.environ`` as it found it.  A Dask ``LocalCluster`` sets
+    ``OMP_NUM_THREADS`` and more in this process for good; a changed environment makes the
+    worker server's later pools spawn their workers (``workerserver.context``), which
+    ``test_workers_are_forked_from_a_server_that_has_gpumesh_loaded`` then saw, depending on
+    the order the tests ran in."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture
 def unwelded_fragments(monkeypatch) -> dict:
     """Watch every fragment the main job hands to the Draco encoder (in this process, so
