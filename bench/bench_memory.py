@@ -45,7 +45,7 @@ def worker_peak(source: str, voxel_size, max_lods: int, chunk: int, device: str,
 
     volume = open_volume(source, voxel_size=voxel_size)
     options = MeshOptions(chunk_size=chunk, max_lods=max_lods)
-    plan = Plan.make(volume.shape, options)
+    plan = Plan.make(volume.shape, options, volume.voxel_size)
     cache = read_cache_bytes(volume, plan)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     pipeline.set_up_worker(source, dict(voxel_size=voxel_size, cache_bytes=cache), plan, options,

@@ -54,7 +54,7 @@ def measure(source, voxel_size, device: str, bits: int = 16) -> tuple[list[dict]
 
     options = MeshOptions(vertex_quantization_bits=bits)
     volume = open_volume(source, voxel_size=voxel_size)
-    plan = Plan.make(volume.shape, options)
+    plan = Plan.make(volume.shape, options, volume.voxel_size)
     volume = open_volume(source, voxel_size=voxel_size, cache_bytes=read_cache_bytes(volume, plan))
     backend = get_backend(device)
     tasks = plan.tasks()

@@ -26,8 +26,9 @@ class Backend(Protocol):
     def mesh(self, labels: np.ndarray, piece_size: int) -> list[marching.Piece]:
         """Welded pieces of every segment in a block (see :func:`gpumesh.marching.march_cubes`)."""
 
-    def downsample(self, labels: np.ndarray) -> np.ndarray:
-        """Labels downsampled by 2 (see :func:`gpumesh.lod.downsample_labels`)."""
+    def downsample(self, labels: np.ndarray, factor=(2, 2, 2)) -> np.ndarray:
+        """Labels downsampled by ``factor``, 1 or 2 per axis (see
+        :func:`gpumesh.lod.downsample_labels`)."""
 
 
 class CPUBackend:
@@ -40,8 +41,8 @@ class CPUBackend:
         tri_label, tri_piece, tri_edges = marching.march_cubes(labels, piece_size)
         return marching.weld(tri_label, tri_piece, tri_edges, labels.shape)
 
-    def downsample(self, labels: np.ndarray) -> np.ndarray:
-        return lod.downsample_labels(labels)
+    def downsample(self, labels: np.ndarray, factor=(2, 2, 2)) -> np.ndarray:
+        return lod.downsample_labels(labels, factor)
 
 
 class CPUFallbackNotice(UserWarning):

@@ -168,6 +168,9 @@ class _ProgressLines:
               help="LODs per block; block edge = chunk-size * 2^(max-lods - 1) sets memory per worker "
                    "(fewer where one coarser node spans the volume)")
 @click.option("--lods", "num_lods", type=int, default=None, help="LODs of every segment (default: by segment size)")
+@click.option("--downsampling", type=click.Choice(["auto", "all"]), default="auto", show_default=True,
+              help="each LOD's labels: auto halves only the finer axes while voxels are anisotropic "
+                   "(4x4x40 nm: 8x8x40, 16x16x40, ...), all halves every axis")
 @click.option("--bits", "bits", type=click.Choice(["10", "16"]), default="16", show_default=True,
               help="vertex quantization bits (multires only); 10 keeps every vertex and triangle in ~30% fewer bytes, "
                    "each vertex within chunk/1024 voxels of its LOD")
@@ -192,7 +195,7 @@ class _ProgressLines:
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None, help="write the end summary as JSON")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missing, fmt, quality, chunk_size, max_lods,
-         num_lods, bits, dust_threshold, segments, workers, scheduler, device, overwrite, resume, segment_properties,
+         num_lods, downsampling, bits, dust_threshold, segments, workers, scheduler, device, overwrite, resume, segment_properties,
          link_source, sharded, shard_bits, minishard_bits, preshift_bits, shard_hash, minishard_index_encoding,
          data_encoding, summary_json, quiet):
     """Mesh every segment of SOURCE into Neuroglancer precomputed meshes in DEST.
@@ -220,7 +223,7 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missing
     options = MeshOptions(chunk_size=chunk_size, max_lods=max_lods if fmt == "multires" else 1,
                           num_lods=num_lods, quality=quality, vertex_quantization_bits=int(bits), format=fmt,
                           segment_properties=segment_properties, sharding=sharding, dust_threshold=dust_threshold,
-                          segments=segments)
+                          segments=segments, downsampling=downsampling)
     bar = None
     writing = False
 

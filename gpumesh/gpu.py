@@ -1,7 +1,7 @@
 """The GPU backend: marching cubes and label downsampling as CUDA kernels run through CuPy.
 
 The kernels live in ``kernels/*.cu`` (``marching_cubes.cu``, ``downsample.cu``) and mirror the
-CPU kernels line for line (:func:`gpumesh.marching._march`, :func:`gpumesh.lod._downsample2`),
+CPU kernels line for line (:func:`gpumesh.marching._march`, :func:`gpumesh.lod._downsample`),
 with the same case table (:mod:`gpumesh.mctable`) uploaded as device arrays.  Marching cubes
 runs in two passes so that the output order is the CPU's emission order:
 
@@ -752,63 +752,72 @@ class GPUBackend:
         del number, cfirst
         return corner_vid, xp.flatnonzero(head)
 
-    def downsample(self, labels: np.ndarray) -> np.ndarray:
-        """Labels downsampled by 2 with the non-zero mode rule (see ``lod.downsample_labels``).
+    def downsample(self, labels: np.ndarray, factor=(2, 2, 2)) -> np.ndarray:
+        """Labels downsampled by ``factor`` with the non-zero mode rule (see
+        ``lod.downsample_labels``).
 
         Parameters
         ----------
         labels : (sx, sy, sz) ndarray of (u)int8/16/32/64
+        factor : (3,) int
+            1 or 2 per axis.
 
         Returns
         -------
-        (ceil(sx/2), ceil(sy/2), ceil(sz/2)) ndarray, dtype of ``labels``
+        (ceil(sx/fx), ceil(sy/fy), ceil(sz/fz)) ndarray, dtype of ``labels``
 
         Raises
         ------
         ValueError
-            ``labels`` is not 3-D.
+            ``labels`` is not 3-D, or a factor is not 1 or 2.
         TypeError
             Not an integer label dtype of 1, 2, 4 or 8 bytes.
         """
         labels = np.ascontiguousarray(labels)
         if labels.ndim != 3:
             raise ValueError(f"labels must be 3-D (got shape {labels.shape})")
+        fx, fy, fz = lod._check_factor(factor)
         udt = label_dtype(labels.dtype)
         sx, sy, sz = (int(s) for s in labels.shape)
-        shape = ((sx + 1) // 2, (sy + 1) // 2, (sz + 1) // 2)
+        shape = (-(-sx // fx), -(-sy // fy), -(-sz // fz))
         if shape[0] * shape[1] * shape[2] == 0:
             return np.empty(shape, labels.dtype)
         ulabels = labels.view(udt)
-        # device bytes per output x-plane: two input planes and the output plane
-        plane = (2 * sy * sz + shape[1] * shape[2]) * udt.itemsize
+        # device bytes per output x-plane: its fx input planes and the output plane
+        plane = (fx * sy * sz + shape[1] * shape[2]) * udt.itemsize
         parts = self._in_slabs(shape[0], self._avail // plane, "downsampling",
-                               lambda o0, w: self._downsample_slab(ulabels[2 * o0:2 * (o0 + w)]))
+                               lambda o0, w: self._downsample_slab(ulabels[fx * o0:fx * (o0 + w)], (fx, fy, fz)))
         if parts is None:
-            return lod.downsample_labels(labels)
+            return lod.downsample_labels(labels, (fx, fy, fz))
         out = np.concatenate(parts) if len(parts) > 1 else parts[0]
         return out.view(labels.dtype)
 
-    def _downsample_slab(self, ulabels: np.ndarray) -> np.ndarray:
-        """Downsampled labels of input x-planes ``ulabels`` (an even number but at the end)."""
-        return self.rt.to_host(self.downsample_device(self.rt.to_device(ulabels)))
+    def _downsample_slab(self, ulabels: np.ndarray, factor) -> np.ndarray:
+        """Downsampled labels of input x-planes ``ulabels`` (a multiple of ``factor[0]`` but at
+        the end)."""
+        return self.rt.to_host(self.downsample_device(self.rt.to_device(ulabels), factor))
 
-    def downsample_device(self, d_labels: Any) -> Any:
-        """2x downsampling of labels already on the device; the output stays there.
+    def downsample_device(self, d_labels: Any, factor=(2, 2, 2)) -> Any:
+        """Downsampling by ``factor`` (1 or 2 per axis) of labels already on the device; the
+        output stays there.
 
         Parameters
         ----------
         d_labels : (sx, sy, sz) device array of uint8/16/32/64, C-contiguous
+        factor : (3,) int
 
         Returns
         -------
-        (ceil(sx/2), ceil(sy/2), ceil(sz/2)) device array, same dtype
+        (ceil(sx/fx), ceil(sy/fy), ceil(sz/fz)) device array, same dtype
         """
+        fx, fy, fz = lod._check_factor(factor)
         sx, sy, sz = (int(v) for v in d_labels.shape)
-        shape = ((sx + 1) // 2, (sy + 1) // 2, (sz + 1) // 2)
+        shape = (-(-sx // fx), -(-sy // fy), -(-sz // fz))
         out = self.rt.empty(shape, d_labels.dtype)
         n = shape[0] * shape[1] * shape[2]
         if n:
             self.rt.launch(f"ds2_{DTYPE_SUFFIX[np.dtype(d_labels.dtype)]}", self._grid(n), self.block,
                            (d_labels, out, np.int64(sx), np.int64(sy), np.int64(sz),
-                            np.int64(shape[0]), np.int64(shape[1]), np.int64(shape[2])))
+                            np.int64(shape[0]), np.int64(shape[1]), np.int64(shape[2]),
+                            np.int32(fx), np.int32(fy), np.int32(fz)))
         return out

@@ -2,17 +2,23 @@
 
 Downsampling rule
 -----------------
-LOD ``k`` is meshed from the labels downsampled by ``2**k``; each step maps a 2x2x2 block to
-one voxel with the **mode of its non-zero labels** (ties: the smaller segment ID; background
-only when all eight voxels are 0).  Background never wins over a segment, so a thin process
-that is surrounded by extracellular space (label 0) does not vanish when it is coarsened; it
-can only be absorbed by a neighbouring segment that covers more of the block.  Every voxel
+LOD ``k`` is meshed from the labels downsampled by ``F_k`` (per axis, :func:`lod_factors`): by
+``2**k`` on every axis for near-isotropic voxels, and on anisotropic ones by 2 only along the
+finer axes until the voxel is near isotropic (4x4x40 nm voxels give 8x8x40, 16x16x40 and
+32x32x40 nm at LODs 1-3, then 64x64x80), as image pyramids of such data are downsampled, so
+that coarse LODs do not lose thin processes across the coarse axis first.  Each step maps a
+``fx x fy x fz`` block (each factor 1 or 2) to one voxel with the **mode of its non-zero
+labels** (ties: the smaller segment ID; background only when all its voxels are 0).
+Background never wins over a segment, so a thin process that is surrounded by extracellular
+space (label 0) does not vanish when it is coarsened; it can only be absorbed by a
+neighbouring segment that covers more of the block.  Every voxel
 labelled ``s`` at LOD ``k`` contains at least one voxel labelled ``s`` at LOD ``k - 1``, so the
 coarse surface of ``s`` stays near its LOD 0 surface: a LOD ``k`` vertex is the centre of a
 face of a LOD ``k`` voxel of ``s``, which holds a LOD 0 voxel of ``s`` at worst in the opposite
 corner, so it lies within ``sqrt((2**k - 1)**2 + 2 * (2**(k-1) - 1)**2)`` voxels of the label
 boundary: 1 and 3.32 at LODs 1 and 2 (within ``2**k``), 8.19 and 17.97 at LODs 3 and 4 (a
-little beyond ``2**k``; checked on random volumes, ``tests/test_random_volumes.py``).  A segment that
+little beyond ``2**k``; checked on random volumes, ``tests/test_random_volumes.py``); on
+anisotropic voxels, whose LOD ``k`` voxels are no larger, within the same.  A segment that
 does vanish at some LOD gets fewer LODs (its coarsest LOD is the last one where it has
 triangles).  The CUDA kernel applies the same rule.
 
@@ -64,7 +70,7 @@ import numpy as np
 
 
 @numba.njit(cache=True, nogil=True)
-def _downsample2(labels, out):
+def _downsample(labels, out, fx, fy, fz):
     nx, ny, nz = out.shape
     sx, sy, sz = labels.shape
     v = np.empty(8, dtype=labels.dtype)
@@ -72,12 +78,12 @@ def _downsample2(labels, out):
         for j in range(ny):
             for k in range(nz):
                 n = 0
-                for dx in range(2):
-                    x = 2 * i + dx
-                    for dy in range(2):
-                        y = 2 * j + dy
-                        for dz in range(2):
-                            z = 2 * k + dz
+                for dx in range(fx):
+                    x = fx * i + dx
+                    for dy in range(fy):
+                        y = fy * j + dy
+                        for dz in range(fz):
+                            z = fz * k + dz
                             if x < sx and y < sy and z < sz:
                                 val = labels[x, y, z]
                                 if val != 0:
@@ -99,22 +105,86 @@ def _downsample2(labels, out):
                 out[i, j, k] = best
 
 
-def downsample_labels(labels: np.ndarray) -> np.ndarray:
-    """Downsample labels by 2 on each axis with the non-zero mode rule (see module docs).
+def downsample_labels(labels: np.ndarray, factor=(2, 2, 2)) -> np.ndarray:
+    """Downsample labels by ``factor`` with the non-zero mode rule (see module docs).
 
     Parameters
     ----------
     labels : (nx, ny, nz) unsigned integer ndarray
         Axes x, y, z.  Odd sizes are allowed: the last, partial block uses the voxels it has.
+    factor : (3,) int
+        1 or 2 per axis (x, y, z).
 
     Returns
     -------
-    (ceil(nx/2), ceil(ny/2), ceil(nz/2)) ndarray of the same dtype.
+    (ceil(nx/fx), ceil(ny/fy), ceil(nz/fz)) ndarray of the same dtype.
+
+    Raises
+    ------
+    ValueError
+        A factor that is not 1 or 2.
     """
+    fx, fy, fz = _check_factor(factor)
     labels = np.ascontiguousarray(labels)
-    out = np.empty(tuple((s + 1) // 2 for s in labels.shape), dtype=labels.dtype)
-    _downsample2(labels, out)
+    out = np.empty(tuple(-(-s // f) for s, f in zip(labels.shape, (fx, fy, fz))), dtype=labels.dtype)
+    _downsample(labels, out, fx, fy, fz)
     return out
+
+
+def _check_factor(factor) -> tuple:
+    f = tuple(int(v) for v in factor)
+    if len(f) != 3 or any(v not in (1, 2) for v in f):
+        raise ValueError(f"downsampling factor must be 1 or 2 per axis, got {factor!r}")
+    return f
+
+
+#: :attr:`gpumesh.pipeline.MeshOptions.downsampling` choices.
+DOWNSAMPLING = ("auto", "all")
+
+
+def lod_factors(voxel_size, lods: int, downsampling: str = "auto", max_ratio: int = 1 << 30) -> np.ndarray:
+    """Per-axis downsampling of each LOD's labels against LOD 0's.
+
+    Step ``k`` (LOD ``k - 1`` to ``k``) halves the axes whose voxel size, doubled, stays within
+    the largest voxel size of LOD ``k - 1``; where none does (near-isotropic voxels), or with
+    ``downsampling="all"``, it halves every axis.  So ``F_k <= 2**k`` on every axis.  A step
+    also halves every axis where halving only some would make an octree node of LOD ``k``
+    (``C * 2**k`` LOD 0 voxels) more than ``max_ratio * C`` LOD ``k`` voxels long on some axis
+    (the quantization must keep half a voxel apart on every axis, see
+    :meth:`gpumesh.pipeline.Plan.make`).
+
+    Parameters
+    ----------
+    voxel_size : (3,) float
+        LOD 0 voxel size (nm, or any unit shared by the axes).
+    lods : int
+        LODs (``>= 1``).
+    downsampling : {"auto", "all"}
+    max_ratio : int
+        Largest allowed ``2**k / min(F_k)`` (a power of two >= 1).
+
+    Returns
+    -------
+    (lods, 3) int64
+        Power-of-two shifts ``s``: LOD ``k`` voxels are ``2**s[k]`` LOD 0 voxels (row 0 is 0).
+
+    Raises
+    ------
+    ValueError
+        Unknown ``downsampling``.
+    """
+    if downsampling not in DOWNSAMPLING:
+        raise ValueError(f"downsampling must be one of {', '.join(DOWNSAMPLING)}, got {downsampling!r}")
+    size = np.asarray(voxel_size, dtype=np.float64).reshape(3)
+    shifts = np.zeros((lods, 3), dtype=np.int64)
+    for k in range(1, lods):
+        s = shifts[k - 1]
+        r = size * (2.0 ** s)
+        step = (2 * r <= r.max()).astype(np.int64)
+        if downsampling == "all" or not step.any() or k - (s + step).min() > max_ratio.bit_length() - 1:
+            step[:] = 1
+        shifts[k] = s + step
+    return shifts
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,18 @@ Geometry (stored-model space is LOD 0 voxel units, the ``info`` transform scales
 -----------------------------------------------------------------------------------------
 * Voxel ``i`` covers ``[i, i + 1)`` plus the voxel offset (Neuroglancer's convention), so the
   surface between voxels ``i`` and ``i + 1`` lies at ``i + 1``.
-* At LOD ``k``, cube ``j`` lies between LOD-``k`` voxels ``j - 1`` and ``j``; cubes
-  ``0 .. ceil(N / 2**k)`` close every surface at the volume border.
-* Octree node ``n`` of LOD ``k`` holds the triangles of cubes ``[n*C, (n+1)*C)``; its box is
-  ``grid_origin + n * C * 2**k`` with ``grid_origin`` = voxel offset, and ``vertex_offsets[k] =
-  -2**(k-1)`` shifts the cubes' half-voxel lattice onto it.
+* A LOD ``k`` voxel is ``F = 2**shift`` LOD 0 voxels along each axis (:meth:`Plan.shift`,
+  :func:`gpumesh.lod.lod_factors`: ``F = 2**k`` on every axis for near-isotropic voxels, less
+  on the coarser axes of anisotropic ones).  At LOD ``k``, cube ``j`` lies between LOD-``k``
+  voxels ``j - 1`` and ``j``; cubes ``0 .. ceil(N / F)`` close every surface at the volume
+  border.
+* Octree node ``n`` of LOD ``k`` is ``C * 2**k`` LOD 0 voxels a side, ``E = C * 2**k / F`` LOD
+  ``k`` cubes (:meth:`Plan.node_voxels`; ``C`` where ``F = 2**k``), and holds the triangles
+  of cubes ``[n*E, (n+1)*E)``; its box is ``grid_origin + n * C * 2**k`` with ``grid_origin``
+  = voxel offset, and ``vertex_offsets[k] = -F/2`` shifts the cubes' half-voxel lattice onto
+  it (:meth:`Plan.vertex_offsets`).  Its fragment's positions are quantized in units of
+  ``C * 2**k / 2**bits`` LOD 0 voxels, so ``E <= 2**(bits - 1)`` keeps the lattice's points
+  apart (:func:`gpumesh.lod.lod_factors`'s ``max_ratio``).
 * A block is one node of the coarsest LOD ``L - 1``: ``B = C * 2**(L-1)`` LOD 0 cubes a side, read
   with a halo of ``2**(L-1)`` voxels on its low side.  Every node of every LOD lies in exactly
   one block, so a block's fragments are final and blocks are independent.
@@ -45,7 +52,7 @@ from . import encode, storage, workerserver
 from .backend import Backend, check_device, get_backend
 from .errors import (DestinationError, DestinationExistsError, EmptyVolumeWarning, GpumeshError,
                      SegmentsNotFoundWarning, SourceReadError, TaskFailedError, WorkerFailedError, one_line)
-from .lod import decimate, decimates, get_quality
+from .lod import DOWNSAMPLING, decimate, decimates, get_quality, lod_factors
 from .marching import piece_in_node, relabel_block, thin_vertices
 from .sharding import ShardingOptions
 from .volume import Volume, open_volume, warn_if_no_voxel_size
@@ -93,6 +100,11 @@ class MeshOptions:
         no segment properties entry; 0 keeps every segment.  Counted over the whole volume
         when the job is written, so a segment is kept or dropped whole (igneous's
         ``MeshTask`` counts each task's cutout alone).
+    downsampling : str
+        How each LOD's labels are downsampled from the previous LOD's (:func:`gpumesh.lod.lod_factors`):
+        ``auto`` (default) by 2 along the finer axes only while the voxel is anisotropic (4x4x40
+        nm: 8x8x40, 16x16x40, 32x32x40, then every axis), ``all`` by 2 along every axis.  The
+        same for near-isotropic voxels, such as the real volume's 32x32x40 nm.
     segments : tuple of int or None
         Mesh only these segment IDs (igneous's ``object_ids``); ``None`` meshes every segment.
         Each selected segment gets the bytes the full job gives it: the labels are downsampled
@@ -112,6 +124,7 @@ class MeshOptions:
     sharding: Optional[ShardingOptions] = None
     dust_threshold: int = 0
     segments: Optional[tuple] = None
+    downsampling: str = "auto"
 
     def __post_init__(self):
         ids = self.segments
@@ -141,6 +154,8 @@ class MeshOptions:
             raise ValueError("vertex quantization bits only apply to multires output "
                              "(legacy meshes store float32 positions); leave them at 16")
         get_quality(self.quality)
+        if self.downsampling not in DOWNSAMPLING:
+            raise ValueError(f"downsampling must be one of {', '.join(DOWNSAMPLING)}, got {self.downsampling!r}")
         if isinstance(self.dust_threshold, bool) or not isinstance(self.dust_threshold, (int, np.integer)) \
                 or self.dust_threshold < 0:
             raise ValueError(f"dust threshold must be an integer >= 0 (voxels), got {self.dust_threshold!r}")
@@ -202,6 +217,9 @@ class Plan:
         Block edge B = C * 2**(L-1) (LOD 0 voxels).
     grid : (3,) int
         Blocks per axis.
+    shifts : tuple of L (3,) tuples of int
+        LOD ``k``'s labels are downsampled by ``2**shifts[k][a]`` along axis ``a`` from LOD 0's
+        (:func:`gpumesh.lod.lod_factors`; ``k`` on every axis for near-isotropic voxels).
     """
 
     shape: tuple
@@ -209,9 +227,11 @@ class Plan:
     lods: int
     block: int
     grid: tuple
+    shifts: tuple = ()
 
     @classmethod
-    def make(cls, shape, options: MeshOptions) -> "Plan":
+    def make(cls, shape, options: MeshOptions, voxel_size=(1.0, 1.0, 1.0)) -> "Plan":
+        """The plan of a volume of ``shape`` voxels (x, y, z) of ``voxel_size`` (nm, x, y, z)."""
         lods = 1 if options.format == "legacy" else options.max_lods
         # LOD 0 nodes are 0 .. n // chunk along an axis of n voxels: past the LOD whose one node
         # spans them all, no segment gets another LOD (writer.segment_num_lods) and the fragments
@@ -220,12 +240,32 @@ class Plan:
         enough = max(int(n) // options.chunk_size for n in shape).bit_length() + 1
         lods = min(lods, max(enough, options.num_lods or 1))
         block = options.chunk_size << (lods - 1)
+        # a node of LOD k spans 2**(k - shift) * C of its voxels per axis, at most
+        # 2**(bits - 1) so that quantization keeps its half-voxel lattice points apart
+        shifts = lod_factors(voxel_size, lods, options.downsampling,
+                             max_ratio=(1 << (options.vertex_quantization_bits - 1)) // options.chunk_size)
         grid = []
-        for n in shape:
-            # cubes 0..ceil(n/2^k) at every LOD k, in LOD 0 units
-            need = max((-(-n // (1 << k)) + 1) << k for k in range(lods))
+        for a, n in enumerate(shape):
+            # cubes 0..ceil(n/F) of every LOD k (F = 2**shift), in LOD 0 units
+            need = max((-(-int(n) >> int(sh)) + 1) << int(sh) for sh in shifts[:, a])
             grid.append(-(-need // block))
-        return cls(tuple(int(s) for s in shape), options.chunk_size, lods, block, tuple(grid))
+        return cls(tuple(int(s) for s in shape), options.chunk_size, lods, block, tuple(grid),
+                   tuple(tuple(int(v) for v in row) for row in shifts))
+
+    def shift(self, k: int) -> np.ndarray:
+        """:attr:`shifts` of LOD ``k``: (3,) int64 (``k`` on every axis when the plan has none)."""
+        return np.asarray(self.shifts[k], dtype=np.int64) if self.shifts else np.full(3, k, np.int64)
+
+    def vertex_offsets(self, num_lods: int) -> np.ndarray:
+        """The manifests' ``vertex_offsets`` of LODs ``0 .. num_lods - 1``: (num_lods, 3) float64,
+        ``-2**shift / 2``, which moves the cubes' half-voxel lattice of each LOD onto its voxels
+        (stored-model units; see the module docs)."""
+        return -0.5 * np.exp2([self.shift(k) for k in range(num_lods)])
+
+    def node_voxels(self, k: int) -> np.ndarray:
+        """Edge of a LOD ``k`` octree node in LOD ``k`` voxels per axis, ``C * 2**(k - shift)``:
+        (3,) int64 (``C`` on the axes downsampled at every LOD)."""
+        return self.chunk << (k - self.shift(k))
 
     def blocks(self) -> list[tuple[int, int, int]]:
         """All block indices, x fastest last (row order)."""
@@ -407,16 +447,17 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
         for k in range(L):
             if not keep.any():
                 break   # no selected segment here (MeshOptions.segments)
+            sh = plan.shift(k)   # LOD k voxels are 2**sh LOD 0 voxels
             if k > 0:
-                level = backend.downsample(level)
+                level = backend.downsample(level, _step(plan, k))
                 if k == 1 and part == COARSE:
                     level, ids = relabel_block(level)
                     keep = options.selected(ids)
             if (k < L - 1 and part == COARSE) or not level.any():
                 continue
-            hk = halo >> k
-            mc_in = np.ascontiguousarray(level[hk - 1:, hk - 1:, hk - 1:])
-            out += _mesh_lod(volume, plan, options, backend, k, mc_in, mc_in, 0, origin >> k, ids, keep)
+            hk = halo >> sh
+            mc_in = np.ascontiguousarray(level[hk[0] - 1:, hk[1] - 1:, hk[2] - 1:])
+            out += _mesh_lod(volume, plan, options, backend, k, mc_in, mc_in, 0, origin >> sh, ids, keep)
     else:
         # LODs 0 .. L-2 of one octant, whose LOD 0 voxels start at O.  At LOD k its cubes
         # need LOD k voxels (O >> k) - 1 .. past its last cube, and the thin-spot test one
@@ -436,15 +477,16 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
         else:
             keep = np.zeros(0, dtype=bool)   # all background
         for k in range(L - 1 if keep.any() else 0):
+            sh = plan.shift(k)
             if k > 0:
-                level = backend.downsample(level)
-            base, ok, top = r0 >> k, O >> k, stop >> k    # LOD k voxels: level[i] is base + i
+                level = backend.downsample(level, _step(plan, k))
+            base, ok, top = r0 >> sh, O >> sh, stop >> sh    # LOD k voxels: level[i] is base + i
             m0 = ok - 1 - base
-            m1 = np.minimum(ok + (h >> k), top) - base
+            m1 = np.minimum(ok + (h >> sh), top) - base
             if np.any(m1 - m0 < 2):
                 continue  # no cube of this octant at LOD k (a cut border block)
-            c0 = np.maximum(ok - 2, (origin >> k) - 1) - base
-            c1 = np.minimum(ok + (h >> k) + 1, top) - base
+            c0 = np.maximum(ok - 2, (origin >> sh) - 1) - base
+            c1 = np.minimum(ok + (h >> sh) + 1, top) - base
             ctx = np.ascontiguousarray(level[c0[0]:c1[0], c0[1]:c1[1], c0[2]:c1[2]])
             mc_in = np.ascontiguousarray(level[m0[0]:m1[0], m0[1]:m1[1], m0[2]:m1[2]])
             if mc_in.any():
@@ -455,6 +497,11 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
         offset += len(data)
     index = np.array(entries, dtype=FRAG_DTYPE)
     return pack_block(index, count_labels, counts, b"".join(data for _, data in out))
+
+
+def _step(plan: Plan, k: int) -> tuple:
+    """Downsampling factor from LOD ``k - 1`` to LOD ``k``: 1 or 2 per axis."""
+    return tuple(int(v) for v in 1 << (plan.shift(k) - plan.shift(k - 1)))
 
 
 def _voxel_counts(local: np.ndarray, ids: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -470,33 +517,36 @@ def _mesh_lod(volume: Volume, plan: Plan, options: MeshOptions, backend: Backend
     """Mesh, decimate and encode the nodes of one LOD of a block (or of an octant).
 
     ``mc_in`` holds LOD ``k`` local labels whose cube ``j`` is the volume's LOD ``k`` cube
-    ``cube0 + j`` (``cube0``: (3,) int, a multiple of the node size ``C``); ``ctx`` holds
-    ``mc_in`` at ``ctx_origin`` (voxels) plus the voxels around it that the thin-spot test may
-    see.  Only the local IDs that ``keep`` (bool, one per ID) selects are meshed: the others
-    are background to marching cubes, which meshes each segment from where its own label is
-    alone (so a selected segment's triangles are those of the full job; the thin-spot test
-    likewise looks at its own label only).
+    ``cube0 + j`` (``cube0``: (3,) int, a multiple of the node edge :meth:`Plan.node_voxels`);
+    ``ctx`` holds ``mc_in`` at ``ctx_origin`` (voxels) plus the voxels around it that the
+    thin-spot test may see.  Only the local IDs that ``keep`` (bool, one per ID) selects are
+    meshed: the others are background to marching cubes, which meshes each segment from where
+    its own label is alone (so a selected segment's triangles are those of the full job; the
+    thin-spot test likewise looks at its own label only).
     Returns ``[((segment ID, k, node, triangles), bytes), ...]`` sorted by (ID, node).
     """
     quality = get_quality(options.quality)
     bits = options.vertex_quantization_bits
     C = plan.chunk
-    piece_size = C if k == 0 else C // 2
-    sub_per_node = C // piece_size
+    E = plan.node_voxels(k)                  # node edge in LOD k voxels per axis (C where fully downsampled)
+    to_node = (C / E).astype(np.float64)     # LOD k voxels -> the node's frame of C units (powers of two: exact)
+    piece_size = C if k == 0 else C // 2     # divides every axis's half node edge
+    sub_per_node = (E // piece_size).tolist()
     # pieces per axis, as marching cubes numbers them (a cut border block has fewer)
     _, py, pz = (-(-(n - 1) // piece_size) for n in mc_in.shape)
-    node0 = np.asarray(cube0, dtype=np.int64) // C
-    scale = volume.voxel_size * (1 << k)
+    node0 = (np.asarray(cube0, dtype=np.int64) // E).tolist()
+    scale = volume.voxel_size * (1 << plan.shift(k)).astype(np.float64)   # nm per LOD k voxel
     if not keep.all():   # MeshOptions.segments
         mc_in = np.where(np.r_[False, keep][mc_in], mc_in, 0)
-    node0 = node0.tolist()
+    E = E.tolist()
+    aniso = any(e != C for e in E)
     frags: dict[tuple, list] = {}
     for piece in backend.mesh(mc_in, piece_size):   # Python ints here: a block has many small pieces
         pidx = piece.piece
         pc = (pidx // (py * pz), (pidx // pz) % py, pidx % pz)
-        ln = (pc[0] // sub_per_node, pc[1] // sub_per_node, pc[2] // sub_per_node)
-        p_rel, on_plane = piece_in_node(piece, [c * C for c in ln], [(c % sub_per_node) * piece_size for c in pc],
-                                        piece_size)
+        ln = (pc[0] // sub_per_node[0], pc[1] // sub_per_node[1], pc[2] // sub_per_node[2])
+        p_rel, on_plane = piece_in_node(piece, [c * e for c, e in zip(ln, E)],
+                                        [(c % n) * piece_size for c, n in zip(pc, sub_per_node)], piece_size)
         if decimates(quality.keep(k), len(piece.faces)):
             # decimated vertices are a subset of the piece's: still inside its box
             v, f = decimate(p_rel, piece.faces, quality.keep(k), scale, frozen=on_plane,
@@ -516,12 +566,12 @@ def _mesh_lod(volume: Volume, plan: Plan, options: MeshOptions, backend: Backend
                 base += len(v)
             v = np.concatenate(verts)
             f = np.concatenate(faces)
-        q = encode.quantize(v, C, bits)
-        if len(parts) > 1 or 2 * C >= 1 << bits:
+        q = encode.quantize(v * to_node if aniso else v, C, bits)
+        if len(parts) > 1 or 2 * max(E) >= 1 << bits:
             # join the pieces' shared border vertices, and any that the quantization made equal
             q, f, kept = encode.weld_quantized(q, f)
         else:
-            # one piece: its vertices are distinct half-voxel points in [0, C], which stay
+            # one piece: its vertices are distinct half-voxel points in [0, E], which stay
             # distinct where a half voxel is more than one quantization step (the far face's
             # 2**bits is clipped to 2**bits - 1): a weld would change nothing (LOD 0's
             # fragments, 3.6 % of the task CPU)
@@ -950,7 +1000,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     kv = storage.open_kvstore(dest)
     if overwrite and resume:
         raise ValueError("give either overwrite or resume, not both")
-    plan = Plan.make(volume.shape, options)
+    plan = Plan.make(volume.shape, options, volume.voxel_size)
     fingerprint = _plan_fingerprint(volume, plan, options)
     cache = read_cache_bytes(volume, plan)   # each worker's cache of storage chunks (a loop over the blocks)
     cluster = None

@@ -650,8 +650,9 @@ def build_multires(label: int, entries: np.ndarray, blobs: list, plan: Plan, opt
                    stats: dict, grid_origin, num_lods: int) -> Optional[tuple[bytes, bytes]]:
     """Manifest and fragment data of one segment (multi-resolution format).
 
-    ``grid_origin`` is the voxel offset (stored-model units); ``vertex_offsets[k] = -2**(k-1)``
-    and ``lod_scales[k] = 2**k`` (see :mod:`gpumesh.pipeline` for the geometry).
+    ``grid_origin`` is the voxel offset (stored-model units); ``vertex_offsets[k] = -F_k / 2``
+    (``F_k = 2**k`` on the axes downsampled at every LOD: :meth:`Plan.vertex_offsets`) and
+    ``lod_scales[k] = 2**k`` (see :mod:`gpumesh.pipeline` for the geometry).
     ``num_lods``: the segment's LODs (:meth:`SegmentTable.num_lods`).
 
     Returns
@@ -664,7 +665,8 @@ def build_multires(label: int, entries: np.ndarray, blobs: list, plan: Plan, opt
     C = plan.chunk
     if num_lods == 0:
         return None
-    head = _manifest_head(C, tuple(float(v) for v in grid_origin), num_lods)
+    offsets = plan.vertex_offsets(num_lods)
+    head = _manifest_head(C, tuple(float(v) for v in grid_origin), tuple(map(tuple, offsets.tolist())))
     if num_lods == 1 and len(entries) == 1:
         # one LOD 0 fragment (most segments of a volume of many small ones): its node alone,
         # no parents, no placeholders
@@ -675,7 +677,7 @@ def build_multires(label: int, entries: np.ndarray, blobs: list, plan: Plan, opt
     pos = np.stack([entries["x"], entries["y"], entries["z"]], axis=1).astype(np.uint32)
     nodes, node_lod, src = segment_nodes(pos, entries["lod"], num_lods)
     have = src >= 0
-    filler = placeholder_fragments(nodes, node_lod, src, blobs, C, options.vertex_quantization_bits)
+    filler = placeholder_fragments(nodes, node_lod, src, blobs, C, options.vertex_quantization_bits, offsets)
     parts = [blobs[i] if i >= 0 else filler[r] for r, i in enumerate(src.tolist())]
     node_size = np.array([len(p) for p in parts], dtype=np.int64)
     tri = np.bincount(node_lod[have], weights=entries["triangles"][src[have]].astype(np.float64),
@@ -692,12 +694,12 @@ def build_multires(label: int, entries: np.ndarray, blobs: list, plan: Plan, opt
 
 
 @functools.lru_cache(maxsize=64)
-def _manifest_head(chunk: int, grid_origin: tuple, num_lods: int) -> bytes:
-    """:func:`gpumesh.octree.manifest_head` of a segment with ``num_lods`` LODs: LOD 0 nodes of
-    ``chunk`` voxels from ``grid_origin``, ``lod_scales[k] = 2**k``, ``vertex_offsets[k] =
-    -2**(k-1)`` (the same for every segment of a job)."""
-    return manifest_head([chunk] * 3, grid_origin, [float(1 << k) for k in range(num_lods)],
-                         [[-0.5 * (1 << k)] * 3 for k in range(num_lods)])
+def _manifest_head(chunk: int, grid_origin: tuple, vertex_offsets: tuple) -> bytes:
+    """:func:`gpumesh.octree.manifest_head` of a segment with ``len(vertex_offsets)`` LODs: LOD 0
+    nodes of ``chunk`` voxels from ``grid_origin``, ``lod_scales[k] = 2**k`` (the same for every
+    segment of a job with that many LODs)."""
+    return manifest_head([chunk] * 3, grid_origin, [float(1 << k) for k in range(len(vertex_offsets))],
+                         vertex_offsets)
 
 
 def placeholder_positions(point, bits: int) -> np.ndarray:
@@ -727,7 +729,7 @@ def placeholder_positions(point, bits: int) -> np.ndarray:
 
 
 def placeholder_fragments(nodes: np.ndarray, node_lod: np.ndarray, src: np.ndarray, blobs: list, chunk: int,
-                          bits: int) -> dict:
+                          bits: int, vertex_offsets: np.ndarray) -> dict:
     """Placeholder fragments (:mod:`gpumesh.octree`) for the parents that hold no triangles.
 
     Parameters
@@ -741,6 +743,8 @@ def placeholder_fragments(nodes: np.ndarray, node_lod: np.ndarray, src: np.ndarr
         LOD 0 node edge (voxels).
     bits : int
         ``vertex_quantization_bits``.
+    vertex_offsets : (L, 3) float
+        The manifest's ``vertex_offsets`` (:meth:`gpumesh.pipeline.Plan.vertex_offsets`).
 
     Returns
     -------
@@ -750,13 +754,14 @@ def placeholder_fragments(nodes: np.ndarray, node_lod: np.ndarray, src: np.ndarr
         the node: for a child that is a placeholder itself, that placeholder's point), in the
         node's quantized frame: in stored-model units a LOD ``k`` vertex is at
         ``vertex_offsets[k] + chunk * 2**k * (position + q / (2**bits - 1))``.  A child's box
-        reaches half a voxel of its LOD past its parent's (``vertex_offsets[k] = -2**(k-1)``);
-        where no child has a vertex inside the node, the nearest one is moved onto its box.
+        reaches up to half a voxel of its LOD past its parent's (``vertex_offsets[k] = -F_k /
+        2``); where no child has a vertex inside the node, the nearest one is moved onto its box.
     """
     rows = np.flatnonzero(src < 0)
     if not len(rows):
         return {}
     steps = float((1 << bits) - 1)
+    offsets = np.asarray(vertex_offsets, dtype=np.float64)
     at: dict[int, np.ndarray] = {}   # row -> its point, stored-model units from grid_origin
     out = {}
     for r in rows.tolist():            # LOD by LOD (the rows are in LOD order)
@@ -765,11 +770,11 @@ def placeholder_fragments(nodes: np.ndarray, node_lod: np.ndarray, src: np.ndarr
         for child in np.flatnonzero((node_lod == k - 1) & np.all((nodes >> 1) == nodes[r], axis=1)).tolist():
             if src[child] >= 0:
                 q, _ = decode_fragment(blobs[int(src[child])], bits)
-                points = -0.5 * (1 << (k - 1)) + chunk * (1 << (k - 1)) * (nodes[child] + q / steps)
+                points = offsets[k - 1] + chunk * (1 << (k - 1)) * (nodes[child] + q / steps)
             else:
                 points = at[child][None, :]
             # in this node's frame; a child's box reaches half a finer voxel past its parent's
-            frac = (points + 0.5 * (1 << k)) / (chunk * (1 << k)) - nodes[r]
+            frac = (points - offsets[k]) / (chunk * (1 << k)) - nodes[r]
             off = np.abs(frac - np.clip(frac, 0.0, 1.0)).sum(axis=1)
             i = int(np.argmin(off))
             if off[i] < best_off:

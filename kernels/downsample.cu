@@ -1,10 +1,12 @@
-// 2x label downsampling with the non-zero mode rule: the CUDA twin of gpumesh/lod.py::_downsample2.
+// Label downsampling by 1 or 2 per axis with the non-zero mode rule: the CUDA twin of
+// gpumesh/lod.py::_downsample.
 //
-// Output voxel (i, j, k) of an (nx, ny, nz) = (ceil(sx/2), ceil(sy/2), ceil(sz/2)) array takes
-// the most frequent non-zero label among input voxels (2i+dx, 2j+dy, 2k+dz), dx, dy, dz in {0, 1},
-// that lie inside the (sx, sy, sz) input (partial blocks at odd edges use the voxels they have);
-// ties go to the smaller label; 0 only when every such voxel is 0.  Arrays are C-contiguous,
-// axes x, y, z.  One thread per output voxel (grid-stride loop), no atomics.
+// Output voxel (i, j, k) of an (nx, ny, nz) = (ceil(sx/fx), ceil(sy/fy), ceil(sz/fz)) array takes
+// the most frequent non-zero label among input voxels (fx*i+dx, fy*j+dy, fz*k+dz), 0 <= dx < fx,
+// 0 <= dy < fy, 0 <= dz < fz (fx, fy, fz each 1 or 2), that lie inside the (sx, sy, sz) input
+// (partial blocks at odd edges use the voxels they have); ties go to the smaller label; 0 only
+// when every such voxel is 0.  Arrays are C-contiguous, axes x, y, z.  One thread per output
+// voxel (grid-stride loop), no atomics.
 //
 // Self-contained (no #include): compiled by NVRTC (CuPy) and, for tests, by g++ through
 // tests/cuda_emulation.
@@ -13,7 +15,7 @@ typedef long long ds_i64;
 
 template <typename T>
 __device__ void ds2(const T* __restrict__ labels, T* __restrict__ out, ds_i64 sx, ds_i64 sy,
-                    ds_i64 sz, ds_i64 nx, ds_i64 ny, ds_i64 nz) {
+                    ds_i64 sz, ds_i64 nx, ds_i64 ny, ds_i64 nz, int fx, int fy, int fz) {
     const ds_i64 nout = nx * ny * nz;
     const ds_i64 stride = (ds_i64)gridDim.x * blockDim.x;
     for (ds_i64 o = (ds_i64)blockIdx.x * blockDim.x + threadIdx.x; o < nout; o += stride) {
@@ -22,12 +24,12 @@ __device__ void ds2(const T* __restrict__ labels, T* __restrict__ out, ds_i64 sx
         const ds_i64 i = o / (nz * ny);
         T v[8];
         int n = 0;
-        for (int dx = 0; dx < 2; ++dx) {
-            const ds_i64 x = 2 * i + dx;
-            for (int dy = 0; dy < 2; ++dy) {
-                const ds_i64 y = 2 * j + dy;
-                for (int dz = 0; dz < 2; ++dz) {
-                    const ds_i64 z = 2 * k + dz;
+        for (int dx = 0; dx < fx; ++dx) {
+            const ds_i64 x = fx * i + dx;
+            for (int dy = 0; dy < fy; ++dy) {
+                const ds_i64 y = fy * j + dy;
+                for (int dz = 0; dz < fz; ++dz) {
+                    const ds_i64 z = fz * k + dz;
                     if (x < sx && y < sy && z < sz) {
                         const T val = labels[(x * sy + y) * sz + z];
                         if (val != 0) v[n++] = val;
@@ -54,8 +56,8 @@ __device__ void ds2(const T* __restrict__ labels, T* __restrict__ out, ds_i64 sx
 #define DS_ENTRY_POINT(SUFFIX, T)                                                               \
     extern "C" __global__ void ds2_##SUFFIX(const T* __restrict__ labels, T* __restrict__ out,  \
                                             ds_i64 sx, ds_i64 sy, ds_i64 sz, ds_i64 nx,         \
-                                            ds_i64 ny, ds_i64 nz) {                             \
-        ds2<T>(labels, out, sx, sy, sz, nx, ny, nz);                                            \
+                                            ds_i64 ny, ds_i64 nz, int fx, int fy, int fz) {     \
+        ds2<T>(labels, out, sx, sy, sz, nx, ny, nz, fx, fy, fz);                                \
     }
 
 DS_ENTRY_POINT(u8, unsigned char)

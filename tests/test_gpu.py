@@ -31,6 +31,8 @@ from conftest import tree_files, write_zarr  # noqa: E402
 
 DTYPES = [np.uint8, np.uint16, np.uint32, np.uint64]
 BIG = np.uint64(2**63 + 5)  # an ID beyond 2**63 (sign bit set)
+# the LOD steps of anisotropic voxels (lod.lod_factors), besides the 2x2x2 ones
+ANISOTROPIC_STEPS = [(2, 2, 1), (1, 2, 2), (2, 1, 1), (1, 1, 1)]
 
 
 # --------------------------------------------------------------------------------------
@@ -132,6 +134,9 @@ def _check_backend(backend, labels, piece_sizes=(1000, 4, 3), device_weld=True):
         level_b, level_c = backend.downsample(level_b), lod.downsample_labels(level_c)
         assert level_b.dtype == level_c.dtype and level_b.shape == level_c.shape
         assert np.array_equal(level_b, level_c)
+    for factor in ANISOTROPIC_STEPS:
+        got, want = backend.downsample(labels, factor), lod.downsample_labels(labels, factor)
+        assert got.dtype == want.dtype and np.array_equal(got, want), factor
 
 
 # --------------------------------------------------------------------------------------
@@ -380,6 +385,10 @@ def test_emulated_downsample_ties_and_background(emu_backend):
     out = emu_backend.downsample(labels)
     assert np.array_equal(out, lod.downsample_labels(labels))
     assert out[0, 0, 0] == 3 and out[1, 0, 0] == 9 and out[2, 1, 1] == 4 and out[2, 0, 1] == 6
+    for factor in ANISOTROPIC_STEPS:
+        assert np.array_equal(emu_backend.downsample(labels, factor), lod.downsample_labels(labels, factor))
+    out = emu_backend.downsample(labels, (2, 2, 1))
+    assert out[0, 0, 0] == BIG and out[0, 0, 1] == 3    # z = 0: BIG twice, 3 once; z = 1: 3 twice
 
 
 def test_emulated_signed_labels_viewed_as_unsigned(emu_backend):
@@ -584,18 +593,22 @@ def test_emulated_real_crop_matches_cpu(emu_lib, real_crops, name, dtype):
     _check_backend(backend, labels, piece_sizes=(16, 7))
 
 
-@pytest.mark.parametrize("name,quality,some", [("37x29x23", "high", False), ("40^3", "medium", False),
-                                               ("40^3", "medium", True)])
-def test_emulated_run_mesh_is_byte_identical(emu_lib, real_crops, tmp_path, monkeypatch, name, quality, some):
+@pytest.mark.parametrize("name,quality,some,voxel", [("37x29x23", "high", False, (32.0, 32.0, 40.0)),
+                                                     ("40^3", "medium", False, (32.0, 32.0, 40.0)),
+                                                     ("40^3", "medium", True, (32.0, 32.0, 40.0)),
+                                                     ("40^3", "medium", False, (4.0, 4.0, 40.0))])
+def test_emulated_run_mesh_is_byte_identical(emu_lib, real_crops, tmp_path, monkeypatch, name, quality, some,
+                                             voxel):
     """The whole pipeline with the emulated GPU backend writes exactly the CPU's bytes (also
-    for a selection of the segments, ``some``)."""
+    for a selection of the segments, ``some``, and with anisotropic voxels, whose LODs are
+    downsampled along x and y only)."""
     from gpumesh import pipeline
     from gpumesh.pipeline import MeshOptions, run_mesh
 
     labels = real_crops[name]
     segments = np.unique(labels[labels != 0])[::3] if some else None
-    kw = dict(options=MeshOptions(chunk_size=8, max_lods=2, quality=quality, segments=segments),
-              voxel_size=(32.0, 32.0, 40.0), workers=1)
+    kw = dict(options=MeshOptions(chunk_size=8, max_lods=2 if voxel[0] == 32 else 3, quality=quality,
+                                  segments=segments), voxel_size=voxel, workers=1)
     run_mesh(labels, str(tmp_path / "cpu"), device="cpu", **kw)
     emu = gpu.GPUBackend(runtime=cuda_emu.EmulatedRuntime(emu_lib, seed=3))
     monkeypatch.setattr(pipeline, "get_backend", lambda device="auto": emu)
@@ -676,7 +689,8 @@ def test_gpu_run_mesh_on_random_volumes_is_byte_identical(seed, tmp_path):
     options = random_options(rng)
     if not labels.any():
         pytest.skip("an empty volume")
-    kw = dict(options=options, voxel_size=(4.0, 5.0, 6.0), workers=1)
+    # odd seeds: anisotropic voxels, whose LODs are downsampled along x and y only at first
+    kw = dict(options=options, voxel_size=(4.0, 4.0, 40.0) if seed % 2 else (4.0, 5.0, 6.0), workers=1)
     assert run_mesh(labels, str(tmp_path / "cpu"), device="cpu", **kw).device == "cpu"
     assert run_mesh(labels, str(tmp_path / "gpu"), device="gpu", **kw).device == "gpu"
     _assert_same_tree(tmp_path / "cpu", tmp_path / "gpu")

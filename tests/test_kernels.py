@@ -7,7 +7,7 @@ import pytest
 
 from gpumesh import encode
 from gpumesh.backend import CPUBackend
-from gpumesh.lod import downsample_labels
+from gpumesh.lod import downsample_labels, lod_factors
 from gpumesh.mctable import TRI_COUNTS, TRI_TABLE
 
 
@@ -79,16 +79,48 @@ def _mode_reference(block: np.ndarray) -> int:
     return int(ids[counts == counts.max()].min())
 
 
-def test_downsample_rule_matches_reference():
+@pytest.mark.parametrize("factor", [(2, 2, 2), (2, 2, 1), (1, 2, 2), (2, 1, 1), (1, 1, 1)])
+def test_downsample_rule_matches_reference(factor):
     rng = np.random.default_rng(3)
     labels = rng.choice(np.array([0, 0, 0, 3, 9, 12], np.uint32), size=(9, 8, 7))
-    out = downsample_labels(labels)
-    assert out.shape == (5, 4, 4)
-    for i in range(5):
-        for j in range(4):
-            for k in range(4):
-                block = labels[2 * i:2 * i + 2, 2 * j:2 * j + 2, 2 * k:2 * k + 2]
+    out = downsample_labels(labels, factor)
+    fx, fy, fz = factor
+    assert out.shape == tuple(-(-n // f) for n, f in zip(labels.shape, factor))
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            for k in range(out.shape[2]):
+                block = labels[fx * i:fx * i + fx, fy * j:fy * j + fy, fz * k:fz * k + fz]
                 assert out[i, j, k] == _mode_reference(block)
+    if factor == (1, 1, 1):
+        assert np.array_equal(out, labels)
+
+
+@pytest.mark.parametrize("factor", [(2, 2, 3), (0, 2, 2), (2, 2)])
+def test_downsample_factor_must_be_one_or_two_per_axis(factor):
+    with pytest.raises(ValueError, match="1 or 2 per axis"):
+        downsample_labels(np.zeros((4, 4, 4), np.uint8), factor)
+
+
+@pytest.mark.parametrize("voxel, lods, how, want", [
+    ((4, 4, 40), 6, "auto", [[0, 0, 0], [1, 1, 0], [2, 2, 0], [3, 3, 0], [4, 4, 1], [5, 5, 2]]),
+    ((4, 4, 40), 3, "all", [[0, 0, 0], [1, 1, 1], [2, 2, 2]]),
+    ((32, 32, 40), 4, "auto", [[0, 0, 0], [1, 1, 1], [2, 2, 2], [3, 3, 3]]),   # near isotropic
+    ((1, 1, 1), 2, "auto", [[0, 0, 0], [1, 1, 1]]),
+    ((40, 8, 8), 3, "auto", [[0, 0, 0], [0, 1, 1], [0, 2, 2]]),                # any axis
+    ((4, 7, 120), 6, "auto", [[0, 0, 0], [1, 1, 0], [2, 2, 0], [3, 3, 0], [4, 4, 0], [5, 5, 1]]),
+])
+def test_lod_factors_halve_the_finer_axes_until_near_isotropic(voxel, lods, how, want):
+    assert lod_factors(voxel, lods, how).tolist() == want
+
+
+def test_lod_factors_keep_a_node_within_the_quantization():
+    """A LOD ``k`` node spans ``C * 2**(k - shift)`` voxels per axis: past ``max_ratio * C`` the
+    step halves every axis, so a half voxel stays at least one quantization step."""
+    got = lod_factors((4, 4, 400), 6, max_ratio=4)
+    assert got.tolist() == [[0, 0, 0], [1, 1, 0], [2, 2, 0], [3, 3, 1], [4, 4, 2], [5, 5, 3]]
+    assert all(k - row.min() <= 2 for k, row in enumerate(got))
+    with pytest.raises(ValueError, match="downsampling must be one of auto, all"):
+        lod_factors((1, 1, 1), 2, "z")
 
 
 def test_thin_segment_survives_background():

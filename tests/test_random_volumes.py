@@ -38,7 +38,7 @@ import numpy as np
 import pytest
 
 from gpumesh import SegmentsNotFoundWarning
-from gpumesh.pipeline import MeshOptions, run_mesh
+from gpumesh.pipeline import MeshOptions, Plan, run_mesh
 from gpumesh.reader import load_fragments, load_mesh, open_mesh
 from gpumesh.sharding import ShardingOptions
 from gpumesh.validate import validate
@@ -149,6 +149,22 @@ def random_options(rng: np.random.Generator) -> MeshOptions:
                        vertex_quantization_bits=bits, format=fmt, sharding=sharding)
 
 
+def assert_on_lod_lattice(v: np.ndarray, voxel: np.ndarray, error: float, what: str) -> None:
+    """Every vertex (``v``: (n, 3), LOD 0 voxels from the voxel offset) is a marching-cubes
+    vertex of its LOD's labels, whose voxels are ``voxel`` (3,) LOD 0 voxels: on one axis on a
+    face between two of them (a multiple of ``voxel``), on the others at their centres (an odd
+    multiple of ``voxel / 2``).  Decimated vertices are a subset of those.  ``error``: the
+    decoding's error per axis (LOD 0 voxels); axes where it could hide the lattice are not
+    checked."""
+    half = 2 * v / voxel                      # integers: even on a face, odd at a centre
+    near = np.rint(half)
+    checked = 2 * error / voxel < 0.25
+    assert np.abs(half - near)[:, checked].max(initial=0) <= 2 * error / voxel.min() + 1e-6, what
+    if checked.all():
+        faces = (near.astype(np.int64) % 2 == 0).sum(axis=1)
+        assert np.all(faces == 1), f"{what}: {np.count_nonzero(faces != 1)} vertices off the LOD's lattice"
+
+
 def _voxel_counts(dest) -> dict:
     with open(os.path.join(dest, "segment_properties", "info")) as fh:
         sp = json.load(fh)
@@ -197,6 +213,7 @@ def test_random_volume(seed, tmp_path, unwelded_fragments):
     assert summary.segments == len(present), what
     assert _voxel_counts(dest) == {int(i): int(c) for i, c in zip(ids.astype(np.uint64), counts)}, what
 
+    plan = Plan.make(labels.shape, options, voxel_size)
     for seg in present:
         seg = int(seg)
         mask = labels == np.asarray(seg, dtype=np.uint64).astype(labels.dtype)
@@ -224,8 +241,10 @@ def test_random_volume(seed, tmp_path, unwelded_fragments):
                 bound = 1.0 if k == 0 else coarse_lod_bound(k)
                 # plus the decoding's error: the client divides by 2**bits - 1 where gpumesh
                 # quantizes with 2**bits, up to chunk * 2**k / (2**bits - 1) voxels per axis
-                bound += np.sqrt(3) * options.chunk_size * 2.0 ** k / (2 ** options.vertex_quantization_bits - 1)
+                step = options.chunk_size * 2.0 ** k / (2 ** options.vertex_quantization_bits - 1)
+                bound += np.sqrt(3) * step
                 assert d.max() <= bound, f"{what}: segment {seg} LOD {k}: {d.max():.3f} voxels off"
+                assert_on_lod_lattice(v, 2 ** plan.shift(k), step, f"{what}: segment {seg} LOD {k}")
         if fmt == "multires" and num_lods > 1:
             assert any(not f["placeholder"] and len(f["faces"]) for f in load_fragments(src, seg, num_lods - 1))
 
