@@ -25,6 +25,7 @@ from browser.neuroglancer_check import NeuroglancerBrowser, check_in_browser, fi
 from conftest import CROP_START, VOXEL_SIZE
 
 pytestmark = pytest.mark.browser
+ANISOTROPIC = (8.0, 8.0, 40.0)
 
 ARTIFACTS = pathlib.Path(os.environ.get("GPUMESH_BROWSER_ARTIFACTS")
                          or pathlib.Path(__file__).resolve().parent / ".artifacts" / "browser")
@@ -59,10 +60,10 @@ def browser():
         b.close()
 
 
-def _mesh(crop, dest, **kw):
+def _mesh(crop, dest, voxel_size=VOXEL_SIZE, **kw):
     from gpumesh.pipeline import MeshOptions, run_mesh
 
-    run_mesh(crop, str(dest), options=MeshOptions(chunk_size=32, max_lods=3, **kw), voxel_size=VOXEL_SIZE,
+    run_mesh(crop, str(dest), options=MeshOptions(chunk_size=32, max_lods=3, **kw), voxel_size=voxel_size,
              voxel_offset=CROP_START, workers=1, overwrite=True)
     return dest
 
@@ -78,7 +79,11 @@ def outputs(crop, tmp_path_factory):
             "sharded": _mesh(crop, root / "sharded", sharding=ShardingOptions()),
             "sharded-10bit": _mesh(crop, root / "sharded-10bit", sharding=ShardingOptions(),
                                    vertex_quantization_bits=10),
-            "legacy": _mesh(crop, root / "legacy", format="legacy")}
+            "legacy": _mesh(crop, root / "legacy", format="legacy"),
+            # the crop taken as 8x8x40 nm voxels: LODs 1 and 2 downsampled along x and y only
+            # (per-axis vertex_offsets), or along every axis
+            "anisotropic": _mesh(crop, root / "anisotropic", voxel_size=ANISOTROPIC),
+            "anisotropic-all": _mesh(crop, root / "anisotropic-all", voxel_size=ANISOTROPIC, downsampling="all")}
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +126,28 @@ def test_neuroglancer_renders_output(kind, browser, outputs, segments, reference
             for mine, ref in zip(result.views, reference.views):
                 for s in segments:
                     assert abs(mine.pixels[s] - ref.pixels[s]) <= 0.02 * ref.pixels[s] + 20
+
+
+def test_neuroglancer_renders_lods_downsampled_along_some_axes(browser, outputs, segments, capsys):
+    """Anisotropic voxels' LODs, downsampled along x and y only, with per-axis vertex_offsets:
+    the client reads the LODs it should and draws the segments as it draws the LODs of the
+    same voxels downsampled along every axis (the close view is LOD 0, the same meshes; the
+    far view the coarsest LOD)."""
+    # the crop is 5x longer in z than across at these voxels: a coarser detail cutoff than the
+    # other outputs' 4 leaves the far view at the coarsest LOD (at 4 the far view also read
+    # LOD 1 of the largest segments, as it does of the output downsampled along every axis)
+    scale = 8.0
+    ref = check_in_browser(outputs["anisotropic-all"], segments, browser=browser, name="anisotropic-all",
+                           artifacts=str(ARTIFACTS), mesh_render_scale=scale)
+    result = check_in_browser(outputs["anisotropic"], segments, browser=browser, name="anisotropic",
+                              artifacts=str(ARTIFACTS), reference=ref, mesh_render_scale=scale)
+    _report(capsys, result)
+    assert not ref.problems and not result.problems
+    far, close = result.views
+    for s in segments:
+        assert far.lods_read[s] == [max(far.lods_read[s])] and 0 in close.lods_read[s]
+        assert abs(close.pixels[s] - ref.views[1].pixels[s]) <= 0.02 * ref.views[1].pixels[s] + 20
+        assert far.pixels[s] > 0.7 * ref.views[0].pixels[s]
 
 
 def _corrupted_copy(outputs, kind, tmp_path):
