@@ -292,6 +292,29 @@ def test_a_gpumesh_variant_runs_beside_gpumesh(tmp_path, crop, capsys):
     assert "gpumesh --bits 10: segments" in out.out
 
 
+def test_lods_benchmark_compares_the_downsampling_rules(tmp_path, crop, capsys):
+    """``bench_lods.py`` meshes with each rule and compares every LOD's volume with LOD 0's: on
+    anisotropic voxels the two rules give the same LOD 0 and differ past it."""
+    import bench_lods
+
+    from conftest import write_zarr
+
+    src = tmp_path / "part.zarr"
+    write_zarr(src, crop[:64, :64, :64])
+    assert bench_lods.main(["--source", str(src), "--voxel-size", "8,8,40", "--sample", "20", "--workers", "1",
+                            "--gpumesh-args", "--chunk-size 16", "--results-dir", str(tmp_path / "res")]) == 0
+    (result,) = (tmp_path / "res").glob("lods-*.json")
+    rec = json.loads(result.read_text())
+    auto, every = rec["rows"]["auto"], rec["rows"]["all"]
+    assert len(rec["sample"]) == 20 and rec["git"]["commit"]
+    assert auto["triangles_per_lod"][0] == every["triangles_per_lod"][0]
+    assert auto["triangles_per_lod"][1:] != every["triangles_per_lod"][1:]
+    for row in (auto, every):
+        assert sum(row["segments_per_num_lods"].values()) == 20
+        assert all(0 <= e["median"] <= e["p90"] for e in row["volume_error"].values())
+    assert "|V_k-V_0|/V_0" in capsys.readouterr().out
+
+
 def test_encode_benchmark_compares_the_two_depths(crop_medium, tmp_path, capsys):
     """bench_encode re-encodes a 16-bit output at 16 and 10 bits: the same triangles, fewer bytes at 10."""
     import bench_encode
