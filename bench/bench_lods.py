@@ -85,8 +85,10 @@ def main(argv=None) -> int:
             rows[rule] = {"command": cmd, "wall_s": wall, "triangles_per_lod": summary["triangles_per_lod"],
                           "bytes": summary["bytes"], **fidelity(dest, sample)}
     print(f"source {args.source}; voxel size {args.voxel_size} nm; {len(sample)} segments compared\n")
-    print("downsampling | wall s | bytes    | triangles per LOD (M)      | LOD | segments | |V_k-V_0|/V_0 median | p90")
-    print("-------------+--------+----------+----------------------------+-----+----------+----------------------+------")
+    print("downsampling | wall s | bytes    | triangles per LOD (M)      | LOD | segments "
+          "| |V_k-V_0|/V_0 median | p90")
+    print("-------------+--------+----------+----------------------------+-----+----------"
+          "+----------------------+------")
     for rule, r in rows.items():
         tri = " / ".join(f"{t / 1e6:.2f}" for t in r["triangles_per_lod"])
         for i, (k, e) in enumerate(r["volume_error"].items()):
