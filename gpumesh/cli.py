@@ -195,9 +195,9 @@ class _ProgressLines:
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None, help="write the end summary as JSON")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missing, fmt, quality, chunk_size, max_lods,
-         num_lods, downsampling, bits, dust_threshold, segments, workers, scheduler, device, overwrite, resume, segment_properties,
-         link_source, sharded, shard_bits, minishard_bits, preshift_bits, shard_hash, minishard_index_encoding,
-         data_encoding, summary_json, quiet):
+         num_lods, downsampling, bits, dust_threshold, segments, workers, scheduler, device, overwrite, resume,
+         segment_properties, link_source, sharded, shard_bits, minishard_bits, preshift_bits, shard_hash,
+         minishard_index_encoding, data_encoding, summary_json, quiet):
     """Mesh every segment of SOURCE into Neuroglancer precomputed meshes in DEST.
 
     SOURCE: a zarr v2/v3, N5, OME-Zarr or precomputed volume (path or URL).

@@ -101,10 +101,11 @@ class MeshOptions:
         when the job is written, so a segment is kept or dropped whole (igneous's
         ``MeshTask`` counts each task's cutout alone).
     downsampling : str
-        How each LOD's labels are downsampled from the previous LOD's (:func:`gpumesh.lod.lod_factors`):
-        ``auto`` (default) by 2 along the finer axes only while the voxel is anisotropic (4x4x40
-        nm: 8x8x40, 16x16x40, 32x32x40, then every axis), ``all`` by 2 along every axis.  The
-        same for near-isotropic voxels, such as the real volume's 32x32x40 nm.
+        How each LOD's labels are downsampled from the previous LOD's
+        (:func:`gpumesh.lod.lod_factors`): ``auto`` (default) by 2 along the finer axes only
+        while the voxel is anisotropic (4x4x40 nm: 8x8x40, 16x16x40, 32x32x40, then every
+        axis), ``all`` by 2 along every axis.  The same for near-isotropic voxels, such as the
+        real volume's 32x32x40 nm.
     segments : tuple of int or None
         Mesh only these segment IDs (igneous's ``object_ids``); ``None`` meshes every segment.
         Each selected segment gets the bytes the full job gives it: the labels are downsampled
@@ -227,7 +228,7 @@ class Plan:
     lods: int
     block: int
     grid: tuple
-    shifts: tuple = ()
+    shifts: tuple
 
     @classmethod
     def make(cls, shape, options: MeshOptions, voxel_size=(1.0, 1.0, 1.0)) -> "Plan":
@@ -253,8 +254,8 @@ class Plan:
                    tuple(tuple(int(v) for v in row) for row in shifts))
 
     def shift(self, k: int) -> np.ndarray:
-        """:attr:`shifts` of LOD ``k``: (3,) int64 (``k`` on every axis when the plan has none)."""
-        return np.asarray(self.shifts[k], dtype=np.int64) if self.shifts else np.full(3, k, np.int64)
+        """:attr:`shifts` of LOD ``k``: (3,) int64."""
+        return np.asarray(self.shifts[k], dtype=np.int64)
 
     def vertex_offsets(self, num_lods: int) -> np.ndarray:
         """The manifests' ``vertex_offsets`` of LODs ``0 .. num_lods - 1``: (num_lods, 3) float64,
