@@ -324,8 +324,8 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missing
     s = summary
     dust = f" ({s.dust_segments:,} below the dust threshold, not meshed)" if s.dust_segments else ""
     click.echo(f"segments:  {s.segments}{dust}")
-    for k, (t, f) in enumerate(zip(s.triangles_per_lod, s.fragments_per_lod)):
-        click.echo(f"LOD {k}:     {t:>12,} triangles  {f:>8,} fragments")
+    for k, (t, f, v) in enumerate(zip(s.triangles_per_lod, s.fragments_per_lod, s.voxel_size_per_lod)):
+        click.echo(f"LOD {k}:     {t:>12,} triangles  {f:>8,} fragments  ({'x'.join(f'{n:g}' for n in v)} nm voxels)")
     click.echo(f"bytes:     {s.bytes:,}")
     # workers past what the device holds mesh on the CPU backend (gpu.device_processes)
     shared = f" ({s.device_workers} of them on it)" if s.device == "gpu" and s.device_workers < s.workers else ""

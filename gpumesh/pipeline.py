@@ -819,6 +819,7 @@ class Summary:
     segments: int = 0
     triangles_per_lod: list = field(default_factory=list)
     fragments_per_lod: list = field(default_factory=list)
+    voxel_size_per_lod: list = field(default_factory=list)   # nm, [x, y, z] of each LOD's voxels
     bytes: int = 0
     seconds: float = 0.0
     seconds_meshing: float = 0.0
@@ -1161,6 +1162,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     summary.segments = stats["segments"]
     summary.triangles_per_lod = stats["triangles_per_lod"]
     summary.fragments_per_lod = stats["fragments_per_lod"]
+    summary.voxel_size_per_lod = [(volume.voxel_size * 2.0 ** plan.shift(k)).tolist()
+                                  for k in range(len(summary.triangles_per_lod))]
     summary.bytes = stats["bytes"]
     summary.dust_segments = stats.get("dust_segments", 0)
     summary.missing_segments = stats.get("missing_segments", 0)

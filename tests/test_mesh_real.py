@@ -445,6 +445,36 @@ def test_lods_past_the_one_that_spans_the_volume_change_nothing_but_the_blocks(c
     assert outputs[0] == outputs[1]
 
 
+def test_each_lods_voxel_size_is_reported(crop, tmp_path):
+    """The summary (and the CLI's LOD lines) give each LOD's voxel size in nm: halved along x
+    and y only while the voxel is anisotropic, along every axis at the real volume's
+    32x32x40 nm; the manifests' ``vertex_offsets`` are minus half of it, in LOD 0 voxels."""
+    import subprocess
+
+    from conftest import cli_command, write_zarr
+    from gpumesh.pipeline import MeshOptions, run_mesh
+
+    labels = np.ascontiguousarray(crop[:64, :64, :32])
+    options = MeshOptions(chunk_size=8, max_lods=4)
+    got = run_mesh(labels, str(tmp_path / "a"), options=options, voxel_size=(4, 4, 40), workers=1)
+    assert got.voxel_size_per_lod == [[4, 4, 40], [8, 8, 40], [16, 16, 40], [32, 32, 40]]
+    src = open_mesh(str(tmp_path / "a"))
+    seg = max(src.segment_ids(), key=lambda s: src.manifest(s).num_lods)
+    m = src.manifest(seg)
+    assert m.num_lods == 4 and m.vertex_offsets.tolist() == [[-0.5, -0.5, -0.5], [-1, -1, -0.5], [-2, -2, -0.5],
+                                                              [-4, -4, -0.5]]
+    got = run_mesh(labels, str(tmp_path / "b"), options=options, voxel_size=VOXEL_SIZE, workers=1)
+    assert got.voxel_size_per_lod == [[32, 32, 40], [64, 64, 80], [128, 128, 160], [256, 256, 320]]
+    write_zarr(tmp_path / "v.zarr", labels)
+    r = subprocess.run([*cli_command(), "mesh", str(tmp_path / "v.zarr"), str(tmp_path / "c"), "--voxel-size",
+                        "4,4,40", "--chunk-size", "8", "--max-lods", "4", "--workers", "1", "--quiet"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lods = [line for line in r.stdout.splitlines() if line.startswith("LOD ")]
+    assert [line.split("(")[1] for line in lods] == ["4x4x40 nm voxels)", "8x8x40 nm voxels)",
+                                                     "16x16x40 nm voxels)", "32x32x40 nm voxels)"]
+
+
 def _fragments_by_node(src, segment_id: int, shift_voxels) -> dict:
     """{(lod, x, y, z): Draco bytes} of a segment, node positions moved by ``shift_voxels``."""
     m = src.manifest(segment_id)
