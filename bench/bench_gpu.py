@@ -16,7 +16,8 @@ relabelling) and in one run on one machine:
   (upload, kernels, download), wall clock, median of ``--host-repeat``;
 * ``gpu mc + weld (device)``: :meth:`GPUBackend.mesh`, host labels to host pieces with the
   weld on the device (:meth:`GPUBackend.weld_device`), wall clock;
-* ``gpu downsample kernel``: :meth:`GPUBackend.downsample_device`, events, median, with the
+* ``gpu downsample kernel`` (2x2x2) and ``... 2x2x1`` (a step of anisotropic voxels):
+  :meth:`GPUBackend.downsample_device`, events, median, with the
   bandwidth it reaches (bytes read once + written once over the time);
 * ``cpu mc`` / ``cpu downsample``: the CPU path (:func:`gpumesh.marching.march_cubes`,
   :func:`gpumesh.lod.downsample_labels`; numba, one thread), wall clock, after a warm-up
@@ -166,6 +167,10 @@ def bench_gpu(rows, name, labels, args, cpu, backend=None, cp=None) -> dict[str,
     t = _events(cp, lambda: backend.downsample_device(d_labels), args.warmup, args.repeat)
     _row(rows, name, "gpu downsample kernel", "downsample", t, nvox,
          gb_per_s=ds_bytes / statistics.median(t) / 1e9)
+    # an anisotropic voxel's step (--downsampling auto on 4x4x40 nm: x and y only)
+    t = _events(cp, lambda: backend.downsample_device(d_labels, (2, 2, 1)), args.warmup, args.repeat)
+    _row(rows, name, "gpu downsample kernel 2x2x1", "downsample 2x2x1", t, nvox,
+         gb_per_s=(labels.nbytes + labels.nbytes // 4) / statistics.median(t) / 1e9)
     del d_labels
     if name == "real" or args.cpu_tiled:
         t, got = _wall(lambda: backend.march(labels, PIECE_SIZE), args.host_repeat)

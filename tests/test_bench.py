@@ -94,7 +94,8 @@ def test_bench_rows_and_parity_through_the_emulated_backend(emu_lib, real_zarr, 
     what = [r["what"] for r in rows]
     assert what == ["cpu mc", "weld (cpu)", "cpu mc + weld", "cpu downsample", "gpu mc kernels",
                     "gpu mc + weld kernels (sort)", "gpu mc + weld kernels (hash)",
-                    "gpu downsample kernel", "gpu mc + transfers", "gpu mc + transfers + weld (cpu)",
+                    "gpu downsample kernel", "gpu downsample kernel 2x2x1", "gpu mc + transfers",
+                    "gpu mc + transfers + weld (cpu)",
                     "gpu mc + weld (device)"]
     assert backend.weld == "sort"   # the rows of the hash weld leave the backend as it was
     assert rows[-1]["welded_on_device"] is True
