@@ -9,7 +9,7 @@ reader leaves out.  Includes anisotropic voxels, whose LODs have per-axis ``vert
 
 cloud-volume is not a dependency: set ``GPUMESH_CLOUDVOLUME_PYTHON`` to a Python that imports
 it (an igneous environment does), else the test is skipped.  It runs that Python on
-``tests/cloudvolume/read_meshes.py``.
+``tests/cv_reader/read_meshes.py``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from scipy.spatial import cKDTree
 from conftest import CROP_START
 
 PYTHON = os.environ.get("GPUMESH_CLOUDVOLUME_PYTHON")
-READER = pathlib.Path(__file__).resolve().parent / "cloudvolume" / "read_meshes.py"
+READER = pathlib.Path(__file__).resolve().parent / "cv_reader" / "read_meshes.py"
 
 pytestmark = pytest.mark.skipif(not PYTHON, reason="GPUMESH_CLOUDVOLUME_PYTHON names no Python with cloud-volume")
 
