@@ -13,7 +13,8 @@ process, and checks every segment of the output, not a sample:
 * LOD 0 with ``--quality high`` has exactly the label boundary's face centres as vertices,
   and otherwise lies within 1 voxel of the boundary; LOD ``k`` lies within
   ``test_mesh_real.coarse_lod_bound(k)`` voxels of it (``2**k`` up to LOD 2, a little more
-  beyond); the coarsest LOD has triangles.
+  beyond); every LOD's vertices lie on that LOD's lattice (its voxels are anisotropic where
+  the random voxel size is: ``--downsampling auto``); the coarsest LOD has triangles.
 
 The cases are seeded, so a failure names the seed that reproduces it
 (``GPUMESH_RANDOM_SEEDS=17 pytest tests/test_random_volumes.py``).  The default run checks a
