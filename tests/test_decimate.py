@@ -98,19 +98,24 @@ def test_decimated_pieces_are_sound_subsets(pieces):
     assert kept < 0.6 * total  # it does decimate
 
 
+def _simplified_alone(v, f, on_plane) -> np.ndarray:
+    """meshoptimizer's result alone on a piece (keep 0.4, the frozen rings locked), without
+    decimate's checks and repairs: (m, 3) int64 faces."""
+    idx = np.ascontiguousarray(f, dtype=np.uint32).ravel()
+    pos = np.ascontiguousarray(v * SCALE, dtype=np.float32)
+    lock = np.zeros(len(v), np.uint8)
+    lod._lock_rings(idx.reshape(-1, 3), on_plane, lock)
+    dst = np.empty_like(idx)
+    n = lod._meshopt()(dst.ctypes.data, idx.ctypes.data, idx.size, pos.ctypes.data, len(v), 12, None, 0, None, 0,
+                       lock.ctypes.data, 3 * max(4, round(0.4 * len(f))), 0.5 * 32.0, 5, None)
+    return dst[:n].reshape(-1, 3).astype(np.int64)
+
+
 def test_defects_of_the_simplifier_are_repaired(pieces):
     """meshoptimizer alone makes edges used twice on some pieces; decimate never returns one."""
-    fn = lod._meshopt()
     raw_defects = 0
     for v, f, on_plane in pieces:
-        idx = np.ascontiguousarray(f, dtype=np.uint32).ravel()
-        pos = np.ascontiguousarray(v * SCALE, dtype=np.float32)
-        lock = np.zeros(len(v), np.uint8)
-        lod._lock_rings(idx.reshape(-1, 3), on_plane, lock)
-        dst = np.empty_like(idx)
-        n = fn(dst.ctypes.data, idx.ctypes.data, idx.size, pos.ctypes.data, len(v), 12, None, 0, None, 0,
-               lock.ctypes.data, 3 * max(4, round(0.4 * len(f))), 0.5 * 32.0, 5, None)
-        d = directed_edges(dst[:n].reshape(-1, 3))
+        d = directed_edges(_simplified_alone(v, f, on_plane))
         key = d[:, 0] * len(v) + d[:, 1]
         raw_defects += len(np.unique(key)) != len(key)
         dv, df = lod.decimate(v, f, 0.4, SCALE, frozen=on_plane)
@@ -178,17 +183,9 @@ def test_decimated_pieces_have_no_zero_area_triangles(pieces):
     """meshoptimizer's collapses leave a few triangles of three collinear vertices (8.5e-4 of
     LOD 0's on the real volume); decimate flips each with its neighbour, which keeps the same
     surface, so none is returned."""
-    fn = lod._meshopt()
     raw = 0
     for v, f, on_plane in pieces:
-        idx = np.ascontiguousarray(f, dtype=np.uint32).ravel()
-        pos = np.ascontiguousarray(v * SCALE, dtype=np.float32)
-        lock = np.zeros(len(v), np.uint8)
-        lod._lock_rings(idx.reshape(-1, 3), on_plane, lock)
-        dst = np.empty_like(idx)
-        n = fn(dst.ctypes.data, idx.ctypes.data, idx.size, pos.ctypes.data, len(v), 12, None, 0, None, 0,
-               lock.ctypes.data, 3 * max(4, round(0.4 * len(f))), 0.5 * 32.0, 5, None)
-        raw += int(_zero_area(v, dst[:n].reshape(-1, 3).astype(np.int64)).sum())
+        raw += int(_zero_area(v, _simplified_alone(v, f, on_plane)).sum())
         dv, df = lod.decimate(v, f, 0.4, SCALE, frozen=on_plane)
         assert not _zero_area(dv, df).any()
         assert_sound(v, f, back_to_input(v, dv, df), "piece")
