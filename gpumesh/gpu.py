@@ -778,8 +778,8 @@ class GPUBackend:
             raise ValueError(f"labels must be 3-D (got shape {labels.shape})")
         fx, fy, fz = lod._check_factor(factor)
         udt = label_dtype(labels.dtype)
-        sx, sy, sz = (int(s) for s in labels.shape)
-        shape = (-(-sx // fx), -(-sy // fy), -(-sz // fz))
+        _, sy, sz = (int(s) for s in labels.shape)
+        shape = lod.downsampled_shape(labels.shape, (fx, fy, fz))
         if shape[0] * shape[1] * shape[2] == 0:
             return np.empty(shape, labels.dtype)
         ulabels = labels.view(udt)
@@ -812,7 +812,7 @@ class GPUBackend:
         """
         fx, fy, fz = lod._check_factor(factor)
         sx, sy, sz = (int(v) for v in d_labels.shape)
-        shape = (-(-sx // fx), -(-sy // fy), -(-sz // fz))
+        shape = lod.downsampled_shape(d_labels.shape, (fx, fy, fz))
         out = self.rt.empty(shape, d_labels.dtype)
         n = shape[0] * shape[1] * shape[2]
         if n:

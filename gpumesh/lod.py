@@ -129,7 +129,7 @@ def downsample_labels(labels: np.ndarray, factor=(2, 2, 2)) -> np.ndarray:
     """
     fx, fy, fz = _check_factor(factor)
     labels = np.ascontiguousarray(labels)
-    out = np.empty(tuple(-(-s // f) for s, f in zip(labels.shape, (fx, fy, fz))), dtype=labels.dtype)
+    out = np.empty(downsampled_shape(labels.shape, (fx, fy, fz)), dtype=labels.dtype)
     _downsample(labels, out, fx, fy, fz)
     return out
 
@@ -139,6 +139,12 @@ def _check_factor(factor) -> tuple:
     if len(f) != 3 or any(v not in (1, 2) for v in f):
         raise ValueError(f"downsampling factor must be 1 or 2 per axis, got {factor!r}")
     return f
+
+
+def downsampled_shape(shape, factor) -> tuple:
+    """Shape of ``shape``-voxel labels downsampled by ``factor``: ``ceil(n / f)`` per axis (a
+    partial block at an odd edge makes a voxel too), as Python ints."""
+    return tuple(-(-int(n) // int(f)) for n, f in zip(shape, factor))
 
 
 #: :attr:`gpumesh.pipeline.MeshOptions.downsampling` choices.

@@ -257,11 +257,13 @@ class Plan:
         """:attr:`shifts` of LOD ``k``: (3,) int64."""
         return np.asarray(self.shifts[k], dtype=np.int64)
 
-    def vertex_offsets(self, num_lods: int) -> np.ndarray:
-        """The manifests' ``vertex_offsets`` of LODs ``0 .. num_lods - 1``: (num_lods, 3) float64,
-        ``-2**shift / 2``, which moves the cubes' half-voxel lattice of each LOD onto its voxels
-        (stored-model units; see the module docs)."""
-        return -0.5 * np.exp2([self.shift(k) for k in range(num_lods)])
+    @functools.lru_cache(maxsize=64)
+    def vertex_offsets(self, num_lods: int) -> tuple:
+        """The manifests' ``vertex_offsets`` of LODs ``0 .. num_lods - 1``: ``num_lods`` tuples of
+        3 floats, ``-2**shift / 2``, which moves the cubes' half-voxel lattice of each LOD onto
+        its voxels (stored-model units; see the module docs).  Cached: the writer asks for them
+        per segment."""
+        return tuple(tuple(-0.5 * 2.0 ** s for s in self.shifts[k]) for k in range(num_lods))
 
     def node_voxels(self, k: int) -> np.ndarray:
         """Edge of a LOD ``k`` octree node in LOD ``k`` voxels per axis, ``C * 2**(k - shift)``:

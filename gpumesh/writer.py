@@ -666,7 +666,7 @@ def build_multires(label: int, entries: np.ndarray, blobs: list, plan: Plan, opt
     if num_lods == 0:
         return None
     offsets = plan.vertex_offsets(num_lods)
-    head = _manifest_head(C, tuple(float(v) for v in grid_origin), tuple(map(tuple, offsets.tolist())))
+    head = _manifest_head(C, tuple(float(v) for v in grid_origin), offsets)
     if num_lods == 1 and len(entries) == 1:
         # one LOD 0 fragment (most segments of a volume of many small ones): its node alone,
         # no parents, no placeholders
@@ -743,7 +743,7 @@ def placeholder_fragments(nodes: np.ndarray, node_lod: np.ndarray, src: np.ndarr
         LOD 0 node edge (voxels).
     bits : int
         ``vertex_quantization_bits``.
-    vertex_offsets : (L, 3) float
+    vertex_offsets : (L, 3) float (array or nested sequence)
         The manifest's ``vertex_offsets`` (:meth:`gpumesh.pipeline.Plan.vertex_offsets`).
 
     Returns
