@@ -265,6 +265,10 @@ class Plan:
         per segment."""
         return tuple(tuple(-0.5 * 2.0 ** s for s in self.shifts[k]) for k in range(num_lods))
 
+    def voxel_nm(self, k: int, voxel_size) -> np.ndarray:
+        """Size of a LOD ``k`` voxel (3,) float64, in the unit of ``voxel_size`` (LOD 0's, nm)."""
+        return np.asarray(voxel_size, dtype=np.float64) * 2.0 ** self.shift(k)
+
     def node_voxels(self, k: int) -> np.ndarray:
         """Edge of a LOD ``k`` octree node in LOD ``k`` voxels per axis, ``C * 2**(k - shift)``:
         (3,) int64 (``C`` on the axes downsampled at every LOD)."""
@@ -538,7 +542,7 @@ def _mesh_lod(volume: Volume, plan: Plan, options: MeshOptions, backend: Backend
     # pieces per axis, as marching cubes numbers them (a cut border block has fewer)
     _, py, pz = (-(-(n - 1) // piece_size) for n in mc_in.shape)
     node0 = (np.asarray(cube0, dtype=np.int64) // E).tolist()
-    scale = volume.voxel_size * (1 << plan.shift(k)).astype(np.float64)   # nm per LOD k voxel
+    scale = plan.voxel_nm(k, volume.voxel_size)
     if not keep.all():   # MeshOptions.segments
         mc_in = np.where(np.r_[False, keep][mc_in], mc_in, 0)
     E = E.tolist()
@@ -1164,7 +1168,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     summary.segments = stats["segments"]
     summary.triangles_per_lod = stats["triangles_per_lod"]
     summary.fragments_per_lod = stats["fragments_per_lod"]
-    summary.voxel_size_per_lod = [(volume.voxel_size * 2.0 ** plan.shift(k)).tolist()
+    summary.voxel_size_per_lod = [plan.voxel_nm(k, volume.voxel_size).tolist()
                                   for k in range(len(summary.triangles_per_lod))]
     summary.bytes = stats["bytes"]
     summary.dust_segments = stats.get("dust_segments", 0)
