@@ -36,9 +36,9 @@ error of ``max_error`` voxels of that LOD (meshoptimizer's absolute error bound)
 keep fraction is a target that smooth pieces reach and rough ones may not.  That error is
 meshoptimizer's quadric measure (distances to the planes of the triangles a vertex gathered,
 averaged), not a distance: the surface itself moves further.  On the real volume's crop the
-default preset's LOD 0 lay at most 1.06 voxels from the marching-cubes surface (both ways;
-``tests/test_mesh_real.py``), and pieces decimated to a fifth, without the thin-spot locks,
-1.6 (``tests/test_decimate.py``).
+default preset's LOD 0 lay at most 0.93 voxels from the marching-cubes surface (both ways;
+``tests/test_mesh_real.py``); its pieces decimated to a fifth without the thin-spot locks, up
+to 5.5 (``bench/bench_fidelity.py`` measures whole outputs).
 
 Pieces meet on their box planes, and a marching-cubes surface can have triangles lying in
 such a plane.  Locking the open border is not enough there: a vertex collapsing onto a border

@@ -316,6 +316,36 @@ def test_lods_benchmark_compares_the_downsampling_rules(tmp_path, crop, capsys):
     assert "|V_k-V_0|/V_0" in capsys.readouterr().out
 
 
+
+def test_fidelity_benchmark_measures_lod0_against_the_exact_surface(tmp_path, crop, capsys):
+    """``bench_fidelity.py`` meshes with high and the compared presets and measures each
+    preset's LOD 0 against high's, both ways: within two voxels at ``medium``; ``low`` here
+    drops a one-voxel cavity inside a segment (a closed surface of 8 triangles, 3 voxels from
+    the segment's outer surface), which only the cap bounds."""
+    import bench_fidelity
+
+    from conftest import write_zarr
+
+    src = tmp_path / "part.zarr"
+    write_zarr(src, crop[:64, :64, :64])
+    assert bench_fidelity.main(["--source", str(src), "--sample", "15", "--workers", "1", "--gpumesh-args",
+                                "--chunk-size 16", "--results-dir", str(tmp_path / "res")]) == 0
+    (result,) = (tmp_path / "res").glob("fidelity-*.json")
+    rec = json.loads(result.read_text())
+    rows = rec["rows"]
+    assert len(rec["sample"]) == 15 and rec["git"]["commit"] and set(rows) == {"high", "medium", "low"}
+    assert rows["low"]["triangles_per_lod"][0] < rows["medium"]["triangles_per_lod"][0] \
+        < rows["high"]["triangles_per_lod"][0]
+    for preset in ("medium", "low"):
+        d = rows[preset]["lod0_distance_voxels"]
+        for way in ("exact_to_preset", "preset_to_exact"):
+            assert 0 < d[way]["median"] <= d[way]["p90"] <= d[way]["max"] <= bench_fidelity.CAP_VOXELS
+            assert d[way]["median"] <= 1.0
+        assert d["worst_segment"] in rec["sample"]
+    assert rows["medium"]["lod0_distance_voxels"]["either"]["max"] <= 2.0
+    assert "exact->preset" in capsys.readouterr().out
+
+
 def test_encode_benchmark_compares_the_two_depths(crop_medium, tmp_path, capsys):
     """bench_encode re-encodes a 16-bit output at 16 and 10 bits: the same triangles, fewer bytes at 10."""
     import bench_encode

@@ -240,20 +240,18 @@ def test_distance_helper_is_exact():
     longest = np.sqrt(((v[f] - np.roll(v[f], 1, axis=1)) ** 2).sum(axis=2)).max()
     assert (exact <= sampled + 1e-9).all()
     assert (sampled - exact).max() <= longest / 60
-    early = distance_to_mesh(p, v, f, cell=(1.0, 1.0, 1.0), cap=100.0, enough=0.5)
-    assert (early[exact > 0.5] == exact[exact > 0.5]).all() and (early[exact <= 0.5] <= 0.5).all()
 
 
 @pytest.mark.parametrize("keep", [0.4, 0.2])
 def test_decimated_surface_stays_near_the_input(pieces, keep):
     """meshoptimizer's error bound (half a voxel) is its quadric measure, not a distance: the
-    decimated surface moved up to 1.06 (keep 0.4) and 1.6 voxels (keep 0.2, the lowest preset
-    keep) from the marching-cubes surface on these pieces, both ways.  Two voxels bounds it;
+    decimated surface moved up to 0.94 (keep 0.4) and 1.6 voxels (keep 0.2, the lowest preset
+    keep) from the marching-cubes surface on every 10th piece, both ways.  Two voxels bounds it;
     doubling the error bound lets whole protrusions go (12 voxels and more at keep 0.2)."""
     cap = 3.0 * SCALE.min()
     worst = 0.0
     for v, f, on_plane in pieces[::10]:
         dv, df = lod.decimate(v, f, keep, SCALE, frozen=on_plane)
-        there, back = hausdorff(v * SCALE, f, dv * SCALE, df, cell=SCALE, cap=cap, enough=0.5 * SCALE.min())
+        there, back = hausdorff(v * SCALE, f, dv * SCALE, df, cell=SCALE / 2, cap=cap)
         worst = max(worst, there, back)
     assert 0.0 < worst <= 2.0 * SCALE.min(), f"the decimated surface moved {worst / SCALE.min():.2f} voxels"
