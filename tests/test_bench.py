@@ -316,7 +316,6 @@ def test_lods_benchmark_compares_the_downsampling_rules(tmp_path, crop, capsys):
     assert "|V_k-V_0|/V_0" in capsys.readouterr().out
 
 
-
 def test_fidelity_benchmark_measures_lod0_against_the_exact_surface(tmp_path, crop, capsys):
     """``bench_fidelity.py`` meshes with high and the compared presets and measures each
     preset's LOD 0 against high's, both ways: within two voxels at ``medium``; ``low`` here

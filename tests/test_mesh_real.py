@@ -145,7 +145,6 @@ def test_default_preset_lod0_closed_and_near(crop, crop_medium):
         assert d.max() <= 1.0, f"segment {seg}: LOD 0 vertex {d.max():.2f} voxels from the label boundary"
 
 
-
 def test_default_preset_lod0_stays_near_the_exact_surface(crop, crop_high, crop_medium):
     """The default preset's LOD 0 against the exact marching-cubes surface (``high``'s LOD 0),
     both ways (vertices and triangle centroids).  Over the crop's 156 segments it moved at most
