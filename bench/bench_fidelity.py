@@ -19,11 +19,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +28,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
-from bench_main import DEFAULT_SOURCE, add_result_args, environment, save_result, source_missing  # noqa: E402
+from bench_main import (DEFAULT_SOURCE, add_result_args, environment, mesh_with_cli, sample_segments,  # noqa: E402
+                        save_result, source_missing)
 from surface import hausdorff  # noqa: E402
 
 #: Distances past this many voxels read as it.
@@ -80,21 +78,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for preset in ["high", *args.presets.split(",")]:
             dest = f"{tmp}/{preset}"
-            cmd = [str(Path(sys.executable).with_name("gpumesh")), "mesh", args.source, dest, "--voxel-size",
-                   args.voxel_size, "--quality", preset, "--quiet", "--summary-json", f"{tmp}/{preset}.json",
-                   *([] if args.workers is None else ["--workers", str(args.workers)]), *args.gpumesh_args.split()]
-            t0 = time.perf_counter()
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
-            wall = time.perf_counter() - t0
-            summary = json.loads(Path(f"{tmp}/{preset}.json").read_text())
-            rows[preset] = {"command": cmd, "wall_s": wall, "triangles_per_lod": summary["triangles_per_lod"],
-                            "bytes": summary["bytes"]}
+            rows[preset] = mesh_with_cli(args.source, dest, args.voxel_size,
+                                         ["--quality", preset, *args.gpumesh_args.split()], args.workers)
             if preset == "high":
-                from gpumesh import open_mesh
-
-                ids = sorted(int(s) for s in open_mesh(dest).segment_ids())
-                rng = np.random.default_rng(0)
-                sample = sorted(rng.choice(ids, min(args.sample, len(ids)), replace=False).tolist())
+                sample = sample_segments(dest, args.sample)
             else:
                 rows[preset]["lod0_distance_voxels"] = distances(f"{tmp}/high", dest, sample, voxel_size)
     print(f"source {args.source}; voxel size {args.voxel_size} nm; {len(sample)} segments compared; "

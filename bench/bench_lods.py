@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_main import DEFAULT_SOURCE, add_result_args, environment, save_result, source_missing  # noqa: E402
+from bench_main import (DEFAULT_SOURCE, add_result_args, environment, mesh_with_cli, sample_segments,  # noqa: E402
+                        save_result, source_missing)
 
 RULES = ("auto", "all")
 
@@ -69,21 +67,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for rule in RULES:
             dest = f"{tmp}/{rule}"
-            cmd = [str(Path(sys.executable).with_name("gpumesh")), "mesh", args.source, dest, "--voxel-size",
-                   args.voxel_size, "--downsampling", rule, "--quiet", "--summary-json", f"{tmp}/{rule}.json",
-                   *([] if args.workers is None else ["--workers", str(args.workers)]), *args.gpumesh_args.split()]
-            t0 = time.perf_counter()
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
-            wall = time.perf_counter() - t0
-            summary = json.loads(Path(f"{tmp}/{rule}.json").read_text())
+            run = mesh_with_cli(args.source, dest, args.voxel_size, ["--downsampling", rule, *args.gpumesh_args.split()],
+                                args.workers)
             if rule == RULES[0]:
-                from gpumesh import open_mesh
-
-                ids = sorted(int(s) for s in open_mesh(dest).segment_ids())
-                rng = np.random.default_rng(0)
-                sample = sorted(rng.choice(ids, min(args.sample, len(ids)), replace=False).tolist())
-            rows[rule] = {"command": cmd, "wall_s": wall, "triangles_per_lod": summary["triangles_per_lod"],
-                          "bytes": summary["bytes"], **fidelity(dest, sample)}
+                sample = sample_segments(dest, args.sample)
+            rows[rule] = {**run, **fidelity(dest, sample)}
     print(f"source {args.source}; voxel size {args.voxel_size} nm; {len(sample)} segments compared\n")
     print("downsampling | wall s | bytes    | triangles per LOD (M)      | LOD | segments "
           "| |V_k-V_0|/V_0 median | p90")

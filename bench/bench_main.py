@@ -1091,6 +1091,30 @@ def add_result_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-save", action="store_true", help="do not write the result JSON")
 
 
+def mesh_with_cli(source, dest: str, voxel_size: str, args: list, workers=None) -> dict[str, Any]:
+    """Run ``gpumesh mesh SOURCE DEST`` (``--quiet``, ``--summary-json``) in a fresh process
+    with this Python's ``gpumesh``: ``{"command", "wall_s", "triangles_per_lod", "bytes"}``."""
+    summary_path = f"{dest}.summary.json"
+    cmd = [str(Path(sys.executable).with_name("gpumesh")), "mesh", str(source), dest, "--voxel-size", voxel_size,
+           *args, "--quiet", "--summary-json", summary_path, *([] if workers is None else ["--workers", str(workers)])]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    summary = json.loads(Path(summary_path).read_text())
+    return {"command": cmd, "wall_s": wall, "triangles_per_lod": summary["triangles_per_lod"],
+            "bytes": summary["bytes"]}
+
+
+def sample_segments(dest: str, n: int, seed: int = 0) -> list[int]:
+    """``n`` segment IDs of the mesh directory ``dest`` drawn at random (all if it has fewer), sorted."""
+    import numpy as np
+
+    from gpumesh import open_mesh
+
+    ids = sorted(int(s) for s in open_mesh(dest).segment_ids())
+    return sorted(np.random.default_rng(seed).choice(ids, min(n, len(ids)), replace=False).tolist())
+
+
 def source_missing(source) -> bool:
     """``True`` (and a line on stderr) when the benchmark's source volume does not exist."""
     if Path(source).exists():
