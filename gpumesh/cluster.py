@@ -117,7 +117,7 @@ def _run_in_job(job_id: str, job: tuple, fn, *args):
 def check_destination(dest_spec: dict) -> None:
     """Raise ``ValueError`` when the workers of a cluster could not see ``dest_spec``
     (an in-memory kvstore lives in one process)."""
-    if any(s.get("driver") == "memory" for s in storage.kvstore_chain(dest_spec)):
+    if storage.in_memory(dest_spec):
         raise ValueError("a Dask cluster's workers cannot reach a memory:// destination; use a path on a "
                          "shared file system or a gs:// or s3:// URL")
 

@@ -854,12 +854,17 @@ def peak_rss_mb() -> float:
     return max(own, kids) / 1024.0
 
 
-def _plan_fingerprint(volume: Volume, plan: Plan, options: MeshOptions) -> dict:
+def _plan_fingerprint(volume: Volume, plan: Plan, options: MeshOptions, axes: Optional[str], mip: int) -> dict:
+    """What a resumed run must share with the interrupted one (``.gpumesh-work/plan.json``):
+    the source's location (not an array's contents), how it was read, the plan and options."""
     opts = dataclasses.asdict(options)
     if options.segments is not None:   # a digest of the selection, which may be long
         ids = options.selected_ids()
         opts["segments"] = {"count": len(ids), "sha256": hashlib.sha256(ids.astype("<u8").tobytes()).hexdigest()}
     return {
+        "source": None if volume.location is None else storage.kvstore_url(volume.location),
+        "axes": axes,
+        "mip": int(mip),
         "plan": dataclasses.asdict(plan),
         "options": opts,
         "voxel_size": [float(v) for v in volume.voxel_size],
@@ -914,7 +919,9 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         precomputed, OME-Zarr, or an in-memory array with axes x, y, z.
     dest : str or dict
         Destination directory: a path or a kvstore URL/spec (``file://``, ``memory://``,
-        ``gs://``, ``s3://``).
+        ``gs://``, ``s3://``).  It may lie inside the source's directory but may not be it
+        or hold it.  A ``memory://`` source or destination keeps the job in this process
+        (one worker).
     options : MeshOptions
     voxel_size : sequence of 3 float, optional
         nm per voxel (x, y, z); overrides the source metadata.
@@ -926,7 +933,9 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         Axis order of a source without dimension names (e.g. ``"zyx"``).
     overwrite, resume : bool
         What to do when ``dest`` is not empty: delete everything first, or keep finished
-        blocks and continue.  Without either, a non-empty ``dest`` is an error.
+        blocks and continue (the source's location, ``axes``, ``mip`` and options must be
+        the interrupted run's; an array source is not compared).  Without either, a
+        non-empty ``dest`` is an error.
     workers : int, optional
         Processes meshing blocks in parallel (1 runs in this process).  Default: the usable
         cores (CPU affinity and the container's CPU quota), fewer where their estimated
@@ -970,7 +979,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     DestinationExistsError
         ``dest`` holds data and neither ``overwrite`` nor ``resume`` was given.
     DestinationError
-        ``dest`` is a file, or cannot be written (checked by the job's first write).
+        ``dest`` is a file, is the source's directory or holds it, or cannot be written
+        (checked by the job's first write).
     ValueError
         Inconsistent options (``options`` not a :class:`MeshOptions`, ``workers`` < 1 included),
         ``link_source`` with a source that is not a precomputed volume, or a ``memory://``
@@ -997,19 +1007,31 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                          f"{volume.description} is not a precomputed volume")
     warn_if_no_voxel_size(volume)
     dest_spec = storage.kvstore_spec(dest) if not isinstance(dest, dict) else dest
+    if volume.location is not None and storage.within(volume.location, dest_spec):
+        raise DestinationError(f"{dest} holds the source volume ({volume.description}); writing the meshes there "
+                               f"would overwrite it: choose another destination (a folder inside the source, "
+                               f"such as SOURCE/mesh, is fine)")
+    # a memory:// store lives in this process: workers would see it empty
+    in_process = storage.in_memory(dest_spec) or (volume.location is not None and storage.in_memory(volume.location))
     if client is None:
         backend = get_backend(device)
+        if in_process and workers is not None and workers > 1:
+            warnings.warn(f"a memory:// source or destination is only seen by this process: the job runs in it "
+                          f"(1 worker, not {workers})", stacklevel=2)
     else:   # each worker picks its backend
         from .cluster import DaskExecutor, check_destination
 
         check_device(device)
         check_destination(dest_spec)
+        if in_process:
+            raise ValueError("a Dask cluster's workers cannot reach a memory:// source; use a path on a shared "
+                             "file system or a gs:// or s3:// URL")
         backend = None
     kv = storage.open_kvstore(dest)
     if overwrite and resume:
         raise ValueError("give either overwrite or resume, not both")
     plan = Plan.make(volume.shape, options, volume.voxel_size)
-    fingerprint = _plan_fingerprint(volume, plan, options)
+    fingerprint = _plan_fingerprint(volume, plan, options, axes, mip)
     cache = read_cache_bytes(volume, plan)   # each worker's cache of storage chunks (a loop over the blocks)
     cluster = None
     if client is not None:   # before the destination is touched: the cluster may have no workers
@@ -1035,6 +1057,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             raise DestinationExistsError(f"{dest} is not empty; pass --overwrite or --resume")
     if cluster is not None:
         requested = cluster.workers
+    elif in_process:
+        requested = 1
     elif workers is None:   # the usable cores, as many as fit in memory (gpumesh.resources)
         from .resources import FewerWorkersNotice, default_workers, worker_bytes
 

@@ -129,6 +129,19 @@ def kvstore_chain(spec: dict) -> Iterable[dict]:
             spec = kvstore_spec(spec)
 
 
+def in_memory(spec: dict) -> bool:
+    """Whether a kvstore spec's chain (:func:`kvstore_chain`) holds a ``memory`` store, which
+    lives in one process: other processes that open the same spec see an empty store."""
+    return any(s.get("driver") == "memory" for s in kvstore_chain(spec))
+
+
+def within(inner: dict, outer: dict) -> bool:
+    """Whether the directory ``inner`` is the directory ``outer`` or lies inside it (both
+    kvstore specs, compared by their URLs: :func:`kvstore_url`)."""
+    a, b = kvstore_url(kvstore_spec(inner)), kvstore_url(kvstore_spec(outer))
+    return a.startswith(b) if b.endswith("/") else a == b
+
+
 def _network_spec(spec: dict) -> Optional[dict]:
     """The network kvstore in ``spec``'s chain (:func:`kvstore_chain`), or ``None`` for local
     and in-memory stores."""

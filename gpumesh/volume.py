@@ -89,6 +89,11 @@ class Volume:
     voxel_size_known : bool
         False when neither the caller nor the metadata gave the voxel size, which is then
         (1, 1, 1) (the main job and ad-hoc meshing warn: :class:`gpumesh.errors.NoVoxelSizeWarning`).
+    location : dict or None
+        The TensorStore kvstore spec of the storage the volume was opened from (the location
+        given, or an opened TensorStore's kvstore); ``None`` for an in-memory array, or where
+        TensorStore does not say.  The main job keeps its destination apart from it, and a
+        ``memory://`` location keeps the job in one process.
     """
 
     shape: tuple
@@ -100,6 +105,7 @@ class Volume:
     _reader: Callable[[tuple, tuple], np.ndarray] = field(repr=False)
     _chunk_shape: Optional[tuple] = field(default=None, repr=False)
     voxel_size_known: bool = True
+    location: Optional[dict] = field(default=None, repr=False)
 
     @property
     def chunk_shape(self) -> Optional[tuple]:
@@ -752,13 +758,13 @@ def _open_location(source, fmt, mip, axes, voxel_size, voxel_offset, how: _Openi
             )
     if fmt == "zarr":
         fmt = "zarr3" if storage.read(kv, "zarr.json") is not None else "zarr2"
-    if fmt == "zarr3":
-        return _open_zarr(kv, where, 3, mip, axes, voxel_size, voxel_offset, how)
-    if fmt == "zarr2":
-        return _open_zarr(kv, where, 2, mip, axes, voxel_size, voxel_offset, how)
-    if fmt == "n5":
-        return _open_n5(kv, where, mip, axes, voxel_size, voxel_offset, how)
-    return _open_precomputed(kv, where, mip, voxel_size, voxel_offset, how)
+    if fmt in ("zarr3", "zarr2"):
+        volume = _open_zarr(kv, where, int(fmt[-1]), mip, axes, voxel_size, voxel_offset, how)
+    elif fmt == "n5":
+        volume = _open_n5(kv, where, mip, axes, voxel_size, voxel_offset, how)
+    else:
+        volume = _open_precomputed(kv, where, mip, voxel_size, voxel_offset, how)
+    return replace(volume, location=spec)
 
 
 def _split_prefix(text: str) -> tuple:
@@ -945,7 +951,12 @@ def _from_tensorstore(store: ts.TensorStore, where: str, mip: int, axes, vs, vo)
         axes = None
     elif mip != 0:
         _no_mip(mip, where)
-    return _tensorstore_volume(
+    try:
+        location = storage.kvstore_spec(store.kvstore)
+    except Exception:   # a driver without a kvstore (an in-memory "array")
+        location = None
+    volume = _tensorstore_volume(
         store, where=where, description=f"{where} ({driver})", names=None, axes=axes,
         voxel_size=vs, voxel_offset=vo, precomputed=precomputed,
     )
+    return replace(volume, location=location)

@@ -516,3 +516,96 @@ def test_segment_properties_are_left_out_past_the_cap_unless_asked_for(tmp_path,
         assert ("segment_properties" in info) == has, name
     props = json.loads((tmp_path / "asked" / "segment_properties" / "info").read_text())
     assert props["inline"]["ids"] == ["3", "9"] and props["inline"]["properties"][0]["values"] == [64, 125]
+
+
+def test_a_destination_that_holds_the_source_is_refused(tmp_path):
+    """``--overwrite`` never deletes the source: a DEST that is the source or holds it is
+    refused before anything is written (API, CLI, an opened TensorStore); a folder inside the
+    source (``SOURCE/mesh``) is fine."""
+    import tensorstore as ts
+
+    from conftest import tree_files, write_zarr
+
+    from gpumesh import DestinationError
+
+    src = tmp_path / "v.zarr"
+    write_zarr(src, _blobs((32, 32, 32)), chunk=16)
+    before = tree_files(src)
+    store = ts.open({"driver": "zarr3", "kvstore": f"file://{src}/"}).result()
+    opts = MeshOptions(chunk_size=16)
+    for dest in (src, tmp_path):
+        for source in (str(src), store):
+            for flags in ({"overwrite": True}, {"resume": True}):
+                with pytest.raises(DestinationError, match="holds the source volume"):
+                    run_mesh(source, str(dest), options=opts, workers=1, **flags)
+        r = _cli("mesh", str(src), str(dest), "--overwrite", "--voxel-size", "1,1,1", "--quiet")
+        assert r.returncode == 2 and "holds the source volume" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert tree_files(src) == before
+    run_mesh(str(src), str(src / "mesh"), options=opts, workers=1)
+    assert validate(str(src / "mesh")).ok
+
+
+@pytest.mark.parametrize("where", ["source", "dest"])
+def test_a_memory_store_keeps_the_job_in_one_process(tmp_path, where):
+    """A ``memory://`` store lives in one process: with more workers asked for, the job runs in
+    the calling process (with a warning) and writes what a file destination gets."""
+    import tensorstore as ts
+
+    from conftest import tree_files
+
+    labels = _blobs((32, 32, 32))
+    opts = MeshOptions(chunk_size=16)
+    run_mesh(labels, str(tmp_path / "ref"), options=opts, workers=1)
+    source, dest = labels, str(tmp_path / "out")
+    name = f"memory://gpumesh-{where}-{os.getpid()}/"
+    if where == "source":
+        store = ts.open({"driver": "zarr3", "kvstore": name, "metadata": {"chunk_grid": {
+            "name": "regular", "configuration": {"chunk_shape": [16, 16, 16]}}}}, create=True, dtype=ts.uint32,
+            shape=labels.shape, context=storage._default_context()).result()
+        store.write(labels).result()
+        source = name
+    else:
+        dest = name
+    with pytest.warns(UserWarning, match="memory:// source or destination .* runs in it"):
+        summary = run_mesh(source, dest, options=opts, workers=2)
+    assert summary.workers == 1
+    if where == "source":
+        assert tree_files(dest) == tree_files(tmp_path / "ref")
+    else:
+        kv = storage.open_kvstore(dest)
+        got = {k: storage.read(kv, k) for k in storage.list_keys(kv)}
+        assert got == tree_files(tmp_path / "ref")
+
+
+def test_resume_refuses_another_source_or_axis_order(tmp_path):
+    """The interrupted run's source location, axis order and mip are part of what a resumed
+    run must match: resuming on another volume of the same shape (or the same volume read
+    with other axes) would mix two volumes' meshes."""
+    from conftest import write_zarr
+
+    from gpumesh import TaskFailedError
+
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    write_zarr(a, _blobs(seed=1), chunk=16)
+    write_zarr(b, _blobs(seed=2), chunk=16)
+    chunk = a / "c" / "3" / "3" / "3"
+    good = chunk.read_bytes()
+    chunk.write_bytes(b"not a chunk")
+    dest = tmp_path / "out"
+    opts = MeshOptions(chunk_size=16)
+    with pytest.raises(TaskFailedError):
+        run_mesh(str(a), str(dest), options=opts, workers=1, voxel_size=(1, 1, 1))
+    with pytest.raises(DestinationExistsError, match="different options or source"):
+        run_mesh(str(b), str(dest), options=opts, workers=1, voxel_size=(1, 1, 1), resume=True)
+    with pytest.raises(DestinationExistsError, match="different options or source"):
+        run_mesh(str(a), str(dest), options=opts, workers=1, voxel_size=(1, 1, 1), axes="zyx", resume=True)
+    chunk.write_bytes(good)
+    cwd = os.getcwd()
+    try:   # the same source named by a relative path resumes
+        os.chdir(tmp_path)
+        summary = run_mesh("a.zarr", "out", options=opts, workers=1, voxel_size=(1, 1, 1), resume=True)
+    finally:
+        os.chdir(cwd)
+    assert summary.tasks_resumed > 0
+    assert validate(str(dest)).ok
