@@ -1333,14 +1333,21 @@ def write_source_link(kv, volume: Volume, link_source: bool, with_props: bool = 
     pointing here, ready to replace it.  With ``with_props`` (the mesh directory holds segment
     properties) its ``segment_properties`` points at them too, unless the source names its own:
     the client reads segment properties from the volume's ``info`` when the meshes are reached
-    through its ``mesh`` (mesh spec, ``segment_properties``).  Only with ``link_source`` is the
-    source's own ``info`` rewritten (its previous version is kept as ``info.bak``).
+    through its ``mesh`` (mesh spec, ``segment_properties``).  A ``segment_properties`` that
+    points into the mesh directory the source named before (one an earlier link wrote) is
+    replaced, or dropped when this mesh directory has none, so that it never names a
+    directory that is gone or belongs to other meshes.  Only with ``link_source`` is the
+    source's own ``info`` rewritten; the first link keeps the original as ``info.bak``, which
+    later links leave as it is.
     """
     src = volume.precomputed
     info = dict(src["info"])
     dest_spec = kv.spec().to_json()
     src_spec = dict(src["kvstore"])
     mesh_ref = _relative_mesh_path(src_spec, dest_spec)
+    linked = info.get("mesh")
+    if isinstance(linked, str) and info.get("segment_properties") == linked.rstrip("/") + "/segment_properties":
+        del info["segment_properties"]   # an earlier link's
     info["mesh"] = mesh_ref
     if with_props and "segment_properties" not in info:
         info["segment_properties"] = mesh_ref.rstrip("/") + "/segment_properties"
@@ -1348,7 +1355,7 @@ def write_source_link(kv, volume: Volume, link_source: bool, with_props: bool = 
     if link_source:
         src_kv = storage.open_kvstore(src_spec)
         old = storage.read(src_kv, "info")
-        if old is not None:
+        if old is not None and storage.read(src_kv, "info.bak") is None:
             storage.write(src_kv, "info.bak", old)
         storage.write_json(src_kv, "info", info)
 

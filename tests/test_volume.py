@@ -670,6 +670,12 @@ def test_link_source_points_the_volume_at_the_meshes_and_their_segment_propertie
     assert len(gpumesh.load_mesh(str(root / linked["mesh"]), 70000).faces) > 0
     vol = open_volume(str(root))   # the linked source still reads as before
     np.testing.assert_array_equal(vol.read((0, 0, 0), arr.shape), arr)
+    # linked again, to meshes without segment properties: the earlier link's are not kept
+    # (the client would fail to load the volume on the missing file), nor is info.bak replaced
+    relinked = mesh(tmp_path / "other", "--link-source", "--no-segment-properties")
+    assert relinked == dict(json.loads(before), mesh="../other")
+    assert json.loads((root / "info").read_text()) == relinked and (root / "info.bak").read_bytes() == before
+    assert mesh(root / "mesh", "--link-source", "--overwrite") == linked
 
     # a source that names its own segment properties keeps them; no properties, no link to them
     own = tmp_path / "own"
