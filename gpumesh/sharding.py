@@ -330,14 +330,15 @@ class ShardingSpec:
         return murmurhash3_x86_128_low64(x) if self.hash == "murmurhash3_x86_128" else x
 
     def locate(self, ids) -> tuple[np.ndarray, np.ndarray]:
-        """``(shard, minishard)`` of each ID (int64 arrays)."""
+        """``(shard, minishard)`` of each ID: int64 arrays (shards uint64 where ``shard_bits``
+        is 64, whose shard numbers reach past int64)."""
         h = self.hashed(ids)
         mbits, sbits = self.minishard_bits, self.shard_bits
         ms = h & np.uint64((1 << mbits) - 1) if mbits < 64 else h
         sh = h >> np.uint64(mbits) if mbits < 64 else np.zeros_like(h)
         if sbits < 64:
             sh = sh & np.uint64((1 << sbits) - 1)
-        return sh.astype(np.int64), ms.astype(np.int64)
+        return (sh if sbits == 64 else sh.astype(np.int64)), ms.astype(np.int64)
 
     def shard_key(self, shard: int) -> str:
         """File name of a shard: lowercase hex, zero-padded to ``ceil(shard_bits / 4)`` digits."""

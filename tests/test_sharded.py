@@ -1107,3 +1107,24 @@ def test_gzip_bytes_do_not_depend_on_the_python_version():
                + struct.pack("<II", zlib.crc32(data), len(data) & 0xFFFFFFFF))
         assert _gzip(data) == ref
         assert gzip.decompress(ref) == data and _gunzip(ref) == data
+
+
+@pytest.mark.parametrize("hash_", ["murmurhash3_x86_128", "identity"])
+def test_sixty_four_shard_bits_name_shards_past_int64(tmp_path, hash_):
+    """With ``shard_bits`` 64 a shard number can reach past int64 (an ID >= 2**63 with the
+    identity hash, half the hashes otherwise): the shard is still named by its 16 hex digits,
+    and TensorStore's sharded kvstore and gpumesh's reader find every segment."""
+    arr = np.zeros((24, 24, 24), np.uint64)
+    ids = [5, 2**63 + 7, 2**64 - 2]
+    arr[2:9, 2:9, 2:9], arr[12:20, 3:20, 4:9], arr[14:22, 14:22, 12:22] = ids
+    dest = tmp_path / "out"
+    _mesh(arr, dest, ShardingOptions(hash=hash_, shard_bits=64, minishard_bits=0))
+    names = sorted(n for n in os.listdir(dest) if n.endswith(".shard"))
+    assert len(names) == 3 and all(len(n) == 16 + 6 for n in names), names
+    if hash_ == "identity":
+        assert names == [f"{i:016x}.shard" for i in ids]
+    assert validate(str(dest)).ok
+    kv = _sharded_kvstore(dest)   # (its list() walks shard numbers and finds none of 2**64 here)
+    for seg in ids:
+        assert bytes(kv.read(struct.pack(">Q", seg)).result().value) == open_mesh(str(dest)).manifest_bytes(seg)
+        assert len(load_mesh(str(dest), seg).faces) > 0
