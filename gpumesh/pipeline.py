@@ -51,7 +51,8 @@ import numpy as np
 from . import encode, storage, workerserver
 from .backend import Backend, check_device, get_backend
 from .errors import (DestinationError, DestinationExistsError, EmptyVolumeWarning, GpumeshError,
-                     SegmentsNotFoundWarning, SourceReadError, TaskFailedError, WorkerFailedError, one_line)
+                     InvalidVolumeError, SegmentsNotFoundWarning, SourceReadError, TaskFailedError,
+                     WorkerFailedError, one_line)
 from .lod import DOWNSAMPLING, decimate, decimates, get_quality, lod_factors
 from .marching import piece_in_node, relabel_block, thin_vertices
 from .sharding import ShardingOptions
@@ -990,7 +991,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         The tasks that finished are kept: ``resume=True`` continues the run.
     TaskFailedError
         Tasks failed (a source chunk that cannot be read, or is not stored with
-        ``fill_missing=False``); the others are kept: ``resume=True`` continues the run.
+        ``fill_missing=False``, or a signed source's box holding negative labels); the others
+        are kept: ``resume=True`` continues the run once the cause is fixed.
     """
     t0 = time.perf_counter()
     if not isinstance(options, MeshOptions):
@@ -1095,7 +1097,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     from . import writer
 
     stats = None
-    unread: list = []   # the SourceReadErrors of tasks that could not read their part of the volume
+    unread: list = []   # the errors of tasks that could not read their part of the volume (or found bad labels)
     headers: dict = {}   # task name -> its result's header, as its worker returned it
     held = 0             # their bytes
     backends = set()   # the workers' backends
@@ -1105,7 +1107,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             for t in todo:
                 try:
                     blob = mesh_block(reading, plan, options, t[0], backend, t[1])
-                except SourceReadError as exc:
+                except (SourceReadError, InvalidVolumeError) as exc:
                     unread.append(exc)   # the other tasks go on; a resumed run reruns this one
                     continue
                 storage.write(kv, block_key(t), blob)
@@ -1142,7 +1144,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                             futures.discard(fut)
                             try:
                                 task, head, rss, name = fut.result()
-                            except SourceReadError as exc:
+                            except (SourceReadError, InvalidVolumeError) as exc:
                                 unread.append(exc)   # the other tasks go on; a resumed run reruns this one
                                 continue
                             held += len(head)

@@ -155,7 +155,7 @@ class Volume:
             if str(exc).startswith("NOT_FOUND") and "is missing" in str(exc):   # open_volume(fill_missing=False)
                 hint = " (a storage chunk that is not stored; --fill-missing reads such chunks as background)"
             raise SourceReadError(f"cannot read box {cstart}-{cstop} of {self.description}: {exc}{hint}") from exc
-        block = self._as_labels(np.asarray(block))
+        block = self._as_labels(np.asarray(block), f"box {cstart}-{cstop} of ")
         if cstart == start and cstop == stop:
             return np.ascontiguousarray(block)
         out = np.zeros(size, dtype=self.dtype)
@@ -206,13 +206,13 @@ class Volume:
                        description=f"{self.description} [{start} to {tuple(int(v) for v in hi)})",
                        _reader=read)
 
-    def _as_labels(self, block: np.ndarray) -> np.ndarray:
+    def _as_labels(self, block: np.ndarray, where: str = "") -> np.ndarray:
         if not block.dtype.isnative:
             block = block.astype(block.dtype.newbyteorder("="))
         if block.dtype.kind == "i":
             if block.size and block.min() < 0:
                 raise InvalidVolumeError(
-                    f"negative label {int(block.min())} in {self.description}: labels must be >= 0"
+                    f"negative label {int(block.min())} in {where}{self.description}: labels must be >= 0"
                 )
             block = block.view(self.dtype)
         elif block.dtype != self.dtype:

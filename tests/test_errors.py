@@ -609,3 +609,37 @@ def test_resume_refuses_another_source_or_axis_order(tmp_path):
         os.chdir(cwd)
     assert summary.tasks_resumed > 0
     assert validate(str(dest)).ok
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_negative_labels_found_mid_run_fail_the_tasks_that_read_them(tmp_path, workers):
+    """Negative labels in a signed source are only seen when their box is read: the tasks that
+    read them fail like those of an unreadable chunk (status 1, one line naming the box, the
+    others kept), not as bad input (status 2) that leaves a scratch area behind it."""
+    from conftest import tree_files, write_zarr
+
+    from gpumesh import TaskFailedError
+
+    labels = _blobs().astype(np.int32)
+    write_zarr(tmp_path / "clean.zarr", labels, chunk=16)
+    bad = labels.copy()
+    bad[56:, 56:, 56:] = -3
+    write_zarr(tmp_path / "v.zarr", bad, chunk=16)
+    opts = MeshOptions(chunk_size=16)
+    run_mesh(str(tmp_path / "clean.zarr"), str(tmp_path / "clean"), options=opts, workers=1, voxel_size=(1, 1, 1))
+    dest = tmp_path / "out"
+    with pytest.raises(TaskFailedError, match=r"negative label -3 in box .* run it again with --resume") as info:
+        run_mesh(str(tmp_path / "v.zarr"), str(dest), options=opts, workers=workers, voxel_size=(1, 1, 1))
+    assert isinstance(info.value.__cause__, InvalidVolumeError)
+    assert os.listdir(dest / ".gpumesh-work" / "blocks") and not (dest / "info").exists()
+    r = _cli("mesh", str(tmp_path / "v.zarr"), str(tmp_path / "cli"), "--chunk-size", "16", "--voxel-size", "1,1,1",
+             "--workers", str(workers), "--quiet")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "negative label" in r.stderr, r.stderr
+    import shutil
+
+    shutil.rmtree(tmp_path / "v.zarr")
+    write_zarr(tmp_path / "v.zarr", labels, chunk=16)   # fixed: the resumed run writes a clean run's bytes
+    summary = run_mesh(str(tmp_path / "v.zarr"), str(dest), options=opts, workers=workers, voxel_size=(1, 1, 1),
+                       resume=True)
+    assert summary.tasks_resumed > 0
+    assert tree_files(dest) == tree_files(tmp_path / "clean")
