@@ -13,6 +13,7 @@ Positions are written in nm (model space), as :func:`gpumesh.adhoc.mesh_segment`
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from typing import Any, Optional
@@ -47,6 +48,33 @@ def file_type_of(path, file_type: Optional[str] = None) -> str:
     return FORMATS[suffix]
 
 
+def _check_scale(scale) -> float:
+    """``scale`` as a float, or ``ValueError`` unless it is a finite number > 0 (0 collapses the
+    mesh, a negative one turns it inside out)."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(scale, bool) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    return value
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it where Linux says it (threads may be
+    creating files meanwhile)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def export_mesh(mesh, path, *, file_type: Optional[str] = None, scale: float = 1.0) -> str:
     """Write a mesh to ``path`` (atomically: a temporary file in the same folder, then renamed).
 
@@ -68,10 +96,11 @@ def export_mesh(mesh, path, *, file_type: Optional[str] = None, scale: float = 1
     Raises
     ------
     ValueError
-        Unknown format, or a mesh without triangles.
+        Unknown format, a mesh without triangles, or ``scale`` not a finite number > 0.
     """
     import trimesh
 
+    scale = _check_scale(scale)
     ft = file_type_of(path, file_type)
     faces = np.asarray(mesh.faces)
     if len(faces) == 0:
@@ -88,6 +117,7 @@ def export_mesh(mesh, path, *, file_type: Optional[str] = None, scale: float = 1
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())   # mkstemp's file is the owner's only
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -124,6 +154,7 @@ def export_segment(dest, segment_id: int, path, *, lod: int = 0, file_type: Opti
     from .reader import load_mesh
 
     file_type_of(path, file_type)  # fail before reading
+    _check_scale(scale)
     mesh = load_mesh(dest, int(segment_id), lod=int(lod))
     export_mesh(mesh, path, file_type=file_type, scale=scale)
     return mesh
@@ -140,7 +171,8 @@ def export_adhoc(source: Any, segment_id: int, path, *, file_type: Optional[str]
     """
     from .adhoc import mesh_segment
 
-    file_type_of(path, file_type)
+    file_type_of(path, file_type)   # fail before meshing
+    _check_scale(scale)
     mesh = mesh_segment(source, segment_id, **mesh_kwargs)
     export_mesh(mesh, path, file_type=file_type, scale=scale)
     return mesh

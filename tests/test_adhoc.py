@@ -303,6 +303,9 @@ def test_export_command_errors(crop_high, tmp_path):
     # a mistyped directory: said so, not only that the segment is missing
     r = CliRunner().invoke(export_cmd, [str(tmp_path / "typo"), "5", "-o", str(tmp_path / "m.stl")])
     assert r.exit_code == 2 and "no info file there: not a mesh directory?" in r.output, r.output
+    r = CliRunner().invoke(export_cmd, [str(dest), "5", "--scale", "nan", "-o", str(tmp_path / "m.stl")])
+    assert r.exit_code == 2 and "scale must be a finite number > 0" in r.output, r.output
+    assert not (tmp_path / "m.stl").exists()
 
 
 def test_export_mesh_type_override_empty_mesh_and_atomic_failure(tmp_path, monkeypatch):
@@ -319,6 +322,17 @@ def test_export_mesh_type_override_empty_mesh_and_atomic_failure(tmp_path, monke
         export.export_mesh(tet, tmp_path / "tet.fbx", file_type="fbx")
     with pytest.raises(ValueError, match="no triangles"):
         export.export_mesh(trimesh.Trimesh(), tmp_path / "empty.stl")
+    for bad in (0, -1.0, float("nan"), float("inf"), "x", True):   # 0 collapses, < 0 turns inside out
+        with pytest.raises(ValueError, match="scale must be a finite number > 0"):
+            export.export_mesh(tet, tmp_path / "bad.stl", scale=bad)
+    # the file gets the permissions any new file gets (the umask's), not mkstemp's 0600
+    old = os.umask(0o027)
+    try:
+        mode = os.stat(export.export_mesh(tet, tmp_path / "mode.stl")).st_mode & 0o777
+    finally:
+        os.umask(old)
+    assert mode == 0o640, oct(mode)
+    os.unlink(tmp_path / "mode.stl")
     # a write that fails leaves the earlier file as it was and no temporary file
     target = tmp_path / "tet.stl"
     export.export_mesh(tet, target)
