@@ -8,6 +8,7 @@ exit with status 1.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import warnings
@@ -218,8 +219,17 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missing
 
     sharding = _sharding_options(fmt == "multires", sharded, shard_bits, minishard_bits, preshift_bits, shard_hash,
                                  minishard_index_encoding, data_encoding)
-    if fmt == "legacy" and click.get_current_context().get_parameter_source("bits") != ParameterSource.DEFAULT:
-        _fail(ValueError("--bits only applies to multires output (legacy meshes store float32 positions)"))
+    if fmt == "legacy":   # one resolution, float32 positions: refused rather than ignored
+        ctx = click.get_current_context()
+        given = [f"--{name.replace('_', '-')}" for name in ("bits", "max_lods", "lods", "downsampling")
+                 if ctx.get_parameter_source("num_lods" if name == "lods" else name) != ParameterSource.DEFAULT]
+        if given:
+            _fail(ValueError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} to multires output "
+                             f"(legacy meshes have one resolution and store float32 positions)"))
+    if summary_json is not None:   # before the job, not after it
+        folder = os.path.dirname(os.path.abspath(summary_json))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            _fail(ValueError(f"--summary-json {summary_json}: {folder} is not a writable folder"))
     options = MeshOptions(chunk_size=chunk_size, max_lods=max_lods if fmt == "multires" else 1,
                           num_lods=num_lods, quality=quality, vertex_quantization_bits=int(bits), format=fmt,
                           segment_properties=segment_properties, sharding=sharding, dust_threshold=dust_threshold,

@@ -139,6 +139,11 @@ class MeshOptions:
 
     def validate(self) -> None:
         """Raise ``ValueError`` on inconsistent options."""
+        for name in ("chunk_size", "max_lods", "num_lods", "vertex_quantization_bits"):
+            value = getattr(self, name)
+            if not (value is None and name == "num_lods") and (isinstance(value, bool)
+                                                               or not isinstance(value, (int, np.integer))):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         c = self.chunk_size
         if c < 4 or c & (c - 1):
             raise ValueError(f"chunk size must be a power of two >= 4, got {c}")

@@ -89,6 +89,9 @@ def test_bad_options_before_output(tmp_path, options, workers):
     (MeshOptions(vertex_quantization_bits=10, chunk_size=1024), "chunk size too large"),
     (MeshOptions(format="obj"), "format must be multires or legacy"),
     (MeshOptions(format="legacy", vertex_quantization_bits=10), "bits only apply to multires output"),
+    (MeshOptions(chunk_size=64.0), "chunk_size must be an integer, got 64.0"),
+    (MeshOptions(max_lods="3"), "max_lods must be an integer, got '3'"),
+    (MeshOptions(num_lods=True), "num_lods must be an integer, got True"),
     (MeshOptions(quality="best"), "unknown quality preset 'best'"),
     (MeshOptions(sharding={"shard_bits": 1}), "sharding must be a ShardingOptions"),
     (MeshOptions(format="legacy", sharding=ShardingOptions()), "legacy meshes have no sharded form"),
@@ -134,6 +137,9 @@ def test_cli_errors_are_one_line(tmp_path, real_zarr):
         (str(tmp_path / "nope.zarr"), "--voxel-size", "32,32,40"),
         (str(real_zarr), "--voxel-size", "32,0,40"),
         (str(real_zarr), "--format", "legacy", "--bits", "16"),   # legacy positions are float32
+        (str(real_zarr), "--format", "legacy", "--max-lods", "2"),   # one resolution: refused, not ignored
+        (str(real_zarr), "--format", "legacy", "--downsampling", "all"),
+        (str(real_zarr), "--summary-json", str(tmp_path / "missing" / "s.json")),   # before the job, not after
     ]
     for args in cases:
         r = _cli("mesh", args[0], str(dest), *args[1:], "--quiet")
