@@ -153,7 +153,7 @@ def _check_bbox(bbox, shape) -> tuple[np.ndarray, np.ndarray]:
     if len(lo) != 3 or len(hi) != 3:
         raise ValueError(msg)
     for v in lo + hi:
-        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or not -2**62 <= int(v) < 2**62:
             raise ValueError(msg)
     lo, hi = np.array(lo, np.int64), np.array(hi, np.int64)
     if np.any(hi <= lo):

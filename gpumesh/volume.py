@@ -188,7 +188,7 @@ class Volume:
             items = list(bounds)
             first, last = _int3(items[:3], "bounds"), _int3(items[3:], "bounds")
         except (TypeError, ValueError):
-            raise InvalidVolumeError(f"bounds must be 6 integers x0,y0,z0,x1,y1,z1, got {bounds!r}") from None
+            raise InvalidVolumeError(f"bounds must be 6 integers x0,y0,z0,x1,y1,z1 (within +-2**62), got {bounds!r}") from None
         lo = np.maximum(np.asarray(first, np.int64) - self.voxel_offset, 0)
         hi = np.minimum(np.asarray(last, np.int64) - self.voxel_offset, self.shape)
         if (hi <= lo).any():
@@ -230,6 +230,8 @@ def _int3(value: Any, name: str) -> tuple:
         raise ValueError(f"{name} must be 3 integers, got {value!r}") from None
     if len(items) != 3 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in items):
         raise ValueError(f"{name} must be 3 integers, got {value!r}")
+    if not all(-2**62 <= int(v) < 2**62 for v in items):   # int64 arithmetic on them stays exact
+        raise ValueError(f"{name} must be 3 integers within +-2**62, got {value!r}")
     return tuple(int(v) for v in items)
 
 

@@ -181,7 +181,8 @@ def test_missing_segment_and_bad_input(crop):
     for bad in (0, -3, 1.5, "7"):
         with pytest.raises(ValueError):
             mesh_segment(crop, bad, device="cpu")
-    for bad in (((0, 0, 0), (0, 10, 10)), ((0, 0), (5, 5)), "0,0,0,5,5,5", ((0, 0, 0.5), (5, 5, 5))):
+    for bad in (((0, 0, 0), (0, 10, 10)), ((0, 0), (5, 5)), "0,0,0,5,5,5", ((0, 0, 0.5), (5, 5, 5)),
+                ((0, 0, 0), (10**20, 5, 5))):
         with pytest.raises(ValueError):
             mesh_segment(crop, seg, bbox=bad, device="cpu")
 

@@ -621,7 +621,8 @@ def test_bounds_crop_in_global_coordinates(tmp_path, labels):
     stored = open_volume(str(path), voxel_offset=offset, bounds=tuple(lo) + tuple(hi))
     assert stored.shape == part.shape and stored.voxel_offset.tolist() == lo.tolist()
     check_read(stored, labels[2:7, 3:5, 1:4], (-1, -1, -1), (6, 3, 4))
-    for bad in [(0, 0, 0, 1, 1), (0, 0, 0, 1, 1, 1.5), tuple(offset) + tuple(offset), (1000, 0, 0, 1001, 1, 1)]:
+    for bad in [(0, 0, 0, 1, 1), (0, 0, 0, 1, 1, 1.5), tuple(offset) + tuple(offset), (1000, 0, 0, 1001, 1, 1),
+                (0, 0, 0, 10**20, 1, 1)]:
         with pytest.raises(InvalidVolumeError):
             vol.crop(bad)
 
