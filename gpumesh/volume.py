@@ -302,9 +302,12 @@ def _spatial_dims(names: Optional[list], shape: Sequence[int], where: str, axes_
         extra = list(range(lead))
         for d in extra:
             if shape[d] != 1:
+                hint = "e.g. 'czyx'"
+                if rank == 4 and shape[3] == 1:   # cloud-volume's arrays are (x, y, z, channel)
+                    hint = "'xyzc' for an (x, y, z, channel) array such as cloud-volume's"
                 raise InvalidVolumeError(
                     f"{where} has shape {tuple(shape)}: rank {rank} with non-singleton leading axis; "
-                    f"a label volume must be 3-D (give axes=, e.g. 'czyx', to name the axes)"
+                    f"a label volume must be 3-D (give axes=, {hint}, to name the axes)"
                 )
         return (lead, lead + 1, lead + 2), extra
     xyz = tuple(names.index(a) for a in "xyz")
@@ -765,8 +768,17 @@ def _open_location(source, fmt, mip, axes, voxel_size, voxel_offset, how: _Openi
     elif fmt == "n5":
         volume = _open_n5(kv, where, mip, axes, voxel_size, voxel_offset, how)
     else:
+        _no_axes(axes, where)
         volume = _open_precomputed(kv, where, mip, voxel_size, voxel_offset, how)
     return replace(volume, location=spec)
+
+
+def _no_axes(axes, where: str) -> None:
+    """A precomputed volume's axes are x, y, z (and channel): ``axes`` other than that is a
+    mistake, said so rather than ignored."""
+    if axes is not None and str(axes).lower() not in ("xyz", "xyzc"):
+        raise InvalidVolumeError(f"{where} is a precomputed volume, whose axes are always x, y, z: "
+                                 f"axes {axes!r} (--axes) does not apply")
 
 
 def _split_prefix(text: str) -> tuple:
@@ -835,7 +847,7 @@ def open_volume(
         ``dimension_names``, zarr v2 ``_ARRAY_DIMENSIONS``, OME-Zarr ``axes``, N5 ``axes``,
         TensorStore labels); when there are none, the storage order is x, y, z (the
         Neuroglancer / cloud-volume convention) and leading singleton axes of a rank > 3
-        array are dropped. Ignored for precomputed sources (always x, y, z).
+        array are dropped. Precomputed sources are always x, y, z: other axes are an error.
     cache_bytes : int
         Decoded chunks that TensorStore keeps in memory for later reads (bytes; 0: none).
         Reads of neighbouring boxes that share storage chunks then decode them once.  Applies
@@ -950,6 +962,7 @@ def _from_tensorstore(store: ts.TensorStore, where: str, mip: int, axes, vs, vo)
             precomputed = {"kvstore": kvspec, "info": info, "scale_key": key}
         except Exception:
             precomputed = None
+        _no_axes(axes, where)
         axes = None
     elif mip != 0:
         _no_mip(mip, where)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
+from gpumesh import storage
 from gpumesh.errors import GpumeshError, InvalidVolumeError, InvalidVoxelSizeError, SourceReadError
 from gpumesh.volume import Volume, open_volume
 
@@ -319,6 +320,9 @@ def test_precomputed_two_scales(tmp_path, labels):
     np.testing.assert_array_equal(vol0.voxel_offset, [100, 200, 300])
     with pytest.raises(SourceReadError, match="available"):
         open_volume(str(root), mip=2)
+    check_read(open_volume(str(root), axes="xyz"), labels)   # its axes, said again
+    with pytest.raises(InvalidVolumeError, match="axes are always x, y, z"):   # refused, not ignored
+        open_volume(str(root), axes="zyx")
     # Scales are read from the stored info; num_channels must be 1.
     edit_json(root / "info", lambda i: i.update(num_channels=2))
     with pytest.raises(InvalidVolumeError, match="num_channels"):
@@ -330,6 +334,9 @@ def test_precomputed_two_scales(tmp_path, labels):
     np.testing.assert_array_equal(vol_ts.voxel_offset, [50, 100, 150])
     np.testing.assert_array_equal(vol_ts.voxel_size, [8, 8, 80])
     assert vol_ts.precomputed["scale_key"] == pre["scale_key"]
+    with pytest.raises(InvalidVolumeError, match="axes are always x, y, z"):
+        open_volume(ts.open(dict(common, kvstore={"driver": "file", "path": str(root)})).result(), axes="zyx")
+    assert vol_ts.location == storage.kvstore_spec(str(root)) == vol0.location
 
 
 def test_sharded_precomputed_with_missing_chunks(tmp_path, labels):
@@ -517,6 +524,10 @@ def test_rank_errors(tmp_path):
         open_volume(np.zeros((2, 3, 4, 5), np.uint8))
     with pytest.raises(InvalidVolumeError, match="'c'"):
         open_volume(np.zeros((2, 3, 4, 5), np.uint8), axes="czyx")
+    cv = np.zeros((5, 4, 3, 1), np.uint8)   # cloud-volume's (x, y, z, channel): the hint names what works
+    with pytest.raises(InvalidVolumeError, match="give axes=, 'xyzc'"):
+        open_volume(cv)
+    assert open_volume(cv, axes="xyzc").shape == (5, 4, 3)
     path = tmp_path / "c.zarr"
     write_ts({"driver": "zarr3", "kvstore": str(path), "metadata": {"dimension_names": ["c", "z", "y", "x"]}},
              np.zeros((2, 3, 4, 5), np.uint8))
