@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import threading
 import warnings
 from typing import Any, Optional, Sequence
 
@@ -97,6 +98,11 @@ def device_processes(free_bytes: int, workers: int) -> int:
     return max(1, min(int(workers), fit))
 
 
+#: Most elements one scan, sort or launch covers: CuPy 13's scans take the count as a C
+#: ``int`` (cupy/cupy#9867), so larger marching-cubes slabs and welds are split or done on the
+#: CPU.
+MAX_SCAN = 2**31 - 1
+
 #: Device bytes per triangle that :meth:`GPUBackend.weld_device` may need at its peak (its
 #: sort keys, permutations and corner arrays, with CuPy's sort temporaries), on top of the
 #: 40 bytes of the triangle arrays.
@@ -105,6 +111,12 @@ WELD_BYTES_PER_TRIANGLE = 320
 
 class GPUMemoryWarning(UserWarning):
     """Part of a block did not fit in device memory even as one x-plane; it ran on the CPU."""
+
+
+class _SortFailed(MemoryError):
+    """A device sort returned a wrong result: CuPy up to 13.6 does so, with no error, when
+    thrust cannot get its workspace from the memory pool (cupy/cupy#9894).  Taken as an
+    out-of-memory error: the pool is freed and the block is done another way."""
 
 
 def kernel_dir() -> pathlib.Path:
@@ -186,8 +198,10 @@ class CupyRuntime:
                 "on a machine with a CUDA GPU") from exc
         self.cp = cupy
         ensure_cupy_cache_dir()  # CuPy raises where it cannot write its kernel cache
-        #: what an allocation raises when the device (or the pool's limit) has no room
-        self.oom_errors = (cupy.cuda.memory.OutOfMemoryError,)
+        #: what an allocation raises when the device (or the pool's limit) has no room: CuPy's
+        #: OutOfMemoryError is a MemoryError, and so is what thrust's failed workspace
+        #: allocation raises in the CuPy releases that surface it (cupy/cupy#9899)
+        self.oom_errors = (cupy.cuda.memory.OutOfMemoryError, MemoryError)
         src = kernel_source() if source is None else source
         try:
             self.module = cupy.RawModule(code=src)
@@ -246,12 +260,14 @@ class CupyRuntime:
             return [self.cp.asnumpy(a) for a in arrays]
         stream = self._stream()
         out = []
-        for a in arrays:
-            h = self._empty_pinned(a.shape, a.dtype)
-            if a.size:
-                self.cp.ascontiguousarray(a).get(stream=stream, out=h, blocking=False)
-            out.append(h)
-        stream.synchronize()
+        try:
+            for a in arrays:
+                h = self._empty_pinned(a.shape, a.dtype)
+                if a.size:
+                    self.cp.ascontiguousarray(a).get(stream=stream, out=h, blocking=False)
+                out.append(h)
+        finally:   # also when a later allocation fails: no buffer goes back to the pool mid-copy
+            stream.synchronize()
         self._staged.clear()  # every queued upload is done too
         return out
 
@@ -274,10 +290,12 @@ class CupyRuntime:
         self.cp.get_default_memory_pool().set_limit(size=int(nbytes))
 
     def release(self) -> None:
-        """Wait for the queued work, then hand the pool's unused blocks back to the device."""
+        """Wait for the queued work, then hand the pools' unused blocks back: the device
+        pool's to the device, the pinned pool's (page-locked host memory) to the host."""
         self._stream().synchronize()
         self._staged.clear()
         self.cp.get_default_memory_pool().free_all_blocks()
+        self.cp.get_default_pinned_memory_pool().free_all_blocks()
 
     def pool_bytes(self) -> int:
         """Bytes the memory pool holds (in use or cached): the most this process has taken."""
@@ -355,7 +373,10 @@ class GPUBackend:
         self.block = int(block)
         self.max_blocks = int(max_blocks)
         rt = self.rt
-        self._oom = tuple(getattr(rt, "oom_errors", ())) or (MemoryError,)
+        self._oom = (tuple(getattr(rt, "oom_errors", ())) or (MemoryError,)) + (_SortFailed,)
+        #: one block at a time: the runtime's stream and staging buffers are shared, and
+        #: threads (ad-hoc meshing's sub-blocks) would free each other's buffers mid-copy
+        self._lock = threading.RLock()
         self._tri_counts = rt.to_device(np.ascontiguousarray(TRI_COUNTS, dtype=np.int32))
         self._tri_table = rt.to_device(np.ascontiguousarray(TRI_TABLE, dtype=np.int8))
         self._max_tris = np.int64(TRI_TABLE.shape[1])
@@ -425,8 +446,10 @@ class GPUBackend:
         # for a temporary of the scan); the first slab takes half the budget, leaving the rest
         # for its triangles
         plane = ny * nz * udt.itemsize + cy * cz * (4 + 8 + 8)
-        parts = self._in_slabs(cx, self._avail // (2 * plane), "marching cubes",
-                               lambda i0, w: self._march_slab(ulabels, i0, w, int(piece_size)))
+        width = min(self._avail // (2 * plane), MAX_SCAN // (cy * cz))   # one scan per slab
+        with self._lock:
+            parts = self._in_slabs(cx, width, "marching cubes",
+                                   lambda i0, w: self._march_slab(ulabels, i0, w, int(piece_size)))
         if parts is None:
             return marching.march_cubes(labels, int(piece_size))
         return _cpu_triangles([np.concatenate(a) if len(parts) > 1 else a[0] for a in zip(*parts)],
@@ -554,8 +577,10 @@ class GPUBackend:
         labels = np.ascontiguousarray(labels)
         if labels.ndim != 3:
             raise ValueError(f"labels must be 3-D (got shape {labels.shape})")
-        if self.device_weld and min(labels.shape) >= 2 and int(piece_size) >= 1:
-            pieces = self._mesh_on_device(labels, int(piece_size))
+        cubes = int(np.prod([max(n - 1, 0) for n in labels.shape]))
+        if self.device_weld and min(labels.shape) >= 2 and int(piece_size) >= 1 and cubes <= MAX_SCAN:
+            with self._lock:
+                pieces = self._mesh_on_device(labels, int(piece_size))
             if pieces is not None:
                 return pieces
         tri_label, tri_piece, tri_edges = self.march(labels, piece_size)
@@ -659,16 +684,23 @@ class GPUBackend:
         """
         xp = self.rt.xp
         t = int(d_label.shape[0])
+        if 3 * t > MAX_SCAN:   # the corners' scans
+            return None
         nx, ny, nz = (int(v) for v in shape)
         uniq = xp.unique(d_label)
         npieces = int(d_piece.max()) + 1
         nedge = 3 * nx * ny * nz
         if len(uniq) * npieces * nedge >= 2**62:
             return None
-        key = xp.searchsorted(uniq, d_label) * npieces + d_piece
+        rank = xp.searchsorted(uniq, d_label)
+        # unique sorts with thrust too: its result must hold every label, in increasing order
+        if len(uniq) == 0 or int(rank.max()) >= len(uniq) or not bool((uniq[rank] == d_label).all()) \
+                or not bool((uniq[1:] > uniq[:-1]).all()):
+            raise _SortFailed("unique")
+        key = rank * npieces + d_piece
+        del rank
         # the same stable order from 32-bit keys where they fit: half a radix sort's passes
-        order = xp.argsort(key.astype(np.int32) if len(uniq) * npieces < 2**31 else key, kind="stable")
-        skey = key[order]
+        order, skey = self._argsort(key.astype(np.int32) if len(uniq) * npieces < 2**31 else key, key)
         del key
         cedge = d_edges[order].reshape(-1)
         del order
@@ -711,8 +743,7 @@ class GPUBackend:
         xp = self.rt.xp
         nc = int(cedge.shape[0])
         ckey = xp.repeat(skey, 3) * nedge + cedge
-        corder = xp.argsort(ckey, kind="stable")
-        sck = ckey[corder]
+        corder, sck = self._argsort(ckey, ckey)
         del ckey
         head = xp.empty(nc, dtype=bool)
         head[0] = True
@@ -722,13 +753,34 @@ class GPUBackend:
         first = corder[head]                   # first corner of each run (= its vertex)
         del head
         nvert = int(first.shape[0])
-        vorder = xp.argsort(first, kind="stable")
+        vorder, _ = self._argsort(first, first)
         vid = xp.empty(nvert, dtype=np.int64)  # vertex number of each run
         vid[vorder] = xp.arange(nvert, dtype=np.int64)
         corner_vid = xp.empty(nc, dtype=np.int64)
         corner_vid[corder] = vid[run]
         del run, vid, corder
         return corner_vid, first[vorder]
+
+    def _argsort(self, keys, check):
+        """A stable argsort of device ``keys``, checked, and ``check`` (keys of the same order,
+        e.g. ``keys`` before a narrowing cast) in that order.
+
+        CuPy up to 13.6 returns a wrong order with no error when thrust cannot get its
+        workspace (cupy/cupy#9894).  The order is right exactly when every index is in range
+        and the checked keys are sorted with ties in increasing index (which also makes it a
+        permutation); else :class:`_SortFailed`.
+        """
+        xp = self.rt.xp
+        n = int(keys.shape[0])
+        order = xp.argsort(keys, kind="stable")
+        if n == 0:
+            return order, check[order]
+        if int(order.min()) < 0 or int(order.max()) >= n:
+            raise _SortFailed("argsort")
+        ks = check[order]
+        if n > 1 and bool(((ks[1:] < ks[:-1]) | ((ks[1:] == ks[:-1]) & (order[1:] <= order[:-1]))).any()):
+            raise _SortFailed("argsort")
+        return order, ks
 
     def _number_vertices_hash(self, skey, cedge, nedge: int):
         """:meth:`_number_vertices_sort`'s result without the corner sort: the kernels of
@@ -785,8 +837,10 @@ class GPUBackend:
         ulabels = labels.view(udt)
         # device bytes per output x-plane: its fx input planes and the output plane
         plane = (fx * sy * sz + shape[1] * shape[2]) * udt.itemsize
-        parts = self._in_slabs(shape[0], self._avail // plane, "downsampling",
-                               lambda o0, w: self._downsample_slab(ulabels[fx * o0:fx * (o0 + w)], (fx, fy, fz)))
+        with self._lock:
+            parts = self._in_slabs(shape[0], self._avail // plane, "downsampling",
+                                   lambda o0, w: self._downsample_slab(ulabels[fx * o0:fx * (o0 + w)],
+                                                                       (fx, fy, fz)))
         if parts is None:
             return lod.downsample_labels(labels, (fx, fy, fz))
         out = np.concatenate(parts) if len(parts) > 1 else parts[0]

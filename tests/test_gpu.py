@@ -522,6 +522,49 @@ def test_emulated_mesh_welds_on_the_cpu_when_the_weld_does_not_fit(emu_lib, real
     assert backend.stats["device_welds"] == 1
 
 
+@pytest.mark.parametrize("weld", gpu.WELD_METHODS)
+@pytest.mark.parametrize("where, how", [("argsort", "reverse"), ("argsort", "garbage"), ("unique", "reverse"),
+                                        ("unique", "garbage")])
+def test_emulated_wrong_sort_results_are_caught(emu_lib, real_crops, weld, where, how):
+    """CuPy up to 13.6 returns a wrong sort, with no error, when thrust cannot get its
+    workspace (cupy/cupy#9894): every sort of the weld is checked, and a wrong one is taken as
+    out of memory (the block is then welded on the CPU: the same pieces)."""
+    labels = real_crops["40^3"]
+    want = CPUBackend().mesh(labels, 16)
+    rt = cuda_emu.EmulatedRuntime(emu_lib)
+    backend = gpu.GPUBackend(runtime=rt, memory_budget=1 << 30, weld=weld)
+    rt.corrupt_in[where] = how
+    _assert_same_pieces(backend.mesh(labels, 16), want)
+    assert rt.corrupted == 1 and not rt.corrupt_in
+    assert backend.stats["device_welds"] == 0 and backend.stats["oom_retries"] == 1
+    _assert_same_pieces(backend.mesh(labels, 16), want)  # the next block welds on the device
+    assert backend.stats["device_welds"] == 1
+
+
+def test_emulated_scans_stay_below_two_to_the_31(emu_lib, monkeypatch):
+    """CuPy 13's scans take their length as a C int (cupy/cupy#9867): no slab of marching
+    cubes covers more than ``MAX_SCAN`` cubes, a larger block is not meshed whole on the
+    device, and a weld of more than ``MAX_SCAN`` corners is done on the CPU (lowered here)."""
+    rng = np.random.default_rng(5)
+    labels = _blobby_labels((30, 20, 18), np.uint32, rng)
+    want = CPUBackend().mesh(labels, 8)
+    rt = cuda_emu.EmulatedRuntime(emu_lib)
+    backend = gpu.GPUBackend(runtime=rt, memory_budget=1 << 30)
+    cubes_per_plane = 19 * 17
+    monkeypatch.setattr(gpu, "MAX_SCAN", 4 * cubes_per_plane)
+    _assert_same_pieces(backend.mesh(labels, 8), want)
+    assert backend.stats["device_welds"] == 0 and backend.stats["slabs"] == -(-29 // 4)
+    small = labels[:5]   # 4 planes of cubes: whole on the device, but its corners are too many
+    tris = len(marching.march_cubes(small, 8)[0])
+    assert 3 * tris > 4 * cubes_per_plane
+    monkeypatch.setattr(gpu, "MAX_SCAN", 3 * tris - 1)
+    _assert_same_pieces(backend.mesh(small, 8), CPUBackend().mesh(small, 8))
+    assert backend.stats["device_welds"] == 0
+    monkeypatch.setattr(gpu, "MAX_SCAN", 3 * tris)
+    _assert_same_pieces(backend.mesh(small, 8), CPUBackend().mesh(small, 8))
+    assert backend.stats["device_welds"] == 1
+
+
 @pytest.mark.parametrize("seed", [0, 12345, 777])
 def test_emulated_hash_weld_on_real_labels_in_any_thread_order(emu_lib, real_crops, seed):
     """The hash-table weld (kernels/weld.cu) in launch order and shuffled, with a capped grid so

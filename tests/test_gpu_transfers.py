@@ -102,7 +102,7 @@ class _Dev:
 
 def _fake_cupy(pool, no_blocking_arg=False):
     fake = types.SimpleNamespace(pool=pool, current=_Stream(), no_blocking_arg=no_blocking_arg,
-                                 freed_blocks=0)
+                                 freed_blocks=0, freed_pinned=0)
 
     class OutOfMemoryError(Exception):
         pass
@@ -133,6 +133,10 @@ def _fake_cupy(pool, no_blocking_arg=False):
         def total_bytes(self):
             return 0
 
+    class _PinnedPoolHandle:
+        def free_all_blocks(self):
+            fake.freed_pinned += 1
+
     class RawModule:
         def __init__(self, code):
             pass
@@ -145,7 +149,8 @@ def _fake_cupy(pool, no_blocking_arg=False):
                                  runtime=types.SimpleNamespace(memGetInfo=lambda: (1 << 30, 1 << 31)))
     cupy = types.SimpleNamespace(cuda=cuda, asarray=asarray, asnumpy=asnumpy, empty=empty,
                                  ascontiguousarray=ascontiguousarray, RawModule=RawModule,
-                                 get_default_memory_pool=lambda: _MemPool())
+                                 get_default_memory_pool=lambda: _MemPool(),
+                                 get_default_pinned_memory_pool=lambda: _PinnedPoolHandle())
     cupyx = types.SimpleNamespace(empty_pinned=pool.empty)
     return fake, cupy, cupyx
 
@@ -194,8 +199,31 @@ def test_release_waits_for_queued_uploads(runtime):
     fake, rt = runtime()
     d = rt.to_device(np.arange(1000, dtype=np.int64))
     rt.release()
-    assert not fake.current.pending and fake.freed_blocks == 1
+    # the pinned pool's idle buffers go back to the host too (page-locked memory only grows)
+    assert not fake.current.pending and fake.freed_blocks == 1 and fake.freed_pinned == 1
     assert np.array_equal(d._data, np.arange(1000))
+
+
+def test_a_download_that_fails_midway_waits_for_the_queued_ones(runtime):
+    """When pinning a later download's buffer fails, the downloads already queued are waited
+    for before the error leaves: their buffers, freed with it, must not go back to the pool
+    while a copy still writes into them."""
+    fake, rt = runtime()
+    devs = [rt.to_device(np.arange(100, dtype=np.int64)), rt.to_device(np.arange(50, dtype=np.int32))]
+    rt.to_host_many(devs)   # the uploads are done
+    calls = []
+    real = rt._empty_pinned
+
+    def empty(shape, dtype):
+        calls.append(shape)
+        if len(calls) == 2:
+            raise RuntimeError("cudaHostAlloc failed")
+        return real(shape, dtype)
+
+    rt._empty_pinned = empty
+    with pytest.raises(RuntimeError, match="cudaHostAlloc"):
+        rt.to_host_many(devs)
+    assert len(calls) == 2 and not fake.current.pending
 
 
 @pytest.mark.parametrize("problem", ["no pinned memory", "get() without blocking="])

@@ -79,6 +79,13 @@ class _DeviceNumpy:
             if name == "empty":  # garbage-filled, as the runtime's new arrays are
                 return self._rt.empty(*args, **kwargs)
             out = f(*args, **kwargs)
+            how = self._rt.corrupt_in.pop(name, None)
+            if how is not None:   # a wrong result and no error, as CuPy <= 13.6's thrust sorts give
+                self._rt.corrupted += 1   # when their workspace allocation fails (cupy/cupy#9894)
+                bad = np.ascontiguousarray(out[::-1])
+                if how == "garbage":   # every byte 0xCD, as an unwritten buffer
+                    bad.view(np.uint8)[...] = GARBAGE
+                out = bad
             if isinstance(out, np.ndarray) and not isinstance(out, DeviceArray):
                 return self._rt._alloc(out)
             return out
@@ -228,6 +235,10 @@ class EmulatedRuntime:
         #: arrays made by operators on device arrays are not counted, so a weld's own
         #: allocations cannot reach the capacity)
         self.oom_in: set[str] = set()
+        #: xp function name -> "reverse" or "garbage": its next result is corrupted that way,
+        #: with no error (counted in ``corrupted``)
+        self.corrupt_in: dict[str, str] = {}
+        self.corrupted = 0
 
     # --- memory -------------------------------------------------------------------------
     def _alloc(self, a: np.ndarray) -> DeviceArray:
