@@ -38,7 +38,9 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import struct
+import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -692,6 +694,44 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="gpumesh-exit-with-parent", daemon=True).start()
 
 
+#: Array sources of at least this many bytes reach the local workers through a temporary
+#: ``.npy`` file that each maps (the page cache holds one copy), not a pickled copy each.
+SPILL_ARRAY_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class _ArrayFile:
+    """An array source written to a temporary ``.npy`` file for the workers to map."""
+
+    path: str
+
+    def load(self) -> np.ndarray:
+        return np.load(self.path, mmap_mode="r")
+
+    def remove(self) -> None:
+        shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
+
+
+def _spill_array(arr: np.ndarray) -> Optional[_ArrayFile]:
+    """``arr`` written to a new temporary directory (``$TMPDIR/gpumesh-array-*``), when it is
+    large enough to be worth it; ``None`` (the workers get a copy) when it is small or cannot
+    be written (with a warning)."""
+    if arr.nbytes < SPILL_ARRAY_BYTES:
+        return None
+    folder = None
+    try:
+        folder = tempfile.mkdtemp(prefix="gpumesh-array-")
+        path = os.path.join(folder, "labels.npy")
+        np.save(path, arr, allow_pickle=False)
+        return _ArrayFile(path)
+    except OSError as exc:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        warnings.warn(f"could not write the array source to a temporary file for the workers to share "
+                      f"({one_line(exc)}); each worker gets a copy of it", stacklevel=3)
+        return None
+
+
 def _init_worker(source, open_kwargs, plan, options, dest_spec, device, nworkers, started=None,
                  device_workers=None):
     import gc
@@ -723,6 +763,8 @@ def set_up_worker(source, open_kwargs, plan, options, dest_spec, device, worker=
     (default: all) that use the GPU."""
     from .warmup import warm_up
 
+    if isinstance(source, _ArrayFile):
+        source = source.load()
     _WORKER["volume"] = open_volume(source, **open_kwargs)
     _WORKER["plan"] = plan
     _WORKER["options"] = options
@@ -1102,6 +1144,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     from . import writer
 
     stats = None
+    spilled = None       # an array source's temporary file (_spill_array)
     unread: list = []   # the errors of tasks that could not read their part of the volume (or found bad labels)
     headers: dict = {}   # task name -> its result's header, as its worker returned it
     held = 0             # their bytes
@@ -1128,12 +1171,14 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             if cluster is not None:
                 pool = cluster
             else:
+                # a large array source: mapped by the workers from one file, not a copy each
+                spilled = _spill_array(source) if isinstance(source, np.ndarray) else None
                 ctx = workerserver.context()   # forked from a server with gpumesh loaded, or spawned
                 # workers number themselves from it to split the numba compiles of a first run
                 # (gpumesh.warmup), and the first device_workers of them use the GPU
                 started = ctx.Value("i", 0)
                 pool = ProcessPoolExecutor(nworkers, mp_context=ctx, initializer=_init_worker,
-                                           initargs=(source, dict(open_kwargs, cache_bytes=cache),
+                                           initargs=(spilled or source, dict(open_kwargs, cache_bytes=cache),
                                                      plan, options, dest_spec, backend.name, nworkers, started,
                                                      device_workers))
             procs: list = []
@@ -1184,6 +1229,9 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                 raise WorkerFailedError(
                     f"{how} {_when(finished, len(tasks))}; the finished ones are kept in {dest}: run it again with "
                     f"--resume (Python: resume=True), with fewer workers if memory ran out") from exc
+            finally:
+                if spilled is not None:   # the pool has ended: no worker maps it any more
+                    spilled.remove()
             if cluster is not None and backends:
                 summary.device = "+".join(sorted(backends))
         if unread:

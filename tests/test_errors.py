@@ -649,3 +649,36 @@ def test_negative_labels_found_mid_run_fail_the_tasks_that_read_them(tmp_path, w
                        resume=True)
     assert summary.tasks_resumed > 0
     assert tree_files(dest) == tree_files(tmp_path / "clean")
+
+
+def test_a_large_array_source_reaches_the_workers_as_one_mapped_file(tmp_path, monkeypatch):
+    """A NumPy source past ``SPILL_ARRAY_BYTES`` is written once to a temporary ``.npy`` that
+    the workers map (not a pickled copy in each), the output is the same bytes as one
+    process's, and the file is gone afterwards; a non-contiguous view is written as its values."""
+    import tempfile
+
+    from conftest import tree_files
+
+    from gpumesh import pipeline
+
+    labels = np.asfortranarray(_blobs((48, 40, 32)).astype(np.uint16))[:, ::-1]   # a strided view
+    opts = MeshOptions(chunk_size=16)
+    run_mesh(labels, str(tmp_path / "one"), options=opts, workers=1)
+    monkeypatch.setattr(pipeline, "SPILL_ARRAY_BYTES", 1)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    made = []
+    real = pipeline._spill_array
+
+    def spill(arr):
+        out = real(arr)
+        made.append(out)
+        np.testing.assert_array_equal(out.load(), labels)
+        return out
+
+    monkeypatch.setattr(pipeline, "_spill_array", spill)
+    run_mesh(labels, str(tmp_path / "two"), options=opts, workers=2)
+    assert len(made) == 1 and made[0].path.startswith(str(scratch))
+    assert tree_files(tmp_path / "two") == tree_files(tmp_path / "one")
+    assert not [n for n in os.listdir(scratch) if n.startswith("gpumesh-array-")]
