@@ -694,6 +694,10 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="gpumesh-exit-with-parent", daemon=True).start()
 
 
+#: Largest voxel offset (per axis, either sign) that a multi-resolution manifest's float32
+#: ``grid_origin`` holds exactly.
+MAX_GRID_ORIGIN = 2**24
+
 #: Array sources of at least this many bytes reach the local workers through a temporary
 #: ``.npy`` file that each maps (the page cache holds one copy), not a pickled copy each.
 SPILL_ARRAY_BYTES = 64 << 20
@@ -1023,7 +1027,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     Raises
     ------
     InvalidVolumeError, InvalidVoxelSizeError, SourceReadError
-        Bad source (raised before anything is written).
+        Bad source (raised before anything is written), a voxel offset past
+        :data:`MAX_GRID_ORIGIN` for multi-resolution output included.
     DestinationExistsError
         ``dest`` holds data and neither ``overwrite`` nor ``resume`` was given.
     DestinationError
@@ -1055,6 +1060,12 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         raise ValueError(f"link_source (--link-source) names the meshes in a precomputed source's info; "
                          f"{volume.description} is not a precomputed volume")
     warn_if_no_voxel_size(volume)
+    if options.format == "multires" and np.any(np.abs(volume.voxel_offset) > MAX_GRID_ORIGIN):
+        # the manifests' grid_origin is float32: past 2**24 it would silently move the meshes
+        raise InvalidVolumeError(
+            f"voxel offset {tuple(volume.voxel_offset.tolist())} of {volume.description}: the multi-resolution "
+            f"manifest stores it as float32 (grid_origin), exact only up to 2**24 = {MAX_GRID_ORIGIN:,} voxels "
+            f"per axis; give a smaller --voxel-offset (Python: voxel_offset=)")
     dest_spec = storage.kvstore_spec(dest) if not isinstance(dest, dict) else dest
     if volume.location is not None and storage.within(volume.location, dest_spec):
         raise DestinationError(f"{dest} holds the source volume ({volume.description}); writing the meshes there "

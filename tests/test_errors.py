@@ -682,3 +682,17 @@ def test_a_large_array_source_reaches_the_workers_as_one_mapped_file(tmp_path, m
     assert len(made) == 1 and made[0].path.startswith(str(scratch))
     assert tree_files(tmp_path / "two") == tree_files(tmp_path / "one")
     assert not [n for n in os.listdir(scratch) if n.startswith("gpumesh-array-")]
+
+
+def test_a_voxel_offset_past_float32_grid_origins_is_refused(tmp_path):
+    """A multi-resolution manifest stores the voxel offset as a float32 ``grid_origin``: past
+    2**24 voxels it would move the meshes without a word, so it is refused before output (at
+    2**24 it is exact, and the legacy format stores no grid origin)."""
+    big = (2**24 + 1, 0, 0)
+    with pytest.raises(InvalidVolumeError, match=r"grid_origin.*2\*\*24"):
+        run_mesh(GOOD, str(tmp_path / "out"), voxel_offset=big, workers=1)
+    assert _no_output(tmp_path / "out")
+    run_mesh(GOOD, str(tmp_path / "edge"), voxel_offset=(-2**24, 5, 2**24), workers=1)
+    mesh = open_mesh(str(tmp_path / "edge"))
+    lo = np.asarray(mesh.manifest(7).grid_origin)
+    assert lo.tolist() == [-2**24, 5, 2**24]
