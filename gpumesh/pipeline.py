@@ -1105,6 +1105,9 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         raise storage.destination_error(dest, exc) from exc
     if existing:
         if overwrite:
+            from .writer import check_overwrite
+
+            check_overwrite(dest, existing)
             storage.delete_all(kv)
         elif resume:
             old = storage.read_json(kv, SCRATCH + "plan.json")

@@ -1148,6 +1148,29 @@ def split_segments(rows: np.ndarray, parts: int) -> list:
 
 _UNSHARDED_FILE = re.compile(r"^\d+(\.index)?$")
 
+#: Every key gpumesh writes in a mesh directory, whatever its layout (``info``,
+#: ``source_info.json``, segment properties, manifests, fragment data, legacy ``<id>:0`` and
+#: its fragments, shards, the scratch area), and TensorStore's write locks.
+_OWN_KEY = re.compile(r"(info|source_info\.json|segment_properties/info|\d+(\.index)?|\d+:0(:-?\d+_-?\d+_-?\d+)?"
+                      r"|[0-9a-f]+\.shard|\.gpumesh-work/.*|.*\.__lock)\Z", re.S)
+
+
+def foreign_keys(keys) -> list[str]:
+    """The keys among ``keys`` (a destination's) that gpumesh does not write: ``--overwrite``
+    deletes a mesh directory, never a folder that holds anything else (a volume, a home
+    directory given by mistake)."""
+    return [k for k in keys if not _OWN_KEY.match(k)]
+
+
+def check_overwrite(dest, keys) -> None:
+    """Raise :class:`DestinationExistsError` when ``--overwrite`` would delete files of
+    ``dest`` that gpumesh did not write (:func:`foreign_keys`)."""
+    foreign = foreign_keys(keys)
+    if foreign:
+        raise DestinationExistsError(
+            f"{dest} holds {len(foreign):,} file(s) that gpumesh did not write (e.g. {foreign[0]!r}); --overwrite "
+            f"replaces a mesh directory only: empty it yourself, or choose another destination")
+
 
 def info_with_sharding(info: dict, spec: Optional[ShardingSpec]) -> dict:
     """``info`` with ``sharding`` set to ``spec`` (placed as :func:`mesh_info` does) or removed."""
@@ -1217,6 +1240,7 @@ def convert_mesh(src, dest, *, sharding: Optional[ShardingOptions] = ShardingOpt
     if not storage.is_empty(kv):
         if not overwrite:
             raise DestinationExistsError(f"{dest} is not empty; pass overwrite=True (--overwrite)")
+        check_overwrite(dest, storage.list_keys(kv))
         storage.delete_all(kv)
 
     if isinstance(source, ShardedMultiresSource):

@@ -15,6 +15,7 @@ from gpumesh import (DestinationExistsError, EmptyVolumeWarning, InvalidVolumeEr
 from gpumesh import storage
 from gpumesh.pipeline import MeshOptions
 from gpumesh.sharding import ShardingOptions
+from gpumesh.writer import convert_mesh, foreign_keys
 
 from conftest import cli_command
 
@@ -61,9 +62,29 @@ def test_nonempty_destination(tmp_path):
     with pytest.raises(DestinationExistsError):
         run_mesh(GOOD, str(dest), workers=1)
     assert sorted(os.listdir(dest)) == ["precious.txt"]
-    run_mesh(GOOD, str(dest), workers=1, overwrite=True)
-    assert "precious.txt" not in os.listdir(dest)
-    assert validate(str(dest)).ok
+    # --overwrite replaces a mesh directory, never deletes files gpumesh did not write
+    with pytest.raises(DestinationExistsError, match="1 file.* that gpumesh did not write .*precious.txt"):
+        run_mesh(GOOD, str(dest), workers=1, overwrite=True)
+    assert sorted(os.listdir(dest)) == ["precious.txt"]
+    os.unlink(dest / "precious.txt")
+    for fmt, sharding in (("multires", ShardingOptions()), ("multires", None), ("legacy", None)):
+        opts = MeshOptions(format=fmt, sharding=sharding)
+        run_mesh(GOOD, str(dest), options=opts, workers=1, overwrite=True)   # over any earlier output
+        assert validate(str(dest)).ok
+        assert not foreign_keys(storage.list_keys(storage.open_kvstore(str(dest))))
+    # the scratch area of an interrupted run, and TensorStore's write locks, are gpumesh's too
+    assert not foreign_keys([".gpumesh-work/plan.json", ".gpumesh-work/blocks/0_0_0.o3", "7.index.__lock",
+                             "5:0:0_-1_2", "0a.shard", "segment_properties/info", "source_info.json"])
+    assert foreign_keys(["zarr.json", "c/0/0/0", "0.0.0", "32_32_40/0-64_0-64_0-64", ".bashrc"]) == \
+        ["zarr.json", "c/0/0/0", "0.0.0", "32_32_40/0-64_0-64_0-64", ".bashrc"]
+    # and a conversion's --overwrite alike
+    run_mesh(GOOD, str(tmp_path / "multi"), workers=1)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(DestinationExistsError, match="notes.txt"):
+        convert_mesh(str(tmp_path / "multi"), str(other), overwrite=True)
+    assert os.listdir(other) == ["notes.txt"]
 
 
 @pytest.mark.parametrize("options, workers", [

@@ -530,7 +530,12 @@ def test_convert_refuses_bad_sources_and_destinations(outputs, small, tmp_path):
     with pytest.raises(DestinationExistsError):
         convert_mesh(str(plain), str(busy), sharding=ShardingOptions())
     assert os.listdir(busy) == ["keep.txt"]
-    convert_mesh(str(plain), str(busy), sharding=ShardingOptions(), overwrite=True)
+    with pytest.raises(DestinationExistsError, match="did not write .*keep.txt"):   # not gpumesh's to delete
+        convert_mesh(str(plain), str(busy), sharding=ShardingOptions(), overwrite=True)
+    (busy / "keep.txt").unlink()
+    run_mesh(small[:16, :16, :16], str(busy), options=MeshOptions(chunk_size=CHUNK), voxel_size=VOXEL_SIZE,
+             workers=1)
+    convert_mesh(str(plain), str(busy), sharding=ShardingOptions(), overwrite=True)   # over a mesh: replaced
     assert tree_files(busy) == tree_files(outputs / "sharded")
     # a data file shorter than its manifest says: the conversion stops and writes no info,
     # so nothing half-converted passes for a mesh
