@@ -186,7 +186,7 @@ class _ProgressLines:
               help="run the tasks on the Dask cluster of this scheduler (tcp://host:8786, or a scheduler "
                    "file) instead of local processes; SOURCE and DEST must be reachable from its workers")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
-@click.option("--overwrite", is_flag=True, help="delete what DEST holds first")
+@click.option("--overwrite", is_flag=True, help="replace the mesh directory DEST holds (never files gpumesh did not write)")
 @click.option("--resume", is_flag=True, help="continue an interrupted run into DEST")
 @click.option("--segment-properties/--no-segment-properties", default=None,
               help="write segment properties (voxel counts); default: for at most 1,000,000 segments")
@@ -380,7 +380,7 @@ def validate(dest, segments, sample, seed, decode):
 @click.argument("src")
 @click.argument("dest")
 @_sharding_flags(True)
-@click.option("--overwrite", is_flag=True, help="delete what DEST holds first")
+@click.option("--overwrite", is_flag=True, help="replace the mesh directory DEST holds (never files gpumesh did not write)")
 def convert(src, dest, sharded, shard_bits, minishard_bits, preshift_bits, shard_hash, minishard_index_encoding,
             data_encoding, overwrite):
     """Rewrite the multi-resolution mesh directory SRC into DEST, sharded (default) or --unsharded.

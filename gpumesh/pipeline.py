@@ -984,7 +984,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     axes : str, optional
         Axis order of a source without dimension names (e.g. ``"zyx"``).
     overwrite, resume : bool
-        What to do when ``dest`` is not empty: delete everything first, or keep finished
+        What to do when ``dest`` is not empty: delete everything first (only when it holds
+        nothing but files gpumesh writes: a mesh directory, a scratch area), or keep finished
         blocks and continue (the source's location, ``axes``, ``mip`` and options must be
         the interrupted run's; an array source is not compared).  Without either, a
         non-empty ``dest`` is an error.
@@ -1030,7 +1031,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         Bad source (raised before anything is written), a voxel offset past
         :data:`MAX_GRID_ORIGIN` for multi-resolution output included.
     DestinationExistsError
-        ``dest`` holds data and neither ``overwrite`` nor ``resume`` was given.
+        ``dest`` holds data and neither ``overwrite`` nor ``resume`` was given, or
+        ``overwrite`` was given and it holds files gpumesh does not write.
     DestinationError
         ``dest`` is a file, is the source's directory or holds it, or cannot be written
         (checked by the job's first write).
