@@ -1,4 +1,5 @@
-// gpumesh._dracoenc: Draco-encode an indexed triangle mesh of quantized positions.
+// gpumesh._dracoenc: Draco-encode an indexed triangle mesh of quantized positions (and decode a
+// fragment as Neuroglancer's client does, for the readers' checks: decode() below).
 //
 // Why this exists: DracoPy.encode() builds its draco::Mesh through TriangleSoupMeshBuilder,
 // which copies every corner's position and then deduplicates values and point ids through
@@ -35,10 +36,13 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <string>
 #include <utility>
 #include <vector>
 
+#include "draco/attributes/attribute_quantization_transform.h"
 #include "draco/compression/config/compression_shared.h"
+#include "draco/compression/decode.h"
 #include "draco/compression/encode.h"
 #include "draco/compression/entropy/rans_symbol_coding.h"
 #include "draco/compression/entropy/rans_symbol_encoder.h"
@@ -291,6 +295,88 @@ PyObject *encode(PyObject *, PyObject *args) {
   return PyBytes_FromStringAndSize(out.data(), static_cast<Py_ssize_t>(out.size()));
 }
 
+// decode(data) -> (positions, faces, quantization): what Neuroglancer's client reads from a fragment
+// (neuroglancer_draco.cc): Draco decodes it with the position attribute's transform skipped, so
+// positions are Draco's stored integers, not dequantized ones.  positions: bytes of uint32 (n, 3)
+// in attribute-value order, faces: bytes of uint32 (m, 3) indices into them (each corner's point
+// mapped to its attribute value, as the client maps it), quantization: (bits, (origin x, y, z),
+// range) of the Draco quantization the decoding skipped, or None.  ValueError, as the
+// client fails, when Draco cannot decode the bytes, the geometry is not a triangle mesh, or the
+// position attribute is missing, not 3 components, not per corner, not one value per point, or
+// not integers (an unquantized float32 attribute, whose bits the client would take as integers).
+PyObject *decode(PyObject *, PyObject *args) {
+  Py_buffer view;
+  if (!PyArg_ParseTuple(args, "y*", &view)) return nullptr;
+  const char *error = nullptr;
+  std::string detail;
+  std::vector<uint32_t> positions, faces;
+  int qbits = -1;   // the skipped quantization: bits, origin, range (-1: none)
+  float origin[3] = {0.f, 0.f, 0.f}, range = 0.f;
+  Py_BEGIN_ALLOW_THREADS
+  draco::DecoderBuffer buffer;
+  buffer.Init(static_cast<const char *>(view.buf), static_cast<size_t>(view.len));
+  draco::Decoder decoder;
+  decoder.SetSkipAttributeTransform(draco::GeometryAttribute::POSITION);
+  auto kind = draco::Decoder::GetEncodedGeometryType(&buffer);
+  auto decoded = decoder.DecodeMeshFromBuffer(&buffer);
+  if (kind.ok() && kind.value() == draco::POINT_CLOUD) {
+    error = "a point cloud, not a triangle mesh";
+  } else if (!decoded.ok()) {
+    error = "Draco cannot decode it";
+    detail = decoded.status().error_msg_string();
+  } else {
+    const draco::Mesh *mesh = decoded.value().get();
+    const draco::PointAttribute *att = mesh->GetNamedAttribute(draco::GeometryAttribute::POSITION);
+    if (att == nullptr) {
+      error = "no position attribute";
+    } else if (att->num_components() != 3) {
+      error = "positions do not have 3 components";
+    } else if (att->data_type() != draco::DT_INT32 && att->data_type() != draco::DT_UINT32) {
+      error = "positions are not quantized integers (Draco stored them unquantized)";
+    } else if (mesh->GetAttributeElementType(att->unique_id()) != draco::MESH_CORNER_ATTRIBUTE) {
+      error = "positions are not a per-corner attribute";
+    } else if (att->size() != mesh->num_points()) {
+      error = "the position attribute does not hold one value per point";
+    } else {
+      draco::AttributeQuantizationTransform quantization;
+      if (quantization.InitFromAttribute(*att)) {
+        qbits = quantization.quantization_bits();
+        for (int a = 0; a < 3; ++a) origin[a] = quantization.min_value(a);
+        range = quantization.range();
+      }
+      positions.resize(3 * static_cast<size_t>(att->size()));
+      if (!positions.empty()) {
+        att->buffer()->Read(att->GetBytePos(draco::AttributeValueIndex(0)), positions.data(),
+                            positions.size() * sizeof(uint32_t));
+      }
+      // the client's indices: each corner's point, through the attribute's point-to-value map
+      const bool identity = att->is_mapping_identity();
+      faces.resize(3 * static_cast<size_t>(mesh->num_faces()));
+      for (draco::FaceIndex f(0); f < mesh->num_faces(); ++f) {
+        const draco::Mesh::Face &face = mesh->face(f);
+        for (int c = 0; c < 3; ++c) {
+          faces[3 * f.value() + c] = identity ? face[c].value() : att->mapped_index(face[c]).value();
+        }
+      }
+    }
+  }
+  Py_END_ALLOW_THREADS
+  PyBuffer_Release(&view);
+  if (error != nullptr) {
+    PyErr_Format(PyExc_ValueError, "%s%s%s", error, detail.empty() ? "" : ": ", detail.c_str());
+    return nullptr;
+  }
+  PyObject *quant = qbits < 0 ? Py_BuildValue("")
+                              : Py_BuildValue("(i(ddd)d)", qbits, static_cast<double>(origin[0]),
+                                              static_cast<double>(origin[1]), static_cast<double>(origin[2]),
+                                              static_cast<double>(range));
+  if (quant == nullptr) return nullptr;
+  return Py_BuildValue("(y#y#N)", reinterpret_cast<const char *>(positions.data()),
+                       static_cast<Py_ssize_t>(positions.size() * sizeof(uint32_t)),
+                       reinterpret_cast<const char *>(faces.data()),
+                       static_cast<Py_ssize_t>(faces.size() * sizeof(uint32_t)), quant);
+}
+
 // _set_symbol_fast_path(min_alphabet) -> previous: alphabets from min_alphabet on take the fast
 // path; -1: none (Draco's EncodeSymbols for every call).  Returns None where it is not built.
 PyObject *set_symbol_fast_path(PyObject *, PyObject *args) {
@@ -312,6 +398,9 @@ PyObject *symbol_calls(PyObject *, PyObject *) {
 PyMethodDef methods[] = {
     {"encode", encode, METH_VARARGS,
      "encode(positions, faces, bits, speed) -> bytes: Draco mesh of quantized positions."},
+    {"decode", decode, METH_VARARGS,
+     "decode(data) -> (positions, faces, quantization): uint32 bytes as Neuroglancer's client reads them "
+     "(no dequantization), and the skipped quantization (bits, origin, range) or None."},
     {"_set_symbol_fast_path", set_symbol_fast_path, METH_VARARGS,
      "_set_symbol_fast_path(min_alphabet) -> previous value, or None where not built (-1: Draco's path only)."},
     {"_symbol_calls", symbol_calls, METH_NOARGS,

@@ -788,12 +788,19 @@ def open_mesh(location: Union[storage.KvSpec, MeshSource]) -> MeshSource:
 # --------------------------------------------------------------------------------------------
 
 
-def decode_fragment(data: bytes, bits: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+def decode_fragment(data: bytes, bits: Optional[int] = None,
+                    check_identity: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Decode one Draco fragment of a multi-resolution mesh to its integer vertex positions.
 
-    The client reads Draco's quantized integers directly, so producers quantize to integers
-    themselves and make Draco's quantization the identity: decoded positions must be exact
-    integers (spec: "Multi-resolution mesh fragment data file format").
+    The client reads Draco's stored integers directly, without Draco's dequantization (spec:
+    "Multi-resolution mesh fragment data file format"; Neuroglancer's
+    ``neuroglancer_draco.cc``), so producers quantize to integers themselves and make Draco's
+    quantization the identity.  With gpumesh's Draco extension (``gpumesh._dracoenc``, built
+    at install) the positions returned are those stored integers, as the client reads them: a
+    fragment whose Draco quantization is not the identity (an origin or range of its own)
+    decodes to where the client would draw it, and unquantized float positions are an error.
+    Without the extension DracoPy decodes it, dequantized, and the positions must be exact
+    integers: such a fragment is then caught only where its dequantized positions are not.
 
     Parameters
     ----------
@@ -801,6 +808,10 @@ def decode_fragment(data: bytes, bits: Optional[int] = None) -> tuple[np.ndarray
         One Draco-encoded triangle mesh (non-empty).
     bits : int, optional
         ``vertex_quantization_bits``; when given, positions must lie in ``[0, 2**bits)``.
+    check_identity : bool
+        Require Draco's quantization to be the identity (origin 0, range ``2**b - 1`` for its
+        ``b`` bits), as the producer meant the positions it gave the encoder (``gpumesh
+        validate``).
 
     Returns
     -------
@@ -813,8 +824,46 @@ def decode_fragment(data: bytes, bits: Optional[int] = None) -> tuple[np.ndarray
     ------
     InvalidMeshError
         If Draco cannot decode the bytes, they hold no triangle mesh, positions are not
-        integers, or (with ``bits``) are out of range.
+        quantized integers, or (with ``bits``) are out of range; with ``check_identity``,
+        if Draco's quantization is not the identity.
     """
+    raw = _raw_decoder()
+    if raw is not None:
+        try:
+            pos, tri, quant = raw(bytes(data))
+        except ValueError as exc:
+            raise InvalidMeshError(f"Draco fragment ({len(data)} bytes) as the client reads it: {exc}") from exc
+        positions = np.frombuffer(pos, dtype=np.uint32).reshape(-1, 3).astype(np.int64)
+        faces = np.frombuffer(tri, dtype=np.uint32).reshape(-1, 3).astype(np.int64)
+        if check_identity and quant is not None:
+            qbits, origin, extent = quant
+            if any(origin) or extent != (1 << qbits) - 1:
+                raise InvalidMeshError(
+                    f"Draco's quantization is not the identity: origin {list(origin)}, range {extent:g} for "
+                    f"{qbits} bits (the identity is origin 0, range {(1 << qbits) - 1}), so the client draws "
+                    f"positions other than the encoder was given")
+    else:
+        positions, faces = _decode_dracopy(data)
+    if bits is not None and len(positions):
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= 2**bits:
+            raise InvalidMeshError(f"vertex positions span [{lo}, {hi}], outside [0, 2**{bits})")
+    if len(faces) and (faces.min() < 0 or faces.max() >= len(positions)):
+        raise InvalidMeshError("face indices out of range")
+    return positions, faces
+
+
+def _raw_decoder():
+    """``gpumesh._dracoenc.decode`` (Draco's stored integers), or None where it is not built."""
+    try:
+        from ._dracoenc import decode
+    except ImportError:
+        return None
+    return decode
+
+
+def _decode_dracopy(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """DracoPy's dequantized decoding, whose positions must be exact integers."""
     import DracoPy
 
     try:
@@ -833,14 +882,7 @@ def decode_fragment(data: bytes, bits: Optional[int] = None) -> tuple[np.ndarray
             f"{bad} of {len(points)} decoded vertex positions are not integers "
             "(Draco quantization is not the identity)"
         )
-    positions = rounded.astype(np.int64)
-    if bits is not None and len(positions):
-        lo, hi = int(positions.min()), int(positions.max())
-        if lo < 0 or hi >= 2**bits:
-            raise InvalidMeshError(f"vertex positions span [{lo}, {hi}], outside [0, 2**{bits})")
-    if len(faces) and (faces.min() < 0 or faces.max() >= len(positions)):
-        raise InvalidMeshError("face indices out of range")
-    return positions, faces
+    return rounded.astype(np.int64), faces
 
 
 def parse_legacy_fragment(data: bytes) -> tuple[np.ndarray, np.ndarray]:

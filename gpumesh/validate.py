@@ -388,7 +388,7 @@ def _check_multires_segment(
                 report.add_error(f"{where}: fragment bytes [{start}, {stop}) beyond end of data file")
                 continue
             try:
-                q, f = decode_fragment(data[start:stop], bits)
+                q, f = decode_fragment(data[start:stop], bits, check_identity=True)
             except InvalidMeshError as exc:
                 report.add_error(f"{where}: {exc}")
                 continue

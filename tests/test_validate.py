@@ -11,7 +11,7 @@ import DracoPy
 import numpy as np
 import pytest
 
-from gpumesh import storage
+from gpumesh import reader, storage
 from gpumesh.errors import InvalidMeshError
 from gpumesh.reader import (
     Manifest,
@@ -217,13 +217,37 @@ def test_undecodable_fragment(tmp_path):
     _has(rep, "segment 1 lod 0 node 1", "Draco")
 
 
-def test_non_integer_positions(tmp_path):
-    pts = np.array([[0.0, 0.0, 0.0], [1000.3, 0.0, 0.0], [0.0, 700.7, 0.0]])
-    frag = DracoPy.encode(pts, np.array([[0, 1, 2]], np.uint32))  # Draco's own quantization
-    with pytest.raises(InvalidMeshError, match="not integers"):
-        decode_fragment(frag)
+@pytest.mark.parametrize("pts", [[[0.0, 0.0, 0.0], [1000.3, 0.0, 0.0], [0.0, 700.7, 0.0]],
+                                 [[5, 5, 5], [105, 5, 5], [5, 105, 5]]], ids=["fractions", "integers"])
+def test_draco_quantization_that_is_not_the_identity(tmp_path, monkeypatch, pts):
+    """The client reads Draco's stored integers, not dequantized positions: a fragment with
+    Draco's own quantization (an origin and a range of its own) is drawn elsewhere than its
+    producer meant, even where its dequantized positions are integers."""
+    frag = DracoPy.encode(np.array(pts, np.float64), np.array([[0, 1, 2]], np.uint32))   # Draco's own quantization
+    with pytest.raises(InvalidMeshError, match="not the identity"):
+        decode_fragment(frag, check_identity=True)
     rep = _bad(tmp_path, {1: seg_parts(frags0=(F_LOD0_A, frag))})
-    _has(rep, "segment 1 lod 0 node 1", "not integers")
+    _has(rep, "segment 1 lod 0 node 1", "not the identity")
+    if pts[0] != [5, 5, 5]:   # without gpumesh's extension DracoPy decodes: fractions are still caught
+        with monkeypatch.context() as m:
+            m.setattr(reader, "_raw_decoder", lambda: None)
+            with pytest.raises(InvalidMeshError, match="not integers .*not the identity"):
+                decode_fragment(frag, check_identity=True)
+    if reader._raw_decoder() is not None and pts[0] == [5, 5, 5]:
+        # what the client reads: the origin dropped, the range stretched to DracoPy's 14 bits
+        q, _ = decode_fragment(frag)
+        assert sorted(q.tolist()) == [[0, 0, 0], [0, 16383, 0], [16383, 0, 0]]
+
+
+def test_unquantized_draco_positions_are_refused(tmp_path):
+    """Float positions that Draco stored unquantized: the client would take their bits for
+    integers."""
+    if reader._raw_decoder() is None:
+        pytest.skip("gpumesh._dracoenc is not built")
+    frag = DracoPy.encode(np.array([[0, 0, 0], [100, 0, 0], [0, 100, 0]], np.float64),
+                          np.array([[0, 1, 2]], np.uint32), quantization_bits=0)
+    with pytest.raises(InvalidMeshError, match="not quantized integers"):
+        decode_fragment(frag)
 
 
 def test_out_of_range_positions(tmp_path):
