@@ -292,11 +292,13 @@ def multires_info_problems(info: Any) -> list[str]:
     if not (isinstance(transform, list) and len(transform) == 12 and all(_is_number(v) for v in transform)):
         problems.append(f"info transform must be 12 finite numbers, got {transform!r}")
     mult = info.get("lod_scale_multiplier")
-    if not _is_number(mult):
-        problems.append(f"info lod_scale_multiplier must be a finite number, got {mult!r}")
+    if not _is_number(mult) or mult <= 0:   # the client requires a finite number > 0
+        problems.append(f"info lod_scale_multiplier must be a finite number > 0, got {mult!r}")
     if "segment_properties" in info and not isinstance(info["segment_properties"], str):
         problems.append("info segment_properties must be a string (relative path)")
-    if info.get("sharding") is not None:
+    if "sharding" in info and info["sharding"] is None:   # the client takes it absent, or an object
+        problems.append("info sharding is null: leave it out for unsharded meshes (the client fails on null)")
+    elif info.get("sharding") is not None:
         problems.extend("info " + p for p in sharding_problems(info["sharding"]))
     return problems
 

@@ -37,7 +37,6 @@ given it.  ``identity`` hashing keeps ID order (``preshift_bits`` then groups ru
 
 from __future__ import annotations
 
-import gzip
 import re
 import zlib
 from dataclasses import dataclass
@@ -265,10 +264,18 @@ def _gzip(data: bytes) -> bytes:
 
 
 def _gunzip(data: bytes) -> bytes:
+    """One whole gzip member, and nothing after it: Python's ``gzip.decompress`` would also take
+    several members and trailing zeros, which a browser's ``DecompressionStream`` refuses."""
+    d = zlib.decompressobj(31)
     try:
-        return gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as exc:
+        out = d.decompress(data) + d.flush()
+    except zlib.error as exc:
         raise ShardFormatError(f"cannot gunzip {len(data)} bytes: {exc}") from exc
+    if not d.eof:
+        raise ShardFormatError(f"cannot gunzip {len(data)} bytes: the gzip stream is cut short")
+    if d.unused_data:
+        raise ShardFormatError(f"cannot gunzip {len(data)} bytes: {len(d.unused_data)} bytes after the gzip stream")
+    return out
 
 
 @dataclass(frozen=True)

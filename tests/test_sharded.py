@@ -26,8 +26,8 @@ from gpumesh import storage
 from gpumesh.errors import DestinationError
 from gpumesh.pipeline import SCRATCH, MeshOptions, run_mesh
 from gpumesh.reader import Manifest, ShardedMultiresSource, load_mesh, open_mesh
-from gpumesh.sharding import (MAX_SEGMENTS_PER_MINISHARD, ShardingOptions, ShardingSpec, build_shard, choose_bits,
-                              murmurhash3_x86_128_low64)
+from gpumesh.sharding import (MAX_SEGMENTS_PER_MINISHARD, ShardFormatError, ShardingOptions, ShardingSpec, build_shard,
+                              choose_bits, murmurhash3_x86_128_low64)
 from gpumesh.validate import validate
 from gpumesh.writer import SegmentTable, convert_mesh, segment_num_lods, split_segments
 
@@ -1112,6 +1112,11 @@ def test_gzip_bytes_do_not_depend_on_the_python_version():
                + struct.pack("<II", zlib.crc32(data), len(data) & 0xFFFFFFFF))
         assert _gzip(data) == ref
         assert gzip.decompress(ref) == data and _gunzip(ref) == data
+        # one member and nothing else, as a browser's DecompressionStream takes it
+        for bad, why in ((ref + bytes(7), "7 bytes after"), (ref + ref, "after the gzip stream"),
+                         (ref[:-3], "cut short")):
+            with pytest.raises(ShardFormatError, match=why):
+                _gunzip(bad)
 
 
 @pytest.mark.parametrize("hash_", ["murmurhash3_x86_128", "identity"])

@@ -271,6 +271,8 @@ def test_triangle_crossing_grid(tmp_path):
         (info(vertex_quantization_bits=12), "vertex_quantization_bits"),
         (info(transform=[1, 0, 0]), "transform"),
         (info(lod_scale_multiplier="x"), "lod_scale_multiplier"),
+        (info(lod_scale_multiplier=0), "lod_scale_multiplier must be a finite number > 0, got 0"),
+        (info(sharding=None), "sharding is null"),
         (info(sharding={"@type": "neuroglancer_uint64_sharded_v1"}), "sharding"),
         (info(segment_properties=["props"]), "segment_properties must be a string"),
         (info(sharding=[1]), "sharding must be a JSON object, got list"),
