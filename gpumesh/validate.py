@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import math
+import posixpath
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
@@ -665,18 +666,36 @@ def _check_segment_properties(report: ValidationReport, kv, info: dict, meshed: 
         report.add_error(f"segment properties: unexpected error while checking: {exc!r}")
 
 
+def _resolve(kv, rel: str):
+    """The kvstore of the directory ``rel`` names relative to ``kv``'s, as the client resolves
+    it (``..`` steps up; a URL stands alone)."""
+    if "://" in rel:
+        return storage.open_kvstore(rel)
+    spec = storage.kvstore_spec(kv)
+    base = spec.get("path", "")
+    path = posixpath.normpath(posixpath.join(base or ".", rel.strip("/")))
+    if path == ".":
+        path = ""
+    return storage.open_kvstore(dict(spec, path=path), check=False)
+
+
 def _check_segment_properties_file(report: ValidationReport, kv, info: dict, meshed: Optional[set]) -> None:
     rel = info.get("segment_properties")
     if not isinstance(rel, str):
         return
     key = rel.strip("/") + "/info"
     try:
-        sp = storage.read_json(kv, key)
+        raw = storage.read(_resolve(kv, rel), "info")
+    except (ValueError, OSError) as exc:   # TensorStore's errors are ValueErrors
+        report.add_error(f"segment properties {key}: cannot read it: {exc}")
+        return
+    if raw is None:
+        report.add_error(f"segment properties {key} not found")
+        return
+    try:
+        sp = json.loads(raw)
     except ValueError as exc:
         report.add_error(f"segment properties {key}: not valid JSON: {exc}")
-        return
-    if sp is None:
-        report.add_error(f"segment properties {key} not found")
         return
     if not isinstance(sp, dict) or sp.get("@type") != "neuroglancer_segment_properties":
         report.add_error(f"segment properties {key}: @type must be 'neuroglancer_segment_properties'")

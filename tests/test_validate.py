@@ -701,3 +701,16 @@ def test_segment_properties_missing_or_not_json(with_properties):
     storage.write(kv, "props/info", b'{"@type": ')
     rep = validate(path)
     assert rep.num_errors == 1 and "props/info: not valid JSON" in rep.errors[0], rep.errors
+
+
+def test_segment_properties_beside_the_mesh_directory_are_found(with_properties, tmp_path):
+    """``segment_properties`` is resolved as the client resolves it: ``../props`` (the
+    segmentation's own properties, one level up) is read there, not refused as a bad key."""
+    path, kv = with_properties
+    storage.write_json(kv, "info", info(segment_properties="../props"))
+    above = storage.open_kvstore(str(os.path.dirname(str(path).rstrip("/"))))
+    rep = validate(path)
+    assert rep.num_errors == 1 and "segment properties ../props/info not found" in rep.errors[0], rep.errors
+    storage.write_json(above, "props/info", _properties())
+    rep = validate(path)
+    assert rep.ok, rep.errors
