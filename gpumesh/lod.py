@@ -57,7 +57,9 @@ piece is kept undecimated.  So every decimated piece is as closed and as manifol
 input.  Its collapses also leave a few triangles of three collinear vertices (zero area; 8.5e-4
 of LOD 0's triangles on the real volume): each is flipped with its neighbour across its long
 edge into two triangles that cover exactly the neighbour's area (:func:`_flip_flat`), so the
-surface is unchanged and no zero-area triangle is written.
+surface is unchanged and no zero-area triangle is written; where no flip can remove one (the
+simplifier folded the surface back over itself there: a flip would use an edge twice), its
+vertices' 1-ring is locked and the piece is simplified again, like the other defects.
 
 meshoptimizer is called through its C ABI, as shipped in the ``meshoptimizer`` package
 (``meshopt_simplifyWithAttributes`` with no attributes, for its ``vertex_lock``), with the
@@ -487,6 +489,19 @@ def _flip_flat(pos, faces, core):
 
 
 @numba.njit(cache=True, nogil=True)
+def _mark_flat(pos, faces, bad):
+    """Mark in ``bad`` the vertices of the zero-area triangles of ``faces`` (those
+    :func:`_flip_flat` could not flip); returns whether there are any."""
+    found = False
+    for t in range(faces.shape[0]):
+        if _cross_is_zero(pos, faces[t, 0], faces[t, 1], faces[t, 2]):
+            for s in range(3):
+                bad[faces[t, s]] = True
+            found = True
+    return found
+
+
+@numba.njit(cache=True, nogil=True)
 def _compact(vertices, out):
     """The vertices that ``out`` uses (in input order) and ``out`` renumbered into them."""
     nv = vertices.shape[0]
@@ -588,9 +603,12 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, keep: float, scale: np.nda
         else:
             found, bad = _defects(out, nv, table_in, border_in)
         if not found:
-            break
+            _flip_flat(vertices, out, core)
+            # a flat triangle that no flip removes (its flip would use an edge twice: there the
+            # simplifier folded the surface back over itself) is a defect like the others
+            if not _mark_flat(vertices, out, bad):
+                break
         _lock_rings(f_in, bad, lock)
     else:
         return vertices, faces.astype(np.int32, copy=False)
-    _flip_flat(vertices, out, core)
     return _compact(vertices, out)

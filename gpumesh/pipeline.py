@@ -18,9 +18,11 @@ Geometry (stored-model space is LOD 0 voxel units, the ``info`` transform scales
   ``k`` cubes (:meth:`Plan.node_voxels`; ``C`` where ``F = 2**k``), and holds the triangles
   of cubes ``[n*E, (n+1)*E)``; its box is ``grid_origin + n * C * 2**k`` with ``grid_origin``
   = voxel offset, and ``vertex_offsets[k] = -F/2`` shifts the cubes' half-voxel lattice onto
-  it (:meth:`Plan.vertex_offsets`).  Its fragment's positions are quantized in units of
-  ``C * 2**k / 2**bits`` LOD 0 voxels, so ``E <= 2**(bits - 1)`` keeps the lattice's points
-  apart (:func:`gpumesh.lod.lod_factors`'s ``max_ratio``).
+  it (:meth:`Plan.vertex_offsets`).  Its fragment's positions are quantized in ``2**bits``
+  steps across the node, and the far face's ``2**bits`` is clipped to ``2**bits - 1``: so
+  ``E <= 2**(bits - 2)`` (a half voxel at least two steps) keeps the lattice's points apart,
+  the last half voxel's from the far face's included (:func:`gpumesh.lod.lod_factors`'s
+  ``max_ratio``; at ``2**(bits - 1)`` two of them become one and the surface pinches).
 * A block is one node of the coarsest LOD ``L - 1``: ``B = C * 2**(L-1)`` LOD 0 cubes a side, read
   with a halo of ``2**(L-1)`` voxels on its low side.  Every node of every LOD lies in exactly
   one block, so a block's fragments are final and blocks are independent.
@@ -155,8 +157,10 @@ class MeshOptions:
             raise ValueError(f"--lods must be in 1..{self.max_lods} (max LODs), got {self.num_lods}")
         if self.vertex_quantization_bits not in (10, 16):
             raise ValueError("vertex quantization bits must be 10 or 16")
-        if 2 * c > (1 << self.vertex_quantization_bits):
-            raise ValueError("chunk size too large for the vertex quantization bits")
+        if 4 * c > (1 << self.vertex_quantization_bits):   # E <= 2**(bits - 2): see the module docs
+            raise ValueError(f"chunk size {c} too large for {self.vertex_quantization_bits}-bit vertex quantization: "
+                             f"at most {1 << (self.vertex_quantization_bits - 2)} (a half voxel must stay two "
+                             f"quantization steps)")
         if self.format not in ("multires", "legacy"):
             raise ValueError(f"format must be multires or legacy, got {self.format!r}")
         if self.format == "legacy" and self.vertex_quantization_bits != 16:
@@ -250,9 +254,9 @@ class Plan:
         lods = min(lods, max(enough, options.num_lods or 1))
         block = options.chunk_size << (lods - 1)
         # a node of LOD k spans 2**(k - shift) * C of its voxels per axis, at most
-        # 2**(bits - 1) so that quantization keeps its half-voxel lattice points apart
+        # 2**(bits - 2) so that quantization keeps its half-voxel lattice points apart
         shifts = lod_factors(voxel_size, lods, options.downsampling,
-                             max_ratio=(1 << (options.vertex_quantization_bits - 1)) // options.chunk_size)
+                             max_ratio=(1 << (options.vertex_quantization_bits - 2)) // options.chunk_size)
         grid = []
         for a, n in enumerate(shape):
             # cubes 0..ceil(n/F) of every LOD k (F = 2**shift), in LOD 0 units
@@ -582,14 +586,13 @@ def _mesh_lod(volume: Volume, plan: Plan, options: MeshOptions, backend: Backend
             v = np.concatenate(verts)
             f = np.concatenate(faces)
         q = encode.quantize(v * to_node if aniso else v, C, bits)
-        if len(parts) > 1 or 2 * max(E) >= 1 << bits:
-            # join the pieces' shared border vertices, and any that the quantization made equal
+        if len(parts) > 1:   # join the pieces' shared border vertices
             q, f, kept = encode.weld_quantized(q, f)
         else:
             # one piece: its vertices are distinct half-voxel points in [0, E], which stay
-            # distinct where a half voxel is more than one quantization step (the far face's
-            # 2**bits is clipped to 2**bits - 1): a weld would change nothing (LOD 0's
-            # fragments, 3.6 % of the task CPU)
+            # distinct as a half voxel is at least two quantization steps (E <= 2**(bits - 2),
+            # the far face's 2**bits clipped to 2**bits - 1): a weld would change nothing
+            # (LOD 0's fragments, 3.6 % of the task CPU)
             f, kept = np.ascontiguousarray(f, dtype=np.int32), slice(None)
         if len(f) == 0:
             continue

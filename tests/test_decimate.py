@@ -255,3 +255,26 @@ def test_decimated_surface_stays_near_the_input(pieces, keep):
         there, back = hausdorff(v * SCALE, f, dv * SCALE, df, cell=SCALE / 2, cap=cap)
         worst = max(worst, there, back)
     assert 0.0 < worst <= 2.0 * SCALE.min(), f"the decimated surface moved {worst / SCALE.min():.2f} voxels"
+
+
+def test_a_fold_that_no_flip_removes_is_simplified_again(real_zarr, tmp_path):
+    """Where meshoptimizer folds the surface back over itself (a vertex left with three
+    neighbours: one triangle flat, another covering part of the third in reverse), the flat
+    triangle cannot be flipped away (the flip would use an edge twice).  It is then a defect
+    like the others: its ring is locked and the piece simplified again.  Found on this crop of
+    the real volume taken as 4x4x40 nm voxels, in LOD 2 of one segment."""
+    import tensorstore as ts
+
+    from gpumesh.pipeline import MeshOptions, run_mesh
+    from gpumesh.reader import load_mesh, open_mesh
+
+    store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(real_zarr)}}).result()
+    labels = store[0:130, 300:450, 100:170].read().result()
+    seg, voxel = 86401243, np.array([4.0, 4.0, 40.0])
+    opts = MeshOptions(chunk_size=16, max_lods=4, quality="low", vertex_quantization_bits=10, segments=(seg,))
+    run_mesh(labels, str(tmp_path / "out"), options=opts, voxel_size=voxel, workers=1)
+    for k in range(open_mesh(str(tmp_path / "out")).manifest(seg).num_lods):
+        mesh = load_mesh(str(tmp_path / "out"), seg, lod=k)
+        v, f = np.asarray(mesh.vertices) / voxel, np.asarray(mesh.faces)
+        area2 = np.linalg.norm(np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]), axis=1)
+        assert (area2 > 1e-6).all(), f"LOD {k}: {int((area2 <= 1e-6).sum())} zero-area triangles"

@@ -230,6 +230,9 @@ def test_random_volume(seed, tmp_path, unwelded_fragments):
                 continue
             assert_closed_oriented(mesh, f"{what}: segment {seg} LOD {k}")
             v = np.asarray(mesh.vertices) / voxel_size - voxel_offset
+            f = np.asarray(mesh.faces)
+            area2 = np.linalg.norm(np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]), axis=1)
+            assert (area2 > 1e-6).all(), f"{what}: segment {seg} LOD {k}: zero-area triangles"
             if k == 0 and options.quality == "high":
                 halves = np.round(v * 2) / 2
                 assert np.abs(v - halves).max() < 2e-3 * options.chunk_size, f"{what}: segment {seg}"
@@ -309,3 +312,23 @@ def test_random_volume(seed, tmp_path, unwelded_fragments):
                        voxel_offset=voxel_offset, workers=2)
         assert two.workers == min(2, two.tasks), what
         assert tree_files(tmp_path / "two") == tree_files(dest), what
+
+
+def test_nodes_stay_short_enough_for_the_quantization_to_keep_half_voxels_apart(tmp_path):
+    """At 10 bits a node may be at most 2**8 voxels along an axis: at 2**9 a half voxel is one
+    quantization step and the last half voxel's vertices land on the far face's (clipped), so
+    two columns of a segment that touch along an edge there were pinched into a non-manifold
+    surface (found on 4x40x40 nm voxels at LOD 3).  Every LOD's mesh is closed and oriented,
+    and the plan keeps every node short enough."""
+    labels = np.zeros((24, 520, 520), np.uint32)
+    labels[:, 510, 511] = labels[:, 511, 510] = 7
+    dest = tmp_path / "out"
+    opts = MeshOptions(chunk_size=64, max_lods=4, num_lods=4, vertex_quantization_bits=10, quality="high")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_mesh(labels, str(dest), options=opts, voxel_size=(4, 40, 40), workers=1)
+    plan = Plan.make(labels.shape, opts, np.array([4.0, 40.0, 40.0]))
+    assert all(int(np.max(plan.node_voxels(k))) <= 2**8 for k in range(4))
+    assert validate(str(dest)).ok
+    for k in range(4):
+        assert_closed_oriented(load_mesh(str(dest), 7, lod=k), f"LOD {k}")
