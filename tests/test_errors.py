@@ -108,7 +108,7 @@ def test_bad_options_before_output(tmp_path, options, workers):
     (MeshOptions(num_lods=0), "--lods must be in 1..3"),
     (MeshOptions(vertex_quantization_bits=12), "bits must be 10 or 16"),
     (MeshOptions(vertex_quantization_bits=10, chunk_size=1024), "chunk size 1024 too large"),
-    (MeshOptions(vertex_quantization_bits=10, chunk_size=512), "at most 256 (a half voxel must stay two"),
+    (MeshOptions(vertex_quantization_bits=10, chunk_size=512), "at most 256 .a half voxel must stay two"),
     (MeshOptions(format="obj"), "format must be multires or legacy"),
     (MeshOptions(format="legacy", vertex_quantization_bits=10), "bits only apply to multires output"),
     (MeshOptions(chunk_size=64.0), "chunk_size must be an integer, got 64.0"),
