@@ -489,14 +489,20 @@ def _covered(spans: list) -> int:
 
 def _validate_sharded(report: ValidationReport, src: ShardedMultiresSource, segments: Optional[Iterable[int]],
                       decode: bool) -> set:
-    """Check every shard (or those of ``segments``); return the IDs found in the shards read."""
+    """Check every shard (or those of ``segments``, read by name: a store that cannot list its
+    keys, such as plain HTTP, still serves them); return the IDs found in the shards read."""
     spec = src.sharding
-    try:
-        keys = storage.list_keys(src.kv)
-    except Exception as exc:
-        report.add_error(f"cannot list keys: {exc}")
-        return set()
-    shards = []
+    wanted = None
+    if segments is not None:
+        wanted = {int(s) for s in segments}
+        keys = []
+    else:
+        try:
+            keys = storage.list_keys(src.kv)
+        except Exception as exc:
+            report.add_error(f"cannot list keys: {exc}")
+            return set()
+    shards = sorted(set(spec.locate(sorted(wanted))[0].tolist())) if wanted else []
     for key in keys:
         if key.endswith(".shard"):
             shard = spec.parse_shard_key(key)
@@ -505,17 +511,13 @@ def _validate_sharded(report: ValidationReport, src: ShardedMultiresSource, segm
                                  f"{spec.shard_key(0)!r} .. {spec.shard_key(spec.num_shards - 1)!r}")
             else:
                 shards.append(shard)
-    wanted = None
-    if segments is not None:
-        wanted = {int(s) for s in segments}
-        want_shards = set(spec.locate(sorted(wanted))[0].tolist()) if wanted else set()
-        shards = [s for s in shards if s in want_shards]
     seen: set = set()
     for shard in shards:
         blob = storage.read(src.kv, spec.shard_key(shard))
         if blob is None:
-            report.add_error(f"shard {spec.shard_key(shard)} vanished while validating")
-            continue
+            if wanted is None:
+                report.add_error(f"shard {spec.shard_key(shard)} vanished while validating")
+            continue   # the wanted segments in it are "not found" below
         try:
             report.num_segments += _check_shard(report, src, shard, blob, wanted, seen, decode)
         except Exception as exc:  # never raise on a bad mesh
@@ -758,7 +760,8 @@ def validate(
     location : str, os.PathLike, dict or tensorstore.KvStore
         The mesh directory (holding ``info``): path, kvstore URL or spec.
     segments : iterable of int, optional
-        Only these segments (each must exist); default all.
+        Only these segments (each must exist); default all.  They are read by name, so a
+        store that cannot list its keys (plain HTTP) can be checked this way.
     sample : int, optional
         Only this many segments, drawn at random (``seed``) from those the directory holds
         (all of them when it holds fewer): a spot check of a large output.  Listing the
@@ -848,11 +851,14 @@ def _validate(report: ValidationReport, location, segments, decode: bool, sample
             _check_segment_properties(report, kv, info, found if segments is None else None)
         return report
 
-    try:
-        all_ids = src.segment_ids() if listed is None else listed
-    except Exception as exc:
-        report.add_error(f"cannot list keys: {exc}")
-        return report
+    if segments is not None and raw_info is not None:   # by name, no listing (plain HTTP cannot list)
+        all_ids = [int(s) for s in segments if src.has_segment(int(s))]
+    else:
+        try:
+            all_ids = src.segment_ids() if listed is None else listed
+        except Exception as exc:
+            report.add_error(f"cannot list keys: {exc}")
+            return report
     keys = None
     if raw_info is None and not all_ids:
         report.kind = None   # no info and no legacy manifest: not a mesh of either kind

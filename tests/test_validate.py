@@ -714,3 +714,33 @@ def test_segment_properties_beside_the_mesh_directory_are_found(with_properties,
     storage.write_json(above, "props/info", _properties())
     rep = validate(path)
     assert rep.ok, rep.errors
+
+
+@pytest.mark.parametrize("layout", ["sharded", "unsharded", "legacy"])
+def test_given_segments_are_validated_over_plain_http(tmp_path, layout):
+    """``validate --segments`` reads the segments by name, so a store that cannot list its keys
+    (plain HTTP, a static file server) can be checked; an ID that is not there is reported."""
+    import functools
+    import http.server
+    import threading
+
+    from gpumesh.pipeline import MeshOptions, run_mesh
+    from gpumesh.sharding import ShardingOptions
+
+    labels = np.zeros((24, 24, 24), np.uint32)
+    labels[2:10, 3:12, 2:9], labels[12:20, 5:15, 6:14] = 5, 70000
+    opts = {"sharded": MeshOptions(chunk_size=8, sharding=ShardingOptions()), "unsharded": MeshOptions(chunk_size=8),
+            "legacy": MeshOptions(chunk_size=8, format="legacy")}[layout]
+    run_mesh(labels, str(tmp_path / "m"), options=opts, workers=1)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "m"))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        rep = validate(url, segments=[5, 70000])
+        assert rep.ok and rep.num_segments == 2, rep.errors
+        rep = validate(url, segments=[5, 6])
+        assert rep.errors == ["segment 6 not found"], rep.errors
+    finally:
+        server.shutdown()
