@@ -33,6 +33,7 @@ Geometry (stored-model space is LOD 0 voxel units, the ``info`` transform scales
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
@@ -41,8 +42,10 @@ import json
 import os
 import resource
 import shutil
+import signal
 import struct
 import tempfile
+import threading
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -683,7 +686,6 @@ def _exit_with_parent() -> None:
     the worker was spawned or forked by the worker server.
     """
     import multiprocessing
-    import threading
     from multiprocessing.connection import wait
 
     parent = multiprocessing.parent_process()
@@ -725,15 +727,15 @@ def _spill_array(arr: np.ndarray) -> Optional[_ArrayFile]:
     be written (with a warning)."""
     if arr.nbytes < SPILL_ARRAY_BYTES:
         return None
-    folder = None
+    folder = tempfile.mkdtemp(prefix="gpumesh-array-")
     try:
-        folder = tempfile.mkdtemp(prefix="gpumesh-array-")
         path = os.path.join(folder, "labels.npy")
         np.save(path, arr, allow_pickle=False)
         return _ArrayFile(path)
-    except OSError as exc:
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
+    except BaseException as exc:   # Ctrl-C included: no copy left behind
+        shutil.rmtree(folder, ignore_errors=True)
+        if not isinstance(exc, OSError):
+            raise
         warnings.warn(f"could not write the array source to a temporary file for the workers to share "
                       f"({one_line(exc)}); each worker gets a copy of it", stacklevel=3)
         return None
@@ -745,6 +747,9 @@ def _init_worker(source, open_kwargs, plan, options, dest_spec, device, nworkers
 
     import tensorstore as ts  # noqa: F401
 
+    # Ctrl-C reaches the whole process group: the main process stops the workers, whose own
+    # KeyboardInterrupt tracebacks would bury its one line
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent()
     _keep_freed_memory()
     # a task allocates many short-lived objects but makes no reference cycles worth a full
@@ -790,8 +795,6 @@ def _how_workers_ended(procs: list) -> str:
     The pool stops its other workers with SIGTERM once one has died, so other signals and
     non-zero exit codes tell which one ended first and how.
     """
-    import signal
-
     codes = [p.exitcode for p in procs if p.exitcode not in (None, 0, -signal.SIGTERM)]
     if not codes:
         return ""
@@ -926,6 +929,33 @@ def _plan_fingerprint(volume: Volume, plan: Plan, options: MeshOptions, axes: Op
         "voxel_offset": [int(v) for v in volume.voxel_offset],
         "dtype": str(np.dtype(volume.dtype)),
     }
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT and SIGTERM back while the pool starts its worker processes, then deliver the
+    first that came.  Interrupted while a worker is forked but not yet registered with the
+    pool, the pool could not stop that worker, and waiting for the workers' server would hang
+    (it waits for its children).  Outside the main thread, where no handler can be set, a
+    no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list = []
+    held = {sig: signal.signal(sig, lambda num, frame: caught.append((num, frame)))
+            for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+        if caught:
+            num, frame = caught[0]
+            handler = held[num]
+            if callable(handler):
+                handler(num, frame)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), num)
 
 
 def _stop_workers(pool) -> None:
@@ -1182,31 +1212,35 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                 if progress:
                     progress(finished, len(tasks))
         else:
-            import threading
-
             # The writer's numba kernel compiles (on a first run) or loads from its cache here while
             # the workers mesh, instead of after them.
             threading.Thread(target=_load_writer_kernels, daemon=True).start()
             if cluster is not None:
                 pool = cluster
             else:
-                # a large array source: mapped by the workers from one file, not a copy each
-                spilled = _spill_array(source) if isinstance(source, np.ndarray) else None
                 ctx = workerserver.context()   # forked from a server with gpumesh loaded, or spawned
                 # workers number themselves from it to split the numba compiles of a first run
                 # (gpumesh.warmup), and the first device_workers of them use the GPU
                 started = ctx.Value("i", 0)
-                pool = ProcessPoolExecutor(nworkers, mp_context=ctx, initializer=_init_worker,
-                                           initargs=(spilled or source, dict(open_kwargs, cache_bytes=cache),
-                                                     plan, options, dest_spec, backend.name, nworkers, started,
-                                                     device_workers))
+                # a large array source: mapped by the workers from one file, not a copy each
+                spilled = _spill_array(source) if isinstance(source, np.ndarray) else None
+                try:
+                    pool = ProcessPoolExecutor(nworkers, mp_context=ctx, initializer=_init_worker,
+                                               initargs=(spilled or source, dict(open_kwargs, cache_bytes=cache),
+                                                         plan, options, dest_spec, backend.name, nworkers, started,
+                                                         device_workers))
+                except BaseException:
+                    if spilled is not None:
+                        spilled.remove()
+                    raise
             procs: list = []
             futures: set = set()   # the tasks not yet done with: each is dropped, its result with it, once taken
             try:
                 # the pool starts its processes as tasks are submitted, the assembly's too
                 with pool, workerserver.without_main_script():
                     try:
-                        futures = {pool.submit(_run_task, t) for t in todo}
+                        with _signals_deferred():   # the pool starts its processes here
+                            futures = {pool.submit(_run_task, t) for t in todo}
                         # the worker processes (private; only to say how a dead one ended)
                         procs = list((getattr(pool, "_processes", None) or {}).values())
                         for fut in as_completed(futures):
@@ -1233,10 +1267,11 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                                                 executor=pool, workers=nworkers, headers=headers,
                                                 progress=write_progress)
                     except BaseException as exc:
-                        for fut in futures:   # before the pool's exit would wait for them: not run
-                            fut.cancel()
                         if not isinstance(exc, Exception):   # Ctrl-C (KeyboardInterrupt): stop now
-                            _stop_workers(pool)
+                            _stop_workers(pool)   # (its shutdown cancels the futures)
+                        else:
+                            for fut in futures:   # before the pool's exit would wait for them: not run
+                                fut.cancel()
                         raise
             except Exception as exc:
                 if isinstance(exc, BrokenProcessPool):

@@ -38,6 +38,7 @@ import contextlib
 import multiprocessing
 import os
 import sys
+import threading
 from typing import Iterator, Optional
 
 #: Modules the server imports before forking workers: everything a worker's tasks use.
@@ -46,6 +47,10 @@ PRELOAD = ("gpumesh.pipeline", "gpumesh.warmup")
 #: Variables that change while a process runs without bearing on a worker (pytest sets this
 #: one for every test); they are left out when the environment is compared.
 VOLATILE_ENV = ("PYTEST_CURRENT_TEST",)
+
+#: Seconds :func:`stop_server` waits for the server to end before it leaves it to end with the
+#: process.
+STOP_SERVER_TIMEOUT_S = 10.0
 
 #: The environment when this process started the server; ``None`` until then.
 _server_env: Optional[dict] = None
@@ -102,10 +107,17 @@ def stop_server() -> None:
 
     stop = getattr(getattr(forkserver, "_forkserver", None), "_stop", None)
     if stop is not None:
-        try:
-            stop()
-        except OSError:   # the server is gone already (killed, say): nothing left to wait for
-            pass
+        def run():
+            try:
+                stop()
+            except OSError:   # the server is gone already (killed, say): nothing left to wait for
+                pass
+
+        # bounded: a worker left behind by an interrupted start would keep the server (and so
+        # this wait) alive until this process ends, when that worker ends too (it watches it)
+        waiter = threading.Thread(target=run, name="gpumesh-stop-server", daemon=True)
+        waiter.start()
+        waiter.join(STOP_SERVER_TIMEOUT_S)
         _server_env = None
 
 

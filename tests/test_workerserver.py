@@ -452,3 +452,26 @@ def test_shard_tasks_wait_in_a_window(crop, tmp_path, monkeypatch):
     assert most[0] == 2 and not waiting   # SHARDS_AHEAD per worker, every one taken
     assert tree_files(tmp_path / "one") == tree_files(tmp_path / "two") != {}
     assert len([n for n in tree_files(tmp_path / "two") if n.endswith(".shard")]) == 8
+
+
+def test_stop_signals_are_held_while_the_pool_starts_its_workers():
+    """A SIGINT or SIGTERM that comes while the pool forks its workers is delivered once they
+    are started: a worker forked but not yet registered with the pool could not be stopped,
+    and waiting for the workers' server then hung the CLI (about one time in three when the
+    signal came as the first worker appeared)."""
+    from gpumesh import pipeline
+
+    got = []
+
+    def handler(num, frame):
+        got.append(num)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        with pipeline._signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)   # a handler would have run by now
+            assert got == []
+        assert got == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, old)
