@@ -195,16 +195,30 @@ class _ProgressLines:
 @_sharding_flags(None)
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None, help="write the end summary as JSON")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missing, fmt, quality, chunk_size, max_lods,
-         num_lods, downsampling, bits, dust_threshold, segments, workers, scheduler, device, overwrite, resume,
-         segment_properties, link_source, sharded, shard_bits, minishard_bits, preshift_bits, shard_hash,
-         minishard_index_encoding, data_encoding, summary_json, quiet):
+def mesh(**params):
     """Mesh every segment of SOURCE into Neuroglancer precomputed meshes in DEST.
 
     SOURCE: a zarr v2/v3, N5, OME-Zarr or precomputed volume (path or URL).
     DEST: a directory path or kvstore URL (file://, gs://, s3://).
     Multi-resolution meshes are sharded unless --unsharded.
     """
+    # Ctrl-C or SIGTERM before the job starts (imports, a Dask scheduler that does not answer):
+    # one line and 130 / 143, not click's "Aborted!" and status 1, which means a failed job
+    previous = _stop_on_sigterm()
+    try:
+        _mesh(**params)
+    except KeyboardInterrupt as exc:
+        _stopped(exc, "nothing was written")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missing, fmt, quality, chunk_size, max_lods,
+          num_lods, downsampling, bits, dust_threshold, segments, workers, scheduler, device, overwrite, resume,
+          segment_properties, link_source, sharded, shard_bits, minishard_bits, preshift_bits, shard_hash,
+          minishard_index_encoding, data_encoding, summary_json, quiet):
+    """The ``mesh`` command (:func:`mesh`), its SIGTERM handler installed."""
     from .resources import FewerWorkersNotice, usable_cores
 
     if scheduler is None and (workers or usable_cores()) > 1:
@@ -292,7 +306,6 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missing
             client = connect(scheduler)
         except (ImportError, OSError) as exc:
             _fail(GpumeshError(f"cannot connect to the Dask scheduler at {scheduler}: {exc}"))
-    previous = _stop_on_sigterm()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always", EmptyVolumeWarning)
@@ -325,9 +338,6 @@ def mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missing
     except (GpumeshError, ValueError) as exc:
         close_bars()
         _fail(exc)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     close_bars()
     for message in caught:
         click.echo(f"gpumesh: warning: {message}", err=True)

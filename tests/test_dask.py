@@ -201,3 +201,27 @@ def test_gpu_asked_of_workers_without_one_is_a_typed_error(client, tmp_path):
     with pytest.raises(DeviceUnavailableError, match="no CUDA GPU"):
         run_mesh(np.ones((8, 8, 8), np.uint8), str(tmp_path / "out"), client=client, device="gpu")
     assert not (tmp_path / "out" / "info").exists()
+
+
+def test_a_stop_signal_before_the_job_starts_is_one_line(tmp_path):
+    """SIGTERM (or Ctrl-C) while the CLI still waits for a Dask scheduler that does not answer:
+    one line and status 143 (130), as once the job runs; click's "Aborted!" and status 1 (a
+    failed job) before, or no word at all for SIGTERM."""
+    import signal
+    import time
+
+    write_zarr(tmp_path / "v.zarr", np.zeros((16, 16, 16), np.uint8))
+    proc = subprocess.Popen(cli_command() + ["mesh", str(tmp_path / "v.zarr"), str(tmp_path / "out"), "--scheduler",
+                                             "tcp://127.0.0.1:9", "--voxel-size", "1,1,1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4)   # imports done, connecting (a refused port is retried for 30 s)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines() == ["gpumesh: terminated (SIGTERM); nothing was written"], err
+    assert not (tmp_path / "out").exists()
