@@ -1176,14 +1176,16 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     todo = [t for t in tasks if task_name(t) not in done]
     summary = Summary(blocks=len(plan.blocks()), tasks=len(tasks), tasks_resumed=len(tasks) - len(todo),
                       device=backend.name if backend else device, format=options.format)
-    nworkers = max(1, min(requested, len(todo) or 1))
+    # no more workers than tasks, but all of them for the output alone (a run resumed while
+    # writing: the workers build the shards or write the segments' files)
+    nworkers = max(1, min(requested, len(todo) or requested))
     summary.workers = nworkers
     finished = len(tasks) - len(todo)
     workers_rss = 0.0   # largest peak RSS that a worker reported (MiB)
     if progress:
         progress(finished, len(tasks))
     # workers past what the device has room for mesh on the CPU backend (same bytes)
-    device_workers = nworkers
+    device_workers = nworkers if todo else 0   # writing alone needs no device
     on_gpu = backend is not None and backend.name == "gpu"   # None: each Dask worker picks its own
     if on_gpu and nworkers > 1 and todo:
         from .gpu import device_processes
@@ -1199,7 +1201,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     held = 0             # their bytes
     backends = set()   # the workers' backends
     try:
-        if cluster is None and (nworkers == 1 or not todo):
+        if cluster is None and nworkers == 1:
             reading = open_volume(source, **open_kwargs, cache_bytes=cache) if cache and todo else volume
             for t in todo:
                 try:
@@ -1227,7 +1229,9 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                 try:
                     pool = ProcessPoolExecutor(nworkers, mp_context=ctx, initializer=_init_worker,
                                                initargs=(spilled or source, dict(open_kwargs, cache_bytes=cache),
-                                                         plan, options, dest_spec, backend.name, nworkers, started,
+                                                         plan, options, dest_spec,
+                                                         # only writing: no device context to make
+                                                         backend.name if todo else "cpu", nworkers, started,
                                                          device_workers))
                 except BaseException:
                     if spilled is not None:

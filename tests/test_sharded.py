@@ -385,6 +385,28 @@ def test_resume_skips_finished_shards(small, outputs, tmp_path, monkeypatch, wav
     assert summary.segments == validate(str(dest)).num_segments
 
 
+def test_a_run_resumed_while_writing_writes_with_every_worker(small, outputs, tmp_path, monkeypatch):
+    """Every task was done, the output not: the resumed run still writes with its workers (the
+    pool was sized by the tasks left, so such a run wrote everything in the main process)."""
+    import gpumesh.writer as writer
+
+    sharding = ShardingOptions(shard_bits=2, minishard_bits=2, data_encoding="gzip")
+    dest = tmp_path / "out"
+    real = writer.build_shard
+
+    def failing(spec, items):
+        raise _Killed("killed while building a shard")
+
+    monkeypatch.setattr(writer, "build_shard", failing)
+    with pytest.raises(_Killed):
+        _mesh(small, dest, sharding)
+    monkeypatch.setattr(writer, "build_shard", real)
+    summary = run_mesh(small, str(dest), options=MeshOptions(chunk_size=CHUNK, sharding=sharding),
+                       voxel_size=VOXEL_SIZE, workers=2, resume=True)
+    assert summary.tasks_resumed == summary.tasks and summary.workers == 2
+    assert tree_files(dest) == tree_files(outputs / "gzip")
+
+
 def test_kill_and_resume_cli(crop, tmp_path):
     """SIGKILL a real CLI run after some blocks finished; --resume gives the uninterrupted bytes."""
     big = np.ascontiguousarray(crop[:BIG, :BIG, :BIG])
