@@ -10,7 +10,12 @@ usable cores, capped by the workers that fit in the available memory
 
 cgroup v2 (``/sys/fs/cgroup/cpu.max``, ``memory.max``, ``memory.current``) and v1
 (``cpu/cpu.cfs_quota_us`` and ``cpu.cfs_period_us``, ``memory/memory.limit_in_bytes`` and
-``memory.usage_in_bytes``) are read; where none is present, the host's figures hold.
+``memory.usage_in_bytes``) are read; where none is present, the host's figures hold.  They are
+read for this process's own cgroup (``/proc/self/cgroup``) and each of its ancestors, the
+tightest winning: a container with its own cgroup namespace sees its cgroup at the root, but a
+Slurm job step or a ``systemd-run -p MemoryMax=`` unit sits below it.  Memory in use excludes
+the reclaimable page cache (``inactive_file`` of ``memory.stat``), as the kubelet counts it:
+right after a volume was written or copied, the cache would otherwise look like memory taken.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Optional
 
 CGROUP = "/sys/fs/cgroup"
 MEMINFO = "/proc/meminfo"
+PROC_CGROUP = "/proc/self/cgroup"
 
 #: Memory a worker needs besides its block and read cache (imports, pieces, buffers), bytes.
 #: Measured (``bench/bench_memory.py``: one worker process running every task of the real
@@ -56,39 +62,79 @@ def _number(text: Optional[str]) -> Optional[int]:
     return value if 0 < value < 1 << 60 else None   # v1 writes no limit as about 2**63
 
 
-def usable_cores(root: str = CGROUP) -> int:
-    """CPUs this process may use: its CPU affinity, capped by the container's CPU quota
-    (rounded up), at least 1."""
+def _own_cgroups(proc_cgroup: str) -> dict:
+    """This process's cgroup paths from ``/proc/self/cgroup``: ``""`` for v2's unified
+    hierarchy, and each v1 controller's (``"memory"``, ``"cpu"``, ...)."""
+    out: dict = {}
+    for line in (_read(proc_cgroup) or "").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            for controller in parts[1].split(",") if parts[1] else [""]:
+                out.setdefault(controller, parts[2])
+    return out
+
+
+def _levels(base: str, path: Optional[str]) -> list:
+    """``base`` joined with the cgroup ``path`` and with each of its ancestors, innermost first,
+    ending with ``base`` itself (all there is where the path is unknown or ``/``)."""
+    dirs = []
+    rel = (path or "").strip("/")
+    while rel:
+        dirs.append(os.path.join(base, rel))
+        rel = os.path.dirname(rel)
+    return dirs + [base]
+
+
+def usable_cores(root: str = CGROUP, proc_cgroup: str = PROC_CGROUP) -> int:
+    """CPUs this process may use: its CPU affinity, capped by the CPU quota of its cgroup or
+    any ancestor's (rounded up), at least 1."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):   # not Linux
         cores = os.cpu_count() or 1
-    v2 = _read(os.path.join(root, "cpu.max"))
-    if v2 is not None:
-        parts = v2.split()
-        quota, period = _number(parts[0]), _number(parts[1] if len(parts) > 1 else None)
-    else:
-        quota = _number(_read(os.path.join(root, "cpu", "cpu.cfs_quota_us")))
-        period = _number(_read(os.path.join(root, "cpu", "cpu.cfs_period_us")))
-    if quota and period:
-        cores = min(cores, math.ceil(quota / period))
+    own = _own_cgroups(proc_cgroup)
+    for level in _levels(root, own.get("")):   # v2
+        parts = (_read(os.path.join(level, "cpu.max")) or "").split()
+        quota, period = _number(parts[0] if parts else None), _number(parts[1] if len(parts) > 1 else None)
+        if quota and period:
+            cores = min(cores, math.ceil(quota / period))
+    for level in _levels(os.path.join(root, "cpu"), own.get("cpu")):   # v1
+        quota = _number(_read(os.path.join(level, "cpu.cfs_quota_us")))
+        period = _number(_read(os.path.join(level, "cpu.cfs_period_us")))
+        if quota and period:
+            cores = min(cores, math.ceil(quota / period))
     return max(1, cores)
 
 
-def available_memory(root: str = CGROUP, meminfo: str = MEMINFO) -> Optional[int]:
+def _inactive_file(stat: Optional[str], key: str) -> int:
+    """The reclaimable page cache (bytes) that a ``memory.stat`` lists under ``key``."""
+    for line in (stat or "").splitlines():
+        name, _, value = line.partition(" ")
+        if name == key and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+def available_memory(root: str = CGROUP, meminfo: str = MEMINFO, proc_cgroup: str = PROC_CGROUP) -> Optional[int]:
     """Bytes of memory the job may still use: the host's ``MemAvailable``, capped by what the
-    container's limit leaves; ``None`` when neither can be read."""
+    limit of this process's cgroup, or of any ancestor, leaves (its usage less the reclaimable
+    page cache); ``None`` when neither can be read."""
     avail = None
     for line in (_read(meminfo) or "").splitlines():
         if line.startswith("MemAvailable:"):
             avail = int(line.split()[1]) * 1024
-    limit = _number(_read(os.path.join(root, "memory.max")))
-    used = _number(_read(os.path.join(root, "memory.current")))
-    if limit is None:
-        limit = _number(_read(os.path.join(root, "memory", "memory.limit_in_bytes")))
-        used = _number(_read(os.path.join(root, "memory", "memory.usage_in_bytes")))
-    if limit is not None:
-        left = max(0, limit - (used or 0))
+    own = _own_cgroups(proc_cgroup)
+    levels = [(level, "memory.max", "memory.current", "inactive_file")   # v2
+              for level in _levels(root, own.get(""))]
+    levels += [(level, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")   # v1
+               for level in _levels(os.path.join(root, "memory"), own.get("memory"))]
+    for level, limit_file, used_file, cache_key in levels:
+        limit = _number(_read(os.path.join(level, limit_file)))
+        if limit is None:
+            continue
+        used = _number(_read(os.path.join(level, used_file))) or 0
+        used = max(0, used - _inactive_file(_read(os.path.join(level, "memory.stat")), cache_key))
+        left = max(0, limit - used)
         avail = left if avail is None else min(avail, left)
     return avail
 
@@ -108,7 +154,8 @@ def worker_bytes(block: int, itemsize: int, cache_bytes: int) -> int:
     return WORKER_BASE_BYTES + block ** 3 * (WORKER_BYTES_PER_VOXEL + itemsize) + cache_bytes
 
 
-def default_workers(per_worker: int, root: str = CGROUP, meminfo: str = MEMINFO) -> tuple[int, str]:
+def default_workers(per_worker: int, root: str = CGROUP, meminfo: str = MEMINFO,
+                    proc_cgroup: str = PROC_CGROUP) -> tuple[int, str]:
     """The main job's worker count when none is given: the usable cores, capped by how many
     workers of ``per_worker`` bytes fit in the available memory (less
     :data:`MAIN_RESERVE_BYTES`), at least 1.
@@ -119,8 +166,8 @@ def default_workers(per_worker: int, root: str = CGROUP, meminfo: str = MEMINFO)
     why : str
         Empty, or a sentence saying why fewer workers than cores run (for a notice).
     """
-    cores = usable_cores(root)
-    avail = available_memory(root, meminfo)
+    cores = usable_cores(root, proc_cgroup)
+    avail = available_memory(root, meminfo, proc_cgroup)
     if avail is None:
         return cores, ""
     fit = max(1, (avail - MAIN_RESERVE_BYTES) // max(1, per_worker))

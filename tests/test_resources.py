@@ -55,6 +55,36 @@ def test_memory_limit_caps_the_available_memory(tmp_path):
     assert available_memory(_files(tmp_path / "nothing", {}), str(tmp_path / "no-meminfo")) is None
 
 
+def test_the_limits_of_the_own_cgroup_and_its_ancestors_count(tmp_path):
+    """Without a cgroup namespace (a Slurm job step, a systemd unit) the job's limits sit below
+    the root, at the path ``/proc/self/cgroup`` names: the tightest of it and its ancestors
+    wins.  Reclaimable page cache is not memory taken."""
+    meminfo = _meminfo(tmp_path, 64)
+    v2 = _files(tmp_path / "v2", {
+        "memory.max": "max", "cpu.max": "max 100000",
+        "job/memory.max": str(16 * GIB), "job/memory.current": str(2 * GIB),
+        "job/step/memory.max": str(8 * GIB), "job/step/memory.current": str(7 * GIB + GIB // 2),
+        "job/step/memory.stat": f"anon 1000\ninactive_file {6 * GIB}\nactive_file 5\n",
+        "job/cpu.max": "300000 100000"})
+    own = tmp_path / "self-cgroup"
+    own.write_text("0::/job/step\n")
+    # 8 GiB less 1.5 GiB used (7.5 less 6 of cache) in the step; 14 GiB left in the job
+    assert available_memory(v2, meminfo, str(own)) == 8 * GIB - (GIB + GIB // 2)
+    assert usable_cores(v2, str(own)) == min(3, len(os.sched_getaffinity(0)))
+    # cgroup v1: the memory controller's line names the path
+    v1 = _files(tmp_path / "v1", {
+        "memory/memory.limit_in_bytes": str(2**63 - 4096), "memory/memory.usage_in_bytes": str(GIB),
+        "memory/batch/7/memory.limit_in_bytes": str(4 * GIB), "memory/batch/7/memory.usage_in_bytes": str(3 * GIB),
+        "memory/batch/7/memory.stat": f"cache 9\ninactive_file 1\ntotal_inactive_file {2 * GIB}\n",
+        "cpu/batch/cpu.cfs_quota_us": "200000", "cpu/batch/cpu.cfs_period_us": "100000"})
+    own.write_text("5:memory:/batch/7\n3:cpu,cpuacct:/batch/7\n0::/\n")
+    assert available_memory(v1, meminfo, str(own)) == 3 * GIB
+    assert usable_cores(v1, str(own)) == min(2, len(os.sched_getaffinity(0)))
+    # inside a namespace the path is / : the root's files, as before
+    own.write_text("0::/\n")
+    assert available_memory(v2, meminfo, str(own)) == 64 * GIB
+
+
 def test_default_workers_fit_in_memory(tmp_path):
     root = _files(tmp_path / "cg", {"cpu.max": "max 100000"})
     cores = usable_cores(root)
@@ -77,14 +107,14 @@ def test_the_main_job_runs_the_workers_that_fit(tmp_path, monkeypatch):
 
     labels = np.zeros((40, 40, 40), np.uint32)
     labels[3:30, 5:33, 2:20] = 4
-    monkeypatch.setattr(resources, "usable_cores", lambda root=None: 4)
-    monkeypatch.setattr(resources, "available_memory", lambda root=None, meminfo=None: 2 * GIB)
+    monkeypatch.setattr(resources, "usable_cores", lambda *args: 4)
+    monkeypatch.setattr(resources, "available_memory", lambda *args: 2 * GIB)
     monkeypatch.setattr(resources, "MAIN_RESERVE_BYTES", GIB)
     monkeypatch.setattr(resources, "WORKER_BASE_BYTES", 400 << 20)   # 2 fit in the 1 GiB left
     with pytest.warns(FewerWorkersNotice, match="2 worker\\(s\\) for 4 cores"):
         summary = run_mesh(labels, str(tmp_path / "out"), options=MeshOptions(chunk_size=16))
     assert summary.workers == 2
-    monkeypatch.setattr(resources, "available_memory", lambda root=None, meminfo=None: 100 * GIB)
+    monkeypatch.setattr(resources, "available_memory", lambda *args: 100 * GIB)
     assert run_mesh(labels, str(tmp_path / "more"), options=MeshOptions(chunk_size=16)).workers == 4
     # the CLI prints the notice as one line, before the job's output
     from click.testing import CliRunner
@@ -92,7 +122,7 @@ def test_the_main_job_runs_the_workers_that_fit(tmp_path, monkeypatch):
     from gpumesh.cli import main
 
     write_zarr(tmp_path / "v.zarr", labels, chunk=16)
-    monkeypatch.setattr(resources, "available_memory", lambda root=None, meminfo=None: 2 * GIB)
+    monkeypatch.setattr(resources, "available_memory", lambda *args: 2 * GIB)
     r = CliRunner().invoke(main, ["mesh", str(tmp_path / "v.zarr"), str(tmp_path / "cli"), "--chunk-size", "16"])
     assert r.exit_code == 0, r.output
     assert "gpumesh: 2 worker(s) for 4 cores: each needs about" in r.output
