@@ -874,3 +874,41 @@ def test_gpu_pinned_and_pageable_transfers_give_the_cpus_pieces(crop):
         _assert_same_pieces(backend.mesh(crop, 32), want)
         assert np.array_equal(backend.downsample(crop), CPUBackend().downsample(crop))
         _check_backend(backend, crop, piece_sizes=(16,))
+
+
+def test_emulated_backend_meshes_one_block_at_a_time(emu_lib, real_crops):
+    """Threads that share a backend (ad-hoc meshing's sub-blocks) take turns: the runtime's
+    stream and pinned staging buffers are shared, and a thread's wait that let another thread
+    queue its upload then freed that upload's buffer mid-copy (with CupyRuntime)."""
+    import threading
+    import time
+
+    labels = real_crops["40^3"]
+    backend = gpu.GPUBackend(runtime=cuda_emu.EmulatedRuntime(emu_lib), memory_budget=1 << 30)
+    inside, most = [0], [0]
+    real = backend._mesh_on_device
+
+    def counted(*args):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.05)
+        try:
+            return real(*args)
+        finally:
+            inside[0] -= 1
+
+    backend._mesh_on_device = counted
+    want = CPUBackend().mesh(labels, 16)
+    results = [None] * 4
+
+    def run(i):
+        results[i] = backend.mesh(labels, 16)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1
+    for got in results:
+        _assert_same_pieces(got, want)
