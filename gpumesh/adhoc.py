@@ -144,7 +144,8 @@ def open_source(source: Any, *, voxel_size=None, voxel_offset=None, mip: int = 0
 
 
 def _check_bbox(bbox, shape) -> tuple[np.ndarray, np.ndarray]:
-    """``bbox`` as (start, stop) int64 arrays, clipped to ``[0, shape)`` (may become empty)."""
+    """``bbox`` as (start, stop) int64 arrays, clipped to ``[0, shape)``; ``ValueError`` when it is
+    malformed or holds no voxel of the volume."""
     msg = f"bbox must be ((x0, y0, z0), (x1, y1, z1)) integers with stop > start, got {bbox!r}"
     try:
         lo, hi = (list(c) for c in bbox)
@@ -158,7 +159,11 @@ def _check_bbox(bbox, shape) -> tuple[np.ndarray, np.ndarray]:
     lo, hi = np.array(lo, np.int64), np.array(hi, np.int64)
     if np.any(hi <= lo):
         raise ValueError(msg)
-    return np.maximum(lo, 0), np.minimum(hi, np.array(shape, np.int64))
+    lo, hi = np.maximum(lo, 0), np.minimum(hi, np.array(shape, np.int64))
+    if np.any(hi <= lo):   # said so, not taken for a segment that does not occur
+        raise ValueError(f"bbox {bbox!r} holds no voxel of the volume, whose array indices span "
+                         f"(0, 0, 0) to {tuple(int(n) for n in shape)} (end excluded)")
+    return lo, hi
 
 
 def _segment_scalar(segment_id, dtype: np.dtype):

@@ -185,6 +185,9 @@ def test_missing_segment_and_bad_input(crop):
                 ((0, 0, 0), (10**20, 5, 5))):
         with pytest.raises(ValueError):
             mesh_segment(crop, seg, bbox=bad, device="cpu")
+    # a box past the volume: said so, not "segment not found"
+    with pytest.raises(ValueError, match=r"holds no voxel of the volume.*\(128, 128, 128\)"):
+        mesh_segment(crop, seg, bbox=((200, 200, 200), (210, 210, 210)), device="cpu")
 
 
 def test_scan_of_the_whole_real_volume(real_zarr):
