@@ -48,7 +48,7 @@ def _report(mesh, path, seconds) -> None:
 
 @click.command("segment")
 @click.argument("source")
-@click.argument("segment_id", type=click.IntRange(min=1))
+@click.argument("segment_id", type=click.IntRange(min=1, max=2**64 - 1))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help=f"mesh file ({_MESH_SUFFIXES}); positions in nm")
 @click.option("--voxel-size", callback=_numbers(float), help="nm per voxel x,y,z (overrides metadata), e.g. 32,32,40")
@@ -88,7 +88,7 @@ def segment(source, segment_id, output, voxel_size, voxel_offset, bbox, bounds, 
 
 @click.command("export")
 @click.argument("dest")
-@click.argument("segment_id", type=click.IntRange(min=1))
+@click.argument("segment_id", type=click.IntRange(min=1, max=2**64 - 1))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help=f"mesh file ({_MESH_SUFFIXES}); positions in nm")
 @click.option("--lod", default=0, show_default=True, type=click.IntRange(min=0), help="level of detail")
