@@ -1186,14 +1186,6 @@ def info_with_sharding(info: dict, spec: Optional[ShardingSpec]) -> dict:
     return out
 
 
-def _nested(a: dict, b: dict) -> bool:
-    """Whether two kvstore specs are the same store and one path lies within the other."""
-    if {k: v for k, v in a.items() if k != "path"} != {k: v for k, v in b.items() if k != "path"}:
-        return False
-    pa, pb = a.get("path", ""), b.get("path", "")
-    return pa.startswith(pb) or pb.startswith(pa)
-
-
 def convert_mesh(src, dest, *, sharding: Optional[ShardingOptions] = ShardingOptions(),
                  overwrite: bool = False) -> dict:
     """Rewrite a multi-resolution mesh directory in the sharded or the unsharded layout.
@@ -1235,7 +1227,8 @@ def convert_mesh(src, dest, *, sharding: Optional[ShardingOptions] = ShardingOpt
     if source.kind != "multires":
         raise InvalidMeshError("only multi-resolution meshes can be converted (legacy meshes have no sharded form)")
     kv = storage.open_kvstore(dest)
-    if _nested(storage.kvstore_spec(source.kv), storage.kvstore_spec(kv)):
+    src_spec, dest_spec = storage.kvstore_spec(source.kv), storage.kvstore_spec(kv)
+    if storage.within(src_spec, dest_spec) or storage.within(dest_spec, src_spec):
         raise ValueError("the destination must not be the source or lie inside it (or the reverse)")
     if not storage.is_empty(kv):
         if not overwrite:
