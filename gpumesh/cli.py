@@ -229,6 +229,7 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
     from tqdm import tqdm
 
     from .backend import CPUFallbackNotice
+    from .cluster import StillRunningNotice
     from .pipeline import MeshOptions, run_mesh
 
     sharding = _sharding_options(fmt == "multires", sharded, shard_bits, minishard_bits, preshift_bits, shard_hash,
@@ -288,7 +289,7 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
     caught = []
 
     def show(message, category, *args, **kwargs):
-        if issubclass(category, (CPUFallbackNotice, FewerWorkersNotice)):  # at once (the source is checked by then)
+        if issubclass(category, (CPUFallbackNotice, FewerWorkersNotice, StillRunningNotice)):  # at once
             if not quiet:
                 click.echo(f"gpumesh: {message}", err=True)
         elif issubclass(category, NoVoxelSizeWarning):  # at once: a reason to stop the job
@@ -304,7 +305,7 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
             _fail(ValueError("--workers sets local processes; with --scheduler the cluster's workers run the tasks"))
         try:
             client = connect(scheduler)
-        except (ImportError, OSError) as exc:
+        except (ImportError, OSError, ValueError) as exc:
             _fail(GpumeshError(f"cannot connect to the Dask scheduler at {scheduler}: {exc}"))
     try:
         with warnings.catch_warnings():

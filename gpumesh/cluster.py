@@ -10,7 +10,10 @@ joins what the workers wrote, as with the local pool; ``resume`` works the same.
 
 Each worker process opens the source, the destination and its backend once per job, on the
 first task of the job it runs (:func:`gpumesh.pipeline.set_up_worker`); the job's arguments
-travel to the workers once (``Client.scatter``).  A worker process keeps the state of the last
+travel to the workers once, as one task's result that the scheduler computes again if the
+workers holding it are lost (a NumPy source is scattered to every worker instead, which
+cannot be: losing all of them fails the job).  A relative source path is made absolute
+first (workers may run in another directory).  A worker process keeps the state of the last
 job it ran, so a cluster should run one gpumesh job at a time.  Start the workers with one
 thread each (``dask worker --nthreads 1``, ``LocalCluster(threads_per_worker=1)``) and as many
 processes as cores: the tasks are CPU-bound Python and hold the GIL in parts.  On GPU nodes
@@ -96,22 +99,46 @@ def device_shares(client, seen: dict) -> dict:
     return out
 
 
+def _share(address: str, shares: dict, seen: dict) -> tuple:
+    """``(rank, count, device_workers)`` of the worker at ``address`` (see :func:`device_shares`).
+
+    A worker that was not there when the job started (one that its nanny restarted has a new
+    address) takes no share of a GPU that a worker of the job already uses: it meshes on the CPU
+    backend (the same bytes), rather than taking the whole device's memory beside the others."""
+    if address in shares:
+        return shares[address]
+    host, gpu = _host(address), _first_visible_gpu()
+    taken = any(_host(a) == host and g == gpu for a, g in seen.items())
+    return (0, 1, 0 if taken else 1)
+
+
 def _run_in_job(job_id: str, job: tuple, fn, *args):
     """Run task ``fn(*args)`` in a Dask worker, first setting up the job there if this worker
     process has not yet (see the module docstring)."""
     with _LOCK:
         if pipeline._WORKER.get("job") != job_id:
-            source, open_kwargs, plan, options, dest_spec, device, shares = job
+            source, open_kwargs, plan, options, dest_spec, device, shares, seen = job
             from distributed import get_worker
 
             # this worker's place among those that share its GPU, and how many of them use it
-            rank, count, device_workers = shares.get(get_worker().address, (0, 1, 1))
+            rank, count, device_workers = _share(get_worker().address, shares, seen)
             pipeline._WORKER.clear()
             pipeline._keep_freed_memory()
             pipeline.set_up_worker(source, open_kwargs, plan, options, dest_spec, device, worker=rank,
                                    nworkers=count, device_workers=device_workers)
             pipeline._WORKER["job"] = job_id
     return fn(*args)
+
+
+def _running(prefix: str, dask_worker=None) -> int:
+    """How many tasks whose key starts with ``prefix`` occupy a thread of this worker, those
+    cancelled while they ran included (Dask cannot stop a running task)."""
+    return sum(1 for ts in dask_worker.state.all_running_tasks
+               if isinstance(ts.key, str) and ts.key.startswith(prefix))
+
+
+class StillRunningNotice(UserWarning):
+    """The job stopped while some of its tasks still ran on the cluster; it waits for them."""
 
 
 def check_destination(dest_spec: dict) -> None:
@@ -130,69 +157,152 @@ class DaskExecutor:
     ----------
     client : distributed.Client
         Connected to the cluster's scheduler, with at least one worker.
-    job : tuple
-        ``(source, open_kwargs, plan, options, dest_spec, device)``: what
-        :func:`gpumesh.pipeline.set_up_worker` needs in each worker.
 
     Raises
     ------
     ValueError
         The cluster has no workers.
+
+    Notes
+    -----
+    :meth:`start` sends the job's arguments, before the first task.  A job that stops early
+    (an error, Ctrl-C) cancels its tasks and, leaving the ``with`` block, waits for those that
+    were already running, as the local pool does: Dask cannot stop them, and they would write
+    their results into the destination after the job ended, into the next run's output even
+    (a :class:`StillRunningNotice` says so; a second Ctrl-C leaves them).
     """
 
-    def __init__(self, client, job: tuple):
-        info = client.scheduler_info()
-        workers = info.get("workers", {})
-        if not workers:
+    def __init__(self, client):
+        nthreads = client.nthreads()   # every worker (scheduler_info() lists 5 in some releases)
+        if not nthreads:
             raise ValueError(f"the Dask cluster at {client.scheduler.address} has no workers")
         #: worker threads in the cluster: tasks that can run at once
-        self.workers = sum(int(w.get("nthreads", 1)) for w in workers.values())
-        device = job[5]
-        shares = device_shares(client, client.run(_first_visible_gpu)) if device != "cpu" else {}
+        self.workers = sum(int(n) for n in nthreads.values())
         self._client = client
-        self._executor = client.get_executor(pure=False)
         self._id = uuid.uuid4().hex
-        # the job's arguments (a NumPy source, say) travel to each worker once
-        self._job = client.scatter([tuple(job) + (shares,)], broadcast=True, hash=False)[0]
+        self._job = None
+        self._executor = None
+        self._submitted = 0
+
+    def start(self, job: tuple) -> None:
+        """Send the job's arguments to the cluster.
+
+        ``job`` is ``(source, open_kwargs, plan, options, dest_spec, device)``: what
+        :func:`gpumesh.pipeline.set_up_worker` needs in each worker.  ``source`` must mean the
+        same on every worker (an absolute path, a URL or a spec; see
+        :func:`gpumesh.volume.portable_source`).
+        """
+        import pickle
+
+        import numpy as np
+
+        client = self._client
+        device = job[5]
+        seen = client.run(_first_visible_gpu) if device != "cpu" else {}
+        payload = tuple(job) + (device_shares(client, seen) if seen else {}, seen)
+        if isinstance(job[0], np.ndarray):
+            # a NumPy source travels to each worker once; such data cannot be recomputed when
+            # every worker holding it is lost (the job then fails, and --resume continues)
+            self._job = client.scatter([payload], broadcast=True, hash=False)[0]
+        else:
+            # a task the scheduler can run again when the workers that hold its result are lost
+            # (pickled: Dask would look inside a tuple's dataclasses for tasks)
+            self._job = client.submit(pickle.loads, pickle.dumps(payload), pure=False,
+                                      key=f"gpumesh-job-{self._id}")
+        self._executor = client.get_executor(pure=False)
 
     def submit(self, fn, *args):
         """Run ``fn(*args)`` on a worker; returns a :class:`concurrent.futures.Future`."""
-        return self._executor.submit(_run_in_job, self._id, self._job, fn, *args)
+        self._submitted += 1
+        return self._executor.submit(_run_in_job, self._id, self._job, fn, *args,
+                                     key=f"gpumesh-task-{self._id}-{self._submitted}")
 
     def __enter__(self) -> "DaskExecutor":
         return self
 
     def __exit__(self, *exc: Any) -> Optional[bool]:
-        self._executor.shutdown(wait=exc[0] is None)
+        if self._executor is not None:
+            self._executor.shutdown(wait=exc[0] is None)
+            if exc[0] is not None:
+                self._wait_for_running()
         try:
-            self._client.cancel(self._job)
+            if self._job is not None:
+                self._client.cancel(self._job)
         except Exception:   # the client may be closing
             pass
+        self._job = None
         return None
+
+    def _wait_for_running(self) -> None:
+        """Wait until no task of this job runs on any worker (those that cannot be reached
+        any more are not waited for)."""
+        import time
+        import warnings
+
+        prefix = f"gpumesh-task-{self._id}-"
+        told = False
+        while True:
+            try:   # a worker that cannot answer runs nothing of ours any more
+                counts = self._client.run(_running, prefix, on_error="return")
+            except Exception:   # the scheduler gone: nothing left to wait for
+                return
+            running = sum(n for n in counts.values() if isinstance(n, int))
+            if not running:
+                return
+            if not told:
+                warnings.warn(f"waiting for {running} task(s) still running on the Dask cluster to end (they would "
+                              f"write into the destination after the job; Ctrl-C again leaves them)",
+                              StillRunningNotice, stacklevel=3)
+                told = True
+            time.sleep(0.2)
 
 
 def connect(address: str):
     """A ``distributed.Client`` for the scheduler at ``address`` (``tcp://host:8786``, or the path
     of a scheduler file as ``dask scheduler --scheduler-file`` and dask-jobqueue/dask-mpi write
-    it), waiting for it as long as Dask's ``distributed.comm.timeouts.connect`` says (30 s;
-    environment variable ``DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT``).
+    it), waiting for it (and for the file to appear) as long as Dask's
+    ``distributed.comm.timeouts.connect`` says (30 s; environment variable
+    ``DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT``).
 
     Raises
     ------
     ImportError
         ``distributed`` is not installed (``pip install "gpumesh-ng[dask]"``).
     OSError
-        No scheduler answers at ``address``.
+        No scheduler answers at ``address``, or no scheduler file appeared there.
+    ValueError
+        ``address`` is not an address Dask knows, or the scheduler file holds none.
     """
     try:
+        import dask
         from distributed import Client
     except ImportError as exc:   # pragma: no cover - dask is in the dev extra
         raise ImportError('--scheduler needs Dask: pip install "gpumesh-ng[dask]"') from exc
+    import json
     import os
+    import time
 
-    if os.path.isfile(address):
-        return Client(scheduler_file=address)
-    return Client(address)
+    if "://" not in address and (os.path.exists(address) or os.sep in address or address.endswith(".json")):
+        timeout = dask.utils.parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "s")
+        deadline = time.monotonic() + timeout
+        while not os.path.isfile(address):
+            if time.monotonic() > deadline:
+                raise OSError(f"no scheduler file {address} (waited {timeout:g} s)")
+            time.sleep(0.1)
+        for attempt in range(20):   # its writer may not have finished it
+            try:
+                with open(address) as fh:
+                    address = json.load(fh)["address"]
+                break
+            except (ValueError, KeyError, TypeError) as exc:
+                if attempt == 19:
+                    raise ValueError(f"{address} is not a Dask scheduler file (no JSON with an "
+                                     f"'address'): {exc}") from None
+                time.sleep(0.1)
+    try:
+        return Client(address)
+    except (ValueError, TypeError) as exc:   # a malformed address (Dask's own message)
+        raise ValueError(f"not a Dask scheduler address: {exc}") from None
 
 
-__all__ = ["DaskExecutor", "check_destination", "connect"]
+__all__ = ["DaskExecutor", "StillRunningNotice", "check_destination", "connect"]

@@ -46,6 +46,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import struct
 import tempfile
 import threading
@@ -66,7 +67,7 @@ from .errors import (DestinationError, DestinationExistsError, EmptyVolumeWarnin
 from .lod import DOWNSAMPLING, decimate, decimates, get_quality, lod_factors
 from .marching import piece_in_node, relabel_block, thin_vertices
 from .sharding import ShardingOptions
-from .volume import Volume, open_volume, warn_if_no_voxel_size
+from .volume import Volume, open_volume, portable_source, warn_if_no_voxel_size
 
 SCRATCH = ".gpumesh-work/"
 COARSE = "coarse"     # the task of a block that meshes its coarsest LOD (see Plan.tasks)
@@ -826,15 +827,21 @@ def _load_writer_kernels() -> None:
     segment_nodes(np.zeros((1, 3), np.uint32), np.zeros(1, np.int64), 1)
 
 
-def _run_task(task) -> tuple[tuple, bytes, float, str]:
+#: What a Dask future raises when the cluster lost what it needed (its scheduler; the only
+#: workers holding scattered data, which cannot be computed again; the connection).
+_CLUSTER_LOST = ("CancelledError", "FutureCancelledError", "CommClosedError")
+
+
+def _run_task(task) -> tuple[tuple, bytes, float, str, str]:
     """Run one task in a worker; returns the task, its result's header (its start up to the
     fragment data, so that the assembly need not read it), the worker's peak RSS so far (MiB:
-    a forked worker is not this process's child, so its own figure is reported) and its
-    backend's name."""
+    a forked worker is not this process's child, so its own figure is reported), its
+    backend's name and the worker process (``host:pid``, to count a cluster's workers on a GPU)."""
     blob = mesh_block(_WORKER["volume"], _WORKER["plan"], _WORKER["options"], task[0],
                       _WORKER["backend"], task[1])
     storage.write(_WORKER["kv"], block_key(task), blob)
-    return task, blob[:block_header_size(blob)], peak_rss_mb(), _WORKER["backend"].name
+    return (task, blob[:block_header_size(blob)], peak_rss_mb(), _WORKER["backend"].name,
+            f"{socket.gethostname()}:{os.getpid()}")
 
 
 def _worker_results(keys, whole, cache_bytes):
@@ -1141,8 +1148,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     cache = read_cache_bytes(volume, plan)   # each worker's cache of storage chunks (a loop over the blocks)
     cluster = None
     if client is not None:   # before the destination is touched: the cluster may have no workers
-        cluster = DaskExecutor(client, (source, dict(open_kwargs, cache_bytes=cache),
-                                        plan, options, dest_spec, device))
+        cluster = DaskExecutor(client)
+        source = portable_source(source)   # the workers' working directory may be another
     if dest_spec.get("driver") == "file" and os.path.isfile(dest_spec.get("path", "").rstrip("/")):
         raise DestinationError(f"destination is a file, not a directory: {dest}")
     try:
@@ -1211,6 +1218,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     headers: dict = {}   # task name -> its result's header, as its worker returned it
     held = 0             # their bytes
     backends = set()   # the workers' backends
+    on_device = set()  # the workers (host:pid) that meshed on a GPU
     try:
         if cluster is None and nworkers == 1:
             reading = open_volume(source, **open_kwargs, cache_bytes=cache) if cache and todo else volume
@@ -1230,6 +1238,9 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             threading.Thread(target=_load_writer_kernels, daemon=True).start()
             if cluster is not None:
                 pool = cluster
+                # only writing: no device to set up
+                pool.start((source, dict(open_kwargs, cache_bytes=cache), plan, options, dest_spec,
+                            device if todo else "cpu"))
             else:
                 ctx = workerserver.context()   # forked from a server with gpumesh loaded, or spawned
                 # workers number themselves from it to split the numba compiles of a first run
@@ -1261,7 +1272,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                         for fut in as_completed(futures):
                             futures.discard(fut)
                             try:
-                                task, head, rss, name = fut.result()
+                                task, head, rss, name, who = fut.result()
                             except (SourceReadError, InvalidVolumeError) as exc:
                                 unread.append(exc)   # the other tasks go on; a resumed run reruns this one
                                 continue
@@ -1271,6 +1282,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                             del head
                             workers_rss = max(workers_rss, rss)
                             backends.add(name)
+                            if name == "gpu":
+                                on_device.add(who)
                             finished += 1
                             if progress:
                                 progress(finished, len(tasks))
@@ -1293,6 +1306,9 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                     how = f"a worker process ended abruptly{_how_workers_ended(procs)}"
                 elif type(exc).__name__ == "KilledWorker":   # distributed: a task's workers kept dying
                     how = f"Dask workers died running a task ({one_line(exc)})"
+                elif cluster is not None and type(exc).__name__ in _CLUSTER_LOST:
+                    how = (f"the Dask cluster lost its scheduler, or the workers holding the job's data "
+                           f"({type(exc).__name__}{': ' + one_line(exc) if str(exc) else ''})")
                 else:
                     raise
                 raise WorkerFailedError(
@@ -1303,6 +1319,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                     spilled.remove()
             if cluster is not None and backends:
                 summary.device = "+".join(sorted(backends))
+                summary.device_workers = len(on_device)   # each Dask worker picked its own
         if unread:
             raise _task_failed(unread, finished, len(tasks), dest)
         if stats is None:

@@ -37,7 +37,7 @@ import tensorstore as ts
 from . import storage
 from .errors import InvalidVolumeError, InvalidVoxelSizeError, NoVoxelSizeWarning, SourceReadError, one_line
 
-__all__ = ["Volume", "open_volume"]
+__all__ = ["Volume", "open_volume", "portable_source"]
 
 _FORMAT_PREFIXES = {
     "zarr://": "zarr",
@@ -801,6 +801,62 @@ def _split_prefix(text: str) -> tuple:
 
 
 # ----------------------------------------------------------------------------- public
+
+
+def _absolute_specs(spec):
+    """``spec`` (TensorStore JSON) with every ``{"driver": "file", "path": relative}`` made absolute."""
+    if isinstance(spec, dict):
+        out = {k: _absolute_specs(v) for k, v in spec.items()}
+        if out.get("driver") == "file" and isinstance(out.get("path"), str) and not os.path.isabs(out["path"]):
+            out["path"] = os.path.abspath(out["path"]) + ("/" if out["path"].endswith("/") else "")
+        return out
+    if isinstance(spec, list):
+        return [_absolute_specs(v) for v in spec]
+    return spec
+
+
+def portable_source(source: Any) -> Any:
+    """``source`` (as :func:`open_volume` takes it) with local paths made absolute, so that it
+    means the same in a process with another working directory (a Dask worker's).
+
+    Parameters
+    ----------
+    source : numpy.ndarray, tensorstore.TensorStore, dict, str or os.PathLike
+
+    Returns
+    -------
+    The same kind of object: a path string made absolute (``"zarr3://seg"`` and
+    ``"seg|zarr3:"`` forms included), a spec whose ``file`` kvstores' paths are absolute, or
+    ``source`` itself (URLs, arrays).
+
+    Raises
+    ------
+    ValueError
+        An opened ``tensorstore.TensorStore`` on a relative local path (TensorStore keeps the
+        path as given): open it with an absolute path.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        if isinstance(text, bytes):
+            text = text.decode()
+        for prefix in _FORMAT_PREFIXES:
+            if text.startswith(prefix):
+                rest = text[len(prefix):]
+                return text if "://" in rest else prefix + os.path.abspath(rest)
+        loc, bar, tail = text.partition("|")
+        return text if "://" in loc else os.path.abspath(loc) + bar + tail
+    if isinstance(source, dict):
+        return _absolute_specs(source)
+    if isinstance(source, ts.TensorStore):
+        try:
+            spec = source.kvstore.spec().to_json()
+        except Exception:   # no kvstore (an in-memory array)
+            return source
+        if spec.get("driver") == "file" and not os.path.isabs(spec.get("path", "/")):
+            raise ValueError(f"a TensorStore opened on the relative path {spec['path']!r} opens another location "
+                             f"in a Dask worker with another working directory: open it with an absolute path")
+    return source
+
 
 
 def open_volume(

@@ -225,3 +225,158 @@ def test_a_stop_signal_before_the_job_starts_is_one_line(tmp_path):
     assert proc.returncode == 143, err
     assert err.strip().splitlines() == ["gpumesh: terminated (SIGTERM); nothing was written"], err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_relative_source_path_means_the_same_on_the_workers(client, crop, tmp_path, monkeypatch):
+    # The workers run in another directory (the cluster's); they were given the path as typed
+    # and opened another volume, or none ("source not found", though this process found it).
+    write_zarr(tmp_path / "crop.zarr", crop[:64, :64, :64])
+    one = tmp_path / "one"
+    run_mesh(str(tmp_path / "crop.zarr"), str(one), options=MeshOptions(chunk_size=32), workers=1)
+    assert client.run(os.getcwd) != {a: str(tmp_path) for a in client.nthreads()}
+    monkeypatch.chdir(tmp_path)
+    for source in ("crop.zarr", "zarr3://crop.zarr", {"driver": "zarr3", "kvstore": {"driver": "file", "path": "crop.zarr"}}):
+        dest = tmp_path / f"dask-{len(str(source))}"
+        run_mesh(source, str(dest), options=MeshOptions(chunk_size=32), client=client)
+        assert tree_files(dest) == tree_files(one), source
+
+
+def test_portable_source():
+    import tensorstore as ts
+
+    from gpumesh.volume import portable_source
+
+    here = os.getcwd()
+    assert portable_source("seg.zarr") == os.path.join(here, "seg.zarr")
+    assert portable_source("n5://a/b") == "n5://" + os.path.join(here, "a/b")
+    assert portable_source("a/b|zarr3:") == os.path.join(here, "a/b") + "|zarr3:"
+    for url in ("gs://b/seg", "zarr3://gs://b/seg", "gs://b/seg|zarr3:", "/abs/seg.zarr"):
+        assert portable_source(url) == url
+    spec = {"driver": "cast", "dtype": "uint32",
+            "base": {"driver": "zarr3", "kvstore": {"driver": "file", "path": "seg/"}}}
+    assert portable_source(spec)["base"]["kvstore"] == {"driver": "file", "path": os.path.join(here, "seg") + "/"}
+    assert spec["base"]["kvstore"]["path"] == "seg/"   # not changed in place
+    array = np.zeros((2, 2, 2), np.uint8)
+    assert portable_source(array) is array
+    store = ts.open({"driver": "zarr3", "kvstore": {"driver": "memory"}, "create": True, "dtype": "uint8",
+                     "metadata": {"shape": [2, 2, 2]}}).result()
+    assert portable_source(store) is store
+
+
+class _SlowOnWorker1(WorkerPlugin):
+    """Meshing takes 3 s more on the worker named 1."""
+
+    def setup(self, worker):
+        if worker.name != 1:
+            return
+        import time
+
+        import gpumesh.pipeline
+
+        mesh = gpumesh.pipeline.mesh_block
+
+        def slow(*args, **kwargs):
+            time.sleep(3)
+            return mesh(*args, **kwargs)
+
+        gpumesh.pipeline.mesh_block = slow
+
+
+def test_a_stopped_cluster_job_waits_for_its_running_tasks(crop, tmp_path):
+    # Dask cannot stop a running task: one left behind wrote its result after the job had
+    # ended, into the next run's output even (an --overwrite run with other options then
+    # assembled the old task's bytes).  The job now waits for them, and says so.
+    from gpumesh.cluster import StillRunningNotice
+
+    dest = tmp_path / "out"
+
+    def stop(done, total):
+        if done:
+            raise KeyboardInterrupt
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as c:
+        c.register_plugin(_SlowOnWorker1(), name="slow-on-1")
+        with pytest.warns(StillRunningNotice, match=r"waiting for [12] task\(s\) still running"), \
+                pytest.raises(KeyboardInterrupt):
+            run_mesh(crop[:64, :64, :64], str(dest), options=MeshOptions(chunk_size=32), client=c, progress=stop)
+        blocks = sorted(os.listdir(dest / ".gpumesh-work" / "blocks"))
+        import time
+
+        time.sleep(3.5)   # past the end of a task left running
+        assert sorted(os.listdir(dest / ".gpumesh-work" / "blocks")) == blocks
+
+
+class _KillOnceOnMeshing(WorkerPlugin):
+    """The first worker to mesh dies (as the out-of-memory killer would kill it) unless the
+    file ``marker`` exists, which it makes first; the worker its nanny restarts lives."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def setup(self, worker):
+        import os
+
+        import gpumesh.pipeline
+
+        marker = self.marker
+        mesh = gpumesh.pipeline.mesh_block
+
+        def once(*args, **kwargs):
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(9)
+            return mesh(*args, **kwargs)
+
+        gpumesh.pipeline.mesh_block = once
+
+
+def test_a_worker_lost_once_is_replaced_and_the_job_goes_on(crop, tmp_path):
+    # The job's arguments were scattered, which Dask cannot compute again: losing the one
+    # worker that held them cancelled every task (a bare CancelledError traceback), where Dask
+    # would have retried the task on the restarted worker.
+    from gpumesh import WorkerFailedError
+
+    source = tmp_path / "crop.zarr"
+    write_zarr(source, crop[:64, :64, :64])
+    one = tmp_path / "one"
+    run_mesh(str(source), str(one), options=MeshOptions(chunk_size=32), workers=1)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as c:
+        c.register_plugin(_KillOnceOnMeshing(str(tmp_path / "killed")), name="kill-once")
+        dest = tmp_path / "dask"
+        run_mesh(str(source), str(dest), options=MeshOptions(chunk_size=32), client=c)
+        assert tree_files(dest) == tree_files(one)
+        # an array source is scattered still: its loss fails the job, with the way on
+        (tmp_path / "killed").unlink()
+        with pytest.raises(WorkerFailedError, match=r"lost its scheduler, or the workers holding the job's data "
+                                                    r"\(.*CancelledError.*--resume"):
+            run_mesh(crop[:64, :64, :64], str(tmp_path / "array"), options=MeshOptions(chunk_size=32), client=c)
+
+
+def test_a_worker_that_joins_later_takes_no_share_of_a_gpu_in_use(monkeypatch):
+    from gpumesh.cluster import _share
+
+    seen = {"tcp://10.0.0.1:4001": "", "tcp://10.0.0.1:4002": "", "tcp://10.0.0.2:4001": "1"}
+    shares = {"tcp://10.0.0.1:4001": (0, 2, 1), "tcp://10.0.0.1:4002": (1, 2, 1), "tcp://10.0.0.2:4001": (0, 1, 1)}
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert _share("tcp://10.0.0.1:4002", shares, seen) == (1, 2, 1)
+    assert _share("tcp://10.0.0.1:5000", shares, seen) == (0, 1, 0)   # a restarted worker: the CPU
+    assert _share("tcp://10.0.0.3:5000", shares, seen) == (0, 1, 1)   # a new host: its GPU
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
+    assert _share("tcp://10.0.0.2:5000", shares, seen) == (0, 1, 0)
+    assert _share("tcp://10.0.0.1:5000", shares, seen) == (0, 1, 1)   # GPU 1 of that host is free
+
+
+def test_a_scheduler_that_is_no_address_is_one_line(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("not json")
+    for where, message in [("127.0.0.1:notaport", "not a Dask scheduler address"),
+                           ("bogus://x", "unknown address scheme"),
+                           (str(bad), "is not a Dask scheduler file"),
+                           (str(tmp_path / "none.json"), "no scheduler file")]:
+        r = subprocess.run(cli_command() + ["mesh", str(tmp_path / "src.zarr"), str(tmp_path / "x"), "--scheduler", where],
+                           capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="1s"))
+        assert r.returncode == 2 and r.stderr.startswith("gpumesh: error: cannot connect to the Dask scheduler"), r.stderr
+        assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
