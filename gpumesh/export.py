@@ -86,7 +86,8 @@ def export_mesh(mesh, path, *, file_type: Optional[str] = None, scale: float = 1
     file_type : str, optional
         ``stl``, ``ply``, ``obj`` or ``glb``.
     scale : float
-        Factor applied to the positions (nm) before writing.
+        Factor applied to the positions (nm) before writing (glTF's unit is the metre: ``1e-9``
+        opens a ``.glb`` at its true size).
 
     Returns
     -------
@@ -97,6 +98,8 @@ def export_mesh(mesh, path, *, file_type: Optional[str] = None, scale: float = 1
     ------
     ValueError
         Unknown format, a mesh without triangles, or ``scale`` not a finite number > 0.
+    NotADirectoryError
+        A folder of ``path`` is a file.
     """
     import trimesh
 
@@ -109,8 +112,20 @@ def export_mesh(mesh, path, *, file_type: Optional[str] = None, scale: float = 1
                           process=False)
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    above = folder
+    while not os.path.exists(above) and os.path.dirname(above) != above:
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise NotADirectoryError(f"cannot write {path}: {above} is a file, not a folder")
     os.makedirs(folder, exist_ok=True)
-    data = out.export(file_type=ft)
+    if ft == "obj":
+        # text with trimesh's 8 decimals by default: at a scale such as 1e-9 (metres) they snap
+        # the positions to 10 nm; keep float32's 8 significant digits of the largest coordinate
+        top = float(np.abs(out.vertices).max())
+        digits = max(8, 8 - math.floor(math.log10(top))) if top > 0 else 8
+        data = out.export(file_type=ft, digits=digits)
+    else:
+        data = out.export(file_type=ft)
     if isinstance(data, str):
         data = data.encode()
     fd, tmp = tempfile.mkstemp(prefix=".gpumesh-", suffix="." + ft, dir=folder)

@@ -497,3 +497,31 @@ def test_bounds_are_global_where_bbox_is_in_array_coordinates(real_zarr, crop, t
     assert res.exit_code == 0, res.output
     mesh = trimesh.load(str(out), process=False, force="mesh")
     assert same_triangles(mesh.vertices, mesh.faces, want.vertices, want.faces)
+
+
+def test_obj_keeps_its_precision_at_any_scale(tmp_path):
+    # trimesh writes OBJ with 8 decimals: in metres (scale 1e-9) that snapped the positions to
+    # 10 nm, merging most vertices of 4 nm voxels (zero-area triangles).
+    from gpumesh import export
+
+    labels = np.zeros((8, 8, 6), np.uint8)
+    labels[2:6, 3:5, 1:5] = 7
+    mesh = mesh_segment(labels, 7, voxel_size=(4, 4, 40), voxel_offset=(1000, 2000, 30), device="cpu")
+    for scale in (1.0, 1e-3, 1e-9):
+        path = export.export_mesh(mesh, tmp_path / f"m{scale:g}.obj", scale=scale)
+        back = trimesh.load(path, process=False, force="mesh")
+        assert len(back.vertices) == len(mesh.vertices)
+        np.testing.assert_allclose(back.vertices, mesh.vertices * scale, rtol=1e-7)
+
+
+def test_export_into_a_file_as_folder_says_so(tmp_path):
+    # os.makedirs said "[Errno 17] File exists: '.../afile'"
+    from gpumesh import export
+
+    tet = trimesh.Trimesh(vertices=[[0, 0, 0], [32, 0, 0], [0, 32, 0], [0, 0, 40]],
+                          faces=[[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]], process=False)
+    (tmp_path / "afile").write_text("x")
+    for where in (tmp_path / "afile" / "m.stl", tmp_path / "afile" / "sub" / "m.stl"):
+        with pytest.raises(NotADirectoryError, match=f"{tmp_path / 'afile'} is a file, not a folder"):
+            export.export_mesh(tet, where)
+    assert (tmp_path / "afile").read_text() == "x"
