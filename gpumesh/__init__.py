@@ -26,7 +26,7 @@ from .validate import validate
 # it imports numba and the pipeline itself, and the main job's worker processes import only
 # gpumesh.pipeline (not trimesh and the ad-hoc module).
 _LAZY = {
-    "MeshOptions": "pipeline", "Summary": "pipeline", "run_mesh": "pipeline",
+    "MeshOptions": "pipeline", "Summary": "pipeline", "run_mesh": "pipeline", "ShardingOptions": "sharding",
     "load_mesh": "reader", "open_mesh": "reader",
     "Volume": "volume", "open_volume": "volume", "mesh_segment": "adhoc",
 }
@@ -52,6 +52,6 @@ __version__ = "0.1.0"
 __all__ = [
     "DestinationError", "DestinationExistsError", "EmptyVolumeWarning", "GpumeshError", "InvalidMeshError", "InvalidVolumeError",
     "InvalidVoxelSizeError", "NoVoxelSizeWarning", "SegmentsNotFoundWarning", "SourceReadError", "StorageUnreachableError", "TaskFailedError", "WorkerFailedError", "MeshOptions",
-    "Summary", "run_mesh",
+    "ShardingOptions", "Summary", "run_mesh",
     "load_mesh", "open_mesh", "validate", "Volume", "open_volume", "mesh_segment",
 ]

@@ -32,8 +32,8 @@ def _sharding_flags(default_sharded):
                               "manifest and one data file per segment; legacy meshes are never sharded"),
             click.option("--shard-bits", type=click.IntRange(0, 64), default=None,
                          help="2^N shard files (default: from segment count and bytes, see README)"),
-            click.option("--minishard-bits", type=click.IntRange(0, 64), default=None,
-                         help="2^N minishards per shard (default: automatic; at most 24)"),
+            click.option("--minishard-bits", type=int, default=None,
+                         help="2^N minishards per shard, 0-24 (default: automatic)"),
             click.option("--preshift-bits", type=click.IntRange(0, 64), default=None,
                          help="low ID bits ignored by the hash (default 0)"),
             click.option("--hash", "shard_hash", type=click.Choice(["murmurhash3_x86_128", "identity"]), default=None,
@@ -157,7 +157,7 @@ class _ProgressLines:
 @click.option("--bounds", callback=_numbers(int, 6, "0,0,0,512,512,256"), metavar="X0,Y0,Z0,X1,Y1,Z1",
               help="mesh only this box (global voxel coordinates, end excluded; clipped to the volume)")
 @click.option("--mip", default=0, show_default=True, help="scale of a multiscale source (precomputed, OME-Zarr)")
-@click.option("--axes", default=None, help="axis order of a source without dimension names, e.g. zyx")
+@click.option("--axes", default=None, help="storage axis order, e.g. zyx, for a source without dimension names (overrides stored names)")
 @click.option("--fill-missing/--no-fill-missing", default=True, show_default=True,
               help="read the source's chunks that are not stored as background (0); with --no-fill-missing a "
                    "task that needs one fails (igneous's default), and --resume continues once it is there")

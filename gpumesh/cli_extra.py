@@ -59,7 +59,7 @@ def _report(mesh, path, seconds) -> None:
 @click.option("--bounds", callback=_numbers(int, 6, "0,0,0,512,512,256"), metavar="X0,Y0,Z0,X1,Y1,Z1",
               help="the same in global voxel coordinates (voxel offset included), as gpumesh mesh --bounds")
 @click.option("--mip", default=0, show_default=True, help="scale of a multiscale source")
-@click.option("--axes", default=None, help="axis order of a source without dimension names, e.g. zyx")
+@click.option("--axes", default=None, help="storage axis order, e.g. zyx, for a source without dimension names (overrides stored names)")
 @click.option("--fill-missing/--no-fill-missing", default=True, show_default=True,
               help="read the source's chunks that are not stored as background (0), else stop with an error")
 @click.option("--quality", type=click.Choice(["exact", "low", "medium", "high"]), default="exact", show_default=True,
@@ -143,8 +143,8 @@ def view(dest, source, segments, port, voxel_size, no_browser, no_neuroglancer, 
     if session.viewer_url:
         click.echo(f"viewer:        {session.viewer_url}")
     else:
-        click.echo("viewer:        (pip install neuroglancer for a local viewer) paste the mesh source into "
-                   "any Neuroglancer, or open:")
+        hint = "" if no_neuroglancer else "(pip install neuroglancer for a local viewer) "
+        click.echo(f"viewer:        {hint}paste the mesh source into any Neuroglancer, or open:")
         click.echo(f"               {session.link}")
     sys.stdout.flush()
     try:

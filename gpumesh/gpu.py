@@ -1,6 +1,6 @@
 """The GPU backend: marching cubes and label downsampling as CUDA kernels run through CuPy.
 
-The kernels live in ``kernels/*.cu`` (``marching_cubes.cu``, ``downsample.cu``) and mirror the
+The kernels live in ``kernels/*.cu`` (``marching_cubes.cu``, ``downsample.cu``, ``weld.cu``) and mirror the
 CPU kernels line for line (:func:`gpumesh.marching._march`, :func:`gpumesh.lod._downsample`),
 with the same case table (:mod:`gpumesh.mctable`) uploaded as device arrays.  Marching cubes
 runs in two passes so that the output order is the CPU's emission order:

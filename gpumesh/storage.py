@@ -218,12 +218,21 @@ def read_result(future) -> Optional[bytes]:
 
     A byte range that reaches past the end of the value (TensorStore's ``OUT_OF_RANGE``) reads
     as ``b""``, so that the caller's length check says what is wrong (a truncated shard).
+
+    Raises
+    ------
+    SourceReadError
+        An HTTP server ignored the byte range (it sends whole files).
     """
     try:
         result = future.result()
     except ValueError as exc:
         if str(exc).startswith("OUT_OF_RANGE"):
             return b""
+        if "was ignored by server" in str(exc):   # TensorStore's http kvstore
+            raise SourceReadError(f"the server answered a byte-range read with the whole file: it ignores HTTP "
+                                  f"Range requests, which reading a sharded mesh needs (Python's http.server does "
+                                  f"not honour them; `gpumesh view`, nginx and cloud storage do) ({one_line(exc)})") from None
         raise
     if result.state != "value":
         return None

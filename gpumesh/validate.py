@@ -53,7 +53,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from . import storage
-from .errors import GpumeshError, InvalidMeshError
+from .errors import GpumeshError, InvalidMeshError, one_line
 from .sharding import ShardFormatError
 from .reader import (
     LEGACY_TYPE,
@@ -681,6 +681,17 @@ def _resolve(kv, rel: str):
     return storage.open_kvstore(dict(spec, path=path), check=False)
 
 
+def _segment_property_ids(kv, info: dict) -> list:
+    """The segment IDs of the inline segment properties the info names (sorted), or ``[]``
+    when there are none or they cannot be read (:func:`_check_segment_properties` says why)."""
+    rel = info.get("segment_properties")
+    try:
+        ids = json.loads(storage.read(_resolve(kv, rel), "info"))["inline"]["ids"]
+        return sorted({int(i) for i in ids if isinstance(i, str) and _UINT64_DECIMAL.fullmatch(i) and int(i) < 2**64})
+    except Exception:   # none named, unreadable or malformed
+        return []
+
+
 def _check_segment_properties_file(report: ValidationReport, kv, info: dict, meshed: Optional[set]) -> None:
     rel = info.get("segment_properties")
     if not isinstance(rel, str):
@@ -831,9 +842,24 @@ def _validate(report: ValidationReport, location, segments, decode: bool, sample
         return report
     report.kind = src.kind
     listed = None   # every segment ID, when the sample needed them listed
+    if segments is None and info:
+        try:
+            storage.list_keys(kv, "info")
+        except Exception as exc:   # plain HTTP: the segments the segment properties name, by name
+            listed = _segment_property_ids(kv, info)
+            if not listed:
+                report.add_error(f"cannot list the keys of {location!r} ({one_line(exc)}): give the segments to check "
+                                 f"(--segments; Python: segments=)")
+                return report
+            report.warnings.append(
+                f"{location!r} cannot list its keys ({one_line(exc)}): checked the {len(listed)} segments that its "
+                f"segment properties name, read by name; files that no manifest reaches, and shards' own layout, "
+                f"are not checked")
+            if sample is None:
+                segments = listed
     if sample is not None:
         try:
-            listed = src.segment_ids()
+            listed = src.segment_ids() if listed is None else listed
         except Exception as exc:
             report.add_error(f"cannot list the segments: {exc}")
             return report

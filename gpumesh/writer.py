@@ -1225,6 +1225,9 @@ def convert_mesh(src, dest, *, sharding: Optional[ShardingOptions] = ShardingOpt
         sharding.validate()
     source = open_mesh(src)
     if source.kind != "multires":
+        if storage.read(source.kv, "info") is None:   # a legacy mesh has one; a volume's folder, a typo not
+            raise InvalidMeshError(f"{storage.kvstore_url(storage.kvstore_spec(source.kv))}: no info file there: "
+                                   f"not a mesh directory?")
         raise InvalidMeshError("only multi-resolution meshes can be converted (legacy meshes have no sharded form)")
     kv = storage.open_kvstore(dest)
     src_spec, dest_spec = storage.kvstore_spec(source.kv), storage.kvstore_spec(kv)

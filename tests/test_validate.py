@@ -742,5 +742,21 @@ def test_given_segments_are_validated_over_plain_http(tmp_path, layout):
         assert rep.ok and rep.num_segments == 2, rep.errors
         rep = validate(url, segments=[5, 6])
         assert rep.errors == ["segment 6 not found"], rep.errors
+        # without segments: those the segment properties name (listing failed, as a violation,
+        # and every listed segment was said to have "no mesh (a lost shard or manifest?)")
+        for kw in ({}, {"sample": 1}):
+            rep = validate(url, **kw)
+            assert len(rep.warnings) == 1 and "cannot list its keys" in rep.warnings[0], rep.warnings
+            if kw and layout == "sharded":   # a sample reads by byte range, which this server ignores
+                assert len(rep.errors) == 1 and "it ignores HTTP Range requests" in rep.errors[0], rep.errors
+                continue
+            assert rep.ok and rep.num_segments == (1 if kw else 2), rep.errors
+        if layout == "unsharded":   # a lost segment still shows
+            (tmp_path / "m" / "5.index").unlink()
+            rep = validate(url)
+            assert rep.errors == ["segment 5 not found"], rep.errors
+        (tmp_path / "m" / "segment_properties" / "info").unlink()
+        rep = validate(url)
+        assert not rep.ok and "give the segments to check (--segments" in rep.errors[0], rep.errors
     finally:
         server.shutdown()
