@@ -59,6 +59,7 @@ def test_a_cluster_writes_in_waves_the_bytes_of_one_process(client, crop, tmp_pa
     assert written[-1] == (summary.segments, summary.segments)
 
 
+@pytest.mark.filterwarnings("ignore::gpumesh.cluster.StillRunningNotice")   # Ctrl-C mid-run waits for its tasks
 def test_an_interrupted_cluster_run_resumes(client, crop, tmp_path):
     options = MeshOptions(chunk_size=32, max_lods=2)
     whole = tmp_path / "whole"
