@@ -376,6 +376,8 @@ def validate(dest, segments, sample, seed, decode):
 
     if segments is not None and sample is not None:
         raise click.UsageError("give --segments or --sample, not both")
+    if sample is None and click.get_current_context().get_parameter_source("seed") != ParameterSource.DEFAULT:
+        raise click.UsageError("--seed only applies with --sample")
     try:
         report = run_validate(dest, segments=segments, sample=sample, seed=seed, decode=decode)
     except GpumeshError as exc:

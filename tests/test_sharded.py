@@ -1023,6 +1023,8 @@ def test_validate_cli_options(outputs, tmp_path):
     assert r.returncode == 2 and "not both" in r.stderr
     r = _cli("validate", out, "--sample", "0")
     assert r.returncode == 2
+    r = _cli("validate", out, "--seed", "3")   # ignored before: the whole directory checked
+    assert r.returncode == 2 and "--seed only applies with --sample" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("layout,waves", [("gzip", False), ("gzip", True), ("unsharded", False), ("unsharded", True),
