@@ -103,12 +103,22 @@ def _share(address: str, shares: dict, seen: dict) -> tuple:
     """``(rank, count, device_workers)`` of the worker at ``address`` (see :func:`device_shares`).
 
     A worker that was not there when the job started (one that its nanny restarted has a new
-    address) takes no share of a GPU that a worker of the job already uses: it meshes on the CPU
-    backend (the same bytes), rather than taking the whole device's memory beside the others."""
+    address) takes no share of a GPU that a live worker of the job uses: it meshes on the CPU
+    backend (the same bytes), rather than taking the whole device's memory beside the others.
+    It takes the GPU when no live worker uses it (it replaced the one that did)."""
     if address in shares:
         return shares[address]
     host, gpu = _host(address), _first_visible_gpu()
-    taken = any(_host(a) == host and g == gpu for a, g in seen.items())
+    # the job's workers on that GPU that use it (rank < device_workers)
+    taken = [a for a, g in seen.items() if _host(a) == host and g == gpu and shares[a][0] < shares[a][2]]
+    if taken:   # of those, only the workers still there (a restarted one replaced a dead one)
+        try:
+            from distributed import get_client
+
+            alive = set(get_client().nthreads())
+            taken = [a for a in taken if a in alive]
+        except Exception:   # the scheduler cannot say: take the GPU as used
+            pass
     return (0, 1, 0 if taken else 1)
 
 
@@ -221,16 +231,18 @@ class DaskExecutor:
         return self
 
     def __exit__(self, *exc: Any) -> Optional[bool]:
-        if self._executor is not None:
-            self._executor.shutdown(wait=exc[0] is None)
-            if exc[0] is not None:
-                self._wait_for_running()
         try:
-            if self._job is not None:
-                self._client.cancel(self._job)
-        except Exception:   # the client may be closing
-            pass
-        self._job = None
+            if self._executor is not None:
+                self._executor.shutdown(wait=exc[0] is None)
+                if exc[0] is not None:
+                    self._wait_for_running()
+        finally:   # a second Ctrl-C during the wait too: the job's data is let go
+            try:
+                if self._job is not None:
+                    self._client.cancel(self._job)
+            except Exception:   # the client may be closing
+                pass
+            self._job = None
         return None
 
     def _wait_for_running(self) -> None:

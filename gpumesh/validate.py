@@ -488,9 +488,10 @@ def _covered(spans: list) -> int:
 
 
 def _validate_sharded(report: ValidationReport, src: ShardedMultiresSource, segments: Optional[Iterable[int]],
-                      decode: bool) -> set:
+                      decode: bool, absent: Optional[list] = None) -> set:
     """Check every shard (or those of ``segments``, read by name: a store that cannot list its
-    keys, such as plain HTTP, still serves them); return the IDs found in the shards read."""
+    keys, such as plain HTTP, still serves them); return the IDs found in the shards read.  A
+    segment of ``segments`` not found is an error, or goes into ``absent`` when given."""
     spec = src.sharding
     wanted = None
     if segments is not None:
@@ -524,15 +525,25 @@ def _validate_sharded(report: ValidationReport, src: ShardedMultiresSource, segm
             report.add_error(f"shard {spec.shard_key(shard)}: unexpected error while checking: {exc!r}")
     for s in sorted(wanted or ()):
         if s not in seen:
-            report.add_error(f"segment {s} not found")
+            _not_found(report, s, absent)
     return seen
 
 
-def _validate_sharded_sample(report: ValidationReport, src: ShardedMultiresSource, ids: list, decode: bool) -> None:
-    """Check the segments ``ids`` (drawn from those the minishard indices list) as a reader
-    finds them: through the shard and minishard their ID hashes to, reading their manifest and
-    fragment data by byte range, not their shards whole."""
-    report.num_segments = len(ids)
+def _not_found(report: ValidationReport, segment: int, absent: Optional[list]) -> None:
+    """A segment that was asked for is not there: an error, or noted in ``absent`` (segments
+    that only the segment properties name, which may list segments without a mesh)."""
+    if absent is None:
+        report.add_error(f"segment {segment} not found")
+    else:
+        absent.append(segment)
+
+
+def _validate_sharded_sample(report: ValidationReport, src: ShardedMultiresSource, ids: list, decode: bool,
+                             absent: Optional[list] = None) -> None:
+    """Check the segments ``ids`` (drawn from those the minishard indices list, or with
+    ``absent`` from those the segment properties name) as a reader finds them: through the
+    shard and minishard their ID hashes to, reading their manifest and fragment data by byte
+    range, not their shards whole."""
     for seg in ids:
         try:
             mbytes = src.manifest_bytes(seg)
@@ -541,13 +552,17 @@ def _validate_sharded_sample(report: ValidationReport, src: ShardedMultiresSourc
             report.add_error(f"segment {seg}: cannot be read from its shard: {exc}")
             continue
         if mbytes is None:
-            report.add_error(f"segment {seg}: listed in a minishard index, but not in the shard and minishard its ID "
-                             "hashes to, so no reader finds it")
+            if absent is not None:
+                absent.append(seg)
+            else:
+                report.add_error(f"segment {seg}: listed in a minishard index, but not in the shard and minishard its "
+                                 "ID hashes to, so no reader finds it")
             continue
         try:
             _check_multires_segment(report, seg, mbytes, data, src.vertex_quantization_bits, decode)
         except Exception as exc:
             report.add_error(f"segment {seg}: unexpected error while checking: {exc!r}")
+    report.num_segments = len(ids) - len(absent or ())
 
 
 def _check_legacy_segment(report: ValidationReport, src: LegacySource, seg: int, decode: bool) -> None:
@@ -842,6 +857,7 @@ def _validate(report: ValidationReport, location, segments, decode: bool, sample
         return report
     report.kind = src.kind
     listed = None   # every segment ID, when the sample needed them listed
+    absent = None   # segments the segment properties name that have no mesh, when they stand in for a listing
     if segments is None and info:
         try:
             storage.list_keys(kv, "info")
@@ -851,10 +867,12 @@ def _validate(report: ValidationReport, location, segments, decode: bool, sample
                 report.add_error(f"cannot list the keys of {location!r} ({one_line(exc)}): give the segments to check "
                                  f"(--segments; Python: segments=)")
                 return report
+            what = (f"sampled {min(sample[0], len(listed))} of the {len(listed)}" if sample is not None
+                    else f"checked the {len(listed)}")
             report.warnings.append(
-                f"{location!r} cannot list its keys ({one_line(exc)}): checked the {len(listed)} segments that its "
-                f"segment properties name, read by name; files that no manifest reaches, and shards' own layout, "
-                f"are not checked")
+                f"{location!r} cannot list its keys ({one_line(exc)}): {what} segments that its segment properties "
+                f"name, read by name; files that no manifest reaches, and shards' own layout, are not checked")
+            absent = []
             if sample is None:
                 segments = listed
     if sample is not None:
@@ -869,13 +887,13 @@ def _validate(report: ValidationReport, location, segments, decode: bool, sample
                                                       replace=False)) if listed else []
         report.segments_total = len(listed)
     if isinstance(src, ShardedMultiresSource) and sample is not None:   # the sample's bytes, not whole shards
-        _validate_sharded_sample(report, src, segments, decode)
-        return report
+        _validate_sharded_sample(report, src, segments, decode, absent)
+        return _warn_absent(report, absent)
     if isinstance(src, ShardedMultiresSource):
-        found = _validate_sharded(report, src, segments, decode)
+        found = _validate_sharded(report, src, segments, decode, absent)
         if info:
             _check_segment_properties(report, kv, info, found if segments is None else None)
-        return report
+        return _warn_absent(report, absent)
 
     if segments is not None and raw_info is not None:   # by name, no listing (plain HTTP cannot list)
         all_ids = [int(s) for s in segments if src.has_segment(int(s))]
@@ -906,7 +924,7 @@ def _validate(report: ValidationReport, location, segments, decode: bool, sample
             if int(s) in present:
                 ids.append(int(s))
             else:
-                report.add_error(f"segment {int(s)} not found")
+                _not_found(report, int(s), absent)
     report.num_segments = len(ids)
 
     if src.kind == "multires":
@@ -924,4 +942,15 @@ def _validate(report: ValidationReport, location, segments, decode: bool, sample
                 report.add_error(f"segment {seg}: unexpected error while checking: {exc!r}")
     if info:
         _check_segment_properties(report, kv, info, set(all_ids) if segments is None else None)
+    return _warn_absent(report, absent)
+
+
+def _warn_absent(report: ValidationReport, absent: Optional[list]) -> ValidationReport:
+    """Warn about the segments that the segment properties name but that have no mesh (where
+    those stood in for a listing of the store: :func:`_validate`), as a listing store's
+    :func:`_check_segment_properties_file` does; return ``report``."""
+    if absent:
+        shown = ", ".join(str(i) for i in sorted(absent)[:5]) + (" ..." if len(absent) > 5 else "")
+        report.warnings.append(f"{len(absent)} segments listed in the segment properties have no mesh (a lost shard "
+                               f"or manifest?): segments {shown}")
     return report

@@ -356,10 +356,19 @@ def test_a_worker_lost_once_is_replaced_and_the_job_goes_on(crop, tmp_path):
 
 
 def test_a_worker_that_joins_later_takes_no_share_of_a_gpu_in_use(monkeypatch):
+    import distributed
+
     from gpumesh.cluster import _share
 
     seen = {"tcp://10.0.0.1:4001": "", "tcp://10.0.0.1:4002": "", "tcp://10.0.0.2:4001": "1"}
     shares = {"tcp://10.0.0.1:4001": (0, 2, 1), "tcp://10.0.0.1:4002": (1, 2, 1), "tcp://10.0.0.2:4001": (0, 1, 1)}
+    alive = set(seen)
+
+    class Client:   # the scheduler's list of live workers, as a worker's get_client() gives it
+        def nthreads(self):
+            return dict.fromkeys(alive, 1)
+
+    monkeypatch.setattr(distributed, "get_client", lambda: Client())
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert _share("tcp://10.0.0.1:4002", shares, seen) == (1, 2, 1)
     assert _share("tcp://10.0.0.1:5000", shares, seen) == (0, 1, 0)   # a restarted worker: the CPU
@@ -367,6 +376,11 @@ def test_a_worker_that_joins_later_takes_no_share_of_a_gpu_in_use(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
     assert _share("tcp://10.0.0.2:5000", shares, seen) == (0, 1, 0)
     assert _share("tcp://10.0.0.1:5000", shares, seen) == (0, 1, 1)   # GPU 1 of that host is free
+    # the worker that used the GPU died: its replacement takes the GPU
+    alive = {"tcp://10.0.0.1:4002", "tcp://10.0.0.1:5000", "tcp://10.0.0.2:5000"}
+    assert _share("tcp://10.0.0.2:5000", shares, seen) == (0, 1, 1)   # replaced the GPU's only worker
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert _share("tcp://10.0.0.1:5000", shares, seen) == (0, 1, 1)   # 4001 used it; 4002 (alive) did not
 
 
 def test_a_scheduler_that_is_no_address_is_one_line(tmp_path):

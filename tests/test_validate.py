@@ -751,10 +751,20 @@ def test_given_segments_are_validated_over_plain_http(tmp_path, layout):
                 assert len(rep.errors) == 1 and "it ignores HTTP Range requests" in rep.errors[0], rep.errors
                 continue
             assert rep.ok and rep.num_segments == (1 if kw else 2), rep.errors
-        if layout == "unsharded":   # a lost segment still shows
-            (tmp_path / "m" / "5.index").unlink()
-            rep = validate(url)
-            assert rep.errors == ["segment 5 not found"], rep.errors
+        # segment properties may name segments without a mesh: a warning, as where the store lists
+        props_path = tmp_path / "m" / "segment_properties" / "info"
+        props = json.loads(props_path.read_text())
+        props["inline"]["ids"].append("999")
+        for p in props["inline"]["properties"]:
+            p["values"].append(p["values"][0])
+        props_path.write_text(json.dumps(props))
+        for kw in ({}, {"sample": 3}):
+            rep = validate(url, **kw)
+            if kw and layout == "sharded":
+                continue
+            assert rep.ok and rep.num_segments == 2, (kw, rep.errors)
+            assert "1 segments listed in the segment properties have no mesh" in rep.warnings[-1], rep.warnings
+            assert "segments 999" in rep.warnings[-1]
         (tmp_path / "m" / "segment_properties" / "info").unlink()
         rep = validate(url)
         assert not rep.ok and "give the segments to check (--segments" in rep.errors[0], rep.errors
