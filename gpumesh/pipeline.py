@@ -24,11 +24,8 @@ Geometry (stored-model space is LOD 0 voxel units, the ``info`` transform scales
   the last half voxel's from the far face's included (:func:`gpumesh.lod.lod_factors`'s
   ``max_ratio``; at ``2**(bits - 1)`` two of them become one and the surface pinches).
 * A block is one node of the coarsest LOD ``L - 1``: ``B = C * 2**(L-1)`` LOD 0 cubes a side, read
-  with a halo of two coarsest-LOD voxels (``2 * 2**(L-1)`` voxels) on its low side and one on
-  its high side (:meth:`Plan.block_bounds`): the thin-spot test of decimation looks one voxel
-  past the cubes, so every LOD's fragments are the same whatever ``L`` is.  Every node of
-  every LOD lies in exactly one block, so a block's fragments are final and blocks are
-  independent.
+  with a halo of ``2**(L-1)`` voxels on its low side.  Every node of every LOD lies in exactly
+  one block, so a block's fragments are final and blocks are independent.
 * The job runs each block as independent tasks (:meth:`Plan.tasks`): the coarsest LOD's node
   in one, and for each octant of the block its nodes of LODs 0 .. L - 2 in another (an octant
   is one node at LOD L - 2), so that no single heavy block runs alone at the end.
@@ -308,19 +305,15 @@ class Plan:
     def block_bounds(self, b) -> tuple[np.ndarray, np.ndarray]:
         """Voxel range ``[start, stop)`` that block ``b`` reads (halo included, border cut).
 
-        The halo is two voxels of the coarsest LOD (``2 * 2**(L-1)`` voxels) on the low side
-        and one on the high side: at every LOD, the voxel before the block's first cubes, and
-        the voxels on either side of its cubes that the thin-spot test
-        (:func:`gpumesh.marching.thin_vertices`) looks at, so that a block's fragments do not
-        depend on where the other blocks end (on ``max_lods``).  Beyond the volume every voxel
-        is background, so past the coarsest LOD's first voxel outside it there is no surface:
-        a border block stops there (a slab, not a full block).  The cut is a multiple of
+        The halo is ``2**(L-1)`` voxels on the low side.  Beyond the volume every voxel is
+        background, so past the coarsest LOD's first voxel outside it there is no surface: a
+        border block stops there (a slab, not a full block).  The cut is a multiple of
         ``2**(L-1)`` from ``start``, so every LOD's voxels stay whole.
         """
         halo = 1 << (self.lods - 1)
-        start = np.asarray(b, dtype=np.int64) * self.block - 2 * halo
+        start = np.asarray(b, dtype=np.int64) * self.block - halo
         limit = (-(-np.asarray(self.shape, dtype=np.int64) // halo) + 1) * halo
-        return start, np.minimum(start + self.block + 3 * halo, limit)
+        return start, np.minimum(start + self.block + halo, limit)
 
     def octant_bounds(self, b, octant: int) -> tuple[np.ndarray, np.ndarray]:
         """Voxel range ``[g0, g1)`` that LOD 0 marching cubes reads for one octant of block ``b``.
@@ -473,8 +466,7 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
             # downsampling (8x fewer voxels) and gets the same meshes.
             level, ids = relabel_block(level)
             keep = options.selected(ids)
-            i, j = 2 * halo, 2 * halo + plan.block   # the block's own voxels
-            count_labels, counts = _voxel_counts(level[i:j, i:j, i:j], ids, keep)
+            count_labels, counts = _voxel_counts(level[halo:, halo:, halo:], ids, keep)
         for k in range(L):
             if not keep.any():
                 break   # no selected segment here (MeshOptions.segments)
@@ -486,18 +478,15 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
                     keep = options.selected(ids)
             if (k < L - 1 and part == COARSE) or not level.any():
                 continue
-            # the block's LOD k cubes lie between level[m0] .. level[m1 - 1]; the thin-spot test
-            # also looks at the voxel on either side (past a cut border block, background)
-            m0, m1 = ((2 * halo) >> sh) - 1, (2 * halo + plan.block) >> sh
-            ctx = np.ascontiguousarray(level[m0[0] - 1:m1[0] + 1, m0[1] - 1:m1[1] + 1, m0[2] - 1:m1[2] + 1])
-            mc_in = np.ascontiguousarray(ctx[1:m1[0] - m0[0] + 1, 1:m1[1] - m0[1] + 1, 1:m1[2] - m0[2] + 1])
-            out += _mesh_lod(volume, plan, options, backend, k, mc_in, ctx, 1, origin >> sh, ids, keep)
+            hk = halo >> sh
+            mc_in = np.ascontiguousarray(level[hk[0] - 1:, hk[1] - 1:, hk[2] - 1:])
+            out += _mesh_lod(volume, plan, options, backend, k, mc_in, mc_in, 0, origin >> sh, ids, keep)
     else:
         # LODs 0 .. L-2 of one octant, whose LOD 0 voxels start at O.  At LOD k its cubes
         # need LOD k voxels (O >> k) - 1 .. past its last cube, and the thin-spot test one
-        # more on each side: the octant is read with a margin of 2**(L-1) voxels (clipped to
-        # the block's read, which a border block cuts), which keeps every 2x2x2 group of the
-        # downsampling the block's own (both are aligned to 2**(L-1)).
+        # more on each side, as far as the whole block's labels reach: the octant is read
+        # with a margin of 2**(L-1) voxels (clipped to the block's read), which keeps every
+        # 2x2x2 group of the downsampling the block's own (both are aligned to 2**(L-1)).
         h = plan.block // 2
         O = plan.octant_origin(b, part)
         r0, r1 = O - halo, np.minimum(O + h + halo, stop)
@@ -519,7 +508,7 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
             m1 = np.minimum(ok + (h >> sh), top) - base
             if np.any(m1 - m0 < 2):
                 continue  # no cube of this octant at LOD k (a cut border block)
-            c0 = ok - 2 - base
+            c0 = np.maximum(ok - 2, (origin >> sh) - 1) - base
             c1 = np.minimum(ok + (h >> sh) + 1, top) - base
             ctx = np.ascontiguousarray(level[c0[0]:c1[0], c0[1]:c1[1], c0[2]:c1[2]])
             mc_in = np.ascontiguousarray(level[m0[0]:m1[0], m0[1]:m1[1], m0[2]:m1[2]])

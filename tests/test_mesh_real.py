@@ -440,34 +440,6 @@ def test_block_tasks_give_the_whole_blocks_fragments(crop, shape, chunk, lods, z
     assert octant_fragments > 50
 
 
-def test_fragments_do_not_depend_on_max_lods(crop):
-    # A block is one node of the coarsest LOD, so --max-lods moves the block faces; the
-    # thin-spot test of decimation looks one voxel past the cubes, which the blocks' halo must
-    # hold on both sides.  Voxels past a block's read taken as outside locked other vertices
-    # (72 of 791 LOD 0 fragments differed between max_lods 2 and 3 here).
-    from gpumesh.backend import CPUBackend
-    from gpumesh.pipeline import MeshOptions, Plan, mesh_block
-    from gpumesh.volume import open_volume
-
-    vol = open_volume(np.ascontiguousarray(crop[:96, :80, :72]), voxel_size=VOXEL_SIZE)
-    backend = CPUBackend()
-    by_lods = {}
-    for lods in (2, 3, 4):
-        options = MeshOptions(chunk_size=16, max_lods=lods)
-        plan = Plan.make(vol.shape, options)
-        assert plan.lods == lods
-        frags = {}
-        for b, part in plan.tasks():
-            frags.update(_block_fragments(mesh_block(vol, plan, options, b, backend, part))[0])
-        by_lods[lods] = frags
-    for a, b in ((2, 3), (3, 4)):
-        for k in range(a):
-            fa = {key: f for key, f in by_lods[a].items() if key[1] == k}
-            fb = {key: f for key, f in by_lods[b].items() if key[1] == k}
-            assert len(fa) > 50
-            assert fa == fb, f"LOD {k}: {sum(fa.get(x) != fb.get(x) for x in set(fa) | set(fb))} fragments differ"
-
-
 def test_lods_past_the_one_that_spans_the_volume_change_nothing_but_the_blocks(crop, tmp_path):
     """The plan stops at the LOD whose single node spans the volume (LOD 0 nodes are
     0 .. n // chunk): more LODs gave no segment another LOD and the same fragments, in blocks
