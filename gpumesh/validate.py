@@ -529,11 +529,12 @@ def _validate_sharded(report: ValidationReport, src: ShardedMultiresSource, segm
     return seen
 
 
-def _not_found(report: ValidationReport, segment: int, absent: Optional[list]) -> None:
-    """A segment that was asked for is not there: an error, or noted in ``absent`` (segments
-    that only the segment properties name, which may list segments without a mesh)."""
+def _not_found(report: ValidationReport, segment: int, absent: Optional[list], error: str = "") -> None:
+    """A segment that was asked for is not there: an error (``error``, or "segment N not
+    found"), or noted in ``absent`` (segments that only the segment properties name, which may
+    list segments without a mesh)."""
     if absent is None:
-        report.add_error(f"segment {segment} not found")
+        report.add_error(error or f"segment {segment} not found")
     else:
         absent.append(segment)
 
@@ -552,11 +553,8 @@ def _validate_sharded_sample(report: ValidationReport, src: ShardedMultiresSourc
             report.add_error(f"segment {seg}: cannot be read from its shard: {exc}")
             continue
         if mbytes is None:
-            if absent is not None:
-                absent.append(seg)
-            else:
-                report.add_error(f"segment {seg}: listed in a minishard index, but not in the shard and minishard its "
-                                 "ID hashes to, so no reader finds it")
+            _not_found(report, seg, absent, f"segment {seg}: listed in a minishard index, but not in the shard and "
+                                            "minishard its ID hashes to, so no reader finds it")
             continue
         try:
             _check_multires_segment(report, seg, mbytes, data, src.vertex_quantization_bits, decode)
@@ -674,11 +672,13 @@ def _property_problems(p: dict, num_ids: int) -> list[str]:
     return out
 
 
-def _check_segment_properties(report: ValidationReport, kv, info: dict, meshed: Optional[set] = None) -> None:
+def _check_segment_properties(report: ValidationReport, kv, info: dict, meshed: Optional[set] = None,
+                              raw: Optional[bytes] = None) -> None:
     """Check the segment properties the info names (spec segment_properties); with ``meshed``
-    (every segment ID that has a mesh), warn about listed IDs without one."""
+    (every segment ID that has a mesh), warn about listed IDs without one.  ``raw``: their
+    ``info`` as already read (:func:`_segment_property_ids`), else it is read here."""
     try:
-        _check_segment_properties_file(report, kv, info, meshed)
+        _check_segment_properties_file(report, kv, info, meshed, raw)
     except Exception as exc:  # never raise on a bad mesh
         report.add_error(f"segment properties: unexpected error while checking: {exc!r}")
 
@@ -696,27 +696,31 @@ def _resolve(kv, rel: str):
     return storage.open_kvstore(dict(spec, path=path), check=False)
 
 
-def _segment_property_ids(kv, info: dict) -> list:
+def _segment_property_ids(kv, info: dict) -> tuple[list, Optional[bytes]]:
     """The segment IDs of the inline segment properties the info names (sorted), or ``[]``
-    when there are none or they cannot be read (:func:`_check_segment_properties` says why)."""
-    rel = info.get("segment_properties")
+    when there are none or they cannot be read (:func:`_check_segment_properties` says why),
+    and their ``info`` as read (``None`` when it was not)."""
+    raw = None
     try:
-        ids = json.loads(storage.read(_resolve(kv, rel), "info"))["inline"]["ids"]
-        return sorted({int(i) for i in ids if isinstance(i, str) and _UINT64_DECIMAL.fullmatch(i) and int(i) < 2**64})
+        raw = storage.read(_resolve(kv, info.get("segment_properties")), "info")
+        ids = json.loads(raw)["inline"]["ids"]
+        return sorted({int(i) for i in ids if isinstance(i, str) and _UINT64_DECIMAL.fullmatch(i) and int(i) < 2**64}), raw
     except Exception:   # none named, unreadable or malformed
-        return []
+        return [], raw
 
 
-def _check_segment_properties_file(report: ValidationReport, kv, info: dict, meshed: Optional[set]) -> None:
+def _check_segment_properties_file(report: ValidationReport, kv, info: dict, meshed: Optional[set],
+                                   raw: Optional[bytes] = None) -> None:
     rel = info.get("segment_properties")
     if not isinstance(rel, str):
         return
     key = rel.strip("/") + "/info"
-    try:
-        raw = storage.read(_resolve(kv, rel), "info")
-    except (ValueError, OSError) as exc:   # TensorStore's errors are ValueErrors
-        report.add_error(f"segment properties {key}: cannot read it: {exc}")
-        return
+    if raw is None:
+        try:
+            raw = storage.read(_resolve(kv, rel), "info")
+        except (ValueError, OSError) as exc:   # TensorStore's errors are ValueErrors
+            report.add_error(f"segment properties {key}: cannot read it: {exc}")
+            return
     if raw is None:
         report.add_error(f"segment properties {key} not found")
         return
@@ -858,11 +862,12 @@ def _validate(report: ValidationReport, location, segments, decode: bool, sample
     report.kind = src.kind
     listed = None   # every segment ID, when the sample needed them listed
     absent = None   # segments the segment properties name that have no mesh, when they stand in for a listing
+    props = None    # the segment properties' info, when read for that
     if segments is None and info:
         try:
             storage.list_keys(kv, "info")
         except Exception as exc:   # plain HTTP: the segments the segment properties name, by name
-            listed = _segment_property_ids(kv, info)
+            listed, props = _segment_property_ids(kv, info)
             if not listed:
                 report.add_error(f"cannot list the keys of {location!r} ({one_line(exc)}): give the segments to check "
                                  f"(--segments; Python: segments=)")
@@ -892,7 +897,7 @@ def _validate(report: ValidationReport, location, segments, decode: bool, sample
     if isinstance(src, ShardedMultiresSource):
         found = _validate_sharded(report, src, segments, decode, absent)
         if info:
-            _check_segment_properties(report, kv, info, found if segments is None else None)
+            _check_segment_properties(report, kv, info, found if segments is None else None, props)
         return _warn_absent(report, absent)
 
     if segments is not None and raw_info is not None:   # by name, no listing (plain HTTP cannot list)
@@ -941,7 +946,7 @@ def _validate(report: ValidationReport, location, segments, decode: bool, sample
             except Exception as exc:
                 report.add_error(f"segment {seg}: unexpected error while checking: {exc!r}")
     if info:
-        _check_segment_properties(report, kv, info, set(all_ids) if segments is None else None)
+        _check_segment_properties(report, kv, info, set(all_ids) if segments is None else None, props)
     return _warn_absent(report, absent)
 
 
