@@ -190,6 +190,7 @@ class DaskExecutor:
         self.workers = sum(int(n) for n in nthreads.values())
         self._client = client
         self._id = uuid.uuid4().hex
+        self._task_prefix = f"gpumesh-task-{self._id}-"   # this job's task keys (see _wait_for_running)
         self._job = None
         self._executor = None
         self._submitted = 0
@@ -225,7 +226,7 @@ class DaskExecutor:
         """Run ``fn(*args)`` on a worker; returns a :class:`concurrent.futures.Future`."""
         self._submitted += 1
         return self._executor.submit(_run_in_job, self._id, self._job, fn, *args,
-                                     key=f"gpumesh-task-{self._id}-{self._submitted}")
+                                     key=f"{self._task_prefix}{self._submitted}")
 
     def __enter__(self) -> "DaskExecutor":
         return self
@@ -251,11 +252,10 @@ class DaskExecutor:
         import time
         import warnings
 
-        prefix = f"gpumesh-task-{self._id}-"
         told = False
         while True:
             try:   # a worker that cannot answer runs nothing of ours any more
-                counts = self._client.run(_running, prefix, on_error="return")
+                counts = self._client.run(_running, self._task_prefix, on_error="return")
             except Exception:   # the scheduler gone: nothing left to wait for
                 return
             running = sum(n for n in counts.values() if isinstance(n, int))
