@@ -229,7 +229,7 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
     from tqdm import tqdm
 
     from .backend import CPUFallbackNotice
-    from .cluster import StillRunningNotice
+    from .cluster import NoWorkersNotice, StillRunningNotice
     from .pipeline import MeshOptions, run_mesh
 
     sharding = _sharding_options(fmt == "multires", sharded, shard_bits, minishard_bits, preshift_bits, shard_hash,
@@ -289,7 +289,7 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
     caught = []
 
     def show(message, category, *args, **kwargs):
-        if issubclass(category, (CPUFallbackNotice, FewerWorkersNotice, StillRunningNotice)):  # at once
+        if issubclass(category, (CPUFallbackNotice, FewerWorkersNotice, StillRunningNotice, NoWorkersNotice)):  # at once
             if not quiet:
                 click.echo(f"gpumesh: {message}", err=True)
         elif issubclass(category, NoVoxelSizeWarning):  # at once: a reason to stop the job
@@ -313,6 +313,7 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
             warnings.simplefilter("always", SegmentsNotFoundWarning)
             warnings.simplefilter("always", CPUFallbackNotice)
             warnings.simplefilter("always", FewerWorkersNotice)
+            warnings.simplefilter("always", NoWorkersNotice)
             warnings.simplefilter("always", NoVoxelSizeWarning)
             warnings.showwarning = show
             try:

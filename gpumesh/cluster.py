@@ -151,6 +151,14 @@ class StillRunningNotice(UserWarning):
     """The job stopped while some of its tasks still ran on the cluster; it waits for them."""
 
 
+class NoWorkersNotice(UserWarning):
+    """The cluster has had no workers for :data:`NO_WORKERS_NOTICE_S`: the job waits for some."""
+
+
+#: Seconds a job's cluster may have no worker before the job says that it waits for one.
+NO_WORKERS_NOTICE_S = 30.0
+
+
 def check_destination(dest_spec: dict) -> None:
     """Raise ``ValueError`` when the workers of a cluster could not see ``dest_spec``
     (an in-memory kvstore lives in one process)."""
@@ -179,7 +187,10 @@ class DaskExecutor:
     (an error, Ctrl-C) cancels its tasks and, leaving the ``with`` block, waits for those that
     were already running, as the local pool does: Dask cannot stop them, and they would write
     their results into the destination after the job ended, into the next run's output even
-    (a :class:`StillRunningNotice` says so; a second Ctrl-C leaves them).
+    (a :class:`StillRunningNotice` says so; a second Ctrl-C leaves them).  When every worker
+    is gone (killed for memory, their batch jobs ended), the job waits for new ones, as Dask
+    does (its scheduler's ``distributed.scheduler.no-workers-timeout`` bounds the wait): after
+    :data:`NO_WORKERS_NOTICE_S` a :class:`NoWorkersNotice` says so.
     """
 
     def __init__(self, client):
@@ -194,6 +205,8 @@ class DaskExecutor:
         self._job = None
         self._executor = None
         self._submitted = 0
+        self._stop_watch = threading.Event()
+        self._watch = None
 
     def start(self, job: tuple) -> None:
         """Send the job's arguments to the cluster.
@@ -221,6 +234,30 @@ class DaskExecutor:
             self._job = client.submit(pickle.loads, pickle.dumps(payload), pure=False,
                                       key=f"gpumesh-job-{self._id}")
         self._executor = client.get_executor(pure=False)
+        self._watch = threading.Thread(target=self._watch_workers, name="gpumesh-no-workers", daemon=True)
+        self._watch.start()
+
+    def _watch_workers(self) -> None:
+        """Say so (once per stretch) when the cluster has had no worker for
+        :data:`NO_WORKERS_NOTICE_S`: the job's tasks wait for one, silently in Dask."""
+        import time
+        import warnings
+
+        since = None
+        while not self._stop_watch.wait(min(1.0, NO_WORKERS_NOTICE_S / 4)):
+            try:
+                none = not self._client.nthreads()
+            except Exception:   # the client closing, or the scheduler gone: the job says so
+                return
+            if not none:
+                since = None
+            elif since is None:
+                since = time.monotonic()
+            elif since != -1 and time.monotonic() - since >= NO_WORKERS_NOTICE_S:
+                warnings.warn(f"the Dask cluster has had no workers for {NO_WORKERS_NOTICE_S:g} s: the job waits "
+                              f"for some to join (the scheduler's distributed.scheduler.no-workers-timeout bounds "
+                              f"the wait; Ctrl-C stops it, and --resume continues)", NoWorkersNotice)
+                since = -1   # told: not again until workers have come back
 
     def submit(self, fn, *args):
         """Run ``fn(*args)`` on a worker; returns a :class:`concurrent.futures.Future`."""
@@ -232,6 +269,9 @@ class DaskExecutor:
         return self
 
     def __exit__(self, *exc: Any) -> Optional[bool]:
+        self._stop_watch.set()
+        if self._watch is not None:
+            self._watch.join()
         try:
             if self._executor is not None:
                 self._executor.shutdown(wait=exc[0] is None)
@@ -317,4 +357,4 @@ def connect(address: str):
         raise ValueError(f"not a Dask scheduler address: {exc}") from None
 
 
-__all__ = ["DaskExecutor", "StillRunningNotice", "check_destination", "connect"]
+__all__ = ["DaskExecutor", "NoWorkersNotice", "StillRunningNotice", "check_destination", "connect"]

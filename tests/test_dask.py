@@ -395,3 +395,42 @@ def test_a_scheduler_that_is_no_address_is_one_line(tmp_path):
                            env=dict(os.environ, DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="1s"))
         assert r.returncode == 2 and r.stderr.startswith("gpumesh: error: cannot connect to the Dask scheduler"), r.stderr
         assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_cluster_without_workers_left_says_the_job_waits_and_goes_on_when_one_joins(crop, tmp_path, monkeypatch):
+    # Every worker gone for good (their batch jobs ended): the tasks wait for workers, as
+    # Dask's do; that wait was silent.  The job now says so, and finishes when one joins (the
+    # job's data, lost with the last worker, computed again).
+    import threading
+    import warnings
+
+    import gpumesh.cluster as cluster_module
+    from gpumesh.cluster import NoWorkersNotice
+
+    monkeypatch.setattr(cluster_module, "NO_WORKERS_NOTICE_S", 0.5)
+    source = tmp_path / "crop.zarr"
+    write_zarr(source, crop[:64, :64, :64])
+    one = tmp_path / "one"
+    run_mesh(str(source), str(one), options=MeshOptions(chunk_size=32), workers=1)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as c:
+        told = threading.Event()
+
+        def gone(done, total):
+            if done == 1:
+                cluster.scale(0)
+                # without the notice the test would wait forever: a worker joins anyway, later
+                threading.Timer(15, cluster.scale, (1,)).start()
+
+        def shown(message, category, *args, **kwargs):
+            if issubclass(category, NoWorkersNotice):
+                told.set()
+                cluster.scale(1)   # a worker joins once the job has said it waits
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = shown
+            dest = tmp_path / "dask"
+            run_mesh(str(source), str(dest), options=MeshOptions(chunk_size=32), client=c, progress=gone)
+        assert told.is_set()
+        assert tree_files(dest) == tree_files(one)
