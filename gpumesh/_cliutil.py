@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import warnings
 
@@ -50,6 +51,21 @@ def _segments(ctx, param, value):
     if bad:
         raise click.BadParameter(f"segment IDs must be in 1..2**64-1, got {bad[0]}{where}")
     return ids
+
+
+def _location(ctx, param, value):
+    """click callback: a path or URL as given, or a JSON kvstore / TensorStore spec (text
+    starting with ``{``, e.g. ``{"driver": "s3", "bucket": "b", "path": "seg/", "endpoint":
+    "https://minio.example.org"}``) as a dict."""
+    if value is None or not value.lstrip().startswith("{"):
+        return value
+    try:
+        spec = json.loads(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"starts with '{{' but is not a JSON spec: {exc}")
+    if not isinstance(spec, dict) or not isinstance(spec.get("driver"), str):
+        raise click.BadParameter("a JSON spec must be an object with a \"driver\"")
+    return spec
 
 
 def _fail(exc: Exception) -> None:

@@ -16,7 +16,7 @@ import warnings
 import click
 from click.core import ParameterSource
 
-from ._cliutil import _fail, _numbers, _segments
+from ._cliutil import _fail, _location, _numbers, _segments
 from .errors import EmptyVolumeWarning, GpumeshError, NoVoxelSizeWarning, SegmentsNotFoundWarning, WorkerFailedError
 
 
@@ -150,8 +150,8 @@ class _ProgressLines:
 
 
 @main.command()
-@click.argument("source")
-@click.argument("dest")
+@click.argument("source", callback=_location)
+@click.argument("dest", callback=_location)
 @click.option("--voxel-size", callback=_numbers(float), help="nm per voxel x,y,z (overrides metadata), e.g. 32,32,40")
 @click.option("--voxel-offset", callback=_numbers(int), help="voxel offset x,y,z (overrides metadata)")
 @click.option("--bounds", callback=_numbers(int, 6, "0,0,0,512,512,256"), metavar="X0,Y0,Z0,X1,Y1,Z1",
@@ -362,7 +362,7 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
 
 
 @main.command()
-@click.argument("dest")
+@click.argument("dest", callback=_location)
 @click.option("--segments", metavar="IDS", callback=_segments,
               help="check only these segment IDs: 1,2,3 or @FILE (IDs separated by commas, spaces or newlines)")
 @click.option("--sample", type=click.IntRange(min=1), metavar="N",
@@ -383,16 +383,18 @@ def validate(dest, segments, sample, seed, decode):
         report = run_validate(dest, segments=segments, sample=sample, seed=seed, decode=decode)
     except GpumeshError as exc:
         _fail(exc)
-    click.echo(report.format_table())
+    click.echo(report.format_table(errors=False))   # the violations on stderr, once
     if not report.ok:
         for err in report.errors[:50]:
             click.echo(f"  {err}", err=True)
+        if report.num_errors > 50:
+            click.echo(f"  ... and {report.num_errors - 50} more", err=True)
         sys.exit(1)
 
 
 @main.command()
-@click.argument("src")
-@click.argument("dest")
+@click.argument("src", callback=_location)
+@click.argument("dest", callback=_location)
 @_sharding_flags(True)
 @click.option("--overwrite", is_flag=True, help="replace the mesh directory DEST holds (never files gpumesh did not write)")
 def convert(src, dest, sharded, shard_bits, minishard_bits, preshift_bits, shard_hash, minishard_index_encoding,

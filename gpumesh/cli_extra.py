@@ -12,7 +12,7 @@ import time
 
 import click
 
-from ._cliutil import _fail, _numbers, _one_line_warnings, _segments
+from ._cliutil import _fail, _location, _numbers, _one_line_warnings, _segments
 from .errors import GpumeshError
 
 _MESH_SUFFIXES = ".stl, .ply, .obj or .glb"
@@ -47,7 +47,7 @@ def _report(mesh, path, seconds) -> None:
 
 
 @click.command("segment")
-@click.argument("source")
+@click.argument("source", callback=_location)
 @click.argument("segment_id", type=click.IntRange(min=1, max=2**64 - 1))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help=f"mesh file ({_MESH_SUFFIXES}); positions in nm")
@@ -87,7 +87,7 @@ def segment(source, segment_id, output, voxel_size, voxel_offset, bbox, bounds, 
 
 
 @click.command("export")
-@click.argument("dest")
+@click.argument("dest", callback=_location)
 @click.argument("segment_id", type=click.IntRange(min=1, max=2**64 - 1))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help=f"mesh file ({_MESH_SUFFIXES}); positions in nm")

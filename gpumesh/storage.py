@@ -20,6 +20,7 @@ import ctypes
 import errno
 import json
 import os
+import re
 from typing import Any, Iterable, Optional, Union
 
 import tensorstore as ts
@@ -29,6 +30,7 @@ from .errors import DestinationError, SourceReadError, StorageUnreachableError, 
 KvSpec = Union[str, os.PathLike, dict, "ts.KvStore"]
 
 _URL_SCHEMES = ("file://", "memory://", "gs://", "s3://", "http://", "https://")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")   # any URL: never taken as a local path
 
 
 def kvstore_spec(location: KvSpec) -> dict:
@@ -44,6 +46,13 @@ def kvstore_spec(location: KvSpec) -> dict:
     -------
     dict
         A kvstore spec whose ``path`` ends in ``/`` (a directory), so keys are file names.
+
+    Notes
+    -----
+    An ``s3`` location without an ``endpoint`` gets the one that the environment variable
+    ``AWS_ENDPOINT_URL_S3`` or else ``AWS_ENDPOINT_URL`` names, as the AWS CLI and SDKs do
+    (TensorStore reads neither): ``s3://`` URLs then reach S3-compatible stores (MinIO, Ceph,
+    R2) too.
     """
     if isinstance(location, ts.KvStore):
         spec = location.spec().to_json()
@@ -51,14 +60,32 @@ def kvstore_spec(location: KvSpec) -> dict:
         spec = dict(location)
     else:
         text = os.fspath(location)
-        if text.startswith(_URL_SCHEMES):
-            spec = ts.KvStore.Spec(text).to_json()
+        if text.startswith(_URL_SCHEMES) or _SCHEME.match(text):
+            try:
+                spec = ts.KvStore.Spec(text).to_json()
+            except ValueError as exc:   # gcs://, a typo: not a local folder of that name
+                raise ValueError(f"{text}: not a location TensorStore can open ({one_line(exc)}); "
+                                 f"use a path or a file://, gs://, s3://, http(s):// or memory:// URL") from None
         else:
             spec = {"driver": "file", "path": os.path.abspath(text)}
+    if spec.get("driver") == "s3" and "endpoint" not in spec:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            spec["endpoint"] = endpoint
     path = spec.get("path", "")
     if path and not path.endswith("/"):
         spec["path"] = path + "/"
     return spec
+
+
+def is_kvstore_spec(spec: dict) -> bool:
+    """Whether ``spec`` (a JSON dict) is a kvstore spec (``{"driver": "s3", ...}``) rather
+    than a TensorStore spec (``{"driver": "zarr3", ...}``)."""
+    try:
+        ts.KvStore.Spec(spec)
+        return True
+    except Exception:
+        return False
 
 
 def kvstore_url(spec: dict) -> str:

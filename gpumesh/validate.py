@@ -149,8 +149,9 @@ class ValidationReport:
             self.per_lod.append(stats)
         return self.per_lod[index]
 
-    def format_table(self) -> str:
-        """Plain-text summary: one row per LOD, totals, then ``OK`` or ``N violations``.
+    def format_table(self, errors: bool = True) -> str:
+        """Plain-text summary: one row per LOD, totals, then ``OK`` or ``N violations`` (and
+        the first 20 of them, unless ``errors`` is false).
 
         Returns
         -------
@@ -185,9 +186,9 @@ class ValidationReport:
             out.append("OK")
         else:
             out.append(f"{self.num_errors} violations")
-            shown = self.errors[:20]
+            shown = self.errors[:20] if errors else []
             out.extend("  " + e for e in shown)
-            if self.num_errors > len(shown):
+            if errors and self.num_errors > len(shown):
                 out.append(f"  ... and {self.num_errors - len(shown)} more")
         return "\n".join(out)
 

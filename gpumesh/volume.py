@@ -877,7 +877,9 @@ def open_volume(
     source : numpy.ndarray, tensorstore.TensorStore, dict, str or os.PathLike
         - a 3-D integer NumPy array (axes x, y, z unless ``axes`` says otherwise);
         - an opened ``tensorstore.TensorStore`` (dimension labels x/y/z are honoured);
-        - a TensorStore spec ``dict`` (opened read-only);
+        - a TensorStore spec ``dict`` (opened read-only), or a kvstore spec ``dict`` of the
+          volume's directory (``{"driver": "s3", "bucket": ..., "endpoint": ...}``), whose
+          format is detected as for a path;
         - a local path or a URL (``file://``, ``gs://``, ``s3://``, ``memory://``, ...),
           optionally with a Neuroglancer-style format prefix ``zarr://``, ``zarr2://``,
           ``zarr3://``, ``n5://`` or ``precomputed://`` (e.g.
@@ -979,6 +981,8 @@ def open_volume(
         driver = source.get("driver")
         if driver is None:
             raise SourceReadError(f"TensorStore spec without 'driver': {json.dumps(source)[:200]}")
+        if storage.is_kvstore_spec(source):   # a location ({"driver": "s3", ...}): its format detected
+            return _open_location(source, None, mip, axes, vs, vo, how)
         if driver == "neuroglancer_precomputed" and "kvstore" in source and "scale_index" not in source \
                 and "scale_metadata" not in source:
             kvs = source["kvstore"]

@@ -182,6 +182,21 @@ def test_cli_validate_fails_on_corrupt_output(tmp_path):
     data.write_bytes(data.read_bytes()[:-5])
     r = _cli("validate", str(dest))
     assert r.returncode == 1
+    # each violation once: on stderr (the table on stdout listed them too)
+    problems = [ln for ln in r.stderr.splitlines() if ln.startswith("  ")]
+    assert problems and all(p.strip() not in r.stdout for p in problems), r.stdout + r.stderr
+
+
+def test_an_unknown_url_scheme_is_refused_not_taken_as_a_local_folder(tmp_path, real_zarr):
+    # gcs:// (for gs://) was a relative path: as DEST the meshes went to ./gcs:/bucket/mesh/
+    r = subprocess.run(cli_command() + ["mesh", str(real_zarr), "gcs://bucket/mesh", "--bounds", "0,0,0,32,32,32"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and "gcs://bucket/mesh: not a location TensorStore can open" in r.stderr, r.stderr
+    assert os.listdir(tmp_path) == []
+    r = subprocess.run(cli_command() + ["mesh", "gcs://bucket/seg", "out"], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and 'unsupported URL scheme "gcs"' in r.stderr, r.stderr
+    assert os.listdir(tmp_path) == []
 
 
 def _refused_port() -> int:
