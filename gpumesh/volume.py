@@ -169,8 +169,9 @@ class Volume:
         ----------
         bounds : sequence of 6 int
             ``(x0, y0, z0, x1, y1, z1)``: the box ``[x0, x1) x [y0, y1) x [z0, z1)`` in global
-            voxel coordinates (:attr:`voxel_offset` included, as Neuroglancer shows them),
-            clipped to the volume.
+            voxel coordinates of this volume's scale (:attr:`voxel_offset` included, as
+            Neuroglancer shows them for mip 0; at a coarser mip, that scale's voxels), clipped
+            to the volume.
 
         Returns
         -------
@@ -289,12 +290,20 @@ def _spatial_dims(names: Optional[list], shape: Sequence[int], where: str, axes_
     given = _parse_axes(axes_arg, rank)
     if given is not None:
         names = given
-    elif names is not None:
+    elif isinstance(names, (list, tuple)):
         lowered = [str(n).lower() if n is not None else "" for n in names]
         if len(lowered) == rank and all(lowered.count(a) == 1 for a in "xyz"):
             names = lowered
+        elif len(lowered) == rank and any(a in lowered for a in "xyz"):
+            # names such as c, y, x (a 2-D image): taking storage order as x, y, z would mesh
+            # the stored x as z
+            raise InvalidVolumeError(
+                f"{where} names its axes {list(names)}: not each of x, y, z once, so it is no 3-D label volume "
+                f"(give axes=, e.g. 'czyx', where the names are wrong)")
         else:
-            names = None  # unusable names: fall back to storage order
+            names = None  # no spatial names (dim_0, ...): fall back to storage order
+    else:
+        names = None  # no names, or malformed metadata: storage order
     if names is None:
         if rank < 3:
             raise InvalidVolumeError(f"{where} has rank {rank}: a label volume must be 3-D (x, y, z)")
@@ -364,6 +373,23 @@ def _spatial_attr(value: Any, xyz: tuple, rank: int) -> Optional[list]:
     return None
 
 
+def _funlib_offset(attrs: dict, xyz: tuple, rank: int, where: str) -> Optional[np.ndarray]:
+    """The voxel offset of funlib's and daisy's zarr attributes: ``offset`` in world units (nm)
+    beside ``resolution``, both in storage order; ``None`` (with a warning) when it is not a
+    whole number of voxels."""
+    off = _spatial_attr(attrs.get("offset"), xyz, rank)
+    res = _spatial_attr(attrs.get("resolution"), xyz, rank)
+    try:
+        vox = [float(o) / float(r) for o, r in zip(off, res)]
+    except (TypeError, ValueError, ZeroDivisionError):
+        vox = None
+    if vox is None or not all(math.isfinite(v) and abs(v) < 2**62 and abs(v - round(v)) < 1e-6 for v in vox):
+        warnings.warn(f"{where}: attribute offset {attrs.get('offset')} is not a whole number of voxels of "
+                      f"resolution {attrs.get('resolution')}: ignored (give --voxel-offset)", stacklevel=4)
+        return None
+    return np.array([int(round(v)) for v in vox], dtype=np.int64)
+
+
 # ----------------------------------------------------------------------------- readers
 
 
@@ -414,6 +440,8 @@ def _tensorstore_volume(
         vo = _spatial_attr(attrs.get("voxel_offset"), xyz, len(shape))
         if vo is not None:
             voxel_offset = _check_voxel_offset(vo)
+    if voxel_offset is None and attrs and "offset" in attrs and "resolution" in attrs:
+        voxel_offset = _funlib_offset(attrs, xyz, len(shape), where)
     if voxel_offset is None:
         voxel_offset = np.array([origin[d] for d in xyz], dtype=np.int64)
 
@@ -608,6 +636,8 @@ def _open_ome(kv, where, multiscales, zarr_version, mip, axes, voxel_size, voxel
     dwhere = f"{where.rstrip('/')}/{path}"
     store = _ts_open({"driver": "zarr3" if zarr_version == 3 else "zarr"}, dwhere, sub, how)
     rank = store.rank
+    if names is None and str(ms.get("version")) in ("0.1", "0.2") and rank <= 5:
+        names = list("tczyx"[5 - rank:])   # before axes (0.3), images were t, c, z, y, x
     if names is not None and len(names) != rank:
         raise SourceReadError(f"OME-Zarr {where}: {len(names)} axes for a rank-{rank} array {path!r}")
     shape = tuple(store.domain.shape)
@@ -618,7 +648,9 @@ def _open_ome(kv, where, multiscales, zarr_version, mip, axes, voxel_size, voxel
         s, t = s * s2, t * s2 + t2
     except Exception as exc:
         raise SourceReadError(f"bad OME-Zarr coordinateTransformations at {where}: {one_line(exc)}") from exc
-    if voxel_size is None:
+    scaled = any(isinstance(tr, dict) and tr.get("type") == "scale"
+                 for tr in (ds.get("coordinateTransformations") or []) + (ms.get("coordinateTransformations") or []))
+    if voxel_size is None and scaled:   # without a scale, no voxel size is known (NoVoxelSizeWarning)
         factors = [_unit_nm(units[d] if d < len(units) else None, where) for d in xyz]
         voxel_size = _check_voxel_size([s[d] * f for d, f in zip(xyz, factors)], f"OME-Zarr {where} scale")
     if voxel_offset is None:
@@ -652,6 +684,19 @@ def _n5_voxel_size(attrs: dict, where: str) -> Optional[list]:
     return [r * f for r in res]
 
 
+def _n5_level_voxel_size(attrs: dict, where: str) -> Optional[list]:
+    """A dataset's voxel size from its attributes: its ``resolution`` (the level's own, as
+    paintera and BigCat write it), else its ``pixelResolution`` times its
+    ``downsamplingFactors`` (n5-spark, n5-ij and n5-viewer write the full-resolution voxel
+    size there and the level's factors beside it, and read it so)."""
+    vs = _n5_voxel_size(attrs, where)
+    factors = attrs.get("downsamplingFactors")
+    if vs is not None and "resolution" not in attrs and isinstance(factors, list) and len(factors) == len(vs) \
+            and all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in factors):
+        vs = [v * f for v, f in zip(vs, factors)]
+    return vs
+
+
 def _open_n5(kv, where, mip, axes, voxel_size, voxel_offset, how: _Opening = _Opening()) -> Volume:
     attrs = _read_json(kv, "attributes.json", where)
     if not isinstance(attrs, dict):
@@ -672,7 +717,7 @@ def _open_n5(kv, where, mip, axes, voxel_size, voxel_offset, how: _Opening = _Op
         if group_vs is not None and isinstance(factors, list) and len(factors) == len(group_vs):
             group_vs = [v * f for v, f in zip(group_vs, factors)]
         if "resolution" in dattrs or "pixelResolution" in dattrs:
-            group_vs = None  # the dataset's own resolution wins
+            group_vs = None  # the dataset's own resolution wins (see _n5_level_voxel_size)
         kv, dwhere, desc_mip = sub, f"{where.rstrip('/')}/s{mip}", f"mip {mip}: s{mip}"
         merged = {k: v for k, v in attrs.items() if k not in ("resolution", "pixelResolution", "units")}
         merged.update(dattrs)
@@ -684,7 +729,7 @@ def _open_n5(kv, where, mip, axes, voxel_size, voxel_offset, how: _Opening = _Op
     shape = tuple(store.domain.shape)
     xyz, _ = _spatial_dims(names if isinstance(names, list) else None, shape, dwhere, axes)
     if voxel_size is None:
-        vs = group_vs if group_vs is not None else _n5_voxel_size(attrs, where)
+        vs = group_vs if group_vs is not None else _n5_level_voxel_size(attrs, where)
         vs = _spatial_attr(vs, xyz, len(shape)) if vs is not None else None
         if vs is not None:
             voxel_size = _check_voxel_size(vs, f"N5 {where} resolution")
@@ -1024,8 +1069,9 @@ def _from_tensorstore(store: ts.TensorStore, where: str, mip: int, axes, vs, vo)
             precomputed = None
         _no_axes(axes, where)
         axes = None
-    elif mip != 0:
-        _no_mip(mip, where)
+    if mip != 0:   # an opened TensorStore (or a spec with its scale_index) is one scale
+        raise SourceReadError(f"{where} is one scale: open the scale wanted (precomputed: scale_index), or give "
+                              f"the volume's location with mip {mip}")
     try:
         location = storage.kvstore_spec(store.kvstore)
     except Exception:   # a driver without a kvstore (an in-memory "array")

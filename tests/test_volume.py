@@ -715,3 +715,88 @@ def test_link_source_of_a_source_that_is_not_precomputed_is_refused_before_outpu
         f"gpumesh: error: link_source (--link-source) names the meshes in a precomputed source's info; "
         f"zarr v3 {src} (mip 0) is not a precomputed volume"], r.stderr
     assert not (tmp_path / "cli").exists()
+
+
+def test_n5_levels_with_pixel_resolution_and_downsampling_factors(tmp_path, labels):
+    # n5-spark, n5-ij and n5-viewer write the full-resolution voxel size as every level's
+    # pixelResolution, with the level's downsamplingFactors beside it, and read the level as
+    # their product: mip 1 was meshed at half size
+    root = tmp_path / "spark.n5"
+    low = labels[::2, ::2, :].copy()
+    for i, (arr, f) in enumerate([(labels, [1, 1, 1]), (low, [2, 2, 1])]):
+        write_ts({"driver": "n5", "kvstore": str(root / f"s{i}"), "metadata": {"compression": {"type": "raw"}}}, arr)
+        edit_json(root / f"s{i}" / "attributes.json",
+                  lambda a, f=f: a.update(pixelResolution={"dimensions": [4, 4, 40], "unit": "nm"},
+                                          downsamplingFactors=f))
+    (root / "attributes.json").write_text(json.dumps({"n5": "2.0.0"}))
+    np.testing.assert_allclose(open_volume(str(root)).voxel_size, [4, 4, 40])
+    np.testing.assert_allclose(open_volume(str(root), mip=1).voxel_size, [8, 8, 40])
+    np.testing.assert_allclose(open_volume(str(root / "s1")).voxel_size, [8, 8, 40])   # the level alone
+    # a level's own resolution (paintera, BigCat) is the level's: not multiplied
+    edit_json(root / "s1" / "attributes.json", lambda a: a.update(resolution=[8, 8, 40]))
+    np.testing.assert_allclose(open_volume(str(root), mip=1).voxel_size, [8, 8, 40])
+
+
+def test_names_with_some_but_not_all_of_x_y_z_are_refused(tmp_path, labels):
+    # c, y, x (a 2-D image with a channel) was read in storage order as x, y, z: the stored x
+    # meshed as z
+    path = tmp_path / "cyx.zarr"
+    write_ts({"driver": "zarr3", "kvstore": str(path), "metadata": {"dimension_names": ["c", "y", "x"]}},
+             labels[:1].copy())
+    with pytest.raises(InvalidVolumeError, match=r"names its axes \['c', 'y', 'x'\]: not each of x, y, z once"):
+        open_volume(str(path))
+    check_read(open_volume(str(path), axes="zyx"), labels[:1].transpose(2, 1, 0))   # axes= still overrides
+    # names without x, y or z (dim_0, ...), or malformed ones, leave the storage order
+    path = tmp_path / "v2.zarr"
+    write_ts({"driver": "zarr", "kvstore": str(path)}, labels)
+    for names in (["dim_0", "dim_1", "dim_2"], 3):
+        (path / ".zattrs").write_text(json.dumps({"_ARRAY_DIMENSIONS": names}))
+        check_read(open_volume(str(path)), labels)
+
+
+def test_ome_zarr_before_axes_is_t_c_z_y_x_and_without_scale_has_no_voxel_size(tmp_path, labels):
+    zyx = np.ascontiguousarray(labels.transpose(2, 1, 0))[None, None]   # t, c, z, y, x
+    root = tmp_path / "old.zarr"
+    write_ts({"driver": "zarr", "kvstore": str(root / "0")}, zyx)
+    (root / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
+    (root / ".zattrs").write_text(json.dumps({"multiscales": [{"version": "0.2", "datasets": [{"path": "0"}]}]}))
+    vol = open_volume(str(root))
+    check_read(vol, labels)   # was read as x = z
+    # no scale: 1 nm voxels, not known (it was taken as known, so no NoVoxelSizeWarning)
+    assert not vol.voxel_size_known
+
+
+def test_funlib_offset_in_nm_beside_resolution(tmp_path, labels):
+    path = tmp_path / "funlib.zarr"
+    write_ts({"driver": "zarr", "kvstore": str(path)}, np.ascontiguousarray(labels.transpose(2, 1, 0)))
+    (path / ".zattrs").write_text(json.dumps({"resolution": [40, 8, 4], "offset": [400, 80, 40]}))   # z, y, x; nm
+    vol = open_volume(str(path), axes="zyx")
+    np.testing.assert_array_equal(vol.voxel_size, [4, 8, 40])
+    np.testing.assert_array_equal(vol.voxel_offset, [10, 10, 10])   # was (0, 0, 0): meshes at the origin
+    (path / ".zattrs").write_text(json.dumps({"resolution": [40, 8, 4], "offset": [400, 80, 42]}))
+    with pytest.warns(UserWarning, match="not a whole number of voxels"):
+        np.testing.assert_array_equal(open_volume(str(path), axes="zyx").voxel_offset, [0, 0, 0])
+
+
+def test_mip_of_an_opened_tensorstore_is_refused_not_ignored(tmp_path, labels):
+    path = tmp_path / "pc"
+    write_ts({"driver": "neuroglancer_precomputed", "kvstore": str(path),
+              "scale_metadata": {"resolution": [4, 4, 40], "encoding": "raw", "chunk_size": [8, 8, 8]},
+              "multiscale_metadata": {"type": "segmentation", "num_channels": 1}}, labels[..., None])
+    store = ts.open({"driver": "neuroglancer_precomputed", "kvstore": {"driver": "file", "path": str(path)}}).result()
+    with pytest.raises(SourceReadError, match="is one scale"):
+        open_volume(store, mip=1)
+    with pytest.raises(SourceReadError, match="is one scale"):
+        open_volume({"driver": "neuroglancer_precomputed", "kvstore": {"driver": "file", "path": str(path)},
+                     "scale_index": 0}, mip=1)
+    check_read(open_volume(store), labels)
+
+
+def test_a_kvstore_spec_is_a_location_whose_format_is_detected(tmp_path, labels):
+    path = tmp_path / "n.n5"
+    write_ts({"driver": "n5", "kvstore": str(path), "metadata": {"compression": {"type": "raw"}}}, labels)
+    edit_json(path / "attributes.json", lambda a: a.update(resolution=[4, 6, 40]))
+    vol = open_volume({"driver": "file", "path": str(path)})
+    check_read(vol, labels)
+    np.testing.assert_array_equal(vol.voxel_size, [4, 6, 40])
+    assert "N5" in vol.description
