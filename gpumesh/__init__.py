@@ -16,7 +16,7 @@ from ._caches import ensure_numba_cache_dir as _ensure_numba_cache_dir
 _ensure_numba_cache_dir()
 
 from .errors import (DestinationError, DestinationExistsError, EmptyVolumeWarning, GpumeshError, InvalidMeshError,
-                     InvalidVolumeError, InvalidVoxelSizeError, NoVoxelSizeWarning, SegmentsNotFoundWarning,
+                     InvalidVolumeError, InvalidVoxelSizeError, NoVoxelSizeWarning, SegmentsNotFoundWarning, VoxelSizeOverrideWarning,
                      SourceReadError, StorageUnreachableError, TaskFailedError, WorkerFailedError)
 # eager: the function must stay gpumesh.validate once the submodule gpumesh.validate is imported
 from .validate import validate
@@ -51,7 +51,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DestinationError", "DestinationExistsError", "EmptyVolumeWarning", "GpumeshError", "InvalidMeshError", "InvalidVolumeError",
-    "InvalidVoxelSizeError", "NoVoxelSizeWarning", "SegmentsNotFoundWarning", "SourceReadError", "StorageUnreachableError", "TaskFailedError", "WorkerFailedError", "MeshOptions",
+    "InvalidVoxelSizeError", "NoVoxelSizeWarning", "SegmentsNotFoundWarning", "VoxelSizeOverrideWarning", "SourceReadError", "StorageUnreachableError", "TaskFailedError", "WorkerFailedError", "MeshOptions",
     "ShardingOptions", "Summary", "run_mesh",
     "load_mesh", "open_mesh", "validate", "Volume", "open_volume", "mesh_segment",
 ]

@@ -42,7 +42,7 @@ import numpy as np
 
 from .errors import GpumeshError
 from .lod import decimate, get_quality
-from .volume import Volume, open_volume, warn_if_no_voxel_size
+from .volume import Volume, open_volume, warn_if_no_voxel_size, warn_if_voxel_size_overridden
 
 __all__ = ["SegmentNotFoundError", "mesh_segment", "find_segment_bbox", "open_source", "mask_to_mesh"]
 
@@ -446,6 +446,7 @@ def mesh_segment(source: Any, segment_id: int, *, bbox=None, mip: int = 0, voxel
     volume = open_source(source, voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip, axes=axes,
                          bounds=bounds, fill_missing=fill_missing)
     warn_if_no_voxel_size(volume)
+    warn_if_voxel_size_overridden(source, volume, voxel_size, mip=mip, axes=axes)
     backend = get_backend(device)
     found = _locate(volume, segment_id, bbox, threads)
     if not found:

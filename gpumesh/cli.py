@@ -17,7 +17,8 @@ import click
 from click.core import ParameterSource
 
 from ._cliutil import _fail, _location, _numbers, _segments
-from .errors import EmptyVolumeWarning, GpumeshError, NoVoxelSizeWarning, SegmentsNotFoundWarning, WorkerFailedError
+from .errors import (EmptyVolumeWarning, GpumeshError, NoVoxelSizeWarning, SegmentsNotFoundWarning,
+                     VoxelSizeOverrideWarning, WorkerFailedError)
 
 
 
@@ -292,7 +293,7 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
         if issubclass(category, (CPUFallbackNotice, FewerWorkersNotice, StillRunningNotice, NoWorkersNotice)):  # at once
             if not quiet:
                 click.echo(f"gpumesh: {message}", err=True)
-        elif issubclass(category, NoVoxelSizeWarning):  # at once: a reason to stop the job
+        elif issubclass(category, (NoVoxelSizeWarning, VoxelSizeOverrideWarning)):  # at once: a reason to stop the job
             click.echo(f"gpumesh: warning: {message}", err=True)
         else:  # after the progress bar
             caught.append(message)
@@ -315,6 +316,7 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
             warnings.simplefilter("always", FewerWorkersNotice)
             warnings.simplefilter("always", NoWorkersNotice)
             warnings.simplefilter("always", NoVoxelSizeWarning)
+            warnings.simplefilter("always", VoxelSizeOverrideWarning)
             warnings.showwarning = show
             try:
                 summary = run_mesh(source, dest, options=options, voxel_size=voxel_size, voxel_offset=voxel_offset,

@@ -72,6 +72,13 @@ class NoVoxelSizeWarning(UserWarning):
     each, so they do not overlay the volume in a viewer that knows its real voxel size."""
 
 
+class VoxelSizeOverrideWarning(UserWarning):
+    """The voxel size given (``--voxel-size``) differs from the one the source states: the
+    meshes are placed by the one given, so they do not overlay the volume in a viewer that
+    shows it by its own metadata (nor where ``source_info.json`` or ``--link-source`` pair
+    them)."""
+
+
 class SegmentsNotFoundWarning(UserWarning):
     """Some segment IDs selected for meshing (``MeshOptions.segments``, ``--segments``) have no
     voxel in the volume (or within the bounds): they get no mesh."""

@@ -64,7 +64,7 @@ from .errors import (DestinationError, DestinationExistsError, EmptyVolumeWarnin
 from .lod import DOWNSAMPLING, decimate, decimates, get_quality, lod_factors
 from .marching import piece_in_node, relabel_block, thin_vertices
 from .sharding import ShardingOptions
-from .volume import Volume, open_volume, portable_source, warn_if_no_voxel_size
+from .volume import Volume, open_volume, portable_source, warn_if_no_voxel_size, warn_if_voxel_size_overridden
 
 SCRATCH = ".gpumesh-work/"
 COARSE = "coarse"     # the task of a block that meshes its coarsest LOD (see Plan.tasks)
@@ -1102,6 +1102,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         raise ValueError(f"link_source (--link-source) names the meshes in a precomputed source's info; "
                          f"{volume.description} is not a precomputed volume")
     warn_if_no_voxel_size(volume)
+    warn_if_voxel_size_overridden(source, volume, voxel_size, mip=mip, axes=axes)
     if options.format == "multires" and np.any(np.abs(volume.voxel_offset) > MAX_GRID_ORIGIN):
         # the manifests' grid_origin is float32: past 2**24 it would silently move the meshes
         raise InvalidVolumeError(

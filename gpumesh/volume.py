@@ -35,7 +35,8 @@ import numpy as np
 import tensorstore as ts
 
 from . import storage
-from .errors import InvalidVolumeError, InvalidVoxelSizeError, NoVoxelSizeWarning, SourceReadError, one_line
+from .errors import (InvalidVolumeError, InvalidVoxelSizeError, NoVoxelSizeWarning, SourceReadError,
+                     VoxelSizeOverrideWarning, one_line)
 
 __all__ = ["Volume", "open_volume", "portable_source"]
 
@@ -478,6 +479,28 @@ def warn_if_no_voxel_size(volume: Volume) -> None:
         warnings.warn(NoVoxelSizeWarning(
             f"{volume.description} states no voxel size and none was given: the meshes are in voxels "
             f"(1 nm each); give it in nm (--voxel-size X,Y,Z; Python: voxel_size=(x, y, z))"), stacklevel=3)
+
+
+def warn_if_voxel_size_overridden(source: Any, volume: Volume, voxel_size, *, mip: int = 0,
+                                  axes: Optional[str] = None) -> None:
+    """Warn (:class:`gpumesh.errors.VoxelSizeOverrideWarning`) when ``voxel_size`` was given
+    and differs from the one the metadata of ``source`` states (``volume`` is ``source``
+    opened with it): the meshes would not overlay the volume in a viewer.  Opens ``source``
+    once more without it; nothing for arrays, opened TensorStores and Volumes."""
+    if voxel_size is None or isinstance(source, (np.ndarray, ts.TensorStore, Volume)):
+        return
+    try:
+        stored = open_volume(source, mip=mip, axes=axes)
+    except Exception:   # it opened a moment ago: nothing to compare
+        return
+    if stored.voxel_size_known and not np.allclose(stored.voxel_size, volume.voxel_size, rtol=1e-6, atol=0):
+        def nm(v):
+            return ",".join(f"{float(x):g}" for x in v)
+
+        warnings.warn(VoxelSizeOverrideWarning(
+            f"the voxel size given, {nm(volume.voxel_size)} nm, differs from the {nm(stored.voxel_size)} nm that "
+            f"{stored.description} states: the meshes are placed by the one given, so they will not overlay the "
+            f"volume where a viewer shows it by its own metadata"), stacklevel=3)
 
 
 def _numpy_volume(arr: np.ndarray, axes: Optional[str], voxel_size, voxel_offset) -> Volume:

@@ -530,6 +530,25 @@ def test_a_source_without_a_voxel_size_is_meshed_in_voxels_with_a_warning(tmp_pa
     assert given.returncode == 0 and "voxel size" not in given.stderr, given.stderr
 
 
+def test_a_voxel_size_given_against_the_sources_own_is_warned_about(tmp_path, real_zarr):
+    # the meshes are placed by the one given: in a viewer showing the volume by its metadata
+    # (or through source_info.json / --link-source) they would not overlay it, silently
+    from gpumesh import VoxelSizeOverrideWarning, mesh_segment
+
+    crop = (192, 192, 192, 224, 224, 224)
+    with pytest.warns(VoxelSizeOverrideWarning, match=r"given, 4,4,40 nm, differs from the 32,32,40 nm that zarr v3"):
+        run_mesh(str(real_zarr), str(tmp_path / "a"), voxel_size=(4, 4, 40), bounds=crop, workers=1)
+    with pytest.warns(VoxelSizeOverrideWarning):
+        mesh_segment(str(real_zarr), 25024949, voxel_size=(4, 4, 40), bounds=crop)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VoxelSizeOverrideWarning)
+        run_mesh(str(real_zarr), str(tmp_path / "b"), voxel_size=(32, 32, 40), bounds=crop, workers=1)   # the same
+        run_mesh(GOOD, str(tmp_path / "c"), voxel_size=(4, 4, 40), workers=1)   # an array states none
+    r = _cli("mesh", str(real_zarr), str(tmp_path / "d"), "--voxel-size", "4,4,40", "--bounds", "192,192,192,224,224,224",
+             "--workers", "1", "--device", "cpu")
+    assert r.returncode == 0 and r.stderr.splitlines()[0].startswith("gpumesh: warning: the voxel size given"), r.stderr
+
+
 def test_segment_properties_are_left_out_past_the_cap_unless_asked_for(tmp_path, monkeypatch):
     """Past SEGMENT_PROPERTIES_MAX segments the default leaves the segment properties out (the
     client loads their one JSON file whole before any mesh), with a notice; True writes them,
