@@ -24,7 +24,8 @@ class Backend(Protocol):
     name: str
 
     def mesh(self, labels: np.ndarray, piece_size: int) -> list[marching.Piece]:
-        """Welded pieces of every segment in a block (see :func:`gpumesh.marching.march_cubes`)."""
+        """Welded pieces of every segment in a block (see :func:`gpumesh.marching.march_cubes`).
+        Signed labels are meshed as their unsigned view: a piece's ``label`` is that value."""
 
     def downsample(self, labels: np.ndarray, factor=(2, 2, 2)) -> np.ndarray:
         """Labels downsampled by ``factor``, 1 or 2 per axis (see
@@ -38,6 +39,8 @@ class CPUBackend:
 
     def mesh(self, labels: np.ndarray, piece_size: int) -> list[marching.Piece]:
         labels = np.ascontiguousarray(labels)
+        if labels.dtype.kind == "i":   # signed labels as their unsigned view, as the GPU backend's
+            labels = labels.view(f"u{labels.dtype.itemsize}")
         tri_label, tri_piece, tri_edges = marching.march_cubes(labels, piece_size)
         return marching.weld(tri_label, tri_piece, tri_edges, labels.shape)
 

@@ -237,12 +237,27 @@ class CupyRuntime:
     def _stream(self):
         return self.cp.cuda.get_current_stream()
 
+    def _pinned_array(self, shape, dtype) -> np.ndarray:
+        """An empty pinned host array from CuPy's pinned memory pool, in a buffer of a power of
+        two bytes (at least 512).
+
+        The pool gives a freed buffer again only to a request of the same size, and keeps it
+        page-locked until :meth:`release`: with each block's transfers of their own sizes,
+        nearly every one was a new ``cudaHostAlloc`` that then stayed in the pool (about one
+        block's downloads for every block, so a long job's page-locked memory grew without
+        end).  In powers of two the sizes are a few dozen, and their buffers are reused.
+        """
+        dtype = np.dtype(dtype)
+        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        raw = self._empty_pinned((1 << max(n - 1, 511).bit_length(),), np.uint8)
+        return raw[:n].view(dtype).reshape(shape)
+
     def to_device(self, a: np.ndarray) -> Any:
         """A device copy of host array ``a``, queued on the current stream."""
         if not self.pinned:
             return self.cp.asarray(a)
         a = np.asarray(a)
-        buf = self._empty_pinned(a.shape, a.dtype)
+        buf = self._pinned_array(a.shape, a.dtype)
         np.copyto(buf, a)
         d = self.cp.empty(a.shape, a.dtype)
         if a.size:
@@ -262,7 +277,7 @@ class CupyRuntime:
         out = []
         try:
             for a in arrays:
-                h = self._empty_pinned(a.shape, a.dtype)
+                h = self._pinned_array(a.shape, a.dtype)
                 if a.size:
                     self.cp.ascontiguousarray(a).get(stream=stream, out=h, blocking=False)
                 out.append(h)
@@ -338,7 +353,8 @@ class GPUBackend:
         Most blocks per launch; larger problems are covered by the kernels' grid-stride loops.
     memory_budget : int, optional
         Bytes of device memory this backend may use.  Default: :data:`GPU_MEMORY_FRACTION` of
-        the device's free memory when the backend is made, divided by ``processes``.
+        the device's free memory when the backend is made, less the other processes' CUDA
+        contexts (:data:`CONTEXT_BYTES` each; at most half of it), divided by ``processes``.
     processes : int
         Processes sharing the device (the main job's workers), for the default budget.
     weld : {"sort", "hash"}, optional
@@ -385,8 +401,14 @@ class GPUBackend:
         tables = sum(int(a.nbytes) for a in (self._tri_counts, self._tri_table, self._edge_base,
                                              self._edge_axis))
         if memory_budget is None:
+            # this process's context is made (free counts it); the others' may not be yet, and
+            # each takes CONTEXT_BYTES beside its pool: without them, processes that measured
+            # first took GPU_MEMORY_FRACTION of the memory in pools alone, and the contexts
+            # came on top (past what was free on a 24 GB card with 11 workers)
+            # (never less than half the share: free may count the others' contexts already)
             free, _ = rt.mem_info()
-            memory_budget = int(free * GPU_MEMORY_FRACTION) // int(processes)
+            share = int(free * GPU_MEMORY_FRACTION)
+            memory_budget = max(share - (int(processes) - 1) * CONTEXT_BYTES, share // 2) // int(processes)
         if int(memory_budget) < 1:
             raise ValueError(f"memory_budget must be positive (got {memory_budget})")
         self.memory_budget = int(memory_budget)
@@ -577,6 +599,7 @@ class GPUBackend:
         labels = np.ascontiguousarray(labels)
         if labels.ndim != 3:
             raise ValueError(f"labels must be 3-D (got shape {labels.shape})")
+        labels = labels.view(label_dtype(labels.dtype))   # signed: as unsigned, as the CPU backend
         cubes = int(np.prod([max(n - 1, 0) for n in labels.shape]))
         if self.device_weld and min(labels.shape) >= 2 and int(piece_size) >= 1 and cubes <= MAX_SCAN:
             with self._lock:

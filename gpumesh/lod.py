@@ -119,8 +119,9 @@ def downsample_labels(labels: np.ndarray, factor=(2, 2, 2)) -> np.ndarray:
 
     Parameters
     ----------
-    labels : (nx, ny, nz) unsigned integer ndarray
+    labels : (nx, ny, nz) integer ndarray
         Axes x, y, z.  Odd sizes are allowed: the last, partial block uses the voxels it has.
+        Signed labels are compared as their unsigned view (as the GPU kernel compares them).
     factor : (3,) int
         1 or 2 per axis (x, y, z).
 
@@ -135,9 +136,12 @@ def downsample_labels(labels: np.ndarray, factor=(2, 2, 2)) -> np.ndarray:
     """
     fx, fy, fz = _check_factor(factor)
     labels = np.ascontiguousarray(labels)
+    given = labels.dtype
+    if given.kind == "i":
+        labels = labels.view(f"u{given.itemsize}")
     out = np.empty(downsampled_shape(labels.shape, (fx, fy, fz)), dtype=labels.dtype)
     _downsample(labels, out, fx, fy, fz)
-    return out
+    return out.view(given)
 
 
 def _check_factor(factor) -> tuple:

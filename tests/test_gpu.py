@@ -173,7 +173,8 @@ def test_backend_seam_picks_gpu_backend(emu_lib, monkeypatch):
     assert backend.get_backend("cpu").name == "cpu"
     # processes sharing the device each take their share of its free memory
     one, three = backend.get_backend("gpu"), backend.get_backend("gpu", processes=3)
-    assert three.memory_budget == int(one.rt.mem_info()[0] * gpu.GPU_MEMORY_FRACTION) // 3
+    share = int(one.rt.mem_info()[0] * gpu.GPU_MEMORY_FRACTION)
+    assert three.memory_budget == max(share - 2 * gpu.CONTEXT_BYTES, share // 2) // 3
 
 
 def test_main_job_workers_share_the_device(monkeypatch, tmp_path):
@@ -399,6 +400,23 @@ def test_emulated_signed_labels_viewed_as_unsigned(emu_backend):
     assert np.array_equal(emu_backend.downsample(labels), lod.downsample_labels(labels))
 
 
+@pytest.mark.parametrize("dtype, values", [(np.int32, [-5, 3, 7]), (np.int64, [-(2**62), 2**62, 9])])
+def test_emulated_negative_labels_mesh_and_downsample_as_on_the_cpu(emu_backend, dtype, values):
+    # the GPU backend views signed labels as unsigned; the CPU backend compared them signed
+    # (other piece order, other downsampling ties) and its dense label table indexed with
+    # the negative ones.  Both now mesh the unsigned view.
+    rng = np.random.default_rng(4)
+    labels = rng.choice(np.array([0] + values, dtype=dtype), size=(9, 8, 7))
+    want = CPUBackend().mesh(labels, 4)
+    assert {p.label for p in want} == {int(v) % 2**(8 * labels.itemsize) for v in values}
+    _assert_same_pieces(emu_backend.mesh(labels, 4), want)
+    down = emu_backend.downsample(labels)
+    assert down.dtype == labels.dtype
+    assert np.array_equal(down, CPUBackend().downsample(labels))
+    unsigned = labels.view(f"u{labels.itemsize}")
+    assert np.array_equal(down.view(unsigned.dtype), lod.downsample_labels(unsigned))
+
+
 def test_emulated_non_contiguous_input(emu_backend):
     rng = np.random.default_rng(2)
     base = _random_labels((12, 10, 8), np.uint32, rng)
@@ -615,13 +633,21 @@ def test_hash_weld_kernels_find_first_appearances_on_collisions(emu_lib):
 
 
 def test_default_memory_budget_is_a_share_of_free_memory(emu_lib):
-    cap = 10_000_000
-    rt = cuda_emu.EmulatedRuntime(emu_lib, capacity=cap)
-    backend = gpu.GPUBackend(runtime=rt, processes=4)
-    tables = rt.live
-    assert tables > 0
-    assert backend.memory_budget == int((cap - tables) * gpu.GPU_MEMORY_FRACTION) // 4
-    assert rt.limit == backend.memory_budget
+    # the share of the free memory, less the other processes' CUDA contexts (which came on
+    # top of the pools: past the free memory on a 24 GB card), at least half the share
+    for cap, n in [(10_000_000, 4), (22 << 30, 11), (80 << 30, 16)]:
+        rt = cuda_emu.EmulatedRuntime(emu_lib, capacity=cap)
+        backend = gpu.GPUBackend(runtime=rt, processes=n)
+        tables = rt.live
+        assert tables > 0
+        share = int((cap - tables) * gpu.GPU_MEMORY_FRACTION)
+        if cap > 1 << 30:
+            assert backend.memory_budget == (share - (n - 1) * gpu.CONTEXT_BYTES) // n
+            # with their contexts, the processes stay within the free memory
+            assert n * (backend.memory_budget + gpu.CONTEXT_BYTES) <= cap - tables
+        else:
+            assert backend.memory_budget == share // 2 // n
+        assert rt.limit == backend.memory_budget
     with pytest.raises(ValueError, match="processes"):
         gpu.GPUBackend(runtime=rt, processes=0)
     with pytest.raises(ValueError, match="memory_budget"):
