@@ -417,6 +417,32 @@ def test_emulated_negative_labels_mesh_and_downsample_as_on_the_cpu(emu_backend,
     assert np.array_equal(down.view(unsigned.dtype), lod.downsample_labels(unsigned))
 
 
+def _triangle_set(vertices, faces) -> np.ndarray:
+    """A mesh's triangles as rows of 9 coordinates, each rotated to start at its smallest
+    corner (orientation kept), rows sorted: equal for the same surface in any order."""
+    rows = []
+    for t in np.asarray(vertices)[np.asarray(faces)].tolist():   # (m, 3, 3)
+        t = [tuple(c) for c in t]
+        k = min(range(3), key=lambda i: t[i])
+        rows.append(t[k] + t[(k + 1) % 3] + t[(k + 2) % 3])
+    return np.array(sorted(rows))
+
+
+def test_emulated_adhoc_mesh_is_the_cpus_surface(emu_backend, real_crops):
+    # ad-hoc meshing marches the whole box on a GPU and 64-cube sub-blocks on the CPU: the
+    # arrays' order differs, the triangles must not
+    from gpumesh.adhoc import mask_to_mesh
+
+    labels = real_crops["37x29x23"]
+    ids, counts = np.unique(labels[labels != 0], return_counts=True)
+    mask = labels == ids[counts.argmax()]
+    origin, voxel = (5, 6, 7), (32.0, 32.0, 40.0)
+    gv, gf = mask_to_mesh(mask, origin, voxel, backend=emu_backend)
+    cv, cf = mask_to_mesh(mask, origin, voxel, backend=CPUBackend(), sparse_block=8)   # several sub-blocks
+    assert len(gf) == len(cf) > 100 and len(gv) == len(cv)
+    assert np.array_equal(_triangle_set(gv, gf), _triangle_set(cv, cf))
+
+
 def test_emulated_non_contiguous_input(emu_backend):
     rng = np.random.default_rng(2)
     base = _random_labels((12, 10, 8), np.uint32, rng)
