@@ -202,6 +202,13 @@ class CupyRuntime:
         #: OutOfMemoryError is a MemoryError, and so is what thrust's failed workspace
         #: allocation raises in the CuPy releases that surface it (cupy/cupy#9899)
         self.oom_errors = (cupy.cuda.memory.OutOfMemoryError, MemoryError)
+        #: CUDA errors that are out of memory when their ``status`` is 2 (cudaErrorMemoryAllocation,
+        #: CUDA_ERROR_OUT_OF_MEMORY): what loading a module (CUDA 12 loads lazily, on the first
+        #: launch: CuPy's own kernels mid-block) or a library's workspace raises on a full device
+        self.oom_status_errors = tuple(
+            e for e in (getattr(getattr(cupy.cuda, "runtime", None), "CUDARuntimeError", None),
+                        getattr(getattr(cupy.cuda, "driver", None), "CUDADriverError", None))
+            if isinstance(e, type) and issubclass(e, BaseException))
         src = kernel_source() if source is None else source
         try:
             self.module = cupy.RawModule(code=src)
@@ -389,7 +396,8 @@ class GPUBackend:
         self.block = int(block)
         self.max_blocks = int(max_blocks)
         rt = self.rt
-        self._oom = (tuple(getattr(rt, "oom_errors", ())) or (MemoryError,)) + (_SortFailed,)
+        self._oom_status = tuple(getattr(rt, "oom_status_errors", ()))
+        self._oom = (tuple(getattr(rt, "oom_errors", ())) or (MemoryError,)) + (_SortFailed,) + self._oom_status
         #: one block at a time: the runtime's stream and staging buffers are shared, and
         #: threads (ad-hoc meshing's sub-blocks) would free each other's buffers mid-copy
         self._lock = threading.RLock()
@@ -418,6 +426,12 @@ class GPUBackend:
         self.device_weld = True
         #: slabs run, out-of-memory retries, blocks done on the CPU instead, device welds
         self.stats = {"slabs": 0, "oom_retries": 0, "cpu_fallbacks": 0, "device_welds": 0}
+
+    def _raise_unless_oom(self, exc: BaseException) -> None:
+        """Re-raise a CUDA error caught with the out-of-memory ones unless its status is 2
+        (out of memory; see ``CupyRuntime.oom_status_errors``)."""
+        if isinstance(exc, self._oom_status) and getattr(exc, "status", None) != 2:
+            raise exc
 
     def _grid(self, n: int) -> int:
         return max(1, min(self.max_blocks, -(-n // self.block)))
@@ -495,7 +509,8 @@ class GPUBackend:
             except _SlabTooBig as exc:
                 width = exc.planes
                 continue
-            except self._oom:
+            except self._oom as exc:
+                self._raise_unless_oom(exc)
                 oom = True  # handled below, once the failed slab's device arrays are gone
             if oom:
                 self.rt.release()
@@ -628,7 +643,8 @@ class GPUBackend:
             del d_out
         except _SlabTooBig:
             pass
-        except self._oom:
+        except self._oom as exc:
+            self._raise_unless_oom(exc)
             oom = True
         if oom:
             rt.release()

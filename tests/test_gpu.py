@@ -509,6 +509,39 @@ def test_emulated_out_of_memory_retries_in_smaller_slabs(emu_lib, real_crops):
                                              backend._edge_base, backend._edge_axis))
 
 
+class _CUDAError(RuntimeError):
+    """What CuPy raises for a failed CUDA call (CUDARuntimeError, CUDADriverError)."""
+
+    def __init__(self, status):
+        super().__init__(f"CUDA error {status}")
+        self.status = status
+
+
+@pytest.mark.parametrize("status", [2, 700])
+def test_a_cuda_error_of_out_of_memory_is_retried_and_others_are_raised(emu_lib, real_crops, monkeypatch, status):
+    # a launch of a module CUDA 12 loads lazily fails with cudaErrorMemoryAllocation (status
+    # 2), not CuPy's OutOfMemoryError, on a full device: a worker's task failed with it
+    labels = real_crops["37x29x23"]
+    rt = cuda_emu.EmulatedRuntime(emu_lib, seed=1)
+    rt.oom_status_errors = (_CUDAError,)
+    backend = gpu.GPUBackend(runtime=rt, memory_budget=1 << 30)
+    launch, failed = rt.launch, []
+
+    def once(name, *args):
+        if name.startswith("mc_emit") and not failed:
+            failed.append(name)
+            raise _CUDAError(status)
+        return launch(name, *args)
+
+    monkeypatch.setattr(rt, "launch", once)
+    if status != 2:   # an illegal address: no memory to free, a real failure
+        with pytest.raises(_CUDAError):
+            backend.march(labels, 6)
+        return
+    _assert_same_triangles(backend.march(labels, 6), marching.march_cubes(labels, 6))
+    assert failed and backend.stats["oom_retries"] == 1
+
+
 def test_emulated_out_of_memory_falls_back_to_cpu(emu_lib, real_crops):
     """Not even one x-plane fits: that block runs on the CPU, with a warning, same result."""
     labels = real_crops["40^3"]
