@@ -135,6 +135,8 @@ def bench_gpu(rows, name, labels, args, cpu, backend=None, cp=None) -> dict[str,
         if backend.rt.pinned:  # the same through pageable memory, for comparison
             pageable = GPUBackend(runtime=CupyRuntime(pinned=False))
     nvox = labels.size
+    backend.rt.to_device(labels)   # a warm-up: the pinned staging buffer is allocated once
+    cp.cuda.Device().synchronize()
     t0 = time.perf_counter()
     d_labels = backend.rt.to_device(labels)
     cp.cuda.Device().synchronize()
