@@ -164,7 +164,8 @@ def test_default_preset_lod0_stays_near_the_exact_surface(crop, crop_high, crop_
 
 
 def test_coarser_lods_stay_near_lod0(crop, crop_medium):
-    """LOD k stays within :func:`coarse_lod_bound` (k) voxels of the label boundary (under 2**k)."""
+    """LOD k stays within :func:`coarse_lod_bound` (k) voxels of the label boundary (under 2**k),
+    and is closed and consistently oriented, as LOD 0 is."""
     dest, _ = crop_medium
     src = open_mesh(str(dest))
     checked = 0
@@ -175,6 +176,7 @@ def test_coarser_lods_stay_near_lod0(crop, crop_medium):
             mesh = load_mesh(src, seg, lod=k)
             if len(mesh.vertices) == 0:
                 continue
+            assert_closed_oriented(mesh, f"segment {seg} LOD {k} (medium)")
             d = distance_to_faces(to_crop_voxels(np.asarray(mesh.vertices)), centers, axes)
             assert d.max() <= coarse_lod_bound(k) + 1e-3, f"segment {seg} LOD {k}: {d.max():.2f} voxels from LOD 0"
             checked += 1
@@ -722,3 +724,73 @@ def crop_of(real_zarr, start, stop) -> np.ndarray:
 
     t = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(real_zarr)}}).result()
     return t[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]].read().result()
+
+
+def _spec_manifest(data: bytes) -> dict:
+    """A multi-resolution manifest parsed as the spec lays it out (independently of
+    gpumesh.reader): chunk_shape, grid_origin, num_lods, lod_scales, vertex_offsets
+    [num_lods, 3], num_fragments_per_lod, then per LOD fragment_positions as a C-order
+    [3, n] array (every x, then every y, then every z) and fragment_offsets (sizes)."""
+    import struct
+
+    chunk = struct.unpack_from("<3f", data, 0)
+    origin = struct.unpack_from("<3f", data, 12)
+    (num_lods,) = struct.unpack_from("<I", data, 24)
+    at = 28
+    scales = struct.unpack_from(f"<{num_lods}f", data, at)
+    at += 4 * num_lods
+    offsets = np.frombuffer(data, "<f4", 3 * num_lods, at).reshape(num_lods, 3)
+    at += 12 * num_lods
+    counts = np.frombuffer(data, "<u4", num_lods, at)
+    at += 4 * num_lods
+    lods = []
+    for n in counts.tolist():
+        positions = np.frombuffer(data, "<u4", 3 * n, at).reshape(3, n).T   # [3, n] in the file
+        at += 12 * n
+        sizes = np.frombuffer(data, "<u4", n, at)
+        at += 4 * n
+        lods.append((positions, sizes))
+    assert at == len(data), "bytes past the manifest"
+    return dict(chunk=np.array(chunk), origin=np.array(origin), scales=scales, offsets=offsets, lods=lods)
+
+
+def test_manifests_read_by_the_spec_put_every_fragment_on_its_segment(crop, crop_medium):
+    """Manifests and fragments read as the spec says, with DracoPy and no gpumesh reader: every
+    fragment's size adds up to the data file, nodes are in Z-order, and each LOD 0 vertex, at
+    ``grid_origin + vertex_offset + chunk * (position + x / (2**bits - 1))``, lies on its
+    segment's voxel bounding box (a layout read back by gpumesh's own reader would not show
+    fragment positions written [n, 3] instead of [3, n])."""
+    import DracoPy
+
+    def zorder_key(p):   # x, y, z bits interleaved, x lowest (the client's order)
+        return sum(((int(c) >> b) & 1) << (3 * b + a) for b in range(21) for a, c in enumerate(p))
+
+    dest, _ = crop_medium
+    info = json.loads((dest / "info").read_text())
+    bits = info["vertex_quantization_bits"]
+    several = 0
+    for seg in sampled_segments(crop, 8):
+        m = _spec_manifest((dest / f"{seg}.index").read_bytes())
+        data = (dest / str(seg)).read_bytes()
+        assert sum(int(s.sum()) for _, s in m["lods"]) == len(data)
+        np.testing.assert_array_equal(m["origin"], CROP_START)
+        vox = np.argwhere(crop == seg) + np.array(CROP_START)
+        lo, hi = vox.min(axis=0), vox.max(axis=0) + 1   # the segment's voxels span [lo, hi)
+        at = 0
+        for k, (positions, sizes) in enumerate(m["lods"]):
+            keys = [zorder_key(p) for p in positions.tolist()]
+            assert keys == sorted(keys), f"segment {seg} LOD {k}: nodes not in Z-order"
+            several += k == 0 and len(sizes) > 1
+            for pos, size in zip(positions, sizes.tolist()):
+                frag = data[at:at + size]
+                at += size
+                if k > 0 or size == 0:
+                    continue
+                x = np.asarray(DracoPy.decode(frag).points, dtype=np.float64)
+                if len(x) < 3:
+                    continue   # a placeholder
+                assert x.min() >= 0 and x.max() < 2 ** bits
+                p = m["origin"] + m["offsets"][k] + m["chunk"] * (pos + x / (2 ** bits - 1))
+                assert (p >= lo - 1e-3).all() and (p <= hi + 1e-3).all(), (
+                    f"segment {seg} fragment {pos.tolist()}: vertices {p.min(0)}-{p.max(0)} off its voxels {lo}-{hi}")
+    assert several >= 4   # several LOD 0 fragments per segment: a layout error would show
