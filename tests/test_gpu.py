@@ -134,9 +134,16 @@ def _check_backend(backend, labels, piece_sizes=(1000, 4, 3), device_weld=True):
         level_b, level_c = backend.downsample(level_b), lod.downsample_labels(level_c)
         assert level_b.dtype == level_c.dtype and level_b.shape == level_c.shape
         assert np.array_equal(level_b, level_c)
+    # on the device: an emulated runtime lists its launches (a backend that handed these to the
+    # CPU's function compared the CPU with itself)
+    launches, fallbacks = getattr(backend.rt, "launches", None), backend.stats["cpu_fallbacks"]
     for factor in ANISOTROPIC_STEPS:
+        before = len(launches) if launches is not None else 0
         got, want = backend.downsample(labels, factor), lod.downsample_labels(labels, factor)
         assert got.dtype == want.dtype and np.array_equal(got, want), factor
+        if launches is not None and want.size:
+            assert any(name.startswith("ds2_") for name, *_ in launches[before:]), factor
+    assert backend.stats["cpu_fallbacks"] == fallbacks
 
 
 # --------------------------------------------------------------------------------------
@@ -387,7 +394,9 @@ def test_emulated_downsample_ties_and_background(emu_backend):
     assert np.array_equal(out, lod.downsample_labels(labels))
     assert out[0, 0, 0] == 3 and out[1, 0, 0] == 9 and out[2, 1, 1] == 4 and out[2, 0, 1] == 6
     for factor in ANISOTROPIC_STEPS:
+        before = len(emu_backend.rt.launches)
         assert np.array_equal(emu_backend.downsample(labels, factor), lod.downsample_labels(labels, factor))
+        assert any(name.startswith("ds2_") for name, *_ in emu_backend.rt.launches[before:]), factor
     out = emu_backend.downsample(labels, (2, 2, 1))
     assert out[0, 0, 0] == BIG and out[0, 0, 1] == 3    # z = 0: BIG twice, 3 once; z = 1: 3 twice
 
