@@ -51,18 +51,30 @@ def tree_files(root) -> dict:
     return out
 
 
+#: Set (to 1) where a GPU must be used, as the device kit does: the `gpu` tests then fail
+#: instead of skipping when CuPy sees none (a driver mismatch skipped them all, and the run
+#: passed).
+REQUIRE_GPU_ENV = "GPUMESH_REQUIRE_GPU"
+
+
 def gpu_present() -> bool:
+    """Whether CuPy sees a CUDA device; with :data:`REQUIRE_GPU_ENV` set, why it does not
+    is raised instead of ``False``."""
     try:
         import cupy
 
         return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:
+        if os.environ.get(REQUIRE_GPU_ENV) == "1":
+            raise
         return False
 
 
 def pytest_collection_modifyitems(config, items):
     if gpu_present():
         return
+    if os.environ.get(REQUIRE_GPU_ENV) == "1":
+        raise pytest.UsageError(f"{REQUIRE_GPU_ENV}=1 but CuPy sees no CUDA device: the gpu tests would skip")
     skip = pytest.mark.skip(reason="needs a CUDA GPU with CuPy")
     for item in items:
         if "gpu" in item.keywords:

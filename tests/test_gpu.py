@@ -150,6 +150,23 @@ def _check_backend(backend, labels, piece_sizes=(1000, 4, 3), device_weld=True):
 # the module itself (no CuPy needed)
 
 
+def test_a_run_that_requires_a_gpu_fails_where_the_gpu_tests_would_skip():
+    # the device kit sets GPUMESH_REQUIRE_GPU=1: a CuPy that sees no device (a driver
+    # mismatch) skipped every gpu test, and the run passed
+    import os
+    import subprocess
+
+    from conftest import REQUIRE_GPU_ENV, gpu_present
+
+    if gpu_present():
+        pytest.skip("a GPU is here")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--co", __file__],
+                       capture_output=True, text=True, timeout=300, cwd=pathlib.Path(__file__).parent.parent,
+                       env=dict(os.environ, **{REQUIRE_GPU_ENV: "1"}))
+    assert r.returncode != 0, r.stdout[-2000:]
+    assert "cupy" in (r.stdout + r.stderr).lower()
+
+
 def test_import_needs_no_cupy_and_kernels_are_found():
     assert gpu.GPUBackend.name == "gpu"
     assert all((gpu.kernel_dir() / f).is_file() for f in gpu.KERNEL_FILES)
@@ -753,6 +770,29 @@ def test_emulated_run_mesh_is_byte_identical(emu_lib, real_crops, tmp_path, monk
     assert summary.device == "gpu"
     assert any(n.startswith("mc_emit") for n, _, _ in emu.rt.launches)
     assert any(n.startswith("ds2") for n, _, _ in emu.rt.launches)
+    _assert_same_tree(tmp_path / "cpu", tmp_path / "gpu")
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_emulated_run_mesh_on_random_volumes_is_byte_identical(emu_lib, seed, tmp_path, monkeypatch):
+    """The emulated counterpart of :func:`test_gpu_run_mesh_on_random_volumes_is_byte_identical`
+    (every dtype, shapes that are not multiples of the chunk, 1-4 LODs, legacy and sharded),
+    which only runs on a device."""
+    from gpumesh import pipeline
+    from gpumesh.pipeline import run_mesh
+    from test_random_volumes import random_labels, random_options
+
+    rng = np.random.default_rng(seed)
+    labels = random_labels(rng)
+    options = random_options(rng)
+    if not labels.any():
+        pytest.skip("an empty volume")
+    kw = dict(options=options, voxel_size=(4.0, 4.0, 40.0) if seed % 2 else (4.0, 5.0, 6.0), workers=1)
+    run_mesh(labels, str(tmp_path / "cpu"), device="cpu", **kw)
+    emu = gpu.GPUBackend(runtime=cuda_emu.EmulatedRuntime(emu_lib, seed=seed))
+    monkeypatch.setattr(pipeline, "get_backend", lambda device="auto": emu)
+    assert run_mesh(labels, str(tmp_path / "gpu"), device="gpu", **kw).device == "gpu"
+    assert any(n.startswith("mc_emit") for n, _, _ in emu.rt.launches)
     _assert_same_tree(tmp_path / "cpu", tmp_path / "gpu")
 
 

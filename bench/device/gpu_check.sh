@@ -64,7 +64,7 @@ fi
 "$PY" -c "import gpumesh, gpumesh.encode as e; print('gpumesh', gpumesh.__file__, 'dracoenc', e._dracoenc is not None)"
 
 stage "tests/test_gpu.py (emulation, NVRTC, gpu)"
-timeout "$(left 200)" "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py 2>&1 \
+GPUMESH_REQUIRE_GPU=1 timeout "$(left 200)" "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py 2>&1 \
   | tee "$OUT/pytest_gpu.log" | tail -25
 gpu_tests=${PIPESTATUS[0]}
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
