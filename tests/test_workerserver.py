@@ -34,6 +34,10 @@ def _env(name: str):
 def test_workers_are_forked_from_a_server_that_has_gpumesh_loaded():
     from gpumesh import workerserver
 
+    if workerserver._server_env not in (None, workerserver._environment()):
+        # started by an earlier test while it had changed the environment: this process's
+        # later jobs spawn their workers (test_a_changed_environment_...); start a new one
+        workerserver.stop_server()
     ctx = workerserver.context()
     assert ctx.get_start_method() == "forkserver"
     with ProcessPoolExecutor(1, mp_context=ctx) as pool:
