@@ -332,16 +332,22 @@ class _KillOnceOnMeshing(WorkerPlugin):
         gpumesh.pipeline.mesh_block = once
 
 
+def _zarr_and_one_process(crop, tmp_path) -> tuple:
+    """A 64³ corner of the crop as a zarr volume, and its meshes by one local process."""
+    source = tmp_path / "crop.zarr"
+    write_zarr(source, crop[:64, :64, :64])
+    one = tmp_path / "one"
+    run_mesh(str(source), str(one), options=MeshOptions(chunk_size=32), workers=1)
+    return source, one
+
+
 def test_a_worker_lost_once_is_replaced_and_the_job_goes_on(crop, tmp_path):
     # The job's arguments were scattered, which Dask cannot compute again: losing the one
     # worker that held them cancelled every task (a bare CancelledError traceback), where Dask
     # would have retried the task on the restarted worker.
     from gpumesh import WorkerFailedError
 
-    source = tmp_path / "crop.zarr"
-    write_zarr(source, crop[:64, :64, :64])
-    one = tmp_path / "one"
-    run_mesh(str(source), str(one), options=MeshOptions(chunk_size=32), workers=1)
+    source, one = _zarr_and_one_process(crop, tmp_path)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as c:
         c.register_plugin(_KillOnceOnMeshing(str(tmp_path / "killed")), name="kill-once")
@@ -408,10 +414,7 @@ def test_a_cluster_without_workers_left_says_the_job_waits_and_goes_on_when_one_
     from gpumesh.cluster import NoWorkersNotice
 
     monkeypatch.setattr(cluster_module, "NO_WORKERS_NOTICE_S", 0.5)
-    source = tmp_path / "crop.zarr"
-    write_zarr(source, crop[:64, :64, :64])
-    one = tmp_path / "one"
-    run_mesh(str(source), str(one), options=MeshOptions(chunk_size=32), workers=1)
+    source, one = _zarr_and_one_process(crop, tmp_path)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as c:
         told = threading.Event()

@@ -773,13 +773,10 @@ def test_emulated_run_mesh_is_byte_identical(emu_lib, real_crops, tmp_path, monk
     _assert_same_tree(tmp_path / "cpu", tmp_path / "gpu")
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_emulated_run_mesh_on_random_volumes_is_byte_identical(emu_lib, seed, tmp_path, monkeypatch):
-    """The emulated counterpart of :func:`test_gpu_run_mesh_on_random_volumes_is_byte_identical`
-    (every dtype, shapes that are not multiples of the chunk, 1-4 LODs, legacy and sharded),
-    which only runs on a device."""
-    from gpumesh import pipeline
-    from gpumesh.pipeline import run_mesh
+def _random_case(seed: int) -> tuple:
+    """tests/test_random_volumes.py's random volume and options of ``seed`` (skipped when it is
+    empty), and run_mesh's keywords: odd seeds have anisotropic voxels, whose LODs are
+    downsampled along x and y only at first."""
     from test_random_volumes import random_labels, random_options
 
     rng = np.random.default_rng(seed)
@@ -787,7 +784,18 @@ def test_emulated_run_mesh_on_random_volumes_is_byte_identical(emu_lib, seed, tm
     options = random_options(rng)
     if not labels.any():
         pytest.skip("an empty volume")
-    kw = dict(options=options, voxel_size=(4.0, 4.0, 40.0) if seed % 2 else (4.0, 5.0, 6.0), workers=1)
+    return labels, dict(options=options, voxel_size=(4.0, 4.0, 40.0) if seed % 2 else (4.0, 5.0, 6.0), workers=1)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_emulated_run_mesh_on_random_volumes_is_byte_identical(emu_lib, seed, tmp_path, monkeypatch):
+    """The emulated counterpart of :func:`test_gpu_run_mesh_on_random_volumes_is_byte_identical`
+    (every dtype, shapes that are not multiples of the chunk, 1-4 LODs, legacy and sharded),
+    which only runs on a device."""
+    from gpumesh import pipeline
+    from gpumesh.pipeline import run_mesh
+
+    labels, kw = _random_case(seed)
     run_mesh(labels, str(tmp_path / "cpu"), device="cpu", **kw)
     emu = gpu.GPUBackend(runtime=cuda_emu.EmulatedRuntime(emu_lib, seed=seed))
     monkeypatch.setattr(pipeline, "get_backend", lambda device="auto": emu)
@@ -859,15 +867,8 @@ def test_gpu_run_mesh_on_random_volumes_is_byte_identical(seed, tmp_path):
     shapes that are not multiples of the chunk, 1-4 LODs, legacy and sharded): the GPU writes
     the CPU's bytes."""
     from gpumesh.pipeline import run_mesh
-    from test_random_volumes import random_labels, random_options
 
-    rng = np.random.default_rng(seed)
-    labels = random_labels(rng)
-    options = random_options(rng)
-    if not labels.any():
-        pytest.skip("an empty volume")
-    # odd seeds: anisotropic voxels, whose LODs are downsampled along x and y only at first
-    kw = dict(options=options, voxel_size=(4.0, 4.0, 40.0) if seed % 2 else (4.0, 5.0, 6.0), workers=1)
+    labels, kw = _random_case(seed)
     assert run_mesh(labels, str(tmp_path / "cpu"), device="cpu", **kw).device == "cpu"
     assert run_mesh(labels, str(tmp_path / "gpu"), device="gpu", **kw).device == "gpu"
     _assert_same_tree(tmp_path / "cpu", tmp_path / "gpu")
