@@ -338,7 +338,9 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
         sys.exit(1)
     except KeyboardInterrupt as exc:   # Ctrl-C, SIGTERM: the workers are stopped at once (pipeline._stop_workers)
         close_bars()
-        _stopped(exc, f"the finished tasks are kept in {dest}: run it again with --resume to continue")
+        from .storage import display
+
+        _stopped(exc, f"the finished tasks are kept in {display(dest)}: run it again with --resume to continue")
     except (GpumeshError, ValueError) as exc:
         close_bars()
         _fail(exc)
@@ -413,7 +415,9 @@ def convert(src, dest, sharded, shard_bits, minishard_bits, preshift_bits, shard
     try:
         result = convert_mesh(src, dest, sharding=sharding, overwrite=overwrite)
     except KeyboardInterrupt as exc:   # Ctrl-C, SIGTERM: info is written last, so no reader trusts DEST
-        _stopped(exc, f"{dest} is incomplete (no info): run it again with --overwrite")
+        from .storage import display
+
+        _stopped(exc, f"{display(dest)} is incomplete (no info): run it again with --overwrite")
     except (GpumeshError, ValueError) as exc:
         _fail(exc)
     finally:

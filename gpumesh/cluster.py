@@ -254,9 +254,12 @@ class DaskExecutor:
             elif since is None:
                 since = time.monotonic()
             elif since != -1 and time.monotonic() - since >= NO_WORKERS_NOTICE_S:
-                warnings.warn(f"the Dask cluster has had no workers for {NO_WORKERS_NOTICE_S:g} s: the job waits "
-                              f"for some to join (the scheduler's distributed.scheduler.no-workers-timeout bounds "
-                              f"the wait; Ctrl-C stops it, and --resume continues)", NoWorkersNotice)
+                # explicit, with no registry: Python's default filter shows a warning once per
+                # place, and each stretch without workers is to be said
+                warnings.warn_explicit(
+                    f"the Dask cluster has had no workers for {NO_WORKERS_NOTICE_S:g} s: the job waits for some to "
+                    f"join (the scheduler's distributed.scheduler.no-workers-timeout bounds the wait; Ctrl-C stops "
+                    f"it, and --resume continues)", NoWorkersNotice, __file__, 0, module=__name__, registry=None)
                 since = -1   # told: not again until workers have come back
 
     def submit(self, fn, *args):

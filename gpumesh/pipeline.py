@@ -1109,9 +1109,10 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             f"voxel offset {tuple(volume.voxel_offset.tolist())} of {volume.description}: the multi-resolution "
             f"manifest stores it as float32 (grid_origin), exact only up to 2**24 = {MAX_GRID_ORIGIN:,} voxels "
             f"per axis; give a smaller --voxel-offset (Python: voxel_offset=)")
-    dest_spec = storage.kvstore_spec(dest) if not isinstance(dest, dict) else dest
+    dest_spec = storage.kvstore_spec(dest)   # a relative file path made absolute: workers may run elsewhere
+    shown = storage.display(dest)   # DEST in messages, as given
     if volume.location is not None and storage.within(volume.location, dest_spec):
-        raise DestinationError(f"{dest} holds the source volume ({volume.description}); writing the meshes there "
+        raise DestinationError(f"{shown} holds the source volume ({volume.description}); writing the meshes there "
                                f"would overwrite it: choose another destination (a folder inside the source, "
                                f"such as SOURCE/mesh, is fine)")
     # a memory:// store lives in this process: workers would see it empty
@@ -1141,7 +1142,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         cluster = DaskExecutor(client)
         source = portable_source(source)   # the workers' working directory may be another
     if dest_spec.get("driver") == "file" and os.path.isfile(dest_spec.get("path", "").rstrip("/")):
-        raise DestinationError(f"destination is a file, not a directory: {dest}")
+        raise DestinationError(f"destination is a file, not a directory: {shown}")
     try:
         existing = storage.list_keys(kv)
     except Exception as exc:   # TensorStore's errors are ValueError subclasses
@@ -1150,17 +1151,17 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         if overwrite:
             from .writer import check_overwrite
 
-            check_overwrite(dest, existing)
+            check_overwrite(shown, existing)
             storage.delete_all(kv)
         elif resume:
             old = storage.read_json(kv, SCRATCH + "plan.json")
             if old is not None and old != json.loads(json.dumps(fingerprint)):  # as stored (lists)
                 raise DestinationExistsError(
-                    f"{dest}: --resume with different options or source than the interrupted run")
+                    f"{shown}: --resume with different options or source than the interrupted run")
             if old is None and any(not k.startswith(SCRATCH) for k in existing) and "info" in existing:
-                raise DestinationExistsError(f"{dest}: holds a finished mesh; use --overwrite to redo it")
+                raise DestinationExistsError(f"{shown}: holds a finished mesh; use --overwrite to redo it")
         else:
-            raise DestinationExistsError(f"{dest} is not empty; pass --overwrite or --resume")
+            raise DestinationExistsError(f"{shown} is not empty; pass --overwrite or --resume")
     if cluster is not None:
         requested = cluster.workers
     elif in_process:
@@ -1278,7 +1279,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                             if progress:
                                 progress(finished, len(tasks))
                         if unread:
-                            raise _task_failed(unread, finished, len(tasks), dest)
+                            raise _task_failed(unread, finished, len(tasks), shown)
                         t_mesh = time.perf_counter()
                         # the workers also build the segments and write the output (gpumesh.writer)
                         stats = writer.assemble(kv, volume, plan, options, tasks, link_source=link_source,
@@ -1302,7 +1303,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                 else:
                     raise
                 raise WorkerFailedError(
-                    f"{how} {_when(finished, len(tasks))}; the finished ones are kept in {dest}: run it again with "
+                    f"{how} {_when(finished, len(tasks))}; the finished ones are kept in {shown}: run it again with "
                     f"--resume (Python: resume=True), with fewer workers if memory ran out") from exc
             finally:
                 if spilled is not None:   # the pool has ended: no worker maps it any more
@@ -1311,13 +1312,13 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                 summary.device = "+".join(sorted(backends))
                 summary.device_workers = len(on_device)   # each Dask worker picked its own
         if unread:
-            raise _task_failed(unread, finished, len(tasks), dest)
+            raise _task_failed(unread, finished, len(tasks), shown)
         if stats is None:
             t_mesh = time.perf_counter()
             stats = writer.assemble(kv, volume, plan, options, tasks, link_source=link_source,
                                     progress=write_progress)
     except (SourceReadError, DestinationError) as exc:   # a write, or the volume's first read
-        raise _task_failed([exc], finished, len(tasks), dest) from exc
+        raise _task_failed([exc], finished, len(tasks), shown) from exc
     summary.seconds_meshing = t_mesh - t0
     storage.delete_prefix(kv, SCRATCH)
     summary.segments = stats["segments"]
@@ -1337,12 +1338,12 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                       SegmentsNotFoundWarning, stacklevel=2)
     if summary.segments == 0 and summary.dust_segments:
         warnings.warn(f"all {summary.dust_segments} segments have fewer voxels than the dust threshold "
-                      f"({options.dust_threshold}): wrote an empty mesh to {dest}", EmptyVolumeWarning, stacklevel=2)
+                      f"({options.dust_threshold}): wrote an empty mesh to {shown}", EmptyVolumeWarning, stacklevel=2)
     elif summary.segments == 0 and options.segments is not None:
-        warnings.warn(f"none of the selected segments is in the volume: wrote an empty mesh to {dest}",
+        warnings.warn(f"none of the selected segments is in the volume: wrote an empty mesh to {shown}",
                       EmptyVolumeWarning, stacklevel=2)
     elif summary.segments == 0:
-        warnings.warn(f"the volume holds only background (label 0): wrote an empty mesh to {dest}",
+        warnings.warn(f"the volume holds only background (label 0): wrote an empty mesh to {shown}",
                       EmptyVolumeWarning, stacklevel=2)
     summary.seconds = time.perf_counter() - t0
     summary.seconds_writing = summary.seconds - summary.seconds_meshing

@@ -29,7 +29,6 @@ from .errors import DestinationError, SourceReadError, StorageUnreachableError, 
 
 KvSpec = Union[str, os.PathLike, dict, "ts.KvStore"]
 
-_URL_SCHEMES = ("file://", "memory://", "gs://", "s3://", "http://", "https://")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")   # any URL: never taken as a local path
 
 
@@ -49,10 +48,8 @@ def kvstore_spec(location: KvSpec) -> dict:
 
     Notes
     -----
-    An ``s3`` location without an ``endpoint`` gets the one that the environment variable
-    ``AWS_ENDPOINT_URL_S3`` or else ``AWS_ENDPOINT_URL`` names, as the AWS CLI and SDKs do
-    (TensorStore reads neither): ``s3://`` URLs then reach S3-compatible stores (MinIO, Ceph,
-    R2) too.
+    The spec is :func:`resolved_spec`'s: relative ``file`` paths made absolute, and an ``s3``
+    store without an ``endpoint`` given the one the environment names.
     """
     if isinstance(location, ts.KvStore):
         spec = location.spec().to_json()
@@ -60,7 +57,7 @@ def kvstore_spec(location: KvSpec) -> dict:
         spec = dict(location)
     else:
         text = os.fspath(location)
-        if text.startswith(_URL_SCHEMES) or _SCHEME.match(text):
+        if _SCHEME.match(text):
             try:
                 spec = ts.KvStore.Spec(text).to_json()
             except ValueError as exc:   # gcs://, a typo: not a local folder of that name
@@ -68,14 +65,51 @@ def kvstore_spec(location: KvSpec) -> dict:
                                  f"use a path or a file://, gs://, s3://, http(s):// or memory:// URL") from None
         else:
             spec = {"driver": "file", "path": os.path.abspath(text)}
-    if spec.get("driver") == "s3" and "endpoint" not in spec:
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            spec["endpoint"] = endpoint
+    spec = resolved_spec(spec)
     path = spec.get("path", "")
     if path and not path.endswith("/"):
         spec["path"] = path + "/"
     return spec
+
+
+def display(location: Any) -> str:
+    """``location`` as a user gave it, for messages: a path or URL as it is, a spec as JSON
+    (which the CLI takes back), an opened kvstore as its URL."""
+    if isinstance(location, dict):
+        return json.dumps(location)
+    if isinstance(location, ts.KvStore):
+        return kvstore_url(kvstore_spec(location))
+    return os.fspath(location) if isinstance(location, (str, os.PathLike)) else str(location)
+
+
+def s3_endpoint() -> Optional[str]:
+    """The S3 endpoint the environment names (``AWS_ENDPOINT_URL_S3``, else
+    ``AWS_ENDPOINT_URL``, as the AWS CLI and SDKs read them; TensorStore reads neither), or
+    ``None`` (AWS's own)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def resolved_spec(spec: Any) -> Any:
+    """A TensorStore or kvstore JSON spec that means the same in any process: every ``file``
+    kvstore's relative path made absolute (against this process's working directory), and
+    every ``s3`` kvstore without an ``endpoint`` given :func:`s3_endpoint`'s (an ``s3://`` URL
+    as a ``kvstore`` or ``base`` member turned into a spec for it), at any depth.  So
+    ``s3://`` reaches S3-compatible stores (MinIO, Ceph, R2), and a spec sent to a Dask worker
+    names the same location there."""
+    if isinstance(spec, list):
+        return [resolved_spec(v) for v in spec]
+    if not isinstance(spec, dict):
+        return spec
+    out = {}
+    for k, v in spec.items():
+        if k in ("kvstore", "base") and isinstance(v, str) and v.startswith("s3://") and s3_endpoint():
+            v = ts.KvStore.Spec(v).to_json()
+        out[k] = resolved_spec(v)
+    if out.get("driver") == "file" and isinstance(out.get("path"), str) and not os.path.isabs(out["path"]):
+        out["path"] = os.path.abspath(out["path"]) + ("/" if out["path"].endswith("/") else "")
+    if out.get("driver") == "s3" and "endpoint" not in out and s3_endpoint():
+        out["endpoint"] = s3_endpoint()
+    return out
 
 
 def is_kvstore_spec(spec: dict) -> bool:

@@ -486,11 +486,15 @@ def warn_if_voxel_size_overridden(source: Any, volume: Volume, voxel_size, *, mi
     """Warn (:class:`gpumesh.errors.VoxelSizeOverrideWarning`) when ``voxel_size`` was given
     and differs from the one the metadata of ``source`` states (``volume`` is ``source``
     opened with it): the meshes would not overlay the volume in a viewer.  Opens ``source``
-    once more without it; nothing for arrays, opened TensorStores and Volumes."""
+    once more without it (its metadata only: a few small reads), with ``volume``'s voxel
+    offset and its own warnings silenced; nothing for arrays, opened TensorStores and
+    Volumes."""
     if voxel_size is None or isinstance(source, (np.ndarray, ts.TensorStore, Volume)):
         return
     try:
-        stored = open_volume(source, mip=mip, axes=axes)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # the first open said what there was to say
+            stored = open_volume(source, mip=mip, axes=axes, voxel_offset=volume.voxel_offset)
     except Exception:   # it opened a moment ago: nothing to compare
         return
     if stored.voxel_size_known and not np.allclose(stored.voxel_size, volume.voxel_size, rtol=1e-6, atol=0):
@@ -871,18 +875,6 @@ def _split_prefix(text: str) -> tuple:
 # ----------------------------------------------------------------------------- public
 
 
-def _absolute_specs(spec):
-    """``spec`` (TensorStore JSON) with every ``{"driver": "file", "path": relative}`` made absolute."""
-    if isinstance(spec, dict):
-        out = {k: _absolute_specs(v) for k, v in spec.items()}
-        if out.get("driver") == "file" and isinstance(out.get("path"), str) and not os.path.isabs(out["path"]):
-            out["path"] = os.path.abspath(out["path"]) + ("/" if out["path"].endswith("/") else "")
-        return out
-    if isinstance(spec, list):
-        return [_absolute_specs(v) for v in spec]
-    return spec
-
-
 def portable_source(source: Any) -> Any:
     """``source`` (as :func:`open_volume` takes it) with local paths made absolute, so that it
     means the same in a process with another working directory (a Dask worker's).
@@ -894,8 +886,11 @@ def portable_source(source: Any) -> Any:
     Returns
     -------
     The same kind of object: a path string made absolute (``"zarr3://seg"`` and
-    ``"seg|zarr3:"`` forms included), a spec whose ``file`` kvstores' paths are absolute, or
-    ``source`` itself (URLs, arrays).
+    ``"seg|zarr3:"`` forms included), a spec as :func:`gpumesh.storage.resolved_spec` makes
+    it (absolute ``file`` paths, the environment's S3 endpoint), or ``source`` itself (URLs,
+    arrays).  An ``s3://`` URL, where the environment names an S3 endpoint
+    (:func:`gpumesh.storage.s3_endpoint`), becomes a kvstore spec with it (the worker's
+    environment may name none): its format is then detected, as for the URL without a prefix.
 
     Raises
     ------
@@ -907,6 +902,10 @@ def portable_source(source: Any) -> Any:
         text = os.fspath(source)
         if isinstance(text, bytes):
             text = text.decode()
+        fmt, loc = _split_prefix(text)
+        if loc.startswith("s3://") and storage.s3_endpoint():
+            spec = storage.kvstore_spec(loc)   # with the endpoint
+            return {"driver": "neuroglancer_precomputed", "kvstore": spec} if fmt == "precomputed" else spec
         for prefix in _FORMAT_PREFIXES:
             if text.startswith(prefix):
                 rest = text[len(prefix):]
@@ -914,7 +913,7 @@ def portable_source(source: Any) -> Any:
         loc, bar, tail = text.partition("|")
         return text if "://" in loc else os.path.abspath(loc) + bar + tail
     if isinstance(source, dict):
-        return _absolute_specs(source)
+        return storage.resolved_spec(source)
     if isinstance(source, ts.TensorStore):
         try:
             spec = source.kvstore.spec().to_json()
@@ -1049,6 +1048,7 @@ def open_volume(
         driver = source.get("driver")
         if driver is None:
             raise SourceReadError(f"TensorStore spec without 'driver': {json.dumps(source)[:200]}")
+        source = storage.resolved_spec(source)   # the environment's S3 endpoint, absolute file paths
         if storage.is_kvstore_spec(source):   # a location ({"driver": "s3", ...}): its format detected
             return _open_location(source, None, mip, axes, vs, vo, how)
         if driver == "neuroglancer_precomputed" and "kvstore" in source and "scale_index" not in source \

@@ -1235,8 +1235,8 @@ def convert_mesh(src, dest, *, sharding: Optional[ShardingOptions] = ShardingOpt
         raise ValueError("the destination must not be the source or lie inside it (or the reverse)")
     if not storage.is_empty(kv):
         if not overwrite:
-            raise DestinationExistsError(f"{dest} is not empty; pass overwrite=True (--overwrite)")
-        check_overwrite(dest, storage.list_keys(kv))
+            raise DestinationExistsError(f"{storage.display(dest)} is not empty; pass overwrite=True (--overwrite)")
+        check_overwrite(storage.display(dest), storage.list_keys(kv))
         storage.delete_all(kv)
 
     if isinstance(source, ShardedMultiresSource):

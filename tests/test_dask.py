@@ -264,6 +264,25 @@ def test_portable_source():
     assert portable_source(store) is store
 
 
+def test_portable_source_carries_the_s3_endpoint_of_this_process(monkeypatch):
+    # the DEST went to the workers with the endpoint filled in, the SOURCE as an s3:// URL
+    # that a worker without AWS_ENDPOINT_URL resolved to AWS
+    from gpumesh.volume import portable_source
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    assert portable_source("s3://bkt/seg.zarr") == "s3://bkt/seg.zarr"   # AWS: as it is
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
+    want = {"driver": "s3", "bucket": "bkt", "path": "seg.zarr/", "endpoint": "http://minio:9000"}
+    for url in ("s3://bkt/seg.zarr", "zarr3://s3://bkt/seg.zarr", "s3://bkt/seg.zarr|zarr3:"):
+        assert portable_source(url) == want, url
+    assert portable_source("precomputed://s3://bkt/seg.zarr") == {"driver": "neuroglancer_precomputed", "kvstore": want}
+    # inside a TensorStore spec too, as a URL or a spec
+    for kvstore in ("s3://bkt/seg.zarr/", {"driver": "s3", "bucket": "bkt", "path": "seg.zarr/"}):
+        assert portable_source({"driver": "zarr3", "kvstore": kvstore})["kvstore"] == want
+    assert portable_source({"driver": "zarr3", "kvstore": dict(want, endpoint="https://other")})["kvstore"] == \
+        dict(want, endpoint="https://other")   # one given is kept
+
+
 class _SlowOnWorker1(WorkerPlugin):
     """Meshing takes 3 s more on the worker named 1."""
 
@@ -418,22 +437,27 @@ def test_a_cluster_without_workers_left_says_the_job_waits_and_goes_on_when_one_
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as c:
         told = threading.Event()
+        # without the notice the test would wait forever: a worker joins anyway, later
+        later = threading.Timer(15, cluster.scale, (1,))
+        later.daemon = True
 
         def gone(done, total):
             if done == 1:
                 cluster.scale(0)
-                # without the notice the test would wait forever: a worker joins anyway, later
-                threading.Timer(15, cluster.scale, (1,)).start()
+                later.start()
 
         def shown(message, category, *args, **kwargs):
             if issubclass(category, NoWorkersNotice):
                 told.set()
                 cluster.scale(1)   # a worker joins once the job has said it waits
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = shown
-            dest = tmp_path / "dask"
-            run_mesh(str(source), str(dest), options=MeshOptions(chunk_size=32), client=c, progress=gone)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                warnings.showwarning = shown
+                dest = tmp_path / "dask"
+                run_mesh(str(source), str(dest), options=MeshOptions(chunk_size=32), client=c, progress=gone)
+        finally:
+            later.cancel()   # not to scale a closed cluster during a later test
         assert told.is_set()
         assert tree_files(dest) == tree_files(one)

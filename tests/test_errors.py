@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -604,8 +605,22 @@ def test_a_destination_that_holds_the_source_is_refused(tmp_path):
         assert r.returncode == 2 and "holds the source volume" in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert tree_files(src) == before
+    # the same DEST as a JSON spec with a relative path, from the CLI (it was compared as JSON
+    # text, not as the folder: --resume wrote the meshes into the volume)
+    relative = json.dumps({"driver": "file", "path": src.name})
+    r = subprocess.run(cli_command() + ["mesh", src.name, relative, "--resume", "--voxel-size", "1,1,1", "--quiet"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and "holds the source volume" in r.stderr, r.stderr
+    assert tree_files(src) == before
     run_mesh(str(src), str(src / "mesh"), options=opts, workers=1)
     assert validate(str(src / "mesh")).ok
+    # convert --overwrite into its own source, named by a relative JSON spec: refused, kept
+    mesh = tree_files(src / "mesh")
+    r = subprocess.run(cli_command() + ["convert", "v.zarr/mesh", json.dumps({"driver": "file", "path": "v.zarr/mesh"}),
+                                        "--unsharded", "--overwrite"], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
+    assert r.returncode != 0 and "must not be the source" in r.stderr, r.stderr
+    assert tree_files(src / "mesh") == mesh
 
 
 @pytest.mark.parametrize("where", ["source", "dest"])
