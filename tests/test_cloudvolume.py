@@ -7,17 +7,20 @@ triangles, vertices within 0.01 nm, where cloud-volume's only extra triangles ar
 placeholder fragments of empty parent nodes (zero area, at a child's vertex), which gpumesh's
 reader leaves out.  Includes anisotropic voxels, whose LODs have per-axis ``vertex_offsets``.
 
-cloud-volume is not a dependency: set ``GPUMESH_CLOUDVOLUME_PYTHON`` to a Python that imports
-it (an igneous environment does), else the test is skipped.  It runs that Python on
-``tests/cv_reader/read_meshes.py``.
+cloud-volume is in the ``dev`` extra, so the default run reads with it (it is, with the
+browser test, the one independent reader of the whole output); ``GPUMESH_CLOUDVOLUME_PYTHON``
+names another Python that imports it (an igneous environment), and without either the test
+is skipped.  It runs that Python on ``tests/cv_reader/read_meshes.py``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
 import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -26,10 +29,11 @@ from scipy.spatial import cKDTree
 
 from conftest import CROP_START
 
-PYTHON = os.environ.get("GPUMESH_CLOUDVOLUME_PYTHON")
+PYTHON = os.environ.get("GPUMESH_CLOUDVOLUME_PYTHON") or (
+    sys.executable if importlib.util.find_spec("cloudvolume") is not None else None)
 READER = pathlib.Path(__file__).resolve().parent / "cv_reader" / "read_meshes.py"
 
-pytestmark = pytest.mark.skipif(not PYTHON, reason="GPUMESH_CLOUDVOLUME_PYTHON names no Python with cloud-volume")
+pytestmark = pytest.mark.skipif(not PYTHON, reason="cloud-volume is not installed here (the dev extra), nor named by GPUMESH_CLOUDVOLUME_PYTHON")
 
 KINDS = {   # name: voxel size (nm), MeshOptions
     "unsharded": ((32, 32, 40), {}),
