@@ -118,3 +118,25 @@ def test_run_mesh_from_and_to_a_bucket_given_as_kvstore_specs_resumes_to_the_sam
                                         .read().result()).ravel())[1:].argmax() + 1)
     mesh = export_segment(dest, segment, str(tmp_path / "one.stl"))
     assert len(mesh.faces) > 0 and mesh.is_watertight
+
+
+def test_a_dask_cluster_reads_and_writes_the_bucket_at_this_process_endpoint(endpoint, s3_crop, tmp_path,
+                                                                             monkeypatch):
+    # workers started before AWS_ENDPOINT_URL was set (another host's, say) do not see it: the
+    # job sends it to them, with the source and the destination
+    distributed = pytest.importorskip("distributed")
+    options = MeshOptions(chunk_size=32, max_lods=2)
+    local = tmp_path / "local"
+    run_mesh(str(s3_crop), str(local), options=options, voxel_size=VOXEL_SIZE, workers=1)
+    for k, v in CREDENTIALS.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            distributed.Client(cluster) as client:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        assert not any(client.run(lambda: "AWS_ENDPOINT_URL" in os.environ).values())
+        summary = run_mesh(f"s3://{BUCKET}/crop.zarr", f"s3://{BUCKET}/dask-mesh/", options=options,
+                           voxel_size=VOXEL_SIZE, client=client)
+    assert summary.workers == 2
+    assert s3_files(s3(endpoint, "dask-mesh/")) == {k.replace(os.sep, "/"): v for k, v in tree_files(local).items()}
