@@ -38,9 +38,7 @@ class CPUBackend:
     name = "cpu"
 
     def mesh(self, labels: np.ndarray, piece_size: int) -> list[marching.Piece]:
-        labels = np.ascontiguousarray(labels)
-        if labels.dtype.kind == "i":   # signed labels as their unsigned view, as the GPU backend's
-            labels = labels.view(f"u{labels.dtype.itemsize}")
+        labels = marching.unsigned_view(np.ascontiguousarray(labels))   # as the GPU backend's
         tri_label, tri_piece, tri_edges = marching.march_cubes(labels, piece_size)
         return marching.weld(tri_label, tri_piece, tri_edges, labels.shape)
 

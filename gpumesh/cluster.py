@@ -243,24 +243,24 @@ class DaskExecutor:
         import time
         import warnings
 
-        since = None
+        since, told = None, False   # when the cluster last lost its workers; whether that was said
         while not self._stop_watch.wait(min(1.0, NO_WORKERS_NOTICE_S / 4)):
             try:
                 none = not self._client.nthreads()
             except Exception:   # the client closing, or the scheduler gone: the job says so
                 return
             if not none:
-                since = None
+                since, told = None, False
             elif since is None:
                 since = time.monotonic()
-            elif since != -1 and time.monotonic() - since >= NO_WORKERS_NOTICE_S:
+            elif not told and time.monotonic() - since >= NO_WORKERS_NOTICE_S:
                 # explicit, with no registry: Python's default filter shows a warning once per
                 # place, and each stretch without workers is to be said
                 warnings.warn_explicit(
                     f"the Dask cluster has had no workers for {NO_WORKERS_NOTICE_S:g} s: the job waits for some to "
                     f"join (the scheduler's distributed.scheduler.no-workers-timeout bounds the wait; Ctrl-C stops "
                     f"it, and --resume continues)", NoWorkersNotice, __file__, 0, module=__name__, registry=None)
-                since = -1   # told: not again until workers have come back
+                told = True   # not again until workers have come back
 
     def submit(self, fn, *args):
         """Run ``fn(*args)`` on a worker; returns a :class:`concurrent.futures.Future`."""

@@ -77,6 +77,8 @@ import os
 import numba
 import numpy as np
 
+from .marching import unsigned_view
+
 
 @numba.njit(cache=True, nogil=True)
 def _downsample(labels, out, fx, fy, fz):
@@ -135,10 +137,8 @@ def downsample_labels(labels: np.ndarray, factor=(2, 2, 2)) -> np.ndarray:
         A factor that is not 1 or 2.
     """
     fx, fy, fz = _check_factor(factor)
-    labels = np.ascontiguousarray(labels)
-    given = labels.dtype
-    if given.kind == "i":
-        labels = labels.view(f"u{given.itemsize}")
+    given = np.asarray(labels).dtype
+    labels = unsigned_view(np.ascontiguousarray(labels))
     out = np.empty(downsampled_shape(labels.shape, (fx, fy, fz)), dtype=labels.dtype)
     _downsample(labels, out, fx, fy, fz)
     return out.view(given)

@@ -133,6 +133,12 @@ def march_cubes(labels: np.ndarray, piece_size: int):
     return tri_label, tri_piece, tri_edges
 
 
+def unsigned_view(labels: np.ndarray) -> np.ndarray:
+    """``labels`` viewed as the unsigned dtype of its width when signed (the kernels, CPU and
+    GPU, compare labels unsigned), else ``labels`` itself."""
+    return labels.view(f"u{labels.dtype.itemsize}") if labels.dtype.kind == "i" else labels
+
+
 @dataclass
 class Piece:
     """The welded surface of one segment inside one piece of a block.

@@ -645,15 +645,18 @@ def _open_ome(kv, where, multiscales, zarr_version, mip, axes, voxel_size, voxel
             raise SourceReadError(f"OME-Zarr {where}: dataset {mip} has path {path!r}, not a string")
 
         def scale_translation(transforms, rank):
+            """The transforms' scale and translation, and whether any scale was among them."""
             s = np.ones(rank)
             t = np.zeros(rank)
+            scaled = False
             for tr in transforms or []:
                 if tr.get("type") == "scale":
                     s = s * np.asarray(tr["scale"], dtype=np.float64)
                     t = t * np.asarray(tr["scale"], dtype=np.float64)
+                    scaled = True
                 elif tr.get("type") == "translation":
                     t = t + np.asarray(tr["translation"], dtype=np.float64)
-            return s, t
+            return s, t, scaled
     except SourceReadError:
         raise
     except Exception as exc:
@@ -670,13 +673,11 @@ def _open_ome(kv, where, multiscales, zarr_version, mip, axes, voxel_size, voxel
     shape = tuple(store.domain.shape)
     xyz, _ = _spatial_dims(names, shape, dwhere, axes)
     try:
-        s, t = scale_translation(ds.get("coordinateTransformations"), rank)
-        s2, t2 = scale_translation(ms.get("coordinateTransformations"), rank)
-        s, t = s * s2, t * s2 + t2
+        s, t, scaled = scale_translation(ds.get("coordinateTransformations"), rank)
+        s2, t2, scaled2 = scale_translation(ms.get("coordinateTransformations"), rank)
+        s, t, scaled = s * s2, t * s2 + t2, scaled or scaled2
     except Exception as exc:
         raise SourceReadError(f"bad OME-Zarr coordinateTransformations at {where}: {one_line(exc)}") from exc
-    scaled = any(isinstance(tr, dict) and tr.get("type") == "scale"
-                 for tr in (ds.get("coordinateTransformations") or []) + (ms.get("coordinateTransformations") or []))
     if voxel_size is None and scaled:   # without a scale, no voxel size is known (NoVoxelSizeWarning)
         factors = [_unit_nm(units[d] if d < len(units) else None, where) for d in xyz]
         voxel_size = _check_voxel_size([s[d] * f for d, f in zip(xyz, factors)], f"OME-Zarr {where} scale")

@@ -1226,17 +1226,17 @@ def convert_mesh(src, dest, *, sharding: Optional[ShardingOptions] = ShardingOpt
     source = open_mesh(src)
     if source.kind != "multires":
         if storage.read(source.kv, "info") is None:   # a legacy mesh has one; a volume's folder, a typo not
-            raise InvalidMeshError(f"{storage.kvstore_url(storage.kvstore_spec(source.kv))}: no info file there: "
-                                   f"not a mesh directory?")
+            raise InvalidMeshError(f"{storage.display(source.kv)}: no info file there: not a mesh directory?")
         raise InvalidMeshError("only multi-resolution meshes can be converted (legacy meshes have no sharded form)")
     kv = storage.open_kvstore(dest)
     src_spec, dest_spec = storage.kvstore_spec(source.kv), storage.kvstore_spec(kv)
     if storage.within(src_spec, dest_spec) or storage.within(dest_spec, src_spec):
         raise ValueError("the destination must not be the source or lie inside it (or the reverse)")
     if not storage.is_empty(kv):
+        shown = storage.display(dest)
         if not overwrite:
-            raise DestinationExistsError(f"{storage.display(dest)} is not empty; pass overwrite=True (--overwrite)")
-        check_overwrite(storage.display(dest), storage.list_keys(kv))
+            raise DestinationExistsError(f"{shown} is not empty; pass overwrite=True (--overwrite)")
+        check_overwrite(shown, storage.list_keys(kv))
         storage.delete_all(kv)
 
     if isinstance(source, ShardedMultiresSource):
