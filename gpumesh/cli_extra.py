@@ -66,8 +66,9 @@ def _report(mesh, path, seconds) -> None:
               help="exact: the marching-cubes surface; else decimate like that preset's LOD 0")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
 @click.option("--scale", type=float, default=1.0, show_default=True, help="factor on positions (1e-3: µm)")
+@click.option("--overwrite", is_flag=True, help="replace the output file if it exists")
 def segment(source, segment_id, output, voxel_size, voxel_offset, bbox, bounds, mip, axes, fill_missing, quality,
-            device, scale):
+            device, scale, overwrite):
     """Mesh segment SEGMENT_ID of the volume SOURCE now and write it to a file.
 
     SOURCE: a zarr v2/v3, N5, OME-Zarr or precomputed volume (path or URL).
@@ -80,7 +81,7 @@ def segment(source, segment_id, output, voxel_size, voxel_offset, bbox, bounds, 
         with _one_line_warnings():
             mesh = export_adhoc(source, segment_id, output, scale=scale, bbox=bbox, mip=mip, voxel_size=voxel_size,
                                 voxel_offset=voxel_offset, axes=axes, quality=None if quality == "exact" else quality,
-                                device=device, bounds=bounds, fill_missing=fill_missing)
+                                device=device, bounds=bounds, fill_missing=fill_missing, overwrite=overwrite)
     except (GpumeshError, ValueError, OSError) as exc:
         _fail(exc)
     _report(mesh, output, time.perf_counter() - t0)
@@ -93,7 +94,8 @@ def segment(source, segment_id, output, voxel_size, voxel_offset, bbox, bounds, 
               help=f"mesh file ({_MESH_SUFFIXES}); positions in nm")
 @click.option("--lod", default=0, show_default=True, type=click.IntRange(min=0), help="level of detail")
 @click.option("--scale", type=float, default=1.0, show_default=True, help="factor on positions (1e-3: µm)")
-def export(dest, segment_id, output, lod, scale):
+@click.option("--overwrite", is_flag=True, help="replace the output file if it exists")
+def export(dest, segment_id, output, lod, scale, overwrite):
     """Write segment SEGMENT_ID of the mesh directory DEST (one LOD, fragments joined) to a file.
 
     DEST: a multi-resolution (sharded or not) or legacy precomputed mesh directory, path or URL.
@@ -103,7 +105,7 @@ def export(dest, segment_id, output, lod, scale):
     try:
         file_type_of(output)
         t0 = time.perf_counter()
-        mesh = export_segment(dest, segment_id, output, lod=lod, scale=scale)
+        mesh = export_segment(dest, segment_id, output, lod=lod, scale=scale, overwrite=overwrite)
     except (GpumeshError, ValueError, OSError) as exc:
         _fail(exc)
     _report(mesh, output, time.perf_counter() - t0)

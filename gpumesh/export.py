@@ -60,6 +60,35 @@ def _check_scale(scale) -> float:
     return value
 
 
+def _check_output(path, overwrite: bool) -> None:
+    """``DestinationExistsError`` if ``path`` exists and ``overwrite`` is false (checked before
+    any reading or meshing, so a refused export costs nothing)."""
+    from .errors import DestinationExistsError
+
+    if not overwrite and os.path.lexists(os.fspath(path)):
+        raise DestinationExistsError(f"{os.fspath(path)} exists; use --overwrite to replace it")
+
+
+def _publish(tmp: str, path: str, overwrite: bool) -> None:
+    """Give the finished temporary file ``tmp`` the name ``path``: ``os.replace`` with
+    ``overwrite``, else a hard link, which fails rather than replace a file that appeared
+    meanwhile (a file system without hard links falls back to a check and a rename)."""
+    from .errors import DestinationExistsError
+
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise DestinationExistsError(f"{path} exists; use --overwrite to replace it") from None
+    except OSError:
+        _check_output(path, False)
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
 def _umask() -> int:
     """The process's umask, read without setting it where Linux says it (threads may be
     creating files meanwhile)."""
@@ -75,7 +104,8 @@ def _umask() -> int:
     return mask
 
 
-def export_mesh(mesh, path, *, file_type: Optional[str] = None, scale: float = 1.0) -> str:
+def export_mesh(mesh, path, *, file_type: Optional[str] = None, scale: float = 1.0,
+                overwrite: bool = False) -> str:
     """Write a mesh to ``path`` (atomically: a temporary file in the same folder, then renamed).
 
     Parameters
@@ -88,6 +118,8 @@ def export_mesh(mesh, path, *, file_type: Optional[str] = None, scale: float = 1
     scale : float
         Factor applied to the positions (nm) before writing (glTF's unit is the metre: ``1e-9``
         opens a ``.glb`` at its true size).
+    overwrite : bool
+        Replace an existing file at ``path``; without it an existing file is an error.
 
     Returns
     -------
@@ -98,6 +130,9 @@ def export_mesh(mesh, path, *, file_type: Optional[str] = None, scale: float = 1
     ------
     ValueError
         Unknown format, a mesh without triangles, or ``scale`` not a finite number > 0.
+    DestinationExistsError
+        ``path`` exists and ``overwrite`` is false (also when another process creates it while
+        this one writes: on a file system with hard links it is never replaced then).
     NotADirectoryError
         A folder of ``path`` is a file.
     """
@@ -105,6 +140,7 @@ def export_mesh(mesh, path, *, file_type: Optional[str] = None, scale: float = 1
 
     scale = _check_scale(scale)
     ft = file_type_of(path, file_type)
+    _check_output(path, overwrite)
     faces = np.asarray(mesh.faces)
     if len(faces) == 0:
         raise ValueError("the mesh has no triangles; nothing to export")
@@ -133,7 +169,7 @@ def export_mesh(mesh, path, *, file_type: Optional[str] = None, scale: float = 1
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             os.fchmod(fh.fileno(), 0o666 & ~_umask())   # mkstemp's file is the owner's only
-        os.replace(tmp, path)
+        _publish(tmp, path, overwrite)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -142,7 +178,7 @@ def export_mesh(mesh, path, *, file_type: Optional[str] = None, scale: float = 1
 
 
 def export_segment(dest, segment_id: int, path, *, lod: int = 0, file_type: Optional[str] = None,
-                   scale: float = 1.0):
+                   scale: float = 1.0, overwrite: bool = False):
     """Write one LOD of a segment of a precomputed mesh directory to a file.
 
     Parameters
@@ -153,7 +189,7 @@ def export_segment(dest, segment_id: int, path, *, lod: int = 0, file_type: Opti
     path : str or os.PathLike
     lod : int
         Multi-resolution LOD (0 for legacy meshes).
-    file_type, scale
+    file_type, scale, overwrite
         See :func:`export_mesh`.
 
     Returns
@@ -165,29 +201,39 @@ def export_segment(dest, segment_id: int, path, *, lod: int = 0, file_type: Opti
     ------
     InvalidMeshError
         Missing segment, LOD out of range, malformed data.
+    DestinationExistsError
+        ``path`` exists and ``overwrite`` is false (checked before reading).
     """
     from .reader import load_mesh
 
     file_type_of(path, file_type)  # fail before reading
     _check_scale(scale)
+    _check_output(path, overwrite)
     mesh = load_mesh(dest, int(segment_id), lod=int(lod))
-    export_mesh(mesh, path, file_type=file_type, scale=scale)
+    export_mesh(mesh, path, file_type=file_type, scale=scale, overwrite=overwrite)
     return mesh
 
 
 def export_adhoc(source: Any, segment_id: int, path, *, file_type: Optional[str] = None, scale: float = 1.0,
-                 **mesh_kwargs):
-    """Mesh a segment of a volume now and write it (see :func:`gpumesh.adhoc.mesh_segment`).
+                 overwrite: bool = False, **mesh_kwargs):
+    """Mesh a segment of a volume now and write it (see :func:`gpumesh.adhoc.mesh_segment`;
+    ``file_type``, ``scale`` and ``overwrite`` as in :func:`export_mesh`).
 
     Returns
     -------
     trimesh.Trimesh
         The mesh written (nm, before ``scale``).
+
+    Raises
+    ------
+    DestinationExistsError
+        ``path`` exists and ``overwrite`` is false (checked before meshing).
     """
     from .adhoc import mesh_segment
 
     file_type_of(path, file_type)   # fail before meshing
     _check_scale(scale)
+    _check_output(path, overwrite)
     mesh = mesh_segment(source, segment_id, **mesh_kwargs)
-    export_mesh(mesh, path, file_type=file_type, scale=scale)
+    export_mesh(mesh, path, file_type=file_type, scale=scale, overwrite=overwrite)
     return mesh

@@ -349,9 +349,38 @@ def test_export_mesh_type_override_empty_mesh_and_atomic_failure(tmp_path, monke
 
     monkeypatch.setattr(export.os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
-        export.export_mesh(tet, target, scale=2.0)
+        export.export_mesh(tet, target, scale=2.0, overwrite=True)
     assert target.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["tet.bin", "tet.stl"]
+
+
+def test_export_refuses_an_existing_file_without_overwrite(crop, crop_high, tmp_path, monkeypatch):
+    """``segment`` and ``export`` replaced an existing file without asking; now they refuse it
+    before reading anything (a missing source is not even opened), and ``--overwrite`` replaces it."""
+    from gpumesh import export
+    from gpumesh.errors import DestinationExistsError
+
+    dest, _ = crop_high
+    target = tmp_path / "keep.stl"
+    target.write_bytes(b"mine")
+    for cmd, source in ((segment_cmd, tmp_path / "no-such-volume"), (export_cmd, tmp_path / "no-such-mesh")):
+        r = CliRunner().invoke(cmd, [str(source), "5", "-o", str(target)])
+        assert r.exit_code == 2 and f"{target} exists; use --overwrite to replace it" in r.output, r.output
+    assert target.read_bytes() == b"mine"
+    seg = interior_segment(crop)
+    r = CliRunner().invoke(export_cmd, [str(dest), str(seg), "-o", str(target), "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert trimesh.load(str(target)).is_watertight
+    # a file that appears while the mesh is being written is not replaced either
+    tet = trimesh.Trimesh(vertices=[[0, 0, 0], [32, 0, 0], [0, 32, 0], [0, 0, 40]],
+                          faces=[[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]], process=False)
+    late = tmp_path / "late.stl"
+    late.write_bytes(b"theirs")
+    monkeypatch.setattr(export, "_check_output", lambda path, overwrite: None)
+    with pytest.raises(DestinationExistsError, match="late.stl exists"):
+        export.export_mesh(tet, late)
+    assert late.read_bytes() == b"theirs"
+    assert sorted(os.listdir(tmp_path)) == ["keep.stl", "late.stl"]
 
 
 # --------------------------------------------------------------------------------------------
