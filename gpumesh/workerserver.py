@@ -55,6 +55,44 @@ STOP_SERVER_TIMEOUT_S = 10.0
 #: The environment when this process started the server; ``None`` until then.
 _server_env: Optional[dict] = None
 
+#: Longest path of a Unix socket, NUL excluded (``sun_path`` holds 108 bytes on Linux, 104 on
+#: the BSDs and macOS).
+SOCKET_PATH_MAX = 107 if sys.platform.startswith("linux") else 103
+
+#: Bytes multiprocessing adds to the temporary directory for the server's socket:
+#: ``/pymp-XXXXXXXX/listener-XXXXXXXX``.
+_SOCKET_SUFFIX_LEN = len("/pymp-12345678/listener-12345678")
+
+
+def _socket_dir_fits() -> None:
+    """Make multiprocessing put the server's socket where its path fits a Unix socket.
+
+    The server listens on a socket in a ``pymp-*`` folder under the temporary directory
+    (``TMPDIR``); below Python 3.13, a ``TMPDIR`` longer than about 75 bytes (a batch system's
+    per-job scratch folder) made starting it fail with ``OSError: AF_UNIX path too long``.
+    Where the socket's path would not fit, that folder is made in the first of ``/tmp``,
+    ``/var/tmp`` and ``/usr/tmp`` that can be written, as Python 3.13 does; the folder is still
+    removed when this process exits.  Nothing changes where multiprocessing already chose its
+    folder, or where the path fits.
+    """
+    import tempfile
+    from multiprocessing import util
+
+    base = tempfile.gettempdir()
+    if len(os.fsencode(base)) + _SOCKET_SUFFIX_LEN <= SOCKET_PATH_MAX:
+        return
+    for short in ("/tmp", "/var/tmp", "/usr/tmp"):
+        if os.path.isdir(short) and os.access(short, os.W_OK | os.X_OK):
+            break
+    else:
+        return   # nowhere shorter: leave multiprocessing's own error
+    saved = tempfile.tempdir
+    tempfile.tempdir = short
+    try:
+        util.get_temp_dir()   # chooses and keeps the folder (removed at exit) on its first call
+    finally:
+        tempfile.tempdir = saved
+
 
 def _environment() -> dict:
     return {k: v for k, v in os.environ.items() if k not in VOLATILE_ENV}
@@ -80,6 +118,7 @@ def start_server() -> bool:
         # Only takes effect when this call starts the server (not when some other code of this
         # process already started one): then the workers import gpumesh themselves, as before.
         forkserver.set_forkserver_preload(list(PRELOAD))
+        _socket_dir_fits()
         forkserver.ensure_running()
         _server_env = _environment()
     return True

@@ -365,6 +365,26 @@ def test_a_script_without_a_main_guard_runs_the_job_once(tmp_path, how):
     assert f"workers 2 segments 2 file {where}" in r.stdout      # __main__ as it was, after the job
 
 
+def test_a_long_tmpdir_still_starts_the_worker_server(tmp_path):
+    """Below Python 3.13 the worker server's socket lies in a folder under ``TMPDIR``, and a
+    ``TMPDIR`` longer than ~75 bytes (a batch system's per-job scratch folder) made every job
+    on 2 workers fail with ``OSError: AF_UNIX path too long``; its socket now goes under /tmp
+    then, and the job runs on 2 forked workers."""
+    from gpumesh import workerserver
+
+    deep = tmp_path / ("scratch-" + "j" * 40) / ("task-" + "t" * 40)
+    deep.mkdir(parents=True)
+    assert len(str(deep)) + 32 > workerserver.SOCKET_PATH_MAX
+    code = SCRIPT.format(dest=str(tmp_path / "out")) + (
+        "from gpumesh import workerserver\n"
+        "print('method', workerserver.context().get_start_method())\n")
+    r = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path, env={**os.environ, "TMPDIR": str(deep)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "workers 2 segments 2" in r.stdout and "method forkserver" in r.stdout, r.stdout
+    assert not any(deep.iterdir())   # nothing left where the folder would have been
+
+
 @pytest.mark.parametrize("fmt,shard_bits", [("multires", None), ("legacy", None), ("multires", 0), ("multires", 2)],
                          ids=["unsharded", "legacy", "1-shard", "4-shards"])
 def test_two_workers_write_in_waves_the_bytes_of_one(crop, tmp_path, monkeypatch, fmt, shard_bits):
