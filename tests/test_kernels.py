@@ -157,6 +157,19 @@ def test_midplane_quantizes_to_partition_point(bits):
     assert q.tolist() == [[0, 2 ** (bits - 1), 2**bits - 1]]
 
 
+def test_quantize_rounds_to_the_nearest_step_and_clamps_to_the_node():
+    """Quantization takes the nearest step (positions a rounding error off a step, as float
+    arithmetic leaves them, land on it) and clamps to [0, 2**bits - 1] (a position a hair below
+    the node's origin is 0, not a wrapped integer)."""
+    chunk, bits = 32, 16
+    step = chunk / 2 ** bits
+    p = np.array([[3 * step + 0.4 * step, 3 * step + 0.6 * step, 5 * step - 1e-9],
+                  [-1e-9, -1.6 * step, chunk + step],
+                  [7 * step + 0.5001 * step, 7 * step + 0.4999 * step, chunk - 0.4 * step]])
+    q = encode.quantize(p, chunk, bits)
+    assert q.tolist() == [[3, 4, 5], [0, 0, 2 ** bits - 1], [8, 7, 2 ** bits - 1]]
+
+
 def test_draco_extension_is_built_under_ci():
     # The extension is optional for users (DracoPy writes the same bytes), but CI must build it.
     import os

@@ -768,11 +768,17 @@ def test_manifests_read_by_the_spec_put_every_fragment_on_its_segment(crop, crop
     dest, _ = crop_medium
     info = json.loads((dest / "info").read_text())
     bits = info["vertex_quantization_bits"]
+    # stored model space is voxels: the transform scales them to nm, and LOD k, meshed from
+    # labels downsampled 2**k times, has the scale 2**k there (what the client compares with
+    # the screen's resolution to pick a LOD; a wrong one draws the wrong LOD at every zoom)
+    assert info["transform"] == [VOXEL_SIZE[0], 0, 0, 0, 0, VOXEL_SIZE[1], 0, 0, 0, 0, VOXEL_SIZE[2], 0]
+    assert info["lod_scale_multiplier"] == 1.0
     several = 0
     for seg in sampled_segments(crop, 8):
         m = _spec_manifest((dest / f"{seg}.index").read_bytes())
         data = (dest / str(seg)).read_bytes()
         assert sum(int(s.sum()) for _, s in m["lods"]) == len(data)
+        assert list(m["scales"]) == [2.0 ** k for k in range(len(m["lods"]))]
         np.testing.assert_array_equal(m["origin"], CROP_START)
         vox = np.argwhere(crop == seg) + np.array(CROP_START)
         lo, hi = vox.min(axis=0), vox.max(axis=0) + 1   # the segment's voxels span [lo, hi)

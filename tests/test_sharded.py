@@ -131,6 +131,7 @@ def test_shard_names_and_rule():
     assert spec.parse_shard_key("3.shard") is None and spec.parse_shard_key("20.shard") is None
     # the automatic rule: few segments -> one shard, one minishard; minishards of <= 256 on average
     assert choose_bits(10, 10_000) == (0, 0)
+    assert choose_bits(256, 0) == (0, 0) and choose_bits(257, 0) == (0, 1)   # <= 256, not < 256
     assert choose_bits(2523, 80 << 20) == (0, 4)
     s, m = choose_bits(3_000_000, 40 << 30)
     assert (40 << 30) >> s <= 128 << 20 and -(-3_000_000 // (1 << (s + m))) <= MAX_SEGMENTS_PER_MINISHARD
@@ -217,6 +218,30 @@ def test_reader_on_sharded(outputs):
     assert src.manifest_bytes(2**63 + 5) is None
     rep = validate(src.kv, segments=[ids[0], 2**63 + 5])
     assert rep.num_segments == 1 and rep.num_errors == 1 and "not found" in rep.errors[0]
+
+
+def test_a_sharding_without_its_optional_encodings_reads_as_raw(small, outputs, tmp_path):
+    """The spec makes ``minishard_index_encoding`` and ``data_encoding`` optional, ``"raw"``
+    when left out (gpumesh writes both; another tool's mesh may not): such a mesh reads, and
+    validates, as TensorStore reads it."""
+    dest = tmp_path / "raw"
+    _mesh(small, dest, ShardingOptions(shard_bits=1, minishard_bits=1, minishard_index_encoding="raw",
+                                       data_encoding="raw"))
+    info = json.loads((dest / "info").read_text())
+    del info["sharding"]["minishard_index_encoding"], info["sharding"]["data_encoding"]
+    (dest / "info").write_text(json.dumps(info))
+    spec = ShardingSpec.from_json(info["sharding"])
+    assert (spec.minishard_index_encoding, spec.data_encoding) == ("raw", "raw")
+    rep = validate(str(dest))
+    assert rep.num_errors == 0 and rep.num_segments > 0, rep.errors[:3]
+    plain = open_mesh(str(outputs / "unsharded"))
+    ids = plain.segment_ids()
+    assert open_mesh(str(dest)).segment_ids() == ids
+    kv = _sharded_kvstore(dest)
+    for seg in ids[:: max(1, len(ids) // 6)]:
+        assert bytes(kv.read(struct.pack(">Q", seg)).result().value) == plain.manifest_bytes(seg)
+        a, b = load_mesh(str(dest), seg, 0), load_mesh(plain, seg, 0)
+        assert np.array_equal(a.vertices, b.vertices) and np.array_equal(a.faces, b.faces)
 
 
 def test_empty_volume_sharded(tmp_path):

@@ -375,6 +375,34 @@ def test_zorder_less_matches_morton():
     assert zorder_less(np.array([[0, 0, 1]], np.uint32), big)[0] == (morton(0, 0, 1) < (1 << 93) - 1)
 
 
+def test_segment_nodes_lists_every_node_and_parent_in_z_order_up_to_2_21():
+    """The manifest's nodes (octree.segment_nodes) against a plain reference: LOD k holds its
+    fragments' nodes and the parents (position >> 1) of LOD k - 1's nodes, each once, in
+    Z-order (x bit lowest), for positions up to the spec's 2**21 - 1 per axis (positions that
+    differ only in their top bits must stay two nodes)."""
+    from gpumesh.octree import segment_nodes
+
+    def morton(p):
+        return sum(((int(c) >> b) & 1) << (3 * b + a) for b in range(21) for a, c in enumerate(p))
+
+    rng = np.random.default_rng(7)
+    top = 2**21 - 1
+    lod0 = np.unique(np.vstack([rng.integers(0, top + 1, (60, 3)), rng.integers(2**20 - 2, 2**20 + 2, (20, 3)),
+                                [[0, 0, 0], [2**20, 0, 0], [0, 2**20, 0], [0, 0, 2**20], [top, top, top]]]), axis=0)
+    lod1 = np.unique(np.vstack([lod0[::3] >> 1, rng.integers(0, 2**20, (15, 3))]), axis=0)  # some equal to parents
+    pos = np.vstack([lod0, lod1]).astype(np.uint32)
+    lods = np.array([0] * len(lod0) + [1] * len(lod1))
+    nodes, node_lod, source = segment_nodes(pos, lods, num_lods=3)
+    want, below = [], []
+    for k in range(3):
+        mine = {tuple(map(int, pos[i])): i for i in np.flatnonzero(lods == k)}
+        level = set(mine) | {tuple(c >> 1 for c in p) for p in below}
+        below = sorted(level, key=morton)
+        want += [(p, k, mine.get(p, -1)) for p in below]
+    got = [(tuple(map(int, p)), int(k), int(s)) for p, k, s in zip(nodes, node_lod, source)]
+    assert got == want
+
+
 def test_crossing_mask_rules():
     pp = 512
     q = np.array([[0, 0, 0], [pp, 0, 0], [pp + 1, 0, 0], [pp, pp, pp], [1023, 1023, 1023], [0, 1023, 0], [1023, pp, 1023]])
