@@ -23,7 +23,7 @@ import pytest
 import tensorstore as ts
 
 from gpumesh import storage
-from gpumesh.errors import DestinationError
+from gpumesh.errors import DestinationError, InvalidMeshError
 from gpumesh.pipeline import SCRATCH, MeshOptions, run_mesh
 from gpumesh.reader import Manifest, ShardedMultiresSource, load_mesh, open_mesh
 from gpumesh.sharding import (MAX_SEGMENTS_PER_MINISHARD, ShardFormatError, ShardingOptions, ShardingSpec, build_shard,
@@ -666,6 +666,34 @@ def test_validator_catches_bad_shards(tmp_path, outputs):
         return build_shard(spec, [(seg, b"", m.to_bytes())])
 
     _has(validate(str(_one_shard_dir(tmp_path / "f", outputs, data_before_index))), "inside the shard index")
+
+    def data_in_the_index(spec, name, blob):
+        # fragment bytes that would start inside the shard index (10 bytes before the manifest)
+        m = Manifest(chunk_shape=[1, 1, 1], grid_origin=[0, 0, 0], num_lods=1, lod_scales=[1], vertex_offsets=[[0, 0, 0]],
+                     fragment_positions=[np.zeros((1, 3), np.uint32)], fragment_sizes=[[10]])
+        shard = spec.parse_shard_key(name)
+        seg = next(i for i in range(1, 10**6) if spec.locate([i])[0][0] == shard)
+        return build_shard(spec, [(seg, b"", m.to_bytes())])
+
+    g = _one_shard_dir(tmp_path / "g", outputs, data_in_the_index)
+    _has(validate(str(g), decode=False), "inside the shard index")
+    src = open_mesh(str(g))
+    seg = next(s for s in src.segment_ids() if src.manifest(s).total_bytes == 10)
+    with pytest.raises(InvalidMeshError, match="inside the shard index"):
+        load_mesh(src, seg, 0)
+    assert [data for got, _, data in src.fetch([seg]) if got == seg] == [None]
+
+    def wrong_minishard(spec, name, blob):
+        # a segment of this shard whose minishard index sits under another minishard's range
+        shard = spec.parse_shard_key(name)
+        seg = next(i for i in range(1, 10**6) if spec.locate([i])[0][0] == shard)
+        out = bytearray(build_shard(spec, [(seg, b"", b"m")]))
+        ms = int(spec.locate([seg])[1][0])
+        other = (ms + 1) % spec.num_minishards
+        out[16 * ms:16 * ms + 16], out[16 * other:16 * other + 16] = out[16 * other:16 * other + 16], out[16 * ms:16 * ms + 16]
+        return bytes(out)
+
+    _has(validate(str(_one_shard_dir(tmp_path / "h", outputs, wrong_minishard))), "hashes to", "minishard")
 
 
 def _reindexed(spec, blob, change):

@@ -205,10 +205,34 @@ def test_missing_parent(tmp_path):
     _has(rep, "segment 1", "lod 0", "node 0", "parent [0, 0, 0] missing")
 
 
+def _seg_lods(*lods):
+    """A manifest of ``len(lods)`` LODs with nodes at the given positions (LOD 0 fragments
+    F_LOD0_A, coarser ones F_LOD1, which crosses no partition plane) and its data."""
+    frags = [[F_LOD0_A if k == 0 else F_LOD1] * len(p) for k, p in enumerate(lods)]
+    m = Manifest(chunk_shape=CHUNK, grid_origin=ORIGIN, num_lods=len(lods),
+                 lod_scales=[float(2 ** k) for k in range(len(lods))], vertex_offsets=[[0.0] * 3] * len(lods),
+                 fragment_positions=[np.array(p, np.uint32).reshape(-1, 3) for p in lods],
+                 fragment_sizes=[[len(f) for f in fs] for fs in frags])
+    return m.to_bytes(), b"".join(b"".join(fs) for fs in frags)
+
+
+@pytest.mark.parametrize("lods, words", [
+    ((((0, 0, 0), (0, 0, 0)), ((0, 0, 0),)), ("lod 0", "node 1", "Z-order")),           # a node twice
+    ((((0, 0, 0), (2, 0, 0)), ((1, 0, 0), (0, 0, 0))), ("lod 1", "node 1", "Z-order")),  # the top LOD
+    ((((0, 0, 0),), ((0, 0, 0), (2, 0, 0)), ((1, 0, 0), (0, 0, 0))), ("lod 2", "node 1", "Z-order")),
+    ((((0, 0, 0),), ((0, 0, 0),), ((5, 5, 5),)), ("lod 1", "node 0", "missing at lod 2")),  # a parent past LOD 1
+], ids=["duplicate", "top-lod-order", "lod2-order", "lod1-parent"])
+def test_octree_rules_are_checked_at_every_lod(tmp_path, lods, words):
+    rep = _bad(tmp_path, {1: _seg_lods(*lods)})
+    _has(rep, "segment 1", *words)
+
+
 def test_size_mismatch(tmp_path):
     m, d = seg_parts()
     rep = _bad(tmp_path, {1: (m, d[:-5])})
     _has(rep, "segment 1", "data file has", "sum to")
+    rep = _bad(tmp_path / "long", {1: (m, d + b"\0" * 5)})   # bytes past the last fragment
+    _has(rep, "segment 1", f"data file has {len(d) + 5} bytes", "sum to")
 
 
 def test_undecodable_fragment(tmp_path):
@@ -317,6 +341,7 @@ def test_bad_manifest_values(tmp_path):
     ("vertex_offsets", [[0.5, 0.0, np.inf], [0.0, 0.0, 0.25]], "vertex_offsets are not finite"),
     ("lod_scales", [1.0, -2.0], "lod_scales [1.0, -2.0] must be finite and positive"),
     ("lod_scales", [np.nan, 2.0], "lod_scales [nan, 2.0] must be finite and positive"),
+    ("lod_scales", [0.0, 2.0], "lod_scales [0.0, 2.0] must be finite and positive"),
     ("chunk_shape", [64.0, np.inf, 32.0], "chunk_shape [64.0, inf, 32.0] must be finite and positive"),
 ])
 def test_each_bad_manifest_value_is_reported_alone(tmp_path, field, value, words):
@@ -409,6 +434,12 @@ def test_crossing_mask_rules():
     f = np.array([[0, 1, 3], [1, 2, 3], [0, 2, 1], [3, 4, 1], [0, 5, 1], [0, 1, 2], [3, 4, 6]])
     np.testing.assert_array_equal(crossing_triangles(q, f, 10), [False, False, True, True, True, True, False])
     assert crossing_triangles(np.array([[0, 0, 0], [2**15, 0, 0], [2**15, 9, 0]]), np.array([[0, 1, 2]]), 16)[0] == False  # noqa: E712
+    # a triangle that crosses one plane only, for each axis
+    for a in range(3):
+        tri = np.zeros((3, 3), np.int64)
+        tri[1, a], tri[2, a] = 1023, 1023
+        tri[2, (a + 1) % 3] = 100
+        assert crossing_triangles(tri, np.array([[0, 1, 2]]), 10).tolist() == [True], a
     assert missing_parents(np.array([[2, 3, 4], [8, 8, 8]], np.uint32), np.array([[1, 1, 2]], np.uint32)).tolist() == [1]
 
 
@@ -689,6 +720,8 @@ PROPERTY_DEFECTS = {
     "tag value not a list": (_set("kind", values=[0, []]), "value 0 (0) is not a list of increasing"),
     "description of tags": (_set("kind", description="kinds"), "not allowed on a 'tags' property"),
     "tag_descriptions short": (_set("kind", tag_descriptions=["a", "b"]), "tag_descriptions that are not one"),
+    "tag_descriptions long": (_set("kind", tag_descriptions=["a", "b", "c", "d"]), "tag_descriptions that are not one"),
+    "tag repeated": (_set("kind", values=[[0, 0], []]), "not a list of increasing"),
     "tags on a string": (_set("cell", tags=["a"]), "property 'cell' has tags or tag_descriptions"),
     "second label": (_set("cell", type="label"), "more than one 'label' property"),
     "second tags": (lambda p: p["inline"]["properties"].append(
