@@ -30,7 +30,7 @@ BITS = 10
 CHUNK = [64.0, 64.0, 32.0]
 ORIGIN = [10.0, 20.0, 30.0]
 OFFSETS = [[0.5, 0.0, 0.0], [0.0, 0.0, 0.25]]
-TRANSFORM = [32, 0, 0, 100, 0, 32, 0, -50, 0, 0, 40, 7]  # diag(32,32,40) + translation
+TRANSFORM = [32, 4, 0, 100, 0, 32, 0, -50, 2, 0, 40, 7]  # (32,32,40) sheared (x += 4y, z += 2x) + translation
 
 
 def draco(points, faces, bits=BITS):
@@ -278,6 +278,29 @@ def test_out_of_range_positions(tmp_path):
     frag = draco([[0, 0, 0], [1024, 0, 0], [0, 5, 0]], [[0, 1, 2]], bits=11)
     rep = _bad(tmp_path, {1: seg_parts(frags0=(F_LOD0_A, frag))})
     _has(rep, "segment 1 lod 0 node 1", "outside [0, 2**10)")
+    for load in (load_fragments, load_mesh):   # the readers refuse them too
+        with pytest.raises(InvalidMeshError, match=r"outside \[0, 2\*\*10\)"):
+            load(tmp_path / "bad", 1, 0)
+
+
+def test_a_missing_data_file_is_reported_without_decoding(good):
+    path, _, _ = good
+    os.remove(path / "1")
+    for decode in (False, True):
+        _has(validate(path, decode=decode), "segment 1", "fragment data file 1 missing")
+
+
+def test_nearby_vertices_stay_apart_and_stray_files_are_no_segments(good):
+    """Welding joins only equal positions: at 0.01 nm per stored unit the fragments' vertices
+    lie < 1 nm apart and stay 4 (the two shared corners joined); a file such as
+    ``5.index.bak`` is no segment 5."""
+    path, kv, _ = good
+    storage.write_json(kv, "info", info(transform=[0.01, 0, 0, 0, 0, 0.01, 0, 0, 0, 0, 0.01, 0]))
+    assert len(load_mesh(path, 1, 0).vertices) == 4
+    storage.write(kv, "5.index.bak", b"old")
+    storage.write(kv, "5.index~", b"old")
+    assert open_mesh(path).segment_ids() == [1, 2]
+    assert validate(path).num_segments == 2
 
 
 def test_triangle_crossing_grid(tmp_path):
@@ -476,6 +499,8 @@ def test_legacy_valid_and_bad_index(tmp_path):
         parse_legacy_fragment(legacy_fragment([[0, 0, 0]], [[0, 0, 1]]))
     with pytest.raises(InvalidMeshError):
         parse_legacy_fragment(legacy_fragment([[0, 0, 0]], [[0, 0, 0]]) + b"\0")
+    with pytest.raises(InvalidMeshError, match="multiple of 12"):   # a stray uint32: not a triangle
+        parse_legacy_fragment(legacy_fragment([[0, 0, 0]], [[0, 0, 0]]) + b"\0" * 4)
     # missing fragment file
     storage.write(kv, "7:0", json.dumps({"fragments": ["7:0:a", "7:0:zz"]}).encode())
     _has(validate(tmp_path / "legacy"), "segment 7", "missing")
