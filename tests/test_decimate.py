@@ -124,6 +124,33 @@ def test_defects_of_the_simplifier_are_repaired(pieces):
     assert raw_defects > 0, "no piece exercises the repair path"
 
 
+def test_a_piece_the_lock_rounds_cannot_repair_comes_back_undecimated(pieces, monkeypatch):
+    """When every lock round still leaves a defect, decimate returns its input (a sound mesh)
+    rather than the last defective result."""
+    monkeypatch.setattr(lod, "MAX_LOCK_ROUNDS", 1)   # one round: no repair
+    returned = 0
+    for v, f, on_plane in pieces:
+        d = directed_edges(_simplified_alone(v, f, on_plane))
+        key = d[:, 0] * len(v) + d[:, 1]
+        if len(np.unique(key)) == len(key):
+            continue   # sound without a repair
+        dv, df = lod.decimate(v, f, 0.4, SCALE, frozen=on_plane)
+        assert dv is v and np.array_equal(df, f)
+        returned += 1
+    assert returned > 0
+
+
+def test_the_error_bound_is_in_units_of_the_finest_voxel_axis(pieces):
+    """``max_error`` counts the smallest voxel edge: the same piece scaled to 10x coarser z
+    voxels (the surface's extent in z and the distances there grow) is decimated against the
+    same absolute bound as at isotropic voxels, so it keeps at least as many triangles."""
+    v, f, on_plane = max(pieces, key=lambda p: len(p[1]))
+    iso = np.array([4.0, 4.0, 4.0])
+    _, f_iso = lod.decimate(v, f, 0.05, iso, max_error=0.3, frozen=on_plane)
+    _, f_aniso = lod.decimate(v, f, 0.05, np.array([4.0, 4.0, 40.0]), max_error=0.3, frozen=on_plane)
+    assert len(f_aniso) >= len(f_iso)
+
+
 def test_closed_mesh_without_frozen_set(crop):
     """Without a frozen set (ad-hoc meshes), a closed surface stays closed and manifold."""
     seg_ids, counts = np.unique(crop[crop != 0], return_counts=True)

@@ -108,9 +108,24 @@ def test_downsample_factor_must_be_one_or_two_per_axis(factor):
     ((1, 1, 1), 2, "auto", [[0, 0, 0], [1, 1, 1]]),
     ((40, 8, 8), 3, "auto", [[0, 0, 0], [0, 1, 1], [0, 2, 2]]),                # any axis
     ((4, 7, 120), 6, "auto", [[0, 0, 0], [1, 1, 0], [2, 2, 0], [3, 3, 0], [4, 4, 0], [5, 5, 1]]),
+    ((4, 4, 8), 3, "auto", [[0, 0, 0], [1, 1, 0], [2, 2, 1]]),                 # exactly 2:1: x, y doubled first
 ])
 def test_lod_factors_halve_the_finer_axes_until_near_isotropic(voxel, lods, how, want):
     assert lod_factors(voxel, lods, how).tolist() == want
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int32, np.int64])
+def test_signed_labels_downsample_as_their_unsigned_view(dtype):
+    """Ties go to the smaller ID as the GPU kernel compares them, unsigned: a negative label
+    (an ID of 2**(bits-1) or more, stored signed) loses a tie to 5."""
+    rng = np.random.default_rng(3)
+    labels = rng.choice(np.array([-1, 5, 0, 7], dtype), (8, 8, 8))
+    labels[:2, :2, :2] = np.array([-1, 5] * 4, dtype).reshape(2, 2, 2)   # a 4:4 tie
+    got = downsample_labels(labels, (2, 2, 2))
+    udt = np.dtype(dtype).str.replace("i", "u")
+    want = downsample_labels(labels.view(udt), (2, 2, 2)).view(dtype)
+    np.testing.assert_array_equal(got, want)
+    assert got[0, 0, 0] == 5
 
 
 def test_lod_factors_keep_a_node_within_the_quantization():
