@@ -173,12 +173,18 @@ def _assert_ended(seen: set, job: str) -> None:
     assert not left, f"processes of {job} still running: {left}"
 
 
+def _results(blocks) -> list[str]:
+    """The finished task results in a scratch ``blocks`` folder: not TensorStore's ``*.__lock``
+    file of a write in progress (renamed into place when done, left behind if interrupted)."""
+    return [n for n in os.listdir(blocks) if not n.endswith(".__lock")] if blocks.is_dir() else []
+
+
 def _wait_for_first_result(proc, dest, timeout=120) -> set[int]:
     """Wait until the job in ``proc`` wrote its first task result; the job's processes seen."""
     blocks = dest / ".gpumesh-work" / "blocks"
     seen: set[int] = set()
     deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None and not (blocks.is_dir() and any(blocks.iterdir())):
+    while time.time() < deadline and proc.poll() is None and not _results(blocks):
         seen |= _descendants(proc.pid)
         time.sleep(0.05)
     seen |= _descendants(proc.pid)
@@ -247,7 +253,7 @@ def test_a_stop_signal_ends_the_job_at_once_and_resume_finishes_it(real_zarr, tm
     assert err.strip().splitlines() == [f"gpumesh: {how}; the finished tasks are kept in {dest}: run it "
                                         f"again with --resume to continue"], err
     _assert_ended(seen, "the interrupted job")
-    kept = len(os.listdir(dest / ".gpumesh-work" / "blocks"))
+    kept = len(_results(dest / ".gpumesh-work" / "blocks"))
     resumed = subprocess.run(cli_command() + ["mesh", str(real_zarr), str(dest), "--resume"] + _STOP_ARGS,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
