@@ -60,28 +60,30 @@ def _check_scale(scale) -> float:
     return value
 
 
+def _exists(path):
+    from .errors import DestinationExistsError
+
+    return DestinationExistsError(f"{os.fspath(path)} exists; use --overwrite to replace it")
+
+
 def _check_output(path, overwrite: bool) -> None:
     """``DestinationExistsError`` if ``path`` exists and ``overwrite`` is false (checked before
     any reading or meshing, so a refused export costs nothing)."""
-    from .errors import DestinationExistsError
-
     if not overwrite and os.path.lexists(os.fspath(path)):
-        raise DestinationExistsError(f"{os.fspath(path)} exists; use --overwrite to replace it")
+        raise _exists(path)
 
 
 def _publish(tmp: str, path: str, overwrite: bool) -> None:
     """Give the finished temporary file ``tmp`` the name ``path``: ``os.replace`` with
     ``overwrite``, else a hard link, which fails rather than replace a file that appeared
     meanwhile (a file system without hard links falls back to a check and a rename)."""
-    from .errors import DestinationExistsError
-
     if overwrite:
         os.replace(tmp, path)
         return
     try:
         os.link(tmp, path)
     except FileExistsError:
-        raise DestinationExistsError(f"{path} exists; use --overwrite to replace it") from None
+        raise _exists(path) from None
     except OSError:
         _check_output(path, False)
         os.replace(tmp, path)

@@ -657,25 +657,20 @@ def test_validator_catches_bad_shards(tmp_path, outputs):
 
     _has(validate(str(_one_shard_dir(tmp_path / "e", outputs, rename))), "unexpected shard file")
 
-    def data_before_index(spec, name, blob):
-        # one segment whose manifest claims more fragment bytes than precede it
-        m = Manifest(chunk_shape=[1, 1, 1], grid_origin=[0, 0, 0], num_lods=1, lod_scales=[1], vertex_offsets=[[0, 0, 0]],
-                     fragment_positions=[np.zeros((1, 3), np.uint32)], fragment_sizes=[[10**6]])
-        shard = spec.parse_shard_key(name)
-        seg = next(i for i in range(1, 10**6) if spec.locate([i])[0][0] == shard)
-        return build_shard(spec, [(seg, b"", m.to_bytes())])
+    def claiming(size):
+        # one segment whose manifest claims ``size`` fragment bytes before it, none stored there:
+        # more than precede it, or few enough that they would start inside the shard index
+        def mutate(spec, name, blob):
+            m = Manifest(chunk_shape=[1, 1, 1], grid_origin=[0, 0, 0], num_lods=1, lod_scales=[1],
+                         vertex_offsets=[[0, 0, 0]], fragment_positions=[np.zeros((1, 3), np.uint32)],
+                         fragment_sizes=[[size]])
+            shard = spec.parse_shard_key(name)
+            seg = next(i for i in range(1, 10**6) if spec.locate([i])[0][0] == shard)
+            return build_shard(spec, [(seg, b"", m.to_bytes())])
+        return mutate
 
-    _has(validate(str(_one_shard_dir(tmp_path / "f", outputs, data_before_index))), "inside the shard index")
-
-    def data_in_the_index(spec, name, blob):
-        # fragment bytes that would start inside the shard index (10 bytes before the manifest)
-        m = Manifest(chunk_shape=[1, 1, 1], grid_origin=[0, 0, 0], num_lods=1, lod_scales=[1], vertex_offsets=[[0, 0, 0]],
-                     fragment_positions=[np.zeros((1, 3), np.uint32)], fragment_sizes=[[10]])
-        shard = spec.parse_shard_key(name)
-        seg = next(i for i in range(1, 10**6) if spec.locate([i])[0][0] == shard)
-        return build_shard(spec, [(seg, b"", m.to_bytes())])
-
-    g = _one_shard_dir(tmp_path / "g", outputs, data_in_the_index)
+    _has(validate(str(_one_shard_dir(tmp_path / "f", outputs, claiming(10**6)))), "inside the shard index")
+    g = _one_shard_dir(tmp_path / "g", outputs, claiming(10))
     _has(validate(str(g), decode=False), "inside the shard index")
     src = open_mesh(str(g))
     seg = next(s for s in src.segment_ids() if src.manifest(s).total_bytes == 10)
