@@ -137,8 +137,9 @@ def downsample_labels(labels: np.ndarray, factor=(2, 2, 2)) -> np.ndarray:
         A factor that is not 1 or 2.
     """
     fx, fy, fz = _check_factor(factor)
-    given = np.asarray(labels).dtype
-    labels = unsigned_view(np.ascontiguousarray(labels))
+    labels = np.ascontiguousarray(labels)
+    given = labels.dtype
+    labels = unsigned_view(labels)
     out = np.empty(downsampled_shape(labels.shape, (fx, fy, fz)), dtype=labels.dtype)
     _downsample(labels, out, fx, fy, fz)
     return out.view(given)

@@ -657,6 +657,11 @@ def test_validator_catches_bad_shards(tmp_path, outputs):
 
     _has(validate(str(_one_shard_dir(tmp_path / "e", outputs, rename))), "unexpected shard file")
 
+    def in_shard(spec, name):
+        # the smallest segment ID that hashes to the shard file ``name``
+        shard = spec.parse_shard_key(name)
+        return next(i for i in range(1, 10**6) if spec.locate([i])[0][0] == shard)
+
     def claiming(size):
         # one segment whose manifest claims ``size`` fragment bytes before it, none stored there:
         # more than precede it, or few enough that they would start inside the shard index
@@ -664,9 +669,7 @@ def test_validator_catches_bad_shards(tmp_path, outputs):
             m = Manifest(chunk_shape=[1, 1, 1], grid_origin=[0, 0, 0], num_lods=1, lod_scales=[1],
                          vertex_offsets=[[0, 0, 0]], fragment_positions=[np.zeros((1, 3), np.uint32)],
                          fragment_sizes=[[size]])
-            shard = spec.parse_shard_key(name)
-            seg = next(i for i in range(1, 10**6) if spec.locate([i])[0][0] == shard)
-            return build_shard(spec, [(seg, b"", m.to_bytes())])
+            return build_shard(spec, [(in_shard(spec, name), b"", m.to_bytes())])
         return mutate
 
     _has(validate(str(_one_shard_dir(tmp_path / "f", outputs, claiming(10**6)))), "inside the shard index")
@@ -680,8 +683,7 @@ def test_validator_catches_bad_shards(tmp_path, outputs):
 
     def wrong_minishard(spec, name, blob):
         # a segment of this shard whose minishard index sits under another minishard's range
-        shard = spec.parse_shard_key(name)
-        seg = next(i for i in range(1, 10**6) if spec.locate([i])[0][0] == shard)
+        seg = in_shard(spec, name)
         out = bytearray(build_shard(spec, [(seg, b"", b"m")]))
         ms = int(spec.locate([seg])[1][0])
         other = (ms + 1) % spec.num_minishards
