@@ -800,3 +800,54 @@ def test_manifests_read_by_the_spec_put_every_fragment_on_its_segment(crop, crop
                 assert (p >= lo - 1e-3).all() and (p <= hi + 1e-3).all(), (
                     f"segment {seg} fragment {pos.tolist()}: vertices {p.min(0)}-{p.max(0)} off its voxels {lo}-{hi}")
     assert several >= 4   # several LOD 0 fragments per segment: a layout error would show
+
+
+@pytest.mark.parametrize("kind", ["multires", "sharded", "legacy"])
+def test_data_is_written_before_what_points_at_it_and_info_last(crop, tmp_path, monkeypatch, kind):
+    """What makes a reader trust a file comes after it: a segment's fragment data is written
+    (whole) before its manifest, and ``info``, which makes the directory a mesh, after every
+    other file of the output (module docs of :mod:`gpumesh.writer`).  The writes are watched
+    through :mod:`gpumesh.storage` (one worker, so all in this process): a call returns only
+    when its writes are done, so keys of an earlier call are on disk before a later call."""
+    from gpumesh import storage
+    from gpumesh.pipeline import SCRATCH, MeshOptions, run_mesh
+    from gpumesh.sharding import ShardingOptions
+
+    calls: list[list[str]] = []   # the final (not scratch) keys of each write call, in order
+    real_write, real_many = storage.write, storage.write_many
+
+    def write(kv, key, value):
+        real_write(kv, key, value)
+        if not key.startswith(SCRATCH):
+            calls.append([key])
+
+    def write_many(kv, items, sync=True):
+        items = list(items)
+        real_many(kv, items, sync)
+        calls.append([k for k, _ in items if not k.startswith(SCRATCH)])
+
+    monkeypatch.setattr(storage, "write", write)
+    monkeypatch.setattr(storage, "write_many", write_many)
+    options = MeshOptions(chunk_size=16, max_lods=3, format="legacy" if kind == "legacy" else "multires",
+                          sharding=ShardingOptions(shard_bits=1, minishard_bits=1) if kind == "sharded" else None)
+    run_mesh(crop[:64, :64, :48], str(tmp_path / "m"), options=options, voxel_size=VOXEL_SIZE,
+             voxel_offset=CROP_START, workers=1)
+    done_at = {}
+    for i, keys in enumerate(calls):
+        for key in keys:
+            assert key not in done_at, f"{key} written twice"
+            done_at[key] = i
+    on_disk = {str(p.relative_to(tmp_path / "m")) for p in (tmp_path / "m").rglob("*") if p.is_file()}
+    assert set(done_at) == on_disk, "every file of the output goes through the watched writes"
+    last = max(done_at.values())
+    assert [k for k, i in done_at.items() if i == last] == ["info"], "info alone, after every other file"
+    if kind == "sharded":
+        assert any(k.endswith(".shard") for k in done_at)
+        return
+    manifests = [k for k in done_at if (k.endswith(".index") if kind == "multires" else k.endswith(":0"))]
+    assert len(manifests) > 10
+    for manifest in manifests:
+        label = manifest.split(".")[0] if kind == "multires" else manifest.split(":")[0]
+        data = [label] if kind == "multires" else [k for k in done_at if k.startswith(f"{label}:0:")]
+        assert data, f"{manifest}: no fragment data"
+        assert max(done_at[k] for k in data) < done_at[manifest], f"{manifest} written before its fragment data"
