@@ -21,8 +21,9 @@ Geometry (the pipeline's convention, see :mod:`gpumesh.pipeline`): voxel ``i`` c
 times the voxel size (nm).  Voxels outside the volume, and outside ``bbox`` when one is
 given, are background, so the surface is closed there.
 
-On the CPU only the 32-cube sub-blocks of the box that touch the segment are marched (a long
-thin neurite's box is mostly empty); their shared border vertices are welded by lattice position.
+On the CPU only the 64-cube sub-blocks (:data:`SPARSE_BLOCK`) of the box that touch the
+segment are marched (a long thin neurite's box is mostly empty); their shared border vertices
+are welded by lattice position.
 
 Latency (512^3 uint32 zarr, 128^3 zstd chunks, 2 CPU cores, numba warm): the scan of the whole
 volume takes about 0.2 s, so a typical segment takes about 0.2 s in all (20 ms with ``bbox``),

@@ -1,8 +1,9 @@
 """Command line: ``gpumesh mesh``, ``gpumesh validate``, ``gpumesh convert``.
 
 Errors caused by bad input print one line (``gpumesh: error: ...``) and exit with status 2;
-a failed validation, and a main job whose worker process died (``--resume`` continues it),
-exit with status 1.
+a failed validation, and a main job that failed once started (a worker process died, tasks
+failed, a write failed: ``--resume`` continues it), exit with status 1; Ctrl-C and SIGTERM
+exit with status 130 and 143.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ Sharded output is built shard by shard (:func:`write_shards`, :func:`write_shard
 segment's shard follows from its ID alone, so the block results' fragment index (no fragment
 bytes) is grouped by shard, and only the fragments of the shard being built are needed at a
 time.  The index itself is held whole only while it fits in :data:`ASSEMBLY_INDEX_BYTES` (1 GiB,
-~19 million fragments): past that the assembly keeps a row per segment (:class:`SegmentTable`,
+~20 million fragments): past that the assembly keeps a row per segment (:class:`SegmentTable`,
 from which come each segment's LODs and the sharding's bits) and writes the shards (unsharded:
 runs of segments) in waves whose entries fit, each wave reading the results' headers again,
 so that the main process's memory follows the number of segments, not of fragments.  In the
@@ -127,9 +127,9 @@ def _iter_segments(index: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
 #: from the start of the task result) and ``block``, the number of the task result.
 INDEX_DTYPE = np.dtype(FRAG_DTYPE.descr + [("block", "<u4")])
 
-#: Bytes of fragment entries (:data:`INDEX_DTYPE`) that the assembly holds at once: about 19
-#: million fragments, the whole index of a job of a few hundred gigavoxels at the real volume's
-#: density.  Past it the index is not held whole (:func:`assemble`): the assembly keeps about
+#: Bytes of fragment entries (:data:`INDEX_DTYPE`, 52 bytes each) that the assembly holds at
+#: once: about 20 million fragments, the whole index of a job of a few hundred gigavoxels at the
+#: real volume's density.  Past it the index is not held whole (:func:`assemble`): the assembly keeps about
 #: 80 bytes per segment (:class:`SegmentTable` and the voxel counts, at 3 LODs), and reads the
 #: task results' headers again for each *wave* of shards (unsharded: of segments) whose entries
 #: fit, so that its memory follows this cap and the number of segments, not of fragments.
