@@ -919,9 +919,11 @@ def peak_rss_mb() -> float:
     return max(own, kids) / 1024.0
 
 
-def _plan_fingerprint(volume: Volume, plan: Plan, options: MeshOptions, axes: Optional[str], mip: int) -> dict:
+def _plan_fingerprint(volume: Volume, plan: Plan, options: MeshOptions, axes: Optional[str], mip: int,
+                      fill_missing: bool) -> dict:
     """What a resumed run must share with the interrupted one (``.gpumesh-work/plan.json``):
-    the source's location (not an array's contents), how it was read, the plan and options."""
+    the source's location (not an array's contents), how it was read (``fill_missing``
+    included: a chunk not stored is background or an error), the plan and options."""
     opts = dataclasses.asdict(options)
     if options.segments is not None:   # a digest of the selection, which may be long
         ids = options.selected_ids()
@@ -930,6 +932,7 @@ def _plan_fingerprint(volume: Volume, plan: Plan, options: MeshOptions, axes: Op
         "source": None if volume.location is None else storage.kvstore_url(volume.location),
         "axes": axes,
         "mip": int(mip),
+        "fill_missing": bool(fill_missing),
         "plan": dataclasses.asdict(plan),
         "options": opts,
         "voxel_size": [float(v) for v in volume.voxel_size],
@@ -1135,7 +1138,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     if overwrite and resume:
         raise ValueError("give either overwrite or resume, not both")
     plan = Plan.make(volume.shape, options, volume.voxel_size)
-    fingerprint = _plan_fingerprint(volume, plan, options, axes, mip)
+    fingerprint = _plan_fingerprint(volume, plan, options, axes, mip, fill_missing)
     cache = read_cache_bytes(volume, plan)   # each worker's cache of storage chunks (a loop over the blocks)
     cluster = None
     if client is not None:   # before the destination is touched: the cluster may have no workers

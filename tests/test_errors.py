@@ -388,8 +388,9 @@ def test_a_chunk_that_cannot_be_read_mid_run_fails_the_tasks_that_read_it(tmp_pa
 def test_no_fill_missing_fails_the_tasks_that_need_a_chunk_not_stored(tmp_path):
     """A source chunk that is not stored is background by default (the main job and
     ``gpumesh segment`` run); with ``--no-fill-missing`` the tasks that need it fail, the job
-    ends with one line naming the chunk (status 1), and once the chunk is there ``--resume``
-    writes the bytes of an uninterrupted run.  ``gpumesh segment --no-fill-missing`` stops with
+    ends with one line naming the chunk (status 1), ``--resume`` without ``--no-fill-missing``
+    is refused, and once the chunk is there ``--resume`` writes the bytes of an uninterrupted
+    run.  ``gpumesh segment --no-fill-missing`` stops with
     one line (status 2)."""
     from conftest import tree_files, write_zarr
 
@@ -422,6 +423,10 @@ def test_no_fill_missing_fails_the_tasks_that_need_a_chunk_not_stored(tmp_path):
     errors = [line for line in r.stderr.splitlines() if "error" in line]
     assert r.returncode == 2 and len(errors) == 1 and "c/1/2/1\" is missing" in errors[0], r.stderr
     assert not (tmp_path / "s.stl").exists()
+    # resumed without --no-fill-missing, the missing chunk would be meshed as background
+    r = _cli("mesh", str(tmp_path / "v.zarr"), str(dest), "--resume", *opts)
+    assert r.returncode == 2 and "--resume with different options" in r.stderr, r.stderr
+    assert not (dest / "info").exists()
     chunk.write_bytes(good)
     r = _cli("mesh", str(tmp_path / "v.zarr"), str(dest), "--no-fill-missing", "--resume", *opts)
     assert r.returncode == 0, r.stderr
