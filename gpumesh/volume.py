@@ -1100,8 +1100,33 @@ def _from_tensorstore(store: ts.TensorStore, where: str, mip: int, axes, vs, vo)
         location = storage.kvstore_spec(store.kvstore)
     except Exception:   # a driver without a kvstore (an in-memory "array")
         location = None
+    attrs, names = _stored_attributes(store, driver, spec, where)
     volume = _tensorstore_volume(
-        store, where=where, description=f"{where} ({driver})", names=None, axes=axes,
-        voxel_size=vs, voxel_offset=vo, precomputed=precomputed,
+        store, where=where, description=f"{where} ({driver})", names=names, axes=axes,
+        voxel_size=vs, voxel_offset=vo, attrs=attrs, precomputed=precomputed,
     )
     return replace(volume, location=location)
+
+
+def _stored_attributes(store: ts.TensorStore, driver: str, spec: dict, where: str) -> tuple:
+    """The attributes and axis names that a path to ``store``'s array would give (zarr v3
+    ``attributes``, zarr v2 ``.zattrs`` and ``_ARRAY_DIMENSIONS``, N5 ``resolution`` and
+    ``axes``), for a spec or an opened TensorStore of the array as stored; ``(None, None)``
+    for other drivers and for a view (a transform that moves, transposes or drops the stored
+    dimensions), whose metadata no longer lines up with its dimensions."""
+    if driver not in ("zarr", "zarr3", "n5"):
+        return None, None
+    t = spec.get("transform") or {}
+    maps = t.get("output")
+    if any(store.domain.origin) or (maps is not None and (
+            len(maps) != store.rank or any(m != {"input_dimension": i} for i, m in enumerate(maps)))):
+        return None, None
+    kv = store.kvstore
+    if driver == "zarr3":
+        return _object(_object(_read_json(kv, "zarr.json", where)).get("attributes")), None
+    if driver == "zarr":
+        attrs = _object(_read_json(kv, ".zattrs", where))
+        return attrs, None if any(store.domain.labels) else attrs.get("_ARRAY_DIMENSIONS")
+    attrs = _object(_read_json(kv, "attributes.json", where))
+    vs = _n5_level_voxel_size(attrs, where)   # as a path to it reads it (see _open_n5)
+    return ({} if vs is None else {"voxel_size_nm": vs}), None

@@ -800,3 +800,36 @@ def test_a_kvstore_spec_is_a_location_whose_format_is_detected(tmp_path, labels)
     check_read(vol, labels)
     np.testing.assert_array_equal(vol.voxel_size, [4, 6, 40])
     assert "N5" in vol.description
+
+
+@pytest.mark.parametrize("fmt", ["zarr3", "zarr", "n5"])
+def test_a_spec_or_tensorstore_of_a_stored_array_reads_its_metadata_as_its_path_does(tmp_path, labels, fmt):
+    """Voxel size, voxel offset and axis names come from the array's attributes whether it is
+    given by path, by TensorStore spec or as an opened TensorStore (a spec read none of them:
+    no voxel size, and a zarr v2 array named z, y, x was meshed with x and z swapped).  A view
+    (here a crop that moves the origin) no longer lines up with the stored metadata: its
+    attributes are not read."""
+    path = tmp_path / f"v.{fmt}"
+    if fmt == "n5":
+        write_ts({"driver": "n5", "kvstore": str(path), "metadata": {"compression": {"type": "raw"}}}, labels)
+        edit_json(path / "attributes.json", lambda a: a.update(axes=["x", "y", "z"], resolution=[4, 5, 45]))
+        vs, vo = [4, 5, 45], [0, 0, 0]
+    elif fmt == "zarr3":
+        write_ts({"driver": "zarr3", "kvstore": str(path), "metadata": {"dimension_names": ["z", "y", "x"]}},
+                 np.ascontiguousarray(labels.transpose(2, 1, 0)))
+        edit_json(path / "zarr.json", lambda m: m.setdefault("attributes", {}).update(
+            voxel_size_nm=[40, 8, 4], voxel_offset=[3, 2, 1]))
+        vs, vo = [4, 8, 40], [1, 2, 3]
+    else:
+        write_ts({"driver": "zarr", "kvstore": str(path)}, np.ascontiguousarray(labels.transpose(2, 1, 0)))
+        (path / ".zattrs").write_text(json.dumps({"_ARRAY_DIMENSIONS": ["z", "y", "x"], "resolution": [40, 6, 4],
+                                                  "offset": [400, 60, 40]}))   # funlib: nm
+        vs, vo = [4, 6, 40], [10, 10, 10]
+    spec = {"driver": fmt, "kvstore": {"driver": "file", "path": str(path)}}
+    for source in (str(path), spec, ts.open(spec).result()):
+        vol = open_volume(source)
+        check_read(vol, labels)
+        assert vol.voxel_size_known, type(source)
+        np.testing.assert_array_equal(vol.voxel_size, vs)
+        np.testing.assert_array_equal(vol.voxel_offset, vo)
+    assert not open_volume(ts.open(spec).result()[1:]).voxel_size_known
