@@ -106,9 +106,10 @@ def get_backend(device: str = "auto", processes: int = 1) -> Backend:
                 raise DeviceUnavailableError(f"GPU backend not available: {exc}") from exc
             why = f"the GPU backend cannot start ({exc})"
     elif device == "gpu":
-        raise DeviceUnavailableError("no CUDA GPU visible to CuPy (install gpumesh-ng[gpu] on a GPU machine)")
+        raise DeviceUnavailableError("no CUDA GPU visible to CuPy (on a GPU machine, install the [gpu] extra: "
+                                     "pip install -e '.[gpu]' in a gpumesh clone)")
     elif importlib.util.find_spec("cupy") is None:
-        why = "CuPy is not installed" + (" but a GPU seems present (pip install 'gpumesh-ng[gpu]')"
+        why = "CuPy is not installed" + (" but a GPU seems present (pip install -e '.[gpu]' in a gpumesh clone)"
                                          if shutil.which("nvidia-smi") else "")
     else:
         why = "CuPy sees no usable CUDA GPU"

@@ -322,7 +322,7 @@ def connect(address: str):
     Raises
     ------
     ImportError
-        ``distributed`` is not installed (``pip install "gpumesh-ng[dask]"``).
+        ``distributed`` is not installed (the ``[dask]`` extra: ``pip install -e ".[dask]"`` in a gpumesh clone).
     OSError
         No scheduler answers at ``address``, or no scheduler file appeared there.
     ValueError
@@ -332,7 +332,7 @@ def connect(address: str):
         import dask
         from distributed import Client
     except ImportError as exc:   # pragma: no cover - dask is in the dev extra
-        raise ImportError('--scheduler needs Dask: pip install "gpumesh-ng[dask]"') from exc
+        raise ImportError('--scheduler needs Dask: pip install -e ".[dask]" in a gpumesh clone') from exc
     import json
     import os
     import time

@@ -194,7 +194,7 @@ class CupyRuntime:
             import cupy
         except ImportError as exc:
             raise ImportError(
-                "the GPU backend needs CuPy: pip install 'gpumesh-ng[gpu]' (cupy-cuda12x) "
+                "the GPU backend needs CuPy: pip install -e '.[gpu]' in a gpumesh clone (cupy-cuda12x) "
                 "on a machine with a CUDA GPU") from exc
         self.cp = cupy
         ensure_cupy_cache_dir()  # CuPy raises where it cannot write its kernel cache

@@ -971,8 +971,8 @@ def test_gpu_without_a_gpu_is_one_error_line(monkeypatch, tmp_path):
     res = CliRunner().invoke(main, ["mesh", str(tmp_path / "l.zarr"), str(tmp_path / "out"), "--device", "gpu",
                                     "--workers", "1", "--voxel-size", "1,1,1"])
     assert res.exit_code == 2, res.output
-    assert res.output.strip().splitlines() == ["gpumesh: error: no CUDA GPU visible to CuPy (install "
-                                               "gpumesh-ng[gpu] on a GPU machine)"], res.output
+    assert res.output.strip().splitlines() == ["gpumesh: error: no CUDA GPU visible to CuPy (on a GPU machine, install the "
+                                               "[gpu] extra: pip install -e '.[gpu]' in a gpumesh clone)"], res.output
     assert not (tmp_path / "out").exists()
 
 
