@@ -487,9 +487,8 @@ def warn_if_voxel_size_overridden(source: Any, volume: Volume, voxel_size, *, mi
     and differs from the one the metadata of ``source`` states (``volume`` is ``source``
     opened with it): the meshes would not overlay the volume in a viewer.  Opens ``source``
     once more without it (its metadata only: a few small reads), with ``volume``'s voxel
-    offset and its own warnings silenced; nothing for arrays, opened TensorStores and
-    Volumes."""
-    if voxel_size is None or isinstance(source, (np.ndarray, ts.TensorStore, Volume)):
+    offset and its own warnings silenced; nothing for arrays and Volumes."""
+    if voxel_size is None or isinstance(source, (np.ndarray, Volume)):
         return
     try:
         with warnings.catch_warnings():

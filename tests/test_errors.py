@@ -10,6 +10,7 @@ import warnings
 
 import numpy as np
 import pytest
+import tensorstore as ts
 
 from gpumesh import (DestinationExistsError, EmptyVolumeWarning, InvalidVolumeError, InvalidVoxelSizeError,
                      SourceReadError, StorageUnreachableError, open_mesh, open_volume, run_mesh, validate)
@@ -546,6 +547,9 @@ def test_a_voxel_size_given_against_the_sources_own_is_warned_about(tmp_path, re
         run_mesh(str(real_zarr), str(tmp_path / "a"), voxel_size=(4, 4, 40), bounds=crop, workers=1)
     with pytest.warns(VoxelSizeOverrideWarning):
         mesh_segment(str(real_zarr), 25024949, voxel_size=(4, 4, 40), bounds=crop)
+    opened = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(real_zarr)}}).result()
+    with pytest.warns(VoxelSizeOverrideWarning, match="32,32,40 nm"):   # its attributes are read too
+        run_mesh(opened, str(tmp_path / "t"), voxel_size=(4, 4, 40), bounds=crop, workers=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", VoxelSizeOverrideWarning)
         run_mesh(str(real_zarr), str(tmp_path / "b"), voxel_size=(32, 32, 40), bounds=crop, workers=1)   # the same
