@@ -121,7 +121,8 @@ def export_mesh(mesh, path, *, file_type: Optional[str] = None, scale: float = 1
         Factor applied to the positions (nm) before writing (glTF's unit is the metre: ``1e-9``
         opens a ``.glb`` at its true size).
     overwrite : bool
-        Replace an existing file at ``path``; without it an existing file is an error.
+        Replace an existing file at ``path`` (where ``path`` is a symbolic link, its target);
+        without it an existing file is an error.
 
     Returns
     -------
@@ -149,7 +150,9 @@ def export_mesh(mesh, path, *, file_type: Optional[str] = None, scale: float = 1
     out = trimesh.Trimesh(vertices=np.asarray(mesh.vertices, np.float64) * float(scale), faces=faces,
                           process=False)
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    # a symbolic link is written through (its target replaced), as cp and trimesh's own export do
+    target = os.path.realpath(path) if overwrite and os.path.islink(path) else path
+    folder = os.path.dirname(os.path.abspath(target))
     above = folder
     while not os.path.exists(above) and os.path.dirname(above) != above:
         above = os.path.dirname(above)
@@ -171,7 +174,7 @@ def export_mesh(mesh, path, *, file_type: Optional[str] = None, scale: float = 1
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             os.fchmod(fh.fileno(), 0o666 & ~_umask())   # mkstemp's file is the owner's only
-        _publish(tmp, path, overwrite)
+        _publish(tmp, target, overwrite)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -356,7 +356,8 @@ def test_export_mesh_type_override_empty_mesh_and_atomic_failure(tmp_path, monke
 
 def test_export_refuses_an_existing_file_without_overwrite(crop, crop_high, tmp_path, monkeypatch):
     """``segment`` and ``export`` replaced an existing file without asking; now they refuse it
-    before reading anything (a missing source is not even opened), and ``--overwrite`` replaces it."""
+    before reading anything (a missing source is not even opened), and ``--overwrite`` replaces it
+    (through a symbolic link: its target)."""
     from gpumesh import export
     from gpumesh.errors import DestinationExistsError
 
@@ -381,6 +382,18 @@ def test_export_refuses_an_existing_file_without_overwrite(crop, crop_high, tmp_
         export.export_mesh(tet, late)
     assert late.read_bytes() == b"theirs"
     assert sorted(os.listdir(tmp_path)) == ["keep.stl", "late.stl"]
+    # a symbolic link is written through with --overwrite (its target replaced, the link kept)
+    (tmp_path / "data").mkdir()
+    real = tmp_path / "data" / "real.stl"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.stl"
+    link.symlink_to(real)
+    with pytest.raises(DestinationExistsError, match="link.stl exists"):
+        export.export_mesh(tet, link)
+    export.export_mesh(tet, link, overwrite=True)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert np.array_equal(trimesh.load(str(real)).faces.shape, (4, 3))
+    assert sorted(os.listdir(tmp_path / "data")) == ["real.stl"]
 
 
 # --------------------------------------------------------------------------------------------
