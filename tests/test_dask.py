@@ -111,6 +111,15 @@ def test_a_cluster_cannot_write_to_memory(client):
     assert progress == []
 
 
+def test_a_memory_destination_is_refused_as_the_destination():
+    from gpumesh import storage
+    from gpumesh.cluster import check_destination
+
+    with pytest.raises(ValueError, match="memory:// destination"):
+        check_destination(storage.kvstore_spec("memory://out/"))
+    check_destination(storage.kvstore_spec("/shared/out"))   # a shared file system: fine
+
+
 def test_cli_scheduler(client, crop, tmp_path):
     source = tmp_path / "crop.zarr"
     write_zarr(source, crop)
@@ -171,6 +180,40 @@ def test_workers_share_a_gpu_only_with_workers_of_their_host_that_see_it_first()
     assert gpu_groups(seen) == {"tcp://10.0.0.1:4001": (0, 1), "tcp://10.0.0.1:4002": (0, 1),
                                 "tcp://10.0.0.2:4001": (0, 3), "tcp://10.0.0.2:4002": (1, 3),
                                 "tcp://10.0.0.2:4003": (2, 3), "tcp://10.0.0.3:4001": (0, 1)}
+
+
+def test_a_cluster_runs_as_many_tasks_at_once_as_its_workers_have_threads():
+    # a worker started with --nthreads 4 runs 4 tasks at once: the job keeps that many in flight
+    from gpumesh.cluster import DaskExecutor
+
+    class Threads:   # a client's view of the cluster: threads per worker
+        def nthreads(self):
+            return {"tcp://10.0.0.1:4001": 4, "tcp://10.0.0.2:4001": 1, "tcp://10.0.0.2:4002": 2}
+
+    assert DaskExecutor(Threads()).workers == 7
+
+
+def test_workers_sharing_a_small_gpu_use_only_as_many_as_its_memory_holds():
+    # three workers of one host see the same GPU, whose free memory holds two of them: the
+    # group's first worker measures it, and only two of the three use it; a worker alone on
+    # its GPU is not measured and uses it
+    from gpumesh import gpu
+    from gpumesh.cluster import device_shares
+
+    per_process = gpu.CONTEXT_BYTES + gpu.MIN_POOL_BYTES
+    free = int(2.5 * per_process / gpu.GPU_MEMORY_FRACTION)
+    asked = []
+
+    class Cluster:
+        def run(self, fn, workers):
+            asked.extend(workers)
+            return dict.fromkeys(workers, free)
+
+    seen = {"tcp://10.0.0.1:4003": "", "tcp://10.0.0.1:4001": "", "tcp://10.0.0.1:4002": "", "tcp://10.0.0.2:4001": ""}
+    shares = device_shares(Cluster(), seen)
+    assert asked == ["tcp://10.0.0.1:4001"]
+    assert shares == {"tcp://10.0.0.1:4001": (0, 3, 2), "tcp://10.0.0.1:4002": (1, 3, 2),
+                      "tcp://10.0.0.1:4003": (2, 3, 2), "tcp://10.0.0.2:4001": (0, 1, 1)}
 
 
 def test_a_cluster_without_workers_is_refused_before_any_output(tmp_path):
@@ -461,3 +504,28 @@ def test_a_cluster_without_workers_left_says_the_job_waits_and_goes_on_when_one_
             later.cancel()   # not to scale a closed cluster during a later test
         assert told.is_set()
         assert tree_files(dest) == tree_files(one)
+
+
+def test_each_stretch_without_workers_is_said_once(monkeypatch):
+    # the cluster loses its workers, gets one back, and loses it again: two notices, one for
+    # each stretch (not one per poll, and not only the first)
+    import warnings
+
+    import gpumesh.cluster as cluster_module
+    from gpumesh.cluster import DaskExecutor, NoWorkersNotice
+
+    monkeypatch.setattr(cluster_module, "NO_WORKERS_NOTICE_S", 0.04)   # polled every 0.01 s
+    polls = [{"w": 1}] + [{}] * 20 + [{"w": 1}] * 3 + [{}] * 20
+
+    class Cluster:
+        def nthreads(self):
+            if not polls:
+                executor._stop_watch.set()
+                return {"w": 1}
+            return polls.pop(0)
+
+    executor = DaskExecutor(Cluster())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        executor._watch_workers()
+    assert [issubclass(w.category, NoWorkersNotice) for w in caught] == [True, True]

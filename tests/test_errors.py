@@ -50,6 +50,30 @@ def test_bad_voxel_size(tmp_path, voxel_size):
     assert _no_output(dest)
 
 
+def test_each_bad_input_error_is_a_gpumesh_error_and_the_builtin_error_it_stands_for(tmp_path):
+    # callers catch either gpumesh's base class or the built-in kind (ValueError for bad
+    # values, OSError for storage, FileExistsError for a destination in use)
+    from gpumesh import GpumeshError, TaskFailedError, WorkerFailedError
+
+    dest = tmp_path / "used"
+    dest.mkdir()
+    (dest / "precious.txt").write_text("keep me")
+    cases = [
+        (lambda: run_mesh(np.zeros((8, 8, 8), np.float32), str(tmp_path / "a"), workers=1), InvalidVolumeError,
+         ValueError),
+        (lambda: run_mesh(GOOD, str(tmp_path / "b"), voxel_size=(0, 1, 1), workers=1), InvalidVoxelSizeError,
+         ValueError),
+        (lambda: run_mesh(str(tmp_path / "missing.zarr"), str(tmp_path / "c"), workers=1), SourceReadError, OSError),
+        (lambda: run_mesh(GOOD, str(dest), workers=1), DestinationExistsError, FileExistsError),
+    ]
+    for call, error, builtin in cases:
+        with pytest.raises(error) as info:
+            call()
+        assert isinstance(info.value, GpumeshError) and isinstance(info.value, builtin), (error, builtin)
+    # a failed task is a failed job (CLI status 1, --resume continues), not bad input
+    assert issubclass(TaskFailedError, WorkerFailedError)
+
+
 def test_unreadable_source(tmp_path):
     dest = tmp_path / "out"
     with pytest.raises(SourceReadError):
@@ -89,8 +113,25 @@ def test_nonempty_destination(tmp_path):
     assert os.listdir(other) == ["notes.txt"]
 
 
+def test_overwrite_and_resume_together_are_refused_before_output(tmp_path):
+    # resume keeps the finished tasks, overwrite deletes them: both at once is a mistake, said
+    # so before the destination is touched (it was taken as overwrite)
+    from conftest import tree_files
+
+    dest = tmp_path / "out"
+    run_mesh(GOOD, str(dest), workers=1)
+    before = tree_files(dest)
+    with pytest.raises(ValueError, match="not both"):
+        run_mesh(GOOD, str(dest), workers=1, overwrite=True, resume=True)
+    assert tree_files(dest) == before
+    with pytest.raises(ValueError, match="not both"):
+        run_mesh(GOOD, str(tmp_path / "new"), workers=1, overwrite=True, resume=True)
+    assert _no_output(tmp_path / "new")
+
+
 @pytest.mark.parametrize("options, workers", [
     (MeshOptions(chunk_size=48), 1), (MeshOptions(dust_threshold=-1), 1), (MeshOptions(dust_threshold=2.5), 1),
+    (MeshOptions(dust_threshold=True), 1),
     ("high", 1), (MeshOptions(), 0), (MeshOptions(), -2), (MeshOptions(), 1.5),
     (MeshOptions(segments=[]), 1), (MeshOptions(segments=[7, 0]), 1), (MeshOptions(segments=[2**64]), 1),
     (MeshOptions(segments=[7, 2.0]), 1), (MeshOptions(segments=[True]), 1), (MeshOptions(segments="7"), 1),
@@ -153,6 +194,17 @@ def test_all_zero_volume_gives_valid_empty_output(tmp_path):
 
 def _cli(*args):
     return subprocess.run(cli_command() + list(args), capture_output=True, text=True, timeout=120)
+
+
+def test_a_multi_line_message_becomes_one_line():
+    # TensorStore's messages can span lines (a status and its source locations); the typed
+    # errors built from them keep to one line, as the CLI prints them
+    from gpumesh.errors import one_line
+
+    exc = ValueError("NOT_FOUND: Error reading \"c/0/0/0\"\n  [source locations='a.cc:1\nb.cc:2']\n")
+    text = one_line(exc)
+    assert "\n" not in text and text.startswith("NOT_FOUND: Error reading") and text.endswith("b.cc:2']")
+    assert text.split() == str(exc).split()
 
 
 def test_cli_errors_are_one_line(tmp_path, real_zarr):
@@ -776,3 +828,10 @@ def test_a_voxel_offset_past_float32_grid_origins_is_refused(tmp_path):
     mesh = open_mesh(str(tmp_path / "edge"))
     lo = np.asarray(mesh.manifest(7).grid_origin)
     assert lo.tolist() == [-2**24, 5, 2**24]
+
+
+def test_a_negative_voxel_offset_past_float32_grid_origins_is_refused(tmp_path):
+    # -(2**24 + 1) is no float32 either: the meshes would move by a voxel without a word
+    with pytest.raises(InvalidVolumeError, match=r"grid_origin.*2\*\*24"):
+        run_mesh(GOOD, str(tmp_path / "out"), voxel_offset=(0, -2**24 - 1, 0), workers=1)
+    assert _no_output(tmp_path / "out")

@@ -148,6 +148,22 @@ def test_zarr2_array_dimensions(tmp_path, labels):
     check_read(open_volume(f"{path}|zarr2:"), labels)
 
 
+def test_three_voxel_sizes_of_a_rank_4_array_are_in_the_storage_order_of_its_spatial_axes(tmp_path, labels):
+    # c, z, y, x with voxel_size_nm for the 3 spatial axes only: z, y, x (as they are stored)
+    path = tmp_path / "czyx.zarr"
+    write_ts({"driver": "zarr3", "kvstore": str(path), "metadata": {"dimension_names": ["c", "z", "y", "x"]}},
+             np.ascontiguousarray(labels.transpose(2, 1, 0))[None])
+    edit_json(path / "zarr.json", lambda m: m.setdefault("attributes", {}).update(
+        voxel_size_nm=[40, 8, 4], voxel_offset=[3, 2, 1]))
+    vol = open_volume(str(path))
+    check_read(vol, labels)
+    np.testing.assert_array_equal(vol.voxel_size, [4, 8, 40])
+    np.testing.assert_array_equal(vol.voxel_offset, [1, 2, 3])
+    # one entry per array dimension (the channel's included) reads the same
+    edit_json(path / "zarr.json", lambda m: m["attributes"].update(voxel_size_nm=[1, 40, 8, 4]))
+    np.testing.assert_array_equal(open_volume(str(path)).voxel_size, [4, 8, 40])
+
+
 def _ome_datasets(scales, translations):
     return [
         {"path": str(i), "coordinateTransformations": [
@@ -239,6 +255,28 @@ def test_ome_zarr_05(tmp_path, labels):
     check_read(vol, labels)
     np.testing.assert_allclose(vol.voxel_size, [8, 16, 40])
     assert "OME-Zarr 0.5" in vol.description
+
+
+def test_ome_zarr_multiscale_scale_applies_to_the_dataset_translation(tmp_path, labels):
+    # The multiscale's own coordinateTransformations come after each dataset's: physical = s2 *
+    # (s * i + t) + t2, so the voxel offset is (s2 * t + t2) / (s2 * s).  Here the dataset's
+    # translation is 10 voxels on every axis and the multiscale doubles y and x.
+    root = tmp_path / "ome.zarr"
+    write_ts({"driver": "zarr", "kvstore": str(root / "0")}, np.ascontiguousarray(labels.transpose(2, 1, 0)))
+    axes = [{"name": n, "type": "space", "unit": "nanometer"} for n in "zyx"]
+    ms = [{"version": "0.4", "axes": axes,
+           "datasets": _ome_datasets([[40, 8, 4]], [[400, 80, 40]]),
+           "coordinateTransformations": [{"type": "scale", "scale": [1, 2, 2]}]}]
+    (root / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
+    (root / ".zattrs").write_text(json.dumps({"multiscales": ms}))
+    vol = open_volume(str(root))
+    check_read(vol, labels)
+    np.testing.assert_allclose(vol.voxel_size, [8, 16, 40])
+    np.testing.assert_array_equal(vol.voxel_offset, [10, 10, 10])
+    # and a multiscale translation, in physical units, after it
+    ms[0]["coordinateTransformations"].append({"type": "translation", "translation": [80, 32, 16]})
+    (root / ".zattrs").write_text(json.dumps({"multiscales": ms}))
+    np.testing.assert_array_equal(open_volume(str(root)).voxel_offset, [12, 12, 12])
 
 
 def test_n5(tmp_path, labels):
@@ -449,6 +487,16 @@ def test_tensorstore_and_spec_inputs(tmp_path, labels):
     check_read(vol, labels.astype(np.uint16))
 
 
+def test_tensorstore_dimension_units_are_converted_to_nm(labels):
+    # an opened TensorStore that states its voxel size as dimension units, in any length unit
+    store = ts.open({"driver": "array", "array": labels.tolist(), "dtype": "uint32",
+                     "schema": {"dimension_units": ["0.004um", "8nm", [4, "nm"]]}}).result()
+    vol = open_volume(store)
+    assert vol.voxel_size_known
+    np.testing.assert_allclose(vol.voxel_size, [4, 8, 4])
+    check_read(vol, labels)
+
+
 def test_signed_labels(tmp_path, labels):
     signed = labels.astype(np.int64)
     vol = open_volume(signed)
@@ -535,6 +583,20 @@ def test_rank_errors(tmp_path):
         open_volume(str(path))
     with pytest.raises(InvalidVolumeError, match="axes"):
         open_volume(np.zeros((3, 4, 5), np.uint8), axes="zy")
+
+
+def test_axes_of_the_wrong_length_or_with_a_repeated_letter_are_refused(tmp_path, labels):
+    # one letter per stored axis, each of x, y, z once: a wrong axes string is a typed error,
+    # not a NumPy / TensorStore indexing error (nor taken with a letter dropped)
+    path = tmp_path / "zyx.zarr"
+    write_ts({"driver": "zarr3", "kvstore": str(path)}, np.ascontiguousarray(labels.transpose(2, 1, 0)))
+    for source in (labels, str(path)):
+        with pytest.raises(InvalidVolumeError, match="letters"):
+            open_volume(source, axes="czyx")   # 4 letters for 3 axes
+    with pytest.raises(InvalidVolumeError, match="letters"):
+        open_volume(labels[..., None], axes="zyx")   # 3 letters for 4 axes
+    with pytest.raises(InvalidVolumeError, match="once"):
+        open_volume(labels[..., None], axes="xyzz")
 
 
 def test_empty_volume(tmp_path):
@@ -737,6 +799,18 @@ def test_n5_levels_with_pixel_resolution_and_downsampling_factors(tmp_path, labe
     np.testing.assert_allclose(open_volume(str(root), mip=1).voxel_size, [8, 8, 40])
 
 
+def test_n5_pixel_resolution_unit_is_converted_to_nm(tmp_path, labels):
+    # n5-spark / BigDataViewer write pixelResolution as {"dimensions": [...], "unit": "um"}
+    path = tmp_path / "um.n5"
+    write_ts({"driver": "n5", "kvstore": str(path), "metadata": {"compression": {"type": "raw"}}}, labels)
+    edit_json(path / "attributes.json",
+              lambda a: a.update(pixelResolution={"dimensions": [0.004, 0.008, 0.04], "unit": "um"}))
+    np.testing.assert_allclose(open_volume(str(path)).voxel_size, [4, 8, 40])
+    edit_json(path / "attributes.json",
+              lambda a: a.update(pixelResolution={"dimensions": [4, 8, 40], "unit": "nm"}, units=["um"] * 3))
+    np.testing.assert_allclose(open_volume(str(path)).voxel_size, [4, 8, 40])   # the object's own unit wins
+
+
 def test_names_with_some_but_not_all_of_x_y_z_are_refused(tmp_path, labels):
     # c, y, x (a 2-D image with a channel) was read in storage order as x, y, z: the stored x
     # meshed as z
@@ -752,6 +826,15 @@ def test_names_with_some_but_not_all_of_x_y_z_are_refused(tmp_path, labels):
     for names in (["dim_0", "dim_1", "dim_2"], 3):
         (path / ".zattrs").write_text(json.dumps({"_ARRAY_DIMENSIONS": names}))
         check_read(open_volume(str(path)), labels)
+
+
+def test_axis_names_that_repeat_a_spatial_axis_are_refused(tmp_path, labels):
+    path = tmp_path / "dup.zarr"   # zarr v2: the names are xarray's, which TensorStore does not check
+    write_ts({"driver": "zarr", "kvstore": str(path)}, labels[..., None].copy())
+    (path / ".zattrs").write_text(json.dumps({"_ARRAY_DIMENSIONS": ["x", "y", "z", "z"]}))
+    with pytest.raises(InvalidVolumeError, match="not each of x, y, z once"):
+        open_volume(str(path))
+    check_read(open_volume(str(path), axes="xyzc"), labels)   # axes= overrides the names
 
 
 def test_ome_zarr_before_axes_is_t_c_z_y_x_and_without_scale_has_no_voxel_size(tmp_path, labels):
