@@ -67,10 +67,27 @@ def _exists(path):
 
 
 def _check_output(path, overwrite: bool) -> None:
-    """``DestinationExistsError`` if ``path`` exists and ``overwrite`` is false (checked before
-    any reading or meshing, so a refused export costs nothing)."""
+    """``DestinationExistsError`` if ``path`` exists and ``overwrite`` is false, and
+    ``DestinationError`` if ``overwrite`` would write through a symbolic link to no file
+    (checked before any reading or meshing, so a refused export costs nothing)."""
     if not overwrite and os.path.lexists(os.fspath(path)):
         raise _exists(path)
+    _written_path(path, overwrite)
+
+
+def _written_path(path, overwrite: bool) -> str:
+    """The file that replacing ``path`` writes: with ``overwrite``, a symbolic link's target
+    (the link kept), as cp and trimesh's own export do; ``DestinationError`` for a link to no
+    file (dangling, a loop, a folder), which cp does not write through either."""
+    path = os.fspath(path)
+    if not (overwrite and os.path.islink(path)):
+        return path
+    if not os.path.isfile(path):
+        from .errors import DestinationError
+
+        raise DestinationError(f"cannot write {path}: a symbolic link to {os.path.realpath(path)}, which is no "
+                               f"file (dangling, a loop or a folder); remove the link or write to its target")
+    return os.path.realpath(path)
 
 
 def _publish(tmp: str, path: str, overwrite: bool) -> None:
@@ -138,6 +155,9 @@ def export_mesh(mesh, path, *, file_type: Optional[str] = None, scale: float = 1
         this one writes: on a file system with hard links it is never replaced then).
     NotADirectoryError
         A folder of ``path`` is a file.
+    DestinationError
+        ``path`` is a symbolic link to no file (dangling, a loop of links, a folder) and ``overwrite``
+        is true: it is not written through.
     """
     import trimesh
 
@@ -150,8 +170,7 @@ def export_mesh(mesh, path, *, file_type: Optional[str] = None, scale: float = 1
     out = trimesh.Trimesh(vertices=np.asarray(mesh.vertices, np.float64) * float(scale), faces=faces,
                           process=False)
     path = os.fspath(path)
-    # a symbolic link is written through (its target replaced), as cp and trimesh's own export do
-    target = os.path.realpath(path) if overwrite and os.path.islink(path) else path
+    target = _written_path(path, overwrite)   # a symbolic link is written through (its target replaced)
     folder = os.path.dirname(os.path.abspath(target))
     above = folder
     while not os.path.exists(above) and os.path.dirname(above) != above:

@@ -437,12 +437,16 @@ def _tensorstore_volume(
             units = None
         if units is not None:
             voxel_size = _units_to_nm([units[d] for d in xyz])
+    given_offset = voxel_offset is not None
     if voxel_offset is None and attrs and "voxel_offset" in attrs:
         vo = _spatial_attr(attrs.get("voxel_offset"), xyz, len(shape))
         if vo is not None:
             voxel_offset = _check_voxel_offset(vo)
     if voxel_offset is None and attrs and "offset" in attrs and "resolution" in attrs:
         voxel_offset = _funlib_offset(attrs, xyz, len(shape), where)
+    if voxel_offset is not None and not given_offset and any(origin):
+        # the attributes place stored index 0; a view cropped at the low end starts at its origin
+        voxel_offset = voxel_offset + np.array([origin[d] for d in xyz], dtype=np.int64)
     if voxel_offset is None:
         voxel_offset = np.array([origin[d] for d in xyz], dtype=np.int64)
 
@@ -606,9 +610,7 @@ def _open_zarr(kv, where, version, mip, axes, voxel_size, voxel_offset, how: _Op
             voxel_size=voxel_size, voxel_offset=voxel_offset, attrs=attrs,
         )
     zarray = _read_json(kv, ".zarray", where)
-    zattrs = _read_json(kv, ".zattrs", where) or {}
-    if not isinstance(zattrs, dict):
-        raise SourceReadError(f"bad .zattrs at {where}")
+    zattrs = _zattrs(kv, where)
     if zarray is None:
         ms = zattrs.get("multiscales")
         if not ms:
@@ -620,6 +622,14 @@ def _open_zarr(kv, where, version, mip, axes, voxel_size, voxel_offset, how: _Op
         store, where=where, description=f"zarr v2 {where} (mip 0)", names=zattrs.get("_ARRAY_DIMENSIONS"),
         axes=axes, voxel_size=voxel_size, voxel_offset=voxel_offset, attrs=zattrs,
     )
+
+
+def _zattrs(kv, where) -> dict:
+    """A zarr v2 node's ``.zattrs`` ({} where there is none)."""
+    zattrs = _read_json(kv, ".zattrs", where) or {}
+    if not isinstance(zattrs, dict):
+        raise SourceReadError(f"bad .zattrs at {where}")
+    return zattrs
 
 
 def _open_ome(kv, where, multiscales, zarr_version, mip, axes, voxel_size, voxel_offset,
@@ -705,6 +715,8 @@ def _n5_voxel_size(attrs: dict, where: str) -> Optional[list]:
         res = res.get("dimensions")
     if not isinstance(res, list):
         return None
+    if not all(isinstance(r, (int, float)) for r in res):
+        raise InvalidVoxelSizeError(f"N5 {where} resolution must be finite numbers > 0 (nm), got {res!r}")
     if isinstance(unit, list):
         return [r * _unit_nm(u, where) for r, u in zip(res, unit)] if len(unit) == len(res) else None
     f = _unit_nm(unit, where)
@@ -1099,7 +1111,7 @@ def _from_tensorstore(store: ts.TensorStore, where: str, mip: int, axes, vs, vo)
         location = storage.kvstore_spec(store.kvstore)
     except Exception:   # a driver without a kvstore (an in-memory "array")
         location = None
-    attrs, names = _stored_attributes(store, driver, spec, where)
+    attrs, names = _stored_attributes(store, driver, spec, where, voxel_size=vs is None)
     volume = _tensorstore_volume(
         store, where=where, description=f"{where} ({driver})", names=names, axes=axes,
         voxel_size=vs, voxel_offset=vo, attrs=attrs, precomputed=precomputed,
@@ -1107,25 +1119,31 @@ def _from_tensorstore(store: ts.TensorStore, where: str, mip: int, axes, vs, vo)
     return replace(volume, location=location)
 
 
-def _stored_attributes(store: ts.TensorStore, driver: str, spec: dict, where: str) -> tuple:
+def _stored_attributes(store: ts.TensorStore, driver: str, spec: dict, where: str, *,
+                       voxel_size: bool = True) -> tuple:
     """The attributes and axis names that a path to ``store``'s array would give (zarr v3
-    ``attributes``, zarr v2 ``.zattrs`` and ``_ARRAY_DIMENSIONS``, N5 ``resolution`` and
-    ``axes``), for a spec or an opened TensorStore of the array as stored; ``(None, None)``
-    for other drivers and for a view (a transform that moves, transposes or drops the stored
-    dimensions), whose metadata no longer lines up with its dimensions."""
+    ``attributes``, zarr v2 ``.zattrs`` and ``_ARRAY_DIMENSIONS``, N5 ``resolution``; N5
+    ``axes`` and zarr v3 ``dimension_names`` are TensorStore's labels already), for a spec or
+    an opened TensorStore of the array as stored or cropped (a voxel offset they state is that
+    of stored index 0); ``(None, None)`` for other drivers and for a view (a transform that
+    moves, transposes or drops the stored dimensions), whose metadata no longer lines up with
+    its dimensions.  ``voxel_size=False`` (one was given): N5's resolution is not read, so
+    that a unit gpumesh does not know is no error, as for a path."""
     if driver not in ("zarr", "zarr3", "n5"):
         return None, None
     t = spec.get("transform") or {}
     maps = t.get("output")
-    if any(store.domain.origin) or (maps is not None and (
-            len(maps) != store.rank or any(m != {"input_dimension": i} for i, m in enumerate(maps)))):
+    if maps is not None and (len(maps) != store.rank
+                             or any(m != {"input_dimension": i} for i, m in enumerate(maps))):
         return None, None
     kv = store.kvstore
     if driver == "zarr3":
         return _object(_object(_read_json(kv, "zarr.json", where)).get("attributes")), None
     if driver == "zarr":
-        attrs = _object(_read_json(kv, ".zattrs", where))
+        attrs = _zattrs(kv, where)
         return attrs, None if any(store.domain.labels) else attrs.get("_ARRAY_DIMENSIONS")
+    if not voxel_size:
+        return None, None
     attrs = _object(_read_json(kv, "attributes.json", where))
     vs = _n5_level_voxel_size(attrs, where)   # as a path to it reads it (see _open_n5)
-    return ({} if vs is None else {"voxel_size_nm": vs}), None
+    return ({} if vs is None else {"resolution": vs}), None

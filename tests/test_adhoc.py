@@ -394,6 +394,24 @@ def test_export_refuses_an_existing_file_without_overwrite(crop, crop_high, tmp_
     assert link.is_symlink() and os.readlink(link) == str(real)
     assert np.array_equal(trimesh.load(str(real)).faces.shape, (4, 3))
     assert sorted(os.listdir(tmp_path / "data")) == ["real.stl"]
+    # chains and relative targets are followed to the file; a link to no file (dangling, a
+    # loop) is not written through, nor are folders made for it (as cp refuses it)
+    chain = tmp_path / "chain.stl"
+    chain.symlink_to("link.stl")
+    export.export_mesh(tet, chain, overwrite=True)
+    assert os.readlink(chain) == "link.stl" and link.is_symlink() and real.stat().st_size > 3
+    from gpumesh.errors import DestinationError
+
+    dangling = tmp_path / "dangling.stl"
+    dangling.symlink_to(tmp_path / "nowhere" / "deep" / "x.stl")
+    loop = tmp_path / "loop.stl"
+    loop.symlink_to("loop.stl")
+    for bad in (dangling, loop):
+        with pytest.raises(DestinationError, match="symbolic link"):
+            export.export_mesh(tet, bad, overwrite=True)
+        assert bad.is_symlink()
+    assert not (tmp_path / "nowhere").exists()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".gpumesh-")]
 
 
 # --------------------------------------------------------------------------------------------

@@ -835,3 +835,25 @@ def test_a_negative_voxel_offset_past_float32_grid_origins_is_refused(tmp_path):
     with pytest.raises(InvalidVolumeError, match=r"grid_origin.*2\*\*24"):
         run_mesh(GOOD, str(tmp_path / "out"), voxel_offset=(0, -2**24 - 1, 0), workers=1)
     assert _no_output(tmp_path / "out")
+
+
+def test_a_resume_refused_says_what_differs_and_an_older_plan_without_fill_missing_says_so(tmp_path):
+    # the interrupted run's plan.json, as a gpumesh that did not record fill_missing wrote it:
+    # the refusal named "different options or source" though none of those the user gives differed
+    from gpumesh.pipeline import SCRATCH, Plan, _plan_fingerprint
+
+    vol = open_volume(GOOD, voxel_size=(1, 1, 1))
+    plan = Plan.make(vol.shape, MeshOptions(), vol.voxel_size)
+    fingerprint = json.loads(json.dumps(_plan_fingerprint(vol, plan, MeshOptions(), None, 0, True)))
+    del fingerprint["fill_missing"]
+    dest = tmp_path / "out"
+    (dest / SCRATCH).mkdir(parents=True)
+    (dest / SCRATCH / "plan.json").write_text(json.dumps(fingerprint))
+    with pytest.raises(DestinationExistsError, match=r"\(fill_missing; it was started by a gpumesh that did not "
+                                                     r"record that: rerun with --overwrite\)"):
+        run_mesh(GOOD, str(dest), voxel_size=(1, 1, 1), workers=1, resume=True)
+    fingerprint["fill_missing"] = True
+    (dest / SCRATCH / "plan.json").write_text(json.dumps(fingerprint))
+    with pytest.raises(DestinationExistsError, match=r"than the interrupted run \([a-z_, ]*voxel_size[a-z_, ]*\)$"):
+        run_mesh(GOOD, str(dest), voxel_size=(2, 2, 2), workers=1, resume=True)
+    assert run_mesh(GOOD, str(dest), voxel_size=(1, 1, 1), workers=1, resume=True).segments == 1   # the same: resumed

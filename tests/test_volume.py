@@ -894,8 +894,9 @@ def test_a_spec_or_tensorstore_of_a_stored_array_reads_its_metadata_as_its_path_
     attributes are not read."""
     path = tmp_path / f"v.{fmt}"
     if fmt == "n5":
-        write_ts({"driver": "n5", "kvstore": str(path), "metadata": {"compression": {"type": "raw"}}}, labels)
-        edit_json(path / "attributes.json", lambda a: a.update(axes=["x", "y", "z"], resolution=[4, 5, 45]))
+        write_ts({"driver": "n5", "kvstore": str(path), "metadata": {"compression": {"type": "raw"}}},
+                 np.ascontiguousarray(labels.transpose(2, 1, 0)))
+        edit_json(path / "attributes.json", lambda a: a.update(axes=["z", "y", "x"], resolution=[45, 5, 4]))
         vs, vo = [4, 5, 45], [0, 0, 0]
     elif fmt == "zarr3":
         write_ts({"driver": "zarr3", "kvstore": str(path), "metadata": {"dimension_names": ["z", "y", "x"]}},
@@ -915,4 +916,69 @@ def test_a_spec_or_tensorstore_of_a_stored_array_reads_its_metadata_as_its_path_
         assert vol.voxel_size_known, type(source)
         np.testing.assert_array_equal(vol.voxel_size, vs)
         np.testing.assert_array_equal(vol.voxel_offset, vo)
-    assert not open_volume(ts.open(spec).result()[1:]).voxel_size_known
+    moved = ts.open(spec).result()
+    moved = moved[ts.d[:].translate_by[1]]   # the view's index 1 is the stored 0: attributes are not read
+    assert not open_volume(moved).voxel_size_known
+
+
+@pytest.mark.parametrize("fmt", ["zarr3", "zarr", "n5"])
+def test_a_view_cropped_at_the_low_end_keeps_the_arrays_voxel_size_and_places_the_crop(tmp_path, labels, fmt):
+    # a crop keeps the stored coordinates (the transform is the identity on a smaller box): the
+    # voxel size still applies, and the crop's first voxel is the stored offset plus its origin,
+    # as at the high end (it read no voxel size, so the crop was meshed in voxels)
+    path = tmp_path / f"v.{fmt}"
+    if fmt == "n5":
+        write_ts({"driver": "n5", "kvstore": str(path), "metadata": {"compression": {"type": "raw"}}}, labels)
+        edit_json(path / "attributes.json", lambda a: a.update(resolution=[4, 5, 45]))
+        vs, vo = [4, 5, 45], [0, 0, 0]
+    else:
+        write_ts({"driver": fmt, "kvstore": str(path)}, labels)
+        key = "zarr.json" if fmt == "zarr3" else ".zattrs"
+        if fmt == "zarr":
+            (path / key).write_text("{}")
+        edit_json(path / key, lambda m: (m.setdefault("attributes", {}) if fmt == "zarr3" else m).update(
+            voxel_size_nm=[4, 5, 45], voxel_offset=[100, 200, 300]))
+        vs, vo = [4, 5, 45], [100, 200, 300]
+    spec = {"driver": fmt, "kvstore": {"driver": "file", "path": str(path)}}
+    low = {**spec, "transform": {"input_inclusive_min": [2, 3, 4], "input_exclusive_max": list(labels.shape)}}
+    for source in (low, ts.open(spec).result()[2:, 3:, 4:]):
+        vol = open_volume(source)
+        assert vol.voxel_size_known, type(source)
+        np.testing.assert_array_equal(vol.voxel_size, vs)
+        np.testing.assert_array_equal(vol.voxel_offset, np.add(vo, [2, 3, 4]))
+        assert vol.shape == tuple(np.subtract(labels.shape, [2, 3, 4]))
+        np.testing.assert_array_equal(vol.read((0, 0, 0), (3, 3, 3)), labels[2:5, 3:6, 4:7])
+    np.testing.assert_array_equal(open_volume(low, voxel_offset=(1, 2, 3)).voxel_offset, [1, 2, 3])   # given: kept
+
+
+def test_an_n5_tensorstore_whose_unit_gpumesh_does_not_know_opens_with_a_voxel_size_given(tmp_path, labels):
+    # as its path does: the resolution is not read when the voxel size is given (it raised
+    # "unknown length unit" however it was given); without one, the error names the attribute
+    path = tmp_path / "px.n5"
+    write_ts({"driver": "n5", "kvstore": str(path), "metadata": {"compression": {"type": "raw"}}}, labels)
+    edit_json(path / "attributes.json", lambda a: a.update(pixelResolution={"dimensions": [1, 1, 1], "unit": "pixel"}))
+    spec = {"driver": "n5", "kvstore": {"driver": "file", "path": str(path)}}
+    for source in (str(path), spec, ts.open(spec).result()):
+        vol = open_volume(source, voxel_size=(4, 4, 40))
+        np.testing.assert_array_equal(vol.voxel_size, [4, 4, 40])
+        check_read(vol, labels)
+        with pytest.raises(SourceReadError, match="unknown length unit 'pixel'"):
+            open_volume(source)
+    edit_json(path / "attributes.json", lambda a: a.update(pixelResolution=[4, 0, 40]))
+    for source in (str(path), spec, ts.open(spec).result()):
+        with pytest.raises(InvalidVoxelSizeError, match="resolution must be") as info:
+            open_volume(source)
+        assert "voxel_size_nm" not in str(info.value)   # an attribute the array does not have
+
+
+@pytest.mark.parametrize("bad", [["4", "4", "40"], [4, None, 40]])
+def test_n5_resolution_entries_that_are_not_numbers_are_a_voxel_size_error(tmp_path, labels, bad):
+    # "4" * 1.0 raised a bare TypeError from open_volume (the CLI's traceback)
+    path = tmp_path / "bad.n5"
+    write_ts({"driver": "n5", "kvstore": str(path), "metadata": {"compression": {"type": "raw"}}}, labels)
+    edit_json(path / "attributes.json", lambda a: a.update(pixelResolution=bad))
+    spec = {"driver": "n5", "kvstore": {"driver": "file", "path": str(path)}}
+    for source in (str(path), spec, ts.open(spec).result()):
+        with pytest.raises(InvalidVoxelSizeError, match="resolution"):
+            open_volume(source)
+        np.testing.assert_array_equal(open_volume(source, voxel_size=(4, 4, 40)).voxel_size, [4, 4, 40])
