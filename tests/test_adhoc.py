@@ -155,6 +155,32 @@ def test_geometry_convention():
     assert mesh.is_watertight
 
 
+def test_the_largest_id_of_the_dtype_and_any_nonzero_mask_value_are_meshed():
+    # 255 in a uint8 volume is a segment like any other; mask_to_mesh takes any non-zero as
+    # inside (a label array's own values, not only 0/1)
+    from gpumesh.adhoc import mask_to_mesh
+
+    vol = np.zeros((6, 5, 7), np.uint8)
+    vol[1:4, 2:4, 1:6] = 255
+    mesh = mesh_segment(vol, 255, voxel_size=(2, 3, 4), device="cpu")
+    assert mesh.is_watertight
+    np.testing.assert_allclose(mesh.bounds, [[2, 6, 4], [8, 12, 24]])
+    v, f = mask_to_mesh(vol, (0, 0, 0), (2, 3, 4), device="cpu")
+    assert same_triangles(v, f, mesh.vertices, mesh.faces)
+
+
+def test_decimated_mesh_is_placed_at_the_voxel_offset(crop):
+    # a preset that decimates goes through another route to nm: the voxel offset must move the
+    # mesh by offset * voxel size there too
+    seg = picks(crop)[2]
+    offset = np.array([1000, -20, 7])
+    for quality in (None, "low"):
+        at0 = mesh_segment(crop, seg, voxel_size=VOXEL_SIZE, quality=quality, device="cpu")
+        moved = mesh_segment(crop, seg, voxel_size=VOXEL_SIZE, voxel_offset=offset, quality=quality, device="cpu")
+        assert np.array_equal(at0.faces, moved.faces)
+        np.testing.assert_allclose(moved.vertices, at0.vertices + offset * VS, atol=1e-6)
+
+
 def test_quality_decimates(crop):
     seg = picks(crop)[0]
     exact = mesh_segment(crop, seg, voxel_size=VOXEL_SIZE, device="cpu")
@@ -572,6 +598,17 @@ def test_obj_keeps_its_precision_at_any_scale(tmp_path):
         back = trimesh.load(path, process=False, force="mesh")
         assert len(back.vertices) == len(mesh.vertices)
         np.testing.assert_allclose(back.vertices, mesh.vertices * scale, rtol=1e-7)
+
+
+def test_export_reads_the_format_from_an_upper_case_suffix(tmp_path):
+    from gpumesh import export
+
+    tet = trimesh.Trimesh(vertices=[[0, 0, 0], [32, 0, 0], [0, 32, 0], [0, 0, 40]],
+                          faces=[[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]], process=False)
+    for name, ft in (("m.STL", "stl"), ("m.Ply", "ply"), ("m.OBJ", "obj"), ("m.GLB", "glb")):
+        path = export.export_mesh(tet, tmp_path / name)
+        back = trimesh.load(path, file_type=ft, process=False, force="mesh")
+        assert len(back.faces) == 4 and np.allclose(back.bounds, tet.bounds)
 
 
 def test_export_into_a_file_as_folder_says_so(tmp_path):

@@ -193,6 +193,30 @@ def test_thin_vertices_mark_one_voxel_thick_spots():
         assert (~z_faces).sum() > 0 and not thin[~z_faces].any()
 
 
+def test_thin_vertices_at_the_block_border_and_inside_a_larger_array():
+    """A one-voxel slab on the block's low z face is thin (the voxel past it lies beyond the
+    block: outside); and the block looked at inside a larger array of background at ``origin``
+    gives the same answer as the block alone."""
+    from gpumesh.marching import thin_vertices
+
+    labels = np.zeros((12, 11, 14), np.uint32)
+    labels[2:10, 3:9, 0] = 7            # 1 voxel thick along z, on the block's border
+    labels[0, 2:9, 5:11] = 8            # 1 voxel thick along x, on the block's border
+    labels[3:10, 2:10, 8:14] = 9        # 6 voxels thick, reaching the high z border
+    pieces = {p.label: p for p in CPUBackend().mesh(labels, 1000)}
+    for label, axis in ((7, 2), (8, 0)):
+        p = pieces[label]
+        on_axis = p.vertices2[:, axis] % 2 == 1
+        assert on_axis.any() and thin_vertices(labels, p)[on_axis].all()
+    p = pieces[9]
+    assert not thin_vertices(labels, p)[p.vertices2[:, 2] % 2 == 1].any()
+    origin = (3, 5, 2)
+    big = np.zeros((20, 21, 19), np.uint32)
+    big[3:15, 5:16, 2:16] = labels
+    for p in pieces.values():
+        assert np.array_equal(thin_vertices(big, p, origin), thin_vertices(labels, p)), p.label
+
+
 def test_locked_vertices_stay(pieces):
     v, f, on_plane = max(pieces, key=lambda p: len(p[1]))
     rng = np.random.default_rng(5)

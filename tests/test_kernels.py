@@ -34,6 +34,79 @@ def test_random_labels_give_closed_oriented_surfaces(dtype):
         assert len(np.unique(p.vertices2, axis=0)) == len(p.vertices2)
 
 
+def _check_piece_labels(padded, pieces):
+    """Every vertex of a piece is the midpoint of a lattice edge with the piece's label on
+    exactly one end (the surface of that label, not of another segment)."""
+    for p in pieces:
+        v2 = p.vertices2.astype(np.int64)
+        axis = np.argmax(v2 & 1, axis=1)
+        lo = v2 >> 1
+        hi = lo + np.eye(3, dtype=np.int64)[axis]
+        a = padded[lo[:, 0], lo[:, 1], lo[:, 2]] == p.label
+        b = padded[hi[:, 0], hi[:, 1], hi[:, 2]] == p.label
+        assert (a != b).all(), f"piece of label {p.label} has vertices off its boundary"
+
+
+@pytest.mark.parametrize("ids", [(1, 2, 3, 4), (2**63 + 5, 9, 2**40, 7), (2**32 + 1, 2**32 + 3, 2**32, 2**33)])
+def test_each_piece_lies_on_its_own_labels_boundary(ids):
+    # Large IDs (beyond the dense table) are compacted before welding: each piece's label must
+    # still be that of the voxels it wraps, whatever order the IDs first appear in.
+    rng = np.random.default_rng(11)
+    small = rng.integers(0, 5, size=(12, 10, 9))
+    padded = np.zeros(tuple(s + 2 for s in small.shape), np.uint64)
+    lut = np.array((0,) + tuple(ids), dtype=np.uint64)
+    padded[1:-1, 1:-1, 1:-1] = lut[small]
+    pieces = CPUBackend().mesh(padded, 4)
+    assert {p.label for p in pieces} == set(int(i) for i in ids)
+    assert [(p.label, p.piece) for p in pieces] == sorted((p.label, p.piece) for p in pieces)
+    _check_piece_labels(padded, pieces)
+
+
+@pytest.mark.parametrize("nids", [3, 700, 5000])
+def test_relabel_block_numbers_ids_by_rank_like_unique(nids):
+    # Local IDs must keep the IDs' order and map back exactly, also past the hash table's
+    # growth (1024 slots at first, more than 512 IDs grow it).
+    from gpumesh.marching import compact_labels, relabel_block
+
+    rng = np.random.default_rng(nids)
+    pool = np.unique(rng.integers(1, 2**64 - 1, size=nids, dtype=np.uint64))
+    labels = rng.choice(pool, size=(24, 20, 18))
+    labels[rng.random(labels.shape) < 0.3] = 0
+    local, ids = relabel_block(labels)
+    want = np.unique(labels[labels != 0])
+    assert ids.dtype == np.uint64 and np.array_equal(ids, want)
+    assert local.dtype == np.uint32 and local.shape == labels.shape
+    assert np.array_equal(local == 0, labels == 0)
+    assert np.array_equal(ids[local[labels != 0].astype(np.int64) - 1], labels[labels != 0])
+    flat = labels[labels != 0]
+    uniq, inverse = compact_labels(flat)
+    assert np.array_equal(uniq, want) and np.array_equal(uniq[inverse], flat)
+
+
+def test_vertices_shared_by_neighbouring_pieces_are_on_their_box_planes():
+    # piece_in_node marks the vertices on a piece's box planes (decimation freezes them, so
+    # that both pieces keep their common border): every vertex a piece shares with another
+    # piece of its segment, on the low or the high side, must be marked in both.
+    from gpumesh.marching import piece_in_node
+
+    rng = np.random.default_rng(3)
+    padded = np.zeros((15, 14, 13), np.uint8)
+    padded[1:-1, 1:-1, 1:-1] = rng.integers(0, 3, size=(13, 12, 11))
+    ps = 4
+    py, pz = (-(-(n - 1) // ps) for n in padded.shape[1:])
+    pieces = CPUBackend().mesh(padded, ps)
+    node = np.array([2, -1, 5])
+    marked = {}
+    for p in pieces:
+        pc = np.array([p.piece // (py * pz), (p.piece // pz) % py, p.piece % pz])
+        p_rel, on_plane = piece_in_node(p, node, pc * ps - node, ps)
+        np.testing.assert_array_equal(p_rel, p.vertices2 / 2 - node)
+        for v, m in zip(map(tuple, p.vertices2.tolist()), on_plane):
+            marked.setdefault((p.label, v), []).append(bool(m))
+    shared = [m for m in marked.values() if len(m) > 1]
+    assert len(shared) > 100 and all(all(m) for m in shared)
+
+
 def test_table_is_complementary_consistent():
     # Every case emits triangles exactly when the cube is mixed.
     assert TRI_COUNTS[0] == 0 and TRI_COUNTS[255] == 0

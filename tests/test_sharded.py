@@ -294,6 +294,67 @@ def test_bulk_writes_skip_the_fsync_of_each_file_and_flush_once(tmp_path):
         storage.flush(storage.open_kvstore(tmp_path / "never-written"))
 
 
+def test_delete_prefix_removes_the_keys_and_the_folders_it_leaves_empty(tmp_path):
+    """delete_prefix of a folder: its keys at any depth gone, the folders left empty removed
+    (children before their parents), a folder with a file it did not delete kept, other keys
+    untouched; a prefix that is no folder deletes keys only."""
+    kv = storage.open_kvstore(tmp_path / "d")
+    storage.write_many(kv, [("work/blocks/0_0_0.o1", b"1"), ("work/blocks/deep/x", b"2"), ("work/plan.json", b"3"),
+                            ("workbench", b"4"), ("info", b"5"), ("wo", b"6")])
+    storage.delete_prefix(kv, "work/")
+    assert storage.list_keys(kv) == ["info", "wo", "workbench"]
+    assert sorted(os.listdir(tmp_path / "d")) == ["info", "wo", "workbench"]
+    storage.write_many(kv, [("s/a/1", b"1"), ("s/b/2", b"2"), ("s.txt", b"7")])
+    os.makedirs(tmp_path / "d" / "s" / "c")
+    (tmp_path / "d" / "s" / "c" / "other").write_bytes(b"not a key it deletes")
+    storage.delete_prefix(kv, "s/a")        # no folder: keys only, the empty folder stays
+    assert storage.list_keys(kv, "s/") == ["s/b/2", "s/c/other"] and (tmp_path / "d" / "s" / "a").is_dir()
+    storage.delete_prefix(kv, "s/")
+    assert storage.list_keys(kv) == ["info", "s.txt", "wo", "workbench"]
+
+
+def test_only_unsynced_bulk_writes_skip_the_fsync_and_a_range_past_the_end_reads_empty(tmp_path, monkeypatch):
+    """write_many goes through the handle without fsync only when asked (sync=False): the
+    shard files and info written with sync=True stay fsynced each.  A byte range past a
+    value's end reads as b"" (so the caller's length check names a truncated shard), a
+    missing key as None."""
+    kv = storage.open_kvstore(tmp_path / "d")
+    used = []
+    real = storage._unsynced
+    monkeypatch.setattr(storage, "_unsynced", lambda k: used.append(k) or real(k))
+    storage.write_many(kv, [("a", b"12345")])
+    assert used == []
+    storage.write_many(kv, [("b", b"1")], sync=False)
+    assert len(used) == 1
+    assert storage.read(kv, "a", (1, 3)) == b"23"
+    assert storage.read(kv, "a", (2, 9)) == b"" and storage.read(kv, "a", (7, 9)) == b""
+    assert storage.read(kv, "missing", (0, 2)) is None
+
+
+def test_s3_endpoint_reaches_every_s3_store_of_a_spec(tmp_path, monkeypatch):
+    """AWS_ENDPOINT_URL_S3 wins over AWS_ENDPOINT_URL (as in the AWS CLI); every s3 store of a
+    spec gets it, a URL given as ``kvstore`` or ``base`` (an adapter over S3) included; an
+    endpoint already given is kept; relative file paths become absolute at any depth."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    assert storage.s3_endpoint() is None
+    assert storage.kvstore_spec("s3://bkt/m") == {"driver": "s3", "bucket": "bkt", "path": "m/"}   # AWS's own
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://generic:9000")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3only:9000")
+    assert storage.s3_endpoint() == "http://s3only:9000"
+    want = {"driver": "s3", "bucket": "bkt", "path": "db/", "endpoint": "http://s3only:9000"}
+    assert storage.kvstore_spec("s3://bkt/db") == want
+    got = storage.kvstore_spec({"driver": "ocdbt", "base": "s3://bkt/db/"})
+    assert got["base"] == want
+    plain = {"driver": "s3", "bucket": "bkt", "path": "db/"}
+    assert storage.kvstore_spec({"driver": "ocdbt", "base": plain})["base"] == want
+    mine = dict(want, endpoint="https://mine")
+    assert storage.kvstore_spec({"driver": "ocdbt", "base": mine})["base"] == mine
+    monkeypatch.chdir(tmp_path)
+    got = storage.kvstore_spec({"driver": "ocdbt", "base": {"driver": "file", "path": "rel/db/"}})
+    assert got["base"] == {"driver": "file", "path": os.path.join(os.getcwd(), "rel", "db") + "/"}
+
+
 @pytest.mark.parametrize("err,expect", [(0, "done"), (None, "sync"), (errno.ENOSYS, "sync"),
                                         (errno.EINVAL, "sync"), (errno.EIO, "error"), (errno.ENOSPC, "error")])
 def test_flush_falls_back_to_sync_and_reports_write_errors(tmp_path, monkeypatch, err, expect):
