@@ -140,6 +140,19 @@ def test_sparse_marching_equals_dense(seed):
     assert m.is_watertight and m.volume > 0
 
 
+@pytest.mark.parametrize("block", [4, 7, 16])
+def test_sparse_marching_finds_a_lone_voxel_in_any_layer_of_a_sub_block(block):
+    """One voxel alone at the first or the last layer of a sub-block (of the mask padded by
+    one voxel) on each axis: the occupancy scan must see it wherever it lies; the sparse
+    mesh is the dense one."""
+    for pos in ((block - 2, block - 2, block - 2), (block - 1, 0, block - 2), (2 * block - 2, block - 1, 0)):
+        mask = np.zeros((3 * block, 2 * block + 1, 2 * block + 3), np.uint8)
+        mask[pos] = 1
+        v, f = mask_to_mesh(mask, (0, 0, 0), VOXEL_SIZE, device="cpu", sparse_block=block)
+        dense = mask_to_mesh(mask, (0, 0, 0), VOXEL_SIZE, device="cpu", sparse_block=0)
+        assert len(f) > 0 and same_triangles(v, f, *dense), (block, pos)
+
+
 def test_geometry_convention():
     """One voxel i covers [i, i + 1) plus the offset: a unit cube scaled by the voxel size."""
     vol = np.zeros((4, 4, 4), np.uint16)
