@@ -227,6 +227,16 @@ def test_missing_segment_and_bad_input(crop):
     # a box past the volume: said so, not "segment not found"
     with pytest.raises(ValueError, match=r"holds no voxel of the volume.*\(128, 128, 128\)"):
         mesh_segment(crop, seg, bbox=((200, 200, 200), (210, 210, 210)), device="cpu")
+    # an empty box inside the volume is a malformed box, not one "past the volume"
+    with pytest.raises(ValueError, match="stop > start"):
+        mesh_segment(crop, seg, bbox=((5, 5, 5), (9, 5, 9)), device="cpu")
+    # an open Volume was opened already: mip, axes and fill_missing cannot apply to it
+    from gpumesh.volume import open_volume
+
+    vol = open_volume(crop)
+    for kw in ({"mip": 1}, {"axes": "zyx"}, {"fill_missing": False}):
+        with pytest.raises(ValueError, match="not to an open Volume"):
+            mesh_segment(vol, seg, device="cpu", **kw)
 
 
 def test_scan_of_the_whole_real_volume(real_zarr):
