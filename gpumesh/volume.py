@@ -1136,9 +1136,9 @@ def _stored_attributes(store: ts.TensorStore, driver: str, spec: dict, where: st
     if maps is not None and (len(maps) != store.rank
                              or any(m != {"input_dimension": i} for i, m in enumerate(maps))):
         return None, None
+    if driver == "zarr3":   # an opened array's spec holds its zarr.json's attributes
+        return _object(_object(spec.get("metadata")).get("attributes")), None
     kv = store.kvstore
-    if driver == "zarr3":
-        return _object(_object(_read_json(kv, "zarr.json", where)).get("attributes")), None
     if driver == "zarr":
         attrs = _zattrs(kv, where)
         return attrs, None if any(store.domain.labels) else attrs.get("_ARRAY_DIMENSIONS")

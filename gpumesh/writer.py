@@ -129,10 +129,11 @@ INDEX_DTYPE = np.dtype(FRAG_DTYPE.descr + [("block", "<u4")])
 
 #: Bytes of fragment entries (:data:`INDEX_DTYPE`, 52 bytes each) that the assembly holds at
 #: once: about 20 million fragments, the whole index of a job of a few hundred gigavoxels at the
-#: real volume's density.  Past it the index is not held whole (:func:`assemble`): the assembly keeps about
-#: 80 bytes per segment (:class:`SegmentTable` and the voxel counts, at 3 LODs), and reads the
-#: task results' headers again for each *wave* of shards (unsharded: of segments) whose entries
-#: fit, so that its memory follows this cap and the number of segments, not of fragments.
+#: real volume's density.  Past it the index is not held whole (:func:`assemble`): the assembly
+#: keeps about 80 bytes per segment (:class:`SegmentTable` and the voxel counts, at 3 LODs), and
+#: reads the task results' headers again for each *wave* of shards (unsharded: of segments)
+#: whose entries fit, so that its memory follows this cap and the number of segments, not of
+#: fragments.
 #: Writing a wave holds its entries and one sorted copy of them: about twice this at the peak.
 ASSEMBLY_INDEX_BYTES = 1 << 30
 
