@@ -34,6 +34,7 @@ import numpy as np
 
 from . import lod, marching
 from ._caches import ensure_cupy_cache_dir
+from .volume import label_dtype
 from .mctable import EDGE_AXIS, EDGE_BASE, TRI_COUNTS, TRI_TABLE
 
 #: Kernel source files, in the order they are concatenated into one module.
@@ -146,20 +147,6 @@ def kernel_source() -> str:
     """The concatenated source of every kernel file (one CUDA module)."""
     d = kernel_dir()
     return "\n".join((d / f).read_text() for f in KERNEL_FILES)
-
-
-def label_dtype(dtype: np.dtype) -> np.dtype:
-    """The unsigned kernel dtype for a label dtype (signed labels are viewed as unsigned).
-
-    Raises
-    ------
-    TypeError
-        Not an integer dtype of 1, 2, 4 or 8 bytes.
-    """
-    dt = np.dtype(dtype)
-    if dt.kind not in "ui" or dt.itemsize not in (1, 2, 4, 8):
-        raise TypeError(f"labels must be uint8/16/32/64 (got {dt})")
-    return np.dtype(f"uint{dt.itemsize * 8}")
 
 
 class CupyRuntime:

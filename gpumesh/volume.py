@@ -262,14 +262,29 @@ def _check_voxel_offset(value: Any) -> np.ndarray:
     return np.array([int(v) for v in items], dtype=np.int64)
 
 
-def _label_dtype(dtype: Any, where: str) -> np.dtype:
-    """The unsigned label dtype for a source dtype, or InvalidVolumeError."""
+def label_dtype(dtype: Any) -> np.dtype:
+    """The unsigned dtype the kernels (CPU and GPU) read for a label dtype: signed labels are
+    read as the unsigned type of their width (:func:`gpumesh.marching.unsigned_view`).
+
+    Raises
+    ------
+    TypeError
+        Not an integer dtype of 1, 2, 4 or 8 bytes.
+    """
     dt = np.dtype(dtype)
     if dt.kind not in "iu" or dt.itemsize not in (1, 2, 4, 8):
-        raise InvalidVolumeError(
-            f"{where} has dtype {dt.name}: labels must be an integer type (uint8..uint64 or int8..int64)"
-        )
+        raise TypeError(f"labels must be uint8..uint64 or int8..int64 (got {dt})")
     return np.dtype(f"uint{dt.itemsize * 8}")
+
+
+def _label_dtype(dtype: Any, where: str) -> np.dtype:
+    """:func:`label_dtype`, or InvalidVolumeError naming ``where``."""
+    try:
+        return label_dtype(dtype)
+    except TypeError:
+        raise InvalidVolumeError(
+            f"{where} has dtype {np.dtype(dtype).name}: labels must be an integer type (uint8..uint64 or int8..int64)"
+        ) from None
 
 
 def _parse_axes(axes: Optional[str], rank: int) -> Optional[list]:
