@@ -300,11 +300,22 @@ def read_result(future) -> Optional[bytes]:
     return bytes(result.value)
 
 
+#: A ``\\xNN`` escape in TensorStore's messages (absl's ``CHexEscape``).
+_HEX_ESCAPE = re.compile(r"\\x([0-9a-fA-F]{2})")
+
+
+def _unescape_path(match: "re.Match") -> str:
+    """A NUL as ``/``; a hex digit that TensorStore escaped as it followed an escape (``7.index``
+    after a NUL: ``\\x37.index``) as itself; any other escape as it is."""
+    ch = chr(int(match.group(1), 16))
+    return "/" if ch == "\0" else ch if ch in "0123456789abcdefABCDEF" else match.group(0)
+
+
 def destination_error(where, exc: Exception) -> DestinationError:
     """A one-line :class:`DestinationError` saying that ``where`` cannot be written, from
     TensorStore's error (which writes the parts of a file path joined by an escaped NUL, here
-    ``/``)."""
-    return DestinationError(f"cannot write to {where}: " + one_line(exc).replace("\\x00", "/"))
+    ``/``, and escapes the hex digits that follow an escape, here shown as they are)."""
+    return DestinationError(f"cannot write to {where}: " + _HEX_ESCAPE.sub(_unescape_path, one_line(exc)))
 
 
 def _write_failed(kv: ts.KvStore, key: str, exc: Exception) -> DestinationError:

@@ -313,6 +313,35 @@ def test_delete_prefix_removes_the_keys_and_the_folders_it_leaves_empty(tmp_path
     assert storage.list_keys(kv) == ["info", "s.txt", "wo", "workbench"]
 
 
+def test_locations_are_shown_as_given_and_compared_as_folders(tmp_path):
+    """Messages show a JSON spec as JSON (what the CLI takes back), a path as given, an opened
+    store as its URL; a folder lies within another only below it, not beside it under a longer
+    name (``v.zarr-mesh`` beside ``v.zarr``)."""
+    spec = {"driver": "file", "path": str(tmp_path / "d") + "/"}
+    assert json.loads(storage.display(spec)) == spec
+    assert storage.display(tmp_path / "d") == str(tmp_path / "d")
+    assert storage.display(storage.open_kvstore(tmp_path / "d")) == (tmp_path / "d").as_uri() + "/"
+    src = storage.kvstore_spec(tmp_path / "v.zarr")
+    assert storage.within(storage.kvstore_spec(tmp_path / "v.zarr" / "mesh"), src)
+    assert storage.within(storage.kvstore_spec(str(tmp_path / "v.zarr") + "/"), src)
+    assert not storage.within(storage.kvstore_spec(tmp_path / "v.zarr-mesh"), src)
+    assert not storage.within(src, storage.kvstore_spec(tmp_path / "v.zarr-mesh"))
+
+
+def test_a_write_error_names_the_path_with_its_separators(tmp_path):
+    """TensorStore writes the parts of a file path joined by an escaped NUL: the error shows
+    them joined by ``/``."""
+    kv = storage.open_kvstore(tmp_path / "d")
+    storage.write(kv, "info", b"{}")
+    (tmp_path / "d" / "gone").symlink_to(tmp_path / "nowhere")   # a dangling link: no folder below it
+    for write in (lambda: storage.write(kv, "gone/zz/key", b"1"),
+                  lambda: storage.write_many(kv, [("gone/zz/key", b"1")], sync=False)):
+        with pytest.raises(DestinationError) as err:
+            write()
+        message = str(err.value)
+        assert "\\x00" not in message and str(tmp_path / "d" / "gone" / "zz") in message, message
+
+
 def test_only_unsynced_bulk_writes_skip_the_fsync_and_a_range_past_the_end_reads_empty(tmp_path, monkeypatch):
     """write_many goes through the handle without fsync only when asked (sync=False): the
     shard files and info written with sync=True stay fsynced each.  A byte range past a
@@ -1291,3 +1320,16 @@ def test_sixty_four_shard_bits_name_shards_past_int64(tmp_path, hash_):
     for seg in ids:
         assert bytes(kv.read(struct.pack(">Q", seg)).result().value) == open_mesh(str(dest)).manifest_bytes(seg)
         assert len(load_mesh(str(dest), seg).faces) > 0
+
+
+def test_a_write_error_names_the_path_as_it_is(tmp_path):
+    """TensorStore escapes a hex digit that follows an escape (its NUL between a path's parts):
+    a key like ``7.index`` or ``abc/def`` reads as it is in the error, not ``\\x37.index``."""
+    kv = storage.open_kvstore(tmp_path / "d")
+    storage.write(kv, "info", b"{}")
+    (tmp_path / "d" / "gone").symlink_to(tmp_path / "nowhere")   # a dangling link: no folder below it
+    for key in ("gone/7.index", "gone/abc/def", "gone/e0/1"):
+        with pytest.raises(DestinationError) as err:
+            storage.write(kv, key, b"1")
+        message = str(err.value)
+        assert "\\x" not in message and f'"{tmp_path / "d" / key}"' in message, message
