@@ -537,6 +537,88 @@ def test_serve_range_requests(tmp_path):
         _get(url + "info")
 
 
+def test_serve_range_edge_cases_and_headers(tmp_path):
+    """Ranges the server must answer as RFC 9110 says: several ranges or another unit -> the
+    whole file (200); a suffix longer than the file -> all of it; a one-byte range; nothing of
+    an empty file.  ``info`` is JSON; a page of another origin may read Content-Range (its
+    ``fetch`` sees only the exposed headers) and may ask a server on the loopback at all
+    (Chrome's Private Network Access preflight)."""
+    data = os.urandom(5000)
+    (tmp_path / "f").write_bytes(data)
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "info").write_text('{"@type": "x"}')
+    server, url = serve(str(tmp_path), port=0)
+    try:
+        for whole in ("bytes=0-1,5-6", "items=0-5"):
+            status, headers, body = _get(url + "f", {"Range": whole})
+            assert status == 200 and body == data and "Content-Range" not in headers, whole
+        status, headers, body = _get(url + "f", {"Range": "bytes=-9999"})
+        assert status == 206 and body == data and headers["Content-Range"] == "bytes 0-4999/5000"
+        status, headers, body = _get(url + "f", {"Range": "bytes=7-7"})
+        assert status == 206 and body == data[7:8] and headers["Content-Range"] == "bytes 7-7/5000"
+        for rng in ("bytes=-10", "bytes=0-"):
+            status, headers, _ = _get(url + "empty", {"Range": rng})
+            assert status == 416 and headers["Content-Range"] == "bytes */0", rng
+        assert _get(url + "empty")[:3:2] == (200, b"")
+        status, headers, _ = _get(url + "info")
+        assert status == 200 and headers["Content-Type"] == "application/json"
+        exposed = {h.strip().lower() for h in headers["Access-Control-Expose-Headers"].split(",")}
+        assert {"content-range", "content-length", "accept-ranges"} <= exposed
+        status, headers, _ = _get(url + "f", {"Origin": "https://neuroglancer-demo.appspot.com",
+                                              "Access-Control-Request-Method": "GET",
+                                              "Access-Control-Request-Private-Network": "true"}, method="OPTIONS")
+        assert status == 204 and headers["Access-Control-Allow-Private-Network"] == "true"
+        assert {"GET", "HEAD"} <= {m.strip() for m in headers["Access-Control-Allow-Methods"].split(",")}
+        assert _get(url + "f%00x")[0] == 404
+    finally:
+        server.stop()
+
+
+def test_serve_keeps_a_connection_usable_after_head_requests(tmp_path):
+    """A HEAD answer carries no body, found or not: a client reusing the connection (HTTP/1.1
+    keep-alive, as browsers do) reads the next answer intact."""
+    import http.client
+
+    data = os.urandom(3000)
+    (tmp_path / "f").write_bytes(data)
+    server, url = serve(str(tmp_path), port=0)
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+    try:
+        for path, status in (("/f", 200), ("/missing", 404), ("/f", 200)):
+            conn.request("HEAD", path)
+            r = conn.getresponse()
+            assert r.status == status and r.read() == b""
+            conn.request("GET", "/f", headers={"Range": "bytes=10-19"})
+            r = conn.getresponse()
+            assert r.status == 206 and r.read() == data[10:20]
+    finally:
+        conn.close()
+        server.stop()
+
+
+def test_serve_keeps_to_its_directory_through_links(tmp_path):
+    """A link inside the served directory is followed while it stays inside; one out of it is
+    not, also to a sibling whose name starts with the directory's; a directory that does not
+    exist is refused."""
+    root = tmp_path / "srv"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "f").write_bytes(b"inside")
+    (tmp_path / "srv-secret").mkdir()
+    (tmp_path / "srv-secret" / "key").write_bytes(b"outside")
+    (root / "in").symlink_to(root / "sub" / "f")
+    (root / "out").symlink_to(tmp_path / "srv-secret" / "key")
+    (root / "outdir").symlink_to(tmp_path / "srv-secret")
+    server, url = serve(str(root), port=0)
+    try:
+        assert _get(url + "in")[::2] == (200, b"inside")
+        assert _get(url + "out")[0] == 404
+        assert _get(url + "outdir/key")[0] == 404
+    finally:
+        server.stop()
+    with pytest.raises(NotADirectoryError):
+        serve(str(tmp_path / "nowhere"))
+
+
 def test_view_serves_the_mesh_directory(crop, crop_high, real_zarr):
     dest, _ = crop_high
     seg = picks(crop)[0]
@@ -564,6 +646,72 @@ def test_view_serves_the_mesh_directory(crop, crop_high, real_zarr):
         session.stop()
 
 
+def test_default_segments_are_the_largest_by_voxels(crop, crop_high):
+    from gpumesh.viewer import default_segments
+
+    dest, _ = crop_high
+    ids, counts = np.unique(crop[crop != 0], return_counts=True)
+    size = dict(zip(ids.tolist(), counts.tolist()))
+    top = default_segments(str(dest))
+    assert len(top) == 5 and len(set(top)) == 5
+    assert [size[s] for s in top] == sorted((size[s] for s in top), reverse=True)
+    assert min(size[s] for s in top) >= max(v for s, v in size.items() if s not in top)
+    assert default_segments(str(dest), 2) == top[:2]
+
+
+def test_neuroglancer_state_layers_and_units():
+    """The voxel size given for a volume Neuroglancer cannot scale becomes its source's output
+    dimensions in metres; a precomputed volume (scaled by its own info) gets none; the layout
+    shows slices only with a volume."""
+    from gpumesh.viewer import neuroglancer_state
+
+    mesh = "precomputed://http://127.0.0.1:1/m/"
+    state = neuroglancer_state(mesh, [3, 1], "zarr3://http://127.0.0.1:2/v/", (4, 5, 40))
+    layer = state["layers"][0]
+    vol, m = layer["source"]
+    assert m == mesh and vol["url"] == "zarr3://http://127.0.0.1:2/v/" and layer["segments"] == ["3", "1"]
+    dims = vol["transform"]["outputDimensions"]
+    assert {a: u for a, (_, u) in dims.items()} == {"x": "m", "y": "m", "z": "m"}
+    assert [dims[a][0] for a in "xyz"] == pytest.approx([4e-9, 5e-9, 40e-9])
+    assert state["layout"] == "xy-3d"
+    state = neuroglancer_state(mesh, [], "precomputed://http://127.0.0.1:2/v/", (4, 5, 40))
+    assert state["layers"][0]["source"] == ["precomputed://http://127.0.0.1:2/v/", mesh]
+    state = neuroglancer_state(mesh, [7])
+    assert state["layers"][0]["source"] == mesh and state["layout"] == "3d"
+
+
+def test_view_of_a_url_serves_nothing_and_a_failed_view_stops_its_servers(tmp_path, crop_high):
+    """A mesh directory given as a URL goes to Neuroglancer as it is (one precomputed://
+    prefix); a local volume of unknown format fails the call and leaves no server running;
+    a voxel size given wins over the volume's own."""
+    import threading
+
+    from conftest import write_zarr
+
+    for dest in ("gs://bucket/meshes/", "precomputed://https://example.org/meshes/"):
+        session = view(dest, segments=[1], use_neuroglancer=False)
+        assert session.mesh_url == "precomputed://" + dest.replace("precomputed://", "") and session.servers == []
+
+    def serving():
+        return {t.name for t in threading.enumerate() if t.name.startswith("gpumesh-serve")}
+
+    mesh_dir, _ = crop_high
+    before = serving()
+    (tmp_path / "unknown").mkdir()
+    with pytest.raises(ValueError, match="cannot tell the format"):
+        view(str(mesh_dir), source=str(tmp_path / "unknown"), segments=[1], use_neuroglancer=False)
+    assert serving() == before
+    write_zarr(tmp_path / "v.zarr", np.ones((8, 8, 8), np.uint32), chunk=8)
+    session = view(str(mesh_dir), source=str(tmp_path / "v.zarr"), segments=[1], use_neuroglancer=False,
+                   voxel_size=(4, 5, 40))
+    try:
+        dims = session.state["layers"][0]["source"][0]["transform"]["outputDimensions"]
+        assert [dims[a][0] for a in "xyz"] == pytest.approx([4e-9, 5e-9, 40e-9])
+    finally:
+        session.stop()
+    assert serving() == before
+
+
 def test_view_with_neuroglancer(crop_high):
     neuroglancer = pytest.importorskip("neuroglancer")
     dest, _ = crop_high
@@ -587,6 +735,62 @@ def test_view_command(crop_high):
     assert "precomputed://http://127.0.0.1:" in res.output and "3, 4" in res.output
     res = CliRunner().invoke(view_cmd, [str(dest), "--segments", "x", "--duration", "0"])
     assert res.exit_code == 2
+
+
+@pytest.mark.filterwarnings("always::gpumesh.backend.CPUFallbackNotice")   # the CLI shows it
+def test_segment_command_quality_and_cpu_notice(tmp_path, monkeypatch):
+    """``--quality low`` decimates (fewer triangles than the exact surface); on a machine where
+    ``--device auto`` finds no GPU the CPU fallback is a one-line notice, not a warning."""
+    from gpumesh import backend
+
+    from conftest import write_zarr
+
+    x, y, z = np.mgrid[:24, :24, :24]
+    labels = (((x - 12) ** 2 + (y - 12) ** 2 + (z - 12) ** 2) < 81).astype(np.uint32) * 3
+    write_zarr(tmp_path / "v.zarr", labels, chunk=24)
+    monkeypatch.setattr(backend, "gpu_available", lambda: False)
+    faces = {}
+    for quality in ("exact", "low"):
+        out = tmp_path / f"{quality}.ply"
+        res = CliRunner().invoke(segment_cmd, [str(tmp_path / "v.zarr"), "3", "-o", str(out), "--quality", quality,
+                                               "--voxel-size", "1,1,1"])
+        assert res.exit_code == 0, res.output
+        notices = [line for line in res.output.splitlines() if "meshing on the CPU" in line]
+        assert len(notices) == 1 and notices[0].startswith("gpumesh: ") and "warning" not in notices[0], res.output
+        faces[quality] = len(trimesh.load(str(out), process=False).faces)
+    assert 0 < faces["low"] < 0.5 * faces["exact"], faces
+
+
+def test_view_command_browser_viewer_and_servers(crop_high, tmp_path, monkeypatch):
+    """``--no-browser`` opens no browser, else the link is opened; ``--no-neuroglancer`` gives
+    the public link to paste (no local viewer, no hint to install one); the volume source is
+    printed when there is one; the servers stop when the command ends."""
+    import threading
+    import webbrowser
+
+    from conftest import write_zarr
+
+    dest, _ = crop_high
+    opened = []
+    monkeypatch.setattr(webbrowser, "open", lambda url, *a, **k: opened.append(url) or True)
+
+    def serving():
+        return {t.name for t in threading.enumerate() if t.name.startswith("gpumesh-serve")}
+
+    before = serving()
+    args = [str(dest), "--segments", "3", "--no-neuroglancer", "--duration", "0"]
+    res = CliRunner().invoke(view_cmd, args + ["--no-browser"])
+    assert res.exit_code == 0, res.output
+    assert opened == [] and serving() == before
+    link = [line.strip() for line in res.output.splitlines() if line.strip().startswith("https://")]
+    assert len(link) == 1 and link[0].startswith("https://neuroglancer-demo.appspot.com/#!"), res.output
+    assert "pip install neuroglancer" not in res.output and "volume source" not in res.output
+    write_zarr(tmp_path / "v.zarr", np.ones((8, 8, 8), np.uint32), chunk=8)
+    res = CliRunner().invoke(view_cmd, args + ["--source", str(tmp_path / "v.zarr")])
+    assert res.exit_code == 0, res.output
+    assert len(opened) == 1 and opened[0].startswith("https://neuroglancer-demo.appspot.com/#!")
+    assert "volume source: zarr3://http://127.0.0.1:" in res.output
+    assert serving() == before
 
 
 def test_bounds_are_global_where_bbox_is_in_array_coordinates(real_zarr, crop, tmp_path):

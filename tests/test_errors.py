@@ -129,6 +129,21 @@ def test_overwrite_and_resume_together_are_refused_before_output(tmp_path):
     assert _no_output(tmp_path / "new")
 
 
+def test_resume_of_a_finished_mesh_is_refused_and_changes_nothing(tmp_path):
+    """A finished mesh directory has no record of its run (the scratch area went with its end):
+    ``resume`` there, with the same or other options, is refused, not taken as a fresh run
+    over it."""
+    from conftest import tree_files
+
+    dest = tmp_path / "out"
+    run_mesh(GOOD, str(dest), workers=1)
+    before = tree_files(dest)
+    for options in (MeshOptions(), MeshOptions(max_lods=1)):
+        with pytest.raises(DestinationExistsError, match="holds a finished mesh; use --overwrite"):
+            run_mesh(GOOD, str(dest), options=options, workers=1, resume=True)
+        assert tree_files(dest) == before
+
+
 @pytest.mark.parametrize("options, workers", [
     (MeshOptions(chunk_size=48), 1), (MeshOptions(dust_threshold=-1), 1), (MeshOptions(dust_threshold=2.5), 1),
     (MeshOptions(dust_threshold=True), 1),
@@ -369,6 +384,29 @@ def test_cli_bounds_syntax(tmp_path):
     assert outs[0] == outs[1] and outs[0]
     r = _cli("mesh", str(tmp_path / "v.zarr"), str(tmp_path / "bad"), "--bounds", "0,0,0,5,8", "--quiet")
     assert r.returncode == 2 and "expected 6 numbers" in r.stderr and not (tmp_path / "bad").exists()
+
+
+def test_option_parsers_take_their_documented_forms():
+    """The number options take ``32,32,40`` or ``32x32x40`` and exactly their count of
+    numbers; a location starting with ``{`` must be a JSON object naming its driver."""
+    import click
+
+    from gpumesh._cliutil import _location, _numbers
+
+    three = _numbers(float)
+    assert three(None, None, "32x32x40") == three(None, None, "32,32,40") == [32.0, 32.0, 40.0]
+    for bad in ("32,32", "32,32,40,1", "32x32x40x1", "a,b,c"):
+        with pytest.raises(click.BadParameter, match="expected 3 numbers"):
+            three(None, None, bad)
+    box = _numbers(int, 6)
+    assert box(None, None, "0,0,0:5,8,8") == [0, 0, 0, 5, 8, 8]
+    with pytest.raises(click.BadParameter):
+        box(None, None, "0,0,0:5,8,8,9")
+    assert _location(None, None, ' {"driver": "memory"}') == {"driver": "memory"}
+    assert _location(None, None, "/data/seg.zarr") == "/data/seg.zarr"
+    for bad in ('{"path": "seg/"}', '{"driver": 3}'):
+        with pytest.raises(click.BadParameter, match="must be an object with a \"driver\""):
+            _location(None, None, bad)
 
 
 def test_destination_that_cannot_be_written(tmp_path):

@@ -93,16 +93,29 @@ def test_writable_locations_are_left_to_numba(tmp_path, monkeypatch):
     pkg.mkdir()
     assert _caches.ensure_numba_cache_dir(str(pkg)) is None  # __pycache__ can be made
     assert (pkg / "__pycache__").is_dir() and "NUMBA_CACHE_DIR" not in os.environ
-    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "given"))
     (pkg / "__pycache__").rmdir()
     (pkg / "__pycache__").write_text("x")
-    assert _caches.ensure_numba_cache_dir(str(pkg)) is None  # the user's choice stands
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    monkeypatch.setattr(_caches.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("HOME", str(blocker / "home"))
+    # __pycache__ cannot be made, numba's user-wide cache (XDG_CACHE_HOME, before HOME) can
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _caches.ensure_numba_cache_dir(str(pkg)) is None
+    assert (tmp_path / "xdg" / "numba").is_dir() and "NUMBA_CACHE_DIR" not in os.environ
+    # neither can be made, but the user named a directory: the user's choice stands
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker / "cache"))
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "given"))
+    assert _caches.ensure_numba_cache_dir(str(pkg)) is None
     assert os.environ["NUMBA_CACHE_DIR"] == str(tmp_path / "given")
+    assert not list(tmp_path.glob("gpumesh-numba-*"))
 
 
 @pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX user ids")
-def test_a_shared_cache_directory_of_someone_else_is_not_used(tmp_path, monkeypatch):
-    """The cache holds pickles numba loads: a directory others may write is never used."""
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o720], ids=["777", "770", "720"])
+def test_a_shared_cache_directory_of_someone_else_is_not_used(tmp_path, monkeypatch, mode):
+    """The cache holds pickles numba loads: a directory others (or the group) may write is
+    never used.  A numba that has read its configuration already is told the directory too."""
     pkg = tmp_path / "pkg"
     pkg.mkdir()
     (pkg / "__pycache__").write_text("x")
@@ -112,14 +125,17 @@ def test_a_shared_cache_directory_of_someone_else_is_not_used(tmp_path, monkeypa
     tmp.mkdir()
     planted = tmp / f"gpumesh-numba-{os.getuid()}"
     planted.mkdir()
-    planted.chmod(0o777)
+    planted.chmod(mode)
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker / "cache"))
     monkeypatch.setenv("HOME", str(blocker / "home"))
     monkeypatch.setattr(_caches.tempfile, "tempdir", str(tmp))
+    from numba.core import config
+
+    monkeypatch.setattr(config, "CACHE_DIR", config.CACHE_DIR)   # put back after the test
     chosen = _caches.ensure_numba_cache_dir(str(pkg))
     assert chosen is not None and pathlib.Path(chosen).parent == tmp and pathlib.Path(chosen) != planted
-    assert os.environ["NUMBA_CACHE_DIR"] == chosen
+    assert os.environ["NUMBA_CACHE_DIR"] == chosen == config.CACHE_DIR
     assert stat.S_IMODE(os.stat(chosen).st_mode) == 0o700
 
 

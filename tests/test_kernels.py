@@ -201,6 +201,23 @@ def test_signed_labels_downsample_as_their_unsigned_view(dtype):
     assert got[0, 0, 0] == 5
 
 
+@pytest.mark.parametrize("dtype", [np.int8, np.int32, np.int64])
+def test_signed_labels_mesh_as_their_unsigned_view(dtype):
+    """The backend's contract: signed labels are meshed as their unsigned view, a piece's label
+    being that value (a negative label is an ID of 2**(bits-1) or more, stored signed), as the
+    GPU backend gives them."""
+    rng = np.random.default_rng(5)
+    labels = np.zeros((12, 11, 10), dtype)
+    labels[1:-1, 1:-1, 1:-1] = rng.choice(np.array([-1, 5, 0, -7], dtype), (10, 9, 8))
+    udt = np.dtype(dtype).str.replace("i", "u")
+    got = CPUBackend().mesh(labels, 4)
+    want = CPUBackend().mesh(labels.view(udt), 4)
+    assert {p.label for p in got} == {int(v) for v in np.array([-1, 5, -7], dtype).view(udt)}
+    assert [(p.label, p.piece) for p in got] == [(p.label, p.piece) for p in want]
+    for a, b in zip(got, want):
+        assert np.array_equal(a.vertices2, b.vertices2) and np.array_equal(a.faces, b.faces)
+
+
 def test_lod_factors_keep_a_node_within_the_quantization():
     """A LOD ``k`` node spans ``C * 2**(k - shift)`` voxels per axis: past ``max_ratio * C`` the
     step halves every axis, so a half voxel stays at least one quantization step."""

@@ -127,3 +127,49 @@ def test_the_main_job_runs_the_workers_that_fit(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert "gpumesh: 2 worker(s) for 4 cores: each needs about" in r.output
     assert "2 worker(s), device" in r.output
+
+
+def test_a_limit_set_on_an_ancestor_alone_counts_and_a_partial_cpu_rounds_up(tmp_path, monkeypatch):
+    """The limits of an ancestor of the own cgroup cap the job even where the own cgroup sets
+    none (a Slurm job's limit, a step below it), for cgroup v2 and v1; a CPU quota of 1.5 CPUs
+    gives 2 cores (rounded up), not 1."""
+    monkeypatch.setattr(resources.os, "sched_getaffinity", lambda pid: set(range(8)))   # 8 CPUs
+    meminfo = _meminfo(tmp_path, 64)
+    own = tmp_path / "self-cgroup"
+    own.write_text("0::/job/step\n")
+    v2 = _files(tmp_path / "v2", {
+        "job/memory.max": str(4 * GIB), "job/memory.current": str(3 * GIB), "job/cpu.max": "150000 100000",
+        "job/step/memory.max": str(8 * GIB), "job/step/memory.current": str(GIB), "job/step/cpu.max": "max 100000"})
+    assert available_memory(v2, meminfo, str(own)) == GIB            # the job's 1 GiB left, not the step's 7
+    assert usable_cores(v2, str(own)) == 2                           # the job's 1.5 CPUs, not the host's 8
+    own.write_text("4:memory:/job/step\n3:cpu,cpuacct:/job/step\n0::/\n")
+    v1 = _files(tmp_path / "v1", {
+        "memory/job/memory.limit_in_bytes": str(4 * GIB), "memory/job/memory.usage_in_bytes": str(3 * GIB),
+        "memory/job/step/memory.limit_in_bytes": str(2**63 - 4096), "memory/job/step/memory.usage_in_bytes": "1",
+        "cpu/job/cpu.cfs_quota_us": "250000", "cpu/job/cpu.cfs_period_us": "100000"})
+    assert available_memory(v1, meminfo, str(own)) == GIB
+    assert usable_cores(v1, str(own)) == 3                           # 2.5 CPUs: 3
+
+
+def test_memory_used_past_the_limit_leaves_none(tmp_path):
+    """A cgroup may use more than its limit for a while (usage is checked lazily): nothing is
+    left then, not a negative amount."""
+    root = _files(tmp_path / "cg", {"memory.max": str(2 * GIB), "memory.current": str(3 * GIB)})
+    assert available_memory(root, _meminfo(tmp_path, 20), str(tmp_path / "no-self-cgroup")) == 0
+
+
+def test_default_workers_without_memory_figures_or_with_room_for_every_core(tmp_path, monkeypatch):
+    """Where no memory figure can be read every core gets a worker; where exactly as many
+    workers fit as there are cores, all run with no notice; fewer fit: the notice gives each
+    worker's need and the memory available in GiB (2**30 bytes)."""
+    monkeypatch.setattr(resources.os, "sched_getaffinity", lambda pid: set(range(4)))   # 4 CPUs
+    root = _files(tmp_path / "cg", {})
+    own = str(tmp_path / "no-self-cgroup")
+    per = 3 * GIB
+    assert default_workers(per, root, str(tmp_path / "no-meminfo"), own) == (4, "")
+    exact = (resources.MAIN_RESERVE_BYTES + 4 * per) / GIB
+    assert default_workers(per, root, _meminfo(tmp_path, exact), own) == (4, "")
+    n, why = default_workers(per, root, _meminfo(tmp_path, exact - 1), own)
+    avail = (exact - 1) * GIB
+    assert n == 3 and why.startswith(f"3 worker(s) for 4 cores: each needs about 3.0 GiB and "
+                                     f"{avail / GIB:.1f} GiB of memory is available"), why

@@ -103,7 +103,7 @@ def test_gpu_backend_skips_the_cpu_marching_kernels():
 
 
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])
-@pytest.mark.parametrize("workers", [1, 2, 3, 16])
+@pytest.mark.parametrize("workers", [1, 2, 3, 16, 64])
 def test_workers_start_at_even_shares(backend, workers):
     jobs = warmup.jobs_for(backend)
     total = sum(j.seconds for j in jobs)
@@ -112,6 +112,7 @@ def test_workers_start_at_even_shares(backend, workers):
     assert starts[0] == 0
     assert starts == sorted(starts)
     for w, s in enumerate(starts):
+        assert 0 <= s < len(jobs)   # a job to start at (on many workers too)
         # the job boundary nearest to w/workers of the compile work
         target = total * w / workers
         assert abs(bounds[s] - target) == pytest.approx(np.abs(bounds - target).min())
@@ -126,3 +127,18 @@ def test_a_failing_job_is_reported_not_raised(monkeypatch):
     jobs = (warmup.Job("boom", boom, 1.0), *warmup.JOBS)
     monkeypatch.setattr(warmup, "JOBS", jobs)
     assert warmup.warm_up(np.uint32, "cpu") == ["boom"]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 5])
+def test_every_worker_runs_every_job_once_from_its_own_start(monkeypatch, workers):
+    """Each worker walks all the jobs, once each, beginning at its start and wrapping around:
+    a worker that starts later still loads the kernels of the jobs before its start (they are
+    loaded from the cache the others filled), so its tasks compile none."""
+    ran = []
+    jobs = tuple(warmup.Job(f"j{i}", lambda dtype, i=i: ran.append(i), s) for i, s in enumerate([3.0, 1.0, 2.0, 2.5]))
+    monkeypatch.setattr(warmup, "JOBS", jobs)
+    for w in range(workers):
+        ran.clear()
+        assert warmup.warm_up(np.uint32, "cpu", w, workers) == []
+        s = warmup.start_index(list(jobs), w, workers)
+        assert ran == [(s + k) % len(jobs) for k in range(len(jobs))], (w, ran)

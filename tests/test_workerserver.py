@@ -332,10 +332,15 @@ def test_stopping_a_server_that_is_gone_raises_nothing(monkeypatch):
     def gone():
         raise ChildProcessError(10, "No child processes")
 
+    import threading
+
     workerserver.start_server()
     monkeypatch.setattr(forkserver._forkserver, "_stop", gone)
+    raised = []   # what the waiting thread raised (Python prints it as a traceback)
+    monkeypatch.setattr(threading, "excepthook", raised.append)
     workerserver.stop_server()
     assert workerserver._server_env is None
+    assert raised == []
 
 
 SCRIPT = """
@@ -369,6 +374,48 @@ def test_a_script_without_a_main_guard_runs_the_job_once(tmp_path, how):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("top level ran") == 1, r.stdout
     assert f"workers 2 segments 2 file {where}" in r.stdout      # __main__ as it was, after the job
+
+
+def test_the_workers_get_no_main_module_and_the_caller_keeps_its_own(monkeypatch):
+    """What a new worker is told to import first (multiprocessing's preparation data, as the
+    spawn and forkserver contexts send it) names no ``__main__``, neither by its module name
+    (``python -m job``) nor by its file; after the block the caller's ``__main__`` is as it was."""
+    import importlib.machinery
+    import types
+    from multiprocessing import spawn
+
+    from gpumesh import workerserver
+
+    main = types.ModuleType("__main__")
+    main.__file__ = "/somewhere/job.py"
+    main.__spec__ = importlib.machinery.ModuleSpec("job", None)
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    before = spawn.get_preparation_data("probe")
+    assert before["init_main_from_name"] == "job"
+    with workerserver.without_main_script():
+        data = spawn.get_preparation_data("probe")
+        assert "init_main_from_name" not in data and "init_main_from_path" not in data
+    assert main.__spec__.name == "job" and main.__file__ == "/somewhere/job.py"
+
+
+def test_the_socket_folder_goes_under_tmp_and_the_temporary_directory_stays(tmp_path, monkeypatch):
+    """Where the temporary directory is too long for the server's socket, the socket's folder
+    is chosen under a short one, and the temporary directory that the rest of the job (and
+    the caller) uses is left as it was (the folder is chosen in this process, no server
+    started)."""
+    import tempfile
+    from multiprocessing import util
+
+    from gpumesh import workerserver
+
+    deep = tmp_path / ("scratch-" + "j" * 80)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    chosen = []
+    monkeypatch.setattr(util, "get_temp_dir", lambda: chosen.append(tempfile.gettempdir()))
+    workerserver._socket_dir_fits()
+    assert len(chosen) == 1 and chosen[0] in ("/tmp", "/var/tmp", "/usr/tmp")
+    assert tempfile.gettempdir() == str(deep)
 
 
 def test_a_long_tmpdir_still_starts_the_worker_server(tmp_path):
