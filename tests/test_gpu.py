@@ -245,6 +245,36 @@ def test_device_processes_leave_each_a_context_and_a_pool():
         assert n * per <= max(per, free * gpu.GPU_MEMORY_FRACTION) < (n + 1) * per
 
 
+@pytest.mark.parametrize("count, want", [(0, False), (1, True), (None, False)])
+def test_gpu_available_needs_a_device(monkeypatch, count, want):
+    """CuPy installed but no CUDA device (a CI runner with the [gpu] extra), or a CUDA error
+    asking: no GPU, so ``auto`` meshes on the CPU instead of failing to build the backend."""
+    import types
+
+    from gpumesh import backend
+
+    def device_count():
+        if count is None:
+            raise RuntimeError("cudaErrorInsufficientDriver")
+        return count
+
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=device_count)))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    assert backend.gpu_available() is want
+
+
+def test_backend_seam_raises_what_is_not_a_missing_gpu(emu_lib, monkeypatch):
+    """Only a GPU backend that cannot start (ImportError: no CuPy, kernels that do not compile)
+    makes ``auto`` fall back to the CPU; another error (here a worker count of 0) is raised."""
+    from gpumesh import backend
+
+    monkeypatch.setattr(backend, "gpu_available", lambda: True)
+    monkeypatch.setattr(gpu, "CupyRuntime", lambda: cuda_emu.EmulatedRuntime(emu_lib))
+    for device in ("gpu", "auto"):
+        with pytest.raises(ValueError, match="processes"):
+            backend.get_backend(device, processes=0)
+
+
 def test_backend_seam_without_cupy(monkeypatch):
     """A GPU but no CuPy: device="gpu" is a clear error, "auto" falls back to the CPU."""
     from gpumesh import backend
@@ -487,6 +517,12 @@ def _plane_bytes(labels):
     return ny * nz * labels.dtype.itemsize + (ny - 1) * (nz - 1) * 20
 
 
+def _table_bytes(emu_lib):
+    """Device bytes of the case table a backend keeps (outside its slabs' budget)."""
+    b = gpu.GPUBackend(runtime=cuda_emu.EmulatedRuntime(emu_lib), memory_budget=1 << 30)
+    return sum(a.nbytes for a in (b._tri_counts, b._tri_table, b._edge_base, b._edge_axis))
+
+
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint64])
 def test_emulated_memory_budget_slabs_match_cpu(emu_lib, real_crops, dtype):
     """A budget of a few planes meshes and downsamples in many x-slabs, never allocates past
@@ -499,6 +535,10 @@ def test_emulated_memory_budget_slabs_match_cpu(emu_lib, real_crops, dtype):
     want = marching.march_cubes(labels, 7)
     _assert_same_triangles(backend.march(labels, 7), want)
     assert backend.stats["slabs"] > 13, backend.stats  # more than 39 planes / 3
+    # the first slab's planes take half the budget and their triangles fit the other half
+    # here: no slab is counted twice (marched, found too big, redone)
+    counted = sum(name.startswith("mc_count") for name, *_ in rt.launches)
+    assert counted == backend.stats["slabs"], (counted, backend.stats)
     assert backend.stats["oom_retries"] == 0 and rt.oom_raised == 0
     assert rt.peak <= budget
     # slabs meet piece boundaries anywhere: a piece size that no slab width divides
@@ -519,18 +559,97 @@ def test_emulated_memory_budget_slabs_match_cpu(emu_lib, real_crops, dtype):
     assert backend.stats["oom_retries"] == 0 and rt.peak <= budget
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint64])
+def test_emulated_slabs_whose_triangles_do_not_fit_are_redone_at_the_planes_that_fit(emu_lib, dtype):
+    """Labels with many triangles per cube: the first slab's triangles do not fit the half of
+    the budget left to them, so the slab is redone with the most planes whose labels, counts,
+    scan and triangles fit (read off the scan); never past the budget, no out-of-memory error,
+    the CPU's arrays."""
+    rng = np.random.default_rng(np.dtype(dtype).itemsize)
+    labels = _random_labels((26, 13, 11), dtype, rng)
+    nx, ny, nz = labels.shape
+    isz = labels.dtype.itemsize
+    want = marching.march_cubes(labels, 5)
+    # triangles of each plane of cubes, and the device bytes of marching planes i0 .. i0 + q - 1:
+    # q + 1 label planes, counts (int32) and scan (int64) per cube, a label and 4 int64 ids
+    # (piece, 3 edges) per triangle
+    tris = np.array([len(marching.march_cubes(labels[i:i + 2], 5)[0]) for i in range(nx - 1)])
+
+    def need(i0, q):
+        return (q + 1) * ny * nz * isz + q * (ny - 1) * (nz - 1) * 12 + int(tris[i0:i0 + q].sum()) * (isz + 32)
+
+    tables = _table_bytes(emu_lib)
+    redone = 0
+    for planes in (2, 3, 5, 8):   # one byte short of room for planes + 1 from the first plane on
+        rt = cuda_emu.EmulatedRuntime(emu_lib, seed=planes)
+        budget = tables + need(0, planes + 1) - 1
+        backend = gpu.GPUBackend(runtime=rt, memory_budget=budget, block=64, max_blocks=7)
+        runs, march_slab = [], backend._march_slab
+
+        def recorded(ulabels, i0, w, ps):
+            try:
+                out = march_slab(ulabels, i0, w, ps)
+            except gpu._SlabTooBig:
+                runs.append((i0, w, False))
+                raise
+            runs.append((i0, w, True))
+            return out
+
+        backend._march_slab = recorded
+        _assert_same_triangles(backend.march(labels, 5), want)
+        assert backend.stats["oom_retries"] == 0 and rt.oom_raised == 0
+        assert rt.peak <= budget
+        assert sum(w for _, w, ok in runs if ok) == nx - 1
+        for (i0, w, ok), nxt in zip(runs, runs[1:] + [None]):
+            if ok:
+                assert need(i0, w) <= budget - tables, (i0, w)
+            else:   # redone at the same plane, with the most planes that fit
+                redone += 1
+                j0, q, _ = nxt
+                assert j0 == i0 and q < w and need(i0, q) <= budget - tables < need(i0, q + 1), (i0, w, q)
+    assert redone > 0
+
+
+@pytest.mark.parametrize("factor", [(2, 2, 2)] + ANISOTROPIC_STEPS)
+def test_emulated_downsampling_slabs_fill_the_budget_and_stay_within_it(emu_lib, real_crops, factor):
+    """Downsampling under a budget of k output planes (each with its fx input planes) runs in
+    slabs of k output planes, whatever the factor: never past the budget, the CPU's labels."""
+    labels = _as_dtype(real_crops["37x29x23"], np.uint32)
+    fx = factor[0]
+    _, sy, sz = labels.shape
+    ox, oy, oz = lod.downsampled_shape(labels.shape, factor)
+    plane = (fx * sy * sz + oy * oz) * labels.itemsize   # device bytes of one output plane's slab
+    want = lod.downsample_labels(labels, factor)
+    tables = _table_bytes(emu_lib)
+    for k in (3, 4, 9):
+        rt = cuda_emu.EmulatedRuntime(emu_lib, seed=k)
+        backend = gpu.GPUBackend(runtime=rt, memory_budget=tables + k * plane, block=64, max_blocks=7)
+        got = backend.downsample(labels, factor)
+        assert got.dtype == want.dtype and np.array_equal(got, want), k
+        assert backend.stats["oom_retries"] == 0 and rt.oom_raised == 0, k
+        assert rt.peak <= tables + k * plane, k
+        assert backend.stats["slabs"] == -(-ox // k), (k, backend.stats)
+
+
 def test_emulated_out_of_memory_retries_in_smaller_slabs(emu_lib, real_crops):
     """A device smaller than the backend believes: allocations fail, the backend frees and
     retries at half the width, and the result is still the CPU's."""
     labels = real_crops["37x29x23"]
     rt = cuda_emu.EmulatedRuntime(emu_lib, seed=1, capacity=5 * _plane_bytes(labels))
+    releases = []
+    rt.release = lambda: releases.append(backend.stats["oom_retries"])   # frees the pool on a GPU
     backend = gpu.GPUBackend(runtime=rt, memory_budget=1 << 30)
     _assert_same_triangles(backend.march(labels, 6), marching.march_cubes(labels, 6))
     assert backend.stats["oom_retries"] > 0 and rt.oom_raised == backend.stats["oom_retries"]
     assert backend.stats["cpu_fallbacks"] == 0
+    # each retry halves the width: at most log2(planes) + 1 of them
+    assert backend.stats["oom_retries"] <= (labels.shape[0] - 1).bit_length()
     retries = backend.stats["oom_retries"]
     assert np.array_equal(backend.downsample(labels), lod.downsample_labels(labels))
     assert backend.stats["oom_retries"] > retries and backend.stats["cpu_fallbacks"] == 0
+    assert backend.stats["oom_retries"] - retries <= (-(-labels.shape[0] // 2)).bit_length()
+    # the pool was freed before each retry
+    assert releases == list(range(backend.stats["oom_retries"]))
     assert rt.live == sum(a.nbytes for a in (backend._tri_counts, backend._tri_table,
                                              backend._edge_base, backend._edge_axis))
 
@@ -563,9 +682,16 @@ def test_a_cuda_error_of_out_of_memory_is_retried_and_others_are_raised(emu_lib,
     if status != 2:   # an illegal address: no memory to free, a real failure
         with pytest.raises(_CUDAError):
             backend.march(labels, 6)
+        failed.clear()
+        with pytest.raises(_CUDAError):   # also from a block meshed whole on the device
+            backend.mesh(labels, 6)
+        assert backend.stats["oom_retries"] == 0
         return
     _assert_same_triangles(backend.march(labels, 6), marching.march_cubes(labels, 6))
     assert failed and backend.stats["oom_retries"] == 1
+    failed.clear()
+    _assert_same_pieces(backend.mesh(labels, 6), CPUBackend().mesh(labels, 6))
+    assert failed and backend.stats["oom_retries"] == 2
 
 
 def test_emulated_out_of_memory_falls_back_to_cpu(emu_lib, real_crops):
@@ -601,6 +727,28 @@ def test_emulated_device_weld_matches_cpu_weld(emu_lib, dtype, weld):
             assert {type(p.label) for p in got} == {int}
 
 
+@pytest.mark.parametrize("weld", gpu.WELD_METHODS)
+def test_emulated_device_weld_of_group_keys_past_int32(emu_lib, weld):
+    """Group keys (label rank * pieces + piece) of 2**31 or more: the sort takes them as int64
+    (32-bit keys would wrap) and the weld stays on the device, with marching.weld's pieces."""
+    rng = np.random.default_rng(9)
+    labels = _blobby_labels((14, 12, 11), np.uint32, rng)
+    lab, piece, edges = marching.march_cubes(labels, 4)
+    want = marching.weld(lab, piece, edges, labels.shape)
+    nlab, top = len(np.unique(lab)), int(piece.max())
+    for keys in (2**31, 3 * 2**30):   # labels x pieces from int32's limit on
+        scale = -(-(keys - nlab) // (nlab * top))   # piece ids spread apart: labels x pieces >= keys
+        assert keys <= nlab * (top * scale + 1) < 2**32
+        rt = cuda_emu.EmulatedRuntime(emu_lib, seed=2)
+        backend = gpu.GPUBackend(runtime=rt, weld=weld)
+        got = backend.weld_device(rt.to_device(lab), rt.to_device(piece.astype(np.int64) * scale),
+                                  rt.to_device(edges.astype(np.int64)), labels.shape, labels.dtype)
+        assert backend.stats["device_welds"] == 1
+        assert [(p.label, p.piece) for p in got] == [(w.label, w.piece * scale) for w in want]
+        for g, w in zip(got, want):
+            assert np.array_equal(g.vertices2, w.vertices2) and np.array_equal(g.faces, w.faces)
+
+
 def test_emulated_mesh_welds_on_the_cpu_when_the_weld_does_not_fit(emu_lib, real_crops):
     labels = real_crops["40^3"]
     tris = len(marching.march_cubes(labels, 16)[0])
@@ -617,17 +765,30 @@ def test_emulated_mesh_welds_on_the_cpu_when_the_weld_does_not_fit(emu_lib, real
     rt = cuda_emu.EmulatedRuntime(emu_lib)
     backend = gpu.GPUBackend(runtime=rt, memory_budget=1 << 30)
     rt.oom_in.add("argsort")
+    releases = []
+    rt.release = lambda: releases.append(backend.stats["oom_retries"])   # frees the pool on a GPU
     _assert_same_pieces(backend.mesh(labels, 16), want)
     assert rt.oom_raised == 1 and not rt.oom_in
     assert backend.stats["device_welds"] == 0 and backend.stats["oom_retries"] == 1
+    assert releases == [0]   # the pool was freed before the block was redone
     assert backend.stats["cpu_fallbacks"] == 0
     _assert_same_pieces(backend.mesh(labels, 16), want)  # and the next block welds there again
     assert backend.stats["device_welds"] == 1
+    # room for the whole block's labels, counts and scan, not for its triangles: found from
+    # the scan before they are allocated, then marched in slabs, never past the budget
+    tables = _table_bytes(emu_lib)
+    cubes = int(np.prod([n - 1 for n in labels.shape]))
+    budget = tables + labels.nbytes + cubes * 12 + tris * (labels.itemsize + 32) // 2
+    rt = cuda_emu.EmulatedRuntime(emu_lib)
+    backend = gpu.GPUBackend(runtime=rt, memory_budget=budget)
+    _assert_same_pieces(backend.mesh(labels, 16), want)
+    assert backend.stats["device_welds"] == 0 and backend.stats["slabs"] > 1
+    assert backend.stats["oom_retries"] == 0 and rt.oom_raised == 0 and rt.peak <= budget
 
 
 @pytest.mark.parametrize("weld", gpu.WELD_METHODS)
-@pytest.mark.parametrize("where, how", [("argsort", "reverse"), ("argsort", "garbage"), ("unique", "reverse"),
-                                        ("unique", "garbage")])
+@pytest.mark.parametrize("where, how", [("argsort", "reverse"), ("argsort", "garbage"), ("argsort", "unstable"),
+                                        ("unique", "reverse"), ("unique", "garbage")])
 def test_emulated_wrong_sort_results_are_caught(emu_lib, real_crops, weld, where, how):
     """CuPy up to 13.6 returns a wrong sort, with no error, when thrust cannot get its
     workspace (cupy/cupy#9894): every sort of the weld is checked, and a wrong one is taken as
@@ -666,6 +827,13 @@ def test_emulated_scans_stay_below_two_to_the_31(emu_lib, monkeypatch):
     monkeypatch.setattr(gpu, "MAX_SCAN", 3 * tris)
     _assert_same_pieces(backend.mesh(small, 8), CPUBackend().mesh(small, 8))
     assert backend.stats["device_welds"] == 1
+    # a block of exactly MAX_SCAN cubes (and few corners) is one scan: meshed whole on the device
+    dot = np.zeros((6, 9, 8), np.uint32)
+    dot[2, 4, 3] = 7
+    monkeypatch.setattr(gpu, "MAX_SCAN", 5 * 8 * 7)
+    slabs = backend.stats["slabs"]
+    _assert_same_pieces(backend.mesh(dot, 8), CPUBackend().mesh(dot, 8))
+    assert backend.stats["device_welds"] == 2 and backend.stats["slabs"] == slabs
 
 
 @pytest.mark.parametrize("seed", [0, 12345, 777])
@@ -1047,3 +1215,47 @@ def test_emulated_backend_meshes_one_block_at_a_time(emu_lib, real_crops):
     assert most[0] == 1
     for got in results:
         _assert_same_pieces(got, want)
+
+
+@pytest.mark.parametrize("stage", ["march", "downsample"])
+def test_emulated_slabs_of_threads_take_turns(emu_lib, real_crops, stage):
+    """The slab paths too (a block that does not fit marched in slabs, then welded on the CPU;
+    downsampling): threads sharing a backend run one slab at a time, never two at once."""
+    import threading
+    import time
+
+    labels = real_crops["40^3"]
+    backend = gpu.GPUBackend(runtime=cuda_emu.EmulatedRuntime(emu_lib), memory_budget=4 * _plane_bytes(labels))
+    name = "_march_slab" if stage == "march" else "_downsample_slab"
+    inside, most, real = [0], [0], getattr(backend, name)
+
+    def counted(*args):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.01)
+        try:
+            return real(*args)
+        finally:
+            inside[0] -= 1
+
+    setattr(backend, name, counted)
+    if stage == "march":
+        want, run = CPUBackend().mesh(labels, 16), lambda: backend.mesh(labels, 16)
+    else:
+        want, run = lod.downsample_labels(labels), lambda: backend.downsample(labels)
+    results = [None] * 3
+
+    def one(i):
+        results[i] = run()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert backend.stats["slabs"] >= 2 * len(threads) and most[0] == 1   # several slabs a call, one at a time
+    for got in results:
+        if stage == "march":
+            _assert_same_pieces(got, want)
+        else:
+            assert np.array_equal(got, want)

@@ -195,7 +195,10 @@ def test_uploads_and_downloads_are_pinned_queued_and_exact(runtime, monkeypatch)
     fake, rt = runtime()
     assert rt.pinned
     hosts = _arrays()
+    syncs = fake.current.syncs
     devs = [rt.to_device(a.copy()) for a in hosts]  # the host copies die at once
+    # queued, not waited for: the host goes on launching work behind them
+    assert fake.current.syncs == syncs and len(fake.current.pending) == sum(a.size > 0 for a in hosts)
     # more uploads of the same sizes before anything waits: a staging buffer given back
     # too early would be reused here and the first uploads would read these bytes
     noise = [rt.to_device(np.full_like(a, 3)) for a in hosts]
@@ -225,6 +228,25 @@ def test_pinned_memory_stays_bounded_over_transfers_of_many_sizes(runtime):
     assert fake.pool.allocated < 8 * most   # each size class a few times (it was ~1.5 GB here: 300 of each)
 
 
+def test_pinned_buffers_are_the_smallest_power_of_two_that_holds_the_array(runtime):
+    # the size classes must not waste: a block of 256**3 uint32 labels (64 MiB, a power of
+    # two) takes a buffer of its own size, not twice it
+    fake, rt = runtime()
+    asked = []
+    real = rt._empty_pinned
+    rt._empty_pinned = lambda shape, dtype: asked.append(int(np.prod(shape)) * np.dtype(dtype).itemsize) \
+        or real(shape, dtype)
+    for nbytes in (1, 8, 504, 512, 520, 4096, 4100, 1 << 16, (1 << 16) + 8, 3 << 14):
+        a = (np.arange(nbytes) % 251).astype(np.uint8)
+        asked.clear()
+        back = rt.to_host(rt.to_device(a))
+        assert np.array_equal(back, a)
+        assert len(asked) == 2   # the staging buffer and the download's
+        for size in asked:
+            assert size & (size - 1) == 0 and size >= max(nbytes, 512)   # a power of two that holds it
+            assert size < 2 * max(nbytes, 512)                            # and the smallest
+
+
 def test_release_waits_for_queued_uploads(runtime):
     fake, rt = runtime()
     d = rt.to_device(np.arange(1000, dtype=np.int64))
@@ -232,6 +254,9 @@ def test_release_waits_for_queued_uploads(runtime):
     # the pinned pool's idle buffers go back to the host too (page-locked memory only grows)
     assert not fake.current.pending and fake.freed_blocks == 1 and fake.freed_pinned == 1
     assert np.array_equal(d._data, np.arange(1000))
+    # and the staging buffer is let go before the pinned pool frees its idle blocks: one still
+    # held would stay page-locked
+    assert not fake.pool.ids
 
 
 def test_a_download_that_fails_midway_waits_for_the_queued_ones(runtime):
@@ -265,6 +290,8 @@ def test_pinned_memory_unusable_falls_back_to_pageable_copies(runtime, problem):
         else:
             fake, rt = runtime(no_blocking_arg=True)
     assert not rt.pinned
+    # the start-up round trip's pinned buffers are let go (they would stay page-locked)
+    assert not fake.pool.ids and not rt._staged
     assert [w.category for w in caught] == [RuntimeWarning]
     assert "pageable" in str(caught[0].message)
     for a in _arrays():

@@ -85,6 +85,12 @@ class _DeviceNumpy:
                 bad = np.ascontiguousarray(out[::-1])
                 if how == "garbage":   # every byte 0xCD, as an unwritten buffer
                     bad.view(np.uint8)[...] = GARBAGE
+                elif how == "unstable":   # (argsort) still sorted, but each run of ties reversed
+                    keys = np.asarray(args[0])[out]
+                    bad = np.array(out, copy=True)
+                    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+                    for a, b in zip(starts, np.r_[starts[1:], len(keys)]):
+                        bad[a:b] = out[a:b][::-1]
                 out = bad
             if isinstance(out, np.ndarray) and not isinstance(out, DeviceArray):
                 return self._rt._alloc(out)
@@ -235,8 +241,8 @@ class EmulatedRuntime:
         #: arrays made by operators on device arrays are not counted, so a weld's own
         #: allocations cannot reach the capacity)
         self.oom_in: set[str] = set()
-        #: xp function name -> "reverse" or "garbage": its next result is corrupted that way,
-        #: with no error (counted in ``corrupted``)
+        #: xp function name -> "reverse", "garbage" or (argsort) "unstable": its next result is
+        #: corrupted that way, with no error (counted in ``corrupted``)
         self.corrupt_in: dict[str, str] = {}
         self.corrupted = 0
 
