@@ -1167,8 +1167,13 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                     f"({', '.join(differ) or 'plan.json'}"
                     + ("; it was started by a gpumesh that did not record that: rerun with --overwrite"
                        if any(k not in was for k in differ) else "") + ")")
-            if old is None and any(not k.startswith(SCRATCH) for k in existing) and "info" in existing:
-                raise DestinationExistsError(f"{shown}: holds a finished mesh; use --overwrite to redo it")
+            if old is None and any(not k.startswith(SCRATCH) for k in existing):
+                if "info" in existing:
+                    raise DestinationExistsError(f"{shown}: holds a finished mesh; use --overwrite to redo it")
+                # no run recorded its plan here (its first write): nothing to resume, and the
+                # meshes would be written among files that --overwrite would refuse to replace
+                raise DestinationExistsError(f"{shown}: holds no interrupted run to resume ({SCRATCH}plan.json is "
+                                             f"missing); choose another destination, or --overwrite a mesh")
         else:
             raise DestinationExistsError(f"{shown} is not empty; pass --overwrite or --resume")
     if cluster is not None:
