@@ -82,6 +82,8 @@ def test_unreadable_source(tmp_path):
 
 
 def test_nonempty_destination(tmp_path):
+    from conftest import tree_files
+
     dest = tmp_path / "out"
     dest.mkdir()
     (dest / "precious.txt").write_text("keep me")
@@ -92,11 +94,18 @@ def test_nonempty_destination(tmp_path):
     with pytest.raises(DestinationExistsError, match="1 file.* that gpumesh did not write .*precious.txt"):
         run_mesh(GOOD, str(dest), workers=1, overwrite=True)
     assert sorted(os.listdir(dest)) == ["precious.txt"]
+    # nor does --resume write among them: no interrupted run is there (it wrote its plan first)
+    with pytest.raises(DestinationExistsError, match="holds no interrupted run to resume .*plan.json is missing"):
+        run_mesh(GOOD, str(dest), workers=1, resume=True)
+    assert sorted(os.listdir(dest)) == ["precious.txt"]
     os.unlink(dest / "precious.txt")
     for fmt, sharding in (("multires", ShardingOptions()), ("multires", None), ("legacy", None)):
         opts = MeshOptions(format=fmt, sharding=sharding)
         run_mesh(GOOD, str(dest), options=opts, workers=1, overwrite=True)   # over any earlier output
         assert validate(str(dest)).ok
+        fresh = tmp_path / f"fresh-{fmt}-{sharding is None}"
+        assert run_mesh(GOOD, str(fresh), options=opts, workers=1).segments == 1
+        assert tree_files(dest) == tree_files(fresh)   # nothing of the earlier output is left beside it
         assert not foreign_keys(storage.list_keys(storage.open_kvstore(str(dest))))
     # the scratch area of an interrupted run, and TensorStore's write locks, are gpumesh's too
     assert not foreign_keys([".gpumesh-work/plan.json", ".gpumesh-work/blocks/0_0_0.o3", "7.index.__lock",
@@ -895,3 +904,155 @@ def test_a_resume_refused_says_what_differs_and_an_older_plan_without_fill_missi
     with pytest.raises(DestinationExistsError, match=r"than the interrupted run \([a-z_, ]*voxel_size[a-z_, ]*\)$"):
         run_mesh(GOOD, str(dest), voxel_size=(2, 2, 2), workers=1, resume=True)
     assert run_mesh(GOOD, str(dest), voxel_size=(1, 1, 1), workers=1, resume=True).segments == 1   # the same: resumed
+
+
+def test_a_resume_with_another_offset_shape_dtype_or_selection_is_refused(tmp_path):
+    """Besides the source's location and how it is read, a resumed run must share the
+    interrupted one's voxel offset, the volume's shape and dtype (an array source, whose
+    contents are not compared) and its selected segments (the same IDs in another order, or
+    repeated, are the same selection).  A resumed run that matches goes on: its progress starts at the tasks kept, and
+    it writes the bytes of an uninterrupted run."""
+    from conftest import tree_files
+
+    labels = _blobs((48, 40, 32))
+    opts = MeshOptions(chunk_size=16, segments=[1, 2, 3])
+    kw = dict(voxel_size=(1, 1, 1), workers=1)
+    clean = run_mesh(labels, str(tmp_path / "clean"), options=opts, voxel_offset=(5, 6, 7), **kw)
+
+    def stop(done, total):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    dest = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_mesh(labels, str(dest), options=opts, voxel_offset=(5, 6, 7), progress=stop, **kw)
+    plan = (dest / ".gpumesh-work" / "plan.json").read_bytes()
+    for change, differs in [(dict(voxel_offset=(5, 6, 8)), "voxel_offset"),
+                            (dict(source=labels[:, :, :24]), "plan"),
+                            (dict(source=labels.astype(np.uint16)), "dtype"),
+                            (dict(options=MeshOptions(chunk_size=16, segments=[1, 2, 4])), "options")]:
+        args = dict(dict(source=labels, options=opts, voxel_offset=(5, 6, 7)), **change)
+        with pytest.raises(DestinationExistsError, match=rf"different options or source than the interrupted run "
+                                                         rf"\({differs}\)$"):
+            run_mesh(args.pop("source"), str(dest), resume=True, **args, **kw)
+        assert (dest / ".gpumesh-work" / "plan.json").read_bytes() == plan
+    calls = []
+    summary = run_mesh(labels, str(dest), options=MeshOptions(chunk_size=16, segments=[3, 1, 2, 1]),
+                       voxel_offset=(5, 6, 7), resume=True, progress=lambda done, total: calls.append((done, total)),
+                       **kw)
+    assert summary.tasks_resumed == 2 and summary.tasks == clean.tasks > 2
+    assert calls[0] == (2, clean.tasks) and calls[-1] == (clean.tasks, clean.tasks)
+    assert tree_files(dest) == tree_files(tmp_path / "clean")
+
+
+def test_a_write_that_fails_while_writing_the_output_says_so(tmp_path):
+    """A write of the output itself that fails (here the shard file, a directory in its place)
+    fails the job as a write of a task result does, said to have happened while writing the
+    output, not after some of the tasks, and with no count of failed tasks (none failed); every
+    task result is kept, and the resumed run only writes the output."""
+    from conftest import tree_files
+
+    from gpumesh import DestinationError, TaskFailedError
+
+    labels = _blobs((32, 32, 32))
+    opts = MeshOptions(chunk_size=16, sharding=ShardingOptions(shard_bits=0))
+    clean = run_mesh(labels, str(tmp_path / "clean"), options=opts, workers=1)
+    dest = tmp_path / "out"
+    blocker = dest / "0.shard"
+    (blocker / "x").mkdir(parents=True)
+    with pytest.raises(TaskFailedError) as info:
+        run_mesh(labels, str(dest), options=opts, workers=1)
+    message = str(info.value)
+    assert message.startswith("cannot write to ") and "0.shard" in message, message
+    assert "(while writing the output); the finished tasks are kept in" in message, message
+    assert isinstance(info.value.__cause__, DestinationError)
+    assert len(os.listdir(dest / ".gpumesh-work" / "blocks")) == clean.tasks and not (dest / "info").exists()
+    (blocker / "x").rmdir()
+    blocker.rmdir()
+    again = run_mesh(labels, str(dest), options=opts, workers=1, resume=True)
+    assert again.tasks_resumed == again.tasks == clean.tasks
+    assert tree_files(dest) == tree_files(tmp_path / "clean")
+
+
+def test_the_warnings_of_a_selection_and_of_an_empty_output_say_what_is_missing(tmp_path):
+    """Selected segments not in the volume are named, the first five and ``...`` past them,
+    ``(within the bounds)`` where a box was meshed; an empty output says whether the selection
+    or the volume was empty."""
+    from gpumesh import SegmentsNotFoundWarning
+
+    def said(name, labels=GOOD, **kw):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run_mesh(labels, str(tmp_path / name), workers=1, **kw)
+        return [(w.category.__name__, str(w.message)) for w in caught
+                if issubclass(w.category, (SegmentsNotFoundWarning, EmptyVolumeWarning))]
+
+    assert said("five", options=MeshOptions(segments=[7, 20, 21, 22, 23, 24])) == [
+        ("SegmentsNotFoundWarning", "5 of the 6 selected segments are not in the volume: 20, 21, 22, 23, 24")]
+    assert said("six", options=MeshOptions(segments=[7, 20, 21, 22, 23, 24, 25])) == [
+        ("SegmentsNotFoundWarning", "6 of the 7 selected segments are not in the volume: 20, 21, 22, 23, 24, ...")]
+    # segment 7 starts at z = 3
+    assert said("box", options=MeshOptions(segments=[7]), bounds=(0, 0, 0, 8, 8, 3)) == [
+        ("SegmentsNotFoundWarning", "1 of the 1 selected segments are not in the volume (within the bounds): 7"),
+        ("EmptyVolumeWarning", f"none of the selected segments is in the volume: wrote an empty mesh to "
+                               f"{tmp_path / 'box'}")]
+    assert said("zero", np.zeros((8, 8, 8), np.uint16)) == [
+        ("EmptyVolumeWarning", f"the volume holds only background (label 0): wrote an empty mesh to "
+                               f"{tmp_path / 'zero'}")]
+
+
+def test_a_broken_pool_is_said_to_have_ended_as_its_first_dead_worker_did():
+    """The exit codes of a broken pool's workers say how the first one died: the pool ends the
+    others with SIGTERM, which says nothing; SIGKILL hints at the out-of-memory killer."""
+    import signal
+    from types import SimpleNamespace as Proc
+
+    from gpumesh.pipeline import _how_workers_ended
+
+    stopped = Proc(exitcode=-signal.SIGTERM)
+    assert _how_workers_ended([stopped, Proc(exitcode=-signal.SIGKILL), Proc(exitcode=None)]) == \
+        " (killed by SIGKILL: the out-of-memory killer?)"
+    assert _how_workers_ended([stopped, Proc(exitcode=-signal.SIGSEGV)]) == " (killed by SIGSEGV)"
+    assert _how_workers_ended([Proc(exitcode=0), stopped, Proc(exitcode=3)]) == " (exit status 3)"
+    assert _how_workers_ended([stopped, Proc(exitcode=0), Proc(exitcode=None)]) == ""
+
+
+def test_cli_progress_lines_come_at_the_start_and_end_of_each_phase_and_quiet_says_nothing(tmp_path, monkeypatch):
+    """In a log, the progress of a phase is a line at its start, one every ``PROGRESS_EVERY_S``
+    seconds (here longer than the job) and one at its end; ``--quiet`` writes nothing to stderr."""
+    from click.testing import CliRunner
+
+    from conftest import write_zarr
+    from gpumesh import cli
+
+    monkeypatch.setattr(cli, "PROGRESS_EVERY_S", 1e9)
+    write_zarr(tmp_path / "v.zarr", _blobs((40, 40, 40)), chunk=16)
+
+    def mesh(dest, *extra):
+        r = CliRunner().invoke(cli.main, ["mesh", str(tmp_path / "v.zarr"), str(tmp_path / dest), "--chunk-size", "16",
+                                          "--workers", "1", "--voxel-size", "1,1,1", "--device", "cpu", *extra])
+        assert r.exit_code == 0, r.output
+        return r
+
+    lines = mesh("out").stderr.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["meshing", "meshing", "writing the output", "writing", "writing"]
+    assert "(0%)" in lines[0] and "(100%)" in lines[1] and "(0%)" in lines[3] and "(100%)" in lines[4], lines
+    assert mesh("quiet", "--quiet").stderr == ""
+
+
+def test_a_task_that_fails_stops_the_workers_taking_more(tmp_path):
+    """A task that fails (its result cannot be written) stops the job at once: the tasks not
+    yet handed to a worker are not run, so a job of many tasks whose first one fails keeps few
+    results (those its workers had at hand), not all the others."""
+    from gpumesh import TaskFailedError
+    from gpumesh.pipeline import Plan, task_name
+
+    labels = _blobs((96, 64, 64))
+    opts = MeshOptions(chunk_size=16)
+    tasks = Plan.make(labels.shape, opts).tasks()
+    dest = tmp_path / "out"
+    (dest / ".gpumesh-work" / "blocks" / task_name(tasks[0]) / "x").mkdir(parents=True)   # the first task's result
+    with pytest.raises(TaskFailedError, match=f"cannot write to .*{task_name(tasks[0])}"):
+        run_mesh(labels, str(dest), options=opts, workers=2, voxel_size=(1, 1, 1))
+    kept = [n for n in os.listdir(dest / ".gpumesh-work" / "blocks") if not n.endswith(".__lock")]
+    assert len(tasks) > 40 and len(kept) - 1 < len(tasks) // 2, (len(kept), len(tasks))

@@ -442,6 +442,46 @@ def test_block_tasks_give_the_whole_blocks_fragments(crop, shape, chunk, lods, z
     assert octant_fragments > 50
 
 
+
+def test_tasks_run_the_fullest_blocks_octants_first_and_the_coarse_tasks_last():
+    """``Plan.tasks`` is the order the job runs its tasks in: every octant before every coarse
+    task, a block's octants one after the other, the blocks with the most voxels inside the
+    volume first (a cut border block's slab comes late), and the coarse tasks in that order too."""
+    from gpumesh.pipeline import COARSE, MeshOptions, Plan
+
+    shape = (70, 40, 100)
+    plan = Plan.make(shape, MeshOptions(chunk_size=8, max_lods=3))
+    tasks = plan.tasks()
+    parts = [part for _, part in tasks]
+    octants = sum(part != COARSE for part in parts)
+    assert 0 < octants < len(tasks) and all(part == COARSE for part in parts[octants:])
+    order = [b for b, part in tasks if part == COARSE]
+    assert sorted(order) == sorted(plan.blocks())
+    inside = [int(np.prod([max(0, min((i + 1) * plan.block, n) - i * plan.block) for i, n in zip(b, shape)]))
+              for b in order]
+    assert inside == sorted(inside, reverse=True) and inside[0] > inside[-1]
+    runs = [b for i, (b, _) in enumerate(tasks[:octants]) if i == 0 or b != tasks[i - 1][0]]
+    assert len(runs) == len(set(runs)) and runs == [b for b in order if b in runs]
+
+
+@pytest.mark.parametrize("shape, chunk, lods", [((45, 38, 51), 8, 3), ((30, 23, 41), 8, 2), ((100, 9, 17), 4, 4)])
+def test_every_task_of_a_volume_without_background_has_work(shape, chunk, lods):
+    """A task is made only for a part of a block that holds some of the volume: in a volume
+    without background every task meshes a fragment (the volume's faces at least) or counts
+    voxels, cut border blocks included, while their parts all past the volume get no task."""
+    from gpumesh.backend import CPUBackend
+    from gpumesh.pipeline import MeshOptions, Plan, mesh_block, unpack_block_header
+    from gpumesh.volume import open_volume
+
+    options = MeshOptions(chunk_size=chunk, max_lods=lods)
+    vol = open_volume(np.ones(shape, np.uint8), voxel_size=(1, 1, 1))
+    plan = Plan.make(shape, options)
+    backend = CPUBackend()
+    for b, part in plan.tasks():
+        index, labels, _, _ = unpack_block_header(mesh_block(vol, plan, options, b, backend, part))
+        assert len(index) or len(labels), (b, part)
+
+
 def test_lods_past_the_one_that_spans_the_volume_change_nothing_but_the_blocks(crop, tmp_path):
     """The plan stops at the LOD whose single node spans the volume (LOD 0 nodes are
     0 .. n // chunk): more LODs gave no segment another LOD and the same fragments, in blocks

@@ -572,6 +572,88 @@ def test_kill_and_resume_cli(crop, tmp_path):
     assert validate(str(dest)).ok
 
 
+def test_cli_summary_and_its_json_give_the_figures_of_the_output(small, tmp_path):
+    """The end summary's lines and ``--summary-json`` give the same figures, those of what was
+    written: the segments, triangles and fragments of each LOD as the validator counts them, the
+    bytes of the shards, the plan's blocks and tasks, and meshing and writing seconds that add up
+    to the whole.  The command leaves this process's SIGTERM handler as it found it."""
+    from click.testing import CliRunner
+
+    from gpumesh.cli import main
+    from gpumesh.pipeline import Plan
+
+    src = tmp_path / "src.zarr"
+    write_zarr(src, small, chunk=32)
+    dest = tmp_path / "out"
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        r = CliRunner().invoke(main, ["mesh", str(src), str(dest), "--voxel-size", VS_ARG, "--chunk-size", str(CHUNK),
+                                      "--workers", "1", "--device", "cpu", "--quiet", "--shard-bits", "1",
+                                      "--summary-json", str(tmp_path / "summary.json")])
+        assert r.exit_code == 0, r.output
+        assert signal.getsignal(signal.SIGTERM) is before
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    report = validate(str(dest))
+    assert report.ok and s["segments"] == report.num_segments > 0
+    assert s["triangles_per_lod"] == [lod["triangles"] for lod in report.per_lod]
+    assert s["fragments_per_lod"] == [lod["fragments"] for lod in report.per_lod]
+    assert s["bytes"] == sum(p.stat().st_size for p in dest.glob("*.shard")) > 0
+    plan = Plan.make(small.shape, MeshOptions(chunk_size=CHUNK))
+    assert (s["blocks"], s["tasks"], s["tasks_resumed"], s["workers"]) == (len(plan.blocks()), len(plan.tasks()), 0, 1)
+    assert min(s["seconds_meshing"], s["seconds_writing"]) >= 0
+    assert s["seconds_meshing"] + s["seconds_writing"] == pytest.approx(s["seconds"])
+    out = r.stdout.splitlines()
+    assert f"segments:  {s['segments']}" in out and f"bytes:     {s['bytes']:,}" in out
+    lods = [line.split() for line in out if line.startswith("LOD ")]
+    assert [(int(w[2].replace(",", "")), w[3], int(w[4].replace(",", "")), w[5]) for w in lods] == \
+        [(t, "triangles", f, "fragments") for t, f in zip(s["triangles_per_lod"], s["fragments_per_lod"])]
+    assert f"1 worker(s), device cpu, {s['blocks']} blocks in {s['tasks']} tasks, 0 resumed)" in r.stdout
+
+
+def test_cli_options_reach_the_job(small, tmp_path):
+    """Each option of ``gpumesh mesh`` reaches the job: the command writes the files that
+    ``run_mesh`` writes with the same settings, each of which changes the files here (``--lods
+    2`` of 3 LODs, where some segments would get 3; ``--mip`` on a precomputed source of two
+    scales, whose ``source_info.json`` names the destination)."""
+    from click.testing import CliRunner
+
+    from gpumesh.cli import main
+
+    src = tmp_path / "src.zarr"
+    write_zarr(src, small, chunk=32)
+    r = CliRunner().invoke(main, [
+        "mesh", str(src), str(tmp_path / "cli"), "--voxel-size", "4,4,40", "--voxel-offset", "3,-5,7",
+        "--bounds", "5,-3,9,53,45,57", "--axes", "zyx", "--chunk-size", "8", "--lods", "2",
+        "--quality", "high", "--downsampling", "all", "--bits", "10", "--dust-threshold", "30",
+        "--no-segment-properties", "--shard-bits", "1", "--workers", "1", "--quiet"])
+    assert r.exit_code == 0, r.output
+    options = MeshOptions(chunk_size=8, num_lods=2, quality="high", downsampling="all",
+                          vertex_quantization_bits=10, dust_threshold=30, segment_properties=False,
+                          sharding=ShardingOptions(shard_bits=1))
+    run_mesh(str(src), str(tmp_path / "api"), options=options, voxel_size=(4, 4, 40), voxel_offset=(3, -5, 7),
+             bounds=(5, -3, 9, 53, 45, 57), axes="zyx", workers=1)
+    assert tree_files(tmp_path / "cli") == tree_files(tmp_path / "api") != {}
+
+    pre = tmp_path / "pre"
+    for arr, res in ((small, [32, 32, 40]), (np.ascontiguousarray(small[::2, ::2, ::2]), [64, 64, 80])):
+        ts.open({"driver": "neuroglancer_precomputed", "kvstore": {"driver": "file", "path": str(pre)},
+                 "multiscale_metadata": {"type": "segmentation", "data_type": "uint32", "num_channels": 1},
+                 "scale_metadata": {"size": list(arr.shape), "resolution": res, "chunk_size": [32, 32, 32],
+                                    "encoding": "raw"}},
+                create=True).result()[ts.d["channel"][0]].write(arr.astype(np.uint32)).result()
+    r = CliRunner().invoke(main, ["mesh", str(pre), str(tmp_path / "mip-cli"), "--mip", "1", "--chunk-size",
+                                  str(CHUNK), "--workers", "1", "--quiet"])
+    assert r.exit_code == 0, r.output
+    run_mesh(str(pre), str(tmp_path / "mip-api"), options=MeshOptions(chunk_size=CHUNK, sharding=ShardingOptions()),
+             mip=1, workers=1)
+    cli, api = tree_files(tmp_path / "mip-cli"), tree_files(tmp_path / "mip-api")
+    assert json.loads(cli.pop("source_info.json"))["mesh"] == "../mip-cli"
+    assert json.loads(api.pop("source_info.json"))["mesh"] == "../mip-api"
+    assert cli == api != {}
+
+
 # ------------------------------------------------------------------------------------------
 # Conversion
 

@@ -173,6 +173,16 @@ def _assert_ended(seen: set, job: str) -> None:
     assert not left, f"processes of {job} still running: {left}"
 
 
+def _ignores_sigint(pid: int) -> bool:
+    """Whether process ``pid`` is running and ignores SIGINT."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f)
+    except OSError:
+        return False
+    return status["State"].split()[0] != "Z" and bool(int(status["SigIgn"], 16) >> (signal.SIGINT - 1) & 1)
+
+
 def _results(blocks) -> list[str]:
     """The finished task results in a scratch ``blocks`` folder: not TensorStore's ``*.__lock``
     file of a write in progress (renamed into place when done, left behind if interrupted)."""
@@ -235,16 +245,29 @@ def test_a_stop_signal_ends_the_job_at_once_and_resume_finishes_it(real_zarr, tm
 
     The pool used to wait for every queued task before the interrupt took effect (its exit
     joins them), so a Ctrl-C stopped nothing until the meshing was done; SIGTERM ended the
-    main process with no word but the resource tracker's warning of leaked semaphores.
+    main process with no word but the resource tracker's warning of leaked semaphores.  A
+    terminal's Ctrl-C reaches the job's whole process group, its workers too: they leave it to
+    the main process (no traceback of theirs on stderr).
     """
     dest = tmp_path / "out"
     proc = subprocess.Popen(cli_command() + ["mesh", str(real_zarr), str(dest)] + _STOP_ARGS,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         seen = _wait_for_first_result(proc, dest)
+        if sig == signal.SIGINT:
+            # every process of the job but the main one leaves Ctrl-C to it (a worker's own
+            # KeyboardInterrupt would print its traceback); the workers set that up as they start
+            deadline = time.time() + 30
+            job = _descendants(proc.pid)
+            while time.time() < deadline and not all(_ignores_sigint(p) for p in job):
+                time.sleep(0.1)
+            assert all(_ignores_sigint(p) for p in job) and proc.poll() is None
         t0 = time.time()
-        proc.send_signal(sig)
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)   # as a terminal sends it
+        else:
+            proc.send_signal(sig)
         err = proc.communicate(timeout=60)[1]
     finally:
         if proc.poll() is None:
@@ -552,3 +575,44 @@ def test_stop_signals_are_held_while_the_pool_starts_its_workers():
         assert got == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is handler
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def test_a_stop_signal_held_while_the_pool_starts_ends_a_process_that_left_it_to_the_default():
+    """Held while the pool starts its workers, a signal is then taken as the process would have
+    taken it: where SIGTERM has its default action (a script calling run_mesh), it ends the process."""
+    code = ("import os, signal, time\n"
+            "from gpumesh import pipeline\n"
+            "with pipeline._signals_deferred():\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(0.05)\n"
+            "    print('held', flush=True)\n"
+            "print('not ended', flush=True)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGTERM and r.stdout == "held\n", (r.returncode, r.stdout, r.stderr)
+
+
+def test_a_second_sigterm_is_left_to_the_default_action():
+    """The CLI takes a first SIGTERM as Ctrl-C (workers stopped, one line, status 143) and the
+    next with the default action: a job that does not stop on the first ends on the second."""
+    from gpumesh import cli
+
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        assert cli._stop_on_sigterm() is old
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)   # the handler raises at once
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def test_a_job_of_one_task_runs_in_this_process_however_many_workers_are_asked_for(tmp_path):
+    """No more workers than tasks: a volume of one block (one LOD, so one task) is meshed in
+    this process, and the summary says one worker."""
+    from gpumesh.pipeline import MeshOptions, run_mesh
+
+    labels = np.zeros((8, 8, 8), np.uint16)
+    labels[2:5, 2:6, 3:5] = 7
+    summary = run_mesh(labels, str(tmp_path / "out"), options=MeshOptions(), voxel_size=(1, 1, 1), workers=4)
+    assert (summary.tasks, summary.workers, summary.segments) == (1, 1, 1)
