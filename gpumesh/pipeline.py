@@ -1029,9 +1029,9 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     overwrite, resume : bool
         What to do when ``dest`` is not empty: delete everything first (only when it holds
         nothing but files gpumesh writes: a mesh directory, a scratch area), or keep finished
-        blocks and continue (the source's location, ``axes``, ``mip`` and options must be
-        the interrupted run's; an array source is not compared).  Without either, a
-        non-empty ``dest`` is an error.
+        blocks and continue (``dest`` must hold an interrupted run, or nothing; the source's
+        location, ``axes``, ``mip`` and options must be the interrupted run's; an array
+        source is not compared).  Without either, a non-empty ``dest`` is an error.
     workers : int, optional
         Processes meshing blocks in parallel (1 runs in this process).  Default: the usable
         cores (CPU affinity and the container's CPU quota), fewer where their estimated
@@ -1074,8 +1074,10 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         Bad source (raised before anything is written), a voxel offset past
         :data:`MAX_GRID_ORIGIN` for multi-resolution output included.
     DestinationExistsError
-        ``dest`` holds data and neither ``overwrite`` nor ``resume`` was given, or
-        ``overwrite`` was given and it holds files gpumesh does not write.
+        ``dest`` holds data and neither ``overwrite`` nor ``resume`` was given;
+        ``overwrite`` was given and it holds files gpumesh does not write; ``resume`` was
+        given and it holds a finished mesh, no interrupted run (no plan, yet files), or an
+        interrupted run of other options or another source.
     DestinationError
         ``dest`` is a file, is the source's directory or holds it, or cannot be written
         (checked by the job's first write).
@@ -1167,11 +1169,12 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                     f"({', '.join(differ) or 'plan.json'}"
                     + ("; it was started by a gpumesh that did not record that: rerun with --overwrite"
                        if any(k not in was for k in differ) else "") + ")")
-            if old is None and any(not k.startswith(SCRATCH) for k in existing):
+            if old is None and any(not k.endswith(".__lock") for k in existing):
                 if "info" in existing:
                     raise DestinationExistsError(f"{shown}: holds a finished mesh; use --overwrite to redo it")
-                # no run recorded its plan here (its first write): nothing to resume, and the
-                # meshes would be written among files that --overwrite would refuse to replace
+                # A run writes its plan first and deletes it last, so no run was interrupted
+                # here: these are another program's files, or what an interrupted --overwrite
+                # left (its blocks, matched by name only, would be taken as this run's).
                 raise DestinationExistsError(f"{shown}: holds no interrupted run to resume ({SCRATCH}plan.json is "
                                              f"missing); choose another destination, or --overwrite a mesh")
         else:

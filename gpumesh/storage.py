@@ -300,22 +300,31 @@ def read_result(future) -> Optional[bytes]:
     return bytes(result.value)
 
 
-#: A ``\\xNN`` escape in TensorStore's messages (absl's ``CHexEscape``).
-_HEX_ESCAPE = re.compile(r"\\x([0-9a-fA-F]{2})")
+#: The escapes of absl's ``CHexEscape`` that TensorStore's messages quote a path with: a
+#: backslash, a quote, and ``\\xNN`` for a byte that is not printable ASCII (read left to right,
+#: so that an escaped backslash is not read as the start of another escape).
+_ESCAPE = re.compile(rb"""\\(\\|"|'|x[0-9a-fA-F]{2})""")
 
 
-def _unescape_path(match: "re.Match") -> str:
-    """A NUL as ``/``; a hex digit that TensorStore escaped as it followed an escape (``7.index``
-    after a NUL: ``\\x37.index``) as itself; any other escape as it is."""
-    ch = chr(int(match.group(1), 16))
-    return "/" if ch == "\0" else ch if ch in "0123456789abcdefABCDEF" else match.group(0)
+def _unescape(match: "re.Match") -> bytes:
+    """One escape as its byte, a NUL (TensorStore's separator of a path's parts) as ``/``, a
+    control byte as it was."""
+    code = match.group(1)
+    if not code.startswith(b"x"):
+        return code
+    value = int(code[1:], 16)
+    if value == 0:
+        return b"/"
+    return bytes([value]) if value >= 0x20 and value != 0x7F else match.group(0)   # control bytes stay escaped
 
 
 def destination_error(where, exc: Exception) -> DestinationError:
     """A one-line :class:`DestinationError` saying that ``where`` cannot be written, from
-    TensorStore's error (which writes the parts of a file path joined by an escaped NUL, here
-    ``/``, and escapes the hex digits that follow an escape, here shown as they are)."""
-    return DestinationError(f"cannot write to {where}: " + _HEX_ESCAPE.sub(_unescape_path, one_line(exc)))
+    TensorStore's error, with the path it names as it is: TensorStore quotes it with absl's
+    ``CHexEscape`` (the parts of a file path joined by an escaped NUL, here ``/``; a hex digit
+    after an escape, UTF-8 bytes and backslashes escaped too)."""
+    text = _ESCAPE.sub(_unescape, one_line(exc).encode("utf-8", "surrogateescape"))
+    return DestinationError(f"cannot write to {where}: " + text.decode("utf-8", "backslashreplace"))
 
 
 def _write_failed(kv: ts.KvStore, key: str, exc: Exception) -> DestinationError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import warnings
@@ -99,6 +100,21 @@ def test_nonempty_destination(tmp_path):
         run_mesh(GOOD, str(dest), workers=1, resume=True)
     assert sorted(os.listdir(dest)) == ["precious.txt"]
     os.unlink(dest / "precious.txt")
+    # nor among the blocks that an --overwrite stopped while deleting left without their plan
+    # (matched by name only, they would be taken as this run's); a plan whose write was
+    # stopped (TensorStore's lock file alone) is no run yet, and the resume starts afresh
+    blocks = dest / ".gpumesh-work" / "blocks"
+    blocks.mkdir(parents=True)
+    (blocks / "0_0_0.o0").write_bytes(b"an older run's")
+    with pytest.raises(DestinationExistsError, match="holds no interrupted run to resume"):
+        run_mesh(GOOD, str(dest), workers=1, resume=True)
+    assert (blocks / "0_0_0.o0").read_bytes() == b"an older run's"
+    shutil.rmtree(dest / ".gpumesh-work")
+    (dest / ".gpumesh-work").mkdir()
+    (dest / ".gpumesh-work" / "plan.json.__lock").write_bytes(b"")
+    assert run_mesh(GOOD, str(dest), workers=1, resume=True).segments == 1 and validate(str(dest)).ok
+    shutil.rmtree(dest)
+    dest.mkdir()
     for fmt, sharding in (("multires", ShardingOptions()), ("multires", None), ("legacy", None)):
         opts = MeshOptions(format=fmt, sharding=sharding)
         run_mesh(GOOD, str(dest), options=opts, workers=1, overwrite=True)   # over any earlier output

@@ -328,20 +328,6 @@ def test_locations_are_shown_as_given_and_compared_as_folders(tmp_path):
     assert not storage.within(src, storage.kvstore_spec(tmp_path / "v.zarr-mesh"))
 
 
-def test_a_write_error_names_the_path_with_its_separators(tmp_path):
-    """TensorStore writes the parts of a file path joined by an escaped NUL: the error shows
-    them joined by ``/``."""
-    kv = storage.open_kvstore(tmp_path / "d")
-    storage.write(kv, "info", b"{}")
-    (tmp_path / "d" / "gone").symlink_to(tmp_path / "nowhere")   # a dangling link: no folder below it
-    for write in (lambda: storage.write(kv, "gone/zz/key", b"1"),
-                  lambda: storage.write_many(kv, [("gone/zz/key", b"1")], sync=False)):
-        with pytest.raises(DestinationError) as err:
-            write()
-        message = str(err.value)
-        assert "\\x00" not in message and str(tmp_path / "d" / "gone" / "zz") in message, message
-
-
 def test_only_unsynced_bulk_writes_skip_the_fsync_and_a_range_past_the_end_reads_empty(tmp_path, monkeypatch):
     """write_many goes through the handle without fsync only when asked (sync=False): the
     shard files and info written with sync=True stay fsynced each.  A byte range past a
@@ -1405,13 +1391,18 @@ def test_sixty_four_shard_bits_name_shards_past_int64(tmp_path, hash_):
 
 
 def test_a_write_error_names_the_path_as_it_is(tmp_path):
-    """TensorStore escapes a hex digit that follows an escape (its NUL between a path's parts):
-    a key like ``7.index`` or ``abc/def`` reads as it is in the error, not ``\\x37.index``."""
+    """TensorStore quotes a path with absl's CHexEscape: the parts joined by an escaped NUL, a
+    hex digit after an escape (``\\x37.index``), UTF-8 bytes and a backslash escaped too.  The
+    error names the path as it is, for single and bulk writes; a control byte stays escaped."""
     kv = storage.open_kvstore(tmp_path / "d")
     storage.write(kv, "info", b"{}")
     (tmp_path / "d" / "gone").symlink_to(tmp_path / "nowhere")   # a dangling link: no folder below it
-    for key in ("gone/7.index", "gone/abc/def", "gone/e0/1"):
-        with pytest.raises(DestinationError) as err:
-            storage.write(kv, key, b"1")
-        message = str(err.value)
-        assert "\\x" not in message and f'"{tmp_path / "d" / key}"' in message, message
+    for key in ("gone/7.index", "gone/abc/def", "gone/e0/1", "gone/a\\x37/b", "gone/\u00e91/c", "gone/q'\"/1"):
+        for write in (lambda: storage.write(kv, key, b"1"),
+                      lambda: storage.write_many(kv, [(key, b"1")], sync=False)):
+            with pytest.raises(DestinationError) as err:
+                write()
+            message = str(err.value)
+            assert f'"{tmp_path / "d" / key}"' in message, message
+    with pytest.raises(DestinationError, match=r"gone/a\\x01b"):
+        storage.write(kv, "gone/a\x01b", b"1")
