@@ -467,6 +467,13 @@ def test_export_refuses_an_existing_file_without_overwrite(crop, crop_high, tmp_
 # viewer
 
 
+def _serving() -> set:
+    """The names of this process's running ``gpumesh view`` server threads."""
+    import threading
+
+    return {t.name for t in threading.enumerate() if t.name.startswith("gpumesh-serve")}
+
+
 def _get(url, headers=None, method="GET"):
     req = urllib.request.Request(url, headers=headers or {}, method=method)
     try:
@@ -684,23 +691,18 @@ def test_view_of_a_url_serves_nothing_and_a_failed_view_stops_its_servers(tmp_pa
     """A mesh directory given as a URL goes to Neuroglancer as it is (one precomputed://
     prefix); a local volume of unknown format fails the call and leaves no server running;
     a voxel size given wins over the volume's own."""
-    import threading
-
     from conftest import write_zarr
 
     for dest in ("gs://bucket/meshes/", "precomputed://https://example.org/meshes/"):
         session = view(dest, segments=[1], use_neuroglancer=False)
         assert session.mesh_url == "precomputed://" + dest.replace("precomputed://", "") and session.servers == []
 
-    def serving():
-        return {t.name for t in threading.enumerate() if t.name.startswith("gpumesh-serve")}
-
     mesh_dir, _ = crop_high
-    before = serving()
+    before = _serving()
     (tmp_path / "unknown").mkdir()
     with pytest.raises(ValueError, match="cannot tell the format"):
         view(str(mesh_dir), source=str(tmp_path / "unknown"), segments=[1], use_neuroglancer=False)
-    assert serving() == before
+    assert _serving() == before
     write_zarr(tmp_path / "v.zarr", np.ones((8, 8, 8), np.uint32), chunk=8)
     session = view(str(mesh_dir), source=str(tmp_path / "v.zarr"), segments=[1], use_neuroglancer=False,
                    voxel_size=(4, 5, 40))
@@ -709,7 +711,7 @@ def test_view_of_a_url_serves_nothing_and_a_failed_view_stops_its_servers(tmp_pa
         assert [dims[a][0] for a in "xyz"] == pytest.approx([4e-9, 5e-9, 40e-9])
     finally:
         session.stop()
-    assert serving() == before
+    assert _serving() == before
 
 
 def test_view_with_neuroglancer(crop_high):
@@ -765,7 +767,6 @@ def test_view_command_browser_viewer_and_servers(crop_high, tmp_path, monkeypatc
     """``--no-browser`` opens no browser, else the link is opened; ``--no-neuroglancer`` gives
     the public link to paste (no local viewer, no hint to install one); the volume source is
     printed when there is one; the servers stop when the command ends."""
-    import threading
     import webbrowser
 
     from conftest import write_zarr
@@ -774,14 +775,11 @@ def test_view_command_browser_viewer_and_servers(crop_high, tmp_path, monkeypatc
     opened = []
     monkeypatch.setattr(webbrowser, "open", lambda url, *a, **k: opened.append(url) or True)
 
-    def serving():
-        return {t.name for t in threading.enumerate() if t.name.startswith("gpumesh-serve")}
-
-    before = serving()
+    before = _serving()
     args = [str(dest), "--segments", "3", "--no-neuroglancer", "--duration", "0"]
     res = CliRunner().invoke(view_cmd, args + ["--no-browser"])
     assert res.exit_code == 0, res.output
-    assert opened == [] and serving() == before
+    assert opened == [] and _serving() == before
     link = [line.strip() for line in res.output.splitlines() if line.strip().startswith("https://")]
     assert len(link) == 1 and link[0].startswith("https://neuroglancer-demo.appspot.com/#!"), res.output
     assert "pip install neuroglancer" not in res.output and "volume source" not in res.output
@@ -790,7 +788,7 @@ def test_view_command_browser_viewer_and_servers(crop_high, tmp_path, monkeypatc
     assert res.exit_code == 0, res.output
     assert len(opened) == 1 and opened[0].startswith("https://neuroglancer-demo.appspot.com/#!")
     assert "volume source: zarr3://http://127.0.0.1:" in res.output
-    assert serving() == before
+    assert _serving() == before
 
 
 def test_bounds_are_global_where_bbox_is_in_array_coordinates(real_zarr, crop, tmp_path):

@@ -263,13 +263,13 @@ def test_gpu_available_needs_a_device(monkeypatch, count, want):
     assert backend.gpu_available() is want
 
 
-def test_backend_seam_raises_what_is_not_a_missing_gpu(emu_lib, monkeypatch):
+def test_backend_seam_raises_what_is_not_a_missing_gpu(monkeypatch):
     """Only a GPU backend that cannot start (ImportError: no CuPy, kernels that do not compile)
-    makes ``auto`` fall back to the CPU; another error (here a worker count of 0) is raised."""
+    makes ``auto`` fall back to the CPU; another error (here a worker count of 0, refused
+    before any device is touched) is raised."""
     from gpumesh import backend
 
     monkeypatch.setattr(backend, "gpu_available", lambda: True)
-    monkeypatch.setattr(gpu, "CupyRuntime", lambda: cuda_emu.EmulatedRuntime(emu_lib))
     for device in ("gpu", "auto"):
         with pytest.raises(ValueError, match="processes"):
             backend.get_backend(device, processes=0)
@@ -1179,70 +1179,36 @@ def test_gpu_pinned_and_pageable_transfers_give_the_cpus_pieces(crop):
         _check_backend(backend, crop, piece_sizes=(16,))
 
 
-def test_emulated_backend_meshes_one_block_at_a_time(emu_lib, real_crops):
-    """Threads that share a backend (ad-hoc meshing's sub-blocks) take turns: the runtime's
-    stream and pinned staging buffers are shared, and a thread's wait that let another thread
-    queue its upload then freed that upload's buffer mid-copy (with CupyRuntime)."""
+@pytest.mark.parametrize("stage", ["_mesh_on_device", "_march_slab", "_downsample_slab"])
+def test_emulated_threads_sharing_a_backend_take_turns(emu_lib, real_crops, stage):
+    """Threads that share a backend (ad-hoc meshing's sub-blocks) take turns, a whole block or
+    one slab at a time (a block that does not fit is marched in slabs, then welded on the CPU;
+    downsampling too): the runtime's stream and pinned staging buffers are shared, and a
+    thread's wait that let another thread queue its upload then freed that upload's buffer
+    mid-copy (with CupyRuntime)."""
     import threading
     import time
 
     labels = real_crops["40^3"]
-    backend = gpu.GPUBackend(runtime=cuda_emu.EmulatedRuntime(emu_lib), memory_budget=1 << 30)
-    inside, most = [0], [0]
-    real = backend._mesh_on_device
+    whole = stage == "_mesh_on_device"
+    backend = gpu.GPUBackend(runtime=cuda_emu.EmulatedRuntime(emu_lib),
+                             memory_budget=(1 << 30) if whole else 4 * _plane_bytes(labels))
+    inside, most, real = [0], [0], getattr(backend, stage)
 
     def counted(*args):
         inside[0] += 1
         most[0] = max(most[0], inside[0])
-        time.sleep(0.05)
+        time.sleep(0.02)
         try:
             return real(*args)
         finally:
             inside[0] -= 1
 
-    backend._mesh_on_device = counted
-    want = CPUBackend().mesh(labels, 16)
-    results = [None] * 4
-
-    def run(i):
-        results[i] = backend.mesh(labels, 16)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert most[0] == 1
-    for got in results:
-        _assert_same_pieces(got, want)
-
-
-@pytest.mark.parametrize("stage", ["march", "downsample"])
-def test_emulated_slabs_of_threads_take_turns(emu_lib, real_crops, stage):
-    """The slab paths too (a block that does not fit marched in slabs, then welded on the CPU;
-    downsampling): threads sharing a backend run one slab at a time, never two at once."""
-    import threading
-    import time
-
-    labels = real_crops["40^3"]
-    backend = gpu.GPUBackend(runtime=cuda_emu.EmulatedRuntime(emu_lib), memory_budget=4 * _plane_bytes(labels))
-    name = "_march_slab" if stage == "march" else "_downsample_slab"
-    inside, most, real = [0], [0], getattr(backend, name)
-
-    def counted(*args):
-        inside[0] += 1
-        most[0] = max(most[0], inside[0])
-        time.sleep(0.01)
-        try:
-            return real(*args)
-        finally:
-            inside[0] -= 1
-
-    setattr(backend, name, counted)
-    if stage == "march":
-        want, run = CPUBackend().mesh(labels, 16), lambda: backend.mesh(labels, 16)
-    else:
+    setattr(backend, stage, counted)
+    if stage == "_downsample_slab":
         want, run = lod.downsample_labels(labels), lambda: backend.downsample(labels)
+    else:
+        want, run = CPUBackend().mesh(labels, 16), lambda: backend.mesh(labels, 16)
     results = [None] * 3
 
     def one(i):
@@ -1253,9 +1219,9 @@ def test_emulated_slabs_of_threads_take_turns(emu_lib, real_crops, stage):
         t.start()
     for t in threads:
         t.join()
-    assert backend.stats["slabs"] >= 2 * len(threads) and most[0] == 1   # several slabs a call, one at a time
+    assert most[0] == 1 and (whole or backend.stats["slabs"] >= 2 * len(threads))   # slabs: several a call
     for got in results:
-        if stage == "march":
-            _assert_same_pieces(got, want)
-        else:
+        if stage == "_downsample_slab":
             assert np.array_equal(got, want)
+        else:
+            _assert_same_pieces(got, want)
