@@ -34,8 +34,8 @@ import numpy as np
 
 from . import lod, marching
 from ._caches import ensure_cupy_cache_dir
-from .volume import label_dtype
 from .mctable import EDGE_AXIS, EDGE_BASE, TRI_COUNTS, TRI_TABLE
+from .volume import label_dtype
 
 #: Kernel source files, in the order they are concatenated into one module.
 KERNEL_FILES = ("marching_cubes.cu", "downsample.cu", "weld.cu")
