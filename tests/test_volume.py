@@ -172,6 +172,12 @@ def _ome_datasets(scales, translations):
     ]
 
 
+def _write_ome_group(root, multiscales):
+    """An OME-Zarr (zarr v2) group's ``.zgroup`` and its ``.zattrs`` of ``multiscales``."""
+    (root / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
+    (root / ".zattrs").write_text(json.dumps({"multiscales": multiscales}))
+
+
 def test_ome_zarr_04_two_scales(tmp_path, labels):
     root = tmp_path / "ome.zarr"
     root.mkdir()
@@ -182,8 +188,7 @@ def test_ome_zarr_04_two_scales(tmp_path, labels):
     ms = [{"version": "0.4", "axes": axes, "datasets": _ome_datasets(
         [[0.04, 0.008, 0.004], [0.04, 0.016, 0.008]],
         [[0.4, 0.08, 0.08], [0.4, 0.16, 0.16]])}]
-    (root / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
-    (root / ".zattrs").write_text(json.dumps({"multiscales": ms}))
+    _write_ome_group(root, ms)
 
     vol0 = open_volume(str(root))
     check_read(vol0, labels)
@@ -226,11 +231,10 @@ def test_bad_ome_zarr_metadata_is_a_typed_error(tmp_path, labels, mutate, error,
     write_ts({"driver": "zarr", "kvstore": str(root / "0")}, np.ascontiguousarray(labels.transpose(2, 1, 0)))
     axes = [{"name": n, "type": "space", "unit": "micrometer"} for n in "zyx"]
     ms = [{"version": "0.4", "axes": axes, "datasets": _ome_datasets([[0.04, 0.008, 0.004]], [[0.4, 0.08, 0.08]])}]
-    (root / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
-    (root / ".zattrs").write_text(json.dumps({"multiscales": ms}))
+    _write_ome_group(root, ms)
     assert open_volume(str(root)).shape == labels.shape
     mutate(ms)
-    (root / ".zattrs").write_text(json.dumps({"multiscales": ms}))
+    _write_ome_group(root, ms)
     with pytest.raises(error, match=words):
         open_volume(str(root))
 
@@ -267,15 +271,14 @@ def test_ome_zarr_multiscale_scale_applies_to_the_dataset_translation(tmp_path, 
     ms = [{"version": "0.4", "axes": axes,
            "datasets": _ome_datasets([[40, 8, 4]], [[400, 80, 40]]),
            "coordinateTransformations": [{"type": "scale", "scale": [1, 2, 2]}]}]
-    (root / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
-    (root / ".zattrs").write_text(json.dumps({"multiscales": ms}))
+    _write_ome_group(root, ms)
     vol = open_volume(str(root))
     check_read(vol, labels)
     np.testing.assert_allclose(vol.voxel_size, [8, 16, 40])
     np.testing.assert_array_equal(vol.voxel_offset, [10, 10, 10])
     # and a multiscale translation, in physical units, after it
     ms[0]["coordinateTransformations"].append({"type": "translation", "translation": [80, 32, 16]})
-    (root / ".zattrs").write_text(json.dumps({"multiscales": ms}))
+    _write_ome_group(root, ms)
     np.testing.assert_array_equal(open_volume(str(root)).voxel_offset, [12, 12, 12])
 
 
@@ -841,8 +844,7 @@ def test_ome_zarr_before_axes_is_t_c_z_y_x_and_without_scale_has_no_voxel_size(t
     zyx = np.ascontiguousarray(labels.transpose(2, 1, 0))[None, None]   # t, c, z, y, x
     root = tmp_path / "old.zarr"
     write_ts({"driver": "zarr", "kvstore": str(root / "0")}, zyx)
-    (root / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
-    (root / ".zattrs").write_text(json.dumps({"multiscales": [{"version": "0.2", "datasets": [{"path": "0"}]}]}))
+    _write_ome_group(root, [{"version": "0.2", "datasets": [{"path": "0"}]}])
     vol = open_volume(str(root))
     check_read(vol, labels)   # was read as x = z
     # no scale: 1 nm voxels, not known (it was taken as known, so no NoVoxelSizeWarning)
