@@ -600,9 +600,11 @@ def test_cli_summary_and_its_json_give_the_figures_of_the_output(small, tmp_path
 
 def test_cli_options_reach_the_job(small, tmp_path):
     """Each option of ``gpumesh mesh`` reaches the job: the command writes the files that
-    ``run_mesh`` writes with the same settings, each of which changes the files here (``--lods
-    2`` of 3 LODs, where some segments would get 3; ``--mip`` on a precomputed source of two
-    scales, whose ``source_info.json`` names the destination)."""
+    ``run_mesh`` writes with the same settings.  The settings are chosen so that each one
+    changes the files here (checked when written, by dropping each option in turn: the test
+    failed every time), e.g. ``--lods 2`` of 3 LODs, where some segments would get 3;
+    ``--mip`` on a precomputed source of two scales, whose ``source_info.json`` names the
+    destination."""
     from click.testing import CliRunner
 
     from gpumesh.cli import main
