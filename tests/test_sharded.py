@@ -614,11 +614,11 @@ def test_cli_options_reach_the_job(small, tmp_path):
     r = CliRunner().invoke(main, [
         "mesh", str(src), str(tmp_path / "cli"), "--voxel-size", "4,4,40", "--voxel-offset", "3,-5,7",
         "--bounds", "5,-3,9,53,45,57", "--axes", "zyx", "--chunk-size", "8", "--lods", "2",
-        "--quality", "high", "--downsampling", "all", "--bits", "10", "--dust-threshold", "30",
+        "--quality", "high", "--downsampling", "all", "--bits", "10", "--dust-threshold", "300",
         "--no-segment-properties", "--shard-bits", "1", "--workers", "1", "--quiet"])
     assert r.exit_code == 0, r.output
     options = MeshOptions(chunk_size=8, num_lods=2, quality="high", downsampling="all",
-                          vertex_quantization_bits=10, dust_threshold=30, segment_properties=False,
+                          vertex_quantization_bits=10, dust_threshold=300, segment_properties=False,
                           sharding=ShardingOptions(shard_bits=1))
     run_mesh(str(src), str(tmp_path / "api"), options=options, voxel_size=(4, 4, 40), voxel_offset=(3, -5, 7),
              bounds=(5, -3, 9, 53, 45, 57), axes="zyx", workers=1)
