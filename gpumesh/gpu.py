@@ -116,8 +116,9 @@ class GPUMemoryWarning(UserWarning):
 
 class _SortFailed(MemoryError):
     """A device sort returned a wrong result: CuPy up to 13.6 does so, with no error, when
-    thrust cannot get its workspace from the memory pool (cupy/cupy#9894).  Taken as an
-    out-of-memory error: the pool is freed and the block is done another way."""
+    thrust cannot get its workspace from the memory pool (cupy/cupy#9894); also a hash weld
+    whose table lost a key.  Taken as an out-of-memory error: the pool is freed and the block
+    is done another way."""
 
 
 def kernel_dir() -> pathlib.Path:
@@ -316,6 +317,12 @@ def _cpu_triangles(tri, dtype, shape) -> tuple:
     ``shape``: labels in ``dtype``, ids in :func:`gpumesh.marching.index_dtype`."""
     idt = marching.index_dtype(shape)
     return tri[0].view(dtype), tri[1].astype(idt, copy=False), tri[2].astype(idt, copy=False)
+
+
+def _hash_table_size(corners: int) -> int:
+    """Slots of the hash weld's table (``kernels/weld.cu``) for ``corners`` corners: a power of
+    two, at least 16 and at least twice the corners (a load factor of at most one half)."""
+    return 1 << max(4, (2 * corners - 1).bit_length())
 
 
 class _SlabTooBig(Exception):
@@ -812,10 +819,15 @@ class GPUBackend:
         """:meth:`_number_vertices_sort`'s result without the corner sort: the kernels of
         ``kernels/weld.cu`` give every corner its key's first corner (an ``atomicMin`` per key,
         so the same in any thread order), and a scan of the corners that are their own first
-        numbers the vertices by first appearance."""
+        numbers the vertices by first appearance.
+
+        Raises :class:`_SortFailed` (then the block is welded on the CPU) when a corner's first
+        corner is not in ``[0, c]``: the kernels' bounded probes write -1 for a key that found
+        no room (a table too small, which :func:`_hash_table_size` rules out) instead of
+        hanging."""
         rt, xp = self.rt, self.rt.xp
         nc = int(cedge.shape[0])
-        size = 1 << max(4, (2 * nc - 1).bit_length())   # a power of two >= 2 * corners
+        size = _hash_table_size(nc)
         keys = xp.full(size, np.uint64(0xFFFFFFFFFFFFFFFF), dtype=np.uint64)
         first = xp.full(size, np.iinfo(np.int64).max, dtype=np.int64)
         args = (skey, cedge, np.int64(nc), np.int64(nedge), keys, first, np.uint64(size - 1))
@@ -824,7 +836,11 @@ class GPUBackend:
         cfirst = rt.empty(nc, np.int64)
         rt.launch("weld_lookup", grid, self.block, args + (cfirst,))
         del keys, first
-        head = cfirst == xp.arange(nc, dtype=np.int64)
+        corner = xp.arange(nc, dtype=np.int64)
+        if bool(((cfirst < 0) | (cfirst > corner)).any()):
+            raise _SortFailed("hash weld")
+        head = cfirst == corner
+        del corner
         number = xp.cumsum(head, dtype=np.int64) - 1  # of the vertex first seen at each corner
         corner_vid = number[cfirst]
         del number, cfirst

@@ -14,6 +14,12 @@
 //   weld_lookup: (a later launch, so every insert is done) every corner finds its key and writes
 //                its vertex's first corner, cfirst[c].
 //
+// Both probe at most the whole table (mask + 1 slots), so they end whatever the table holds. A
+// key that finds no room is left out, and its corners' lookups (which stop at an empty slot or
+// after the whole table) write -1: the host sizes the table at twice the corners or more, and
+// checks that every cfirst[c] lies in [0, c] (else it welds on the CPU), so a table too small
+// or a broken insert fails the check instead of hanging the kernel.
+//
 // The host then flags the corners with cfirst[c] == c (each vertex's first appearance) and
 // scans the flags: that numbers the vertices by first appearance, group by group, which is the
 // CPU weld's numbering.  Self-contained (no #include): compiled by NVRTC (CuPy) and, for the
@@ -41,7 +47,7 @@ extern "C" __global__ void weld_insert(const wd_i64* __restrict__ group, const w
     for (wd_i64 c = (wd_i64)blockIdx.x * blockDim.x + threadIdx.x; c < ncorners; c += stride) {
         const wd_u64 key = (wd_u64)(group[c / 3] * nedge + edge[c]);
         wd_u64 h = wd_slot(key, mask);
-        while (true) {
+        for (wd_u64 probe = 0; probe <= mask; ++probe) {
             const wd_u64 prev = atomicCAS(&keys[h], WD_EMPTY, key);
             if (prev == WD_EMPTY || prev == key) {
                 atomicMin(&first[h], c);
@@ -60,7 +66,16 @@ extern "C" __global__ void weld_lookup(const wd_i64* __restrict__ group, const w
     for (wd_i64 c = (wd_i64)blockIdx.x * blockDim.x + threadIdx.x; c < ncorners; c += stride) {
         const wd_u64 key = (wd_u64)(group[c / 3] * nedge + edge[c]);
         wd_u64 h = wd_slot(key, mask);
-        while (keys[h] != key) h = (h + 1) & mask;
-        cfirst[c] = first[h];
+        wd_i64 found = -1;
+        for (wd_u64 probe = 0; probe <= mask; ++probe) {
+            const wd_u64 k = keys[h];
+            if (k == key) {
+                found = first[h];
+                break;
+            }
+            if (k == WD_EMPTY) break;
+            h = (h + 1) & mask;
+        }
+        cfirst[c] = found;
     }
 }

@@ -884,6 +884,47 @@ def test_hash_weld_kernels_find_first_appearances_on_collisions(emu_lib):
         assert np.array_equal(rt.to_host(cfirst), want)
 
 
+def test_hash_weld_kernels_end_when_the_table_is_full(emu_lib):
+    """A table of 4 slots for 8 keys (which the host never makes): the probes stop after the
+    whole table instead of looping for ever; the keys that found a slot get their first
+    corner, the corners of the four that did not get -1, in any thread order."""
+    group = np.array([0, 0, 1, 1], dtype=np.int64)
+    edge = np.array([5, 6, 7, 6, 5, 8, 5, 6, 7, 9, 5, 6], dtype=np.int64)
+    key = group[np.arange(12) // 3] * 100 + edge
+    assert len(np.unique(key)) == 8
+    for seed in (0, 1, 2, 3):
+        rt = cuda_emu.EmulatedRuntime(emu_lib, seed=seed)
+        keys = rt.to_device(np.full(4, np.uint64(0xFFFFFFFFFFFFFFFF), dtype=np.uint64))
+        first = rt.to_device(np.full(4, np.iinfo(np.int64).max, dtype=np.int64))
+        cfirst = rt.empty(12, np.int64)
+        args = (rt.to_device(group), rt.to_device(edge), np.int64(12), np.int64(100), keys, first,
+                np.uint64(3))
+        rt.launch("weld_insert", 2, 4, args)
+        rt.launch("weld_lookup", 2, 4, args + (cfirst,))
+        stored = set(rt.to_host(keys).astype(np.int64).tolist())
+        assert len(stored) == 4 and stored <= set(key.tolist())
+        want = np.array([int(np.flatnonzero(key == k)[0]) if k in stored else -1 for k in key])
+        assert np.array_equal(rt.to_host(cfirst), want)
+
+
+def test_hash_weld_with_a_table_too_small_welds_on_the_cpu(emu_lib, real_crops, monkeypatch):
+    """Should the host size the hash table too small, the lost keys' -1 fails its check and
+    the block is welded on the CPU (the CPU's pieces), rather than the kernel hanging or a
+    corner taking another vertex."""
+    rt = cuda_emu.EmulatedRuntime(emu_lib)
+    backend = gpu.GPUBackend(runtime=rt, weld="hash")
+    labels = real_crops["37x29x23"]
+    want = CPUBackend().mesh(labels, 16)
+    monkeypatch.setattr(gpu, "_hash_table_size", lambda corners: 64)
+    _assert_same_pieces(backend.mesh(labels, 16), want)
+    assert backend.stats["device_welds"] == 0 and backend.stats["oom_retries"] == 1
+    monkeypatch.undo()
+    _assert_same_pieces(backend.mesh(labels, 16), want)
+    assert backend.stats["device_welds"] == 1
+    assert gpu._hash_table_size(12) == 32 and gpu._hash_table_size(16) == 32
+    assert gpu._hash_table_size(17) == 64 and gpu._hash_table_size(1) == 16
+
+
 def test_default_memory_budget_is_a_share_of_free_memory(emu_lib):
     # the share of the free memory, less the other processes' CUDA contexts (which came on
     # top of the pools: past the free memory on a 24 GB card), at least half the share
