@@ -1191,10 +1191,6 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             warnings.warn(why, FewerWorkersNotice, stacklevel=2)
     else:
         requested = workers
-    if cluster is None and requested > 1:
-        # once the input is known good: the server imports gpumesh for the workers while this
-        # process goes on (the CLI has started it already)
-        workerserver.start_server()
     storage.write_json(kv, SCRATCH + "plan.json", fingerprint)   # the job's first write (DestinationError)
 
     tasks = plan.tasks()
@@ -1206,6 +1202,11 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     # writing: the workers build the shards or write the segments' files)
     nworkers = max(1, min(requested, len(todo) or requested))
     summary.workers = nworkers
+    if cluster is None and nworkers > 1:
+        # once the input is known good and there is work for more than one worker: the server
+        # imports gpumesh for the workers while this process goes on (the CLI has started it
+        # already)
+        workerserver.start_server()
     finished = len(tasks) - len(todo)
     workers_rss = 0.0   # largest peak RSS that a worker reported (MiB)
     if progress:

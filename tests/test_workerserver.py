@@ -610,12 +610,24 @@ def test_a_second_sigterm_is_left_to_the_default_action():
         signal.signal(signal.SIGTERM, old)
 
 
-def test_a_job_of_one_task_runs_in_this_process_however_many_workers_are_asked_for(tmp_path):
+def test_a_job_of_one_task_runs_in_this_process_however_many_workers_are_asked_for(tmp_path, monkeypatch):
     """No more workers than tasks: a volume of one block (one LOD, so one task) is meshed in
-    this process, and the summary says one worker."""
+    this process, and the summary says one worker; no worker server is started for it (an
+    idle process importing gpumesh). A job with more tasks starts one."""
+    from gpumesh import workerserver
     from gpumesh.pipeline import MeshOptions, run_mesh
 
+    starts = []
+    real_start = workerserver.start_server
+    monkeypatch.setattr(workerserver, "start_server", lambda: starts.append(1) or real_start())
     labels = np.zeros((8, 8, 8), np.uint16)
     labels[2:5, 2:6, 3:5] = 7
     summary = run_mesh(labels, str(tmp_path / "out"), options=MeshOptions(), voxel_size=(1, 1, 1), workers=4)
     assert (summary.tasks, summary.workers, summary.segments) == (1, 1, 1)
+    assert starts == []
+    labels = np.zeros((40, 8, 8), np.uint16)
+    labels[2:5, 2:6, 3:5], labels[30:33, 2:6, 3:5] = 7, 8
+    summary = run_mesh(labels, str(tmp_path / "two"), options=MeshOptions(chunk_size=16, max_lods=1),
+                       voxel_size=(1, 1, 1), workers=2)
+    assert summary.tasks > 1 and (summary.workers, summary.segments) == (2, 2)
+    assert starts   # (context() asks again: start_server is idempotent)
