@@ -390,13 +390,12 @@ def weld(tri_label: np.ndarray, tri_piece: np.ndarray, tri_edges: np.ndarray,
 
 
 @numba.njit(cache=True, nogil=True)
-def _thin(labels, v2, ox, oy, oz, label, out):
-    nx, ny, nz = labels.shape
+def _thin(labels, v2, lo, hi, label, out):
     for i in range(v2.shape[0]):
         axis = 0 if v2[i, 0] & 1 else (1 if v2[i, 1] & 1 else 2)
-        x = (v2[i, 0] >> 1) + ox
-        y = (v2[i, 1] >> 1) + oy
-        z = (v2[i, 2] >> 1) + oz
+        x = v2[i, 0] >> 1
+        y = v2[i, 1] >> 1
+        z = v2[i, 2] >> 1
         step = 1
         if labels[x, y, z] == label:
             step = -1           # inside voxel is the low end: look one further down
@@ -409,41 +408,55 @@ def _thin(labels, v2, ox, oy, oz, label, out):
                 z += 1
         if axis == 0:
             x += step
+            far = x
         elif axis == 1:
             y += step
+            far = y
         else:
             z += step
-        if x < 0 or y < 0 or z < 0 or x >= nx or y >= ny or z >= nz:
-            out[i] = True
+            far = z
+        if far < lo[axis] or far > hi[axis]:
+            out[i] = False      # past the piece's cubes: the far surface is another piece's
         else:
             out[i] = labels[x, y, z] != label
 
 
-def thin_vertices(labels: np.ndarray, piece: Piece, origin=0) -> np.ndarray:
-    """Vertices where the segment is one voxel thick along the vertex's lattice edge.
+def thin_vertices(labels: np.ndarray, piece: Piece, piece_size: int) -> np.ndarray:
+    """Vertices where the segment is one voxel thick along the vertex's lattice edge, within
+    the vertex's piece.
 
     A vertex is the midpoint of a lattice edge from a voxel of the segment to a voxel outside
     it; it is *thin* when the voxel on the far side of the inside voxel, along the same axis,
-    is outside too (or beyond the block).  Decimation locks these vertices: collapses there
-    would pinch thin processes (spine necks, thin axons) and are where meshoptimizer's
-    collapses break the link condition (see :mod:`gpumesh.lod`).
+    is outside the segment too and is still a voxel of the piece's cubes.  Decimation locks
+    these vertices: collapses there would pinch thin processes (spine necks, thin axons) and
+    are where meshoptimizer's collapses break the link condition (see :mod:`gpumesh.lod`).
+    Where the far voxel lies past the piece's cubes, the surface on its far side belongs to a
+    neighbouring piece, which the frozen box planes keep apart from this one: the vertex is
+    not thin.  So the answer depends on the piece's own voxels only, not on where a block
+    begins or how much is read around it (a piece's fragment is the same whatever the
+    blocks, i.e. whatever ``--max-lods``).
 
     Parameters
     ----------
     labels : (nx, ny, nz) ndarray
-        The block of labels the piece was meshed from (see :func:`march_cubes`), or a larger
-        array that holds it at ``origin``; voxels beyond ``labels`` count as outside.
+        The block of labels the piece was meshed from (see :func:`march_cubes`).
     piece : Piece
-    origin : int or (3,) int
-        Voxel of ``labels`` where the meshed array starts.
+        One of :func:`weld`'s pieces of ``labels``.
+    piece_size : int
+        The edge of the pieces, in cubes, as given to :func:`march_cubes`.
 
     Returns
     -------
     (n,) bool, one per ``piece.vertices2`` row.
     """
     out = np.empty(len(piece.vertices2), dtype=np.bool_)
-    ox, oy, oz = (int(origin),) * 3 if np.ndim(origin) == 0 else (int(o) for o in origin)
-    _thin(labels, piece.vertices2, ox, oy, oz, labels.dtype.type(piece.label), out)
+    nx, ny, nz = labels.shape
+    py, pz = -(-(ny - 1) // piece_size), -(-(nz - 1) // piece_size)
+    p = int(piece.piece)
+    lo = np.array([p // (py * pz), (p // pz) % py, p % pz], dtype=np.int64) * piece_size
+    # voxels of the piece's cubes: lo .. lo + piece_size (fewer in a cut last piece)
+    hi = np.minimum(lo + piece_size, np.array(labels.shape, dtype=np.int64) - 1)
+    _thin(labels, piece.vertices2, lo, hi, labels.dtype.type(piece.label), out)
     return out
 
 

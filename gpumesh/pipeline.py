@@ -480,13 +480,13 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
                 continue
             hk = halo >> sh
             mc_in = np.ascontiguousarray(level[hk[0] - 1:, hk[1] - 1:, hk[2] - 1:])
-            out += _mesh_lod(volume, plan, options, backend, k, mc_in, mc_in, 0, origin >> sh, ids, keep)
+            out += _mesh_lod(volume, plan, options, backend, k, mc_in, origin >> sh, ids, keep)
     else:
         # LODs 0 .. L-2 of one octant, whose LOD 0 voxels start at O.  At LOD k its cubes
-        # need LOD k voxels (O >> k) - 1 .. past its last cube, and the thin-spot test one
-        # more on each side, as far as the whole block's labels reach: the octant is read
-        # with a margin of 2**(L-1) voxels (clipped to the block's read), which keeps every
-        # 2x2x2 group of the downsampling the block's own (both are aligned to 2**(L-1)).
+        # need LOD k voxels (O >> k) - 1 .. past its last cube, as far as the whole block's
+        # labels reach: the octant is read with a margin of 2**(L-1) voxels (clipped to the
+        # block's read), which keeps every 2x2x2 group of the downsampling the block's own
+        # (both are aligned to 2**(L-1)).
         h = plan.block // 2
         O = plan.octant_origin(b, part)
         r0, r1 = O - halo, np.minimum(O + h + halo, stop)
@@ -508,12 +508,9 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
             m1 = np.minimum(ok + (h >> sh), top) - base
             if np.any(m1 - m0 < 2):
                 continue  # no cube of this octant at LOD k (a cut border block)
-            c0 = np.maximum(ok - 2, (origin >> sh) - 1) - base
-            c1 = np.minimum(ok + (h >> sh) + 1, top) - base
-            ctx = np.ascontiguousarray(level[c0[0]:c1[0], c0[1]:c1[1], c0[2]:c1[2]])
             mc_in = np.ascontiguousarray(level[m0[0]:m1[0], m0[1]:m1[1], m0[2]:m1[2]])
             if mc_in.any():
-                out += _mesh_lod(volume, plan, options, backend, k, mc_in, ctx, m0 - c0, ok, ids, keep)
+                out += _mesh_lod(volume, plan, options, backend, k, mc_in, ok, ids, keep)
     entries, offset = [], 0
     for (label, k, node, ntri), data in out:
         entries.append((label, k, node[0], node[1], node[2], offset, len(data), ntri))
@@ -536,13 +533,12 @@ def _voxel_counts(local: np.ndarray, ids: np.ndarray, keep: np.ndarray) -> tuple
 
 
 def _mesh_lod(volume: Volume, plan: Plan, options: MeshOptions, backend: Backend, k: int,
-              mc_in: np.ndarray, ctx: np.ndarray, ctx_origin, cube0, ids: np.ndarray, keep: np.ndarray) -> list:
+              mc_in: np.ndarray, cube0, ids: np.ndarray, keep: np.ndarray) -> list:
     """Mesh, decimate and encode the nodes of one LOD of a block (or of an octant).
 
     ``mc_in`` holds LOD ``k`` local labels whose cube ``j`` is the volume's LOD ``k`` cube
-    ``cube0 + j`` (``cube0``: (3,) int, a multiple of the node edge :meth:`Plan.node_voxels`);
-    ``ctx`` holds ``mc_in`` at ``ctx_origin`` (voxels) plus the voxels around it that the
-    thin-spot test may see.  Only the local IDs that ``keep`` (bool, one per ID) selects are
+    ``cube0 + j`` (``cube0``: (3,) int, a multiple of the node edge :meth:`Plan.node_voxels`).
+    Only the local IDs that ``keep`` (bool, one per ID) selects are
     meshed: the others are background to marching cubes, which meshes each segment from where
     its own label is alone (so a selected segment's triangles are those of the full job; the
     thin-spot test likewise looks at its own label only).
@@ -573,7 +569,7 @@ def _mesh_lod(volume: Volume, plan: Plan, options: MeshOptions, backend: Backend
         if decimates(quality.keep(k), len(piece.faces)):
             # decimated vertices are a subset of the piece's: still inside its box
             v, f = decimate(p_rel, piece.faces, quality.keep(k), scale, frozen=on_plane,
-                            locked=thin_vertices(ctx, piece, ctx_origin))
+                            locked=thin_vertices(mc_in, piece, piece_size))
         else:
             v, f = p_rel, piece.faces
         frags.setdefault((piece.label, (node0[0] + ln[0], node0[1] + ln[1], node0[2] + ln[2])), []).append((v, f))

@@ -83,7 +83,7 @@ def _piece_kernels(dtype) -> None:
     labels = np.zeros((6, 6, 6), dtype=np.uint32)
     labels[1:3, 1:3, 1:3] = 1
     piece_in_node(piece, np.zeros(3, np.int64), np.zeros(3, np.int64), 4)
-    thin_vertices(labels, piece, np.zeros(3, np.int64))
+    thin_vertices(labels, piece, 4)
 
 
 def _decimate(dtype) -> None:

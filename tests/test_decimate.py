@@ -202,35 +202,60 @@ def test_thin_vertices_mark_one_voxel_thick_spots():
     pieces = {p.label: p for p in CPUBackend().mesh(labels, 1000)}
     for label, want_thin in ((7, True), (9, False)):
         p = pieces[label]
-        thin = thin_vertices(labels, p)
+        thin = thin_vertices(labels, p, 1000)
         z_faces = (p.vertices2[:, 2] % 2 == 1)  # vertices on z edges: the slab's top and bottom
         assert thin[z_faces].all() == want_thin and thin[z_faces].any() == want_thin
         # the segments are 8 voxels wide in x and y: vertices on x/y edges are never thin
         assert (~z_faces).sum() > 0 and not thin[~z_faces].any()
 
 
-def test_thin_vertices_at_the_block_border_and_inside_a_larger_array():
-    """A one-voxel slab on the block's low z face is thin (the voxel past it lies beyond the
-    block: outside); and the block looked at inside a larger array of background at ``origin``
-    gives the same answer as the block alone."""
+def test_thin_vertices_look_no_further_than_the_pieces_cubes():
+    """A one-voxel slab is thin where both its faces are in one piece, and not where the voxel
+    past it lies outside the piece's cubes (its other face is a neighbouring piece's, or
+    there is none): on the block's low face, and on a piece's box plane, from either side."""
     from gpumesh.marching import thin_vertices
 
-    labels = np.zeros((12, 11, 14), np.uint32)
-    labels[2:10, 3:9, 0] = 7            # 1 voxel thick along z, on the block's border
-    labels[0, 2:9, 5:11] = 8            # 1 voxel thick along x, on the block's border
-    labels[3:10, 2:10, 8:14] = 9        # 6 voxels thick, reaching the high z border
-    pieces = {p.label: p for p in CPUBackend().mesh(labels, 1000)}
-    for label, axis in ((7, 2), (8, 0)):
-        p = pieces[label]
-        on_axis = p.vertices2[:, axis] % 2 == 1
-        assert on_axis.any() and thin_vertices(labels, p)[on_axis].all()
-    p = pieces[9]
-    assert not thin_vertices(labels, p)[p.vertices2[:, 2] % 2 == 1].any()
-    origin = (3, 5, 2)
-    big = np.zeros((20, 21, 19), np.uint32)
-    big[3:15, 5:16, 2:16] = labels
-    for p in pieces.values():
-        assert np.array_equal(thin_vertices(big, p, origin), thin_vertices(labels, p)), p.label
+    labels = np.zeros((12, 11, 20), np.uint32)
+    labels[2:10, 3:9, 0] = 7            # on the block's low z face: the voxel past it is -1
+    labels[2:10, 3:9, 9] = 8            # inside the second piece (voxels 6 .. 12 in z)
+    labels[2:10, 3:9, 12] = 9           # on the plane between the second and third pieces
+    labels[0, 2:9, 3:5] = 10            # on the block's low x face
+    seen = set()
+    for p in CPUBackend().mesh(labels, 6):
+        thin = thin_vertices(labels, p, 6)
+        if p.label == 10:
+            seen.add(10)
+            assert not thin[p.vertices2[:, 0] % 2 == 1].any()
+            continue
+        z = p.vertices2[:, 2]
+        inner = (z % 2 == 1) & (p.vertices2[:, 0] >= 6) & (p.vertices2[:, 0] <= 16) \
+            & (p.vertices2[:, 1] >= 8) & (p.vertices2[:, 1] <= 14)   # the slab's faces, off its rim
+        for face_z in np.unique(z[inner]):
+            on = inner & (z == face_z)
+            assert thin[on].all() or not thin[on].any(), (p.label, face_z)
+            seen.add((p.label, int(face_z), bool(thin[on][0])))
+    assert seen == {10, (7, 1, False), (8, 17, True), (8, 19, True), (9, 23, False), (9, 25, False)}
+
+
+def test_thin_vertices_depend_on_the_pieces_own_voxels_only():
+    """Whatever the voxels past a piece's cubes hold, its vertices' thin flags stay the same
+    (so a piece decimates alike whatever block or read holds it)."""
+    from gpumesh.marching import thin_vertices
+
+    rng = np.random.default_rng(11)
+    labels = (rng.random((17, 15, 13)) < 0.35).astype(np.uint16) * rng.integers(1, 4, (17, 15, 13)).astype(np.uint16)
+    ps = 5
+    ny, nz = (-(-(n - 1) // ps) for n in labels.shape[1:])
+    checked = 0
+    for p in CPUBackend().mesh(labels, ps):
+        lo = np.array([p.piece // (ny * nz), (p.piece // nz) % ny, p.piece % nz]) * ps
+        hi = lo + ps + 1
+        other = rng.integers(0, 4, labels.shape).astype(np.uint16)
+        other[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        thin = thin_vertices(labels, p, ps)
+        assert np.array_equal(thin_vertices(other, p, ps), thin), (p.label, p.piece)
+        checked += int(thin.sum())
+    assert checked > 100
 
 
 def test_locked_vertices_stay(pieces):
