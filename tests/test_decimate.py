@@ -258,6 +258,61 @@ def test_thin_vertices_depend_on_the_pieces_own_voxels_only():
     assert checked > 100
 
 
+def test_thin_vertices_reach_the_pieces_first_and_last_voxels():
+    """Slabs one voxel inside a piece's box planes: the voxel past them is the piece's first
+    (last) voxel, still one of its cubes' voxels, so both faces are thin (an off-by-one in the
+    piece's voxel range, ``lo`` or ``hi``, makes one face not thin)."""
+    from gpumesh.marching import thin_vertices
+
+    labels = np.zeros((12, 11, 20), np.uint32)
+    labels[2:10, 3:9, 7] = 11           # second piece (voxels 6 .. 12): the voxel past is 6
+    labels[2:10, 3:9, 11] = 12          # second piece: the voxel past is 12
+    labels[2:10, 3:9, 17] = 13          # third piece (voxels 12 .. 18): the voxel past is 18
+    labels[2:10, 3:9, 19] = 14          # the cut last piece (voxels 18 .. 19): past the block
+    seen = {}
+    for p in CPUBackend().mesh(labels, 6):
+        v = p.vertices2
+        faces = (v[:, 2] % 2 == 1) & (v[:, 0] >= 6) & (v[:, 0] <= 16) & (v[:, 1] >= 8) & (v[:, 1] <= 14)
+        thin = thin_vertices(labels, p, 6)
+        for z in np.unique(v[faces, 2]):
+            on = faces & (v[:, 2] == z)
+            seen[(p.label, int(z))] = bool(thin[on].all()) if thin[on].all() or not thin[on].any() else None
+    assert seen == {(11, 13): True, (11, 15): True, (12, 21): True, (12, 23): True,
+                    (13, 33): True, (13, 35): True, (14, 37): False}, seen
+
+
+def test_thin_vertices_are_those_whose_far_face_is_in_the_same_piece():
+    """A vertex is thin exactly when the voxel past its inside voxel is outside the segment and
+    the vertex on that voxel's edge (the segment's other face) is a vertex of the same piece;
+    on random blocks whose last pieces are cut."""
+    from gpumesh.marching import thin_vertices
+
+    rng = np.random.default_rng(5)
+    thin_seen = 0
+    for _ in range(12):
+        shape = tuple(int(s) for s in rng.integers(4, 14, 3))
+        ps = int(rng.integers(1, 6))
+        labels = (rng.random(shape) < 0.4).astype(np.uint32) * rng.integers(1, 3, shape).astype(np.uint32)
+        for p in CPUBackend().mesh(labels, ps):
+            v = p.vertices2.astype(np.int64)
+            own = set(map(tuple, v.tolist()))
+            ax = np.argmax(v % 2 == 1, axis=1)
+            rows = np.arange(len(v))
+            low = v // 2
+            high_inside = labels[low[:, 0], low[:, 1], low[:, 2]] != p.label
+            inside = low.copy()
+            inside[rows, ax] += high_inside
+            far = inside.copy()
+            far[rows, ax] += np.where(high_inside, 1, -1)
+            want = np.zeros(len(v), bool)
+            for i in range(len(v)):
+                if 0 <= far[i, ax[i]] < shape[ax[i]] and labels[tuple(far[i])] != p.label:
+                    want[i] = tuple((inside[i] + far[i]).tolist()) in own
+            assert np.array_equal(thin_vertices(labels, p, ps), want), (shape, ps, p.label, p.piece)
+            thin_seen += int(want.sum())
+    assert thin_seen > 500
+
+
 def test_locked_vertices_stay(pieces):
     v, f, on_plane = max(pieces, key=lambda p: len(p[1]))
     rng = np.random.default_rng(5)

@@ -409,7 +409,7 @@ def test_block_tasks_give_the_whole_blocks_fragments(crop, shape, chunk, lods, z
     # the finer LODs.  Their fragments together must be the whole block's, byte for byte, with
     # the voxel counts once; on shapes that cut border blocks and octants unevenly (47: an
     # octant whose LOD 0 cubes all lie past the volume still has a LOD 1 cube inside it), at
-    # the default preset (whose thin-spot locks look one voxel past an octant).  With
+    # the default preset (decimated, so the thin-spot locks count).  With
     # ``zero_from``, z from there on is background, so that whole blocks and octants read
     # nothing else (the tasks skip those) and others hold a little of it.
     from gpumesh.backend import CPUBackend
