@@ -483,13 +483,14 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
             out += _mesh_lod(volume, plan, options, backend, k, mc_in, origin >> sh, ids, keep)
     else:
         # LODs 0 .. L-2 of one octant, whose LOD 0 voxels start at O.  At LOD k its cubes
-        # need LOD k voxels (O >> k) - 1 .. past its last cube, as far as the whole block's
-        # labels reach: the octant is read with a margin of 2**(L-1) voxels (clipped to the
-        # block's read), which keeps every 2x2x2 group of the downsampling the block's own
-        # (both are aligned to 2**(L-1)).
+        # need LOD k voxels (O >> k) - 1 .. its last cube's high voxel, as far as the whole
+        # block's labels reach: the octant is read from 2**(L-1) voxels before it to its end
+        # (clipped to the block's read), which keeps every 2x2x2 group of the downsampling the
+        # block's own (both are aligned to 2**(L-1)).  Nothing past the octant is needed: the
+        # thin-spot test looks at the piece's own voxels only.
         h = plan.block // 2
         O = plan.octant_origin(b, part)
-        r0, r1 = O - halo, np.minimum(O + h + halo, stop)
+        r0, r1 = O - halo, np.minimum(O + h, stop)
         level = volume.read(tuple(r0), tuple(r1))
         if level.any():
             level, ids = relabel_block(level)
