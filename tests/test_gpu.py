@@ -865,46 +865,45 @@ def test_weld_method_from_the_environment(emu_lib, monkeypatch):
         gpu.GPUBackend(runtime=rt)
 
 
+#: 4 triangles (12 corners) in two groups, most keys repeated: 8 distinct keys
+_WELD_GROUP = np.array([0, 0, 1, 1], dtype=np.int64)
+_WELD_EDGE = np.array([5, 6, 7, 6, 5, 8, 5, 6, 7, 9, 5, 6], dtype=np.int64)
+_WELD_KEY = _WELD_GROUP[np.arange(12) // 3] * 100 + _WELD_EDGE
+
+
+def _hash_weld_kernels(rt, slots: int) -> tuple:
+    """``weld_insert`` then ``weld_lookup`` of the corners above into a table of ``slots``
+    slots (2 blocks of 4 threads): the table's keys and every corner's ``cfirst``."""
+    keys = rt.to_device(np.full(slots, np.uint64(0xFFFFFFFFFFFFFFFF), dtype=np.uint64))
+    first = rt.to_device(np.full(slots, np.iinfo(np.int64).max, dtype=np.int64))
+    cfirst = rt.empty(12, np.int64)
+    args = (rt.to_device(_WELD_GROUP), rt.to_device(_WELD_EDGE), np.int64(12), np.int64(100), keys, first,
+            np.uint64(slots - 1))
+    rt.launch("weld_insert", 2, 4, args)
+    rt.launch("weld_lookup", 2, 4, args + (cfirst,))
+    return rt.to_host(keys), rt.to_host(cfirst)
+
+
 def test_hash_weld_kernels_find_first_appearances_on_collisions(emu_lib):
     """Keys that share home slots (a table of 16 slots for 12 corners, most keys repeated):
     every corner gets its key's first corner, in any thread order."""
+    want = np.array([int(np.flatnonzero(_WELD_KEY == k)[0]) for k in _WELD_KEY])
     for seed in (0, 1, 2, 3):
-        rt = cuda_emu.EmulatedRuntime(emu_lib, seed=seed)
-        group = np.array([0, 0, 1, 1], dtype=np.int64)            # 4 triangles, 12 corners
-        edge = np.array([5, 6, 7, 6, 5, 8, 5, 6, 7, 9, 5, 6], dtype=np.int64)
-        keys = rt.to_device(np.full(16, np.uint64(0xFFFFFFFFFFFFFFFF), dtype=np.uint64))
-        first = rt.to_device(np.full(16, np.iinfo(np.int64).max, dtype=np.int64))
-        cfirst = rt.empty(12, np.int64)
-        args = (rt.to_device(group), rt.to_device(edge), np.int64(12), np.int64(100), keys, first,
-                np.uint64(15))
-        rt.launch("weld_insert", 2, 4, args)
-        rt.launch("weld_lookup", 2, 4, args + (cfirst,))
-        key = group[np.arange(12) // 3] * 100 + edge
-        want = np.array([int(np.flatnonzero(key == k)[0]) for k in key])
-        assert np.array_equal(rt.to_host(cfirst), want)
+        _, cfirst = _hash_weld_kernels(cuda_emu.EmulatedRuntime(emu_lib, seed=seed), 16)
+        assert np.array_equal(cfirst, want)
 
 
 def test_hash_weld_kernels_end_when_the_table_is_full(emu_lib):
     """A table of 4 slots for 8 keys (which the host never makes): the probes stop after the
     whole table instead of looping for ever; the keys that found a slot get their first
     corner, the corners of the four that did not get -1, in any thread order."""
-    group = np.array([0, 0, 1, 1], dtype=np.int64)
-    edge = np.array([5, 6, 7, 6, 5, 8, 5, 6, 7, 9, 5, 6], dtype=np.int64)
-    key = group[np.arange(12) // 3] * 100 + edge
-    assert len(np.unique(key)) == 8
+    assert len(np.unique(_WELD_KEY)) == 8
     for seed in (0, 1, 2, 3):
-        rt = cuda_emu.EmulatedRuntime(emu_lib, seed=seed)
-        keys = rt.to_device(np.full(4, np.uint64(0xFFFFFFFFFFFFFFFF), dtype=np.uint64))
-        first = rt.to_device(np.full(4, np.iinfo(np.int64).max, dtype=np.int64))
-        cfirst = rt.empty(12, np.int64)
-        args = (rt.to_device(group), rt.to_device(edge), np.int64(12), np.int64(100), keys, first,
-                np.uint64(3))
-        rt.launch("weld_insert", 2, 4, args)
-        rt.launch("weld_lookup", 2, 4, args + (cfirst,))
-        stored = set(rt.to_host(keys).astype(np.int64).tolist())
-        assert len(stored) == 4 and stored <= set(key.tolist())
-        want = np.array([int(np.flatnonzero(key == k)[0]) if k in stored else -1 for k in key])
-        assert np.array_equal(rt.to_host(cfirst), want)
+        keys, cfirst = _hash_weld_kernels(cuda_emu.EmulatedRuntime(emu_lib, seed=seed), 4)
+        stored = set(keys.astype(np.int64).tolist())
+        assert len(stored) == 4 and stored <= set(_WELD_KEY.tolist())
+        want = np.array([int(np.flatnonzero(_WELD_KEY == k)[0]) if k in stored else -1 for k in _WELD_KEY])
+        assert np.array_equal(cfirst, want)
 
 
 def test_hash_weld_with_a_table_too_small_welds_on_the_cpu(emu_lib, real_crops, monkeypatch):
