@@ -8,6 +8,7 @@ seconds cover several blocks.
 
 from __future__ import annotations
 
+import collections
 import errno
 import gzip
 import json
@@ -1408,3 +1409,185 @@ def test_a_write_error_names_the_path_as_it_is(tmp_path):
             assert f'"{tmp_path / "d" / key}"' in message, message
     with pytest.raises(DestinationError, match=r"gone/a\\x01b"):
         storage.write(kv, "gone/a\x01b", b"1")
+
+
+# ------------------------------------------------------------------------------------------
+# The writer beyond sharding: unsharded and legacy figures, the order of writes, segment
+# properties
+
+
+@pytest.mark.parametrize("fmt", ["multires", "legacy"])
+def test_the_summary_gives_the_figures_of_unsharded_and_legacy_output(small, tmp_path, fmt):
+    """As for sharded output, the summary of an unsharded or legacy mesh gives what was written:
+    segments, triangles and fragments of each LOD as the validator counts them, and the bytes of
+    the segments' files (unsharded: manifests and fragment data; legacy: the fragment files)."""
+    dest = tmp_path / fmt
+    options = MeshOptions(chunk_size=CHUNK, format=fmt, max_lods=1 if fmt == "legacy" else 3)
+    s = run_mesh(small, str(dest), options=options, voxel_size=VOXEL_SIZE, workers=1)
+    report = validate(str(dest))
+    assert report.ok and s.segments == report.num_segments > 0
+    assert s.triangles_per_lod == [lod["triangles"] for lod in report.per_lod] and s.triangles_per_lod[0] > 0
+    assert s.fragments_per_lod == [lod["fragments"] for lod in report.per_lod]
+    mesh_file = r"\d+:0:.+" if fmt == "legacy" else r"\d+(\.index)?"
+    assert s.bytes == sum(len(b) for k, b in tree_files(dest).items() if re.fullmatch(mesh_file, k)) > 0
+
+
+def _spy_write_order(monkeypatch) -> list:
+    """Record every key written (``storage.write`` and ``write_many``), each with the number of
+    the call that wrote it: keys of one ``write_many`` call are written concurrently."""
+    calls: list = []
+    real_write, real_many = storage.write, storage.write_many
+
+    def write(kv, key, value):
+        calls.append([key])
+        real_write(kv, key, value)
+
+    def write_many(kv, items, sync=True):
+        items = list(items)
+        calls.append([k for k, _ in items])
+        real_many(kv, items, sync=sync)
+
+    monkeypatch.setattr(storage, "write", write)
+    monkeypatch.setattr(storage, "write_many", write_many)
+    return calls
+
+
+def _first_call(calls: list) -> dict:
+    return {k: i for i, keys in reversed(list(enumerate(calls))) for k in keys}
+
+
+@pytest.mark.parametrize("how", ["multires", "legacy", "convert"])
+def test_a_segments_fragment_data_is_written_before_its_manifest(small, outputs, tmp_path, monkeypatch, how):
+    """Unsharded and legacy output (and an unsharded conversion) write each segment's fragment
+    data before its manifest, in an earlier call: a run stopped between the two never leaves a
+    manifest whose fragments are missing, which a reader would fail on."""
+    calls = _spy_write_order(monkeypatch)
+    dest = tmp_path / how
+    if how == "convert":
+        convert_mesh(str(outputs / "gzip"), str(dest), sharding=None)
+    else:
+        run_mesh(small, str(dest), options=MeshOptions(chunk_size=CHUNK, format=how,
+                                                        max_lods=1 if how == "legacy" else 3),
+                 voxel_size=VOXEL_SIZE, workers=1)
+    first = _first_call(calls)
+    manifest, data = (r"(\d+):0", r"(\d+):0:.+") if how == "legacy" else (r"(\d+)\.index", r"(\d+)")
+    manifests = {int(m[1]): i for k, i in first.items() if (m := re.fullmatch(manifest, k))}
+    datas = collections.defaultdict(list)
+    for k, i in first.items():
+        if m := re.fullmatch(data, k):
+            datas[int(m[1])].append(i)
+    assert len(manifests) > 10 and set(datas) == set(manifests)
+    assert all(max(datas[seg]) < at for seg, at in manifests.items())
+    assert first["info"] > max(manifests.values())
+
+
+def test_a_shard_is_written_before_its_record(small, tmp_path, monkeypatch):
+    """A shard's record in the scratch area (which makes a resumed run skip the shard) is
+    written only once the shard itself is: a run stopped between the two rewrites the shard
+    instead of finishing without it."""
+    from gpumesh.writer import shard_marker_key
+
+    calls = _spy_write_order(monkeypatch)
+    dest = tmp_path / "out"
+    _mesh(small, dest, ShardingOptions(shard_bits=2, minishard_bits=2))
+    first = _first_call(calls)
+    spec = ShardingSpec.from_json(json.loads((dest / "info").read_text())["sharding"])
+    shards = [int(k[:-len(".shard")], 16) for k in first if k.endswith(".shard")]
+    assert len(shards) == 4
+    for shard in shards:
+        assert first[spec.shard_key(shard)] < first[shard_marker_key(spec, shard)]
+
+
+@pytest.mark.parametrize("top", [5, 2**32 - 1, 2**32, 2**40 + 1])
+def test_segment_properties_voxel_counts_fit_their_data_type(top):
+    """Voxel counts are listed as uint32 while every count fits one (exact), else as float32;
+    either way every value lies in its data type's range, as the spec requires."""
+    from gpumesh.writer import write_segment_properties
+
+    kv = storage.open_kvstore(f"memory://gpumesh_test_props_{top}/")
+    write_segment_properties(kv, np.array([3, 9, 2**60], np.uint64), np.array([7, top, 1], np.uint64))
+    props = storage.read_json(kv, "segment_properties/info")
+    assert props["inline"]["ids"] == ["3", "9", str(2**60)]
+    (voxels,) = props["inline"]["properties"]
+    assert voxels["values"] == [7, top, 1]
+    assert voxels["data_type"] == ("uint32" if top < 2**32 else "float32")
+    if voxels["data_type"] == "uint32":
+        assert all(0 <= v <= np.iinfo(np.uint32).max for v in voxels["values"])
+
+
+def test_an_unsharded_conversion_is_on_disk_before_info_and_counts_its_files(outputs, tmp_path, monkeypatch):
+    """Converting to the unsharded layout writes the segments' files without an fsync each,
+    then flushes them once, before ``info`` (which says the directory is finished); its result
+    gives the segments and bytes of those files."""
+    at_flush = []
+
+    def spy(kv, flush=storage.flush):
+        at_flush.append(storage.list_keys(kv))
+        flush(kv)
+
+    monkeypatch.setattr(storage, "flush", spy)
+    dest = tmp_path / "back"
+    res = convert_mesh(str(outputs / "gzip"), str(dest), sharding=None)
+    final = tree_files(dest)
+    # the result's figures are those of the files written: manifests and fragment data
+    segment_files = {k: b for k, b in final.items() if re.fullmatch(r"\d+(\.index)?", k)}
+    assert res["segments"] == len(segment_files) // 2 > 0 and res["shards"] == 0
+    assert res["bytes"] == sum(len(b) for b in segment_files.values())
+    assert at_flush and not any("info" in keys for keys in at_flush)
+    assert set(final) - set(at_flush[-1]) == {"info", "segment_properties/info"} and len(final) > 10
+    assert final == tree_files(outputs / "unsharded")
+
+
+@pytest.mark.parametrize("layout", ["gzip", "unsharded"])
+def test_assembly_past_both_caps_reads_headers_again_by_range(small, outputs, tmp_path, monkeypatch, layout):
+    """With no room for the task results (ASSEMBLY_CACHE_BYTES) nor for the index
+    (ASSEMBLY_INDEX_BYTES), each wave reads the results' headers again by byte range, their
+    sizes known from the first read: the files are the same bytes."""
+    import gpumesh.writer as writer
+
+    monkeypatch.setattr(writer, "ASSEMBLY_CACHE_BYTES", 0)
+    monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", 1)
+    sharding = ShardingOptions(shard_bits=2, minishard_bits=2, data_encoding="gzip") if layout == "gzip" else None
+    summary = _mesh(small, tmp_path / "out", sharding)
+    assert summary.index_waves > 1
+    assert tree_files(tmp_path / "out") == tree_files(outputs / layout)
+
+
+def test_a_shard_record_of_another_sharding_is_not_trusted_on_resume(small, outputs, tmp_path, monkeypatch):
+    """A record in the scratch area that names another sharding (an older run's, say) does not
+    make a resumed run skip the shard: it is written again, and the output is whole."""
+    import gpumesh.writer as writer
+
+    sharding = ShardingOptions(shard_bits=2, minishard_bits=2, data_encoding="gzip")
+    dest = tmp_path / "out"
+
+    def failing(spec, items):
+        raise _Killed("killed while building the first shard")
+
+    monkeypatch.setattr(writer, "build_shard", failing)
+    with pytest.raises(_Killed):
+        _mesh(small, dest, sharding)
+    monkeypatch.undo()
+    kv = storage.open_kvstore(str(dest))
+    spec = ShardingSpec.from_json(json.loads((outputs / "gzip" / "info").read_text())["sharding"])
+    other = ShardingSpec.from_json(dict(spec.to_json(), minishard_bits=3))
+    for shard in range(1 << spec.shard_bits):
+        storage.write_json(kv, writer.shard_marker_key(spec, shard),
+                           {"sharding": other.to_json(), "stats": writer._new_stats(3)})
+    summary = _mesh(small, dest, sharding, resume=True)
+    assert tree_files(dest) == tree_files(outputs / "gzip")
+    assert summary.segments == validate(str(dest)).num_segments
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_task_result_missing_at_assembly_is_named(tmp_path, whole):
+    """A task result gone from the scratch area when the assembly reads it is an error that
+    names it and says how to recover, read whole or by its header alike."""
+    from gpumesh.errors import GpumeshError
+    from gpumesh.writer import TaskResults
+
+    kv = storage.open_kvstore(str(tmp_path / "m"))
+    storage.write(kv, SCRATCH + "plan.json", b"{}")   # a scratch area, without the result
+    results = TaskResults(kv, [SCRATCH + "blocks/1_0_0"], cache_bytes=None if whole else 0)
+    with pytest.raises(GpumeshError, match=r"blocks/1_0_0 is missing from the scratch area; rerun with --overwrite"):
+        list(results.iter_headers(None, whole=whole))
