@@ -884,14 +884,25 @@ class TaskResults:
     def _values(self, reads: list) -> Iterator[tuple[int, bytes]]:
         """``(result number, bytes)`` of ``(result number, read future or bytes)`` pairs."""
         for b, fut in reads:
-            if isinstance(fut, bytes):
-                yield b, fut
-                continue
+            yield b, fut if isinstance(fut, bytes) else self.value(b, fut)
+
+    def value(self, b: int, fut) -> bytes:
+        """The bytes of a read (future) of result ``b``, whole or a byte range.
+
+        Raises
+        ------
+        GpumeshError
+            The result is missing from the scratch area, or cannot be read there (a byte range
+            past its end: a result cut short); never empty bytes in their place.
+        """
+        try:
             res = fut.result()
-            if res.state != "value":
-                raise GpumeshError(
-                    f"task result {self.keys[b]} is missing from the scratch area; rerun with --overwrite")
-            yield b, bytes(res.value)
+        except ValueError as exc:   # TensorStore's errors: OUT_OF_RANGE past the end, I/O errors
+            raise GpumeshError(f"task result {self.keys[b]} cannot be read from the scratch area ({exc}); "
+                               f"rerun with --overwrite") from exc
+        if res.state != "value":
+            raise GpumeshError(f"task result {self.keys[b]} is missing from the scratch area; rerun with --overwrite")
+        return bytes(res.value)
 
     def read(self, entries) -> list:
         """Start reading the fragments of ``entries`` (rows with block, offset, size): the
@@ -904,9 +915,9 @@ class TaskResults:
 
 def _read_fragments(results: TaskResults, batch: list) -> Iterator[list]:
     """Fragment bytes of each segment of ``batch`` (all reads issued at once)."""
-    reads = [results.read(entries) for _, entries in batch]
-    for r in reads:
-        yield [f if isinstance(f, bytes) else bytes(f.result().value) for f in r]
+    reads = [(entries["block"].tolist(), results.read(entries)) for _, entries in batch]
+    for blocks, r in reads:
+        yield [f if isinstance(f, bytes) else results.value(b, f) for b, f in zip(blocks, r)]
 
 
 def _new_stats(lods: int) -> dict:

@@ -1072,3 +1072,31 @@ def test_a_task_that_fails_stops_the_workers_taking_more(tmp_path):
         run_mesh(labels, str(dest), options=opts, workers=2, voxel_size=(1, 1, 1))
     kept = [n for n in os.listdir(dest / ".gpumesh-work" / "blocks") if not n.endswith(".__lock")]
     assert len(tasks) > 40 and len(kept) - 1 < len(tasks) // 2, (len(kept), len(tasks))
+
+
+def test_a_task_result_lost_or_cut_short_during_the_assembly_is_an_error_not_empty_fragments(tmp_path):
+    """A task result that is gone from the scratch area when the assembly reads its fragments
+    (its header read before) is a GpumeshError naming it, as a result gone before its header
+    is: before, its fragments read as empty bytes and were written so, silently.  A result too
+    short for the byte range read (a fragment, or the header's prefix) is one too, not
+    TensorStore's bare ValueError."""
+    from gpumesh.errors import GpumeshError
+    from gpumesh.pipeline import SCRATCH
+    from gpumesh import writer
+
+    kv = storage.open_kvstore(str(tmp_path / "m"))
+    storage.write(kv, SCRATCH + "plan.json", b"{}")   # a scratch area, without the result
+    key = SCRATCH + "blocks/0_0_0"
+    results = writer.TaskResults(kv, [key], cache_bytes=0)   # fragments read by byte range
+    entries = np.zeros(2, writer.INDEX_DTYPE)
+    entries["offset"], entries["size"] = [0, 100], [100, 50]
+    with pytest.raises(GpumeshError, match=r"blocks/0_0_0 is missing from the scratch area; rerun with --overwrite"):
+        list(writer._read_fragments(results, [(7, entries)]))
+    storage.write(kv, key, bytes(120))   # the first fragment is there, the second runs past the end
+    with pytest.raises(GpumeshError, match=r"blocks/0_0_0 cannot be read from the scratch area .*--overwrite"):
+        list(writer._read_fragments(results, [(7, entries)]))
+    storage.write(kv, key, b"GPU")   # shorter than a result's fixed prefix
+    with pytest.raises(GpumeshError, match=r"blocks/0_0_0 cannot be read from the scratch area"):
+        list(results.iter_headers(None, whole=False))
+    storage.write(kv, key, bytes(150))
+    assert list(writer._read_fragments(results, [(7, entries)])) == [[bytes(100), bytes(50)]]
