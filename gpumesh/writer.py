@@ -1227,7 +1227,8 @@ def convert_mesh(src, dest, *, sharding: Optional[ShardingOptions] = ShardingOpt
     Raises
     ------
     InvalidMeshError
-        ``src`` is not a valid multi-resolution mesh directory, or a segment's data is missing.
+        ``src`` is not a valid multi-resolution mesh directory, or a segment's data is missing,
+        or ``src`` cannot list its files (a plain HTTP server).
     DestinationExistsError
         ``dest`` holds data and ``overwrite`` is not set.
     ValueError
@@ -1240,6 +1241,11 @@ def convert_mesh(src, dest, *, sharding: Optional[ShardingOptions] = ShardingOpt
         if storage.read(source.kv, "info") is None:   # a legacy mesh has one; a volume's folder, a typo not
             raise InvalidMeshError(f"{storage.display(source.kv)}: no info file there: not a mesh directory?")
         raise InvalidMeshError("only multi-resolution meshes can be converted (legacy meshes have no sharded form)")
+    try:   # before the destination is touched: a plain HTTP server cannot list its files
+        source_keys = storage.list_keys(source.kv)
+    except NotImplementedError as exc:
+        raise InvalidMeshError(f"{storage.display(source.kv)}: cannot list its files ({exc}); convert needs a "
+                               "source that can (a local folder, gs://, s3://), not a plain HTTP server") from exc
     kv = storage.open_kvstore(dest)
     src_spec, dest_spec = storage.kvstore_spec(source.kv), storage.kvstore_spec(kv)
     if storage.within(src_spec, dest_spec) or storage.within(dest_spec, src_spec):
@@ -1255,7 +1261,7 @@ def convert_mesh(src, dest, *, sharding: Optional[ShardingOptions] = ShardingOpt
         own = lambda key: source.sharding.parse_shard_key(key) is not None  # noqa: E731
     else:
         own = _UNSHARDED_FILE.match
-    others = [k for k in storage.list_keys(source.kv) if k != "info" and not k.startswith(SCRATCH) and not own(k)]
+    others = [k for k in source_keys if k != "info" and not k.startswith(SCRATCH) and not own(k)]
     ids = source.segment_ids()
     result = {"segments": len(ids), "bytes": 0, "shards": 0, "sharding": None}
 

@@ -723,6 +723,25 @@ def test_a_stopped_convert_says_so_in_one_line_and_leaves_no_info(outputs, tmp_p
     assert tree_files(dest) == tree_files(want)
 
 
+def test_convert_from_a_plain_http_server_is_refused_before_the_destination_is_touched(outputs, tmp_path):
+    """A plain HTTP server cannot list its files, which a conversion needs: a typed error that
+    says so (it was TensorStore's NotImplementedError, a traceback in the CLI), raised before an
+    ``overwrite`` deletes anything."""
+    from gpumesh.errors import InvalidMeshError
+    from gpumesh.viewer import serve
+
+    dest = tmp_path / "dest"
+    convert_mesh(str(outputs / "gzip"), str(dest), sharding=None)
+    before = tree_files(dest)
+    server, url = serve(str(outputs / "unsharded"), port=0)
+    try:
+        with pytest.raises(InvalidMeshError, match="cannot list its files .*not a plain HTTP server"):
+            convert_mesh(url, str(dest), sharding=ShardingOptions(), overwrite=True)
+    finally:
+        server.stop()
+    assert tree_files(dest) == before
+
+
 def test_convert_refuses_bad_sources_and_destinations(outputs, small, tmp_path):
     from gpumesh.errors import DestinationExistsError, InvalidMeshError
 
