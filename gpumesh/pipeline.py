@@ -1175,7 +1175,17 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                 raise DestinationExistsError(f"{shown}: holds no interrupted run to resume ({SCRATCH}plan.json is "
                                              f"missing); choose another destination, or --overwrite a mesh")
         else:
-            raise DestinationExistsError(f"{shown} is not empty; pass --overwrite or --resume")
+            from .writer import foreign_keys
+
+            foreign = foreign_keys(existing)
+            if foreign:   # neither flag would do: --overwrite and --resume refuse such a folder
+                raise DestinationExistsError(
+                    f"{shown} is not empty and holds {len(foreign):,} file(s) that gpumesh did not write "
+                    f"(e.g. {foreign[0]!r}); choose another destination")
+            if SCRATCH + "plan.json" in existing:
+                raise DestinationExistsError(f"{shown} is not empty: it holds an interrupted run; pass --resume to "
+                                             f"finish it, or --overwrite to start again")
+            raise DestinationExistsError(f"{shown} is not empty; pass --overwrite to replace the mesh there")
     if cluster is not None:
         requested = cluster.workers
     elif in_process:

@@ -88,7 +88,9 @@ def test_nonempty_destination(tmp_path):
     dest = tmp_path / "out"
     dest.mkdir()
     (dest / "precious.txt").write_text("keep me")
-    with pytest.raises(DestinationExistsError):
+    # neither flag would do here, so the refusal offers neither
+    with pytest.raises(DestinationExistsError, match="holds 1 file.* gpumesh did not write .*precious.txt.*; "
+                                                      "choose another destination$"):
         run_mesh(GOOD, str(dest), workers=1)
     assert sorted(os.listdir(dest)) == ["precious.txt"]
     # --overwrite replaces a mesh directory, never deletes files gpumesh did not write
@@ -113,6 +115,16 @@ def test_nonempty_destination(tmp_path):
     (dest / ".gpumesh-work").mkdir()
     (dest / ".gpumesh-work" / "plan.json.__lock").write_bytes(b"")
     assert run_mesh(GOOD, str(dest), workers=1, resume=True).segments == 1 and validate(str(dest)).ok
+    # without a flag, a mesh is refused with the flag that replaces it, an interrupted run
+    # with both
+    with pytest.raises(DestinationExistsError, match="is not empty; pass --overwrite to replace the mesh there$"):
+        run_mesh(GOOD, str(dest), workers=1)
+    (dest / "info").unlink()
+    (dest / ".gpumesh-work").mkdir()
+    (dest / ".gpumesh-work" / "plan.json").write_text("{}")
+    with pytest.raises(DestinationExistsError, match="holds an interrupted run; pass --resume to finish it, "
+                                                      "or --overwrite to start again$"):
+        run_mesh(GOOD, str(dest), workers=1)
     shutil.rmtree(dest)
     dest.mkdir()
     for fmt, sharding in (("multires", ShardingOptions()), ("multires", None), ("legacy", None)):

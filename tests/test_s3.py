@@ -86,7 +86,7 @@ def test_the_cli_meshes_a_volume_in_a_bucket_into_a_bucket_with_the_bytes_of_loc
     # a DEST that holds a mesh is refused without --overwrite, and replaced with it
     r = subprocess.run(cli_command() + ["mesh", f"s3://{BUCKET}/crop.zarr", dest] + args,
                        capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 2 and "not empty; pass --overwrite or --resume" in r.stderr
+    assert r.returncode == 2 and "not empty; pass --overwrite to replace the mesh there" in r.stderr, r.stderr
     r = subprocess.run(cli_command() + ["mesh", f"s3://{BUCKET}/crop.zarr", dest, "--overwrite", "--format", "legacy"]
                        + args, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
