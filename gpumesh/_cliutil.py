@@ -17,12 +17,20 @@ def _numbers(kind, count: int = 3, example: str = "32,32,40"):
     def convert(ctx, param, value):
         if value is None:
             return None
-        try:
-            parts = [kind(v) for v in value.replace("x", ",").replace(":", ",").split(",")]
-        except ValueError:
-            parts = []
+        # a box's corners may be split by one ':', between its two halves only (0:128,0:128,0:128,
+        # a slice per axis, is no box of this form: it was read as 0,128,0,128,0,128)
+        halves = value.split(":")
+        parts = []
+        if len(halves) == 1 or (len(halves) == 2 and count % 2 == 0):
+            try:
+                groups = [[kind(v) for v in h.replace("x", ",").split(",")] for h in halves]
+            except ValueError:
+                groups = []
+            if groups and (len(halves) == 1 or all(len(g) == count // 2 for g in groups)):
+                parts = [v for g in groups for v in g]
         if len(parts) != count:
-            raise click.BadParameter(f"expected {count} numbers like {example}, got {value!r}")
+            noun = "integers" if kind is int else "numbers"
+            raise click.BadParameter(f"expected {count} {noun} like {example}, got {value!r}")
         return parts
 
     return convert

@@ -155,7 +155,7 @@ class _ProgressLines:
 @click.argument("source", callback=_location)
 @click.argument("dest", callback=_location)
 @click.option("--voxel-size", callback=_numbers(float), help="nm per voxel x,y,z (overrides metadata), e.g. 32,32,40")
-@click.option("--voxel-offset", callback=_numbers(int), help="voxel offset x,y,z (overrides metadata)")
+@click.option("--voxel-offset", callback=_numbers(int, 3, "0,0,0"), help="voxel offset x,y,z (overrides metadata)")
 @click.option("--bounds", callback=_numbers(int, 6, "0,0,0,512,512,256"), metavar="X0,Y0,Z0,X1,Y1,Z1",
               help="mesh only this box (global voxel coordinates, end excluded; clipped to the volume)")
 @click.option("--mip", default=0, show_default=True, help="scale of a multiscale source (precomputed, OME-Zarr)")

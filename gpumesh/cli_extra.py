@@ -52,7 +52,7 @@ def _report(mesh, path, seconds) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help=f"mesh file ({_MESH_SUFFIXES}); positions in nm")
 @click.option("--voxel-size", callback=_numbers(float), help="nm per voxel x,y,z (overrides metadata), e.g. 32,32,40")
-@click.option("--voxel-offset", callback=_numbers(int), help="voxel offset x,y,z (overrides metadata)")
+@click.option("--voxel-offset", callback=_numbers(int, 3, "0,0,0"), help="voxel offset x,y,z (overrides metadata)")
 @click.option("--bbox", callback=_bbox, default=None,
               help="only this voxel box x0,y0,z0:x1,y1,z1 (array coordinates, stop exclusive); "
                    "default: scan the volume for the segment")

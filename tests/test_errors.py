@@ -420,7 +420,7 @@ def test_cli_bounds_syntax(tmp_path):
         outs.append({p.name: p.read_bytes() for p in dest.rglob("*") if p.is_file()})
     assert outs[0] == outs[1] and outs[0]
     r = _cli("mesh", str(tmp_path / "v.zarr"), str(tmp_path / "bad"), "--bounds", "0,0,0,5,8", "--quiet")
-    assert r.returncode == 2 and "expected 6 numbers" in r.stderr and not (tmp_path / "bad").exists()
+    assert r.returncode == 2 and "expected 6 integers" in r.stderr and not (tmp_path / "bad").exists()
 
 
 def test_option_parsers_take_their_documented_forms():
@@ -436,9 +436,14 @@ def test_option_parsers_take_their_documented_forms():
         with pytest.raises(click.BadParameter, match="expected 3 numbers"):
             three(None, None, bad)
     box = _numbers(int, 6)
-    assert box(None, None, "0,0,0:5,8,8") == [0, 0, 0, 5, 8, 8]
-    with pytest.raises(click.BadParameter):
-        box(None, None, "0,0,0:5,8,8,9")
+    assert box(None, None, "0,0,0:5,8,8") == box(None, None, "0,0,0,5,8,8") == [0, 0, 0, 5, 8, 8]
+    # one ':' between the corners only: a slice per axis is refused, not read as a box's six
+    # numbers (0:128,0:128,0:128 gave x 0..128 and y 0..0, "no voxel" later)
+    for bad in ("0,0,0:5,8,8,9", "0:5,0:8,0:8", "0,0:5,8,8,8", "0,0,0:5:8,8", "0.5,0,0,5,8,8"):
+        with pytest.raises(click.BadParameter, match="expected 6 integers"):
+            box(None, None, bad)
+    with pytest.raises(click.BadParameter, match="expected 3 numbers"):
+        three(None, None, "32:32:40")
     assert _location(None, None, ' {"driver": "memory"}') == {"driver": "memory"}
     assert _location(None, None, "/data/seg.zarr") == "/data/seg.zarr"
     for bad in ('{"path": "seg/"}', '{"driver": 3}'):
