@@ -22,13 +22,7 @@ def _bbox(ctx, param, value):
     """``x0,y0,z0,x1,y1,z1`` or ``x0,y0,z0:x1,y1,z1`` -> ((x0, y0, z0), (x1, y1, z1))."""
     if value is None:
         return None
-    text = value.replace(":", ",").replace(" ", "")
-    try:
-        nums = [int(v) for v in text.split(",")]
-    except ValueError:
-        nums = []
-    if len(nums) != 6:
-        raise click.BadParameter(f"expected x0,y0,z0:x1,y1,z1 (six integers), got {value!r}")
+    nums = _numbers(int, 6, "x0,y0,z0:x1,y1,z1")(ctx, param, value.replace(" ", ""))
     lo, hi = tuple(nums[:3]), tuple(nums[3:])
     if any(b <= a for a, b in zip(lo, hi)):
         raise click.BadParameter(f"bbox stop must exceed start on every axis, got {value!r}")

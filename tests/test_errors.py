@@ -444,6 +444,14 @@ def test_option_parsers_take_their_documented_forms():
             box(None, None, bad)
     with pytest.raises(click.BadParameter, match="expected 3 numbers"):
         three(None, None, "32:32:40")
+    from gpumesh.cli_extra import _bbox   # gpumesh segment --bbox: the same form, start < stop
+
+    assert _bbox(None, None, "0, 0, 0:5, 8, 8") == _bbox(None, None, "0,0,0,5,8,8") == ((0, 0, 0), (5, 8, 8))
+    for bad in ("0:5,0:8,0:8", "0,0,0:5,8"):
+        with pytest.raises(click.BadParameter, match="expected 6 integers like x0,y0,z0:x1,y1,z1"):
+            _bbox(None, None, bad)
+    with pytest.raises(click.BadParameter, match="stop must exceed start"):
+        _bbox(None, None, "0,0,0:5,0,8")
     assert _location(None, None, ' {"driver": "memory"}') == {"driver": "memory"}
     assert _location(None, None, "/data/seg.zarr") == "/data/seg.zarr"
     for bad in ('{"path": "seg/"}', '{"driver": 3}'):
