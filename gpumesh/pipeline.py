@@ -1177,14 +1177,14 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         else:
             from .writer import foreign_keys
 
-            foreign = foreign_keys(existing)
+            foreign = foreign_keys(existing)   # files that --overwrite refuses to delete
+            if SCRATCH + "plan.json" in existing:
+                raise DestinationExistsError(f"{shown} is not empty: it holds an interrupted run; pass --resume to "
+                                             f"finish it" + ("" if foreign else ", or --overwrite to start again"))
             if foreign:   # neither flag would do: --overwrite and --resume refuse such a folder
                 raise DestinationExistsError(
                     f"{shown} is not empty and holds {len(foreign):,} file(s) that gpumesh did not write "
                     f"(e.g. {foreign[0]!r}); choose another destination")
-            if SCRATCH + "plan.json" in existing:
-                raise DestinationExistsError(f"{shown} is not empty: it holds an interrupted run; pass --resume to "
-                                             f"finish it, or --overwrite to start again")
             raise DestinationExistsError(f"{shown} is not empty; pass --overwrite to replace the mesh there")
     if cluster is not None:
         requested = cluster.workers

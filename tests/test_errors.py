@@ -125,6 +125,9 @@ def test_nonempty_destination(tmp_path):
     with pytest.raises(DestinationExistsError, match="holds an interrupted run; pass --resume to finish it, "
                                                       "or --overwrite to start again$"):
         run_mesh(GOOD, str(dest), workers=1)
+    (dest / "notes.txt").write_text("mine")   # which --overwrite would refuse to delete
+    with pytest.raises(DestinationExistsError, match="holds an interrupted run; pass --resume to finish it$"):
+        run_mesh(GOOD, str(dest), workers=1)
     shutil.rmtree(dest)
     dest.mkdir()
     for fmt, sharding in (("multires", ShardingOptions()), ("multires", None), ("legacy", None)):
