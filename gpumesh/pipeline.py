@@ -938,6 +938,28 @@ def _plan_fingerprint(volume: Volume, plan: Plan, options: MeshOptions, axes: Op
     }
 
 
+def _fingerprint_changes(old: dict, new: dict, most: int = 4) -> str:
+    """What differs between two plan fingerprints (:func:`_plan_fingerprint`), for a refused
+    ``--resume``: ``key: old -> new`` (``options.quality: "medium" -> "high"``), options first
+    and the plan (which follows from them and the volume) last, at most ``most`` of them; a key
+    the old one lacks shows as the key alone."""
+    def shown(value) -> str:
+        text = json.dumps(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    changes = []
+    for key in sorted(set(old) | set(new), key=lambda k: (k == "plan", k != "options", k)):
+        a, b = old.get(key), new.get(key)
+        if key not in old:
+            changes.append(key)
+        elif isinstance(a, dict) and isinstance(b, dict):
+            changes += [f"{key}.{k}: {shown(a.get(k))} -> {shown(b.get(k))}"
+                        for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            changes.append(f"{key}: {shown(a)} -> {shown(b)}")
+    return "; ".join(changes[:most] + (["..."] if len(changes) > most else []))
+
+
 @contextlib.contextmanager
 def _signals_deferred():
     """Hold SIGINT and SIGTERM back while the pool starts its worker processes, then deliver the
@@ -1163,7 +1185,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                 differ = sorted(k for k in set(was) | set(new) if was.get(k, "?") != new.get(k))
                 raise DestinationExistsError(
                     f"{shown}: --resume with different options or source than the interrupted run "
-                    f"({', '.join(differ) or 'plan.json'}"
+                    f"({_fingerprint_changes(was, new) or 'plan.json'}"
                     + ("; it was started by a gpumesh that did not record that: rerun with --overwrite"
                        if any(k not in was for k in differ) else "") + ")")
             if old is None and any(not k.endswith(".__lock") for k in existing):

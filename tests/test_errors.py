@@ -945,9 +945,27 @@ def test_a_resume_refused_says_what_differs_and_an_older_plan_without_fill_missi
         run_mesh(GOOD, str(dest), voxel_size=(1, 1, 1), workers=1, resume=True)
     fingerprint["fill_missing"] = True
     (dest / SCRATCH / "plan.json").write_text(json.dumps(fingerprint))
-    with pytest.raises(DestinationExistsError, match=r"than the interrupted run \([a-z_, ]*voxel_size[a-z_, ]*\)$"):
+    with pytest.raises(DestinationExistsError, match=r"than the interrupted run "
+                                                     r"\(voxel_size: \[1\.0, 1\.0, 1\.0\] -> \[2\.0, 2\.0, 2\.0\]\)$"):
         run_mesh(GOOD, str(dest), voxel_size=(2, 2, 2), workers=1, resume=True)
     assert run_mesh(GOOD, str(dest), voxel_size=(1, 1, 1), workers=1, resume=True).segments == 1   # the same: resumed
+
+
+def test_a_refused_resume_lists_the_options_first_with_their_values():
+    """The refusal's list: the options that changed first, with old and new values, then the
+    other keys (a key the old plan lacks by name alone), the plan (which follows from the
+    options) last, at most four and '...'; long values cut."""
+    from gpumesh.pipeline import _fingerprint_changes
+
+    old = {"options": {"quality": "medium", "chunk_size": 16, "bits": 16}, "plan": {"chunk": 16, "lods": 3},
+           "voxel_offset": [0, 0, 0], "source": "file:///data/" + "a" * 40}
+    new = {"options": {"quality": "high", "chunk_size": 32, "bits": 16}, "plan": {"chunk": 32, "lods": 3},
+           "voxel_offset": [0, 0, 0], "source": "file:///data/b", "fill_missing": True}
+    assert _fingerprint_changes(old, new) == (
+        'options.chunk_size: 16 -> 32; options.quality: "medium" -> "high"; fill_missing; '
+        'source: "file:///data/aaaaaaaaaaaaaaaaaaaaaaa... -> "file:///data/b"; ...')
+    assert _fingerprint_changes(old, dict(old, plan={"chunk": 16, "lods": 2})) == "plan.lods: 3 -> 2"
+    assert _fingerprint_changes(old, old) == ""
 
 
 def test_a_resume_with_another_offset_shape_dtype_or_selection_is_refused(tmp_path):
@@ -971,10 +989,12 @@ def test_a_resume_with_another_offset_shape_dtype_or_selection_is_refused(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         run_mesh(labels, str(dest), options=opts, voxel_offset=(5, 6, 7), progress=stop, **kw)
     plan = (dest / ".gpumesh-work" / "plan.json").read_bytes()
-    for change, differs in [(dict(voxel_offset=(5, 6, 8)), "voxel_offset"),
-                            (dict(source=labels[:, :, :24]), "plan"),
-                            (dict(source=labels.astype(np.uint16)), "dtype"),
-                            (dict(options=MeshOptions(chunk_size=16, segments=[1, 2, 4])), "options")]:
+    # each named with its old and new values
+    for change, differs in [(dict(voxel_offset=(5, 6, 8)), r"voxel_offset: \[5, 6, 7\] -> \[5, 6, 8\]"),
+                            (dict(source=labels[:, :, :24]), r"plan\.shape: \[48, 40, 32\] -> \[48, 40, 24\]"),
+                            (dict(source=labels.astype(np.uint16)), r'dtype: "uint32" -> "uint16"'),
+                            (dict(options=MeshOptions(chunk_size=16, segments=[1, 2, 4])),
+                             r'options\.segments: \{"count": 3, "sha256": "[0-9a-f]+\.\.\. -> \{"count": 3, .*')]:
         args = dict(dict(source=labels, options=opts, voxel_offset=(5, 6, 7)), **change)
         with pytest.raises(DestinationExistsError, match=rf"different options or source than the interrupted run "
                                                          rf"\({differs}\)$"):
