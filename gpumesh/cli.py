@@ -384,6 +384,8 @@ def validate(dest, segments, sample, seed, decode):
         raise click.UsageError("give --segments or --sample, not both")
     if sample is None and click.get_current_context().get_parameter_source("seed") != ParameterSource.DEFAULT:
         raise click.UsageError("--seed only applies with --sample")
+    if isinstance(dest, str) and "://" not in dest and not os.path.isdir(dest):   # a local path: say what is wrong
+        _fail(f"{dest}: " + ("a file, not a mesh directory" if os.path.exists(dest) else "no such directory"))
     try:
         report = run_validate(dest, segments=segments, sample=sample, seed=seed, decode=decode)
     except GpumeshError as exc:

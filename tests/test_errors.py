@@ -284,6 +284,13 @@ def test_cli_errors_are_one_line(tmp_path, real_zarr):
 
 def test_cli_validate_fails_on_corrupt_output(tmp_path):
     dest = tmp_path / "out"
+    # a local path that is missing or a file: one line, status 2 (bad input), not a table of
+    # kind "unknown" with TensorStore's NOT_FOUND as its violation
+    for where, says in ((dest, "no such directory"), (tmp_path / "f.txt", "a file, not a mesh directory")):
+        r = _cli("validate", str(where))
+        assert r.returncode == 2 and r.stderr.strip() == f"gpumesh: error: {where}: {says}", r.stdout + r.stderr
+        assert r.stdout == ""
+        (tmp_path / "f.txt").write_text("not a mesh")
     run_mesh(GOOD, str(dest), workers=1)
     r = _cli("validate", str(dest))
     assert r.returncode == 0, r.stdout + r.stderr
