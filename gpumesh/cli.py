@@ -378,14 +378,20 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
                    "sizes and shard structure")
 def validate(dest, segments, sample, seed, decode):
     """Check a precomputed mesh directory DEST against the spec and Neuroglancer's client rules."""
+    from . import storage
     from .validate import validate as run_validate
 
     if segments is not None and sample is not None:
         raise click.UsageError("give --segments or --sample, not both")
     if sample is None and click.get_current_context().get_parameter_source("seed") != ParameterSource.DEFAULT:
         raise click.UsageError("--seed only applies with --sample")
-    if isinstance(dest, str) and "://" not in dest and not os.path.isdir(dest):   # a local path: say what is wrong
-        _fail(f"{dest}: " + ("a file, not a mesh directory" if os.path.exists(dest) else "no such directory"))
+    try:   # a local folder that is missing or a file: say so (as the main job does of its source)
+        spec = storage.kvstore_spec(dest)
+    except ValueError:   # not a location: validate's report says why
+        spec = {}
+    local = spec.get("path", "").rstrip("/") if spec.get("driver") == "file" else None
+    if local is not None and not os.path.isdir(local):
+        _fail(f"{dest}: " + ("a file, not a mesh directory" if os.path.exists(local) else "no such directory"))
     try:
         report = run_validate(dest, segments=segments, sample=sample, seed=seed, decode=decode)
     except GpumeshError as exc:
