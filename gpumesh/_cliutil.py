@@ -17,17 +17,14 @@ def _numbers(kind, count: int = 3, example: str = "32,32,40"):
     def convert(ctx, param, value):
         if value is None:
             return None
+        try:
+            groups = [[kind(v) for v in h.replace("x", ",").split(",")] for h in value.split(":")]
+        except ValueError:
+            groups = []
         # a box's corners may be split by one ':', between its two halves only (0:128,0:128,0:128,
         # a slice per axis, is no box of this form: it was read as 0,128,0,128,0,128)
-        halves = value.split(":")
-        parts = []
-        if len(halves) == 1 or (len(halves) == 2 and count % 2 == 0):
-            try:
-                groups = [[kind(v) for v in h.replace("x", ",").split(",")] for h in halves]
-            except ValueError:
-                groups = []
-            if groups and (len(halves) == 1 or all(len(g) == count // 2 for g in groups)):
-                parts = [v for g in groups for v in g]
+        halves_ok = len(groups) == 1 or (len(groups) == 2 and len(groups[0]) == len(groups[1]))
+        parts = [v for g in groups for v in g] if halves_ok else []
         if len(parts) != count:
             noun = "integers" if kind is int else "numbers"
             raise click.BadParameter(f"expected {count} {noun} like {example}, got {value!r}")

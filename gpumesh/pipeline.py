@@ -1182,12 +1182,11 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             new = json.loads(json.dumps(fingerprint))   # as stored (lists)
             if old is not None and old != new:
                 was = old if isinstance(old, dict) else {}
-                differ = sorted(k for k in set(was) | set(new) if was.get(k, "?") != new.get(k))
                 raise DestinationExistsError(
                     f"{shown}: --resume with different options or source than the interrupted run "
                     f"({_fingerprint_changes(was, new) or 'plan.json'}"
                     + ("; it was started by a gpumesh that did not record that: rerun with --overwrite"
-                       if any(k not in was for k in differ) else "") + ")")
+                       if any(k not in was for k in new) else "") + ")")
             if old is None and any(not k.endswith(".__lock") for k in existing):
                 if "info" in existing:
                     raise DestinationExistsError(f"{shown}: holds a finished mesh; use --overwrite to redo it")
