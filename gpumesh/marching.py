@@ -391,6 +391,8 @@ def weld(tri_label: np.ndarray, tri_piece: np.ndarray, tri_edges: np.ndarray,
 
 @numba.njit(cache=True, nogil=True)
 def _thin(labels, v2, lo, hi, label, out):
+    """Fill ``out``; -1, or the first vertex whose lattice edge is not from a voxel of ``label``
+    to one of another label."""
     for i in range(v2.shape[0]):
         axis = 0 if v2[i, 0] & 1 else (1 if v2[i, 1] & 1 else 2)
         x = v2[i, 0] >> 1
@@ -399,6 +401,8 @@ def _thin(labels, v2, lo, hi, label, out):
         step = 1
         if labels[x, y, z] == label:
             step = -1           # inside voxel is the low end: look one further down
+            if labels[x + (axis == 0), y + (axis == 1), z + (axis == 2)] == label:
+                return i        # both ends: not the array the piece was meshed from
         else:
             if axis == 0:       # inside voxel is the high end: look one further up
                 x += 1
@@ -406,6 +410,8 @@ def _thin(labels, v2, lo, hi, label, out):
                 y += 1
             else:
                 z += 1
+            if labels[x, y, z] != label:   # neither end: not the array the piece was meshed from
+                return i
         if axis == 0:
             x += step
             far = x
@@ -419,6 +425,7 @@ def _thin(labels, v2, lo, hi, label, out):
             out[i] = False      # past the piece's cubes: the far surface is another piece's
         else:
             out[i] = labels[x, y, z] != label
+    return -1
 
 
 def thin_vertices(labels: np.ndarray, piece: Piece, piece_size: int) -> np.ndarray:
@@ -448,6 +455,12 @@ def thin_vertices(labels: np.ndarray, piece: Piece, piece_size: int) -> np.ndarr
     Returns
     -------
     (n,) bool, one per ``piece.vertices2`` row.
+
+    Raises
+    ------
+    ValueError
+        The piece's vertices lie outside its cubes in ``labels``: another array, or another
+        ``piece_size``, than the piece was meshed from.
     """
     out = np.empty(len(piece.vertices2), dtype=np.bool_)
     nx, ny, nz = labels.shape
@@ -456,7 +469,12 @@ def thin_vertices(labels: np.ndarray, piece: Piece, piece_size: int) -> np.ndarr
     lo = np.array([p // (py * pz), (p // pz) % py, p % pz], dtype=np.int64) * piece_size
     # voxels of the piece's cubes: lo .. lo + piece_size (fewer in a cut last piece)
     hi = np.minimum(lo + piece_size, np.array(labels.shape, dtype=np.int64) - 1)
-    _thin(labels, piece.vertices2, lo, hi, labels.dtype.type(piece.label), out)
+    v2 = piece.vertices2
+    # (the first check keeps the kernel's reads in the array, the second its answer right)
+    if (len(v2) and (np.any(v2.min(axis=0) < 2 * lo) or np.any(v2.max(axis=0) > 2 * hi))) \
+            or _thin(labels, v2, lo, hi, labels.dtype.type(piece.label), out) >= 0:
+        raise ValueError(f"piece {p} of label {piece.label} does not fit an array of shape {labels.shape} with "
+                         f"pieces of {piece_size}: pass the labels and piece_size it was meshed from")
     return out
 
 

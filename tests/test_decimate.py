@@ -207,6 +207,15 @@ def test_thin_vertices_mark_one_voxel_thick_spots():
         assert thin[z_faces].all() == want_thin and thin[z_faces].any() == want_thin
         # the segments are 8 voxels wide in x and y: vertices on x/y edges are never thin
         assert (~z_faces).sum() > 0 and not thin[~z_faces].any()
+    # the pieces' boxes come from the array's shape: another array, or piece size, is refused
+    pieces = {p.label: p for p in CPUBackend().mesh(labels, 4)}
+    thin_vertices(labels, pieces[7], 4)
+    for pad in ((4, 0), (0, 0), (0, 0)), ((0, 0), (0, 4), (0, 0)), ((1, 1), (1, 1), (1, 1)):
+        for size in (4, 2):
+            with pytest.raises(ValueError, match="does not fit an array of shape"):
+                thin_vertices(np.pad(labels, pad), pieces[7], size)
+    with pytest.raises(ValueError, match="does not fit an array of shape"):
+        thin_vertices(labels, pieces[7], 2)
 
 
 def test_thin_vertices_look_no_further_than_the_pieces_cubes():
