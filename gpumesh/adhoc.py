@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
@@ -45,7 +46,7 @@ from .errors import GpumeshError
 from .lod import decimate, get_quality
 from .volume import Volume, open_volume, warn_if_no_voxel_size, warn_if_voxel_size_overridden
 
-__all__ = ["SegmentNotFoundError", "mesh_segment", "find_segment_bbox", "open_source", "mask_to_mesh"]
+__all__ = ["SegmentNotFoundError", "SegmentCutWarning", "mesh_segment", "find_segment_bbox", "open_source", "mask_to_mesh"]
 
 #: Voxels per scan block (at least; blocks are whole storage chunks).
 SCAN_BLOCK_VOXELS = 128 ** 3
@@ -55,6 +56,11 @@ SCAN_THREADS = 8
 
 class SegmentNotFoundError(GpumeshError, LookupError):
     """The segment does not occur in the volume (or in the given bounding box)."""
+
+
+class SegmentCutWarning(UserWarning):
+    """The segment reaches a face of ``bbox`` or ``bounds`` inside the volume: its mesh is
+    closed there, where the segment goes on."""
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -381,6 +387,30 @@ def _to_nm(v2: np.ndarray, origin, voxel_size) -> np.ndarray:
     return vox * np.asarray(voxel_size, np.float64)
 
 
+def _warn_if_cut(whole: Volume, volume: Volume, bbox, a: np.ndarray, b: np.ndarray, segment_id) -> None:
+    """A :class:`SegmentCutWarning` when the segment, whose box is ``[a, b)`` (``volume``'s array
+    indices), goes on past a face of the searched region (``bbox`` of ``volume``, itself
+    ``whole`` cropped to ``bounds``): the voxels just past the face, read from ``whole``
+    across the segment's box, hold the segment.  Its mesh is closed there, the segment not."""
+    lo, hi = (np.zeros(3, np.int64), np.array(volume.shape, np.int64)) if bbox is None \
+        else _check_bbox(bbox, volume.shape)
+    shift = volume.voxel_offset - whole.voxel_offset   # volume's index 0 in whole's indices
+    sid = _segment_scalar(segment_id, np.dtype(whole.dtype))
+    faces = []
+    for k in range(3):
+        for side, touches, past in (("low", a[k] == lo[k], lo[k] - 1), ("high", b[k] == hi[k], hi[k])):
+            if not touches or not 0 <= past + shift[k] < whole.shape[k]:
+                continue
+            start, stop = a + shift, b + shift   # the slab past the face, across the segment's box
+            start[k], stop[k] = past + shift[k], past + shift[k] + 1
+            if np.any(whole.read(tuple(start), tuple(stop)) == sid):
+                faces.append(f"{'xyz'[k]} = {int(past + (side == 'low') + volume.voxel_offset[k])}")
+    if faces:
+        box = "bbox" if bbox is not None else "bounds"
+        warnings.warn(f"segment {int(segment_id)} goes on past the {box} ({', '.join(faces)}, global voxels): its "
+                      f"mesh is closed there; widen the {box} for the whole segment", SegmentCutWarning, stacklevel=3)
+
+
 def mesh_segment(source: Any, segment_id: int, *, bbox=None, mip: int = 0, voxel_size=None,
                  voxel_offset=None, axes: Optional[str] = None, quality: Optional[str] = None,
                  device: str = "auto", threads: int = SCAN_THREADS, bounds=None, fill_missing: bool = True):
@@ -429,6 +459,11 @@ def mesh_segment(source: Any, segment_id: int, *, bbox=None, mip: int = 0, voxel
         a closed, outward-oriented 2-manifold.  Undecimated, it has the same triangles as the
         batch job's LOD 0 at quality ``high``.
 
+    Warns
+    -----
+    SegmentCutWarning
+        The segment reaches a face of ``bbox`` or ``bounds`` that lies inside the volume.
+
     Raises
     ------
     SegmentNotFoundError
@@ -444,8 +479,9 @@ def mesh_segment(source: Any, segment_id: int, *, bbox=None, mip: int = 0, voxel
     from .backend import get_backend
 
     keep = None if quality is None else get_quality(quality).lod0_keep
-    volume = open_source(source, voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip, axes=axes,
-                         bounds=bounds, fill_missing=fill_missing)
+    whole = open_source(source, voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip, axes=axes,
+                        fill_missing=fill_missing)
+    volume = whole if bounds is None else whole.crop(bounds)
     warn_if_no_voxel_size(volume)
     warn_if_voxel_size_overridden(source, volume, voxel_size, mip=mip, axes=axes)
     backend = get_backend(device)
@@ -455,6 +491,7 @@ def mesh_segment(source: Any, segment_id: int, *, bbox=None, mip: int = 0, voxel
         raise SegmentNotFoundError(f"segment {int(segment_id)} does not occur in {where}")
     a = np.min([f[0] for f in found], axis=0)
     b = np.max([f[1] for f in found], axis=0)
+    _warn_if_cut(whole, volume, bbox, a, b, segment_id)
     # the segment's box plus a one-voxel zero margin: padded index p holds voxel a - 1 + p
     m = np.zeros(tuple(b - a + 2), np.uint8)
     for start, stop, part in found:

@@ -312,6 +312,46 @@ def serve(directory, port: int = 0, *, host: str = "127.0.0.1", verbose: bool = 
     return server, server.url
 
 
+def check_mesh_folder(path) -> None:
+    """Refuse a local folder that holds no mesh, before it is served.
+
+    A mesh directory has an ``info`` file of a mesh ``@type`` (spec: meshes.md), or, as old
+    legacy meshes do without one, legacy manifests (``ID:0``).
+
+    Raises
+    ------
+    NotADirectoryError
+        ``path`` is not a directory.
+    InvalidMeshError
+        No ``info`` and no legacy manifest, or an ``info`` that is not a mesh's (a volume's
+        names its mesh folder in the message).
+    """
+    from .errors import InvalidMeshError
+    from .reader import open_mesh
+
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"not a directory: {path}")
+    info_path = os.path.join(path, "info")
+    if os.path.isfile(info_path):
+        try:
+            open_mesh(os.path.abspath(path))
+        except InvalidMeshError as exc:
+            try:
+                with open(info_path, "rb") as fh:
+                    info = json.load(fh)
+            except ValueError:
+                info = None
+            if isinstance(info, dict) and isinstance(info.get("mesh"), str) and "@type" not in info:
+                raise InvalidMeshError(f"{path} is a volume; its meshes are in "
+                                       f"{os.path.join(path, info['mesh'])}") from exc
+            raise InvalidMeshError(f"{path}: not a mesh directory ({exc})") from exc
+        return
+    with os.scandir(path) as entries:
+        if any(e.name.endswith(":0") for e in entries):
+            return
+    raise InvalidMeshError(f"{path}: no info file there (nor legacy manifests, ID:0): not a mesh directory?")
+
+
 # --------------------------------------------------------------------------------------------
 # Neuroglancer
 
@@ -486,6 +526,13 @@ def view(dest, *, source: Optional[str] = None, segments: Optional[Sequence[int]
     Returns
     -------
     ViewSession
+
+    Raises
+    ------
+    NotADirectoryError
+        A local ``dest`` or ``source`` is not a directory.
+    InvalidMeshError
+        A local ``dest`` holds no mesh (:func:`check_mesh_folder`).
     """
     servers = []
     try:
@@ -493,6 +540,7 @@ def view(dest, *, source: Optional[str] = None, segments: Optional[Sequence[int]
             mesh_url = str(dest) if str(dest).startswith("precomputed://") else "precomputed://" + str(dest)
         else:
             path = str(dest)[len("file://"):] if str(dest).startswith("file://") else str(dest)
+            check_mesh_folder(path)
             server, url = serve(path, port)
             servers.append(server)
             mesh_url = "precomputed://" + url

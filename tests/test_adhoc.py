@@ -11,7 +11,7 @@ import pytest
 import trimesh
 from click.testing import CliRunner
 
-from gpumesh.adhoc import SegmentNotFoundError, find_segment_bbox, mask_to_mesh, mesh_segment
+from gpumesh.adhoc import SegmentCutWarning, SegmentNotFoundError, find_segment_bbox, mask_to_mesh, mesh_segment
 from gpumesh.cli_extra import export as export_cmd
 from gpumesh.cli_extra import segment as segment_cmd
 from gpumesh.cli_extra import view as view_cmd
@@ -91,8 +91,57 @@ def test_adhoc_on_real_zarr_with_bbox(real_zarr, crop, crop_high):
     dest, _ = crop_high
     for seg in picks(crop)[:3]:
         batch = load_mesh(str(dest), seg, lod=0)
-        mesh = mesh_segment(str(real_zarr), seg, bbox=CROP_BOX, device="cpu")  # voxel size from metadata
+        with pytest.warns(SegmentCutWarning, match=f"segment {seg} goes on past the bbox"):   # the crop cuts them
+            mesh = mesh_segment(str(real_zarr), seg, bbox=CROP_BOX, device="cpu")  # voxel size from metadata
         assert same_triangles(mesh.vertices, mesh.faces, snap_to_lattice(batch), batch.faces), seg
+
+
+def test_a_segment_cut_by_the_bbox_or_bounds_warns(tmp_path):
+    """A segment that goes on past a face of ``bbox`` or ``bounds`` inside the volume is meshed
+    closed there, with a :class:`SegmentCutWarning` naming the faces (global voxels); a box
+    face on the volume's edge, or one the segment only touches, is no cut.  The CLI shows it
+    in one line."""
+    import warnings
+
+    from conftest import write_zarr
+
+    labels = np.zeros((24, 24, 24), np.uint32)
+    labels[2:20, 4:8, 4:8] = 5      # a bar along x
+    labels[10:12, 12:14, 12:14] = 6   # a small cube
+    kw = dict(voxel_size=(1, 1, 1), voxel_offset=(100, 0, 0), device="cpu")
+
+    def cut(**more):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            mesh = mesh_segment(labels, more.pop("seg", 5), **kw, **more)
+        assert mesh.is_watertight
+        return [str(w.message) for w in seen if issubclass(w.category, SegmentCutWarning)]
+
+    assert cut() == []
+    assert cut(bbox=((0, 0, 0), (10, 24, 24))) == [
+        "segment 5 goes on past the bbox (x = 110, global voxels): its mesh is closed there; widen the bbox for "
+        "the whole segment"]
+    assert cut(bbox=((5, 5, 0), (12, 24, 24))) == [
+        "segment 5 goes on past the bbox (x = 105, x = 112, y = 5, global voxels): its mesh is closed there; "
+        "widen the bbox for the whole segment"]
+    assert cut(bbox=((2, 4, 4), (20, 8, 8))) == []       # the bar's own box: touched, not cut
+    assert cut(bbox=((0, 0, 0), (20, 24, 24))) == []
+    assert cut(bounds=(100, 0, 0, 124, 24, 24)) == []    # the whole volume (with its offset)
+    assert cut(bounds=(100, 0, 0, 115, 24, 24)) == [
+        "segment 5 goes on past the bounds (x = 115, global voxels): its mesh is closed there; widen the bounds "
+        "for the whole segment"]
+    # bbox within bounds: bbox's faces in the cropped volume; one on the bounds face counts too
+    assert cut(bounds=(105, 0, 0, 124, 24, 24), bbox=((0, 0, 0), (10, 24, 24))) == [
+        "segment 5 goes on past the bbox (x = 105, x = 115, global voxels): its mesh is closed there; widen the "
+        "bbox for the whole segment"]
+    assert cut(seg=6, bbox=((8, 8, 8), (14, 14, 14))) == []
+    write_zarr(tmp_path / "v.zarr", labels, chunk=8)
+    res = CliRunner().invoke(segment_cmd, [str(tmp_path / "v.zarr"), "5", "-o", str(tmp_path / "m.stl"),
+                                           "--voxel-size", "1,1,1", "--bbox", "0,0,0,10,24,24", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert [line for line in res.output.splitlines() if "warning" in line] == [
+        "gpumesh: warning: segment 5 goes on past the bbox (x = 10, global voxels): its mesh is closed there; "
+        "widen the bbox for the whole segment"], res.output
 
 
 def test_bbox_scan(crop):
@@ -714,6 +763,40 @@ def test_view_of_a_url_serves_nothing_and_a_failed_view_stops_its_servers(tmp_pa
     assert _serving() == before
 
 
+def test_view_refuses_a_folder_without_a_mesh(tmp_path, crop_high):
+    """A folder with no mesh (empty, a volume, a bad info) is refused before anything is
+    served, as the CLI's one line with status 2; a legacy mesh without info is served."""
+    import json
+
+    from gpumesh.errors import InvalidMeshError
+
+    before = _serving()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidMeshError, match="empty: no info file there .*not a mesh directory"):
+        view(str(tmp_path / "empty"), segments=[1], use_neuroglancer=False)
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    (volume / "info").write_text(json.dumps({"type": "segmentation", "data_type": "uint32", "num_channels": 1,
+                                             "mesh": "mesh", "scales": []}))
+    with pytest.raises(InvalidMeshError, match=f"volume is a volume; its meshes are in {volume / 'mesh'}$"):
+        view(str(volume), segments=[1], use_neuroglancer=False)
+    (volume / "info").write_text("{")
+    with pytest.raises(InvalidMeshError, match="volume: not a mesh directory .*not valid JSON"):
+        view(str(volume), segments=[1], use_neuroglancer=False)
+    assert _serving() == before
+    res = CliRunner().invoke(view_cmd, [str(tmp_path / "empty"), "--no-browser", "--duration", "0"])
+    assert res.exit_code == 2 and res.output.startswith("gpumesh: error: ") and "not a mesh directory" in res.output
+    old = tmp_path / "old"   # legacy meshes written without an info
+    old.mkdir()
+    (old / "7:0").write_text(json.dumps({"fragments": []}))
+    session = view(str(old), segments=[7], use_neuroglancer=False)
+    session.stop()
+    mesh_dir, _ = crop_high
+    session = view(str(mesh_dir), segments=[1], use_neuroglancer=False)
+    session.stop()
+    assert _serving() == before
+
+
 def test_view_with_neuroglancer(crop_high):
     neuroglancer = pytest.importorskip("neuroglancer")
     dest, _ = crop_high
@@ -791,6 +874,7 @@ def test_view_command_browser_viewer_and_servers(crop_high, tmp_path, monkeypatc
     assert _serving() == before
 
 
+@pytest.mark.filterwarnings("ignore::gpumesh.adhoc.SegmentCutWarning")   # the crop cuts the segment
 def test_bounds_are_global_where_bbox_is_in_array_coordinates(real_zarr, crop, tmp_path):
     """``bounds`` (API and ``segment --bounds``) is the crop's box in global voxel coordinates,
     the voxel offset included; meshing within it equals meshing the crop array at its place."""
