@@ -341,7 +341,14 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
         close_bars()
         from .storage import display
 
-        _stopped(exc, f"the finished tasks are kept in {display(dest)}: run it again with --resume to continue")
+        kept = getattr(exc, "tasks_kept", None)   # (finished, all) once the tasks are known (run_mesh)
+        if kept is None:
+            what = "the finished tasks are kept"
+        elif kept[0] == kept[1]:
+            what = f"all {kept[1]:,} tasks had finished (the output was being written); they are kept"
+        else:
+            what = f"{kept[0]:,} of {kept[1]:,} tasks had finished; they are kept"
+        _stopped(exc, f"{what} in {display(dest)}: run it again with --resume to continue")
     except (GpumeshError, ValueError) as exc:
         close_bars()
         _fail(exc)
@@ -353,7 +360,7 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
     click.echo(f"segments:  {s.segments}{dust}")
     for k, (t, f, v) in enumerate(zip(s.triangles_per_lod, s.fragments_per_lod, s.voxel_size_per_lod)):
         click.echo(f"LOD {k}:     {t:>12,} triangles  {f:>8,} fragments  ({'x'.join(f'{n:g}' for n in v)} nm voxels)")
-    click.echo(f"bytes:     {s.bytes:,}")
+    click.echo(f"bytes:     {s.bytes:,} (mesh files written)")   # validate's are the fragments'
     # workers past what the device holds mesh on the CPU backend (gpu.device_processes)
     shared = f" ({s.device_workers} of them on it)" if s.device == "gpu" and s.device_workers < s.workers else ""
     waves = f" in {s.index_waves} waves" if s.index_waves else ""   # the fragment index past its cap

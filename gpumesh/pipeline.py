@@ -888,7 +888,7 @@ class Summary:
     triangles_per_lod: list = field(default_factory=list)
     fragments_per_lod: list = field(default_factory=list)
     voxel_size_per_lod: list = field(default_factory=list)   # nm, [x, y, z] of each LOD's voxels
-    bytes: int = 0
+    bytes: int = 0   # of the mesh files written (shards, or manifests and fragment files), info excluded
     seconds: float = 0.0
     seconds_meshing: float = 0.0
     seconds_writing: float = 0.0
@@ -1098,8 +1098,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         given and it holds a finished mesh, no interrupted run (no plan, yet files), or an
         interrupted run of other options or another source.
     DestinationError
-        ``dest`` is a file, is the source's directory or holds it, or cannot be written
-        (checked by the job's first write).
+        ``dest`` is a file or lies under one, is the source's directory or holds it, or cannot
+        be listed or written (checked by the job's first write).
     ValueError
         Inconsistent options (``options`` not a :class:`MeshOptions`, ``workers`` < 1 included),
         ``link_source`` with a source that is not a precomputed volume, or a ``memory://``
@@ -1111,6 +1111,10 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         Tasks failed (a source chunk that cannot be read, or is not stored with
         ``fill_missing=False``, or a signed source's box holding negative labels); the others
         are kept: ``resume=True`` continues the run once the cause is fixed.
+    KeyboardInterrupt
+        Ctrl-C (the workers are stopped): the tasks that finished are kept, and ``resume=True``
+        continues the run.  Its ``tasks_kept`` attribute, once the tasks were planned, is
+        ``(finished, all)``: the tasks a resumed run skips, of all.
     """
     t0 = time.perf_counter()
     if not isinstance(options, MeshOptions):
@@ -1165,12 +1169,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     if client is not None:   # before the destination is touched: the cluster may have no workers
         cluster = DaskExecutor(client)
         source = portable_source(source)   # the workers' working directory may be another
-    if dest_spec.get("driver") == "file" and os.path.isfile(dest_spec.get("path", "").rstrip("/")):
-        raise DestinationError(f"destination is a file, not a directory: {shown}")
-    try:
-        existing = storage.list_keys(kv)
-    except Exception as exc:   # TensorStore's errors are ValueError subclasses
-        raise storage.destination_error(dest, exc) from exc
+    existing = storage.destination_keys(dest, kv)
     if existing:
         if overwrite:
             from .writer import check_overwrite
@@ -1365,6 +1364,13 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                                     progress=write_progress)
     except (SourceReadError, DestinationError) as exc:   # a write, or the volume's first read
         raise _task_failed([exc], finished, len(tasks), shown) from exc
+    except KeyboardInterrupt as exc:   # the workers have stopped: the tasks a resumed run skips, for the CLI's line
+        try:
+            kept = {k[len(SCRATCH) + len("blocks/"):] for k in storage.list_keys(kv, SCRATCH + "blocks/")}
+            exc.tasks_kept = (sum(task_name(t) in kept for t in tasks), len(tasks))
+        except Exception:   # a store that no longer answers: the line says less
+            pass
+        raise
     summary.seconds_meshing = t_mesh - t0
     storage.delete_prefix(kv, SCRATCH)
     summary.segments = stats["segments"]

@@ -368,6 +368,40 @@ def list_keys(kv: ts.KvStore, prefix: str = "") -> list[str]:
     return sorted(k.decode() if isinstance(k, bytes) else k for k in keys)
 
 
+def destination_keys(location: KvSpec, kv: ts.KvStore) -> list[str]:
+    """The keys a destination holds (sorted), or a :class:`DestinationError` saying why it cannot
+    be one, before anything is written to it.
+
+    Parameters
+    ----------
+    location
+        The destination as the user gave it (named in messages).
+    kv
+        The destination opened (:func:`open_kvstore`).
+
+    Raises
+    ------
+    DestinationError
+        A local destination is a file, or lies under one; or it cannot be listed (TensorStore's
+        error, one line).
+    """
+    shown = display(location)
+    spec = kv.spec().to_json()
+    if spec.get("driver") == "file" and spec.get("path"):
+        path = os.path.abspath(spec["path"].rstrip("/") or "/")
+        if os.path.isfile(path):
+            raise DestinationError(f"destination is a file, not a directory: {shown}")
+        above = os.path.dirname(path)
+        while above != os.path.dirname(above) and not os.path.lexists(above):
+            above = os.path.dirname(above)
+        if os.path.exists(above) and not os.path.isdir(above):
+            raise DestinationError(f"cannot write to {shown}: {above} is a file, not a directory")
+    try:
+        return list_keys(kv)
+    except Exception as exc:   # TensorStore's errors are ValueError subclasses
+        raise destination_error(shown, exc) from exc
+
+
 def delete_prefix(kv: ts.KvStore, prefix: str) -> None:
     """Delete every key under ``prefix``; on a local ``file`` kvstore, and when ``prefix`` is a
     directory (ends in ``/``), also its directories that are left empty (TensorStore deletes
@@ -387,11 +421,6 @@ def delete_prefix(kv: ts.KvStore, prefix: str) -> None:
 def delete_all(kv: ts.KvStore) -> None:
     """Delete every key of the store (used by ``--overwrite``)."""
     kv.delete_range(ts.KvStore.KeyRange()).result()
-
-
-def is_empty(kv: ts.KvStore) -> bool:
-    """True when the store holds no keys."""
-    return len(kv.list().result()) == 0
 
 
 def write_many(kv: ts.KvStore, items: Iterable[tuple[str, bytes]], sync: bool = True) -> None:

@@ -157,7 +157,7 @@ class ValidationReport:
         -------
         str
         """
-        header = ("LOD", "fragments", "empty", "triangles", "bytes")
+        header = ("LOD", "fragments", "empty", "triangles", "fragment bytes")   # Draco data, no manifests
         rows = []
         tot = [0, 0, 0, 0]
         for i, s in enumerate(self.per_lod):

@@ -1230,7 +1230,9 @@ def convert_mesh(src, dest, *, sharding: Optional[ShardingOptions] = ShardingOpt
         ``src`` is not a valid multi-resolution mesh directory, or a segment's data is missing,
         or ``src`` cannot list its files (a plain HTTP server).
     DestinationExistsError
-        ``dest`` holds data and ``overwrite`` is not set.
+        ``dest`` holds data and ``overwrite`` is not set, or holds files gpumesh did not write.
+    DestinationError
+        ``dest`` is a file or lies under one, or cannot be listed.
     ValueError
         ``dest`` is ``src`` or lies inside it (or the reverse), or bad sharding options.
     """
@@ -1250,11 +1252,17 @@ def convert_mesh(src, dest, *, sharding: Optional[ShardingOptions] = ShardingOpt
     src_spec, dest_spec = storage.kvstore_spec(source.kv), storage.kvstore_spec(kv)
     if storage.within(src_spec, dest_spec) or storage.within(dest_spec, src_spec):
         raise ValueError("the destination must not be the source or lie inside it (or the reverse)")
-    if not storage.is_empty(kv):
+    existing = storage.destination_keys(dest, kv)
+    if existing:
         shown = storage.display(dest)
         if not overwrite:
-            raise DestinationExistsError(f"{shown} is not empty; pass overwrite=True (--overwrite)")
-        check_overwrite(shown, storage.list_keys(kv))
+            foreign = foreign_keys(existing)   # files that overwrite refuses to delete
+            if foreign:
+                raise DestinationExistsError(
+                    f"{shown} is not empty and holds {len(foreign):,} file(s) that gpumesh did not write "
+                    f"(e.g. {foreign[0]!r}); choose another destination")
+            raise DestinationExistsError(f"{shown} is not empty; pass --overwrite to replace the mesh there")
+        check_overwrite(shown, existing)
         storage.delete_all(kv)
 
     if isinstance(source, ShardedMultiresSource):

@@ -478,13 +478,24 @@ def test_destination_that_cannot_be_written(tmp_path):
         run_mesh(GOOD, str(afile), workers=1)
     assert afile.read_text() == "keep me"
     # under a file no directory can be made (whoever runs it, root included)
-    with pytest.raises(DestinationError, match="cannot write to .*afile/out"):
-        run_mesh(GOOD, str(afile / "out"), workers=1)
+    for below in (afile / "out", afile / "out" / "deeper"):   # named, not TensorStore's FAILED_PRECONDITION
+        with pytest.raises(DestinationError, match=f"^cannot write to {below}: {afile} is a file, not a directory$"):
+            run_mesh(GOOD, str(below), workers=1)
     from conftest import write_zarr
 
     write_zarr(tmp_path / "v.zarr", GOOD, chunk=8)
     r = _cli("mesh", str(tmp_path / "v.zarr"), str(afile), "--workers", "1", "--quiet")
     assert r.returncode == 2 and r.stderr.strip().endswith(f"destination is a file, not a directory: {afile}"), r.stderr
+    assert afile.read_text() == "keep me"
+    # convert checks its destination the same way (it showed TensorStore's NOT_FOUND)
+    mesh = tmp_path / "mesh"
+    run_mesh(GOOD, str(mesh), workers=1)
+    r = _cli("convert", str(mesh), str(afile))
+    assert r.returncode == 2 and r.stderr == f"gpumesh: error: destination is a file, not a directory: {afile}\n", \
+        r.stderr
+    r = _cli("convert", str(mesh), str(afile / "sub"))
+    assert r.returncode == 2 and r.stderr == f"gpumesh: error: cannot write to {afile / 'sub'}: {afile} is a file, " \
+        "not a directory\n", r.stderr
     assert afile.read_text() == "keep me"
 
 
@@ -687,6 +698,7 @@ def test_a_source_without_a_voxel_size_is_meshed_in_voxels_with_a_warning(tmp_pa
     assert given.returncode == 0 and "voxel size" not in given.stderr, given.stderr
 
 
+@pytest.mark.filterwarnings("ignore::gpumesh.adhoc.SegmentCutWarning")   # the crop cuts the segment
 def test_a_voxel_size_given_against_the_sources_own_is_warned_about(tmp_path, real_zarr):
     # the meshes are placed by the one given: in a viewer showing the volume by its metadata
     # (or through source_info.json / --link-source) they would not overlay it, silently

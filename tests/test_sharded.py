@@ -591,7 +591,7 @@ def test_cli_summary_and_its_json_give_the_figures_of_the_output(small, tmp_path
     assert min(s["seconds_meshing"], s["seconds_writing"]) >= 0
     assert s["seconds_meshing"] + s["seconds_writing"] == pytest.approx(s["seconds"])
     out = r.stdout.splitlines()
-    assert f"segments:  {s['segments']}" in out and f"bytes:     {s['bytes']:,}" in out
+    assert f"segments:  {s['segments']}" in out and f"bytes:     {s['bytes']:,} (mesh files written)" in out
     lods = [line.split() for line in out if line.startswith("LOD ")]
     assert [(int(w[2].replace(",", "")), w[3], int(w[4].replace(",", "")), w[5]) for w in lods] == \
         [(t, "triangles", f, "fragments") for t, f in zip(s["triangles_per_lod"], s["fragments_per_lod"])]
@@ -764,7 +764,7 @@ def test_convert_refuses_bad_sources_and_destinations(outputs, small, tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
-    with pytest.raises(DestinationExistsError):
+    with pytest.raises(DestinationExistsError, match="did not write .*keep.txt.*; choose another destination$"):
         convert_mesh(str(plain), str(busy), sharding=ShardingOptions())
     assert os.listdir(busy) == ["keep.txt"]
     with pytest.raises(DestinationExistsError, match="did not write .*keep.txt"):   # not gpumesh's to delete
@@ -772,6 +772,8 @@ def test_convert_refuses_bad_sources_and_destinations(outputs, small, tmp_path):
     (busy / "keep.txt").unlink()
     run_mesh(small[:16, :16, :16], str(busy), options=MeshOptions(chunk_size=CHUNK), voxel_size=VOXEL_SIZE,
              workers=1)
+    with pytest.raises(DestinationExistsError, match="is not empty; pass --overwrite to replace the mesh there$"):
+        convert_mesh(str(plain), str(busy), sharding=ShardingOptions())
     convert_mesh(str(plain), str(busy), sharding=ShardingOptions(), overwrite=True)   # over a mesh: replaced
     assert tree_files(busy) == tree_files(outputs / "sharded")
     # a data file shorter than its manifest says: the conversion stops and writes no info,

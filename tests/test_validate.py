@@ -119,6 +119,7 @@ def test_valid_multires_passes_and_counts(good):
     assert len(rep.warnings) == 1 and "1 zero-byte" in rep.warnings[0] and "WEBKNOSSOS" in rep.warnings[0]
     table = rep.format_table()
     assert table.splitlines()[-1] == "OK" and "total" in table and "warning: 1 zero-byte" in table
+    assert table.splitlines()[1].split() == ["LOD", "fragments", "empty", "triangles", "fragment", "bytes"]
     quick = validate(path, decode=False)
     assert quick.ok and quick.per_lod[0]["triangles"] is None
     assert validate(path, segments=[2]).num_segments == 1
