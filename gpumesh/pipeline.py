@@ -987,6 +987,20 @@ def _signals_deferred():
                 os.kill(os.getpid(), num)
 
 
+def _interrupt_of(exc: BaseException) -> Optional[KeyboardInterrupt]:
+    """The Ctrl-C (or the CLI's SIGTERM, a ``KeyboardInterrupt`` too) behind ``exc``, else ``None``.
+
+    A ``KeyboardInterrupt`` raised while a numba-compiled function runs (the signal handler
+    runs at the dispatcher's next Python call) comes out of it as ``SystemError: CPUDispatcher(...)
+    returned a result with an exception set``, caused by the ``KeyboardInterrupt``: the job in this
+    process (one worker) and the writing would end with that traceback instead of the interrupt."""
+    seen = 0
+    while isinstance(exc, SystemError) and seen < 8:   # the SystemErrors of nested dispatchers
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return exc if isinstance(exc, KeyboardInterrupt) else None
+
+
 def _stop_workers(pool) -> None:
     """Stop a local pool's worker processes now (on Ctrl-C), without waiting for their tasks:
     a task result is written whole or not at all, so the finished tasks are kept and a
@@ -1331,8 +1345,11 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                                                 executor=pool, workers=nworkers, headers=headers,
                                                 progress=write_progress)
                     except BaseException as exc:
-                        if not isinstance(exc, Exception):   # Ctrl-C (KeyboardInterrupt): stop now
+                        stop = _interrupt_of(exc)   # also when it came out of a numba kernel of the writer
+                        if not isinstance(exc, Exception) or stop is not None:   # Ctrl-C: stop now
                             _stop_workers(pool)   # (its shutdown cancels the futures)
+                            if stop is not None and stop is not exc:
+                                raise stop from None
                         else:
                             for fut in futures:   # before the pool's exit would wait for them: not run
                                 fut.cancel()
@@ -1364,13 +1381,18 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                                     progress=write_progress)
     except (SourceReadError, DestinationError) as exc:   # a write, or the volume's first read
         raise _task_failed([exc], finished, len(tasks), shown) from exc
-    except KeyboardInterrupt as exc:   # the workers have stopped: the tasks a resumed run skips, for the CLI's line
-        try:
+    except (KeyboardInterrupt, SystemError) as exc:   # Ctrl-C, also out of a numba kernel in this process
+        stop = _interrupt_of(exc)
+        if stop is None:
+            raise
+        try:   # the workers have stopped: the tasks a resumed run skips, for the CLI's line
             kept = {k[len(SCRATCH) + len("blocks/"):] for k in storage.list_keys(kv, SCRATCH + "blocks/")}
-            exc.tasks_kept = (sum(task_name(t) in kept for t in tasks), len(tasks))
+            stop.tasks_kept = (sum(task_name(t) in kept for t in tasks), len(tasks))
         except Exception:   # a store that no longer answers: the line says less
             pass
-        raise
+        if stop is exc:
+            raise
+        raise stop from None
     summary.seconds_meshing = t_mesh - t0
     storage.delete_prefix(kv, SCRATCH)
     summary.segments = stats["segments"]

@@ -987,6 +987,47 @@ def test_a_refused_resume_lists_the_options_first_with_their_values():
     assert _fingerprint_changes(old, old) == ""
 
 
+def test_ctrl_c_in_a_numba_kernel_of_a_one_worker_job_is_a_keyboard_interrupt(tmp_path, monkeypatch):
+    """Ctrl-C while a numba kernel runs in this process (``workers=1``, a notebook's "interrupt
+    the kernel") comes out of the kernel as ``SystemError: CPUDispatcher(...) returned a result
+    with an exception set``, caused by the KeyboardInterrupt (seen on the real volume, and as the
+    CLI's exit status 1 with a traceback instead of 130 and its one line): run_mesh raises the
+    KeyboardInterrupt, and the finished tasks are kept for a resumed run."""
+    from conftest import tree_files
+
+    from gpumesh import pipeline
+
+    labels = _blobs((48, 40, 32))
+    kw = dict(options=MeshOptions(chunk_size=16), voxel_size=(1, 1, 1), workers=1)
+    run_mesh(labels, str(tmp_path / "clean"), **kw)
+    real, calls = pipeline.mesh_block, []
+
+    def interrupted(*args, **kwargs):   # as numba's dispatcher raises it
+        calls.append(1)
+        if len(calls) == 3:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as stop:
+                try:
+                    raise SystemError("<function _numba_unpickle> returned a result with an exception set") from stop
+                except SystemError as inner:
+                    raise SystemError("CPUDispatcher(<function _compact>) returned a result with an exception "
+                                      "set") from inner
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "mesh_block", interrupted)
+    dest = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_mesh(labels, str(dest), **kw)
+    monkeypatch.setattr(pipeline, "mesh_block", real)
+    assert run_mesh(labels, str(dest), resume=True, **kw).tasks_resumed == 2
+    assert tree_files(dest) == tree_files(tmp_path / "clean")
+    # any other SystemError is left as it is
+    monkeypatch.setattr(pipeline, "mesh_block", lambda *a, **k: (_ for _ in ()).throw(SystemError("other")))
+    with pytest.raises(SystemError, match="other"):
+        run_mesh(labels, str(tmp_path / "other"), **kw)
+
+
 def test_a_resume_with_another_offset_shape_dtype_or_selection_is_refused(tmp_path):
     """Besides the source's location and how it is read, a resumed run must share the
     interrupted one's voxel offset, the volume's shape and dtype (an array source, whose
