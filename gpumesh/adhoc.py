@@ -367,7 +367,7 @@ def mask_to_mesh(mask: np.ndarray, origin, voxel_size, *, backend=None, device: 
     from .backend import get_backend
 
     if backend is None:
-        backend = get_backend(device)
+        backend = get_backend(device, stacklevel=3)
     if sparse_block is None:
         sparse_block = SPARSE_BLOCK if backend.name == "cpu" else 0
     m = np.zeros(tuple(s + 2 for s in mask.shape), np.uint8)
@@ -440,8 +440,9 @@ def mesh_segment(source: Any, segment_id: int, *, bbox=None, mip: int = 0, voxel
         Global voxel coordinate of array index 0, overriding the metadata.
     axes : str, optional
         Axis order of a source without dimension names (e.g. ``"zyx"``).
-    quality : {None, "low", "medium", "high"}
-        ``None`` (default): the exact marching-cubes surface.  A preset decimates the surface
+    quality : {None, "exact", "low", "medium", "high"}
+        ``None`` (default) or ``"exact"`` (as ``gpumesh segment --quality exact`` says it): the
+        exact marching-cubes surface.  A preset decimates the surface
         with :func:`gpumesh.lod.decimate` to the preset's LOD 0 keep fraction (``high`` keeps
         everything, like the batch job's LOD 0).
     device : {"auto", "cpu", "gpu"}
@@ -478,13 +479,13 @@ def mesh_segment(source: Any, segment_id: int, *, bbox=None, mip: int = 0, voxel
 
     from .backend import get_backend
 
-    keep = None if quality is None else get_quality(quality).lod0_keep
+    keep = None if quality is None or quality == "exact" else get_quality(quality).lod0_keep
     whole = open_source(source, voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip, axes=axes,
                         fill_missing=fill_missing)
     volume = whole if bounds is None else whole.crop(bounds)
     warn_if_no_voxel_size(volume)
     warn_if_voxel_size_overridden(source, volume, voxel_size, mip=mip, axes=axes)
-    backend = get_backend(device)
+    backend = get_backend(device, stacklevel=3)   # the notice names the caller's line
     found = _locate(volume, segment_id, bbox, threads)
     if not found:
         where = volume.description + ("" if bbox is None else f" within bbox {bbox}")

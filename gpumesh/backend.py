@@ -71,7 +71,7 @@ def check_device(device: str) -> None:
         raise ValueError(f"unknown device {device!r}; choose auto, cpu or gpu")
 
 
-def get_backend(device: str = "auto", processes: int = 1) -> Backend:
+def get_backend(device: str = "auto", processes: int = 1, *, stacklevel: int = 2) -> Backend:
     """Pick the backend for ``device``.
 
     Parameters
@@ -81,6 +81,9 @@ def get_backend(device: str = "auto", processes: int = 1) -> Backend:
     processes : int
         Processes that will share the GPU (the main job's workers): each GPU backend takes
         its share of the device's free memory (see :class:`gpumesh.gpu.GPUBackend`).
+    stacklevel : int
+        Of the notice, as :func:`warnings.warn`'s: 2 names the caller's line; a public function
+        that calls this one passes 3, so that its caller's line is named, not gpumesh's.
 
     Returns
     -------
@@ -113,5 +116,5 @@ def get_backend(device: str = "auto", processes: int = 1) -> Backend:
                                          if shutil.which("nvidia-smi") else "")
     else:
         why = "CuPy sees no usable CUDA GPU"
-    warnings.warn(f"{why}; meshing on the CPU", CPUFallbackNotice, stacklevel=2)
+    warnings.warn(f"{why}; meshing on the CPU", CPUFallbackNotice, stacklevel=stacklevel)
     return CPUBackend()

@@ -1160,7 +1160,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     # a memory:// store lives in this process: workers would see it empty
     in_process = storage.in_memory(dest_spec) or (volume.location is not None and storage.in_memory(volume.location))
     if client is None:
-        backend = get_backend(device)
+        backend = get_backend(device, stacklevel=3)   # the notice names the caller's line
         if in_process and workers is not None and workers > 1:
             warnings.warn(f"a memory:// source or destination is only seen by this process: the job runs in it "
                           f"(1 worker, not {workers})", stacklevel=2)

@@ -249,6 +249,9 @@ def test_quality_decimates(crop):
     high = mesh_segment(crop, seg, voxel_size=VOXEL_SIZE, quality="high", device="cpu")
     low = mesh_segment(crop, seg, voxel_size=VOXEL_SIZE, quality="low", device="cpu")
     assert len(high.faces) == len(exact.faces)
+    # the CLI's name of the default (--quality exact) is the API's too
+    named = mesh_segment(crop, seg, voxel_size=VOXEL_SIZE, quality="exact", device="cpu")
+    assert np.array_equal(named.faces, exact.faces) and np.array_equal(named.vertices, exact.vertices)
     assert 0.15 * len(exact.faces) < len(low.faces) < 0.35 * len(exact.faces)
     # decimated vertices stay within a voxel of the exact surface's box
     assert np.all(low.bounds[0] >= exact.bounds[0] - VS) and np.all(low.bounds[1] <= exact.bounds[1] + VS)

@@ -211,7 +211,7 @@ def test_main_job_workers_share_the_device(monkeypatch, tmp_path):
     from gpumesh import pipeline, warmup
 
     calls, warmed = [], []
-    monkeypatch.setattr(pipeline, "get_backend", lambda device, processes=1:
+    monkeypatch.setattr(pipeline, "get_backend", lambda device, processes=1, **_:
                         calls.append((device, processes)) or types.SimpleNamespace(name=device))
     monkeypatch.setattr(warmup, "warm_up", lambda dtype, backend, worker, workers:
                         warmed.append((backend, worker, workers)))
@@ -972,7 +972,7 @@ def test_emulated_run_mesh_is_byte_identical(emu_lib, real_crops, tmp_path, monk
                                   segments=segments), voxel_size=voxel, workers=1)
     run_mesh(labels, str(tmp_path / "cpu"), device="cpu", **kw)
     emu = gpu.GPUBackend(runtime=cuda_emu.EmulatedRuntime(emu_lib, seed=3))
-    monkeypatch.setattr(pipeline, "get_backend", lambda device="auto": emu)
+    monkeypatch.setattr(pipeline, "get_backend", lambda device="auto", **_: emu)
     summary = run_mesh(labels, str(tmp_path / "gpu"), device="gpu", **kw)
     assert summary.device == "gpu"
     assert any(n.startswith("mc_emit") for n, _, _ in emu.rt.launches)
@@ -1005,7 +1005,7 @@ def test_emulated_run_mesh_on_random_volumes_is_byte_identical(emu_lib, seed, tm
     labels, kw = _random_case(seed)
     run_mesh(labels, str(tmp_path / "cpu"), device="cpu", **kw)
     emu = gpu.GPUBackend(runtime=cuda_emu.EmulatedRuntime(emu_lib, seed=seed))
-    monkeypatch.setattr(pipeline, "get_backend", lambda device="auto": emu)
+    monkeypatch.setattr(pipeline, "get_backend", lambda device="auto", **_: emu)
     assert run_mesh(labels, str(tmp_path / "gpu"), device="gpu", **kw).device == "gpu"
     assert any(n.startswith("mc_emit") for n, _, _ in emu.rt.launches)
     _assert_same_tree(tmp_path / "cpu", tmp_path / "gpu")
@@ -1203,6 +1203,24 @@ def test_auto_without_a_gpu_says_so_in_one_line(monkeypatch, tmp_path):
     notices = [line for line in res.output.splitlines() if "meshing on the CPU" in line]
     assert len(notices) == 1 and notices[0].startswith("gpumesh: ")
     assert "device cpu" in res.output
+
+
+def test_the_cpu_notice_names_the_callers_line(monkeypatch, tmp_path):
+    """From Python, the notice of device="auto" names the line that called run_mesh or
+    mesh_segment, as their other warnings do (it named gpumesh/pipeline.py and adhoc.py:
+    ``backend = get_backend(device)``, in a notebook too)."""
+    from gpumesh import backend, mesh_segment, run_mesh
+
+    monkeypatch.setattr(backend, "gpu_available", lambda: False)
+    labels = np.zeros((12, 12, 12), np.uint32)
+    labels[3:9, 3:9, 3:9] = 7
+    for call in (lambda: run_mesh(labels, str(tmp_path / "out"), voxel_size=(1, 1, 1), workers=1),
+                 lambda: mesh_segment(labels, 7, voxel_size=(1, 1, 1))):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        notices = [w for w in caught if issubclass(w.category, backend.CPUFallbackNotice)]
+        assert len(notices) == 1 and notices[0].filename == __file__, [(w.filename, w.lineno) for w in notices]
 
 
 @pytest.mark.gpu
