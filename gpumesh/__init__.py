@@ -15,9 +15,10 @@ from ._caches import ensure_numba_cache_dir as _ensure_numba_cache_dir
 
 _ensure_numba_cache_dir()
 
-from .errors import (DestinationError, DestinationExistsError, EmptyVolumeWarning, GpumeshError, InvalidMeshError,
-                     InvalidVolumeError, InvalidVoxelSizeError, NoVoxelSizeWarning, SegmentsNotFoundWarning, VoxelSizeOverrideWarning,
-                     SourceReadError, StorageUnreachableError, TaskFailedError, WorkerFailedError)
+from .errors import (DestinationError, DestinationExistsError, DeviceUnavailableError, EmptyVolumeWarning, GpumeshError,
+                     InvalidMeshError, InvalidVolumeError, InvalidVoxelSizeError, NoVoxelSizeWarning, SegmentCutWarning,
+                     SegmentNotFoundError, SegmentsNotFoundWarning, SourceReadError, StorageUnreachableError,
+                     TaskFailedError, VoxelSizeOverrideWarning, WorkerFailedError)
 # eager: the function must stay gpumesh.validate once the submodule gpumesh.validate is imported
 from .validate import validate
 
@@ -50,8 +51,10 @@ def __dir__():
 __version__ = "0.1.0"
 
 __all__ = [
-    "DestinationError", "DestinationExistsError", "EmptyVolumeWarning", "GpumeshError", "InvalidMeshError", "InvalidVolumeError",
-    "InvalidVoxelSizeError", "NoVoxelSizeWarning", "SegmentsNotFoundWarning", "VoxelSizeOverrideWarning", "SourceReadError", "StorageUnreachableError", "TaskFailedError", "WorkerFailedError", "MeshOptions",
+    "DestinationError", "DestinationExistsError", "DeviceUnavailableError", "EmptyVolumeWarning", "GpumeshError",
+    "InvalidMeshError", "InvalidVolumeError", "InvalidVoxelSizeError", "NoVoxelSizeWarning", "SegmentCutWarning",
+    "SegmentNotFoundError", "SegmentsNotFoundWarning", "VoxelSizeOverrideWarning", "SourceReadError",
+    "StorageUnreachableError", "TaskFailedError", "WorkerFailedError", "MeshOptions",
     "ShardingOptions", "Summary", "run_mesh",
     "load_mesh", "open_mesh", "validate", "Volume", "open_volume", "mesh_segment",
 ]

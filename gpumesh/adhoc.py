@@ -42,7 +42,7 @@ from typing import Any, Optional
 import numba
 import numpy as np
 
-from .errors import GpumeshError
+from .errors import SegmentCutWarning, SegmentNotFoundError
 from .lod import decimate, get_quality
 from .volume import Volume, open_volume, warn_if_no_voxel_size, warn_if_voxel_size_overridden
 
@@ -54,13 +54,6 @@ SCAN_BLOCK_VOXELS = 128 ** 3
 SCAN_THREADS = 8
 
 
-class SegmentNotFoundError(GpumeshError, LookupError):
-    """The segment does not occur in the volume (or in the given bounding box)."""
-
-
-class SegmentCutWarning(UserWarning):
-    """The segment reaches a face of ``bbox`` or ``bounds`` inside the volume: its mesh is
-    closed there, where the segment goes on."""
 
 
 # ----------------------------------------------------------------------------- kernels

@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from . import lod, marching
-from .errors import GpumeshError
+from .errors import DeviceUnavailableError
 
 
 class Backend(Protocol):
@@ -48,11 +48,6 @@ class CPUBackend:
 
 class CPUFallbackNotice(UserWarning):
     """``device="auto"`` found no usable GPU and meshes on the CPU (the one-line notice)."""
-
-
-class DeviceUnavailableError(GpumeshError, RuntimeError):
-    """``device="gpu"`` was asked for but no GPU backend can run here (the CLI says so in one
-    line and exits with status 2)."""
 
 
 def gpu_available() -> bool:

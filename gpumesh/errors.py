@@ -62,6 +62,15 @@ class TaskFailedError(WorkerFailedError):
     destination's scratch area, so the run can be resumed once the cause is fixed."""
 
 
+class SegmentNotFoundError(GpumeshError, LookupError):
+    """The segment does not occur in the volume (or in the given bounding box)."""
+
+
+class DeviceUnavailableError(GpumeshError, RuntimeError):
+    """``device="gpu"`` was asked for but no GPU backend can run here (the CLI says so in one
+    line and exits with status 2)."""
+
+
 class EmptyVolumeWarning(UserWarning):
     """The volume holds only background (label 0): the output is valid but holds no meshes."""
 
@@ -82,3 +91,8 @@ class VoxelSizeOverrideWarning(UserWarning):
 class SegmentsNotFoundWarning(UserWarning):
     """Some segment IDs selected for meshing (``MeshOptions.segments``, ``--segments``) have no
     voxel in the volume (or within the bounds): they get no mesh."""
+
+
+class SegmentCutWarning(UserWarning):
+    """The segment reaches a face of ``bbox`` or ``bounds`` inside the volume and goes on past
+    it (:func:`gpumesh.mesh_segment`): its mesh is closed there, where the segment is not."""

@@ -882,7 +882,40 @@ def _run_write_task(keys, rows, num_lods, grid_origin, whole, cache_bytes) -> tu
 
 @dataclass
 class Summary:
-    """What the main job did (printed by the CLI, written by ``--summary-json``)."""
+    """What the main job did (printed by the CLI, written by ``--summary-json``).
+
+    Attributes
+    ----------
+    segments : int
+        Segments meshed (with a manifest in the output).
+    triangles_per_lod, fragments_per_lod : list of int
+        Triangles and non-empty fragments of all segments at each LOD (LOD 0 first).
+    voxel_size_per_lod : list of [float, float, float]
+        nm per voxel (x, y, z) of the labels each LOD was meshed from.
+    bytes : int
+        Bytes of the mesh files written: the shards, or the manifests and fragment files
+        (``info`` and segment properties excluded).
+    seconds, seconds_meshing, seconds_writing : float
+        Wall time of the job (from the call), of the tasks (meshing, decimation, encoding) and
+        of the assembly that writes the output.
+    peak_rss_mb : float
+        Largest peak resident memory (MiB) of this process or any worker.
+    blocks, tasks, tasks_resumed : int
+        The plan's blocks, its tasks (a block or one of its octants), and the tasks an
+        interrupted run had finished (``resume``).
+    workers, device_workers : int
+        Worker processes (or Dask workers), and how many of them meshed on the GPU.
+    device : str
+        ``"cpu"`` or ``"gpu"`` (``"cpu+gpu"`` on a cluster with both).
+    format : str
+        ``"multires"`` or ``"legacy"``.
+    dust_segments, missing_segments : int
+        Segments below ``MeshOptions.dust_threshold`` (not meshed), and selected segments
+        (``MeshOptions.segments``) not in the volume.
+    index_waves : int
+        Passes of the assembly over the tasks' fragment index past the first (0: it held the
+        whole index at once, :data:`gpumesh.writer.ASSEMBLY_INDEX_BYTES`).
+    """
 
     segments: int = 0
     triangles_per_lod: list = field(default_factory=list)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 from abc import ABC, abstractmethod
@@ -754,7 +755,8 @@ def open_mesh(location: Union[storage.KvSpec, MeshSource]) -> MeshSource:
     ------
     InvalidMeshError
         If ``info`` is not JSON, has an unknown ``@type``, or is an invalid multi-resolution
-        info (a bad ``sharding`` included).
+        info (a bad ``sharding`` included); or a local location is missing or a file (a
+        directory without ``info`` opens as a legacy mesh, as old legacy meshes have none).
     SourceReadError
         If the location cannot be opened.
     """
@@ -763,6 +765,12 @@ def open_mesh(location: Union[storage.KvSpec, MeshSource]) -> MeshSource:
     kv = storage.open_kvstore(location)
     raw = storage.read(kv, "info")
     if raw is None:
+        spec = kv.spec().to_json()
+        local = spec.get("path", "").rstrip("/") if spec.get("driver") == "file" else None
+        if local and not os.path.isdir(local):   # not an old legacy mesh without info: nothing at all
+            shown = storage.display(location)
+            raise InvalidMeshError(f"{shown}: " + ("a file, not a mesh directory" if os.path.exists(local)
+                                                   else "no such directory"))
         return LegacySource(kv, {})
     try:
         info = json.loads(raw)

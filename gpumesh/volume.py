@@ -1095,7 +1095,9 @@ def open_volume(
     if isinstance(source, Volume):   # e.g. run_mesh(open_volume(path)): its workers open the source themselves
         raise SourceReadError(f"give the source itself (the path, URL, spec, array or TensorStore that "
                               f"open_volume opened), not an opened Volume ({source.description})")
-    raise SourceReadError(f"unsupported source type {type(source).__name__}: {source!r}"[:300])
+    raise SourceReadError(f"unsupported source type {type(source).__name__}: {source!r}"[:300]
+                          + "; give a path or URL, a kvstore or TensorStore spec (dict), a TensorStore or a "
+                            "NumPy array (np.asarray(x) of a Dask array or a list)")
 
 
 def _from_tensorstore(store: ts.TensorStore, where: str, mip: int, axes, vs, vo) -> Volume:

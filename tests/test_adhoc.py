@@ -407,6 +407,9 @@ def test_export_command_errors(crop_high, tmp_path):
     assert r.exit_code == 2
     # a mistyped directory: said so, not only that the segment is missing
     r = CliRunner().invoke(export_cmd, [str(tmp_path / "typo"), "5", "-o", str(tmp_path / "m.stl")])
+    assert r.exit_code == 2 and r.output == f"gpumesh: error: {tmp_path / 'typo'}: no such directory\n", r.output
+    (tmp_path / "empty").mkdir()   # a folder with no mesh
+    r = CliRunner().invoke(export_cmd, [str(tmp_path / "empty"), "5", "-o", str(tmp_path / "m.stl")])
     assert r.exit_code == 2 and "no info file there: not a mesh directory?" in r.output, r.output
     r = CliRunner().invoke(export_cmd, [str(dest), str(2**64), "-o", str(tmp_path / "m.stl")])   # no uint64
     assert r.exit_code == 2 and "is not in the range 1<=x<=18446744073709551615" in r.output, r.output

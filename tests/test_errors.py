@@ -1208,3 +1208,22 @@ def test_a_task_result_lost_or_cut_short_during_the_assembly_is_an_error_not_emp
         list(results.iter_headers(None, whole=False))
     storage.write(kv, key, bytes(150))
     assert list(writer._read_fragments(results, [(7, entries)])) == [[bytes(100), bytes(50)]]
+
+
+def test_every_error_and_warning_is_exported_from_the_package():
+    """Each typed error and warning that a public function raises is ``gpumesh.X`` (a
+    notebook's ``except gpumesh.SegmentNotFoundError``), the same class the modules raise."""
+    import inspect
+
+    import gpumesh
+    from gpumesh import adhoc, backend, errors
+
+    kinds = {name for name, obj in vars(errors).items()
+             if inspect.isclass(obj) and obj.__module__ == errors.__name__}
+    assert {"SegmentNotFoundError", "SegmentCutWarning", "DeviceUnavailableError"} <= kinds
+    for name in kinds:
+        assert name in gpumesh.__all__ and getattr(gpumesh, name) is getattr(errors, name), name
+    assert adhoc.SegmentNotFoundError is gpumesh.SegmentNotFoundError
+    assert backend.DeviceUnavailableError is gpumesh.DeviceUnavailableError
+    with pytest.raises(gpumesh.SegmentNotFoundError):
+        gpumesh.mesh_segment(np.ones((4, 4, 4), np.uint8), 2, voxel_size=(1, 1, 1), device="cpu")

@@ -343,6 +343,23 @@ def test_bad_info(tmp_path, info_obj, words):
         open_mesh(tmp_path / "bad")
 
 
+def test_open_mesh_of_a_missing_path_or_a_file_is_refused(tmp_path):
+    """A local path that is missing or a file is no mesh (it opened as an empty legacy mesh, and
+    only ``load_mesh`` said so later); a folder without info still opens as a legacy mesh."""
+    from gpumesh import load_mesh
+
+    with pytest.raises(InvalidMeshError, match="nothere: no such directory$"):
+        open_mesh(tmp_path / "nothere")
+    with pytest.raises(InvalidMeshError, match="nothere: no such directory$"):
+        load_mesh(str(tmp_path / "nothere"), 1)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(InvalidMeshError, match="afile: a file, not a mesh directory$"):
+        open_mesh(f"file://{tmp_path / 'afile'}")
+    (tmp_path / "old").mkdir()
+    assert open_mesh(tmp_path / "old").kind == "legacy"
+    assert not validate(tmp_path / "nothere").ok
+
+
 def test_truncated_manifest(tmp_path):
     m, d = seg_parts()
     rep = _bad(tmp_path, {1: (m[:-8], d), 2: seg_parts()})
@@ -552,7 +569,7 @@ def test_legacy_without_info(tmp_path):
 def test_nothing_there_is_not_a_mesh(tmp_path):
     """A missing or empty directory, or shards without their info, is no mesh: a violation, not
     "OK, 0 segments" (a mistyped path used to pass)."""
-    _has(validate(tmp_path / "missing"), "no precomputed mesh", "no info file")
+    _has(validate(tmp_path / "missing"), "missing/: no such directory")
     (tmp_path / "empty").mkdir()
     _has(validate(tmp_path / "empty"), "no precomputed mesh")
     kv = storage.open_kvstore(tmp_path / "shards")

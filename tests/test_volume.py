@@ -647,7 +647,8 @@ def test_missing_and_unknown(tmp_path):
         open_volume(str(unknown))
     with pytest.raises(SourceReadError):
         open_volume(f"precomputed://{unknown}")
-    with pytest.raises(SourceReadError, match="unsupported source type int"):
+    with pytest.raises(SourceReadError, match=r"unsupported source type int: .*; give a path or URL, .* a NumPy "
+                                              r"array \(np.asarray\(x\) of a Dask array or a list\)$"):
         open_volume(12345)
     # run_mesh(open_volume(...)): its workers open the source, so it needs the source itself
     from gpumesh import run_mesh
