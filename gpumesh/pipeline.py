@@ -1173,6 +1173,10 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     open_kwargs = dict(voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip, axes=axes, bounds=bounds,
                        fill_missing=fill_missing)
     volume = open_volume(source, **open_kwargs)
+    if isinstance(source, np.ndarray) and source.dtype.kind == "i":
+        # in memory: its negative labels are bad input, found now (InvalidVolumeError), not by
+        # the tasks that read them once the destination is touched (as a stored source's are)
+        volume.read((0, 0, 0), volume.shape)
     if link_source and volume.precomputed is None:
         raise ValueError(f"link_source (--link-source) names the meshes in a precomputed source's info; "
                          f"{volume.description} is not a precomputed volume")

@@ -859,6 +859,19 @@ def test_resume_refuses_another_source_or_axis_order(tmp_path):
     assert validate(str(dest)).ok
 
 
+def test_negative_labels_of_an_array_are_refused_before_anything_is_written(tmp_path):
+    """An array is in memory: its negative labels are bad input found at once (as mesh_segment
+    finds them), not a run that fails mid-way and asks to be resumed; within ``bounds`` only."""
+    labels = _blobs((32, 32, 32)).astype(np.int64)
+    labels[30:, 30:, 30:] = -1
+    for dtype in (np.int64, np.int8, ">i4"):
+        with pytest.raises(InvalidVolumeError, match="negative label -1 in .*labels must be >= 0"):
+            run_mesh(labels.astype(dtype), str(tmp_path / "out"), voxel_size=(1, 1, 1), workers=1)
+        assert not (tmp_path / "out").exists()
+    summary = run_mesh(labels, str(tmp_path / "out"), voxel_size=(1, 1, 1), workers=1, bounds=(0, 0, 0, 30, 32, 32))
+    assert summary.segments > 0
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_negative_labels_found_mid_run_fail_the_tasks_that_read_them(tmp_path, workers):
     """Negative labels in a signed source are only seen when their box is read: the tasks that
