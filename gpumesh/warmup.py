@@ -76,12 +76,11 @@ def _weld(dtype) -> None:
 
 
 def _piece_kernels(dtype) -> None:
-    from .marching import Piece, piece_in_node, thin_vertices
+    from .marching import march_cubes, piece_in_node, thin_vertices, weld
 
-    v2, faces = _tetrahedra()
-    piece = Piece(label=1, piece=0, vertices2=v2, faces=faces)
     labels = np.zeros((6, 6, 6), dtype=np.uint32)
     labels[1:3, 1:3, 1:3] = 1
+    piece = weld(*march_cubes(labels, 4), labels.shape)[0]   # thin_vertices checks its piece against labels
     piece_in_node(piece, np.zeros(3, np.int64), np.zeros(3, np.int64), 4)
     thin_vertices(labels, piece, 4)
 
