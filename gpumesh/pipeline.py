@@ -1431,6 +1431,10 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             raise
         raise stop from None
     summary.seconds_meshing = t_mesh - t0
+    # the task results first and the plan last (a deletion goes in no set order): a run stopped
+    # in between leaves its plan, so --resume finishes it rather than refusing "a finished mesh"
+    # with task results left in it
+    storage.delete_prefix(kv, SCRATCH + "blocks/")
     storage.delete_prefix(kv, SCRATCH)
     summary.segments = stats["segments"]
     summary.triangles_per_lod = stats["triangles_per_lod"]

@@ -493,6 +493,33 @@ def test_resume_skips_finished_shards(small, outputs, tmp_path, monkeypatch, wav
     assert summary.segments == validate(str(dest)).num_segments
 
 
+def test_a_run_stopped_while_deleting_its_scratch_area_resumes(small, outputs, tmp_path, monkeypatch):
+    """The output is written (``info`` too) and the run is stopped (SIGTERM, a kill) while it
+    deletes its scratch area, which deletes in no set order: the plan outlives the task results,
+    so ``--resume``, which the stop's line advises, is not refused as "a finished mesh" with the
+    rest of the scratch area left in it; it ends with the uninterrupted bytes and no scratch."""
+    import gpumesh.pipeline as pipeline
+
+    sharding = ShardingOptions(shard_bits=2, minishard_bits=2, data_encoding="gzip")
+    dest = tmp_path / "out"
+    real = storage.delete_prefix
+
+    def stopped_halfway(kv, prefix):
+        # the worst order: the plan first, then half of the rest
+        keys = sorted(storage.list_keys(kv, prefix), key=lambda k: not k.endswith("plan.json"))
+        for key in keys[:max(1, len(keys) // 2)]:
+            kv.delete_range(ts.KvStore.KeyRange(inclusive_min=key, exclusive_max=key + "\x00")).result()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.storage, "delete_prefix", stopped_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        _mesh(small, dest, sharding)
+    assert (dest / "info").exists() and (dest / SCRATCH).exists()
+    monkeypatch.setattr(pipeline.storage, "delete_prefix", real)
+    _mesh(small, dest, sharding, resume=True)
+    assert tree_files(dest) == tree_files(outputs / "gzip")
+
+
 def test_a_run_resumed_while_writing_writes_with_every_worker(small, outputs, tmp_path, monkeypatch):
     """Every task was done, the output not: the resumed run still writes with its workers (the
     pool was sized by the tasks left, so such a run wrote everything in the main process)."""
