@@ -369,8 +369,38 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
                f"{s.blocks} blocks in {s.tasks} tasks, {s.tasks_resumed} resumed)")
     click.echo(f"peak RSS:  {s.peak_rss_mb:.0f} MiB (largest process)")
     if summary_json:
-        with open(summary_json, "w") as fh:
-            json.dump(s.to_json(), fh, indent=2)
+        _write_summary(summary_json, s.to_json())
+
+
+def _write_summary(path: str, data: dict) -> None:
+    """Write the end summary ``data`` as JSON to ``path`` (``--summary-json``).
+
+    A regular file (or a new one) is written whole or not at all: to a temporary file beside
+    it, renamed over it (over a symbolic link's target, the link kept); anything else
+    (``/dev/stdout``) is written to as is.  A failure (a full disk) is one line and status 1:
+    the meshes are written, the job's report is not.
+    """
+    text = json.dumps(data, indent=2)
+    tmp = None
+    try:
+        if os.path.exists(path) and not os.path.isfile(path):   # a pipe, a device
+            with open(path, "w") as fh:
+                fh.write(text)
+            return
+        target = os.path.realpath(path)
+        tmp = f"{target}.{os.getpid()}.tmp"
+        with open(tmp, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, target)
+    except OSError as exc:
+        if tmp is not None:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+        click.echo(f"gpumesh: error: --summary-json {path}: cannot write it ({exc.strerror or exc}); "
+                   f"the meshes were written", err=True)
+        sys.exit(1)
 
 
 @main.command()

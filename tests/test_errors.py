@@ -282,6 +282,29 @@ def test_cli_errors_are_one_line(tmp_path, real_zarr):
     assert r.returncode == 2 and _no_output(dest)
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_summary_json_that_cannot_be_written_is_one_line_and_status_1(tmp_path):
+    """The meshes are written, then ``--summary-json`` cannot be (a full disk: ``/dev/full``):
+    one ``gpumesh: error:`` line naming the file, status 1 (the job failed once started), not a
+    traceback; the summary's lines are still on stdout.  Written to a regular file, the JSON
+    goes through a temporary file renamed into place, so none is left beside it."""
+    from conftest import write_zarr
+
+    write_zarr(tmp_path / "v.zarr", GOOD, chunk=8)
+    dest = tmp_path / "out"
+    r = _cli("mesh", str(tmp_path / "v.zarr"), str(dest), "--voxel-size", "1,1,1", "--workers", "1", "--quiet",
+             "--summary-json", "/dev/full")
+    assert r.returncode == 1, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("gpumesh: error: --summary-json /dev/full:"), r.stderr
+    assert "segments:  1" in r.stdout and (dest / "info").exists()
+    r = _cli("mesh", str(tmp_path / "v.zarr"), str(tmp_path / "out2"), "--voxel-size", "1,1,1", "--workers", "1",
+             "--quiet", "--summary-json", str(tmp_path / "s.json"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "s.json").read_text())["segments"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out2", "s.json", "v.zarr"]
+
+
 def test_cli_validate_fails_on_corrupt_output(tmp_path):
     dest = tmp_path / "out"
     # a local path that is missing or a file: one line, status 2 (bad input), not a table of
