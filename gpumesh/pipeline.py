@@ -1434,7 +1434,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     # the task results first and the plan last (a deletion goes in no set order): a run stopped
     # in between leaves its plan, so --resume finishes it rather than refusing "a finished mesh"
     # with task results left in it
-    storage.delete_prefix(kv, SCRATCH + "blocks/")
+    for part in ("blocks/", "shards/"):   # the task results, the shards' resume records
+        storage.delete_prefix(kv, SCRATCH + part)
     storage.delete_prefix(kv, SCRATCH)
     summary.segments = stats["segments"]
     summary.triangles_per_lod = stats["triangles_per_lod"]

@@ -493,7 +493,8 @@ def test_resume_skips_finished_shards(small, outputs, tmp_path, monkeypatch, wav
     assert summary.segments == validate(str(dest)).num_segments
 
 
-def test_a_run_stopped_while_deleting_its_scratch_area_resumes(small, outputs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop_at", [1, 2])   # deleting the task results, the shards' records
+def test_a_run_stopped_while_deleting_its_scratch_area_resumes(small, outputs, tmp_path, monkeypatch, stop_at):
     """The output is written (``info`` too) and the run is stopped (SIGTERM, a kill) while it
     deletes its scratch area, which deletes in no set order: the plan outlives the task results,
     so ``--resume``, which the stop's line advises, is not refused as "a finished mesh" with the
@@ -503,10 +504,15 @@ def test_a_run_stopped_while_deleting_its_scratch_area_resumes(small, outputs, t
     sharding = ShardingOptions(shard_bits=2, minishard_bits=2, data_encoding="gzip")
     dest = tmp_path / "out"
     real = storage.delete_prefix
+    calls = []
 
     def stopped_halfway(kv, prefix):
+        calls.append(prefix)
+        if len(calls) < stop_at:
+            return real(kv, prefix)
         # the worst order: the plan first, then half of the rest
         keys = sorted(storage.list_keys(kv, prefix), key=lambda k: not k.endswith("plan.json"))
+        assert keys   # something to delete: the task results, the shards' records
         for key in keys[:max(1, len(keys) // 2)]:
             kv.delete_range(ts.KvStore.KeyRange(inclusive_min=key, exclusive_max=key + "\x00")).result()
         raise KeyboardInterrupt
