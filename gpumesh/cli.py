@@ -18,8 +18,8 @@ import click
 from click.core import ParameterSource
 
 from ._cliutil import _fail, _location, _numbers, _segments
-from .errors import (EmptyVolumeWarning, GpumeshError, NoVoxelSizeWarning, SegmentsNotFoundWarning,
-                     VoxelSizeOverrideWarning, WorkerFailedError)
+from .errors import (DestinationTakenError, EmptyVolumeWarning, GpumeshError, NoVoxelSizeWarning,
+                     SegmentsNotFoundWarning, VoxelSizeOverrideWarning, WorkerFailedError)
 
 
 
@@ -333,7 +333,7 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
                 from .workerserver import stop_server
 
                 stop_server()
-    except WorkerFailedError as exc:   # not bad input: status 1, and --resume continues
+    except (WorkerFailedError, DestinationTakenError) as exc:   # not bad input: status 1
         close_bars()
         click.echo(f"gpumesh: error: {exc}", err=True)
         sys.exit(1)

@@ -62,6 +62,12 @@ class TaskFailedError(WorkerFailedError):
     destination's scratch area, so the run can be resumed once the cause is fixed."""
 
 
+class DestinationTakenError(GpumeshError, RuntimeError):
+    """Another gpumesh run started writing into the destination (``--overwrite``, ``--resume``)
+    while this one ran: this one stops before its ``info``, leaving the destination to the
+    other (the CLI's status 1)."""
+
+
 class SegmentNotFoundError(GpumeshError, LookupError):
     """The segment does not occur in the volume (or in the given bounding box)."""
 

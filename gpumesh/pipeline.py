@@ -38,6 +38,7 @@ import ctypes
 import dataclasses
 import functools
 import hashlib
+import secrets
 import json
 import os
 import resource
@@ -67,6 +68,8 @@ from .sharding import ShardingOptions
 from .volume import Volume, open_volume, portable_source, warn_if_no_voxel_size, warn_if_voxel_size_overridden
 
 SCRATCH = ".gpumesh-work/"
+#: The scratch key that names the run writing the destination (see :func:`run_mesh`).
+OWNER_KEY = SCRATCH + "owner"
 COARSE = "coarse"     # the task of a block that meshes its coarsest LOD (see Plan.tasks)
 
 
@@ -237,6 +240,10 @@ class Plan:
     shifts : tuple of L (3,) tuples of int
         LOD ``k``'s labels are downsampled by ``2**shifts[k][a]`` along axis ``a`` from LOD 0's
         (:func:`gpumesh.lod.lod_factors`; ``k`` on every axis for near-isotropic voxels).
+    stamp : str
+        A digest of the job's source, options and plan (:func:`run_mesh` sets it; empty from
+        :meth:`make`), in the names of its task results: a run of other options writing into
+        the same destination at the same time never takes them for its own (:func:`block_key`).
     """
 
     shape: tuple
@@ -245,6 +252,7 @@ class Plan:
     block: int
     grid: tuple
     shifts: tuple
+    stamp: str = ""
 
     @classmethod
     def make(cls, shape, options: MeshOptions, voxel_size=(1.0, 1.0, 1.0)) -> "Plan":
@@ -386,9 +394,17 @@ def task_name(task) -> str:
     return f"{name}.{part}" if part == COARSE else f"{name}.o{part}"
 
 
-def block_key(task) -> str:
-    """Scratch key of a task's result."""
-    return f"{SCRATCH}blocks/{task_name(task)}"
+def block_key(task, stamp: str = "") -> str:
+    """Scratch key of a task's result: ``blocks/NAME@STAMP`` (``stamp``: :attr:`Plan.stamp`)."""
+    return f"{SCRATCH}blocks/{task_name(task)}" + (f"@{stamp}" if stamp else "")
+
+
+def finished_tasks(kv, stamp: str = "") -> set:
+    """Names (:func:`task_name`) of the task results in the scratch area of ``kv`` that carry
+    ``stamp``: those of this job's plan and options (a resumed run skips them)."""
+    tail = f"@{stamp}" if stamp else ""
+    names = (k[len(SCRATCH) + len("blocks/"):] for k in storage.list_keys(kv, SCRATCH + "blocks/"))
+    return {n[:len(n) - len(tail)] for n in names if n.endswith(tail) and "@" not in n[:len(n) - len(tail)]}
 
 
 def pack_block(index: np.ndarray, count_labels: np.ndarray, counts: np.ndarray, data: bytes) -> bytes:
@@ -825,7 +841,7 @@ def _run_task(task) -> tuple[tuple, bytes, float, str, str]:
     backend's name and the worker process (``host:pid``, to count a cluster's workers on a GPU)."""
     blob = mesh_block(_WORKER["volume"], _WORKER["plan"], _WORKER["options"], task[0],
                       _WORKER["backend"], task[1])
-    storage.write(_WORKER["kv"], block_key(task), blob)
+    storage.write(_WORKER["kv"], block_key(task, _WORKER["plan"].stamp), blob)
     return (task, blob[:block_header_size(blob)], peak_rss_mb(), _WORKER["backend"].name,
             f"{socket.gethostname()}:{os.getpid()}")
 
@@ -963,12 +979,18 @@ def _plan_fingerprint(volume: Volume, plan: Plan, options: MeshOptions, axes: Op
         "axes": axes,
         "mip": int(mip),
         "fill_missing": bool(fill_missing),
-        "plan": dataclasses.asdict(plan),
+        "plan": {k: v for k, v in dataclasses.asdict(plan).items() if k != "stamp"},
         "options": opts,
         "voxel_size": [float(v) for v in volume.voxel_size],
         "voxel_offset": [int(v) for v in volume.voxel_offset],
         "dtype": str(np.dtype(volume.dtype)),
     }
+
+
+def _stamp(fingerprint: dict) -> str:
+    """:attr:`Plan.stamp` of a job: 16 hex digits of the SHA-256 of its fingerprint
+    (:func:`_plan_fingerprint`) as JSON with sorted keys."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _fingerprint_changes(old: dict, new: dict, most: int = 4) -> str:
@@ -1215,6 +1237,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         raise ValueError("give either overwrite or resume, not both")
     plan = Plan.make(volume.shape, options, volume.voxel_size)
     fingerprint = _plan_fingerprint(volume, plan, options, axes, mip, fill_missing)
+    plan = dataclasses.replace(plan, stamp=_stamp(fingerprint))
     cache = read_cache_bytes(volume, plan)   # each worker's cache of storage chunks (a loop over the blocks)
     cluster = None
     if client is not None:   # before the destination is touched: the cluster may have no workers
@@ -1270,9 +1293,13 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     else:
         requested = workers
     storage.write_json(kv, SCRATCH + "plan.json", fingerprint)   # the job's first write (DestinationError)
+    # this run's mark: another run started into DEST since (--overwrite, --resume) has replaced
+    # it by the time this one would write its info, which it then does not (writer.assemble)
+    owner = (OWNER_KEY, secrets.token_hex(16).encode())
+    storage.write(kv, *owner)
 
     tasks = plan.tasks()
-    done = {k[len(SCRATCH) + len("blocks/"):] for k in storage.list_keys(kv, SCRATCH + "blocks/")}
+    done = finished_tasks(kv, plan.stamp)
     todo = [t for t in tasks if task_name(t) not in done]
     summary = Summary(blocks=len(plan.blocks()), tasks=len(tasks), tasks_resumed=len(tasks) - len(todo),
                       device=backend.name if backend else device, format=options.format)
@@ -1315,7 +1342,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                 except (SourceReadError, InvalidVolumeError) as exc:
                     unread.append(exc)   # the other tasks go on; a resumed run reruns this one
                     continue
-                storage.write(kv, block_key(t), blob)
+                storage.write(kv, block_key(t, plan.stamp), blob)
                 finished += 1
                 if progress:
                     progress(finished, len(tasks))
@@ -1380,7 +1407,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                         # the workers also build the segments and write the output (gpumesh.writer)
                         stats = writer.assemble(kv, volume, plan, options, tasks, link_source=link_source,
                                                 executor=pool, workers=nworkers, headers=headers,
-                                                progress=write_progress)
+                                                progress=write_progress, owner=owner)
                     except BaseException as exc:
                         stop = _interrupt_of(exc)   # also when it came out of a numba kernel of the writer
                         if not isinstance(exc, Exception) or stop is not None:   # Ctrl-C: stop now
@@ -1415,7 +1442,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         if stats is None:
             t_mesh = time.perf_counter()
             stats = writer.assemble(kv, volume, plan, options, tasks, link_source=link_source,
-                                    progress=write_progress)
+                                    progress=write_progress, owner=owner)
     except (SourceReadError, DestinationError) as exc:   # a write, or the volume's first read
         raise _task_failed([exc], finished, len(tasks), shown) from exc
     except (KeyboardInterrupt, SystemError) as exc:   # Ctrl-C, also out of a numba kernel in this process
@@ -1423,7 +1450,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         if stop is None:
             raise
         try:   # the workers have stopped: the tasks a resumed run skips, for the CLI's line
-            kept = {k[len(SCRATCH) + len("blocks/"):] for k in storage.list_keys(kv, SCRATCH + "blocks/")}
+            kept = finished_tasks(kv, plan.stamp)
             stop.tasks_kept = (sum(task_name(t) in kept for t in tasks), len(tasks))
         except Exception:   # a store that no longer answers: the line says less
             pass

@@ -61,7 +61,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from . import storage
-from .errors import DestinationExistsError, GpumeshError, InvalidMeshError
+from .errors import DestinationExistsError, DestinationTakenError, GpumeshError, InvalidMeshError
 from .encode import encode_draco
 from .octree import manifest_body, manifest_head, segment_nodes
 from .pipeline import (BLOCK_PREFIX, FRAG_DTYPE, SCRATCH, MeshOptions, Plan, block_header_size, block_key,
@@ -336,7 +336,8 @@ def mesh_info(volume: Volume, options: MeshOptions, with_properties: bool,
 
 def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, link_source: bool = False,
              executor=None, workers: int = 1, headers: Optional[dict] = None,
-             progress: Optional[Callable[[int, int], None]] = None) -> dict:
+             progress: Optional[Callable[[int, int], None]] = None,
+             owner: Optional[tuple[str, bytes]] = None) -> dict:
     """Read every task's result from the scratch area and write the final mesh directory.
 
     The task results' headers (their fragment entries and voxel counts) are read once, in task
@@ -371,14 +372,22 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
         Called as the segments are written, with the segments written so far (those of the
         shards that an interrupted run wrote included) and all to write: once before the
         first, then after each shard, run of segments or batch (never when there is none).
+    owner : (key, value), optional
+        The run's mark in the scratch area (:func:`gpumesh.pipeline.run_mesh`): unless ``key``
+        still holds ``value`` when the mesh is written, ``info`` is not written.
 
     Returns
     -------
     dict
         ``segments``, ``triangles_per_lod``, ``fragments_per_lod``, ``bytes``; ``index_waves``,
         the waves that read the headers again (0 when the index was held whole).
+
+    Raises
+    ------
+    DestinationTakenError
+        ``owner`` was given and another run has replaced it.
     """
-    results = TaskResults(kv, [block_key(t) for t in tasks])
+    results = TaskResults(kv, [block_key(t, plan.stamp) for t in tasks])
     names = {task_name(t): i for i, t in enumerate(tasks)}
     known = {names[n]: headers.pop(n) for n in list(headers or {})}   # the only reference: freed as parsed
     # with workers writing the output, this process needs the headers alone
@@ -442,6 +451,11 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
     with_props = segment_properties_wanted(options.segment_properties, stats["segments"])
     if with_props:
         write_segment_properties(kv, ids, voxels)
+    if owner is not None and storage.read(kv, owner[0]) != owner[1]:
+        raise DestinationTakenError(
+            f"{storage.display(kv)}: another gpumesh run has started writing there since this one began "
+            f"(--overwrite or --resume; {owner[0]} is no longer this run's): this run stops without "
+            f"writing info, and leaves the destination to that run")
     storage.write_json(kv, "info", mesh_info(volume, options, with_props, spec))
     if volume.precomputed is not None:
         write_source_link(kv, volume, link_source, with_props)

@@ -522,6 +522,16 @@ def test_destination_that_cannot_be_written(tmp_path):
     assert afile.read_text() == "keep me"
 
 
+def _stamp_of(labels, options, **open_kwargs) -> str:
+    """The stamp in the names of the task results of ``run_mesh(labels, ..., options=options)``."""
+    from gpumesh.pipeline import Plan, _plan_fingerprint, _stamp
+    from gpumesh.volume import open_volume
+
+    volume = open_volume(labels, **open_kwargs)
+    return _stamp(_plan_fingerprint(volume, Plan.make(volume.shape, options, volume.voxel_size), options, None, 0,
+                                    True))
+
+
 def _blobs(shape=(64, 64, 64), seed=0) -> np.ndarray:
     """Random labels in blobs (every task of a small job has work)."""
     rng = np.random.default_rng(seed)
@@ -633,7 +643,8 @@ def test_a_write_that_fails_mid_run_stops_the_job(tmp_path, workers):
     opts = MeshOptions(chunk_size=16)
     clean = run_mesh(labels, str(tmp_path / "clean"), options=opts, workers=1)
     dest = tmp_path / "out"
-    blocker = dest / ".gpumesh-work" / "blocks" / "0_0_0.coarse"     # a late task (the coarse ones run last)
+    # a late task (the coarse ones run last); its name carries the job's stamp
+    blocker = dest / ".gpumesh-work" / "blocks" / f"0_0_0.coarse@{_stamp_of(labels, opts)}"
     (blocker / "x").mkdir(parents=True)
     with pytest.raises(TaskFailedError, match="cannot write to .*0_0_0.coarse.*run it again with --resume") as info:
         run_mesh(labels, str(dest), options=opts, workers=workers, resume=True)
@@ -1211,7 +1222,8 @@ def test_a_task_that_fails_stops_the_workers_taking_more(tmp_path):
     opts = MeshOptions(chunk_size=16)
     tasks = Plan.make(labels.shape, opts).tasks()
     dest = tmp_path / "out"
-    (dest / ".gpumesh-work" / "blocks" / task_name(tasks[0]) / "x").mkdir(parents=True)   # the first task's result
+    first = f"{task_name(tasks[0])}@{_stamp_of(labels, opts, voxel_size=(1, 1, 1))}"
+    (dest / ".gpumesh-work" / "blocks" / first / "x").mkdir(parents=True)   # the first task's result
     with pytest.raises(TaskFailedError, match=f"cannot write to .*{task_name(tasks[0])}"):
         run_mesh(labels, str(dest), options=opts, workers=2, voxel_size=(1, 1, 1))
     kept = [n for n in os.listdir(dest / ".gpumesh-work" / "blocks") if not n.endswith(".__lock")]
@@ -1263,3 +1275,71 @@ def test_every_error_and_warning_is_exported_from_the_package():
     assert backend.DeviceUnavailableError is gpumesh.DeviceUnavailableError
     with pytest.raises(gpumesh.SegmentNotFoundError):
         gpumesh.mesh_segment(np.ones((4, 4, 4), np.uint8), 2, voxel_size=(1, 1, 1), device="cpu")
+
+
+def test_task_results_of_a_run_of_other_options_are_never_taken_for_this_ones(tmp_path, monkeypatch):
+    """Two runs writing into one destination at once (a second one started with --overwrite and
+    other options, while the first still writes its task results): each run's results carry the
+    stamp of its options, so a resumed (or concurrent) run of other options reruns the tasks
+    instead of taking the others' results for its own and writing a mix."""
+    from conftest import tree_files
+
+    from gpumesh import writer
+    from gpumesh.pipeline import SCRATCH, Plan, _plan_fingerprint
+    from gpumesh.volume import open_volume
+
+    labels = _blobs()
+    medium, high = MeshOptions(chunk_size=16), MeshOptions(chunk_size=16, quality="high")
+    run_mesh(labels, str(tmp_path / "clean"), options=high, voxel_size=(1, 1, 1), workers=1)
+    dest = tmp_path / "out"
+
+    def stop(*args, **kwargs):   # every task result written, the output not
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "assemble", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_mesh(labels, str(dest), options=medium, voxel_size=(1, 1, 1), workers=1)
+    monkeypatch.undo()
+    # the other run's plan in its place, as its --overwrite would have written it
+    volume = open_volume(labels, voxel_size=(1, 1, 1))
+    other = _plan_fingerprint(volume, Plan.make(volume.shape, high, volume.voxel_size), high, None, 0, True)
+    (dest / SCRATCH / "plan.json").write_text(json.dumps(other))
+    summary = run_mesh(labels, str(dest), options=high, voxel_size=(1, 1, 1), workers=1, resume=True)
+    assert summary.tasks_resumed == 0
+    assert tree_files(dest) == tree_files(tmp_path / "clean")
+
+
+def test_a_run_whose_destination_another_run_took_over_writes_no_info(tmp_path, monkeypatch):
+    """A run started into the destination since this one began (--overwrite, --resume: a job
+    requeued while it still ran) has replaced this run's mark: this one stops before its info
+    (DestinationTakenError; the CLI's status 1), and the other finishes with a clean run's
+    bytes."""
+    from click.testing import CliRunner
+    from conftest import tree_files
+
+    from gpumesh import DestinationTakenError, pipeline
+    from gpumesh.cli import main
+    from gpumesh.pipeline import OWNER_KEY
+
+    labels = _blobs()
+    opts = MeshOptions(chunk_size=16)
+    run_mesh(labels, str(tmp_path / "clean"), options=opts, voxel_size=(1, 1, 1), workers=1)
+    dest = tmp_path / "out"
+
+    def taken_over(done, total):   # while this run writes its output
+        (dest / OWNER_KEY).write_bytes(b"another run")
+
+    with pytest.raises(DestinationTakenError, match="another gpumesh run has started writing there since this one "
+                                                    "began .* this run stops without writing info"):
+        run_mesh(labels, str(dest), options=opts, voxel_size=(1, 1, 1), workers=1, write_progress=taken_over)
+    assert not (dest / "info").exists() and (dest / ".gpumesh-work" / "plan.json").exists()
+    summary = run_mesh(labels, str(dest), options=opts, voxel_size=(1, 1, 1), workers=1, resume=True)
+    assert summary.tasks_resumed == summary.tasks
+    assert tree_files(dest) == tree_files(tmp_path / "clean")
+
+    def refused(*args, **kwargs):
+        raise DestinationTakenError("taken")
+
+    monkeypatch.setattr(pipeline, "run_mesh", refused)
+    r = CliRunner().invoke(main, ["mesh", str(tmp_path / "v.zarr"), str(tmp_path / "cli"), "--quiet"])
+    assert r.exit_code == 1 and r.output.strip().endswith("gpumesh: error: taken"), r.output
