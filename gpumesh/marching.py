@@ -391,9 +391,16 @@ def weld(tri_label: np.ndarray, tri_piece: np.ndarray, tri_edges: np.ndarray,
 
 @numba.njit(cache=True, nogil=True)
 def _thin(labels, v2, lo, hi, label, out):
-    """Fill ``out``; -1, or the first vertex whose lattice edge is not from a voxel of ``label``
-    to one of another label."""
+    """Fill ``out``; -1, or the first vertex that is not the midpoint of a lattice edge of the
+    piece's cubes (voxels ``lo .. hi``) from a voxel of ``label`` to one of another label."""
     for i in range(v2.shape[0]):
+        odd = 0
+        for a in range(3):   # checked before any read: the reads below stay in lo .. hi
+            if v2[i, a] < 2 * lo[a] or v2[i, a] > 2 * hi[a]:
+                return i        # outside the piece's cubes
+            odd += v2[i, a] & 1
+        if odd != 1:
+            return i            # not an edge's midpoint: its "high end" could lie past hi
         axis = 0 if v2[i, 0] & 1 else (1 if v2[i, 1] & 1 else 2)
         x = v2[i, 0] >> 1
         y = v2[i, 1] >> 1
@@ -459,21 +466,23 @@ def thin_vertices(labels: np.ndarray, piece: Piece, piece_size: int) -> np.ndarr
     Raises
     ------
     ValueError
-        The piece does not fit ``labels``: its vertices lie outside its cubes, or one's lattice
-        edge does not run from a voxel of the piece's label to one of another (another array,
+        The piece does not fit ``labels``: its vertices lie outside its cubes or are not
+        lattice edges' midpoints, or one's lattice edge does not run from a voxel of the piece's label to one of another (another array,
         or another ``piece_size``, than the piece was meshed from).
     """
     out = np.empty(len(piece.vertices2), dtype=np.bool_)
     nx, ny, nz = labels.shape
     py, pz = -(-(ny - 1) // piece_size), -(-(nz - 1) // piece_size)
     p = int(piece.piece)
-    lo = np.array([p // (py * pz), (p // pz) % py, p % pz], dtype=np.int64) * piece_size
+    # an array with no cubes (an axis of one voxel) has no pieces: every vertex is refused
+    lo = np.array([p // (py * pz), (p // pz) % py, p % pz] if py * pz > 0 else [nx, ny, nz],
+                  dtype=np.int64) * piece_size
     # voxels of the piece's cubes: lo .. lo + piece_size (fewer in a cut last piece)
     hi = np.minimum(lo + piece_size, np.array(labels.shape, dtype=np.int64) - 1)
-    v2 = piece.vertices2
-    # (the first check keeps the kernel's reads in the array, the second its answer right)
-    if (len(v2) and (np.any(v2.min(axis=0) < 2 * lo) or np.any(v2.max(axis=0) > 2 * hi))) \
-            or _thin(labels, v2, lo, hi, labels.dtype.type(piece.label), out) >= 0:
+    # the kernel checks each vertex before reading (in the piece's cubes, an edge's midpoint),
+    # then that its edge runs from the segment to another label: in one pass (a NumPy min and
+    # max over the vertices cost as much as the whole kernel)
+    if _thin(labels, piece.vertices2, lo, hi, labels.dtype.type(piece.label), out) >= 0:
         raise ValueError(f"piece {p} of label {piece.label} does not fit an array of shape {labels.shape} with "
                          f"pieces of {piece_size}: pass the labels and piece_size it was meshed from")
     return out

@@ -218,6 +218,25 @@ def test_thin_vertices_mark_one_voxel_thick_spots():
         thin_vertices(labels, pieces[7], 2)
 
 
+def test_thin_vertices_read_nothing_past_the_array_for_a_piece_that_does_not_fit():
+    """A vertex that is no lattice edge's midpoint (no odd coordinate) on the array's last
+    voxel is refused before the kernel reads the "high end" of its edge, one voxel past the
+    array: the answer must not depend on the memory there (here a view's parent array); an
+    array with an axis of one voxel (no cubes, no pieces) is refused, not divided by zero."""
+    from gpumesh.marching import Piece, thin_vertices
+
+    big = np.zeros((8, 8, 16), np.uint32)
+    labels = big[:, :, :8]            # the voxel past its last z is big[:, :, 8]
+    piece = Piece(label=3, piece=0, vertices2=np.array([[14, 14, 14]], np.int32), faces=np.zeros((0, 3), np.int32))
+    for past in (0, 3):
+        big[7, 7, 8] = past
+        with pytest.raises(ValueError, match="does not fit an array of shape"):
+            thin_vertices(labels, piece, 1000)
+    edge = Piece(label=3, piece=0, vertices2=np.array([[1, 0, 0]], np.int32), faces=np.zeros((0, 3), np.int32))
+    with pytest.raises(ValueError, match="does not fit an array of shape"):
+        thin_vertices(np.zeros((4, 1, 4), np.uint32), edge, 4)
+
+
 def test_thin_vertices_look_no_further_than_the_pieces_cubes():
     """A one-voxel slab is thin where both its faces are in one piece, and not where the voxel
     past it lies outside the piece's cubes (its other face is a neighbouring piece's, or
