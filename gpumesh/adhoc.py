@@ -42,7 +42,7 @@ from typing import Any, Optional
 import numba
 import numpy as np
 
-from .errors import SegmentCutWarning, SegmentNotFoundError
+from .errors import InvalidVolumeError, SegmentCutWarning, SegmentNotFoundError, SourceReadError
 from .lod import decimate, get_quality
 from .volume import Volume, open_volume, warn_if_no_voxel_size, warn_if_voxel_size_overridden
 
@@ -382,7 +382,9 @@ def _warn_if_cut(whole: Volume, volume: Volume, bbox, a: np.ndarray, b: np.ndarr
     """A :class:`SegmentCutWarning` when the segment, whose box is ``[a, b)`` (``volume``'s array
     indices), goes on past a face of the searched region (``bbox`` of ``volume``, itself
     ``whole`` cropped to ``bounds``): the voxels just past the face, read from ``whole``
-    across the segment's box, hold the segment.  Its mesh is closed there, the segment not."""
+    across the segment's box, hold the segment.  Its mesh is closed there, the segment not.
+    A face past which the labels cannot be read (a chunk not stored with ``fill_missing=False``,
+    negative labels of a signed source) is passed over: only the box must be readable."""
     lo, hi = (np.zeros(3, np.int64), np.array(volume.shape, np.int64)) if bbox is None \
         else _check_bbox(bbox, volume.shape)
     shift = volume.voxel_offset - whole.voxel_offset   # volume's index 0 in whole's indices
@@ -394,7 +396,13 @@ def _warn_if_cut(whole: Volume, volume: Volume, bbox, a: np.ndarray, b: np.ndarr
                 continue
             start, stop = a + shift, b + shift   # the slab past the face, across the segment's box
             start[k], stop[k] = past + shift[k], past + shift[k] + 1
-            if np.any(whole.read(tuple(start), tuple(stop)) == sid):
+            try:
+                past_face = whole.read(tuple(start), tuple(stop))
+            except (SourceReadError, InvalidVolumeError):
+                # past the box: a chunk not stored (fill_missing=False) or negative labels,
+                # which the box may be there to leave out: no error of the mesh, and no warning
+                continue
+            if np.any(past_face == sid):
                 faces.append(f"{'xyz'[k]} = {int(past + (side == 'low') + volume.voxel_offset[k])}")
     if faces:
         box = "bbox" if bbox is not None else "bounds"
@@ -416,8 +424,9 @@ def mesh_segment(source: Any, segment_id: int, *, bbox=None, mip: int = 0, voxel
         The segment (> 0).
     bbox : ((x0, y0, z0), (x1, y1, z1)), optional
         Voxel index box in array coordinates (the voxel offset NOT applied), stop exclusive.
-        Only this box is read and meshed; voxels outside it count as background, so the surface
-        is closed at the box faces (as when meshing a crop).  Without it the volume is scanned
+        Only this box is meshed (and read, but for the voxels just past a face the segment
+        reaches, read for the :class:`SegmentCutWarning` where they can be); voxels outside it
+        count as background, so the surface is closed at the box faces (as when meshing a crop).  Without it the volume is scanned
         for the segment's bounding box.
     bounds : sequence of 6 int, optional
         The same in global voxel coordinates (voxel offset included), ``(x0, y0, z0, x1, y1,

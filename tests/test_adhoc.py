@@ -101,6 +101,7 @@ def test_a_segment_cut_by_the_bbox_or_bounds_warns(tmp_path):
     closed there, with a :class:`SegmentCutWarning` naming the faces (global voxels); a box
     face on the volume's edge, or one the segment only touches, is no cut.  The CLI shows it
     in one line."""
+    import shutil
     import warnings
 
     from conftest import write_zarr
@@ -135,6 +136,21 @@ def test_a_segment_cut_by_the_bbox_or_bounds_warns(tmp_path):
         "segment 5 goes on past the bbox (x = 105, x = 115, global voxels): its mesh is closed there; widen the "
         "bbox for the whole segment"]
     assert cut(seg=6, bbox=((8, 8, 8), (14, 14, 14))) == []
+    # what lies past the box need not be readable: negative labels of a signed array, a chunk
+    # not stored (fill_missing=False); the box is meshed as before, with no warning
+    signed = labels.astype(np.int16)
+    signed[12:, :, :] = -1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SegmentCutWarning)
+        for more in (dict(bbox=((0, 0, 0), (12, 24, 24))), dict(bounds=(100, 0, 0, 112, 24, 24))):
+            assert mesh_segment(signed, 5, **kw, **more).is_watertight
+        filled = labels.copy()
+        filled[filled == 0] = 1   # every chunk stored
+        write_zarr(tmp_path / "holes.zarr", filled, chunk=8)
+        shutil.rmtree(tmp_path / "holes.zarr" / "c" / "1")   # x in 8 .. 16 not stored
+        for more in (dict(bbox=((0, 0, 0), (8, 24, 24))), dict(bounds=(0, 0, 0, 8, 24, 24))):
+            assert mesh_segment(str(tmp_path / "holes.zarr"), 5, voxel_size=(1, 1, 1), device="cpu",
+                                fill_missing=False, **more).is_watertight
     write_zarr(tmp_path / "v.zarr", labels, chunk=8)
     res = CliRunner().invoke(segment_cmd, [str(tmp_path / "v.zarr"), "5", "-o", str(tmp_path / "m.stl"),
                                            "--voxel-size", "1,1,1", "--bbox", "0,0,0,10,24,24", "--device", "cpu"])
