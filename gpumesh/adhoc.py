@@ -382,14 +382,15 @@ def _warn_if_cut(whole: Volume, volume: Volume, bbox, a: np.ndarray, b: np.ndarr
     """A :class:`SegmentCutWarning` when the segment, whose box is ``[a, b)`` (``volume``'s array
     indices), goes on past a face of the searched region (``bbox`` of ``volume``, itself
     ``whole`` cropped to ``bounds``): the voxels just past the face, read from ``whole``
-    across the segment's box, hold the segment.  Its mesh is closed there, the segment not.
+    across the segment's box, hold the segment.  A face of ``volume`` is named the bounds'
+    (a bbox that reaches it or past it is clipped there: widening it would not help).  Its mesh is closed there, the segment not.
     A face past which the labels cannot be read (a chunk not stored with ``fill_missing=False``,
     negative labels of a signed source) is passed over: only the box must be readable."""
     lo, hi = (np.zeros(3, np.int64), np.array(volume.shape, np.int64)) if bbox is None \
         else _check_bbox(bbox, volume.shape)
     shift = volume.voxel_offset - whole.voxel_offset   # volume's index 0 in whole's indices
     sid = _segment_scalar(segment_id, np.dtype(whole.dtype))
-    faces = []
+    faces = {"bbox": [], "bounds": []}
     for k in range(3):
         for side, touches, past in (("low", a[k] == lo[k], lo[k] - 1), ("high", b[k] == hi[k], hi[k])):
             if not touches or not 0 <= past + shift[k] < whole.shape[k]:
@@ -403,11 +404,16 @@ def _warn_if_cut(whole: Volume, volume: Volume, bbox, a: np.ndarray, b: np.ndarr
                 # which the box may be there to leave out: no error of the mesh, and no warning
                 continue
             if np.any(past_face == sid):
-                faces.append(f"{'xyz'[k]} = {int(past + (side == 'low') + volume.voxel_offset[k])}")
-    if faces:
-        box = "bbox" if bbox is not None else "bounds"
-        warnings.warn(f"segment {int(segment_id)} goes on past the {box} ({', '.join(faces)}, global voxels): its "
-                      f"mesh is closed there; widen the {box} for the whole segment", SegmentCutWarning, stacklevel=3)
+                # a bbox face on (or clipped to) a face of the cropped volume is the bounds': widening
+                # the bbox would not reach past it
+                on_bounds = volume is not whole and (lo[k] == 0 if side == "low" else hi[k] == volume.shape[k])
+                faces["bounds" if bbox is None or on_bounds else "bbox"].append(
+                    f"{'xyz'[k]} = {int(past + (side == 'low') + volume.voxel_offset[k])}")
+    boxes = [box for box in ("bbox", "bounds") if faces[box]]
+    if boxes:
+        where = " and ".join(f"the {box} ({', '.join(faces[box])}, global voxels)" for box in boxes)
+        warnings.warn(f"segment {int(segment_id)} goes on past {where}: its mesh is closed there; widen the "
+                      f"{' and the '.join(boxes)} for the whole segment", SegmentCutWarning, stacklevel=3)
 
 
 def mesh_segment(source: Any, segment_id: int, *, bbox=None, mip: int = 0, voxel_size=None,

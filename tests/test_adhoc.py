@@ -131,10 +131,14 @@ def test_a_segment_cut_by_the_bbox_or_bounds_warns(tmp_path):
     assert cut(bounds=(100, 0, 0, 115, 24, 24)) == [
         "segment 5 goes on past the bounds (x = 115, global voxels): its mesh is closed there; widen the bounds "
         "for the whole segment"]
-    # bbox within bounds: bbox's faces in the cropped volume; one on the bounds face counts too
+    # bbox within bounds: bbox's faces in the cropped volume; one on the bounds face (or a
+    # bbox reaching past it, clipped there) is the bounds' cut: widening the bbox would not help
     assert cut(bounds=(105, 0, 0, 124, 24, 24), bbox=((0, 0, 0), (10, 24, 24))) == [
-        "segment 5 goes on past the bbox (x = 105, x = 115, global voxels): its mesh is closed there; widen the "
-        "bbox for the whole segment"]
+        "segment 5 goes on past the bbox (x = 115, global voxels) and the bounds (x = 105, global voxels): its "
+        "mesh is closed there; widen the bbox and the bounds for the whole segment"]
+    assert cut(bounds=(100, 0, 0, 110, 24, 24), bbox=((0, 0, 0), (100, 24, 24))) == [
+        "segment 5 goes on past the bounds (x = 110, global voxels): its mesh is closed there; widen the bounds "
+        "for the whole segment"]
     assert cut(seg=6, bbox=((8, 8, 8), (14, 14, 14))) == []
     # what lies past the box need not be readable: negative labels of a signed array, a chunk
     # not stored (fill_missing=False); the box is meshed as before, with no warning
