@@ -1042,6 +1042,10 @@ def _signals_deferred():
                 os.kill(os.getpid(), num)
 
 
+#: Bytes of the slabs in which run_mesh looks for an in-memory signed array's negative labels.
+NEGATIVE_CHECK_BYTES = 64 << 20
+
+
 def _interrupt_of(exc: BaseException) -> Optional[KeyboardInterrupt]:
     """The Ctrl-C (or the CLI's SIGTERM, a ``KeyboardInterrupt`` too) behind ``exc``, else ``None``.
 
@@ -1197,8 +1201,12 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     volume = open_volume(source, **open_kwargs)
     if isinstance(source, np.ndarray) and source.dtype.kind == "i":
         # in memory: its negative labels are bad input, found now (InvalidVolumeError), not by
-        # the tasks that read them once the destination is touched (as a stored source's are)
-        volume.read((0, 0, 0), volume.shape)
+        # the tasks that read them once the destination is touched (as a stored source's are);
+        # in slabs: a read copies, and a copy of the whole array doubled the job's memory
+        nx, ny, nz = volume.shape
+        step = max(1, NEGATIVE_CHECK_BYTES // max(1, ny * nz * source.dtype.itemsize))
+        for x in range(0, nx, step):
+            volume.read((x, 0, 0), (min(x + step, nx), ny, nz))
     if link_source and volume.precomputed is None:
         raise ValueError(f"link_source (--link-source) names the meshes in a precomputed source's info; "
                          f"{volume.description} is not a precomputed volume")

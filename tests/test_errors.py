@@ -906,6 +906,32 @@ def test_negative_labels_of_an_array_are_refused_before_anything_is_written(tmp_
     assert summary.segments > 0
 
 
+def test_the_negative_label_check_of_an_array_does_not_copy_it_whole(tmp_path, monkeypatch):
+    """run_mesh looks for an in-memory signed array's negative labels in slabs: a read copies,
+    and one read of the whole array doubled the job's peak memory before anything was meshed;
+    a negative label in the last slab is still found."""
+    import tracemalloc
+
+    from gpumesh import DestinationError, pipeline
+
+    monkeypatch.setattr(pipeline, "NEGATIVE_CHECK_BYTES", 1 << 20, raising=False)
+    labels = np.zeros((128, 128, 256), np.int32)   # 16 MiB
+    labels[:8, :8, :8] = 3
+    (tmp_path / "afile").write_text("x")   # refused after the check: nothing meshed, nothing written
+    tracemalloc.start()
+    try:
+        with pytest.raises(DestinationError, match="a file, not a directory"):
+            run_mesh(labels, str(tmp_path / "afile"), voxel_size=(1, 1, 1), workers=1, axes="zyx")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < labels.nbytes // 4, peak
+    labels[-1, -1, -1] = -2
+    with pytest.raises(InvalidVolumeError, match="negative label -2 in"):
+        run_mesh(labels, str(tmp_path / "out"), voxel_size=(1, 1, 1), workers=1)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_negative_labels_found_mid_run_fail_the_tasks_that_read_them(tmp_path, workers):
     """Negative labels in a signed source are only seen when their box is read: the tasks that
