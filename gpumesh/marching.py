@@ -482,7 +482,11 @@ def thin_vertices(labels: np.ndarray, piece: Piece, piece_size: int) -> np.ndarr
     # the kernel checks each vertex before reading (in the piece's cubes, an edge's midpoint),
     # then that its edge runs from the segment to another label: in one pass (a NumPy min and
     # max over the vertices cost as much as the whole kernel)
-    if _thin(labels, piece.vertices2, lo, hi, labels.dtype.type(piece.label), out) >= 0:
+    # signed labels as the backends mesh them (their unsigned view, unsigned_view): a piece's
+    # label is that value (the CPU's) or, from the GPU's weld, the signed one: the same bits
+    labels = unsigned_view(labels)
+    label = labels.dtype.type(int(piece.label) % (1 << (8 * labels.dtype.itemsize)))
+    if _thin(labels, piece.vertices2, lo, hi, label, out) >= 0:
         raise ValueError(f"piece {p} of label {piece.label} does not fit an array of shape {labels.shape} with "
                          f"pieces of {piece_size}: pass the labels and piece_size it was meshed from")
     return out

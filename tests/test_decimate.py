@@ -237,6 +237,26 @@ def test_thin_vertices_read_nothing_past_the_array_for_a_piece_that_does_not_fit
         thin_vertices(np.zeros((4, 1, 4), np.uint32), edge, 4)
 
 
+def test_thin_vertices_of_signed_labels_with_negative_values():
+    """Signed labels are meshed as their unsigned view (a piece's label is that value, or the
+    signed one from the GPU's weld): thin_vertices takes the signed array and either label,
+    and marks the same vertices as for the unsigned array (it raised OverflowError)."""
+    from gpumesh.marching import Piece, thin_vertices
+
+    for dtype, value in ((np.int8, -3), (np.int16, -5), (np.int32, -7), (np.int64, -1)):
+        labels = np.zeros((10, 10, 10), dtype)
+        labels[2:8, 2:8, 2] = value        # one voxel thick in z, inside the pieces' z range 0 .. 4
+        unsigned = labels.view(f"u{labels.itemsize}")
+        thin = 0
+        for p in CPUBackend().mesh(labels, 4):
+            want = thin_vertices(unsigned, p, 4)
+            thin += int(want.sum())
+            assert np.array_equal(thin_vertices(labels, p, 4), want)
+            signed = Piece(label=int(value), piece=p.piece, vertices2=p.vertices2, faces=p.faces)
+            assert np.array_equal(thin_vertices(labels, signed, 4), want)
+        assert thin > 0, dtype
+
+
 def test_thin_vertices_look_no_further_than_the_pieces_cubes():
     """A one-voxel slab is thin where both its faces are in one piece, and not where the voxel
     past it lies outside the piece's cubes (its other face is a neighbouring piece's, or
