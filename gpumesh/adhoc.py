@@ -46,7 +46,8 @@ from .errors import InvalidVolumeError, SegmentCutWarning, SegmentNotFoundError,
 from .lod import decimate, get_quality
 from .volume import Volume, open_volume, warn_if_no_voxel_size, warn_if_voxel_size_overridden
 
-__all__ = ["SegmentNotFoundError", "SegmentCutWarning", "mesh_segment", "find_segment_bbox", "open_source", "mask_to_mesh"]
+__all__ = ["SegmentNotFoundError", "SegmentCutWarning", "mesh_segment", "find_segment_bbox", "open_source",
+           "mask_to_mesh"]
 
 #: Voxels per scan block (at least; blocks are whole storage chunks).
 SCAN_BLOCK_VOXELS = 128 ** 3
@@ -382,9 +383,9 @@ def _warn_if_cut(whole: Volume, volume: Volume, bbox, a: np.ndarray, b: np.ndarr
     """A :class:`SegmentCutWarning` when the segment, whose box is ``[a, b)`` (``volume``'s array
     indices), goes on past a face of the searched region (``bbox`` of ``volume``, itself
     ``whole`` cropped to ``bounds``): the voxels just past the face, read from ``whole``
-    across the segment's box, hold the segment.  A face of ``volume`` is named the bounds'
-    (a bbox that reaches it or past it is clipped there: widening it would not help).  Its mesh is closed there, the segment not.
-    A face past which the labels cannot be read (a chunk not stored with ``fill_missing=False``,
+    across the segment's box, hold the segment.  Its mesh is closed there, the segment not.  A
+    face of ``volume`` is named the bounds' (a bbox that reaches it or past it is clipped
+    there: widening it would not help).  A face past which the labels cannot be read (a chunk not stored with ``fill_missing=False``,
     negative labels of a signed source) is passed over: only the box must be readable."""
     lo, hi = (np.zeros(3, np.int64), np.array(volume.shape, np.int64)) if bbox is None \
         else _check_bbox(bbox, volume.shape)
@@ -432,8 +433,8 @@ def mesh_segment(source: Any, segment_id: int, *, bbox=None, mip: int = 0, voxel
         Voxel index box in array coordinates (the voxel offset NOT applied), stop exclusive.
         Only this box is meshed (and read, but for the voxels just past a face the segment
         reaches, read for the :class:`SegmentCutWarning` where they can be); voxels outside it
-        count as background, so the surface is closed at the box faces (as when meshing a crop).  Without it the volume is scanned
-        for the segment's bounding box.
+        count as background, so the surface is closed at the box faces (as when meshing a
+        crop).  Without it the volume is scanned for the segment's bounding box.
     bounds : sequence of 6 int, optional
         The same in global voxel coordinates (voxel offset included), ``(x0, y0, z0, x1, y1,
         z1)``, clipped to the volume, as the main job's ``bounds`` (:meth:`Volume.crop`); with

@@ -467,8 +467,9 @@ def thin_vertices(labels: np.ndarray, piece: Piece, piece_size: int) -> np.ndarr
     ------
     ValueError
         The piece does not fit ``labels``: its vertices lie outside its cubes or are not
-        lattice edges' midpoints, or one's lattice edge does not run from a voxel of the piece's label to one of another (another array,
-        or another ``piece_size``, than the piece was meshed from).
+        lattice edges' midpoints, or one's lattice edge does not run from a voxel of the
+        piece's label to one of another (another array, or another ``piece_size``, than the
+        piece was meshed from).
     """
     out = np.empty(len(piece.vertices2), dtype=np.bool_)
     nx, ny, nz = labels.shape
