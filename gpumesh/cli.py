@@ -123,6 +123,7 @@ class _ProgressLines:
     redraws one line with carriage returns, which a log keeps as one endless line."""
 
     FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%), {elapsed} elapsed, {remaining} left"
+    DONE = "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%), {elapsed} elapsed"   # no rate: "? left"
 
     def __init__(self, total: int, initial: int, desc: str, unit: str):
         import time
@@ -146,8 +147,9 @@ class _ProgressLines:
     def _line(self) -> None:
         from tqdm import tqdm
 
+        form = self.DONE if self.n >= self.total else self.FORMAT
         click.echo(tqdm.format_meter(self.n, self.total, self.clock() - self.start, prefix=self.desc,
-                                     bar_format=self.FORMAT.replace("{unit}", self.unit), initial=self.initial),
+                                     bar_format=form.replace("{unit}", self.unit), initial=self.initial),
                    err=True)
 
 
@@ -182,7 +184,7 @@ class _ProgressLines:
 @click.option("--segments", callback=_segments, default=None, metavar="IDS",
               help="mesh only these segment IDs: 1,2,3 or @FILE (IDs separated by commas, spaces or "
                    "newlines); each gets the bytes of the full job")
-@click.option("--workers", type=int, default=None,
+@click.option("--workers", type=click.IntRange(min=1), default=None,
               help="parallel processes (default: the usable cores, as many as fit in memory)")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="run the tasks on the Dask cluster of this scheduler (tcp://host:8786, or a scheduler "
@@ -221,6 +223,8 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
           segment_properties, link_source, sharded, shard_bits, minishard_bits, preshift_bits, shard_hash,
           minishard_index_encoding, data_encoding, summary_json, quiet):
     """The ``mesh`` command (:func:`mesh`), its SIGTERM handler installed."""
+    if overwrite and resume:   # in the CLI's words (run_mesh refuses it in the Python API's)
+        raise click.UsageError("give --overwrite or --resume, not both")
     from .resources import FewerWorkersNotice, usable_cores
 
     if scheduler is None and (workers or usable_cores()) > 1:
@@ -346,6 +350,8 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
             what = "the finished tasks are kept"
         elif kept[0] == kept[1]:
             what = f"all {kept[1]:,} tasks had finished (the output was being written); they are kept"
+        elif kept[0] == 0:
+            what = f"none of the {kept[1]:,} tasks had finished; the scratch area is kept"
         else:
             what = f"{kept[0]:,} of {kept[1]:,} tasks had finished; they are kept"
         _stopped(exc, f"{what} in {display(dest)}: run it again with --resume to continue")

@@ -658,7 +658,20 @@ def test_a_write_that_fails_mid_run_stops_the_job(tmp_path, workers):
     assert tree_files(dest) == tree_files(tmp_path / "clean")
 
 
-def test_cli_progress_in_a_log_is_lines(tmp_path):
+def test_cli_refuses_conflicting_or_bad_flags_in_its_own_words(tmp_path):
+    """--overwrite with --resume, and --workers 0, are refused as CLI usage (status 2, the
+    flags named), not with the Python API's words (``overwrite``, ``None: every core``)."""
+    from conftest import write_zarr
+
+    write_zarr(tmp_path / "v.zarr", GOOD, chunk=8)
+    r = _cli("mesh", str(tmp_path / "v.zarr"), str(tmp_path / "out"), "--overwrite", "--resume")
+    assert r.returncode == 2 and "give --overwrite or --resume, not both" in r.stderr, r.stderr
+    r = _cli("mesh", str(tmp_path / "v.zarr"), str(tmp_path / "out"), "--workers", "0")
+    assert r.returncode == 2 and "--workers" in r.stderr and "None" not in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_progress_in_a_log_is_lines(tmp_path, capsys):
     """Where stderr is not a terminal (a batch job's log) the progress is whole lines, the
     first at the start and the last at the end, not a bar redrawn with carriage returns."""
     from conftest import write_zarr
@@ -678,6 +691,12 @@ def test_cli_progress_in_a_log_is_lines(tmp_path):
     writing = [ln for ln in after if ln.startswith("writing: ")]
     assert writing[0].startswith(f"writing: 0/{segments} segments (0%)")
     assert writing[-1].startswith(f"writing: {segments}/{segments} segments (100%)") and segments > 1
+    # the last lines say no "? left" (no rate to tell it by), nor does a run with nothing left
+    assert not lines[-1].endswith("left") and not writing[-1].endswith("left"), (lines[-1], writing[-1])
+    from gpumesh.cli import _ProgressLines
+
+    _ProgressLines(35, 35, "meshing", "tasks")   # a run resumed with every task done
+    assert capsys.readouterr().err == "meshing: 35/35 tasks (100%), 00:00 elapsed\n"
 
 
 def test_the_selection_tells_selected_ids_from_the_others():
@@ -1369,3 +1388,30 @@ def test_a_run_whose_destination_another_run_took_over_writes_no_info(tmp_path, 
     monkeypatch.setattr(pipeline, "run_mesh", refused)
     r = CliRunner().invoke(main, ["mesh", str(tmp_path / "v.zarr"), str(tmp_path / "cli"), "--quiet"])
     assert r.exit_code == 1 and r.output.strip().endswith("gpumesh: error: taken"), r.output
+
+
+@pytest.mark.parametrize("kept, line", [
+    ((0, 35), "none of the 35 tasks had finished; the scratch area is kept in {dest}"),
+    ((7, 35), "7 of 35 tasks had finished; they are kept in {dest}"),
+    ((35, 35), "all 35 tasks had finished (the output was being written); they are kept in {dest}"),
+    (None, "the finished tasks are kept in {dest}")])
+def test_the_interrupt_line_says_how_many_tasks_are_kept(tmp_path, monkeypatch, kept, line):
+    """Ctrl-C: the one line says how many tasks a resumed run will skip (run_mesh's
+    ``tasks_kept``), in words that fit none, some and all of them."""
+    from click.testing import CliRunner
+
+    from gpumesh import pipeline
+    from gpumesh.cli import main
+
+    def stopped(*args, **kwargs):
+        exc = KeyboardInterrupt()
+        if kept is not None:
+            exc.tasks_kept = kept
+        raise exc
+
+    monkeypatch.setattr(pipeline, "run_mesh", stopped)
+    dest = tmp_path / "out"
+    r = CliRunner().invoke(main, ["mesh", str(tmp_path / "v.zarr"), str(dest), "--quiet", "--workers", "1"])
+    assert r.exit_code == 130
+    assert r.output.strip().splitlines()[-1] == (f"gpumesh: interrupted; {line.format(dest=dest)}: run it again with "
+                                                 f"--resume to continue"), r.output
