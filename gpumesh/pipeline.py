@@ -59,7 +59,7 @@ import numpy as np
 
 from . import encode, storage, workerserver
 from .backend import Backend, check_device, get_backend
-from .errors import (DestinationError, DestinationExistsError, EmptyVolumeWarning, GpumeshError,
+from .errors import (DestinationError, DestinationExistsError, DestinationTakenError, EmptyVolumeWarning, GpumeshError,
                      InvalidVolumeError, SegmentsNotFoundWarning, SourceReadError, TaskFailedError,
                      WorkerFailedError, one_line)
 from .lod import DOWNSAMPLING, decimate, decimates, get_quality, lod_factors
@@ -1451,8 +1451,14 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             t_mesh = time.perf_counter()
             stats = writer.assemble(kv, volume, plan, options, tasks, link_source=link_source,
                                     progress=write_progress, owner=owner)
-    except (SourceReadError, DestinationError) as exc:   # a write, or the volume's first read
-        raise _task_failed([exc], finished, len(tasks), shown) from exc
+    except GpumeshError as exc:
+        if not isinstance(exc, DestinationTakenError) and writer.taken_over(kv, owner):
+            # another run (--overwrite) deleted or replaced what this one needed: say that,
+            # not what it broke (a task result missing from the scratch area, a write refused)
+            raise writer.taken_error(kv, owner) from exc
+        if isinstance(exc, (SourceReadError, DestinationError)):   # a write, or the volume's first read
+            raise _task_failed([exc], finished, len(tasks), shown) from exc
+        raise
     except (KeyboardInterrupt, SystemError) as exc:   # Ctrl-C, also out of a numba kernel in this process
         stop = _interrupt_of(exc)
         if stop is None:

@@ -334,6 +334,24 @@ def mesh_info(volume: Volume, options: MeshOptions, with_properties: bool,
     return info
 
 
+def taken_over(kv, owner: tuple[str, bytes]) -> bool:
+    """True when ``owner``'s key no longer holds its value: another run has started writing into
+    the destination (``--overwrite``, ``--resume``) since the run that wrote it (False where it
+    cannot be read: the store's own error says more)."""
+    try:
+        return storage.read(kv, owner[0]) != owner[1]
+    except Exception:
+        return False
+
+
+def taken_error(kv, owner: tuple[str, bytes]) -> DestinationTakenError:
+    """The :class:`DestinationTakenError` of a run whose ``owner`` mark was replaced."""
+    return DestinationTakenError(
+        f"{storage.display(kv)}: another gpumesh run has started writing there since this one began "
+        f"(--overwrite or --resume; {owner[0]} is no longer this run's): this run stops without "
+        f"writing info, and leaves the destination to that run")
+
+
 def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, link_source: bool = False,
              executor=None, workers: int = 1, headers: Optional[dict] = None,
              progress: Optional[Callable[[int, int], None]] = None,
@@ -451,11 +469,8 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
     with_props = segment_properties_wanted(options.segment_properties, stats["segments"])
     if with_props:
         write_segment_properties(kv, ids, voxels)
-    if owner is not None and storage.read(kv, owner[0]) != owner[1]:
-        raise DestinationTakenError(
-            f"{storage.display(kv)}: another gpumesh run has started writing there since this one began "
-            f"(--overwrite or --resume; {owner[0]} is no longer this run's): this run stops without "
-            f"writing info, and leaves the destination to that run")
+    if owner is not None and taken_over(kv, owner):
+        raise taken_error(kv, owner)
     storage.write_json(kv, "info", mesh_info(volume, options, with_props, spec))
     if volume.precomputed is not None:
         write_source_link(kv, volume, link_source, with_props)

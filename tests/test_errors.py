@@ -1382,6 +1382,19 @@ def test_a_run_whose_destination_another_run_took_over_writes_no_info(tmp_path, 
     assert summary.tasks_resumed == summary.tasks
     assert tree_files(dest) == tree_files(tmp_path / "clean")
 
+    # the other run's --overwrite deleted what this one needed: said as the cause, not its effect
+    from gpumesh import GpumeshError, writer
+
+    def broken(kv, *args, owner=None, **kwargs):
+        storage.write(kv, owner[0], b"another run")
+        raise GpumeshError("task result .gpumesh-work/blocks/0_0_0 is missing from the scratch area")
+
+    monkeypatch.setattr(writer, "assemble", broken)
+    with pytest.raises(DestinationTakenError, match="another gpumesh run has started writing there") as info:
+        run_mesh(labels, str(tmp_path / "other"), options=opts, voxel_size=(1, 1, 1), workers=1)
+    assert "is missing from the scratch area" in str(info.value.__cause__)
+    monkeypatch.undo()
+
     def refused(*args, **kwargs):
         raise DestinationTakenError("taken")
 
