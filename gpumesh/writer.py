@@ -968,7 +968,8 @@ def _add_stats(total: dict, part: dict) -> None:
 
 
 def shard_marker_key(spec: ShardingSpec, shard: int) -> str:
-    """Scratch key recording that a shard is written (JSON: the sharding spec and its statistics)."""
+    """Scratch key recording that a shard is written (JSON: the sharding spec, the run's
+    :attr:`~gpumesh.pipeline.Plan.stamp` and the shard's statistics)."""
     return f"{SCRATCH}shards/{spec.shard_key(shard)}.json"
 
 
@@ -1011,8 +1012,9 @@ def write_shards(kv, results: "TaskResults", index: Optional[np.ndarray], table:
         :func:`gpumesh.sharding.choose_bits`, unless given).
 
     Fragment bytes are read for one shard at a time (per worker).  Shards recorded in the
-    scratch area by an interrupted run with the same spec are skipped (their statistics are
-    taken from the record).
+    scratch area by an interrupted run with the same spec and stamp (``plan.stamp``: of the
+    same options, not those of another run writing there at the same time) are skipped (their
+    statistics are taken from the record).
     """
     # What each segment will store, from the table alone: its LODs and their fragment bytes.
     n = table.num_lods(options.num_lods)
@@ -1031,7 +1033,7 @@ def write_shards(kv, results: "TaskResults", index: Optional[np.ndarray], table:
         marker = shard_marker_key(spec, shard)
         if marker in recorded:
             record = storage.read_json(kv, marker)
-            if record is not None and record.get("sharding") == spec_json:
+            if record is not None and record.get("sharding") == spec_json and record.get("stamp", "") == plan.stamp:
                 _add_stats(stats, record["stats"])
                 done[i] = True
     todo_shards = np.flatnonzero(~done)
@@ -1098,7 +1100,7 @@ def _write_shard_rows(kv, results: "TaskResults", todo: list, spec: ShardingSpec
                     items += got
                     _add_stats(part, got_part)
                     peak = max(peak, rss)
-                _add_worker_part(stats, _write_built_shard(kv, spec, shard, items, part), peak)
+                _add_worker_part(stats, _write_built_shard(kv, spec, shard, items, part, plan.stamp), peak)
                 report()
     else:
         for shard, rows in todo:
@@ -1131,7 +1133,7 @@ def write_shard(kv, results: "TaskResults", rows: np.ndarray, shard: int, spec: 
         ``bytes``).
     """
     items, part = build_segments(results, rows, plan, options, num_lods, grid_origin)
-    return _write_built_shard(kv, spec, shard, items, part)
+    return _write_built_shard(kv, spec, shard, items, part, plan.stamp)
 
 
 def build_segments(results: "TaskResults", rows: np.ndarray, plan: Plan, options: MeshOptions, num_lods: SegmentLods,
@@ -1163,13 +1165,15 @@ def build_segments(results: "TaskResults", rows: np.ndarray, plan: Plan, options
     return items, part
 
 
-def _write_built_shard(kv, spec: ShardingSpec, shard: int, items: list, part: dict) -> dict:
-    """Write one shard from its items, then its record; returns ``part`` with the shard's bytes."""
+def _write_built_shard(kv, spec: ShardingSpec, shard: int, items: list, part: dict, stamp: str = "") -> dict:
+    """Write one shard from its items, then its record (with ``stamp``, the run's
+    :attr:`~gpumesh.pipeline.Plan.stamp`); returns ``part`` with the shard's bytes."""
     blob = build_shard(spec, items)
     del items[:]
     part["bytes"] += len(blob)
     storage.write(kv, spec.shard_key(shard), blob)
-    storage.write_json(kv, shard_marker_key(spec, shard), {"sharding": spec.to_json(), "stats": part})
+    storage.write_json(kv, shard_marker_key(spec, shard), {"sharding": spec.to_json(), "stamp": stamp,
+                                                           "stats": part})
     return part
 
 

@@ -1428,3 +1428,40 @@ def test_the_interrupt_line_says_how_many_tasks_are_kept(tmp_path, monkeypatch, 
     assert r.exit_code == 130
     assert r.output.strip().splitlines()[-1] == (f"gpumesh: interrupted; {line.format(dest=dest)}: run it again with "
                                                  f"--resume to continue"), r.output
+
+
+def test_shard_records_of_a_run_of_other_options_are_never_taken_for_this_ones(tmp_path):
+    """The shards' resume records carry the run's stamp too: a run of other options writing its
+    output into the destination while this one meshes (it started before this one's
+    --overwrite, and stops before its info) leaves its shards and their records there, and this
+    run rewrites those shards with its own options' meshes instead of skipping them as its own."""
+    from conftest import tree_files
+
+    from gpumesh import DestinationTakenError
+    from gpumesh.pipeline import OWNER_KEY
+    from gpumesh.sharding import ShardingOptions
+
+    labels = _blobs()
+    sharding = ShardingOptions(shard_bits=1)
+    medium = MeshOptions(chunk_size=16, sharding=sharding)
+    high = MeshOptions(chunk_size=16, sharding=sharding, quality="high")
+    run_mesh(labels, str(tmp_path / "clean"), options=high, voxel_size=(1, 1, 1), workers=1)
+    other = tmp_path / "other"
+
+    def taken_over(done, total):
+        (other / OWNER_KEY).write_bytes(b"another run")
+
+    with pytest.raises(DestinationTakenError):   # the other run: its shards and their records written
+        run_mesh(labels, str(other), options=medium, voxel_size=(1, 1, 1), workers=1, write_progress=taken_over)
+    written = {k: v for k, v in tree_files(other).items() if "shard" in k}
+    assert any(k.startswith(".gpumesh-work/shards/") for k in written), sorted(written)
+    dest = tmp_path / "out"
+
+    def other_writes(done, total):   # the other run writes its output while this one meshes
+        if done == 1:
+            for key, data in written.items():
+                (dest / key).parent.mkdir(parents=True, exist_ok=True)
+                (dest / key).write_bytes(data)
+
+    run_mesh(labels, str(dest), options=high, voxel_size=(1, 1, 1), workers=1, progress=other_writes)
+    assert tree_files(dest) == tree_files(tmp_path / "clean")
