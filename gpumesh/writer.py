@@ -391,8 +391,10 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
         shards that an interrupted run wrote included) and all to write: once before the
         first, then after each shard, run of segments or batch (never when there is none).
     owner : (key, value), optional
-        The run's mark in the scratch area (:func:`gpumesh.pipeline.run_mesh`): unless ``key``
-        still holds ``value`` when the mesh is written, ``info`` is not written.
+        The run's mark in the scratch area (:func:`gpumesh.pipeline.run_mesh`), checked before
+        the results are read (a run taken over while it meshed writes no file into the other's
+        output, whose ``--overwrite`` may have deleted its results) and again before ``info``:
+        where ``key`` no longer holds ``value``, nothing more is written.
 
     Returns
     -------
@@ -405,6 +407,8 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
     DestinationTakenError
         ``owner`` was given and another run has replaced it.
     """
+    if owner is not None and taken_over(kv, owner):   # before the results are read or any file written
+        raise taken_error(kv, owner)
     results = TaskResults(kv, [block_key(t, plan.stamp) for t in tasks])
     names = {task_name(t): i for i, t in enumerate(tasks)}
     known = {names[n]: headers.pop(n) for n in list(headers or {})}   # the only reference: freed as parsed

@@ -1465,3 +1465,31 @@ def test_shard_records_of_a_run_of_other_options_are_never_taken_for_this_ones(t
 
     run_mesh(labels, str(dest), options=high, voxel_size=(1, 1, 1), workers=1, progress=other_writes)
     assert tree_files(dest) == tree_files(tmp_path / "clean")
+
+
+@pytest.mark.parametrize("at", [0, 2])
+def test_a_run_taken_over_while_it_meshes_writes_nothing_into_the_other_runs_output(tmp_path, at):
+    """A run into whose destination another started (--overwrite) while this one meshed stops
+    with DestinationTakenError before reading its results or writing any file of the output:
+    not with 'task result missing; rerun with --overwrite' (the other run deleted the results
+    finished before it began), and not after writing its segments or shards into the other's
+    output."""
+    import shutil
+
+    from gpumesh import DestinationTakenError
+    from gpumesh.pipeline import OWNER_KEY, SCRATCH
+
+    labels = _blobs()
+    dest = tmp_path / "out"
+
+    def other_overwrites(done, total):   # another run's --overwrite: deletes all, writes its plan and mark
+        if done == at:
+            shutil.rmtree(dest)
+            (dest / SCRATCH).mkdir(parents=True)
+            (dest / SCRATCH / "plan.json").write_text("{}")
+            (dest / OWNER_KEY).write_bytes(b"another run")
+
+    with pytest.raises(DestinationTakenError, match="another gpumesh run has started writing there"):
+        run_mesh(labels, str(dest), options=MeshOptions(chunk_size=16), voxel_size=(1, 1, 1), workers=1,
+                 progress=other_overwrites)
+    assert [p.name for p in dest.iterdir()] == [SCRATCH.rstrip("/")]
