@@ -382,7 +382,7 @@ def _write_summary(path: str, data: dict) -> None:
     """Write the end summary ``data`` as JSON to ``path`` (``--summary-json``).
 
     A regular file (or a new one) is written whole or not at all: to a temporary file beside
-    it, renamed over it (over a symbolic link's target, the link kept); anything else
+    it, renamed over it (over a symbolic link's target, the link kept; its permissions kept); anything else
     (``/dev/stdout``) is written to as is.  A failure (a full disk) is one line and status 1:
     the meshes are written, the job's report is not.
     """
@@ -397,6 +397,8 @@ def _write_summary(path: str, data: dict) -> None:
         tmp = f"{target}.{os.getpid()}.tmp"
         with open(tmp, "w") as fh:
             fh.write(text)
+        if os.path.exists(target):   # the file's permissions kept (a private 0600 report stays private)
+            os.chmod(tmp, os.stat(target).st_mode & 0o7777)
         os.replace(tmp, target)
     except OSError as exc:
         if tmp is not None:

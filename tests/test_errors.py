@@ -1493,3 +1493,20 @@ def test_a_run_taken_over_while_it_meshes_writes_nothing_into_the_other_runs_out
         run_mesh(labels, str(dest), options=MeshOptions(chunk_size=16), voxel_size=(1, 1, 1), workers=1,
                  progress=other_overwrites)
     assert [p.name for p in dest.iterdir()] == [SCRATCH.rstrip("/")]
+
+
+def test_a_summary_json_written_over_a_file_keeps_its_permissions(tmp_path):
+    """``--summary-json`` over an existing file (written through a temporary file renamed into
+    place) keeps the file's permissions, as writing into it did: a report kept private (0600)
+    does not become readable by all."""
+    import stat
+
+    from gpumesh.cli import _write_summary
+
+    path = tmp_path / "s.json"
+    path.write_text("{}")
+    path.chmod(0o600)
+    _write_summary(str(path), {"segments": 1})
+    assert json.loads(path.read_text()) == {"segments": 1}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json"]
