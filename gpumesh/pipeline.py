@@ -1452,10 +1452,11 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             stats = writer.assemble(kv, volume, plan, options, tasks, link_source=link_source,
                                     progress=write_progress, owner=owner)
     except GpumeshError as exc:
-        if not isinstance(exc, DestinationTakenError) and writer.taken_over(kv, owner):
+        if isinstance(exc, DestinationTakenError) or writer.taken_over(kv, owner):
             # another run (--overwrite) deleted or replaced what this one needed: say that,
-            # not what it broke (a task result missing from the scratch area, a write refused)
-            raise writer.taken_error(kv, owner) from exc
+            # not what it broke (a task result missing from the scratch area, a write refused),
+            # naming DEST as given
+            raise writer.taken_error(dest, owner) from exc
         if isinstance(exc, (SourceReadError, DestinationError)):   # a write, or the volume's first read
             raise _task_failed([exc], finished, len(tasks), shown) from exc
         raise

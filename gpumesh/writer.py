@@ -344,10 +344,11 @@ def taken_over(kv, owner: tuple[str, bytes]) -> bool:
         return False
 
 
-def taken_error(kv, owner: tuple[str, bytes]) -> DestinationTakenError:
-    """The :class:`DestinationTakenError` of a run whose ``owner`` mark was replaced."""
+def taken_error(where, owner: tuple[str, bytes]) -> DestinationTakenError:
+    """The :class:`DestinationTakenError` of a run whose ``owner`` mark was replaced in the
+    destination ``where`` (a kvstore, or the destination as the user gave it)."""
     return DestinationTakenError(
-        f"{storage.display(kv)}: another gpumesh run has started writing there since this one began "
+        f"{storage.display(where)}: another gpumesh run has started writing there since this one began "
         f"(--overwrite or --resume; {owner[0]} is no longer this run's): this run stops without "
         f"writing info, and leaves the destination to that run")
 

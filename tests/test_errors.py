@@ -1374,8 +1374,8 @@ def test_a_run_whose_destination_another_run_took_over_writes_no_info(tmp_path, 
     def taken_over(done, total):   # while this run writes its output
         (dest / OWNER_KEY).write_bytes(b"another run")
 
-    with pytest.raises(DestinationTakenError, match="another gpumesh run has started writing there since this one "
-                                                    "began .* this run stops without writing info"):
+    with pytest.raises(DestinationTakenError, match=f"^{dest}: another gpumesh run has started writing there since "
+                                                    f"this one began .* this run stops without writing info"):
         run_mesh(labels, str(dest), options=opts, voxel_size=(1, 1, 1), workers=1, write_progress=taken_over)
     assert not (dest / "info").exists() and (dest / ".gpumesh-work" / "plan.json").exists()
     summary = run_mesh(labels, str(dest), options=opts, voxel_size=(1, 1, 1), workers=1, resume=True)
