@@ -874,3 +874,32 @@ def test_given_segments_are_validated_over_plain_http(tmp_path, layout):
         assert not rep.ok and "give the segments to check (--segments" in rep.errors[0], rep.errors
     finally:
         server.shutdown()
+
+
+def test_a_scratch_area_left_in_a_mesh_is_warned_about(tmp_path):
+    """A mesh directory that still holds the main job's scratch area (a run stopped while
+    removing it, or one running there now) validates with a warning that says so and how to
+    finish it; the scratch area's name is the pipeline's."""
+    import shutil
+
+    from gpumesh import run_mesh
+    from gpumesh.pipeline import SCRATCH
+    from gpumesh.validate import _SCRATCH
+
+    assert _SCRATCH == SCRATCH
+    labels = np.zeros((16, 16, 16), np.uint32)
+    labels[4:12, 4:12, 4:12] = 7
+    dest = tmp_path / "m"
+    run_mesh(labels, str(dest), voxel_size=(1, 1, 1), workers=1)
+    clean = validate(dest)
+    assert clean.ok and not clean.warnings
+    (dest / SCRATCH / "blocks").mkdir(parents=True)
+    (dest / SCRATCH / "plan.json").write_text("{}")
+    (dest / SCRATCH / "blocks" / "0_0_0@0123456789abcdef").write_bytes(b"x")
+    rep = validate(dest)
+    assert rep.ok and rep.warnings == [
+        ".gpumesh-work/ holds 2 file(s) of a gpumesh run that has not finished (stopped, or running now; the mesh's "
+        "info is there: the run was stopped while removing them): gpumesh mesh --resume with that run's options "
+        "finishes it"]
+    shutil.rmtree(dest / SCRATCH)
+    assert not validate(dest).warnings
