@@ -55,6 +55,7 @@ import functools
 import json
 import os
 import re
+import time
 import warnings
 from typing import Callable, Iterator, Optional
 
@@ -136,6 +137,11 @@ INDEX_DTYPE = np.dtype(FRAG_DTYPE.descr + [("block", "<u4")])
 #: fragments.
 #: Writing a wave holds its entries and one sorted copy of them: about twice this at the peak.
 ASSEMBLY_INDEX_BYTES = 1 << 30
+
+#: Seconds between the assembly's reads of its run's mark (``owner``, see :func:`assemble`), at
+#: its progress reports: a run taken over while it writes stops within about this (and the
+#: shards or segment runs its workers have in hand).
+OWNER_CHECK_S = 1.0
 
 
 class LabelTable:
@@ -353,6 +359,23 @@ def taken_error(where, owner: tuple[str, bytes]) -> DestinationTakenError:
         f"writing info, and leaves the destination to that run")
 
 
+def _checking_owner(kv, owner: tuple[str, bytes], progress: Optional[Callable[[int, int], None]]):
+    """``progress``, made to read the run's mark first, at most every :data:`OWNER_CHECK_S`
+    (:func:`taken_error` where another run has replaced it)."""
+    last = [time.monotonic()]
+
+    def checked(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= OWNER_CHECK_S:
+            last[0] = now
+            if taken_over(kv, owner):
+                raise taken_error(kv, owner)
+        if progress is not None:
+            progress(done, total)
+
+    return checked
+
+
 def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, link_source: bool = False,
              executor=None, workers: int = 1, headers: Optional[dict] = None,
              progress: Optional[Callable[[int, int], None]] = None,
@@ -395,7 +418,8 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
         The run's mark in the scratch area (:func:`gpumesh.pipeline.run_mesh`), checked before
         the results are read (a run taken over while it meshed writes no file into the other's
         output, whose ``--overwrite`` may have deleted its results) and again before ``info``:
-        where ``key`` no longer holds ``value``, nothing more is written.
+        where ``key`` no longer holds ``value``, nothing more is written; also at most every
+        :data:`OWNER_CHECK_S` while it writes (at its progress reports).
 
     Returns
     -------
@@ -408,8 +432,10 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
     DestinationTakenError
         ``owner`` was given and another run has replaced it.
     """
-    if owner is not None and taken_over(kv, owner):   # before the results are read or any file written
-        raise taken_error(kv, owner)
+    if owner is not None:
+        if taken_over(kv, owner):   # before the results are read or any file written
+            raise taken_error(kv, owner)
+        progress = _checking_owner(kv, owner, progress)   # and while it writes
     results = TaskResults(kv, [block_key(t, plan.stamp) for t in tasks])
     names = {task_name(t): i for i, t in enumerate(tasks)}
     known = {names[n]: headers.pop(n) for n in list(headers or {})}   # the only reference: freed as parsed

@@ -1510,3 +1510,35 @@ def test_a_summary_json_written_over_a_file_keeps_its_permissions(tmp_path):
     assert json.loads(path.read_text()) == {"segments": 1}
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json"]
+
+
+@pytest.mark.parametrize("sharded", [True, False])
+def test_a_run_taken_over_while_it_writes_stops_at_its_next_progress_report(tmp_path, monkeypatch, sharded):
+    """A run whose destination another takes over while it writes its output reads its mark
+    again at its progress reports (at most every OWNER_CHECK_S): it stops after the shard or run
+    of segments in hand, not after writing them all into the other's output, and writes no info."""
+    from gpumesh import DestinationTakenError, ShardingOptions, writer
+    from gpumesh.pipeline import OWNER_KEY, SCRATCH
+
+    rng = np.random.default_rng(3)   # 200 segments in cubes of 4 voxels
+    labels = np.repeat(np.repeat(np.repeat(rng.integers(0, 200, size=(8, 8, 8)).astype(np.uint32), 4, 0), 4, 1), 4, 2)
+    sharding = ShardingOptions(shard_bits=3, minishard_bits=0) if sharded else None
+    opts = MeshOptions(chunk_size=16, sharding=sharding)
+    clean = tmp_path / "clean"
+    run_mesh(labels, str(clean), options=opts, voxel_size=(1, 1, 1), workers=1)
+
+    def outputs(d):
+        return [p for p in d.iterdir() if p.name not in ("info", SCRATCH.rstrip("/"), "segment_properties")]
+
+    assert len(outputs(clean)) > 4
+    monkeypatch.setattr(writer, "OWNER_CHECK_S", 0.0)
+    monkeypatch.setattr(writer, "WRITE_BATCH", 16)
+    dest = tmp_path / "out"
+
+    def taken_over(done, total):   # the other run's mark, as soon as the writing starts
+        (dest / OWNER_KEY).write_bytes(b"another run")
+
+    with pytest.raises(DestinationTakenError, match="another gpumesh run has started writing there"):
+        run_mesh(labels, str(dest), options=opts, voxel_size=(1, 1, 1), workers=1, write_progress=taken_over)
+    assert not (dest / "info").exists()
+    assert len(outputs(dest)) < len(outputs(clean)), (len(outputs(dest)), len(outputs(clean)))
