@@ -38,10 +38,10 @@ import ctypes
 import dataclasses
 import functools
 import hashlib
-import secrets
 import json
 import os
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -59,15 +59,15 @@ import numpy as np
 
 from . import encode, storage, workerserver
 from .backend import Backend, check_device, get_backend
-from .errors import (DestinationError, DestinationExistsError, DestinationTakenError, EmptyVolumeWarning, GpumeshError,
-                     InvalidVolumeError, SegmentsNotFoundWarning, SourceReadError, TaskFailedError,
+from .errors import (DestinationError, DestinationExistsError, DestinationTakenError, EmptyVolumeWarning,
+                     GpumeshError, InvalidVolumeError, SegmentsNotFoundWarning, SourceReadError, TaskFailedError,
                      WorkerFailedError, one_line)
 from .lod import DOWNSAMPLING, decimate, decimates, get_quality, lod_factors
 from .marching import piece_in_node, relabel_block, thin_vertices
 from .sharding import ShardingOptions
 from .volume import Volume, open_volume, portable_source, warn_if_no_voxel_size, warn_if_voxel_size_overridden
 
-SCRATCH = ".gpumesh-work/"
+SCRATCH = storage.SCRATCH
 #: The scratch key that names the run writing the destination (see :func:`run_mesh`).
 OWNER_KEY = SCRATCH + "owner"
 COARSE = "coarse"     # the task of a block that meshes its coarsest LOD (see Plan.tasks)
@@ -402,9 +402,9 @@ def block_key(task, stamp: str = "") -> str:
 def finished_tasks(kv, stamp: str = "") -> set:
     """Names (:func:`task_name`) of the task results in the scratch area of ``kv`` that carry
     ``stamp``: those of this job's plan and options (a resumed run skips them)."""
-    tail = f"@{stamp}" if stamp else ""
-    names = (k[len(SCRATCH) + len("blocks/"):] for k in storage.list_keys(kv, SCRATCH + "blocks/"))
-    return {n[:len(n) - len(tail)] for n in names if n.endswith(tail) and "@" not in n[:len(n) - len(tail)]}
+    prefix = SCRATCH + "blocks/"
+    keys = (k[len(prefix):].partition("@") for k in storage.list_keys(kv, prefix))
+    return {name for name, _, got in keys if got == stamp}
 
 
 def pack_block(index: np.ndarray, count_labels: np.ndarray, counts: np.ndarray, data: bytes) -> bytes:
@@ -1277,17 +1277,9 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                 raise DestinationExistsError(f"{shown}: holds no interrupted run to resume ({SCRATCH}plan.json is "
                                              f"missing); choose another destination, or --overwrite a mesh")
         else:
-            from .writer import foreign_keys
+            from .writer import nonempty_error
 
-            foreign = foreign_keys(existing)   # files that --overwrite refuses to delete
-            if SCRATCH + "plan.json" in existing:
-                raise DestinationExistsError(f"{shown} is not empty: it holds an interrupted run; pass --resume to "
-                                             f"finish it" + ("" if foreign else ", or --overwrite to start again"))
-            if foreign:   # neither flag would do: --overwrite and --resume refuse such a folder
-                raise DestinationExistsError(
-                    f"{shown} is not empty and holds {len(foreign):,} file(s) that gpumesh did not write "
-                    f"(e.g. {foreign[0]!r}); choose another destination")
-            raise DestinationExistsError(f"{shown} is not empty; pass --overwrite to replace the mesh there")
+            raise nonempty_error(shown, existing, resumable=True)
     if cluster is not None:
         requested = cluster.workers
     elif in_process:

@@ -29,6 +29,10 @@ from .errors import DestinationError, SourceReadError, StorageUnreachableError, 
 
 KvSpec = Union[str, os.PathLike, dict, "ts.KvStore"]
 
+#: A destination's scratch area: the main job's task results, plan and resume records
+#: (:mod:`gpumesh.pipeline`), deleted once the output is written.
+SCRATCH = ".gpumesh-work/"
+
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")   # any URL: never taken as a local path
 
 

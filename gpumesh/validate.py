@@ -831,22 +831,17 @@ def validate(
     return report
 
 
-#: The main job's scratch area (``gpumesh.pipeline.SCRATCH``; not imported: the pipeline
-#: loads numba, and ``import gpumesh`` loads this module).
-_SCRATCH = ".gpumesh-work/"
-
-
 def _warn_scratch(report: ValidationReport, kv, info) -> None:
     """A warning when the directory holds gpumesh's scratch area: a run that has not finished
     there (stopped, or running now), whose files a reader does not need."""
     try:
-        scratch = storage.list_keys(kv, _SCRATCH)
+        scratch = storage.list_keys(kv, storage.SCRATCH)
     except Exception:   # a store that cannot list (plain HTTP): nothing to say
         return
     if scratch:
         state = ("the mesh's info is there: the run was stopped while removing them" if info else
                  "no info: the mesh is not finished")
-        report.warnings.append(f"{_SCRATCH} holds {len(scratch):,} file(s) of a gpumesh run that has not finished "
+        report.warnings.append(f"{storage.SCRATCH} holds {len(scratch):,} file(s) of a gpumesh run that has not finished "
                                f"(stopped, or running now; {state}): gpumesh mesh --resume with that run's "
                                f"options finishes it")
 

@@ -1238,6 +1238,21 @@ def foreign_keys(keys) -> list[str]:
     return [k for k in keys if not _OWN_KEY.match(k)]
 
 
+def nonempty_error(dest, keys, resumable: bool) -> DestinationExistsError:
+    """The refusal of a non-empty destination ``dest`` holding ``keys``, given neither
+    ``--overwrite`` nor ``--resume``, naming the way out that applies: ``--resume`` for an
+    interrupted run (where ``resumable``: the main job), another destination for files gpumesh
+    did not write (which ``--overwrite`` refuses to delete), else ``--overwrite``."""
+    foreign = foreign_keys(keys)
+    if resumable and SCRATCH + "plan.json" in keys:
+        return DestinationExistsError(f"{dest} is not empty: it holds an interrupted run; pass --resume to finish "
+                                      f"it" + ("" if foreign else ", or --overwrite to start again"))
+    if foreign:   # neither flag would do: --overwrite and --resume refuse such a folder
+        return DestinationExistsError(f"{dest} is not empty and holds {len(foreign):,} file(s) that gpumesh did "
+                                      f"not write (e.g. {foreign[0]!r}); choose another destination")
+    return DestinationExistsError(f"{dest} is not empty; pass --overwrite to replace the mesh there")
+
+
 def check_overwrite(dest, keys) -> None:
     """Raise :class:`DestinationExistsError` when ``--overwrite`` would delete files of
     ``dest`` that gpumesh did not write (:func:`foreign_keys`)."""
@@ -1320,12 +1335,7 @@ def convert_mesh(src, dest, *, sharding: Optional[ShardingOptions] = ShardingOpt
     if existing:
         shown = storage.display(dest)
         if not overwrite:
-            foreign = foreign_keys(existing)   # files that overwrite refuses to delete
-            if foreign:
-                raise DestinationExistsError(
-                    f"{shown} is not empty and holds {len(foreign):,} file(s) that gpumesh did not write "
-                    f"(e.g. {foreign[0]!r}); choose another destination")
-            raise DestinationExistsError(f"{shown} is not empty; pass --overwrite to replace the mesh there")
+            raise nonempty_error(shown, existing, resumable=False)
         check_overwrite(shown, existing)
         storage.delete_all(kv)
 

@@ -884,9 +884,6 @@ def test_a_scratch_area_left_in_a_mesh_is_warned_about(tmp_path):
 
     from gpumesh import run_mesh
     from gpumesh.pipeline import SCRATCH
-    from gpumesh.validate import _SCRATCH
-
-    assert _SCRATCH == SCRATCH
     labels = np.zeros((16, 16, 16), np.uint32)
     labels[4:12, 4:12, 4:12] = 7
     dest = tmp_path / "m"
