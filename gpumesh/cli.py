@@ -2,8 +2,8 @@
 
 Errors caused by bad input print one line (``gpumesh: error: ...``) and exit with status 2;
 a failed validation, and a main job that failed once started (a worker process died, tasks
-failed, a write failed: ``--resume`` continues it), exit with status 1; Ctrl-C and SIGTERM
-exit with status 130 and 143.
+failed, a write failed: ``--resume`` continues it), exit with status 1; Ctrl-C, SIGTERM and
+SIGHUP exit with status 130, 143 and 129.
 """
 
 from __future__ import annotations
@@ -80,32 +80,57 @@ def _sharding_options(multires: bool, sharded, shard_bits, minishard_bits, presh
     return options
 
 
+#: Signals that stop a command as Ctrl-C does: SIGTERM (a batch scheduler's stop or preemption,
+#: ``docker stop``, ``kill``) and SIGHUP (the terminal or the ssh session closed).  One that the
+#: process ignores (``nohup``) stays ignored.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM (a batch scheduler's stop, ``docker stop``, ``kill``), handled as Ctrl-C is."""
+    """SIGTERM or SIGHUP (:data:`STOP_SIGNALS`), handled as Ctrl-C is; ``signum`` is the signal."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__()
+        self.signum = signum
 
 
 def _raise_terminated(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)   # a second SIGTERM ends the process at once
-    raise _Terminated()
+    signal.signal(signum, signal.SIG_DFL)   # a second one ends the process at once
+    raise _Terminated(signum)
 
 
 def _stopped(exc: KeyboardInterrupt, what: str) -> None:
-    """End a command stopped by Ctrl-C or SIGTERM (``exc``): one line, ``gpumesh: interrupted;
-    WHAT`` (``terminated (SIGTERM)`` for SIGTERM), and status 128 + the signal's number."""
-    terminated = isinstance(exc, _Terminated)
-    click.echo(f"gpumesh: {'terminated (SIGTERM)' if terminated else 'interrupted'}; {what}", err=True)
-    sys.exit(143 if terminated else 130)
+    """End a command stopped by Ctrl-C, SIGTERM or SIGHUP (``exc``): one line, ``gpumesh:
+    interrupted; WHAT`` (``terminated (SIGTERM)`` or ``terminated (SIGHUP)`` for those), and
+    status 128 + the signal's number."""
+    if isinstance(exc, _Terminated):
+        click.echo(f"gpumesh: terminated ({signal.Signals(exc.signum).name}); {what}", err=True)
+        sys.exit(128 + exc.signum)
+    click.echo(f"gpumesh: interrupted; {what}", err=True)
+    sys.exit(130)
 
 
-def _stop_on_sigterm():
-    """Make SIGTERM stop the main job as Ctrl-C does (workers stopped, finished tasks kept, one
-    line, status 143), instead of ending the process with no word and leaving the worker pool's
-    semaphores to the resource tracker's warning; the previous handler, or None where no
-    handler can be set (not the main thread)."""
-    try:
-        return signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:
-        return None
+def _stop_on_signals() -> dict:
+    """Make SIGTERM and SIGHUP (:data:`STOP_SIGNALS`) stop the main job as Ctrl-C does (workers
+    stopped, finished tasks kept, one line, status 128 + the signal), instead of ending the
+    process with no word and leaving the worker pool's semaphores to the resource tracker's
+    warning.  A signal the process ignores (``nohup gpumesh mesh ...`` ignores SIGHUP) is left
+    ignored.  Returns the previous handlers by signal, for :func:`_restore_signals`; none where
+    no handler can be set (not the main thread)."""
+    previous = {}
+    for sig in STOP_SIGNALS:
+        try:
+            if signal.getsignal(sig) == signal.SIG_IGN:
+                continue
+            previous[sig] = signal.signal(sig, _raise_terminated)
+        except ValueError:   # not the main thread
+            break
+    return previous
+
+
+def _restore_signals(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 @click.group()
@@ -206,23 +231,22 @@ def mesh(**params):
     DEST: a directory path or kvstore URL (file://, gs://, s3://).
     Multi-resolution meshes are sharded unless --unsharded.
     """
-    # Ctrl-C or SIGTERM before the job starts (imports, a Dask scheduler that does not answer):
-    # one line and 130 / 143, not click's "Aborted!" and status 1, which means a failed job
-    previous = _stop_on_sigterm()
+    # Ctrl-C, SIGTERM or SIGHUP before the job starts (imports, a Dask scheduler that does not
+    # answer): one line and 130 / 143 / 129, not click's "Aborted!" and status 1, which means a failed job
+    previous = _stop_on_signals()
     try:
         _mesh(**params)
     except KeyboardInterrupt as exc:
         _stopped(exc, "nothing was written")
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        _restore_signals(previous)
 
 
 def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missing, fmt, quality, chunk_size, max_lods,
           num_lods, downsampling, bits, dust_threshold, segments, workers, scheduler, device, overwrite, resume,
           segment_properties, link_source, sharded, shard_bits, minishard_bits, preshift_bits, shard_hash,
           minishard_index_encoding, data_encoding, summary_json, quiet):
-    """The ``mesh`` command (:func:`mesh`), its SIGTERM handler installed."""
+    """The ``mesh`` command (:func:`mesh`), its SIGTERM and SIGHUP handlers installed."""
     if overwrite and resume:   # in the CLI's words (run_mesh refuses it in the Python API's)
         raise click.UsageError("give --overwrite or --resume, not both")
     from .resources import FewerWorkersNotice, usable_cores
@@ -341,7 +365,7 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
         close_bars()
         click.echo(f"gpumesh: error: {exc}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt as exc:   # Ctrl-C, SIGTERM: the workers are stopped at once (pipeline._stop_workers)
+    except KeyboardInterrupt as exc:   # Ctrl-C, SIGTERM, SIGHUP: the workers are stopped at once (pipeline._stop_workers)
         close_bars()
         from .storage import display
 
@@ -465,18 +489,17 @@ def convert(src, dest, sharded, shard_bits, minishard_bits, preshift_bits, shard
 
     sharding = _sharding_options(True, sharded, shard_bits, minishard_bits, preshift_bits, shard_hash,
                                  minishard_index_encoding, data_encoding)
-    previous = _stop_on_sigterm()
+    previous = _stop_on_signals()
     try:
         result = convert_mesh(src, dest, sharding=sharding, overwrite=overwrite)
-    except KeyboardInterrupt as exc:   # Ctrl-C, SIGTERM: info is written last, so no reader trusts DEST
+    except KeyboardInterrupt as exc:   # Ctrl-C, SIGTERM, SIGHUP: info is written last, so no reader trusts DEST
         from .storage import display
 
         _stopped(exc, f"{display(dest)} is incomplete (no info): run it again with --overwrite")
     except (GpumeshError, ValueError) as exc:
         _fail(exc)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        _restore_signals(previous)
     click.echo(f"segments:  {result['segments']}")
     if result["sharding"] is not None:
         sh = result["sharding"]

@@ -761,9 +761,12 @@ def _init_worker(source, open_kwargs, plan, options, dest_spec, device, nworkers
 
     import tensorstore as ts  # noqa: F401
 
-    # Ctrl-C reaches the whole process group: the main process stops the workers, whose own
-    # KeyboardInterrupt tracebacks would bury its one line
+    # Ctrl-C reaches the whole process group, and so does a closed terminal's SIGHUP: the main
+    # process stops the workers, whose own KeyboardInterrupt tracebacks would bury its one line
+    # (and a worker ended by SIGHUP, the failed job's)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _exit_with_parent()
     _keep_freed_memory()
     # a task allocates many short-lived objects but makes no reference cycles worth a full
@@ -1015,19 +1018,23 @@ def _fingerprint_changes(old: dict, new: dict, most: int = 4) -> str:
     return "; ".join(changes[:most] + (["..."] if len(changes) > most else []))
 
 
+#: The signals that stop the main job (the CLI's handlers, or Ctrl-C's KeyboardInterrupt).
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 @contextlib.contextmanager
 def _signals_deferred():
-    """Hold SIGINT and SIGTERM back while the pool starts its worker processes, then deliver the
-    first that came.  Interrupted while a worker is forked but not yet registered with the
-    pool, the pool could not stop that worker, and waiting for the workers' server would hang
-    (it waits for its children).  Outside the main thread, where no handler can be set, a
-    no-op."""
+    """Hold SIGINT, SIGTERM and SIGHUP back while the pool starts its worker processes, then
+    deliver the first that came.  Interrupted while a worker is forked but not yet registered
+    with the pool, the pool could not stop that worker, and waiting for the workers' server
+    would hang (it waits for its children).  Outside the main thread, where no handler can be
+    set, a no-op; a signal whose handler was not set from Python is left as it is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list = []
     held = {sig: signal.signal(sig, lambda num, frame: caught.append((num, frame)))
-            for sig in (signal.SIGINT, signal.SIGTERM)}
+            for sig in _STOP_SIGNALS if signal.getsignal(sig) is not None}
     try:
         yield
     finally:

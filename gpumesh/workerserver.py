@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 from typing import Iterator, Optional
@@ -98,6 +99,25 @@ def _environment() -> dict:
     return {k: v for k, v in os.environ.items() if k not in VOLATILE_ENV}
 
 
+@contextlib.contextmanager
+def _hangup_ignored() -> Iterator[None]:
+    """Ignore SIGHUP in the processes started in this block (the server, and multiprocessing's
+    resource tracker, which the server's start starts too): a closed terminal sends SIGHUP to
+    the job's whole process group, and the CLI stops the job on it (``gpumesh.cli``); a tracker
+    killed by it left the pool's semaphores behind, with a warning and a traceback per
+    semaphore.  The ignored disposition survives their ``exec``; this process's own handler
+    is put back at once.  Outside the main thread (no handler can be set), a no-op."""
+    sig = getattr(signal, "SIGHUP", None)
+    if sig is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(sig, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+
+
 def start_server() -> bool:
     """Start the worker server (multiprocessing's forkserver), if not yet started.
 
@@ -119,7 +139,8 @@ def start_server() -> bool:
         # process already started one): then the workers import gpumesh themselves, as before.
         forkserver.set_forkserver_preload(list(PRELOAD))
         _socket_dir_fits()
-        forkserver.ensure_running()
+        with _hangup_ignored():
+            forkserver.ensure_running()   # and multiprocessing's resource tracker, if not yet running
         _server_env = _environment()
     return True
 

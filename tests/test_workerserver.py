@@ -173,14 +173,14 @@ def _assert_ended(seen: set, job: str) -> None:
     assert not left, f"processes of {job} still running: {left}"
 
 
-def _ignores_sigint(pid: int) -> bool:
-    """Whether process ``pid`` is running and ignores SIGINT."""
+def _ignores_sigint(pid: int, sig: int = signal.SIGINT) -> bool:
+    """Whether process ``pid`` is running and ignores SIGINT (or ``sig``)."""
     try:
         with open(f"/proc/{pid}/status") as f:
             status = dict(line.split(":", 1) for line in f)
     except OSError:
         return False
-    return status["State"].split()[0] != "Z" and bool(int(status["SigIgn"], 16) >> (signal.SIGINT - 1) & 1)
+    return status["State"].split()[0] != "Z" and bool(int(status["SigIgn"], 16) >> (sig - 1) & 1)
 
 
 def _results(blocks) -> list[str]:
@@ -234,8 +234,9 @@ def uninterrupted(real_zarr, tmp_path_factory):
 
 
 @pytest.mark.parametrize("sig, status, how", [(signal.SIGINT, 130, "interrupted"),
-                                              (signal.SIGTERM, 143, "terminated (SIGTERM)")],
-                         ids=["ctrl-c", "sigterm"])
+                                              (signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                              (signal.SIGHUP, 129, "terminated (SIGHUP)")],
+                         ids=["ctrl-c", "sigterm", "sighup"])
 def test_a_stop_signal_ends_the_job_at_once_and_resume_finishes_it(real_zarr, tmp_path, uninterrupted,
                                                                      sig, status, how):
     """SIGINT (Ctrl-C) or SIGTERM (a batch scheduler, ``docker stop``) to the CLI while its
@@ -247,7 +248,10 @@ def test_a_stop_signal_ends_the_job_at_once_and_resume_finishes_it(real_zarr, tm
     joins them), so a Ctrl-C stopped nothing until the meshing was done; SIGTERM ended the
     main process with no word but the resource tracker's warning of leaked semaphores.  A
     terminal's Ctrl-C reaches the job's whole process group, its workers too: they leave it to
-    the main process (no traceback of theirs on stderr).
+    the main process (no traceback of theirs on stderr).  So does SIGHUP, when the terminal or
+    ssh session closes: it ended the job with status 129 and no line, and killed
+    multiprocessing's resource tracker, whose relaunch warned and printed a traceback per
+    semaphore; every process of the job but the main one now ignores it.
     """
     dest = tmp_path / "out"
     proc = subprocess.Popen(cli_command() + ["mesh", str(real_zarr), str(dest)] + _STOP_ARGS,
@@ -255,19 +259,19 @@ def test_a_stop_signal_ends_the_job_at_once_and_resume_finishes_it(real_zarr, tm
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         seen = _wait_for_first_result(proc, dest)
-        if sig == signal.SIGINT:
-            # every process of the job but the main one leaves Ctrl-C to it (a worker's own
-            # KeyboardInterrupt would print its traceback); the workers set that up as they start
-            # (the processes running now: one that has ended meanwhile is not asked)
+        if sig in (signal.SIGINT, signal.SIGHUP):
+            # every process of the job but the main one leaves Ctrl-C (and SIGHUP) to it (a
+            # worker's own KeyboardInterrupt would print its traceback); the workers set that up
+            # as they start (the processes running now: one that has ended meanwhile is not asked)
             def setting_up():
-                return [p for p in _descendants(proc.pid) if _alive(p) and not _ignores_sigint(p)]
+                return [p for p in _descendants(proc.pid) if _alive(p) and not _ignores_sigint(p, sig)]
 
             deadline = time.time() + 30
             while time.time() < deadline and setting_up():
                 time.sleep(0.1)
             assert _descendants(proc.pid) and not setting_up() and proc.poll() is None
         t0 = time.time()
-        if sig == signal.SIGINT:
+        if sig in (signal.SIGINT, signal.SIGHUP):
             os.killpg(proc.pid, sig)   # as a terminal sends it
         else:
             proc.send_signal(sig)
@@ -286,6 +290,31 @@ def test_a_stop_signal_ends_the_job_at_once_and_resume_finishes_it(real_zarr, tm
     assert resumed.returncode == 0, resumed.stderr
     assert f"{kept} resumed" in resumed.stdout and kept < 35
     assert tree_files(dest) == tree_files(uninterrupted)
+
+
+def test_the_cli_leaves_an_ignored_hangup_ignored():
+    """``nohup gpumesh mesh ...`` (SIGHUP ignored: the job is to outlive its terminal) keeps
+    running when the terminal closes; SIGTERM still stops it.  The handlers are put back as
+    they were when the command ends."""
+    from gpumesh import cli
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        previous = cli._stop_on_signals()
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is cli._raise_terminated
+        cli._restore_signals(previous)
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == before[signal.SIGTERM]
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        previous = cli._stop_on_signals()
+        assert signal.getsignal(signal.SIGHUP) is cli._raise_terminated
+        cli._restore_signals(previous)
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def test_a_killed_worker_fails_the_job_in_one_line_and_resume_finishes_it(crop, tmp_path):
@@ -595,20 +624,24 @@ def test_a_stop_signal_held_while_the_pool_starts_ends_a_process_that_left_it_to
     assert r.returncode == -signal.SIGTERM and r.stdout == "held\n", (r.returncode, r.stdout, r.stderr)
 
 
-def test_a_second_sigterm_is_left_to_the_default_action():
-    """The CLI takes a first SIGTERM as Ctrl-C (workers stopped, one line, status 143) and the
-    next with the default action: a job that does not stop on the first ends on the second."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
+def test_a_second_sigterm_is_left_to_the_default_action(sig):
+    """The CLI takes a first SIGTERM (or SIGHUP) as Ctrl-C (workers stopped, one line, status
+    143 or 129) and the next with the default action: a job that does not stop on the first
+    ends on the second."""
     from gpumesh import cli
 
-    old = signal.getsignal(signal.SIGTERM)
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        assert cli._stop_on_sigterm() is old
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGTERM)
+        assert cli._stop_on_signals()[sig] == old[sig]
+        with pytest.raises(KeyboardInterrupt) as caught:
+            os.kill(os.getpid(), sig)
             time.sleep(5)   # the handler raises at once
-        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        assert caught.value.signum == sig
+        assert signal.getsignal(sig) == signal.SIG_DFL
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def test_a_job_of_one_task_runs_in_this_process_however_many_workers_are_asked_for(tmp_path, monkeypatch):
