@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
@@ -165,6 +166,18 @@ def _check_bbox(bbox, shape) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
+def _check_threads(threads) -> int:
+    """``threads`` as an int of at least 1, else ``ValueError`` (0 or a negative number used to
+    be taken as 1 without a word)."""
+    try:
+        n = operator.index(threads)
+    except TypeError:
+        n = None
+    if n is None or isinstance(threads, bool) or n < 1:
+        raise ValueError(f"threads must be a whole number of at least 1, got {threads!r}")
+    return n
+
+
 def _segment_scalar(segment_id, dtype: np.dtype):
     """``segment_id`` as a scalar of the label dtype, or None when it cannot occur."""
     if isinstance(segment_id, (bool, np.bool_)) or not isinstance(segment_id, (int, np.integer)):
@@ -240,7 +253,7 @@ def find_segment_bbox(source: Any, segment_id: int, *, bbox=None, threads: int =
     bbox : ((x0, y0, z0), (x1, y1, z1)), optional
         Only look inside this box (array index coordinates, stop exclusive).
     threads : int
-        Blocks read concurrently.
+        Blocks read concurrently (at least 1).
     **open_kwargs
         ``voxel_size``, ``voxel_offset``, ``mip``, ``axes`` for opening ``source``.
 
@@ -249,6 +262,7 @@ def find_segment_bbox(source: Any, segment_id: int, *, bbox=None, threads: int =
     ((x0, y0, z0), (x1, y1, z1)) or None
         Tight box ``[start, stop)`` of the segment's voxels, ``None`` when it does not occur.
     """
+    threads = _check_threads(threads)
     volume = open_source(source, **open_kwargs)
     found = _locate(volume, segment_id, bbox, threads)
     if not found:
@@ -347,7 +361,7 @@ def mask_to_mesh(mask: np.ndarray, origin, voxel_size, *, backend=None, device: 
         March only sub-blocks of this many cubes that touch the mask (0: the whole array in
         one call).  Default: :data:`SPARSE_BLOCK` on the CPU, 0 on a GPU.
     threads : int
-        Sub-blocks marched concurrently (the same output for any number).
+        Sub-blocks marched concurrently (at least 1; the same output for any number).
 
     Returns
     -------
@@ -358,6 +372,7 @@ def mask_to_mesh(mask: np.ndarray, origin, voxel_size, *, backend=None, device: 
     """
     from .backend import get_backend
 
+    threads = _check_threads(threads)
     if backend is None:
         backend = get_backend(device, stacklevel=3)
     if sparse_block is None:
@@ -455,7 +470,8 @@ def mesh_segment(source: Any, segment_id: int, *, bbox=None, mip: int = 0, voxel
     device : {"auto", "cpu", "gpu"}
         Backend of the marching cubes (:func:`gpumesh.backend.get_backend`).
     threads : int
-        Blocks read concurrently while scanning, and sub-blocks marched concurrently on the CPU.
+        Blocks read concurrently while scanning, and sub-blocks marched concurrently on the CPU
+        (at least 1).
     fill_missing : bool
         ``False``: a storage chunk of the source that is not stored is an error instead of
         background (see :func:`gpumesh.volume.open_volume`).
@@ -477,7 +493,7 @@ def mesh_segment(source: Any, segment_id: int, *, bbox=None, mip: int = 0, voxel
     SegmentNotFoundError
         The segment does not occur (in ``bbox``).
     ValueError
-        A bad segment ID, bbox or quality.
+        A bad segment ID, bbox, quality or number of threads.
     InvalidVolumeError, InvalidVoxelSizeError, SourceReadError
         Bad source (see :func:`gpumesh.volume.open_volume`), or with ``fill_missing=False`` a
         chunk that is not stored.
@@ -486,6 +502,7 @@ def mesh_segment(source: Any, segment_id: int, *, bbox=None, mip: int = 0, voxel
 
     from .backend import get_backend
 
+    threads = _check_threads(threads)
     keep = None if quality is None or quality == "exact" else get_quality(quality).lod0_keep
     whole = open_source(source, voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip, axes=axes,
                         fill_missing=fill_missing)

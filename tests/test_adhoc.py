@@ -309,6 +309,15 @@ def test_missing_segment_and_bad_input(crop):
     for kw in ({"mip": 1}, {"axes": "zyx"}, {"fill_missing": False}):
         with pytest.raises(ValueError, match="not to an open Volume"):
             mesh_segment(vol, seg, device="cpu", **kw)
+    # no threads is not one thread: refused (0 and negative numbers used to be taken as 1)
+    for bad in (0, -2, 1.5, "4", True):
+        with pytest.raises(ValueError, match="threads must be"):
+            mesh_segment(crop, seg, device="cpu", threads=bad)
+        with pytest.raises(ValueError, match="threads must be"):
+            find_segment_bbox(crop, seg, threads=bad)
+        with pytest.raises(ValueError, match="threads must be"):
+            mask_to_mesh(crop == seg, (0, 0, 0), VOXEL_SIZE, device="cpu", threads=bad)
+    assert find_segment_bbox(crop, seg, threads=np.int64(1)) == find_segment_bbox(crop, seg, threads=3)
 
 
 def test_scan_of_the_whole_real_volume(real_zarr):
