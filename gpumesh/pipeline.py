@@ -1474,10 +1474,13 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     summary.seconds_meshing = t_mesh - t0
     # the task results first and the plan last (a deletion goes in no set order): a run stopped
     # in between leaves its plan, so --resume finishes it rather than refusing "a finished mesh"
-    # with task results left in it
-    for part in ("blocks/", "shards/"):   # the task results, the shards' resume records
+    # with task results left in it.  Each part only while the mark is still this run's: a run
+    # started into DEST since this one wrote its info (--overwrite, --resume) owns the scratch
+    # area now, and deleting its plan, mark and task results would stop it as "taken over"
+    for part in ("blocks/", "shards/", ""):   # the task results, the shards' resume records, the plan
+        if writer.taken_over(kv, owner):
+            break
         storage.delete_prefix(kv, SCRATCH + part)
-    storage.delete_prefix(kv, SCRATCH)
     summary.segments = stats["segments"]
     summary.triangles_per_lod = stats["triangles_per_lod"]
     summary.fragments_per_lod = stats["fragments_per_lod"]

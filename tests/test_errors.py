@@ -1542,3 +1542,43 @@ def test_a_run_taken_over_while_it_writes_stops_at_its_next_progress_report(tmp_
         run_mesh(labels, str(dest), options=opts, voxel_size=(1, 1, 1), workers=1, write_progress=taken_over)
     assert not (dest / "info").exists()
     assert len(outputs(dest)) < len(outputs(clean)), (len(outputs(dest)), len(outputs(clean)))
+
+
+@pytest.mark.parametrize("flag", ["overwrite", "resume"])
+def test_a_run_that_finishes_as_another_starts_leaves_the_others_scratch_area(tmp_path, monkeypatch, flag):
+    """Run A has written its info and deletes its scratch area when run B starts into the same
+    destination (``--overwrite``, or ``--resume`` of a job thought dead): A must not delete B's
+    plan, mark and task results, or B ends with DestinationTakenError ("another run has started")
+    though none has, and (``--overwrite``) leaves neither a mesh nor a plan to ``--resume``."""
+    from conftest import tree_files
+
+    from gpumesh import pipeline, writer
+
+    labels = _blobs((32, 32, 32))
+    kw = dict(options=MeshOptions(chunk_size=16), voxel_size=(1, 1, 1), workers=1)
+    run_mesh(labels, str(tmp_path / "clean"), **kw)
+    dest = tmp_path / "out"
+    real = writer.assemble
+
+    class Paused(Exception):
+        """B, stopped after its first task (its process goes on meshing)."""
+
+    def pause(done, total):
+        if done == (1 if flag == "overwrite" else 0):
+            raise Paused
+
+    def b_starts(*args, **kwargs):   # once A's info is written: B starts, writes its mark, meshes a task
+        stats = real(*args, **kwargs)
+        monkeypatch.setattr(writer, "assemble", real)
+        with pytest.raises(Paused):   # --overwrite meshes anew; --resume has every task and writes
+            run_mesh(labels, str(dest), **{"progress" if flag == "overwrite" else "write_progress": pause},
+                     **{flag: True}, **kw)
+        return stats
+
+    monkeypatch.setattr(writer, "assemble", b_starts)
+    run_mesh(labels, str(dest), **kw)   # A
+    scratch = sorted(p.name for p in (dest / pipeline.SCRATCH).iterdir())
+    assert scratch == ["blocks", "owner", "plan.json"], scratch
+    assert len(list((dest / pipeline.SCRATCH / "blocks").iterdir())) >= 1
+    summary = run_mesh(labels, str(dest), resume=True, **kw)   # B goes on (as its --resume would)
+    assert summary.tasks_resumed >= 1 and tree_files(dest) == tree_files(tmp_path / "clean")
