@@ -486,14 +486,16 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
             rows = rows[np.argsort(rows["label"], kind="stable")]
             lods_of = None if num_lods is None else SegmentLods(labels, num_lods[wave])   # multires
             if pool and len(rows):
-                # the workers write the segments' files, each a run of segments of about equal bytes
+                # the workers write the segments' files, each a run of segments of about equal bytes:
+                # WRITE_PARTS per worker, at most SHARDS_AHEAD of them per worker submitted at once,
+                # so that a report (and its check of the mark) comes while most are yet to start
                 from .pipeline import _run_write_task
 
-                futures = [_submit_part(executor, reads(), _run_write_task, part, num_lods=lods_of,
-                                        grid_origin=volume.voxel_offset) for part in split_segments(rows, workers)]
-                for fut in futures:
-                    _add_worker_part(stats, *fut.result())
-                    report()
+                _in_turn(executor, workers,
+                         (functools.partial(_submit_part, executor, reads(), _run_write_task, part, num_lods=lods_of,
+                                            grid_origin=volume.voxel_offset)
+                          for part in split_segments(rows, workers * WRITE_PARTS)),
+                         lambda got: (_add_worker_part(stats, *got), report()))
             else:
                 write_all_segments(kv, results, rows, plan, options, stats, volume.voxel_offset, lods_of, report)
 
@@ -1096,8 +1098,33 @@ def write_shards(kv, results: "TaskResults", index: Optional[np.ndarray], table:
     return spec
 
 
-#: Shard tasks per worker that :func:`_write_shard_rows` keeps submitted ahead.
+#: Shard tasks (or runs of segments) per worker that :func:`_write_shard_rows` (and
+#: :func:`assemble`) keeps submitted ahead.
 SHARDS_AHEAD = 2
+
+#: Runs of segments per worker that the workers write an unsharded output in (:func:`assemble`):
+#: more than one, so that a run taken over while it writes (its mark checked at each report)
+#: stops with most of them not started.
+WRITE_PARTS = 4
+
+
+def _in_turn(executor, workers: int, submits, done: Callable) -> None:
+    """Call each of ``submits`` (each submits one task to ``executor`` and returns its future),
+    keeping at most :data:`SHARDS_AHEAD` tasks per worker submitted, and ``done(result)`` for each
+    in turn.  Where ``done`` (or a task) raises, the tasks not started are cancelled: a run
+    taken over stops writing after those its workers have in hand."""
+    waiting: collections.deque = collections.deque()
+    try:
+        for fut in map(lambda submit: submit(), submits):
+            waiting.append(fut)
+            while len(waiting) >= SHARDS_AHEAD * workers:
+                done(waiting.popleft().result())
+        while waiting:
+            done(waiting.popleft().result())
+    except BaseException:
+        for fut in waiting:
+            fut.cancel()
+        raise
 
 
 def _write_shard_rows(kv, results: "TaskResults", todo: list, spec: ShardingSpec, plan: Plan, options: MeshOptions,
@@ -1115,12 +1142,9 @@ def _write_shard_rows(kv, results: "TaskResults", todo: list, spec: ShardingSpec
 
         split = -(-workers // len(todo))   # parts per shard, so that every worker has one
         if split == 1:                     # many shards: a worker builds and writes each
-            waiting: collections.deque = collections.deque()
-            for i, (shard, rows) in enumerate(todo):
-                waiting.append(submit(_run_shard_task, rows, shard, spec))
-                while waiting and (len(waiting) >= SHARDS_AHEAD * workers or i == len(todo) - 1):
-                    _add_worker_part(stats, *waiting.popleft().result())
-                    report()
+            _in_turn(executor, workers, (functools.partial(submit, _run_shard_task, rows, shard, spec)
+                                         for shard, rows in todo),
+                     lambda got: (_add_worker_part(stats, *got), report()))
         else:                              # few shards: workers build parts of each, this process joins them
             pending = [(shard, [submit(_run_segments_task, part_rows) for part_rows in split_segments(rows, split)])
                        for shard, rows in todo]

@@ -1582,3 +1582,29 @@ def test_a_run_that_finishes_as_another_starts_leaves_the_others_scratch_area(tm
     assert len(list((dest / pipeline.SCRATCH / "blocks").iterdir())) >= 1
     summary = run_mesh(labels, str(dest), resume=True, **kw)   # B goes on (as its --resume would)
     assert summary.tasks_resumed >= 1 and tree_files(dest) == tree_files(tmp_path / "clean")
+
+
+def test_a_run_taken_over_while_its_workers_write_an_unsharded_output_stops_before_writing_all(tmp_path,
+                                                                                               monkeypatch):
+    """Unsharded, the workers write the segments' files: in one run of segments each, all of
+    them submitted at once, so a run taken over while they wrote (its mark checked at each
+    report) wrote every file into the other run's output before it stopped.  In smaller runs,
+    a few submitted at a time and the rest cancelled, it stops with those its workers have in
+    hand (2 workers: at most half of 8 runs)."""
+    from gpumesh import DestinationTakenError, writer
+    from gpumesh.pipeline import OWNER_KEY, SCRATCH
+
+    rng = np.random.default_rng(3)   # 200 segments in cubes of 4 voxels
+    labels = np.repeat(np.repeat(np.repeat(rng.integers(0, 200, size=(8, 8, 8)).astype(np.uint32), 4, 0), 4, 1), 4, 2)
+    opts = MeshOptions(chunk_size=16)
+    monkeypatch.setattr(writer, "OWNER_CHECK_S", 0.0)
+    dest = tmp_path / "out"
+
+    def taken_over(done, total):   # the other run's mark, as soon as the writing starts
+        (dest / OWNER_KEY).write_bytes(b"another run")
+
+    with pytest.raises(DestinationTakenError, match="another gpumesh run has started writing there"):
+        run_mesh(labels, str(dest), options=opts, voxel_size=(1, 1, 1), workers=2, write_progress=taken_over)
+    written = [p for p in dest.iterdir() if p.name != SCRATCH.rstrip("/")]
+    files = 2 * len(np.unique(labels[labels > 0]))   # a manifest and a data file each
+    assert not (dest / "info").exists() and len(written) < files * 3 // 4, (len(written), files)
