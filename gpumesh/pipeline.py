@@ -1304,6 +1304,12 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     # it by the time this one would write its info, which it then does not (writer.assemble)
     owner = (OWNER_KEY, secrets.token_hex(16).encode())
     storage.write(kv, *owner)
+    from . import writer
+
+    # read again at the progress reports while the tasks run (at most every writer.OWNER_CHECK_S):
+    # a run taken over stops meshing then, not after every task, whose results it would go on
+    # writing into the other run's scratch area, or into its finished output
+    progress = writer._checking_owner(kv, owner, progress)
 
     tasks = plan.tasks()
     done = finished_tasks(kv, plan.stamp)
@@ -1331,7 +1337,6 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
 
         device_workers = device_processes(backend.rt.mem_info()[0], nworkers)
     summary.device_workers = device_workers if on_gpu else 0
-    from . import writer
 
     stats = None
     spilled = None       # an array source's temporary file (_spill_array)

@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 import warnings
 
 import numpy as np
@@ -1608,3 +1609,37 @@ def test_a_run_taken_over_while_its_workers_write_an_unsharded_output_stops_befo
     written = [p for p in dest.iterdir() if p.name != SCRATCH.rstrip("/")]
     files = 2 * len(np.unique(labels[labels > 0]))   # a manifest and a data file each
     assert not (dest / "info").exists() and len(written) < files * 3 // 4, (len(written), files)
+
+
+def test_a_run_taken_over_while_it_meshes_stops_meshing(tmp_path, monkeypatch):
+    """A run whose destination another takes over while it meshes (--overwrite with other
+    options, --resume of a job thought dead) reads its mark at its progress reports while it
+    meshes too (at most every OWNER_CHECK_S): it stops then, not after meshing every task, whose
+    results it went on writing into the other run's scratch area, or into its finished output
+    (a scratch area that no run deletes: validate's warning, "not empty" refusals)."""
+    from gpumesh import DestinationTakenError, pipeline, writer
+
+    labels = _blobs()
+    dest = tmp_path / "out"
+    fast = MeshOptions(chunk_size=32, quality="low")   # the other run: over before this one is
+    real, meshed = pipeline.mesh_block, []
+
+    def counted(*args, **kwargs):
+        meshed.append(1)
+        return real(*args, **kwargs)
+
+    def other_run(done, total):
+        if done == 2:
+            monkeypatch.setattr(pipeline, "mesh_block", real)
+            run_mesh(labels, str(dest), options=fast, voxel_size=(1, 1, 1), workers=1, overwrite=True)
+            monkeypatch.setattr(pipeline, "mesh_block", counted)
+            meshed.clear()
+            time.sleep(writer.OWNER_CHECK_S)   # this run's next report reads its mark
+
+    monkeypatch.setattr(pipeline, "mesh_block", counted)
+    with pytest.raises(DestinationTakenError, match="another gpumesh run has started writing there"):
+        run_mesh(labels, str(dest), options=MeshOptions(chunk_size=16), voxel_size=(1, 1, 1), workers=1,
+                 progress=other_run)
+    assert len(meshed) == 1   # the task in hand at the check, of dozens left
+    left = list((dest / pipeline.SCRATCH / "blocks").iterdir())
+    assert len(left) <= 1 and validate(str(dest)).ok, left
