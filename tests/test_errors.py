@@ -1643,3 +1643,173 @@ def test_a_run_taken_over_while_it_meshes_stops_meshing(tmp_path, monkeypatch):
     assert len(meshed) == 1   # the task in hand at the check, of dozens left
     left = list((dest / pipeline.SCRATCH / "blocks").iterdir())
     assert len(left) <= 1 and validate(str(dest)).ok, left
+
+
+def test_the_mark_is_read_at_most_every_owner_check_s(tmp_path, monkeypatch):
+    """The assembly's (and the meshing's) progress reports read the run's mark at most every
+    OWNER_CHECK_S, not at every report once the first second has passed (a read each on a
+    cloud store); every report is passed on, and a mark replaced stops the run at the next read."""
+    from gpumesh import DestinationTakenError, writer
+
+    kv = storage.open_kvstore(str(tmp_path / "d"))
+    storage.write(kv, "owner", b"mine")
+    real, reads = storage.read, []
+    monkeypatch.setattr(writer.storage, "read", lambda kv, key, *a: reads.append(key) or real(kv, key, *a))
+    clock = [100.0]
+    monkeypatch.setattr(writer.time, "monotonic", lambda: clock[0])
+    seen = []
+    check = writer._checking_owner(kv, ("owner", b"mine"), lambda done, total: seen.append(done))
+    for i in range(10):   # a report every half second, 5 s in all
+        clock[0] += 0.5
+        check(i, 10)
+    assert seen == list(range(10)) and len(reads) == 5, reads
+    storage.write(kv, "owner", b"another run")
+    clock[0] += 0.5
+    check(10, 12)   # not yet due
+    clock[0] += 0.5
+    with pytest.raises(DestinationTakenError):
+        check(11, 12)
+
+
+def test_a_mark_that_cannot_be_read_is_not_a_run_taken_over(tmp_path, monkeypatch):
+    """A read of the run's mark that fails (a cloud store's passing error) is not taken for
+    another run's mark: the run goes on and finishes, rather than stopping as "taken over"."""
+    from conftest import tree_files
+
+    from gpumesh import writer
+    from gpumesh.pipeline import OWNER_KEY
+
+    labels = _blobs((32, 32, 32))
+    kw = dict(options=MeshOptions(chunk_size=16), voxel_size=(1, 1, 1), workers=1)
+    run_mesh(labels, str(tmp_path / "clean"), **kw)
+    real = storage.read
+
+    def flaky(kv, key, *args):
+        if key == OWNER_KEY:
+            raise ValueError("UNAVAILABLE: the store did not answer")
+        return real(kv, key, *args)
+
+    monkeypatch.setattr(writer.storage, "read", flaky)
+    run_mesh(labels, str(tmp_path / "out"), **kw)
+    assert tree_files(tmp_path / "out") == tree_files(tmp_path / "clean")
+
+
+def test_a_run_interrupted_by_a_gpumesh_without_stamps_is_resumed_by_rerunning_its_tasks(tmp_path, monkeypatch):
+    """A run interrupted by the gpumesh before task results carried a stamp (``blocks/NAME``,
+    a plan.json whose plan has no stamp) is resumed: not refused as "other options", and its
+    unstamped results, whose options cannot be told, are not taken: the tasks run again and the
+    output is a clean run's."""
+    from conftest import tree_files
+
+    from gpumesh import writer
+    from gpumesh.pipeline import SCRATCH
+
+    labels = _blobs((32, 32, 32))
+    kw = dict(options=MeshOptions(chunk_size=16), voxel_size=(1, 1, 1), workers=1)
+    run_mesh(labels, str(tmp_path / "clean"), **kw)
+    dest = tmp_path / "out"
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "assemble", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_mesh(labels, str(dest), **kw)
+    monkeypatch.undo()
+    blocks = dest / SCRATCH / "blocks"
+    for p in list(blocks.iterdir()):   # as the earlier gpumesh named them
+        p.rename(blocks / p.name.partition("@")[0])
+    (dest / SCRATCH / "owner").unlink()
+    plan = json.loads((dest / SCRATCH / "plan.json").read_text())
+    assert "stamp" not in plan["plan"]   # as the earlier gpumesh wrote it
+    summary = run_mesh(labels, str(dest), resume=True, **kw)
+    assert summary.tasks_resumed == 0
+    assert tree_files(dest) == tree_files(tmp_path / "clean")
+
+
+def test_a_summary_json_that_fails_leaves_no_temporary_file_and_a_link_stays_a_link(tmp_path, monkeypatch):
+    """``--summary-json``: a write that fails once the temporary file is made (the rename)
+    removes it, and leaves the old report as it was; over a symbolic link, the link's target is
+    replaced and the link kept."""
+    from gpumesh import cli
+
+    path = tmp_path / "s.json"
+    path.write_text("{}")
+    real = os.replace
+
+    def refused(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli.os, "replace", refused)
+    with pytest.raises(SystemExit) as info:
+        cli._write_summary(str(path), {"segments": 1})
+    assert info.value.code == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json"] and path.read_text() == "{}"
+    monkeypatch.setattr(cli.os, "replace", real)
+    (tmp_path / "reports").mkdir()
+    link = tmp_path / "reports" / "latest.json"
+    link.symlink_to(path)
+    cli._write_summary(str(link), {"segments": 2})
+    assert link.is_symlink() and json.loads(path.read_text()) == {"segments": 2}
+    assert os.listdir(tmp_path / "reports") == ["latest.json"]
+
+
+def test_convert_into_an_interrupted_runs_folder_does_not_advise_resume(tmp_path):
+    """convert has no --resume: a destination holding an interrupted mesh run is refused with
+    --overwrite named, not "pass --resume to finish it"."""
+    from gpumesh import DestinationExistsError
+
+    src = tmp_path / "mesh"
+    run_mesh(_blobs((16, 16, 16)), str(src), voxel_size=(1, 1, 1), workers=1)
+    busy = tmp_path / "busy" / ".gpumesh-work"
+    busy.mkdir(parents=True)
+    (busy / "plan.json").write_text("{}")
+    with pytest.raises(DestinationExistsError, match="pass --overwrite to replace the mesh there$") as info:
+        convert_mesh(str(src), str(tmp_path / "busy"), sharding=ShardingOptions())
+    assert "--resume" not in str(info.value)
+
+
+def test_ctrl_c_tells_how_many_tasks_are_kept(tmp_path, monkeypatch):
+    """run_mesh's KeyboardInterrupt carries ``tasks_kept`` = (the tasks a resumed run skips, all
+    of them), which the CLI's line says: Ctrl-C at the third task keeps two."""
+    from gpumesh import pipeline
+    from gpumesh.pipeline import Plan
+
+    labels = _blobs((32, 32, 32))
+    opts = MeshOptions(chunk_size=16)
+    real, calls = pipeline.mesh_block, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "mesh_block", interrupted)
+    with pytest.raises(KeyboardInterrupt) as info:
+        run_mesh(labels, str(tmp_path / "out"), options=opts, voxel_size=(1, 1, 1), workers=1)
+    assert info.value.tasks_kept == (2, len(Plan.make(labels.shape, opts).tasks()))
+
+
+def test_the_writing_cancels_the_tasks_not_started_when_it_stops():
+    """The output's tasks are submitted a few per worker ahead (writer._in_turn); when the
+    writing stops (a run taken over, at a report), those not started are cancelled rather
+    than left to run when the pool shuts down, writing into the other run's output."""
+    from concurrent.futures import Future
+
+    from gpumesh import writer
+
+    futures = []
+
+    def submit():   # a task that has not started (the workers are busy)
+        futures.append(Future())
+        if len(futures) == 1:
+            futures[0].set_result(1)
+        return futures[-1]
+
+    def stop(result):
+        raise RuntimeError("taken over")
+
+    with pytest.raises(RuntimeError):
+        writer._in_turn(None, 2, (submit for _ in range(8)), stop)
+    assert len(futures) == writer.SHARDS_AHEAD * 2 and all(f.cancelled() for f in futures[1:])

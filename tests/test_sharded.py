@@ -1635,3 +1635,29 @@ def test_a_task_result_missing_at_assembly_is_named(tmp_path, whole):
     results = TaskResults(kv, [SCRATCH + "blocks/1_0_0"], cache_bytes=None if whole else 0)
     with pytest.raises(GpumeshError, match=r"blocks/1_0_0 is missing from the scratch area; rerun with --overwrite"):
         list(results.iter_headers(None, whole=whole))
+
+
+def test_a_shard_its_workers_built_is_skipped_by_the_resumed_run(small, tmp_path, monkeypatch):
+    """Fewer shards than workers: the workers build parts of each and this process writes it
+    and its record, which carries the run's stamp like the others: a run stopped after it and
+    resumed skips it instead of building it again."""
+    import gpumesh.writer as writer
+
+    sharding = ShardingOptions(shard_bits=0, minishard_bits=2)   # one shard, two workers
+
+    class Stop(Exception):
+        pass
+
+    def stop(done, total):
+        if done:
+            raise Stop
+
+    dest = tmp_path / "out"
+    with pytest.raises(Stop):
+        run_mesh(small, str(dest), options=MeshOptions(chunk_size=CHUNK, sharding=sharding), voxel_size=VOXEL_SIZE,
+                 workers=2, write_progress=stop)
+    assert len([n for n in os.listdir(dest) if n.endswith(".shard")]) == 1 and not (dest / "info").exists()
+    real, built = writer.build_shard, []
+    monkeypatch.setattr(writer, "build_shard", lambda spec, items: built.append(1) or real(spec, items))
+    _mesh(small, dest, sharding, resume=True)
+    assert built == [] and validate(str(dest)).ok
