@@ -1460,7 +1460,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             # another run (--overwrite) deleted or replaced what this one needed: say that,
             # not what it broke (a task result missing from the scratch area, a write refused),
             # naming DEST as given
-            raise writer.taken_error(dest, owner) from exc
+            raise writer.taken_error(kv, owner, dest) from exc
         if isinstance(exc, (SourceReadError, DestinationError)):   # a write, or the volume's first read
             raise _task_failed([exc], finished, len(tasks), shown) from exc
         raise

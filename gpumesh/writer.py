@@ -350,11 +350,30 @@ def taken_over(kv, owner: tuple[str, bytes]) -> bool:
         return False
 
 
-def taken_error(where, owner: tuple[str, bytes]) -> DestinationTakenError:
+def taken_error(kv, owner: tuple[str, bytes], where=None) -> DestinationTakenError:
     """The :class:`DestinationTakenError` of a run whose ``owner`` mark was replaced in the
-    destination ``where`` (a kvstore, or the destination as the user gave it)."""
+    destination's kvstore ``kv`` (named as ``where``, the destination as the user gave it, or
+    ``kv``'s own name), or is gone from it: another run has finished there (an ``info`` is
+    there), or the scratch area was deleted while the run ran."""
+    name = storage.display(kv if where is None else where)
+    try:
+        gone = storage.read(kv, owner[0]) is None
+        # this run has written no info yet (nor left one: --overwrite deleted it, --resume
+        # refuses a finished mesh): an info there is another run's, finished since
+        finished = gone and storage.read(kv, "info") is not None
+    except Exception:
+        gone = finished = False
+    if finished:
+        return DestinationTakenError(
+            f"{name}: another gpumesh run has started writing there since this one began, and has finished "
+            f"(its info is written; {owner[0]} is gone): this run stops without writing info, and leaves "
+            f"the destination to that run")
+    if gone:
+        return DestinationTakenError(
+            f"{name}: this run's scratch area was deleted while it ran ({owner[0]} is gone: by hand, or by "
+            f"another gpumesh run there): this run stops without writing info")
     return DestinationTakenError(
-        f"{storage.display(where)}: another gpumesh run has started writing there since this one began "
+        f"{name}: another gpumesh run has started writing there since this one began "
         f"(--overwrite or --resume; {owner[0]} is no longer this run's): this run stops without "
         f"writing info, and leaves the destination to that run")
 

@@ -1637,12 +1637,38 @@ def test_a_run_taken_over_while_it_meshes_stops_meshing(tmp_path, monkeypatch):
             time.sleep(writer.OWNER_CHECK_S)   # this run's next report reads its mark
 
     monkeypatch.setattr(pipeline, "mesh_block", counted)
-    with pytest.raises(DestinationTakenError, match="another gpumesh run has started writing there"):
+    # the other run has finished (its scratch area, this run's mark with it, is gone): said so
+    with pytest.raises(DestinationTakenError, match="another gpumesh run has started writing there since this "
+                                                    "one began, and has finished"):
         run_mesh(labels, str(dest), options=MeshOptions(chunk_size=16), voxel_size=(1, 1, 1), workers=1,
                  progress=other_run)
     assert len(meshed) == 1   # the task in hand at the check, of dozens left
     left = list((dest / pipeline.SCRATCH / "blocks").iterdir())
     assert len(left) <= 1 and validate(str(dest)).ok, left
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_run_whose_scratch_area_is_deleted_says_so(tmp_path, monkeypatch, workers):
+    """A run whose scratch area is deleted while it meshes (by hand, say) stops as a run taken
+    over does, but says what happened: it used to say that another gpumesh run had started
+    writing there, though none had.  DEST is named as given."""
+    import shutil
+
+    from gpumesh import DestinationTakenError, pipeline, writer
+
+    dest = tmp_path / "out"
+    monkeypatch.setattr(writer, "OWNER_CHECK_S", 0.0)
+
+    def delete_it(done, total):
+        if done == 1:
+            shutil.rmtree(dest / pipeline.SCRATCH)
+
+    with pytest.raises(DestinationTakenError) as caught:
+        run_mesh(_blobs(), str(dest), options=MeshOptions(chunk_size=16), voxel_size=(1, 1, 1), workers=workers,
+                 progress=delete_it)
+    assert str(caught.value).startswith(f"{dest}: this run's scratch area was deleted while it ran"), caught.value
+    assert "another gpumesh run has started" not in str(caught.value)
+    assert not (dest / "info").exists()
 
 
 def test_the_mark_is_read_at_most_every_owner_check_s(tmp_path, monkeypatch):
