@@ -275,6 +275,36 @@ def test_quantize_rounds_to_the_nearest_step_and_clamps_to_the_node():
     assert q.tolist() == [[3, 4, 5], [0, 0, 2 ** bits - 1], [8, 7, 2 ** bits - 1]]
 
 
+@pytest.mark.parametrize("bits", [10, 16])
+def test_weld_quantized_matches_a_slow_reference(bits):
+    """Vertices at one quantized position become the first of them (in input order), faces are
+    renumbered into them, and a triangle left with a repeated vertex, whichever two corners
+    meet, is dropped; positions anywhere in [0, 2**bits), the far face's 2**bits - 1 included."""
+    rng = np.random.default_rng(bits)
+    rows = rng.integers(0, 2**bits, (40, 3))
+    rows[0], rows[1] = 2**bits - 1, [0, 2**bits - 1, 1]
+    q = rows[rng.integers(0, len(rows), 300)]
+    faces = rng.integers(0, len(q), (900, 3))
+    got_q, got_f, kept = encode.weld_quantized(q, faces)
+    first = {}
+    for i, r in enumerate(map(tuple, q.tolist())):
+        first.setdefault(r, i)
+    want_kept = sorted(first.values())
+    new_id = {v: n for n, v in enumerate(want_kept)}
+    remap = np.array([new_id[first[r]] for r in map(tuple, q.tolist())])
+    f = remap[faces]
+    f = f[(f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 0] != f[:, 2])]
+    assert 0 < len(f) < len(faces)
+    assert kept.tolist() == want_kept
+    assert np.array_equal(got_q, q[want_kept]) and np.array_equal(got_f, f)
+
+
+@pytest.mark.parametrize("bits", [10, 16])
+def test_draco_of_no_triangle_is_empty(bits):
+    """A fragment without triangles is written as no bytes (the extension refuses to encode it)."""
+    assert encode.encode_draco(np.zeros((3, 3), np.int64), np.zeros((0, 3), np.int32), bits) == b""
+
+
 def test_draco_extension_is_built_under_ci():
     # The extension is optional for users (DracoPy writes the same bytes), but CI must build it.
     import os
