@@ -605,7 +605,7 @@ class GPUBackend:
         -------
         list of :class:`gpumesh.marching.Piece`, sorted by segment ID, then piece index.
         """
-        labels = np.ascontiguousarray(labels)
+        labels = np.ascontiguousarray(marching.native_order(labels))
         if labels.ndim != 3:
             raise ValueError(f"labels must be 3-D (got shape {labels.shape})")
         labels = labels.view(label_dtype(labels.dtype))   # signed: as unsigned, as the CPU backend
@@ -867,7 +867,7 @@ class GPUBackend:
         TypeError
             Not an integer label dtype of 1, 2, 4 or 8 bytes.
         """
-        labels = np.ascontiguousarray(labels)
+        labels = np.ascontiguousarray(marching.native_order(labels))
         if labels.ndim != 3:
             raise ValueError(f"labels must be 3-D (got shape {labels.shape})")
         fx, fy, fz = lod._check_factor(factor)

@@ -77,7 +77,7 @@ import os
 import numba
 import numpy as np
 
-from .marching import unsigned_view
+from .marching import native_order, unsigned_view
 
 
 @numba.njit(cache=True, nogil=True)
@@ -129,7 +129,7 @@ def downsample_labels(labels: np.ndarray, factor=(2, 2, 2)) -> np.ndarray:
 
     Returns
     -------
-    (ceil(nx/fx), ceil(ny/fy), ceil(nz/fz)) ndarray of the same dtype.
+    (ceil(nx/fx), ceil(ny/fy), ceil(nz/fz)) ndarray of the same dtype (in the machine's byte order).
 
     Raises
     ------
@@ -137,7 +137,7 @@ def downsample_labels(labels: np.ndarray, factor=(2, 2, 2)) -> np.ndarray:
         A factor that is not 1 or 2.
     """
     fx, fy, fz = _check_factor(factor)
-    labels = np.ascontiguousarray(labels)
+    labels = np.ascontiguousarray(native_order(labels))
     given = labels.dtype
     labels = unsigned_view(labels)
     out = np.empty(downsampled_shape(labels.shape, (fx, fy, fz)), dtype=labels.dtype)

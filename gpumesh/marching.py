@@ -118,7 +118,7 @@ def march_cubes(labels: np.ndarray, piece_size: int):
     tri_edges : (T, 3) int32 (int64 likewise)
         Edge ids of the triangle's vertices, counter-clockwise seen from outside the segment.
     """
-    labels = np.ascontiguousarray(labels)
+    labels = np.ascontiguousarray(native_order(labels))
     idt = index_dtype(labels.shape)
     dummy_l = np.empty(0, dtype=labels.dtype)
     dummy_p = np.empty(0, dtype=idt)
@@ -133,9 +133,18 @@ def march_cubes(labels: np.ndarray, piece_size: int):
     return tri_label, tri_piece, tri_edges
 
 
+def native_order(labels: np.ndarray) -> np.ndarray:
+    """``labels`` in the machine's byte order: a big-endian array (an N5 block read as it is
+    stored) converted, others as they are.  The kernels read native integers: viewed as they
+    were, a big-endian array's labels were other numbers (numba refused a big-endian unsigned
+    one with a TypingError)."""
+    return labels if labels.dtype.isnative else labels.astype(labels.dtype.newbyteorder("="))
+
+
 def unsigned_view(labels: np.ndarray) -> np.ndarray:
-    """``labels`` viewed as the unsigned dtype of its width when signed (the kernels, CPU and
-    GPU, compare labels unsigned), else ``labels`` itself."""
+    """``labels`` in the machine's byte order (:func:`native_order`), viewed as the unsigned
+    dtype of its width when signed (the kernels, CPU and GPU, compare labels unsigned)."""
+    labels = native_order(labels)
     return labels.view(f"u{labels.dtype.itemsize}") if labels.dtype.kind == "i" else labels
 
 

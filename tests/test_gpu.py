@@ -473,6 +473,18 @@ def test_emulated_negative_labels_mesh_and_downsample_as_on_the_cpu(emu_backend,
     assert np.array_equal(down.view(unsigned.dtype), lod.downsample_labels(unsigned))
 
 
+@pytest.mark.parametrize("dtype", [">u4", ">i8"])
+def test_emulated_big_endian_labels_mesh_and_downsample_as_native_ones(emu_backend, dtype):
+    # an N5 block as stored: the GPU backend viewed its bytes as native labels (other numbers)
+    rng = np.random.default_rng(6)
+    native = np.dtype(dtype).newbyteorder("=")
+    labels = rng.choice(np.array([0, 3, 258, 65539], native), size=(9, 8, 7))
+    big = labels.astype(dtype)
+    _assert_same_pieces(emu_backend.mesh(big, 4), CPUBackend().mesh(labels, 4))
+    down = emu_backend.downsample(big)
+    assert down.dtype == native and np.array_equal(down, lod.downsample_labels(labels))
+
+
 def _triangle_set(vertices, faces) -> np.ndarray:
     """A mesh's triangles as rows of 9 coordinates, each rotated to start at its smallest
     corner (orientation kept), rows sorted: equal for the same surface in any order."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpumesh import encode
+from gpumesh import encode, marching
 from gpumesh.backend import CPUBackend
 from gpumesh.lod import downsample_labels, lod_factors
 from gpumesh.mctable import TRI_COUNTS, TRI_TABLE
@@ -216,6 +216,31 @@ def test_signed_labels_mesh_as_their_unsigned_view(dtype):
     assert [(p.label, p.piece) for p in got] == [(p.label, p.piece) for p in want]
     for a, b in zip(got, want):
         assert np.array_equal(a.vertices2, b.vertices2) and np.array_equal(a.faces, b.faces)
+
+
+@pytest.mark.parametrize("dtype", [">u2", ">u4", ">i4", ">i8"])
+def test_big_endian_labels_mesh_and_downsample_as_native_ones(dtype):
+    """A big-endian array (an N5 block as stored; NumPy holds it as it is) meshes and
+    downsamples as the same labels in the machine's byte order: its labels were read as other
+    numbers (another tie of the mode, other pieces' IDs), and numba refused a big-endian
+    unsigned array with a TypingError."""
+    rng = np.random.default_rng(8)
+    native = np.dtype(dtype).newbyteorder("=")
+    labels = rng.choice(np.array([0, 3, 258, 70000 % 2**(8 * native.itemsize)], native), (10, 9, 8))
+    labels[:2, :2, :2] = np.array([3, 258] * 4, native).reshape(2, 2, 2)   # a 4:4 tie: 3 wins
+    big = labels.astype(dtype)
+    assert not big.dtype.isnative and np.array_equal(big, labels)
+    got = downsample_labels(big, (2, 2, 2))
+    assert got.dtype == native and got[0, 0, 0] == 3
+    np.testing.assert_array_equal(got, downsample_labels(labels, (2, 2, 2)))
+    want = CPUBackend().mesh(labels, 4)
+    pieces = CPUBackend().mesh(big, 4)
+    assert [(p.label, p.piece) for p in pieces] == [(p.label, p.piece) for p in want]
+    for a, b in zip(pieces, want):
+        assert np.array_equal(a.vertices2, b.vertices2) and np.array_equal(a.faces, b.faces)
+    if native.kind == "u":   # march_cubes reads unsigned labels
+        for g, w in zip(marching.march_cubes(big, 4), marching.march_cubes(labels, 4)):
+            assert np.array_equal(g, w)
 
 
 def test_lod_factors_keep_a_node_within_the_quantization():
