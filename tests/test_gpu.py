@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+import signal
 import sys
 import warnings
 import zlib
@@ -220,16 +221,23 @@ def test_main_job_workers_share_the_device(monkeypatch, tmp_path):
     monkeypatch.setattr(pipeline, "_keep_freed_memory", lambda: None)
     monkeypatch.setattr(gc, "freeze", lambda: None)
     monkeypatch.setattr(gc, "set_threshold", lambda *a: None)
-    plan = pipeline.Plan.make((8, 8, 8), pipeline.MeshOptions(chunk_size=8))
-    args = (np.ones((8, 8, 8), np.uint32), {}, plan, pipeline.MeshOptions(), str(tmp_path / "out"))
-    pipeline._init_worker(*args, "gpu", 5)
-    assert calls == [("gpu", 5)] and warmed == [("gpu", 0, 5)]
-    calls.clear(), warmed.clear()
-    started = multiprocessing.get_context("spawn").Value("i", 0)
-    for _ in range(5):
-        pipeline._init_worker(*args, "gpu", 5, started, 2)
-    assert calls == [("gpu", 2)] * 2 + [("cpu", 2)] * 3
-    assert warmed == [("gpu", 0, 5), ("gpu", 1, 5), ("cpu", 2, 5), ("cpu", 3, 5), ("cpu", 4, 5)]
+    # and its signal settings (a worker ignores SIGINT and SIGHUP: left so, the processes that
+    # later tests start inherit them: a test of SIGHUP saw its job ignore it)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGHUP)}
+    try:
+        plan = pipeline.Plan.make((8, 8, 8), pipeline.MeshOptions(chunk_size=8))
+        args = (np.ones((8, 8, 8), np.uint32), {}, plan, pipeline.MeshOptions(), str(tmp_path / "out"))
+        pipeline._init_worker(*args, "gpu", 5)
+        assert calls == [("gpu", 5)] and warmed == [("gpu", 0, 5)]
+        calls.clear(), warmed.clear()
+        started = multiprocessing.get_context("spawn").Value("i", 0)
+        for _ in range(5):
+            pipeline._init_worker(*args, "gpu", 5, started, 2)
+        assert calls == [("gpu", 2)] * 2 + [("cpu", 2)] * 3
+        assert warmed == [("gpu", 0, 5), ("gpu", 1, 5), ("cpu", 2, 5), ("cpu", 3, 5), ("cpu", 4, 5)]
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def test_device_processes_leave_each_a_context_and_a_pool():

@@ -233,6 +233,13 @@ def uninterrupted(real_zarr, tmp_path_factory):
     return dest
 
 
+def _default_stop_signals():
+    """In a child: SIGINT and SIGHUP with their default action, whatever this process (a test
+    runner started in the background, or under nohup) ignores."""
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig, status, how", [(signal.SIGINT, 130, "interrupted"),
                                               (signal.SIGTERM, 143, "terminated (SIGTERM)"),
                                               (signal.SIGHUP, 129, "terminated (SIGHUP)")],
@@ -256,7 +263,7 @@ def test_a_stop_signal_ends_the_job_at_once_and_resume_finishes_it(real_zarr, tm
     dest = tmp_path / "out"
     proc = subprocess.Popen(cli_command() + ["mesh", str(real_zarr), str(dest)] + _STOP_ARGS,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=_default_stop_signals)
     try:
         seen = _wait_for_first_result(proc, dest)
         if sig in (signal.SIGINT, signal.SIGHUP):
