@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence
@@ -793,6 +794,42 @@ def _open_n5(kv, where, mip, axes, voxel_size, voxel_offset, how: _Opening = _Op
     )
 
 
+#: A precomputed chunk or shard file that cloud-files (cloud-volume, igneous) stored compressed
+#: on a local disk: it appends the codec's suffix to the name instead of setting a
+#: Content-Encoding, as it does on GCS or S3.
+_CLOUDFILES_COMPRESSED = re.compile(r"(\d+-\d+_\d+-\d+_\d+-\d+|[0-9a-f]+\.shard)(\.gz|\.br|\.zstd|\.xz|\.bz2)")
+
+#: Most directory entries of a scale :func:`_cloudfiles_compressed_chunk` looks at.
+_COMPRESSED_SCAN = 10_000
+
+
+def _cloudfiles_compressed_chunk(kvspec: dict, key: Any) -> Optional[str]:
+    """The name of a chunk file of the local precomputed scale ``key`` stored only under a
+    cloud-files compression suffix (``500-564_1000-1064_300-364.gz``), or None.
+
+    cloud-volume and igneous compress the chunks they write to a ``file://`` layer by
+    default (gzip for ``raw`` encoding), into files so named; TensorStore and Neuroglancer
+    read a chunk under its plain name only, so such a chunk reads as not stored: background
+    with fill_missing, a whole empty mesh.  Looks at the first entries of the scale's
+    directory only (a compressed layer's chunks all are).
+    """
+    if kvspec.get("driver") != "file" or not isinstance(key, str) or not key:
+        return None
+    folder = os.path.join(kvspec.get("path", "") or ".", key)
+    try:
+        entries = os.scandir(folder)
+    except OSError:
+        return None
+    with entries:
+        for n, entry in enumerate(entries):
+            if n >= _COMPRESSED_SCAN:
+                break
+            m = _CLOUDFILES_COMPRESSED.fullmatch(entry.name)
+            if m and not os.path.exists(os.path.join(folder, m.group(1))):
+                return entry.name
+    return None
+
+
 def _open_precomputed(kv, where, mip, voxel_size, voxel_offset, how: _Opening = _Opening()) -> Volume:
     info = _read_json(kv, "info", where)
     if not isinstance(info, dict) or not isinstance(info.get("scales"), list) or not info["scales"]:
@@ -808,6 +845,17 @@ def _open_precomputed(kv, where, mip, voxel_size, voxel_offset, how: _Opening = 
     if nc != 1:
         raise InvalidVolumeError(f"precomputed {where} has num_channels {nc}: a label volume must have 1")
     scale = scales[mip]
+    packed = _cloudfiles_compressed_chunk(kv.spec().to_json(), _object(scale).get("key"))
+    if packed is not None:
+        folder = os.path.join(kv.spec().to_json().get("path", ""), scale["key"])
+        suffix = os.path.splitext(packed)[1]
+        how_to = (f"`find {folder} -name '*.gz' -exec gunzip {{}} +`" if suffix == ".gz"
+                  else f"each file to its name without {suffix}")
+        raise SourceReadError(
+            f"precomputed {where} (mip {mip}: {scale['key']}) holds chunks that cloud-files stored compressed "
+            f"under a suffix ({folder}/{packed}), which TensorStore and Neuroglancer do not read: each would "
+            f"read as missing (background). Decompress them in place ({how_to}), or write the layer with "
+            f"cloud-volume's compress=False")
     store = _ts_open({"driver": "neuroglancer_precomputed", "scale_index": mip}, where, kv, how)
     if voxel_size is None:
         voxel_size = _check_voxel_size(scale.get("resolution"), f"precomputed {where} resolution")

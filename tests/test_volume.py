@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
 import numpy as np
@@ -378,6 +379,45 @@ def test_precomputed_two_scales(tmp_path, labels):
     with pytest.raises(InvalidVolumeError, match="axes are always x, y, z"):
         open_volume(ts.open(dict(common, kvstore={"driver": "file", "path": str(root)})).result(), axes="zyx")
     assert vol_ts.location == storage.kvstore_spec(str(root)) == vol0.location
+
+
+def test_precomputed_chunks_compressed_by_cloudfiles_are_refused(tmp_path, labels):
+    """cloud-volume and igneous gzip the chunks they write to a local (``file://``) layer by
+    default into ``<chunk>.gz`` files, which TensorStore (and Neuroglancer) do not read: every
+    chunk read as missing, so the job wrote an empty mesh with only a warning.  Refused now,
+    saying how to decompress them, before anything is written; a plain layer still opens."""
+    import gzip
+
+    from gpumesh.pipeline import run_mesh
+
+    root = tmp_path / "pre"
+    spec = {"driver": "neuroglancer_precomputed", "kvstore": {"driver": "file", "path": str(root)},
+            "multiscale_metadata": {"type": "segmentation", "data_type": "uint32", "num_channels": 1},
+            "scale_metadata": {"size": list(labels.shape), "resolution": [8, 8, 30], "voxel_offset": [10, 20, 30],
+                               "chunk_size": [8, 8, 8], "encoding": "raw"}}
+    store = ts.open(spec, create=True).result()[ts.d["channel"][0]]
+    store.write(labels).result()
+    check_read(open_volume(str(root)), labels)
+    key = json.loads((root / "info").read_text())["scales"][0]["key"]
+    chunks = [f for f in (root / key).iterdir()]
+    assert chunks and all(re.fullmatch(r"\d+-\d+_\d+-\d+_\d+-\d+", f.name) for f in chunks)
+    for f in chunks:     # as cloud-files stores them on a local disk
+        f.with_name(f.name + ".gz").write_bytes(gzip.compress(f.read_bytes()))
+        f.unlink()
+    with pytest.raises(SourceReadError, match=r"compressed.*\.gz.*gunzip"):
+        open_volume(str(root))
+    dest = tmp_path / "mesh"
+    with pytest.raises(SourceReadError, match="cloud-files"):
+        run_mesh(str(root), str(dest), workers=1)
+    assert not dest.exists()
+    # Decompressed, with one .gz left beside its plain file: not refused.
+    plain = chunks[0]
+    plain.write_bytes(gzip.decompress(plain.with_name(plain.name + ".gz").read_bytes()))
+    for f in chunks[1:]:
+        g = f.with_name(f.name + ".gz")
+        f.write_bytes(gzip.decompress(g.read_bytes()))
+        g.unlink()
+    check_read(open_volume(str(root)), labels)
 
 
 def test_sharded_precomputed_with_missing_chunks(tmp_path, labels):
