@@ -205,7 +205,7 @@ class _ProgressLines:
               help="vertex quantization bits (multires only); 10 keeps every vertex and triangle in ~30% fewer bytes, "
                    "each vertex within chunk/1024 voxels of its LOD")
 @click.option("--dust-threshold", type=int, default=0, show_default=True, metavar="VOXELS",
-              help="skip segments with fewer voxels than this in the whole volume")
+              help="skip segments with fewer voxels than this in the whole volume (voxels of the scale meshed: --mip's)")
 @click.option("--segments", callback=_segments, default=None, metavar="IDS",
               help="mesh only these segment IDs: 1,2,3 or @FILE (IDs separated by commas, spaces or "
                    "newlines); each gets the bytes of the full job")

@@ -108,7 +108,8 @@ class MeshOptions:
         (``neuroglancer_uint64_sharded_v1``, see :mod:`gpumesh.sharding`); ``None`` writes one
         manifest and one data file per segment.  ``gpumesh mesh`` shards by default.
     dust_threshold : int
-        Segments with fewer voxels than this in the whole volume (at mip 0) get no mesh and
+        Segments with fewer voxels than this in the whole volume (voxels of the scale meshed,
+        ``mip``'s, as igneous's ``dust_threshold`` counts them) get no mesh and
         no segment properties entry; 0 keeps every segment.  Counted over the whole volume
         when the job is written, so a segment is kept or dropped whole (igneous's
         ``MeshTask`` counts each task's cutout alone).

@@ -520,7 +520,7 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
 
     with_props = segment_properties_wanted(options.segment_properties, stats["segments"])
     if with_props:
-        write_segment_properties(kv, ids, voxels)
+        write_segment_properties(kv, ids, voxels, volume.voxel_size if volume.voxel_size_known else None)
     if owner is not None and taken_over(kv, owner):
         raise taken_error(kv, owner)
     storage.write_json(kv, "info", mesh_info(volume, options, with_props, spec))
@@ -1469,9 +1469,14 @@ def segment_properties_wanted(option: Optional[bool], segments: int) -> bool:
     return True
 
 
-def write_segment_properties(kv, uniq: np.ndarray, total: np.ndarray) -> None:
+def write_segment_properties(kv, uniq: np.ndarray, total: np.ndarray, voxel_size=None) -> None:
     """Segment properties (inline, spec segment_properties): the voxel count ``total[i]`` of
-    segment ``uniq[i]`` (the tasks' counts summed, in :func:`assemble`)."""
+    segment ``uniq[i]`` (the tasks' counts summed, in :func:`assemble`), voxels of the scale
+    meshed (``voxel_size`` nm, named in the description when given: with ``--mip N`` they are
+    that scale's voxels, not mip 0's)."""
+    what = "number of voxels of the segment"
+    if voxel_size is not None:
+        what += " (" + "x".join(f"{float(v):g}" for v in voxel_size) + " nm voxels, the scale meshed)"
     dtype = "uint32" if len(total) == 0 or total.max() < 2**32 else "float32"
     info = {
         "@type": "neuroglancer_segment_properties",
@@ -1479,7 +1484,7 @@ def write_segment_properties(kv, uniq: np.ndarray, total: np.ndarray) -> None:
             "ids": [str(int(s)) for s in uniq],
             "properties": [{
                 "id": "voxels", "type": "number", "data_type": dtype,
-                "description": "number of voxels of the segment at mip 0",
+                "description": what,
                 "values": [int(c) for c in total],
             }],
         },

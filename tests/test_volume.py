@@ -420,6 +420,28 @@ def test_precomputed_chunks_compressed_by_cloudfiles_are_refused(tmp_path, label
     check_read(open_volume(str(root)), labels)
 
 
+def test_voxel_counts_of_mip_1_say_their_voxel_size(tmp_path, labels):
+    """Meshed at mip 1, the segment properties count mip 1 voxels (as ``dust_threshold`` does,
+    like igneous's): their description said "at mip 0"."""
+    from gpumesh.pipeline import MeshOptions, run_mesh
+
+    root = tmp_path / "pre"
+    low = labels[::2, ::2, ::2].copy()
+    common = {"driver": "neuroglancer_precomputed", "kvstore": {"driver": "file", "path": str(root)},
+              "multiscale_metadata": {"type": "segmentation", "data_type": "uint32", "num_channels": 1}}
+    for arr, res in [(labels, [4, 4, 40]), (low, [8, 8, 80])]:
+        spec = dict(common, scale_metadata={"size": list(arr.shape), "resolution": res, "chunk_size": [8, 8, 8],
+                                            "encoding": "raw"})
+        ts.open(spec, create=True).result()[ts.d["channel"][0]].write(arr).result()
+    run_mesh(str(root), str(tmp_path / "mesh"), mip=1, options=MeshOptions(chunk_size=8, max_lods=2), workers=1)
+    props = json.loads((tmp_path / "mesh" / "segment_properties" / "info").read_text())["inline"]
+    ids, counts = np.unique(low[low != 0], return_counts=True)
+    assert props["ids"] == [str(i) for i in ids]
+    (voxels,) = props["properties"]
+    assert voxels["values"] == counts.tolist()
+    assert "mip 0" not in voxels["description"] and "8x8x80 nm" in voxels["description"]
+
+
 def test_sharded_precomputed_with_missing_chunks(tmp_path, labels):
     """A sharded precomputed segmentation (as large datasets are stored), written only in part:
     the chunks never written read as background, and the main job meshes it as the array."""
