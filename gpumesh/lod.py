@@ -76,6 +76,9 @@ import os
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
 
 from .marching import native_order, unsigned_view
 
@@ -285,6 +288,17 @@ def _meshopt():
         fn.restype = size
         _MESHOPT = fn
     return _MESHOPT
+
+
+_MESHOPT_ADDRESS = 0
+
+
+def _meshopt_address() -> int:
+    """The address of :func:`_meshopt`'s function, for :func:`_decimate` (which calls it from numba)."""
+    global _MESHOPT_ADDRESS
+    if not _MESHOPT_ADDRESS:
+        _MESHOPT_ADDRESS = ctypes.cast(_meshopt(), ctypes.c_void_p).value
+    return _MESHOPT_ADDRESS
 
 
 @numba.njit(cache=True, nogil=True)
@@ -530,6 +544,66 @@ def _compact(vertices, out):
     return v, f
 
 
+@intrinsic
+def _simplify(typingctx, fn, dst, idx, index_count, pos, nv, lock, target, err, options):
+    """``meshopt_simplifyWithAttributes`` at address ``fn`` (no attributes), called from numba:
+    the address is an argument, so the kernels that call it can be cached.  Pointers and sizes
+    as ``uintp``, ``err`` float32, ``options`` uint32; returns the index count (``uintp``)."""
+    sig = types.uintp(types.uintp, types.uintp, types.uintp, types.uintp, types.uintp, types.uintp,
+                      types.uintp, types.uintp, types.float32, types.uint32)
+
+    def codegen(context, builder, signature, args):
+        fn, dst, idx, index_count, pos, nv, lock, target, err, options = args
+        i64, f32, i32 = ir.IntType(64), ir.FloatType(), ir.IntType(32)
+        # destination, indices, index_count, positions, vertex_count, positions_stride,
+        # attributes, attributes_stride, attribute_weights, attribute_count, vertex_lock,
+        # target_index_count, target_error, options, result_error
+        fnty = ir.FunctionType(i64, [i64] * 12 + [f32, i32, i64])
+        ptr = builder.inttoptr(fn, fnty.as_pointer())
+        zero = ir.Constant(i64, 0)
+        return builder.call(ptr, [dst, idx, index_count, pos, nv, ir.Constant(i64, 12), zero, zero, zero, zero,
+                                  lock, target, err, options, zero])
+    return sig, codegen
+
+
+@numba.njit(cache=True, nogil=True)
+def _decimate(fn, vertices, faces, scale, locked, core, frozen, target, err, options, rounds):
+    """:func:`decimate`'s work in one call: meshoptimizer's inputs (:func:`_prepare`), up to
+    ``rounds`` simplifications with the defect checks and flips between them, and the result's
+    compaction.  ``core`` is the frozen vertices (empty when ``frozen`` is False).  Returns
+    ``(False, ...)`` when every round left a defect."""
+    nv = vertices.shape[0]
+    m = faces.shape[0]
+    pos = np.empty((nv, 3), dtype=np.float32)
+    f_in = np.empty((m, 3), dtype=np.uint32)
+    lock = np.empty(nv, dtype=np.uint8)
+    _prepare(vertices, faces, scale, locked, core, pos, f_in, lock)
+    if frozen:
+        table_in = np.empty(0, dtype=np.int64)
+        border_in = 0
+    else:
+        table_in, _ = _edge_table(f_in, nv)
+        border_in = _count_border_edges(table_in, f_in, nv)
+    dst = np.empty(3 * m, dtype=np.uint32)
+    for _ in range(rounds):
+        n = _simplify(fn, dst.ctypes.data, f_in.ctypes.data, 3 * m, pos.ctypes.data, nv, lock.ctypes.data,
+                      target, err, options)
+        out = dst[:n].reshape((n // 3, 3))
+        if frozen:
+            found, bad = _defects_frozen(out, nv, core)
+        else:
+            found, bad = _defects(out, nv, table_in, border_in)
+        if not found:
+            # a flat triangle that no flip removes (its flip would use an edge twice: there the
+            # simplifier folded the surface back over itself) is a defect like the others
+            _flip_flat(vertices, out, core)
+            if not _mark_flat(vertices, out, bad):
+                v, f = _compact(vertices, out)
+                return True, v, f
+        _lock_rings(f_in, bad, lock)
+    return False, np.empty((0, 3), dtype=np.float64), np.empty((0, 3), dtype=np.int32)
+
+
 def decimates(keep: float, num_faces: int) -> bool:
     """Whether :func:`decimate` changes a piece of ``num_faces`` triangles at all."""
     return keep < 1.0 and num_faces >= MIN_DECIMATE_TRIANGLES
@@ -581,39 +655,15 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, keep: float, scale: np.nda
     """
     if not decimates(keep, len(faces)):
         return vertices, faces.astype(np.int32, copy=False)
-    fn = _meshopt()
-    nv = len(vertices)
     vertices = np.ascontiguousarray(vertices, dtype=np.float64)
     scale = np.ascontiguousarray(scale, dtype=np.float64)
-    f_in = np.empty((len(faces), 3), dtype=np.uint32)
-    idx = f_in.ravel()
-    pos = np.empty((nv, 3), dtype=np.float32)
-    lock = np.empty(nv, dtype=np.uint8)
-    core = _NO_VERTEX if frozen is None else np.ascontiguousarray(frozen, dtype=np.bool_)
-    _prepare(vertices, faces, scale, _NO_VERTEX if locked is None else np.ascontiguousarray(locked, dtype=np.bool_),
-             core, pos, f_in, lock)
     target = 3 * max(4, int(round(len(faces) * keep)))
     err = float(max_error) * float(scale.min()) if np.isfinite(max_error) else 3.0e38
-    options = _SIMPLIFY_LOCK_BORDER | _SIMPLIFY_ERROR_ABSOLUTE
-    if frozen is None:
-        table_in, _ = _edge_table(f_in, nv)
-        border_in = _count_border_edges(table_in, f_in, nv)
-    dst = np.empty_like(idx)
-    for _ in range(MAX_LOCK_ROUNDS):
-        n = fn(dst.ctypes.data, idx.ctypes.data, idx.size, pos.ctypes.data, nv, 12,
-               None, 0, None, 0, lock.ctypes.data, target, err, options, None)
-        out = dst[:n].reshape(-1, 3)
-        if frozen is not None:
-            found, bad = _defects_frozen(out, nv, core)
-        else:
-            found, bad = _defects(out, nv, table_in, border_in)
-        if not found:
-            _flip_flat(vertices, out, core)
-            # a flat triangle that no flip removes (its flip would use an edge twice: there the
-            # simplifier folded the surface back over itself) is a defect like the others
-            if not _mark_flat(vertices, out, bad):
-                break
-        _lock_rings(f_in, bad, lock)
-    else:
+    ok, v, f = _decimate(_meshopt_address(), vertices, np.ascontiguousarray(faces), scale,
+                         _NO_VERTEX if locked is None else np.ascontiguousarray(locked, dtype=np.bool_),
+                         _NO_VERTEX if frozen is None else np.ascontiguousarray(frozen, dtype=np.bool_),
+                         frozen is not None, target, np.float32(err),
+                         np.uint32(_SIMPLIFY_LOCK_BORDER | _SIMPLIFY_ERROR_ABSOLUTE), MAX_LOCK_ROUNDS)
+    if not ok:
         return vertices, faces.astype(np.int32, copy=False)
-    return _compact(vertices, out)
+    return v, f
