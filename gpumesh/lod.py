@@ -448,7 +448,7 @@ def _cross_is_zero(pos, a, b, c):
 
 
 @numba.njit(cache=True, nogil=True)
-def _flip_flat(pos, faces, core):
+def _flip_flat_left(pos, faces, core):
     """Flip away the zero-area triangles that a simplification left (in place; returns how many).
 
     A triangle ``(a, b, c)`` whose vertex ``b`` lies on the segment from ``c`` to ``a`` covers no
@@ -459,6 +459,9 @@ def _flip_flat(pos, faces, core):
     too or missing (an open border), and where a vertex is in ``core`` (the frozen vertices,
     whose triangles must stay).  Positions are exact on the half-voxel lattice, so ``== 0`` is
     exact.  A piece has a few such triangles at most: each looks for its neighbour by a scan.
+
+    Returns the flips and whether a zero-area triangle may be left: False when the last pass
+    flipped nothing and saw none (then :func:`_mark_flat` would find none).
     """
     m = faces.shape[0]
     nc = core.shape[0]
@@ -466,9 +469,11 @@ def _flip_flat(pos, faces, core):
     flips = 0
     for _ in range(4):   # a flip can leave a neighbour's flat triangle flippable
         changed = False
+        seen = False
         for t in range(m):
             if not _cross_is_zero(pos, faces[t, 0], faces[t, 1], faces[t, 2]):
                 continue
+            seen = True
             r = -1
             for q in range(3):   # b: the vertex between the other two
                 a, b, c = faces[t, q], faces[t, (q + 1) % 3], faces[t, (q + 2) % 3]
@@ -503,8 +508,14 @@ def _flip_flat(pos, faces, core):
             flips += 1
             changed = True
         if not changed:
-            break
-    return flips
+            return flips, seen
+    return flips, True
+
+
+@numba.njit(cache=True, nogil=True)
+def _flip_flat(pos, faces, core):
+    """:func:`_flip_flat_left`'s flips alone (returns how many)."""
+    return _flip_flat_left(pos, faces, core)[0]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -596,8 +607,7 @@ def _decimate(fn, vertices, faces, scale, locked, core, frozen, target, err, opt
         if not found:
             # a flat triangle that no flip removes (its flip would use an edge twice: there the
             # simplifier folded the surface back over itself) is a defect like the others
-            _flip_flat(vertices, out, core)
-            if not _mark_flat(vertices, out, bad):
+            if not _flip_flat_left(vertices, out, core)[1] or not _mark_flat(vertices, out, bad):
                 v, f = _compact(vertices, out)
                 return True, v, f
         _lock_rings(f_in, bad, lock)
