@@ -210,7 +210,8 @@ class _ProgressLines:
               help="mesh only these segment IDs: 1,2,3 or @FILE (IDs separated by commas, spaces or "
                    "newlines); each gets the bytes of the full job")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="parallel processes (default: the usable cores, as many as fit in memory)")
+              help="parallel processes (default: the usable cores, as many as fit in memory; one, this "
+                   "process, for a volume under 192^3 voxels)")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="run the tasks on the Dask cluster of this scheduler (tcp://host:8786, or a scheduler "
                    "file) instead of local processes; SOURCE and DEST must be reachable from its workers")

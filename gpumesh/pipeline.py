@@ -1050,6 +1050,13 @@ def _signals_deferred():
                 os.kill(os.getpid(), num)
 
 
+#: Voxels below which the main job runs in its own process unless given its workers: each
+#: worker process loads its kernels (about half a second) before its first task, and a job
+#: this small is done about as soon.  On the real volume (2-core VM, bench_startup.py, median
+#: of 3): a 128^3 cutout took 1.16 s on one worker against 2.62 s on two, a 256^3 one 5.0 s
+#: against 5.8 s; a 384^3 one 26.3 s against 25.5 s.
+SMALL_JOB_VOXELS = 192 ** 3
+
 #: Bytes of the slabs in which run_mesh looks for an in-memory signed array's negative labels.
 NEGATIVE_CHECK_BYTES = 64 << 20
 
@@ -1136,7 +1143,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         Processes meshing blocks in parallel (1 runs in this process).  Default: the usable
         cores (CPU affinity and the container's CPU quota), fewer where their estimated
         memory would not fit in the available memory, with a ``FewerWorkersNotice`` (see
-        :mod:`gpumesh.resources`).
+        :mod:`gpumesh.resources`); 1 for a volume (or ``bounds``) of fewer than
+        :data:`SMALL_JOB_VOXELS` voxels, which is done before workers would have started.
     device : {"auto", "cpu", "gpu"}
     link_source : bool
         Also set ``mesh`` (and ``segment_properties``) in the ``info`` of the source, which
@@ -1292,6 +1300,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         requested = cluster.workers
     elif in_process:
         requested = 1
+    elif workers is None and int(np.prod(plan.shape, dtype=np.int64)) < SMALL_JOB_VOXELS:
+        requested = 1   # a small job: done in this process sooner than workers would have started
     elif workers is None:   # the usable cores, as many as fit in memory (gpumesh.resources)
         from .resources import FewerWorkersNotice, default_workers, worker_bytes
 

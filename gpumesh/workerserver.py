@@ -56,6 +56,10 @@ STOP_SERVER_TIMEOUT_S = 10.0
 #: The environment when this process started the server; ``None`` until then.
 _server_env: Optional[dict] = None
 
+#: Whether :func:`context` has given the server's context since it started (workers may have
+#: been forked from it).
+_used = False
+
 #: Longest path of a Unix socket, NUL excluded (``sun_path`` holds 108 bytes on Linux, 104 on
 #: the BSDs and macOS).
 SOCKET_PATH_MAX = 107 if sys.platform.startswith("linux") else 103
@@ -154,18 +158,30 @@ def stop_server() -> None:
     ``resource.getrusage(RUSAGE_CHILDREN)`` report.  A server left running ends by itself when
     this process exits, but no process waits for it then, and the workers' CPU time is lost to
     such accounting.  The CLI calls this when the main job ends; a later :func:`start_server`
-    starts a new server.
+    starts a new server.  A server that forked no worker (:func:`context` never gave it: a
+    small job ran in this process) is ended at once rather than waited for: it may still be
+    importing gpumesh.
 
     Uses the standard library's private ``ForkServer._stop`` (CPython 3.8 and later); where it
     is missing, the server is left to end with the process.  Never raises: it runs after the
     job, also after a failed one, whose error must not be hidden.
     """
-    global _server_env
+    global _server_env, _used
     if _server_env is None:
         return
     from multiprocessing import forkserver
 
-    stop = getattr(getattr(forkserver, "_forkserver", None), "_stop", None)
+    server = getattr(forkserver, "_forkserver", None)
+    pid = getattr(server, "_forkserver_pid", None)
+    if not _used and pid is not None:
+        # no worker was forked from it (a small job ran in this process): it may still be
+        # importing gpumesh, which this process would otherwise wait for
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
+    _used = False
+    stop = getattr(server, "_stop", None)
     if stop is not None:
         def run():
             try:
@@ -191,7 +207,9 @@ def context():
         and the environment is the one it started with (but for :data:`VOLATILE_ENV`); the
         spawn context otherwise.
     """
+    global _used
     if start_server() and _server_env == _environment():
+        _used = True
         return multiprocessing.get_context("forkserver")
     return multiprocessing.get_context("spawn")
 

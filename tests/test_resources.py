@@ -102,11 +102,13 @@ def test_default_workers_fit_in_memory(tmp_path):
 def test_the_main_job_runs_the_workers_that_fit(tmp_path, monkeypatch):
     """run_mesh without ``workers`` caps them by memory with a FewerWorkersNotice; the CLI
     prints it as one line at once."""
+    from gpumesh import pipeline
     from gpumesh.pipeline import MeshOptions, run_mesh
     from gpumesh.resources import FewerWorkersNotice
 
     labels = np.zeros((40, 40, 40), np.uint32)
     labels[3:30, 5:33, 2:20] = 4
+    monkeypatch.setattr(pipeline, "SMALL_JOB_VOXELS", 0)   # a job large enough for workers
     monkeypatch.setattr(resources, "usable_cores", lambda *args: 4)
     monkeypatch.setattr(resources, "available_memory", lambda *args: 2 * GIB)
     monkeypatch.setattr(resources, "MAIN_RESERVE_BYTES", GIB)

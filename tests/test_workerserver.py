@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -672,3 +673,48 @@ def test_a_job_of_one_task_runs_in_this_process_however_many_workers_are_asked_f
                        voxel_size=(1, 1, 1), workers=2)
     assert summary.tasks > 1 and (summary.workers, summary.segments) == (2, 2)
     assert starts   # (context() asks again: start_server is idempotent)
+
+
+def test_a_server_that_forked_no_worker_is_ended_not_waited_for(monkeypatch):
+    """The CLI starts the worker server before it knows the job; a small job then runs in its
+    own process, and the server, perhaps still importing gpumesh, is ended at once instead of
+    waited for.  A server that workers were forked from is waited for (their CPU time)."""
+    from multiprocessing import forkserver
+
+    from gpumesh import workerserver
+
+    workerserver.stop_server()   # one started by an earlier test, perhaps used
+    real_kill, killed = os.kill, []
+    monkeypatch.setattr(workerserver.os, "kill", lambda pid, sig: killed.append((pid, sig)) or real_kill(pid, sig))
+    workerserver.start_server()
+    pid = forkserver._forkserver._forkserver_pid
+    workerserver.stop_server()
+    assert killed == [(pid, signal.SIGTERM)]
+    killed.clear()
+    workerserver.context()   # a pool's context: workers forked from the server
+    workerserver.stop_server()
+    assert killed == []
+
+
+def test_a_small_job_runs_in_its_own_process(tmp_path, monkeypatch):
+    """Without ``workers``, a volume of fewer than SMALL_JOB_VOXELS voxels is meshed in this
+    process: each worker loads its kernels before its first task, and such a job is done as
+    soon (a 128^3 cutout: 1.2 s against 2.6 s on two workers).  Given ``workers``, that many."""
+    from gpumesh import pipeline, resources
+
+    # two cores, and too little memory for them: no notice of fewer workers for a small job
+    monkeypatch.setattr(resources, "default_workers", lambda *a, **k: (2, "2 worker(s) for 3 cores"))
+    labels = np.zeros((40, 40, 40), np.uint32)
+    labels[5:30, 5:30, 5:30] = 7
+    opts = pipeline.MeshOptions(chunk_size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", resources.FewerWorkersNotice)
+        small = pipeline.run_mesh(labels, str(tmp_path / "a"), options=opts, voxel_size=(1, 1, 1))
+    assert small.workers == 1 and small.tasks > 1
+    given = pipeline.run_mesh(labels, str(tmp_path / "b"), options=opts, voxel_size=(1, 1, 1), workers=2)
+    assert given.workers == 2
+    monkeypatch.setattr(pipeline, "SMALL_JOB_VOXELS", 40 ** 3)
+    with pytest.warns(resources.FewerWorkersNotice):
+        large = pipeline.run_mesh(labels, str(tmp_path / "c"), options=opts, voxel_size=(1, 1, 1))
+    assert large.workers == 2
+    assert tree_files(tmp_path / "a") == tree_files(tmp_path / "b") == tree_files(tmp_path / "c")
