@@ -1052,9 +1052,9 @@ def _signals_deferred():
 
 #: Voxels below which the main job runs in its own process unless given its workers: each
 #: worker process loads its kernels (about half a second) before its first task, and a job
-#: this small is done about as soon.  On the real volume (2-core VM, bench_startup.py, median
-#: of 3): a 128^3 cutout took 1.16 s on one worker against 2.62 s on two, a 256^3 one 5.0 s
-#: against 5.8 s; a 384^3 one 26.3 s against 25.5 s.
+#: this small is done about as soon.  On the real volume (2-core VM shared with other tests,
+#: bench_startup.py): a 128^3 cutout took 1.17 s on one worker against 1.92 s on two (median
+#: of 5), a 256^3 one 5.0 s against 5.8 s, a 384^3 one 26.3 s against 25.5 s (median of 3).
 SMALL_JOB_VOXELS = 192 ** 3
 
 #: Bytes of the slabs in which run_mesh looks for an in-memory signed array's negative labels.

@@ -699,7 +699,7 @@ def test_a_server_that_forked_no_worker_is_ended_not_waited_for(monkeypatch):
 def test_a_small_job_runs_in_its_own_process(tmp_path, monkeypatch):
     """Without ``workers``, a volume of fewer than SMALL_JOB_VOXELS voxels is meshed in this
     process: each worker loads its kernels before its first task, and such a job is done as
-    soon (a 128^3 cutout: 1.2 s against 2.6 s on two workers).  Given ``workers``, that many."""
+    soon (a 128^3 cutout: 1.17 s against 1.92 s on two workers).  Given ``workers``, that many."""
     from gpumesh import pipeline, resources
 
     # two cores, and too little memory for them: no notice of fewer workers for a small job
