@@ -1029,13 +1029,15 @@ def _signals_deferred():
     deliver the first that came.  Interrupted while a worker is forked but not yet registered
     with the pool, the pool could not stop that worker, and waiting for the workers' server
     would hang (it waits for its children).  Outside the main thread, where no handler can be
-    set, a no-op; a signal whose handler was not set from Python is left as it is."""
+    set, a no-op; a signal whose handler was not set from Python is left as it is, and so is an
+    ignored one (SIGHUP under ``nohup``): held, it would be the first that came, and a stop
+    signal after it would be dropped."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list = []
     held = {sig: signal.signal(sig, lambda num, frame: caught.append((num, frame)))
-            for sig in _STOP_SIGNALS if signal.getsignal(sig) is not None}
+            for sig in _STOP_SIGNALS if signal.getsignal(sig) not in (None, signal.SIG_IGN)}
     try:
         yield
     finally:

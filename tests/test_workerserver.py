@@ -618,6 +618,34 @@ def test_stop_signals_are_held_while_the_pool_starts_its_workers():
         signal.signal(signal.SIGTERM, old)
 
 
+def test_an_ignored_signal_is_not_held_while_the_pool_starts_and_hides_no_later_one():
+    """A signal the process ignores (SIGHUP under ``nohup``, SIGINT in a background job) stays
+    ignored while the pool starts its workers: held, it was caught as the first signal, and the
+    SIGTERM that came after it was then dropped (only the first held signal is delivered)."""
+    from gpumesh import pipeline
+
+    got = []
+
+    def handler(num, frame):
+        got.append(num)
+
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, handler)
+        with pipeline._signals_deferred():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)   # the terminal closes: nohup's job goes on
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert got == []
+        assert got == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def test_a_stop_signal_held_while_the_pool_starts_ends_a_process_that_left_it_to_the_default():
     """Held while the pool starts its workers, a signal is then taken as the process would have
     taken it: where SIGTERM has its default action (a script calling run_mesh), it ends the process."""
