@@ -95,7 +95,11 @@ class _Terminated(KeyboardInterrupt):
 
 
 def _raise_terminated(signum, frame):
-    signal.signal(signum, signal.SIG_DFL)   # a second one ends the process at once
+    # a second SIGTERM ends the process at once; a second SIGHUP is no one's second word: a
+    # closed terminal sends it twice (the shell passes its SIGHUP on to its jobs, and the kernel
+    # sends one to the foreground job when the shell exits), which ended the job half the time
+    # before it had stopped its workers and said so
+    signal.signal(signum, signal.SIG_IGN if signum == getattr(signal, "SIGHUP", None) else signal.SIG_DFL)
     raise _Terminated(signum)
 
 

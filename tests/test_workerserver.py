@@ -663,8 +663,8 @@ def test_a_stop_signal_held_while_the_pool_starts_ends_a_process_that_left_it_to
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
 def test_a_second_sigterm_is_left_to_the_default_action(sig):
     """The CLI takes a first SIGTERM (or SIGHUP) as Ctrl-C (workers stopped, one line, status
-    143 or 129) and the next with the default action: a job that does not stop on the first
-    ends on the second."""
+    143 or 129) and the next SIGTERM with the default action: a job that does not stop on the
+    first ends on the second (a second SIGHUP is ignored)."""
     from gpumesh import cli
 
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
@@ -676,10 +676,36 @@ def test_a_second_sigterm_is_left_to_the_default_action(sig):
             os.kill(os.getpid(), sig)
             time.sleep(5)   # the handler raises at once
         assert caught.value.signum == sig
-        assert signal.getsignal(sig) == signal.SIG_DFL
+        # a second SIGHUP is ignored (test_a_closed_terminals_second_sighup_does_not_end_the_job)
+        assert signal.getsignal(sig) == (signal.SIG_IGN if sig == signal.SIGHUP else signal.SIG_DFL)
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+
+
+def test_a_closed_terminals_second_sighup_does_not_end_the_job():
+    """A terminal that closes sends the foreground job SIGHUP twice (the shell passes its own on
+    to its jobs, and the kernel sends one when the shell, the session leader, exits).  The first
+    stops the job as SIGTERM does; the second, when it came after the handler had run, ended
+    the process with the default action before the workers were stopped and the line written
+    (status -SIGHUP, the resource tracker's leaked-semaphore warning): 2 of 5 terminals closed
+    on a running job.  A second SIGTERM still ends it at once."""
+    code = ("import os, signal, sys, time\n"
+            "from gpumesh import cli\n"
+            "cli._stop_on_signals()\n"
+            "try:\n"
+            "    os.kill(os.getpid(), signal.SIGHUP)\n"
+            "    time.sleep(5)\n"
+            "except KeyboardInterrupt as exc:\n"
+            "    print('stopping', exc.signum, flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGHUP)   # the second, while the job stops\n"
+            "time.sleep(0.05)\n"
+            "print('stopped', flush=True)\n"
+            "sys.exit(129)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       preexec_fn=_default_stop_signals)
+    assert r.returncode == 129 and r.stdout == f"stopping {int(signal.SIGHUP)}\nstopped\n", (r.returncode, r.stdout,
+                                                                                              r.stderr)
 
 
 def test_a_job_of_one_task_runs_in_this_process_however_many_workers_are_asked_for(tmp_path, monkeypatch):
