@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import shlex
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence
@@ -797,7 +798,7 @@ def _open_n5(kv, where, mip, axes, voxel_size, voxel_offset, how: _Opening = _Op
 #: A precomputed chunk or shard file that cloud-files (cloud-volume, igneous) stored compressed
 #: on a local disk: it appends the codec's suffix to the name instead of setting a
 #: Content-Encoding, as it does on GCS or S3.
-_CLOUDFILES_COMPRESSED = re.compile(r"(\d+-\d+_\d+-\d+_\d+-\d+|[0-9a-f]+\.shard)(\.gz|\.br|\.zstd|\.xz|\.bz2)")
+_CLOUDFILES_COMPRESSED = re.compile(r"(-?\d+--?\d+_-?\d+--?\d+_-?\d+--?\d+|[0-9a-f]+\.shard)(\.gz|\.br|\.zstd|\.xz|\.bz2)")
 
 #: Most directory entries of a scale :func:`_cloudfiles_compressed_chunk` looks at.
 _COMPRESSED_SCAN = 10_000
@@ -849,7 +850,7 @@ def _open_precomputed(kv, where, mip, voxel_size, voxel_offset, how: _Opening = 
     if packed is not None:
         folder = os.path.join(kv.spec().to_json().get("path", ""), scale["key"])
         suffix = os.path.splitext(packed)[1]
-        how_to = (f"`find {folder} -name '*.gz' -exec gunzip {{}} +`" if suffix == ".gz"
+        how_to = (f"`find {shlex.quote(folder)} -name '*.gz' -exec gunzip {{}} +`" if suffix == ".gz"
                   else f"each file to its name without {suffix}")
         raise SourceReadError(
             f"precomputed {where} (mip {mip}: {scale['key']}) holds chunks that cloud-files stored compressed "

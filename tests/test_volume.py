@@ -381,31 +381,38 @@ def test_precomputed_two_scales(tmp_path, labels):
     assert vol_ts.location == storage.kvstore_spec(str(root)) == vol0.location
 
 
-def test_precomputed_chunks_compressed_by_cloudfiles_are_refused(tmp_path, labels):
+@pytest.mark.parametrize("offset, name", [([10, 20, 30], "pre"), ([-12, -20, 30], "a layer")],
+                         ids=["offset", "negative-offset"])
+def test_precomputed_chunks_compressed_by_cloudfiles_are_refused(tmp_path, labels, offset, name):
     """cloud-volume and igneous gzip the chunks they write to a local (``file://``) layer by
     default into ``<chunk>.gz`` files, which TensorStore (and Neuroglancer) do not read: every
     chunk read as missing, so the job wrote an empty mesh with only a warning.  Refused now,
-    saying how to decompress them, before anything is written; a plain layer still opens."""
+    saying how to decompress them (the folder quoted for the shell), before anything is
+    written; a plain layer still opens.  A negative voxel offset gives chunk names such as
+    ``-12--4_...``."""
     import gzip
+    import shlex
 
     from gpumesh.pipeline import run_mesh
 
-    root = tmp_path / "pre"
+    root = tmp_path / name
     spec = {"driver": "neuroglancer_precomputed", "kvstore": {"driver": "file", "path": str(root)},
             "multiscale_metadata": {"type": "segmentation", "data_type": "uint32", "num_channels": 1},
-            "scale_metadata": {"size": list(labels.shape), "resolution": [8, 8, 30], "voxel_offset": [10, 20, 30],
+            "scale_metadata": {"size": list(labels.shape), "resolution": [8, 8, 30], "voxel_offset": offset,
                                "chunk_size": [8, 8, 8], "encoding": "raw"}}
     store = ts.open(spec, create=True).result()[ts.d["channel"][0]]
     store.write(labels).result()
     check_read(open_volume(str(root)), labels)
     key = json.loads((root / "info").read_text())["scales"][0]["key"]
     chunks = [f for f in (root / key).iterdir()]
-    assert chunks and all(re.fullmatch(r"\d+-\d+_\d+-\d+_\d+-\d+", f.name) for f in chunks)
+    assert chunks and all(re.fullmatch(r"-?\d+--?\d+_-?\d+--?\d+_\d+-\d+", f.name) for f in chunks)
+    assert any(f.name.startswith("-") for f in chunks) == (offset[0] < 0)
     for f in chunks:     # as cloud-files stores them on a local disk
         f.with_name(f.name + ".gz").write_bytes(gzip.compress(f.read_bytes()))
         f.unlink()
-    with pytest.raises(SourceReadError, match=r"compressed.*\.gz.*gunzip"):
+    with pytest.raises(SourceReadError, match=r"compressed.*\.gz.*gunzip") as caught:
         open_volume(str(root))
+    assert f"`find {shlex.quote(str(root / key))} -name" in str(caught.value)
     dest = tmp_path / "mesh"
     with pytest.raises(SourceReadError, match="cloud-files"):
         run_mesh(str(root), str(dest), workers=1)
