@@ -108,10 +108,25 @@ def _stopped(exc: KeyboardInterrupt, what: str) -> None:
     interrupted; WHAT`` (``terminated (SIGTERM)`` or ``terminated (SIGHUP)`` for those), and
     status 128 + the signal's number."""
     if isinstance(exc, _Terminated):
-        click.echo(f"gpumesh: terminated ({signal.Signals(exc.signum).name}); {what}", err=True)
+        _last_word(f"gpumesh: terminated ({signal.Signals(exc.signum).name}); {what}")
         sys.exit(128 + exc.signum)
-    click.echo(f"gpumesh: interrupted; {what}", err=True)
+    _last_word(f"gpumesh: interrupted; {what}")
     sys.exit(130)
+
+
+def _last_word(line: str) -> None:
+    """``line`` on stderr, if it can still be written: after SIGHUP, stderr is often the closed
+    terminal, whose write fails (EIO); the status must still say how the job ended (it was 1,
+    the traceback's).  The streams are then pointed at ``os.devnull``, so that the
+    interpreter's last flush of them does not fail in turn (status 120)."""
+    try:
+        click.echo(line, err=True)
+    except OSError:
+        for name in ("stdout", "stderr"):
+            try:
+                setattr(sys, name, open(os.devnull, "w"))
+            except OSError:
+                pass
 
 
 def _stop_on_signals() -> dict:

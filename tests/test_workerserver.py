@@ -774,3 +774,29 @@ def test_a_small_job_runs_in_its_own_process(tmp_path, monkeypatch):
         large = pipeline.run_mesh(labels, str(tmp_path / "c"), options=opts, voxel_size=(1, 1, 1))
     assert large.workers == 2
     assert tree_files(tmp_path / "a") == tree_files(tmp_path / "b") == tree_files(tmp_path / "c")
+
+
+@pytest.mark.parametrize("exc, status", [("sighup", 129), ("ctrl-c", 130)])
+def test_a_stop_line_that_cannot_be_written_keeps_the_status(monkeypatch, exc, status):
+    """After SIGHUP stderr is often the closed terminal, whose write fails (EIO): the command
+    still ends with 128 + the signal, not 1 (the traceback's) or 120 (a failed last flush)."""
+    import errno
+
+    from gpumesh import cli
+
+    class Closed:
+        def write(self, text):
+            raise OSError(errno.EIO, "Input/output error")
+
+        def flush(self):
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(sys, "stderr", Closed())
+    monkeypatch.setattr(sys, "stdout", sys.stdout)   # put back after the test, as stderr
+    stop = cli._Terminated(signal.SIGHUP) if exc == "sighup" else KeyboardInterrupt()
+    with pytest.raises(SystemExit) as ended:
+        cli._stopped(stop, "the finished tasks are kept")
+    assert ended.value.code == status
+    assert not isinstance(sys.stderr, Closed)   # the streams now lead nowhere
+    sys.stderr.write("dropped\n")
+    sys.stderr.flush()
