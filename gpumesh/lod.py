@@ -571,14 +571,15 @@ def _simplify(typingctx, fn, dst, idx, index_count, pos, nv, lock, target, err, 
 
     def codegen(context, builder, signature, args):
         fn, dst, idx, index_count, pos, nv, lock, target, err, options = args
-        i64, f32, i32 = ir.IntType(64), ir.FloatType(), ir.IntType(32)
+        # size_t and pointers: the platform's width (uintp), 64 bits on the platforms we build for
+        word, f32, i32 = context.get_value_type(types.uintp), ir.FloatType(), ir.IntType(32)
         # destination, indices, index_count, positions, vertex_count, positions_stride,
         # attributes, attributes_stride, attribute_weights, attribute_count, vertex_lock,
         # target_index_count, target_error, options, result_error
-        fnty = ir.FunctionType(i64, [i64] * 12 + [f32, i32, i64])
+        fnty = ir.FunctionType(word, [word] * 12 + [f32, i32, word])
         ptr = builder.inttoptr(fn, fnty.as_pointer())
-        zero = ir.Constant(i64, 0)
-        return builder.call(ptr, [dst, idx, index_count, pos, nv, ir.Constant(i64, 12), zero, zero, zero, zero,
+        zero = ir.Constant(word, 0)
+        return builder.call(ptr, [dst, idx, index_count, pos, nv, ir.Constant(word, 12), zero, zero, zero, zero,
                                   lock, target, err, options, zero])
     return sig, codegen
 
