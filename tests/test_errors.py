@@ -1513,16 +1513,36 @@ def test_a_summary_json_written_over_a_file_keeps_its_permissions(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json"]
 
 
+def _cubes_of_200_segments() -> np.ndarray:
+    """A 32^3 volume of 200 segments in cubes of 4 voxels."""
+    rng = np.random.default_rng(3)
+    return np.repeat(np.repeat(np.repeat(rng.integers(0, 200, size=(8, 8, 8)).astype(np.uint32), 4, 0), 4, 1), 4, 2)
+
+
+def _taken_over_as_it_writes(monkeypatch, labels, dest, opts, workers: int) -> None:
+    """run_mesh of ``labels`` into ``dest`` whose mark another run replaces as the writing
+    starts (the mark read at every report): it stops with DestinationTakenError."""
+    from gpumesh import DestinationTakenError, writer
+    from gpumesh.pipeline import OWNER_KEY
+
+    monkeypatch.setattr(writer, "OWNER_CHECK_S", 0.0)
+
+    def taken_over(done, total):   # the other run's mark, as soon as the writing starts
+        (dest / OWNER_KEY).write_bytes(b"another run")
+
+    with pytest.raises(DestinationTakenError, match="another gpumesh run has started writing there"):
+        run_mesh(labels, str(dest), options=opts, voxel_size=(1, 1, 1), workers=workers, write_progress=taken_over)
+
+
 @pytest.mark.parametrize("sharded", [True, False])
 def test_a_run_taken_over_while_it_writes_stops_at_its_next_progress_report(tmp_path, monkeypatch, sharded):
     """A run whose destination another takes over while it writes its output reads its mark
     again at its progress reports (at most every OWNER_CHECK_S): it stops after the shard or run
     of segments in hand, not after writing them all into the other's output, and writes no info."""
-    from gpumesh import DestinationTakenError, ShardingOptions, writer
-    from gpumesh.pipeline import OWNER_KEY, SCRATCH
+    from gpumesh import ShardingOptions, writer
+    from gpumesh.pipeline import SCRATCH
 
-    rng = np.random.default_rng(3)   # 200 segments in cubes of 4 voxels
-    labels = np.repeat(np.repeat(np.repeat(rng.integers(0, 200, size=(8, 8, 8)).astype(np.uint32), 4, 0), 4, 1), 4, 2)
+    labels = _cubes_of_200_segments()
     sharding = ShardingOptions(shard_bits=3, minishard_bits=0) if sharded else None
     opts = MeshOptions(chunk_size=16, sharding=sharding)
     clean = tmp_path / "clean"
@@ -1532,15 +1552,9 @@ def test_a_run_taken_over_while_it_writes_stops_at_its_next_progress_report(tmp_
         return [p for p in d.iterdir() if p.name not in ("info", SCRATCH.rstrip("/"), "segment_properties")]
 
     assert len(outputs(clean)) > 4
-    monkeypatch.setattr(writer, "OWNER_CHECK_S", 0.0)
     monkeypatch.setattr(writer, "WRITE_BATCH", 16)
     dest = tmp_path / "out"
-
-    def taken_over(done, total):   # the other run's mark, as soon as the writing starts
-        (dest / OWNER_KEY).write_bytes(b"another run")
-
-    with pytest.raises(DestinationTakenError, match="another gpumesh run has started writing there"):
-        run_mesh(labels, str(dest), options=opts, voxel_size=(1, 1, 1), workers=1, write_progress=taken_over)
+    _taken_over_as_it_writes(monkeypatch, labels, dest, opts, workers=1)
     assert not (dest / "info").exists()
     assert len(outputs(dest)) < len(outputs(clean)), (len(outputs(dest)), len(outputs(clean)))
 
@@ -1592,20 +1606,11 @@ def test_a_run_taken_over_while_its_workers_write_an_unsharded_output_stops_befo
     report) wrote every file into the other run's output before it stopped.  In smaller runs,
     a few submitted at a time and the rest cancelled, it stops with those its workers have in
     hand (2 workers: at most half of 8 runs)."""
-    from gpumesh import DestinationTakenError, writer
-    from gpumesh.pipeline import OWNER_KEY, SCRATCH
+    from gpumesh.pipeline import SCRATCH
 
-    rng = np.random.default_rng(3)   # 200 segments in cubes of 4 voxels
-    labels = np.repeat(np.repeat(np.repeat(rng.integers(0, 200, size=(8, 8, 8)).astype(np.uint32), 4, 0), 4, 1), 4, 2)
-    opts = MeshOptions(chunk_size=16)
-    monkeypatch.setattr(writer, "OWNER_CHECK_S", 0.0)
+    labels = _cubes_of_200_segments()
     dest = tmp_path / "out"
-
-    def taken_over(done, total):   # the other run's mark, as soon as the writing starts
-        (dest / OWNER_KEY).write_bytes(b"another run")
-
-    with pytest.raises(DestinationTakenError, match="another gpumesh run has started writing there"):
-        run_mesh(labels, str(dest), options=opts, voxel_size=(1, 1, 1), workers=2, write_progress=taken_over)
+    _taken_over_as_it_writes(monkeypatch, labels, dest, MeshOptions(chunk_size=16), workers=2)
     written = [p for p in dest.iterdir() if p.name != SCRATCH.rstrip("/")]
     files = 2 * len(np.unique(labels[labels > 0]))   # a manifest and a data file each
     assert not (dest / "info").exists() and len(written) < files * 3 // 4, (len(written), files)
