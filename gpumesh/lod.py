@@ -454,8 +454,8 @@ def _cross_is_zero(pos, a, b, c):
 
 
 @numba.njit(cache=True, nogil=True)
-def _flip_flat_left(pos, faces, core):
-    """Flip away the zero-area triangles that a simplification left (in place; returns how many).
+def _flip_flat(pos, faces, core):
+    """Flip away the zero-area triangles that a simplification left (in place).
 
     A triangle ``(a, b, c)`` whose vertex ``b`` lies on the segment from ``c`` to ``a`` covers no
     area; with its neighbour ``(a, c, d)`` across that edge it is replaced by ``(a, b, d)`` and
@@ -466,8 +466,8 @@ def _flip_flat_left(pos, faces, core):
     whose triangles must stay).  Positions are exact on the half-voxel lattice, so ``== 0`` is
     exact.  A piece has a few such triangles at most: each looks for its neighbour by a scan.
 
-    Returns the flips and whether a zero-area triangle may be left: False when the last pass
-    flipped nothing and saw none (then :func:`_mark_flat` would find none).
+    Returns how many it flipped and whether a zero-area triangle may be left: False when the
+    last pass flipped nothing and saw none (then :func:`_mark_flat` would find none).
     """
     m = faces.shape[0]
     nc = core.shape[0]
@@ -517,11 +517,6 @@ def _flip_flat_left(pos, faces, core):
             return flips, seen
     return flips, True
 
-
-@numba.njit(cache=True, nogil=True)
-def _flip_flat(pos, faces, core):
-    """:func:`_flip_flat_left`'s flips alone (returns how many)."""
-    return _flip_flat_left(pos, faces, core)[0]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -614,7 +609,7 @@ def _decimate(fn, vertices, faces, scale, locked, core, frozen, target, err, opt
         if not found:
             # a flat triangle that no flip removes (its flip would use an edge twice: there the
             # simplifier folded the surface back over itself) is a defect like the others
-            if not _flip_flat_left(vertices, out, core)[1] or not _mark_flat(vertices, out, bad):
+            if not _flip_flat(vertices, out, core)[1] or not _mark_flat(vertices, out, bad):
                 v, f = _compact(vertices, out)
                 return True, v, f
         _lock_rings(f_in, bad, lock)

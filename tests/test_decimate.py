@@ -481,9 +481,9 @@ def test_a_flat_triangle_is_flipped_with_its_neighbour_into_the_same_surface():
     frozen = np.zeros(5, bool)
     frozen[D] = True
     kept = faces.copy()
-    assert lod._flip_flat(pos, kept, frozen) == 0 and np.array_equal(kept, faces)
+    assert lod._flip_flat(pos, kept, frozen)[0] == 0 and np.array_equal(kept, faces)
     flipped = faces.copy()
-    assert lod._flip_flat(pos, flipped, np.zeros(0, bool)) == 1
+    assert lod._flip_flat(pos, flipped, np.zeros(0, bool))[0] == 1
     assert sorted(map(tuple, flipped.tolist())) == sorted([(A, B, D), (B, C, D), (B, A, E), (C, B, E), (A, D, E),
                                                            (C, E, D)])
     assert not _zero_area(pos, flipped.astype(np.int64)).any()
@@ -502,7 +502,7 @@ def test_a_flat_triangle_is_not_flipped_into_an_edge_used_twice():
     A, B, C, D = range(4)
     faces = np.array([[A, C, D], [A, B, C], [B, A, D], [C, B, D]], np.uint32)
     kept = faces.copy()
-    assert lod._flip_flat(pos, kept, np.zeros(0, bool)) == 0 and np.array_equal(kept, faces)
+    assert lod._flip_flat(pos, kept, np.zeros(0, bool))[0] == 0 and np.array_equal(kept, faces)
     bad = np.zeros(4, bool)
     assert lod._mark_flat(pos, kept, bad) and bad.tolist() == [True, True, True, False]
 
@@ -531,7 +531,7 @@ def test_a_flat_triangle_beside_another_is_flipped_once_that_one_is():
     faces = np.array([[A, B, C], [A, C, D], [A, D, E],
                       [B, A, P], [C, B, P], [D, C, P], [E, D, P], [A, E, P]], np.uint32)
     flipped = faces.copy()
-    assert lod._flip_flat(pos, flipped, np.zeros(0, bool)) == 2
+    assert lod._flip_flat(pos, flipped, np.zeros(0, bool))[0] == 2
     f = flipped.astype(np.int64)
     assert not _zero_area(pos, f).any()
     d = directed_edges(f)
