@@ -400,8 +400,9 @@ def _warn_if_cut(whole: Volume, volume: Volume, bbox, a: np.ndarray, b: np.ndarr
     ``whole`` cropped to ``bounds``): the voxels just past the face, read from ``whole``
     across the segment's box, hold the segment.  Its mesh is closed there, the segment not.  A
     face of ``volume`` is named the bounds' (a bbox that reaches it or past it is clipped
-    there: widening it would not help).  A face past which the labels cannot be read (a chunk not stored with ``fill_missing=False``,
-    negative labels of a signed source) is passed over: only the box must be readable."""
+    there: widening it would not help).  A face past which the labels cannot be read (a chunk
+    not stored with ``fill_missing=False``, negative labels of a signed source) is passed
+    over: only the box must be readable."""
     lo, hi = (np.zeros(3, np.int64), np.array(volume.shape, np.int64)) if bbox is None \
         else _check_bbox(bbox, volume.shape)
     shift = volume.voxel_offset - whole.voxel_offset   # volume's index 0 in whole's indices

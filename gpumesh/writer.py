@@ -1134,8 +1134,8 @@ def _in_turn(executor, workers: int, submits, done: Callable) -> None:
     taken over stops writing after those its workers have in hand."""
     waiting: collections.deque = collections.deque()
     try:
-        for fut in map(lambda submit: submit(), submits):
-            waiting.append(fut)
+        for submit in submits:
+            waiting.append(submit())
             while len(waiting) >= SHARDS_AHEAD * workers:
                 done(waiting.popleft().result())
         while waiting:
