@@ -228,6 +228,9 @@ class _ProgressLines:
 @click.option("--segments", callback=_segments, default=None, metavar="IDS",
               help="mesh only these segment IDs: 1,2,3 or @FILE (IDs separated by commas, spaces or "
                    "newlines); each gets the bytes of the full job")
+@click.option("--exclude-segments", callback=_segments, default=None, metavar="IDS",
+              help="mesh every segment but these IDs (as --segments takes them; igneous's --exclude-labels); "
+                   "the others get the bytes of the full job")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="parallel processes (default: the usable cores, as many as fit in memory; one, this "
                    "process, for a volume under 192^3 voxels)")
@@ -263,9 +266,9 @@ def mesh(**params):
 
 
 def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missing, fmt, quality, chunk_size, max_lods,
-          num_lods, downsampling, bits, dust_threshold, segments, workers, scheduler, device, overwrite, resume,
-          segment_properties, link_source, sharded, shard_bits, minishard_bits, preshift_bits, shard_hash,
-          minishard_index_encoding, data_encoding, summary_json, quiet):
+          num_lods, downsampling, bits, dust_threshold, segments, exclude_segments, workers, scheduler, device,
+          overwrite, resume, segment_properties, link_source, sharded, shard_bits, minishard_bits, preshift_bits,
+          shard_hash, minishard_index_encoding, data_encoding, summary_json, quiet):
     """The ``mesh`` command (:func:`mesh`), its SIGTERM and SIGHUP handlers installed."""
     if overwrite and resume:   # in the CLI's words (run_mesh refuses it in the Python API's)
         raise click.UsageError("give --overwrite or --resume, not both")
@@ -298,7 +301,7 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
     options = MeshOptions(chunk_size=chunk_size, max_lods=max_lods if fmt == "multires" else 1,
                           num_lods=num_lods, quality=quality, vertex_quantization_bits=int(bits), format=fmt,
                           segment_properties=segment_properties, sharding=sharding, dust_threshold=dust_threshold,
-                          segments=segments, downsampling=downsampling)
+                          segments=segments, exclude_segments=exclude_segments, downsampling=downsampling)
     bar = None
     writing = False
 

@@ -126,6 +126,14 @@ class MeshOptions:
         (see :func:`_mesh_lod`).  The segment properties list the selected segments found in
         the volume; the others give a ``SegmentsNotFoundWarning``.  A list or array is stored
         as a tuple.
+    exclude_segments : tuple of int or None
+        Mesh every segment but these (igneous's ``exclude_object_ids``, its CLI's
+        ``--exclude-labels``): a large glia or extracellular-space label, say.  As with
+        :attr:`segments`, the others keep the bytes of the full job (igneous instead masks the
+        excluded labels to background, which moves its neighbours' surfaces), and the excluded
+        segments get no files and no segment properties entry.  With :attr:`segments` too, the
+        job meshes the selected segments that are not excluded.  A list or array is stored as
+        a tuple.
     """
 
     chunk_size: int = 64
@@ -139,15 +147,17 @@ class MeshOptions:
     dust_threshold: int = 0
     segments: Optional[tuple] = None
     downsampling: str = "auto"
+    exclude_segments: Optional[tuple] = None
 
     def __post_init__(self):
-        ids = self.segments
-        if ids is not None and not isinstance(ids, (tuple, str, bytes)):
-            try:   # a list, an array (its values as Python ints), any iterable
-                object.__setattr__(self, "segments", tuple(ids.ravel().tolist() if isinstance(ids, np.ndarray)
-                                                           else ids))
-            except TypeError:
-                pass   # not iterable: validate() says what is wrong
+        for name in ("segments", "exclude_segments"):
+            ids = getattr(self, name)
+            if ids is not None and not isinstance(ids, (tuple, str, bytes)):
+                try:   # a list, an array (its values as Python ints), any iterable
+                    object.__setattr__(self, name, tuple(ids.ravel().tolist() if isinstance(ids, np.ndarray)
+                                                         else ids))
+                except TypeError:
+                    pass   # not iterable: validate() says what is wrong
 
     def validate(self) -> None:
         """Raise ``ValueError`` on inconsistent options."""
@@ -180,14 +190,19 @@ class MeshOptions:
         if isinstance(self.dust_threshold, bool) or not isinstance(self.dust_threshold, (int, np.integer)) \
                 or self.dust_threshold < 0:
             raise ValueError(f"dust threshold must be an integer >= 0 (voxels), got {self.dust_threshold!r}")
-        if self.segments is not None:
-            ids = self.segments
+        for name in ("segments", "exclude_segments"):
+            ids = getattr(self, name)
+            if ids is None:
+                continue
             if not isinstance(ids, tuple) or not ids:
-                raise ValueError(f"segments must be a non-empty sequence of segment IDs, got {ids!r}")
+                raise ValueError(f"{name} must be a non-empty sequence of segment IDs, got {ids!r}")
             bad = [s for s in ids if isinstance(s, bool) or not isinstance(s, (int, np.integer))
                    or not 0 < int(s) < 1 << 64]
             if bad:
-                raise ValueError(f"segment IDs must be integers in 1..2**64-1, got {bad[0]!r}")
+                raise ValueError(f"segment IDs must be integers in 1..2**64-1, got {bad[0]!r}"
+                                 f"{' (exclude_segments)' if name == 'exclude_segments' else ''}")
+        if self.segments is not None and self.exclude_segments is not None and not len(self.selected_ids()):
+            raise ValueError("every selected segment is excluded (segments, exclude_segments): nothing to mesh")
         if self.sharding is not None:
             if not isinstance(self.sharding, ShardingOptions):
                 raise ValueError(f"sharding must be a ShardingOptions or None, got {self.sharding!r}")
@@ -196,15 +211,27 @@ class MeshOptions:
             self.sharding.validate()
 
     def selected_ids(self) -> Optional[np.ndarray]:
-        """:attr:`segments` as a sorted uint64 array without repeats (``None`` when unset)."""
-        return None if self.segments is None else _segment_array(self.segments)
+        """:attr:`segments` less :attr:`exclude_segments`, as a sorted uint64 array without
+        repeats (``None`` when :attr:`segments` is unset)."""
+        if self.segments is None:
+            return None
+        ids = _segment_array(self.segments)
+        return ids if self.exclude_segments is None else ids[~in_sorted(self.excluded_ids(), ids)]
+
+    def excluded_ids(self) -> Optional[np.ndarray]:
+        """:attr:`exclude_segments` as a sorted uint64 array without repeats (``None`` when unset)."""
+        return None if self.exclude_segments is None else _segment_array(self.exclude_segments)
 
     def selected(self, ids: np.ndarray) -> np.ndarray:
         """Which of the segment IDs ``ids`` (uint64 array) the job meshes: a bool array of
-        ``ids``' shape, all true when :attr:`segments` is ``None``."""
-        if self.segments is None:
-            return np.ones(np.shape(ids), dtype=bool)
-        return in_sorted(self.selected_ids(), np.asarray(ids, dtype=np.uint64))
+        ``ids``' shape, all true when neither :attr:`segments` nor :attr:`exclude_segments` is
+        set."""
+        ids = np.asarray(ids, dtype=np.uint64)
+        if self.segments is not None:
+            return in_sorted(self.selected_ids(), ids)
+        if self.exclude_segments is not None:
+            return ~in_sorted(self.excluded_ids(), ids)
+        return np.ones(np.shape(ids), dtype=bool)
 
 
 def in_sorted(table: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -975,9 +1002,12 @@ def _plan_fingerprint(volume: Volume, plan: Plan, options: MeshOptions, axes: Op
     the source's location (not an array's contents), how it was read (``fill_missing``
     included: a chunk not stored is background or an error), the plan and options."""
     opts = dataclasses.asdict(options)
-    if options.segments is not None:   # a digest of the selection, which may be long
-        ids = options.selected_ids()
-        opts["segments"] = {"count": len(ids), "sha256": hashlib.sha256(ids.astype("<u8").tobytes()).hexdigest()}
+    for name in ("segments", "exclude_segments"):   # a digest of the selection, which may be long
+        if getattr(options, name) is not None:
+            ids = _segment_array(getattr(options, name))
+            opts[name] = {"count": len(ids), "sha256": hashlib.sha256(ids.astype("<u8").tobytes()).hexdigest()}
+    if options.exclude_segments is None:   # the stamps of earlier versions' jobs stand
+        del opts["exclude_segments"]
     return {
         "source": None if volume.location is None else storage.kvstore_url(volume.location),
         "axes": axes,
@@ -1520,6 +1550,9 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     elif summary.segments == 0 and options.segments is not None:
         warnings.warn(f"none of the selected segments is in the volume: wrote an empty mesh to {shown}",
                       EmptyVolumeWarning, stacklevel=2)
+    elif summary.segments == 0 and options.exclude_segments is not None:
+        warnings.warn(f"the volume holds only background (label 0) and excluded segments: wrote an empty mesh to "
+                      f"{shown}", EmptyVolumeWarning, stacklevel=2)
     elif summary.segments == 0:
         warnings.warn(f"the volume holds only background (label 0): wrote an empty mesh to {shown}",
                       EmptyVolumeWarning, stacklevel=2)

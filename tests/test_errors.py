@@ -442,6 +442,37 @@ def test_cli_segments(tmp_path):
         assert _no_output(dest)
 
 
+def test_cli_exclude_segments(tmp_path):
+    """``--exclude-segments`` meshes every segment but the given ones (IDs or ``@FILE``, as
+    ``--segments``), alone or with ``--segments``; an ID not in the volume is no warning; bad
+    IDs, or a selection that is all excluded, are one error line before any output."""
+    from conftest import write_zarr
+
+    labels = GOOD.copy()
+    labels[6:8, 6:8, 6:8] = 9
+    labels[0:2, 0:2, 0:2] = 4
+    write_zarr(tmp_path / "v.zarr", labels, chunk=8)
+    ids = tmp_path / "ids.txt"
+    ids.write_text("9  # glia\n12\n")
+    for i, (args, kept) in enumerate([(["--exclude-segments", "9,12"], [4, 7]),
+                                      (["--exclude-segments", f"@{ids}"], [4, 7]),
+                                      (["--segments", "4,9", "--exclude-segments", "9"], [4])]):
+        dest = tmp_path / f"out{i}"
+        r = _cli("mesh", str(tmp_path / "v.zarr"), str(dest), *args, "--voxel-size", "1,1,1", "--workers", "1",
+                 "--quiet")
+        assert r.returncode == 0, r.stderr
+        assert f"segments:  {len(kept)}\n" in r.stdout and "warning" not in r.stderr, r.stderr
+        assert open_mesh(str(dest)).segment_ids() == kept
+    for args, message in [(["--exclude-segments", "0"], "segment IDs must be in 1..2**64-1, got 0"),
+                          (["--exclude-segments", "9,x"], "expected segment IDs like 1,2,3"),
+                          (["--segments", "9", "--exclude-segments", "9,4"],
+                           "every selected segment is excluded (segments, exclude_segments): nothing to mesh")]:
+        dest = tmp_path / "bad"
+        r = _cli("mesh", str(tmp_path / "v.zarr"), str(dest), *args, "--quiet")
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+        assert _no_output(dest)
+
+
 def test_cli_bounds_syntax(tmp_path):
     from conftest import write_zarr
 
@@ -717,6 +748,23 @@ def test_the_selection_tells_selected_ids_from_the_others():
     assert MeshOptions(segments=[3, 1]).selected_ids().tolist() == [1, 3]
     assert MeshOptions(segments=[5]).selected(np.array([1, 5, 9], np.uint64)).tolist() == [False, True, False]
     assert MeshOptions().selected(np.array([4, 9], np.uint64)).all()
+    # exclusions: alone, and taken out of a selection
+    chosen = rng.integers(1, 2**63, 1000, dtype=np.uint64)
+    ids = np.unique(np.r_[chosen[::2], rng.integers(1, 2**63, 3000, dtype=np.uint64)])
+    assert np.array_equal(MeshOptions(exclude_segments=chosen).selected(ids), ~np.isin(ids, chosen))
+    both = MeshOptions(segments=ids[::3], exclude_segments=chosen)
+    assert np.array_equal(both.selected(ids), np.isin(ids, ids[::3]) & ~np.isin(ids, chosen))
+    assert np.array_equal(both.selected_ids(), np.setdiff1d(ids[::3], chosen))
+    assert MeshOptions(segments=[5, 3], exclude_segments=[3, 8]).selected_ids().tolist() == [5]
+    assert MeshOptions(exclude_segments=[3]).selected_ids() is None
+    assert MeshOptions(exclude_segments=np.array([[3], [1]])).exclude_segments == (3, 1)
+    for bad, message in [(dict(exclude_segments=[]), "exclude_segments must be a non-empty sequence"),
+                         (dict(exclude_segments=[0]), r"got 0 \(exclude_segments\)"),
+                         (dict(exclude_segments=[True]), r"got True \(exclude_segments\)"),
+                         (dict(exclude_segments=7), "exclude_segments must be a non-empty sequence"),
+                         (dict(segments=[2, 2], exclude_segments=[2]), "every selected segment is excluded")]:
+        with pytest.raises(ValueError, match=message):
+            MeshOptions(**bad).validate()
 
 
 def test_a_source_without_a_voxel_size_is_meshed_in_voxels_with_a_warning(tmp_path):
@@ -1147,7 +1195,9 @@ def test_a_resume_with_another_offset_shape_dtype_or_selection_is_refused(tmp_pa
                             (dict(source=labels[:, :, :24]), r"plan\.shape: \[48, 40, 32\] -> \[48, 40, 24\]"),
                             (dict(source=labels.astype(np.uint16)), r'dtype: "uint32" -> "uint16"'),
                             (dict(options=MeshOptions(chunk_size=16, segments=[1, 2, 4])),
-                             r'options\.segments: \{"count": 3, "sha256": "[0-9a-f]+\.\.\. -> \{"count": 3, .*')]:
+                             r'options\.segments: \{"count": 3, "sha256": "[0-9a-f]+\.\.\. -> \{"count": 3, .*'),
+                            (dict(options=MeshOptions(chunk_size=16, segments=[1, 2, 3], exclude_segments=[9])),
+                             r'options\.exclude_segments: null -> \{"count": 1, .*')]:
         args = dict(dict(source=labels, options=opts, voxel_offset=(5, 6, 7)), **change)
         with pytest.raises(DestinationExistsError, match=rf"different options or source than the interrupted run "
                                                          rf"\({differs}\)$"):
@@ -1216,6 +1266,13 @@ def test_the_warnings_of_a_selection_and_of_an_empty_output_say_what_is_missing(
     assert said("zero", np.zeros((8, 8, 8), np.uint16)) == [
         ("EmptyVolumeWarning", f"the volume holds only background (label 0): wrote an empty mesh to "
                                f"{tmp_path / 'zero'}")]
+    # excluded IDs not in the volume are no warning; a volume of excluded segments is named as such
+    assert said("others", options=MeshOptions(exclude_segments=[20, 21])) == []
+    assert said("excluded", options=MeshOptions(exclude_segments=[7, 20])) == [
+        ("EmptyVolumeWarning", f"the volume holds only background (label 0) and excluded segments: wrote an empty "
+                               f"mesh to {tmp_path / 'excluded'}")]
+    assert said("both", options=MeshOptions(segments=[7, 20, 21], exclude_segments=[21])) == [
+        ("SegmentsNotFoundWarning", "1 of the 2 selected segments are not in the volume: 20")]
 
 
 def test_a_broken_pool_is_said_to_have_ended_as_its_first_dead_worker_did():

@@ -755,6 +755,49 @@ def test_selected_segments_get_the_bytes_of_the_full_job(crop, crop_medium, tmp_
             assert np.array_equal(got.faces, want.faces) and np.array_equal(got.vertices, want.vertices)
 
 
+def test_excluded_segments_leave_the_others_the_bytes_of_the_full_job(crop, crop_medium, tmp_path):
+    """``MeshOptions.exclude_segments`` leaves out the excluded segments (no files, no segment
+    properties entry) and every other segment keeps the bytes of the full job: the excluded
+    ones still shape their neighbours' surfaces and coarse LODs, where igneous masks them to
+    background.  Sharded on 2 workers, the output equals 1 worker's."""
+    from gpumesh import storage
+    from gpumesh.pipeline import MeshOptions, run_mesh
+    from gpumesh.sharding import ShardingOptions
+
+    from conftest import tree_files
+
+    ids, counts = np.unique(crop[crop != 0], return_counts=True)
+    order = np.argsort(counts)
+    # the 3 largest segments (those a user would leave out: glia, a merger) and every 9th other
+    excluded = np.unique(np.r_[ids[order[-3:]], ids[::9]]).astype(np.uint64)
+    kept = np.setdiff1d(ids, excluded)
+    opts = MeshOptions(chunk_size=32, max_lods=3, exclude_segments=[int(s) for s in excluded] + [2**64 - 1])
+    dest = tmp_path / "others"
+    summary = run_mesh(crop, str(dest), options=opts, voxel_size=VOXEL_SIZE, voxel_offset=CROP_START, workers=1)
+    assert (summary.segments, summary.missing_segments) == (len(kept), 0)
+    files, full = tree_files(dest), tree_files(crop_medium[0])
+    meshes = {k: v for k, v in files.items() if not k.startswith(("info", "segment_properties"))}
+    assert meshes == {k: full[k] for s in kept.tolist() for k in (f"{s}.index", str(s))}
+    info = storage.read_json(storage.open_kvstore(str(dest)), "segment_properties/info")
+    assert [int(s) for s in info["inline"]["ids"]] == kept.tolist()
+    assert info["inline"]["properties"][0]["values"] == counts[np.isin(ids, kept)].tolist()
+    report = validate(str(dest))
+    assert report.ok and not report.warnings and report.num_segments == len(kept)
+    # the largest excluded segment touches kept ones, whose meshes stay those of the full job
+    big = int(ids[order[-1]])
+    touching = np.unique(crop[1:][crop[:-1] == big])
+    assert np.isin(touching, kept).sum() > 3
+    # sharded, 1 and 2 workers (the workers build the shards), with a selection too
+    for name, extra in [("all", {}), ("chosen", dict(segments=ids[::2]))]:
+        sharded = MeshOptions(chunk_size=32, exclude_segments=excluded, sharding=ShardingOptions(shard_bits=1), **extra)
+        one, two = tmp_path / f"{name}1", tmp_path / f"{name}2"
+        run_mesh(crop, str(one), options=sharded, voxel_size=VOXEL_SIZE, voxel_offset=CROP_START, workers=1)
+        run_mesh(crop, str(two), options=sharded, voxel_size=VOXEL_SIZE, voxel_offset=CROP_START, workers=2)
+        assert tree_files(one) == tree_files(two)
+        want = np.setdiff1d(ids[::2], excluded) if extra else kept
+        assert sorted(open_mesh(str(two)).segment_ids()) == want.tolist()
+
+
 def test_bounds_mesh_the_box_as_a_volume_of_its_own(real_zarr, crop, crop_medium, tmp_path):
     """``bounds`` on the whole real volume gives the bytes of the crop array meshed at its offset
     (segments cut by the box closed at its faces); the CLI's ``--bounds`` on 2 workers too."""
