@@ -831,6 +831,24 @@ def _cloudfiles_compressed_chunk(kvspec: dict, key: Any) -> Optional[str]:
     return None
 
 
+def _refuse_cloudfiles_compressed(kvspec: dict, key: Any, what: str) -> None:
+    """Raise :class:`SourceReadError` where the local precomputed scale ``key`` (of the
+    kvstore ``kvspec``) holds chunks that cloud-files stored compressed under a suffix
+    (:func:`_cloudfiles_compressed_chunk`), saying how to decompress them; ``what`` names the
+    source (``precomputed /x (mip 0``, closed with the key)."""
+    packed = _cloudfiles_compressed_chunk(kvspec, key)
+    if packed is None:
+        return
+    folder = os.path.join(kvspec.get("path", ""), key)
+    suffix = os.path.splitext(packed)[1]
+    how_to = (f"`find {shlex.quote(folder)} -name '*.gz' -exec gunzip {{}} +`" if suffix == ".gz"
+              else f"each file to its name without {suffix}")
+    raise SourceReadError(
+        f"{what}: {key}) holds chunks that cloud-files stored compressed under a suffix ({folder}/{packed}), which "
+        f"TensorStore and Neuroglancer do not read: each would read as missing (background). Decompress them in "
+        f"place ({how_to}), or write the layer with cloud-volume's compress=False")
+
+
 def _open_precomputed(kv, where, mip, voxel_size, voxel_offset, how: _Opening = _Opening()) -> Volume:
     info = _read_json(kv, "info", where)
     if not isinstance(info, dict) or not isinstance(info.get("scales"), list) or not info["scales"]:
@@ -846,17 +864,7 @@ def _open_precomputed(kv, where, mip, voxel_size, voxel_offset, how: _Opening = 
     if nc != 1:
         raise InvalidVolumeError(f"precomputed {where} has num_channels {nc}: a label volume must have 1")
     scale = scales[mip]
-    packed = _cloudfiles_compressed_chunk(kv.spec().to_json(), _object(scale).get("key"))
-    if packed is not None:
-        folder = os.path.join(kv.spec().to_json().get("path", ""), scale["key"])
-        suffix = os.path.splitext(packed)[1]
-        how_to = (f"`find {shlex.quote(folder)} -name '*.gz' -exec gunzip {{}} +`" if suffix == ".gz"
-                  else f"each file to its name without {suffix}")
-        raise SourceReadError(
-            f"precomputed {where} (mip {mip}: {scale['key']}) holds chunks that cloud-files stored compressed "
-            f"under a suffix ({folder}/{packed}), which TensorStore and Neuroglancer do not read: each would "
-            f"read as missing (background). Decompress them in place ({how_to}), or write the layer with "
-            f"cloud-volume's compress=False")
+    _refuse_cloudfiles_compressed(kv.spec().to_json(), _object(scale).get("key"), f"precomputed {where} (mip {mip}")
     store = _ts_open({"driver": "neuroglancer_precomputed", "scale_index": mip}, where, kv, how)
     if voxel_size is None:
         voxel_size = _check_voxel_size(scale.get("resolution"), f"precomputed {where} resolution")
@@ -1168,6 +1176,8 @@ def _from_tensorstore(store: ts.TensorStore, where: str, mip: int, axes, vs, vo)
             precomputed = {"kvstore": kvspec, "info": info, "scale_key": key}
         except Exception:
             precomputed = None
+        if precomputed is not None:   # as a path to it is refused (the scale as opened, whatever its index)
+            _refuse_cloudfiles_compressed(precomputed["kvstore"], precomputed["scale_key"], f"{where} (scale")
         _no_axes(axes, where)
         axes = None
     if mip != 0:   # an opened TensorStore (or a spec with its scale_index) is one scale

@@ -417,6 +417,17 @@ def test_precomputed_chunks_compressed_by_cloudfiles_are_refused(tmp_path, label
     with pytest.raises(SourceReadError, match="cloud-files"):
         run_mesh(str(root), str(dest), workers=1)
     assert not dest.exists()
+    # A TensorStore spec of the scale, and the opened TensorStore, are refused alike (they read
+    # the same missing chunks)
+    one_scale = {"driver": "neuroglancer_precomputed", "kvstore": {"driver": "file", "path": str(root)},
+                 "scale_index": 0}
+    for source in (one_scale, ts.open(one_scale).result()):
+        with pytest.raises(SourceReadError, match=rf"\(scale: {key}\) holds chunks that cloud-files stored "
+                                                  rf"compressed.*gunzip"):
+            open_volume(source)
+    with pytest.raises(SourceReadError, match="cloud-files"):
+        run_mesh(one_scale, str(dest), workers=1)
+    assert not dest.exists()
     # Decompressed, with one .gz left beside its plain file: not refused.
     plain = chunks[0]
     plain.write_bytes(gzip.decompress(plain.with_name(plain.name + ".gz").read_bytes()))
@@ -425,6 +436,7 @@ def test_precomputed_chunks_compressed_by_cloudfiles_are_refused(tmp_path, label
         f.write_bytes(gzip.decompress(g.read_bytes()))
         g.unlink()
     check_read(open_volume(str(root)), labels)
+    check_read(open_volume(one_scale), labels)
 
 
 def test_voxel_counts_of_mip_1_say_their_voxel_size(tmp_path, labels):
