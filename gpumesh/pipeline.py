@@ -50,7 +50,7 @@ import tempfile
 import threading
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -997,10 +997,11 @@ def peak_rss_mb() -> float:
 
 
 def _plan_fingerprint(volume: Volume, plan: Plan, options: MeshOptions, axes: Optional[str], mip: int,
-                      fill_missing: bool) -> dict:
+                      fill_missing: bool, contents: Optional[str] = None) -> dict:
     """What a resumed run must share with the interrupted one (``.gpumesh-work/plan.json``):
-    the source's location (not an array's contents), how it was read (``fill_missing``
-    included: a chunk not stored is background or an error), the plan and options."""
+    the source's location, or an in-memory array's ``contents`` (:func:`_array_digest`; a
+    stored source's contents are not compared), how it was read (``fill_missing`` included: a
+    chunk not stored is background or an error), the plan and options."""
     opts = dataclasses.asdict(options)
     for name in ("segments", "exclude_segments"):   # a digest of the selection, which may be long
         if getattr(options, name) is not None:
@@ -1018,6 +1019,7 @@ def _plan_fingerprint(volume: Volume, plan: Plan, options: MeshOptions, axes: Op
         "voxel_size": [float(v) for v in volume.voxel_size],
         "voxel_offset": [int(v) for v in volume.voxel_offset],
         "dtype": str(np.dtype(volume.dtype)),
+        **({} if contents is None else {"contents": contents}),
     }
 
 
@@ -1089,8 +1091,41 @@ def _signals_deferred():
 #: of 5), a 256^3 one 5.0 s against 5.8 s, a 384^3 one 26.3 s against 25.5 s (median of 3).
 SMALL_JOB_VOXELS = 192 ** 3
 
-#: Bytes of the slabs in which run_mesh looks for an in-memory signed array's negative labels.
+#: Bytes of the slabs in which run_mesh reads an in-memory array source before the job: for
+#: negative labels where it is signed, and for its digest (:func:`_array_digest`).
 NEGATIVE_CHECK_BYTES = 64 << 20
+
+
+def _array_digest(arr: np.ndarray) -> str:
+    """SHA-256 (hex) of an in-memory array source: its dtype, shape, memory order and bytes.
+
+    An array has no location: its contents go into the job's fingerprint
+    (:func:`_plan_fingerprint`) instead, so that a ``resume`` after the array changed is
+    refused rather than keeping the task results of the old contents.  The whole array counts,
+    ``bounds`` or not.  A C- or Fortran-ordered array is hashed as it lies in memory, without
+    a copy (the same values in the other order give another digest); any other view as its C
+    copy would be, in slabs of about :data:`NEGATIVE_CHECK_BYTES`.  The slabs are hashed on up to 8 threads
+    (hashlib releases the GIL): 0.28 s for a 512^3 uint32 array on the 2-core VM."""
+    from .resources import usable_cores
+
+    order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
+    flat = arr.T if order == "F" else arr   # C-ordered either way; a view's slabs are copied
+    if flat.ndim == 0 or flat.size == 0:
+        flat = flat.reshape(1, -1)
+    step = max(1, NEGATIVE_CHECK_BYTES // max(1, flat[0].nbytes))
+
+    def slab(i: int) -> bytes:
+        return hashlib.sha256(np.ascontiguousarray(flat[i:i + step])).digest()
+
+    starts = range(0, flat.shape[0], step)
+    threads = min(8, usable_cores(), len(starts))
+    if threads <= 1:
+        digests = [slab(i) for i in starts]
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            digests = list(pool.map(slab, starts))
+    head = f"{arr.dtype.str} {arr.shape} {order}".encode()
+    return hashlib.sha256(head + b"".join(digests)).hexdigest()
 
 
 def _interrupt_of(exc: BaseException) -> Optional[KeyboardInterrupt]:
@@ -1247,6 +1282,9 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     open_kwargs = dict(voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip, axes=axes, bounds=bounds,
                        fill_missing=fill_missing)
     volume = open_volume(source, **open_kwargs)
+    contents = None
+    if isinstance(source, np.ndarray):   # in memory: its digest stands for its location
+        contents = _array_digest(source)
     if isinstance(source, np.ndarray) and source.dtype.kind == "i":
         # in memory: its negative labels are bad input, found now (InvalidVolumeError), not by
         # the tasks that read them once the destination is touched (as a stored source's are);
@@ -1292,7 +1330,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     if overwrite and resume:
         raise ValueError("give either overwrite or resume, not both")
     plan = Plan.make(volume.shape, options, volume.voxel_size)
-    fingerprint = _plan_fingerprint(volume, plan, options, axes, mip, fill_missing)
+    fingerprint = _plan_fingerprint(volume, plan, options, axes, mip, fill_missing, contents)
     plan = dataclasses.replace(plan, stamp=_stamp(fingerprint))
     cache = read_cache_bytes(volume, plan)   # each worker's cache of storage chunks (a loop over the blocks)
     cluster = None

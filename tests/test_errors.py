@@ -1169,12 +1169,47 @@ def test_ctrl_c_in_a_numba_kernel_of_a_one_worker_job_is_a_keyboard_interrupt(tm
         run_mesh(labels, str(tmp_path / "other"), **kw)
 
 
-def test_a_resume_with_another_offset_shape_dtype_or_selection_is_refused(tmp_path):
+def test_an_array_digest_covers_every_voxel_and_does_not_copy_an_ordered_array(monkeypatch):
+    """``_array_digest`` (an array source's contents in the fingerprint): one voxel changed, in
+    any slab, gives another digest, and a copy the same (a strided view's is its C copy's); on
+    one thread or several, slab by slab; a C- or Fortran-ordered array is hashed without a copy."""
+    import tracemalloc
+
+    from gpumesh import pipeline, resources
+
+    monkeypatch.setattr(pipeline, "NEGATIVE_CHECK_BYTES", 1 << 16)   # slabs of 16 planes of 32x32 uint32
+    labels = _blobs((80, 32, 32))
+    views = {"C": labels, "F": np.asfortranarray(labels), "view": labels[::2]}
+    digests = {name: pipeline._array_digest(arr) for name, arr in views.items()}
+    assert len(set(digests.values())) == 3
+    assert pipeline._array_digest(np.ascontiguousarray(labels[::2])) == digests["view"]
+    for name, arr in views.items():
+        assert pipeline._array_digest(arr.copy(order="K")) == digests[name]
+        for at in [(0, 0, 0), (arr.shape[0] // 2, 3, 4), tuple(n - 1 for n in arr.shape)]:
+            changed = arr.copy(order="K")
+            changed[at] += 1
+            assert pipeline._array_digest(changed) != digests[name], (name, at)
+    monkeypatch.setattr(resources, "usable_cores", lambda: 1)
+    assert {name: pipeline._array_digest(arr) for name, arr in views.items()} == digests
+    monkeypatch.setattr(pipeline, "NEGATIVE_CHECK_BYTES", 16 << 20)
+    big = np.zeros((64, 256, 256), np.uint32)   # 16 MiB: one slab
+    for arr in (big, np.asfortranarray(big)):
+        tracemalloc.start()
+        try:
+            pipeline._array_digest(arr)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < big.nbytes // 16, peak
+
+
+def test_a_resume_with_another_offset_shape_dtype_contents_or_selection_is_refused(tmp_path):
     """Besides the source's location and how it is read, a resumed run must share the
-    interrupted one's voxel offset, the volume's shape and dtype (an array source, whose
-    contents are not compared) and its selected segments (the same IDs in another order, or
-    repeated, are the same selection).  A resumed run that matches goes on: its progress starts at the tasks kept, and
-    it writes the bytes of an uninterrupted run."""
+    interrupted one's voxel offset, the volume's shape and dtype, an array source's contents
+    (one voxel changed is refused; a copy of the array resumes) and its selected and excluded
+    segments (the same IDs in another order, or repeated, are the same selection).  A resumed
+    run that matches goes on: its progress starts at the tasks kept, and it writes the bytes
+    of an uninterrupted run."""
     from conftest import tree_files
 
     labels = _blobs((48, 40, 32))
@@ -1192,8 +1227,10 @@ def test_a_resume_with_another_offset_shape_dtype_or_selection_is_refused(tmp_pa
     plan = (dest / ".gpumesh-work" / "plan.json").read_bytes()
     # each named with its old and new values
     for change, differs in [(dict(voxel_offset=(5, 6, 8)), r"voxel_offset: \[5, 6, 7\] -> \[5, 6, 8\]"),
-                            (dict(source=labels[:, :, :24]), r"plan\.shape: \[48, 40, 32\] -> \[48, 40, 24\]"),
-                            (dict(source=labels.astype(np.uint16)), r'dtype: "uint32" -> "uint16"'),
+                            (dict(source=labels[:, :, :24]), r'contents: "[^;]+; plan\.shape: \[48, 40, 32\] -> \[48, 40, 24\]'),
+                            (dict(source=labels.astype(np.uint16)), r'contents: "[^;]+; dtype: "uint32" -> "uint16"'),
+                            (dict(source=np.where(np.arange(labels.size).reshape(labels.shape) == 777, 9, labels)
+                                  .astype(labels.dtype)), r'contents: "[0-9a-f]{36}\.\.\. -> "[0-9a-f]{36}\.\.\.'),
                             (dict(options=MeshOptions(chunk_size=16, segments=[1, 2, 4])),
                              r'options\.segments: \{"count": 3, "sha256": "[0-9a-f]+\.\.\. -> \{"count": 3, .*'),
                             (dict(options=MeshOptions(chunk_size=16, segments=[1, 2, 3], exclude_segments=[9])),
@@ -1204,7 +1241,7 @@ def test_a_resume_with_another_offset_shape_dtype_or_selection_is_refused(tmp_pa
             run_mesh(args.pop("source"), str(dest), resume=True, **args, **kw)
         assert (dest / ".gpumesh-work" / "plan.json").read_bytes() == plan
     calls = []
-    summary = run_mesh(labels, str(dest), options=MeshOptions(chunk_size=16, segments=[3, 1, 2, 1]),
+    summary = run_mesh(labels.copy(), str(dest), options=MeshOptions(chunk_size=16, segments=[3, 1, 2, 1]),
                        voxel_offset=(5, 6, 7), resume=True, progress=lambda done, total: calls.append((done, total)),
                        **kw)
     assert summary.tasks_resumed == 2 and summary.tasks == clean.tasks > 2
