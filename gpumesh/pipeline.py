@@ -1205,7 +1205,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         nothing but files gpumesh writes: a mesh directory, a scratch area), or keep finished
         blocks and continue (``dest`` must hold an interrupted run, or nothing; the source's
         location, ``axes``, ``mip`` and options must be the interrupted run's; an array
-        source is not compared).  Without either, a non-empty ``dest`` is an error.
+        source's contents too, by their SHA-256, :func:`_array_digest`).  Without either, a
+        non-empty ``dest`` is an error.
     workers : int, optional
         Processes meshing blocks in parallel (1 runs in this process).  Default: the usable
         cores (CPU affinity and the container's CPU quota), fewer where their estimated
