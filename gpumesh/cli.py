@@ -272,7 +272,7 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
     """The ``mesh`` command (:func:`mesh`), its SIGTERM and SIGHUP handlers installed."""
     if overwrite and resume:   # in the CLI's words (run_mesh refuses it in the Python API's)
         raise click.UsageError("give --overwrite or --resume, not both")
-    from .resources import FewerWorkersNotice, usable_cores
+    from .resources import FewerWorkersNotice, WorkersMemoryWarning, usable_cores
 
     if scheduler is None and (workers or usable_cores()) > 1:
         from .workerserver import start_server
@@ -345,7 +345,8 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
         if issubclass(category, (CPUFallbackNotice, FewerWorkersNotice, StillRunningNotice, NoWorkersNotice)):  # at once
             if not quiet:
                 click.echo(f"gpumesh: {message}", err=True)
-        elif issubclass(category, (NoVoxelSizeWarning, VoxelSizeOverrideWarning)):  # at once: a reason to stop the job
+        elif issubclass(category, (NoVoxelSizeWarning, VoxelSizeOverrideWarning, WorkersMemoryWarning)):
+            # at once: a reason to stop the job
             click.echo(f"gpumesh: warning: {message}", err=True)
         else:  # after the progress bar
             caught.append(message)
@@ -369,6 +370,7 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
             warnings.simplefilter("always", NoWorkersNotice)
             warnings.simplefilter("always", NoVoxelSizeWarning)
             warnings.simplefilter("always", VoxelSizeOverrideWarning)
+            warnings.simplefilter("always", WorkersMemoryWarning)
             warnings.showwarning = show
             try:
                 summary = run_mesh(source, dest, options=options, voxel_size=voxel_size, voxel_offset=voxel_offset,

@@ -1381,6 +1381,13 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             warnings.warn(why, FewerWorkersNotice, stacklevel=2)
     else:
         requested = workers
+        # said before the job, not by the out-of-memory killer; no more workers than tasks run
+        from .resources import WorkersMemoryWarning, worker_bytes, workers_memory
+
+        why = workers_memory(min(workers, len(plan.tasks())),
+                             worker_bytes(plan.block, np.dtype(volume.dtype).itemsize, cache))
+        if why:
+            warnings.warn(why, WorkersMemoryWarning, stacklevel=2)
     storage.write_json(kv, SCRATCH + "plan.json", fingerprint)   # the job's first write (DestinationError)
     # this run's mark: another run started into DEST since (--overwrite, --resume) has replaced
     # it by the time this one would write its info, which it then does not (writer.assemble)

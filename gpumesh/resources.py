@@ -46,6 +46,12 @@ class FewerWorkersNotice(UserWarning):
     the available memory (the one-line notice; ``--workers`` overrides)."""
 
 
+class WorkersMemoryWarning(UserWarning):
+    """The worker count given (``--workers``) needs more memory than is available, by the
+    estimate that caps the default count (:func:`worker_bytes`): the out-of-memory killer may
+    stop the job (it then ends with status 1, and ``--resume`` continues it)."""
+
+
 def _read(path: str) -> Optional[str]:
     try:
         with open(path) as fh:
@@ -178,4 +184,22 @@ def default_workers(per_worker: int, root: str = CGROUP, meminfo: str = MEMINFO,
                       f"a smaller --max-lods needs less per worker)")
 
 
-__all__ = ["FewerWorkersNotice", "available_memory", "default_workers", "usable_cores", "worker_bytes"]
+def workers_memory(workers: int, per_worker: int, root: str = CGROUP, meminfo: str = MEMINFO,
+                   proc_cgroup: str = PROC_CGROUP) -> str:
+    """Empty, or a sentence for a :class:`WorkersMemoryWarning` where ``workers`` workers of
+    ``per_worker`` bytes each (:func:`worker_bytes`) do not fit in the available memory (less
+    :data:`MAIN_RESERVE_BYTES`), as :func:`default_workers` counts it; empty where the
+    available memory is not known."""
+    avail = available_memory(root, meminfo, proc_cgroup)
+    if avail is None:
+        return ""
+    fit = max(0, (avail - MAIN_RESERVE_BYTES) // max(1, per_worker))
+    if workers <= fit:
+        return ""
+    return (f"--workers {workers}: each needs about {per_worker / 2**30:.1f} GiB and {avail / 2**30:.1f} GiB of "
+            f"memory is available, enough for {fit}: the out-of-memory killer may stop the job (fewer --workers, "
+            f"or a smaller --max-lods, needs less)")
+
+
+__all__ = ["FewerWorkersNotice", "WorkersMemoryWarning", "available_memory", "default_workers", "usable_cores",
+           "worker_bytes", "workers_memory"]

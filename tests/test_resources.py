@@ -131,6 +131,52 @@ def test_the_main_job_runs_the_workers_that_fit(tmp_path, monkeypatch):
     assert "2 worker(s), device" in r.output
 
 
+def test_a_worker_count_given_that_does_not_fit_in_memory_is_warned_about(tmp_path, monkeypatch):
+    """``workers`` (``--workers``) more than fit in the available memory, by the estimate that
+    caps the default count, runs as given with a WorkersMemoryWarning before the job (the CLI
+    prints it at once); no more workers than tasks count; none where they fit or where the
+    available memory is not known."""
+    import warnings
+
+    from gpumesh.pipeline import MeshOptions, Plan, run_mesh
+    from gpumesh.resources import WorkersMemoryWarning, workers_memory
+
+    labels = np.zeros((40, 40, 40), np.uint32)
+    labels[3:30, 5:33, 2:20] = 4
+    opts = MeshOptions(chunk_size=16)
+    tasks = len(Plan.make(labels.shape, opts).tasks())
+    assert 3 < tasks < 20
+    assert workers_memory(1, 4 * GIB, str(tmp_path), _meminfo(tmp_path, 64)) == ""
+    assert "enough for 0" in workers_memory(1, 4 * GIB, str(tmp_path), _meminfo(tmp_path, 2))
+    monkeypatch.setattr(resources, "available_memory", lambda *args: 2 * GIB)
+    monkeypatch.setattr(resources, "MAIN_RESERVE_BYTES", GIB)
+    monkeypatch.setattr(resources, "WORKER_BASE_BYTES", 400 << 20)   # 2 fit in the 1 GiB left
+    with pytest.warns(WorkersMemoryWarning, match=r"^--workers 3: each needs about 0\.4 GiB and 2\.0 GiB of memory "
+                                                  r"is available, enough for 2: the out-of-memory killer may stop "
+                                                  r"the job"):
+        summary = run_mesh(labels, str(tmp_path / "three"), options=opts, workers=3)
+    assert summary.workers == 3
+    with pytest.warns(WorkersMemoryWarning, match=f"^--workers {tasks}:"):   # one worker per task, of the 20 asked
+        run_mesh(labels, str(tmp_path / "many"), options=opts, workers=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", WorkersMemoryWarning)
+        assert run_mesh(labels, str(tmp_path / "two"), options=opts, workers=2).workers == 2
+        monkeypatch.setattr(resources, "available_memory", lambda *args: None)
+        run_mesh(labels, str(tmp_path / "unknown"), options=opts, workers=3)
+    # the CLI prints it as one line, before the job's output
+    from click.testing import CliRunner
+
+    from gpumesh.cli import main
+
+    write_zarr(tmp_path / "v.zarr", labels, chunk=16)
+    monkeypatch.setattr(resources, "available_memory", lambda *args: 2 * GIB)
+    r = CliRunner().invoke(main, ["mesh", str(tmp_path / "v.zarr"), str(tmp_path / "cli"), "--chunk-size", "16",
+                                  "--workers", "3", "--voxel-size", "1,1,1"])
+    assert r.exit_code == 0, r.output
+    assert "\ngpumesh: warning: --workers 3: each needs about 0.4 GiB" in r.output, r.output
+    assert "3 worker(s), device" in r.output
+
+
 def test_a_limit_set_on_an_ancestor_alone_counts_and_a_partial_cpu_rounds_up(tmp_path, monkeypatch):
     """The limits of an ancestor of the own cgroup cap the job even where the own cgroup sets
     none (a Slurm job's limit, a step below it), for cgroup v2 and v1; a CPU quota of 1.5 CPUs
