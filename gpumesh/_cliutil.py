@@ -33,6 +33,19 @@ def _numbers(kind, count: int = 3, example: str = "32,32,40"):
     return convert
 
 
+def _part(ctx, param, value):
+    """click callback parsing ``--part K/N`` (part K, 0-based, of N) into ``(K, N)``."""
+    if value is None:
+        return None
+    try:
+        k, n = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"expected K/N (part K, from 0, of N; e.g. 0/16), got {value!r}") from None
+    if not 0 <= k < n:
+        raise click.BadParameter(f"K/N needs 0 <= K < N (parts are numbered from 0), got {value!r}")
+    return k, n
+
+
 def _segments(ctx, param, value):
     """click callback parsing segment IDs ``1,2,3``, or ``@FILE`` holding IDs separated by commas,
     spaces or newlines (``#`` starts a comment), into a list of ints > 0."""

@@ -17,7 +17,7 @@ import warnings
 import click
 from click.core import ParameterSource
 
-from ._cliutil import _fail, _location, _numbers, _segments
+from ._cliutil import _fail, _location, _numbers, _part, _segments
 from .errors import (DestinationTakenError, EmptyVolumeWarning, GpumeshError, NoVoxelSizeWarning,
                      SegmentsNotFoundWarning, VoxelSizeOverrideWarning, WorkerFailedError)
 
@@ -237,6 +237,9 @@ class _ProgressLines:
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="run the tasks on the Dask cluster of this scheduler (tcp://host:8786, or a scheduler "
                    "file) instead of local processes; SOURCE and DEST must be reachable from its workers")
+@click.option("--part", callback=_part, default=None, metavar="K/N",
+              help="mesh only part K (from 0) of N of the tasks and write no output: one part per machine of "
+                   "an array job, all into DEST; then --resume writes the output")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
 @click.option("--overwrite", is_flag=True, help="replace the mesh directory DEST holds (never files gpumesh did not write)")
 @click.option("--resume", is_flag=True, help="continue an interrupted run into DEST")
@@ -266,12 +269,14 @@ def mesh(**params):
 
 
 def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missing, fmt, quality, chunk_size, max_lods,
-          num_lods, downsampling, bits, dust_threshold, segments, exclude_segments, workers, scheduler, device,
+          num_lods, downsampling, bits, dust_threshold, segments, exclude_segments, workers, scheduler, part, device,
           overwrite, resume, segment_properties, link_source, sharded, shard_bits, minishard_bits, preshift_bits,
           shard_hash, minishard_index_encoding, data_encoding, summary_json, quiet):
     """The ``mesh`` command (:func:`mesh`), its SIGTERM and SIGHUP handlers installed."""
     if overwrite and resume:   # in the CLI's words (run_mesh refuses it in the Python API's)
         raise click.UsageError("give --overwrite or --resume, not both")
+    if part is not None and scheduler is not None:   # before connecting to the scheduler
+        raise click.UsageError("give --part or --scheduler, not both: each splits the job")
     from .resources import FewerWorkersNotice, WorkersMemoryWarning, usable_cores
 
     if scheduler is None and (workers or usable_cores()) > 1:
@@ -377,7 +382,7 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
                                    mip=mip, axes=axes, overwrite=overwrite, resume=resume, workers=workers,
                                    device=device, link_source=link_source, progress=progress,
                                    write_progress=write_progress, client=client,
-                                   bounds=bounds, fill_missing=fill_missing)
+                                   bounds=bounds, fill_missing=fill_missing, part=part)
             finally:
                 if client is not None:
                     client.close()
@@ -403,7 +408,8 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
             what = f"none of the {kept[1]:,} tasks had finished; the scratch area is kept"
         else:
             what = f"{kept[0]:,} of {kept[1]:,} tasks had finished; they are kept"
-        _stopped(exc, f"{what} in {display(dest)}: run it again with --resume to continue")
+        again = "--resume" if part is None else f"the same --part {part[0]}/{part[1]}"
+        _stopped(exc, f"{what} in {display(dest)}: run it again with {again} to continue")
     except (GpumeshError, ValueError) as exc:
         close_bars()
         _fail(exc)
@@ -411,6 +417,20 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
     for message in caught:
         click.echo(f"gpumesh: warning: {message}", err=True)
     s = summary
+    if s.part is not None:   # no output yet
+        shared = f" ({s.device_workers} of them on it)" if s.device == "gpu" and s.device_workers < s.workers else ""
+        click.echo(f"part:      {s.part}: {s.tasks - s.tasks_resumed:,} of its {s.tasks:,} tasks meshed "
+                   f"({s.tasks_resumed:,} had finished before) in {s.seconds:.1f} s; {s.workers} worker(s), "
+                   f"device {s.device}{shared}")
+        left = s.tasks_all - s.tasks_done_all
+        click.echo(f"job:       {s.tasks_done_all:,} of its {s.tasks_all:,} tasks have finished; "
+                   + ("every task has: " if not left else
+                      f"once every part has ended ({left:,} tasks left), ")
+                   + "`gpumesh mesh` with --resume, the same SOURCE, DEST and options, writes the output")
+        click.echo(f"peak RSS:  {s.peak_rss_mb:.0f} MiB (largest process)")
+        if summary_json:
+            _write_summary(summary_json, s.to_json())
+        return
     dust = f" ({s.dust_segments:,} below the dust threshold, not meshed)" if s.dust_segments else ""
     click.echo(f"segments:  {s.segments}{dust}")
     for k, (t, f, v) in enumerate(zip(s.triangles_per_lod, s.fragments_per_lod, s.voxel_size_per_lod)):

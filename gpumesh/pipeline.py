@@ -962,6 +962,13 @@ class Summary:
     index_waves : int
         Passes of the assembly over the tasks' fragment index past the first (0: it held the
         whole index at once, :data:`gpumesh.writer.ASSEMBLY_INDEX_BYTES`).
+    part : str or None
+        ``"K/N"`` for a part of a job (``run_mesh``'s ``part``), which writes no output (no
+        segments, triangles or bytes here): ``tasks`` and ``tasks_resumed`` are then the
+        part's, ``tasks_all`` the whole job's tasks and ``tasks_done_all`` how many of them had
+        finished (by any part) when this one ended.
+    tasks_all, tasks_done_all : int
+        See ``part`` (0 for a whole job).
     """
 
     segments: int = 0
@@ -984,6 +991,9 @@ class Summary:
     missing_segments: int = 0   # segments of MeshOptions.segments not in the volume (or the bounds)
     index_waves: int = 0        # passes of the assembly over the results' headers past the first
                                 # (0: it held the whole fragment index, gpumesh.writer.ASSEMBLY_INDEX_BYTES)
+    part: Optional[str] = None  # "K/N" of a part (run_mesh's part), which writes no output
+    tasks_all: int = 0          # a part's: the whole job's tasks,
+    tasks_done_all: int = 0     # and how many of them had finished when the part ended
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -1162,13 +1172,42 @@ def _when(finished: int, total: int) -> str:
     return f"after {finished} of {total} tasks" if finished < total else "while writing the output"
 
 
-def _task_failed(errors: list, finished: int, total: int, dest) -> TaskFailedError:
+def _again(part: Optional[tuple] = None) -> str:
+    """How a stopped job is run again: with ``--resume``, or a part (``--part K/N``) as it was."""
+    if part is None:
+        return "with --resume (Python: resume=True)"
+    return f"with the same --part {part[0]}/{part[1]} (Python: part=({part[0]}, {part[1]}))"
+
+
+def _check_part(part) -> tuple[int, int]:
+    """``run_mesh``'s ``part`` as ``(K, N)``, integers with ``0 <= K < N``; ``ValueError`` else."""
+    try:
+        k, n = part
+    except (TypeError, ValueError):
+        raise ValueError(f"part must be (K, N), part K (0-based) of N, got {part!r}") from None
+    if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in (k, n)) or not 0 <= k < n:
+        raise ValueError(f"part must be (K, N) with integers 0 <= K < N, got {part!r}")
+    return int(k), int(n)
+
+
+def part_tasks(tasks: list, k: int, n: int) -> list:
+    """The tasks of part ``k`` of ``n`` (``run_mesh``'s ``part``): those of every ``n``-th block,
+    from the ``k``-th, in the order blocks first appear in ``tasks`` (:meth:`Plan.tasks`: the
+    blocks with the most voxels first, so each part gets a like share of full and border
+    blocks), each block's tasks (its octants and coarse task) in one part, in ``tasks``' order."""
+    order: dict = {}
+    for t in tasks:
+        order.setdefault(t[0], len(order))
+    return [t for t in tasks if order[t[0]] % n == k]
+
+
+def _task_failed(errors: list, finished: int, total: int, dest, part: Optional[tuple] = None) -> TaskFailedError:
     """The :class:`TaskFailedError` of tasks that raised ``errors`` (the first is its cause)."""
     what = one_line(errors[0])
     if len(errors) > 1:
         what = f"{len(errors)} tasks failed, the first: {what}"
     exc = TaskFailedError(f"{what} ({_when(finished, total)}); the finished tasks are kept in {dest}: run it again "
-                          f"with --resume (Python: resume=True) once the cause is fixed")
+                          f"{_again(part)} once the cause is fixed")
     exc.__cause__ = errors[0]
     return exc
 
@@ -1178,7 +1217,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
              workers: Optional[int] = None, device: str = "auto", link_source: bool = False,
              progress: Optional[Callable[[int, int], None]] = None,
              write_progress: Optional[Callable[[int, int], None]] = None, client=None,
-             bounds: Optional[tuple] = None, fill_missing: bool = True) -> Summary:
+             bounds: Optional[tuple] = None, fill_missing: bool = True, part: Optional[tuple] = None) -> Summary:
     """Mesh every segment of a label volume into a Neuroglancer precomputed mesh directory.
 
     Parameters
@@ -1235,6 +1274,18 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         value only).  ``False``: a task that needs such a chunk fails (igneous's default, where
         a missing chunk means a failed upload): the others finish and the job ends with a
         :class:`TaskFailedError` naming the chunk; ``resume=True`` continues once it is there.
+    part : (int, int), optional
+        ``(K, N)``: run only part K (0-based) of N of the job's meshing tasks, and write no
+        output: N machines (a batch system's array job, each given its index) mesh one part
+        each into the same ``dest``; then one run with ``resume=True`` (and the same source
+        and options) writes the output, meshing itself any task no part finished.  Each block's
+        tasks go to one part, every N-th block in the plan's order (which puts the blocks with
+        the most voxels first), so the parts get similar work.  A part acts as ``resume=True``
+        (a part run again skips its finished tasks; ``dest`` must be empty or hold this job's
+        scratch area), stops when the scratch area is deleted or replaced (another run has
+        finished or started over there), and refuses ``overwrite``, ``client`` and
+        ``link_source``.  The :class:`Summary` then counts the part's tasks
+        (:attr:`Summary.part`, :attr:`Summary.tasks_done_all`).
     client : distributed.Client, optional
         Run the tasks on this Dask cluster's workers instead of local processes (``workers``
         is then ignored; see :mod:`gpumesh.cluster`).  The source and ``dest`` must be
@@ -1280,6 +1331,17 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, (int, np.integer))
                                 or workers < 1):
         raise ValueError(f"workers must be an integer >= 1 (or None: every core), got {workers!r}")
+    if part is not None:
+        k_part, n_parts = _check_part(part)
+        if overwrite:
+            raise ValueError("a part (--part) cannot overwrite DEST: the other parts mesh into it too; empty it "
+                             "first, or give --overwrite to a whole run")
+        if client is not None:
+            raise ValueError("give --part or a Dask cluster (--scheduler), not both: each splits the job")
+        if link_source:
+            raise ValueError("link_source (--link-source) belongs to the run that writes the output (--resume "
+                             "once every part has finished), not to a part")
+        resume = True   # a part run again (preempted) skips its finished tasks, as the other parts' are kept
     open_kwargs = dict(voxel_size=voxel_size, voxel_offset=voxel_offset, mip=mip, axes=axes, bounds=bounds,
                        fill_missing=fill_missing)
     volume = open_volume(source, **open_kwargs)
@@ -1389,10 +1451,15 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         if why:
             warnings.warn(why, WorkersMemoryWarning, stacklevel=2)
     storage.write_json(kv, SCRATCH + "plan.json", fingerprint)   # the job's first write (DestinationError)
-    # this run's mark: another run started into DEST since (--overwrite, --resume) has replaced
-    # it by the time this one would write its info, which it then does not (writer.assemble)
-    owner = (OWNER_KEY, secrets.token_hex(16).encode())
-    storage.write(kv, *owner)
+    if part is None:
+        # this run's mark: another run started into DEST since (--overwrite, --resume) has replaced
+        # it by the time this one would write its info, which it then does not (writer.assemble)
+        owner = (OWNER_KEY, secrets.token_hex(16).encode())
+        storage.write(kv, *owner)
+    else:
+        # the parts run at once, each writing the same plan: a part's mark is the plan, which
+        # the run that writes the output deletes last, and an --overwrite replaces
+        owner = (SCRATCH + "plan.json", storage.read(kv, SCRATCH + "plan.json"))
     from . import writer
 
     # read again at the progress reports while the tasks run (at most every writer.OWNER_CHECK_S):
@@ -1401,23 +1468,24 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     progress = writer._checking_owner(kv, owner, progress)
 
     tasks = plan.tasks()
+    mine = tasks if part is None else part_tasks(tasks, k_part, n_parts)   # the tasks this run meshes
     done = finished_tasks(kv, plan.stamp)
-    todo = [t for t in tasks if task_name(t) not in done]
-    summary = Summary(blocks=len(plan.blocks()), tasks=len(tasks), tasks_resumed=len(tasks) - len(todo),
+    todo = [t for t in mine if task_name(t) not in done]
+    summary = Summary(blocks=len(plan.blocks()), tasks=len(mine), tasks_resumed=len(mine) - len(todo),
                       device=backend.name if backend else device, format=options.format)
     # no more workers than tasks, but all of them for the output alone (a run resumed while
-    # writing: the workers build the shards or write the segments' files)
-    nworkers = max(1, min(requested, len(todo) or requested))
+    # writing: the workers build the shards or write the segments' files); a part writes none
+    nworkers = max(1, min(requested, len(todo) or (requested if part is None else 1)))
     summary.workers = nworkers
     if cluster is None and nworkers > 1:
         # once the input is known good and there is work for more than one worker: the server
         # imports gpumesh for the workers while this process goes on (the CLI has started it
         # already)
         workerserver.start_server()
-    finished = len(tasks) - len(todo)
+    finished = len(mine) - len(todo)
     workers_rss = 0.0   # largest peak RSS that a worker reported (MiB)
     if progress:
-        progress(finished, len(tasks))
+        progress(finished, len(mine))
     # workers past what the device has room for mesh on the CPU backend (same bytes)
     device_workers = nworkers if todo else 0   # writing alone needs no device
     on_gpu = backend is not None and backend.name == "gpu"   # None: each Dask worker picks its own
@@ -1446,7 +1514,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                 storage.write(kv, block_key(t, plan.stamp), blob)
                 finished += 1
                 if progress:
-                    progress(finished, len(tasks))
+                    progress(finished, len(mine))
         else:
             # The writer's numba kernel compiles (on a first run) or loads from its cache here while
             # the workers mesh, instead of after them.
@@ -1501,14 +1569,14 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                                 on_device.add(who)
                             finished += 1
                             if progress:
-                                progress(finished, len(tasks))
+                                progress(finished, len(mine))
                         if unread:
-                            raise _task_failed(unread, finished, len(tasks), shown)
+                            raise _task_failed(unread, finished, len(mine), shown, part)
                         t_mesh = time.perf_counter()
-                        # the workers also build the segments and write the output (gpumesh.writer)
-                        stats = writer.assemble(kv, volume, plan, options, tasks, link_source=link_source,
-                                                executor=pool, workers=nworkers, headers=headers,
-                                                progress=write_progress, owner=owner)
+                        if part is None:   # the workers also build the segments and write the output
+                            stats = writer.assemble(kv, volume, plan, options, tasks, link_source=link_source,
+                                                    executor=pool, workers=nworkers, headers=headers,
+                                                    progress=write_progress, owner=owner)
                     except BaseException as exc:
                         stop = _interrupt_of(exc)   # also when it came out of a numba kernel of the writer
                         if not isinstance(exc, Exception) or stop is not None:   # Ctrl-C: stop now
@@ -1530,8 +1598,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                 else:
                     raise
                 raise WorkerFailedError(
-                    f"{how} {_when(finished, len(tasks))}; the finished ones are kept in {shown}: run it again with "
-                    f"--resume (Python: resume=True), with fewer workers if memory ran out") from exc
+                    f"{how} {_when(finished, len(mine))}; the finished ones are kept in {shown}: run it again "
+                    f"{_again(part)}, with fewer workers if memory ran out") from exc
             finally:
                 if spilled is not None:   # the pool has ended: no worker maps it any more
                     spilled.remove()
@@ -1539,11 +1607,12 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                 summary.device = "+".join(sorted(backends))
                 summary.device_workers = len(on_device)   # each Dask worker picked its own
         if unread:
-            raise _task_failed(unread, finished, len(tasks), shown)
+            raise _task_failed(unread, finished, len(mine), shown, part)
         if stats is None:
             t_mesh = time.perf_counter()
-            stats = writer.assemble(kv, volume, plan, options, tasks, link_source=link_source,
-                                    progress=write_progress, owner=owner)
+            if part is None:
+                stats = writer.assemble(kv, volume, plan, options, tasks, link_source=link_source,
+                                        progress=write_progress, owner=owner)
     except GpumeshError as exc:
         if isinstance(exc, DestinationTakenError) or writer.taken_over(kv, owner):
             # another run (--overwrite) deleted or replaced what this one needed: say that,
@@ -1551,7 +1620,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             # naming DEST as given
             raise writer.taken_error(kv, owner, dest) from exc
         if isinstance(exc, (SourceReadError, DestinationError)):   # a write, or the volume's first read
-            raise _task_failed([exc], finished, len(tasks), shown) from exc
+            raise _task_failed([exc], finished, len(mine), shown, part) from exc
         raise
     except (KeyboardInterrupt, SystemError) as exc:   # Ctrl-C, also out of a numba kernel in this process
         stop = _interrupt_of(exc)
@@ -1559,13 +1628,23 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             raise
         try:   # the workers have stopped: the tasks a resumed run skips, for the CLI's line
             kept = finished_tasks(kv, plan.stamp)
-            stop.tasks_kept = (sum(task_name(t) in kept for t in tasks), len(tasks))
+            stop.tasks_kept = (sum(task_name(t) in kept for t in mine), len(mine))
         except Exception:   # a store that no longer answers: the line says less
             pass
         if stop is exc:
             raise
         raise stop from None
     summary.seconds_meshing = t_mesh - t0
+    if part is not None:   # no output: what the part did, and how far the whole job is
+        if writer.taken_over(kv, owner):   # finished tasks written into a scratch area deleted since
+            raise writer.taken_error(kv, owner, dest)
+        names = finished_tasks(kv, plan.stamp)
+        summary.part = f"{k_part}/{n_parts}"
+        summary.tasks_all = len(tasks)
+        summary.tasks_done_all = sum(task_name(t) in names for t in tasks)
+        summary.seconds = time.perf_counter() - t0
+        summary.peak_rss_mb = max(peak_rss_mb(), workers_rss)
+        return summary
     # the task results first and the plan last (a deletion goes in no set order): a run stopped
     # in between leaves its plan, so --resume finishes it rather than refusing "a finished mesh"
     # with task results left in it.  Each part only while the mark is still this run's: a run

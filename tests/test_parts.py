@@ -1,0 +1,211 @@
+"""A job split into parts (``run_mesh(part=(K, N))``, ``gpumesh mesh --part K/N``): N runs,
+one per machine of an array job, each mesh their share of the tasks into one DEST and write no
+output; one ``--resume`` then writes it, with the bytes of a whole run."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from gpumesh import DestinationExistsError, DestinationTakenError, TaskFailedError
+from gpumesh.pipeline import SCRATCH, MeshOptions, Plan, finished_tasks, part_tasks, run_mesh, task_name
+from gpumesh.sharding import ShardingOptions
+
+from conftest import CROP_SIZE, CROP_START, cli_command, tree_files, write_zarr
+
+
+def _blobs(shape=(64, 48, 40), seed=3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.uint32)
+    for i in range(1, 40):
+        c = rng.integers(0, shape)
+        r = rng.integers(3, 9)
+        labels[max(c[0] - r, 0):c[0] + r, max(c[1] - r, 0):c[1] + r, max(c[2] - r, 0):c[2] + r] = i
+    return labels
+
+
+def test_the_parts_split_the_tasks_block_by_block_and_cover_each_once():
+    """Each task is in exactly one part; a block's tasks (octants and coarse) in the same one;
+    every N-th block in the plan's order; the parts' sizes within one block of each other."""
+    plan = Plan.make((300, 260, 200), MeshOptions(chunk_size=16))
+    tasks = plan.tasks()
+    blocks = list(dict.fromkeys(t[0] for t in tasks))
+    assert len(blocks) > 20
+    for n in (1, 2, 3, 7, len(blocks), len(blocks) + 5):
+        parts = [part_tasks(tasks, k, n) for k in range(n)]
+        assert sorted(task_name(t) for p in parts for t in p) == sorted(map(task_name, tasks))   # all, once
+        owner = {t[0]: k for k, p in enumerate(parts) for t in p}
+        assert all(owner[t[0]] == k for k, p in enumerate(parts) for t in p)   # a block in one part
+        assert [owner[b] for b in blocks] == [i % n for i in range(len(blocks))]
+        assert all(p == [t for t in tasks if t in set(p)] for p in parts)   # in the plan's order
+        sizes = [len({t[0] for t in p}) for p in parts]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def test_parts_then_a_resume_give_the_bytes_of_one_run(real_zarr, crop_medium, tmp_path):
+    """Three parts run at once (CLI processes, two with 2 workers) into one DEST, each meshing
+    its tasks only and writing no output; a ``--resume`` then writes the output, meshing
+    nothing, with the bytes of one whole run (here the crop's, ``--bounds`` of the real volume)."""
+    box = ",".join(map(str, tuple(CROP_START) + tuple(s + CROP_SIZE for s in CROP_START)))
+    dest = tmp_path / "parts"
+    common = ["mesh", str(real_zarr), str(dest), "--voxel-size", "32,32,40", "--bounds", box, "--chunk-size", "32",
+              "--max-lods", "3", "--unsharded", "--quiet"]
+    procs = [subprocess.Popen(cli_command() + common + ["--part", f"{k}/3", "--workers", str(1 + k % 2)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(3)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [o[1] for o in outs]
+    for k, (out, err) in enumerate(outs):
+        assert out.startswith(f"part:      {k}/3: "), out
+        assert "job:       " in out and "--resume" in out and "segments:" not in out
+    assert not (dest / "info").exists()   # no output yet: no part writes it
+    tasks = len(list((dest / SCRATCH / "blocks").iterdir()))
+    assert f"of its {tasks} tasks have finished" in "".join(o[0] for o in outs)
+    r = subprocess.run(cli_command() + common + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert f"{tasks} tasks, {tasks} resumed)" in r.stdout, r.stdout
+    assert tree_files(dest) == tree_files(crop_medium[0])
+
+
+def test_a_part_resumes_its_own_tasks_and_the_last_run_meshes_what_no_part_did(tmp_path):
+    """A part stopped midway and run again skips its finished tasks; a part run when it is done
+    meshes nothing; the run that writes the output meshes the tasks of a part that never ran;
+    sharded output equals one whole run's; the summary counts the part's tasks and the job's."""
+    labels = _blobs()
+    opts = MeshOptions(chunk_size=8, sharding=ShardingOptions(shard_bits=1))
+    kw = dict(voxel_size=(4, 4, 40), workers=1)
+    whole = run_mesh(labels, str(tmp_path / "whole"), options=opts, **kw)
+    dest = tmp_path / "parts"
+    mine = part_tasks(Plan.make(labels.shape, opts).tasks(), 0, 3)
+    assert 4 < len(mine) < whole.tasks
+
+    def stop(done, total):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as caught:
+        run_mesh(labels, str(dest), options=opts, part=(0, 3), progress=stop, **kw)
+    assert caught.value.tasks_kept == (3, len(mine))
+    calls = []
+    s = run_mesh(labels, str(dest), options=opts, part=(0, 3), progress=lambda d, t: calls.append((d, t)), **kw)
+    assert (s.part, s.tasks, s.tasks_resumed, s.tasks_all, s.tasks_done_all) == \
+        ("0/3", len(mine), 3, whole.tasks, len(mine))
+    assert calls[0] == (3, len(mine)) and calls[-1] == (len(mine), len(mine))
+    assert (s.segments, s.bytes, s.triangles_per_lod) == (0, 0, [])
+    assert not (tmp_path / "parts" / "info").exists()
+    again = run_mesh(labels, str(dest), options=opts, part=(0, 3), **kw)
+    assert (again.tasks, again.tasks_resumed) == (len(mine), len(mine))
+    s2 = run_mesh(labels, str(dest), options=opts, part=(2, 3), **kw)
+    assert s2.tasks_done_all == len(mine) + s2.tasks < whole.tasks   # part 1 never ran
+    done = run_mesh(labels, str(dest), options=opts, resume=True, **kw)
+    assert done.tasks_resumed == len(mine) + s2.tasks and done.segments == whole.segments
+    assert tree_files(dest) == tree_files(tmp_path / "whole")
+    # a part after the output is written: refused, as a --resume of a finished mesh is
+    with pytest.raises(DestinationExistsError, match="holds a finished mesh"):
+        run_mesh(labels, str(dest), options=opts, part=(1, 3), **kw)
+
+
+def test_a_part_refuses_other_options_overwrite_a_cluster_link_source_and_bad_parts(tmp_path):
+    """A part must share the plan of the parts before it (as a resume does), and refuses
+    ``overwrite``, a Dask ``client`` and ``link_source``, and a malformed ``part``, before it
+    writes anything."""
+    labels = _blobs((32, 32, 32))
+    opts = MeshOptions(chunk_size=8)
+    kw = dict(voxel_size=(4, 4, 40), workers=1)
+    dest = tmp_path / "parts"
+    run_mesh(labels, str(dest), options=opts, part=(0, 2), **kw)
+    before = tree_files(dest)
+    with pytest.raises(DestinationExistsError, match=r"different options or source .*quality"):
+        run_mesh(labels, str(dest), options=MeshOptions(chunk_size=8, quality="low"), part=(1, 2), **kw)
+    with pytest.raises(DestinationExistsError, match="different options or source .*contents"):
+        run_mesh(labels + 1, str(dest), options=opts, part=(1, 2), **kw)
+    for extra, message in [(dict(overwrite=True), "cannot overwrite DEST"),
+                           (dict(client=object()), "not both: each splits the job"),
+                           (dict(link_source=True), "belongs to the run that writes the output"),
+                           (dict(part=(2, 2)), r"0 <= K < N, got \(2, 2\)"),
+                           (dict(part=(-1, 2)), r"0 <= K < N"),
+                           (dict(part=(True, 2)), r"0 <= K < N"),
+                           (dict(part=(1.0, 2)), r"0 <= K < N"),
+                           (dict(part=3), r"part must be \(K, N\)"),
+                           (dict(part=(0, 1, 2)), r"part must be \(K, N\)")]:
+        args = dict(dict(options=opts, part=(1, 2)), **extra)
+        with pytest.raises(ValueError, match=message):
+            run_mesh(labels, str(dest), **args, **kw)
+        assert tree_files(dest) == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(DestinationExistsError, match="holds no interrupted run"):
+        run_mesh(labels, str(other), options=opts, part=(0, 2), **kw)
+
+
+def test_a_part_stops_when_the_scratch_area_is_deleted_or_replaced(tmp_path, monkeypatch):
+    """A part whose job was finished (the scratch area deleted) or started over (another plan)
+    while it ran stops with DestinationTakenError at its next check, and a task that fails says
+    to run the same part again."""
+    from gpumesh import writer
+
+    monkeypatch.setattr(writer, "OWNER_CHECK_S", 0.0)
+    labels = _blobs((40, 40, 40))
+    opts = MeshOptions(chunk_size=8)
+    kw = dict(voxel_size=(4, 4, 40), workers=1)
+    for name, change in [("deleted", lambda kv: writer.storage.delete_prefix(kv, SCRATCH)),
+                         ("replaced", lambda kv: writer.storage.write(kv, SCRATCH + "plan.json", b"{}\n"))]:
+        dest = tmp_path / name
+
+        def meddle(done, total, dest=dest, change=change):
+            if done == 2:
+                change(writer.storage.open_kvstore(str(dest)))
+            time.sleep(0.01)
+
+        with pytest.raises(DestinationTakenError, match="this run stops without writing info"):
+            run_mesh(labels, str(dest), options=opts, part=(1, 2), progress=meddle, **kw)
+        assert len(finished_tasks(writer.storage.open_kvstore(str(dest)))) <= 3
+    # a task that cannot read the volume: the others finish, the line names the part to rerun
+    bad = labels.astype(np.int32)
+    plan = Plan.make(bad.shape, opts)
+    first = part_tasks(plan.tasks(), 0, 2)[0]
+    bad[tuple(plan.octant_origin(*first))] = -5
+    write_zarr(tmp_path / "bad.zarr", bad, chunk=8)
+    with pytest.raises(TaskFailedError, match=r"negative label -5 .* run it again with the same --part 0/2 "
+                                              r"\(Python: part=\(0, 2\)\) once the cause is fixed"):
+        run_mesh(str(tmp_path / "bad.zarr"), str(tmp_path / "bad"), options=opts, part=(0, 2), **kw)
+    s = run_mesh(str(tmp_path / "bad.zarr"), str(tmp_path / "bad"), options=opts, part=(1, 2), **kw)
+    both = s.tasks + len(part_tasks(plan.tasks(), 0, 2))   # the failed tasks of part 0 (those that read the voxel)
+    assert s.tasks_resumed == 0 and both - 3 <= s.tasks_done_all < both
+
+
+def test_cli_part(tmp_path, monkeypatch):
+    """``--part K/N`` on the CLI: its syntax, its refusals (status 2, nothing written), and
+    Ctrl-C's line naming the part to run again."""
+    write_zarr(tmp_path / "v.zarr", _blobs((32, 32, 32)), chunk=16)
+    base = cli_command() + ["mesh", str(tmp_path / "v.zarr"), "--voxel-size", "4,4,40", "--chunk-size", "8",
+                            "--quiet"]
+    for arg, message in [("3/3", "0 <= K < N"), ("1", "expected K/N"), ("a/b", "expected K/N"), ("-1/2", "0 <= K < N")]:
+        r = subprocess.run(base + [str(tmp_path / "bad"), "--part", arg], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and message in r.stderr, (arg, r.stderr)
+        assert not (tmp_path / "bad").exists()
+    for extra, message in [(["--overwrite"], "cannot overwrite DEST"),
+                           (["--scheduler", "tcp://127.0.0.1:1"], "give --part or --scheduler, not both")]:
+        r = subprocess.run(base + [str(tmp_path / "bad"), "--part", "0/2"] + extra, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2 and message in r.stderr, (extra, r.stderr)
+        assert not (tmp_path / "bad").exists()
+    # Ctrl-C (or SIGTERM) in a part: the line names the part to run again, not --resume
+    from click.testing import CliRunner
+
+    from gpumesh import pipeline
+    from gpumesh.cli import main
+
+    def stopped(*args, **kwargs):
+        exc = KeyboardInterrupt()
+        exc.tasks_kept = (3, 9)
+        raise exc
+
+    monkeypatch.setattr(pipeline, "run_mesh", stopped)
+    r = CliRunner().invoke(main, base[len(cli_command()):] + [str(tmp_path / "cut"), "--part", "1/2", "--workers", "1"])
+    assert r.exit_code == 130, r.output
+    assert ("gpumesh: interrupted; 3 of 9 tasks had finished; they are kept in " in r.output
+            and "run it again with the same --part 1/2 to continue" in r.output), r.output
