@@ -556,12 +556,12 @@ def test_destination_that_cannot_be_written(tmp_path):
 
 def _stamp_of(labels, options, **open_kwargs) -> str:
     """The stamp in the names of the task results of ``run_mesh(labels, ..., options=options)``."""
-    from gpumesh.pipeline import Plan, _plan_fingerprint, _stamp
+    from gpumesh.pipeline import Plan, _array_digest, _plan_fingerprint, _stamp
     from gpumesh.volume import open_volume
 
     volume = open_volume(labels, **open_kwargs)
     return _stamp(_plan_fingerprint(volume, Plan.make(volume.shape, options, volume.voxel_size), options, None, 0,
-                                    True))
+                                    True, _array_digest(labels)))
 
 
 def _blobs(shape=(64, 64, 64), seed=0) -> np.ndarray:
@@ -1091,11 +1091,12 @@ def test_a_negative_voxel_offset_past_float32_grid_origins_is_refused(tmp_path):
 def test_a_resume_refused_says_what_differs_and_an_older_plan_without_fill_missing_says_so(tmp_path):
     # the interrupted run's plan.json, as a gpumesh that did not record fill_missing wrote it:
     # the refusal named "different options or source" though none of those the user gives differed
-    from gpumesh.pipeline import SCRATCH, Plan, _plan_fingerprint
+    from gpumesh.pipeline import SCRATCH, Plan, _array_digest, _plan_fingerprint
 
     vol = open_volume(GOOD, voxel_size=(1, 1, 1))
     plan = Plan.make(vol.shape, MeshOptions(), vol.voxel_size)
-    fingerprint = json.loads(json.dumps(_plan_fingerprint(vol, plan, MeshOptions(), None, 0, True)))
+    fingerprint = json.loads(json.dumps(_plan_fingerprint(vol, plan, MeshOptions(), None, 0, True,
+                                                          _array_digest(GOOD))))
     del fingerprint["fill_missing"]
     dest = tmp_path / "out"
     (dest / SCRATCH).mkdir(parents=True)
@@ -1425,7 +1426,7 @@ def test_task_results_of_a_run_of_other_options_are_never_taken_for_this_ones(tm
     from conftest import tree_files
 
     from gpumesh import writer
-    from gpumesh.pipeline import SCRATCH, Plan, _plan_fingerprint
+    from gpumesh.pipeline import SCRATCH, Plan, _array_digest, _plan_fingerprint
     from gpumesh.volume import open_volume
 
     labels = _blobs()
@@ -1442,7 +1443,8 @@ def test_task_results_of_a_run_of_other_options_are_never_taken_for_this_ones(tm
     monkeypatch.undo()
     # the other run's plan in its place, as its --overwrite would have written it
     volume = open_volume(labels, voxel_size=(1, 1, 1))
-    other = _plan_fingerprint(volume, Plan.make(volume.shape, high, volume.voxel_size), high, None, 0, True)
+    other = _plan_fingerprint(volume, Plan.make(volume.shape, high, volume.voxel_size), high, None, 0, True,
+                              _array_digest(labels))
     (dest / SCRATCH / "plan.json").write_text(json.dumps(other))
     summary = run_mesh(labels, str(dest), options=high, voxel_size=(1, 1, 1), workers=1, resume=True)
     assert summary.tasks_resumed == 0
