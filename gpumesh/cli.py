@@ -327,7 +327,8 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
         if done >= total and not writing:   # the assembly, which can take minutes on a large job
             writing = True
             bar.close()
-            click.echo("writing the output", err=True)
+            if part is None:   # a part writes no output
+                click.echo("writing the output", err=True)
 
     written = None
 
@@ -402,8 +403,9 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
         kept = getattr(exc, "tasks_kept", None)   # (finished, all) once the tasks are known (run_mesh)
         if kept is None:
             what = "the finished tasks are kept"
-        elif kept[0] == kept[1]:
-            what = f"all {kept[1]:,} tasks had finished (the output was being written); they are kept"
+        elif kept[0] == kept[1]:   # a part writes no output: it was about to end
+            what = (f"all {kept[1]:,} tasks had finished (the output was being written); they are kept" if part is None
+                    else f"all {kept[1]:,} of its tasks had finished; they are kept")
         elif kept[0] == 0:
             what = f"none of the {kept[1]:,} tasks had finished; the scratch area is kept"
         else:

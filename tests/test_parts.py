@@ -209,3 +209,33 @@ def test_cli_part(tmp_path, monkeypatch):
     assert r.exit_code == 130, r.output
     assert ("gpumesh: interrupted; 3 of 9 tasks had finished; they are kept in " in r.output
             and "run it again with the same --part 1/2 to continue" in r.output), r.output
+
+
+def test_a_part_never_says_it_writes_the_output(tmp_path, monkeypatch):
+    """A part's progress (its log, not --quiet) ends without "writing the output", which it does
+    not do; Ctrl-C once its tasks have all finished says so, not that the output was being
+    written."""
+    write_zarr(tmp_path / "v.zarr", _blobs((32, 32, 32)), chunk=16)
+    base = ["mesh", str(tmp_path / "v.zarr"), "--voxel-size", "4,4,40", "--chunk-size", "8", "--workers", "1"]
+    r = subprocess.run(cli_command() + base + [str(tmp_path / "p"), "--part", "0/2"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "meshing: " in r.stderr and "writing the output" not in r.stderr, r.stderr
+    r = subprocess.run(cli_command() + base + [str(tmp_path / "p"), "--resume"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "writing the output" in r.stderr, r.stderr   # the run that writes it says so
+    from click.testing import CliRunner
+
+    from gpumesh import pipeline
+    from gpumesh.cli import main
+
+    def stopped(*args, **kwargs):
+        exc = KeyboardInterrupt()
+        exc.tasks_kept = (9, 9)
+        raise exc
+
+    monkeypatch.setattr(pipeline, "run_mesh", stopped)
+    r = CliRunner().invoke(main, base + [str(tmp_path / "cut"), "--part", "1/2", "--quiet"])
+    assert r.exit_code == 130, r.output
+    assert "all 9 of its tasks had finished; they are kept in " in r.output, r.output
+    assert "output was being written" not in r.output, r.output
