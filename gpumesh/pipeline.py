@@ -1190,6 +1190,15 @@ def _check_part(part) -> tuple[int, int]:
     return int(k), int(n)
 
 
+def _part_mismatch(shown: str, old: dict, new: dict) -> DestinationExistsError:
+    """The refusal of a part (``run_mesh``'s ``part``) whose fingerprint ``new`` is not that of
+    the job in ``dest`` (``old``, its ``plan.json``): the parts of one job share its options."""
+    return DestinationExistsError(
+        f"{shown}: holds the scratch area of a job with different options or source than this part's "
+        f"({_fingerprint_changes(old, new) or 'plan.json'}): give every part, and the --resume that writes "
+        f"the output, the same SOURCE and options, or give this job another DEST")
+
+
 def part_tasks(tasks: list, k: int, n: int) -> list:
     """The tasks of part ``k`` of ``n`` (``run_mesh``'s ``part``): those of every ``n``-th block,
     from the ``k``-th, in the order blocks first appear in ``tasks`` (:meth:`Plan.tasks`: the
@@ -1412,12 +1421,19 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             new = json.loads(json.dumps(fingerprint))   # as stored (lists)
             if old is not None and old != new:
                 was = old if isinstance(old, dict) else {}
+                if part is not None:   # no --resume was given, and a part cannot --overwrite
+                    raise _part_mismatch(shown, was, new)
                 raise DestinationExistsError(
                     f"{shown}: --resume with different options or source than the interrupted run "
                     f"({_fingerprint_changes(was, new) or 'plan.json'}"
                     + ("; it was started by a gpumesh that did not record that: rerun with --overwrite"
                        if any(k not in was for k in new) else "") + ")")
             if old is None and any(not k.endswith(".__lock") for k in existing):
+                if "info" in existing and part is not None:   # a part cannot --overwrite
+                    raise DestinationExistsError(
+                        f"{shown}: holds a finished mesh (a run without --part has written the job's output "
+                        f"there): part {k_part}/{n_parts} has nothing left to do; to mesh the job again, empty "
+                        f"{shown} first (a part does not --overwrite), or run it whole with --overwrite")
                 if "info" in existing:
                     raise DestinationExistsError(f"{shown}: holds a finished mesh; use --overwrite to redo it")
                 # A run writes its plan first and deletes it last, so no run was interrupted

@@ -239,3 +239,27 @@ def test_a_part_never_says_it_writes_the_output(tmp_path, monkeypatch):
     assert r.exit_code == 130, r.output
     assert "all 9 of its tasks had finished; they are kept in " in r.output, r.output
     assert "output was being written" not in r.output, r.output
+
+
+def test_a_part_refused_says_what_a_part_can_do(tmp_path):
+    """A part into a finished mesh, or into another job's scratch area, is refused with what a
+    part can do (not "use --overwrite", which a part refuses, nor "--resume", not given)."""
+    labels = _blobs((32, 32, 32))
+    opts = MeshOptions(chunk_size=8)
+    kw = dict(voxel_size=(4, 4, 40), workers=1)
+    dest = tmp_path / "parts"
+    run_mesh(labels, str(dest), options=opts, part=(0, 2), **kw)
+    with pytest.raises(DestinationExistsError) as caught:
+        run_mesh(labels, str(dest), options=MeshOptions(chunk_size=8, dust_threshold=9), part=(1, 2), **kw)
+    message = str(caught.value)
+    assert "--resume with different" not in message and "than the interrupted run" not in message, message
+    assert "different options or source than this part's (options.dust_threshold: 0 -> 9)" in message, message
+    assert "give every part, and the --resume that writes the output, the same SOURCE and options" in message
+    run_mesh(labels, str(dest), options=opts, resume=True, **kw)   # the output
+    before = tree_files(dest)
+    with pytest.raises(DestinationExistsError) as caught:
+        run_mesh(labels, str(dest), options=opts, part=(1, 2), **kw)
+    message = str(caught.value)
+    assert "holds a finished mesh" in message and "part 1/2 has nothing left to do" in message, message
+    assert "use --overwrite to redo it" not in message and "a part does not --overwrite" in message, message
+    assert tree_files(dest) == before
