@@ -1476,6 +1476,19 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         # the parts run at once, each writing the same plan: a part's mark is the plan, which
         # the run that writes the output deletes last, and an --overwrite replaces
         owner = (SCRATCH + "plan.json", storage.read(kv, SCRATCH + "plan.json"))
+        ours = json.loads(json.dumps(fingerprint))   # as stored (lists)
+        try:
+            there = None if owner[1] is None else json.loads(owner[1])
+        except ValueError:
+            there = {}
+        if there is None:   # deleted since it was written: the job has ended there
+            from .writer import taken_error
+
+            raise taken_error(kv, owner, dest)
+        if there != ours:
+            # a part of other options, started at once into the empty DEST, wrote its plan after
+            # this one's: not this part's mark, and its tasks (stamped with its own plan) unused
+            raise _part_mismatch(shown, there if isinstance(there, dict) else {}, ours)
     from . import writer
 
     # read again at the progress reports while the tasks run (at most every writer.OWNER_CHECK_S):

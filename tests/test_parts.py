@@ -263,3 +263,33 @@ def test_a_part_refused_says_what_a_part_can_do(tmp_path):
     assert "holds a finished mesh" in message and "part 1/2 has nothing left to do" in message, message
     assert "use --overwrite to redo it" not in message and "a part does not --overwrite" in message, message
     assert tree_files(dest) == before
+
+
+def test_a_part_whose_plan_another_part_replaced_at_once_is_refused(tmp_path, monkeypatch):
+    """Parts of other options started at once into an empty DEST each find it empty and write
+    their plan: the one whose plan the other replaced before it read its mark back is refused
+    (it took the other plan for its mark and meshed unseen tasks that no run would use)."""
+    from gpumesh import storage
+
+    labels = _blobs((32, 32, 32))
+    kw = dict(voxel_size=(4, 4, 40), workers=1)
+    run_mesh(labels, str(tmp_path / "other"), options=MeshOptions(chunk_size=8, dust_threshold=9), part=(0, 2), **kw)
+    theirs = (tmp_path / "other" / SCRATCH / "plan.json").read_bytes()
+    write_json = storage.write_json
+
+    def raced(kv, key, value):   # the other part writes its plan just after this one's
+        write_json(kv, key, value)
+        if key == SCRATCH + "plan.json":
+            storage.write(kv, key, theirs)
+
+    monkeypatch.setattr(storage, "write_json", raced)
+    with pytest.raises(DestinationExistsError, match=r"different options or source than this part's "
+                                                     r"\(options.dust_threshold: 9 -> 0\)"):
+        run_mesh(labels, str(tmp_path / "parts"), options=MeshOptions(chunk_size=8), part=(1, 2), **kw)
+    assert not finished_tasks(storage.open_kvstore(str(tmp_path / "parts")))   # nothing meshed
+    # its plan deleted before it read it back (the job's output written there meanwhile): it stops
+    monkeypatch.setattr(storage, "write_json", lambda kv, key, value: (write_json(kv, key, value),
+                                                                        storage.delete_prefix(kv, SCRATCH)))
+    with pytest.raises(DestinationTakenError, match="scratch area was deleted"):
+        run_mesh(labels, str(tmp_path / "gone"), options=MeshOptions(chunk_size=8), part=(1, 2), **kw)
+    assert not finished_tasks(storage.open_kvstore(str(tmp_path / "gone")))
