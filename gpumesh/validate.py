@@ -838,7 +838,14 @@ def _warn_scratch(report: ValidationReport, kv, info) -> None:
         scratch = storage.list_keys(kv, storage.SCRATCH)
     except Exception:   # a store that cannot list (plain HTTP): nothing to say
         return
-    if scratch:
+    if scratch and info and storage.SCRATCH + "plan.json" not in scratch:
+        # no run to resume (--resume refuses a finished mesh without a plan): task results that
+        # a part (--part) wrote after the job's output was written and its scratch area deleted
+        report.warnings.append(f"{storage.SCRATCH} holds {len(scratch):,} file(s) left by a gpumesh run after the mesh "
+                               f"was finished (a --part that ran on past the --resume that wrote the output; no "
+                               f"plan.json: nothing resumes them): the mesh does not need them, delete "
+                               f"{storage.SCRATCH}")
+    elif scratch:
         state = ("the mesh's info is there: the run was stopped while removing them" if info else
                  "no info: the mesh is not finished")
         report.warnings.append(f"{storage.SCRATCH} holds {len(scratch):,} file(s) of a gpumesh run that has not finished "

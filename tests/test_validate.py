@@ -900,3 +900,26 @@ def test_a_scratch_area_left_in_a_mesh_is_warned_about(tmp_path):
         "finishes it"]
     shutil.rmtree(dest / SCRATCH)
     assert not validate(dest).warnings
+
+
+def test_task_results_left_in_a_finished_mesh_without_a_plan_are_not_said_to_resume(tmp_path):
+    """A part (--part) still running when the --resume that writes the output deleted the
+    scratch area leaves the task result it writes then, with no plan.json: --resume refuses that
+    finished mesh, so the warning says to delete the files rather than to --resume."""
+    import pytest
+
+    from gpumesh import DestinationExistsError, run_mesh
+    from gpumesh.pipeline import SCRATCH
+    labels = np.zeros((16, 16, 16), np.uint32)
+    labels[4:12, 4:12, 4:12] = 7
+    dest = tmp_path / "m"
+    run_mesh(labels, str(dest), voxel_size=(1, 1, 1), workers=1)
+    (dest / SCRATCH / "blocks").mkdir(parents=True)
+    (dest / SCRATCH / "blocks" / "0_0_0.coarse@0123456789abcdef").write_bytes(b"x")
+    rep = validate(dest)
+    assert rep.ok and len(rep.warnings) == 1, rep.warnings
+    assert "--resume with that run's options finishes it" not in rep.warnings[0], rep.warnings
+    assert rep.warnings[0].startswith(".gpumesh-work/ holds 1 file(s) left by a gpumesh run after the mesh was "
+                                      "finished") and rep.warnings[0].endswith("delete .gpumesh-work/"), rep.warnings
+    with pytest.raises(DestinationExistsError, match="holds a finished mesh"):   # nothing to resume
+        run_mesh(labels, str(dest), voxel_size=(1, 1, 1), workers=1, resume=True)
