@@ -1462,8 +1462,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         # said before the job, not by the out-of-memory killer; no more workers than tasks run
         from .resources import WorkersMemoryWarning, worker_bytes, workers_memory
 
-        why = workers_memory(min(workers, len(plan.tasks())),
-                             worker_bytes(plan.block, np.dtype(volume.dtype).itemsize, cache))
+        runs = plan.tasks() if part is None else part_tasks(plan.tasks(), k_part, n_parts)
+        why = workers_memory(min(workers, len(runs)), worker_bytes(plan.block, np.dtype(volume.dtype).itemsize, cache))
         if why:
             warnings.warn(why, WorkersMemoryWarning, stacklevel=2)
     storage.write_json(kv, SCRATCH + "plan.json", fingerprint)   # the job's first write (DestinationError)
@@ -1679,10 +1679,10 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     # with task results left in it.  Each part only while the mark is still this run's: a run
     # started into DEST since this one wrote its info (--overwrite, --resume) owns the scratch
     # area now, and deleting its plan, mark and task results would stop it as "taken over"
-    for part in ("blocks/", "shards/", ""):   # the task results, the shards' resume records, the plan
+    for prefix in ("blocks/", "shards/", ""):   # the task results, the shards' resume records, the plan
         if writer.taken_over(kv, owner):
             break
-        storage.delete_prefix(kv, SCRATCH + part)
+        storage.delete_prefix(kv, SCRATCH + prefix)
     summary.segments = stats["segments"]
     summary.triangles_per_lod = stats["triangles_per_lod"]
     summary.fragments_per_lod = stats["fragments_per_lod"]

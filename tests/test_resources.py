@@ -138,7 +138,7 @@ def test_a_worker_count_given_that_does_not_fit_in_memory_is_warned_about(tmp_pa
     available memory is not known."""
     import warnings
 
-    from gpumesh.pipeline import MeshOptions, Plan, run_mesh
+    from gpumesh.pipeline import MeshOptions, Plan, part_tasks, run_mesh
     from gpumesh.resources import WorkersMemoryWarning, workers_memory
 
     labels = np.zeros((40, 40, 40), np.uint32)
@@ -158,6 +158,14 @@ def test_a_worker_count_given_that_does_not_fit_in_memory_is_warned_about(tmp_pa
     assert summary.workers == 3
     with pytest.warns(WorkersMemoryWarning, match=f"^--workers {tasks}:"):   # one worker per task, of the 20 asked
         run_mesh(labels, str(tmp_path / "many"), options=opts, workers=20)
+    small = MeshOptions(chunk_size=8)   # 8 blocks: a part has its own tasks
+    every, half = Plan.make(labels.shape, small).tasks(), part_tasks(Plan.make(labels.shape, small).tasks(), 0, 2)
+    assert 2 < len(half) < len(every) < 50
+    def stop(done, total):   # the first report comes before any worker starts
+        raise KeyboardInterrupt
+
+    with pytest.warns(WorkersMemoryWarning, match=f"^--workers {len(half)}:"), pytest.raises(KeyboardInterrupt):
+        run_mesh(labels, str(tmp_path / "part"), options=small, workers=50, part=(0, 2), progress=stop)
     with warnings.catch_warnings():
         warnings.simplefilter("error", WorkersMemoryWarning)
         assert run_mesh(labels, str(tmp_path / "two"), options=opts, workers=2).workers == 2
