@@ -1009,8 +1009,8 @@ def peak_rss_mb() -> float:
 def _plan_fingerprint(volume: Volume, plan: Plan, options: MeshOptions, axes: Optional[str], mip: int,
                       fill_missing: bool, contents: Optional[str] = None) -> dict:
     """What a resumed run must share with the interrupted one (``.gpumesh-work/plan.json``):
-    the source's location, or an in-memory array's ``contents`` (:func:`_array_digest`; a
-    stored source's contents are not compared), how it was read (``fill_missing`` included: a
+    the source's location, or an in-memory source's ``contents`` (:func:`_array_digest`,
+    :func:`_volume_digest`; a stored source's contents are not compared), how it was read (``fill_missing`` included: a
     chunk not stored is background or an error), the plan and options."""
     opts = dataclasses.asdict(options)
     for name in ("segments", "exclude_segments"):   # a digest of the selection, which may be long
@@ -1138,6 +1138,19 @@ def _array_digest(arr: np.ndarray) -> str:
     return hashlib.sha256(head + b"".join(digests)).hexdigest()
 
 
+def _volume_digest(volume: Volume) -> str:
+    """SHA-256 (hex) of the labels of a source that has no location and is no NumPy array (a
+    TensorStore of the in-memory ``array`` driver): its fingerprint has nothing else of the
+    source, as an array's would not without :func:`_array_digest`.  Read as the tasks read it
+    (the box, with ``bounds``), in x slabs of about :data:`NEGATIVE_CHECK_BYTES`."""
+    nx, ny, nz = volume.shape
+    step = max(1, NEGATIVE_CHECK_BYTES // max(1, ny * nz * np.dtype(volume.dtype).itemsize))
+    digest = hashlib.sha256(f"{np.dtype(volume.dtype).str} {tuple(volume.shape)} xyz".encode())
+    for x in range(0, nx, step):
+        digest.update(volume.read((x, 0, 0), (min(x + step, nx), ny, nz)))
+    return digest.hexdigest()
+
+
 def _interrupt_of(exc: BaseException) -> Optional[KeyboardInterrupt]:
     """The Ctrl-C (or the CLI's SIGTERM, a ``KeyboardInterrupt`` too) behind ``exc``, else ``None``.
 
@@ -1252,9 +1265,9 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         What to do when ``dest`` is not empty: delete everything first (only when it holds
         nothing but files gpumesh writes: a mesh directory, a scratch area), or keep finished
         blocks and continue (``dest`` must hold an interrupted run, or nothing; the source's
-        location, ``axes``, ``mip`` and options must be the interrupted run's; an array
-        source's contents too, by their SHA-256, :func:`_array_digest`).  Without either, a
-        non-empty ``dest`` is an error.
+        location, ``axes``, ``mip`` and options must be the interrupted run's; an array (or
+        in-memory TensorStore) source's contents too, by their SHA-256, :func:`_array_digest`).
+        Without either, a non-empty ``dest`` is an error.
     workers : int, optional
         Processes meshing blocks in parallel (1 runs in this process).  Default: the usable
         cores (CPU affinity and the container's CPU quota), fewer where their estimated
@@ -1357,6 +1370,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     contents = None
     if isinstance(source, np.ndarray):   # in memory: its digest stands for its location
         contents = _array_digest(source)
+    elif volume.location is None:   # an in-memory TensorStore: no location either
+        contents = _volume_digest(volume)
     if isinstance(source, np.ndarray) and source.dtype.kind == "i":
         # in memory: its negative labels are bad input, found now (InvalidVolumeError), not by
         # the tasks that read them once the destination is touched (as a stored source's are);

@@ -1250,6 +1250,36 @@ def test_a_resume_with_another_offset_shape_dtype_contents_or_selection_is_refus
     assert tree_files(dest) == tree_files(tmp_path / "clean")
 
 
+def test_a_resume_with_an_in_memory_tensorstore_of_other_contents_is_refused(tmp_path, monkeypatch):
+    """A TensorStore of the in-memory ``array`` driver has no location either: its labels are in
+    the fingerprint as an array's are, so a resume with other labels is refused (it resumed,
+    keeping the old labels' task results: a mesh of neither) and one with the same labels
+    resumes to the bytes of a clean run."""
+    from conftest import tree_files
+
+    from gpumesh import writer
+
+    labels = _blobs((48, 40, 32))
+    opts, kw = MeshOptions(chunk_size=16), dict(voxel_size=(1, 1, 1), workers=1)
+    run_mesh(ts.array(labels), str(tmp_path / "clean"), options=opts, **kw)
+    dest = tmp_path / "out"
+
+    def stop(*args, **kwargs):   # every task result written, the output not
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "assemble", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_mesh(ts.array(labels), str(dest), options=opts, **kw)
+    monkeypatch.undo()
+    changed = labels.copy()
+    changed[40:, 30:, 20:] = 9
+    with pytest.raises(DestinationExistsError, match=r"than the interrupted run \(contents: "):
+        run_mesh(ts.array(changed), str(dest), options=opts, resume=True, **kw)
+    summary = run_mesh(ts.array(labels.copy()), str(dest), options=opts, resume=True, **kw)
+    assert summary.tasks_resumed == summary.tasks
+    assert tree_files(dest) == tree_files(tmp_path / "clean")
+
+
 def test_a_write_that_fails_while_writing_the_output_says_so(tmp_path):
     """A write of the output itself that fails (here the shard file, a directory in its place)
     fails the job as a write of a task result does, said to have happened while writing the
