@@ -1112,6 +1112,23 @@ def test_a_resume_refused_says_what_differs_and_an_older_plan_without_fill_missi
     assert run_mesh(GOOD, str(dest), voxel_size=(1, 1, 1), workers=1, resume=True).segments == 1   # the same: resumed
 
 
+def test_a_job_without_exclusions_keeps_the_fingerprint_of_a_gpumesh_before_them():
+    """``exclude_segments`` unset is not in the fingerprint (an interrupted run of a gpumesh
+    before the option resumes, its task results taken); set, it is, as a digest of its IDs
+    (``segments`` then still the digest of the selection as given)."""
+    import hashlib
+
+    def digest(ids):
+        return {"count": len(ids), "sha256": hashlib.sha256(np.array(ids, "<u8").tobytes()).hexdigest()}
+
+    fingerprint = _fingerprint_of(GOOD, MeshOptions(segments=[2, 1, 2]), voxel_size=(1, 1, 1))
+    assert "exclude_segments" not in fingerprint["options"] and fingerprint["options"]["segments"] == digest([1, 2])
+    assert "exclude_segments" not in _fingerprint_of(GOOD, MeshOptions(), voxel_size=(1, 1, 1))["options"]
+    options = _fingerprint_of(GOOD, MeshOptions(segments=[1, 2], exclude_segments=[2**64 - 1, 2]),
+                              voxel_size=(1, 1, 1))["options"]
+    assert options["segments"] == digest([1, 2]) and options["exclude_segments"] == digest([2, 2**64 - 1])
+
+
 def test_a_refused_resume_lists_the_options_first_with_their_values():
     """The refusal's list: the options that changed first, with old and new values, then the
     other keys (a key the old plan lacks by name alone), the plan (which follows from the
