@@ -182,6 +182,8 @@ def test_a_worker_count_given_that_does_not_fit_in_memory_is_warned_about(tmp_pa
                                   "--workers", "3", "--voxel-size", "1,1,1"])
     assert r.exit_code == 0, r.output
     assert "\ngpumesh: warning: --workers 3: each needs about 0.4 GiB" in r.output, r.output
+    # before the job's progress, not with the warnings said after it
+    assert r.output.index("gpumesh: warning: --workers 3") < r.output.index("meshing: 0/"), r.output
     assert "3 worker(s), device" in r.output
 
 
