@@ -1209,6 +1209,11 @@ def test_an_array_digest_covers_every_voxel_and_does_not_copy_an_ordered_array(m
             assert pipeline._array_digest(changed) != digests[name], (name, at)
     monkeypatch.setattr(resources, "usable_cores", lambda: 1)
     assert {name: pipeline._array_digest(arr) for name, arr in views.items()} == digests
+    # a Fortran-ordered cube and the C-ordered one with its bytes (other labels, the same slabs)
+    cube = np.asfortranarray(_blobs((32, 32, 32)))
+    same_bytes = np.frombuffer(cube.tobytes(order="A"), cube.dtype).reshape(cube.shape)
+    assert not np.array_equal(same_bytes, cube)
+    assert pipeline._array_digest(same_bytes) != pipeline._array_digest(cube)
     monkeypatch.setattr(pipeline, "NEGATIVE_CHECK_BYTES", 16 << 20)
     big = np.zeros((64, 256, 256), np.uint32)   # 16 MiB: one slab
     for arr in (big, np.asfortranarray(big)):
