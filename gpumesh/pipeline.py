@@ -1478,7 +1478,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         from .resources import WorkersMemoryWarning, worker_bytes, workers_memory
 
         runs = plan.tasks() if part is None else part_tasks(plan.tasks(), k_part, n_parts)
-        why = workers_memory(min(workers, len(runs)), worker_bytes(plan.block, np.dtype(volume.dtype).itemsize, cache))
+        why = workers_memory(min(workers, len(runs)), worker_bytes(plan.block, np.dtype(volume.dtype).itemsize, cache),
+                             asked=workers)
         if why:
             warnings.warn(why, WorkersMemoryWarning, stacklevel=2)
     storage.write_json(kv, SCRATCH + "plan.json", fingerprint)   # the job's first write (DestinationError)

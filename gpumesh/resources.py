@@ -185,20 +185,23 @@ def default_workers(per_worker: int, root: str = CGROUP, meminfo: str = MEMINFO,
 
 
 def workers_memory(workers: int, per_worker: int, root: str = CGROUP, meminfo: str = MEMINFO,
-                   proc_cgroup: str = PROC_CGROUP) -> str:
+                   proc_cgroup: str = PROC_CGROUP, asked: Optional[int] = None) -> str:
     """Empty, or a sentence for a :class:`WorkersMemoryWarning` where ``workers`` workers of
     ``per_worker`` bytes each (:func:`worker_bytes`) do not fit in the available memory (less
     :data:`MAIN_RESERVE_BYTES`), as :func:`default_workers` counts it; empty where the
-    available memory is not known."""
+    available memory is not known.  ``asked``: the count given, where more than the
+    ``workers`` that run (one per task)."""
     avail = available_memory(root, meminfo, proc_cgroup)
     if avail is None:
         return ""
     fit = max(0, (avail - MAIN_RESERVE_BYTES) // max(1, per_worker))
     if workers <= fit:
         return ""
-    return (f"--workers {workers}: each needs about {per_worker / 2**30:.1f} GiB and {avail / 2**30:.1f} GiB of "
-            f"memory is available, enough for {fit}: the out-of-memory killer may stop the job (fewer --workers, "
-            f"or a smaller --max-lods, needs less)")
+    given = f"--workers {workers}" if asked is None or asked <= workers else \
+        f"--workers {asked} ({workers} run, one per task)"
+    fewer = "fewer --workers, or a smaller --max-lods, needs less" if workers > 1 else "a smaller --max-lods needs less"
+    return (f"{given}: each needs about {per_worker / 2**30:.1f} GiB and {avail / 2**30:.1f} GiB of memory is "
+            f"available, enough for {fit}: the out-of-memory killer may stop the job ({fewer})")
 
 
 __all__ = ["FewerWorkersNotice", "WorkersMemoryWarning", "available_memory", "default_workers", "usable_cores",

@@ -147,7 +147,11 @@ def test_a_worker_count_given_that_does_not_fit_in_memory_is_warned_about(tmp_pa
     tasks = len(Plan.make(labels.shape, opts).tasks())
     assert 3 < tasks < 20
     assert workers_memory(1, 4 * GIB, str(tmp_path), _meminfo(tmp_path, 64)) == ""
-    assert "enough for 0" in workers_memory(1, 4 * GIB, str(tmp_path), _meminfo(tmp_path, 2))
+    # one worker: fewer is no advice
+    one = workers_memory(1, 4 * GIB, str(tmp_path), _meminfo(tmp_path, 2))
+    assert "enough for 0" in one and one.endswith("(a smaller --max-lods needs less)"), one
+    assert workers_memory(2, 4 * GIB, str(tmp_path), _meminfo(tmp_path, 2)).endswith(
+        "(fewer --workers, or a smaller --max-lods, needs less)")
     monkeypatch.setattr(resources, "available_memory", lambda *args: 2 * GIB)
     monkeypatch.setattr(resources, "MAIN_RESERVE_BYTES", GIB)
     monkeypatch.setattr(resources, "WORKER_BASE_BYTES", 400 << 20)   # 2 fit in the 1 GiB left
@@ -156,7 +160,8 @@ def test_a_worker_count_given_that_does_not_fit_in_memory_is_warned_about(tmp_pa
                                                   r"the job"):
         summary = run_mesh(labels, str(tmp_path / "three"), options=opts, workers=3)
     assert summary.workers == 3
-    with pytest.warns(WorkersMemoryWarning, match=f"^--workers {tasks}:"):   # one worker per task, of the 20 asked
+    # one worker per task, of the 20 given (the count given named, not one the user never typed)
+    with pytest.warns(WorkersMemoryWarning, match=rf"^--workers 20 \({tasks} run, one per task\): "):
         run_mesh(labels, str(tmp_path / "many"), options=opts, workers=20)
     small = MeshOptions(chunk_size=8)   # 8 blocks: a part has its own tasks
     every, half = Plan.make(labels.shape, small).tasks(), part_tasks(Plan.make(labels.shape, small).tasks(), 0, 2)
@@ -164,7 +169,8 @@ def test_a_worker_count_given_that_does_not_fit_in_memory_is_warned_about(tmp_pa
     def stop(done, total):   # the first report comes before any worker starts
         raise KeyboardInterrupt
 
-    with pytest.warns(WorkersMemoryWarning, match=f"^--workers {len(half)}:"), pytest.raises(KeyboardInterrupt):
+    with pytest.warns(WorkersMemoryWarning, match=rf"^--workers 50 \({len(half)} run, one per task\):"), \
+            pytest.raises(KeyboardInterrupt):
         run_mesh(labels, str(tmp_path / "part"), options=small, workers=50, part=(0, 2), progress=stop)
     with warnings.catch_warnings():
         warnings.simplefilter("error", WorkersMemoryWarning)
