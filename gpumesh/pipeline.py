@@ -1010,8 +1010,9 @@ def _plan_fingerprint(volume: Volume, plan: Plan, options: MeshOptions, axes: Op
                       fill_missing: bool, contents: Optional[str] = None) -> dict:
     """What a resumed run must share with the interrupted one (``.gpumesh-work/plan.json``):
     the source's location, or an in-memory source's ``contents`` (:func:`_array_digest`,
-    :func:`_volume_digest`; a stored source's contents are not compared), how it was read (``fill_missing`` included: a
-    chunk not stored is background or an error), the plan and options."""
+    :func:`_volume_digest`; a stored source's contents are not compared), how it was read
+    (``fill_missing`` included: a chunk not stored is background or an error), the plan and
+    options."""
     opts = dataclasses.asdict(options)
     for name in ("segments", "exclude_segments"):   # a digest of the selection, which may be long
         if getattr(options, name) is not None:
