@@ -1250,7 +1250,8 @@ def test_a_resume_with_another_offset_shape_dtype_contents_or_selection_is_refus
     plan = (dest / ".gpumesh-work" / "plan.json").read_bytes()
     # each named with its old and new values
     for change, differs in [(dict(voxel_offset=(5, 6, 8)), r"voxel_offset: \[5, 6, 7\] -> \[5, 6, 8\]"),
-                            (dict(source=labels[:, :, :24]), r'contents: "[^;]+; plan\.shape: \[48, 40, 32\] -> \[48, 40, 24\]'),
+                            (dict(source=labels[:, :, :24]),
+                             r'contents: "[^;]+; plan\.shape: \[48, 40, 32\] -> \[48, 40, 24\]'),
                             (dict(source=labels.astype(np.uint16)), r'contents: "[^;]+; dtype: "uint32" -> "uint16"'),
                             (dict(source=np.where(np.arange(labels.size).reshape(labels.shape) == 777, 9, labels)
                                   .astype(labels.dtype)), r'contents: "[0-9a-f]{36}\.\.\. -> "[0-9a-f]{36}\.\.\.'),
