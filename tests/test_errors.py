@@ -554,14 +554,23 @@ def test_destination_that_cannot_be_written(tmp_path):
     assert afile.read_text() == "keep me"
 
 
-def _stamp_of(labels, options, **open_kwargs) -> str:
-    """The stamp in the names of the task results of ``run_mesh(labels, ..., options=options)``."""
-    from gpumesh.pipeline import Plan, _array_digest, _plan_fingerprint, _stamp
+def _fingerprint_of(labels, options, **open_kwargs) -> dict:
+    """The fingerprint (``plan.json``) of ``run_mesh(labels, ..., options=options)``: an array
+    source's contents included, as run_mesh has them."""
+    from gpumesh.pipeline import Plan, _array_digest, _plan_fingerprint
     from gpumesh.volume import open_volume
 
     volume = open_volume(labels, **open_kwargs)
-    return _stamp(_plan_fingerprint(volume, Plan.make(volume.shape, options, volume.voxel_size), options, None, 0,
-                                    True, _array_digest(labels)))
+    contents = _array_digest(labels) if isinstance(labels, np.ndarray) else None
+    return _plan_fingerprint(volume, Plan.make(volume.shape, options, volume.voxel_size), options, None, 0, True,
+                             contents)
+
+
+def _stamp_of(labels, options, **open_kwargs) -> str:
+    """The stamp in the names of the task results of ``run_mesh(labels, ..., options=options)``."""
+    from gpumesh.pipeline import _stamp
+
+    return _stamp(_fingerprint_of(labels, options, **open_kwargs))
 
 
 def _blobs(shape=(64, 64, 64), seed=0) -> np.ndarray:
