@@ -1160,7 +1160,12 @@ def open_volume(
 def _from_tensorstore(store: ts.TensorStore, where: str, mip: int, axes, vs, vo) -> Volume:
     spec = {}
     try:
-        spec = store.spec().to_json()
+        if store.kvstore is None:
+            # no storage: the in-memory "array" driver (or a virtual one), whose spec as JSON
+            # holds every voxel (1.4 s for 256^3 uint32); only stored arrays' metadata is read
+            spec = {"driver": "array" if _is_array_driver(store) else "?"}
+        else:
+            spec = store.spec().to_json()
     except Exception:
         pass
     driver = spec.get("driver", "?")
@@ -1193,6 +1198,16 @@ def _from_tensorstore(store: ts.TensorStore, where: str, mip: int, axes, vs, vo)
         voxel_size=vs, voxel_offset=vo, attrs=attrs, precomputed=precomputed,
     )
     return replace(volume, location=location)
+
+
+def _is_array_driver(store: ts.TensorStore) -> bool:
+    """Whether ``store`` is of TensorStore's in-memory ``array`` driver, told without its spec's
+    JSON (which holds the whole array): a one-voxel view's spec names the driver."""
+    try:
+        corner = store[tuple(slice(lo, lo + 1) for lo in store.domain.inclusive_min)]
+        return corner.spec().to_json().get("driver") == "array"
+    except Exception:
+        return False
 
 
 def _stored_attributes(store: ts.TensorStore, driver: str, spec: dict, where: str, *,

@@ -571,6 +571,26 @@ def test_tensorstore_and_spec_inputs(tmp_path, labels):
     check_read(vol, labels.astype(np.uint16))
 
 
+def test_an_in_memory_tensorstore_opens_without_its_spec_as_json(labels):
+    """A TensorStore of the in-memory ``array`` driver is opened without its spec's JSON, which
+    holds every voxel as a Python number (1.4 s and hundreds of MB for 256^3 uint32); it is
+    still named as of the array driver, and read as given."""
+    import tracemalloc
+
+    big = ts.array(np.zeros((128, 128, 128), np.uint32))   # 8 MiB; its spec's JSON ~100 MB
+    tracemalloc.start()
+    try:
+        vol = open_volume(big)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak
+    assert vol.description == "TensorStore (array)" and vol.location is None
+    check_read(open_volume(ts.array(labels)), labels)
+    view = ts.array(labels)[ts.d[0].translate_by[5]]   # a domain that does not start at 0
+    assert open_volume(view).description == "TensorStore (array)"
+
+
 def test_tensorstore_dimension_units_are_converted_to_nm(labels):
     # an opened TensorStore that states its voxel size as dimension units, in any length unit
     store = ts.open({"driver": "array", "array": labels.tolist(), "dtype": "uint32",
