@@ -215,8 +215,7 @@ class MeshOptions:
         repeats (``None`` when :attr:`segments` is unset)."""
         if self.segments is None:
             return None
-        ids = _segment_array(self.segments)
-        return ids if self.exclude_segments is None else ids[~in_sorted(self.excluded_ids(), ids)]
+        return _selection_array(self.segments, self.exclude_segments)
 
     def excluded_ids(self) -> Optional[np.ndarray]:
         """:attr:`exclude_segments` as a sorted uint64 array without repeats (``None`` when unset)."""
@@ -246,6 +245,14 @@ def in_sorted(table: np.ndarray, values: np.ndarray) -> np.ndarray:
 def _segment_array(segments: tuple) -> np.ndarray:
     """``MeshOptions.segments`` as a sorted uint64 array without repeats (kept for the next task)."""
     return np.unique(np.array([int(s) for s in segments], dtype=np.uint64))
+
+
+@functools.lru_cache(maxsize=4)
+def _selection_array(segments: tuple, exclude: Optional[tuple]) -> np.ndarray:
+    """``segments`` less ``exclude`` (``MeshOptions``' lists), sorted uint64 without repeats
+    (kept for the next task)."""
+    ids = _segment_array(segments)
+    return ids if exclude is None else ids[~in_sorted(_segment_array(exclude), ids)]
 
 
 @dataclass(frozen=True)
