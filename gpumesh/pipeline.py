@@ -971,8 +971,8 @@ class Summary:
         whole index at once, :data:`gpumesh.writer.ASSEMBLY_INDEX_BYTES`).
     part : str or None
         ``"K/N"`` for a part of a job (``run_mesh``'s ``part``), which writes no output (no
-        segments, triangles or bytes here): ``tasks`` and ``tasks_resumed`` are then the
-        part's, ``tasks_all`` the whole job's tasks and ``tasks_done_all`` how many of them had
+        segments, triangles or bytes here): ``blocks``, ``tasks`` and ``tasks_resumed`` are
+        then the part's, ``tasks_all`` the whole job's tasks and ``tasks_done_all`` how many of them had
         finished (by any part) when this one ended.
     tasks_all, tasks_done_all : int
         See ``part`` (0 for a whole job).
@@ -1524,7 +1524,9 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     mine = tasks if part is None else part_tasks(tasks, k_part, n_parts)   # the tasks this run meshes
     done = finished_tasks(kv, plan.stamp)
     todo = [t for t in mine if task_name(t) not in done]
-    summary = Summary(blocks=len(plan.blocks()), tasks=len(mine), tasks_resumed=len(mine) - len(todo),
+    # a part's blocks are its own, as its tasks are (every block has a task: its coarse one, or the whole)
+    summary = Summary(blocks=len(plan.blocks()) if part is None else len({t[0] for t in mine}),
+                      tasks=len(mine), tasks_resumed=len(mine) - len(todo),
                       device=backend.name if backend else device, format=options.format)
     # no more workers than tasks, but all of them for the output alone (a run resumed while
     # writing: the workers build the shards or write the segments' files); a part writes none

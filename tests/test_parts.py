@@ -92,6 +92,7 @@ def test_a_part_resumes_its_own_tasks_and_the_last_run_meshes_what_no_part_did(t
     s = run_mesh(labels, str(dest), options=opts, part=(0, 3), progress=lambda d, t: calls.append((d, t)), **kw)
     assert (s.part, s.tasks, s.tasks_resumed, s.tasks_all, s.tasks_done_all) == \
         ("0/3", len(mine), 3, whole.tasks, len(mine))
+    assert s.blocks == len({t[0] for t in mine}) == -(-whole.blocks // 3)   # every 3rd block, from the first
     assert calls[0] == (3, len(mine)) and calls[-1] == (len(mine), len(mine))
     assert (s.segments, s.bytes, s.triangles_per_lod) == (0, 0, [])
     assert not (tmp_path / "parts" / "info").exists()
