@@ -691,13 +691,31 @@ def test_dust_threshold_drops_small_segments_whole(crop, crop_medium, tmp_path):
     assert report.ok and not report.warnings and report.num_segments == len(kept)
 
 
+def _holds_the_full_jobs_meshes_of(dest, full_dest, ids, counts, kept) -> None:
+    """``dest`` (unsharded) holds the files of the full job's output ``full_dest`` for the
+    segments ``kept`` and no others, its segment properties list just them with their voxel
+    counts (``counts`` of the crop's ``ids``), and it passes ``validate`` without a warning."""
+    from gpumesh import storage
+
+    from conftest import tree_files
+
+    files, full = tree_files(dest), tree_files(full_dest)
+    meshes = {k: v for k, v in files.items() if not k.startswith(("info", "segment_properties"))}
+    assert meshes == {k: full[k] for s in kept.tolist() for k in (f"{s}.index", str(s))}
+    info = storage.read_json(storage.open_kvstore(str(dest)), "segment_properties/info")
+    assert [int(s) for s in info["inline"]["ids"]] == kept.tolist()
+    assert info["inline"]["properties"][0]["values"] == counts[np.isin(ids, kept)].tolist()
+    report = validate(str(dest))
+    assert report.ok and not report.warnings and report.num_segments == len(kept)
+
+
 def test_selected_segments_get_the_bytes_of_the_full_job(crop, crop_medium, tmp_path):
     """``MeshOptions.segments`` meshes only the selected segments, each with the bytes the full
     job gives it (its neighbours still shape its coarse LODs); absent IDs are a warning; the
     sharded output on 2 workers equals 1 worker's; a resumed run must select the same."""
     import dataclasses
 
-    from gpumesh import SegmentsNotFoundWarning, storage
+    from gpumesh import SegmentsNotFoundWarning
     from gpumesh.errors import DestinationExistsError
     from gpumesh.pipeline import MeshOptions, run_mesh
     from gpumesh.sharding import ShardingOptions
@@ -719,14 +737,7 @@ def test_selected_segments_get_the_bytes_of_the_full_job(crop, crop_medium, tmp_
                                                      f"the volume: {absent[0]}, {absent[1]}"):
         summary = run_mesh(crop, str(dest), options=opts, voxel_size=VOXEL_SIZE, voxel_offset=CROP_START, workers=1)
     assert (summary.segments, summary.missing_segments) == (len(chosen), 2)
-    files, full = tree_files(dest), tree_files(crop_medium[0])
-    meshes = {k: v for k, v in files.items() if not k.startswith(("info", "segment_properties"))}
-    assert meshes == {k: full[k] for s in chosen.tolist() for k in (f"{s}.index", str(s))}
-    info = storage.read_json(storage.open_kvstore(str(dest)), "segment_properties/info")
-    assert [int(s) for s in info["inline"]["ids"]] == chosen.tolist()
-    assert info["inline"]["properties"][0]["values"] == counts[np.isin(ids, chosen)].tolist()
-    report = validate(str(dest))
-    assert report.ok and not report.warnings and report.num_segments == len(chosen)
+    _holds_the_full_jobs_meshes_of(dest, crop_medium[0], ids, counts, chosen)
     # sharded, 1 and 2 workers (the workers build the shards); a resume must select the same
     opts = dataclasses.replace(opts, segments=chosen, sharding=ShardingOptions(shard_bits=1))
     one, two = tmp_path / "one", tmp_path / "two"
@@ -760,7 +771,6 @@ def test_excluded_segments_leave_the_others_the_bytes_of_the_full_job(crop, crop
     properties entry) and every other segment keeps the bytes of the full job: the excluded
     ones still shape their neighbours' surfaces and coarse LODs, where igneous masks them to
     background.  Sharded on 2 workers, the output equals 1 worker's."""
-    from gpumesh import storage
     from gpumesh.pipeline import MeshOptions, run_mesh
     from gpumesh.sharding import ShardingOptions
 
@@ -775,14 +785,7 @@ def test_excluded_segments_leave_the_others_the_bytes_of_the_full_job(crop, crop
     dest = tmp_path / "others"
     summary = run_mesh(crop, str(dest), options=opts, voxel_size=VOXEL_SIZE, voxel_offset=CROP_START, workers=1)
     assert (summary.segments, summary.missing_segments) == (len(kept), 0)
-    files, full = tree_files(dest), tree_files(crop_medium[0])
-    meshes = {k: v for k, v in files.items() if not k.startswith(("info", "segment_properties"))}
-    assert meshes == {k: full[k] for s in kept.tolist() for k in (f"{s}.index", str(s))}
-    info = storage.read_json(storage.open_kvstore(str(dest)), "segment_properties/info")
-    assert [int(s) for s in info["inline"]["ids"]] == kept.tolist()
-    assert info["inline"]["properties"][0]["values"] == counts[np.isin(ids, kept)].tolist()
-    report = validate(str(dest))
-    assert report.ok and not report.warnings and report.num_segments == len(kept)
+    _holds_the_full_jobs_meshes_of(dest, crop_medium[0], ids, counts, kept)
     # the largest excluded segment touches kept ones, whose meshes stay those of the full job
     big = int(ids[order[-1]])
     touching = np.unique(crop[1:][crop[:-1] == big])
