@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import hashlib
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -52,6 +53,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=None, help="mesh a cutout of this edge (voxels) from the origin")
     p.add_argument("--parts", type=int, default=2, help="N, the parts of the job")
     p.add_argument("--workers", type=int, default=None, help="workers of each run (default: gpumesh's)")
+    p.add_argument("--gpumesh-args", default="", help="more `gpumesh mesh` options for every run, "
+                                                      "e.g. '--chunk-size 16'")
     add_result_args(p)
     args = p.parse_args(argv)
     if source_missing(args.source) or args.parts < 1:
@@ -66,10 +69,11 @@ def main(argv=None) -> int:
         warm = tmp / "warm.zarr"
         make_cutout(Path(args.source), 64, warm)
         mesh_with_cli(warm, str(tmp / "warm"), args.voxel_size, ["--overwrite"], args.workers)   # kernels loaded
-        whole = mesh_with_cli(source, str(tmp / "whole"), args.voxel_size, [], args.workers)
-        parts = [mesh_with_cli(source, str(tmp / "parts"), args.voxel_size, ["--part", f"{k}/{args.parts}"],
+        more = shlex.split(args.gpumesh_args)
+        whole = mesh_with_cli(source, str(tmp / "whole"), args.voxel_size, more, args.workers)
+        parts = [mesh_with_cli(source, str(tmp / "parts"), args.voxel_size, more + ["--part", f"{k}/{args.parts}"],
                                args.workers) for k in range(args.parts)]
-        last = mesh_with_cli(source, str(tmp / "parts"), args.voxel_size, ["--resume"], args.workers)
+        last = mesh_with_cli(source, str(tmp / "parts"), args.voxel_size, more + ["--resume"], args.workers)
         same = tree_digest(tmp / "whole") == tree_digest(tmp / "parts")
     part_walls = [r["wall_s"] for r in parts]
     estimate = max(part_walls) + last["wall_s"]
@@ -90,7 +94,7 @@ def main(argv=None) -> int:
     record = {"benchmark": "parts", "started_utc": started.isoformat(),
               "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(), **environment(),
               "options": {"source": args.source, "size": args.size, "parts": args.parts, "workers": args.workers,
-                          "voxel_size_nm": args.voxel_size},
+                          "voxel_size_nm": args.voxel_size, "gpumesh_args": args.gpumesh_args},
               "whole": whole, "parts": parts, "last": last, "same_bytes": same,
               "estimated_wall_on_n_machines_s": estimate, "sum_of_runs_s": summed}
     if not args.no_save:

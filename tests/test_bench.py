@@ -316,6 +316,25 @@ def test_lods_benchmark_compares_the_downsampling_rules(tmp_path, crop, capsys):
     assert "|V_k-V_0|/V_0" in capsys.readouterr().out
 
 
+def test_parts_benchmark_runs_the_parts_and_the_last_run_and_compares_the_bytes(tmp_path, real_zarr, capsys):
+    """``bench_parts.py`` on a 64^3 cutout in 8 blocks: the whole run, 3 parts that write no
+    output, the ``--resume``; the same bytes; the estimate is the slowest part plus the last."""
+    import bench_parts
+
+    assert bench_parts.main(["--source", str(real_zarr), "--size", "64", "--parts", "3", "--workers", "1",
+                             "--gpumesh-args", "--chunk-size 8", "--results-dir", str(tmp_path / "res")]) == 0
+    (result,) = (tmp_path / "res").glob("parts-*.json")
+    rec = json.loads(result.read_text())
+    assert rec["same_bytes"] is True and rec["git"]["commit"] and len(rec["parts"]) == 3
+    assert rec["whole"]["bytes"] == rec["last"]["bytes"] > 0
+    assert all(r["bytes"] == 0 and "--part" in r["command"] for r in rec["parts"])
+    walls = [r["wall_s"] for r in rec["parts"]]
+    assert rec["estimated_wall_on_n_machines_s"] == pytest.approx(max(walls) + rec["last"]["wall_s"])
+    assert rec["sum_of_runs_s"] == pytest.approx(sum(walls) + rec["last"]["wall_s"])
+    out = capsys.readouterr().out
+    assert "on 3 machines: slowest part + last" in out and "part 2/3" in out
+
+
 def test_fidelity_benchmark_measures_lod0_against_the_exact_surface(tmp_path, crop, capsys):
     """``bench_fidelity.py`` meshes with high and the compared presets and measures each
     preset's LOD 0 against high's, both ways: within two voxels at ``medium``; ``low`` here
