@@ -95,9 +95,11 @@ def test_a_part_resumes_its_own_tasks_and_the_last_run_meshes_what_no_part_did(t
     assert s.blocks == len({t[0] for t in mine}) == -(-whole.blocks // 3)   # every 3rd block, from the first
     assert calls[0] == (3, len(mine)) and calls[-1] == (len(mine), len(mine))
     assert (s.segments, s.bytes, s.triangles_per_lod) == (0, 0, [])
+    assert s.seconds > 0 and s.peak_rss_mb > 0   # the CLI prints both
     assert not (tmp_path / "parts" / "info").exists()
-    again = run_mesh(labels, str(dest), options=opts, part=(0, 3), **kw)
-    assert (again.tasks, again.tasks_resumed) == (len(mine), len(mine))
+    # nothing left: no workers start (a part writes no output for them to write)
+    again = run_mesh(labels, str(dest), options=opts, part=(0, 3), **dict(kw, workers=2))
+    assert (again.tasks, again.tasks_resumed, again.workers) == (len(mine), len(mine), 1)
     s2 = run_mesh(labels, str(dest), options=opts, part=(2, 3), **kw)
     assert s2.tasks_done_all == len(mine) + s2.tasks < whole.tasks   # part 1 never ran
     done = run_mesh(labels, str(dest), options=opts, resume=True, **kw)
@@ -170,9 +172,11 @@ def test_a_part_stops_when_the_scratch_area_is_deleted_or_replaced(tmp_path, mon
     first = part_tasks(plan.tasks(), 0, 2)[0]
     bad[tuple(plan.octant_origin(*first))] = -5
     write_zarr(tmp_path / "bad.zarr", bad, chunk=8)
-    with pytest.raises(TaskFailedError, match=r"negative label -5 .* run it again with the same --part 0/2 "
-                                              r"\(Python: part=\(0, 2\)\) once the cause is fixed"):
-        run_mesh(str(tmp_path / "bad.zarr"), str(tmp_path / "bad"), options=opts, part=(0, 2), **kw)
+    for dest, workers in [("bad2", 2), ("bad", 1)]:   # read by the workers, or in this process
+        with pytest.raises(TaskFailedError, match=r"negative label -5 .* run it again with the same --part 0/2 "
+                                                  r"\(Python: part=\(0, 2\)\) once the cause is fixed"):
+            run_mesh(str(tmp_path / "bad.zarr"), str(tmp_path / dest), options=opts, part=(0, 2),
+                     **dict(kw, workers=workers))
     s = run_mesh(str(tmp_path / "bad.zarr"), str(tmp_path / "bad"), options=opts, part=(1, 2), **kw)
     both = s.tasks + len(part_tasks(plan.tasks(), 0, 2))   # the failed tasks of part 0 (those that read the voxel)
     assert s.tasks_resumed == 0 and both - 3 <= s.tasks_done_all < both
@@ -288,9 +292,84 @@ def test_a_part_whose_plan_another_part_replaced_at_once_is_refused(tmp_path, mo
                                                      r"\(options.dust_threshold: 9 -> 0\)"):
         run_mesh(labels, str(tmp_path / "parts"), options=MeshOptions(chunk_size=8), part=(1, 2), **kw)
     assert not finished_tasks(storage.open_kvstore(str(tmp_path / "parts")))   # nothing meshed
+    # a plan.json that is no JSON in its place: not this part's mark either
+    monkeypatch.setattr(storage, "write_json", lambda kv, key, value: (write_json(kv, key, value),
+                                                                        storage.write(kv, key, b"{not json")))
+    with pytest.raises(DestinationExistsError, match="different options or source than this part's"):
+        run_mesh(labels, str(tmp_path / "garbled"), options=MeshOptions(chunk_size=8), part=(1, 2), **kw)
+    assert not finished_tasks(storage.open_kvstore(str(tmp_path / "garbled")))
     # its plan deleted before it read it back (the job's output written there meanwhile): it stops
     monkeypatch.setattr(storage, "write_json", lambda kv, key, value: (write_json(kv, key, value),
                                                                         storage.delete_prefix(kv, SCRATCH)))
     with pytest.raises(DestinationTakenError, match="scratch area was deleted"):
         run_mesh(labels, str(tmp_path / "gone"), options=MeshOptions(chunk_size=8), part=(1, 2), **kw)
     assert not finished_tasks(storage.open_kvstore(str(tmp_path / "gone")))
+
+
+def test_a_part_taken_over_after_its_last_check_fails_rather_than_counting_its_tasks(tmp_path, monkeypatch):
+    """The scratch area deleted (the job's output written) or replaced (a job of other options
+    started over) after the part last read its mark, as its last task ends: the part fails with
+    DestinationTakenError, not a summary of tasks written where no run will use them."""
+    from gpumesh import writer
+
+    monkeypatch.setattr(writer, "OWNER_CHECK_S", 1e9)   # no check of the mark while the tasks run
+    labels = _blobs((32, 32, 32))
+    kw = dict(options=MeshOptions(chunk_size=8), voxel_size=(4, 4, 40), workers=1)
+    for name, change in [("deleted", lambda kv: writer.storage.delete_prefix(kv, SCRATCH)),
+                         ("replaced", lambda kv: writer.storage.write(kv, SCRATCH + "plan.json", b"{}\n"))]:
+        dest = tmp_path / name
+
+        def last(done, total, dest=dest, change=change):
+            if done == total:
+                change(writer.storage.open_kvstore(str(dest)))
+
+        with pytest.raises(DestinationTakenError):
+            run_mesh(labels, str(dest), part=(0, 2), progress=last, **kw)
+
+
+def test_a_part_whose_task_result_cannot_be_written_says_to_run_the_same_part_again(tmp_path):
+    """A task result that cannot be written (a directory in its place) fails the part, in this
+    process or in its workers, with the line to run the same part again, not ``--resume`` (which
+    would mesh every part's tasks left on one machine)."""
+    labels = _blobs((40, 40, 40))
+    opts = MeshOptions(chunk_size=8)
+    first = part_tasks(Plan.make(labels.shape, opts).tasks(), 0, 2)[0]
+    for workers in (1, 2):
+        dest = tmp_path / f"w{workers}"
+        run_mesh(labels, str(dest), options=opts, part=(1, 2), voxel_size=(4, 4, 40), workers=1)   # the stamp
+        stamp = next(p.name.split("@")[1] for p in (dest / SCRATCH / "blocks").iterdir() if "@" in p.name)
+        (dest / SCRATCH / "blocks" / f"{task_name(first)}@{stamp}" / "x").mkdir(parents=True)
+        with pytest.raises(TaskFailedError, match=r"run it again with the same --part 0/2 \(Python: part=\(0, 2\)\) "
+                                                  r"once the cause is fixed"):
+            run_mesh(labels, str(dest), options=opts, part=(0, 2), voxel_size=(4, 4, 40), workers=workers)
+
+
+def test_cli_part_says_what_it_meshed_and_what_the_job_has_left(tmp_path):
+    """A part's lines: its tasks meshed and those it had finished before, then the job's
+    finished tasks and, until every part has ended, how many are left."""
+    from click.testing import CliRunner
+
+    from gpumesh.cli import main
+
+    write_zarr(tmp_path / "v.zarr", _blobs((32, 32, 32)), chunk=16)
+    tasks = Plan.make((32, 32, 32), MeshOptions(chunk_size=8)).tasks()
+    mine = [len(part_tasks(tasks, k, 2)) for k in (0, 1)]
+
+    def lines(k):
+        r = CliRunner().invoke(main, ["mesh", str(tmp_path / "v.zarr"), str(tmp_path / "p"), "--voxel-size", "4,4,40",
+                                      "--chunk-size", "8", "--workers", "1", "--quiet", "--part", f"{k}/2"])
+        assert r.exit_code == 0, r.output
+        return [ln for ln in r.output.splitlines() if ln.startswith(("part:", "job:"))]
+
+    first = lines(0)
+    assert first[0].startswith(f"part:      0/2: {mine[0]} of its {mine[0]} tasks meshed (0 had finished before) "
+                               f"in "), first
+    assert first[1] == (f"job:       {mine[0]} of its {len(tasks)} tasks have finished; once every part has ended "
+                        f"({mine[1]} tasks left), `gpumesh mesh` with --resume, the same SOURCE, DEST and options, "
+                        f"writes the output"), first
+    again = lines(0)
+    assert again[0].startswith(f"part:      0/2: 0 of its {mine[0]} tasks meshed ({mine[0]} had finished "
+                               f"before) in "), again
+    last = lines(1)
+    assert last[1] == (f"job:       {len(tasks)} of its {len(tasks)} tasks have finished; every task has: "
+                       f"`gpumesh mesh` with --resume, the same SOURCE, DEST and options, writes the output"), last
