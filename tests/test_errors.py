@@ -1312,6 +1312,29 @@ def test_a_resume_with_an_in_memory_tensorstore_of_other_contents_is_refused(tmp
     assert tree_files(dest) == tree_files(tmp_path / "clean")
 
 
+def test_an_in_memory_tensorstore_digest_covers_every_voxel_of_the_box(monkeypatch):
+    """``_volume_digest`` (an in-memory TensorStore's contents in the fingerprint) reads every
+    x slab, the last plane of the last one included, and only the box that ``bounds`` gives."""
+    from gpumesh import pipeline
+
+    labels = _blobs((24, 20, 16))
+
+    def digest(arr, **kw):
+        return pipeline._volume_digest(open_volume(ts.array(arr), voxel_size=(1, 1, 1), **kw))
+
+    monkeypatch.setattr(pipeline, "NEGATIVE_CHECK_BYTES", 5 * 20 * 16 * 4)   # slabs of 5 x planes, the last of 4
+    whole = digest(labels)
+    assert digest(labels.copy()) == whole
+    for x in (0, 4, 5, 12, 20, 23):   # the first and last planes of slabs, the volume's last plane
+        changed = labels.copy()
+        changed[x, 19, 15] += 1
+        assert digest(changed) != whole, x
+    box = (2, 0, 0, 22, 20, 16)
+    outside = labels.copy()
+    outside[[0, 1, 22, 23]] += 1
+    assert digest(outside, bounds=box) == digest(labels, bounds=box) != whole
+
+
 def test_a_write_that_fails_while_writing_the_output_says_so(tmp_path):
     """A write of the output itself that fails (here the shard file, a directory in its place)
     fails the job as a write of a task result does, said to have happened while writing the
