@@ -923,3 +923,8 @@ def test_task_results_left_in_a_finished_mesh_without_a_plan_are_not_said_to_res
                                       "finished") and rep.warnings[0].endswith("delete .gpumesh-work/"), rep.warnings
     with pytest.raises(DestinationExistsError, match="holds a finished mesh"):   # nothing to resume
         run_mesh(labels, str(dest), voxel_size=(1, 1, 1), workers=1, resume=True)
+    # without the info either, the mesh is not finished: not said to be
+    (dest / "info").unlink()
+    rep = validate(dest)
+    assert len(rep.warnings) == 1 and "no info: the mesh is not finished" in rep.warnings[0], rep.warnings
+    assert "after the mesh was finished" not in rep.warnings[0], rep.warnings
