@@ -328,6 +328,7 @@ def test_parts_benchmark_runs_the_parts_and_the_last_run_and_compares_the_bytes(
     assert rec["same_bytes"] is True and rec["git"]["commit"] and len(rec["parts"]) == 3
     assert rec["whole"]["bytes"] == rec["last"]["bytes"] > 0
     assert all(r["bytes"] == 0 and "--part" in r["command"] for r in rec["parts"])
+    assert [r["command"][r["command"].index("--part") + 1] for r in rec["parts"]] == ["0/3", "1/3", "2/3"]
     walls = [r["wall_s"] for r in rec["parts"]]
     assert rec["estimated_wall_on_n_machines_s"] == pytest.approx(max(walls) + rec["last"]["wall_s"])
     assert rec["sum_of_runs_s"] == pytest.approx(sum(walls) + rec["last"]["wall_s"])
