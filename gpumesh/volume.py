@@ -1160,11 +1160,11 @@ def open_volume(
 def _from_tensorstore(store: ts.TensorStore, where: str, mip: int, axes, vs, vo) -> Volume:
     spec = {}
     try:
-        if store.kvstore is None:
-            # no storage: the in-memory "array" driver (or a virtual one), whose spec as JSON
-            # holds every voxel (1.4 s for 256^3 uint32); only stored arrays' metadata is read
-            spec = {"driver": "array" if _is_array_driver(store) else "?"}
-        else:
+        if store.kvstore is None and _is_array_driver(store):
+            # no storage: the in-memory "array" driver, whose spec as JSON holds every voxel
+            # (1.4 s for 256^3 uint32); only stored arrays' metadata is read
+            spec = {"driver": "array"}
+        else:   # (a virtual driver over one, such as a cast, as before: only its name is used)
             spec = store.spec().to_json()
     except Exception:
         pass

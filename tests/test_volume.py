@@ -589,6 +589,9 @@ def test_an_in_memory_tensorstore_opens_without_its_spec_as_json(labels):
     check_read(open_volume(ts.array(labels)), labels)
     view = ts.array(labels)[ts.d[0].translate_by[5]]   # a domain that does not start at 0
     assert open_volume(view).description == "TensorStore (array)"
+    cast = ts.cast(ts.array(labels), ts.uint64)   # a virtual driver keeps its name
+    assert open_volume(cast).description == "TensorStore (cast)"
+    check_read(open_volume(cast), labels.astype(np.uint64))
 
 
 def test_tensorstore_dimension_units_are_converted_to_nm(labels):
