@@ -325,14 +325,16 @@ def test_the_cli_leaves_an_ignored_hangup_ignored():
             signal.signal(sig, handler)
 
 
-def test_a_killed_worker_fails_the_job_in_one_line_and_resume_finishes_it(crop, tmp_path):
+@pytest.mark.parametrize("part", [[], ["--part", "0/1"]], ids=["whole", "part"])
+def test_a_killed_worker_fails_the_job_in_one_line_and_resume_finishes_it(crop, tmp_path, part):
     """SIGKILL one worker mid-job (as the out-of-memory killer would): the CLI says so in one
-    line with status 1, and ``--resume`` then writes the bytes of an uninterrupted run."""
+    line with status 1, and ``--resume`` then writes the bytes of an uninterrupted run.  In a
+    part (``--part``), the line says to run the same part again, which then finishes it."""
     src = tmp_path / "src.zarr"
     write_zarr(src, crop)
     args = ["mesh", str(src), "--voxel-size", "32,32,40", "--chunk-size", "16", "--quiet"]
     dest = tmp_path / "killed"
-    proc = subprocess.Popen(cli_command() + args[:2] + [str(dest)] + args[2:] + ["--workers", "2"],
+    proc = subprocess.Popen(cli_command() + args[:2] + [str(dest)] + args[2:] + ["--workers", "2"] + part,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_first_result(proc, dest)
@@ -348,8 +350,14 @@ def test_a_killed_worker_fails_the_job_in_one_line_and_resume_finishes_it(crop, 
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert proc.returncode == 1, err
     assert len(lines) == 1 and lines[0].startswith("gpumesh: error: a worker process ended abruptly"), err
-    assert "SIGKILL" in lines[0] and "--resume" in lines[0]
+    assert "SIGKILL" in lines[0]
+    assert ("run it again with --resume" in lines[0] if not part else
+            "run it again with the same --part 0/1 (Python: part=(0, 1))" in lines[0]), lines[0]
     assert not (dest / "info").exists()
+    if part:   # the part run again finishes its tasks; the --resume below only writes the output
+        r = subprocess.run(cli_command() + args[:2] + [str(dest)] + args[2:] + part, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0 and "tasks have finished; every task has" in r.stdout, r.stderr
 
     r = subprocess.run(cli_command() + args[:2] + [str(dest)] + args[2:] + ["--resume"], capture_output=True,
                        text=True, timeout=300)
