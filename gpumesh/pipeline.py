@@ -1508,7 +1508,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         if there is None:   # deleted since it was written: the job has ended there
             from .writer import taken_error
 
-            raise taken_error(kv, owner, dest)
+            raise taken_error(kv, owner, dest, part)
         if there != ours:
             # a part of other options, started at once into the empty DEST, wrote its plan after
             # this one's: not this part's mark, and its tasks (stamped with its own plan) unused
@@ -1673,7 +1673,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             # another run (--overwrite) deleted or replaced what this one needed: say that,
             # not what it broke (a task result missing from the scratch area, a write refused),
             # naming DEST as given
-            raise writer.taken_error(kv, owner, dest) from exc
+            raise writer.taken_error(kv, owner, dest, part) from exc
         if isinstance(exc, (SourceReadError, DestinationError)):   # a write, or the volume's first read
             raise _task_failed([exc], finished, len(mine), shown, part) from exc
         raise
@@ -1692,7 +1692,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     summary.seconds_meshing = t_mesh - t0
     if part is not None:   # no output: what the part did, and how far the whole job is
         if writer.taken_over(kv, owner):   # finished tasks written into a scratch area deleted since
-            raise writer.taken_error(kv, owner, dest)
+            raise writer.taken_error(kv, owner, dest, part)
         names = finished_tasks(kv, plan.stamp)
         summary.part = f"{k_part}/{n_parts}"
         summary.tasks_all = len(tasks)

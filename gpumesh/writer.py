@@ -350,11 +350,12 @@ def taken_over(kv, owner: tuple[str, bytes]) -> bool:
         return False
 
 
-def taken_error(kv, owner: tuple[str, bytes], where=None) -> DestinationTakenError:
+def taken_error(kv, owner: tuple[str, bytes], where=None, part: Optional[tuple] = None) -> DestinationTakenError:
     """The :class:`DestinationTakenError` of a run whose ``owner`` mark was replaced in the
     destination's kvstore ``kv`` (named as ``where``, the destination as the user gave it, or
     ``kv``'s own name), or is gone from it: another run has finished there (an ``info`` is
-    there), or the scratch area was deleted while the run ran."""
+    there), or the scratch area was deleted while the run ran.  ``part``: the ``(K, N)`` of a
+    part (``run_mesh``'s ``part``), whose mark is the job's plan and which writes no info."""
     name = storage.display(kv if where is None else where)
     try:
         gone = storage.read(kv, owner[0]) is None
@@ -363,6 +364,20 @@ def taken_error(kv, owner: tuple[str, bytes], where=None) -> DestinationTakenErr
         finished = gone and storage.read(kv, "info") is not None
     except Exception:
         gone = finished = False
+    if part is not None:
+        this = f"part {part[0]}/{part[1]}"
+        if finished:
+            return DestinationTakenError(
+                f"{name}: a run has written the job's output there while {this} ran (its info is written; "
+                f"{owner[0]} is gone): {this} stops, and its tasks left are not needed (start the run that writes "
+                f"the output only once every part has ended)")
+        if gone:
+            return DestinationTakenError(
+                f"{name}: the job's scratch area was deleted while {this} ran ({owner[0]} is gone: by hand, or by "
+                f"another gpumesh run there): {this} stops")
+        return DestinationTakenError(
+            f"{name}: another gpumesh run has started a job of other options there (--overwrite; {owner[0]} is "
+            f"not this job's any more): {this} stops, and leaves the destination to that run")
     if finished:
         return DestinationTakenError(
             f"{name}: another gpumesh run has started writing there since this one began, and has finished "

@@ -154,8 +154,20 @@ def test_a_part_stops_when_the_scratch_area_is_deleted_or_replaced(tmp_path, mon
     labels = _blobs((40, 40, 40))
     opts = MeshOptions(chunk_size=8)
     kw = dict(voxel_size=(4, 4, 40), workers=1)
-    for name, change in [("deleted", lambda kv: writer.storage.delete_prefix(kv, SCRATCH)),
-                         ("replaced", lambda kv: writer.storage.write(kv, SCRATCH + "plan.json", b"{}\n"))]:
+    def finish(kv):   # as the run that writes the output does: info, then the scratch area deleted
+        writer.storage.write(kv, "info", b"{}\n")
+        writer.storage.delete_prefix(kv, SCRATCH)
+
+    for name, change, said in [
+            ("deleted", lambda kv: writer.storage.delete_prefix(kv, SCRATCH),
+             r"the job's scratch area was deleted while part 1/2 ran \(.*plan.json is gone: by hand, or by another "
+             r"gpumesh run there\): part 1/2 stops$"),
+            ("replaced", lambda kv: writer.storage.write(kv, SCRATCH + "plan.json", b"{}\n"),
+             r"another gpumesh run has started a job of other options there .*: part 1/2 stops, and leaves the "
+             r"destination to that run$"),
+            ("finished", finish,
+             r"a run has written the job's output there while part 1/2 ran .*: part 1/2 stops, and its tasks left "
+             r"are not needed \(start the run that writes the output only once every part has ended\)$")]:
         dest = tmp_path / name
 
         def meddle(done, total, dest=dest, change=change):
@@ -163,7 +175,7 @@ def test_a_part_stops_when_the_scratch_area_is_deleted_or_replaced(tmp_path, mon
                 change(writer.storage.open_kvstore(str(dest)))
             time.sleep(0.01)
 
-        with pytest.raises(DestinationTakenError, match="this run stops without writing info"):
+        with pytest.raises(DestinationTakenError, match=said):
             run_mesh(labels, str(dest), options=opts, part=(1, 2), progress=meddle, **kw)
         assert len(finished_tasks(writer.storage.open_kvstore(str(dest)))) <= 3
     # a task that cannot read the volume: the others finish, the line names the part to rerun
