@@ -1146,16 +1146,23 @@ def _array_digest(arr: np.ndarray) -> str:
     return hashlib.sha256(head + b"".join(digests)).hexdigest()
 
 
+def _slabs(volume: Volume):
+    """The labels of ``volume`` (the box, with ``bounds``), read as the tasks read them, in x
+    slabs of about :data:`NEGATIVE_CHECK_BYTES` (a read copies: one read of the whole doubled
+    the job's memory); each read refuses negative labels (InvalidVolumeError)."""
+    nx, ny, nz = volume.shape
+    step = max(1, NEGATIVE_CHECK_BYTES // max(1, ny * nz * np.dtype(volume.dtype).itemsize))
+    for x in range(0, nx, step):
+        yield volume.read((x, 0, 0), (min(x + step, nx), ny, nz))
+
+
 def _volume_digest(volume: Volume) -> str:
     """SHA-256 (hex) of the labels of a source that has no location and is no NumPy array (a
     TensorStore of the in-memory ``array`` driver): its fingerprint has nothing else of the
-    source, as an array's would not without :func:`_array_digest`.  Read as the tasks read it
-    (the box, with ``bounds``), in x slabs of about :data:`NEGATIVE_CHECK_BYTES`."""
-    nx, ny, nz = volume.shape
-    step = max(1, NEGATIVE_CHECK_BYTES // max(1, ny * nz * np.dtype(volume.dtype).itemsize))
+    source, as an array's would not without :func:`_array_digest`.  Read in :func:`_slabs`."""
     digest = hashlib.sha256(f"{np.dtype(volume.dtype).str} {tuple(volume.shape)} xyz".encode())
-    for x in range(0, nx, step):
-        digest.update(volume.read((x, 0, 0), (min(x + step, nx), ny, nz)))
+    for slab in _slabs(volume):
+        digest.update(slab)
     return digest.hexdigest()
 
 
@@ -1382,12 +1389,9 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         contents = _volume_digest(volume)
     if isinstance(source, np.ndarray) and source.dtype.kind == "i":
         # in memory: its negative labels are bad input, found now (InvalidVolumeError), not by
-        # the tasks that read them once the destination is touched (as a stored source's are);
-        # in slabs: a read copies, and a copy of the whole array doubled the job's memory
-        nx, ny, nz = volume.shape
-        step = max(1, NEGATIVE_CHECK_BYTES // max(1, ny * nz * source.dtype.itemsize))
-        for x in range(0, nx, step):
-            volume.read((x, 0, 0), (min(x + step, nx), ny, nz))
+        # the tasks that read them once the destination is touched (as a stored source's are)
+        for _ in _slabs(volume):
+            pass
     if link_source and volume.precomputed is None:
         raise ValueError(f"link_source (--link-source) names the meshes in a precomputed source's info; "
                          f"{volume.description} is not a precomputed volume")
@@ -1427,6 +1431,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     plan = Plan.make(volume.shape, options, volume.voxel_size)
     fingerprint = _plan_fingerprint(volume, plan, options, axes, mip, fill_missing, contents)
     plan = dataclasses.replace(plan, stamp=_stamp(fingerprint))
+    stored = json.loads(json.dumps(fingerprint))   # the fingerprint as plan.json holds it (lists)
     cache = read_cache_bytes(volume, plan)   # each worker's cache of storage chunks (a loop over the blocks)
     cluster = None
     if client is not None:   # before the destination is touched: the cluster may have no workers
@@ -1441,16 +1446,15 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             storage.delete_all(kv)
         elif resume:
             old = storage.read_json(kv, SCRATCH + "plan.json")
-            new = json.loads(json.dumps(fingerprint))   # as stored (lists)
-            if old is not None and old != new:
+            if old is not None and old != stored:
                 was = old if isinstance(old, dict) else {}
                 if part is not None:   # no --resume was given, and a part cannot --overwrite
-                    raise _part_mismatch(shown, was, new)
+                    raise _part_mismatch(shown, was, stored)
                 raise DestinationExistsError(
                     f"{shown}: --resume with different options or source than the interrupted run "
-                    f"({_fingerprint_changes(was, new) or 'plan.json'}"
+                    f"({_fingerprint_changes(was, stored) or 'plan.json'}"
                     + ("; it was started by a gpumesh that did not record that: rerun with --overwrite"
-                       if any(k not in was for k in new) else "") + ")")
+                       if any(k not in was for k in stored) else "") + ")")
             if old is None and any(not k.endswith(".__lock") for k in existing):
                 if "info" in existing and part is not None:   # a part cannot --overwrite
                     raise DestinationExistsError(
@@ -1468,6 +1472,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             from .writer import nonempty_error
 
             raise nonempty_error(shown, existing, resumable=True)
+    tasks = plan.tasks()
+    mine = tasks if part is None else part_tasks(tasks, k_part, n_parts)   # the tasks this run meshes
     if cluster is not None:
         requested = cluster.workers
     elif in_process:
@@ -1485,8 +1491,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         # said before the job, not by the out-of-memory killer; no more workers than tasks run
         from .resources import WorkersMemoryWarning, worker_bytes, workers_memory
 
-        runs = plan.tasks() if part is None else part_tasks(plan.tasks(), k_part, n_parts)
-        why = workers_memory(min(workers, len(runs)), worker_bytes(plan.block, np.dtype(volume.dtype).itemsize, cache),
+        why = workers_memory(min(workers, len(mine)), worker_bytes(plan.block, np.dtype(volume.dtype).itemsize, cache),
                              asked=workers)
         if why:
             warnings.warn(why, WorkersMemoryWarning, stacklevel=2)
@@ -1500,7 +1505,6 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         # the parts run at once, each writing the same plan: a part's mark is the plan, which
         # the run that writes the output deletes last, and an --overwrite replaces
         owner = (SCRATCH + "plan.json", storage.read(kv, SCRATCH + "plan.json"))
-        ours = json.loads(json.dumps(fingerprint))   # as stored (lists)
         try:
             there = None if owner[1] is None else json.loads(owner[1])
         except ValueError:
@@ -1509,10 +1513,10 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             from .writer import taken_error
 
             raise taken_error(kv, owner, dest, part)
-        if there != ours:
+        if there != stored:
             # a part of other options, started at once into the empty DEST, wrote its plan after
             # this one's: not this part's mark, and its tasks (stamped with its own plan) unused
-            raise _part_mismatch(shown, there if isinstance(there, dict) else {}, ours)
+            raise _part_mismatch(shown, there if isinstance(there, dict) else {}, stored)
     from . import writer
 
     # read again at the progress reports while the tasks run (at most every writer.OWNER_CHECK_S):
@@ -1520,8 +1524,6 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     # writing into the other run's scratch area, or into its finished output
     progress = writer._checking_owner(kv, owner, progress)
 
-    tasks = plan.tasks()
-    mine = tasks if part is None else part_tasks(tasks, k_part, n_parts)   # the tasks this run meshes
     done = finished_tasks(kv, plan.stamp)
     todo = [t for t in mine if task_name(t) not in done]
     # a part's blocks are its own, as its tasks are (every block has a task: its coarse one, or the whole)
