@@ -419,8 +419,9 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
     for message in caught:
         click.echo(f"gpumesh: warning: {message}", err=True)
     s = summary
+    # workers past what the device holds mesh on the CPU backend (gpu.device_processes)
+    shared = f" ({s.device_workers} of them on it)" if s.device == "gpu" and s.device_workers < s.workers else ""
     if s.part is not None:   # no output yet
-        shared = f" ({s.device_workers} of them on it)" if s.device == "gpu" and s.device_workers < s.workers else ""
         click.echo(f"part:      {s.part}: {s.tasks - s.tasks_resumed:,} of its {s.tasks:,} tasks meshed "
                    f"({s.tasks_resumed:,} had finished before) in {s.seconds:.1f} s; {s.workers} worker(s), "
                    f"device {s.device}{shared}")
@@ -438,8 +439,6 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
     for k, (t, f, v) in enumerate(zip(s.triangles_per_lod, s.fragments_per_lod, s.voxel_size_per_lod)):
         click.echo(f"LOD {k}:     {t:>12,} triangles  {f:>8,} fragments  ({'x'.join(f'{n:g}' for n in v)} nm voxels)")
     click.echo(f"bytes:     {s.bytes:,} (mesh files written)")   # validate's are the fragments'
-    # workers past what the device holds mesh on the CPU backend (gpu.device_processes)
-    shared = f" ({s.device_workers} of them on it)" if s.device == "gpu" and s.device_workers < s.workers else ""
     waves = f" in {s.index_waves} waves" if s.index_waves else ""   # the fragment index past its cap
     click.echo(f"seconds:   {s.seconds:.1f}  (meshing {s.seconds_meshing:.1f}, writing {s.seconds_writing:.1f}{waves}; "
                f"{s.workers} worker(s), device {s.device}{shared}, "

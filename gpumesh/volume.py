@@ -864,13 +864,14 @@ def _open_precomputed(kv, where, mip, voxel_size, voxel_offset, how: _Opening = 
     if nc != 1:
         raise InvalidVolumeError(f"precomputed {where} has num_channels {nc}: a label volume must have 1")
     scale = scales[mip]
-    _refuse_cloudfiles_compressed(kv.spec().to_json(), _object(scale).get("key"), f"precomputed {where} (mip {mip}")
+    kvspec = kv.spec().to_json()
+    _refuse_cloudfiles_compressed(kvspec, _object(scale).get("key"), f"precomputed {where} (mip {mip}")
     store = _ts_open({"driver": "neuroglancer_precomputed", "scale_index": mip}, where, kv, how)
     if voxel_size is None:
         voxel_size = _check_voxel_size(scale.get("resolution"), f"precomputed {where} resolution")
     if voxel_offset is None:
         voxel_offset = _check_voxel_offset(scale.get("voxel_offset", [0, 0, 0]))
-    pre = {"kvstore": kv.spec().to_json(), "info": info, "scale_key": scale.get("key")}
+    pre = {"kvstore": kvspec, "info": info, "scale_key": scale.get("key")}
     if pre["kvstore"].get("path") and not pre["kvstore"]["path"].endswith("/"):
         pre["kvstore"]["path"] += "/"
     vol = _tensorstore_volume(
