@@ -338,6 +338,17 @@ class Plan:
         gx, gy, gz = self.grid
         return [(x, y, z) for x in range(gx) for y in range(gy) for z in range(gz)]
 
+    def block_array(self) -> np.ndarray:
+        """:meth:`blocks` as an (n, 3) int64 array, in the same order."""
+        return np.indices(self.grid, dtype=np.int64).reshape(3, -1).T
+
+    def block_stops(self, blocks: np.ndarray) -> np.ndarray:
+        """The ``stop`` of :meth:`block_bounds` of ``blocks`` ((n, 3) or (3,) int64, as
+        :meth:`block_array`): int64 voxels of the same shape."""
+        halo = 1 << (self.lods - 1)
+        limit = (-(-np.asarray(self.shape, dtype=np.int64) // halo) + 1) * halo
+        return np.minimum(blocks * self.block + self.block, limit)
+
     def voxels_in_volume(self, b) -> int:
         """Voxels of block ``b`` inside the volume (its share of the work)."""
         n = 1
@@ -353,10 +364,8 @@ class Plan:
         border block stops there (a slab, not a full block).  The cut is a multiple of
         ``2**(L-1)`` from ``start``, so every LOD's voxels stay whole.
         """
-        halo = 1 << (self.lods - 1)
-        start = np.asarray(b, dtype=np.int64) * self.block - halo
-        limit = (-(-np.asarray(self.shape, dtype=np.int64) // halo) + 1) * halo
-        return start, np.minimum(start + self.block + halo, limit)
+        b = np.asarray(b, dtype=np.int64)
+        return b * self.block - (1 << (self.lods - 1)), self.block_stops(b)
 
     def octant_bounds(self, b, octant: int) -> tuple[np.ndarray, np.ndarray]:
         """Voxel range ``[g0, g1)`` that LOD 0 marching cubes reads for one octant of block ``b``.
@@ -392,21 +401,26 @@ class Plan:
         real volume, against 1-3.5 s for a full octant), so that many workers end the job on
         them instead of waiting on the last long octants (``docs/STATUS.md``, eighth session).
         """
-        out, coarse = [], []
-        shape = np.asarray(self.shape)
+        # in arrays, not block by block: 620,978 tasks of a 1.1-teravoxel volume took 10.6 s to
+        # list one octant at a time, which every run (part, resume) of the job pays again
+        blocks = self.block_array()
+        shape = np.asarray(self.shape, dtype=np.int64)
+        inside = np.clip(np.minimum((blocks + 1) * self.block, shape) - blocks * self.block, 0, None)
+        order = np.argsort(-np.prod(inside, axis=1), kind="stable")   # most voxels first, ties in row order
+        names = [tuple(b) for b in blocks[order].tolist()]
+        if self.lods == 1:
+            return [(b, None) for b in names]
+        # octant o of block b: LOD 0 cubes from g0 = (2b + o) * B/2 - 1 to g1 (octant_bounds)
+        half = self.block // 2
+        o = np.array([[(k >> 2) & 1, (k >> 1) & 1, k & 1] for k in range(8)], dtype=np.int64)
+        g0 = (blocks[order, None, :] * 2 + o) * half - 1
+        g1 = np.minimum(g0 + half + 1, self.block_stops(blocks[order])[:, None, :])
         # an octant's first cube at LOD k starts at LOD 0 voxel g0 + 1 - 2**k: inside the
         # volume for some k <= L - 2 when it is for k = L - 2
         reach = 1 << max(self.lods - 2, 0)
-        for b in sorted(self.blocks(), key=self.voxels_in_volume, reverse=True):
-            if self.lods == 1:
-                out.append((b, None))
-                continue
-            coarse.append((b, COARSE))
-            for octant in range(8):
-                g0, g1 = self.octant_bounds(b, octant)
-                if np.all(g1 - g0 >= 2) and np.all(g0 + 1 - reach < shape):
-                    out.append((b, octant))
-        return out + coarse
+        keep = np.all(g1 - g0 >= 2, axis=2) & np.all(g0 + 1 - reach < shape, axis=2)
+        rows, octants = np.nonzero(keep)   # by block in run order, then by octant
+        return [(names[r], k) for r, k in zip(rows.tolist(), octants.tolist())] + [(b, COARSE) for b in names]
 
 
 # --------------------------------------------------------------------------------------
@@ -715,13 +729,11 @@ def read_cache_bytes(volume: Volume, plan: Plan) -> int:
         return 0
     chunk = np.asarray(chunk, dtype=np.int64)
     shape = np.asarray(volume.shape, dtype=np.int64)
-    most = 0
-    for b in plan.blocks():
-        start, stop = plan.block_bounds(b)
-        lo, hi = np.maximum(start, 0), np.minimum(stop, shape)   # every task reads within these
-        if np.any(hi <= lo):
-            continue
-        most = max(most, int(np.prod((hi - 1) // chunk - lo // chunk + 1)))
+    blocks = plan.block_array()
+    lo = np.maximum(blocks * plan.block - (1 << (plan.lods - 1)), 0)   # every task reads within these
+    hi = np.minimum(plan.block_stops(blocks), shape)
+    touched = np.prod((hi - 1) // chunk - lo // chunk + 1, axis=1)
+    most = int(touched[np.all(hi > lo, axis=1)].max(initial=0))
     return int(min(most * int(np.prod(chunk)) * np.dtype(volume.dtype).itemsize, MAX_READ_CACHE))
 
 
