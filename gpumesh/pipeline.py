@@ -474,6 +474,13 @@ def block_header_size(prefix: bytes) -> int:
     return BLOCK_PREFIX + nfrag * FRAG_DTYPE.itemsize + 16 * ncount
 
 
+def block_is_empty(head: bytes) -> bool:
+    """Whether a block result (or its first :data:`BLOCK_PREFIX` bytes) is well formed and holds
+    no fragment and no voxel count: a task that found only background, as most of a large,
+    sparse volume's are.  ``False`` for a corrupt one (:func:`unpack_block_header` says why)."""
+    return len(head) >= BLOCK_PREFIX and head[:8] == _MAGIC and head[8:BLOCK_PREFIX] == bytes(16)
+
+
 def unpack_block_header(blob: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Parse a block result; returns index, voxel-count labels, counts, data start offset."""
     if blob[:8] != _MAGIC:

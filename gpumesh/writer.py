@@ -65,8 +65,8 @@ from . import storage
 from .errors import DestinationExistsError, DestinationTakenError, GpumeshError, InvalidMeshError
 from .encode import encode_draco
 from .octree import manifest_body, manifest_head, segment_nodes
-from .pipeline import (BLOCK_PREFIX, FRAG_DTYPE, SCRATCH, MeshOptions, Plan, block_header_size, block_key,
-                       in_sorted, task_name, unpack_block_header)
+from .pipeline import (BLOCK_PREFIX, FRAG_DTYPE, SCRATCH, MeshOptions, Plan, block_header_size, block_is_empty,
+                       block_key, in_sorted, task_name, unpack_block_header)
 from .reader import PLACEHOLDER_FACES, Manifest, ShardedMultiresSource, decode_fragment, open_mesh
 from .sharding import ShardingOptions, ShardingSpec, build_shard
 from .volume import Volume
@@ -79,6 +79,11 @@ WRITE_BATCH = 64
 #: when a segment needs them (memory then follows a shard, not the whole output).
 ASSEMBLY_CACHE_BYTES = 1 << 30
 HEADER_READS = 64   # task result headers read at once by the assembly
+
+#: Rows (fragment entries and voxel counts) of task results that the assembly parses before it
+#: adds them to its tables at once (:func:`_header_batches`): a job of hundreds of thousands of
+#: tasks, most of them with few rows or none, paid ~70 us of NumPy calls per result.
+HEADER_BATCH_ROWS = 1 << 16
 
 
 def segment_num_lods(lod0_nodes: np.ndarray, lods_present: set, plan_lods: int,
@@ -544,16 +549,38 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
     return stats
 
 
-def _index_entries(head: bytes, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A task result's fragment entries as :data:`INDEX_DTYPE` rows (``offset`` from the start
-    of the result, ``block`` its number), and its voxel counts (IDs, counts)."""
-    index, count_labels, counts, data_start = unpack_block_header(head)
+def _joined_entries(parsed: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Task results' fragment entries as :data:`INDEX_DTYPE` rows (``offset`` from the start of
+    each result, ``block`` its number), and their voxel counts (IDs, counts), joined in the order
+    given: ``parsed`` holds ``(block, *unpack_block_header(head))`` of each result."""
+    index = np.concatenate([p[1] for p in parsed])
     ext = np.empty(len(index), dtype=INDEX_DTYPE)
     for name in FRAG_DTYPE.names:
         ext[name] = index[name]
-    ext["offset"] += data_start
-    ext["block"] = block
-    return ext, count_labels, counts
+    rows = [len(p[1]) for p in parsed]
+    ext["offset"] += np.repeat(np.array([p[4] for p in parsed], dtype=np.uint64), rows)
+    ext["block"] = np.repeat(np.array([p[0] for p in parsed], dtype=np.uint32), rows)
+    return ext, np.concatenate([p[2] for p in parsed]), np.concatenate([p[3] for p in parsed])
+
+
+def _header_batches(results: "TaskResults", known: Optional[dict], whole: bool) -> Iterator[tuple]:
+    """:func:`_joined_entries` of every task result (:meth:`TaskResults.iter_headers`), in
+    batches of about :data:`HEADER_BATCH_ROWS` rows, in task order; the results that hold
+    nothing (:func:`gpumesh.pipeline.block_is_empty`) are passed over.  Per result, the NumPy
+    calls that parsing and adding its rows take cost more than the rows themselves when they
+    are few, as they are in most tasks of a large volume (mostly background at its borders)."""
+    parsed, rows = [], 0
+    for b, head in results.iter_headers(known, whole):
+        if block_is_empty(head):
+            continue
+        parsed.append((b, *unpack_block_header(head)))
+        del head
+        rows += len(parsed[-1][1]) + len(parsed[-1][2])
+        if rows >= HEADER_BATCH_ROWS:
+            yield _joined_entries(parsed)
+            parsed, rows = [], 0
+    if parsed:
+        yield _joined_entries(parsed)
 
 
 def _read_index(results: "TaskResults", known: dict, lods: int, whole: bool):
@@ -576,12 +603,10 @@ def _read_index(results: "TaskResults", known: dict, lods: int, whole: bool):
     block_bytes = np.zeros(len(results.keys))
     kept: Optional[list] = []
     held = 0
-    for b, head in results.iter_headers(known, whole):
-        ext, count_labels, counts = _index_entries(head, b)
-        del head
+    for ext, count_labels, counts in _header_batches(results, known, whole):
         table.add(ext)
         voxels.add_rows(count_labels, {"voxels": counts})
-        block_bytes[b] = ext["size"].sum()
+        block_bytes += np.bincount(ext["block"], weights=ext["size"], minlength=len(block_bytes))
         if kept is not None:
             held += ext.nbytes
             if held <= ASSEMBLY_INDEX_BYTES:
@@ -621,8 +646,7 @@ def _wave_rows(results: "TaskResults", index: Optional[np.ndarray], labels: np.n
         return index
     stats["index_waves"] += 1
     parts = []
-    for b, head in results.iter_headers(None, whole=False):
-        ext = _index_entries(head, b)[0]
+    for ext, _, _ in _header_batches(results, None, whole=False):
         parts.append(ext[in_sorted(labels, ext["label"])])
     return np.concatenate(parts) if parts else np.zeros(0, dtype=INDEX_DTYPE)
 
@@ -941,7 +965,8 @@ class TaskResults:
         whole : bool
             Read the other results whole and keep them while the kept results stay within the
             cap (this process then reads their fragments); else read only their headers (two
-            byte-range reads each).
+            byte-range reads each; one for a result that holds nothing, whose header is its
+            first :data:`~gpumesh.pipeline.BLOCK_PREFIX` bytes).
 
         Raises
         ------
@@ -967,9 +992,12 @@ class TaskResults:
                                       for b in todo if not self.header_bytes[b]])
                 reads = [(b, self.kv.read(self.keys[b], byte_range=slice(0, int(self.header_bytes[b]))))
                          for b in sized]
-                # a prefix too short is left as it is: unpack_block_header says it is corrupt
+                # a prefix too short is left as it is: unpack_block_header says it is corrupt; and
+                # so is one that is the whole header (a task that found only background): read
+                # again, it made the assembly read most results of a sparse volume twice
                 reads += [(b, self.kv.read(self.keys[b], byte_range=slice(0, block_header_size(head))))
-                          if len(head) == BLOCK_PREFIX else (b, head) for b, head in heads]
+                          if len(head) == BLOCK_PREFIX and block_header_size(head) > BLOCK_PREFIX else (b, head)
+                          for b, head in heads]
                 got = dict(self._values(reads))
             for b in group:
                 head = known.pop(b) if b in known else self.kept[b] if b in self.kept else got.pop(b)
