@@ -136,3 +136,95 @@ def test_the_index_read_in_batches_is_the_index_read_result_by_result(tmp_path, 
     assert rows.tobytes() == want_index[np.isin(want_index["label"], labels)].tobytes()
     assert stats["index_waves"] == 1
 
+
+class _Outstanding:
+    """Counts a pool's submitted and unfinished tasks, and the most there were at once."""
+
+    def __init__(self):
+        self.now = self.most = self.submitted = 0
+        self.lock = __import__("threading").Lock()
+
+    def submitted_one(self, fut):
+        with self.lock:
+            self.now += 1
+            self.submitted += 1
+            self.most = max(self.most, self.now)
+        fut.add_done_callback(self.finished_one)
+        return fut
+
+    def finished_one(self, fut):
+        with self.lock:
+            self.now -= 1
+
+
+@pytest.mark.parametrize("ahead", [1, 3, 16])
+def test_tasks_are_submitted_in_order_a_few_ahead_and_each_handed_on_once(ahead):
+    """:class:`gpumesh.pipeline._InFlight` keeps at most ``ahead`` tasks unfinished, submits
+    them in the order given, and hands on each future once, as it finishes; stopped early, the
+    tasks not yet submitted never are."""
+    import random
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gpumesh.pipeline import _InFlight
+
+    count, order = _Outstanding(), []
+    rng = random.Random(ahead)
+    delays = [rng.random() * 0.004 for _ in range(60)]
+
+    with ThreadPoolExecutor(4) as pool:
+        def submit(i):
+            order.append(i)
+            return count.submitted_one(pool.submit(lambda: (time.sleep(delays[i]), i)[1]))
+
+        flight = _InFlight(submit, range(60), ahead)
+        assert len(flight.pending) == min(ahead, 60) and order == list(range(min(ahead, 60)))
+        got = [fut.result() for fut in flight]
+    assert sorted(got) == list(range(60)) and order == list(range(60))
+    assert count.most <= ahead and not flight.pending
+
+    count, order = _Outstanding(), []
+    with ThreadPoolExecutor(2) as pool:
+        def submit(i):
+            order.append(i)
+            return count.submitted_one(pool.submit(lambda: i))
+
+        flight = _InFlight(submit, range(60), ahead)
+        for n, _ in enumerate(flight, 1):
+            if n == 5:
+                break
+    assert count.submitted <= 5 + ahead and len(order) == count.submitted
+
+
+def test_the_main_job_keeps_a_few_tasks_per_worker_submitted_not_all(tmp_path, monkeypatch):
+    """The main job submits its meshing tasks a few per worker at a time
+    (:data:`gpumesh.pipeline.TASKS_AHEAD`), not all at once: the main process then holds a
+    future and the pool's work item per task in flight, not per task of the job (0.7 GB for a
+    0.55-teravoxel volume's 320,922 tasks).  The output is that of one worker."""
+    import gpumesh.pipeline as pipeline
+    from gpumesh.pipeline import MeshOptions, Plan, run_mesh
+
+    from conftest import tree_files
+
+    count = _Outstanding()
+
+    class CountingPool(pipeline.ProcessPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            fut = super().submit(fn, *args, **kwargs)
+            return count.submitted_one(fut) if fn is pipeline._run_task else fut
+
+    rng = np.random.default_rng(3)
+    vol = np.zeros((72, 72, 72), np.uint32)
+    for label in range(1, 30):   # small boxes all over the volume, so that every block has work
+        lo = rng.integers(0, 60, 3)
+        hi = lo + rng.integers(3, 12, 3)
+        vol[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = label
+    options = MeshOptions(chunk_size=16)
+    tasks = len(Plan.make(vol.shape, options).tasks())
+    assert tasks > 4 * pipeline.TASKS_AHEAD * 2
+    run_mesh(vol, str(tmp_path / "one"), options=options, workers=1)
+    monkeypatch.setattr(pipeline, "ProcessPoolExecutor", CountingPool)
+    summary = run_mesh(vol, str(tmp_path / "two"), options=options, workers=2)
+    assert summary.workers == 2 and count.submitted == tasks
+    assert count.most <= pipeline.TASKS_AHEAD * 2
+    assert tree_files(tmp_path / "two") == tree_files(tmp_path / "one")
