@@ -450,12 +450,17 @@ def block_key(task, stamp: str = "") -> str:
     return f"{SCRATCH}blocks/{task_name(task)}" + (f"@{stamp}" if stamp else "")
 
 
-def finished_tasks(kv, stamp: str = "") -> set:
+def finished_tasks(kv, stamp: str = "", keys: Optional[list] = None) -> set:
     """Names (:func:`task_name`) of the task results in the scratch area of ``kv`` that carry
-    ``stamp``: those of this job's plan and options (a resumed run skips them)."""
+    ``stamp``: those of this job's plan and options (a resumed run skips them).  ``keys``: a
+    listing of ``kv`` made already (all its keys, or those under the scratch area), read instead
+    of listing it again (a scratch area of hundreds of thousands of results takes a second to
+    list on a local disk, and many requests on a cloud store)."""
     prefix = SCRATCH + "blocks/"
-    keys = (k[len(prefix):].partition("@") for k in storage.list_keys(kv, prefix))
-    return {name for name, _, got in keys if got == stamp}
+    if keys is None:
+        keys = storage.list_keys(kv, prefix)
+    names = (k[len(prefix):].partition("@") for k in keys if k.startswith(prefix))
+    return {name for name, _, got in names if got == stamp}
 
 
 def pack_block(index: np.ndarray, count_labels: np.ndarray, counts: np.ndarray, data: bytes) -> bytes:
@@ -1596,7 +1601,9 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     # writing into the other run's scratch area, or into its finished output
     progress = writer._checking_owner(kv, owner, progress)
 
-    done = finished_tasks(kv, plan.stamp)
+    # from the listing made before the plan was written (emptied by --overwrite): a task another
+    # run finished since is only run again (the same bytes), and no listing is made twice
+    done = finished_tasks(kv, plan.stamp, [] if overwrite else existing)
     todo = [t for t in mine if task_name(t) not in done]
     # a part's blocks are its own, as its tasks are (every block has a task: its coarse one, or the whole)
     summary = Summary(blocks=len(plan.blocks()) if part is None else len({t[0] for t in mine}),

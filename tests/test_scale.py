@@ -228,3 +228,46 @@ def test_the_main_job_keeps_a_few_tasks_per_worker_submitted_not_all(tmp_path, m
     assert summary.workers == 2 and count.submitted == tasks
     assert count.most <= pipeline.TASKS_AHEAD * 2
     assert tree_files(tmp_path / "two") == tree_files(tmp_path / "one")
+
+
+def test_a_part_and_the_resume_after_it_list_the_scratch_area_no_more_than_they_need(tmp_path, monkeypatch):
+    """The listing of DEST made before a run writes its plan also gives the tasks finished there
+    (``finished_tasks(keys=)``): a part lists its task results twice (what is left of its share,
+    then the whole job's progress for its summary), the resume that writes the output once (it
+    was twice and three times: each listing of a few hundred thousand results takes a second on
+    a local disk, and many requests on a cloud store).  The parts skip what they finished."""
+    from gpumesh.pipeline import MeshOptions, Plan, part_tasks, run_mesh, task_name
+
+    from conftest import tree_files
+
+    listed = []
+    list_keys = storage.list_keys
+
+    def counting(kv, prefix=""):
+        keys = list_keys(kv, prefix)
+        if any(k.startswith(SCRATCH + "blocks/") for k in keys) or prefix.startswith(SCRATCH + "blocks"):
+            listed.append(prefix)
+        return keys
+
+    rng = np.random.default_rng(5)
+    vol = np.zeros((60, 50, 40), np.uint32)
+    for label in range(1, 25):
+        lo = rng.integers(0, 35, 3)
+        vol[lo[0]:lo[0] + 9, lo[1]:lo[1] + 7, lo[2]:lo[2] + 5] = label
+    options, dest = MeshOptions(chunk_size=8), tmp_path / "parts"
+    tasks = Plan.make(vol.shape, options).tasks()
+    run_mesh(vol, str(dest), options=options, workers=1, part=(0, 2))
+    monkeypatch.setattr(storage, "list_keys", counting)
+    again = run_mesh(vol, str(dest), options=options, workers=1, part=(0, 2))   # all its tasks done
+    assert (again.tasks, again.tasks_resumed, len(listed)) == (len(part_tasks(tasks, 0, 2)),) * 2 + (2,)
+    listed.clear()
+    run_mesh(vol, str(dest), options=options, workers=1, part=(1, 2))
+    assert len(listed) == 2
+    blocks = storage.list_keys(storage.open_kvstore(str(dest)), SCRATCH + "blocks/")
+    assert sorted(k.split("/")[-1].partition("@")[0] for k in blocks) == sorted(map(task_name, tasks))
+    listed.clear()
+    last = run_mesh(vol, str(dest), options=options, workers=1, resume=True)
+    assert last.tasks_resumed == len(tasks) and len(listed) == 1
+    monkeypatch.setattr(storage, "list_keys", list_keys)
+    run_mesh(vol, str(tmp_path / "whole"), options=options, workers=1)
+    assert tree_files(dest) == tree_files(tmp_path / "whole")
