@@ -1206,9 +1206,9 @@ def _interrupt_of(exc: BaseException) -> Optional[KeyboardInterrupt]:
     return exc if isinstance(exc, KeyboardInterrupt) else None
 
 
-#: Meshing tasks per worker that the main job keeps submitted and unfinished at once
-#: (:class:`_InFlight`): enough that a worker finds its next task queued, whatever the others'
-#: tasks take.
+#: Meshing tasks per worker that the main job keeps submitted and unfinished at once in a local
+#: pool (:class:`_InFlight`): enough that a worker finds its next task queued, whatever the
+#: others' tasks take.  A Dask cluster gets all of them at once: workers may join it later.
 TASKS_AHEAD = 4
 
 
@@ -1684,9 +1684,12 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                 # the pool starts its processes as tasks are submitted, the assembly's too
                 with pool, workerserver.without_main_script():
                     try:
+                        # a local pool: a few tasks per worker at a time; a Dask cluster: all at once, as
+                        # before, since its workers may join after the job starts (dask-jobqueue, adaptive
+                        # scaling), beyond the TASKS_AHEAD per worker thread counted at its start
+                        ahead = TASKS_AHEAD * nworkers if cluster is None else len(todo)
                         with _signals_deferred():   # the pool starts its processes here
-                            flight = _InFlight(functools.partial(pool.submit, _run_task), todo,
-                                               TASKS_AHEAD * nworkers)
+                            flight = _InFlight(functools.partial(pool.submit, _run_task), todo, ahead)
                         futures = flight.pending   # kept up to date as tasks are submitted and taken
                         # the worker processes (private; only to say how a dead one ended)
                         procs = list((getattr(pool, "_processes", None) or {}).values())

@@ -103,6 +103,37 @@ def test_a_chunk_that_cannot_be_read_fails_its_cluster_tasks_alone(client, tmp_p
     assert tree_files(dest) == tree_files(tmp_path / "clean")
 
 
+def test_a_cluster_gets_every_task_at_once_for_the_workers_that_join_later(client, tmp_path, monkeypatch):
+    """On a Dask cluster the job submits all its tasks before it takes the first result, as it
+    did before a local pool's were submitted a few per worker at a time: a cluster's workers may
+    join after the job starts (dask-jobqueue, adaptive scaling), and TASKS_AHEAD per worker thread
+    counted at its start kept the workers that joined later idle.  Checked: the tasks submitted
+    at the first report of a finished task (all of them), in the plan's order."""
+    import gpumesh.cluster as cluster_module
+    from gpumesh.pipeline import TASKS_AHEAD, Plan, _run_task
+
+    submitted, at_first = [], []
+    real = cluster_module.DaskExecutor.submit
+
+    def submit(self, fn, *args):
+        if fn is _run_task:
+            submitted.append(args[0])
+        return real(self, fn, *args)
+
+    def progress(done, total):
+        if done == 1:
+            at_first.append(len(submitted))
+
+    monkeypatch.setattr(cluster_module.DaskExecutor, "submit", submit)
+    vol = np.zeros((64, 64, 64), np.uint32)
+    vol[5:40, 7:50, 3:60] = 1
+    options = MeshOptions(chunk_size=16)
+    tasks = Plan.make(vol.shape, options).tasks()
+    assert len(tasks) > TASKS_AHEAD * sum(client.nthreads().values())   # more than a local pool's few
+    run_mesh(vol, str(tmp_path / "out"), options=options, voxel_size=(1, 1, 1), client=client, progress=progress)
+    assert submitted == tasks and at_first == [len(tasks)]
+
+
 def test_a_cluster_cannot_write_to_memory(client):
     progress = []
     with pytest.raises(ValueError, match="memory://"):
