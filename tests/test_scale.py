@@ -271,3 +271,114 @@ def test_a_part_and_the_resume_after_it_list_the_scratch_area_no_more_than_they_
     monkeypatch.setattr(storage, "list_keys", list_keys)
     run_mesh(vol, str(tmp_path / "whole"), options=options, workers=1)
     assert tree_files(dest) == tree_files(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("ahead", [0, 1, 3])
+def test_in_flight_submits_the_next_task_before_it_hands_one_on(ahead):
+    """:class:`gpumesh.pipeline._InFlight` submits at least one task (``ahead`` below 1 counts as
+    1), and tops the tasks in flight up before it hands a finished one on, so that a worker never
+    waits on the caller's handling of a result: when the n-th future is handed on, ``ahead + n``
+    tasks (or all) have been submitted, in the order given."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gpumesh.pipeline import _InFlight
+
+    order, seen = [], []
+    with ThreadPoolExecutor(2) as pool:
+        def submit(i):
+            order.append(i)
+            return pool.submit(lambda: i)
+
+        flight = _InFlight(submit, range(20), ahead)
+        for n, fut in enumerate(flight, 1):
+            seen.append(len(order))
+            assert fut.result() in order
+    step = max(1, ahead)
+    assert seen == [min(20, step + n) for n in range(1, 21)] and order == list(range(20))
+
+
+def test_the_main_job_submits_its_tasks_in_plan_order_one_per_result_taken(tmp_path, monkeypatch):
+    """A local pool gets the plan's tasks in the plan's order, ``TASKS_AHEAD`` per worker first,
+    then one more as each result is taken (before it is handled): at the report of the n-th
+    finished task, ``TASKS_AHEAD * workers + n`` tasks (or all) have been submitted."""
+    import gpumesh.pipeline as pipeline
+    from gpumesh.pipeline import MeshOptions, Plan, run_mesh
+
+    order, at_report = [], []
+
+    class RecordingPool(pipeline.ProcessPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            if fn is pipeline._run_task:
+                order.append(args[0])
+            return super().submit(fn, *args, **kwargs)
+
+    def progress(done, total):
+        if done:
+            at_report.append((done, len(order)))
+
+    vol = np.zeros((64, 64, 48), np.uint32)
+    vol[3:50, 9:60, 2:40] = 7
+    options = MeshOptions(chunk_size=16)
+    tasks = Plan.make(vol.shape, options).tasks()
+    ahead = pipeline.TASKS_AHEAD * 2
+    assert len(tasks) > 2 * ahead
+    monkeypatch.setattr(pipeline, "ProcessPoolExecutor", RecordingPool)
+    run_mesh(vol, str(tmp_path / "out"), options=options, voxel_size=(1, 1, 1), workers=2, progress=progress)
+    assert order == tasks
+    assert at_report == [(n, min(len(tasks), ahead + n)) for n in range(1, len(tasks) + 1)]
+
+
+def test_the_index_is_held_whole_exactly_while_its_rows_fit_whatever_the_batches(tmp_path, monkeypatch):
+    """Joined in batches, the assembly's index is held whole (not read again by wave) exactly when
+    all its fragment entries fit in ``ASSEMBLY_INDEX_BYTES``, as when the results were added one
+    at a time: with the cap at their bytes it is the whole index, one byte less and it is None
+    (and the waves' rows are then the same entries)."""
+    import gpumesh.writer as writer
+
+    rng = np.random.default_rng(7)
+    kv, keys, blobs = _results(tmp_path, rng, n=120)
+    want = _index_one_by_one(blobs, 3)[0]
+    assert len(want) > 10
+    for batch_rows in (1, 1 << 16):
+        monkeypatch.setattr(writer, "HEADER_BATCH_ROWS", batch_rows)
+        for cap, whole in ((want.nbytes, True), (want.nbytes - 1, False)):
+            monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", cap)
+            index = writer._read_index(writer.TaskResults(kv, keys, cache_bytes=0), {}, 3, False)[0]
+            assert (index is not None) == whole, (batch_rows, cap)
+            if whole:
+                assert index.tobytes() == want.tobytes()
+            rows = writer._wave_rows(writer.TaskResults(kv, keys, cache_bytes=0), index, np.unique(want["label"]),
+                                     {"index_waves": 0})
+            assert rows.tobytes() == want.tobytes()
+
+
+def test_joined_entries_keep_result_numbers_past_16_bits():
+    """A job's task results are numbered past 65,535 (620,978 tasks for a 1.1-teravoxel volume):
+    the joined entries keep each result's full number and its own data offset."""
+    from gpumesh.writer import _joined_entries
+
+    rng = np.random.default_rng(9)
+    numbers = [3, 70_000, 2 ** 32 - 1]
+    parsed = [(b, *unpack_block_header(_random_result(rng, 2 + i, 1))) for i, b in enumerate(numbers)]
+    ext, labels, counts = _joined_entries(parsed)
+    assert ext["block"].tolist() == [b for (b, index, *_) in parsed for _ in range(len(index))]
+    assert ext["offset"].tolist() == [int(o) + start for (_, index, _, _, start) in parsed for o in index["offset"]]
+    assert labels.tolist() == [int(v) for p in parsed for v in p[2]]
+
+
+def test_finished_tasks_from_a_listing_are_those_of_a_listing_of_the_scratch_area(tmp_path):
+    """``finished_tasks(keys=)`` reads a listing of all of DEST's keys, or of its scratch area's,
+    as it would list them itself: only results under the scratch area, of this stamp, count (a
+    key elsewhere whose tail looks like a result's name does not)."""
+    from gpumesh.pipeline import finished_tasks
+
+    kv = storage.open_kvstore(str(tmp_path / "dest"))
+    prefix = SCRATCH + "blocks/"
+    pairs = [(f"{prefix}0_0_0.o1@abc", b"x"), (f"{prefix}0_0_1.coarse@abc", b"x"), (f"{prefix}1_0_0@other", b"x"),
+             ("x" * len(prefix) + "2_0_0.o3@abc", b"x"), ("info", b"{}"), (SCRATCH + "plan.json", b"{}")]
+    storage.write_many(kv, pairs, sync=False)
+    listed = finished_tasks(kv, "abc")
+    assert listed == {"0_0_0.o1", "0_0_1.coarse"}
+    assert finished_tasks(kv, "abc", storage.list_keys(kv)) == listed
+    assert finished_tasks(kv, "abc", storage.list_keys(kv, prefix)) == listed
+    assert finished_tasks(kv, "abc", []) == set()
