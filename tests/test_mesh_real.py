@@ -468,7 +468,8 @@ def test_tasks_run_the_fullest_blocks_octants_first_and_the_coarse_tasks_last():
     ((70, 40, 100), 8, 3, (1, 1, 1), "multires"), ((45, 38, 51), 8, 2, (4, 4, 40), "multires"),
     ((100, 9, 17), 4, 4, (1, 1, 1), "multires"), ((200, 130, 33), 8, 5, (8, 8, 40), "multires"),
     ((1, 1, 1), 8, 3, (1, 1, 1), "multires"), ((64, 64, 64), 8, 3, (1, 1, 1), "multires"),
-    ((70, 40, 100), 8, 3, (1, 1, 1), "legacy"), ((33, 65, 17), 16, 4, (40, 4, 4), "multires")])
+    ((70, 40, 100), 8, 3, (1, 1, 1), "legacy"), ((33, 65, 17), 16, 4, (40, 4, 4), "multires"),
+    ((3, 4, 3), 4, 2, (1, 1, 1), "multires")])   # an octant whose first coarser cube starts at the volume's end
 def test_tasks_and_read_cache_listed_in_arrays_agree_with_each_blocks_bounds(shape, chunk, lods, voxel, fmt):
     """``Plan.tasks`` and ``read_cache_bytes`` work on all blocks at once (in arrays: a
     1.1-teravoxel volume's 620,978 tasks took 10.6 s block by block). They list what the
@@ -481,6 +482,13 @@ def test_tasks_and_read_cache_listed_in_arrays_agree_with_each_blocks_bounds(sha
     from gpumesh.volume import open_volume
 
     plan = Plan.make(shape, MeshOptions(chunk_size=chunk, max_lods=lods, format=fmt), voxel)
+    # block_bounds as its docstring gives it, block by block: a halo of 2**(L-1) below, cut a halo
+    # past the volume's last coarsest voxel (block_stops computes the cut for all blocks at once)
+    halo = 1 << (plan.lods - 1)
+    for b in plan.blocks():
+        start, stop = plan.block_bounds(b)
+        assert start.tolist() == [i * plan.block - halo for i in b]
+        assert stop.tolist() == [min(i * plan.block + plan.block, (-(-n // halo) + 1) * halo) for i, n in zip(b, shape)]
     blocks = sorted(plan.blocks(), key=plan.voxels_in_volume, reverse=True)
     if plan.lods == 1:
         want = [(b, None) for b in blocks]
