@@ -1437,12 +1437,18 @@ def test_cli_progress_lines_come_at_the_start_and_end_of_each_phase_and_quiet_sa
     assert mesh("quiet", "--quiet").stderr == ""
 
 
-def test_a_task_that_fails_stops_the_workers_taking_more(tmp_path):
+@pytest.mark.parametrize("ahead", [None, 10 ** 6])
+def test_a_task_that_fails_stops_the_workers_taking_more(tmp_path, monkeypatch, ahead):
     """A task that fails (its result cannot be written) stops the job at once: the tasks not
     yet handed to a worker are not run, so a job of many tasks whose first one fails keeps few
-    results (those its workers had at hand), not all the others."""
-    from gpumesh import TaskFailedError
+    results (those its workers had at hand), not all the others.  Also with every task in flight
+    at once (``TASKS_AHEAD`` past the job's tasks): those submitted and not started are cancelled,
+    not only never submitted."""
+    from gpumesh import TaskFailedError, pipeline
     from gpumesh.pipeline import Plan, task_name
+
+    if ahead is not None:
+        monkeypatch.setattr(pipeline, "TASKS_AHEAD", ahead)
 
     labels = _blobs((96, 64, 64))
     opts = MeshOptions(chunk_size=16)
