@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""What a job costs beside its meshes, at the task counts of a teravoxel volume: listing the
+plan's tasks, and the run that writes the output after an array job's parts.
+
+A sparse label volume is made in a temporary folder (zarr v2, 128x128x64 chunks, background
+everywhere except a cutout of the real volume at the origin, so the job has real meshes), of
+``--shape`` voxels (default 16384x16384x2048 at 8x8x40 nm: 0.55 teravoxels, 320,922 tasks).
+Then, one after another:
+
+1. **plan**: ``Plan.make`` and ``Plan.tasks()`` in this process (the list every run of the job
+   makes: each part, each resume).
+2. **part**: ``gpumesh mesh --part 0/N`` (N from ``--part-tasks``: a few hundred tasks), which
+   meshes the cutout's blocks among its share.
+3. The other parts' results are written straight into the scratch area (not timed): the bytes
+   of an empty task result that part 0 wrote, under each remaining task's name and the job's
+   stamp, as the other N - 1 parts would have left them on a volume that holds only background
+   there.
+4. **resume**: ``gpumesh mesh --resume``, which lists the scratch area, reads every task
+   result's header and writes the output (sharded).
+
+Wall times of the CLI runs include their start-up (imports, the worker processes). Peak RSS is
+the summary's (the largest process). No peer runs here: igneous has no like step (its merge
+task reads the fragments its forge tasks wrote, per shard); compare commits instead, by running
+this script with ``PYTHONPATH`` set to another checkout (the CLI runs inherit it).
+
+    .venv/bin/python bench/bench_scale.py                           # 0.55 teravoxels
+    .venv/bin/python bench/bench_scale.py --shape 8192,8192,1024    # 43,470 tasks
+
+Needs ~1.5 GB of disk for the default shape's task results (TMPDIR). Prints a table and writes
+``bench/results/scale-<UTC start>-<hostname>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_main import DEFAULT_SOURCE, add_result_args, environment, mesh_with_cli, save_result  # noqa: E402
+
+
+def make_sparse(path: Path, shape: tuple, source: Path, cutout: int) -> None:
+    """A zarr v2 label volume of ``shape`` (x, y, z), uint32, background but for the first
+    ``cutout`` voxels a side of ``source`` at the origin."""
+    import tensorstore as ts
+
+    vol = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(path)},
+                   "metadata": {"shape": list(shape), "chunks": [128, 128, 64], "dtype": "<u4", "fill_value": 0,
+                                "compressor": {"id": "gzip"}}, "create": True}).result()
+    from gpumesh.volume import open_volume
+
+    src = open_volume(str(source.resolve()))   # any format gpumesh reads, indexed x, y, z
+    n = [min(cutout, s, t) for s, t in zip(src.shape, shape)]
+    vol[:n[0], :n[1], :n[2]] = src.read((0, 0, 0), tuple(n)).astype("uint32")
+
+
+def fill_other_parts(dest: Path, tasks: list) -> int:
+    """Write an empty task result (part 0's bytes) under the name of each of ``tasks`` (the
+    plan's) that has none, with the job's stamp: what the other parts leave on background.
+    Returns how many."""
+    from gpumesh import storage
+    from gpumesh.pipeline import SCRATCH, task_name
+
+    kv = storage.open_kvstore(str(dest))
+    keys = storage.list_keys(kv, SCRATCH + "blocks/")
+    stamp = keys[0].partition("@")[2]
+    empty = next(b for b in (storage.read(kv, k) for k in keys) if len(b) == 24)
+    done = {k.split("/")[-1].partition("@")[0] for k in keys}
+    rest = [f"{SCRATCH}blocks/{task_name(t)}@{stamp}" for t in tasks if task_name(t) not in done]
+    for i in range(0, len(rest), 10_000):
+        storage.write_many(kv, ((k, empty) for k in rest[i:i + 10_000]), sync=False)
+    return len(rest)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--source", default=str(DEFAULT_SOURCE), help="the real volume, for the cutout")
+    p.add_argument("--shape", default="16384,16384,2048", help="voxels x,y,z of the sparse volume")
+    p.add_argument("--voxel-size", default="8,8,40", help="nm, x,y,z")
+    p.add_argument("--cutout", type=int, default=256, help="edge of the real cutout at the origin (voxels)")
+    p.add_argument("--part-tasks", type=int, default=300, help="about this many tasks in the timed part")
+    p.add_argument("--workers", type=int, default=None, help="workers of each CLI run (default: gpumesh's)")
+    add_result_args(p)
+    args = p.parse_args(argv)
+    from gpumesh.pipeline import MeshOptions, Plan
+
+    shape = tuple(int(v) for v in args.shape.split(","))
+    voxel = tuple(float(v) for v in args.voxel_size.split(","))
+    started = _dt.datetime.now(_dt.timezone.utc)
+    t0 = time.perf_counter()
+    plan = Plan.make(shape, MeshOptions(), voxel)
+    tasks = plan.tasks()
+    plan_s = time.perf_counter() - t0
+    parts = max(1, len(tasks) // args.part_tasks)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_sparse(tmp / "sparse.zarr", shape, Path(args.source), args.cutout)
+        dest = tmp / "mesh"
+        part = mesh_with_cli(tmp / "sparse.zarr", str(dest), args.voxel_size, ["--part", f"0/{parts}"], args.workers)
+        summary = json.loads(Path(f"{dest}.summary.json").read_text())
+        if summary.get("tasks_all") != len(tasks):   # the CLI's defaults are not MeshOptions()'s
+            raise SystemExit(f"the job has {summary.get('tasks_all')} tasks, the plan here {len(tasks)}")
+        part.update({k: summary[k] for k in ("peak_rss_mb", "tasks")})
+        filled = fill_other_parts(dest, tasks)
+        last = mesh_with_cli(tmp / "sparse.zarr", str(dest), args.voxel_size, ["--resume"], args.workers)
+        summary = json.loads(Path(f"{dest}.summary.json").read_text())
+        last.update({k: summary[k] for k in ("peak_rss_mb", "seconds_meshing", "seconds_writing", "tasks_resumed")})
+    print(f"sparse volume {shape} at {voxel} nm, {len(tasks):,} tasks in {plan.grid[0] * plan.grid[1] * plan.grid[2]:,} "
+          f"blocks; cutout {args.cutout}^3 of {args.source}; workers {args.workers or 'default'}; one run each")
+    print(f"{'step':44s} | wall s | peak RSS MB")
+    print(f"{'-' * 44}-+--------+------------")
+    print(f"{'plan: Plan.make + tasks() (this process)':44s} | {plan_s:6.2f} |")
+    print(f"{f'part 0/{parts} (CLI)':44s} | {part['wall_s']:6.1f} | {part['peak_rss_mb']:.0f}")
+    print(f"{f'--resume after {filled:,} empty results (CLI)':44s} | {last['wall_s']:6.1f} | {last['peak_rss_mb']:.0f}")
+    record = {"benchmark": "scale", "started_utc": started.isoformat(),
+              "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(), **environment(),
+              "options": {"source": args.source, "shape": shape, "voxel_size_nm": voxel, "cutout": args.cutout,
+                          "parts": parts, "workers": args.workers},
+              "tasks": len(tasks), "blocks": plan.grid[0] * plan.grid[1] * plan.grid[2], "plan_s": plan_s,
+              "part": part, "results_written_for_other_parts": filled, "resume": last}
+    if not args.no_save:
+        print(f"\nresults: {save_result(record, 'scale', started, args.results_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
