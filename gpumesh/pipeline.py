@@ -489,8 +489,10 @@ def block_is_empty(head: bytes) -> bool:
 
 
 def unpack_block_header(blob: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Parse a block result; returns index, voxel-count labels, counts, data start offset."""
-    if blob[:8] != _MAGIC:
+    """Parse a block result (whole, or its header: :func:`block_header_size` bytes); returns
+    index, voxel-count labels, counts, data start offset.  :class:`GpumeshError` where it is not
+    one, or is cut short (not a bare ``struct.error`` or NumPy's "buffer is smaller")."""
+    if len(blob) < BLOCK_PREFIX or blob[:8] != _MAGIC or len(blob) < block_header_size(blob[:BLOCK_PREFIX]):
         raise GpumeshError("corrupt block result in scratch area; rerun with --overwrite")
     nfrag, ncount = struct.unpack_from("<QQ", blob, 8)
     pos = BLOCK_PREFIX

@@ -1030,11 +1030,19 @@ class TaskResults:
 
     def read(self, entries) -> list:
         """Start reading the fragments of ``entries`` (rows with block, offset, size): the
-        bytes of kept results, else the kvstore's read futures."""
-        return [self.kept[b][o:o + n] if b in self.kept else
-                self.kv.read(self.keys[b], byte_range=slice(o, o + n))
-                for b, o, n in zip(entries["block"].tolist(), entries["offset"].tolist(),
-                                   entries["size"].tolist())]
+        bytes of kept results, else the kvstore's read futures.  :class:`GpumeshError` where a
+        kept result ends before a fragment does (a result cut short), as a byte range past the
+        end of one read from the store is (:meth:`value`): never fewer bytes in its place."""
+        out = []
+        for b, o, n in zip(entries["block"].tolist(), entries["offset"].tolist(), entries["size"].tolist()):
+            if b not in self.kept:
+                out.append(self.kv.read(self.keys[b], byte_range=slice(o, o + n)))
+                continue
+            out.append(self.kept[b][o:o + n])
+            if len(out[-1]) != n:
+                raise GpumeshError(f"task result {self.keys[b]} in the scratch area is cut short (a fragment "
+                                   f"ends at byte {o + n} of {len(self.kept[b])}); rerun with --overwrite")
+        return out
 
 
 def _read_fragments(results: TaskResults, batch: list) -> Iterator[list]:

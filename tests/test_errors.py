@@ -1488,6 +1488,28 @@ def test_a_task_result_lost_or_cut_short_during_the_assembly_is_an_error_not_emp
         list(results.iter_headers(None, whole=False))
     storage.write(kv, key, bytes(150))
     assert list(writer._read_fragments(results, [(7, entries)])) == [[bytes(100), bytes(50)]]
+    # read whole and kept in memory (the default cache): a result cut short in its fragments, or
+    # in its header, is the same error, not fewer bytes (or a bare struct.error, NumPy's "buffer
+    # is smaller than requested size") in their place
+    from gpumesh.pipeline import FRAG_DTYPE, pack_block, unpack_block_header
+
+    index = np.zeros(2, FRAG_DTYPE)
+    index["label"], index["offset"], index["size"], index["triangles"] = 5, [0, 100], [100, 50], 4
+    whole = pack_block(index, np.array([5], np.uint64), np.array([9], np.uint64), bytes(150))
+    for cut in (whole[:-1], whole[:60], whole[:20]):   # in the fragments, the header, the prefix
+        storage.write(kv, key, cut)
+        kept = writer.TaskResults(kv, [key])
+        with pytest.raises(GpumeshError, match=r"corrupt block result|blocks/0_0_0 (in the scratch area is cut short"
+                                               r"|cannot be read from the scratch area)"):
+            for b, head in kept.iter_headers(None, whole=True):
+                got = writer._joined_entries([(b, *unpack_block_header(head))])[0]
+                list(writer._read_fragments(kept, [(5, got)]))
+    storage.write(kv, key, whole)
+    kept = writer.TaskResults(kv, [key])
+    (b, head), = kept.iter_headers(None, whole=True)
+    assert b in kept.kept
+    got = writer._joined_entries([(b, *unpack_block_header(head))])[0]
+    assert list(writer._read_fragments(kept, [(5, got)])) == [[bytes(100), bytes(50)]]
 
 
 def test_every_error_and_warning_is_exported_from_the_package():
