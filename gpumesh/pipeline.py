@@ -344,30 +344,26 @@ class Plan:
         """:meth:`blocks` as an (n, 3) int64 array, in the same order."""
         return np.indices(self.grid, dtype=np.int64).reshape(3, -1).T
 
-    def block_stops(self, blocks: np.ndarray) -> np.ndarray:
-        """The ``stop`` of :meth:`block_bounds` of ``blocks`` ((n, 3) or (3,) int64, as
-        :meth:`block_array`): int64 voxels of the same shape."""
-        halo = 1 << (self.lods - 1)
-        limit = (-(-np.asarray(self.shape, dtype=np.int64) // halo) + 1) * halo
-        return np.minimum(blocks * self.block + self.block, limit)
-
-    def voxels_in_volume(self, b) -> int:
-        """Voxels of block ``b`` inside the volume (its share of the work)."""
-        n = 1
-        for i, size in zip(b, self.shape):
-            n *= max(0, min((i + 1) * self.block, size) - i * self.block)
-        return n
+    def voxels_in_volume(self, b) -> np.ndarray:
+        """Voxels of block ``b`` inside the volume (its share of the work): int64, of every
+        block at once where ``b`` is (n, 3) (as :meth:`block_array`)."""
+        b = np.asarray(b, dtype=np.int64)
+        inside = np.minimum((b + 1) * self.block, np.asarray(self.shape, dtype=np.int64)) - b * self.block
+        return np.prod(np.clip(inside, 0, None), axis=-1)
 
     def block_bounds(self, b) -> tuple[np.ndarray, np.ndarray]:
-        """Voxel range ``[start, stop)`` that block ``b`` reads (halo included, border cut).
+        """Voxel range ``[start, stop)`` that block ``b`` reads (halo included, border cut):
+        (3,) int64 each, or (n, 3) for an (n, 3) ``b`` (as :meth:`block_array`).
 
         The halo is ``2**(L-1)`` voxels on the low side.  Beyond the volume every voxel is
         background, so past the coarsest LOD's first voxel outside it there is no surface: a
         border block stops there (a slab, not a full block).  The cut is a multiple of
         ``2**(L-1)`` from ``start``, so every LOD's voxels stay whole.
         """
-        b = np.asarray(b, dtype=np.int64)
-        return b * self.block - (1 << (self.lods - 1)), self.block_stops(b)
+        halo = 1 << (self.lods - 1)
+        start = np.asarray(b, dtype=np.int64) * self.block - halo
+        limit = (-(-np.asarray(self.shape, dtype=np.int64) // halo) + 1) * halo
+        return start, np.minimum(start + self.block + halo, limit)
 
     def octant_bounds(self, b, octant: int) -> tuple[np.ndarray, np.ndarray]:
         """Voxel range ``[g0, g1)`` that LOD 0 marching cubes reads for one octant of block ``b``.
@@ -406,17 +402,17 @@ class Plan:
         # in arrays, not block by block: 620,978 tasks of a 1.1-teravoxel volume took 10.6 s to
         # list one octant at a time, which every run (part, resume) of the job pays again
         blocks = self.block_array()
-        shape = np.asarray(self.shape, dtype=np.int64)
-        inside = np.clip(np.minimum((blocks + 1) * self.block, shape) - blocks * self.block, 0, None)
-        order = np.argsort(-np.prod(inside, axis=1), kind="stable")   # most voxels first, ties in row order
-        names = [tuple(b) for b in blocks[order].tolist()]
+        # most voxels first, ties in row order
+        blocks = blocks[np.argsort(-self.voxels_in_volume(blocks), kind="stable")]
+        names = [tuple(b) for b in blocks.tolist()]
         if self.lods == 1:
             return [(b, None) for b in names]
         # octant o of block b: LOD 0 cubes from g0 = (2b + o) * B/2 - 1 to g1 (octant_bounds)
         half = self.block // 2
         o = np.array([[(k >> 2) & 1, (k >> 1) & 1, k & 1] for k in range(8)], dtype=np.int64)
-        g0 = (blocks[order, None, :] * 2 + o) * half - 1
-        g1 = np.minimum(g0 + half + 1, self.block_stops(blocks[order])[:, None, :])
+        g0 = (blocks[:, None, :] * 2 + o) * half - 1
+        g1 = np.minimum(g0 + half + 1, self.block_bounds(blocks)[1][:, None, :])
+        shape = np.asarray(self.shape, dtype=np.int64)
         # an octant's first cube at LOD k starts at LOD 0 voxel g0 + 1 - 2**k: inside the
         # volume for some k <= L - 2 when it is for k = L - 2
         reach = 1 << max(self.lods - 2, 0)
@@ -485,7 +481,7 @@ def block_is_empty(head: bytes) -> bool:
     """Whether a block result (or its first :data:`BLOCK_PREFIX` bytes) is well formed and holds
     no fragment and no voxel count: a task that found only background, as most of a large,
     sparse volume's are.  ``False`` for a corrupt one (:func:`unpack_block_header` says why)."""
-    return len(head) >= BLOCK_PREFIX and head[:8] == _MAGIC and head[8:BLOCK_PREFIX] == bytes(16)
+    return len(head) >= BLOCK_PREFIX and head[:8] == _MAGIC and block_header_size(head) == BLOCK_PREFIX
 
 
 def unpack_block_header(blob: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -745,9 +741,8 @@ def read_cache_bytes(volume: Volume, plan: Plan) -> int:
         return 0
     chunk = np.asarray(chunk, dtype=np.int64)
     shape = np.asarray(volume.shape, dtype=np.int64)
-    blocks = plan.block_array()
-    lo = np.maximum(blocks * plan.block - (1 << (plan.lods - 1)), 0)   # every task reads within these
-    hi = np.minimum(plan.block_stops(blocks), shape)
+    start, stop = plan.block_bounds(plan.block_array())
+    lo, hi = np.maximum(start, 0), np.minimum(stop, shape)   # every task reads within these
     touched = np.prod((hi - 1) // chunk - lo // chunk + 1, axis=1)
     most = int(touched[np.all(hi > lo, axis=1)].max(initial=0))
     return int(min(most * int(np.prod(chunk)) * np.dtype(volume.dtype).itemsize, MAX_READ_CACHE))
@@ -1511,7 +1506,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     fingerprint = _plan_fingerprint(volume, plan, options, axes, mip, fill_missing, contents)
     plan = dataclasses.replace(plan, stamp=_stamp(fingerprint))
     stored = json.loads(json.dumps(fingerprint))   # the fingerprint as plan.json holds it (lists)
-    cache = read_cache_bytes(volume, plan)   # each worker's cache of storage chunks (a loop over the blocks)
+    cache = read_cache_bytes(volume, plan)   # each worker's cache of storage chunks
     cluster = None
     if client is not None:   # before the destination is touched: the cluster may have no workers
         cluster = DaskExecutor(client)

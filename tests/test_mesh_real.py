@@ -483,13 +483,16 @@ def test_tasks_and_read_cache_listed_in_arrays_agree_with_each_blocks_bounds(sha
 
     plan = Plan.make(shape, MeshOptions(chunk_size=chunk, max_lods=lods, format=fmt), voxel)
     # block_bounds as its docstring gives it, block by block: a halo of 2**(L-1) below, cut a halo
-    # past the volume's last coarsest voxel (block_stops computes the cut for all blocks at once)
+    # past the volume's last coarsest voxel (tasks and read_cache_bytes ask it for all blocks at once)
     halo = 1 << (plan.lods - 1)
     for b in plan.blocks():
         start, stop = plan.block_bounds(b)
         assert start.tolist() == [i * plan.block - halo for i in b]
         assert stop.tolist() == [min(i * plan.block + plan.block, (-(-n // halo) + 1) * halo) for i, n in zip(b, shape)]
-    blocks = sorted(plan.blocks(), key=plan.voxels_in_volume, reverse=True)
+    inside = [int(np.prod([max(0, min((i + 1) * plan.block, n) - i * plan.block) for i, n in zip(b, shape)]))
+              for b in plan.blocks()]
+    assert plan.voxels_in_volume(plan.block_array()).tolist() == inside
+    blocks = [b for _, b in sorted(zip(inside, plan.blocks()), key=lambda vb: vb[0], reverse=True)]
     if plan.lods == 1:
         want = [(b, None) for b in blocks]
     else:
