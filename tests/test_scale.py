@@ -4,6 +4,7 @@ task submitted.  Property tests (what is read, parsed or held), not timings."""
 from __future__ import annotations
 
 import collections
+import threading
 
 import numpy as np
 import pytest
@@ -142,7 +143,7 @@ class _Outstanding:
 
     def __init__(self):
         self.now = self.most = self.submitted = 0
-        self.lock = __import__("threading").Lock()
+        self.lock = threading.Lock()
 
     def submitted_one(self, fut):
         with self.lock:
