@@ -17,6 +17,10 @@ Then, one after another:
    there.
 4. **resume**: ``gpumesh mesh --resume``, which lists the scratch area, reads every task
    result's header and writes the output (sharded).
+5. With ``--dask-tasks N``: **Dask job**, ``gpumesh mesh --scheduler`` of a like sparse volume
+   of about N tasks (narrower in x and y, the same cutout), on a Dask ``LocalCluster`` of
+   ``--workers`` processes (1 thread each) started here, so that its scheduler lives in this
+   process and the CLI's peak RSS is the Dask client's (the futures of the tasks in flight).
 
 Wall times of the CLI runs include their start-up (imports, the worker processes). Peak RSS is
 the summary's (the largest process). No peer runs here: igneous has no like step (its merge
@@ -25,6 +29,7 @@ this script with ``PYTHONPATH`` set to another checkout (the CLI runs inherit it
 
     .venv/bin/python bench/bench_scale.py                           # 0.55 teravoxels
     .venv/bin/python bench/bench_scale.py --shape 8192,8192,1024    # 43,470 tasks
+    .venv/bin/python bench/bench_scale.py --dask-tasks 10000        # and a job of 10,000 on Dask
 
 Needs ~1.5 GB of disk for the default shape's task results (TMPDIR). Prints a table and writes
 ``bench/results/scale-<UTC start>-<hostname>.json``.
@@ -35,6 +40,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -77,6 +83,33 @@ def fill_other_parts(dest: Path, tasks: list) -> int:
     return len(rest)
 
 
+def dask_job(source: Path, dest: Path, voxel_size: str, workers: int) -> dict:
+    """``gpumesh mesh SOURCE DEST`` on a Dask ``LocalCluster`` of ``workers`` processes started
+    here: ``{"command", "wall_s", "client_peak_rss_mb", "tasks"}``, the peak
+    RSS of the CLI process alone (the Dask client; the scheduler is in this process)."""
+    import os
+
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        summary_path = f"{dest}.summary.json"
+        cmd = [str(Path(sys.executable).with_name("gpumesh")), "mesh", str(source), str(dest), "--voxel-size",
+               voxel_size, "--scheduler", cluster.scheduler_address, "--quiet",
+               "--summary-json", summary_path]
+        with tempfile.TemporaryFile() as err:   # not a pipe: nothing reads it until the CLI ends
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+            _, status, usage = os.wait4(proc.pid, 0)   # the CLI's own rusage: its peak RSS
+            wall = time.perf_counter() - t0
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.returncode:
+                err.seek(0)
+                raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {err.read().decode()[-2000:]}")
+    summary = json.loads(Path(summary_path).read_text())
+    return {"command": cmd, "wall_s": wall, "client_peak_rss_mb": usage.ru_maxrss / 1024, "tasks": summary["tasks"],
+            "workers": workers}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--source", default=str(DEFAULT_SOURCE), help="the real volume, for the cutout")
@@ -85,6 +118,8 @@ def main(argv=None) -> int:
     p.add_argument("--cutout", type=int, default=256, help="edge of the real cutout at the origin (voxels)")
     p.add_argument("--part-tasks", type=int, default=300, help="about this many tasks in the timed part")
     p.add_argument("--workers", type=int, default=None, help="workers of each CLI run (default: gpumesh's)")
+    p.add_argument("--dask-tasks", type=int, default=0,
+                   help="also run a job of about this many tasks on a Dask LocalCluster (default: none)")
     add_result_args(p)
     args = p.parse_args(argv)
     from gpumesh.pipeline import MeshOptions, Plan
@@ -110,6 +145,13 @@ def main(argv=None) -> int:
         last = mesh_with_cli(tmp / "sparse.zarr", str(dest), args.voxel_size, ["--resume"], args.workers)
         summary = json.loads(Path(f"{dest}.summary.json").read_text())
         last.update({k: summary[k] for k in ("peak_rss_mb", "seconds_meshing", "seconds_writing", "tasks_resumed")})
+        on_dask = None
+        if args.dask_tasks:
+            f = min(1.0, (args.dask_tasks / len(tasks)) ** 0.5)   # tasks go with the area of x and y
+            small = (max(1, round(shape[0] * f)), max(1, round(shape[1] * f)), shape[2])
+            make_sparse(tmp / "small.zarr", small, Path(args.source), args.cutout)
+            on_dask = dask_job(tmp / "small.zarr", tmp / "dask", args.voxel_size, args.workers or 2)
+            on_dask["shape"] = small
     print(f"sparse volume {shape} at {voxel} nm, {len(tasks):,} tasks in {plan.grid[0] * plan.grid[1] * plan.grid[2]:,} "
           f"blocks; cutout {args.cutout}^3 of {args.source}; workers {args.workers or 'default'}; one run each")
     print(f"{'step':44s} | wall s | peak RSS MB")
@@ -117,12 +159,15 @@ def main(argv=None) -> int:
     print(f"{'plan: Plan.make + tasks() (this process)':44s} | {plan_s:6.2f} |")
     print(f"{f'part 0/{parts} (CLI)':44s} | {part['wall_s']:6.1f} | {part['peak_rss_mb']:.0f}")
     print(f"{f'--resume after {filled:,} empty results (CLI)':44s} | {last['wall_s']:6.1f} | {last['peak_rss_mb']:.0f}")
+    if on_dask:
+        label = f"Dask job of {on_dask['tasks']:,} tasks, client (CLI)"
+        print(f"{label:44s} | {on_dask['wall_s']:6.1f} | {on_dask['client_peak_rss_mb']:.0f}")
     record = {"benchmark": "scale", "started_utc": started.isoformat(),
               "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(), **environment(),
               "options": {"source": args.source, "shape": shape, "voxel_size_nm": voxel, "cutout": args.cutout,
                           "parts": parts, "workers": args.workers},
               "tasks": len(tasks), "blocks": plan.grid[0] * plan.grid[1] * plan.grid[2], "plan_s": plan_s,
-              "part": part, "results_written_for_other_parts": filled, "resume": last}
+              "part": part, "results_written_for_other_parts": filled, "resume": last, "dask_job": on_dask}
     if not args.no_save:
         print(f"\nresults: {save_result(record, 'scale', started, args.results_dir)}")
     return 0

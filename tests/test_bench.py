@@ -339,14 +339,16 @@ def test_parts_benchmark_runs_the_parts_and_the_last_run_and_compares_the_bytes(
 def test_scale_benchmark_resumes_a_sparse_jobs_parts_with_real_meshes(tmp_path, real_zarr, capsys):
     """``bench_scale.py`` on a small sparse volume: part 0 meshes the real cutout's block, the
     other parts' task results are written as empty ones, and the ``--resume`` takes every task
-    as finished and writes the cutout's meshes."""
+    as finished and writes the cutout's meshes; a job on a Dask cluster says its client's RSS."""
     import bench_scale
 
     assert bench_scale.main(["--source", str(real_zarr), "--shape", "512,512,128", "--cutout", "64",
-                             "--part-tasks", "20", "--workers", "1", "--results-dir", str(tmp_path / "res")]) == 0
+                             "--part-tasks", "20", "--workers", "1", "--dask-tasks", "30",
+                             "--results-dir", str(tmp_path / "res")]) == 0
     (result,) = (tmp_path / "res").glob("scale-*.json")
     rec = json.loads(result.read_text())
     assert rec["git"]["commit"] and rec["tasks"] > 40 and rec["part"]["bytes"] == 0
+    assert 15 <= rec["dask_job"]["tasks"] <= 60 and rec["dask_job"]["client_peak_rss_mb"] > 50
     assert rec["part"]["tasks"] + rec["results_written_for_other_parts"] == rec["tasks"]
     assert rec["resume"]["tasks_resumed"] == rec["tasks"]
     assert rec["resume"]["bytes"] > 0 and rec["resume"]["triangles_per_lod"][0] > 1000
