@@ -199,6 +199,9 @@ class DaskExecutor:
             raise ValueError(f"the Dask cluster at {client.scheduler.address} has no workers")
         #: worker threads in the cluster: tasks that can run at once
         self.workers = sum(int(n) for n in nthreads.values())
+        #: worker threads in the cluster now, as last seen (the job keeps TASKS_AHEAD tasks per
+        #: thread submitted): at the start, then every second once the job has started
+        self.threads = self.workers
         self._client = client
         self._id = uuid.uuid4().hex
         self._task_prefix = f"gpumesh-task-{self._id}-"   # this job's task keys (see _wait_for_running)
@@ -234,21 +237,25 @@ class DaskExecutor:
             self._job = client.submit(pickle.loads, pickle.dumps(payload), pure=False,
                                       key=f"gpumesh-job-{self._id}")
         self._executor = client.get_executor(pure=False)
-        self._watch = threading.Thread(target=self._watch_workers, name="gpumesh-no-workers", daemon=True)
+        self._watch = threading.Thread(target=self._watch_workers, name="gpumesh-cluster-size", daemon=True)
         self._watch.start()
 
     def _watch_workers(self) -> None:
-        """Say so (once per stretch) when the cluster has had no worker for
-        :data:`NO_WORKERS_NOTICE_S`: the job's tasks wait for one, silently in Dask."""
+        """Keep :attr:`threads` up to date (workers join and leave), and say so (once per
+        stretch) when the cluster has had no worker for :data:`NO_WORKERS_NOTICE_S`: the job's
+        tasks wait for one, silently in Dask."""
         import time
         import warnings
 
         since, told = None, False   # when the cluster last lost its workers; whether that was said
         while not self._stop_watch.wait(min(1.0, NO_WORKERS_NOTICE_S / 4)):
             try:
-                none = not self._client.nthreads()
+                nthreads = self._client.nthreads()
             except Exception:   # the client closing, or the scheduler gone: the job says so
                 return
+            none = not nthreads
+            if nthreads:   # none: the tasks in flight wait for workers, no more are needed
+                self.threads = sum(int(n) for n in nthreads.values())
             if not none:
                 since, told = None, False
             elif since is None:

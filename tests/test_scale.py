@@ -298,6 +298,48 @@ def test_in_flight_submits_the_next_task_before_it_hands_one_on(ahead):
     assert seen == [min(20, step + n) for n in range(1, 21)] and order == list(range(20))
 
 
+def test_in_flight_follows_a_changing_number_ahead_with_no_task_finishing(monkeypatch):
+    """Given a callable ``ahead`` (a Dask cluster's threads, which change as workers join or
+    leave), :class:`gpumesh.pipeline._InFlight` asks it again every ``REFILL_S`` seconds while
+    no task finishes, and tops the tasks in flight up to it; where it shrinks, no task is
+    cancelled and none is submitted until fewer are in flight; each task is handed on once."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import gpumesh.pipeline as pipeline
+    from gpumesh.pipeline import _InFlight
+
+    monkeypatch.setattr(pipeline, "REFILL_S", 0.02)
+    release = threading.Event()
+    target = [2]
+    order: list = []
+    with ThreadPoolExecutor(16) as pool:
+        def submit(i):
+            order.append(i)
+            return pool.submit(lambda: (release.wait(10), i)[1])
+
+        flight = _InFlight(submit, range(40), lambda: target[0])
+        assert len(flight.pending) == 2
+        got = []
+        taking = threading.Thread(target=lambda: got.extend(f.result() for f in flight))
+        taking.start()
+        time.sleep(0.1)
+        assert len(order) == 2   # nothing finished, the same number ahead: no more submitted
+        target[0] = 9   # workers joined
+        until = time.monotonic() + 5
+        while len(order) < 9 and time.monotonic() < until:
+            time.sleep(0.01)
+        assert len(order) == 9 and len(flight.pending) == 9
+        target[0] = 0   # every worker gone: the tasks in flight stay, none is added (at least 1 is kept)
+        time.sleep(0.1)
+        assert len(order) == 9
+        target[0] = 3
+        release.set()
+        taking.join(10)
+    assert not taking.is_alive() and sorted(got) == list(range(40)) and order == list(range(40))
+
+
 def test_the_main_job_submits_its_tasks_in_plan_order_one_per_result_taken(tmp_path, monkeypatch):
     """A local pool gets the plan's tasks in the plan's order, ``TASKS_AHEAD`` per worker first,
     then one more as each result is taken (before it is handled): at the report of the n-th
