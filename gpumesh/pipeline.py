@@ -1219,10 +1219,11 @@ class _InFlight:
 
     Submitted all at once, every task held a future and the pool's work item in this process
     until it finished: about 2 KB each, 0.7 GB for the 320,922 tasks of a 0.55-teravoxel volume
-    (the pool's queue alone, measured); on a Dask cluster ~10 KB each in the client (the futures)
-    and ~2.4 KB in the scheduler (measured with 20,000 tasks), 6 GB and 1.5 GB for the 620,978
-    tasks of a teravoxel.  The tasks are submitted in the order given, so they still run in the
-    plan's order.
+    (the pool's queue alone, measured); on a Dask cluster ~6 KB each in the client (a job of
+    19,844 tasks peaked at 418 MB, against 303 MB this way: ``bench/bench_scale.py
+    --dask-tasks``) and ~2.4 KB in the scheduler (20,000 trivial tasks), 3.6 GB and 1.5 GB for
+    the 620,978 tasks of a teravoxel.  The tasks are submitted in the order given, so they still
+    run in the plan's order.
 
     Parameters
     ----------

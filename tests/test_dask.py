@@ -105,8 +105,8 @@ def test_a_chunk_that_cannot_be_read_fails_its_cluster_tasks_alone(client, tmp_p
 
 def test_a_cluster_keeps_a_few_tasks_per_worker_thread_in_flight_and_more_as_workers_join(tmp_path, monkeypatch):
     """On a Dask cluster the job keeps TASKS_AHEAD tasks per worker thread submitted and not yet
-    taken, the threads it has now, not all of its tasks: submitted at once, each held ~10 KB in
-    the client and ~2.4 KB in the scheduler (6 GB and 1.5 GB for a teravoxel's 620,978 tasks).
+    taken, the threads it has now, not all of its tasks: submitted at once, each held ~6 KB in
+    the client and ~2.4 KB in the scheduler (3.6 GB and 1.5 GB for a teravoxel's 620,978 tasks).
     A cluster that grows during the job (dask-jobqueue, adaptive scaling) gets more, up to
     TASKS_AHEAD per thread it has then (a review found that a window fixed at the start kept the
     workers that joined later idle).  Checked: the tasks in flight at each report of a finished
