@@ -11,10 +11,10 @@ Then, one after another:
    makes: each part, each resume).
 2. **part**: ``gpumesh mesh --part 0/N`` (N from ``--part-tasks``: a few hundred tasks), which
    meshes the cutout's blocks among its share.
-3. The other parts' results are written straight into the scratch area (not timed): the bytes
-   of an empty task result that part 0 wrote, under each remaining task's name and the job's
-   stamp, as the other N - 1 parts would have left them on a volume that holds only background
-   there.
+3. The other parts' results are written straight into the scratch area (not timed), as the
+   other N - 1 parts would have left them on a volume that holds only background there: each
+   remaining task's name, with the job's stamp, in a record of tasks that found nothing per
+   part (before such records, an empty task result each, part 0's bytes).
 4. **resume**: ``gpumesh mesh --resume``, which lists the scratch area, reads every task
    result's header and writes the output (sharded).
 5. With ``--dask-tasks N``: **Dask job**, ``gpumesh mesh --scheduler`` of a like sparse volume
@@ -65,19 +65,31 @@ def make_sparse(path: Path, shape: tuple, source: Path, cutout: int) -> None:
     vol[:n[0], :n[1], :n[2]] = src.read((0, 0, 0), tuple(n)).astype("uint32")
 
 
-def fill_other_parts(dest: Path, tasks: list) -> int:
-    """Write an empty task result (part 0's bytes) under the name of each of ``tasks`` (the
-    plan's) that has none, with the job's stamp: what the other parts leave on background.
-    Returns how many."""
+def fill_other_parts(dest: Path, tasks: list, per_part: int) -> int:
+    """Record each of ``tasks`` (the plan's) that part 0 did not run as finished with nothing
+    found, with the job's stamp, as the other parts leave them on background: by name, in a
+    record per ``per_part`` tasks (``empty/``, where part 0 wrote such records), else an empty
+    task result each (part 0's bytes; gpumesh before records). Returns how many."""
+    import secrets
+
     from gpumesh import storage
     from gpumesh.pipeline import SCRATCH, task_name
 
     kv = storage.open_kvstore(str(dest))
-    keys = storage.list_keys(kv, SCRATCH + "blocks/")
+    keys = [k for k in storage.list_keys(kv, SCRATCH) if k.startswith((SCRATCH + "blocks/", SCRATCH + "empty/"))]
     stamp = keys[0].partition("@")[2]
+    done = {k.split("/")[-1].partition("@")[0] for k in keys if k.startswith(SCRATCH + "blocks/")}
+    for k in keys:
+        if k.startswith(SCRATCH + "empty/"):
+            done.update(storage.read(kv, k).decode().split("\n"))
+    rest = [task_name(t) for t in tasks if task_name(t) not in done]
+    if any(k.startswith(SCRATCH + "empty/") for k in keys):
+        items = ((f"{SCRATCH}empty/{secrets.token_hex(8)}-0@{stamp}", "\n".join(rest[i:i + per_part]).encode())
+                 for i in range(0, len(rest), per_part))
+        storage.write_many(kv, items, sync=False)
+        return len(rest)
     empty = next(b for b in (storage.read(kv, k) for k in keys) if len(b) == 24)
-    done = {k.split("/")[-1].partition("@")[0] for k in keys}
-    rest = [f"{SCRATCH}blocks/{task_name(t)}@{stamp}" for t in tasks if task_name(t) not in done]
+    rest = [f"{SCRATCH}blocks/{name}@{stamp}" for name in rest]
     for i in range(0, len(rest), 10_000):
         storage.write_many(kv, ((k, empty) for k in rest[i:i + 10_000]), sync=False)
     return len(rest)
@@ -141,7 +153,7 @@ def main(argv=None) -> int:
         if summary.get("tasks_all") != len(tasks):   # the CLI's defaults are not MeshOptions()'s
             raise SystemExit(f"the job has {summary.get('tasks_all')} tasks, the plan here {len(tasks)}")
         part.update({k: summary[k] for k in ("peak_rss_mb", "tasks")})
-        filled = fill_other_parts(dest, tasks)
+        filled = fill_other_parts(dest, tasks, len(tasks) // parts)
         last = mesh_with_cli(tmp / "sparse.zarr", str(dest), args.voxel_size, ["--resume"], args.workers)
         summary = json.loads(Path(f"{dest}.summary.json").read_text())
         last.update({k: summary[k] for k in ("peak_rss_mb", "seconds_meshing", "seconds_writing", "tasks_resumed")})
