@@ -446,17 +446,114 @@ def block_key(task, stamp: str = "") -> str:
     return f"{SCRATCH}blocks/{task_name(task)}" + (f"@{stamp}" if stamp else "")
 
 
-def finished_tasks(kv, stamp: str = "", keys: Optional[list] = None) -> set:
-    """Names (:func:`task_name`) of the task results in the scratch area of ``kv`` that carry
-    ``stamp``: those of this job's plan and options (a resumed run skips them).  ``keys``: a
-    listing of ``kv`` made already (all its keys, or those under the scratch area), read instead
-    of listing it again (a scratch area of hundreds of thousands of results takes a second to
-    list on a local disk, and many requests on a cloud store)."""
-    prefix = SCRATCH + "blocks/"
+def empty_key(run: str, seq: int, stamp: str = "") -> str:
+    """Scratch key of a record of tasks that found nothing (:class:`_EmptyTasks`):
+    ``empty/RUN-SEQ@STAMP``, ``RUN`` naming the run that wrote it."""
+    return f"{SCRATCH}empty/{run}-{seq}" + (f"@{stamp}" if stamp else "")
+
+
+def scratch_tasks(kv, stamp: str = "", keys: Optional[list] = None) -> tuple[set, set]:
+    """Names (:func:`task_name`) of the tasks whose results are in the scratch area of ``kv``
+    with ``stamp`` (those of this job's plan and options: a resumed run skips them), and those of
+    them that found nothing (named in a record of :class:`_EmptyTasks`, with no result of their
+    own).  ``keys``: a listing of ``kv`` made already (all its keys, or those under the scratch
+    area), read instead of listing it again (a scratch area of hundreds of thousands of results
+    takes a second to list on a local disk, and many requests on a cloud store).
+
+    Raises
+    ------
+    SourceReadError, DestinationError
+        A record cannot be read (one deleted since the listing is passed over).
+    """
+    blocks, empty = SCRATCH + "blocks/", SCRATCH + "empty/"
     if keys is None:
-        keys = storage.list_keys(kv, prefix)
-    names = (k[len(prefix):].partition("@") for k in keys if k.startswith(prefix))
-    return {name for name, _, got in names if got == stamp}
+        keys = storage.list_keys(kv, SCRATCH)
+    finished, records = set(), []
+    for k in keys:
+        if k.startswith(blocks):
+            name, _, got = k[len(blocks):].partition("@")
+            if got == stamp:
+                finished.add(name)
+        elif k.startswith(empty) and k[len(empty):].partition("@")[2] == stamp:
+            records.append(k)
+    found: set = set()
+    for fut in [kv.read(k) for k in records]:   # all at once
+        text = storage.read_result(fut)
+        if text:
+            found.update(text.decode().split("\n"))
+    return finished | found, found
+
+
+def finished_tasks(kv, stamp: str = "", keys: Optional[list] = None) -> set:
+    """The first set of :func:`scratch_tasks`: every finished task of the job."""
+    return scratch_tasks(kv, stamp, keys)[0]
+
+
+#: Names of tasks that found nothing per record in the scratch area (:class:`_EmptyTasks`).
+EMPTY_BATCH = 4096
+#: The most seconds a finished task that found nothing waits unrecorded (a run stopped meanwhile
+#: loses it: a resumed run runs it again).
+EMPTY_FLUSH_S = 30.0
+
+
+class _EmptyTasks:
+    """The tasks of a run that found nothing, recorded in the scratch area by name, many to a
+    record (:func:`empty_key`), instead of a task result each.
+
+    Most tasks of a large volume find only background (its margins, outside the tissue): a
+    result each was a file to write, list, read (its header, by the run that writes the output
+    after an array job's parts) and delete per task; hundreds of thousands of requests on a
+    cloud store.  A record is written (atomically) once it holds :data:`EMPTY_BATCH` names, or
+    :data:`EMPTY_FLUSH_S` after its first, and when the run's tasks end, stopped or not.
+
+    Parameters
+    ----------
+    kv : tensorstore.KvStore
+        The destination.
+    stamp : str
+        :attr:`Plan.stamp` of the job.
+
+    Attributes
+    ----------
+    names : set of str
+        Every task of this run that found nothing, recorded or not yet.
+    """
+
+    def __init__(self, kv, stamp: str):
+        self.kv, self.stamp = kv, stamp
+        self.run = secrets.token_hex(8)
+        self.seq = 0
+        self.names: set = set()
+        self._pending: list = []
+        self._since = 0.0
+
+    def add(self, name: str) -> None:
+        """Count task ``name`` as finished with nothing found."""
+        if not self._pending:
+            self._since = time.monotonic()
+        self._pending.append(name)
+        self.names.add(name)
+
+    def tick(self) -> None:
+        """Write the names not yet recorded once they are :data:`EMPTY_BATCH`, or the first
+        has waited :data:`EMPTY_FLUSH_S`."""
+        if len(self._pending) >= EMPTY_BATCH or (self._pending and time.monotonic() - self._since >= EMPTY_FLUSH_S):
+            self.flush()
+
+    def flush(self, quiet: bool = False) -> None:
+        """Write the names not yet recorded (:class:`DestinationError` where that fails, unless
+        ``quiet``: on the way out of a run already failing, its tasks are then run again by a
+        resumed run)."""
+        if not self._pending:
+            return
+        try:
+            storage.write(self.kv, empty_key(self.run, self.seq, self.stamp), "\n".join(self._pending).encode())
+        except Exception:
+            if not quiet:
+                raise
+            return
+        self.seq += 1
+        self._pending = []
 
 
 def pack_block(index: np.ndarray, count_labels: np.ndarray, counts: np.ndarray, data: bytes) -> bytes:
@@ -896,13 +993,15 @@ _CLUSTER_LOST = ("CancelledError", "FutureCancelledError", "CommClosedError")
 
 
 def _run_task(task) -> tuple[tuple, bytes, float, str, str]:
-    """Run one task in a worker; returns the task, its result's header (its start up to the
-    fragment data, so that the assembly need not read it), the worker's peak RSS so far (MiB:
+    """Run one task in a worker and write its result, unless it found nothing (the caller
+    records that, :class:`_EmptyTasks`); returns the task, its result's header (its start up to
+    the fragment data, so that the assembly need not read it), the worker's peak RSS so far (MiB:
     a forked worker is not this process's child, so its own figure is reported), its
     backend's name and the worker process (``host:pid``, to count a cluster's workers on a GPU)."""
     blob = mesh_block(_WORKER["volume"], _WORKER["plan"], _WORKER["options"], task[0],
                       _WORKER["backend"], task[1])
-    storage.write(_WORKER["kv"], block_key(task, _WORKER["plan"].stamp), blob)
+    if not block_is_empty(blob):   # one that found nothing: the main process records it (_EmptyTasks)
+        storage.write(_WORKER["kv"], block_key(task, _WORKER["plan"].stamp), blob)
     return (task, blob[:block_header_size(blob)], peak_rss_mb(), _WORKER["backend"].name,
             f"{socket.gethostname()}:{os.getpid()}")
 
@@ -1617,7 +1716,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
 
     # from the listing made before the plan was written (emptied by --overwrite): a task another
     # run finished since is only run again (the same bytes), and no listing is made twice
-    done = finished_tasks(kv, plan.stamp, [] if overwrite else existing)
+    done, found_nothing = scratch_tasks(kv, plan.stamp, [] if overwrite else existing)
+    empties = _EmptyTasks(kv, plan.stamp)   # this run's tasks that find nothing
     todo = [t for t in mine if task_name(t) not in done]
     # a part's blocks are its own, as its tasks are (every block has a task: its coarse one, or the whole)
     summary = Summary(blocks=len(plan.blocks()) if part is None else len({t[0] for t in mine}),
@@ -1655,16 +1755,25 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     try:
         if cluster is None and nworkers == 1:
             reading = open_volume(source, **open_kwargs, cache_bytes=cache) if cache and todo else volume
-            for t in todo:
-                try:
-                    blob = mesh_block(reading, plan, options, t[0], backend, t[1])
-                except (SourceReadError, InvalidVolumeError) as exc:
-                    unread.append(exc)   # the other tasks go on; a resumed run reruns this one
-                    continue
-                storage.write(kv, block_key(t, plan.stamp), blob)
-                finished += 1
-                if progress:
-                    progress(finished, len(mine))
+            try:
+                for t in todo:
+                    try:
+                        blob = mesh_block(reading, plan, options, t[0], backend, t[1])
+                    except (SourceReadError, InvalidVolumeError) as exc:
+                        unread.append(exc)   # the other tasks go on; a resumed run reruns this one
+                        continue
+                    if block_is_empty(blob):
+                        empties.add(task_name(t))
+                    else:
+                        storage.write(kv, block_key(t, plan.stamp), blob)
+                    empties.tick()
+                    finished += 1
+                    if progress:
+                        progress(finished, len(mine))
+            except BaseException:
+                empties.flush(quiet=True)   # what it found so far is kept for a resumed run
+                raise
+            empties.flush()
         else:
             # The writer's numba kernel compiles (on a first run) or loads from its cache here while
             # the workers mesh, instead of after them.
@@ -1713,10 +1822,14 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                             except (SourceReadError, InvalidVolumeError) as exc:
                                 unread.append(exc)   # the other tasks go on; a resumed run reruns this one
                                 continue
-                            held += len(head)
-                            if held <= writer.ASSEMBLY_INDEX_BYTES:   # past it, the assembly reads them
-                                headers[task_name(task)] = head
+                            if block_is_empty(head):   # no result written: recorded by name
+                                empties.add(task_name(task))
+                            else:
+                                held += len(head)
+                                if held <= writer.ASSEMBLY_INDEX_BYTES:   # past it, the assembly reads them
+                                    headers[task_name(task)] = head
                             del head
+                            empties.tick()
                             workers_rss = max(workers_rss, rss)
                             backends.add(name)
                             if name == "gpu":
@@ -1724,14 +1837,17 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                             finished += 1
                             if progress:
                                 progress(finished, len(mine))
+                        empties.flush()
                         if unread:
                             raise _task_failed(unread, finished, len(mine), shown, part)
                         t_mesh = time.perf_counter()
                         if part is None:   # the workers also build the segments and write the output
                             stats = writer.assemble(kv, volume, plan, options, tasks, link_source=link_source,
                                                     executor=pool, workers=nworkers, headers=headers,
+                                                    empty=found_nothing | empties.names,
                                                     progress=write_progress, owner=owner)
                     except BaseException as exc:
+                        empties.flush(quiet=True)   # what the tasks found so far is kept for a resumed run
                         stop = _interrupt_of(exc)   # also when it came out of a numba kernel of the writer
                         if not isinstance(exc, Exception) or stop is not None:   # Ctrl-C: stop now
                             _stop_workers(pool)   # (its shutdown cancels the futures)
@@ -1766,7 +1882,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             t_mesh = time.perf_counter()
             if part is None:
                 stats = writer.assemble(kv, volume, plan, options, tasks, link_source=link_source,
-                                        progress=write_progress, owner=owner)
+                                        empty=found_nothing | empties.names, progress=write_progress, owner=owner)
     except GpumeshError as exc:
         if isinstance(exc, DestinationTakenError) or writer.taken_over(kv, owner):
             # another run (--overwrite) deleted or replaced what this one needed: say that,
@@ -1804,7 +1920,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     # with task results left in it.  Each part only while the mark is still this run's: a run
     # started into DEST since this one wrote its info (--overwrite, --resume) owns the scratch
     # area now, and deleting its plan, mark and task results would stop it as "taken over"
-    for prefix in ("blocks/", "shards/", ""):   # the task results, the shards' resume records, the plan
+    for prefix in ("blocks/", "empty/", "shards/", ""):   # the task results, the shards' resume records, the plan
         if writer.taken_over(kv, owner):
             break
         storage.delete_prefix(kv, SCRATCH + prefix)

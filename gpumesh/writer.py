@@ -66,7 +66,7 @@ from .errors import DestinationExistsError, DestinationTakenError, GpumeshError,
 from .encode import encode_draco
 from .octree import manifest_body, manifest_head, segment_nodes
 from .pipeline import (BLOCK_PREFIX, FRAG_DTYPE, SCRATCH, MeshOptions, Plan, block_header_size, block_is_empty,
-                       block_key, in_sorted, task_name, unpack_block_header)
+                       block_key, in_sorted, pack_block, task_name, unpack_block_header)
 from .reader import PLACEHOLDER_FACES, Manifest, ShardedMultiresSource, decode_fragment, open_mesh
 from .sharding import ShardingOptions, ShardingSpec, build_shard
 from .volume import Volume
@@ -416,7 +416,7 @@ def _checking_owner(kv, owner: tuple[str, bytes], progress: Optional[Callable[[i
 
 
 def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, link_source: bool = False,
-             executor=None, workers: int = 1, headers: Optional[dict] = None,
+             executor=None, workers: int = 1, headers: Optional[dict] = None, empty: Optional[set] = None,
              progress: Optional[Callable[[int, int], None]] = None,
              owner: Optional[tuple[str, bytes]] = None) -> dict:
     """Read every task's result from the scratch area and write the final mesh directory.
@@ -449,6 +449,9 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
         Task name (:func:`gpumesh.pipeline.task_name`) -> the header of its result, as the
         worker that ran it returned it; the others are read from the scratch area.  Emptied
         here, so that each header is freed once its entries are in the index.
+    empty : set of str, optional
+        Names of the tasks that found nothing and have no result in the scratch area (recorded
+        by name instead, :class:`gpumesh.pipeline._EmptyTasks`): never read.
     progress : callable(done, total), optional
         Called as the segments are written, with the segments written so far (those of the
         shards that an interrupted run wrote included) and all to write: once before the
@@ -475,8 +478,10 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
         if taken_over(kv, owner):   # before the results are read or any file written
             raise taken_error(kv, owner)
         progress = _checking_owner(kv, owner, progress)   # and while it writes
-    results = TaskResults(kv, [block_key(t, plan.stamp) for t in tasks])
     names = {task_name(t): i for i, t in enumerate(tasks)}
+    nothing = np.zeros(len(tasks), dtype=bool)
+    nothing[[names[n] for n in (empty or ()) if n in names]] = True
+    results = TaskResults(kv, [block_key(t, plan.stamp) for t in tasks], empty=nothing)
     known = {names[n]: headers.pop(n) for n in list(headers or {})}   # the only reference: freed as parsed
     # with workers writing the output, this process needs the headers alone
     index, table, voxels, block_bytes = _read_index(results, known, plan.lods,
@@ -908,6 +913,11 @@ def placeholder_fragments(nodes: np.ndarray, node_lod: np.ndarray, src: np.ndarr
     return out
 
 
+#: The whole result of a task that found nothing (:func:`gpumesh.pipeline.pack_block` of no
+#: fragment and no voxel count), header and all.
+EMPTY_HEADER = pack_block(np.zeros(0, dtype=FRAG_DTYPE), np.zeros(0, np.uint64), np.zeros(0, np.uint64), b"")
+
+
 class TaskResults:
     """The task results of the scratch area, as assembly reads them.
 
@@ -922,10 +932,15 @@ class TaskResults:
         Scratch keys of the results; ``block`` numbers of the fragment entries index it.
     cache_bytes : int, optional
         The cap on kept results (default :data:`ASSEMBLY_CACHE_BYTES`).
+    empty : (results,) bool, optional
+        The results known to hold nothing, with no key of their own (a task that found nothing,
+        recorded by name: :class:`gpumesh.pipeline._EmptyTasks`): never read; their header is
+        :data:`EMPTY_HEADER`.
     """
 
-    def __init__(self, kv, keys: list, cache_bytes: Optional[int] = None):
+    def __init__(self, kv, keys: list, cache_bytes: Optional[int] = None, empty: Optional[np.ndarray] = None):
         self.kv, self.keys = kv, list(keys)
+        self.empty = np.zeros(len(self.keys), dtype=bool) if empty is None else np.asarray(empty, dtype=bool)
         self.kept: dict[int, bytes] = {}
         self.kept_bytes = 0
         self.cache_bytes = ASSEMBLY_CACHE_BYTES if cache_bytes is None else int(cache_bytes)
@@ -976,7 +991,7 @@ class TaskResults:
         known = {} if known is None else known
         for g in range(0, len(self.keys), HEADER_READS):
             group = range(g, min(g + HEADER_READS, len(self.keys)))
-            todo = [b for b in group if b not in known and b not in self.kept]
+            todo = [b for b in group if b not in known and b not in self.kept and not self.empty[b]]
             got: dict = {}
             if whole and self.kept_bytes < self.cache_bytes:
                 for b, blob in self._values([(b, self.kv.read(self.keys[b])) for b in todo]):
@@ -1000,7 +1015,8 @@ class TaskResults:
                           for b, head in heads]
                 got = dict(self._values(reads))
             for b in group:
-                head = known.pop(b) if b in known else self.kept[b] if b in self.kept else got.pop(b)
+                head = (known.pop(b) if b in known else self.kept[b] if b in self.kept else
+                        EMPTY_HEADER if self.empty[b] else got.pop(b))
                 if len(head) >= BLOCK_PREFIX:
                     self.header_bytes[b] = block_header_size(head[:BLOCK_PREFIX])
                 yield b, head

@@ -264,8 +264,8 @@ def test_a_part_and_the_resume_after_it_list_the_scratch_area_no_more_than_they_
     listed.clear()
     run_mesh(vol, str(dest), options=options, workers=1, part=(1, 2))
     assert len(listed) == 2
-    blocks = storage.list_keys(storage.open_kvstore(str(dest)), SCRATCH + "blocks/")
-    assert sorted(k.split("/")[-1].partition("@")[0] for k in blocks) == sorted(map(task_name, tasks))
+    results, named, _, _, _ = _scratch(dest)   # a result each, or a name in a record (found nothing)
+    assert sorted(results + named) == sorted(map(task_name, tasks))
     listed.clear()
     last = run_mesh(vol, str(dest), options=options, workers=1, resume=True)
     assert last.tasks_resumed == len(tasks) and len(listed) == 1
@@ -425,3 +425,140 @@ def test_finished_tasks_from_a_listing_are_those_of_a_listing_of_the_scratch_are
     assert finished_tasks(kv, "abc", storage.list_keys(kv)) == listed
     assert finished_tasks(kv, "abc", storage.list_keys(kv, prefix)) == listed
     assert finished_tasks(kv, "abc", []) == set()
+
+
+def _sparse(shape=(80, 72, 64), seed=11):
+    """A volume that is background but for a few boxes near one corner: most of its tasks find
+    nothing."""
+    rng = np.random.default_rng(seed)
+    vol = np.zeros(shape, np.uint32)
+    for label in range(1, 6):
+        lo = rng.integers(0, 14, 3)
+        vol[lo[0]:lo[0] + 9, lo[1]:lo[1] + 8, lo[2]:lo[2] + 7] = label
+    return vol
+
+
+def _scratch(dest):
+    """(result names, record names, record count) of the scratch area of ``dest``."""
+    kv = storage.open_kvstore(str(dest))
+    keys = storage.list_keys(kv, SCRATCH)
+    results = [k.split("/")[-1].partition("@")[0] for k in keys if k.startswith(SCRATCH + "blocks/")]
+    records = [k for k in keys if k.startswith(SCRATCH + "empty/")]
+    named = [n for k in records for n in storage.read(kv, k).decode().split("\n")]
+    return results, named, len(records), kv, keys
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_tasks_that_find_nothing_are_recorded_by_name_not_a_result_each(tmp_path, workers):
+    """An array job's parts on a sparse volume: a task that found only background writes no
+    task result (a file to write, list, read and delete per task, hundreds of thousands of
+    requests on a cloud store); its run records it by name, in one record here.  Every task is
+    either a result that holds something or a recorded name, once; the run that writes the
+    output takes the recorded ones as finished (it reads none: they have no key), and writes
+    the bytes of a single run."""
+    from gpumesh.pipeline import MeshOptions, Plan, run_mesh, scratch_tasks, task_name
+
+    from conftest import tree_files
+
+    vol, options = _sparse(), MeshOptions(chunk_size=8)
+    tasks = Plan.make(vol.shape, options).tasks()
+    dest = tmp_path / "parts"
+    for k in range(2):
+        run_mesh(vol, str(dest), options=options, workers=workers, part=(k, 2))
+    results, named, records, kv, keys = _scratch(dest)
+    assert records == 2   # one per part
+    assert len(named) > len(tasks) // 2 and len(results) > 0
+    assert sorted(results + named) == sorted(map(task_name, tasks))
+    stamp = next(k for k in keys if k.startswith(SCRATCH + "blocks/")).partition("@")[2]
+    assert not any(block_is_empty(storage.read(kv, f"{SCRATCH}blocks/{n}@{stamp}")) for n in results)
+    assert scratch_tasks(kv, stamp) == (set(results) | set(named), set(named))
+    # a recorded task has no key: reading it would stop the run (missing from the scratch area)
+    last = run_mesh(vol, str(dest), options=options, workers=workers, resume=True)
+    assert last.tasks_resumed == len(tasks)
+    assert not storage.list_keys(storage.open_kvstore(str(dest)), SCRATCH)   # records deleted with the rest
+    run_mesh(vol, str(tmp_path / "one"), options=options, workers=1)
+    assert tree_files(dest) == tree_files(tmp_path / "one")
+
+
+def test_a_stopped_run_keeps_what_its_tasks_found_nothing_in_and_a_lost_record_is_run_again(tmp_path, monkeypatch):
+    """Ctrl-C: the tasks that found nothing so far are recorded on the way out, and a resumed
+    run skips them (``tasks_kept`` counts them); a record lost (deleted) only costs running its
+    tasks again: the same bytes."""
+    import tensorstore as ts
+
+    from gpumesh import pipeline
+    from gpumesh.pipeline import MeshOptions, Plan, run_mesh
+
+    from conftest import tree_files
+
+    vol, options = _sparse(), MeshOptions(chunk_size=8)
+    tasks = Plan.make(vol.shape, options).tasks()
+    real, calls = pipeline.mesh_block, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == len(tasks) // 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    dest = tmp_path / "out"
+    monkeypatch.setattr(pipeline, "mesh_block", interrupted)
+    with pytest.raises(KeyboardInterrupt) as info:
+        run_mesh(vol, str(dest), options=options, workers=1)
+    monkeypatch.setattr(pipeline, "mesh_block", real)
+    results, named, records, kv, keys = _scratch(dest)
+    assert records == 1 and len(named) > 0
+    assert info.value.tasks_kept == (len(results) + len(named), len(tasks)) == (len(tasks) // 2 - 1, len(tasks))
+    again = run_mesh(vol, str(dest), options=options, workers=1, resume=True)
+    assert again.tasks_resumed == len(tasks) // 2 - 1
+    run_mesh(vol, str(tmp_path / "one"), options=options, workers=1)
+    assert tree_files(dest) == tree_files(tmp_path / "one")
+
+    dest = tmp_path / "lost"
+    run_mesh(vol, str(dest), options=options, workers=1, part=(0, 1))
+    results, named, records, kv, keys = _scratch(dest)
+    for k in keys:
+        if k.startswith(SCRATCH + "empty/"):
+            kv.delete_range(ts.KvStore.KeyRange(k, k + "\0")).result()
+    again = run_mesh(vol, str(dest), options=options, workers=2, resume=True)
+    assert again.tasks_resumed == len(results) and len(named) > 0
+    assert tree_files(dest) == tree_files(tmp_path / "one")
+
+
+def test_empty_tasks_are_recorded_a_batch_at_a_time_or_once_the_first_has_waited(tmp_path, monkeypatch):
+    """:class:`gpumesh.pipeline._EmptyTasks` writes a record once it holds ``EMPTY_BATCH``
+    names or its first has waited ``EMPTY_FLUSH_S``, each record under the run's own name and
+    the job's stamp, every name once; ``flush(quiet=True)`` swallows a failed write (a run
+    already failing), ``flush()`` raises it."""
+    from gpumesh import pipeline
+    from gpumesh.errors import DestinationError
+    from gpumesh.pipeline import _EmptyTasks, scratch_tasks
+
+    monkeypatch.setattr(pipeline, "EMPTY_BATCH", 3)
+    kv = storage.open_kvstore(str(tmp_path / "dest"))
+    rec = _EmptyTasks(kv, "st")
+    for i in range(7):
+        rec.add(f"{i}_0_0")
+        rec.tick()
+    assert len(storage.list_keys(kv, SCRATCH + "empty/")) == 2   # 6 names; the 7th waits
+    monkeypatch.setattr(pipeline, "EMPTY_FLUSH_S", 0.0)
+    rec.tick()
+    keys = storage.list_keys(kv, SCRATCH + "empty/")
+    assert len(keys) == 3 and all(k.endswith("@st") and f"/{rec.run}-" in k for k in keys)
+    assert scratch_tasks(kv, "st") == ({f"{i}_0_0" for i in range(7)},) * 2 and rec.names == scratch_tasks(kv, "st")[0]
+    assert scratch_tasks(kv, "other") == (set(), set())
+    rec.flush()   # nothing pending: nothing written
+    assert len(storage.list_keys(kv, SCRATCH + "empty/")) == 3
+
+    class Refusing:   # a store that refuses writes
+        def write(self, *args, **kwargs):
+            raise ValueError("PERMISSION_DENIED: refused")
+
+        def spec(self):
+            return kv.spec()
+
+    bad = _EmptyTasks(Refusing(), "st")
+    bad.add("9_9_9")
+    bad.flush(quiet=True)
+    with pytest.raises(DestinationError):
+        bad.flush()
