@@ -512,6 +512,9 @@ class _EmptyTasks:
         The destination.
     stamp : str
         :attr:`Plan.stamp` of the job.
+    owner : (str, bytes), optional
+        The run's mark (:func:`gpumesh.writer.taken_over`): on the way out of a run that another
+        has taken over, nothing is written (the scratch area is that run's, or gone).
 
     Attributes
     ----------
@@ -519,8 +522,8 @@ class _EmptyTasks:
         Every task of this run that found nothing, recorded or not yet.
     """
 
-    def __init__(self, kv, stamp: str):
-        self.kv, self.stamp = kv, stamp
+    def __init__(self, kv, stamp: str, owner: Optional[tuple] = None):
+        self.kv, self.stamp, self.owner = kv, stamp, owner
         self.run = secrets.token_hex(8)
         self.seq = 0
         self.names: set = set()
@@ -543,9 +546,16 @@ class _EmptyTasks:
     def flush(self, quiet: bool = False) -> None:
         """Write the names not yet recorded (:class:`DestinationError` where that fails, unless
         ``quiet``: on the way out of a run already failing, its tasks are then run again by a
-        resumed run)."""
+        resumed run; nor is anything written then where another run has taken the
+        destination over: a record left in its finished output, or in a scratch area deleted by
+        hand, would be no run's)."""
         if not self._pending:
             return
+        if quiet and self.owner is not None:
+            from .writer import taken_over
+
+            if taken_over(self.kv, self.owner):
+                return
         try:
             storage.write(self.kv, empty_key(self.run, self.seq, self.stamp), "\n".join(self._pending).encode())
         except Exception:
@@ -1717,7 +1727,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     # from the listing made before the plan was written (emptied by --overwrite): a task another
     # run finished since is only run again (the same bytes), and no listing is made twice
     done, found_nothing = scratch_tasks(kv, plan.stamp, [] if overwrite else existing)
-    empties = _EmptyTasks(kv, plan.stamp)   # this run's tasks that find nothing
+    empties = _EmptyTasks(kv, plan.stamp, owner)   # this run's tasks that find nothing
     todo = [t for t in mine if task_name(t) not in done]
     # a part's blocks are its own, as its tasks are (every block has a task: its coarse one, or the whole)
     summary = Summary(blocks=len(plan.blocks()) if part is None else len({t[0] for t in mine}),

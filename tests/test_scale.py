@@ -562,3 +562,27 @@ def test_empty_tasks_are_recorded_a_batch_at_a_time_or_once_the_first_has_waited
     bad.flush(quiet=True)
     with pytest.raises(DestinationError):
         bad.flush()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_run_taken_over_records_nothing_on_the_way_out(tmp_path, monkeypatch, workers):
+    """A run whose scratch area is deleted while it meshes (by hand, or by another run that has
+    finished there since) stops at its next report, and does not record its tasks that found
+    nothing on the way out: such a record, in no run's scratch area (no plan), was left in DEST,
+    which the next run then refused as not empty, and ``validate`` warned of."""
+    import shutil
+
+    from gpumesh import DestinationTakenError, writer
+    from gpumesh.pipeline import MeshOptions, run_mesh
+
+    monkeypatch.setattr(writer, "OWNER_CHECK_S", 0.0)
+    dest = tmp_path / "out"
+
+    def delete_it(done, total):
+        if done == 1:
+            shutil.rmtree(dest / SCRATCH)
+
+    vol = np.zeros((64, 64, 64), np.uint32)   # every task finds nothing: none writes a result
+    with pytest.raises(DestinationTakenError, match="scratch area was deleted"):
+        run_mesh(vol, str(dest), options=MeshOptions(chunk_size=8), workers=workers, progress=delete_it)
+    assert not [p for p in dest.rglob("*") if p.is_file()]
