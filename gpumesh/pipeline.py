@@ -462,8 +462,8 @@ def scratch_tasks(kv, stamp: str = "", keys: Optional[list] = None) -> tuple[set
 
     Raises
     ------
-    SourceReadError, DestinationError
-        A record cannot be read (one deleted since the listing is passed over).
+    DestinationError
+        A record cannot be read, or is not one (one deleted since the listing is passed over).
     """
     blocks, empty = SCRATCH + "blocks/", SCRATCH + "empty/"
     if keys is None:
@@ -477,10 +477,15 @@ def scratch_tasks(kv, stamp: str = "", keys: Optional[list] = None) -> tuple[set
         elif k.startswith(empty) and k[len(empty):].partition("@")[2] == stamp:
             records.append(k)
     found: set = set()
-    for fut in [kv.read(k) for k in records]:   # all at once
-        text = storage.read_result(fut)
-        if text:
-            found.update(text.decode().split("\n"))
+    for k, fut in [(k, kv.read(k)) for k in records]:   # all at once
+        try:
+            text = storage.read_result(fut)
+            if text:
+                found.update(text.decode().split("\n"))
+        except ValueError as exc:   # TensorStore's errors (I/O, permission); bytes that are not text
+            raise DestinationError(f"cannot read {storage.kvstore_url(kv.spec().to_json())}{k}, a record of tasks "
+                                   f"that found nothing ({one_line(exc)}); deleting it only makes a resumed "
+                                   f"run mesh them again") from exc
     return finished | found, found
 
 

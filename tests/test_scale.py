@@ -586,3 +586,38 @@ def test_a_run_taken_over_records_nothing_on_the_way_out(tmp_path, monkeypatch, 
     with pytest.raises(DestinationTakenError, match="scratch area was deleted"):
         run_mesh(vol, str(dest), options=MeshOptions(chunk_size=8), workers=workers, progress=delete_it)
     assert not [p for p in dest.rglob("*") if p.is_file()]
+
+
+def test_a_record_that_cannot_be_read_is_a_destination_error_naming_it(tmp_path):
+    """A record of tasks that found nothing that cannot be read (an I/O error, no permission),
+    or that is not one (bytes that are not text): :class:`DestinationError` naming it, as
+    :func:`scratch_tasks` says, not TensorStore's bare ValueError (a traceback-less "bad input"
+    on the command line) or a UnicodeDecodeError; one deleted since the listing is passed over."""
+    from gpumesh.errors import DestinationError
+    from gpumesh.pipeline import empty_key, scratch_tasks
+
+    kv = storage.open_kvstore(str(tmp_path / "dest"))
+    storage.write(kv, empty_key("a", 0, "st"), b"1_0_0\n2_0_0")
+    storage.write(kv, empty_key("b", 0, "st"), b"\xff\xfe1_0_0")
+    keys = storage.list_keys(kv) + [empty_key("gone", 0, "st")]
+
+    class Failing:   # a store whose reads of one record fail
+        def read(self, key, **kwargs):
+            if "/a-0@" not in key:
+                return kv.read(key, **kwargs)
+
+            class Future:
+                def result(self):
+                    raise ValueError("UNAVAILABLE: the store did not answer")
+
+            return Future()
+
+        def spec(self):
+            return kv.spec()
+
+    with pytest.raises(DestinationError, match=r"empty/a-0@st.*UNAVAILABLE"):
+        scratch_tasks(Failing(), "st", keys)
+    with pytest.raises(DestinationError, match=r"empty/b-0@st"):
+        scratch_tasks(kv, "st", keys)
+    storage.delete_prefix(kv, empty_key("b", 0, "st"))
+    assert scratch_tasks(kv, "st", keys) == ({"1_0_0", "2_0_0"},) * 2
