@@ -328,7 +328,8 @@ def test_in_flight_follows_a_changing_number_ahead_with_no_task_finishing(monkey
         assert len(order) == 2   # nothing finished, the same number ahead: no more submitted
         target[0] = 9   # workers joined
         until = time.monotonic() + 5
-        while len(order) < 9 and time.monotonic() < until:
+        # the taking thread adds a task to pending once submitted: both are waited for
+        while (len(order) < 9 or len(flight.pending) < 9) and time.monotonic() < until:
             time.sleep(0.01)
         assert len(order) == 9 and len(flight.pending) == 9
         target[0] = 0   # every worker gone: the tasks in flight stay, none is added (at least 1 is kept)
