@@ -622,3 +622,116 @@ def test_a_record_that_cannot_be_read_is_a_destination_error_naming_it(tmp_path)
         scratch_tasks(kv, "st", keys)
     storage.delete_prefix(kv, empty_key("b", 0, "st"))
     assert scratch_tasks(kv, "st", keys) == ({"1_0_0", "2_0_0"},) * 2
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_tasks_that_find_nothing_are_recorded_as_the_run_goes_not_only_at_its_end(tmp_path, monkeypatch, workers):
+    """A record is written each time ``EMPTY_BATCH`` names wait (here 2), in this process's
+    loop and in the pool's: a run killed outright (SIGKILL, a node lost) loses only the names
+    not yet recorded, not all of them."""
+    import math
+
+    from gpumesh import pipeline
+    from gpumesh.pipeline import MeshOptions, run_mesh
+
+    monkeypatch.setattr(pipeline, "EMPTY_BATCH", 2)
+    dest = tmp_path / "out"
+    run_mesh(_sparse(), str(dest), options=MeshOptions(chunk_size=8), workers=workers, part=(0, 1))
+    results, named, records, _, _ = _scratch(dest)
+    assert len(named) > 4 and len(set(named)) == len(named)
+    assert records == math.ceil(len(named) / 2)
+
+
+def test_a_pool_run_stopped_keeps_what_its_tasks_found_nothing_in(tmp_path):
+    """Ctrl-C while the workers of a pool mesh: the tasks that found nothing so far are
+    recorded on the way out (as a one-worker run's are), counted in ``tasks_kept``, skipped by
+    the resumed run, which writes the bytes of one run."""
+    from gpumesh.pipeline import MeshOptions, Plan, run_mesh
+
+    from conftest import tree_files
+
+    vol, options = _sparse(), MeshOptions(chunk_size=8)
+    tasks = Plan.make(vol.shape, options).tasks()
+
+    def stop(done, total):
+        if done == len(tasks) // 2:
+            raise KeyboardInterrupt
+
+    dest = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt) as info:
+        run_mesh(vol, str(dest), options=options, workers=2, progress=stop)
+    results, named, records, _, _ = _scratch(dest)
+    assert records == 1 and len(named) > len(tasks) // 4
+    assert info.value.tasks_kept == (len(set(results) | set(named)), len(tasks))
+    again = run_mesh(vol, str(dest), options=options, workers=2, resume=True)
+    assert again.tasks_resumed == len(set(results) | set(named))
+    run_mesh(vol, str(tmp_path / "one"), options=options, workers=1)
+    assert tree_files(dest) == tree_files(tmp_path / "one")
+
+
+def test_a_record_is_written_once_its_first_name_has_waited_empty_flush_s(tmp_path, monkeypatch):
+    """``EMPTY_FLUSH_S`` counts from the first name not yet recorded, not the last: names that
+    keep coming (a task that found nothing every few seconds) are still recorded every
+    ``EMPTY_FLUSH_S``; the wait starts again with the first name after a record."""
+    import types
+
+    from gpumesh import pipeline
+    from gpumesh.pipeline import _EmptyTasks
+
+    clock = [1000.0]
+    monkeypatch.setattr(pipeline, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    kv = storage.open_kvstore(str(tmp_path / "dest"))
+    rec = _EmptyTasks(kv, "st")
+
+    def records():
+        return len(storage.list_keys(kv, SCRATCH + "empty/"))
+
+    for i in range(4):   # a name every 10 s
+        rec.add(f"{i}_0_0")
+        rec.tick()
+        assert records() == (1 if i == 3 else 0), i
+        clock[0] += 10
+    rec.add("9_0_0")   # 40 s after the first, 10 after the last record: waits
+    rec.tick()
+    clock[0] += pipeline.EMPTY_FLUSH_S - 1
+    rec.tick()
+    assert records() == 1
+    clock[0] += 1
+    rec.tick()
+    assert records() == 2
+
+
+def test_a_run_stopped_while_deleting_its_records_resumes(tmp_path, monkeypatch):
+    """The output is written and the run is stopped while it deletes the records of its tasks
+    that found nothing (the task results are gone): they go before the plan, which outlives
+    them, so ``--resume`` finishes the job (the bytes of one run, no scratch area left) rather
+    than refusing "a finished mesh" with records left in it."""
+    import tensorstore as ts
+
+    from gpumesh import pipeline
+    from gpumesh.pipeline import MeshOptions, run_mesh
+
+    from conftest import tree_files
+
+    vol, options = _sparse(), MeshOptions(chunk_size=8)
+    run_mesh(vol, str(tmp_path / "one"), options=options, workers=1)
+    monkeypatch.setattr(pipeline, "EMPTY_BATCH", 8)   # several records, half of them deleted
+    real = storage.delete_prefix
+
+    def stopped_halfway(kv, prefix):
+        if prefix != SCRATCH + "empty/":
+            return real(kv, prefix)
+        keys = storage.list_keys(kv, prefix)
+        assert len(keys) > 2
+        for key in keys[:len(keys) // 2]:
+            kv.delete_range(ts.KvStore.KeyRange(inclusive_min=key, exclusive_max=key + "\x00")).result()
+        raise KeyboardInterrupt
+
+    dest = tmp_path / "out"
+    monkeypatch.setattr(pipeline.storage, "delete_prefix", stopped_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        run_mesh(vol, str(dest), options=options, workers=1)
+    assert (dest / "info").exists() and (dest / SCRATCH / "plan.json").exists()
+    monkeypatch.setattr(pipeline.storage, "delete_prefix", real)
+    run_mesh(vol, str(dest), options=options, workers=1, resume=True)
+    assert tree_files(dest) == tree_files(tmp_path / "one") and not (dest / SCRATCH).exists()
