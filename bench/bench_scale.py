@@ -81,10 +81,10 @@ def fill_other_parts(dest: Path, tasks: list, per_part: int) -> int:
     done = {k.split("/")[-1].partition("@")[0] for k in keys if k.startswith(SCRATCH + "blocks/")}
     for k in keys:
         if k.startswith(SCRATCH + "empty/"):
-            done.update(storage.read(kv, k).decode().split("\n"))
+            done.update(storage.read(kv, k).decode().splitlines())
     rest = [task_name(t) for t in tasks if task_name(t) not in done]
     if any(k.startswith(SCRATCH + "empty/") for k in keys):
-        items = ((f"{SCRATCH}empty/{secrets.token_hex(8)}-0@{stamp}", "\n".join(rest[i:i + per_part]).encode())
+        items = ((f"{SCRATCH}empty/{secrets.token_hex(8)}-0@{stamp}", "".join(n + "\n" for n in rest[i:i + per_part]).encode())
                  for i in range(0, len(rest), per_part))
         storage.write_many(kv, items, sync=False)
         return len(rest)

@@ -448,7 +448,8 @@ def block_key(task, stamp: str = "") -> str:
 
 def empty_key(run: str, seq: int, stamp: str = "") -> str:
     """Scratch key of a record of tasks that found nothing (:class:`_EmptyTasks`):
-    ``empty/RUN-SEQ@STAMP``, ``RUN`` naming the run that wrote it."""
+    ``empty/RUN-SEQ@STAMP``, ``RUN`` naming the run that wrote it.  The record holds their
+    names (:func:`task_name`), each followed by a newline (ASCII)."""
     return f"{SCRATCH}empty/{run}-{seq}" + (f"@{stamp}" if stamp else "")
 
 
@@ -480,8 +481,11 @@ def scratch_tasks(kv, stamp: str = "", keys: Optional[list] = None) -> tuple[set
     for k, fut in [(k, kv.read(k)) for k in records]:   # all at once
         try:
             text = storage.read_result(fut)
-            if text:
-                found.update(text.decode().split("\n"))
+            if text is None:   # deleted since the listing
+                continue
+            if not text.endswith(b"\n"):   # each name ends with one: a record cut short would cut a name
+                raise ValueError(f"{len(text)} bytes that do not end a name")
+            found.update(text[:-1].decode().split("\n"))
         except ValueError as exc:   # TensorStore's errors (I/O, permission); bytes that are not text
             raise DestinationError(f"cannot read {storage.kvstore_url(kv.spec().to_json())}{k}, a record of tasks "
                                    f"that found nothing ({one_line(exc)}); deleting it only makes a resumed "
@@ -559,10 +563,12 @@ class _EmptyTasks:
         if quiet and self.owner is not None:
             from .writer import taken_over
 
-            if taken_over(self.kv, self.owner):
+            if taken_over(self.kv, self.owner):   # (False where the mark cannot be read)
                 return
         try:
-            storage.write(self.kv, empty_key(self.run, self.seq, self.stamp), "\n".join(self._pending).encode())
+            # a line per name, each ended: a record cut short is told from a whole one
+            storage.write(self.kv, empty_key(self.run, self.seq, self.stamp),
+                          "".join(n + "\n" for n in self._pending).encode())
         except Exception:
             if not quiet:
                 raise

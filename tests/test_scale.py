@@ -445,7 +445,7 @@ def _scratch(dest):
     keys = storage.list_keys(kv, SCRATCH)
     results = [k.split("/")[-1].partition("@")[0] for k in keys if k.startswith(SCRATCH + "blocks/")]
     records = [k for k in keys if k.startswith(SCRATCH + "empty/")]
-    named = [n for k in records for n in storage.read(kv, k).decode().split("\n")]
+    named = [n for k in records for n in storage.read(kv, k).decode().splitlines()]
     return results, named, len(records), kv, keys
 
 
@@ -591,15 +591,17 @@ def test_a_run_taken_over_records_nothing_on_the_way_out(tmp_path, monkeypatch, 
 
 def test_a_record_that_cannot_be_read_is_a_destination_error_naming_it(tmp_path):
     """A record of tasks that found nothing that cannot be read (an I/O error, no permission),
-    or that is not one (bytes that are not text): :class:`DestinationError` naming it, as
+    or that is not one (bytes that are not text, or cut short: its last name not ended, which
+    could be another task's name cut): :class:`DestinationError` naming it, as
     :func:`scratch_tasks` says, not TensorStore's bare ValueError (a traceback-less "bad input"
     on the command line) or a UnicodeDecodeError; one deleted since the listing is passed over."""
     from gpumesh.errors import DestinationError
     from gpumesh.pipeline import empty_key, scratch_tasks
 
     kv = storage.open_kvstore(str(tmp_path / "dest"))
-    storage.write(kv, empty_key("a", 0, "st"), b"1_0_0\n2_0_0")
-    storage.write(kv, empty_key("b", 0, "st"), b"\xff\xfe1_0_0")
+    storage.write(kv, empty_key("a", 0, "st"), b"1_0_0\n2_0_0\n")
+    storage.write(kv, empty_key("b", 0, "st"), b"\xff\xfe1_0_0\n")
+    storage.write(kv, empty_key("c", 0, "st"), b"3_0_0\n4_0_1")   # cut short: "4_0_1" may be "4_0_10"
     keys = storage.list_keys(kv) + [empty_key("gone", 0, "st")]
 
     class Failing:   # a store whose reads of one record fail
@@ -621,6 +623,9 @@ def test_a_record_that_cannot_be_read_is_a_destination_error_naming_it(tmp_path)
     with pytest.raises(DestinationError, match=r"empty/b-0@st"):
         scratch_tasks(kv, "st", keys)
     storage.delete_prefix(kv, empty_key("b", 0, "st"))
+    with pytest.raises(DestinationError, match=r"empty/c-0@st.*do not end a name"):
+        scratch_tasks(kv, "st", keys)
+    storage.delete_prefix(kv, empty_key("c", 0, "st"))
     assert scratch_tasks(kv, "st", keys) == ({"1_0_0", "2_0_0"},) * 2
 
 
