@@ -140,3 +140,29 @@ def test_a_dask_cluster_reads_and_writes_the_bucket_at_this_process_endpoint(end
                            voxel_size=VOXEL_SIZE, client=client)
     assert summary.workers == 2
     assert s3_files(s3(endpoint, "dask-mesh/")) == {k.replace(os.sep, "/"): v for k, v in tree_files(local).items()}
+
+
+def test_an_array_jobs_parts_into_a_bucket_record_tasks_that_find_nothing_by_name(endpoint, tmp_path):
+    """The parts of an array job writing into a bucket: a task that found only background
+    leaves no object of its own (a PUT, a listing entry, a GET and a DELETE each on a cloud
+    store), only its name in its part's record; the run after the parts writes the bytes of one
+    run on local files, and leaves no scratch object."""
+    from gpumesh.pipeline import SCRATCH, Plan
+
+    vol = np.zeros((72, 64, 56), np.uint32)
+    vol[3:20, 5:17, 2:14] = 7
+    vol[10:15, 30:40, 4:9] = 9
+    options = MeshOptions(chunk_size=8)
+    tasks = Plan.make(vol.shape, options).tasks()
+    local = tmp_path / "local"
+    run_mesh(vol, str(local), options=options, voxel_size=VOXEL_SIZE, workers=1)
+    dest = s3(endpoint, "parts-mesh/")
+    for k, workers in ((0, 1), (1, 2)):
+        run_mesh(vol, dest, options=options, voxel_size=VOXEL_SIZE, workers=workers, part=(k, 2))
+    keys = list(s3_files(dest))
+    results = [k for k in keys if k.startswith(SCRATCH + "blocks/")]
+    records = [k for k in keys if k.startswith(SCRATCH + "empty/")]
+    assert len(records) == 2 and 0 < len(results) < len(tasks) // 4
+    last = run_mesh(vol, dest, options=options, voxel_size=VOXEL_SIZE, workers=2, resume=True)
+    assert last.tasks_resumed == len(tasks)
+    assert s3_files(dest) == {k.replace(os.sep, "/"): v for k, v in tree_files(local).items()}
