@@ -500,8 +500,8 @@ def finished_tasks(kv, stamp: str = "", keys: Optional[list] = None) -> set:
 
 #: Names of tasks that found nothing per record in the scratch area (:class:`_EmptyTasks`).
 EMPTY_BATCH = 4096
-#: The most seconds a finished task that found nothing waits unrecorded (a run stopped meanwhile
-#: loses it: a resumed run runs it again).
+#: The most seconds (give or take :data:`REFILL_S`) a finished task that found nothing waits
+#: unrecorded (a run killed meanwhile loses it: a resumed run runs it again).
 EMPTY_FLUSH_S = 30.0
 
 
@@ -1329,7 +1329,8 @@ def _interrupt_of(exc: BaseException) -> Optional[KeyboardInterrupt]:
 TASKS_AHEAD = 4
 
 #: Seconds between two looks at a Dask cluster's size while no task finishes (:class:`_InFlight`):
-#: the workers that joined since get tasks without waiting for one to finish.
+#: the workers that joined since get tasks without waiting for one to finish; and between two
+#: looks at the names of tasks that found nothing waiting to be recorded (:class:`_EmptyTasks`).
 REFILL_S = 1.0
 
 
@@ -1356,6 +1357,9 @@ class _InFlight:
         asked again as each task finishes and every :data:`REFILL_S` seconds between: the tasks
         in flight follow a cluster that grows (dask-jobqueue, adaptive scaling) or shrinks
         (none is cancelled; fewer are submitted until they finish).
+    idle : callable(), optional
+        Called in the iterating thread every :data:`REFILL_S` seconds while no task finishes
+        (the records of tasks that found nothing keep their time bound while a long task runs).
 
     Attributes
     ----------
@@ -1364,10 +1368,12 @@ class _InFlight:
         early (the items not yet submitted never are).
     """
 
-    def __init__(self, submit: Callable, items: Iterable, ahead):
+    def __init__(self, submit: Callable, items: Iterable, ahead, idle: Optional[Callable[[], None]] = None):
         self._submit, self._items = submit, iter(items)
         self._ahead = ahead if callable(ahead) else (lambda: ahead)
-        self._timeout = REFILL_S if callable(ahead) else None   # a fixed number needs no second look
+        self._idle = idle
+        # a fixed number and nothing to do meanwhile need no second look
+        self._timeout = REFILL_S if callable(ahead) or idle is not None else None
         self._finished: queue.SimpleQueue = queue.SimpleQueue()   # filled by the pool's thread
         self.pending: set = set()
         self._fill()   # now: a local pool starts its processes on these
@@ -1385,6 +1391,8 @@ class _InFlight:
                 fut = self._finished.get(timeout=self._timeout)
             except queue.Empty:   # none finished for a while: workers may have joined
                 self._fill()
+                if self._idle is not None:
+                    self._idle()
                 continue
             self.pending.discard(fut)
             self._fill()   # before the caller takes its result: a worker never waits on this process
@@ -1833,7 +1841,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                         ahead = (TASKS_AHEAD * nworkers if cluster is None
                                  else lambda: TASKS_AHEAD * max(1, cluster.threads))
                         with _signals_deferred():   # the pool starts its processes here
-                            flight = _InFlight(functools.partial(pool.submit, _run_task), todo, ahead)
+                            flight = _InFlight(functools.partial(pool.submit, _run_task), todo, ahead,
+                                               idle=empties.tick)
                         futures = flight.pending   # kept up to date as tasks are submitted and taken
                         # the worker processes (private; only to say how a dead one ended)
                         procs = list((getattr(pool, "_processes", None) or {}).values())

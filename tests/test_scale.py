@@ -740,3 +740,54 @@ def test_a_run_stopped_while_deleting_its_records_resumes(tmp_path, monkeypatch)
     monkeypatch.setattr(pipeline.storage, "delete_prefix", real)
     run_mesh(vol, str(dest), options=options, workers=1, resume=True)
     assert tree_files(dest) == tree_files(tmp_path / "one") and not (dest / SCRATCH).exists()
+
+
+def test_names_waiting_are_recorded_while_the_run_waits_on_a_long_task(tmp_path, monkeypatch):
+    """The names of tasks that found nothing are recorded ``EMPTY_FLUSH_S`` after the first,
+    also while no task finishes (a long task runs): the main job looks every ``REFILL_S``.
+    Before, it looked only as tasks finished, and a run killed outright during a long task lost
+    them however long they had waited.  Here every task but the last is done and handled, the
+    wait is then cut to 0, and a record must be written before the last task is let finish."""
+    import time
+    from concurrent.futures import Future
+
+    from gpumesh import pipeline
+    from gpumesh.pipeline import MeshOptions, Plan, run_mesh
+
+    from conftest import tree_files
+
+    vol, options = _sparse(), MeshOptions(chunk_size=8)
+    tasks = Plan.make(vol.shape, options).tasks()
+    dest = tmp_path / "out"
+    monkeypatch.setattr(pipeline, "EMPTY_FLUSH_S", 1e9)   # no record as the tasks finish
+    monkeypatch.setattr(pipeline, "REFILL_S", 0.05)
+    others, seen = [], []
+
+    def hold(real, held):
+        until = time.monotonic() + 60
+        while not (real.done() and all(f.done() for f in others)) and time.monotonic() < until:
+            time.sleep(0.02)
+        time.sleep(0.5)   # the main process has handled them
+        pipeline.EMPTY_FLUSH_S = 0.0   # the names have waited long enough now
+        time.sleep(0.5)
+        kv = storage.open_kvstore(str(dest))
+        seen.append(len(storage.list_keys(kv, SCRATCH + "empty/")))
+        held.set_result(real.result())
+
+    class HoldingPool(pipeline.ProcessPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            fut = super().submit(fn, *args, **kwargs)
+            if fn is not pipeline._run_task:
+                return fut
+            if args[0] != tasks[-1]:
+                others.append(fut)
+                return fut
+            held = Future()   # the last task, let finish only after the check
+            threading.Thread(target=hold, args=(fut, held), daemon=True).start()
+            return held
+
+    monkeypatch.setattr(pipeline, "ProcessPoolExecutor", HoldingPool)
+    run_mesh(vol, str(dest), options=options, workers=2)
+    assert seen == [1]
+    run_mesh(vol, str(tmp_path / "one"), options=options, workers=1)   # no pool
+    assert tree_files(dest) == tree_files(tmp_path / "one")
