@@ -70,24 +70,23 @@ def fill_other_parts(dest: Path, tasks: list, per_part: int) -> int:
     found, with the job's stamp, as the other parts leave them on background: by name, in a
     record per ``per_part`` tasks (``empty/``, where part 0 wrote such records), else an empty
     task result each (part 0's bytes; gpumesh before records). Returns how many."""
-    import secrets
-
-    from gpumesh import storage
+    from gpumesh import pipeline, storage
     from gpumesh.pipeline import SCRATCH, task_name
 
     kv = storage.open_kvstore(str(dest))
     keys = [k for k in storage.list_keys(kv, SCRATCH) if k.startswith((SCRATCH + "blocks/", SCRATCH + "empty/"))]
     stamp = keys[0].partition("@")[2]
-    done = {k.split("/")[-1].partition("@")[0] for k in keys if k.startswith(SCRATCH + "blocks/")}
-    for k in keys:
-        if k.startswith(SCRATCH + "empty/"):
-            done.update(storage.read(kv, k).decode().splitlines())
-    rest = [task_name(t) for t in tasks if task_name(t) not in done]
-    if any(k.startswith(SCRATCH + "empty/") for k in keys):
-        items = ((f"{SCRATCH}empty/{secrets.token_hex(8)}-0@{stamp}", "".join(n + "\n" for n in rest[i:i + per_part]).encode())
-                 for i in range(0, len(rest), per_part))
-        storage.write_many(kv, items, sync=False)
+    if any(k.startswith(SCRATCH + "empty/") for k in keys):   # gpumesh's own reader and writer of records
+        done = pipeline.scratch_tasks(kv, stamp, keys)[0]
+        rest = [task_name(t) for t in tasks if task_name(t) not in done]
+        for i in range(0, len(rest), per_part):   # a record per part, as each part's run writes it
+            record = pipeline._EmptyTasks(kv, stamp)
+            for name in rest[i:i + per_part]:
+                record.add(name)
+            record.flush()
         return len(rest)
+    done = {k.split("/")[-1].partition("@")[0] for k in keys}
+    rest = [task_name(t) for t in tasks if task_name(t) not in done]
     empty = next(b for b in (storage.read(kv, k) for k in keys) if len(b) == 24)
     rest = [f"{SCRATCH}blocks/{name}@{stamp}" for name in rest]
     for i in range(0, len(rest), 10_000):
