@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Main benchmark: gpumesh against igneous, zmesh and serra-mesh on one label volume.
+"""Main benchmark: gpumesh against igneous, mesh-n-bone, zmesh and serra-mesh on one label volume.
 
 One invocation runs, on the same input and machine, each tool in its own child process:
 
@@ -19,7 +19,13 @@ One invocation runs, on the same input and machine, each tool in its own child p
   precomputed copy of the volume made before the clock starts.  igneous runs under its own
   Python (``--igneous-python``, an environment with ``igneous-pipeline``): its dependencies
   do not mix with gpumesh's.  Its output is checked with ``gpumesh.validate``, which also
-  gives its triangles and bytes per LOD.
+  gives its triangles and bytes per LOD;
+* ``mesh-n-bone``: janelia-cellmap's Dask pipeline, its CLI ``mesh-n-bone meshify CONFIG -n
+  N`` with its defaults (sharded multi-resolution Draco meshes, LODs meshed from downsampled
+  labels, smoothed and decimated with pyfqmr) but ``num_lods`` (gpumesh's LOD count), on a
+  z, y, x zarr copy of the volume made before the clock starts, N local Dask workers (one per
+  core), under its own Python (``--mnb-python``); its output checked and counted like
+  igneous's.
 
 Wall time and peak RSS of each child are measured here: wall with ``time.perf_counter``
 around spawn-to-reap, peak RSS from ``os.wait4(pid, 0)``, whose rusage is exactly that
@@ -36,7 +42,8 @@ Results are printed as a table and written to
 ``bench/results/main-<UTC timestamp>-<hostname>.json``.  See bench/README.md.
 
 The same file is also the peer workers' entry point (hidden ``--_worker zmesh|serra|igneous``;
-the igneous worker needs only the standard library and igneous).
+the igneous worker needs only the standard library and igneous; mesh-n-bone runs as its own
+command).
 """
 
 from __future__ import annotations
@@ -67,7 +74,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # checkout (a lent GPU machine, see bench/device/)
 DEFAULT_SOURCE = Path(os.environ.get("GPUMESH_DATA", REPO_ROOT / ".." / "shared" / "data")) / "connectomics.zarr"
 DEFAULT_RESULTS_DIR = REPO_ROOT / "bench" / "results"
-TOOLS = ("gpumesh", "zmesh", "serra", "igneous")
+MNB = "mesh-n-bone"   # janelia-cellmap/mesh-n-bone: its name in TOOLS, --skip and the table
+TOOLS = ("gpumesh", "zmesh", "serra", "igneous", MNB)
 
 # igneous' MeshTask defaults (seung-lab/igneous, igneous/tasks/mesh/mesh.py):
 #   'simplification_factor': 100, 'max_simplification_error': 40  (nm, physical units)
@@ -766,6 +774,23 @@ def _fresh_igneous_layer(source_layer: Path, out_dir: Path, rep: int) -> Path:
     return layer
 
 
+def _validated(res: dict[str, Any], mesh_dir: Path) -> dict[str, Any]:
+    """``res`` with a peer's output counted and checked by ``gpumesh.validate``: its segments,
+    triangles and bytes per LOD, and its violations of the spec and the client's rules."""
+    try:
+        from gpumesh.validate import validate
+
+        report = validate(str(mesh_dir))
+        res["segments"] = int(report.num_segments)
+        res["triangles_per_lod"] = [int(s["triangles"]) for s in report.per_lod]
+        res["bytes_per_lod"] = [int(s["bytes"]) for s in report.per_lod]
+        res["validate_errors"] = int(report.num_errors)
+        res["validate_first_errors"] = list(report.errors[:5])
+    except Exception as e:  # noqa: BLE001 - the timing stands without the check
+        res["validate_error"] = f"{type(e).__name__}: {e}"
+    return res
+
+
 def run_igneous(args: argparse.Namespace, out_dir: Path, rep: int,
                 source_layer: Path) -> dict[str, Any]:
     layer = _fresh_igneous_layer(source_layer, out_dir, rep)
@@ -785,18 +810,121 @@ def run_igneous(args: argparse.Namespace, out_dir: Path, rep: int,
     res["dest_bytes_on_disk"], res["dest_files"] = _dir_size(mesh_dir)
     # igneous leaves its forge fragments (*.frags) and label lists beside the shards
     res["bytes"] = sum(p.stat().st_size for p in mesh_dir.glob("*.shard"))
-    try:
-        from gpumesh.validate import validate
+    return _validated(res, mesh_dir)
 
-        report = validate(str(mesh_dir))
-        res["segments"] = int(report.num_segments)
-        res["triangles_per_lod"] = [int(s["triangles"]) for s in report.per_lod]
-        res["bytes_per_lod"] = [int(s["bytes"]) for s in report.per_lod]
-        res["validate_errors"] = int(report.num_errors)
-        res["validate_first_errors"] = list(report.errors[:5])
-    except Exception as e:  # noqa: BLE001 - the timing stands without the check
-        res["validate_error"] = f"{type(e).__name__}: {e}"
-    return res
+
+# --------------------------------------------------------------------------------------------
+# mesh-n-bone (janelia-cellmap/mesh-n-bone): its own CLI, under its own Python
+# --------------------------------------------------------------------------------------------
+
+#: the packages whose versions are recorded from mesh-n-bone's environment
+MNB_PACKAGES = ("mesh-n-bone", "zmesh", "pyfqmr", "DracoPy", "pymeshlab", "trimesh", "dask",
+                "worldarray", "tensorstore", "numpy")
+#: mesh-n-bone's local Dask configuration as its examples give it
+#: (examples/meshify-config/dask-config.yaml), but for the worker memory thresholds: ``false``
+#: (off) where the example has ``0.0``, which dask 2025.5.1 (its pin) takes as 0 % and restarts
+#: every worker at once.  No ``memory`` key: with one, mesh-n-bone sizes its blocks from it
+#: (``memory / 6``), and a 512³ volume becomes a single block on one worker.
+MNB_DASK_CONFIG = """\
+jobqueue:
+  local:
+    ncpus: 1
+    processes: 1
+    cores: 1
+    log-directory: job-logs
+    name: dask-worker
+distributed:
+  scheduler:
+    work-stealing: true
+  worker:
+    memory:
+      target: false
+      spill: false
+      pause: false
+      terminate: false
+"""
+
+
+def mnb_unavailable(python: str) -> str | None:
+    """Why mesh-n-bone cannot run under ``python``, or None when it can."""
+    cli = Path(python).with_name(MNB)
+    if not cli.exists():
+        return f"no {MNB} command beside {python}; see bench/README.md"
+    try:
+        r = subprocess.run([python, "-c", "import mesh_n_bone.meshify.meshify"],
+                           capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"cannot run {python}: {e}"
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["?"])[-1]
+        return f"mesh-n-bone does not import under {python} ({last}); see bench/README.md"
+    return None
+
+
+def mnb_packages(python: str) -> dict[str, str | None]:
+    """:data:`MNB_PACKAGES`' versions in mesh-n-bone's environment."""
+    code = ("import importlib.metadata as m, json, sys\n"
+            "def v(n):\n"
+            "    try:\n        return m.version(n)\n"
+            "    except m.PackageNotFoundError:\n        return None\n"
+            "print(json.dumps({n: v(n) for n in sys.argv[1:]}))")
+    r = subprocess.run([python, "-c", code, *MNB_PACKAGES], capture_output=True, text=True, timeout=300)
+    return json.loads(r.stdout) if r.returncode == 0 else {"error": r.stderr.strip()[-300:]}
+
+
+def prepare_mnb_source(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    """The volume as mesh-n-bone reads it (worldarray takes every array as z, y, x): a zarr v3
+    copy in z, y, x order, 128³ chunks (the source's), zstd, written once with tensorstore
+    before any clock starts (its voxel size is given in the run configuration).  Returns its
+    ``path``, the ``seconds`` it took and its format."""
+    import numpy as np
+    import tensorstore as ts
+
+    t0 = time.perf_counter()
+    path = out_dir / "mnb-source.zarr"
+    zyx = np.ascontiguousarray(load_volume(Path(args.source)).transpose(2, 1, 0))
+    chunk = [min(128, s) for s in zyx.shape]
+    store = ts.open({
+        "driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)},
+        "metadata": {"shape": list(zyx.shape), "data_type": str(zyx.dtype),
+                     "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}},
+                     "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                                {"name": "zstd", "configuration": {"level": 9}}],
+                     "dimension_names": ["z", "y", "x"]},
+    }, create=True, delete_existing=True).result()
+    store.write(zyx).result()
+    return {"path": str(path), "seconds": time.perf_counter() - t0, "axes": "zyx", "chunk_shape": chunk,
+            "codec": "zstd"}
+
+
+def run_mnb(args: argparse.Namespace, out_dir: Path, rep: int, source: Path) -> dict[str, Any]:
+    """One ``mesh-n-bone meshify CONFIG -n WORKERS`` run: its defaults (multi-resolution,
+    sharded, LODs meshed from downsampled labels), ``num_lods`` as gpumesh's default, the
+    voxel size z, y, x; its output checked and counted with ``gpumesh.validate``."""
+    cfg = out_dir / f"mnb-config-{rep}"
+    dest = out_dir / f"mnb-{rep}"
+    for p in (cfg, dest):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in out_dir.glob(f"mnb-config-{rep}-*"):   # its execution directories of earlier runs
+        shutil.rmtree(p, ignore_errors=True)
+    cfg.mkdir(parents=True)
+    vs = ", ".join(f"{v:g}" for v in reversed(args.voxel_size))
+    (cfg / "run-config.yaml").write_text(
+        f"input_path: {source}\noutput_directory: {dest}\nnum_lods: {args.mnb_nlod}\nvoxel_size_nm: [{vs}]\n")
+    (cfg / "dask-config.yaml").write_text(MNB_DASK_CONFIG)
+    cmd = [str(Path(args.mnb_python).with_name(MNB)), "meshify", str(cfg), "-n", str(args.mnb_workers)]
+    _log(f"[{MNB}] run {rep + 1}: {args.mnb_workers} workers")
+    meas = run_child(cmd, out_dir / "logs" / f"mnb-{rep}.log", cwd=out_dir, timeout=args.timeout)
+    res: dict[str, Any] = {"tool": MNB, "command": cmd, "processes": args.mnb_workers, **meas}
+    mesh_dir = dest / "multires"
+    if meas["returncode"] != 0 or not (mesh_dir / "info").exists():
+        return _child_failure(res, meas)
+    res["mesh_dir"] = str(mesh_dir)
+    res["dest_bytes_on_disk"], res["dest_files"] = _dir_size(mesh_dir)
+    shards = list(mesh_dir.glob("*.shard"))
+    res["bytes"] = (sum(p.stat().st_size for p in shards) if shards else
+                    sum(p.stat().st_size for p in mesh_dir.iterdir() if p.is_file() and p.name != "info"))
+    return _validated(res, mesh_dir)
 
 
 # --------------------------------------------------------------------------------------------
@@ -883,7 +1011,7 @@ def ratio_at_least(a: dict[str, Any], g_wall: float | None) -> float | None:
 
 
 def _triangles_cell(tool: str, a: dict[str, Any]) -> str:
-    if tool in ("gpumesh", "igneous") or tool.startswith("gpumesh "):
+    if tool in ("gpumesh", "igneous", MNB) or tool.startswith("gpumesh "):
         tpl = a.get("triangles_per_lod")
         if not tpl:
             return "?"
@@ -943,7 +1071,7 @@ def print_table(aggs: dict[str, dict[str, Any]]) -> None:
     print()
     print(
         "cpu s = user + system CPU time of the child and its waited-for descendants. "
-        "triangles: gpumesh and igneous per LOD (finest first); zmesh and serra "
+        "triangles: gpumesh, igneous and mesh-n-bone per LOD (finest first); zmesh and serra "
         "unsimplified -> simplified. "
         "x gpumesh = the row's wall / gpumesh's wall (> : the peer was stopped at --timeout)."
     )
@@ -969,6 +1097,13 @@ def print_table(aggs: dict[str, dict[str, Any]]) -> None:
         txt = (f"igneous: {a.get('processes')} processes, forge {_fmt_num(a.get('forge_s'))} s "
                f"+ merge-sharded {_fmt_num(a.get('merge_s'))} s, segments {a.get('segments', '?')}, "
                f"shard bytes {_fmt_count(a.get('bytes'))}")
+        if a.get("validate_errors") is not None:
+            txt += f", gpumesh validate: {a['validate_errors']} errors"
+        print(txt)
+    a = aggs.get(MNB)
+    if a and "error" not in a:
+        txt = (f"{MNB}: {a.get('processes')} Dask workers, segments {a.get('segments', '?')}, "
+               f"bytes {_fmt_count(a.get('bytes'))}")
         if a.get("validate_errors") is not None:
             txt += f", gpumesh validate: {a['validate_errors']} errors"
         print(txt)
@@ -1161,7 +1296,7 @@ def package_versions(names=PACKAGES) -> dict[str, str | None]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Benchmark gpumesh against igneous, zmesh and serra-mesh on one label volume.",
+        description="Benchmark gpumesh against igneous, mesh-n-bone, zmesh and serra-mesh on one label volume.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
@@ -1182,7 +1317,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "appended too, run right after gpumesh in each repeat (repeatable), for "
                    "comparing options in one run")
     p.add_argument("--skip", default="",
-                   help="comma-separated tools to skip: gpumesh,zmesh,serra,igneous")
+                   help="comma-separated tools to skip: gpumesh,zmesh,serra,igneous,mesh-n-bone")
     p.add_argument("--out-dir", default=None,
                    help="where gpumesh writes its output, summaries and logs "
                    "(default: a fresh temp dir under /tmp, removed at the end unless --keep)")
@@ -1214,6 +1349,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--igneous-nlod", type=int, default=IGNEOUS_NLOD,
                    help="igneous merge-sharded extra LODs (default: as many LODs as "
                    "gpumesh's default; igneous's own default is 1)")
+    p.add_argument("--mnb-python", default=os.environ.get("GPUMESH_MNB_PYTHON", sys.executable),
+                   help="Python of an environment with mesh-n-bone, its mesh-n-bone command beside it "
+                   "(env GPUMESH_MNB_PYTHON); mesh-n-bone is skipped, with the reason, when it does "
+                   "not import there")
+    p.add_argument("--mnb-workers", type=int, default=os.cpu_count() or 1,
+                   help="mesh-n-bone's Dask workers (-n), one thread each; default one per core")
+    p.add_argument("--mnb-nlod", type=int, default=IGNEOUS_NLOD + 1,
+                   help="mesh-n-bone's num_lods (LOD 0 included; default gpumesh's default LOD "
+                   "count; its own default is 4)")
     p.add_argument("--igneous-layer", help=argparse.SUPPRESS)
     p.add_argument("--_worker", choices=("zmesh", "serra", "igneous"), help=argparse.SUPPRESS)
     p.add_argument("--_result", help=argparse.SUPPRESS)
@@ -1253,6 +1397,12 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"[igneous] skipped: {why}")
             skipped["igneous"] = why
             tools.remove("igneous")
+    if MNB in tools:
+        why = mnb_unavailable(args.mnb_python)
+        if why:
+            _log(f"[{MNB}] skipped: {why}")
+            skipped[MNB] = why
+            tools.remove(MNB)
     if args.repeat < 1:
         print("--repeat must be >= 1", file=sys.stderr)
         return 2
@@ -1277,12 +1427,19 @@ def main(argv: list[str] | None = None) -> int:
     if "igneous" in tools:
         _log("[igneous] writing a precomputed copy of the volume (not timed)")
         igneous_setup = prepare_igneous_source(args, out_dir)
+    mnb_setup: dict[str, Any] = {}
+    if MNB in tools:
+        _log(f"[{MNB}] writing a z, y, x copy of the volume (not timed)")
+        mnb_setup = prepare_mnb_source(args, out_dir)
+        mnb_setup["packages"] = mnb_packages(args.mnb_python)
     for rep in range(args.repeat):  # interleave the tools so drift hits all of them alike
         for tool in tools:
             if tool == "gpumesh" or tool in variants:
                 r = run_gpumesh(args, out_dir, rep, variants.get(tool, 0))
             elif tool == "igneous":
                 r = run_igneous(args, out_dir, rep, Path(igneous_setup["layer"]))
+            elif tool == MNB:
+                r = run_mnb(args, out_dir, rep, Path(mnb_setup["path"]))
             else:
                 r = run_peer(tool, args, out_dir, rep)
             runs[tool].append(r)
@@ -1336,6 +1493,11 @@ def main(argv: list[str] | None = None) -> int:
             "igneous_nlod": args.igneous_nlod,
             "igneous_max_labels_per_shard": IGNEOUS_MAX_LABELS_PER_SHARD,
             "igneous_setup": igneous_setup,
+            "mnb_python": args.mnb_python if MNB in tools else None,
+            "mnb_workers": args.mnb_workers,
+            "mnb_num_lods": args.mnb_nlod,
+            "mnb_dask_config": MNB_DASK_CONFIG,
+            "mnb_setup": mnb_setup,
             "repeat": args.repeat,
             "out_dir": str(out_dir),
             "timeout_s": args.timeout,

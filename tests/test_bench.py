@@ -177,6 +177,77 @@ def test_igneous_peer_end_to_end(tmp_path, real_zarr, capsys):
 
 
 # --------------------------------------------------------------------------------------
+# bench_main's mesh-n-bone peer: its own command under its own Python
+
+
+def test_mnb_source_is_the_volume_in_z_y_x_order(tmp_path):
+    import tensorstore as ts
+
+    a = np.random.default_rng(2).integers(0, 9, size=(140, 17, 9)).astype(np.uint32)  # 2 chunks in x
+    src = tmp_path / "labels.npy"
+    np.save(src, a)
+    setup = bench_main.prepare_mnb_source(argparse.Namespace(source=str(src), voxel_size=(4.0, 5.0, 6.0)), tmp_path)
+    store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": setup["path"]}}).result()
+    assert store.domain.labels == ("z", "y", "x") and store.chunk_layout.read_chunk.shape == (9, 17, 128)
+    assert np.array_equal(store.read().result(), a.transpose(2, 1, 0))
+
+
+def test_mnb_unavailable_says_why(tmp_path):
+    assert "no mesh-n-bone command" in bench_main.mnb_unavailable(str(tmp_path / "python"))
+    # a mesh-n-bone command beside a Python that cannot import it
+    (tmp_path / "mesh-n-bone").write_text("#!/bin/sh\n")
+    (tmp_path / "python").symlink_to(sys.executable)
+    assert "does not import" in bench_main.mnb_unavailable(str(tmp_path / "python"))
+
+
+def test_mnb_run_writes_its_configuration(tmp_path, monkeypatch):
+    """The run configuration mesh-n-bone gets: the z, y, x copy, gpumesh's LOD count, the voxel
+    size z, y, x, a local Dask cluster whose workers are not sized (or stopped) by memory."""
+    import yaml
+
+    seen = {}
+
+    def fake_run_child(cmd, log_path, env=None, cwd=None, timeout=None, **kw):
+        cfg = pathlib.Path(cmd[2])
+        seen["cmd"], seen["cwd"] = cmd, cwd
+        seen["run"] = yaml.safe_load((cfg / "run-config.yaml").read_text())
+        seen["dask"] = yaml.safe_load((cfg / "dask-config.yaml").read_text())
+        return {"returncode": 1, "wall_s": 0.1, "timed_out": False, "log": str(log_path)}
+
+    monkeypatch.setattr(bench_main, "run_child", fake_run_child)
+    args = argparse.Namespace(voxel_size=(32.0, 32.0, 40.0), mnb_python="/env/bin/python", mnb_workers=3,
+                              mnb_nlod=3, timeout=None)
+    res = bench_main.run_mnb(args, tmp_path, 0, tmp_path / "mnb-source.zarr")
+    assert "error" in res   # no output: a failed run, not counted
+    assert seen["cmd"] == ["/env/bin/mesh-n-bone", "meshify", str(tmp_path / "mnb-config-0"), "-n", "3"]
+    assert seen["run"] == {"input_path": str(tmp_path / "mnb-source.zarr"), "output_directory": str(tmp_path / "mnb-0"),
+                           "num_lods": 3, "voxel_size_nm": [40, 32, 32]}
+    local = seen["dask"]["jobqueue"]["local"]
+    assert "memory" not in local and local["processes"] == local["cores"] == 1
+    assert set(seen["dask"]["distributed"]["worker"]["memory"].values()) == {False}
+
+
+@pytest.mark.skipif(not os.environ.get("GPUMESH_MNB_PYTHON"),
+                    reason="GPUMESH_MNB_PYTHON names no environment with mesh-n-bone")
+def test_mnb_peer_end_to_end(tmp_path, real_zarr, capsys):
+    import tensorstore as ts
+
+    store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(real_zarr)}}).result()
+    src = tmp_path / "crop.npy"
+    np.save(src, np.ascontiguousarray(store[100:196, 100:196, 100:196].read().result()))
+    rc = bench_main.main(["--source", str(src), "--skip", "gpumesh,zmesh,serra,igneous", "--mnb-workers", "2",
+                          "--results-dir", str(tmp_path / "res"), "--out-dir", str(tmp_path / "out")])
+    assert rc == 0
+    (result,) = (tmp_path / "res").glob("main-*.json")
+    rec = json.loads(result.read_text())
+    mnb = rec["results"]["mesh-n-bone"]
+    assert mnb["runs_ok"] == 1 and mnb["processes"] == 2 and mnb["segments"] > 0
+    assert len(mnb["triangles_per_lod"]) == 3 and mnb["bytes"] > 0 and "validate_errors" in mnb
+    assert rec["options"]["mnb_setup"]["packages"]["mesh-n-bone"]
+    assert "mesh-n-bone" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------
 # bench_tasks: per-task CPU times and the list-scheduling model
 
 import bench_tasks  # noqa: E402
