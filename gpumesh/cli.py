@@ -491,7 +491,9 @@ def _write_summary(path: str, data: dict) -> None:
 @click.option("--decode/--no-decode", default=True, show_default=True,
               help="decode every fragment (geometry, triangle counts); without, only manifests, octrees, "
                    "sizes and shard structure")
-def validate(dest, segments, sample, seed, decode):
+@click.option("--threads", type=click.IntRange(min=1), metavar="N",
+              help="threads that decode fragments  [default: one per core]")
+def validate(dest, segments, sample, seed, decode, threads):
     """Check a precomputed mesh directory DEST against the spec and Neuroglancer's client rules."""
     from . import storage
     from .validate import validate as run_validate
@@ -508,7 +510,7 @@ def validate(dest, segments, sample, seed, decode):
     if local is not None and not os.path.isdir(local):
         _fail(f"{dest}: " + ("a file, not a mesh directory" if os.path.exists(local) else "no such directory"))
     try:
-        report = run_validate(dest, segments=segments, sample=sample, seed=seed, decode=decode)
+        report = run_validate(dest, segments=segments, sample=sample, seed=seed, decode=decode, threads=threads)
     except GpumeshError as exc:
         _fail(exc)
     click.echo(report.format_table(errors=False))   # the violations on stderr, once

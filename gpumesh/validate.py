@@ -45,8 +45,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import posixpath
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -346,7 +348,7 @@ def _check_octree(report: ValidationReport, seg: int, m: Manifest) -> None:
 
 
 def _check_multires_segment(
-    report: ValidationReport, seg: int, mbytes: Optional[bytes], data: Optional[bytes], bits: int, decode: bool,
+    report: ValidationReport, seg: int, mbytes: Optional[bytes], data: Optional[bytes], bits: int, decode: "_Decoder | bool",
     data_error: Optional[str] = None,
 ) -> None:
     if mbytes is None:
@@ -380,33 +382,71 @@ def _check_multires_segment(
         report.add_error(f"segment {seg}: data file has {len(data)} bytes, fragment sizes sum to {total}")
     if not decode:
         return
+    frags = []   # (lod, where, bytes, or None for bytes beyond the data), in the manifest's order
     for lod, ranges in enumerate(m.fragment_byte_ranges()):
-        st = report.lod(lod)
         for i, (start, stop) in enumerate(ranges.tolist()):
             if stop == start:
                 continue
             where = f"segment {seg} lod {lod} node {i} {m.fragment_positions[lod][i].tolist()}"
             if stop > len(data):
-                report.add_error(f"{where}: fragment bytes [{start}, {stop}) beyond end of data file")
-                continue
-            try:
-                q, f = decode_fragment(data[start:stop], bits, check_identity=True)
-            except InvalidMeshError as exc:
-                report.add_error(f"{where}: {exc}")
-                continue
-            if is_placeholder(q, f):
-                st["placeholders"] += 1
-                st["empty_fragments"] += 1
+                frags.append((lod, f"{where}: fragment bytes [{start}, {stop}) beyond end of data file", None))
             else:
-                st["triangles"] += len(f)
-            if lod > 0 and len(f):
-                n = int(np.count_nonzero(crossing_triangles(q, f, bits)))
-                if n:
-                    report.add_error(f"{where}: {n} of {len(f)} triangles cross the 2x2x2 partition grid")
+                frags.append((lod, where, data[start:stop]))
+    checked = (decode if isinstance(decode, _Decoder) else _Decoder(1))(
+        [(blob, bits, lod) for lod, _, blob in frags if blob is not None])
+    for lod, where, blob in frags:
+        if blob is None:
+            report.add_error(where)
+            continue
+        result = next(checked)
+        if isinstance(result, InvalidMeshError):
+            report.add_error(f"{where}: {result}")
+            continue
+        placeholder, triangles, crossing = result
+        st = report.lod(lod)
+        if placeholder:
+            st["placeholders"] += 1
+            st["empty_fragments"] += 1
+        else:
+            st["triangles"] += triangles
+        if crossing:
+            report.add_error(f"{where}: {crossing} of {triangles} triangles cross the 2x2x2 partition grid")
+
+
+def _check_fragment(job: tuple):
+    """Decode one multi-resolution fragment ``(bytes, bits, lod)`` as the client does; returns
+    ``(placeholder, triangles, triangles crossing the 2x2x2 grid)`` (crossings: LOD > 0), or
+    the :class:`InvalidMeshError` that says why it does not decode."""
+    blob, bits, lod = job
+    try:
+        q, f = decode_fragment(blob, bits, check_identity=True)
+    except InvalidMeshError as exc:
+        return exc
+    crossing = int(np.count_nonzero(crossing_triangles(q, f, bits))) if lod > 0 and len(f) else 0
+    return is_placeholder(q, f), len(f), crossing
+
+
+class _Decoder:
+    """Checks fragments (:func:`_check_fragment`) on ``threads`` threads: Draco's decoder
+    releases the GIL, so the cores decode a segment's fragments side by side.  Calling it with
+    a list of jobs gives an iterator of their results in the same order, so the report is the
+    same whatever the threads."""
+
+    def __init__(self, threads: int):
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="gpumesh-validate") if threads > 1 else None
+
+    def __call__(self, jobs: list):
+        if self.pool is None or len(jobs) < 2:
+            return map(_check_fragment, jobs)
+        return self.pool.map(_check_fragment, jobs)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 def _check_shard(report: ValidationReport, src: ShardedMultiresSource, shard: int, blob: bytes,
-                 wanted: Optional[set], seen: set, decode: bool) -> int:
+                 wanted: Optional[set], seen: set, decode: "_Decoder | bool") -> int:
     """Check one whole shard file and its segments; returns the number of segments checked."""
     spec = src.sharding
     name = spec.shard_key(shard)
@@ -489,7 +529,7 @@ def _covered(spans: list) -> int:
 
 
 def _validate_sharded(report: ValidationReport, src: ShardedMultiresSource, segments: Optional[Iterable[int]],
-                      decode: bool, absent: Optional[list] = None) -> set:
+                      decode: "_Decoder | bool", absent: Optional[list] = None) -> set:
     """Check every shard (or those of ``segments``, read by name: a store that cannot list its
     keys, such as plain HTTP, still serves them); return the IDs found in the shards read.  A
     segment of ``segments`` not found is an error, or goes into ``absent`` when given."""
@@ -540,7 +580,7 @@ def _not_found(report: ValidationReport, segment: int, absent: Optional[list], e
         absent.append(segment)
 
 
-def _validate_sharded_sample(report: ValidationReport, src: ShardedMultiresSource, ids: list, decode: bool,
+def _validate_sharded_sample(report: ValidationReport, src: ShardedMultiresSource, ids: list, decode: "_Decoder | bool",
                              absent: Optional[list] = None) -> None:
     """Check the segments ``ids`` (drawn from those the minishard indices list, or with
     ``absent`` from those the segment properties name) as a reader finds them: through the
@@ -564,7 +604,7 @@ def _validate_sharded_sample(report: ValidationReport, src: ShardedMultiresSourc
     report.num_segments = len(ids) - len(absent or ())
 
 
-def _check_legacy_segment(report: ValidationReport, src: LegacySource, seg: int, decode: bool) -> None:
+def _check_legacy_segment(report: ValidationReport, src: LegacySource, seg: int, decode: "_Decoder | bool") -> None:
     try:
         names = src.fragment_names(seg)
     except InvalidMeshError as exc:
@@ -783,6 +823,7 @@ def validate(
     seed: int = 0,
     decode: bool = True,
     max_errors: int = MAX_STORED_ERRORS,
+    threads: Optional[int] = None,
 ) -> ValidationReport:
     """Validate a precomputed mesh directory against the Neuroglancer client's rules.
 
@@ -809,6 +850,9 @@ def validate(
         only manifests, octrees and sizes are checked.
     max_errors : int, default 1000
         Store at most this many error messages (all are counted in ``num_errors``).
+    threads : int, optional
+        Threads that decode fragments (default: one per core this process may use); the
+        report is the same whatever their number.
 
     Returns
     -------
@@ -820,8 +864,17 @@ def validate(
         raise ValueError("give segments or sample, not both")
     if sample is not None and (isinstance(sample, bool) or int(sample) < 1):
         raise ValueError(f"sample must be a number of segments >= 1, got {sample!r}")
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    elif isinstance(threads, bool) or int(threads) < 1:
+        raise ValueError(f"threads must be >= 1, got {threads!r}")
     report = ValidationReport(location=str(location), decoded=decode, max_errors=max_errors)
-    _validate(report, location, segments, decode, None if sample is None else (int(sample), int(seed)))
+    decoder = _Decoder(int(threads)) if decode else False
+    try:
+        _validate(report, location, segments, decoder, None if sample is None else (int(sample), int(seed)))
+    finally:
+        if decoder:
+            decoder.close()
     zero = sum(s["zero_byte_fragments"] for s in report.per_lod)
     if report.kind == "multires" and zero:
         report.warnings.append(
@@ -853,7 +906,7 @@ def _warn_scratch(report: ValidationReport, kv, info) -> None:
                                f"options finishes it")
 
 
-def _validate(report: ValidationReport, location, segments, decode: bool, sample=None) -> ValidationReport:
+def _validate(report: ValidationReport, location, segments, decode: "_Decoder | bool", sample=None) -> ValidationReport:
     try:
         kv = storage.open_kvstore(location)
         raw_info = storage.read(kv, "info")

@@ -426,6 +426,25 @@ def test_scale_benchmark_resumes_a_sparse_jobs_parts_with_real_meshes(tmp_path, 
     assert "--resume after" in capsys.readouterr().out
 
 
+def test_validate_benchmark_times_each_thread_count_on_the_same_report(tmp_path, crop, capsys):
+    """``bench_validate.py`` meshes once, validates on 1 and 3 threads in turn, and records
+    every run's seconds; the reports agree (else it fails)."""
+    import bench_validate
+
+    from conftest import write_zarr
+
+    src = tmp_path / "part.zarr"
+    write_zarr(src, crop[:64, :64, :64])
+    assert bench_validate.main(["--source", str(src), "--threads", "1,3", "--repeat", "2", "--gpumesh-args",
+                                "--chunk-size 16 --workers 1", "--results-dir", str(tmp_path / "res")]) == 0
+    (result,) = (tmp_path / "res").glob("validate-*.json")
+    rec = json.loads(result.read_text())
+    assert rec["segments"] > 0 and rec["errors"] == 0 and rec["same_report"] and rec["git"]["commit"]
+    assert set(rec["seconds"]) == {"1", "3"} and all(len(v) == 2 and min(v) > 0 for v in rec["seconds"].values())
+    assert sum(s["triangles"] for s in rec["per_lod"]) == sum(rec["mesh"]["triangles_per_lod"])
+    assert "threads | median s" in capsys.readouterr().out
+
+
 def test_fidelity_benchmark_measures_lod0_against_the_exact_surface(tmp_path, crop, capsys):
     """``bench_fidelity.py`` meshes with high and the compared presets and measures each
     preset's LOD 0 against high's, both ways: within two voxels at ``medium``; ``low`` here

@@ -312,6 +312,35 @@ def test_triangle_crossing_grid(tmp_path):
     assert validate(tmp_path / "bad", segments=[1]).per_lod[0]["triangles"] == 2
 
 
+def test_the_report_is_the_same_whatever_the_threads(tmp_path):
+    """Fragments are decoded on threads (``threads=``, ``--threads``), results taken in the
+    manifest's order: the same errors in the same order, and the same counts, as on one."""
+    garbage = b"\x07" * len(F_LOD0_B)
+    m, d = seg_parts()
+    segs = {
+        1: seg_parts(frags0=(F_LOD0_A, garbage)),           # undecodable, after a good one
+        2: seg_parts(frags1=(F_CROSS,)),                     # crosses the grid at LOD 1
+        3: (m, d[:-5]),                                      # data short: its last fragment past the end
+        4: seg_parts(lod0=((0, 0, 0), (0, 1, 0)), frags1=(b"",)),
+        5: seg_parts(frags0=(garbage, F_LOD0_A)),
+    }
+    kv = storage.open_kvstore(tmp_path / "mixed")
+    write_dir(kv, segs)
+    reports = [validate(tmp_path / "mixed", threads=t) for t in (1, 2, 5)]
+    one = reports[0]
+    assert one.num_errors >= 4
+    nodes = [e for e in one.errors if "lod" in e and "node" in e]
+    assert len(nodes) == 4, one.errors
+    for e, words in zip(nodes,
+                        [("segment 1 lod 0 node 1", "Draco"), ("segment 2 lod 1 node 0", "cross the 2x2x2"),
+                         ("segment 3", "beyond end of data file"), ("segment 5 lod 0 node 0", "Draco")]):
+        assert all(w in e for w in words), (e, words)
+    for rep in reports[1:]:
+        assert rep.errors == one.errors and rep.per_lod == one.per_lod and rep.warnings == one.warnings
+    with pytest.raises(ValueError, match="threads"):
+        validate(tmp_path / "mixed", threads=0)
+
+
 @pytest.mark.parametrize(
     "info_obj, words",
     [
