@@ -50,7 +50,7 @@ import posixpath
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 
@@ -348,17 +348,79 @@ def _check_octree(report: ValidationReport, seg: int, m: Manifest) -> None:
 
 
 def _check_multires_segment(
-    report: ValidationReport, seg: int, mbytes: Optional[bytes], data: Optional[bytes], bits: int, decode: "_Decoder | bool",
-    data_error: Optional[str] = None,
+    report: ValidationReport, seg: int, mbytes: Optional[bytes], data: Optional[bytes], bits: int,
+    decode: "_Decoder | bool", data_error: Optional[str] = None,
 ) -> None:
+    """Check one multi-resolution segment: its manifest, octree, data size and (``decode``) fragments."""
+    _start_multires_segment(report, seg, mbytes, data, bits, decode, data_error)()
+
+
+class _Held:
+    """The errors of a segment's first checks, held until its fragments are checked (its LOD
+    counts go to the report at once): the report then lists them in the same order whether or
+    not the next segment's checks have begun."""
+
+    def __init__(self, report: ValidationReport):
+        self.report, self.errors = report, []
+
+    def add_error(self, message: str) -> None:
+        self.errors.append(message)
+
+    def lod(self, index: int) -> dict:
+        return self.report.lod(index)
+
+
+def _start_multires_segment(
+    report: ValidationReport, seg: int, mbytes: Optional[bytes], data: Optional[bytes], bits: int,
+    decode: "_Decoder | bool", data_error: Optional[str] = None,
+) -> Callable[[], None]:
+    """Check a segment's manifest, octree and data size, and start decoding its fragments on
+    ``decode``'s threads; returns the function that records all of it in ``report``, in order,
+    once the fragments are decoded (so that the next segment's can begin meanwhile)."""
+    held = _Held(report)
+    frags = _first_checks(held, seg, mbytes, data, decode, data_error)
+    checked = iter(())
+    if frags:
+        decoder = decode if isinstance(decode, _Decoder) else _Decoder(1)
+        checked = decoder([(blob, bits, lod) for lod, _, blob in frags if blob is not None])
+
+    def finish() -> None:
+        for message in held.errors:
+            report.add_error(message)
+        for lod, where, blob in frags:
+            if blob is None:
+                report.add_error(where)
+                continue
+            result = next(checked)
+            if isinstance(result, InvalidMeshError):
+                report.add_error(f"{where}: {result}")
+                continue
+            placeholder, triangles, crossing = result
+            st = report.lod(lod)
+            if placeholder:
+                st["placeholders"] += 1
+                st["empty_fragments"] += 1
+            else:
+                st["triangles"] += triangles
+            if crossing:
+                report.add_error(f"{where}: {crossing} of {triangles} triangles cross the 2x2x2 partition grid")
+
+    return finish
+
+
+def _first_checks(report, seg: int, mbytes: Optional[bytes], data: Optional[bytes], decode: "_Decoder | bool",
+                  data_error: Optional[str]) -> list:
+    """A segment's checks before its fragments are decoded, into ``report`` (a :class:`_Held`);
+    returns its fragments to decode, ``(lod, where, bytes)`` in the manifest's order (bytes
+    ``None``, and the error in ``where``, for one that lies past the end of the data)."""
     if mbytes is None:
         report.add_error(f"segment {seg}: manifest {seg}.index not found")
-        return
+        return []
     try:
         m = Manifest.from_bytes(mbytes)
     except InvalidMeshError as exc:
         report.add_error(f"segment {seg}: {exc}")
-        return
+        return []
     for lod in range(m.num_lods):
         st = report.lod(lod)
         st["segments_with_lod"] += 1
@@ -368,7 +430,7 @@ def _check_multires_segment(
         st["zero_byte_fragments"] += zero
         st["bytes"] += int(m.fragment_sizes[lod].sum())
     if not _check_manifest_values(report, seg, m):
-        return
+        return []
     _check_octree(report, seg, m)
 
     total = m.total_bytes
@@ -376,13 +438,13 @@ def _check_multires_segment(
         if total:
             report.add_error(data_error or f"segment {seg}: fragment data file {seg} missing ({total} bytes expected)")
             if data_error:
-                return
+                return []
         data = b""
     elif len(data) != total:
         report.add_error(f"segment {seg}: data file has {len(data)} bytes, fragment sizes sum to {total}")
     if not decode:
-        return
-    frags = []   # (lod, where, bytes, or None for bytes beyond the data), in the manifest's order
+        return []
+    frags = []
     for lod, ranges in enumerate(m.fragment_byte_ranges()):
         for i, (start, stop) in enumerate(ranges.tolist()):
             if stop == start:
@@ -392,25 +454,7 @@ def _check_multires_segment(
                 frags.append((lod, f"{where}: fragment bytes [{start}, {stop}) beyond end of data file", None))
             else:
                 frags.append((lod, where, data[start:stop]))
-    checked = (decode if isinstance(decode, _Decoder) else _Decoder(1))(
-        [(blob, bits, lod) for lod, _, blob in frags if blob is not None])
-    for lod, where, blob in frags:
-        if blob is None:
-            report.add_error(where)
-            continue
-        result = next(checked)
-        if isinstance(result, InvalidMeshError):
-            report.add_error(f"{where}: {result}")
-            continue
-        placeholder, triangles, crossing = result
-        st = report.lod(lod)
-        if placeholder:
-            st["placeholders"] += 1
-            st["empty_fragments"] += 1
-        else:
-            st["triangles"] += triangles
-        if crossing:
-            report.add_error(f"{where}: {crossing} of {triangles} triangles cross the 2x2x2 partition grid")
+    return frags
 
 
 def _check_fragment(job: tuple):
@@ -445,6 +489,28 @@ class _Decoder:
             self.pool.shutdown()
 
 
+class _InOrder:
+    """A shard's errors in the order of its segments, while each segment's fragments decode
+    during the checks of the next (:func:`_start_multires_segment`): the segment before is
+    recorded before anything that comes after it."""
+
+    def __init__(self, report: ValidationReport):
+        self.report, self.pending = report, None
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending()
+
+    def then(self, finish: Callable[[], None]) -> None:
+        self.flush()
+        self.pending = finish
+
+    def add_error(self, message: str) -> None:
+        self.flush()
+        self.report.add_error(message)
+
+
 def _check_shard(report: ValidationReport, src: ShardedMultiresSource, shard: int, blob: bytes,
                  wanted: Optional[set], seen: set, decode: "_Decoder | bool") -> int:
     """Check one whole shard file and its segments; returns the number of segments checked."""
@@ -456,35 +522,36 @@ def _check_shard(report: ValidationReport, src: ShardedMultiresSource, shard: in
                          f"({ib} bytes = 16 * 2**minishard_bits)")
         return 0
     checked = 0
+    ordered = _InOrder(report)   # the segment before, its fragments decoding, recorded before what follows
     spans = [(0, ib)]   # the bytes that something references: index, minishard indices, segments
     for ms, (start, end) in enumerate(spec.decode_shard_index(blob).tolist()):
         where = f"shard {name} minishard {ms}"
         if end < start:
-            report.add_error(f"{where}: minishard index range [{start}, {end}) is inverted")
+            ordered.add_error(f"{where}: minishard index range [{start}, {end}) is inverted")
             continue
         if end == start:
             continue
         if start < ib or end > n:
-            report.add_error(f"{where}: minishard index range [{start}, {end}) outside [{ib}, {n}) "
-                             "(after the shard index, within the file)")
+            ordered.add_error(f"{where}: minishard index range [{start}, {end}) outside [{ib}, {n}) "
+                              "(after the shard index, within the file)")
             continue
         spans.append((start, end))
         try:
             ids, starts, sizes = spec.decode_minishard_index(blob[start:end])
         except ShardFormatError as exc:
-            report.add_error(f"{where}: {exc}")
+            ordered.add_error(f"{where}: {exc}")
             continue
         if not len(ids):
-            report.add_error(f"{where}: empty minishard index under a non-empty range")
+            ordered.add_error(f"{where}: empty minishard index under a non-empty range")
         shards, minishards = spec.locate(ids)
         for i, seg in enumerate(ids.tolist()):
             if shards[i] != shard or minishards[i] != ms:
-                report.add_error(
+                ordered.add_error(
                     f"segment {seg}: stored in {where}, but its ID hashes to shard "
                     f"{spec.shard_key(int(shards[i]))} minishard {int(minishards[i])}, so readers cannot find it")
                 continue
             if seg in seen:
-                report.add_error(f"segment {seg}: listed more than once in {where}")
+                ordered.add_error(f"segment {seg}: listed more than once in {where}")
                 continue
             seen.add(seg)
             if wanted is not None and seg not in wanted:
@@ -492,12 +559,12 @@ def _check_shard(report: ValidationReport, src: ShardedMultiresSource, shard: in
             checked += 1
             c0, c1 = int(starts[i]), int(starts[i]) + int(sizes[i])
             if c0 < ib or c1 > n:
-                report.add_error(f"segment {seg}: manifest bytes [{c0}, {c1}) outside [{ib}, {n}) of shard {name}")
+                ordered.add_error(f"segment {seg}: manifest bytes [{c0}, {c1}) outside [{ib}, {n}) of shard {name}")
                 continue
             try:
                 mbytes = spec.decode_data(blob[c0:c1])
             except ShardFormatError as exc:
-                report.add_error(f"segment {seg}: manifest in shard {name}: {exc}")
+                ordered.add_error(f"segment {seg}: manifest in shard {name}: {exc}")
                 continue
             try:
                 total = Manifest.from_bytes(mbytes).total_bytes
@@ -509,7 +576,10 @@ def _check_shard(report: ValidationReport, src: ShardedMultiresSource, shard: in
                 data = None
                 data_error = (f"segment {seg}: its {total} bytes of fragment data before the manifest at {c0} "
                               f"would start inside the shard index of {name} ({ib} bytes)")
-            _check_multires_segment(report, seg, mbytes, data, src.vertex_quantization_bits, decode, data_error)
+            # this segment's fragments decode while the one before is recorded
+            ordered.then(_start_multires_segment(report, seg, mbytes, data, src.vertex_quantization_bits, decode,
+                                                 data_error))
+    ordered.flush()
     if wanted is None:
         loose = n - _covered(spans)
         if loose:

@@ -723,6 +723,42 @@ def test_shard_bytes_that_nothing_references_are_reported(tmp_path):
     assert not validate(str(dest), segments=[5]).warnings    # a subset does not see the whole shard
 
 
+def test_a_shards_errors_come_in_the_order_of_its_segments_whatever_the_threads(tmp_path):
+    """In a shard, a segment's fragments decode while the next segment is checked: its errors
+    are still reported before the next one's, a shard-level error between them included."""
+    from gpumesh import run_mesh
+    from gpumesh.pipeline import MeshOptions
+    from gpumesh.sharding import ShardingOptions
+
+    labels = np.zeros((24, 24, 24), np.uint16)
+    for k, seg in enumerate((5, 6, 7, 8)):
+        labels[2 + 5 * k:6 + 5 * k, 3:20, 4:21] = seg
+    dest = tmp_path / "out"
+    run_mesh(labels, str(dest), workers=1, options=MeshOptions(chunk_size=8, sharding=ShardingOptions(
+        shard_bits=0, minishard_bits=0, minishard_index_encoding="raw")))
+    blob = bytearray((dest / "0.shard").read_bytes())
+    start, end = np.frombuffer(bytes(blob[:16]), "<u8") + 16
+    index = np.frombuffer(bytes(blob[start:end]), "<u8").reshape(3, -1).copy()
+    # raw minishard index: ID deltas, start deltas (each from the end of the chunk before), sizes;
+    # starts counted from the end of the 16-byte shard index
+    ids, starts = np.cumsum(index[0]), np.cumsum(index[1]) + np.cumsum(index[2]) - index[2] + 16
+    assert ids.tolist() == [5, 6, 7, 8]
+    src = reader.open_mesh(str(dest))
+    for seg in (5, 7):   # the first fragment of segments 5 and 7: garbage
+        data_start = int(starts[ids.tolist().index(seg)]) - len(src.fragment_data(seg))
+        blob[data_start:data_start + 8] = b"\x07" * 8
+    # segment 6's manifest past the end of the shard (segment 7's start delta making up for it)
+    index[1][2] = (int(index[1][2]) - (1 << 40) + int(index[2][1])) % (1 << 64)
+    index[2][1] = 1 << 40
+    blob[start:end] = index.tobytes()
+    (dest / "0.shard").write_bytes(bytes(blob))
+    reports = [validate(str(dest), threads=t) for t in (1, 3)]
+    assert reports[0].errors == reports[1].errors and reports[0].per_lod == reports[1].per_lod
+    segs = [int(e.split()[1].rstrip(":")) for e in reports[0].errors]
+    assert segs == sorted(segs) and {5, 6, 7} <= set(segs) and 8 not in segs, reports[0].errors
+    assert any("segment 6: manifest bytes" in e for e in reports[0].errors)
+
+
 # ------------------------------------------------------------------------------------------
 # Segment properties (spec segment_properties): every rule the validator checks, one at a time
 
