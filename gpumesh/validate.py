@@ -48,6 +48,7 @@ import math
 import os
 import posixpath
 import re
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
@@ -73,6 +74,8 @@ from .reader import (
 __all__ = ["ValidationReport", "validate", "zorder_less", "crossing_triangles", "missing_parents"]
 
 MAX_STORED_ERRORS = 1000
+#: Segments of a shard whose fragments decode while the one before them is recorded (validate's threads)
+SEGMENTS_AHEAD = 8
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,7 +483,7 @@ class _Decoder:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="gpumesh-validate") if threads > 1 else None
 
     def __call__(self, jobs: list):
-        if self.pool is None or len(jobs) < 2:
+        if self.pool is None:
             return map(_check_fragment, jobs)
         return self.pool.map(_check_fragment, jobs)
 
@@ -494,17 +497,16 @@ class _InOrder:
     during the checks of the next (:func:`_start_multires_segment`): the segment before is
     recorded before anything that comes after it."""
 
-    def __init__(self, report: ValidationReport):
-        self.report, self.pending = report, None
+    def __init__(self, report: ValidationReport, ahead: int = 1):
+        self.report, self.ahead, self.pending = report, ahead, deque()
 
-    def flush(self) -> None:
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            pending()
+    def flush(self, keep: int = 0) -> None:
+        while len(self.pending) > keep:
+            self.pending.popleft()()
 
     def then(self, finish: Callable[[], None]) -> None:
-        self.flush()
-        self.pending = finish
+        self.pending.append(finish)
+        self.flush(self.ahead)
 
     def add_error(self, message: str) -> None:
         self.flush()
@@ -522,7 +524,8 @@ def _check_shard(report: ValidationReport, src: ShardedMultiresSource, shard: in
                          f"({ib} bytes = 16 * 2**minishard_bits)")
         return 0
     checked = 0
-    ordered = _InOrder(report)   # the segment before, its fragments decoding, recorded before what follows
+    # the segments before, their fragments decoding, recorded before what follows
+    ordered = _InOrder(report, SEGMENTS_AHEAD if isinstance(decode, _Decoder) and decode.pool is not None else 0)
     spans = [(0, ib)]   # the bytes that something references: index, minishard indices, segments
     for ms, (start, end) in enumerate(spec.decode_shard_index(blob).tolist()):
         where = f"shard {name} minishard {ms}"
