@@ -723,17 +723,21 @@ def run_peer(tool: str, args: argparse.Namespace, out_dir: Path, rep: int) -> di
     return res
 
 
-def igneous_unavailable(python: str) -> str | None:
-    """Why igneous cannot run under ``python``, or None when it can."""
+def _does_not_import(python: str, modules: str, tool: str) -> str | None:
+    """Why ``import MODULES`` fails under ``python`` (for the peer ``tool``), or None when it works."""
     try:
-        r = subprocess.run([python, "-c", "import igneous.task_creation, taskqueue"],
-                           capture_output=True, text=True, timeout=300)
+        r = subprocess.run([python, "-c", f"import {modules}"], capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.SubprocessError) as e:
         return f"cannot run {python}: {e}"
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["?"])[-1]
-        return f"igneous does not import under {python} ({last}); see bench/README.md"
+        return f"{tool} does not import under {python} ({last}); see bench/README.md"
     return None
+
+
+def igneous_unavailable(python: str) -> str | None:
+    """Why igneous cannot run under ``python``, or None when it can."""
+    return _does_not_import(python, "igneous.task_creation, taskqueue", "igneous")
 
 
 #: how the volume is stored for igneous (precomputed segmentation layer)
@@ -847,18 +851,9 @@ distributed:
 
 def mnb_unavailable(python: str) -> str | None:
     """Why mesh-n-bone cannot run under ``python``, or None when it can."""
-    cli = Path(python).with_name(MNB)
-    if not cli.exists():
+    if not Path(python).with_name(MNB).exists():
         return f"no {MNB} command beside {python}; see bench/README.md"
-    try:
-        r = subprocess.run([python, "-c", "import mesh_n_bone.meshify.meshify"],
-                           capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.SubprocessError) as e:
-        return f"cannot run {python}: {e}"
-    if r.returncode != 0:
-        last = (r.stderr.strip().splitlines() or ["?"])[-1]
-        return f"mesh-n-bone does not import under {python} ({last}); see bench/README.md"
-    return None
+    return _does_not_import(python, "mesh_n_bone.meshify.meshify", MNB)
 
 
 def mnb_packages(python: str) -> dict[str, str | None]:

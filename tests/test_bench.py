@@ -156,20 +156,24 @@ def test_igneous_unavailable_says_why(tmp_path):
         assert why is None
 
 
-@pytest.mark.skipif(not os.environ.get("GPUMESH_IGNEOUS_PYTHON"),
-                    reason="GPUMESH_IGNEOUS_PYTHON names no environment with igneous-pipeline")
-def test_igneous_peer_end_to_end(tmp_path, real_zarr, capsys):
+def _one_peer_on_a_crop(tmp_path, real_zarr, peer: str, *args) -> dict:
+    """``bench_main`` with only ``peer`` (and ``args``) on a 96³ crop of the real volume; its result record."""
     import tensorstore as ts
 
     store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(real_zarr)}}).result()
     src = tmp_path / "crop.npy"
     np.save(src, np.ascontiguousarray(store[100:196, 100:196, 100:196].read().result()))
-    rc = bench_main.main(["--source", str(src), "--skip", "gpumesh,zmesh,serra",
-                          "--igneous-workers", "2", "--results-dir", str(tmp_path / "res"),
-                          "--out-dir", str(tmp_path / "out")])
+    rc = bench_main.main(["--source", str(src), "--skip", ",".join(t for t in bench_main.TOOLS if t != peer), *args,
+                          "--results-dir", str(tmp_path / "res"), "--out-dir", str(tmp_path / "out")])
     assert rc == 0
     (result,) = (tmp_path / "res").glob("main-*.json")
-    rec = json.loads(result.read_text())
+    return json.loads(result.read_text())
+
+
+@pytest.mark.skipif(not os.environ.get("GPUMESH_IGNEOUS_PYTHON"),
+                    reason="GPUMESH_IGNEOUS_PYTHON names no environment with igneous-pipeline")
+def test_igneous_peer_end_to_end(tmp_path, real_zarr, capsys):
+    rec = _one_peer_on_a_crop(tmp_path, real_zarr, "igneous", "--igneous-workers", "2")
     ig = rec["results"]["igneous"]
     assert ig["runs_ok"] == 1 and ig["processes"] == 2 and ig["segments"] > 0
     assert ig["triangles_per_lod"][0] > 0 and ig["bytes"] > 0 and "validate_errors" in ig
@@ -230,16 +234,7 @@ def test_mnb_run_writes_its_configuration(tmp_path, monkeypatch):
 @pytest.mark.skipif(not os.environ.get("GPUMESH_MNB_PYTHON"),
                     reason="GPUMESH_MNB_PYTHON names no environment with mesh-n-bone")
 def test_mnb_peer_end_to_end(tmp_path, real_zarr, capsys):
-    import tensorstore as ts
-
-    store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(real_zarr)}}).result()
-    src = tmp_path / "crop.npy"
-    np.save(src, np.ascontiguousarray(store[100:196, 100:196, 100:196].read().result()))
-    rc = bench_main.main(["--source", str(src), "--skip", "gpumesh,zmesh,serra,igneous", "--mnb-workers", "2",
-                          "--results-dir", str(tmp_path / "res"), "--out-dir", str(tmp_path / "out")])
-    assert rc == 0
-    (result,) = (tmp_path / "res").glob("main-*.json")
-    rec = json.loads(result.read_text())
+    rec = _one_peer_on_a_crop(tmp_path, real_zarr, "mesh-n-bone", "--mnb-workers", "2")
     mnb = rec["results"]["mesh-n-bone"]
     assert mnb["runs_ok"] == 1 and mnb["processes"] == 2 and mnb["segments"] > 0
     assert len(mnb["triangles_per_lod"]) == 3 and mnb["bytes"] > 0 and "validate_errors" in mnb
@@ -346,7 +341,7 @@ def test_a_gpumesh_variant_runs_beside_gpumesh(tmp_path, crop, capsys):
 
     src = tmp_path / "part.zarr"
     write_zarr(src, crop[:64, :64, :64])
-    rc = bench_main.main(["--source", str(src), "--skip", "zmesh,serra,igneous", "--workers", "1",
+    rc = bench_main.main(["--source", str(src), "--skip", "zmesh,serra,igneous,mesh-n-bone", "--workers", "1",
                           "--gpumesh-variant", "--bits 10", "--repeat", "2",
                           "--results-dir", str(tmp_path / "res"), "--out-dir", str(tmp_path / "out")])
     assert rc == 0
@@ -551,7 +546,7 @@ def test_a_dask_variant_gets_no_workers_flag(tmp_path, crop):
     write_zarr(src, crop[:64, :64, :64])
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         variant = f"--scheduler {cluster.scheduler_address}"
-        rc = bench_main.main(["--source", str(src), "--skip", "zmesh,serra,igneous", "--workers", "1",
+        rc = bench_main.main(["--source", str(src), "--skip", "zmesh,serra,igneous,mesh-n-bone", "--workers", "1",
                               "--gpumesh-variant", variant, "--results-dir", str(tmp_path / "res"),
                               "--out-dir", str(tmp_path / "out")])
     assert rc == 0

@@ -82,20 +82,20 @@ timeout "$(left 200)" "$PY" bench/bench_gpu.py --results-dir "$OUT/results" 2>&1
 for dev in gpu cpu; do
   stage "main job, --device $dev"
   rm -rf "/tmp/main-$dev"
-  timeout "$(left 100)" "$PY" bench/bench_main.py --skip zmesh,serra,igneous --gpumesh-args "--device $dev" \
+  timeout "$(left 100)" "$PY" bench/bench_main.py --skip zmesh,serra,igneous,mesh-n-bone --gpumesh-args "--device $dev" \
     --out-dir "/tmp/main-$dev" --keep --results-dir "$OUT/results" 2>&1 | tail -14
 done
 stage "main job output: GPU run == CPU run, byte for byte"
 diff -rq /tmp/main-gpu/gpumesh-out /tmp/main-cpu/gpumesh-out && echo "IDENTICAL OUTPUT"
 stage "main job, --device gpu with the hash weld (GPUMESH_WELD=hash), and its output == CPU run's"
 rm -rf /tmp/main-gpuhash
-GPUMESH_WELD=hash timeout "$(left 100)" "$PY" bench/bench_main.py --skip zmesh,serra,igneous \
+GPUMESH_WELD=hash timeout "$(left 100)" "$PY" bench/bench_main.py --skip zmesh,serra,igneous,mesh-n-bone \
   --gpumesh-args "--device gpu" --out-dir /tmp/main-gpuhash --keep --results-dir "$OUT/results" 2>&1 | tail -6
 diff -rq /tmp/main-gpuhash/gpumesh-out /tmp/main-cpu/gpumesh-out && echo "IDENTICAL OUTPUT (hash weld)"
 if [ "${TILED:-0}" = 1 ]; then
   stage "main job on the 1024^3 tiled volume, --device gpu"
   "$PY" bench/tiled.py /tmp/tiled1024.zarr --source "$GPUMESH_DATA/connectomics.zarr"
-  timeout "$(left 200)" "$PY" bench/bench_main.py --source /tmp/tiled1024.zarr --skip zmesh,serra,igneous \
+  timeout "$(left 200)" "$PY" bench/bench_main.py --source /tmp/tiled1024.zarr --skip zmesh,serra,igneous,mesh-n-bone \
     --gpumesh-args "--device gpu" --results-dir "$OUT/results" 2>&1 | tail -8
 fi
 if [ "${TASKS:-0}" = 1 ]; then
@@ -104,7 +104,7 @@ if [ "${TASKS:-0}" = 1 ]; then
 fi
 if [ "${BITS10:-0}" = 1 ]; then
   stage "main job, --device gpu --bits 10"
-  timeout "$(left 100)" "$PY" bench/bench_main.py --skip zmesh,serra,igneous --gpumesh-args "--device gpu --bits 10" \
+  timeout "$(left 100)" "$PY" bench/bench_main.py --skip zmesh,serra,igneous,mesh-n-bone --gpumesh-args "--device gpu --bits 10" \
     --results-dir "$OUT/results" 2>&1 | tail -6
 fi
 if [ "${ADHOC:-0}" = 1 ]; then
@@ -116,7 +116,7 @@ if [ -n "$IGNEOUS_PY" ] && [ "$ign_s" -ge 120 ]; then
   # igneous's forge on 512^3 is 8 tasks of 448^3 (its CLI default), so it ends with its
   # slowest; a child past --timeout is recorded as its row's error, and the JSON still written
   stage "main job --device gpu against igneous, $(nproc) processes each (bench_main.py)"
-  timeout "$ign_s" "$PY" bench/bench_main.py --skip zmesh,serra --igneous-python "$IGNEOUS_PY" \
+  timeout "$ign_s" "$PY" bench/bench_main.py --skip zmesh,serra,mesh-n-bone --igneous-python "$IGNEOUS_PY" \
     --timeout $((ign_s - 60)) --gpumesh-args "--device gpu" --results-dir "$OUT/results" 2>&1 | tail -10
 elif [ -n "$IGNEOUS_PY" ]; then
   echo "igneous left out: ${ign_s} s left"
