@@ -170,14 +170,25 @@ def _one_peer_on_a_crop(tmp_path, real_zarr, peer: str, *args) -> dict:
     return json.loads(result.read_text())
 
 
-@pytest.mark.skipif(not os.environ.get("GPUMESH_IGNEOUS_PYTHON"),
-                    reason="GPUMESH_IGNEOUS_PYTHON names no environment with igneous-pipeline")
-def test_igneous_peer_end_to_end(tmp_path, real_zarr, capsys):
-    rec = _one_peer_on_a_crop(tmp_path, real_zarr, "igneous", "--igneous-workers", "2")
-    ig = rec["results"]["igneous"]
-    assert ig["runs_ok"] == 1 and ig["processes"] == 2 and ig["segments"] > 0
-    assert ig["triangles_per_lod"][0] > 0 and ig["bytes"] > 0 and "validate_errors" in ig
-    assert "igneous" in capsys.readouterr().out
+def _needs(env: str, what: str):
+    return pytest.mark.skipif(not os.environ.get(env), reason=f"{env} names no environment with {what}")
+
+
+@pytest.mark.parametrize("peer, args, lods", [
+    pytest.param("igneous", ("--igneous-workers", "2"), None, marks=_needs("GPUMESH_IGNEOUS_PYTHON", "igneous-pipeline")),
+    pytest.param("mesh-n-bone", ("--mnb-workers", "2"), 3, marks=_needs("GPUMESH_MNB_PYTHON", "mesh-n-bone")),
+])
+def test_a_peer_pipeline_end_to_end(tmp_path, real_zarr, capsys, peer, args, lods):
+    """igneous's and mesh-n-bone's runs, each in its own environment, counted and checked by
+    gpumesh.validate (``lods``: the LODs it must write, where it writes as many as asked)."""
+    rec = _one_peer_on_a_crop(tmp_path, real_zarr, peer, *args)
+    res = rec["results"][peer]
+    assert res["runs_ok"] == 1 and res["processes"] == 2 and res["segments"] > 0
+    assert res["triangles_per_lod"][0] > 0 and res["bytes"] > 0 and "validate_errors" in res
+    assert lods is None or len(res["triangles_per_lod"]) == lods
+    assert peer in capsys.readouterr().out
+    if peer == "mesh-n-bone":   # the versions of its own environment
+        assert rec["options"]["mnb_setup"]["packages"]["mesh-n-bone"]
 
 
 # --------------------------------------------------------------------------------------
@@ -230,16 +241,6 @@ def test_mnb_run_writes_its_configuration(tmp_path, monkeypatch):
     assert "memory" not in local and local["processes"] == local["cores"] == 1
     assert set(seen["dask"]["distributed"]["worker"]["memory"].values()) == {False}
 
-
-@pytest.mark.skipif(not os.environ.get("GPUMESH_MNB_PYTHON"),
-                    reason="GPUMESH_MNB_PYTHON names no environment with mesh-n-bone")
-def test_mnb_peer_end_to_end(tmp_path, real_zarr, capsys):
-    rec = _one_peer_on_a_crop(tmp_path, real_zarr, "mesh-n-bone", "--mnb-workers", "2")
-    mnb = rec["results"]["mesh-n-bone"]
-    assert mnb["runs_ok"] == 1 and mnb["processes"] == 2 and mnb["segments"] > 0
-    assert len(mnb["triangles_per_lod"]) == 3 and mnb["bytes"] > 0 and "validate_errors" in mnb
-    assert rec["options"]["mnb_setup"]["packages"]["mesh-n-bone"]
-    assert "mesh-n-bone" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------
