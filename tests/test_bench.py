@@ -422,19 +422,24 @@ def test_scale_benchmark_resumes_a_sparse_jobs_parts_with_real_meshes(tmp_path, 
     assert "--resume after" in capsys.readouterr().out
 
 
+def _bench_on_a_corner(bench, kind: str, crop, tmp_path, *args) -> dict:
+    """``bench.main(args)`` on the crop's 64³ corner (zarr v3); its result record (``kind``-*.json)."""
+    from conftest import write_zarr
+
+    src = tmp_path / "part.zarr"
+    write_zarr(src, crop[:64, :64, :64])
+    assert bench.main(["--source", str(src), *args, "--results-dir", str(tmp_path / "res")]) == 0
+    (result,) = (tmp_path / "res").glob(f"{kind}-*.json")
+    return json.loads(result.read_text())
+
+
 def test_validate_benchmark_times_each_thread_count_on_the_same_report(tmp_path, crop, capsys):
     """``bench_validate.py`` meshes once, validates on 1 and 3 threads in turn, and records
     every run's seconds; the reports agree (else it fails)."""
     import bench_validate
 
-    from conftest import write_zarr
-
-    src = tmp_path / "part.zarr"
-    write_zarr(src, crop[:64, :64, :64])
-    assert bench_validate.main(["--source", str(src), "--threads", "1,3", "--repeat", "2", "--gpumesh-args",
-                                "--chunk-size 16 --workers 1", "--results-dir", str(tmp_path / "res")]) == 0
-    (result,) = (tmp_path / "res").glob("validate-*.json")
-    rec = json.loads(result.read_text())
+    rec = _bench_on_a_corner(bench_validate, "validate", crop, tmp_path, "--threads", "1,3", "--repeat", "2",
+                             "--gpumesh-args", "--chunk-size 16 --workers 1")
     assert rec["segments"] > 0 and rec["errors"] == 0 and rec["same_report"] and rec["git"]["commit"]
     assert set(rec["seconds"]) == {"1", "3"} and all(len(v) == 2 and min(v) > 0 for v in rec["seconds"].values())
     assert sum(s["triangles"] for s in rec["per_lod"]) == sum(rec["mesh"]["triangles_per_lod"])
@@ -448,14 +453,8 @@ def test_fidelity_benchmark_measures_lod0_against_the_exact_surface(tmp_path, cr
     the segment's outer surface), which only the cap bounds."""
     import bench_fidelity
 
-    from conftest import write_zarr
-
-    src = tmp_path / "part.zarr"
-    write_zarr(src, crop[:64, :64, :64])
-    assert bench_fidelity.main(["--source", str(src), "--sample", "15", "--workers", "1", "--gpumesh-args",
-                                "--chunk-size 16", "--results-dir", str(tmp_path / "res")]) == 0
-    (result,) = (tmp_path / "res").glob("fidelity-*.json")
-    rec = json.loads(result.read_text())
+    rec = _bench_on_a_corner(bench_fidelity, "fidelity", crop, tmp_path, "--sample", "15", "--workers", "1",
+                             "--gpumesh-args", "--chunk-size 16")
     rows = rec["rows"]
     assert len(rec["sample"]) == 15 and rec["git"]["commit"] and set(rows) == {"high", "medium", "low"}
     assert rows["low"]["triangles_per_lod"][0] < rows["medium"]["triangles_per_lod"][0] \
