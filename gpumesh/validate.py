@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import posixpath
 import re
 from collections import deque
@@ -58,6 +57,7 @@ import numpy as np
 from . import storage
 from .errors import GpumeshError, InvalidMeshError, one_line
 from .sharding import ShardFormatError
+from .resources import usable_cores
 from .reader import (
     LEGACY_TYPE,
     MULTIRES_TYPE,
@@ -352,7 +352,7 @@ def _check_octree(report: ValidationReport, seg: int, m: Manifest) -> None:
 
 def _check_multires_segment(
     report: ValidationReport, seg: int, mbytes: Optional[bytes], data: Optional[bytes], bits: int,
-    decode: "_Decoder | bool", data_error: Optional[str] = None,
+    decode: Optional["_Decoder"], data_error: Optional[str] = None,
 ) -> None:
     """Check one multi-resolution segment: its manifest, octree, data size and (``decode``) fragments."""
     _start_multires_segment(report, seg, mbytes, data, bits, decode, data_error)()
@@ -375,7 +375,7 @@ class _Held:
 
 def _start_multires_segment(
     report: ValidationReport, seg: int, mbytes: Optional[bytes], data: Optional[bytes], bits: int,
-    decode: "_Decoder | bool", data_error: Optional[str] = None,
+    decode: Optional["_Decoder"], data_error: Optional[str] = None,
 ) -> Callable[[], None]:
     """Check a segment's manifest, octree and data size, and start decoding its fragments on
     ``decode``'s threads; returns the function that records all of it in ``report``, in order,
@@ -383,9 +383,8 @@ def _start_multires_segment(
     held = _Held(report)
     frags = _first_checks(held, seg, mbytes, data, decode, data_error)
     checked = iter(())
-    if frags:
-        decoder = decode if isinstance(decode, _Decoder) else _Decoder(1)
-        checked = decoder([(blob, bits, lod) for lod, _, blob in frags if blob is not None])
+    if frags:   # (only where decode is given)
+        checked = decode([(blob, bits, lod) for lod, _, blob in frags if blob is not None])
 
     def finish() -> None:
         for message in held.errors:
@@ -411,7 +410,7 @@ def _start_multires_segment(
     return finish
 
 
-def _first_checks(report, seg: int, mbytes: Optional[bytes], data: Optional[bytes], decode: "_Decoder | bool",
+def _first_checks(report, seg: int, mbytes: Optional[bytes], data: Optional[bytes], decode: Optional["_Decoder"],
                   data_error: Optional[str]) -> list:
     """A segment's checks before its fragments are decoded, into ``report`` (a :class:`_Held`);
     returns its fragments to decode, ``(lod, where, bytes)`` in the manifest's order (bytes
@@ -514,7 +513,7 @@ class _InOrder:
 
 
 def _check_shard(report: ValidationReport, src: ShardedMultiresSource, shard: int, blob: bytes,
-                 wanted: Optional[set], seen: set, decode: "_Decoder | bool") -> int:
+                 wanted: Optional[set], seen: set, decode: Optional["_Decoder"]) -> int:
     """Check one whole shard file and its segments; returns the number of segments checked."""
     spec = src.sharding
     name = spec.shard_key(shard)
@@ -525,7 +524,7 @@ def _check_shard(report: ValidationReport, src: ShardedMultiresSource, shard: in
         return 0
     checked = 0
     # the segments before, their fragments decoding, recorded before what follows
-    ordered = _InOrder(report, SEGMENTS_AHEAD if isinstance(decode, _Decoder) and decode.pool is not None else 0)
+    ordered = _InOrder(report, SEGMENTS_AHEAD if decode is not None and decode.pool is not None else 0)
     spans = [(0, ib)]   # the bytes that something references: index, minishard indices, segments
     for ms, (start, end) in enumerate(spec.decode_shard_index(blob).tolist()):
         where = f"shard {name} minishard {ms}"
@@ -602,7 +601,7 @@ def _covered(spans: list) -> int:
 
 
 def _validate_sharded(report: ValidationReport, src: ShardedMultiresSource, segments: Optional[Iterable[int]],
-                      decode: "_Decoder | bool", absent: Optional[list] = None) -> set:
+                      decode: Optional["_Decoder"], absent: Optional[list] = None) -> set:
     """Check every shard (or those of ``segments``, read by name: a store that cannot list its
     keys, such as plain HTTP, still serves them); return the IDs found in the shards read.  A
     segment of ``segments`` not found is an error, or goes into ``absent`` when given."""
@@ -653,8 +652,8 @@ def _not_found(report: ValidationReport, segment: int, absent: Optional[list], e
         absent.append(segment)
 
 
-def _validate_sharded_sample(report: ValidationReport, src: ShardedMultiresSource, ids: list, decode: "_Decoder | bool",
-                             absent: Optional[list] = None) -> None:
+def _validate_sharded_sample(report: ValidationReport, src: ShardedMultiresSource, ids: list,
+                             decode: Optional["_Decoder"], absent: Optional[list] = None) -> None:
     """Check the segments ``ids`` (drawn from those the minishard indices list, or with
     ``absent`` from those the segment properties name) as a reader finds them: through the
     shard and minishard their ID hashes to, reading their manifest and fragment data by byte
@@ -677,7 +676,7 @@ def _validate_sharded_sample(report: ValidationReport, src: ShardedMultiresSourc
     report.num_segments = len(ids) - len(absent or ())
 
 
-def _check_legacy_segment(report: ValidationReport, src: LegacySource, seg: int, decode: "_Decoder | bool") -> None:
+def _check_legacy_segment(report: ValidationReport, src: LegacySource, seg: int, decode: Optional["_Decoder"]) -> None:
     try:
         names = src.fragment_names(seg)
     except InvalidMeshError as exc:
@@ -938,15 +937,15 @@ def validate(
     if sample is not None and (isinstance(sample, bool) or int(sample) < 1):
         raise ValueError(f"sample must be a number of segments >= 1, got {sample!r}")
     if threads is None:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = usable_cores()
     elif isinstance(threads, bool) or int(threads) < 1:
         raise ValueError(f"threads must be >= 1, got {threads!r}")
     report = ValidationReport(location=str(location), decoded=decode, max_errors=max_errors)
-    decoder = _Decoder(int(threads)) if decode else False
+    decoder = _Decoder(int(threads)) if decode else None
     try:
         _validate(report, location, segments, decoder, None if sample is None else (int(sample), int(seed)))
     finally:
-        if decoder:
+        if decoder is not None:
             decoder.close()
     zero = sum(s["zero_byte_fragments"] for s in report.per_lod)
     if report.kind == "multires" and zero:
@@ -979,7 +978,8 @@ def _warn_scratch(report: ValidationReport, kv, info) -> None:
                                f"options finishes it")
 
 
-def _validate(report: ValidationReport, location, segments, decode: "_Decoder | bool", sample=None) -> ValidationReport:
+def _validate(report: ValidationReport, location, segments, decode: Optional["_Decoder"],
+              sample=None) -> ValidationReport:
     try:
         kv = storage.open_kvstore(location)
         raw_info = storage.read(kv, "info")
