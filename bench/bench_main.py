@@ -857,13 +857,11 @@ def mnb_unavailable(python: str) -> str | None:
 
 
 def mnb_packages(python: str) -> dict[str, str | None]:
-    """:data:`MNB_PACKAGES`' versions in mesh-n-bone's environment."""
-    code = ("import importlib.metadata as m, json, sys\n"
-            "def v(n):\n"
-            "    try:\n        return m.version(n)\n"
-            "    except m.PackageNotFoundError:\n        return None\n"
-            "print(json.dumps({n: v(n) for n in sys.argv[1:]}))")
-    r = subprocess.run([python, "-c", code, *MNB_PACKAGES], capture_output=True, text=True, timeout=300)
+    """:data:`MNB_PACKAGES`' versions in mesh-n-bone's environment (:func:`package_versions`
+    run there: this file imports only the standard library at its top)."""
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+            "from bench_main import MNB_PACKAGES, package_versions; print(json.dumps(package_versions(MNB_PACKAGES)))")
+    r = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=300)
     return json.loads(r.stdout) if r.returncode == 0 else {"error": r.stderr.strip()[-300:]}
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import os
 import statistics
 import sys
 import tempfile
@@ -26,7 +25,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_main import DEFAULT_SOURCE, add_result_args, environment, mesh_with_cli, save_result, source_missing  # noqa: E402
+from bench_main import (DEFAULT_SOURCE, add_result_args, environment, mesh_with_cli, save_result,  # noqa: E402
+                        source_missing)
 
 
 def main(argv=None) -> int:
@@ -41,9 +41,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if source_missing(args.source):
         return 2
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    counts = ([int(t) for t in args.threads.split(",")] if args.threads else sorted({1, cores}))
+    from gpumesh.resources import usable_cores
     from gpumesh.validate import validate
+
+    cores = usable_cores()   # validate's default threads
+    counts = ([int(t) for t in args.threads.split(",")] if args.threads else sorted({1, cores}))
 
     started = _dt.datetime.now(_dt.timezone.utc)
     seconds: dict = {t: [] for t in counts}
