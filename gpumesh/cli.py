@@ -299,10 +299,7 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
         if given:
             _fail(ValueError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} to multires output "
                              f"(legacy meshes have one resolution and store float32 positions)"))
-    if summary_json is not None:   # before the job, not after it
-        folder = os.path.dirname(os.path.abspath(summary_json))
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            _fail(ValueError(f"--summary-json {summary_json}: {folder} is not a writable folder"))
+    _check_summary_path(summary_json)   # before the job, not after it
     options = MeshOptions(chunk_size=chunk_size, max_lods=max_lods if fmt == "multires" else 1,
                           num_lods=num_lods, quality=quality, vertex_quantization_bits=int(bits), format=fmt,
                           segment_properties=segment_properties, sharding=sharding, dust_threshold=dust_threshold,
@@ -448,13 +445,22 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
         _write_summary(summary_json, s.to_json())
 
 
-def _write_summary(path: str, data: dict) -> None:
+def _check_summary_path(path: "str | None") -> None:
+    """Refuse a ``--summary-json`` path whose folder is missing or not writable (status 2),
+    before the work, not after it."""
+    if path is not None:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            _fail(ValueError(f"--summary-json {path}: {folder} is not a writable folder"))
+
+
+def _write_summary(path: str, data: dict, done: str = "the meshes were written") -> None:
     """Write the end summary ``data`` as JSON to ``path`` (``--summary-json``).
 
     A regular file (or a new one) is written whole or not at all: to a temporary file beside
     it, renamed over it (over a symbolic link's target, the link kept; its permissions kept); anything else
-    (``/dev/stdout``) is written to as is.  A failure (a full disk) is one line and status 1:
-    the meshes are written, the job's report is not.
+    (``/dev/stdout``) is written to as is.  A failure (a full disk) is one line and status 1,
+    which says ``done`` (the work was done; its report is not written).
     """
     text = json.dumps(data, indent=2)
     tmp = None
@@ -476,8 +482,8 @@ def _write_summary(path: str, data: dict) -> None:
                 os.remove(tmp)
             except OSError:
                 pass
-        click.echo(f"gpumesh: error: --summary-json {path}: cannot write it ({exc.strerror or exc}); "
-                   f"the meshes were written", err=True)
+        click.echo(f"gpumesh: error: --summary-json {path}: cannot write it ({exc.strerror or exc}); {done}",
+                   err=True)
         sys.exit(1)
 
 
@@ -493,8 +499,13 @@ def _write_summary(path: str, data: dict) -> None:
                    "sizes and shard structure")
 @click.option("--threads", type=click.IntRange(min=1), metavar="N",
               help="threads that decode fragments  [default: one per core]")
-def validate(dest, segments, sample, seed, decode, threads):
-    """Check a precomputed mesh directory DEST against the spec and Neuroglancer's client rules."""
+@click.option("--summary-json", type=click.Path(dir_okay=False), default=None,
+              help="write the report as JSON (also where violations are found)")
+def validate(dest, segments, sample, seed, decode, threads, summary_json):
+    """Check a precomputed mesh directory DEST against the spec and Neuroglancer's client rules.
+
+    Status 0: no violation; 1: violations, listed on stderr (a DEST that holds no mesh is one);
+    2: bad options, or a local DEST that is not a folder."""
     from . import storage
     from .validate import validate as run_validate
 
@@ -509,11 +520,14 @@ def validate(dest, segments, sample, seed, decode, threads):
     local = spec.get("path", "").rstrip("/") if spec.get("driver") == "file" else None
     if local is not None and not os.path.isdir(local):
         _fail(f"{dest}: " + ("a file, not a mesh directory" if os.path.exists(local) else "no such directory"))
+    _check_summary_path(summary_json)
     try:
         report = run_validate(dest, segments=segments, sample=sample, seed=seed, decode=decode, threads=threads)
     except GpumeshError as exc:
         _fail(exc)
     click.echo(report.format_table(errors=False))   # the violations on stderr, once
+    if summary_json:
+        _write_summary(summary_json, report.to_json(), "the report is above")
     if not report.ok:
         for err in report.errors[:50]:
             click.echo(f"  {err}", err=True)

@@ -49,7 +49,7 @@ import posixpath
 import re
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -199,6 +199,14 @@ class ValidationReport:
 
     def __str__(self) -> str:  # pragma: no cover - convenience
         return self.format_table()
+
+    def to_json(self) -> dict:
+        """The report as JSON-ready values (``gpumesh validate --summary-json``): its attributes
+        but ``max_errors``, and ``ok``.  ``errors`` holds the first ``max_errors`` violations;
+        ``num_errors`` counts them all."""
+        out = {"ok": self.ok}
+        out.update((f.name, getattr(self, f.name)) for f in fields(self) if f.name != "max_errors")
+        return json.loads(json.dumps(out, default=int))   # a copy; NumPy integers as ints
 
 
 # --------------------------------------------------------------------------------------------

@@ -327,6 +327,31 @@ def test_cli_validate_fails_on_corrupt_output(tmp_path):
     assert problems and all(p.strip() not in r.stdout for p in problems), r.stdout + r.stderr
 
 
+def test_cli_validate_writes_its_report_as_json_also_where_it_finds_violations(tmp_path):
+    """``gpumesh validate --summary-json FILE``: the report's figures and violations as JSON,
+    written before status 1; a folder that is not there is refused before anything is read."""
+    dest = tmp_path / "out"
+    run_mesh(GOOD, str(dest), workers=1)
+    r = _cli("validate", str(dest), "--summary-json", str(tmp_path / "no" / "r.json"))
+    assert r.returncode == 2 and r.stdout == "" and "is not a writable folder" in r.stderr, r.stdout + r.stderr
+    good = validate(str(dest))
+    r = _cli("validate", str(dest), "--summary-json", str(tmp_path / "r.json"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = json.loads((tmp_path / "r.json").read_text())
+    assert got["ok"] is True and got["num_errors"] == 0 and got["errors"] == []
+    assert got["kind"] == "multires" and got["num_segments"] == good.num_segments == 1
+    assert got["per_lod"] == good.per_lod and got["per_lod"][0]["triangles"] > 0
+    data = dest / "7"
+    data.write_bytes(data.read_bytes()[:-5])
+    r = _cli("validate", str(dest), "--summary-json", str(tmp_path / "r.json"))
+    assert r.returncode == 1
+    got = json.loads((tmp_path / "r.json").read_text())
+    problems = [ln.strip() for ln in r.stderr.splitlines() if ln.startswith("  ")]
+    assert got["ok"] is False and got["num_errors"] == len(got["errors"]) == len(problems) > 0
+    assert got["errors"] == problems == validate(str(dest)).errors
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.json"]
+
+
 def test_an_unknown_url_scheme_is_refused_not_taken_as_a_local_folder(tmp_path, real_zarr):
     # gcs:// (for gs://) was a relative path: as DEST the meshes went to ./gcs:/bucket/mesh/
     r = subprocess.run(cli_command() + ["mesh", str(real_zarr), "gcs://bucket/mesh", "--bounds", "0,0,0,32,32,32"],
