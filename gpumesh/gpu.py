@@ -291,7 +291,16 @@ class CupyRuntime:
         self.functions[name]((grid,), (block,), tuple(args))
 
     def mem_info(self) -> tuple[int, int]:
-        """(free, total) bytes of the current device."""
+        """(free, total) bytes of the current device, this process's memory pool emptied first.
+
+        ``cudaMemGetInfo`` counts the blocks that CuPy's pool holds unused (an earlier
+        backend's or call's) as taken: a second backend made in one process (an ad-hoc call in
+        a notebook, the next job) measured only what the first had left free, and set the
+        process's pool limit to a share of that.  The queued work is waited for, then those
+        blocks go back to the device, and what is free is measured."""
+        self._stream().synchronize()
+        self._staged.clear()
+        self.cp.get_default_memory_pool().free_all_blocks()
         free, total = self.cp.cuda.runtime.memGetInfo()
         return int(free), int(total)
 

@@ -116,8 +116,10 @@ class _Dev:
 
 
 def _fake_cupy(pool, no_blocking_arg=False):
+    # cached: bytes of unused blocks that the device memory pool holds (cudaMemGetInfo counts
+    # them as taken) until its free_all_blocks hands them back
     fake = types.SimpleNamespace(pool=pool, current=_Stream(), no_blocking_arg=no_blocking_arg,
-                                 freed_blocks=0, freed_pinned=0)
+                                 freed_blocks=0, freed_pinned=0, cached=0, capacity=1 << 31)
 
     class OutOfMemoryError(Exception):
         pass
@@ -141,6 +143,8 @@ def _fake_cupy(pool, no_blocking_arg=False):
     class _MemPool:
         def free_all_blocks(self):
             fake.freed_blocks += 1
+            fake.freed_with_work_queued = bool(fake.current.pending)
+            fake.cached = 0
 
         def set_limit(self, size):
             pass
@@ -161,7 +165,8 @@ def _fake_cupy(pool, no_blocking_arg=False):
 
     cuda = types.SimpleNamespace(get_current_stream=lambda: fake.current,
                                  memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError),
-                                 runtime=types.SimpleNamespace(memGetInfo=lambda: (1 << 30, 1 << 31)))
+                                 runtime=types.SimpleNamespace(
+                                     memGetInfo=lambda: (fake.capacity // 2 - fake.cached, fake.capacity)))
     cupy = types.SimpleNamespace(cuda=cuda, asarray=asarray, asnumpy=asnumpy, empty=empty,
                                  ascontiguousarray=ascontiguousarray, RawModule=RawModule,
                                  get_default_memory_pool=lambda: _MemPool(),
@@ -245,6 +250,21 @@ def test_pinned_buffers_are_the_smallest_power_of_two_that_holds_the_array(runti
         for size in asked:
             assert size & (size - 1) == 0 and size >= max(nbytes, 512)   # a power of two that holds it
             assert size < 2 * max(nbytes, 512)                            # and the smallest
+
+
+def test_free_memory_counts_the_blocks_the_pool_holds_unused(runtime):
+    """cudaMemGetInfo counts the blocks that CuPy's pool keeps for reuse as taken: a second
+    backend in one process (the next ad-hoc call, the next job) measured what the first had
+    left, and its budget, the process's pool limit, shrank.  The queued work is waited for,
+    the pool emptied, then free memory measured."""
+    fake, rt = runtime()
+    first = gpu.GPUBackend(runtime=rt)
+    fake.cached = 3 << 28   # the first backend's work left 768 MiB of blocks in the pool
+    fake.current.pending.append(lambda: None)   # and a copy still queued
+    assert rt.mem_info() == (1 << 30, 1 << 31)
+    assert fake.freed_with_work_queued is False and not fake.current.pending
+    fake.cached = 3 << 28
+    assert gpu.GPUBackend(runtime=rt).memory_budget == first.memory_budget
 
 
 def test_release_waits_for_queued_uploads(runtime):
