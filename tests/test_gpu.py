@@ -314,11 +314,13 @@ def test_nvrtc_compiles_every_entry_point():
     lib = nvrtc_check.find_nvrtc()
     if lib is None:
         pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc-cu12, or set GPUMESH_NVRTC)")
-    # The flags CuPy's RawModule adds to every NVRTC compile (CuPy 14.2,
-    # cupy/cuda/compiler.py), so the source is checked as CuPy will compile it.
+    # The flags CuPy's RawModule adds to an NVRTC compile (CuPy 14.2, cupy/cuda/compiler.py:
+    # the jitify path's), and the C++ standards CuPy may ask for (``--std=c++11`` unless another
+    # is given, cupy/_core/core.pyx's compiler options), so the source is checked as CuPy will
+    # compile it, whichever of its paths and releases does.
     cupy_flags = ["--device-as-default-execution-space", "-ftz=true"]
     for arch in ("compute_75", "compute_90"):
-        for flags in ([], cupy_flags):
+        for flags in ([], cupy_flags, ["--std=c++11", "-ftz=true"], ["--std=c++17", "-ftz=true"]):
             ptx, log = nvrtc_check.compile_ptx(gpu.kernel_source(),
                                                [f"--gpu-architecture={arch}", *flags], lib)
             assert "warning" not in log.lower(), log
