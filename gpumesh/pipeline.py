@@ -1027,14 +1027,16 @@ def _run_task(task) -> tuple[tuple, bytes, float, str, str]:
             f"{socket.gethostname()}:{os.getpid()}")
 
 
-def _worker_results(keys, whole, cache_bytes):
-    """The task results as a worker writing part of the output reads them
+def _worker_results(keys, whole, cache_bytes, rows):
+    """The task results as a worker writing the fragments ``rows`` reads them
     (:class:`gpumesh.writer.TaskResults`): results ``whole`` read whole (within
-    ``cache_bytes``), the others fragment by fragment."""
+    ``cache_bytes``), the others' fragments in spans (:meth:`~gpumesh.writer.TaskResults.prefetch`;
+    one by one past the cap)."""
     from .writer import TaskResults
 
     results = TaskResults(_WORKER["kv"], keys, cache_bytes=cache_bytes)
     results.keep(whole)
+    results.prefetch(rows)
     return results
 
 
@@ -1044,7 +1046,7 @@ def _run_shard_task(keys, rows, shard, spec, num_lods, grid_origin, whole, cache
     worker's peak RSS (MiB)."""
     from .writer import write_shard
 
-    results = _worker_results(keys, whole, cache_bytes)
+    results = _worker_results(keys, whole, cache_bytes, rows)
     part = write_shard(_WORKER["kv"], results, rows, shard, spec, _WORKER["plan"], _WORKER["options"], num_lods,
                        grid_origin)
     return part, peak_rss_mb()
@@ -1056,7 +1058,7 @@ def _run_segments_task(keys, rows, num_lods, grid_origin, whole, cache_bytes) ->
     statistics and the worker's peak RSS (MiB)."""
     from .writer import build_segments
 
-    results = _worker_results(keys, whole, cache_bytes)
+    results = _worker_results(keys, whole, cache_bytes, rows)
     items, part = build_segments(results, rows, _WORKER["plan"], _WORKER["options"], num_lods, grid_origin)
     return items, part, peak_rss_mb()
 
@@ -1067,7 +1069,7 @@ def _run_write_task(keys, rows, num_lods, grid_origin, whole, cache_bytes) -> tu
     :func:`_worker_results` says.  Returns their statistics and the worker's peak RSS (MiB)."""
     from .writer import _new_stats, write_all_segments
 
-    results = _worker_results(keys, whole, cache_bytes)
+    results = _worker_results(keys, whole, cache_bytes, rows)
     part = _new_stats(_WORKER["plan"].lods)
     write_all_segments(_WORKER["kv"], results, rows, _WORKER["plan"], _WORKER["options"], part, grid_origin,
                        num_lods)

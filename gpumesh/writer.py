@@ -80,6 +80,11 @@ WRITE_BATCH = 64
 ASSEMBLY_CACHE_BYTES = 1 << 30
 HEADER_READS = 64   # task result headers read at once by the assembly
 
+#: Fragments of one task result that a worker needs are read in one byte range where the
+#: bytes between them are at most this many (:meth:`TaskResults.prefetch`): a read of a cloud
+#: store costs a round trip, and the unused bytes between fragments cost less than one.
+SPAN_GAP_BYTES = 64 << 10
+
 #: Rows (fragment entries and voxel counts) of task results that the assembly parses before it
 #: adds them to its tables at once (:func:`_header_batches`): a job of hundreds of thousands of
 #: tasks, most of them with few rows or none, paid ~70 us of NumPy calls per result.
@@ -923,7 +928,9 @@ class TaskResults:
 
     A result is read whole, once, and kept while the kept results hold at most
     :data:`ASSEMBLY_CACHE_BYTES`; then fragments are slices of it.  Past that, only a result's
-    header is read (two byte-range reads) and each fragment is read by byte range.
+    header is read (two byte-range reads) and its fragments by byte range: those that a
+    worker's part of the output needs in a few spans of each result (:meth:`prefetch`), else
+    each alone.
 
     Parameters
     ----------
@@ -947,6 +954,41 @@ class TaskResults:
         #: each result's header size once a header was seen (0: not yet), so that reading it
         #: again (a wave of the assembly) takes one byte-range read, not two
         self.header_bytes = np.zeros(len(self.keys), dtype=np.int64)
+        #: result number -> (span starts, span ends, each span's read future or bytes)
+        self.spans: dict[int, tuple[np.ndarray, np.ndarray, list]] = {}
+
+    def prefetch(self, rows: np.ndarray, gap: int = SPAN_GAP_BYTES) -> None:
+        """Start reading the fragments of ``rows`` (entries with block, offset, size) that are
+        in no kept result, each result's in spans: fragments at most ``gap`` bytes apart share
+        one byte-range read.  :meth:`read` then slices them from the spans.
+
+        The spans are held in memory with the kept results, within the same cap (the fragments
+        past it are read one by one, as without this).  Fragments that a shard needs are spread
+        over the task results (a shard's segments are drawn by the hash of their IDs), so each
+        result gave a worker many small reads: on a cloud store, a round trip each.
+        """
+        if len(rows) == 0:
+            return
+        kept = np.fromiter(self.kept, dtype=np.int64, count=len(self.kept))
+        rows = rows[~np.isin(rows["block"], kept)]
+        order = np.lexsort((rows["offset"], rows["block"]))
+        block = rows["block"][order].astype(np.int64)
+        start = rows["offset"][order].astype(np.int64)
+        end = start + rows["size"][order].astype(np.int64)
+        if len(block) == 0:
+            return
+        # a span ends where the result changes or the next fragment starts past the gap
+        # (fragments of one result do not overlap: each one's end bounds the next start)
+        new = np.r_[True, (block[1:] != block[:-1]) | (start[1:] - end[:-1] > gap)]
+        first = np.flatnonzero(new)
+        s_block, s_start, s_end = block[first], start[first], np.maximum.reduceat(end, first)
+        fits = np.cumsum(s_end - s_start) <= max(0, self.cache_bytes - self.kept_bytes)
+        self.kept_bytes += int((s_end - s_start)[fits].sum())
+        for b in np.unique(s_block[fits]).tolist():
+            mine = fits & (s_block == b)
+            lo, hi = s_start[mine], s_end[mine]
+            self.spans[b] = (lo, hi, [self.kv.read(self.keys[b], byte_range=slice(int(x), int(y)))
+                                      for x, y in zip(lo.tolist(), hi.tolist())])
 
     def keep(self, blocks) -> None:
         """Read results ``blocks`` whole (a few at a time, concurrently) and keep them, while
@@ -1046,19 +1088,32 @@ class TaskResults:
 
     def read(self, entries) -> list:
         """Start reading the fragments of ``entries`` (rows with block, offset, size): the
-        bytes of kept results, else the kvstore's read futures.  :class:`GpumeshError` where a
+        bytes of kept results and prefetched spans, else the kvstore's read futures.  :class:`GpumeshError` where a
         kept result ends before a fragment does (a result cut short), as a byte range past the
         end of one read from the store is (:meth:`value`): never fewer bytes in its place."""
         out = []
         for b, o, n in zip(entries["block"].tolist(), entries["offset"].tolist(), entries["size"].tolist()):
-            if b not in self.kept:
+            if b in self.kept:
+                out.append(self.kept[b][o:o + n])
+                if len(out[-1]) != n:
+                    raise GpumeshError(f"task result {self.keys[b]} in the scratch area is cut short (a fragment "
+                                       f"ends at byte {o + n} of {len(self.kept[b])}); rerun with --overwrite")
+            elif b in self.spans and (span := self._span(b, o, n)) is not None:
+                out.append(span)
+            else:
                 out.append(self.kv.read(self.keys[b], byte_range=slice(o, o + n)))
-                continue
-            out.append(self.kept[b][o:o + n])
-            if len(out[-1]) != n:
-                raise GpumeshError(f"task result {self.keys[b]} in the scratch area is cut short (a fragment "
-                                   f"ends at byte {o + n} of {len(self.kept[b])}); rerun with --overwrite")
         return out
+
+    def _span(self, b: int, o: int, n: int) -> Optional[bytes]:
+        """Bytes ``[o, o + n)`` of result ``b`` from its prefetched spans, or ``None`` where no
+        span holds them (waits for the span's read)."""
+        lo, hi, got = self.spans[b]
+        i = int(np.searchsorted(lo, o, side="right")) - 1
+        if i < 0 or o + n > int(hi[i]):
+            return None
+        if not isinstance(got[i], bytes):
+            got[i] = self.value(b, got[i])
+        return got[i][o - int(lo[i]):o - int(lo[i]) + n]
 
 
 def _read_fragments(results: TaskResults, batch: list) -> Iterator[list]:
