@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import importlib
 import itertools
 import json
 import os
@@ -25,6 +27,8 @@ from gpumesh.reader import (
 )
 from gpumesh.validate import crossing_triangles, missing_parents, validate, zorder_less
 from gpumesh.writer import placeholder_positions
+
+validate_module = importlib.import_module("gpumesh.validate")   # (gpumesh.validate: the function)
 
 BITS = 10
 CHUNK = [64.0, 64.0, 32.0]
@@ -757,6 +761,130 @@ def test_a_shards_errors_come_in_the_order_of_its_segments_whatever_the_threads(
     segs = [int(e.split()[1].rstrip(":")) for e in reports[0].errors]
     assert segs == sorted(segs) and {5, 6, 7} <= set(segs) and 8 not in segs, reports[0].errors
     assert any("segment 6: manifest bytes" in e for e in reports[0].errors)
+
+
+GARBAGE = b"\x07" * len(F_LOD0_B)
+
+
+def _shard_file(spec, lists, ranges=None, raw_manifest=()):
+    """One shard's bytes, laid out by hand: ``lists`` maps a minishard to its entries ``(ID,
+    (manifest, fragment data))`` in file order, listed as given (an ID twice, or in a minishard
+    it does not hash to); ``ranges`` replaces minishard index ranges (``{ms: (start, end)}``,
+    file offsets, or ``bytes`` as the stored index); the manifests of ``raw_manifest`` IDs are
+    stored unencoded."""
+    ib = spec.shard_index_bytes
+    body, pos, indices = [], ib, []
+    for ms in range(spec.num_minishards):
+        ids, starts, sizes = [], [], []
+        for seg, (mbytes, data) in lists.get(ms, []):
+            enc = mbytes if seg in raw_manifest else spec.encode_data(mbytes)
+            body += [data, enc]
+            ids.append(seg)
+            starts.append(pos + len(data))
+            sizes.append(len(enc))
+            pos += len(data) + len(enc)
+        indices.append(spec.encode_minishard_index(ids, starts, sizes) if ids else b"")
+    index = np.zeros((spec.num_minishards, 2), "<u8")
+    for ms, enc in enumerate(indices):
+        given = (ranges or {}).get(ms)
+        if isinstance(given, bytes):
+            enc = indices[ms] = given
+        index[ms] = (pos - ib, pos - ib + len(enc)) if not isinstance(given, tuple) else np.subtract(given, ib)
+        pos += len(enc)
+    return index.tobytes() + b"".join(body) + b"".join(indices)
+
+
+def _sharded_dir(path, lists, **shard_file):
+    """A sharded mesh directory of one shard (:func:`_shard_file`) with two minishards."""
+    from gpumesh.sharding import ShardingSpec
+
+    spec = ShardingSpec(minishard_bits=1, shard_bits=0, minishard_index_encoding="gzip", data_encoding="gzip")
+    kv = storage.open_kvstore(path)
+    storage.write_json(kv, "info", info(sharding=spec.to_json()))
+    storage.write(kv, spec.shard_key(0), _shard_file(spec, lists, **shard_file))
+    return str(path)
+
+
+def _ids_by_minishard():
+    from gpumesh.sharding import ShardingSpec
+
+    ids = np.arange(1, 41)
+    ms = ShardingSpec(minishard_bits=1, shard_bits=0).locate(ids)[1]
+    return ids[ms == 0].tolist(), ids[ms == 1].tolist()
+
+
+SHARD_DEFECTS = {   # (what to change in the shard of _sharded_dir's segments, the words of its error)
+    "none": ({}, None),
+    "a segment listed twice": ({"twice": True}, "listed more than once"),
+    "a segment in a minishard its ID does not hash to": ({"stray": True}, "so readers cannot find it"),
+    "a manifest not in the data encoding": ({"raw_manifest": True}, "manifest in shard 0.shard"),
+    "a minishard index not in its encoding": ({"ranges": {1: b"not gzip"}}, "minishard 1"),
+    "an empty minishard index": ({"ranges": {1: gzip.compress(b"")}}, "empty minishard index"),
+    "an inverted minishard index range": ({"ranges": {1: (200, 100)}}, "is inverted"),
+    "a minishard index range past the end": ({"ranges": {1: (100, 10**9)}}, "outside"),
+}
+
+
+@pytest.mark.parametrize("defect", sorted(SHARD_DEFECTS))
+def test_a_shards_errors_between_its_segments_come_in_file_order_whatever_the_threads(tmp_path, defect):
+    """Each segment of a shard has errors of its own (an undecodable fragment; the second also
+    an octree error, found before its fragments decode); a shard-level error among them comes
+    after those of the segments before it and before those after it, as with one thread."""
+    change, words = SHARD_DEFECTS[defect]
+    m0, m1 = _ids_by_minishard()
+    bad = seg_parts(frags0=(GARBAGE, F_LOD0_A))
+    first = [(s, bad) for s in m0[:6]]
+    first[1] = (m0[1], seg_parts(lod0=((1, 0, 0), (0, 0, 0)), frags0=(GARBAGE, F_LOD0_A)))
+    if change.get("twice"):
+        first.insert(3, first[0])
+    if change.get("stray"):
+        first.insert(3, (m1[5], bad))
+    if change.get("raw_manifest"):
+        first.insert(3, (m0[6], bad))
+    path = _sharded_dir(tmp_path / "out", {0: first, 1: [(s, bad) for s in m1[:4]]}, ranges=change.get("ranges"),
+                        raw_manifest=(m0[6],) if change.get("raw_manifest") else ())
+    reports = [validate(path, threads=t) for t in (1, 3)]
+    for rep in reports[1:]:
+        assert rep.errors == reports[0].errors and rep.per_lod == reports[0].per_lod, defect
+        assert rep.num_segments == reports[0].num_segments
+    errors = reports[0].errors
+    assert [e.split()[1] for e in errors[:3]] == [str(m0[0]), str(m0[1]), str(m0[1])], errors
+    assert "Z-order" in errors[1] and "Draco" in errors[2], errors
+    if words is None:
+        assert len(errors) == 11, errors
+        return
+    at = next(i for i, e in enumerate(errors) if words in e)
+    before = {int(e.split()[1].rstrip(":")) for e in errors[:at]}
+    after = {int(e.split()[1].rstrip(":")) for e in errors[at + 1:] if e.startswith("segment ")}
+    if errors[at].startswith("shard "):   # the second minishard's segments are not reached
+        assert before == set(m0[:6]) and not after, errors
+    else:
+        assert before == set(m0[:3]) and after == set(m0[3:6] + m1[:4]), errors
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_shards_segments_decode_at_most_segments_ahead_ahead(tmp_path, monkeypatch, threads):
+    """On threads, the fragments of up to ``SEGMENTS_AHEAD`` segments of a shard decode (and
+    are held) while the next segment is checked, no more; one thread checks one at a time."""
+    start, outstanding = validate_module._start_multires_segment, [0, 0]   # now, most
+
+    def counting(*args, **kwargs):
+        finish = start(*args, **kwargs)
+        outstanding[0] += 1
+        outstanding[1] = max(outstanding)
+
+        def counted():
+            outstanding[0] -= 1
+            finish()
+        return counted
+
+    monkeypatch.setattr(validate_module, "_start_multires_segment", counting)
+    m0, m1 = _ids_by_minishard()
+    path = _sharded_dir(tmp_path / "out", {0: [(s, seg_parts()) for s in m0[:12]],
+                                           1: [(s, seg_parts()) for s in m1[:12]]})
+    rep = validate(path, threads=threads)
+    assert rep.ok and rep.num_segments == 24 and rep.per_lod[1]["triangles"] == 24 * 2
+    assert outstanding == [0, validate_module.SEGMENTS_AHEAD + 1 if threads > 1 else 1]
 
 
 # ------------------------------------------------------------------------------------------
