@@ -389,10 +389,14 @@ def _start_multires_segment(
     ``decode``'s threads; returns the function that records all of it in ``report``, in order,
     once the fragments are decoded (so that the next segment's can begin meanwhile)."""
     held = _Held(report)
-    frags = _first_checks(held, seg, mbytes, data, decode, data_error)
     checked = iter(())
-    if frags:   # (only where decode is given)
-        checked = decode([(blob, bits, lod) for lod, _, blob in frags if blob is not None])
+    try:
+        frags = _first_checks(held, seg, mbytes, data, decode, data_error)
+        if frags:   # (only where decode is given)
+            checked = decode([(blob, bits, lod) for lod, _, blob in frags if blob is not None])
+    except Exception as exc:   # never raise on a bad mesh; in a shard, the segments after it are checked
+        held.add_error(f"segment {seg}: unexpected error while checking: {exc!r}")
+        frags = []
 
     def finish() -> None:
         for message in held.errors:
@@ -402,7 +406,7 @@ def _start_multires_segment(
                 report.add_error(where)
                 continue
             result = next(checked)
-            if isinstance(result, InvalidMeshError):
+            if isinstance(result, str):
                 report.add_error(f"{where}: {result}")
                 continue
             placeholder, triangles, crossing = result
@@ -470,14 +474,17 @@ def _first_checks(report, seg: int, mbytes: Optional[bytes], data: Optional[byte
 def _check_fragment(job: tuple):
     """Decode one multi-resolution fragment ``(bytes, bits, lod)`` as the client does; returns
     ``(placeholder, triangles, triangles crossing the 2x2x2 grid)`` (crossings: LOD > 0), or
-    the :class:`InvalidMeshError` that says why it does not decode."""
+    the error (str) that says why it does not decode, an unexpected failure (a bug, memory
+    running out) included: it is that fragment's error, not its segment's or shard's end."""
     blob, bits, lod = job
     try:
         q, f = decode_fragment(blob, bits, check_identity=True)
+        crossing = int(np.count_nonzero(crossing_triangles(q, f, bits))) if lod > 0 and len(f) else 0
+        return is_placeholder(q, f), len(f), crossing
     except InvalidMeshError as exc:
-        return exc
-    crossing = int(np.count_nonzero(crossing_triangles(q, f, bits))) if lod > 0 and len(f) else 0
-    return is_placeholder(q, f), len(f), crossing
+        return str(exc)
+    except Exception as exc:   # never raise on a bad mesh
+        return f"unexpected error while decoding: {exc!r}"
 
 
 class _Decoder:

@@ -887,6 +887,68 @@ def test_a_shards_segments_decode_at_most_segments_ahead_ahead(tmp_path, monkeyp
     assert outstanding == [0, validate_module.SEGMENTS_AHEAD + 1 if threads > 1 else 1]
 
 
+RAISING = b"\x09" * len(F_LOD0_B)
+
+
+def _raising_decoder(monkeypatch, exc):
+    """Make the validator's Draco decoding raise an ``exc`` (a class) on the fragment ``RAISING``."""
+    def decode(blob, *args, **kwargs):
+        if bytes(blob) == RAISING:
+            raise exc("raised")
+        return decode_fragment(blob, *args, **kwargs)
+
+    monkeypatch.setattr(validate_module, "decode_fragment", decode)
+
+
+@pytest.mark.parametrize("layout", ["sharded", "unsharded", "sample"])
+@pytest.mark.parametrize("exc", [RuntimeError, MemoryError])
+def test_a_decode_that_fails_unexpectedly_is_one_fragments_error_whatever_the_threads(tmp_path, monkeypatch,
+                                                                                        layout, exc):
+    """A decode that raises what no bad fragment raises (a bug, or memory running out) is an
+    error of that fragment: the other fragments and segments are still checked, and the report
+    is the same whatever the threads."""
+    _raising_decoder(monkeypatch, exc)
+    m0, m1 = _ids_by_minishard()
+    segs = {s: seg_parts(frags0=(GARBAGE, F_LOD0_A)) for s in m0[:5] + m1[:3]}
+    segs[m0[1]] = seg_parts(frags0=(RAISING, GARBAGE))
+    if layout == "unsharded":
+        write_dir(storage.open_kvstore(tmp_path / "out"), segs)
+        path = str(tmp_path / "out")
+    else:
+        path = _sharded_dir(tmp_path / "out", {0: [(s, segs[s]) for s in m0[:5]], 1: [(s, segs[s]) for s in m1[:3]]})
+    reports = [validate(path, threads=t, sample=100 if layout == "sample" else None) for t in (1, 3)]
+    for rep in reports[1:]:
+        assert rep.errors == reports[0].errors and rep.per_lod == reports[0].per_lod
+    rep = reports[0]
+    assert rep.num_segments == 8 and rep.num_errors == 9, rep.errors
+    assert sorted({int(e.split()[1]) for e in rep.errors}) == sorted(segs)
+    raised = [e for e in rep.errors if e.startswith(f"segment {m0[1]} ")]
+    assert len(raised) == 2 and exc.__name__ in raised[0] and "node 0" in raised[0] and "node 1" in raised[1]
+    assert rep.per_lod[1]["triangles"] == 8 * 2 and rep.per_lod[0]["triangles"] == 7
+
+
+def test_a_segment_check_that_fails_unexpectedly_is_its_error_whatever_the_threads(tmp_path, monkeypatch):
+    """An unexpected failure in a segment's checks before its fragments decode (here: its
+    octree check) is that segment's error; in a shard, the segments before and after it are
+    checked and reported in their order, whatever the threads."""
+    m0, m1 = _ids_by_minishard()
+    check_octree = validate_module._check_octree
+
+    def failing(report, seg, m):
+        if seg == m0[2]:
+            raise RuntimeError("octree")
+        check_octree(report, seg, m)
+
+    monkeypatch.setattr(validate_module, "_check_octree", failing)
+    bad = seg_parts(frags0=(GARBAGE, F_LOD0_A))
+    path = _sharded_dir(tmp_path / "out", {0: [(s, bad) for s in m0[:5]], 1: [(s, bad) for s in m1[:3]]})
+    reports = [validate(path, threads=t) for t in (1, 3)]
+    assert reports[1].errors == reports[0].errors and reports[1].per_lod == reports[0].per_lod
+    segs = [int(e.split()[1].rstrip(":")) for e in reports[0].errors]
+    assert segs == m0[:5] + m1[:3], reports[0].errors
+    assert "RuntimeError('octree')" in reports[0].errors[2] and reports[0].num_segments == 8
+
+
 # ------------------------------------------------------------------------------------------
 # Segment properties (spec segment_properties): every rule the validator checks, one at a time
 
