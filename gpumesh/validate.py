@@ -526,6 +526,15 @@ class _InOrder:
         self.flush()
         self.report.add_error(message)
 
+    def __enter__(self) -> "_InOrder":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        """Record the segments held, at the end or before an unexpected error is reported (not
+        after an interrupt: they are not waited for)."""
+        if kind is None or issubclass(kind, Exception):
+            self.flush()
+
 
 def _check_shard(report: ValidationReport, src: ShardedMultiresSource, shard: int, blob: bytes,
                  wanted: Optional[set], seen: set, decode: Optional["_Decoder"]) -> int:
@@ -541,62 +550,62 @@ def _check_shard(report: ValidationReport, src: ShardedMultiresSource, shard: in
     # the segments before, their fragments decoding, recorded before what follows
     ordered = _InOrder(report, SEGMENTS_AHEAD if decode is not None and decode.pool is not None else 0)
     spans = [(0, ib)]   # the bytes that something references: index, minishard indices, segments
-    for ms, (start, end) in enumerate(spec.decode_shard_index(blob).tolist()):
-        where = f"shard {name} minishard {ms}"
-        if end < start:
-            ordered.add_error(f"{where}: minishard index range [{start}, {end}) is inverted")
-            continue
-        if end == start:
-            continue
-        if start < ib or end > n:
-            ordered.add_error(f"{where}: minishard index range [{start}, {end}) outside [{ib}, {n}) "
-                              "(after the shard index, within the file)")
-            continue
-        spans.append((start, end))
-        try:
-            ids, starts, sizes = spec.decode_minishard_index(blob[start:end])
-        except ShardFormatError as exc:
-            ordered.add_error(f"{where}: {exc}")
-            continue
-        if not len(ids):
-            ordered.add_error(f"{where}: empty minishard index under a non-empty range")
-        shards, minishards = spec.locate(ids)
-        for i, seg in enumerate(ids.tolist()):
-            if shards[i] != shard or minishards[i] != ms:
-                ordered.add_error(
-                    f"segment {seg}: stored in {where}, but its ID hashes to shard "
-                    f"{spec.shard_key(int(shards[i]))} minishard {int(minishards[i])}, so readers cannot find it")
+    with ordered:   # an unexpected error (_validate_sharded) after the segments before it
+        for ms, (start, end) in enumerate(spec.decode_shard_index(blob).tolist()):
+            where = f"shard {name} minishard {ms}"
+            if end < start:
+                ordered.add_error(f"{where}: minishard index range [{start}, {end}) is inverted")
                 continue
-            if seg in seen:
-                ordered.add_error(f"segment {seg}: listed more than once in {where}")
+            if end == start:
                 continue
-            seen.add(seg)
-            if wanted is not None and seg not in wanted:
+            if start < ib or end > n:
+                ordered.add_error(f"{where}: minishard index range [{start}, {end}) outside [{ib}, {n}) "
+                                  "(after the shard index, within the file)")
                 continue
-            checked += 1
-            c0, c1 = int(starts[i]), int(starts[i]) + int(sizes[i])
-            if c0 < ib or c1 > n:
-                ordered.add_error(f"segment {seg}: manifest bytes [{c0}, {c1}) outside [{ib}, {n}) of shard {name}")
-                continue
+            spans.append((start, end))
             try:
-                mbytes = spec.decode_data(blob[c0:c1])
+                ids, starts, sizes = spec.decode_minishard_index(blob[start:end])
             except ShardFormatError as exc:
-                ordered.add_error(f"segment {seg}: manifest in shard {name}: {exc}")
+                ordered.add_error(f"{where}: {exc}")
                 continue
-            try:
-                total = Manifest.from_bytes(mbytes).total_bytes
-            except InvalidMeshError:
-                total = 0  # reported by the segment check
-            spans.append((max(c0 - total, 0), c1))
-            data, data_error = blob[c0 - total:c0], None
-            if c0 - total < ib:
-                data = None
-                data_error = (f"segment {seg}: its {total} bytes of fragment data before the manifest at {c0} "
-                              f"would start inside the shard index of {name} ({ib} bytes)")
-            # this segment's fragments decode while the one before is recorded
-            ordered.then(_start_multires_segment(report, seg, mbytes, data, src.vertex_quantization_bits, decode,
-                                                 data_error))
-    ordered.flush()
+            if not len(ids):
+                ordered.add_error(f"{where}: empty minishard index under a non-empty range")
+            shards, minishards = spec.locate(ids)
+            for i, seg in enumerate(ids.tolist()):
+                if shards[i] != shard or minishards[i] != ms:
+                    ordered.add_error(
+                        f"segment {seg}: stored in {where}, but its ID hashes to shard "
+                        f"{spec.shard_key(int(shards[i]))} minishard {int(minishards[i])}, so readers cannot find it")
+                    continue
+                if seg in seen:
+                    ordered.add_error(f"segment {seg}: listed more than once in {where}")
+                    continue
+                seen.add(seg)
+                if wanted is not None and seg not in wanted:
+                    continue
+                checked += 1
+                c0, c1 = int(starts[i]), int(starts[i]) + int(sizes[i])
+                if c0 < ib or c1 > n:
+                    ordered.add_error(f"segment {seg}: manifest bytes [{c0}, {c1}) outside [{ib}, {n}) of shard {name}")
+                    continue
+                try:
+                    mbytes = spec.decode_data(blob[c0:c1])
+                except ShardFormatError as exc:
+                    ordered.add_error(f"segment {seg}: manifest in shard {name}: {exc}")
+                    continue
+                try:
+                    total = Manifest.from_bytes(mbytes).total_bytes
+                except InvalidMeshError:
+                    total = 0  # reported by the segment check
+                spans.append((max(c0 - total, 0), c1))
+                data, data_error = blob[c0 - total:c0], None
+                if c0 - total < ib:
+                    data = None
+                    data_error = (f"segment {seg}: its {total} bytes of fragment data before the manifest at {c0} "
+                                  f"would start inside the shard index of {name} ({ib} bytes)")
+                # this segment's fragments decode while the one before is recorded
+                ordered.then(_start_multires_segment(report, seg, mbytes, data, src.vertex_quantization_bits, decode,
+                                                     data_error))
     if wanted is None:
         loose = n - _covered(spans)
         if loose:

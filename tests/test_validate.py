@@ -949,6 +949,31 @@ def test_a_segment_check_that_fails_unexpectedly_is_its_error_whatever_the_threa
     assert "RuntimeError('octree')" in reports[0].errors[2] and reports[0].num_segments == 8
 
 
+def test_an_unexpected_failure_in_a_shard_comes_after_its_segments_before_it(tmp_path, monkeypatch):
+    """A shard whose checks fail unexpectedly between its segments (here: reading its second
+    minishard index) is reported after the segments before the failure, whatever the threads."""
+    from gpumesh.sharding import ShardingSpec
+
+    m0, m1 = _ids_by_minishard()
+    bad = seg_parts(frags0=(GARBAGE, F_LOD0_A))
+    path = _sharded_dir(tmp_path / "out", {0: [(s, bad) for s in m0[:5]], 1: [(s, bad) for s in m1[:3]]})
+    decode_index = ShardingSpec.decode_minishard_index
+    calls = []
+
+    def failing(self, stored):
+        calls.append(1)
+        if len(calls) % 2 == 0:   # the second minishard of each run
+            raise RuntimeError("index")
+        return decode_index(self, stored)
+
+    monkeypatch.setattr(ShardingSpec, "decode_minishard_index", failing)
+    reports = [validate(path, threads=t) for t in (1, 3)]
+    assert reports[1].errors == reports[0].errors and reports[1].per_lod == reports[0].per_lod
+    errors = reports[0].errors
+    assert [int(e.split()[1]) for e in errors[:-1]] == m0[:5], errors
+    assert errors[-1].startswith("shard 0.shard: unexpected error") and "RuntimeError('index')" in errors[-1]
+
+
 # ------------------------------------------------------------------------------------------
 # Segment properties (spec segment_properties): every rule the validator checks, one at a time
 
