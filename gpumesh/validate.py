@@ -502,8 +502,10 @@ class _Decoder:
         return self.pool.map(_check_fragment, jobs)
 
     def close(self) -> None:
+        """End the threads; what is queued is not decoded (after an interrupt: up to
+        ``SEGMENTS_AHEAD`` segments' fragments that nobody will record)."""
         if self.pool is not None:
-            self.pool.shutdown()
+            self.pool.shutdown(cancel_futures=True)
 
 
 class _InOrder:

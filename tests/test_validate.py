@@ -974,6 +974,47 @@ def test_an_unexpected_failure_in_a_shard_comes_after_its_segments_before_it(tmp
     assert errors[-1].startswith("shard 0.shard: unexpected error") and "RuntimeError('index')" in errors[-1]
 
 
+def _validate_threads():
+    import threading
+
+    return [t for t in threading.enumerate() if t.name.startswith("gpumesh-validate")]
+
+
+def test_the_decoding_threads_end_with_validate_and_an_interrupt_drops_what_is_queued(tmp_path, monkeypatch):
+    """validate's threads are gone when it returns, and when it is interrupted (Ctrl-C in a
+    decode: KeyboardInterrupt): then the fragments queued to decode are not decoded."""
+    import threading
+    m0, m1 = _ids_by_minishard()
+    many = seg_parts(lod0=[(x, y, 0) for y in range(2) for x in range(2)],
+                     frags0=[F_LOD0_A] * 4, frags1=(F_LOD1,))
+    segs = {s: many for s in m0[:10]}
+    segs[m0[0]] = seg_parts(frags0=(RAISING, F_LOD0_A))
+    path = _sharded_dir(tmp_path / "out", {0: [(s, segs[s]) for s in m0[:10]]})
+    assert validate(path, threads=3).num_errors == 1 and not _validate_threads()   # RAISING: not Draco
+    _raising_decoder(monkeypatch, KeyboardInterrupt)
+    closing, decoded = threading.Event(), []
+    close = validate_module._Decoder.close
+
+    def closing_close(self):
+        closing.set()   # the fragments being decoded finish now: the queued ones must not start
+        close(self)
+
+    decode = validate_module.decode_fragment
+
+    def held(blob, *args, **kwargs):
+        if bytes(blob) != RAISING:
+            closing.wait(5)
+            decoded.append(1)
+        return decode(blob, *args, **kwargs)
+
+    monkeypatch.setattr(validate_module._Decoder, "close", closing_close)
+    monkeypatch.setattr(validate_module, "decode_fragment", held)
+    with pytest.raises(KeyboardInterrupt):
+        validate(path, threads=3)
+    assert not _validate_threads()
+    assert len(decoded) < 9 * 5 // 2, len(decoded)   # of the 9 segments ahead's fragments
+
+
 # ------------------------------------------------------------------------------------------
 # Segment properties (spec segment_properties): every rule the validator checks, one at a time
 
