@@ -484,7 +484,7 @@ def _check_fragment(job: tuple):
     except InvalidMeshError as exc:
         return str(exc)
     except Exception as exc:   # never raise on a bad mesh
-        return f"unexpected error while decoding: {exc!r}"
+        return f"unexpected error while checking it: {exc!r}"
 
 
 class _Decoder:

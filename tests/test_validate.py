@@ -887,6 +887,19 @@ def test_a_shards_segments_decode_at_most_segments_ahead_ahead(tmp_path, monkeyp
     assert outstanding == [0, validate_module.SEGMENTS_AHEAD + 1 if threads > 1 else 1]
 
 
+@pytest.mark.parametrize("decode", [True, False])
+def test_fragment_data_that_would_start_in_the_shard_index_is_one_error(tmp_path, decode):
+    """A shard's first segment whose fragment sizes add up to more than the bytes before its
+    manifest: one error, its fragments not decoded from bytes that are not theirs."""
+    m0, _ = _ids_by_minishard()
+    mbytes, _ = seg_parts()
+    path = _sharded_dir(tmp_path / "out", {0: [(m0[0], (mbytes, b"")), (m0[1], seg_parts())]})
+    rep = validate(path, decode=decode, threads=2)
+    assert rep.num_errors == 1 and rep.errors[0].startswith(f"segment {m0[0]}: its ") \
+        and "would start inside the shard index" in rep.errors[0], rep.errors
+    assert rep.per_lod[1]["triangles"] == (2 if decode else None)
+
+
 RAISING = b"\x09" * len(F_LOD0_B)
 
 
@@ -925,6 +938,21 @@ def test_a_decode_that_fails_unexpectedly_is_one_fragments_error_whatever_the_th
     raised = [e for e in rep.errors if e.startswith(f"segment {m0[1]} ")]
     assert len(raised) == 2 and exc.__name__ in raised[0] and "node 0" in raised[0] and "node 1" in raised[1]
     assert rep.per_lod[1]["triangles"] == 8 * 2 and rep.per_lod[0]["triangles"] == 7
+
+
+def test_a_grid_check_that_fails_unexpectedly_is_its_fragments_error(tmp_path, monkeypatch):
+    """As a decode that fails unexpectedly, a failure of the 2x2x2 grid check (on the decoding
+    threads) is the error of its fragment, whatever the threads."""
+    def failing(*args):
+        raise RuntimeError("grid")
+
+    monkeypatch.setattr(validate_module, "crossing_triangles", failing)
+    write_dir(storage.open_kvstore(tmp_path / "out"), {1: seg_parts(), 2: seg_parts()})
+    reports = [validate(tmp_path / "out", threads=t) for t in (1, 3)]
+    assert reports[1].errors == reports[0].errors and reports[1].per_lod == reports[0].per_lod
+    assert [e.split(":")[0] for e in reports[0].errors] == [f"segment {s} lod 1 node 0 [0, 0, 0]" for s in (1, 2)]
+    assert all("RuntimeError('grid')" in e for e in reports[0].errors)
+    assert reports[0].per_lod[0]["triangles"] == 4 and reports[0].per_lod[1]["triangles"] == 0
 
 
 def test_a_segment_check_that_fails_unexpectedly_is_its_error_whatever_the_threads(tmp_path, monkeypatch):
