@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime as _dt
+import importlib.util
 import json
 import os
 import re
@@ -36,8 +37,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_main import (DEFAULT_SOURCE, REPO_ROOT, add_result_args, environment, mesh_with_cli,  # noqa: E402
-                        save_result, source_missing)
+from bench_main import (DEFAULT_SOURCE, REPO_ROOT, add_result_args, environment, save_result,  # noqa: E402
+                        source_missing)
 from bench_startup import make_cutout  # noqa: E402
 
 BUCKET = "gpumesh-bench"
@@ -76,10 +77,11 @@ def checkout(rev: str, where: Path) -> Path:
 
 
 def run(code: Path, source, dest: str, args: argparse.Namespace, endpoint: str, log: Path, tmp: Path) -> dict:
-    """One ``gpumesh mesh`` of the gpumesh at ``code`` into ``dest`` on the server."""
+    """One ``gpumesh mesh`` of the gpumesh at ``code`` into ``dest`` (on the server, or a local
+    folder for the untimed run that loads or compiles that code's numba kernels)."""
     summary = tmp / "summary.json"
     cmd = [sys.executable, "-c", TRAMPOLINE, "mesh", str(source), dest, "--voxel-size", args.voxel_size,
-           "--shard-bits", str(args.shard_bits), "--quiet", "--summary-json", str(summary),
+           "--shard-bits", str(args.shard_bits), "--quiet", "--summary-json", str(summary), "--overwrite",
            *([] if args.workers is None else ["--workers", str(args.workers)])]
     env = dict(os.environ, **CREDENTIALS, AWS_ENDPOINT_URL=endpoint, PYTHONPATH=str(code))
     before = log.stat().st_size
@@ -108,9 +110,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if source_missing(args.source):
         return 2
-    try:
-        import moto.server  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("moto") is None:
         print("moto is not installed (pip install 'moto[server]')", file=sys.stderr)
         return 2
     started = _dt.datetime.now(_dt.timezone.utc)
@@ -135,13 +135,13 @@ def main(argv=None) -> int:
                 make_cutout(Path(args.source), args.size, source)
             warm = tmp / "warm.zarr"
             make_cutout(Path(args.source), 64, warm)
-            mesh_with_cli(warm, str(tmp / "warm"), args.voxel_size, ["--overwrite"], args.workers)   # kernels loaded
             codes = {"this checkout": REPO_ROOT}
             if args.baseline:
                 rev = subprocess.run(["git", "rev-parse", args.baseline], cwd=REPO_ROOT, check=True,
                                      capture_output=True, text=True).stdout.strip()
                 codes = {f"baseline {rev[:9]}": checkout(rev, tmp / "baseline"), **codes}
-                mesh_with_cli(warm, str(tmp / "warm-b"), args.voxel_size, ["--overwrite"], args.workers)
+            for k, code in enumerate(codes.values()):   # each code's kernels loaded (or compiled), untimed
+                run(code, warm, str(tmp / f"warm{k}"), args, endpoint, log, tmp)
             runs: dict = {name: [] for name in codes}
             for i in range(args.runs):
                 for k, (name, code) in enumerate(codes.items()):
