@@ -55,7 +55,8 @@ print(f"http://127.0.0.1:{port}", flush=True)
 while True:
     time.sleep(3600)
 """
-REQUEST = re.compile(r'"([A-Z]+) /')
+#: a request's method in the server's log line (werkzeug colours some: ANSI codes after the quote)
+REQUEST = re.compile(r'"(?:\x1b\[[0-9;]*m)*([A-Z]+) /')
 TRAMPOLINE = "import sys; from gpumesh.cli import main; sys.exit(main())"
 
 

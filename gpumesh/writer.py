@@ -546,7 +546,11 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
                           for part in split_segments(rows, workers * WRITE_PARTS)),
                          lambda got: (_add_worker_part(stats, *got), report()))
             else:
-                write_all_segments(kv, results, rows, plan, options, stats, volume.voxel_offset, lods_of, report)
+                results.prefetch(rows)   # what the kept results do not hold, in spans, for this wave only
+                try:
+                    write_all_segments(kv, results, rows, plan, options, stats, volume.voxel_offset, lods_of, report)
+                finally:
+                    results.drop_spans()
 
     with_props = segment_properties_wanted(options.segment_properties, stats["segments"])
     if with_props:
@@ -956,6 +960,13 @@ class TaskResults:
         self.header_bytes = np.zeros(len(self.keys), dtype=np.int64)
         #: result number -> (span starts, span ends, each span's read future or bytes)
         self.spans: dict[int, tuple[np.ndarray, np.ndarray, list]] = {}
+        self.span_bytes = 0   # theirs, counted in kept_bytes too
+
+    def drop_spans(self) -> None:
+        """Forget the spans that :meth:`prefetch` read (their bytes leave the cap's count)."""
+        self.spans.clear()
+        self.kept_bytes -= self.span_bytes
+        self.span_bytes = 0
 
     def prefetch(self, rows: np.ndarray, gap: int = SPAN_GAP_BYTES) -> None:
         """Start reading the fragments of ``rows`` (entries with block, offset, size) that are
@@ -983,6 +994,7 @@ class TaskResults:
         first = np.flatnonzero(new)
         s_block, s_start, s_end = block[first], start[first], np.maximum.reduceat(end, first)
         fits = np.cumsum(s_end - s_start) <= max(0, self.cache_bytes - self.kept_bytes)
+        self.span_bytes += int((s_end - s_start)[fits].sum())
         self.kept_bytes += int((s_end - s_start)[fits].sum())
         for b in np.unique(s_block[fits]).tolist():
             mine = fits & (s_block == b)
@@ -1300,7 +1312,11 @@ def _write_shard_rows(kv, results: "TaskResults", todo: list, spec: ShardingSpec
                 report()
     else:
         for shard, rows in todo:
-            _add_stats(stats, write_shard(kv, results, rows, shard, spec, plan, options, num_lods, grid_origin))
+            results.prefetch(rows)   # what the kept results do not hold, in spans, for this shard only
+            try:
+                _add_stats(stats, write_shard(kv, results, rows, shard, spec, plan, options, num_lods, grid_origin))
+            finally:
+                results.drop_spans()
             report()
 
 
