@@ -33,9 +33,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_main import (DEFAULT_SOURCE, add_result_args, environment, mesh_with_cli, save_result,  # noqa: E402
-                        source_missing)
-from bench_startup import make_cutout  # noqa: E402
+from bench_main import add_result_args, environment, mesh_with_cli, save_result, source_missing  # noqa: E402
+from bench_startup import add_source_args, make_cutout, source_or_cutout  # noqa: E402
 
 
 def tree_digest(root: Path) -> str:
@@ -48,11 +47,8 @@ def tree_digest(root: Path) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--source", default=str(DEFAULT_SOURCE))
-    p.add_argument("--voxel-size", default="32,32,40", help="nm, x,y,z")
-    p.add_argument("--size", type=int, default=None, help="mesh a cutout of this edge (voxels) from the origin")
+    add_source_args(p)
     p.add_argument("--parts", type=int, default=2, help="N, the parts of the job")
-    p.add_argument("--workers", type=int, default=None, help="workers of each run (default: gpumesh's)")
     p.add_argument("--gpumesh-args", default="", help="more `gpumesh mesh` options for every run, "
                                                       "e.g. '--chunk-size 16'")
     add_result_args(p)
@@ -62,10 +58,7 @@ def main(argv=None) -> int:
     started = _dt.datetime.now(_dt.timezone.utc)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        source = Path(args.source)
-        if args.size:
-            source = tmp / "cutout.zarr"
-            make_cutout(Path(args.source), args.size, source)
+        source = source_or_cutout(args, tmp)
         warm = tmp / "warm.zarr"
         make_cutout(Path(args.source), 64, warm)
         mesh_with_cli(warm, str(tmp / "warm"), args.voxel_size, ["--overwrite"], args.workers)   # kernels loaded

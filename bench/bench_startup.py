@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_main import (DEFAULT_SOURCE, REPO_ROOT, add_result_args, environment, save_result,  # noqa: E402
@@ -46,29 +47,52 @@ def make_cutout(source: Path, size: int, path: Path) -> None:
     ts.open(spec, create=True, delete_existing=True).result().write(arr).result()
 
 
-def run_once(checkout: Path, cutout: Path, dest: Path, workers: int, voxel_size: str) -> dict:
-    """One CLI run with ``checkout``'s gpumesh first on the path; wall seconds and summary."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")])))
-    summary = dest.with_suffix(".json")
+def add_source_args(p: argparse.ArgumentParser, size: Optional[int] = None, workers: Optional[int] = None) -> None:
+    """The options of a benchmark that runs the CLI on the real volume or a cutout of it:
+    ``--source``, ``--voxel-size``, ``--size`` (the cutout's edge; default ``size``, ``None``:
+    the whole volume) and ``--workers`` (default ``workers``, ``None``: gpumesh's)."""
+    p.add_argument("--source", default=str(DEFAULT_SOURCE))
+    p.add_argument("--voxel-size", default="32,32,40", help="nm, x,y,z")
+    p.add_argument("--size", type=int, default=size,
+                   help="mesh a cutout of this edge (voxels) from the origin" + ("" if size else " (default: all)"))
+    p.add_argument("--workers", type=int, default=workers, help="workers of each run" + ("" if workers else
+                                                                                           " (default: gpumesh's)"))
+
+
+def source_or_cutout(args: argparse.Namespace, tmp: Path) -> Path:
+    """``args.source``, or a cutout of ``args.size`` voxels of it written under ``tmp``."""
+    if not args.size:
+        return Path(args.source)
+    make_cutout(Path(args.source), args.size, tmp / "cutout.zarr")
+    return tmp / "cutout.zarr"
+
+
+def run_once(checkout: Path, cutout: Path, dest, workers: Optional[int], voxel_size: str, extra=(),
+             env: Optional[dict] = None, summary: Optional[Path] = None) -> dict:
+    """One CLI run (``gpumesh mesh --overwrite --quiet``, and ``extra``) with ``checkout``'s
+    gpumesh first on the path, in ``env`` (default: this process's); wall seconds and summary.
+    ``dest``: a folder, or a URL with ``summary`` (the summary file's path) given."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(checkout), env.get("PYTHONPATH")]))
+    summary = Path(dest).with_suffix(".json") if summary is None else Path(summary)
     cmd = [sys.executable, "-m", "gpumesh.cli", "mesh", str(cutout), str(dest), "--voxel-size", voxel_size,
-           "--workers", str(workers), "--overwrite", "--quiet", "--summary-json", str(summary)]
+           *([] if workers is None else ["--workers", str(workers)]), "--overwrite", "--quiet",
+           "--summary-json", str(summary), *extra]
     t0 = time.perf_counter()
     # cwd: not a checkout, since ``-m`` puts the working directory first on the path
-    proc = subprocess.run(cmd, env=env, cwd=dest.parent, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=env, cwd=summary.parent, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr}")
     s = json.loads(summary.read_text())
-    return {"wall_s": wall, "summary_seconds": s["seconds"], "bytes": s["bytes"], "workers": s["workers"],
-            "peak_rss_mb": s["peak_rss_mb"]}
+    return {"wall_s": wall, "summary_seconds": s["seconds"], "meshing_s": s["seconds_meshing"],
+            "writing_s": s["seconds_writing"], "bytes": s["bytes"], "triangles_per_lod": s["triangles_per_lod"],
+            "workers": s["workers"], "peak_rss_mb": s["peak_rss_mb"]}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--source", default=str(DEFAULT_SOURCE))
-    p.add_argument("--voxel-size", default="32,32,40", help="nm, x,y,z")
-    p.add_argument("--size", type=int, default=64, help="cutout edge (voxels)")
-    p.add_argument("--workers", type=int, default=2)
+    add_source_args(p, size=64, workers=2)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--baseline", default=None, help="another checkout to compare with")
     add_result_args(p)
@@ -81,8 +105,7 @@ def main(argv=None) -> int:
         variants["baseline"] = Path(args.baseline).resolve()
     runs: dict[str, list] = {k: [] for k in variants}
     with tempfile.TemporaryDirectory() as tmp:
-        cutout = Path(tmp) / "cutout.zarr"
-        make_cutout(Path(args.source), args.size, cutout)
+        cutout = source_or_cutout(args, Path(tmp))
         for name, checkout in variants.items():   # untimed: loads (or compiles) the kernels
             run_once(checkout, cutout, Path(tmp) / name, args.workers, args.voxel_size)
         for _ in range(args.reps):

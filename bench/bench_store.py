@@ -25,7 +25,6 @@ import argparse
 import collections
 import datetime as _dt
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -33,13 +32,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_main import (DEFAULT_SOURCE, REPO_ROOT, add_result_args, environment, save_result,  # noqa: E402
-                        source_missing)
-from bench_startup import make_cutout  # noqa: E402
+from bench_main import REPO_ROOT, add_result_args, environment, save_result, source_missing  # noqa: E402
+from bench_startup import add_source_args, make_cutout, run_once, source_or_cutout  # noqa: E402
 
 BUCKET = "gpumesh-bench"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
@@ -57,7 +54,6 @@ while True:
 """
 #: a request's method in the server's log line (werkzeug colours some: ANSI codes after the quote)
 REQUEST = re.compile(r'"(?:\x1b\[[0-9;]*m)*([A-Z]+) /')
-TRAMPOLINE = "import sys; from gpumesh.cli import main; sys.exit(main())"
 
 
 def requests_since(log: Path, start: int) -> tuple[collections.Counter, int]:
@@ -79,32 +75,19 @@ def checkout(rev: str, where: Path) -> Path:
 
 def run(code: Path, source, dest: str, args: argparse.Namespace, endpoint: str, log: Path, tmp: Path) -> dict:
     """One ``gpumesh mesh`` of the gpumesh at ``code`` into ``dest`` (on the server, or a local
-    folder for the untimed run that loads or compiles that code's numba kernels)."""
-    summary = tmp / "summary.json"
-    cmd = [sys.executable, "-c", TRAMPOLINE, "mesh", str(source), dest, "--voxel-size", args.voxel_size,
-           "--shard-bits", str(args.shard_bits), "--quiet", "--summary-json", str(summary), "--overwrite",
-           *([] if args.workers is None else ["--workers", str(args.workers)])]
-    env = dict(os.environ, **CREDENTIALS, AWS_ENDPOINT_URL=endpoint, PYTHONPATH=str(code))
+    folder for the untimed run that loads or compiles that code's numba kernels), with the
+    server's requests during it by method."""
     before = log.stat().st_size
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} (PYTHONPATH={code}): status {r.returncode}\n{r.stderr}")
+    got = run_once(code, source, dest, args.workers, args.voxel_size, ["--shard-bits", str(args.shard_bits)],
+                   env=dict(os.environ, **CREDENTIALS, AWS_ENDPOINT_URL=endpoint), summary=tmp / "summary.json")
     counts, _ = requests_since(log, before)
-    s = json.loads(summary.read_text())
-    return {"wall_s": wall, "meshing_s": s["seconds_meshing"], "writing_s": s["seconds_writing"],
-            "bytes": s["bytes"], "triangles_per_lod": s["triangles_per_lod"], "requests": dict(counts),
-            "requests_all": sum(counts.values())}
+    return {**got, "requests": dict(counts), "requests_all": sum(counts.values())}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--source", default=str(DEFAULT_SOURCE))
-    p.add_argument("--voxel-size", default="32,32,40", help="nm, x,y,z")
-    p.add_argument("--size", type=int, default=None, help="mesh a cutout of this edge (voxels) from the origin")
+    add_source_args(p)
     p.add_argument("--shard-bits", type=int, default=4, help="shards of the output: 2**bits")
-    p.add_argument("--workers", type=int, default=None, help="workers of each run (default: gpumesh's)")
     p.add_argument("--runs", type=int, default=1, help="runs of each gpumesh, in turn (medians)")
     p.add_argument("--baseline", default=None, metavar="REV", help="also run this commit's gpumesh, in turn")
     add_result_args(p)
@@ -130,10 +113,7 @@ def main(argv=None) -> int:
             if not endpoint:
                 print("the moto server did not start:\n" + log.read_text(), file=sys.stderr)
                 return 1
-            source = Path(args.source)
-            if args.size:
-                source = tmp / "cutout.zarr"
-                make_cutout(Path(args.source), args.size, source)
+            source = source_or_cutout(args, tmp)
             warm = tmp / "warm.zarr"
             make_cutout(Path(args.source), 64, warm)
             codes = {"this checkout": REPO_ROOT}
