@@ -358,14 +358,6 @@ def _check_octree(report: ValidationReport, seg: int, m: Manifest) -> None:
                 report.add_error(f"segment {seg} lod {lod}: {len(miss) - 5} more nodes without parent")
 
 
-def _check_multires_segment(
-    report: ValidationReport, seg: int, mbytes: Optional[bytes], data: Optional[bytes], bits: int,
-    decode: Optional["_Decoder"], data_error: Optional[str] = None,
-) -> None:
-    """Check one multi-resolution segment: its manifest, octree, data size and (``decode``) fragments."""
-    _start_multires_segment(report, seg, mbytes, data, bits, decode, data_error)()
-
-
 class _Held:
     """The errors of a segment's first checks, held until its fragments are checked (its LOD
     counts go to the report at once): the report then lists them in the same order whether or
@@ -538,6 +530,22 @@ class _InOrder:
             self.flush()
 
 
+def _ahead(decode: Optional["_Decoder"]) -> int:
+    """Segments whose fragments decode while the next ones are read and checked: none without
+    threads (or decoding)."""
+    return SEGMENTS_AHEAD if decode is not None and decode.pool is not None else 0
+
+
+def _guarded(report: ValidationReport, seg: int, finish: Callable[[], None]) -> Callable[[], None]:
+    """``finish`` (a segment's recording), where an unexpected failure is that segment's error."""
+    def run() -> None:
+        try:
+            finish()
+        except Exception as exc:  # never raise on a bad mesh
+            report.add_error(f"segment {seg}: unexpected error while checking: {exc!r}")
+    return run
+
+
 def _check_shard(report: ValidationReport, src: ShardedMultiresSource, shard: int, blob: bytes,
                  wanted: Optional[set], seen: set, decode: Optional["_Decoder"]) -> int:
     """Check one whole shard file and its segments; returns the number of segments checked."""
@@ -550,7 +558,7 @@ def _check_shard(report: ValidationReport, src: ShardedMultiresSource, shard: in
         return 0
     checked = 0
     # the segments before, their fragments decoding, recorded before what follows
-    ordered = _InOrder(report, SEGMENTS_AHEAD if decode is not None and decode.pool is not None else 0)
+    ordered = _InOrder(report, _ahead(decode))
     spans = [(0, ib)]   # the bytes that something references: index, minishard indices, segments
     with ordered:   # an unexpected error (_validate_sharded) after the segments before it
         for ms, (start, end) in enumerate(spec.decode_shard_index(blob).tolist()):
@@ -684,21 +692,20 @@ def _validate_sharded_sample(report: ValidationReport, src: ShardedMultiresSourc
     ``absent`` from those the segment properties name) as a reader finds them: through the
     shard and minishard their ID hashes to, reading their manifest and fragment data by byte
     range, not their shards whole."""
-    for seg in ids:
-        try:
-            mbytes = src.manifest_bytes(seg)
-            data = src.fragment_data(seg) if mbytes is not None else None
-        except Exception as exc:  # never raise on a bad mesh
-            report.add_error(f"segment {seg}: cannot be read from its shard: {exc}")
-            continue
-        if mbytes is None:
-            _not_found(report, seg, absent, f"segment {seg}: listed in a minishard index, but not in the shard and "
-                                            "minishard its ID hashes to, so no reader finds it")
-            continue
-        try:
-            _check_multires_segment(report, seg, mbytes, data, src.vertex_quantization_bits, decode)
-        except Exception as exc:
-            report.add_error(f"segment {seg}: unexpected error while checking: {exc!r}")
+    with _InOrder(report, _ahead(decode)) as ordered:   # a segment's fragments decode during the next one's reads
+        for seg in ids:
+            try:
+                mbytes = src.manifest_bytes(seg)
+                data = src.fragment_data(seg) if mbytes is not None else None
+            except Exception as exc:  # never raise on a bad mesh
+                ordered.add_error(f"segment {seg}: cannot be read from its shard: {exc}")
+                continue
+            if mbytes is None:
+                _not_found(ordered, seg, absent, f"segment {seg}: listed in a minishard index, but not in the shard "
+                                                 "and minishard its ID hashes to, so no reader finds it")
+                continue
+            ordered.then(_guarded(report, seg, _start_multires_segment(report, seg, mbytes, data,
+                                                                       src.vertex_quantization_bits, decode)))
     report.num_segments = len(ids) - len(absent or ())
 
 
@@ -1110,11 +1117,9 @@ def _validate(report: ValidationReport, location, segments, decode: Optional["_D
 
     if src.kind == "multires":
         bits = src.vertex_quantization_bits
-        for seg, mbytes, data in src.fetch(ids):
-            try:
-                _check_multires_segment(report, seg, mbytes, data, bits, decode)
-            except Exception as exc:  # never raise on a bad mesh
-                report.add_error(f"segment {seg}: unexpected error while checking: {exc!r}")
+        with _InOrder(report, _ahead(decode)) as ordered:   # a segment's fragments decode during the next one's
+            for seg, mbytes, data in src.fetch(ids):
+                ordered.then(_guarded(report, seg, _start_multires_segment(report, seg, mbytes, data, bits, decode)))
     else:
         for seg in ids:
             try:

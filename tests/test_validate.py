@@ -887,6 +887,50 @@ def test_a_shards_segments_decode_at_most_segments_ahead_ahead(tmp_path, monkeyp
     assert outstanding == [0, validate_module.SEGMENTS_AHEAD + 1 if threads > 1 else 1]
 
 
+@pytest.mark.parametrize("layout", ["unsharded", "sample"])
+def test_segments_read_one_by_one_decode_ahead_too_with_the_same_report(tmp_path, monkeypatch, layout):
+    """An unsharded directory, and a sample of a sharded one (each segment read by byte range),
+    decode up to ``SEGMENTS_AHEAD`` segments' fragments while the next are read and checked,
+    as a shard's do (before, one segment at a time); the report is the one of one thread, its
+    errors (undecodable fragments, a manifest past its data, a grid crossing) in the same order."""
+    start, outstanding = validate_module._start_multires_segment, [0, 0]   # now, most
+
+    def counting(*args, **kwargs):
+        finish = start(*args, **kwargs)
+        outstanding[0] += 1
+        outstanding[1] = max(outstanding)
+
+        def counted():
+            outstanding[0] -= 1
+            finish()
+        return counted
+
+    monkeypatch.setattr(validate_module, "_start_multires_segment", counting)
+    garbage = b"\x07" * len(F_LOD0_B)
+    m, d = seg_parts()
+    bad = {3: seg_parts(frags0=(F_LOD0_A, garbage)), 7: (m, d[:-5]), 8: seg_parts(frags1=(F_CROSS,)),
+           12: seg_parts(frags0=(garbage, F_LOD0_A))}
+    segs = {s: bad.get(s) or seg_parts() for s in range(1, 15)}
+    if layout == "unsharded":
+        write_dir(storage.open_kvstore(tmp_path / "out"), segs)
+        path, kwargs = tmp_path / "out", {}
+    else:
+        m0, m1 = _ids_by_minishard()
+        path = _sharded_dir(tmp_path / "out", {0: [(s, segs[s]) for s in m0 if s in segs],
+                                               1: [(s, segs[s]) for s in m1 if s in segs]})
+        kwargs = {"sample": 14}
+    reports = []
+    for threads in (1, 3):
+        outstanding[:] = [0, 0]
+        reports.append(validate(path, threads=threads, **kwargs))
+        assert outstanding == [0, validate_module.SEGMENTS_AHEAD + 1 if threads > 1 else 1]
+    one, many = reports
+    assert one.num_segments == 14 and one.num_errors == 5 + (layout == "sample"), "\n".join(one.errors)
+    of = [int(e.split()[1].rstrip(":")) for e in one.errors]   # the segment of each error
+    assert set(of) == set(bad) and (layout == "sample" or of == [3, 7, 7, 8, 12]), one.errors
+    assert many.errors == one.errors and many.per_lod == one.per_lod and many.warnings == one.warnings
+
+
 @pytest.mark.parametrize("decode", [True, False])
 def test_fragment_data_that_would_start_in_the_shard_index_is_one_error(tmp_path, decode):
     """A shard's first segment whose fragment sizes add up to more than the bytes before its
