@@ -993,13 +993,15 @@ class TaskResults:
         new = np.r_[True, (block[1:] != block[:-1]) | (start[1:] - end[:-1] > gap)]
         first = np.flatnonzero(new)
         s_block, s_start, s_end = block[first], start[first], np.maximum.reduceat(end, first)
+        # the spans that fit in the cap: a prefix, so still in order of their result
         fits = np.cumsum(s_end - s_start) <= max(0, self.cache_bytes - self.kept_bytes)
-        self.span_bytes += int((s_end - s_start)[fits].sum())
-        self.kept_bytes += int((s_end - s_start)[fits].sum())
-        for b in np.unique(s_block[fits]).tolist():
-            mine = fits & (s_block == b)
-            lo, hi = s_start[mine], s_end[mine]
-            self.spans[b] = (lo, hi, [self.kv.read(self.keys[b], byte_range=slice(int(x), int(y)))
+        s_block, s_start, s_end = s_block[fits], s_start[fits], s_end[fits]
+        self.span_bytes += int((s_end - s_start).sum())
+        self.kept_bytes += int((s_end - s_start).sum())
+        blocks, firsts, counts = np.unique(s_block, return_index=True, return_counts=True)
+        for b, i, c in zip(blocks.tolist(), firsts.tolist(), counts.tolist()):
+            lo, hi = s_start[i:i + c], s_end[i:i + c]
+            self.spans[b] = (lo, hi, [self.kv.read(self.keys[b], byte_range=slice(x, y))
                                       for x, y in zip(lo.tolist(), hi.tolist())])
 
     def keep(self, blocks) -> None:
