@@ -1102,9 +1102,10 @@ class TaskResults:
 
     def read(self, entries) -> list:
         """Start reading the fragments of ``entries`` (rows with block, offset, size): the
-        bytes of kept results and prefetched spans, else the kvstore's read futures.  :class:`GpumeshError` where a
-        kept result ends before a fragment does (a result cut short), as a byte range past the
-        end of one read from the store is (:meth:`value`): never fewer bytes in its place."""
+        bytes of kept results and prefetched spans, else the kvstore's read futures.
+        :class:`GpumeshError` where a kept result ends before a fragment does (a result cut
+        short), as a byte range past the end of one read from the store is (:meth:`value`):
+        never fewer bytes in its place."""
         out = []
         for b, o, n in zip(entries["block"].tolist(), entries["offset"].tolist(), entries["size"].tolist()):
             if b in self.kept:
