@@ -446,6 +446,23 @@ def test_validate_benchmark_times_each_thread_count_on_the_same_report(tmp_path,
     assert "threads | median s" in capsys.readouterr().out
 
 
+def test_store_benchmark_counts_the_requests_of_a_job_on_an_s3_api(tmp_path, crop, capsys):
+    """``bench_store.py`` starts a moto server, meshes into it and counts its requests by
+    method: the job's writes (PUT) and reads (GET) are there, and its summary's seconds."""
+    pytest.importorskip("moto.server")
+    import bench_store
+
+    rec = _bench_on_a_corner(bench_store, "store", crop, tmp_path, "--shard-bits", "2", "--workers", "1",
+                             "--runs", "2")
+    assert rec["same_bytes"] is True and rec["git"]["commit"] and list(rec["runs"]) == ["this checkout"]
+    runs = rec["runs"]["this checkout"]
+    assert len(runs) == 2 and all(r["bytes"] > 0 and r["writing_s"] > 0 for r in runs)
+    for r in runs:   # 4 shards and their records, the info, the task results: written, then read
+        assert r["requests"]["PUT"] >= 4 and r["requests"]["GET"] > 0
+        assert r["requests_all"] == sum(r["requests"].values())
+    assert "requests |   GETs" in capsys.readouterr().out
+
+
 def test_fidelity_benchmark_measures_lod0_against_the_exact_surface(tmp_path, crop, capsys):
     """``bench_fidelity.py`` meshes with high and the compared presets and measures each
     preset's LOD 0 against high's, both ways: within two voxels at ``medium``; ``low`` here
