@@ -862,11 +862,10 @@ def test_a_shards_errors_between_its_segments_come_in_file_order_whatever_the_th
         assert before == set(m0[:3]) and after == set(m0[3:6] + m1[:4]), errors
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_a_shards_segments_decode_at_most_segments_ahead_ahead(tmp_path, monkeypatch, threads):
-    """On threads, the fragments of up to ``SEGMENTS_AHEAD`` segments of a shard decode (and
-    are held) while the next segment is checked, no more; one thread checks one at a time."""
-    start, outstanding = validate_module._start_multires_segment, [0, 0]   # now, most
+def _count_segments_in_flight(monkeypatch) -> list:
+    """``[now, most]``: the segments whose checks have started (their fragments decoding) and
+    are not recorded yet, as validate runs (``_start_multires_segment`` wrapped)."""
+    start, outstanding = validate_module._start_multires_segment, [0, 0]
 
     def counting(*args, **kwargs):
         finish = start(*args, **kwargs)
@@ -879,6 +878,14 @@ def test_a_shards_segments_decode_at_most_segments_ahead_ahead(tmp_path, monkeyp
         return counted
 
     monkeypatch.setattr(validate_module, "_start_multires_segment", counting)
+    return outstanding
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_shards_segments_decode_at_most_segments_ahead_ahead(tmp_path, monkeypatch, threads):
+    """On threads, the fragments of up to ``SEGMENTS_AHEAD`` segments of a shard decode (and
+    are held) while the next segment is checked, no more; one thread checks one at a time."""
+    outstanding = _count_segments_in_flight(monkeypatch)
     m0, m1 = _ids_by_minishard()
     path = _sharded_dir(tmp_path / "out", {0: [(s, seg_parts()) for s in m0[:12]],
                                            1: [(s, seg_parts()) for s in m1[:12]]})
@@ -893,19 +900,7 @@ def test_segments_read_one_by_one_decode_ahead_too_with_the_same_report(tmp_path
     decode up to ``SEGMENTS_AHEAD`` segments' fragments while the next are read and checked,
     as a shard's do (before, one segment at a time); the report is the one of one thread, its
     errors (undecodable fragments, a manifest past its data, a grid crossing) in the same order."""
-    start, outstanding = validate_module._start_multires_segment, [0, 0]   # now, most
-
-    def counting(*args, **kwargs):
-        finish = start(*args, **kwargs)
-        outstanding[0] += 1
-        outstanding[1] = max(outstanding)
-
-        def counted():
-            outstanding[0] -= 1
-            finish()
-        return counted
-
-    monkeypatch.setattr(validate_module, "_start_multires_segment", counting)
+    outstanding = _count_segments_in_flight(monkeypatch)
     garbage = b"\x07" * len(F_LOD0_B)
     m, d = seg_parts()
     bad = {3: seg_parts(frags0=(F_LOD0_A, garbage)), 7: (m, d[:-5]), 8: seg_parts(frags1=(F_CROSS,)),
