@@ -953,8 +953,11 @@ class TaskResults:
         self.kv, self.keys = kv, list(keys)
         self.empty = np.zeros(len(self.keys), dtype=bool) if empty is None else np.asarray(empty, dtype=bool)
         self.kept: dict[int, bytes] = {}
-        self.kept_bytes = 0
+        self.kept_bytes = 0   # the bytes of kept results and of prefetched spans
         self.cache_bytes = ASSEMBLY_CACHE_BYTES if cache_bytes is None else int(cache_bytes)
+        #: a result read whole did not fit (:meth:`iter_headers`): no more are kept, and the room
+        #: left in the cap is the spans' (:meth:`prefetch`)
+        self.full = False
         #: each result's header size once a header was seen (0: not yet), so that reading it
         #: again (a wave of the assembly) takes one byte-range read, not two
         self.header_bytes = np.zeros(len(self.keys), dtype=np.int64)
@@ -1049,13 +1052,15 @@ class TaskResults:
             group = range(g, min(g + HEADER_READS, len(self.keys)))
             todo = [b for b in group if b not in known and b not in self.kept and not self.empty[b]]
             got: dict = {}
-            if whole and self.kept_bytes < self.cache_bytes:
+            if whole and not self.full and self.kept_bytes < self.cache_bytes:
                 for b, blob in self._values([(b, self.kv.read(self.keys[b])) for b in todo]):
-                    if self.kept_bytes + len(blob) <= self.cache_bytes:
+                    if not self.full and self.kept_bytes + len(blob) <= self.cache_bytes:
                         self.kept[b] = blob
                         self.kept_bytes += len(blob)
                     else:
-                        self.kept_bytes = self.cache_bytes   # keep no more
+                        # keep no more; kept_bytes stays what the kept results hold: the room left
+                        # is the spans' (set to the cap here, it left one process none)
+                        self.full = True
                     got[b] = blob
             else:
                 sized = [b for b in todo if self.header_bytes[b]]

@@ -450,6 +450,42 @@ def test_assembly_past_its_memory_cap_reads_by_range(small, outputs, tmp_path, m
     assert tree_files(tmp_path / "out") == tree_files(outputs / layout)
 
 
+@pytest.mark.parametrize("layout", ["gzip", "unsharded"])
+def test_one_process_past_its_cache_reads_fragments_in_spans_within_it(small, outputs, tmp_path, monkeypatch, layout):
+    """One process writing the output keeps task results whole up to ASSEMBLY_CACHE_BYTES and
+    reads the others' fragments of each shard (or wave) in spans, in the room the kept results
+    leave (:meth:`TaskResults.prefetch`): the files of reading them one by one, in fewer reads;
+    the spans dropped after each, the cap's count back to the kept results'.  The room was
+    none: a result that did not fit set the count to the cap."""
+    import gpumesh.writer as writer
+    from test_scale import _CountingReads
+
+    made, room = [], []
+
+    class Spy(writer.TaskResults):
+        def __init__(self, kv, keys, **kwargs):
+            super().__init__(_CountingReads(kv), keys, **kwargs)
+            made.append(self)
+
+        def prefetch(self, rows, gap=writer.SPAN_GAP_BYTES):
+            assert self.spans == {} and self.span_bytes == 0   # the last one's dropped
+            super().prefetch(rows, gap)
+            room.append(self.span_bytes)
+            assert self.kept_bytes == sum(map(len, self.kept.values())) + self.span_bytes <= self.cache_bytes
+
+    monkeypatch.setattr(writer, "TaskResults", Spy)
+    monkeypatch.setattr(writer, "ASSEMBLY_CACHE_BYTES", 180_000)   # 3 of the job's results kept, 74 kB left
+    sharding = ShardingOptions(shard_bits=2, minishard_bits=2, data_encoding="gzip") if layout == "gzip" else None
+    _mesh(small, tmp_path / "spans", sharding)
+    monkeypatch.setattr(Spy, "prefetch", lambda self, rows, gap=0: room.append(0))
+    _mesh(small, tmp_path / "alone", sharding)
+    spans, alone = made
+    assert tree_files(tmp_path / "spans") == tree_files(tmp_path / "alone") == tree_files(outputs / layout)
+    assert 0 < len(spans.kept) < len(spans.keys) and max(room) > 0
+    assert sum(spans.kv.reads.values()) < sum(alone.kv.reads.values())
+    assert spans.spans == {} and spans.kept_bytes == sum(map(len, spans.kept.values()))
+
+
 class _Killed(Exception):
     pass
 
