@@ -835,3 +835,76 @@ def test_a_workers_fragments_are_read_in_spans_of_each_result(tmp_path):
     results.prefetch(rows, gap=1000)
     with pytest.raises(GpumeshError, match=r"blocks/0_0_0 cannot be read from the scratch area .*--overwrite"):
         list(_read_fragments(results, batch))
+
+
+def _span_results(tmp_path):
+    """Four task results of 4,000 random bytes in a scratch area: its kvstore, keys and bytes."""
+    rng = np.random.default_rng(6)
+    kv = storage.open_kvstore(str(tmp_path / "dest"))
+    keys = [f"{SCRATCH}blocks/{i}_0_0" for i in range(4)]
+    blobs = [rng.bytes(4000) for _ in keys]
+    storage.write_many(kv, zip(keys, blobs), sync=False)
+    return kv, keys, blobs
+
+
+def test_spans_fill_the_cap_to_the_byte_and_drop_spans_restores_its_count(tmp_path):
+    """The spans that :meth:`TaskResults.prefetch` reads count in the cap with the kept results:
+    a span that ends the room exactly is read, one a byte past it is not (its fragments then
+    read alone: the same bytes).  :meth:`TaskResults.drop_spans` gives back what the spans took,
+    also after two prefetches or none; each span is read once and made bytes once, and a
+    fragment outside every span of its result (before the first) is read alone."""
+    from gpumesh.writer import INDEX_DTYPE, TaskResults
+
+    kv, keys, blobs = _span_results(tmp_path)
+    rows = np.zeros(5, INDEX_DTYPE)   # result 0: spans 0-250 and 2000-2200 (two fragments); 1 kept
+    rows["block"] = [0, 0, 0, 0, 1]
+    rows["offset"] = [0, 150, 2000, 2100, 5]
+    rows["size"] = [100, 100, 100, 100, 10]
+    want = [blobs[b][o:o + n] for b, o, n in zip(rows["block"], rows["offset"], rows["size"])]
+    for cap, spans, reads in ((4000 + 450, 2, 2), (4000 + 449, 1, 3)):
+        counting = _CountingReads(kv)
+        results = TaskResults(counting, keys, cache_bytes=cap)
+        results.keep([1])
+        made = []
+        real = results.value
+        results.value = lambda b, fut: made.append(b) or real(b, fut)
+        results.prefetch(rows, gap=1000)
+        assert len(results.spans[0][0]) == spans and results.kept_bytes == (4450 if spans == 2 else 4250) <= cap
+        got = [f if isinstance(f, bytes) else results.value(b, f) for b, f in zip(rows["block"], results.read(rows))]
+        assert got == want and counting.reads[keys[0]] == reads, cap
+        assert made == [0] * reads   # a span made bytes once for its two fragments
+        results.drop_spans()
+        assert results.kept_bytes == 4000 and results.spans == {} and results.span_bytes == 0
+    results = TaskResults(kv, keys)
+    results.drop_spans()   # none: nothing to give back
+    assert results.kept_bytes == 0
+    results.prefetch(rows[:2], gap=1000)
+    results.prefetch(rows[2:4], gap=1000)   # twice before a drop: both counted, both given back
+    assert results.kept_bytes == results.span_bytes == 450
+    results.drop_spans()
+    assert results.kept_bytes == 0
+    results.prefetch(rows[2:4], gap=1000)
+    before = rows[:1].copy()
+    before["offset"], before["size"] = 10, 20   # before the result's first span
+    (fut,) = results.read(before)
+    assert not isinstance(fut, bytes) and results.value(0, fut) == blobs[0][10:30]
+    results.drop_spans()
+
+
+def test_a_worker_prefetches_what_it_does_not_keep(tmp_path, monkeypatch):
+    """A worker's task results (:func:`gpumesh.pipeline._worker_results`) hold the results it
+    reads whole and, within the rest of its cap, spans of the others' fragments it writes."""
+    from gpumesh import pipeline
+    from gpumesh.writer import INDEX_DTYPE
+
+    kv, keys, blobs = _span_results(tmp_path)
+    counting = _CountingReads(kv)
+    monkeypatch.setattr(pipeline, "_WORKER", {"kv": counting})
+    rows = np.zeros(4, INDEX_DTYPE)
+    rows["block"], rows["offset"], rows["size"] = [0, 0, 2, 1], [0, 150, 500, 0], [100, 100, 10, 4000]
+    results = pipeline._worker_results(keys, np.array([1]), 10_000, rows)
+    assert list(results.kept) == [1] and sorted(results.spans) == [0, 2]
+    assert results.kept_bytes == 4000 + 250 + 10
+    got = [f if isinstance(f, bytes) else results.value(b, f) for b, f in zip(rows["block"], results.read(rows))]
+    assert got == [blobs[b][o:o + n] for b, o, n in zip(rows["block"], rows["offset"], rows["size"])]
+    assert dict(counting.reads) == {keys[0]: 1, keys[1]: 1, keys[2]: 1}
