@@ -852,7 +852,9 @@ def test_spans_fill_the_cap_to_the_byte_and_drop_spans_restores_its_count(tmp_pa
     a span that ends the room exactly is read, one a byte past it is not (its fragments then
     read alone: the same bytes).  :meth:`TaskResults.drop_spans` gives back what the spans took,
     also after two prefetches or none; each span is read once and made bytes once, and a
-    fragment outside every span of its result (before the first) is read alone."""
+    fragment outside every span of its result (before the first) is read alone; a result gone
+    is an error naming it."""
+    from gpumesh.errors import GpumeshError
     from gpumesh.writer import INDEX_DTYPE, TaskResults
 
     kv, keys, blobs = _span_results(tmp_path)
@@ -889,6 +891,11 @@ def test_spans_fill_the_cap_to_the_byte_and_drop_spans_restores_its_count(tmp_pa
     (fut,) = results.read(before)
     assert not isinstance(fut, bytes) and results.value(0, fut) == blobs[0][10:30]
     results.drop_spans()
+    # a result gone after its header was read: its span's read is an error naming it
+    storage.delete_prefix(kv, keys[0])
+    results.prefetch(rows[:2], gap=1000)
+    with pytest.raises(GpumeshError, match=r"blocks/0_0_0 is missing from the scratch area; rerun with --overwrite"):
+        results.read(rows[:2])
 
 
 def test_a_worker_prefetches_what_it_does_not_keep(tmp_path, monkeypatch):
