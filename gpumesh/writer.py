@@ -51,6 +51,7 @@ cannot decode zero bytes (``docs/webknossos.md``).  Readers skip placeholders
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import json
 import os
@@ -546,11 +547,8 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
                           for part in split_segments(rows, workers * WRITE_PARTS)),
                          lambda got: (_add_worker_part(stats, *got), report()))
             else:
-                results.prefetch(rows)   # what the kept results do not hold, in spans, for this wave only
-                try:
+                with results.prefetched(rows):   # what the kept results do not hold, for this wave only
                     write_all_segments(kv, results, rows, plan, options, stats, volume.voxel_offset, lods_of, report)
-                finally:
-                    results.drop_spans()
 
     with_props = segment_properties_wanted(options.segment_properties, stats["segments"])
     if with_props:
@@ -971,6 +969,16 @@ class TaskResults:
         self.kept_bytes -= self.span_bytes
         self.span_bytes = 0
 
+    @contextlib.contextmanager
+    def prefetched(self, rows: np.ndarray):
+        """:meth:`prefetch` ``rows`` for the ``with`` block, then :meth:`drop_spans` (one
+        process writing a shard or a wave of segments, whose spans are not needed after it)."""
+        self.prefetch(rows)
+        try:
+            yield self
+        finally:
+            self.drop_spans()
+
     def prefetch(self, rows: np.ndarray, gap: int = SPAN_GAP_BYTES) -> None:
         """Start reading the fragments of ``rows`` (entries with block, offset, size) that are
         in no kept result, each result's in spans: fragments at most ``gap`` bytes apart share
@@ -1320,11 +1328,8 @@ def _write_shard_rows(kv, results: "TaskResults", todo: list, spec: ShardingSpec
                 report()
     else:
         for shard, rows in todo:
-            results.prefetch(rows)   # what the kept results do not hold, in spans, for this shard only
-            try:
+            with results.prefetched(rows):   # what the kept results do not hold, for this shard only
                 _add_stats(stats, write_shard(kv, results, rows, shard, spec, plan, options, num_lods, grid_origin))
-            finally:
-                results.drop_spans()
             report()
 
 
