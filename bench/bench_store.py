@@ -56,10 +56,9 @@ while True:
 REQUEST = re.compile(r'"(?:\x1b\[[0-9;]*m)*([A-Z]+) /')
 
 
-def requests_since(log: Path, start: int) -> tuple[collections.Counter, int]:
-    """Requests by method in the server's log after byte ``start``, and the log's end."""
-    data = log.read_bytes()
-    return collections.Counter(REQUEST.findall(data[start:].decode(errors="replace"))), len(data)
+def requests_since(log: Path, start: int) -> collections.Counter:
+    """Requests by method in the server's log after byte ``start``."""
+    return collections.Counter(REQUEST.findall(log.read_bytes()[start:].decode(errors="replace")))
 
 
 def checkout(rev: str, where: Path) -> Path:
@@ -80,7 +79,7 @@ def run(code: Path, source, dest: str, args: argparse.Namespace, endpoint: str, 
     before = log.stat().st_size
     got = run_once(code, source, dest, args.workers, args.voxel_size, ["--shard-bits", str(args.shard_bits)],
                    env=dict(os.environ, **CREDENTIALS, AWS_ENDPOINT_URL=endpoint), summary=tmp / "summary.json")
-    counts, _ = requests_since(log, before)
+    counts = requests_since(log, before)
     return {**got, "requests": dict(counts), "requests_all": sum(counts.values())}
 
 
@@ -134,7 +133,6 @@ def main(argv=None) -> int:
                    for key in ("wall_s", "meshing_s", "writing_s", "requests_all")} for name, rs in runs.items()}
     for name, rs in runs.items():
         rows[name]["gets"] = statistics.median(r["requests"].get("GET", 0) for r in rs)
-        rows[name]["same_bytes_each_run"] = len({(r["bytes"], tuple(r["triangles_per_lod"])) for r in rs}) == 1
     print(f"{'cutout ' + str(args.size) + '^3' if args.size else 'the whole volume'} of {args.source} into "
           f"{2 ** args.shard_bits} shards on a local S3 API (moto), {args.runs} run(s) each, medians")
     print(f"{'gpumesh':24s} | wall s | meshing s | writing s | requests |   GETs")
