@@ -79,23 +79,24 @@ fi
 stage "bench_gpu.py"
 timeout "$(left 200)" "$PY" bench/bench_gpu.py --results-dir "$OUT/results" 2>&1 | tail -30
 
+NO_PEERS=zmesh,serra,igneous,mesh-n-bone   # bench_main.py --skip: every peer (igneous runs once, below)
 for dev in gpu cpu; do
   stage "main job, --device $dev"
   rm -rf "/tmp/main-$dev"
-  timeout "$(left 100)" "$PY" bench/bench_main.py --skip zmesh,serra,igneous,mesh-n-bone --gpumesh-args "--device $dev" \
+  timeout "$(left 100)" "$PY" bench/bench_main.py --skip $NO_PEERS --gpumesh-args "--device $dev" \
     --out-dir "/tmp/main-$dev" --keep --results-dir "$OUT/results" 2>&1 | tail -14
 done
 stage "main job output: GPU run == CPU run, byte for byte"
 diff -rq /tmp/main-gpu/gpumesh-out /tmp/main-cpu/gpumesh-out && echo "IDENTICAL OUTPUT"
 stage "main job, --device gpu with the hash weld (GPUMESH_WELD=hash), and its output == CPU run's"
 rm -rf /tmp/main-gpuhash
-GPUMESH_WELD=hash timeout "$(left 100)" "$PY" bench/bench_main.py --skip zmesh,serra,igneous,mesh-n-bone \
+GPUMESH_WELD=hash timeout "$(left 100)" "$PY" bench/bench_main.py --skip $NO_PEERS \
   --gpumesh-args "--device gpu" --out-dir /tmp/main-gpuhash --keep --results-dir "$OUT/results" 2>&1 | tail -6
 diff -rq /tmp/main-gpuhash/gpumesh-out /tmp/main-cpu/gpumesh-out && echo "IDENTICAL OUTPUT (hash weld)"
 if [ "${TILED:-0}" = 1 ]; then
   stage "main job on the 1024^3 tiled volume, --device gpu"
   "$PY" bench/tiled.py /tmp/tiled1024.zarr --source "$GPUMESH_DATA/connectomics.zarr"
-  timeout "$(left 200)" "$PY" bench/bench_main.py --source /tmp/tiled1024.zarr --skip zmesh,serra,igneous,mesh-n-bone \
+  timeout "$(left 200)" "$PY" bench/bench_main.py --source /tmp/tiled1024.zarr --skip $NO_PEERS \
     --gpumesh-args "--device gpu" --results-dir "$OUT/results" 2>&1 | tail -8
 fi
 if [ "${TASKS:-0}" = 1 ]; then
@@ -104,7 +105,7 @@ if [ "${TASKS:-0}" = 1 ]; then
 fi
 if [ "${BITS10:-0}" = 1 ]; then
   stage "main job, --device gpu --bits 10"
-  timeout "$(left 100)" "$PY" bench/bench_main.py --skip zmesh,serra,igneous,mesh-n-bone --gpumesh-args "--device gpu --bits 10" \
+  timeout "$(left 100)" "$PY" bench/bench_main.py --skip $NO_PEERS --gpumesh-args "--device gpu --bits 10" \
     --results-dir "$OUT/results" 2>&1 | tail -6
 fi
 if [ "${ADHOC:-0}" = 1 ]; then
