@@ -793,6 +793,16 @@ def test_names_waiting_are_recorded_while_the_run_waits_on_a_long_task(tmp_path,
     assert tree_files(dest) == tree_files(tmp_path / "one")
 
 
+def _span_results(tmp_path):
+    """Four task results of 4,000 random bytes in a scratch area: its kvstore, keys and bytes."""
+    rng = np.random.default_rng(6)
+    kv = storage.open_kvstore(str(tmp_path / "dest"))
+    keys = [f"{SCRATCH}blocks/{i}_0_0" for i in range(4)]
+    blobs = [rng.bytes(4000) for _ in keys]
+    storage.write_many(kv, zip(keys, blobs), sync=False)
+    return kv, keys, blobs
+
+
 def test_a_workers_fragments_are_read_in_spans_of_each_result(tmp_path):
     """A worker writing some shards needs a few fragments of each task result, spread over it
     (its segments are drawn by hash); read one by one, each was a round trip to a cloud store
@@ -803,11 +813,7 @@ def test_a_workers_fragments_are_read_in_spans_of_each_result(tmp_path):
     from gpumesh.errors import GpumeshError
     from gpumesh.writer import INDEX_DTYPE, TaskResults, _read_fragments
 
-    rng = np.random.default_rng(5)
-    kv = storage.open_kvstore(str(tmp_path / "dest"))
-    keys = [f"{SCRATCH}blocks/{i}_0_0" for i in range(4)]
-    blobs = [rng.bytes(4000) for _ in keys]
-    storage.write_many(kv, zip(keys, blobs), sync=False)
+    kv, keys, blobs = _span_results(tmp_path)
     # fragments of result 0 at 0-100, 150-250 (50 bytes apart), 2000-2100 (1750 apart); of
     # result 2 at 10-20 and 20-40 (adjacent); result 1 is kept whole; result 3 not needed
     rows = np.zeros(7, INDEX_DTYPE)
@@ -835,16 +841,6 @@ def test_a_workers_fragments_are_read_in_spans_of_each_result(tmp_path):
     results.prefetch(rows, gap=1000)
     with pytest.raises(GpumeshError, match=r"blocks/0_0_0 cannot be read from the scratch area .*--overwrite"):
         list(_read_fragments(results, batch))
-
-
-def _span_results(tmp_path):
-    """Four task results of 4,000 random bytes in a scratch area: its kvstore, keys and bytes."""
-    rng = np.random.default_rng(6)
-    kv = storage.open_kvstore(str(tmp_path / "dest"))
-    keys = [f"{SCRATCH}blocks/{i}_0_0" for i in range(4)]
-    blobs = [rng.bytes(4000) for _ in keys]
-    storage.write_many(kv, zip(keys, blobs), sync=False)
-    return kv, keys, blobs
 
 
 def test_spans_fill_the_cap_to_the_byte_and_drop_spans_restores_its_count(tmp_path):
