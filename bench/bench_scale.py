@@ -75,7 +75,9 @@ def fill_other_parts(dest: Path, tasks: list, per_part: int) -> int:
 
     kv = storage.open_kvstore(str(dest))
     keys = [k for k in storage.list_keys(kv, SCRATCH) if k.startswith((SCRATCH + "blocks/", SCRATCH + "empty/"))]
-    stamp = keys[0].partition("@")[2]
+    # a result's key also says its header's size (pipeline.block_key); a record's ends with the stamp
+    stamp = (pipeline.parse_block_key(keys[0])[1] if keys[0].startswith(SCRATCH + "blocks/")
+             else keys[0].partition("@")[2])
     if any(k.startswith(SCRATCH + "empty/") for k in keys):   # gpumesh's own reader and writer of records
         done = pipeline.scratch_tasks(kv, stamp, keys)[0]
         rest = [task_name(t) for t in tasks if task_name(t) not in done]
@@ -85,7 +87,7 @@ def fill_other_parts(dest: Path, tasks: list, per_part: int) -> int:
                 record.add(name)
             record.flush()
         return len(rest)
-    done = {k.split("/")[-1].partition("@")[0] for k in keys}
+    done = {pipeline.parse_block_key(k)[0] for k in keys}
     rest = [task_name(t) for t in tasks if task_name(t) not in done]
     empty = next(b for b in (storage.read(kv, k) for k in keys) if len(b) == 24)
     rest = [f"{SCRATCH}blocks/{name}@{stamp}" for name in rest]

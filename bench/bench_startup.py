@@ -68,15 +68,17 @@ def source_or_cutout(args: argparse.Namespace, tmp: Path) -> Path:
 
 
 def run_once(checkout: Path, cutout: Path, dest, workers: Optional[int], voxel_size: str, extra=(),
-             env: Optional[dict] = None, summary: Optional[Path] = None) -> dict:
-    """One CLI run (``gpumesh mesh --overwrite --quiet``, and ``extra``) with ``checkout``'s
-    gpumesh first on the path, in ``env`` (default: this process's); wall seconds and summary.
+             env: Optional[dict] = None, summary: Optional[Path] = None, overwrite: bool = True) -> dict:
+    """One CLI run (``gpumesh mesh --overwrite --quiet``, and ``extra``; without ``--overwrite``
+    where not ``overwrite``: an array job's part or ``--resume``) with ``checkout``'s gpumesh
+    first on the path, in ``env`` (default: this process's); wall seconds and summary.
     ``dest``: a folder, or a URL with ``summary`` (the summary file's path) given."""
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(checkout), env.get("PYTHONPATH")]))
     summary = Path(dest).with_suffix(".json") if summary is None else Path(summary)
     cmd = [sys.executable, "-m", "gpumesh.cli", "mesh", str(cutout), str(dest), "--voxel-size", voxel_size,
-           *([] if workers is None else ["--workers", str(workers)]), "--overwrite", "--quiet",
+           *([] if workers is None else ["--workers", str(workers)]), *(["--overwrite"] if overwrite else []),
+           "--quiet",
            "--summary-json", str(summary), *extra]
     t0 = time.perf_counter()
     # cwd: not a checkout, since ``-m`` puts the working directory first on the path

@@ -15,6 +15,7 @@ result: what a teravoxel job's assembly does on every shard.
 
     .venv/bin/python bench/bench_store.py --shard-bits 4                    # the real volume, 16 shards
     .venv/bin/python bench/bench_store.py --shard-bits 4 --baseline HEAD~3  # against an older commit
+    .venv/bin/python bench/bench_store.py --parts 3 --baseline HEAD~1  # the --resume after 3 parts
 
 Prints a table and writes ``bench/results/store-<UTC start>-<hostname>.json``.
 """
@@ -75,12 +76,23 @@ def checkout(rev: str, where: Path) -> Path:
 def run(code: Path, source, dest: str, args: argparse.Namespace, endpoint: str, log: Path, tmp: Path) -> dict:
     """One ``gpumesh mesh`` of the gpumesh at ``code`` into ``dest`` (on the server, or a local
     folder for the untimed run that loads or compiles that code's numba kernels), with the
-    server's requests during it by method."""
+    server's requests during it by method.  With ``--parts N``: the job as an array job's N
+    parts, one after another, then the ``--resume`` that writes the output, whose requests and
+    seconds these are (``parts``: each part's)."""
+    env = dict(os.environ, **CREDENTIALS, AWS_ENDPOINT_URL=endpoint)
+    shards = ["--shard-bits", str(args.shard_bits)]
+    parts = []
+    for k in range(args.parts):
+        before = log.stat().st_size
+        part = run_once(code, source, dest, args.workers, args.voxel_size, [*shards, "--part", f"{k}/{args.parts}"],
+                        env=env, summary=tmp / "summary.json", overwrite=False)
+        parts.append({"wall_s": part["wall_s"], "requests_all": sum(requests_since(log, before).values())})
     before = log.stat().st_size
-    got = run_once(code, source, dest, args.workers, args.voxel_size, ["--shard-bits", str(args.shard_bits)],
-                   env=dict(os.environ, **CREDENTIALS, AWS_ENDPOINT_URL=endpoint), summary=tmp / "summary.json")
+    got = run_once(code, source, dest, args.workers, args.voxel_size, [*shards, *(["--resume"] if parts else [])],
+                   env=env, summary=tmp / "summary.json", overwrite=not parts)
     counts = requests_since(log, before)
-    return {**got, "requests": dict(counts), "requests_all": sum(counts.values())}
+    return {**got, "requests": dict(counts), "requests_all": sum(counts.values()),
+            **({"parts": parts} if parts else {})}
 
 
 def main(argv=None) -> int:
@@ -89,6 +101,8 @@ def main(argv=None) -> int:
     p.add_argument("--shard-bits", type=int, default=4, help="shards of the output: 2**bits")
     p.add_argument("--runs", type=int, default=1, help="runs of each gpumesh, in turn (medians)")
     p.add_argument("--baseline", default=None, metavar="REV", help="also run this commit's gpumesh, in turn")
+    p.add_argument("--parts", type=int, default=0, metavar="N",
+                   help="run the job as an array job's N parts, then time and count the --resume that writes it")
     add_result_args(p)
     args = p.parse_args(argv)
     if source_missing(args.source):
@@ -134,7 +148,8 @@ def main(argv=None) -> int:
     for name, rs in runs.items():
         rows[name]["gets"] = statistics.median(r["requests"].get("GET", 0) for r in rs)
     print(f"{'cutout ' + str(args.size) + '^3' if args.size else 'the whole volume'} of {args.source} into "
-          f"{2 ** args.shard_bits} shards on a local S3 API (moto), {args.runs} run(s) each, medians")
+          f"{2 ** args.shard_bits} shards on a local S3 API (moto), {args.runs} run(s) each, medians"
+          + (f"; the --resume after {args.parts} parts" if args.parts else ""))
     print(f"{'gpumesh':24s} | wall s | meshing s | writing s | requests |   GETs")
     print(f"{'-' * 24}-+--------+-----------+-----------+----------+--------")
     for name, r in rows.items():
@@ -152,7 +167,7 @@ def main(argv=None) -> int:
     record = {"benchmark": "store", "started_utc": started.isoformat(),
               "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(), **environment(),
               "options": {"source": args.source, "size": args.size, "shard_bits": args.shard_bits,
-                          "workers": args.workers, "runs": args.runs, "baseline": args.baseline,
+                          "workers": args.workers, "runs": args.runs, "baseline": args.baseline, "parts": args.parts,
                           "voxel_size_nm": args.voxel_size},
               "store": "moto server (S3 API) on this machine", "runs": runs, "medians": rows,
               "ratios": ratios, "same_bytes": same}

@@ -42,6 +42,7 @@ import itertools
 import json
 import os
 import queue
+import re
 import resource
 import secrets
 import shutil
@@ -441,9 +442,25 @@ def task_name(task) -> str:
     return f"{name}.{part}" if part == COARSE else f"{name}.o{part}"
 
 
-def block_key(task, stamp: str = "") -> str:
-    """Scratch key of a task's result: ``blocks/NAME@STAMP`` (``stamp``: :attr:`Plan.stamp`)."""
-    return f"{SCRATCH}blocks/{task_name(task)}" + (f"@{stamp}" if stamp else "")
+def block_key(task, stamp: str = "", header: int = 0) -> str:
+    """Scratch key of a task's result: ``blocks/NAME@STAMP.hBYTES`` (``stamp``: :attr:`Plan.stamp`;
+    ``header``: the bytes of the result's header, :func:`block_header_size`, left out where 0).
+    A run that reads the result again (resumed, or after an array job's parts) then reads its
+    header in one byte-range read, not two (its prefix first, for its size)."""
+    return (f"{SCRATCH}blocks/{task_name(task)}" + (f"@{stamp}" if stamp else "")
+            + (f".h{int(header)}" if header else ""))
+
+
+#: The name, stamp and header size in a result's key under ``blocks/`` (:func:`block_key`);
+#: a task's name never ends in ``.h`` and digits, and a stamp is hex digits.
+_RESULT_KEY = re.compile(r"(?P<name>[^@]+?)(?:@(?P<stamp>[^@]*?))?(?:\.h(?P<header>[0-9]+))?\Z", re.S)
+
+
+def parse_block_key(key: str) -> tuple[str, str, int]:
+    """``(name, stamp, header bytes)`` of a task result's key :func:`block_key` (the part after
+    ``blocks/``, or the whole key); header 0 where the key does not say (gpumesh before it did)."""
+    m = _RESULT_KEY.match(key.rpartition("blocks/")[2])
+    return m["name"], m["stamp"] or "", int(m["header"] or 0)
 
 
 def empty_key(run: str, seq: int, stamp: str = "") -> str:
@@ -453,13 +470,21 @@ def empty_key(run: str, seq: int, stamp: str = "") -> str:
     return f"{SCRATCH}empty/{run}-{seq}" + (f"@{stamp}" if stamp else "")
 
 
-def scratch_tasks(kv, stamp: str = "", keys: Optional[list] = None) -> tuple[set, set]:
-    """Names (:func:`task_name`) of the tasks whose results are in the scratch area of ``kv``
-    with ``stamp`` (those of this job's plan and options: a resumed run skips them), and those of
-    them that found nothing (named in a record of :class:`_EmptyTasks`, with no result of their
-    own).  ``keys``: a listing of ``kv`` made already (all its keys, or those under the scratch
-    area), read instead of listing it again (a scratch area of hundreds of thousands of results
-    takes a second to list on a local disk, and many requests on a cloud store).
+def scratch_results(kv, stamp: str = "", keys: Optional[list] = None) -> tuple[dict, set]:
+    """The task results in the scratch area of ``kv`` with ``stamp`` (those of this job's plan
+    and options: a resumed run skips their tasks), and the tasks that found nothing (named in a
+    record of :class:`_EmptyTasks`, with no result of their own).  ``keys``: a listing of ``kv``
+    made already (all its keys, or those under the scratch area), read instead of listing it
+    again (a scratch area of hundreds of thousands of results takes a second to list on a local
+    disk, and many requests on a cloud store).
+
+    Returns
+    -------
+    results : dict
+        Task name (:func:`task_name`) -> its result's header bytes, as its key says
+        (:func:`block_key`; 0 where it does not).
+    found_nothing : set
+        Names of the tasks that found nothing.
 
     Raises
     ------
@@ -469,12 +494,12 @@ def scratch_tasks(kv, stamp: str = "", keys: Optional[list] = None) -> tuple[set
     blocks, empty = SCRATCH + "blocks/", SCRATCH + "empty/"
     if keys is None:
         keys = storage.list_keys(kv, SCRATCH)
-    finished, records = set(), []
+    finished, records = {}, []
     for k in keys:
         if k.startswith(blocks):
-            name, _, got = k[len(blocks):].partition("@")
+            name, got, header = parse_block_key(k[len(blocks):])
             if got == stamp:
-                finished.add(name)
+                finished[name] = max(header, finished.get(name, 0))
         elif k.startswith(empty) and k[len(empty):].partition("@")[2] == stamp:
             records.append(k)
     found: set = set()
@@ -490,7 +515,15 @@ def scratch_tasks(kv, stamp: str = "", keys: Optional[list] = None) -> tuple[set
             raise DestinationError(f"cannot read {storage.kvstore_url(kv.spec().to_json())}{k}, a record of tasks "
                                    f"that found nothing ({one_line(exc)}); deleting it only makes a resumed "
                                    f"run mesh them again") from exc
-    return finished | found, found
+    return finished, found
+
+
+def scratch_tasks(kv, stamp: str = "", keys: Optional[list] = None) -> tuple[set, set]:
+    """Names (:func:`task_name`) of the tasks finished in the scratch area of ``kv`` with
+    ``stamp``, a result each or named in a record of tasks that found nothing, and those of them
+    that found nothing (:func:`scratch_results`, whose arguments and errors these are)."""
+    results, found = scratch_results(kv, stamp, keys)
+    return set(results) | found, found
 
 
 def finished_tasks(kv, stamp: str = "", keys: Optional[list] = None) -> set:
@@ -1022,7 +1055,7 @@ def _run_task(task) -> tuple[tuple, bytes, float, str, str]:
     blob = mesh_block(_WORKER["volume"], _WORKER["plan"], _WORKER["options"], task[0],
                       _WORKER["backend"], task[1])
     if not block_is_empty(blob):   # one that found nothing: the main process records it (_EmptyTasks)
-        storage.write(_WORKER["kv"], block_key(task, _WORKER["plan"].stamp), blob)
+        storage.write(_WORKER["kv"], block_key(task, _WORKER["plan"].stamp, block_header_size(blob)), blob)
     return (task, blob[:block_header_size(blob)], peak_rss_mb(), _WORKER["backend"].name,
             f"{socket.gethostname()}:{os.getpid()}")
 
@@ -1747,7 +1780,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
 
     # from the listing made before the plan was written (emptied by --overwrite): a task another
     # run finished since is only run again (the same bytes), and no listing is made twice
-    done, found_nothing = scratch_tasks(kv, plan.stamp, [] if overwrite else existing)
+    sizes, found_nothing = scratch_results(kv, plan.stamp, [] if overwrite else existing)
+    done = sizes.keys() | found_nothing
     empties = _EmptyTasks(kv, plan.stamp, owner)   # this run's tasks that find nothing
     todo = [t for t in mine if task_name(t) not in done]
     # a part's blocks are its own, as its tasks are (every block has a task: its coarse one, or the whole)
@@ -1796,7 +1830,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                     if block_is_empty(blob):
                         empties.add(task_name(t))
                     else:
-                        storage.write(kv, block_key(t, plan.stamp), blob)
+                        sizes[task_name(t)] = block_header_size(blob)
+                        storage.write(kv, block_key(t, plan.stamp, sizes[task_name(t)]), blob)
                     empties.tick()
                     finished += 1
                     if progress:
@@ -1857,6 +1892,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                             if block_is_empty(head):   # no result written: recorded by name
                                 empties.add(task_name(task))
                             else:
+                                sizes[task_name(task)] = len(head)
                                 held += len(head)
                                 if held <= writer.ASSEMBLY_INDEX_BYTES:   # past it, the assembly reads them
                                     headers[task_name(task)] = head
@@ -1876,7 +1912,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                         if part is None:   # the workers also build the segments and write the output
                             stats = writer.assemble(kv, volume, plan, options, tasks, link_source=link_source,
                                                     executor=pool, workers=nworkers, headers=headers,
-                                                    empty=found_nothing | empties.names,
+                                                    sizes=sizes, empty=found_nothing | empties.names,
                                                     progress=write_progress, owner=owner)
                     except BaseException as exc:
                         empties.flush(quiet=True)   # what the tasks found so far is kept for a resumed run
@@ -1913,7 +1949,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         if stats is None:
             t_mesh = time.perf_counter()
             if part is None:
-                stats = writer.assemble(kv, volume, plan, options, tasks, link_source=link_source,
+                stats = writer.assemble(kv, volume, plan, options, tasks, link_source=link_source, sizes=sizes,
                                         empty=found_nothing | empties.names, progress=write_progress, owner=owner)
     except GpumeshError as exc:
         if isinstance(exc, DestinationTakenError) or writer.taken_over(kv, owner):

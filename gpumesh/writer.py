@@ -422,8 +422,8 @@ def _checking_owner(kv, owner: tuple[str, bytes], progress: Optional[Callable[[i
 
 
 def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, link_source: bool = False,
-             executor=None, workers: int = 1, headers: Optional[dict] = None, empty: Optional[set] = None,
-             progress: Optional[Callable[[int, int], None]] = None,
+             executor=None, workers: int = 1, headers: Optional[dict] = None, sizes: Optional[dict] = None,
+             empty: Optional[set] = None, progress: Optional[Callable[[int, int], None]] = None,
              owner: Optional[tuple[str, bytes]] = None) -> dict:
     """Read every task's result from the scratch area and write the final mesh directory.
 
@@ -455,6 +455,9 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
         Task name (:func:`gpumesh.pipeline.task_name`) -> the header of its result, as the
         worker that ran it returned it; the others are read from the scratch area.  Emptied
         here, so that each header is freed once its entries are in the index.
+    sizes : dict, optional
+        Task name -> the header bytes of its result, in its key (:func:`gpumesh.pipeline.block_key`;
+        0 or missing: a key without, as gpumesh wrote them before).
     empty : set of str, optional
         Names of the tasks that found nothing and have no result in the scratch area (recorded
         by name instead, :class:`gpumesh.pipeline._EmptyTasks`): never read.
@@ -487,7 +490,10 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
     names = {task_name(t): i for i, t in enumerate(tasks)}
     nothing = np.zeros(len(tasks), dtype=bool)
     nothing[[names[n] for n in (empty or ()) if n in names]] = True
-    results = TaskResults(kv, [block_key(t, plan.stamp) for t in tasks], empty=nothing)
+    sizes = {} if sizes is None else sizes
+    heads = np.array([sizes.get(task_name(t), 0) for t in tasks], dtype=np.int64)
+    results = TaskResults(kv, [block_key(t, plan.stamp, h) for t, h in zip(tasks, heads.tolist())], empty=nothing)
+    results.header_bytes[:] = heads
     known = {names[n]: headers.pop(n) for n in list(headers or {})}   # the only reference: freed as parsed
     # with workers writing the output, this process needs the headers alone
     index, table, voxels, block_bytes = _read_index(results, known, plan.lods,
@@ -930,9 +936,9 @@ class TaskResults:
 
     A result is read whole, once, and kept while the kept results hold at most
     :data:`ASSEMBLY_CACHE_BYTES`; then fragments are slices of it.  Past that, only a result's
-    header is read (two byte-range reads) and its fragments by byte range: those that a
-    worker's part of the output needs in a few spans of each result (:meth:`prefetch`), else
-    each alone.
+    header is read (one byte-range read where its key gives its size, else two) and its
+    fragments by byte range: those that a worker's part of the output needs in a few spans of
+    each result (:meth:`prefetch`), else each alone.
 
     Parameters
     ----------
@@ -956,8 +962,9 @@ class TaskResults:
         #: a result read whole did not fit (:meth:`iter_headers`): no more are kept, and the room
         #: left in the cap is the spans' (:meth:`prefetch`)
         self.full = False
-        #: each result's header size once a header was seen (0: not yet), so that reading it
-        #: again (a wave of the assembly) takes one byte-range read, not two
+        #: each result's header size where its key gave it (set by the caller) or once its header
+        #: was seen (0: not yet), so that reading it (again, in a wave of the assembly) takes one
+        #: byte-range read, not two
         self.header_bytes = np.zeros(len(self.keys), dtype=np.int64)
         #: result number -> (span starts, span ends, each span's read future or bytes)
         self.spans: dict[int, tuple[np.ndarray, np.ndarray, list]] = {}
@@ -1046,9 +1053,10 @@ class TaskResults:
             popped as it is handed on).
         whole : bool
             Read the other results whole and keep them while the kept results stay within the
-            cap (this process then reads their fragments); else read only their headers (two
-            byte-range reads each; one for a result that holds nothing, whose header is its
-            first :data:`~gpumesh.pipeline.BLOCK_PREFIX` bytes).
+            cap (this process then reads their fragments); else read only their headers: one
+            byte-range read each where :attr:`header_bytes` gives its size (its key said it, or
+            it was read before), else two (its first :data:`~gpumesh.pipeline.BLOCK_PREFIX`
+            bytes give the size; one read for a result that holds nothing, whose header they are).
 
         Raises
         ------

@@ -17,7 +17,7 @@ import tensorstore as ts
 from gpumesh import (DestinationExistsError, EmptyVolumeWarning, InvalidVolumeError, InvalidVoxelSizeError,
                      SourceReadError, StorageUnreachableError, open_mesh, open_volume, run_mesh, validate)
 from gpumesh import storage
-from gpumesh.pipeline import MeshOptions
+from gpumesh.pipeline import COARSE, MeshOptions
 from gpumesh.sharding import ShardingOptions
 from gpumesh.writer import convert_mesh, foreign_keys
 
@@ -598,6 +598,20 @@ def _stamp_of(labels, options, **open_kwargs) -> str:
     return _stamp(_fingerprint_of(labels, options, **open_kwargs))
 
 
+def _result_name(labels, options, task, **open_kwargs) -> str:
+    """The name in the scratch area of ``task``'s result in ``run_mesh(labels, ...,
+    options=options)``: its task, the job's stamp and its header's size
+    (:func:`gpumesh.pipeline.block_key`), from the task meshed here."""
+    from gpumesh.backend import CPUBackend
+    from gpumesh.pipeline import Plan, block_header_size, block_key, mesh_block
+    from gpumesh.volume import open_volume
+
+    volume = open_volume(labels, **open_kwargs)
+    blob = mesh_block(volume, Plan.make(volume.shape, options, volume.voxel_size), options, task[0], CPUBackend(),
+                      task[1])
+    return block_key(task, _stamp_of(labels, options, **open_kwargs), block_header_size(blob)).rpartition("/")[2]
+
+
 def _blobs(shape=(64, 64, 64), seed=0) -> np.ndarray:
     """Random labels in blobs (every task of a small job has work)."""
     rng = np.random.default_rng(seed)
@@ -709,8 +723,8 @@ def test_a_write_that_fails_mid_run_stops_the_job(tmp_path, workers):
     opts = MeshOptions(chunk_size=16)
     clean = run_mesh(labels, str(tmp_path / "clean"), options=opts, workers=1)
     dest = tmp_path / "out"
-    # a late task (the coarse ones run last); its name carries the job's stamp
-    blocker = dest / ".gpumesh-work" / "blocks" / f"0_0_0.coarse@{_stamp_of(labels, opts)}"
+    # a late task (the coarse ones run last); its name carries the job's stamp and its header's size
+    blocker = dest / ".gpumesh-work" / "blocks" / _result_name(labels, opts, ((0, 0, 0), COARSE))
     (blocker / "x").mkdir(parents=True)
     with pytest.raises(TaskFailedError, match="cannot write to .*0_0_0.coarse.*run it again with --resume") as info:
         run_mesh(labels, str(dest), options=opts, workers=workers, resume=True)
@@ -1479,7 +1493,7 @@ def test_a_task_that_fails_stops_the_workers_taking_more(tmp_path, monkeypatch, 
     opts = MeshOptions(chunk_size=16)
     tasks = Plan.make(labels.shape, opts).tasks()
     dest = tmp_path / "out"
-    first = f"{task_name(tasks[0])}@{_stamp_of(labels, opts, voxel_size=(1, 1, 1))}"
+    first = _result_name(labels, opts, tasks[0], voxel_size=(1, 1, 1))
     (dest / ".gpumesh-work" / "blocks" / first / "x").mkdir(parents=True)   # the first task's result
     with pytest.raises(TaskFailedError, match=f"cannot write to .*{task_name(tasks[0])}"):
         run_mesh(labels, str(dest), options=opts, workers=2, voxel_size=(1, 1, 1))

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from gpumesh import DestinationExistsError, DestinationTakenError, TaskFailedError
-from gpumesh.pipeline import SCRATCH, MeshOptions, Plan, finished_tasks, part_tasks, run_mesh, task_name
+from gpumesh.pipeline import (SCRATCH, MeshOptions, Plan, finished_tasks, parse_block_key, part_tasks, run_mesh,
+                              task_name)
 from gpumesh.sharding import ShardingOptions
 
 from conftest import CROP_SIZE, CROP_START, cli_command, tree_files, write_zarr
@@ -346,11 +347,14 @@ def test_a_part_whose_task_result_cannot_be_written_says_to_run_the_same_part_ag
     labels = _blobs((40, 40, 40))
     opts = MeshOptions(chunk_size=8)
     first = part_tasks(Plan.make(labels.shape, opts).tasks(), 0, 2)[0]
+    # the key of that task's result (its name, the job's stamp, its header's size), from a part 0 elsewhere
+    run_mesh(labels, str(tmp_path / "key"), options=opts, part=(0, 2), voxel_size=(4, 4, 40), workers=1)
+    key = next(p.name for p in (tmp_path / "key" / SCRATCH / "blocks").iterdir()
+               if parse_block_key(p.name)[0] == task_name(first))
     for workers in (1, 2):
         dest = tmp_path / f"w{workers}"
-        run_mesh(labels, str(dest), options=opts, part=(1, 2), voxel_size=(4, 4, 40), workers=1)   # the stamp
-        stamp = next(p.name.split("@")[1] for p in (dest / SCRATCH / "blocks").iterdir() if "@" in p.name)
-        (dest / SCRATCH / "blocks" / f"{task_name(first)}@{stamp}" / "x").mkdir(parents=True)
+        run_mesh(labels, str(dest), options=opts, part=(1, 2), voxel_size=(4, 4, 40), workers=1)
+        (dest / SCRATCH / "blocks" / key / "x").mkdir(parents=True)
         with pytest.raises(TaskFailedError, match=r"run it again with the same --part 0/2 \(Python: part=\(0, 2\)\) "
                                                   r"once the cause is fixed"):
             run_mesh(labels, str(dest), options=opts, part=(0, 2), voxel_size=(4, 4, 40), workers=workers)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gpumesh import storage
-from gpumesh.pipeline import FRAG_DTYPE, SCRATCH, block_is_empty, pack_block, unpack_block_header
+from gpumesh.pipeline import FRAG_DTYPE, SCRATCH, block_is_empty, pack_block, parse_block_key, unpack_block_header
 
 
 def _random_result(rng, nfrag: int, ncount: int, lods: int = 3) -> bytes:
@@ -443,7 +443,7 @@ def _scratch(dest):
     """(result names, record names, record count) of the scratch area of ``dest``."""
     kv = storage.open_kvstore(str(dest))
     keys = storage.list_keys(kv, SCRATCH)
-    results = [k.split("/")[-1].partition("@")[0] for k in keys if k.startswith(SCRATCH + "blocks/")]
+    results = [parse_block_key(k)[0] for k in keys if k.startswith(SCRATCH + "blocks/")]
     records = [k for k in keys if k.startswith(SCRATCH + "empty/")]
     named = [n for k in records for n in storage.read(kv, k).decode().splitlines()]
     return results, named, len(records), kv, keys
@@ -457,7 +457,7 @@ def test_tasks_that_find_nothing_are_recorded_by_name_not_a_result_each(tmp_path
     either a result that holds something or a recorded name, once; the run that writes the
     output takes the recorded ones as finished (it reads none: they have no key), and writes
     the bytes of a single run."""
-    from gpumesh.pipeline import MeshOptions, Plan, run_mesh, scratch_tasks, task_name
+    from gpumesh.pipeline import MeshOptions, Plan, block_header_size, run_mesh, scratch_tasks, task_name
 
     from conftest import tree_files
 
@@ -470,13 +470,67 @@ def test_tasks_that_find_nothing_are_recorded_by_name_not_a_result_each(tmp_path
     assert records == 2   # one per part
     assert len(named) > len(tasks) // 2 and len(results) > 0
     assert sorted(results + named) == sorted(map(task_name, tasks))
-    stamp = next(k for k in keys if k.startswith(SCRATCH + "blocks/")).partition("@")[2]
-    assert not any(block_is_empty(storage.read(kv, f"{SCRATCH}blocks/{n}@{stamp}")) for n in results)
+    stamp = parse_block_key(next(k for k in keys if k.startswith(SCRATCH + "blocks/")))[1]
+    blobs = {parse_block_key(k): storage.read(kv, k) for k in keys if k.startswith(SCRATCH + "blocks/")}
+    assert not any(block_is_empty(b) for b in blobs.values())
+    # each key says its result's header size (the run after the parts reads each header at once)
+    assert all(h == block_header_size(b) and s == stamp for (_, s, h), b in blobs.items())
     assert scratch_tasks(kv, stamp) == (set(results) | set(named), set(named))
     # a recorded task has no key: reading it would stop the run (missing from the scratch area)
     last = run_mesh(vol, str(dest), options=options, workers=workers, resume=True)
     assert last.tasks_resumed == len(tasks)
     assert not storage.list_keys(storage.open_kvstore(str(dest)), SCRATCH)   # records deleted with the rest
+    run_mesh(vol, str(tmp_path / "one"), options=options, workers=1)
+    assert tree_files(dest) == tree_files(tmp_path / "one")
+
+
+def test_a_result_key_says_its_header_size_and_parses_back():
+    """:func:`block_key` names a result by its task, the job's stamp and its header's size;
+    :func:`parse_block_key` gives them back, and a key without them (gpumesh before) parses with
+    an empty stamp or a header of 0 (read then in two requests, as before)."""
+    from gpumesh.pipeline import COARSE, block_key
+
+    for task in (((0, 0, 0), None), ((3, 12, 7), 5), ((1, 2, 3), COARSE), ((10, 0, 2), 0)):
+        name = block_key(task)[len(SCRATCH + "blocks/"):]
+        for stamp in ("", "0123456789abcdef"):
+            for header in (0, 24, 123456):
+                key = block_key(task, stamp, header)
+                assert key.startswith(SCRATCH + "blocks/" + name)
+                assert parse_block_key(key) == (name, stamp, header), key
+                assert parse_block_key(key[len(SCRATCH + "blocks/"):]) == (name, stamp, header)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_run_after_the_parts_reads_each_result_header_in_one_request(tmp_path, monkeypatch, workers):
+    """An array job's last run (``--resume`` after the parts) did not run the tasks, so no worker
+    handed it their results' headers: it reads them from the scratch area, and reads each in
+    one byte-range request, its size taken from the result's key (it was two: the 24-byte prefix
+    that gives the size, then the header; a round trip each on a cloud store).  With workers,
+    this process reads the headers alone; in one process, each result whole, once."""
+    from gpumesh import writer
+    from gpumesh.pipeline import MeshOptions, run_mesh
+
+    from conftest import tree_files
+
+    vol, options = _sparse(), MeshOptions(chunk_size=8)
+    dest = tmp_path / "parts"
+    for k in range(2):
+        run_mesh(vol, str(dest), options=options, workers=1, part=(k, 2))
+    results = [k for k in storage.list_keys(storage.open_kvstore(str(dest)), SCRATCH)
+               if k.startswith(SCRATCH + "blocks/")]
+    assert results and all(parse_block_key(k)[2] > 0 for k in results)
+    counters = []
+    real = writer.TaskResults.__init__
+
+    def counted(self, kv, keys, *args, **kwargs):
+        counters.append(_CountingReads(kv))
+        real(self, counters[-1], keys, *args, **kwargs)
+
+    monkeypatch.setattr(writer.TaskResults, "__init__", counted)
+    run_mesh(vol, str(dest), options=options, workers=workers, resume=True)
+    monkeypatch.undo()
+    (main,) = counters   # this process's (the workers read fragments with their own)
+    assert dict(main.reads) == {k: 1 for k in results}
     run_mesh(vol, str(tmp_path / "one"), options=options, workers=1)
     assert tree_files(dest) == tree_files(tmp_path / "one")
 

@@ -595,11 +595,12 @@ def test_kill_and_resume_cli(crop, tmp_path):
     blocks = dest / SCRATCH / "blocks"
 
     def finished_blocks() -> int:
-        # only complete task results (x_y_z.coarse@STAMP, x_y_z.o<octant>@STAMP); TensorStore's in-flight
-        # temporary files don't count
+        # only complete task results (x_y_z.coarse@STAMP.hBYTES, x_y_z.o<octant>@STAMP.hBYTES); TensorStore's
+        # in-flight temporary files don't count
         if not blocks.is_dir():
             return 0
-        return sum(1 for n in os.listdir(blocks) if re.fullmatch(r"\d+_\d+_\d+(\.coarse|\.o[0-7])?@[0-9a-f]{16}", n))
+        return sum(1 for n in os.listdir(blocks)
+                   if re.fullmatch(r"\d+_\d+_\d+(\.coarse|\.o[0-7])?@[0-9a-f]{16}\.h[0-9]+", n))
 
     deadline = time.time() + 120
     try:
