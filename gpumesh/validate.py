@@ -556,7 +556,7 @@ def _check_shard(report: ValidationReport, src: ShardedMultiresSource, shard: in
         report.add_error(f"shard {name}: {n} bytes, shorter than its shard index "
                          f"({ib} bytes = 16 * 2**minishard_bits)")
         return 0
-    checked = 0
+    checked, unsure = 0, False
     # the segments before, their fragments decoding, recorded before what follows
     ordered = _InOrder(report, _ahead(decode))
     spans = [(0, ib)]   # the bytes that something references: index, minishard indices, segments
@@ -594,34 +594,51 @@ def _check_shard(report: ValidationReport, src: ShardedMultiresSource, shard: in
                 if wanted is not None and seg not in wanted:
                     continue
                 checked += 1
-                c0, c1 = int(starts[i]), int(starts[i]) + int(sizes[i])
-                if c0 < ib or c1 > n:
-                    ordered.add_error(f"segment {seg}: manifest bytes [{c0}, {c1}) outside [{ib}, {n}) of shard {name}")
-                    continue
                 try:
-                    mbytes = spec.decode_data(blob[c0:c1])
-                except ShardFormatError as exc:
-                    ordered.add_error(f"segment {seg}: manifest in shard {name}: {exc}")
+                    finish = _start_shard_segment(ordered, src, name, blob, seg, int(starts[i]), int(sizes[i]), spans,
+                                                  decode)
+                except Exception as exc:  # never raise on a bad mesh: the shard's other segments are checked
+                    ordered.add_error(f"segment {seg}: unexpected error while checking: {exc!r}")
+                    unsure = True   # its bytes (spans) may not be known
                     continue
-                try:
-                    total = Manifest.from_bytes(mbytes).total_bytes
-                except InvalidMeshError:
-                    total = 0  # reported by the segment check
-                spans.append((max(c0 - total, 0), c1))
-                data, data_error = blob[c0 - total:c0], None
-                if c0 - total < ib:
-                    data = None
-                    data_error = (f"segment {seg}: its {total} bytes of fragment data before the manifest at {c0} "
-                                  f"would start inside the shard index of {name} ({ib} bytes)")
-                # this segment's fragments decode while the one before is recorded
-                ordered.then(_start_multires_segment(report, seg, mbytes, data, src.vertex_quantization_bits, decode,
-                                                     data_error))
-    if wanted is None:
+                if finish is not None:   # its fragments decode while the one before is recorded
+                    ordered.then(_guarded(report, seg, finish))
+    if wanted is None and not unsure:
         loose = n - _covered(spans)
         if loose:
             report.warnings.append(f"shard {name}: {loose} of its {n} bytes are referenced by nothing (bytes "
                                    "appended, or left by another writer)")
     return checked
+
+
+def _start_shard_segment(ordered: _InOrder, src: ShardedMultiresSource, name: str, blob: bytes, seg: int,
+                         c0: int, size: int, spans: list, decode: Optional["_Decoder"]) -> Optional[Callable[[], None]]:
+    """Find a segment of the shard ``name`` (``blob``) whose encoded manifest is the ``size``
+    bytes at ``c0``, add the bytes it references to ``spans`` and start its checks
+    (:func:`_start_multires_segment`); returns the function that records them, or ``None``
+    when its manifest cannot be found (the error is in ``ordered``)."""
+    spec = src.sharding
+    n, ib = len(blob), spec.shard_index_bytes
+    c1 = c0 + size
+    if c0 < ib or c1 > n:
+        ordered.add_error(f"segment {seg}: manifest bytes [{c0}, {c1}) outside [{ib}, {n}) of shard {name}")
+        return None
+    try:
+        mbytes = spec.decode_data(blob[c0:c1])
+    except ShardFormatError as exc:
+        ordered.add_error(f"segment {seg}: manifest in shard {name}: {exc}")
+        return None
+    try:
+        total = Manifest.from_bytes(mbytes).total_bytes
+    except InvalidMeshError:
+        total = 0  # reported by the segment check
+    spans.append((max(c0 - total, 0), c1))
+    data, data_error = blob[c0 - total:c0], None
+    if c0 - total < ib:
+        data = None
+        data_error = (f"segment {seg}: its {total} bytes of fragment data before the manifest at {c0} "
+                      f"would start inside the shard index of {name} ({ib} bytes)")
+    return _start_multires_segment(ordered.report, seg, mbytes, data, src.vertex_quantization_bits, decode, data_error)
 
 
 def _covered(spans: list) -> int:

@@ -1016,6 +1016,50 @@ def test_a_segment_check_that_fails_unexpectedly_is_its_error_whatever_the_threa
     assert "RuntimeError('octree')" in reports[0].errors[2] and reports[0].num_segments == 8
 
 
+@pytest.mark.parametrize("stage", ["manifest", "recording"])
+def test_an_unexpected_failure_in_one_segment_of_a_shard_is_its_error_whatever_the_threads(tmp_path, monkeypatch,
+                                                                                             stage):
+    """An unexpected failure (a bug) while one segment of a shard is found in it (its manifest
+    decoded) or recorded (its fragments' results read) is that segment's error: the shard's
+    other segments are still checked and counted, in their order, whatever the threads (it
+    ended the shard); and the failing segment's bytes are not said to be unreferenced."""
+    from gpumesh.sharding import ShardingSpec
+
+    m0, m1 = _ids_by_minishard()
+    bad = seg_parts(frags0=(GARBAGE, F_LOD0_A))
+    odd = seg_parts(lod0=((0, 0, 0), (0, 1, 0)), frags0=(RAISING, F_LOD0_A))   # a manifest of its own
+    segs = {s: bad for s in m0[:5] + m1[:3]}
+    segs[m0[2]] = odd
+    if stage == "manifest":
+        decode_data = ShardingSpec.decode_data
+
+        def failing(self, stored):
+            out = decode_data(self, stored)
+            if out == odd[0]:
+                raise RuntimeError(stage)
+            return out
+
+        monkeypatch.setattr(ShardingSpec, "decode_data", failing)
+    else:
+        check_fragment = validate_module._check_fragment
+
+        def failing(job):
+            if bytes(job[0]) == RAISING:
+                raise RuntimeError(stage)
+            return check_fragment(job)
+
+        monkeypatch.setattr(validate_module, "_check_fragment", failing)
+    path = _sharded_dir(tmp_path / "out", {0: [(s, segs[s]) for s in m0[:5]], 1: [(s, segs[s]) for s in m1[:3]]})
+    reports = [validate(path, threads=t) for t in (1, 3)]
+    for rep in reports[1:]:
+        assert rep.errors == reports[0].errors and rep.per_lod == reports[0].per_lod
+    rep = reports[0]
+    assert rep.num_segments == 8 and not rep.warnings, (rep.num_segments, rep.warnings)
+    assert [int(e.split()[1].rstrip(":")) for e in rep.errors] == m0[:5] + m1[:3], rep.errors
+    assert rep.errors[2] == f"segment {m0[2]}: unexpected error while checking: RuntimeError('{stage}')"
+    assert rep.per_lod[1]["triangles"] == 7 * 2 and rep.per_lod[1]["segments_with_lod"] == 7 + (stage == "recording")
+
+
 def test_an_unexpected_failure_in_a_shard_comes_after_its_segments_before_it(tmp_path, monkeypatch):
     """A shard whose checks fail unexpectedly between its segments (here: reading its second
     minishard index) is reported after the segments before the failure, whatever the threads."""
