@@ -547,16 +547,18 @@ def _guarded(report: ValidationReport, seg: int, finish: Callable[[], None]) -> 
 
 
 def _check_shard(report: ValidationReport, src: ShardedMultiresSource, shard: int, blob: bytes,
-                 wanted: Optional[set], seen: set, decode: Optional["_Decoder"]) -> int:
-    """Check one whole shard file and its segments; returns the number of segments checked."""
+                 wanted: Optional[set], seen: set, decode: Optional["_Decoder"]) -> None:
+    """Check one whole shard file and its segments, counting each in ``report.num_segments``
+    as it is reached (so that an unexpected failure of the shard keeps the count of those
+    before it: they are recorded, :class:`_InOrder`)."""
     spec = src.sharding
     name = spec.shard_key(shard)
     n, ib = len(blob), spec.shard_index_bytes
     if n < ib:
         report.add_error(f"shard {name}: {n} bytes, shorter than its shard index "
                          f"({ib} bytes = 16 * 2**minishard_bits)")
-        return 0
-    checked, unsure = 0, False
+        return
+    unsure = False
     # the segments before, their fragments decoding, recorded before what follows
     ordered = _InOrder(report, _ahead(decode))
     spans = [(0, ib)]   # the bytes that something references: index, minishard indices, segments
@@ -593,7 +595,7 @@ def _check_shard(report: ValidationReport, src: ShardedMultiresSource, shard: in
                 seen.add(seg)
                 if wanted is not None and seg not in wanted:
                     continue
-                checked += 1
+                report.num_segments += 1
                 try:
                     finish = _start_shard_segment(ordered, src, name, blob, seg, int(starts[i]), int(sizes[i]), spans,
                                                   decode)
@@ -608,7 +610,6 @@ def _check_shard(report: ValidationReport, src: ShardedMultiresSource, shard: in
         if loose:
             report.warnings.append(f"shard {name}: {loose} of its {n} bytes are referenced by nothing (bytes "
                                    "appended, or left by another writer)")
-    return checked
 
 
 def _start_shard_segment(ordered: _InOrder, src: ShardedMultiresSource, name: str, blob: bytes, seg: int,
@@ -652,10 +653,12 @@ def _covered(spans: list) -> int:
 
 
 def _validate_sharded(report: ValidationReport, src: ShardedMultiresSource, segments: Optional[Iterable[int]],
-                      decode: Optional["_Decoder"], absent: Optional[list] = None) -> set:
+                      decode: Optional["_Decoder"], absent: Optional[list] = None) -> Optional[set]:
     """Check every shard (or those of ``segments``, read by name: a store that cannot list its
-    keys, such as plain HTTP, still serves them); return the IDs found in the shards read.  A
-    segment of ``segments`` not found is an error, or goes into ``absent`` when given."""
+    keys, such as plain HTTP, still serves them); return the IDs found in the shards read, or
+    ``None`` when a shard failed unexpectedly (the IDs in the part not checked are unknown).  A
+    segment of ``segments`` not found is an error, or goes into ``absent`` when given; one in
+    a shard that failed unexpectedly before reaching it is named in that shard's error."""
     spec = src.sharding
     wanted = None
     if segments is not None:
@@ -667,7 +670,10 @@ def _validate_sharded(report: ValidationReport, src: ShardedMultiresSource, segm
         except Exception as exc:
             report.add_error(f"cannot list keys: {exc}")
             return set()
-    shards = sorted(set(spec.locate(sorted(wanted))[0].tolist())) if wanted else []
+    in_shard: dict = {}   # shard -> the wanted IDs that hash to it
+    for s, shard in zip(sorted(wanted or ()), spec.locate(sorted(wanted))[0].tolist() if wanted else ()):
+        in_shard.setdefault(shard, []).append(s)
+    shards = sorted(in_shard)
     for key in keys:
         if key.endswith(".shard"):
             shard = spec.parse_shard_key(key)
@@ -677,6 +683,8 @@ def _validate_sharded(report: ValidationReport, src: ShardedMultiresSource, segm
             else:
                 shards.append(shard)
     seen: set = set()
+    unchecked: set = set()   # wanted IDs in shards that failed unexpectedly before reaching them
+    failed = False
     for shard in shards:
         blob = storage.read(src.kv, spec.shard_key(shard))
         if blob is None:
@@ -684,13 +692,21 @@ def _validate_sharded(report: ValidationReport, src: ShardedMultiresSource, segm
                 report.add_error(f"shard {spec.shard_key(shard)} vanished while validating")
             continue   # the wanted segments in it are "not found" below
         try:
-            report.num_segments += _check_shard(report, src, shard, blob, wanted, seen, decode)
+            _check_shard(report, src, shard, blob, wanted, seen, decode)
         except Exception as exc:  # never raise on a bad mesh
-            report.add_error(f"shard {spec.shard_key(shard)}: unexpected error while checking: {exc!r}")
+            failed = True
+            left = "its segments after that point are not checked"
+            if wanted is not None:   # name those asked for (not "not found" below: they may be there)
+                missed = [s for s in in_shard.get(shard, ()) if s not in seen]
+                unchecked.update(missed)
+                left = missed and (f"{len(missed)} of the segments asked for in it are not checked: "
+                                   + ", ".join(map(str, missed[:5])) + (" ..." if len(missed) > 5 else ""))
+            report.add_error(f"shard {spec.shard_key(shard)}: unexpected error while checking: {exc!r}"
+                             + (f" ({left})" if left else ""))
     for s in sorted(wanted or ()):
-        if s not in seen:
+        if s not in seen and s not in unchecked:
             _not_found(report, s, absent)
-    return seen
+    return None if failed else seen
 
 
 def _not_found(report: ValidationReport, segment: int, absent: Optional[list], error: str = "") -> None:

@@ -1085,6 +1085,44 @@ def test_an_unexpected_failure_in_a_shard_comes_after_its_segments_before_it(tmp
     assert errors[-1].startswith("shard 0.shard: unexpected error") and "RuntimeError('index')" in errors[-1]
 
 
+def test_an_unexpected_failure_of_a_shard_keeps_its_segments_before_it_counted(tmp_path, monkeypatch):
+    """A shard that fails unexpectedly between its segments (here: reading its second minishard
+    index) still counts the segments checked before the failure, whatever the threads (the
+    count was dropped), and its error says that the rest is not checked: the segments asked
+    for in that part are named there, not called "not found", and the segments that the
+    segment properties list are not said to have no mesh."""
+    from gpumesh.sharding import ShardingSpec
+
+    m0, m1 = _ids_by_minishard()
+    bad = seg_parts(frags0=(GARBAGE, F_LOD0_A))
+    path = _sharded_dir(tmp_path / "out", {0: [(s, bad) for s in m0[:5]], 1: [(s, bad) for s in m1[:3]]})
+    kv = storage.open_kvstore(path)
+    storage.write_json(kv, "info", dict(json.loads(storage.read(kv, "info")), segment_properties="props"))
+    storage.write_json(kv, "props/info", {"@type": "neuroglancer_segment_properties", "inline": {
+        "ids": [str(s) for s in m0[:5] + m1[:3]],
+        "properties": [{"id": "label", "type": "label", "values": ["x"] * 8}]}})
+    assert validate(path).num_segments == 8
+    decode_index = ShardingSpec.decode_minishard_index
+
+    def failing(self, stored):
+        out = decode_index(self, stored)
+        if m1[0] in out[0].tolist():
+            raise RuntimeError("index")
+        return out
+
+    monkeypatch.setattr(ShardingSpec, "decode_minishard_index", failing)
+    failure = "shard 0.shard: unexpected error while checking: RuntimeError('index')"
+    reports = [validate(path, threads=t) for t in (1, 3)]
+    for rep in reports:
+        assert rep.num_segments == 5 and rep.num_errors == 6 and not rep.warnings, (rep.num_segments, rep.warnings)
+        assert rep.errors[-1] == f"{failure} (its segments after that point are not checked)"
+    assert reports[1].errors == reports[0].errors and reports[1].per_lod == reports[0].per_lod
+    for t in (1, 3):
+        rep = validate(path, segments=m0[:2] + m1[:2], threads=t)
+        assert rep.num_segments == 2 and rep.num_errors == 3, rep.errors
+        assert rep.errors[-1] == f"{failure} (2 of the segments asked for in it are not checked: {m1[0]}, {m1[1]})"
+
+
 def _validate_threads():
     import threading
 
