@@ -480,18 +480,19 @@ def _check_fragment(job: tuple):
 
 
 class _Decoder:
-    """Checks fragments (:func:`_check_fragment`) on ``threads`` threads: Draco's decoder
-    releases the GIL, so the cores decode a segment's fragments side by side.  Calling it with
-    a list of jobs gives an iterator of their results in the same order, so the report is the
-    same whatever the threads."""
+    """Checks fragments (:func:`_check_fragment`, or legacy ones: :func:`_check_legacy_fragment`)
+    on ``threads`` threads: Draco's decoder releases the GIL, so the cores decode a segment's
+    fragments side by side.  Calling it with a list of jobs gives an iterator of their results
+    in the same order, so the report is the same whatever the threads."""
 
     def __init__(self, threads: int):
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="gpumesh-validate") if threads > 1 else None
 
-    def __call__(self, jobs: list):
+    def __call__(self, jobs: list, check: Optional[Callable] = None):
+        check = check or _check_fragment
         if self.pool is None:
-            return map(_check_fragment, jobs)
-        return self.pool.map(_check_fragment, jobs)
+            return map(check, jobs)
+        return self.pool.map(check, jobs)
 
     def close(self) -> None:
         """End the threads; what is queued is not decoded (after an interrupt: up to
@@ -742,35 +743,70 @@ def _validate_sharded_sample(report: ValidationReport, src: ShardedMultiresSourc
     report.num_segments = len(ids) - len(absent or ())
 
 
-def _check_legacy_segment(report: ValidationReport, src: LegacySource, seg: int, decode: Optional["_Decoder"]) -> None:
+def _start_legacy_segment(report: ValidationReport, src: LegacySource, seg: int,
+                          decode: Optional["_Decoder"]) -> Callable[[], None]:
+    """Read a legacy segment's manifest and start reading and parsing its fragment files (on
+    ``decode``'s threads, where given: :func:`_check_legacy_fragment`); returns the function
+    that records all of it in ``report``, in order, as :func:`_start_multires_segment` does
+    (so the next segments' can begin meanwhile).  Without ``decode`` the fragments are still
+    parsed, but their triangles are not counted."""
+    names, error, checked = None, None, iter(())
     try:
         names = src.fragment_names(seg)
     except InvalidMeshError as exc:
-        report.add_error(str(exc))
-        return
-    st = report.lod(0)
-    st["segments_with_lod"] += 1
-    futures = [src.kv.read(name) for name in names]
-    for name, fut in zip(names, futures):
-        st["fragments"] += 1
+        error = str(exc)
+    except Exception as exc:   # never raise on a bad mesh
+        error = f"segment {seg}: unexpected error while checking: {exc!r}"
+    if names is not None:
         try:
-            data = storage.read_result(fut)
-        except Exception as exc:  # bad key names
-            report.add_error(f"segment {seg}: fragment {name!r} unreadable: {exc}")
-            continue
-        if data is None:
-            report.add_error(f"segment {seg}: fragment file {name!r} missing")
-            continue
-        st["bytes"] += len(data)
-        try:
-            _, faces = parse_legacy_fragment(data)
-        except InvalidMeshError as exc:
-            report.add_error(f"segment {seg}: fragment {name!r}: {exc}")
-            continue
-        if len(faces) == 0:
-            st["empty_fragments"] += 1
-        if decode:
-            st["triangles"] += len(faces)
+            jobs = [(seg, name, src.kv.read(name)) for name in names]
+            checked = decode(jobs, _check_legacy_fragment) if decode is not None else map(_check_legacy_fragment, jobs)
+        except Exception as exc:   # never raise on a bad mesh
+            error = f"segment {seg}: unexpected error while checking: {exc!r}"
+
+    def finish() -> None:
+        if names is not None:
+            st = report.lod(0)
+            st["segments_with_lod"] += 1
+        if error is not None:
+            report.add_error(error)
+            return
+        for nbytes, faces, problem in checked:
+            st["fragments"] += 1
+            st["bytes"] += nbytes
+            if isinstance(problem, Exception):   # the segment's other fragments are not checked
+                report.add_error(f"segment {seg}: unexpected error while checking: {problem!r}")
+                return
+            if problem is not None:
+                report.add_error(problem)
+                continue
+            if faces == 0:
+                st["empty_fragments"] += 1
+            if decode:
+                st["triangles"] += faces
+
+    return finish
+
+
+def _check_legacy_fragment(job: tuple):
+    """Read and parse one legacy fragment ``(segment, name, read future)``; returns ``(bytes
+    read, triangles, problem)``: ``problem`` is ``None``, the error (str) that says why the
+    fragment is unreadable, missing or invalid, or an unexpected exception (a bug), which
+    ends its segment's checks (:func:`_start_legacy_segment`)."""
+    seg, name, future = job
+    try:
+        data = storage.read_result(future)
+    except Exception as exc:  # bad key names
+        return 0, 0, f"segment {seg}: fragment {name!r} unreadable: {exc}"
+    if data is None:
+        return 0, 0, f"segment {seg}: fragment file {name!r} missing"
+    try:
+        _, faces = parse_legacy_fragment(data)
+    except InvalidMeshError as exc:
+        return len(data), 0, f"segment {seg}: fragment {name!r}: {exc}"
+    except Exception as exc:  # never raise on a bad mesh
+        return len(data), 0, exc
+    return len(data), len(faces), None
 
 
 def _check_orphans(report: ValidationReport, src, keys: list, ids: set) -> None:
@@ -989,8 +1025,8 @@ def validate(
     max_errors : int, default 1000
         Store at most this many error messages (all are counted in ``num_errors``).
     threads : int, optional
-        Threads that decode fragments (default: one per core this process may use); the
-        report is the same whatever their number.
+        Threads that decode fragments (legacy ones: read and parse; default: one per core this
+        process may use); the report is the same whatever their number.
 
     Returns
     -------
@@ -1154,11 +1190,9 @@ def _validate(report: ValidationReport, location, segments, decode: Optional["_D
             for seg, mbytes, data in src.fetch(ids):
                 ordered.then(_guarded(report, seg, _start_multires_segment(report, seg, mbytes, data, bits, decode)))
     else:
-        for seg in ids:
-            try:
-                _check_legacy_segment(report, src, seg, decode)
-            except Exception as exc:
-                report.add_error(f"segment {seg}: unexpected error while checking: {exc!r}")
+        with _InOrder(report, _ahead(decode)) as ordered:   # as multires: fragments parse during the next reads
+            for seg in ids:
+                ordered.then(_guarded(report, seg, _start_legacy_segment(report, src, seg, decode)))
     if info:
         _check_segment_properties(report, kv, info, set(all_ids) if segments is None else None, props)
     return _warn_absent(report, absent)

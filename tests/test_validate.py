@@ -582,6 +582,71 @@ def test_each_legacy_defect_is_reported_alone(tmp_path, manifest, fragment, word
     assert rep.num_segments == 3 and rep.num_errors == 1 and words in rep.errors[0], rep.errors
 
 
+UNEXPECTED = legacy_fragment([[0, 0, 0], [9, 0, 0], [0, 9, 0]], [[0, 1, 2]])   # made to raise (a bug)
+
+
+def _legacy_faults(path):
+    """A legacy directory of 14 segments, 8 of them with faults (two fragments each, but 10 and
+    12: three), and a fragment file without its manifest; returns the segments with an error."""
+    kv = storage.open_kvstore(path)
+    storage.write_json(kv, "info", {"@type": "neuroglancer_legacy_mesh"})
+    other = legacy_fragment([[8, 0, 0], [0, 8, 0], [8, 8, 0]], [[0, 2, 1]])
+    frags = {s: [TRI, other] for s in range(1, 15)}
+    frags[6] = [legacy_fragment([[0, 0, 0], [8, 0, 0], [0, 8, 0]], [[0, 1, 3]]), other]   # index past the vertices
+    frags[8] = [legacy_fragment([[0, 0, 0]], np.zeros((0, 3))), TRI + b"\0\0"]   # empty (fine), then cut
+    frags[10] = [TRI, UNEXPECTED, b"\1"]   # an unexpected failure: the fragment after it is not checked
+    frags[13] = [legacy_fragment([[0, 0, 0], [8, np.nan, 0], [0, 8, 0]], [[0, 1, 2]]), other]
+    for seg, blobs in frags.items():
+        names = [f"{seg}:0:{i}" for i in range(len(blobs))] + (["../12"] if seg == 12 else [])   # unreadable
+        storage.write(kv, f"{seg}:0", json.dumps({"fragments": names}).encode())
+        for name, blob in zip(names, blobs):
+            if (seg, name) != (3, "3:0:1"):   # missing
+                storage.write(kv, name, blob)
+    storage.write(kv, "5:0", b"{fragments")
+    storage.write(kv, "11:0", b'{"fragments": "11:0:0"}')
+    storage.write(kv, "20:0:0", TRI)
+    return [3, 5, 6, 8, 10, 11, 12, 13]
+
+
+def test_legacy_segments_parse_ahead_on_threads_with_the_report_of_one(tmp_path, monkeypatch):
+    """Legacy segments are checked as multi-resolution ones are: up to ``SEGMENTS_AHEAD``
+    segments' fragments read and parse on the threads while the next manifests are read (they
+    were checked one by one, on one thread); the report is the one of one thread, and of the
+    code before (errors in the same order, the same counts), with every kind of fault."""
+    import threading
+
+    outstanding = _count_segments_in_flight(monkeypatch, "_start_legacy_segment")
+    parse, where = validate_module.parse_legacy_fragment, set()
+
+    def parsing(data):
+        where.add(threading.current_thread().name.startswith("gpumesh-validate"))
+        if bytes(data) == UNEXPECTED:
+            raise RuntimeError("parse")
+        return parse(data)
+
+    monkeypatch.setattr(validate_module, "parse_legacy_fragment", parsing)
+    bad = _legacy_faults(tmp_path / "legacy")
+    reports = []
+    for threads in (1, 4):
+        outstanding[:] = [0, 0]
+        where.clear()
+        reports.append(validate(tmp_path / "legacy", threads=threads))
+        assert outstanding == [0, validate_module.SEGMENTS_AHEAD + 1 if threads > 1 else 1]
+        assert where == {threads > 1}
+    one, many = reports
+    assert many.errors == one.errors and many.per_lod == one.per_lod and many.warnings == one.warnings
+    assert many.num_segments == one.num_segments == 14 and one.num_errors == 8 and one.kind == "legacy"
+    assert [int(e.split()[1].rstrip(":")) for e in one.errors] == bad, one.errors
+    assert one.errors[4] == "segment 10: unexpected error while checking: RuntimeError('parse')"
+    # 12 manifests (not 5, 11) of 2 fragments counted (10: to its failure; 12: 3); 6 of them all good
+    assert one.per_lod == [{"fragments": 12 * 2 + 1, "empty_fragments": 1, "zero_byte_fragments": 0, "placeholders": 0,
+                            "triangles": 6 * 2 + 6, "bytes": 1162, "segments_with_lod": 12}], one.per_lod
+    assert len(one.warnings) == 1 and "segments' fragment files without a manifest" in one.warnings[0]
+    nodecode = [validate(tmp_path / "legacy", threads=t, decode=False) for t in (1, 4)]
+    assert nodecode[0].errors == nodecode[1].errors == one.errors
+    assert nodecode[0].per_lod == nodecode[1].per_lod == [dict(one.per_lod[0], triangles=None)]
+
+
 def test_a_point_cloud_fragment_is_reported(tmp_path):
     cloud = DracoPy.encode(np.array([[0, 0, 0], [1023, 0, 0], [0, 1023, 0]], np.float64), quantization_bits=BITS,
                            quantization_range=2**BITS - 1, quantization_origin=[0, 0, 0])
@@ -862,10 +927,10 @@ def test_a_shards_errors_between_its_segments_come_in_file_order_whatever_the_th
         assert before == set(m0[:3]) and after == set(m0[3:6] + m1[:4]), errors
 
 
-def _count_segments_in_flight(monkeypatch) -> list:
+def _count_segments_in_flight(monkeypatch, name="_start_multires_segment") -> list:
     """``[now, most]``: the segments whose checks have started (their fragments decoding) and
-    are not recorded yet, as validate runs (``_start_multires_segment`` wrapped)."""
-    start, outstanding = validate_module._start_multires_segment, [0, 0]
+    are not recorded yet, as validate runs (the function ``name`` of validate wrapped)."""
+    start, outstanding = getattr(validate_module, name), [0, 0]
 
     def counting(*args, **kwargs):
         finish = start(*args, **kwargs)
@@ -877,7 +942,7 @@ def _count_segments_in_flight(monkeypatch) -> list:
             finish()
         return counted
 
-    monkeypatch.setattr(validate_module, "_start_multires_segment", counting)
+    monkeypatch.setattr(validate_module, name, counting)
     return outstanding
 
 
