@@ -158,8 +158,11 @@ class CupyRuntime:
     upload is copied into a pinned staging buffer and queued (the host goes on launching
     kernels behind it); downloads are queued into pinned arrays, several at once
     (:meth:`to_host_many`), and the host waits once for all of them.  Pinned memory is what
-    lets the DMA engine run at full speed and asynchronously to the host; the arrays handed
-    back are ordinary NumPy arrays whose memory returns to the pool when they are freed.  A
+    lets the DMA engine run at full speed and asynchronously to the host.  The arrays handed
+    back are copies in ordinary memory, and the pinned buffers go back to the pool once the
+    stream has passed them: pinned memory is held only for transfers in flight, not for as
+    long as the caller keeps the results (CuPy's pool reuses a freed buffer at once, with no
+    regard to streams, so none goes back while a copy is queued on it).  A
     small round trip at start-up checks it; where it fails (no pinned memory, an older CuPy)
     the runtime warns once and copies through pageable memory.
 
@@ -265,7 +268,10 @@ class CupyRuntime:
         return self.to_host_many([a])[0]
 
     def to_host_many(self, arrays: Sequence[Any]) -> list[np.ndarray]:
-        """Host copies of device arrays, queued together; waits once, for all of them."""
+        """Host copies of device arrays, queued together; waits once, for all of them.
+
+        The copies land in pinned buffers and are copied once more into ordinary memory, so
+        that no pinned buffer outlives the call (see the class)."""
         if not self.pinned:
             return [self.cp.asnumpy(a) for a in arrays]
         stream = self._stream()
@@ -279,7 +285,12 @@ class CupyRuntime:
         finally:   # also when a later allocation fails: no buffer goes back to the pool mid-copy
             stream.synchronize()
         self._staged.clear()  # every queued upload is done too
-        return out
+        # the stream has passed every copy: the caller gets ordinary copies and the pinned
+        # buffers go back to the pool now, for the next transfers.  Handed back as they were,
+        # the callers' arrays (a slab's triangles until the block is welded, a weld's pieces
+        # until their LOD is encoded) kept them page-locked and out of the pool, which then
+        # made new ones for the next downloads
+        return [np.array(h, copy=True) for h in out]
 
     def empty(self, shape, dtype) -> Any:
         return self.cp.empty(shape, dtype=dtype)

@@ -213,7 +213,9 @@ def test_uploads_and_downloads_are_pinned_queued_and_exact(runtime, monkeypatch)
     for a, b in zip(hosts, back[:len(hosts)]):
         assert b.dtype == a.dtype and np.array_equal(b, a)
     assert all(np.all(b == 3) for b in back[len(hosts):])
-    assert all(fake.pool.root(b) in fake.pool.ids for b in back)  # handed back in pinned memory
+    # downloaded into pinned memory (the stand-in's get asserts it), handed back in ordinary
+    # memory: no pinned array outlives the call
+    assert not fake.pool.ids
     single = rt.to_host(devs[0][3:9])  # a device view
     assert np.array_equal(single, hosts[0][3:9])
 
@@ -326,3 +328,68 @@ def test_pinned_can_be_turned_off(runtime, monkeypatch, how):
     assert not rt.pinned and not fake.pool.ids
     a = np.arange(12, dtype=np.uint16).reshape(3, 4)
     assert np.array_equal(rt.to_host(rt.to_device(a)), a)
+
+
+def test_downloads_are_ordinary_memory_and_their_pinned_buffers_are_reused(runtime):
+    """What ``to_host_many`` hands back outlives the call: a slab's triangles until the block
+    is welded, a weld's pieces until their LOD is encoded.  Handed back in their pinned
+    buffers, each kept its buffer page-locked and out of the pool, so the next downloads took
+    new ones and the pool grew with what the callers held.  They are ordinary copies now, and
+    the pinned buffers go back to the pool (the stream has passed them) as the call returns."""
+    fake, rt = runtime()
+    start = fake.pool.allocated
+    kept = []
+    for i in range(20):
+        a = np.full(1000, i, dtype=np.int64)
+        kept.append(rt.to_host_many([rt.to_device(a), rt.to_device(a[:300])]))
+        assert not fake.pool.ids   # no pinned array outlives the call
+    for i, (b, c) in enumerate(kept):
+        assert np.array_equal(b, np.full(1000, i)) and np.array_equal(c, np.full(300, i))
+        assert b.flags.c_contiguous and b.flags.writeable and b.dtype == np.int64
+    # a staging and a download buffer of each size (8000 and 2400 bytes) for the first call,
+    # reused by every later one (20 of each when the results held their buffers)
+    assert fake.pool.allocated - start == 2 * (8192 + 4096)
+
+
+def _weld_outputs(pieces, npieces):
+    """What ``GPUBackend.weld_arrays`` gives (host arrays) for the pieces of a weld."""
+    uniq = np.unique(np.array([p.label for p in pieces], dtype=np.uint64)).astype(np.uint16)
+    counts = np.array([[len(p.faces), len(p.vertices2)] for p in pieces], dtype=np.int64)
+    starts = np.cumsum(counts, axis=0) - counts
+    gkeys = np.array([int(np.searchsorted(uniq, p.label)) * npieces + p.piece for p in pieces], np.int64)
+    return (np.concatenate([p.faces for p in pieces]).astype(np.int32),
+            np.concatenate([p.vertices2 for p in pieces]).astype(np.int32),
+            starts[:, 0].copy(), starts[:, 1].copy(), gkeys, uniq)
+
+
+def test_the_pieces_of_a_device_weld_hold_no_pinned_memory(runtime):
+    """The pieces of a device weld were views of the weld's pinned downloads (its faces and
+    vertices), which stayed page-locked and out of the pool while any piece lived: through
+    the decimation and encoding of their LOD, and for as long as a caller kept them.  The
+    pieces are the same; no pinned buffer is held once ``weld_device`` returns, and a second
+    weld of the same size reuses the first one's buffers."""
+    from gpumesh import marching
+
+    fake, rt = runtime()
+    backend = gpu.GPUBackend(runtime=rt, memory_budget=1 << 30)
+    rng = np.random.default_rng(11)
+    labels = rng.choice(np.array([0, 7, 300, 65535], dtype=np.uint16), size=(12, 10, 9))
+    tri = marching.march_cubes(labels, 4)
+    want = marching.weld(*tri, labels.shape)
+    npieces = int(tri[1].max()) + 1
+    host = _weld_outputs(want, npieces)
+    backend.weld_arrays = lambda *args: tuple(rt.to_device(a) for a in host) + (npieces,)
+    d_tri = [rt.to_device(a) for a in tri]
+    held, allocated = [], None
+    for _ in range(3):
+        got = backend.weld_device(*d_tri, labels.shape, labels.dtype)
+        assert not fake.pool.ids   # no pinned array is alive while the pieces are
+        assert [(p.label, p.piece) for p in got] == [(p.label, p.piece) for p in want]
+        for g, w in zip(got, want):
+            assert g.faces.dtype == w.faces.dtype and np.array_equal(g.faces, w.faces)
+            assert np.array_equal(g.vertices2, w.vertices2)
+        held.append(got)
+        if allocated is None:
+            allocated = fake.pool.allocated
+    assert fake.pool.allocated == allocated   # the later welds took no new page-locked memory
+    assert backend.stats["device_welds"] == 3
