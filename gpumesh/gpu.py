@@ -292,6 +292,12 @@ class CupyRuntime:
         # made new ones for the next downloads
         return [np.array(h, copy=True) for h in out]
 
+    def synchronize(self) -> None:
+        """Wait for the work queued on the current stream; the staging buffers of the uploads
+        it held go back to the pool."""
+        self._stream().synchronize()
+        self._staged.clear()
+
     def empty(self, shape, dtype) -> Any:
         return self.cp.empty(shape, dtype=dtype)
 
@@ -309,8 +315,7 @@ class CupyRuntime:
         a notebook, the next job) measured only what the first had left free, and set the
         process's pool limit to a share of that.  The queued work is waited for, then those
         blocks go back to the device, and what is free is measured."""
-        self._stream().synchronize()
-        self._staged.clear()
+        self.synchronize()
         self.cp.get_default_memory_pool().free_all_blocks()
         free, total = self.cp.cuda.runtime.memGetInfo()
         return int(free), int(total)
@@ -322,8 +327,7 @@ class CupyRuntime:
     def release(self) -> None:
         """Wait for the queued work, then hand the pools' unused blocks back: the device
         pool's to the device, the pinned pool's (page-locked host memory) to the host."""
-        self._stream().synchronize()
-        self._staged.clear()
+        self.synchronize()
         self.cp.get_default_memory_pool().free_all_blocks()
         self.cp.get_default_pinned_memory_pool().free_all_blocks()
 
@@ -422,6 +426,12 @@ class GPUBackend:
         self._edge_axis = rt.to_device(np.ascontiguousarray(EDGE_AXIS, dtype=np.int32))
         tables = sum(int(a.nbytes) for a in (self._tri_counts, self._tri_table, self._edge_base,
                                              self._edge_axis))
+        # waited for here, whatever the budget (mem_info below waits only when none is given):
+        # with a per-thread default stream (CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1) a thread that
+        # meshes later (ad-hoc meshing's threads) queues its kernels on a stream of its own, not
+        # ordered after these copies, and its to_host_many lets go of their staging buffers
+        # after waiting for its own stream only
+        rt.synchronize()
         if memory_budget is None:
             # this process's context is made (free counts it); the others' may not be yet, and
             # each takes CONTEXT_BYTES beside its pool: without them, processes that measured

@@ -393,3 +393,18 @@ def test_the_pieces_of_a_device_weld_hold_no_pinned_memory(runtime):
             allocated = fake.pool.allocated
     assert fake.pool.allocated == allocated   # the later welds took no new page-locked memory
     assert backend.stats["device_welds"] == 3
+
+
+@pytest.mark.parametrize("budget", [None, 1 << 30])
+def test_a_backend_waits_for_its_table_uploads_whatever_the_budget(runtime, budget):
+    """``GPUBackend.__init__`` queues the case table's uploads; only measuring free memory (no
+    budget given) waited for them.  With a per-thread default stream, a thread that meshes
+    later queues its kernels on a stream of its own, not ordered after those copies, and its
+    ``to_host_many`` would let go of their staging buffers having waited for its own stream
+    only.  Nothing is left queued or staged when the backend is made."""
+    fake, rt = runtime()
+    backend = gpu.GPUBackend(runtime=rt, memory_budget=budget)
+    assert not fake.current.pending and not rt._staged and not fake.pool.ids
+    for dev, table in ((backend._tri_counts, gpu.TRI_COUNTS), (backend._tri_table, gpu.TRI_TABLE),
+                       (backend._edge_base, gpu.EDGE_BASE), (backend._edge_axis, gpu.EDGE_AXIS)):
+        assert np.array_equal(dev._data, table)
