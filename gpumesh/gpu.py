@@ -104,6 +104,18 @@ def device_processes(free_bytes: int, workers: int) -> int:
 #: CPU.
 MAX_SCAN = 2**31 - 1
 
+#: CuPy's memory pool hands out device memory in blocks of a multiple of this many bytes, and
+#: its limit (:meth:`CupyRuntime.set_limit`, the budget) counts the blocks (``_round_size`` in
+#: ``cupy/cuda/memory.pyx``).
+POOL_UNIT = 512
+
+
+def _pool_bytes(nbytes):
+    """Bytes of the pool block that holds an array of ``nbytes`` (int or integer ndarray; 0
+    takes no block)."""
+    return -(-nbytes // POOL_UNIT) * POOL_UNIT
+
+
 #: Device bytes per triangle that :meth:`GPUBackend.weld_device` may need at its peak (its
 #: sort keys, permutations and corner arrays, with CuPy's sort temporaries), on top of the
 #: 40 bytes of the triangle arrays.
@@ -424,8 +436,8 @@ class GPUBackend:
         self._max_tris = np.int64(TRI_TABLE.shape[1])
         self._edge_base = rt.to_device(np.ascontiguousarray(EDGE_BASE, dtype=np.int32))
         self._edge_axis = rt.to_device(np.ascontiguousarray(EDGE_AXIS, dtype=np.int32))
-        tables = sum(int(a.nbytes) for a in (self._tri_counts, self._tri_table, self._edge_base,
-                                             self._edge_axis))
+        tables = sum(_pool_bytes(int(a.nbytes)) for a in (self._tri_counts, self._tri_table,
+                                                          self._edge_base, self._edge_axis))
         # waited for here, whatever the budget (mem_info below waits only when none is given):
         # with a per-thread default stream (CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1) a thread that
         # meshes later (ad-hoc meshing's threads) queues its kernels on a stream of its own, not
@@ -597,10 +609,11 @@ class GPUBackend:
         total = int(rt.to_host(scan[ncubes - 1:])[0])
         if check_budget:
             isz = udt.itemsize
-            per_tri = isz + 8 + 24  # label, piece, 3 edge ids
 
             def need(q, tris):  # device bytes of emitting q planes: labels, counts, scan, output
-                return (q + 1) * ny * nz * isz + q * cy * cz * (4 + 8) + tris * per_tri
+                return (_pool_bytes((q + 1) * ny * nz * isz) + _pool_bytes(q * cy * cz * 4)
+                        + _pool_bytes(q * cy * cz * 8) + _pool_bytes(tris * isz)
+                        + _pool_bytes(tris * 8) + _pool_bytes(tris * 24))   # label, piece, 3 edge ids
 
             if need(w, total) > self._avail:
                 # the triangles of the first q planes, from the scan at each plane's last cube
@@ -907,10 +920,15 @@ class GPUBackend:
         if shape[0] * shape[1] * shape[2] == 0:
             return np.empty(shape, labels.dtype)
         ulabels = labels.view(udt)
-        # device bytes per output x-plane: its fx input planes and the output plane
+        # device bytes per output x-plane: its fx input planes and the output plane; a slab's
+        # two arrays take pool blocks of up to POOL_UNIT - 1 bytes more
         plane = (fx * sy * sz + shape[1] * shape[2]) * udt.itemsize
+        width = min(self._avail // plane, shape[0])
+        while width > 1 and (_pool_bytes(fx * width * sy * sz * udt.itemsize)
+                             + _pool_bytes(width * shape[1] * shape[2] * udt.itemsize)) > self._avail:
+            width -= 1
         with self._lock:
-            parts = self._in_slabs(shape[0], self._avail // plane, "downsampling",
+            parts = self._in_slabs(shape[0], width, "downsampling",
                                    lambda o0, w: self._downsample_slab(ulabels[fx * o0:fx * (o0 + w)],
                                                                        (fx, fy, fz)))
         if parts is None:

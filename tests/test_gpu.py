@@ -540,9 +540,13 @@ def _plane_bytes(labels):
 
 
 def _table_bytes(emu_lib):
-    """Device bytes of the case table a backend keeps (outside its slabs' budget)."""
-    b = gpu.GPUBackend(runtime=cuda_emu.EmulatedRuntime(emu_lib), memory_budget=1 << 30)
-    return sum(a.nbytes for a in (b._tri_counts, b._tri_table, b._edge_base, b._edge_axis))
+    """Device bytes of the case table a backend keeps (outside its slabs' budget), in the
+    memory pool's blocks of 512 bytes, as the emulation counts them."""
+    rt = cuda_emu.EmulatedRuntime(emu_lib)
+    b = gpu.GPUBackend(runtime=rt, memory_budget=1 << 30)
+    tables = sum(gpu._pool_bytes(a.nbytes) for a in (b._tri_counts, b._tri_table, b._edge_base, b._edge_axis))
+    assert tables == rt.live and gpu.POOL_UNIT == cuda_emu.ALLOCATION_UNIT
+    return tables
 
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint64])
@@ -570,7 +574,8 @@ def test_emulated_memory_budget_slabs_match_cpu(emu_lib, real_crops, dtype):
     # last slab with one input plane; the second step's smaller planes fit in one slab
     labels = _as_dtype(real_crops["37x29x23"], dtype)
     nx, ny, nz = labels.shape
-    budget = 3 * (2 * ny * nz + 15 * 12) * labels.dtype.itemsize + rt.live
+    isz = labels.dtype.itemsize
+    budget = gpu._pool_bytes(3 * 2 * ny * nz * isz) + gpu._pool_bytes(3 * 15 * 12 * isz) + rt.live
     rt = cuda_emu.EmulatedRuntime(emu_lib, seed=8)
     backend = gpu.GPUBackend(runtime=rt, memory_budget=budget, block=64, max_blocks=7)
     level_b = level_c = labels
@@ -594,11 +599,13 @@ def test_emulated_slabs_whose_triangles_do_not_fit_are_redone_at_the_planes_that
     want = marching.march_cubes(labels, 5)
     # triangles of each plane of cubes, and the device bytes of marching planes i0 .. i0 + q - 1:
     # q + 1 label planes, counts (int32) and scan (int64) per cube, a label and 4 int64 ids
-    # (piece, 3 edges) per triangle
+    # (piece, 3 edges) per triangle; each array in the memory pool's blocks of 512 bytes
     tris = np.array([len(marching.march_cubes(labels[i:i + 2], 5)[0]) for i in range(nx - 1)])
 
     def need(i0, q):
-        return (q + 1) * ny * nz * isz + q * (ny - 1) * (nz - 1) * 12 + int(tris[i0:i0 + q].sum()) * (isz + 32)
+        t, cubes = int(tris[i0:i0 + q].sum()), q * (ny - 1) * (nz - 1)
+        return sum(gpu._pool_bytes(n) for n in ((q + 1) * ny * nz * isz, cubes * 4, cubes * 8,
+                                                 t * isz, t * 8, t * 24))
 
     tables = _table_bytes(emu_lib)
     redone = 0
@@ -640,16 +647,18 @@ def test_emulated_downsampling_slabs_fill_the_budget_and_stay_within_it(emu_lib,
     fx = factor[0]
     _, sy, sz = labels.shape
     ox, oy, oz = lod.downsampled_shape(labels.shape, factor)
-    plane = (fx * sy * sz + oy * oz) * labels.itemsize   # device bytes of one output plane's slab
     want = lod.downsample_labels(labels, factor)
     tables = _table_bytes(emu_lib)
     for k in (3, 4, 9):
+        # device bytes of a slab of k output planes: its input planes and its output, each in
+        # the memory pool's blocks of 512 bytes
+        slab = gpu._pool_bytes(fx * k * sy * sz * labels.itemsize) + gpu._pool_bytes(k * oy * oz * labels.itemsize)
         rt = cuda_emu.EmulatedRuntime(emu_lib, seed=k)
-        backend = gpu.GPUBackend(runtime=rt, memory_budget=tables + k * plane, block=64, max_blocks=7)
+        backend = gpu.GPUBackend(runtime=rt, memory_budget=tables + slab, block=64, max_blocks=7)
         got = backend.downsample(labels, factor)
         assert got.dtype == want.dtype and np.array_equal(got, want), k
         assert backend.stats["oom_retries"] == 0 and rt.oom_raised == 0, k
-        assert rt.peak <= tables + k * plane, k
+        assert rt.peak <= tables + slab, k
         assert backend.stats["slabs"] == -(-ox // k), (k, backend.stats)
 
 

@@ -22,8 +22,13 @@ How it works
   seeded random permutation (a result that depends on thread order is caught), and then
   checks the canaries, that ``const`` inputs are unchanged, and that UBSan reported nothing.
 * Device memory: the runtime counts the bytes of the device arrays it made that are still
-  alive, against an optional ``capacity`` and the pool limit the backend sets, and raises
-  :class:`EmulatedOutOfMemory` past either (as CuPy raises ``OutOfMemoryError``).
+  alive, each rounded up to a multiple of 512 as CuPy's pool rounds its blocks, against an
+  optional ``capacity`` and the pool limit the backend sets, and raises
+  :class:`EmulatedOutOfMemory` past either (as CuPy raises ``OutOfMemoryError``).  Not
+  modelled, so a device may run out where the emulation does not: the freed blocks that
+  CuPy's pool keeps (its limit counts them until ``free_all_blocks``; a request that no
+  cached block fits then fails), blocks split from larger ones, thrust's sort workspace, and
+  arrays made by operators on device arrays (not counted here at all).
 * ``EmulatedRuntime.xp`` stands for CuPy's array module (the device weld's sorts and
   gathers): NumPy, refusing host arrays, with results made device arrays; an
   out-of-memory error can be injected into the next call of any of its functions.
@@ -55,6 +60,10 @@ _TYPES = {"i8": np.int8, "u8": np.uint8, "i16": np.int16, "u16": np.uint16, "i32
 GUARD = 256          # canary bytes on each side of every array argument
 CANARY = 0xA5
 GARBAGE = 0xCD       # fill of new "device" arrays
+#: CuPy's memory pool hands out blocks in multiples of this many bytes, and its limit
+#: (``MemoryPool.set_limit``) counts the rounded sizes (``_round_size`` in
+#: ``cupy/cuda/memory.pyx``); an empty array takes no block
+ALLOCATION_UNIT = 512
 
 
 class _DeviceNumpy:
@@ -223,7 +232,8 @@ class EmulatedRuntime:
     capacity : int, optional
         Bytes of the emulated device (default: unbounded).  Like the pool's limit
         (:meth:`set_limit`), it is checked against the bytes of the device arrays alive at
-        each allocation; past either, the allocation raises :class:`EmulatedOutOfMemory`.
+        each allocation (each rounded up to :data:`ALLOCATION_UNIT`, as CuPy's pool blocks);
+        past either, the allocation raises :class:`EmulatedOutOfMemory`.
     """
 
     oom_errors = (EmulatedOutOfMemory,)
@@ -234,7 +244,7 @@ class EmulatedRuntime:
         self.launches: list[tuple[str, int, int]] = []
         self.capacity = capacity
         self.limit: Optional[int] = None
-        self.live = 0        # bytes of the device arrays alive now
+        self.live = 0        # bytes of the device arrays alive now (their pool blocks)
         self.peak = 0        # the most ever alive
         self.oom_raised = 0
         #: names of xp functions whose next call raises EmulatedOutOfMemory (the bytes of
@@ -248,7 +258,7 @@ class EmulatedRuntime:
 
     # --- memory -------------------------------------------------------------------------
     def _alloc(self, a: np.ndarray) -> DeviceArray:
-        n = int(a.nbytes)
+        n = -(-int(a.nbytes) // ALLOCATION_UNIT) * ALLOCATION_UNIT   # the pool block's bytes
         for cap in (self.capacity, self.limit):
             if cap is not None and self.live + n > cap:
                 self.oom_raised += 1
