@@ -655,6 +655,10 @@ class ShardedMultiresSource(_MultiresSource):
                     yield seg, mbytes, storage.read_result(fut)
 
 
+#: :meth:`LegacySource.fragment_names` without its manifest: read there.
+_UNREAD = object()
+
+
 class LegacySource(MeshSource):
     """Legacy single-resolution meshes: JSON manifests ``<id>:0`` listing fragment files."""
 
@@ -671,15 +675,36 @@ class LegacySource(MeshSource):
     def manifest_bytes(self, segment_id: int) -> Optional[bytes]:
         return storage.read(self.kv, f"{int(segment_id)}:0")
 
-    def fragment_names(self, segment_id: int) -> list[str]:
+    def manifests(self, segment_ids: Sequence[int], batch: int = 64) -> Iterator[tuple[int, Any]]:
+        """``(segment ID, its manifest)`` per segment of ``segment_ids``, in their order, with the
+        reads of ``batch`` manifests issued at once (a round trip per batch on a network store,
+        not per segment).  The manifest is the bytes of ``<id>:0``, ``None`` where it is
+        missing, or the exception that reading it raised (one segment's, not the others')."""
+        ids = [int(s) for s in segment_ids]
+        for i in range(0, len(ids), batch):
+            futures = [(s, self.kv.read(f"{s}:0")) for s in ids[i:i + batch]]
+            for s, fut in futures:
+                try:
+                    yield s, storage.read_result(fut)
+                except Exception as exc:   # TensorStore's errors (I/O, permission)
+                    yield s, exc
+
+    def fragment_names(self, segment_id: int, manifest: Any = _UNREAD) -> list[str]:
         """Fragment file names (relative to the mesh directory) listed by ``<id>:0``.
+
+        Parameters
+        ----------
+        segment_id : int
+        manifest : bytes or None, optional
+            The manifest's bytes, read already (:meth:`manifests`; ``None``: missing); by default
+            it is read here.
 
         Raises
         ------
         InvalidMeshError
             If the manifest is missing, not JSON, or lacks a ``fragments`` list of strings.
         """
-        data = self.manifest_bytes(int(segment_id))
+        data = self.manifest_bytes(int(segment_id)) if manifest is _UNREAD else manifest
         if data is None:
             raise self._missing(segment_id)
         try:

@@ -744,15 +744,18 @@ def _validate_sharded_sample(report: ValidationReport, src: ShardedMultiresSourc
 
 
 def _start_legacy_segment(report: ValidationReport, src: LegacySource, seg: int,
-                          decode: Optional["_Decoder"]) -> Callable[[], None]:
-    """Read a legacy segment's manifest and start reading and parsing its fragment files (on
-    ``decode``'s threads, where given: :func:`_check_legacy_fragment`); returns the function
-    that records all of it in ``report``, in order, as :func:`_start_multires_segment` does
-    (so the next segments' can begin meanwhile).  Without ``decode`` the fragments are still
-    parsed, but their triangles are not counted."""
+                          decode: Optional["_Decoder"], manifest) -> Callable[[], None]:
+    """Check a legacy segment's ``manifest`` (as :meth:`LegacySource.manifests` gives it) and
+    start reading and parsing its fragment files (on ``decode``'s threads, where given:
+    :func:`_check_legacy_fragment`); returns the function that records all of it in
+    ``report``, in order, as :func:`_start_multires_segment` does (so the next segments' can
+    begin meanwhile).  Without ``decode`` the fragments are still parsed, but their triangles
+    are not counted."""
     names, error, checked = None, None, iter(())
     try:
-        names = src.fragment_names(seg)
+        if isinstance(manifest, BaseException):   # its read failed
+            raise manifest
+        names = src.fragment_names(seg, manifest)
     except InvalidMeshError as exc:
         error = str(exc)
     except Exception as exc:   # never raise on a bad mesh
@@ -1191,8 +1194,8 @@ def _validate(report: ValidationReport, location, segments, decode: Optional["_D
                 ordered.then(_guarded(report, seg, _start_multires_segment(report, seg, mbytes, data, bits, decode)))
     else:
         with _InOrder(report, _ahead(decode)) as ordered:   # as multires: fragments parse during the next reads
-            for seg in ids:
-                ordered.then(_guarded(report, seg, _start_legacy_segment(report, src, seg, decode)))
+            for seg, manifest in src.manifests(ids):   # read in batches
+                ordered.then(_guarded(report, seg, _start_legacy_segment(report, src, seg, decode, manifest)))
     if info:
         _check_segment_properties(report, kv, info, set(all_ids) if segments is None else None, props)
     return _warn_absent(report, absent)

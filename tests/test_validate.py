@@ -6,6 +6,7 @@ import gzip
 import importlib
 import itertools
 import json
+import re
 import os
 import struct
 
@@ -606,6 +607,52 @@ def _legacy_faults(path):
     storage.write(kv, "11:0", b'{"fragments": "11:0:0"}')
     storage.write(kv, "20:0:0", TRI)
     return [3, 5, 6, 8, 10, 11, 12, 13]
+
+
+def test_legacy_manifests_are_read_in_batches_and_a_failed_read_is_its_segments_error(tmp_path, monkeypatch):
+    """Legacy manifests (``<id>:0``) are read ``batch`` at a time (:meth:`LegacySource.manifests`:
+    a round trip per batch on a network store; they were read one by one, each waited for), and
+    a manifest whose read fails (an I/O error) is that segment's error: the others are checked."""
+    from gpumesh.reader import LegacySource
+
+    _legacy_faults(tmp_path / "legacy")
+    issued, waited = [], []
+    real = LegacySource.manifests
+
+    class Store:   # the mesh directory's kvstore, its reads of manifests seen (and 9:0's failing)
+        def __init__(self, kv):
+            self.kv = kv
+
+        def __getattr__(self, name):
+            return getattr(self.kv, name)
+
+        def read(self, key, **kwargs):
+            fut = self.kv.read(key, **kwargs)
+            if not re.fullmatch(r"[0-9]+:0", key):   # a fragment file
+                return fut
+            issued.append(key)
+
+            class Seen:
+                def result(self):
+                    waited.append((key, len(issued)))
+                    if key == "9:0":
+                        raise ValueError("UNAVAILABLE: the store did not answer")
+                    return fut.result()
+            return Seen()
+
+    def manifests(self, ids, batch=64):
+        self.kv = Store(self.kv)
+        return real(self, ids, batch=5)
+
+    monkeypatch.setattr(LegacySource, "manifests", manifests)
+    rep = validate(tmp_path / "legacy", threads=1)
+    ids = list(range(1, 15))
+    assert issued == [f"{s}:0" for s in ids]
+    # each manifest waited for once every manifest of its batch of 5 was asked for
+    assert waited == [(f"{s}:0", min(len(ids), (i // 5 + 1) * 5)) for i, s in enumerate(ids)]
+    assert rep.num_segments == 14 and rep.num_errors == 9
+    assert ("segment 9: unexpected error while checking: ValueError('UNAVAILABLE: the store did not answer')"
+            in rep.errors), rep.errors
 
 
 def test_legacy_segments_parse_ahead_on_threads_with_the_report_of_one(tmp_path, monkeypatch):
