@@ -425,14 +425,25 @@ class UnshardedMultiresSource(_MultiresSource):
             for s, fut in futures:
                 yield s, storage.read_result(fut)
 
-    def fetch(self, segment_ids: Sequence[int], batch: int = 64):
-        """Like :meth:`_MultiresSource.fetch`, issuing reads for ``batch`` segments at once."""
+    def fetch(self, segment_ids: Sequence[int], batch: int = 64, failures: bool = False):
+        """Like :meth:`_MultiresSource.fetch`, issuing reads for ``batch`` segments at once.
+        With ``failures``, a read that fails (an I/O error, a permission refused) gives its
+        exception in place of the bytes, and the other segments are still read; else it
+        raises."""
         ids = [int(s) for s in segment_ids]
         for i in range(0, len(ids), batch):
             chunk = ids[i : i + batch]
             futures = [(s, self.kv.read(f"{s}.index"), self.kv.read(str(s))) for s in chunk]
             for s, fm, fd in futures:
-                yield s, storage.read_result(fm), storage.read_result(fd)
+                got = []
+                for fut in (fm, fd):
+                    try:
+                        got.append(storage.read_result(fut))
+                    except Exception as exc:   # TensorStore's errors
+                        if not failures:
+                            raise
+                        got.append(exc)
+                yield s, got[0], got[1]
 
 
 class ShardedMultiresSource(_MultiresSource):

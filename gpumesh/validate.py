@@ -382,8 +382,14 @@ def _start_multires_segment(
     once the fragments are decoded (so that the next segment's can begin meanwhile)."""
     held = _Held(report)
     checked = iter(())
+    # reads that failed (UnshardedMultiresSource.fetch): the segment is not checked
+    unread = [f"segment {seg}: its {what} cannot be read ({got})"
+              for got, what in ((mbytes, f"manifest {seg}.index"), (data, f"fragment data file {seg}"))
+              if isinstance(got, BaseException)]
     try:
-        frags = _first_checks(held, seg, mbytes, data, decode, data_error)
+        for message in unread:
+            held.add_error(message)
+        frags = [] if unread else _first_checks(held, seg, mbytes, data, decode, data_error)
         if frags:   # (only where decode is given)
             checked = decode([(blob, bits, lod) for lod, _, blob in frags if blob is not None])
     except Exception as exc:   # never raise on a bad mesh; in a shard, the segments after it are checked
@@ -687,7 +693,13 @@ def _validate_sharded(report: ValidationReport, src: ShardedMultiresSource, segm
     unchecked: set = set()   # wanted IDs in shards that failed unexpectedly before reaching them
     failed = False
     for shard in shards:
-        blob = storage.read(src.kv, spec.shard_key(shard))
+        try:
+            blob = storage.read(src.kv, spec.shard_key(shard))
+        except Exception as exc:   # an I/O error, a permission refused: the other shards are checked
+            failed = True
+            unchecked.update(in_shard.get(shard, ()))
+            report.add_error(f"shard {spec.shard_key(shard)} cannot be read ({exc}): its segments are not checked")
+            continue
         if blob is None:
             if wanted is None:
                 report.add_error(f"shard {spec.shard_key(shard)} vanished while validating")
@@ -1190,7 +1202,7 @@ def _validate(report: ValidationReport, location, segments, decode: Optional["_D
     if src.kind == "multires":
         bits = src.vertex_quantization_bits
         with _InOrder(report, _ahead(decode)) as ordered:   # a segment's fragments decode during the next one's
-            for seg, mbytes, data in src.fetch(ids):
+            for seg, mbytes, data in src.fetch(ids, failures=True):   # (unsharded: sharded returned above)
                 ordered.then(_guarded(report, seg, _start_multires_segment(report, seg, mbytes, data, bits, decode)))
     else:
         with _InOrder(report, _ahead(decode)) as ordered:   # as multires: fragments parse during the next reads

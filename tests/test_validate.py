@@ -819,6 +819,86 @@ def test_a_lost_shard_or_manifest_is_seen_through_the_segment_properties(tmp_pat
     assert "segments 103" in [w for w in validate(unsharded).warnings if "no mesh" in w][0]
 
 
+def test_a_shard_that_cannot_be_read_is_its_error_and_the_other_shards_are_checked(tmp_path, monkeypatch):
+    """A shard whose read fails (an I/O error, a permission refused; not a missing file) is an
+    error naming it, and the other shards are checked: it raised out of ``validate`` (a
+    traceback on the CLI).  Its segments are neither "not found" nor said to be lost, as they
+    may be there."""
+    from gpumesh import run_mesh
+    from gpumesh.pipeline import MeshOptions
+    from gpumesh.sharding import ShardingOptions
+
+    labels = np.zeros((24, 24, 24), np.uint32)
+    for i in range(8):
+        x, y, z = (i & 1) * 12, (i >> 1 & 1) * 12, (i >> 2) * 12
+        labels[x + 2:x + 9, y + 2:y + 9, z + 2:z + 9] = 100 + i
+    path = tmp_path / "sharded"
+    run_mesh(labels, str(path), workers=1,
+             options=MeshOptions(chunk_size=16, sharding=ShardingOptions(shard_bits=2, minishard_bits=1)))
+    whole = validate(path)
+    assert whole.ok and whole.num_segments == 8
+    shards = sorted(f for f in os.listdir(path) if f.endswith(".shard"))
+    real = storage.read
+
+    def failing(kv, key, *args, **kwargs):
+        if key == shards[0]:
+            raise ValueError("PERMISSION_DENIED: not yours")
+        return real(kv, key, *args, **kwargs)
+
+    monkeypatch.setattr(validate_module.storage, "read", failing)
+    for segments in (None, list(range(100, 108))):
+        rep = validate(path, segments=segments)
+        assert rep.errors == [f"shard {shards[0]} cannot be read (PERMISSION_DENIED: not yours): its segments are "
+                              "not checked"], rep.errors
+        assert 0 < rep.num_segments < 8 and not rep.warnings, (rep.num_segments, rep.warnings)
+        assert rep.per_lod[0]["fragments"] > 0   # the other shards' segments were checked
+
+
+def test_an_unsharded_file_that_cannot_be_read_is_its_segments_error(tmp_path, monkeypatch):
+    """Unsharded output: a manifest or data file whose read fails (not a missing file) is its
+    segment's error, and the other segments are checked; it raised out of ``validate``."""
+    from gpumesh import run_mesh
+    from gpumesh.pipeline import MeshOptions
+    from gpumesh.reader import UnshardedMultiresSource
+
+    labels = np.zeros((24, 24, 24), np.uint32)
+    for i in range(4):
+        labels[2 + 5 * i:6 + 5 * i, 2:20, 2:20] = 100 + i
+    path = tmp_path / "unsharded"
+    run_mesh(labels, str(path), workers=1, options=MeshOptions(chunk_size=16))
+    whole = validate(path)
+    assert whole.ok and whole.num_segments == 4
+    real = UnshardedMultiresSource.fetch
+    broken = {"101.index", "103"}
+
+    def fetch(self, ids, batch=64, failures=False):
+        kv = self.kv
+
+        class Store:   # reads of the two files fail
+            def __getattr__(self, name):
+                return getattr(kv, name)
+
+            def read(self, key, **kwargs):
+                if key in broken:
+                    class Failing:
+                        def result(self):
+                            raise ValueError(f"UNAVAILABLE: {key}")
+                    return Failing()
+                return kv.read(key, **kwargs)
+
+        self.kv = Store()
+        return real(self, ids, batch, failures)
+
+    monkeypatch.setattr(UnshardedMultiresSource, "fetch", fetch)
+    for threads in (1, 3):
+        rep = validate(path, threads=threads)
+        assert rep.errors == ["segment 101: its manifest 101.index cannot be read (UNAVAILABLE: 101.index)",
+                              "segment 103: its fragment data file 103 cannot be read (UNAVAILABLE: 103)"], rep.errors
+        assert rep.num_segments == 4 and rep.per_lod[0]["segments_with_lod"] == 2
+    with pytest.raises(ValueError, match="UNAVAILABLE"):   # the reader's other callers: raised
+        list(open_mesh(str(path)).fetch([101]))
+
+
 def test_shard_bytes_that_nothing_references_are_reported(tmp_path):
     from gpumesh import run_mesh
     from gpumesh.pipeline import MeshOptions
