@@ -535,6 +535,50 @@ def test_the_run_after_the_parts_reads_each_result_header_in_one_request(tmp_pat
     assert tree_files(dest) == tree_files(tmp_path / "one")
 
 
+def test_a_task_result_under_two_keys_gives_the_header_size_that_one_of_them_says(tmp_path):
+    """A scratch area may hold a task's result under two keys: the one gpumesh wrote before keys
+    said their header's size (``NAME@STAMP``) and one that says it (a run of each version into
+    one DEST).  :func:`scratch_results` gives the size that the key says, whatever the order of
+    the listing (the header is then read in one request, not two); a key that says none gives
+    0, and a key of another stamp is not this job's."""
+    from gpumesh.pipeline import scratch_results
+
+    kv = storage.open_kvstore(str(tmp_path / "dest"))
+    prefix = SCRATCH + "blocks/"
+    keys = [f"{prefix}0_0_0.o1@abc", f"{prefix}0_0_0.o1@abc.h96", f"{prefix}1_0_0.coarse@abc",
+            f"{prefix}1_0_0.coarse@other.h500", f"{prefix}2_0_0@abc.h40", f"{prefix}3_0_0@other"]
+    for listing in (keys, keys[::-1]):
+        assert scratch_results(kv, "abc", listing) == ({"0_0_0.o1": 96, "1_0_0.coarse": 0, "2_0_0": 40}, set())
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_run_resumed_after_an_older_gpumesh_reads_the_results_it_keyed_without_header_sizes(tmp_path, workers):
+    """gpumesh before wrote a task result's key without its header's size (``NAME@STAMP``, the
+    same stamp): a run resumed after one (here part 0 of 2, its keys renamed so) takes those
+    tasks as finished, reads their results under those keys (their headers in two requests),
+    and writes the bytes of a single run."""
+    from gpumesh.pipeline import MeshOptions, finished_tasks, run_mesh
+
+    from conftest import tree_files
+
+    vol, options = _sparse(), MeshOptions(chunk_size=8)
+    dest = tmp_path / "old"
+    run_mesh(vol, str(dest), options=options, workers=1, part=(0, 2))
+    blocks = dest / SCRATCH / "blocks"
+    results = list(blocks.iterdir())
+    assert results
+    for path in results:
+        name, stamp, header = parse_block_key(path.name)
+        assert header > 0
+        path.rename(blocks / f"{name}@{stamp}")
+    done = finished_tasks(storage.open_kvstore(str(dest)), stamp)
+    assert len(done) >= len(results)
+    again = run_mesh(vol, str(dest), options=options, workers=workers, resume=True)
+    assert again.tasks_resumed == len(done) < again.tasks
+    run_mesh(vol, str(tmp_path / "one"), options=options, workers=1)
+    assert tree_files(dest) == tree_files(tmp_path / "one")
+
+
 def test_a_stopped_run_keeps_what_its_tasks_found_nothing_in_and_a_lost_record_is_run_again(tmp_path, monkeypatch):
     """Ctrl-C: the tasks that found nothing so far are recorded on the way out, and a resumed
     run skips them (``tasks_kept`` counts them); a record lost (deleted) only costs running its
