@@ -694,6 +694,32 @@ def test_legacy_segments_parse_ahead_on_threads_with_the_report_of_one(tmp_path,
     assert nodecode[0].per_lod == nodecode[1].per_lod == [dict(one.per_lod[0], triangles=None)]
 
 
+@pytest.mark.parametrize("stage", ["manifest", "read"])
+def test_a_legacy_segment_whose_checks_fail_unexpectedly_is_its_error_whatever_the_threads(tmp_path, stage):
+    """A legacy manifest that makes its segment's checks fail unexpectedly (JSON nested too deep
+    for Python's parser: a RecursionError; a fragment name that TensorStore refuses before it
+    reads: a TypeError) is that segment's error, as when the segments were checked one by one:
+    validate does not raise, the segments after it are checked, the segment is counted as it
+    was (with a LOD where its fragment names were read), and the report is the same whatever
+    the threads, decoding or not."""
+    kv = storage.open_kvstore(str(tmp_path / "legacy"))
+    storage.write_json(kv, "info", {"@type": "neuroglancer_legacy_mesh"})
+    for seg in (1, 2, 3):
+        storage.write(kv, f"{seg}:0", json.dumps({"fragments": [f"{seg}:0:0"]}).encode())
+        storage.write(kv, f"{seg}:0:0", TRI)
+    storage.write(kv, "2:0", b"[" * 100_000 if stage == "manifest" else b'{"fragments": ["2:0:0", "\\udc80"]}')
+    reports = [validate(tmp_path / "legacy", threads=t, decode=d) for d in (True, False) for t in (1, 4)]
+    for rep in reports[1:]:
+        assert rep.errors == reports[0].errors and rep.num_segments == reports[0].num_segments
+    assert reports[1].per_lod == reports[0].per_lod and reports[3].per_lod == reports[2].per_lod
+    rep = reports[0]
+    assert rep.num_segments == 3 and rep.num_errors == 1, rep.errors
+    kind = "RecursionError" if stage == "manifest" else "TypeError"
+    assert rep.errors[0].startswith(f"segment 2: unexpected error while checking: {kind}("), rep.errors
+    st = rep.per_lod[0]
+    assert (st["segments_with_lod"], st["fragments"], st["triangles"]) == (2 + (stage == "read"), 2, 2), st
+
+
 def test_a_point_cloud_fragment_is_reported(tmp_path):
     cloud = DracoPy.encode(np.array([[0, 0, 0], [1023, 0, 0], [0, 1023, 0]], np.float64), quantization_bits=BITS,
                            quantization_range=2**BITS - 1, quantization_origin=[0, 0, 0])
