@@ -663,6 +663,34 @@ def test_emulated_downsampling_slabs_fill_the_budget_and_stay_within_it(emu_lib,
         assert backend.stats["slabs"] == -(-ox // k), (k, backend.stats)
 
 
+@pytest.mark.parametrize("factor", [(2, 2, 2)] + ANISOTROPIC_STEPS)
+def test_emulated_downsampling_slabs_count_the_pool_blocks_of_their_arrays(emu_lib, real_crops, factor):
+    """A budget of k output planes' bytes (each with its fx input planes), not a multiple of
+    the memory pool's 512-byte blocks: a slab's two arrays take whole blocks, so k planes may
+    not fit.  The slabs are as wide as fit in blocks, with no out-of-memory retry (which would
+    halve the width), never past the budget, the CPU's labels."""
+    labels = _as_dtype(real_crops["37x29x23"], np.uint32)
+    fx, isz = factor[0], labels.itemsize
+    _, sy, sz = labels.shape
+    ox, oy, oz = lod.downsampled_shape(labels.shape, factor)
+    want = lod.downsample_labels(labels, factor)
+    tables = _table_bytes(emu_lib)
+    narrower = 0
+    for k in (3, 4, 9):
+        budget = tables + k * (fx * sy * sz + oy * oz) * isz
+        width = max(w for w in range(1, k + 1)
+                    if gpu._pool_bytes(fx * w * sy * sz * isz) + gpu._pool_bytes(w * oy * oz * isz) <= budget - tables)
+        narrower += width < k
+        rt = cuda_emu.EmulatedRuntime(emu_lib, seed=k)
+        backend = gpu.GPUBackend(runtime=rt, memory_budget=budget, block=64, max_blocks=7)
+        got = backend.downsample(labels, factor)
+        assert got.dtype == want.dtype and np.array_equal(got, want), k
+        assert backend.stats["oom_retries"] == 0 and rt.oom_raised == 0, k
+        assert rt.peak <= budget, k
+        assert backend.stats["slabs"] == -(-ox // width), (k, width, backend.stats)
+    assert narrower   # the blocks took a plane at least once
+
+
 def test_emulated_out_of_memory_retries_in_smaller_slabs(emu_lib, real_crops):
     """A device smaller than the backend believes: allocations fail, the backend frees and
     retries at half the width, and the result is still the CPU's."""
