@@ -218,8 +218,8 @@ class CupyRuntime:
             self.functions = {name: self.module.get_function(name) for name in KERNEL_NAMES}
         except Exception as exc:  # NVRTC errors, driver errors: the backend is unusable
             raise ImportError(f"the GPU kernels could not be compiled or loaded: {exc}") from exc
-        #: pinned staging buffers of queued uploads, kept until the stream has passed them
-        self._staged: list = []
+        #: each thread's pinned staging buffers of its queued uploads (:attr:`_staged`)
+        self._local = threading.local()
         self.pinned = False
         if pinned is None:
             pinned = os.environ.get(PINNED_ENV, "1") != "0"
@@ -243,6 +243,18 @@ class CupyRuntime:
     def xp(self):
         """The array module of device arrays (CuPy)."""
         return self.cp
+
+    @property
+    def _staged(self) -> list:
+        """The pinned staging buffers of this thread's queued uploads, kept until its stream
+        has passed them.  Each thread its own: under a per-thread default stream
+        (``CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1``) a thread that waits for its stream has not
+        waited for another thread's uploads, whose buffers must stay out of the pool (which
+        hands a freed buffer out again at once) until that thread waits for its own."""
+        staged = getattr(self._local, "staged", None)
+        if staged is None:
+            staged = self._local.staged = []
+        return staged
 
     def _stream(self):
         return self.cp.cuda.get_current_stream()

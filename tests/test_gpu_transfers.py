@@ -394,6 +394,26 @@ def test_the_pieces_of_a_device_weld_hold_no_pinned_memory(runtime):
     assert fake.pool.allocated == allocated   # the later welds took no new page-locked memory
     assert backend.stats["device_welds"] == 3
 
+def test_a_threads_download_keeps_the_staging_buffers_of_another_threads_uploads(runtime):
+    """Each thread stages its own uploads: a download on another thread waits for that
+    thread's stream only (a per-thread default stream), so it must not let go of this
+    thread's staging buffers (the pool would hand them out again while their copies may still
+    be queued); this thread's own wait does."""
+    import threading
+
+    fake, rt = runtime()
+    a = np.arange(1000, dtype=np.int64)
+    dev = rt.to_device(a)
+    assert len(rt._staged) == 1
+    got = []
+    other = threading.Thread(target=lambda: got.append((rt.to_host_many([rt.to_device(a * 2)])[0], list(rt._staged))))
+    other.start()
+    other.join()
+    assert np.array_equal(got[0][0], a * 2) and got[0][1] == []   # the other thread's own: let go
+    assert len(rt._staged) == 1   # this thread's upload: still held
+    assert np.array_equal(rt.to_host(dev), a) and rt._staged == []
+
+
 
 @pytest.mark.parametrize("budget", [None, 1 << 30])
 def test_a_backend_waits_for_its_table_uploads_whatever_the_budget(runtime, budget):
