@@ -463,6 +463,23 @@ def test_store_benchmark_counts_the_requests_of_a_job_on_an_s3_api(tmp_path, cro
     assert "requests |   GETs" in capsys.readouterr().out
 
 
+def test_store_benchmark_runs_the_job_as_parts_and_counts_the_last_run(tmp_path, crop, capsys):
+    """``bench_store.py --parts N``: the job as N parts, then the ``--resume`` that writes the
+    output, whose requests and seconds the run's are (each part's beside them), with the bytes
+    of a whole job."""
+    pytest.importorskip("moto.server")
+    import bench_store
+
+    rec = _bench_on_a_corner(bench_store, "store", crop, tmp_path, "--shard-bits", "1", "--workers", "1",
+                             "--parts", "2")
+    assert rec["same_bytes"] is True and rec["options"]["parts"] == 2
+    (run,) = rec["runs"]["this checkout"]
+    assert len(run["parts"]) == 2 and all(p["requests_all"] > 0 and p["wall_s"] > 0 for p in run["parts"])
+    # the last run meshed nothing: it read the parts' results and wrote the shards
+    assert run["meshing_s"] < run["wall_s"] and run["requests"]["GET"] > 0 and run["requests"]["PUT"] >= 2
+    assert run["bytes"] > 0 and "the --resume after 2 parts" in capsys.readouterr().out
+
+
 def test_fidelity_benchmark_measures_lod0_against_the_exact_surface(tmp_path, crop, capsys):
     """``bench_fidelity.py`` meshes with high and the compared presets and measures each
     preset's LOD 0 against high's, both ways: within two voxels at ``medium``; ``low`` here
