@@ -67,7 +67,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # GPUMESH_DATA: a folder holding connectomics.zarr, where ../shared/data is not beside the
@@ -1219,18 +1219,36 @@ def add_result_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-save", action="store_true", help="do not write the result JSON")
 
 
-def mesh_with_cli(source, dest: str, voxel_size: str, args: list, workers=None) -> dict[str, Any]:
-    """Run ``gpumesh mesh SOURCE DEST`` (``--quiet``, ``--summary-json``) in a fresh process
-    with this Python's ``gpumesh``: ``{"command", "wall_s", "triangles_per_lod", "bytes"}``."""
-    summary_path = f"{dest}.summary.json"
-    cmd = [str(Path(sys.executable).with_name("gpumesh")), "mesh", str(source), dest, "--voxel-size", voxel_size,
-           *args, "--quiet", "--summary-json", summary_path, *([] if workers is None else ["--workers", str(workers)])]
+def mesh_with_cli(source, dest, voxel_size: str, args=(), workers=None, *, checkout: Optional[Path] = None,
+                  env: Optional[dict] = None, summary: Optional[Path] = None) -> dict[str, Any]:
+    """Run ``gpumesh mesh SOURCE DEST --voxel-size V ARGS --quiet --summary-json FILE`` in a fresh
+    process, timed: ``{"command", "wall_s", "summary_seconds", "meshing_s", "writing_s", "bytes",
+    "triangles_per_lod", "workers", "peak_rss_mb"}`` (the rest from its summary).
+
+    ``checkout``: the gpumesh source tree to run, first on the path (``python -m gpumesh.cli``,
+    from the summary's folder: ``-m`` puts the working directory first on the path, which must
+    be no checkout); default this Python's installed ``gpumesh``.  ``env``: the process's
+    environment (default this one's).  ``summary``: where the summary goes (default
+    ``DEST.summary.json``; give it where ``dest`` is a URL).  A run that fails raises
+    ``RuntimeError`` with its stderr."""
+    env = dict(os.environ if env is None else env)
+    summary = Path(f"{dest}.summary.json" if summary is None else summary)
+    if checkout is None:
+        cmd, cwd = [str(Path(sys.executable).with_name("gpumesh"))], None
+    else:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(checkout), env.get("PYTHONPATH")]))
+        cmd, cwd = [sys.executable, "-m", "gpumesh.cli"], summary.parent
+    cmd += ["mesh", str(source), str(dest), "--voxel-size", voxel_size, *args, "--quiet",
+            "--summary-json", str(summary), *([] if workers is None else ["--workers", str(workers)])]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - t0
-    summary = json.loads(Path(summary_path).read_text())
-    return {"command": cmd, "wall_s": wall, "triangles_per_lod": summary["triangles_per_lod"],
-            "bytes": summary["bytes"]}
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr}")
+    s = json.loads(summary.read_text())
+    return {"command": cmd, "wall_s": wall, "summary_seconds": s["seconds"], "meshing_s": s["seconds_meshing"],
+            "writing_s": s["seconds_writing"], "bytes": s["bytes"], "triangles_per_lod": s["triangles_per_lod"],
+            "workers": s["workers"], "peak_rss_mb": s["peak_rss_mb"]}
 
 
 def sample_segments(dest: str, n: int, seed: int = 0) -> list[int]:

@@ -20,19 +20,16 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_main import (DEFAULT_SOURCE, REPO_ROOT, add_result_args, environment, save_result,  # noqa: E402
-                        source_missing)
+from bench_main import (DEFAULT_SOURCE, REPO_ROOT, add_result_args, environment, mesh_with_cli,  # noqa: E402
+                        save_result, source_missing)
 
 
 def make_cutout(source: Path, size: int, path: Path) -> None:
@@ -71,25 +68,11 @@ def run_once(checkout: Path, cutout: Path, dest, workers: Optional[int], voxel_s
              env: Optional[dict] = None, summary: Optional[Path] = None, overwrite: bool = True) -> dict:
     """One CLI run (``gpumesh mesh --overwrite --quiet``, and ``extra``; without ``--overwrite``
     where not ``overwrite``: an array job's part or ``--resume``) with ``checkout``'s gpumesh
-    first on the path, in ``env`` (default: this process's); wall seconds and summary.
+    first on the path, in ``env`` (default: this process's): :func:`bench_main.mesh_with_cli`.
     ``dest``: a folder, or a URL with ``summary`` (the summary file's path) given."""
-    env = dict(os.environ if env is None else env)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(checkout), env.get("PYTHONPATH")]))
     summary = Path(dest).with_suffix(".json") if summary is None else Path(summary)
-    cmd = [sys.executable, "-m", "gpumesh.cli", "mesh", str(cutout), str(dest), "--voxel-size", voxel_size,
-           *([] if workers is None else ["--workers", str(workers)]), *(["--overwrite"] if overwrite else []),
-           "--quiet",
-           "--summary-json", str(summary), *extra]
-    t0 = time.perf_counter()
-    # cwd: not a checkout, since ``-m`` puts the working directory first on the path
-    proc = subprocess.run(cmd, env=env, cwd=summary.parent, capture_output=True, text=True, timeout=3600)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr}")
-    s = json.loads(summary.read_text())
-    return {"wall_s": wall, "summary_seconds": s["seconds"], "meshing_s": s["seconds_meshing"],
-            "writing_s": s["seconds_writing"], "bytes": s["bytes"], "triangles_per_lod": s["triangles_per_lod"],
-            "workers": s["workers"], "peak_rss_mb": s["peak_rss_mb"]}
+    return mesh_with_cli(cutout, dest, voxel_size, [*(["--overwrite"] if overwrite else []), *extra], workers,
+                         checkout=checkout, env=env, summary=summary)
 
 
 def main(argv=None) -> int:
