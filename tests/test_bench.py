@@ -110,6 +110,30 @@ def test_bench_rows_and_parity_through_the_emulated_backend(emu_lib, real_zarr, 
     assert "gpu mc kernels" in table and "x zmesh" in table
 
 
+class _SharedPoolRuntime(cuda_emu.EmulatedRuntime):
+    """CuPy's default pool: one for every runtime of the process, and after ``release()``
+    (``free_all_blocks``) its ``total_bytes()`` counts only the blocks still in use."""
+
+    def release(self) -> None:
+        self.peak = self.live
+
+
+def test_bench_pool_peak_survives_the_pageable_backends_release(emu_lib, real_zarr):
+    import tensorstore as ts
+
+    store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(real_zarr)}}).result()
+    labels = np.ascontiguousarray(store[100:120, 200:220, 300:320].read().result())
+    args = argparse.Namespace(warmup=1, repeat=1, host_repeat=1, cpu_repeat=1, cpu_tiled=False)
+    rows: list = []
+    cpu = bench_gpu.bench_cpu(rows, "real", labels, args)
+    rt = _SharedPoolRuntime(emu_lib)
+    info = bench_gpu.bench_gpu(rows, "real", labels, args, cpu, backend=gpu.GPUBackend(runtime=rt),
+                               cp=_fake_cupy(), pageable=gpu.GPUBackend(runtime=rt))
+    assert info["parity_pieces_pageable"] is True
+    assert rows[-1]["what"] == "gpu mc + weld (device), pageable copies"
+    assert info["pool_peak_bytes"] > labels.nbytes
+
+
 # --------------------------------------------------------------------------------------
 # bench_main's igneous peer: the parent's side (the worker runs under igneous's own Python)
 
