@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import glob
+import importlib
 import os
 import pathlib
 import re
@@ -28,12 +29,13 @@ def find_nvrtc() -> Optional[str]:
         if os.path.isfile(hint):
             return hint
         roots.append(hint)
-    try:
-        import nvidia.cuda_nvrtc as pkg  # the pip wheel
-
-        roots += list(pkg.__path__)
-    except ImportError:
-        pass
+    # the pip wheels: nvidia-cuda-nvrtc-cu12 (nvidia/cuda_nvrtc/lib), and CUDA 13's
+    # nvidia-cuda-nvrtc (nvidia/cu13/lib, the device image's)
+    for name in ("nvidia.cuda_nvrtc", "nvidia.cu13", "nvidia.cu12"):
+        try:
+            roots += list(importlib.import_module(name).__path__)
+        except ImportError:
+            pass
     for r in roots:
         hits = sorted(glob.glob(os.path.join(r, "**", "libnvrtc.so*"), recursive=True))
         hits = [h for h in hits if "builtins" not in h and ".alt." not in h]
