@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import functools
+import hashlib
 import importlib.metadata
 import itertools
 import json
@@ -1181,7 +1182,40 @@ def device_info() -> str:
     return "cpu"
 
 
+#: Written by bench/device/prepare.sh: the commit, then ``git ls-tree -r -z`` of it, for a
+#: device machine, which gets the working tree without ``.git``
+PREPARED_COMMIT = REPO_ROOT / ".devdata" / "COMMIT"
+
+
+def prepared_commit(path: Path = PREPARED_COMMIT) -> dict[str, Any] | None:
+    """The commit in ``path``, and whether the files here are still that commit's (git's blob
+    hash of each file it lists): ``{"commit", "commit_from", "dirty", "changed_files"}``;
+    None without the file."""
+    try:
+        commit, listing = path.read_text().split("\n", 1)
+    except (OSError, ValueError):
+        return None
+    changed = []
+    for entry in filter(None, listing.split("\0")):
+        meta, name = entry.split("\t", 1)
+        mode, _, blob = meta.split()
+        if mode == "160000":   # a submodule: no blob here
+            continue
+        try:
+            p = REPO_ROOT / name
+            data = os.fsencode(os.readlink(p)) if mode == "120000" else p.read_bytes()
+        except OSError:
+            changed.append(name)
+            continue
+        if hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() != blob:
+            changed.append(name)
+    return {"commit": commit.strip(), "commit_from": str(path), "dirty": bool(changed),
+            "changed_files": changed[:20]}
+
+
 def git_info() -> dict[str, Any]:
+    """The commit and whether the tree differs from it; where git cannot say (no ``.git``: a
+    device machine), :func:`prepared_commit`'s, with git's error kept."""
     def _git(*a: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", *a], cwd=REPO_ROOT, capture_output=True, text=True)
 
@@ -1197,6 +1231,8 @@ def git_info() -> dict[str, Any]:
             info["dirty"] = bool(s.stdout.strip())
     except OSError as e:
         info["commit_error"] = str(e)
+    if info["commit"] is None:
+        info.update(prepared_commit(PREPARED_COMMIT) or {})
     return info
 
 

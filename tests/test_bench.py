@@ -677,3 +677,38 @@ def test_bench_assembly_runs_each_cap_and_compares_the_outputs(tmp_path, capsys)
     assert small["index_waves"] >= 1 and small["cap_bytes"] < default["cap_bytes"]
     assert default["digest"] == small["digest"] and default["fragments"] == small["fragments"] > 0
     assert record["same_output"] and default["main_peak_rss_mib"] > 0
+
+
+def test_prepared_commit_names_the_commit_and_the_files_that_differ_from_it(tmp_path, monkeypatch):
+    # a device machine gets the working tree without .git: bench/device/prepare.sh records the
+    # commit and its blobs in .devdata/COMMIT, and git_info reads them there
+    import shutil
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path,
+                              check=True, capture_output=True).stdout
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b b.txt").write_bytes(b"\x00\xff bytes\n")
+    os.symlink("sub", tmp_path / "link")
+    git("add", "-A")
+    git("commit", "-q", "-m", "c")
+    (tmp_path / ".devdata").mkdir()
+    (tmp_path / ".devdata" / "COMMIT").write_bytes(git("rev-parse", "HEAD") + git("ls-tree", "-r", "-z", "HEAD"))
+    head = git("rev-parse", "HEAD").decode().strip()
+    monkeypatch.setattr(bench_main, "REPO_ROOT", tmp_path)
+    got = bench_main.prepared_commit(tmp_path / ".devdata" / "COMMIT")
+    assert got["commit"] == head and got["dirty"] is False and got["changed_files"] == []
+    (tmp_path / "a.py").write_text("x = 2\n")
+    (tmp_path / "sub" / "b b.txt").unlink()
+    got = bench_main.prepared_commit(tmp_path / ".devdata" / "COMMIT")
+    assert got["dirty"] is True and sorted(got["changed_files"]) == ["a.py", "sub/b b.txt"]
+    assert bench_main.prepared_commit(tmp_path / "none") is None
+    shutil.rmtree(tmp_path / ".git")   # what the device gets
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    monkeypatch.setattr(bench_main, "PREPARED_COMMIT", tmp_path / ".devdata" / "COMMIT")
+    info = bench_main.git_info()
+    assert info["commit"] == head and info["dirty"] is True and "commit_error" in info

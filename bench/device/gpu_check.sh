@@ -46,6 +46,7 @@ print(sys.version.split()[0], *(f"{n} {version(n)}" for n in
 import tensorstore
 print("tensorstore from", tensorstore.__file__)
 PY
+"$PY" -c 'import sys; sys.path.insert(0, "bench"); import bench_main; print("git", bench_main.git_info())'
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
 nproc; free -g | head -2
 # igneous in its own site (prepare.sh): its DracoPy 1.x must not meet gpumesh's 2.x

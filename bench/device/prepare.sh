@@ -6,7 +6,8 @@
 #              trimesh, zmesh, serra-mesh; and TensorStore, to run the version tested here;
 #              and igneous-site-cp312.tar.xz: igneous (the peer of bench_main.py) with those
 #              of its dependencies that the image lacks, in a site of its own (below)
-#   .devdata/  a copy of the real volume (connectomics.zarr, 12 MB): ../shared does not travel
+#   .devdata/  a copy of the real volume (connectomics.zarr, 12 MB): ../shared does not travel;
+#              and COMMIT, the commit and its files' blob hashes (no .git travels)
 #   gpumesh/_dracoenc.cpython-312-x86_64-linux-gnu.so   the Draco encoder extension for 3.12
 # and first runs the `gpu` tests over the CPU emulation (tests/cuda_emulation/dry_run_gpu_tests.sh,
 # with this checkout's .venv), so that a bug in a test is found here, not in device time.
@@ -62,6 +63,10 @@ xargs "$PY312" -m pip install -q --no-index --no-deps --no-compile --target "$IG
 )
 tar -C "$IGN/site" -cJf .whl/igneous-site-cp312.tar.xz .
 cp -r "$DATA/connectomics.zarr" .devdata/
+# the commit, for the result JSON: the device machine gets the working tree without .git, and
+# bench_main.git_info reads this there, checking that the files are still the commit's
+# (commit first; after a later commit, run this line again)
+{ git rev-parse HEAD; git ls-tree -r -z HEAD; } > .devdata/COMMIT
 ls -la .whl gpumesh/*.so && du -sh .whl .devdata
 # what travels (tracked and untracked files, and the carry) must stay under the device tool's 64 MiB
 total=$( { git ls-files -z; git ls-files -z --others --exclude-standard
