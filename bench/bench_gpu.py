@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import statistics
 import sys
 import time
@@ -255,19 +256,32 @@ def bench_peer(rows, name, labels, tool, voxel_size):
          triangles=tris, call=call)
 
 
-def print_table(rows) -> None:
-    """Rows with their speed-up over gpumesh's CPU path and over zmesh at the same stage."""
+def speedups(rows) -> list[dict[str, Any]]:
+    """Each row's speed-up over gpumesh's CPU path and over zmesh at the same stage
+    (``x_cpu``, ``x_zmesh``: their median over the row's; None where there is none)."""
     def ref(r, what):
         other = _find(rows, r["volume"], what)
-        return f"{other['median_s'] / r['median_s']:.1f}" if other and other["stage"] == r["stage"] else ""
+        return other["median_s"] / r["median_s"] if other and other["stage"] == r["stage"] else None
 
-    print(f"\n{'volume':7} {'what':32} {'median':>11} {'Gvox/s':>8} {'x cpu':>6} {'x zmesh':>7}  note")
+    out = []
     for r in rows:
         cpu = {"mc": "cpu mc", "mc+weld": "cpu mc + weld", "downsample": "cpu downsample"}.get(r["stage"])
+        out.append({"volume": r["volume"], "what": r["what"], "x_cpu": ref(r, cpu) if cpu else None,
+                    "x_zmesh": ref(r, "zmesh mc + weld")})
+    return out
+
+
+def print_table(rows) -> None:
+    """Rows with their speed-up over gpumesh's CPU path and over zmesh at the same stage."""
+    def cell(x):
+        return "" if x is None else f"{x:.1f}"
+
+    print(f"\n{'volume':7} {'what':32} {'median':>11} {'Gvox/s':>8} {'x cpu':>6} {'x zmesh':>7}  note")
+    for r, x in zip(rows, speedups(rows)):
         note = ", ".join(f"{k} {r[k]:,}" if isinstance(r[k], int) else f"{k} {r[k]:.0f}"
                          for k in ("triangles", "gb_per_s") if k in r)
         print(f"{r['volume']:7} {r['what']:32} {r['median_s'] * 1e3:9.1f}ms {r['gvox_per_s']:8.3g} "
-              f"{ref(r, cpu) if cpu else '':>6} {ref(r, 'zmesh mc + weld'):>7}  {note}")
+              f"{cell(x['x_cpu']):>6} {cell(x['x_zmesh']):>7}  {note}")
 
 
 def main(argv=None) -> int:
@@ -305,32 +319,52 @@ def main(argv=None) -> int:
 
         device = gpu_info(cp)
         _log(f"device: {device}")
+    env = bench_main.environment()
+    path = None
+
+    def save(complete: bool) -> None:
+        """The result so far, rewritten after each part, so a run stopped by a time limit (the
+        device kit's) keeps what it measured (``complete`` False until the end)."""
+        nonlocal path
+        if args.no_save:
+            return
+        result = {
+            "benchmark": "kernels",
+            "started_utc": started.isoformat(timespec="seconds"),
+            "source": str(source),
+            "piece_size": PIECE_SIZE,
+            **env,
+            "device": device,
+            "settings": {k: v for k, v in vars(args).items() if k not in ("results_dir",)},
+            "complete": complete,
+            "rows": rows,
+            "speedups": speedups(rows),
+            "gpu": gpu_runs,
+        }
+        if path is None:
+            path = bench_main.save_result(result, "kernels", started, args.results_dir)
+        else:
+            path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
     for name in volumes:
         labels = real if name == "real" else tile_volume(real, 2)
         _log(f"[{name}] {labels.shape} {labels.dtype}, {labels.nbytes / 2**30:.2f} GiB")
         full = name == "real" or args.cpu_tiled
         cpu = bench_cpu(rows, name, labels, args) if full else None
+        save(False)
         if use_gpu:
             gpu_runs[name] = bench_gpu(rows, name, labels, args, cpu)
+            save(False)
         del cpu
         if full:
             for tool in peers:
                 bench_peer(rows, name, labels, tool, args.voxel_size)
+                save(False)
         del labels
     print_table(rows)
-    result = {
-        "benchmark": "kernels",
-        "started_utc": started.isoformat(timespec="seconds"),
-        "source": str(source),
-        "piece_size": PIECE_SIZE,
-        **bench_main.environment(),
-        "device": device,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("results_dir",)},
-        "rows": rows,
-        "gpu": gpu_runs,
-    }
-    if not args.no_save:
-        print(f"\nwrote {bench_main.save_result(result, 'kernels', started, args.results_dir)}")
+    save(True)
+    if path is not None:
+        print(f"\nwrote {path}")
     return 0
 
 

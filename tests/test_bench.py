@@ -105,6 +105,8 @@ def test_bench_rows_and_parity_through_the_emulated_backend(emu_lib, real_zarr, 
     kernels = rows[what.index("gpu mc kernels")]
     assert kernels["median_s"] == 1.5e-3 and kernels["runs_s"] == [1.5e-3] * 2
     assert np.isclose(kernels["gvox_per_s"], labels.size / 1.5e-3 / 1e9)
+    x = bench_gpu.speedups(rows)[what.index("gpu mc kernels")]
+    assert x["x_cpu"] == rows[0]["median_s"] / 1.5e-3 and x["x_zmesh"] is None   # zmesh: mc + weld only
     bench_gpu.print_table(rows)
     table = capsys.readouterr().out
     assert "gpu mc kernels" in table and "x zmesh" in table
