@@ -27,6 +27,14 @@ T0=$(date +%s)
 exec > >(tee -a "$OUT/check.log") 2>&1
 left() { local l=$((BUDGET - ($(date +%s) - T0))); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
 stage() { echo; echo "== [$(( $(date +%s) - T0 )) s] $*"; }
+# bench_main.py within at most $1 s: its children run in process groups of their own, which
+# `timeout` would leave running (no result JSON either), so its own --timeout stops each child
+# 15 s sooner and the JSON is written
+bmain() {
+  local t; t=$(left "$1"); shift
+  if [ "$t" -lt 30 ]; then echo "left out: ${t} s left"; return 1; fi
+  timeout "$t" "$PY" bench/bench_main.py --timeout $((t - 15)) --results-dir "$OUT/results" "$@"
+}
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 GPUMESH_DATA="$PWD/.devdata"
 
 stage "install carried wheels"
@@ -84,21 +92,19 @@ NO_PEERS=zmesh,serra,igneous,mesh-n-bone   # bench_main.py --skip: every peer (i
 for dev in gpu cpu; do
   stage "main job, --device $dev"
   rm -rf "/tmp/main-$dev"
-  timeout "$(left 100)" "$PY" bench/bench_main.py --skip $NO_PEERS --gpumesh-args "--device $dev" \
-    --out-dir "/tmp/main-$dev" --keep --results-dir "$OUT/results" 2>&1 | tail -14
+  bmain 100 --skip $NO_PEERS --gpumesh-args "--device $dev" --out-dir "/tmp/main-$dev" --keep 2>&1 | tail -14
 done
 stage "main job output: GPU run == CPU run, byte for byte"
 diff -rq /tmp/main-gpu/gpumesh-out /tmp/main-cpu/gpumesh-out && echo "IDENTICAL OUTPUT"
 stage "main job, --device gpu with the hash weld (GPUMESH_WELD=hash), and its output == CPU run's"
 rm -rf /tmp/main-gpuhash
-GPUMESH_WELD=hash timeout "$(left 100)" "$PY" bench/bench_main.py --skip $NO_PEERS \
-  --gpumesh-args "--device gpu" --out-dir /tmp/main-gpuhash --keep --results-dir "$OUT/results" 2>&1 | tail -6
+GPUMESH_WELD=hash bmain 100 --skip $NO_PEERS --gpumesh-args "--device gpu" --out-dir /tmp/main-gpuhash --keep \
+  2>&1 | tail -6
 diff -rq /tmp/main-gpuhash/gpumesh-out /tmp/main-cpu/gpumesh-out && echo "IDENTICAL OUTPUT (hash weld)"
 if [ "${TILED:-0}" = 1 ]; then
   stage "main job on the 1024^3 tiled volume, --device gpu"
   "$PY" bench/tiled.py /tmp/tiled1024.zarr --source "$GPUMESH_DATA/connectomics.zarr"
-  timeout "$(left 200)" "$PY" bench/bench_main.py --source /tmp/tiled1024.zarr --skip $NO_PEERS \
-    --gpumesh-args "--device gpu" --results-dir "$OUT/results" 2>&1 | tail -8
+  bmain 200 --source /tmp/tiled1024.zarr --skip $NO_PEERS --gpumesh-args "--device gpu" 2>&1 | tail -8
 fi
 if [ "${TASKS:-0}" = 1 ]; then
   stage "the main job's tasks one by one, --device gpu (bench_tasks.py)"
@@ -106,8 +112,7 @@ if [ "${TASKS:-0}" = 1 ]; then
 fi
 if [ "${BITS10:-0}" = 1 ]; then
   stage "main job, --device gpu --bits 10"
-  timeout "$(left 100)" "$PY" bench/bench_main.py --skip $NO_PEERS --gpumesh-args "--device gpu --bits 10" \
-    --results-dir "$OUT/results" 2>&1 | tail -6
+  bmain 100 --skip $NO_PEERS --gpumesh-args "--device gpu --bits 10" 2>&1 | tail -6
 fi
 if [ "${ADHOC:-0}" = 1 ]; then
   stage "ad-hoc meshing of one segment, --device gpu, against zmesh (bench_adhoc.py)"
