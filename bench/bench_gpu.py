@@ -306,6 +306,8 @@ def main(argv=None) -> int:
     if args.device == "gpu" and not gpu_available():
         print("--device gpu: no CUDA GPU visible to CuPy", file=sys.stderr)
         return 2
+    if not use_gpu and args.device == "auto":
+        _log("no CUDA GPU visible to CuPy: the CPU and peer rows only")
     source = bench_main.resolve_source(args.source)
     real = bench_main.load_volume(source)
     volumes = [v.strip() for v in args.volumes.split(",") if v.strip()]
