@@ -1165,18 +1165,20 @@ def machine_info() -> dict[str, Any]:
 
 
 def device_info() -> str:
+    """Each GPU that ``nvidia-smi`` lists, with its driver (``NAME (driver V)``), else ``cpu``."""
     smi = shutil.which("nvidia-smi")
     if smi:
         try:
             out = subprocess.run(
-                [smi, "--query-gpu=name", "--format=csv,noheader"],
+                [smi, "--query-gpu=name,driver_version", "--format=csv,noheader"],
                 capture_output=True,
                 text=True,
                 timeout=30,
             )
-            names = [l.strip() for l in out.stdout.splitlines() if l.strip()]
-            if out.returncode == 0 and names:
-                return ", ".join(names)
+            rows = [l.strip().rsplit(",", 1) for l in out.stdout.splitlines() if l.strip()]
+            if out.returncode == 0 and rows:
+                return ", ".join(f"{r[0].strip()} (driver {r[1].strip()})" if len(r) == 2 else r[0]
+                                 for r in rows)
         except (OSError, subprocess.SubprocessError):
             pass
     return "cpu"

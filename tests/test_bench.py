@@ -714,3 +714,13 @@ def test_prepared_commit_names_the_commit_and_the_files_that_differ_from_it(tmp_
     monkeypatch.setattr(bench_main, "PREPARED_COMMIT", tmp_path / ".devdata" / "COMMIT")
     info = bench_main.git_info()
     assert info["commit"] == head and info["dirty"] is True and "commit_error" in info
+
+
+def test_device_info_names_each_gpu_and_its_driver(tmp_path, monkeypatch):
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 580.159.04'\necho 'NVIDIA H200, 580.159.03'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert bench_main.device_info() == "NVIDIA H100 80GB HBM3 (driver 580.159.04), NVIDIA H200 (driver 580.159.03)"
+    smi.write_text("#!/bin/sh\nexit 9\n")
+    assert bench_main.device_info() == "cpu"
