@@ -69,8 +69,18 @@ cp -r "$DATA/connectomics.zarr" .devdata/
 { git rev-parse HEAD; git ls-tree -r -z HEAD; } > .devdata/COMMIT
 ls -la .whl gpumesh/*.so && du -sh .whl .devdata
 # what travels (tracked and untracked files, and the carry) must stay under the device tool's 64 MiB
-total=$( { git ls-files -z; git ls-files -z --others --exclude-standard
-           printf '%s\0' .whl .devdata gpumesh/_dracoenc.cpython-312-x86_64-linux-gnu.so; } \
-         | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1 )
+travels() {
+  { git ls-files -z; git ls-files -z --others --exclude-standard
+    printf '%s\0' .whl .devdata gpumesh/_dracoenc.cpython-312-x86_64-linux-gnu.so; } \
+    | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1
+}
+total=$(travels)
+if [ "$total" -ge $((67108864 - (1 << 20))) ]; then
+  # the largest wheel (~22 MB) is one the image has in a version of its own: gpu_check.sh prints
+  # which TensorStore it ran with (64.3 MB of 64 MiB travelled in the thirty-eighth session)
+  echo "$total bytes would travel, near the device tool's 64 MiB: the TensorStore wheel stays here"
+  rm -f .whl/tensorstore-*.whl
+  total=$(travels)
+fi
 echo "travels: $total bytes of 67108864"
 [ "$total" -lt 67108864 ] || { echo "more than the device tool's 64 MiB would travel" >&2; exit 1; }
