@@ -27,7 +27,7 @@ import re
 import struct
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -390,6 +390,27 @@ class _MultiresSource(MeshSource):
         """Yield ``(segment_id, manifest_bytes or None)`` per segment (no fragment data read)."""
 
 
+def _read_batched(kv, segment_ids: Sequence[int], keys: Callable[[int], list], batch: int,
+                  failures: bool = False) -> Iterator[tuple[int, list]]:
+    """``(segment ID, [bytes of each of keys(ID), or None where missing])`` per segment, in
+    order, with the reads of ``batch`` segments issued at once (a round trip per batch on a
+    network store).  With ``failures``, a read that fails (an I/O error, a permission refused)
+    gives its exception in place of the bytes and the others go on; else it raises."""
+    ids = [int(s) for s in segment_ids]
+    for i in range(0, len(ids), batch):
+        futures = [(s, [kv.read(k) for k in keys(s)]) for s in ids[i:i + batch]]
+        for s, futs in futures:
+            got = []
+            for fut in futs:
+                try:
+                    got.append(storage.read_result(fut))
+                except Exception as exc:   # TensorStore's errors
+                    if not failures:
+                        raise
+                    got.append(exc)
+            yield s, got
+
+
 class UnshardedMultiresSource(_MultiresSource):
     """Unsharded multi-resolution meshes: ``<id>.index`` manifests and ``<id>`` data files."""
 
@@ -419,31 +440,17 @@ class UnshardedMultiresSource(_MultiresSource):
 
     def manifests(self, segment_ids: Sequence[int], batch: int = 64):
         """Like :meth:`_MultiresSource.manifests`, reading ``batch`` manifests at once."""
-        ids = [int(s) for s in segment_ids]
-        for i in range(0, len(ids), batch):
-            futures = [(s, self.kv.read(f"{s}.index")) for s in ids[i : i + batch]]
-            for s, fut in futures:
-                yield s, storage.read_result(fut)
+        for s, (mbytes,) in _read_batched(self.kv, segment_ids, lambda s: [f"{s}.index"], batch):
+            yield s, mbytes
 
     def fetch(self, segment_ids: Sequence[int], batch: int = 64, failures: bool = False):
         """Like :meth:`_MultiresSource.fetch`, issuing reads for ``batch`` segments at once.
         With ``failures``, a read that fails (an I/O error, a permission refused) gives its
         exception in place of the bytes, and the other segments are still read; else it
         raises."""
-        ids = [int(s) for s in segment_ids]
-        for i in range(0, len(ids), batch):
-            chunk = ids[i : i + batch]
-            futures = [(s, self.kv.read(f"{s}.index"), self.kv.read(str(s))) for s in chunk]
-            for s, fm, fd in futures:
-                got = []
-                for fut in (fm, fd):
-                    try:
-                        got.append(storage.read_result(fut))
-                    except Exception as exc:   # TensorStore's errors
-                        if not failures:
-                            raise
-                        got.append(exc)
-                yield s, got[0], got[1]
+        for s, (mbytes, data) in _read_batched(self.kv, segment_ids, lambda s: [f"{s}.index", str(s)], batch,
+                                               failures):
+            yield s, mbytes, data
 
 
 class ShardedMultiresSource(_MultiresSource):
@@ -691,14 +698,8 @@ class LegacySource(MeshSource):
         reads of ``batch`` manifests issued at once (a round trip per batch on a network store,
         not per segment).  The manifest is the bytes of ``<id>:0``, ``None`` where it is
         missing, or the exception that reading it raised (one segment's, not the others')."""
-        ids = [int(s) for s in segment_ids]
-        for i in range(0, len(ids), batch):
-            futures = [(s, self.kv.read(f"{s}:0")) for s in ids[i:i + batch]]
-            for s, fut in futures:
-                try:
-                    yield s, storage.read_result(fut)
-                except Exception as exc:   # TensorStore's errors (I/O, permission)
-                    yield s, exc
+        for s, (manifest,) in _read_batched(self.kv, segment_ids, lambda s: [f"{s}:0"], batch, failures=True):
+            yield s, manifest
 
     def fragment_names(self, segment_id: int, manifest: Any = _UNREAD) -> list[str]:
         """Fragment file names (relative to the mesh directory) listed by ``<id>:0``.
