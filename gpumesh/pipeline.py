@@ -1054,9 +1054,10 @@ def _run_task(task) -> tuple[tuple, bytes, float, str, str]:
     backend's name and the worker process (``host:pid``, to count a cluster's workers on a GPU)."""
     blob = mesh_block(_WORKER["volume"], _WORKER["plan"], _WORKER["options"], task[0],
                       _WORKER["backend"], task[1])
+    head = blob[:block_header_size(blob)]
     if not block_is_empty(blob):   # one that found nothing: the main process records it (_EmptyTasks)
-        storage.write(_WORKER["kv"], block_key(task, _WORKER["plan"].stamp, block_header_size(blob)), blob)
-    return (task, blob[:block_header_size(blob)], peak_rss_mb(), _WORKER["backend"].name,
+        storage.write(_WORKER["kv"], block_key(task, _WORKER["plan"].stamp, len(head)), blob)
+    return (task, head, peak_rss_mb(), _WORKER["backend"].name,
             f"{socket.gethostname()}:{os.getpid()}")
 
 

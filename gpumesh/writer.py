@@ -491,7 +491,7 @@ def assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, tasks, *, lin
     nothing = np.zeros(len(tasks), dtype=bool)
     nothing[[names[n] for n in (empty or ()) if n in names]] = True
     sizes = {} if sizes is None else sizes
-    heads = np.array([sizes.get(task_name(t), 0) for t in tasks], dtype=np.int64)
+    heads = np.array([sizes.get(n, 0) for n in names], dtype=np.int64)   # (names: in task order)
     results = TaskResults(kv, [block_key(t, plan.stamp, h) for t, h in zip(tasks, heads.tolist())], empty=nothing)
     results.header_bytes[:] = heads
     known = {names[n]: headers.pop(n) for n in list(headers or {})}   # the only reference: freed as parsed
