@@ -393,7 +393,7 @@ def _start_multires_segment(
         if frags:   # (only where decode is given)
             checked = decode([(blob, bits, lod) for lod, _, blob in frags if blob is not None])
     except Exception as exc:   # never raise on a bad mesh; in a shard, the segments after it are checked
-        held.add_error(f"segment {seg}: unexpected error while checking: {exc!r}")
+        held.add_error(_unexpected(seg, exc))
         frags = []
 
     def finish() -> None:
@@ -543,13 +543,19 @@ def _ahead(decode: Optional["_Decoder"]) -> int:
     return SEGMENTS_AHEAD if decode is not None and decode.pool is not None else 0
 
 
+def _unexpected(seg: int, exc: BaseException) -> str:
+    """The error of a segment whose checks failed unexpectedly (a bug, memory running out):
+    that segment's, never the end of the validation."""
+    return f"segment {seg}: unexpected error while checking: {exc!r}"
+
+
 def _guarded(report: ValidationReport, seg: int, finish: Callable[[], None]) -> Callable[[], None]:
     """``finish`` (a segment's recording), where an unexpected failure is that segment's error."""
     def run() -> None:
         try:
             finish()
         except Exception as exc:  # never raise on a bad mesh
-            report.add_error(f"segment {seg}: unexpected error while checking: {exc!r}")
+            report.add_error(_unexpected(seg, exc))
     return run
 
 
@@ -607,7 +613,7 @@ def _check_shard(report: ValidationReport, src: ShardedMultiresSource, shard: in
                     finish = _start_shard_segment(ordered, src, name, blob, seg, int(starts[i]), int(sizes[i]), spans,
                                                   decode)
                 except Exception as exc:  # never raise on a bad mesh: the shard's other segments are checked
-                    ordered.add_error(f"segment {seg}: unexpected error while checking: {exc!r}")
+                    ordered.add_error(_unexpected(seg, exc))
                     unsure = True   # its bytes (spans) may not be known
                     continue
                 if finish is not None:   # its fragments decode while the one before is recorded
@@ -771,13 +777,13 @@ def _start_legacy_segment(report: ValidationReport, src: LegacySource, seg: int,
     except InvalidMeshError as exc:
         error = str(exc)
     except Exception as exc:   # never raise on a bad mesh
-        error = f"segment {seg}: unexpected error while checking: {exc!r}"
+        error = _unexpected(seg, exc)
     if names is not None:
         try:
             jobs = [(seg, name, src.kv.read(name)) for name in names]
             checked = decode(jobs, _check_legacy_fragment) if decode is not None else map(_check_legacy_fragment, jobs)
         except Exception as exc:   # never raise on a bad mesh
-            error = f"segment {seg}: unexpected error while checking: {exc!r}"
+            error = _unexpected(seg, exc)
 
     def finish() -> None:
         if names is not None:
@@ -790,7 +796,7 @@ def _start_legacy_segment(report: ValidationReport, src: LegacySource, seg: int,
             st["fragments"] += 1
             st["bytes"] += nbytes
             if isinstance(problem, Exception):   # the segment's other fragments are not checked
-                report.add_error(f"segment {seg}: unexpected error while checking: {problem!r}")
+                report.add_error(_unexpected(seg, problem))
                 return
             if problem is not None:
                 report.add_error(problem)
