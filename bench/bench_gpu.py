@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import statistics
 import sys
 import time
@@ -346,7 +345,7 @@ def main(argv=None) -> int:
         if path is None:
             path = bench_main.save_result(result, "kernels", started, args.results_dir)
         else:
-            path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+            bench_main.rewrite_result(result, path)
 
     for name in volumes:
         labels = real if name == "real" else tile_volume(real, 2)

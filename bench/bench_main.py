@@ -1307,6 +1307,19 @@ def source_missing(source) -> bool:
     return True
 
 
+def _result_text(record: dict[str, Any]) -> str:
+    """A result record as its JSON file holds it."""
+    return json.dumps(record, indent=2, default=str) + "\n"
+
+
+def rewrite_result(record: dict[str, Any], path: Path) -> None:
+    """Replace the result file ``path`` (:func:`save_result`'s) with ``record``, atomically: a
+    run killed meanwhile (a time limit) leaves the last whole one."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(_result_text(record))
+    os.replace(tmp, path)
+
+
 def save_result(record: dict[str, Any], kind: str, started: _dt.datetime, results_dir) -> Path:
     """Write ``record`` as ``<results_dir>/<kind>-<UTC start>-<hostname>.json``.
 
@@ -1316,7 +1329,7 @@ def save_result(record: dict[str, Any], kind: str, started: _dt.datetime, result
     res_dir = Path(results_dir)
     res_dir.mkdir(parents=True, exist_ok=True)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    text = json.dumps(record, indent=2, default=str) + "\n"
+    text = _result_text(record)
     for n in itertools.count(1):
         path = res_dir / f"{kind}-{stamp}-{socket.gethostname()}{'' if n == 1 else f'-{n}'}.json"
         try:
