@@ -673,7 +673,8 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
     -------
     bytes
         The packed block result (see :func:`pack_block`): one entry per (segment, LOD, node)
-        with triangles; Draco fragments (multires) or legacy fragment files (legacy).
+        with triangles, ordered so, with its bytes in that order; Draco fragments (multires) or
+        legacy fragment files (legacy).
     """
     L = plan.lods
     halo = 1 << (L - 1)
@@ -740,6 +741,10 @@ def mesh_block(volume: Volume, plan: Plan, options: MeshOptions, b, backend: Bac
             mc_in = np.ascontiguousarray(level[m0[0]:m1[0], m0[1]:m1[1], m0[2]:m1[2]])
             if mc_in.any():
                 out += _mesh_lod(volume, plan, options, backend, k, mc_in, ok, ids, keep)
+    # each segment's fragments side by side, all its LODs (by segment ID, LOD, node; each LOD
+    # came in ID order): the assembly reads what a shard or a run of segments needs from a
+    # result in fewer byte ranges (one per segment, where LOD by LOD it was one per LOD)
+    out.sort(key=lambda e: (int(e[0][0]), e[0][1], e[0][2]))
     entries, offset = [], 0
     for (label, k, node, ntri), data in out:
         entries.append((label, k, node[0], node[1], node[2], offset, len(data), ntri))

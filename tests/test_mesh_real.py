@@ -393,6 +393,13 @@ def _block_fragments(blob: bytes) -> tuple[dict, dict]:
     from gpumesh.pipeline import unpack_block_header
 
     index, labels, counts, start = unpack_block_header(blob)
+    # a result lists its fragments by segment ID, LOD, node, its bytes laid out in that order
+    # (a segment's fragments side by side: the assembly reads them in one byte range)
+    keys = [tuple(int(e[f]) for f in ("label", "lod", "x", "y", "z")) for e in index]
+    assert keys == sorted(keys)
+    sizes = index["size"].astype(np.int64)
+    assert index["offset"].tolist() == (np.cumsum(sizes) - sizes).tolist()
+    assert start + int(sizes.sum()) == len(blob)
     frags = {}
     for e in index:
         key = (int(e["label"]), int(e["lod"]), int(e["x"]), int(e["y"]), int(e["z"]))
