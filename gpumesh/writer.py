@@ -86,6 +86,12 @@ HEADER_READS = 64   # task result headers read at once by the assembly
 #: store costs a round trip, and the unused bytes between fragments cost less than one.
 SPAN_GAP_BYTES = 64 << 10
 
+#: Where the task results do not all fit in the assembly's cap, the results kept whole leave at
+#: least this share of it (1/4) to the spans of the others (:meth:`TaskResults.prefetch`): kept
+#: up to the cap, they left a shard's spans little room or none, and its fragments were read
+#: one by one.
+SPAN_ROOM_SHARE = 4
+
 #: Rows (fragment entries and voxel counts) of task results that the assembly parses before it
 #: adds them to its tables at once (:func:`_header_batches`): a job of hundreds of thousands of
 #: tasks, most of them with few rows or none, paid ~70 us of NumPy calls per result.
@@ -1022,9 +1028,10 @@ class TaskResults:
             self.spans[b] = (lo, hi, [self.kv.read(self.keys[b], byte_range=slice(x, y))
                                       for x, y in zip(lo.tolist(), hi.tolist())])
 
-    def keep(self, blocks) -> None:
+    def keep(self, blocks, leave: int = 0) -> None:
         """Read results ``blocks`` whole (a few at a time, concurrently) and keep them, while
-        the kept results stay within the cap; the others are then read by byte range.
+        the kept results stay within the cap less ``leave`` bytes (room for the spans of the
+        results not kept, :meth:`prefetch`); the others are then read by byte range.
 
         Raises
         ------
@@ -1034,7 +1041,7 @@ class TaskResults:
         want = [int(b) for b in blocks if int(b) not in self.kept]
         for g in range(0, len(want), 16):
             for b, blob in self._values([(b, self.kv.read(self.keys[b])) for b in want[g:g + 16]]):
-                if self.kept_bytes + len(blob) > self.cache_bytes:
+                if self.kept_bytes + len(blob) > self.cache_bytes - leave:
                     return
                 self.kept[b] = blob
                 self.kept_bytes += len(blob)
@@ -1073,10 +1080,12 @@ class TaskResults:
                     if not self.full and self.kept_bytes + len(blob) <= self.cache_bytes:
                         self.kept[b] = blob
                         self.kept_bytes += len(blob)
-                    else:
+                    elif not self.full:
                         # keep no more; kept_bytes stays what the kept results hold: the room left
-                        # is the spans' (set to the cap here, it left one process none)
+                        # is the spans' (set to the cap here, it left one process none), at least
+                        # 1 / SPAN_ROOM_SHARE of the cap: the last results kept are let go for it
                         self.full = True
+                        self._let_go(self.cache_bytes - self.cache_bytes // SPAN_ROOM_SHARE)
                     got[b] = blob
             else:
                 sized = [b for b in todo if self.header_bytes[b]]
@@ -1097,6 +1106,13 @@ class TaskResults:
                 if len(head) >= BLOCK_PREFIX:
                     self.header_bytes[b] = block_header_size(head[:BLOCK_PREFIX])
                 yield b, head
+
+    def _let_go(self, limit: int) -> None:
+        """Drop the results kept last until the kept results hold at most ``limit`` bytes
+        (their fragments are then read by byte range, as those of results never kept)."""
+        while self.kept and self.kept_bytes - self.span_bytes > limit:
+            _, blob = self.kept.popitem()
+            self.kept_bytes -= len(blob)
 
     def _values(self, reads: list) -> Iterator[tuple[int, bytes]]:
         """``(result number, bytes)`` of ``(result number, read future or bytes)`` pairs."""

@@ -1009,3 +1009,26 @@ def test_a_worker_prefetches_what_it_does_not_keep(tmp_path, monkeypatch):
     got = [f if isinstance(f, bytes) else results.value(b, f) for b, f in zip(rows["block"], results.read(rows))]
     assert got == [blobs[b][o:o + n] for b, o, n in zip(rows["block"], rows["offset"], rows["size"])]
     assert dict(counting.reads) == {keys[0]: 1, keys[1]: 1, keys[2]: 1}
+
+def test_a_workers_whole_results_leave_its_spans_room(tmp_path, monkeypatch):
+    """The results a worker reads whole stop short of its cap by what the others' fragments
+    need, up to 1 / SPAN_ROOM_SHARE of the cap: kept up to the cap, they left those fragments
+    no room, each read alone (here 3 reads for result 0 instead of 1)."""
+    from gpumesh import pipeline
+    from gpumesh.writer import INDEX_DTYPE
+
+    kv, keys, blobs = _span_results(tmp_path)
+    counting = _CountingReads(kv)
+    monkeypatch.setattr(pipeline, "_WORKER", {"kv": counting})
+    rows = np.zeros(6, INDEX_DTYPE)
+    rows["block"], rows["offset"] = [0, 0, 0, 1, 2, 3], [0, 900, 1800, 0, 0, 0]
+    rows["size"] = [100, 100, 100, 4000, 4000, 4000]
+    results = pipeline._worker_results(keys, np.array([1, 2, 3]), 12_000, rows)   # 3 would fill the cap
+    assert list(results.kept) == [1, 2] and list(results.spans) == [0]
+    assert results.kept_bytes == 8000 + 1900
+    got = [f if isinstance(f, bytes) else results.value(b, f) for b, f in zip(rows["block"], results.read(rows))]
+    assert got == [blobs[b][o:o + n] for b, o, n in zip(rows["block"], rows["offset"], rows["size"])]
+    assert counting.reads[keys[0]] == 1
+    # the room left is what the spans need, not a quarter of the cap, where that is less
+    results = pipeline._worker_results(keys, np.array([1, 2, 3]), 14_000, rows)
+    assert list(results.kept) == [1, 2, 3] and list(results.spans) == [0]

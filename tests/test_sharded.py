@@ -486,6 +486,38 @@ def test_one_process_past_its_cache_reads_fragments_in_spans_within_it(small, ou
     assert spans.spans == {} and spans.kept_bytes == sum(map(len, spans.kept.values()))
 
 
+def test_results_kept_whole_leave_the_spans_room(small, outputs, tmp_path, monkeypatch):
+    """Where the task results do not all fit in one process's cap, those kept whole leave at
+    least 1 / SPAN_ROOM_SHARE of it to the spans of the others (the last kept are let go): kept
+    up to the cap, here to within a byte of it, they left each shard's spans no room and its
+    fragments were read one by one.  The same bytes either way, in fewer reads."""
+    import gpumesh.writer as writer
+    from test_scale import _CountingReads
+
+    made = []
+
+    class Spy(writer.TaskResults):
+        def __init__(self, kv, keys, **kwargs):
+            super().__init__(_CountingReads(kv), keys, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(writer, "TaskResults", Spy)
+    sharding = ShardingOptions(shard_bits=2, minishard_bits=2, data_encoding="gzip")
+    _mesh(small, tmp_path / "sizes", sharding)   # every result kept: their sizes, in the order read
+    sizes = [len(blob) for blob in made.pop().kept.values()]
+    assert len(sizes) > 6
+    cap = sum(sizes[:4]) + 1   # 4 results fill it to a byte, the 5th does not fit
+    monkeypatch.setattr(writer, "ASSEMBLY_CACHE_BYTES", cap)
+    _mesh(small, tmp_path / "room", sharding)
+    monkeypatch.setattr(writer, "SPAN_ROOM_SHARE", 1 << 62)   # no room left: as before
+    _mesh(small, tmp_path / "full", sharding)
+    room, full = made
+    assert tree_files(tmp_path / "room") == tree_files(tmp_path / "full") == tree_files(outputs / "gzip")
+    assert len(full.kept) == 4 and full.kept_bytes == cap - 1
+    assert 0 < len(room.kept) < 4 and cap - room.kept_bytes >= cap // 4
+    assert sum(room.kv.reads.values()) < sum(full.kv.reads.values())
+
+
 class _Killed(Exception):
     pass
 
