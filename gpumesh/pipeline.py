@@ -470,13 +470,17 @@ def empty_key(run: str, seq: int, stamp: str = "") -> str:
     return f"{SCRATCH}empty/{run}-{seq}" + (f"@{stamp}" if stamp else "")
 
 
-def scratch_results(kv, stamp: str = "", keys: Optional[list] = None) -> tuple[dict, set]:
+def scratch_results(kv, stamp: str = "", keys: Optional[list] = None,
+                    records: Optional[dict] = None) -> tuple[dict, set]:
     """The task results in the scratch area of ``kv`` with ``stamp`` (those of this job's plan
     and options: a resumed run skips their tasks), and the tasks that found nothing (named in a
     record of :class:`_EmptyTasks`, with no result of their own).  ``keys``: a listing of ``kv``
     made already (all its keys, or those under the scratch area), read instead of listing it
     again (a scratch area of hundreds of thousands of results takes a second to list on a local
-    disk, and many requests on a cloud store).
+    disk, and many requests on a cloud store).  ``records``: record key -> the names it holds,
+    of records read (or written) already, which are not read again; those read here are added
+    (a part that counts the job's finished tasks again, for its summary, reads only the
+    records written since).
 
     Returns
     -------
@@ -494,23 +498,28 @@ def scratch_results(kv, stamp: str = "", keys: Optional[list] = None) -> tuple[d
     blocks, empty = SCRATCH + "blocks/", SCRATCH + "empty/"
     if keys is None:
         keys = storage.list_keys(kv, SCRATCH)
-    finished, records = {}, []
+    finished, listed = {}, []
     for k in keys:
         if k.startswith(blocks):
             name, got, header = parse_block_key(k[len(blocks):])
             if got == stamp:
                 finished[name] = max(header, finished.get(name, 0))
         elif k.startswith(empty) and k[len(empty):].partition("@")[2] == stamp:
-            records.append(k)
+            listed.append(k)
+    seen = {} if records is None else records
     found: set = set()
-    for k, fut in [(k, kv.read(k)) for k in records]:   # all at once
+    for k in listed:
+        if k in seen:
+            found.update(seen[k])
+    for k, fut in [(k, kv.read(k)) for k in listed if k not in seen]:   # all at once
         try:
             text = storage.read_result(fut)
             if text is None:   # deleted since the listing
                 continue
             if not text.endswith(b"\n"):   # each name ends with one: a record cut short would cut a name
                 raise ValueError(f"{len(text)} bytes that do not end a name")
-            found.update(text[:-1].decode().split("\n"))
+            seen[k] = text[:-1].decode().split("\n")
+            found.update(seen[k])
         except ValueError as exc:   # TensorStore's errors (I/O, permission); bytes that are not text
             raise DestinationError(f"cannot read {storage.kvstore_url(kv.spec().to_json())}{k}, a record of tasks "
                                    f"that found nothing ({one_line(exc)}); deleting it only makes a resumed "
@@ -518,17 +527,18 @@ def scratch_results(kv, stamp: str = "", keys: Optional[list] = None) -> tuple[d
     return finished, found
 
 
-def scratch_tasks(kv, stamp: str = "", keys: Optional[list] = None) -> tuple[set, set]:
+def scratch_tasks(kv, stamp: str = "", keys: Optional[list] = None,
+                  records: Optional[dict] = None) -> tuple[set, set]:
     """Names (:func:`task_name`) of the tasks finished in the scratch area of ``kv`` with
     ``stamp``, a result each or named in a record of tasks that found nothing, and those of them
     that found nothing (:func:`scratch_results`, whose arguments and errors these are)."""
-    results, found = scratch_results(kv, stamp, keys)
+    results, found = scratch_results(kv, stamp, keys, records)
     return set(results) | found, found
 
 
-def finished_tasks(kv, stamp: str = "", keys: Optional[list] = None) -> set:
+def finished_tasks(kv, stamp: str = "", keys: Optional[list] = None, records: Optional[dict] = None) -> set:
     """The first set of :func:`scratch_tasks`: every finished task of the job."""
-    return scratch_tasks(kv, stamp, keys)[0]
+    return scratch_tasks(kv, stamp, keys, records)[0]
 
 
 #: Names of tasks that found nothing per record in the scratch area (:class:`_EmptyTasks`).
@@ -557,6 +567,9 @@ class _EmptyTasks:
     owner : (str, bytes), optional
         The run's mark (:func:`gpumesh.writer.taken_over`): on the way out of a run that another
         has taken over, nothing is written (the scratch area is that run's, or gone).
+    records : dict, optional
+        Each record written is added to it (its key -> its names), so that
+        :func:`scratch_results` given it does not read the run's own records back.
 
     Attributes
     ----------
@@ -564,8 +577,9 @@ class _EmptyTasks:
         Every task of this run that found nothing, recorded or not yet.
     """
 
-    def __init__(self, kv, stamp: str, owner: Optional[tuple] = None):
+    def __init__(self, kv, stamp: str, owner: Optional[tuple] = None, records: Optional[dict] = None):
         self.kv, self.stamp, self.owner = kv, stamp, owner
+        self.records = {} if records is None else records
         self.run = secrets.token_hex(8)
         self.seq = 0
         self.names: set = set()
@@ -600,12 +614,13 @@ class _EmptyTasks:
                 return
         try:
             # a line per name, each ended: a record cut short is told from a whole one
-            storage.write(self.kv, empty_key(self.run, self.seq, self.stamp),
-                          "".join(n + "\n" for n in self._pending).encode())
+            key = empty_key(self.run, self.seq, self.stamp)
+            storage.write(self.kv, key, "".join(n + "\n" for n in self._pending).encode())
         except Exception:
             if not quiet:
                 raise
             return
+        self.records[key] = self._pending
         self.seq += 1
         self._pending = []
 
@@ -1788,9 +1803,12 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
 
     # from the listing made before the plan was written (emptied by --overwrite): a task another
     # run finished since is only run again (the same bytes), and no listing is made twice
-    sizes, found_nothing = scratch_results(kv, plan.stamp, [] if overwrite else existing)
+    # the records of tasks that found nothing, read or written by this run: a part's summary
+    # reads only those written since by the other parts
+    records: dict = {}
+    sizes, found_nothing = scratch_results(kv, plan.stamp, [] if overwrite else existing, records)
     done = sizes.keys() | found_nothing
-    empties = _EmptyTasks(kv, plan.stamp, owner)   # this run's tasks that find nothing
+    empties = _EmptyTasks(kv, plan.stamp, owner, records)   # this run's tasks that find nothing
     todo = [t for t in mine if task_name(t) not in done]
     # a part's blocks are its own, as its tasks are (every block has a task: its coarse one, or the whole)
     summary = Summary(blocks=len(plan.blocks()) if part is None else len({t[0] for t in mine}),
@@ -1973,7 +1991,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
         if stop is None:
             raise
         try:   # the workers have stopped: the tasks a resumed run skips, for the CLI's line
-            kept = finished_tasks(kv, plan.stamp)
+            kept = finished_tasks(kv, plan.stamp, records=records)
             stop.tasks_kept = (sum(task_name(t) in kept for t in mine), len(mine))
         except Exception:   # a store that no longer answers: the line says less
             pass
@@ -1984,7 +2002,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     if part is not None:   # no output: what the part did, and how far the whole job is
         if writer.taken_over(kv, owner):   # finished tasks written into a scratch area deleted since
             raise writer.taken_error(kv, owner, dest, part)
-        names = finished_tasks(kv, plan.stamp)
+        names = finished_tasks(kv, plan.stamp, records=records)
         summary.part = f"{k_part}/{n_parts}"
         summary.tasks_all = len(tasks)
         summary.tasks_done_all = sum(task_name(t) in names for t in tasks)

@@ -274,6 +274,53 @@ def test_a_part_and_the_resume_after_it_list_the_scratch_area_no_more_than_they_
     assert tree_files(dest) == tree_files(tmp_path / "whole")
 
 
+def test_a_part_reads_each_record_of_tasks_that_found_nothing_once(tmp_path, monkeypatch):
+    """A part reads the records of tasks that found nothing (:class:`pipeline._EmptyTasks`) at
+    its start, for what is left of its share, and again for its summary, for the whole job's
+    progress: the second time only those written since by the other parts, and never its own
+    (it read every record twice and its own once: hundreds of small reads a part on a cloud
+    store).  Its summary counts the same either way."""
+    from gpumesh.pipeline import MeshOptions, Plan, run_mesh
+
+    class Counting:
+        def __init__(self, kv):
+            self.kv, self.reads = kv, collections.Counter()
+
+        def read(self, key, *args, **kwargs):
+            self.reads[key] += 1
+            return self.kv.read(key, *args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.kv, name)
+
+    made = []
+    open_kvstore = storage.open_kvstore
+
+    def counting(*args, **kwargs):
+        made.append(Counting(open_kvstore(*args, **kwargs)))
+        return made[-1]
+
+    vol = np.zeros((64, 64, 64), np.uint32)   # tasks in the empty corner find nothing
+    vol[2:20, 3:25, 4:17] = 7
+    options, dest = MeshOptions(chunk_size=8, max_lods=2), tmp_path / "parts"
+    tasks = Plan.make(vol.shape, options).tasks()
+    first = run_mesh(vol, str(dest), options=options, workers=1, part=(0, 3))
+    monkeypatch.setattr(storage, "open_kvstore", counting)
+    second = run_mesh(vol, str(dest), options=options, workers=1, part=(1, 3))
+    monkeypatch.setattr(storage, "open_kvstore", open_kvstore)
+    _, _, nrecords, _, keys = _scratch(dest)
+    records = [k for k in keys if k.startswith(SCRATCH + "empty/")]
+    reads = collections.Counter()
+    for kv in made:
+        reads.update({k: n for k, n in kv.reads.items() if k.startswith(SCRATCH + "empty/")})
+    run = lambda k: k[len(SCRATCH + "empty/"):].partition("-")[0]
+    assert nrecords >= 2 and len({run(k) for k in records}) == 2   # each part wrote some
+    ours = {k for k in records if k not in reads}
+    assert ours and all(n == 1 for n in reads.values()) and len(reads) == nrecords - len(ours)
+    assert first.tasks_done_all < second.tasks_done_all == first.tasks_done_all + second.tasks
+    assert second.tasks_done_all < len(tasks)
+
+
 @pytest.mark.parametrize("ahead", [0, 1, 3])
 def test_in_flight_submits_the_next_task_before_it_hands_one_on(ahead):
     """:class:`gpumesh.pipeline._InFlight` submits at least one task (``ahead`` below 1 counts as
@@ -1009,6 +1056,7 @@ def test_a_worker_prefetches_what_it_does_not_keep(tmp_path, monkeypatch):
     got = [f if isinstance(f, bytes) else results.value(b, f) for b, f in zip(rows["block"], results.read(rows))]
     assert got == [blobs[b][o:o + n] for b, o, n in zip(rows["block"], rows["offset"], rows["size"])]
     assert dict(counting.reads) == {keys[0]: 1, keys[1]: 1, keys[2]: 1}
+
 
 def test_a_workers_whole_results_leave_its_spans_room(tmp_path, monkeypatch):
     """The results a worker reads whole stop short of its cap by what the others' fragments
