@@ -1216,8 +1216,10 @@ def prepared_commit(path: Path = PREPARED_COMMIT) -> dict[str, Any] | None:
 
 
 def git_info() -> dict[str, Any]:
-    """The commit and whether the tree differs from it; where git cannot say (no ``.git``: a
-    device machine), :func:`prepared_commit`'s, with git's error kept."""
+    """The commit and whether the tree differs from it (leaving out ``bench/results/``, where
+    the benchmarks write: a second benchmark run from a clean clone was "dirty" by the first's
+    result); where git cannot say (no ``.git``: a device machine), :func:`prepared_commit`'s,
+    with git's error kept."""
     def _git(*a: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", *a], cwd=REPO_ROOT, capture_output=True, text=True)
 
@@ -1228,7 +1230,7 @@ def git_info() -> dict[str, Any]:
             info["commit"] = r.stdout.strip()
         else:
             info["commit_error"] = r.stderr.strip() or "git rev-parse HEAD failed"
-        s = _git("status", "--porcelain")
+        s = _git("status", "--porcelain", "--", ".", ":(exclude)bench/results")
         if s.returncode == 0:
             info["dirty"] = bool(s.stdout.strip())
     except OSError as e:

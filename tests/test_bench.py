@@ -716,6 +716,32 @@ def test_prepared_commit_names_the_commit_and_the_files_that_differ_from_it(tmp_
     assert info["commit"] == head and info["dirty"] is True and "commit_error" in info
 
 
+def test_git_info_leaves_the_benchmarks_results_out_of_dirty(tmp_path, monkeypatch):
+    # a second benchmark run from a clean clone found the first's result JSON there, untracked,
+    # and said "dirty"; a change anywhere else still is
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path,
+                              check=True, capture_output=True).stdout
+
+    git("init", "-q")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "-A")
+    git("commit", "-q", "-m", "c")
+    monkeypatch.setattr(bench_main, "REPO_ROOT", tmp_path)
+    assert bench_main.git_info()["dirty"] is False
+    (tmp_path / "bench" / "results" / "main-x.json").write_text("{}")
+    info = bench_main.git_info()
+    assert info["dirty"] is False and info["commit"] == git("rev-parse", "HEAD").decode().strip()
+    (tmp_path / "b.py").write_text("y = 1\n")
+    assert bench_main.git_info()["dirty"] is True
+    (tmp_path / "b.py").unlink()
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert bench_main.git_info()["dirty"] is True
+
+
 def test_device_info_names_each_gpu_and_its_driver(tmp_path, monkeypatch):
     smi = tmp_path / "nvidia-smi"
     smi.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 580.159.04'\necho 'NVIDIA H200, 580.159.03'\n")
