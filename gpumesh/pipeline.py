@@ -1495,6 +1495,17 @@ def _check_part(part) -> tuple[int, int]:
     return int(k), int(n)
 
 
+def _part_finished(shown: str, k: int, n: int, plan_left: bool) -> DestinationExistsError:
+    """The error of part ``k`` of ``n`` started into DEST (``shown``) that holds the job's
+    finished output; ``plan_left``: with the job's plan still beside it."""
+    return DestinationExistsError(
+        f"{shown}: holds a finished mesh (a run without --part has written the job's output there): part {k}/{n} "
+        "has nothing left to do; "
+        + ("its scratch area is still there (the run that wrote the output is deleting it, or was stopped while it "
+           "did: run it again with --resume to finish that); " if plan_left else "")
+        + f"to mesh the job again, empty {shown} first (a part does not --overwrite), or run it whole with --overwrite")
+
+
 def _part_mismatch(shown: str, old: dict, new: dict) -> DestinationExistsError:
     """The refusal of a part (``run_mesh``'s ``part``) whose fingerprint ``new`` is not that of
     the job in ``dest`` (``old``, its ``plan.json``): the parts of one job share its options."""
@@ -1722,6 +1733,11 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             check_overwrite(shown, existing)
             storage.delete_all(kv)
         elif resume:
+            if "info" in existing and part is not None:
+                # the job's output is written (a run writes its info last, then deletes its
+                # scratch area): with the plan still there, that run is deleting it, or was
+                # stopped while it did (a --resume ends it); a part would mesh into a finished mesh
+                raise _part_finished(shown, k_part, n_parts, SCRATCH + "plan.json" in existing)
             old = storage.read_json(kv, SCRATCH + "plan.json")
             if old is not None and old != stored:
                 was = old if isinstance(old, dict) else {}
@@ -1733,11 +1749,6 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
                     + ("; it was started by a gpumesh that did not record that: rerun with --overwrite"
                        if any(k not in was for k in stored) else "") + ")")
             if old is None and any(not k.endswith(".__lock") for k in existing):
-                if "info" in existing and part is not None:   # a part cannot --overwrite
-                    raise DestinationExistsError(
-                        f"{shown}: holds a finished mesh (a run without --part has written the job's output "
-                        f"there): part {k_part}/{n_parts} has nothing left to do; to mesh the job again, empty "
-                        f"{shown} first (a part does not --overwrite), or run it whole with --overwrite")
                 if "info" in existing:
                     raise DestinationExistsError(f"{shown}: holds a finished mesh; use --overwrite to redo it")
                 # A run writes its plan first and deletes it last, so no run was interrupted
@@ -1790,6 +1801,12 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             from .writer import taken_error
 
             raise taken_error(kv, owner, dest, part)
+        if storage.read(kv, "info") is not None:
+            # the run that writes the output finished between this part's listing and its plan
+            # (it had deleted its own plan already): the scratch area is deleted again, so that
+            # no part's plan (nor task results) is left in a finished mesh
+            storage.delete_prefix(kv, SCRATCH)
+            raise _part_finished(shown, k_part, n_parts, False)
         if there != stored:
             # a part of other options, started at once into the empty DEST, wrote its plan after
             # this one's: not this part's mark, and its tasks (stamped with its own plan) unused

@@ -283,6 +283,55 @@ def test_a_part_refused_says_what_a_part_can_do(tmp_path):
     assert tree_files(dest) == before
 
 
+def test_a_part_never_meshes_into_a_finished_mesh_whose_scratch_area_is_being_deleted(tmp_path, monkeypatch):
+    """The run that writes the output writes its info, then deletes its scratch area, plan last.
+    A part that finds the info with the plan still there (that run deleting it, or stopped while
+    it did) is refused, saying that a --resume ends it (it went on into the finished mesh); one
+    that listed DEST before the info, and wrote its plan after that run had deleted its own,
+    takes it back and is refused (it left its plan in the finished mesh)."""
+    from gpumesh import storage
+
+    labels = _blobs((32, 32, 32))
+    opts = MeshOptions(chunk_size=8)
+    kw = dict(voxel_size=(4, 4, 40), workers=1)
+    dest, plan_key = tmp_path / "parts", SCRATCH + "plan.json"
+    run_mesh(labels, str(tmp_path / "whole"), options=opts, **kw)
+    for k in range(2):
+        run_mesh(labels, str(dest), options=opts, part=(k, 2), **kw)
+    plan = (dest / plan_key).read_bytes()
+    run_mesh(labels, str(dest), options=opts, resume=True, **kw)
+    finished = tree_files(dest)
+    assert finished == tree_files(tmp_path / "whole")
+    (dest / plan_key).parent.mkdir()
+    (dest / plan_key).write_bytes(plan)   # as the run left it, stopped before it deleted its plan
+    with pytest.raises(DestinationExistsError) as caught:
+        run_mesh(labels, str(dest), options=opts, part=(1, 2), **kw)
+    message = str(caught.value)
+    assert "holds a finished mesh" in message and "part 1/2 has nothing left to do" in message, message
+    assert "run it again with --resume to finish that" in message, message
+    assert (dest / plan_key).read_bytes() == plan
+    run_mesh(labels, str(dest), options=opts, resume=True, **kw)   # (ends it)
+    assert tree_files(dest) == finished
+
+    dest = tmp_path / "race"
+    for k in range(2):
+        run_mesh(labels, str(dest), options=opts, part=(k, 2), **kw)
+    write_json, ended = storage.write_json, []
+
+    def write_json_late(kv, key, value, **kwargs):   # the part's plan: the run writing the output ends first
+        if key == plan_key and not ended:
+            ended.append(1)
+            run_mesh(labels, str(dest), options=opts, resume=True, **kw)
+        return write_json(kv, key, value, **kwargs)
+
+    monkeypatch.setattr(storage, "write_json", write_json_late)
+    with pytest.raises(DestinationExistsError) as caught:
+        run_mesh(labels, str(dest), options=opts, part=(1, 2), **kw)
+    assert ended and "part 1/2 has nothing left to do" in str(caught.value)
+    assert "--resume to finish" not in str(caught.value)
+    assert tree_files(dest) == finished
+
+
 def test_a_part_whose_plan_another_part_replaced_at_once_is_refused(tmp_path, monkeypatch):
     """Parts of other options started at once into an empty DEST each find it empty and write
     their plan: the one whose plan the other replaced before it read its mark back is refused
