@@ -1,18 +1,22 @@
 #!/usr/bin/env python3
 """The main process's peak memory with and without the whole fragment index held.
 
-The assembly holds every fragment entry (56 bytes each) while they fit in
+The assembly holds every fragment entry (52 bytes each) while they fit in
 ``gpumesh.writer.ASSEMBLY_INDEX_BYTES`` (1 GiB); past it, it keeps a row per segment and writes
-the shards in waves, each reading the task results' headers again.  To see both on a volume
+the shards in waves, each reading the entries again: from the temporary file they were written
+to (``gpumesh.writer.IndexSpill``), or, with a cap given as ``Nh``, from the task results'
+headers (``INDEX_SPILL`` off, as gpumesh did before it had the file).  To see both on a volume
 of this size, each run meshes the same job in a fresh process with the cap left as it is
 (``default``) or set to ``--caps`` MiB, and reports the main process's peak RSS (its workers
-are other processes), the waves, the wall time of the writing phase and a digest of every
-output file, which must be the same for every cap.  The default job is the real volume with
-8-voxel octree nodes and 5 LODs: ~0.94 M fragments, an index of ~53 MB, where 64-voxel nodes
-give 37 k.  It is written in 16 shards (``--shard-bits 4``), so that a wave can hold a few.
+are other processes), the waves, the wall time of the writing phase, the task results' reads
+by this process and a digest of every output file, which must be the same for every cap.  The
+default job is the real volume with 8-voxel octree nodes and 5 LODs: ~0.94 M fragments, an
+index of ~53 MB, where 64-voxel nodes give 37 k.  It is written in 16 shards (``--shard-bits
+4``), so that a wave can hold a few.
 
     .venv/bin/python bench/bench_assembly.py                    # caps: default, 8 MiB
     .venv/bin/python bench/bench_assembly.py --caps 4 --repeat 2
+    .venv/bin/python bench/bench_assembly.py --caps 8,8h        # 8 MiB with the spill, then without
 
 Prints a table and writes ``bench/results/assembly-<UTC start>-<hostname>.json``.
 """
@@ -53,7 +57,17 @@ def one_run(cap: str, source: str, voxel_size, chunk: int, max_lods: int, worker
     from gpumesh.sharding import ShardingOptions
 
     if cap != "default":
-        writer.ASSEMBLY_INDEX_BYTES = int(float(cap) * (1 << 20))
+        writer.ASSEMBLY_INDEX_BYTES = int(float(cap.rstrip("h")) * (1 << 20))
+        writer.INDEX_SPILL = not cap.endswith("h")
+    reads = [0]
+    real_values = writer.TaskResults._values
+
+    def counted(self, pending):   # this process's reads of task results (headers, whole results)
+        for got in real_values(self, pending):
+            reads[0] += 1
+            yield got
+
+    writer.TaskResults._values = counted
     t0 = time.perf_counter()
     sharding = ShardingOptions(shard_bits=shard_bits)
     s = run_mesh(source, dest, options=MeshOptions(chunk_size=chunk, max_lods=max_lods, sharding=sharding),
@@ -61,6 +75,7 @@ def one_run(cap: str, source: str, voxel_size, chunk: int, max_lods: int, worker
     return {"cap": cap, "cap_bytes": writer.ASSEMBLY_INDEX_BYTES,
             "main_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "fragments": sum(s.fragments_per_lod), "segments": s.segments, "index_waves": s.index_waves,
+            "index_spilled": s.index_spilled, "result_reads": reads[0],
             "seconds": time.perf_counter() - t0, "seconds_writing": s.seconds_writing, "bytes": s.bytes,
             "digest": tree_digest(Path(dest))}
 
@@ -101,11 +116,12 @@ def main(argv=None) -> int:
     same = len({r["digest"] for r in rows}) == 1
     print(f"source {args.source}; chunk {args.chunk_size}; max LODs {args.max_lods}; {args.workers} workers; "
           f"{1 << args.shard_bits} shards\n")
-    print("cap MiB | fragments | waves | main peak RSS MiB | writing s | wall s")
-    print("--------+-----------+-------+-------------------+-----------+-------")
+    print("cap MiB | fragments | waves | spill | result reads | main peak RSS MiB | writing s | wall s")
+    print("--------+-----------+-------+-------+--------------+-------------------+-----------+-------")
     for r in rows:
-        print(f"{r['cap']:>7} | {r['fragments']:>9} | {r['index_waves']:>5} | {r['main_peak_rss_mib']:>17.0f} | "
-              f"{r['seconds_writing']:>9.1f} | {r['seconds']:>6.1f}")
+        print(f"{r['cap']:>7} | {r['fragments']:>9} | {r['index_waves']:>5} | {str(r['index_spilled']):>5} | "
+              f"{r['result_reads']:>12} | {r['main_peak_rss_mib']:>17.0f} | {r['seconds_writing']:>9.1f} | "
+              f"{r['seconds']:>6.1f}")
     print(f"\nthe same output bytes at every cap: {same}")
     record = {"benchmark": "assembly", "started": started.isoformat(), "source": args.source,
               "chunk_size": args.chunk_size, "max_lods": args.max_lods, "workers": args.workers,

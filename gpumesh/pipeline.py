@@ -1170,6 +1170,9 @@ class Summary:
     index_waves : int
         Passes of the assembly over the tasks' fragment index past the first (0: it held the
         whole index at once, :data:`gpumesh.writer.ASSEMBLY_INDEX_BYTES`).
+    index_spilled : bool
+        Those passes read the index from a temporary file (:class:`gpumesh.writer.IndexSpill`),
+        not from the task results' headers again.
     part : str or None
         ``"K/N"`` for a part of a job (``run_mesh``'s ``part``), which writes no output (no
         segments, triangles or bytes here): ``blocks``, ``tasks`` and ``tasks_resumed`` are
@@ -1197,8 +1200,9 @@ class Summary:
     format: str = "multires"
     dust_segments: int = 0      # segments below MeshOptions.dust_threshold, not meshed
     missing_segments: int = 0   # segments of MeshOptions.segments not in the volume (or the bounds)
-    index_waves: int = 0        # passes of the assembly over the results' headers past the first
+    index_waves: int = 0        # passes of the assembly over the fragment index past the first
                                 # (0: it held the whole fragment index, gpumesh.writer.ASSEMBLY_INDEX_BYTES)
+    index_spilled: bool = False  # those passes read it from a temporary file, not from the headers again
     part: Optional[str] = None  # "K/N" of a part (run_mesh's part), which writes no output
     tasks_all: int = 0          # a part's: the whole job's tasks,
     tasks_done_all: int = 0     # and how many of them had finished when the part ended
@@ -2044,6 +2048,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     summary.dust_segments = stats.get("dust_segments", 0)
     summary.missing_segments = stats.get("missing_segments", 0)
     summary.index_waves = stats.get("index_waves", 0)
+    summary.index_spilled = bool(stats.get("index_spilled", False))
     if summary.missing_segments:
         some = ", ".join(map(str, stats["missing_examples"]))
         more = ", ..." if summary.missing_segments > len(stats["missing_examples"]) else ""

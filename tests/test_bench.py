@@ -658,7 +658,8 @@ import bench_assembly  # noqa: E402
 
 def test_bench_assembly_runs_each_cap_and_compares_the_outputs(tmp_path, capsys):
     """On a small zarr: a row per cap, the default holding the index whole (no waves) and a
-    tiny cap writing in waves, the same output digest for both, the main process's peak RSS."""
+    tiny cap writing in waves, from the spill, then from the headers again (``h``: more reads of
+    the task results), the same output digest for all, the main process's peak RSS."""
     import json
 
     from conftest import write_zarr
@@ -669,15 +670,19 @@ def test_bench_assembly_runs_each_cap_and_compares_the_outputs(tmp_path, capsys)
     labels[30:40, 25:38, 2:12] = 12
     write_zarr(tmp_path / "v.zarr", labels, chunk=16)
     assert bench_assembly.main(["--source", str(tmp_path / "v.zarr"), "--chunk-size", "8", "--max-lods", "2",
-                                "--shard-bits", "1", "--caps", "0.0001", "--results-dir", str(tmp_path / "res")]) == 0
+                                "--shard-bits", "1", "--caps", "0.0001,0.0001h",
+                                "--results-dir", str(tmp_path / "res")]) == 0
     out = capsys.readouterr().out
     assert "the same output bytes at every cap: True" in out
     (result,) = list((tmp_path / "res").glob("assembly-*.json"))
     record = json.loads(result.read_text())
-    default, small = record["rows"]
-    assert default["cap"] == "default" and default["index_waves"] == 0
-    assert small["index_waves"] >= 1 and small["cap_bytes"] < default["cap_bytes"]
-    assert default["digest"] == small["digest"] and default["fragments"] == small["fragments"] > 0
+    default, small, headers = record["rows"]
+    assert default["cap"] == "default" and default["index_waves"] == 0 and not default["index_spilled"]
+    assert small["index_waves"] >= 1 and small["cap_bytes"] < default["cap_bytes"] and small["index_spilled"]
+    assert headers["index_waves"] == small["index_waves"] and not headers["index_spilled"]
+    assert headers["result_reads"] > small["result_reads"] > 0
+    assert default["digest"] == small["digest"] == headers["digest"]
+    assert default["fragments"] == small["fragments"] > 0
     assert record["same_output"] and default["main_peak_rss_mib"] > 0
 
 

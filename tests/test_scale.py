@@ -231,6 +231,64 @@ def test_the_main_job_keeps_a_few_tasks_per_worker_submitted_not_all(tmp_path, m
     assert tree_files(tmp_path / "two") == tree_files(tmp_path / "one")
 
 
+def test_an_index_spill_that_cannot_be_written_leaves_the_waves_to_the_headers(tmp_path, monkeypatch):
+    """Past its cap the fragment index goes to a temporary file (:class:`IndexSpill`); where the
+    temporary folder fills up while it is written, or no file can be made there, the spill is
+    closed and dropped, and the waves read the headers again: the same entries.  A spill read
+    back short of what was written is a GpumeshError, never fewer entries."""
+    import errno
+    import io
+
+    import gpumesh.writer as writer
+    from gpumesh.errors import GpumeshError
+
+    kv, keys, blobs = _results(tmp_path, np.random.default_rng(7), n=120)
+    want = _index_one_by_one(blobs, 3)[0]
+    labels = np.unique(want["label"])
+    monkeypatch.setattr(writer, "HEADER_BATCH_ROWS", 1)
+    monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", want.nbytes // 3)
+    closed = []
+
+    class Filling(io.BytesIO):   # a temporary folder with room for half the index
+        def write(self, data):
+            if self.tell() + len(data) > want.nbytes // 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+        def close(self):
+            closed.append(self.tell())
+            super().close()
+
+    def read_again(index):
+        stats = {"index_waves": 0}
+        rows = writer._wave_rows(writer.TaskResults(kv, keys, cache_bytes=0), index, labels, stats)
+        assert rows.tobytes() == want.tobytes() and stats["index_waves"] == 1
+
+    monkeypatch.setattr(writer.tempfile, "TemporaryFile", lambda **kwargs: Filling())
+    index = writer._read_index(writer.TaskResults(kv, keys, cache_bytes=0), {}, 3, False)[0]
+    assert index is None and len(closed) == 1 and want.nbytes // 3 < closed[0] <= want.nbytes // 2
+    read_again(index)
+
+    def no_file(**kwargs):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(writer.tempfile, "TemporaryFile", no_file)
+    index = writer._read_index(writer.TaskResults(kv, keys, cache_bytes=0), {}, 3, False)[0]
+    assert index is None
+    read_again(index)
+
+    monkeypatch.undo()
+    monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", want.nbytes // 3)
+    index = writer._read_index(writer.TaskResults(kv, keys, cache_bytes=0), {}, 3, False)[0]
+    assert isinstance(index, writer.IndexSpill) and index.rows == len(want)
+    monkeypatch.setattr(writer, "SPILL_READ_BYTES", 5 * writer.INDEX_DTYPE.itemsize)   # read back 5 at a time
+    read_again(index)
+    index.file.truncate(want.nbytes - 1)
+    with pytest.raises(GpumeshError, match="ended early"):
+        index.rows_of(labels)
+    index.close()
+
+
 def test_a_part_and_the_resume_after_it_list_the_scratch_area_no_more_than_they_need(tmp_path, monkeypatch):
     """The listing of DEST made before a run writes its plan also gives the tasks finished there
     (``finished_tasks(keys=)``): a part lists its task results twice (what is left of its share,
@@ -432,15 +490,21 @@ def test_the_index_is_held_whole_exactly_while_its_rows_fit_whatever_the_batches
     assert len(want) > 10
     for batch_rows in (1, 1 << 16):
         monkeypatch.setattr(writer, "HEADER_BATCH_ROWS", batch_rows)
-        for cap, whole in ((want.nbytes, True), (want.nbytes - 1, False)):
+        for cap, whole, spill in ((want.nbytes, True, True), (want.nbytes - 1, False, True),
+                                  (want.nbytes - 1, False, False)):
             monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", cap)
+            monkeypatch.setattr(writer, "INDEX_SPILL", spill)
             index = writer._read_index(writer.TaskResults(kv, keys, cache_bytes=0), {}, 3, False)[0]
-            assert (index is not None) == whole, (batch_rows, cap)
+            assert isinstance(index, np.ndarray) == whole, (batch_rows, cap)
             if whole:
                 assert index.tobytes() == want.tobytes()
+            else:   # past the cap: every entry in the spill, in order; or none held
+                assert (index.rows == len(want)) if spill else index is None
             rows = writer._wave_rows(writer.TaskResults(kv, keys, cache_bytes=0), index, np.unique(want["label"]),
                                      {"index_waves": 0})
             assert rows.tobytes() == want.tobytes()
+            if spill and not whole:
+                index.close()
 
 
 def test_joined_entries_keep_result_numbers_past_16_bits():

@@ -1145,38 +1145,44 @@ def test_split_segments_keeps_segments_whole_and_balances_bytes(parts):
 
 
 def _spy_waves(monkeypatch, writer) -> list:
-    """Record each wave of the assembly: (segments, fragment entries, whether it read the headers again)."""
+    """Record each wave of the assembly: (segments, fragment entries, where it read them:
+    "held" (the index held whole), "spill" (:class:`IndexSpill`) or "headers" (read again))."""
     waves = []
     real = writer._wave_rows
 
     def spy(results, index, labels, stats):
         rows = real(results, index, labels, stats)
-        waves.append((labels.copy(), rows.copy(), index is None))
+        waves.append((labels.copy(), rows.copy(), "headers" if index is None else
+                      "spill" if isinstance(index, writer.IndexSpill) else "held"))
         return rows
 
     monkeypatch.setattr(writer, "_wave_rows", spy)
     return waves
 
 
+@pytest.mark.parametrize("spill", [True, False], ids=["spill", "headers"])
 @pytest.mark.parametrize("layout", ["sharded", "gzip", "unsharded"])
 @pytest.mark.parametrize("cap", ["one entry", "some"])
-def test_assembly_past_its_index_cap_writes_in_waves(small, outputs, tmp_path, monkeypatch, layout, cap):
+def test_assembly_past_its_index_cap_writes_in_waves(small, outputs, tmp_path, monkeypatch, layout, cap, spill):
     """Fragment entries past ASSEMBLY_INDEX_BYTES are not held: the shards (unsharded: runs of
-    segments) are written in waves whose entries fit, each reading the results' headers again
-    and keeping its own segments' entries.  The files are the same bytes; every segment is in
-    exactly one wave, with all its entries; a wave holds more than the cap only when it is one
-    shard (or one segment)."""
+    segments) are written in waves whose entries fit, each reading the entries again, from a
+    temporary file (:class:`IndexSpill`) or, without one (``INDEX_SPILL`` off), from the
+    results' headers, and keeping its own segments' entries.  The files are the same bytes;
+    every segment is in exactly one wave, with all its entries; a wave holds more than the cap
+    only when it is one shard (or one segment)."""
     import gpumesh.writer as writer
 
     waves = _spy_waves(monkeypatch, writer)
     entry = writer.INDEX_DTYPE.itemsize
     limit = entry if cap == "one entry" else 60 * entry
     monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", limit)
+    monkeypatch.setattr(writer, "INDEX_SPILL", spill)
     sharding = {"sharded": ShardingOptions(), "unsharded": None,
                 "gzip": ShardingOptions(shard_bits=2, minishard_bits=2, data_encoding="gzip")}[layout]
     summary = _mesh(small, tmp_path / "out", sharding)
     assert tree_files(tmp_path / "out") == tree_files(outputs / layout)
-    assert waves and all(again for _, _, again in waves)
+    assert waves and all(kind == ("spill" if spill else "headers") for _, _, kind in waves)
+    assert summary.index_spilled == spill and summary.index_waves == len(waves)
     labels = np.concatenate([lab for lab, _, _ in waves])
     assert len(labels) == len(np.unique(labels)) == summary.segments
     info = json.loads((tmp_path / "out" / "info").read_text())
@@ -1192,15 +1198,37 @@ def test_assembly_past_its_index_cap_writes_in_waves(small, outputs, tmp_path, m
         assert len(waves) > 1
 
 
+def test_the_index_spill_is_closed_when_the_assembly_ends_or_fails(small, outputs, tmp_path, monkeypatch):
+    """The temporary file of fragment entries (:class:`IndexSpill`) is closed, which deletes it,
+    when the assembly has written the output, and when it fails."""
+    import gpumesh.writer as writer
+    from gpumesh.errors import GpumeshError
+
+    closed, real_close = [], writer.IndexSpill.close
+    monkeypatch.setattr(writer.IndexSpill, "close", lambda self: (closed.append(self.rows), real_close(self)))
+    monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", 60 * writer.INDEX_DTYPE.itemsize)
+    summary = _mesh(small, tmp_path / "ok", None)
+    assert tree_files(tmp_path / "ok") == tree_files(outputs / "unsharded")
+    assert summary.index_spilled and len(closed) == 1 and closed[0] > 60
+
+    def failing(*args, **kwargs):
+        raise GpumeshError("a write failed")
+
+    monkeypatch.setattr(writer, "write_all_segments", failing)
+    with pytest.raises(GpumeshError):
+        _mesh(small, tmp_path / "failed", None)
+    assert len(closed) == 2
+
+
 def test_assembly_holds_the_index_whole_within_its_cap(small, outputs, tmp_path, monkeypatch):
     """Within ASSEMBLY_INDEX_BYTES (the default) the entries read once are used: one wave, no
     second read of the headers."""
     import gpumesh.writer as writer
 
     waves = _spy_waves(monkeypatch, writer)
-    _mesh(small, tmp_path / "out", ShardingOptions(shard_bits=2, minishard_bits=2, data_encoding="gzip"))
+    summary = _mesh(small, tmp_path / "out", ShardingOptions(shard_bits=2, minishard_bits=2, data_encoding="gzip"))
     assert tree_files(tmp_path / "out") == tree_files(outputs / "gzip")
-    assert len(waves) == 1 and not waves[0][2]
+    assert len(waves) == 1 and waves[0][2] == "held" and not summary.index_spilled and summary.index_waves == 0
 
 
 @pytest.mark.parametrize("plan_lods", [1, 3])

@@ -510,12 +510,15 @@ def test_a_long_tmpdir_still_starts_the_worker_server(tmp_path):
     assert not any(deep.iterdir())   # nothing left where the folder would have been
 
 
+@pytest.mark.parametrize("spill", [True, False], ids=["spill", "headers"])
 @pytest.mark.parametrize("fmt,shard_bits", [("multires", None), ("legacy", None), ("multires", 0), ("multires", 2)],
                          ids=["unsharded", "legacy", "1-shard", "4-shards"])
-def test_two_workers_write_in_waves_the_bytes_of_one(crop, tmp_path, monkeypatch, fmt, shard_bits):
+def test_two_workers_write_in_waves_the_bytes_of_one(crop, tmp_path, monkeypatch, fmt, shard_bits, spill):
     """Past the assembly's index cap the workers write the output wave by wave (a wave per
     shard, or per few segments), and the main process keeps none of the headers the workers
-    returned (it reads them): the bytes of one worker holding the whole index."""
+    returned: the bytes of one worker holding the whole index.  Each wave takes its entries
+    from the temporary file they were written to (:class:`IndexSpill`), or, without one
+    (``INDEX_SPILL`` off), reads every header again."""
     from gpumesh import writer
     from gpumesh.pipeline import MeshOptions, run_mesh
     from gpumesh.sharding import ShardingOptions
@@ -529,7 +532,7 @@ def test_two_workers_write_in_waves_the_bytes_of_one(crop, tmp_path, monkeypatch
     real, real_values = writer._wave_rows, writer.TaskResults._values
 
     def spy(results, index, labels, stats):
-        waves.append(index is None)
+        waves.append(isinstance(index, writer.IndexSpill) if spill else index is None)
         return real(results, index, labels, stats)
 
     def count(self, pending):
@@ -549,14 +552,17 @@ def test_two_workers_write_in_waves_the_bytes_of_one(crop, tmp_path, monkeypatch
     monkeypatch.setattr(writer.TaskResults, "_values", count)
     monkeypatch.setattr(writer.WorkerReads, "part", part)
     monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", 50 * writer.INDEX_DTYPE.itemsize)
+    monkeypatch.setattr(writer, "INDEX_SPILL", spill)
     written = []
     two = run_mesh(sub, str(tmp_path / "two"), workers=2, write_progress=lambda d, t: written.append((d, t)), **kw)
     assert two.workers == 2 and two.segments == one.segments > 0 and two.index_waves == len(waves)
+    assert two.index_spilled == spill
     assert written[0] == (0, two.segments) and written[-1] == (two.segments, two.segments)
     assert tree_files(tmp_path / "one") == tree_files(tmp_path / "two") != {}
     assert all(waves) and len(waves) == (1 if shard_bits == 0 else len(waves)) and (shard_bits == 0 or len(waves) > 1)
     # this process read the headers the workers returned past the cap: one read each at first
-    # (the result's key gives its size); and every header again in each wave, in one read
+    # (the result's key gives its size); and, without the spill, every header again in each
+    # wave, in one read
     # each writing task was sent the keys of the results its rows use, not every key
     assert sent and any(len(keys) < two.tasks for keys, *_ in sent)
     for keys, row_keys, used, local, rows, whole in sent:
@@ -564,8 +570,11 @@ def test_two_workers_write_in_waves_the_bytes_of_one(crop, tmp_path, monkeypatch
         assert np.array_equal(local[["label", "lod", "offset", "size"]], rows[["label", "lod", "offset", "size"]])
         assert set(whole.tolist()) <= set(range(len(keys)))
     per_task = collections.Counter(reads)
-    assert set(per_task) == set(range(two.tasks))
-    assert len(waves) + 1 in set(per_task.values()) <= {len(waves), len(waves) + 1}
+    if spill:   # once at most: none again (those this process held are not read at all)
+        assert set(per_task) < set(range(two.tasks)) and set(per_task.values()) == {1}
+    else:
+        assert set(per_task) == set(range(two.tasks))
+        assert len(waves) + 1 in set(per_task.values()) <= {len(waves), len(waves) + 1}
 
 
 def test_shard_tasks_wait_in_a_window(crop, tmp_path, monkeypatch):
