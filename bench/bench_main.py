@@ -71,6 +71,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# the benchmarks that import gpumesh run this checkout's, which the result JSON names (git_info),
+# not whichever the Python has installed: an editable install of another clone ran that clone's
+# code under this one's commit
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(1, str(REPO_ROOT))
 # GPUMESH_DATA: a folder holding connectomics.zarr, where ../shared/data is not beside the
 # checkout (a lent GPU machine, see bench/device/)
 DEFAULT_SOURCE = Path(os.environ.get("GPUMESH_DATA", REPO_ROOT / ".." / "shared" / "data")) / "connectomics.zarr"

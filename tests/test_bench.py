@@ -721,6 +721,25 @@ def test_prepared_commit_names_the_commit_and_the_files_that_differ_from_it(tmp_
     assert info["commit"] == head and info["dirty"] is True and "commit_error" in info
 
 
+def test_a_benchmark_imports_its_own_checkouts_gpumesh(tmp_path):
+    # run from another checkout (a clean clone), a benchmark imported the gpumesh that the
+    # Python had installed (an editable install of this one) and named the clone's commit
+    import shutil
+    import subprocess
+
+    other = tmp_path / "clone"
+    (other / "bench").mkdir(parents=True)
+    shutil.copy(bench_main.__file__, other / "bench")
+    (other / "gpumesh").mkdir()
+    (other / "gpumesh" / "__init__.py").write_text("")
+    probe = tmp_path / "probe.py"   # run as a benchmark is: its folder first on the path, not the checkout
+    probe.write_text(f"import sys\nsys.path.insert(0, {str(other / 'bench')!r})\n"
+                     "import bench_main, gpumesh\nprint(gpumesh.__file__)\n")
+    r = subprocess.run([sys.executable, str(probe)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert pathlib.Path(r.stdout.strip()).resolve() == (other / "gpumesh" / "__init__.py").resolve()
+
+
 def test_git_info_leaves_the_benchmarks_results_out_of_dirty(tmp_path, monkeypatch):
     # a second benchmark run from a clean clone found the first's result JSON there, untracked,
     # and said "dirty"; a change anywhere else still is
