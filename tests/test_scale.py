@@ -1144,3 +1144,41 @@ def test_a_workers_whole_results_leave_its_spans_room(tmp_path, monkeypatch):
     # the room left is what the spans need, not a quarter of the cap, where that is less
     results = pipeline._worker_results(keys, np.array([1, 2, 3]), 14_000, rows)
     assert list(results.kept) == [1, 2, 3] and list(results.spans) == [0]
+
+
+def test_results_kept_whole_let_the_last_kept_go_down_to_three_quarters_of_the_cap(tmp_path):
+    """Where a result read whole does not fit in the cap (:meth:`TaskResults.iter_headers`), the
+    results kept last are let go, one after another, until those kept hold at most the cap less
+    1 / SPAN_ROOM_SHARE of it (here 3,000 of 4,000 bytes: results 4 and 3 go, 0-2 stay, to the
+    byte); every header is still the whole result read."""
+    from gpumesh.writer import SPAN_ROOM_SHARE, TaskResults
+
+    assert SPAN_ROOM_SHARE == 4
+    rng = np.random.default_rng(3)
+    kv = storage.open_kvstore(str(tmp_path / "dest"))
+    sizes = [1000, 1000, 1000, 500, 400, 2000, 1000]
+    keys = [f"{SCRATCH}blocks/{i}_0_0" for i in range(len(sizes))]
+    blobs = [bytes(24) + rng.bytes(n - 24) for n in sizes]   # headers of no entries: their size parses
+    storage.write_many(kv, zip(keys, blobs), sync=False)
+    results = TaskResults(kv, keys, cache_bytes=4000)
+    heads = dict(results.iter_headers(None, whole=True))
+    assert heads == dict(enumerate(blobs))
+    assert results.full and list(results.kept) == [0, 1, 2] and results.kept_bytes == 3000
+
+
+def test_a_workers_whole_results_fill_the_cap_less_what_they_leave_to_the_byte(tmp_path, monkeypatch):
+    """:meth:`TaskResults.keep` keeps results while they hold at most the cap less ``leave``
+    (two results of 4,000 bytes fill 9,000 less 1,000 exactly); a worker leaves at most
+    1 / SPAN_ROOM_SHARE of the cap, however many bytes its spans would take (here 4,000)."""
+    from gpumesh import pipeline
+    from gpumesh.writer import INDEX_DTYPE, TaskResults
+
+    kv, keys, blobs = _span_results(tmp_path)
+    results = TaskResults(kv, keys, cache_bytes=9000)
+    results.keep([0, 1, 2], leave=1000)
+    assert list(results.kept) == [0, 1] and results.kept_bytes == 8000
+    monkeypatch.setattr(pipeline, "_WORKER", {"kv": kv})
+    rows = np.zeros(3, INDEX_DTYPE)
+    rows["block"], rows["size"] = [0, 1, 2], [4000, 4000, 4000]
+    results = pipeline._worker_results(keys, np.array([1, 2]), 11_000, rows)   # leaves 2,750
+    assert list(results.kept) == [1, 2]
