@@ -1182,3 +1182,20 @@ def test_a_workers_whole_results_fill_the_cap_less_what_they_leave_to_the_byte(t
     rows["block"], rows["size"] = [0, 1, 2], [4000, 4000, 4000]
     results = pipeline._worker_results(keys, np.array([1, 2]), 11_000, rows)   # leaves 2,750
     assert list(results.kept) == [1, 2]
+
+
+def test_the_records_a_run_has_read_stand_only_for_those_still_listed(tmp_path):
+    """:func:`pipeline.scratch_results` given ``records`` (read or written already by this run)
+    reads only the records listed that it does not hold, and adds them; one it holds that is no
+    longer listed (deleted since: the scratch area deleted, and made again by a run of the same
+    plan) counts for nothing."""
+    from gpumesh.pipeline import empty_key, scratch_results
+
+    kv = storage.open_kvstore(str(tmp_path / "dest"))
+    held, new, gone = empty_key("a", 0, "s"), empty_key("b", 0, "s"), empty_key("c", 0, "s")
+    storage.write(kv, new, b"t3\n")
+    counting = _CountingReads(kv)
+    records = {held: ["t1", "t2"], gone: ["t4"]}
+    finished, found = scratch_results(counting, "s", [held, new], records)
+    assert finished == {} and found == {"t1", "t2", "t3"}
+    assert dict(counting.reads) == {new: 1} and records[new] == ["t3"]
