@@ -766,6 +766,31 @@ def test_git_info_leaves_the_benchmarks_results_out_of_dirty(tmp_path, monkeypat
     assert bench_main.git_info()["dirty"] is True
 
 
+def test_git_info_is_dirty_by_any_file_outside_the_benchmarks_results(tmp_path, monkeypatch):
+    # only bench/results/ is left out: a change to the benchmarks' own code beside it, or to a
+    # file of any kind (not only Python), still makes the tree dirty
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path,
+                              check=True, capture_output=True).stdout
+
+    git("init", "-q")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "bench_x.py").write_text("x = 1\n")
+    (tmp_path / "setup.cfg").write_text("[x]\n")
+    git("add", "-A")
+    git("commit", "-q", "-m", "c")
+    monkeypatch.setattr(bench_main, "REPO_ROOT", tmp_path)
+    (tmp_path / "bench" / "results" / "main-x.json").write_text("{}")
+    assert bench_main.git_info()["dirty"] is False
+    (tmp_path / "bench" / "bench_x.py").write_text("x = 2\n")
+    assert bench_main.git_info()["dirty"] is True
+    git("checkout", "--", "bench/bench_x.py")
+    (tmp_path / "setup.cfg").write_text("[y]\n")
+    assert bench_main.git_info()["dirty"] is True
+
+
 def test_device_info_names_each_gpu_and_its_driver(tmp_path, monkeypatch):
     smi = tmp_path / "nvidia-smi"
     smi.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 580.159.04'\necho 'NVIDIA H200, 580.159.03'\n")
