@@ -280,6 +280,8 @@ def test_a_part_refused_says_what_a_part_can_do(tmp_path):
     message = str(caught.value)
     assert "holds a finished mesh" in message and "part 1/2 has nothing left to do" in message, message
     assert "use --overwrite to redo it" not in message and "a part does not --overwrite" in message, message
+    # no scratch area left: nothing a --resume would finish (it is refused: "holds a finished mesh")
+    assert "--resume" not in message and "scratch area is still there" not in message, message
     assert tree_files(dest) == before
 
 
