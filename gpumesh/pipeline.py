@@ -1806,9 +1806,13 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
 
             raise taken_error(kv, owner, dest, part)
         if storage.read(kv, "info") is not None:
-            # the run that writes the output finished between this part's listing and its plan
-            # (it had deleted its own plan already): the scratch area is deleted again, so that
-            # no part's plan (nor task results) is left in a finished mesh
+            # the output was written between this part's listing and its plan.  With a whole
+            # run's mark there, the scratch area is that run's (deleting it, stopped while it did,
+            # or a --resume ending it), this plan the same bytes as its own: left to it, as deleted
+            # it stopped that run ("taken over").  Else that run had deleted its own plan: the
+            # scratch area is deleted again, so that no part's plan is left in a finished mesh
+            if storage.read(kv, OWNER_KEY) is not None:
+                raise _part_finished(shown, k_part, n_parts, True)
             storage.delete_prefix(kv, SCRATCH)
             raise _part_finished(shown, k_part, n_parts, False)
         if there != stored:

@@ -334,6 +334,62 @@ def test_a_part_never_meshes_into_a_finished_mesh_whose_scratch_area_is_being_de
     assert tree_files(dest) == finished
 
 
+def test_a_part_refused_by_a_finished_mesh_leaves_the_scratch_area_of_the_run_that_holds_it(tmp_path, monkeypatch):
+    """A part that listed DEST before the output was written, and wrote its plan (the same bytes)
+    once a whole run held the scratch area again (its mark there: here a --resume ending a run
+    stopped before it deleted it), is refused and deletes nothing: that run's mark, plan and
+    task results are its own, and it ends the job (the part deleted them: it stopped, "taken
+    over", or found its task results gone)."""
+    import threading
+
+    from gpumesh import storage
+    from gpumesh.pipeline import OWNER_KEY
+
+    labels = _blobs((32, 32, 32))
+    opts = MeshOptions(chunk_size=8)
+    kw = dict(voxel_size=(4, 4, 40), workers=1)
+    dest, plan_key = tmp_path / "parts", SCRATCH + "plan.json"
+    run_mesh(labels, str(tmp_path / "whole"), options=opts, **kw)
+    for k in range(2):
+        run_mesh(labels, str(dest), options=opts, part=(k, 2), **kw)
+    listed, go, caught = threading.Event(), threading.Event(), []
+    write_json, write, delete_prefix = storage.write_json, storage.write, storage.delete_prefix
+
+    def write_json_late(kv, key, value, **kwargs):   # the part's plan: it has listed DEST, before the info
+        if key == plan_key and threading.current_thread() is part:
+            listed.set()
+            go.wait(120)
+        return write_json(kv, key, value, **kwargs)
+
+    def run_part():
+        try:
+            run_mesh(labels, str(dest), options=opts, part=(1, 2), **kw)
+        except Exception as exc:
+            caught.append(exc)
+
+    monkeypatch.setattr(storage, "write_json", write_json_late)
+    part = threading.Thread(target=run_part)
+    part.start()
+    assert listed.wait(120)
+    monkeypatch.setattr(storage, "delete_prefix", lambda kv, prefix: None)
+    run_mesh(labels, str(dest), options=opts, resume=True, **kw)   # the output; stopped before it deleted a thing
+    monkeypatch.setattr(storage, "delete_prefix", delete_prefix)
+    assert (dest / "info").exists() and (dest / plan_key).exists()
+
+    def write_then_part(kv, key, value):   # the --resume that ends it has written its mark: the part goes on
+        write(kv, key, value)
+        if key == OWNER_KEY and not go.is_set():
+            go.set()
+            part.join(120)
+
+    monkeypatch.setattr(storage, "write", write_then_part)
+    run_mesh(labels, str(dest), options=opts, resume=True, **kw)
+    assert go.is_set() and not part.is_alive()
+    assert len(caught) == 1 and isinstance(caught[0], DestinationExistsError), caught
+    assert "part 1/2 has nothing left to do" in str(caught[0])
+    assert tree_files(dest) == tree_files(tmp_path / "whole")
+
+
 def test_a_part_whose_plan_another_part_replaced_at_once_is_refused(tmp_path, monkeypatch):
     """Parts of other options started at once into an empty DEST each find it empty and write
     their plan: the one whose plan the other replaced before it read its mark back is refused
