@@ -1058,8 +1058,9 @@ class TaskResults:
         self.kept: dict[int, bytes] = {}
         self.kept_bytes = 0   # the bytes of kept results and of prefetched spans
         self.cache_bytes = ASSEMBLY_CACHE_BYTES if cache_bytes is None else int(cache_bytes)
-        #: a result read whole did not fit (:meth:`iter_headers`): no more are kept, and the room
-        #: left in the cap is the spans' (:meth:`prefetch`)
+        #: a result read whole did not fit, or those kept filled the cap with results left to read
+        #: (:meth:`iter_headers`): no more are kept, and the room left in the cap is the spans'
+        #: (:meth:`prefetch`)
         self.full = False
         #: each result's header size where its key gave it (set by the caller) or once its header
         #: was seen (0: not yet), so that reading it (again, in a wave of the assembly) takes one
@@ -1168,6 +1169,11 @@ class TaskResults:
             group = range(g, min(g + HEADER_READS, len(self.keys)))
             todo = [b for b in group if b not in known and b not in self.kept and not self.empty[b]]
             got: dict = {}
+            if whole and not self.full and self.kept_bytes >= self.cache_bytes and todo:
+                # the kept results fill the cap to the byte, none went past it: these are read by
+                # header, and the spans of their fragments need the room as well
+                self.full = True
+                self._let_go(self.cache_bytes - self.cache_bytes // SPAN_ROOM_SHARE)
             if whole and not self.full and self.kept_bytes < self.cache_bytes:
                 for b, blob in self._values([(b, self.kv.read(self.keys[b])) for b in todo]):
                     if not self.full and self.kept_bytes + len(blob) <= self.cache_bytes:

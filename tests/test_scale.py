@@ -1199,3 +1199,20 @@ def test_the_records_a_run_has_read_stand_only_for_those_still_listed(tmp_path):
     finished, found = scratch_results(counting, "s", [held, new], records)
     assert finished == {} and found == {"t1", "t2", "t3"}
     assert dict(counting.reads) == {new: 1} and records[new] == ["t3"]
+
+
+def test_results_kept_whole_to_the_cap_exactly_still_leave_the_spans_room(tmp_path, monkeypatch):
+    """Results kept whole that fill the cap to the byte at the end of a batch of reads
+    (:data:`~gpumesh.writer.HEADER_READS`) leave the spans of the others their room too: no
+    result went past the cap, yet the next batch is read by header, and they kept all of it."""
+    from gpumesh import writer
+
+    monkeypatch.setattr(writer, "HEADER_READS", 2)
+    kv = storage.open_kvstore(str(tmp_path / "dest"))
+    keys = [f"{SCRATCH}blocks/{i}_0_0" for i in range(5)]
+    blobs = [bytes(24) + np.random.default_rng(i).bytes(976) for i in range(5)]   # headers of no entries
+    storage.write_many(kv, zip(keys, blobs), sync=False)
+    results = writer.TaskResults(kv, keys, cache_bytes=2000)   # results 0 and 1 fill it
+    heads = dict(results.iter_headers(None, whole=True))
+    assert [heads[b] for b in (0, 1)] == blobs[:2] and all(heads[b] == bytes(24) for b in (2, 3, 4))
+    assert results.full and list(results.kept) == [0] and results.kept_bytes == 1000
