@@ -1085,12 +1085,14 @@ def _worker_results(keys, whole, cache_bytes, rows):
     """The task results as a worker writing the fragments ``rows`` reads them
     (:class:`gpumesh.writer.TaskResults`): results ``whole`` read whole (within
     ``cache_bytes``), the others' fragments in spans (:meth:`~gpumesh.writer.TaskResults.prefetch`;
-    one by one past the cap).  The results kept whole leave the spans room for the fragments of
-    the others, up to 1 / :data:`~gpumesh.writer.SPAN_ROOM_SHARE` of the cap."""
-    from .writer import SPAN_ROOM_SHARE, TaskResults
+    one by one past the cap).  The results kept whole leave room for the spans the fragments of
+    the others are read in (:func:`~gpumesh.writer.fragment_spans`: with the bytes between
+    them), up to 1 / :data:`~gpumesh.writer.SPAN_ROOM_SHARE` of the cap."""
+    from .writer import SPAN_ROOM_SHARE, TaskResults, fragment_spans
 
     results = TaskResults(_WORKER["kv"], keys, cache_bytes=cache_bytes)
-    spanned = int(rows["size"][~np.isin(rows["block"], whole)].sum())
+    _, start, end = fragment_spans(rows[~np.isin(rows["block"], whole)])
+    spanned = int((end - start).sum())
     results.keep(whole, leave=min(spanned, cache_bytes // SPAN_ROOM_SHARE))
     results.prefetch(rows)
     return results

@@ -1030,6 +1030,28 @@ def placeholder_fragments(nodes: np.ndarray, node_lod: np.ndarray, src: np.ndarr
 EMPTY_HEADER = pack_block(np.zeros(0, dtype=FRAG_DTYPE), np.zeros(0, np.uint64), np.zeros(0, np.uint64), b"")
 
 
+def fragment_spans(rows: np.ndarray, gap: int = SPAN_GAP_BYTES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The byte ranges :meth:`TaskResults.prefetch` reads the fragments of ``rows`` (entries with
+    block, offset, size) in: those of a result at most ``gap`` bytes apart share one.
+
+    Returns
+    -------
+    block, start, end : (spans,) int64
+        Each span's result and bytes, by result, then start.
+    """
+    order = np.lexsort((rows["offset"], rows["block"]))
+    block = rows["block"][order].astype(np.int64)
+    start = rows["offset"][order].astype(np.int64)
+    end = start + rows["size"][order].astype(np.int64)
+    if len(block) == 0:
+        return block, start, end
+    # a span ends where the result changes or the next fragment starts past the gap
+    # (fragments of one result do not overlap: each one's end bounds the next start)
+    new = np.r_[True, (block[1:] != block[:-1]) | (start[1:] - end[:-1] > gap)]
+    first = np.flatnonzero(new)
+    return block[first], start[first], np.maximum.reduceat(end, first)
+
+
 class TaskResults:
     """The task results of the scratch area, as assembly reads them.
 
@@ -1099,18 +1121,9 @@ class TaskResults:
         if len(rows) == 0:
             return
         kept = np.fromiter(self.kept, dtype=np.int64, count=len(self.kept))
-        rows = rows[~np.isin(rows["block"], kept)]
-        order = np.lexsort((rows["offset"], rows["block"]))
-        block = rows["block"][order].astype(np.int64)
-        start = rows["offset"][order].astype(np.int64)
-        end = start + rows["size"][order].astype(np.int64)
-        if len(block) == 0:
+        s_block, s_start, s_end = fragment_spans(rows[~np.isin(rows["block"], kept)], gap)
+        if len(s_block) == 0:
             return
-        # a span ends where the result changes or the next fragment starts past the gap
-        # (fragments of one result do not overlap: each one's end bounds the next start)
-        new = np.r_[True, (block[1:] != block[:-1]) | (start[1:] - end[:-1] > gap)]
-        first = np.flatnonzero(new)
-        s_block, s_start, s_end = block[first], start[first], np.maximum.reduceat(end, first)
         # the spans that fit in the cap: a prefix, so still in order of their result
         fits = np.cumsum(s_end - s_start) <= max(0, self.cache_bytes - self.kept_bytes)
         s_block, s_start, s_end = s_block[fits], s_start[fits], s_end[fits]

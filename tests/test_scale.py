@@ -1216,3 +1216,24 @@ def test_results_kept_whole_to_the_cap_exactly_still_leave_the_spans_room(tmp_pa
     heads = dict(results.iter_headers(None, whole=True))
     assert [heads[b] for b in (0, 1)] == blobs[:2] and all(heads[b] == bytes(24) for b in (2, 3, 4))
     assert results.full and list(results.kept) == [0] and results.kept_bytes == 1000
+
+
+def test_a_worker_leaves_its_spans_what_they_read_gaps_and_all(tmp_path, monkeypatch):
+    """The room a worker's whole results leave is that of the spans the others' fragments are
+    read in (:meth:`TaskResults.prefetch`: fragments up to SPAN_GAP_BYTES apart share one, the
+    bytes between them read too), not the fragments' own bytes: here 3 fragments of 100 bytes
+    in one span of 1,900, which left room for 300 did not fit and were read one by one."""
+    from gpumesh import pipeline
+    from gpumesh.writer import INDEX_DTYPE
+
+    kv, keys, blobs = _span_results(tmp_path)
+    counting = _CountingReads(kv)
+    monkeypatch.setattr(pipeline, "_WORKER", {"kv": counting})
+    rows = np.zeros(6, INDEX_DTYPE)
+    rows["block"], rows["offset"] = [0, 0, 0, 1, 2, 3], [0, 900, 1800, 0, 0, 0]
+    rows["size"] = [100, 100, 100, 4000, 4000, 4000]
+    results = pipeline._worker_results(keys, np.array([1, 2, 3]), 13_800, rows)   # 3 leave 1,800
+    assert list(results.kept) == [1, 2] and list(results.spans) == [0]
+    got = [f if isinstance(f, bytes) else results.value(b, f) for b, f in zip(rows["block"], results.read(rows))]
+    assert got == [blobs[b][o:o + n] for b, o, n in zip(rows["block"], rows["offset"], rows["size"])]
+    assert counting.reads[keys[0]] == 1
