@@ -1237,3 +1237,39 @@ def test_a_worker_leaves_its_spans_what_they_read_gaps_and_all(tmp_path, monkeyp
     got = [f if isinstance(f, bytes) else results.value(b, f) for b, f in zip(rows["block"], results.read(rows))]
     assert got == [blobs[b][o:o + n] for b, o, n in zip(rows["block"], rows["offset"], rows["size"])]
     assert counting.reads[keys[0]] == 1
+
+
+def test_a_stopped_run_counts_the_tasks_it_keeps_without_reading_its_own_records_back(tmp_path, monkeypatch):
+    """Ctrl-C: ``tasks_kept`` counts the tasks recorded as finding nothing by the records this
+    run wrote (:class:`pipeline._EmptyTasks` adds them to the run's ``records``), not by reading
+    them back from the scratch area."""
+    from gpumesh import pipeline
+    from gpumesh.pipeline import MeshOptions, Plan, run_mesh
+
+    class Counting(_CountingReads):
+        def __getattr__(self, name):
+            return getattr(self.kv, name)
+
+    vol, options = _sparse(), MeshOptions(chunk_size=8)
+    tasks = Plan.make(vol.shape, options).tasks()
+    real, calls, made = pipeline.mesh_block, [], []
+    open_kvstore = storage.open_kvstore
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == len(tasks) // 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    def counting(*args, **kwargs):
+        made.append(Counting(open_kvstore(*args, **kwargs)))
+        return made[-1]
+
+    monkeypatch.setattr(pipeline, "mesh_block", interrupted)
+    monkeypatch.setattr(storage, "open_kvstore", counting)
+    with pytest.raises(KeyboardInterrupt) as info:
+        run_mesh(vol, str(tmp_path / "out"), options=options, workers=1)
+    monkeypatch.setattr(storage, "open_kvstore", open_kvstore)
+    assert made and not [k for kv in made for k in kv.reads if k.startswith(SCRATCH + "empty/")]
+    _, named, records, _, _ = _scratch(tmp_path / "out")
+    assert records == 1 and len(named) > 0 and info.value.tasks_kept[0] == len(tasks) // 2 - 1
