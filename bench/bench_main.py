@@ -80,6 +80,7 @@ if str(REPO_ROOT) not in sys.path:
 # checkout (a lent GPU machine, see bench/device/)
 DEFAULT_SOURCE = Path(os.environ.get("GPUMESH_DATA", REPO_ROOT / ".." / "shared" / "data")) / "connectomics.zarr"
 DEFAULT_RESULTS_DIR = REPO_ROOT / "bench" / "results"
+RESULTS_PATH = "bench/results/"   # (in the checkout) what the benchmarks write: no change to the code
 MNB = "mesh-n-bone"   # janelia-cellmap/mesh-n-bone: its name in TOOLS, --skip and the table
 TOOLS = ("gpumesh", "zmesh", "serra", "igneous", MNB)
 
@@ -1196,8 +1197,8 @@ PREPARED_COMMIT = REPO_ROOT / ".devdata" / "COMMIT"
 
 def prepared_commit(path: Path = PREPARED_COMMIT) -> dict[str, Any] | None:
     """The commit in ``path``, and whether the files here are still that commit's (git's blob
-    hash of each file it lists): ``{"commit", "commit_from", "dirty", "changed_files"}``;
-    None without the file."""
+    hash of each file it lists, but those in ``bench/results/``, as :func:`git_info`):
+    ``{"commit", "commit_from", "dirty", "changed_files"}``; None without the file."""
     try:
         commit, listing = path.read_text().split("\n", 1)
     except (OSError, ValueError):
@@ -1206,7 +1207,7 @@ def prepared_commit(path: Path = PREPARED_COMMIT) -> dict[str, Any] | None:
     for entry in filter(None, listing.split("\0")):
         meta, name = entry.split("\t", 1)
         mode, _, blob = meta.split()
-        if mode == "160000":   # a submodule: no blob here
+        if mode == "160000" or name.startswith(RESULTS_PATH):   # a submodule: no blob here
             continue
         try:
             p = REPO_ROOT / name
@@ -1235,7 +1236,7 @@ def git_info() -> dict[str, Any]:
             info["commit"] = r.stdout.strip()
         else:
             info["commit_error"] = r.stderr.strip() or "git rev-parse HEAD failed"
-        s = _git("status", "--porcelain", "--", ".", ":(exclude)bench/results")
+        s = _git("status", "--porcelain", "--", ".", f":(exclude){RESULTS_PATH}")
         if s.returncode == 0:
             info["dirty"] = bool(s.stdout.strip())
     except OSError as e:

@@ -700,6 +700,8 @@ def test_prepared_commit_names_the_commit_and_the_files_that_differ_from_it(tmp_
     (tmp_path / "a.py").write_text("x = 1\n")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b b.txt").write_bytes(b"\x00\xff bytes\n")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "r.json").write_text("{}")
     os.symlink("sub", tmp_path / "link")
     git("add", "-A")
     git("commit", "-q", "-m", "c")
@@ -709,6 +711,8 @@ def test_prepared_commit_names_the_commit_and_the_files_that_differ_from_it(tmp_
     monkeypatch.setattr(bench_main, "REPO_ROOT", tmp_path)
     got = bench_main.prepared_commit(tmp_path / ".devdata" / "COMMIT")
     assert got["commit"] == head and got["dirty"] is False and got["changed_files"] == []
+    (tmp_path / "bench" / "results" / "r.json").write_text('{"a benchmark": "rewrote it"}')   # as git_info
+    assert bench_main.prepared_commit(tmp_path / ".devdata" / "COMMIT")["dirty"] is False
     (tmp_path / "a.py").write_text("x = 2\n")
     (tmp_path / "sub" / "b b.txt").unlink()
     got = bench_main.prepared_commit(tmp_path / ".devdata" / "COMMIT")
