@@ -1059,7 +1059,9 @@ class TaskResults:
     :data:`ASSEMBLY_CACHE_BYTES`; then fragments are slices of it.  Past that, only a result's
     header is read (one byte-range read where its key gives its size, else two) and its
     fragments by byte range: those that a worker's part of the output needs in a few spans of
-    each result (:meth:`prefetch`), else each alone.
+    each result (:meth:`prefetch`), else each alone.  Where the results do not all fit, the
+    last kept are let go until the kept ones leave the spans 1 / :data:`SPAN_ROOM_SHARE` of
+    the cap.
 
     Parameters
     ----------
@@ -1167,7 +1169,9 @@ class TaskResults:
             popped as it is handed on).
         whole : bool
             Read the other results whole and keep them while the kept results stay within the
-            cap (this process then reads their fragments); else read only their headers: one
+            cap (this process then reads their fragments; once one does not fit, or they fill
+            the cap with results left, the last kept are let go down to the cap less
+            1 / :data:`SPAN_ROOM_SHARE`, the spans' room); else read only their headers: one
             byte-range read each where :attr:`header_bytes` gives its size (its key said it, or
             it was read before), else two (its first :data:`~gpumesh.pipeline.BLOCK_PREFIX`
             bytes give the size; one read for a result that holds nothing, whose header they are).
