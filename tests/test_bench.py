@@ -686,17 +686,24 @@ def test_bench_assembly_runs_each_cap_and_compares_the_outputs(tmp_path, capsys)
     assert record["same_output"] and default["main_peak_rss_mib"] > 0
 
 
+def _git_repo(path):
+    """``git(*args)`` (its stdout) in a new, empty repository at ``path``."""
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=path,
+                              check=True, capture_output=True).stdout
+
+    git("init", "-q")
+    return git
+
+
 def test_prepared_commit_names_the_commit_and_the_files_that_differ_from_it(tmp_path, monkeypatch):
     # a device machine gets the working tree without .git: bench/device/prepare.sh records the
     # commit and its blobs in .devdata/COMMIT, and git_info reads them there
     import shutil
-    import subprocess
 
-    def git(*a):
-        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path,
-                              check=True, capture_output=True).stdout
-
-    git("init", "-q")
+    git = _git_repo(tmp_path)
     (tmp_path / "a.py").write_text("x = 1\n")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b b.txt").write_bytes(b"\x00\xff bytes\n")
@@ -747,13 +754,8 @@ def test_a_benchmark_imports_its_own_checkouts_gpumesh(tmp_path):
 def test_git_info_leaves_the_benchmarks_results_out_of_dirty(tmp_path, monkeypatch):
     # a second benchmark run from a clean clone found the first's result JSON there, untracked,
     # and said "dirty"; a change anywhere else still is
-    import subprocess
 
-    def git(*a):
-        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path,
-                              check=True, capture_output=True).stdout
-
-    git("init", "-q")
+    git = _git_repo(tmp_path)
     (tmp_path / "bench" / "results").mkdir(parents=True)
     (tmp_path / "a.py").write_text("x = 1\n")
     git("add", "-A")
@@ -773,13 +775,8 @@ def test_git_info_leaves_the_benchmarks_results_out_of_dirty(tmp_path, monkeypat
 def test_git_info_is_dirty_by_any_file_outside_the_benchmarks_results(tmp_path, monkeypatch):
     # only bench/results/ is left out: a change to the benchmarks' own code beside it, or to a
     # file of any kind (not only Python), still makes the tree dirty
-    import subprocess
 
-    def git(*a):
-        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path,
-                              check=True, capture_output=True).stdout
-
-    git("init", "-q")
+    git = _git_repo(tmp_path)
     (tmp_path / "bench" / "results").mkdir(parents=True)
     (tmp_path / "bench" / "bench_x.py").write_text("x = 1\n")
     (tmp_path / "setup.cfg").write_text("[x]\n")

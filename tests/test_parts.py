@@ -285,6 +285,20 @@ def test_a_part_refused_says_what_a_part_can_do(tmp_path):
     assert tree_files(dest) == before
 
 
+def _two_parts_done(tmp_path, name: str = "parts", whole: bool = True):
+    """A small job's 2 parts run into ``tmp_path / name`` (no output yet), and, with ``whole``,
+    the job run whole into ``tmp_path / "whole"``.  Returns labels, options, run_mesh's other
+    arguments, and the parts' DEST."""
+    labels = _blobs((32, 32, 32))
+    opts = MeshOptions(chunk_size=8)
+    kw = dict(voxel_size=(4, 4, 40), workers=1)
+    if whole:
+        run_mesh(labels, str(tmp_path / "whole"), options=opts, **kw)
+    for k in range(2):
+        run_mesh(labels, str(tmp_path / name), options=opts, part=(k, 2), **kw)
+    return labels, opts, kw, tmp_path / name
+
+
 def test_a_part_never_meshes_into_a_finished_mesh_whose_scratch_area_is_being_deleted(tmp_path, monkeypatch):
     """The run that writes the output writes its info, then deletes its scratch area, plan last.
     A part that finds the info with the plan still there (that run deleting it, or stopped while
@@ -293,13 +307,8 @@ def test_a_part_never_meshes_into_a_finished_mesh_whose_scratch_area_is_being_de
     takes it back and is refused (it left its plan in the finished mesh)."""
     from gpumesh import storage
 
-    labels = _blobs((32, 32, 32))
-    opts = MeshOptions(chunk_size=8)
-    kw = dict(voxel_size=(4, 4, 40), workers=1)
-    dest, plan_key = tmp_path / "parts", SCRATCH + "plan.json"
-    run_mesh(labels, str(tmp_path / "whole"), options=opts, **kw)
-    for k in range(2):
-        run_mesh(labels, str(dest), options=opts, part=(k, 2), **kw)
+    labels, opts, kw, dest = _two_parts_done(tmp_path)
+    plan_key = SCRATCH + "plan.json"
     plan = (dest / plan_key).read_bytes()
     run_mesh(labels, str(dest), options=opts, resume=True, **kw)
     finished = tree_files(dest)
@@ -315,9 +324,7 @@ def test_a_part_never_meshes_into_a_finished_mesh_whose_scratch_area_is_being_de
     run_mesh(labels, str(dest), options=opts, resume=True, **kw)   # (ends it)
     assert tree_files(dest) == finished
 
-    dest = tmp_path / "race"
-    for k in range(2):
-        run_mesh(labels, str(dest), options=opts, part=(k, 2), **kw)
+    dest = _two_parts_done(tmp_path, "race", whole=False)[3]
     write_json, ended = storage.write_json, []
 
     def write_json_late(kv, key, value, **kwargs):   # the part's plan: the run writing the output ends first
@@ -345,13 +352,8 @@ def test_a_part_refused_by_a_finished_mesh_leaves_the_scratch_area_of_the_run_th
     from gpumesh import storage
     from gpumesh.pipeline import OWNER_KEY
 
-    labels = _blobs((32, 32, 32))
-    opts = MeshOptions(chunk_size=8)
-    kw = dict(voxel_size=(4, 4, 40), workers=1)
-    dest, plan_key = tmp_path / "parts", SCRATCH + "plan.json"
-    run_mesh(labels, str(tmp_path / "whole"), options=opts, **kw)
-    for k in range(2):
-        run_mesh(labels, str(dest), options=opts, part=(k, 2), **kw)
+    labels, opts, kw, dest = _two_parts_done(tmp_path)
+    plan_key = SCRATCH + "plan.json"
     listed, go, caught = threading.Event(), threading.Event(), []
     write_json, write, delete_prefix = storage.write_json, storage.write, storage.delete_prefix
 

@@ -1122,10 +1122,10 @@ def test_a_worker_prefetches_what_it_does_not_keep(tmp_path, monkeypatch):
     assert dict(counting.reads) == {keys[0]: 1, keys[1]: 1, keys[2]: 1}
 
 
-def test_a_workers_whole_results_leave_its_spans_room(tmp_path, monkeypatch):
-    """The results a worker reads whole stop short of its cap by what the others' fragments
-    need, up to 1 / SPAN_ROOM_SHARE of the cap: kept up to the cap, they left those fragments
-    no room, each read alone (here 3 reads for result 0 instead of 1)."""
+def _a_workers_rows(tmp_path, monkeypatch):
+    """Four task results (:func:`_span_results`) read by a worker whose reads are counted, and
+    the rows of its part: 3 fragments of 100 bytes in the first 1,900 bytes of result 0 (one
+    span), and results 1-3 whole (4,000 bytes each).  Returns keys, bytes, counter, rows."""
     from gpumesh import pipeline
     from gpumesh.writer import INDEX_DTYPE
 
@@ -1135,11 +1135,26 @@ def test_a_workers_whole_results_leave_its_spans_room(tmp_path, monkeypatch):
     rows = np.zeros(6, INDEX_DTYPE)
     rows["block"], rows["offset"] = [0, 0, 0, 1, 2, 3], [0, 900, 1800, 0, 0, 0]
     rows["size"] = [100, 100, 100, 4000, 4000, 4000]
+    return keys, blobs, counting, rows
+
+
+def _assert_read(results, rows, blobs) -> None:
+    """``results`` give the bytes of fragments ``rows`` of results ``blobs``."""
+    got = [f if isinstance(f, bytes) else results.value(b, f) for b, f in zip(rows["block"], results.read(rows))]
+    assert got == [blobs[b][o:o + n] for b, o, n in zip(rows["block"], rows["offset"], rows["size"])]
+
+
+def test_a_workers_whole_results_leave_its_spans_room(tmp_path, monkeypatch):
+    """The results a worker reads whole stop short of its cap by what the others' fragments
+    need, up to 1 / SPAN_ROOM_SHARE of the cap: kept up to the cap, they left those fragments
+    no room, each read alone (here 3 reads for result 0 instead of 1)."""
+    from gpumesh import pipeline
+
+    keys, blobs, counting, rows = _a_workers_rows(tmp_path, monkeypatch)
     results = pipeline._worker_results(keys, np.array([1, 2, 3]), 12_000, rows)   # 3 would fill the cap
     assert list(results.kept) == [1, 2] and list(results.spans) == [0]
     assert results.kept_bytes == 8000 + 1900
-    got = [f if isinstance(f, bytes) else results.value(b, f) for b, f in zip(rows["block"], results.read(rows))]
-    assert got == [blobs[b][o:o + n] for b, o, n in zip(rows["block"], rows["offset"], rows["size"])]
+    _assert_read(results, rows, blobs)
     assert counting.reads[keys[0]] == 1
     # the room left is what the spans need, not a quarter of the cap, where that is less
     results = pipeline._worker_results(keys, np.array([1, 2, 3]), 14_000, rows)
@@ -1224,18 +1239,11 @@ def test_a_worker_leaves_its_spans_what_they_read_gaps_and_all(tmp_path, monkeyp
     bytes between them read too), not the fragments' own bytes: here 3 fragments of 100 bytes
     in one span of 1,900, which left room for 300 did not fit and were read one by one."""
     from gpumesh import pipeline
-    from gpumesh.writer import INDEX_DTYPE
 
-    kv, keys, blobs = _span_results(tmp_path)
-    counting = _CountingReads(kv)
-    monkeypatch.setattr(pipeline, "_WORKER", {"kv": counting})
-    rows = np.zeros(6, INDEX_DTYPE)
-    rows["block"], rows["offset"] = [0, 0, 0, 1, 2, 3], [0, 900, 1800, 0, 0, 0]
-    rows["size"] = [100, 100, 100, 4000, 4000, 4000]
+    keys, blobs, counting, rows = _a_workers_rows(tmp_path, monkeypatch)
     results = pipeline._worker_results(keys, np.array([1, 2, 3]), 13_800, rows)   # 3 leave 1,800
     assert list(results.kept) == [1, 2] and list(results.spans) == [0]
-    got = [f if isinstance(f, bytes) else results.value(b, f) for b, f in zip(rows["block"], results.read(rows))]
-    assert got == [blobs[b][o:o + n] for b, o, n in zip(rows["block"], rows["offset"], rows["size"])]
+    _assert_read(results, rows, blobs)
     assert counting.reads[keys[0]] == 1
 
 
