@@ -436,7 +436,9 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
     for k, (t, f, v) in enumerate(zip(s.triangles_per_lod, s.fragments_per_lod, s.voxel_size_per_lod)):
         click.echo(f"LOD {k}:     {t:>12,} triangles  {f:>8,} fragments  ({'x'.join(f'{n:g}' for n in v)} nm voxels)")
     click.echo(f"bytes:     {s.bytes:,} (mesh files written)")   # validate's are the fragments'
-    waves = f" in {s.index_waves} waves" if s.index_waves else ""   # the fragment index past its cap
+    # the fragment index past its cap: read back from a temporary file, or from the results' headers
+    waves = (f" in {s.index_waves} waves" + ("" if s.index_spilled else ", headers read again")
+             if s.index_waves else "")
     click.echo(f"seconds:   {s.seconds:.1f}  (meshing {s.seconds_meshing:.1f}, writing {s.seconds_writing:.1f}{waves}; "
                f"{s.workers} worker(s), device {s.device}{shared}, "
                f"{s.blocks} blocks in {s.tasks} tasks, {s.tasks_resumed} resumed)")

@@ -1477,7 +1477,8 @@ def test_waves_keep_the_bytes_with_dust_forced_lods_and_presets(small, tmp_path,
 
 
 def test_cli_says_when_the_output_was_written_in_waves(small, tmp_path, monkeypatch):
-    """The CLI's summary names the waves (in-process, the cap lowered), and not without them."""
+    """The CLI's summary names the waves (in-process, the cap lowered), and not without them; and
+    says so where they read the task results' headers again (no temporary file for the index)."""
     from click.testing import CliRunner
 
     import gpumesh.writer as writer
@@ -1496,6 +1497,11 @@ def test_cli_says_when_the_output_was_written_in_waves(small, tmp_path, monkeypa
     assert waved.exit_code == 0, waved.output
     assert " in 4 waves;" in waved.output
     assert tree_files(tmp_path / "waved") == tree_files(tmp_path / "plain")
+    monkeypatch.setattr(writer, "INDEX_SPILL", False)   # no temporary file: the headers read again, said so
+    again = runner.invoke(main, [str(tmp_path / "again") if a is None else a for a in args])
+    assert again.exit_code == 0, again.output
+    assert " in 4 waves, headers read again;" in again.output
+    assert tree_files(tmp_path / "again") == tree_files(tmp_path / "plain")
 
 
 def test_gzip_bytes_do_not_depend_on_the_python_version():
