@@ -17,21 +17,20 @@ reader never finds a manifest whose data is missing, and a directory with ``info
 Sharded output is built shard by shard (:func:`write_shards`, :func:`write_shard`): each
 segment's shard follows from its ID alone, so the block results' fragment index (no fragment
 bytes) is grouped by shard, and only the fragments of the shard being built are needed at a
-time.  The index itself is held whole only while it fits in :data:`ASSEMBLY_INDEX_BYTES` (1 GiB,
-~20 million fragments): past that the assembly keeps a row per segment (:class:`SegmentTable`,
-from which come each segment's LODs and the sharding's bits) and writes the shards (unsharded:
-runs of segments) in waves whose entries fit, so that the main process's memory follows the
-number of segments, not of fragments.  The entries past the cap go to a temporary file
-(:class:`IndexSpill`), which each wave reads back; where it cannot be written, each wave reads
-the results' headers again.  In the
-main job with several workers, the workers build the segments (a segment is a
-function of its index rows and the task results): each writes whole shards when there are at
-least as many as workers, else a part of each shard's segments, which this process joins into
-the shard; unsharded and legacy files are written by the workers, a run of segments each.
-Task results are read once and kept in memory while they hold at most
-:data:`ASSEMBLY_CACHE_BYTES` (most jobs' whole output); past that only their headers are read,
-and fragments by byte range as their shard is built (:class:`TaskResults`), so memory follows a
-shard, not the whole output.  Each shard is one atomic write, after which
+time.  The index itself is held whole only while it fits in :data:`ASSEMBLY_INDEX_BYTES`
+(1 GiB, ~20 million fragments): past that the assembly keeps a row per segment
+(:class:`SegmentTable`, from which come each segment's LODs and the sharding's bits) and writes
+the shards (unsharded: runs of segments) in waves whose entries fit, so that the main process's
+memory follows the number of segments, not of fragments.  The entries past the cap go to a
+temporary file (:class:`IndexSpill`), which each wave reads back; where it cannot be written,
+each wave reads the results' headers again.  In the main job with several workers, the workers
+build the segments (a segment is a function of its index rows and the task results): each
+writes whole shards when there are at least as many as workers, else a part of each shard's
+segments, which this process joins into the shard; unsharded and legacy files are written by
+the workers, a run of segments each. Task results are read once and kept in memory while they
+hold at most :data:`ASSEMBLY_CACHE_BYTES` (most jobs' whole output); past that only their
+headers are read, and fragments by byte range as their shard is built (:class:`TaskResults`),
+so memory follows a shard, not the whole output.  Each shard is one atomic write, after which
 ``.gpumesh-work/shards/<shard>.json`` records it (with its statistics), so a resumed run skips
 finished shards.  :func:`convert_mesh` rewrites a multi-resolution directory between the two
 layouts.
@@ -656,22 +655,27 @@ def _read_index(results: "TaskResults", known: dict, lods: int, whole: bool):
     kept: Optional[list] = []
     spill: Optional[IndexSpill] = None
     held = 0
-    for ext, count_labels, counts in _header_batches(results, known, whole):
-        table.add(ext)
-        voxels.add_rows(count_labels, {"voxels": counts})
-        block_bytes += np.bincount(ext["block"], weights=ext["size"], minlength=len(block_bytes))
-        if kept is not None:
-            held += ext.nbytes
-            if held <= ASSEMBLY_INDEX_BYTES:
-                kept.append(ext)
-                continue
-            # past the cap: none held, all written to the spill (where it can be)
-            batches, kept = kept + [ext], None
-            spill = IndexSpill.start() if INDEX_SPILL else None
-        else:
-            batches = [ext]
-        if spill is not None and not spill.add(batches):
-            spill = None   # (closed) the waves read the headers again
+    try:
+        for ext, count_labels, counts in _header_batches(results, known, whole):
+            table.add(ext)
+            voxels.add_rows(count_labels, {"voxels": counts})
+            block_bytes += np.bincount(ext["block"], weights=ext["size"], minlength=len(block_bytes))
+            if kept is not None:
+                held += ext.nbytes
+                if held <= ASSEMBLY_INDEX_BYTES:
+                    kept.append(ext)
+                    continue
+                # past the cap: none held, all written to the spill (where it can be)
+                batches, kept = kept + [ext], None
+                spill = IndexSpill.start() if INDEX_SPILL else None
+            else:
+                batches = [ext]
+            if spill is not None and not spill.add(batches):
+                spill = None   # (closed) the waves read the headers again
+    except BaseException:   # a result that cannot be read, Ctrl-C: its file goes now, not at exit
+        if spill is not None:
+            spill.close()
+        raise
     if kept is not None:
         return np.concatenate(kept) if kept else np.zeros(0, dtype=INDEX_DTYPE), table, voxels, block_bytes
     return spill, table, voxels, block_bytes

@@ -287,6 +287,24 @@ def test_an_index_spill_that_cannot_be_written_leaves_the_waves_to_the_headers(t
     with pytest.raises(GpumeshError, match="ended early"):
         index.rows_of(labels)
     index.close()
+    # a result that cannot be read once the spill is started: its file is closed (deleted) at once
+    class Roomy(io.BytesIO):
+        def close(self):
+            closed.append(self.tell())
+            super().close()
+
+    closed.clear()
+    monkeypatch.setattr(writer.tempfile, "TemporaryFile", lambda **kwargs: Roomy())
+    monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", 1)
+    monkeypatch.setattr(writer, "HEADER_BATCH_ROWS", 1)   # (the spill starts with the first result's rows)
+    assert len(keys) > writer.HEADER_READS   # the last is read in a later batch, once the spill has rows
+    storage.delete_prefix(kv, keys[-1])
+    try:
+        writer._read_index(writer.TaskResults(kv, keys, cache_bytes=0), {}, 3, False)
+    except GpumeshError as exc:   # (checked while the error holds the frames: closed by the code, not collected)
+        assert "missing from the scratch area" in str(exc) and len(closed) == 1
+    else:
+        pytest.fail("a missing result was not an error")
 
 
 def test_a_part_and_the_resume_after_it_list_the_scratch_area_no_more_than_they_need(tmp_path, monkeypatch):
