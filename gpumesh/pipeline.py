@@ -1501,6 +1501,19 @@ def _check_part(part) -> tuple[int, int]:
     return int(k), int(n)
 
 
+def _clear_finished(kv) -> None:
+    """Delete the scratch area of a finished mesh (its ``info`` there, and neither a plan nor a
+    whole run's mark): what a part taken over wrote there after the run that wrote the output
+    had deleted its own (the task results it finished meanwhile, a record), which no run would
+    read or delete.  Nothing where the store cannot say."""
+    try:
+        if (storage.read(kv, "info") is not None and storage.read(kv, SCRATCH + "plan.json") is None
+                and storage.read(kv, OWNER_KEY) is None):
+            storage.delete_prefix(kv, SCRATCH)
+    except Exception:   # the store no longer answers: the error to raise says more
+        pass
+
+
 def _part_finished(shown: str, k: int, n: int, plan_left: bool) -> DestinationExistsError:
     """The error of part ``k`` of ``n`` started into DEST (``shown``) that holds the job's
     finished output; ``plan_left``: with the job's plan still beside it."""
@@ -2009,6 +2022,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             # another run (--overwrite) deleted or replaced what this one needed: say that,
             # not what it broke (a task result missing from the scratch area, a write refused),
             # naming DEST as given
+            if part is not None:
+                _clear_finished(kv)
             raise writer.taken_error(kv, owner, dest, part) from exc
         if isinstance(exc, (SourceReadError, DestinationError)):   # a write, or the volume's first read
             raise _task_failed([exc], finished, len(mine), shown, part) from exc
@@ -2028,6 +2043,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     summary.seconds_meshing = t_mesh - t0
     if part is not None:   # no output: what the part did, and how far the whole job is
         if writer.taken_over(kv, owner):   # finished tasks written into a scratch area deleted since
+            _clear_finished(kv)
             raise writer.taken_error(kv, owner, dest, part)
         names = finished_tasks(kv, plan.stamp, records=records)
         summary.part = f"{k_part}/{n_parts}"

@@ -148,7 +148,8 @@ def test_a_part_refuses_other_options_overwrite_a_cluster_link_source_and_bad_pa
 def test_a_part_stops_when_the_scratch_area_is_deleted_or_replaced(tmp_path, monkeypatch):
     """A part whose job was finished (the scratch area deleted) or started over (another plan)
     while it ran stops with DestinationTakenError at its next check, and a task that fails says
-    to run the same part again."""
+    to run the same part again.  In a finished mesh, what it wrote after the output's run had
+    deleted its scratch area (its task results, which no run reads or deletes) goes too."""
     from gpumesh import writer
 
     monkeypatch.setattr(writer, "OWNER_CHECK_S", 0.0)
@@ -179,6 +180,19 @@ def test_a_part_stops_when_the_scratch_area_is_deleted_or_replaced(tmp_path, mon
         with pytest.raises(DestinationTakenError, match=said):
             run_mesh(labels, str(dest), options=opts, part=(1, 2), progress=meddle, **kw)
         assert len(finished_tasks(writer.storage.open_kvstore(str(dest)))) <= 3
+        if name == "finished":   # what it wrote after the output's run deleted its scratch area: deleted too
+            assert sorted(p.name for p in dest.iterdir()) == ["info"]
+    # finished after its last check, before its summary: found then, the same
+    dest = tmp_path / "finished-last"
+
+    def last(done, total):
+        if done == total:
+            finish(writer.storage.open_kvstore(str(dest)))
+            writer.storage.write(writer.storage.open_kvstore(str(dest)), SCRATCH + "empty/x-0", b"late\n")
+
+    with pytest.raises(DestinationTakenError, match="a run has written the job's output there while part 1/2 ran"):
+        run_mesh(labels, str(dest), options=opts, part=(1, 2), progress=last, **kw)
+    assert sorted(p.name for p in dest.iterdir()) == ["info"]
     # a task that cannot read the volume: the others finish, the line names the part to rerun
     bad = labels.astype(np.int32)
     plan = Plan.make(bad.shape, opts)
