@@ -721,11 +721,13 @@ class IndexSpill:
 
     def add(self, batches: list) -> bool:
         """Append ``batches`` (:data:`INDEX_DTYPE` rows); ``False``, the spill closed, where
-        they cannot be written (the temporary folder is full)."""
+        they cannot be written (the temporary folder is full).  They are flushed at once: the
+        file is buffered, and a full folder must show here, not at a wave's read."""
         try:
             for ext in batches:
                 self.file.write(np.ascontiguousarray(ext).tobytes())
                 self.rows += len(ext)
+            self.file.flush()
             return True
         except OSError:
             self.close()
@@ -753,7 +755,12 @@ class IndexSpill:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=INDEX_DTYPE)
 
     def close(self) -> None:
-        self.file.close()
+        """Close the file, which deletes it; the bytes a full folder left in its buffer, which
+        its close writes again, are dropped with it (no error)."""
+        try:
+            self.file.close()
+        except OSError:
+            pass
 
 
 def _wave_rows(results: "TaskResults", index, labels: np.ndarray, stats: dict) -> np.ndarray:

@@ -307,6 +307,69 @@ def test_an_index_spill_that_cannot_be_written_leaves_the_waves_to_the_headers(t
         pytest.fail("a missing result was not an error")
 
 
+def test_a_buffered_index_spill_that_fills_its_folder_leaves_the_waves_to_the_headers(tmp_path, monkeypatch):
+    """``tempfile.TemporaryFile`` is buffered: a batch of entries smaller than its buffer is not
+    written at once, and a full temporary folder is known only at the next write or at the flush.
+    Wherever that comes (a later batch, the first wave's read), the spill is dropped, its file
+    closed without a second error, and the waves read the headers again: the same entries, never
+    an OSError out of the assembly."""
+    import errno
+    import io
+
+    import gpumesh.writer as writer
+
+    kv, keys, blobs = _results(tmp_path, np.random.default_rng(7), n=120)
+    want = _index_one_by_one(blobs, 3)[0]
+    labels = np.unique(want["label"])
+    monkeypatch.setattr(writer, "HEADER_BATCH_ROWS", 1)   # batches of a result each: a few entries
+    monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", want.nbytes // 3)
+
+    class Disk(io.RawIOBase):   # a file on a disk with room for ``room`` bytes
+        def __init__(self, room):
+            self.data, self.room = io.BytesIO(), room
+
+        def readable(self):
+            return True
+
+        def writable(self):
+            return True
+
+        def seekable(self):
+            return True
+
+        def seek(self, pos, whence=0):
+            return self.data.seek(pos, whence)
+
+        def tell(self):
+            return self.data.tell()
+
+        def readinto(self, b):
+            got = self.data.read(len(b))
+            b[:len(got)] = got
+            return len(got)
+
+        def write(self, b):
+            if self.data.tell() + len(b) > self.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.data.write(bytes(b))
+
+    buffer = 1024
+    assert want.nbytes > 2 * buffer   # some batches reach the disk before it fills, some do not
+    for room in (want.nbytes // 2, want.nbytes - 1):   # full while written; full at the last batches only
+        files = []
+
+        def temporary_file(**kwargs):
+            files.append(io.BufferedRandom(Disk(room), buffer_size=buffer))
+            return files[-1]
+
+        monkeypatch.setattr(writer.tempfile, "TemporaryFile", temporary_file)
+        index = writer._read_index(writer.TaskResults(kv, keys, cache_bytes=0), {}, 3, False)[0]
+        stats = {"index_waves": 0}
+        rows = writer._wave_rows(writer.TaskResults(kv, keys, cache_bytes=0), index, labels, stats)
+        assert index is None and len(files) == 1 and files[0].closed, room
+        assert rows.tobytes() == want.tobytes() and stats["index_waves"] == 1
+
+
 def test_a_part_and_the_resume_after_it_list_the_scratch_area_no_more_than_they_need(tmp_path, monkeypatch):
     """The listing of DEST made before a run writes its plan also gives the tasks finished there
     (``finished_tasks(keys=)``): a part lists its task results twice (what is left of its share,
