@@ -370,6 +370,75 @@ def test_a_buffered_index_spill_that_fills_its_folder_leaves_the_waves_to_the_he
         assert rows.tobytes() == want.tobytes() and stats["index_waves"] == 1
 
 
+@pytest.mark.parametrize("step_rows", [5, 0], ids=["5 rows", "under a row"])
+def test_a_wave_reads_the_index_spill_back_a_bounded_step_at_a_time(tmp_path, monkeypatch, step_rows):
+    """Each wave reads the spill back :data:`SPILL_READ_BYTES` at a time (a row at least, where
+    it is set below one), never the whole file at once (the memory of the index the cap keeps
+    out): the same entries, in task order."""
+    import io
+
+    import gpumesh.writer as writer
+
+    kv, keys, blobs = _results(tmp_path, np.random.default_rng(7), n=120)
+    want = _index_one_by_one(blobs, 3)[0]
+    step = max(1, step_rows) * writer.INDEX_DTYPE.itemsize
+    assert len(want) > 3 * max(1, step_rows)
+    reads = []
+
+    class Counted(io.BytesIO):
+        def read(self, size=-1):
+            reads.append(size)
+            assert len(reads) <= 2 * len(want), "the spill is read back without end"
+            return super().read(size)
+
+    monkeypatch.setattr(writer.tempfile, "TemporaryFile", lambda **kwargs: Counted())
+    monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", want.nbytes // 3)
+    monkeypatch.setattr(writer, "SPILL_READ_BYTES", step_rows * writer.INDEX_DTYPE.itemsize)
+    index = writer._read_index(writer.TaskResults(kv, keys, cache_bytes=0), {}, 3, False)[0]
+    assert isinstance(index, writer.IndexSpill)
+    some = np.unique(want["label"])[::2]
+    rows = index.rows_of(some)
+    assert rows.tobytes() == want[np.isin(want["label"], some)].tobytes()
+    assert 0 < max(reads) <= step and sum(reads) == want.nbytes
+    index.close()
+
+
+def test_an_interrupted_header_read_closes_the_index_spill_at_once(tmp_path, monkeypatch):
+    """Ctrl-C (a BaseException, not an Exception) while the headers are read past the cap closes
+    the spill (which deletes its file) before the interrupt goes on, as an unreadable result
+    does: not when, or if, its object is collected."""
+    import io
+
+    import gpumesh.writer as writer
+
+    kv, keys, blobs = _results(tmp_path, np.random.default_rng(7), n=120)
+    closed = []
+
+    class Roomy(io.BytesIO):
+        def close(self):
+            closed.append(self.tell())
+            super().close()
+
+    real = writer._header_batches
+
+    def interrupted(*args, **kwargs):
+        for k, got in enumerate(real(*args, **kwargs)):
+            if k == 3:
+                raise KeyboardInterrupt
+            yield got
+
+    monkeypatch.setattr(writer.tempfile, "TemporaryFile", lambda **kwargs: Roomy())
+    monkeypatch.setattr(writer, "_header_batches", interrupted)
+    monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", 1)
+    monkeypatch.setattr(writer, "HEADER_BATCH_ROWS", 1)
+    try:
+        writer._read_index(writer.TaskResults(kv, keys, cache_bytes=0), {}, 3, False)
+    except KeyboardInterrupt:   # (checked while the exception holds the frames)
+        assert len(closed) == 1 and closed[0] > 0
+    else:
+        pytest.fail("the interrupt was lost")
+
+
 def test_a_part_and_the_resume_after_it_list_the_scratch_area_no_more_than_they_need(tmp_path, monkeypatch):
     """The listing of DEST made before a run writes its plan also gives the tasks finished there
     (``finished_tasks(keys=)``): a part lists its task results twice (what is left of its share,
