@@ -95,6 +95,14 @@ def main(argv=None) -> int:
     p.add_argument("--dest", help=argparse.SUPPRESS)
     add_result_args(p)
     args = p.parse_args(argv)
+    caps = [c.strip() for c in args.caps.split(",") if c.strip()]
+    for cap in caps:   # MiB, and an h for the headers read again: said here, not by a child's traceback
+        try:
+            ok = float(cap[:-1] if cap.endswith("h") else cap) >= 0
+        except ValueError:
+            ok = False
+        if not ok:
+            p.error(f"--caps: {cap!r} is not a size in MiB (with an h: the headers read again, no temporary file)")
     voxel_size = [float(v) for v in args.voxel_size.split(",")]
     if args.one:
         print(json.dumps(one_run(args.one, args.source, voxel_size, args.chunk_size, args.max_lods, args.workers,
@@ -106,7 +114,7 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for rnd in range(args.repeat):
-            for cap in ["default"] + [c.strip() for c in args.caps.split(",") if c.strip()]:
+            for cap in ["default"] + caps:
                 out = subprocess.run([sys.executable, __file__, "--one", cap, "--dest", f"{tmp}/out",
                                       "--source", args.source, "--voxel-size", args.voxel_size,
                                       "--chunk-size", str(args.chunk_size), "--max-lods", str(args.max_lods),

@@ -656,6 +656,13 @@ def test_bench_memory_runs_every_task_as_one_worker(tmp_path, capsys):
 import bench_assembly  # noqa: E402
 
 
+@pytest.mark.parametrize("caps", ["h", "8H", "-1", "8,x"])
+def test_bench_assembly_refuses_a_malformed_cap_at_once(caps, capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench_assembly.main(["--caps", caps, "--no-save"])
+    assert stop.value.code == 2 and "is not a size in MiB" in capsys.readouterr().err
+
+
 def test_bench_assembly_runs_each_cap_and_compares_the_outputs(tmp_path, capsys):
     """On a small zarr: a row per cap, the default holding the index whole (no waves) and a
     tiny cap writing in waves, from the spill, then from the headers again (``h``: more reads of
