@@ -1397,6 +1397,8 @@ def write_shards(kv, results: "TaskResults", index: Optional[np.ndarray], table:
             progress(stats["segments"], len(labels))
 
     report()
+    if not len(todo_shards):   # all written by an interrupted run: no wave (it read the entries for none)
+        return spec
     per_wave = workers if executor is not None else 1
     for wave in _waves(np.bincount(per_shard, weights=entries, minlength=len(shards))[todo_shards].astype(np.int64),
                        per_wave):

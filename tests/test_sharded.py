@@ -561,6 +561,35 @@ def test_resume_skips_finished_shards(small, outputs, tmp_path, monkeypatch, wav
     assert summary.segments == validate(str(dest)).num_segments
 
 
+@pytest.mark.parametrize("waves", [False, True])
+def test_a_resume_after_every_shard_was_written_reads_no_wave(small, outputs, tmp_path, monkeypatch, waves):
+    """An assembly stopped after its last shard, before its info: the resumed run writes no
+    shard again and, past the index cap, reads no wave of entries for none (it read the spill, or
+    every header, once more)."""
+    import gpumesh.writer as writer
+
+    if waves:
+        monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", 1)
+    sharding = ShardingOptions(shard_bits=2, minishard_bits=2, data_encoding="gzip")
+    dest = tmp_path / "out"
+    real = writer.mesh_info
+
+    def killed(*args, **kwargs):   # (made just before the info is written)
+        raise _Killed("killed after the last shard")
+
+    monkeypatch.setattr(writer, "mesh_info", killed)
+    with pytest.raises(_Killed):
+        _mesh(small, dest, sharding)
+    assert len([n for n in os.listdir(dest) if n.endswith(".shard")]) == 4 and not (dest / "info").exists()
+    monkeypatch.setattr(writer, "mesh_info", real)
+    built = []
+    monkeypatch.setattr(writer, "build_shard", lambda spec, items: built.append(1))
+    waves_read = _spy_waves(monkeypatch, writer)
+    summary = _mesh(small, dest, sharding, resume=True)
+    assert not built and waves_read == [] and summary.index_waves == 0
+    assert tree_files(dest) == tree_files(outputs / "gzip")
+
+
 @pytest.mark.parametrize("stop_at", ["blocks/", "shards/"])   # deleting the task results, the shards' records
 def test_a_run_stopped_while_deleting_its_scratch_area_resumes(small, outputs, tmp_path, monkeypatch, stop_at):
     """The output is written (``info`` too) and the run is stopped (SIGTERM, a kill) while it
