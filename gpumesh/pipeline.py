@@ -1501,17 +1501,20 @@ def _check_part(part) -> tuple[int, int]:
     return int(k), int(n)
 
 
-def _clear_finished(kv) -> None:
+def _clear_finished(kv, own_plan: bool = False) -> bool:
     """Delete the scratch area of a finished mesh (its ``info`` there, and neither a plan nor a
-    whole run's mark): what a part taken over wrote there after the run that wrote the output
-    had deleted its own (the task results it finished meanwhile, a record), which no run would
-    read or delete.  Nothing where the store cannot say."""
+    whole run's mark): what a part wrote there after the run that wrote the output had deleted
+    its own (its plan, the task results it finished meanwhile, a record), which no run would
+    read or delete.  ``own_plan``: the plan there is the calling part's own, just written.
+    Returns whether it was deleted (not where the store cannot say)."""
     try:
-        if (storage.read(kv, "info") is not None and storage.read(kv, SCRATCH + "plan.json") is None
-                and storage.read(kv, OWNER_KEY) is None):
+        if (storage.read(kv, "info") is not None and storage.read(kv, OWNER_KEY) is None
+                and (own_plan or storage.read(kv, SCRATCH + "plan.json") is None)):
             storage.delete_prefix(kv, SCRATCH)
+            return True
     except Exception:   # the store no longer answers: the error to raise says more
         pass
+    return False
 
 
 def _part_finished(shown: str, k: int, n: int, plan_left: bool) -> DestinationExistsError:
@@ -1826,10 +1829,7 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
             # or a --resume ending it), this plan the same bytes as its own: left to it, as deleted
             # it stopped that run ("taken over").  Else that run had deleted its own plan: the
             # scratch area is deleted again, so that no part's plan is left in a finished mesh
-            if storage.read(kv, OWNER_KEY) is not None:
-                raise _part_finished(shown, k_part, n_parts, True)
-            storage.delete_prefix(kv, SCRATCH)
-            raise _part_finished(shown, k_part, n_parts, False)
+            raise _part_finished(shown, k_part, n_parts, not _clear_finished(kv, own_plan=True))
         if there != stored:
             # a part of other options, started at once into the empty DEST, wrote its plan after
             # this one's: not this part's mark, and its tasks (stamped with its own plan) unused

@@ -1200,8 +1200,7 @@ class TaskResults:
             if whole and not self.full and self.kept_bytes >= self.cache_bytes and todo:
                 # the kept results fill the cap to the byte, none went past it: these are read by
                 # header, and the spans of their fragments need the room as well
-                self.full = True
-                self._let_go(self.cache_bytes - self.cache_bytes // SPAN_ROOM_SHARE)
+                self._keep_no_more()
             if whole and not self.full and self.kept_bytes < self.cache_bytes:
                 for b, blob in self._values([(b, self.kv.read(self.keys[b])) for b in todo]):
                     if not self.full and self.kept_bytes + len(blob) <= self.cache_bytes:
@@ -1211,8 +1210,7 @@ class TaskResults:
                         # keep no more; kept_bytes stays what the kept results hold: the room left
                         # is the spans' (set to the cap here, it left one process none), at least
                         # 1 / SPAN_ROOM_SHARE of the cap: the last results kept are let go for it
-                        self.full = True
-                        self._let_go(self.cache_bytes - self.cache_bytes // SPAN_ROOM_SHARE)
+                        self._keep_no_more()
                     got[b] = blob
             else:
                 sized = [b for b in todo if self.header_bytes[b]]
@@ -1234,9 +1232,12 @@ class TaskResults:
                     self.header_bytes[b] = block_header_size(head[:BLOCK_PREFIX])
                 yield b, head
 
-    def _let_go(self, limit: int) -> None:
-        """Drop the results kept last until the kept results hold at most ``limit`` bytes
-        (their fragments are then read by byte range, as those of results never kept)."""
+    def _keep_no_more(self) -> None:
+        """Set :attr:`full` and drop the results kept last until the kept results leave the
+        spans 1 / :data:`SPAN_ROOM_SHARE` of the cap (their fragments are then read by byte
+        range, as those of results never kept)."""
+        self.full = True
+        limit = self.cache_bytes - self.cache_bytes // SPAN_ROOM_SHARE
         while self.kept and self.kept_bytes - self.span_bytes > limit:
             _, blob = self.kept.popitem()
             self.kept_bytes -= len(blob)
