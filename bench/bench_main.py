@@ -1273,17 +1273,15 @@ def mesh_with_cli(source, dest, voxel_size: str, args=(), workers=None, *, check
 
     ``checkout``: the gpumesh source tree to run, first on the path (``python -m gpumesh.cli``,
     from the summary's folder: ``-m`` puts the working directory first on the path, which must
-    be no checkout); default this Python's installed ``gpumesh``.  ``env``: the process's
+    be no checkout); default this one (:data:`REPO_ROOT`, whose commit the result names; the
+    ``gpumesh`` that this Python has installed may be another checkout's).  ``env``: the process's
     environment (default this one's).  ``summary``: where the summary goes (default
     ``DEST.summary.json``; give it where ``dest`` is a URL).  A run that fails raises
     ``RuntimeError`` with its stderr."""
     env = dict(os.environ if env is None else env)
     summary = Path(f"{dest}.summary.json" if summary is None else summary)
-    if checkout is None:
-        cmd, cwd = [str(Path(sys.executable).with_name("gpumesh"))], None
-    else:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(checkout), env.get("PYTHONPATH")]))
-        cmd, cwd = [sys.executable, "-m", "gpumesh.cli"], summary.parent
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(checkout or REPO_ROOT), env.get("PYTHONPATH")]))
+    cmd, cwd = [sys.executable, "-m", "gpumesh.cli"], summary.parent
     cmd += ["mesh", str(source), str(dest), "--voxel-size", voxel_size, *args, "--quiet",
             "--summary-json", str(summary), *([] if workers is None else ["--workers", str(workers)])]
     t0 = time.perf_counter()

@@ -758,6 +758,24 @@ def test_a_benchmark_imports_its_own_checkouts_gpumesh(tmp_path):
     assert pathlib.Path(r.stdout.strip()).resolve() == (other / "gpumesh" / "__init__.py").resolve()
 
 
+def test_mesh_with_cli_runs_its_own_checkouts_gpumesh(tmp_path, monkeypatch):
+    # a benchmark's CLI runs (bench_parts, bench_scale, bench_lods, ...) ran the gpumesh script
+    # this Python had installed, which may be another checkout's, under this one's commit
+    other = tmp_path / "clone"
+    (other / "gpumesh").mkdir(parents=True)
+    (other / "gpumesh" / "__init__.py").write_text("")
+    (other / "gpumesh" / "cli.py").write_text(
+        "import json, sys\n"
+        "out = sys.argv[sys.argv.index('--summary-json') + 1]\n"
+        "json.dump({'seconds': 1.0, 'seconds_meshing': 0.5, 'seconds_writing': 0.5, 'bytes': 7,\n"
+        "           'triangles_per_lod': [__file__], 'workers': 1, 'peak_rss_mb': 1.0}, open(out, 'w'))\n")
+    monkeypatch.setattr(bench_main, "REPO_ROOT", other)
+    (tmp_path / "runs").mkdir()
+    got = bench_main.mesh_with_cli(tmp_path / "none.zarr", tmp_path / "runs" / "out", "1,1,1")
+    assert got["bytes"] == 7
+    assert pathlib.Path(got["triangles_per_lod"][0]).resolve() == (other / "gpumesh" / "cli.py").resolve()
+
+
 def test_git_info_leaves_the_benchmarks_results_out_of_dirty(tmp_path, monkeypatch):
     # a second benchmark run from a clean clone found the first's result JSON there, untracked,
     # and said "dirty"; a change anywhere else still is
