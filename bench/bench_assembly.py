@@ -50,6 +50,15 @@ def tree_digest(root: Path) -> str:
     return h.hexdigest()
 
 
+def parse_cap(cap: str) -> tuple[float, bool]:
+    """A ``--caps`` entry: its MiB, and whether the index goes to a temporary file past it
+    (``False`` for ``Nh``: the headers read again).  ``ValueError`` where it is not one."""
+    mib = float(cap[:-1] if cap.endswith("h") else cap)
+    if not mib >= 0:
+        raise ValueError(f"not a size: {cap!r}")
+    return mib, not cap.endswith("h")
+
+
 def one_run(cap: str, source: str, voxel_size, chunk: int, max_lods: int, workers: int, shard_bits, dest: str) -> dict:
     """Mesh the job in this process with the index cap ``cap`` (MiB, or ``default``)."""
     import gpumesh.writer as writer
@@ -57,8 +66,8 @@ def one_run(cap: str, source: str, voxel_size, chunk: int, max_lods: int, worker
     from gpumesh.sharding import ShardingOptions
 
     if cap != "default":
-        writer.ASSEMBLY_INDEX_BYTES = int(float(cap.rstrip("h")) * (1 << 20))
-        writer.INDEX_SPILL = not cap.endswith("h")
+        mib, writer.INDEX_SPILL = parse_cap(cap)
+        writer.ASSEMBLY_INDEX_BYTES = int(mib * (1 << 20))
     reads = [0]
     real_values = writer.TaskResults._values
 
@@ -96,12 +105,10 @@ def main(argv=None) -> int:
     add_result_args(p)
     args = p.parse_args(argv)
     caps = [c.strip() for c in args.caps.split(",") if c.strip()]
-    for cap in caps:   # MiB, and an h for the headers read again: said here, not by a child's traceback
+    for cap in caps:   # said here, not by a child's traceback
         try:
-            ok = float(cap[:-1] if cap.endswith("h") else cap) >= 0
+            parse_cap(cap)
         except ValueError:
-            ok = False
-        if not ok:
             p.error(f"--caps: {cap!r} is not a size in MiB (with an h: the headers read again, no temporary file)")
     voxel_size = [float(v) for v in args.voxel_size.split(",")]
     if args.one:
