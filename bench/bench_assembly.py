@@ -4,12 +4,15 @@
 The assembly holds every fragment entry (52 bytes each) while they fit in
 ``gpumesh.writer.ASSEMBLY_INDEX_BYTES`` (1 GiB); past it, it keeps a row per segment and writes
 the shards in waves, each reading the entries again: from the temporary file they were written
-to (``gpumesh.writer.IndexSpill``), or, with a cap given as ``Nh``, from the task results'
-headers (``INDEX_SPILL`` off, as gpumesh did before it had the file).  To see both on a volume
-of this size, each run meshes the same job in a fresh process with the cap left as it is
-(``default``) or set to ``--caps`` MiB, and reports the main process's peak RSS (its workers
-are other processes), the waves, the wall time of the writing phase, the task results' reads
-by this process and a digest of every output file, which must be the same for every cap.  The
+to (``gpumesh.writer.IndexSpill``), which is written again wave by wave so that each wave reads
+its own entries alone (``IndexSpill.group``); with a cap given as ``Ns``, from that file read
+whole by each wave (not grouped, as gpumesh did before it grouped it); with ``Nh``, from the
+task results' headers (``INDEX_SPILL`` off, as gpumesh did before it had the file).  To see
+them on a volume of this size, each run meshes the same job in a fresh process with the cap
+left as it is (``default``) or set to ``--caps`` MiB, and reports the main process's peak RSS
+(its workers are other processes), the waves, the wall time of the writing phase, the task
+results' reads by this process, the bytes of the temporary file read back and a digest of
+every output file, which must be the same for every cap.  The
 default job is the real volume with 8-voxel octree nodes and 5 LODs: ~0.94 M fragments, an
 index of ~53 MB, where 64-voxel nodes give 37 k.  It is written in 16 shards (``--shard-bits
 4``), so that a wave can hold a few.
@@ -17,6 +20,7 @@ index of ~53 MB, where 64-voxel nodes give 37 k.  It is written in 16 shards (``
     .venv/bin/python bench/bench_assembly.py                    # caps: default, 8 MiB
     .venv/bin/python bench/bench_assembly.py --caps 4 --repeat 2
     .venv/bin/python bench/bench_assembly.py --caps 8,8h        # 8 MiB with the spill, then without
+    .venv/bin/python bench/bench_assembly.py --caps 8,8s        # the spill grouped by wave, then read whole
 
 Prints a table and writes ``bench/results/assembly-<UTC start>-<hostname>.json``.
 """
@@ -50,13 +54,15 @@ def tree_digest(root: Path) -> str:
     return h.hexdigest()
 
 
-def parse_cap(cap: str) -> tuple[float, bool]:
-    """A ``--caps`` entry: its MiB, and whether the index goes to a temporary file past it
-    (``False`` for ``Nh``: the headers read again).  ``ValueError`` where it is not one."""
-    mib = float(cap[:-1] if cap.endswith("h") else cap)
+def parse_cap(cap: str) -> tuple[float, bool, bool]:
+    """A ``--caps`` entry: its MiB, whether the index goes to a temporary file past it
+    (``False`` for ``Nh``: the headers read again), and whether that file is grouped by wave
+    (``False`` for ``Ns`` and ``Nh``).  ``ValueError`` where it is not one."""
+    mode = cap[-1:] if cap[-1:] in ("h", "s") else ""
+    mib = float(cap[:len(cap) - len(mode)])
     if not mib >= 0:
         raise ValueError(f"not a size: {cap!r}")
-    return mib, not cap.endswith("h")
+    return mib, mode != "h", mode == ""
 
 
 def one_run(cap: str, source: str, voxel_size, chunk: int, max_lods: int, workers: int, shard_bits, dest: str) -> dict:
@@ -66,8 +72,10 @@ def one_run(cap: str, source: str, voxel_size, chunk: int, max_lods: int, worker
     from gpumesh.sharding import ShardingOptions
 
     if cap != "default":
-        mib, writer.INDEX_SPILL = parse_cap(cap)
+        mib, writer.INDEX_SPILL, grouped = parse_cap(cap)
         writer.ASSEMBLY_INDEX_BYTES = int(mib * (1 << 20))
+        if not grouped:
+            writer.SPILL_GROUP_WAVES = 1 << 62
     reads = [0]
     real_values = writer.TaskResults._values
 
@@ -84,7 +92,8 @@ def one_run(cap: str, source: str, voxel_size, chunk: int, max_lods: int, worker
     return {"cap": cap, "cap_bytes": writer.ASSEMBLY_INDEX_BYTES,
             "main_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "fragments": sum(s.fragments_per_lod), "segments": s.segments, "index_waves": s.index_waves,
-            "index_spilled": s.index_spilled, "result_reads": reads[0],
+            "index_spilled": s.index_spilled, "index_grouped": s.index_grouped,
+            "index_bytes_read": s.index_bytes_read, "result_reads": reads[0],
             "seconds": time.perf_counter() - t0, "seconds_writing": s.seconds_writing, "bytes": s.bytes,
             "digest": tree_digest(Path(dest))}
 
@@ -109,7 +118,8 @@ def main(argv=None) -> int:
         try:
             parse_cap(cap)
         except ValueError:
-            p.error(f"--caps: {cap!r} is not a size in MiB (with an h: the headers read again, no temporary file)")
+            p.error(f"--caps: {cap!r} is not a size in MiB (with an h: the headers read again, no temporary file; "
+                    f"with an s: the temporary file read whole by each wave)")
     voxel_size = [float(v) for v in args.voxel_size.split(",")]
     if args.one:
         print(json.dumps(one_run(args.one, args.source, voxel_size, args.chunk_size, args.max_lods, args.workers,
@@ -131,10 +141,13 @@ def main(argv=None) -> int:
     same = len({r["digest"] for r in rows}) == 1
     print(f"source {args.source}; chunk {args.chunk_size}; max LODs {args.max_lods}; {args.workers} workers; "
           f"{1 << args.shard_bits} shards\n")
-    print("cap MiB | fragments | waves | spill | result reads | main peak RSS MiB | writing s | wall s")
-    print("--------+-----------+-------+-------+--------------+-------------------+-----------+-------")
+    print("cap MiB | fragments | waves | spill | grouped | spill MiB read | result reads | main peak RSS MiB | "
+          "writing s | wall s")
+    print("--------+-----------+-------+-------+---------+----------------+--------------+-------------------+"
+          "-----------+-------")
     for r in rows:
         print(f"{r['cap']:>7} | {r['fragments']:>9} | {r['index_waves']:>5} | {str(r['index_spilled']):>5} | "
+              f"{str(r['index_grouped']):>7} | {r['index_bytes_read'] / (1 << 20):>14.1f} | "
               f"{r['result_reads']:>12} | {r['main_peak_rss_mib']:>17.0f} | {r['seconds_writing']:>9.1f} | "
               f"{r['seconds']:>6.1f}")
     print(f"\nthe same output bytes at every cap: {same}")

@@ -1175,6 +1175,11 @@ class Summary:
     index_spilled : bool
         Those passes read the index from a temporary file (:class:`gpumesh.writer.IndexSpill`),
         not from the task results' headers again.
+    index_grouped : bool
+        The temporary file was written again wave by wave (:meth:`gpumesh.writer.IndexSpill.group`),
+        so that each wave read its own entries alone.
+    index_bytes_read : int
+        Bytes of the temporary file read back (0 without one).
     part : str or None
         ``"K/N"`` for a part of a job (``run_mesh``'s ``part``), which writes no output (no
         segments, triangles or bytes here): ``blocks``, ``tasks`` and ``tasks_resumed`` are
@@ -1205,6 +1210,8 @@ class Summary:
     index_waves: int = 0        # passes of the assembly over the fragment index past the first
                                 # (0: it held the whole fragment index, gpumesh.writer.ASSEMBLY_INDEX_BYTES)
     index_spilled: bool = False  # those passes read it from a temporary file, not from the headers again
+    index_grouped: bool = False  # which was written again wave by wave (each wave read its own entries)
+    index_bytes_read: int = 0   # bytes of that file read back
     part: Optional[str] = None  # "K/N" of a part (run_mesh's part), which writes no output
     tasks_all: int = 0          # a part's: the whole job's tasks,
     tasks_done_all: int = 0     # and how many of them had finished when the part ended
@@ -2071,6 +2078,8 @@ def run_mesh(source, dest, *, options: MeshOptions = MeshOptions(), voxel_size=N
     summary.missing_segments = stats.get("missing_segments", 0)
     summary.index_waves = stats.get("index_waves", 0)
     summary.index_spilled = bool(stats.get("index_spilled", False))
+    summary.index_grouped = bool(stats.get("index_grouped", False))
+    summary.index_bytes_read = int(stats.get("index_bytes_read", 0))
     if summary.missing_segments:
         some = ", ".join(map(str, stats["missing_examples"]))
         more = ", ..." if summary.missing_segments > len(stats["missing_examples"]) else ""

@@ -22,8 +22,9 @@ time.  The index itself is held whole only while it fits in :data:`ASSEMBLY_INDE
 (:class:`SegmentTable`, from which come each segment's LODs and the sharding's bits) and writes
 the shards (unsharded: runs of segments) in waves whose entries fit, so that the main process's
 memory follows the number of segments, not of fragments.  The entries past the cap go to a
-temporary file (:class:`IndexSpill`), which each wave reads back; where it cannot be written,
-each wave reads the results' headers again.  In the main job with several workers, the workers
+temporary file (:class:`IndexSpill`), which is written again wave by wave once the waves are
+known, so that each wave reads back its own entries alone; where it cannot be written, each
+wave reads the results' headers again.  In the main job with several workers, the workers
 build the segments (a segment is a function of its index rows and the task results): each
 writes whole shards when there are at least as many as workers, else a part of each shard's
 segments, which this process joins into the shard; unsharded and legacy files are written by
@@ -165,6 +166,11 @@ INDEX_SPILL = True
 
 #: Bytes of the :class:`IndexSpill` read at a time by a wave.
 SPILL_READ_BYTES = 64 << 20
+
+#: Waves from which the :class:`IndexSpill` is written again wave by wave
+#: (:meth:`IndexSpill.group`), so that each wave reads its own entries alone: at ``W`` waves
+#: the file is then read about twice and written once more, instead of read ``W`` times.
+SPILL_GROUP_WAVES = 3
 
 #: Seconds between the assembly's reads of its run's mark (``owner``, see :func:`assemble`), at
 #: its progress reports: a run taken over while it writes stops within about this (and the
@@ -567,7 +573,9 @@ def _assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, results: "Ta
                 progress(stats["segments"], total)
 
         report()
-        for wave in _waves(table.columns["entries"], workers if pool else 1):
+        waves = _waves(table.columns["entries"], workers if pool else 1)
+        _group_spill(index, [table.labels[w] for w in waves], [int(table.columns["entries"][w].sum()) for w in waves])
+        for wave in waves:
             labels = table.labels[wave]
             rows = _wave_rows(results, index, labels, stats)
             rows = rows[np.argsort(rows["label"], kind="stable")]
@@ -587,6 +595,8 @@ def _assemble(kv, volume: Volume, plan: Plan, options: MeshOptions, results: "Ta
                 with results.prefetched(rows):   # what the kept results do not hold, for this wave only
                     write_all_segments(kv, results, rows, plan, options, stats, volume.voxel_offset, lods_of, report)
 
+    if isinstance(index, IndexSpill):
+        stats["index_grouped"], stats["index_bytes_read"] = index.grouped, index.bytes_read
     with_props = segment_properties_wanted(options.segment_properties, stats["segments"])
     if with_props:
         write_segment_properties(kv, ids, voxels, volume.voxel_size if volume.voxel_size_known else None)
@@ -706,10 +716,26 @@ class IndexSpill:
     ends however it ends), so that each wave of the assembly reads its segments' entries from
     local disk, :data:`SPILL_READ_BYTES` at a time, instead of every task result's header again
     from the scratch area (:func:`_wave_rows`).  It takes about 52 bytes per fragment: 15 GB for
-    the ~2.8e8 fragments of a teravoxel at the real volume's density."""
+    the ~2.8e8 fragments of a teravoxel at the real volume's density.
+
+    The entries are written in task order, as the headers are read, before the waves are known.
+    Once they are (at least :data:`SPILL_GROUP_WAVES` of them), :meth:`group` writes them again
+    wave by wave, so that each wave reads its own entries alone, not the whole file.
+
+    Attributes
+    ----------
+    rows : int
+        Entries in the file.
+    bytes_read : int
+        Bytes read back from the file so far (by :meth:`group` and :meth:`rows_of`).
+    grouped : bool
+        The entries are grouped by wave (:meth:`group`).
+    """
 
     def __init__(self, file):
-        self.file, self.rows = file, 0
+        self.file, self.rows, self.bytes_read = file, 0, 0
+        self.grouped = False
+        self._labels = self._wave_of = self._starts = self._counts = None   # of the waves, once grouped
 
     @classmethod
     def start(cls) -> "Optional[IndexSpill]":
@@ -733,34 +759,138 @@ class IndexSpill:
             self.close()
             return False
 
+    def _read(self, start: int, rows: int) -> Iterator[np.ndarray]:
+        """Entries ``start`` to ``start + rows`` of the file, :data:`SPILL_READ_BYTES` at a time
+        (a row at least).
+
+        Raises
+        ------
+        GpumeshError
+            The file holds fewer (read back cut short)."""
+        size = INDEX_DTYPE.itemsize
+        self.file.flush()
+        self.file.seek(start * size)
+        step, left = max(1, SPILL_READ_BYTES // size), rows
+        while left:
+            n = min(step, left)
+            data = self.file.read(n * size)
+            self.bytes_read += len(data)
+            if len(data) != n * size:
+                raise GpumeshError(f"the assembly's temporary file of fragment entries ended early ({len(data)} of "
+                                   f"{n * size} bytes read at entry {start + rows - left})")
+            yield np.frombuffer(data, INDEX_DTYPE)
+            left -= n
+
     def rows_of(self, labels: np.ndarray) -> np.ndarray:
-        """The entries of segments ``labels`` (ascending), in the order written.
+        """The entries of segments ``labels`` (ascending), in the order written (task order).
+        Once :meth:`group`\\ ed, only the waves that hold any of ``labels`` are read, one after
+        the other (each in task order), and only their segments' entries are held.
 
         Raises
         ------
         GpumeshError
             The file holds fewer entries than were written (read back cut short)."""
-        self.file.flush()
-        self.file.seek(0)
-        step, left, parts = max(1, SPILL_READ_BYTES // INDEX_DTYPE.itemsize), self.rows, []
-        while left:
-            n = min(step, left)
-            data = self.file.read(n * INDEX_DTYPE.itemsize)
-            if len(data) != n * INDEX_DTYPE.itemsize:
-                raise GpumeshError(f"the assembly's temporary file of fragment entries ended early ({len(data)} of "
-                                   f"{n * INDEX_DTYPE.itemsize} bytes read at entry {self.rows - left})")
-            ext = np.frombuffer(data, INDEX_DTYPE)
-            parts.append(ext[in_sorted(labels, ext["label"])])
-            left -= n
+        if self.grouped:
+            at = np.searchsorted(self._labels, labels).clip(0, max(0, len(self._labels) - 1))
+            hit = self._labels[at] == labels if len(self._labels) else np.zeros(len(labels), dtype=bool)
+            runs = [(int(self._starts[k]), int(self._counts[k])) for k in np.unique(self._wave_of[at[hit]]).tolist()]
+        else:
+            runs = [(0, self.rows)]
+        parts = [ext[in_sorted(labels, ext["label"])] for start, rows in runs for ext in self._read(start, rows)]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=INDEX_DTYPE)
+
+    def group(self, waves: list, entries) -> bool:
+        """Write the entries again into a new temporary file, those of each wave in one run (in
+        task order), and drop the old file: then :meth:`rows_of` a wave reads its own run alone.
+        A job of ``W`` waves reads the file about twice (this and the runs) instead of ``W``
+        times, and writes it twice; the folder holds both files for the while.
+
+        Parameters
+        ----------
+        waves : list of (s,) uint64
+            Each wave's segment IDs, ascending (no ID in two waves).  Entries of other segments
+            (below the dust threshold, or without a LOD to write) are dropped.
+        entries : sequence of int
+            Each wave's entries (the :class:`SegmentTable`'s ``entries`` of its segments).
+
+        Returns
+        -------
+        bool
+            ``False``, the file as it was, where the new one cannot be made or filled (the
+            temporary folder is full): the waves then read the whole file each.
+
+        Raises
+        ------
+        GpumeshError
+            The file holds fewer entries of a wave, or more, than ``entries`` says, or fewer
+            than were written.
+        """
+        labels = np.concatenate(waves) if waves else np.zeros(0, dtype=np.uint64)
+        wave_of = np.repeat(np.arange(len(waves)), [len(w) for w in waves])
+        order = np.argsort(labels, kind="stable")
+        labels, wave_of = labels[order], wave_of[order]
+        counts = np.asarray(entries, dtype=np.int64).reshape(len(waves))
+        starts = np.cumsum(counts) - counts
+        filled = starts.copy()
+        size = INDEX_DTYPE.itemsize
+        try:
+            out = tempfile.TemporaryFile(prefix="gpumesh-index-")
+        except OSError:
+            return False
+        try:
+            for ext in self._read(0, self.rows):
+                at = np.searchsorted(labels, ext["label"]).clip(0, max(0, len(labels) - 1))
+                hit = np.flatnonzero(labels[at] == ext["label"]) if len(labels) else np.zeros(0, np.int64)
+                wave = wave_of[at[hit]]
+                by_wave = np.argsort(wave, kind="stable")   # task order kept within each wave
+                ext, wave = ext[hit[by_wave]], wave[by_wave]
+                starts_here = _run_starts(wave)
+                for s0, s1 in zip(starts_here.tolist(), np.r_[starts_here[1:], len(wave)].tolist()):
+                    k = int(wave[s0])
+                    if filled[k] + (s1 - s0) > starts[k] + counts[k]:
+                        raise GpumeshError(f"the assembly's temporary file of fragment entries holds more entries of "
+                                           f"wave {k} than its segments have ({int(counts[k])})")
+                    out.seek(int(filled[k]) * size)
+                    out.write(ext[s0:s1].tobytes())
+                    filled[k] += s1 - s0
+            short = np.flatnonzero(filled != starts + counts)
+            if len(short):
+                k = int(short[0])
+                raise GpumeshError(f"the assembly's temporary file of fragment entries holds "
+                                   f"{int(filled[k] - starts[k])} entries of wave {k}, whose segments have "
+                                   f"{int(counts[k])}")
+            out.flush()
+        except OSError:
+            _close_quietly(out)
+            return False
+        except BaseException:
+            _close_quietly(out)
+            raise
+        _close_quietly(self.file)
+        self.file, self.rows, self.grouped = out, int(counts.sum()), True
+        self._labels, self._wave_of, self._starts, self._counts = labels, wave_of, starts, counts
+        return True
 
     def close(self) -> None:
         """Close the file, which deletes it; the bytes a full folder left in its buffer, which
         its close writes again, are dropped with it (no error)."""
-        try:
-            self.file.close()
-        except OSError:
-            pass
+        _close_quietly(self.file)
+
+
+def _close_quietly(file) -> None:
+    """Close a temporary file, which deletes it; an ``OSError`` (the bytes a full folder left
+    in its buffer, written again at the close) is dropped with it."""
+    try:
+        file.close()
+    except OSError:
+        pass
+
+
+def _group_spill(index, waves: list, entries) -> None:
+    """:meth:`IndexSpill.group` ``index`` by ``waves`` (each wave's segment IDs, ascending) and
+    their ``entries``, where it is a spill and they are at least :data:`SPILL_GROUP_WAVES`."""
+    if isinstance(index, IndexSpill) and len(waves) >= SPILL_GROUP_WAVES:
+        index.group(waves, entries)
 
 
 def _wave_rows(results: "TaskResults", index, labels: np.ndarray, stats: dict) -> np.ndarray:
@@ -1401,10 +1531,13 @@ def write_shards(kv, results: "TaskResults", index: Optional[np.ndarray], table:
     if not len(todo_shards):   # all written by an interrupted run: no wave (it read the entries for none)
         return spec
     per_wave = workers if executor is not None else 1
+    waves = []   # each wave's shards (a mask of shards)
     for wave in _waves(np.bincount(per_shard, weights=entries, minlength=len(shards))[todo_shards].astype(np.int64),
                        per_wave):
-        in_wave = np.zeros(len(shards), dtype=bool)
-        in_wave[todo_shards[wave]] = True
+        waves.append(np.zeros(len(shards), dtype=bool))
+        waves[-1][todo_shards[wave]] = True
+    _group_spill(index, [labels[w[per_shard]] for w in waves], [int(entries[w[per_shard]].sum()) for w in waves])
+    for in_wave in waves:
         rows = _wave_rows(results, index, labels[in_wave[per_shard]], stats)
         # the wave's entries at the LODs their segments keep, by shard, then segment ID, task
         # order within: one copy of them, taken at once (the index itself stays as it is)

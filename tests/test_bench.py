@@ -656,7 +656,7 @@ def test_bench_memory_runs_every_task_as_one_worker(tmp_path, capsys):
 import bench_assembly  # noqa: E402
 
 
-@pytest.mark.parametrize("caps", ["h", "8H", "-1", "8,x"])
+@pytest.mark.parametrize("caps", ["h", "s", "8H", "8hs", "-1", "8,x"])
 def test_bench_assembly_refuses_a_malformed_cap_at_once(caps, capsys):
     with pytest.raises(SystemExit) as stop:
         bench_assembly.main(["--caps", caps, "--no-save"])
@@ -665,8 +665,9 @@ def test_bench_assembly_refuses_a_malformed_cap_at_once(caps, capsys):
 
 def test_bench_assembly_runs_each_cap_and_compares_the_outputs(tmp_path, capsys):
     """On a small zarr: a row per cap, the default holding the index whole (no waves) and a
-    tiny cap writing in waves, from the spill, then from the headers again (``h``: more reads of
-    the task results), the same output digest for all, the main process's peak RSS."""
+    tiny cap writing in waves, from the spill grouped by wave, from the spill read whole by
+    each wave (``s``: more of it read), then from the headers again (``h``: more reads of the
+    task results), the same output digest for all, the main process's peak RSS."""
     import json
 
     from conftest import write_zarr
@@ -675,20 +676,25 @@ def test_bench_assembly_runs_each_cap_and_compares_the_outputs(tmp_path, capsys)
     labels[4:30, 6:35, 3:33] = 3
     labels[20:44, 2:20, 10:30] = 9
     labels[30:40, 25:38, 2:12] = 12
+    for k, x in enumerate(range(2, 44, 6)):   # small ones, in other shards
+        labels[x:x + 4, 36:39, 30:34] = 20 + k
     write_zarr(tmp_path / "v.zarr", labels, chunk=16)
     assert bench_assembly.main(["--source", str(tmp_path / "v.zarr"), "--chunk-size", "8", "--max-lods", "2",
-                                "--shard-bits", "1", "--caps", "0.0001,0.0001h",
+                                "--shard-bits", "3", "--caps", "0.0001,0.0001s,0.0001h",
                                 "--results-dir", str(tmp_path / "res")]) == 0
     out = capsys.readouterr().out
     assert "the same output bytes at every cap: True" in out
     (result,) = list((tmp_path / "res").glob("assembly-*.json"))
     record = json.loads(result.read_text())
-    default, small, headers = record["rows"]
+    default, small, whole, headers = record["rows"]
     assert default["cap"] == "default" and default["index_waves"] == 0 and not default["index_spilled"]
-    assert small["index_waves"] >= 1 and small["cap_bytes"] < default["cap_bytes"] and small["index_spilled"]
-    assert headers["index_waves"] == small["index_waves"] and not headers["index_spilled"]
-    assert headers["result_reads"] > small["result_reads"] > 0
-    assert default["digest"] == small["digest"] == headers["digest"]
+    assert small["index_waves"] >= 3 and small["cap_bytes"] < default["cap_bytes"] and small["index_spilled"]
+    assert small["index_grouped"] and not whole["index_grouped"] and whole["index_spilled"]
+    assert whole["index_bytes_read"] > small["index_bytes_read"] > 0 == default["index_bytes_read"]
+    assert headers["index_waves"] == whole["index_waves"] == small["index_waves"] and not headers["index_spilled"]
+    assert headers["result_reads"] > small["result_reads"] == whole["result_reads"] > 0
+    assert headers["index_bytes_read"] == 0
+    assert default["digest"] == small["digest"] == whole["digest"] == headers["digest"]
     assert default["fragments"] == small["fragments"] > 0
     assert record["same_output"] and default["main_peak_rss_mib"] > 0
 

@@ -403,6 +403,123 @@ def test_a_wave_reads_the_index_spill_back_a_bounded_step_at_a_time(tmp_path, mo
     index.close()
 
 
+@pytest.mark.parametrize("step_rows", [5, 1 << 20], ids=["5 rows", "all at once"])
+def test_a_grouped_index_spill_gives_each_wave_its_own_entries_alone(tmp_path, monkeypatch, step_rows):
+    """Once the waves are known, the spill is written again wave by wave
+    (:meth:`IndexSpill.group`): each wave then reads its own run of the file alone, its entries
+    in task order (the same as a read of the whole file gives); the file is read once more for
+    that, instead of once per wave.  Entries of segments in no wave are dropped; a wave's
+    entries that the table's count does not match are a GpumeshError, and the file is left as
+    it was."""
+    import io
+
+    import gpumesh.writer as writer
+    from gpumesh.errors import GpumeshError
+
+    kv, keys, blobs = _results(tmp_path, np.random.default_rng(11), n=200)
+    want, table = _index_one_by_one(blobs, 3)[:2]
+    files, reads = [], []
+
+    class Counted(io.BytesIO):
+        def read(self, size=-1):
+            data = super().read(size)
+            reads.append(len(data))
+            return data
+
+    monkeypatch.setattr(writer.tempfile, "TemporaryFile", lambda **kwargs: files.append(Counted()) or files[-1])
+    monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", want.nbytes // 3)
+    monkeypatch.setattr(writer, "SPILL_READ_BYTES", step_rows * writer.INDEX_DTYPE.itemsize)
+    index = writer._read_index(writer.TaskResults(kv, keys, cache_bytes=0), {}, 3, False)[0]
+    assert isinstance(index, writer.IndexSpill) and index.rows == len(want) and len(files) == 1
+    labels, counts = table.labels, table.columns["entries"]
+    assert len(labels) > 8
+    # four waves, not in ID order (as shards are), and two segments in none (dust)
+    pick = np.random.default_rng(3).permutation(len(labels))
+    dropped, rest = pick[:2], pick[2:]
+    waves = [np.sort(labels[w]) for w in np.array_split(rest, 4)]
+    entries = [int(counts[np.isin(labels, w)].sum()) for w in waves]
+    assert not index.grouped and index.group(waves, entries)
+    assert index.grouped and files[0].closed and len(files) == 2 and index.rows == sum(entries)
+    assert sum(reads) == want.nbytes == index.bytes_read and max(reads) <= max(1, step_rows) * want.itemsize
+    for wave, n in zip(waves, entries):
+        reads.clear()
+        rows = index.rows_of(wave)
+        assert rows.tobytes() == want[np.isin(want["label"], wave)].tobytes()
+        assert sum(reads) == n * want.itemsize   # its own run alone
+    assert len(index.rows_of(labels[dropped])) == 0
+    # a segment from each of two waves: each wave's entries in task order, one wave after the other
+    two = np.sort(np.r_[waves[1][:1], waves[3][:1]])
+    rows = index.rows_of(two)
+    assert len(rows) == int(counts[np.isin(labels, two)].sum())
+    for label in two.tolist():
+        assert rows[rows["label"] == label].tobytes() == want[want["label"] == label].tobytes()
+    index.close()
+
+    for wrong in (-1, 1):   # the table's count one short, one over
+        index = writer._read_index(writer.TaskResults(kv, keys, cache_bytes=0), {}, 3, False)[0]
+        bad = list(entries)
+        bad[2] += wrong
+        with pytest.raises(GpumeshError, match="wave 2"):
+            index.group(waves, bad)
+        assert not index.grouped and files[-1].closed and not files[-2].closed   # the new file gone, the old kept
+        assert index.rows_of(waves[2]).tobytes() == want[np.isin(want["label"], waves[2])].tobytes()
+        index.close()
+
+
+def test_an_index_spill_that_cannot_be_grouped_is_read_whole_by_each_wave(tmp_path, monkeypatch):
+    """Where the temporary folder has no room for the spill written again wave by wave, or no
+    second file can be made, :meth:`IndexSpill.group` says so and leaves the spill as it was:
+    each wave reads the whole file, the same entries.  In the assembly, fewer than
+    :data:`SPILL_GROUP_WAVES` waves leave it as it is."""
+    import errno
+    import io
+
+    import gpumesh.writer as writer
+
+    kv, keys, blobs = _results(tmp_path, np.random.default_rng(11), n=200)
+    want, table = _index_one_by_one(blobs, 3)[:2]
+    waves = np.array_split(table.labels, 3)
+    entries = [int(table.columns["entries"][np.isin(table.labels, w)].sum()) for w in waves]
+    files = []
+
+    class Filling(io.BytesIO):   # the second file has room for half the index
+        def write(self, data):
+            if len(files) > 1 and self is files[1] and self.tell() + len(data) > want.nbytes // 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    monkeypatch.setattr(writer.tempfile, "TemporaryFile", lambda **kwargs: files.append(Filling()) or files[-1])
+    monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", want.nbytes // 3)
+    index = writer._read_index(writer.TaskResults(kv, keys, cache_bytes=0), {}, 3, False)[0]
+    assert not index.group(waves, entries)
+    assert not index.grouped and len(files) == 2 and files[1].closed and not files[0].closed
+    assert index.rows == len(want)
+    for wave in waves:
+        index.bytes_read = 0
+        assert index.rows_of(wave).tobytes() == want[np.isin(want["label"], wave)].tobytes()
+        assert index.bytes_read == want.nbytes   # the whole file
+    index.close()
+
+    def no_file(**kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    index = writer._read_index(writer.TaskResults(kv, keys, cache_bytes=0), {}, 3, False)[0]
+    monkeypatch.setattr(writer.tempfile, "TemporaryFile", no_file)
+    assert not index.group(waves, entries) and not index.grouped
+    assert index.rows_of(waves[0]).tobytes() == want[np.isin(want["label"], waves[0])].tobytes()
+    index.close()
+
+    monkeypatch.undo()
+    monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", want.nbytes // 3)
+    index = writer._read_index(writer.TaskResults(kv, keys, cache_bytes=0), {}, 3, False)[0]
+    few = writer.SPILL_GROUP_WAVES - 1
+    writer._group_spill(index, waves[:few], entries[:few])
+    assert not index.grouped
+    writer._group_spill(index, waves, entries)
+    assert index.grouped
+    index.close()
+
+
 def test_an_interrupted_header_read_closes_the_index_spill_at_once(tmp_path, monkeypatch):
     """Ctrl-C (a BaseException, not an Exception) while the headers are read past the cap closes
     the spill (which deletes its file) before the interrupt goes on, as an unreadable result

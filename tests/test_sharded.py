@@ -1202,6 +1202,12 @@ def test_assembly_past_its_index_cap_writes_in_waves(small, outputs, tmp_path, m
     import gpumesh.writer as writer
 
     waves = _spy_waves(monkeypatch, writer)
+    spilled, real_group, real_rows_of = [], writer.IndexSpill.group, writer.IndexSpill.rows_of
+    monkeypatch.setattr(writer.IndexSpill, "group",
+                        lambda self, *a: (spilled.append(self.rows), real_group(self, *a))[1])
+    monkeypatch.setattr(writer.IndexSpill, "rows_of",   # None: a grouped spill's wave
+                        lambda self, *a: (spilled.append(None if self.grouped else self.rows),
+                                          real_rows_of(self, *a))[1])
     entry = writer.INDEX_DTYPE.itemsize
     limit = entry if cap == "one entry" else 60 * entry
     monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", limit)
@@ -1225,6 +1231,15 @@ def test_assembly_past_its_index_cap_writes_in_waves(small, outputs, tmp_path, m
         assert len(waves) == (summary.segments if spec is None else 1 << spec.shard_bits)
     if layout != "sharded":   # the default bits give this volume one shard
         assert len(waves) > 1
+    # the spill written again wave by wave, from SPILL_GROUP_WAVES: read once for that, then
+    # each wave its own entries alone; else read whole by each wave
+    grouped = spill and len(waves) >= writer.SPILL_GROUP_WAVES
+    assert summary.index_grouped == grouped and len(spilled) == (len(waves) + grouped if spill else 0)
+    if grouped:   # the whole file once, then each wave its own
+        assert spilled[1:] == [None] * len(waves)
+        assert summary.index_bytes_read == (spilled[0] + sum(len(rows) for _, rows, _ in waves)) * entry
+    else:   # the whole file by each wave (none without it)
+        assert summary.index_bytes_read == sum(spilled) * entry and len(set(spilled)) <= 1
 
 
 def test_the_index_spill_is_closed_when_the_assembly_ends_or_fails(small, outputs, tmp_path, monkeypatch):
