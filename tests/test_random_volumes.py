@@ -23,9 +23,11 @@ interrupted after a random number of tasks and resumed, which must give the same
 ``GPUMESH_RANDOM_CASES=N`` checks N (a longer campaign, not for CI), and
 ``GPUMESH_RANDOM_WORKERS=1`` / ``GPUMESH_RANDOM_RESUME=1`` do those checks on every case, as
 ``GPUMESH_RANDOM_BOUNDS=1`` does the fourth's: meshing a random box of the volume (``bounds``)
-gives the bytes of the box's array meshed at its offset, and ``GPUMESH_RANDOM_SEGMENTS=1`` the
+gives the bytes of the box's array meshed at its offset, ``GPUMESH_RANDOM_SEGMENTS=1`` the
 fifth's: meshing a random selection of the segments (``segments``) gives each the bytes of the
-full job.
+full job, and ``GPUMESH_RANDOM_WAVES=1`` the sixth's: the assembly's index capped at a few
+entries (so written in waves, its entries from a temporary file grouped by wave, from that
+file read whole, or from the task results' headers again) gives the same bytes.
 """
 
 from __future__ import annotations
@@ -71,6 +73,12 @@ def _segments_seeds() -> set[int]:
     """Cases also meshed for a random selection of segments: seed 4, or every case with
     ``GPUMESH_RANDOM_SEGMENTS=1``."""
     return set(_seeds()) if os.environ.get("GPUMESH_RANDOM_SEGMENTS") == "1" else {4}
+
+
+def _waves_seeds() -> set[int]:
+    """Cases also meshed with the assembly's index capped at a few entries: seed 5, or every
+    case with ``GPUMESH_RANDOM_WAVES=1``."""
+    return set(_seeds()) if os.environ.get("GPUMESH_RANDOM_WAVES") == "1" else {5}
 
 
 def _resume_seeds() -> set[int]:
@@ -174,7 +182,7 @@ def _voxel_counts(dest) -> dict:
 
 
 @pytest.mark.parametrize("seed", _seeds())
-def test_random_volume(seed, tmp_path, unwelded_fragments):
+def test_random_volume(seed, tmp_path, unwelded_fragments, monkeypatch):
     rng = np.random.default_rng(seed)
     labels = random_labels(rng)
     options = random_options(rng)
@@ -307,6 +315,26 @@ def test_random_volume(seed, tmp_path, unwelded_fragments):
         full = _voxel_counts(dest)
         assert _voxel_counts(tmp_path / "chosen") == {s: full[s] for s in chosen}, what
         assert validate(str(tmp_path / "chosen")).ok, what
+
+    if seed in _waves_seeds():
+        # the fragment index past a cap of a few entries: the shards (runs of segments) written
+        # in waves, each reading its entries from the grouped temporary file, from that file
+        # read whole, or from the headers again, on 1 or 2 workers, give the same bytes
+        import gpumesh.writer as writer
+
+        wave_rng = np.random.default_rng([seed, 17])
+        how = str(wave_rng.choice(["grouped", "whole", "headers"]))
+        cap = int(wave_rng.integers(1, 40))
+        with monkeypatch.context() as m:
+            m.setattr(writer, "ASSEMBLY_INDEX_BYTES", cap * writer.INDEX_DTYPE.itemsize)
+            m.setattr(writer, "INDEX_SPILL", how != "headers")
+            m.setattr(writer, "SPILL_GROUP_WAVES", 1 if how == "grouped" else 1 << 62)
+            waved = run_mesh(labels, str(tmp_path / "waves"), options=options, voxel_size=voxel_size,
+                             voxel_offset=voxel_offset, workers=int(wave_rng.integers(1, 3)))
+        where = f"{what}: index cap {cap} entries, {how}, {waved.workers} workers"
+        assert tree_files(tmp_path / "waves") == tree_files(dest), where
+        assert waved.index_spilled == (how != "headers" and waved.index_waves > 0), where
+        assert waved.index_grouped == (how == "grouped" and waved.index_waves > 0), where
 
     if seed in _worker_seeds():
         # several workers (which also write the output) give the bytes of one
