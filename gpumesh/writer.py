@@ -164,7 +164,8 @@ ASSEMBLY_INDEX_BYTES = 1 << 30
 #: headers are read again (also where the file cannot be written).
 INDEX_SPILL = True
 
-#: Bytes of the :class:`IndexSpill` read at a time by a wave.
+#: Bytes of the :class:`IndexSpill` read at a time by a wave (at most 1/16 of
+#: :data:`ASSEMBLY_INDEX_BYTES`).
 SPILL_READ_BYTES = 64 << 20
 
 #: Waves from which the :class:`IndexSpill` is written again wave by wave
@@ -760,8 +761,9 @@ class IndexSpill:
             return False
 
     def _read(self, start: int, rows: int) -> Iterator[np.ndarray]:
-        """Entries ``start`` to ``start + rows`` of the file, :data:`SPILL_READ_BYTES` at a time
-        (a row at least).
+        """Entries ``start`` to ``start + rows`` of the file, :data:`SPILL_READ_BYTES` at a time,
+        or 1/16 of :data:`ASSEMBLY_INDEX_BYTES` where that is less (a row at least), so that a
+        step's memory follows the cap.
 
         Raises
         ------
@@ -770,7 +772,7 @@ class IndexSpill:
         size = INDEX_DTYPE.itemsize
         self.file.flush()
         self.file.seek(start * size)
-        step, left = max(1, SPILL_READ_BYTES // size), rows
+        step, left = max(1, min(SPILL_READ_BYTES, ASSEMBLY_INDEX_BYTES // 16) // size), rows
         while left:
             n = min(step, left)
             data = self.file.read(n * size)
@@ -843,7 +845,8 @@ class IndexSpill:
                 hit = np.flatnonzero(labels[at] == ext["label"]) if len(labels) else np.zeros(0, np.int64)
                 wave = wave_of[at[hit]]
                 by_wave = np.argsort(wave, kind="stable")   # task order kept within each wave
-                ext, wave = ext[hit[by_wave]], wave[by_wave]
+                take, wave = hit[by_wave], wave[by_wave]
+                del at, hit, by_wave
                 starts_here = _run_starts(wave)
                 for s0, s1 in zip(starts_here.tolist(), np.r_[starts_here[1:], len(wave)].tolist()):
                     k = int(wave[s0])
@@ -851,7 +854,7 @@ class IndexSpill:
                         raise GpumeshError(f"the assembly's temporary file of fragment entries holds more entries of "
                                            f"wave {k} than its segments have ({int(counts[k])})")
                     out.seek(int(filled[k]) * size)
-                    out.write(ext[s0:s1].tobytes())
+                    out.write(ext[take[s0:s1]].tobytes())   # a wave's copy at a time, not the step's
                     filled[k] += s1 - s0
             short = np.flatnonzero(filled != starts + counts)
             if len(short):

@@ -370,19 +370,20 @@ def test_a_buffered_index_spill_that_fills_its_folder_leaves_the_waves_to_the_he
         assert rows.tobytes() == want.tobytes() and stats["index_waves"] == 1
 
 
-@pytest.mark.parametrize("step_rows", [5, 0], ids=["5 rows", "under a row"])
+@pytest.mark.parametrize("step_rows", [5, 0, 1 << 20], ids=["5 rows", "under a row", "past the cap's 1/16"])
 def test_a_wave_reads_the_index_spill_back_a_bounded_step_at_a_time(tmp_path, monkeypatch, step_rows):
-    """Each wave reads the spill back :data:`SPILL_READ_BYTES` at a time (a row at least, where
-    it is set below one), never the whole file at once (the memory of the index the cap keeps
-    out): the same entries, in task order."""
+    """Each wave reads the spill back :data:`SPILL_READ_BYTES` at a time, or 1/16 of the cap
+    where that is less (a row at least, where it is set below one), never the whole file at
+    once (the memory of the index the cap keeps out): the same entries, in task order."""
     import io
 
     import gpumesh.writer as writer
 
     kv, keys, blobs = _results(tmp_path, np.random.default_rng(7), n=120)
     want = _index_one_by_one(blobs, 3)[0]
-    step = max(1, step_rows) * writer.INDEX_DTYPE.itemsize
-    assert len(want) > 3 * max(1, step_rows)
+    entry = writer.INDEX_DTYPE.itemsize
+    step = max(1, min(step_rows, want.nbytes // 3 // 16 // entry)) * entry
+    assert len(want) > 3 * step // entry and want.nbytes // 3 // 16 >= 2 * entry
     reads = []
 
     class Counted(io.BytesIO):
@@ -399,7 +400,7 @@ def test_a_wave_reads_the_index_spill_back_a_bounded_step_at_a_time(tmp_path, mo
     some = np.unique(want["label"])[::2]
     rows = index.rows_of(some)
     assert rows.tobytes() == want[np.isin(want["label"], some)].tobytes()
-    assert 0 < max(reads) <= step and sum(reads) == want.nbytes
+    assert max(reads) == step and sum(reads) == want.nbytes
     index.close()
 
 
