@@ -58,6 +58,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 import warnings
@@ -172,6 +173,10 @@ SPILL_READ_BYTES = 64 << 20
 #: (:meth:`IndexSpill.group`), so that each wave reads its own entries alone: at ``W`` waves
 #: the file is then read about twice and written once more, instead of read ``W`` times.
 SPILL_GROUP_WAVES = 3
+
+#: Bytes that :meth:`IndexSpill.group` leaves free in the temporary folder: it does not start
+#: where its file would leave less.
+SPILL_GROUP_ROOM = 1 << 30
 
 #: Seconds between the assembly's reads of its run's mark (``owner``, see :func:`assemble`), at
 #: its progress reports: a run taken over while it writes stops within about this (and the
@@ -819,7 +824,8 @@ class IndexSpill:
         -------
         bool
             ``False``, the file as it was, where the new one cannot be made or filled (the
-            temporary folder is full): the waves then read the whole file each.
+            temporary folder is full), or would leave less than :data:`SPILL_GROUP_ROOM` free
+            there (not tried): the waves then read the whole file each.
 
         Raises
         ------
@@ -835,7 +841,9 @@ class IndexSpill:
         starts = np.cumsum(counts) - counts
         filled = starts.copy()
         size = INDEX_DTYPE.itemsize
-        try:
+        try:   # not where the folder would be all but full (other processes may write there)
+            if shutil.disk_usage(tempfile.gettempdir()).free < int(counts.sum()) * size + SPILL_GROUP_ROOM:
+                return False
             out = tempfile.TemporaryFile(prefix="gpumesh-index-")
         except OSError:
             return False

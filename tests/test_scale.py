@@ -468,8 +468,9 @@ def test_a_grouped_index_spill_gives_each_wave_its_own_entries_alone(tmp_path, m
 
 
 def test_an_index_spill_that_cannot_be_grouped_is_read_whole_by_each_wave(tmp_path, monkeypatch):
-    """Where the temporary folder has no room for the spill written again wave by wave, or no
-    second file can be made, :meth:`IndexSpill.group` says so and leaves the spill as it was:
+    """Where the temporary folder has no room for the spill written again wave by wave (or
+    would be left with less than :data:`SPILL_GROUP_ROOM`), or no second file can be made,
+    :meth:`IndexSpill.group` says so and leaves the spill as it was:
     each wave reads the whole file, the same entries.  In the assembly, fewer than
     :data:`SPILL_GROUP_WAVES` waves leave it as it is."""
     import errno
@@ -499,6 +500,17 @@ def test_an_index_spill_that_cannot_be_grouped_is_read_whole_by_each_wave(tmp_pa
         index.bytes_read = 0
         assert index.rows_of(wave).tobytes() == want[np.isin(want["label"], wave)].tobytes()
         assert index.bytes_read == want.nbytes   # the whole file
+    index.close()
+
+    # a folder that the new file would leave with less than SPILL_GROUP_ROOM: not tried
+    made = len(files)
+    index = writer._read_index(writer.TaskResults(kv, keys, cache_bytes=0), {}, 3, False)[0]
+    usage = collections.namedtuple("usage", "total used free")
+    room = sum(entries) * want.itemsize + writer.SPILL_GROUP_ROOM
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda path: usage(1 << 40, 0, room - 1))
+    assert not index.group(waves, entries) and len(files) == made + 1   # the spill's alone
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda path: usage(1 << 40, 0, room))
+    assert index.group(waves, entries) and len(files) == made + 2
     index.close()
 
     def no_file(**kwargs):
