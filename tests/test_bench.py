@@ -699,6 +699,46 @@ def test_bench_assembly_runs_each_cap_and_compares_the_outputs(tmp_path, capsys)
     assert record["same_output"] and default["main_peak_rss_mib"] > 0
 
 
+@pytest.mark.parametrize("stages", [None, "tests", "bench,main", "igneous", "tests,nope"])
+def test_the_device_kit_runs_the_stages_asked_for(tmp_path, stages):
+    """``STAGES`` of ``bench/device/gpu_check.sh`` runs those stages alone after the install (a
+    first, shorter device call, or one stage again), all without it; a stage it does not know
+    stops it with status 2 before anything runs.  Python is a stub here that logs its calls."""
+    import shutil
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / "bench" / "device").mkdir(parents=True)
+    shutil.copy(os.path.join(os.path.dirname(bench_main.__file__), "device", "gpu_check.sh"), repo / "bench" / "device")
+    calls = tmp_path / "calls"
+    stub = tmp_path / "python"
+    stub.write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\nexit 0\n")
+    stub.chmod(0o755)
+    (repo / ".whl").mkdir()
+    (repo / ".whl" / "igneous-site-cp312.tar.xz").write_bytes(b"not unpacked by the stub")
+    (tmp_path / "work").mkdir()
+    env = dict(os.environ, PYTHON=str(stub), OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"), BUDGET="540")
+    env.pop("STAGES", None)
+    if stages is not None:
+        env["STAGES"] = stages
+    r = subprocess.run(["bash", str(repo / "bench" / "device" / "gpu_check.sh")], env=env, capture_output=True,
+                       text=True, timeout=120)
+    log = calls.read_text() if calls.exists() else ""
+    if stages == "tests,nope":
+        assert r.returncode == 2 and "no stage nope" in r.stdout and log == ""
+        return
+    asked = ["tests", "bench", "main", "igneous"] if stages is None else stages.split(",")
+    assert "pip install" in log   # the install, whatever the stages
+    assert ("tests/test_gpu.py" in log) == ("tests" in asked)
+    assert ("bench/bench_gpu.py" in log) == ("bench" in asked)
+    assert ("--skip zmesh,serra,igneous,mesh-n-bone" in log) == ("main" in asked)
+    assert ("--igneous-python" in log) == ("igneous" in asked)
+    # igneous runs from its own site, unpacked under WORK, as all else the kit writes
+    assert f"PYTHONPATH={tmp_path / 'work' / 'ignsite'} exec" in (tmp_path / "work" / "ignpy").read_text()
+    for left in {"tests", "bench", "main", "igneous"} - set(asked):
+        assert f"stage {left} left out" in r.stdout
+
+
 def _git_repo(path):
     """``git(*args)`` (its stdout) in a new, empty repository at ``path``."""
     import subprocess

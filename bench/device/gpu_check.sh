@@ -15,11 +15,16 @@
 #      ADHOC=1: also bench_adhoc.py, one segment ad hoc on the GPU against zmesh)
 #   5. with the time left: the main job --device gpu against igneous (one process per core,
 #      from .whl/igneous-site-cp312.tar.xz) in one bench_main.py run, for their ratio
+# STAGES=tests,bench (comma-separated: tests = 2, bench = 3, main = 4, igneous = 5; default all)
+# runs those alone after the install, so that a first, shorter call can be looked at before the
+# rest runs in a second (the machine stays warm only ~30 s between calls), or a failed stage be
+# run again on a fresh machine within the device time left.
 # Logs and result JSON go to $OUT (check.log, pytest_gpu.log, sanitizer.log, results/*.json): commit the
 # JSON to bench/results/ and cite the figures in docs/gpu.md.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/gpumesh-out}
+WORK=${WORK:-/tmp}   # the wheels' site, the main jobs' outputs, igneous's site
 mkdir -p "$OUT/results"
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET:-540}
@@ -36,11 +41,16 @@ bmain() {
   timeout "$t" "$PY" bench/bench_main.py --timeout $((t - 15)) --results-dir "$OUT/results" "$@"
 }
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 GPUMESH_DATA="$PWD/.devdata"
+STAGES=${STAGES:-tests,bench,main,igneous}
+want() { case ",$STAGES," in *",$1,"*) return 0 ;; *) echo "(stage $1 left out: STAGES=$STAGES)"; return 1 ;; esac; }
+for s in ${STAGES//,/ }; do
+  case "$s" in tests|bench|main|igneous) ;; *) echo "STAGES: no stage $s (tests, bench, main, igneous)"; exit 2 ;; esac
+done
 
 stage "install carried wheels"
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH="/tmp/site:$PWD"
+  --target "$WORK/site" .whl/*.whl || exit 1
+export PYTHONPATH="$WORK/site:$PWD"
 "$PY" - <<'PY'
 import importlib.metadata as md, sys
 def version(name):
@@ -60,11 +70,11 @@ nproc; free -g | head -2
 # igneous in its own site (prepare.sh): its DracoPy 1.x must not meet gpumesh's 2.x
 IGNEOUS_PY=""
 if [ -f .whl/igneous-site-cp312.tar.xz ]; then
-  rm -rf /tmp/ignsite
+  rm -rf "$WORK/ignsite"
   "$PY" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' \
-    .whl/igneous-site-cp312.tar.xz /tmp/ignsite \
-    && printf '#!/bin/sh\nPYTHONPATH=/tmp/ignsite exec %s "$@"\n' "$(command -v "$PY")" > /tmp/ignpy \
-    && chmod +x /tmp/ignpy && IGNEOUS_PY=/tmp/ignpy
+    .whl/igneous-site-cp312.tar.xz "$WORK/ignsite" \
+    && printf '#!/bin/sh\nPYTHONPATH=%s exec %s "$@"\n' "$WORK/ignsite" "$(command -v "$PY")" > "$WORK/ignpy" \
+    && chmod +x "$WORK/ignpy" && IGNEOUS_PY="$WORK/ignpy"
 fi
 if ! "$PY" -c "import gpumesh._dracoenc"; then
   stage "build the Draco extension here"
@@ -72,6 +82,7 @@ if ! "$PY" -c "import gpumesh._dracoenc"; then
 fi
 "$PY" -c "import gpumesh, gpumesh.encode as e; print('gpumesh', gpumesh.__file__, 'dracoenc', e._dracoenc is not None)"
 
+if want tests; then
 stage "tests/test_gpu.py (emulation, NVRTC, gpu)"
 GPUMESH_REQUIRE_GPU=1 timeout "$(left 200)" "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py 2>&1 \
   | tee "$OUT/pytest_gpu.log" | tail -25
@@ -84,27 +95,31 @@ if [ "$gpu_tests" -ne 0 ] && [ -n "$SANITIZER" ]; then
     -m gpu tests/test_gpu.py -k "random_labels or grid_stride or hash_weld" 2>&1 \
     | tee "$OUT/sanitizer.log" | tail -40
 fi
+fi
 
+if want bench; then
 stage "bench_gpu.py"
 timeout "$(left 200)" "$PY" bench/bench_gpu.py --results-dir "$OUT/results" 2>&1 | tail -30
+fi
 
 NO_PEERS=zmesh,serra,igneous,mesh-n-bone   # bench_main.py --skip: every peer (igneous runs once, below)
+if want main; then
 for dev in gpu cpu; do
   stage "main job, --device $dev"
-  rm -rf "/tmp/main-$dev"
-  bmain 100 --skip $NO_PEERS --gpumesh-args "--device $dev" --out-dir "/tmp/main-$dev" --keep 2>&1 | tail -14
+  rm -rf "$WORK/main-$dev"
+  bmain 100 --skip $NO_PEERS --gpumesh-args "--device $dev" --out-dir "$WORK/main-$dev" --keep 2>&1 | tail -14
 done
 stage "main job output: GPU run == CPU run, byte for byte"
-diff -rq /tmp/main-gpu/gpumesh-out /tmp/main-cpu/gpumesh-out && echo "IDENTICAL OUTPUT"
+diff -rq "$WORK/main-gpu/gpumesh-out" "$WORK/main-cpu/gpumesh-out" && echo "IDENTICAL OUTPUT"
 stage "main job, --device gpu with the hash weld (GPUMESH_WELD=hash), and its output == CPU run's"
-rm -rf /tmp/main-gpuhash
-GPUMESH_WELD=hash bmain 100 --skip $NO_PEERS --gpumesh-args "--device gpu" --out-dir /tmp/main-gpuhash --keep \
+rm -rf "$WORK/main-gpuhash"
+GPUMESH_WELD=hash bmain 100 --skip $NO_PEERS --gpumesh-args "--device gpu" --out-dir "$WORK/main-gpuhash" --keep \
   2>&1 | tail -6
-diff -rq /tmp/main-gpuhash/gpumesh-out /tmp/main-cpu/gpumesh-out && echo "IDENTICAL OUTPUT (hash weld)"
+diff -rq "$WORK/main-gpuhash/gpumesh-out" "$WORK/main-cpu/gpumesh-out" && echo "IDENTICAL OUTPUT (hash weld)"
 if [ "${TILED:-0}" = 1 ]; then
   stage "main job on the 1024^3 tiled volume, --device gpu"
-  "$PY" bench/tiled.py /tmp/tiled1024.zarr --source "$GPUMESH_DATA/connectomics.zarr"
-  bmain 200 --source /tmp/tiled1024.zarr --skip $NO_PEERS --gpumesh-args "--device gpu" 2>&1 | tail -8
+  "$PY" bench/tiled.py "$WORK/tiled1024.zarr" --source "$GPUMESH_DATA/connectomics.zarr"
+  bmain 200 --source "$WORK/tiled1024.zarr" --skip $NO_PEERS --gpumesh-args "--device gpu" 2>&1 | tail -8
 fi
 if [ "${TASKS:-0}" = 1 ]; then
   stage "the main job's tasks one by one, --device gpu (bench_tasks.py)"
@@ -118,8 +133,11 @@ if [ "${ADHOC:-0}" = 1 ]; then
   stage "ad-hoc meshing of one segment, --device gpu, against zmesh (bench_adhoc.py)"
   timeout "$(left 90)" "$PY" bench/bench_adhoc.py --device gpu --repeat 3 --results-dir "$OUT/results" 2>&1 | tail -8
 fi
+fi
 ign_s=$(left 330)
-if [ -n "$IGNEOUS_PY" ] && [ "$ign_s" -ge 120 ]; then
+if ! want igneous; then
+  :
+elif [ -n "$IGNEOUS_PY" ] && [ "$ign_s" -ge 120 ]; then
   # igneous's forge on 512^3 is 8 tasks of 448^3 (its CLI default), so it ends with its
   # slowest; a child past --timeout is recorded as its row's error, and the JSON still written
   stage "main job --device gpu against igneous, $(nproc) processes each (bench_main.py)"
