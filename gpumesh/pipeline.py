@@ -1027,6 +1027,7 @@ def set_up_worker(source, open_kwargs, plan, options, dest_spec, device, worker=
     _WORKER["plan"] = plan
     _WORKER["options"] = options
     _WORKER["kv"] = storage.open_kvstore(dest_spec, check=False)
+    _WORKER["held_results"] = _HeldResults()   # the task results a worker writing the output holds
     if device_workers is None:
         device_workers = nworkers
     if device != "cpu" and worker >= device_workers:
@@ -1081,53 +1082,89 @@ def _run_task(task) -> tuple[tuple, bytes, float, str, str]:
             f"{socket.gethostname()}:{os.getpid()}")
 
 
-def _worker_results(keys, whole, cache_bytes, rows):
+def _worker_results(keys, whole, cache_bytes, rows, hold=False):
     """The task results as a worker writing the fragments ``rows`` reads them
     (:class:`gpumesh.writer.TaskResults`): results ``whole`` read whole (within
     ``cache_bytes``), the others' fragments in spans (:meth:`~gpumesh.writer.TaskResults.prefetch`;
     one by one past the cap).  The results kept whole leave room for the spans the fragments of
     the others are read in (:func:`~gpumesh.writer.fragment_spans`: with the bytes between
-    them), up to 1 / :data:`~gpumesh.writer.SPAN_ROOM_SHARE` of the cap."""
+    them), up to 1 / :data:`~gpumesh.writer.SPAN_ROOM_SHARE` of the cap.
+
+    ``hold`` (:class:`gpumesh.writer.WorkerReads`: all the results fit in ``cache_bytes``): the
+    results read whole are held by this worker for its next parts of the output, within
+    ``cache_bytes``, and those it holds are not read again."""
     from .writer import SPAN_ROOM_SHARE, TaskResults, fragment_spans
 
     results = TaskResults(_WORKER["kv"], keys, cache_bytes=cache_bytes)
+    held = _WORKER.setdefault("held_results", _HeldResults()) if hold else None
+    if held is not None:
+        for b, blob in held.get(keys, np.unique(rows["block"]).tolist()).items():
+            results.kept[b] = blob
+            results.kept_bytes += len(blob)
     _, start, end = fragment_spans(rows[~np.isin(rows["block"], whole)])
     spanned = int((end - start).sum())
     results.keep(whole, leave=min(spanned, cache_bytes // SPAN_ROOM_SHARE))
+    if held is not None:
+        held.add({keys[b]: blob for b, blob in results.kept.items()}, cache_bytes)
     results.prefetch(rows)
     return results
 
 
-def _run_shard_task(keys, rows, shard, spec, num_lods, grid_origin, whole, cache_bytes) -> tuple[dict, float]:
+class _HeldResults:
+    """Task results that a worker writing the output holds for all its parts of it
+    (:func:`_worker_results` with ``hold``), by key, for one job (:func:`set_up_worker`); a
+    Dask worker's threads share them."""
+
+    def __init__(self):
+        self.blobs: dict[str, bytes] = {}
+        self.bytes = 0
+        self.lock = threading.Lock()
+
+    def get(self, keys: list, blocks: list) -> dict:
+        """Result number -> bytes, of the results ``blocks`` (numbers in ``keys``) held."""
+        with self.lock:
+            return {b: self.blobs[keys[b]] for b in blocks if keys[b] in self.blobs}
+
+    def add(self, blobs: dict, cap: int) -> None:
+        """Hold ``blobs`` (key -> bytes) not yet held while all held stay within ``cap`` bytes."""
+        with self.lock:
+            for key, blob in blobs.items():
+                if key not in self.blobs and self.bytes + len(blob) <= cap:
+                    self.blobs[key] = blob
+                    self.bytes += len(blob)
+
+
+def _run_shard_task(keys, rows, shard, spec, num_lods, grid_origin, whole, cache_bytes,
+                    hold=False) -> tuple[dict, float]:
     """Build and write one shard in a worker (:func:`gpumesh.writer.write_shard`), reading the
     task results as :func:`_worker_results` says.  Returns the shard's statistics and the
     worker's peak RSS (MiB)."""
     from .writer import write_shard
 
-    results = _worker_results(keys, whole, cache_bytes, rows)
+    results = _worker_results(keys, whole, cache_bytes, rows, hold)
     part = write_shard(_WORKER["kv"], results, rows, shard, spec, _WORKER["plan"], _WORKER["options"], num_lods,
                        grid_origin)
     return part, peak_rss_mb()
 
 
-def _run_segments_task(keys, rows, num_lods, grid_origin, whole, cache_bytes) -> tuple[list, dict, float]:
+def _run_segments_task(keys, rows, num_lods, grid_origin, whole, cache_bytes, hold=False) -> tuple[list, dict, float]:
     """Build some segments of a shard in a worker (:func:`gpumesh.writer.build_segments`),
     reading the task results as :func:`_worker_results` says.  Returns their items, their
     statistics and the worker's peak RSS (MiB)."""
     from .writer import build_segments
 
-    results = _worker_results(keys, whole, cache_bytes, rows)
+    results = _worker_results(keys, whole, cache_bytes, rows, hold)
     items, part = build_segments(results, rows, _WORKER["plan"], _WORKER["options"], num_lods, grid_origin)
     return items, part, peak_rss_mb()
 
 
-def _run_write_task(keys, rows, num_lods, grid_origin, whole, cache_bytes) -> tuple[dict, float]:
+def _run_write_task(keys, rows, num_lods, grid_origin, whole, cache_bytes, hold=False) -> tuple[dict, float]:
     """Write the files of some segments (unsharded multires or legacy) in a worker
     (:func:`gpumesh.writer.write_all_segments`), reading the task results as
     :func:`_worker_results` says.  Returns their statistics and the worker's peak RSS (MiB)."""
     from .writer import _new_stats, write_all_segments
 
-    results = _worker_results(keys, whole, cache_bytes, rows)
+    results = _worker_results(keys, whole, cache_bytes, rows, hold)
     part = _new_stats(_WORKER["plan"].lods)
     write_all_segments(_WORKER["kv"], results, rows, _WORKER["plan"], _WORKER["options"], part, grid_origin,
                        num_lods)

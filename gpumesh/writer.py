@@ -96,6 +96,12 @@ SPAN_GAP_BYTES = 64 << 10
 #: one by one.
 SPAN_ROOM_SHARE = 4
 
+#: Workers up to which each worker writing the output reads every task result it needs whole
+#: and holds it for all its parts, where all of them fit in its share of the cap
+#: (:class:`WorkerReads`): each then reads ``workers`` times the bytes that its parts need, at
+#: most 8 times, as a part reads a result whole when it needs 1/8 of it.
+HOLD_WORKERS = 8
+
 #: Rows (fragment entries and voxel counts) of task results that the assembly parses before it
 #: adds them to its tables at once (:func:`_header_batches`): a job of hundreds of thousands of
 #: tasks, most of them with few rows or none, paid ~70 us of NumPy calls per result.
@@ -946,9 +952,14 @@ def write_all_segments(kv, results: "TaskResults", rows: np.ndarray, plan: Plan,
 class WorkerReads:
     """How the workers read task results when they write part of the output.
 
-    Each worker keeps at most ``1 / workers`` of this process's assembly cache (``cap``) and
-    reads a result whole when its part needs at least 1/8 of the result's fragment bytes, else
-    fragment by fragment.  Making one drops this process's kept results: the workers read them.
+    Each worker keeps at most ``1 / workers`` of this process's assembly cache (``cap``).
+    Where every result fits in that and there are at most :data:`HOLD_WORKERS` workers, each
+    worker reads every result it needs whole, once, and holds it for all its parts of the
+    output (``hold``): its parts (shards, runs of segments) need about ``1 / workers`` of each
+    result between them, but one read each instead of one per part and result.  Else a worker
+    reads a result whole for a part that needs at least 1/8 of the result's fragment bytes,
+    else in spans (:meth:`TaskResults.prefetch`).  Making one drops this process's kept
+    results: the workers read them.
 
     Parameters
     ----------
@@ -962,12 +973,17 @@ class WorkerReads:
         self.keys = results.keys
         self.block_bytes = np.asarray(block_bytes, dtype=np.float64)
         self.cap = max(1, results.cache_bytes // max(1, workers))
+        # the results' bytes (their headers' where known; a result's prefix at least)
+        whole_bytes = self.block_bytes.sum() + np.maximum(results.header_bytes, BLOCK_PREFIX)[~results.empty].sum()
+        self.hold = workers <= HOLD_WORKERS and whole_bytes <= self.cap
         results.kept.clear()
         results.kept_bytes = 0
 
     def whole(self, rows: np.ndarray) -> np.ndarray:
         """The results that a worker writing ``rows`` reads whole."""
         need = np.bincount(rows["block"], weights=rows["size"], minlength=len(self.block_bytes))
+        if self.hold:
+            return np.flatnonzero(need > 0)
         return np.flatnonzero((need > 0) & (8 * need >= self.block_bytes))
 
     def part(self, rows: np.ndarray) -> tuple[list, np.ndarray, np.ndarray]:
@@ -984,12 +1000,12 @@ class WorkerReads:
 
 def _submit_part(executor, reads: WorkerReads, fn, rows: np.ndarray, *args, num_lods: Optional[SegmentLods],
                  grid_origin):
-    """Submit the worker task ``fn(keys, rows, *args, num_lods, grid_origin, whole, cap)`` of
-    ``gpumesh.pipeline`` for the fragment entries ``rows``, sent with only the task results
+    """Submit the worker task ``fn(keys, rows, *args, num_lods, grid_origin, whole, cap, hold)``
+    of ``gpumesh.pipeline`` for the fragment entries ``rows``, sent with only the task results
     (:meth:`WorkerReads.part`) and the segments' LODs (``None`` for legacy) that they use."""
     keys, local, whole = reads.part(rows)
     return executor.submit(fn, keys, local, *args, None if num_lods is None else num_lods.of(rows),
-                           np.asarray(grid_origin), whole, reads.cap)
+                           np.asarray(grid_origin), whole, reads.cap, reads.hold)
 
 
 def write_segments(kv, results: "TaskResults", batch: list, plan: Plan, options: MeshOptions, stats: dict,

@@ -1441,6 +1441,64 @@ def test_a_workers_whole_results_leave_its_spans_room(tmp_path, monkeypatch):
     assert list(results.kept) == [1, 2, 3] and list(results.spans) == [0]
 
 
+def test_a_worker_holds_the_results_it_read_whole_for_its_next_parts(tmp_path, monkeypatch):
+    """With ``hold`` (:class:`WorkerReads`: all results fit in a worker's cap), the results a
+    worker reads whole for one part of the output (a shard) are held for its next parts: a
+    second shard's fragments of those results take no read; results past the cap are not
+    held (read again); without ``hold`` each part reads its own.  The bytes are the same."""
+    from gpumesh import pipeline
+    from gpumesh.writer import INDEX_DTYPE
+
+    kv, keys, blobs = _span_results(tmp_path)
+    counting = _CountingReads(kv)
+    parts = []   # three shards' fragments: in results 0 and 1, then 0 and 2, then 2
+    for blocks in ([0, 1], [0, 2], [2]):
+        rows = np.zeros(len(blocks), INDEX_DTYPE)
+        rows["block"], rows["offset"], rows["size"] = blocks, [100 * (len(parts) + 1)] * len(blocks), 50
+        parts.append(rows)
+    # held within the cap: 9,000 bytes hold results 0 and 1, so 2 is read again for the third
+    for hold, cap, reads in [(True, 16_000, [1, 1, 1, 0]), (True, 9_000, [1, 1, 2, 0]),
+                             (False, 16_000, [2, 1, 2, 0])]:
+        monkeypatch.setattr(pipeline, "_WORKER", {"kv": counting})
+        counting.reads.clear()
+        for rows in parts:
+            used = np.unique(rows["block"])
+            results = pipeline._worker_results(keys, used, cap, rows, hold)
+            assert set(results.kept) == set(used.tolist())   # not the others held
+            _assert_read(results, rows, blobs)
+        assert [counting.reads[k] for k in keys] == reads, (hold, cap)
+        held = pipeline._WORKER.get("held_results")
+        assert (held is not None) == hold
+        if hold:
+            assert held.bytes == sum(map(len, held.blobs.values())) <= cap
+            assert all(held.blobs[k] == blobs[keys.index(k)] for k in held.blobs)
+
+
+def test_workers_hold_every_result_only_where_all_fit_and_they_are_few(tmp_path):
+    """:class:`WorkerReads` has each worker read every result it needs whole and hold it for
+    all its parts where every result (headers included) fits in a worker's share of the cap
+    and the workers are at most HOLD_WORKERS (each reads at most that many times what its parts
+    need); else a part reads a result whole where it needs 1/8 of its bytes, else in spans."""
+    from gpumesh.pipeline import BLOCK_PREFIX
+    from gpumesh.writer import HOLD_WORKERS, INDEX_DTYPE, TaskResults, WorkerReads
+
+    kv, keys, blobs = _span_results(tmp_path)
+    rows = np.zeros(2, INDEX_DTYPE)
+    rows["block"], rows["size"] = [0, 2], [100, 1000]
+    frags = np.array([3900.0] * 4)   # 4 results of 3,900 fragment bytes and a 100-byte header
+    for workers, share, header, hold in [(2, 16_000, 100, True), (2, 15_999, 100, False),
+                                         (HOLD_WORKERS, 16_000, 100, True), (HOLD_WORKERS + 1, 16_000, 100, False),
+                                         (2, 15_600 + 4 * BLOCK_PREFIX, 0, True),   # header sizes not known:
+                                         (2, 15_599 + 4 * BLOCK_PREFIX, 0, False)]:  # a prefix each at least
+        results = TaskResults(kv, keys, cache_bytes=workers * share)
+        results.header_bytes[:] = header
+        reads = WorkerReads(results, frags, workers)
+        assert reads.hold == hold and reads.cap == share, (workers, share, header)
+        assert reads.whole(rows).tolist() == ([0, 2] if hold else [2])
+    results = TaskResults(kv, keys, cache_bytes=2 * (15_000 + BLOCK_PREFIX), empty=np.array([False, True, True, True]))
+    assert WorkerReads(results, np.array([15_000.0, 0, 0, 0]), 2).hold   # results that hold nothing: no bytes
+
+
 def test_results_kept_whole_let_the_last_kept_go_down_to_three_quarters_of_the_cap(tmp_path):
     """Where a result read whole does not fit in the cap (:meth:`TaskResults.iter_headers`), the
     results kept last are let go, one after another, until those kept hold at most the cap less
