@@ -533,6 +533,52 @@ def test_an_index_spill_that_cannot_be_grouped_is_read_whole_by_each_wave(tmp_pa
     index.close()
 
 
+def test_a_grouped_index_spill_drops_the_segments_of_no_wave_whatever_their_ids(tmp_path, monkeypatch):
+    """Segments in no wave (dust, no LOD to write, a shard written by an interrupted run) may
+    hold the lowest and the highest IDs of the index: :meth:`IndexSpill.group` drops their
+    entries, and :meth:`IndexSpill.rows_of` them gives none and reads no run of the file, not
+    one of a wave whose IDs are near theirs.  Its room is that of the folder the temporary
+    files are made in."""
+    import io
+
+    import gpumesh.writer as writer
+
+    kv, keys, blobs = _results(tmp_path, np.random.default_rng(11), n=200)
+    want, table = _index_one_by_one(blobs, 3)[:2]
+    labels, counts = table.labels, table.columns["entries"]
+    assert len(labels) > 8
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    asked, real_usage = [], writer.shutil.disk_usage
+    monkeypatch.setattr(writer.tempfile, "tempdir", str(folder))
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda path: asked.append(str(path)) or real_usage(path))
+    monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", want.nbytes // 3)
+    reads = []
+
+    class Counted(io.BytesIO):
+        def read(self, size=-1):
+            data = super().read(size)
+            reads.append(len(data))
+            return data
+
+    monkeypatch.setattr(writer.tempfile, "TemporaryFile", lambda **kwargs: Counted())
+    index = writer._read_index(writer.TaskResults(kv, keys, cache_bytes=0), {}, 3, False)[0]
+    assert isinstance(index, writer.IndexSpill) and index.rows == len(want)
+    # the first, the last and one in between in no wave; the others in three waves
+    outside = np.r_[0, len(labels) // 2, len(labels) - 1]
+    inside = np.delete(np.arange(len(labels)), outside)
+    waves = [labels[w] for w in np.array_split(inside, 3)]
+    entries = [int(counts[w].sum()) for w in np.array_split(inside, 3)]
+    assert index.group(waves, entries) and index.grouped and index.rows == sum(entries) < len(want)
+    assert asked == [str(folder)]
+    for wave in waves:
+        assert index.rows_of(wave).tobytes() == want[np.isin(want["label"], wave)].tobytes()
+    reads.clear()
+    assert len(index.rows_of(labels[outside])) == 0 and sum(reads) == 0
+    assert len(index.rows_of(np.array([labels[-1] + 1], dtype=labels.dtype))) == 0 and sum(reads) == 0
+    index.close()
+
+
 def test_an_interrupted_header_read_closes_the_index_spill_at_once(tmp_path, monkeypatch):
     """Ctrl-C (a BaseException, not an Exception) while the headers are read past the cap closes
     the spill (which deletes its file) before the interrupt goes on, as an unreadable result
