@@ -537,8 +537,8 @@ def test_a_grouped_index_spill_drops_the_segments_of_no_wave_whatever_their_ids(
     """Segments in no wave (dust, no LOD to write, a shard written by an interrupted run) may
     hold the lowest and the highest IDs of the index: :meth:`IndexSpill.group` drops their
     entries, and :meth:`IndexSpill.rows_of` them gives none and reads no run of the file, not
-    one of a wave whose IDs are near theirs.  Its room is that of the folder the temporary
-    files are made in."""
+    one of a wave whose IDs are near theirs.  The room it asks for is that of its own file (the
+    waves' entries), in the folder the temporary files are made in."""
     import io
 
     import gpumesh.writer as writer
@@ -576,6 +576,14 @@ def test_a_grouped_index_spill_drops_the_segments_of_no_wave_whatever_their_ids(
     reads.clear()
     assert len(index.rows_of(labels[outside])) == 0 and sum(reads) == 0
     assert len(index.rows_of(np.array([labels[-1] + 1], dtype=labels.dtype))) == 0 and sum(reads) == 0
+    index.close()
+
+    # the room it asks for is that of its own file: the waves' entries, not the dropped ones too
+    index = writer._read_index(writer.TaskResults(kv, keys, cache_bytes=0), {}, 3, False)[0]
+    usage = collections.namedtuple("usage", "total used free")
+    room = sum(entries) * want.itemsize + writer.SPILL_GROUP_ROOM
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda path: usage(1 << 40, 0, room))
+    assert index.rows > sum(entries) and index.group(waves, entries) and index.grouped
     index.close()
 
 
