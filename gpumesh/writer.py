@@ -31,7 +31,10 @@ segments, which this process joins into the shard; unsharded and legacy files ar
 the workers, a run of segments each. Task results are read once and kept in memory while they
 hold at most :data:`ASSEMBLY_CACHE_BYTES` (most jobs' whole output); past that only their
 headers are read, and fragments by byte range as their shard is built (:class:`TaskResults`),
-so memory follows a shard, not the whole output.  Each shard is one atomic write, after which
+so memory follows a shard, not the whole output.  Workers writing the output share that cap;
+where every result fits in a worker's share (and there are at most :data:`HOLD_WORKERS`),
+each reads the results it needs whole, once, and holds them for all its shards
+(:class:`WorkerReads`).  Each shard is one atomic write, after which
 ``.gpumesh-work/shards/<shard>.json`` records it (with its statistics), so a resumed run skips
 finished shards.  :func:`convert_mesh` rewrites a multi-resolution directory between the two
 layouts.
