@@ -4,6 +4,7 @@ task submitted.  Property tests (what is read, parsed or held), not timings."""
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import threading
 
 import numpy as np
@@ -1551,6 +1552,97 @@ def test_workers_hold_every_result_only_where_all_fit_and_they_are_few(tmp_path)
         assert reads.whole(rows).tolist() == ([0, 2] if hold else [2])
     results = TaskResults(kv, keys, cache_bytes=2 * (15_000 + BLOCK_PREFIX), empty=np.array([False, True, True, True]))
     assert WorkerReads(results, np.array([15_000.0, 0, 0, 0]), 2).hold   # results that hold nothing: no bytes
+
+
+class _InProcess:
+    """An executor that runs each task in this process as it is submitted (one worker)."""
+
+    def submit(self, fn, *args):
+        fut = concurrent.futures.Future()
+        fut.set_result(fn(*args))
+        return fut
+
+
+@pytest.mark.parametrize("task", ["_run_shard_task", "_run_segments_task", "_run_write_task"])
+def test_each_worker_task_holds_the_results_where_the_workers_reads_say(tmp_path, monkeypatch, task):
+    """The ``hold`` of :class:`WorkerReads` reaches every worker task that writes part of the
+    output (through :func:`gpumesh.writer._submit_part`: shards, runs of a shard's segments,
+    segments' files): with it, a worker writing three parts reads each result once; without it
+    (more than HOLD_WORKERS workers, the same cap), once for each part that reads it whole.
+    Each part gets its fragments' bytes either way."""
+    from types import SimpleNamespace
+
+    from gpumesh import pipeline, writer
+    from gpumesh.pipeline import BLOCK_PREFIX
+    from gpumesh.writer import HOLD_WORKERS, INDEX_DTYPE, TaskResults, WorkerReads, _submit_part
+
+    kv, keys, blobs = _span_results(tmp_path)
+    by_key = dict(zip(keys, blobs))
+    checked = []
+
+    def check(results, rows):   # the part's fragments, by the keys it was sent
+        got = [f if isinstance(f, bytes) else results.value(b, f) for b, f in zip(rows["block"], results.read(rows))]
+        assert got == [by_key[results.keys[b]][o:o + n] for b, o, n in zip(rows["block"], rows["offset"], rows["size"])]
+        checked.append(len(rows))
+
+    monkeypatch.setattr(writer, "write_shard", lambda kv, results, rows, *rest: check(results, rows) or {})
+    monkeypatch.setattr(writer, "build_segments", lambda results, rows, *rest: check(results, rows) or ([], {}))
+    monkeypatch.setattr(writer, "write_all_segments", lambda kv, results, rows, *rest: check(results, rows))
+    parts = []   # fragments of 1,000 bytes (1/4 of a result: read whole with or without hold) in 0 and 1, 0 and 2, 2
+    for blocks in ([0, 1], [0, 2], [2]):
+        rows = np.zeros(len(blocks), INDEX_DTYPE)
+        rows["block"], rows["offset"], rows["size"] = blocks, 1000 * len(parts), 1000
+        parts.append(rows)
+    share = 4 * 4000 + 4 * BLOCK_PREFIX   # every result, its header's size not known
+    fn = getattr(pipeline, task)
+    args = (7, None) if task == "_run_shard_task" else ()   # a shard's number and spec
+    for workers, reads in [(2, [1, 1, 1, 0]), (HOLD_WORKERS + 1, [2, 1, 2, 0])]:
+        counting = _CountingReads(kv)
+        monkeypatch.setattr(pipeline, "_WORKER", {"kv": counting, "plan": SimpleNamespace(lods=1), "options": None})
+        results = TaskResults(kv, keys, cache_bytes=workers * share)
+        worker_reads = WorkerReads(results, np.full(4, 4000.0), workers)
+        assert worker_reads.hold == (workers == 2) and worker_reads.cap == share
+        checked.clear()
+        for rows in parts:
+            _submit_part(_InProcess(), worker_reads, fn, rows, *args, num_lods=None, grid_origin=(0, 0, 0)).result()
+        assert checked == [2, 2, 1]
+        assert [counting.reads[k] for k in keys] == reads, workers
+
+
+def test_the_results_a_worker_holds_count_in_each_parts_cap_and_fill_it_to_the_byte(tmp_path, monkeypatch):
+    """A worker's part (:func:`gpumesh.pipeline._worker_results` with ``hold``) counts the held
+    results it uses in its cap: with two of 4,000 bytes held and a cap of 9,000, a third result
+    it needs is not kept whole (12,000 bytes; read, found past the cap, let go) and its
+    fragment is read in a span within the 1,000 left.  Results that fill the cap to the byte
+    are all held: the next part reads none of them again."""
+    from gpumesh import pipeline
+    from gpumesh.writer import INDEX_DTYPE
+
+    kv, keys, blobs = _span_results(tmp_path)
+    counting = _CountingReads(kv)
+
+    def part(blocks, offset):
+        rows = np.zeros(len(blocks), INDEX_DTYPE)
+        rows["block"], rows["offset"], rows["size"] = blocks, offset, 50
+        return rows
+
+    monkeypatch.setattr(pipeline, "_WORKER", {"kv": counting})
+    pipeline._worker_results(keys, np.array([0, 1]), 9000, part([0, 1], 0), True)
+    rows = part([0, 1, 2], 100)
+    results = pipeline._worker_results(keys, np.array([0, 1, 2]), 9000, rows, True)
+    assert sorted(results.kept) == [0, 1] and list(results.spans) == [2]
+    assert results.kept_bytes == 8000 + 50 == sum(map(len, results.kept.values())) + results.span_bytes <= 9000
+    _assert_read(results, rows, blobs)
+    assert [counting.reads[k] for k in keys] == [1, 1, 2, 0]   # 2 read whole (not kept: past the cap), then its span
+    # a cap of 8,000 holds both to the byte: the next part, of result 1, reads nothing
+    counting = _CountingReads(kv)
+    monkeypatch.setattr(pipeline, "_WORKER", {"kv": counting})
+    pipeline._worker_results(keys, np.array([0, 1]), 8000, part([0, 1], 0), True)
+    assert pipeline._WORKER["held_results"].bytes == 8000
+    rows = part([1], 200)
+    results = pipeline._worker_results(keys, np.array([1]), 8000, rows, True)
+    _assert_read(results, rows, blobs)
+    assert [counting.reads[k] for k in keys] == [1, 1, 0, 0]
 
 
 def test_results_kept_whole_let_the_last_kept_go_down_to_three_quarters_of_the_cap(tmp_path):
