@@ -16,10 +16,10 @@ from ._caches import ensure_numba_cache_dir as _ensure_numba_cache_dir
 _ensure_numba_cache_dir()
 
 from .errors import (DestinationError, DestinationExistsError, DestinationTakenError, DeviceUnavailableError,
-                     EmptyVolumeWarning, GpumeshError, InvalidMeshError, InvalidVolumeError, InvalidVoxelSizeError,
-                     NoVoxelSizeWarning, SegmentCutWarning, SegmentNotFoundError, SegmentsNotFoundWarning,
-                     SourceReadError, StorageUnreachableError, TaskFailedError, VoxelSizeOverrideWarning,
-                     WorkerFailedError)
+                     EmptyVolumeWarning, GpumeshError, IndexInMemoryWarning, InvalidMeshError, InvalidVolumeError,
+                     InvalidVoxelSizeError, NoVoxelSizeWarning, SegmentCutWarning, SegmentNotFoundError,
+                     SegmentsNotFoundWarning, SourceReadError, StorageUnreachableError, TaskFailedError,
+                     VoxelSizeOverrideWarning, WorkerFailedError)
 # eager: the function must stay gpumesh.validate once the submodule gpumesh.validate is imported
 from .validate import validate
 
@@ -53,7 +53,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DestinationError", "DestinationExistsError", "DestinationTakenError", "DeviceUnavailableError",
-    "EmptyVolumeWarning", "GpumeshError",
+    "EmptyVolumeWarning", "GpumeshError", "IndexInMemoryWarning",
     "InvalidMeshError", "InvalidVolumeError", "InvalidVoxelSizeError", "NoVoxelSizeWarning", "SegmentCutWarning",
     "SegmentNotFoundError", "SegmentsNotFoundWarning", "VoxelSizeOverrideWarning", "SourceReadError",
     "StorageUnreachableError", "TaskFailedError", "WorkerFailedError", "MeshOptions",

@@ -18,8 +18,8 @@ import click
 from click.core import ParameterSource
 
 from ._cliutil import _fail, _location, _numbers, _part, _segments
-from .errors import (DestinationTakenError, EmptyVolumeWarning, GpumeshError, NoVoxelSizeWarning,
-                     SegmentsNotFoundWarning, VoxelSizeOverrideWarning, WorkerFailedError)
+from .errors import (DestinationTakenError, EmptyVolumeWarning, GpumeshError, IndexInMemoryWarning,
+                     NoVoxelSizeWarning, SegmentsNotFoundWarning, VoxelSizeOverrideWarning, WorkerFailedError)
 
 
 
@@ -348,7 +348,8 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
         if issubclass(category, (CPUFallbackNotice, FewerWorkersNotice, StillRunningNotice, NoWorkersNotice)):  # at once
             if not quiet:
                 click.echo(f"gpumesh: {message}", err=True)
-        elif issubclass(category, (NoVoxelSizeWarning, VoxelSizeOverrideWarning, WorkersMemoryWarning)):
+        elif issubclass(category, (NoVoxelSizeWarning, VoxelSizeOverrideWarning, WorkersMemoryWarning,
+                                   IndexInMemoryWarning)):
             # at once: a reason to stop the job
             click.echo(f"gpumesh: warning: {message}", err=True)
         else:  # after the progress bar
@@ -374,6 +375,7 @@ def _mesh(source, dest, voxel_size, voxel_offset, bounds, mip, axes, fill_missin
             warnings.simplefilter("always", NoVoxelSizeWarning)
             warnings.simplefilter("always", VoxelSizeOverrideWarning)
             warnings.simplefilter("always", WorkersMemoryWarning)
+            warnings.simplefilter("always", IndexInMemoryWarning)
             warnings.showwarning = show
             try:
                 summary = run_mesh(source, dest, options=options, voxel_size=voxel_size, voxel_offset=voxel_offset,

@@ -99,6 +99,12 @@ class SegmentsNotFoundWarning(UserWarning):
     voxel in the volume (or within the bounds): they get no mesh."""
 
 
+class IndexInMemoryWarning(UserWarning):
+    """The assembly's fragment index, past ``gpumesh.writer.ASSEMBLY_INDEX_BYTES``, goes to a
+    temporary file in ``TMPDIR``, which is a ``tmpfs`` (or ``ramfs``): the file takes memory,
+    not disk."""
+
+
 class SegmentCutWarning(UserWarning):
     """The segment reaches a face of ``bbox`` or ``bounds`` inside the volume and goes on past
     it (:func:`gpumesh.mesh_segment`): its mesh is closed there, where the segment is not."""

@@ -70,7 +70,8 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from . import storage
-from .errors import DestinationExistsError, DestinationTakenError, GpumeshError, InvalidMeshError
+from .errors import (DestinationExistsError, DestinationTakenError, GpumeshError, IndexInMemoryWarning,
+                     InvalidMeshError)
 from .encode import encode_draco
 from .octree import manifest_body, manifest_head, segment_nodes
 from .pipeline import (BLOCK_PREFIX, FRAG_DTYPE, SCRATCH, MeshOptions, Plan, block_header_size, block_is_empty,
@@ -725,6 +726,33 @@ def _waves(entries: np.ndarray, at_least: int = 1) -> list:
     return out
 
 
+#: The file systems whose files are held in memory.
+MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")
+
+#: Linux's table of the mounted file systems (:func:`memory_filesystem`).
+MOUNTS = "/proc/self/mounts"
+
+
+def memory_filesystem(path: str, mounts: Optional[str] = None) -> Optional[str]:
+    """The type of the file system that holds ``path`` where it keeps its files in memory
+    (:data:`MEMORY_FILESYSTEMS`), else ``None`` (also where ``mounts``, the table of mounted
+    file systems, default :data:`MOUNTS`, cannot be read)."""
+    mounts = MOUNTS if mounts is None else mounts
+    try:
+        with open(mounts) as fh:
+            table = [line.split()[1:3] for line in fh if len(line.split()) >= 3]
+    except OSError:
+        return None
+    real = os.path.realpath(path)
+    best, kind = "", None
+    for point, fstype in table:
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), point)   # \040: a space
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fstype
+    return kind if kind in MEMORY_FILESYSTEMS else None
+
+
 class IndexSpill:
     """The fragment index of an assembly past :data:`ASSEMBLY_INDEX_BYTES`, in an unnamed
     temporary file (in ``TMPDIR``; the system deletes it when it is closed, or when the process
@@ -745,20 +773,32 @@ class IndexSpill:
         Bytes read back from the file so far (by :meth:`group` and :meth:`rows_of`).
     grouped : bool
         The entries are grouped by wave (:meth:`group`).
+    in_memory : str or None
+        ``"tmpfs"`` (or ``"ramfs"``) where ``TMPDIR`` keeps its files in memory
+        (:func:`memory_filesystem`, set by :meth:`start`).
     """
 
     def __init__(self, file):
         self.file, self.rows, self.bytes_read = file, 0, 0
         self.grouped = False
+        self.in_memory: Optional[str] = None   # the tmpfs (or ramfs) that holds the file, if one does
         self._labels = self._wave_of = self._starts = self._counts = None   # of the waves, once grouped
 
     @classmethod
     def start(cls) -> "Optional[IndexSpill]":
-        """A new, empty spill; ``None`` where no temporary file can be made."""
+        """A new, empty spill; ``None`` where no temporary file can be made.  An
+        :class:`IndexInMemoryWarning` where ``TMPDIR`` keeps its files in memory."""
         try:
-            return cls(tempfile.TemporaryFile(prefix="gpumesh-index-"))
+            spill = cls(tempfile.TemporaryFile(prefix="gpumesh-index-"))
         except OSError:
             return None
+        spill.in_memory = memory_filesystem(tempfile.gettempdir())
+        if spill.in_memory:
+            warnings.warn(f"the fragment index of this job passes {ASSEMBLY_INDEX_BYTES / 2**30:g} GiB and goes to a "
+                          f"temporary file in {tempfile.gettempdir()}, a {spill.in_memory} that holds it in memory "
+                          f"(52 bytes per fragment): set TMPDIR to a folder on disk for a job this large",
+                          IndexInMemoryWarning, stacklevel=2)
+        return spill
 
     def add(self, batches: list) -> bool:
         """Append ``batches`` (:data:`INDEX_DTYPE` rows); ``False``, the spill closed, where
@@ -834,7 +874,8 @@ class IndexSpill:
         bool
             ``False``, the file as it was, where the new one cannot be made or filled (the
             temporary folder is full), or would leave less than :data:`SPILL_GROUP_ROOM` free
-            there (not tried): the waves then read the whole file each.
+            there, or the folder keeps its files in memory (:attr:`in_memory`: then not
+            tried): the waves then read the whole file each.
 
         Raises
         ------
@@ -850,6 +891,8 @@ class IndexSpill:
         starts = np.cumsum(counts) - counts
         filled = starts.copy()
         size = INDEX_DTYPE.itemsize
+        if self.in_memory:   # reading it whole costs little, and a second copy would take as much memory again
+            return False
         try:   # not where the folder would be all but full (other processes may write there)
             if shutil.disk_usage(tempfile.gettempdir()).free < int(counts.sum()) * size + SPILL_GROUP_ROOM:
                 return False

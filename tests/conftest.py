@@ -99,6 +99,14 @@ def _environment_restored():
         os.environ.update(saved)
 
 
+@pytest.fixture(autouse=True)
+def _temporary_folder_on_disk(monkeypatch):
+    """The assembly takes ``TMPDIR`` for a disk whatever this machine's is (where it is a
+    tmpfs, the index spill is not grouped by wave, which the tests of the waves count on);
+    the tests of a tmpfs say so themselves."""
+    monkeypatch.setattr("gpumesh.writer.MOUNTS", os.devnull)
+
+
 @pytest.fixture
 def unwelded_fragments(monkeypatch) -> dict:
     """Watch every fragment the main job hands to the Draco encoder (in this process, so

@@ -588,6 +588,87 @@ def test_a_grouped_index_spill_drops_the_segments_of_no_wave_whatever_their_ids(
     index.close()
 
 
+def test_a_folder_that_holds_its_files_in_memory_is_told_by_the_mount_table(tmp_path):
+    """:func:`memory_filesystem` names the tmpfs (or ramfs) that holds a path, from the mount
+    table: the longest mount point that holds it wins (a disk mounted inside a tmpfs is a
+    disk), a space in a mount point is ``\\040`` there, a mount point is no prefix of a
+    sibling's name; ``None`` for a disk or where the table cannot be read."""
+    from gpumesh.writer import memory_filesystem
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/vda / ext4 rw 0 0\n"
+                      "tmpfs /run tmpfs rw 0 0\n"
+                      "/dev/vdb /run/disk ext4 rw 0 0\n"
+                      "none /mnt/ram\\040disk ramfs rw 0 0\n"
+                      "broken\n")
+    table = str(mounts)
+    assert memory_filesystem("/run", table) == "tmpfs"
+    assert memory_filesystem("/run/user/1000/x", table) == "tmpfs"
+    assert memory_filesystem("/run/disk/tmp", table) is None      # a disk inside the tmpfs
+    assert memory_filesystem("/running", table) is None           # not under /run
+    assert memory_filesystem("/mnt/ram disk/tmp", table) == "ramfs"
+    assert memory_filesystem("/home", table) is None
+    assert memory_filesystem("/run", str(tmp_path / "none")) is None
+
+
+def test_an_index_spill_in_memory_is_said_and_not_grouped(tmp_path, monkeypatch):
+    """Where ``TMPDIR`` keeps its files in memory (a tmpfs), the spill says so at once
+    (:class:`IndexInMemoryWarning`: set TMPDIR to a disk) and is not written again wave by
+    wave (a second copy would take as much memory again; each wave reads it whole from
+    memory): the same entries either way.  The CLI prints the warning at once."""
+    import io
+    import warnings
+
+    import gpumesh.writer as writer
+    from gpumesh.writer import IndexInMemoryWarning
+
+    kv, keys, blobs = _results(tmp_path, np.random.default_rng(11), n=200)
+    want, table = _index_one_by_one(blobs, 3)[:2]
+    waves = np.array_split(table.labels, 3)
+    entries = [int(table.columns["entries"][np.isin(table.labels, w)].sum()) for w in waves]
+    files = []
+    monkeypatch.setattr(writer.tempfile, "TemporaryFile", lambda **kwargs: files.append(io.BytesIO()) or files[-1])
+    monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", want.nbytes // 3)
+    monkeypatch.setattr(writer, "memory_filesystem", lambda path: "tmpfs")
+    with pytest.warns(IndexInMemoryWarning, match=r"a tmpfs that holds it in memory .*set TMPDIR to a folder on disk"):
+        index = writer._read_index(writer.TaskResults(kv, keys, cache_bytes=0), {}, 3, False)[0]
+    assert isinstance(index, writer.IndexSpill) and index.in_memory == "tmpfs"
+    assert not index.group(waves, entries) and not index.grouped and len(files) == 1
+    assert index.rows_of(waves[1]).tobytes() == want[np.isin(want["label"], waves[1])].tobytes()
+    index.close()
+    monkeypatch.setattr(writer, "memory_filesystem", lambda path: None)   # on disk: no word, grouped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IndexInMemoryWarning)
+        index = writer._read_index(writer.TaskResults(kv, keys, cache_bytes=0), {}, 3, False)[0]
+    assert index.in_memory is None and index.group(waves, entries)
+    index.close()
+
+
+def test_the_cli_says_at_once_that_the_index_spill_is_in_memory(tmp_path, monkeypatch):
+    """``gpumesh mesh`` prints an :class:`IndexInMemoryWarning` as it comes (a reason to stop
+    the job and set TMPDIR), as a warning line, and writes the same mesh."""
+    from click.testing import CliRunner
+
+    import gpumesh.writer as writer
+    from conftest import tree_files, write_zarr
+    from gpumesh.cli import main
+
+    labels = np.zeros((40, 36, 32), np.uint32)
+    labels[4:30, 6:30, 3:28] = 3
+    labels[20:38, 2:20, 10:30] = 9
+    write_zarr(tmp_path / "v.zarr", labels, chunk=16)
+    args = [str(tmp_path / "v.zarr"), "--voxel-size", "4,4,40", "--chunk-size", "8", "--workers", "1"]
+    assert CliRunner().invoke(main, ["mesh", *args[:1], str(tmp_path / "held"), *args[1:]]).exit_code == 0
+    monkeypatch.setattr(writer, "ASSEMBLY_INDEX_BYTES", writer.INDEX_DTYPE.itemsize)
+    monkeypatch.setattr(writer, "memory_filesystem", lambda path: "tmpfs")
+    res = CliRunner().invoke(main, ["mesh", *args[:1], str(tmp_path / "spilled"), *args[1:]])
+    assert res.exit_code == 0, res.output
+    said = [line for line in res.stderr.splitlines() if "a tmpfs that holds it in memory" in line]
+    assert len(said) == 1 and said[0].startswith("gpumesh: warning: the fragment index of this job passes")
+    assert res.stderr.index(said[0]) < res.stderr.index("writing: 0/")   # as it comes, not after the job
+    assert tree_files(tmp_path / "spilled") == tree_files(tmp_path / "held")
+
+
 def test_an_interrupted_header_read_closes_the_index_spill_at_once(tmp_path, monkeypatch):
     """Ctrl-C (a BaseException, not an Exception) while the headers are read past the cap closes
     the spill (which deletes its file) before the interrupt goes on, as an unreadable result
