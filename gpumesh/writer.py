@@ -753,6 +753,16 @@ def memory_filesystem(path: str, mounts: Optional[str] = None) -> Optional[str]:
     return kind if kind in MEMORY_FILESYSTEMS else None
 
 
+def _find_sorted(table: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of ``values`` is in ``table`` (sorted ascending) and whether it is there: its
+    position (clipped to the last; 0 in an empty table) and a bool, each of ``values``' length
+    (:func:`gpumesh.pipeline.in_sorted` gives the bools alone)."""
+    if len(table) == 0:
+        return np.zeros(len(values), dtype=np.int64), np.zeros(len(values), dtype=bool)
+    at = np.searchsorted(table, values).clip(max=len(table) - 1)
+    return at, table[at] == values
+
+
 class IndexSpill:
     """The fragment index of an assembly past :data:`ASSEMBLY_INDEX_BYTES`, in an unnamed
     temporary file (in ``TMPDIR``; the system deletes it when it is closed, or when the process
@@ -847,8 +857,7 @@ class IndexSpill:
         GpumeshError
             The file holds fewer entries than were written (read back cut short)."""
         if self.grouped:
-            at = np.searchsorted(self._labels, labels).clip(0, max(0, len(self._labels) - 1))
-            hit = self._labels[at] == labels if len(self._labels) else np.zeros(len(labels), dtype=bool)
+            at, hit = _find_sorted(self._labels, labels)
             runs = [(int(self._starts[k]), int(self._counts[k])) for k in np.unique(self._wave_of[at[hit]]).tolist()]
         else:
             runs = [(0, self.rows)]
@@ -901,12 +910,12 @@ class IndexSpill:
             return False
         try:
             for ext in self._read(0, self.rows):
-                at = np.searchsorted(labels, ext["label"]).clip(0, max(0, len(labels) - 1))
-                hit = np.flatnonzero(labels[at] == ext["label"]) if len(labels) else np.zeros(0, np.int64)
+                at, found = _find_sorted(labels, ext["label"])
+                hit = np.flatnonzero(found)
                 wave = wave_of[at[hit]]
                 by_wave = np.argsort(wave, kind="stable")   # task order kept within each wave
                 take, wave = hit[by_wave], wave[by_wave]
-                del at, hit, by_wave
+                del at, found, hit, by_wave
                 starts_here = _run_starts(wave)
                 for s0, s1 in zip(starts_here.tolist(), np.r_[starts_here[1:], len(wave)].tolist()):
                     k = int(wave[s0])
@@ -1614,12 +1623,12 @@ def write_shards(kv, results: "TaskResults", index: Optional[np.ndarray], table:
         rows = _wave_rows(results, index, labels[in_wave[per_shard]], stats)
         # the wave's entries at the LODs their segments keep, by shard, then segment ID, task
         # order within: one copy of them, taken at once (the index itself stays as it is)
-        at = np.searchsorted(labels, rows["label"]).clip(0, len(labels) - 1)
-        take = np.flatnonzero((labels[at] == rows["label"]) & in_wave[per_shard[at]] & (rows["lod"] < n[at]))
+        at, found = _find_sorted(labels, rows["label"])
+        take = np.flatnonzero(found & in_wave[per_shard[at]] & (rows["lod"] < n[at]))
         at = at[take]
         order = np.lexsort((at, per_shard[at]))
         rows, row_shard = rows[take[order]], seg_shard[at[order]]
-        del at, take, order
+        del at, found, take, order
         starts = _run_starts(row_shard)
         stops = np.r_[starts[1:], len(rows)]
         todo = [(int(row_shard[s0]), rows[s0:s1]) for s0, s1 in zip(starts.tolist(), stops.tolist())]
