@@ -740,7 +740,7 @@ def memory_filesystem(path: str, mounts: Optional[str] = None) -> Optional[str]:
     mounts = MOUNTS if mounts is None else mounts
     try:
         with open(mounts) as fh:
-            table = [line.split()[1:3] for line in fh if len(line.split()) >= 3]
+            table = [fields[1:3] for fields in map(str.split, fh) if len(fields) >= 3]
     except OSError:
         return None
     real = os.path.realpath(path)
@@ -892,6 +892,8 @@ class IndexSpill:
             The file holds fewer entries of a wave, or more, than ``entries`` says, or fewer
             than were written.
         """
+        if self.in_memory:   # reading it whole costs little, and a second copy would take as much memory again
+            return False
         labels = np.concatenate(waves) if waves else np.zeros(0, dtype=np.uint64)
         wave_of = np.repeat(np.arange(len(waves)), [len(w) for w in waves])
         order = np.argsort(labels, kind="stable")
@@ -900,8 +902,6 @@ class IndexSpill:
         starts = np.cumsum(counts) - counts
         filled = starts.copy()
         size = INDEX_DTYPE.itemsize
-        if self.in_memory:   # reading it whole costs little, and a second copy would take as much memory again
-            return False
         try:   # not where the folder would be all but full (other processes may write there)
             if shutil.disk_usage(tempfile.gettempdir()).free < int(counts.sum()) * size + SPILL_GROUP_ROOM:
                 return False
@@ -1613,14 +1613,16 @@ def write_shards(kv, results: "TaskResults", index: Optional[np.ndarray], table:
     if not len(todo_shards):   # all written by an interrupted run: no wave (it read the entries for none)
         return spec
     per_wave = workers if executor is not None else 1
-    waves = []   # each wave's shards (a mask of shards)
+    waves = []   # each wave's shards (a mask of shards), segment IDs and fragment entries
     for wave in _waves(np.bincount(per_shard, weights=entries, minlength=len(shards))[todo_shards].astype(np.int64),
                        per_wave):
-        waves.append(np.zeros(len(shards), dtype=bool))
-        waves[-1][todo_shards[wave]] = True
-    _group_spill(index, [labels[w[per_shard]] for w in waves], [int(entries[w[per_shard]].sum()) for w in waves])
-    for in_wave in waves:
-        rows = _wave_rows(results, index, labels[in_wave[per_shard]], stats)
+        in_wave = np.zeros(len(shards), dtype=bool)
+        in_wave[todo_shards[wave]] = True
+        segments = in_wave[per_shard]
+        waves.append((in_wave, labels[segments], int(entries[segments].sum())))
+    _group_spill(index, [w[1] for w in waves], [w[2] for w in waves])
+    for in_wave, wave_labels, _ in waves:
+        rows = _wave_rows(results, index, wave_labels, stats)
         # the wave's entries at the LODs their segments keep, by shard, then segment ID, task
         # order within: one copy of them, taken at once (the index itself stays as it is)
         at, found = _find_sorted(labels, rows["label"])
