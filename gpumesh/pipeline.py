@@ -1098,9 +1098,7 @@ def _worker_results(keys, whole, cache_bytes, rows, hold=False):
     results = TaskResults(_WORKER["kv"], keys, cache_bytes=cache_bytes)
     held = _WORKER.setdefault("held_results", _HeldResults()) if hold else None
     if held is not None:
-        for b, blob in held.get(keys, np.unique(rows["block"]).tolist()).items():
-            results.kept[b] = blob
-            results.kept_bytes += len(blob)
+        results.adopt(held.get(keys, np.unique(rows["block"]).tolist()))
     _, start, end = fragment_spans(rows[~np.isin(rows["block"], whole)])
     spanned = int((end - start).sum())
     results.keep(whole, leave=min(spanned, cache_bytes // SPAN_ROOM_SHARE))

@@ -1360,6 +1360,13 @@ class TaskResults:
             self.spans[b] = (lo, hi, [self.kv.read(self.keys[b], byte_range=slice(x, y))
                                       for x, y in zip(lo.tolist(), hi.tolist())])
 
+    def adopt(self, blobs: dict) -> None:
+        """Keep results already read whole (result number -> bytes: those a worker holds,
+        ``gpumesh.pipeline._HeldResults``), counted in the cap as those read here are."""
+        for b, blob in blobs.items():
+            self.kept[b] = blob
+            self.kept_bytes += len(blob)
+
     def keep(self, blocks, leave: int = 0) -> None:
         """Read results ``blocks`` whole (a few at a time, concurrently) and keep them, while
         the kept results stay within the cap less ``leave`` bytes (room for the spans of the
