@@ -12,10 +12,10 @@ them on a volume of this size, each run meshes the same job in a fresh process w
 left as it is (``default``) or set to ``--caps`` MiB, and reports the main process's peak RSS
 (its workers are other processes), the waves, the wall time of the writing phase, the task
 results' reads by this process, the bytes of the temporary file read back and a digest of
-every output file, which must be the same for every cap.  The
-default job is the real volume with 8-voxel octree nodes and 5 LODs: ~0.94 M fragments, an
-index of ~53 MB, where 64-voxel nodes give 37 k.  It is written in 16 shards (``--shard-bits
-4``), so that a wave can hold a few.
+every output file, which must be the same for every cap.  The default job is the real volume
+with 8-voxel octree nodes and 5 LODs: ~0.94 M fragments, an index of ~53 MB, where 64-voxel
+nodes give 37 k.  It is written in 16 shards (``--shard-bits 4``), so that a wave can hold a
+few.
 
     .venv/bin/python bench/bench_assembly.py                    # caps: default, 8 MiB
     .venv/bin/python bench/bench_assembly.py --caps 4 --repeat 2

@@ -1207,7 +1207,7 @@ def prepared_commit(path: Path = PREPARED_COMMIT) -> dict[str, Any] | None:
     for entry in filter(None, listing.split("\0")):
         meta, name = entry.split("\t", 1)
         mode, _, blob = meta.split()
-        if mode == "160000" or name.startswith(RESULTS_PATH):   # a submodule: no blob here
+        if mode == "160000" or name.startswith(RESULTS_PATH):   # a submodule (no blob here), or a result
             continue
         try:
             p = REPO_ROOT / name
