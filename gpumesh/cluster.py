@@ -13,8 +13,10 @@ first task of the job it runs (:func:`gpumesh.pipeline.set_up_worker`); the job'
 travel to the workers once, as one task's result that the scheduler computes again if the
 workers holding it are lost (a NumPy source is scattered to every worker instead, which
 cannot be: losing all of them fails the job).  A relative source path is made absolute
-first (workers may run in another directory).  A worker process keeps the state of the last
-job it ran, so a cluster should run one gpumesh job at a time.  Start the workers with one
+first (workers may run in another directory).  A worker process holds the state of one job
+at a time, so a cluster should run one gpumesh job at a time; when the job ends, each worker
+lets go of it (:func:`gpumesh.pipeline.end_worker_job`: its source and read cache, the task
+results it held, its backend's device memory and pool limit).  Start the workers with one
 thread each (``dask worker --nthreads 1``, ``LocalCluster(threads_per_worker=1)``) and as many
 processes as cores: the tasks are CPU-bound Python and hold the GIL in parts.  On GPU nodes
 a worker uses the first GPU it sees and takes its share of that device's free memory, shared
@@ -23,11 +25,15 @@ dask-cuda (``LocalCUDACluster``, ``dask cuda worker``), one worker per GPU, each
 its own.  As in the local pool, only as many of a GPU's workers use it as
 :func:`gpumesh.gpu.device_processes` allows for its free memory (measured by the group's first
 worker before the job); the others mesh on the CPU backend, which writes the same bytes.
-A worker takes the local pool's memory settings when it sets up a job
+A worker takes the local pool's memory settings while it runs a job
 (:func:`gpumesh.pipeline._keep_freed_memory`: glibc keeps freed heap instead of returning it,
-NumPy asks for no transparent huge pages), for the rest of its life: without them the workers
-spent 15-20 % more CPU time on the real volume (page faults), and their resident memory stays
-at its peak, which Dask reports as unmanaged memory (the job's tasks keep no data in Dask).
+NumPy asks for no transparent huge pages): without them the workers spent 15-20 % more CPU
+time on the real volume (page faults).  When the job ends they are undone
+(:func:`gpumesh.pipeline._restore_memory`: glibc's parameters as the environment set them,
+``MALLOC_TRIM_THRESHOLD_`` of Dask's nanny included, and the heap's free memory handed back),
+so that the worker's resident memory does not stay at the job's peak, which Dask reports as
+unmanaged memory.  The local pool's one arena for all threads (``M_ARENA_MAX``), which glibc
+cannot undo, is not set in a Dask worker.
 """
 
 from __future__ import annotations
@@ -133,11 +139,22 @@ def _run_in_job(job_id: str, job: tuple, fn, *args):
             # this worker's place among those that share its GPU, and how many of them use it
             rank, count, device_workers = _share(get_worker().address, shares, seen)
             pipeline._WORKER.clear()
-            pipeline._keep_freed_memory()
+            pipeline._keep_freed_memory(own_process=False)
             pipeline.set_up_worker(source, open_kwargs, plan, options, dest_spec, device, worker=rank,
                                    nworkers=count, device_workers=device_workers)
             pipeline._WORKER["job"] = job_id
     return fn(*args)
+
+
+def _end_job(job_id: str, prefix: str, dask_worker=None) -> bool:
+    """End job ``job_id`` in this Dask worker (:func:`gpumesh.pipeline.end_worker_job`) unless
+    the worker has since set up another job or still runs a task of this one (``prefix``, as
+    :func:`_running`).  Returns whether it did."""
+    with _LOCK:
+        if pipeline._WORKER.get("job") != job_id or (dask_worker is not None and _running(prefix, dask_worker)):
+            return False
+        pipeline.end_worker_job()
+        return True
 
 
 def _running(prefix: str, dask_worker=None) -> int:
@@ -293,6 +310,11 @@ class DaskExecutor:
                     self._client.cancel(self._job)
             except Exception:   # the client may be closing
                 pass
+            if self._job is not None:
+                try:   # and the workers' state of the job (a worker that cannot answer keeps it)
+                    self._client.run(_end_job, self._id, self._task_prefix, on_error="return")
+                except Exception:   # the scheduler gone, or the client closing
+                    pass
             self._job = None
         return None
 

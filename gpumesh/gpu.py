@@ -344,9 +344,35 @@ class CupyRuntime:
         free, total = self.cp.cuda.runtime.memGetInfo()
         return int(free), int(total)
 
+    #: the process's memory pool limit before the first runtime still open set one, and how
+    #: many runtimes have set one and not yet restored it (the pool is the process's)
+    _limit_before: Optional[int] = None
+    _limit_users = 0
+    _limit_lock = threading.Lock()
+
     def set_limit(self, nbytes: int) -> None:
-        """Cap the bytes this process's memory pool may hold (allocations past it raise)."""
-        self.cp.get_default_memory_pool().set_limit(size=int(nbytes))
+        """Cap the bytes this process's memory pool may hold (allocations past it raise);
+        :meth:`restore_limit` undoes it."""
+        pool = self.cp.get_default_memory_pool()
+        with CupyRuntime._limit_lock:
+            if not getattr(self, "_limit_set", False):
+                if CupyRuntime._limit_users == 0:
+                    CupyRuntime._limit_before = int(pool.get_limit())
+                CupyRuntime._limit_users += 1
+                self._limit_set = True
+            pool.set_limit(size=int(nbytes))
+
+    def restore_limit(self) -> None:
+        """Give the memory pool back the limit it had before the first runtime still open set
+        one (0: none, or ``CUPY_GPU_MEMORY_LIMIT``'s), once every runtime that set one has
+        restored it; no-op for a runtime that set none."""
+        with CupyRuntime._limit_lock:
+            if not getattr(self, "_limit_set", False):
+                return
+            self._limit_set = False
+            CupyRuntime._limit_users -= 1
+            if CupyRuntime._limit_users == 0:
+                self.cp.get_default_memory_pool().set_limit(size=int(CupyRuntime._limit_before or 0))
 
     def release(self) -> None:
         """Wait for the queued work, then hand the pools' unused blocks back: the device
@@ -474,6 +500,18 @@ class GPUBackend:
         self.device_weld = True
         #: slabs run, out-of-memory retries, blocks done on the CPU instead, device welds
         self.stats = {"slabs": 0, "oom_retries": 0, "cpu_fallbacks": 0, "device_welds": 0}
+
+    def close(self) -> None:
+        """Hand back what this backend holds of the process: the memory pools' unused blocks
+        (:meth:`CupyRuntime.release`) and the pool limit it set (restored as the runtime says:
+        :meth:`CupyRuntime.restore_limit`).  For a process that outlives the job (a Dask
+        worker, :func:`gpumesh.pipeline.end_worker_job`); the backend still meshes after it, as
+        one made with no budget of its own."""
+        with self._lock:
+            self.rt.release()
+            restore = getattr(self.rt, "restore_limit", None)
+            if restore is not None:
+                restore()
 
     def _raise_unless_oom(self, exc: BaseException) -> None:
         """Re-raise a CUDA error caught with the out-of-memory ones unless its status is 2

@@ -861,37 +861,85 @@ def _mesh_lod(volume: Volume, plan: Plan, options: MeshOptions, backend: Backend
 _WORKER: dict[str, Any] = {}
 
 
-def _keep_freed_memory() -> None:
+#: glibc's ``mallopt`` parameters that :func:`_keep_freed_memory` sets: (parameter, the
+#: environment variable that sets it when a process starts, glibc's default (``mallopt(3)``),
+#: the value set)
+_MALLOC_SETTINGS = ((-4, "MALLOC_MMAP_MAX_", 65536, 0),              # M_MMAP_MAX
+                    (-1, "MALLOC_TRIM_THRESHOLD_", 128 << 10, 2**31 - 1),  # M_TRIM_THRESHOLD
+                    (-2, "MALLOC_TOP_PAD_", 128 << 10, 256 << 20))   # M_TOP_PAD
+
+#: What :func:`_keep_freed_memory` set, for :func:`_restore_memory`: ``"malloc"`` (glibc's
+#: parameters) and ``"hugepage"`` (NumPy's setting before)
+_KEPT_MEMORY: dict = {}
+
+
+def _keep_freed_memory(own_process: bool = True) -> None:
     """Make a worker reuse its memory instead of faulting fresh pages for every block.
 
     A block allocates a few hundred MB of short-lived arrays.  Two things made each block
     fault them in again, which cost more system time than the meshing on some VMs:
 
-    * glibc served them by mmap and returned them on free.  Workers are our own processes, so
-      they serve every allocation from the heap (``M_MMAP_MAX = 0``) and never trim it
-      (``M_TRIM_THRESHOLD``): after the first block the heap holds the peak.
+    * glibc served them by mmap and returned them on free.  Workers serve every allocation
+      from the heap (``M_MMAP_MAX = 0``) and do not trim it (``M_TRIM_THRESHOLD``): after the
+      first block the heap holds the peak.
     * NumPy asks for transparent huge pages on every large array (``madvise(MADV_HUGEPAGE)``).
       Where the kernel's THP ``defrag`` setting is ``madvise`` (a common default), each such
       fault compacts memory synchronously: on the 2-core VM of ``docs/STATUS.md`` touching
       400 MB cost 2-5 s of system time with huge pages and 0.24 s without.  Workers turn it
       off (``NUMPY_MADVISE_HUGEPAGE=0`` does the same for a whole process).
 
-    No-op where glibc is not the allocator or NumPy lacks the switch.
+    ``own_process``: a process of the job's own pool, which ends with the job: its threads
+    (TensorStore's) also share one malloc arena (``M_ARENA_MAX``, which glibc cannot undo).
+    Else (a Dask worker, which outlives the job) only what :func:`_restore_memory` undoes is
+    set.  No-op where glibc is not the allocator or NumPy lacks the switch.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)                # M_MMAP_MAX
-        libc.mallopt(-1, 2**31 - 1)        # M_TRIM_THRESHOLD
-        libc.mallopt(-2, 256 << 20)        # M_TOP_PAD
-        libc.mallopt(-8, 1)                # M_ARENA_MAX: TensorStore's threads too
+        for param, _, _, value in _MALLOC_SETTINGS:
+            libc.mallopt(param, value)
+        if own_process:
+            libc.mallopt(-8, 1)            # M_ARENA_MAX
+        _KEPT_MEMORY.setdefault("malloc", True)
     except (OSError, AttributeError):
         pass
+    switch = _madvise_switch()
+    if switch is not None:
+        before = switch(False)
+        _KEPT_MEMORY.setdefault("hugepage", before)
+
+
+def _madvise_switch():
+    """NumPy's ``_set_madvise_hugepage`` (returns the setting before), or ``None``."""
     for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
         try:
-            __import__(mod, fromlist=["_set_madvise_hugepage"])._set_madvise_hugepage(False)
-            break
+            return __import__(mod, fromlist=["_set_madvise_hugepage"])._set_madvise_hugepage
         except (ImportError, AttributeError):
             continue
+    return None
+
+
+def _restore_memory() -> None:
+    """Undo :func:`_keep_freed_memory` (all but ``M_ARENA_MAX``): glibc's parameters go back to
+    what the environment set at start-up (``MALLOC_TRIM_THRESHOLD_``, which Dask's nanny sets,
+    and the others), else glibc's defaults; NumPy's huge pages to what they were; and the heap's
+    free memory is handed back to the system (``malloc_trim``).  For a process that outlives
+    the job (a Dask worker, a notebook's); no-op where nothing was set."""
+    if _KEPT_MEMORY.pop("malloc", False):
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            for param, env, default, _ in _MALLOC_SETTINGS:
+                try:
+                    value = int(os.environ.get(env, default))
+                except ValueError:
+                    value = default
+                libc.mallopt(param, value)
+            libc.malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+    if "hugepage" in _KEPT_MEMORY:
+        switch = _madvise_switch()
+        if switch is not None:
+            switch(bool(_KEPT_MEMORY.pop("hugepage")))
 
 
 #: Most memory a worker's read cache may hold.
@@ -917,6 +965,24 @@ def read_cache_bytes(volume: Volume, plan: Plan) -> int:
     touched = np.prod((hi - 1) // chunk - lo // chunk + 1, axis=1)
     most = int(touched[np.all(hi > lo, axis=1)].max(initial=0))
     return int(min(most * int(np.prod(chunk)) * np.dtype(volume.dtype).itemsize, MAX_READ_CACHE))
+
+
+def end_worker_job() -> None:
+    """Let go of the job in a worker process that outlives it (a Dask worker): its source and
+    read cache, destination, the task results it holds, and its backend's device memory
+    (``close``: :meth:`gpumesh.gpu.GPUBackend.close`), then the memory settings
+    (:func:`_restore_memory`), so that a finished job leaves the worker as it found it."""
+    import gc
+
+    backend = _WORKER.get("backend")
+    _WORKER.clear()
+    close = getattr(backend, "close", None)
+    del backend
+    if close is not None:
+        close()
+    del close
+    gc.collect()
+    _restore_memory()
 
 
 def _exit_with_parent() -> None:

@@ -4,7 +4,9 @@ and the errors a cluster adds.  A LocalCluster of 2 worker processes stands in f
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -580,3 +582,106 @@ def test_each_stretch_without_workers_is_said_once(monkeypatch):
         warnings.simplefilter("always")
         executor._watch_workers()
     assert [issubclass(w.category, NoWorkersNotice) for w in caught] == [True, True]
+
+
+def _memory_state() -> dict:
+    """In a worker: whether glibc maps a large allocation by itself again (``M_MMAP_MAX``, 0
+    while a job's settings hold: its bytes then come from the heap), NumPy's huge-page setting,
+    and the job state the worker holds."""
+    import ctypes
+
+    from gpumesh import pipeline
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    before = libc.mallinfo2().hblkhd
+    big = np.ones(64 << 20, dtype=np.uint8)
+    mapped = libc.mallinfo2().hblkhd - before >= big.nbytes
+    del big
+    switch = pipeline._madvise_switch()
+    hugepage = switch(True)
+    switch(hugepage)
+    return {"mapped": bool(mapped), "hugepage": bool(hugepage), "job": sorted(pipeline._WORKER),
+            "kept": sorted(pipeline._KEPT_MEMORY)}
+
+
+glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
+
+
+@glibc
+def test_a_finished_job_leaves_the_cluster_workers_as_it_found_them(client, crop, tmp_path):
+    """A Dask worker outlives the job: once it ends, the workers hold none of its state (the
+    source and its read cache, the task results, the backend) and have the allocator and NumPy
+    settings they had before, which the job changes for its own speed (_keep_freed_memory)."""
+    before = client.run(_memory_state)
+    assert all(s["mapped"] and not s["job"] for s in before.values()), before
+    options = MeshOptions(chunk_size=32, sharding=ShardingOptions(shard_bits=2))
+    seen = []
+
+    def during(done, total):   # a worker's settings while the job runs (after its first task)
+        if done and not seen:
+            seen.append(client.run(_memory_state))
+
+    summary = run_mesh(crop, str(tmp_path / "dask"), options=options, client=client, progress=during)
+    assert summary.workers == 2 and seen
+    assert any(s["job"] and not s["mapped"] and not s["hugepage"] for s in seen[0].values()), seen
+    after = client.run(_memory_state)
+    assert after == before, (before, after)
+
+
+@glibc
+def test_memory_settings_of_a_process_that_outlives_the_job_are_undone():
+    """_keep_freed_memory(own_process=False) and _restore_memory in a fresh process: large
+    allocations come from the heap, with no huge pages, then are mapped by glibc again (with
+    Dask's nanny's MALLOC_TRIM_THRESHOLD_ in the environment, as its workers have it)."""
+    code = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from test_dask import _memory_state
+from gpumesh import pipeline
+first = _memory_state()
+pipeline._keep_freed_memory(own_process=False)
+during = _memory_state()
+pipeline._restore_memory()
+pipeline._restore_memory()   # twice: nothing more
+after = _memory_state()
+print(first == after, first["mapped"], during["mapped"], during["hugepage"], first["hugepage"], after["kept"])
+"""
+    env = dict(os.environ, MALLOC_TRIM_THRESHOLD_="65536")
+    env.pop("NUMPY_MADVISE_HUGEPAGE", None)
+    out = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True", "False", "False", "True", "[]"], out.stdout
+
+
+def test_ending_a_job_in_a_worker_closes_its_backend_and_lets_go_of_its_state(monkeypatch):
+    from gpumesh import cluster, pipeline
+
+    closed = []
+
+    class Backend:
+        name = "gpu"
+
+        def close(self):
+            closed.append(True)
+
+    restored = []
+    monkeypatch.setattr(pipeline, "_restore_memory", lambda: restored.append(True))
+    monkeypatch.setattr(pipeline, "_WORKER", {"job": "a", "backend": Backend(), "volume": object()})
+    assert not cluster._end_job("b", "prefix-")   # another job's: left as it is
+    assert pipeline._WORKER["job"] == "a" and not closed
+
+    class Worker:   # a task of the job still runs in this worker: left for it
+        state = type("State", (), {"all_running_tasks": [type("T", (), {"key": "prefix-1"})()]})()
+
+    assert not cluster._end_job("a", "prefix-", Worker())
+    assert pipeline._WORKER["job"] == "a" and not closed
+    assert cluster._end_job("a", "prefix-")
+    assert pipeline._WORKER == {} and closed == [True] and restored == [True]
+    monkeypatch.setattr(pipeline, "_WORKER", {"job": "c", "backend": object()})   # no close (the CPU's)
+    assert cluster._end_job("c", "prefix-") and pipeline._WORKER == {} and restored == [True, True]

@@ -550,6 +550,24 @@ def _table_bytes(emu_lib):
     return tables
 
 
+def test_a_closed_backend_hands_back_the_pool_limit_and_still_meshes(emu_lib, real_crops):
+    """close (a Dask worker's job ending): the pools' unused blocks go back and the pool limit
+    is what it was before the backend (a user's, CUPY_GPU_MEMORY_LIMIT's); meshing after it
+    still gives the CPU's pieces."""
+    rt = cuda_emu.EmulatedRuntime(emu_lib)
+    rt.limit = 7 << 30
+    released = []
+    rt.release = lambda: released.append(True)
+    backend = gpu.GPUBackend(runtime=rt, memory_budget=1 << 30)
+    assert rt.limit == 1 << 30
+    backend.close()
+    assert rt.limit == 7 << 30 and released
+    backend.close()
+    assert rt.limit == 7 << 30
+    labels = real_crops["40^3"]
+    _assert_same_pieces(backend.mesh(labels, 16), CPUBackend().mesh(labels, 16))
+
+
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint64])
 def test_emulated_memory_budget_slabs_match_cpu(emu_lib, real_crops, dtype):
     """A budget of a few planes meshes and downsamples in many x-slabs, never allocates past

@@ -119,7 +119,7 @@ def _fake_cupy(pool, no_blocking_arg=False):
     # cached: bytes of unused blocks that the device memory pool holds (cudaMemGetInfo counts
     # them as taken) until its free_all_blocks hands them back
     fake = types.SimpleNamespace(pool=pool, current=_Stream(), no_blocking_arg=no_blocking_arg,
-                                 freed_blocks=0, freed_pinned=0, cached=0, capacity=1 << 31)
+                                 freed_blocks=0, freed_pinned=0, cached=0, capacity=1 << 31, limit=0)
 
     class OutOfMemoryError(Exception):
         pass
@@ -147,10 +147,15 @@ def _fake_cupy(pool, no_blocking_arg=False):
             fake.cached = 0
 
         def set_limit(self, size):
-            pass
+            fake.limit = size
+
+        def get_limit(self):
+            return fake.limit
 
         def total_bytes(self):
             return 0
+
+    mempool = _MemPool()   # the process's, as CuPy's default pool
 
     class _PinnedPoolHandle:
         def free_all_blocks(self):
@@ -169,7 +174,7 @@ def _fake_cupy(pool, no_blocking_arg=False):
                                      memGetInfo=lambda: (fake.capacity // 2 - fake.cached, fake.capacity)))
     cupy = types.SimpleNamespace(cuda=cuda, asarray=asarray, asnumpy=asnumpy, empty=empty,
                                  ascontiguousarray=ascontiguousarray, RawModule=RawModule,
-                                 get_default_memory_pool=lambda: _MemPool(),
+                                 get_default_memory_pool=lambda: mempool,
                                  get_default_pinned_memory_pool=lambda: _PinnedPoolHandle())
     cupyx = types.SimpleNamespace(empty_pinned=pool.empty)
     return fake, cupy, cupyx
@@ -428,3 +433,31 @@ def test_a_backend_waits_for_its_table_uploads_whatever_the_budget(runtime, budg
     for dev, table in ((backend._tri_counts, gpu.TRI_COUNTS), (backend._tri_table, gpu.TRI_TABLE),
                        (backend._edge_base, gpu.EDGE_BASE), (backend._edge_axis, gpu.EDGE_AXIS)):
         assert np.array_equal(dev._data, table)
+
+
+def test_the_pool_limit_goes_back_once_every_runtime_that_set_one_has_restored_it(runtime, monkeypatch):
+    """The memory pool is the process's: its limit (CUPY_GPU_MEMORY_LIMIT's, or a user's) comes
+    back when the last runtime that set one restores it, not before (another still meshes
+    within its budget), once per runtime."""
+    monkeypatch.setattr(gpu.CupyRuntime, "_limit_users", 0)
+    monkeypatch.setattr(gpu.CupyRuntime, "_limit_before", None)
+    fake, a = runtime()
+    fake.limit = 5 << 30
+    b = gpu.CupyRuntime(source="")
+    gpu.CupyRuntime(source="").restore_limit()   # one that set none
+    assert fake.limit == 5 << 30
+    a.set_limit(1 << 30)
+    b.set_limit(2 << 30)
+    a.set_limit(3 << 30)
+    assert fake.limit == 3 << 30
+    a.restore_limit()
+    a.restore_limit()
+    assert fake.limit == 3 << 30   # b has not restored it
+    b.restore_limit()
+    assert fake.limit == 5 << 30 and gpu.CupyRuntime._limit_users == 0
+    b.restore_limit()
+    assert fake.limit == 5 << 30 and gpu.CupyRuntime._limit_users == 0
+    fake.limit = 6 << 30
+    b.set_limit(1 << 30)   # again: the limit it has now is the one to restore
+    b.restore_limit()
+    assert fake.limit == 6 << 30

@@ -244,6 +244,9 @@ class EmulatedRuntime:
         self.launches: list[tuple[str, int, int]] = []
         self.capacity = capacity
         self.limit: Optional[int] = None
+        #: the limit before set_limit, until restore_limit puts it back
+        self.limit_before: Optional[int] = None
+        self.limit_set = False
         self.live = 0        # bytes of the device arrays alive now (their pool blocks)
         self.peak = 0        # the most ever alive
         self.oom_raised = 0
@@ -282,7 +285,13 @@ class EmulatedRuntime:
         return total - self.live, total
 
     def set_limit(self, nbytes: int) -> None:
+        if not self.limit_set:
+            self.limit_before, self.limit_set = self.limit, True
         self.limit = int(nbytes)
+
+    def restore_limit(self) -> None:
+        if self.limit_set:
+            self.limit, self.limit_set = self.limit_before, False
 
     def release(self) -> None:
         pass  # freed arrays are given back at once here
