@@ -204,7 +204,8 @@ class _ProgressLines:
 @click.option("--voxel-offset", callback=_numbers(int, 3, "0,0,0"), help="voxel offset x,y,z (overrides metadata)")
 @click.option("--bounds", callback=_numbers(int, 6, "0,0,0,512,512,256"), metavar="X0,Y0,Z0,X1,Y1,Z1",
               help="mesh only this box (global voxel coordinates, end excluded; clipped to the volume)")
-@click.option("--mip", default=0, show_default=True, help="scale of a multiscale source (precomputed, OME-Zarr)")
+@click.option("--mip", default=0, show_default=True,
+              help="scale of a multiscale source (precomputed, OME-Zarr, N5 s0, s1, ...)")
 @click.option("--axes", default=None, help="storage axis order, e.g. zyx, for a source without dimension names (overrides stored names)")
 @click.option("--fill-missing/--no-fill-missing", default=True, show_default=True,
               help="read the source's chunks that are not stored as background (0); with --no-fill-missing a "
@@ -249,7 +250,7 @@ class _ProgressLines:
               help="set `mesh` (and `segment_properties`) in a precomputed source's info (rewrites the source)")
 @_sharding_flags(None)
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None, help="write the end summary as JSON")
-@click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option("--quiet", is_flag=True, help="no progress (bar or log lines) and no notices; warnings still print")
 def mesh(**params):
     """Mesh every segment of SOURCE into Neuroglancer precomputed meshes in DEST.
 
