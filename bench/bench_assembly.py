@@ -13,7 +13,7 @@ left as it is (``default``) or set to ``--caps`` MiB, and reports the main proce
 (its workers are other processes), the waves, the wall time of the writing phase, the task
 results' reads by this process, the bytes of the temporary file read back and a digest of
 every output file, which must be the same for every cap.  The default job is the real volume
-with 8-voxel octree nodes and 5 LODs: ~0.94 M fragments, an index of ~53 MB, where 64-voxel
+with 8-voxel octree nodes and 5 LODs: ~0.94 M fragments, an index of ~49 MB, where 64-voxel
 nodes give 37 k.  It is written in 16 shards (``--shard-bits 4``), so that a wave can hold a
 few.
 
