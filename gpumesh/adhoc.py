@@ -370,16 +370,21 @@ def mask_to_mesh(mask: np.ndarray, origin, voxel_size, *, backend=None, device: 
     faces : (m, 3) int64
         Counter-clockwise seen from outside.
     """
-    from .backend import get_backend
+    from .backend import close_backend, get_backend
 
     threads = _check_threads(threads)
-    if backend is None:
+    made = backend is None
+    if made:
         backend = get_backend(device, stacklevel=3)
     if sparse_block is None:
         sparse_block = SPARSE_BLOCK if backend.name == "cpu" else 0
     m = np.zeros(tuple(s + 2 for s in mask.shape), np.uint8)
     m[1:-1, 1:-1, 1:-1] = mask != 0
-    v2, f = _march_mask(m, backend, int(sparse_block), threads)
+    try:
+        v2, f = _march_mask(m, backend, int(sparse_block), threads)
+    finally:
+        if made:   # the device memory and pool limit go back to the caller's process
+            close_backend(backend)
     return _to_nm(v2, origin, voxel_size), f
 
 
@@ -501,7 +506,7 @@ def mesh_segment(source: Any, segment_id: int, *, bbox=None, mip: int = 0, voxel
     """
     import trimesh
 
-    from .backend import get_backend
+    from .backend import close_backend, get_backend
 
     threads = _check_threads(threads)
     keep = None if quality is None or quality == "exact" else get_quality(quality).lod0_keep
@@ -511,19 +516,22 @@ def mesh_segment(source: Any, segment_id: int, *, bbox=None, mip: int = 0, voxel
     warn_if_no_voxel_size(volume)
     warn_if_voxel_size_overridden(source, volume, voxel_size, mip=mip, axes=axes)
     backend = get_backend(device, stacklevel=3)   # the notice names the caller's line
-    found = _locate(volume, segment_id, bbox, threads)
-    if not found:
-        where = volume.description + ("" if bbox is None else f" within bbox {bbox}")
-        raise SegmentNotFoundError(f"segment {int(segment_id)} does not occur in {where}")
-    a = np.min([f[0] for f in found], axis=0)
-    b = np.max([f[1] for f in found], axis=0)
-    _warn_if_cut(whole, volume, bbox, a, b, segment_id)
-    # the segment's box plus a one-voxel zero margin: padded index p holds voxel a - 1 + p
-    m = np.zeros(tuple(b - a + 2), np.uint8)
-    for start, stop, part in found:
-        s, e = start - a + 1, stop - a + 1
-        m[s[0]:e[0], s[1]:e[1], s[2]:e[2]] = part
-    v2, faces = _march_mask(m, backend, SPARSE_BLOCK if backend.name == "cpu" else 0, threads)
+    try:
+        found = _locate(volume, segment_id, bbox, threads)
+        if not found:
+            where = volume.description + ("" if bbox is None else f" within bbox {bbox}")
+            raise SegmentNotFoundError(f"segment {int(segment_id)} does not occur in {where}")
+        a = np.min([f[0] for f in found], axis=0)
+        b = np.max([f[1] for f in found], axis=0)
+        _warn_if_cut(whole, volume, bbox, a, b, segment_id)
+        # the segment's box plus a one-voxel zero margin: padded index p holds voxel a - 1 + p
+        m = np.zeros(tuple(b - a + 2), np.uint8)
+        for start, stop, part in found:
+            s, e = start - a + 1, stop - a + 1
+            m[s[0]:e[0], s[1]:e[1], s[2]:e[2]] = part
+        v2, faces = _march_mask(m, backend, SPARSE_BLOCK if backend.name == "cpu" else 0, threads)
+    finally:   # the device memory and pool limit go back to the caller's process
+        close_backend(backend)
     origin = a + volume.voxel_offset
     if keep is not None and keep < 1.0 and len(faces):
         # decimate in voxels relative to the box (small numbers) with the error metric in nm, as

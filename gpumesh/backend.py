@@ -46,6 +46,16 @@ class CPUBackend:
         return lod.downsample_labels(labels, factor)
 
 
+def close_backend(backend) -> None:
+    """Hand back what ``backend`` holds of the process where it has anything to hand back
+    (:meth:`gpumesh.gpu.GPUBackend.close`: the device memory pools' unused blocks and the pool
+    limit it set); no-op for the CPU backend.  For a process that goes on after the work: a
+    notebook's after an ad-hoc mesh, a Dask worker's after a job."""
+    close = getattr(backend, "close", None)
+    if close is not None:
+        close()
+
+
 class CPUFallbackNotice(UserWarning):
     """``device="auto"`` found no usable GPU and meshes on the CPU (the one-line notice)."""
 

@@ -374,6 +374,14 @@ class CupyRuntime:
             if CupyRuntime._limit_users == 0:
                 self.cp.get_default_memory_pool().set_limit(size=int(CupyRuntime._limit_before or 0))
 
+    def __del__(self):
+        # a runtime let go of without restore_limit (a job's backend in this process, dropped
+        # when run_mesh returns or fails) counts no more among those that set the limit
+        try:
+            self.restore_limit()
+        except Exception:   # at interpreter exit, CuPy may be gone before us
+            pass
+
     def release(self) -> None:
         """Wait for the queued work, then hand the pools' unused blocks back: the device
         pool's to the device, the pinned pool's (page-locked host memory) to the host."""

@@ -60,7 +60,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import numpy as np
 
 from . import encode, storage, workerserver
-from .backend import Backend, check_device, get_backend
+from .backend import Backend, check_device, close_backend, get_backend
 from .errors import (DestinationError, DestinationExistsError, DestinationTakenError, EmptyVolumeWarning,
                      GpumeshError, InvalidVolumeError, SegmentsNotFoundWarning, SourceReadError, TaskFailedError,
                      WorkerFailedError, one_line)
@@ -976,11 +976,8 @@ def end_worker_job() -> None:
 
     backend = _WORKER.get("backend")
     _WORKER.clear()
-    close = getattr(backend, "close", None)
+    close_backend(backend)
     del backend
-    if close is not None:
-        close()
-    del close
     gc.collect()
     _restore_memory()
 

@@ -550,6 +550,39 @@ def _table_bytes(emu_lib):
     return tables
 
 
+def test_an_ad_hoc_mesh_gives_the_process_back_its_pool_limit(emu_lib, real_crops, monkeypatch):
+    """mesh_segment and mask_to_mesh on the GPU in a notebook's process: the backend they made
+    is closed when they return or fail, so the pool limit is the caller's again (a backend
+    the caller gave is left to it)."""
+    from gpumesh import backend, mesh_segment
+    from gpumesh.adhoc import mask_to_mesh
+    from gpumesh.errors import SegmentNotFoundError
+
+    made = []
+
+    def runtime():
+        rt = cuda_emu.EmulatedRuntime(emu_lib)
+        rt.limit = 7 << 30
+        made.append(rt)
+        return rt
+
+    monkeypatch.setattr(backend, "gpu_available", lambda: True)
+    monkeypatch.setattr(gpu, "CupyRuntime", runtime)
+    labels = real_crops["40^3"]
+    ids, counts = np.unique(labels[labels != 0], return_counts=True)
+    segment = int(ids[np.argmax(counts)])
+    mesh = mesh_segment(labels, segment, voxel_size=(1, 1, 1), device="gpu")
+    assert len(made) == 1 and made[0].limit == 7 << 30 and len(mesh.faces) > 0
+    with pytest.raises(SegmentNotFoundError):
+        mesh_segment(labels, int(labels.max()) + 1, voxel_size=(1, 1, 1), device="gpu")
+    assert len(made) == 2 and made[1].limit == 7 << 30
+    _, faces = mask_to_mesh(labels == segment, (0, 0, 0), (1, 1, 1), device="gpu")
+    assert len(made) == 3 and made[2].limit == 7 << 30 and len(faces) == len(mesh.faces)
+    given = gpu.GPUBackend(runtime=runtime(), memory_budget=1 << 30)
+    mask_to_mesh(labels == segment, (0, 0, 0), (1, 1, 1), backend=given)
+    assert made[3].limit == 1 << 30   # the caller's backend: still its budget
+
+
 def test_a_closed_backend_hands_back_the_pool_limit_and_still_meshes(emu_lib, real_crops):
     """close (a Dask worker's job ending): the pools' unused blocks go back and the pool limit
     is what it was before the backend (a user's, CUPY_GPU_MEMORY_LIMIT's); meshing after it

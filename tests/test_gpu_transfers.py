@@ -461,3 +461,18 @@ def test_the_pool_limit_goes_back_once_every_runtime_that_set_one_has_restored_i
     b.set_limit(1 << 30)   # again: the limit it has now is the one to restore
     b.restore_limit()
     assert fake.limit == 6 << 30
+
+
+def test_a_runtime_let_go_of_restores_the_pool_limit(runtime, monkeypatch):
+    """A job's backend in this process (run_mesh's, with one worker) is dropped, not closed,
+    when the job returns or fails: the limit it set goes back with it."""
+    import gc
+
+    monkeypatch.setattr(gpu.CupyRuntime, "_limit_users", 0)
+    monkeypatch.setattr(gpu.CupyRuntime, "_limit_before", None)
+    fake, rt = runtime()
+    rt.set_limit(1 << 30)
+    assert fake.limit == 1 << 30
+    del rt
+    gc.collect()
+    assert fake.limit == 0 and gpu.CupyRuntime._limit_users == 0
