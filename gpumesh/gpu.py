@@ -348,7 +348,7 @@ class CupyRuntime:
     #: many runtimes have set one and not yet restored it (the pool is the process's)
     _limit_before: Optional[int] = None
     _limit_users = 0
-    _limit_lock = threading.Lock()
+    _limit_lock = threading.RLock()   # re-entrant: __del__ may run in a collection inside it
 
     def set_limit(self, nbytes: int) -> None:
         """Cap the bytes this process's memory pool may hold (allocations past it raise);
