@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import statistics
 import subprocess
@@ -31,9 +30,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_main import REPO_ROOT, add_result_args, environment, save_result, source_missing  # noqa: E402
+from bench_main import add_result_args, environment, save_result, source_missing  # noqa: E402
 from bench_startup import add_source_args, make_cutout, run_once, source_or_cutout  # noqa: E402
-from bench_store import checkout  # noqa: E402
+from bench_store import compared_codes  # noqa: E402
 
 #: seconds after a job before the workers' memory is read (the job's end reaches them by then)
 SETTLE_S = 2.0
@@ -131,11 +130,7 @@ def main(argv=None) -> int:
         source = source_or_cutout(args, tmp)
         warm = tmp / "warm.zarr"
         make_cutout(Path(args.source), 64, warm)
-        codes = {"this checkout": REPO_ROOT}
-        if args.baseline:
-            rev = subprocess.run(["git", "rev-parse", args.baseline], cwd=REPO_ROOT, check=True,
-                                 capture_output=True, text=True).stdout.strip()
-            codes = {f"baseline {rev[:9]}": checkout(rev, tmp / "baseline"), **codes}
+        codes = compared_codes(args.baseline, tmp)
         try:
             for k, (name, code) in enumerate(codes.items()):
                 clusters[name] = Cluster(code, tmp / f"cluster{k}", args.workers)
@@ -170,7 +165,6 @@ def main(argv=None) -> int:
               "runs": runs, "medians": rows, "same_bytes": same}
     if not args.no_save:
         print(f"\nresults: {save_result(record, 'dask', started, args.results_dir)}")
-    print(json.dumps(rows, indent=1))
     return 0 if same else 1
 
 

@@ -73,6 +73,17 @@ def checkout(rev: str, where: Path) -> Path:
     return where
 
 
+def compared_codes(baseline, tmp: Path) -> dict:
+    """``{name: gpumesh source tree}`` of a comparison: this checkout, after commit
+    ``baseline``'s (:func:`checkout` under ``tmp``) where one is given."""
+    codes = {"this checkout": REPO_ROOT}
+    if baseline:
+        rev = subprocess.run(["git", "rev-parse", baseline], cwd=REPO_ROOT, check=True, capture_output=True,
+                             text=True).stdout.strip()
+        codes = {f"baseline {rev[:9]}": checkout(rev, tmp / "baseline"), **codes}
+    return codes
+
+
 def run(code: Path, source, dest: str, args: argparse.Namespace, endpoint: str, log: Path, tmp: Path) -> dict:
     """One ``gpumesh mesh`` of the gpumesh at ``code`` into ``dest`` (on the server, or a local
     folder for the untimed run that loads or compiles that code's numba kernels), with the
@@ -129,11 +140,7 @@ def main(argv=None) -> int:
             source = source_or_cutout(args, tmp)
             warm = tmp / "warm.zarr"
             make_cutout(Path(args.source), 64, warm)
-            codes = {"this checkout": REPO_ROOT}
-            if args.baseline:
-                rev = subprocess.run(["git", "rev-parse", args.baseline], cwd=REPO_ROOT, check=True,
-                                     capture_output=True, text=True).stdout.strip()
-                codes = {f"baseline {rev[:9]}": checkout(rev, tmp / "baseline"), **codes}
+            codes = compared_codes(args.baseline, tmp)
             for k, code in enumerate(codes.values()):   # each code's kernels loaded (or compiled), untimed
                 run(code, warm, str(tmp / f"warm{k}"), args, endpoint, log, tmp)
             runs: dict = {name: [] for name in codes}

@@ -472,6 +472,21 @@ def test_validate_benchmark_times_each_thread_count_on_the_same_report(tmp_path,
     assert "threads | median s" in capsys.readouterr().out
 
 
+def test_dask_benchmark_reads_the_workers_around_each_job(tmp_path, crop, capsys):
+    """``bench_dask.py`` starts a scheduler and a worker (with its nanny), runs the job on it
+    and reads the worker process: its CPU seconds during the job, its resident memory after it
+    and its peak."""
+    import bench_dask
+
+    rec = _bench_on_a_corner(bench_dask, "dask", crop, tmp_path, "--workers", "1", "--runs", "1")
+    assert rec["same_bytes"] is True and rec["git"]["commit"] and list(rec["runs"]) == ["this checkout"]
+    (run,) = rec["runs"]["this checkout"]
+    assert run["bytes"] > 0 and run["workers_cpu_s"] > 0
+    assert len(run["workers_rss_after_mb"]) == len(run["workers_hwm_mb"]) == 1
+    assert 0 < run["workers_rss_after_mb"][0] <= run["workers_hwm_mb"][0]
+    assert "workers' CPU s" in capsys.readouterr().out
+
+
 def test_store_benchmark_counts_the_requests_of_a_job_on_an_s3_api(tmp_path, crop, capsys):
     """``bench_store.py`` starts a moto server, meshes into it and counts its requests by
     method: the job's writes (PUT) and reads (GET) are there, and its summary's seconds."""
