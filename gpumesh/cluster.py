@@ -149,12 +149,20 @@ def _run_in_job(job_id: str, job: tuple, fn, *args):
 def _end_job(job_id: str, prefix: str, dask_worker=None) -> bool:
     """End job ``job_id`` in this Dask worker (:func:`gpumesh.pipeline.end_worker_job`) unless
     the worker has since set up another job or still runs a task of this one (``prefix``, as
-    :func:`_running`).  Returns whether it did."""
-    with _LOCK:
+    :func:`_running`).  Returns whether it did.
+
+    It runs in the worker's event loop (``Client.run``), so it does not wait for the lock: a
+    task that holds it sets up a job (this one's, whose task still runs, or the next one's),
+    and may itself wait for that loop (``get_client`` in :func:`_share`)."""
+    if not _LOCK.acquire(blocking=False):
+        return False
+    try:
         if pipeline._WORKER.get("job") != job_id or (dask_worker is not None and _running(prefix, dask_worker)):
             return False
         pipeline.end_worker_job()
         return True
+    finally:
+        _LOCK.release()
 
 
 def _running(prefix: str, dask_worker=None) -> int:

@@ -685,3 +685,22 @@ def test_ending_a_job_in_a_worker_closes_its_backend_and_lets_go_of_its_state(mo
     assert pipeline._WORKER == {} and closed == [True] and restored == [True]
     monkeypatch.setattr(pipeline, "_WORKER", {"job": "c", "backend": object()})   # no close (the CPU's)
     assert cluster._end_job("c", "prefix-") and pipeline._WORKER == {} and restored == [True, True]
+
+
+def test_ending_a_job_does_not_wait_for_a_worker_setting_one_up(monkeypatch):
+    """_end_job runs in the worker's event loop: while a task holds the set-up lock (and may wait
+    for that loop itself, in _share's get_client), it returns at once without ending the job."""
+    import threading
+
+    from gpumesh import cluster, pipeline
+
+    ended = []
+    monkeypatch.setattr(pipeline, "end_worker_job", lambda: ended.append(True))
+    monkeypatch.setattr(pipeline, "_WORKER", {"job": "a"})
+    result = []
+    with cluster._LOCK:   # a task setting up a job
+        loop = threading.Thread(target=lambda: result.append(cluster._end_job("a", "prefix-")), daemon=True)
+        loop.start()
+        loop.join(30)   # a deadlock detector: it returns at once, or waits on the lock for good
+        assert not loop.is_alive() and result == [False] and not ended
+    assert cluster._end_job("a", "prefix-") and ended == [True]
