@@ -976,10 +976,12 @@ def end_worker_job() -> None:
 
     backend = _WORKER.get("backend")
     _WORKER.clear()
-    close_backend(backend)
-    del backend
-    gc.collect()
-    _restore_memory()
+    try:
+        close_backend(backend)
+    finally:   # a device in an error state fails close: the memory settings go back all the same
+        del backend
+        gc.collect()
+        _restore_memory()
 
 
 def _exit_with_parent() -> None:

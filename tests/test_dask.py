@@ -704,3 +704,20 @@ def test_ending_a_job_does_not_wait_for_a_worker_setting_one_up(monkeypatch):
         loop.join(30)   # a deadlock detector: it returns at once, or waits on the lock for good
         assert not loop.is_alive() and result == [False] and not ended
     assert cluster._end_job("a", "prefix-") and ended == [True]
+
+
+def test_a_backend_that_fails_to_close_still_leaves_the_worker_its_memory_settings(monkeypatch):
+    """end_worker_job: a backend whose close raises (a device in an error state) still lets go
+    of the job's state and undoes the memory settings; the error is not hidden."""
+    from gpumesh import pipeline
+
+    class Backend:
+        def close(self):
+            raise RuntimeError("device error")
+
+    restored = []
+    monkeypatch.setattr(pipeline, "_restore_memory", lambda: restored.append(True))
+    monkeypatch.setattr(pipeline, "_WORKER", {"job": "a", "backend": Backend()})
+    with pytest.raises(RuntimeError, match="device error"):
+        pipeline.end_worker_job()
+    assert pipeline._WORKER == {} and restored == [True]
