@@ -516,10 +516,12 @@ class GPUBackend:
         worker, :func:`gpumesh.pipeline.end_worker_job`); the backend still meshes after it, as
         one made with no budget of its own."""
         with self._lock:
-            self.rt.release()
-            restore = getattr(self.rt, "restore_limit", None)
-            if restore is not None:
-                restore()
+            try:
+                self.rt.release()
+            finally:   # a failed release (a device error) leaves the pool's limit no less the caller's
+                restore = getattr(self.rt, "restore_limit", None)
+                if restore is not None:
+                    restore()
 
     def _raise_unless_oom(self, exc: BaseException) -> None:
         """Re-raise a CUDA error caught with the out-of-memory ones unless its status is 2

@@ -601,6 +601,23 @@ def test_a_closed_backend_hands_back_the_pool_limit_and_still_meshes(emu_lib, re
     _assert_same_pieces(backend.mesh(labels, 16), CPUBackend().mesh(labels, 16))
 
 
+def test_a_backend_whose_release_fails_still_hands_back_the_pool_limit(emu_lib):
+    """close with a device error in release (the runtime waits for its queued work first): the
+    error is raised, and the pool limit is what it was before the backend all the same."""
+    rt = cuda_emu.EmulatedRuntime(emu_lib)
+    rt.limit = 7 << 30
+
+    def release():
+        raise RuntimeError("device error")
+
+    rt.release = release
+    backend = gpu.GPUBackend(runtime=rt, memory_budget=1 << 30)
+    assert rt.limit == 1 << 30
+    with pytest.raises(RuntimeError, match="device error"):
+        backend.close()
+    assert rt.limit == 7 << 30
+
+
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint64])
 def test_emulated_memory_budget_slabs_match_cpu(emu_lib, real_crops, dtype):
     """A budget of a few planes meshes and downsamples in many x-slabs, never allocates past
