@@ -140,8 +140,12 @@ def _run_in_job(job_id: str, job: tuple, fn, *args):
             rank, count, device_workers = _share(get_worker().address, shares, seen)
             pipeline._WORKER.clear()
             pipeline._keep_freed_memory(own_process=False)
-            pipeline.set_up_worker(source, open_kwargs, plan, options, dest_spec, device, worker=rank,
-                                   nworkers=count, device_workers=device_workers)
+            try:
+                pipeline.set_up_worker(source, open_kwargs, plan, options, dest_spec, device, worker=rank,
+                                       nworkers=count, device_workers=device_workers)
+            except BaseException:   # (a source the workers cannot open): no job to end later, so now
+                pipeline.end_worker_job()
+                raise
             pipeline._WORKER["job"] = job_id
     return fn(*args)
 

@@ -721,3 +721,26 @@ def test_a_backend_that_fails_to_close_still_leaves_the_worker_its_memory_settin
     with pytest.raises(RuntimeError, match="device error"):
         pipeline.end_worker_job()
     assert pipeline._WORKER == {} and restored == [True]
+
+
+def test_a_job_that_fails_to_set_up_in_a_worker_leaves_it_as_it_found_it(monkeypatch):
+    """A worker whose set-up fails (a source it cannot open) has no job for _end_job to end: it
+    undoes the memory settings and lets go of what the set-up opened there and then."""
+    import distributed
+
+    from gpumesh import cluster, pipeline
+
+    def set_up_worker(*args, **kwargs):
+        pipeline._WORKER["volume"] = object()
+        raise OSError("cannot open the source")
+
+    calls = []
+    monkeypatch.setattr(pipeline, "_keep_freed_memory", lambda own_process=True: calls.append("keep"))
+    monkeypatch.setattr(pipeline, "_restore_memory", lambda: calls.append("restore"))
+    monkeypatch.setattr(pipeline, "set_up_worker", set_up_worker)
+    monkeypatch.setattr(pipeline, "_WORKER", {})
+    monkeypatch.setattr(distributed, "get_worker", lambda: type("Worker", (), {"address": "tcp://w:1"})())
+    job = (None, {}, None, None, None, "cpu", {"tcp://w:1": (0, 1, 1)}, {})
+    with pytest.raises(OSError, match="cannot open"):
+        cluster._run_in_job("a", job, print)
+    assert calls == ["keep", "restore"] and pipeline._WORKER == {}
