@@ -918,6 +918,27 @@ def _madvise_switch():
     return None
 
 
+def _malloc_environ(env: str, default: int) -> int:
+    """The value of a glibc malloc parameter that the environment set at start-up, as glibc reads
+    it: ``GLIBC_TUNABLES``'s ``glibc.malloc.<name>`` (which wins), else ``env``
+    (``MALLOC_TOP_PAD_``: ``top_pad``), each a number in decimal, hex (``0x``) or octal (``0``);
+    ``default`` where neither says one."""
+    tunable = f"glibc.malloc.{env[len('MALLOC_'):-1].lower()}"
+    values = [v for n, _, v in (t.partition("=") for t in os.environ.get("GLIBC_TUNABLES", "").split(":"))
+              if n == tunable]
+    for value in (values[-1:] + [os.environ.get(env)]):
+        if value is None:
+            continue
+        value = value.strip()
+        try:
+            if value[:2].lower() == "0x":
+                return int(value[2:], 16)
+            return int(value, 8 if len(value) > 1 and value[0] == "0" else 10)
+        except ValueError:
+            continue
+    return default
+
+
 def _restore_memory() -> None:
     """Undo :func:`_keep_freed_memory` (all but ``M_ARENA_MAX``): glibc's parameters go back to
     what the environment set at start-up (``MALLOC_TRIM_THRESHOLD_``, which Dask's nanny sets,
@@ -928,11 +949,7 @@ def _restore_memory() -> None:
         try:
             libc = ctypes.CDLL("libc.so.6")
             for param, env, default, _ in _MALLOC_SETTINGS:
-                try:
-                    value = int(os.environ.get(env, default))
-                except ValueError:
-                    value = default
-                libc.mallopt(param, value)
+                libc.mallopt(param, _malloc_environ(env, default))
             libc.malloc_trim(0)
         except (OSError, AttributeError):
             pass

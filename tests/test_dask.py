@@ -744,3 +744,61 @@ def test_a_job_that_fails_to_set_up_in_a_worker_leaves_it_as_it_found_it(monkeyp
     with pytest.raises(OSError, match="cannot open"):
         cluster._run_in_job("a", job, print)
     assert calls == ["keep", "restore"] and pipeline._WORKER == {}
+
+
+_HEAP_CODE = r"""
+import ctypes, sys
+sys.path.insert(0, sys.argv[1])
+from gpumesh import pipeline
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+def kept():   # the free top of the heap that glibc keeps after blocks below the mmap threshold are freed
+    blocks = [libc.malloc(100 << 10) for _ in range(64)]
+    for b in reversed(blocks):
+        libc.free(b)
+    return libc.mallinfo2().keepcost
+
+def mapped():   # of 80 blocks past the largest mmap threshold, how many glibc maps (M_MMAP_MAX)
+    before = libc.mallinfo2().hblks
+    blocks = [libc.malloc(33 << 20) for _ in range(80)]
+    n = libc.mallinfo2().hblks - before
+    for b in blocks:
+        libc.free(b)
+    return n
+
+fresh = kept()
+pipeline._keep_freed_memory(own_process=False)
+kept()
+pipeline._restore_memory()
+print(fresh, kept(), mapped())
+"""
+
+
+def _heap_after_a_job(env: dict) -> list:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"} | env
+    out = subprocess.run([sys.executable, "-c", _HEAP_CODE, os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__)))], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [int(n) for n in out.stdout.split()]
+
+
+@glibc
+def test_the_heap_of_a_process_that_outlives_the_job_is_trimmed_as_before():
+    """After _restore_memory the heap keeps as much free memory at its top as glibc's defaults say
+    (a 128 KiB pad, trimmed past 128 KiB, not the job's 256 MiB untrimmed), or as the environment
+    set it at start-up: GLIBC_TUNABLES (which wins over MALLOC_TOP_PAD_, as in glibc), numbers in
+    hex; and glibc maps as many blocks as before (M_MMAP_MAX: 65536)."""
+    _, restored, mapped = _heap_after_a_job({})
+    assert 128 << 10 <= restored < 160 << 10 and mapped == 80
+    fresh, restored, mapped = _heap_after_a_job({"GLIBC_TUNABLES": "glibc.malloc.top_pad=0x200000",
+                                                 "MALLOC_TOP_PAD_": "1048576"})
+    assert 2 << 20 <= fresh < (2 << 20) + (32 << 10) and abs(restored - fresh) < 32 << 10 and mapped == 80
