@@ -476,3 +476,25 @@ def test_a_runtime_let_go_of_restores_the_pool_limit(runtime, monkeypatch):
     del rt
     gc.collect()
     assert fake.limit == 0 and gpu.CupyRuntime._limit_users == 0
+
+
+def test_a_runtime_dropped_while_its_thread_holds_the_limit_lock_restores_the_limit(runtime, monkeypatch):
+    """A collection may run a runtime's __del__ in a thread inside set_limit or restore_limit
+    (which hold the pool limit's lock): it restores the limit there, with no deadlock."""
+    import threading
+
+    monkeypatch.setattr(gpu.CupyRuntime, "_limit_users", 0)
+    monkeypatch.setattr(gpu.CupyRuntime, "_limit_before", None)
+    fake, rt = runtime()
+    rt.set_limit(1 << 30)
+    held = [rt]
+    del rt
+
+    def drop():
+        with gpu.CupyRuntime._limit_lock:
+            held.clear()   # the last reference: __del__ runs here
+
+    thread = threading.Thread(target=drop, daemon=True)
+    thread.start()
+    thread.join(30)   # a deadlock detector: it ends at once, or waits on the lock for good
+    assert not thread.is_alive() and fake.limit == 0 and gpu.CupyRuntime._limit_users == 0
