@@ -802,3 +802,83 @@ def test_the_heap_of_a_process_that_outlives_the_job_is_trimmed_as_before():
     fresh, restored, mapped = _heap_after_a_job({"GLIBC_TUNABLES": "glibc.malloc.top_pad=0x200000",
                                                  "MALLOC_TOP_PAD_": "1048576"})
     assert 2 << 20 <= fresh < (2 << 20) + (32 << 10) and abs(restored - fresh) < 32 << 10 and mapped == 80
+
+
+@glibc
+@pytest.mark.parametrize("hugepage", ["0", "1"])
+def test_huge_pages_go_back_to_what_they_were_before_the_first_job(hugepage):
+    """NumPy's huge pages after _restore_memory are what they were before the first
+    _keep_freed_memory (NUMPY_MADVISE_HUGEPAGE's), also when a second job set up in the worker
+    before the first one was ended there (a worker that _end_job could not reach)."""
+    code = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from gpumesh import pipeline
+switch = pipeline._madvise_switch()
+first = switch(True)
+switch(first)
+pipeline._keep_freed_memory(own_process=False)
+pipeline._keep_freed_memory(own_process=False)
+pipeline._restore_memory()
+after = switch(True)
+print(first, after)
+"""
+    env = dict(os.environ, NUMPY_MADVISE_HUGEPAGE=hugepage)
+    out = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    expected = "True" if hugepage == "1" else "False"
+    assert out.stdout.split() == [expected, expected], out.stdout
+
+
+@glibc
+def test_the_threads_of_a_process_that_outlives_the_job_keep_their_own_malloc_arenas():
+    """_keep_freed_memory(own_process=False) leaves M_ARENA_MAX alone (glibc cannot undo it): a
+    thread started after it still allocates from an arena of its own; the local pool's
+    processes (own_process) share one."""
+    code = r"""
+import ctypes, os, sys, tempfile, threading
+sys.path.insert(0, sys.argv[1])
+from gpumesh import pipeline
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.malloc.restype = ctypes.c_void_p
+pipeline._keep_freed_memory(own_process=sys.argv[2] == "1")
+held = []
+thread = threading.Thread(target=lambda: held.append(libc.malloc(1000)))
+thread.start()
+thread.join()
+path = os.path.join(tempfile.mkdtemp(), "info.xml")
+f = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, f)
+libc.fclose(f)
+print(open(path).read().count("<heap nr="))
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    heaps = []
+    for own in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", code, root, own], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        heaps.append(int(out.stdout))
+    assert heaps[0] >= 2 and heaps[1] == 1, heaps
+
+
+def test_a_dask_worker_sets_up_a_job_with_only_the_memory_settings_it_can_undo(monkeypatch):
+    """_run_in_job: a Dask worker outlives the job, so it takes _keep_freed_memory's settings
+    that _restore_memory undoes (own_process=False: no M_ARENA_MAX), then runs the task."""
+    import distributed
+
+    from gpumesh import cluster, pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "_keep_freed_memory", lambda own_process=True: calls.append(own_process))
+    monkeypatch.setattr(pipeline, "set_up_worker", lambda *args, **kwargs: None)
+    monkeypatch.setattr(pipeline, "_WORKER", {})
+    monkeypatch.setattr(distributed, "get_worker", lambda: type("Worker", (), {"address": "tcp://w:1"})())
+    job = (None, {}, None, None, None, "cpu", {"tcp://w:1": (0, 1, 1)}, {})
+    assert cluster._run_in_job("a", job, lambda x: x + 1, 1) == 2
+    assert cluster._run_in_job("a", job, lambda x: x + 1, 2) == 3   # set up once per job
+    assert calls == [False] and pipeline._WORKER == {"job": "a"}
