@@ -370,7 +370,7 @@ def mask_to_mesh(mask: np.ndarray, origin, voxel_size, *, backend=None, device: 
     faces : (m, 3) int64
         Counter-clockwise seen from outside.
     """
-    from .backend import close_backend, get_backend
+    from .backend import closing, get_backend
 
     threads = _check_threads(threads)
     made = backend is None
@@ -380,11 +380,8 @@ def mask_to_mesh(mask: np.ndarray, origin, voxel_size, *, backend=None, device: 
         sparse_block = SPARSE_BLOCK if backend.name == "cpu" else 0
     m = np.zeros(tuple(s + 2 for s in mask.shape), np.uint8)
     m[1:-1, 1:-1, 1:-1] = mask != 0
-    try:
+    with closing(backend, close=made):   # the device memory and pool limit go back to the caller's process
         v2, f = _march_mask(m, backend, int(sparse_block), threads)
-    finally:
-        if made:   # the device memory and pool limit go back to the caller's process
-            close_backend(backend)
     return _to_nm(v2, origin, voxel_size), f
 
 
@@ -506,7 +503,7 @@ def mesh_segment(source: Any, segment_id: int, *, bbox=None, mip: int = 0, voxel
     """
     import trimesh
 
-    from .backend import close_backend, get_backend
+    from .backend import closing, get_backend
 
     threads = _check_threads(threads)
     keep = None if quality is None or quality == "exact" else get_quality(quality).lod0_keep
@@ -516,7 +513,7 @@ def mesh_segment(source: Any, segment_id: int, *, bbox=None, mip: int = 0, voxel
     warn_if_no_voxel_size(volume)
     warn_if_voxel_size_overridden(source, volume, voxel_size, mip=mip, axes=axes)
     backend = get_backend(device, stacklevel=3)   # the notice names the caller's line
-    try:
+    with closing(backend):   # the device memory and pool limit go back to the caller's process
         found = _locate(volume, segment_id, bbox, threads)
         if not found:
             where = volume.description + ("" if bbox is None else f" within bbox {bbox}")
@@ -530,8 +527,6 @@ def mesh_segment(source: Any, segment_id: int, *, bbox=None, mip: int = 0, voxel
             s, e = start - a + 1, stop - a + 1
             m[s[0]:e[0], s[1]:e[1], s[2]:e[2]] = part
         v2, faces = _march_mask(m, backend, SPARSE_BLOCK if backend.name == "cpu" else 0, threads)
-    finally:   # the device memory and pool limit go back to the caller's process
-        close_backend(backend)
     origin = a + volume.voxel_offset
     if keep is not None and keep < 1.0 and len(faces):
         # decimate in voxels relative to the box (small numbers) with the error metric in nm, as

@@ -7,10 +7,11 @@ behind the same two methods, so the rest of the pipeline does not change.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import shutil
 import warnings
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import numpy as np
 
@@ -54,6 +55,22 @@ def close_backend(backend) -> None:
     close = getattr(backend, "close", None)
     if close is not None:
         close()
+
+
+@contextlib.contextmanager
+def closing(backend, close: bool = True) -> Iterator:
+    """``with closing(backend):`` closes ``backend`` (:func:`close_backend`) at the end of the
+    block, where ``close``; an error of the block is not hidden by one of the closing (that one
+    is then dropped: the device the block failed on may fail again)."""
+    try:
+        yield backend
+    except BaseException:
+        if close:
+            with contextlib.suppress(Exception):
+                close_backend(backend)
+        raise
+    if close:
+        close_backend(backend)
 
 
 class CPUFallbackNotice(UserWarning):

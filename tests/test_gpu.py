@@ -550,6 +550,32 @@ def _table_bytes(emu_lib):
     return tables
 
 
+def test_closing_a_backend_never_hides_the_error_of_its_block():
+    """backend.closing (ad-hoc meshing): the backend is closed after the block, also when it
+    fails, and a failing close then does not replace the block's own error."""
+    from gpumesh.backend import closing
+
+    class Failing:
+        name = "gpu"
+        closed = 0
+
+        def close(self):
+            self.closed += 1
+            raise RuntimeError("device error")
+
+    b = Failing()
+    with pytest.raises(KeyError, match="the block's"):
+        with closing(b):
+            raise KeyError("the block's")
+    assert b.closed == 1
+    with pytest.raises(RuntimeError, match="device error"):   # alone, its error is said
+        with closing(b):
+            pass
+    with closing(b, close=False):
+        pass
+    assert b.closed == 2
+
+
 def test_an_ad_hoc_mesh_gives_the_process_back_its_pool_limit(emu_lib, real_crops, monkeypatch):
     """mesh_segment and mask_to_mesh on the GPU in a notebook's process: the backend they made
     is closed when they return or fail, so the pool limit is the caller's again (a backend
