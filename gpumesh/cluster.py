@@ -33,7 +33,12 @@ time on the real volume (page faults).  When the job ends they are undone
 ``MALLOC_TRIM_THRESHOLD_`` of Dask's nanny included, and the heap's free memory handed back),
 so that the worker's resident memory does not stay at the job's peak, which Dask reports as
 unmanaged memory.  The local pool's one arena for all threads (``M_ARENA_MAX``), which glibc
-cannot undo, is not set in a Dask worker.
+cannot undo, is not set in a Dask worker.  Nor can glibc undo one thing more: setting any of
+these parameters turns off its dynamic mmap and trim thresholds, which a worker started with
+none of them in the environment had (under Dask's nanny, which sets ``MALLOC_TRIM_THRESHOLD_``,
+they were off already).  ``_end_job`` runs in the worker's event loop and does not wait: a
+worker that is setting up a job then, or still runs a task of this one, keeps the job's state
+until its next job.
 """
 
 from __future__ import annotations
