@@ -944,7 +944,7 @@ def _restore_memory() -> None:
     what the environment set at start-up (``MALLOC_TRIM_THRESHOLD_``, which Dask's nanny sets,
     and the others), else glibc's defaults; NumPy's huge pages to what they were; and the heap's
     free memory is handed back to the system (``malloc_trim``).  For a process that outlives
-    the job (a Dask worker, a notebook's); no-op where nothing was set."""
+    the job (a Dask worker: :func:`end_worker_job`); no-op where nothing was set."""
     if _KEPT_MEMORY.pop("malloc", False):
         try:
             libc = ctypes.CDLL("libc.so.6")
