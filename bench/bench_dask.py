@@ -55,7 +55,11 @@ class Cluster:
         self.procs = [subprocess.Popen(_dask("scheduler", "--scheduler-file", str(self.file), "--port", "0",
                                              "--dashboard-address", ":0"), env=env, cwd=folder, stdout=logs,
                                        stderr=logs)]
+        deadline = time.monotonic() + 120
         while not self.file.exists():
+            if time.monotonic() > deadline or self.procs[0].poll() is not None:
+                self.procs[0].kill()
+                raise RuntimeError(f"the Dask scheduler did not start: {folder / 'dask.log'}")
             time.sleep(0.1)
         time.sleep(0.5)   # written whole by then
         self.procs.append(subprocess.Popen(_dask("worker", "--scheduler-file", str(self.file), "--nworkers",
@@ -63,11 +67,16 @@ class Cluster:
                                                  "--memory-limit", "0"),
                                            env=env, cwd=folder, stdout=logs, stderr=logs))
         self.workers = workers
-        from distributed import Client
-
-        self.client = Client(scheduler_file=str(self.file), timeout=120)
-        self.client.wait_for_workers(workers, timeout=120)
+        self.client = None
         self._procs = {}
+        try:
+            from distributed import Client
+
+            self.client = Client(scheduler_file=str(self.file), timeout=120)
+            self.client.wait_for_workers(workers, timeout=120)
+        except BaseException:   # no scheduler or workers left behind
+            self.close()
+            raise
 
     def worker_processes(self) -> list:
         """The worker processes (as the scheduler knows them: a worker that was replaced is
@@ -89,7 +98,8 @@ class Cluster:
         return out
 
     def close(self) -> None:
-        self.client.close()
+        if self.client is not None:
+            self.client.close()
         for p in reversed(self.procs):
             p.terminate()
         for p in self.procs:
