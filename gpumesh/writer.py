@@ -356,8 +356,7 @@ class SegmentLods:
             A label that is not here (the first).
         """
         labels = np.asarray(labels, dtype=np.uint64).reshape(-1)
-        i = np.minimum(np.searchsorted(self.labels, labels), max(len(self.labels) - 1, 0))
-        found = self.labels[i] == labels if len(self.labels) else np.zeros(len(labels), bool)
+        i, found = _find_sorted(self.labels, labels)
         if not found.all():
             raise KeyError(int(labels[np.argmin(found)]))
         return self.lods[i].tolist()
