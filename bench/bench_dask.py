@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_main import add_result_args, environment, save_result, source_missing  # noqa: E402
 from bench_startup import add_source_args, make_cutout, run_once, source_or_cutout  # noqa: E402
-from bench_store import compared_codes  # noqa: E402
+from bench_store import compared_codes, same_output  # noqa: E402
 
 #: seconds after a job before the workers' memory is read (the job's end reaches them by then)
 SETTLE_S = 2.0
@@ -165,8 +165,7 @@ def main(argv=None) -> int:
     for name, r in rows.items():
         print(f"{name:24s} | {r['wall_s']:6.1f} | {r['workers_cpu_s']:14.1f} | {r['rss_after_mb']:29.0f} | "
               f"{r['hwm_mb']:20.0f}")
-    same = len({(r["bytes"], tuple(r["triangles_per_lod"])) for rs in runs.values() for r in rs}) == 1
-    print(f"same bytes and triangles in every run: {same}")
+    same = same_output(runs)
     record = {"benchmark": "dask", "started_utc": started.isoformat(),
               "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(), **environment(),
               "options": {"source": args.source, "size": args.size, "workers": args.workers, "runs": args.runs,

@@ -84,6 +84,14 @@ def compared_codes(baseline, tmp: Path) -> dict:
     return codes
 
 
+def same_output(runs: dict) -> bool:
+    """Whether every run of ``runs`` (name -> list of :func:`run_once` results) wrote the same
+    bytes and triangles per LOD; printed."""
+    same = len({(r["bytes"], tuple(r["triangles_per_lod"])) for rs in runs.values() for r in rs}) == 1
+    print(f"same bytes and triangles in every run: {same}")
+    return same
+
+
 def run(code: Path, source, dest: str, args: argparse.Namespace, endpoint: str, log: Path, tmp: Path) -> dict:
     """One ``gpumesh mesh`` of the gpumesh at ``code`` into ``dest`` (on the server, or a local
     folder for the untimed run that loads or compiles that code's numba kernels), with the
@@ -169,8 +177,7 @@ def main(argv=None) -> int:
                   "requests_baseline_over_this": base["requests_all"] / max(new["requests_all"], 1)}
         print(f"baseline / this checkout: writing {ratios['writing_s_baseline_over_this']:.2f}x, "
               f"requests {ratios['requests_baseline_over_this']:.2f}x")
-    same = len({(r["bytes"], tuple(r["triangles_per_lod"])) for rs in runs.values() for r in rs}) == 1
-    print(f"same bytes and triangles in every run: {same}")
+    same = same_output(runs)
     record = {"benchmark": "store", "started_utc": started.isoformat(),
               "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(), **environment(),
               "options": {"source": args.source, "size": args.size, "shard_bits": args.shard_bits,
