@@ -609,6 +609,18 @@ def _memory_state() -> dict:
             "kept": sorted(pipeline._KEPT_MEMORY)}
 
 
+#: the repository's root (a fresh Python imports gpumesh from there)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _python(code: str, *args: str, env: dict | None = None) -> str:
+    """What ``code`` prints in a fresh Python (``sys.argv[1:]``: ``args``; environment ``env``,
+    default this one's), which must end with status 0."""
+    out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
 
 
@@ -653,10 +665,8 @@ print(first == after, first["mapped"], during["mapped"], during["hugepage"], fir
 """
     env = dict(os.environ, MALLOC_TRIM_THRESHOLD_="65536")
     env.pop("NUMPY_MADVISE_HUGEPAGE", None)
-    out = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__)], env=env, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["True", "True", "False", "False", "True", "[]"], out.stdout
+    out = _python(code, os.path.dirname(__file__), env=env)
+    assert out.split() == ["True", "True", "False", "False", "True", "[]"], out
 
 
 def test_ending_a_job_in_a_worker_closes_its_backend_and_lets_go_of_its_state(monkeypatch):
@@ -785,10 +795,7 @@ print(fresh, kept(), mapped())
 
 def _heap_after_a_job(env: dict) -> list:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"} | env
-    out = subprocess.run([sys.executable, "-c", _HEAP_CODE, os.path.dirname(os.path.dirname(os.path.abspath(
-        __file__)))], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return [int(n) for n in out.stdout.split()]
+    return [int(n) for n in _python(_HEAP_CODE, _ROOT, env=env).split()]
 
 
 @glibc
@@ -824,11 +831,9 @@ after = switch(True)
 print(first, after)
 """
     env = dict(os.environ, NUMPY_MADVISE_HUGEPAGE=hugepage)
-    out = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))],
-                         env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+    out = _python(code, _ROOT, env=env)
     expected = "True" if hugepage == "1" else "False"
-    assert out.stdout.split() == [expected, expected], out.stdout
+    assert out.split() == [expected, expected], out
 
 
 @glibc
@@ -857,12 +862,7 @@ libc.malloc_info(0, f)
 libc.fclose(f)
 print(open(path).read().count("<heap nr="))
 """
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    heaps = []
-    for own in ("0", "1"):
-        out = subprocess.run([sys.executable, "-c", code, root, own], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-        heaps.append(int(out.stdout))
+    heaps = [int(_python(code, _ROOT, own)) for own in ("0", "1")]
     assert heaps[0] >= 2 and heaps[1] == 1, heaps
 
 
