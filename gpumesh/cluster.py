@@ -38,7 +38,7 @@ these parameters turns off its dynamic mmap and trim thresholds, which a worker 
 none of them in the environment had (under Dask's nanny, which sets ``MALLOC_TRIM_THRESHOLD_``,
 they were off already).  ``_end_job`` runs in the worker's event loop and does not wait: a
 worker that is setting up a job then, or still runs a task of this one, keeps the job's state
-until its next job.
+until its next job, as does one that does not answer within :data:`ANSWER_TIMEOUT_S`.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def device_shares(client, seen: dict) -> dict:
 
     groups = gpu_groups(seen)
     leaders = [a for a, (rank, count) in groups.items() if rank == 0 and count > 1]
-    free = client.run(_free_device_memory, workers=leaders) if leaders else {}
+    free = _run_on_workers(client, _free_device_memory, workers=leaders) if leaders else {}
     fits = {(_host(a), seen[a]): free.get(a) for a in leaders}
     out = {}
     for a, (rank, count) in groups.items():
@@ -192,6 +192,20 @@ class NoWorkersNotice(UserWarning):
 #: Seconds a job's cluster may have no worker before the job says that it waits for one.
 NO_WORKERS_NOTICE_S = 30.0
 
+#: Seconds the job waits for its workers to answer a call outside its tasks (``Client.run``):
+#: which GPU each sees and its free memory, at the start; which of the job's tasks still run,
+#: when a stopped job waits for them; the job's end in each worker (:func:`_end_job`).  Once it
+#: is connected to them, ``Client.run`` waits for every worker without a limit, so one that
+#: cannot answer (stopped, hung in C code holding the GIL, its host cut off) held the job
+#: forever, after all its output was written.
+ANSWER_TIMEOUT_S = 30.0
+
+
+def _run_on_workers(client, fn, *args, **kwargs):
+    """``client.run(fn, *args, **kwargs)``, which raises ``TimeoutError`` when not every worker
+    has answered within :data:`ANSWER_TIMEOUT_S`."""
+    return client.run(fn, *args, callback_timeout=ANSWER_TIMEOUT_S, **kwargs)
+
 
 def check_destination(dest_spec: dict) -> None:
     """Raise ``ValueError`` when the workers of a cluster could not see ``dest_spec``
@@ -224,7 +238,9 @@ class DaskExecutor:
     (a :class:`StillRunningNotice` says so; a second Ctrl-C leaves them).  When every worker
     is gone (killed for memory, their batch jobs ended), the job waits for new ones, as Dask
     does (its scheduler's ``distributed.scheduler.no-workers-timeout`` bounds the wait): after
-    :data:`NO_WORKERS_NOTICE_S` a :class:`NoWorkersNotice` says so.
+    :data:`NO_WORKERS_NOTICE_S` a :class:`NoWorkersNotice` says so.  A worker that does not
+    answer the job's calls outside its tasks within :data:`ANSWER_TIMEOUT_S` (stopped, hung)
+    is not waited for at the end: it keeps the job's state.
     """
 
     def __init__(self, client):
@@ -252,6 +268,12 @@ class DaskExecutor:
         :func:`gpumesh.pipeline.set_up_worker` needs in each worker.  ``source`` must mean the
         same on every worker (an absolute path, a URL or a spec; see
         :func:`gpumesh.volume.portable_source`).
+
+        Raises
+        ------
+        gpumesh.errors.WorkerFailedError
+            Asked for a GPU (``device`` not ``"cpu"``), some worker did not answer within
+            :data:`ANSWER_TIMEOUT_S` which GPU it sees.
         """
         import pickle
 
@@ -259,8 +281,15 @@ class DaskExecutor:
 
         client = self._client
         device = job[5]
-        seen = client.run(_first_visible_gpu) if device != "cpu" else {}
-        payload = tuple(job) + (device_shares(client, seen) if seen else {}, seen)
+        try:
+            seen = _run_on_workers(client, _first_visible_gpu) if device != "cpu" else {}
+            payload = tuple(job) + (device_shares(client, seen) if seen else {}, seen)
+        except TimeoutError:
+            from .errors import WorkerFailedError
+
+            raise WorkerFailedError(f"the Dask cluster's workers did not all answer within {ANSWER_TIMEOUT_S:g} s "
+                                    f"(a worker stopped or hung, or its host cut off): the job did not "
+                                    f"start") from None
         if isinstance(job[0], np.ndarray):
             # a NumPy source travels to each worker once; such data cannot be recomputed when
             # every worker holding it is lost (the job then fails, and --resume continues)
@@ -329,8 +358,8 @@ class DaskExecutor:
                 pass
             if self._job is not None:
                 try:   # and the workers' state of the job (a worker that cannot answer keeps it)
-                    self._client.run(_end_job, self._id, self._task_prefix, on_error="return")
-                except Exception:   # the scheduler gone, or the client closing
+                    _run_on_workers(self._client, _end_job, self._id, self._task_prefix, on_error="return")
+                except Exception:   # the scheduler gone, the client closing, or a worker that did not answer
                     pass
             self._job = None
         return None
@@ -344,8 +373,8 @@ class DaskExecutor:
         told = False
         while True:
             try:   # a worker that cannot answer runs nothing of ours any more
-                counts = self._client.run(_running, self._task_prefix, on_error="return")
-            except Exception:   # the scheduler gone: nothing left to wait for
+                counts = _run_on_workers(self._client, _running, self._task_prefix, on_error="return")
+            except Exception:   # the scheduler gone, or a worker that did not answer: nothing to wait for
                 return
             running = sum(n for n in counts.values() if isinstance(n, int))
             if not running:

@@ -250,7 +250,7 @@ def test_workers_sharing_a_small_gpu_use_only_as_many_as_its_memory_holds():
     # three workers of one host see the same GPU, whose free memory holds two of them: the
     # group's first worker measures it, and only two of the three use it; a worker alone on
     # its GPU is not measured and uses it
-    from gpumesh import gpu
+    from gpumesh import cluster, gpu
     from gpumesh.cluster import device_shares
 
     per_process = gpu.CONTEXT_BYTES + gpu.MIN_POOL_BYTES
@@ -258,8 +258,9 @@ def test_workers_sharing_a_small_gpu_use_only_as_many_as_its_memory_holds():
     asked = []
 
     class Cluster:
-        def run(self, fn, workers):
+        def run(self, fn, workers, callback_timeout):
             asked.extend(workers)
+            assert callback_timeout == cluster.ANSWER_TIMEOUT_S   # a worker that cannot answer holds nothing
             return dict.fromkeys(workers, free)
 
     seen = {"tcp://10.0.0.1:4003": "", "tcp://10.0.0.1:4001": "", "tcp://10.0.0.1:4002": "", "tcp://10.0.0.2:4001": ""}
@@ -882,3 +883,73 @@ def test_a_dask_worker_sets_up_a_job_with_only_the_memory_settings_it_can_undo(m
     assert cluster._run_in_job("a", job, lambda x: x + 1, 1) == 2
     assert cluster._run_in_job("a", job, lambda x: x + 1, 2) == 3   # set up once per job
     assert calls == [False] and pipeline._WORKER == {"job": "a"}
+
+
+def test_a_worker_that_does_not_answer_holds_neither_the_start_nor_the_end_of_a_job(crop, tmp_path, monkeypatch):
+    """Dask's Client.run waits for every worker without a limit once connected: a worker that
+    could not answer (stopped, hung) held the job forever at its end, after all its output was
+    written, and at its start.  Now the job waits ANSWER_TIMEOUT_S for it: at the start it
+    fails in one typed error, at the end it leaves that worker the job's state."""
+    import signal
+
+    from gpumesh import WorkerFailedError, cluster
+
+    monkeypatch.setattr(cluster, "ANSWER_TIMEOUT_S", 3.0)
+    options = MeshOptions(chunk_size=32, sharding=ShardingOptions(shard_bits=1))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as lc, \
+            Client(lc) as c:
+        pids = c.run(os.getpid)
+        pid = min(pids.values())   # the worker to stop
+        others = [a for a, p in pids.items() if p != pid]
+        stopped = []
+
+        def stop():
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+
+        run_on_workers = cluster._run_on_workers
+
+        def stop_at_the_end(client, fn, *args, **kwargs):   # the job's tasks have all ended
+            if fn is cluster._end_job and not stopped:
+                stop()
+            return run_on_workers(client, fn, *args, **kwargs)
+
+        try:
+            stop()   # at the start: the job asks the workers which GPU each sees
+            ended = _within(30, run_mesh, crop[:64, :64, :64], str(tmp_path / "start"), options=options, client=c,
+                            device="auto")
+            assert ended, "the job's start waited for the stopped worker"
+            with pytest.raises(WorkerFailedError, match=r"did not all answer within 3 s"):
+                ended[0].result()
+            os.kill(pid, signal.SIGCONT)
+            stopped.clear()
+
+            monkeypatch.setattr(cluster, "_run_on_workers", stop_at_the_end)
+            ended = _within(60, run_mesh, crop[:64, :64, :64], str(tmp_path / "end"), options=options, client=c)
+            assert stopped and ended, "the job's end waited for the stopped worker"
+            summary = ended[0].result()
+            # the worker that answered has ended the job all the same
+            assert [s["job"] for s in c.run(_memory_state, workers=others).values()] == [[]]
+        finally:
+            for p in stopped:
+                os.kill(p, signal.SIGCONT)
+    assert summary.segments and validate(str(tmp_path / "end")).ok
+
+
+def _within(seconds: float, fn, *args, **kwargs) -> list:
+    """``[future of fn(*args, **kwargs)]`` when it ended within ``seconds``, else ``[]`` (it goes
+    on in a daemon thread)."""
+    import concurrent.futures
+    import threading
+
+    out = concurrent.futures.Future()
+
+    def call():
+        try:
+            out.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            out.set_exception(exc)
+
+    threading.Thread(target=call, daemon=True).start()
+    concurrent.futures.wait([out], timeout=seconds)
+    return [out] if out.done() else []
