@@ -37,8 +37,9 @@ cannot undo, is not set in a Dask worker.  Nor can glibc undo one thing more: se
 these parameters turns off its dynamic mmap and trim thresholds, which a worker started with
 none of them in the environment had (under Dask's nanny, which sets ``MALLOC_TRIM_THRESHOLD_``,
 they were off already).  ``_end_job`` runs in the worker's event loop and does not wait: a
-worker that is setting up a job then, or still runs a task of this one, keeps the job's state
-until its next job, as does one that does not answer within :data:`ANSWER_TIMEOUT_S`.
+worker that still runs tasks of this one (a job stopped twice leaves them running: Dask cannot
+stop them) ends it as the last of them finishes; one that is setting up another job then, or
+does not answer within :data:`ANSWER_TIMEOUT_S`, keeps the job's state until its next job.
 """
 
 from __future__ import annotations
@@ -51,6 +52,14 @@ from typing import Any, Optional
 from . import pipeline, storage
 
 _LOCK = threading.Lock()
+
+#: Held only for a moment, never while waiting (so the event loop may take it): the tasks of
+#: each job running in this process, from before their set-up (:func:`_run_in_job`), and the
+#: jobs whose end was asked for while some still ran (:func:`_end_job`): the last to finish
+#: ends the job.
+_ACTIVE_LOCK = threading.Lock()
+_ACTIVE: collections.Counter = collections.Counter()
+_ENDING: set = set()
 
 
 def _host(address: str) -> str:
@@ -135,7 +144,34 @@ def _share(address: str, shares: dict, seen: dict) -> tuple:
 
 def _run_in_job(job_id: str, job: tuple, fn, *args):
     """Run task ``fn(*args)`` in a Dask worker, first setting up the job there if this worker
-    process has not yet (see the module docstring)."""
+    process has not yet (see the module docstring).  A task that was still running when the job
+    ended (cancelled: Dask cannot stop it) ends the job in this worker as it finishes, unless
+    another task of the job still runs here (see :func:`_end_job`)."""
+    with _ACTIVE_LOCK:
+        _ACTIVE[job_id] += 1
+    try:
+        _set_up_job(job_id, job)
+        return fn(*args)
+    finally:
+        with _ACTIVE_LOCK:
+            _ACTIVE[job_id] -= 1
+            last = not _ACTIVE[job_id]
+            if last:
+                del _ACTIVE[job_id]
+            ending = last and job_id in _ENDING
+            if last:
+                _ENDING.discard(job_id)
+        if ending:   # a task's thread, not the event loop: it may wait for the lock
+            with _LOCK:
+                if pipeline._WORKER.get("job") == job_id:
+                    try:
+                        pipeline.end_worker_job()
+                    except Exception:   # (a backend that failed to close): not this task's error
+                        pass
+
+
+def _set_up_job(job_id: str, job: tuple) -> None:
+    """Set up job ``job_id`` in this worker process unless it is already."""
     with _LOCK:
         if pipeline._WORKER.get("job") != job_id:
             source, open_kwargs, plan, options, dest_spec, device, shares, seen = job
@@ -144,6 +180,8 @@ def _run_in_job(job_id: str, job: tuple, fn, *args):
             # this worker's place among those that share its GPU, and how many of them use it
             rank, count, device_workers = _share(get_worker().address, shares, seen)
             pipeline._WORKER.clear()
+            with _ACTIVE_LOCK:   # the ends asked of earlier jobs whose tasks are all gone are moot
+                _ENDING.intersection_update(_ACTIVE)
             pipeline._keep_freed_memory(own_process=False)
             try:
                 pipeline.set_up_worker(source, open_kwargs, plan, options, dest_spec, device, worker=rank,
@@ -152,21 +190,24 @@ def _run_in_job(job_id: str, job: tuple, fn, *args):
                 pipeline.end_worker_job()
                 raise
             pipeline._WORKER["job"] = job_id
-    return fn(*args)
 
 
 def _end_job(job_id: str, prefix: str, dask_worker=None) -> bool:
     """End job ``job_id`` in this Dask worker (:func:`gpumesh.pipeline.end_worker_job`) unless
     the worker has since set up another job or still runs a task of this one (``prefix``, as
-    :func:`_running`).  Returns whether it did.
+    :func:`_running`; the last of them then ends it as it finishes).  Returns whether it did.
 
     It runs in the worker's event loop (``Client.run``), so it does not wait for the lock: a
     task that holds it sets up a job (this one's, whose task still runs, or the next one's),
     and may itself wait for that loop (``get_client`` in :func:`_share`)."""
+    with _ACTIVE_LOCK:
+        if _ACTIVE[job_id] or (dask_worker is not None and _running(prefix, dask_worker)):
+            _ENDING.add(job_id)   # for the last of them (one whose task has not begun yet: no one)
+            return False
     if not _LOCK.acquire(blocking=False):
         return False
     try:
-        if pipeline._WORKER.get("job") != job_id or (dask_worker is not None and _running(prefix, dask_worker)):
+        if pipeline._WORKER.get("job") != job_id:
             return False
         pipeline.end_worker_job()
         return True

@@ -953,3 +953,62 @@ def _within(seconds: float, fn, *args, **kwargs) -> list:
     threading.Thread(target=call, daemon=True).start()
     concurrent.futures.wait([out], timeout=seconds)
     return [out] if out.done() else []
+
+
+@glibc
+def test_a_task_left_running_after_the_job_ends_the_job_in_its_worker_as_it_finishes(crop, tmp_path, monkeypatch):
+    """A job stopped twice (Ctrl-C, then Ctrl-C again while it waits for its running tasks)
+    leaves them running: Dask cannot stop them.  Their worker kept the job's state (its source
+    and read cache, its backend, the memory settings) until its next gpumesh job; now the last
+    of them ends the job there as it finishes."""
+    import time
+
+    from gpumesh import cluster
+
+    def stop(done, total):
+        if done:
+            raise KeyboardInterrupt
+
+    # the second Ctrl-C: the job no longer waits for its running tasks
+    monkeypatch.setattr(cluster.DaskExecutor, "_wait_for_running", lambda self: None)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as lc, \
+            Client(lc) as c:
+        before = c.run(_memory_state)
+        c.register_plugin(_SlowOnWorker1(), name="slow-on-1")
+        with pytest.raises(KeyboardInterrupt):
+            run_mesh(crop[:64, :64, :64], str(tmp_path / "out"), options=MeshOptions(chunk_size=32), client=c,
+                     progress=stop)
+        left = c.run(lambda: dict(cluster._ACTIVE))
+        deadline = time.monotonic() + 30
+        while (after := c.run(_memory_state)) != before and time.monotonic() < deadline:
+            time.sleep(0.5)
+    assert any(left.values()), "no task was left running: the test shows nothing"
+    assert after == before, (before, after)
+
+
+def test_the_last_task_left_running_ends_the_job_and_only_the_last(monkeypatch):
+    import threading
+    import time
+
+    from gpumesh import cluster, pipeline
+
+    ended = []
+    monkeypatch.setattr(pipeline, "end_worker_job", lambda: ended.append(pipeline._WORKER.get("job")))
+    monkeypatch.setattr(pipeline, "_WORKER", {"job": "a"})   # set up already: no set-up
+    gates = [threading.Event(), threading.Event()]
+    tasks = [threading.Thread(target=cluster._run_in_job, args=("a", None, g.wait, 30), daemon=True) for g in gates]
+    for t in tasks:
+        t.start()
+    deadline = time.monotonic() + 30
+    while cluster._ACTIVE["a"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not cluster._end_job("a", "prefix-") and not ended   # two tasks of the job still run here
+    gates[0].set()
+    tasks[0].join(30)
+    assert not ended and cluster._ACTIVE["a"] == 1   # one still runs
+    gates[1].set()
+    tasks[1].join(30)
+    assert ended == ["a"] and not cluster._ACTIVE and "a" not in cluster._ENDING
+    # a task that finishes while its job goes on ends nothing
+    cluster._run_in_job("a", None, int)
+    assert ended == ["a"]
