@@ -19,6 +19,19 @@ from gpumesh.sharding import ShardingOptions
 from conftest import CROP_START, VOXEL_SIZE, cli_command, tree_files, write_zarr
 
 
+@pytest.fixture(autouse=True)
+def _fresh_task_counts(monkeypatch):
+    """Each test starts with no task counted as running in this process and no job's end asked
+    for (gpumesh.cluster's _ACTIVE and _ENDING): else what one test leaves there (a job's end
+    asked for while a task ran) decides what another one's tasks do as they finish."""
+    import collections
+
+    from gpumesh import cluster
+
+    monkeypatch.setattr(cluster, "_ACTIVE", collections.Counter())
+    monkeypatch.setattr(cluster, "_ENDING", set())
+
+
 @pytest.fixture(scope="module")
 def client():
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
@@ -755,6 +768,7 @@ def test_a_job_that_fails_to_set_up_in_a_worker_leaves_it_as_it_found_it(monkeyp
     with pytest.raises(OSError, match="cannot open"):
         cluster._run_in_job("a", job, print)
     assert calls == ["keep", "restore"] and pipeline._WORKER == {}
+    assert not cluster._ACTIVE   # the failed task is no longer counted as running
 
 
 _HEAP_CODE = r"""
