@@ -1026,3 +1026,67 @@ def test_the_last_task_left_running_ends_the_job_and_only_the_last(monkeypatch):
     # a task that finishes while its job goes on ends nothing
     cluster._run_in_job("a", None, int)
     assert ended == ["a"]
+
+
+def test_a_task_of_an_ended_job_that_finishes_after_the_next_job_set_up_leaves_that_job(monkeypatch):
+    """A task left running after its job ended (the job's end asked for) that finishes once the
+    worker has set up the next job ends nothing: the worker's state is the next job's."""
+    import threading
+    import time
+
+    import distributed
+
+    from gpumesh import cluster, pipeline
+
+    ended = []
+    monkeypatch.setattr(pipeline, "end_worker_job", lambda: ended.append(pipeline._WORKER.get("job")))
+    monkeypatch.setattr(pipeline, "_keep_freed_memory", lambda own_process=True: None)
+    monkeypatch.setattr(pipeline, "set_up_worker", lambda *args, **kwargs: None)
+    monkeypatch.setattr(pipeline, "_WORKER", {"job": "a"})
+    monkeypatch.setattr(distributed, "get_worker", lambda: type("Worker", (), {"address": "tcp://w:1"})())
+    gate = threading.Event()
+    task = threading.Thread(target=cluster._run_in_job, args=("a", None, gate.wait, 30), daemon=True)
+    task.start()
+    deadline = time.monotonic() + 30
+    while not cluster._ACTIVE["a"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not cluster._end_job("a", "prefix-")   # left to the task
+    job = (None, {}, None, None, None, "cpu", {"tcp://w:1": (0, 1, 1)}, {})
+    assert cluster._run_in_job("b", job, int) == 0   # the next job sets up in this worker
+    gate.set()
+    task.join(30)
+    assert not task.is_alive() and not ended and pipeline._WORKER == {"job": "b"}
+    assert not cluster._ACTIVE and not cluster._ENDING
+
+
+def test_ending_a_job_does_not_wait_while_a_task_left_running_waits_to_end_its_job(monkeypatch):
+    """The last task of an ended job waits for the set-up lock to end the job while another
+    task holds it (setting up a job, it may wait for the worker's event loop): _end_job, which
+    runs in that loop, still returns at once (the task waits holding no other lock)."""
+    import threading
+    import time
+
+    from gpumesh import cluster, pipeline
+
+    ended = []
+    monkeypatch.setattr(pipeline, "end_worker_job", lambda: ended.append(pipeline._WORKER.get("job")))
+    monkeypatch.setattr(pipeline, "_WORKER", {"job": "a"})
+    gate = threading.Event()
+    task = threading.Thread(target=cluster._run_in_job, args=("a", None, gate.wait, 30), daemon=True)
+    task.start()
+    deadline = time.monotonic() + 30
+    while not cluster._ACTIVE["a"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not cluster._end_job("a", "prefix-")   # left to the task
+    result = []
+    with cluster._LOCK:   # a task setting up a job
+        gate.set()
+        while "a" in cluster._ACTIVE and time.monotonic() < deadline:   # the task has finished: it waits
+            time.sleep(0.01)
+        time.sleep(0.1)
+        loop = threading.Thread(target=lambda: result.append(cluster._end_job("b", "prefix-")), daemon=True)
+        loop.start()
+        loop.join(5)   # a deadlock detector: it returns at once, or waits for good
+        assert not loop.is_alive() and result == [False] and not ended
+    task.join(30)
+    assert not task.is_alive() and ended == ["a"]
