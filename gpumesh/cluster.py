@@ -192,17 +192,31 @@ def _set_up_job(job_id: str, job: tuple) -> None:
             pipeline._WORKER["job"] = job_id
 
 
-def _end_job(job_id: str, prefix: str, dask_worker=None) -> bool:
+#: Seconds between the asks of :func:`_end_job` while Dask lists a task of the job as running
+#: that is not in :func:`_run_in_job`, and how many times it asks again at most.
+_END_AGAIN_S, _END_TRIES = 0.1, 100
+
+
+def _end_job(job_id: str, prefix: str, dask_worker=None, tries: int = _END_TRIES) -> bool:
     """End job ``job_id`` in this Dask worker (:func:`gpumesh.pipeline.end_worker_job`) unless
     the worker has since set up another job or still runs a task of this one (``prefix``, as
     :func:`_running`; the last of them then ends it as it finishes).  Returns whether it did.
 
     It runs in the worker's event loop (``Client.run``), so it does not wait for the lock: a
     task that holds it sets up a job (this one's, whose task still runs, or the next one's),
-    and may itself wait for that loop (``get_client`` in :func:`_share`)."""
+    and may itself wait for that loop (``get_client`` in :func:`_share`).  Dask may list as
+    running a task that is not in :func:`_run_in_job`: one about to begin (it will end the job
+    as it finishes), or one that has just finished, which that loop has not heard of yet (no
+    task is left to end the job): it asks again every :data:`_END_AGAIN_S` s, ``tries`` times
+    at most, in that loop."""
     with _ACTIVE_LOCK:
-        if _ACTIVE[job_id] or (dask_worker is not None and _running(prefix, dask_worker)):
-            _ENDING.add(job_id)   # for the last of them (one whose task has not begun yet: no one)
+        if _ACTIVE[job_id]:
+            _ENDING.add(job_id)   # for the last of them
+            return False
+        if dask_worker is not None and _running(prefix, dask_worker):
+            _ENDING.add(job_id)   # for a task about to begin
+            if tries > 0:
+                dask_worker.loop.call_later(_END_AGAIN_S, _end_job, job_id, prefix, dask_worker, tries - 1)
             return False
     if not _LOCK.acquire(blocking=False):
         return False

@@ -702,6 +702,7 @@ def test_ending_a_job_in_a_worker_closes_its_backend_and_lets_go_of_its_state(mo
 
     class Worker:   # a task of the job still runs in this worker: left for it
         state = type("State", (), {"all_running_tasks": [type("T", (), {"key": "prefix-1"})()]})()
+        loop = type("Loop", (), {"call_later": lambda *args: None})()   # (asked again later)
 
     assert not cluster._end_job("a", "prefix-", Worker())
     assert pipeline._WORKER["job"] == "a" and not closed
@@ -1090,3 +1091,39 @@ def test_ending_a_job_does_not_wait_while_a_task_left_running_waits_to_end_its_j
         assert not loop.is_alive() and result == [False] and not ended
     task.join(30)
     assert not task.is_alive() and ended == ["a"]
+
+
+def test_a_task_that_has_just_finished_when_the_job_ends_does_not_leave_the_job(monkeypatch):
+    """_end_job runs in the worker's event loop, which hears that a task has finished only after
+    the task's thread has left _run_in_job: in between, Dask still lists the task as running,
+    but no task of the job is left to end it as it finishes.  The job is ended all the same."""
+    import time
+
+    import distributed
+
+    from gpumesh import cluster, pipeline
+
+    ended = []
+    monkeypatch.setattr(pipeline, "end_worker_job", lambda: ended.append(pipeline._WORKER.pop("job", None)))
+    monkeypatch.setattr(pipeline, "_WORKER", {"job": "a"})   # set up already: no set-up
+
+    def task():   # (Dask sends it pickled, even to a worker in this process: it keeps what it saw there)
+        worker = distributed.get_worker()
+
+        def end():   # in the event loop: once this task's thread has left _run_in_job
+            deadline = time.monotonic() + 10
+            while cluster._ACTIVE["a"] and time.monotonic() < deadline:
+                time.sleep(0.01)
+            worker.gpumesh_asked = (cluster._running("prefix-", worker), cluster._end_job("a", "prefix-", worker))
+
+        worker.loop.add_callback(end)
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as lc, \
+            Client(lc) as c:
+        c.submit(cluster._run_in_job, "a", None, task, key="prefix-1").result(30)
+        deadline = time.monotonic() + 5
+        while not ended and time.monotonic() < deadline:
+            time.sleep(0.05)
+        asked = [getattr(w, "gpumesh_asked", None) for w in lc.workers.values()]
+    assert asked == [(1, False)], asked   # Dask listed the task still, and the job was left: a real race
+    assert ended == ["a"] and pipeline._WORKER == {}
