@@ -421,15 +421,22 @@ class DaskExecutor:
 
     def _wait_for_running(self) -> None:
         """Wait until no task of this job runs on any worker (those that cannot be reached
-        any more are not waited for)."""
+        any more, or do not answer within :data:`ANSWER_TIMEOUT_S`, are not waited for)."""
         import time
         import warnings
 
         told = False
+        workers = None   # all of them, then those that answered
         while True:
             try:   # a worker that cannot answer runs nothing of ours any more
-                counts = _run_on_workers(self._client, _running, self._task_prefix, on_error="return")
-            except Exception:   # the scheduler gone, or a worker that did not answer: nothing to wait for
+                counts = _run_on_workers(self._client, _running, self._task_prefix, on_error="return",
+                                         workers=workers)
+            except TimeoutError:   # one did not answer: the others' tasks are still waited for
+                counts = self._running_on_each(workers)
+                if not counts:
+                    return
+                workers = list(counts)
+            except Exception:   # the scheduler gone: nothing to wait for
                 return
             running = sum(n for n in counts.values() if isinstance(n, int))
             if not running:
@@ -440,6 +447,30 @@ class DaskExecutor:
                               StillRunningNotice, stacklevel=3)
                 told = True
             time.sleep(0.2)
+
+    def _running_on_each(self, workers) -> dict:
+        """``{address: _running(...)}`` of each of ``workers`` (default: all) that answers within
+        :data:`ANSWER_TIMEOUT_S`, asked each alone and all at once (daemon threads: a Ctrl-C
+        does not wait for them)."""
+        try:
+            workers = list(self._client.nthreads()) if workers is None else workers
+        except Exception:   # the scheduler gone
+            return {}
+        out = {}
+
+        def ask(address):
+            try:
+                out.update(_run_on_workers(self._client, _running, self._task_prefix, on_error="return",
+                                           workers=[address]))
+            except Exception:   # it did not answer
+                pass
+
+        threads = [threading.Thread(target=ask, args=(a,), daemon=True) for a in workers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(ANSWER_TIMEOUT_S + 5)
+        return dict(out)
 
 
 def connect(address: str):

@@ -1127,3 +1127,80 @@ def test_a_task_that_has_just_finished_when_the_job_ends_does_not_leave_the_job(
         asked = [getattr(w, "gpumesh_asked", None) for w in lc.workers.values()]
     assert asked == [(1, False)], asked   # Dask listed the task still, and the job was left: a real race
     assert ended == ["a"] and pipeline._WORKER == {}
+
+
+class _GateOnWorker1(WorkerPlugin):
+    """Meshing on the worker named 1 waits until the file ``path`` exists (30 s at most)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def setup(self, worker):
+        if worker.name != 1:
+            return
+        import time
+
+        import gpumesh.pipeline
+
+        mesh, path = gpumesh.pipeline.mesh_block, self.path
+
+        def gated(*args, **kwargs):
+            deadline = time.monotonic() + 30
+            while not os.path.exists(path) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return mesh(*args, **kwargs)
+
+        gpumesh.pipeline.mesh_block = gated
+
+
+def _tasks_in_jobs() -> int:
+    """How many gpumesh tasks run in this worker (in _run_in_job)."""
+    from gpumesh import cluster
+
+    return sum(cluster._ACTIVE.values())
+
+
+def test_a_stopped_job_waits_for_its_running_tasks_on_the_workers_that_answer(crop, tmp_path, monkeypatch):
+    """A stopped job waits for its tasks still running on the cluster; a worker that does not
+    answer (stopped, hung) is not waited for, but the others still are: their tasks would write
+    into the destination after the job ended."""
+    import signal
+    import threading
+
+    from gpumesh import cluster
+
+    monkeypatch.setattr(cluster, "ANSWER_TIMEOUT_S", 1.0)
+    gate = tmp_path / "gate"
+
+    def stop(done, total):
+        if done:
+            raise KeyboardInterrupt
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as lc, \
+            Client(lc) as c:
+        names = {a: w["name"] for a, w in c.scheduler_info()["workers"].items()}
+        pids = c.run(os.getpid)
+        free = next(a for a, n in names.items() if n != 1)   # the worker to stop
+        gated = next(a for a, n in names.items() if n == 1)
+        c.register_plugin(_GateOnWorker1(str(gate)), name="gate-on-1")
+        wait_for_running = cluster.DaskExecutor._wait_for_running
+        stopped, left = [], []
+
+        def stop_then_wait(self):
+            os.kill(pids[free], signal.SIGSTOP)
+            stopped.append(pids[free])
+            threading.Timer(3 * cluster.ANSWER_TIMEOUT_S, gate.touch).start()
+            wait_for_running(self)
+            left.append(c.run(_tasks_in_jobs, workers=[gated]))
+
+        monkeypatch.setattr(cluster.DaskExecutor, "_wait_for_running", stop_then_wait)
+        try:
+            with pytest.warns(cluster.StillRunningNotice, match=r"waiting for 1 task"), \
+                    pytest.raises(KeyboardInterrupt):
+                run_mesh(crop[:64, :64, :64], str(tmp_path / "out"), options=MeshOptions(chunk_size=32), client=c,
+                         progress=stop)
+        finally:
+            for p in stopped:
+                os.kill(p, signal.SIGCONT)
+            gate.touch()
+    assert stopped and left == [{gated: 0}], left
