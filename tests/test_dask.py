@@ -412,6 +412,12 @@ class _SlowOnWorker1(WorkerPlugin):
         gpumesh.pipeline.mesh_block = slow
 
 
+def _interrupt_at_first_result(done: int, total: int) -> None:
+    """A job's progress callback: Ctrl-C once its first task has finished."""
+    if done:
+        raise KeyboardInterrupt
+
+
 def test_a_stopped_cluster_job_waits_for_its_running_tasks(crop, tmp_path):
     # Dask cannot stop a running task: one left behind wrote its result after the job had
     # ended, into the next run's output even (an --overwrite run with other options then
@@ -420,16 +426,13 @@ def test_a_stopped_cluster_job_waits_for_its_running_tasks(crop, tmp_path):
 
     dest = tmp_path / "out"
 
-    def stop(done, total):
-        if done:
-            raise KeyboardInterrupt
-
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as c:
         c.register_plugin(_SlowOnWorker1(), name="slow-on-1")
         with pytest.warns(StillRunningNotice, match=r"waiting for [12] task\(s\) still running"), \
                 pytest.raises(KeyboardInterrupt):
-            run_mesh(crop[:64, :64, :64], str(dest), options=MeshOptions(chunk_size=32), client=c, progress=stop)
+            run_mesh(crop[:64, :64, :64], str(dest), options=MeshOptions(chunk_size=32), client=c,
+                     progress=_interrupt_at_first_result)
         blocks = sorted(os.listdir(dest / ".gpumesh-work" / "blocks"))
         import time
 
@@ -980,10 +983,6 @@ def test_a_task_left_running_after_the_job_ends_the_job_in_its_worker_as_it_fini
 
     from gpumesh import cluster
 
-    def stop(done, total):
-        if done:
-            raise KeyboardInterrupt
-
     # the second Ctrl-C: the job no longer waits for its running tasks
     monkeypatch.setattr(cluster.DaskExecutor, "_wait_for_running", lambda self: None)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as lc, \
@@ -992,7 +991,7 @@ def test_a_task_left_running_after_the_job_ends_the_job_in_its_worker_as_it_fini
         c.register_plugin(_SlowOnWorker1(), name="slow-on-1")
         with pytest.raises(KeyboardInterrupt):
             run_mesh(crop[:64, :64, :64], str(tmp_path / "out"), options=MeshOptions(chunk_size=32), client=c,
-                     progress=stop)
+                     progress=_interrupt_at_first_result)
         left = c.run(lambda: dict(cluster._ACTIVE))
         deadline = time.monotonic() + 30
         while (after := c.run(_memory_state)) != before and time.monotonic() < deadline:
@@ -1001,22 +1000,31 @@ def test_a_task_left_running_after_the_job_ends_the_job_in_its_worker_as_it_fini
     assert after == before, (before, after)
 
 
-def test_the_last_task_left_running_ends_the_job_and_only_the_last(monkeypatch):
+def _task_running_in_job(job_id: str) -> tuple:
+    """``(gate, thread)``: a task of job ``job_id`` (already set up in this process) running in
+    ``thread`` (cluster._run_in_job) until ``gate`` is set, once it is counted as running."""
     import threading
     import time
 
+    from gpumesh import cluster
+
+    before = cluster._ACTIVE[job_id]
+    gate = threading.Event()
+    task = threading.Thread(target=cluster._run_in_job, args=(job_id, None, gate.wait, 30), daemon=True)
+    task.start()
+    deadline = time.monotonic() + 30
+    while cluster._ACTIVE[job_id] == before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return gate, task
+
+
+def test_the_last_task_left_running_ends_the_job_and_only_the_last(monkeypatch):
     from gpumesh import cluster, pipeline
 
     ended = []
     monkeypatch.setattr(pipeline, "end_worker_job", lambda: ended.append(pipeline._WORKER.get("job")))
     monkeypatch.setattr(pipeline, "_WORKER", {"job": "a"})   # set up already: no set-up
-    gates = [threading.Event(), threading.Event()]
-    tasks = [threading.Thread(target=cluster._run_in_job, args=("a", None, g.wait, 30), daemon=True) for g in gates]
-    for t in tasks:
-        t.start()
-    deadline = time.monotonic() + 30
-    while cluster._ACTIVE["a"] < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    gates, tasks = zip(_task_running_in_job("a"), _task_running_in_job("a"))
     assert not cluster._end_job("a", "prefix-") and not ended   # two tasks of the job still run here
     gates[0].set()
     tasks[0].join(30)
@@ -1032,9 +1040,6 @@ def test_the_last_task_left_running_ends_the_job_and_only_the_last(monkeypatch):
 def test_a_task_of_an_ended_job_that_finishes_after_the_next_job_set_up_leaves_that_job(monkeypatch):
     """A task left running after its job ended (the job's end asked for) that finishes once the
     worker has set up the next job ends nothing: the worker's state is the next job's."""
-    import threading
-    import time
-
     import distributed
 
     from gpumesh import cluster, pipeline
@@ -1045,12 +1050,7 @@ def test_a_task_of_an_ended_job_that_finishes_after_the_next_job_set_up_leaves_t
     monkeypatch.setattr(pipeline, "set_up_worker", lambda *args, **kwargs: None)
     monkeypatch.setattr(pipeline, "_WORKER", {"job": "a"})
     monkeypatch.setattr(distributed, "get_worker", lambda: type("Worker", (), {"address": "tcp://w:1"})())
-    gate = threading.Event()
-    task = threading.Thread(target=cluster._run_in_job, args=("a", None, gate.wait, 30), daemon=True)
-    task.start()
-    deadline = time.monotonic() + 30
-    while not cluster._ACTIVE["a"] and time.monotonic() < deadline:
-        time.sleep(0.01)
+    gate, task = _task_running_in_job("a")
     assert not cluster._end_job("a", "prefix-")   # left to the task
     job = (None, {}, None, None, None, "cpu", {"tcp://w:1": (0, 1, 1)}, {})
     assert cluster._run_in_job("b", job, int) == 0   # the next job sets up in this worker
@@ -1072,16 +1072,12 @@ def test_ending_a_job_does_not_wait_while_a_task_left_running_waits_to_end_its_j
     ended = []
     monkeypatch.setattr(pipeline, "end_worker_job", lambda: ended.append(pipeline._WORKER.get("job")))
     monkeypatch.setattr(pipeline, "_WORKER", {"job": "a"})
-    gate = threading.Event()
-    task = threading.Thread(target=cluster._run_in_job, args=("a", None, gate.wait, 30), daemon=True)
-    task.start()
-    deadline = time.monotonic() + 30
-    while not cluster._ACTIVE["a"] and time.monotonic() < deadline:
-        time.sleep(0.01)
+    gate, task = _task_running_in_job("a")
     assert not cluster._end_job("a", "prefix-")   # left to the task
     result = []
     with cluster._LOCK:   # a task setting up a job
         gate.set()
+        deadline = time.monotonic() + 30
         while "a" in cluster._ACTIVE and time.monotonic() < deadline:   # the task has finished: it waits
             time.sleep(0.01)
         time.sleep(0.1)
@@ -1172,10 +1168,6 @@ def test_a_stopped_job_waits_for_its_running_tasks_on_the_workers_that_answer(cr
     monkeypatch.setattr(cluster, "ANSWER_TIMEOUT_S", 1.0)
     gate = tmp_path / "gate"
 
-    def stop(done, total):
-        if done:
-            raise KeyboardInterrupt
-
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as lc, \
             Client(lc) as c:
         names = {a: w["name"] for a, w in c.scheduler_info()["workers"].items()}
@@ -1198,7 +1190,7 @@ def test_a_stopped_job_waits_for_its_running_tasks_on_the_workers_that_answer(cr
             with pytest.warns(cluster.StillRunningNotice, match=r"waiting for 1 task"), \
                     pytest.raises(KeyboardInterrupt):
                 run_mesh(crop[:64, :64, :64], str(tmp_path / "out"), options=MeshOptions(chunk_size=32), client=c,
-                         progress=stop)
+                         progress=_interrupt_at_first_result)
         finally:
             for p in stopped:
                 os.kill(p, signal.SIGCONT)
