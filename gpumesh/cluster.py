@@ -295,7 +295,8 @@ class DaskExecutor:
     does (its scheduler's ``distributed.scheduler.no-workers-timeout`` bounds the wait): after
     :data:`NO_WORKERS_NOTICE_S` a :class:`NoWorkersNotice` says so.  A worker that does not
     answer the job's calls outside its tasks within :data:`ANSWER_TIMEOUT_S` (stopped, hung)
-    is not waited for at the end: it keeps the job's state.
+    is not waited for: not for its running tasks when the job stopped (the other workers'
+    still are), nor at the end, where it keeps the job's state.
     """
 
     def __init__(self, client):
@@ -327,8 +328,8 @@ class DaskExecutor:
         Raises
         ------
         gpumesh.errors.WorkerFailedError
-            Asked for a GPU (``device`` not ``"cpu"``), some worker did not answer within
-            :data:`ANSWER_TIMEOUT_S` which GPU it sees.
+            With ``device`` other than ``"cpu"``: some worker did not say within
+            :data:`ANSWER_TIMEOUT_S` which GPU it sees (stopped, hung).
         """
         import pickle
 
