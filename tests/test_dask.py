@@ -1156,6 +1156,10 @@ def _tasks_in_jobs() -> int:
     return sum(cluster._ACTIVE.values())
 
 
+def _hung(signum, frame):
+    raise AssertionError("the stopped job's wait hung on the worker that does not answer")
+
+
 def test_a_stopped_job_waits_for_its_running_tasks_on_the_workers_that_answer(crop, tmp_path, monkeypatch):
     """A stopped job waits for its tasks still running on the cluster; a worker that does not
     answer (stopped, hung) is not waited for, but the others still are: their tasks would write
@@ -1182,7 +1186,13 @@ def test_a_stopped_job_waits_for_its_running_tasks_on_the_workers_that_answer(cr
             os.kill(pids[free], signal.SIGSTOP)
             stopped.append(pids[free])
             threading.Timer(3 * cluster.ANSWER_TIMEOUT_S, gate.touch).start()
-            wait_for_running(self)
+            previous = signal.signal(signal.SIGALRM, _hung)
+            signal.alarm(60)   # a deadlock detector: a wait that hangs on the stopped worker fails
+            try:
+                wait_for_running(self)
+            finally:
+                signal.alarm(0)
+                signal.signal(signal.SIGALRM, previous)
             left.append(c.run(_tasks_in_jobs, workers=[gated]))
 
         monkeypatch.setattr(cluster.DaskExecutor, "_wait_for_running", stop_then_wait)
