@@ -155,11 +155,10 @@ def _run_in_job(job_id: str, job: tuple, fn, *args):
     finally:
         with _ACTIVE_LOCK:
             _ACTIVE[job_id] -= 1
-            last = not _ACTIVE[job_id]
-            if last:
+            ending = False
+            if not _ACTIVE[job_id]:   # the last task of the job here
                 del _ACTIVE[job_id]
-            ending = last and job_id in _ENDING
-            if last:
+                ending = job_id in _ENDING
                 _ENDING.discard(job_id)
         if ending:   # a task's thread, not the event loop: it may wait for the lock
             with _LOCK:
