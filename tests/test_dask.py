@@ -718,19 +718,16 @@ def test_ending_a_job_in_a_worker_closes_its_backend_and_lets_go_of_its_state(mo
 def test_ending_a_job_does_not_wait_for_a_worker_setting_one_up(monkeypatch):
     """_end_job runs in the worker's event loop: while a task holds the set-up lock (and may wait
     for that loop itself, in _share's get_client), it returns at once without ending the job."""
-    import threading
 
     from gpumesh import cluster, pipeline
 
     ended = []
     monkeypatch.setattr(pipeline, "end_worker_job", lambda: ended.append(True))
     monkeypatch.setattr(pipeline, "_WORKER", {"job": "a"})
-    result = []
     with cluster._LOCK:   # a task setting up a job
-        loop = threading.Thread(target=lambda: result.append(cluster._end_job("a", "prefix-")), daemon=True)
-        loop.start()
-        loop.join(30)   # a deadlock detector: it returns at once, or waits on the lock for good
-        assert not loop.is_alive() and result == [False] and not ended
+        # a deadlock detector: it returns at once, or waits on the lock for good
+        result = _within(30, cluster._end_job, "a", "prefix-")
+        assert result and result[0].result() is False and not ended
     assert cluster._end_job("a", "prefix-") and ended == [True]
 
 
@@ -1064,7 +1061,6 @@ def test_ending_a_job_does_not_wait_while_a_task_left_running_waits_to_end_its_j
     """The last task of an ended job waits for the set-up lock to end the job while another
     task holds it (setting up a job, it may wait for the worker's event loop): _end_job, which
     runs in that loop, still returns at once (the task waits holding no other lock)."""
-    import threading
     import time
 
     from gpumesh import cluster, pipeline
@@ -1074,17 +1070,14 @@ def test_ending_a_job_does_not_wait_while_a_task_left_running_waits_to_end_its_j
     monkeypatch.setattr(pipeline, "_WORKER", {"job": "a"})
     gate, task = _task_running_in_job("a")
     assert not cluster._end_job("a", "prefix-")   # left to the task
-    result = []
     with cluster._LOCK:   # a task setting up a job
         gate.set()
         deadline = time.monotonic() + 30
         while "a" in cluster._ACTIVE and time.monotonic() < deadline:   # the task has finished: it waits
             time.sleep(0.01)
         time.sleep(0.1)
-        loop = threading.Thread(target=lambda: result.append(cluster._end_job("b", "prefix-")), daemon=True)
-        loop.start()
-        loop.join(5)   # a deadlock detector: it returns at once, or waits for good
-        assert not loop.is_alive() and result == [False] and not ended
+        result = _within(5, cluster._end_job, "b", "prefix-")   # a deadlock detector: at once, or never
+        assert result and result[0].result() is False and not ended
     task.join(30)
     assert not task.is_alive() and ended == ["a"]
 
