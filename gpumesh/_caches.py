@@ -23,7 +23,11 @@ named by the library's variable is always left alone).  Only when none can be wr
 set the variable to a directory of this user's own in the temporary directory
 (``gpumesh-numba-<uid>``, ``gpumesh-cupy-<uid>``), created mode 0700 and used only when this
 user owns it and no one else may write it, since both caches hold code that gets loaded.  The
-kernels are then compiled on each such container's first run, as on any fresh install.
+kernels are then compiled on each such container's first run, as on any fresh install, unless
+the image holds them: where numba will look in another directory than the package's
+``__pycache__`` (``NUMBA_CACHE_DIR``, its user-wide cache, or the temporary one), the kernels
+that ``gpumesh warmup`` compiled into ``__pycache__`` when the image was built are copied
+there first (:func:`seed_numba_cache`), as numba reads a cache only where it may also write.
 """
 
 from __future__ import annotations
@@ -94,7 +98,9 @@ def _use_private_tmp(env: str, name: str) -> Optional[str]:
 
 
 def ensure_numba_cache_dir(package_dir: Optional[str] = None) -> Optional[str]:
-    """Give numba a writable cache directory if it would find none.
+    """Give numba a writable cache directory if it would find none, and the kernels compiled
+    into the package's ``__pycache__`` (``gpumesh warmup`` in a container image) where numba
+    will look elsewhere (:func:`seed_numba_cache`).
 
     Parameters
     ----------
@@ -108,19 +114,95 @@ def ensure_numba_cache_dir(package_dir: Optional[str] = None) -> Optional[str]:
         choice stands (the variable was set, or ``__pycache__`` or numba's user-wide cache can
         be written) or when no directory at all can be written (numba then raises as before).
     """
-    if os.environ.get(NUMBA_ENV):
-        return None
     here = package_dir or os.path.dirname(os.path.abspath(__file__))
-    if _can_write(os.path.join(here, "__pycache__")):
+    in_tree = os.path.join(here, "__pycache__")
+    given = os.environ.get(NUMBA_ENV)
+    if given:
+        if _can_write(given):
+            seed_numba_cache(in_tree, given, here)
+        return None
+    if _can_write(in_tree):
         return None
     user = numba_user_cache()
     if user is not None and _can_write(user):
+        seed_numba_cache(in_tree, user, here)
         return None
     path = _use_private_tmp(NUMBA_ENV, "numba")
     config = sys.modules.get("numba.core.config")
     if path is not None and config is not None:  # numba has read its configuration already
         config.CACHE_DIR = path
+    if path is not None:
+        seed_numba_cache(in_tree, path, here)
     return path
+
+
+def numba_cache_subdir(cache_root: str, package_dir: str) -> str:
+    """Where numba caches the kernels of the modules in ``package_dir`` when its cache directory
+    is ``cache_root`` (``NUMBA_CACHE_DIR``, or its user-wide cache): a subdirectory named after
+    the package directory's path (numba's ``get_suitable_cache_subpath``)."""
+    from numba.core.caching import _CacheLocator
+
+    return os.path.join(cache_root, _CacheLocator.get_suitable_cache_subpath(os.path.join(package_dir, "__init__.py")))
+
+
+def seed_numba_cache(source: str, cache_root: str, package_dir: str) -> int:
+    """Copy the compiled kernels that ``source`` holds into numba's cache ``cache_root``.
+
+    A container image built with ``gpumesh warmup`` holds the kernels in the package's
+    ``__pycache__``, which numba reads only while it can also write there: run as another user
+    or on a read-only root file system, numba looks in another directory and compiled every
+    kernel again in every new container.  So the kernels' files are copied from ``source`` (a
+    directory laid out as ``__pycache__``: numba's index ``.nbi`` and data ``.nbc`` files) into
+    the subdirectory of ``cache_root`` where numba will look for them
+    (:func:`numba_cache_subdir`).  A file already there is left alone (it may hold entries of
+    its own); each copy is written under a temporary name and renamed, so that a process
+    starting beside this one never reads half a file.  numba still checks every entry (the
+    source file's contents, the CPU it was compiled for) and compiles what does not match.
+
+    Parameters
+    ----------
+    source : str
+        The directory to copy from; nothing happens where it is missing or unreadable.
+    cache_root : str
+        numba's cache directory (``NUMBA_CACHE_DIR`` or its user-wide cache).
+    package_dir : str
+        The directory of the kernels' source files.
+
+    Returns
+    -------
+    int
+        How many files were copied (0 also where copying failed: numba then compiles).
+    """
+    try:
+        names = [n for n in os.listdir(source) if n.endswith((".nbi", ".nbc"))]
+    except OSError:
+        return 0
+    if not names:
+        return 0
+    copied = 0
+    try:
+        target = numba_cache_subdir(cache_root, package_dir)
+        if os.path.realpath(target) == os.path.realpath(source):
+            return 0
+        os.makedirs(target, mode=0o700, exist_ok=True)
+        for name in names:
+            dest = os.path.join(target, name)
+            if os.path.exists(dest):
+                continue
+            with open(os.path.join(source, name), "rb") as f:
+                data = f.read()
+            fd, tmp = tempfile.mkstemp(dir=target, prefix=".seed-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, dest)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+            copied += 1
+    except (OSError, ImportError):
+        return copied
+    return copied
 
 
 def ensure_cupy_cache_dir() -> Optional[str]:

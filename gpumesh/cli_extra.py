@@ -1,4 +1,4 @@
-"""Commands ``gpumesh segment``, ``gpumesh export`` and ``gpumesh view``.
+"""Commands ``gpumesh segment``, ``gpumesh export``, ``gpumesh view`` and ``gpumesh warmup``.
 
 They are plain click commands; :mod:`gpumesh.cli` registers them on the ``gpumesh`` group
 (``for cmd in COMMANDS: main.add_command(cmd)``).  Like the other commands, an error caused by
@@ -157,4 +157,43 @@ def view(dest, source, segments, port, voxel_size, no_browser, no_neuroglancer, 
 
 
 #: The commands to register on the ``gpumesh`` group.
-COMMANDS = [segment, export, view]
+@click.command("warmup")
+@click.option("--dtype", "dtypes", default="all", show_default=True, metavar="DTYPE,...",
+              help="label dtypes to compile the kernels for: uint8..uint64, int8..int64 (a signed dtype shares "
+                   "its unsigned kernels), or all")
+@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+              help="auto and gpu also compile the CUDA kernels where CuPy sees a GPU")
+def warmup(dtypes, device):
+    """Compile gpumesh's kernels into their caches now, so that later jobs compile none.
+
+    Run it where the jobs' kernels should come from, e.g. in a container image's build
+    (RUN gpumesh warmup): numba's kernels go to the package's __pycache__ (or NUMBA_CACHE_DIR),
+    CuPy's to its cache (CUPY_CACHE_DIR). Status 1 when some kernels failed to compile (they are
+    compiled on first use then).
+    """
+    from .warmup import KERNEL_DTYPES, precompile
+
+    names = KERNEL_DTYPES if dtypes.strip().lower() == "all" else [d.strip() for d in dtypes.split(",") if d.strip()]
+    try:
+        import numpy as np
+
+        kinds = [np.dtype(d) for d in names]
+    except TypeError as exc:
+        _fail(f"--dtype: {exc}")
+    t0 = time.perf_counter()
+    try:
+        with _one_line_warnings():
+            report = precompile(kinds, device,
+                                progress=lambda name, s: click.echo(f"{name + ':':<8} {s:6.1f} s"))
+    except (GpumeshError, TypeError, ValueError) as exc:
+        _fail(exc)
+    click.echo(f"numba:    kernels for CPU {report.cpu_name} in {report.numba_cache or 'numba cache (unknown)'}")
+    click.echo(f"CUDA:     {report.cuda}" + (f" (CuPy cache {report.cupy_cache})" if report.cupy_cache else ""))
+    click.echo(f"seconds:  {time.perf_counter() - t0:.1f}")
+    if report.failed:
+        click.echo(f"gpumesh: error: not compiled (compiled on first use instead): {', '.join(report.failed)}",
+                   err=True)
+        sys.exit(1)
+
+
+COMMANDS = [segment, export, view, warmup]

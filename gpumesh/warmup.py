@@ -17,12 +17,19 @@ that much sooner; on a warm cache the walk only loads what the tasks would load 
 
 Nothing here changes a result: the kernels are the same functions, and a job that fails for
 any reason only leaves its kernels to be compiled on first use, as before.
+
+:func:`precompile` (``gpumesh warmup``) walks the same jobs ahead of any job, for every label
+dtype, with ad-hoc meshing's kernels and, with a GPU, the CUDA kernels too: run in a container
+image's build, it leaves the image's jobs nothing to compile (``tests/test_kernel_caches.py``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -101,6 +108,13 @@ def _encode(dtype) -> None:
     weld_quantized(quantize(0.5 * v2.astype(np.float64), 4, 16), faces)
 
 
+def _octree(dtype) -> None:
+    from .octree import segment_nodes
+
+    # a segment's manifest: its fragments' nodes and their parents (the output's writing)
+    segment_nodes(np.array([[0, 0, 0], [1, 0, 1]], dtype=np.uint32), np.array([0, 0]), 2)
+
+
 @dataclass(frozen=True)
 class Job:
     """One warm-up job: ``run(label_dtype)`` compiles (or loads) some kernels.
@@ -124,7 +138,8 @@ class Job:
 
 
 #: The warm-up jobs, in the order a worker starting at 0 runs them.  Between them they load
-#: every numba kernel that a task of the main job calls (``tests/test_warmup.py`` checks this).
+#: every numba kernel that a task of the main job calls (``tests/test_warmup.py`` checks this),
+#: and those of the output's writing, which the workers share too (``octree``).
 JOBS = (
     Job("weld", _weld, 4.3, cpu_backend=True),
     Job("relabel", _relabel, 2.3),
@@ -133,6 +148,7 @@ JOBS = (
     Job("downsample", _downsample, 0.6, cpu_backend=True),
     Job("piece kernels", _piece_kernels, 0.75),
     Job("encode", _encode, 0.8),
+    Job("octree", _octree, 6.0),
 )
 
 
@@ -180,3 +196,145 @@ def warm_up(label_dtype, backend: str = "cpu", worker: int = 0, workers: int = 1
         except Exception:  # noqa: BLE001 - the task compiles the kernel itself then
             failed.append(job.name)
     return failed
+
+
+#: The label dtypes the kernels read.  Signed labels are read as the unsigned type of their width
+#: (:func:`gpumesh.volume.label_dtype`), so these four cover every label dtype gpumesh reads.
+KERNEL_DTYPES = ("uint8", "uint16", "uint32", "uint64")
+
+
+def _adhoc(dtype) -> None:
+    """Ad-hoc meshing of one segment (:func:`gpumesh.adhoc.mesh_segment`), exact and decimated:
+    its scan for the segment, its sparse blocks and the marching cubes of its uint8 mask."""
+    from .adhoc import SPARSE_BLOCK, mesh_segment
+
+    labels = np.zeros((SPARSE_BLOCK + 8, 6, 6), dtype=dtype)
+    labels[1:3, 1:3, 1:3] = 5
+    labels[-4:-1, 1:4, 1:4] = 5
+    for quality in (None, "medium"):
+        mesh_segment(labels, 5, voxel_size=(1.0, 1.0, 1.0), device="cpu", quality=quality, threads=1)
+
+
+@dataclass
+class PrecompileReport:
+    """What :func:`precompile` did.
+
+    Attributes
+    ----------
+    seconds : dict of str to float
+        Seconds per label dtype (its name), compiling or loading its kernels.
+    failed : list of str
+        ``"dtype: job"`` for each warm-up job that failed (its kernels compile on first use).
+    numba_cache : str or None
+        The directory numba cached the kernels in (None where it cannot be told).
+    cpu_name : str
+        The CPU the kernels were compiled for (numba's ``NUMBA_CPU_NAME``, else the host's):
+        numba loads a cached kernel only on a CPU of that name.
+    cuda : str
+        ``"compiled"``, or why the CUDA kernels were not compiled.
+    cupy_cache : str or None
+        CuPy's kernel cache, where the CUDA kernels were compiled.
+    """
+
+    seconds: dict = field(default_factory=dict)
+    failed: list = field(default_factory=list)
+    numba_cache: Optional[str] = None
+    cpu_name: str = ""
+    cuda: str = "not asked for (device cpu)"
+    cupy_cache: Optional[str] = None
+
+
+def _numba_cache_of_kernels() -> Optional[str]:
+    """The directory numba caches gpumesh's kernels in (one kernel's cache; all share it)."""
+    from . import lod
+
+    cache = getattr(lod._decimate, "_cache", None)
+    return getattr(cache, "_cache_path", None)
+
+
+def precompile(dtypes: Optional[Sequence] = None, device: str = "auto",
+               progress: Optional[Callable[[str, float], None]] = None) -> PrecompileReport:
+    """Compile every kernel of gpumesh into its disk cache now, so that later jobs compile none.
+
+    A fresh install, or a new container started from an image without the kernels, compiles
+    the numba kernels on its first job (about 20 s of CPU; the main job's workers share it, see
+    the module docs), and CuPy the CUDA kernels.  Run in an image's build (``gpumesh warmup``),
+    this puts them in the image: numba's in the package's ``__pycache__`` (or
+    ``NUMBA_CACHE_DIR``), CuPy's in its cache (``CUPY_CACHE_DIR``).  Where a container cannot
+    write ``__pycache__`` (another user, a read-only root file system), gpumesh copies them to
+    the cache it uses instead (:func:`gpumesh._caches.seed_numba_cache`).
+
+    Parameters
+    ----------
+    dtypes : sequence of dtype-like, optional
+        Label dtypes to compile the kernels for (uint8..uint64, int8..int64; a signed dtype
+        shares its unsigned kernels).  Default: all of them (:data:`KERNEL_DTYPES`).
+    device : {"auto", "cpu", "gpu"}
+        ``auto`` and ``gpu`` also compile the CUDA kernels where CuPy sees a GPU (``auto``
+        skips them without one; ``gpu`` raises).
+    progress : callable(str, float), optional
+        Called with each dtype's name and its seconds as it is done.
+
+    Returns
+    -------
+    PrecompileReport
+
+    Raises
+    ------
+    TypeError
+        A dtype that is not a label dtype.
+    ValueError
+        Unknown device name.
+    DeviceUnavailableError
+        ``device="gpu"`` and no usable GPU backend.
+
+    Notes
+    -----
+    numba keys each cached kernel by the CPU it was compiled for: a cache built on one CPU model
+    is compiled again on another.  Build and run with ``NUMBA_CPU_NAME=generic`` for kernels
+    that any x86-64 CPU loads (without that CPU's vector instructions).
+    """
+    from llvmlite import binding as llvm
+    from numba.core import config
+
+    from .backend import CPUFallbackNotice, check_device, get_backend
+    from .volume import label_dtype
+
+    check_device(device)
+    kinds = list(dict.fromkeys(label_dtype(d) for d in (KERNEL_DTYPES if dtypes is None else dtypes)))
+    if not kinds:
+        raise TypeError("no label dtype given")
+    report = PrecompileReport(cpu_name=config.CPU_NAME or llvm.get_host_cpu_name())
+    backend = None
+    if device != "cpu":   # first: device "gpu" without a GPU fails before any compiling
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CPUFallbackNotice)
+            backend = get_backend(device)   # the GPU backend compiles its CUDA modules as it starts
+    for dt in kinds:
+        t0 = time.perf_counter()
+        report.failed += [f"{dt}: {name}" for name in warm_up(dt, "cpu")]
+        try:
+            _adhoc(dt)
+        except Exception:  # noqa: BLE001 - reported; ad-hoc meshing compiles them on first use
+            report.failed.append(f"{dt}: ad-hoc meshing")
+        report.seconds[dt.name] = time.perf_counter() - t0
+        if progress is not None:
+            progress(dt.name, report.seconds[dt.name])
+    report.numba_cache = _numba_cache_of_kernels()
+    if backend is not None:
+        if backend.name != "gpu":
+            report.cuda = "not compiled: no usable GPU (device auto)"
+        else:
+            from .adhoc import mesh_segment
+
+            try:
+                for dt in kinds:   # CuPy's own kernels that the device path calls (sorts, scans)
+                    labels = np.zeros((6, 6, 6), dtype=dt)
+                    labels[1:4, 1:4, 1:4] = 5
+                    mesh_segment(labels, 5, voxel_size=(1.0, 1.0, 1.0), device="gpu", threads=1)
+                report.cuda = "compiled"
+            except Exception as exc:  # noqa: BLE001 - reported
+                report.cuda = f"compiled the modules; a trial mesh on the GPU failed: {exc}"
+                report.failed.append("gpu: trial mesh")
+            report.cupy_cache = os.environ.get("CUPY_CACHE_DIR") or os.path.expanduser("~/.cupy/kernel_cache")
+    return report

@@ -11,6 +11,7 @@ there.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
@@ -189,3 +190,86 @@ def test_the_cupy_runtime_sets_the_cache_before_it_compiles(tmp_path, monkeypatc
         gpu.CupyRuntime()
     assert seen["cache"] == str(tmp_path / f"gpumesh-cupy-{os.getuid()}")
     assert seen["code"] == gpu.kernel_source()
+
+
+# A later process: the main job (in this process: one worker) and ad-hoc meshing, exact and
+# decimated, over uint64 labels; prints the gpumesh kernels numba compiled meanwhile.
+_LATER_JOB = r"""
+import json, sys
+import numpy as np
+from numba.core import event
+import gpumesh
+from gpumesh.adhoc import mesh_segment
+assert gpumesh.__file__.startswith(sys.argv[2]), gpumesh.__file__
+labels = np.load(sys.argv[1])
+ids, counts = np.unique(labels[labels != 0], return_counts=True)
+seg = int(ids[np.argmax(counts)])
+with event.install_recorder("numba:compile") as rec:
+    s = gpumesh.run_mesh(labels, sys.argv[3], voxel_size=(32, 32, 40), workers=1,
+                         options=gpumesh.MeshOptions(chunk_size=16, max_lods=3))
+    exact = mesh_segment(labels, seg, voxel_size=(32, 32, 40), device="cpu")
+    coarse = mesh_segment(labels, seg, voxel_size=(32, 32, 40), device="cpu", quality="medium")
+fns = [e.data["dispatcher"].py_func for _, e in rec.buffer if e.is_start]
+compiled = sorted({f"{f.__module__}.{f.__qualname__}" for f in fns if f.__module__.startswith("gpumesh")})
+print(json.dumps({"compiled": compiled, "segments": s.segments, "faces": [len(exact.faces), len(coarse.faces)]}))
+"""
+
+
+def test_gpumesh_warmup_leaves_a_later_process_nothing_to_compile(tmp_path, crop):
+    """``gpumesh warmup`` in a copy of the package with no cache (an image being built): a later
+    process meshes with no compile, from the package's ``__pycache__``, and so does one whose
+    numba looks in another directory (``NUMBA_CACHE_DIR``, as a container that cannot write
+    ``__pycache__`` gets): the kernels are copied there."""
+    site = tmp_path / "site"
+    shutil.copytree(REPO / "gpumesh", site / "gpumesh", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(PYTHONPATH=str(site), PYTHONDONTWRITEBYTECODE="1")
+    np.save(tmp_path / "labels.npy", np.ascontiguousarray(crop[:48, :48, :48]).astype(np.uint64))
+
+    def later(name, env):
+        proc = subprocess.run([sys.executable, "-c", _LATER_JOB, str(tmp_path / "labels.npy"), str(site),
+                               str(tmp_path / name)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    warm = subprocess.run([sys.executable, "-m", "gpumesh.cli", "warmup", "--dtype", "int64", "--device", "cpu"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    in_tree = site / "gpumesh" / "__pycache__"
+    assert f"in {in_tree}" in warm.stdout and warm.stdout.startswith("uint64:"), warm.stdout
+    assert "CUDA:     not asked for" in warm.stdout
+    first = later("out1", env)
+    assert first["segments"] > 0 and min(first["faces"]) > 0
+    assert first["compiled"] == [], "\n".join(first["compiled"])
+    elsewhere = tmp_path / "elsewhere"
+    second = later("out2", dict(env, NUMBA_CACHE_DIR=str(elsewhere)))
+    assert second == first
+    copied = {p.name for p in elsewhere.rglob("*.nb[ic]")}
+    assert copied == {p.name for p in in_tree.glob("*.nb[ic]")} != set()
+
+
+def test_the_seed_copies_numbas_files_and_keeps_those_there(tmp_path, monkeypatch):
+    pkg = tmp_path / "pkg"
+    (pkg / "__pycache__").mkdir(parents=True)
+    for name, data in [("m.f-3.py311.nbi", b"index"), ("m.f-3.py311.1.nbc", b"data"), ("m.cpython-311.pyc", b"pyc")]:
+        (pkg / "__pycache__" / name).write_bytes(data)
+    root = tmp_path / "cache"
+    target = pathlib.Path(_caches.numba_cache_subdir(str(root), str(pkg)))
+    assert target.parent == root and target.name.startswith("pkg_")
+    target.mkdir(parents=True)
+    (target / "m.f-3.py311.nbi").write_bytes(b"its own")
+    assert _caches.seed_numba_cache(str(pkg / "__pycache__"), str(root), str(pkg)) == 1
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == {"m.f-3.py311.nbi": b"its own",
+                                                                 "m.f-3.py311.1.nbc": b"data"}
+    assert _caches.seed_numba_cache(str(pkg / "__pycache__"), str(root), str(pkg)) == 0
+    assert _caches.seed_numba_cache(str(tmp_path / "missing"), str(root), str(pkg)) == 0
+    # ensure_numba_cache_dir seeds numba's user-wide cache where __pycache__ cannot be written
+    in_tree = str(pkg / "__pycache__")
+    writable = _caches._can_write
+    monkeypatch.setattr(_caches, "_can_write", lambda p: p != in_tree and writable(p))
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _caches.ensure_numba_cache_dir(str(pkg)) is None
+    user = pathlib.Path(_caches.numba_cache_subdir(str(tmp_path / "xdg" / "numba"), str(pkg)))
+    assert sorted(p.name for p in user.iterdir()) == ["m.f-3.py311.1.nbc", "m.f-3.py311.nbi"]

@@ -2,8 +2,10 @@
 with the tasks' own argument types, so a task after it compiles nothing; and the workers start
 at different points of it, so that on a first run each compiles only its share.
 
-numba keeps what a process has compiled, so the coverage check runs in a fresh interpreter
-with an empty numba cache (``NUMBA_CACHE_DIR``) and records numba's compile events.
+numba keeps what a process has loaded, so the coverage check runs in a fresh interpreter and
+lists the kernels' overloads (compiled, or loaded from the disk cache) that the tasks added
+after the warm-up.  ``gpumesh warmup`` runs in a copy of the package with no cache at all, and a
+later process then compiles nothing (numba's compile events).
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from gpumesh import warmup
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # In a fresh process: warm up, then run every task of a small plan over a crop of the real
-# volume and print the gpumesh kernels that numba compiled during the tasks.
+# volume and print the overloads of gpumesh's kernels that the tasks added (compiled, or loaded
+# from numba's cache): those the warm-up did not load.
 _SCRIPT = r"""
 import json, pathlib, sys
 import numpy as np
-from numba.core import event
+from numba.core.dispatcher import Dispatcher
 from gpumesh import warmup
 from gpumesh.backend import CPUBackend
 from gpumesh.pipeline import MeshOptions, Plan, mesh_block
@@ -44,18 +47,23 @@ if backend_name == "gpu":   # the GPU backend over the CPU emulation of its kern
     backend = gpu.GPUBackend(runtime=cuda_emu.EmulatedRuntime(lib))
 else:
     backend = CPUBackend()
+
+
+def overloads():
+    return {f"{fn.py_func.__module__}.{fn.py_func.__qualname__}{sig}"
+            for name, mod in list(sys.modules.items()) if name.startswith("gpumesh.")
+            for fn in vars(mod).values() if isinstance(fn, Dispatcher) for sig in fn.overloads}
+
+
 failed = warmup.warm_up(volume.dtype, backend.name)
 options = MeshOptions(chunk_size=16, max_lods=3)
 plan = Plan.make(volume.shape, options)
-compiled = []
-with event.install_recorder("numba:compile") as rec:
-    for block, part in plan.tasks():
-        mesh_block(volume, plan, options, block, backend, part)
-for _, ev in rec.buffer:
-    fn = ev.data["dispatcher"].py_func
-    if ev.is_start and fn.__module__.startswith("gpumesh"):
-        compiled.append(f"{fn.__module__}.{fn.__qualname__}{ev.data['args']}")
-print(json.dumps({"failed": failed, "compiled": compiled, "tasks": len(plan.tasks())}))
+before = overloads()
+for block, part in plan.tasks():
+    mesh_block(volume, plan, options, block, backend, part)
+added = sorted(overloads() - before)
+print(json.dumps({"failed": failed, "compiled": added, "tasks": len(plan.tasks()),
+                  "loaded": sorted({k.split("(")[0] for k in before})}))
 """
 
 
@@ -82,6 +90,8 @@ def test_after_the_warm_up_no_task_compiles_a_kernel(crop64, tmp_path):
     out = _run_fresh(tmp_path, crop64, "cpu")
     assert out["failed"] == []
     assert out["tasks"] > 9
+    # the listing sees the kernels (the simplifier's, the weld's), so an empty difference means something
+    assert {"gpumesh.lod._decimate", "gpumesh.marching._group_and_weld"} <= set(out["loaded"])
     assert out["compiled"] == []
 
 
