@@ -1249,13 +1249,15 @@ def git_info() -> dict[str, Any]:
 def environment() -> dict[str, Any]:
     """What every result JSON records of where it ran: machine, git commit, Python, packages,
     and the ``GPUMESH_*`` environment variables that change how gpumesh runs (e.g.
-    ``GPUMESH_WELD``, ``GPUMESH_PINNED``)."""
+    ``GPUMESH_WELD``, ``GPUMESH_PINNED``), and the ``NUMBA_*`` ones (``NUMBA_CPU_NAME=generic``
+    compiles the kernels for any CPU of the architecture, see README)."""
     return {
         "machine": machine_info(),
         "git": git_info(),
         "python": {"version": platform.python_version(), "executable": sys.executable},
         "packages": package_versions(),
         "gpumesh_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("GPUMESH_")},
+        "numba_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("NUMBA_")},
     }
 
 

@@ -745,6 +745,7 @@ def test_the_device_kit_runs_the_stages_asked_for(tmp_path, stages):
     asked = ["tests", "bench", "main", "igneous"] if stages is None else stages.split(",")
     assert "pip install" in log   # the install, whatever the stages
     assert ("tests/test_gpu.py" in log) == ("tests" in asked)
+    assert ("-m gpumesh.cli warmup --dtype uint32 --device gpu" in log) == ("tests" in asked)
     assert ("bench/bench_gpu.py" in log) == ("bench" in asked)
     assert ("--skip zmesh,serra,igneous,mesh-n-bone" in log) == ("main" in asked)
     assert ("--igneous-python" in log) == ("igneous" in asked)

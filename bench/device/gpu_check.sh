@@ -5,7 +5,8 @@
 # Stages, each capped so the whole stays inside BUDGET seconds (default 540):
 #   1. install the carried wheels (the image has numpy, numba, tensorstore, scipy, cupy, pytest)
 #   2. tests/test_gpu.py: emulation + NVRTC + the `gpu` tests on the device (if any fails,
-#      the small ones again under compute-sanitizer's memcheck, to sanitizer.log)
+#      the small ones again under compute-sanitizer's memcheck, to sanitizer.log); then
+#      `gpumesh warmup --device gpu` (its CUDA part has run nowhere else)
 #   3. bench/bench_gpu.py: kernel throughput, CPU path and peers, real and 1024^3 tiled volumes
 #   4. the main job on the real volume, --device gpu then --device cpu, every core, and a
 #      byte comparison of the two outputs; then --device gpu with the hash weld
@@ -95,6 +96,9 @@ if [ "$gpu_tests" -ne 0 ] && [ -n "$SANITIZER" ]; then
     -m gpu tests/test_gpu.py -k "random_labels or grid_stride or hash_weld" 2>&1 \
     | tee "$OUT/sanitizer.log" | tail -40
 fi
+
+stage "gpumesh warmup --device gpu (CUDA modules into CuPy's cache, a trial mesh on the device)"
+timeout "$(left 30)" "$PY" -m gpumesh.cli warmup --dtype uint32 --device gpu 2>&1 | tail -8
 fi
 
 if want bench; then
