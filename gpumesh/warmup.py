@@ -257,8 +257,8 @@ def precompile(dtypes: Optional[Sequence] = None, device: str = "auto",
     """Compile every kernel of gpumesh into its disk cache now, so that later jobs compile none.
 
     A fresh install, or a new container started from an image without the kernels, compiles
-    the numba kernels on its first job (about 20 s of CPU; the main job's workers share it, see
-    the module docs), and CuPy the CUDA kernels.  Run in an image's build (``gpumesh warmup``),
+    the numba kernels on its first job (about 30 s of CPU on the 2-core VM of ``docs/STATUS.md``;
+    the main job's workers share it, see the module docs), and CuPy the CUDA kernels.  Run in an image's build (``gpumesh warmup``),
     this puts them in the image: numba's in the package's ``__pycache__`` (or
     ``NUMBA_CACHE_DIR``), CuPy's in its cache (``CUPY_CACHE_DIR``).  Where a container cannot
     write ``__pycache__`` (another user, a read-only root file system), gpumesh copies them to
@@ -297,7 +297,7 @@ def precompile(dtypes: Optional[Sequence] = None, device: str = "auto",
     from llvmlite import binding as llvm
     from numba.core import config
 
-    from .backend import CPUFallbackNotice, check_device, get_backend
+    from .backend import CPUFallbackNotice, check_device, close_backend, get_backend
     from .volume import label_dtype
 
     check_device(device)
@@ -337,4 +337,5 @@ def precompile(dtypes: Optional[Sequence] = None, device: str = "auto",
                 report.cuda = f"compiled the modules; a trial mesh on the GPU failed: {exc}"
                 report.failed.append("gpu: trial mesh")
             report.cupy_cache = os.environ.get("CUPY_CACHE_DIR") or os.path.expanduser("~/.cupy/kernel_cache")
+        close_backend(backend)
     return report

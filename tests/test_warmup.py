@@ -152,3 +152,33 @@ def test_every_worker_runs_every_job_once_from_its_own_start(monkeypatch, worker
         assert warmup.warm_up(np.uint32, "cpu", w, workers) == []
         s = warmup.start_index(list(jobs), w, workers)
         assert ran == [(s + k) % len(jobs) for k in range(len(jobs))], (w, ran)
+
+
+def test_the_warmup_command_says_what_failed_and_refuses_bad_input(monkeypatch):
+    """``gpumesh warmup``: status 1 naming each job that failed (its kernels compile on first
+    use then), status 2 with one line for a dtype that is no label dtype, or for ``--device
+    gpu`` where no GPU is (before any compiling)."""
+    from click.testing import CliRunner
+
+    from gpumesh import backend
+    from gpumesh.cli import main
+
+    def boom(dtype):
+        raise RuntimeError("no compiler")
+
+    ran = []
+    monkeypatch.setattr(warmup, "JOBS", (warmup.Job("boom", boom, 1.0), warmup.Job("ok", ran.append, 1.0)))
+    monkeypatch.setattr(warmup, "_adhoc", ran.append)
+    res = CliRunner().invoke(main, ["warmup", "--dtype", "int16,uint16,uint8", "--device", "cpu"])
+    assert res.exit_code == 1
+    assert [line.split()[0] for line in res.output.splitlines()[:2]] == ["uint16:", "uint8:"]
+    assert "not compiled (compiled on first use instead): uint16: boom, uint8: boom" in res.output
+    assert ran == [np.dtype("uint16")] * 2 + [np.dtype("uint8")] * 2   # a signed dtype: its unsigned kernels
+    for args, why in [(["--dtype", "float32"], "labels must be uint8..uint64 or int8..int64 (got float32)"),
+                      (["--dtype", "u9"], "--dtype: ")]:
+        res = CliRunner().invoke(main, ["warmup", *args])
+        assert res.exit_code == 2 and res.output.startswith("gpumesh: error: " + why), res.output
+    if not backend.gpu_available():
+        ran.clear()
+        res = CliRunner().invoke(main, ["warmup", "--device", "gpu"])
+        assert res.exit_code == 2 and res.output.startswith("gpumesh: error: ") and ran == []
