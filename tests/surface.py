@@ -1,4 +1,4 @@
-"""Exact distances from points to a triangle mesh, for tests.
+"""Exact distances from points to a triangle mesh, and nearest vertices, for tests (no SciPy).
 
 The closest point on a triangle is the textbook region test (vertex, edge or face region, by
 barycentric signs).  Triangles are binned by their bounding boxes into a grid of cells, and a
@@ -13,25 +13,31 @@ import numpy as np
 
 
 @numba.njit
+def _dot(u, v):
+    """``u @ v`` of two 3-vectors, written out: numba's ``@`` calls BLAS, which it takes from SciPy."""
+    return u[0] * v[0] + u[1] * v[1] + u[2] * v[2]
+
+
+@numba.njit
 def _closest_on_triangle(p, a, b, c):
     ab = b - a
     ac = c - a
     ap = p - a
-    d1 = ab @ ap
-    d2 = ac @ ap
+    d1 = _dot(ab, ap)
+    d2 = _dot(ac, ap)
     if d1 <= 0 and d2 <= 0:
         return a
     bp = p - b
-    d3 = ab @ bp
-    d4 = ac @ bp
+    d3 = _dot(ab, bp)
+    d4 = _dot(ac, bp)
     if d3 >= 0 and d4 <= d3:
         return b
     vc = d1 * d4 - d3 * d2
     if vc <= 0 and d1 >= 0 and d3 <= 0:
         return a + ab * (d1 / (d1 - d3))
     cp = p - c
-    d5 = ab @ cp
-    d6 = ac @ cp
+    d5 = _dot(ab, cp)
+    d6 = _dot(ac, cp)
     if d6 >= 0 and d5 <= d6:
         return c
     vb = d5 * d2 - d1 * d6
@@ -77,6 +83,7 @@ def _bin_triangles(V, F, lo, cell, dims):
 @numba.njit
 def _distances(points, V, F, lo, cell, dims, start, items, cap):
     out = np.empty(len(points))
+    nearest = np.full(len(points), -1, np.int64)
     rings = int(np.ceil(cap / cell.min()))
     for i in range(len(points)):
         p = points[i]
@@ -97,14 +104,17 @@ def _distances(points, V, F, lo, cell, dims, start, items, cap):
                             d = ((p - q) ** 2).sum()
                             if d < best:
                                 best = d
+                                nearest[i] = t
             if best <= (s * cell.min()) ** 2:
                 break
         out[i] = np.sqrt(best)
-    return out
+    return out, nearest
 
 
-def distance_to_mesh(points, vertices, faces, cell, cap: float) -> np.ndarray:
-    """Distance of each point to the surface ``(vertices, faces)``.
+def distance_to_mesh(points, vertices, faces, cell, cap: float, return_index: bool = False):
+    """Distance of each point to the surface ``(vertices, faces)``, and with ``return_index``
+    the nearest triangle's row (-1 past ``cap``); triangles ``(i, i, i)`` make it the nearest
+    vertex.
 
     Parameters
     ----------
@@ -118,19 +128,47 @@ def distance_to_mesh(points, vertices, faces, cell, cap: float) -> np.ndarray:
 
     Returns
     -------
-    (p,) float64
+    (p,) float64, and with ``return_index`` (p,) int64
     """
     points = np.ascontiguousarray(points, np.float64).reshape(-1, 3)
     V = np.ascontiguousarray(vertices, np.float64)
     F = np.ascontiguousarray(faces, np.int64).reshape(-1, 3)
     cell = np.asarray(cell, np.float64)
     if len(F) == 0:
-        return np.full(len(points), float(cap))
+        d = np.full(len(points), float(cap))
+        return (d, np.full(len(points), -1, np.int64)) if return_index else d
     lo = np.minimum(points.min(axis=0), V.min(axis=0)) - cell
     hi = np.maximum(points.max(axis=0), V.max(axis=0)) + cell
     dims = np.floor((hi - lo) / cell).astype(np.int64) + 1
     start, items = _bin_triangles(V, F, lo, cell, dims)
-    return _distances(points, V, F, lo, cell, dims, start, items, float(cap))
+    d, nearest = _distances(points, V, F, lo, cell, dims, start, items, float(cap))
+    return (d, nearest) if return_index else d
+
+
+def nearest_vertex(points, vertices, cell, cap: float):
+    """Distance of each point to the nearest of ``vertices`` and that vertex's row (-1 past
+    ``cap``): a k-d tree's query, for tests, without SciPy."""
+    i = np.arange(len(vertices), dtype=np.int64)
+    return distance_to_mesh(points, vertices, np.stack([i, i, i], axis=1), cell, cap, return_index=True)
+
+
+def square_faces(centers, axes):
+    """Unit squares (voxel faces) as triangles: ``centers`` (F, 3), ``axes`` (F,) the axis each
+    is normal to; returns vertices (4F, 3) and faces (2F, 3)."""
+    centers = np.asarray(centers, np.float64)
+    axes = np.asarray(axes, np.int64)
+    u, w = (axes + 1) % 3, (axes + 2) % 3
+    rows = np.arange(len(centers))
+    corners = []
+    for su, sw in ((-0.5, -0.5), (0.5, -0.5), (0.5, 0.5), (-0.5, 0.5)):
+        c = centers.copy()
+        c[rows, u] += su
+        c[rows, w] += sw
+        corners.append(c)
+    V = np.stack(corners, axis=1).reshape(-1, 3)
+    b = 4 * rows[:, None]
+    F = np.concatenate([b + np.array([0, 1, 2]), b + np.array([0, 2, 3])])
+    return V, F
 
 
 def surface_samples(vertices, faces) -> np.ndarray:
