@@ -110,6 +110,7 @@ PACKAGES = (
     "gpumesh-ng",
     "cupy-cuda12x",
     "cupy-cuda13x",
+    "scipy",   # not a dependency: where installed, numba imports its BLAS in every process (start-up)
 )
 
 
