@@ -152,12 +152,15 @@ def seed_numba_cache(source: str, cache_root: str, package_dir: str) -> int:
     ``__pycache__``, which numba reads only while it can also write there: run as another user
     or on a read-only root file system, numba looks in another directory and compiled every
     kernel again in every new container.  So the kernels' files are copied from ``source`` (a
-    directory laid out as ``__pycache__``: numba's index ``.nbi`` and data ``.nbc`` files) into
-    the subdirectory of ``cache_root`` where numba will look for them
-    (:func:`numba_cache_subdir`).  A file already there is left alone (it may hold entries of
-    its own); each copy is written under a temporary name and renamed, so that a process
-    starting beside this one never reads half a file.  numba still checks every entry (the
-    source file's contents, the CPU it was compiled for) and compiles what does not match.
+    directory laid out as ``__pycache__``: per kernel an index ``NAME.nbi`` and its data files
+    ``NAME.<n>.nbc``) into the subdirectory of ``cache_root`` where numba will look for them
+    (:func:`numba_cache_subdir`).  A kernel is copied whole or not at all: where ``cache_root``
+    has any file of it (its own entries, or data a crash left without its index), none of ours
+    is copied, since an index names its data files by number and would then point at another
+    kernel's code.  Data files go first and the index last, each under a temporary name then
+    renamed (as numba writes them), so that a process starting beside this one never reads an
+    index whose data is not there.  numba still checks every entry it loads (the source file's
+    contents, the CPU it was compiled for) and compiles what does not match.
 
     Parameters
     ----------
@@ -177,7 +180,8 @@ def seed_numba_cache(source: str, cache_root: str, package_dir: str) -> int:
         names = [n for n in os.listdir(source) if n.endswith((".nbi", ".nbc"))]
     except OSError:
         return 0
-    if not names:
+    kernels = [n[:-len(".nbi")] for n in names if n.endswith(".nbi")]
+    if not kernels:
         return 0
     copied = 0
     try:
@@ -185,24 +189,31 @@ def seed_numba_cache(source: str, cache_root: str, package_dir: str) -> int:
         if os.path.realpath(target) == os.path.realpath(source):
             return 0
         os.makedirs(target, mode=0o700, exist_ok=True)
-        for name in names:
-            dest = os.path.join(target, name)
-            if os.path.exists(dest):
+        there = os.listdir(target)
+        for stem in kernels:
+            if any(n == stem + ".nbi" or (n.startswith(stem + ".") and n.endswith(".nbc")) for n in there):
                 continue
-            with open(os.path.join(source, name), "rb") as f:
-                data = f.read()
-            fd, tmp = tempfile.mkstemp(dir=target, prefix=".seed-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, dest)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-            copied += 1
+            data = sorted(n for n in names if n.startswith(stem + ".") and n.endswith(".nbc"))
+            for name in data + [stem + ".nbi"]:
+                _copy_file(os.path.join(source, name), target, name)
+                copied += 1
     except (OSError, ImportError):
         return copied
     return copied
+
+
+def _copy_file(path: str, directory: str, name: str) -> None:
+    """Copy ``path`` to ``directory/name`` under a temporary name, then rename it there."""
+    with open(path, "rb") as f:
+        data = f.read()
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".seed-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, os.path.join(directory, name))
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def ensure_cupy_cache_dir() -> Optional[str]:

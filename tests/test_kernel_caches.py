@@ -249,19 +249,25 @@ def test_gpumesh_warmup_leaves_a_later_process_nothing_to_compile(tmp_path, crop
     assert copied == {p.name for p in in_tree.glob("*.nb[ic]")} != set()
 
 
-def test_the_seed_copies_numbas_files_and_keeps_those_there(tmp_path, monkeypatch):
+def test_the_seed_copies_whole_kernels_and_none_that_the_cache_has_a_file_of(tmp_path, monkeypatch):
+    """A kernel's index names its data files by number, so a kernel that the cache has any
+    file of (its own entries, or data a crash left without its index) is not copied at all:
+    our index would point at the cache's other code."""
     pkg = tmp_path / "pkg"
     (pkg / "__pycache__").mkdir(parents=True)
-    for name, data in [("m.f-3.py311.nbi", b"index"), ("m.f-3.py311.1.nbc", b"data"), ("m.cpython-311.pyc", b"pyc")]:
+    for name, data in [("m.a-3.py311.nbi", b"index a"), ("m.a-3.py311.1.nbc", b"data a"),
+                       ("m.b-9.py311.nbi", b"index b"), ("m.b-9.py311.1.nbc", b"b1"), ("m.b-9.py311.2.nbc", b"b2"),
+                       ("m.cpython-311.pyc", b"pyc")]:
         (pkg / "__pycache__" / name).write_bytes(data)
     root = tmp_path / "cache"
     target = pathlib.Path(_caches.numba_cache_subdir(str(root), str(pkg)))
     assert target.parent == root and target.name.startswith("pkg_")
     target.mkdir(parents=True)
-    (target / "m.f-3.py311.nbi").write_bytes(b"its own")
-    assert _caches.seed_numba_cache(str(pkg / "__pycache__"), str(root), str(pkg)) == 1
-    assert {p.name: p.read_bytes() for p in target.iterdir()} == {"m.f-3.py311.nbi": b"its own",
-                                                                 "m.f-3.py311.1.nbc": b"data"}
+    (target / "m.a-3.py311.1.nbc").write_bytes(b"its own, without its index")
+    assert _caches.seed_numba_cache(str(pkg / "__pycache__"), str(root), str(pkg)) == 3
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == {
+        "m.a-3.py311.1.nbc": b"its own, without its index",
+        "m.b-9.py311.nbi": b"index b", "m.b-9.py311.1.nbc": b"b1", "m.b-9.py311.2.nbc": b"b2"}
     assert _caches.seed_numba_cache(str(pkg / "__pycache__"), str(root), str(pkg)) == 0
     assert _caches.seed_numba_cache(str(tmp_path / "missing"), str(root), str(pkg)) == 0
     # ensure_numba_cache_dir seeds numba's user-wide cache where __pycache__ cannot be written
@@ -272,4 +278,5 @@ def test_the_seed_copies_numbas_files_and_keeps_those_there(tmp_path, monkeypatc
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert _caches.ensure_numba_cache_dir(str(pkg)) is None
     user = pathlib.Path(_caches.numba_cache_subdir(str(tmp_path / "xdg" / "numba"), str(pkg)))
-    assert sorted(p.name for p in user.iterdir()) == ["m.f-3.py311.1.nbc", "m.f-3.py311.nbi"]
+    assert sorted(p.name for p in user.iterdir()) == ["m.a-3.py311.1.nbc", "m.a-3.py311.nbi", "m.b-9.py311.1.nbc",
+                                                      "m.b-9.py311.2.nbc", "m.b-9.py311.nbi"]
