@@ -156,7 +156,6 @@ def view(dest, source, segments, port, voxel_size, no_browser, no_neuroglancer, 
         session.stop()
 
 
-#: The commands to register on the ``gpumesh`` group.
 @click.command("warmup")
 @click.option("--dtype", "dtypes", default="all", show_default=True, metavar="DTYPE,...",
               help="label dtypes to compile the kernels for: uint8..uint64, int8..int64 (a signed dtype shares "
@@ -196,4 +195,5 @@ def warmup(dtypes, device):
         sys.exit(1)
 
 
+#: The commands to register on the ``gpumesh`` group.
 COMMANDS = [segment, export, view, warmup]
