@@ -297,7 +297,7 @@ def precompile(dtypes: Optional[Sequence] = None, device: str = "auto",
     from llvmlite import binding as llvm
     from numba.core import config
 
-    from .backend import CPUFallbackNotice, check_device, close_backend, get_backend
+    from .backend import CPUFallbackNotice, check_device, closing, get_backend
     from .volume import label_dtype
 
     check_device(device)
@@ -321,21 +321,19 @@ def precompile(dtypes: Optional[Sequence] = None, device: str = "auto",
         if progress is not None:
             progress(dt.name, report.seconds[dt.name])
     report.numba_cache = _numba_cache_of_kernels()
-    if backend is not None:
-        if backend.name != "gpu":
-            report.cuda = "not compiled: no usable GPU (device auto)"
-        else:
-            from .adhoc import mesh_segment
+    if backend is not None and backend.name != "gpu":
+        report.cuda = "not compiled: no usable GPU (device auto)"
+    elif backend is not None:
+        from .adhoc import mask_to_mesh
 
-            try:
-                for dt in kinds:   # CuPy's own kernels that the device path calls (sorts, scans)
-                    labels = np.zeros((6, 6, 6), dtype=dt)
-                    labels[1:4, 1:4, 1:4] = 5
-                    mesh_segment(labels, 5, voxel_size=(1.0, 1.0, 1.0), device="gpu", threads=1)
+        mask = np.zeros((6, 6, 6), dtype=np.uint8)   # ad-hoc meshing's uint8 mask, whatever the label dtype
+        mask[1:4, 1:4, 1:4] = 1
+        with closing(backend):   # the device memory and pool limit go back to this process
+            try:   # CuPy's own kernels that the device path calls (sorts, scans)
+                mask_to_mesh(mask, (0, 0, 0), (1.0, 1.0, 1.0), backend=backend)
                 report.cuda = "compiled"
             except Exception as exc:  # noqa: BLE001 - reported
                 report.cuda = f"compiled the modules; a trial mesh on the GPU failed: {exc}"
                 report.failed.append("gpu: trial mesh")
-            report.cupy_cache = os.environ.get("CUPY_CACHE_DIR") or os.path.expanduser("~/.cupy/kernel_cache")
-        close_backend(backend)
+        report.cupy_cache = os.environ.get("CUPY_CACHE_DIR") or os.path.expanduser("~/.cupy/kernel_cache")
     return report

@@ -182,3 +182,46 @@ def test_the_warmup_command_says_what_failed_and_refuses_bad_input(monkeypatch):
         ran.clear()
         res = CliRunner().invoke(main, ["warmup", "--device", "gpu"])
         assert res.exit_code == 2 and res.output.startswith("gpumesh: error: ") and ran == []
+
+
+def test_precompile_meshes_once_on_the_gpu_backend_it_built_and_closes_it(monkeypatch, tmp_path):
+    """The GPU part of ``gpumesh warmup``, over the CPU emulation of the kernels: one trial mesh
+    on the backend built first (its CUDA modules compiled), which is then closed; a trial that
+    fails is reported, not raised."""
+    sys.path.insert(0, str(REPO / "tests" / "cuda_emulation"))
+    import cuda_emu
+
+    from gpumesh import adhoc, backend, gpu
+
+    if cuda_emu.compiler() is None:
+        pytest.skip("g++ not found: cannot build the CUDA emulation")
+    lib = cuda_emu.build(tmp_path, [gpu.kernel_dir() / f for f in gpu.KERNEL_FILES], gpu.KERNEL_NAMES, ubsan=False)
+    built, closed, trials = [], [], []
+    cpu_backend = backend.get_backend
+
+    def get_backend(device, *args, **kwargs):
+        if device == "cpu":   # the CPU kernels' warm-up (ad-hoc meshing's)
+            return cpu_backend(device, *args, **kwargs)
+        b = gpu.GPUBackend(runtime=cuda_emu.EmulatedRuntime(lib))
+        monkeypatch.setattr(b, "close", lambda: closed.append(b))
+        built.append(b)
+        return b
+
+    real = adhoc.mask_to_mesh
+
+    def trial(mask, origin, voxel_size, **kw):
+        trials.append(kw["backend"])
+        return real(mask, origin, voxel_size, **kw)
+
+    monkeypatch.setattr(backend, "get_backend", get_backend)
+    monkeypatch.setattr(adhoc, "mask_to_mesh", trial)
+    report = warmup.precompile(["uint8", "uint64"], "gpu")
+    assert report.cuda == "compiled" and report.failed == [] and report.cupy_cache
+    assert len(built) == 1 and trials == built and closed == built
+
+    def broken(*args, **kw):
+        raise RuntimeError("no device memory")
+
+    monkeypatch.setattr(adhoc, "mask_to_mesh", broken)
+    report = warmup.precompile(["uint8"], "gpu")
+    assert report.failed == ["gpu: trial mesh"] and "no device memory" in report.cuda and len(closed) == 2
