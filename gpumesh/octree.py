@@ -51,6 +51,41 @@ def _spread1(v):
 
 
 @numba.njit(cache=True, nogil=True)
+def _stable_argsort(code):
+    """``np.argsort(code, kind="stable")`` of a uint64 array, by a least-significant-digit radix
+    sort (8-bit digits, as many as the largest code has).  numba's own ``np.argsort`` took 2-3 s
+    to compile cold (in the first writing worker of a fresh install); this, a fraction of one."""
+    n = code.shape[0]
+    order = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        order[i] = i
+    if n < 2:
+        return order
+    top = code[0]
+    for i in range(n):   # (loops: numpy's calls in numba compile slower)
+        if code[i] > top:
+            top = code[i]
+    other = np.empty(n, dtype=np.int64)
+    count = np.empty(257, dtype=np.int64)
+    shift = np.uint64(0)
+    while shift < np.uint64(64) and (top >> shift) != np.uint64(0):
+        for d in range(257):
+            count[d] = 0
+        for i in range(n):
+            count[((code[i] >> shift) & np.uint64(0xFF)) + np.uint64(1)] += 1
+        for d in range(256):
+            count[d + 1] += count[d]
+        for i in range(n):   # in the order of the lower digits: equal digits keep it (stable)
+            o = order[i]
+            d = (code[o] >> shift) & np.uint64(0xFF)
+            other[count[d]] = o
+            count[d] += 1
+        order, other = other, order
+        shift += np.uint64(8)
+    return order
+
+
+@numba.njit(cache=True, nogil=True)
 def _segment_nodes(pos, lods, num_lods):
     n = pos.shape[0]
     cap = n * max(num_lods, 1)
@@ -71,7 +106,8 @@ def _segment_nodes(pos, lods, num_lods):
         j = 0
         for i in range(n):   # this LOD's fragments first: they win over an equal parent
             if lods[i] == k:
-                cpos[j] = pos[i]
+                for a in range(3):   # element by element: a row copy compiles numba's shape check (s)
+                    cpos[j, a] = pos[i, a]
                 csrc[j] = i
                 j += 1
         for i in range(prev0, m):
@@ -82,13 +118,14 @@ def _segment_nodes(pos, lods, num_lods):
         for j in range(total):
             code[j] = _spread1(cpos[j, 0]) | (_spread1(cpos[j, 1]) << np.uint64(1)) | \
                 (_spread1(cpos[j, 2]) << np.uint64(2))
-        order = np.argsort(code, kind="mergesort")
+        order = _stable_argsort(code)
         start = m
         for t in range(total):
             o = order[t]
             if t > 0 and code[o] == code[order[t - 1]]:
                 continue
-            out_pos[m] = cpos[o]
+            for a in range(3):
+                out_pos[m, a] = cpos[o, a]
             out_lod[m] = k
             out_src[m] = csrc[o]
             m += 1

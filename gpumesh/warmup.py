@@ -148,7 +148,7 @@ JOBS = (
     Job("downsample", _downsample, 0.6, cpu_backend=True),
     Job("piece kernels", _piece_kernels, 0.75),
     Job("encode", _encode, 0.8),
-    Job("octree", _octree, 6.0),
+    Job("octree", _octree, 1.6),
 )
 
 
