@@ -548,7 +548,8 @@ def _compact(vertices, out):
     v = np.empty((n, 3), dtype=np.float64)
     for i in range(nv):
         if remap[i] >= 0:
-            v[remap[i]] = vertices[i]
+            for a in range(3):   # (not a row copy: its shape check takes numba seconds to compile)
+                v[remap[i], a] = vertices[i, a]
     f = np.empty((out.shape[0], 3), dtype=np.int32)
     for t in range(out.shape[0]):
         for s in range(3):

@@ -221,7 +221,8 @@ def _relabel_first_seen(flat, out):
         if vals[h] == 0:
             if nu == uniq.shape[0]:
                 bigger = np.empty(2 * nu, dtype=uniq.dtype)
-                bigger[:nu] = uniq
+                for j in range(nu):   # (not a slice copy: its shape check takes numba seconds to compile)
+                    bigger[j] = uniq[j]
                 uniq = bigger
             uniq[nu] = lab
             nu += 1
@@ -333,7 +334,9 @@ def _group_and_weld(tri_label, lut, tri_piece, npieces, ngroups, edges, ny, nz):
                         nused += 1
                         if nv_total + nv == verts.shape[0]:
                             bigger = np.empty((2 * verts.shape[0], 3), dtype=np.int32)
-                            bigger[:verts.shape[0]] = verts
+                            for j in range(verts.shape[0]):   # (element by element: as above)
+                                for a in range(3):
+                                    bigger[j, a] = verts[j, a]
                             verts = bigger
                         # edge id -> 2 * lower lattice point + unit vector of the edge's axis
                         p = np.int64(e) // 3

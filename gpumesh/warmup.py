@@ -125,8 +125,8 @@ class Job:
     run : callable(numpy.dtype)
     seconds : float
         About how long its kernels take to compile on a fresh cache (2-core VM of
-        ``docs/STATUS.md``, not counting the ~4 s that a process's first compile pays once),
-        to start the workers at even shares of the work.
+        ``docs/STATUS.md``, in a process that has compiled a kernel before; the forty-fourth
+        session's figures), to start the workers at even shares of the work.
     cpu_backend : bool
         Only the CPU backend uses these kernels (the GPU backend runs them on the device).
     """
@@ -141,14 +141,14 @@ class Job:
 #: every numba kernel that a task of the main job calls (``tests/test_warmup.py`` checks this),
 #: and those of the output's writing, which the workers share too (``octree``).
 JOBS = (
-    Job("weld", _weld, 4.3, cpu_backend=True),
-    Job("relabel", _relabel, 2.3),
-    Job("decimate", _decimate, 3.4),
+    Job("weld", _weld, 1.7, cpu_backend=True),
+    Job("relabel", _relabel, 1.1),
+    Job("decimate", _decimate, 6.0),
     Job("march", _march, 0.8, cpu_backend=True),
     Job("downsample", _downsample, 0.6, cpu_backend=True),
     Job("piece kernels", _piece_kernels, 0.75),
     Job("encode", _encode, 0.8),
-    Job("octree", _octree, 1.6),
+    Job("octree", _octree, 1.4),
 )
 
 

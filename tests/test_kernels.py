@@ -62,6 +62,30 @@ def test_each_piece_lies_on_its_own_labels_boundary(ids):
     _check_piece_labels(padded, pieces)
 
 
+def test_the_weld_grows_its_vertex_buffer_and_keeps_every_vertex():
+    """Isolated voxels of distinct IDs: each is wrapped by 8 triangles on 6 vertices, more
+    vertices per triangle than the weld first makes room for (9/16 per triangle and 1,024), so
+    its buffer grows while it welds; every vertex is kept, once, on its label's boundary."""
+    rng = np.random.default_rng(5)
+    padded = np.zeros((42, 42, 42), np.uint32)
+    at = np.argwhere(np.ones((13, 13, 13), bool)) * 3 + 2
+    padded[tuple(at.T)] = rng.permutation(len(at)) + 1
+    tri_label, tri_piece, tri_edges = marching.march_cubes(padded, 1000)
+    pieces = marching.weld(tri_label, tri_piece, tri_edges, padded.shape)
+    where = {int(padded[tuple(q)]): q for q in at}
+    eye = np.eye(3, dtype=np.int64)
+    assert sum(len(p.vertices2) for p in pieces) > len(tri_label) * 9 // 16 + 1024   # it grew
+    assert len(pieces) == len(at) and {p.label for p in pieces} == set(range(1, len(at) + 1))
+    for p in pieces:
+        assert p.faces.shape == (8, 3) and len(p.vertices2) == 6
+        _, c = np.unique(np.sort(np.concatenate([p.faces[:, [0, 1]], p.faces[:, [1, 2]], p.faces[:, [2, 0]]]), axis=1),
+                         axis=0, return_counts=True)
+        assert (c == 2).all() and len(c) == 12   # closed, every vertex used
+        q = where[p.label]   # the vertices are the midpoints of the voxel's 6 edges to its neighbours
+        assert sorted(map(tuple, p.vertices2.astype(np.int64) - 2 * q)) == sorted(map(tuple, np.vstack([eye, -eye])))
+    _check_piece_labels(padded, pieces)
+
+
 @pytest.mark.parametrize("nids", [3, 700, 5000])
 def test_relabel_block_numbers_ids_by_rank_like_unique(nids):
     # Local IDs must keep the IDs' order and map back exactly, also past the hash table's
