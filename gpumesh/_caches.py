@@ -158,9 +158,10 @@ def seed_numba_cache(source: str, cache_root: str, package_dir: str) -> int:
     has any file of it (its own entries, or data a crash left without its index), none of ours
     is copied, since an index names its data files by number and would then point at another
     kernel's code.  Data files go first and the index last, each under a temporary name then
-    renamed (as numba writes them), so that a process starting beside this one never reads an
-    index whose data is not there.  numba still checks every entry it loads (the source file's
-    contents, the CPU it was compiled for) and compiles what does not match.
+    linked into place, so that a process starting beside this one never reads an index whose
+    data is not there, and a file of the kernel that numba writes there meanwhile stops the
+    kernel's copy rather than being replaced by ours.  numba still checks every entry it loads
+    (the source file's contents, the CPU it was compiled for) and compiles what does not match.
 
     Parameters
     ----------
@@ -195,25 +196,39 @@ def seed_numba_cache(source: str, cache_root: str, package_dir: str) -> int:
                 continue
             data = sorted(n for n in names if n.startswith(stem + ".") and n.endswith(".nbc"))
             for name in data + [stem + ".nbi"]:
-                _copy_file(os.path.join(source, name), target, name)
+                if not _copy_file(os.path.join(source, name), target, name):
+                    break   # numba wrote this kernel there since the listing: its files stay, ours stop
                 copied += 1
     except (OSError, ImportError):
         return copied
     return copied
 
 
-def _copy_file(path: str, directory: str, name: str) -> None:
-    """Copy ``path`` to ``directory/name`` under a temporary name, then rename it there."""
+def _copy_file(path: str, directory: str, name: str) -> bool:
+    """Copy ``path`` to ``directory/name`` under a temporary name, then link it there, unless a
+    file of that name is there by then.  Returns whether it was copied.  A hard link refuses to
+    replace a file that numba (another process) has written meanwhile; where the file system
+    has no hard links, the temporary file is renamed in place instead."""
     with open(path, "rb") as f:
         data = f.read()
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".seed-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, os.path.join(directory, name))
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        final = os.path.join(directory, name)
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            return False
+        except OSError:   # no hard links there (some FUSE and SMB mounts)
+            if os.path.lexists(final):
+                return False
+            os.replace(tmp, final)
+            return True
+        return True
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
 
 
 def ensure_cupy_cache_dir() -> Optional[str]:

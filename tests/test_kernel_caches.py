@@ -280,3 +280,32 @@ def test_the_seed_copies_whole_kernels_and_none_that_the_cache_has_a_file_of(tmp
     user = pathlib.Path(_caches.numba_cache_subdir(str(tmp_path / "xdg" / "numba"), str(pkg)))
     assert sorted(p.name for p in user.iterdir()) == ["m.a-3.py311.1.nbc", "m.a-3.py311.nbi", "m.b-9.py311.1.nbc",
                                                       "m.b-9.py311.2.nbc", "m.b-9.py311.nbi"]
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
+def test_the_seed_leaves_a_kernel_that_numba_writes_meanwhile_to_numba(tmp_path, monkeypatch, links):
+    """A kernel's file that numba (another process) writes into the cache after the seed has
+    listed it is neither replaced nor joined by our index: that kernel's copy stops there, the
+    other kernels are copied, and no temporary file is left.  Where the file system has no hard
+    links, the copy is renamed into place, with the same rule."""
+    pkg = tmp_path / "pkg"
+    (pkg / "__pycache__").mkdir(parents=True)
+    for name, data in [("m.a-3.py311.nbi", b"index a"), ("m.a-3.py311.1.nbc", b"a1"), ("m.a-3.py311.2.nbc", b"a2"),
+                       ("m.b-9.py311.nbi", b"index b"), ("m.b-9.py311.1.nbc", b"b1")]:
+        (pkg / "__pycache__" / name).write_bytes(data)
+    root = tmp_path / "cache"
+    target = pathlib.Path(_caches.numba_cache_subdir(str(root), str(pkg)))
+    target.mkdir(parents=True)
+    (target / "m.a-3.py311.2.nbc").write_bytes(b"numba's own")   # written after the listing below
+    listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda p: [] if os.path.samefile(p, target) else listdir(p))
+    if not links:
+        def no_link(src, dst):
+            raise PermissionError(1, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_link)
+    assert _caches.seed_numba_cache(str(pkg / "__pycache__"), str(root), str(pkg)) == 3
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == {
+        "m.a-3.py311.1.nbc": b"a1", "m.a-3.py311.2.nbc": b"numba's own",
+        "m.b-9.py311.nbi": b"index b", "m.b-9.py311.1.nbc": b"b1"}
