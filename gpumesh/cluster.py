@@ -162,11 +162,10 @@ def _run_in_job(job_id: str, job: tuple, fn, *args):
                 _ENDING.discard(job_id)
         if ending:   # a task's thread, not the event loop: it may wait for the lock
             with _LOCK:
-                if pipeline._WORKER.get("job") == job_id:
-                    try:
-                        pipeline.end_worker_job()
-                    except Exception:   # (a backend that failed to close): not this task's error
-                        pass
+                try:
+                    _end_if_set_up(job_id)
+                except Exception:   # (a backend that failed to close): not this task's error
+                    pass
 
 
 def _set_up_job(job_id: str, job: tuple) -> None:
@@ -220,12 +219,18 @@ def _end_job(job_id: str, prefix: str, dask_worker=None, tries: int = _END_TRIES
     if not _LOCK.acquire(blocking=False):
         return False
     try:
-        if pipeline._WORKER.get("job") != job_id:
-            return False
-        pipeline.end_worker_job()
-        return True
+        return _end_if_set_up(job_id)
     finally:
         _LOCK.release()
+
+
+def _end_if_set_up(job_id: str) -> bool:
+    """End job ``job_id`` in this worker process if it is the job set up here; the caller
+    holds ``_LOCK``.  Returns whether it did."""
+    if pipeline._WORKER.get("job") != job_id:
+        return False
+    pipeline.end_worker_job()
+    return True
 
 
 def _running(prefix: str, dask_worker=None) -> int:
