@@ -27,11 +27,20 @@ from gpumesh import _caches, marching, validate
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _package_copy(tmp_path):
+    """A copy of the package in ``tmp_path/site`` without its caches, and the environment that
+    runs it (numba's cache where numba itself puts it)."""
+    site = tmp_path / "site"
+    shutil.copytree(REPO / "gpumesh", site / "gpumesh", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(PYTHONPATH=str(site), PYTHONDONTWRITEBYTECODE="1")
+    return site, env
+
+
 def _hostile_copy(tmp_path):
     """A copy of the package where numba's own cache locations cannot be written, and the
     environment to run it in (its temporary directory inside ``tmp_path``)."""
-    site = tmp_path / "site"
-    shutil.copytree(REPO / "gpumesh", site / "gpumesh", ignore=shutil.ignore_patterns("__pycache__"))
+    site, env = _package_copy(tmp_path)
     (site / "gpumesh" / "__pycache__").write_text("not a directory\n")
     (site / "plain.py").write_text("import numba\n\n@numba.njit(cache=True)\ndef f(x):\n    return x + 1\n")
     (site / "__pycache__").write_text("not a directory\n")
@@ -39,9 +48,7 @@ def _hostile_copy(tmp_path):
     blocker.write_text("a file, so nothing can be made below it\n")
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
-    env.update(PYTHONPATH=str(site), HOME=str(blocker / "home"), XDG_CACHE_HOME=str(blocker / "cache"),
-               TMPDIR=str(tmp), PYTHONDONTWRITEBYTECODE="1")
+    env.update(HOME=str(blocker / "home"), XDG_CACHE_HOME=str(blocker / "cache"), TMPDIR=str(tmp))
     return site, tmp, env
 
 
@@ -220,10 +227,7 @@ def test_gpumesh_warmup_leaves_a_later_process_nothing_to_compile(tmp_path, crop
     process meshes with no compile, from the package's ``__pycache__``, and so does one whose
     numba looks in another directory (``NUMBA_CACHE_DIR``, as a container that cannot write
     ``__pycache__`` gets): the kernels are copied there."""
-    site = tmp_path / "site"
-    shutil.copytree(REPO / "gpumesh", site / "gpumesh", ignore=shutil.ignore_patterns("__pycache__"))
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
-    env.update(PYTHONPATH=str(site), PYTHONDONTWRITEBYTECODE="1")
+    site, env = _package_copy(tmp_path)
     np.save(tmp_path / "labels.npy", np.ascontiguousarray(crop[:48, :48, :48]).astype(np.uint64))
 
     def later(name, env):
