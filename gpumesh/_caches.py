@@ -197,7 +197,10 @@ def seed_numba_cache(source: str, cache_root: str, package_dir: str) -> int:
             data = sorted(n for n in names if n.startswith(stem + ".") and n.endswith(".nbc"))
             for name in data + [stem + ".nbi"]:
                 if not _copy_file(os.path.join(source, name), target, name):
-                    break   # numba wrote this kernel there since the listing: its files stay, ours stop
+                    # numba wrote this kernel there since the listing: its files stay, ours stop (our
+                    # data files linked before it have no index of ours, as after a crash; numba's own
+                    # writes replace them)
+                    break
                 copied += 1
     except (OSError, ImportError):
         return copied

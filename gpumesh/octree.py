@@ -62,7 +62,7 @@ def _stable_argsort(code):
     if n < 2:
         return order
     top = code[0]
-    for i in range(n):   # (loops: numpy's calls in numba compile slower)
+    for i in range(n):   # (loops rather than numpy's calls, which numba compiles slower)
         if code[i] > top:
             top = code[i]
     other = np.empty(n, dtype=np.int64)
@@ -106,7 +106,7 @@ def _segment_nodes(pos, lods, num_lods):
         j = 0
         for i in range(n):   # this LOD's fragments first: they win over an equal parent
             if lods[i] == k:
-                for a in range(3):   # element by element: a row copy compiles numba's shape check (s)
+                for a in range(3):   # element by element: a row copy compiles numba's shape-check error (seconds)
                     cpos[j, a] = pos[i, a]
                 csrc[j] = i
                 j += 1
