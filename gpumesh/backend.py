@@ -39,11 +39,14 @@ class CPUBackend:
     name = "cpu"
 
     def mesh(self, labels: np.ndarray, piece_size: int) -> list[marching.Piece]:
+        """Welded pieces of every segment in a block: :func:`gpumesh.marching.march_cubes`
+        then :func:`gpumesh.marching.weld` (signed labels as their unsigned view)."""
         labels = marching.unsigned_view(np.ascontiguousarray(labels))   # as the GPU backend's
         tri_label, tri_piece, tri_edges = marching.march_cubes(labels, piece_size)
         return marching.weld(tri_label, tri_piece, tri_edges, labels.shape)
 
     def downsample(self, labels: np.ndarray, factor=(2, 2, 2)) -> np.ndarray:
+        """Labels downsampled by ``factor``: :func:`gpumesh.lod.downsample_labels`."""
         return lod.downsample_labels(labels, factor)
 
 

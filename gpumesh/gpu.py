@@ -323,12 +323,16 @@ class CupyRuntime:
         self._staged.clear()
 
     def empty(self, shape, dtype) -> Any:
+        """An uninitialised device array (``cupy.empty``)."""
         return self.cp.empty(shape, dtype=dtype)
 
     def cumsum(self, a: Any) -> Any:
+        """Inclusive prefix sum of device array ``a`` as int64 (``cupy.cumsum``)."""
         return self.cp.cumsum(a, dtype=np.int64)
 
     def launch(self, name: str, grid: int, block: int, args: Sequence[Any]) -> None:
+        """Launch kernel ``name`` of ``kernels/*.cu`` on ``grid`` blocks of ``block`` threads
+        (1-D) with ``args``, on the current stream (asynchronous)."""
         self.functions[name]((grid,), (block,), tuple(args))
 
     def mem_info(self) -> tuple[int, int]:

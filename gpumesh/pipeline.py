@@ -1334,6 +1334,8 @@ class Summary:
     tasks_done_all: int = 0     # and how many of them had finished when the part ended
 
     def to_json(self) -> dict:
+        """The summary as a JSON-serialisable dict, one key per field (the CLI's
+        ``--summary-json``)."""
         return dataclasses.asdict(self)
 
 

@@ -348,6 +348,7 @@ class MeshSource(ABC):
         """All fragment bytes of a segment (see subclasses)."""
 
     def has_segment(self, segment_id: int) -> bool:
+        """Whether the directory holds a mesh of ``segment_id`` (its manifest is there)."""
         return self.manifest_bytes(int(segment_id)) is not None
 
     def _missing(self, segment_id: int) -> InvalidMeshError:

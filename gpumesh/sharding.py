@@ -292,6 +292,7 @@ class ShardingSpec:
     # -- JSON ------------------------------------------------------------------------------
 
     def to_json(self) -> dict:
+        """The ``sharding`` object of the mesh ``info`` (sharded spec, "Sharding specification")."""
         return {
             "@type": SHARDED_TYPE,
             "preshift_bits": int(self.preshift_bits),
@@ -321,10 +322,12 @@ class ShardingSpec:
 
     @property
     def num_shards(self) -> int:
+        """``2**shard_bits``: how many shard files the spec addresses."""
         return 1 << self.shard_bits
 
     @property
     def num_minishards(self) -> int:
+        """``2**minishard_bits``: minishards per shard."""
         return 1 << self.minishard_bits
 
     def hashed(self, ids) -> np.ndarray:
@@ -365,9 +368,11 @@ class ShardingSpec:
     # -- encodings -------------------------------------------------------------------------
 
     def encode_data(self, payload: bytes) -> bytes:
+        """A chunk's bytes as stored in its shard (``data_encoding``: raw, or gzip)."""
         return _gzip(payload) if self.data_encoding == "gzip" else bytes(payload)
 
     def decode_data(self, stored: bytes) -> bytes:
+        """The inverse of :meth:`encode_data`."""
         return _gunzip(stored) if self.data_encoding == "gzip" else bytes(stored)
 
     def encode_minishard_index(self, ids: Sequence[int], starts: Sequence[int], sizes: Sequence[int]) -> bytes:

@@ -236,6 +236,7 @@ class MeshServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
+        """``http://HOST:PORT/`` of the served directory (a ``precomputed://`` source once prefixed)."""
         host, port = self.server_address[:2]
         return f"http://{host}:{port}/"
 
@@ -248,6 +249,7 @@ class MeshServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
     def start(self) -> "MeshServer":
+        """Serve in a daemon thread; returns the server (``stop()`` ends it)."""
         self.thread = threading.Thread(target=self.serve_forever, name=f"gpumesh-serve {self.url}", daemon=True)
         self.thread.start()
         return self

@@ -224,11 +224,13 @@ class LabelTable:
 
     @property
     def labels(self) -> np.ndarray:
+        """The table's segment IDs, merged and ascending: (s,) uint64."""
         self._merge()
         return self._labels
 
     @property
     def columns(self) -> dict:
+        """Column name -> (s, ...) values, a row per segment of :attr:`labels`."""
         self._merge()
         return self._columns
 
