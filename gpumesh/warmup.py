@@ -141,9 +141,9 @@ class Job:
 #: every numba kernel that a task of the main job calls (``tests/test_warmup.py`` checks this),
 #: and those of the output's writing, which the workers share too (``octree``).
 JOBS = (
+    Job("decimate", _decimate, 6.0),   # the longest first: with two workers, one compiles it alone
     Job("weld", _weld, 1.7, cpu_backend=True),
     Job("relabel", _relabel, 1.1),
-    Job("decimate", _decimate, 6.0),
     Job("march", _march, 0.8, cpu_backend=True),
     Job("downsample", _downsample, 0.6, cpu_backend=True),
     Job("piece kernels", _piece_kernels, 0.75),
