@@ -448,6 +448,7 @@ def _prepare(vertices, faces, scale, locked, frozen, pos, f_in, lock):
 
 @numba.njit(cache=True, nogil=True)
 def _cross_is_zero(pos, a, b, c):
+    # (its callers pass int64 indices: one compiled signature, not one per index type)
     ux, uy, uz = pos[b, 0] - pos[a, 0], pos[b, 1] - pos[a, 1], pos[b, 2] - pos[a, 2]
     vx, vy, vz = pos[c, 0] - pos[a, 0], pos[c, 1] - pos[a, 1], pos[c, 2] - pos[a, 2]
     return uy * vz - uz * vy == 0.0 and uz * vx - ux * vz == 0.0 and ux * vy - uy * vx == 0.0
@@ -477,7 +478,7 @@ def _flip_flat(pos, faces, core):
         changed = False
         seen = False
         for t in range(m):
-            if not _cross_is_zero(pos, faces[t, 0], faces[t, 1], faces[t, 2]):
+            if not _cross_is_zero(pos, np.int64(faces[t, 0]), np.int64(faces[t, 1]), np.int64(faces[t, 2])):
                 continue
             seen = True
             r = -1
@@ -505,7 +506,9 @@ def _flip_flat(pos, faces, core):
                         if nb < joined.shape[0]:
                             joined[nb] = v1 if v0 == b else v0
                         nb += 1
-            if u < 0 or u == t or d == b or (nc and core[d]) or _cross_is_zero(pos, a, c, d):
+            if u < 0 or u == t or d == b or (nc and core[d]):
+                continue
+            if _cross_is_zero(pos, np.int64(a), np.int64(c), np.int64(d)):
                 continue
             if nb > joined.shape[0] or d in joined[:nb]:   # b is joined to d already (or too many to tell)
                 continue
@@ -525,7 +528,7 @@ def _mark_flat(pos, faces, bad):
     :func:`_flip_flat` could not flip); returns whether there are any."""
     found = False
     for t in range(faces.shape[0]):
-        if _cross_is_zero(pos, faces[t, 0], faces[t, 1], faces[t, 2]):
+        if _cross_is_zero(pos, np.int64(faces[t, 0]), np.int64(faces[t, 1]), np.int64(faces[t, 2])):
             for s in range(3):
                 bad[faces[t, s]] = True
             found = True
