@@ -8,10 +8,14 @@ reports the median wall time (spawn to exit) and the summary's own seconds.  Wit
 ``PYTHONPATH``; its ``gpumesh/`` needs the Draco extension built or copied beside it, else it
 encodes with DracoPy), alternating the two run by run so that both see the same machine, and
 prints their ratio.  One untimed run of each comes first (it loads or compiles the numba
-kernels into that checkout's cache).
+kernels into that checkout's cache).  With ``--cold`` every run is a fresh install's first:
+each runs a copy of the checkout's ``gpumesh/`` made for it without ``__pycache__`` (and
+without ``NUMBA_CACHE_DIR``), so its workers compile every kernel (:func:`fresh_copy`), and no
+untimed run comes first.
 
     .venv/bin/python bench/bench_startup.py                          # this checkout
     .venv/bin/python bench/bench_startup.py --baseline /tmp/old      # against another one
+    .venv/bin/python bench/bench_startup.py --cold --size 0 --reps 2 --baseline /tmp/old   # first runs, whole volume
 
 Prints a table and writes ``bench/results/startup-<UTC start>-<hostname>.json``.
 """
@@ -20,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,6 +70,14 @@ def source_or_cutout(args: argparse.Namespace, tmp: Path) -> Path:
     return tmp / "cutout.zarr"
 
 
+def fresh_copy(checkout: Path, where: Path) -> Path:
+    """A copy of ``checkout``'s ``gpumesh/`` package in ``where/gpumesh`` without any
+    ``__pycache__`` (the Draco extension included): a fresh install, whose numba kernels are
+    not compiled yet.  Returns ``where``, to run as a checkout."""
+    shutil.copytree(checkout / "gpumesh", where / "gpumesh", ignore=shutil.ignore_patterns("__pycache__"))
+    return where
+
+
 def run_once(checkout: Path, cutout: Path, dest, workers: Optional[int], voxel_size: str, extra=(),
              env: Optional[dict] = None, summary: Optional[Path] = None, overwrite: bool = True) -> dict:
     """One CLI run (``gpumesh mesh --overwrite --quiet``, and ``extra``; without ``--overwrite``
@@ -80,6 +94,7 @@ def main(argv=None) -> int:
     add_source_args(p, size=64, workers=2)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--baseline", default=None, help="another checkout to compare with")
+    p.add_argument("--cold", action="store_true", help="each run in a fresh copy of the package, without numba's cache")
     add_result_args(p)
     args = p.parse_args(argv)
     if source_missing(args.source):
@@ -89,15 +104,20 @@ def main(argv=None) -> int:
     if args.baseline:
         variants["baseline"] = Path(args.baseline).resolve()
     runs: dict[str, list] = {k: [] for k in variants}
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"} if args.cold else None
     with tempfile.TemporaryDirectory() as tmp:
         cutout = source_or_cutout(args, Path(tmp))
         for name, checkout in variants.items():   # untimed: loads (or compiles) the kernels
-            run_once(checkout, cutout, Path(tmp) / name, args.workers, args.voxel_size)
-        for _ in range(args.reps):
+            if not args.cold:
+                run_once(checkout, cutout, Path(tmp) / name, args.workers, args.voxel_size)
+        for rep in range(args.reps):
             for name, checkout in variants.items():
-                runs[name].append(run_once(checkout, cutout, Path(tmp) / name, args.workers, args.voxel_size))
+                run_as = fresh_copy(checkout, Path(tmp) / f"copy-{name}-{rep}") if args.cold else checkout
+                runs[name].append(run_once(run_as, cutout, Path(tmp) / name, args.workers, args.voxel_size, env=env))
     rows = {}
-    print(f"CLI on a {args.size}^3 cutout, {args.workers} workers, median of {args.reps} runs")
+    what = f"a {args.size}^3 cutout" if args.size else "the whole volume"
+    print(f"CLI on {what}, {args.workers} workers, median of {args.reps} runs"
+          + (", each a fresh copy's first (numba compiles every kernel)" if args.cold else ""))
     print("variant  | wall s | summary s | bytes")
     print("---------+--------+-----------+--------")
     for name, rs in runs.items():
@@ -115,7 +135,7 @@ def main(argv=None) -> int:
     record = {"benchmark": "startup", "started_utc": started.isoformat(),
               "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(), **environment(),
               "options": {"source": args.source, "size": args.size, "workers": args.workers, "reps": args.reps,
-                          "voxel_size_nm": args.voxel_size},
+                          "voxel_size_nm": args.voxel_size, "cold": args.cold},
               "variants": rows}
     if not args.no_save:
         print(f"\nresults: {save_result(record, 'startup', started, args.results_dir)}")
