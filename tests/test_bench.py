@@ -887,3 +887,23 @@ def test_device_info_names_each_gpu_and_its_driver(tmp_path, monkeypatch):
     assert bench_main.device_info() == "NVIDIA H100 80GB HBM3 (driver 580.159.04), NVIDIA H200 (driver 580.159.03)"
     smi.write_text("#!/bin/sh\nexit 9\n")
     assert bench_main.device_info() == "cpu"
+
+
+def test_startup_cold_runs_a_copy_of_the_package_without_its_caches(tmp_path):
+    """``bench_startup.py --cold``: each run's copy of ``gpumesh/`` has every module and the
+    Draco extension where the checkout has one, and no ``__pycache__`` (numba's kernels and
+    Python's bytecode), so the run compiles every kernel as a fresh install does."""
+    import bench_startup
+
+    checkout = tmp_path / "checkout"
+    (checkout / "gpumesh" / "__pycache__").mkdir(parents=True)
+    (checkout / "gpumesh" / "__init__.py").write_text("")
+    (checkout / "gpumesh" / "_dracoenc.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF")
+    (checkout / "gpumesh" / "__pycache__" / "marching._march-34.py311.nbi").write_bytes(b"index")
+    (checkout / "gpumesh" / "kernels" / "__pycache__").mkdir(parents=True)
+    (checkout / "gpumesh" / "kernels" / "weld.cu").write_text("// kernel")
+    run_as = bench_startup.fresh_copy(checkout, tmp_path / "copy")
+    assert run_as == tmp_path / "copy"
+    assert sorted(str(p.relative_to(run_as)) for p in run_as.rglob("*")) == [
+        "gpumesh", "gpumesh/__init__.py", "gpumesh/_dracoenc.cpython-311-x86_64-linux-gnu.so", "gpumesh/kernels",
+        "gpumesh/kernels/weld.cu"]
