@@ -107,8 +107,8 @@ def main(argv=None) -> int:
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"} if args.cold else None
     with tempfile.TemporaryDirectory() as tmp:
         cutout = source_or_cutout(args, Path(tmp))
-        for name, checkout in variants.items():   # untimed: loads (or compiles) the kernels
-            if not args.cold:
+        if not args.cold:
+            for name, checkout in variants.items():   # untimed: loads (or compiles) the kernels
                 run_once(checkout, cutout, Path(tmp) / name, args.workers, args.voxel_size)
         for rep in range(args.reps):
             for name, checkout in variants.items():
